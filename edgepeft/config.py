@@ -1,0 +1,125 @@
+"""Adapter configs: HF PEFT's ``adapter_config.json`` read and written field for field.
+
+Each method's config is a dataclass subclass of ``PeftConfig`` registered with its
+``peft_type``. Unknown fields (files from newer PEFT versions) load with a warning,
+not a crash; unknown ``peft_type`` values raise ``UnsupportedMethodError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, UnsupportedMethodError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+# HF PEFT task_type -> edgepeft task (the export's head).
+TASK_TYPES = {
+    "CAUSAL_LM": "causal-lm",
+    "SEQ_CLS": "seq-cls",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
+
+_CONFIG_CLASSES: dict[str, type] = {}
+
+# Fields HF PEFT writes that change nothing edgepeft does when left at these values.
+_HARMLESS_FIELDS = {"peft_type", "peft_version", "auto_mapping", "megatron_core", "megatron_config", "qalora_group_size"}
+
+
+def register_config(cls):
+    """Class decorator: make ``cls`` the config for its ``peft_type``."""
+    _CONFIG_CLASSES[cls.peft_type_name] = cls
+    return cls
+
+
+def supported_peft_types() -> list[str]:
+    return sorted(_CONFIG_CLASSES)
+
+
+@dataclass
+class PeftConfig:
+    """Fields every PEFT config has."""
+
+    peft_type_name = ""  # class attribute, set by subclasses
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+    modules_to_save: Optional[list] = None
+
+    @property
+    def peft_type(self) -> str:
+        return self.peft_type_name
+
+    @property
+    def task(self) -> Optional[str]:
+        """edgepeft's task name for ``task_type`` (None when the config has none)."""
+        if self.task_type is None:
+            return None
+        if self.task_type not in TASK_TYPES:
+            raise UnsupportedMethodError(
+                f"task_type {self.task_type!r} is not supported; use one of {', '.join(TASK_TYPES)}"
+            )
+        return TASK_TYPES[self.task_type]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["peft_type"] = self.peft_type
+        for k, v in d.items():
+            if isinstance(v, set):
+                d[k] = sorted(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "PeftConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k not in _HARMLESS_FIELDS and d[k] not in (None, False, {}, []))
+        if unknown:
+            warnings.warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}", stacklevel=2)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save_pretrained(self, directory: str) -> None:
+        from edgepeft.files import write_bytes_atomic
+
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        write_bytes_atomic(os.path.join(directory, CONFIG_NAME), text.encode())
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "PeftConfig":
+        config = load_config(directory)
+        if cls is not PeftConfig and not isinstance(config, cls):
+            raise ConfigError(f"{directory}: holds a {config.peft_type} adapter, not {cls.peft_type_name}")
+        return config
+
+
+def load_config(directory: str) -> PeftConfig:
+    """Read ``directory/adapter_config.json`` into the registered config class."""
+    directory = str(directory)
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise ArtifactNotFoundError(
+            f"{path}: not found; pass an adapter folder saved by save_pretrained (edgepeft or HF PEFT)"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptArtifactError(f"{path}: not valid JSON ({e}); re-save the adapter") from None
+    if not isinstance(d, dict) or "peft_type" not in d:
+        raise CorruptArtifactError(f"{path}: has no 'peft_type'; re-save the adapter with save_pretrained")
+    cls = _CONFIG_CLASSES.get(d["peft_type"])
+    if cls is None:
+        raise UnsupportedMethodError(
+            f"{path}: peft_type {d['peft_type']!r} is not supported; edgepeft supports "
+            f"{', '.join(supported_peft_types())}"
+        )
+    try:
+        return cls.from_dict(d, source=path)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: invalid config ({e}); fix the file or re-save the adapter") from None
+

@@ -1,0 +1,105 @@
+"""Supported base models and how to load and call them for each task."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from edgepeft.errors import ArtifactNotFoundError, UnsupportedModelError
+
+# model_type -> family. Encoders have no causal-LM head; decoders take use_cache.
+ENCODERS = {"bert"}
+DECODERS = {"llama", "qwen2", "gpt2"}
+SUPPORTED = sorted(ENCODERS | DECODERS)
+
+# edgepeft task -> optimum TasksManager task (which maps it to a transformers auto class).
+OPTIMUM_TASKS = {
+    "causal-lm": "text-generation",
+    "seq-cls": "text-classification",
+    "feature-extraction": "feature-extraction",
+}
+
+
+def default_task(model_type: str) -> str:
+    return "feature-extraction" if model_type in ENCODERS else "causal-lm"
+
+
+def load_model_config(name_or_path: str):
+    from transformers import AutoConfig
+
+    if os.path.sep in str(name_or_path) and not os.path.exists(name_or_path):
+        raise ArtifactNotFoundError(f"{name_or_path}: base model folder not found; pass --base with a model folder or hub id")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ArtifactNotFoundError(
+            f"{name_or_path}: cannot load the base model's config ({str(e).splitlines()[0]}); "
+            "pass --base with a local model folder"
+        ) from None
+
+
+def check_supported(model_type: str, task: str, source: str = "") -> None:
+    where = f"{source}: " if source else ""
+    if model_type not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"{where}model type {model_type!r} is not supported; edgepeft supports {', '.join(SUPPORTED)} "
+            "(Llama, Qwen2, GPT-2, BERT-family encoders such as MiniLM)"
+        )
+    if task not in OPTIMUM_TASKS:
+        raise UnsupportedModelError(f"{where}task {task!r} is not supported; use one of {', '.join(OPTIMUM_TASKS)}")
+    if task == "causal-lm" and model_type in ENCODERS:
+        raise UnsupportedModelError(f"{where}{model_type} is an encoder and has no causal-LM head; use seq-cls or feature-extraction")
+
+
+def load_base(name_or_path: str, task: str):
+    """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
+
+    Heads the checkpoint lacks (a classifier) are initialised from a fixed seed so
+    the same base loads to the same weights every time.
+    """
+    from optimum.exporters.tasks import TasksManager
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    config = load_model_config(name_or_path)
+    check_supported(config.model_type, task, str(name_or_path))
+    if task == "seq-cls" and config.model_type in DECODERS and config.pad_token_id is None:
+        raise UnsupportedModelError(
+            f"{name_or_path}: sequence classification on {config.model_type} needs pad_token_id in config.json "
+            "(the head reads the last non-pad token); set it and retry"
+        )
+    auto_cls = TasksManager.get_model_class_for_task(OPTIMUM_TASKS[task], library="transformers")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa")
+        except (OSError, ValueError) as e:
+            raise ArtifactNotFoundError(f"{name_or_path}: cannot load the base model ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+def call_kwargs(config) -> dict:
+    """Extra arguments for a plain forward pass (no KV cache)."""
+    return {"use_cache": False} if config.model_type in DECODERS else {}
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return None
+
+
+def sample_inputs(config, batch: int = 2, seq: int = 8, seed: int = 0):
+    """Token ids and a mask with the last row left-padded (3 pad tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    ids[ids == pad] = (pad + 1) % config.vocab_size
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, :3] = 0
+    ids[-1, :3] = pad
+    return ids, mask

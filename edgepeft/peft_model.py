@@ -1,0 +1,203 @@
+"""PeftModel: an HF model with one or more adapters, saved in HF PEFT's format.
+
+    PeftModel
+      `-- base_model (TunedModel)
+            `-- model: the transformers model, target layers wrapped in place
+                  ...q_proj = LoraLinear(base_layer, lora_A[name], lora_B[name])
+                  ...classifier = ModulesToSaveWrapper(original_module, modules_to_save[name])
+
+Parameter names match HF PEFT, so ``adapter_model.safetensors`` keys are the same
+(``base_model.model.<module>.lora_A.weight``; a saved head as
+``base_model.model.classifier.weight``). Every adapter-holding layer names its
+per-adapter ``ModuleDict``s in ``adapter_dicts``; saving and loading walk those,
+never the method's name.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from edgepeft.config import WEIGHTS_NAME, load_config
+from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError
+from edgepeft.files import write_bytes_atomic
+from edgepeft.registry import method_for
+from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, wrap_modules_to_save
+from edgepeft.tuners.targets import replace_module
+
+
+class TunedModel(nn.Module):
+    """Holds the transformers model as ``.model`` (so keys start ``base_model.model.``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class PeftModel(nn.Module):
+    def __init__(self, model: nn.Module, config=None, adapter_name: str = "default"):
+        super().__init__()
+        self.base_model = TunedModel(model)
+        self.peft_config: dict = {}
+        self.active_adapter = None
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "peft_config"):
+                raise
+            return getattr(self.base_model.model, name)
+
+    # ---------------------------------------------------------------- adapters
+    def add_adapter(self, adapter_name: str, config) -> None:
+        """Add a new adapter (initialised as PEFT does) and make only adapter weights trainable."""
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"an adapter named {adapter_name!r} already exists; pick another name")
+        config = copy.deepcopy(config)
+        if config.task_type == "SEQ_CLS":  # PEFT trains the classifier head with the adapter
+            config.modules_to_save = list(config.modules_to_save or []) + [
+                n for n in CLASSIFIER_NAMES if n not in (config.modules_to_save or [])
+            ]
+        model = self.base_model.model
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        method_for(config).tuner.inject(model, config, adapter_name)
+        if config.modules_to_save:
+            wrap_modules_to_save(model, config.modules_to_save, adapter_name)
+        self.peft_config[adapter_name] = config
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if not config.inference_mode:
+            for p in self.adapter_parameters(adapter_name).values():
+                p.requires_grad_(True)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ConfigError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
+        for module in self.modules():
+            if hasattr(module, "adapter_dicts"):
+                module.active_adapter = adapter_name
+        self.active_adapter = adapter_name
+
+    def _adapter_entries(self, adapter_name: str) -> dict:
+        """{saved key: (ModuleDict entry, parameter name)} for one adapter, in PEFT's key format."""
+        entries = {}
+        for key, module in self.named_modules():
+            for dict_name in getattr(module, "adapter_dicts", ()):
+                holder = getattr(module, dict_name)
+                if adapter_name not in holder:
+                    continue
+                sub = holder[adapter_name]
+                prefix = key if dict_name == "modules_to_save" else f"{key}.{dict_name}"
+                for pname in sub.state_dict():
+                    entries[f"{prefix}.{pname}"] = (module, dict_name, pname)
+        return entries
+
+    def adapter_parameters(self, adapter_name: str) -> dict:
+        out = {}
+        for saved_key, (module, dict_name, pname) in self._adapter_entries(adapter_name).items():
+            out[saved_key] = getattr(module, dict_name)[adapter_name].get_parameter(pname)
+        return out
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict:
+        name = adapter_name or self.active_adapter
+        return {k: p.detach() for k, p in self.adapter_parameters(name).items()}
+
+    def load_adapter(self, directory: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        directory = str(directory)
+        config = load_config(directory)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise ArtifactNotFoundError(f"{path}: adapter weights not found; re-save the adapter with save_pretrained")
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CorruptArtifactError(f"{path}: cannot read adapter weights ({e}); re-save the adapter") from None
+        self._load_state(adapter_name, state, path)
+
+    def _load_state(self, adapter_name: str, state: dict, path: str) -> None:
+        # A head trained for another label count gets that shape before loading.
+        for key, module in self.named_modules():
+            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")})
+        entries = self._adapter_entries(adapter_name)
+        missing = sorted(set(entries) - set(state))
+        unexpected = sorted(set(state) - set(entries))
+        if unexpected:
+            raise AdapterBaseMismatchError(
+                f"{path}: has weights for modules this model lacks (e.g. {unexpected[0]}); "
+                f"load it on the base it was trained on ({self.peft_config[adapter_name].base_model_name_or_path})"
+            )
+        if missing:
+            raise CorruptArtifactError(f"{path}: lacks adapter weights (e.g. {missing[0]}); re-save the adapter")
+        with torch.no_grad():
+            for key, (module, dict_name, pname) in entries.items():
+                p = getattr(module, dict_name)[adapter_name].get_parameter(pname)
+                if tuple(p.shape) != tuple(state[key].shape):
+                    raise AdapterBaseMismatchError(
+                        f"{path}: {key} has shape {list(state[key].shape)}, the model expects {list(p.shape)}; "
+                        "the adapter was trained on another base"
+                    )
+                p.copy_(state[key].to(p.dtype))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False):
+        peft = cls(model)
+        peft.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        peft.set_adapter(adapter_name)
+        return peft
+
+    def save_pretrained(self, directory, selected_adapters=None) -> None:
+        """Write each adapter as an HF PEFT dir (non-default adapters in ``directory/<name>``)."""
+        directory = str(directory)
+        for name in selected_adapters or list(self.peft_config):
+            target = directory if name == "default" else os.path.join(directory, name)
+            state = {k: v.contiguous().cpu() for k, v in self.get_adapter_state_dict(name).items()}
+            write_bytes_atomic(os.path.join(target, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True
+            config.save_pretrained(target)
+
+    # ---------------------------------------------------------------- use
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        t, n = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / n:.4f}")
+
+    def merge_and_unload(self, adapter_name: str | None = None) -> nn.Module:
+        """A copy of the transformers model with ``adapter_name`` folded into its weights."""
+        name = adapter_name or self.active_adapter
+        model = copy.deepcopy(self.base_model.model)
+        method_for(self.peft_config[name]).tuner.merge(model, name)
+        for key, module in list(model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                keep = module.modules_to_save[name] if name in module.modules_to_save else module.original_module
+                replace_module(model, key, keep)
+        return model
+
+
+def get_peft_model(model: nn.Module, config, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with a new adapter; only adapter parameters are trainable."""
+    return PeftModel(model, config, adapter_name)

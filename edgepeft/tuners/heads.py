@@ -1,0 +1,140 @@
+"""Whole modules trained per task (``modules_to_save``), e.g. a classifier head.
+
+In PyTorch a ``ModulesToSaveWrapper`` keeps the original module and one trained
+copy per adapter, as HF PEFT does (same parameter names). In the exported base a
+Linear head becomes two slots, ``head_weight.<module>`` (in, out) and
+``head_bias.<module>`` (out,), whose output axis is symbolic, so tasks with
+different label counts share one base graph.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgepeft.errors import ConfigError, UnsupportedModelError
+from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
+from edgepeft.tuners.targets import name_matches, replace_module
+
+# Heads HF PEFT adds to modules_to_save for sequence classification.
+CLASSIFIER_NAMES = ["classifier", "score"]
+
+
+class ModulesToSaveWrapper(nn.Module):
+    adapter_dicts = ("modules_to_save",)  # ModuleDicts holding one entry per adapter
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter = None
+
+    def add(self, adapter_name: str) -> None:
+        trained = copy.deepcopy(self.original_module)
+        for p in trained.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[adapter_name] = trained
+
+    def resize_like(self, adapter_name: str, state: dict) -> None:
+        """Give a Linear head the saved shape (a task's own label count)."""
+        module = self.modules_to_save[adapter_name]
+        weight = state.get("weight")
+        if isinstance(module, nn.Linear) and weight is not None and tuple(weight.shape) != tuple(module.weight.shape):
+            out_features, in_features = weight.shape
+            if in_features != module.in_features:
+                raise ConfigError(f"saved head has {in_features} inputs, the model's has {module.in_features}")
+            new = nn.Linear(in_features, out_features, bias="bias" in state)
+            self.modules_to_save[adapter_name] = new.to(module.weight.dtype)
+
+    def forward(self, *args, **kwargs):
+        if self.active_adapter in self.modules_to_save:
+            return self.modules_to_save[self.active_adapter](*args, **kwargs)
+        return self.original_module(*args, **kwargs)
+
+
+def wrap_modules_to_save(model: nn.Module, names, adapter_name: str) -> list[str]:
+    """Wrap every module matching ``names`` and add a trained copy for ``adapter_name``."""
+    wrapped = []
+    for key, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            if name_matches(names, key):
+                module.add(adapter_name)
+                wrapped.append(key)
+            continue
+        if ".original_module" in key or ".modules_to_save." in key:
+            continue
+        if name_matches(names, key):
+            wrapper = ModulesToSaveWrapper(module)
+            wrapper.add(adapter_name)
+            replace_module(model, key, wrapper)
+            wrapped.append(key)
+    return wrapped
+
+
+def saved_module_names(model: nn.Module, config) -> list[str]:
+    """Full names of the modules that ``config.modules_to_save`` selects in a plain model."""
+    names = config.modules_to_save or []
+    return [k for k, _ in model.named_modules() if name_matches(names, k)]
+
+
+# ---------------------------------------------------------------- export slots
+class HeadSlotLinear(nn.Module):
+    """A Linear head whose weight and bias are graph inputs: ``x @ W + b``."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.feed = {}
+        self.has_bias = base.bias is not None
+
+    def forward(self, x):  # x: (..., in)
+        out = x @ self.feed["weight"]  # (..., out); weight: (in, out)
+        if self.has_bias:
+            out = out + self.feed["bias"]
+        return out
+
+
+class HeadSlots:
+    name = "head"
+
+    def slot_table(self, model: nn.Module, config) -> list[Slot]:
+        slots = []
+        for key in saved_module_names(model, config):
+            module = model.get_submodule(key)
+            if not isinstance(module, nn.Linear):
+                raise UnsupportedModelError(
+                    f"modules_to_save {key!r} is a {type(module).__name__}; edgepeft exports Linear heads only"
+                )
+            out_axis = slot_axis("head", "out", key)
+            slots.append(Slot(slot_name("head", "weight", key), "head", "weight", key, (module.in_features, out_axis), "float32", "base"))
+            if module.bias is not None:
+                slots.append(Slot(slot_name("head", "bias", key), "head", "bias", key, (out_axis,), "float32", "base"))
+        return slots
+
+    def install(self, model: nn.Module, slots: list[Slot]) -> dict:
+        """Swap heads for slot modules; returns {slot name: (module, key)} and neutral values."""
+        feeds, neutral = {}, {}
+        for s in slots:
+            module = model.get_submodule(s.module)
+            if not isinstance(module, HeadSlotLinear):
+                base = module
+                module = HeadSlotLinear(base)
+                replace_module(model, s.module, module)
+                neutral[slot_name("head", "weight", s.module)] = base.weight.detach().T.contiguous().numpy()
+                if base.bias is not None:
+                    neutral[slot_name("head", "bias", s.module)] = base.bias.detach().numpy().copy()
+            feeds[s.name] = (module, s.role)
+        return feeds, {k: v for k, v in neutral.items() if k in {s.name for s in slots}}
+
+    def values(self, peft_model, adapter_name: str, slots: list[Slot]) -> dict:
+        out = {}
+        for s in slots:
+            wrapper = peft_model.base_model.model.get_submodule(s.module)
+            trained = wrapper.modules_to_save[adapter_name]
+            t = trained.weight.T if s.role == "weight" else trained.bias
+            out[s.name] = np.ascontiguousarray(t.detach().float().numpy())
+        return out
+
+    def sample(self, slots: list[Slot], neutral: dict) -> dict:
+        return {s.name: torch.from_numpy(neutral[s.name]) for s in slots}

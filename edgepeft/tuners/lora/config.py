@@ -1,0 +1,73 @@
+"""LoRA config: HF PEFT's ``LoraConfig`` fields, names, defaults and semantics."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from edgepeft.config import PeftConfig
+from edgepeft.errors import UnsupportedMethodError
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """``delta W = B @ A * scaling`` on each target Linear/Conv1D.
+
+    scaling = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``.
+    ``target_modules``: a list of names (matched by dotted suffix), a full-match
+    regex string, or ``"all-linear"``; None takes PEFT's default for the model type.
+    """
+
+    peft_type_name = "LORA"
+    r: int = 8
+    lora_alpha: int = 8
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[list, str]] = None
+    exclude_modules: Optional[Union[list, str]] = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    layers_to_transform: Optional[Union[list, int]] = None
+    layers_pattern: Optional[Union[list, str]] = None
+    use_dora: bool = False
+    lora_bias: bool = False
+    target_parameters: Optional[list] = None
+    trainable_token_indices: Optional[Union[list, dict]] = None
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, set):
+            self.target_modules = sorted(self.target_modules)
+        unsupported = {
+            "use_dora": self.use_dora,
+            "lora_bias": self.lora_bias,
+            "bias": self.bias != "none",
+            "layers_to_transform": self.layers_to_transform is not None,
+            "target_parameters": bool(self.target_parameters),
+            "trainable_token_indices": bool(self.trainable_token_indices),
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise UnsupportedMethodError(
+                f"LoRA option(s) {', '.join(bad)} are not supported by edgepeft; train without them"
+            )
+        if self.r <= 0:
+            raise UnsupportedMethodError(f"LoRA r must be positive, got {self.r}")
+
+    def _pattern_value(self, pattern: dict, key: str, default):
+        # PEFT: the first pattern that matches the end of the module name wins.
+        for p, v in pattern.items():
+            if re.match(rf"(.*\.)?({p})$", key):
+                return v
+        return default
+
+    def rank_for(self, key: str) -> int:
+        return int(self._pattern_value(self.rank_pattern, key, self.r))
+
+    def scaling_for(self, key: str, r: Optional[int] = None) -> float:
+        r = r if r is not None else self.rank_for(key)
+        alpha = self._pattern_value(self.alpha_pattern, key, self.lora_alpha)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r

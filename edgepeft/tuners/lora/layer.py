@@ -1,0 +1,59 @@
+"""LoRA layers in PyTorch: HF PEFT's module layout, so state-dict keys match."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class LoraLinear(nn.Module):
+    """Wraps a Linear or GPT-2 Conv1D: ``y = base(x) + B(A(dropout(x))) * scaling``.
+
+    Parameters are named as in HF PEFT (``base_layer``, ``lora_A.<adapter>``,
+    ``lora_B.<adapter>``) so saved keys are byte-compatible.
+    A: (r, in) as nn.Linear(in, r); B: (out, r) as nn.Linear(r, out).
+    """
+
+    adapter_dicts = ("lora_A", "lora_B")  # ModuleDicts holding one entry per adapter
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        if isinstance(base_layer, Conv1D):
+            self.in_features, self.out_features = base_layer.weight.shape  # Conv1D weight: (in, out)
+            self.fan_in_fan_out = True
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+            self.fan_in_fan_out = False
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapter = None
+        self.merged = False
+
+    def add(self, adapter_name: str, r: int, scaling: float, dropout: float, init: bool = True) -> None:
+        weight = self.base_layer.weight
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False).to(weight.device, weight.dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False).to(weight.device, weight.dtype)
+        self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[adapter_name] = scaling
+        if init:  # PEFT's default: A Kaiming-uniform, B zero, so the adapter starts as a no-op
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """B @ A * scaling in the base layer's weight layout."""
+        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x, *args, **kwargs):
+        result = self.base_layer(x, *args, **kwargs)
+        name = self.active_adapter
+        if self.merged or name is None or name not in self.lora_A:
+            return result
+        a, b = self.lora_A[name], self.lora_B[name]
+        x = x.to(a.weight.dtype)
+        return result + b(a(self.lora_dropout[name](x))) * self.scaling[name]

@@ -1,0 +1,76 @@
+"""Which modules a config targets, matched exactly as HF PEFT matches them."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from edgepeft.errors import ConfigError
+
+# HF PEFT's default LoRA targets per model type (used when target_modules is None).
+DEFAULT_LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+}
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def name_matches(patterns, key: str) -> bool:
+    """PEFT semantics: a string is a full-match regex; a list matches by name or dotted suffix."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, key) is not None
+    return any(key == p or key.endswith("." + p) for p in patterns)
+
+
+def output_layer_name(model: nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if get else None
+    if out is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is out), None)
+
+
+def linear_targets(model: nn.Module, config, default_key: str = "lora") -> list[str]:
+    """Full names of the linear modules ``config.target_modules`` selects in ``model``.
+
+    ``"all-linear"`` selects every Linear/Conv1D except the output layer and the
+    modules saved whole (``modules_to_save``), as HF PEFT does.
+    """
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_LORA_TARGETS:
+            raise ConfigError(f"target_modules is required for model type {model_type!r}")
+        targets = DEFAULT_LORA_TARGETS[model_type]
+    saved = list(config.modules_to_save or [])
+    names = []
+    if targets == "all-linear":
+        skip = output_layer_name(model)
+        for key, module in model.named_modules():
+            if isinstance(module, LINEAR_TYPES) and key != skip and not name_matches(saved, key):
+                names.append(key)
+    else:
+        for key, module in model.named_modules():
+            if name_matches(targets, key) and not name_matches(saved, key):
+                if not isinstance(module, LINEAR_TYPES):
+                    raise ConfigError(
+                        f"target module {key!r} is a {type(module).__name__}; edgepeft adapts nn.Linear and Conv1D layers"
+                    )
+                names.append(key)
+    exclude = getattr(config, "exclude_modules", None)
+    names = [n for n in names if not name_matches(exclude, n)]
+    if not names:
+        raise ConfigError(f"target_modules {targets!r} matches no linear layer of {type(model).__name__}")
+    return names
+
+
+def replace_module(model: nn.Module, key: str, new: nn.Module) -> None:
+    parent_name, _, child = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,351 @@
+"""``edgepeft export``: base once, each adapter as its own small graph, all validated.
+
+    adapter dirs --> PeftModel (PyTorch reference, HF PEFT semantics)
+         |                 |
+         |   slot table    |  slot values (scaling folded, graph layout)
+         v                 v
+    OUT/base (reused when it has every slot)   OUT/adapters/<name>/adapter.onnx
+         \________ validate: Runtime vs PyTorch, max |diff| ________/
+                             |
+                 rename staged folders into place
+
+Everything is written into hidden staging folders under OUT and renamed into place
+only after validation passes, so a failed export leaves OUT as it was.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgepeft.config import load_config
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, ExportValidationError
+from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
+from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
+from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
+from edgepeft.models import call_kwargs, default_task, load_base, load_model_config, max_positions, sample_inputs
+from edgepeft.peft_model import PeftModel
+from edgepeft.registry import method_for, methods
+from edgepeft.runtimes.manifest import (
+    ADAPTER_GRAPH,
+    ADAPTER_MANIFEST,
+    ADAPTERS_DIR,
+    BASE_DIR,
+    BASE_GRAPH,
+    BASE_MANIFEST,
+    FORMAT_VERSION,
+    TASK_OUTPUTS,
+    read_adapter_manifest,
+    read_base_manifest,
+    sha256_file,
+)
+from edgepeft.runtimes.runtime import Runtime
+from edgepeft.tuners.heads import HeadSlots
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json",
+)
+HEADS = HeadSlots()
+
+
+@dataclass
+class AdapterSource:
+    name: str
+    path: str
+    config: object
+
+
+def _write_json(path: str, data: dict) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def _read_sources(adapters, names) -> list[AdapterSource]:
+    adapters = [str(a) for a in adapters]
+    names = list(names or [])
+    if len(names) > len(adapters):
+        raise ConfigError(f"got {len(names)} --name values for {len(adapters)} --adapter folders; give one name per adapter")
+    sources = []
+    for i, path in enumerate(adapters):
+        name = names[i] if i < len(names) else os.path.basename(os.path.normpath(path))
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ConfigError(f"{path}: adapter name {name!r} must be letters, digits, '_', '.', '-'; pass --name")
+        if any(s.name == name for s in sources):
+            raise ConfigError(f"{path}: two adapters are both named {name!r}; pass --name to tell them apart")
+        sources.append(AdapterSource(name, path, load_config(path)))
+    return sources
+
+
+def _resolve_base(sources, base) -> str:
+    if base:
+        return str(base)
+    wanted = {s.config.base_model_name_or_path for s in sources}
+    if None in wanted or "" in wanted:
+        missing = next(s for s in sources if not s.config.base_model_name_or_path)
+        raise ConfigError(f"{missing.path}: adapter_config.json names no base_model_name_or_path; pass --base MODEL")
+    if len(wanted) > 1:
+        raise ConfigError(f"the adapters name different bases ({', '.join(sorted(wanted))}); export them into separate --out folders or pass --base")
+    return wanted.pop()
+
+
+def _resolve_task(sources, model_type: str) -> str:
+    tasks = {s.config.task or default_task(model_type) for s in sources}
+    if len(tasks) > 1:
+        raise ConfigError(
+            f"the adapters are for different tasks ({', '.join(sorted(tasks))}); one export folder serves one task, "
+            "so export them into separate --out folders"
+        )
+    return tasks.pop()
+
+
+def _adapter_slots(model, config) -> list:
+    return method_for(config).slots.slot_table(model, config) + HEADS.slot_table(model, config)
+
+
+def _union(*tables) -> list:
+    seen, out = set(), []
+    for table in tables:
+        for s in table:
+            if s.name not in seen:
+                seen.add(s.name)
+                out.append(s)
+    return out
+
+
+def _reference(model, ids, mask, task) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, return_dict=True, **call_kwargs(model.config))
+    return getattr(out, TASK_OUTPUTS[task]).float().numpy()
+
+
+def _max_diff(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray, task: str) -> float:
+    if task == "seq-cls":
+        return float(np.abs(ours - ref).max())
+    valid = mask.astype(bool)  # padded positions carry no meaning; compare real tokens only
+    return float(np.abs(ours[valid] - ref[valid]).max())
+
+
+def _check(label: str, ours, ref, mask, task, atol, where) -> dict:
+    diff = _max_diff(ours, ref, mask, task)
+    tol = atol * max(1.0, float(np.abs(ref).max()))
+    if not diff <= tol:  # also catches NaN
+        raise ExportValidationError(
+            f"{where}: {label} differs from PyTorch by {diff:.3g} (tolerance {tol:.1g}); nothing was written. "
+            "Report this model with `edgepeft inspect`, or loosen --atol if the difference is expected"
+        )
+    return {"what": label, "max_abs_diff": diff, "tolerance": tol}
+
+
+def _export_base(model, slots, task, stage, source, weights_fp, merged_adapter=None) -> dict:
+    """Trace ``model`` with ``slots`` as inputs into ``stage``; returns the manifest."""
+    graph_model = copy.deepcopy(model)
+    feeds, neutral, samples = {}, {}, {}
+    by_method: dict = {}
+    for s in slots:
+        by_method.setdefault(s.method, []).append(s)
+    for method_name, group in by_method.items():
+        spec = _slot_providers()[method_name]
+        f, n = spec.install(graph_model, group)
+        feeds.update(f)
+        neutral.update(n)
+        samples.update(spec.sample(group, n))
+    graph = SlotGraph(graph_model, feeds, task)
+    ids, mask = sample_inputs(model.config)
+    io = export_graph(graph, (ids, mask, *[samples[n] for n in graph.slot_names]), slots, neutral,
+                      os.path.join(stage, BASE_GRAPH), task)
+    manifest = {
+        "format": "edgepeft-base",
+        "format_version": FORMAT_VERSION,
+        "model_type": model.config.model_type,
+        "task": task,
+        "source": source,
+        "graph": BASE_GRAPH,
+        "fingerprint": base_fingerprint(weights_fp, slots, OPSET),
+        "weights_fingerprint": weights_fp,
+        "opset": OPSET,
+        "dtype": "float32",
+        "quantization": None,
+        "merged_adapter": merged_adapter,
+        "vocab_size": model.config.vocab_size,
+        "max_positions": max_positions(model.config),
+        "pad_token_id": model.config.pad_token_id,
+        "slots": [s.to_json() for s in slots],
+        **io,
+    }
+    if os.path.isdir(source):
+        for f in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source, f)):
+                shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
+    _write_json(os.path.join(stage, BASE_MANIFEST), manifest)
+    return manifest
+
+
+def _slot_providers() -> dict:
+    """Slot method name -> the object that installs and fills those slots."""
+    return {m.name: m.slots for m in methods()} | {HEADS.name: HEADS}
+
+
+def _write_adapter(peft, src: AdapterSource, slots, base_manifest, stage) -> dict:
+    config = peft.peft_config[src.name]
+    method = method_for(config)
+    own = [s for s in slots if s.method == method.name]
+    heads = [s for s in slots if s.method == "head"]
+    values = {**method.slots.values(peft, src.name, own), **HEADS.values(peft, src.name, heads)}
+    graph = os.path.join(stage, ADAPTER_GRAPH)
+    write_adapter_graph(values, graph)
+    manifest = {
+        "format": "edgepeft-adapter",
+        "format_version": FORMAT_VERSION,
+        "name": src.name,
+        "methods": [method.name] + (["head"] if heads else []),
+        "peft_type": config.peft_type,
+        "task": base_manifest["task"],
+        "base_fingerprint": base_manifest["fingerprint"],
+        "base_source": base_manifest["source"],
+        **method.slots.describe(config),
+        "modules_to_save": config.modules_to_save,
+        "slots": {k: list(v.shape) for k, v in sorted(values.items())},
+        "parameter_bytes": int(sum(v.nbytes for v in values.values())),
+        "graph": ADAPTER_GRAPH,
+        "sha256": sha256_file(graph),
+        "peft_config": config.to_dict(),
+        "source": os.path.abspath(src.path),
+        "labels": None,
+    }
+    _write_json(os.path.join(stage, ADAPTER_MANIFEST), manifest)
+    return manifest
+
+
+def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose=False) -> dict:
+    """Export adapters (HF PEFT or edgepeft dirs) and their base into ``out``.
+
+    Returns a report: the base (exported or reused), each adapter's size, and the
+    max difference against PyTorch for the base and every adapter.
+    """
+    out = str(out)
+    log = print if verbose else (lambda *a, **k: None)
+    if not adapters:
+        raise ConfigError("give at least one --adapter folder")
+    sources = _read_sources(adapters, names)
+    source = _resolve_base(sources, base)
+    model_type = load_model_config(source).model_type
+    task = _resolve_task(sources, model_type)
+    log(f"loading base {source} ({model_type}, {task})")
+    model = load_base(source, task)
+
+    peft = PeftModel(copy.deepcopy(model))
+    for src in sources:
+        peft.load_adapter(src.path, src.name)
+    peft.eval()
+
+    base_dir = os.path.join(out, BASE_DIR)
+    existing = read_base_manifest(base_dir) if os.path.exists(os.path.join(base_dir, BASE_MANIFEST)) else None
+    if merge:
+        return _export_merged(model, peft, sources, source, task, out, existing, atol, log)
+
+    needed = _union(*[_adapter_slots(model, peft.peft_config[s.name]) for s in sources])
+    slots = _union(existing["slots"] if existing else [], needed)
+    weights_fp = weights_fingerprint(model, skip_modules={s.module for s in slots if s.method == "head"})
+    if existing:
+        if existing.get("merged_adapter"):
+            raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")
+        if existing.get("weights_fingerprint") != weights_fp or existing["task"] != task:
+            raise AdapterBaseMismatchError(
+                f"{base_dir}: was exported from {existing.get('source')} ({existing['task']}); these adapters need "
+                f"{source} ({task}); export them into another --out folder"
+            )
+    reuse = existing is not None and {s.name for s in needed} <= {s.name for s in existing["slots"]}
+
+    staged = []
+    try:
+        if reuse:
+            base_stage, base_manifest = base_dir, existing
+            log(f"reusing {base_dir} (has every slot these adapters need)")
+        else:
+            base_stage = staging_dir(out, "base")
+            staged.append(base_stage)
+            log(f"exporting base with {len(slots)} slots to {base_dir}")
+            base_manifest = _export_base(model, slots, task, base_stage, source, weights_fp)
+        rt = Runtime.from_base_dir(base_stage)
+        ids, mask = sample_inputs(model.config, seed=1)
+        report = {"out": out, "base": {"reused": reuse, "path": base_dir, "slots": len(slots)}, "adapters": [], "checks": []}
+        ours = rt.forward(ids.numpy(), mask.numpy())[TASK_OUTPUTS[task]]
+        report["checks"].append(_check("base (no adapter)", ours, _reference(model, ids, mask, task), mask.numpy(), task, atol, base_dir))
+
+        adapter_stages = {}
+        for src in sources:
+            stage = staging_dir(os.path.join(out, ADAPTERS_DIR), src.name)
+            staged.append(stage)
+            adapter_stages[src.name] = stage
+            manifest = _write_adapter(peft, src, slots, base_manifest, stage)
+            rt.load_adapter(stage, name=src.name)
+            peft.set_adapter(src.name)
+            ours = rt.forward(ids.numpy(), mask.numpy(), adapter=src.name)[TASK_OUTPUTS[task]]
+            check = _check(f"adapter {src.name}", ours, _reference(peft, ids, mask, task), mask.numpy(), task, atol, src.path)
+            report["checks"].append(check)
+            report["adapters"].append({"name": src.name, "path": os.path.join(out, ADAPTERS_DIR, src.name),
+                                       "parameter_bytes": manifest["parameter_bytes"], "max_abs_diff": check["max_abs_diff"]})
+            log(f"validated {src.name}: max |diff| vs PyTorch = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
+
+        # Commit: base first (then re-point the adapters already there), then the new adapters.
+        if not reuse:
+            replace_dir(base_stage, base_dir)
+            staged.remove(base_stage)
+            _repoint_adapters(out, base_manifest, skip={s.name for s in sources})
+        for name, stage in adapter_stages.items():
+            replace_dir(stage, os.path.join(out, ADAPTERS_DIR, name))
+            staged.remove(stage)
+    finally:
+        for d in staged:
+            shutil.rmtree(d, ignore_errors=True)
+    log(f"wrote {out}")
+    return report
+
+
+def _repoint_adapters(out: str, base_manifest: dict, skip: set) -> None:
+    """After the base gained slots, adapters already in OUT still fit: record the new fingerprint."""
+    adapters_dir = os.path.join(out, ADAPTERS_DIR)
+    if not os.path.isdir(adapters_dir):
+        return
+    slot_names = {s["name"] for s in base_manifest["slots"]}
+    for name in os.listdir(adapters_dir):
+        d = os.path.join(adapters_dir, name)
+        if name in skip or name.startswith(".") or not os.path.isdir(d):
+            continue
+        manifest = read_adapter_manifest(d)
+        if set(manifest["slots"]) <= slot_names:
+            manifest["base_fingerprint"] = base_manifest["fingerprint"]
+            _write_json(os.path.join(d, ADAPTER_MANIFEST), manifest)
+
+
+def _export_merged(model, peft, sources, source, task, out, existing, atol, log) -> dict:
+    """``--merge``: one adapter folded into the weights, a plain graph with no slots."""
+    if len(sources) != 1:
+        raise ConfigError(f"--merge folds exactly one adapter into the base; got {len(sources)}")
+    src = sources[0]
+    base_dir = os.path.join(out, BASE_DIR)
+    if existing and not existing.get("merged_adapter"):
+        raise ConfigError(f"{base_dir}: holds a slot base with adapters; write the --merge export to another --out folder")
+    merged = peft.merge_and_unload(src.name).eval()
+    weights_fp = weights_fingerprint(merged)
+    stage = staging_dir(out, "merged")
+    try:
+        log(f"exporting {src.name} merged into the base to {base_dir}")
+        _export_base(merged, [], task, stage, source, weights_fp, merged_adapter=src.name)
+        rt = Runtime.from_base_dir(stage)
+        ids, mask = sample_inputs(model.config, seed=1)
+        peft.set_adapter(src.name)
+        ours = rt.forward(ids.numpy(), mask.numpy())[TASK_OUTPUTS[task]]
+        check = _check(f"merged {src.name}", ours, _reference(peft, ids, mask, task), mask.numpy(), task, atol, src.path)
+        log(f"validated merged {src.name}: max |diff| vs PyTorch = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
+        replace_dir(stage, base_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return {"out": out, "base": {"reused": False, "path": base_dir, "slots": 0, "merged_adapter": src.name},
+            "adapters": [], "checks": [check]}

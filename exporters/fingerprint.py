@@ -1,0 +1,36 @@
+"""Fingerprints: which base (weights + config) and which slot table an artifact belongs to."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+# Config keys that name or describe a checkpoint but do not change the computation.
+_VOLATILE = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "id2label", "label2id",
+             "_attn_implementation_autoset", "use_cache"}
+
+
+def weights_fingerprint(model: torch.nn.Module, skip_modules=()) -> str:
+    """sha256 of the model config and every tensor (name, dtype, shape, bytes).
+
+    ``skip_modules`` (task heads that are slots) are left out: their base values are
+    only slot defaults.
+    """
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    skip = tuple(m + "." for m in skip_modules)
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(skip):
+            continue
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def base_fingerprint(weights_fp: str, slots, opset: int) -> str:
+    """The fingerprint adapters are checked against: base weights plus slot table."""
+    table = json.dumps([s.to_json() for s in sorted(slots, key=lambda s: s.name)], sort_keys=True)
+    return hashlib.sha256(f"{weights_fp}|{opset}|{table}".encode()).hexdigest()

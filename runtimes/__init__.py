@@ -1,0 +1,34 @@
+"""edgepeft.runtimes: run an edgepeft export with ONNX Runtime.
+
+Imports onnxruntime, numpy and the standard library only (``tokenizers`` when
+present), never torch, transformers or onnx, so it embeds in apps on devices.
+"""
+from .errors import (
+    AdapterBaseMismatchError,
+    AdapterInUseError,
+    ArtifactNotFoundError,
+    ConfigError,
+    CorruptArtifactError,
+    EdgePeftError,
+    ExportValidationError,
+    InvalidInputError,
+    UnknownAdapterError,
+    UnsupportedMethodError,
+    UnsupportedModelError,
+)
+from .runtime import Runtime
+
+__all__ = [
+    "Runtime",
+    "EdgePeftError",
+    "AdapterBaseMismatchError",
+    "AdapterInUseError",
+    "ArtifactNotFoundError",
+    "ConfigError",
+    "CorruptArtifactError",
+    "ExportValidationError",
+    "InvalidInputError",
+    "UnknownAdapterError",
+    "UnsupportedMethodError",
+    "UnsupportedModelError",
+]

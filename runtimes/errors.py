@@ -1,0 +1,51 @@
+"""The one exception family of edgepeft.
+
+Every user-facing failure raises an ``EdgePeftError`` subclass whose message says
+what was wrong, which file it concerns, and what to do. The CLI prints the message
+as one line and exits non-zero. This module is pure Python so the torch-free
+runtime can raise the same errors as the exporter.
+"""
+
+
+class EdgePeftError(Exception):
+    """Base class of every error edgepeft raises for bad input or bad artifacts."""
+
+
+class ConfigError(EdgePeftError):
+    """An adapter config or a call's arguments are invalid."""
+
+
+class UnsupportedModelError(EdgePeftError):
+    """The model architecture, task or layer type is not supported."""
+
+
+class UnsupportedMethodError(EdgePeftError):
+    """The adapter's PEFT method (``peft_type``) or one of its options is not supported."""
+
+
+class ArtifactNotFoundError(EdgePeftError):
+    """A file or folder that should exist does not."""
+
+
+class CorruptArtifactError(EdgePeftError):
+    """A file exists but cannot be read, fails its checksum, or has the wrong content."""
+
+
+class AdapterBaseMismatchError(EdgePeftError):
+    """An adapter was made for another base model or another slot table."""
+
+
+class UnknownAdapterError(EdgePeftError):
+    """A call names an adapter that is not loaded."""
+
+
+class AdapterInUseError(EdgePeftError):
+    """An adapter cannot be unloaded while a call is using it."""
+
+
+class InvalidInputError(EdgePeftError):
+    """Model inputs have the wrong type, shape or values."""
+
+
+class ExportValidationError(EdgePeftError):
+    """The exported ONNX graph does not match PyTorch within tolerance."""

@@ -1,0 +1,202 @@
+"""The contract between exporter and runtime: file names, slot names, manifest JSON.
+
+Layout of an export folder ``OUT``::
+
+    OUT/base/model.onnx          frozen base graph, one graph input per adapter slot
+    OUT/base/edgepeft.json       base manifest (see ``read_base_manifest``)
+    OUT/base/tokenizer.json ...  tokenizer files when the base has them
+    OUT/adapters/<name>/adapter.onnx   no inputs, one output per slot it fills
+    OUT/adapters/<name>/adapter.json   adapter manifest (see ``read_adapter_manifest``)
+
+A slot is a named graph input of the base graph. Its shape mixes fixed sizes and
+symbolic axes (strings) such as a LoRA rank, so an adapter of any rank binds
+without re-export. Its ``neutral`` value makes the slot a no-op:
+
+    "empty"  a zero-length symbolic axis (rank-0 LoRA): the graph's default initializer
+    "base"   the base model's own tensor (a task head): the graph's default initializer
+
+Both are stored in the graph as initializers of the same name as the input, so a
+slot left unbound runs the base model exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from .errors import ArtifactNotFoundError, CorruptArtifactError
+
+FORMAT_VERSION = 1
+BASE_DIR = "base"
+ADAPTERS_DIR = "adapters"
+BASE_MANIFEST = "edgepeft.json"
+BASE_GRAPH = "model.onnx"
+ADAPTER_MANIFEST = "adapter.json"
+ADAPTER_GRAPH = "adapter.onnx"
+
+# Output names follow transformers' ModelOutput field names.
+TASK_OUTPUTS = {
+    "causal-lm": "logits",
+    "seq-cls": "logits",
+    "feature-extraction": "last_hidden_state",
+}
+
+
+def slot_name(method: str, role: str, module: str) -> str:
+    """The graph-input name of one slot: ``lora_A.model.layers.0.self_attn.q_proj``.
+
+    The only place slot names are made; exporter and runtime both call it.
+    """
+    return f"{method}_{role}.{module}"
+
+
+def slot_axis(method: str, role: str, module: str) -> str:
+    """The symbolic axis name of a slot's variable dimension (``lora_r.<module>``)."""
+    return f"{method}_{role}.{module}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One adaptable place in the base graph."""
+
+    name: str  # graph input name, from slot_name()
+    method: str  # "lora", "head", ...
+    role: str  # "A", "B", "weight", "bias", ...
+    module: str  # dotted module path in the task model
+    shape: tuple  # ints and symbolic axis names
+    dtype: str  # numpy dtype name, e.g. "float32"
+    neutral: str  # "empty" or "base" (see module docstring)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "method": self.method,
+            "role": self.role,
+            "module": self.module,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "neutral": self.neutral,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Slot":
+        return cls(
+            name=d["name"],
+            method=d["method"],
+            role=d["role"],
+            module=d["module"],
+            shape=tuple(d["shape"]),
+            dtype=d["dtype"],
+            neutral=d["neutral"],
+        )
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: str, what: str, fix: str) -> dict:
+    if not os.path.isfile(path):
+        raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptArtifactError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise CorruptArtifactError(f"{path}: {what} is not a JSON object; {fix}")
+    return data
+
+
+def _check_format(data: dict, path: str, kind: str, required: tuple, fix: str) -> None:
+    if data.get("format") != kind:
+        raise CorruptArtifactError(f"{path}: not an edgepeft {kind} manifest; {fix}")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CorruptArtifactError(
+            f"{path}: format version {version!r} is newer than this edgepeft reads "
+            f"({FORMAT_VERSION}); upgrade edgepeft or re-export with this version"
+        )
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise CorruptArtifactError(f"{path}: manifest lacks {', '.join(missing)}; {fix}")
+
+
+_BASE_KEYS = ("model_type", "task", "fingerprint", "inputs", "outputs", "slots", "vocab_size", "graph")
+_ADAPTER_KEYS = ("name", "methods", "base_fingerprint", "slots", "graph", "sha256")
+
+
+def read_base_manifest(base_dir: str) -> dict:
+    """Read and check ``base_dir/edgepeft.json``; slots come back as ``Slot`` objects."""
+    path = os.path.join(base_dir, BASE_MANIFEST)
+    fix = "re-run `edgepeft export` into a fresh --out folder"
+    data = _read_json(path, "base manifest", fix)
+    _check_format(data, path, "edgepeft-base", _BASE_KEYS, fix)
+    try:
+        data["slots"] = [Slot.from_json(s) for s in data["slots"]]
+    except (KeyError, TypeError) as e:
+        raise CorruptArtifactError(f"{path}: malformed slot table ({e}); {fix}") from None
+    return data
+
+
+def read_adapter_manifest(adapter_dir: str) -> dict:
+    """Read and check ``adapter_dir/adapter.json``."""
+    path = os.path.join(adapter_dir, ADAPTER_MANIFEST)
+    fix = "re-export the adapter with `edgepeft export --adapter DIR --out OUT`"
+    data = _read_json(path, "adapter manifest", fix)
+    _check_format(data, path, "edgepeft-adapter", _ADAPTER_KEYS, fix)
+    if not isinstance(data["slots"], dict):
+        raise CorruptArtifactError(f"{path}: 'slots' must map slot names to shapes; {fix}")
+    return data
+
+
+def folder_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def describe_export(out_dir: str) -> dict:
+    """What ``edgepeft inspect`` prints: base, slots, adapters and sizes (no ONNX Runtime needed)."""
+    base_dir = os.path.join(out_dir, BASE_DIR)
+    base = read_base_manifest(base_dir)
+    adapters = []
+    adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
+    if os.path.isdir(adapters_dir):
+        for name in sorted(os.listdir(adapters_dir)):
+            d = os.path.join(adapters_dir, name)
+            if not os.path.isdir(d) or name.startswith("."):
+                continue
+            m = read_adapter_manifest(d)
+            adapters.append(
+                {
+                    "name": m["name"],
+                    "methods": m["methods"],
+                    "rank": m.get("rank"),
+                    "alpha": m.get("alpha"),
+                    "slots": len(m["slots"]),
+                    "labels": m.get("labels"),
+                    "bytes": folder_bytes(d),
+                    "matches_base": m["base_fingerprint"] == base["fingerprint"],
+                }
+            )
+    return {
+        "base": {
+            "model_type": base["model_type"],
+            "task": base["task"],
+            "source": base.get("source"),
+            "fingerprint": base["fingerprint"],
+            "dtype": base.get("dtype"),
+            "opset": base.get("opset"),
+            "merged_adapter": base.get("merged_adapter"),
+            "bytes": folder_bytes(base_dir),
+        },
+        "slots": base["slots"],
+        "adapters": adapters,
+    }

@@ -1,0 +1,315 @@
+"""Runtime: one base session, many adapters staged as device-resident OrtValues.
+
+    Runtime(OUT)
+      |-- session: OUT/base/model.onnx, adapter slots are optional graph inputs
+      |-- AdapterStore: name -> {slot name: OrtValue}, made once at load by running
+      |                 OUT/adapters/<name>/adapter.onnx, checked against the slot table
+      `-- forward(input_ids, attention_mask, adapter=name)
+            binds input_ids/attention_mask + that adapter's OrtValues (IOBinding);
+            slots it does not fill keep the graph's neutral default
+
+There is no global active adapter: every call names its adapter, so concurrent
+calls with different adapters never interfere. Adapter tensors are never copied
+per call.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import (
+    AdapterBaseMismatchError,
+    AdapterInUseError,
+    ArtifactNotFoundError,
+    ConfigError,
+    CorruptArtifactError,
+    InvalidInputError,
+    UnknownAdapterError,
+)
+from .manifest import (
+    ADAPTER_GRAPH,
+    ADAPTERS_DIR,
+    BASE_DIR,
+    BASE_GRAPH,
+    read_adapter_manifest,
+    read_base_manifest,
+    sha256_file,
+)
+
+
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """Session options for apps that hold several sessions on few cores.
+
+    Spinning thread pools of several sessions in one process starve each other
+    (measured 4x slower on 2 cores with four sessions alive), so spinning is off.
+    """
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = intra_op_threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def _device_of(providers) -> tuple[str, int]:
+    """Where adapter OrtValues live: on the GPU when CUDA is the first provider."""
+    first = providers[0] if providers else "CPUExecutionProvider"
+    name, opts = (first if isinstance(first, tuple) else (first, {}))
+    if name == "CUDAExecutionProvider":
+        return "cuda", int(opts.get("device_id", 0))
+    return "cpu", 0
+
+
+class _Adapter:
+    __slots__ = ("name", "path", "manifest", "values", "users")
+
+    def __init__(self, name, path, manifest, values):
+        self.name = name
+        self.path = path
+        self.manifest = manifest
+        self.values = values  # {slot name: OrtValue}
+        self.users = 0  # calls in flight
+
+
+class Runtime:
+    """Run an edgepeft export; see the module docstring for the lifecycle."""
+
+    def __init__(self, path, providers=None, sess_options=None, load_adapters=True):
+        base_dir = os.path.join(str(path), BASE_DIR)
+        if not os.path.isdir(base_dir):
+            raise ArtifactNotFoundError(
+                f"{base_dir}: no exported base here; run `edgepeft export --adapter DIR --out {path}` first"
+            )
+        self.path = str(path)
+        self._open_base(base_dir, providers, sess_options)
+        if load_adapters:
+            adapters_dir = os.path.join(self.path, ADAPTERS_DIR)
+            if os.path.isdir(adapters_dir):
+                for name in sorted(os.listdir(adapters_dir)):
+                    d = os.path.join(adapters_dir, name)
+                    if os.path.isdir(d) and not name.startswith("."):
+                        self.load_adapter(d, name=name)
+
+    @classmethod
+    def from_base_dir(cls, base_dir, providers=None, sess_options=None) -> "Runtime":
+        """A runtime over a bare base folder with no adapters loaded (used by export validation)."""
+        rt = cls.__new__(cls)
+        rt.path = os.path.dirname(os.path.abspath(base_dir))
+        rt._open_base(base_dir, providers, sess_options)
+        return rt
+
+    def _open_base(self, base_dir, providers, sess_options):
+        self.manifest = read_base_manifest(base_dir)
+        self.base_dir = base_dir
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        self._device = _device_of(self.providers)
+        graph = os.path.join(base_dir, self.manifest["graph"])
+        if not os.path.isfile(graph):
+            raise ArtifactNotFoundError(f"{graph}: base graph missing; re-run `edgepeft export`")
+        try:
+            self.session = ort.InferenceSession(
+                graph, sess_options=sess_options or session_options(), providers=self.providers
+            )
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise CorruptArtifactError(
+                f"{graph}: ONNX Runtime cannot load the base graph ({str(e).splitlines()[0]}); "
+                "re-run `edgepeft export` into a fresh --out folder"
+            ) from None
+        self.slots = {s.name: s for s in self.manifest["slots"]}
+        self.task = self.manifest["task"]
+        self.output_names = list(self.manifest["outputs"])
+        self.input_names = list(self.manifest["inputs"])
+        self.vocab_size = int(self.manifest["vocab_size"])
+        self.max_positions = self.manifest.get("max_positions")
+        self._adapters: dict[str, _Adapter] = {}
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def adapter_info(self, name: str) -> dict:
+        """The adapter's manifest (method, rank, labels, source PEFT config...)."""
+        return self._get(name).manifest
+
+    def load_adapter(self, path, name=None) -> str:
+        """Load an exported adapter folder, validate it against the base, stage its tensors.
+
+        Returns the adapter's name. On any failure nothing changes: adapters already
+        loaded keep serving.
+        """
+        path = str(path)
+        if not os.path.isdir(path):
+            raise ArtifactNotFoundError(
+                f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by `edgepeft export`"
+            )
+        manifest = read_adapter_manifest(path)
+        name = name or manifest["name"]
+        if manifest["base_fingerprint"] != self.manifest["fingerprint"]:
+            raise AdapterBaseMismatchError(
+                f"{path}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
+                f"({manifest.get('base_source')}), but {self.base_dir} is base {self.manifest['fingerprint'][:12]} "
+                f"({self.manifest.get('source')}); export the adapter into this OUT with "
+                f"`edgepeft export --adapter <adapter dir> --out {self.path}`"
+            )
+        graph = os.path.join(path, manifest["graph"])
+        if not os.path.isfile(graph):
+            raise ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
+        if sha256_file(graph) != manifest["sha256"]:
+            raise CorruptArtifactError(
+                f"{graph}: checksum does not match adapter.json (truncated or modified file); re-export the adapter"
+            )
+        arrays = self._run_adapter_graph(graph)
+        self._check_adapter_tensors(path, manifest, arrays)
+        values = {
+            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), *self._device) for k, v in arrays.items()
+        }
+        with self._lock:
+            if name in self._adapters:
+                raise ConfigError(f"{path}: an adapter named {name!r} is already loaded; unload it first or pick another name")
+            self._adapters[name] = _Adapter(name, path, manifest, values)
+        return name
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop an adapter's staged tensors. Refused while a call is using it."""
+        with self._lock:
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {self.adapter_names or 'none'}")
+            if adapter.users:
+                raise AdapterInUseError(f"adapter {name!r} is in use by {adapter.users} call(s); unload it when they finish")
+            del self._adapters[name]
+
+    def _run_adapter_graph(self, graph: str) -> dict:
+        try:
+            sess = ort.InferenceSession(graph, sess_options=session_options(1), providers=["CPUExecutionProvider"])
+            outputs = sess.run(None, {})
+        except Exception as e:
+            raise CorruptArtifactError(
+                f"{graph}: ONNX Runtime cannot run the adapter graph ({str(e).splitlines()[0]}); re-export the adapter"
+            ) from None
+        return {o.name: v for o, v in zip(sess.get_outputs(), outputs)}
+
+    def _check_adapter_tensors(self, path: str, manifest: dict, arrays: dict) -> None:
+        """Every output must be a slot of this base with the slot's fixed sizes and dtype."""
+        axes: dict[str, int] = {}
+        for slot_name, arr in arrays.items():
+            slot = self.slots.get(slot_name)
+            if slot is None:
+                raise AdapterBaseMismatchError(
+                    f"{path}: adapter fills slot {slot_name!r} that {self.base_dir} lacks; "
+                    f"re-export with `edgepeft export --adapter <adapter dir> --out {self.path}` to add it"
+                )
+            if arr.dtype != np.dtype(slot.dtype) or arr.ndim != len(slot.shape):
+                raise CorruptArtifactError(
+                    f"{path}: slot {slot_name} is {arr.dtype}{list(arr.shape)}, base expects "
+                    f"{slot.dtype}{list(slot.shape)}; re-export the adapter"
+                )
+            for size, want in zip(arr.shape, slot.shape):
+                if isinstance(want, str):
+                    if axes.setdefault(want, size) != size:
+                        raise CorruptArtifactError(
+                            f"{path}: axis {want} is {size} in {slot_name} but {axes[want]} elsewhere; re-export the adapter"
+                        )
+                elif size != want:
+                    raise CorruptArtifactError(
+                        f"{path}: slot {slot_name} has shape {list(arr.shape)}, base expects {list(slot.shape)}; "
+                        "re-export the adapter for this base"
+                    )
+        declared = set(manifest["slots"])
+        if declared != set(arrays):
+            raise CorruptArtifactError(f"{path}: adapter.json and adapter.onnx disagree on the slots; re-export the adapter")
+
+    def _get(self, name: str) -> _Adapter:
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise UnknownAdapterError(
+                f"adapter {name!r} is not loaded in {self.path}; loaded: {', '.join(self.adapter_names) or 'none'} "
+                "(use adapter=None for the base model)"
+            )
+        return adapter
+
+    @contextmanager
+    def _using(self, name):
+        """Hold an adapter for the length of one call (unload waits for it)."""
+        if name is None or name == self.manifest.get("merged_adapter"):
+            yield {}
+            return
+        with self._lock:
+            adapter = self._get(name)
+            adapter.users += 1
+        try:
+            yield adapter.values
+        finally:
+            with self._lock:
+                adapter.users -= 1
+
+    # ---------------------------------------------------------------- inputs
+    def _check_ids(self, input_ids, attention_mask):
+        try:
+            ids = np.asarray(input_ids)
+        except Exception:
+            raise InvalidInputError("input_ids must be an array of token ids") from None
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.size == 0:
+            raise InvalidInputError(f"input_ids must have shape (batch, sequence) and not be empty; got {list(ids.shape)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InvalidInputError(f"input_ids must be integers; got dtype {ids.dtype}")
+        ids = ids.astype(np.int64, copy=False)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise InvalidInputError(
+                f"token id {hi if hi >= self.vocab_size else lo} is outside the vocabulary [0, {self.vocab_size}) "
+                f"of {self.base_dir}; tokenize with the base model's tokenizer"
+            )
+        if self.max_positions and ids.shape[1] > self.max_positions:
+            raise InvalidInputError(
+                f"sequence length {ids.shape[1]} exceeds the model's {self.max_positions} positions; shorten the input"
+            )
+        if attention_mask is None:
+            mask = np.ones_like(ids)
+        else:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None, :]
+            if mask.shape != ids.shape:
+                raise InvalidInputError(
+                    f"attention_mask has shape {list(mask.shape)} but input_ids has {list(ids.shape)}; they must match"
+                )
+            if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+                raise InvalidInputError(f"attention_mask must be 0/1 integers; got dtype {mask.dtype}")
+            mask = mask.astype(np.int64, copy=False)
+        return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
+
+    # ---------------------------------------------------------------- calls
+    def forward(self, input_ids, attention_mask=None, adapter=None) -> dict:
+        """Run the base with ``adapter`` bound (None: the base model).
+
+        Returns transformers-named numpy outputs: ``{'logits': ...}`` or
+        ``{'last_hidden_state': ...}``.
+        """
+        ids, mask = self._check_ids(input_ids, attention_mask)
+        with self._using(adapter) as values:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input("input_ids", ids)
+            binding.bind_cpu_input("attention_mask", mask)
+            for slot_name, value in values.items():
+                binding.bind_ortvalue_input(slot_name, value)
+            for out in self.output_names:
+                binding.bind_output(out, self._device[0], self._device[1])
+            self.session.run_with_iobinding(binding)
+            results = binding.copy_outputs_to_cpu()
+        return dict(zip(self.output_names, results))
+
+    def labels(self, adapter) -> list | None:
+        """Label names saved with a classification adapter, if any."""
+        if adapter is None:
+            return None
+        return self._get(adapter).manifest.get("labels")
