@@ -159,6 +159,7 @@ def _export_base(model, slots, task, stage, source, weights_fp, merged_adapter=N
     ids, mask = sample_inputs(model.config)
     io = export_graph(graph, (ids, mask, *[samples[n] for n in graph.slot_names]), slots, neutral,
                       os.path.join(stage, BASE_GRAPH), task)
+    slots = [s for s in slots if s.name not in io["inert_slots"]]
     manifest = {
         "format": "edgepeft-base",
         "format_version": FORMAT_VERSION,
@@ -191,11 +192,13 @@ def _slot_providers() -> dict:
     return {m.name: m.slots for m in methods()} | {HEADS.name: HEADS}
 
 
-def _write_adapter(peft, src: AdapterSource, slots, base_manifest, stage) -> dict:
+def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage) -> dict:
     config = peft.peft_config[src.name]
     method = method_for(config)
+    usable = {s.name for s in base_manifest["slots"]}
+    slots = [s for s in _adapter_slots(model, config) if s.name in usable]  # inert slots reach no output
     own = [s for s in slots if s.method == method.name]
-    heads = [s for s in slots if s.method == "head"]
+    heads = [s for s in slots if s.method == HEADS.name]
     values = {**method.slots.values(peft, src.name, own), **HEADS.values(peft, src.name, heads)}
     graph = os.path.join(stage, ADAPTER_GRAPH)
     write_adapter_graph(values, graph)
@@ -260,7 +263,9 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
                 f"{base_dir}: was exported from {existing.get('source')} ({existing['task']}); these adapters need "
                 f"{source} ({task}); export them into another --out folder"
             )
-    reuse = existing is not None and {s.name for s in needed} <= {s.name for s in existing["slots"]}
+    reuse = existing is not None and (
+        {s.name for s in needed} - set(existing.get("inert_slots", [])) <= {s.name for s in existing["slots"]}
+    )
 
     staged = []
     try:
@@ -271,7 +276,11 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
             base_stage = staging_dir(out, "base")
             staged.append(base_stage)
             log(f"exporting base with {len(slots)} slots to {base_dir}")
-            base_manifest = _export_base(model, slots, task, base_stage, source, weights_fp)
+            _export_base(model, slots, task, base_stage, source, weights_fp)
+            base_manifest = read_base_manifest(base_stage)
+            if base_manifest["inert_slots"]:
+                log(f"note: {len(base_manifest['inert_slots'])} slots cannot change {TASK_OUTPUTS[task]} "
+                    f"(e.g. {base_manifest['inert_slots'][0]}); adapter weights there are left out")
         rt = Runtime.from_base_dir(base_stage)
         ids, mask = sample_inputs(model.config, seed=1)
         report = {"out": out, "base": {"reused": reuse, "path": base_dir, "slots": len(slots)}, "adapters": [], "checks": []}
@@ -283,7 +292,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
             stage = staging_dir(os.path.join(out, ADAPTERS_DIR), src.name)
             staged.append(stage)
             adapter_stages[src.name] = stage
-            manifest = _write_adapter(peft, src, slots, base_manifest, stage)
+            manifest = _write_adapter(model, peft, src, base_manifest, stage)
             rt.load_adapter(stage, name=src.name)
             peft.set_adapter(src.name)
             ours = rt.forward(ids.numpy(), mask.numpy(), adapter=src.name)[TASK_OUTPUTS[task]]
@@ -313,7 +322,7 @@ def _repoint_adapters(out: str, base_manifest: dict, skip: set) -> None:
     adapters_dir = os.path.join(out, ADAPTERS_DIR)
     if not os.path.isdir(adapters_dir):
         return
-    slot_names = {s["name"] for s in base_manifest["slots"]}
+    slot_names = {s.name for s in base_manifest["slots"]}
     for name in os.listdir(adapters_dir):
         d = os.path.join(adapters_dir, name)
         if name in skip or name.startswith(".") or not os.path.isdir(d):

@@ -71,8 +71,9 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
             do_constant_folding=True,
             dynamo=False,
         )
-    _add_neutral_defaults(path, neutral)
+    used = _add_neutral_defaults(path, neutral)
     return {
+        "inert_slots": sorted(set(neutral) - used),
         "inputs": {
             "input_ids": {"dtype": "int64", "axes": token_axes},
             "attention_mask": {"dtype": "int64", "axes": token_axes},
@@ -81,16 +82,22 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
     }
 
 
-def _add_neutral_defaults(path: str, neutral: dict) -> None:
-    """Give every slot input an initializer of its own name (its neutral value)."""
+def _add_neutral_defaults(path: str, neutral: dict) -> set:
+    """Give every slot input an initializer of its own name (its neutral value).
+
+    Returns the slots the graph uses: a slot on a layer that cannot reach the
+    output (BertModel's pooler for ``last_hidden_state``) is dropped by the tracer.
+    """
     big = os.path.getsize(path) + sum(v.nbytes for v in neutral.values()) > _EXTERNAL_DATA_BYTES
     model = onnx.load(path)
     existing = {i.name for i in model.graph.initializer}
+    used = {i.name for i in model.graph.input} & set(neutral)
     for name, value in neutral.items():
-        if name not in existing:
+        if name in used and name not in existing:
             model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
     data = os.path.basename(path) + ".data"
     onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True, location=data)
+    return used
 
 
 def write_adapter_graph(values: dict, path: str) -> None:

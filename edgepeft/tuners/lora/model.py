@@ -19,6 +19,8 @@ class LoraTuner:
             if not isinstance(module, LoraLinear):
                 module = LoraLinear(module)
                 replace_module(model, key, module)
+            if module.fan_in_fan_out:
+                config.fan_in_fan_out = True  # as HF PEFT records for GPT-2's Conv1D
             r = config.rank_for(key)
             module.add(adapter_name, r, config.scaling_for(key, r), config.lora_dropout, init=config.init_lora_weights is not False)
             keys.append(key)

@@ -1,0 +1,3 @@
+from edgepeft.cli import main
+
+main()

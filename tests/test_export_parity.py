@@ -1,0 +1,149 @@
+"""Exported graphs vs HF PEFT: every adapter on one shared base, left padding, per-call switching.
+
+Needs ONNX Runtime (CPU provider).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import ADAPTER_SPECS, ARCHS, default_task, load_reference_base, max_diff_valid, sample_batch, torch_outputs
+
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+FIELD = {"causal-lm": "logits", "seq-cls": "logits", "feature-extraction": "last_hidden_state"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_adapter_matches_hf_peft_on_one_shared_base(arch, shared_export, hf_reference, tiny_base):
+    out, dirs, report = shared_export(arch)
+    task = default_task(arch)
+    rt = Runtime(out)
+    assert rt.adapter_names == sorted(dirs)
+    ids, mask = sample_batch(batch=3, seq=10)
+    base_ref = torch_outputs(load_reference_base(tiny_base(arch), task), ids, mask, FIELD[task])
+    assert max_diff_valid(rt.forward(ids, mask)[FIELD[task]], base_ref, mask) <= 1e-4
+    for name, adapter_dir in dirs.items():
+        ours = rt.forward(ids, mask, adapter=name)[FIELD[task]]
+        ref = torch_outputs(hf_reference(arch, adapter_dir), ids, mask, FIELD[task])
+        assert max_diff_valid(ours, ref, mask) <= 1e-4, name
+        assert max_diff_valid(ours, base_ref, mask) > 1e-3, f"{name} should change the output"
+    # The export validated itself and reported its max differences.
+    assert [c["what"] for c in report["checks"]][0] == "base (no adapter)"
+    assert all(c["max_abs_diff"] <= 1e-4 for c in report["checks"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_switching_adapter_per_call_in_any_order_gives_the_same_answers(arch, shared_export):
+    out, dirs, _ = shared_export(arch)
+    rt = Runtime(out)
+    ids, mask = sample_batch(batch=2, seq=8, seed=7)
+    field = FIELD[default_task(arch)]
+    first = {name: rt.forward(ids, mask, adapter=name)[field] for name in [None, *dirs]}
+    for name in reversed([None, *dirs, None, *dirs]):
+        np.testing.assert_array_equal(rt.forward(ids, mask, adapter=name)[field], first[name])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plain_onnxruntime_session_without_adapter_inputs_runs_the_base(arch, shared_export, tiny_base):
+    out, _, _ = shared_export(arch)
+    sess = ort.InferenceSession(os.path.join(out, "base", "model.onnx"), providers=["CPUExecutionProvider"])
+    required = [i.name for i in sess.get_inputs() if not i.name.startswith(("lora_", "head_"))]
+    assert required == ["input_ids", "attention_mask"]
+    ids, mask = sample_batch()
+    task = default_task(arch)
+    ours = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    ref = torch_outputs(load_reference_base(tiny_base(arch), task), ids, mask, FIELD[task])
+    assert max_diff_valid(ours, ref, mask) <= 1e-4
+
+
+def test_rank_axis_is_symbolic_and_scaling_is_folded(shared_export):
+    out, dirs, _ = shared_export("llama")
+    rt = Runtime(out)
+    ranks = {name: rt.adapter_info(name)["slots"]["lora_A.model.layers.0.mlp.gate_proj"][1]
+             for name in dirs if "lora_A.model.layers.0.mlp.gate_proj" in rt.adapter_info(name)["slots"]}
+    assert sorted(ranks.values()) == [2, 8]  # two ranks bound to one graph input
+    graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["lora_A.model.layers.0.mlp.gate_proj"] == [32, "lora_r.model.layers.0.mlp.gate_proj"]
+    assert dims["lora_B.model.layers.0.mlp.gate_proj"] == ["lora_r.model.layers.0.mlp.gate_proj", 64]
+    overridable = {i.name for i in rt.session.get_overridable_initializers()}
+    assert "lora_A.model.layers.0.mlp.gate_proj" in overridable  # optional, rank-0 default
+    # rank_pattern gave down_proj rank 3 in the "mlp" adapter.
+    assert rt.adapter_info("mlp")["slots"]["lora_B.model.layers.1.mlp.down_proj"][0] == 3
+
+
+def test_adapter_files_are_about_their_parameter_bytes(shared_export):
+    out, dirs, _ = shared_export("llama")
+    base_bytes = sum(os.path.getsize(os.path.join(out, "base", f)) for f in os.listdir(os.path.join(out, "base")))
+    for name in dirs:
+        info = Runtime(out).adapter_info(name)
+        size = os.path.getsize(os.path.join(out, "adapters", name, "adapter.onnx"))
+        assert info["parameter_bytes"] <= size <= info["parameter_bytes"] * 1.2 + 8192
+        assert size < base_bytes / 4
+
+
+def test_seq_cls_adapters_with_different_label_counts_share_one_base(workdir, peft_adapter, hf_reference):
+    dirs = {
+        "intent": peft_adapter("bert", "intent", task="seq-cls", num_labels=4, seed=21, r=4, target_modules=["query", "value"]),
+        "sentiment": peft_adapter("bert", "sentiment", task="seq-cls", num_labels=2, seed=22, r=2, target_modules=["key"]),
+    }
+    out = str(workdir / "out-bert-cls")
+    export(list(dirs.values()), out)
+    rt = Runtime(out)
+    ids, mask = sample_batch(batch=3)
+    for name, labels in [("intent", 4), ("sentiment", 2)]:
+        logits = rt.forward(ids, mask, adapter=name)["logits"]
+        assert logits.shape == (3, labels)
+        ref = torch_outputs(hf_reference("bert", dirs[name], task="seq-cls", num_labels=labels), ids, mask, "logits")
+        assert max_diff_valid(logits, ref) <= 1e-4
+
+
+def test_decoder_seq_cls_uses_the_last_real_token(workdir, peft_adapter, hf_reference):
+    adapter = peft_adapter("llama", "cls3", task="seq-cls", num_labels=3, seed=5, r=4, target_modules=["q_proj", "v_proj"])
+    out = str(workdir / "out-llama-cls")
+    export([adapter], out)
+    ids, mask = sample_batch(batch=3)
+    ours = Runtime(out).forward(ids, mask, adapter="cls3")["logits"]
+    ref = torch_outputs(hf_reference("llama", adapter, task="seq-cls", num_labels=3), ids, mask, "logits")
+    assert max_diff_valid(ours, ref) <= 1e-4
+
+
+def test_merge_export_matches_and_loads_like_any_export(workdir, shared_export, hf_reference):
+    out, dirs, _ = shared_export("qwen2")
+    merged = str(workdir / "out-qwen2-merged")
+    report = export([dirs["all"]], merged, merge=True)
+    rt = Runtime(merged)
+    assert rt.slots == {} and rt.adapter_names == [] and report["base"]["merged_adapter"] == "all"
+    ids, mask = sample_batch()
+    ref = torch_outputs(hf_reference("qwen2", dirs["all"]), ids, mask, "logits")
+    assert max_diff_valid(rt.forward(ids, mask)["logits"], ref, mask) <= 1e-4
+    np.testing.assert_array_equal(rt.forward(ids, mask, adapter="all")["logits"], rt.forward(ids, mask)["logits"])
+
+
+def test_base_is_reused_when_it_has_the_slots_and_extended_when_not(workdir, peft_adapter, hf_reference):
+    out = str(workdir / "out-gpt2-grow")
+    a = peft_adapter("gpt2", "grow-attn", seed=31, r=2, target_modules=["c_attn"])
+    b = peft_adapter("gpt2", "grow-attn2", seed=32, r=5, target_modules=["c_attn"])
+    c = peft_adapter("gpt2", "grow-mlp", seed=33, r=3, target_modules=["c_fc"])
+    export([a], out)
+    graph = os.path.join(out, "base", "model.onnx")
+    first = os.stat(graph).st_mtime_ns
+
+    report = export([b], out)
+    assert report["base"]["reused"] and os.stat(graph).st_mtime_ns == first
+
+    report = export([c], out)  # needs c_fc slots: base re-exported, earlier adapters stay valid
+    assert not report["base"]["reused"]
+    rt = Runtime(out)
+    assert rt.adapter_names == ["grow-attn", "grow-attn2", "grow-mlp"]
+    ids, mask = sample_batch()
+    for name, d in [("grow-attn", a), ("grow-attn2", b), ("grow-mlp", c)]:
+        ref = torch_outputs(hf_reference("gpt2", d), ids, mask, "logits")
+        assert max_diff_valid(rt.forward(ids, mask, adapter=name)["logits"], ref, mask) <= 1e-4
+    assert not [f for f in os.listdir(out) if f.startswith(".")]

@@ -1,0 +1,132 @@
+"""PyTorch LoRA: edgepeft <-> HF PEFT in both directions, on every supported architecture.
+
+Torch only (no ONNX Runtime).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ARCHS, TASK_TYPES, default_task, load_reference_base, randomize_adapter, sample_batch, torch_outputs
+
+import edgepeft
+from edgepeft.errors import ConfigError, UnsupportedMethodError
+
+FIELD = {"causal-lm": "logits", "seq-cls": "logits", "feature-extraction": "last_hidden_state"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_adapter_loads_in_edgepeft_with_identical_outputs(arch, tiny_base, peft_adapter, hf_reference):
+    adapter = peft_adapter(arch, "all-rslora", target_modules="all-linear", r=4, lora_alpha=8, use_rslora=True, seed=11)
+    task = default_task(arch)
+    ref = hf_reference(arch, adapter)
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base(arch), task), adapter).eval()
+    ids, mask = sample_batch(seq=7)
+    a = torch_outputs(ours, ids, mask, FIELD[task])
+    b = torch_outputs(ref, ids, mask, FIELD[task])
+    base = torch_outputs(load_reference_base(tiny_base(arch), task), ids, mask, FIELD[task])
+    assert abs(a - b).max() <= 1e-5
+    assert abs(a - base).max() > 1e-3  # the adapter really changes the output
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_edgepeft_adapter_loads_in_peft_with_identical_outputs(arch, tiny_base, tmp_path):
+    import peft
+
+    task = default_task(arch)
+    targets = {"llama": ["q_proj", "v_proj", "down_proj"], "qwen2": ["k_proj", "o_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value", "dense"]}[arch]
+    model = edgepeft.get_peft_model(
+        load_reference_base(tiny_base(arch), task),
+        edgepeft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, task_type=TASK_TYPES[task]),
+    )
+    randomize_adapter(model, seed=5)
+    model.save_pretrained(tmp_path / "ad")
+    ref = peft.PeftModel.from_pretrained(load_reference_base(tiny_base(arch), task), str(tmp_path / "ad")).eval()
+    ids, mask = sample_batch(seq=6)
+    a = torch_outputs(model.eval(), ids, mask, FIELD[task])
+    b = torch_outputs(ref, ids, mask, FIELD[task])
+    assert abs(a - b).max() <= 1e-5
+
+    # Same keys as PEFT writes for the same config, and PEFT reads our config fields.
+    peft_model = peft.get_peft_model(
+        load_reference_base(tiny_base(arch), task),
+        peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, task_type=TASK_TYPES[task]),
+    )
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours_keys = set(load_file(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert ours_keys == set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    ours_cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    assert ours_cfg["peft_type"] == "LORA" and ours_cfg["base_model_name_or_path"] == tiny_base(arch)
+
+
+def test_seq_cls_head_is_saved_and_loaded_like_peft(tiny_base, tmp_path):
+    import peft
+
+    base = tiny_base("bert")
+    model = edgepeft.get_peft_model(
+        load_reference_base(base, "seq-cls", num_labels=3),
+        edgepeft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"),
+    )
+    assert model.peft_config["default"].modules_to_save == ["classifier", "score"]
+    randomize_adapter(model, seed=2)
+    model.save_pretrained(tmp_path / "cls")
+    keys = set(load_file(tmp_path / "cls" / "adapter_model.safetensors"))
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+    ref = peft.PeftModel.from_pretrained(load_reference_base(base, "seq-cls", num_labels=3), str(tmp_path / "cls")).eval()
+    ids, mask = sample_batch()
+    assert abs(torch_outputs(model.eval(), ids, mask, "logits") - torch_outputs(ref, ids, mask, "logits")).max() <= 1e-5
+    # edgepeft also loads it on a base whose head has another label count.
+    other = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "seq-cls"), tmp_path / "cls").eval()
+    assert torch_outputs(other, ids, mask, "logits").shape == (2, 3)
+
+
+def test_only_adapter_parameters_train_and_gradients_flow(tiny_base):
+    model = edgepeft.get_peft_model(
+        load_reference_base(tiny_base("llama"), "causal-lm"), edgepeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
+    ids = torch.randint(3, 128, (2, 6))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_add_and_set_adapter_switch_outputs_and_merge_matches(tiny_base, tmp_path):
+    base = tiny_base("gpt2")
+    model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(r=2, target_modules=["c_attn"]))
+    model.add_adapter("second", edgepeft.LoraConfig(r=3, target_modules=["c_fc"]))
+    randomize_adapter(model, seed=9)
+    ids, mask = sample_batch()
+    model.eval()
+    first = torch_outputs(model, ids, mask, "logits")
+    model.set_adapter("second")
+    second = torch_outputs(model, ids, mask, "logits")
+    assert abs(first - second).max() > 1e-3
+    merged = model.merge_and_unload("second")
+    assert abs(torch_outputs(merged, ids, mask, "logits") - second).max() <= 1e-5
+    # merge_and_unload works on a copy: the PeftModel still switches.
+    model.set_adapter("default")
+    assert abs(torch_outputs(model, ids, mask, "logits") - first).max() <= 1e-6
+    model.save_pretrained(tmp_path / "multi")
+    assert os.path.isfile(tmp_path / "multi" / "adapter_model.safetensors")
+    assert os.path.isfile(tmp_path / "multi" / "second" / "adapter_model.safetensors")
+
+
+def test_config_from_newer_peft_loads_with_warning_and_unsupported_options_fail(tmp_path):
+    (tmp_path / "a").mkdir()
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "shiny_new_option": {"x": 1}}
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="shiny_new_option"):
+        config = edgepeft.load_config(str(tmp_path / "a"))
+    assert config.r == 4
+    with pytest.raises(UnsupportedMethodError, match="use_dora"):
+        edgepeft.LoraConfig(use_dora=True)
+    with pytest.raises(ConfigError, match="matches no linear layer"):
+        edgepeft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), edgepeft.LoraConfig(target_modules=["nothing"]))
