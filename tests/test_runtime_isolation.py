@@ -1,0 +1,38 @@
+"""The runtime stands alone: it imports no torch, transformers or onnx."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from conftest import sample_batch
+
+
+def test_runtime_runs_with_torch_transformers_and_onnx_blocked(shared_export):
+    out, dirs, _ = shared_export("llama")
+    ids, mask = sample_batch()
+    script = textwrap.dedent(
+        f"""
+        import sys, json
+        import numpy as np
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "onnx", "optimum", "peft"):
+                    raise ImportError("blocked: " + name)
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from edgepeft.runtimes import Runtime
+        rt = Runtime({out!r})
+        ids = np.array({ids.tolist()}); mask = np.array({mask.tolist()})
+        logits = rt.forward(ids, mask, adapter={sorted(dirs)[0]!r})["logits"]
+        loaded = sorted(m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx"))
+        print(json.dumps({{"shape": list(logits.shape), "adapters": rt.adapter_names, "loaded": loaded}}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"shape": [2, 9, 128], "adapters": sorted(dirs), "loaded": []}
