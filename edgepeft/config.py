@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, UnsupportedMethodError
+from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError, UnsupportedMethodError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -119,7 +119,11 @@ def load_config(directory: str) -> PeftConfig:
             f"{', '.join(supported_peft_types())}"
         )
     try:
-        return cls.from_dict(d, source=path)
+        config = cls.from_dict(d, source=path)
+        config.task  # noqa: B018  (checks task_type)
+    except EdgePeftError as e:
+        raise type(e)(f"{path}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: invalid config ({e}); fix the file or re-save the adapter") from None
+    return config
 

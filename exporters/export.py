@@ -235,6 +235,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     log = print if verbose else (lambda *a, **k: None)
     if not adapters:
         raise ConfigError("give at least one --adapter folder")
+    if not atol >= 0:
+        raise ConfigError(f"--atol must be >= 0, got {atol}")
     sources = _read_sources(adapters, names)
     source = _resolve_base(sources, base)
     model_type = load_model_config(source).model_type

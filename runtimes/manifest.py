@@ -125,6 +125,11 @@ def _check_format(data: dict, path: str, kind: str, required: tuple, fix: str) -
     missing = [k for k in required if k not in data]
     if missing:
         raise CorruptArtifactError(f"{path}: manifest lacks {', '.join(missing)}; {fix}")
+    for key in ("name", "fingerprint", "base_fingerprint", "graph", "sha256"):
+        if key in required and not isinstance(data[key], str):
+            raise CorruptArtifactError(f"{path}: field {key!r} must be a string; {fix}")
+    if "graph" in required and os.path.basename(data["graph"]) != data["graph"]:
+        raise CorruptArtifactError(f"{path}: field 'graph' must be a file name in the same folder; {fix}")
 
 
 _BASE_KEYS = ("model_type", "task", "fingerprint", "inputs", "outputs", "slots", "vocab_size", "graph")

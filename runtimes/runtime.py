@@ -286,6 +286,8 @@ class Runtime:
             if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
                 raise InvalidInputError(f"attention_mask must be 0/1 integers; got dtype {mask.dtype}")
             mask = mask.astype(np.int64, copy=False)
+            if mask.size and (mask.min() < 0 or mask.max() > 1):
+                raise InvalidInputError("attention_mask must hold only 0 (padding) and 1 (token)")
         return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
 
     # ---------------------------------------------------------------- calls

@@ -189,7 +189,7 @@ def main() -> None:
     rows.append(("total run time (s)", f"{total_s:.1f}", ""))
     table = "\n".join(["| metric | value | target |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
     setup = (f"MiniLM-L6 ({MINILM}), CPU, batch 1, {args.seq} tokens, {args.rounds} rounds x {args.calls} calls "
-             f"per peer after {args.warmup} warm-up calls; onnxruntime {rt.session.get_providers()[0]}, "
+             f"per peer after {args.warmup} warm-up calls; {len(rt.slots)} LoRA slots in OUT/base; onnxruntime {rt.session.get_providers()[0]}, "
              f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     print(f"\n{setup}\n\n{table}\n")
     with open(os.path.join(out, "bench.md"), "w") as f:

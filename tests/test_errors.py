@@ -596,15 +596,24 @@ def small_copy(tmp_path, small_out):
     return out
 
 
+@pytest.fixture
+def failing_checks(monkeypatch):
+    """Make every validation check fail, as a real PyTorch/ONNX mismatch would."""
+    module = importlib.import_module("edgepeft.exporters.export")
+    real = module._check
+    monkeypatch.setattr(module, "_check", lambda label, ours, ref, mask, task, atol, where:
+                        real(label, ours + 1.0, ref, mask, task, atol, where))
+
+
 @pytest.mark.parametrize(
     "adapter, grows_base",
     [("qv", False), ("mlp", True)],
     ids=["replace-adapter-reusing-base", "new-slots-restage-base"],
 )
-def test_failed_validation_leaves_out_byte_identical(small_copy, llama, adapter, grows_base):
+def test_failed_validation_leaves_out_byte_identical(small_copy, llama, adapter, grows_base, failing_checks):
     before = tree_hashes(small_copy)
     with pytest.raises(ExportValidationError) as e:
-        export([llama[1][adapter]], small_copy, atol=-1.0)
+        export([llama[1][adapter]], small_copy)
     msg = str(e.value)
     assert "nothing was written" in msg and "--atol" in msg
     assert os.path.join(small_copy, "base") in msg  # the base check is the first to fail
@@ -647,10 +656,17 @@ def test_zero_atol_is_exact_comparison(small_copy, llama):
         assert Runtime(small_copy, providers=CPU).adapter_names == ["qv"]
 
 
-def test_failed_export_into_fresh_out_leaves_no_partial_export(tmp_path, llama):
+def test_negative_atol_is_refused(small_copy, llama):
+    before = tree_hashes(small_copy)
+    with pytest.raises(ConfigError, match="--atol"):
+        export([llama[1]["qv"]], small_copy, atol=-1.0)
+    assert tree_hashes(small_copy) == before
+
+
+def test_failed_export_into_fresh_out_leaves_no_partial_export(tmp_path, llama, failing_checks):
     out = str(tmp_path / "fresh")
     with pytest.raises(ExportValidationError):
-        export([llama[1]["qv"]], out, atol=-1.0)
+        export([llama[1]["qv"]], out)
     # Whatever is left must not look like an export: no base, no adapters, no staging.
     assert not os.path.exists(os.path.join(out, "base"))
     assert not os.path.exists(os.path.join(out, "adapters", "qv"))
