@@ -1,6 +1,6 @@
 """LoRA in the exported base graph: two slots per target module.
 
-    x --> base_layer --------------------(+)--> y
+    x --> MatMul(W: in x out) -------------(+)--(+ bias)--> y
      \--> MatMul(A: in x r) --> MatMul(B: r x out) --/
 
 ``A = lora_A.weight.T`` and ``B = (lora_B.weight * scaling).T``: scaling is folded
@@ -28,8 +28,12 @@ class LoraSlotLinear(nn.Module):
         self.feed = {}
 
     def forward(self, x):  # x: (B, T, in)
+        base = self.base_layer
         delta = (x @ self.feed["A"]) @ self.feed["B"]  # (B, T, r) @ (r, out) -> (B, T, out)
-        return self.base_layer(x) + delta
+        weight = base.weight.T if isinstance(base, nn.Linear) else base.weight  # (in, out)
+        out = x @ weight + delta
+        # The bias comes last so ONNX Runtime still fuses it with what follows (BiasGelu).
+        return out if base.bias is None else out + base.bias
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
