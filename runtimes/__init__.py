@@ -16,10 +16,12 @@ from .errors import (
     UnsupportedMethodError,
     UnsupportedModelError,
 )
-from .runtime import Runtime
+from .runtime import Runtime, session_options, use_shared_thread_pool
 
 __all__ = [
     "Runtime",
+    "session_options",
+    "use_shared_thread_pool",
     "EdgePeftError",
     "AdapterBaseMismatchError",
     "AdapterInUseError",

