@@ -86,6 +86,32 @@ def call_kwargs(config) -> dict:
     return {"use_cache": False} if config.model_type in DECODERS else {}
 
 
+def cache_layout(config, task: str) -> dict | None:
+    """KV-cache shape of a decoder exported for causal-LM (None: no cache I/O).
+
+    Keys and values are (batch, num_kv_heads, sequence, head_dim) per layer.
+    """
+    if task != "causal-lm" or config.model_type not in DECODERS:
+        return None
+    heads = config.num_attention_heads
+    return {
+        "num_layers": int(config.num_hidden_layers),
+        "num_kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+    }
+
+
+def eos_token_ids(model) -> list[int]:
+    """End-of-sequence ids from the generation config (falling back to the model config)."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
 def max_positions(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions"):
         if getattr(config, key, None):

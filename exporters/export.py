@@ -29,7 +29,16 @@ from edgepeft.errors import AdapterBaseMismatchError, ConfigError, ExportValidat
 from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
 from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
-from edgepeft.models import call_kwargs, default_task, load_base, load_model_config, max_positions, sample_inputs
+from edgepeft.models import (
+    cache_layout,
+    call_kwargs,
+    default_task,
+    eos_token_ids,
+    load_base,
+    load_model_config,
+    max_positions,
+    sample_inputs,
+)
 from edgepeft.peft_model import PeftModel
 from edgepeft.registry import method_for, methods
 from edgepeft.runtimes.manifest import (
@@ -155,10 +164,8 @@ def _export_base(model, slots, task, stage, source, weights_fp, merged_adapter=N
         feeds.update(f)
         neutral.update(n)
         samples.update(spec.sample(group, n))
-    graph = SlotGraph(graph_model, feeds, task)
-    ids, mask = sample_inputs(model.config)
-    io = export_graph(graph, (ids, mask, *[samples[n] for n in graph.slot_names]), slots, neutral,
-                      os.path.join(stage, BASE_GRAPH), task)
+    graph = SlotGraph(graph_model, feeds, task, cache=cache_layout(model.config, task))
+    io = export_graph(graph, graph.sample_inputs(model.config, samples), slots, neutral, os.path.join(stage, BASE_GRAPH), task)
     slots = [s for s in slots if s.name not in io["inert_slots"]]
     manifest = {
         "format": "edgepeft-base",
@@ -176,6 +183,7 @@ def _export_base(model, slots, task, stage, source, weights_fp, merged_adapter=N
         "vocab_size": model.config.vocab_size,
         "max_positions": max_positions(model.config),
         "pad_token_id": model.config.pad_token_id,
+        "eos_token_id": eos_token_ids(model),
         "slots": [s.to_json() for s in slots],
         **io,
     }

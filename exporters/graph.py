@@ -1,9 +1,12 @@
 """Build ONNX graphs: the frozen base with adapter slots as inputs, and adapter graphs.
 
-    input_ids, attention_mask, slot_1 ... slot_n        (graph inputs)
-          |                    |
-          v                    v  (each slot module reads its feed)
-    transformers model with slot layers  --> logits / last_hidden_state
+    input_ids, attention_mask, [position_ids, past_key_values.*], slot_1 ... slot_n
+          |                    |                                   |
+          v                    v                                   v (slot modules read their feeds)
+    transformers model with slot layers --> logits / last_hidden_state, [present.*]
+
+Decoders exported for causal-LM get KV-cache I/O: one graph serves prefill (past
+length 0) and decode (past length > 0), traced with past length 4.
 
 Slot inputs also get an initializer of the same name holding the neutral value,
 which makes them optional: a session fed only input_ids/attention_mask runs the
@@ -20,28 +23,73 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft.models import call_kwargs
-from edgepeft.runtimes.manifest import TASK_OUTPUTS
+from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TASK_OUTPUTS, cache_names
 
 OPSET = 18
 _EXTERNAL_DATA_BYTES = 1 << 30  # above this the base graph keeps its weights in model.onnx.data
 
 
-class SlotGraph(torch.nn.Module):
-    """The model as traced for export: slot tensors arrive as forward arguments."""
+def cache_manifest(layout: dict) -> dict:
+    return {**layout, "past_key": PAST_KEY, "past_value": PAST_VALUE, "present_key": PRESENT_KEY, "present_value": PRESENT_VALUE}
 
-    def __init__(self, model, feeds: dict, task: str):
+
+class SlotGraph(torch.nn.Module):
+    """The model as traced for export: cache and slot tensors arrive as forward arguments."""
+
+    def __init__(self, model, feeds: dict, task: str, cache: dict | None = None):
         super().__init__()
         self.model = model
         self.slot_names = list(feeds)
         self._feeds = [feeds[n] for n in self.slot_names]  # (slot module, role) per slot
         self.output_name = TASK_OUTPUTS[task]
-        self.kwargs = call_kwargs(model.config)
+        self.cache = cache_manifest(cache) if cache else None
+        self.kwargs = {} if cache else call_kwargs(model.config)
 
-    def forward(self, input_ids, attention_mask, *slot_values):
-        for (module, role), value in zip(self._feeds, slot_values):
+    @property
+    def input_names(self) -> list[str]:
+        cache = ["position_ids", *cache_names(self.cache, "past")] if self.cache else []
+        return ["input_ids", "attention_mask", *cache, *self.slot_names]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.output_name, *(cache_names(self.cache, "present") if self.cache else [])]
+
+    def forward(self, input_ids, attention_mask, *rest):
+        n_past = 2 * self.cache["num_layers"] if self.cache else 0
+        extra = {}
+        if self.cache:
+            from transformers import DynamicCache
+
+            position_ids, past, rest = rest[0], rest[1 : 1 + n_past], rest[1 + n_past :]
+            cache = DynamicCache(config=self.model.config)
+            for layer in range(self.cache["num_layers"]):  # past: (B, kv_heads, P, head_dim) each
+                cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            extra = {"position_ids": position_ids, "past_key_values": cache, "use_cache": True}
+        for (module, role), value in zip(self._feeds, rest):
             module.feed[role] = value
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **self.kwargs)
-        return getattr(out, self.output_name)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
+        result = getattr(out, self.output_name)
+        if not self.cache:
+            return result
+        presents = []
+        for layer in out.past_key_values.layers:  # (B, kv_heads, P + T, head_dim) each
+            presents += [layer.keys, layer.values]
+        return (result, *presents)
+
+    def sample_inputs(self, config, slot_samples: dict) -> tuple:
+        """Inputs to trace with: batch 2 (one row left-padded), past length 4 when cached."""
+        from edgepeft.models import sample_inputs
+
+        if not self.cache:
+            ids, mask = sample_inputs(config)
+            return (ids, mask, *[slot_samples[n] for n in self.slot_names])
+        batch, past, new = 2, 4, 3
+        ids, mask = sample_inputs(config, batch=batch, seq=past + new)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        g = torch.Generator().manual_seed(0)
+        c = self.cache
+        kv = [torch.randn(batch, c["num_kv_heads"], past, c["head_dim"], generator=g) for _ in range(2 * c["num_layers"])]
+        return (ids[:, past:], mask, position_ids, *kv, *[slot_samples[n] for n in self.slot_names])
 
 
 def output_axes(task: str, slots) -> dict:
@@ -56,7 +104,15 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
     token_axes = {0: "batch", 1: "sequence"}
     slot_axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in slots}
     output = graph.output_name
-    dynamic_axes = {"input_ids": token_axes, "attention_mask": token_axes, output: output_axes(task, slots), **slot_axes}
+    io_axes = {"input_ids": token_axes, "attention_mask": token_axes}
+    if graph.cache:
+        io_axes["attention_mask"] = {0: "batch", 1: "total_sequence"}  # past + new tokens
+        io_axes["position_ids"] = token_axes
+        io_axes.update({n: {0: "batch", 2: "past_sequence"} for n in cache_names(graph.cache, "past")})
+    out_axes = {output: output_axes(task, slots)}
+    if graph.cache:
+        out_axes.update({n: {0: "batch", 2: "total_sequence"} for n in cache_names(graph.cache, "present")})
+    dynamic_axes = {**io_axes, **out_axes, **slot_axes}
     graph.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -64,21 +120,23 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
             graph,
             sample_inputs,
             path,
-            input_names=["input_ids", "attention_mask", *graph.slot_names],
-            output_names=[output],
+            input_names=graph.input_names,
+            output_names=graph.output_names,
             dynamic_axes=dynamic_axes,
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,
         )
     used = _add_neutral_defaults(path, neutral)
+    def table(axes_by_name):
+        return {n: {"dtype": "float32" if "past" in n or "present" in n or n == output else "int64", "axes": a}
+                for n, a in axes_by_name.items()}
+
     return {
         "inert_slots": sorted(set(neutral) - used),
-        "inputs": {
-            "input_ids": {"dtype": "int64", "axes": token_axes},
-            "attention_mask": {"dtype": "int64", "axes": token_axes},
-        },
-        "outputs": {output: {"dtype": "float32", "axes": output_axes(task, slots)}},
+        "inputs": table(io_axes),
+        "outputs": table(out_axes),
+        "cache": graph.cache,
     }
 
 

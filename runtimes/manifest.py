@@ -43,6 +43,19 @@ TASK_OUTPUTS = {
 }
 
 
+# KV-cache I/O of decoder graphs, named as optimum names them (%d: layer index).
+PAST_KEY = "past_key_values.%d.key"
+PAST_VALUE = "past_key_values.%d.value"
+PRESENT_KEY = "present.%d.key"
+PRESENT_VALUE = "present.%d.value"
+
+
+def cache_names(cache: dict, kind: str) -> list[str]:
+    """Flat cache names for ``kind`` "past" or "present": layer 0 key, layer 0 value, layer 1 key, ..."""
+    key, value = cache[f"{kind}_key"], cache[f"{kind}_value"]
+    return [name % layer for layer in range(cache["num_layers"]) for name in (key, value)]
+
+
 def slot_name(method: str, role: str, module: str) -> str:
     """The graph-input name of one slot: ``lora_A.model.layers.0.self_attn.q_proj``.
 

@@ -35,10 +35,13 @@ from .manifest import (
     ADAPTERS_DIR,
     BASE_DIR,
     BASE_GRAPH,
+    cache_names,
     read_adapter_manifest,
     read_base_manifest,
     sha256_file,
 )
+from .generation import GenerationConfig, next_tokens
+from .text import TextTokenizer
 
 
 _shared_pool = False
@@ -141,12 +144,16 @@ class Runtime:
             ) from None
         self.slots = {s.name: s for s in self.manifest["slots"]}
         self.task = self.manifest["task"]
-        self.output_names = list(self.manifest["outputs"])
+        self.output_name = next(iter(self.manifest["outputs"]))  # logits / last_hidden_state first
+        self.cache = self.manifest.get("cache")  # KV-cache layout of decoder graphs, else None
+        self._past_names = cache_names(self.cache, "past") if self.cache else []
+        self._present_names = cache_names(self.cache, "present") if self.cache else []
         self.input_names = list(self.manifest["inputs"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_positions = self.manifest.get("max_positions")
         self._adapters: dict[str, _Adapter] = {}
         self._lock = threading.Lock()
+        self._tokenizer = None
 
     # ---------------------------------------------------------------- adapters
     @property
@@ -310,27 +317,180 @@ class Runtime:
         return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
 
     # ---------------------------------------------------------------- calls
+    def _run(self, values: dict, ids, mask, position_ids=None, past=None, presents: bool = False) -> list:
+        """One session run; adapter slots and the KV cache stay OrtValues (IOBinding).
+
+        Returns OrtValues: the task output, then the presents when asked for.
+        """
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if self.cache:
+            binding.bind_cpu_input("position_ids", position_ids)
+            if past is None:  # prefill: empty cache, (B, kv_heads, 0, head_dim)
+                empty = np.zeros((ids.shape[0], self.cache["num_kv_heads"], 0, self.cache["head_dim"]), np.float32)
+                for name in self._past_names:
+                    binding.bind_cpu_input(name, empty)
+            else:
+                for name, value in zip(self._past_names, past):
+                    binding.bind_ortvalue_input(name, value)
+        for slot_name, value in values.items():
+            binding.bind_ortvalue_input(slot_name, value)
+        binding.bind_output(self.output_name, *self._device)
+        if presents:
+            for name in self._present_names:
+                binding.bind_output(name, *self._device)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
     def forward(self, input_ids, attention_mask=None, adapter=None) -> dict:
-        """Run the base with ``adapter`` bound (None: the base model).
+        """Run the base with ``adapter`` bound (None: the base model), no KV cache.
 
         Returns transformers-named numpy outputs: ``{'logits': ...}`` or
-        ``{'last_hidden_state': ...}``.
+        ``{'last_hidden_state': ...}``. Positions are 0..T-1 as in a transformers
+        forward call.
         """
         ids, mask = self._check_ids(input_ids, attention_mask)
+        positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy() if self.cache else None
         with self._using(adapter) as values:
-            binding = self.session.io_binding()
-            binding.bind_cpu_input("input_ids", ids)
-            binding.bind_cpu_input("attention_mask", mask)
-            for slot_name, value in values.items():
-                binding.bind_ortvalue_input(slot_name, value)
-            for out in self.output_names:
-                binding.bind_output(out, self._device[0], self._device[1])
-            self.session.run_with_iobinding(binding)
-            results = binding.copy_outputs_to_cpu()
-        return dict(zip(self.output_names, results))
+            result = self._run(values, ids, mask, positions)[0].numpy()
+        return {self.output_name: result}
+
+    def stream(self, input_ids, attention_mask=None, adapter=None, **generation):
+        """Generate token by token: yields the new token of every row, (B,) int64, per step.
+
+        Takes the arguments of ``generate``. Rows that finished (end-of-sequence or a
+        stop string) get ``pad_token_id`` until every row is done. The adapter is held
+        until the generator finishes, so it cannot be unloaded mid-generation.
+        """
+        if not self.cache:
+            raise ConfigError(f"{self.base_dir}: a {self.task} export has no text generation; export a causal-lm adapter")
+        ids, mask = self._check_ids(input_ids, attention_mask)
+        cfg = self._generation_config(generation)
+        if self.max_positions and ids.shape[1] + cfg.max_new_tokens > self.max_positions:
+            raise InvalidInputError(
+                f"prompt of {ids.shape[1]} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
+                f"{self.max_positions} positions; shorten the prompt or lower max_new_tokens"
+            )
+        if (mask.sum(-1) == 0).any():
+            raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
+        return self._stream(ids, mask, adapter, cfg)
+
+    def _stream(self, ids, mask, adapter, cfg):
+        rng = np.random.default_rng(cfg.seed)
+        eos = np.array(cfg.eos_token_id, dtype=np.int64)
+        positions = mask.cumsum(-1) - 1  # left padding: real tokens count from 0
+        positions[mask == 0] = 1  # as transformers fills padded positions
+        sequences, finished = ids, np.zeros(ids.shape[0], dtype=bool)
+        step_ids, past = ids, None
+        stops = _StopStrings(self, cfg.stop, ids.shape[1]) if cfg.stop else None
+        with self._using(adapter) as values:
+            for _ in range(cfg.max_new_tokens):
+                outputs = self._run(values, step_ids, mask, positions, past, presents=True)
+                logits = outputs[0].numpy()[:, -1, :]  # (B, V) at the last position
+                token = next_tokens(logits, sequences, cfg, rng)
+                token = np.where(finished, cfg.pad_token_id, token)
+                sequences = np.concatenate([sequences, token[:, None]], axis=1)
+                yield token
+                finished |= np.isin(token, eos)
+                if stops is not None:
+                    finished |= stops.hit(sequences)
+                if finished.all():
+                    return
+                past = outputs[1:]  # present.* of this step: the next step's past, kept as OrtValues
+                step_ids = token[:, None]
+                mask = np.concatenate([mask, np.ones_like(token)[:, None]], axis=1)
+                positions = positions[:, -1:] + 1
+
+    def generate(self, input_ids, attention_mask=None, adapter=None, max_new_tokens=32, do_sample=False,
+                 temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, seed=None,
+                 eos_token_id=None, pad_token_id=None, stop=None) -> np.ndarray:
+        """Generate with ``adapter``; returns ids (B, T + new), the prompt included.
+
+        Greedy by default; ``do_sample`` with ``temperature``/``top_k``/``top_p`` and a
+        ``seed`` for reproducible sampling. ``eos_token_id`` defaults to the model's;
+        ``stop`` strings need the exported tokenizer. Batches are left-padded.
+        """
+        args = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                    top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id, stop=stop)
+        ids, _ = self._check_ids(input_ids, attention_mask)
+        tokens = [t[:, None] for t in self.stream(input_ids, attention_mask, adapter, **args)]
+        return np.concatenate([ids, *tokens], axis=1)
+
+    def _generation_config(self, generation: dict) -> GenerationConfig:
+        known = set(GenerationConfig.__dataclass_fields__)
+        unknown = sorted(set(generation) - known)
+        if unknown:
+            raise ConfigError(f"unknown generation argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+        args = {k: v for k, v in generation.items() if v is not None}
+        eos = args.pop("eos_token_id", self.manifest.get("eos_token_id") or [])
+        args["eos_token_id"] = [int(e) for e in (eos if isinstance(eos, (list, tuple, np.ndarray)) else [eos])]
+        if "pad_token_id" not in args:
+            pad = self.manifest.get("pad_token_id")
+            args["pad_token_id"] = pad if pad is not None else (args["eos_token_id"] or [0])[0]
+        stop = args.get("stop") or []
+        args["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        cfg = GenerationConfig(**args)
+        cfg.check()
+        return cfg
+
+    # ---------------------------------------------------------------- text
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The tokenizer exported with the base (``tokenizers`` package), loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer(self.base_dir)
+        return self._tokenizer
+
+    def _prompt_ids(self, prompt, chat: bool):
+        tok = self.tokenizer
+        prompts = [prompt] if isinstance(prompt, (str, dict)) or (chat and prompt and isinstance(prompt[0], dict)) else list(prompt)
+        if chat:
+            texts = [tok.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}]) for p in prompts]
+            return tok.encode(texts, add_special_tokens=False, pad_id=self._pad_id())
+        return tok.encode(prompts, pad_id=self._pad_id())
+
+    def _pad_id(self) -> int:
+        pad = self.manifest.get("pad_token_id")
+        return int(pad) if pad is not None else int((self.manifest.get("eos_token_id") or [0])[0])
+
+    def stream_text(self, prompt, adapter=None, chat: bool = False, **generation):
+        """Yield the generated text piece by piece for one prompt (or chat messages with ``chat=True``)."""
+        ids, mask = self._prompt_ids(prompt, chat)
+        if ids.shape[0] != 1:
+            raise ConfigError("stream_text takes one prompt; use generate_text for a batch")
+        new, shown = [], ""
+        for token in self.stream(ids, mask, adapter, **generation):
+            new.append(int(token[0]))
+            text = self.tokenizer.decode(new)
+            if text.startswith(shown) and len(text) > len(shown) and not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+
+    def generate_text(self, prompt, adapter=None, chat: bool = False, **generation):
+        """Generated text (without the prompt) for a prompt or a list of prompts."""
+        ids, mask = self._prompt_ids(prompt, chat)
+        out = self.generate(ids, mask, adapter, **generation)
+        texts = [self.tokenizer.decode(row[ids.shape[1]:]) for row in out]
+        single = isinstance(prompt, str) or (chat and prompt and isinstance(prompt[0], dict))
+        return texts[0] if single else texts
 
     def labels(self, adapter) -> list | None:
         """Label names saved with a classification adapter, if any."""
         if adapter is None:
             return None
         return self._get(adapter).manifest.get("labels")
+
+
+class _StopStrings:
+    """Marks rows whose generated text contains a stop string (decoded with the exported tokenizer)."""
+
+    def __init__(self, runtime: Runtime, stops: list, prompt_len: int):
+        self.tokenizer = runtime.tokenizer
+        self.stops = stops
+        self.prompt_len = prompt_len
+
+    def hit(self, sequences: np.ndarray) -> np.ndarray:
+        texts = [self.tokenizer.decode(row[self.prompt_len:]) for row in sequences]
+        return np.array([any(s in t for s in self.stops) for t in texts])

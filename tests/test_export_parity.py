@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import ADAPTER_SPECS, ARCHS, default_task, load_reference_base, max_diff_valid, sample_batch, torch_outputs
+from conftest import ADAPTER_SPECS, ARCHS, default_task, tiny_config, load_reference_base, max_diff_valid, sample_batch, torch_outputs
 
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
@@ -53,11 +53,20 @@ def test_switching_adapter_per_call_in_any_order_gives_the_same_answers(arch, sh
 def test_plain_onnxruntime_session_without_adapter_inputs_runs_the_base(arch, shared_export, tiny_base):
     out, _, _ = shared_export(arch)
     sess = ort.InferenceSession(os.path.join(out, "base", "model.onnx"), providers=["CPUExecutionProvider"])
-    required = [i.name for i in sess.get_inputs() if not i.name.startswith(("lora_", "head_"))]
-    assert required == ["input_ids", "attention_mask"]
+    required = [i.name for i in sess.get_inputs()]
     ids, mask = sample_batch()
+    feeds = {"input_ids": ids, "attention_mask": mask}
     task = default_task(arch)
-    ours = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    if task == "causal-lm":  # decoders take a KV cache: prefill is past length 0
+        layers = tiny_config(arch).num_hidden_layers
+        past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        assert required == ["input_ids", "attention_mask", "position_ids", *past]
+        feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int64)
+        shape = {i.name: i.shape for i in sess.get_inputs()}[past[0]]
+        feeds.update({n: np.zeros((ids.shape[0], shape[1], 0, shape[3]), np.float32) for n in past})
+    else:
+        assert required == ["input_ids", "attention_mask"]
+    ours = sess.run(None, feeds)[0]
     ref = torch_outputs(load_reference_base(tiny_base(arch), task), ids, mask, FIELD[task])
     assert max_diff_valid(ours, ref, mask) <= 1e-4
 

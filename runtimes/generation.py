@@ -1,0 +1,89 @@
+"""Token selection for ``Runtime.generate``: HF transformers' logits processing in numpy.
+
+Order and semantics follow transformers' ``generate``: the repetition penalty
+applies to greedy and sampled decoding; temperature, top-k and top-p (in that
+order) apply only when sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50  # transformers' default; 0 disables
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    eos_token_id: list = field(default_factory=list)  # ints; empty: never stop early
+    pad_token_id: int = 0
+    stop: list = field(default_factory=list)  # strings; need the exported tokenizer
+
+    def check(self) -> None:
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r} (use do_sample=False for greedy)")
+        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+
+def apply_repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float) -> np.ndarray:
+    """Tokens already in the sequence: negative scores x penalty, positive / penalty."""
+    if penalty == 1.0:
+        return scores
+    picked = np.take_along_axis(scores, sequences, axis=1)  # (B, L)
+    picked = np.where(picked < 0, picked * penalty, picked / penalty)
+    scores = scores.copy()
+    np.put_along_axis(scores, sequences, picked, axis=1)
+    return scores
+
+
+def apply_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= scores.shape[-1]:
+        return scores
+    kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]  # (B, 1): the k-th largest
+    return np.where(scores < kth, -np.inf, scores)
+
+
+def apply_top_p(scores: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of tokens whose probability reaches ``p`` (at least one)."""
+    if p >= 1.0:
+        return scores
+    order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as transformers sorts
+    sorted_scores = np.take_along_axis(scores, order, axis=-1)
+    probs = softmax(sorted_scores)
+    remove_sorted = np.cumsum(probs, axis=-1) <= (1 - p)
+    remove_sorted[:, -1] = False  # keep the most likely token
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, -np.inf, scores)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    x = x - np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    """Pick one token per row from last-position ``logits`` (B, V); returns (B,) int64."""
+    scores = apply_repetition_penalty(logits.astype(np.float32, copy=False), sequences, cfg.repetition_penalty)
+    if not cfg.do_sample:
+        return scores.argmax(-1).astype(np.int64)
+    scores = scores / cfg.temperature
+    scores = apply_top_p(apply_top_k(scores, cfg.top_k), cfg.top_p)
+    probs = softmax(scores.astype(np.float64))
+    u = rng.random((probs.shape[0], 1))
+    return np.minimum((probs.cumsum(-1) < u).sum(-1), probs.shape[-1] - 1).astype(np.int64)

@@ -1,0 +1,73 @@
+"""Text in and out: the tokenizer exported with the base (``tokenizers`` package).
+
+Optional: ``tokenizers`` (and ``jinja2`` for chat templates) are imported only when
+text helpers are used, so an app that feeds token ids needs neither.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .errors import ArtifactNotFoundError, ConfigError
+
+
+class TextTokenizer:
+    """``tokenizer.json`` plus ``tokenizer_config.json`` (special tokens, chat template)."""
+
+    def __init__(self, base_dir: str):
+        path = os.path.join(base_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ArtifactNotFoundError(
+                f"{path}: the export has no tokenizer; pass token ids, or export from a base folder that has tokenizer.json"
+            )
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ConfigError("text helpers need the `tokenizers` package: pip install tokenizers") from None
+        self._tok = Tokenizer.from_file(path)
+        config_path = os.path.join(base_dir, "tokenizer_config.json")
+        self.config = json.load(open(config_path, encoding="utf-8")) if os.path.isfile(config_path) else {}
+        template_path = os.path.join(base_dir, "chat_template.jinja")
+        self.chat_template = self.config.get("chat_template")
+        if os.path.isfile(template_path):
+            self.chat_template = open(template_path, encoding="utf-8").read()
+
+    def _special(self, key: str):
+        value = self.config.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    def encode(self, texts, add_special_tokens: bool = True, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ids and attention mask, (B, T) int64 each."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        rows = [self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
+        width = max(len(r) for r in rows) if rows else 0
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r):] = r
+                mask[i, width - len(r):] = 1
+        return ids, mask
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ConfigError("this model has no chat template; pass plain text")
+        try:
+            import jinja2
+        except ImportError:
+            raise ConfigError("chat templates need the `jinja2` package: pip install jinja2") from None
+
+        def raise_exception(message):
+            raise ConfigError(f"chat template: {message}")
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self._special("bos_token") or "", eos_token=self._special("eos_token") or "",
+        )
