@@ -70,6 +70,51 @@ def inspect(out, as_json):
         click.echo(f"  {a['name']}: {'+'.join(a['methods'])}{rank}  {a['slots']} slots  {_size(a['bytes'])}{status}")
 
 
+@cli.command()
+@click.argument("out", type=click.Path())
+@click.argument("prompt")
+@click.option("--adapter", default="none", show_default=True, help="Adapter name in OUT, or 'none' for the base model.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=50, show_default=True, type=int)
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, chat):
+    """Generate (streamed) or classify PROMPT with an adapter of OUT."""
+    import numpy as np
+
+    from edgepeft.runtimes import Runtime
+
+    rt = Runtime(out)
+    name = None if adapter.lower() == "none" else adapter
+    if name is not None and name not in rt.adapter_names and name != rt.manifest.get("merged_adapter"):
+        rt.forward([[0]], adapter=name)  # raises UnknownAdapterError naming the loaded adapters
+    if rt.cache:
+        for piece in rt.stream_text(prompt, adapter=name, chat=chat, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty, seed=seed):
+            click.echo(piece, nl=False)
+        click.echo()
+        return
+    ids, mask = rt.tokenizer.encode(prompt, pad_id=rt._pad_id())
+    result = rt.forward(ids, mask, adapter=name)
+    if rt.task == "seq-cls":
+        logits = result["logits"][0]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        labels = rt.labels(name) or [str(i) for i in range(len(probs))]
+        for i in np.argsort(-probs):
+            click.echo(f"{labels[i]}\t{probs[i]:.4f}")
+    else:
+        hidden = result["last_hidden_state"][0]  # (T, hidden)
+        pooled = hidden.mean(0)
+        click.echo(f"last_hidden_state {list(result['last_hidden_state'].shape)}; mean-pooled: "
+                   + " ".join(f"{v:.4f}" for v in pooled[:8]) + " ...")
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, standalone_mode=False)

@@ -133,8 +133,8 @@ def _reference(model, ids, mask, task) -> np.ndarray:
     return getattr(out, TASK_OUTPUTS[task]).float().numpy()
 
 
-def _max_diff(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray, task: str) -> float:
-    if task == "seq-cls":
+def _max_diff(ours: np.ndarray, ref: np.ndarray, mask, task: str) -> float:
+    if task == "seq-cls" or mask is None:
         return float(np.abs(ours - ref).max())
     valid = mask.astype(bool)  # padded positions carry no meaning; compare real tokens only
     return float(np.abs(ours[valid] - ref[valid]).max())
@@ -149,6 +149,44 @@ def _check(label: str, ours, ref, mask, task, atol, where) -> dict:
             "Report this model with `edgepeft inspect`, or loosen --atol if the difference is expected"
         )
     return {"what": label, "max_abs_diff": diff, "tolerance": tol}
+
+
+def _decode_steps(rt, adapter, model, ids, mask, steps: int = 3):
+    """Prefill then ``steps`` cached decode steps, teacher-forced with PyTorch's greedy tokens.
+
+    Returns the last-position logits of every step, (steps + 1, B, V), from the
+    runtime and from PyTorch (HF semantics: positions from the attention mask).
+    """
+    ids, mask = ids.numpy(), mask.numpy()
+    positions = mask.cumsum(-1) - 1
+    positions[mask == 0] = 1
+    ours, ref = [], []
+    past, cache = None, None
+    step_ids = ids
+    with rt._using(adapter) as values, torch.no_grad():
+        for _ in range(steps + 1):
+            outputs = rt._run(values, step_ids, mask, positions, past, presents=True)
+            out = model(input_ids=torch.from_numpy(step_ids), attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(positions), past_key_values=cache, use_cache=True)
+            ours.append(outputs[0].numpy()[:, -1])
+            ref.append(out.logits[:, -1].float().numpy())
+            past, cache = outputs[1:], out.past_key_values
+            step_ids = ref[-1].argmax(-1)[:, None].astype(np.int64)
+            mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
+            positions = positions[:, -1:] + 1
+    return np.stack(ours), np.stack(ref)
+
+
+def _validate(label: str, rt, adapter, model, task: str, atol: float, where: str, seed: int = 1) -> dict:
+    """The runtime vs PyTorch on a left-padded batch: forward, and for decoders prefill + decode steps."""
+    ids, mask = sample_inputs(model.config, seed=seed)
+    ours = rt.forward(ids.numpy(), mask.numpy(), adapter=adapter)[TASK_OUTPUTS[task]]
+    check = _check(label, ours, _reference(model, ids, mask, task), mask.numpy(), task, atol, where)
+    if rt.cache:
+        step = _check(f"{label}, cached decode", *_decode_steps(rt, adapter, model, ids, mask), None, task, atol, where)
+        check["decode_max_abs_diff"] = step["max_abs_diff"]
+        check["max_abs_diff"] = max(check["max_abs_diff"], step["max_abs_diff"])
+    return check
 
 
 def _export_base(model, slots, task, stage, source, weights_fp, merged_adapter=None) -> dict:
@@ -292,10 +330,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
                 log(f"note: {len(base_manifest['inert_slots'])} slots cannot change {TASK_OUTPUTS[task]} "
                     f"(e.g. {base_manifest['inert_slots'][0]}); adapter weights there are left out")
         rt = Runtime.from_base_dir(base_stage)
-        ids, mask = sample_inputs(model.config, seed=1)
         report = {"out": out, "base": {"reused": reuse, "path": base_dir, "slots": len(slots)}, "adapters": [], "checks": []}
-        ours = rt.forward(ids.numpy(), mask.numpy())[TASK_OUTPUTS[task]]
-        report["checks"].append(_check("base (no adapter)", ours, _reference(model, ids, mask, task), mask.numpy(), task, atol, base_dir))
+        report["checks"].append(_validate("base (no adapter)", rt, None, model, task, atol, base_dir))
 
         adapter_stages = {}
         for src in sources:
@@ -305,8 +341,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
             manifest = _write_adapter(model, peft, src, base_manifest, stage)
             rt.load_adapter(stage, name=src.name)
             peft.set_adapter(src.name)
-            ours = rt.forward(ids.numpy(), mask.numpy(), adapter=src.name)[TASK_OUTPUTS[task]]
-            check = _check(f"adapter {src.name}", ours, _reference(peft, ids, mask, task), mask.numpy(), task, atol, src.path)
+            check = _validate(f"adapter {src.name}", rt, src.name, peft, task, atol, src.path)
             report["checks"].append(check)
             report["adapters"].append({"name": src.name, "path": os.path.join(out, ADAPTERS_DIR, src.name),
                                        "parameter_bytes": manifest["parameter_bytes"], "max_abs_diff": check["max_abs_diff"]})
@@ -358,10 +393,8 @@ def _export_merged(model, peft, sources, source, task, out, existing, atol, log)
         log(f"exporting {src.name} merged into the base to {base_dir}")
         _export_base(merged, [], task, stage, source, weights_fp, merged_adapter=src.name)
         rt = Runtime.from_base_dir(stage)
-        ids, mask = sample_inputs(model.config, seed=1)
         peft.set_adapter(src.name)
-        ours = rt.forward(ids.numpy(), mask.numpy())[TASK_OUTPUTS[task]]
-        check = _check(f"merged {src.name}", ours, _reference(peft, ids, mask, task), mask.numpy(), task, atol, src.path)
+        check = _validate(f"merged {src.name}", rt, None, peft, task, atol, src.path)
         log(f"validated merged {src.name}: max |diff| vs PyTorch = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
         replace_dir(stage, base_dir)
     finally:

@@ -27,6 +27,8 @@ class TextTokenizer:
         except ImportError:
             raise ConfigError("text helpers need the `tokenizers` package: pip install tokenizers") from None
         self._tok = Tokenizer.from_file(path)
+        self._tok.no_padding()  # we pad (left) ourselves
+        self._tok.no_truncation()  # too-long prompts get a clear error, not a silent cut
         config_path = os.path.join(base_dir, "tokenizer_config.json")
         self.config = json.load(open(config_path, encoding="utf-8")) if os.path.isfile(config_path) else {}
         template_path = os.path.join(base_dir, "chat_template.jinja")

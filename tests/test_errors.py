@@ -638,7 +638,8 @@ def test_failed_adapter_validation_leaves_out_byte_identical(small_copy, llama, 
     before = tree_hashes(small_copy)
     with pytest.raises(ExportValidationError) as e:
         export([llama[1][adapter]], small_copy)
-    assert labels == ["base (no adapter)", f"adapter {adapter}"]
+    # llama is a decoder: each forward check is followed by a cached-decode check
+    assert labels == ["base (no adapter)", "base (no adapter), cached decode", f"adapter {adapter}"]
     assert llama[1][adapter] in str(e.value)  # names the adapter folder
     assert tree_hashes(small_copy) == before
     assert not hidden_entries(small_copy), hidden_entries(small_copy)

@@ -1,0 +1,229 @@
+"""Benchmark edgepeft text generation with a LoRA adapter against HF PEFT (CPU, batch 1).
+
+What it does
+  1. Builds a ~26M-parameter Llama from a config (hidden 512, 6 layers, 8 heads / 4 KV
+     heads, MLP 1376, vocab 8192; seeded init) and saves it to OUT/base-model.
+  2. Makes an HF PEFT LoRA adapter (r 16, alpha 32, all-linear) with lora_B drawn from
+     N(0, 0.02) with a fixed seed, so it is not a no-op; saved to OUT/peft/lora.
+  3. Exports it twice: adapter slots (OUT/slots) and merged into the weights (OUT/merged).
+  4. Generates greedily from one prompt of 16 random ids, --new-tokens tokens, end of
+     sequence disabled, so every call makes exactly that many tokens. Peers stay alive for
+     the whole run and go once per round, in a rotating order; numbers are medians:
+       slots_generate  Runtime(OUT/slots).generate(adapter="lora")      tokens/s
+       slots_stream    Runtime(OUT/slots).stream(adapter="lora")        first token, end
+       merged_stream   Runtime(OUT/merged).stream(adapter=None)         first token, end
+       hf_peft         PeftModel(LlamaForCausalLM).generate, torch.no_grad, default
+                       threads; a streamer stamps the first new token
+     Time to first token (TTFT) is prefill + one token pick; the decode cost per step is
+     (end - TTFT) / (new_tokens - 1) per call. Generated ids are compared across peers.
+  5. Prints and writes a markdown table and raw numbers to OUT/bench.md and OUT/bench.json.
+
+    python samples/bench_generate.py [--out bench-out/generate] [--rounds 10] [--new-tokens 64]
+    python samples/bench_generate.py --rounds 2 --new-tokens 8      # smoke check
+Timings are reported, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+import numpy as np  # noqa: E402
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+
+from edgepeft.exporters import export  # noqa: E402
+from edgepeft.runtimes import Runtime  # noqa: E402
+
+CONFIG = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+              intermediate_size=1376, vocab_size=8192, max_position_embeddings=512,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+PROMPT_LEN = 16
+
+
+def build_base(path: str, seed: int = 0) -> int:
+    """Save a seeded random Llama to ``path``; returns its parameter count."""
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_llama(path: str):
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_adapter(base: str, out: str, seed: int = 1) -> str:
+    cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(load_llama(base), cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_B" in key:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    model.peft_config["default"].base_model_name_or_path = base
+    path = os.path.join(out, "peft", "lora")
+    model.save_pretrained(path)
+    return path
+
+
+class FirstToken(BaseStreamer):
+    """Stamps the first new token: generate() puts the prompt first, then each new token."""
+
+    def __init__(self, t0: float):
+        self.t0, self.puts, self.first = t0, 0, None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter() - self.t0
+
+    def end(self):
+        pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench-out/generate", help="work and export folder (default ./bench-out/generate)")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds, one call per peer each (default 10)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per call (default 64)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per peer first (default 2)")
+    args = ap.parse_args()
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be at least 2 (the decode cost needs a step after the first token)")
+    command = shlex.join([sys.executable, *sys.argv])
+    print(f"command: {command}")
+    t_start = time.perf_counter()
+    out, n = args.out, args.new_tokens
+
+    # 1-3. base, adapter, both exports
+    base = os.path.abspath(os.path.join(out, "base-model"))
+    n_params = build_base(base)
+    print(f"base model: {n_params / 1e6:.2f}M parameters in {base}")
+    lora = make_adapter(base, out)
+    t0 = time.perf_counter()
+    rep = export([lora], os.path.join(out, "slots"))
+    rep_merged = export([lora], os.path.join(out, "merged"), merge=True)
+    export_s = time.perf_counter() - t0
+    checks = {c["what"]: c["max_abs_diff"] for c in rep["checks"] + rep_merged["checks"]}
+    print(f"exported in {export_s:.1f}s; max |diff| vs PyTorch: {checks}")
+
+    # 4. peers, all alive for the whole measurement
+    rt, rt_merged = Runtime(os.path.join(out, "slots")), Runtime(os.path.join(out, "merged"))
+    hf = peft.PeftModel.from_pretrained(load_llama(base), lora).eval()
+    ids = np.random.default_rng(0).integers(3, CONFIG["vocab_size"], size=(1, PROMPT_LEN), dtype=np.int64)
+    t_ids, t_mask = torch.from_numpy(ids), torch.ones(1, PROMPT_LEN, dtype=torch.long)
+    hf_gen = transformers.GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None,
+                                           pad_token_id=CONFIG["pad_token_id"], bos_token_id=CONFIG["bos_token_id"])
+
+    def slots_generate():
+        t = time.perf_counter()
+        seq = rt.generate(ids, adapter="lora", max_new_tokens=n, eos_token_id=[])
+        return {"end": time.perf_counter() - t, "ids": seq[0, PROMPT_LEN:].tolist()}
+
+    def stream(runtime, adapter):
+        t, first, toks = time.perf_counter(), None, []
+        for tok in runtime.stream(ids, adapter=adapter, max_new_tokens=n, eos_token_id=[]):
+            first = first if first is not None else time.perf_counter() - t
+            toks.append(int(tok[0]))
+        return {"end": time.perf_counter() - t, "first": first, "ids": toks}
+
+    def hf_peft():
+        t = time.perf_counter()
+        streamer = FirstToken(t)
+        with torch.no_grad():
+            seq = hf.generate(input_ids=t_ids, attention_mask=t_mask, generation_config=hf_gen, streamer=streamer)
+        return {"end": time.perf_counter() - t, "first": streamer.first, "ids": seq[0, PROMPT_LEN:].tolist()}
+
+    peers = {
+        "slots_generate": slots_generate,
+        "slots_stream": lambda: stream(rt, "lora"),
+        "merged_stream": lambda: stream(rt_merged, None),
+        "hf_peft": hf_peft,
+    }
+    tokens = {}
+    for k, fn in peers.items():
+        for _ in range(args.warmup):
+            tokens[k] = fn()["ids"]
+        if len(tokens[k]) != n:
+            raise SystemExit(f"{k} made {len(tokens[k])} tokens, expected {n}: end of sequence was not disabled")
+    runs = {k: [] for k in peers}
+    order = list(peers)
+    load_before = os.getloadavg()[0]
+    for r in range(args.rounds):
+        for k in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+            res = peers[k]()
+            if res["ids"] != tokens[k]:
+                raise SystemExit(f"{k}: greedy ids changed between calls")
+            runs[k].append({key: v for key, v in res.items() if key != "ids"})
+
+    def med(peer, f):
+        return statistics.median(f(x) for x in runs[peer])
+
+    end = {k: med(k, lambda x: x["end"]) for k in peers}
+    ttft = {k: med(k, lambda x: x["first"]) for k in peers if k != "slots_generate"}
+    step = {k: med(k, lambda x: (x["end"] - x["first"]) / (n - 1)) for k in ttft}
+    tps = {k: n / v for k, v in end.items()}
+    speedup = tps["slots_generate"] / tps["hf_peft"]
+    decode_ratio = step["slots_stream"] / step["merged_stream"]
+    same = {
+        "slots vs HF PEFT": tokens["slots_generate"] == tokens["hf_peft"],
+        "slots generate vs stream": tokens["slots_generate"] == tokens["slots_stream"],
+        "merged vs slots": tokens["merged_stream"] == tokens["slots_generate"],
+    }
+    first_diff = {k: next((i for i, (a, b) in enumerate(zip(tokens[p], tokens[q])) if a != b), None)
+                  for k, (p, q) in zip(same, [("slots_generate", "hf_peft"), ("slots_generate", "slots_stream"),
+                                              ("merged_stream", "slots_generate")])}
+
+    rows = [
+        ("speedup: edgepeft slots generate / HF PEFT (tokens/s)", f"{speedup:.2f}x", ">= 3x"),
+        ("decode step: slots / merged", f"{decode_ratio:.3f}", "<= 1.10"),
+        ("tokens/s edgepeft slots (generate)", f"{tps['slots_generate']:.1f}", ""),
+        ("tokens/s edgepeft slots (stream)", f"{tps['slots_stream']:.1f}", ""),
+        ("tokens/s edgepeft merged (stream)", f"{tps['merged_stream']:.1f}", ""),
+        ("tokens/s HF PEFT", f"{tps['hf_peft']:.1f}", ""),
+        *[(f"time to first token {k} (ms)", f"{v * 1e3:.2f}", "") for k, v in ttft.items()],
+        *[(f"decode per step {k} (ms)", f"{v * 1e3:.3f}", "") for k, v in step.items()],
+        *[(f"greedy ids identical: {k}", "yes" if v else f"no (first differs at token {first_diff[k]})",
+           "yes" if k != "merged vs slots" else "info") for k, v in same.items()],
+    ]
+    total_s = time.perf_counter() - t_start
+    rows.append(("total run time (s)", f"{total_s:.1f}", ""))
+    table = "\n".join(["| metric | value | target |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
+    setup = (f"Llama {n_params / 1e6:.2f}M parameters (seeded random, {CONFIG['num_hidden_layers']} layers, hidden "
+             f"{CONFIG['hidden_size']}, {CONFIG['num_attention_heads']}/{CONFIG['num_key_value_heads']} heads, vocab "
+             f"{CONFIG['vocab_size']}), LoRA r 16 all-linear ({len(rt.slots)} slots), CPU, batch 1, prompt {PROMPT_LEN} "
+             f"ids, {n} new tokens greedy, no eos; {args.rounds} rounds x 1 call per peer after {args.warmup} warm-up "
+             f"calls; onnxruntime {rt.session.get_providers()[0]} (per-session pools, no spinning), torch "
+             f"{torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}, "
+             f"peft {peft.__version__}, {os.cpu_count()} CPUs, load average {load_before:.2f} before / "
+             f"{os.getloadavg()[0]:.2f} after")
+    print(f"\n{setup}\n\n{table}\n")
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write(f"# edgepeft generation benchmark\n\n`{command}`\n\n{setup}\n\n{table}\n")
+    raw = {"command": command, "setup": setup, "args": vars(args), "parameters": n_params,
+           "tokens_per_s": tps, "median_end_s": end, "median_ttft_s": ttft, "median_decode_step_s": step,
+           "ratios": {"speedup_vs_hf_peft": speedup, "decode_step_slots_over_merged": decode_ratio},
+           "ids_identical": same, "first_difference": first_diff, "ids": tokens, "prompt": ids[0].tolist(),
+           "export_s": export_s, "max_abs_diff": checks, "total_s": total_s, "per_call_s": runs, "table": table}
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(raw, f, indent=1)
+    print(f"wrote {os.path.join(out, 'bench.md')} and bench.json")
+
+
+if __name__ == "__main__":
+    main()
