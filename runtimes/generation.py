@@ -39,15 +39,22 @@ class GenerationConfig:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
 
 
-def apply_repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float) -> np.ndarray:
-    """Tokens already in the sequence: negative scores x penalty, positive / penalty."""
+def apply_repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float, ignore=None) -> np.ndarray:
+    """Tokens already in the sequence: negative scores x penalty, positive / penalty.
+
+    ``ignore`` (B,): leading positions of each row left out, as transformers leaves
+    out a row's left padding.
+    """
     if penalty == 1.0:
         return scores
-    picked = np.take_along_axis(scores, sequences, axis=1)  # (B, L)
+    vocab = scores.shape[-1]
+    if ignore is not None:  # point ignored positions at a dummy column past the vocabulary
+        sequences = np.where(np.arange(sequences.shape[1])[None, :] < np.asarray(ignore)[:, None], vocab, sequences)
+    padded = np.concatenate([scores, np.zeros((scores.shape[0], 1), scores.dtype)], axis=1)
+    picked = np.take_along_axis(padded, sequences, axis=1)  # (B, L)
     picked = np.where(picked < 0, picked * penalty, picked / penalty)
-    scores = scores.copy()
-    np.put_along_axis(scores, sequences, picked, axis=1)
-    return scores
+    np.put_along_axis(padded, sequences, picked, axis=1)
+    return padded[:, :vocab]
 
 
 def apply_top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -77,9 +84,13 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
-    """Pick one token per row from last-position ``logits`` (B, V); returns (B,) int64."""
-    scores = apply_repetition_penalty(logits.astype(np.float32, copy=False), sequences, cfg.repetition_penalty)
+def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator,
+                ignore=None) -> np.ndarray:
+    """Pick one token per row from last-position ``logits`` (B, V); returns (B,) int64.
+
+    ``ignore`` (B,): each row's left-padding length, left out of the repetition penalty.
+    """
+    scores = apply_repetition_penalty(logits.astype(np.float32, copy=False), sequences, cfg.repetition_penalty, ignore)
     if not cfg.do_sample:
         return scores.argmax(-1).astype(np.int64)
     scores = scores / cfg.temperature

@@ -374,21 +374,22 @@ class Runtime:
             )
         if (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
-        return self._stream(ids, mask, adapter, cfg)
+        stops = _StopStrings(self, cfg.stop, ids.shape[1]) if cfg.stop else None  # needs the tokenizer: fail now
+        return self._stream(ids, mask, adapter, cfg, stops)
 
-    def _stream(self, ids, mask, adapter, cfg):
+    def _stream(self, ids, mask, adapter, cfg, stops):
         rng = np.random.default_rng(cfg.seed)
+        padding = np.argmax(mask != 0, axis=1)  # left-padding length per row
         eos = np.array(cfg.eos_token_id, dtype=np.int64)
         positions = mask.cumsum(-1) - 1  # left padding: real tokens count from 0
         positions[mask == 0] = 1  # as transformers fills padded positions
         sequences, finished = ids, np.zeros(ids.shape[0], dtype=bool)
         step_ids, past = ids, None
-        stops = _StopStrings(self, cfg.stop, ids.shape[1]) if cfg.stop else None
         with self._using(adapter) as values:
             for _ in range(cfg.max_new_tokens):
                 outputs = self._run(values, step_ids, mask, positions, past, presents=True)
                 logits = outputs[0].numpy()[:, -1, :]  # (B, V) at the last position
-                token = next_tokens(logits, sequences, cfg, rng)
+                token = next_tokens(logits, sequences, cfg, rng, ignore=padding)
                 token = np.where(finished, cfg.pad_token_id, token)
                 sequences = np.concatenate([sequences, token[:, None]], axis=1)
                 yield token
@@ -404,7 +405,7 @@ class Runtime:
 
     def generate(self, input_ids, attention_mask=None, adapter=None, max_new_tokens=32, do_sample=False,
                  temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, seed=None,
-                 eos_token_id=None, pad_token_id=None, stop=None) -> np.ndarray:
+                 eos_token_id=None, pad_token_id=None, stop=None, **unknown) -> np.ndarray:
         """Generate with ``adapter``; returns ids (B, T + new), the prompt included.
 
         Greedy by default; ``do_sample`` with ``temperature``/``top_k``/``top_p`` and a
@@ -413,7 +414,7 @@ class Runtime:
         """
         args = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                     top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
-                    pad_token_id=pad_token_id, stop=stop)
+                    pad_token_id=pad_token_id, stop=stop, **unknown)
         ids, _ = self._check_ids(input_ids, attention_mask)
         tokens = [t[:, None] for t in self.stream(input_ids, attention_mask, adapter, **args)]
         return np.concatenate([ids, *tokens], axis=1)

@@ -1,0 +1,118 @@
+"""Fuse the projections that read the same tensor into one MatMul, in every export.
+
+    x --> q_proj --> q                x --> MatMul(x, W_q|W_k|W_v) (+ group deltas) (+ bias) --> Split --> q, k, v
+      --> k_proj --> k      ==>
+      --> v_proj --> v
+
+Fewer, larger MatMuls run faster on ONNX Runtime, and an adapter on a fused group
+costs one delta for the whole group (one A-projection shared by q, k and v) instead
+of one per module. The merged and the slot exports are fused alike, so their
+comparison stays fair. Groups are found by running the model once and recording
+which Linear/Conv1D layers receive the very same input tensor.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from edgepeft.tuners.targets import replace_module
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)  # Conv1D weight: (in, out)
+
+
+def _weight_in_out(module: nn.Module) -> torch.Tensor:
+    """The weight as (in, out), the layout x @ W consumes."""
+    return module.weight.T if isinstance(module, nn.Linear) else module.weight
+
+
+def shared_input_groups(model: nn.Module, run_once) -> list[list[str]]:
+    """Names of Linear/Conv1D layers that receive the same input tensor, in call order.
+
+    ``run_once()`` runs the model on sample inputs. Only groups of two or more
+    layers with the same input width are returned.
+    """
+    calls: list[tuple[int, str]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)):
+            hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: calls.append((id(args[0]), name))))
+    try:
+        with torch.no_grad():
+            run_once()
+    finally:
+        for h in hooks:
+            h.remove()
+    by_input: dict[int, list[str]] = {}
+    for tensor_id, name in calls:
+        members = by_input.setdefault(tensor_id, [])
+        if name not in members:
+            members.append(name)
+    groups = []
+    for members in by_input.values():
+        widths = {_in_out(model.get_submodule(m))[0] for m in members}
+        if len(members) > 1 and len(widths) == 1:
+            groups.append(members)
+    return groups
+
+
+def group_key(members: list[str]) -> str:
+    """``model.layers.0.self_attn.q_proj+k_proj+v_proj``: the group's name in slot names."""
+    parent = members[0].rpartition(".")[0]
+    if all(m.rpartition(".")[0] == parent for m in members):
+        return parent + "." + "+".join(m.rpartition(".")[2] for m in members)
+    return "+".join(members)
+
+
+class FusedProjection(nn.Module):
+    """One MatMul for a group of layers; method slots add deltas (before the bias)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.sizes = [_in_out(m)[1] for m in members]
+        self.weight = nn.Parameter(torch.cat([_weight_in_out(m).detach() for m in members], dim=1), requires_grad=False)
+        biases = [m.bias.detach() if m.bias is not None else torch.zeros(s) for m, s in zip(members, self.sizes)]
+        has_bias = any(m.bias is not None for m in members)
+        self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
+        self.deltas: list = []  # callables x -> (..., sum of sizes), added before the bias
+        self._x = None
+        self._parts = None
+
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self._x is not x:  # the first member called computes the whole group
+            out = x @ self.weight  # (B, T, in) @ (in, sum out) -> (B, T, sum out)
+            for delta in self.deltas:
+                out = out + delta(x)
+            if self.bias is not None:
+                out = out + self.bias
+            self._x, self._parts = x, torch.split(out, self.sizes, dim=-1)
+        return self._parts[index]
+
+
+class FusedMember(nn.Module):
+    """Stands where one member layer was; returns its slice of the fused output."""
+
+    def __init__(self, group: FusedProjection, index: int, original: nn.Module):
+        super().__init__()
+        self.group = group
+        self.index = index
+        self.in_features, self.out_features = _in_out(original)
+
+    def forward(self, x):
+        return self.group.part(self.index, x)
+
+
+def fuse_groups(model: nn.Module, groups: list[list[str]]) -> dict[str, FusedProjection]:
+    """Replace each group's layers by members of one FusedProjection; returns {group key: projection}."""
+    fused = {}
+    for members in groups:
+        modules = [model.get_submodule(m) for m in members]
+        projection = FusedProjection(modules)
+        for i, (name, module) in enumerate(zip(members, modules)):
+            replace_module(model, name, FusedMember(projection, i, module))
+        fused[group_key(members)] = projection
+    return fused

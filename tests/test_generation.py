@@ -1,0 +1,673 @@
+"""Text generation on the runtime, against HF PEFT / transformers as the reference.
+
+Greedy ids and per-step logits (prefill and every cached decode step) match
+``peft.PeftModel.generate``; sampling is reproducible and its logits processing
+matches transformers' processors; switching adapters leaks no cache state; EOS,
+stop strings, bad input, the text helpers and ``edgepeft run`` behave as documented.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ADAPTER_SPECS, DECODER_ARCHS, load_reference_base, max_diff_valid, randomize_adapter, torch_outputs
+from edgepeft.runtimes import (
+    AdapterInUseError,
+    ArtifactNotFoundError,
+    ConfigError,
+    EdgePeftError,
+    InvalidInputError,
+    Runtime,
+    UnknownAdapterError,
+)
+from edgepeft.runtimes import generation as gen
+from edgepeft.runtimes import runtime as runtime_module
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEW = 16  # new tokens per greedy run
+PAD = 0
+ATOL = 1e-4
+
+# Every LoRA adapter of the shared decoder exports, plus the bare base (adapter None).
+CASES = [(arch, name) for arch in DECODER_ARCHS for name, _ in ADAPTER_SPECS[arch]] + [(arch, None) for arch in DECODER_ARCHS]
+CASE_IDS = [f"{arch}-{name or 'base'}" for arch, name in CASES]
+
+
+def prompt_batch(seq=10, pad=3, seed=7):
+    """Two rows, ids in [3, 128); row 1 left-padded with ``pad`` pad tokens (id 0)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 128, size=(2, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    ids[1, :pad] = PAD
+    mask[1, :pad] = 0
+    return ids, mask
+
+
+def hf_generate(model, ids, mask, **kwargs):
+    """HF generate -> (sequences (B, T+n), raw per-step logits (n, B, V))."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences.numpy(), torch.stack(out.logits).float().numpy()
+
+
+@pytest.fixture(scope="module")
+def runtime_for(shared_export):
+    """runtime_for(arch) -> one Runtime over shared_export(arch), kept for the module."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = Runtime(shared_export(arch)[0])
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference_for(shared_export, hf_reference, tiny_base):
+    """reference_for(arch, name) -> HF model (PeftModel for an adapter, the plain base for None), eos disabled."""
+
+    def make(arch, name):
+        if name is None:
+            model = load_reference_base(tiny_base(arch), "causal-lm")
+        else:
+            model = hf_reference(arch, shared_export(arch)[1][name])
+        model.generation_config.eos_token_id = None  # as our eos_token_id=[]: never stop early
+        return model
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def greedy_ref(reference_for):
+    """greedy_ref(arch, name) -> (ids, mask, HF sequences, HF per-step logits) for prompt_batch(), NEW tokens."""
+    cache = {}
+
+    def get(arch, name):
+        if (arch, name) not in cache:
+            ids, mask = prompt_batch()
+            seqs, logits = hf_generate(reference_for(arch, name), ids, mask, max_new_tokens=NEW, pad_token_id=PAD)
+            assert seqs.shape == (2, ids.shape[1] + NEW), "HF stopped early: eos was not disabled"
+            cache[(arch, name)] = (ids, mask, seqs, logits)
+        return cache[(arch, name)]
+
+    return get
+
+
+# ---------------------------------------------------------------- 1. greedy ids
+@pytest.mark.parametrize("arch,name", CASES, ids=CASE_IDS)
+def test_greedy_ids_match_peft_generate(arch, name, runtime_for, greedy_ref):
+    ids, mask, hf_seqs, _ = greedy_ref(arch, name)
+    ours = runtime_for(arch).generate(ids, mask, adapter=name, max_new_tokens=NEW, eos_token_id=[])
+    assert ours.dtype == np.int64
+    assert ours.shape == hf_seqs.shape
+    np.testing.assert_array_equal(ours[:, : ids.shape[1]], ids)  # the prompt comes back unchanged
+    np.testing.assert_array_equal(ours, hf_seqs)
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_greedy_with_repetition_penalty_matches_peft_generate(arch, runtime_for, reference_for):
+    """Penalised greedy decoding on a left-padded batch, as HF generate does it.
+
+    transformers' generate leaves a row's left padding out of the penalty
+    (RepetitionPenaltyLogitsProcessor(prompt_ignore_length=first real position)),
+    so the pad id is not penalised merely for padding the prompt.
+    """
+    name = ADAPTER_SPECS[arch][-1][0]
+    ids, mask = prompt_batch(seed=11)
+    for penalty in (1.5, 0.8):
+        hf_seqs, _ = hf_generate(reference_for(arch, name), ids, mask, max_new_tokens=NEW, pad_token_id=PAD,
+                                 repetition_penalty=penalty)
+        ours = runtime_for(arch).generate(ids, mask, adapter=name, max_new_tokens=NEW, eos_token_id=[],
+                                          repetition_penalty=penalty)
+        np.testing.assert_array_equal(ours, hf_seqs, err_msg=f"repetition_penalty={penalty}")
+
+
+def test_generation_may_fill_every_position(runtime_for, reference_for):
+    """prompt + max_new_tokens == max positions is allowed and still matches HF (gpt2: learned positions)."""
+    rt = runtime_for("gpt2")
+    assert rt.max_positions == 64
+    ids, mask = prompt_batch(seq=8, pad=2, seed=5)
+    new = rt.max_positions - ids.shape[1]
+    hf_seqs, _ = hf_generate(reference_for("gpt2", "all"), ids, mask, max_new_tokens=new, pad_token_id=PAD)
+    ours = rt.generate(ids, mask, adapter="all", max_new_tokens=new, eos_token_id=[])
+    assert ours.shape == (2, rt.max_positions)
+    np.testing.assert_array_equal(ours, hf_seqs)
+
+
+# ---------------------------------------------------------------- 2. logits at every step
+@pytest.mark.parametrize("arch,name", CASES, ids=CASE_IDS)
+def test_step_logits_match_peft_generate(arch, name, runtime_for, greedy_ref, monkeypatch):
+    """Teacher-forced with HF's tokens: the logits the runtime's decode loop sees match HF's at every step."""
+    ids, mask, hf_seqs, hf_logits = greedy_ref(arch, name)
+    forced = hf_seqs[:, ids.shape[1]:]
+    seen = []
+    real_next_tokens = runtime_module.next_tokens
+
+    def teacher(logits, sequences, *args, **kwargs):
+        real_next_tokens(logits, sequences, *args, **kwargs)  # the real selection still runs
+        seen.append(np.array(logits, dtype=np.float32, copy=True))
+        return forced[:, len(seen) - 1].copy()
+
+    monkeypatch.setattr(runtime_module, "next_tokens", teacher)
+    out = runtime_for(arch).generate(ids, mask, adapter=name, max_new_tokens=NEW, eos_token_id=[])
+    np.testing.assert_array_equal(out, hf_seqs)
+    assert len(seen) == NEW and hf_logits.shape == (NEW, 2, 128)
+    for step in range(NEW):  # step 0 is the prefill; the last position of every row is a real token
+        diff = float(np.abs(seen[step] - hf_logits[step]).max())
+        assert diff <= ATOL, f"{arch}/{name}: step {step} logits differ from HF by {diff:.2e}"
+
+
+# ---------------------------------------------------------------- 3. sampling
+def test_sampling_is_reproducible_with_a_seed(runtime_for):
+    rt = runtime_for("llama")
+    ids, mask = prompt_batch()
+    kw = dict(adapter="all", max_new_tokens=NEW, eos_token_id=[], do_sample=True, temperature=1.5, top_k=0)
+    a = rt.generate(ids, mask, seed=123, **kw)
+    b = rt.generate(ids, mask, seed=123, **kw)
+    c = rt.generate(ids, mask, seed=124, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c), "different seeds gave the same 2x16 sampled tokens"
+    greedy = rt.generate(ids, mask, adapter="all", max_new_tokens=NEW, eos_token_id=[])
+    assert not np.array_equal(a, greedy), "sampling at temperature 1.5 returned the greedy ids"
+    # stream with the same seed yields the same tokens
+    streamed = np.stack(list(rt.stream(ids, mask, seed=123, **kw)), axis=1)
+    np.testing.assert_array_equal(streamed, a[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_top_k_1_and_tiny_top_p_sampling_equal_greedy(arch, runtime_for, greedy_ref):
+    name = ADAPTER_SPECS[arch][0][0]
+    ids, mask, hf_seqs, _ = greedy_ref(arch, name)
+    rt = runtime_for(arch)
+    for extra in (dict(top_k=1, temperature=2.0), dict(top_k=0, top_p=1e-6, temperature=0.7)):
+        out = rt.generate(ids, mask, adapter=name, max_new_tokens=NEW, eos_token_id=[], do_sample=True, seed=5, **extra)
+        np.testing.assert_array_equal(out, hf_seqs, err_msg=str(extra))
+
+
+def random_scores(rows=6, vocab=128, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    scores = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    if ties:
+        scores = np.round(scores).astype(np.float32)  # many equal values
+    return scores
+
+
+def assert_same_scores(ours, ref):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref))
+    finite = np.isfinite(ref)
+    assert np.isfinite(ours[finite]).all()
+    if finite.any():
+        assert float(np.abs(ours[finite] - ref[finite]).max()) <= 1e-6
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.0, 1.3, 2.5])
+def test_repetition_penalty_matches_transformers(penalty):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    scores = random_scores(seed=1)
+    sequences = np.random.default_rng(2).integers(0, 128, size=(scores.shape[0], 20)).astype(np.int64)
+    sequences[:, :5] = sequences[:, 5:10]  # repeated ids are penalised once
+    before = scores.copy()
+    ours = gen.apply_repetition_penalty(scores, sequences, penalty)
+    ref = RepetitionPenaltyLogitsProcessor(float(penalty))(torch.from_numpy(sequences), torch.from_numpy(scores.copy()))
+    np.testing.assert_array_equal(scores, before)  # the caller's array is not modified
+    assert_same_scores(ours, ref.numpy())
+
+
+PIPELINES = [
+    dict(temperature=0.3, top_k=0, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=1.7, top_k=0, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=2.0, top_k=10, top_p=0.5, repetition_penalty=1.0),  # order matters: top-k, then top-p
+    dict(temperature=0.8, top_k=0, top_p=0.9, repetition_penalty=1.3),
+    dict(temperature=1.2, top_k=20, top_p=0.95, repetition_penalty=0.7),
+]
+
+
+@pytest.mark.parametrize("cfg", PIPELINES, ids=lambda c: "-".join(f"{k[:4]}{v}" for k, v in c.items()))
+def test_sampling_scores_match_transformers_processor_chain(cfg, monkeypatch):
+    """The scores next_tokens samples from are what transformers' processors make, in generate's order."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    scores = random_scores(seed=3)
+    sequences = np.random.default_rng(8).integers(0, 128, size=(scores.shape[0], 15)).astype(np.int64)
+    procs = [RepetitionPenaltyLogitsProcessor(cfg["repetition_penalty"]), TemperatureLogitsWarper(cfg["temperature"])]
+    if cfg["top_k"]:
+        procs.append(TopKLogitsWarper(cfg["top_k"]))
+    if cfg["top_p"] < 1:
+        procs.append(TopPLogitsWarper(cfg["top_p"]))
+    ref = LogitsProcessorList(procs)(torch.from_numpy(sequences), torch.from_numpy(scores.copy())).numpy()
+    captured = []
+    real_softmax = gen.softmax
+
+    def spy(x):
+        captured.append(np.array(x, copy=True))
+        return real_softmax(x)
+
+    monkeypatch.setattr(gen, "softmax", spy)
+    config = gen.GenerationConfig(do_sample=True, **cfg)
+    tokens = gen.next_tokens(scores, sequences, config, np.random.default_rng(0))
+    assert_same_scores(captured[-1], ref)  # the last softmax is the sampling distribution
+    assert np.isfinite(ref[np.arange(len(tokens)), tokens]).all()  # never a token transformers removes
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("k", [1, 2, 7, 50, 127, 128, 500])
+def test_top_k_matches_transformers(k, ties):
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    scores = random_scores(seed=4, ties=ties)
+    ref = TopKLogitsWarper(k)(None, torch.from_numpy(scores.copy())).numpy()
+    assert_same_scores(gen.apply_top_k(scores, k), ref)
+
+
+@pytest.mark.parametrize("p", [1e-9, 1e-6, 0.05, 0.3, 0.8, 0.95, 0.999, 1.0])
+def test_top_p_matches_transformers(p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = random_scores(seed=5)
+    ref = TopPLogitsWarper(p)(None, torch.from_numpy(scores.copy())).numpy()
+    assert_same_scores(gen.apply_top_p(scores, p), ref)
+    # after top-k, as generate chains them (-inf inputs)
+    topk = TopKLogitsWarper(20)(None, torch.from_numpy(scores.copy()))
+    ref = TopPLogitsWarper(p)(None, topk).numpy()
+    assert_same_scores(gen.apply_top_p(gen.apply_top_k(scores, 20), p), ref)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=0.7, top_k=5, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=1.3, top_k=0, top_p=0.6, repetition_penalty=1.0),
+    dict(temperature=0.9, top_k=8, top_p=0.7, repetition_penalty=1.4),
+], ids=["plain", "top_k", "top_p", "all"])
+def test_sampled_frequencies_follow_transformers_distribution(cfg):
+    """Many draws from one row: never a token transformers' processors remove; frequencies ~ its probabilities."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    vocab, draws = 12, 40000
+    logits = np.random.default_rng(6).standard_normal((1, vocab)).astype(np.float32) * 1.5
+    history = np.array([[3, 3, 7]], dtype=np.int64)
+    procs = [RepetitionPenaltyLogitsProcessor(cfg["repetition_penalty"]), TemperatureLogitsWarper(cfg["temperature"])]
+    if cfg["top_k"]:
+        procs.append(TopKLogitsWarper(cfg["top_k"]))
+    if cfg["top_p"] < 1:
+        procs.append(TopPLogitsWarper(cfg["top_p"]))
+    ref = LogitsProcessorList(procs)(torch.from_numpy(history), torch.from_numpy(logits.copy()))
+    probs = torch.softmax(ref.double(), -1).numpy()[0]
+
+    config = gen.GenerationConfig(do_sample=True, **cfg)
+    tokens = gen.next_tokens(np.repeat(logits, draws, 0), np.repeat(history, draws, 0), config, np.random.default_rng(0))
+    assert tokens.shape == (draws,) and tokens.dtype == np.int64
+    freq = np.bincount(tokens, minlength=vocab) / draws
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs)), (freq, probs)
+    assert float(np.abs(freq - probs).max()) < 0.015, (freq, probs)
+
+
+# ---------------------------------------------------------------- 4. switching adapters
+def test_switching_adapters_between_generate_calls_leaks_no_state(shared_export):
+    out, _, _ = shared_export("llama")
+    ids, mask = prompt_batch()
+    kw = dict(max_new_tokens=NEW, eos_token_id=[])
+    fresh = {name: Runtime(out).generate(ids, mask, adapter=name, **kw) for name in ("qv", "all", None)}
+    assert not np.array_equal(fresh["qv"], fresh["all"]) and not np.array_equal(fresh["qv"], fresh[None])
+    rt = Runtime(out)
+    for name in ("qv", "all", "qv", None, "all", None, "qv"):
+        np.testing.assert_array_equal(rt.generate(ids, mask, adapter=name, **kw), fresh[name], err_msg=str(name))
+
+
+def test_interleaved_streams_of_two_adapters(shared_export, runtime_for):
+    out, _, _ = shared_export("llama")
+    ids_a, mask_a = prompt_batch()
+    ids_b, mask_b = prompt_batch(seq=6, pad=2, seed=9)  # another shape: a mixed-up cache cannot go unnoticed
+    kw = dict(max_new_tokens=NEW, eos_token_id=[])
+    solo_a = Runtime(out).generate(ids_a, mask_a, adapter="qv", **kw)[:, ids_a.shape[1]:]
+    solo_b = Runtime(out).generate(ids_b, mask_b, adapter="all", **kw)[:, ids_b.shape[1]:]
+    solo_c = Runtime(out).generate(ids_a, mask_a, adapter="all", **kw)[:, ids_a.shape[1]:]
+
+    rt = Runtime(out)
+    ga = rt.stream(ids_a, mask_a, adapter="qv", **kw)
+    gb = rt.stream(ids_b, mask_b, adapter="all", **kw)
+    gc = rt.stream(ids_a, mask_a, adapter="all", **kw)  # same adapter as gb, other prompt, alive at once
+    got_a, got_b, got_c = [], [], []
+    for step in range(NEW):
+        got_a.append(next(ga))
+        got_b.append(next(gb))
+        got_c.append(next(gc))
+        if step == 3:
+            with pytest.raises(AdapterInUseError):  # held while its generator is alive
+                rt.unload_adapter("qv")
+    for g in (ga, gb, gc):
+        with pytest.raises(StopIteration):
+            next(g)
+    assert all(t.shape == (2,) and t.dtype == np.int64 for t in got_a + got_b + got_c)
+    np.testing.assert_array_equal(np.stack(got_a, 1), solo_a)
+    np.testing.assert_array_equal(np.stack(got_b, 1), solo_b)
+    np.testing.assert_array_equal(np.stack(got_c, 1), solo_c)
+    rt.unload_adapter("qv")  # finished generators release their adapter
+
+
+# ---------------------------------------------------------------- 5. forward without cache
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_forward_without_cache_matches_hf(arch, runtime_for, reference_for):
+    rt = runtime_for(arch)
+    assert rt.cache  # a decoder export with KV-cache I/O: forward runs the past-length-0 path
+    ids, mask = prompt_batch(seq=12, pad=4, seed=2)
+    for name in [None] + [n for n, _ in ADAPTER_SPECS[arch]]:
+        ours = rt.forward(ids, mask, adapter=name)["logits"]
+        ref = torch_outputs(reference_for(arch, name), ids, mask, "logits")
+        assert ours.shape == ref.shape == (2, 12, 128)
+        diff = max_diff_valid(ours, ref, mask)
+        assert diff <= ATOL, f"{arch}/{name}: forward logits differ from HF by {diff:.2e}"
+
+
+# ---------------------------------------------------------------- 6. end of sequence
+def stop_index(row, eos):
+    hits = [i for i, t in enumerate(row) if t in eos]
+    return hits[0] if hits else None
+
+
+def eos_case(greedy_ref):
+    """The first shared-export case whose greedy row 0 has a token (not its first) that row 1 never produces."""
+    for arch, name in CASES:
+        ids, mask, hf_seqs, _ = greedy_ref(arch, name)
+        gen0, gen1 = hf_seqs[0, ids.shape[1]:].tolist(), hf_seqs[1, ids.shape[1]:].tolist()
+        one = [t for i, t in enumerate(gen0) if 1 <= i <= NEW - 3 and gen0.index(t) == i and t not in gen1]
+        if one:
+            return arch, name, ids, mask, gen0, gen1, one[0]
+    pytest.fail("no shared-export case has a usable eos candidate")
+
+
+def test_eos_stops_rows_and_pads_like_hf(runtime_for, reference_for, greedy_ref):
+    arch, name, ids, mask, gen0, gen1, eos = eos_case(greedy_ref)
+    prompt_len = ids.shape[1]
+    rt, model = runtime_for(arch), reference_for(arch, name)
+    pad = 5  # not 0: finished rows must get pad_token_id, not a default
+
+    # Row 0 stops at a token row 1 never produces; row 1 runs to max_new_tokens.
+    s = gen0.index(eos)
+    ours = rt.generate(ids, mask, adapter=name, max_new_tokens=NEW, eos_token_id=[eos], pad_token_id=pad)
+    assert ours.shape == (2, prompt_len + NEW)
+    assert ours[0, prompt_len:].tolist() == gen0[: s + 1] + [pad] * (NEW - s - 1)
+    assert ours[1, prompt_len:].tolist() == gen1
+    hf, _ = hf_generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=pad)
+    np.testing.assert_array_equal(ours, hf)
+    streamed = np.stack(list(rt.stream(ids, mask, adapter=name, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=pad)), 1)
+    np.testing.assert_array_equal(streamed, ours[:, prompt_len:])  # a bare int works as eos_token_id too
+
+    # Both rows stop: the output is shorter than max_new_tokens.
+    pairs = [(a, b) for a in gen0[: NEW - 3] for b in gen1[: NEW - 3]]
+    pairs = [p for p in pairs if max(stop_index(gen0, p), stop_index(gen1, p)) < NEW - 2]
+    assert pairs
+    eos_ids = list(pairs[0])
+    stops = [stop_index(gen0, eos_ids), stop_index(gen1, eos_ids)]
+    ours = rt.generate(ids, mask, adapter=name, max_new_tokens=NEW, eos_token_id=eos_ids, pad_token_id=pad)
+    assert ours.shape == (2, prompt_len + max(stops) + 1)
+    for row, (g, stop) in enumerate(zip((gen0, gen1), stops)):
+        assert ours[row, prompt_len:].tolist() == g[: stop + 1] + [pad] * (max(stops) - stop)
+    hf, _ = hf_generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos_ids, pad_token_id=pad)
+    np.testing.assert_array_equal(ours, hf)
+
+
+def test_default_eos_and_pad_come_from_the_model(runtime_for, shared_export, hf_reference, monkeypatch):
+    """Without eos_token_id/pad_token_id the model's own (eos 2, pad 0) apply, as in HF generate."""
+    rt = runtime_for("llama")
+    assert rt.manifest["eos_token_id"] == [2] and rt.manifest["pad_token_id"] == 0
+    ids, mask = prompt_batch(seed=13)
+    model = hf_reference("llama", shared_export("llama")[1]["all"])  # generation_config untouched: eos 2
+    hf, _ = hf_generate(model, ids, mask, max_new_tokens=NEW)
+    np.testing.assert_array_equal(rt.generate(ids, mask, adapter="all", max_new_tokens=NEW), hf)
+
+    # Force the model's eos (2) into row 0 at step 2 and row 1 at step 4: defaults stop and pad with 0.
+    forced = np.full((2, NEW), 9, np.int64)
+    forced[0, 2] = forced[1, 4] = 2
+    steps = []
+
+    def teacher(logits, sequences, *args, **kwargs):
+        steps.append(1)
+        return forced[:, len(steps) - 1].copy()
+
+    monkeypatch.setattr(runtime_module, "next_tokens", teacher)
+    out = rt.generate(ids, mask, adapter="all", max_new_tokens=NEW)
+    assert out[:, ids.shape[1]:].tolist() == [[9, 9, 2, 0, 0], [9, 9, 9, 9, 2]]
+
+
+# ---------------------------------------------------------------- 7. bad input
+def test_bad_generation_input_raises_and_runtime_keeps_working(shared_export):
+    out, _, _ = shared_export("llama")
+    rt = Runtime(out)
+    ids, mask = prompt_batch()
+    good = dict(adapter="qv", max_new_tokens=8, eos_token_id=[])
+    expected = rt.generate(ids, mask, **good)
+    long_ids = np.full((1, 65), 5, np.int64)
+    zero_row = mask.copy()
+    zero_row[1] = 0
+    bad = [
+        ("prompt past max positions", InvalidInputError, lambda: rt.generate(long_ids, adapter="qv", max_new_tokens=1)),
+        ("prompt + new past max positions", InvalidInputError,
+         lambda: rt.generate(np.full((1, 60), 5, np.int64), adapter="qv", max_new_tokens=5)),
+        ("empty prompt", InvalidInputError, lambda: rt.generate(np.zeros((1, 0), np.int64), adapter="qv")),
+        ("empty list", InvalidInputError, lambda: rt.generate([], adapter="qv")),
+        ("all-zero mask row", InvalidInputError, lambda: rt.generate(ids, zero_row, **good)),
+        ("float ids", InvalidInputError, lambda: rt.generate(ids.astype(np.float32), mask, **good)),
+        ("id outside vocab", InvalidInputError, lambda: rt.generate(ids + 200, mask, **good)),
+        ("max_new_tokens=0", ConfigError, lambda: rt.generate(ids, mask, adapter="qv", max_new_tokens=0)),
+        ("max_new_tokens<0", ConfigError, lambda: rt.generate(ids, mask, adapter="qv", max_new_tokens=-3)),
+        ("max_new_tokens float", ConfigError, lambda: rt.generate(ids, mask, adapter="qv", max_new_tokens=2.5)),
+        ("temperature=0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, temperature=0.0, **good)),
+        ("temperature<0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, temperature=-1.0, **good)),
+        ("top_p=0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, top_p=0.0, **good)),
+        ("top_p>1", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, top_p=1.5, **good)),
+        ("top_k<0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, top_k=-1, **good)),
+        ("repetition_penalty=0", ConfigError, lambda: rt.generate(ids, mask, repetition_penalty=0.0, **good)),
+        ("unknown kwarg to stream", ConfigError, lambda: rt.stream(ids, mask, temprature=0.5, **good)),
+        ("unknown kwarg to generate", ConfigError, lambda: rt.generate(ids, mask, temprature=0.5, **good)),
+        ("unknown adapter", UnknownAdapterError, lambda: rt.generate(ids, mask, adapter="nope", max_new_tokens=2)),
+        ("stop strings without tokenizer", ArtifactNotFoundError,
+         lambda: rt.generate(ids, mask, stop=["w1"], **good)),
+        ("text without tokenizer", ArtifactNotFoundError, lambda: rt.generate_text("hello", adapter="qv")),
+    ]
+    failures = []
+    for label, error, call in bad:
+        try:
+            call()
+        except EdgePeftError as e:
+            if not isinstance(e, error):
+                failures.append(f"{label}: {type(e).__name__} instead of {error.__name__}: {e}")
+            elif not str(e).strip():
+                failures.append(f"{label}: empty message")
+        except Exception as e:  # noqa: BLE001 - every other type is a failure of the contract
+            failures.append(f"{label}: {type(e).__name__} (not an EdgePeftError): {e}")
+        else:
+            failures.append(f"{label}: no error")
+    assert not failures, "\n".join(failures)
+    np.testing.assert_array_equal(rt.generate(ids, mask, **good), expected)
+    rt.unload_adapter("qv")  # no failed call left the adapter marked in use
+
+
+def test_generate_on_a_feature_extraction_export_is_refused(shared_export):
+    rt = Runtime(shared_export("bert")[0])
+    ids, mask = prompt_batch()
+    with pytest.raises(ConfigError, match="generation"):
+        rt.generate(ids, mask, adapter="qv", max_new_tokens=2)
+    with pytest.raises(ConfigError):
+        rt.stream(ids, mask, adapter="qv")
+    assert rt.forward(ids, mask, adapter="qv")["last_hidden_state"].shape == (2, 10, 32)  # still works
+
+
+# ---------------------------------------------------------------- 8. text helpers
+WORDS = [f"w{i}" for i in range(8, 128)]
+SPECIAL = {"[PAD]": 0, "<s>": 1, "</s>": 2, "[UNK]": 3}
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+PROMPT = "w10 w20 w30 w40"
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = dict(SPECIAL)
+    vocab.update({":": 4, "user": 5, "assistant": 6, "system": 7})
+    vocab.update({w: i for i, w in enumerate(WORDS, start=8)})
+    assert len(vocab) == 128 and sorted(vocab.values()) == list(range(128))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(list(SPECIAL))
+    return tok
+
+
+@pytest.fixture(scope="module")
+def text_export(tmp_path_factory, tiny_base):
+    """(OUT, tokenizer, base dir): a tiny llama copy with tokenizer files, one LoRA adapter 'tok' exported."""
+    import peft
+
+    from edgepeft.exporters import export
+
+    root = tmp_path_factory.mktemp("textgen")
+    base = str(root / "base-llama-tok")
+    shutil.copytree(tiny_base("llama"), base)
+    tok = build_tokenizer()
+    tok.save(os.path.join(base, "tokenizer.json"))
+    with open(os.path.join(base, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]", "chat_template": TEMPLATE,
+                   "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    model = load_reference_base(base, "causal-lm")
+    pm = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                   target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_adapter(pm, 21)
+    pm.peft_config["default"].base_model_name_or_path = base
+    adapter_dir = str(root / "adapter-tok")
+    pm.save_pretrained(adapter_dir)
+    out = str(root / "out")
+    export([adapter_dir], out, names=["tok"])
+    assert os.path.isfile(os.path.join(out, "base", "tokenizer.json"))
+    return out, tok, base
+
+
+@pytest.fixture(scope="module")
+def text_rt(text_export):
+    return Runtime(text_export[0])
+
+
+def decode(tok, ids):
+    return tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def test_generate_text_equals_decoded_generate(text_export, text_rt):
+    _, tok, _ = text_export
+    ids = np.array([tok.encode(PROMPT).ids], dtype=np.int64)
+    assert ids[0, 0] == 1 and ids.shape == (1, 5)  # <s> added by the post-processor
+    for adapter in ("tok", None):
+        out = text_rt.generate(ids, adapter=adapter, max_new_tokens=12)
+        text = text_rt.generate_text(PROMPT, adapter=adapter, max_new_tokens=12)
+        assert isinstance(text, str) and text.strip()
+        assert text == decode(tok, out[0, ids.shape[1]:])
+    assert text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=12) != text_rt.generate_text(
+        PROMPT, adapter=None, max_new_tokens=12)
+
+
+def test_generate_text_batch_is_left_padded(text_export, text_rt):
+    _, tok, _ = text_export
+    prompts = [PROMPT, "w99 w98"]
+    rows = [tok.encode(p).ids for p in prompts]
+    width = max(map(len, rows))
+    ids = np.zeros((2, width), np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    out = text_rt.generate(ids, mask, adapter="tok", max_new_tokens=10)
+    texts = text_rt.generate_text(prompts, adapter="tok", max_new_tokens=10)
+    assert texts == [decode(tok, row[width:]) for row in out]
+
+
+def test_stream_text_pieces_concatenate_to_generate_text(text_rt):
+    for kw in (dict(), dict(do_sample=True, seed=4, temperature=1.5, top_k=0), dict(chat=True)):
+        pieces = list(text_rt.stream_text(PROMPT, adapter="tok", max_new_tokens=12, **kw))
+        assert len(pieces) > 1 and all(isinstance(p, str) and p for p in pieces)
+        assert "".join(pieces) == text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=12, **kw), kw
+
+
+def test_chat_uses_the_template(text_export, text_rt):
+    import jinja2
+
+    _, tok, _ = text_export
+    for messages in ([{"role": "user", "content": PROMPT}],
+                     [{"role": "system", "content": "w50 w51"}, {"role": "user", "content": PROMPT}]):
+        rendered = jinja2.Environment().from_string(TEMPLATE).render(messages=messages, add_generation_prompt=True)
+        assert rendered.endswith("assistant:")
+        ids = np.array([tok.encode(rendered, add_special_tokens=False).ids], dtype=np.int64)
+        assert 3 not in ids  # every word is in the vocab
+        out = text_rt.generate(ids, adapter="tok", max_new_tokens=12)
+        expected = decode(tok, out[0, ids.shape[1]:])
+        prompt = PROMPT if len(messages) == 1 else messages  # a plain string is one user message
+        assert text_rt.generate_text(prompt, adapter="tok", chat=True, max_new_tokens=12) == expected
+
+
+def test_stop_strings_cut_generation_right_after_the_match(text_export, text_rt):
+    _, tok, _ = text_export
+    ids = np.array([tok.encode(PROMPT).ids], dtype=np.int64)
+    new = text_rt.generate(ids, adapter="tok", max_new_tokens=16)[0, ids.shape[1]:].tolist()
+    words = decode(tok, new).split()
+    assert len(words) >= 4, words
+    stop = words[2]  # a word the greedy output holds (not at its start)
+    n = next(k for k in range(1, len(new) + 1) if stop in decode(tok, new[:k]))  # tokens until the text holds it
+    assert n < len(new)
+    out = text_rt.generate(ids, adapter="tok", max_new_tokens=16, stop=[stop])
+    assert out[0, ids.shape[1]:].tolist() == new[:n]
+    text = text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=16, stop=stop)
+    assert text == decode(tok, new[:n]) and text.endswith(stop)
+    assert "".join(text_rt.stream_text(PROMPT, adapter="tok", max_new_tokens=16, stop=[stop])) == text
+    # a stop string that never appears changes nothing
+    assert text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=16, stop=["never"]) == decode(tok, new)
+
+
+# ---------------------------------------------------------------- 9. CLI
+def edgepeft(*args, timeout=120):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("PYTHONWARNINGS", None)
+    return subprocess.run([sys.executable, "-m", "edgepeft", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("adapter,extra,api", [
+    ("tok", [], {}),
+    ("none", [], {}),
+    ("tok", ["--chat"], {"chat": True}),
+    ("tok", ["--do-sample", "--seed", "3", "--temperature", "1.5", "--top-k", "0", "--top-p", "0.9"],
+     {"do_sample": True, "seed": 3, "temperature": 1.5, "top_k": 0, "top_p": 0.9}),
+    ("tok", ["--repetition-penalty", "1.8"], {"repetition_penalty": 1.8}),
+], ids=["adapter", "base", "chat", "sampling", "penalty"])
+def test_cli_run_streams_generated_text(adapter, extra, api, text_export, text_rt):
+    out = text_export[0]
+    proc = edgepeft("run", out, "--adapter", adapter, PROMPT, "--max-new-tokens", 5, *extra)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    expected = text_rt.generate_text(PROMPT, adapter=None if adapter == "none" else adapter, max_new_tokens=5, **api)
+    assert expected.strip()
+    assert proc.stdout.strip() == expected.strip()
+
+
+def test_cli_run_unknown_adapter_is_a_one_line_error(text_export):
+    proc = edgepeft("run", text_export[0], "--adapter", "nope", PROMPT, "--max-new-tokens", 5)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    assert "nope" in errors[0] and "tok" in errors[0]  # names the bad adapter and the loaded ones
