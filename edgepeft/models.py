@@ -101,6 +101,20 @@ def cache_layout(config, task: str) -> dict | None:
     }
 
 
+def cache_kwargs(model, cache) -> dict:
+    """Pass a KV cache under the name this transformers version takes (``cache``, formerly ``past_key_values``)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def output_cache(out):
+    """The KV cache a forward call returned (``cache``, formerly ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def eos_token_ids(model) -> list[int]:
     """End-of-sequence ids from the generation config (falling back to the model config)."""
     gen = getattr(model, "generation_config", None)

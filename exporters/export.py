@@ -27,10 +27,13 @@ import torch
 from edgepeft.config import load_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, ExportValidationError
 from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
+from edgepeft.exporters.fusion import fuse_groups, shared_input_groups
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
 from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
 from edgepeft.models import (
+    cache_kwargs,
     cache_layout,
+    output_cache,
     call_kwargs,
     default_task,
     eos_token_ids,
@@ -113,8 +116,16 @@ def _resolve_task(sources, model_type: str) -> str:
     return tasks.pop()
 
 
-def _adapter_slots(model, config) -> list:
-    return method_for(config).slots.slot_table(model, config) + HEADS.slot_table(model, config)
+def _adapter_slots(model, config, groups) -> list:
+    return method_for(config).slots.slot_table(model, config, groups) + HEADS.slot_table(model, config)
+
+
+def _fusion_groups(model, task: str, configs) -> list[list[str]]:
+    """Layers reading the same input (q/k/v, gate/up), except task heads trained whole."""
+    ids, mask = sample_inputs(model.config)
+    groups = shared_input_groups(model, lambda: model(input_ids=ids, attention_mask=mask, **call_kwargs(model.config)))
+    heads = {m for c in configs for m in HEADS.saved_modules(model, c)}
+    return [g for g in groups if not heads.intersection(g)]
 
 
 def _union(*tables) -> list:
@@ -167,10 +178,10 @@ def _decode_steps(rt, adapter, model, ids, mask, steps: int = 3):
         for _ in range(steps + 1):
             outputs = rt._run(values, step_ids, mask, positions, past, presents=True)
             out = model(input_ids=torch.from_numpy(step_ids), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(positions), past_key_values=cache, use_cache=True)
+                        position_ids=torch.from_numpy(positions), **cache_kwargs(model, cache))
             ours.append(outputs[0].numpy()[:, -1])
             ref.append(out.logits[:, -1].float().numpy())
-            past, cache = outputs[1:], out.past_key_values
+            past, cache = outputs[1:], output_cache(out)
             step_ids = ref[-1].argmax(-1)[:, None].astype(np.int64)
             mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
             positions = positions[:, -1:] + 1
@@ -189,16 +200,17 @@ def _validate(label: str, rt, adapter, model, task: str, atol: float, where: str
     return check
 
 
-def _export_base(model, slots, task, stage, source, weights_fp, merged_adapter=None) -> dict:
-    """Trace ``model`` with ``slots`` as inputs into ``stage``; returns the manifest."""
+def _export_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None) -> dict:
+    """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest."""
     graph_model = copy.deepcopy(model)
+    fused = fuse_groups(graph_model, groups)
     feeds, neutral, samples = {}, {}, {}
     by_method: dict = {}
     for s in slots:
         by_method.setdefault(s.method, []).append(s)
     for method_name, group in by_method.items():
         spec = _slot_providers()[method_name]
-        f, n = spec.install(graph_model, group)
+        f, n = spec.install(graph_model, group, fused)
         feeds.update(f)
         neutral.update(n)
         samples.update(spec.sample(group, n))
@@ -223,6 +235,7 @@ def _export_base(model, slots, task, stage, source, weights_fp, merged_adapter=N
         "pad_token_id": model.config.pad_token_id,
         "eos_token_id": eos_token_ids(model),
         "slots": [s.to_json() for s in slots],
+        "fused_groups": list(fused),
         **io,
     }
     if os.path.isdir(source):
@@ -238,11 +251,11 @@ def _slot_providers() -> dict:
     return {m.name: m.slots for m in methods()} | {HEADS.name: HEADS}
 
 
-def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage) -> dict:
+def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups) -> dict:
     config = peft.peft_config[src.name]
     method = method_for(config)
     usable = {s.name for s in base_manifest["slots"]}
-    slots = [s for s in _adapter_slots(model, config) if s.name in usable]  # inert slots reach no output
+    slots = [s for s in _adapter_slots(model, config, groups) if s.name in usable]  # inert slots reach no output
     own = [s for s in slots if s.method == method.name]
     heads = [s for s in slots if s.method == HEADS.name]
     values = {**method.slots.values(peft, src.name, own), **HEADS.values(peft, src.name, heads)}
@@ -297,10 +310,11 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
 
     base_dir = os.path.join(out, BASE_DIR)
     existing = read_base_manifest(base_dir) if os.path.exists(os.path.join(base_dir, BASE_MANIFEST)) else None
+    groups = _fusion_groups(model, task, [peft.peft_config[s.name] for s in sources])
     if merge:
-        return _export_merged(model, peft, sources, source, task, out, existing, atol, log)
+        return _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups)
 
-    needed = _union(*[_adapter_slots(model, peft.peft_config[s.name]) for s in sources])
+    needed = _union(*[_adapter_slots(model, peft.peft_config[s.name], groups) for s in sources])
     slots = _union(existing["slots"] if existing else [], needed)
     weights_fp = weights_fingerprint(model, skip_modules={s.module for s in slots if s.method == "head"})
     if existing:
@@ -324,7 +338,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
             base_stage = staging_dir(out, "base")
             staged.append(base_stage)
             log(f"exporting base with {len(slots)} slots to {base_dir}")
-            _export_base(model, slots, task, base_stage, source, weights_fp)
+            _export_base(model, slots, task, base_stage, source, weights_fp, groups)
             base_manifest = read_base_manifest(base_stage)
             if base_manifest["inert_slots"]:
                 log(f"note: {len(base_manifest['inert_slots'])} slots cannot change {TASK_OUTPUTS[task]} "
@@ -338,7 +352,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
             stage = staging_dir(os.path.join(out, ADAPTERS_DIR), src.name)
             staged.append(stage)
             adapter_stages[src.name] = stage
-            manifest = _write_adapter(model, peft, src, base_manifest, stage)
+            manifest = _write_adapter(model, peft, src, base_manifest, stage, groups)
             rt.load_adapter(stage, name=src.name)
             peft.set_adapter(src.name)
             check = _validate(f"adapter {src.name}", rt, src.name, peft, task, atol, src.path)
@@ -378,7 +392,7 @@ def _repoint_adapters(out: str, base_manifest: dict, skip: set) -> None:
             _write_json(os.path.join(d, ADAPTER_MANIFEST), manifest)
 
 
-def _export_merged(model, peft, sources, source, task, out, existing, atol, log) -> dict:
+def _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups) -> dict:
     """``--merge``: one adapter folded into the weights, a plain graph with no slots."""
     if len(sources) != 1:
         raise ConfigError(f"--merge folds exactly one adapter into the base; got {len(sources)}")
@@ -391,7 +405,7 @@ def _export_merged(model, peft, sources, source, task, out, existing, atol, log)
     stage = staging_dir(out, "merged")
     try:
         log(f"exporting {src.name} merged into the base to {base_dir}")
-        _export_base(merged, [], task, stage, source, weights_fp, merged_adapter=src.name)
+        _export_base(merged, [], task, stage, source, weights_fp, groups, merged_adapter=src.name)
         rt = Runtime.from_base_dir(stage)
         peft.set_adapter(src.name)
         check = _validate(f"merged {src.name}", rt, None, peft, task, atol, src.path)

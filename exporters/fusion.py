@@ -37,10 +37,16 @@ def shared_input_groups(model: nn.Module, run_once) -> list[list[str]]:
     layers with the same input width are returned.
     """
     calls: list[tuple[int, str]] = []
+    alive = []  # keeps every input alive during the run, so no two tensors share an id()
     hooks = []
+
+    def record(name, x):
+        alive.append(x)
+        calls.append((id(x), name))
+
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, Conv1D)):
-            hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: calls.append((id(args[0]), name))))
+            hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: record(name, args[0])))
     try:
         with torch.no_grad():
             run_once()

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepeft.models import call_kwargs
+from edgepeft.models import cache_kwargs, call_kwargs, output_cache
 from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TASK_OUTPUTS, cache_names
 
 OPSET = 18
@@ -64,7 +65,7 @@ class SlotGraph(torch.nn.Module):
             cache = DynamicCache(config=self.model.config)
             for layer in range(self.cache["num_layers"]):  # past: (B, kv_heads, P, head_dim) each
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
-            extra = {"position_ids": position_ids, "past_key_values": cache, "use_cache": True}
+            extra = {"position_ids": position_ids, **cache_kwargs(self.model, cache)}
         for (module, role), value in zip(self._feeds, rest):
             module.feed[role] = value
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
@@ -72,7 +73,7 @@ class SlotGraph(torch.nn.Module):
         if not self.cache:
             return result
         presents = []
-        for layer in out.past_key_values.layers:  # (B, kv_heads, P + T, head_dim) each
+        for layer in output_cache(out).layers:  # (B, kv_heads, P + T, head_dim) each
             presents += [layer.keys, layer.values]
         return (result, *presents)
 
@@ -158,14 +159,61 @@ def _add_neutral_defaults(path: str, neutral: dict) -> set:
     return used
 
 
+@dataclass
+class Assembled:
+    """A slot tensor the adapter graph builds at load from compact parts.
+
+    The parts are concatenated along ``axis``; with ``pads`` each part is first
+    zero-padded (left, right) along the other axis (a block-diagonal matrix).
+    Only the parts are stored, so the file holds the adapter's parameters only.
+    """
+
+    parts: list
+    axis: int
+    pads: list | None = None
+
+    @property
+    def shape(self) -> tuple:
+        first = self.parts[0].shape
+        if self.axis == 1:
+            return (first[0], sum(p.shape[1] for p in self.parts))
+        width = first[1] + sum(self.pads[0]) if self.pads else first[1]
+        return (sum(p.shape[0] for p in self.parts), width)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
 def write_adapter_graph(values: dict, path: str) -> None:
-    """An ONNX graph with no inputs and one output per slot, each an Identity of its tensor."""
+    """An ONNX graph with no inputs and one output per slot.
+
+    A plain tensor is an initializer behind an Identity; an ``Assembled`` one is
+    Pad/Concat nodes over its parts' initializers, run once when the runtime loads
+    the adapter.
+    """
     nodes, inits, outputs = [], [], []
     for name, value in sorted(values.items()):
-        value = np.ascontiguousarray(value, dtype=np.float32)
-        inits.append(numpy_helper.from_array(value, f"value.{name}"))
-        nodes.append(helper.make_node("Identity", [f"value.{name}"], [name]))
-        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(value.shape)))
+        if isinstance(value, Assembled):
+            inputs = []
+            for i, part in enumerate(value.parts):
+                part_name = f"value.{name}.{i}"
+                inits.append(numpy_helper.from_array(np.ascontiguousarray(part, dtype=np.float32), part_name))
+                if value.pads and any(value.pads[i]):
+                    left, right = value.pads[i]
+                    pads_name = f"pads.{name}.{i}"
+                    inits.append(numpy_helper.from_array(np.array([0, left, 0, right], dtype=np.int64), pads_name))
+                    nodes.append(helper.make_node("Pad", [part_name, pads_name], [f"padded.{name}.{i}"]))
+                    part_name = f"padded.{name}.{i}"
+                inputs.append(part_name)
+            nodes.append(helper.make_node("Concat", inputs, [name], axis=value.axis))
+            shape = list(value.shape)
+        else:
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            inits.append(numpy_helper.from_array(value, f"value.{name}"))
+            nodes.append(helper.make_node("Identity", [f"value.{name}"], [name]))
+            shape = list(value.shape)
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
     graph = helper.make_graph(nodes, "edgepeft_adapter", [], outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgepeft")
     model.ir_version = 9  # ONNX Runtime 1.20+ reads IR 9 (opset 18 needs IR >= 8)

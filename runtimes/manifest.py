@@ -80,9 +80,10 @@ class Slot:
     shape: tuple  # ints and symbolic axis names
     dtype: str  # numpy dtype name, e.g. "float32"
     neutral: str  # "empty" or "base" (see module docstring)
+    members: tuple = ()  # a slot of a fused group: the member modules, in output order
 
     def to_json(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "method": self.method,
             "role": self.role,
@@ -91,6 +92,9 @@ class Slot:
             "dtype": self.dtype,
             "neutral": self.neutral,
         }
+        if self.members:
+            d["members"] = list(self.members)
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Slot":
@@ -102,6 +106,7 @@ class Slot:
             shape=tuple(d["shape"]),
             dtype=d["dtype"],
             neutral=d["neutral"],
+            members=tuple(d.get("members", ())),
         )
 
 

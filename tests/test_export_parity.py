@@ -71,20 +71,26 @@ def test_plain_onnxruntime_session_without_adapter_inputs_runs_the_base(arch, sh
     assert max_diff_valid(ours, ref, mask) <= 1e-4
 
 
-def test_rank_axis_is_symbolic_and_scaling_is_folded(shared_export):
+def test_rank_axis_is_symbolic_and_fused_groups_share_one_slot_pair(shared_export):
     out, dirs, _ = shared_export("llama")
     rt = Runtime(out)
-    ranks = {name: rt.adapter_info(name)["slots"]["lora_A.model.layers.0.mlp.gate_proj"][1]
-             for name in dirs if "lora_A.model.layers.0.mlp.gate_proj" in rt.adapter_info(name)["slots"]}
-    assert sorted(ranks.values()) == [2, 8]  # two ranks bound to one graph input
+    group = "model.layers.0.mlp.gate_proj+up_proj"  # gate and up read the same input: one fused group
+    a, b = f"lora_A.{group}", f"lora_B.{group}"
+    assert "model.layers.0.self_attn.q_proj+k_proj+v_proj" in rt.manifest["fused_groups"]
+    # "all" (r=8) fills gate and up: ranks stack; "mlp" (r=2) fills gate only; "qv" has no MLP slot.
+    assert rt.adapter_info("all")["slots"][a] == [32, 16] and rt.adapter_info("all")["slots"][b] == [16, 128]
+    assert rt.adapter_info("mlp")["slots"][a] == [32, 2] and rt.adapter_info("mlp")["slots"][b] == [2, 128]
+    assert a not in rt.adapter_info("qv")["slots"]
+    # rank_pattern gave down_proj (not fused) rank 3 in the "mlp" adapter.
+    assert rt.adapter_info("mlp")["slots"]["lora_B.model.layers.1.mlp.down_proj"][0] == 3
     graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    assert dims["lora_A.model.layers.0.mlp.gate_proj"] == [32, "lora_r.model.layers.0.mlp.gate_proj"]
-    assert dims["lora_B.model.layers.0.mlp.gate_proj"] == ["lora_r.model.layers.0.mlp.gate_proj", 64]
+    assert dims[a] == [32, f"lora_r.{group}"] and dims[b] == [f"lora_r.{group}", 128]
     overridable = {i.name for i in rt.session.get_overridable_initializers()}
-    assert "lora_A.model.layers.0.mlp.gate_proj" in overridable  # optional, rank-0 default
-    # rank_pattern gave down_proj rank 3 in the "mlp" adapter.
-    assert rt.adapter_info("mlp")["slots"]["lora_B.model.layers.1.mlp.down_proj"][0] == 3
+    assert a in overridable  # optional, rank-0 default
+    # The group's B is block diagonal: "mlp" puts zeros in up_proj's columns (64..127).
+    values = rt._adapters["mlp"].values[b].numpy()
+    assert np.abs(values[:, :64]).max() > 0 and np.abs(values[:, 64:]).max() == 0
 
 
 def test_adapter_files_are_about_their_parameter_bytes(shared_export):

@@ -98,7 +98,10 @@ class HeadSlotLinear(nn.Module):
 class HeadSlots:
     name = "head"
 
-    def slot_table(self, model: nn.Module, config) -> list[Slot]:
+    def saved_modules(self, model: nn.Module, config) -> list[str]:
+        return saved_module_names(model, config)
+
+    def slot_table(self, model: nn.Module, config, groups=()) -> list[Slot]:
         slots = []
         for key in saved_module_names(model, config):
             module = model.get_submodule(key)
@@ -112,7 +115,7 @@ class HeadSlots:
                 slots.append(Slot(slot_name("head", "bias", key), "head", "bias", key, (out_axis,), "float32", "base"))
         return slots
 
-    def install(self, model: nn.Module, slots: list[Slot]) -> dict:
+    def install(self, model: nn.Module, slots: list[Slot], fused: dict) -> dict:
         """Swap heads for slot modules; returns {slot name: (module, key)} and neutral values."""
         feeds, neutral = {}, {}
         for s in slots:

@@ -1,12 +1,22 @@
-"""LoRA in the exported base graph: two slots per target module.
+"""LoRA in the exported base graph: an A and a B slot per target module or fused group.
 
     x --> MatMul(W: in x out) -------------(+)--(+ bias)--> y
-     \--> MatMul(A: in x r) --> MatMul(B: r x out) --/
+     \\--> MatMul(A: in x r) --> MatMul(B: r x out) --/
 
 ``A = lora_A.weight.T`` and ``B = (lora_B.weight * scaling).T``: scaling is folded
 into B and both are stored in the layout the graph consumes (no transposes per
 call). The rank axis ``lora_r.<module>`` is symbolic; rank 0 (the graph's default)
 adds exactly zero, so unbound slots run the base model.
+
+Targets inside a fused group (q/k/v, gate/up: layers that read the same input, see
+``edgepeft.exporters.fusion``) share one slot pair for the whole group:
+
+    A_group = [A_q | A_v]                   (in, r_q + r_v)        one A-projection
+    B_group = [[B_q, 0, 0], [0, 0, B_v]]    (r_q + r_v, q + k + v) block diagonal
+
+so a group costs two MatMuls and one Add whatever subset of it an adapter targets.
+The adapter graph stores the compact A and B of each module and assembles the group
+tensors once, at load.
 """
 from __future__ import annotations
 
@@ -36,6 +46,17 @@ class LoraSlotLinear(nn.Module):
         return out if base.bias is None else out + base.bias
 
 
+class LoraGroupDelta(nn.Module):
+    """The LoRA delta of a fused group: ``(x @ A_group) @ B_group``, added before the bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.feed = {}
+
+    def forward(self, x):  # x: (B, T, in) -> (B, T, sum of member outputs)
+        return (x @ self.feed["A"]) @ self.feed["B"]
+
+
 def _in_out(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
@@ -45,38 +66,73 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
 class LoraSlots:
     name = "lora"
 
-    def slot_table(self, model: nn.Module, config) -> list[Slot]:
-        slots = []
+    def slot_table(self, model: nn.Module, config, groups=()) -> list[Slot]:
+        """Slots for ``config``'s targets; ``groups`` are the fused groups (lists of member names)."""
+        from edgepeft.exporters.fusion import group_key
+
+        group_of = {m: tuple(g) for g in groups for m in g}
+        slots, seen = [], set()
         for key in linear_targets(model, config):
-            n_in, n_out = _in_out(model.get_submodule(key))
-            rank = slot_axis("lora", "r", key)
-            slots.append(Slot(slot_name("lora", "A", key), "lora", "A", key, (n_in, rank), "float32", "empty"))
-            slots.append(Slot(slot_name("lora", "B", key), "lora", "B", key, (rank, n_out), "float32", "empty"))
+            members = group_of.get(key, ())
+            module = group_key(list(members)) if members else key
+            if module in seen:
+                continue
+            seen.add(module)
+            n_in = _in_out(model.get_submodule(key))[0]
+            n_out = sum(_in_out(model.get_submodule(m))[1] for m in members) if members else _in_out(model.get_submodule(key))[1]
+            rank = slot_axis("lora", "r", module)
+            slots.append(Slot(slot_name("lora", "A", module), "lora", "A", module, (n_in, rank), "float32", "empty", members))
+            slots.append(Slot(slot_name("lora", "B", module), "lora", "B", module, (rank, n_out), "float32", "empty", members))
         return slots
 
-    def install(self, model: nn.Module, slots: list[Slot]):
-        """Swap target layers for slot layers; returns ({slot: (module, role)}, neutral values)."""
-        feeds, neutral = {}, {}
+    def install(self, model: nn.Module, slots: list[Slot], fused: dict):
+        """Put slot layers in (group deltas on fused projections); returns ({slot: (module, role)}, neutral values)."""
+        feeds, neutral, deltas = {}, {}, {}
         for s in slots:
-            module = model.get_submodule(s.module)
-            if not isinstance(module, LoraSlotLinear):
-                module = LoraSlotLinear(module)
-                replace_module(model, s.module, module)
+            if s.members:
+                if s.module not in deltas:
+                    deltas[s.module] = LoraGroupDelta()
+                    fused[s.module].deltas.append(deltas[s.module])
+                module = deltas[s.module]
+            else:
+                module = model.get_submodule(s.module)
+                if not isinstance(module, LoraSlotLinear):
+                    module = LoraSlotLinear(module)
+                    replace_module(model, s.module, module)
             feeds[s.name] = (module, s.role)
             shape = [0 if isinstance(d, str) else d for d in s.shape]  # rank 0
             neutral[s.name] = np.zeros(shape, dtype=s.dtype)
         return feeds, neutral
 
     def values(self, peft_model, adapter_name: str, slots: list[Slot]) -> dict:
+        """Slot tensors for one adapter: arrays, or ``Assembled`` parts for fused groups."""
+        from edgepeft.exporters.graph import Assembled
+
         out = {}
         for s in slots:
-            layer = peft_model.base_model.model.get_submodule(s.module)
-            assert isinstance(layer, LoraLinear)
-            if s.role == "A":
-                t = layer.lora_A[adapter_name].weight.T  # (in, r)
+            members = s.members or (s.module,)
+            parts, pads, sizes = [], [], []
+            for m in members:
+                layer = peft_model.base_model.model.get_submodule(m)
+                sizes.append(getattr(layer, "out_features", None) or _in_out(layer)[1])
+                if not (isinstance(layer, LoraLinear) and adapter_name in layer.lora_A):
+                    parts.append(None)
+                    continue
+                if s.role == "A":
+                    parts.append(_np(layer.lora_A[adapter_name].weight.T))  # (in, r)
+                else:
+                    parts.append(_np((layer.lora_B[adapter_name].weight * layer.scaling[adapter_name]).T))  # (r, out)
+            if s.role == "B":  # block diagonal: each member's rows padded to the group's columns
+                offsets = np.cumsum([0, *sizes])
+                pads = [(int(offsets[i]), int(offsets[-1] - offsets[i + 1])) for i in range(len(members))]
+                pads = [p for p, part in zip(pads, parts) if part is not None]
+            parts = [p for p in parts if p is not None]
+            if not parts:
+                continue  # the adapter targets no member of this group: the slot keeps its neutral value
+            if len(parts) == 1 and not any(left or right for left, right in pads):
+                out[s.name] = parts[0]
             else:
-                t = (layer.lora_B[adapter_name].weight * layer.scaling[adapter_name]).T  # (r, out)
-            out[s.name] = np.ascontiguousarray(t.detach().float().numpy())
+                out[s.name] = Assembled(parts, axis=1 if s.role == "A" else 0, pads=pads or None)
         return out
 
     def sample(self, slots: list[Slot], neutral: dict) -> dict:
@@ -86,3 +142,7 @@ class LoraSlots:
 
     def describe(self, config) -> dict:
         return {"rank": config.r, "alpha": config.lora_alpha, "targets": config.target_modules}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().float().numpy())
