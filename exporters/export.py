@@ -27,7 +27,7 @@ import torch
 from edgepeft.config import load_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, ExportValidationError
 from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
-from edgepeft.exporters.fusion import fuse_groups, shared_input_groups
+from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_groups
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
 from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
 from edgepeft.models import (
@@ -320,6 +320,12 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     if existing:
         if existing.get("merged_adapter"):
             raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")
+        layout = [group_key(g) for g in groups]
+        if existing.get("format_version") != FORMAT_VERSION or existing.get("fused_groups", []) != layout:
+            raise ConfigError(
+                f"{base_dir}: was written with another graph layout (edgepeft export format "
+                f"{existing.get('format_version')}, this edgepeft writes {FORMAT_VERSION}); export into a fresh --out folder"
+            )
         if existing.get("weights_fingerprint") != weights_fp or existing["task"] != task:
             raise AdapterBaseMismatchError(
                 f"{base_dir}: was exported from {existing.get('source')} ({existing['task']}); these adapters need "

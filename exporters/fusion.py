@@ -16,13 +16,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.tuners.targets import replace_module
+from edgepeft.tuners.targets import in_out_features, replace_module
 
-
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return tuple(module.weight.shape)  # Conv1D weight: (in, out)
 
 
 def _weight_in_out(module: nn.Module) -> torch.Tensor:
@@ -60,7 +55,7 @@ def shared_input_groups(model: nn.Module, run_once) -> list[list[str]]:
             members.append(name)
     groups = []
     for members in by_input.values():
-        widths = {_in_out(model.get_submodule(m))[0] for m in members}
+        widths = {in_out_features(model.get_submodule(m))[0] for m in members}
         if len(members) > 1 and len(widths) == 1:
             groups.append(members)
     return groups
@@ -79,7 +74,7 @@ class FusedProjection(nn.Module):
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()
-        self.sizes = [_in_out(m)[1] for m in members]
+        self.sizes = [in_out_features(m)[1] for m in members]
         self.weight = nn.Parameter(torch.cat([_weight_in_out(m).detach() for m in members], dim=1), requires_grad=False)
         biases = [m.bias.detach() if m.bias is not None else torch.zeros(s) for m, s in zip(members, self.sizes)]
         has_bias = any(m.bias is not None for m in members)
@@ -106,7 +101,7 @@ class FusedMember(nn.Module):
         super().__init__()
         self.group = group
         self.index = index
-        self.in_features, self.out_features = _in_out(original)
+        self.in_features, self.out_features = in_out_features(original)
 
     def forward(self, x):
         return self.group.part(self.index, x)

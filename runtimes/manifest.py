@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from .errors import ArtifactNotFoundError, CorruptArtifactError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fused groups, KV-cache I/O
 BASE_DIR = "base"
 ADAPTERS_DIR = "adapters"
 BASE_MANIFEST = "edgepeft.json"

@@ -31,10 +31,8 @@ from .errors import (
     UnknownAdapterError,
 )
 from .manifest import (
-    ADAPTER_GRAPH,
     ADAPTERS_DIR,
     BASE_DIR,
-    BASE_GRAPH,
     cache_names,
     read_adapter_manifest,
     read_base_manifest,
@@ -317,12 +315,20 @@ class Runtime:
         return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
 
     # ---------------------------------------------------------------- calls
-    def _run(self, values: dict, ids, mask, position_ids=None, past=None, presents: bool = False) -> list:
+    def _slot_binding(self, values: dict):
+        """An IOBinding with the adapter's slot OrtValues bound (reused for every step of a generation)."""
+        binding = self.session.io_binding()
+        for slot_name, value in values.items():
+            binding.bind_ortvalue_input(slot_name, value)
+        return binding
+
+    def _run(self, values: dict, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None) -> list:
         """One session run; adapter slots and the KV cache stay OrtValues (IOBinding).
 
+        ``binding``: one from ``_slot_binding(values)`` to reuse (slots stay bound).
         Returns OrtValues: the task output, then the presents when asked for.
         """
-        binding = self.session.io_binding()
+        binding = binding or self._slot_binding(values)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         if self.cache:
@@ -334,8 +340,6 @@ class Runtime:
             else:
                 for name, value in zip(self._past_names, past):
                     binding.bind_ortvalue_input(name, value)
-        for slot_name, value in values.items():
-            binding.bind_ortvalue_input(slot_name, value)
         binding.bind_output(self.output_name, *self._device)
         if presents:
             for name in self._present_names:
@@ -386,8 +390,9 @@ class Runtime:
         sequences, finished = ids, np.zeros(ids.shape[0], dtype=bool)
         step_ids, past = ids, None
         with self._using(adapter) as values:
+            binding = self._slot_binding(values)
             for _ in range(cfg.max_new_tokens):
-                outputs = self._run(values, step_ids, mask, positions, past, presents=True)
+                outputs = self._run(values, step_ids, mask, positions, past, presents=True, binding=binding)
                 logits = outputs[0].numpy()[:, -1, :]  # (B, V) at the last position
                 token = next_tokens(logits, sequences, cfg, rng, ignore=padding)
                 token = np.where(finished, cfg.pad_token_id, token)

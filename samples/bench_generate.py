@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -121,6 +122,8 @@ def main() -> None:
     n_params = build_base(base)
     print(f"base model: {n_params / 1e6:.2f}M parameters in {base}")
     lora = make_adapter(base, out)
+    for stale in ("slots", "merged"):  # always measure exports made by this code
+        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     t0 = time.perf_counter()
     rep = export([lora], os.path.join(out, "slots"))
     rep_merged = export([lora], os.path.join(out, "merged"), merge=True)

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -107,6 +108,8 @@ def main() -> None:
 
     # 1-2. adapters (HF PEFT) and the two exports
     sources = {name: make_adapter(name, out, seed=i) for i, name in enumerate(ADAPTERS)}
+    for stale in ("base", "adapters", "merged", "a1-only"):  # always measure exports made by this code
+        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     t0 = time.perf_counter()
     rep = export([sources["a1"][0], sources["a2"][0]], out)
     rep_merged = export([sources["a1"][0]], merged_out, merge=True)

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import ADAPTER_SPECS, ARCHS, default_task, tiny_config, load_reference_base, max_diff_valid, sample_batch, torch_outputs
+from conftest import ARCHS, default_task, tiny_config, load_reference_base, max_diff_valid, sample_batch, torch_outputs
 
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
@@ -162,3 +162,22 @@ def test_base_is_reused_when_it_has_the_slots_and_extended_when_not(workdir, pef
         ref = torch_outputs(hf_reference("gpt2", d), ids, mask, "logits")
         assert max_diff_valid(rt.forward(ids, mask, adapter=name)["logits"], ref, mask) <= 1e-4
     assert not [f for f in os.listdir(out) if f.startswith(".")]
+
+
+def test_a_base_with_another_graph_layout_is_not_extended(workdir, shared_export, peft_adapter):
+    import json
+    import shutil
+
+    from edgepeft.errors import ConfigError
+
+    out, dirs, _ = shared_export("qwen2")
+    old = str(workdir / "out-qwen2-old-layout")
+    shutil.copytree(out, old)
+    manifest_path = os.path.join(old, "base", "edgepeft.json")
+    manifest = json.load(open(manifest_path))
+    manifest["fused_groups"] = []  # as an export from before projections were fused
+    json.dump(manifest, open(manifest_path, "w"))
+    before = open(manifest_path).read()
+    with pytest.raises(ConfigError, match="another graph layout"):
+        export([peft_adapter("qwen2", "mlp-late", seed=7, r=2, target_modules=["up_proj"])], old)
+    assert open(manifest_path).read() == before and sorted(os.listdir(os.path.join(old, "adapters"))) == sorted(dirs)

@@ -19,6 +19,13 @@ DEFAULT_LORA_TARGETS = {
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear or a GPT-2 Conv1D (whose weight is stored (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)
+
+
 def name_matches(patterns, key: str) -> bool:
     """PEFT semantics: a string is a full-match regex; a list matches by name or dotted suffix."""
     if patterns is None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
 from edgepeft.tuners.lora.layer import LoraLinear
-from edgepeft.tuners.targets import linear_targets, replace_module
+from edgepeft.tuners.targets import in_out_features, linear_targets, replace_module
 
 
 class LoraSlotLinear(nn.Module):
@@ -57,11 +57,6 @@ class LoraGroupDelta(nn.Module):
         return (x @ self.feed["A"]) @ self.feed["B"]
 
 
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return tuple(module.weight.shape)  # Conv1D weight: (in, out)
-
 
 class LoraSlots:
     name = "lora"
@@ -78,8 +73,8 @@ class LoraSlots:
             if module in seen:
                 continue
             seen.add(module)
-            n_in = _in_out(model.get_submodule(key))[0]
-            n_out = sum(_in_out(model.get_submodule(m))[1] for m in members) if members else _in_out(model.get_submodule(key))[1]
+            n_in = in_out_features(model.get_submodule(key))[0]
+            n_out = sum(in_out_features(model.get_submodule(m))[1] for m in members) if members else in_out_features(model.get_submodule(key))[1]
             rank = slot_axis("lora", "r", module)
             slots.append(Slot(slot_name("lora", "A", module), "lora", "A", module, (n_in, rank), "float32", "empty", members))
             slots.append(Slot(slot_name("lora", "B", module), "lora", "B", module, (rank, n_out), "float32", "empty", members))
@@ -114,7 +109,7 @@ class LoraSlots:
             parts, pads, sizes = [], [], []
             for m in members:
                 layer = peft_model.base_model.model.get_submodule(m)
-                sizes.append(getattr(layer, "out_features", None) or _in_out(layer)[1])
+                sizes.append(getattr(layer, "out_features", None) or in_out_features(layer)[1])
                 if not (isinstance(layer, LoraLinear) and adapter_name in layer.lora_A):
                     parts.append(None)
                     continue
