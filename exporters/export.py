@@ -320,16 +320,17 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     if existing:
         if existing.get("merged_adapter"):
             raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")
-        layout = [group_key(g) for g in groups]
-        if existing.get("format_version") != FORMAT_VERSION or existing.get("fused_groups", []) != layout:
-            raise ConfigError(
-                f"{base_dir}: was written with another graph layout (edgepeft export format "
-                f"{existing.get('format_version')}, this edgepeft writes {FORMAT_VERSION}); export into a fresh --out folder"
-            )
         if existing.get("weights_fingerprint") != weights_fp or existing["task"] != task:
             raise AdapterBaseMismatchError(
                 f"{base_dir}: was exported from {existing.get('source')} ({existing['task']}); these adapters need "
                 f"{source} ({task}); export them into another --out folder"
+            )
+        layout = [group_key(g) for g in groups]
+        if existing.get("format_version") != FORMAT_VERSION or existing.get("fused_groups", []) != layout:
+            raise ConfigError(
+                f"{base_dir}: was written with another graph layout (export format {existing.get('format_version')}, "
+                f"{len(existing.get('fused_groups', []))} fused groups; this edgepeft writes format {FORMAT_VERSION} with "
+                f"{len(layout)}); export into a fresh --out folder"
             )
     reuse = existing is not None and (
         {s.name for s in needed} - set(existing.get("inert_slots", [])) <= {s.name for s in existing["slots"]}
