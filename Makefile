@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python samples/bench_lora.py
+	$(BIN)/python samples/bench_generate.py --rounds 16
 
 clean:
 	rm -rf $(VENV) demo-out bench-out
