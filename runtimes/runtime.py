@@ -2,11 +2,13 @@
 
     Runtime(OUT)
       |-- session: OUT/base/model.onnx, adapter slots are optional graph inputs
-      |-- AdapterStore: name -> {slot name: OrtValue}, made once at load by running
-      |                 OUT/adapters/<name>/adapter.onnx, checked against the slot table
-      `-- forward(input_ids, attention_mask, adapter=name)
-            binds input_ids/attention_mask + that adapter's OrtValues (IOBinding);
-            slots it does not fill keep the graph's neutral default
+      |-- adapters: name -> {slot name: OrtValue}, made once at load by running
+      |             OUT/adapters/<name>/adapter.onnx, checked against the slot table
+      |-- forward(input_ids, attention_mask, adapter=name)
+      |     binds input_ids/attention_mask + that adapter's OrtValues (IOBinding);
+      |     slots it does not fill keep the graph's neutral default
+      `-- generate / stream (decoders): the same binding plus the KV cache, whose
+            present.* OrtValues become the next step's past_key_values.*
 
 There is no global active adapter: every call names its adapter, so concurrent
 calls with different adapters never interfere. Adapter tensors are never copied
