@@ -10,6 +10,7 @@ _LAZY = {
     "PeftConfig": "edgepeft.config",
     "load_config": "edgepeft.config",
     "LoraConfig": "edgepeft.tuners.lora",
+    "IA3Config": "edgepeft.tuners.ia3",
     "PeftModel": "edgepeft.peft_model",
     "get_peft_model": "edgepeft.peft_model",
     "EdgePeftError": "edgepeft.errors",

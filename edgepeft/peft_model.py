@@ -27,7 +27,7 @@ from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, Con
 from edgepeft.files import write_bytes_atomic
 from edgepeft.registry import method_for
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, wrap_modules_to_save
-from edgepeft.tuners.targets import replace_module
+from edgepeft.tuners.targets import innermost, replace_module
 
 
 class TunedModel(nn.Module):
@@ -100,14 +100,22 @@ class PeftModel(nn.Module):
                     continue
                 sub = holder[adapter_name]
                 prefix = key if dict_name == "modules_to_save" else f"{key}.{dict_name}"
+                if isinstance(sub, nn.Parameter):  # a ParameterDict entry (IA3's ia3_l): saved as the dict's name
+                    entries[prefix] = (module, dict_name, None)
+                    continue
                 for pname in sub.state_dict():
                     entries[f"{prefix}.{pname}"] = (module, dict_name, pname)
         return entries
 
+    @staticmethod
+    def _entry(module, dict_name: str, adapter_name: str, pname):
+        sub = getattr(module, dict_name)[adapter_name]
+        return sub if pname is None else sub.get_parameter(pname)
+
     def adapter_parameters(self, adapter_name: str) -> dict:
         out = {}
         for saved_key, (module, dict_name, pname) in self._adapter_entries(adapter_name).items():
-            out[saved_key] = getattr(module, dict_name)[adapter_name].get_parameter(pname)
+            out[saved_key] = self._entry(module, dict_name, adapter_name, pname)
         return out
 
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict:
@@ -145,7 +153,7 @@ class PeftModel(nn.Module):
             raise CorruptArtifactError(f"{path}: lacks adapter weights (e.g. {missing[0]}); re-save the adapter")
         with torch.no_grad():
             for key, (module, dict_name, pname) in entries.items():
-                p = getattr(module, dict_name)[adapter_name].get_parameter(pname)
+                p = self._entry(module, dict_name, adapter_name, pname)
                 if tuple(p.shape) != tuple(state[key].shape):
                     raise AdapterBaseMismatchError(
                         f"{path}: {key} has shape {list(state[key].shape)}, the model expects {list(p.shape)}; "
@@ -195,6 +203,9 @@ class PeftModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 keep = module.modules_to_save[name] if name in module.modules_to_save else module.original_module
                 replace_module(model, key, keep)
+        for key, module in list(model.named_modules()):  # other methods' layers: their adapters are not merged
+            if hasattr(module, "adapter_dicts") and hasattr(module, "base_layer"):
+                replace_module(model, key, innermost(module))
         return model
 
 

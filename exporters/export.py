@@ -124,8 +124,9 @@ def _fusion_groups(model, task: str, configs) -> list[list[str]]:
     """Layers reading the same input (q/k/v, gate/up), except task heads trained whole."""
     ids, mask = sample_inputs(model.config)
     groups = shared_input_groups(model, lambda: model(input_ids=ids, attention_mask=mask, **call_kwargs(model.config)))
-    heads = {m for c in configs for m in HEADS.saved_modules(model, c)}
-    return [g for g in groups if not heads.intersection(g)]
+    keep_apart = {m for c in configs for m in HEADS.saved_modules(model, c)}
+    keep_apart |= {m for c in configs for m in method_for(c).slots.unfused(model, c)}
+    return [g for g in groups if not keep_apart.intersection(g)]
 
 
 def _union(*tables) -> list:

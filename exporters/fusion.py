@@ -80,6 +80,7 @@ class FusedProjection(nn.Module):
         has_bias = any(m.bias is not None for m in members)
         self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
         self.deltas: list = []  # callables x -> (..., sum of sizes), added before the bias
+        self.scales: list = []  # callables () -> (sum of sizes,), multiplied after the bias
         self._x = None
         self._parts = None
 
@@ -90,6 +91,8 @@ class FusedProjection(nn.Module):
                 out = out + delta(x)
             if self.bias is not None:
                 out = out + self.bias
+            for scale in self.scales:
+                out = out * scale()
             self._x, self._parts = x, torch.split(out, self.sizes, dim=-1)
         return self._parts[index]
 

@@ -14,6 +14,7 @@ without re-export. Its ``neutral`` value makes the slot a no-op:
 
     "empty"  a zero-length symbolic axis (rank-0 LoRA): the graph's default initializer
     "base"   the base model's own tensor (a task head): the graph's default initializer
+    "ones"   a vector of ones (IA3 scaling): the graph's default initializer
 
 Both are stored in the graph as initializers of the same name as the input, so a
 slot left unbound runs the base model exactly.
@@ -79,7 +80,7 @@ class Slot:
     module: str  # dotted module path in the task model
     shape: tuple  # ints and symbolic axis names
     dtype: str  # numpy dtype name, e.g. "float32"
-    neutral: str  # "empty" or "base" (see module docstring)
+    neutral: str  # "empty", "base" or "ones" (see module docstring)
     members: tuple = ()  # a slot of a fused group: the member modules, in output order
 
     def to_json(self) -> dict:

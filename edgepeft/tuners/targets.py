@@ -20,10 +20,26 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a Linear or a GPT-2 Conv1D (whose weight is stored (in, out))."""
-    if isinstance(module, nn.Linear):
+    """(in, out) of a Linear, an adapter layer wrapping one, or a GPT-2 Conv1D (weight stored (in, out))."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
     return tuple(module.weight.shape)
+
+
+def wrapper_of(module: nn.Module, cls: type):
+    """The ``cls`` adapter layer in a chain of wrappers (another method's layer may sit on top), or None."""
+    while module is not None:
+        if isinstance(module, cls):
+            return module
+        module = getattr(module, "base_layer", None) if hasattr(module, "adapter_dicts") else None
+    return None
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The frozen layer under any adapter wrappers (``base_layer`` chains)."""
+    while hasattr(module, "adapter_dicts") and hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
 
 
 def name_matches(patterns, key: str) -> bool:
@@ -43,7 +59,7 @@ def output_layer_name(model: nn.Module):
     return next((n for n, m in model.named_modules() if m is out), None)
 
 
-def linear_targets(model: nn.Module, config, default_key: str = "lora") -> list[str]:
+def linear_targets(model: nn.Module, config, defaults=None) -> list[str]:
     """Full names of the linear modules ``config.target_modules`` selects in ``model``.
 
     ``"all-linear"`` selects every Linear/Conv1D except the output layer and the
@@ -51,10 +67,11 @@ def linear_targets(model: nn.Module, config, default_key: str = "lora") -> list[
     """
     targets = config.target_modules
     if targets is None:
+        defaults = DEFAULT_LORA_TARGETS if defaults is None else defaults
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_LORA_TARGETS:
+        if model_type not in defaults:
             raise ConfigError(f"target_modules is required for model type {model_type!r}")
-        targets = DEFAULT_LORA_TARGETS[model_type]
+        targets = defaults[model_type]
     saved = list(config.modules_to_save or [])
     names = []
     if targets == "all-linear":
@@ -81,3 +98,35 @@ def replace_module(model: nn.Module, key: str, new: nn.Module) -> None:
     parent_name, _, child = key.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """A read-only view of ``model`` naming adapter-wrapped layers by their original names.
+
+    Targets are matched on the model as it was, so adding a second adapter finds
+    the same layers as the first.
+    """
+    return _TargetView(model)
+
+
+class _TargetView(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "config", getattr(model, "config", None))
+
+    def named_modules(self, *args, **kwargs):
+        inner = (".base_layer", ".original_module", ".modules_to_save")
+        for key, m in self._model.named_modules():
+            if any(part in key for part in inner) or any(
+                f".{d}." in key + "." for d in ("lora_A", "lora_B", "lora_dropout", "ia3_l")
+            ):
+                continue
+            yield key, innermost(m)
+
+    def get_submodule(self, target):
+        return innermost(self._model.get_submodule(target))
+
+    def get_output_embeddings(self):
+        get = getattr(self._model, "get_output_embeddings", None)
+        return get() if get else None

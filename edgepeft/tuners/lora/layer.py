@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from edgepeft.tuners.targets import in_out_features, innermost
+
 
 class LoraLinear(nn.Module):
     """Wraps a Linear or GPT-2 Conv1D: ``y = base(x) + B(A(dropout(x))) * scaling``.
@@ -21,12 +23,8 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        if isinstance(base_layer, Conv1D):
-            self.in_features, self.out_features = base_layer.weight.shape  # Conv1D weight: (in, out)
-            self.fan_in_fan_out = True
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-            self.fan_in_fan_out = False
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.fan_in_fan_out = isinstance(innermost(base_layer), Conv1D)  # Conv1D weight: (in, out)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -35,7 +33,7 @@ class LoraLinear(nn.Module):
         self.merged = False
 
     def add(self, adapter_name: str, r: int, scaling: float, dropout: float, init: bool = True) -> None:
-        weight = self.base_layer.weight
+        weight = innermost(self.base_layer).weight
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False).to(weight.device, weight.dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False).to(weight.device, weight.dtype)
         self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

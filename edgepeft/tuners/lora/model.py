@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from edgepeft.tuners.lora.layer import LoraLinear
-from edgepeft.tuners.targets import linear_targets, replace_module
+from edgepeft.tuners.targets import innermost, linear_targets, replace_module, unwrapped
 
 
 class LoraTuner:
@@ -14,7 +14,7 @@ class LoraTuner:
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         """Wrap each target module (once) and add ``adapter_name``'s A/B to it."""
         keys = []
-        for key in linear_targets(_unwrapped(model), config):
+        for key in linear_targets(unwrapped(model), config):
             module = model.get_submodule(key)
             if not isinstance(module, LoraLinear):
                 module = LoraLinear(module)
@@ -33,33 +33,7 @@ class LoraTuner:
     def merge(self, model: nn.Module, adapter_name: str) -> None:
         """Fold ``adapter_name`` into the base weights and put the plain layers back."""
         for key, module in self.layers(model):
-            base = module.base_layer
+            base = innermost(module)
             if adapter_name in module.lora_A:
                 base.weight += module.delta_weight(adapter_name).to(base.weight.dtype)
-            replace_module(model, key, base)
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """Targets are matched on the model as it was, ignoring layers already wrapped."""
-    return _TargetView(model)
-
-
-class _TargetView(nn.Module):
-    """Read-only view that names LoRA-wrapped layers by their original names."""
-
-    def __init__(self, model):
-        super().__init__()
-        object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "config", getattr(model, "config", None))
-
-    def named_modules(self, *args, **kwargs):
-        for key, m in self._model.named_modules():
-            if ".base_layer" in key or ".lora_" in key or ".original_module" in key or ".modules_to_save" in key:
-                continue
-            if isinstance(m, LoraLinear):
-                m = m.base_layer
-            yield key, m
-
-    def get_output_embeddings(self):
-        get = getattr(self._model, "get_output_embeddings", None)
-        return get() if get else None
+            replace_module(model, key, module.base_layer)

@@ -23,10 +23,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
 from edgepeft.tuners.lora.layer import LoraLinear
-from edgepeft.tuners.targets import in_out_features, linear_targets, replace_module
+from edgepeft.tuners.targets import in_out_features, linear_targets, replace_module, wrapper_of
 
 
 class LoraSlotLinear(nn.Module):
@@ -40,6 +41,8 @@ class LoraSlotLinear(nn.Module):
     def forward(self, x):  # x: (B, T, in)
         base = self.base_layer
         delta = (x @ self.feed["A"]) @ self.feed["B"]  # (B, T, r) @ (r, out) -> (B, T, out)
+        if not isinstance(base, (nn.Linear, Conv1D)):  # another method's slot layer (one adapter is active at a time)
+            return base(x) + delta
         weight = base.weight.T if isinstance(base, nn.Linear) else base.weight  # (in, out)
         out = x @ weight + delta
         # The bias comes last so ONNX Runtime still fuses it with what follows (BiasGelu).
@@ -60,6 +63,9 @@ class LoraGroupDelta(nn.Module):
 
 class LoraSlots:
     name = "lora"
+
+    def unfused(self, model: nn.Module, config) -> list[str]:
+        return []  # a LoRA delta joins a fused group (see the module docstring)
 
     def slot_table(self, model: nn.Module, config, groups=()) -> list[Slot]:
         """Slots for ``config``'s targets; ``groups`` are the fused groups (lists of member names)."""
@@ -109,8 +115,9 @@ class LoraSlots:
             parts, pads, sizes = [], [], []
             for m in members:
                 layer = peft_model.base_model.model.get_submodule(m)
-                sizes.append(getattr(layer, "out_features", None) or in_out_features(layer)[1])
-                if not (isinstance(layer, LoraLinear) and adapter_name in layer.lora_A):
+                sizes.append(in_out_features(layer)[1])
+                layer = wrapper_of(layer, LoraLinear)
+                if layer is None or adapter_name not in layer.lora_A:
                     parts.append(None)
                     continue
                 if s.role == "A":

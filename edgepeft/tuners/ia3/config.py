@@ -1,0 +1,42 @@
+"""IA3 config: HF PEFT's ``IA3Config`` fields, names, defaults and semantics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from edgepeft.config import PeftConfig
+
+# HF PEFT's defaults per model type (used when target_modules / feedforward_modules are None).
+DEFAULT_IA3_TARGETS = {
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bert": ["key", "value", "output.dense"],
+}
+DEFAULT_IA3_FEEDFORWARD = {
+    "llama": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "gpt2": ["mlp.c_proj"],
+    "bert": ["output.dense"],
+}
+
+
+@dataclass
+class IA3Config(PeftConfig):
+    """Learned vectors that rescale activations.
+
+    A target layer's output is multiplied by a vector ``l`` (out,); a feed-forward
+    target (``feedforward_modules``) has its input multiplied instead (in,).
+    """
+
+    peft_type_name = "IA3"
+    target_modules: Optional[Union[list, str]] = None
+    exclude_modules: Optional[Union[list, str]] = None
+    feedforward_modules: Optional[Union[list, str]] = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    def __post_init__(self):
+        for name in ("target_modules", "feedforward_modules"):
+            if isinstance(getattr(self, name), set):
+                setattr(self, name, sorted(getattr(self, name)))

@@ -1,0 +1,58 @@
+"""Put IA3 layers into a model and fold them back into its weights."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgepeft.tuners.ia3.config import DEFAULT_IA3_FEEDFORWARD, DEFAULT_IA3_TARGETS
+from edgepeft.tuners.ia3.layer import IA3Linear
+from edgepeft.tuners.targets import innermost, linear_targets, name_matches, replace_module, unwrapped
+
+
+def ia3_targets(model: nn.Module, config) -> list[tuple[str, bool]]:
+    """[(module name, is_feedforward)] for the config's targets, as HF PEFT resolves them."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    feedforward = config.feedforward_modules
+    if feedforward is None:
+        feedforward = DEFAULT_IA3_FEEDFORWARD.get(model_type, [])
+    keys = linear_targets(model, config, defaults=DEFAULT_IA3_TARGETS)
+    return [(k, name_matches(feedforward, k)) for k in keys]
+
+
+class IA3Tuner:
+    def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
+        keys = []
+        targets = ia3_targets(unwrapped(model), config)
+        if config.target_modules is None:  # record what the defaults resolved to, as HF PEFT does
+            config.target_modules = sorted(k for k, _ in targets)
+        if config.feedforward_modules is None:
+            config.feedforward_modules = sorted(k for k, feedforward in targets if feedforward)
+        for key, feedforward in targets:
+            module = model.get_submodule(key)
+            if not isinstance(module, IA3Linear):
+                module = IA3Linear(module, feedforward)
+                replace_module(model, key, module)
+            if not isinstance(innermost(module), nn.Linear):  # GPT-2's Conv1D
+                config.fan_in_fan_out = True  # as HF PEFT records for GPT-2's Conv1D
+            module.add(adapter_name, init=config.init_ia3_weights)
+            keys.append(key)
+        return keys
+
+    def layers(self, model: nn.Module):
+        return [(k, m) for k, m in model.named_modules() if isinstance(m, IA3Linear)]
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module, adapter_name: str) -> None:
+        """Fold the scaling vectors into the weights (and, for output scaling, the bias)."""
+        for key, module in self.layers(model):
+            base = innermost(module)
+            if adapter_name in module.ia3_l:
+                scale = module.ia3_l[adapter_name].flatten()
+                linear = isinstance(base, nn.Linear)  # Linear weight (out, in); Conv1D weight (in, out)
+                if module.is_feedforward:
+                    base.weight.mul_(scale[None, :] if linear else scale[:, None])
+                else:
+                    base.weight.mul_(scale[:, None] if linear else scale[None, :])
+                    if base.bias is not None:
+                        base.bias.mul_(scale)
+            replace_module(model, key, module.base_layer)

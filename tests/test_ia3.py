@@ -1,0 +1,103 @@
+"""IA3: HF PEFT parity both ways, and IA3 + LoRA adapters served by one exported base."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ARCHS, TASK_TYPES, default_task, load_reference_base, max_diff_valid, sample_batch, torch_outputs
+
+import edgepeft
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+FIELD = {"causal-lm": "logits", "feature-extraction": "last_hidden_state"}
+
+
+def randomize_ia3(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def ia3_adapters(workdir, tiny_base):
+    """{arch: HF PEFT IA3 adapter dir} with PEFT's default targets per model type."""
+    import peft
+
+    dirs = {}
+    for i, arch in enumerate(ARCHS):
+        task = default_task(arch)
+        pm = peft.get_peft_model(load_reference_base(tiny_base(arch), task), peft.IA3Config(task_type=TASK_TYPES[task]))
+        randomize_ia3(pm, seed=50 + i)
+        pm.peft_config["default"].base_model_name_or_path = tiny_base(arch)
+        path = workdir / "ia3" / arch
+        pm.save_pretrained(path)
+        dirs[arch] = str(path)
+    return dirs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_ia3_adapter_matches_in_edgepeft_and_back(arch, tiny_base, ia3_adapters, hf_reference, tmp_path):
+    import peft
+
+    task = default_task(arch)
+    ids, mask = sample_batch()
+    ref = torch_outputs(hf_reference(arch, ia3_adapters[arch]), ids, mask, FIELD[task])
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base(arch), task), ia3_adapters[arch]).eval()
+    assert np.abs(torch_outputs(ours, ids, mask, FIELD[task]) - ref).max() <= 1e-5
+    base = torch_outputs(load_reference_base(tiny_base(arch), task), ids, mask, FIELD[task])
+    assert max_diff_valid(ref, base, mask) > 1e-3
+    # edgepeft -> HF PEFT: same keys, same outputs
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base(arch), task), edgepeft.IA3Config(task_type=TASK_TYPES[task]))
+    randomize_ia3(model, seed=7)
+    model.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(load_reference_base(tiny_base(arch), task), str(tmp_path / "ours")).eval()
+    assert np.abs(torch_outputs(back, ids, mask, FIELD[task]) - torch_outputs(model.eval(), ids, mask, FIELD[task])).max() <= 1e-5
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(load_file(f"{ia3_adapters[arch]}/adapter_model.safetensors"))
+    # merging folds the vectors into the weights
+    merged = model.merge_and_unload()
+    assert np.abs(torch_outputs(merged, ids, mask, FIELD[task]) - torch_outputs(model, ids, mask, FIELD[task])).max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ia3_and_lora_adapters_share_one_exported_base(arch, workdir, ia3_adapters, peft_adapter, hf_reference, tiny_base):
+    lora = peft_adapter(arch, "all-lora-for-ia3", seed=61, r=4, target_modules="all-linear")
+    out = str(workdir / f"out-{arch}-ia3-lora")
+    export([ia3_adapters[arch], lora], out, names=["ia3", "lora"])
+    rt = Runtime(out)
+    task = default_task(arch)
+    ids, mask = sample_batch(batch=3)
+    for name, adapter_dir in [("lora", lora), ("ia3", ia3_adapters[arch]), ("lora", lora), (None, None)]:
+        ours = rt.forward(ids, mask, adapter=name)[FIELD[task]]
+        model = hf_reference(arch, adapter_dir) if adapter_dir else load_reference_base(tiny_base(arch), task)
+        assert max_diff_valid(ours, torch_outputs(model, ids, mask, FIELD[task]), mask) <= 1e-4, name
+    if task == "causal-lm":  # greedy generation identical to HF PEFT for the IA3 adapter
+        model = hf_reference(arch, ia3_adapters[arch])
+        model.generation_config.eos_token_id = None
+        prompt, pmask = sample_batch(batch=2, seq=6)
+        with torch.no_grad():
+            ref = model.generate(input_ids=torch.from_numpy(prompt), attention_mask=torch.from_numpy(pmask),
+                                 max_new_tokens=12, do_sample=False, pad_token_id=0)
+        np.testing.assert_array_equal(rt.generate(prompt, pmask, adapter="ia3", max_new_tokens=12, eos_token_id=[]), ref.numpy())
+    assert any(s.method == "ia3" for s in rt.slots.values()) and any(s.method == "lora" for s in rt.slots.values())
+
+
+def test_ia3_training_reduces_the_loss(tiny_base):
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"), edgepeft.IA3Config(task_type="CAUSAL_LM"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.numel() <= 64 for p in trainable)
+    model.train()
+    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(trainable, lr=0.3)
+    losses = []
+    for _ in range(30):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.05
