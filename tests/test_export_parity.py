@@ -181,3 +181,18 @@ def test_a_base_with_another_graph_layout_is_not_extended(workdir, shared_export
     with pytest.raises(ConfigError, match="another graph layout"):
         export([peft_adapter("qwen2", "mlp-late", seed=7, r=2, target_modules=["up_proj"])], old)
     assert open(manifest_path).read() == before and sorted(os.listdir(os.path.join(old, "adapters"))) == sorted(dirs)
+
+
+def test_concurrent_calls_with_different_adapters_do_not_interfere(shared_export):
+    from concurrent.futures import ThreadPoolExecutor
+
+    out, dirs, _ = shared_export("llama")
+    rt = Runtime(out)
+    ids, mask = sample_batch(batch=2, seq=8, seed=11)
+    names = [None, *dirs]
+    want = {n: rt.forward(ids, mask, adapter=n)["logits"] for n in names}
+    jobs = [names[i % len(names)] for i in range(48)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda n: (n, rt.forward(ids, mask, adapter=n)["logits"]), jobs))
+    for name, logits in results:
+        np.testing.assert_array_equal(logits, want[name])
