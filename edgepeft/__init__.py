@@ -11,6 +11,7 @@ _LAZY = {
     "load_config": "edgepeft.config",
     "LoraConfig": "edgepeft.tuners.lora",
     "IA3Config": "edgepeft.tuners.ia3",
+    "BottleneckConfig": "edgepeft.tuners.bottleneck",
     "PeftModel": "edgepeft.peft_model",
     "get_peft_model": "edgepeft.peft_model",
     "EdgePeftError": "edgepeft.errors",

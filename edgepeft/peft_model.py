@@ -27,7 +27,7 @@ from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, Con
 from edgepeft.files import write_bytes_atomic
 from edgepeft.registry import method_for
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, wrap_modules_to_save
-from edgepeft.tuners.targets import innermost, replace_module
+from edgepeft.tuners.targets import replace_module
 
 
 class TunedModel(nn.Module):
@@ -198,14 +198,25 @@ class PeftModel(nn.Module):
         """A copy of the transformers model with ``adapter_name`` folded into its weights."""
         name = adapter_name or self.active_adapter
         model = copy.deepcopy(self.base_model.model)
+        for module in model.modules():  # layers that cannot be folded (bottleneck) keep running `name`
+            if hasattr(module, "adapter_dicts"):
+                module.active_adapter = name
         method_for(self.peft_config[name]).tuner.merge(model, name)
         for key, module in list(model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
                 keep = module.modules_to_save[name] if name in module.modules_to_save else module.original_module
                 replace_module(model, key, keep)
-        for key, module in list(model.named_modules()):  # other methods' layers: their adapters are not merged
-            if hasattr(module, "adapter_dicts") and hasattr(module, "base_layer"):
-                replace_module(model, key, innermost(module))
+        for key, module in list(model.named_modules()):
+            if not (hasattr(module, "adapter_dicts") and hasattr(module, "base_layer")):
+                continue
+            if any(name in getattr(module, d) for d in module.adapter_dicts):
+                continue  # a non-linear adapter (bottleneck) cannot be folded: it stays, active
+            try:
+                still_there = model.get_submodule(key) is module
+            except AttributeError:  # inside a wrapper replaced above
+                still_there = False
+            if still_there:
+                replace_module(model, key, module.base_layer)  # another adapter's layer: not merged
         return model
 
 

@@ -1,0 +1,36 @@
+"""Put bottleneck adapters after the layers that end a block."""
+from __future__ import annotations
+
+from torch import nn
+
+from edgepeft.tuners.bottleneck.layer import BottleneckLinear
+from edgepeft.tuners.targets import linear_targets, replace_module, unwrapped
+
+
+def bottleneck_targets(model: nn.Module, config) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    defaults = {model_type: config.default_targets(model_type)} if config.default_targets(model_type) else {}
+    return linear_targets(model, config, defaults=defaults)
+
+
+class BottleneckTuner:
+    def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
+        keys = bottleneck_targets(unwrapped(model), config)
+        if config.target_modules is None:
+            config.target_modules = keys  # record where the placement put them
+        for key in keys:
+            module = model.get_submodule(key)
+            if not isinstance(module, BottleneckLinear):
+                module = BottleneckLinear(module)
+                replace_module(model, key, module)
+            module.add(adapter_name, config.bottleneck_size, config.non_linearity, init=config.init_bottleneck_weights)
+        return keys
+
+    def layers(self, model: nn.Module):
+        return [(k, m) for k, m in model.named_modules() if isinstance(m, BottleneckLinear)]
+
+    def merge(self, model: nn.Module, adapter_name: str) -> None:
+        """A bottleneck is non-linear: it cannot be folded into the weights, so it stays as a layer."""
+        for key, module in self.layers(model):
+            if adapter_name not in module.adapter_down:
+                replace_module(model, key, module.base_layer)
