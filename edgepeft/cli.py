@@ -66,7 +66,8 @@ def inspect(out, as_json):
     click.echo(f"adapters: {len(info['adapters'])}")
     for a in info["adapters"]:
         status = "" if a["matches_base"] else "  (made for another base: re-export)"
-        rank = f" r={a['rank']} alpha={a['alpha']}" if a["rank"] is not None else ""
+        rank = f" r={a['rank']}" if a["rank"] is not None else ""
+        rank += f" alpha={a['alpha']}" if a["alpha"] is not None else ""
         click.echo(f"  {a['name']}: {'+'.join(a['methods'])}{rank}  {a['slots']} slots  {_size(a['bytes'])}{status}")
 
 

@@ -81,5 +81,5 @@ class BottleneckSlots:
         return {s.name: torch.randn([2 if isinstance(d, str) else d for d in s.shape], generator=g) * 0.01 for s in slots}
 
     def describe(self, config) -> dict:
-        return {"rank": config.bottleneck_size, "alpha": None, "targets": config.target_modules,
+        return {"rank": None, "alpha": None, "bottleneck_size": config.bottleneck_size, "targets": config.target_modules,
                 "placement": config.placement, "non_linearity": config.non_linearity}
