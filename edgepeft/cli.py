@@ -20,7 +20,7 @@ def _size(n: int) -> str:
 @click.group()
 @click.version_option(package_name="edgepeft")
 def cli():
-    """Train PEFT adapters, export the base to ONNX once, switch adapters per call."""
+    """Export PEFT adapters with their base to ONNX once, run and switch them per call."""
 
 
 @cli.command()

@@ -79,6 +79,25 @@ def make_adapter(name: str, out: str, seed: int) -> tuple[str, int]:
     return path, sum(p.nbytes for k, p in model.named_parameters() if "lora_" in k)
 
 
+def make_other_kinds(out: str) -> list[str]:
+    """An IA3 (HF PEFT) and a bottleneck (edgepeft) adapter on MiniLM, for the all-kinds base."""
+    import edgepeft
+
+    ia3 = peft.get_peft_model(load_bert(), peft.IA3Config(task_type="FEATURE_EXTRACTION"))
+    bottleneck = edgepeft.get_peft_model(load_bert(), edgepeft.BottleneckConfig(bottleneck_size=32, task_type="FEATURE_EXTRACTION"))
+    g = torch.Generator().manual_seed(7)
+    paths = []
+    for name, model in (("ia3", ia3), ("bottleneck", bottleneck)):
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        model.peft_config["default"].base_model_name_or_path = MINILM
+        paths.append(os.path.join(out, "peft", name))
+        model.save_pretrained(paths[-1])
+    return paths
+
+
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
@@ -108,18 +127,21 @@ def main() -> None:
 
     # 1-2. adapters (HF PEFT) and the two exports
     sources = {name: make_adapter(name, out, seed=i) for i, name in enumerate(ADAPTERS)}
-    for stale in ("base", "adapters", "merged", "a1-only"):  # always measure exports made by this code
+    for stale in ("base", "adapters", "merged", "a1-only", "all-kinds"):  # always measure exports made by this code
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     t0 = time.perf_counter()
     rep = export([sources["a1"][0], sources["a2"][0]], out)
     rep_merged = export([sources["a1"][0]], merged_out, merge=True)
     export([sources["a1"][0]], os.path.join(out, "a1-only"))  # a base with just a1's 12 slot modules
+    # a base with slots of every kind: LoRA (a1), IA3, bottleneck
+    export([sources["a1"][0], *make_other_kinds(out)], os.path.join(out, "all-kinds"), names=["lora", "ia3", "bottleneck"])
     export_s = time.perf_counter() - t0
     checks = {c["what"]: c["max_abs_diff"] for c in rep["checks"] + rep_merged["checks"]}
     print(f"exported in {export_s:.1f}s; max |diff| vs PyTorch: {checks}")
 
     # 3. peers, all alive for the whole measurement
     rt, rt_merged, rt_a1 = Runtime(out), Runtime(merged_out), Runtime(os.path.join(out, "a1-only"))
+    rt_kinds = Runtime(os.path.join(out, "all-kinds"))
     hf = peft.PeftModel.from_pretrained(load_bert(), sources["a1"][0]).eval()
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, rt.vocab_size, size=(1, args.seq), dtype=np.int64)  # skip [PAD]/[unused]/special ids
@@ -146,6 +168,10 @@ def main() -> None:
         "alternate": alternate,
         "merged": lambda: rt_merged.forward(ids, mask),
         "a1_only_base": lambda: rt_a1.forward(ids, mask, adapter="a1"),
+        "all_kinds_none": lambda: rt_kinds.forward(ids, mask),
+        "all_kinds_lora": lambda: rt_kinds.forward(ids, mask, adapter="lora"),
+        "all_kinds_ia3": lambda: rt_kinds.forward(ids, mask, adapter="ia3"),
+        "all_kinds_bottleneck": lambda: rt_kinds.forward(ids, mask, adapter="bottleneck"),
         "hf_eager": hf_call,
     }
     for fn in peers.values():
@@ -188,6 +214,8 @@ def main() -> None:
         ("unmerged a1 (shared base, a1+a2 slots) / merged a1", f"{ratio_merge:.3f}", "<= 1.10"),
         ("unmerged a1 (base with a1's slots only) / merged a1", f"{med['a1_only_base'] / med['merged']:.3f}", "<= 1.10"),
         ("switching every call / staying (a1+a2)", f"{ratio_switch:.3f}", "<= 1.03"),
+        ("base with LoRA+IA3+bottleneck slots, no adapter / plain graph (merged a1)",
+         f"{med['all_kinds_none'] / med['merged']:.3f}", "<= 1.05 (issue 4)"),
         ("speedup vs HF PEFT eager PyTorch (a1)", f"{speedup:.2f}x", ">= 2.2x"),
         *[(f"median latency {k} (ms)", f"{v:.3f}", "") for k, v in med.items()],
         ("load_adapter a2, median of 10 (ms)", f"{statistics.median(load_ms):.2f}", "info"),
