@@ -1,0 +1,304 @@
+"""Export errors: bad adapters, wrong bases, failed validation, atomic writes (see error_contract.py)."""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import sample_batch
+from error_contract import CPU, VOCAB, copy_adapter, edit_json, hidden_entries, tree_hashes
+from error_contract import llama, other_llama_base, small_out  # noqa: F401  (fixtures)
+from edgepeft.errors import (
+    AdapterBaseMismatchError,
+    AdapterInUseError,
+    ArtifactNotFoundError,
+    ConfigError,
+    CorruptArtifactError,
+    EdgePeftError,
+    ExportValidationError,
+    InvalidInputError,
+    UnknownAdapterError,
+    UnsupportedMethodError,
+    UnsupportedModelError,
+)
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+
+# --------------------------------------------------------------------------- export: bad adapters
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, llama):
+    """A copy of the shared llama export that failing exports are pointed at; checked unchanged."""
+    out = str(tmp_path_factory.mktemp("guarded") / "out")
+    shutil.copytree(llama[0], out)
+    return out
+
+
+def failing_export(exc, adapters, out, **kw):
+    """Run an export that must raise ``exc``; OUT must stay byte-identical."""
+    before = tree_hashes(out) if os.path.exists(out) else None
+    with pytest.raises(exc) as e:
+        export(adapters, out, **kw)
+    after = tree_hashes(out) if os.path.exists(out) else None
+    assert after == before, "a failed export changed OUT"
+    return str(e.value)
+
+
+def test_export_adapter_dir_without_config(guarded, tmp_path):
+    path = tmp_path / "not-an-adapter"
+    path.mkdir()
+    msg = failing_export(ArtifactNotFoundError, [str(path)], guarded)
+    assert os.path.join(str(path), "adapter_config.json") in msg and "save_pretrained" in msg
+
+
+def test_export_missing_adapter_dir(guarded, tmp_path):
+    path = str(tmp_path / "no-such-dir")
+    msg = failing_export(ArtifactNotFoundError, [path], guarded)
+    assert path in msg
+
+
+def test_export_garbage_adapter_config(guarded, llama, tmp_path):
+    path = copy_adapter(llama[1]["qv"], tmp_path / "qv")
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        f.write("{oops")
+    msg = failing_export(CorruptArtifactError, [path], guarded)
+    assert os.path.join(path, "adapter_config.json") in msg
+
+
+def test_export_unknown_peft_type(guarded, llama, tmp_path):
+    path = copy_adapter(llama[1]["qv"], tmp_path / "foo")
+    config = os.path.join(path, "adapter_config.json")
+    edit_json(config, peft_type="FOO")
+    msg = failing_export(UnsupportedMethodError, [path], guarded)
+    assert config in msg and "'FOO'" in msg
+    assert "LORA" in msg  # lists what is supported
+
+
+@pytest.mark.parametrize(
+    "option",
+    [dict(use_dora=True), dict(lora_bias=True), dict(bias="all"), dict(layers_to_transform=[0])],
+    ids=["use_dora", "lora_bias", "bias", "layers_to_transform"],
+)
+def test_export_unsupported_lora_option(guarded, llama, tmp_path, option):
+    path = copy_adapter(llama[1]["qv"], tmp_path / "opt")
+    edit_json(os.path.join(path, "adapter_config.json"), **option)
+    msg = failing_export(UnsupportedMethodError, [path], guarded)
+    assert next(iter(option)) in msg
+    assert path in msg  # names the adapter folder to fix
+
+
+def test_export_unsupported_task_type(guarded, llama, tmp_path):
+    path = copy_adapter(llama[1]["qv"], tmp_path / "s2s")
+    edit_json(os.path.join(path, "adapter_config.json"), task_type="SEQ_2_SEQ_LM")
+    msg = failing_export(UnsupportedMethodError, [path], guarded)
+    assert "SEQ_2_SEQ_LM" in msg and "CAUSAL_LM" in msg
+    assert path in msg  # names the adapter folder to fix
+
+
+@pytest.mark.parametrize(
+    "names, needle",
+    [(["a", "b"], "--name"), (["bad name!"], "bad name!"), ([".hidden"], ".hidden")],
+    ids=["more-names-than-adapters", "bad-characters", "hidden-name"],
+)
+def test_export_bad_names(guarded, llama, names, needle):
+    msg = failing_export(ConfigError, [llama[1]["qv"]], guarded, names=names)
+    assert needle in msg
+
+
+def test_export_two_adapters_same_name(guarded, llama, tmp_path):
+    other = copy_adapter(llama[1]["mlp"], tmp_path / "qv")  # folder name 'qv' too
+    msg = failing_export(ConfigError, [llama[1]["qv"], other], guarded)
+    assert "'qv'" in msg and "--name" in msg
+
+
+def test_export_adapters_for_different_tasks(guarded, llama, tmp_path):
+    cls = copy_adapter(llama[1]["mlp"], tmp_path / "cls")
+    edit_json(os.path.join(cls, "adapter_config.json"), task_type="SEQ_CLS")
+    msg = failing_export(ConfigError, [llama[1]["qv"], cls], guarded)
+    assert "causal-lm" in msg and "seq-cls" in msg and "--out" in msg
+
+
+def test_export_no_adapters(guarded):
+    msg = failing_export(ConfigError, [], guarded)
+    assert "--adapter" in msg
+
+
+def test_export_merge_into_slot_out(guarded, llama):
+    msg = failing_export(ConfigError, [llama[1]["qv"]], guarded, merge=True)
+    assert os.path.join(guarded, "base") in msg and "--out" in msg
+
+
+@pytest.fixture(scope="module")
+def mistral_base(tmp_path_factory):
+    import transformers as tf
+
+    config = tf.MistralConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("mistral") / "base-mistral")
+    tf.MistralForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_export_unsupported_architecture(guarded, llama, mistral_base, tmp_path):
+    path = copy_adapter(llama[1]["qv"], tmp_path / "mistral-qv")
+    edit_json(os.path.join(path, "adapter_config.json"), base_model_name_or_path=mistral_base)
+    out = str(tmp_path / "fresh-out")
+    msg = failing_export(UnsupportedModelError, [path], out)
+    assert not os.path.exists(out) or not os.listdir(out)
+    assert "'mistral'" in msg and mistral_base in msg
+    for supported in ("llama", "qwen2", "gpt2", "bert"):
+        assert supported in msg
+    # --base pointing at it is refused the same way, and OUT with another base is untouched.
+    msg = failing_export(UnsupportedModelError, [llama[1]["qv"]], guarded, base=mistral_base)
+    assert "'mistral'" in msg
+
+
+def test_export_missing_base(guarded, llama, tmp_path):
+    path = copy_adapter(llama[1]["qv"], tmp_path / "lost-base")
+    gone = str(tmp_path / "deleted-base-model")
+    edit_json(os.path.join(path, "adapter_config.json"), base_model_name_or_path=gone)
+    msg = failing_export(ArtifactNotFoundError, [path], guarded)
+    assert gone in msg and "--base" in msg
+
+
+def test_export_config_without_base(guarded, llama, tmp_path):
+    path = copy_adapter(llama[1]["qv"], tmp_path / "nobase")
+    edit_json(os.path.join(path, "adapter_config.json"), base_model_name_or_path=None)
+    msg = failing_export(ConfigError, [path], guarded)
+    assert path in msg and "--base" in msg
+
+
+def test_export_truncated_adapter_weights(guarded, llama, tmp_path):
+    path = copy_adapter(llama[1]["qv"], tmp_path / "qv")
+    weights = os.path.join(path, "adapter_model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    msg = failing_export(CorruptArtifactError, [path], guarded)
+    assert weights in msg
+
+
+def test_export_into_out_of_other_base_same_arch(guarded, llama, other_llama_base, tiny_base):
+    """Same architecture and shapes, other weights: refused, OUT unchanged, both bases named."""
+    msg = failing_export(AdapterBaseMismatchError, [llama[1]["qv"]], guarded, base=other_llama_base,
+                         names=["intruder"])
+    assert os.path.join(guarded, "base") in msg
+    assert other_llama_base in msg and tiny_base("llama") in msg
+    assert not hidden_entries(guarded)
+
+
+def test_export_into_out_of_other_arch(guarded, peft_adapter, tiny_base):
+    msg = failing_export(AdapterBaseMismatchError, [peft_adapter("gpt2", "attn")], guarded)
+    assert os.path.join(guarded, "base") in msg
+    assert tiny_base("gpt2") in msg and tiny_base("llama") in msg
+    assert not hidden_entries(guarded)
+
+
+def test_guarded_out_still_serves(guarded, llama):
+    """After every failed export above, the guarded copy loads and matches the original export."""
+    a, b = Runtime(guarded, providers=CPU), Runtime(llama[0], providers=CPU)
+    assert a.adapter_names == b.adapter_names == ["all", "mlp", "qv"]
+    ids, mask = sample_batch(VOCAB)
+    for name in [None, *a.adapter_names]:
+        np.testing.assert_allclose(a.forward(ids, mask, adapter=name)["logits"],
+                                   b.forward(ids, mask, adapter=name)["logits"], rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- export: atomicity
+@pytest.fixture
+def small_copy(tmp_path, small_out):
+    out = str(tmp_path / "small")
+    shutil.copytree(small_out, out)
+    return out
+
+
+@pytest.fixture
+def failing_checks(monkeypatch):
+    """Make every validation check fail, as a real PyTorch/ONNX mismatch would."""
+    module = importlib.import_module("edgepeft.exporters.export")
+    real = module._check
+    monkeypatch.setattr(module, "_check", lambda label, ours, ref, mask, task, atol, where:
+                        real(label, ours + 1.0, ref, mask, task, atol, where))
+
+
+@pytest.mark.parametrize(
+    "adapter, grows_base",
+    [("qv", False), ("mlp", True)],
+    ids=["replace-adapter-reusing-base", "new-slots-restage-base"],
+)
+def test_failed_validation_leaves_out_byte_identical(small_copy, llama, adapter, grows_base, failing_checks):
+    before = tree_hashes(small_copy)
+    with pytest.raises(ExportValidationError) as e:
+        export([llama[1][adapter]], small_copy)
+    msg = str(e.value)
+    assert "nothing was written" in msg and "--atol" in msg
+    assert os.path.join(small_copy, "base") in msg  # the base check is the first to fail
+    assert tree_hashes(small_copy) == before
+    assert not hidden_entries(small_copy), hidden_entries(small_copy)
+    rt = Runtime(small_copy, providers=CPU)
+    assert rt.adapter_names == ["qv"]
+
+
+@pytest.mark.parametrize("adapter", ["qv", "mlp"], ids=["replace-existing", "new-with-new-slots"])
+def test_failed_adapter_validation_leaves_out_byte_identical(small_copy, llama, monkeypatch, adapter):
+    """The base passes, the adapter graph is staged and loaded, then the adapter check fails."""
+    module = importlib.import_module("edgepeft.exporters.export")
+    real = module._check
+    labels = []
+
+    def check(label, ours, ref, mask, task, atol, where):
+        labels.append(label)
+        return real(label, ours, ref, mask, task, -1.0 if label.startswith("adapter") else atol, where)
+
+    monkeypatch.setattr(module, "_check", check)
+    before = tree_hashes(small_copy)
+    with pytest.raises(ExportValidationError) as e:
+        export([llama[1][adapter]], small_copy)
+    # llama is a decoder: each forward check is followed by a cached-decode check
+    assert labels == ["base (no adapter)", "base (no adapter), cached decode", f"adapter {adapter}"]
+    assert llama[1][adapter] in str(e.value)  # names the adapter folder
+    assert tree_hashes(small_copy) == before
+    assert not hidden_entries(small_copy), hidden_entries(small_copy)
+
+
+def test_zero_atol_is_exact_comparison(small_copy, llama):
+    """atol=0 demands bit-exact ONNX vs PyTorch, which float reordering does not give: it must fail cleanly."""
+    before = tree_hashes(small_copy)
+    try:
+        export([llama[1]["qv"]], small_copy, atol=0.0)
+    except ExportValidationError:
+        assert tree_hashes(small_copy) == before
+        assert not hidden_entries(small_copy)
+    else:  # bit-exact after all: then the export must have gone through completely
+        assert Runtime(small_copy, providers=CPU).adapter_names == ["qv"]
+
+
+def test_negative_atol_is_refused(small_copy, llama):
+    before = tree_hashes(small_copy)
+    with pytest.raises(ConfigError, match="--atol"):
+        export([llama[1]["qv"]], small_copy, atol=-1.0)
+    assert tree_hashes(small_copy) == before
+
+
+def test_failed_export_into_fresh_out_leaves_no_partial_export(tmp_path, llama, failing_checks):
+    out = str(tmp_path / "fresh")
+    with pytest.raises(ExportValidationError):
+        export([llama[1]["qv"]], out)
+    # Whatever is left must not look like an export: no base, no adapters, no staging.
+    assert not os.path.exists(os.path.join(out, "base"))
+    assert not os.path.exists(os.path.join(out, "adapters", "qv"))
+    if os.path.exists(out):
+        assert not hidden_entries(out), hidden_entries(out)
+    with pytest.raises(ArtifactNotFoundError):
+        Runtime(out, providers=CPU)
+
+
+def test_every_error_is_an_edgepeft_error():
+    for cls in (AdapterBaseMismatchError, AdapterInUseError, ArtifactNotFoundError, ConfigError, CorruptArtifactError,
+                ExportValidationError, InvalidInputError, UnknownAdapterError, UnsupportedMethodError,
+                UnsupportedModelError):
+        assert issubclass(cls, EdgePeftError) and cls is not EdgePeftError

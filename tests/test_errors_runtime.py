@@ -1,0 +1,286 @@
+"""Runtime errors: loading adapters, opening exports, adapter names and inputs (see error_contract.py)."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from conftest import sample_batch
+from error_contract import CPU, MAX_POS, VOCAB, assert_still_serving, copy_adapter, edit_json
+from error_contract import before, llama, other_export, other_llama_base, rt, small_out, victim  # noqa: F401  (fixtures)
+from edgepeft.errors import (
+    AdapterBaseMismatchError,
+    AdapterInUseError,
+    ArtifactNotFoundError,
+    ConfigError,
+    CorruptArtifactError,
+    InvalidInputError,
+    UnknownAdapterError,
+)
+from edgepeft.runtimes import Runtime
+
+
+# --------------------------------------------------------------------------- load_adapter
+def test_adapter_for_other_base_is_refused_naming_both(rt, before, other_export, other_llama_base, tiny_base):
+    path = os.path.join(other_export, "adapters", "qv")
+    with pytest.raises(AdapterBaseMismatchError) as e:
+        rt.load_adapter(path, name="other")
+    msg = str(e.value)
+    assert path in msg
+    assert other_llama_base in msg  # the base the adapter was made for
+    assert tiny_base("llama") in msg  # the base it was offered to
+    assert rt.base_dir in msg
+    assert "edgepeft export" in msg
+    assert "other" not in rt.adapter_names
+    assert_still_serving(rt, before)
+
+
+def test_adapter_for_other_slot_table_is_refused(small_out, llama):
+    """Same weights, different slot table: the fingerprint differs, so the load is refused."""
+    small = Runtime(small_out, providers=CPU)
+    ids, mask = sample_batch(VOCAB)
+    want = small.forward(ids, mask, adapter="qv")["logits"]
+    path = os.path.join(llama[0], "adapters", "mlp")
+    with pytest.raises(AdapterBaseMismatchError) as e:
+        small.load_adapter(path)
+    assert path in str(e.value) and small.base_dir in str(e.value)
+    assert small.adapter_names == ["qv"]
+    np.testing.assert_allclose(small.forward(ids, mask, adapter="qv")["logits"], want, rtol=0, atol=1e-6)
+
+
+def test_truncated_adapter_graph_fails_checksum(rt, before, llama, tmp_path):
+    path = copy_adapter(os.path.join(llama[0], "adapters", "all"), tmp_path / "all")
+    graph = os.path.join(path, "adapter.onnx")
+    size = os.path.getsize(graph)
+    with open(graph, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(CorruptArtifactError) as e:
+        rt.load_adapter(path, name="qv")  # same name as a loaded adapter: it must survive
+    msg = str(e.value)
+    assert graph in msg and "checksum" in msg and "re-export" in msg
+    assert_still_serving(rt, before)
+
+
+def test_unreadable_adapter_graph_with_matching_checksum(rt, before, llama, tmp_path):
+    """A graph ONNX Runtime cannot load, even though adapter.json's sha256 was updated to match."""
+    path = copy_adapter(os.path.join(llama[0], "adapters", "all"), tmp_path / "all")
+    graph = os.path.join(path, "adapter.onnx")
+    with open(graph, "wb") as f:
+        f.write(b"this is not an onnx model")
+    edit_json(os.path.join(path, "adapter.json"), sha256=hashlib.sha256(b"this is not an onnx model").hexdigest())
+    with pytest.raises(CorruptArtifactError) as e:
+        rt.load_adapter(path, name="broken")
+    assert graph in str(e.value) and "re-export" in str(e.value)
+    assert "broken" not in rt.adapter_names
+    assert_still_serving(rt, before)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"\xff\xfe\x00garbage", b"[1, 2, 3]", b'{"format": "something-else"}', b""],
+    ids=["bad-json", "binary", "not-object", "wrong-format", "empty"],
+)
+def test_garbage_adapter_manifest(rt, before, llama, tmp_path, content):
+    path = copy_adapter(os.path.join(llama[0], "adapters", "qv"), tmp_path / "qv")
+    manifest = os.path.join(path, "adapter.json")
+    with open(manifest, "wb") as f:
+        f.write(content)
+    with pytest.raises(CorruptArtifactError) as e:
+        rt.load_adapter(path, name="garbage")
+    assert manifest in str(e.value) and "re-export" in str(e.value)
+    assert_still_serving(rt, before)
+
+
+@pytest.mark.parametrize("field", ["base_fingerprint", "sha256", "slots", "graph"])
+def test_manifest_field_of_wrong_type(rt, before, llama, tmp_path, field):
+    """A manifest whose required fields are present but null is corrupt, not a crash."""
+    path = copy_adapter(os.path.join(llama[0], "adapters", "qv"), tmp_path / "qv")
+    manifest = os.path.join(path, "adapter.json")
+    edit_json(manifest, **{field: None})
+    with pytest.raises(CorruptArtifactError) as e:
+        rt.load_adapter(path, name="nulled")
+    assert path in str(e.value)
+    assert_still_serving(rt, before)
+
+
+def test_missing_adapter_graph(rt, before, llama, tmp_path):
+    path = copy_adapter(os.path.join(llama[0], "adapters", "qv"), tmp_path / "qv")
+    os.remove(os.path.join(path, "adapter.onnx"))
+    with pytest.raises(ArtifactNotFoundError) as e:
+        rt.load_adapter(path, name="nograph")
+    assert os.path.join(path, "adapter.onnx") in str(e.value)
+    assert_still_serving(rt, before)
+
+
+def test_missing_adapter_dir(rt, before, tmp_path):
+    path = str(tmp_path / "no-such-adapter")
+    with pytest.raises(ArtifactNotFoundError) as e:
+        rt.load_adapter(path)
+    assert path in str(e.value) and "edgepeft export" in str(e.value)
+    assert_still_serving(rt, before)
+
+
+def test_folder_without_manifest(rt, before, tmp_path):
+    path = tmp_path / "empty-adapter"
+    path.mkdir()
+    with pytest.raises(ArtifactNotFoundError) as e:
+        rt.load_adapter(str(path))
+    assert os.path.join(str(path), "adapter.json") in str(e.value)
+    assert_still_serving(rt, before)
+
+
+def test_loading_same_name_twice(rt, before, llama):
+    path = os.path.join(llama[0], "adapters", "qv")
+    with pytest.raises(ConfigError) as e:
+        rt.load_adapter(path)  # name defaults to the manifest's: 'qv', already loaded
+    assert "'qv'" in str(e.value) and "unload" in str(e.value)
+    with pytest.raises(ConfigError):
+        rt.load_adapter(os.path.join(llama[0], "adapters", "all"), name="mlp")
+    assert_still_serving(rt, before)
+
+
+def test_load_under_new_name_then_unload(rt, before, llama):
+    """The happy path the error cases are measured against: a copy under a new name serves the same numbers."""
+    rt.load_adapter(os.path.join(llama[0], "adapters", "qv"), name="qv2")
+    ids, mask = sample_batch(VOCAB)
+    np.testing.assert_allclose(rt.forward(ids, mask, adapter="qv2")["logits"], before["qv"], rtol=0, atol=1e-6)
+    rt.unload_adapter("qv2")
+    assert_still_serving(rt, before)
+
+
+# --------------------------------------------------------------------------- Runtime(path)
+def test_runtime_on_folder_without_base(tmp_path):
+    with pytest.raises(ArtifactNotFoundError) as e:
+        Runtime(str(tmp_path), providers=CPU)
+    assert os.path.join(str(tmp_path), "base") in str(e.value) and "edgepeft export" in str(e.value)
+
+
+def test_runtime_on_missing_folder(tmp_path):
+    path = str(tmp_path / "nowhere")
+    with pytest.raises(ArtifactNotFoundError) as e:
+        Runtime(path, providers=CPU)
+    assert path in str(e.value)
+
+
+def test_runtime_on_corrupt_base(victim):
+    graph = os.path.join(victim, "base", "model.onnx")
+    with open(graph, "r+b") as f:
+        f.truncate(os.path.getsize(graph) // 3)
+    with pytest.raises(CorruptArtifactError) as e:
+        Runtime(victim, providers=CPU)
+    assert graph in str(e.value) and "edgepeft export" in str(e.value)
+
+
+def test_runtime_on_garbage_base_manifest(victim):
+    manifest = os.path.join(victim, "base", "edgepeft.json")
+    with open(manifest, "w") as f:
+        f.write("{{{")
+    with pytest.raises(CorruptArtifactError) as e:
+        Runtime(victim, providers=CPU)
+    assert manifest in str(e.value)
+
+
+def test_runtime_with_a_corrupt_adapter_in_out_names_it(victim):
+    graph = os.path.join(victim, "adapters", "mlp", "adapter.onnx")
+    with open(graph, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(CorruptArtifactError) as e:
+        Runtime(victim, providers=CPU)
+    assert graph in str(e.value)
+    # Without the automatic load the base still opens and the good adapters still load.
+    rt = Runtime(victim, providers=CPU, load_adapters=False)
+    assert rt.load_adapter(os.path.join(victim, "adapters", "qv")) == "qv"
+
+
+# --------------------------------------------------------------------------- names in calls
+def test_unknown_adapter_in_forward(rt, before):
+    ids, mask = sample_batch(VOCAB)
+    with pytest.raises(UnknownAdapterError) as e:
+        rt.forward(ids, mask, adapter="nope")
+    msg = str(e.value)
+    assert "'nope'" in msg and "qv" in msg and "adapter=None" in msg
+    assert_still_serving(rt, before)
+
+
+def test_unknown_adapter_in_unload(rt, before):
+    with pytest.raises(UnknownAdapterError) as e:
+        rt.unload_adapter("nope")
+    assert "'nope'" in str(e.value) and "qv" in str(e.value)
+    assert_still_serving(rt, before)
+
+
+def test_unload_then_forward_is_unknown(rt, before):
+    rt.unload_adapter("mlp")
+    ids, mask = sample_batch(VOCAB)
+    with pytest.raises(UnknownAdapterError):
+        rt.forward(ids, mask, adapter="mlp")
+    with pytest.raises(UnknownAdapterError):
+        rt.unload_adapter("mlp")
+    del before["mlp"]
+    assert_still_serving(rt, before)
+
+
+def test_unload_while_in_use(rt, before):
+    with rt._using("qv"):
+        with pytest.raises(AdapterInUseError) as e:
+            rt.unload_adapter("qv")
+        assert "'qv'" in str(e.value) and "in use" in str(e.value)
+        # Other adapters are not held and the held one still serves.
+        ids, mask = sample_batch(VOCAB)
+        np.testing.assert_allclose(rt.forward(ids, mask, adapter="qv")["logits"], before["qv"], rtol=0, atol=1e-6)
+    assert_still_serving(rt, before)
+    rt.unload_adapter("qv")  # allowed once the call is done
+    assert "qv" not in rt.adapter_names
+
+
+def test_in_use_count_is_released_after_a_failed_call(rt, before):
+    """A forward that raises inside the held section must not leave the adapter pinned."""
+    with pytest.raises(RuntimeError):
+        with rt._using("qv"):
+            raise RuntimeError("call failed")
+    rt.unload_adapter("qv")
+    assert "qv" not in rt.adapter_names
+
+
+# --------------------------------------------------------------------------- inputs
+def _ids(seq=6, batch=2):
+    return np.random.default_rng(0).integers(3, VOCAB, size=(batch, seq)).astype(np.int64)
+
+
+BAD_INPUTS = {
+    "id-equal-vocab": (lambda: np.full((1, 4), VOCAB, np.int64), None, str(VOCAB)),
+    "id-above-vocab": (lambda: np.array([[5, 6, VOCAB + 1000]]), None, str(VOCAB + 1000)),
+    "negative-id": (lambda: np.array([[5, -1, 7]]), None, "-1"),
+    "float-ids": (lambda: _ids().astype(np.float32), None, "integer"),
+    "float-ids-list": (lambda: [[1.0, 2.0, 3.0]], None, "integer"),
+    "bool-ids": (lambda: np.ones((1, 4), bool), None, "integer"),
+    "string-ids": (lambda: "hello world", None, "input_ids"),
+    "ragged-ids": (lambda: [[1, 2, 3], [4, 5]], None, "input_ids"),
+    "empty": (lambda: np.zeros((1, 0), np.int64), None, "empty"),
+    "empty-list": (lambda: [], None, "empty"),
+    "empty-batch": (lambda: np.zeros((0, 4), np.int64), None, "empty"),
+    "3d-ids": (lambda: _ids()[None], None, "shape"),
+    "mask-too-short": (lambda: _ids(), lambda: np.ones((2, 5), np.int64), "attention_mask"),
+    "mask-wrong-batch": (lambda: _ids(), lambda: np.ones((3, 6), np.int64), "attention_mask"),
+    "mask-1d-for-batch": (lambda: _ids(), lambda: np.ones(6, np.int64), "attention_mask"),
+    "mask-float": (lambda: _ids(), lambda: np.ones((2, 6), np.float32), "attention_mask"),
+    "too-long": (lambda: _ids(seq=MAX_POS + 1, batch=1), None, str(MAX_POS)),
+}
+
+
+@pytest.mark.parametrize("adapter", [None, "qv"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_invalid_input(rt, before, case, adapter):
+    make_ids, make_mask, needle = BAD_INPUTS[case]
+    with pytest.raises(InvalidInputError) as e:
+        rt.forward(make_ids(), None if make_mask is None else make_mask(), adapter=adapter)
+    assert needle in str(e.value)
+    assert_still_serving(rt, before)
+
+
+def test_longest_allowed_sequence_runs(rt):
+    """The boundary of the too-long case: exactly max positions is accepted."""
+    out = rt.forward(_ids(seq=MAX_POS, batch=1))["logits"]
+    assert out.shape == (1, MAX_POS, VOCAB) and np.isfinite(out).all()

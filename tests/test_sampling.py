@@ -1,0 +1,137 @@
+"""Token selection (runtimes/generation.py) against transformers' own logits processors.
+
+Numpy only on our side: the repetition penalty, temperature, top-k and top-p give the
+same scores as transformers' processors, and sampling follows the same distribution.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgepeft.runtimes import generation as gen
+
+
+def random_scores(rows=6, vocab=128, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    scores = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    if ties:
+        scores = np.round(scores).astype(np.float32)  # many equal values
+    return scores
+
+
+def assert_same_scores(ours, ref):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(ref))
+    finite = np.isfinite(ref)
+    assert np.isfinite(ours[finite]).all()
+    if finite.any():
+        assert float(np.abs(ours[finite] - ref[finite]).max()) <= 1e-6
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.0, 1.3, 2.5])
+def test_repetition_penalty_matches_transformers(penalty):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    scores = random_scores(seed=1)
+    sequences = np.random.default_rng(2).integers(0, 128, size=(scores.shape[0], 20)).astype(np.int64)
+    sequences[:, :5] = sequences[:, 5:10]  # repeated ids are penalised once
+    before = scores.copy()
+    ours = gen.apply_repetition_penalty(scores, sequences, penalty)
+    ref = RepetitionPenaltyLogitsProcessor(float(penalty))(torch.from_numpy(sequences), torch.from_numpy(scores.copy()))
+    np.testing.assert_array_equal(scores, before)  # the caller's array is not modified
+    assert_same_scores(ours, ref.numpy())
+
+
+PIPELINES = [
+    dict(temperature=0.3, top_k=0, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=1.7, top_k=0, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=2.0, top_k=10, top_p=0.5, repetition_penalty=1.0),  # order matters: top-k, then top-p
+    dict(temperature=0.8, top_k=0, top_p=0.9, repetition_penalty=1.3),
+    dict(temperature=1.2, top_k=20, top_p=0.95, repetition_penalty=0.7),
+]
+
+
+@pytest.mark.parametrize("cfg", PIPELINES, ids=lambda c: "-".join(f"{k[:4]}{v}" for k, v in c.items()))
+def test_sampling_scores_match_transformers_processor_chain(cfg, monkeypatch):
+    """The scores next_tokens samples from are what transformers' processors make, in generate's order."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    scores = random_scores(seed=3)
+    sequences = np.random.default_rng(8).integers(0, 128, size=(scores.shape[0], 15)).astype(np.int64)
+    procs = [RepetitionPenaltyLogitsProcessor(cfg["repetition_penalty"]), TemperatureLogitsWarper(cfg["temperature"])]
+    if cfg["top_k"]:
+        procs.append(TopKLogitsWarper(cfg["top_k"]))
+    if cfg["top_p"] < 1:
+        procs.append(TopPLogitsWarper(cfg["top_p"]))
+    ref = LogitsProcessorList(procs)(torch.from_numpy(sequences), torch.from_numpy(scores.copy())).numpy()
+    captured = []
+    real_softmax = gen.softmax
+
+    def spy(x):
+        captured.append(np.array(x, copy=True))
+        return real_softmax(x)
+
+    monkeypatch.setattr(gen, "softmax", spy)
+    config = gen.GenerationConfig(do_sample=True, **cfg)
+    tokens = gen.next_tokens(scores, sequences, config, np.random.default_rng(0))
+    assert_same_scores(captured[-1], ref)  # the last softmax is the sampling distribution
+    assert np.isfinite(ref[np.arange(len(tokens)), tokens]).all()  # never a token transformers removes
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("k", [1, 2, 7, 50, 127, 128, 500])
+def test_top_k_matches_transformers(k, ties):
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    scores = random_scores(seed=4, ties=ties)
+    ref = TopKLogitsWarper(k)(None, torch.from_numpy(scores.copy())).numpy()
+    assert_same_scores(gen.apply_top_k(scores, k), ref)
+
+
+@pytest.mark.parametrize("p", [1e-9, 1e-6, 0.05, 0.3, 0.8, 0.95, 0.999, 1.0])
+def test_top_p_matches_transformers(p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = random_scores(seed=5)
+    ref = TopPLogitsWarper(p)(None, torch.from_numpy(scores.copy())).numpy()
+    assert_same_scores(gen.apply_top_p(scores, p), ref)
+    # after top-k, as generate chains them (-inf inputs)
+    topk = TopKLogitsWarper(20)(None, torch.from_numpy(scores.copy()))
+    ref = TopPLogitsWarper(p)(None, topk).numpy()
+    assert_same_scores(gen.apply_top_p(gen.apply_top_k(scores, 20), p), ref)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=0.7, top_k=5, top_p=1.0, repetition_penalty=1.0),
+    dict(temperature=1.3, top_k=0, top_p=0.6, repetition_penalty=1.0),
+    dict(temperature=0.9, top_k=8, top_p=0.7, repetition_penalty=1.4),
+], ids=["plain", "top_k", "top_p", "all"])
+def test_sampled_frequencies_follow_transformers_distribution(cfg):
+    """Many draws from one row: never a token transformers' processors remove; frequencies ~ its probabilities."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    vocab, draws = 12, 40000
+    logits = np.random.default_rng(6).standard_normal((1, vocab)).astype(np.float32) * 1.5
+    history = np.array([[3, 3, 7]], dtype=np.int64)
+    procs = [RepetitionPenaltyLogitsProcessor(cfg["repetition_penalty"]), TemperatureLogitsWarper(cfg["temperature"])]
+    if cfg["top_k"]:
+        procs.append(TopKLogitsWarper(cfg["top_k"]))
+    if cfg["top_p"] < 1:
+        procs.append(TopPLogitsWarper(cfg["top_p"]))
+    ref = LogitsProcessorList(procs)(torch.from_numpy(history), torch.from_numpy(logits.copy()))
+    probs = torch.softmax(ref.double(), -1).numpy()[0]
+
+    config = gen.GenerationConfig(do_sample=True, **cfg)
+    tokens = gen.next_tokens(np.repeat(logits, draws, 0), np.repeat(history, draws, 0), config, np.random.default_rng(0))
+    assert tokens.shape == (draws,) and tokens.dtype == np.int64
+    freq = np.bincount(tokens, minlength=vocab) / draws
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs)), (freq, probs)
+    assert float(np.abs(freq - probs).max()) < 0.015, (freq, probs)
