@@ -131,6 +131,22 @@ def hf_reference(tiny_base):
     return make
 
 
+def train_steps(model, lr: float, steps: int = 30) -> list[float]:
+    """Causal-LM losses of ``steps`` AdamW steps on a fixed random batch, training only what requires grad."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(trainable, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
 def sample_batch(vocab=128, batch=2, seq=9, seed=3, pad=0):
     """Token ids and a mask: row 0 full, every later row left-padded by 2 more tokens."""
     rng = np.random.default_rng(seed)

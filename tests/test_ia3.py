@@ -6,7 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ARCHS, TASK_TYPES, default_task, load_reference_base, max_diff_valid, sample_batch, torch_outputs
+from conftest import (
+    ARCHS,
+    TASK_TYPES,
+    default_task,
+    load_reference_base,
+    max_diff_valid,
+    sample_batch,
+    torch_outputs,
+    train_steps,
+)
 
 import edgepeft
 from edgepeft.exporters import export
@@ -90,14 +99,5 @@ def test_ia3_training_reduces_the_loss(tiny_base):
     model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"), edgepeft.IA3Config(task_type="CAUSAL_LM"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.numel() <= 64 for p in trainable)
-    model.train()
-    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW(trainable, lr=0.3)
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = train_steps(model, lr=0.3)
     assert losses[-1] < losses[0] - 0.05

@@ -30,7 +30,8 @@ class BottleneckTuner:
         return [(k, m) for k, m in model.named_modules() if isinstance(m, BottleneckLinear)]
 
     def merge(self, model: nn.Module, adapter_name: str) -> None:
-        """A bottleneck is non-linear: it cannot be folded into the weights, so it stays as a layer."""
-        for key, module in self.layers(model):
-            if adapter_name not in module.adapter_down:
-                replace_module(model, key, module.base_layer)
+        """A bottleneck is non-linear and cannot be folded into the weights: its layers stay.
+
+        ``PeftModel.merge_and_unload`` keeps the layers that hold ``adapter_name`` and
+        unwraps the rest, as it does for every method.
+        """

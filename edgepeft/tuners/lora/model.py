@@ -9,8 +9,6 @@ from edgepeft.tuners.targets import innermost, linear_targets, replace_module, u
 
 
 class LoraTuner:
-    layer_cls = LoraLinear
-
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         """Wrap each target module (once) and add ``adapter_name``'s A/B to it."""
         keys = []
