@@ -17,6 +17,9 @@ _LAZY = {
     "EdgePeftError": "edgepeft.errors",
     "Runtime": "edgepeft.runtimes",
     "export": "edgepeft.exporters",
+    "train": "edgepeft.training",
+    "Trainer": "edgepeft.training",
+    "TrainingArguments": "edgepeft.training",
 }
 
 __all__ = sorted(_LAZY)

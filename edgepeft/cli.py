@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -21,6 +22,80 @@ def _size(n: int) -> str:
 @click.version_option(package_name="edgepeft")
 def cli():
     """Export PEFT adapters with their base to ONNX once, run and switch them per call."""
+
+
+def _options(method: str, r, alpha, target_modules, pairs) -> dict:
+    """The method config's fields from the shorthand flags and --option KEY=VALUE (VALUE parsed as JSON)."""
+    from edgepeft.errors import ConfigError
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {pair!r}: write it as KEY=VALUE, e.g. --option lora_dropout=0.1")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a bare string
+    shorthand = {"r": ("--r", r), "lora_alpha": ("--alpha", alpha),
+                 "target_modules": ("--target-modules", target_modules if target_modules in (None, "all-linear")
+                                    else target_modules.split(","))}
+    for field, (flag, value) in shorthand.items():
+        if value is None:
+            continue
+        if method.lower() != "lora":
+            raise ConfigError(f"{flag} is a LoRA option; for {method} pass its own fields with --option KEY=VALUE")
+        options[field] = value
+    return options
+
+
+@cli.command()
+@click.option("--model", required=True, help="Base model: a local folder or a hub id.")
+@click.option("--task", required=True, type=click.Choice(["causal-lm", "seq-cls", "feature-extraction"]))
+@click.option("--method", default="lora", show_default=True, help="lora, ia3, bottleneck, ... (any registered method).")
+@click.option("--data", required=True, type=click.Path(), help="Training JSONL.")
+@click.option("--eval", "eval_data", default=None, type=click.Path(), help="Held-out JSONL, evaluated each epoch.")
+@click.option("--out", required=True, type=click.Path(), help="Adapter folder to write (HF PEFT format, plus log and curve).")
+@click.option("--epochs", default=3, show_default=True, type=int)
+@click.option("--lr", default=5e-4, show_default=True, type=float)
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
+@click.option("--max-grad-norm", default=1.0, show_default=True, type=float)
+@click.option("--warmup-ratio", default=0.1, show_default=True, type=float)
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--scheduler", default="linear", show_default=True, type=click.Choice(["linear", "cosine", "constant_with_warmup"]))
+@click.option("--max-length", default=256, show_default=True, type=int, help="Tokens per example (longer ones are cut).")
+@click.option("--mixed-precision", default="auto", show_default=True, type=click.Choice(["auto", "no", "bf16", "fp16"]))
+@click.option("--save", default="best", show_default=True, type=click.Choice(["best", "last"]), help="Which epoch's adapter OUT keeps.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--r", default=None, type=int, help="LoRA rank.")
+@click.option("--alpha", default=None, type=float, help="LoRA alpha.")
+@click.option("--target-modules", default=None, help="LoRA targets, comma-separated, or all-linear.")
+@click.option("--option", "pairs", multiple=True, help="Any field of the method's config, KEY=VALUE (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint (same settings).")
+@click.option("--overwrite", is_flag=True, help="Start over even if OUT holds an earlier run's checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, grad_accum, max_grad_norm, warmup_ratio,
+          weight_decay, scheduler, max_length, mixed_precision, save, seed, r, alpha, target_modules, pairs, resume,
+          overwrite, quiet):
+    """Train an adapter on JSONL data; OUT is an HF PEFT adapter dir ready for `edgepeft export`."""
+    from edgepeft.training import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        model=model, task=task, method=method, data=data, eval_data=eval_data, out=out, epochs=epochs, lr=lr,
+        batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, scheduler=scheduler, max_length=max_length, mixed_precision=mixed_precision,
+        save=save, seed=seed, options=_options(method, r, alpha, target_modules, pairs), resume=resume,
+        overwrite=overwrite, progress=not quiet)
+    log = Trainer(args).train()
+    if int(os.environ.get("RANK", "0")) != 0:  # one report from a multi-process run
+        return
+    if log.get("best"):
+        b = log["best"]
+        value = -b["value"] if b["metric"] == "loss" else b["value"]
+        click.echo(f"ok: best eval {b['metric']} {value:.4f} at epoch {b['epoch']}; adapter in {out}")
+    else:
+        click.echo(f"ok: adapter in {out}")
 
 
 @cli.command()

@@ -6,6 +6,10 @@ import shutil
 import tempfile
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path`` and rename it into place."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -16,6 +20,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

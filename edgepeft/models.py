@@ -52,11 +52,12 @@ def check_supported(model_type: str, task: str, source: str = "") -> None:
         raise UnsupportedModelError(f"{where}{model_type} is an encoder and has no causal-LM head; use seq-cls or feature-extraction")
 
 
-def load_base(name_or_path: str, task: str):
+def load_base(name_or_path: str, task: str, labels: list[str] | None = None):
     """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
 
     Heads the checkpoint lacks (a classifier) are initialised from a fixed seed so
-    the same base loads to the same weights every time.
+    the same base loads to the same weights every time. ``labels`` (seq-cls) sizes
+    the classifier for those classes and names them in the config.
     """
     from optimum.exporters.tasks import TasksManager
     from transformers.utils import logging as hf_logging
@@ -71,13 +72,21 @@ def load_base(name_or_path: str, task: str):
             "(the head reads the last non-pad token); set it and retry"
         )
     auto_cls = TasksManager.get_model_class_for_task(OPTIMUM_TASKS[task], library="transformers")
+    head = {}
+    if labels is not None and task == "seq-cls":
+        head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                    label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
     torch.manual_seed(0)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report lists the new head as "missing": expected here
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa")
+            model = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa", **head)
         except (OSError, ValueError) as e:
             raise ArtifactNotFoundError(f"{name_or_path}: cannot load the base model ({str(e).splitlines()[0]})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
     return model.eval()
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from edgepeft.config import load_config
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError, ExportValidationError
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, ExportValidationError
 from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
 from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_groups
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
@@ -252,6 +252,25 @@ def _slot_providers() -> dict:
     return {m.name: m.slots for m in methods()} | {HEADS.name: HEADS}
 
 
+def _labels(src: AdapterSource, heads: dict) -> list | None:
+    """Class names saved beside a classifier adapter (``labels.json``, written by ``edgepeft train``)."""
+    path = os.path.join(src.path, "labels.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            labels = json.load(f)["labels"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise CorruptArtifactError(f"{path}: cannot read the label names ({e}); fix or delete the file") from None
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise CorruptArtifactError(f"{path}: 'labels' must be a list of strings; fix or delete the file")
+    widths = {v.shape[1] for v in heads.values() if v.ndim == 2}  # classifier weight as bound: (hidden, num_labels)
+    if widths and len(labels) not in widths:
+        raise CorruptArtifactError(f"{path}: names {len(labels)} labels but the adapter's classifier has "
+                                   f"{sorted(widths)[0]} outputs; fix or delete the file")
+    return labels
+
+
 def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups) -> dict:
     config = peft.peft_config[src.name]
     method = method_for(config)
@@ -259,7 +278,8 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
     slots = [s for s in _adapter_slots(model, config, groups) if s.name in usable]  # inert slots reach no output
     own = [s for s in slots if s.method == method.name]
     heads = [s for s in slots if s.method == HEADS.name]
-    values = {**method.slots.values(peft, src.name, own), **HEADS.values(peft, src.name, heads)}
+    head_values = HEADS.values(peft, src.name, heads)
+    values = {**method.slots.values(peft, src.name, own), **head_values}
     graph = os.path.join(stage, ADAPTER_GRAPH)
     write_adapter_graph(values, graph)
     manifest = {
@@ -279,7 +299,7 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
         "sha256": sha256_file(graph),
         "peft_config": config.to_dict(),
         "source": os.path.abspath(src.path),
-        "labels": None,
+        "labels": _labels(src, head_values) if heads else None,
     }
     _write_json(os.path.join(stage, ADAPTER_MANIFEST), manifest)
     return manifest

@@ -49,3 +49,7 @@ class InvalidInputError(EdgePeftError):
 
 class ExportValidationError(EdgePeftError):
     """The exported ONNX graph does not match PyTorch within tolerance."""
+
+
+class DataError(EdgePeftError):
+    """A training or evaluation data file has a malformed row (the message names the file and line)."""

@@ -1,0 +1,148 @@
+"""Training data: JSONL rows checked line by line, tokenized and batched per task.
+
+    seq-cls             {"text": ..., "label": "positive" | 3}
+    causal-lm           {"text": ...}  or  {"prompt": ..., "completion": ...}  (loss on the completion only)
+    feature-extraction  {"text": ..., "positive": ...}  (pairs; in-batch negatives)
+
+A bad row raises ``DataError`` naming the file and the line.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from edgepeft.errors import ArtifactNotFoundError, DataError
+
+IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
+FIELDS = {
+    "seq-cls": [("text", "label")],
+    "causal-lm": [("text",), ("prompt", "completion")],
+    "feature-extraction": [("text", "positive")],
+}
+
+
+def read_jsonl(path: str, task: str) -> list[dict]:
+    """The rows of ``path``, each checked against the task's fields (blank lines skipped)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ArtifactNotFoundError(f"{path}: data file not found; pass a JSONL file with one JSON object per line")
+    shapes = FIELDS[task]
+    want = " or ".join("{" + ", ".join(f'"{k}"' for k in shape) + "}" for shape in shapes)
+    rows = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason}); save the file as UTF-8 JSONL") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object like {want}, got {type(row).__name__}")
+        shape = next((s for s in shapes if all(k in row for k in s)), None)
+        if shape is None:
+            raise DataError(f"{path}:{n}: a {task} row needs {want}; this row has {sorted(row) or 'no fields'}")
+        for k in shape:
+            if k == "label":
+                if isinstance(row[k], bool) or not isinstance(row[k], (str, int)) or row[k] == "":
+                    raise DataError(f"{path}:{n}: \"label\" must be a non-empty string or an integer, got {row[k]!r}")
+                if isinstance(row[k], int) and row[k] < 0:
+                    raise DataError(f"{path}:{n}: integer labels must be >= 0, got {row[k]}")
+            elif not isinstance(row[k], str) or not row[k].strip():
+                raise DataError(f"{path}:{n}: \"{k}\" must be a non-empty string, got {row[k]!r}")
+        rows.append({k: row[k] for k in shape} | {"_line": n})
+    if not rows:
+        raise DataError(f"{path}: no rows; a {task} file needs lines like {want}")
+    return rows
+
+
+def label_names(rows: list[dict], path: str) -> list[str]:
+    """Names of the classes, index = class id: sorted strings, or str(i) for integer labels 0..max."""
+    values = {r["label"] for r in rows}
+    if all(isinstance(v, int) for v in values):
+        return [str(i) for i in range(max(values) + 1)]
+    if any(isinstance(v, int) for v in values):
+        raise DataError(f"{path}: labels mix strings and integers; use one kind for every row")
+    if len(values) < 2:
+        raise DataError(f"{path}: every row has the label {next(iter(values))!r}; classification needs two or more")
+    return sorted(values)
+
+
+def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:
+    index = {name: i for i, name in enumerate(names)}
+    ids = []
+    for r in rows:
+        key = str(r["label"])
+        if key not in index:
+            raise DataError(f"{path}:{r['_line']}: label {r['label']!r} is not one of the training labels {names}")
+        ids.append(index[key])
+    return ids
+
+
+class Encoder:
+    """Turns checked rows into token-id features and pads them into batches."""
+
+    def __init__(self, tokenizer, task: str, max_length: int, labels: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.task = task
+        self.max_length = max_length
+        self.labels = labels
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_id = pad
+
+    def _ids(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special, truncation=False)["input_ids"]
+
+    def encode(self, rows: list[dict], path: str) -> list[dict]:
+        if self.task == "seq-cls":
+            targets = label_ids(rows, self.labels, path)
+            return [{"input_ids": self._ids(r["text"])[: self.max_length], "label": y} for r, y in zip(rows, targets)]
+        if self.task == "feature-extraction":
+            return [{"input_ids": self._ids(r["text"])[: self.max_length],
+                     "positive_ids": self._ids(r["positive"])[: self.max_length]} for r in rows]
+        return [self._causal(r, path) for r in rows]
+
+    def _causal(self, row: dict, path: str) -> dict:
+        eos = self.tokenizer.eos_token_id
+        if "text" in row:
+            ids = self._ids(row["text"]) + ([eos] if eos is not None else [])
+            labels = list(ids)
+        else:
+            prompt = self._ids(row["prompt"])
+            completion = self._ids(row["completion"], special=False) + ([eos] if eos is not None else [])
+            ids = prompt + completion
+            labels = [IGNORE_INDEX] * len(prompt) + completion
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(y == IGNORE_INDEX for y in labels[1:]):
+            raise DataError(f"{path}:{row['_line']}: nothing left to learn after truncating to --max-length "
+                            f"{self.max_length} tokens; shorten the prompt or raise --max-length")
+        return {"input_ids": ids, "labels": labels}
+
+    def _pad(self, seqs: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(s) for s in seqs)
+        return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+    def _mask(self, seqs: list[list[int]]) -> torch.Tensor:
+        return self._pad([[1] * len(s) for s in seqs], 0)
+
+    def collate(self, features: list[dict]) -> dict:
+        """Right-padded tensors (the models read the last real token through the mask)."""
+        ids = [f["input_ids"] for f in features]
+        batch = {"input_ids": self._pad(ids, self.pad_id), "attention_mask": self._mask(ids)}
+        if self.task == "seq-cls":
+            batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
+        elif self.task == "causal-lm":
+            batch["labels"] = self._pad([f["labels"] for f in features], IGNORE_INDEX)
+        else:
+            pos = [f["positive_ids"] for f in features]
+            batch["positive_ids"] = self._pad(pos, self.pad_id)
+            batch["positive_mask"] = self._mask(pos)
+        return batch
