@@ -68,7 +68,7 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
 @click.option("--mixed-precision", default="auto", show_default=True, type=click.Choice(["auto", "no", "bf16", "fp16"]))
 @click.option("--save", default="best", show_default=True, type=click.Choice(["best", "last"]), help="Which epoch's adapter OUT keeps.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--r", default=None, type=int, help="LoRA rank.")
+@click.option("--r", "--rank", "r", default=None, type=int, help="LoRA rank (--rank under torchrun, which takes --r as its own).")
 @click.option("--alpha", default=None, type=float, help="LoRA alpha.")
 @click.option("--target-modules", default=None, help="LoRA targets, comma-separated, or all-linear.")
 @click.option("--option", "pairs", multiple=True, help="Any field of the method's config, KEY=VALUE (repeatable).")

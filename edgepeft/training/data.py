@@ -31,12 +31,13 @@ def read_jsonl(path: str, task: str) -> list[dict]:
     shapes = FIELDS[task]
     want = " or ".join("{" + ", ".join(f'"{k}"' for k in shape) + "}" for shape in shapes)
     rows = []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    for n, data in enumerate(raw, 1):
         try:
-            lines = list(f)
+            line = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason}); save the file as UTF-8 JSONL") from None
-    for n, line in enumerate(lines, 1):
+            raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason}); save the file as UTF-8 JSONL") from None
         if not line.strip():
             continue
         try:
@@ -65,13 +66,17 @@ def read_jsonl(path: str, task: str) -> list[dict]:
 def label_names(rows: list[dict], path: str) -> list[str]:
     """Names of the classes, index = class id: sorted strings, or str(i) for integer labels 0..max."""
     values = {r["label"] for r in rows}
-    if all(isinstance(v, int) for v in values):
-        return [str(i) for i in range(max(values) + 1)]
-    if any(isinstance(v, int) for v in values):
+    ints = all(isinstance(v, int) for v in values)
+    if not ints and any(isinstance(v, int) for v in values):
         raise DataError(f"{path}: labels mix strings and integers; use one kind for every row")
     if len(values) < 2:
         raise DataError(f"{path}: every row has the label {next(iter(values))!r}; classification needs two or more")
-    return sorted(values)
+    if not ints:
+        return sorted(values)
+    if max(values) >= max(1000, 2 * len(values)):  # class ids, not arbitrary numbers
+        raise DataError(f"{path}: integer labels must be class ids 0..N-1 (got {max(values)} for {len(values)} "
+                        "classes); use string labels or renumber them")
+    return [str(i) for i in range(max(values) + 1)]
 
 
 def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:

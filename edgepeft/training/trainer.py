@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from edgepeft.config import TASK_TYPES
-from edgepeft.errors import ConfigError
+from edgepeft.errors import ConfigError, CorruptArtifactError
 from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
 from edgepeft.training import report
 from edgepeft.training.data import Encoder, label_names, read_jsonl
@@ -69,6 +69,10 @@ class TrainingArguments:
         for name in ("epochs", "batch_size", "grad_accum", "max_length"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ConfigError(f"{self.out}: is a file; --out must be a folder (new or from an earlier run)")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
@@ -117,11 +121,14 @@ def method_config(method: str, task: str, options: dict):
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
+    fix = "save one beside the model (tokenizer.save_pretrained) or pass a model folder that has one"
     try:
-        return AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"{model}: no usable tokenizer ({str(e).splitlines()[0]}); save one beside the model "
-                          "(tokenizer.save_pretrained) or pass a model folder that has one") from None
+        raise ConfigError(f"{model}: no usable tokenizer ({str(e).splitlines()[0]}); {fix}") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)) + 1:  # transformers 5 builds an empty one when files are missing
+        raise ConfigError(f"{model}: has no tokenizer files (its tokenizer would know only special tokens); {fix}")
+    return tokenizer
 
 
 class Trainer:
@@ -136,6 +143,9 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration
 
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()  # a second run in this process may pick another precision
         mp = self.args.mixed_precision
         cuda = torch.cuda.is_available()
         if mp == "auto":
@@ -165,7 +175,10 @@ class Trainer:
         config.base_model_name_or_path = os.path.abspath(a.model) if os.path.isdir(a.model) else a.model
         base = load_base(a.model, a.task, labels=labels)
         torch.manual_seed(a.seed)  # the adapter's initial values
-        return get_peft_model(base, config)
+        try:
+            return get_peft_model(base, config)
+        except (TypeError, ValueError) as e:  # a value the config took but the layers cannot use
+            raise ConfigError(f"invalid {a.method} options {a.options}: {e}") from None
 
     def _prepare_out(self) -> dict | None:
         """The checkpoint state to resume from (None: a fresh run)."""
@@ -174,13 +187,21 @@ class Trainer:
         if not os.path.exists(os.path.join(ckpt, _STATE)):
             if a.resume:
                 raise ConfigError(f"{a.out}: no checkpoint to resume from; run without --resume")
+            if os.path.exists(os.path.join(a.out, "adapter_config.json")) and not a.overwrite:
+                raise ConfigError(f"{a.out}: holds an adapter already; pass --overwrite to replace it, or another --out")
             return None
         if not a.resume:
             if not a.overwrite:
                 raise ConfigError(f"{a.out}: holds a checkpoint of an earlier run; pass --resume to continue it, "
                                   "--overwrite to start over, or another --out")
             return None
-        state = torch.load(os.path.join(ckpt, _STATE), map_location="cpu", weights_only=False)
+        path = os.path.join(ckpt, _STATE)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            state["args"], state["epoch"]  # noqa: B018
+        except Exception as e:  # noqa: BLE001  (truncated or foreign file: torch raises many kinds)
+            raise CorruptArtifactError(f"{path}: cannot read the checkpoint ({type(e).__name__}); "
+                                       "start over with --overwrite") from None
         old, new = state["args"], self.args.fingerprint()
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:

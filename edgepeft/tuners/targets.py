@@ -90,7 +90,9 @@ def linear_targets(model: nn.Module, config, defaults=None) -> list[str]:
     exclude = getattr(config, "exclude_modules", None)
     names = [n for n in names if not name_matches(exclude, n)]
     if not names:
-        raise ConfigError(f"target_modules {targets!r} matches no linear layer of {type(model).__name__}")
+        model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise ConfigError(f"target_modules {targets!r} matches no linear layer of this {model_type} model; "
+                          "name layers it has (e.g. q_proj, query) or use all-linear")
     return names
 
 

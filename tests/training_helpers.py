@@ -1,0 +1,81 @@
+"""Helpers shared by the training error-contract tests."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from edgepeft.cli import main
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
+
+
+# --------------------------------------------------------------------------- helpers
+def write_lines(path, lines) -> str:
+    """Write raw lines (str: as given; dict/list: JSON-encoded) and return the path as str."""
+    with open(path, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return str(path)
+
+
+def seq_cls_rows(n=16):
+    return [{"text": f"sample number {i} sounds {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}
+            for i in range(n)]
+
+
+def tree_hashes(root) -> dict:
+    """{relative path: sha256} of every file under root, hidden ones and empty folders included."""
+    out = {}
+    for dirpath, dirnames, files in os.walk(root):
+        for d in dirnames:
+            out.setdefault(os.path.relpath(os.path.join(dirpath, d), root) + "/", "dir")
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def cli_error(capsys, *argv) -> str:
+    """Run ``edgepeft`` in-process; assert exit 1, no traceback, exactly one ``error:`` line (the last on stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 1, (exc.value.code, out, err)
+    assert "Traceback" not in out + err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err
+    return errors[0]
+
+
+def cli_ok(capsys, *argv) -> str:
+    capsys.readouterr()
+    main([str(a) for a in argv])  # success returns (standalone_mode=False)
+    return capsys.readouterr().out
+
+
+def train_argv(model, data, out, *extra):
+    """The CLI arguments of the shared tiny run (and of the runs that try to reuse its --out)."""
+    return ["train", "--model", model, "--task", "seq-cls", "--data", data, "--out", out, "--epochs", "1",
+            "--batch-size", "8", "--max-length", "32", "--r", "2", "--target-modules", "query,value", "--quiet", *extra]
+
+
+class WordTokenizer:
+    """A deterministic stand-in tokenizer: one id per distinct word (from 10), BOS=1 with special tokens."""
+
+    def __init__(self, pad=5, eos=2):
+        self.pad_token_id, self.eos_token_id, self.vocab = pad, eos, {}
+
+    def __call__(self, text, add_special_tokens=True, truncation=False):
+        ids = [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.split()]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
