@@ -129,11 +129,22 @@ class PeftModel(nn.Module):
             out.update({f"{key}.{n}": p for n, p in module.adapter_parameters(adapter_name).items()})
         return out
 
+    def _saved_key(self, adapter_name: str, key: str, loading: bool = False) -> str:
+        """A method whose files name the model ``base_model.`` (HF PEFT's prompt learning: no tuner
+        wrapper around the model) sets ``saved_model_prefix`` on its tuner."""
+        prefix = getattr(method_for(self.peft_config[adapter_name]).tuner, "saved_model_prefix", None)
+        ours = "base_model.model."
+        if prefix is None:
+            return key
+        if loading:
+            return ours + key[len(prefix):] if key.startswith(prefix) else key
+        return prefix + key[len(ours):] if key.startswith(ours) else key
+
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict:
         name = adapter_name or self.active_adapter
         state = {}
         for saved_key, (module, dict_name, pname) in self._adapter_entries(name).items():
-            state[saved_key] = self._entry(module, dict_name, name, pname).detach()
+            state[self._saved_key(name, saved_key)] = self._entry(module, dict_name, name, pname).detach()
         for _, module in self._custom_state():
             state.update(module.saved_tensors(name))
         return state
@@ -153,6 +164,7 @@ class PeftModel(nn.Module):
         self._load_state(adapter_name, state, path)
 
     def _load_state(self, adapter_name: str, state: dict, path: str) -> None:
+        state = {self._saved_key(adapter_name, k, loading=True): v for k, v in state.items()}
         # A head trained for another label count gets that shape before loading.
         for key, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:

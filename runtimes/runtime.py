@@ -97,9 +97,8 @@ class _Plan:
 
     __slots__ = ("every", "prefill", "past", "n_past", "n_prepend")
 
-    def __init__(self, every=None, prefill=None, past=None, n_past=0, n_prepend=0):
-        self.every, self.prefill, self.past = every or {}, prefill or {}, past or {}
-        self.n_past, self.n_prepend = n_past, n_prepend
+    def __init__(self):
+        self.every, self.prefill, self.past, self.n_past, self.n_prepend = {}, {}, {}, 0, 0
 
     @property
     def n_virtual(self) -> int:
@@ -242,12 +241,10 @@ class Runtime:
             else:
                 value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), *self._device)
                 (plan.prefill if slot.phase == "prefill" else plan.every)[name] = value
-            if slot.virtual_axis is not None:
-                n = int(arr.shape[slot.virtual_axis])
-                if slot.target:
-                    plan.n_past = n
-                else:
-                    plan.n_prepend += n
+            if slot.virtual_axis is not None and slot.target:
+                plan.n_past = int(arr.shape[slot.virtual_axis])  # every layer's prefix has the same length
+            elif slot.virtual_axis is not None:
+                plan.n_prepend += int(arr.shape[slot.virtual_axis])
         if plan.past and set(plan.past) != set(self._past_names):
             raise CorruptArtifactError(
                 f"{path}: the adapter starts {len(plan.past)} of the {len(self._past_names)} cache inputs; re-export the adapter"
@@ -424,8 +421,7 @@ class Runtime:
         return full, np.broadcast_to(positions, (batch, positions.size)).copy()
 
     def _check_length(self, plan: _Plan, length: int, new_tokens: int = 0, what: str = "") -> None:
-        total = length + plan.n_virtual + new_tokens
-        if self.max_positions and total > self.max_positions:
+        if self.max_positions and (total := length + plan.n_virtual + new_tokens) > self.max_positions:
             raise InvalidInputError(
                 f"prompt of {length} tokens + the adapter's {plan.n_virtual} virtual tokens{what} = {total} exceeds the "
                 f"model's {self.max_positions} positions; shorten the prompt" + (" or lower max_new_tokens" if what else "")

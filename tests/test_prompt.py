@@ -140,3 +140,29 @@ def test_prompt_longer_than_the_positions_is_refused(virtual_export):
         rt.generate(ids[:, :58], adapter="prompt", max_new_tokens=4)
     with pytest.raises(InvalidInputError, match="3 virtual tokens"):
         rt.forward(ids, adapter="prefix")
+
+
+@pytest.mark.parametrize("task", ["feature-extraction", "seq-cls"])
+def test_bert_prompt_matches_peft_in_pytorch_and_exported(task, tiny_base, workdir, tmp_path):
+    """Encoders: the prompt goes before the token embeddings (positions count it), outputs include it."""
+    import peft
+
+    from conftest import TASK_TYPES, peft_virtual_adapter
+    from edgepeft.exporters import export
+
+    field = "last_hidden_state" if task == "feature-extraction" else "logits"
+    path = peft_virtual_adapter(workdir / "bert-prompt" / task, tiny_base("bert"), "prompt", seed=12, task=task,
+                                num_virtual_tokens=3)
+    theirs = peft.PeftModel.from_pretrained(load_reference_base(tiny_base("bert"), task), path).eval()
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base("bert"), task), path).eval()
+    ours.save_pretrained(tmp_path / "ours")  # heads saved under HF PEFT's prompt-learning keys (base_model.<module>)
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(load_file(f"{path}/adapter_model.safetensors"))
+    ids, mask = sample_batch(batch=2)
+    ref = torch_outputs(theirs, ids, mask, field)
+    valid = virtual_mask(mask, 3) if field == "last_hidden_state" else None
+    assert max_diff_valid(torch_outputs(ours, ids, mask, field), ref, valid) <= 1e-5
+    out = str(workdir / f"out-bert-prompt-{task}")
+    export([path], out, names=["prompt"])
+    got = Runtime(out).forward(ids, mask, adapter="prompt")[field]
+    assert got.shape == ref.shape and max_diff_valid(got, ref, valid) <= 1e-4
+    assert TASK_TYPES[task] == ours.peft_config["default"].task_type

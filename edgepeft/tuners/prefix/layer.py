@@ -51,48 +51,42 @@ def layer_keys_values(tokens: torch.Tensor, num_layers: int, heads: int, token_d
     return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(num_layers)]
 
 
-class PrefixSelfAttention(nn.Module):
-    """An encoder self-attention (BERT family) whose keys/values get a prefix in front.
+class PrefixSelfAttention:
+    """Mixed into an encoder self-attention (BERT family): its keys/values get a prefix in front.
 
         hidden (B, T, H) --> q, k, v (B, heads, T, hd)
         prefix key/value (heads, n, hd) --> expand (B, heads, n, hd) --> cat before k, v: (B, heads, n + T, hd)
         attention mask (B, 1, T, T) --> prefix columns always attended: (B, 1, T, n + T)
 
     Positions and the token sequence are unchanged: the prefix is keys and values only.
+    ``add_prefix`` swaps the module's class for one with this mixin, so its children
+    (query/key/value) keep their names and other methods (LoRA on query) still find them.
     ``prefix()`` gives (key, value) for the active adapter, or None: the plain layer. In
-    PyTorch they come from the prefix encoder held by the input embeddings (``source``);
-    the export graph overrides ``prefix`` to read graph inputs.
+    PyTorch they come from the prefix encoder held by the input embeddings (``_source``);
+    the export graph's subclass reads graph inputs.
     """
 
     adapter_dicts = ()  # holds no parameters: its keys/values come from the prefix encoder
 
-    def __init__(self, base_layer: nn.Module, layer_idx: int, source=None):
-        super().__init__()
-        self.base_layer = base_layer
-        self.layer_idx = layer_idx
-        object.__setattr__(self, "_source", source)  # not a submodule: it lives at the input embeddings
-        self.active_adapter = None
-
     def prefix(self):
-        encoders = self._source.prompt_encoder if self._source is not None else {}
+        encoders = self._source.prompt_encoder
         encoder = encoders[self.active_adapter] if self.active_adapter in encoders else None
-        return encoder.keys_values()[self.layer_idx] if isinstance(encoder, PrefixEncoder) else None
+        return encoder.keys_values()[self.prefix_layer] if isinstance(encoder, PrefixEncoder) else None
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         kv = self.prefix()
         if kv is None:
-            return self.base_layer(hidden_states, attention_mask, **kwargs)
+            return super().forward(hidden_states, attention_mask, **kwargs)
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.bert.modeling_bert import eager_attention_forward
 
-        base = self.base_layer
         kwargs.pop("cache", None)
         kwargs.pop("past_key_values", None)
         batch, length = hidden_states.shape[:2]
-        shape = (batch, length, -1, base.attention_head_size)
-        query = base.query(hidden_states).view(shape).transpose(1, 2)  # (B, heads, T, hd)
-        key = base.key(hidden_states).view(shape).transpose(1, 2)
-        value = base.value(hidden_states).view(shape).transpose(1, 2)
+        shape = (batch, length, -1, self.attention_head_size)
+        query = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, heads, T, hd)
+        key = self.key(hidden_states).view(shape).transpose(1, 2)
+        value = self.value(hidden_states).view(shape).transpose(1, 2)
         prefix_key, prefix_value = (t.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1) for t in kv)  # (B, heads, n, hd)
         key = torch.cat([prefix_key, key], dim=2)  # (B, heads, n + T, hd)
         value = torch.cat([prefix_value, value], dim=2)
@@ -100,8 +94,26 @@ class PrefixSelfAttention(nn.Module):
             n = prefix_key.shape[2]
             fill = torch.ones if attention_mask.dtype == torch.bool else torch.zeros
             front = fill(*attention_mask.shape[:-1], n, dtype=attention_mask.dtype, device=attention_mask.device)
-            attention_mask = torch.cat([front.expand(attention_mask.shape[0], -1, -1, -1), attention_mask], dim=-1)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(base.config._attn_implementation, eager_attention_forward)
-        out, weights = attend(base, query, key, value, attention_mask, dropout=0.0 if not self.training else base.dropout.p,
-                              scaling=base.scaling, **kwargs)
+            attention_mask = torch.cat([front, attention_mask], dim=-1)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attend(self, query, key, value, attention_mask, dropout=0.0 if not self.training else self.dropout.p,
+                              scaling=self.scaling, **kwargs)
         return out.reshape(batch, length, -1).contiguous(), weights  # (B, T, H)
+
+
+_CLASSES: dict = {}
+
+
+def add_prefix(module: nn.Module, mixin: type, layer: int, **attributes) -> nn.Module:
+    """Give ``module`` the ``mixin`` (once; the class is made once per pair) and its attributes."""
+    cls = type(module)
+    if not isinstance(module, mixin):
+        key = (mixin, cls)
+        if key not in _CLASSES:
+            _CLASSES[key] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})
+        module.__class__ = _CLASSES[key]
+        module.active_adapter = None
+    module.prefix_layer = layer
+    for name, value in attributes.items():
+        object.__setattr__(module, name, value)  # plain attributes, never registered as submodules
+    return module

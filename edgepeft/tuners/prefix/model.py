@@ -6,7 +6,8 @@ positions start after the prefix (user ``position_ids`` are shifted by it). Outp
 cover the input tokens only.
 
 Encoders (BERT family; HF PEFT on transformers 5 refuses prefix tuning for them):
-each self-attention puts the prefix before its own keys/values (``PrefixSelfAttention``);
+each self-attention puts the prefix before its own keys/values (``PrefixSelfAttention``,
+mixed into the module so LoRA and others still find query/key/value by name);
 positions stay 0..T-1.
 """
 from __future__ import annotations
@@ -15,8 +16,8 @@ from torch import nn
 
 from edgepeft.errors import UnsupportedMethodError, UnsupportedModelError
 from edgepeft.models import DECODERS, ENCODERS, cache_kwargs
-from edgepeft.tuners.prefix.layer import PrefixEncoder, PrefixSelfAttention
-from edgepeft.tuners.targets import name_matches, replace_module
+from edgepeft.tuners.prefix.layer import PrefixEncoder, PrefixSelfAttention, add_prefix
+from edgepeft.tuners.targets import name_matches
 from edgepeft.tuners.virtual import embedding_holder, extend_mask, generate_with, mask_positions
 
 # Encoder self-attention modules that take a prefix, per model type (full-match regexes).
@@ -29,7 +30,7 @@ def model_type(model) -> str:
 
 def self_attention_names(model: nn.Module) -> list[str]:
     pattern = SELF_ATTENTION[model_type(model)]
-    return [k for k, _ in model.named_modules() if name_matches(pattern, k) and ".base_layer" not in k]
+    return [k for k, _ in model.named_modules() if name_matches(pattern, k)]
 
 
 def prefix_cache(model, holder, adapter_name: str, batch: int, cache=None):
@@ -44,6 +45,8 @@ def prefix_cache(model, holder, adapter_name: str, batch: int, cache=None):
 
 
 class PrefixTuner:
+    saved_model_prefix = "base_model."  # HF PEFT: heads saved as base_model.<module> for prompt learning
+
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         kind = model_type(model)
         if kind not in DECODERS and kind not in SELF_ATTENTION:
@@ -53,9 +56,7 @@ class PrefixTuner:
         holder.prompt_encoder[adapter_name] = PrefixEncoder(config).to(holder.base_layer.weight.device)
         if kind in ENCODERS:
             for layer, key in enumerate(self_attention_names(model)):
-                module = model.get_submodule(key)
-                if not isinstance(module, PrefixSelfAttention):
-                    replace_module(model, key, PrefixSelfAttention(module, layer, holder))
+                add_prefix(model.get_submodule(key), PrefixSelfAttention, layer, _source=holder)
         return []
 
     def layers(self, model: nn.Module):

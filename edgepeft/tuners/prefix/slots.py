@@ -19,9 +19,8 @@ from torch import nn
 
 from edgepeft.models import DECODERS
 from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, Slot, slot_axis, slot_name
-from edgepeft.tuners.prefix.layer import PrefixSelfAttention
+from edgepeft.tuners.prefix.layer import PrefixSelfAttention, add_prefix
 from edgepeft.tuners.prefix.model import model_type, self_attention_names
-from edgepeft.tuners.targets import replace_module
 from edgepeft.tuners.virtual import embedding_holder
 
 # Decoder attention modules per layer (the slot's module; the cache is indexed by layer).
@@ -30,11 +29,7 @@ AXIS = slot_axis("prefix", "n", "virtual_tokens")  # one length for every layer
 
 
 class PrefixSlotSelfAttention(PrefixSelfAttention):
-    """PrefixSelfAttention reading its prefix from graph inputs."""
-
-    def __init__(self, base_layer: nn.Module, layer_idx: int):
-        super().__init__(base_layer, layer_idx)
-        self.feed = {}
+    """PrefixSelfAttention reading its prefix from graph inputs (``feed``)."""
 
     def prefix(self):
         return self.feed["key"], self.feed["value"]  # (heads, n, hd) each
@@ -77,15 +72,15 @@ class PrefixSlots:
         return slots
 
     def install(self, model: nn.Module, slots: list[Slot], fused: dict):
-        feeds, neutral, layers = {}, {}, {}
+        feeds, neutral = {}, {}
         modules = _modules(model)
         for s in slots:
             if s.target:
                 continue  # a cache input the runtime binds: nothing in the graph
-            if s.module not in layers:
-                layers[s.module] = PrefixSlotSelfAttention(model.get_submodule(s.module), modules.index(s.module))
-                replace_module(model, s.module, layers[s.module])
-            feeds[s.name] = (layers[s.module], s.role)
+            module = model.get_submodule(s.module)
+            if not isinstance(module, PrefixSlotSelfAttention):
+                add_prefix(module, PrefixSlotSelfAttention, modules.index(s.module), feed={})
+            feeds[s.name] = (module, s.role)
             neutral[s.name] = np.zeros([0 if isinstance(d, str) else d for d in s.shape], dtype=s.dtype)
         return feeds, neutral
 

@@ -18,6 +18,8 @@ from edgepeft.tuners.virtual import embedding_holder, extend_mask, generate_with
 
 
 class PromptTuner:
+    saved_model_prefix = "base_model."  # HF PEFT: heads saved as base_model.<module> for prompt learning
+
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         config.fill_from(model.config)
         holder = embedding_holder(model, create=True)
