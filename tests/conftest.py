@@ -263,11 +263,25 @@ def greedy_reference(model, ids, mask, new_tokens: int):
     return ids.numpy(), np.stack(steps)
 
 
+def _ia3_adapter(path, base: str, seed: int) -> str:
+    import peft
+
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.IA3Config(task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(path))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def virtual_export(workdir, tiny_base, peft_adapter):
     """virtual_export(arch) -> (OUT, {name: adapter dir}): HF PEFT prompt, prefix, prefix-with-projection
-    (saved by HF PEFT while training, so the file holds the projected keys/values) and LoRA
-    adapters, all exported into one base."""
+    (saved by HF PEFT while training, so the file holds the projected keys/values), LoRA and
+    IA3 adapters, all exported into one base."""
     cache = {}
 
     def make(arch):
@@ -282,6 +296,7 @@ def virtual_export(workdir, tiny_base, peft_adapter):
                 "prefix_mlp": peft_virtual_adapter(root / "prefix_mlp", base, "prefix", seed=3, num_virtual_tokens=5,
                                                    prefix_projection=True, encoder_hidden_size=16),
                 "lora": peft_adapter(arch, "qv-for-virtual", seed=81, r=4),
+                "ia3": _ia3_adapter(root / "ia3", base, seed=82),
             }
             out = str(workdir / f"out-{arch}-virtual")
             report = export(list(dirs.values()), out, names=list(dirs))

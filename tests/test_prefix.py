@@ -82,15 +82,15 @@ def test_exported_prefix_matches_peft_forward_generation_and_steps(arch, name, v
 
 
 @pytest.mark.parametrize("arch", VIRTUAL_ARCHS)
-def test_one_base_switches_prefix_prompt_and_lora_per_call(arch, virtual_export, hf_reference, tiny_base):
+def test_one_base_switches_prefix_prompt_lora_and_ia3_per_call(arch, virtual_export, hf_reference, tiny_base):
     out, dirs, _ = virtual_export(arch)
     rt = Runtime(out)
     methods = {s.method for s in rt.slots.values()}
-    assert {"prefix", "prompt", "lora"} <= methods
+    assert {"prefix", "prompt", "lora", "ia3"} <= methods
     ids, mask = sample_batch(batch=3)
     refs = {name: torch_outputs(hf_reference(arch, d), ids, mask, "logits") for name, d in dirs.items()}
     refs[None] = torch_outputs(load_reference_base(tiny_base(arch), "causal-lm"), ids, mask, "logits")
-    for name in ["prefix", "lora", "prompt", None, "prefix_mlp", "prompt", "lora", None]:
+    for name in ["prefix", "lora", "prompt", None, "prefix_mlp", "ia3", "prompt", "lora", None]:
         ours = rt.forward(ids, mask, adapter=name)["logits"]
         n = ours.shape[1] - ids.shape[1]
         assert n == (4 if name == "prompt" else 0), name
@@ -98,7 +98,7 @@ def test_one_base_switches_prefix_prompt_and_lora_per_call(arch, virtual_export,
         assert max_diff_valid(ours, refs[name], valid) <= 1e-4, name
     # generation switches too: a prefix, then LoRA, then the plain base, on one runtime
     prompt, pmask = sample_batch(batch=2, seq=5, seed=9)
-    for name in ["prefix", "lora", None]:
+    for name in ["prefix", "lora", "prompt", "ia3", None]:
         model = hf_reference(arch, dirs[name]) if name else load_reference_base(tiny_base(arch), "causal-lm")
         np.testing.assert_array_equal(rt.generate(prompt, pmask, adapter=name, max_new_tokens=6, eos_token_id=[]),
                                       greedy_reference(model, prompt, pmask, 6)[0])
