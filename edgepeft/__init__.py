@@ -12,6 +12,8 @@ _LAZY = {
     "LoraConfig": "edgepeft.tuners.lora",
     "IA3Config": "edgepeft.tuners.ia3",
     "BottleneckConfig": "edgepeft.tuners.bottleneck",
+    "PrefixTuningConfig": "edgepeft.tuners.prefix",
+    "PromptTuningConfig": "edgepeft.tuners.prompt",
     "PeftModel": "edgepeft.peft_model",
     "get_peft_model": "edgepeft.peft_model",
     "EdgePeftError": "edgepeft.errors",

@@ -10,7 +10,10 @@ Parameter names match HF PEFT, so ``adapter_model.safetensors`` keys are the sam
 (``base_model.model.<module>.lora_A.weight``; a saved head as
 ``base_model.model.classifier.weight``). Every adapter-holding layer names its
 per-adapter ``ModuleDict``s in ``adapter_dicts``; saving and loading walk those,
-never the method's name.
+never the method's name. A layer whose saved state is not its parameters (the
+virtual-token encoder of prompt/prefix tuning) implements ``adapter_parameters``,
+``saved_tensors`` and ``load_saved_tensors`` instead, and a method whose tuner has
+``forward``/``generate`` hooks rewrites a call's inputs (virtual tokens).
 """
 from __future__ import annotations
 
@@ -94,6 +97,8 @@ class PeftModel(nn.Module):
         """{saved key: (ModuleDict entry, parameter name)} for one adapter, in PEFT's key format."""
         entries = {}
         for key, module in self.named_modules():
+            if hasattr(module, "saved_tensors"):  # its own state protocol (_custom_state)
+                continue
             for dict_name in getattr(module, "adapter_dicts", ()):
                 holder = getattr(module, dict_name)
                 if adapter_name not in holder:
@@ -112,15 +117,37 @@ class PeftModel(nn.Module):
         sub = getattr(module, dict_name)[adapter_name]
         return sub if pname is None else sub.get_parameter(pname)
 
+    def _custom_state(self) -> list:
+        """(key, module) of layers that save computed tensors rather than their parameters."""
+        return [(k, m) for k, m in self.named_modules() if hasattr(m, "saved_tensors")]
+
     def adapter_parameters(self, adapter_name: str) -> dict:
         out = {}
         for saved_key, (module, dict_name, pname) in self._adapter_entries(adapter_name).items():
             out[saved_key] = self._entry(module, dict_name, adapter_name, pname)
+        for key, module in self._custom_state():
+            out.update({f"{key}.{n}": p for n, p in module.adapter_parameters(adapter_name).items()})
         return out
+
+    def _saved_key(self, adapter_name: str, key: str, loading: bool = False) -> str:
+        """A method whose files name the model ``base_model.`` (HF PEFT's prompt learning: no tuner
+        wrapper around the model) sets ``saved_model_prefix`` on its tuner."""
+        prefix = getattr(method_for(self.peft_config[adapter_name]).tuner, "saved_model_prefix", None)
+        ours = "base_model.model."
+        if prefix is None:
+            return key
+        if loading:
+            return ours + key[len(prefix):] if key.startswith(prefix) else key
+        return prefix + key[len(ours):] if key.startswith(ours) else key
 
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict:
         name = adapter_name or self.active_adapter
-        return {k: p.detach() for k, p in self.adapter_parameters(name).items()}
+        state = {}
+        for saved_key, (module, dict_name, pname) in self._adapter_entries(name).items():
+            state[self._saved_key(name, saved_key)] = self._entry(module, dict_name, name, pname).detach()
+        for _, module in self._custom_state():
+            state.update(module.saved_tensors(name))
+        return state
 
     def load_adapter(self, directory: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
         directory = str(directory)
@@ -137,13 +164,15 @@ class PeftModel(nn.Module):
         self._load_state(adapter_name, state, path)
 
     def _load_state(self, adapter_name: str, state: dict, path: str) -> None:
+        state = {self._saved_key(adapter_name, k, loading=True): v for k, v in state.items()}
         # A head trained for another label count gets that shape before loading.
         for key, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")})
         entries = self._adapter_entries(adapter_name)
-        missing = sorted(set(entries) - set(state))
-        unexpected = sorted(set(state) - set(entries))
+        custom = {k: module for _, module in self._custom_state() for k in module.saved_tensors(adapter_name)}
+        missing = sorted((set(entries) | set(custom)) - set(state))
+        unexpected = sorted(set(state) - set(entries) - set(custom))
         if unexpected:
             raise AdapterBaseMismatchError(
                 f"{path}: has weights for modules this model lacks (e.g. {unexpected[0]}); "
@@ -160,6 +189,8 @@ class PeftModel(nn.Module):
                         "the adapter was trained on another base"
                     )
                 p.copy_(state[key].to(p.dtype))
+        for module in {id(m): m for m in custom.values()}.values():
+            module.load_saved_tensors(adapter_name, state, path)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False):
@@ -180,11 +211,21 @@ class PeftModel(nn.Module):
             config.save_pretrained(target)
 
     # ---------------------------------------------------------------- use
+    def _input_hook(self, name: str):
+        """The active method's tuner hook that rewrites a call's inputs (virtual tokens), or None."""
+        if self.active_adapter is None:
+            return None
+        hook = getattr(method_for(self.peft_config[self.active_adapter]).tuner, name, None)
+        return None if hook is None else (lambda *a, **k: hook(self.base_model.model, self.peft_config[self.active_adapter],
+                                                              self.active_adapter, *a, **k))
+
     def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+        hook = self._input_hook("forward")
+        return hook(*args, **kwargs) if hook else self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        return self.base_model.model.generate(*args, **kwargs)
+        hook = self._input_hook("generate")
+        return hook(*args, **kwargs) if hook else self.base_model.model.generate(*args, **kwargs)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -31,9 +31,7 @@ from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_group
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
 from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
 from edgepeft.models import (
-    cache_kwargs,
     cache_layout,
-    output_cache,
     call_kwargs,
     default_task,
     eos_token_ids,
@@ -146,8 +144,12 @@ def _reference(model, ids, mask, task) -> np.ndarray:
 
 
 def _max_diff(ours: np.ndarray, ref: np.ndarray, mask, task: str) -> float:
+    if ours.shape != ref.shape:
+        raise ExportValidationError(f"the export's output has shape {list(ours.shape)}, PyTorch's {list(ref.shape)}")
     if task == "seq-cls" or mask is None:
         return float(np.abs(ours - ref).max())
+    virtual = ours.shape[1] - mask.shape[1]  # a prompt's virtual tokens come first in the output
+    mask = np.concatenate([np.ones((mask.shape[0], virtual), mask.dtype), mask], axis=1)
     valid = mask.astype(bool)  # padded positions carry no meaning; compare real tokens only
     return float(np.abs(ours[valid] - ref[valid]).max())
 
@@ -167,25 +169,25 @@ def _decode_steps(rt, adapter, model, ids, mask, steps: int = 3):
     """Prefill then ``steps`` cached decode steps, teacher-forced with PyTorch's greedy tokens.
 
     Returns the last-position logits of every step, (steps + 1, B, V), from the
-    runtime and from PyTorch (HF semantics: positions from the attention mask).
+    runtime and from PyTorch run on the whole sequence so far with positions from the
+    attention mask, as transformers' generate makes them (a PeftModel with virtual
+    tokens shifts or drops them as HF PEFT does).
     """
-    ids, mask = ids.numpy(), mask.numpy()
-    positions = mask.cumsum(-1) - 1
-    positions[mask == 0] = 1
+    from edgepeft.tuners.virtual import mask_positions
+
     ours, ref = [], []
-    past, cache = None, None
-    step_ids = ids
-    with rt._using(adapter) as values, torch.no_grad():
-        for _ in range(steps + 1):
-            outputs = rt._run(values, step_ids, mask, positions, past, presents=True)
-            out = model(input_ids=torch.from_numpy(step_ids), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(positions), **cache_kwargs(model, cache))
-            ours.append(outputs[0].numpy()[:, -1])
+    with rt._using(adapter) as plan, torch.no_grad():
+        runtime_steps = rt._steps(plan, ids.numpy(), mask.numpy())
+        logits = next(runtime_steps)
+        for step in range(steps + 1):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask))
+            ours.append(logits)
             ref.append(out.logits[:, -1].float().numpy())
-            past, cache = outputs[1:], output_cache(out)
-            step_ids = ref[-1].argmax(-1)[:, None].astype(np.int64)
-            mask = np.concatenate([mask, np.ones_like(step_ids)], axis=1)
-            positions = positions[:, -1:] + 1
+            token = torch.from_numpy(ref[-1].argmax(-1)).long()  # (B,)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+            if step < steps:
+                logits = runtime_steps.send(token.numpy())
     return np.stack(ours), np.stack(ref)
 
 

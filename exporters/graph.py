@@ -42,6 +42,8 @@ class SlotGraph(torch.nn.Module):
         self.model = model
         self.slot_names = list(feeds)
         self._feeds = [feeds[n] for n in self.slot_names]  # (slot module, role) per slot
+        # A slot module that embeds input_ids itself (a prompt before the tokens): the model gets inputs_embeds.
+        self.embedder = next((m for m, _ in self._feeds if getattr(m, "embeds_input_ids", False)), None)
         self.output_name = TASK_OUTPUTS[task]
         self.cache = cache_manifest(cache) if cache else None
         self.kwargs = {} if cache else call_kwargs(model.config)
@@ -68,7 +70,8 @@ class SlotGraph(torch.nn.Module):
             extra = {"position_ids": position_ids, **cache_kwargs(self.model, cache)}
         for (module, role), value in zip(self._feeds, rest):
             module.feed[role] = value
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
+        tokens = {"inputs_embeds": self.embedder(input_ids)} if self.embedder is not None else {"input_ids": input_ids}
+        out = self.model(**tokens, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
         result = getattr(out, self.output_name)
         if not self.cache:
             return result
@@ -81,16 +84,28 @@ class SlotGraph(torch.nn.Module):
         """Inputs to trace with: batch 2 (one row left-padded), past length 4 when cached."""
         from edgepeft.models import sample_inputs
 
+        slots = [slot_samples[n] for n in self.slot_names]
         if not self.cache:
             ids, mask = sample_inputs(config)
-            return (ids, mask, *[slot_samples[n] for n in self.slot_names])
+            return (ids, self._with_virtual(ids, mask, slots), *slots)
         batch, past, new = 2, 4, 3
         ids, mask = sample_inputs(config, batch=batch, seq=past + new)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        mask = self._with_virtual(ids[:, past:], mask, slots)  # (B, past + virtual + T)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, virtual + T)
         g = torch.Generator().manual_seed(0)
         c = self.cache
         kv = [torch.randn(batch, c["num_kv_heads"], past, c["head_dim"], generator=g) for _ in range(2 * c["num_layers"])]
-        return (ids[:, past:], mask, position_ids, *kv, *[slot_samples[n] for n in self.slot_names])
+        return (ids[:, past:], mask, position_ids, *kv, *slots)
+
+    def _with_virtual(self, ids, mask, slots):
+        """The sample mask with ones for the tokens the embedder puts before ``ids`` (a sample prompt)."""
+        if self.embedder is None:
+            return mask
+        for (module, role), value in zip(self._feeds, slots):
+            module.feed[role] = value
+        with torch.no_grad():
+            virtual = self.embedder(ids).shape[1] - ids.shape[1]
+        return torch.cat([torch.ones(mask.shape[0], virtual, dtype=mask.dtype), mask], dim=1)
 
 
 def output_axes(task: str, slots) -> dict:
@@ -103,7 +118,7 @@ def output_axes(task: str, slots) -> dict:
 def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, path: str, task: str) -> dict:
     """Trace ``graph`` to ``path``; returns the I/O table written into the manifest."""
     token_axes = {0: "batch", 1: "sequence"}
-    slot_axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in slots}
+    slot_axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in slots if not s.target}
     output = graph.output_name
     io_axes = {"input_ids": token_axes, "attention_mask": token_axes}
     if graph.cache:

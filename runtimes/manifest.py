@@ -18,6 +18,17 @@ without re-export. Its ``neutral`` value makes the slot a no-op:
 
 Both are stored in the graph as initializers of the same name as the input, so a
 slot left unbound runs the base model exactly.
+
+Virtual tokens (prompt and prefix tuning) are declared by three optional fields:
+
+    phase "prefill"    bound at the first step of a call only (decode steps get the neutral value)
+    target NAME        not a graph input: its value starts the graph input NAME (a past_key_values.*
+                       cache input), repeated over the batch
+    virtual_axis K     axis K of the value counts virtual tokens; the runtime puts that many ones
+                       before the attention mask and counts them in the positions
+
+A slot with a ``target`` adds its tokens as past (positions start after them); a graph
+input with a ``virtual_axis`` adds them before the input tokens (outputs include them).
 """
 from __future__ import annotations
 
@@ -82,6 +93,9 @@ class Slot:
     dtype: str  # numpy dtype name, e.g. "float32"
     neutral: str  # "empty", "base" or "ones" (see module docstring)
     members: tuple = ()  # a slot of a fused group: the member modules, in output order
+    phase: str = "every"  # "every" step, or "prefill" (first step) only
+    target: str = ""  # the graph input this slot's value starts (a cache input); "" = its own input
+    virtual_axis: int | None = None  # axis counting virtual tokens the runtime adds to mask and positions
 
     def to_json(self) -> dict:
         d = {
@@ -95,6 +109,12 @@ class Slot:
         }
         if self.members:
             d["members"] = list(self.members)
+        if self.phase != "every":  # written only when set, so older slot tables keep their fingerprints
+            d["phase"] = self.phase
+        if self.target:
+            d["target"] = self.target
+        if self.virtual_axis is not None:
+            d["virtual_axis"] = self.virtual_axis
         return d
 
     @classmethod
@@ -108,6 +128,9 @@ class Slot:
             dtype=d["dtype"],
             neutral=d["neutral"],
             members=tuple(d.get("members", ())),
+            phase=d.get("phase", "every"),
+            target=d.get("target", ""),
+            virtual_axis=d.get("virtual_axis"),
         )
 
 

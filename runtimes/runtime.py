@@ -87,15 +87,41 @@ def _device_of(providers) -> tuple[str, int]:
     return "cpu", 0
 
 
-class _Adapter:
-    __slots__ = ("name", "path", "manifest", "values", "users")
+class _Plan:
+    """What one call binds for an adapter (see the manifest's slot fields).
 
-    def __init__(self, name, path, manifest, values):
+    every: {graph input: OrtValue} bound at every step; prefill: bound at the first step
+    only; past: {cache input: array (1, ...)} that starts the cache, repeated over the
+    batch; n_past / n_prepend: virtual tokens added as past / before the input tokens.
+    """
+
+    __slots__ = ("every", "prefill", "past", "n_past", "n_prepend")
+
+    def __init__(self):
+        self.every, self.prefill, self.past, self.n_past, self.n_prepend = {}, {}, {}, 0, 0
+
+    @property
+    def n_virtual(self) -> int:
+        return self.n_past + self.n_prepend
+
+
+_NO_ADAPTER = _Plan()
+
+
+class _Adapter:
+    __slots__ = ("name", "path", "manifest", "plan", "users")
+
+    def __init__(self, name, path, manifest, plan):
         self.name = name
         self.path = path
         self.manifest = manifest
-        self.values = values  # {slot name: OrtValue}
+        self.plan = plan
         self.users = 0  # calls in flight
+
+    @property
+    def values(self) -> dict:
+        """{slot name: OrtValue} of every graph input the adapter fills."""
+        return {**self.plan.every, **self.plan.prefill}
 
 
 class Runtime:
@@ -147,6 +173,11 @@ class Runtime:
         self.output_name = next(iter(self.manifest["outputs"]))  # logits / last_hidden_state first
         self.cache = self.manifest.get("cache")  # KV-cache layout of decoder graphs, else None
         self._past_names = cache_names(self.cache, "past") if self.cache else []
+        self._neutral = {  # decode steps bind these for slots filled at prefill only (a zero-length prompt)
+            s.name: ort.OrtValue.ortvalue_from_numpy(np.zeros([0 if isinstance(d, str) else d for d in s.shape], s.dtype),
+                                                     *self._device)
+            for s in self.manifest["slots"] if s.phase == "prefill" and not s.target
+        }
         self._present_names = cache_names(self.cache, "present") if self.cache else []
         self.input_names = list(self.manifest["inputs"])
         self.vocab_size = int(self.manifest["vocab_size"])
@@ -193,14 +224,32 @@ class Runtime:
             )
         arrays = self._run_adapter_graph(graph)
         self._check_adapter_tensors(path, manifest, arrays)
-        values = {
-            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), *self._device) for k, v in arrays.items()
-        }
+        plan = self._plan(path, arrays)
         with self._lock:
             if name in self._adapters:
                 raise ConfigError(f"{path}: an adapter named {name!r} is already loaded; unload it first or pick another name")
-            self._adapters[name] = _Adapter(name, path, manifest, values)
+            self._adapters[name] = _Adapter(name, path, manifest, plan)
         return name
+
+    def _plan(self, path: str, arrays: dict) -> _Plan:
+        """Sort an adapter's tensors by how they are bound (graph input, prefill only, cache start)."""
+        plan = _Plan()
+        for name, arr in arrays.items():
+            slot = self.slots[name]
+            if slot.target:
+                plan.past[slot.target] = np.ascontiguousarray(arr)
+            else:
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), *self._device)
+                (plan.prefill if slot.phase == "prefill" else plan.every)[name] = value
+            if slot.virtual_axis is not None and slot.target:
+                plan.n_past = int(arr.shape[slot.virtual_axis])  # every layer's prefix has the same length
+            elif slot.virtual_axis is not None:
+                plan.n_prepend += int(arr.shape[slot.virtual_axis])
+        if plan.past and set(plan.past) != set(self._past_names):
+            raise CorruptArtifactError(
+                f"{path}: the adapter starts {len(plan.past)} of the {len(self._past_names)} cache inputs; re-export the adapter"
+            )
+        return plan
 
     def unload_adapter(self, name: str) -> None:
         """Drop an adapter's staged tensors. Refused while a call is using it."""
@@ -265,13 +314,13 @@ class Runtime:
     def _using(self, name):
         """Hold an adapter for the length of one call (unload waits for it)."""
         if name is None or name == self.manifest.get("merged_adapter"):
-            yield {}
+            yield _NO_ADAPTER
             return
         with self._lock:
             adapter = self._get(name)
             adapter.users += 1
         try:
-            yield adapter.values
+            yield adapter.plan
         finally:
             with self._lock:
                 adapter.users -= 1
@@ -317,28 +366,31 @@ class Runtime:
         return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
 
     # ---------------------------------------------------------------- calls
-    def _slot_binding(self, values: dict):
+    def _slot_binding(self, plan: _Plan):
         """An IOBinding with the adapter's slot OrtValues bound (reused for every step of a generation)."""
         binding = self.session.io_binding()
-        for slot_name, value in values.items():
+        for slot_name, value in (*plan.every.items(), *plan.prefill.items()):
             binding.bind_ortvalue_input(slot_name, value)
         return binding
 
-    def _run(self, values: dict, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None) -> list:
+    def _run(self, plan: _Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None) -> list:
         """One session run; adapter slots and the KV cache stay OrtValues (IOBinding).
 
-        ``binding``: one from ``_slot_binding(values)`` to reuse (slots stay bound).
+        ``past`` None is a prefill: the cache starts as the adapter's (a prefix) or empty.
+        ``mask``/``position_ids`` already count the virtual tokens (``_virtual_inputs``).
+        ``binding``: one from ``_slot_binding(plan)`` to reuse (slots stay bound).
         Returns OrtValues: the task output, then the presents when asked for.
         """
-        binding = binding or self._slot_binding(values)
+        binding = binding or self._slot_binding(plan)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         if self.cache:
             binding.bind_cpu_input("position_ids", position_ids)
-            if past is None:  # prefill: empty cache, (B, kv_heads, 0, head_dim)
+            if past is None:  # prefill: the adapter's cache start repeated over the batch, else empty
                 empty = np.zeros((ids.shape[0], self.cache["num_kv_heads"], 0, self.cache["head_dim"]), np.float32)
                 for name in self._past_names:
-                    binding.bind_cpu_input(name, empty)
+                    start = plan.past.get(name)
+                    binding.bind_cpu_input(name, empty if start is None else np.repeat(start, ids.shape[0], axis=0))
             else:
                 for name, value in zip(self._past_names, past):
                     binding.bind_ortvalue_input(name, value)
@@ -349,17 +401,45 @@ class Runtime:
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()
 
+    def _virtual_inputs(self, plan: _Plan, mask, generate: bool):
+        """The prefill's attention mask and positions with the adapter's virtual tokens (HF PEFT's semantics).
+
+        The mask gets one 1 per virtual token in front. Positions: a forward call, or any
+        call with tokens put before the input (prompt tuning), counts every token from the
+        cache start (n_past); generation otherwise takes them from the mask (left padding
+        counts from 0) shifted by the virtual tokens in the cache (prefix tuning).
+        """
+        batch, length = mask.shape
+        full = np.concatenate([np.ones((batch, plan.n_virtual), np.int64), mask], axis=1) if plan.n_virtual else mask
+        if not self.cache:
+            return full, None
+        if generate and not plan.n_prepend:
+            positions = mask.cumsum(-1) - 1
+            positions[mask == 0] = 1  # as transformers fills padded positions
+            return full, positions + plan.n_past
+        positions = np.arange(plan.n_past, plan.n_past + plan.n_prepend + length, dtype=np.int64)
+        return full, np.broadcast_to(positions, (batch, positions.size)).copy()
+
+    def _check_length(self, plan: _Plan, length: int, new_tokens: int = 0, what: str = "") -> None:
+        if self.max_positions and (total := length + plan.n_virtual + new_tokens) > self.max_positions:
+            raise InvalidInputError(
+                f"prompt of {length} tokens + the adapter's {plan.n_virtual} virtual tokens{what} = {total} exceeds the "
+                f"model's {self.max_positions} positions; shorten the prompt" + (" or lower max_new_tokens" if what else "")
+            )
+
     def forward(self, input_ids, attention_mask=None, adapter=None) -> dict:
         """Run the base with ``adapter`` bound (None: the base model), no KV cache.
 
         Returns transformers-named numpy outputs: ``{'logits': ...}`` or
         ``{'last_hidden_state': ...}``. Positions are 0..T-1 as in a transformers
-        forward call.
+        forward call. An adapter with virtual tokens follows HF PEFT: a prompt's tokens
+        come first in the output (B, n + T, ...); a prefix's keys/values shift positions by n.
         """
         ids, mask = self._check_ids(input_ids, attention_mask)
-        positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy() if self.cache else None
-        with self._using(adapter) as values:
-            result = self._run(values, ids, mask, positions)[0].numpy()
+        with self._using(adapter) as plan:
+            self._check_length(plan, ids.shape[1])
+            full, positions = self._virtual_inputs(plan, mask, generate=False)
+            result = self._run(plan, ids, full, positions)[0].numpy()
         return {self.output_name: result}
 
     def stream(self, input_ids, attention_mask=None, adapter=None, **generation):
@@ -378,24 +458,38 @@ class Runtime:
                 f"prompt of {ids.shape[1]} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
                 f"{self.max_positions} positions; shorten the prompt or lower max_new_tokens"
             )
+        with self._using(adapter) as plan:  # an unknown adapter or too many virtual tokens fail now, not at next()
+            self._check_length(plan, ids.shape[1], cfg.max_new_tokens, f" + max_new_tokens {cfg.max_new_tokens}")
         if (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
         stops = _StopStrings(self, cfg.stop, ids.shape[1]) if cfg.stop else None  # needs the tokenizer: fail now
         return self._stream(ids, mask, adapter, cfg, stops)
 
+    def _steps(self, plan: _Plan, ids, mask):
+        """Prefill, then one cached step per token sent in: yields each step's last-position logits (B, V).
+
+        ``steps.send(tokens)`` ((B,) int64) runs the next step; the KV cache stays in OrtValues.
+        """
+        full, positions = self._virtual_inputs(plan, mask, generate=True)
+        binding = self._slot_binding(plan)
+        outputs = self._run(plan, ids, full, positions, None, presents=True, binding=binding)
+        for name in plan.prefill:  # decode steps add no virtual tokens
+            binding.bind_ortvalue_input(name, self._neutral[name])
+        while True:
+            token = yield outputs[0].numpy()[:, -1, :]
+            full = np.concatenate([full, np.ones_like(token)[:, None]], axis=1)
+            positions = positions[:, -1:] + 1
+            outputs = self._run(plan, token[:, None], full, positions, outputs[1:], presents=True, binding=binding)
+
     def _stream(self, ids, mask, adapter, cfg, stops):
         rng = np.random.default_rng(cfg.seed)
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row
         eos = np.array(cfg.eos_token_id, dtype=np.int64)
-        positions = mask.cumsum(-1) - 1  # left padding: real tokens count from 0
-        positions[mask == 0] = 1  # as transformers fills padded positions
         sequences, finished = ids, np.zeros(ids.shape[0], dtype=bool)
-        step_ids, past = ids, None
-        with self._using(adapter) as values:
-            binding = self._slot_binding(values)
-            for _ in range(cfg.max_new_tokens):
-                outputs = self._run(values, step_ids, mask, positions, past, presents=True, binding=binding)
-                logits = outputs[0].numpy()[:, -1, :]  # (B, V) at the last position
+        with self._using(adapter) as plan:
+            steps = self._steps(plan, ids, mask)
+            logits = next(steps)
+            for step in range(cfg.max_new_tokens):
                 token = next_tokens(logits, sequences, cfg, rng, ignore=padding)
                 token = np.where(finished, cfg.pad_token_id, token)
                 sequences = np.concatenate([sequences, token[:, None]], axis=1)
@@ -403,12 +497,9 @@ class Runtime:
                 finished |= np.isin(token, eos)
                 if stops is not None:
                     finished |= stops.hit(sequences)
-                if finished.all():
+                if finished.all() or step + 1 == cfg.max_new_tokens:
                     return
-                past = outputs[1:]  # present.* of this step: the next step's past, kept as OrtValues
-                step_ids = token[:, None]
-                mask = np.concatenate([mask, np.ones_like(token)[:, None]], axis=1)
-                positions = positions[:, -1:] + 1
+                logits = steps.send(token)
 
     def generate(self, input_ids, attention_mask=None, adapter=None, max_new_tokens=32, do_sample=False,
                  temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, seed=None,

@@ -215,3 +215,92 @@ def shared_export(workdir, peft_adapter):
         return cache[arch]
 
     return make
+
+
+# ---------------------------------------------------------------- virtual tokens (prompt / prefix tuning)
+VIRTUAL_ARCHS = ["llama", "qwen2", "gpt2"]
+
+
+def randomize_prompt_encoder(model, seed: int, scale: float = 1.0) -> None:
+    """Random prompt/prefix parameters (HF PEFT's ``prompt_encoder`` or edgepeft's) so parity tests can fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "prompt_encoder" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def peft_virtual_adapter(path, base: str, kind: str, seed: int, task: str = "causal-lm", **kw) -> str:
+    """Save an HF PEFT prompt ("prompt") or prefix ("prefix") adapter with random weights to ``path``."""
+    import peft
+
+    cls = peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig
+    pm = peft.get_peft_model(load_reference_base(base, task), cls(task_type=TASK_TYPES[task], **kw))
+    randomize_prompt_encoder(pm, seed)
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(path))
+    return str(path)
+
+
+def greedy_reference(model, ids, mask, new_tokens: int):
+    """Greedy ids and every step's last logits, recomputing the whole sequence with ``model`` (no cache).
+
+    Positions come from the attention mask as transformers' generate makes them; HF PEFT
+    shifts them by the prefix (prefix tuning) or drops them (prompt tuning). This is what
+    HF PEFT's ``generate`` computes; its cached generate for prompt learning is broken on
+    transformers 5 (the prefix is dropped at prefill), so tests use this instead.
+    """
+    from edgepeft.tuners.virtual import mask_positions
+
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    steps = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask)).logits[:, -1]
+            steps.append(logits.float().numpy())
+            token = logits.argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids.numpy(), np.stack(steps)
+
+
+def _ia3_adapter(path, base: str, seed: int) -> str:
+    import peft
+
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.IA3Config(task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def virtual_export(workdir, tiny_base, peft_adapter):
+    """virtual_export(arch) -> (OUT, {name: adapter dir}): HF PEFT prompt, prefix, prefix-with-projection
+    (saved by HF PEFT while training, so the file holds the projected keys/values), LoRA and
+    IA3 adapters, all exported into one base."""
+    cache = {}
+
+    def make(arch):
+        if arch not in cache:
+            from edgepeft.exporters import export
+
+            root = workdir / "virtual" / arch
+            base = tiny_base(arch)
+            dirs = {
+                "prompt": peft_virtual_adapter(root / "prompt", base, "prompt", seed=1, num_virtual_tokens=4),
+                "prefix": peft_virtual_adapter(root / "prefix", base, "prefix", seed=2, num_virtual_tokens=3),
+                "prefix_mlp": peft_virtual_adapter(root / "prefix_mlp", base, "prefix", seed=3, num_virtual_tokens=5,
+                                                   prefix_projection=True, encoder_hidden_size=16),
+                "lora": peft_adapter(arch, "qv-for-virtual", seed=81, r=4),
+                "ia3": _ia3_adapter(root / "ia3", base, seed=82),
+            }
+            out = str(workdir / f"out-{arch}-virtual")
+            report = export(list(dirs.values()), out, names=list(dirs))
+            cache[arch] = (out, dirs, report)
+        return cache[arch]
+
+    return make

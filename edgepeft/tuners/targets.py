@@ -121,7 +121,7 @@ class _TargetView(nn.Module):
         inner = (".base_layer", ".original_module", ".modules_to_save")
         for key, m in self._model.named_modules():
             if any(part in key for part in inner) or any(
-                f".{d}." in key + "." for d in ("lora_A", "lora_B", "lora_dropout", "ia3_l", "adapter_down", "adapter_up")
+                f".{d}." in key + "." for d in ("lora_A", "lora_B", "lora_dropout", "ia3_l", "adapter_down", "adapter_up", "prompt_encoder")
             ):
                 continue
             yield key, innermost(m)

@@ -1,0 +1,25 @@
+"""Prefix tuning config: HF PEFT's ``PrefixTuningConfig`` fields, names, defaults and semantics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from edgepeft.tuners.virtual import PromptLearningConfig
+
+
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Learned keys and values, ``num_virtual_tokens`` of them, before every attention layer's own.
+
+    ``prompt_embeddings`` is (num_virtual_tokens, num_layers * 2 * token_dim); with
+    ``prefix_projection`` a trained adapter holds (num_virtual_tokens, token_dim) embeddings
+    and a two-layer MLP (token_dim -> encoder_hidden_size -> num_layers * 2 * token_dim),
+    and, as HF PEFT does, saves the MLP's output, so a saved adapter is always the keys
+    and values themselves. For grouped-query attention ``token_dim`` is
+    ``num_key_value_heads * head_dim`` and ``num_attention_heads`` the key/value heads.
+    """
+
+    peft_type_name = "PREFIX_TUNING"
+    encoder_hidden_size: Optional[int] = None
+    prefix_projection: bool = False
+    init_weights: Optional[str] = None

@@ -1,0 +1,119 @@
+"""Prefix tuning in PyTorch: HF PEFT's ``PrefixEncoder`` and edgepeft's encoder self-attention with a prefix."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PrefixEncoder(nn.Module):
+    """``forward()`` -> (num_virtual_tokens, num_layers * 2 * token_dim): every layer's prefix keys and values.
+
+    With ``prefix_projection`` (and not ``inference_mode``): embeddings (n, token_dim)
+    through Linear -> tanh -> Linear (token_dim -> encoder_hidden_size -> L * 2 * token_dim).
+    ``init_weights="zero"`` zeroes the output (the last layer of the MLP), as HF PEFT does.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        n, width = config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
+        self.layout = (config.num_layers, config.num_attention_heads, config.token_dim)
+        self.transform = None
+        if config.prefix_projection and not config.inference_mode:
+            self.embedding = nn.Embedding(n, config.token_dim)
+            self.transform = nn.Sequential(
+                nn.Linear(config.token_dim, config.encoder_hidden_size), nn.Tanh(), nn.Linear(config.encoder_hidden_size, width)
+            )
+            last = self.transform[-1]
+            if config.init_weights == "zero":
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
+        else:
+            self.embedding = nn.Embedding(n, width)
+            if config.init_weights == "zero":
+                nn.init.zeros_(self.embedding.weight)
+
+    def forward(self) -> torch.Tensor:
+        tokens = self.embedding.weight  # (n, token_dim) or (n, L * 2 * token_dim)
+        return self.transform(tokens) if self.transform is not None else tokens
+
+    def keys_values(self) -> list:
+        return layer_keys_values(self(), *self.layout)
+
+
+def layer_keys_values(tokens: torch.Tensor, num_layers: int, heads: int, token_dim: int) -> list:
+    """Split HF PEFT's flat prefix into [(key, value)] per layer, each (heads, n, head_dim).
+
+    tokens (n, L * 2 * token_dim) -> (n, L * 2, heads, head_dim) -> (L * 2, heads, n, head_dim);
+    layer l's key is entry 2l and its value 2l + 1 (HF PEFT's ``get_prompt`` layout).
+    """
+    n = tokens.shape[0]
+    kv = tokens.reshape(n, num_layers * 2, heads, token_dim // heads).permute(1, 2, 0, 3)
+    return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(num_layers)]
+
+
+class PrefixSelfAttention:
+    """Mixed into an encoder self-attention (BERT family): its keys/values get a prefix in front.
+
+        hidden (B, T, H) --> q, k, v (B, heads, T, hd)
+        prefix key/value (heads, n, hd) --> expand (B, heads, n, hd) --> cat before k, v: (B, heads, n + T, hd)
+        attention mask (B, 1, T, T) --> prefix columns always attended: (B, 1, T, n + T)
+
+    Positions and the token sequence are unchanged: the prefix is keys and values only.
+    ``add_prefix`` swaps the module's class for one with this mixin, so its children
+    (query/key/value) keep their names and other methods (LoRA on query) still find them.
+    ``prefix()`` gives (key, value) for the active adapter, or None: the plain layer. In
+    PyTorch they come from the prefix encoder held by the input embeddings (``_source``);
+    the export graph's subclass reads graph inputs.
+    """
+
+    adapter_dicts = ()  # holds no parameters: its keys/values come from the prefix encoder
+
+    def prefix(self):
+        encoders = self._source.prompt_encoder
+        encoder = encoders[self.active_adapter] if self.active_adapter in encoders else None
+        return encoder.keys_values()[self.prefix_layer] if isinstance(encoder, PrefixEncoder) else None
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        kv = self.prefix()
+        if kv is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        batch, length = hidden_states.shape[:2]
+        shape = (batch, length, -1, self.attention_head_size)
+        query = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, heads, T, hd)
+        key = self.key(hidden_states).view(shape).transpose(1, 2)
+        value = self.value(hidden_states).view(shape).transpose(1, 2)
+        prefix_key, prefix_value = (t.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1) for t in kv)  # (B, heads, n, hd)
+        key = torch.cat([prefix_key, key], dim=2)  # (B, heads, n + T, hd)
+        value = torch.cat([prefix_value, value], dim=2)
+        if attention_mask is not None:  # (B, 1, T, T): bool (True = attend) or additive float (0 = attend)
+            n = prefix_key.shape[2]
+            fill = torch.ones if attention_mask.dtype == torch.bool else torch.zeros
+            front = fill(*attention_mask.shape[:-1], n, dtype=attention_mask.dtype, device=attention_mask.device)
+            attention_mask = torch.cat([front, attention_mask], dim=-1)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attend(self, query, key, value, attention_mask, dropout=0.0 if not self.training else self.dropout.p,
+                              scaling=self.scaling, **kwargs)
+        return out.reshape(batch, length, -1).contiguous(), weights  # (B, T, H)
+
+
+_CLASSES: dict = {}
+
+
+def add_prefix(module: nn.Module, mixin: type, layer: int, **attributes) -> nn.Module:
+    """Give ``module`` the ``mixin`` (once; the class is made once per pair) and its attributes."""
+    cls = type(module)
+    if not isinstance(module, mixin):
+        key = (mixin, cls)
+        if key not in _CLASSES:
+            _CLASSES[key] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})
+        module.__class__ = _CLASSES[key]
+        module.active_adapter = None
+    module.prefix_layer = layer
+    for name, value in attributes.items():
+        object.__setattr__(module, name, value)  # plain attributes, never registered as submodules
+    return module

@@ -1,0 +1,103 @@
+"""Prefix tuning in PyTorch.
+
+Decoders (Llama, Qwen2, GPT-2), as HF PEFT: the KV cache starts with every layer's
+prefix keys/values, the attention mask gets num_virtual_tokens ones in front, and
+positions start after the prefix (user ``position_ids`` are shifted by it). Outputs
+cover the input tokens only.
+
+Encoders (BERT family; HF PEFT on transformers 5 refuses prefix tuning for them):
+each self-attention puts the prefix before its own keys/values (``PrefixSelfAttention``,
+mixed into the module so LoRA and others still find query/key/value by name);
+positions stay 0..T-1.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from edgepeft.errors import UnsupportedMethodError, UnsupportedModelError
+from edgepeft.models import DECODERS, ENCODERS, cache_kwargs
+from edgepeft.tuners.prefix.layer import PrefixEncoder, PrefixSelfAttention, add_prefix
+from edgepeft.tuners.targets import name_matches
+from edgepeft.tuners.virtual import embedding_holder, extend_mask, generate_with, mask_positions
+
+# Encoder self-attention modules that take a prefix, per model type (full-match regexes).
+SELF_ATTENTION = {"bert": r".*\.attention\.self"}
+
+
+def model_type(model) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def self_attention_names(model: nn.Module) -> list[str]:
+    pattern = SELF_ATTENTION[model_type(model)]
+    return [k for k, _ in model.named_modules() if name_matches(pattern, k)]
+
+
+def prefix_cache(model, holder, adapter_name: str, batch: int, cache=None):
+    """A DynamicCache (or ``cache``, filled in place) holding every layer's prefix, (B, kv_heads, n, hd) each."""
+    from transformers import DynamicCache
+
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    for layer, (key, value) in enumerate(holder.prompt_encoder[adapter_name].keys_values()):  # (kv_heads, n, hd)
+        cache.update(key.unsqueeze(0).expand(batch, -1, -1, -1).contiguous(),
+                     value.unsqueeze(0).expand(batch, -1, -1, -1).contiguous(), layer)
+    return cache
+
+
+class PrefixTuner:
+    saved_model_prefix = "base_model."  # HF PEFT: heads saved as base_model.<module> for prompt learning
+
+    def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
+        kind = model_type(model)
+        if kind not in DECODERS and kind not in SELF_ATTENTION:
+            raise UnsupportedModelError(f"prefix tuning supports {', '.join(sorted(DECODERS | set(SELF_ATTENTION)))}, not {kind!r}")
+        config.fill_from(model.config)
+        holder = embedding_holder(model, create=True)
+        holder.prompt_encoder[adapter_name] = PrefixEncoder(config).to(holder.base_layer.weight.device)
+        if kind in ENCODERS:
+            for layer, key in enumerate(self_attention_names(model)):
+                add_prefix(model.get_submodule(key), PrefixSelfAttention, layer, _source=holder)
+        return []
+
+    def layers(self, model: nn.Module):
+        holder = embedding_holder(model)
+        return [] if holder is None else [("", holder)]
+
+    def merge(self, model: nn.Module, adapter_name: str) -> None:
+        raise UnsupportedMethodError("prefix tuning adds keys and values, it has no weights to merge; export it with slots instead")
+
+    def forward(self, model, config, adapter_name: str, input_ids=None, attention_mask=None, inputs_embeds=None,
+                position_ids=None, **kwargs):
+        if model_type(model) in ENCODERS:  # the self-attention layers add the prefix
+            return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         position_ids=position_ids, **kwargs)
+        n = config.num_virtual_tokens
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        for name in ("use_cache", "cache", "past_key_values"):
+            kwargs.pop(name, None)
+        cache = prefix_cache(model, embedding_holder(model), adapter_name, batch)
+        return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=extend_mask(attention_mask, n, batch, device),
+                     position_ids=None if position_ids is None else position_ids + n, **cache_kwargs(model, cache), **kwargs)
+
+    def generate(self, model, config, adapter_name: str, *args, **kwargs):
+        """``model.generate`` with the cache starting as the prefix; positions from the mask, after the prefix."""
+        if model_type(model) not in DECODERS:
+            raise UnsupportedModelError(f"{model_type(model)} is an encoder: it does not generate")
+        n = config.num_virtual_tokens
+        holder = embedding_holder(model)
+
+        def step(inputs, key, input_ids, mask, first):
+            batch = input_ids.shape[0]
+            inputs["attention_mask"] = extend_mask(mask, n, batch, input_ids.device)
+            positions = mask_positions(mask) + n  # (B, T so far)
+            if first:
+                inputs[key] = prefix_cache(model, holder, adapter_name, batch, inputs.get(key))
+                inputs["input_ids"], inputs["position_ids"] = input_ids, positions
+            else:
+                inputs["input_ids"], inputs["position_ids"] = input_ids[:, -1:], positions[:, -1:]
+            inputs["inputs_embeds"] = None
+            inputs["use_cache"] = True
+            return inputs
+
+        return generate_with(model, step, *args, **kwargs)

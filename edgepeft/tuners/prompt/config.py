@@ -1,0 +1,41 @@
+"""Prompt tuning config: HF PEFT's ``PromptTuningConfig`` fields, names, defaults and semantics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from edgepeft.errors import ConfigError
+from edgepeft.tuners.virtual import PromptLearningConfig
+
+INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """``num_virtual_tokens`` learned embeddings (num_virtual_tokens, hidden) put before the input embeddings.
+
+    ``prompt_tuning_init="TEXT"`` starts them as the embeddings of ``prompt_tuning_init_text``
+    tokenized with ``tokenizer_name_or_path`` (a local folder, or a tokenizer object, which
+    is saved as its ``name_or_path``), repeated or cut to ``num_virtual_tokens``.
+    """
+
+    peft_type_name = "PROMPT_TUNING"
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: Optional[str] = None
+    tokenizer_name_or_path: Any = None
+    tokenizer_kwargs: Optional[dict] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.prompt_tuning_init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init))
+        if self.prompt_tuning_init not in INITS:
+            raise ConfigError(f"prompt_tuning_init must be one of {', '.join(INITS)}, got {self.prompt_tuning_init!r}")
+        if self.prompt_tuning_init == "TEXT" and (not self.tokenizer_name_or_path or self.prompt_tuning_init_text is None):
+            raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path")
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        tok = self.tokenizer_name_or_path
+        if tok is not None and not isinstance(tok, str):  # a tokenizer object: record where it came from
+            d["tokenizer_name_or_path"] = getattr(tok, "name_or_path", None) or None
+        return d

@@ -1,0 +1,172 @@
+"""Virtual tokens: what prompt tuning and prefix tuning share (HF PEFT's "prompt learning").
+
+    transformers model
+      `-- input embedding layer = VirtualTokenEmbedding(base_layer)   forward: base_layer, unchanged
+            `-- prompt_encoder[adapter]: the method's encoder; encoder() -> (num_virtual_tokens, D)
+
+The encoder lives beside the input embeddings so it is part of the module tree
+(trainable, moved with ``.to``), yet it changes nothing by itself: the method's
+tuner rewrites a call's inputs (``forward`` / ``generate`` hooks that PeftModel
+calls), as HF PEFT's PeftModel does for prompt learning:
+
+- the attention mask gets ``num_virtual_tokens`` ones in front;
+- prompt tuning puts the prompt before the input embeddings; user ``position_ids``
+  are dropped, so positions count every token, virtual ones included, from 0;
+- prefix tuning starts the KV cache with the prefix keys/values, so positions start
+  at ``num_virtual_tokens`` (user ``position_ids`` are shifted by it).
+
+Saved state is one tensor, ``prompt_embeddings``, as HF PEFT saves it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from edgepeft.config import PeftConfig
+from edgepeft.errors import ConfigError, CorruptArtifactError, UnsupportedMethodError
+from edgepeft.tuners.targets import replace_module
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Fields HF PEFT's prompt-learning configs share; the model's sizes are filled in at injection."""
+
+    num_virtual_tokens: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+
+    def __post_init__(self):
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+
+    def fill_from(self, model_config) -> None:
+        """HF PEFT's ``_prepare_prompt_learning_config``: sizes the config leaves unset come from the model."""
+        c = model_config
+        if self.num_layers is None:
+            self.num_layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
+        if self.token_dim is None:
+            self.token_dim = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+        if self.num_attention_heads is None:
+            self.num_attention_heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+        if self.num_transformer_submodules is None:
+            self.num_transformer_submodules = 1
+        if self.num_transformer_submodules != 1:
+            raise UnsupportedMethodError("num_transformer_submodules must be 1 (encoder-decoder models are not supported)")
+        kv_heads = getattr(c, "num_key_value_heads", None)
+        if self.peft_type == "PREFIX_TUNING" and kv_heads is not None and self.num_attention_heads != kv_heads:
+            head_dim = getattr(c, "head_dim", None) or self.token_dim // self.num_attention_heads  # grouped-query attention
+            self.token_dim, self.num_attention_heads = head_dim * kv_heads, kv_heads
+        if hasattr(self, "encoder_hidden_size") and self.encoder_hidden_size is None:
+            self.encoder_hidden_size = self.token_dim
+
+
+class VirtualTokenEmbedding(nn.Module):
+    """Wraps the input embedding layer and holds each adapter's virtual-token encoder.
+
+    Its forward is the embedding layer's. State: one ``prompt_embeddings`` tensor per
+    adapter (the encoder's output, as HF PEFT saves it).
+    """
+
+    adapter_dicts = ("prompt_encoder",)
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.prompt_encoder = nn.ModuleDict()
+        self.active_adapter = None
+
+    def forward(self, *args, **kwargs):
+        return self.base_layer(*args, **kwargs)
+
+    def tokens(self, adapter_name: str) -> torch.Tensor:
+        """(num_virtual_tokens, D): the prompt (D = hidden) or flattened prefix keys/values."""
+        return self.prompt_encoder[adapter_name]()
+
+    # The saved-state protocol PeftModel calls for layers whose state is not plain parameters.
+    def adapter_parameters(self, adapter_name: str) -> dict:
+        return dict(self.prompt_encoder[adapter_name].named_parameters()) if adapter_name in self.prompt_encoder else {}
+
+    def saved_tensors(self, adapter_name: str) -> dict:
+        if adapter_name not in self.prompt_encoder:
+            return {}
+        return {"prompt_embeddings": self.tokens(adapter_name).detach()}
+
+    def load_saved_tensors(self, adapter_name: str, state: dict, path: str) -> None:
+        encoder = self.prompt_encoder[adapter_name]
+        saved = state["prompt_embeddings"]
+        weight = encoder.embedding.weight
+        if tuple(saved.shape) != tuple(weight.shape):
+            if getattr(encoder, "transform", None) is not None:
+                raise ConfigError(
+                    f"{path}: prefix_projection adapters are saved with the projection applied (as HF PEFT saves "
+                    "them), so the MLP cannot be trained further; load with is_trainable=False"
+                )
+            raise CorruptArtifactError(
+                f"{path}: prompt_embeddings has shape {list(saved.shape)}, the model expects {list(weight.shape)}; "
+                "the adapter was trained on another base or with another num_virtual_tokens"
+            )
+        with torch.no_grad():
+            weight.copy_(saved.to(weight.dtype))
+
+
+def embedding_holder(model: nn.Module, create: bool = False) -> VirtualTokenEmbedding | None:
+    """The VirtualTokenEmbedding around ``model``'s input embeddings (made on first use when ``create``)."""
+    embeddings = model.get_input_embeddings()
+    if isinstance(embeddings, VirtualTokenEmbedding) or not create:
+        return embeddings if isinstance(embeddings, VirtualTokenEmbedding) else None
+    key = next(k for k, m in model.named_modules() if m is embeddings)
+    holder = VirtualTokenEmbedding(embeddings)
+    replace_module(model, key, holder)
+    return holder
+
+
+def extend_mask(mask: torch.Tensor | None, n: int, batch: int, device) -> torch.Tensor | None:
+    """``n`` ones before the attention mask (virtual tokens are always attended)."""
+    if mask is None:
+        return None
+    return torch.cat([torch.ones(batch, n, dtype=mask.dtype, device=mask.device), mask], dim=1)
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Positions from the attention mask, as transformers' generate makes them (left padding counts from 0)."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 1)
+
+
+def cache_key(inputs: dict) -> str:
+    return "cache" if "cache" in inputs else "past_key_values"
+
+
+def generate_with(model, prepare_step, *generate_args, **generate_kwargs):
+    """``model.generate`` with ``prepare_step(inputs, input_ids, mask, first)`` rewriting each step's inputs.
+
+    ``mask`` is the user's attention mask so far (no virtual tokens); ``first`` is the
+    prefill step (an empty cache). The model's own preparation runs first.
+    """
+    original = model.prepare_inputs_for_generation
+    saved = model.__dict__.get("prepare_inputs_for_generation")
+
+    def prepare(input_ids, *args, **kwargs):  # named as transformers expects (it validates generate's kwargs)
+        inputs = original(input_ids, *args, **kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        key = cache_key(inputs)
+        cache = inputs.get(key)
+        first = cache is None or cache.get_seq_length() == 0
+        inputs.pop("cache_position", None)
+        return prepare_step(inputs, key, input_ids, mask, first)
+
+    model.prepare_inputs_for_generation = prepare
+    try:
+        return model.generate(*generate_args, **generate_kwargs)
+    finally:
+        if saved is None:
+            del model.prepare_inputs_for_generation  # the class's own method is back
+        else:
+            model.prepare_inputs_for_generation = saved

@@ -1,0 +1,172 @@
+"""Prefix tuning: HF PEFT parity in PyTorch (both ways, with the projection MLP), export + runtime
+parity on decoders (forward, greedy generation, every decode step), BERT-family encoders against
+edgepeft's own module, one base serving prefix/prompt/LoRA adapters per call, training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import (
+    VIRTUAL_ARCHS,
+    greedy_reference,
+    load_reference_base,
+    max_diff_valid,
+    randomize_prompt_encoder,
+    sample_batch,
+    torch_outputs,
+    train_steps,
+)
+
+import edgepeft
+from edgepeft.errors import ConfigError, UnsupportedMethodError
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+
+@pytest.mark.parametrize("arch", VIRTUAL_ARCHS)
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_tuning_matches_peft_both_ways(arch, projection, tiny_base, tmp_path):
+    import peft
+
+    base = tiny_base(arch)
+    ids, mask = sample_batch()
+    config = edgepeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=projection,
+                                         encoder_hidden_size=24 if projection else None)
+    model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), config)
+    randomize_prompt_encoder(model, seed=6, scale=0.5)
+    model.eval().save_pretrained(tmp_path / "ours")
+    state = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    token_dim = 16 if arch != "gpt2" else 32  # grouped-query attention: 2 kv heads x head_dim 8
+    assert list(state) == ["prompt_embeddings"] and tuple(state["prompt_embeddings"].shape) == (4, 2 * 2 * token_dim)
+    ours = torch_outputs(model, ids, mask, "logits")
+    assert ours.shape == (2, 9, 128)  # a prefix adds keys/values, not output positions
+    hf = peft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "ours")).eval()
+    assert max_diff_valid(torch_outputs(hf, ids, mask, "logits"), ours, mask) <= 1e-5
+    hf.save_pretrained(tmp_path / "theirs")
+    back = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "theirs")).eval()
+    assert max_diff_valid(torch_outputs(back, ids, mask, "logits"), ours, mask) <= 1e-5
+    assert max_diff_valid(ours, torch_outputs(load_reference_base(base, "causal-lm"), ids, mask, "logits"), mask) > 1e-2
+    prompt, pmask = sample_batch(batch=2, seq=6)
+    with torch.no_grad():
+        got = model.generate(input_ids=torch.from_numpy(prompt), attention_mask=torch.from_numpy(pmask), max_new_tokens=8,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(got.numpy(), greedy_reference(hf, prompt, pmask, 8)[0])
+    if projection:  # the file holds the projected keys/values, as HF PEFT's: the MLP cannot be trained further
+        with pytest.raises(ConfigError, match="is_trainable=False"):
+            edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "ours"), is_trainable=True)
+    with pytest.raises(UnsupportedMethodError, match="no weights to merge"):
+        model.merge_and_unload()
+
+
+@pytest.mark.parametrize("arch", VIRTUAL_ARCHS)
+@pytest.mark.parametrize("name", ["prefix", "prefix_mlp"])
+def test_exported_prefix_matches_peft_forward_generation_and_steps(arch, name, virtual_export, hf_reference):
+    out, dirs, report = virtual_export(arch)
+    check = next(c for c in report["checks"] if c["what"] == f"adapter {name}")
+    assert check["max_abs_diff"] <= 1e-4 and check["decode_max_abs_diff"] <= 1e-4
+    rt = Runtime(out)
+    hf = hf_reference(arch, dirs[name])
+    ids, mask = sample_batch(batch=2, seq=9)
+    ours = rt.forward(ids, mask, adapter=name)["logits"]
+    assert ours.shape == (2, 9, 128)
+    assert max_diff_valid(ours, torch_outputs(hf, ids, mask, "logits"), mask) <= 1e-4
+    prompt, pmask = sample_batch(batch=2, seq=6, seed=7)
+    expected_ids, expected_steps = greedy_reference(hf, prompt, pmask, 16)
+    np.testing.assert_array_equal(rt.generate(prompt, pmask, adapter=name, max_new_tokens=16, eos_token_id=[]), expected_ids)
+    with rt._using(name) as plan:
+        steps = rt._steps(plan, prompt, pmask)
+        logits = [next(steps)] + [steps.send(expected_ids[:, 6 + i]) for i in range(15)]
+    assert float(np.abs(np.stack(logits) - expected_steps).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("arch", VIRTUAL_ARCHS)
+def test_one_base_switches_prefix_prompt_lora_and_ia3_per_call(arch, virtual_export, hf_reference, tiny_base):
+    out, dirs, _ = virtual_export(arch)
+    rt = Runtime(out)
+    methods = {s.method for s in rt.slots.values()}
+    assert {"prefix", "prompt", "lora", "ia3"} <= methods
+    ids, mask = sample_batch(batch=3)
+    refs = {name: torch_outputs(hf_reference(arch, d), ids, mask, "logits") for name, d in dirs.items()}
+    refs[None] = torch_outputs(load_reference_base(tiny_base(arch), "causal-lm"), ids, mask, "logits")
+    for name in ["prefix", "lora", "prompt", None, "prefix_mlp", "ia3", "prompt", "lora", None]:
+        ours = rt.forward(ids, mask, adapter=name)["logits"]
+        n = ours.shape[1] - ids.shape[1]
+        assert n == (4 if name == "prompt" else 0), name
+        valid = np.concatenate([np.ones((3, n), mask.dtype), mask], axis=1)
+        assert max_diff_valid(ours, refs[name], valid) <= 1e-4, name
+    # generation switches too: a prefix, then LoRA, then the plain base, on one runtime
+    prompt, pmask = sample_batch(batch=2, seq=5, seed=9)
+    for name in ["prefix", "lora", "prompt", "ia3", None]:
+        model = hf_reference(arch, dirs[name]) if name else load_reference_base(tiny_base(arch), "causal-lm")
+        np.testing.assert_array_equal(rt.generate(prompt, pmask, adapter=name, max_new_tokens=6, eos_token_id=[]),
+                                      greedy_reference(model, prompt, pmask, 6)[0])
+
+
+# ---------------------------------------------------------------- encoders (BERT family)
+@pytest.fixture(scope="module")
+def bert_prefix(tiny_base, workdir):
+    """{task: edgepeft prefix adapter dir} on the tiny BERT (HF PEFT cannot run these on transformers 5)."""
+    dirs = {}
+    for task, task_type, kw in [("feature-extraction", "FEATURE_EXTRACTION", dict(num_virtual_tokens=3)),
+                                ("seq-cls", "SEQ_CLS", dict(num_virtual_tokens=4, prefix_projection=True))]:
+        model = edgepeft.get_peft_model(load_reference_base(tiny_base("bert"), task, num_labels=3 if task == "seq-cls" else None),
+                                        edgepeft.PrefixTuningConfig(task_type=task_type, **kw))
+        randomize_prompt_encoder(model, seed=8, scale=0.5)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "modules_to_save" in name:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.2)
+        path = workdir / "bert-prefix" / task
+        model.save_pretrained(path)
+        dirs[task] = str(path)
+    return dirs
+
+
+def _bert(tiny_base, task, adapter_dir=None, attn="sdpa"):
+    """edgepeft's PyTorch module for an adapter (its head has 3 labels), or the plain base (its own head)."""
+    model = load_reference_base(tiny_base("bert"), task, num_labels=3 if task == "seq-cls" and adapter_dir else None)
+    model.config._attn_implementation = attn
+    return edgepeft.PeftModel.from_pretrained(model, adapter_dir).eval() if adapter_dir else model
+
+
+@pytest.mark.parametrize("task", ["feature-extraction", "seq-cls"])
+def test_bert_prefix_module_is_consistent(task, tiny_base, bert_prefix):
+    """edgepeft's own encoder prefix: padding-invariant, same with eager and SDPA attention, not the base."""
+    field = "last_hidden_state" if task == "feature-extraction" else "logits"
+    ids, mask = sample_batch(batch=2, seq=8)
+    ids[1], mask[1] = np.roll(ids[1], -2), np.roll(mask[1], -2)  # right padding: BERT's positions count pads
+    sdpa = torch_outputs(_bert(tiny_base, task, bert_prefix[task]), ids, mask, field)
+    eager = torch_outputs(_bert(tiny_base, task, bert_prefix[task], attn="eager"), ids, mask, field)
+    assert float(np.abs(sdpa - eager).max()) <= 1e-5
+    alone = torch_outputs(_bert(tiny_base, task, bert_prefix[task]), ids[1:, :6], mask[1:, :6], field)  # row 1 unpadded
+    assert float(np.abs((sdpa[1, :6] if field == "last_hidden_state" else sdpa[1]) - alone[0]).max()) <= 1e-5
+    if field == "last_hidden_state":
+        assert max_diff_valid(sdpa, torch_outputs(_bert(tiny_base, task), ids, mask, field), mask) > 1e-3
+
+
+@pytest.mark.parametrize("task", ["feature-extraction", "seq-cls"])
+def test_bert_prefix_export_matches_edgepeft_module(task, tiny_base, bert_prefix, peft_adapter, hf_reference, workdir):
+    field = "last_hidden_state" if task == "feature-extraction" else "logits"
+    lora = peft_adapter("bert", f"qv-for-prefix-{task}", task=task, num_labels=3 if task == "seq-cls" else None, seed=91, r=4)
+    out = str(workdir / f"out-bert-prefix-{task}")
+    report = export([bert_prefix[task], lora], out, names=["prefix", "lora"])
+    assert all(c["max_abs_diff"] <= 1e-4 for c in report["checks"])
+    rt = Runtime(out)
+    ids, mask = sample_batch(batch=3)
+    ref = {"prefix": _bert(tiny_base, task, bert_prefix[task]), None: _bert(tiny_base, task),
+           "lora": hf_reference("bert", lora, task, num_labels=3 if task == "seq-cls" else None)}
+    for name in ["prefix", "lora", None, "prefix"]:
+        ours = rt.forward(ids, mask, adapter=name)[field]
+        assert max_diff_valid(ours, torch_outputs(ref[name], ids, mask, field), mask if field != "logits" else None) <= 1e-4, name
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_training_reduces_the_loss(tiny_base, projection):
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                    edgepeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6,
+                                                                prefix_projection=projection))
+    assert all("prompt_encoder" in n for n, p in model.named_parameters() if p.requires_grad)
+    losses = train_steps(model, lr=0.05)
+    assert losses[-1] < losses[0] - 0.05

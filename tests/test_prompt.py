@@ -1,0 +1,168 @@
+"""Prompt tuning: HF PEFT parity in PyTorch (both ways, TEXT init), export + runtime parity
+(forward with virtual positions, greedy generation, every decode step), training, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import (
+    VIRTUAL_ARCHS,
+    greedy_reference,
+    load_reference_base,
+    max_diff_valid,
+    randomize_prompt_encoder,
+    sample_batch,
+    torch_outputs,
+    train_steps,
+)
+
+import edgepeft
+from edgepeft.errors import EdgePeftError, InvalidInputError
+from edgepeft.runtimes import Runtime
+
+
+def virtual_mask(mask, n):
+    """The mask of outputs that include n virtual positions first (always valid)."""
+    return np.concatenate([np.ones((mask.shape[0], n), mask.dtype), mask], axis=1)
+
+
+@pytest.mark.parametrize("arch", VIRTUAL_ARCHS)
+def test_prompt_tuning_matches_peft_both_ways(arch, tiny_base, tmp_path):
+    import peft
+
+    ids, mask = sample_batch()
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base(arch), "causal-lm"),
+                                    edgepeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        next(n for n, _ in model.named_parameters() if "prompt_encoder" in n)]
+    randomize_prompt_encoder(model, seed=4)
+    model.eval().save_pretrained(tmp_path / "ours")
+    state = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert list(state) == ["prompt_embeddings"] and tuple(state["prompt_embeddings"].shape) == (5, 32)
+    assert json.load(open(tmp_path / "ours" / "adapter_config.json"))["peft_type"] == "PROMPT_TUNING"
+    ours = torch_outputs(model, ids, mask, "logits")
+    assert ours.shape == (2, 5 + 9, 128)  # virtual positions first, as HF PEFT returns them
+    hf = peft.PeftModel.from_pretrained(load_reference_base(tiny_base(arch), "causal-lm"), str(tmp_path / "ours")).eval()
+    assert max_diff_valid(torch_outputs(hf, ids, mask, "logits"), ours, virtual_mask(mask, 5)) <= 1e-5
+    hf.save_pretrained(tmp_path / "theirs")
+    back = edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base(arch), "causal-lm"), str(tmp_path / "theirs")).eval()
+    assert max_diff_valid(torch_outputs(back, ids, mask, "logits"), ours, virtual_mask(mask, 5)) <= 1e-5
+    base = torch_outputs(load_reference_base(tiny_base(arch), "causal-lm"), ids, mask, "logits")
+    assert max_diff_valid(ours[:, 5:], base, mask) > 1e-2  # the prompt changes the outputs
+    # edgepeft's generate: greedy ids as HF PEFT's forward computes them
+    prompt, pmask = sample_batch(batch=2, seq=6)
+    with torch.no_grad():
+        got = model.generate(input_ids=torch.from_numpy(prompt), attention_mask=torch.from_numpy(pmask), max_new_tokens=8,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(got.numpy(), greedy_reference(hf, prompt, pmask, 8)[0])
+
+
+def _word_tokenizer(path):
+    """A local word-level tokenizer over the tiny models' 128-token vocabulary (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def test_text_init_matches_peft_from_a_local_tokenizer(tiny_base, tmp_path):
+    import peft
+
+    from transformers import AutoTokenizer
+
+    _word_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    text = "w5 w9 w17"
+    kw = dict(task_type="CAUSAL_LM", num_virtual_tokens=7, prompt_tuning_init="TEXT", prompt_tuning_init_text=text)
+    base = tiny_base("llama")
+    theirs = peft.get_peft_model(load_reference_base(base, "causal-lm"),
+                                 peft.PromptTuningConfig(tokenizer_name_or_path=str(tmp_path / "tok"), **kw))
+    expected = theirs.prompt_encoder["default"].embedding.weight.detach()
+    for source in (str(tmp_path / "tok"), tok):  # a path, or the tokenizer object itself
+        model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"),
+                                        edgepeft.PromptTuningConfig(tokenizer_name_or_path=source, **kw))
+        got = model.get_adapter_state_dict()["prompt_embeddings"]
+        assert torch.equal(got, expected)
+    words = model.base_model.model.get_input_embeddings().base_layer.weight.detach()
+    assert torch.equal(got[:3], words[[5, 9, 17]]) and torch.equal(got[3:6], words[[5, 9, 17]])  # repeated, cut to 7
+    model.save_pretrained(tmp_path / "saved")  # the object's source folder is recorded
+    assert json.load(open(tmp_path / "saved" / "adapter_config.json"))["tokenizer_name_or_path"] == str(tmp_path / "tok")
+    with pytest.raises(EdgePeftError, match="prompt_tuning_init_text"):
+        edgepeft.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", tokenizer_name_or_path="x")
+
+
+@pytest.mark.parametrize("arch", VIRTUAL_ARCHS)
+def test_exported_prompt_matches_peft_forward_generation_and_steps(arch, virtual_export, hf_reference):
+    out, dirs, report = virtual_export(arch)
+    check = next(c for c in report["checks"] if c["what"] == "adapter prompt")
+    assert check["max_abs_diff"] <= 1e-4 and check["decode_max_abs_diff"] <= 1e-4
+    rt = Runtime(out)
+    hf = hf_reference(arch, dirs["prompt"])
+    ids, mask = sample_batch(batch=2, seq=9)
+    ours = rt.forward(ids, mask, adapter="prompt")["logits"]
+    ref = torch_outputs(hf, ids, mask, "logits")
+    assert ours.shape == ref.shape == (2, 4 + 9, 128)
+    assert max_diff_valid(ours, ref, virtual_mask(mask, 4)) <= 1e-4
+    prompt, pmask = sample_batch(batch=2, seq=6, seed=5)
+    expected_ids, expected_steps = greedy_reference(hf, prompt, pmask, 16)
+    np.testing.assert_array_equal(rt.generate(prompt, pmask, adapter="prompt", max_new_tokens=16, eos_token_id=[]), expected_ids)
+    with rt._using("prompt") as plan:  # prefill and every decode step, teacher-forced with the reference ids
+        steps = rt._steps(plan, prompt, pmask)
+        logits = [next(steps)] + [steps.send(expected_ids[:, 6 + i]) for i in range(15)]
+    assert float(np.abs(np.stack(logits) - expected_steps).max()) <= 1e-4
+
+
+def test_prompt_training_reduces_the_loss(tiny_base):
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                    edgepeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0].shape == (8, 32)
+    losses = train_steps(model, lr=0.1)
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_prompt_longer_than_the_positions_is_refused(virtual_export):
+    rt = Runtime(virtual_export("llama")[0])
+    ids = np.full((1, 62), 5, dtype=np.int64)  # 62 tokens + 4 virtual > 64 positions
+    rt.forward(ids)  # fits without the adapter
+    with pytest.raises(InvalidInputError, match="4 virtual tokens"):
+        rt.forward(ids, adapter="prompt")
+    with pytest.raises(InvalidInputError, match="virtual tokens"):
+        rt.generate(ids[:, :58], adapter="prompt", max_new_tokens=4)
+    with pytest.raises(InvalidInputError, match="3 virtual tokens"):
+        rt.forward(ids, adapter="prefix")
+
+
+@pytest.mark.parametrize("task", ["feature-extraction", "seq-cls"])
+def test_bert_prompt_matches_peft_in_pytorch_and_exported(task, tiny_base, workdir, tmp_path):
+    """Encoders: the prompt goes before the token embeddings (positions count it), outputs include it."""
+    import peft
+
+    from conftest import TASK_TYPES, peft_virtual_adapter
+    from edgepeft.exporters import export
+
+    field = "last_hidden_state" if task == "feature-extraction" else "logits"
+    path = peft_virtual_adapter(workdir / "bert-prompt" / task, tiny_base("bert"), "prompt", seed=12, task=task,
+                                num_virtual_tokens=3)
+    theirs = peft.PeftModel.from_pretrained(load_reference_base(tiny_base("bert"), task), path).eval()
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base("bert"), task), path).eval()
+    ours.save_pretrained(tmp_path / "ours")  # heads saved under HF PEFT's prompt-learning keys (base_model.<module>)
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(load_file(f"{path}/adapter_model.safetensors"))
+    ids, mask = sample_batch(batch=2)
+    ref = torch_outputs(theirs, ids, mask, field)
+    valid = virtual_mask(mask, 3) if field == "last_hidden_state" else None
+    assert max_diff_valid(torch_outputs(ours, ids, mask, field), ref, valid) <= 1e-5
+    out = str(workdir / f"out-bert-prompt-{task}")
+    export([path], out, names=["prompt"])
+    got = Runtime(out).forward(ids, mask, adapter="prompt")[field]
+    assert got.shape == ref.shape and max_diff_valid(got, ref, valid) <= 1e-4
+    assert TASK_TYPES[task] == ours.peft_config["default"].task_type
