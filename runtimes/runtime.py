@@ -539,7 +539,7 @@ class Runtime:
     def tokenizer(self) -> TextTokenizer:
         """The tokenizer exported with the base (``tokenizers`` package), loaded on first use."""
         if self._tokenizer is None:
-            self._tokenizer = TextTokenizer(self.base_dir)
+            self._tokenizer = TextTokenizer(self.base_dir, padding_side="left" if self.cache else "right")
         return self._tokenizer
 
     def _prompt_ids(self, prompt, chat: bool):
@@ -547,8 +547,8 @@ class Runtime:
         prompts = [prompt] if isinstance(prompt, (str, dict)) or (chat and prompt and isinstance(prompt[0], dict)) else list(prompt)
         if chat:
             texts = [tok.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}]) for p in prompts]
-            return tok.encode(texts, add_special_tokens=False, pad_id=self._pad_id())
-        return tok.encode(prompts, pad_id=self._pad_id())
+            return tok.encode(texts, add_special_tokens=False, pad_id=self._pad_id(), padding_side="left")
+        return tok.encode(prompts, pad_id=self._pad_id(), padding_side="left")
 
     def _pad_id(self) -> int:
         pad = self.manifest.get("pad_token_id")

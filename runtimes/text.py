@@ -16,7 +16,7 @@ from .errors import ArtifactNotFoundError, ConfigError
 class TextTokenizer:
     """``tokenizer.json`` plus ``tokenizer_config.json`` (special tokens, chat template)."""
 
-    def __init__(self, base_dir: str):
+    def __init__(self, base_dir: str, padding_side: str = "left"):
         path = os.path.join(base_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise ArtifactNotFoundError(
@@ -27,7 +27,8 @@ class TextTokenizer:
         except ImportError:
             raise ConfigError("text helpers need the `tokenizers` package: pip install tokenizers") from None
         self._tok = Tokenizer.from_file(path)
-        self._tok.no_padding()  # we pad (left) ourselves
+        self._tok.no_padding()  # we pad ourselves
+        self.padding_side = padding_side
         self._tok.no_truncation()  # too-long prompts get a clear error, not a silent cut
         config_path = os.path.join(base_dir, "tokenizer_config.json")
         self.config = json.load(open(config_path, encoding="utf-8")) if os.path.isfile(config_path) else {}
@@ -40,8 +41,16 @@ class TextTokenizer:
         value = self.config.get(key)
         return value.get("content") if isinstance(value, dict) else value
 
-    def encode(self, texts, add_special_tokens: bool = True, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded ids and attention mask, (B, T) int64 each."""
+    def encode(self, texts, add_special_tokens: bool = True, pad_id: int = 0,
+               padding_side: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Padded ids and attention mask, (B, T) int64 each.
+
+        Left padding for generation (new tokens follow every row's last real token);
+        right padding otherwise, so encoders' absolute positions start at 0 in every row.
+        """
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}")
         texts = [texts] if isinstance(texts, str) else list(texts)
         rows = [self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
         width = max(len(r) for r in rows) if rows else 0
@@ -49,8 +58,9 @@ class TextTokenizer:
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, r in enumerate(rows):
             if r:
-                ids[i, width - len(r):] = r
-                mask[i, width - len(r):] = 1
+                cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+                ids[i, cols] = r
+                mask[i, cols] = 1
         return ids, mask
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
