@@ -79,7 +79,7 @@ def main():
 
     ids, mask = rt.tokenizer.encode([REQUESTS[0][1]], pad_id=0)
 
-    def median_ms(order, n=60):
+    def median_ms(order, n=40):
         times = []
         for i in range(n):
             t = time.perf_counter()
@@ -87,7 +87,8 @@ def main():
             times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
-    same, switching = median_ms(["intent"]), median_ms(TASKS)
+    rounds = [(median_ms(["intent"]), median_ms(TASKS)) for _ in range(7)]  # interleaved: load drifts
+    same, switching = (statistics.median(r[i] for r in rounds) for i in (0, 1))
     print(f"   latency, batch 1: same task {same:.2f} ms, switching every call {switching:.2f} ms "
           f"(switch cost {switching - same:+.2f} ms, {switching / same:.2f}x)")
     print(f"   disk: base {size_mb(os.path.join(out, 'base')):.1f} MB once; "

@@ -177,7 +177,8 @@ def test_causal_lm_trains_on_completions_only_and_reports_perplexity(text_model,
     assert log["best"]["metric"] == "loss"
 
 
-@pytest.mark.parametrize("method,options", [("ia3", {}), ("bottleneck", {"bottleneck_size": 8})])
+@pytest.mark.parametrize("method,options", [("ia3", {}), ("bottleneck", {"bottleneck_size": 8}),
+                                            ("prefix", {"num_virtual_tokens": 4}), ("prompt", {"num_virtual_tokens": 4})])
 def test_every_method_trains_from_the_same_loop(text_model, tmp_path, method, options):
     rows = [{"text": r["text"]} for r in _rows("sentiment_train.jsonl", 64)]
     data = _write_jsonl(tmp_path / "train.jsonl", rows)
@@ -185,7 +186,8 @@ def test_every_method_trains_from_the_same_loop(text_model, tmp_path, method, op
                 out=str(tmp_path / method), epochs=2, lr=1e-2, batch_size=16, options=options, progress=False)
     assert log["evals"][-1]["loss"] < log["evals"][0]["loss"]
     with open(tmp_path / method / "adapter_config.json") as f:
-        assert json.load(f)["peft_type"] == {"ia3": "IA3", "bottleneck": "BOTTLENECK"}[method]
+        assert json.load(f)["peft_type"] == {"ia3": "IA3", "bottleneck": "BOTTLENECK", "prefix": "PREFIX_TUNING",
+                                             "prompt": "PROMPT_TUNING"}[method]
 
 
 def test_feature_extraction_pairs_train_with_in_batch_negatives(text_model, tmp_path):
