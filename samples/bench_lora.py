@@ -79,15 +79,23 @@ def make_adapter(name: str, out: str, seed: int) -> tuple[str, int]:
     return path, sum(p.nbytes for k, p in model.named_parameters() if "lora_" in k)
 
 
+OTHER_KINDS = ["ia3", "bottleneck", "prefix", "prompt"]
+
+
 def make_other_kinds(out: str) -> list[str]:
-    """An IA3 (HF PEFT) and a bottleneck (edgepeft) adapter on MiniLM, for the all-kinds base."""
+    """IA3 (HF PEFT), bottleneck, prefix and prompt (edgepeft) adapters on MiniLM, for the all-kinds base."""
     import edgepeft
 
-    ia3 = peft.get_peft_model(load_bert(), peft.IA3Config(task_type="FEATURE_EXTRACTION"))
-    bottleneck = edgepeft.get_peft_model(load_bert(), edgepeft.BottleneckConfig(bottleneck_size=32, task_type="FEATURE_EXTRACTION"))
+    task = "FEATURE_EXTRACTION"
+    models = {
+        "ia3": peft.get_peft_model(load_bert(), peft.IA3Config(task_type=task)),
+        "bottleneck": edgepeft.get_peft_model(load_bert(), edgepeft.BottleneckConfig(bottleneck_size=32, task_type=task)),
+        "prefix": edgepeft.get_peft_model(load_bert(), edgepeft.PrefixTuningConfig(num_virtual_tokens=16, task_type=task)),
+        "prompt": edgepeft.get_peft_model(load_bert(), edgepeft.PromptTuningConfig(num_virtual_tokens=16, task_type=task)),
+    }
     g = torch.Generator().manual_seed(7)
     paths = []
-    for name, model in (("ia3", ia3), ("bottleneck", bottleneck)):
+    for name, model in models.items():
         with torch.no_grad():
             for key, p in model.named_parameters():
                 if p.requires_grad:
@@ -133,8 +141,8 @@ def main() -> None:
     rep = export([sources["a1"][0], sources["a2"][0]], out)
     rep_merged = export([sources["a1"][0]], merged_out, merge=True)
     export([sources["a1"][0]], os.path.join(out, "a1-only"))  # a base with just a1's 12 slot modules
-    # a base with slots of every kind: LoRA (a1), IA3, bottleneck
-    export([sources["a1"][0], *make_other_kinds(out)], os.path.join(out, "all-kinds"), names=["lora", "ia3", "bottleneck"])
+    # a base with slots of every kind: LoRA (a1), IA3, bottleneck, prefix, prompt
+    export([sources["a1"][0], *make_other_kinds(out)], os.path.join(out, "all-kinds"), names=["lora", *OTHER_KINDS])
     export_s = time.perf_counter() - t0
     checks = {c["what"]: c["max_abs_diff"] for c in rep["checks"] + rep_merged["checks"]}
     print(f"exported in {export_s:.1f}s; max |diff| vs PyTorch: {checks}")
@@ -154,30 +162,35 @@ def main() -> None:
         with torch.no_grad():
             hf(input_ids=t_ids, attention_mask=t_mask)
 
-    flip = {"n": 0}
+    def alternating(runtime, names):
+        """A call that switches adapter every time; it returns the adapter it ran, so times split per adapter."""
+        flip = {"n": 0}
 
-    def alternate():  # returns the adapter it ran, so times can be split per adapter
-        name = ("a1", "a2")[flip["n"] % 2]
-        flip["n"] += 1
-        rt.forward(ids, mask, adapter=name)
-        return name
+        def call():
+            name = names[flip["n"] % len(names)]
+            flip["n"] += 1
+            runtime.forward(ids, mask, adapter=name)
+            return name
+
+        return call
 
     peers = {
         "slots_a1": lambda: rt.forward(ids, mask, adapter="a1"),
         "slots_a2": lambda: rt.forward(ids, mask, adapter="a2"),
-        "alternate": alternate,
+        "alternate": alternating(rt, ("a1", "a2")),
         "merged": lambda: rt_merged.forward(ids, mask),
         "a1_only_base": lambda: rt_a1.forward(ids, mask, adapter="a1"),
         "all_kinds_none": lambda: rt_kinds.forward(ids, mask),
         "all_kinds_lora": lambda: rt_kinds.forward(ids, mask, adapter="lora"),
-        "all_kinds_ia3": lambda: rt_kinds.forward(ids, mask, adapter="ia3"),
-        "all_kinds_bottleneck": lambda: rt_kinds.forward(ids, mask, adapter="bottleneck"),
+        **{f"all_kinds_{kind}": (lambda kind=kind: rt_kinds.forward(ids, mask, adapter=kind)) for kind in OTHER_KINDS},
+        **{f"switch_lora_{kind}": alternating(rt_kinds, ("lora", kind)) for kind in OTHER_KINDS},
         "hf_eager": hf_call,
     }
     for fn in peers.values():
         for _ in range(args.warmup):
             fn()
     times = {k: [] for k in peers} | {"alternate_a1": [], "alternate_a2": []}
+    times |= {f"switch_lora_{kind}_{n}": [] for kind in OTHER_KINDS for n in ("lora", kind)}
     order = list(peers)
     load_before = os.getloadavg()[0]
     for r in range(args.rounds):
@@ -187,8 +200,8 @@ def main() -> None:
                 ran = peers[k]()
                 dt = time.perf_counter() - t
                 times[k].append(dt)
-                if k == "alternate":
-                    times[f"alternate_{ran}"].append(dt)
+                if k == "alternate" or k.startswith("switch_lora_"):
+                    times[f"{k}_{ran}"].append(dt)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}  # ms
 
     # 3e. staging cost of an adapter (for info); the switch itself is a different binding
@@ -214,8 +227,11 @@ def main() -> None:
         ("unmerged a1 (shared base, a1+a2 slots) / merged a1", f"{ratio_merge:.3f}", "<= 1.10"),
         ("unmerged a1 (base with a1's slots only) / merged a1", f"{med['a1_only_base'] / med['merged']:.3f}", "<= 1.10"),
         ("switching every call / staying (a1+a2)", f"{ratio_switch:.3f}", "<= 1.03"),
-        ("base with LoRA+IA3+bottleneck slots, no adapter / plain graph (merged a1)",
+        ("base with LoRA+IA3+bottleneck+prefix+prompt slots, no adapter / plain graph (merged a1)",
          f"{med['all_kinds_none'] / med['merged']:.3f}", "<= 1.05 (issue 4)"),
+        *[(f"all-kinds base: {kind} adapter when every call alternates lora/{kind} / {kind} every call",
+           f"{med[f'switch_lora_{kind}_{kind}'] / med[f'all_kinds_{kind}']:.3f}", "switch cost (issue 4)")
+          for kind in OTHER_KINDS],
         ("speedup vs HF PEFT eager PyTorch (a1)", f"{speedup:.2f}x", ">= 2.2x"),
         *[(f"median latency {k} (ms)", f"{v:.3f}", "") for k, v in med.items()],
         ("load_adapter a2, median of 10 (ms)", f"{statistics.median(load_ms):.2f}", "info"),
