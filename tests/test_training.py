@@ -288,3 +288,14 @@ def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path):
     a, b = log["replica_checksums"]
     assert a == b  # both processes hold the same adapter after training
     assert log["evals"][-1]["loss"] < log["evals"][0]["loss"]
+
+
+def test_bf16_autocast_trains_and_saves_fp32_weights(text_model, tmp_path):
+    from safetensors.torch import load_file
+
+    data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 32))
+    log = Trainer(_args(text_model("bert"), data, str(tmp_path / "bf16"), mixed_precision="bf16")).train()
+    assert all(np.isfinite(e["loss"]) for e in log["evals"])
+    assert log["evals"][-1]["loss"] < log["evals"][0]["loss"]
+    weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
