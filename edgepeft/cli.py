@@ -105,13 +105,20 @@ def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, gra
 @click.option("--name", "names", multiple=True, help="Name for each --adapter, in order (default: the folder's name).")
 @click.option("--merge", is_flag=True, help="Fold the single adapter into the weights: a plain single-task graph.")
 @click.option("--atol", default=1e-4, show_default=True, help="Validation tolerance vs PyTorch (scaled by max |output| when > 1).")
-def export(adapters, base, out, names, merge, atol):
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Store the base's weights as int8 (CPU); adapters stay float32.")
+@click.option("--qtol", default=0.2, show_default=True, help="With --quantize: tolerated relative RMS error vs PyTorch.")
+def export(adapters, base, out, names, merge, atol, quantize, qtol):
     """Export adapters and their frozen base to ONNX, validated against PyTorch."""
     from edgepeft.exporters import export as run_export
 
-    report = run_export(list(adapters), out, base=base, names=list(names), merge=merge, atol=atol, verbose=True)
-    worst = max(c["max_abs_diff"] for c in report["checks"])
-    click.echo(f"ok: {len(report['checks'])} checks, max |diff| vs PyTorch {worst:.2e}")
+    report = run_export(list(adapters), out, base=base, names=list(names), merge=merge, atol=atol, verbose=True,
+                        quantize=quantize, qtol=qtol)
+    worst = max(c["max_abs_diff"] for c in report["checks"] if "relative_error" not in c)
+    line = f"ok: {len(report['checks'])} checks, max |diff| vs PyTorch {worst:.2e}"
+    relative = [c["relative_error"] for c in report["checks"] if "relative_error" in c]
+    if relative:
+        line += f"; {quantize or 'quantized'} graph: max relative error {max(relative):.2e}"
+    click.echo(line)
 
 
 @cli.command()
@@ -128,7 +135,8 @@ def inspect(out, as_json):
         return
     b = info["base"]
     merged = f", merged adapter {b['merged_adapter']}" if b["merged_adapter"] else ""
-    click.echo(f"base: {b['model_type']} {b['task']} from {b['source']}  {_size(b['bytes'])}  {b['dtype']} opset {b['opset']}{merged}")
+    weights = f"{b['quantization']} weights" if b.get("quantization") else b["dtype"]
+    click.echo(f"base: {b['model_type']} {b['task']} from {b['source']}  {_size(b['bytes'])}  {weights} opset {b['opset']}{merged}")
     click.echo(f"  fingerprint {b['fingerprint'][:16]}")
     by_method: dict = {}
     for s in info["slots"]:

@@ -29,6 +29,7 @@ from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifa
 from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
 from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_groups
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
+from edgepeft.exporters.quantize import check_quantize, quantize_graph, relative_error
 from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
 from edgepeft.models import (
     cache_layout,
@@ -143,19 +144,29 @@ def _reference(model, ids, mask, task) -> np.ndarray:
     return getattr(out, TASK_OUTPUTS[task]).float().numpy()
 
 
-def _max_diff(ours: np.ndarray, ref: np.ndarray, mask, task: str) -> float:
+def _valid(ours: np.ndarray, ref: np.ndarray, mask, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both outputs at the positions that carry meaning (real tokens, not padding)."""
     if ours.shape != ref.shape:
         raise ExportValidationError(f"the export's output has shape {list(ours.shape)}, PyTorch's {list(ref.shape)}")
     if task == "seq-cls" or mask is None:
-        return float(np.abs(ours - ref).max())
+        return ours, ref
     virtual = ours.shape[1] - mask.shape[1]  # a prompt's virtual tokens come first in the output
     mask = np.concatenate([np.ones((mask.shape[0], virtual), mask.dtype), mask], axis=1)
-    valid = mask.astype(bool)  # padded positions carry no meaning; compare real tokens only
-    return float(np.abs(ours[valid] - ref[valid]).max())
+    valid = mask.astype(bool)
+    return ours[valid], ref[valid]
 
 
-def _check(label: str, ours, ref, mask, task, atol, where) -> dict:
-    diff = _max_diff(ours, ref, mask, task)
+def _check(label: str, ours, ref, mask, task, atol, where, qtol=None) -> dict:
+    ours, ref = _valid(ours, ref, mask, task)
+    diff = float(np.abs(ours - ref).max())
+    if qtol is not None:  # a quantized graph: relative RMS error
+        rel = relative_error(ours, ref)
+        if not rel <= qtol:
+            raise ExportValidationError(
+                f"{where}: {label} differs from PyTorch by {rel:.3g} relative RMS error (tolerance {qtol:g}); nothing "
+                "was written. Export without --quantize, or loosen --qtol if this model tolerates it"
+            )
+        return {"what": label, "max_abs_diff": diff, "relative_error": rel, "tolerance": qtol}
     tol = atol * max(1.0, float(np.abs(ref).max()))
     if not diff <= tol:  # also catches NaN
         raise ExportValidationError(
@@ -191,16 +202,40 @@ def _decode_steps(rt, adapter, model, ids, mask, steps: int = 3):
     return np.stack(ours), np.stack(ref)
 
 
-def _validate(label: str, rt, adapter, model, task: str, atol: float, where: str, seed: int = 1) -> dict:
-    """The runtime vs PyTorch on a left-padded batch: forward, and for decoders prefill + decode steps."""
+def _validate(label: str, rt, adapter, model, task: str, atol: float, where: str, seed: int = 1, qtol=None) -> dict:
+    """The runtime vs PyTorch on a left-padded batch: forward, and for decoders prefill + decode steps.
+
+    ``qtol``: the graph is quantized; check relative RMS error against it instead of ``atol``.
+    """
     ids, mask = sample_inputs(model.config, seed=seed)
     ours = rt.forward(ids.numpy(), mask.numpy(), adapter=adapter)[TASK_OUTPUTS[task]]
-    check = _check(label, ours, _reference(model, ids, mask, task), mask.numpy(), task, atol, where)
+    check = _check(label, ours, _reference(model, ids, mask, task), mask.numpy(), task, atol, where, qtol)
     if rt.cache:
-        step = _check(f"{label}, cached decode", *_decode_steps(rt, adapter, model, ids, mask), None, task, atol, where)
+        step = _check(f"{label}, cached decode", *_decode_steps(rt, adapter, model, ids, mask), None, task, atol, where, qtol)
         check["decode_max_abs_diff"] = step["max_abs_diff"]
         check["max_abs_diff"] = max(check["max_abs_diff"], step["max_abs_diff"])
+        if qtol is not None:
+            check["relative_error"] = max(check["relative_error"], step["relative_error"])
     return check
+
+
+def _quantize_stage(stage: str, quantize: str, log) -> dict:
+    """Quantize a staged, float32-validated base graph in place and record it in its manifest."""
+    log(f"quantizing the base's weights to {quantize}")
+    path = os.path.join(stage, BASE_MANIFEST)
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)  # as written (read_base_manifest parses the slot table)
+    manifest.update(quantize_graph(os.path.join(stage, BASE_GRAPH), quantize))
+    _write_json(path, manifest)
+    return read_base_manifest(stage)
+
+
+def _log_check(log, check: dict, name: str) -> None:
+    if "relative_error" in check:
+        log(f"validated {name}: relative error vs PyTorch = {check['relative_error']:.2e} "
+            f"(tolerance {check['tolerance']:g}), max |diff| {check['max_abs_diff']:.2e}")
+    else:
+        log(f"validated {name}: max |diff| vs PyTorch = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
 
 
 def _export_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None) -> dict:
@@ -307,11 +342,14 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
     return manifest
 
 
-def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose=False) -> dict:
+def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose=False, quantize=None,
+           qtol=0.2) -> dict:
     """Export adapters (HF PEFT or edgepeft dirs) and their base into ``out``.
 
     Returns a report: the base (exported or reused), each adapter's size, and the
-    max difference against PyTorch for the base and every adapter.
+    max difference against PyTorch for the base and every adapter. ``quantize="int8"``
+    stores the base's weights as int8 (adapters stay float32): the float32 graph is
+    validated first, then the quantized one by relative RMS error (<= ``qtol``).
     """
     out = str(out)
     log = print if verbose else (lambda *a, **k: None)
@@ -319,6 +357,9 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
         raise ConfigError("give at least one --adapter folder")
     if not atol >= 0:
         raise ConfigError(f"--atol must be >= 0, got {atol}")
+    check_quantize(quantize)
+    if not qtol > 0:
+        raise ConfigError(f"--qtol must be > 0, got {qtol}")
     sources = _read_sources(adapters, names)
     source = _resolve_base(sources, base)
     model_type = load_model_config(source).model_type
@@ -335,7 +376,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     existing = read_base_manifest(base_dir) if os.path.exists(os.path.join(base_dir, BASE_MANIFEST)) else None
     groups = _fusion_groups(model, task, [peft.peft_config[s.name] for s in sources])
     if merge:
-        return _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups)
+        return _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize, qtol)
 
     needed = _union(*[_adapter_slots(model, peft.peft_config[s.name], groups) for s in sources])
     slots = _union(existing["slots"] if existing else [], needed)
@@ -348,6 +389,10 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
                 f"{base_dir}: was exported from {existing.get('source')} ({existing['task']}); these adapters need "
                 f"{source} ({task}); export them into another --out folder"
             )
+        if existing.get("quantization") != quantize:
+            have, want = existing.get("quantization") or "float32", quantize or "float32"
+            raise ConfigError(f"{base_dir}: holds a {have} base, this export asks for {want} (--quantize); "
+                              "export into another --out folder")
         layout = [group_key(g) for g in groups]
         if existing.get("format_version") != FORMAT_VERSION or existing.get("fused_groups", []) != layout:
             raise ConfigError(
@@ -375,7 +420,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
                     f"(e.g. {base_manifest['inert_slots'][0]}); adapter weights there are left out")
         rt = Runtime.from_base_dir(base_stage)
         report = {"out": out, "base": {"reused": reuse, "path": base_dir, "slots": len(slots)}, "adapters": [], "checks": []}
-        report["checks"].append(_validate("base (no adapter)", rt, None, model, task, atol, base_dir))
+        qtol_now = qtol if base_manifest.get("quantization") else None  # a reused quantized base
+        report["checks"].append(_validate("base (no adapter)", rt, None, model, task, atol, base_dir, qtol=qtol_now))
 
         adapter_stages = {}
         for src in sources:
@@ -385,11 +431,22 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
             manifest = _write_adapter(model, peft, src, base_manifest, stage, groups)
             rt.load_adapter(stage, name=src.name)
             peft.set_adapter(src.name)
-            check = _validate(f"adapter {src.name}", rt, src.name, peft, task, atol, src.path)
+            check = _validate(f"adapter {src.name}", rt, src.name, peft, task, atol, src.path, qtol=qtol_now)
             report["checks"].append(check)
             report["adapters"].append({"name": src.name, "path": os.path.join(out, ADAPTERS_DIR, src.name),
                                        "parameter_bytes": manifest["parameter_bytes"], "max_abs_diff": check["max_abs_diff"]})
-            log(f"validated {src.name}: max |diff| vs PyTorch = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
+            _log_check(log, check, src.name)
+
+        if quantize and not reuse:  # every float32 check passed: now the int8 graph
+            base_manifest = _quantize_stage(base_stage, quantize, log)
+            rt = Runtime.from_base_dir(base_stage)
+            report["checks"].append(_validate(f"base (no adapter), {quantize}", rt, None, model, task, atol, base_dir, qtol=qtol))
+            for src in sources:
+                rt.load_adapter(adapter_stages[src.name], name=src.name)
+                peft.set_adapter(src.name)
+                check = _validate(f"adapter {src.name}, {quantize}", rt, src.name, peft, task, atol, src.path, qtol=qtol)
+                report["checks"].append(check)
+                _log_check(log, check, f"{src.name} ({quantize})")
 
         # Commit: base first (then re-point the adapters already there), then the new adapters.
         if not reuse:
@@ -422,7 +479,7 @@ def _repoint_adapters(out: str, base_manifest: dict, skip: set) -> None:
             _write_json(os.path.join(d, ADAPTER_MANIFEST), manifest)
 
 
-def _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups) -> dict:
+def _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize=None, qtol=0.2) -> dict:
     """``--merge``: one adapter folded into the weights, a plain graph with no slots."""
     if len(sources) != 1:
         raise ConfigError(f"--merge folds exactly one adapter into the base; got {len(sources)}")
@@ -438,10 +495,15 @@ def _export_merged(model, peft, sources, source, task, out, existing, atol, log,
         _export_base(merged, [], task, stage, source, weights_fp, groups, merged_adapter=src.name)
         rt = Runtime.from_base_dir(stage)
         peft.set_adapter(src.name)
-        check = _validate(f"merged {src.name}", rt, None, peft, task, atol, src.path)
-        log(f"validated merged {src.name}: max |diff| vs PyTorch = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
+        checks = [_validate(f"merged {src.name}", rt, None, peft, task, atol, src.path)]
+        _log_check(log, checks[-1], f"merged {src.name}")
+        if quantize:
+            _quantize_stage(stage, quantize, log)
+            rt = Runtime.from_base_dir(stage)
+            checks.append(_validate(f"merged {src.name}, {quantize}", rt, None, peft, task, atol, src.path, qtol=qtol))
+            _log_check(log, checks[-1], f"merged {src.name} ({quantize})")
         replace_dir(stage, base_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return {"out": out, "base": {"reused": False, "path": base_dir, "slots": 0, "merged_adapter": src.name},
-            "adapters": [], "checks": [check]}
+            "adapters": [], "checks": checks}

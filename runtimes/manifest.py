@@ -240,6 +240,7 @@ def describe_export(out_dir: str) -> dict:
             "source": base.get("source"),
             "fingerprint": base["fingerprint"],
             "dtype": base.get("dtype"),
+            "quantization": base.get("quantization"),
             "opset": base.get("opset"),
             "merged_adapter": base.get("merged_adapter"),
             "bytes": folder_bytes(base_dir),

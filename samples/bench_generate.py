@@ -122,17 +122,21 @@ def main() -> None:
     n_params = build_base(base)
     print(f"base model: {n_params / 1e6:.2f}M parameters in {base}")
     lora = make_adapter(base, out)
-    for stale in ("slots", "merged"):  # always measure exports made by this code
+    for stale in ("slots", "merged", "slots-int8", "merged-int8"):  # always measure exports made by this code
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     t0 = time.perf_counter()
     rep = export([lora], os.path.join(out, "slots"))
     rep_merged = export([lora], os.path.join(out, "merged"), merge=True)
+    reps_int8 = [export([lora], os.path.join(out, "slots-int8"), quantize="int8"),
+                 export([lora], os.path.join(out, "merged-int8"), merge=True, quantize="int8")]
     export_s = time.perf_counter() - t0
-    checks = {c["what"]: c["max_abs_diff"] for c in rep["checks"] + rep_merged["checks"]}
+    checks = {c["what"]: c.get("relative_error", c["max_abs_diff"])
+              for r in (rep, rep_merged, *reps_int8) for c in r["checks"]}
     print(f"exported in {export_s:.1f}s; max |diff| vs PyTorch: {checks}")
 
     # 4. peers, all alive for the whole measurement
     rt, rt_merged = Runtime(os.path.join(out, "slots")), Runtime(os.path.join(out, "merged"))
+    rt_int8, rt_merged_int8 = Runtime(os.path.join(out, "slots-int8")), Runtime(os.path.join(out, "merged-int8"))
     hf = peft.PeftModel.from_pretrained(load_llama(base), lora).eval()
     ids = np.random.default_rng(0).integers(3, CONFIG["vocab_size"], size=(1, PROMPT_LEN), dtype=np.int64)
     t_ids, t_mask = torch.from_numpy(ids), torch.ones(1, PROMPT_LEN, dtype=torch.long)
@@ -163,6 +167,8 @@ def main() -> None:
         "slots_stream": lambda: stream(rt, "lora"),
         "merged_stream": lambda: stream(rt_merged, None),
         "slots_base": lambda: stream(rt, None),
+        "int8_slots_stream": lambda: stream(rt_int8, "lora"),
+        "int8_merged_stream": lambda: stream(rt_merged_int8, None),
         "hf_peft": hf_peft,
     }
     tokens = {}
@@ -189,19 +195,23 @@ def main() -> None:
     decode_ratio = step["slots_stream"] / step["merged_stream"]
     lora_ratio = step["slots_stream"] / step["slots_base"]
     pairs = {"slots vs HF PEFT": ("slots_generate", "hf_peft"), "slots generate vs stream": ("slots_generate", "slots_stream"),
-             "merged vs slots": ("merged_stream", "slots_generate")}  # all made exactly n tokens
+             "merged vs slots": ("merged_stream", "slots_generate"),
+             "int8 slots vs float32 slots": ("int8_slots_stream", "slots_generate")}  # all made exactly n tokens
     first_diff = {k: next((i for i, (a, b) in enumerate(zip(tokens[p], tokens[q])) if a != b), None) for k, (p, q) in pairs.items()}
     same = {k: v is None for k, v in first_diff.items()}
 
     rows = [
         ("speedup: edgepeft slots generate / HF PEFT (tokens/s)", f"{speedup:.2f}x", ">= 3x"),
+        ("speedup: edgepeft --quantize int8 slots stream / HF PEFT float32 (tokens/s)",
+         f"{tps['int8_slots_stream'] / tps['hf_peft']:.2f}x", "info (int8 base weights)"),
         ("decode step: slots / merged", f"{decode_ratio:.3f}", "<= 1.10"),
+        ("decode step, int8: slots / merged", f"{step['int8_slots_stream'] / step['int8_merged_stream']:.3f}", "info"),
         ("decode step: slots / same export with no adapter bound", f"{lora_ratio:.3f}", "info"),
         *[(f"tokens/s {k}", f"{v:.1f}", "") for k, v in tps.items()],
         *[(f"time to first token {k} (ms)", f"{v * 1e3:.2f}", "") for k, v in ttft.items()],
         *[(f"decode per step {k} (ms)", f"{v * 1e3:.3f}", "") for k, v in step.items()],
         *[(f"greedy ids identical: {k}", "yes" if v else f"no (first differs at token {first_diff[k]})",
-           "yes" if k != "merged vs slots" else "info") for k, v in same.items()],
+           "yes" if k in ("slots vs HF PEFT", "slots generate vs stream") else "info") for k, v in same.items()],
     ]
     total_s = time.perf_counter() - t_start
     rows.append(("total run time (s)", f"{total_s:.1f}", ""))  # everything above: build, export, warm-up, rounds

@@ -221,8 +221,8 @@ def failing_checks(monkeypatch):
     """Make every validation check fail, as a real PyTorch/ONNX mismatch would."""
     module = importlib.import_module("edgepeft.exporters.export")
     real = module._check
-    monkeypatch.setattr(module, "_check", lambda label, ours, ref, mask, task, atol, where:
-                        real(label, ours + 1.0, ref, mask, task, atol, where))
+    monkeypatch.setattr(module, "_check", lambda label, ours, ref, mask, task, atol, where, qtol=None:
+                        real(label, ours + 1.0, ref, mask, task, atol, where, qtol))
 
 
 @pytest.mark.parametrize(
@@ -250,9 +250,9 @@ def test_failed_adapter_validation_leaves_out_byte_identical(small_copy, llama, 
     real = module._check
     labels = []
 
-    def check(label, ours, ref, mask, task, atol, where):
+    def check(label, ours, ref, mask, task, atol, where, qtol=None):
         labels.append(label)
-        return real(label, ours, ref, mask, task, -1.0 if label.startswith("adapter") else atol, where)
+        return real(label, ours, ref, mask, task, -1.0 if label.startswith("adapter") else atol, where, qtol)
 
     monkeypatch.setattr(module, "_check", check)
     before = tree_hashes(small_copy)

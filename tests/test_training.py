@@ -299,3 +299,22 @@ def test_bf16_autocast_trains_and_saves_fp32_weights(text_model, tmp_path):
     assert log["evals"][-1]["loss"] < log["evals"][0]["loss"]
     weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
     assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
+def test_int8_export_of_a_trained_classifier_keeps_its_accuracy(trained_intent, workdir):
+    """Real MiniLM weights, a trained adapter: int8 base weights change few held-out predictions."""
+    from edgepeft.exporters import export
+    from edgepeft.runtimes import Runtime
+
+    out, log = trained_intent
+    exp = str(workdir / "export-trained-intent-int8")
+    report = export([out], exp, names=["intent"], quantize="int8")
+    assert max(c["relative_error"] for c in report["checks"] if "relative_error" in c) < 0.2
+    rt = Runtime(exp)
+    rows = _rows("intent_eval.jsonl")
+    ids, mask = rt.tokenizer.encode([r["text"] for r in rows], pad_id=0)
+    predicted = [rt.labels("intent")[i] for i in rt.forward(ids, mask, adapter="intent")["logits"].argmax(-1)]
+    accuracy = np.mean([p == r["label"] for p, r in zip(predicted, rows)])
+    assert accuracy >= log["best"]["value"] - 0.03, (accuracy, log["best"]["value"])
+    # int8 projections; the word embeddings (half of MiniLM) stay float32: a Gather, not a MatMul
+    assert os.path.getsize(os.path.join(exp, "base", "model.onnx")) < 0.7 * 4 * log["total_parameters"]

@@ -1,0 +1,76 @@
+"""``--quantize int8``: the frozen base's weights as int8, the adapter slots untouched.
+
+ONNX Runtime's dynamic quantization rewrites every MatMul whose weight is a frozen
+initializer into MatMulInteger (weights int8 per output channel, activations quantized
+per call), which ONNX Runtime fuses into DynamicQuantizeMatMul on the CPU. Nodes that
+read a slot input are left in float32: slots carry initializers (their neutral values),
+so without the exclusion the quantizer would bake the neutral value in and cut the slot
+off. Adapters stay float32 and bind exactly as on a float32 base of the same weights,
+so the base fingerprint (frozen weights + slot table) does not change.
+
+Quantized outputs cannot match PyTorch to 1e-4; the export checks them by relative
+RMS error instead (``relative_error``, default tolerance 0.2: it catches a broken graph,
+whose error is of the order of the output itself), after the float32 graph has passed
+the usual check.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from edgepeft.errors import ConfigError
+
+QUANTIZATIONS = ("int8",)
+
+
+def check_quantize(quantize) -> None:
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ConfigError(f"--quantize {quantize!r} is not supported; use one of {', '.join(QUANTIZATIONS)}")
+
+
+def quantize_graph(path: str, quantize: str) -> dict:
+    """Rewrite the graph at ``path`` in place; returns what changed (for the manifest)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    check_quantize(quantize)
+    model = onnx.load(path, load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    slot_inputs = {i.name for i in model.graph.input if i.name in initializers}
+    keep_float = [n.name for n in model.graph.node if slot_inputs.intersection(n.input)]
+    external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".quantized-", suffix=".onnx", dir=directory)
+    os.close(fd)
+    try:
+        quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep_float,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=external)
+        quantized = onnx.load(tmp, load_external_data=False)
+        if [i.name for i in quantized.graph.input] != [i.name for i in model.graph.input]:
+            raise RuntimeError("the quantizer changed the graph inputs")  # a bug, not a user error
+        count = sum(n.op_type == "MatMulInteger" for n in quantized.graph.node)
+        if external:  # re-save so the graph names its own data file (model.onnx.data)
+            quantized = onnx.load(tmp)
+            if os.path.exists(path + ".data"):  # onnx appends to an existing data file
+                os.unlink(path + ".data")
+            onnx.save_model(quantized, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(path) + ".data")
+        else:
+            os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp + ".data"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return {"quantization": quantize, "quantized_matmuls": count}
+
+
+def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    """RMS of the difference over RMS of the reference, or over 1 when that is smaller (0 = equal).
+
+    The floor keeps tiny outputs (an untrained classifier's logits) from inflating the
+    ratio, as ``--atol`` scales with the output only above 1.
+    """
+    scale = float(np.sqrt(np.mean(np.square(ref, dtype=np.float64))))
+    return float(np.sqrt(np.mean(np.square(ours - ref, dtype=np.float64)))) / max(scale, 1.0)

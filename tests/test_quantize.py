@@ -1,0 +1,128 @@
+"""``--quantize int8``: int8 base weights, float32 adapter slots, checked by relative error."""
+from __future__ import annotations
+
+import os
+
+import onnx
+import pytest
+
+from conftest import sample_batch
+from edgepeft.errors import ConfigError, ExportValidationError
+from edgepeft.exporters import export
+from edgepeft.exporters.quantize import relative_error
+from edgepeft.runtimes import Runtime
+
+
+def _tree(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.fixture(scope="module")
+def int8_llama(workdir, peft_adapter):
+    dirs = [peft_adapter("llama", "qv"), peft_adapter("llama", "all")]
+    out = str(workdir / "int8-llama")
+    return out, dirs, export(dirs, out, quantize="int8")
+
+
+def test_int8_export_quantizes_base_weights_and_keeps_every_slot(int8_llama, shared_export):
+    out, _, report = int8_llama
+    graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False)
+    initializers = {i.name for i in graph.graph.initializer}
+    slot_inputs = {i.name for i in graph.graph.input} & initializers
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulInteger") == 2 * 4 + 1  # per layer: fused q/k/v, o, fused gate/up, down; plus lm_head
+    float_weights = [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in initializers - slot_inputs]
+    assert float_weights == []  # no frozen weight left in float32
+    slot_matmuls = [n for n in graph.graph.node if n.op_type == "MatMul" and slot_inputs.intersection(n.input)]
+    assert slot_matmuls  # the LoRA products stay float32 MatMuls on the slot inputs
+    rt = Runtime(out)
+    assert rt.manifest["quantization"] == "int8"
+    fp32 = Runtime(shared_export("llama")[0])
+    assert {s.name for s in rt.manifest["slots"]} >= {n for n in fp32.slots if n.startswith("lora_")} & set(rt.slots)
+    int8_checks = [c for c in report["checks"] if "relative_error" in c]
+    assert len(int8_checks) == 3 and all(c["relative_error"] <= 0.1 for c in int8_checks)  # measured 0.016-0.035
+    assert all(c["max_abs_diff"] <= 1e-4 * 10 for c in report["checks"] if "relative_error" not in c)  # float32 first
+
+
+def test_int8_adapters_still_switch_and_stay_close_to_float32(int8_llama, shared_export):
+    out, _, _ = int8_llama
+    rt, fp32 = Runtime(out), Runtime(shared_export("llama")[0])
+    ids, mask = sample_batch()
+    valid = mask.astype(bool)
+    outputs = {}
+    for adapter in (None, "qv", "all"):
+        q = rt.forward(ids, mask, adapter=adapter)["logits"]
+        f = fp32.forward(ids, mask, adapter=adapter)["logits"]
+        assert relative_error(q[valid], f[valid]) < 0.1, adapter
+        outputs[adapter] = q
+    # the adapters still act: their effect is far above the quantization error
+    for adapter in ("qv", "all"):
+        effect = relative_error(outputs[adapter][valid], outputs[None][valid])
+        assert effect > 0.1, adapter
+    generated = rt.generate(ids, mask, adapter="all", max_new_tokens=8)
+    assert generated.shape == (2, ids.shape[1] + 8)
+
+
+def test_reusing_an_int8_base_validates_new_adapters_by_relative_error(int8_llama, peft_adapter, tmp_path):
+    import shutil
+
+    out, dirs, _ = int8_llama
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    report = export([peft_adapter("llama", "qv-r2", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])], copy,
+                    quantize="int8")
+    assert report["base"]["reused"]
+    assert all("relative_error" in c for c in report["checks"])
+    assert "qv-r2" in Runtime(copy).adapter_names
+
+
+def test_a_float32_export_into_an_int8_folder_is_refused_and_changes_nothing(int8_llama, peft_adapter):
+    out, dirs, _ = int8_llama
+    before = {p: os.path.getmtime(os.path.join(out, p)) for p in _tree(out)}
+    with pytest.raises(ConfigError, match="int8 base.*float32"):
+        export([dirs[0]], out)
+    assert {p: os.path.getmtime(os.path.join(out, p)) for p in _tree(out)} == before
+
+
+def test_bad_quantize_options(peft_adapter, tmp_path):
+    with pytest.raises(ConfigError, match="int4"):
+        export([peft_adapter("llama", "qv")], str(tmp_path / "a"), quantize="int4")
+    with pytest.raises(ConfigError, match="qtol"):
+        export([peft_adapter("llama", "qv")], str(tmp_path / "b"), quantize="int8", qtol=0)
+
+
+def test_a_quantized_graph_outside_tolerance_writes_nothing(peft_adapter, tmp_path):
+    out = tmp_path / "strict"
+    with pytest.raises(ExportValidationError, match="relative RMS error"):
+        export([peft_adapter("llama", "qv")], str(out), quantize="int8", qtol=1e-9)
+    assert not os.path.exists(out / "base") and not os.path.exists(out / "adapters" / "qv")
+    assert [p for p in _tree(out) if ".staging" in p] == []
+
+
+def test_int8_with_external_weights_and_merge(peft_adapter, tmp_path, monkeypatch):
+    import edgepeft.exporters.graph as graph
+
+    monkeypatch.setattr(graph, "_EXTERNAL_DATA_BYTES", 0)  # write the weights beside the graph, as for big models
+    out = str(tmp_path / "ext")
+    export([peft_adapter("qwen2", "qv")], out, quantize="int8")
+    assert _tree(os.path.join(out, "base")).count("model.onnx.data") == 1
+    assert not [p for p in _tree(out) if ".quantized" in p]
+    assert Runtime(out).manifest["quantization"] == "int8"
+    merged = str(tmp_path / "merged")
+    report = export([peft_adapter("qwen2", "qv")], merged, merge=True, quantize="int8")
+    assert [("relative_error" in c) for c in report["checks"]] == [False, True]
+    ids, mask = sample_batch()
+    assert relative_error(Runtime(merged).forward(ids, mask)["logits"], Runtime(out).forward(ids, mask, adapter="qv")["logits"]) < 0.1
+
+
+def test_cli_export_quantize(peft_adapter, tmp_path):
+    from click.testing import CliRunner
+
+    from edgepeft.cli import cli
+
+    out = str(tmp_path / "cli")
+    result = CliRunner().invoke(cli, ["export", "--adapter", peft_adapter("gpt2", "attn"), "--out", out, "--quantize", "int8"])
+    assert result.exit_code == 0, result.output
+    assert "int8 graph: max relative error" in result.output
+    result = CliRunner().invoke(cli, ["inspect", out])
+    assert "int8 weights" in result.output
