@@ -156,6 +156,40 @@ def inspect(out, as_json):
 
 @cli.command()
 @click.argument("out", type=click.Path())
+@click.option("--adapter", "adapters", multiple=True, help="Adapters to measure (repeatable; default: all in OUT).")
+@click.option("--batch", default=1, show_default=True, type=int)
+@click.option("--seq", default=32, show_default=True, type=int, help="Tokens per call.")
+@click.option("--rounds", default=10, show_default=True, type=int, help="Interleaved rounds.")
+@click.option("--calls", default=10, show_default=True, type=int, help="Timed calls per peer per round.")
+@click.option("--new-tokens", default=0, show_default=True, type=int, help="Also measure generation tokens/s (causal-LM exports).")
+@click.option("--shared-threads", is_flag=True, help="Measure with one process-wide spinning thread pool (use_shared_thread_pool).")
+@click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the raw numbers to this JSON file.")
+@click.option("--plot", type=click.Path(), default=None, help="Also draw the latencies to this PNG file.")
+def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, as_json, plot):
+    """Latency per adapter, switch cost, staging time and memory of an export, on this machine."""
+    from edgepeft.files import write_bytes_atomic
+    from edgepeft.runtimes import Runtime, use_shared_thread_pool
+    from edgepeft.runtimes.bench import measure, table
+
+    if shared_threads:
+        use_shared_thread_pool()
+    result = measure(Runtime(out), list(adapters) or None, batch=batch, seq=seq, rounds=rounds, calls=calls,
+                     new_tokens=new_tokens)
+    s = result["setup"]
+    rss = f", resident memory {_size(result['rss_bytes'])}" if result["rss_bytes"] else ""
+    click.echo(f"{out}: batch {s['batch']} x {s['seq']} tokens, {s['rounds']} rounds x {s['calls']} calls per peer, "
+               f"{s['providers'][0]}, {s['slots']} slots{rss}")
+    click.echo(table(result))
+    if as_json:
+        write_bytes_atomic(as_json, (json.dumps(result, indent=2) + "\n").encode())
+    if plot:
+        from edgepeft.plots import bench_chart
+
+        bench_chart(result, plot)
+
+
+@cli.command()
+@click.argument("out", type=click.Path())
 @click.argument("prompt")
 @click.option("--adapter", default="none", show_default=True, help="Adapter name in OUT, or 'none' for the base model.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)

@@ -25,7 +25,9 @@ def test_runtime_runs_with_torch_transformers_and_onnx_blocked(shared_export):
 
         sys.meta_path.insert(0, Block())
         from edgepeft.runtimes import Runtime
+        from edgepeft.runtimes.bench import measure
         rt = Runtime({out!r})
+        measure(rt, rounds=1, calls=1, seq=4)
         ids = np.array({ids.tolist()}); mask = np.array({mask.tolist()})
         logits = rt.forward(ids, mask, adapter={sorted(dirs)[0]!r})["logits"]
         loaded = sorted(m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx"))

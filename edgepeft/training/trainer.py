@@ -26,7 +26,7 @@ import torch
 from edgepeft.config import TASK_TYPES
 from edgepeft.errors import ConfigError, CorruptArtifactError
 from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
-from edgepeft.training import report
+from edgepeft.plots import training_curve
 from edgepeft.training.data import Encoder, label_names, read_jsonl
 
 LABELS_NAME = "labels.json"
@@ -367,7 +367,7 @@ class Trainer:
 
     def _write_log(self, log: dict) -> None:
         write_bytes_atomic(os.path.join(self.args.out, LOG_NAME), (json.dumps(log, indent=2) + "\n").encode())
-        report.plot(log, os.path.join(self.args.out, CURVE_NAME))
+        training_curve(log, os.path.join(self.args.out, CURVE_NAME))
 
 
 def train(**kwargs) -> dict:

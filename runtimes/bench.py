@@ -1,0 +1,133 @@
+"""``edgepeft bench OUT``: what switching tasks costs on this machine, measured on the runtime alone.
+
+Peers, all on one Runtime and interleaved round by round (load drifts, ratios hold):
+  none           every call with no adapter (the base model)
+  stay:NAME      every call with adapter NAME
+  switching      every call with the next adapter in turn (NAME, NAME2, ..., none, NAME, ...),
+                 ``calls`` times each per round; its times are split per adapter, so
+                 switch cost = switching[NAME] / stay[NAME]
+Plus staging (``load_adapter`` of each adapter's files, median of 3), the bytes each
+adapter keeps staged, the process's resident memory, and for causal-LM exports
+generation tokens/s per adapter (``new_tokens`` > 0). Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+
+from edgepeft.runtimes.errors import ConfigError
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory of this process (Linux /proc), None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _median_ms(times: list) -> float:
+    return statistics.median(times) * 1e3
+
+
+def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, calls: int = 10,
+            new_tokens: int = 0, seed: int = 0) -> dict:
+    """Latency per adapter, switch cost, staging time, memory (see the module docstring)."""
+    names = list(rt.adapter_names if adapters is None else adapters)
+    for name in names:
+        rt.adapter_info(name)  # unknown names fail now, naming the loaded ones
+    for key, value in (("batch", batch), ("seq", seq), ("rounds", rounds), ("calls", calls)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"--{key} must be a whole number >= 1, got {value!r}")
+    if new_tokens and not rt.cache:
+        raise ConfigError(f"{rt.base_dir}: generation needs a causal-LM export; drop --new-tokens")
+    rng = np.random.default_rng(seed)
+    low = min(1000, rt.vocab_size // 2)  # skip the special and padding ids at the start of most vocabularies
+    ids = rng.integers(low, rt.vocab_size, size=(batch, seq), dtype=np.int64)
+    mask = np.ones_like(ids)
+    cycle = [*names, None]
+    turn = {"i": 0}
+
+    def switching():
+        adapter = cycle[turn["i"] % len(cycle)]
+        turn["i"] += 1
+        rt.forward(ids, mask, adapter=adapter)
+        return adapter
+
+    peers = {"none": lambda: rt.forward(ids, mask)}
+    peers |= {f"stay:{n}": (lambda n=n: rt.forward(ids, mask, adapter=n)) for n in names}
+    if names:
+        peers["switching"] = switching
+    for fn in peers.values():  # warm up: first runs allocate
+        for _ in range(3):
+            fn()
+    times = {k: [] for k in peers}
+    split = {n: [] for n in cycle}
+    order = list(peers)
+    for r in range(rounds):
+        for k in order[r % len(order):] + order[: r % len(order)]:
+            for _ in range(calls * (len(cycle) if k == "switching" else 1)):  # each adapter `calls` times a round
+                t = time.perf_counter()
+                ran = peers[k]()
+                dt = time.perf_counter() - t
+                times[k].append(dt)
+                if k == "switching":
+                    split[ran].append(dt)
+    result = {
+        "setup": {"base": rt.base_dir, "batch": batch, "seq": seq, "rounds": rounds, "calls": calls,
+                  "providers": rt.session.get_providers(), "quantization": rt.manifest.get("quantization"),
+                  "slots": len(rt.slots), "cpus": os.cpu_count()},
+        "none_ms": _median_ms(times["none"]),
+        "rss_bytes": _rss_bytes(),
+        "adapters": {},
+    }
+    for n in names:
+        info = rt.adapter_info(n)
+        load = []
+        for _ in range(3):  # staging cost: read, check and place the adapter's tensors (under another name)
+            t = time.perf_counter()
+            tmp = rt.load_adapter(rt._adapters[n].path, name=f"{n}__bench")
+            load.append(time.perf_counter() - t)
+            rt.unload_adapter(tmp)
+        stay = _median_ms(times[f"stay:{n}"])
+        result["adapters"][n] = {
+            "methods": info.get("methods"),
+            "stay_ms": stay,
+            "switching_ms": _median_ms(split[n]),
+            "switch_cost": _median_ms(split[n]) / stay,
+            "over_base": stay / result["none_ms"],
+            "load_ms": _median_ms(load),
+            "staged_bytes": int(info.get("parameter_bytes") or 0),
+        }
+    if names:
+        result["switching_none_ms"] = _median_ms(split[None])
+    if new_tokens:
+        result["tokens_per_s"] = {}
+        for adapter in [None, *names]:
+            spans = []
+            for _ in range(max(1, rounds // 3)):
+                t = time.perf_counter()
+                rt.generate(ids[:1], adapter=adapter, max_new_tokens=new_tokens, eos_token_id=[])
+                spans.append(time.perf_counter() - t)
+            result["tokens_per_s"][adapter or "none"] = new_tokens / statistics.median(spans)
+    return result
+
+
+def table(result: dict) -> str:
+    """The result as a markdown table."""
+    rows = [("none (base model)", f"{result['none_ms']:.3f}", "", "1.000", "", "")]
+    for n, a in result["adapters"].items():
+        rows.append((f"{n} ({'+'.join(a['methods'] or [])})", f"{a['stay_ms']:.3f}", f"{a['switching_ms']:.3f}",
+                     f"{a['over_base']:.3f}", f"{a['switch_cost']:.3f}", f"{a['load_ms']:.1f} / {a['staged_bytes'] / 1024:.0f} KiB"))
+    head = ["adapter", "latency (ms)", "when switching every call (ms)", "/ base", "switch cost (x)", "load (ms) / staged"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    if result.get("tokens_per_s"):
+        lines.append("")
+        lines.append("| adapter | generation tokens/s |")
+        lines.append("| --- | --- |")
+        lines += [f"| {n} | {v:.1f} |" for n, v in result["tokens_per_s"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""edgepeft bench: latency per adapter, switch cost, staging and memory, measured on the runtime."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from edgepeft.cli import cli
+from edgepeft.errors import ConfigError, UnknownAdapterError
+from edgepeft.runtimes import Runtime
+from edgepeft.runtimes.bench import measure, table
+
+
+def test_measure_reports_every_adapter_and_generation(shared_export):
+    out, dirs, _ = shared_export("llama")
+    rt = Runtime(out)
+    result = measure(rt, rounds=2, calls=2, seq=8, new_tokens=4)
+    assert set(result["adapters"]) == set(dirs)
+    for name, a in result["adapters"].items():
+        assert a["methods"][0] == "lora"
+        for key in ("stay_ms", "switching_ms", "load_ms", "switch_cost", "over_base"):
+            assert a[key] > 0 and math.isfinite(a[key]), (name, key)
+        assert a["staged_bytes"] == rt.adapter_info(name)["parameter_bytes"]
+    assert set(result["tokens_per_s"]) == {"none", *dirs}
+    assert rt.adapter_names == sorted(dirs)  # the staging probe loaded and unloaded its copies
+    text = table(result)
+    assert all(name in text for name in dirs) and "tokens/s" in text
+
+
+def test_measure_rejects_bad_arguments(shared_export):
+    rt = Runtime(shared_export("bert")[0])
+    with pytest.raises(UnknownAdapterError):
+        measure(rt, ["nope"], rounds=1, calls=1)
+    with pytest.raises(ConfigError, match="--rounds"):
+        measure(rt, rounds=0)
+    with pytest.raises(ConfigError, match="causal-LM"):
+        measure(rt, rounds=1, calls=1, new_tokens=4)
+
+
+def test_cli_bench_prints_table_and_writes_json_and_plot(shared_export, tmp_path):
+    out, dirs, _ = shared_export("bert")
+    name = sorted(dirs)[0]
+    result = CliRunner().invoke(cli, ["bench", out, "--adapter", name, "--rounds", "2", "--calls", "2", "--seq", "8",
+                                      "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+    assert result.exit_code == 0, result.output
+    assert "| none (base model) |" in result.output and f"| {name} (lora) |" in result.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert list(data["adapters"]) == [name] and data["setup"]["seq"] == 8
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
