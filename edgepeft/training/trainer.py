@@ -212,9 +212,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ loss and metrics
     def _loss(self, model, batch):
+        """(loss, what evaluation needs: the logits, or the (anchor, positive) embeddings)."""
         if self.args.task != "feature-extraction":
             fields = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-            return model(**fields, return_dict=True).loss, None
+            out = model(**fields, return_dict=True)
+            return out.loss, out.logits
         a = _pooled(model, batch["input_ids"], batch["attention_mask"])
         p = _pooled(model, batch["positive_ids"], batch["positive_mask"])
         scores = 20.0 * a @ p.T  # cosine similarity x 20, as sentence-transformers' MultipleNegativesRankingLoss
@@ -226,7 +228,7 @@ class Trainer:
         total, count, correct, seen, anchors, positives = 0.0, 0, 0, 0, [], []
         for batch in loader:
             with acc.autocast():
-                loss, pairs = self._loss(model, batch)
+                loss, extra = self._loss(model, batch)
             if self.args.task == "causal-lm":
                 n = (batch["labels"][:, 1:] != -100).sum()
             else:
@@ -234,12 +236,11 @@ class Trainer:
             total += float(acc.reduce(loss.detach().float() * n, "sum"))
             count += int(acc.reduce(n, "sum"))
             if self.args.task == "seq-cls":
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                pred, gold = acc.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+                pred, gold = acc.gather_for_metrics((extra.argmax(-1), batch["labels"]))
                 correct += int((pred == gold).sum())
                 seen += len(gold)
-            elif pairs is not None:
-                a, p = acc.gather_for_metrics(pairs)
+            elif self.args.task == "feature-extraction":
+                a, p = acc.gather_for_metrics(extra)
                 anchors.append(a.float())
                 positives.append(p.float())
         model.train()
