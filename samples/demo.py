@@ -64,8 +64,7 @@ def main():
     print(f"   max |diff| vs PyTorch: {max(c['max_abs_diff'] for c in report['checks']):.1e}")
 
     print("3. the runtime (no torch inside) switching task per request")
-    rt = Runtime(out)
-    failed = False
+    rt, failed = Runtime(out), False
     for task in TASKS:
         held_out = rows(task, "eval")
         acc = np.mean([p == r["label"] for p, r in zip(predict(rt, task, [r["text"] for r in held_out]), held_out)])
@@ -82,8 +81,8 @@ def main():
         for i in range(n):
             t = time.perf_counter()
             rt.forward(ids, mask, adapter=order[i % len(order)])
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
 
     rounds = [(median_ms(["intent"]), median_ms(TASKS)) for _ in range(7)]  # interleaved: load drifts
     same, switching = (statistics.median(r[i] for r in rounds) for i in (0, 1))
