@@ -29,6 +29,7 @@ from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifa
 from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
 from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_groups
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
+from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.quantize import check_quantize, quantize_graph, relative_error
 from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
 from edgepeft.models import (
@@ -51,6 +52,7 @@ from edgepeft.runtimes.manifest import (
     BASE_GRAPH,
     BASE_MANIFEST,
     FORMAT_VERSION,
+    ORT_ADAPTER,
     TASK_OUTPUTS,
     read_adapter_manifest,
     read_base_manifest,
@@ -319,6 +321,10 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
     values = {**method.slots.values(peft, src.name, own), **head_values}
     graph = os.path.join(stage, ADAPTER_GRAPH)
     write_adapter_graph(values, graph)
+    ort_adapter = None
+    if ort_format.applies(slots):
+        ort_adapter = ORT_ADAPTER
+        ort_format.write_ort_adapter(graph, os.path.join(stage, ORT_ADAPTER))
     manifest = {
         "format": "edgepeft-adapter",
         "format_version": FORMAT_VERSION,
@@ -334,6 +340,7 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
         "parameter_bytes": int(sum(v.nbytes for v in values.values())),
         "graph": ADAPTER_GRAPH,
         "sha256": sha256_file(graph),
+        "ort_adapter": ort_adapter,
         "peft_config": config.to_dict(),
         "source": os.path.abspath(src.path),
         "labels": _labels(src, head_values) if heads else None,

@@ -46,6 +46,7 @@ BASE_MANIFEST = "edgepeft.json"
 BASE_GRAPH = "model.onnx"
 ADAPTER_MANIFEST = "adapter.json"
 ADAPTER_GRAPH = "adapter.onnx"
+ORT_ADAPTER = "adapter.onnx_adapter"  # the same tensors in ONNX Runtime's own adapter format, where it applies
 
 # Output names follow transformers' ModelOutput field names.
 TASK_OUTPUTS = {

@@ -1,0 +1,32 @@
+"""ONNX Runtime's own adapter format (``.onnx_adapter``) beside edgepeft's adapter graph.
+
+ONNX Runtime (1.20+) binds an adapter's named tensors over a session's inputs with
+``RunOptions.add_active_adapter``, and onnxruntime-genai loads such files too. That is
+the same mechanism as edgepeft's slots, so an adapter whose every slot is a plain graph
+input bound at every step (LoRA, IA3, bottleneck, task heads) is also written in that
+format: ``ort.LoraAdapter`` + the exported base then run it without edgepeft. Prompt and
+prefix tuning also change the mask, the positions or the starting cache, which those
+tools do not do, so they get no such file.
+"""
+from __future__ import annotations
+
+import onnxruntime as ort
+
+from edgepeft.runtimes.manifest import FORMAT_VERSION
+
+
+def applies(slots) -> bool:
+    """True when binding the tensors as inputs at every run is the whole adapter."""
+    return bool(slots) and all(s.phase == "every" and not s.target and s.virtual_axis is None for s in slots)
+
+
+def write_ort_adapter(graph_path: str, out_path: str) -> None:
+    """Run the adapter graph once and store its outputs (the slot tensors, full size) as an ``.onnx_adapter``."""
+    session = ort.InferenceSession(graph_path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    arrays = session.run(None, {})
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(FORMAT_VERSION)
+    adapter.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in zip(names, arrays)})
+    adapter.export_adapter(out_path)

@@ -1,0 +1,64 @@
+"""Adapters also written in ONNX Runtime's own format run on the exported base without edgepeft."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from conftest import max_diff_valid, sample_batch
+from edgepeft.runtimes import Runtime
+
+
+def _feeds(rt, ids, mask):
+    """The base graph's inputs for one plain forward call (no adapter slots: the run options bind them)."""
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if rt.cache:
+        feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        empty = np.zeros((ids.shape[0], rt.cache["num_kv_heads"], 0, rt.cache["head_dim"]), np.float32)
+        feeds |= {name: empty for name in rt._past_names}
+    return feeds
+
+
+def _run_with_ort_adapter(rt, adapter_dir, ids, mask):
+    adapter = ort.LoraAdapter()
+    adapter.Load(os.path.join(adapter_dir, "adapter.onnx_adapter"))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    session = ort.InferenceSession(os.path.join(rt.base_dir, "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run([rt.output_name], _feeds(rt, ids, mask), options)[0]
+
+
+def test_ort_adapter_files_match_the_runtime(shared_export):
+    for arch in ("llama", "bert"):
+        out, dirs, _ = shared_export(arch)
+        rt = Runtime(out)
+        ids, mask = sample_batch()
+        for name in dirs:
+            adapter_dir = os.path.join(out, "adapters", name)
+            with open(os.path.join(adapter_dir, "adapter.json")) as f:
+                assert json.load(f)["ort_adapter"] == "adapter.onnx_adapter"
+            ours = rt.forward(ids, mask, adapter=name)[rt.output_name]
+            theirs = _run_with_ort_adapter(rt, adapter_dir, ids, mask)
+            assert max_diff_valid(ours, theirs, mask) < 1e-5, (arch, name)
+            assert max_diff_valid(ours, rt.forward(ids, mask)[rt.output_name], mask) > 1e-3  # the adapter acts
+
+
+def test_prompt_and_prefix_adapters_get_no_ort_adapter_file(virtual_export):
+    out = virtual_export("llama")[0]
+    manifests = {}
+    for name in os.listdir(os.path.join(out, "adapters")):
+        with open(os.path.join(out, "adapters", name, "adapter.json")) as f:
+            manifests[name] = json.load(f)
+    virtual = {n for n, m in manifests.items() if set(m["methods"]) & {"prompt", "prefix"}}
+    assert virtual
+    for name, m in manifests.items():
+        has_file = os.path.exists(os.path.join(out, "adapters", name, "adapter.onnx_adapter"))
+        assert has_file == (name not in virtual) == (m["ort_adapter"] is not None), name
+        if has_file:  # IA3 and LoRA on the base that also has prompt/prefix slots
+            rt = Runtime(out)
+            ids, mask = sample_batch()
+            ours = rt.forward(ids, mask, adapter=name)[rt.output_name]
+            theirs = _run_with_ort_adapter(rt, os.path.join(out, "adapters", name), ids, mask)
+            assert max_diff_valid(ours, theirs, mask) < 1e-5, name
