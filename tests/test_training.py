@@ -318,3 +318,32 @@ def test_int8_export_of_a_trained_classifier_keeps_its_accuracy(trained_intent, 
     assert accuracy >= log["best"]["value"] - 0.03, (accuracy, log["best"]["value"])
     # int8 projections; the word embeddings (half of MiniLM) stay float32: a Gather, not a MatMul
     assert os.path.getsize(os.path.join(exp, "base", "model.onnx")) < 0.7 * 4 * log["total_parameters"]
+
+
+def test_decoder_classifier_trains_exports_and_predicts_right_padded_batches(text_model, tmp_path):
+    """Llama seq-cls reads the last real token: right-padded batches in the runtime give each row's own logits."""
+    import edgepeft
+    from edgepeft.exporters import export
+    from edgepeft.models import load_base
+    from edgepeft.runtimes import Runtime
+
+    rows = _rows("sentiment_train.jsonl", 48)
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    out = str(tmp_path / "llama-cls")
+    log = train(model=text_model("llama"), task="seq-cls", data=data, eval_data=data, out=out, epochs=2, lr=5e-3,
+                batch_size=8, options={"r": 4, "target_modules": "all-linear"}, progress=False)
+    assert log["evals"][-1]["loss"] < log["evals"][0]["loss"]
+    exp = str(tmp_path / "exp")
+    export([out], exp)
+    rt = Runtime(exp)
+    texts = [r["text"] for r in rows[:6]]
+    ids, mask = rt.tokenizer.encode(texts, pad_id=0)
+    assert (mask[:, 0] == 1).all() and (mask == 0).any()  # right padding, rows of different lengths
+    batched = rt.forward(ids, mask, adapter="llama-cls")["logits"]
+    model = edgepeft.PeftModel.from_pretrained(load_base(text_model("llama"), "seq-cls", labels=log["labels"]), out).eval()
+    for i, text in enumerate(texts):
+        one = rt.forward(*rt.tokenizer.encode([text], pad_id=0), adapter="llama-cls")["logits"][0]
+        assert np.abs(one - batched[i]).max() < 1e-4
+        with torch.no_grad():
+            ref = model(input_ids=torch.from_numpy(rt.tokenizer.encode([text], pad_id=0)[0])).logits[0].numpy()
+        assert np.abs(ref - one).max() < 1e-4
