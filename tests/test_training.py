@@ -195,8 +195,8 @@ def test_feature_extraction_pairs_train_with_in_batch_negatives(text_model, tmp_
     by_label = {}
     for r in train_rows:
         by_label.setdefault(r["label"], []).append(r["text"])
-    pairs = [{"text": t, "positive": texts[(i + 1) % len(texts)]}
-             for texts in by_label.values() for i, t in enumerate(texts[:12])]
+    pairs = [{"text": texts[i], "positive": texts[i + 12]}  # another text of the same intent, never an anchor
+             for texts in by_label.values() for i in range(12)]
     data = _write_jsonl(tmp_path / "pairs.jsonl", pairs)
     log = train(model=text_model("bert"), task="feature-extraction", data=data, eval_data=data,
                 out=str(tmp_path / "out"), epochs=3, lr=5e-3, batch_size=12, progress=False)

@@ -217,8 +217,12 @@ class Trainer:
             fields = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
             out = model(**fields, return_dict=True)
             return out.loss, out.logits
-        a = _pooled(model, batch["input_ids"], batch["attention_mask"])
-        p = _pooled(model, batch["positive_ids"], batch["positive_mask"])
+        # texts and positives in one forward (DDP allows one forward per backward)
+        width = max(batch["input_ids"].shape[1], batch["positive_ids"].shape[1])
+        pad = torch.nn.functional.pad
+        ids = torch.cat([pad(t, (0, width - t.shape[1])) for t in (batch["input_ids"], batch["positive_ids"])])
+        mask = torch.cat([pad(t, (0, width - t.shape[1])) for t in (batch["attention_mask"], batch["positive_mask"])])
+        a, p = _pooled(model, ids, mask).split(len(batch["input_ids"]))
         scores = 20.0 * a @ p.T  # cosine similarity x 20, as sentence-transformers' MultipleNegativesRankingLoss
         return torch.nn.functional.cross_entropy(scores, torch.arange(len(a), device=a.device)), (a, p)
 
