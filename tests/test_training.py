@@ -270,20 +270,24 @@ def test_cli_train_then_export_then_run(text_model, tmp_path):
     assert {line.split("\t")[0] for line in result.output.strip().splitlines()} == {"negative", "positive"}
 
 
-def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path):
+@pytest.mark.parametrize("task", ["seq-cls", "feature-extraction"])
+def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path, task):
     """torchrun with 2 processes: gloo DDP, each process half of every epoch, replicas identical."""
-    data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 32))
+    rows = _rows("sentiment_train.jsonl", 64)
+    if task == "feature-extraction":  # pairs: one forward per step holds both sides (DDP needs that)
+        rows = [{"text": a["text"], "positive": b["text"]} for a, b in zip(rows[:32], rows[32:])]
+    data = _write_jsonl(tmp_path / "d.jsonl", rows[:32])
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m",
-           "edgepeft", "train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--eval", data,
+           "edgepeft", "train", "--model", text_model("bert"), "--task", task, "--data", data, "--eval", data,
            "--out", out, "--epochs", "2", "--batch-size", "4", "--rank", "2", "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ok: best eval") == 1  # one report, from rank 0
     with open(os.path.join(out, "training_log.json")) as f:
         log = json.load(f)
-    assert log["world_size"] == 2
+    assert log["world_size"] == 2 and log["args"]["task"] == task
     assert log["steps_per_epoch"] == 4  # 32 rows / (batch 4 x 2 processes)
     a, b = log["replica_checksums"]
     assert a == b  # both processes hold the same adapter after training
