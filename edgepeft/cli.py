@@ -152,6 +152,8 @@ def inspect(out, as_json):
         rank = f" r={a['rank']}" if a["rank"] is not None else ""
         rank += f" alpha={a['alpha']}" if a["alpha"] is not None else ""
         click.echo(f"  {a['name']}: {'+'.join(a['methods'])}{rank}  {a['slots']} slots  {_size(a['bytes'])}{status}")
+        if a.get("labels"):
+            click.echo(f"    labels: {', '.join(a['labels'])}")
 
 
 @cli.command()

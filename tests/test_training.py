@@ -268,6 +268,8 @@ def test_cli_train_then_export_then_run(text_model, tmp_path):
     result = runner.invoke(cli, ["run", str(tmp_path / "exp"), "--adapter", "sentiment", "what a lovely day"])
     assert result.exit_code == 0, result.output
     assert {line.split("\t")[0] for line in result.output.strip().splitlines()} == {"negative", "positive"}
+    result = runner.invoke(cli, ["inspect", str(tmp_path / "exp")])
+    assert "labels: negative, positive" in result.output
 
 
 @pytest.mark.parametrize("task", ["seq-cls", "feature-extraction"])
