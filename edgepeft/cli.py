@@ -107,12 +107,13 @@ def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, gra
 @click.option("--atol", default=1e-4, show_default=True, help="Validation tolerance vs PyTorch (scaled by max |output| when > 1).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Store the base's weights as int8 (CPU); adapters stay float32.")
 @click.option("--qtol", default=0.2, show_default=True, help="With --quantize: tolerated relative RMS error vs PyTorch.")
-def export(adapters, base, out, names, merge, atol, quantize, qtol):
+@click.option("--ort-adapter", is_flag=True, help="Also write each adapter as ONNX Runtime's .onnx_adapter (LoRA, IA3, bottleneck, heads).")
+def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter):
     """Export adapters and their frozen base to ONNX, validated against PyTorch."""
     from edgepeft.exporters import export as run_export
 
     report = run_export(list(adapters), out, base=base, names=list(names), merge=merge, atol=atol, verbose=True,
-                        quantize=quantize, qtol=qtol)
+                        quantize=quantize, qtol=qtol, ort_adapter=ort_adapter)
     worst = max(c["max_abs_diff"] for c in report["checks"] if "relative_error" not in c)
     line = f"ok: {len(report['checks'])} checks, max |diff| vs PyTorch {worst:.2e}"
     relative = [c["relative_error"] for c in report["checks"] if "relative_error" in c]

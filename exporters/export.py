@@ -310,7 +310,7 @@ def _labels(src: AdapterSource, heads: dict) -> list | None:
     return labels
 
 
-def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups) -> dict:
+def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups, ort_adapter: bool = False) -> dict:
     config = peft.peft_config[src.name]
     method = method_for(config)
     usable = {s.name for s in base_manifest["slots"]}
@@ -321,9 +321,9 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
     values = {**method.slots.values(peft, src.name, own), **head_values}
     graph = os.path.join(stage, ADAPTER_GRAPH)
     write_adapter_graph(values, graph)
-    ort_adapter = None
-    if ort_format.applies(slots):
-        ort_adapter = ORT_ADAPTER
+    ort_file = None
+    if ort_adapter and ort_format.applies(slots):
+        ort_file = ORT_ADAPTER
         ort_format.write_ort_adapter(graph, os.path.join(stage, ORT_ADAPTER))
     manifest = {
         "format": "edgepeft-adapter",
@@ -340,7 +340,7 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
         "parameter_bytes": int(sum(v.nbytes for v in values.values())),
         "graph": ADAPTER_GRAPH,
         "sha256": sha256_file(graph),
-        "ort_adapter": ort_adapter,
+        "ort_adapter": ort_file,
         "peft_config": config.to_dict(),
         "source": os.path.abspath(src.path),
         "labels": _labels(src, head_values) if heads else None,
@@ -350,13 +350,15 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
 
 
 def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose=False, quantize=None,
-           qtol=0.2) -> dict:
+           qtol=0.2, ort_adapter=False) -> dict:
     """Export adapters (HF PEFT or edgepeft dirs) and their base into ``out``.
 
     Returns a report: the base (exported or reused), each adapter's size, and the
     max difference against PyTorch for the base and every adapter. ``quantize="int8"``
     stores the base's weights as int8 (adapters stay float32): the float32 graph is
     validated first, then the quantized one by relative RMS error (<= ``qtol``).
+    ``ort_adapter``: also write each adapter in ONNX Runtime's ``.onnx_adapter`` format
+    where that format can hold it (see ``exporters/ort_adapter.py``).
     """
     out = str(out)
     log = print if verbose else (lambda *a, **k: None)
@@ -435,7 +437,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
             stage = staging_dir(os.path.join(out, ADAPTERS_DIR), src.name)
             staged.append(stage)
             adapter_stages[src.name] = stage
-            manifest = _write_adapter(model, peft, src, base_manifest, stage, groups)
+            manifest = _write_adapter(model, peft, src, base_manifest, stage, groups, ort_adapter)
             rt.load_adapter(stage, name=src.name)
             peft.set_adapter(src.name)
             check = _validate(f"adapter {src.name}", rt, src.name, peft, task, atol, src.path, qtol=qtol_now)
