@@ -135,12 +135,13 @@ def main() -> None:
 
     # 1-2. adapters (HF PEFT) and the two exports
     sources = {name: make_adapter(name, out, seed=i) for i, name in enumerate(ADAPTERS)}
-    for stale in ("base", "adapters", "merged", "a1-only", "all-kinds"):  # always measure exports made by this code
+    for stale in ("base", "adapters", "merged", "a1-only", "all-kinds", "int8"):  # always measure exports made by this code
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     t0 = time.perf_counter()
     rep = export([sources["a1"][0], sources["a2"][0]], out)
     rep_merged = export([sources["a1"][0]], merged_out, merge=True)
     export([sources["a1"][0]], os.path.join(out, "a1-only"))  # a base with just a1's 12 slot modules
+    export([sources["a1"][0]], os.path.join(out, "int8"), quantize="int8")  # a1's slots on an int8 base
     # a base with slots of every kind: LoRA (a1), IA3, bottleneck, prefix, prompt
     export([sources["a1"][0], *make_other_kinds(out)], os.path.join(out, "all-kinds"), names=["lora", *OTHER_KINDS])
     export_s = time.perf_counter() - t0
@@ -150,6 +151,7 @@ def main() -> None:
     # 3. peers, all alive for the whole measurement
     rt, rt_merged, rt_a1 = Runtime(out), Runtime(merged_out), Runtime(os.path.join(out, "a1-only"))
     rt_kinds = Runtime(os.path.join(out, "all-kinds"))
+    rt_int8 = Runtime(os.path.join(out, "int8"))
     hf = peft.PeftModel.from_pretrained(load_bert(), sources["a1"][0]).eval()
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, rt.vocab_size, size=(1, args.seq), dtype=np.int64)  # skip [PAD]/[unused]/special ids
@@ -180,6 +182,7 @@ def main() -> None:
         "alternate": alternating(rt, ("a1", "a2")),
         "merged": lambda: rt_merged.forward(ids, mask),
         "a1_only_base": lambda: rt_a1.forward(ids, mask, adapter="a1"),
+        "int8_a1": lambda: rt_int8.forward(ids, mask, adapter="a1"),
         "all_kinds_none": lambda: rt_kinds.forward(ids, mask),
         "all_kinds_lora": lambda: rt_kinds.forward(ids, mask, adapter="lora"),
         **{f"all_kinds_{kind}": (lambda kind=kind: rt_kinds.forward(ids, mask, adapter=kind)) for kind in OTHER_KINDS},
@@ -233,6 +236,8 @@ def main() -> None:
            f"{med[f'switch_lora_{kind}_{kind}'] / med[f'all_kinds_{kind}']:.3f}", "switch cost (issue 4)")
           for kind in OTHER_KINDS],
         ("speedup vs HF PEFT eager PyTorch (a1)", f"{speedup:.2f}x", ">= 2.2x"),
+        ("speedup vs HF PEFT eager PyTorch (a1), edgepeft with --quantize int8", f"{med['hf_eager'] / med['int8_a1']:.2f}x",
+         "info (int8 base weights)"),
         *[(f"median latency {k} (ms)", f"{v:.3f}", "") for k, v in med.items()],
         ("load_adapter a2, median of 10 (ms)", f"{statistics.median(load_ms):.2f}", "info"),
         ("disk OUT/base (MiB)", f"{disk['base'] * mb:.2f}", ""),
