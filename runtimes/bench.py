@@ -34,6 +34,19 @@ def _median_ms(times: list) -> float:
     return statistics.median(times) * 1e3
 
 
+def alternating(rt, ids, mask, names: list):
+    """A call that runs the next adapter of ``names`` (None: the base) each time and returns which one ran."""
+    turn = {"i": 0}
+
+    def call():
+        adapter = names[turn["i"] % len(names)]
+        turn["i"] += 1
+        rt.forward(ids, mask, adapter=adapter)
+        return adapter
+
+    return call
+
+
 def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, calls: int = 10,
             new_tokens: int = 0, seed: int = 0) -> dict:
     """Latency per adapter, switch cost, staging time, memory (see the module docstring)."""
@@ -50,18 +63,10 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     ids = rng.integers(low, rt.vocab_size, size=(batch, seq), dtype=np.int64)
     mask = np.ones_like(ids)
     cycle = [*names, None]
-    turn = {"i": 0}
-
-    def switching():
-        adapter = cycle[turn["i"] % len(cycle)]
-        turn["i"] += 1
-        rt.forward(ids, mask, adapter=adapter)
-        return adapter
-
     peers = {"none": lambda: rt.forward(ids, mask)}
     peers |= {f"stay:{n}": (lambda n=n: rt.forward(ids, mask, adapter=n)) for n in names}
     if names:
-        peers["switching"] = switching
+        peers["switching"] = alternating(rt, ids, mask, cycle)
     for fn in peers.values():  # warm up: first runs allocate
         for _ in range(3):
             fn()

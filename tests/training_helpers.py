@@ -11,7 +11,6 @@ from edgepeft.cli import main
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
 
 
 # --------------------------------------------------------------------------- helpers

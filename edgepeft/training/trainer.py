@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -447,7 +446,3 @@ def _progress(enabled: bool, total: int, initial: int):
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-
-def remove_checkpoint(out: str) -> None:
-    """Drop OUT's checkpoint (the adapter, log and curve stay)."""
-    shutil.rmtree(os.path.join(out, CHECKPOINT), ignore_errors=True)
