@@ -125,6 +125,14 @@ def embedding_holder(model: nn.Module, create: bool = False) -> VirtualTokenEmbe
     return holder
 
 
+class VirtualTokenTuner:
+    """What prompt and prefix tuners share: their adapter layer is the holder around the input embeddings."""
+
+    def layers(self, model: nn.Module):
+        holder = embedding_holder(model)
+        return [] if holder is None else [("", holder)]
+
+
 def extend_mask(mask: torch.Tensor | None, n: int, batch: int, device) -> torch.Tensor | None:
     """``n`` ones before the attention mask (virtual tokens are always attended)."""
     if mask is None:

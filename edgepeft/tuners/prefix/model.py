@@ -18,7 +18,7 @@ from edgepeft.errors import UnsupportedMethodError, UnsupportedModelError
 from edgepeft.models import DECODERS, ENCODERS, cache_kwargs
 from edgepeft.tuners.prefix.layer import PrefixEncoder, PrefixSelfAttention, add_prefix
 from edgepeft.tuners.targets import name_matches
-from edgepeft.tuners.virtual import embedding_holder, extend_mask, generate_with, mask_positions
+from edgepeft.tuners.virtual import VirtualTokenTuner, embedding_holder, extend_mask, generate_with, mask_positions
 
 # Encoder self-attention modules that take a prefix, per model type (full-match regexes).
 SELF_ATTENTION = {"bert": r".*\.attention\.self"}
@@ -44,7 +44,7 @@ def prefix_cache(model, holder, adapter_name: str, batch: int, cache=None):
     return cache
 
 
-class PrefixTuner:
+class PrefixTuner(VirtualTokenTuner):
     saved_model_prefix = "base_model."  # HF PEFT: heads saved as base_model.<module> for prompt learning
 
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
@@ -58,10 +58,6 @@ class PrefixTuner:
             for layer, key in enumerate(self_attention_names(model)):
                 add_prefix(model.get_submodule(key), PrefixSelfAttention, layer, _source=holder)
         return []
-
-    def layers(self, model: nn.Module):
-        holder = embedding_holder(model)
-        return [] if holder is None else [("", holder)]
 
     def merge(self, model: nn.Module, adapter_name: str) -> None:
         raise UnsupportedMethodError("prefix tuning adds keys and values, it has no weights to merge; export it with slots instead")

@@ -14,10 +14,10 @@ from torch import nn
 
 from edgepeft.errors import UnsupportedMethodError
 from edgepeft.tuners.prompt.layer import PromptEmbedding
-from edgepeft.tuners.virtual import embedding_holder, extend_mask, generate_with
+from edgepeft.tuners.virtual import VirtualTokenTuner, embedding_holder, extend_mask, generate_with
 
 
-class PromptTuner:
+class PromptTuner(VirtualTokenTuner):
     saved_model_prefix = "base_model."  # HF PEFT: heads saved as base_model.<module> for prompt learning
 
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
@@ -25,10 +25,6 @@ class PromptTuner:
         holder = embedding_holder(model, create=True)
         holder.prompt_encoder[adapter_name] = PromptEmbedding(config, holder.base_layer).to(holder.base_layer.weight.device)
         return []
-
-    def layers(self, model: nn.Module):
-        holder = embedding_holder(model)
-        return [] if holder is None else [("", holder)]
 
     def merge(self, model: nn.Module, adapter_name: str) -> None:
         raise UnsupportedMethodError("prompt tuning adds tokens, it has no weights to merge; export it with slots instead")
