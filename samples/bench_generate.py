@@ -221,7 +221,7 @@ def main() -> None:
              f"{CONFIG['vocab_size']}), LoRA r 16 all-linear ({len(rt.slots)} slots), CPU, batch 1, prompt {PROMPT_LEN} "
              f"ids, {n} new tokens greedy, no eos; {args.rounds} rounds x 1 call per peer after {args.warmup} warm-up "
              f"calls; onnxruntime {rt.session.get_providers()[0]} "
-             f"({'one shared spinning thread pool' if args.shared_threads else 'per-session pools, no spinning'}), torch "
+             f"({'one shared spinning thread pool' if args.shared_threads else 'per-session pools spinning only during a call'}), torch "
              f"{torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}, "
              f"peft {peft.__version__}, {os.cpu_count()} CPUs, load average {load_before:.2f} before / "
              f"{os.getloadavg()[0]:.2f} after")

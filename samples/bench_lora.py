@@ -239,7 +239,7 @@ def main() -> None:
     table = "\n".join(["| metric | value | target |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
     setup = (f"MiniLM-L6 ({MINILM}), CPU, batch 1, {args.seq} tokens, {args.rounds} rounds x {args.calls} calls "
              f"per peer after {args.warmup} warm-up calls; {len(rt.slots)} LoRA slots in OUT/base; onnxruntime {rt.session.get_providers()[0]} "
-             f"({'one shared spinning thread pool' if args.shared_threads else 'per-session pools, no spinning'}), "
+             f"({'one shared spinning thread pool' if args.shared_threads else 'per-session pools spinning only during a call'}), "
              f"torch {torch.__version__} with {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
              f"load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after (other processes skew hf_eager most)")
     print(f"\n{setup}\n\n{table}\n")

@@ -235,6 +235,14 @@ def test_interleaved_streams_of_two_adapters(shared_export, runtime_for):
     rt.unload_adapter("qv")  # finished generators release their adapter
 
 
+def test_sessions_spin_only_during_a_call(shared_export):
+    """Threads spin within a call (cheap small ops per decode step) and stop when it returns (no starving)."""
+    out, _, _ = shared_export("llama")
+    so = Runtime(out).session.get_session_options()
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
 # ---------------------------------------------------------------- 5. forward without cache
 @pytest.mark.parametrize("arch", DECODER_ARCHS)
 def test_forward_without_cache_matches_hf(arch, runtime_for, reference_for):
