@@ -68,6 +68,7 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
 @click.option("--mixed-precision", default="auto", show_default=True, type=click.Choice(["auto", "no", "bf16", "fp16"]))
 @click.option("--save", default="best", show_default=True, type=click.Choice(["best", "last"]), help="Which epoch's adapter OUT keeps.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--logging-steps", default=10, show_default=True, type=int, help="Log the training loss every N optimizer steps (and at each epoch's end).")
 @click.option("--r", "--rank", "r", default=None, type=int, help="LoRA rank (--rank under torchrun, which takes --r as its own).")
 @click.option("--alpha", default=None, type=float, help="LoRA alpha.")
 @click.option("--target-modules", default=None, help="LoRA targets, comma-separated, or all-linear.")
@@ -76,8 +77,8 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT holds an earlier run's checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, grad_accum, max_grad_norm, warmup_ratio,
-          weight_decay, scheduler, max_length, mixed_precision, save, seed, r, alpha, target_modules, pairs, resume,
-          overwrite, quiet):
+          weight_decay, scheduler, max_length, mixed_precision, save, seed, logging_steps, r, alpha, target_modules, pairs,
+          resume, overwrite, quiet):
     """Train an adapter on JSONL data; OUT is an HF PEFT adapter dir ready for `edgepeft export`."""
     from edgepeft.training import Trainer, TrainingArguments
 
@@ -85,7 +86,7 @@ def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, gra
         model=model, task=task, method=method, data=data, eval_data=eval_data, out=out, epochs=epochs, lr=lr,
         batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, scheduler=scheduler, max_length=max_length, mixed_precision=mixed_precision,
-        save=save, seed=seed, options=_options(method, r, alpha, target_modules, pairs), resume=resume,
+        save=save, seed=seed, logging_steps=logging_steps, options=_options(method, r, alpha, target_modules, pairs), resume=resume,
         overwrite=overwrite, progress=not quiet)
     log = Trainer(args).train()
     if int(os.environ.get("RANK", "0")) != 0:  # one report from a multi-process run

@@ -72,7 +72,7 @@ def _targs(**kw):
 
 @pytest.mark.parametrize("field, value, flag", [
     ("epochs", 0, "--epochs"), ("epochs", 1.5, "--epochs"), ("batch_size", 0, "--batch-size"),
-    ("grad_accum", 0, "--grad-accum"), ("max_length", -1, "--max-length"),
+    ("grad_accum", 0, "--grad-accum"), ("max_length", -1, "--max-length"), ("logging_steps", 0, "--logging-steps"),
     ("lr", 0.0, "--lr"), ("lr", -1e-4, "--lr"), ("lr", math.nan, "--lr"),
     ("warmup_ratio", 1.0, "--warmup-ratio"), ("warmup_ratio", -0.1, "--warmup-ratio"), ("warmup_ratio", math.nan, "--warmup-ratio"),
     ("scheduler", "step", "--scheduler"), ("mixed_precision", "fp8", "--mixed-precision"), ("save", "first", "--save"),

@@ -34,7 +34,7 @@ CURVE_NAME = "training_curve.png"
 CHECKPOINT = "checkpoint"
 _STATE = "trainer_state.pt"
 # Settings that may change when resuming (everything else must match the checkpoint).
-_RESUMABLE = {"resume", "overwrite", "progress"}
+_RESUMABLE = {"resume", "overwrite", "progress", "logging_steps"}
 
 
 @dataclass
@@ -55,6 +55,7 @@ class TrainingArguments:
     scheduler: str = "linear"  # linear | cosine | constant_with_warmup
     max_length: int = 256
     seed: int = 0
+    logging_steps: int = 10  # a training-loss entry every N optimizer steps and at each epoch's end (one sync each)
     mixed_precision: str = "auto"  # auto (bf16 on CUDA that has it, else fp32) | no | bf16 | fp16
     save: str = "best"  # best (by the eval metric; needs eval_data) | last
     options: dict = field(default_factory=dict)  # the method config's fields: r, lora_alpha, target_modules, ...
@@ -65,7 +66,7 @@ class TrainingArguments:
     def check(self) -> None:
         if self.task not in TASK_TYPES.values():
             raise ConfigError(f"task {self.task!r} is not supported; use one of {', '.join(TASK_TYPES.values())}")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
         if not self.max_grad_norm > 0:
@@ -326,12 +327,14 @@ class Trainer:
                     continue
                 scheduler.step()
                 step += 1
-                mean = float(acc.reduce(torch.stack(window).mean(), "mean"))
+                bar.update(1)
+                if step % a.logging_steps and step % steps_per_epoch:  # log every N steps and at the epoch's end
+                    continue
+                mean = float(acc.reduce(torch.stack(window).mean(), "mean"))  # the mean since the last entry
                 window = []
                 speed = examples / max(time.perf_counter() - t0, 1e-9)
                 lr = scheduler.get_last_lr()[0]
                 log["history"].append({"step": step, "epoch": epoch + 1, "loss": mean, "lr": lr, "examples_per_s": speed})
-                bar.update(1)
                 bar.set_postfix(epoch=f"{epoch + 1}/{a.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}", ex_s=f"{speed:.0f}")
             log["train_seconds"] += time.perf_counter() - t0
             self._end_epoch(acc, model, eval_loader, optimizer, scheduler, log, epoch, bar)
