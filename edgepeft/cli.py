@@ -106,7 +106,7 @@ def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, gra
 @click.option("--name", "names", multiple=True, help="Name for each --adapter, in order (default: the folder's name).")
 @click.option("--merge", is_flag=True, help="Fold the single adapter into the weights: a plain single-task graph.")
 @click.option("--atol", default=1e-4, show_default=True, help="Validation tolerance vs PyTorch (scaled by max |output| when > 1).")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Store the base's weights as int8 (CPU); adapters stay float32.")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, help="Store the base's weights as int8 or int4 (CPU); adapters stay float32.")
 @click.option("--qtol", default=0.2, show_default=True, help="With --quantize: tolerated relative RMS error vs PyTorch.")
 @click.option("--ort-adapter", is_flag=True, help="Also write each adapter as ONNX Runtime's .onnx_adapter (LoRA, IA3, bottleneck, heads).")
 def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter):

@@ -355,7 +355,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
 
     Returns a report: the base (exported or reused), each adapter's size, and the
     max difference against PyTorch for the base and every adapter. ``quantize="int8"``
-    stores the base's weights as int8 (adapters stay float32): the float32 graph is
+    or ``"int4"`` stores the base's weights so (adapters stay float32): the float32 graph is
     validated first, then the quantized one by relative RMS error (<= ``qtol``).
     ``ort_adapter``: also write each adapter in ONNX Runtime's ``.onnx_adapter`` format
     where that format can hold it (see ``exporters/ort_adapter.py``).
@@ -446,7 +446,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
                                        "parameter_bytes": manifest["parameter_bytes"], "max_abs_diff": check["max_abs_diff"]})
             _log_check(log, check, src.name)
 
-        if quantize and not reuse:  # every float32 check passed: now the int8 graph
+        if quantize and not reuse:  # every float32 check passed: now the quantized graph
             base_manifest = _quantize_stage(base_stage, quantize, log)
             rt = Runtime.from_base_dir(base_stage)
             report["checks"].append(_validate(f"base (no adapter), {quantize}", rt, None, model, task, atol, base_dir, qtol=qtol))

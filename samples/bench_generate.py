@@ -5,15 +5,20 @@ What it does
      heads, MLP 1376, vocab 8192; seeded init) and saves it to OUT/base-model.
   2. Makes an HF PEFT LoRA adapter (r 16, alpha 32, all-linear) with lora_B drawn from
      N(0, 0.02) with a fixed seed, so it is not a no-op; saved to OUT/peft/lora.
-  3. Exports it twice: adapter slots (OUT/slots) and merged into the weights (OUT/merged).
+  3. Exports it: adapter slots (OUT/slots) and merged into the weights (OUT/merged), in float32
+     and quantized (OUT/slots-int8, OUT/merged-int8, OUT/slots-int4).
   4. Generates greedily from one prompt of 16 random ids, --new-tokens tokens, end of
      sequence disabled, so every call makes exactly that many tokens. Peers stay alive for
-     the whole run and go once per round, in a rotating order; numbers are medians:
+     the whole run and go once per round, in a new seeded random order each round (a
+     fixed rotation would always run the same peer right after HF PEFT, whose torch
+     threads and cache footprint slow whoever comes next); numbers are medians:
        slots_generate  Runtime(OUT/slots).generate(adapter="lora")      tokens/s
        slots_stream    Runtime(OUT/slots).stream(adapter="lora")        first token, end
        merged_stream   Runtime(OUT/merged).stream(adapter=None)         first token, end
        slots_base      Runtime(OUT/slots).stream(adapter=None): every slot unbound (rank 0),
                        so slots_stream / slots_base is the cost of the LoRA work alone
+       int8_slots_stream, int8_merged_stream, int4_slots_stream
+                       the same on bases exported with --quantize int8 / int4
        hf_peft         PeftModel(LlamaForCausalLM).generate, torch.no_grad, default
                        threads; a streamer stamps the first new token
      Time to first token (TTFT) is prefill + one token pick; the decode cost per step is
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import shutil
 import statistics
@@ -122,13 +128,14 @@ def main() -> None:
     n_params = build_base(base)
     print(f"base model: {n_params / 1e6:.2f}M parameters in {base}")
     lora = make_adapter(base, out)
-    for stale in ("slots", "merged", "slots-int8", "merged-int8"):  # always measure exports made by this code
+    for stale in ("slots", "merged", "slots-int8", "merged-int8", "slots-int4"):  # always measure exports made by this code
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     t0 = time.perf_counter()
     rep = export([lora], os.path.join(out, "slots"))
     rep_merged = export([lora], os.path.join(out, "merged"), merge=True)
     reps_int8 = [export([lora], os.path.join(out, "slots-int8"), quantize="int8"),
-                 export([lora], os.path.join(out, "merged-int8"), merge=True, quantize="int8")]
+                 export([lora], os.path.join(out, "merged-int8"), merge=True, quantize="int8"),
+                 export([lora], os.path.join(out, "slots-int4"), quantize="int4")]
     export_s = time.perf_counter() - t0
     checks = {c["what"]: c.get("relative_error", c["max_abs_diff"])
               for r in (rep, rep_merged, *reps_int8) for c in r["checks"]}
@@ -137,6 +144,7 @@ def main() -> None:
     # 4. peers, all alive for the whole measurement
     rt, rt_merged = Runtime(os.path.join(out, "slots")), Runtime(os.path.join(out, "merged"))
     rt_int8, rt_merged_int8 = Runtime(os.path.join(out, "slots-int8")), Runtime(os.path.join(out, "merged-int8"))
+    rt_int4 = Runtime(os.path.join(out, "slots-int4"))
     hf = peft.PeftModel.from_pretrained(load_llama(base), lora).eval()
     ids = np.random.default_rng(0).integers(3, CONFIG["vocab_size"], size=(1, PROMPT_LEN), dtype=np.int64)
     t_ids, t_mask = torch.from_numpy(ids), torch.ones(1, PROMPT_LEN, dtype=torch.long)
@@ -169,6 +177,7 @@ def main() -> None:
         "slots_base": lambda: stream(rt, None),
         "int8_slots_stream": lambda: stream(rt_int8, "lora"),
         "int8_merged_stream": lambda: stream(rt_merged_int8, None),
+        "int4_slots_stream": lambda: stream(rt_int4, "lora"),
         "hf_peft": hf_peft,
     }
     tokens = {}
@@ -178,10 +187,10 @@ def main() -> None:
         if len(tokens[k]) != n:
             raise SystemExit(f"{k} made {len(tokens[k])} tokens, expected {n}: end of sequence was not disabled")
     runs = {k: [] for k in peers}
-    order = list(peers)
+    order, shuffle = list(peers), random.Random(0)
     load_before = os.getloadavg()[0]
-    for r in range(args.rounds):
-        for k in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+    for _round in range(args.rounds):
+        for k in shuffle.sample(order, len(order)):  # no peer always follows the same one
             res = peers[k]()
             if res["ids"] != tokens[k]:
                 raise SystemExit(f"{k}: greedy ids changed between calls")
@@ -196,7 +205,8 @@ def main() -> None:
     lora_ratio = step["slots_stream"] / step["slots_base"]
     pairs = {"slots vs HF PEFT": ("slots_generate", "hf_peft"), "slots generate vs stream": ("slots_generate", "slots_stream"),
              "merged vs slots": ("merged_stream", "slots_generate"),
-             "int8 slots vs float32 slots": ("int8_slots_stream", "slots_generate")}  # all made exactly n tokens
+             "int8 slots vs float32 slots": ("int8_slots_stream", "slots_generate"),
+             "int4 slots vs float32 slots": ("int4_slots_stream", "slots_generate")}  # all made exactly n tokens
     first_diff = {k: next((i for i, (a, b) in enumerate(zip(tokens[p], tokens[q])) if a != b), None) for k, (p, q) in pairs.items()}
     same = {k: v is None for k, v in first_diff.items()}
 
@@ -204,6 +214,8 @@ def main() -> None:
         ("speedup: edgepeft slots generate / HF PEFT (tokens/s)", f"{speedup:.2f}x", ">= 3x"),
         ("speedup: edgepeft --quantize int8 slots stream / HF PEFT float32 (tokens/s)",
          f"{tps['int8_slots_stream'] / tps['hf_peft']:.2f}x", "info (int8 base weights)"),
+        ("speedup: edgepeft --quantize int4 slots stream / HF PEFT float32 (tokens/s)",
+         f"{tps['int4_slots_stream'] / tps['hf_peft']:.2f}x", "info (int4 base weights)"),
         ("decode step: slots / merged", f"{decode_ratio:.3f}", "<= 1.10"),
         ("decode step, int8: slots / merged", f"{step['int8_slots_stream'] / step['int8_merged_stream']:.3f}", "info"),
         ("decode step: slots / same export with no adapter bound", f"{lora_ratio:.3f}", "info"),

@@ -7,12 +7,14 @@ What it does
   2. Exports both into OUT (one slot base + OUT/adapters/{a1,a2}) and a1 merged into
      the weights into OUT/merged (a plain graph, no slots).
   3. Times single forward calls. All peers stay alive for the whole run (the app case;
-     edgepeft sessions do not spin, so they do not starve each other) and are run
-     round by round, in a rotating order, so drift (thermal, other load) hits all alike:
+     edgepeft sessions spin only during a call, so they do not starve each other) and are run
+     round by round, in a new seeded random order each round, so drift (thermal, other
+     load) and the peer that ran just before hit all alike:
        slots_a1   Runtime(OUT).forward(adapter="a1")
        slots_a2   Runtime(OUT).forward(adapter="a2")
        alternate  Runtime(OUT).forward(adapter=a1, a2, a1, ...) (switch every call)
        merged     Runtime(OUT/merged).forward()          (a1 folded into the weights)
+       int8_a1, int4_a1  a1's slots on a base exported with --quantize int8 / int4
        hf_eager   peft.PeftModel(BertModel) + a1, torch.no_grad, default threads
      Latency is the median of all per-call times of a peer. The switch ratio compares
      the alternating calls with staying on the same adapter, per adapter (a2 is
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import shutil
 import statistics
@@ -136,13 +139,14 @@ def main() -> None:
 
     # 1-2. adapters (HF PEFT) and the two exports
     sources = {name: make_adapter(name, out, seed=i) for i, name in enumerate(ADAPTERS)}
-    for stale in ("base", "adapters", "merged", "a1-only", "all-kinds", "int8"):  # always measure exports made by this code
+    for stale in ("base", "adapters", "merged", "a1-only", "all-kinds", "int8", "int4"):  # always measure exports made by this code
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     t0 = time.perf_counter()
     rep = export([sources["a1"][0], sources["a2"][0]], out)
     rep_merged = export([sources["a1"][0]], merged_out, merge=True)
     export([sources["a1"][0]], os.path.join(out, "a1-only"))  # a base with just a1's 12 slot modules
     export([sources["a1"][0]], os.path.join(out, "int8"), quantize="int8")  # a1's slots on an int8 base
+    export([sources["a1"][0]], os.path.join(out, "int4"), quantize="int4")  # and on an int4 base
     # a base with slots of every kind: LoRA (a1), IA3, bottleneck, prefix, prompt
     export([sources["a1"][0], *make_other_kinds(out)], os.path.join(out, "all-kinds"), names=["lora", *OTHER_KINDS])
     export_s = time.perf_counter() - t0
@@ -152,7 +156,7 @@ def main() -> None:
     # 3. peers, all alive for the whole measurement
     rt, rt_merged, rt_a1 = Runtime(out), Runtime(merged_out), Runtime(os.path.join(out, "a1-only"))
     rt_kinds = Runtime(os.path.join(out, "all-kinds"))
-    rt_int8 = Runtime(os.path.join(out, "int8"))
+    rt_int8, rt_int4 = Runtime(os.path.join(out, "int8")), Runtime(os.path.join(out, "int4"))
     hf = peft.PeftModel.from_pretrained(load_bert(), sources["a1"][0]).eval()
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, rt.vocab_size, size=(1, args.seq), dtype=np.int64)  # skip [PAD]/[unused]/special ids
@@ -172,6 +176,7 @@ def main() -> None:
         "merged": lambda: rt_merged.forward(ids, mask),
         "a1_only_base": lambda: rt_a1.forward(ids, mask, adapter="a1"),
         "int8_a1": lambda: rt_int8.forward(ids, mask, adapter="a1"),
+        "int4_a1": lambda: rt_int4.forward(ids, mask, adapter="a1"),
         "all_kinds_none": lambda: rt_kinds.forward(ids, mask),
         "all_kinds_lora": lambda: rt_kinds.forward(ids, mask, adapter="lora"),
         **{f"all_kinds_{kind}": (lambda kind=kind: rt_kinds.forward(ids, mask, adapter=kind)) for kind in OTHER_KINDS},
@@ -183,10 +188,10 @@ def main() -> None:
             fn()
     times = {k: [] for k in peers} | {"alternate_a1": [], "alternate_a2": []}
     times |= {f"switch_lora_{kind}_{n}": [] for kind in OTHER_KINDS for n in ("lora", kind)}
-    order = list(peers)
+    order, shuffle = list(peers), random.Random(0)
     load_before = os.getloadavg()[0]
-    for r in range(args.rounds):
-        for k in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+    for _round in range(args.rounds):
+        for k in shuffle.sample(order, len(order)):  # no peer always follows the same one
             for _ in range(args.calls):
                 t = time.perf_counter()
                 ran = peers[k]()
@@ -227,6 +232,8 @@ def main() -> None:
         ("speedup vs HF PEFT eager PyTorch (a1)", f"{speedup:.2f}x", ">= 2.2x"),
         ("speedup vs HF PEFT eager PyTorch (a1), edgepeft with --quantize int8", f"{med['hf_eager'] / med['int8_a1']:.2f}x",
          "info (int8 base weights)"),
+        ("speedup vs HF PEFT eager PyTorch (a1), edgepeft with --quantize int4", f"{med['hf_eager'] / med['int4_a1']:.2f}x",
+         "info (int4 base weights)"),
         *[(f"median latency {k} (ms)", f"{v:.3f}", "") for k, v in med.items()],
         ("load_adapter a2, median of 10 (ms)", f"{statistics.median(load_ms):.2f}", "info"),
         ("disk OUT/base (MiB)", f"{disk['base'] * mb:.2f}", ""),

@@ -264,23 +264,27 @@ def test_bf16_autocast_trains_and_saves_fp32_weights(text_model, tmp_path):
     assert {w.dtype for w in weights.values()} == {torch.float32}
 
 
-def test_int8_export_of_a_trained_classifier_keeps_its_accuracy(trained_intent, workdir):
-    """Real MiniLM weights, a trained adapter: int8 base weights change few held-out predictions."""
+@pytest.mark.parametrize("kind, accuracy_drop, size", [("int8", 0.03, 0.7), ("int4", 0.05, 0.65)])
+def test_quantized_export_of_a_trained_classifier_keeps_its_accuracy(kind, accuracy_drop, size, trained_intent, workdir):
+    """Real MiniLM weights, a trained adapter: int8 / int4 base weights change few held-out predictions.
+
+    Measured: float32 0.883, int8 0.875, int4 0.867 (relative error 0.044 and 0.061) in one run.
+    """
     from edgepeft.exporters import export
     from edgepeft.runtimes import Runtime
 
     out, log = trained_intent
-    exp = str(workdir / "export-trained-intent-int8")
-    report = export([out], exp, names=["intent"], quantize="int8")
+    exp = str(workdir / f"export-trained-intent-{kind}")
+    report = export([out], exp, names=["intent"], quantize=kind)
     assert max(c["relative_error"] for c in report["checks"] if "relative_error" in c) < 0.2
     rt = Runtime(exp)
     rows = _rows("intent_eval.jsonl")
     ids, mask = rt.tokenizer.encode([r["text"] for r in rows], pad_id=0)
     predicted = [rt.labels("intent")[i] for i in rt.forward(ids, mask, adapter="intent")["logits"].argmax(-1)]
     accuracy = np.mean([p == r["label"] for p, r in zip(predicted, rows)])
-    assert accuracy >= log["best"]["value"] - 0.03, (accuracy, log["best"]["value"])
-    # int8 projections; the word embeddings (half of MiniLM) stay float32: a Gather, not a MatMul
-    assert os.path.getsize(os.path.join(exp, "base", "model.onnx")) < 0.7 * 4 * log["total_parameters"]
+    assert accuracy >= log["best"]["value"] - accuracy_drop, (accuracy, log["best"]["value"])
+    # quantized projections; the word embeddings (half of MiniLM) stay float32: a Gather, not a MatMul
+    assert os.path.getsize(os.path.join(exp, "base", "model.onnx")) < size * 4 * log["total_parameters"]
 
 
 def test_decoder_classifier_trains_exports_and_predicts_right_padded_batches(text_model, tmp_path):
