@@ -86,8 +86,8 @@ def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, gra
         model=model, task=task, method=method, data=data, eval_data=eval_data, out=out, epochs=epochs, lr=lr,
         batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, scheduler=scheduler, max_length=max_length, mixed_precision=mixed_precision,
-        save=save, seed=seed, logging_steps=logging_steps, options=_options(method, r, alpha, target_modules, pairs), resume=resume,
-        overwrite=overwrite, progress=not quiet)
+        save=save, seed=seed, logging_steps=logging_steps, options=_options(method, r, alpha, target_modules, pairs),
+        resume=resume, overwrite=overwrite, progress=not quiet)
     log = Trainer(args).train()
     if int(os.environ.get("RANK", "0")) != 0:  # one report from a multi-process run
         return

@@ -20,7 +20,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        usual_permissions(tmp)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -28,10 +28,22 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         raise
 
 
+def usual_permissions(path: str) -> None:
+    """What a plain open() / mkdir would have given ``path`` under this process's umask.
+
+    tempfile's mkstemp / mkdtemp make 0600 files and 0700 folders; an export or adapter
+    renamed into place from one must stay readable to whoever may read OUT (an app
+    running as another user).
+    """
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
+
+
 def staging_dir(parent: str, label: str) -> str:
     """A fresh hidden folder under ``parent`` to build into before ``replace_dir``."""
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".staging-{label}-", dir=parent)
+    path = tempfile.mkdtemp(prefix=f".staging-{label}-", dir=parent)
+    usual_permissions(path)
+    return path
 
 
 def replace_dir(staged: str, target: str) -> None:

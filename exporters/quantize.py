@@ -24,9 +24,10 @@ import tempfile
 import numpy as np
 
 from edgepeft.errors import ConfigError
+from edgepeft.files import usual_permissions
 
 QUANTIZATIONS = ("int8", "int4")
-INT4_BLOCK = 32  # input rows per scale: ONNX Runtime's default is 128; 32 halves the error on the test models
+INT4_BLOCK = 32  # input rows per scale (ONNX Runtime's default 128: relative error 0.148 vs 0.125, 5% faster decode)
 INT4_ACCURACY = 4  # MatMulNBits computes with int8 activations (the fastest CPU path)
 
 
@@ -64,6 +65,7 @@ def quantize_graph(path: str, quantize: str) -> dict:
             onnx.save_model(quantized, path, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=os.path.basename(path) + ".data")
         else:
+            usual_permissions(tmp)  # mkstemp made it 0600
             os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp + ".data"):

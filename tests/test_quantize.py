@@ -150,3 +150,16 @@ def test_cli_export_quantize(peft_adapter, tmp_path):
         assert f"{kind} graph: max relative error" in result.output
         result = CliRunner().invoke(cli, ["inspect", out])
         assert f"{kind} weights" in result.output
+
+
+def test_exports_keep_the_usual_permissions(quantized_llama, shared_export):
+    """Staged in mkdtemp/mkstemp (0700/0600) and renamed into place: OUT stays readable as a plain write would be."""
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for out in (shared_export("llama")[0], quantized_llama("int8")[0], quantized_llama("int4")[0]):
+        for root, dirs, files in os.walk(out):
+            for name, usual in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files]:
+                mode = stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode)
+                assert mode == usual & ~umask, (os.path.join(root, name), oct(mode))
