@@ -299,6 +299,32 @@ def test_resume_from_corrupt_checkpoint(trained, tiny_bert, train_file, tmp_path
     assert tree_hashes(out) == before
 
 
+def test_resume_refuses_a_checkpoint_that_would_run_code(trained, tiny_bert, train_file, tmp_path, capsys):
+    """trainer_state.pt loads with torch.load(weights_only=True): a pickled object is refused, never called."""
+    import torch
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained, out)
+    state = out / "checkpoint" / "trainer_state.pt"
+    good = torch.load(state, weights_only=True)  # what edgepeft writes loads safely
+    torch.save({**good, "hook": _Payload()}, state)
+    before = tree_hashes(out)
+    line = cli_error(capsys, *train_argv(tiny_bert, train_file, out, "--resume"))
+    assert "trainer_state.pt" in line and "--overwrite" in line
+    assert tree_hashes(out) == before and not _Payload.ran
+
+
+class _Payload:
+    ran = False
+
+    def __reduce__(self):
+        return (_Payload._run, ())
+
+    @staticmethod
+    def _run():
+        _Payload.ran = True
+
+
 def test_out_is_an_existing_file(tmp_path, tiny_bert, train_file, capsys):
     out = tmp_path / "notes.txt"
     out.write_text("keep me")

@@ -197,7 +197,7 @@ class Trainer:
             return None
         path = os.path.join(ckpt, _STATE)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: runs no code
             state["args"], state["epoch"]  # noqa: B018
         except Exception as e:  # noqa: BLE001  (truncated or foreign file: torch raises many kinds)
             raise CorruptArtifactError(f"{path}: cannot read the checkpoint ({type(e).__name__}); "
@@ -416,13 +416,16 @@ def _checksum(params, device) -> torch.Tensor:
 
 
 def _get_rng() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every generator's state as tensors and plain data, so the checkpoint loads with weights_only."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
