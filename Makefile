@@ -26,6 +26,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python samples/bench_lora.py
 	$(BIN)/python samples/bench_generate.py --rounds 16
+	$(BIN)/python samples/bench_threads.py --export bench-out/generate/merged
 
 clean:
 	rm -rf $(VENV) demo-out bench-out

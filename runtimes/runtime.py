@@ -53,10 +53,10 @@ def use_shared_thread_pool(threads: int = 0) -> None:
     By default each edgepeft session has its own intra-op pool whose threads spin
     during a call and stop spinning as soon as the call returns
     (``session.force_spinning_stop``). Spinning makes small ops cheap (a decode step
-    is about 1.4x slower without it); stopping at the end of each call keeps several
-    sessions of one process from starving each other on few cores (pools that spin
-    on after their call made alternating calls 3x slower, measured on 2 cores). One
-    shared pool also keeps a single set of threads for all sessions. It is
+    is 1.2-1.5x slower without it); stopping at the end of each call keeps several
+    sessions of one process from starving each other on few cores (with pools that
+    spin on after their calls, steps were 1.6-2.7x slower; ``samples/bench_threads.py``
+    on 2 cores). One shared pool also keeps a single set of threads for all sessions. It is
     process-wide: after this call ONNX Runtime refuses sessions that ask for their own
     pool (``use_per_session_threads``), so only apps that own the process should opt in.
     """

@@ -1,0 +1,97 @@
+"""ONNX Runtime thread-pool settings for edgepeft's sessions, measured on one decoder export.
+
+Why edgepeft's sessions spin only during a call (``runtimes.runtime.session_options``):
+four sessions of the same base graph stay alive, as in an app with several runtimes,
+and one cached decode step (batch 1, past length 40) is timed three ways:
+
+    no spin       session.intra_op.allow_spinning 0: every parallel op wakes a sleeping thread
+    spin          allow_spinning 1: threads keep spinning after the call, on other sessions' cores
+    spin, stop    allow_spinning 1 + session.force_spinning_stop 1 (edgepeft's default)
+
+each with every call on one session, and with calls going round the four sessions.
+Each setting runs in a process of its own: pools that spin on after their calls would
+otherwise slow the next setting's measurement too.
+
+    python samples/bench_generate.py --rounds 2 --new-tokens 8     # makes bench-out/generate/merged
+    python samples/bench_threads.py [--export bench-out/generate/merged] [--rounds 15]
+Timings are reported, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+from edgepeft.runtimes.manifest import read_base_manifest
+
+SETTINGS = {"no spin": {"session.intra_op.allow_spinning": "0"},
+            "spin": {"session.intra_op.allow_spinning": "1"},
+            "spin, stop": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}}
+PAST = 40
+
+
+def decode_feeds(session: ort.InferenceSession, cache: dict) -> dict:
+    """One token after PAST cached ones; slots are left to their neutral defaults."""
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": np.full((1, 1), 5, np.int64), "attention_mask": np.ones((1, PAST + 1), np.int64),
+             "position_ids": np.full((1, 1), PAST, np.int64)}
+    for i in session.get_inputs():
+        if "past" in i.name:
+            feeds[i.name] = rng.standard_normal((1, cache["num_kv_heads"], PAST, cache["head_dim"])).astype(np.float32)
+    return feeds
+
+
+def measure(base: str, cache: dict, setting: str, rounds: int) -> dict:
+    """Median decode-step ms for one setting: {"one session": ..., "round the four": ...}."""
+    sessions = []
+    for _ in range(4):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        for key, value in SETTINGS[setting].items():
+            so.add_session_config_entry(key, value)
+        sessions.append(ort.InferenceSession(os.path.join(base, "model.onnx"), so, providers=["CPUExecutionProvider"]))
+    feeds = decode_feeds(sessions[0], cache)
+    for s in sessions:
+        for _ in range(5):
+            s.run(None, feeds)
+    times = {"one session": [], "round the four": []}
+    for _ in range(rounds):
+        for pattern, runs in times.items():
+            t = time.perf_counter()
+            for k in range(20):
+                (sessions[0] if pattern == "one session" else sessions[k % 4]).run(None, feeds)
+            runs.append((time.perf_counter() - t) / 20 * 1e3)
+    return {pattern: statistics.median(runs) for pattern, runs in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export", default="bench-out/generate/merged", help="a decoder export folder (OUT)")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of 20 calls per pattern (default 15)")
+    ap.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)  # the child process's one setting
+    args = ap.parse_args()
+    base = os.path.join(args.export, "base")
+    manifest = read_base_manifest(base)
+    if not manifest.get("cache"):
+        raise SystemExit(f"{args.export}: not a decoder export with a KV cache; see this script's docstring")
+    if args.setting:
+        print(json.dumps(measure(base, manifest["cache"], args.setting, args.rounds)))
+        return
+    print(f"decode step (ms), median of {args.rounds} rounds x 20 calls, {os.cpu_count()} CPUs, {args.export}")
+    print("| setting | one session | calls round four sessions |\n| --- | --- | --- |")
+    for setting in SETTINGS:
+        child = subprocess.run([sys.executable, __file__, "--export", args.export, "--rounds", str(args.rounds),
+                                "--setting", setting], capture_output=True, text=True, check=True)
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"| {setting} | {result['one session']:.3f} | {result['round the four']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
