@@ -16,7 +16,8 @@ from .errors import (
     UnsupportedMethodError,
     UnsupportedModelError,
 )
-from .runtime import Runtime, session_options, use_shared_thread_pool
+from .runtime import Runtime
+from .sessions import session_options, use_shared_thread_pool
 
 __all__ = [
     "Runtime",

@@ -41,56 +41,8 @@ from .manifest import (
     sha256_file,
 )
 from .generation import GenerationConfig, next_tokens
+from .sessions import device_of, session_options
 from .text import TextTokenizer
-
-
-_shared_pool = False
-
-
-def use_shared_thread_pool(threads: int = 0) -> None:
-    """Opt in, once at app start: every ONNX Runtime session of this process shares one pool.
-
-    By default each edgepeft session has its own intra-op pool whose threads spin
-    during a call and stop spinning as soon as the call returns
-    (``session.force_spinning_stop``). Spinning makes small ops cheap (a decode step
-    is 1.2-1.5x slower without it); stopping at the end of each call keeps several
-    sessions of one process from starving each other on few cores (with pools that
-    spin on after their calls, steps were 1.6-2.7x slower; ``samples/bench_threads.py``
-    on 2 cores). One shared pool also keeps a single set of threads for all sessions. It is
-    process-wide: after this call ONNX Runtime refuses sessions that ask for their own
-    pool (``use_per_session_threads``), so only apps that own the process should opt in.
-    """
-    global _shared_pool
-    from onnxruntime.capi import _pybind_state
-
-    _pybind_state.set_global_thread_pool_sizes(threads or os.cpu_count() or 1, 1)
-    _shared_pool = True
-
-
-def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
-    """edgepeft's session options: all graph optimizations, and threads that spin only during a call.
-
-    See use_shared_thread_pool for why spinning stops when each call returns.
-    """
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if _shared_pool:
-        so.use_per_session_threads = False
-    else:
-        so.intra_op_num_threads = intra_op_threads
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        so.add_session_config_entry("session.force_spinning_stop", "1")
-    return so
-
-
-def _device_of(providers) -> tuple[str, int]:
-    """Where adapter OrtValues live: on the GPU when CUDA is the first provider."""
-    first = providers[0] if providers else "CPUExecutionProvider"
-    name, opts = (first if isinstance(first, tuple) else (first, {}))
-    if name == "CUDAExecutionProvider":
-        return "cuda", int(opts.get("device_id", 0))
-    return "cpu", 0
 
 
 class _Plan:
@@ -161,7 +113,7 @@ class Runtime:
         self.manifest = read_base_manifest(base_dir)
         self.base_dir = base_dir
         self.providers = list(providers or ["CPUExecutionProvider"])
-        self._device = _device_of(self.providers)
+        self._device = device_of(self.providers)
         graph = os.path.join(base_dir, self.manifest["graph"])
         if not os.path.isfile(graph):
             raise ArtifactNotFoundError(f"{graph}: base graph missing; re-run `edgepeft export`")

@@ -1,6 +1,6 @@
 """ONNX Runtime thread-pool settings for edgepeft's sessions, measured on one decoder export.
 
-Why edgepeft's sessions spin only during a call (``runtimes.runtime.session_options``):
+Why edgepeft's sessions spin only during a call (``runtimes.sessions.session_options``):
 four sessions of the same base graph stay alive, as in an app with several runtimes,
 and one cached decode step (batch 1, past length 40) is timed three ways:
 
