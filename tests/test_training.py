@@ -162,16 +162,22 @@ def test_feature_extraction_pairs_train_with_in_batch_negatives(text_model, tmp_
 
 
 def _args(model, data, out, **kw):
+    kw.setdefault("options", {"r": 2, "target_modules": ["query", "value"]})
     return TrainingArguments(model=model, task="seq-cls", data=data, eval_data=data, out=out, epochs=2, lr=5e-3,
-                             batch_size=8, options={"r": 2, "target_modules": ["query", "value"]}, progress=False, **kw)
+                             batch_size=8, progress=False, **kw)
 
 
-def test_resume_continues_exactly_where_the_run_stopped(text_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, options", [
+    ("lora", None),
+    ("prefix", {"num_virtual_tokens": 3, "prefix_projection": True, "encoder_hidden_size": 16}),  # saved projected
+], ids=["lora", "prefix-projection"])
+def test_resume_continues_exactly_where_the_run_stopped(method, options, text_model, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 32))
     model = text_model("bert")
-    straight = Trainer(_args(model, data, str(tmp_path / "a"), save="last")).train()
+    extra = {"method": method, "options": options} if options else {}
+    straight = Trainer(_args(model, data, str(tmp_path / "a"), save="last", **extra)).train()
 
     calls = {"n": 0}
     real_end = Trainer._end_epoch
@@ -184,9 +190,9 @@ def test_resume_continues_exactly_where_the_run_stopped(text_model, tmp_path, mo
 
     monkeypatch.setattr(Trainer, "_end_epoch", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(_args(model, data, str(tmp_path / "b"), save="last")).train()
+        Trainer(_args(model, data, str(tmp_path / "b"), save="last", **extra)).train()
     monkeypatch.setattr(Trainer, "_end_epoch", real_end)
-    resumed = Trainer(_args(model, data, str(tmp_path / "b"), save="last", resume=True)).train()
+    resumed = Trainer(_args(model, data, str(tmp_path / "b"), save="last", resume=True, **extra)).train()
 
     a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))

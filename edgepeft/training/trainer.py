@@ -198,7 +198,7 @@ class Trainer:
         path = os.path.join(ckpt, _STATE)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: runs no code
-            state["args"], state["epoch"]  # noqa: B018
+            state["args"], state["epoch"], state["trainable"]  # noqa: B018
         except Exception as e:  # noqa: BLE001  (truncated or foreign file: torch raises many kinds)
             raise CorruptArtifactError(f"{path}: cannot read the checkpoint ({type(e).__name__}); "
                                        "start over with --overwrite") from None
@@ -295,7 +295,7 @@ class Trainer:
                "steps_per_epoch": steps_per_epoch, "history": [], "evals": [], "best": None, "train_seconds": 0.0}
         start_epoch = 0
         if resume is not None:
-            _load_adapter(acc.unwrap_model(model), os.path.join(a.out, CHECKPOINT))
+            _load_trainable(acc.unwrap_model(model), resume["trainable"])
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
             _set_rng(resume["rng"])
@@ -365,10 +365,12 @@ class Trainer:
                 _save_adapter(peft, a.out, log["labels"])
             self._write_log(log)
             stage = staging_dir(a.out, "checkpoint")
-            _save_adapter(peft, stage, log["labels"])
-            torch.save({"args": a.fingerprint(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": _get_rng(), "log": log},
-                       os.path.join(stage, _STATE))
+            # The trainable tensors themselves, not the saved adapter: a prefix adapter with a projection
+            # is saved with its MLP applied (HF PEFT's format), which cannot train on from where it stopped.
+            trainable = {k: p.detach().cpu() for k, p in peft.named_parameters() if p.requires_grad}
+            torch.save({"args": a.fingerprint(), "epoch": epoch + 1, "trainable": trainable,
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _get_rng(),
+                        "log": log}, os.path.join(stage, _STATE))
             replace_dir(stage, os.path.join(a.out, CHECKPOINT))
         acc.wait_for_everyone()
 
@@ -401,13 +403,15 @@ def _save_adapter(peft, directory: str, labels) -> None:
         write_bytes_atomic(os.path.join(directory, LABELS_NAME), text.encode())
 
 
-def _load_adapter(peft, directory: str) -> None:
-    from safetensors.torch import load_file
-
-    from edgepeft.config import WEIGHTS_NAME
-
-    path = os.path.join(directory, WEIGHTS_NAME)
-    peft._load_state(peft.active_adapter, load_file(path), path)
+def _load_trainable(peft, saved: dict) -> None:
+    """Put a checkpoint's trainable tensors back (the settings already matched, so the names do)."""
+    params = {k: p for k, p in peft.named_parameters() if p.requires_grad}
+    if params.keys() != saved.keys():
+        raise CorruptArtifactError(f"the checkpoint's trainable tensors do not match the model "
+                                   f"({len(saved)} saved, {len(params)} trainable); start over with --overwrite")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
 
 
 def _checksum(params, device) -> torch.Tensor:
