@@ -411,11 +411,6 @@ class Runtime:
             raise ConfigError(f"{self.base_dir}: a {self.task} export has no text generation; export a causal-lm adapter")
         ids, mask = self._check_ids(input_ids, attention_mask)
         cfg = self._generation_config(generation)
-        if self.max_positions and ids.shape[1] + cfg.max_new_tokens > self.max_positions:
-            raise InvalidInputError(
-                f"prompt of {ids.shape[1]} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
-                f"{self.max_positions} positions; shorten the prompt or lower max_new_tokens"
-            )
         with self._using(adapter) as plan:  # an unknown adapter or too many virtual tokens fail now, not at next()
             self._check_length(plan, ids.shape[1], cfg.max_new_tokens, f" + max_new_tokens {cfg.max_new_tokens}")
         if (mask.sum(-1) == 0).any():
