@@ -170,3 +170,17 @@ def test_prefix_training_reduces_the_loss(tiny_base, projection):
     assert all("prompt_encoder" in n for n, p in model.named_parameters() if p.requires_grad)
     losses = train_steps(model, lr=0.05)
     assert losses[-1] < losses[0] - 0.05
+
+
+def test_decoder_prefix_for_another_task_is_refused_at_export(tiny_base, tmp_path):
+    """A decoder's prefix starts the KV cache; a seq-cls export has none, so export says so and writes nothing."""
+    from edgepeft.errors import EdgePeftError
+
+    base = tiny_base("llama")
+    config = edgepeft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
+    model = edgepeft.get_peft_model(load_reference_base(base, "seq-cls", num_labels=2), config)
+    model.save_pretrained(tmp_path / "cls-prefix")
+    with pytest.raises(UnsupportedMethodError, match="causal-lm only") as e:
+        export([str(tmp_path / "cls-prefix")], str(tmp_path / "out"))
+    assert isinstance(e.value, EdgePeftError)
+    assert not (tmp_path / "out" / "base").exists()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepeft.errors import UnsupportedMethodError
 from edgepeft.models import DECODERS
 from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, Slot, slot_axis, slot_name
 from edgepeft.tuners.prefix.layer import PrefixSelfAttention, add_prefix
@@ -60,6 +61,11 @@ class PrefixSlots:
     def slot_table(self, model: nn.Module, config, groups=()) -> list[Slot]:
         _, heads, head_dim = _layout(model)
         decoder = model_type(model) in DECODERS
+        if decoder and config.task_type != "CAUSAL_LM":
+            raise UnsupportedMethodError(
+                f"prefix tuning on a decoder ({model_type(model)}) exports for causal-lm only: its keys/values start "
+                f"the KV cache, and a {config.task_type} export has none; train it with task causal-lm, or use "
+                "prompt tuning or LoRA for this task")
         slots = []
         for layer, key in enumerate(_modules(model)):
             for role, past in (("key", PAST_KEY), ("value", PAST_VALUE)):
