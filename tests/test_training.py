@@ -147,7 +147,9 @@ def test_every_method_trains_from_the_same_loop(text_model, tmp_path, method, op
                                              "prompt": "PROMPT_TUNING"}[method]
 
 
-def test_feature_extraction_pairs_train_with_in_batch_negatives(text_model, tmp_path):
+@pytest.mark.parametrize("method, options", [("lora", None), ("prompt", {"num_virtual_tokens": 4})])
+def test_feature_extraction_pairs_train_with_in_batch_negatives(method, options, text_model, tmp_path):
+    """Prompt tuning puts its virtual tokens first in last_hidden_state: pooling reads the text's own positions."""
     train_rows = _rows("intent_train.jsonl")
     by_label = {}
     for r in train_rows:
@@ -155,8 +157,9 @@ def test_feature_extraction_pairs_train_with_in_batch_negatives(text_model, tmp_
     pairs = [{"text": texts[i], "positive": texts[i + 12]}  # another text of the same intent, never an anchor
              for texts in by_label.values() for i in range(12)]
     data = _write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    log = train(model=text_model("bert"), task="feature-extraction", data=data, eval_data=data,
-                out=str(tmp_path / "out"), epochs=3, lr=5e-3, batch_size=12, progress=False)
+    extra = {"options": options} if options else {}
+    log = train(model=text_model("bert"), task="feature-extraction", data=data, eval_data=data, method=method,
+                out=str(tmp_path / "out"), epochs=3, lr=5e-3, batch_size=12, progress=False, **extra)
     assert log["evals"][-1]["loss"] < log["evals"][0]["loss"]
     assert 0.0 <= log["evals"][-1]["accuracy"] <= 1.0
 

@@ -387,6 +387,7 @@ def train(**kwargs) -> dict:
 # ---------------------------------------------------------------------- helpers
 def _pooled(model, ids, mask):
     hidden = model(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
+    hidden = hidden[:, hidden.shape[1] - mask.shape[1]:]  # a prompt's virtual tokens come first: pool the text's own
     m = mask[..., None].to(hidden.dtype)
     pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers
     return torch.nn.functional.normalize(pooled.float(), dim=-1)
