@@ -93,8 +93,7 @@ def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, gra
         return
     if log.get("best"):
         b = log["best"]
-        value = -b["value"] if b["metric"] == "loss" else b["value"]
-        click.echo(f"ok: best eval {b['metric']} {value:.4f} at epoch {b['epoch']}; adapter in {out}")
+        click.echo(f"ok: best eval {b['metric']} {b['value']:.4f} at epoch {b['epoch']}; adapter in {out}")
     else:
         click.echo(f"ok: adapter in {out}")
 

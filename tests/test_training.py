@@ -132,6 +132,7 @@ def test_causal_lm_trains_on_completions_only_and_reports_perplexity(text_model,
     assert last["loss"] < 0.5 * first["loss"], log["evals"]  # two words to predict: far easier than the whole text
     assert last["perplexity"] == pytest.approx(np.exp(last["loss"]))
     assert log["best"]["metric"] == "loss"
+    assert log["best"]["value"] == min(e["loss"] for e in log["evals"][1:])  # the saved log holds the loss itself
 
 
 @pytest.mark.parametrize("method,options", [("ia3", {}), ("bottleneck", {"bottleneck_size": 8}),

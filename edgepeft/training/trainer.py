@@ -259,10 +259,10 @@ class Trainer:
         return result
 
     def _metric(self, evaluation: dict) -> tuple[str, float]:
-        """(name, value to maximise) for choosing the best epoch."""
+        """(name, value) for choosing the best epoch: accuracy (higher is better) when there is one, else loss."""
         if "accuracy" in evaluation:
             return "accuracy", evaluation["accuracy"]
-        return "loss", -evaluation["loss"]
+        return "loss", evaluation["loss"]
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
@@ -355,7 +355,8 @@ class Trainer:
             evaluation = {"epoch": epoch + 1, "step": log["history"][-1]["step"] if log["history"] else 0, **evaluation}
             log["evals"].append(evaluation)
             name, value = self._metric(evaluation)
-            improved = log["best"] is None or value > log["best"]["value"]
+            best = log["best"]
+            improved = best is None or (value < best["value"] if name == "loss" else value > best["value"])
             if improved:
                 log["best"] = {"epoch": epoch + 1, "metric": name, "value": value}
             bar.write(f"epoch {epoch + 1}/{a.epochs}: eval {_shown(evaluation)}" + ("  (best so far)" if improved else ""))
