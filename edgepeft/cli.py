@@ -170,7 +170,7 @@ def inspect(out, as_json):
 @click.option("--plot", type=click.Path(), default=None, help="Also draw the latencies to this PNG file.")
 def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, as_json, plot):
     """Latency per adapter, switch cost, staging time and memory of an export, on this machine."""
-    from edgepeft.files import write_bytes_atomic
+    from edgepeft.files import write_json_atomic
     from edgepeft.runtimes import Runtime, use_shared_thread_pool
     from edgepeft.runtimes.bench import measure, table
 
@@ -184,7 +184,7 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
                f"{s['providers'][0]}, {s['slots']} slots{rss}")
     click.echo(table(result))
     if as_json:
-        write_bytes_atomic(as_json, (json.dumps(result, indent=2) + "\n").encode())
+        write_json_atomic(as_json, result)
     if plot:
         from edgepeft.plots import bench_chart
 

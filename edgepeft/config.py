@@ -17,6 +17,7 @@ from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactE
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+LABELS_NAME = "labels.json"  # class names beside a classifier adapter (edgepeft train writes it)
 
 # HF PEFT task_type -> edgepeft task (the export's head).
 TASK_TYPES = {
@@ -84,10 +85,9 @@ class PeftConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save_pretrained(self, directory: str) -> None:
-        from edgepeft.files import write_bytes_atomic
+        from edgepeft.files import write_json_atomic
 
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        write_bytes_atomic(os.path.join(directory, CONFIG_NAME), text.encode())
+        write_json_atomic(os.path.join(directory, CONFIG_NAME), self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "PeftConfig":

@@ -1,6 +1,7 @@
 """Atomic writes: a failed write leaves what was there untouched."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,6 +27,11 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, data, sort_keys: bool = False) -> None:
+    """``data`` as indented JSON (values JSON cannot hold as their str()), written atomically."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n").encode())
 
 
 def usual_permissions(path: str) -> None:

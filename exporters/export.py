@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgepeft.config import load_config
+from edgepeft.config import LABELS_NAME, load_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, ExportValidationError
 from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
 from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_groups
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.quantize import check_quantize, quantize_graph, relative_error
-from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
+from edgepeft.files import replace_dir, staging_dir, write_json_atomic
 from edgepeft.models import (
     cache_layout,
     call_kwargs,
@@ -73,10 +73,6 @@ class AdapterSource:
     name: str
     path: str
     config: object
-
-
-def _write_json(path: str, data: dict) -> None:
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def _read_sources(adapters, names) -> list[AdapterSource]:
@@ -228,7 +224,7 @@ def _quantize_stage(stage: str, quantize: str, log) -> dict:
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)  # as written (read_base_manifest parses the slot table)
     manifest.update(quantize_graph(os.path.join(stage, BASE_GRAPH), quantize))
-    _write_json(path, manifest)
+    write_json_atomic(path, manifest, sort_keys=True)
     return read_base_manifest(stage)
 
 
@@ -282,7 +278,7 @@ def _export_base(model, slots, task, stage, source, weights_fp, groups, merged_a
         for f in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(source, f)):
                 shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
-    _write_json(os.path.join(stage, BASE_MANIFEST), manifest)
+    write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
     return manifest
 
 
@@ -293,7 +289,7 @@ def _slot_providers() -> dict:
 
 def _labels(src: AdapterSource, heads: dict) -> list | None:
     """Class names saved beside a classifier adapter (``labels.json``, written by ``edgepeft train``)."""
-    path = os.path.join(src.path, "labels.json")
+    path = os.path.join(src.path, LABELS_NAME)
     if not os.path.isfile(path):
         return None
     try:
@@ -345,7 +341,7 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
         "source": os.path.abspath(src.path),
         "labels": _labels(src, head_values) if heads else None,
     }
-    _write_json(os.path.join(stage, ADAPTER_MANIFEST), manifest)
+    write_json_atomic(os.path.join(stage, ADAPTER_MANIFEST), manifest, sort_keys=True)
     return manifest
 
 
@@ -485,7 +481,7 @@ def _repoint_adapters(out: str, base_manifest: dict, skip: set) -> None:
         manifest = read_adapter_manifest(d)
         if set(manifest["slots"]) <= slot_names:
             manifest["base_fingerprint"] = base_manifest["fingerprint"]
-            _write_json(os.path.join(d, ADAPTER_MANIFEST), manifest)
+            write_json_atomic(os.path.join(d, ADAPTER_MANIFEST), manifest, sort_keys=True)
 
 
 def _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize=None, qtol=0.2) -> dict:

@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from edgepeft.config import TASK_TYPES
+from edgepeft.config import LABELS_NAME, TASK_TYPES
 from edgepeft.errors import ConfigError, CorruptArtifactError
-from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic
+from edgepeft.files import replace_dir, staging_dir, write_json_atomic
 from edgepeft.plots import training_curve
 from edgepeft.training.data import Encoder, label_names, read_jsonl
 
-LABELS_NAME = "labels.json"
 LOG_NAME = "training_log.json"
 CURVE_NAME = "training_curve.png"
 CHECKPOINT = "checkpoint"
@@ -340,8 +339,8 @@ class Trainer:
             self._end_epoch(acc, model, eval_loader, optimizer, scheduler, log, epoch, bar)
         bar.close()
         log["replica_checksums"] = [float(x) for x in acc.gather(_checksum(params, acc.device))]
-        if acc.is_main_process:
-            self._write_log(log)
+        if acc.is_main_process:  # the checksums join the log; the curve, drawn at the last epoch, is unchanged
+            self._write_log(log, curve=False)
         acc.wait_for_everyone()
         acc.end_training()
         return log
@@ -375,9 +374,10 @@ class Trainer:
             replace_dir(stage, os.path.join(a.out, CHECKPOINT))
         acc.wait_for_everyone()
 
-    def _write_log(self, log: dict) -> None:
-        write_bytes_atomic(os.path.join(self.args.out, LOG_NAME), (json.dumps(log, indent=2) + "\n").encode())
-        training_curve(log, os.path.join(self.args.out, CURVE_NAME))
+    def _write_log(self, log: dict, curve: bool = True) -> None:
+        write_json_atomic(os.path.join(self.args.out, LOG_NAME), log)
+        if curve:
+            training_curve(log, os.path.join(self.args.out, CURVE_NAME))
 
 
 def train(**kwargs) -> dict:
@@ -401,8 +401,7 @@ def _shown(evaluation: dict) -> str:
 def _save_adapter(peft, directory: str, labels) -> None:
     peft.save_pretrained(directory)
     if labels is not None:
-        text = json.dumps({"labels": labels}, indent=2) + "\n"
-        write_bytes_atomic(os.path.join(directory, LABELS_NAME), text.encode())
+        write_json_atomic(os.path.join(directory, LABELS_NAME), {"labels": labels})
 
 
 def _load_trainable(peft, saved: dict) -> None:
