@@ -184,3 +184,17 @@ def test_decoder_prefix_for_another_task_is_refused_at_export(tiny_base, tmp_pat
         export([str(tmp_path / "cls-prefix")], str(tmp_path / "out"))
     assert isinstance(e.value, EdgePeftError)
     assert not (tmp_path / "out" / "base").exists()
+
+
+def test_bert_prefix_encoder_runs_once_per_forward(tiny_base, bert_prefix, monkeypatch):
+    """Every layer indexes one run of the prefix encoder (with its projection MLP), not one run per layer."""
+    from edgepeft.tuners.prefix.layer import PrefixEncoder
+
+    model = _bert(tiny_base, "seq-cls", bert_prefix["seq-cls"])
+    ids, mask = sample_batch(batch=2, seq=8)
+    before = torch_outputs(model, ids, mask, "logits")
+    runs = []
+    real = PrefixEncoder.keys_values
+    monkeypatch.setattr(PrefixEncoder, "keys_values", lambda self: runs.append(1) or real(self))
+    np.testing.assert_array_equal(torch_outputs(model, ids, mask, "logits"), before)
+    assert len(runs) == 1

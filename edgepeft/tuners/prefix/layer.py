@@ -69,6 +69,9 @@ class PrefixSelfAttention:
     adapter_dicts = ()  # holds no parameters: its keys/values come from the prefix encoder
 
     def prefix(self):
+        computed = getattr(self._source, "prefix_kv", None)  # the prefix tuner's forward runs the encoder once
+        if computed is not None and computed[0] == self.active_adapter:
+            return computed[1][self.prefix_layer]
         encoders = self._source.prompt_encoder
         encoder = encoders[self.active_adapter] if self.active_adapter in encoders else None
         return encoder.keys_values()[self.prefix_layer] if isinstance(encoder, PrefixEncoder) else None

@@ -65,8 +65,13 @@ class PrefixTuner(VirtualTokenTuner):
     def forward(self, model, config, adapter_name: str, input_ids=None, attention_mask=None, inputs_embeds=None,
                 position_ids=None, **kwargs):
         if model_type(model) in ENCODERS:  # the self-attention layers add the prefix
-            return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                         position_ids=position_ids, **kwargs)
+            holder = embedding_holder(model)
+            holder.prefix_kv = (adapter_name, holder.prompt_encoder[adapter_name].keys_values())  # once, for all layers
+            try:
+                return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                             position_ids=position_ids, **kwargs)
+            finally:
+                holder.prefix_kv = None
         n = config.num_virtual_tokens
         batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         device = (input_ids if input_ids is not None else inputs_embeds).device
