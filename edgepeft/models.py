@@ -102,6 +102,11 @@ def cache_layout(config, task: str) -> dict | None:
     """
     if task != "causal-lm" or config.model_type not in DECODERS:
         return None
+    return attention_layout(config)
+
+
+def attention_layout(config) -> dict:
+    """Layers, key/value heads and head size of a transformers config (GPT-2's names map through its config)."""
     heads = config.num_attention_heads
     return {
         "num_layers": int(config.num_hidden_layers),

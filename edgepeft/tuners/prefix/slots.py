@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgepeft.errors import UnsupportedMethodError
-from edgepeft.models import DECODERS
+from edgepeft.models import DECODERS, attention_layout
 from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, Slot, slot_axis, slot_name
 from edgepeft.tuners.prefix.layer import PrefixSelfAttention, add_prefix
 from edgepeft.tuners.prefix.model import model_type, self_attention_names
@@ -37,13 +37,9 @@ class PrefixSlotSelfAttention(PrefixSelfAttention):
 
 
 def _layout(model) -> tuple[int, int, int]:
-    c = model.config
-    heads = getattr(c, "num_attention_heads", None) or c.n_head
-    hidden = getattr(c, "hidden_size", None) or c.n_embd
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or hidden // heads
-    layers = getattr(c, "num_hidden_layers", None) or c.n_layer
-    return layers, kv_heads, head_dim
+    """(layers, key/value heads, head size): a decoder's prefix has the shape of its KV cache."""
+    layout = attention_layout(model.config)
+    return layout["num_layers"], layout["num_kv_heads"], layout["head_dim"]
 
 
 def _modules(model) -> list[str]:
