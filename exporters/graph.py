@@ -1,6 +1,6 @@
 """Build ONNX graphs: the frozen base with adapter slots as inputs, and adapter graphs.
 
-    input_ids, attention_mask, [position_ids, past_key_values.*], slot_1 ... slot_n
+    input_ids, attention_mask, [position_ids, logits_to_keep, past_key_values.*], slot_1 ... slot_n
           |                    |                                   |
           v                    v                                   v (slot modules read their feeds)
     transformers model with slot layers --> logits / last_hidden_state, [present.*]
@@ -10,10 +10,12 @@ length 0) and decode (past length > 0), traced with past length 4.
 
 Slot inputs also get an initializer of the same name holding the neutral value,
 which makes them optional: a session fed only input_ids/attention_mask runs the
-exact base model.
+exact base model. ``logits_to_keep`` defaults to 0 (logits for every position), so
+a caller that does not know it gets a plain forward's output.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,7 +26,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft.models import cache_kwargs, call_kwargs, output_cache
-from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TASK_OUTPUTS, cache_names
+from edgepeft.runtimes.manifest import (
+    LOGITS_TO_KEEP, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TASK_OUTPUTS, cache_names,
+)
 
 OPSET = 18
 _EXTERNAL_DATA_BYTES = 1 << 30  # above this the base graph keeps its weights in model.onnx.data
@@ -47,10 +51,15 @@ class SlotGraph(torch.nn.Module):
         self.output_name = TASK_OUTPUTS[task]
         self.cache = cache_manifest(cache) if cache else None
         self.kwargs = {} if cache else call_kwargs(model.config)
+        # Generation needs the last position's logits only: a cached graph takes LOGITS_TO_KEEP
+        # when the model does (transformers' causal LMs), so a prefill does not project every
+        # prompt position onto the vocabulary.
+        self.keep = bool(cache) and LOGITS_TO_KEEP in inspect.signature(model.forward).parameters
 
     @property
     def input_names(self) -> list[str]:
-        cache = ["position_ids", *cache_names(self.cache, "past")] if self.cache else []
+        keep = [LOGITS_TO_KEEP] if self.keep else []
+        cache = ["position_ids", *keep, *cache_names(self.cache, "past")] if self.cache else []
         return ["input_ids", "attention_mask", *cache, *self.slot_names]
 
     @property
@@ -63,7 +72,10 @@ class SlotGraph(torch.nn.Module):
         if self.cache:
             from transformers import DynamicCache
 
-            position_ids, past, rest = rest[0], rest[1 : 1 + n_past], rest[1 + n_past :]
+            position_ids, rest = rest[0], rest[1:]
+            if self.keep:
+                keep, rest = rest[0], rest[1:]
+            past, rest = rest[:n_past], rest[n_past:]
             cache = DynamicCache(config=self.model.config)
             for layer in range(self.cache["num_layers"]):  # past: (B, kv_heads, P, head_dim) each
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
@@ -71,6 +83,8 @@ class SlotGraph(torch.nn.Module):
         for (module, role), value in zip(self._feeds, rest):
             module.feed[role] = value
         tokens = {"inputs_embeds": self.embedder(input_ids)} if self.embedder is not None else {"input_ids": input_ids}
+        if self.cache and self.keep:
+            extra[LOGITS_TO_KEEP] = kept_positions(keep, next(iter(tokens.values())).shape[1])
         out = self.model(**tokens, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
         result = getattr(out, self.output_name)
         if not self.cache:
@@ -95,7 +109,8 @@ class SlotGraph(torch.nn.Module):
         g = torch.Generator().manual_seed(0)
         c = self.cache
         kv = [torch.randn(batch, c["num_kv_heads"], past, c["head_dim"], generator=g) for _ in range(2 * c["num_layers"])]
-        return (ids[:, past:], mask, position_ids, *kv, *slots)
+        keep = (torch.tensor(2),) if self.keep else ()  # 2 of the 3 new tokens: the kept axis differs from the input's
+        return (ids[:, past:], mask, position_ids, *keep, *kv, *slots)
 
     def _with_virtual(self, ids, mask, slots):
         """The sample mask with ones for the tokens the embedder puts before ``ids`` (a sample prompt)."""
@@ -106,6 +121,12 @@ class SlotGraph(torch.nn.Module):
         with torch.no_grad():
             virtual = self.embedder(ids).shape[1] - ids.shape[1]
         return torch.cat([torch.ones(mask.shape[0], virtual, dtype=mask.dtype), mask], dim=1)
+
+
+def kept_positions(keep: torch.Tensor, length) -> torch.Tensor:
+    """The positions whose logits ``keep`` asks for: the last ``keep`` of ``length``, all when 0 (traced: Range)."""
+    start = torch.where(keep > 0, torch.clamp(length - keep, min=0), torch.zeros_like(keep))
+    return torch.arange(start, length)
 
 
 def output_axes(task: str, slots) -> dict:
@@ -123,9 +144,14 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
     io_axes = {"input_ids": token_axes, "attention_mask": token_axes}
     if graph.cache:
         io_axes["attention_mask"] = {0: "batch", 1: "total_sequence"}  # past + new tokens
-        io_axes["position_ids"] = token_axes
+        # A prompt puts its virtual tokens before input_ids: positions may be longer than the ids.
+        io_axes["position_ids"] = {0: "batch", 1: "position_sequence"}
+        if graph.keep:
+            io_axes[LOGITS_TO_KEEP] = {}
         io_axes.update({n: {0: "batch", 2: "past_sequence"} for n in cache_names(graph.cache, "past")})
     out_axes = {output: output_axes(task, slots)}
+    if graph.keep:
+        out_axes[output] = {0: "batch", 1: "kept_sequence"}
     if graph.cache:
         out_axes.update({n: {0: "batch", 2: "total_sequence"} for n in cache_names(graph.cache, "present")})
     dynamic_axes = {**io_axes, **out_axes, **slot_axes}
@@ -143,7 +169,8 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
             do_constant_folding=True,
             dynamo=False,
         )
-    used = _add_neutral_defaults(path, neutral)
+    defaults = {**neutral, LOGITS_TO_KEEP: np.array(0, dtype=np.int64)} if graph.keep else neutral
+    used = _add_neutral_defaults(path, defaults)
     def table(axes_by_name):
         return {n: {"dtype": "float32" if "past" in n or "present" in n or n == output else "int64", "axes": a}
                 for n, a in axes_by_name.items()}
@@ -157,7 +184,7 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
 
 
 def _add_neutral_defaults(path: str, neutral: dict) -> set:
-    """Give every slot input an initializer of its own name (its neutral value).
+    """Give every slot input (and LOGITS_TO_KEEP) an initializer of its own name (its neutral value).
 
     Returns the slots the graph uses: a slot on a layer that cannot reach the
     output (BertModel's pooler for ``last_hidden_state``) is dropped by the tracer.
@@ -168,7 +195,7 @@ def _add_neutral_defaults(path: str, neutral: dict) -> set:
     used = {i.name for i in model.graph.input} & set(neutral)
     for name, value in neutral.items():
         if name in used and name not in existing:
-            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, order="C"), name))
     data = os.path.basename(path) + ".data"
     onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True, location=data)
     return used

@@ -61,6 +61,9 @@ PAST_KEY = "past_key_values.%d.key"
 PAST_VALUE = "past_key_values.%d.value"
 PRESENT_KEY = "present.%d.key"
 PRESENT_VALUE = "present.%d.value"
+# Decoder graphs' int64 scalar input: logits for the last N positions only (0: all), as transformers'
+# ``logits_to_keep``. Generation binds 1; its default (0) keeps a plain forward's full logits.
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def cache_names(cache: dict, kind: str) -> list[str]:

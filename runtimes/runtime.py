@@ -35,6 +35,7 @@ from .errors import (
 from .manifest import (
     ADAPTERS_DIR,
     BASE_DIR,
+    LOGITS_TO_KEEP,
     cache_names,
     read_adapter_manifest,
     read_base_manifest,
@@ -138,6 +139,10 @@ class Runtime:
         }
         self._present_names = cache_names(self.cache, "present") if self.cache else []
         self.input_names = list(self.manifest["inputs"])
+        # OrtValues for LOGITS_TO_KEEP, 0 (all) and 1 (generation); exports made before it compute every position.
+        # (IOBinding binds an input that has a default only as an OrtValue.)
+        self._keep = ({n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
+                      if LOGITS_TO_KEEP in self.manifest["inputs"] else None)
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_positions = self.manifest.get("max_positions")
         self._adapters: dict[str, _Adapter] = {}
@@ -331,12 +336,14 @@ class Runtime:
             binding.bind_ortvalue_input(slot_name, value)
         return binding
 
-    def _run(self, plan: _Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None) -> list:
+    def _run(self, plan: _Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None,
+             keep: int = 0) -> list:
         """One session run; adapter slots and the KV cache stay OrtValues (IOBinding).
 
         ``past`` None is a prefill: the cache starts as the adapter's (a prefix) or empty.
         ``mask``/``position_ids`` already count the virtual tokens (``_virtual_inputs``).
         ``binding``: one from ``_slot_binding(plan)`` to reuse (slots stay bound).
+        ``keep``: 1 for the last position's logits only, where the graph can; 0 for all.
         Returns OrtValues: the task output, then the presents when asked for.
         """
         binding = binding or self._slot_binding(plan)
@@ -344,6 +351,8 @@ class Runtime:
         binding.bind_cpu_input("attention_mask", mask)
         if self.cache:
             binding.bind_cpu_input("position_ids", position_ids)
+            if self._keep:
+                binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[keep])
             if past is None:  # prefill: the adapter's cache start repeated over the batch, else empty
                 empty = np.zeros((ids.shape[0], self.cache["num_kv_heads"], 0, self.cache["head_dim"]), np.float32)
                 for name in self._past_names:
@@ -425,14 +434,14 @@ class Runtime:
         """
         full, positions = self._virtual_inputs(plan, mask, generate=True)
         binding = self._slot_binding(plan)
-        outputs = self._run(plan, ids, full, positions, None, presents=True, binding=binding)
+        outputs = self._run(plan, ids, full, positions, None, presents=True, binding=binding, keep=1)
         for name in plan.prefill:  # decode steps add no virtual tokens
             binding.bind_ortvalue_input(name, self._neutral[name])
         while True:
             token = yield outputs[0].numpy()[:, -1, :]
             full = np.concatenate([full, np.ones_like(token)[:, None]], axis=1)
             positions = positions[:, -1:] + 1
-            outputs = self._run(plan, token[:, None], full, positions, outputs[1:], presents=True, binding=binding)
+            outputs = self._run(plan, token[:, None], full, positions, outputs[1:], presents=True, binding=binding, keep=1)
 
     def _stream(self, ids, mask, adapter, cfg, stops):
         rng = np.random.default_rng(cfg.seed)

@@ -102,6 +102,9 @@ def peft_adapter(workdir, tiny_base):
         import peft
 
         key = (arch, name)
+        args = (task, num_labels, seed, lora)
+        if key in cache and cache[key][1] != args:  # one dir per name: a second recipe would get the first's
+            raise AssertionError(f"adapter {arch}/{name} was made with {cache[key][1]}, now asked with {args}")
         if key not in cache:
             task = task or default_task(arch)
             base = tiny_base(arch)
@@ -112,8 +115,8 @@ def peft_adapter(workdir, tiny_base):
             pm.peft_config["default"].base_model_name_or_path = base
             path = str(workdir / "adapters" / arch / name)
             pm.save_pretrained(path)
-            cache[key] = path
-        return cache[key]
+            cache[key] = path, args
+        return cache[key][0]
 
     return make
 
@@ -200,6 +203,12 @@ ADAPTER_SPECS = {
 }
 
 
+def spec_adapter(peft_adapter, arch: str, name: str) -> str:
+    """The HF PEFT dir of ADAPTER_SPECS[arch]'s adapter ``name`` (the one shared_export uses)."""
+    i, kw = next((i, kw) for i, (n, kw) in enumerate(ADAPTER_SPECS[arch]) if n == name)
+    return peft_adapter(arch, name, seed=i + 1, **kw)
+
+
 @pytest.fixture(scope="session")
 def shared_export(workdir, peft_adapter):
     """shared_export(arch) -> (OUT, {name: adapter dir}, report): exported once per session."""
@@ -209,7 +218,7 @@ def shared_export(workdir, peft_adapter):
         if arch not in cache:
             from edgepeft.exporters import export
 
-            dirs = {name: peft_adapter(arch, name, seed=i + 1, **kw) for i, (name, kw) in enumerate(ADAPTER_SPECS[arch])}
+            dirs = {name: spec_adapter(peft_adapter, arch, name) for name, _ in ADAPTER_SPECS[arch]}
             out = str(workdir / f"out-{arch}")
             report = export(list(dirs.values()), out)
             cache[arch] = (out, dirs, report)

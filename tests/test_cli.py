@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from conftest import spec_adapter
 from edgepeft.runtimes.manifest import read_base_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +157,7 @@ def test_export_into_out_of_other_base(tmp_path, llama, peft_adapter):
     out = tmp_path / "out"
     shutil.copytree(llama[0], out)
     before = tree_hashes(out)
-    proc = edgepeft("export", "--adapter", peft_adapter("gpt2", "attn"), "--out", out)
+    proc = edgepeft("export", "--adapter", spec_adapter(peft_adapter, "gpt2", "attn"), "--out", out)
     assert_user_error(proc, out / "base", "another --out")
     assert tree_hashes(out) == before
     assert not [n for n in os.listdir(out) if n.startswith(".")]

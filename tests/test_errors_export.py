@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import sample_batch
+from conftest import sample_batch, spec_adapter
 from error_contract import CPU, VOCAB, copy_adapter, edit_json, hidden_entries, tree_hashes
 from error_contract import llama, other_llama_base, small_out  # noqa: F401  (fixtures)
 from edgepeft.errors import (
@@ -192,7 +192,7 @@ def test_export_into_out_of_other_base_same_arch(guarded, llama, other_llama_bas
 
 
 def test_export_into_out_of_other_arch(guarded, peft_adapter, tiny_base):
-    msg = failing_export(AdapterBaseMismatchError, [peft_adapter("gpt2", "attn")], guarded)
+    msg = failing_export(AdapterBaseMismatchError, [spec_adapter(peft_adapter, "gpt2", "attn")], guarded)
     assert os.path.join(guarded, "base") in msg
     assert tiny_base("gpt2") in msg and tiny_base("llama") in msg
     assert not hidden_entries(guarded)

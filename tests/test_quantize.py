@@ -6,7 +6,7 @@ import os
 import onnx
 import pytest
 
-from conftest import sample_batch
+from conftest import sample_batch, spec_adapter
 from edgepeft.errors import ConfigError, ExportValidationError
 from edgepeft.exporters import export
 from edgepeft.exporters.quantize import relative_error
@@ -23,7 +23,7 @@ KINDS = {"int8": ("MatMulInteger", 0.1), "int4": ("MatMulNBits", 0.1)}  # tiny L
 
 @pytest.fixture(scope="module")
 def quantized_llama(workdir, peft_adapter):
-    dirs = [peft_adapter("llama", "qv"), peft_adapter("llama", "all")]
+    dirs = [spec_adapter(peft_adapter, "llama", "qv"), spec_adapter(peft_adapter, "llama", "all")]
     made = {}
 
     def get(kind):
@@ -107,15 +107,15 @@ def test_a_float32_export_into_an_int8_folder_is_refused_and_changes_nothing(int
 
 def test_bad_quantize_options(peft_adapter, tmp_path):
     with pytest.raises(ConfigError, match="int3.*int8, int4"):
-        export([peft_adapter("llama", "qv")], str(tmp_path / "a"), quantize="int3")
+        export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "a"), quantize="int3")
     with pytest.raises(ConfigError, match="qtol"):
-        export([peft_adapter("llama", "qv")], str(tmp_path / "b"), quantize="int8", qtol=0)
+        export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "b"), quantize="int8", qtol=0)
 
 
 def test_a_quantized_graph_outside_tolerance_writes_nothing(peft_adapter, tmp_path):
     out = tmp_path / "strict"
     with pytest.raises(ExportValidationError, match="relative RMS error"):
-        export([peft_adapter("llama", "qv")], str(out), quantize="int8", qtol=1e-9)
+        export([spec_adapter(peft_adapter, "llama", "qv")], str(out), quantize="int8", qtol=1e-9)
     assert not os.path.exists(out / "base") and not os.path.exists(out / "adapters" / "qv")
     assert [p for p in _tree(out) if ".staging" in p] == []
 
@@ -126,12 +126,12 @@ def test_quantized_with_external_weights_and_merge(kind, peft_adapter, tmp_path,
 
     monkeypatch.setattr(graph, "_EXTERNAL_DATA_BYTES", 0)  # write the weights beside the graph, as for big models
     out = str(tmp_path / "ext")
-    export([peft_adapter("qwen2", "qv")], out, quantize=kind)
+    export([spec_adapter(peft_adapter, "qwen2", "qv")], out, quantize=kind)
     assert _tree(os.path.join(out, "base")).count("model.onnx.data") == 1
     assert not [p for p in _tree(out) if ".quantized" in p]
     assert Runtime(out).manifest["quantization"] == kind
     merged = str(tmp_path / "merged")
-    report = export([peft_adapter("qwen2", "qv")], merged, merge=True, quantize=kind)
+    report = export([spec_adapter(peft_adapter, "qwen2", "qv")], merged, merge=True, quantize=kind)
     assert [("relative_error" in c) for c in report["checks"]] == [False, True]
     ids, mask = sample_batch()
     ours, ref = Runtime(merged).forward(ids, mask)["logits"], Runtime(out).forward(ids, mask, adapter="qv")["logits"]
@@ -145,7 +145,7 @@ def test_cli_export_quantize(peft_adapter, tmp_path):
 
     for kind in KINDS:
         out = str(tmp_path / f"cli-{kind}")
-        result = CliRunner().invoke(cli, ["export", "--adapter", peft_adapter("gpt2", "attn"), "--out", out, "--quantize", kind])
+        result = CliRunner().invoke(cli, ["export", "--adapter", spec_adapter(peft_adapter, "gpt2", "attn"), "--out", out, "--quantize", kind])
         assert result.exit_code == 0, result.output
         assert f"{kind} graph: max relative error" in result.output
         result = CliRunner().invoke(cli, ["inspect", out])

@@ -1,0 +1,73 @@
+"""Prefill cost with logits for every prompt position vs the last one only (``logits_to_keep``).
+
+A decoder export takes ``logits_to_keep`` (transformers' name): generation binds 1, so
+a prefill projects one position onto the vocabulary; 0 (the default, and what every
+prefill computed before the input existed) projects them all. This times one prefill
+(batch 1, no adapter, empty cache) at several prompt lengths both ways, interleaved in
+a new seeded random order each round, and reports medians, the ratio and the size of
+the logits output.
+
+    python samples/bench_generate.py --rounds 2 --new-tokens 8     # makes bench-out/generate/slots
+    python samples/bench_prefill.py [--export bench-out/generate/slots] [--rounds 20]
+Timings are reported, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import shlex
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from edgepeft.runtimes import Runtime
+from edgepeft.runtimes.manifest import LOGITS_TO_KEEP, cache_names
+
+
+def prefill_feeds(rt: Runtime, length: int, keep: int) -> dict:
+    ids = np.random.default_rng(length).integers(3, rt.vocab_size, size=(1, length), dtype=np.int64)
+    c = rt.cache
+    empty = np.zeros((1, c["num_kv_heads"], 0, c["head_dim"]), np.float32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(length)[None, :],
+            LOGITS_TO_KEEP: np.array(keep, dtype=np.int64), **{n: empty for n in cache_names(c, "past")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export", default="bench-out/generate/slots", help="a causal-lm export (default %(default)s)")
+    ap.add_argument("--lengths", default="16,64,256,496", help="prompt lengths, comma-separated (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds, 3 calls per peer each (default 20)")
+    args = ap.parse_args()
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    rt = Runtime(args.export, load_adapters=False)
+    if LOGITS_TO_KEEP not in rt.manifest["inputs"]:
+        sys.exit(f"{args.export}: this export has no {LOGITS_TO_KEEP} input; re-export it")
+    lengths = [int(n) for n in args.lengths.split(",")]
+    feeds = {(n, keep): prefill_feeds(rt, n, keep) for n in lengths for keep in (0, 1)}
+    sizes = {}
+    for key, f in feeds.items():  # warm up; remember each output's size
+        for _ in range(3):
+            logits = rt.session.run(["logits"], f)[0]
+        sizes[key] = logits.nbytes
+    times = {key: [] for key in feeds}
+    shuffle = random.Random(0)
+    for _ in range(args.rounds):
+        for key in shuffle.sample(list(feeds), len(feeds)):
+            for _ in range(3):
+                t = time.perf_counter()
+                rt.session.run(["logits"], feeds[key])
+                times[key].append(time.perf_counter() - t)
+    med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    print(f"\n{args.export}, vocab {rt.vocab_size}, CPU, batch 1, median of {3 * args.rounds} prefills each\n")
+    print("| prompt tokens | every position (ms) | last position (ms) | every / last | logits MiB, every / last |")
+    print("| --- | --- | --- | --- | --- |")
+    for n in lengths:
+        every, last = med[(n, 0)], med[(n, 1)]
+        print(f"| {n} | {every:.2f} | {last:.2f} | {every / last:.2f}x | "
+              f"{sizes[(n, 0)] / 2**20:.2f} / {sizes[(n, 1)] / 2**20:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
