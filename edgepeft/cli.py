@@ -170,10 +170,16 @@ def inspect(out, as_json):
 @click.option("--plot", type=click.Path(), default=None, help="Also draw the latencies to this PNG file.")
 def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, as_json, plot):
     """Latency per adapter, switch cost, staging time and memory of an export, on this machine."""
-    from edgepeft.files import write_json_atomic
+    from edgepeft.errors import ConfigError
+    from edgepeft.files import check_output_dir, write_json_atomic
     from edgepeft.runtimes import Runtime, use_shared_thread_pool
     from edgepeft.runtimes.bench import measure, table
 
+    for path, flag in ((as_json, "--json"), (plot, "--plot")):  # before minutes of measuring
+        if path and os.path.isdir(path):
+            raise ConfigError(f"{path}: is a folder; give {flag} a file path")
+        if path:
+            check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
     if shared_threads:
         use_shared_thread_pool()
     result = measure(Runtime(out), list(adapters) or None, batch=batch, seq=seq, rounds=rounds, calls=calls,
@@ -241,6 +247,10 @@ def main(argv=None):
         cli.main(args=argv, standalone_mode=False)
     except EdgePeftError as e:
         click.echo("error: " + " ".join(str(e).split()), err=True)
+        sys.exit(1)
+    except OSError as e:  # the disk said no: a path that is a file, no permission, disk full
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}; check the path, its permissions and free space", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

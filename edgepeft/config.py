@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -76,13 +79,23 @@ class PeftConfig:
                 d[k] = sorted(v)
         return d
 
+    def check_types(self) -> None:
+        """Each field holds a value of its annotated type (numbers finite); raises ConfigError naming the field."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _fits(value, hints[f.name]):
+                raise ConfigError(f"{f.name} = {value!r} is not a valid {_type_name(hints[f.name])}")
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "PeftConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in d if k not in names and k not in _HARMLESS_FIELDS and d[k] not in (None, False, {}, []))
         if unknown:
             warnings.warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}", stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in names})
+        config = cls(**{k: v for k, v in d.items() if k in names})
+        config.check_types()
+        return config
 
     def save_pretrained(self, directory: str) -> None:
         from edgepeft.files import write_json_atomic
@@ -95,6 +108,31 @@ class PeftConfig:
         if cls is not PeftConfig and not isinstance(config, cls):
             raise ConfigError(f"{directory}: holds a {config.peft_type} adapter, not {cls.peft_type_name}")
         return config
+
+
+def _fits(value, annotation) -> bool:
+    """``value`` matches ``annotation`` (None, bool, int, float, str, list, dict and their Optional/Union)."""
+    if annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    annotation = origin or annotation
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(annotation, type) or isinstance(value, annotation)
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    annotation = typing.get_origin(annotation) or annotation
+    return {type(None): "null", float: "finite number", int: "whole number"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def load_config(directory: str) -> PeftConfig:
@@ -110,8 +148,8 @@ def load_config(directory: str) -> PeftConfig:
             d = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptArtifactError(f"{path}: not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(d, dict) or "peft_type" not in d:
-        raise CorruptArtifactError(f"{path}: has no 'peft_type'; re-save the adapter with save_pretrained")
+    if not isinstance(d, dict) or not isinstance(d.get("peft_type"), str):
+        raise CorruptArtifactError(f"{path}: has no 'peft_type' name; re-save the adapter with save_pretrained")
     cls = _CONFIG_CLASSES.get(d["peft_type"])
     if cls is None:
         raise UnsupportedMethodError(

@@ -31,7 +31,7 @@ from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_group
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.quantize import check_quantize, quantize_graph, relative_error
-from edgepeft.files import replace_dir, staging_dir, write_json_atomic
+from edgepeft.files import check_output_dir, replace_dir, staging_dir, write_json_atomic
 from edgepeft.models import (
     cache_layout,
     call_kwargs,
@@ -59,7 +59,7 @@ from edgepeft.runtimes.manifest import (
     sha256_file,
 )
 from edgepeft.runtimes.runtime import Runtime
-from edgepeft.tuners.heads import HeadSlots
+from edgepeft.tuners.heads import CLASSIFIER_NAMES, HeadSlots
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -236,7 +236,7 @@ def _log_check(log, check: dict, name: str) -> None:
         log(f"validated {name}: max |diff| vs PyTorch = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
 
 
-def _export_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None) -> dict:
+def _export_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, labels=None) -> dict:
     """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest."""
     graph_model = copy.deepcopy(model)
     fused = fuse_groups(graph_model, groups)
@@ -266,6 +266,7 @@ def _export_base(model, slots, task, stage, source, weights_fp, groups, merged_a
         "dtype": "float32",
         "quantization": None,
         "merged_adapter": merged_adapter,
+        "labels": labels,  # a merged classifier's class names
         "vocab_size": model.config.vocab_size,
         "max_positions": max_positions(model.config),
         "pad_token_id": model.config.pad_token_id,
@@ -287,8 +288,11 @@ def _slot_providers() -> dict:
     return {m.name: m.slots for m in methods()} | {HEADS.name: HEADS}
 
 
-def _labels(src: AdapterSource, heads: dict) -> list | None:
-    """Class names saved beside a classifier adapter (``labels.json``, written by ``edgepeft train``)."""
+def _labels(src: AdapterSource, widths: set) -> list | None:
+    """Class names saved beside a classifier adapter (``labels.json``, written by ``edgepeft train``).
+
+    ``widths``: the classifier's possible output counts; the file must name one of them.
+    """
     path = os.path.join(src.path, LABELS_NAME)
     if not os.path.isfile(path):
         return None
@@ -299,7 +303,6 @@ def _labels(src: AdapterSource, heads: dict) -> list | None:
         raise CorruptArtifactError(f"{path}: cannot read the label names ({e}); fix or delete the file") from None
     if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
         raise CorruptArtifactError(f"{path}: 'labels' must be a list of strings; fix or delete the file")
-    widths = {v.shape[1] for v in heads.values() if v.ndim == 2}  # classifier weight as bound: (hidden, num_labels)
     if widths and len(labels) not in widths:
         raise CorruptArtifactError(f"{path}: names {len(labels)} labels but the adapter's classifier has "
                                    f"{sorted(widths)[0]} outputs; fix or delete the file")
@@ -339,7 +342,8 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
         "ort_adapter": ort_file,
         "peft_config": config.to_dict(),
         "source": os.path.abspath(src.path),
-        "labels": _labels(src, head_values) if heads else None,
+        # a classifier weight as bound: (hidden, num_labels)
+        "labels": _labels(src, {v.shape[1] for v in head_values.values() if v.ndim == 2}) if heads else None,
     }
     write_json_atomic(os.path.join(stage, ADAPTER_MANIFEST), manifest, sort_keys=True)
     return manifest
@@ -365,6 +369,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     check_quantize(quantize)
     if not qtol > 0:
         raise ConfigError(f"--qtol must be > 0, got {qtol}")
+    for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
+        check_output_dir(os.path.join(out, sub), "--out")
     sources = _read_sources(adapters, names)
     source = _resolve_base(sources, base)
     model_type = load_model_config(source).model_type
@@ -408,6 +414,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     reuse = existing is not None and (
         {s.name for s in needed} - set(existing.get("inert_slots", [])) <= {s.name for s in existing["slots"]}
     )
+    # a new base re-points the adapters already there: one that cannot be read stops the export now, OUT untouched
+    siblings = {} if reuse else _sibling_adapters(out, skip={s.name for s in sources})
 
     staged = []
     try:
@@ -457,7 +465,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
         if not reuse:
             replace_dir(base_stage, base_dir)
             staged.remove(base_stage)
-            _repoint_adapters(out, base_manifest, skip={s.name for s in sources})
+            _repoint_adapters(siblings, base_manifest)
         for name, stage in adapter_stages.items():
             replace_dir(stage, os.path.join(out, ADAPTERS_DIR, name))
             staged.remove(stage)
@@ -468,20 +476,31 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     return report
 
 
-def _repoint_adapters(out: str, base_manifest: dict, skip: set) -> None:
-    """After the base gained slots, adapters already in OUT still fit: record the new fingerprint."""
+def _sibling_adapters(out: str, skip: set) -> dict:
+    """The manifests of the adapters already in OUT (but ``skip``), by folder.
+
+    Read before anything is exported, so that one which cannot be read (a stray
+    folder, a corrupt adapter.json) stops the export while OUT is untouched, not after
+    the base was replaced.
+    """
     adapters_dir = os.path.join(out, ADAPTERS_DIR)
     if not os.path.isdir(adapters_dir):
-        return
-    slot_names = {s.name for s in base_manifest["slots"]}
-    for name in os.listdir(adapters_dir):
+        return {}
+    found = {}
+    for name in sorted(os.listdir(adapters_dir)):
         d = os.path.join(adapters_dir, name)
-        if name in skip or name.startswith(".") or not os.path.isdir(d):
-            continue
-        manifest = read_adapter_manifest(d)
+        if name not in skip and not name.startswith(".") and os.path.isdir(d):
+            found[d] = read_adapter_manifest(d)
+    return found
+
+
+def _repoint_adapters(siblings: dict, base_manifest: dict) -> None:
+    """After the base gained slots, adapters already in OUT still fit: record the new fingerprint."""
+    slot_names = {s.name for s in base_manifest["slots"]}
+    for d, manifest in siblings.items():
         if set(manifest["slots"]) <= slot_names:
-            manifest["base_fingerprint"] = base_manifest["fingerprint"]
-            write_json_atomic(os.path.join(d, ADAPTER_MANIFEST), manifest, sort_keys=True)
+            write_json_atomic(os.path.join(d, ADAPTER_MANIFEST), {**manifest, "base_fingerprint": base_manifest["fingerprint"]},
+                              sort_keys=True)
 
 
 def _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize=None, qtol=0.2) -> dict:
@@ -497,7 +516,10 @@ def _export_merged(model, peft, sources, source, task, out, existing, atol, log,
     stage = staging_dir(out, "merged")
     try:
         log(f"exporting {src.name} merged into the base to {base_dir}")
-        _export_base(merged, [], task, stage, source, weights_fp, groups, merged_adapter=src.name)
+        widths = {m.out_features for n, m in merged.named_modules() if n.rpartition(".")[2] in CLASSIFIER_NAMES
+                  and hasattr(m, "out_features")}  # the trained head's width (the config may still say 2)
+        labels = _labels(src, widths) if task == "seq-cls" else None
+        _export_base(merged, [], task, stage, source, weights_fp, groups, merged_adapter=src.name, labels=labels)
         rt = Runtime.from_base_dir(stage)
         peft.set_adapter(src.name)
         checks = [_validate(f"merged {src.name}", rt, None, peft, task, atol, src.path)]

@@ -2,7 +2,8 @@
 
 Order and semantics follow transformers' ``generate``: the repetition penalty
 applies to greedy and sampled decoding; temperature, top-k and top-p (in that
-order) apply only when sampling.
+order) apply only when sampling, and greedy decoding ignores their values, as
+transformers does.
 """
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidInputError
+
+
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and bool(np.isfinite(value))
 
 
 @dataclass
@@ -26,17 +36,34 @@ class GenerationConfig:
     pad_token_id: int = 0
     stop: list = field(default_factory=list)  # strings; need the exported tokenizer
 
-    def check(self) -> None:
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+    def check(self, vocab_size: int) -> None:
+        """Types always; the sampling values' ranges only when sampling (greedy ignores them, as transformers does)."""
+        if not _whole(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature!r} (use do_sample=False for greedy)")
-        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise ConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise ConfigError(f"do_sample must be True or False, got {self.do_sample!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not _real(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not _whole(self.top_k):
+            raise ConfigError(f"top_k must be an integer, got {self.top_k!r}")
+        if self.do_sample:
+            if not self.temperature > 0:
+                raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature!r} (greedy: do_sample=False)")
+            if self.top_k < 0:
+                raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k!r}")
+            if not 0 <= self.top_p <= 1:
+                raise ConfigError(f"top_p must be in [0, 1], got {self.top_p!r}")
         if not self.repetition_penalty > 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and not (_whole(self.seed) and self.seed >= 0):
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not all(_whole(e) for e in self.eos_token_id):
+            raise ConfigError(f"eos_token_id must be token ids (integers), got {self.eos_token_id!r}")
+        if not (_whole(self.pad_token_id) and 0 <= self.pad_token_id < vocab_size):  # finished rows feed it back
+            raise ConfigError(f"pad_token_id must be a token id in [0, {vocab_size}), got {self.pad_token_id!r}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
 
 
 def apply_repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float, ignore=None) -> np.ndarray:
@@ -93,8 +120,13 @@ def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig
     scores = apply_repetition_penalty(logits.astype(np.float32, copy=False), sequences, cfg.repetition_penalty, ignore)
     if not cfg.do_sample:
         return scores.argmax(-1).astype(np.int64)
-    scores = scores / cfg.temperature
+    scores = scores / np.float32(cfg.temperature)  # float32, as transformers divides
     scores = apply_top_p(apply_top_k(scores, cfg.top_k), cfg.top_p)
     probs = softmax(scores.astype(np.float64))
+    if not np.isfinite(probs).all():  # transformers refuses to sample these too
+        raise InvalidInputError(f"cannot sample: the scores are not finite (NaN or infinite logits, or temperature "
+                                f"{cfg.temperature!r} too small for float32); raise the temperature or use greedy decoding")
     u = rng.random((probs.shape[0], 1))
-    return np.minimum((probs.cumsum(-1) < u).sum(-1), probs.shape[-1] - 1).astype(np.int64)
+    # Rounding can leave the cumulative sum just under u: never fall through to a removed token.
+    last = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
+    return np.minimum((probs.cumsum(-1) < u).sum(-1), last).astype(np.int64)

@@ -314,7 +314,10 @@ class Runtime:
         if attention_mask is None:
             mask = np.ones_like(ids)
         else:
-            mask = np.asarray(attention_mask)
+            try:
+                mask = np.asarray(attention_mask)
+            except Exception:
+                raise InvalidInputError("attention_mask must be an array of 0/1 (batch, sequence)") from None
             if mask.ndim == 1:
                 mask = mask[None, :]
             if mask.shape != ids.shape:
@@ -421,10 +424,12 @@ class Runtime:
         ids, mask = self._check_ids(input_ids, attention_mask)
         cfg = self._generation_config(generation)
         with self._using(adapter) as plan:  # an unknown adapter or too many virtual tokens fail now, not at next()
-            self._check_length(plan, ids.shape[1], cfg.max_new_tokens, f" + max_new_tokens {cfg.max_new_tokens}")
+            # the last new token is never fed back: it needs no position
+            self._check_length(plan, ids.shape[1], cfg.max_new_tokens - 1,
+                               f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)")
         if (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
-        stops = _StopStrings(self, cfg.stop, ids.shape[1]) if cfg.stop else None  # needs the tokenizer: fail now
+        stops = _StopStrings(self, cfg.stop, ids.shape[1], mask) if cfg.stop else None  # needs the tokenizer: fail now
         return self._stream(ids, mask, adapter, cfg, stops)
 
     def _steps(self, plan: _Plan, ids, mask):
@@ -486,14 +491,16 @@ class Runtime:
             raise ConfigError(f"unknown generation argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
         args = {k: v for k, v in generation.items() if v is not None}
         eos = args.pop("eos_token_id", self.manifest.get("eos_token_id") or [])
-        args["eos_token_id"] = [int(e) for e in (eos if isinstance(eos, (list, tuple, np.ndarray)) else [eos])]
+        args["eos_token_id"] = list(np.ravel(eos)) if isinstance(eos, (list, tuple, np.ndarray)) else [eos]
         if "pad_token_id" not in args:
             pad = self.manifest.get("pad_token_id")
             args["pad_token_id"] = pad if pad is not None else (args["eos_token_id"] or [0])[0]
         stop = args.get("stop") or []
-        args["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        args["stop"] = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
         cfg = GenerationConfig(**args)
-        cfg.check()
+        if not isinstance(cfg.stop, list):
+            raise ConfigError(f"stop must be a string or a list of strings, got {cfg.stop!r}")
+        cfg.check(self.vocab_size)
         return cfg
 
     # ---------------------------------------------------------------- text
@@ -505,6 +512,11 @@ class Runtime:
         return self._tokenizer
 
     def _prompt_ids(self, prompt, chat: bool):
+        single = isinstance(prompt, str) or (chat and isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
+        if not (single or (isinstance(prompt, (list, tuple)) and prompt
+                           and all(isinstance(p, list if chat and not isinstance(p, str) else str) for p in prompt))):
+            raise InvalidInputError(f"prompt must be a string or a non-empty list of strings{' or of chat messages' if chat else ''}; "
+                                    f"got {type(prompt).__name__}")
         tok = self.tokenizer
         prompts = [prompt] if isinstance(prompt, (str, dict)) or (chat and prompt and isinstance(prompt[0], dict)) else list(prompt)
         if chat:
@@ -528,6 +540,9 @@ class Runtime:
             if text.startswith(shown) and len(text) > len(shown) and not text.endswith("\ufffd"):
                 yield text[len(shown):]
                 shown = text
+        text = self.tokenizer.decode(new)  # what was held back for a character still incomplete at the end
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):]
 
     def generate_text(self, prompt, adapter=None, chat: bool = False, **generation):
         """Generated text (without the prompt) for a prompt or a list of prompts."""
@@ -538,20 +553,31 @@ class Runtime:
         return texts[0] if single else texts
 
     def labels(self, adapter) -> list | None:
-        """Label names saved with a classification adapter, if any."""
-        if adapter is None:
-            return None
+        """Label names saved with a classification adapter, if any (a --merge export's: its base's)."""
+        merged = self.manifest.get("merged_adapter")
+        if adapter is None or (merged and adapter == merged):
+            return self.manifest.get("labels") if merged else None
         return self._get(adapter).manifest.get("labels")
 
 
 class _StopStrings:
-    """Marks rows whose generated text contains a stop string (decoded with the exported tokenizer)."""
+    """Marks rows where a stop string ends inside the generated text (decoded with the exported tokenizer).
 
-    def __init__(self, runtime: Runtime, stops: list, prompt_len: int):
+    As transformers' ``StopStringCriteria``: special tokens count as their text, and a
+    match may begin in the prompt; it must end in a new token.
+    """
+
+    def __init__(self, runtime: Runtime, stops: list, prompt_len: int, mask: np.ndarray):
         self.tokenizer = runtime.tokenizer
         self.stops = stops
         self.prompt_len = prompt_len
+        lookback = max(len(s) for s in stops)  # every token is at least one character
+        self.starts = np.maximum(np.argmax(mask != 0, axis=1), prompt_len - lookback)  # no left padding
 
     def hit(self, sequences: np.ndarray) -> np.ndarray:
-        texts = [self.tokenizer.decode(row[self.prompt_len:]) for row in sequences]
-        return np.array([any(s in t for s in self.stops) for t in texts])
+        found = []
+        for row, start in zip(sequences, self.starts):
+            before = self.tokenizer.decode(row[start:self.prompt_len], skip_special_tokens=False)
+            text = self.tokenizer.decode(row[start:], skip_special_tokens=False)
+            found.append(any(s in text[max(0, len(before) - len(s) + 1):] for s in self.stops))
+        return np.array(found)

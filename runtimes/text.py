@@ -10,7 +10,17 @@ import os
 
 import numpy as np
 
-from .errors import ArtifactNotFoundError, ConfigError
+from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
+
+_FIX = "re-export the base with its tokenizer files"
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorruptArtifactError(f"{path}: cannot read it ({e}); {_FIX}") from None
 
 
 class TextTokenizer:
@@ -26,16 +36,27 @@ class TextTokenizer:
             from tokenizers import Tokenizer
         except ImportError:
             raise ConfigError("text helpers need the `tokenizers` package: pip install tokenizers") from None
-        self._tok = Tokenizer.from_file(path)
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for a bad file
+            raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
         self._tok.no_padding()  # we pad ourselves
         self.padding_side = padding_side
         self._tok.no_truncation()  # too-long prompts get a clear error, not a silent cut
         config_path = os.path.join(base_dir, "tokenizer_config.json")
-        self.config = json.load(open(config_path, encoding="utf-8")) if os.path.isfile(config_path) else {}
+        self.config = {}
+        if os.path.isfile(config_path):
+            try:
+                self.config = json.loads(_read_text(config_path))
+            except ValueError as e:
+                raise CorruptArtifactError(f"{config_path}: not valid JSON ({e}); {_FIX}") from None
+            if not isinstance(self.config, dict):
+                raise CorruptArtifactError(f"{config_path}: must hold a JSON object; {_FIX}")
         template_path = os.path.join(base_dir, "chat_template.jinja")
+        self.template_source = config_path
         self.chat_template = self.config.get("chat_template")
         if os.path.isfile(template_path):
-            self.chat_template = open(template_path, encoding="utf-8").read()
+            self.chat_template, self.template_source = _read_text(template_path), template_path
 
     def _special(self, key: str):
         value = self.config.get(key)
@@ -79,7 +100,10 @@ class TextTokenizer:
 
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self._special("bos_token") or "", eos_token=self._special("eos_token") or "",
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self._special("bos_token") or "", eos_token=self._special("eos_token") or "",
+            )
+        except jinja2.TemplateError as e:  # a template that does not parse, or names what it is not given
+            raise CorruptArtifactError(f"{self.template_source}: the chat template fails ({e}); {_FIX}") from None

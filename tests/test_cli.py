@@ -199,3 +199,44 @@ def test_usage_error_is_not_a_traceback(tmp_path):
     no_traceback(proc)
     assert proc.returncode == 2
     assert "--adapter" in proc.stderr
+
+
+# --------------------------------------------------------------------------- run on a merged classifier; disk errors
+def test_run_names_the_merged_classifier_and_shows_its_labels(tmp_path, text_model):
+    import peft
+    import transformers
+
+    base = text_model("bert")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+    pm = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    pm.peft_config["default"].base_model_name_or_path = base
+    adapter = tmp_path / "tcls"
+    pm.save_pretrained(adapter)
+    (adapter / "labels.json").write_text(json.dumps({"labels": ["neg", "neu", "pos"]}))
+    out = tmp_path / "merged"
+    assert edgepeft("export", "--adapter", adapter, "--merge", "--out", out).returncode == 0
+    for name in ("tcls", "none"):  # the merged adapter is the base: either name serves it
+        proc = edgepeft("run", out, "hello there", "--adapter", name)
+        no_traceback(proc)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(line.split("\t")[0] for line in proc.stdout.strip().splitlines()) == ["neg", "neu", "pos"]
+
+
+def test_bench_json_that_is_a_folder_is_refused_before_measuring(tmp_path, llama):
+    proc = edgepeft("bench", llama[0], "--rounds", 1, "--calls", 1, "--json", tmp_path)
+    assert_user_error(proc, str(tmp_path), "--json")
+
+
+def test_a_disk_error_is_one_line(monkeypatch, capsys):
+    """Any OSError that reaches the CLI (a path that is a file, no permission, disk full) is one line, exit 1."""
+    from edgepeft import cli as cli_module
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/out/base/model.onnx")
+
+    monkeypatch.setattr(cli_module.cli, "main", refuse)
+    with pytest.raises(SystemExit) as e:
+        cli_module.main(["inspect", "x"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: /data/out/base/model.onnx: Permission denied; check the path, its permissions and free space")

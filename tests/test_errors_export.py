@@ -302,3 +302,49 @@ def test_every_error_is_an_edgepeft_error():
                 ExportValidationError, InvalidInputError, UnknownAdapterError, UnsupportedMethodError,
                 UnsupportedModelError):
         assert issubclass(cls, EdgePeftError) and cls is not EdgePeftError
+
+
+# --------------------------------------------------------------------------- export: OUT's own contents and adapter configs
+@pytest.mark.parametrize("damage, error", [("stray-folder", ArtifactNotFoundError), ("corrupt-manifest", CorruptArtifactError)])
+def test_an_unreadable_adapter_in_out_stops_the_export_before_the_base_changes(small_copy, llama, damage, error):
+    """A new adapter that needs new slots replaces OUT/base and re-points the adapters there: a sibling that
+    cannot be read must stop the export first, not leave a new base with old adapters pointing elsewhere."""
+    if damage == "stray-folder":
+        os.makedirs(os.path.join(small_copy, "adapters", "notes"))
+        named = os.path.join(small_copy, "adapters", "notes", "adapter.json")
+    else:
+        named = os.path.join(small_copy, "adapters", "qv", "adapter.json")
+        with open(named, "w") as f:
+            f.write("{bad")
+    before = tree_hashes(small_copy)
+    with pytest.raises(error) as e:
+        export([llama[1]["mlp"]], small_copy)  # mlp needs slots the small base lacks
+    assert named in str(e.value)
+    assert tree_hashes(small_copy) == before
+    assert not hidden_entries(small_copy), hidden_entries(small_copy)
+
+
+@pytest.mark.parametrize("where", ["out", "out/adapters", "out/base"])
+def test_a_file_where_out_needs_a_folder_is_refused_before_any_work(tmp_path, llama, where, monkeypatch):
+    module = importlib.import_module("edgepeft.exporters.export")
+    monkeypatch.setattr(module, "load_base", lambda *a: pytest.fail("the base was loaded before OUT was checked"))
+    path = tmp_path / where
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("keep me")
+    with pytest.raises(ConfigError) as e:
+        export([llama[1]["qv"]], str(tmp_path / "out"))
+    assert str(path) in str(e.value) and "is a file" in str(e.value)
+    assert path.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("target_modules", 5, ConfigError), ("lora_alpha", "x", ConfigError), ("lora_alpha", float("nan"), ConfigError),
+    ("r", 2.5, ConfigError), ("rank_pattern", "x", ConfigError), ("rank_pattern", {"q_proj": "four"}, ConfigError),
+    ("peft_type", ["LORA"], CorruptArtifactError),
+])
+def test_a_wrong_typed_adapter_config_field_is_named(guarded, tmp_path, llama, field, value, error):
+    path = copy_adapter(llama[1]["qv"], tmp_path / "adapter")
+    config = os.path.join(path, "adapter_config.json")
+    edit_json(config, **{field: value})
+    msg = failing_export(error, [path], guarded)
+    assert config in msg and field in msg

@@ -131,15 +131,18 @@ def test_greedy_with_repetition_penalty_matches_peft_generate(arch, runtime_for,
 
 
 def test_generation_may_fill_every_position(runtime_for, reference_for):
-    """prompt + max_new_tokens == max positions is allowed and still matches HF (gpt2: learned positions)."""
+    """prompt + max_new_tokens == max positions + 1 is allowed (the last token is never fed back) and matches HF
+    (gpt2: learned positions); one more is refused."""
     rt = runtime_for("gpt2")
     assert rt.max_positions == 64
     ids, mask = prompt_batch(seq=8, pad=2, seed=5)
-    new = rt.max_positions - ids.shape[1]
+    new = rt.max_positions - ids.shape[1] + 1
     hf_seqs, _ = hf_generate(reference_for("gpt2", "all"), ids, mask, max_new_tokens=new, pad_token_id=PAD)
     ours = rt.generate(ids, mask, adapter="all", max_new_tokens=new, eos_token_id=[])
-    assert ours.shape == (2, rt.max_positions)
+    assert ours.shape == (2, rt.max_positions + 1)
     np.testing.assert_array_equal(ours, hf_seqs)
+    with pytest.raises(InvalidInputError, match="exceeds the model's 64 positions"):
+        rt.generate(ids, mask, adapter="all", max_new_tokens=new + 1)
 
 
 # ---------------------------------------------------------------- 2. logits at every step
@@ -180,6 +183,15 @@ def test_sampling_is_reproducible_with_a_seed(runtime_for):
     # stream with the same seed yields the same tokens
     streamed = np.stack(list(rt.stream(ids, mask, seed=123, **kw)), axis=1)
     np.testing.assert_array_equal(streamed, a[:, ids.shape[1]:])
+
+
+def test_greedy_ignores_sampling_values(runtime_for):
+    """As transformers: do_sample=False takes no notice of temperature, top_k or top_p (0 included)."""
+    rt = runtime_for("llama")
+    ids, mask = prompt_batch()
+    plain = rt.generate(ids, mask, adapter="qv", max_new_tokens=6, eos_token_id=[])
+    odd = rt.generate(ids, mask, adapter="qv", max_new_tokens=6, eos_token_id=[], temperature=0.0, top_p=0.0, top_k=-1)
+    np.testing.assert_array_equal(odd, plain)
 
 
 @pytest.mark.parametrize("arch", DECODER_ARCHS)
@@ -341,7 +353,7 @@ def test_bad_generation_input_raises_and_runtime_keeps_working(shared_export):
     bad = [
         ("prompt past max positions", InvalidInputError, lambda: rt.generate(long_ids, adapter="qv", max_new_tokens=1)),
         ("prompt + new past max positions", InvalidInputError,
-         lambda: rt.generate(np.full((1, 60), 5, np.int64), adapter="qv", max_new_tokens=5)),
+         lambda: rt.generate(np.full((1, 60), 5, np.int64), adapter="qv", max_new_tokens=6)),
         ("empty prompt", InvalidInputError, lambda: rt.generate(np.zeros((1, 0), np.int64), adapter="qv")),
         ("empty list", InvalidInputError, lambda: rt.generate([], adapter="qv")),
         ("all-zero mask row", InvalidInputError, lambda: rt.generate(ids, zero_row, **good)),
@@ -352,10 +364,21 @@ def test_bad_generation_input_raises_and_runtime_keeps_working(shared_export):
         ("max_new_tokens float", ConfigError, lambda: rt.generate(ids, mask, adapter="qv", max_new_tokens=2.5)),
         ("temperature=0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, temperature=0.0, **good)),
         ("temperature<0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, temperature=-1.0, **good)),
-        ("top_p=0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, top_p=0.0, **good)),
+        ("top_p<0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, top_p=-0.1, **good)),
         ("top_p>1", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, top_p=1.5, **good)),
         ("top_k<0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, top_k=-1, **good)),
         ("repetition_penalty=0", ConfigError, lambda: rt.generate(ids, mask, repetition_penalty=0.0, **good)),
+        ("temperature a string", ConfigError, lambda: rt.generate(ids, mask, temperature="hot", **good)),
+        ("temperature nan", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, temperature=float("nan"), **good)),
+        ("do_sample not a bool", ConfigError, lambda: rt.generate(ids, mask, do_sample="yes", **good)),
+        ("seed<0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, seed=-1, **good)),
+        ("seed float", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, seed=1.5, **good)),
+        ("eos a string", ConfigError, lambda: rt.generate(ids, mask, adapter="qv", max_new_tokens=2, eos_token_id="x")),
+        ("pad outside vocab", ConfigError, lambda: rt.generate(ids, mask, pad_token_id=500, **good)),
+        ("stop a number", ConfigError, lambda: rt.generate(ids, mask, stop=123, **good)),
+        ("stop numbers", ConfigError, lambda: rt.generate(ids, mask, stop=[123], **good)),
+        ("ragged mask", InvalidInputError, lambda: rt.generate(ids, [[1, 1], [1]], **good)),
+        ("prompt not text", InvalidInputError, lambda: rt.generate_text(123, adapter="qv")),
         ("unknown kwarg to stream", ConfigError, lambda: rt.stream(ids, mask, temprature=0.5, **good)),
         ("unknown kwarg to generate", ConfigError, lambda: rt.generate(ids, mask, temprature=0.5, **good)),
         ("unknown adapter", UnknownAdapterError, lambda: rt.generate(ids, mask, adapter="nope", max_new_tokens=2)),

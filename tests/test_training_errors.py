@@ -73,7 +73,8 @@ def _targs(**kw):
 @pytest.mark.parametrize("field, value, flag", [
     ("epochs", 0, "--epochs"), ("epochs", 1.5, "--epochs"), ("batch_size", 0, "--batch-size"),
     ("grad_accum", 0, "--grad-accum"), ("max_length", -1, "--max-length"), ("logging_steps", 0, "--logging-steps"),
-    ("lr", 0.0, "--lr"), ("lr", -1e-4, "--lr"), ("lr", math.nan, "--lr"),
+    ("lr", 0.0, "--lr"), ("lr", -1e-4, "--lr"), ("lr", math.nan, "--lr"), ("lr", math.inf, "--lr"),
+    ("weight_decay", -1.0, "--weight-decay"), ("weight_decay", math.nan, "--weight-decay"),
     ("warmup_ratio", 1.0, "--warmup-ratio"), ("warmup_ratio", -0.1, "--warmup-ratio"), ("warmup_ratio", math.nan, "--warmup-ratio"),
     ("scheduler", "step", "--scheduler"), ("mixed_precision", "fp8", "--mixed-precision"), ("save", "first", "--save"),
     ("task", "translation", "task"),
@@ -99,7 +100,7 @@ def test_save_best_without_eval_data_falls_back_to_last():
     assert b.save == "best"
 
 
-@pytest.mark.parametrize("value", [-1.0, 0.0])
+@pytest.mark.parametrize("value", [-1.0, 0.0, math.inf])
 def test_check_rejects_non_positive_max_grad_norm(value):
     with pytest.raises(ConfigError, match="--max-grad-norm"):
         _targs(max_grad_norm=value).check()
@@ -141,6 +142,8 @@ def test_options_become_config_fields():
 
 @pytest.mark.parametrize("options, cls, words", [
     ({"r": "four"}, ConfigError, "invalid lora options {'r': 'four'}"),
+    ({"r": 2.5}, ConfigError, "r = 2.5 is not a valid whole number"),
+    ({"lora_alpha": math.nan}, ConfigError, "lora_alpha = nan is not a valid finite number"),
     ({"r": 0}, EdgePeftError, "r must be positive"),
     ({"use_dora": True}, EdgePeftError, "use_dora"),
 ])
@@ -148,6 +151,25 @@ def test_bad_option_value(options, cls, words):
     with pytest.raises(cls) as e:
         method_config("lora", "seq-cls", options)
     assert words in str(e.value)
+
+
+def test_a_wrong_typed_option_of_another_method_is_named():
+    with pytest.raises(ConfigError, match="bottleneck_size = 'big' is not a valid whole number"):
+        method_config("bottleneck", "seq-cls", {"bottleneck_size": "big"})
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tiny_bert, train_file, tmp_path, monkeypatch):
+    """A NaN loss (as a far too high --lr gives) ends the run with an error, not an 'ok' over a broken adapter."""
+    real = Trainer._loss
+
+    def nan_loss(self, model, batch):
+        loss, logits = real(self, model, batch)
+        return loss * math.nan, logits
+
+    monkeypatch.setattr(Trainer, "_loss", nan_loss)
+    with pytest.raises(ConfigError, match=r"diverged at step 1 .*loss is nan; lower --lr"):
+        Trainer(model=tiny_bert, task="seq-cls", data=train_file, out=str(tmp_path / "out"), epochs=1,
+                logging_steps=1, progress=False).train()
 
 
 # --------------------------------------------------------------------------- CLI (fails before a model loads)

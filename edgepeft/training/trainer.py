@@ -24,7 +24,7 @@ import torch
 
 from edgepeft.config import LABELS_NAME, TASK_TYPES
 from edgepeft.errors import ConfigError, CorruptArtifactError
-from edgepeft.files import replace_dir, staging_dir, write_json_atomic
+from edgepeft.files import check_output_dir, replace_dir, staging_dir, write_json_atomic
 from edgepeft.plots import training_curve
 from edgepeft.training.data import Encoder, label_names, read_jsonl
 
@@ -68,12 +68,13 @@ class TrainingArguments:
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise ConfigError(f"{self.out}: is a file; --out must be a folder (new or from an earlier run)")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.max_grad_norm < math.inf:
+            raise ConfigError(f"--max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
+        check_output_dir(self.out, "--out")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.scheduler not in ("linear", "cosine", "constant_with_warmup"):
@@ -112,9 +113,11 @@ def method_config(method: str, task: str, options: dict):
         raise ConfigError(f"{m.name} has no option {unknown[0]!r}; its options are {', '.join(sorted(fields))}")
     task_type = {v: k for k, v in TASK_TYPES.items()}[task]
     try:
-        return m.config_cls(task_type=task_type, **options)
-    except (TypeError, ValueError) as e:
+        config = m.config_cls(task_type=task_type, **options)
+        config.check_types()
+    except (TypeError, ValueError, ConfigError) as e:
         raise ConfigError(f"invalid {m.name} options {options}: {e}") from None
+    return config
 
 
 def load_tokenizer(model: str):
@@ -331,6 +334,9 @@ class Trainer:
                     continue
                 mean = float(acc.reduce(torch.stack(window).mean(), "mean"))  # the mean since the last entry
                 window = []
+                if not math.isfinite(mean):  # every process sees the reduced mean: all stop alike
+                    raise ConfigError(f"training diverged at step {step} (epoch {epoch + 1}): the loss is {mean}; "
+                                      f"lower --lr (now {a.lr:g}) or check the data; {a.out} keeps the last epoch saved")
                 speed = examples / max(time.perf_counter() - t0, 1e-9)
                 lr = scheduler.get_last_lr()[0]
                 log["history"].append({"step": step, "epoch": epoch + 1, "loss": mean, "lr": lr, "examples_per_s": speed})

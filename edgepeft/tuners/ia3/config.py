@@ -40,3 +40,4 @@ class IA3Config(PeftConfig):
         for name in ("target_modules", "feedforward_modules"):
             if isinstance(getattr(self, name), set):
                 setattr(self, name, sorted(getattr(self, name)))
+        self.check_types()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from edgepeft.config import PeftConfig
-from edgepeft.errors import UnsupportedMethodError
+from edgepeft.errors import ConfigError, UnsupportedMethodError
 
 
 @dataclass
@@ -21,7 +21,7 @@ class LoraConfig(PeftConfig):
 
     peft_type_name = "LORA"
     r: int = 8
-    lora_alpha: int = 8
+    lora_alpha: float = 8  # HF PEFT annotates int; any finite number scales alike
     lora_dropout: float = 0.0
     target_modules: Optional[Union[list, str]] = None
     exclude_modules: Optional[Union[list, str]] = None
@@ -54,8 +54,14 @@ class LoraConfig(PeftConfig):
             raise UnsupportedMethodError(
                 f"LoRA option(s) {', '.join(bad)} are not supported by edgepeft; train without them"
             )
+        self.check_types()
         if self.r <= 0:
             raise UnsupportedMethodError(f"LoRA r must be positive, got {self.r}")
+        for name, pattern, whole in (("rank_pattern", self.rank_pattern, True), ("alpha_pattern", self.alpha_pattern, False)):
+            for key, value in pattern.items():
+                if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                        and (not whole or (isinstance(value, int) and value > 0))):
+                    raise ConfigError(f"{name}[{key!r}] = {value!r} is not a valid {'rank' if whole else 'alpha'}")
 
     def _pattern_value(self, pattern: dict, key: str, default):
         # PEFT: the first pattern that matches the end of the module name wins.

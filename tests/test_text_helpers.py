@@ -1,0 +1,90 @@
+"""Text helpers against transformers' semantics: stop strings, streamed text, and broken tokenizer files.
+
+Stop strings match as transformers' ``StopStringCriteria`` does (special tokens count
+as their text, a match may begin in the prompt and must end in a new token);
+``stream_text`` flushes what it held back; a tokenizer file that cannot be read is a
+``CorruptArtifactError`` naming it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from edgepeft.runtimes import CorruptArtifactError, Runtime
+from edgepeft.runtimes.runtime import _StopStrings
+from test_generation import PROMPT, decode, text_export, text_rt  # noqa: F401  (fixtures)
+
+
+def ids_of(tok, text: str, special: bool = False) -> list:
+    return tok.encode(text, add_special_tokens=special).ids
+
+
+def stops_after(text_rt, tok, stop: list, prompt: str, new: str) -> bool:  # noqa: F811
+    prompt_ids = ids_of(tok, prompt)
+    row = np.array([prompt_ids + ids_of(tok, new)], dtype=np.int64)
+    checker = _StopStrings(text_rt, stop, len(prompt_ids), np.ones((1, len(prompt_ids)), np.int64))
+    return bool(checker.hit(row)[0])
+
+
+def test_a_stop_string_may_begin_in_the_prompt(text_export, text_rt):  # noqa: F811
+    _, tok, _ = text_export
+    assert stops_after(text_rt, tok, ["w40 w50"], "w10 w40", "w50")  # starts in the prompt, ends in the new token
+    assert not stops_after(text_rt, tok, ["w10"], "w10 w40", "w50")  # wholly in the prompt: not a stop
+    assert not stops_after(text_rt, tok, ["w50 w60"], "w10 w40", "w50")  # not complete yet
+
+
+def test_a_special_token_is_a_stop_string(text_export, text_rt):  # noqa: F811
+    _, tok, _ = text_export
+    assert decode(tok, ids_of(tok, "w20 </s>")) == "w20"  # decoded text drops it ...
+    assert stops_after(text_rt, tok, ["</s>"], "w10", "w20 </s>")  # ... the stop check does not
+    assert not stops_after(text_rt, tok, ["</s>"], "w10", "w20 w30")
+
+
+def test_stop_strings_ignore_left_padding(text_export, text_rt):  # noqa: F811
+    """A row's padding is no text: [PAD] before a short prompt cannot complete a stop string."""
+    _, tok, _ = text_export
+    prompt = [0, 0] + ids_of(tok, "w10")
+    row = np.array([prompt + ids_of(tok, "w20")], dtype=np.int64)
+    mask = np.array([[0, 0, 1]], dtype=np.int64)
+    assert not _StopStrings(text_rt, ["[PAD] [PAD] w10 w20"], 3, mask).hit(row)[0]
+    assert _StopStrings(text_rt, ["w10 w20"], 3, mask).hit(row)[0]
+
+
+def test_stream_text_flushes_what_it_held_back(text_rt, monkeypatch):  # noqa: F811
+    """A piece ending in an incomplete character (U+FFFD) waits for the next token; at the end it is sent."""
+    tok = text_rt.tokenizer
+    real = tok.decode
+    calls = {"n": 0}
+    expected = text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=4)
+
+    def decode_with_partial_tail(ids, skip_special_tokens=True):
+        calls["n"] += 1
+        return real(ids, skip_special_tokens) + ("\ufffd" if len(ids) == 4 else "")
+
+    monkeypatch.setattr(tok, "decode", decode_with_partial_tail)
+    pieces = list(text_rt.stream_text(PROMPT, adapter="tok", max_new_tokens=4))
+    assert "".join(pieces) == expected + "\ufffd"
+    assert pieces[-1].endswith("\ufffd")
+
+
+@pytest.mark.parametrize("name, content, chat", [
+    ("tokenizer.json", b'{"version": "1.0", "trunc', False),
+    ("tokenizer_config.json", b"{bad", False),
+    ("tokenizer_config.json", b"\xff\xfe\x00", False),
+    ("chat_template.jinja", b"{% if %}", True),
+    ("chat_template.jinja", b"{{ messages | no_such_filter }}", True),
+], ids=["tokenizer-truncated", "config-not-json", "config-not-utf8", "template-syntax", "template-unknown-filter"])
+def test_a_broken_tokenizer_file_is_named(text_export, tmp_path, name, content, chat):  # noqa: F811
+    out = str(tmp_path / "out")
+    shutil.copytree(text_export[0], out)
+    path = os.path.join(out, "base", name)
+    with open(path, "wb") as f:
+        f.write(content)
+    rt = Runtime(out)
+    with pytest.raises(CorruptArtifactError) as e:
+        rt.generate_text(PROMPT, adapter="tok", max_new_tokens=2, chat=chat)
+    assert path in str(e.value) and "re-export" in str(e.value)
+    assert rt.generate(np.array([[1, 10, 20]]), adapter="tok", max_new_tokens=2).shape == (1, 5)  # ids still work
