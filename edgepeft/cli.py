@@ -133,6 +133,7 @@ def inspect(out, as_json):
     if as_json:
         info["slots"] = [s.to_json() for s in info["slots"]]
         click.echo(json.dumps(info, indent=2))
+        _fail_on(info["problems"])
         return
     b = info["base"]
     merged = f", merged adapter {b['merged_adapter']}" if b["merged_adapter"] else ""
@@ -155,6 +156,17 @@ def inspect(out, as_json):
         click.echo(f"  {a['name']}: {'+'.join(a['methods'])}{rank}  {a['slots']} slots  {_size(a['bytes'])}{status}")
         if a.get("labels"):
             click.echo(f"    labels: {', '.join(a['labels'])}")
+    _fail_on(info["problems"])
+
+
+def _fail_on(problems: list) -> None:
+    """inspect's exit: 1 with one error line (every other problem before it) when files are missing or damaged."""
+    if problems:
+        from edgepeft.errors import CorruptArtifactError
+
+        for extra in problems[1:]:
+            click.echo(f"also: {extra}", err=True)
+        raise CorruptArtifactError(problems[0] + (f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""))
 
 
 @cli.command()

@@ -56,6 +56,8 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     for key, value in (("batch", batch), ("seq", seq), ("rounds", rounds), ("calls", calls)):
         if not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"--{key} must be a whole number >= 1, got {value!r}")
+    if not (isinstance(new_tokens, int) and new_tokens >= 0):
+        raise ConfigError(f"--new-tokens must be a whole number >= 0 (0: no generation), got {new_tokens!r}")
     if new_tokens and not rt.cache:
         raise ConfigError(f"{rt.base_dir}: generation needs a causal-LM export; drop --new-tokens")
     rng = np.random.default_rng(seed)

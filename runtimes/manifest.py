@@ -176,6 +176,36 @@ def _check_format(data: dict, path: str, kind: str, required: tuple, fix: str) -
             raise CorruptArtifactError(f"{path}: field {key!r} must be a string; {fix}")
     if "graph" in required and os.path.basename(data["graph"]) != data["graph"]:
         raise CorruptArtifactError(f"{path}: field 'graph' must be a file name in the same folder; {fix}")
+    for key, (kinds, what) in _FIELD_TYPES.items():
+        if key in data and not _is(data[key], kinds):
+            raise CorruptArtifactError(f"{path}: field {key!r} must be {what}, got {data[key]!r:.60}; {fix}")
+    if "outputs" in required and not data["outputs"]:
+        raise CorruptArtifactError(f"{path}: field 'outputs' names no output; {fix}")
+    cache = data.get("cache")
+    layout = {"num_layers": int, "num_kv_heads": int, "head_dim": int,
+              "past_key": str, "past_value": str, "present_key": str, "present_value": str}
+    if cache is not None and not all(_is(cache.get(k), kind) for k, kind in layout.items()):
+        raise CorruptArtifactError(f"{path}: field 'cache' lacks the cache layout; {fix}")
+    for key in ("labels", "methods"):
+        if isinstance(data.get(key), list) and not all(isinstance(x, str) for x in data[key]):
+            raise CorruptArtifactError(f"{path}: field {key!r} must list strings; {fix}")
+
+
+def _is(value, kinds) -> bool:
+    """``isinstance`` where bool is no int."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+
+
+# Manifest fields that must have these types where present (required ones are checked present first).
+_FIELD_TYPES = {
+    "model_type": (str, "a string"), "task": (str, "a string"), "inputs": (dict, "an object"),
+    "outputs": (dict, "an object"), "vocab_size": (int, "a whole number"), "max_positions": ((int, type(None)), "a whole number"),
+    "cache": ((dict, type(None)), "an object"), "merged_adapter": ((str, type(None)), "a name"),
+    "methods": (list, "a list of method names"), "labels": ((list, type(None)), "a list of names"),
+    "parameter_bytes": (int, "a whole number"), "rank": ((int, float, type(None)), "a number"),
+    "alpha": ((int, float, type(None)), "a number"),
+}
 
 
 _BASE_KEYS = ("model_type", "task", "fingerprint", "inputs", "outputs", "slots", "vocab_size", "graph")
@@ -190,7 +220,7 @@ def read_base_manifest(base_dir: str) -> dict:
     _check_format(data, path, "edgepeft-base", _BASE_KEYS, fix)
     try:
         data["slots"] = [Slot.from_json(s) for s in data["slots"]]
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise CorruptArtifactError(f"{path}: malformed slot table ({e}); {fix}") from None
     return data
 
@@ -214,10 +244,17 @@ def folder_bytes(path: str) -> int:
 
 
 def describe_export(out_dir: str) -> dict:
-    """What ``edgepeft inspect`` prints: base, slots, adapters and sizes (no ONNX Runtime needed)."""
+    """What ``edgepeft inspect`` prints: base, slots, adapters, sizes and problems (no ONNX Runtime needed).
+
+    Problems: a graph file missing (or the base's empty), an adapter graph whose sha256
+    differs from its manifest's. The base graph's contents are not read (it may be GBs).
+    """""
     base_dir = os.path.join(out_dir, BASE_DIR)
     base = read_base_manifest(base_dir)
-    adapters = []
+    adapters, problems = [], []
+    graph = os.path.join(base_dir, base["graph"])
+    if not os.path.isfile(graph) or os.path.getsize(graph) == 0:
+        problems.append(f"{graph}: base graph missing or empty; re-run `edgepeft export` into a fresh --out folder")
     adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
     if os.path.isdir(adapters_dir):
         for name in sorted(os.listdir(adapters_dir)):
@@ -225,6 +262,11 @@ def describe_export(out_dir: str) -> dict:
             if not os.path.isdir(d) or name.startswith("."):
                 continue
             m = read_adapter_manifest(d)
+            graph = os.path.join(d, m["graph"])
+            if not os.path.isfile(graph):
+                problems.append(f"{graph}: adapter graph missing; re-export the adapter")
+            elif sha256_file(graph) != m["sha256"]:
+                problems.append(f"{graph}: does not match the sha256 in adapter.json (damaged); re-export the adapter")
             adapters.append(
                 {
                     "name": m["name"],
@@ -251,4 +293,5 @@ def describe_export(out_dir: str) -> dict:
         },
         "slots": base["slots"],
         "adapters": adapters,
+        "problems": problems,  # files the manifests name that are missing or damaged
     }

@@ -521,8 +521,12 @@ class Runtime:
         prompts = [prompt] if isinstance(prompt, (str, dict)) or (chat and prompt and isinstance(prompt[0], dict)) else list(prompt)
         if chat:
             texts = [tok.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}]) for p in prompts]
-            return tok.encode(texts, add_special_tokens=False, pad_id=self._pad_id(), padding_side="left")
-        return tok.encode(prompts, pad_id=self._pad_id(), padding_side="left")
+            ids, mask = tok.encode(texts, add_special_tokens=False, pad_id=self._pad_id(), padding_side="left")
+        else:
+            ids, mask = tok.encode(prompts, pad_id=self._pad_id(), padding_side="left")
+        if ids.size == 0 or (mask.sum(-1) == 0).any():
+            raise InvalidInputError("a prompt is empty (it has no tokens); give some text")
+        return ids, mask
 
     def _pad_id(self) -> int:
         pad = self.manifest.get("pad_token_id")

@@ -37,6 +37,8 @@ def test_measure_rejects_bad_arguments(shared_export):
         measure(rt, rounds=0)
     with pytest.raises(ConfigError, match="causal-LM"):
         measure(rt, rounds=1, calls=1, new_tokens=4)
+    with pytest.raises(ConfigError, match="--new-tokens"):
+        measure(rt, rounds=1, calls=1, new_tokens=-1)
 
 
 def test_cli_bench_prints_table_and_writes_json_and_plot(shared_export, tmp_path):

@@ -240,3 +240,18 @@ def test_a_disk_error_is_one_line(monkeypatch, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err == ("error: /data/out/base/model.onnx: Permission denied; check the path, its permissions and free space")
+
+
+@pytest.mark.parametrize("damage", ["adapter-graph-missing", "adapter-graph-truncated", "base-graph-missing"])
+def test_inspect_fails_on_missing_or_damaged_graphs(tmp_path, llama, damage):
+    out = tmp_path / "out"
+    shutil.copytree(llama[0], out)
+    graph = out / ("base" if damage.startswith("base") else "adapters/qv") / ("model.onnx" if damage.startswith("base")
+                                                                               else "adapter.onnx")
+    if damage.endswith("missing"):
+        graph.unlink()
+    else:
+        graph.write_bytes(graph.read_bytes()[:100])
+    proc = edgepeft("inspect", out)
+    assert_user_error(proc, str(graph), "re-")
+    assert proc.stdout.startswith("base: llama")  # the summary still prints first

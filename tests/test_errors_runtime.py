@@ -194,6 +194,29 @@ def test_runtime_with_a_corrupt_adapter_in_out_names_it(victim):
     assert rt.load_adapter(os.path.join(victim, "adapters", "qv")) == "qv"
 
 
+@pytest.mark.parametrize("change", [
+    {"outputs": {}}, {"vocab_size": "abc"}, {"inputs": 5}, {"cache": {"num_layers": 2}}, {"slots": [5]},
+    {"max_positions": "many"},
+], ids=["no-outputs", "vocab-string", "inputs-number", "cache-partial", "slot-number", "positions-string"])
+def test_base_manifest_field_of_wrong_type_is_corrupt(victim, change):
+    manifest = os.path.join(victim, "base", "edgepeft.json")
+    edit_json(manifest, **change)
+    with pytest.raises(CorruptArtifactError) as e:
+        Runtime(victim, providers=CPU)
+    assert manifest in str(e.value) and "re-run `edgepeft export`" in str(e.value)
+
+
+@pytest.mark.parametrize("change", [{"methods": 5}, {"methods": [5]}, {"labels": [1, 2, 3]}, {"parameter_bytes": "x"}],
+                         ids=["methods-number", "methods-numbers", "labels-numbers", "bytes-string"])
+def test_adapter_manifest_field_of_wrong_type_is_corrupt(rt, before, llama, tmp_path, change):
+    path = copy_adapter(os.path.join(llama[0], "adapters", "qv"), tmp_path / "qv")
+    edit_json(os.path.join(path, "adapter.json"), **change)
+    with pytest.raises(CorruptArtifactError) as e:
+        rt.load_adapter(path, name="odd")
+    assert path in str(e.value) and next(iter(change)) in str(e.value)
+    assert_still_serving(rt, before)
+
+
 # --------------------------------------------------------------------------- names in calls
 def test_unknown_adapter_in_forward(rt, before):
     ids, mask = sample_batch(VOCAB)

@@ -88,3 +88,13 @@ def test_a_broken_tokenizer_file_is_named(text_export, tmp_path, name, content, 
         rt.generate_text(PROMPT, adapter="tok", max_new_tokens=2, chat=chat)
     assert path in str(e.value) and "re-export" in str(e.value)
     assert rt.generate(np.array([[1, 10, 20]]), adapter="tok", max_new_tokens=2).shape == (1, 5)  # ids still work
+
+
+@pytest.mark.parametrize("prompt", ["", ["w10", ""]], ids=["empty", "one-of-two-empty"])
+def test_an_empty_prompt_is_refused(text_rt, prompt, monkeypatch):  # noqa: F811
+    """Without a BOS token an empty text has no tokens: a clear error, not a shape complaint."""
+    from edgepeft.runtimes import InvalidInputError
+
+    monkeypatch.setattr(text_rt.tokenizer._tok, "post_processor", None)  # this tokenizer adds <s> otherwise
+    with pytest.raises(InvalidInputError, match="a prompt is empty"):
+        text_rt.generate_text(prompt, adapter="tok", max_new_tokens=2)
