@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python samples/bench_lora.py
 	$(BIN)/python samples/bench_generate.py --rounds 16
 	$(BIN)/python samples/bench_threads.py --export bench-out/generate/merged
+	$(BIN)/python samples/bench_prefill.py --export bench-out/generate/slots
 
 clean:
 	rm -rf $(VENV) demo-out bench-out

@@ -67,3 +67,40 @@ def test_bench_threads_sample_measures_every_setting(shared_export):
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r[0].strip() for r in rows[1:]] == ["no spin", "spin", "spin, stop"]
     assert all(float(v) > 0 for r in rows[1:] for v in r[1:])
+
+
+def _run_sample(name: str, *args) -> list:
+    """Run samples/<name> and return its markdown table's rows (header first) as lists of cells."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", name)
+    done = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line]
+
+
+def test_bench_prefill_sample_times_both_ways(shared_export):
+    """samples/bench_prefill.py (README, Measured: prefill) on a tiny decoder export."""
+    rows = _run_sample("bench_prefill.py", "--export", shared_export("llama")[0], "--lengths", "4,9", "--rounds", 1)
+    assert [r[0] for r in rows[1:]] == ["4", "9"]
+    for r in rows[1:]:
+        assert float(r[1]) > 0 and float(r[2]) > 0
+        every, last = (float(x) for x in r[4].split(" / "))
+        assert every == pytest.approx(last * int(r[0]), rel=0.01)  # logits for every position vs the last only
+
+
+def test_if_gate_experiment_runs_on_any_export_pair(shared_export, tmp_path):
+    """samples/experiment_if_gate.py (README, Measured: the issue-4 experiment) on a tiny BERT slot and merged export."""
+    from edgepeft.exporters import export
+
+    slots, dirs, _ = shared_export("bert")
+    merged = str(tmp_path / "merged")
+    export([next(iter(dirs.values()))], merged, merge=True)
+    rows = _run_sample("experiment_if_gate.py", "--slots", slots, "--plain", merged, "--work", tmp_path / "work",
+                       "--rounds", 1, "--seq", 8)
+    assert [r[0] for r in rows[1:]] == ["plain", "slots, no adapter", "gated, use_slots false", "gated, use_slots true",
+                                        "If around the plain graph"]
+    assert all(float(r[1]) > 0 for r in rows[1:])
