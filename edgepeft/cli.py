@@ -231,6 +231,14 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     name = None if adapter.lower() == "none" else adapter
     if name is not None and name not in rt.adapter_names and name != rt.manifest.get("merged_adapter"):
         rt.forward([[0]], adapter=name)  # raises UnknownAdapterError naming the loaded adapters
+    ctx = click.get_current_context()
+    given = [f"--{p.replace('_', '-')}" for p in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                                                  "repetition_penalty", "seed", "chat")
+             if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
+    if given and not rt.cache:
+        from edgepeft.errors import ConfigError
+
+        raise ConfigError(f"{out}: a {rt.task} export classifies or embeds, it does not generate; drop {', '.join(given)}")
     if rt.cache:
         for piece in rt.stream_text(prompt, adapter=name, chat=chat, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                     temperature=temperature, top_k=top_k, top_p=top_p,

@@ -255,3 +255,9 @@ def test_inspect_fails_on_missing_or_damaged_graphs(tmp_path, llama, damage):
     proc = edgepeft("inspect", out)
     assert_user_error(proc, str(graph), "re-")
     assert proc.stdout.startswith("base: llama")  # the summary still prints first
+
+
+def test_generation_flags_on_an_encoder_export_are_refused(shared_export):
+    out = shared_export("bert")[0]
+    proc = edgepeft("run", out, "hello", "--max-new-tokens", -5, "--temperature", 2)
+    assert_user_error(proc, str(out), "--max-new-tokens", "--temperature")
