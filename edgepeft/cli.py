@@ -160,13 +160,11 @@ def inspect(out, as_json):
 
 
 def _fail_on(problems: list) -> None:
-    """inspect's exit: 1 with one error line (every other problem before it) when files are missing or damaged."""
+    """inspect's exit: 1 with one error line naming every missing or damaged file."""
     if problems:
         from edgepeft.errors import CorruptArtifactError
 
-        for extra in problems[1:]:
-            click.echo(f"also: {extra}", err=True)
-        raise CorruptArtifactError(problems[0] + (f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""))
+        raise CorruptArtifactError("; ".join(problems))
 
 
 @cli.command()
@@ -191,7 +189,7 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
         if path and os.path.isdir(path):
             raise ConfigError(f"{path}: is a folder; give {flag} a file path")
         if path:
-            check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
+            check_output_dir(os.path.dirname(os.path.abspath(path)), flag, "a file path in a folder")
     if shared_threads:
         use_shared_thread_pool()
     result = measure(Runtime(out), list(adapters) or None, batch=batch, seq=seq, rounds=rounds, calls=calls,

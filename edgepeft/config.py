@@ -84,6 +84,11 @@ class PeftConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, (set, frozenset, tuple)):  # HF PEFT takes sets (and keeps them); JSON holds lists
+                value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+            elif hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a numpy scalar
+                value = value.item()
+            setattr(self, f.name, value)
             if not _fits(value, hints[f.name]):
                 raise ConfigError(f"{f.name} = {value!r} is not a valid {_type_name(hints[f.name])}")
 

@@ -44,15 +44,18 @@ def usual_permissions(path: str) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
 
 
-def check_output_dir(path: str, flag: str) -> None:
-    """Refuse, before any work, an output folder that is a file or lies where nothing can be written."""
+def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None:
+    """Refuse, before any work, an output folder that is a file or lies where nothing can be written.
+
+    ``wants``: what ``flag`` takes, for the message ("a folder path", "a file path in a folder").
+    """
     from edgepeft.errors import ConfigError
 
     probe = os.path.abspath(path)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)  # the nearest part of the path that exists
     if not os.path.isdir(probe):
-        raise ConfigError(f"{probe}: is a file, not a folder; give {flag} a folder path")
+        raise ConfigError(f"{probe}: is a file, not a folder; give {flag} {wants}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{probe}: cannot write here (permission denied); give {flag} another folder or fix its permissions")
 

@@ -492,9 +492,8 @@ class Runtime:
         args = {k: v for k, v in generation.items() if v is not None}
         eos = args.pop("eos_token_id", self.manifest.get("eos_token_id") or [])
         args["eos_token_id"] = list(np.ravel(eos)) if isinstance(eos, (list, tuple, np.ndarray)) else [eos]
-        if "pad_token_id" not in args:
-            pad = self.manifest.get("pad_token_id")
-            args["pad_token_id"] = pad if pad is not None else (args["eos_token_id"] or [0])[0]
+        if "pad_token_id" not in args:  # the model's, when it is a token id (some configs say -1), else the first eos
+            args["pad_token_id"] = self._pad_id(args["eos_token_id"])
         stop = args.get("stop") or []
         args["stop"] = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
         cfg = GenerationConfig(**args)
@@ -528,9 +527,12 @@ class Runtime:
             raise InvalidInputError("a prompt is empty (it has no tokens); give some text")
         return ids, mask
 
-    def _pad_id(self) -> int:
+    def _pad_id(self, eos=None) -> int:
         pad = self.manifest.get("pad_token_id")
-        return int(pad) if pad is not None else int((self.manifest.get("eos_token_id") or [0])[0])
+        if isinstance(pad, int) and 0 <= pad < self.vocab_size:
+            return pad
+        eos = self.manifest.get("eos_token_id") if eos is None else eos
+        return int((eos or [0])[0])
 
     def stream_text(self, prompt, adapter=None, chat: bool = False, **generation):
         """Yield the generated text piece by piece for one prompt (or chat messages with ``chat=True``)."""

@@ -5,12 +5,13 @@ text helpers are used, so an app that feeds token ids needs neither.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 
 import numpy as np
 
-from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
+from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 
 _FIX = "re-export the base with its tokenizer files"
 
@@ -98,12 +99,19 @@ class TextTokenizer:
         def raise_exception(message):
             raise ConfigError(f"chat template: {message}")
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        # transformers' template environment: loop controls, raise_exception and strftime_now
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
-            return env.from_string(self.chat_template).render(
+            template = env.from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise CorruptArtifactError(f"{self.template_source}: the chat template does not parse ({e}); {_FIX}") from None
+        try:
+            return template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self._special("bos_token") or "", eos_token=self._special("eos_token") or "",
             )
-        except jinja2.TemplateError as e:  # a template that does not parse, or names what it is not given
-            raise CorruptArtifactError(f"{self.template_source}: the chat template fails ({e}); {_FIX}") from None
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # what the messages hold
+            raise InvalidInputError(f"the chat template of {self.template_source} cannot render these messages ({e}); "
+                                    "give each message the role and the text content it expects") from None

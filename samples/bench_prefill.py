@@ -49,12 +49,12 @@ def main() -> None:
     times = interleaved({key: (lambda f=f: rt.session.run(["logits"], f)) for key, f in feeds.items()}, args.rounds, 3)
     med = {key: statistics.median(dt for dt, _ in v) * 1e3 for key, v in times.items()}
     print(f"\n{args.export}, vocab {rt.vocab_size}, CPU, batch 1, median of {3 * args.rounds} prefills each\n")
-    print("| prompt tokens | every position (ms) | last position (ms) | every / last | logits MiB, every / last |")
+    print("| prompt tokens | every position (ms) | last position (ms) | every / last | logits KiB, every / last |")
     print("| --- | --- | --- | --- | --- |")
     for n in lengths:
         every, last = med[(n, 0)], med[(n, 1)]
         print(f"| {n} | {every:.2f} | {last:.2f} | {every / last:.2f}x | "
-              f"{sizes[(n, 0)] / 2**20:.2f} / {sizes[(n, 1)] / 2**20:.3f} |")
+              f"{sizes[(n, 0)] / 1024:.1f} / {sizes[(n, 1)] / 1024:.1f} |")
 
 
 if __name__ == "__main__":

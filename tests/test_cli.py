@@ -225,6 +225,9 @@ def test_run_names_the_merged_classifier_and_shows_its_labels(tmp_path, text_mod
 def test_bench_json_that_is_a_folder_is_refused_before_measuring(tmp_path, llama):
     proc = edgepeft("bench", llama[0], "--rounds", 1, "--calls", 1, "--json", tmp_path)
     assert_user_error(proc, str(tmp_path), "--json")
+    (tmp_path / "afile").write_text("x")
+    proc = edgepeft("bench", llama[0], "--rounds", 1, "--calls", 1, "--plot", tmp_path / "afile" / "b.png")
+    assert_user_error(proc, str(tmp_path / "afile"), "give --plot a file path in a folder")
 
 
 def test_a_disk_error_is_one_line(monkeypatch, capsys):

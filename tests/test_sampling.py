@@ -135,3 +135,38 @@ def test_sampled_frequencies_follow_transformers_distribution(cfg):
     freq = np.bincount(tokens, minlength=vocab) / draws
     assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs)), (freq, probs)
     assert float(np.abs(freq - probs).max()) < 0.015, (freq, probs)
+
+
+def test_a_model_pad_id_that_is_no_token_falls_back_to_eos(shared_export, tmp_path):
+    """Some configs say pad_token_id -1: generation then pads finished rows with the first eos, as when it is None."""
+    import json
+    import os
+    import shutil
+
+    from edgepeft.runtimes import Runtime
+
+    out = str(tmp_path / "out")
+    shutil.copytree(shared_export("llama")[0], out)
+    path = os.path.join(out, "base", "edgepeft.json")
+    manifest = json.load(open(path))
+    manifest["pad_token_id"], manifest["eos_token_id"] = -1, [7]
+    json.dump(manifest, open(path, "w"))
+    rt = Runtime(out)
+    assert rt._generation_config({}).pad_token_id == 7
+    ids = np.array([[5, 6, 7, 8]], dtype=np.int64)
+    assert rt.generate(ids, adapter="qv", max_new_tokens=3).shape[0] == 1
+
+
+@pytest.mark.parametrize("config, field, expected", [
+    (dict(target_modules={"v_proj", "q_proj"}, exclude_modules={"x"}), "exclude_modules", ["x"]),
+    (dict(modules_to_save=("classifier",)), "modules_to_save", ["classifier"]),
+    (dict(r=np.int64(4)), "r", 4),
+])
+def test_configs_take_what_hf_peft_takes(config, field, expected):
+    """Sets, tuples and numpy scalars, as HF PEFT's constructors accept them, stored as JSON can hold them."""
+    import edgepeft
+
+    lora = edgepeft.LoraConfig(**config)
+    assert getattr(lora, field) == expected and type(getattr(lora, field)) is type(expected)
+    assert edgepeft.BottleneckConfig(target_modules={"b", "a"}).target_modules == ["a", "b"]
+    assert edgepeft.IA3Config(exclude_modules={"x"}).exclude_modules == ["x"]

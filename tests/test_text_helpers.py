@@ -98,3 +98,20 @@ def test_an_empty_prompt_is_refused(text_rt, prompt, monkeypatch):  # noqa: F811
     monkeypatch.setattr(text_rt.tokenizer._tok, "post_processor", None)  # this tokenizer adds <s> otherwise
     with pytest.raises(InvalidInputError, match="a prompt is empty"):
         text_rt.generate_text(prompt, adapter="tok", max_new_tokens=2)
+
+
+def test_chat_templates_get_transformers_environment(text_export, tmp_path):  # noqa: F811
+    """Loop controls and strftime_now, as transformers renders templates; a message the template cannot
+    render is the caller's input error, not a corrupt file."""
+    from edgepeft.runtimes import InvalidInputError
+
+    out = str(tmp_path / "out")
+    shutil.copytree(text_export[0], out)
+    with open(os.path.join(out, "base", "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m['role'] }}: "
+                "{{ m['content'].strip() }} {% endfor %}{{ strftime_now('%Y')[:0] }}assistant:")
+    tok = Runtime(out).tokenizer
+    two = [{"role": "user", "content": "w10"}, {"role": "user", "content": "w20"}]
+    assert tok.apply_chat_template(two) == "user: w10 assistant:"
+    with pytest.raises(InvalidInputError, match="cannot render these messages"):
+        tok.apply_chat_template([{"role": "user", "content": 5}])  # no .strip() on a number

@@ -335,8 +335,10 @@ class Trainer:
                 mean = float(acc.reduce(torch.stack(window).mean(), "mean"))  # the mean since the last entry
                 window = []
                 if not math.isfinite(mean):  # every process sees the reduced mean: all stop alike
+                    kept = (f"{a.out} keeps the adapter saved before" if os.path.isfile(os.path.join(a.out, "adapter_config.json"))
+                            else "no adapter was saved")
                     raise ConfigError(f"training diverged at step {step} (epoch {epoch + 1}): the loss is {mean}; "
-                                      f"lower --lr (now {a.lr:g}) or check the data; {a.out} keeps the last epoch saved")
+                                      f"lower --lr (now {a.lr:g}) or check the data; {kept}")
                 speed = examples / max(time.perf_counter() - t0, 1e-9)
                 lr = scheduler.get_last_lr()[0]
                 log["history"].append({"step": step, "epoch": epoch + 1, "loss": mean, "lr": lr, "examples_per_s": speed})
