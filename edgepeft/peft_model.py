@@ -64,7 +64,7 @@ class PeftModel(nn.Module):
 
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, adapter_name: str, config) -> None:
-        """Add a new adapter (initialised as PEFT does) and make only adapter weights trainable."""
+        """Add a new adapter (initialised as PEFT does); it trains once ``set_adapter`` makes it active."""
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists; pick another name")
         config = copy.deepcopy(config)
@@ -79,19 +79,26 @@ class PeftModel(nn.Module):
         if config.modules_to_save:
             wrap_modules_to_save(model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
+        self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
+        """As HF PEFT: only the active adapter's weights train (none in inference mode); the base stays frozen."""
         for p in self.parameters():
             p.requires_grad_(False)
-        if not config.inference_mode:
-            for p in self.adapter_parameters(adapter_name).values():
+        name = self.active_adapter
+        if name is not None and not self.peft_config[name].inference_mode:
+            for p in self.adapter_parameters(name).values():
                 p.requires_grad_(True)
 
     def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one calls use and the one that trains."""
         if adapter_name not in self.peft_config:
             raise ConfigError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
         for module in self.modules():
             if hasattr(module, "adapter_dicts"):
                 module.active_adapter = adapter_name
         self.active_adapter = adapter_name
+        self._mark_trainable()
 
     def _adapter_entries(self, adapter_name: str) -> dict:
         """{saved key: (ModuleDict entry, parameter name)} for one adapter, in PEFT's key format."""

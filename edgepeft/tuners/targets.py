@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -33,6 +34,11 @@ def wrapper_of(module: nn.Module, cls: type):
             return module
         module = getattr(module, "base_layer", None) if hasattr(module, "adapter_dicts") else None
     return None
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """HF PEFT's ``autocast_adapter_dtype``: adapters on a float16/bfloat16 base train in float32."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 def innermost(module: nn.Module) -> nn.Module:

@@ -19,6 +19,7 @@ Saved state is one tensor, ``prompt_embeddings``, as HF PEFT saves it.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -132,6 +133,14 @@ class VirtualTokenTuner:
     def layers(self, model: nn.Module):
         holder = embedding_holder(model)
         return [] if holder is None else [("", holder)]
+
+
+def drop_token_type_ids(config, kwargs: dict) -> None:
+    """HF PEFT's prompt learning ignores ``token_type_ids`` (with a warning) except for sequence classification."""
+    if kwargs.get("token_type_ids") is not None and config.task_type != "SEQ_CLS":
+        warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids",
+                      stacklevel=3)
+        kwargs["token_type_ids"] = None
 
 
 def extend_mask(mask: torch.Tensor | None, n: int, batch: int, device) -> torch.Tensor | None:

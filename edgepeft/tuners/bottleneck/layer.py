@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgepeft.tuners.targets import in_out_features, innermost
+from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -31,8 +31,9 @@ class BottleneckLinear(nn.Module):
 
     def add(self, adapter_name: str, size: int, non_linearity: str, init: bool = True) -> None:
         weight = innermost(self.base_layer).weight
-        self.adapter_down[adapter_name] = nn.Linear(self.out_features, size).to(weight.device, weight.dtype)
-        self.adapter_up[adapter_name] = nn.Linear(size, self.out_features).to(weight.device, weight.dtype)
+        dtype = adapter_dtype(weight)
+        self.adapter_down[adapter_name] = nn.Linear(self.out_features, size).to(weight.device, dtype)
+        self.adapter_up[adapter_name] = nn.Linear(size, self.out_features).to(weight.device, dtype)
         self.non_linearity[adapter_name] = non_linearity
         if init:
             nn.init.zeros_(self.adapter_up[adapter_name].weight)
@@ -44,4 +45,5 @@ class BottleneckLinear(nn.Module):
         if name is None or name not in self.adapter_down:
             return y
         act = ACTIVATIONS[self.non_linearity[name]]
-        return y + self.adapter_up[name](act(self.adapter_down[name](y)))
+        h = y.to(self.adapter_down[name].weight.dtype)
+        return (h + self.adapter_up[name](act(self.adapter_down[name](h)))).to(y.dtype)

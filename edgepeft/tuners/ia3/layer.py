@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgepeft.tuners.targets import in_out_features, innermost
+from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost
 
 
 class IA3Linear(nn.Module):
@@ -29,13 +29,14 @@ class IA3Linear(nn.Module):
         weight = innermost(self.base_layer).weight
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         value = torch.ones(shape) if init else torch.randn(shape)
-        self.ia3_l[adapter_name] = nn.Parameter(value.to(weight.device, weight.dtype))
+        self.ia3_l[adapter_name] = nn.Parameter(value.to(weight.device, adapter_dtype(weight)))
 
     def forward(self, x, *args, **kwargs):
         name = self.active_adapter
         if name is None or name not in self.ia3_l:
             return self.base_layer(x, *args, **kwargs)
         scale = self.ia3_l[name].flatten()  # (in,) or (out,)
-        if self.is_feedforward:
-            return self.base_layer(x * scale, *args, **kwargs)
-        return self.base_layer(x, *args, **kwargs) * scale
+        if self.is_feedforward:  # as HF PEFT: scaled in the adapter's dtype, fed in the base weight's
+            return self.base_layer((x.to(scale.dtype) * scale).to(innermost(self.base_layer).weight.dtype), *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result * scale).to(result.dtype)

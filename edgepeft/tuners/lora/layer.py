@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.tuners.targets import in_out_features, innermost
+from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost
 
 
 class LoraLinear(nn.Module):
@@ -34,8 +34,9 @@ class LoraLinear(nn.Module):
 
     def add(self, adapter_name: str, r: int, scaling: float, dropout: float, init: bool = True) -> None:
         weight = innermost(self.base_layer).weight
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False).to(weight.device, weight.dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False).to(weight.device, weight.dtype)
+        dtype = adapter_dtype(weight)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False).to(weight.device, dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False).to(weight.device, dtype)
         self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[adapter_name] = scaling
         if init:  # PEFT's default: A Kaiming-uniform, B zero, so the adapter starts as a no-op
@@ -54,4 +55,4 @@ class LoraLinear(nn.Module):
             return result
         a, b = self.lora_A[name], self.lora_B[name]
         x = x.to(a.weight.dtype)
-        return result + b(a(self.lora_dropout[name](x))) * self.scaling[name]
+        return (result + b(a(self.lora_dropout[name](x))) * self.scaling[name]).to(result.dtype)

@@ -18,7 +18,9 @@ from edgepeft.errors import UnsupportedMethodError, UnsupportedModelError
 from edgepeft.models import DECODERS, ENCODERS, cache_kwargs
 from edgepeft.tuners.prefix.layer import PrefixEncoder, PrefixSelfAttention, add_prefix
 from edgepeft.tuners.targets import name_matches
-from edgepeft.tuners.virtual import VirtualTokenTuner, embedding_holder, extend_mask, generate_with, mask_positions
+from edgepeft.tuners.virtual import (
+    VirtualTokenTuner, drop_token_type_ids, embedding_holder, extend_mask, generate_with, mask_positions,
+)
 
 # Encoder self-attention modules that take a prefix, per model type (full-match regexes).
 SELF_ATTENTION = {"bert": r".*\.attention\.self"}
@@ -38,9 +40,10 @@ def prefix_cache(model, holder, adapter_name: str, batch: int, cache=None):
     from transformers import DynamicCache
 
     cache = cache if cache is not None else DynamicCache(config=model.config)
+    dtype = model.dtype  # as HF PEFT: the prefix in the base's dtype (float32 trainable weights on a bfloat16 base)
     for layer, (key, value) in enumerate(holder.prompt_encoder[adapter_name].keys_values()):  # (kv_heads, n, hd)
-        cache.update(key.unsqueeze(0).expand(batch, -1, -1, -1).contiguous(),
-                     value.unsqueeze(0).expand(batch, -1, -1, -1).contiguous(), layer)
+        cache.update(key.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1).contiguous(),
+                     value.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1).contiguous(), layer)
     return cache
 
 
@@ -64,6 +67,7 @@ class PrefixTuner(VirtualTokenTuner):
 
     def forward(self, model, config, adapter_name: str, input_ids=None, attention_mask=None, inputs_embeds=None,
                 position_ids=None, **kwargs):
+        drop_token_type_ids(config, kwargs)
         if model_type(model) in ENCODERS:  # the self-attention layers add the prefix
             holder = embedding_holder(model)
             holder.prefix_kv = (adapter_name, holder.prompt_encoder[adapter_name].keys_values())  # once, for all layers

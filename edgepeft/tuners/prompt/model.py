@@ -14,7 +14,7 @@ from torch import nn
 
 from edgepeft.errors import UnsupportedMethodError
 from edgepeft.tuners.prompt.layer import PromptEmbedding
-from edgepeft.tuners.virtual import VirtualTokenTuner, embedding_holder, extend_mask, generate_with
+from edgepeft.tuners.virtual import VirtualTokenTuner, drop_token_type_ids, embedding_holder, extend_mask, generate_with
 
 
 class PromptTuner(VirtualTokenTuner):
@@ -44,9 +44,10 @@ class PromptTuner(VirtualTokenTuner):
         batch = embeds.shape[0]
         if labels is not None and labels.dim() == 2 and labels.shape[1] == embeds.shape[1] - n:  # token labels
             labels = torch.cat([torch.full((batch, n), -100, dtype=labels.dtype, device=labels.device), labels], dim=1)
-        if token_type_ids is not None:  # encoders: the virtual tokens are segment 0
-            token_type_ids = torch.cat([torch.zeros_like(token_type_ids[:, :1]).expand(-1, n), token_type_ids], dim=1)
-            kwargs["token_type_ids"] = token_type_ids
+        kwargs["token_type_ids"] = token_type_ids
+        drop_token_type_ids(config, kwargs)
+        if kwargs["token_type_ids"] is not None:  # sequence classification: the virtual tokens are segment 0
+            kwargs["token_type_ids"] = torch.cat([torch.zeros_like(token_type_ids[:, :1]).expand(-1, n), token_type_ids], dim=1)
         if labels is not None:
             kwargs["labels"] = labels
         return model(inputs_embeds=embeds, attention_mask=extend_mask(attention_mask, n, batch, embeds.device), **kwargs)

@@ -1,0 +1,90 @@
+"""PyTorch-side details where edgepeft must do what HF PEFT does (found by probing, each failed before its fix).
+
+Which adapter trains after ``add_adapter``/``set_adapter``; adapters on a bfloat16 base
+(float32 weights, the base's dtype out, prefix tuning running); ``token_type_ids`` with
+prompt learning (dropped except for sequence classification).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import load_reference_base, randomize_adapter, sample_batch
+
+import edgepeft
+
+
+def trainable_adapters(model) -> set:
+    """Adapter names whose weights have requires_grad (names taken from HF PEFT's key layout)."""
+    names = set()
+    for key, p in model.named_parameters():
+        if p.requires_grad:
+            for part in key.split("."):
+                if part in ("default", "other"):
+                    names.add(part)
+    return names
+
+
+def test_only_the_active_adapter_trains_as_in_peft(tiny_base):
+    import peft
+
+    both = {}
+    for lib in (peft, edgepeft):
+        model = lib.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                   lib.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        model.add_adapter("other", lib.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        after_add = trainable_adapters(model)
+        model.set_adapter("other")
+        both[lib.__name__] = (after_add, trainable_adapters(model))
+    assert both["edgepeft"] == both["peft"] == ({"default"}, {"other"})
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix"])
+def test_adapters_on_a_bfloat16_base_match_peft(tiny_base, tmp_path, method):
+    """HF PEFT keeps adapter weights in float32 on a bfloat16 base (autocast_adapter_dtype) and returns the base's dtype."""
+    import peft
+
+    make = {"lora": lambda lib: lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+            "ia3": lambda lib: lib.IA3Config(task_type="CAUSAL_LM"),
+            "prefix": lambda lib: lib.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")}[method]
+    base = lambda: load_reference_base(tiny_base("llama"), "causal-lm").to(torch.bfloat16)  # noqa: E731
+    hf = peft.get_peft_model(base(), make(peft))
+    randomize_adapter(hf, 3)
+    hf.save_pretrained(tmp_path / "a")
+    ours = edgepeft.PeftModel.from_pretrained(base(), str(tmp_path / "a"), is_trainable=True)
+    dtypes = lambda m: {p.dtype for p in m.parameters() if p.requires_grad}  # noqa: E731
+    assert dtypes(ours) == dtypes(hf) == {torch.float32}
+    ids, mask = (torch.from_numpy(a) for a in sample_batch())
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    assert got.dtype == want.dtype == torch.bfloat16
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch, task, kind", [("bert", "feature-extraction", "prompt"), ("bert", "seq-cls", "prompt"),
+                                              ("gpt2", "causal-lm", "prompt"), ("gpt2", "causal-lm", "prefix")])
+def test_token_type_ids_with_prompt_learning_as_in_peft(tiny_base, tmp_path, arch, task, kind):
+    import peft
+
+    from conftest import TASK_TYPES
+
+    config = lambda lib: (lib.PromptTuningConfig if kind == "prompt" else lib.PrefixTuningConfig)(  # noqa: E731
+        num_virtual_tokens=3, task_type=TASK_TYPES[task])
+    hf = peft.get_peft_model(load_reference_base(tiny_base(arch), task, num_labels=3 if task == "seq-cls" else None),
+                             config(peft))
+    randomize_adapter(hf, 5)
+    hf.save_pretrained(tmp_path / "a")
+    ours = edgepeft.PeftModel.from_pretrained(
+        load_reference_base(tiny_base(arch), task, num_labels=3 if task == "seq-cls" else None), str(tmp_path / "a"))
+    ids, mask = (torch.from_numpy(a) for a in sample_batch())
+    types = torch.ones_like(ids)
+    field = {"feature-extraction": "last_hidden_state"}.get(task, "logits")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # both warn that they ignore token_type_ids
+        want = getattr(hf.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types), field)
+        got = getattr(ours.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types), field)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
