@@ -25,7 +25,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepeft.models import cache_kwargs, call_kwargs, output_cache
+from edgepeft.models import DECODERS, cache_kwargs, call_kwargs, output_cache
 from edgepeft.runtimes.manifest import (
     LOGITS_TO_KEEP, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TASK_OUTPUTS, cache_names,
 )
@@ -55,6 +55,9 @@ class SlotGraph(torch.nn.Module):
         # when the model does (transformers' causal LMs), so a prefill does not project every
         # prompt position onto the vocabulary.
         self.keep = bool(cache) and LOGITS_TO_KEEP in inspect.signature(model.forward).parameters
+        # A decoder classifier given inputs_embeds cannot find each row's last non-pad token (transformers
+        # then takes the last position): with a prompt slot the graph pools as transformers does from input_ids.
+        self.pools_from_ids = self.embedder is not None and task == "seq-cls" and model.config.model_type in DECODERS
 
     @property
     def input_names(self) -> list[str]:
@@ -83,6 +86,8 @@ class SlotGraph(torch.nn.Module):
         for (module, role), value in zip(self._feeds, rest):
             module.feed[role] = value
         tokens = {"inputs_embeds": self.embedder(input_ids)} if self.embedder is not None else {"input_ids": input_ids}
+        if self.pools_from_ids:
+            return self._classify(input_ids, tokens["inputs_embeds"], attention_mask)
         if self.cache and self.keep:
             extra[LOGITS_TO_KEEP] = kept_positions(keep, next(iter(tokens.values())).shape[1])
         out = self.model(**tokens, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
@@ -93,6 +98,24 @@ class SlotGraph(torch.nn.Module):
         for layer in output_cache(out).layers:  # (B, kv_heads, P + T, head_dim) each
             presents += [layer.keys, layer.values]
         return (result, *presents)
+
+    def _classify(self, input_ids, embeds, attention_mask):
+        """A decoder classifier's logits at each row's last non-pad token, as transformers finds it from input_ids.
+
+        With a prompt bound (n virtual tokens first) the last position, as HF PEFT's prompt tuning gets
+        from transformers (which cannot see padding in inputs_embeds). Traced without Python branches.
+        """
+        body = getattr(self.model, self.model.base_model_prefix)
+        hidden = body(inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True, **self.kwargs).last_hidden_state
+        logits = self.model.score(hidden)  # (B, n + T, labels)
+        virtual = torch.ones_like(attention_mask[:, : attention_mask.shape[1] - input_ids.shape[1]])  # (B, n)
+        pad = self.model.config.pad_token_id
+        real = torch.ones_like(input_ids, dtype=torch.bool) if pad is None else input_ids != pad
+        longer = torch.ones_like(attention_mask).sum(-1, keepdim=True) > torch.ones_like(input_ids).sum(-1, keepdim=True)
+        real = real | longer  # a prompt (n > 0; no reduction over the empty (B, 0)): every position counts, the last wins
+        counted = torch.cat([virtual.bool(), real], dim=1).long()  # (B, n + T)
+        last = (torch.arange(counted.shape[1], device=counted.device) * counted).argmax(-1)
+        return logits[torch.arange(logits.shape[0], device=logits.device), last]
 
     def sample_inputs(self, config, slot_samples: dict) -> tuple:
         """Inputs to trace with: batch 2 (one row left-padded), past length 4 when cached."""

@@ -14,6 +14,7 @@ from conftest import (
     greedy_reference,
     load_reference_base,
     max_diff_valid,
+    peft_virtual_adapter,
     randomize_prompt_encoder,
     sample_batch,
     torch_outputs,
@@ -166,3 +167,34 @@ def test_bert_prompt_matches_peft_in_pytorch_and_exported(task, tiny_base, workd
     got = Runtime(out).forward(ids, mask, adapter="prompt")[field]
     assert got.shape == ref.shape and max_diff_valid(got, ref, valid) <= 1e-4
     assert TASK_TYPES[task] == ours.peft_config["default"].task_type
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_decoder_classifier_base_with_a_prompt_slot_pools_right_padded_rows_as_hf(arch, tiny_base, peft_adapter, tmp_path):
+    """A decoder seq-cls base with a prompt slot is traced with inputs_embeds, where transformers cannot see
+    padding: the graph must still pool each row's last non-pad token for the base and LoRA (as transformers),
+    and the last position for the prompt adapter (as HF PEFT)."""
+    import peft
+
+    from edgepeft.exporters import export
+
+    base = tiny_base(arch)
+    lora = peft_adapter(arch, "cls-lora-3", task="seq-cls", num_labels=3, r=4, lora_alpha=8)
+    prompt = peft_virtual_adapter(tmp_path / "prompt", base, "prompt", seed=4, task="seq-cls", num_virtual_tokens=3)
+    out = str(tmp_path / "out")
+    export([lora, prompt], out, names=["lora", "prompt"])
+    rt = Runtime(out)
+    ids = np.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]], dtype=np.int64)  # row 0 right-padded (pad id 0)
+    mask = (ids != 0).astype(np.int64)
+    t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    with torch.no_grad():
+        want = {
+            None: load_reference_base(base, "seq-cls")(input_ids=t_ids, attention_mask=t_mask).logits,
+            "lora": peft.PeftModel.from_pretrained(load_reference_base(base, "seq-cls", 3), lora)(
+                input_ids=t_ids, attention_mask=t_mask).logits,
+            "prompt": peft.PeftModel.from_pretrained(load_reference_base(base, "seq-cls"), prompt)(
+                input_ids=t_ids, attention_mask=t_mask).logits,
+        }
+    for name, logits in want.items():
+        np.testing.assert_allclose(rt.forward(ids, mask, adapter=name)["logits"], logits.numpy(), rtol=0, atol=1e-4,
+                                   err_msg=str(name))
