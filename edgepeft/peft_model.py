@@ -176,6 +176,7 @@ class PeftModel(nn.Module):
         for key, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")})
+        self._drop_carried_base_weights(state, path)
         entries = self._adapter_entries(adapter_name)
         custom = {k: module for _, module in self._custom_state() for k in module.saved_tensors(adapter_name)}
         missing = sorted((set(entries) | set(custom)) - set(state))
@@ -198,6 +199,24 @@ class PeftModel(nn.Module):
                 p.copy_(state[key].to(p.dtype))
         for module in {id(m): m for m in custom.values()}.values():
             module.load_saved_tensors(adapter_name, state, path)
+
+    def _drop_carried_base_weights(self, state: dict, path: str) -> None:
+        """HF PEFT saves the base weight of an adapted embedding or lm_head too (``save_embedding_layers="auto"``).
+
+        Unchanged, it is redundant: dropped. A different one (resized or trained embeddings) would change the frozen
+        base, which edgepeft exports once and shares: refused.
+        """
+        for key in [k for k in state if k.endswith(".base_layer.weight")]:
+            try:
+                weight = self.get_submodule(key[: -len(".weight")]).weight
+            except AttributeError:
+                continue  # no such layer here: reported as an unexpected weight
+            if weight.shape != state[key].shape or not torch.equal(state[key].to(weight.dtype), weight.detach()):
+                raise AdapterBaseMismatchError(
+                    f"{path}: carries its own {key[: -len('.base_layer.weight')].removeprefix('base_model.model.')} weights "
+                    "(resized or trained embeddings), which would change the frozen base; edgepeft needs the adapter "
+                    "on the unchanged base it was trained on")
+            del state[key]
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False):

@@ -88,3 +88,38 @@ def test_token_type_ids_with_prompt_learning_as_in_peft(tiny_base, tmp_path, arc
         want = getattr(hf.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types), field)
         got = getattr(ours.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types), field)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_an_hf_adapter_on_lm_head_loads_and_exports(tiny_base, tmp_path):
+    """HF PEFT also saves lm_head's base weight (save_embedding_layers="auto"): redundant when unchanged, refused
+    when it would change the frozen base."""
+    import peft
+    from safetensors.torch import load_file, save_file
+
+    from edgepeft.errors import AdapterBaseMismatchError
+    from edgepeft.exporters import export
+    from edgepeft.runtimes import Runtime
+
+    base = tiny_base("llama")
+    hf = peft.get_peft_model(load_reference_base(base, "causal-lm"),
+                             peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
+    randomize_adapter(hf, 9)
+    hf.peft_config["default"].base_model_name_or_path = base
+    hf.save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    assert "base_model.model.lm_head.base_layer.weight" in saved  # what HF PEFT writes
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+    ids, mask = (torch.from_numpy(a) for a in sample_batch())
+    with torch.no_grad():
+        want = hf.eval()(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(ours.eval()(input_ids=ids, attention_mask=mask).logits, want, rtol=0, atol=1e-6)
+    report = export([str(tmp_path / "a")], str(tmp_path / "out"))
+    assert max(c["max_abs_diff"] for c in report["checks"]) < 1e-4
+    valid = mask.bool().numpy()
+    got = Runtime(str(tmp_path / "out")).forward(ids.numpy(), mask.numpy(), adapter="a")["logits"]
+    assert abs(got[valid] - want.numpy()[valid]).max() < 1e-4
+    saved["base_model.model.lm_head.base_layer.weight"] = saved["base_model.model.lm_head.base_layer.weight"] + 1
+    save_file(saved, str(weights))
+    with pytest.raises(AdapterBaseMismatchError, match="carries its own lm_head weights"):
+        edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
