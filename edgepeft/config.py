@@ -50,6 +50,8 @@ class PeftConfig:
     """Fields every PEFT config has."""
 
     peft_type_name = ""  # class attribute, set by subclasses
+    # HF PEFT fields edgepeft does not model that change what the adapter computes: refused when set (others warn)
+    refused_fields = frozenset()
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
@@ -81,6 +83,7 @@ class PeftConfig:
 
     def check_types(self) -> None:
         """Each field holds a value of its annotated type (numbers finite); raises ConfigError naming the field."""
+        self.task  # noqa: B018  (an unknown or unsupported task_type raises here, when the config is made)
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -96,6 +99,10 @@ class PeftConfig:
     def from_dict(cls, d: dict, source: str = "config") -> "PeftConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in d if k not in names and k not in _HARMLESS_FIELDS and d[k] not in (None, False, {}, []))
+        refused = [k for k in unknown if k in cls.refused_fields]
+        if refused:
+            raise UnsupportedMethodError(f"{', '.join(refused)} change what the adapter computes; edgepeft does not "
+                                         f"support {'them' if len(refused) > 1 else 'it'}: use an adapter trained without")
         if unknown:
             warnings.warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}", stacklevel=2)
         config = cls(**{k: v for k, v in d.items() if k in names})

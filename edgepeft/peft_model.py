@@ -230,10 +230,11 @@ class PeftModel(nn.Module):
         directory = str(directory)
         for name in selected_adapters or list(self.peft_config):
             target = directory if name == "default" else os.path.join(directory, name)
-            state = {k: v.contiguous().cpu() for k, v in self.get_adapter_state_dict(name).items()}
-            write_bytes_atomic(os.path.join(target, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
+            config.to_dict()  # a config that cannot be written fails before any file is
+            state = {k: v.contiguous().cpu() for k, v in self.get_adapter_state_dict(name).items()}
+            write_bytes_atomic(os.path.join(target, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
             config.save_pretrained(target)
 
     # ---------------------------------------------------------------- use
@@ -264,6 +265,8 @@ class PeftModel(nn.Module):
     def merge_and_unload(self, adapter_name: str | None = None) -> nn.Module:
         """A copy of the transformers model with ``adapter_name`` folded into its weights."""
         name = adapter_name or self.active_adapter
+        if name not in self.peft_config:
+            raise ConfigError(f"no adapter named {name!r} to merge; have {sorted(self.peft_config)}")
         model = copy.deepcopy(self.base_model.model)
         for module in model.modules():  # layers that cannot be folded (bottleneck) keep running `name`
             if hasattr(module, "adapter_dicts"):

@@ -126,6 +126,24 @@ def _fusion_groups(model, task: str, configs) -> list[list[str]]:
     return [g for g in groups if not keep_apart.intersection(g)]
 
 
+def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> list:
+    """The fusion layout of the base already in OUT, which its adapters' slots depend on.
+
+    New adapters may need fewer fused groups (one that scales a member's own input keeps it apart):
+    fine when OUT's base already keeps those layers apart (an earlier adapter needed it too); when it
+    fuses them, its adapters would need new slots, so the export is refused with the way out.
+    """
+    have = existing.get("fused_groups", [])
+    allowed = {group_key(g): g for g in groups}
+    apart = [k for k in have if k not in allowed]
+    if apart:
+        raise ConfigError(
+            f"{base_dir}: fuses {', '.join(apart)} into one MatMul for the adapters already there, but "
+            f"{', '.join(names)} needs {'them' if len(apart) > 1 else 'it'} apart (IA3 scaling a layer's own input); "
+            "export every adapter together into a fresh --out folder (edgepeft export --adapter A --adapter B ...)")
+    return [allowed[k] for k in have]
+
+
 def _union(*tables) -> list:
     seen, out = set(), []
     for table in tables:
@@ -388,6 +406,9 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     groups = _fusion_groups(model, task, [peft.peft_config[s.name] for s in sources])
     if merge:
         return _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize, qtol)
+    if (existing and existing.get("format_version") == FORMAT_VERSION and not existing.get("merged_adapter")
+            and (existing["model_type"], existing["task"]) == (model_type, task)):  # else refused below, naming both bases
+        groups = _keep_layout(groups, existing, base_dir, [s.name for s in sources])
 
     needed = _union(*[_adapter_slots(model, peft.peft_config[s.name], groups) for s in sources])
     slots = _union(existing["slots"] if existing else [], needed)

@@ -101,3 +101,35 @@ def test_ia3_training_reduces_the_loss(tiny_base):
     assert trainable and all(p.numel() <= 64 for p in trainable)
     losses = train_steps(model, lr=0.3)
     assert losses[-1] < losses[0] - 0.05
+
+
+def test_adapters_exported_one_after_another_keep_the_fusion_layout(workdir, peft_adapter, hf_reference, tiny_base, tmp_path):
+    """An IA3 that scales up_proj's input keeps gate/up apart. Exported first, a later LoRA joins that layout;
+    exported after a LoRA whose base fuses gate/up, it is refused with the way out and OUT stays as it was."""
+    import peft
+
+    from edgepeft.errors import ConfigError
+    from error_contract import tree_hashes
+
+    base = tiny_base("llama")
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.IA3Config(
+        target_modules=["up_proj", "v_proj"], feedforward_modules=["up_proj"], task_type="CAUSAL_LM"))
+    randomize_ia3(pm, seed=71)
+    pm.peft_config["default"].base_model_name_or_path = base
+    ia3 = str(tmp_path / "ia3-up")
+    pm.save_pretrained(ia3)
+    lora = peft_adapter("llama", "all-lora-for-ia3", seed=61, r=4, target_modules="all-linear")
+    out = str(tmp_path / "ia3-first")
+    export([ia3], out, names=["ia3"])
+    export([lora], out, names=["lora"])
+    rt = Runtime(out)
+    ids, mask = sample_batch(batch=3)
+    for name, adapter_dir in [("ia3", ia3), ("lora", lora)]:
+        ours = rt.forward(ids, mask, adapter=name)["logits"]
+        assert max_diff_valid(ours, torch_outputs(hf_reference("llama", adapter_dir), ids, mask, "logits"), mask) <= 1e-4
+    other = str(tmp_path / "lora-first")
+    export([lora], other, names=["lora"])
+    before = tree_hashes(other)
+    with pytest.raises(ConfigError, match=r"gate_proj\+up_proj.* export every adapter together"):
+        export([ia3], other, names=["ia3"])
+    assert tree_hashes(other) == before

@@ -123,3 +123,52 @@ def test_an_hf_adapter_on_lm_head_loads_and_exports(tiny_base, tmp_path):
     save_file(saved, str(weights))
     with pytest.raises(AdapterBaseMismatchError, match="carries its own lm_head weights"):
         edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("make, error, words", [
+    (lambda: edgepeft.LoraConfig(init_lora_weights="pissa"), "UnsupportedMethodError", "change the base weights"),
+    (lambda: edgepeft.LoraConfig(init_lora_weights="bogus"), "UnsupportedMethodError", "not supported"),
+    (lambda: edgepeft.LoraConfig(lora_dropout=1.5), "ConfigError", "lora_dropout"),
+    (lambda: edgepeft.LoraConfig(task_type="FOO"), "UnsupportedMethodError", "task_type 'FOO'"),
+    (lambda: edgepeft.LoraConfig(task_type="TOKEN_CLS"), "UnsupportedMethodError", "task_type 'TOKEN_CLS'"),
+    (lambda: edgepeft.IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"]), "ConfigError", "subset"),
+    (lambda: edgepeft.LoraConfig.from_dict({"peft_type": "LORA", "alora_invocation_tokens": [5, 6]}),
+     "UnsupportedMethodError", "alora_invocation_tokens"),
+], ids=["pissa", "bogus-init", "dropout", "task-foo", "task-token-cls", "ia3-ff-not-target", "alora"])
+def test_configs_hf_peft_refuses_or_edgepeft_cannot_run_are_refused(make, error, words):
+    from edgepeft import errors
+
+    with pytest.raises(getattr(errors, error), match=words):
+        make()
+
+
+def test_hf_lora_variants_that_need_no_base_change_still_load():
+    for init in (True, False, "gaussian", "eva", "orthogonal"):
+        assert edgepeft.LoraConfig(init_lora_weights=init).init_lora_weights == init
+
+
+def test_all_linear_ignores_case_and_merge_names_unknown_adapters(tiny_base):
+    from edgepeft.errors import ConfigError
+
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                    edgepeft.LoraConfig(r=2, target_modules="ALL-LINEAR", task_type="CAUSAL_LM"))
+    assert any(k.endswith("mlp.down_proj.lora_A.default.weight") for k, _ in model.named_parameters())
+    with pytest.raises(ConfigError, match="no adapter named 'nope'"):
+        model.merge_and_unload("nope")
+
+
+def test_text_init_with_an_unnamed_tokenizer_object_cannot_be_saved(tiny_base, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgepeft.errors import ConfigError
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, 100)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")  # in memory: no name_or_path
+    config = edgepeft.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="w1 w2",
+                                         tokenizer_name_or_path=fast, task_type="CAUSAL_LM")
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"), config)
+    with pytest.raises(ConfigError, match="save the tokenizer and pass its folder"):
+        model.save_pretrained(str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()  # nothing half-written

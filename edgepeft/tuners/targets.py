@@ -80,7 +80,7 @@ def linear_targets(model: nn.Module, config, defaults=None) -> list[str]:
         targets = defaults[model_type]
     saved = list(config.modules_to_save or [])
     names = []
-    if targets == "all-linear":
+    if isinstance(targets, str) and targets.lower() == "all-linear":  # HF PEFT ignores its case
         skip = output_layer_name(model)
         for key, module in model.named_modules():
             if isinstance(module, LINEAR_TYPES) and key != skip and not name_matches(saved, key):

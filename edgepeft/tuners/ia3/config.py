@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from edgepeft.errors import ConfigError
 from edgepeft.config import PeftConfig
 
 # HF PEFT's defaults per model type (used when target_modules / feedforward_modules are None).
@@ -41,3 +42,7 @@ class IA3Config(PeftConfig):
             if isinstance(getattr(self, name), set):
                 setattr(self, name, sorted(getattr(self, name)))
         self.check_types()
+        ff, targets = self.feedforward_modules, self.target_modules
+        if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):  # as HF PEFT checks
+            raise ConfigError(f"feedforward_modules must be a subset of target_modules; {sorted(set(ff) - set(targets))} "
+                              "are not targets")

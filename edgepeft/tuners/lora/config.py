@@ -20,6 +20,8 @@ class LoraConfig(PeftConfig):
     """
 
     peft_type_name = "LORA"
+    refused_fields = frozenset({"alora_invocation_tokens", "layer_replication", "use_qalora", "lora_ga_config",
+                                "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config"})
     r: int = 8
     lora_alpha: float = 8  # HF PEFT annotates int; any finite number scales alike
     lora_dropout: float = 0.0
@@ -55,6 +57,13 @@ class LoraConfig(PeftConfig):
                 f"LoRA option(s) {', '.join(bad)} are not supported by edgepeft; train without them"
             )
         self.check_types()
+        if self.init_lora_weights not in (True, False, "gaussian", "eva", "orthogonal"):
+            raise UnsupportedMethodError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported: PiSSA, OLoRA, CorDA and LoftQ change the "
+                "base weights and MiCA changes the LoRA maths; convert the adapter with HF PEFT's save_pretrained("
+                "path_initial_model_for_weight_conversion=...) first, or train with the default init")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.r <= 0:
             raise UnsupportedMethodError(f"LoRA r must be positive, got {self.r}")
         for name, pattern, whole in (("rank_pattern", self.rank_pattern, True), ("alpha_pattern", self.alpha_pattern, False)):

@@ -38,4 +38,8 @@ class PromptTuningConfig(PromptLearningConfig):
         tok = self.tokenizer_name_or_path
         if tok is not None and not isinstance(tok, str):  # a tokenizer object: record where it came from
             d["tokenizer_name_or_path"] = getattr(tok, "name_or_path", None) or None
+            if d["tokenizer_name_or_path"] is None and self.prompt_tuning_init == "TEXT":
+                raise ConfigError("prompt_tuning_init='TEXT' with a tokenizer object that was not loaded from a folder "
+                                  "(its name_or_path is empty): the saved config could not name it, and neither edgepeft "
+                                  "nor HF PEFT would load it; save the tokenizer and pass its folder")
         return d
