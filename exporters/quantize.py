@@ -82,14 +82,28 @@ def _int8(path: str, dest: str, keep_float: list, external: bool) -> None:
 
 
 def _int4(path: str, dest: str, keep_float: list, external: bool) -> None:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    import logging
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
-                                     accuracy_level=INT4_ACCURACY, nodes_to_exclude=keep_float,
-                                     op_types_to_quantize=("MatMul",))
-    quantizer.process()
-    quantizer.model.save_model_to_file(dest, use_external_data_format=external)
+    import onnx
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    # ONNX Runtime's module calls logging.basicConfig(level=INFO) on import: undo it for the host process
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, logger
+
+    root.setLevel(level)
+    for handler in root.handlers[len(handlers):] if root.handlers[:len(handlers)] == handlers else []:
+        root.removeHandler(handler)
+    quiet = logger.level
+    logger.setLevel(logging.WARNING)  # one INFO line per weight otherwise
+    try:
+        quantizer = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+                                         accuracy_level=INT4_ACCURACY, nodes_to_exclude=keep_float,
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+        quantizer.model.save_model_to_file(dest, use_external_data_format=external)
+    finally:
+        logger.setLevel(quiet)
 
 
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:

@@ -417,7 +417,8 @@ class Runtime:
 
         Takes the arguments of ``generate``. Rows that finished (end-of-sequence or a
         stop string) get ``pad_token_id`` until every row is done. The adapter is held
-        until the generator finishes, so it cannot be unloaded mid-generation.
+        from the first ``next()`` until the generator finishes, so it cannot be unloaded
+        mid-generation (unloaded before the first ``next()``, that call raises UnknownAdapterError).
         """
         if not self.cache:
             raise ConfigError(f"{self.base_dir}: a {self.task} export has no text generation; export a causal-lm adapter")

@@ -163,3 +163,14 @@ def test_exports_keep_the_usual_permissions(quantized_llama, shared_export):
             for name, usual in [(d, 0o777) for d in dirs] + [(f, 0o666) for f in files]:
                 mode = stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode)
                 assert mode == usual & ~umask, (os.path.join(root, name), oct(mode))
+
+
+def test_int4_leaves_the_process_logging_alone(peft_adapter, tmp_path, capfd):
+    """ONNX Runtime's 4-bit quantizer configures the root logger at INFO when imported and logs every weight."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    export([spec_adapter(peft_adapter, "qwen2", "qv")], str(tmp_path / "out"), quantize="int4")
+    assert (root.level, root.handlers) == (level, handlers)
+    assert "[INFO]" not in capfd.readouterr().err
