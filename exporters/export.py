@@ -135,6 +135,9 @@ def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> li
     """
     have = existing.get("fused_groups", [])
     allowed = {group_key(g): g for g in groups}
+    if {s.module for s in existing["slots"]} & (set(allowed) - set(have)):  # slots on groups it says it lacks
+        raise ConfigError(f"{base_dir}: was written with another graph layout (its slot table and fused groups "
+                          "disagree); export into a fresh --out folder")
     apart = [k for k in have if k not in allowed]
     if apart:
         raise ConfigError(
