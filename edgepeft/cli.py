@@ -38,8 +38,8 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
         except json.JSONDecodeError:
             options[key] = value  # a bare string
     shorthand = {"r": ("--r", r), "lora_alpha": ("--alpha", alpha),
-                 "target_modules": ("--target-modules", target_modules if target_modules in (None, "all-linear")
-                                    else target_modules.split(","))}
+                 "target_modules": ("--target-modules", target_modules if target_modules is None
+                                    or target_modules.lower() == "all-linear" else target_modules.split(","))}
     for field, (flag, value) in shorthand.items():
         if value is None:
             continue

@@ -79,16 +79,17 @@ class PeftModel(nn.Module):
         if config.modules_to_save:
             wrap_modules_to_save(model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
-        self._mark_trainable()
-
-    def _mark_trainable(self) -> None:
-        """As HF PEFT: only the active adapter's weights train (none in inference mode); the base stays frozen."""
+        # As HF PEFT: the base stays frozen, the other adapters keep their state, and the new one is frozen
+        # until set_adapter makes it active (or load_adapter(is_trainable=True) asks for it).
+        adapters = {id(p) for name in self.peft_config for p in self.adapter_parameters(name).values()}
         for p in self.parameters():
-            p.requires_grad_(False)
-        name = self.active_adapter
-        if name is not None and not self.peft_config[name].inference_mode:
-            for p in self.adapter_parameters(name).values():
-                p.requires_grad_(True)
+            if id(p) not in adapters:
+                p.requires_grad_(False)
+        self._set_requires_grad(adapter_name, False)
+
+    def _set_requires_grad(self, adapter_name: str, requires_grad: bool) -> None:
+        for p in self.adapter_parameters(adapter_name).values():
+            p.requires_grad_(requires_grad)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one calls use and the one that trains."""
@@ -98,7 +99,8 @@ class PeftModel(nn.Module):
             if hasattr(module, "adapter_dicts"):
                 module.active_adapter = adapter_name
         self.active_adapter = adapter_name
-        self._mark_trainable()
+        for name, config in self.peft_config.items():  # as HF PEFT: the active adapter trains, unless loaded frozen
+            self._set_requires_grad(name, name == adapter_name and not config.inference_mode)
 
     def _adapter_entries(self, adapter_name: str) -> dict:
         """{saved key: (ModuleDict entry, parameter name)} for one adapter, in PEFT's key format."""
@@ -169,6 +171,8 @@ class PeftModel(nn.Module):
         except (SafetensorError, OSError, ValueError) as e:
             raise CorruptArtifactError(f"{path}: cannot read adapter weights ({e}); re-save the adapter") from None
         self._load_state(adapter_name, state, path)
+        if is_trainable:  # as HF PEFT: trainable now, even before set_adapter
+            self._set_requires_grad(adapter_name, True)
 
     def _load_state(self, adapter_name: str, state: dict, path: str) -> None:
         state = {self._saved_key(adapter_name, k, loading=True): v for k, v in state.items()}
@@ -211,7 +215,11 @@ class PeftModel(nn.Module):
                 weight = self.get_submodule(key[: -len(".weight")]).weight
             except AttributeError:
                 continue  # no such layer here: reported as an unexpected weight
-            if weight.shape != state[key].shape or not torch.equal(state[key].to(weight.dtype), weight.detach()):
+            saved = state[key]
+            same = weight.shape == saved.shape and (  # a half-precision copy of the base rounds: compare at its precision
+                torch.equal(saved, weight.detach()) if saved.dtype == weight.dtype
+                else torch.allclose(saved.float(), weight.detach().float(), rtol=1e-2, atol=1e-3))
+            if not same:
                 raise AdapterBaseMismatchError(
                     f"{path}: carries its own {key[: -len('.base_layer.weight')].removeprefix('base_model.model.')} weights "
                     "(resized or trained embeddings), which would change the frozen base; edgepeft needs the adapter "
@@ -228,11 +236,13 @@ class PeftModel(nn.Module):
     def save_pretrained(self, directory, selected_adapters=None) -> None:
         """Write each adapter as an HF PEFT dir (non-default adapters in ``directory/<name>``)."""
         directory = str(directory)
-        for name in selected_adapters or list(self.peft_config):
+        names = selected_adapters or list(self.peft_config)
+        for name in names:
+            self.peft_config[name].to_dict()  # a config that cannot be written fails before any file is
+        for name in names:
             target = directory if name == "default" else os.path.join(directory, name)
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
-            config.to_dict()  # a config that cannot be written fails before any file is
             state = {k: v.contiguous().cpu() for k, v in self.get_adapter_state_dict(name).items()}
             write_bytes_atomic(os.path.join(target, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
             config.save_pretrained(target)

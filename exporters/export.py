@@ -409,13 +409,15 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     groups = _fusion_groups(model, task, [peft.peft_config[s.name] for s in sources])
     if merge:
         return _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize, qtol)
+    heads = {s.module for s in (existing["slots"] if existing else []) if s.method == "head"}
+    heads |= {s.module for src in sources for s in HEADS.slot_table(model, peft.peft_config[src.name])}
+    weights_fp = weights_fingerprint(model, skip_modules=heads)  # the frozen weights, task heads left out
     if (existing and existing.get("format_version") == FORMAT_VERSION and not existing.get("merged_adapter")
-            and (existing["model_type"], existing["task"]) == (model_type, task)):  # else refused below, naming both bases
+            and existing.get("weights_fingerprint") == weights_fp and existing["task"] == task):  # else refused below
         groups = _keep_layout(groups, existing, base_dir, [s.name for s in sources])
 
     needed = _union(*[_adapter_slots(model, peft.peft_config[s.name], groups) for s in sources])
     slots = _union(existing["slots"] if existing else [], needed)
-    weights_fp = weights_fingerprint(model, skip_modules={s.module for s in slots if s.method == "head"})
     if existing:
         if existing.get("merged_adapter"):
             raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")

@@ -348,3 +348,22 @@ def test_a_wrong_typed_adapter_config_field_is_named(guarded, tmp_path, llama, f
     edit_json(config, **{field: value})
     msg = failing_export(error, [path], guarded)
     assert config in msg and field in msg
+
+
+def test_a_base_of_other_depth_is_named_as_another_base(small_copy, tmp_path):
+    """Fewer layers mean fewer fused groups: still 'another base', not a layout the adapters disagree on."""
+    import peft
+    import transformers
+
+    from conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 1
+    shallow = str(tmp_path / "shallow")
+    transformers.LlamaForCausalLM(config).save_pretrained(shallow)
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(shallow),
+                             peft.LoraConfig(r=2, target_modules=["q_proj", "up_proj"], task_type="CAUSAL_LM"))
+    pm.peft_config["default"].base_model_name_or_path = shallow
+    pm.save_pretrained(tmp_path / "a")
+    msg = failing_export(AdapterBaseMismatchError, [str(tmp_path / "a")], small_copy)
+    assert shallow in msg

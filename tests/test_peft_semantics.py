@@ -41,6 +41,25 @@ def test_only_the_active_adapter_trains_as_in_peft(tiny_base):
     assert both["edgepeft"] == both["peft"] == ({"default"}, {"other"})
 
 
+def test_load_adapter_is_trainable_as_in_peft(tiny_base, tmp_path):
+    """load_adapter(is_trainable=True) makes the loaded adapter trainable at once, the others keep their state."""
+    import peft
+
+    hf = peft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                             peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    hf.save_pretrained(tmp_path / "a")
+    both = {}
+    for lib in (peft, edgepeft):
+        model = lib.PeftModel.from_pretrained(load_reference_base(tiny_base("llama"), "causal-lm"), str(tmp_path / "a"))
+        states = [trainable_adapters(model)]
+        model.load_adapter(str(tmp_path / "a"), "other", is_trainable=True)
+        states.append(trainable_adapters(model))
+        model.set_adapter("other")
+        states.append(trainable_adapters(model))
+        both[lib.__name__] = states
+    assert both["edgepeft"] == both["peft"] == [set(), {"other"}, {"other"}]
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3", "prefix"])
 def test_adapters_on_a_bfloat16_base_match_peft(tiny_base, tmp_path, method):
     """HF PEFT keeps adapter weights in float32 on a bfloat16 base (autocast_adapter_dtype) and returns the base's dtype."""
@@ -125,6 +144,17 @@ def test_an_hf_adapter_on_lm_head_loads_and_exports(tiny_base, tmp_path):
         edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
 
 
+def test_an_hf_lm_head_adapter_trained_on_a_bfloat16_copy_loads_on_the_float32_base(tiny_base, tmp_path):
+    import peft
+
+    base = tiny_base("llama")
+    hf = peft.get_peft_model(load_reference_base(base, "causal-lm").to(torch.bfloat16),
+                             peft.LoraConfig(r=2, target_modules=["lm_head"], task_type="CAUSAL_LM"))
+    hf.save_pretrained(tmp_path / "a")  # lm_head's base weight saved in bfloat16
+    model = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+    assert any("lm_head.lora_A" in k for k, _ in model.named_parameters())
+
+
 @pytest.mark.parametrize("make, error, words", [
     (lambda: edgepeft.LoraConfig(init_lora_weights="pissa"), "UnsupportedMethodError", "change the base weights"),
     (lambda: edgepeft.LoraConfig(init_lora_weights="bogus"), "UnsupportedMethodError", "not supported"),
@@ -168,7 +198,9 @@ def test_text_init_with_an_unnamed_tokenizer_object_cannot_be_saved(tiny_base, t
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")  # in memory: no name_or_path
     config = edgepeft.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="w1 w2",
                                          tokenizer_name_or_path=fast, task_type="CAUSAL_LM")
-    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"), config)
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                    edgepeft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.add_adapter("other", config)  # the bad config is the second one: nothing may be written for the first
     with pytest.raises(ConfigError, match="save the tokenizer and pass its folder"):
         model.save_pretrained(str(tmp_path / "a"))
     assert not (tmp_path / "a").exists()  # nothing half-written
