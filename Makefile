@@ -30,4 +30,4 @@ bench: $(STAMP)
 	$(BIN)/python samples/bench_prefill.py --export bench-out/generate/slots
 
 clean:
-	rm -rf $(VENV) demo-out bench-out
+	rm -rf $(VENV) demo-out bench-out gen-out
