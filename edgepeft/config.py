@@ -81,6 +81,9 @@ class PeftConfig:
                 d[k] = sorted(v)
         return d
 
+    def __post_init__(self):
+        self.check_types()  # every config, however it is made; subclasses call this first
+
     def check_types(self) -> None:
         """Each field holds a value of its annotated type (numbers finite); raises ConfigError naming the field."""
         self.task  # noqa: B018  (an unknown or unsupported task_type raises here, when the config is made)
@@ -105,9 +108,7 @@ class PeftConfig:
                                          f"support {'them' if len(refused) > 1 else 'it'}: use an adapter trained without")
         if unknown:
             warnings.warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}", stacklevel=2)
-        config = cls(**{k: v for k, v in d.items() if k in names})
-        config.check_types()
-        return config
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     def save_pretrained(self, directory: str) -> None:
         from edgepeft.files import write_json_atomic

@@ -48,6 +48,7 @@ from edgepeft.runtimes.manifest import (
     ADAPTER_GRAPH,
     ADAPTER_MANIFEST,
     ADAPTERS_DIR,
+    adapter_dirs,
     BASE_DIR,
     BASE_GRAPH,
     BASE_MANIFEST,
@@ -509,15 +510,7 @@ def _sibling_adapters(out: str, skip: set) -> dict:
     folder, a corrupt adapter.json) stops the export while OUT is untouched, not after
     the base was replaced.
     """
-    adapters_dir = os.path.join(out, ADAPTERS_DIR)
-    if not os.path.isdir(adapters_dir):
-        return {}
-    found = {}
-    for name in sorted(os.listdir(adapters_dir)):
-        d = os.path.join(adapters_dir, name)
-        if name not in skip and not name.startswith(".") and os.path.isdir(d):
-            found[d] = read_adapter_manifest(d)
-    return found
+    return {d: read_adapter_manifest(d) for name, d in adapter_dirs(out).items() if name not in skip}
 
 
 def _repoint_adapters(siblings: dict, base_manifest: dict) -> None:

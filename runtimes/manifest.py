@@ -236,6 +236,15 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
     return data
 
 
+def adapter_dirs(out_dir: str) -> dict:
+    """{name: folder} of the adapters in ``out_dir/adapters``, sorted; hidden (staging) entries left out."""
+    adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
+    if not os.path.isdir(adapters_dir):
+        return {}
+    return {name: os.path.join(adapters_dir, name) for name in sorted(os.listdir(adapters_dir))
+            if not name.startswith(".") and os.path.isdir(os.path.join(adapters_dir, name))}
+
+
 def folder_bytes(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -248,37 +257,32 @@ def describe_export(out_dir: str) -> dict:
 
     Problems: a graph file missing (or the base's empty), an adapter graph whose sha256
     differs from its manifest's. The base graph's contents are not read (it may be GBs).
-    """""
+    """
     base_dir = os.path.join(out_dir, BASE_DIR)
     base = read_base_manifest(base_dir)
     adapters, problems = [], []
     graph = os.path.join(base_dir, base["graph"])
     if not os.path.isfile(graph) or os.path.getsize(graph) == 0:
         problems.append(f"{graph}: base graph missing or empty; re-run `edgepeft export` into a fresh --out folder")
-    adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
-    if os.path.isdir(adapters_dir):
-        for name in sorted(os.listdir(adapters_dir)):
-            d = os.path.join(adapters_dir, name)
-            if not os.path.isdir(d) or name.startswith("."):
-                continue
-            m = read_adapter_manifest(d)
-            graph = os.path.join(d, m["graph"])
-            if not os.path.isfile(graph):
-                problems.append(f"{graph}: adapter graph missing; re-export the adapter")
-            elif sha256_file(graph) != m["sha256"]:
-                problems.append(f"{graph}: does not match the sha256 in adapter.json (damaged); re-export the adapter")
-            adapters.append(
-                {
-                    "name": m["name"],
-                    "methods": m["methods"],
-                    "rank": m.get("rank"),
-                    "alpha": m.get("alpha"),
-                    "slots": len(m["slots"]),
-                    "labels": m.get("labels"),
-                    "bytes": folder_bytes(d),
-                    "matches_base": m["base_fingerprint"] == base["fingerprint"],
-                }
-            )
+    for d in adapter_dirs(out_dir).values():
+        m = read_adapter_manifest(d)
+        graph = os.path.join(d, m["graph"])
+        if not os.path.isfile(graph):
+            problems.append(f"{graph}: adapter graph missing; re-export the adapter")
+        elif sha256_file(graph) != m["sha256"]:
+            problems.append(f"{graph}: does not match the sha256 in adapter.json (damaged); re-export the adapter")
+        adapters.append(
+            {
+                "name": m["name"],
+                "methods": m["methods"],
+                "rank": m.get("rank"),
+                "alpha": m.get("alpha"),
+                "slots": len(m["slots"]),
+                "labels": m.get("labels"),
+                "bytes": folder_bytes(d),
+                "matches_base": m["base_fingerprint"] == base["fingerprint"],
+            }
+        )
     return {
         "base": {
             "model_type": base["model_type"],

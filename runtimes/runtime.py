@@ -33,9 +33,9 @@ from .errors import (
     UnknownAdapterError,
 )
 from .manifest import (
-    ADAPTERS_DIR,
     BASE_DIR,
     LOGITS_TO_KEEP,
+    adapter_dirs,
     cache_names,
     read_adapter_manifest,
     read_base_manifest,
@@ -95,12 +95,8 @@ class Runtime:
         self.path = str(path)
         self._open_base(base_dir, providers, sess_options)
         if load_adapters:
-            adapters_dir = os.path.join(self.path, ADAPTERS_DIR)
-            if os.path.isdir(adapters_dir):
-                for name in sorted(os.listdir(adapters_dir)):
-                    d = os.path.join(adapters_dir, name)
-                    if os.path.isdir(d) and not name.startswith("."):
-                        self.load_adapter(d, name=name)
+            for name, d in adapter_dirs(self.path).items():
+                self.load_adapter(d, name=name)
 
     @classmethod
     def from_base_dir(cls, base_dir, providers=None, sess_options=None) -> "Runtime":
@@ -430,7 +426,7 @@ class Runtime:
                                f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)")
         if (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
-        stops = _StopStrings(self, cfg.stop, ids.shape[1], mask) if cfg.stop else None  # needs the tokenizer: fail now
+        stops = _StopStrings(self, cfg.stop, ids, mask) if cfg.stop else None  # needs the tokenizer: fail now
         return self._stream(ids, mask, adapter, cfg, stops)
 
     def _steps(self, plan: _Plan, ids, mask):
@@ -574,17 +570,18 @@ class _StopStrings:
     match may begin in the prompt; it must end in a new token.
     """
 
-    def __init__(self, runtime: Runtime, stops: list, prompt_len: int, mask: np.ndarray):
+    def __init__(self, runtime: Runtime, stops: list, ids: np.ndarray, mask: np.ndarray):
         self.tokenizer = runtime.tokenizer
         self.stops = stops
-        self.prompt_len = prompt_len
         lookback = max(len(s) for s in stops)  # every token is at least one character
-        self.starts = np.maximum(np.argmax(mask != 0, axis=1), prompt_len - lookback)  # no left padding
+        self.starts = np.maximum(np.argmax(mask != 0, axis=1), ids.shape[1] - lookback)  # no left padding
+        # the prompt tail's text, decoded once: a match must end past it
+        self.before = [len(self.tokenizer.decode(row[start:], skip_special_tokens=False))
+                       for row, start in zip(ids, self.starts)]
 
     def hit(self, sequences: np.ndarray) -> np.ndarray:
         found = []
-        for row, start in zip(sequences, self.starts):
-            before = self.tokenizer.decode(row[start:self.prompt_len], skip_special_tokens=False)
+        for row, start, before in zip(sequences, self.starts, self.before):
             text = self.tokenizer.decode(row[start:], skip_special_tokens=False)
-            found.append(any(s in text[max(0, len(before) - len(s) + 1):] for s in self.stops))
+            found.append(any(s in text[max(0, before - len(s) + 1):] for s in self.stops))
         return np.array(found)

@@ -56,6 +56,7 @@ class TextTokenizer:
         template_path = os.path.join(base_dir, "chat_template.jinja")
         self.template_source = config_path
         self.chat_template = self.config.get("chat_template")
+        self._template = None  # compiled on first use
         if os.path.isfile(template_path):
             self.chat_template, self.template_source = _read_text(template_path), template_path
 
@@ -88,25 +89,32 @@ class TextTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def _compiled_template(self):
+        """The chat template compiled once, in transformers' environment (loop controls, raise_exception, strftime_now)."""
+        if self._template is None:
+            if not self.chat_template:
+                raise ConfigError("this model has no chat template; pass plain text")
+            try:
+                import jinja2
+            except ImportError:
+                raise ConfigError("chat templates need the `jinja2` package: pip install jinja2") from None
+
+            def raise_exception(message):
+                raise ConfigError(f"chat template: {message}")
+
+            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+            try:
+                self._template = env.from_string(self.chat_template)
+            except jinja2.TemplateSyntaxError as e:
+                raise CorruptArtifactError(f"{self.template_source}: the chat template does not parse ({e}); {_FIX}") from None
+        return self._template
+
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
-            raise ConfigError("this model has no chat template; pass plain text")
-        try:
-            import jinja2
-        except ImportError:
-            raise ConfigError("chat templates need the `jinja2` package: pip install jinja2") from None
+        import jinja2  # present: _compiled_template checked
 
-        def raise_exception(message):
-            raise ConfigError(f"chat template: {message}")
-
-        # transformers' template environment: loop controls, raise_exception and strftime_now
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        try:
-            template = env.from_string(self.chat_template)
-        except jinja2.TemplateSyntaxError as e:
-            raise CorruptArtifactError(f"{self.template_source}: the chat template does not parse ({e}); {_FIX}") from None
+        template = self._compiled_template()
         try:
             return template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,

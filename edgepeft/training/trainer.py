@@ -114,7 +114,6 @@ def method_config(method: str, task: str, options: dict):
     task_type = {v: k for k, v in TASK_TYPES.items()}[task]
     try:
         config = m.config_cls(task_type=task_type, **options)
-        config.check_types()
     except (TypeError, ValueError, ConfigError) as e:
         raise ConfigError(f"invalid {m.name} options {options}: {e}") from None
     return config

@@ -42,7 +42,7 @@ class PromptLearningConfig(PeftConfig):
     num_layers: Optional[int] = None
 
     def __post_init__(self):
-        self.check_types()
+        super().__post_init__()
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
             raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
 

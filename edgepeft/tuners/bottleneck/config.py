@@ -36,7 +36,7 @@ class BottleneckConfig(PeftConfig):
     init_bottleneck_weights: bool = True
 
     def __post_init__(self):
-        self.check_types()
+        super().__post_init__()
         if self.placement not in ("houlsby", "pfeiffer"):
             raise UnsupportedMethodError(f"placement must be 'houlsby' or 'pfeiffer', got {self.placement!r}")
         if self.non_linearity not in NON_LINEARITIES:

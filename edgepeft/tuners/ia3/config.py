@@ -38,10 +38,7 @@ class IA3Config(PeftConfig):
     init_ia3_weights: bool = True
 
     def __post_init__(self):
-        for name in ("target_modules", "feedforward_modules"):
-            if isinstance(getattr(self, name), set):
-                setattr(self, name, sorted(getattr(self, name)))
-        self.check_types()
+        super().__post_init__()
         ff, targets = self.feedforward_modules, self.target_modules
         if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):  # as HF PEFT checks
             raise ConfigError(f"feedforward_modules must be a subset of target_modules; {sorted(set(ff) - set(targets))} "

@@ -41,8 +41,7 @@ class LoraConfig(PeftConfig):
     trainable_token_indices: Optional[Union[list, dict]] = None
 
     def __post_init__(self):
-        if isinstance(self.target_modules, set):
-            self.target_modules = sorted(self.target_modules)
+        super().__post_init__()
         unsupported = {
             "use_dora": self.use_dora,
             "lora_bias": self.lora_bias,
@@ -56,7 +55,6 @@ class LoraConfig(PeftConfig):
             raise UnsupportedMethodError(
                 f"LoRA option(s) {', '.join(bad)} are not supported by edgepeft; train without them"
             )
-        self.check_types()
         if self.init_lora_weights not in (True, False, "gaussian", "eva", "orthogonal"):
             raise UnsupportedMethodError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported: PiSSA, OLoRA, CorDA and LoftQ change the "
