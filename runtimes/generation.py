@@ -62,7 +62,7 @@ class GenerationConfig:
             raise ConfigError(f"eos_token_id must be token ids (integers), got {self.eos_token_id!r}")
         if not (_whole(self.pad_token_id) and 0 <= self.pad_token_id < vocab_size):  # finished rows feed it back
             raise ConfigError(f"pad_token_id must be a token id in [0, {vocab_size}), got {self.pad_token_id!r}")
-        if not all(isinstance(s, str) for s in self.stop):
+        if not (isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop)):
             raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
 
 

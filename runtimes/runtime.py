@@ -137,8 +137,8 @@ class Runtime:
         self.input_names = list(self.manifest["inputs"])
         # OrtValues for LOGITS_TO_KEEP, 0 (all) and 1 (generation); exports made before it compute every position.
         # (IOBinding binds an input that has a default only as an OrtValue.)
-        self._keep = ({n: ort.OrtValue.ortvalue_from_numpy(np.array(n, dtype=np.int64)) for n in (0, 1)}
-                      if LOGITS_TO_KEEP in self.manifest["inputs"] else None)
+        self._keep_last = (ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
+                           if LOGITS_TO_KEEP in self.manifest["inputs"] else None)
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_positions = self.manifest.get("max_positions")
         self._adapters: dict[str, _Adapter] = {}
@@ -335,14 +335,12 @@ class Runtime:
             binding.bind_ortvalue_input(slot_name, value)
         return binding
 
-    def _run(self, plan: _Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None,
-             keep: int = 0) -> list:
+    def _run(self, plan: _Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None) -> list:
         """One session run; adapter slots and the KV cache stay OrtValues (IOBinding).
 
         ``past`` None is a prefill: the cache starts as the adapter's (a prefix) or empty.
         ``mask``/``position_ids`` already count the virtual tokens (``_virtual_inputs``).
         ``binding``: one from ``_slot_binding(plan)`` to reuse (slots stay bound).
-        ``keep``: 1 for the last position's logits only, where the graph can; 0 for all.
         Returns OrtValues: the task output, then the presents when asked for.
         """
         binding = binding or self._slot_binding(plan)
@@ -350,8 +348,6 @@ class Runtime:
         binding.bind_cpu_input("attention_mask", mask)
         if self.cache:
             binding.bind_cpu_input("position_ids", position_ids)
-            if self._keep:
-                binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[keep])
             if past is None:  # prefill: the adapter's cache start repeated over the batch, else empty
                 empty = np.zeros((ids.shape[0], self.cache["num_kv_heads"], 0, self.cache["head_dim"]), np.float32)
                 for name in self._past_names:
@@ -436,14 +432,16 @@ class Runtime:
         """
         full, positions = self._virtual_inputs(plan, mask, generate=True)
         binding = self._slot_binding(plan)
-        outputs = self._run(plan, ids, full, positions, None, presents=True, binding=binding, keep=1)
+        if self._keep_last is not None:  # the last position's logits only (forward keeps the default, all)
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep_last)
+        outputs = self._run(plan, ids, full, positions, None, presents=True, binding=binding)
         for name in plan.prefill:  # decode steps add no virtual tokens
             binding.bind_ortvalue_input(name, self._neutral[name])
         while True:
             token = yield outputs[0].numpy()[:, -1, :]
             full = np.concatenate([full, np.ones_like(token)[:, None]], axis=1)
             positions = positions[:, -1:] + 1
-            outputs = self._run(plan, token[:, None], full, positions, outputs[1:], presents=True, binding=binding, keep=1)
+            outputs = self._run(plan, token[:, None], full, positions, outputs[1:], presents=True, binding=binding)
 
     def _stream(self, ids, mask, adapter, cfg, stops):
         rng = np.random.default_rng(cfg.seed)
@@ -460,7 +458,7 @@ class Runtime:
                 yield token
                 finished |= np.isin(token, eos)
                 if stops is not None:
-                    finished |= stops.hit(sequences)
+                    finished |= stops.hit(sequences, finished)
                 if finished.all() or step + 1 == cfg.max_new_tokens:
                     return
                 logits = steps.send(token)
@@ -494,8 +492,6 @@ class Runtime:
         stop = args.get("stop") or []
         args["stop"] = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
         cfg = GenerationConfig(**args)
-        if not isinstance(cfg.stop, list):
-            raise ConfigError(f"stop must be a string or a list of strings, got {cfg.stop!r}")
         cfg.check(self.vocab_size)
         return cfg
 
@@ -508,13 +504,14 @@ class Runtime:
         return self._tokenizer
 
     def _prompt_ids(self, prompt, chat: bool):
+        """(ids, mask, single): the prompt(s) tokenized, left-padded; ``single``: one prompt, not a list of them."""
         single = isinstance(prompt, str) or (chat and isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
         if not (single or (isinstance(prompt, (list, tuple)) and prompt
                            and all(isinstance(p, list if chat and not isinstance(p, str) else str) for p in prompt))):
             raise InvalidInputError(f"prompt must be a string or a non-empty list of strings{' or of chat messages' if chat else ''}; "
                                     f"got {type(prompt).__name__}")
         tok = self.tokenizer
-        prompts = [prompt] if isinstance(prompt, (str, dict)) or (chat and prompt and isinstance(prompt[0], dict)) else list(prompt)
+        prompts = [prompt] if single else list(prompt)
         if chat:
             texts = [tok.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}]) for p in prompts]
             ids, mask = tok.encode(texts, add_special_tokens=False, pad_id=self._pad_id(), padding_side="left")
@@ -522,7 +519,7 @@ class Runtime:
             ids, mask = tok.encode(prompts, pad_id=self._pad_id(), padding_side="left")
         if ids.size == 0 or (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt is empty (it has no tokens); give some text")
-        return ids, mask
+        return ids, mask, single
 
     def _pad_id(self, eos=None) -> int:
         pad = self.manifest.get("pad_token_id")
@@ -533,26 +530,24 @@ class Runtime:
 
     def stream_text(self, prompt, adapter=None, chat: bool = False, **generation):
         """Yield the generated text piece by piece for one prompt (or chat messages with ``chat=True``)."""
-        ids, mask = self._prompt_ids(prompt, chat)
+        ids, mask, _ = self._prompt_ids(prompt, chat)
         if ids.shape[0] != 1:
             raise ConfigError("stream_text takes one prompt; use generate_text for a batch")
-        new, shown = [], ""
+        new, shown, text = [], "", ""
         for token in self.stream(ids, mask, adapter, **generation):
             new.append(int(token[0]))
             text = self.tokenizer.decode(new)
             if text.startswith(shown) and len(text) > len(shown) and not text.endswith("\ufffd"):
                 yield text[len(shown):]
                 shown = text
-        text = self.tokenizer.decode(new)  # what was held back for a character still incomplete at the end
-        if text.startswith(shown) and len(text) > len(shown):
+        if text.startswith(shown) and len(text) > len(shown):  # held back: a character still incomplete at the end
             yield text[len(shown):]
 
     def generate_text(self, prompt, adapter=None, chat: bool = False, **generation):
         """Generated text (without the prompt) for a prompt or a list of prompts."""
-        ids, mask = self._prompt_ids(prompt, chat)
+        ids, mask, single = self._prompt_ids(prompt, chat)
         out = self.generate(ids, mask, adapter, **generation)
         texts = [self.tokenizer.decode(row[ids.shape[1]:]) for row in out]
-        single = isinstance(prompt, str) or (chat and prompt and isinstance(prompt[0], dict))
         return texts[0] if single else texts
 
     def labels(self, adapter) -> list | None:
@@ -564,24 +559,27 @@ class Runtime:
 
 
 class _StopStrings:
-    """Marks rows where a stop string ends inside the generated text (decoded with the exported tokenizer).
+    """Marks rows whose newest token completes a stop string (decoded with the exported tokenizer).
 
     As transformers' ``StopStringCriteria``: special tokens count as their text, and a
-    match may begin in the prompt; it must end in a new token.
+    match may begin in the prompt; it must end in a new token. Called after every step,
+    so only the newest token can complete a match: each call decodes the last few tokens
+    of each unfinished row, not the whole text.
     """
 
     def __init__(self, runtime: Runtime, stops: list, ids: np.ndarray, mask: np.ndarray):
         self.tokenizer = runtime.tokenizer
         self.stops = stops
-        lookback = max(len(s) for s in stops)  # every token is at least one character
-        self.starts = np.maximum(np.argmax(mask != 0, axis=1), ids.shape[1] - lookback)  # no left padding
-        # the prompt tail's text, decoded once: a match must end past it
-        self.before = [len(self.tokenizer.decode(row[start:], skip_special_tokens=False))
-                       for row, start in zip(ids, self.starts)]
+        self.lookback = max(len(s) for s in stops)  # tokens before the newest one a match can reach back over
+        self.starts = np.argmax(mask != 0, axis=1)  # each row's first real token: padding is no text
 
-    def hit(self, sequences: np.ndarray) -> np.ndarray:
-        found = []
-        for row, start, before in zip(sequences, self.starts, self.before):
-            text = self.tokenizer.decode(row[start:], skip_special_tokens=False)
-            found.append(any(s in text[max(0, before - len(s) + 1):] for s in self.stops))
-        return np.array(found)
+    def hit(self, sequences: np.ndarray, finished: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(sequences), dtype=bool)
+        for i, (row, start) in enumerate(zip(sequences, self.starts)):
+            if finished[i]:
+                continue
+            window = row[max(start, len(row) - 1 - self.lookback):]
+            before = len(self.tokenizer.decode(window[:-1], skip_special_tokens=False))
+            text = self.tokenizer.decode(window, skip_special_tokens=False)
+            found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
+        return found

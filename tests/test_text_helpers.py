@@ -26,7 +26,7 @@ def stops_after(text_rt, tok, stop: list, prompt: str, new: str) -> bool:  # noq
     prompt_ids = ids_of(tok, prompt)
     row = np.array([prompt_ids + ids_of(tok, new)], dtype=np.int64)
     checker = _StopStrings(text_rt, stop, np.array([prompt_ids]), np.ones((1, len(prompt_ids)), np.int64))
-    return bool(checker.hit(row)[0])
+    return bool(checker.hit(row, np.zeros(1, dtype=bool))[0])
 
 
 def test_a_stop_string_may_begin_in_the_prompt(text_export, text_rt):  # noqa: F811
@@ -49,8 +49,8 @@ def test_stop_strings_ignore_left_padding(text_export, text_rt):  # noqa: F811
     prompt = [0, 0] + ids_of(tok, "w10")
     row = np.array([prompt + ids_of(tok, "w20")], dtype=np.int64)
     mask = np.array([[0, 0, 1]], dtype=np.int64)
-    assert not _StopStrings(text_rt, ["[PAD] [PAD] w10 w20"], row[:, :3], mask).hit(row)[0]
-    assert _StopStrings(text_rt, ["w10 w20"], row[:, :3], mask).hit(row)[0]
+    assert not _StopStrings(text_rt, ["[PAD] [PAD] w10 w20"], row[:, :3], mask).hit(row, np.zeros(1, dtype=bool))[0]
+    assert _StopStrings(text_rt, ["w10 w20"], row[:, :3], mask).hit(row, np.zeros(1, dtype=bool))[0]
 
 
 def test_stream_text_flushes_what_it_held_back(text_rt, monkeypatch):  # noqa: F811
