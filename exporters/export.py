@@ -413,12 +413,6 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     heads = {s.module for s in (existing["slots"] if existing else []) if s.method == "head"}
     heads |= {s.module for src in sources for s in HEADS.slot_table(model, peft.peft_config[src.name])}
     weights_fp = weights_fingerprint(model, skip_modules=heads)  # the frozen weights, task heads left out
-    if (existing and existing.get("format_version") == FORMAT_VERSION and not existing.get("merged_adapter")
-            and existing.get("weights_fingerprint") == weights_fp and existing["task"] == task):  # else refused below
-        groups = _keep_layout(groups, existing, base_dir, [s.name for s in sources])
-
-    needed = _union(*[_adapter_slots(model, peft.peft_config[s.name], groups) for s in sources])
-    slots = _union(existing["slots"] if existing else [], needed)
     if existing:
         if existing.get("merged_adapter"):
             raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")
@@ -431,13 +425,14 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
             have, want = existing.get("quantization") or "float32", quantize or "float32"
             raise ConfigError(f"{base_dir}: holds a {have} base, this export asks for {want} (--quantize); "
                               "export into another --out folder")
-        layout = [group_key(g) for g in groups]
-        if existing.get("format_version") != FORMAT_VERSION or existing.get("fused_groups", []) != layout:
-            raise ConfigError(
-                f"{base_dir}: was written with another graph layout (export format {existing.get('format_version')}, "
-                f"{len(existing.get('fused_groups', []))} fused groups; this edgepeft writes format {FORMAT_VERSION} with "
-                f"{len(layout)}); export into a fresh --out folder"
-            )
+        if existing.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
+                              f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
+                              "export into a fresh --out folder")
+        groups = _keep_layout(groups, existing, base_dir, [s.name for s in sources])  # its adapters' slots need it
+
+    needed = _union(*[_adapter_slots(model, peft.peft_config[s.name], groups) for s in sources])
+    slots = _union(existing["slots"] if existing else [], needed)
     reuse = existing is not None and (
         {s.name for s in needed} - set(existing.get("inert_slots", [])) <= {s.name for s in existing["slots"]}
     )

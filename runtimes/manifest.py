@@ -236,6 +236,17 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
     return data
 
 
+def adapter_graph_error(adapter_dir: str, manifest: dict):
+    """The error an adapter's graph file has (missing, or not the file its sha256 names), else None."""
+    graph = os.path.join(adapter_dir, manifest["graph"])
+    if not os.path.isfile(graph):
+        return ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
+    if sha256_file(graph) != manifest["sha256"]:
+        return CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); "
+                                    "re-export the adapter")
+    return None
+
+
 def adapter_dirs(out_dir: str) -> dict:
     """{name: folder} of the adapters in ``out_dir/adapters``, sorted; hidden (staging) entries left out."""
     adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
@@ -266,11 +277,8 @@ def describe_export(out_dir: str) -> dict:
         problems.append(f"{graph}: base graph missing or empty; re-run `edgepeft export` into a fresh --out folder")
     for d in adapter_dirs(out_dir).values():
         m = read_adapter_manifest(d)
-        graph = os.path.join(d, m["graph"])
-        if not os.path.isfile(graph):
-            problems.append(f"{graph}: adapter graph missing; re-export the adapter")
-        elif sha256_file(graph) != m["sha256"]:
-            problems.append(f"{graph}: does not match the sha256 in adapter.json (damaged); re-export the adapter")
+        if (error := adapter_graph_error(d, m)) is not None:
+            problems.append(str(error))
         adapters.append(
             {
                 "name": m["name"],

@@ -36,10 +36,10 @@ from .manifest import (
     BASE_DIR,
     LOGITS_TO_KEEP,
     adapter_dirs,
+    adapter_graph_error,
     cache_names,
     read_adapter_manifest,
     read_base_manifest,
-    sha256_file,
 )
 from .generation import GenerationConfig, next_tokens
 from .sessions import device_of, session_options
@@ -174,14 +174,9 @@ class Runtime:
                 f"({self.manifest.get('source')}); export the adapter into this OUT with "
                 f"`edgepeft export --adapter <adapter dir> --out {self.path}`"
             )
-        graph = os.path.join(path, manifest["graph"])
-        if not os.path.isfile(graph):
-            raise ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
-        if sha256_file(graph) != manifest["sha256"]:
-            raise CorruptArtifactError(
-                f"{graph}: checksum does not match adapter.json (truncated or modified file); re-export the adapter"
-            )
-        arrays = self._run_adapter_graph(graph)
+        if (error := adapter_graph_error(path, manifest)) is not None:
+            raise error
+        arrays = self._run_adapter_graph(os.path.join(path, manifest["graph"]))
         self._check_adapter_tensors(path, manifest, arrays)
         plan = self._plan(path, arrays)
         with self._lock:

@@ -6,12 +6,12 @@ text helpers are used, so an app that feeds token ids needs neither.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 
 import numpy as np
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
+from .manifest import _read_json
 
 _FIX = "re-export the base with its tokenizer files"
 
@@ -45,14 +45,7 @@ class TextTokenizer:
         self.padding_side = padding_side
         self._tok.no_truncation()  # too-long prompts get a clear error, not a silent cut
         config_path = os.path.join(base_dir, "tokenizer_config.json")
-        self.config = {}
-        if os.path.isfile(config_path):
-            try:
-                self.config = json.loads(_read_text(config_path))
-            except ValueError as e:
-                raise CorruptArtifactError(f"{config_path}: not valid JSON ({e}); {_FIX}") from None
-            if not isinstance(self.config, dict):
-                raise CorruptArtifactError(f"{config_path}: must hold a JSON object; {_FIX}")
+        self.config = _read_json(config_path, "tokenizer config", _FIX) if os.path.isfile(config_path) else {}
         template_path = os.path.join(base_dir, "chat_template.jinja")
         self.template_source = config_path
         self.chat_template = self.config.get("chat_template")

@@ -139,18 +139,15 @@ def test_sampled_frequencies_follow_transformers_distribution(cfg):
 
 def test_a_model_pad_id_that_is_no_token_falls_back_to_eos(shared_export, tmp_path):
     """Some configs say pad_token_id -1: generation then pads finished rows with the first eos, as when it is None."""
-    import json
     import os
     import shutil
 
     from edgepeft.runtimes import Runtime
+    from error_contract import edit_json
 
     out = str(tmp_path / "out")
     shutil.copytree(shared_export("llama")[0], out)
-    path = os.path.join(out, "base", "edgepeft.json")
-    manifest = json.load(open(path))
-    manifest["pad_token_id"], manifest["eos_token_id"] = -1, [7]
-    json.dump(manifest, open(path, "w"))
+    edit_json(os.path.join(out, "base", "edgepeft.json"), pad_token_id=-1, eos_token_id=[7])
     rt = Runtime(out)
     assert rt._generation_config({}).pad_token_id == 7
     ids = np.array([[5, 6, 7, 8]], dtype=np.int64)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from edgepeft.config import LABELS_NAME, TASK_TYPES
+from edgepeft.config import CONFIG_NAME, LABELS_NAME, TASK_TYPES
 from edgepeft.errors import ConfigError, CorruptArtifactError
 from edgepeft.files import check_output_dir, replace_dir, staging_dir, write_json_atomic
 from edgepeft.plots import training_curve
@@ -188,7 +188,7 @@ class Trainer:
         if not os.path.exists(os.path.join(ckpt, _STATE)):
             if a.resume:
                 raise ConfigError(f"{a.out}: no checkpoint to resume from; run without --resume")
-            if os.path.exists(os.path.join(a.out, "adapter_config.json")) and not a.overwrite:
+            if os.path.exists(os.path.join(a.out, CONFIG_NAME)) and not a.overwrite:
                 raise ConfigError(f"{a.out}: holds an adapter already; pass --overwrite to replace it, or another --out")
             return None
         if not a.resume:
@@ -334,7 +334,7 @@ class Trainer:
                 mean = float(acc.reduce(torch.stack(window).mean(), "mean"))  # the mean since the last entry
                 window = []
                 if not math.isfinite(mean):  # every process sees the reduced mean: all stop alike
-                    kept = (f"{a.out} keeps the adapter saved before" if os.path.isfile(os.path.join(a.out, "adapter_config.json"))
+                    kept = (f"{a.out} keeps the adapter saved before" if os.path.isfile(os.path.join(a.out, CONFIG_NAME))
                             else "no adapter was saved")
                     raise ConfigError(f"training diverged at step {step} (epoch {epoch + 1}): the loss is {mean}; "
                                       f"lower --lr (now {a.lr:g}) or check the data; {kept}")

@@ -43,7 +43,7 @@ class PromptLearningConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+        if self.num_virtual_tokens is None or self.num_virtual_tokens <= 0:  # check_types: an int or None
             raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
 
     def fill_from(self, model_config) -> None:
@@ -135,12 +135,17 @@ class VirtualTokenTuner:
         return [] if holder is None else [("", holder)]
 
 
-def drop_token_type_ids(config, kwargs: dict) -> None:
-    """HF PEFT's prompt learning ignores ``token_type_ids`` (with a warning) except for sequence classification."""
-    if kwargs.get("token_type_ids") is not None and config.task_type != "SEQ_CLS":
+def drop_token_type_ids(config, kwargs: dict):
+    """Pop ``token_type_ids`` from a call's kwargs; returns them where HF PEFT's prompt learning keeps them.
+
+    HF PEFT ignores them (with a warning) except for sequence classification.
+    """
+    types = kwargs.pop("token_type_ids", None)
+    if types is not None and config.task_type != "SEQ_CLS":
         warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids",
                       stacklevel=3)
-        kwargs["token_type_ids"] = None
+        return None
+    return types
 
 
 def extend_mask(mask: torch.Tensor | None, n: int, batch: int, device) -> torch.Tensor | None:

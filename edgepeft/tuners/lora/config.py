@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from edgepeft.config import PeftConfig
+from edgepeft.config import PeftConfig, _fits
 from edgepeft.errors import ConfigError, UnsupportedMethodError
 
 
@@ -66,8 +66,7 @@ class LoraConfig(PeftConfig):
             raise UnsupportedMethodError(f"LoRA r must be positive, got {self.r}")
         for name, pattern, whole in (("rank_pattern", self.rank_pattern, True), ("alpha_pattern", self.alpha_pattern, False)):
             for key, value in pattern.items():
-                if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                        and (not whole or (isinstance(value, int) and value > 0))):
+                if not (_fits(value, int) and value > 0 if whole else _fits(value, float)):
                     raise ConfigError(f"{name}[{key!r}] = {value!r} is not a valid {'rank' if whole else 'alpha'}")
 
     def _pattern_value(self, pattern: dict, key: str, default):

@@ -67,7 +67,8 @@ class PrefixTuner(VirtualTokenTuner):
 
     def forward(self, model, config, adapter_name: str, input_ids=None, attention_mask=None, inputs_embeds=None,
                 position_ids=None, **kwargs):
-        drop_token_type_ids(config, kwargs)
+        if (types := drop_token_type_ids(config, kwargs)) is not None:
+            kwargs["token_type_ids"] = types
         if model_type(model) in ENCODERS:  # the self-attention layers add the prefix
             holder = embedding_holder(model)
             holder.prefix_kv = (adapter_name, holder.prompt_encoder[adapter_name].keys_values())  # once, for all layers

@@ -38,16 +38,15 @@ class PromptTuner(VirtualTokenTuner):
         return torch.cat([prompt, inputs_embeds], dim=1)  # (B, n + T, H)
 
     def forward(self, model, config, adapter_name: str, input_ids=None, attention_mask=None, inputs_embeds=None,
-                labels=None, position_ids=None, token_type_ids=None, **kwargs):
+                labels=None, position_ids=None, **kwargs):
         n = config.num_virtual_tokens
         embeds = self.inputs_embeds(model, adapter_name, input_ids, inputs_embeds)
         batch = embeds.shape[0]
         if labels is not None and labels.dim() == 2 and labels.shape[1] == embeds.shape[1] - n:  # token labels
             labels = torch.cat([torch.full((batch, n), -100, dtype=labels.dtype, device=labels.device), labels], dim=1)
-        kwargs["token_type_ids"] = token_type_ids
-        drop_token_type_ids(config, kwargs)
-        if kwargs["token_type_ids"] is not None:  # sequence classification: the virtual tokens are segment 0
-            kwargs["token_type_ids"] = torch.cat([torch.zeros_like(token_type_ids[:, :1]).expand(-1, n), token_type_ids], dim=1)
+        types = drop_token_type_ids(config, kwargs)
+        if types is not None:  # sequence classification: the virtual tokens are segment 0
+            kwargs["token_type_ids"] = torch.cat([torch.zeros_like(types[:, :1]).expand(-1, n), types], dim=1)
         if labels is not None:
             kwargs["labels"] = labels
         return model(inputs_embeds=embeds, attention_mask=extend_mask(attention_mask, n, batch, embeds.device), **kwargs)
