@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -360,3 +361,64 @@ def text_model(workdir):
         return path
 
     return make
+
+
+# ---------------------------------------------------------------- text: a tiny llama with a word-level tokenizer
+WORDS = [f"w{i}" for i in range(8, 128)]
+SPECIAL = {"[PAD]": 0, "<s>": 1, "</s>": 2, "[UNK]": 3}
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+PROMPT = "w10 w20 w30 w40"
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = dict(SPECIAL)
+    vocab.update({":": 4, "user": 5, "assistant": 6, "system": 7})
+    vocab.update({w: i for i, w in enumerate(WORDS, start=8)})
+    assert len(vocab) == 128 and sorted(vocab.values()) == list(range(128))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(list(SPECIAL))
+    return tok
+
+
+@pytest.fixture(scope="session")
+def text_export(tmp_path_factory, tiny_base):
+    """(OUT, tokenizer, base dir): a tiny llama copy with tokenizer files, one LoRA adapter 'tok' exported."""
+    import peft
+
+    from edgepeft.exporters import export
+
+    root = tmp_path_factory.mktemp("textgen")
+    base = str(root / "base-llama-tok")
+    shutil.copytree(tiny_base("llama"), base)
+    tok = build_tokenizer()
+    tok.save(os.path.join(base, "tokenizer.json"))
+    with open(os.path.join(base, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]", "chat_template": TEMPLATE,
+                   "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    model = load_reference_base(base, "causal-lm")
+    pm = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                   target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_adapter(pm, 21)
+    pm.peft_config["default"].base_model_name_or_path = base
+    adapter_dir = str(root / "adapter-tok")
+    pm.save_pretrained(adapter_dir)
+    out = str(root / "out")
+    export([adapter_dir], out, names=["tok"])
+    assert os.path.isfile(os.path.join(out, "base", "tokenizer.json"))
+    return out, tok, base
+
+
+@pytest.fixture(scope="session")
+def text_rt(text_export):
+    from edgepeft.runtimes import Runtime
+
+    return Runtime(text_export[0])
+
+
+def decode(tok, ids):
+    return tok.decode([int(i) for i in ids], skip_special_tokens=True)

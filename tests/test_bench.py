@@ -55,17 +55,8 @@ def test_cli_bench_prints_table_and_writes_json_and_plot(shared_export, tmp_path
 
 def test_bench_threads_sample_measures_every_setting(shared_export):
     """samples/bench_threads.py (the thread-pool figures in the README) runs on any decoder export."""
-    import os
-    import subprocess
-    import sys
-
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "bench_threads.py")
-    out = shared_export("llama")[0]
-    done = subprocess.run([sys.executable, script, "--export", out, "--rounds", "1"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r[0].strip() for r in rows[1:]] == ["no spin", "spin", "spin, stop"]
+    rows = _run_sample("bench_threads.py", "--export", shared_export("llama")[0], "--rounds", 1)
+    assert [r[0] for r in rows[1:]] == ["no spin", "spin", "spin, stop"]
     assert all(float(v) > 0 for r in rows[1:] for v in r[1:])
 
 

@@ -15,35 +15,35 @@ import pytest
 
 from edgepeft.runtimes import CorruptArtifactError, Runtime
 from edgepeft.runtimes.runtime import _StopStrings
-from test_generation import PROMPT, decode, text_export, text_rt  # noqa: F401  (fixtures)
+from conftest import PROMPT, decode
 
 
 def ids_of(tok, text: str, special: bool = False) -> list:
     return tok.encode(text, add_special_tokens=special).ids
 
 
-def stops_after(text_rt, tok, stop: list, prompt: str, new: str) -> bool:  # noqa: F811
+def stops_after(text_rt, tok, stop: list, prompt: str, new: str) -> bool:
     prompt_ids = ids_of(tok, prompt)
     row = np.array([prompt_ids + ids_of(tok, new)], dtype=np.int64)
     checker = _StopStrings(text_rt, stop, np.array([prompt_ids]), np.ones((1, len(prompt_ids)), np.int64))
     return bool(checker.hit(row, np.zeros(1, dtype=bool))[0])
 
 
-def test_a_stop_string_may_begin_in_the_prompt(text_export, text_rt):  # noqa: F811
+def test_a_stop_string_may_begin_in_the_prompt(text_export, text_rt):
     _, tok, _ = text_export
     assert stops_after(text_rt, tok, ["w40 w50"], "w10 w40", "w50")  # starts in the prompt, ends in the new token
     assert not stops_after(text_rt, tok, ["w10"], "w10 w40", "w50")  # wholly in the prompt: not a stop
     assert not stops_after(text_rt, tok, ["w50 w60"], "w10 w40", "w50")  # not complete yet
 
 
-def test_a_special_token_is_a_stop_string(text_export, text_rt):  # noqa: F811
+def test_a_special_token_is_a_stop_string(text_export, text_rt):
     _, tok, _ = text_export
     assert decode(tok, ids_of(tok, "w20 </s>")) == "w20"  # decoded text drops it ...
     assert stops_after(text_rt, tok, ["</s>"], "w10", "w20 </s>")  # ... the stop check does not
     assert not stops_after(text_rt, tok, ["</s>"], "w10", "w20 w30")
 
 
-def test_stop_strings_ignore_left_padding(text_export, text_rt):  # noqa: F811
+def test_stop_strings_ignore_left_padding(text_export, text_rt):
     """A row's padding is no text: [PAD] before a short prompt cannot complete a stop string."""
     _, tok, _ = text_export
     prompt = [0, 0] + ids_of(tok, "w10")
@@ -53,7 +53,7 @@ def test_stop_strings_ignore_left_padding(text_export, text_rt):  # noqa: F811
     assert _StopStrings(text_rt, ["w10 w20"], row[:, :3], mask).hit(row, np.zeros(1, dtype=bool))[0]
 
 
-def test_stream_text_flushes_what_it_held_back(text_rt, monkeypatch):  # noqa: F811
+def test_stream_text_flushes_what_it_held_back(text_rt, monkeypatch):
     """A piece ending in an incomplete character (U+FFFD) waits for the next token; at the end it is sent."""
     tok = text_rt.tokenizer
     real = tok.decode
@@ -77,7 +77,7 @@ def test_stream_text_flushes_what_it_held_back(text_rt, monkeypatch):  # noqa: F
     ("chat_template.jinja", b"{% if %}", True),
     ("chat_template.jinja", b"{{ messages | no_such_filter }}", True),
 ], ids=["tokenizer-truncated", "config-not-json", "config-not-utf8", "template-syntax", "template-unknown-filter"])
-def test_a_broken_tokenizer_file_is_named(text_export, tmp_path, name, content, chat):  # noqa: F811
+def test_a_broken_tokenizer_file_is_named(text_export, tmp_path, name, content, chat):
     out = str(tmp_path / "out")
     shutil.copytree(text_export[0], out)
     path = os.path.join(out, "base", name)
@@ -91,7 +91,7 @@ def test_a_broken_tokenizer_file_is_named(text_export, tmp_path, name, content, 
 
 
 @pytest.mark.parametrize("prompt", ["", ["w10", ""]], ids=["empty", "one-of-two-empty"])
-def test_an_empty_prompt_is_refused(text_rt, prompt, monkeypatch):  # noqa: F811
+def test_an_empty_prompt_is_refused(text_rt, prompt, monkeypatch):
     """Without a BOS token an empty text has no tokens: a clear error, not a shape complaint."""
     from edgepeft.runtimes import InvalidInputError
 
@@ -100,7 +100,7 @@ def test_an_empty_prompt_is_refused(text_rt, prompt, monkeypatch):  # noqa: F811
         text_rt.generate_text(prompt, adapter="tok", max_new_tokens=2)
 
 
-def test_chat_templates_get_transformers_environment(text_export, tmp_path):  # noqa: F811
+def test_chat_templates_get_transformers_environment(text_export, tmp_path):
     """Loop controls and strftime_now, as transformers renders templates; a message the template cannot
     render is the caller's input error, not a corrupt file."""
     from edgepeft.runtimes import InvalidInputError
