@@ -3,6 +3,8 @@ parity on decoders (forward, greedy generation, every decode step), BERT-family 
 edgepeft's own module, one base serving prefix/prompt/LoRA adapters per call, training."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -160,6 +162,35 @@ def test_bert_prefix_export_matches_edgepeft_module(task, tiny_base, bert_prefix
     for name in ["prefix", "lora", None, "prefix"]:
         ours = rt.forward(ids, mask, adapter=name)[field]
         assert max_diff_valid(ours, torch_outputs(ref[name], ids, mask, field), mask if field != "logits" else None) <= 1e-4, name
+    import onnx
+
+    graph = onnx.load(f"{out}/base/model.onnx", load_external_data=False).graph
+    built = {re.search(r"layer\.\d+", n.name)[0] for n in graph.node
+             if n.op_type == "ConstantOfShape" and "/attention/self/" in n.name}
+    assert built == {"layer.0"}  # the batch zeros and the mask's prefix columns: built once, not once per layer
+
+
+def test_bert_prefix_layers_rebuild_what_they_share_when_inputs_change(tiny_base):
+    """Layer 0 builds what the layers share; a later layer called alone rebuilds it for another batch or adapter."""
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("bert"), "feature-extraction"),
+                                    edgepeft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3))
+    model.add_adapter("long", edgepeft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=5))
+    randomize_prompt_encoder(model, seed=4, scale=0.5)
+    model.eval()
+    layer = model.get_submodule("base_model.model.encoder.layer.1.attention.self")
+    hidden = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(2))
+
+    expected = {}
+    with torch.no_grad():
+        for name in ["default", "long"]:
+            model.set_adapter(name)
+            for rows in [2, 1]:
+                layer._shared.clear()  # the layer's own computation, with nothing built before
+                expected[name, rows] = layer(hidden[:rows], None)[0]
+        for name, rows in [("default", 2), ("default", 1), ("long", 1), ("default", 1), ("long", 2)]:
+            model.set_adapter(name)
+            model(input_ids=torch.ones(2, 4, dtype=torch.long))  # a whole forward: layer 0 builds for batch 2
+            torch.testing.assert_close(layer(hidden[:rows], None)[0], expected[name, rows], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("projection", [False, True])

@@ -59,6 +59,10 @@ class PrefixSelfAttention:
         attention mask (B, 1, T, T) --> prefix columns always attended: (B, 1, T, n + T)
 
     Positions and the token sequence are unchanged: the prefix is keys and values only.
+    What every layer needs alike (the zeros that broadcast a prefix over the batch, the
+    mask with the prefix columns) is built by layer 0 and reused by the later layers of
+    the same forward, which get the very same mask tensor (``_shared``, one dict for all
+    the layers of a model): an exported graph computes it once, not once per layer.
     ``add_prefix`` swaps the module's class for one with this mixin, so its children
     (query/key/value) keep their names and other methods (LoRA on query) still find them.
     ``prefix()`` gives (key, value) for the active adapter, or None: the plain layer. In
@@ -90,18 +94,34 @@ class PrefixSelfAttention:
         query = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, heads, T, hd)
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
-        prefix_key, prefix_value = (t.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1) for t in kv)  # (B, heads, n, hd)
-        key = torch.cat([prefix_key, key], dim=2)  # (B, heads, n + T, hd)
-        value = torch.cat([prefix_value, value], dim=2)
-        if attention_mask is not None:  # (B, 1, T, T): bool (True = attend) or additive float (0 = attend)
-            n = prefix_key.shape[2]
-            fill = torch.ones if attention_mask.dtype == torch.bool else torch.zeros
-            front = fill(*attention_mask.shape[:-1], n, dtype=attention_mask.dtype, device=attention_mask.device)
-            attention_mask = torch.cat([front, attention_mask], dim=-1)
+        zeros, attention_mask = self._batch_and_mask(key, attention_mask, kv[0].shape[1])
+        key = torch.cat([kv[0].to(key.dtype) + zeros, key], dim=2)  # (heads, n, hd) + (B, 1, 1, 1): (B, heads, n + T, hd)
+        value = torch.cat([kv[1].to(key.dtype) + zeros, value], dim=2)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(self, query, key, value, attention_mask, dropout=0.0 if not self.training else self.dropout.p,
                               scaling=self.scaling, **kwargs)
         return out.reshape(batch, length, -1).contiguous(), weights  # (B, T, H)
+
+    def _batch_and_mask(self, key, attention_mask, n):
+        """Zeros (B, 1, 1, 1) (adding them broadcasts a prefix over the batch) and the mask with n attended columns in front.
+
+        Built by layer 0 and by any layer whose inputs differ from the last build; the
+        later layers of one forward reuse them. A trace has no sizes to compare, and
+        there layer 0 alone builds (every forward runs the layers in order).
+        """
+        shared = self.__dict__.setdefault("_shared", {})  # add_prefix(..., _shared=) gives all layers one dict
+        batch = key.shape[0]
+        again = "pieces" in shared and shared["mask"] is attention_mask and (
+            torch.jit.is_tracing() or shared["sizes"] == (batch, n, key.dtype, key.device))
+        if self.prefix_layer == 0 or not again:
+            mask = attention_mask
+            if mask is not None:  # (B, 1, T, T): bool (True = attend) or additive float (0 = attend)
+                fill = torch.ones if mask.dtype == torch.bool else torch.zeros
+                front = fill(*mask.shape[:-1], n, dtype=mask.dtype, device=mask.device)
+                mask = torch.cat([front, mask], dim=-1)
+            shared.update(mask=attention_mask, sizes=(batch, n, key.dtype, key.device),
+                          pieces=(key.new_zeros(batch, 1, 1, 1), mask))
+        return shared["pieces"]
 
 
 _CLASSES: dict = {}

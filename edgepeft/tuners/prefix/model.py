@@ -58,8 +58,9 @@ class PrefixTuner(VirtualTokenTuner):
         holder = embedding_holder(model, create=True)
         holder.prompt_encoder[adapter_name] = PrefixEncoder(config).to(holder.base_layer.weight.device)
         if kind in ENCODERS:
+            shared = {}
             for layer, key in enumerate(self_attention_names(model)):
-                add_prefix(model.get_submodule(key), PrefixSelfAttention, layer, _source=holder)
+                add_prefix(model.get_submodule(key), PrefixSelfAttention, layer, _source=holder, _shared=shared)
         return []
 
     def merge(self, model: nn.Module, adapter_name: str) -> None:

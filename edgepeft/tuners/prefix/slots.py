@@ -74,14 +74,14 @@ class PrefixSlots:
         return slots
 
     def install(self, model: nn.Module, slots: list[Slot], fused: dict):
-        feeds, neutral = {}, {}
+        feeds, neutral, shared = {}, {}, {}
         modules = _modules(model)
         for s in slots:
             if s.target:
                 continue  # a cache input the runtime binds: nothing in the graph
             module = model.get_submodule(s.module)
             if not isinstance(module, PrefixSlotSelfAttention):
-                add_prefix(module, PrefixSlotSelfAttention, modules.index(s.module), feed={})
+                add_prefix(module, PrefixSlotSelfAttention, modules.index(s.module), feed={}, _shared=shared)
             feeds[s.name] = (module, s.role)
             neutral[s.name] = np.zeros([0 if isinstance(d, str) else d for d in s.shape], dtype=s.dtype)
         return feeds, neutral
