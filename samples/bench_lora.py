@@ -16,6 +16,11 @@ What it does
        merged     Runtime(OUT/merged).forward()          (a1 folded into the weights)
        int8_a1, int4_a1  a1's slots on a base exported with --quantize int8 / int4
        hf_eager   peft.PeftModel(BertModel) + a1, torch.no_grad, default threads
+       all_kinds_none  a base with LoRA (a1), IA3, bottleneck, prefix and prompt slots (OUT/all-kinds), no adapter
+       only_KIND_none  a base with one kind's slots (OUT/KIND-only; LoRA's is OUT/a1-only), no adapter:
+                  each kind's share of what unused slots cost
+       all_kinds_KIND, switch_lora_KIND  an adapter of each kind on OUT/all-kinds, every call or
+                  alternating with the LoRA adapter (the switch cost per method)
      Latency is the median of all per-call times of a peer. The switch ratio compares
      the alternating calls with staying on the same adapter, per adapter (a2 is
      bigger than a1, so "alternate vs a1 only" would charge a2's extra work to the
@@ -138,7 +143,8 @@ def main() -> None:
 
     # 1-2. adapters (HF PEFT) and the two exports
     sources = {name: make_adapter(name, out, seed=i) for i, name in enumerate(ADAPTERS)}
-    for stale in ("base", "adapters", "merged", "a1-only", "all-kinds", "int8", "int4"):  # always measure exports made by this code
+    stale_dirs = ("base", "adapters", "merged", "a1-only", "all-kinds", "int8", "int4", *(f"{kind}-only" for kind in OTHER_KINDS))
+    for stale in stale_dirs:  # always measure exports made by this code
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     t0 = time.perf_counter()
     rep = export([sources["a1"][0], sources["a2"][0]], out)
@@ -147,7 +153,10 @@ def main() -> None:
     export([sources["a1"][0]], os.path.join(out, "int8"), quantize="int8")  # a1's slots on an int8 base
     export([sources["a1"][0]], os.path.join(out, "int4"), quantize="int4")  # and on an int4 base
     # a base with slots of every kind: LoRA (a1), IA3, bottleneck, prefix, prompt
-    export([sources["a1"][0], *make_other_kinds(out)], os.path.join(out, "all-kinds"), names=["lora", *OTHER_KINDS])
+    kinds = make_other_kinds(out)
+    export([sources["a1"][0], *kinds], os.path.join(out, "all-kinds"), names=["lora", *OTHER_KINDS])
+    for kind, path in zip(OTHER_KINDS, kinds):  # and a base with one kind's slots, per kind (a1-only is LoRA's)
+        export([path], os.path.join(out, f"{kind}-only"), names=[kind])
     export_s = time.perf_counter() - t0
     checks = {c["what"]: c["max_abs_diff"] for c in rep["checks"] + rep_merged["checks"]}
     print(f"exported in {export_s:.1f}s; max |diff| vs PyTorch: {checks}")
@@ -155,6 +164,7 @@ def main() -> None:
     # 3. peers, all alive for the whole measurement
     rt, rt_merged, rt_a1 = Runtime(out), Runtime(merged_out), Runtime(os.path.join(out, "a1-only"))
     rt_kinds = Runtime(os.path.join(out, "all-kinds"))
+    rt_only = {"lora": rt_a1, **{kind: Runtime(os.path.join(out, f"{kind}-only")) for kind in OTHER_KINDS}}
     rt_int8, rt_int4 = Runtime(os.path.join(out, "int8")), Runtime(os.path.join(out, "int4"))
     hf = peft.PeftModel.from_pretrained(load_bert(), sources["a1"][0]).eval()
     rng = np.random.default_rng(0)
@@ -177,6 +187,7 @@ def main() -> None:
         "int8_a1": lambda: rt_int8.forward(ids, mask, adapter="a1"),
         "int4_a1": lambda: rt_int4.forward(ids, mask, adapter="a1"),
         "all_kinds_none": lambda: rt_kinds.forward(ids, mask),
+        **{f"only_{kind}_none": (lambda r=r: r.forward(ids, mask)) for kind, r in rt_only.items()},
         "all_kinds_lora": lambda: rt_kinds.forward(ids, mask, adapter="lora"),
         **{f"all_kinds_{kind}": (lambda kind=kind: rt_kinds.forward(ids, mask, adapter=kind)) for kind in OTHER_KINDS},
         **{f"switch_lora_{kind}": alternating(rt_kinds, ids, mask, ["lora", kind]) for kind in OTHER_KINDS},
@@ -215,6 +226,8 @@ def main() -> None:
         ("switching every call / staying (a1+a2)", f"{ratio_switch:.3f}", "<= 1.03"),
         ("base with LoRA+IA3+bottleneck+prefix+prompt slots, no adapter / plain graph (merged a1)",
          f"{med['all_kinds_none'] / med['merged']:.3f}", "<= 1.05 (issue 4)"),
+        *[(f"base with {kind} slots only, no adapter / plain graph", f"{med[f'only_{kind}_none'] / med['merged']:.3f}",
+           "info (issue 4: each kind's share)") for kind in rt_only],
         *[(f"all-kinds base: {kind} adapter when every call alternates lora/{kind} / {kind} every call",
            f"{med[f'switch_lora_{kind}_{kind}'] / med[f'all_kinds_{kind}']:.3f}", "switch cost (issue 4)")
           for kind in OTHER_KINDS],
