@@ -25,6 +25,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from edgepeft.exporters.shapes import simplify_shapes
 from edgepeft.models import DECODERS, cache_kwargs, call_kwargs, output_cache
 from edgepeft.runtimes.manifest import (
     LOGITS_TO_KEEP, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TASK_OUTPUTS, cache_names,
@@ -193,7 +194,7 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
             dynamo=False,
         )
     defaults = {**neutral, LOGITS_TO_KEEP: np.array(0, dtype=np.int64)} if graph.keep else neutral
-    used = _add_neutral_defaults(path, defaults)
+    used = _finish(path, defaults)
     def table(axes_by_name):
         return {n: {"dtype": "float32" if "past" in n or "present" in n or n == output else "int64", "axes": a}
                 for n, a in axes_by_name.items()}
@@ -206,8 +207,9 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
     }
 
 
-def _add_neutral_defaults(path: str, neutral: dict) -> set:
-    """Give every slot input (and LOGITS_TO_KEEP) an initializer of its own name (its neutral value).
+def _finish(path: str, neutral: dict) -> set:
+    """Give every slot input (and LOGITS_TO_KEEP) an initializer of its own name (its neutral value),
+    and turn the traced shape arithmetic into constants where the graph's symbolic dims allow (``shapes``).
 
     Returns the slots the graph uses: a slot on a layer that cannot reach the
     output (BertModel's pooler for ``last_hidden_state``) is dropped by the tracer.
@@ -219,6 +221,7 @@ def _add_neutral_defaults(path: str, neutral: dict) -> set:
     for name, value in neutral.items():
         if name in used and name not in existing:
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, order="C"), name))
+    simplify_shapes(model)
     data = os.path.basename(path) + ".data"
     onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True, location=data)
     return used
