@@ -6,13 +6,20 @@ fold these (batch and length are dynamic), so a decode step runs hundreds of tin
 only recompute what the graph's inputs already say. This pass rewrites the shape inputs:
 
     Reshape   a target dim that is the input's own dim at the same position (same symbolic
-              name or the same fixed size) becomes 0 (ONNX: copy it); one unknown becomes -1
+              name) becomes 0 (ONNX: copy it); one unknown becomes -1, but beside a copied
+              dim only when the graph already fails with that dim at 0 (ONNX Runtime cannot
+              infer a -1 next to a 0)
     Expand    a target dim equal to the input's aligned dim becomes 1 (broadcast keeps it)
-    Slice     starts/ends computed from fixed sizes become constants
+    Slice     starts/ends computed from fixed sizes become constants (of their own int type)
 
 and drops the nodes nothing reads any more. Dims are compared by name after ONNX's own
-shape inference from the graph inputs (the exporter's value_info is dropped first), whose
-names denote the same size wherever they appear; a dim it cannot name is never matched.
+shape inference from the graph inputs, whose names denote the same size wherever they
+appear; a dim it cannot name is never matched. What inference sees leaves out anything
+that is not proven: the exporter's value_info and output shapes, and the values of
+initializers that are also inputs (a caller may override them, as ``logits_to_keep``).
+Sizes are followed through integer ops only (a cast to float or to a narrower int ends
+them). Every rewritten graph computes the same as the traced one for every input size
+it runs with (``tests/test_shapes.py``).
 Measured on the benchmark Llama (``samples/bench_generate.py``): a decode step ran 712 nodes
 after ONNX Runtime's optimizations and 442 after this pass; see README, Measured.
 """
@@ -26,38 +33,46 @@ _INTS = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 _SMALL = 64  # elements: the shape-sized int tensors this pass reads
 
 
+def _shape_sized(t: onnx.TensorProto) -> bool:
+    return t.data_type in _INTS and len(t.dims) <= 1 and int(np.prod(t.dims)) <= _SMALL
+
+
 def _inference_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph without weights data or the exporter's value_info: initializers become typed inputs."""
+    """What shape inference sees: no weights data, no value_info, and no output shapes (the exporter's
+    annotations, which nothing checks); initializers that a caller may override are inputs only."""
     g = model.graph
     declared = {i.name for i in g.input}
-    small = [t for t in g.initializer if t.data_type in _INTS and int(np.prod(t.dims)) <= _SMALL]
+    small = [t for t in g.initializer if _shape_sized(t) and t.name not in declared]
     big_inputs = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                   for t in g.initializer if t not in small and t.name not in declared]
-    graph = helper.make_graph(list(g.node), g.name, [*g.input, *big_inputs], list(g.output), small)
+    outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in g.output]
+    graph = helper.make_graph(list(g.node), g.name, [*g.input, *big_inputs], outputs, small)
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
-def _dims(model: onnx.ModelProto) -> dict:
-    """{tensor: [fixed size (int) | symbolic name (str) | None]} from ONNX shape inference."""
+def _dims(model: onnx.ModelProto) -> tuple[dict, dict]:
+    """({tensor: [fixed size (int) | symbolic name (str) | None]}, {tensor: element type}) from ONNX shape inference."""
     try:
         inferred = onnx.shape_inference.infer_shapes(_inference_model(model), data_prop=True)
     except Exception:  # an optimization only: a graph ONNX cannot infer is left as it is
-        return {}
-    dims = {}
+        return {}, {}
+    dims, types = {}, {}
     for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         t = vi.type.tensor_type
+        types[vi.name] = t.elem_type
         if t.HasField("shape"):
             dims[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-    return dims
+    return dims, types
 
 
 def _constants(graph) -> dict:
-    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer
-              if t.data_type in _INTS and int(np.prod(t.dims)) <= _SMALL}
+    """Scalar and 1-D int constants (an initializer that is also a graph input can be overridden: not one)."""
+    declared = {i.name for i in graph.input}
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer if _shape_sized(t) and t.name not in declared}
     for n in graph.node:
         if n.op_type == "Constant":
             value = next((a.t for a in n.attribute if a.name == "value"), None)
-            if value is not None and value.data_type in _INTS and int(np.prod(value.dims)) <= _SMALL:
+            if value is not None and _shape_sized(value):
                 arrays[n.output[0]] = numpy_helper.to_array(value)
     return {k: ("scalar", int(v)) if v.ndim == 0 else [int(x) for x in v.reshape(-1)] for k, v in arrays.items()}
 
@@ -81,10 +96,11 @@ def _scalar_op(op: str, a, b):
     return {"Mul": a * b, "Add": a + b, "Sub": a - b}[op]
 
 
-def _values(graph, dims: dict) -> dict:
+def _values(graph, dims: dict, types: dict) -> dict:
     """What each small int tensor holds, element by element: an int, a dim's name, or None.
 
-    Vectors are lists, scalars ("scalar", element). Only ops that move dims around are followed.
+    Vectors (1-D) are lists, scalars ("scalar", element). Only ops that move dims around are
+    followed, on integer tensors, along axis 0.
     """
     val = _constants(graph)
 
@@ -98,22 +114,33 @@ def _values(graph, dims: dict) -> dict:
 
     for n in graph.node:
         i, op, out = n.input, n.op_type, n.output[0] if n.output else None
+        attrs = {a.name: a for a in n.attribute}
+        axis = attrs["axis"].i if "axis" in attrs else 0
+        axes = val.get(i[1]) if len(i) > 1 and i[1] else ([*attrs["axes"].ints] if "axes" in attrs else None)
+        if out is None or types.get(out) not in (*_INTS, *((onnx.TensorProto.BOOL,) if op == "Equal" else ())):
+            continue  # a float, bool or unknown result: not a size (Equal's bools feed Where)
         if op == "Shape" and i[0] in dims:
             attrs = {a.name: a.i for a in n.attribute}
             d = [x if (isinstance(x, int) and x > 0) or isinstance(x, str) else None for x in dims[i[0]]]
             val[out] = d[attrs.get("start", 0):attrs.get("end", len(d))]
-        elif op == "Gather" and vector(i[0]) is not None and i[1] in val:
+        elif op == "Gather" and axis == 0 and vector(i[0]) is not None and i[1] in val:
             v, index = vector(i[0]), val[i[1]]
             if all(isinstance(k, int) and -len(v) <= k < len(v) for k in ([index[1]] if isinstance(index, tuple) else index)):
                 val[out] = ("scalar", v[index[1]]) if isinstance(index, tuple) else [v[k] for k in index]
-        elif op == "Unsqueeze" and i[0] in val and isinstance(val[i[0]], tuple):
+        elif op == "Unsqueeze" and i[0] in val and isinstance(val[i[0]], tuple) and axes in ([0], [-1]):
             val[out] = [scalar(i[0])]
-        elif op == "Squeeze" and vector(i[0]) is not None and len(vector(i[0])) == 1:
+        elif op == "Squeeze" and vector(i[0]) is not None and len(vector(i[0])) == 1 and axes in (None, [0], [-1]):
             val[out] = ("scalar", vector(i[0])[0])
-        elif op == "Concat" and all(vector(x) is not None for x in i):
+        elif op == "Concat" and axis in (0, -1) and all(vector(x) is not None for x in i):
             val[out] = [e for x in i for e in vector(x)]
-        elif op in ("Cast", "Identity") and i[0] in val:
+        elif op == "Identity" and i[0] in val:
             val[out] = val[i[0]]
+        elif op == "Cast" and i[0] in val and types.get(i[0]) in _INTS:
+            v = val[i[0]]
+            elements = [v[1]] if isinstance(v, tuple) else v
+            if types[out] == onnx.TensorProto.INT64 or all(isinstance(e, str) or e is None or -2**31 <= e < 2**31
+                                                           for e in elements):
+                val[out] = v  # a size survives a cast to int64, and to int32 when it fits
         elif op == "Reshape" and vector(i[0]) is not None and vector(i[1]) in ([-1], [len(vector(i[0]))]):
             val[out] = vector(i[0])
         elif op == "ConstantOfShape" and vector(i[0]) is not None and len(vector(i[0])) == 1 and isinstance(vector(i[0])[0], int):
@@ -131,7 +158,26 @@ def _values(graph, dims: dict) -> dict:
     return val
 
 
-def _reshape_target(target: list, x: list) -> list | None:
+def _nonzero_dims(graph, dims: dict, val: dict) -> set:
+    """Dim names the graph cannot run with at size 0.
+
+    A Reshape whose target holds -1 and, at a position k, the input's own dim k (by name)
+    fails when that dim is 0: 0 then copies a 0 and ONNX Runtime cannot infer the -1.
+    Every node of a graph without subgraphs that is read runs, so the whole graph fails.
+    """
+    names = set()
+    for n in graph.node:
+        if n.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in n.attribute):
+            continue
+        target, x = val.get(n.input[1]), dims.get(n.input[0])
+        if isinstance(target, list) and x is not None and -1 in target:
+            for k, e in enumerate(target[:len(x)]):
+                if isinstance(x[k], str) and (e == x[k] or e == 0):
+                    names.add(x[k])
+    return names
+
+
+def _reshape_target(target: list, x: list, nonzero: set) -> list | None:
     out, unknown = [], 0
     for k, e in enumerate(target):
         if isinstance(e, int) and e != 0:
@@ -143,6 +189,8 @@ def _reshape_target(target: list, x: list) -> list | None:
             unknown += 1
     if unknown > 1 or (unknown == 1 and -1 in out):
         return None
+    if unknown == 1 and any(e == 0 and x[k] not in nonzero for k, e in enumerate(out)):
+        return None  # a new -1 beside a copied dim that may be 0: ONNX Runtime cannot infer it then
     return [-1 if e is None else e for e in out]
 
 
@@ -163,8 +211,9 @@ def _expand_target(target: list, x: list) -> list | None:
 
 def _rewrite_once(model: onnx.ModelProto) -> int:
     g = model.graph
-    dims = _dims(model)
-    val = _values(g, dims)
+    dims, types = _dims(model)
+    val = _values(g, dims, types)
+    nonzero = _nonzero_dims(g, dims, val)
     constant = set(_constants(g))
     names = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
     added, rewritten = [], 0
@@ -175,7 +224,8 @@ def _rewrite_once(model: onnx.ModelProto) -> int:
         while name in names:
             name += "_"
         names.add(name)
-        added.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        dtype = np.int32 if types.get(node.input[position]) == onnx.TensorProto.INT32 else np.int64
+        added.append(numpy_helper.from_array(np.array(values, dtype=dtype), name))
         node.input[position] = name
         rewritten += 1
 
@@ -186,7 +236,7 @@ def _rewrite_once(model: onnx.ModelProto) -> int:
                 continue
             if n.op_type == "Reshape" and any(a.name == "allowzero" and a.i for a in n.attribute):
                 continue
-            new = (_reshape_target if n.op_type == "Reshape" else _expand_target)(target, x)
+            new = _reshape_target(target, x, nonzero) if n.op_type == "Reshape" else _expand_target(target, x)
             if new is not None:
                 bind(n, 1, new)
         elif n.op_type == "Slice":
@@ -223,6 +273,7 @@ def simplify_shapes(model: onnx.ModelProto, rounds: int = 8) -> int:
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
         return 0
     total = 0
+    _drop_unread(model.graph)  # a node nothing reads never runs: it cannot show which sizes fail
     for _ in range(rounds):
         changed = _rewrite_once(model)
         _drop_unread(model.graph)

@@ -69,3 +69,100 @@ def test_a_shape_the_dims_do_not_prove_is_left_computed():
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     for shape in [(2, 6), (6, 2), (4, 3)]:
         np.testing.assert_array_equal(_run(model, {"x": x, "y": np.zeros(shape, np.float32)}), x.reshape(shape))
+
+
+def _graph(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def _tensor(name, dims, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def _ints(name, values, dtype=np.int64):
+    return onnx.numpy_helper.from_array(np.array(values, dtype=dtype), name)
+
+
+def _same_where_the_original_runs(model, feeds_list) -> int:
+    """Simplify a copy; every feed the original runs gives identical outputs (and the copy runs it)."""
+    simplified = onnx.ModelProto()
+    simplified.CopyFrom(model)
+    rewritten = simplify_shapes(simplified)
+    for feeds in feeds_list:
+        try:
+            expected = _run(model, feeds)
+        except Exception:  # noqa: BLE001 - sizes the original graph cannot run: nothing to keep
+            continue
+        np.testing.assert_array_equal(_run(simplified, feeds), expected)
+    return rewritten
+
+
+def _floats(*shape):
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def test_an_initializer_a_caller_can_override_is_not_a_constant():
+    """Like ``logits_to_keep``: a graph input whose initializer is only its default."""
+    nodes = [helper.make_node("Unsqueeze", ["keep", "axes"], ["start"]), helper.make_node("Slice", ["x", "start", "end", "axis"], ["y"])]
+    model = _graph(nodes, [_tensor("x", ["a", "b"]), _tensor("keep", [], TensorProto.INT64)], [_tensor("y", None)],
+                   [_ints("keep", 0), _ints("axes", [0]), _ints("end", [1000]), _ints("axis", [1])])
+    assert _same_where_the_original_runs(model, [{"x": _floats(2, 6)}, {"x": _floats(2, 6), "keep": np.array(4)}]) == 0
+
+
+def test_declared_output_dims_are_not_taken_as_proven():
+    """An output declared with x's batch name, built from x and y: nothing checks the declaration."""
+    nodes = [helper.make_node("Concat", ["x", "y"], ["z"], axis=0), helper.make_node("Shape", ["x"], ["sx"], end=1),
+             helper.make_node("Concat", ["sx", "minus_one"], ["target"], axis=0), helper.make_node("Reshape", ["z", "target"], ["w"])]
+    model = _graph(nodes, [_tensor("x", ["a", 2]), _tensor("y", ["b", 2])], [_tensor("w", None), _tensor("z", ["a", 2])],
+                   [_ints("minus_one", [-1])])
+    _same_where_the_original_runs(model, [{"x": _floats(a, 2), "y": _floats(b, 2)} for a, b in [(1, 1), (2, 2), (1, 3)]])
+
+
+def test_casts_to_floats_or_narrower_ints_are_not_followed():
+    """7 / 2 * 2 is 7.0 in float32 (not 6), and 300 is 44 in uint8: neither may be baked as a slice end."""
+    float_nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "one"], ["b"]),
+                   helper.make_node("Cast", ["b"], ["f"], to=TensorProto.FLOAT), helper.make_node("Cast", ["two"], ["f2"], to=TensorProto.FLOAT),
+                   helper.make_node("Div", ["f", "f2"], ["half"]), helper.make_node("Mul", ["half", "f2"], ["back"]),
+                   helper.make_node("Cast", ["back"], ["scalar_end"], to=TensorProto.INT64),
+                   helper.make_node("Unsqueeze", ["scalar_end", "zero"], ["end"]), helper.make_node("Slice", ["x", "zero", "end", "axis"], ["y"])]
+    inits = [_ints("zero", [0]), _ints("axis", [1]), _ints("one", 1), _ints("two", 2)]
+    model = _graph(float_nodes, [_tensor("x", [2, 7])], [_tensor("y", None)], inits)
+    _same_where_the_original_runs(model, [{"x": _floats(2, 7)}])
+    narrow_nodes = [helper.make_node("Shape", ["x"], ["s"], start=1), helper.make_node("Cast", ["s"], ["u"], to=TensorProto.UINT8),
+                    helper.make_node("Cast", ["u"], ["end"], to=TensorProto.INT64), helper.make_node("Slice", ["x", "zero", "end", "axis"], ["y"])]
+    model = _graph(narrow_nodes, [_tensor("x", [2, 300])], [_tensor("y", None)], inits[:2])
+    _same_where_the_original_runs(model, [{"x": _floats(2, 300)}])
+
+
+def test_int32_slice_indices_stay_int32():
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=1, end=2), helper.make_node("Cast", ["s"], ["start"], to=TensorProto.INT32),
+             helper.make_node("Slice", ["x", "start", "end", "axis"], ["y"])]
+    model = _graph(nodes, [_tensor("x", ["a", 3])], [_tensor("y", None)],
+                   [_ints("end", [1000], np.int32), _ints("axis", [0], np.int32)])
+    assert _same_where_the_original_runs(model, [{"x": _floats(5, 3)}, {"x": _floats(2, 3)}]) == 1
+
+
+def test_two_dimensional_int_tensors_are_not_read_as_sizes():
+    """Concat along axis 1 of (2, 1) constants, flattened: [2, 3, 4, 1], not [2, 4, 3, 1]."""
+    nodes = [helper.make_node("Concat", ["left", "right"], ["grid"], axis=1), helper.make_node("Reshape", ["grid", "flat"], ["target"]),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    model = _graph(nodes, [_tensor("x", [24])], [_tensor("y", None)],
+                   [_ints("left", [[2], [4]]), _ints("right", [[3], [1]]), _ints("flat", [-1])])
+    _same_where_the_original_runs(model, [{"x": _floats(24)}])
+
+
+class _RepeatKV(torch.nn.Module):
+    def forward(self, kv):  # (B, 2, P, 8) -> (B, 4, P, 8): no -1 in the traced target
+        return kv[:, :, None].expand(kv.shape[0], 2, 2, kv.shape[2], 8).reshape(kv.shape[0], 4, kv.shape[2], 8) * 2
+
+
+def test_no_new_minus_one_beside_a_dim_that_may_be_zero(tmp_path):
+    """[batch, 4, past, 8] may not become [0, 4, -1, 8] when nothing stops batch from being 0 (the original runs then)."""
+    path = str(tmp_path / "repeat.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_RepeatKV(), (torch.randn(2, 2, 3, 8),), path, input_names=["kv"], output_names=["y"],
+                          dynamic_axes={"kv": {0: "batch", 2: "past"}}, opset_version=18, dynamo=False)
+    feeds = [{"kv": _floats(b, 2, p, 8)} for b, p in [(1, 1), (2, 3), (0, 3), (2, 0)]]
+    _same_where_the_original_runs(onnx.load(path), feeds)
