@@ -1,8 +1,12 @@
 """Prefix tuning in PyTorch: HF PEFT's ``PrefixEncoder`` and edgepeft's encoder self-attention with a prefix."""
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
+
+_forwards = threading.local()  # per thread: a stack of dicts, one per running forward of a model with encoder prefixes
 
 
 class PrefixEncoder(nn.Module):
@@ -60,9 +64,9 @@ class PrefixSelfAttention:
 
     Positions and the token sequence are unchanged: the prefix is keys and values only.
     What every layer needs alike (the zeros that broadcast a prefix over the batch, the
-    mask with the prefix columns) is built by layer 0 and reused by the later layers of
-    the same forward, which get the very same mask tensor (``_shared``, one dict for all
-    the layers of a model): an exported graph computes it once, not once per layer.
+    mask with the prefix columns) is built once per forward of the model and reused by
+    the other layers, which get the very same mask tensor (``share_per_forward``): an
+    exported graph computes it once, not once per layer.
     ``add_prefix`` swaps the module's class for one with this mixin, so its children
     (query/key/value) keep their names and other methods (LoRA on query) still find them.
     ``prefix()`` gives (key, value) for the active adapter, or None: the plain layer. In
@@ -73,12 +77,14 @@ class PrefixSelfAttention:
     adapter_dicts = ()  # holds no parameters: its keys/values come from the prefix encoder
 
     def prefix(self):
-        computed = getattr(self._source, "prefix_kv", None)  # the prefix tuner's forward runs the encoder once
-        if computed is not None and computed[0] == self.active_adapter:
-            return computed[1][self.prefix_layer]
         encoders = self._source.prompt_encoder
         encoder = encoders[self.active_adapter] if self.active_adapter in encoders else None
-        return encoder.keys_values()[self.prefix_layer] if isinstance(encoder, PrefixEncoder) else None
+        if not isinstance(encoder, PrefixEncoder):
+            return None
+        shared = _this_forward()
+        if shared.get("encoder") is not encoder:  # the prefix encoder runs once per forward, for every layer
+            shared.update(encoder=encoder, keys_values=encoder.keys_values())
+        return shared["keys_values"][self.prefix_layer]
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         kv = self.prefix()
@@ -105,23 +111,45 @@ class PrefixSelfAttention:
     def _batch_and_mask(self, key, attention_mask, n):
         """Zeros (B, 1, 1, 1) (adding them broadcasts a prefix over the batch) and the mask with n attended columns in front.
 
-        Built by layer 0 and by any layer whose inputs differ from the last build; the
-        later layers of one forward reuse them. A trace has no sizes to compare, and
-        there layer 0 alone builds (every forward runs the layers in order).
+        Inside a forward of the model (``share_per_forward``) the first layer builds them and
+        the others reuse them while they get the same mask tensor and sizes; the forward's
+        thread alone sees them, and they go when it returns. A layer called by itself builds its own.
         """
-        shared = self.__dict__.setdefault("_shared", {})  # add_prefix(..., _shared=) gives all layers one dict
-        batch = key.shape[0]
-        again = "pieces" in shared and shared["mask"] is attention_mask and (
-            torch.jit.is_tracing() or shared["sizes"] == (batch, n, key.dtype, key.device))
-        if self.prefix_layer == 0 or not again:
+        shared = _this_forward()
+        sizes = (key.shape[0], n, key.dtype, key.device)
+        if "pieces" not in shared or shared["mask"] is not attention_mask or shared["sizes"] != sizes:
             mask = attention_mask
             if mask is not None:  # (B, 1, T, T): bool (True = attend) or additive float (0 = attend)
                 fill = torch.ones if mask.dtype == torch.bool else torch.zeros
                 front = fill(*mask.shape[:-1], n, dtype=mask.dtype, device=mask.device)
                 mask = torch.cat([front, mask], dim=-1)
-            shared.update(mask=attention_mask, sizes=(batch, n, key.dtype, key.device),
-                          pieces=(key.new_zeros(batch, 1, 1, 1), mask))
+            shared.update(mask=attention_mask, sizes=sizes, pieces=(key.new_zeros(key.shape[0], 1, 1, 1), mask))
         return shared["pieces"]
+
+
+def _this_forward() -> dict:
+    """The dict of the model forward running in this thread (``share_per_forward``), or a new one outside any."""
+    stack = getattr(_forwards, "stack", None)
+    return stack[-1] if stack else {}
+
+
+def share_per_forward(model: nn.Module) -> None:
+    """Let the prefix layers inside ``model`` share what they build, for the length of one forward of ``model``.
+
+    Hooks (once per model) open a dict for the forward in the calling thread and drop it
+    when the forward returns or raises, so nothing outlives the call or crosses threads.
+    """
+    if getattr(model, "_prefix_forward_hooks", None):
+        return
+
+    def enter(module, args):
+        _forwards.__dict__.setdefault("stack", []).append({})
+
+    def leave(module, args, output):
+        _forwards.stack.pop()
+
+    model._prefix_forward_hooks = (model.register_forward_pre_hook(enter),
+                                   model.register_forward_hook(leave, always_call=True))
 
 
 _CLASSES: dict = {}

@@ -16,7 +16,7 @@ from torch import nn
 
 from edgepeft.errors import UnsupportedMethodError, UnsupportedModelError
 from edgepeft.models import DECODERS, ENCODERS, cache_kwargs
-from edgepeft.tuners.prefix.layer import PrefixEncoder, PrefixSelfAttention, add_prefix
+from edgepeft.tuners.prefix.layer import PrefixEncoder, PrefixSelfAttention, add_prefix, share_per_forward
 from edgepeft.tuners.targets import name_matches
 from edgepeft.tuners.virtual import (
     VirtualTokenTuner, drop_token_type_ids, embedding_holder, extend_mask, generate_with, mask_positions,
@@ -58,9 +58,9 @@ class PrefixTuner(VirtualTokenTuner):
         holder = embedding_holder(model, create=True)
         holder.prompt_encoder[adapter_name] = PrefixEncoder(config).to(holder.base_layer.weight.device)
         if kind in ENCODERS:
-            shared = {}
             for layer, key in enumerate(self_attention_names(model)):
-                add_prefix(model.get_submodule(key), PrefixSelfAttention, layer, _source=holder, _shared=shared)
+                add_prefix(model.get_submodule(key), PrefixSelfAttention, layer, _source=holder)
+            share_per_forward(model)
         return []
 
     def merge(self, model: nn.Module, adapter_name: str) -> None:
@@ -70,14 +70,9 @@ class PrefixTuner(VirtualTokenTuner):
                 position_ids=None, **kwargs):
         if (types := drop_token_type_ids(config, kwargs)) is not None:
             kwargs["token_type_ids"] = types
-        if model_type(model) in ENCODERS:  # the self-attention layers add the prefix
-            holder = embedding_holder(model)
-            holder.prefix_kv = (adapter_name, holder.prompt_encoder[adapter_name].keys_values())  # once, for all layers
-            try:
-                return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                             position_ids=position_ids, **kwargs)
-            finally:
-                holder.prefix_kv = None
+        if model_type(model) in ENCODERS:  # the self-attention layers add the prefix (PrefixSelfAttention)
+            return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         position_ids=position_ids, **kwargs)
         n = config.num_virtual_tokens
         batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         device = (input_ids if input_ids is not None else inputs_embeds).device

@@ -20,7 +20,7 @@ from torch import nn
 from edgepeft.errors import UnsupportedMethodError
 from edgepeft.models import DECODERS, attention_layout
 from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, Slot, slot_axis, slot_name
-from edgepeft.tuners.prefix.layer import PrefixSelfAttention, add_prefix
+from edgepeft.tuners.prefix.layer import PrefixSelfAttention, add_prefix, share_per_forward
 from edgepeft.tuners.prefix.model import model_type, self_attention_names
 from edgepeft.tuners.virtual import embedding_holder
 
@@ -74,14 +74,15 @@ class PrefixSlots:
         return slots
 
     def install(self, model: nn.Module, slots: list[Slot], fused: dict):
-        feeds, neutral, shared = {}, {}, {}
+        feeds, neutral = {}, {}
         modules = _modules(model)
         for s in slots:
             if s.target:
                 continue  # a cache input the runtime binds: nothing in the graph
             module = model.get_submodule(s.module)
             if not isinstance(module, PrefixSlotSelfAttention):
-                add_prefix(module, PrefixSlotSelfAttention, modules.index(s.module), feed={}, _shared=shared)
+                add_prefix(module, PrefixSlotSelfAttention, modules.index(s.module), feed={})
+                share_per_forward(model)
             feeds[s.name] = (module, s.role)
             neutral[s.name] = np.zeros([0 if isinstance(d, str) else d for d in s.shape], dtype=s.dtype)
         return feeds, neutral
