@@ -249,16 +249,19 @@ def _rewrite_once(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def _drop_unread(graph) -> None:
+def _drop_unread_nodes(graph) -> None:
     while True:
         read = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
         alive = [n for n in graph.node if any(o in read for o in n.output)]
         if len(alive) == len(graph.node):
-            break
+            return
         del graph.node[:]
         graph.node.extend(alive)
-    inputs = {i.name for i in graph.input}
-    kept = [t for t in graph.initializer if t.name in read or t.name in inputs]
+
+
+def _drop_unread_initializers(graph) -> None:
+    keep = {x for n in graph.node for x in n.input} | {i.name for i in graph.input}
+    kept = [t for t in graph.initializer if t.name in keep]
     del graph.initializer[:]
     graph.initializer.extend(kept)
 
@@ -270,14 +273,23 @@ def simplify_shapes(model: onnx.ModelProto, rounds: int = 8) -> int:
     changes. Graphs with subgraphs (If/Loop/Scan) are left alone: an outer name read
     only inside a subgraph would look unread here.
     """
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
         return 0
+    nodes, initializers = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node], len(g.initializer)
     total = 0
-    _drop_unread(model.graph)  # a node nothing reads never runs: it cannot show which sizes fail
-    for _ in range(rounds):
-        changed = _rewrite_once(model)
-        _drop_unread(model.graph)
-        total += changed
-        if not changed:
-            break
+    try:
+        _drop_unread_nodes(g)  # a node nothing reads never runs: it cannot show which sizes fail
+        for _ in range(rounds):
+            changed = _rewrite_once(model)  # appends its constants; nothing is removed before the end
+            _drop_unread_nodes(g)
+            total += changed
+            if not changed:
+                break
+    except Exception:  # noqa: BLE001 - an optimization only: a failure in it leaves the traced graph as it was
+        del g.node[:]
+        g.node.extend(nodes)
+        del g.initializer[initializers:]
+        return 0
+    _drop_unread_initializers(g)
     return total

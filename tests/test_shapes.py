@@ -56,6 +56,28 @@ def test_traced_shape_arithmetic_becomes_constants_and_computes_the_same(tmp_pat
     assert simplify_shapes(simplified) == 0  # nothing left that the dims prove
 
 
+def test_a_failure_inside_the_pass_leaves_the_graph_as_traced(tmp_path, monkeypatch):
+    import edgepeft.exporters.shapes as shapes
+
+    path = str(tmp_path / "attention.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Attention(), (torch.randn(2, 3, 32), torch.randn(2, 2, 4, 8)), path, input_names=["x", "kv"],
+                          output_names=["y"], dynamic_axes={"x": {0: "batch", 1: "sequence"}, "kv": {0: "batch", 2: "past"}},
+                          opset_version=18, dynamo=False)
+    model = onnx.load(path)
+    traced = model.SerializeToString()
+    real = shapes._rewrite_once
+
+    def rewrite_then_fail(m):
+        assert real(m) > 0  # the graph is already rewritten when the pass fails
+        raise RuntimeError("a bug in the pass")
+
+    monkeypatch.setattr(shapes, "_rewrite_once", rewrite_then_fail)
+    assert simplify_shapes(model) == 0
+    assert model.SerializeToString() == traced
+
+
 def test_a_shape_the_dims_do_not_prove_is_left_computed():
     """Reshape(x, Shape(y)) is only right when y's sizes fit x's: nothing in the graph says they do."""
     nodes = [helper.make_node("Shape", ["y"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["out"])]
