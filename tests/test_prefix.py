@@ -187,8 +187,10 @@ def test_bert_prefix_forward_keeps_nothing_after_it_returns(tiny_base):
     model = _bert_two_prefixes(tiny_base)
     seen = []
     layer = model.get_submodule("base_model.model.encoder.layer.1.attention.self")
-    handle = layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(weakref.ref(args[1] if len(args) > 1 else kwargs["attention_mask"])),
-                                             with_kwargs=True)
+    def record(module, args, kwargs):
+        seen.append(weakref.ref(args[1] if len(args) > 1 else kwargs["attention_mask"]))
+
+    handle = layer.register_forward_pre_hook(record, with_kwargs=True)
     ids, mask = sample_batch(batch=2, seq=6)
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))

@@ -141,15 +141,16 @@ def share_per_forward(model: nn.Module) -> None:
     """
     if getattr(model, "_prefix_forward_hooks", None):
         return
+    model._prefix_forward_hooks = (model.register_forward_pre_hook(_enter_forward),
+                                   model.register_forward_hook(_leave_forward, always_call=True))
 
-    def enter(module, args):
-        _forwards.__dict__.setdefault("stack", []).append({})
 
-    def leave(module, args, output):
-        _forwards.stack.pop()
+def _enter_forward(module, args):
+    _forwards.__dict__.setdefault("stack", []).append({})
 
-    model._prefix_forward_hooks = (model.register_forward_pre_hook(enter),
-                                   model.register_forward_hook(leave, always_call=True))
+
+def _leave_forward(module, args, output):
+    _forwards.stack.pop()
 
 
 _CLASSES: dict = {}
