@@ -43,8 +43,8 @@ def _inference_model(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     declared = {i.name for i in g.input}
     small = [t for t in g.initializer if _shape_sized(t) and t.name not in declared]
-    big_inputs = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                  for t in g.initializer if t not in small and t.name not in declared]
+    kept = {t.name for t in small} | declared
+    big_inputs = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer if t.name not in kept]
     outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in g.output]
     graph = helper.make_graph(list(g.node), g.name, [*g.input, *big_inputs], outputs, small)
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
