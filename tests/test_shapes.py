@@ -32,13 +32,18 @@ def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-def test_traced_shape_arithmetic_becomes_constants_and_computes_the_same(tmp_path):
+def _trace_attention(tmp_path) -> str:
     path = str(tmp_path / "attention.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(_Attention(), (torch.randn(2, 3, 32), torch.randn(2, 2, 4, 8)), path, input_names=["x", "kv"],
                           output_names=["y"], dynamic_axes={"x": {0: "batch", 1: "sequence"}, "kv": {0: "batch", 2: "past"}},
                           opset_version=18, dynamo=False)
+    return path
+
+
+def test_traced_shape_arithmetic_becomes_constants_and_computes_the_same(tmp_path):
+    path = _trace_attention(tmp_path)
     traced = onnx.load(path)
     simplified = onnx.load(path)
     assert simplify_shapes(simplified) >= 4  # the view, the expand, its reshape and the two rotate_half slices
@@ -59,13 +64,7 @@ def test_traced_shape_arithmetic_becomes_constants_and_computes_the_same(tmp_pat
 def test_a_failure_inside_the_pass_leaves_the_graph_as_traced(tmp_path, monkeypatch):
     import edgepeft.exporters.shapes as shapes
 
-    path = str(tmp_path / "attention.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Attention(), (torch.randn(2, 3, 32), torch.randn(2, 2, 4, 8)), path, input_names=["x", "kv"],
-                          output_names=["y"], dynamic_axes={"x": {0: "batch", 1: "sequence"}, "kv": {0: "batch", 2: "past"}},
-                          opset_version=18, dynamo=False)
-    model = onnx.load(path)
+    model = onnx.load(_trace_attention(tmp_path))
     traced = model.SerializeToString()
     real = shapes._rewrite_once
 
