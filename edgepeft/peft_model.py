@@ -81,11 +81,13 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         # As HF PEFT: the base stays frozen, the other adapters keep their state, and the new one is frozen
         # until set_adapter makes it active (or load_adapter(is_trainable=True) asks for it).
-        adapters = {id(p) for name in self.peft_config for p in self.adapter_parameters(name).values()}
+        by_adapter = self._parameters_by_adapter()
+        adapters = {id(p) for params in by_adapter.values() for p in params}
         for p in self.parameters():
             if id(p) not in adapters:
                 p.requires_grad_(False)
-        self._set_requires_grad(adapter_name, False)
+        for p in by_adapter[adapter_name]:
+            p.requires_grad_(False)
 
     def _set_requires_grad(self, adapter_name: str, requires_grad: bool) -> None:
         for p in self.adapter_parameters(adapter_name).values():
@@ -99,8 +101,26 @@ class PeftModel(nn.Module):
             if hasattr(module, "adapter_dicts"):
                 module.active_adapter = adapter_name
         self.active_adapter = adapter_name
-        for name, config in self.peft_config.items():  # as HF PEFT: the active adapter trains, unless loaded frozen
-            self._set_requires_grad(name, name == adapter_name and not config.inference_mode)
+        for name, params in self._parameters_by_adapter().items():  # as HF PEFT: the active adapter trains, unless loaded frozen
+            trains = name == adapter_name and not self.peft_config[name].inference_mode
+            for p in params:
+                p.requires_grad_(trains)
+
+    def _parameters_by_adapter(self) -> dict:
+        """{adapter: its parameters} for every adapter, in one walk of the modules (``adapter_parameters`` walks once per adapter)."""
+        out = {name: [] for name in self.peft_config}
+        for module in self.modules():
+            if hasattr(module, "saved_tensors"):  # its own state protocol
+                for name, params in out.items():
+                    params.extend(module.adapter_parameters(name).values())
+                continue
+            for dict_name in getattr(module, "adapter_dicts", ()):
+                holder = getattr(module, dict_name)
+                for name, params in out.items():
+                    if name in holder:
+                        sub = holder[name]
+                        params.extend([sub] if isinstance(sub, nn.Parameter) else sub.parameters())
+        return out
 
     def _adapter_entries(self, adapter_name: str) -> dict:
         """{saved key: (ModuleDict entry, parameter name)} for one adapter, in PEFT's key format."""
