@@ -227,12 +227,10 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
 
     rt = Runtime(out)
     name = None if adapter.lower() == "none" else adapter
-    if name is not None and name not in rt.adapter_names and name != rt.manifest.get("merged_adapter"):
-        rt.forward([[0]], adapter=name)  # raises UnknownAdapterError naming the loaded adapters
+    labels = rt.labels(name)  # an unknown name raises UnknownAdapterError naming the loaded adapters
     ctx = click.get_current_context()
-    given = [f"--{p.replace('_', '-')}" for p in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                                                  "repetition_penalty", "seed", "chat")
-             if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
+    given = [f"--{p.replace('_', '-')}" for p in ctx.params if p not in ("out", "prompt", "adapter")  # generation options
+             and ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
     if given and not rt.cache:
         from edgepeft.errors import ConfigError
 
@@ -250,11 +248,11 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         logits = result["logits"][0]
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        labels = rt.labels(name) or [str(i) for i in range(len(probs))]
+        labels = labels or [str(i) for i in range(len(probs))]
         for i in np.argsort(-probs):
             click.echo(f"{labels[i]}\t{probs[i]:.4f}")
     else:
-        hidden = result["last_hidden_state"][0]  # (T, hidden)
+        hidden = result["last_hidden_state"][0][-ids.shape[1]:]  # (T, hidden): a prompt's virtual tokens come first
         pooled = hidden.mean(0)
         click.echo(f"last_hidden_state {list(result['last_hidden_state'].shape)}; mean-pooled: "
                    + " ".join(f"{v:.4f}" for v in pooled[:8]) + " ...")

@@ -267,7 +267,7 @@ class Runtime:
     @contextmanager
     def _using(self, name):
         """Hold an adapter for the length of one call (unload waits for it)."""
-        if name is None or name == self.manifest.get("merged_adapter"):
+        if self._serves_base(name):
             yield _NO_ADAPTER
             return
         with self._lock:
@@ -547,10 +547,13 @@ class Runtime:
 
     def labels(self, adapter) -> list | None:
         """Label names saved with a classification adapter, if any (a --merge export's: its base's)."""
-        merged = self.manifest.get("merged_adapter")
-        if adapter is None or (merged and adapter == merged):
-            return self.manifest.get("labels") if merged else None
+        if self._serves_base(adapter):
+            return self.manifest.get("labels")
         return self._get(adapter).manifest.get("labels")
+
+    def _serves_base(self, name) -> bool:
+        """No adapter, or the one a --merge export folded into the base: calls run the base graph as it is."""
+        return name is None or name == self.manifest.get("merged_adapter")
 
 
 class _StopStrings:

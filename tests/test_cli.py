@@ -222,6 +222,31 @@ def test_run_names_the_merged_classifier_and_shows_its_labels(tmp_path, text_mod
         assert sorted(line.split("\t")[0] for line in proc.stdout.strip().splitlines()) == ["neg", "neu", "pos"]
 
 
+def test_run_pools_the_text_tokens_of_an_embedding_not_the_virtual_ones(tmp_path, text_model):
+    """A prompt adapter's virtual tokens come first in last_hidden_state; the pooled preview covers the text's tokens."""
+    import transformers
+
+    import edgepeft as ep
+    from edgepeft.runtimes import Runtime
+
+    base = text_model("bert")
+    model = ep.get_peft_model(transformers.AutoModel.from_pretrained(base),
+                              ep.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=4))
+    model.peft_config["default"].base_model_name_or_path = base
+    model.save_pretrained(tmp_path / "p")
+    out = tmp_path / "out"
+    assert edgepeft("export", "--adapter", tmp_path / "p", "--out", out).returncode == 0
+    proc = edgepeft("run", out, "hello there", "--adapter", "p")
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    rt = Runtime(out)
+    ids, mask = rt.tokenizer.encode("hello there", pad_id=rt._pad_id())
+    hidden = rt.forward(ids, mask, adapter="p")["last_hidden_state"][0]
+    assert hidden.shape[0] == ids.shape[1] + 4
+    expected = " ".join(f"{v:.4f}" for v in hidden[4:].mean(0)[:8])
+    assert f"mean-pooled: {expected} ..." in proc.stdout, (proc.stdout, expected)
+
+
 def test_bench_json_that_is_a_folder_is_refused_before_measuring(tmp_path, llama):
     proc = edgepeft("bench", llama[0], "--rounds", 1, "--calls", 1, "--json", tmp_path)
     assert_user_error(proc, str(tmp_path), "--json")
