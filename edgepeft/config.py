@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import types
 import typing
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError, UnsupportedMethodError
+from edgepeft.runtimes.values import is_real, is_whole
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -134,9 +134,9 @@ def _fits(value, annotation) -> bool:
         return value is None
     annotation = origin or annotation
     if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return is_real(value)
     if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_whole(value)
     return not isinstance(annotation, type) or isinstance(value, annotation)
 
 

@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from edgepeft.config import PeftConfig, _fits
+from edgepeft.config import PeftConfig
 from edgepeft.errors import ConfigError, UnsupportedMethodError
+from edgepeft.runtimes.values import is_real, is_whole
 
 
 @dataclass
@@ -66,7 +67,7 @@ class LoraConfig(PeftConfig):
             raise UnsupportedMethodError(f"LoRA r must be positive, got {self.r}")
         for name, pattern, whole in (("rank_pattern", self.rank_pattern, True), ("alpha_pattern", self.alpha_pattern, False)):
             for key, value in pattern.items():
-                if not (_fits(value, int) and value > 0 if whole else _fits(value, float)):
+                if not (is_whole(value) and value > 0 if whole else is_real(value)):
                     raise ConfigError(f"{name}[{key!r}] = {value!r} is not a valid {'rank' if whole else 'alpha'}")
 
     def _pattern_value(self, pattern: dict, key: str, default):

@@ -1,0 +1,18 @@
+"""What counts as an integer or a real number in arguments, configs and manifests (numpy scalars included).
+
+bool is an int subclass in Python, but True is no size, seed or rank.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def is_whole(value) -> bool:
+    """An int (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value) -> bool:
+    """A finite int or float (Python or numpy), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and bool(np.isfinite(value))
