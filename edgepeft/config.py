@@ -110,10 +110,14 @@ class PeftConfig:
             warnings.warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}", stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def save_pretrained(self, directory: str) -> None:
+    def save_pretrained(self, directory: str, inference_mode: bool | None = None) -> None:
+        """Write ``adapter_config.json``; ``inference_mode`` overrides the field in the file (HF PEFT's model saves True)."""
         from edgepeft.files import write_json_atomic
 
-        write_json_atomic(os.path.join(directory, CONFIG_NAME), self.to_dict(), sort_keys=True)
+        data = self.to_dict()
+        if inference_mode is not None:
+            data["inference_mode"] = inference_mode
+        write_json_atomic(os.path.join(directory, CONFIG_NAME), data, sort_keys=True)
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "PeftConfig":

@@ -25,9 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from edgepeft.config import CONFIG_NAME, WEIGHTS_NAME, load_config
+from edgepeft.config import WEIGHTS_NAME, load_config
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError
-from edgepeft.files import write_bytes_atomic, write_json_atomic
+from edgepeft.files import write_bytes_atomic
 from edgepeft.registry import method_for
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, wrap_modules_to_save
 from edgepeft.tuners.targets import replace_module
@@ -256,14 +256,14 @@ class PeftModel(nn.Module):
     def save_pretrained(self, directory, selected_adapters=None) -> None:
         """Write each adapter as an HF PEFT dir (non-default adapters in ``directory/<name>``)."""
         directory = str(directory)
-        configs = {}  # every config serialised first: one that cannot be written fails before any file is
-        for name in selected_adapters or list(self.peft_config):
-            configs[name] = {**self.peft_config[name].to_dict(), "inference_mode": True}
+        configs = {name: self.peft_config[name] for name in selected_adapters or list(self.peft_config)}
+        for config in configs.values():  # every config serialised first: one that cannot be written fails before any file is
+            config.to_dict()
         for name, config in configs.items():
             target = directory if name == "default" else os.path.join(directory, name)
             state = {k: v.contiguous().cpu() for k, v in self.get_adapter_state_dict(name).items()}
             write_bytes_atomic(os.path.join(target, WEIGHTS_NAME), save(state, metadata={"format": "pt"}))
-            write_json_atomic(os.path.join(target, CONFIG_NAME), config, sort_keys=True)
+            config.save_pretrained(target, inference_mode=True)
 
     # ---------------------------------------------------------------- use
     def _input_hook(self, name: str):
