@@ -96,13 +96,13 @@ def _scalar_op(op: str, a, b):
     return {"Mul": a * b, "Add": a + b, "Sub": a - b}[op]
 
 
-def _values(graph, dims: dict, types: dict) -> dict:
+def _values(graph, dims: dict, types: dict, constants: dict) -> dict:
     """What each small int tensor holds, element by element: an int, a dim's name, or None.
 
-    Vectors (1-D) are lists, scalars ("scalar", element). Only ops that move dims around are
-    followed, on integer tensors, along axis 0.
+    Vectors (1-D) are lists, scalars ("scalar", element); ``constants`` (``_constants``) seed
+    them. Only ops that move dims around are followed, on integer tensors, along axis 0.
     """
-    val = _constants(graph)
+    val = dict(constants)
 
     def vector(name):
         v = val.get(name)
@@ -212,9 +212,10 @@ def _expand_target(target: list, x: list) -> list | None:
 def _rewrite_once(model: onnx.ModelProto) -> int:
     g = model.graph
     dims, types = _dims(model)
-    val = _values(g, dims, types)
+    constants = _constants(g)
+    val = _values(g, dims, types, constants)
     nonzero = _nonzero_dims(g, dims, val)
-    constant = set(_constants(g))
+    constant = set(constants)
     names = {t.name for t in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
     added, rewritten = [], 0
 

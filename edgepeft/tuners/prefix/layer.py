@@ -100,6 +100,8 @@ class PrefixSelfAttention:
         query = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, heads, T, hd)
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
+        # Adding zeros materialises (B, heads, n, hd) where expand() would give a view: one small add per layer in
+        # PyTorch, but in the exported graph it needs no per-layer shape arithmetic (the zeros are built once).
         zeros, attention_mask = self._batch_and_mask(key, attention_mask, kv[0].shape[1])
         key = torch.cat([kv[0].to(key.dtype) + zeros, key], dim=2)  # (heads, n, hd) + (B, 1, 1, 1): (B, heads, n + T, hd)
         value = torch.cat([kv[1].to(key.dtype) + zeros, value], dim=2)

@@ -82,9 +82,10 @@ class PrefixSlots:
             module = model.get_submodule(s.module)
             if not isinstance(module, PrefixSlotSelfAttention):
                 add_prefix(module, PrefixSlotSelfAttention, modules.index(s.module), feed={})
-                share_per_forward(model)
             feeds[s.name] = (module, s.role)
             neutral[s.name] = np.zeros([0 if isinstance(d, str) else d for d in s.shape], dtype=s.dtype)
+        if feeds:
+            share_per_forward(model)
         return feeds, neutral
 
     def values(self, peft_model, adapter_name: str, slots: list[Slot]) -> dict:
