@@ -219,11 +219,6 @@ def test_bert_prefix_layer_traced_alone_follows_the_batch(tiny_base):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(_Alone(layer), (hidden[:2],))
-        for name in ["default", "long"]:
-            model.set_adapter(name)
-            direct = layer(hidden, None)[0]  # a layer called by itself builds its own pieces
-            assert direct.shape == (4, 6, 32)
-        model.set_adapter("default")
         torch.testing.assert_close(traced(hidden), layer(hidden, None)[0], rtol=0, atol=0)
 
 

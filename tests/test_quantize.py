@@ -18,7 +18,7 @@ def _tree(root):
 
 
 # quantization -> (its weight op, the largest relative error against PyTorch the tiny Llama may show)
-KINDS = {"int8": ("MatMulInteger", 0.1), "int4": ("MatMulNBits", 0.1)}  # tiny Llama: 0.0013-0.0016 and 0.012-0.015
+KINDS = {"int8": ("MatMulInteger", 0.01), "int4": ("MatMulNBits", 0.05)}  # tiny Llama: 0.0009-0.0026 and 0.011-0.016
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_quantized_adapters_still_switch_and_stay_close_to_float32(kind, quantiz
     # the adapters still act: their effect is well above the quantization error
     for adapter in ("qv", "all"):
         effect = relative_error(outputs[adapter][valid], outputs[None][valid])
-        assert effect > 2 * max(errors.values()), (adapter, effect, errors)
+        assert effect > max(0.1, 2 * max(errors.values())), (adapter, effect, errors)
     generated = rt.generate(ids, mask, adapter="all", max_new_tokens=8)
     assert generated.shape == (2, ids.shape[1] + 8)
 
