@@ -89,7 +89,7 @@ class SlotGraph(torch.nn.Module):
         tokens = {"inputs_embeds": self.embedder(input_ids)} if self.embedder is not None else {"input_ids": input_ids}
         if self.pools_from_ids:
             return self._classify(input_ids, tokens["inputs_embeds"], attention_mask)
-        if self.cache and self.keep:
+        if self.keep:  # a cached export only
             extra[LOGITS_TO_KEEP] = kept_positions(keep, next(iter(tokens.values())).shape[1])
         out = self.model(**tokens, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
         result = getattr(out, self.output_name)

@@ -171,14 +171,11 @@ def _check_format(data: dict, path: str, kind: str, required: tuple, fix: str) -
     missing = [k for k in required if k not in data]
     if missing:
         raise CorruptArtifactError(f"{path}: manifest lacks {', '.join(missing)}; {fix}")
-    for key in ("name", "fingerprint", "base_fingerprint", "graph", "sha256"):
-        if key in required and not isinstance(data[key], str):
-            raise CorruptArtifactError(f"{path}: field {key!r} must be a string; {fix}")
-    if "graph" in required and os.path.basename(data["graph"]) != data["graph"]:
-        raise CorruptArtifactError(f"{path}: field 'graph' must be a file name in the same folder; {fix}")
     for key, (kinds, what) in _FIELD_TYPES.items():
         if key in data and not _is(data[key], kinds):
             raise CorruptArtifactError(f"{path}: field {key!r} must be {what}, got {data[key]!r:.60}; {fix}")
+    if "graph" in required and os.path.basename(data["graph"]) != data["graph"]:
+        raise CorruptArtifactError(f"{path}: field 'graph' must be a file name in the same folder; {fix}")
     if "outputs" in required and not data["outputs"]:
         raise CorruptArtifactError(f"{path}: field 'outputs' names no output; {fix}")
     cache = data.get("cache")
@@ -186,7 +183,7 @@ def _check_format(data: dict, path: str, kind: str, required: tuple, fix: str) -
               "past_key": str, "past_value": str, "present_key": str, "present_value": str}
     if cache is not None and not all(_is(cache.get(k), kind) for k, kind in layout.items()):
         raise CorruptArtifactError(f"{path}: field 'cache' lacks the cache layout; {fix}")
-    for key in ("labels", "methods"):
+    for key in ("labels", "methods"):  # the element type, which the table does not say
         if isinstance(data.get(key), list) and not all(isinstance(x, str) for x in data[key]):
             raise CorruptArtifactError(f"{path}: field {key!r} must list strings; {fix}")
 
@@ -205,6 +202,7 @@ _FIELD_TYPES = {
     "methods": (list, "a list of method names"), "labels": ((list, type(None)), "a list of names"),
     "parameter_bytes": (int, "a whole number"), "rank": ((int, float, type(None)), "a number"),
     "alpha": ((int, float, type(None)), "a number"),
+    **{key: (str, "a string") for key in ("name", "fingerprint", "base_fingerprint", "graph", "sha256")},
 }
 
 

@@ -135,7 +135,8 @@ class Runtime:
         }
         self._present_names = cache_names(self.cache, "present") if self.cache else []
         self.input_names = list(self.manifest["inputs"])
-        # OrtValues for LOGITS_TO_KEEP, 0 (all) and 1 (generation); exports made before it compute every position.
+        # The OrtValue generation binds to LOGITS_TO_KEEP (1; forward keeps the graph's default, 0 = all positions);
+        # exports made before it existed have no such input and compute every position.
         # (IOBinding binds an input that has a default only as an OrtValue.)
         self._keep_last = (ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
                            if LOGITS_TO_KEEP in self.manifest["inputs"] else None)
