@@ -23,7 +23,7 @@ import numpy as np
 from edgepeft.runtimes.errors import ConfigError
 
 
-def _rss_bytes() -> int | None:
+def rss_bytes() -> int | None:
     """Resident memory of this process (Linux /proc), None elsewhere."""
     try:
         with open("/proc/self/statm") as f:
@@ -100,7 +100,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
                   "providers": rt.session.get_providers(), "quantization": rt.manifest.get("quantization"),
                   "slots": len(rt.slots), "cpus": os.cpu_count()},
         "none_ms": _median_ms(times["none"]),
-        "rss_bytes": _rss_bytes(),
+        "rss_bytes": rss_bytes(),
         "adapters": {},
     }
     for n in names:

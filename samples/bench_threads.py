@@ -29,7 +29,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from edgepeft.runtimes.manifest import read_base_manifest
+from edgepeft.runtimes.manifest import cache_names, read_base_manifest
 
 SETTINGS = {"no spin": {"session.intra_op.allow_spinning": "0"},
             "spin": {"session.intra_op.allow_spinning": "1"},
@@ -37,14 +37,13 @@ SETTINGS = {"no spin": {"session.intra_op.allow_spinning": "0"},
 PAST = 40
 
 
-def decode_feeds(session: ort.InferenceSession, cache: dict) -> dict:
+def decode_feeds(cache: dict) -> dict:
     """One token after PAST cached ones; slots are left to their neutral defaults."""
     rng = np.random.default_rng(0)
     feeds = {"input_ids": np.full((1, 1), 5, np.int64), "attention_mask": np.ones((1, PAST + 1), np.int64),
              "position_ids": np.full((1, 1), PAST, np.int64)}
-    for i in session.get_inputs():
-        if "past" in i.name:
-            feeds[i.name] = rng.standard_normal((1, cache["num_kv_heads"], PAST, cache["head_dim"])).astype(np.float32)
+    for name in cache_names(cache, "past"):
+        feeds[name] = rng.standard_normal((1, cache["num_kv_heads"], PAST, cache["head_dim"])).astype(np.float32)
     return feeds
 
 
@@ -57,7 +56,7 @@ def measure(base: str, cache: dict, setting: str, rounds: int) -> dict:
         for key, value in SETTINGS[setting].items():
             so.add_session_config_entry(key, value)
         sessions.append(ort.InferenceSession(os.path.join(base, "model.onnx"), so, providers=["CPUExecutionProvider"]))
-    feeds = decode_feeds(sessions[0], cache)
+    feeds = decode_feeds(cache)
     for s in sessions:
         for _ in range(5):
             s.run(None, feeds)

@@ -33,7 +33,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from edgepeft.runtimes.bench import interleaved
+from edgepeft.runtimes.bench import interleaved, rss_bytes
 from edgepeft.runtimes.manifest import read_base_manifest
 from edgepeft.runtimes.sessions import session_options
 
@@ -107,16 +107,16 @@ def feeds(seq: int, vocab: int, gated: bool | None) -> dict:
 
 
 def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+    return rss_bytes() / 2**20
 
 
 def session_rss(path: str, gated: bool | None, seq: int, vocab: int) -> float:
     """Run in a child process: resident memory a session adds, after a few calls."""
     before = rss_mib()
     s = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
+    f = feeds(seq, vocab, gated)
     for _ in range(5):
-        s.run(None, feeds(seq, vocab, gated))
+        s.run(None, f)
     return rss_mib() - before
 
 
@@ -143,7 +143,8 @@ def main() -> None:
     graphs = {"plain": (plain, None), "slots, no adapter": (slots, None), "gated, use_slots false": (w("gated.onnx"), False),
               "gated, use_slots true": (w("gated.onnx"), True), "If around the plain graph": (w("gated_plain.onnx"), False)}
     sessions = {p: ort.InferenceSession(p, session_options(), providers=["CPUExecutionProvider"]) for p, _ in graphs.values()}
-    calls = {k: (lambda p=p, g=g: sessions[p].run(None, feeds(args.seq, vocab, g))) for k, (p, g) in graphs.items()}
+    inputs = {g: feeds(args.seq, vocab, g) for g in (None, False, True)}  # made once, not inside the timed calls
+    calls = {k: (lambda p=p, g=g: sessions[p].run(None, inputs[g])) for k, (p, g) in graphs.items()}
     a, b = calls["slots, no adapter"]()[0], calls["gated, use_slots true"]()[0]
     assert np.array_equal(a, b), "the gated graph's slotted branch differs from the slotted graph"
     times = interleaved(calls, args.rounds, 20, warmup=10)
