@@ -52,6 +52,21 @@ def check_supported(model_type: str, task: str, source: str = "") -> None:
         raise UnsupportedModelError(f"{where}{model_type} is an encoder and has no causal-LM head; use seq-cls or feature-extraction")
 
 
+def check_exportable(config, source: str) -> None:
+    """Refuse what the export cannot trace: sliding-window attention layers (Qwen2's ``use_sliding_window``).
+
+    transformers keeps a cropped cache for them, which the graph's one cache layout for every layer
+    does not fit. Training them in PyTorch is unaffected.
+    """
+    sliding = sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
+    if sliding:
+        raise UnsupportedModelError(
+            f"{source}: layer_types holds {', '.join(sliding)} layers, which edgepeft cannot export (full attention "
+            "only); export a copy whose config.json sets use_sliding_window to false (the same model for inputs no "
+            "longer than sliding_window)"
+        )
+
+
 def load_base(name_or_path: str, task: str, labels: list[str] | None = None):
     """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
 

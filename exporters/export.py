@@ -35,6 +35,7 @@ from edgepeft.files import check_output_dir, replace_dir, staging_dir, write_jso
 from edgepeft.models import (
     cache_layout,
     call_kwargs,
+    check_exportable,
     default_task,
     eos_token_ids,
     load_base,
@@ -395,10 +396,12 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
         check_output_dir(os.path.join(out, sub), "--out")
     sources = _read_sources(adapters, names)
     source = _resolve_base(sources, base)
-    model_type = load_model_config(source).model_type
+    config = load_model_config(source)
+    model_type = config.model_type
     task = _resolve_task(sources, model_type)
     log(f"loading base {source} ({model_type}, {task})")
     model = load_base(source, task)
+    check_exportable(config, source)
 
     peft = PeftModel(copy.deepcopy(model))
     for src in sources:

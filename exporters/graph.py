@@ -91,6 +91,8 @@ class SlotGraph(torch.nn.Module):
             return self._classify(input_ids, tokens["inputs_embeds"], attention_mask)
         if self.keep:  # a cached export only
             extra[LOGITS_TO_KEEP] = kept_positions(keep, next(iter(tokens.values())).shape[1])
+        if self.cache:  # transformers takes a 4D mask as it is (every layer full attention: check_exportable)
+            attention_mask = causal_mask(attention_mask, next(iter(tokens.values())))
         out = self.model(**tokens, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
         result = getattr(out, self.output_name)
         if not self.cache:
@@ -147,6 +149,24 @@ class SlotGraph(torch.nn.Module):
         return torch.cat([torch.ones(mask.shape[0], virtual, dtype=mask.dtype), mask], dim=1)
 
 
+def causal_mask(attention_mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The (B, 1, T, K) boolean mask transformers' SDPA attention builds from a (B, K) padding mask.
+
+    Query i is the i-th of the last T = tokens.shape[1] of the K positions (past first); it sees
+    key j when j is not after it and ``attention_mask[:, j]`` is 1. The indices count along
+    the inputs themselves (not ``arange``, whose length has no name), so the mask's dims keep
+    the inputs' symbolic names. transformers' own mask loses them, and with them the shape
+    pass lost every attention reshape after it: the benchmark Llama's decode step ran 442
+    nodes after ONNX Runtime's optimizations with it, 323 with this one.
+    """
+    keys = torch.ones_like(attention_mask).cumsum(-1) - 1  # (B, K): 0 .. K-1
+    rows = tokens if tokens.dim() == 2 else tokens[..., 0]  # input_ids (B, T) or inputs_embeds (B, T, H)
+    queries = torch.ones_like(rows, dtype=keys.dtype).cumsum(-1) - 1  # (B, T): 0 .. T-1
+    queries = queries + (attention_mask.shape[1] - tokens.shape[1])
+    causal = keys[:, None, None, :] <= queries[:, None, :, None]  # (B, 1, T, K)
+    return causal & attention_mask[:, None, None, :].bool()
+
+
 def kept_positions(keep: torch.Tensor, length) -> torch.Tensor:
     """The positions whose logits ``keep`` asks for: the last ``keep`` of ``length``, all when 0 (traced: Range)."""
     start = torch.where(keep > 0, torch.clamp(length - keep, min=0), torch.zeros_like(keep))
@@ -169,7 +189,8 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
     if graph.cache:
         io_axes["attention_mask"] = {0: "batch", 1: "total_sequence"}  # past + new tokens
         # A prompt puts its virtual tokens before input_ids: positions may be longer than the ids.
-        io_axes["position_ids"] = {0: "batch", 1: "position_sequence"}
+        # Otherwise they are as long, and one name lets the shape pass prove the rotary products' dims.
+        io_axes["position_ids"] = {0: "batch", 1: "position_sequence" if graph.embedder is not None else "sequence"}
         if graph.keep:
             io_axes[LOGITS_TO_KEEP] = {}
         io_axes.update({n: {0: "batch", 2: "past_sequence"} for n in cache_names(graph.cache, "past")})

@@ -367,3 +367,17 @@ def test_a_base_of_other_depth_is_named_as_another_base(small_copy, tmp_path):
     pm.save_pretrained(tmp_path / "a")
     msg = failing_export(AdapterBaseMismatchError, [str(tmp_path / "a")], small_copy)
     assert shallow in msg
+
+
+def test_export_of_sliding_window_layers_is_refused(guarded, llama, tmp_path):
+    """Qwen2 with use_sliding_window: transformers crops those layers' cache, which the graph cannot carry."""
+    import transformers as tf
+
+    config = tf.Qwen2Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                            use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    torch.manual_seed(0)
+    base = str(tmp_path / "base-qwen2-sliding")
+    tf.Qwen2ForCausalLM(config).save_pretrained(base)
+    msg = failing_export(UnsupportedModelError, [llama[1]["qv"]], guarded, base=base)
+    assert base in msg and "sliding_attention" in msg and "use_sliding_window" in msg

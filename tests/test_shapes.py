@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 import torch
@@ -191,3 +192,48 @@ def test_no_new_minus_one_beside_a_dim_that_may_be_zero(tmp_path):
     feeds = [{"kv": _floats(b, 2, p, 8)} for b, p in [(1, 1), (2, 3), (0, 3)]]
     assert _run(onnx.load(path), feeds[-1]).shape == (0, 4, 3, 8)  # the traced graph runs batch 0: so must the rewrite
     _same_where_the_original_runs(onnx.load(path), feeds)
+
+
+# --------------------------------------------------------------- the cached decoder's own causal mask
+@pytest.mark.parametrize("past, new, embeds", [(0, 5, False), (4, 1, False), (4, 3, False), (3, 4, True)])
+def test_the_export_causal_mask_is_transformers_mask(past, new, embeds):
+    """SlotGraph builds the 4D mask itself (exporters/graph.causal_mask); it must be the one transformers' SDPA
+    path builds from the 2D padding mask: causal from the past on, padded keys off (a padded row sees nothing)."""
+    import transformers
+    from transformers.masking_utils import create_causal_mask
+
+    from conftest import tiny_config
+    from edgepeft.exporters.graph import causal_mask
+
+    config = tiny_config("llama")
+    config._attn_implementation = "sdpa"
+    batch, g = 3, torch.Generator().manual_seed(past + new)
+    mask = torch.ones(batch, past + new, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    mask[2, : past + new - 1] = 0  # only the last position is real
+    cache = transformers.DynamicCache(config=config)
+    if past:
+        for layer in range(config.num_hidden_layers):
+            cache.update(torch.randn(batch, 2, past, 8, generator=g), torch.randn(batch, 2, past, 8, generator=g), layer)
+    hidden = torch.randn(batch, new, 32, generator=g)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    expected = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask, cache=cache,
+                                  position_ids=position_ids, allow_is_causal_skip=False)
+    tokens = hidden if embeds else torch.randint(3, 128, (batch, new), generator=g)
+    ours = causal_mask(mask, tokens)
+    assert ours.dtype == torch.bool and ours.shape == (batch, 1, new, past + new)
+    assert torch.equal(ours, expected.expand_as(ours))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_cached_decoder_computes_no_shape_inside_its_layers(arch, shared_export):
+    """With the mask built from the inputs and position_ids named like input_ids, every reshape and expand in
+    the attention is a constant: no Shape node is left in any layer (the benchmark Llama had 5 per layer before)."""
+    import os
+
+    out, _, _ = shared_export(arch)
+    graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph
+    assert "position_ids" in {i.name for i in graph.input}
+    in_layers = [n.name for n in graph.node if n.op_type == "Shape" and "layers." in n.name]
+    assert in_layers == []
+    assert sum(n.op_type == "Shape" for n in graph.node) <= 5
