@@ -27,7 +27,7 @@ import torch
 from edgepeft.config import LABELS_NAME, load_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, ExportValidationError
 from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
-from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_groups
+from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_groups, trace_conv1d_as_matmul
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.quantize import check_quantize, quantize_graph, relative_error
@@ -263,6 +263,7 @@ def _export_base(model, slots, task, stage, source, weights_fp, groups, merged_a
     """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest."""
     graph_model = copy.deepcopy(model)
     fused = fuse_groups(graph_model, groups)
+    trace_conv1d_as_matmul(graph_model)
     feeds, neutral, samples = {}, {}, {}
     by_method: dict = {}
     for s in slots:

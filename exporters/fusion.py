@@ -110,6 +110,24 @@ class FusedMember(nn.Module):
         return self.group.part(self.index, x)
 
 
+def _conv1d_as_matmul(self, x):  # (B, T, in) @ (in, out) + (out,): Conv1D.forward's product, on 3D
+    return x @ self.weight + self.bias
+
+
+def trace_conv1d_as_matmul(model: nn.Module) -> None:
+    """Make each GPT-2 Conv1D of ``model`` (the copy being traced) compute ``x @ W + b`` on (B, T, in).
+
+    Conv1D itself flattens to (B*T, in) for ``addmm`` and views the result back: traced, a
+    Gemm between two Reshapes whose sizes are Shape ops in every layer, and a flatten
+    that loses the batch and length dims' names, so the shape pass cannot fold them.
+    """
+    import types
+
+    for module in model.modules():
+        if type(module) is Conv1D:
+            module.forward = types.MethodType(_conv1d_as_matmul, module)
+
+
 def fuse_groups(model: nn.Module, groups: list[list[str]]) -> dict[str, FusedProjection]:
     """Replace each group's layers by members of one FusedProjection; returns {group key: projection}."""
     fused = {}

@@ -8,7 +8,8 @@ only recompute what the graph's inputs already say. This pass rewrites the shape
     Reshape   a target dim that is the input's own dim at the same position (same symbolic
               name) becomes 0 (ONNX: copy it); one unknown becomes -1, but beside a copied
               dim only when the graph already fails with that dim at 0 (ONNX Runtime cannot
-              infer a -1 next to a 0)
+              infer a -1 next to a 0); a -1 whose every other dim is the input's own, in a
+              target of the input's rank, becomes 0 too (GPT-2's ``view(-1, length)``)
     Expand    a target dim equal to the input's aligned dim becomes 1 (broadcast keeps it)
     Slice     starts/ends computed from fixed sizes become constants (of their own int type)
 
@@ -189,6 +190,10 @@ def _reshape_target(target: list, x: list, nonzero: set) -> list | None:
             unknown += 1
     if unknown > 1 or (unknown == 1 and -1 in out):
         return None
+    if unknown == 0 and out.count(-1) == 1 and len(out) == len(x) and all(
+            e == 0 or (isinstance(x[k], int) and e == x[k]) for k, e in enumerate(out) if e != -1):
+        # every other dim is the input's own: the -1 is the input's dim too (where the graph runs, none is 0)
+        return [0 if e == -1 else e for e in out]
     if unknown == 1 and any(e == 0 and x[k] not in nonzero for k, e in enumerate(out)):
         return None  # a new -1 beside a copied dim that may be 0: ONNX Runtime cannot infer it then
     return [-1 if e is None else e for e in out]

@@ -85,6 +85,18 @@ def test_quantized_adapters_still_switch_and_stay_close_to_float32(kind, quantiz
     assert generated.shape == (2, ids.shape[1] + 8)
 
 
+def test_int8_gpt2_quantizes_every_conv1d(workdir, peft_adapter):
+    """GPT-2's Conv1D layers outside the adapter's slots (c_proj, c_fc) are frozen MatMuls too: all int8."""
+    from conftest import tiny_config
+
+    out = str(workdir / "int8-gpt2")
+    report = export([spec_adapter(peft_adapter, "gpt2", "attn")], out, quantize="int8")
+    graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == 4 * tiny_config("gpt2").n_layer + 1 and "Gemm" not in ops  # c_attn, attn c_proj, c_fc, mlp c_proj; lm_head
+    assert all(c["relative_error"] < KINDS["int8"][1] for c in report["checks"] if "relative_error" in c), report["checks"]
+
+
 def test_reusing_an_int8_base_validates_new_adapters_by_relative_error(int8_llama, peft_adapter, tmp_path):
     import shutil
 
