@@ -26,7 +26,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft.exporters.shapes import simplify_shapes
-from edgepeft.models import DECODERS, cache_kwargs, call_kwargs, output_cache
+from edgepeft.models import DECODERS, ENCODERS, cache_kwargs, call_kwargs, output_cache
 from edgepeft.runtimes.manifest import (
     LOGITS_TO_KEEP, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TASK_OUTPUTS, cache_names,
 )
@@ -59,6 +59,7 @@ class SlotGraph(torch.nn.Module):
         # A decoder classifier given inputs_embeds cannot find each row's last non-pad token (transformers
         # then takes the last position): with a prompt slot the graph pools as transformers does from input_ids.
         self.pools_from_ids = self.embedder is not None and task == "seq-cls" and model.config.model_type in DECODERS
+        self.encoder = model.config.model_type in ENCODERS
 
     @property
     def input_names(self) -> list[str]:
@@ -91,8 +92,12 @@ class SlotGraph(torch.nn.Module):
             return self._classify(input_ids, tokens["inputs_embeds"], attention_mask)
         if self.keep:  # a cached export only
             extra[LOGITS_TO_KEEP] = kept_positions(keep, next(iter(tokens.values())).shape[1])
-        if self.cache:  # transformers takes a 4D mask as it is (every layer full attention: check_exportable)
+        # transformers takes a 4D mask as it is; built here, its dims keep the inputs' names (``causal_mask``)
+        if self.cache:  # every layer full attention: check_exportable
             attention_mask = causal_mask(attention_mask, next(iter(tokens.values())))
+        elif self.encoder:
+            extra.update(encoder_positions(next(iter(tokens.values()))))
+            attention_mask = padding_mask(attention_mask, next(iter(tokens.values())))
         out = self.model(**tokens, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
         result = getattr(out, self.output_name)
         if not self.cache:
@@ -160,11 +165,32 @@ def causal_mask(attention_mask: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     nodes after ONNX Runtime's optimizations with it, 323 with this one.
     """
     keys = torch.ones_like(attention_mask).cumsum(-1) - 1  # (B, K): 0 .. K-1
-    rows = tokens if tokens.dim() == 2 else tokens[..., 0]  # input_ids (B, T) or inputs_embeds (B, T, H)
-    queries = torch.ones_like(rows, dtype=keys.dtype).cumsum(-1) - 1  # (B, T): 0 .. T-1
+    queries = torch.ones_like(_rows(tokens), dtype=keys.dtype).cumsum(-1) - 1  # (B, T): 0 .. T-1
     queries = queries + (attention_mask.shape[1] - tokens.shape[1])
     causal = keys[:, None, None, :] <= queries[:, None, :, None]  # (B, 1, T, K)
     return causal & attention_mask[:, None, None, :].bool()
+
+
+def _rows(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens if tokens.dim() == 2 else tokens[..., 0]  # input_ids (B, T) or inputs_embeds (B, T, H)
+
+
+def padding_mask(attention_mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The (B, 1, T, T) boolean mask transformers' SDPA attention builds for an encoder: every query sees the
+    keys ``attention_mask`` keeps. Built from the inputs, for the dims' names (see ``causal_mask``)."""
+    queries = torch.ones_like(_rows(tokens), dtype=torch.bool)  # (B, T)
+    return queries[:, None, :, None] & attention_mask[:, None, None, :].bool()
+
+
+def encoder_positions(tokens: torch.Tensor) -> dict:
+    """BERT's default position ids (0 .. T-1) and token types (0), counted along the inputs.
+
+    BertEmbeddings slices them from buffers otherwise, which shape inference cannot relate to
+    the inputs: the embeddings' sum, and every dim after it, lost the batch and length names.
+    """
+    rows = _rows(tokens)
+    ones = torch.ones_like(rows, dtype=torch.long)
+    return {"position_ids": ones.cumsum(-1) - 1, "token_type_ids": ones - 1}
 
 
 def kept_positions(keep: torch.Tensor, length) -> torch.Tensor:
@@ -186,6 +212,8 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
     slot_axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in slots if not s.target}
     output = graph.output_name
     io_axes = {"input_ids": token_axes, "attention_mask": token_axes}
+    if graph.embedder is not None:  # a prompt's n ones come first in the mask: not the ids' length
+        io_axes["attention_mask"] = {0: "batch", 1: "total_sequence"}
     if graph.cache:
         io_axes["attention_mask"] = {0: "batch", 1: "total_sequence"}  # past + new tokens
         # A prompt puts its virtual tokens before input_ids: positions may be longer than the ids.

@@ -164,6 +164,9 @@ def test_bert_prompt_matches_peft_in_pytorch_and_exported(task, tiny_base, workd
     assert max_diff_valid(torch_outputs(ours, ids, mask, field), ref, valid) <= 1e-5
     out = str(workdir / f"out-bert-prompt-{task}")
     export([path], out, names=["prompt"])
+    # the mask holds the prompt's n ones too: named like the ids' length, the shape pass could take them as equal
+    axes = {name: io["axes"]["1"] for name, io in Runtime(out).manifest["inputs"].items()}
+    assert axes["attention_mask"] != axes["input_ids"]
     got = Runtime(out).forward(ids, mask, adapter="prompt")[field]
     assert got.shape == ref.shape and max_diff_valid(got, ref, valid) <= 1e-4
     assert TASK_TYPES[task] == ours.peft_config["default"].task_type

@@ -255,11 +255,42 @@ def test_the_export_causal_mask_is_transformers_mask(past, new, embeds):
     assert torch.equal(ours, expected.expand_as(ours))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_a_cached_decoder_computes_no_shape_inside_its_layers(arch, shared_export, peft_adapter, workdir):
-    """With the mask built from the inputs and position_ids named like input_ids, every reshape and expand in
-    the attention is a constant: no Shape node is left in any layer (the benchmark Llama had 5 per layer before).
-    GPT-2's Conv1D layers trace as MatMuls on (B, T, in), not a Gemm between two computed Reshapes."""
+@pytest.mark.parametrize("embeds", [False, True])
+def test_the_export_encoder_mask_and_positions_are_transformers_own(embeds):
+    """For an encoder SlotGraph passes the 4D mask, position ids and token types itself (exporters/graph): they must be
+    the ones transformers builds when given none (a padded key is seen by no query; positions 0 .. T-1; type 0)."""
+    import transformers
+    from transformers.masking_utils import create_bidirectional_mask
+
+    from conftest import tiny_config
+    from edgepeft.exporters.graph import encoder_positions, padding_mask
+
+    config = tiny_config("bert")
+    config._attn_implementation = "sdpa"
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # right padding
+    mask[2, :5] = 0
+    hidden = torch.randn(3, 6, 32, generator=g)
+    expected = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask, allow_is_bidirectional_skip=False)
+    tokens = hidden if embeds else ids
+    ours = padding_mask(mask, tokens)
+    assert ours.dtype == torch.bool and ours.shape == (3, 1, 6, 6) and torch.equal(ours, expected.expand_as(ours))
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    with torch.no_grad():
+        default = model.embeddings(input_ids=ids)
+        given = model.embeddings(input_ids=ids, **encoder_positions(tokens))
+    assert torch.equal(given, default)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert"])
+def test_an_export_computes_no_shape_inside_its_layers(arch, shared_export, peft_adapter, workdir):
+    """With the mask (and BERT's positions) built from the inputs and position_ids named like input_ids, every
+    reshape and expand in the attention is a constant: no Shape node is left in any layer (the benchmark Llama
+    had 5 per layer before, MiniLM 6). GPT-2's Conv1D layers trace as MatMuls on (B, T, in), not a Gemm between
+    two computed Reshapes."""
     import os
     import re
 
@@ -273,7 +304,7 @@ def test_a_cached_decoder_computes_no_shape_inside_its_layers(arch, shared_expor
     else:
         out = shared_export(arch)[0]
     graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph
-    assert "position_ids" in {i.name for i in graph.input}
-    in_layers = [n.name for n in graph.node if n.op_type in ("Shape", "Gemm") and re.search(r"/(layers|h)\.\d+/", n.name)]
+    assert ("position_ids" in {i.name for i in graph.input}) == (arch != "bert")
+    in_layers = [n.name for n in graph.node if n.op_type in ("Shape", "Gemm") and re.search(r"/(layers|h|layer)\.\d+/", n.name)]
     assert in_layers == []
     assert sum(n.op_type == "Shape" for n in graph.node) <= 6
