@@ -61,9 +61,9 @@ def check_exportable(config, source: str) -> None:
     sliding = sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
     if sliding:
         raise UnsupportedModelError(
-            f"{source}: layer_types holds {', '.join(sliding)} layers, which edgepeft cannot export (full attention "
-            "only); export a copy whose config.json sets use_sliding_window to false (the same model for inputs no "
-            "longer than sliding_window)"
+            f"{source}: config.json's layer_types holds {', '.join(sliding)} layers, which edgepeft cannot export "
+            "(full attention only); export a copy whose config.json sets use_sliding_window to false and every "
+            "layer_types entry to full_attention (the same model for inputs no longer than sliding_window)"
         )
 
 

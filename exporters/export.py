@@ -400,9 +400,9 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     config = load_model_config(source)
     model_type = config.model_type
     task = _resolve_task(sources, model_type)
+    check_exportable(config, source)
     log(f"loading base {source} ({model_type}, {task})")
     model = load_base(source, task)
-    check_exportable(config, source)
 
     peft = PeftModel(copy.deepcopy(model))
     for src in sources:

@@ -78,8 +78,8 @@ def _int8(path: str, dest: str, keep_float: list, external: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # reduce_range: 7-bit weights, so that uint8 x int8 pair sums fit the int16 lanes of x86 CPUs without VNNI
-    # (AVX2 only): with 8 bits they saturate there (tiny Llama: relative error 0.008-0.033 on such a CPU,
-    # 0.0014-0.0035 with reduce_range; 0.0009-0.0026 with 8 bits on an AVX-512 VNNI CPU).
+    # (AVX2, or AVX-512 without VNNI): with 8 bits they saturate there (tiny Llama: relative error 0.008-0.033 on
+    # an AVX2 CPU, 0.0014-0.0024 with reduce_range; 0.0009-0.0026 with 8 bits on an AVX-512 VNNI CPU).
     quantize_dynamic(path, dest, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                      nodes_to_exclude=keep_float, op_types_to_quantize=["MatMul"], use_external_data_format=external)
 
