@@ -223,6 +223,8 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
             io_axes[LOGITS_TO_KEEP] = {}
         io_axes.update({n: {0: "batch", 2: "past_sequence"} for n in cache_names(graph.cache, "past")})
     out_axes = {output: output_axes(task, slots)}
+    if graph.embedder is not None and out_axes[output].get(1) == "sequence":
+        out_axes[output][1] = "total_sequence"  # outputs include the prompt's n positions
     if graph.keep:
         out_axes[output] = {0: "batch", 1: "kept_sequence"}
     if graph.cache:

@@ -165,11 +165,23 @@ def test_bert_prompt_matches_peft_in_pytorch_and_exported(task, tiny_base, workd
     out = str(workdir / f"out-bert-prompt-{task}")
     export([path], out, names=["prompt"])
     # the mask holds the prompt's n ones too: named like the ids' length, the shape pass could take them as equal
-    axes = {name: io["axes"]["1"] for name, io in Runtime(out).manifest["inputs"].items()}
+    manifest = Runtime(out).manifest
+    axes = {name: io["axes"]["1"] for name, io in {**manifest["inputs"], **manifest["outputs"]}.items() if "1" in io["axes"]}
     assert axes["attention_mask"] != axes["input_ids"]
+    assert field != "last_hidden_state" or axes[field] == axes["attention_mask"]  # outputs hold the n virtual rows too
     got = Runtime(out).forward(ids, mask, adapter="prompt")[field]
     assert got.shape == ref.shape and max_diff_valid(got, ref, valid) <= 1e-4
     assert TASK_TYPES[task] == ours.peft_config["default"].task_type
+
+
+def test_the_prompt_slot_goes_before_ids_of_any_length_even_none():
+    from edgepeft.tuners.prompt.slots import PromptSlotEmbedding
+
+    layer = PromptSlotEmbedding(torch.nn.Embedding(10, 4))
+    layer.feed["embeddings"] = torch.randn(3, 4)
+    for length in (0, 1, 5):
+        out = layer(torch.ones(2, length, dtype=torch.long))
+        assert out.shape == (2, 3 + length, 4) and torch.equal(out[:, :3], layer.feed["embeddings"].expand(2, 3, 4))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

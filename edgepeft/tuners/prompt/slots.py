@@ -31,7 +31,7 @@ class PromptSlotEmbedding(nn.Module):
     def forward(self, input_ids):
         embeds = self.base_layer(input_ids)  # (B, T, H)
         # zeros (B, 1, 1) + (1, n, H), not expand(B, ...): traced, the batch keeps the input's dim name
-        prompt = torch.zeros_like(embeds[:, :1, :1]) + self.feed["embeddings"].unsqueeze(0)  # (B, n, H)
+        prompt = embeds.new_zeros(embeds.shape[0], 1, 1) + self.feed["embeddings"].unsqueeze(0)  # (B, n, H)
         return torch.cat([prompt, embeds], dim=1)  # (B, n + T, H)
 
 
