@@ -92,12 +92,16 @@ class SlotGraph(torch.nn.Module):
             return self._classify(input_ids, tokens["inputs_embeds"], attention_mask)
         if self.keep:  # a cached export only
             extra[LOGITS_TO_KEEP] = kept_positions(keep, next(iter(tokens.values())).shape[1])
-        # transformers takes a 4D mask as it is; built here, its dims keep the inputs' names (``causal_mask``)
+        # transformers takes a 4D mask as it is; built here, its dims keep the inputs' names (``causal_mask``).
+        # Without a cache, positions are passed too: transformers' default (0 .. T-1) comes from arange.
         if self.cache:  # every layer full attention: check_exportable
             attention_mask = causal_mask(attention_mask, next(iter(tokens.values())))
         elif self.encoder:
             extra.update(encoder_positions(next(iter(tokens.values()))))
             attention_mask = padding_mask(attention_mask, next(iter(tokens.values())))
+        else:  # a decoder without cache: transformers' defaults, positions 0 .. T-1 and a causal mask
+            extra["position_ids"] = counted_positions(next(iter(tokens.values())))
+            attention_mask = causal_mask(attention_mask, next(iter(tokens.values())))
         out = self.model(**tokens, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
         result = getattr(out, self.output_name)
         if not self.cache:
@@ -182,15 +186,19 @@ def padding_mask(attention_mask: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return queries[:, None, :, None] & attention_mask[:, None, None, :].bool()
 
 
+def counted_positions(tokens: torch.Tensor) -> torch.Tensor:
+    """Position ids 0 .. T-1 for every row (transformers' default without a cache), counted along the inputs."""
+    return torch.ones_like(_rows(tokens), dtype=torch.long).cumsum(-1) - 1
+
+
 def encoder_positions(tokens: torch.Tensor) -> dict:
     """BERT's default position ids (0 .. T-1) and token types (0), counted along the inputs.
 
     BertEmbeddings slices them from buffers otherwise, which shape inference cannot relate to
     the inputs: the embeddings' sum, and every dim after it, lost the batch and length names.
     """
-    rows = _rows(tokens)
-    ones = torch.ones_like(rows, dtype=torch.long)
-    return {"position_ids": ones.cumsum(-1) - 1, "token_type_ids": ones - 1}
+    positions = counted_positions(tokens)
+    return {"position_ids": positions, "token_type_ids": torch.zeros_like(positions)}
 
 
 def kept_positions(keep: torch.Tensor, length) -> torch.Tensor:

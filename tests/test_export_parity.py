@@ -127,6 +127,9 @@ def test_decoder_seq_cls_uses_the_last_real_token(workdir, peft_adapter, hf_refe
     ours = Runtime(out).forward(ids, mask, adapter="cls3")["logits"]
     ref = torch_outputs(hf_reference("llama", adapter, task="seq-cls", num_labels=3), ids, mask, "logits")
     assert max_diff_valid(ours, ref) <= 1e-4
+    # without a cache too the graph passes its own causal mask and positions: no layer computes a shape
+    graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph
+    assert [n.name for n in graph.node if n.op_type == "Shape" and "/layers." in n.name] == []
 
 
 def test_merge_export_matches_and_loads_like_any_export(workdir, shared_export, hf_reference):
