@@ -224,7 +224,7 @@ def test_no_new_minus_one_beside_a_dim_that_may_be_zero(tmp_path):
     _same_where_the_original_runs(onnx.load(path), feeds)
 
 
-# --------------------------------------------------------------- the cached decoder's own causal mask
+# --------------------------------------------------------------- the graph's own masks and positions
 @pytest.mark.parametrize("past, new, embeds", [(0, 5, False), (4, 1, False), (4, 3, False), (3, 4, True)])
 def test_the_export_causal_mask_is_transformers_mask(past, new, embeds):
     """SlotGraph builds the 4D mask itself (exporters/graph.causal_mask); it must be the one transformers' SDPA
