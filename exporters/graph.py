@@ -90,18 +90,18 @@ class SlotGraph(torch.nn.Module):
         tokens = {"inputs_embeds": self.embedder(input_ids)} if self.embedder is not None else {"input_ids": input_ids}
         if self.pools_from_ids:
             return self._classify(input_ids, tokens["inputs_embeds"], attention_mask)
+        first = next(iter(tokens.values()))  # (B, T) ids or (B, T, H) embeddings
         if self.keep:  # a cached export only
-            extra[LOGITS_TO_KEEP] = kept_positions(keep, next(iter(tokens.values())).shape[1])
+            extra[LOGITS_TO_KEEP] = kept_positions(keep, first.shape[1])
         # transformers takes a 4D mask as it is; built here, its dims keep the inputs' names (``causal_mask``).
         # Without a cache, positions are passed too: transformers' default (0 .. T-1) comes from arange.
-        if self.cache:  # every layer full attention: check_exportable
-            attention_mask = causal_mask(attention_mask, next(iter(tokens.values())))
-        elif self.encoder:
-            extra.update(encoder_positions(next(iter(tokens.values()))))
-            attention_mask = padding_mask(attention_mask, next(iter(tokens.values())))
-        else:  # a decoder without cache: transformers' defaults, positions 0 .. T-1 and a causal mask
-            extra["position_ids"] = counted_positions(next(iter(tokens.values())))
-            attention_mask = causal_mask(attention_mask, next(iter(tokens.values())))
+        if self.encoder:
+            extra.update(encoder_positions(first))
+            attention_mask = padding_mask(attention_mask, first)
+        else:  # every layer full attention: check_exportable
+            if not self.cache:
+                extra["position_ids"] = counted_positions(first)
+            attention_mask = causal_mask(attention_mask, first)
         out = self.model(**tokens, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
         result = getattr(out, self.output_name)
         if not self.cache:
@@ -220,10 +220,9 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
     slot_axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in slots if not s.target}
     output = graph.output_name
     io_axes = {"input_ids": token_axes, "attention_mask": token_axes}
-    if graph.embedder is not None:  # a prompt's n ones come first in the mask: not the ids' length
+    if graph.cache or graph.embedder is not None:  # past and/or a prompt's n ones come before the ids' columns
         io_axes["attention_mask"] = {0: "batch", 1: "total_sequence"}
     if graph.cache:
-        io_axes["attention_mask"] = {0: "batch", 1: "total_sequence"}  # past + new tokens
         # A prompt puts its virtual tokens before input_ids: positions may be longer than the ids.
         # Otherwise they are as long, and one name lets the shape pass prove the rotary products' dims.
         io_axes["position_ids"] = {0: "batch", 1: "position_sequence" if graph.embedder is not None else "sequence"}
