@@ -418,8 +418,9 @@ class Runtime:
                                f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)")
         if (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
-        stops = _StopStrings(self, cfg.stop, ids, mask) if cfg.stop else None  # needs the tokenizer: fail now
-        return self._stream(ids, mask, adapter, cfg, stops)
+        padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
+        stops = _StopStrings(self, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
+        return self._stream(ids, mask, padding, adapter, cfg, stops)
 
     def _steps(self, plan: _Plan, ids, mask):
         """Prefill, then one cached step per token sent in: yields each step's last-position logits (B, V).
@@ -439,9 +440,8 @@ class Runtime:
             positions = positions[:, -1:] + 1
             outputs = self._run(plan, token[:, None], full, positions, outputs[1:], presents=True, binding=binding)
 
-    def _stream(self, ids, mask, adapter, cfg, stops):
+    def _stream(self, ids, mask, padding, adapter, cfg, stops):
         rng = np.random.default_rng(cfg.seed)
-        padding = np.argmax(mask != 0, axis=1)  # left-padding length per row
         eos = np.array(cfg.eos_token_id, dtype=np.int64)
         sequences, finished = ids, np.zeros(ids.shape[0], dtype=bool)
         with self._using(adapter) as plan:
@@ -566,11 +566,11 @@ class _StopStrings:
     of each unfinished row, not the whole text.
     """
 
-    def __init__(self, runtime: Runtime, stops: list, ids: np.ndarray, mask: np.ndarray):
+    def __init__(self, runtime: Runtime, stops: list, starts: np.ndarray):
         self.tokenizer = runtime.tokenizer
         self.stops = stops
         self.lookback = max(len(s) for s in stops)  # tokens before the newest one a match can reach back over
-        self.starts = np.argmax(mask != 0, axis=1)  # each row's first real token: padding is no text
+        self.starts = starts  # each row's first real token: padding is no text
 
     def hit(self, sequences: np.ndarray, finished: np.ndarray) -> np.ndarray:
         found = np.zeros(len(sequences), dtype=bool)

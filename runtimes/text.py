@@ -105,9 +105,9 @@ class TextTokenizer:
         return self._template
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
+        template = self._compiled_template()  # a missing template or jinja2 fails here with a ConfigError
         import jinja2  # present: _compiled_template checked
 
-        template = self._compiled_template()
         try:
             return template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,

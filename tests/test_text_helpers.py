@@ -25,7 +25,7 @@ def ids_of(tok, text: str, special: bool = False) -> list:
 def stops_after(text_rt, tok, stop: list, prompt: str, new: str) -> bool:
     prompt_ids = ids_of(tok, prompt)
     row = np.array([prompt_ids + ids_of(tok, new)], dtype=np.int64)
-    checker = _StopStrings(text_rt, stop, np.array([prompt_ids]), np.ones((1, len(prompt_ids)), np.int64))
+    checker = _StopStrings(text_rt, stop, np.zeros(1, dtype=np.int64))  # no padding
     return bool(checker.hit(row, np.zeros(1, dtype=bool))[0])
 
 
@@ -48,9 +48,9 @@ def test_stop_strings_ignore_left_padding(text_export, text_rt):
     _, tok, _ = text_export
     prompt = [0, 0] + ids_of(tok, "w10")
     row = np.array([prompt + ids_of(tok, "w20")], dtype=np.int64)
-    mask = np.array([[0, 0, 1]], dtype=np.int64)
-    assert not _StopStrings(text_rt, ["[PAD] [PAD] w10 w20"], row[:, :3], mask).hit(row, np.zeros(1, dtype=bool))[0]
-    assert _StopStrings(text_rt, ["w10 w20"], row[:, :3], mask).hit(row, np.zeros(1, dtype=bool))[0]
+    starts = np.array([2])  # the prompt's mask is [0, 0, 1]
+    assert not _StopStrings(text_rt, ["[PAD] [PAD] w10 w20"], starts).hit(row, np.zeros(1, dtype=bool))[0]
+    assert _StopStrings(text_rt, ["w10 w20"], starts).hit(row, np.zeros(1, dtype=bool))[0]
 
 
 def test_stream_text_flushes_what_it_held_back(text_rt, monkeypatch):
