@@ -168,9 +168,8 @@ def causal_mask(attention_mask: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     pass lost every attention reshape after it: the benchmark Llama's decode step ran 442
     nodes after ONNX Runtime's optimizations with it, 323 with this one.
     """
-    keys = torch.ones_like(attention_mask).cumsum(-1) - 1  # (B, K): 0 .. K-1
-    queries = torch.ones_like(_rows(tokens), dtype=keys.dtype).cumsum(-1) - 1  # (B, T): 0 .. T-1
-    queries = queries + (attention_mask.shape[1] - tokens.shape[1])
+    keys = counted_positions(attention_mask)  # (B, K): 0 .. K-1
+    queries = counted_positions(tokens) + (attention_mask.shape[1] - tokens.shape[1])  # (B, T): K-T .. K-1
     causal = keys[:, None, None, :] <= queries[:, None, :, None]  # (B, 1, T, K)
     return causal & attention_mask[:, None, None, :].bool()
 

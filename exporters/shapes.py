@@ -170,7 +170,7 @@ def _nonzero_dims(graph, dims: dict, val: dict) -> set:
     """
     names = set()
     for n in graph.node:
-        if n.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in n.attribute):
+        if n.op_type != "Reshape" or _allowzero(n):
             continue
         target, x = val.get(n.input[1]), dims.get(n.input[0])
         if isinstance(target, list) and x is not None and -1 in target:
@@ -178,6 +178,11 @@ def _nonzero_dims(graph, dims: dict, val: dict) -> set:
                 if isinstance(x[k], str) and (e == x[k] or e == 0):
                     names.add(x[k])
     return names
+
+
+def _allowzero(node) -> bool:
+    """A Reshape whose 0 means size 0, not "copy the input's dim": left alone."""
+    return any(a.name == "allowzero" and a.i for a in node.attribute)
 
 
 def _reshape_target(target: list, x: list, nonzero: set) -> list | None:
@@ -242,7 +247,7 @@ def _rewrite_once(model: onnx.ModelProto) -> int:
             target, x = val.get(n.input[1]), dims.get(n.input[0])
             if not isinstance(target, list) or x is None:
                 continue
-            if n.op_type == "Reshape" and any(a.name == "allowzero" and a.i for a in n.attribute):
+            if n.op_type == "Reshape" and _allowzero(n):
                 continue
             new = _reshape_target(target, x, nonzero) if n.op_type == "Reshape" else _expand_target(target, x)
             if new is not None:

@@ -422,3 +422,15 @@ def text_rt(text_export):
 
 def decode(tok, ids):
     return tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def layer_nodes(out: str, ops) -> tuple[list, list]:
+    """(names of ``ops`` nodes inside any layer, every node) of OUT's base graph: Llama/Qwen2 ``layers.N``,
+    GPT-2 ``h.N``, BERT ``layer.N``."""
+    import re
+
+    import onnx
+
+    graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph
+    inside = [n.name for n in graph.node if n.op_type in ops and re.search(r"/(layers|h|layer)\.\d+/", n.name)]
+    return inside, list(graph.node)

@@ -382,15 +382,10 @@ def test_export_of_sliding_window_layers_is_refused(guarded, llama, tmp_path):
     msg = failing_export(UnsupportedModelError, [llama[1]["qv"]], guarded, base=base)
     assert base in msg and "sliding_attention" in msg and "use_sliding_window" in msg and "full_attention" in msg
     # following the message's fix exports
-    import json
-
     fixed = str(tmp_path / "base-qwen2-full")
     shutil.copytree(base, fixed)
-    with open(os.path.join(fixed, "config.json")) as f:
-        config = json.load(f)
-    config.update(use_sliding_window=False, layer_types=["full_attention"] * len(config["layer_types"]))
-    with open(os.path.join(fixed, "config.json"), "w") as f:
-        json.dump(config, f)
+    edit_json(os.path.join(fixed, "config.json"), use_sliding_window=False,
+              layer_types=["full_attention"] * config.num_hidden_layers)
     lora = copy_adapter(llama[1]["qv"], tmp_path / "qwen2-qv")
     edit_json(os.path.join(lora, "adapter_config.json"), base_model_name_or_path=fixed)
     export([lora], str(tmp_path / "out-full"))

@@ -165,11 +165,11 @@ def test_bert_prompt_matches_peft_in_pytorch_and_exported(task, tiny_base, workd
     out = str(workdir / f"out-bert-prompt-{task}")
     export([path], out, names=["prompt"])
     # the mask holds the prompt's n ones too: named like the ids' length, the shape pass could take them as equal
-    manifest = Runtime(out).manifest
-    axes = {name: io["axes"]["1"] for name, io in {**manifest["inputs"], **manifest["outputs"]}.items() if "1" in io["axes"]}
+    rt = Runtime(out)
+    axes = {name: io["axes"]["1"] for name, io in {**rt.manifest["inputs"], **rt.manifest["outputs"]}.items() if "1" in io["axes"]}
     assert axes["attention_mask"] != axes["input_ids"]
     assert field != "last_hidden_state" or axes[field] == axes["attention_mask"]  # outputs hold the n virtual rows too
-    got = Runtime(out).forward(ids, mask, adapter="prompt")[field]
+    got = rt.forward(ids, mask, adapter="prompt")[field]
     assert got.shape == ref.shape and max_diff_valid(got, ref, valid) <= 1e-4
     assert TASK_TYPES[task] == ours.peft_config["default"].task_type
 
