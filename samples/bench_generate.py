@@ -4,7 +4,9 @@ What it does
   1. Builds a ~26M-parameter Llama from a config (hidden 512, 6 layers, 8 heads / 4 KV
      heads, MLP 1376, vocab 8192; seeded init) and saves it to OUT/base-model.
   2. Makes an HF PEFT LoRA adapter (r 16, alpha 32, all-linear) with lora_B drawn from
-     N(0, 0.02) with a fixed seed, so it is not a no-op; saved to OUT/peft/lora.
+     N(0, 0.02) with a fixed seed, so it is not a no-op; saved to OUT/peft/lora. Two more
+     on the same targets at r 1 and r 8 (OUT/peft/lora-r1, lora-r8) show how the cost of
+     the LoRA work grows with the rank.
   3. Exports it: adapter slots (OUT/slots) and merged into the weights (OUT/merged), in float32
      and quantized (OUT/slots-int8, OUT/merged-int8, OUT/slots-int4).
   4. Generates greedily from one prompt of 16 random ids, --new-tokens tokens, end of
@@ -17,13 +19,20 @@ What it does
        merged_stream   Runtime(OUT/merged).stream(adapter=None)         first token, end
        slots_base      Runtime(OUT/slots).stream(adapter=None): every slot unbound (rank 0),
                        so slots_stream / slots_base is the cost of the LoRA work alone
+       slots_stream_r1, slots_stream_r8
+                       Runtime(OUT/slots).stream(adapter="lora-r1" / "lora-r8")
        int8_slots_stream, int8_merged_stream, int4_slots_stream
                        the same on bases exported with --quantize int8 / int4
        hf_peft         PeftModel(LlamaForCausalLM).generate, torch.no_grad, default
                        threads; a streamer stamps the first new token
      Time to first token (TTFT) is prefill + one token pick; the decode cost per step is
      (end - TTFT) / (new_tokens - 1) per call. Generated ids are compared across peers.
-  5. Prints and writes a markdown table and raw numbers to OUT/bench.md and OUT/bench.json.
+  5. Decode steps in lockstep, for the ratios per decode step: each round opens one stream
+     per edgepeft peer (the stream peers above), takes each one's first token (untimed),
+     then times every stream's next step in a new random order for every step. Peers
+     compared this way are milliseconds apart, so the host's drift (a merged step took
+     4-7 ms within one run here) cancels out of their ratios; medians over every step.
+  6. Prints and writes a markdown table and raw numbers to OUT/bench.md and OUT/bench.json.
 
     python samples/bench_generate.py [--out bench-out/generate] [--rounds 10] [--new-tokens 64]
     python samples/bench_generate.py --rounds 2 --new-tokens 8      # smoke check
@@ -60,6 +69,7 @@ CONFIG = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_k
               intermediate_size=1376, vocab_size=8192, max_position_embeddings=512,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 PROMPT_LEN = 16
+LOWER_RANKS = (1, 8)  # adapters besides the r 16 one, on the same slots export
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
@@ -76,8 +86,8 @@ def load_llama(path: str):
     return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def make_adapter(base: str, out: str, seed: int = 1) -> str:
-    cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+def make_adapter(base: str, out: str, seed: int = 1, r: int = 16, name: str = "lora") -> str:
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM")
     model = peft.get_peft_model(load_llama(base), cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -85,7 +95,7 @@ def make_adapter(base: str, out: str, seed: int = 1) -> str:
             if "lora_B" in key:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     model.peft_config["default"].base_model_name_or_path = base
-    path = os.path.join(out, "peft", "lora")
+    path = os.path.join(out, "peft", name)
     model.save_pretrained(path)
     return path
 
@@ -128,10 +138,11 @@ def main() -> None:
     n_params = build_base(base)
     print(f"base model: {n_params / 1e6:.2f}M parameters in {base}")
     lora = make_adapter(base, out)
+    lower = {r: make_adapter(base, out, seed=1 + r, r=r, name=f"lora-r{r}") for r in LOWER_RANKS}
     for stale in ("slots", "merged", "slots-int8", "merged-int8", "slots-int4"):  # always measure exports made by this code
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     t0 = time.perf_counter()
-    rep = export([lora], os.path.join(out, "slots"))
+    rep = export([lora, *lower.values()], os.path.join(out, "slots"))
     rep_merged = export([lora], os.path.join(out, "merged"), merge=True)
     reps_int8 = [export([lora], os.path.join(out, "slots-int8"), quantize="int8"),
                  export([lora], os.path.join(out, "merged-int8"), merge=True, quantize="int8"),
@@ -175,6 +186,7 @@ def main() -> None:
         "slots_stream": lambda: stream(rt, "lora"),
         "merged_stream": lambda: stream(rt_merged, None),
         "slots_base": lambda: stream(rt, None),
+        **{f"slots_stream_r{r}": (lambda r=r: stream(rt, f"lora-r{r}")) for r in LOWER_RANKS},
         "int8_slots_stream": lambda: stream(rt_int8, "lora"),
         "int8_merged_stream": lambda: stream(rt_merged_int8, None),
         "int4_slots_stream": lambda: stream(rt_int4, "lora"),
@@ -196,13 +208,31 @@ def main() -> None:
                 raise SystemExit(f"{k}: greedy ids changed between calls")
             runs[k].append({key: v for key, v in res.items() if key != "ids"})
 
+    # 5. decode steps in lockstep
+    lock_peers = {"merged_stream": (rt_merged, None), "slots_stream": (rt, "lora"), "slots_base": (rt, None),
+                  **{f"slots_stream_r{r}": (rt, f"lora-r{r}") for r in LOWER_RANKS},
+                  "int8_slots_stream": (rt_int8, "lora"), "int8_merged_stream": (rt_merged_int8, None),
+                  "int4_slots_stream": (rt_int4, "lora")}
+    lock = {k: [] for k in lock_peers}
+    for _round in range(args.rounds):
+        streams = {k: runtime.stream(ids, adapter=a, max_new_tokens=n, eos_token_id=[]) for k, (runtime, a) in lock_peers.items()}
+        for s in streams.values():
+            next(s)  # prefill and the first token
+        for _step in range(n - 1):
+            for k in shuffle.sample(list(streams), len(streams)):
+                t = time.perf_counter()
+                next(streams[k])
+                lock[k].append(time.perf_counter() - t)
+    lock_step = {k: statistics.median(v) for k, v in lock.items()}
+
     end = {k: statistics.median(x["end"] for x in v) for k, v in runs.items()}
     ttft = {k: statistics.median(x["first"] for x in v) for k, v in runs.items() if k != "slots_generate"}
     step = {k: statistics.median((x["end"] - x["first"]) / (n - 1) for x in runs[k]) for k in ttft}
     tps = {k: n / v for k, v in end.items()}
     speedup = tps["slots_generate"] / tps["hf_peft"]
-    decode_ratio = step["slots_stream"] / step["merged_stream"]
-    lora_ratio = step["slots_stream"] / step["slots_base"]
+    decode_ratio = lock_step["slots_stream"] / lock_step["merged_stream"]
+    lora_ratio = lock_step["slots_stream"] / lock_step["slots_base"]
+    ranks = {0: "slots_base", **{r: f"slots_stream_r{r}" for r in LOWER_RANKS}, 16: "slots_stream"}
     pairs = {"slots vs HF PEFT": ("slots_generate", "hf_peft"), "slots generate vs stream": ("slots_generate", "slots_stream"),
              "merged vs slots": ("merged_stream", "slots_generate"),
              "int8 slots vs float32 slots": ("int8_slots_stream", "slots_generate"),
@@ -216,12 +246,17 @@ def main() -> None:
          f"{tps['int8_slots_stream'] / tps['hf_peft']:.2f}x", "info (int8 base weights)"),
         ("speedup: edgepeft --quantize int4 slots stream / HF PEFT float32 (tokens/s)",
          f"{tps['int4_slots_stream'] / tps['hf_peft']:.2f}x", "info (int4 base weights)"),
-        ("decode step: slots / merged", f"{decode_ratio:.3f}", "<= 1.10"),
-        ("decode step, int8: slots / merged", f"{step['int8_slots_stream'] / step['int8_merged_stream']:.3f}", "info"),
-        ("decode step: slots / same export with no adapter bound", f"{lora_ratio:.3f}", "info"),
+        ("decode step in lockstep: slots / merged", f"{decode_ratio:.3f}", "<= 1.10"),
+        ("decode step in lockstep, int8: slots / merged",
+         f"{lock_step['int8_slots_stream'] / lock_step['int8_merged_stream']:.3f}", "info"),
+        ("decode step in lockstep: slots / same export with no adapter bound", f"{lora_ratio:.3f}", "info"),
+        (f"decode step in lockstep / merged, by LoRA rank {' / '.join(map(str, ranks))} (0: no adapter bound)",
+         " / ".join(f"{lock_step[k] / lock_step['merged_stream']:.3f}" for k in ranks.values()), "info"),
+        ("decode step per call (end - first token): slots / merged", f"{step['slots_stream'] / step['merged_stream']:.3f}", "info"),
         *[(f"tokens/s {k}", f"{v:.1f}", "") for k, v in tps.items()],
         *[(f"time to first token {k} (ms)", f"{v * 1e3:.2f}", "") for k, v in ttft.items()],
-        *[(f"decode per step {k} (ms)", f"{v * 1e3:.3f}", "") for k, v in step.items()],
+        *[(f"decode per step {k} (ms), per call", f"{v * 1e3:.3f}", "") for k, v in step.items()],
+        *[(f"decode per step {k} (ms), in lockstep", f"{v * 1e3:.3f}", "") for k, v in lock_step.items()],
         *[(f"greedy ids identical: {k}", "yes" if v else f"no (first differs at token {first_diff[k]})",
            "yes" if k in ("slots vs HF PEFT", "slots generate vs stream") else "info") for k, v in same.items()],
     ]
@@ -230,7 +265,7 @@ def main() -> None:
     table = "\n".join(["| metric | value | target |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
     setup = (f"Llama {n_params / 1e6:.2f}M parameters (seeded random, {CONFIG['num_hidden_layers']} layers, hidden "
              f"{CONFIG['hidden_size']}, {CONFIG['num_attention_heads']}/{CONFIG['num_key_value_heads']} heads, vocab "
-             f"{CONFIG['vocab_size']}), LoRA r 16 all-linear ({len(rt.slots)} slots), CPU, batch 1, prompt {PROMPT_LEN} "
+             f"{CONFIG['vocab_size']}), LoRA r 16 all-linear ({len(rt.slots)} slots; r {' and r '.join(map(str, LOWER_RANKS))} adapters on the same targets), CPU, batch 1, prompt {PROMPT_LEN} "
              f"ids, {n} new tokens greedy, no eos; {args.rounds} rounds x 1 call per peer after {args.warmup} warm-up "
              f"calls; onnxruntime {rt.session.get_providers()[0]} "
              f"({'one shared spinning thread pool' if args.shared_threads else 'per-session pools spinning only during a call'}), torch "
@@ -243,7 +278,10 @@ def main() -> None:
     raw = {"command": command, "setup": setup, "args": vars(args), "parameters": n_params,
            "tokens_per_s": tps, "median_end_s": end, "median_ttft_s": ttft, "median_decode_step_s": step,
            "ratios": {"speedup_vs_hf_peft": speedup, "decode_step_slots_over_merged": decode_ratio,
-                      "decode_step_slots_over_slots_base": lora_ratio},
+                      "decode_step_slots_over_slots_base": lora_ratio,
+                      "decode_step_over_merged_by_rank": {r: lock_step[k] / lock_step["merged_stream"] for r, k in ranks.items()},
+                      "decode_step_per_call_slots_over_merged": step["slots_stream"] / step["merged_stream"]},
+           "median_lockstep_decode_step_s": lock_step, "lockstep_step_s": lock,
            "ids_identical": same, "first_difference": first_diff, "ids": tokens, "prompt": ids[0].tolist(),
            "export_s": export_s, "max_abs_diff": checks, "total_s": total_s, "per_call_s": runs, "table": table}
     with open(os.path.join(out, "bench.json"), "w") as f:
