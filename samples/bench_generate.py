@@ -7,8 +7,8 @@ What it does
      N(0, 0.02) with a fixed seed, so it is not a no-op; saved to OUT/peft/lora. Two more
      on the same targets at r 1 and r 8 (OUT/peft/lora-r1, lora-r8) show how the cost of
      the LoRA work grows with the rank.
-  3. Exports it: adapter slots (OUT/slots) and merged into the weights (OUT/merged), in float32
-     and quantized (OUT/slots-int8, OUT/merged-int8, OUT/slots-int4).
+  3. Exports them: all three into one slots export (OUT/slots); the r 16 one also merged into
+     the weights (OUT/merged), and quantized (OUT/slots-int8, OUT/merged-int8, OUT/slots-int4).
   4. Generates greedily from one prompt of 16 random ids, --new-tokens tokens, end of
      sequence disabled, so every call makes exactly that many tokens. Peers stay alive for
      the whole run and go once per round, in a new seeded random order each round (a
@@ -27,7 +27,7 @@ What it does
                        threads; a streamer stamps the first new token
      Time to first token (TTFT) is prefill + one token pick; the decode cost per step is
      (end - TTFT) / (new_tokens - 1) per call. Generated ids are compared across peers.
-  5. Decode steps in lockstep, for the ratios per decode step: each round opens one stream
+  5. Decode steps in lockstep, for the ratios per decode step: each of --rounds rounds opens one stream
      per edgepeft peer (the stream peers above), takes each one's first token (untimed),
      then times every stream's next step in a new random order for every step. Peers
      compared this way are milliseconds apart, so the host's drift (a merged step took
@@ -69,7 +69,8 @@ CONFIG = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_k
               intermediate_size=1376, vocab_size=8192, max_position_embeddings=512,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 PROMPT_LEN = 16
-LOWER_RANKS = (1, 8)  # adapters besides the r 16 one, on the same slots export
+RANK = 16  # the benchmark adapter's
+LOWER_RANKS = (1, 8)  # adapters besides it, on the same slots export
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
@@ -86,7 +87,7 @@ def load_llama(path: str):
     return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def make_adapter(base: str, out: str, seed: int = 1, r: int = 16, name: str = "lora") -> str:
+def make_adapter(base: str, out: str, seed: int = 1, r: int = RANK, name: str = "lora") -> str:
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM")
     model = peft.get_peft_model(load_llama(base), cfg)
     g = torch.Generator().manual_seed(seed)
@@ -133,16 +134,16 @@ def main() -> None:
     t_start = time.perf_counter()
     out, n = args.out, args.new_tokens
 
-    # 1-3. base, adapter, both exports
+    # 1-3. base, adapters, exports
     base = os.path.abspath(os.path.join(out, "base-model"))
     n_params = build_base(base)
     print(f"base model: {n_params / 1e6:.2f}M parameters in {base}")
     lora = make_adapter(base, out)
-    lower = {r: make_adapter(base, out, seed=1 + r, r=r, name=f"lora-r{r}") for r in LOWER_RANKS}
+    lower = [make_adapter(base, out, seed=1 + r, r=r, name=f"lora-r{r}") for r in LOWER_RANKS]
     for stale in ("slots", "merged", "slots-int8", "merged-int8", "slots-int4"):  # always measure exports made by this code
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     t0 = time.perf_counter()
-    rep = export([lora, *lower.values()], os.path.join(out, "slots"))
+    rep = export([lora, *lower], os.path.join(out, "slots"))
     rep_merged = export([lora], os.path.join(out, "merged"), merge=True)
     reps_int8 = [export([lora], os.path.join(out, "slots-int8"), quantize="int8"),
                  export([lora], os.path.join(out, "merged-int8"), merge=True, quantize="int8"),
@@ -216,13 +217,17 @@ def main() -> None:
     lock = {k: [] for k in lock_peers}
     for _round in range(args.rounds):
         streams = {k: runtime.stream(ids, adapter=a, max_new_tokens=n, eos_token_id=[]) for k, (runtime, a) in lock_peers.items()}
-        for s in streams.values():
-            next(s)  # prefill and the first token
+        made = {k: [int(next(s)[0])] for k, s in streams.items()}  # prefill and the first token: untimed
         for _step in range(n - 1):
             for k in shuffle.sample(list(streams), len(streams)):
                 t = time.perf_counter()
-                next(streams[k])
+                tok = next(streams[k])
                 lock[k].append(time.perf_counter() - t)
+                made[k].append(int(tok[0]))
+        for k, s in streams.items():
+            s.close()  # lets the stream release its adapter and cache now
+            if made[k] != tokens[k]:
+                raise SystemExit(f"{k}: greedy ids in lockstep differ from its calls'")
     lock_step = {k: statistics.median(v) for k, v in lock.items()}
 
     end = {k: statistics.median(x["end"] for x in v) for k, v in runs.items()}
@@ -232,7 +237,7 @@ def main() -> None:
     speedup = tps["slots_generate"] / tps["hf_peft"]
     decode_ratio = lock_step["slots_stream"] / lock_step["merged_stream"]
     lora_ratio = lock_step["slots_stream"] / lock_step["slots_base"]
-    ranks = {0: "slots_base", **{r: f"slots_stream_r{r}" for r in LOWER_RANKS}, 16: "slots_stream"}
+    ranks = {0: "slots_base", **{r: f"slots_stream_r{r}" for r in LOWER_RANKS}, RANK: "slots_stream"}
     pairs = {"slots vs HF PEFT": ("slots_generate", "hf_peft"), "slots generate vs stream": ("slots_generate", "slots_stream"),
              "merged vs slots": ("merged_stream", "slots_generate"),
              "int8 slots vs float32 slots": ("int8_slots_stream", "slots_generate"),
@@ -265,9 +270,10 @@ def main() -> None:
     table = "\n".join(["| metric | value | target |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows])
     setup = (f"Llama {n_params / 1e6:.2f}M parameters (seeded random, {CONFIG['num_hidden_layers']} layers, hidden "
              f"{CONFIG['hidden_size']}, {CONFIG['num_attention_heads']}/{CONFIG['num_key_value_heads']} heads, vocab "
-             f"{CONFIG['vocab_size']}), LoRA r 16 all-linear ({len(rt.slots)} slots; r {' and r '.join(map(str, LOWER_RANKS))} adapters on the same targets), CPU, batch 1, prompt {PROMPT_LEN} "
+             f"{CONFIG['vocab_size']}), LoRA r {RANK} all-linear ({len(rt.slots)} slots; r "
+             f"{' and r '.join(map(str, LOWER_RANKS))} adapters on the same targets), CPU, batch 1, prompt {PROMPT_LEN} "
              f"ids, {n} new tokens greedy, no eos; {args.rounds} rounds x 1 call per peer after {args.warmup} warm-up "
-             f"calls; onnxruntime {rt.session.get_providers()[0]} "
+             f"calls, then {args.rounds} lockstep rounds x {n - 1} steps per stream peer; onnxruntime {rt.session.get_providers()[0]} "
              f"({'one shared spinning thread pool' if args.shared_threads else 'per-session pools spinning only during a call'}), torch "
              f"{torch.__version__} with {torch.get_num_threads()} threads, transformers {transformers.__version__}, "
              f"peft {peft.__version__}, {os.cpu_count()} CPUs, load average {load_before:.2f} before / "
@@ -276,10 +282,11 @@ def main() -> None:
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write(f"# edgepeft generation benchmark\n\n`{command}`\n\n{setup}\n\n{table}\n")
     raw = {"command": command, "setup": setup, "args": vars(args), "parameters": n_params,
-           "tokens_per_s": tps, "median_end_s": end, "median_ttft_s": ttft, "median_decode_step_s": step,
-           "ratios": {"speedup_vs_hf_peft": speedup, "decode_step_slots_over_merged": decode_ratio,
-                      "decode_step_slots_over_slots_base": lora_ratio,
-                      "decode_step_over_merged_by_rank": {r: lock_step[k] / lock_step["merged_stream"] for r, k in ranks.items()},
+           "tokens_per_s": tps, "median_end_s": end, "median_ttft_s": ttft, "median_decode_step_per_call_s": step,
+           "ratios": {"speedup_vs_hf_peft": speedup, "decode_step_lockstep_slots_over_merged": decode_ratio,
+                      "decode_step_lockstep_slots_over_slots_base": lora_ratio,
+                      "decode_step_lockstep_int8_slots_over_merged": lock_step["int8_slots_stream"] / lock_step["int8_merged_stream"],
+                      "decode_step_lockstep_over_merged_by_rank": {r: lock_step[k] / lock_step["merged_stream"] for r, k in ranks.items()},
                       "decode_step_per_call_slots_over_merged": step["slots_stream"] / step["merged_stream"]},
            "median_lockstep_decode_step_s": lock_step, "lockstep_step_s": lock,
            "ids_identical": same, "first_difference": first_diff, "ids": tokens, "prompt": ids[0].tolist(),

@@ -16,7 +16,7 @@ What it does
        merged     Runtime(OUT/merged).forward()          (a1 folded into the weights)
        merged_again  a second Runtime(OUT/merged): the same graph in another session, so
                   merged_again / merged is this run's floor (two sessions of one graph
-                  differ by a few percent: where their weights sit in memory)
+                  differ by a few percent, probably where their weights sit in memory)
        int8_a1, int4_a1  a1's slots on a base exported with --quantize int8 / int4
        hf_eager   peft.PeftModel(BertModel) + a1, torch.no_grad, default threads
        all_kinds_none  a base with LoRA (a1), IA3, bottleneck, prefix and prompt slots (OUT/all-kinds), no adapter
@@ -234,6 +234,7 @@ def main() -> None:
          "info (1 up to noise)"),
         ("base with LoRA+IA3+bottleneck+prefix+prompt slots, no adapter / plain graph (merged a1)",
          f"{med['all_kinds_none'] / med['merged']:.3f}", "<= 1.05 (issue 4)"),
+        ("the same / the plain graph's second session", f"{med['all_kinds_none'] / med['merged_again']:.3f}", "info"),
         *[(f"base with {kind} slots only, no adapter / plain graph", f"{med[f'only_{kind}_none'] / med['merged']:.3f}",
            "info (issue 4: each kind's share)") for kind in rt_only],
         *[(f"all-kinds base: {kind} adapter when every call alternates lora/{kind} / {kind} every call",
@@ -266,7 +267,9 @@ def main() -> None:
         "unmerged_over_merged": ratio_merge, "a1_only_base_over_merged": med["a1_only_base"] / med["merged"], "switch_over_stay": ratio_switch,
         "switch_over_stay_a1": med["alternate_a1"] / med["slots_a1"],
         "switch_over_stay_a2": med["alternate_a2"] / med["slots_a2"], "speedup_vs_hf_eager": speedup,
-        "merged_again_over_merged": med["merged_again"] / med["merged"]},
+        "merged_again_over_merged": med["merged_again"] / med["merged"],
+        "all_kinds_none_over_merged": med["all_kinds_none"] / med["merged"],
+        "all_kinds_none_over_merged_again": med["all_kinds_none"] / med["merged_again"]},
         "disk_bytes": disk, "load_adapter_ms": load_ms, "export_s": export_s, "max_abs_diff": checks,
         "total_s": total_s, "per_call_s": times, "table": table}
     with open(os.path.join(out, "bench.json"), "w") as f:
