@@ -1,0 +1,242 @@
+"""The KV-cache I/O of decoder exports, and ``edgepeft run`` streaming.
+
+The base graph names its cache inputs and outputs as optimum does
+(``past_key_values.N.key`` in, ``present.N.key`` out) and the base manifest
+names them by pattern, expanding to exactly the graph's names. During
+generation the cache never leaves ONNX Runtime: each decode step binds the
+previous step's present OrtValues as its past, and only the logits are read
+into numpy. ``edgepeft run`` writes (and flushes) each text piece as it is
+generated, and passes every generation flag to the runtime on its own.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import PROMPT
+from edgepeft import cli as cli_module
+from edgepeft.runtimes import Runtime
+from edgepeft.runtimes.manifest import BASE_DIR, LOGITS_TO_KEEP, cache_names, read_base_manifest
+
+LAYERS = 2  # conftest's tiny llama
+PAST = [f"past_key_values.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
+PRESENT = [f"present.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
+TOKEN_INPUTS = ["input_ids", "attention_mask", "position_ids"]
+
+
+# ---------------------------------------------------------------- 1. graph I/O and manifest
+def test_decoder_graph_and_manifest_name_the_cache_as_optimum_does(text_export, text_rt):
+    """Graph inputs/outputs carry optimum's cache names, and the manifest's patterns expand to exactly them."""
+    out = text_export[0]
+    inputs = {i.name: i for i in text_rt.session.get_inputs()}
+    outputs = [o.name for o in text_rt.session.get_outputs()]
+    assert outputs == ["logits", *PRESENT]
+    assert [n for n in inputs if n not in PAST] == TOKEN_INPUTS  # required inputs: tokens, positions, the cache
+    assert [n for n in inputs if n in PAST] == PAST
+
+    manifest = read_base_manifest(os.path.join(out, BASE_DIR))
+    cache = manifest["cache"]
+    assert {k: cache[k] for k in ("past_key", "past_value", "present_key", "present_value")} == {
+        "past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value",
+        "present_key": "present.%d.key", "present_value": "present.%d.value",
+    }
+    assert cache["num_layers"] == LAYERS
+    # the patterns expand to exactly the graph's cache names, in layer order (key, value per layer)
+    graph_past = [n for n in inputs if re.fullmatch(r"past_key_values\.\d+\.(key|value)", n)]
+    graph_present = [n for n in outputs if re.fullmatch(r"present\.\d+\.(key|value)", n)]
+    assert cache_names(cache, "past") == graph_past == PAST
+    assert cache_names(cache, "present") == graph_present == PRESENT
+    # the manifest's I/O tables name them too, and the layout's sizes are the graph's
+    assert set(TOKEN_INPUTS + PAST) <= set(manifest["inputs"]) and LOGITS_TO_KEEP in manifest["inputs"]
+    assert list(manifest["outputs"]) == ["logits", *PRESENT]
+    for name in PAST:
+        batch, heads, length, dim = inputs[name].shape
+        assert isinstance(batch, str) and isinstance(length, str)  # symbolic: any batch, any past length
+        assert (heads, dim) == (cache["num_kv_heads"], cache["head_dim"]) == (2, 8)
+    # the runtime reads its cache I/O from the manifest
+    assert (text_rt._past_names, text_rt._present_names) == (PAST, PRESENT)
+
+
+# ---------------------------------------------------------------- 2. the cache stays in OrtValues
+@pytest.fixture
+def binding_spy(monkeypatch):
+    """Record every IOBinding input bind, session run, ``_run`` result and ``OrtValue.numpy`` call."""
+    log = {"events": [], "runs": [], "numpy": [], "copies": 0}
+    cls = ort.IOBinding
+    bind_cpu, bind_ortvalue, copy_out = cls.bind_cpu_input, cls.bind_ortvalue_input, cls.copy_outputs_to_cpu
+
+    def cpu(self, name, arr):
+        log["events"].append(("cpu", name, None))
+        return bind_cpu(self, name, arr)
+
+    def ortvalue(self, name, value):
+        log["events"].append(("ortvalue", name, value))
+        return bind_ortvalue(self, name, value)
+
+    def copies(self):
+        log["copies"] += 1
+        return copy_out(self)
+
+    monkeypatch.setattr(cls, "bind_cpu_input", cpu)
+    monkeypatch.setattr(cls, "bind_ortvalue_input", ortvalue)
+    monkeypatch.setattr(cls, "copy_outputs_to_cpu", copies)
+    to_numpy = ort.OrtValue.numpy
+
+    def numpy(self):
+        log["numpy"].append(self)
+        return to_numpy(self)
+
+    monkeypatch.setattr(ort.OrtValue, "numpy", numpy)
+    run = Runtime._run
+
+    def recording_run(self, *args, **kwargs):
+        outputs = run(self, *args, **kwargs)
+        log["events"].append(("run", None, None))  # closes the step: the binds before it are its own
+        log["runs"].append(list(outputs))
+        return outputs
+
+    monkeypatch.setattr(Runtime, "_run", recording_run)
+    return log
+
+
+def steps_of(events):
+    """The bind events grouped by the session run they precede."""
+    steps, current = [], []
+    for kind, name, value in events:
+        if kind == "run":
+            steps.append(current)
+            current = []
+        else:
+            current.append((kind, name, value))
+    return steps
+
+
+def assert_cache_stayed_in_ortvalues(log, runs_expected: int) -> None:
+    """The spy's record of one generation: past bound from the last presents, only logits read as numpy."""
+    runs, steps = log["runs"], steps_of(log["events"])
+    assert len(runs) == len(steps) == runs_expected  # prefill + one step per token fed back (the last is not)
+    assert all(len(r) == 1 + len(PAST) for r in runs)  # logits + every present
+    # the prefill binds the (empty) cache start from numpy: the spy does see cpu binds
+    assert [n for kind, n, _ in steps[0] if kind == "cpu"] == [*TOKEN_INPUTS, *PAST]
+    for k in range(1, runs_expected):
+        cpu = [n for kind, n, _ in steps[k] if kind == "cpu"]
+        assert cpu == TOKEN_INPUTS, f"decode step {k} bound {cpu} from numpy"
+        past = [(n, v) for kind, n, v in steps[k] if kind == "ortvalue" and n.startswith("past_key_values.")]
+        assert [n for n, _ in past] == PAST, f"decode step {k} bound past {[n for n, _ in past]}"
+        # each past is the very OrtValue the previous step returned as its present (no copy in between)
+        assert all(v is p for (_, v), p in zip(past, runs[k - 1][1:])), f"decode step {k} past is not the last presents"
+    # numpy: exactly one read per step, each of that step's logits; presents never
+    presents = [p for r in runs for p in r[1:]]
+    assert len(log["numpy"]) == runs_expected
+    assert all(a is r[0] for a, r in zip(log["numpy"], runs))
+    assert not any(v is p for v in log["numpy"] for p in presents)
+    assert log["copies"] == 0
+
+
+@pytest.mark.parametrize("adapter", ["tok", None], ids=["adapter", "base"])
+def test_generate_decode_steps_bind_the_previous_presents_and_read_only_logits(text_rt, binding_spy, adapter):
+    """After the prefill, past_key_values.* are bound as the last step's present OrtValues, never from numpy,
+    and no present is ever converted to numpy: only each step's logits are."""
+    new = 5
+    ids = np.array([[1, 10, 20, 30, 40], [0, 0, 1, 50, 60]], dtype=np.int64)  # row 1 left-padded
+    mask = (ids != 0).astype(np.int64)
+    out = text_rt.generate(ids, mask, adapter=adapter, max_new_tokens=new, eos_token_id=[])  # no early stop
+    assert out.shape == (2, ids.shape[1] + new)
+    assert_cache_stayed_in_ortvalues(binding_spy, new)
+
+
+def test_stream_text_decode_steps_keep_the_cache_in_ortvalues(text_rt, binding_spy):
+    """The text stream (what `edgepeft run` iterates) keeps the cache in OrtValues alike."""
+    pieces = list(text_rt.stream_text(PROMPT, adapter="tok", max_new_tokens=4, eos_token_id=[]))
+    assert pieces
+    assert_cache_stayed_in_ortvalues(binding_spy, 4)
+
+
+# ---------------------------------------------------------------- 3. `edgepeft run` streams
+class RecordingStdout:
+    """A text stdout that tells what was written and what was flushed."""
+
+    encoding = "utf-8"
+    errors = "strict"
+
+    def __init__(self):
+        self.written, self.flushed = "", ""
+
+    def write(self, text):
+        self.written += text
+        return len(text)
+
+    def flush(self):
+        self.flushed = self.written
+
+    def isatty(self):
+        return False
+
+    def writable(self):
+        return True
+
+
+def run_cli(monkeypatch, args):
+    """``edgepeft run`` in-process with a recording stdout.
+
+    Returns (stdout, calls): one record per ``stream_text`` call, its arguments plus the pieces it
+    yielded and, for each piece, what stdout had flushed when the piece was generated.
+    """
+    stdout = RecordingStdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    calls = []
+    real = Runtime.stream_text
+
+    def spy(self, prompt, **kwargs):
+        calls.append({"prompt": prompt, **kwargs, "before": [], "pieces": []})
+        for piece in real(self, prompt, **kwargs):
+            calls[-1]["before"].append(stdout.flushed)  # what the user saw before this piece was generated
+            calls[-1]["pieces"].append(piece)
+            yield piece
+
+    monkeypatch.setattr(Runtime, "stream_text", spy)
+    cli_module.main(["run", *map(str, args)])
+    return stdout, calls
+
+
+def test_cli_run_writes_each_piece_before_the_next_is_generated(text_export, text_rt, monkeypatch):
+    """Every text piece is written and flushed to stdout while generation is still running, not at the end."""
+    stdout, calls = run_cli(monkeypatch, [text_export[0], PROMPT, "--adapter", "tok", "--max-new-tokens", 6])
+    assert len(calls) == 1
+    pieces = calls[0]["pieces"]
+    assert len(pieces) > 2, pieces
+    assert calls[0]["before"] == ["".join(pieces[:i]) for i in range(len(pieces))]
+    assert stdout.flushed == stdout.written == "".join(pieces) + "\n"
+    assert "".join(pieces) == text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=6)
+
+
+DEFAULTS = dict(chat=False, max_new_tokens=64, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+                repetition_penalty=1.0, seed=None)
+
+
+@pytest.mark.parametrize("flags, changed", [
+    (["--top-p", "0.7"], {"top_p": 0.7}),
+    (["--do-sample", "--top-p", "0.7"], {"do_sample": True, "top_p": 0.7}),
+    (["--do-sample"], {"do_sample": True}),
+    (["--temperature", "0.5"], {"temperature": 0.5}),
+    (["--top-k", "7"], {"top_k": 7}),
+    (["--repetition-penalty", "1.3"], {"repetition_penalty": 1.3}),
+    (["--seed", "5"], {"seed": 5}),
+    (["--max-new-tokens", "3"], {"max_new_tokens": 3}),
+    (["--chat"], {"chat": True}),
+], ids=["top-p", "do-sample+top-p", "do-sample", "temperature", "top-k", "repetition-penalty", "seed",
+        "max-new-tokens", "chat"])
+def test_cli_run_passes_each_generation_flag_alone(text_export, monkeypatch, flags, changed):
+    """Each flag on its own reaches stream_text under its own name; the others keep their defaults."""
+    base_flags = [] if "--max-new-tokens" in flags else ["--max-new-tokens", "2"]
+    stdout, calls = run_cli(monkeypatch, [text_export[0], PROMPT, "--adapter", "tok", *base_flags, *flags])
+    assert len(calls) == 1
+    got = {k: v for k, v in calls[0].items() if k not in ("before", "pieces")}
+    want = {**DEFAULTS, "max_new_tokens": 2, **changed, "prompt": PROMPT, "adapter": "tok"}
+    assert got == want
+    assert stdout.written == "".join(calls[0]["pieces"]) + "\n"
