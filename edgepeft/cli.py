@@ -207,6 +207,9 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
         bench_chart(result, plot)
 
 
+SAMPLING_ONLY = ("--temperature", "--top-k", "--top-p", "--seed")  # what greedy decoding ignores
+
+
 @cli.command()
 @click.argument("out", type=click.Path())
 @click.argument("prompt")
@@ -236,6 +239,9 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
 
         raise ConfigError(f"{out}: a {rt.task} export classifies or embeds, it does not generate; drop {', '.join(given)}")
     if rt.cache:
+        idle = [f for f in given if f in SAMPLING_ONLY]
+        if idle and not do_sample:  # transformers warns alike: greedy decoding ignores them
+            click.echo(f"note: {', '.join(idle)} only apply with --do-sample; decoding greedily", err=True)
         for piece in rt.stream_text(prompt, adapter=name, chat=chat, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                     temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, seed=seed):

@@ -240,3 +240,15 @@ def test_cli_run_passes_each_generation_flag_alone(text_export, monkeypatch, fla
     want = {**DEFAULTS, "max_new_tokens": 2, **changed, "prompt": PROMPT, "adapter": "tok"}
     assert got == want
     assert stdout.written == "".join(calls[0]["pieces"]) + "\n"
+
+
+@pytest.mark.parametrize("flags, note", [
+    (["--top-p", "0.7", "--seed", "3"], "note: --top-p, --seed only apply with --do-sample; decoding greedily"),
+    (["--do-sample", "--top-p", "0.7"], ""),
+    (["--repetition-penalty", "1.3"], ""),  # applies to greedy decoding too
+])
+def test_cli_run_notes_sampling_flags_that_greedy_decoding_ignores(text_export, monkeypatch, capsys, flags, note):
+    """Sampling flags without --do-sample get a one-line note on stderr (as transformers warns); stdout stays the text."""
+    stdout, calls = run_cli(monkeypatch, [text_export[0], PROMPT, "--adapter", "tok", "--max-new-tokens", "2", *flags])
+    assert capsys.readouterr().err.strip() == note
+    assert stdout.written == "".join(calls[0]["pieces"]) + "\n"
