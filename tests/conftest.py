@@ -94,6 +94,15 @@ def randomize_adapter(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
+def randomize_bottleneck(model, seed: int, scale: float = 0.2) -> None:
+    """Random down- and up-projections for edgepeft bottleneck adapters: not the identity, so parity tests can fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_down" in name or "adapter_up" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
 @pytest.fixture(scope="session")
 def peft_adapter(workdir, tiny_base):
     """peft_adapter(arch, name, task=None, num_labels=None, seed=0, **LoraConfig kwargs) -> HF PEFT adapter dir."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import (
     _ia3_adapter,
@@ -14,6 +13,7 @@ from conftest import (
     load_reference_base,
     max_diff_valid,
     peft_virtual_adapter,
+    randomize_bottleneck,
     sample_batch,
     torch_outputs,
 )
@@ -31,11 +31,7 @@ def _bottleneck_adapter(path, base: str, seed: int) -> str:
     model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"),
                                     edgepeft.BottleneckConfig(task_type="CAUSAL_LM", placement="houlsby",
                                                               non_linearity="relu", bottleneck_size=8))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adapter_down" in name or "adapter_up" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomize_bottleneck(model, seed)
     model.save_pretrained(str(path))
     return str(path)
 

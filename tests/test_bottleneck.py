@@ -13,6 +13,7 @@ from conftest import (
     default_task,
     load_reference_base,
     max_diff_valid,
+    randomize_bottleneck,
     sample_batch,
     torch_outputs,
     train_steps,
@@ -27,14 +28,6 @@ KINDS = {"houlsby": dict(placement="houlsby", non_linearity="relu", bottleneck_s
          "pfeiffer": dict(placement="pfeiffer", non_linearity="gelu", bottleneck_size=4)}
 
 
-def randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adapter_down" in name or "adapter_up" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 @pytest.fixture(scope="module")
 def bottlenecks(workdir, tiny_base):
     """{(arch, kind): adapter dir} saved by edgepeft."""
@@ -44,7 +37,7 @@ def bottlenecks(workdir, tiny_base):
         for j, (kind, kw) in enumerate(KINDS.items()):
             model = edgepeft.get_peft_model(load_reference_base(tiny_base(arch), task),
                                             edgepeft.BottleneckConfig(task_type=TASK_TYPES[task], **kw))
-            randomize(model, seed=10 * i + j)
+            randomize_bottleneck(model, seed=10 * i + j)
             path = workdir / "bottleneck" / arch / kind
             model.save_pretrained(path)
             dirs[arch, kind] = str(path)

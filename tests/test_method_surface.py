@@ -10,21 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import _ia3_adapter, load_reference_base, max_diff_valid, sample_batch, torch_outputs
+from conftest import _ia3_adapter, load_reference_base, max_diff_valid, randomize_bottleneck, sample_batch, torch_outputs
 
 import edgepeft
 
 NEW = 10  # new tokens per greedy run
 PAD = 0
-
-
-def randomize_bottleneck(model, seed):
-    """Non-zero up-projections (and random down-projections): the adapter is not the identity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adapter_down" in name or "adapter_up" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 # ---------------------------------------------------------------- 1. bottleneck save/load
@@ -36,7 +27,7 @@ def test_bottleneck_round_trip_keeps_non_linearity_and_placement(arch, placement
     config = edgepeft.BottleneckConfig(bottleneck_size=6, placement=placement, non_linearity=non_linearity,
                                        task_type="CAUSAL_LM")
     model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), config)
-    randomize_bottleneck(model, seed=17)
+    randomize_bottleneck(model, seed=17, scale=0.3)
     ids, mask = sample_batch()
     ours = torch_outputs(model.eval(), ids, mask, "logits")
     plain = torch_outputs(load_reference_base(base, "causal-lm"), ids, mask, "logits")
