@@ -85,22 +85,41 @@ def load_reference_base(path: str, task: str, num_labels: int | None = None):
     return model.eval()
 
 
-def randomize_adapter(model, seed: int) -> None:
-    """Give LoRA B and trained heads non-zero values so parity tests can fail."""
+def _randomize(model, seed: int, keys: tuple, scale: float) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_A" in name or "modules_to_save" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            if any(k in name for k in keys):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def randomize_adapter(model, seed: int) -> None:
+    """Give LoRA B and trained heads non-zero values so parity tests can fail."""
+    _randomize(model, seed, ("lora_B", "lora_A", "modules_to_save"), 0.2)
 
 
 def randomize_bottleneck(model, seed: int, scale: float = 0.2) -> None:
     """Random down- and up-projections for edgepeft bottleneck adapters: not the identity, so parity tests can fail."""
-    g = torch.Generator().manual_seed(seed)
+    _randomize(model, seed, ("adapter_down", "adapter_up"), scale)
+
+
+def hf_generate(model, ids, mask, **kwargs):
+    """HF generate -> (sequences (B, T+n), raw per-step logits (n, B, V))."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adapter_down" in name or "adapter_up" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences.numpy(), torch.stack(out.logits).float().numpy()
+
+
+def runtime_step_logits(rt, name, prompt, pmask, ids) -> np.ndarray:
+    """The runtime's prefill and cached decode steps, teacher-forced with ``ids`` (prompt + new tokens):
+    each step's last-position logits, (new tokens, B, V)."""
+    start = prompt.shape[1]
+    with rt._using(name) as plan:
+        steps = rt._steps(plan, prompt, pmask)
+        logits = [next(steps)] + [steps.send(ids[:, start + i]) for i in range(ids.shape[1] - start - 1)]
+        steps.close()
+    return np.stack(logits)
 
 
 @pytest.fixture(scope="session")
@@ -243,11 +262,7 @@ VIRTUAL_ARCHS = ["llama", "qwen2", "gpt2"]
 
 def randomize_prompt_encoder(model, seed: int, scale: float = 1.0) -> None:
     """Random prompt/prefix parameters (HF PEFT's ``prompt_encoder`` or edgepeft's) so parity tests can fail."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "prompt_encoder" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    _randomize(model, seed, ("prompt_encoder",), scale)
 
 
 def peft_virtual_adapter(path, base: str, kind: str, seed: int, task: str = "causal-lm", **kw) -> str:

@@ -14,6 +14,7 @@ from conftest import (
     max_diff_valid,
     peft_virtual_adapter,
     randomize_bottleneck,
+    runtime_step_logits,
     sample_batch,
     torch_outputs,
 )
@@ -87,16 +88,6 @@ def test_forward_switches_kind_on_every_call_and_matches_each_reference(all_kind
         assert max_diff_valid(ours, expected[name], valid) <= 1e-4, name
 
 
-def _step_logits(rt, name, prompt, pmask, ids):
-    """Every decode step's last-position logits, the runtime's cached steps fed the expected ids."""
-    with rt._using(name) as plan:
-        steps = rt._steps(plan, prompt, pmask)
-        start = prompt.shape[1]
-        logits = [next(steps)] + [steps.send(ids[:, start + i]) for i in range(ids.shape[1] - start - 1)]
-        steps.close()
-    return np.stack(logits)
-
-
 @pytest.mark.filterwarnings("ignore:Position ids are not supported")  # HF PEFT's prompt tuning drops them, as it should
 def test_greedy_generation_alternates_bottleneck_and_prefix(all_kinds):
     rt, refs = all_kinds
@@ -113,4 +104,4 @@ def test_greedy_generation_alternates_bottleneck_and_prefix(all_kinds):
         np.testing.assert_array_equal(rt.generate(prompt, pmask, adapter=name, max_new_tokens=new, eos_token_id=[]),
                                       ids, err_msg=str(name))
         # ids alone can hide a small error (a prefix's positions not shifted moves logits by ~0.03): every step too
-        assert float(np.abs(_step_logits(rt, name, prompt, pmask, ids) - steps).max()) <= 1e-4, name
+        assert float(np.abs(runtime_step_logits(rt, name, prompt, pmask, ids) - steps).max()) <= 1e-4, name

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import (
+    hf_generate,
     ADAPTER_SPECS, DECODER_ARCHS, PROMPT, TEMPLATE, decode, load_reference_base, max_diff_valid, torch_outputs,
 )
 from edgepeft.runtimes import (
@@ -47,14 +48,6 @@ def prompt_batch(seq=10, pad=3, seed=7):
     ids[1, :pad] = PAD
     mask[1, :pad] = 0
     return ids, mask
-
-
-def hf_generate(model, ids, mask, **kwargs):
-    """HF generate -> (sequences (B, T+n), raw per-step logits (n, B, V))."""
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, **kwargs)
-    return out.sequences.numpy(), torch.stack(out.logits).float().numpy()
 
 
 @pytest.fixture(scope="module")

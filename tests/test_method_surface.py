@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import _ia3_adapter, load_reference_base, max_diff_valid, randomize_bottleneck, sample_batch, torch_outputs
+from conftest import _ia3_adapter, hf_generate, load_reference_base, max_diff_valid, randomize_bottleneck, sample_batch, torch_outputs
 
 import edgepeft
 
@@ -55,11 +55,9 @@ def test_bottleneck_round_trip_keeps_non_linearity_and_placement(arch, placement
 # ---------------------------------------------------------------- 2. generate against HF PEFT
 def _generate(model, ids, mask):
     model.generation_config.eos_token_id = None  # never stop early
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             max_new_tokens=NEW, do_sample=False, pad_token_id=PAD)
+    out, _ = hf_generate(model, ids, mask, max_new_tokens=NEW, pad_token_id=PAD)
     assert out.shape == (ids.shape[0], ids.shape[1] + NEW), "stopped early: eos was not disabled"
-    return out.numpy()
+    return out
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])

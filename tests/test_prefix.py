@@ -19,6 +19,7 @@ from conftest import (
     load_reference_base,
     max_diff_valid,
     randomize_prompt_encoder,
+    runtime_step_logits,
     sample_batch,
     torch_outputs,
     train_steps,
@@ -80,10 +81,7 @@ def test_exported_prefix_matches_peft_forward_generation_and_steps(arch, name, v
     prompt, pmask = sample_batch(batch=2, seq=6, seed=7)
     expected_ids, expected_steps = greedy_reference(hf, prompt, pmask, 16)
     np.testing.assert_array_equal(rt.generate(prompt, pmask, adapter=name, max_new_tokens=16, eos_token_id=[]), expected_ids)
-    with rt._using(name) as plan:
-        steps = rt._steps(plan, prompt, pmask)
-        logits = [next(steps)] + [steps.send(expected_ids[:, 6 + i]) for i in range(15)]
-    assert float(np.abs(np.stack(logits) - expected_steps).max()) <= 1e-4
+    assert float(np.abs(runtime_step_logits(rt, name, prompt, pmask, expected_ids) - expected_steps).max()) <= 1e-4
 
 
 @pytest.mark.parametrize("arch", VIRTUAL_ARCHS)

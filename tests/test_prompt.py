@@ -16,6 +16,7 @@ from conftest import (
     max_diff_valid,
     peft_virtual_adapter,
     randomize_prompt_encoder,
+    runtime_step_logits,
     sample_batch,
     torch_outputs,
     train_steps,
@@ -116,10 +117,8 @@ def test_exported_prompt_matches_peft_forward_generation_and_steps(arch, virtual
     prompt, pmask = sample_batch(batch=2, seq=6, seed=5)
     expected_ids, expected_steps = greedy_reference(hf, prompt, pmask, 16)
     np.testing.assert_array_equal(rt.generate(prompt, pmask, adapter="prompt", max_new_tokens=16, eos_token_id=[]), expected_ids)
-    with rt._using("prompt") as plan:  # prefill and every decode step, teacher-forced with the reference ids
-        steps = rt._steps(plan, prompt, pmask)
-        logits = [next(steps)] + [steps.send(expected_ids[:, 6 + i]) for i in range(15)]
-    assert float(np.abs(np.stack(logits) - expected_steps).max()) <= 1e-4
+    # prefill and every decode step, teacher-forced with the reference ids
+    assert float(np.abs(runtime_step_logits(rt, "prompt", prompt, pmask, expected_ids) - expected_steps).max()) <= 1e-4
 
 
 def test_prompt_training_reduces_the_loss(tiny_base):
