@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError
-from .values import is_real as _real, is_whole as _whole
+from .values import is_real, is_whole
 
 
 @dataclass
@@ -30,14 +30,14 @@ class GenerationConfig:
 
     def check(self, vocab_size: int) -> None:
         """Types always; the sampling values' ranges only when sampling (greedy ignores them, as transformers does)."""
-        if not _whole(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_whole(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.do_sample, (bool, np.bool_)):
             raise ConfigError(f"do_sample must be True or False, got {self.do_sample!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
-            if not _real(getattr(self, name)):
+            if not is_real(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        if not _whole(self.top_k):
+        if not is_whole(self.top_k):
             raise ConfigError(f"top_k must be an integer, got {self.top_k!r}")
         if self.do_sample:
             if not self.temperature > 0:
@@ -48,11 +48,11 @@ class GenerationConfig:
                 raise ConfigError(f"top_p must be in [0, 1], got {self.top_p!r}")
         if not self.repetition_penalty > 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and not (_whole(self.seed) and self.seed >= 0):
+        if self.seed is not None and not (is_whole(self.seed) and self.seed >= 0):
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not all(_whole(e) for e in self.eos_token_id):
+        if not all(is_whole(e) for e in self.eos_token_id):
             raise ConfigError(f"eos_token_id must be token ids (integers), got {self.eos_token_id!r}")
-        if not (_whole(self.pad_token_id) and 0 <= self.pad_token_id < vocab_size):  # finished rows feed it back
+        if not (is_whole(self.pad_token_id) and 0 <= self.pad_token_id < vocab_size):  # finished rows feed it back
             raise ConfigError(f"pad_token_id must be a token id in [0, {vocab_size}), got {self.pad_token_id!r}")
         if not (isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop)):
             raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
