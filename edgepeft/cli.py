@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import click
 
-from edgepeft.errors import EdgePeftError
+from edgepeft.errors import EdgePeftError, TrainingInterrupted
 
 
 def _size(n: int) -> str:
@@ -57,7 +58,8 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
 @click.option("--eval", "eval_data", default=None, type=click.Path(), help="Held-out JSONL, evaluated each epoch.")
 @click.option("--out", required=True, type=click.Path(), help="Adapter folder to write (HF PEFT format, plus log and curve).")
 @click.option("--epochs", default=3, show_default=True, type=int)
-@click.option("--lr", default=5e-4, show_default=True, type=float)
+@click.option("--lr", default=None, type=float, help="Learning rate (default: the method's own, see docs/training.md).")
+@click.option("--head-lr", default=None, type=float, help="Rate of task heads trained whole, e.g. a classifier (default 3e-3).")
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
 @click.option("--max-grad-norm", default=1.0, show_default=True, type=float)
@@ -76,14 +78,14 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint (same settings).")
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT holds an earlier run's checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, grad_accum, max_grad_norm, warmup_ratio,
+def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_size, grad_accum, max_grad_norm, warmup_ratio,
           weight_decay, scheduler, max_length, mixed_precision, save, seed, logging_steps, r, alpha, target_modules, pairs,
           resume, overwrite, quiet):
     """Train an adapter on JSONL data; OUT is an HF PEFT adapter dir ready for `edgepeft export`."""
     from edgepeft.training import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        model=model, task=task, method=method, data=data, eval_data=eval_data, out=out, epochs=epochs, lr=lr,
+        model=model, task=task, method=method, data=data, eval_data=eval_data, out=out, epochs=epochs, lr=lr, head_lr=head_lr,
         batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, scheduler=scheduler, max_length=max_length, mixed_precision=mixed_precision,
         save=save, seed=seed, logging_steps=logging_steps, options=_options(method, r, alpha, target_modules, pairs),
@@ -91,11 +93,16 @@ def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, gra
     log = Trainer(args).train()
     if int(os.environ.get("RANK", "0")) != 0:  # one report from a multi-process run
         return
-    if log.get("best"):
-        b = log["best"]
-        click.echo(f"ok: best eval {b['metric']} {b['value']:.4f} at epoch {b['epoch']}; adapter in {out}")
+    b = log.get("best")
+    if b and log.get("beat_untrained") is False:
+        first = log["evals"][0]
+        click.echo(f"done, but no epoch beat the untrained adapter (eval {b['metric']} {first[b['metric']]:.4f}); "
+                   f"the best epoch, {b['epoch']}, is in {out}; {log.get('hint') or 'try another --lr or more --epochs'}")
+    elif b:
+        click.echo(f"ok: best eval {b['metric']} {b['value']:.4f} at epoch {b['epoch']} (lr {log['args']['lr']:g}); "
+                   f"adapter in {out}")
     else:
-        click.echo(f"ok: adapter in {out}")
+        click.echo(f"ok: adapter in {out} (lr {log['args']['lr']:g})")
 
 
 @cli.command()
@@ -108,12 +115,13 @@ def train(model, task, method, data, eval_data, out, epochs, lr, batch_size, gra
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, help="Store the base's weights as int8 or int4 (CPU); adapters stay float32.")
 @click.option("--qtol", default=0.2, show_default=True, help="With --quantize: tolerated relative RMS error vs PyTorch.")
 @click.option("--ort-adapter", is_flag=True, help="Also write each adapter as ONNX Runtime's .onnx_adapter (LoRA, IA3, bottleneck, heads).")
-def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter):
+@click.option("--overwrite", is_flag=True, help="Replace adapters of the same name already in OUT (refused otherwise).")
+def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter, overwrite):
     """Export adapters and their frozen base to ONNX, validated against PyTorch."""
     from edgepeft.exporters import export as run_export
 
     report = run_export(list(adapters), out, base=base, names=list(names), merge=merge, atol=atol, verbose=True,
-                        quantize=quantize, qtol=qtol, ort_adapter=ort_adapter)
+                        quantize=quantize, qtol=qtol, ort_adapter=ort_adapter, overwrite=overwrite)
     worst = max(c["max_abs_diff"] for c in report["checks"] if "relative_error" not in c)
     line = f"ok: {len(report['checks'])} checks, max |diff| vs PyTorch {worst:.2e}"
     relative = [c["relative_error"] for c in report["checks"] if "relative_error" in c]
@@ -241,14 +249,18 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     if rt.cache:
         idle = [f for f in given if f in SAMPLING_ONLY]
         if idle and not do_sample:  # transformers warns alike: greedy decoding ignores them
-            click.echo(f"note: {', '.join(idle)} only apply with --do-sample; decoding greedily", err=True)
+            verb = "only applies" if len(idle) == 1 else "only apply"
+            click.echo(f"note: {', '.join(idle)} {verb} with --do-sample; decoding greedily", err=True)
         for piece in rt.stream_text(prompt, adapter=name, chat=chat, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                     temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, seed=seed):
             click.echo(piece, nl=False)
         click.echo()
         return
-    ids, mask = rt.tokenizer.encode(prompt, pad_id=rt._pad_id())
+    if name is None and rt.task == "seq-cls" and not rt.manifest.get("merged_adapter"):
+        click.echo("note: no adapter: the base model's classifier head is untrained (random); pick a classifier with "
+                   f"--adapter ({', '.join(rt.adapter_names) or 'none in this export'})", err=True)
+    ids, mask = rt.tokenizer.encode(prompt, pad_id=rt.pad_token_id)
     result = rt.forward(ids, mask, adapter=name)
     if rt.task == "seq-cls":
         logits = result["logits"][0]
@@ -264,11 +276,38 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
                    + " ".join(f"{v:.4f}" for v in pooled[:8]) + " ...")
 
 
+def as_flags(message: str, argv) -> str:
+    """A runtime message in the command's own terms: ``adapter=None`` -> ``--adapter none``, ``max_new_tokens`` -> ``--max-new-tokens``.
+
+    The runtime's messages name its Python arguments; at the command line its users typed flags.
+    """
+    command = cli.commands.get(next((a for a in argv if not a.startswith("-")), ""), None)
+    flags = {p.name: p.opts[0] for p in (command.params if command else []) if isinstance(p, click.Option)}
+    if not flags:
+        return message
+    values = {"None": "none", "True": "", "False": ""}
+
+    def flag(m):
+        name, value = m.group(1), m.group(2)
+        if name not in flags:
+            return m.group(0)
+        if value in ("True", "False"):
+            return flags[name] if value == "True" else f"no {flags[name]}"
+        return f"{flags[name]} {values.get(value, value)}"
+
+    message = re.sub(r"\b(\w+)=(None|True|False|\w+)\b", flag, message)
+    return re.sub(r"\b([a-z]+_[a-z_]+)\b", lambda m: flags.get(m.group(1), m.group(1)), message)
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, standalone_mode=False)
+    except TrainingInterrupted as e:
+        click.echo(" ".join(str(e).split()), err=True)
+        sys.exit(130)
     except EdgePeftError as e:
-        click.echo("error: " + " ".join(str(e).split()), err=True)
+        click.echo("error: " + as_flags(" ".join(str(e).split()), argv), err=True)
         sys.exit(1)
     except OSError as e:  # the disk said no: a path that is a file, no permission, disk full
         where = f"{e.filename}: " if e.filename else ""

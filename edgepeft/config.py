@@ -50,6 +50,9 @@ class PeftConfig:
     """Fields every PEFT config has."""
 
     peft_type_name = ""  # class attribute, set by subclasses
+    # What `edgepeft train` uses when the user gives no --lr / leaves these options out (docs/training.md's table).
+    default_lr = 1e-3
+    training_defaults = {}
     # HF PEFT fields edgepeft does not model that change what the adapter computes: refused when set (others warn)
     refused_fields = frozenset()
     task_type: Optional[str] = None

@@ -25,11 +25,31 @@ def default_task(model_type: str) -> str:
     return "feature-extraction" if model_type in ENCODERS else "causal-lm"
 
 
-def load_model_config(name_or_path: str):
+def check_model_source(name_or_path: str, flag: str = "--base") -> None:
+    """Refuse, before any loading, a model given as a local path that is not a model folder.
+
+    A name that looks like a path (a separator, or starting with '.' or '~') must be a folder
+    with config.json; anything else is taken as a hub id.
+    """
+    name = str(name_or_path)
+    if not (os.path.sep in name or name.startswith((".", "~")) or os.path.exists(name)):
+        return
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        raise ArtifactNotFoundError(f"{name}: no such folder; give {flag} a local model folder (with config.json) "
+                                    "or a hub id")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ArtifactNotFoundError(f"{name}: is an adapter folder, not a model; give {flag} the base model it was "
+                                    "trained on (its adapter_config.json names it: base_model_name_or_path)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ArtifactNotFoundError(f"{name}: is not a model folder (no config.json in it); give {flag} the folder "
+                                    "that save_pretrained wrote (config.json, model.safetensors, tokenizer files)")
+
+
+def load_model_config(name_or_path: str, flag: str = "--base"):
     from transformers import AutoConfig
 
-    if os.path.sep in str(name_or_path) and not os.path.exists(name_or_path):
-        raise ArtifactNotFoundError(f"{name_or_path}: base model folder not found; pass --base with a model folder or hub id")
+    check_model_source(name_or_path, flag)
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:

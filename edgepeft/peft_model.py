@@ -133,6 +133,7 @@ class PeftModel(nn.Module):
                 if adapter_name not in holder:
                     continue
                 sub = holder[adapter_name]
+                key = key.replace(".base_layer", "")  # a layer under another method's wrapper: saved by its module's name
                 prefix = key if dict_name == "modules_to_save" else f"{key}.{dict_name}"
                 if isinstance(sub, nn.Parameter):  # a ParameterDict entry (IA3's ia3_l): saved as the dict's name
                     entries[prefix] = (module, dict_name, None)

@@ -47,6 +47,8 @@ def training_curve(log: dict, path: str) -> None:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"eval {metric}")
+        if metric == "perplexity":  # it falls by orders of magnitude early on
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     _save(fig, path)
 

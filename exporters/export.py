@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgepeft.config import LABELS_NAME, load_config
+from edgepeft.config import CONFIG_NAME, LABELS_NAME, load_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, ExportValidationError
 from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
 from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_groups, trace_conv1d_as_matmul
@@ -119,6 +119,21 @@ def _adapter_slots(model, config, groups) -> list:
     return method_for(config).slots.slot_table(model, config, groups) + HEADS.slot_table(model, config)
 
 
+def _check_recorded_bases(sources, source: str, model, task: str) -> None:
+    """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``."""
+    heads = {m for src in sources for m in HEADS.saved_modules(model, src.config)}
+    ours = None
+    for src in sources:
+        recorded = src.config.base_model_name_or_path
+        if not recorded or not os.path.isdir(recorded) or os.path.realpath(recorded) == os.path.realpath(source):
+            continue  # a hub id this machine may not have, or the same folder
+        ours = ours or weights_fingerprint(model, skip_modules=heads)
+        if weights_fingerprint(load_base(recorded, task), skip_modules=heads) != ours:
+            raise AdapterBaseMismatchError(
+                f"{src.path}: was trained on {recorded}, whose weights differ from --base {source}; export it with the "
+                "base it was trained on (drop --base), or train it again on this base")
+
+
 def _fusion_groups(model, task: str, configs) -> list[list[str]]:
     """Layers reading the same input (q/k/v, gate/up), except task heads trained whole."""
     ids, mask = sample_inputs(model.config)
@@ -149,14 +164,14 @@ def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> li
     return [allowed[k] for k in have]
 
 
-def _union(*tables) -> list:
-    seen, out = set(), []
+def slot_union(*tables) -> list:
+    """The slots of every table, each once, sorted by name: the base graph's inputs do not depend on the
+    order adapters were given in."""
+    first: dict = {}
     for table in tables:
         for s in table:
-            if s.name not in seen:
-                seen.add(s.name)
-                out.append(s)
-    return out
+            first.setdefault(s.name, s)
+    return sorted(first.values(), key=lambda s: s.name)
 
 
 def _reference(model, ids, mask, task) -> np.ndarray:
@@ -374,7 +389,7 @@ def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups
 
 
 def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose=False, quantize=None,
-           qtol=0.2, ort_adapter=False) -> dict:
+           qtol=0.2, ort_adapter=False, overwrite=False) -> dict:
     """Export adapters (HF PEFT or edgepeft dirs) and their base into ``out``.
 
     Returns a report: the base (exported or reused), each adapter's size, and the
@@ -382,9 +397,39 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     or ``"int4"`` stores the base's weights so (adapters stay float32): the float32 graph is
     validated first, then the quantized one by relative RMS error (<= ``qtol``).
     ``ort_adapter``: also write each adapter in ONNX Runtime's ``.onnx_adapter`` format
-    where that format can hold it (see ``exporters/ort_adapter.py``).
+    where that format can hold it (see ``exporters/ort_adapter.py``). An adapter already in
+    ``out`` under the same name is replaced only with ``overwrite``.
+    A failed export leaves ``out`` as it was: folders it made are removed again.
     """
     out = str(out)
+    made = [d for d in (out, os.path.join(out, ADAPTERS_DIR)) if not os.path.exists(d)]
+    try:
+        return _export(adapters, out, base, names, merge, atol, verbose, quantize, qtol, ort_adapter, overwrite)
+    except BaseException:
+        for d in reversed(made):  # the staging folders are gone already: only folders left empty are removed
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
+
+
+def _refuse_adapter_folder(out: str) -> None:
+    if os.path.isfile(os.path.join(out, CONFIG_NAME)):
+        raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "
+                          f"e.g. --out {os.path.normpath(out)}-onnx")
+
+
+def _refuse_replacing(out: str, sources, overwrite: bool) -> None:
+    """An export never replaces an adapter silently: one of the same name in OUT needs ``overwrite``."""
+    if overwrite:
+        return
+    for src in sources:
+        target = os.path.join(out, ADAPTERS_DIR, src.name)
+        if os.path.exists(target):
+            raise ConfigError(f"{target}: {out} holds an adapter named {src.name!r} already; pass --overwrite to "
+                              "replace it, or --name to export this one under another name")
+
+
+def _export(adapters, out, base, names, merge, atol, verbose, quantize, qtol, ort_adapter, overwrite) -> dict:
     log = print if verbose else (lambda *a, **k: None)
     if not adapters:
         raise ConfigError("give at least one --adapter folder")
@@ -396,6 +441,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
         check_output_dir(os.path.join(out, sub), "--out")
     sources = _read_sources(adapters, names)
+    _refuse_adapter_folder(out)
     source = _resolve_base(sources, base)
     config = load_model_config(source)
     model_type = config.model_type
@@ -403,6 +449,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     check_exportable(config, source)
     log(f"loading base {source} ({model_type}, {task})")
     model = load_base(source, task)
+    if base:
+        _check_recorded_bases(sources, source, model, task)
 
     peft = PeftModel(copy.deepcopy(model))
     for src in sources:
@@ -413,7 +461,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     existing = read_base_manifest(base_dir) if os.path.exists(os.path.join(base_dir, BASE_MANIFEST)) else None
     groups = _fusion_groups(model, task, [peft.peft_config[s.name] for s in sources])
     if merge:
-        return _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize, qtol)
+        return _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize, qtol,
+                              overwrite)
     heads = {s.module for s in (existing["slots"] if existing else []) if s.method == "head"}
     heads |= {s.module for src in sources for s in HEADS.slot_table(model, peft.peft_config[src.name])}
     weights_fp = weights_fingerprint(model, skip_modules=heads)  # the frozen weights, task heads left out
@@ -435,8 +484,9 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
                               "export into a fresh --out folder")
         groups = _keep_layout(groups, existing, base_dir, [s.name for s in sources])  # its adapters' slots need it
 
-    needed = _union(*[_adapter_slots(model, peft.peft_config[s.name], groups) for s in sources])
-    slots = _union(existing["slots"] if existing else [], needed)
+    _refuse_replacing(out, sources, overwrite)
+    needed = slot_union(*[_adapter_slots(model, peft.peft_config[s.name], groups) for s in sources])
+    slots = slot_union(existing["slots"] if existing else [], needed)
     reuse = existing is not None and (
         {s.name for s in needed} - set(existing.get("inert_slots", [])) <= {s.name for s in existing["slots"]}
     )
@@ -521,7 +571,8 @@ def _repoint_adapters(siblings: dict, base_manifest: dict) -> None:
                               sort_keys=True)
 
 
-def _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize=None, qtol=0.2) -> dict:
+def _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize=None, qtol=0.2,
+                   overwrite=False) -> dict:
     """``--merge``: one adapter folded into the weights, a plain graph with no slots."""
     if len(sources) != 1:
         raise ConfigError(f"--merge folds exactly one adapter into the base; got {len(sources)}")
@@ -529,6 +580,9 @@ def _export_merged(model, peft, sources, source, task, out, existing, atol, log,
     base_dir = os.path.join(out, BASE_DIR)
     if existing and not existing.get("merged_adapter"):
         raise ConfigError(f"{base_dir}: holds a slot base with adapters; write the --merge export to another --out folder")
+    if existing and not overwrite:
+        raise ConfigError(f"{base_dir}: holds adapter {existing['merged_adapter']!r} merged into the base already; "
+                          "pass --overwrite to replace it, or give another --out")
     merged = peft.merge_and_unload(src.name).eval()
     weights_fp = weights_fingerprint(merged)
     stage = staging_dir(out, "merged")

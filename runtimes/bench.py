@@ -6,7 +6,8 @@ round (load drifts, ratios hold):
   stay:NAME      every call with adapter NAME
   switching      every call with the next adapter in turn (NAME, NAME2, ..., none, NAME, ...),
                  ``calls`` times each per round; its times are split per adapter, so
-                 switch cost = switching[NAME] / stay[NAME]
+                 switch cost = switching[NAME] - stay[NAME], in ms, round by round: the median
+                 of the rounds' differences and their interquartile range (the run's noise)
 Plus staging (``load_adapter`` of each adapter's files, median of 3), the bytes each
 adapter keeps staged, the process's resident memory, and for causal-LM exports
 generation tokens/s per adapter (``new_tokens`` > 0). Nothing here imports torch.
@@ -95,6 +96,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     timed = interleaved(peers, rounds, calls, repeat={"switching": len(cycle)})  # switching: each adapter `calls` times
     times = {k: [dt for dt, _ in v] for k, v in timed.items()}
     split = {n: [dt for dt, ran in timed.get("switching", []) if ran == n] for n in cycle}
+    per_round = {n: _round_differences(split[n], times[f"stay:{n}"], rounds) for n in names}
     result = {
         "setup": {"base": rt.base_dir, "batch": batch, "seq": seq, "rounds": rounds, "calls": calls,
                   "providers": rt.session.get_providers(), "quantization": rt.manifest.get("quantization"),
@@ -117,6 +119,8 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
             "stay_ms": stay,
             "switching_ms": _median_ms(split[n]),
             "switch_cost": _median_ms(split[n]) / stay,
+            "switch_ms": float(np.median(per_round[n])),
+            "switch_ms_iqr": [float(q) for q in np.percentile(per_round[n], [25, 75])],
             "over_base": stay / result["none_ms"],
             "load_ms": _median_ms(load),
             "staged_bytes": int(info.get("parameter_bytes") or 0),
@@ -135,13 +139,27 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     return result
 
 
+def _round_differences(switching: list, stay: list, rounds: int) -> np.ndarray:
+    """Per round, the median switching time minus the median staying time, in ms (each round holds both peers' calls)."""
+    a, b = np.array_split(np.array(switching), rounds), np.array_split(np.array(stay), rounds)
+    return np.array([np.median(x) - np.median(y) for x, y in zip(a, b)]) * 1e3
+
+
+def switch_cost_text(a: dict) -> str:
+    """``+0.012 ms [-0.020, +0.041]``: the switch cost with the run's noise, and what it means."""
+    lo, hi = a["switch_ms_iqr"]
+    verdict = "within noise" if lo <= 0 <= hi else ("slower" if lo > 0 else "faster (noise)")
+    return f"{a['switch_ms']:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
+
+
 def table(result: dict) -> str:
     """The result as a markdown table."""
     rows = [("none (base model)", f"{result['none_ms']:.3f}", "", "1.000", "", "")]
     for n, a in result["adapters"].items():
         rows.append((f"{n} ({'+'.join(a['methods'] or [])})", f"{a['stay_ms']:.3f}", f"{a['switching_ms']:.3f}",
-                     f"{a['over_base']:.3f}", f"{a['switch_cost']:.3f}", f"{a['load_ms']:.1f} / {a['staged_bytes'] / 1024:.0f} KiB"))
-    head = ["adapter", "latency (ms)", "when switching every call (ms)", "/ base", "switch cost (x)", "load (ms) / staged"]
+                     f"{a['over_base']:.3f}", switch_cost_text(a), f"{a['load_ms']:.1f} / {a['staged_bytes'] / 1024:.0f} KiB"))
+    head = ["adapter", "latency (ms)", "when switching every call (ms)", "/ base",
+            "switch cost: ms added per call [IQR over rounds]", "load (ms) / staged"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     if result.get("tokens_per_s"):
         lines.append("")

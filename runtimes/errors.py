@@ -53,3 +53,7 @@ class ExportValidationError(EdgePeftError):
 
 class DataError(EdgePeftError):
     """A training or evaluation data file has a malformed row (the message names the file and line)."""
+
+
+class TrainingInterrupted(EdgePeftError):
+    """Training was interrupted (Ctrl-C); the message names the checkpoint and the command that resumes it."""

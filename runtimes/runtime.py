@@ -89,9 +89,7 @@ class Runtime:
     def __init__(self, path, providers=None, sess_options=None, load_adapters=True):
         base_dir = os.path.join(str(path), BASE_DIR)
         if not os.path.isdir(base_dir):
-            raise ArtifactNotFoundError(
-                f"{base_dir}: no exported base here; run `edgepeft export --adapter DIR --out {path}` first"
-            )
+            raise _not_an_export(str(path))
         self.path = str(path)
         self._open_base(base_dir, providers, sess_options)
         if load_adapters:
@@ -496,7 +494,8 @@ class Runtime:
     def tokenizer(self) -> TextTokenizer:
         """The tokenizer exported with the base (``tokenizers`` package), loaded on first use."""
         if self._tokenizer is None:
-            self._tokenizer = TextTokenizer(self.base_dir, padding_side="left" if self.cache else "right")
+            self._tokenizer = TextTokenizer(self.base_dir, padding_side="left" if self.cache else "right",
+                                            pad_id=self.pad_token_id)
         return self._tokenizer
 
     def _prompt_ids(self, prompt, chat: bool):
@@ -516,6 +515,11 @@ class Runtime:
         if ids.size == 0 or (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt is empty (it has no tokens); give some text")
         return ids, mask, single
+
+    @property
+    def pad_token_id(self) -> int:
+        """The token that pads batches and fills finished rows: the model's, else its first end-of-sequence token."""
+        return self._pad_id()
 
     def _pad_id(self, eos=None) -> int:
         pad = self.manifest.get("pad_token_id")
@@ -555,6 +559,19 @@ class Runtime:
     def _serves_base(self, name) -> bool:
         """No adapter, or the one a --merge export folded into the base: calls run the base graph as it is."""
         return name is None or name == self.manifest.get("merged_adapter")
+
+
+def _not_an_export(path: str) -> ArtifactNotFoundError:
+    """What to do with a folder that holds no export: an adapter folder gets the export command that fits it."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        out = os.path.normpath(path) + "-onnx"
+        return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
+                                     f"with `edgepeft export --adapter {path} --out {out}`, then use {out}")
+    if os.path.isfile(os.path.join(path, "adapter.json")):
+        out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
+        return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")
+    return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "
+                                 f"`edgepeft export --adapter DIR --out {path}` first")
 
 
 class _StopStrings:

@@ -27,7 +27,7 @@ def _read_text(path: str) -> str:
 class TextTokenizer:
     """``tokenizer.json`` plus ``tokenizer_config.json`` (special tokens, chat template)."""
 
-    def __init__(self, base_dir: str, padding_side: str = "left"):
+    def __init__(self, base_dir: str, padding_side: str = "left", pad_id: int = 0):
         path = os.path.join(base_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise ArtifactNotFoundError(
@@ -43,6 +43,7 @@ class TextTokenizer:
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
         self._tok.no_padding()  # we pad ourselves
         self.padding_side = padding_side
+        self.pad_id = pad_id
         self._tok.no_truncation()  # too-long prompts get a clear error, not a silent cut
         config_path = os.path.join(base_dir, "tokenizer_config.json")
         self.config = _read_json(config_path, "tokenizer config", _FIX) if os.path.isfile(config_path) else {}
@@ -57,13 +58,15 @@ class TextTokenizer:
         value = self.config.get(key)
         return value.get("content") if isinstance(value, dict) else value
 
-    def encode(self, texts, add_special_tokens: bool = True, pad_id: int = 0,
+    def encode(self, texts, add_special_tokens: bool = True, pad_id: int | None = None,
                padding_side: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Padded ids and attention mask, (B, T) int64 each.
+        """``(input_ids, attention_mask)`` for a text or a list of texts: padded, (B, T) int64 each.
 
         Left padding for generation (new tokens follow every row's last real token);
         right padding otherwise, so encoders' absolute positions start at 0 in every row.
+        ``pad_id`` defaults to the model's padding token.
         """
+        pad_id = self.pad_id if pad_id is None else pad_id
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}")

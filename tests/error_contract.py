@@ -94,9 +94,12 @@ def other_llama_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def other_export(tmp_path_factory, llama, other_llama_base):
-    """The llama 'qv' adapter exported against the other llama base."""
-    out = str(tmp_path_factory.mktemp("other-out") / "out")
-    export([llama[1]["qv"]], out, base=other_llama_base)
+    """The llama 'qv' adapter, recorded as trained on the other llama base, exported against it."""
+    root = tmp_path_factory.mktemp("other-out")
+    adapter = copy_adapter(llama[1]["qv"], root / "qv")
+    edit_json(os.path.join(adapter, "adapter_config.json"), base_model_name_or_path=other_llama_base)
+    out = str(root / "out")
+    export([adapter], out)
     return out
 
 

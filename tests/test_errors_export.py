@@ -182,13 +182,25 @@ def test_export_truncated_adapter_weights(guarded, llama, tmp_path):
     assert weights in msg
 
 
-def test_export_into_out_of_other_base_same_arch(guarded, llama, other_llama_base, tiny_base):
+def test_export_into_out_of_other_base_same_arch(guarded, llama, other_llama_base, tiny_base, tmp_path):
     """Same architecture and shapes, other weights: refused, OUT unchanged, both bases named."""
-    msg = failing_export(AdapterBaseMismatchError, [llama[1]["qv"]], guarded, base=other_llama_base,
-                         names=["intruder"])
+    path = copy_adapter(llama[1]["qv"], tmp_path / "intruder")
+    edit_json(os.path.join(path, "adapter_config.json"), base_model_name_or_path=other_llama_base)
+    msg = failing_export(AdapterBaseMismatchError, [path], guarded)
     assert os.path.join(guarded, "base") in msg
     assert other_llama_base in msg and tiny_base("llama") in msg
     assert not hidden_entries(guarded)
+
+
+def test_base_with_other_weights_than_the_adapters_recorded_base_is_refused(llama, other_llama_base, tiny_base, tmp_path):
+    """--base whose weights differ from the base the adapter was trained on: one line naming both, nothing written."""
+    out = str(tmp_path / "out")
+    msg = failing_export(AdapterBaseMismatchError, [llama[1]["qv"]], out, base=other_llama_base)
+    assert llama[1]["qv"] in msg and other_llama_base in msg and tiny_base("llama") in msg and "drop --base" in msg
+    assert not os.path.exists(out)
+    copy = str(tmp_path / "same-weights")  # another folder with the very same weights passes
+    shutil.copytree(tiny_base("llama"), copy)
+    export([llama[1]["qv"]], str(tmp_path / "ok"), base=copy)
 
 
 def test_export_into_out_of_other_arch(guarded, peft_adapter, tiny_base):
@@ -233,7 +245,7 @@ def failing_checks(monkeypatch):
 def test_failed_validation_leaves_out_byte_identical(small_copy, llama, adapter, grows_base, failing_checks):
     before = tree_hashes(small_copy)
     with pytest.raises(ExportValidationError) as e:
-        export([llama[1][adapter]], small_copy)
+        export([llama[1][adapter]], small_copy, overwrite=True)
     msg = str(e.value)
     assert "nothing was written" in msg and "--atol" in msg
     assert os.path.join(small_copy, "base") in msg  # the base check is the first to fail
@@ -257,7 +269,7 @@ def test_failed_adapter_validation_leaves_out_byte_identical(small_copy, llama, 
     monkeypatch.setattr(module, "_check", check)
     before = tree_hashes(small_copy)
     with pytest.raises(ExportValidationError) as e:
-        export([llama[1][adapter]], small_copy)
+        export([llama[1][adapter]], small_copy, overwrite=True)
     # llama is a decoder: each forward check is followed by a cached-decode check
     assert labels == ["base (no adapter)", "base (no adapter), cached decode", f"adapter {adapter}"]
     assert llama[1][adapter] in str(e.value)  # names the adapter folder
@@ -269,7 +281,7 @@ def test_zero_atol_is_exact_comparison(small_copy, llama):
     """atol=0 demands bit-exact ONNX vs PyTorch, which float reordering does not give: it must fail cleanly."""
     before = tree_hashes(small_copy)
     try:
-        export([llama[1]["qv"]], small_copy, atol=0.0)
+        export([llama[1]["qv"]], small_copy, atol=0.0, overwrite=True)
     except ExportValidationError:
         assert tree_hashes(small_copy) == before
         assert not hidden_entries(small_copy)
@@ -288,11 +300,7 @@ def test_failed_export_into_fresh_out_leaves_no_partial_export(tmp_path, llama, 
     out = str(tmp_path / "fresh")
     with pytest.raises(ExportValidationError):
         export([llama[1]["qv"]], out)
-    # Whatever is left must not look like an export: no base, no adapters, no staging.
-    assert not os.path.exists(os.path.join(out, "base"))
-    assert not os.path.exists(os.path.join(out, "adapters", "qv"))
-    if os.path.exists(out):
-        assert not hidden_entries(out), hidden_entries(out)
+    assert not os.path.exists(out)  # nothing at all: not even an empty adapters/ folder
     with pytest.raises(ArtifactNotFoundError):
         Runtime(out, providers=CPU)
 

@@ -63,6 +63,26 @@ def read_jsonl(path: str, task: str) -> list[dict]:
     return rows
 
 
+def ignored_fields(path: str, task: str) -> str | None:
+    """A note when the rows carry fields another task trains on but ``task`` ignores (a "label" for causal-lm), else None."""
+    used = {k for shape in FIELDS[task] for k in shape}
+    others = {k: t for t, shapes in FIELDS.items() for shape in shapes for k in shape if k not in used}
+    found = set()
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(row, dict):
+                found |= others.keys() & row.keys()
+    if not found:
+        return None
+    names = ", ".join(f'"{k}"' for k in sorted(found))
+    tasks = " or ".join(f"--task {t}" for t in sorted({others[k] for k in found}))
+    return f"{path}: rows carry {names}, which {task} training ignores; for a model that uses it, train with {tasks}"
+
+
 def label_names(rows: list[dict], path: str) -> list[str]:
     """Names of the classes, index = class id: sorted strings, or str(i) for integer labels 0..max."""
     values = {r["label"] for r in rows}

@@ -36,6 +36,23 @@ def wrapper_of(module: nn.Module, cls: type):
     return None
 
 
+def adapter_layer(model: nn.Module, key: str, cls: type, make) -> nn.Module:
+    """The ``cls`` adapter layer of module ``key``: the one already in its chain of wrappers, else ``make(module)``
+    put in the module's place.
+
+    One layer per method and module holds all of that method's adapters, whatever other
+    methods wrapped the module since: a second LoRA adapter added after an IA3 one joins
+    the first LoRA layer instead of wrapping the IA3 layer in another LoRA layer (whose
+    adapters the exporter would not find).
+    """
+    module = model.get_submodule(key)
+    layer = wrapper_of(module, cls)
+    if layer is None:
+        layer = make(module)
+        replace_module(model, key, layer)
+    return layer
+
+
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """HF PEFT's ``autocast_adapter_dtype``: adapters on a float16/bfloat16 base train in float32."""
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
@@ -97,8 +114,9 @@ def linear_targets(model: nn.Module, config, defaults=None) -> list[str]:
     names = [n for n in names if not name_matches(exclude, n)]
     if not names:
         model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-        raise ConfigError(f"target_modules {targets!r} matches no linear layer of this {model_type} model; "
-                          "name layers it has (e.g. q_proj, query) or use all-linear")
+        have = sorted({k.rpartition(".")[2] for k, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
+        raise ConfigError(f"target_modules {targets!r} matches no linear layer of this {model_type} model; its linear "
+                          f"layers are {', '.join(have) or 'none'} (or use all-linear)")
     return names
 
 

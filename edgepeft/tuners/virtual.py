@@ -44,7 +44,8 @@ class PromptLearningConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.num_virtual_tokens is None or self.num_virtual_tokens <= 0:  # check_types: an int or None
-            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}; "
+                              "set it (edgepeft train: --option num_virtual_tokens=8)")
 
     def fill_from(self, model_config) -> None:
         """HF PEFT's ``_prepare_prompt_learning_config``: sizes the config leaves unset come from the model."""

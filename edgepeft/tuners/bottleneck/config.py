@@ -28,6 +28,7 @@ class BottleneckConfig(PeftConfig):
     """
 
     peft_type_name = "BOTTLENECK"
+    default_lr = 1e-3
     bottleneck_size: int = 64
     placement: str = "houlsby"
     non_linearity: str = "relu"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from edgepeft.tuners.bottleneck.layer import BottleneckLinear
-from edgepeft.tuners.targets import linear_targets, replace_module, unwrapped
+from edgepeft.tuners.targets import adapter_layer, linear_targets, replace_module, unwrapped
 
 
 def bottleneck_targets(model: nn.Module, config) -> list[str]:
@@ -19,10 +19,7 @@ class BottleneckTuner:
         if config.target_modules is None:
             config.target_modules = keys  # record where the placement put them
         for key in keys:
-            module = model.get_submodule(key)
-            if not isinstance(module, BottleneckLinear):
-                module = BottleneckLinear(module)
-                replace_module(model, key, module)
+            module = adapter_layer(model, key, BottleneckLinear, BottleneckLinear)
             module.add(adapter_name, config.bottleneck_size, config.non_linearity, init=config.init_bottleneck_weights)
         return keys
 

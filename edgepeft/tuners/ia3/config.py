@@ -31,6 +31,7 @@ class IA3Config(PeftConfig):
     """
 
     peft_type_name = "IA3"
+    default_lr = 3e-3
     target_modules: Optional[Union[list, str]] = None
     exclude_modules: Optional[Union[list, str]] = None
     feedforward_modules: Optional[Union[list, str]] = None

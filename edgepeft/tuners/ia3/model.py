@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgepeft.errors import ConfigError
 from edgepeft.tuners.ia3.config import DEFAULT_IA3_FEEDFORWARD, DEFAULT_IA3_TARGETS
 from edgepeft.tuners.ia3.layer import IA3Linear
-from edgepeft.tuners.targets import innermost, linear_targets, name_matches, replace_module, unwrapped
+from edgepeft.tuners.targets import adapter_layer, innermost, linear_targets, name_matches, replace_module, unwrapped
 
 
 def ia3_targets(model: nn.Module, config) -> list[tuple[str, bool]]:
@@ -28,10 +29,11 @@ class IA3Tuner:
         if config.feedforward_modules is None:
             config.feedforward_modules = sorted(k for k, feedforward in targets if feedforward)
         for key, feedforward in targets:
-            module = model.get_submodule(key)
-            if not isinstance(module, IA3Linear):
-                module = IA3Linear(module, feedforward)
-                replace_module(model, key, module)
+            module = adapter_layer(model, key, IA3Linear, lambda m, ff=feedforward: IA3Linear(m, ff))
+            if module.is_feedforward != feedforward:  # one layer scales either its input or its output
+                mode, fix = ("output", "not list") if feedforward else ("input", "list")
+                raise ConfigError(f"{key}: another IA3 adapter of this model scales this layer's {mode}; {adapter_name!r} "
+                                  f"must {fix} it in feedforward_modules too, or go into a model of its own")
             if not isinstance(innermost(module), nn.Linear):  # GPT-2's Conv1D
                 config.fan_in_fan_out = True  # as HF PEFT records for GPT-2's Conv1D
             module.add(adapter_name, init=config.init_ia3_weights)

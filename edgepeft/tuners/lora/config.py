@@ -21,6 +21,7 @@ class LoraConfig(PeftConfig):
     """
 
     peft_type_name = "LORA"
+    default_lr = 2e-3
     refused_fields = frozenset({"alora_invocation_tokens", "layer_replication", "use_qalora", "lora_ga_config",
                                 "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config"})
     r: int = 8

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from edgepeft.tuners.lora.layer import LoraLinear
-from edgepeft.tuners.targets import innermost, linear_targets, replace_module, unwrapped
+from edgepeft.tuners.targets import adapter_layer, innermost, linear_targets, replace_module, unwrapped
 
 
 class LoraTuner:
@@ -13,10 +13,7 @@ class LoraTuner:
         """Wrap each target module (once) and add ``adapter_name``'s A/B to it."""
         keys = []
         for key in linear_targets(unwrapped(model), config):
-            module = model.get_submodule(key)
-            if not isinstance(module, LoraLinear):
-                module = LoraLinear(module)
-                replace_module(model, key, module)
+            module = adapter_layer(model, key, LoraLinear, LoraLinear)
             if module.fan_in_fan_out:
                 config.fan_in_fan_out = True  # as HF PEFT records for GPT-2's Conv1D
             r = config.rank_for(key)

@@ -20,6 +20,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     """
 
     peft_type_name = "PREFIX_TUNING"
+    default_lr = 1e-2
+    training_defaults = {"num_virtual_tokens": 8}
     encoder_hidden_size: Optional[int] = None
     prefix_projection: bool = False
     init_weights: Optional[str] = None

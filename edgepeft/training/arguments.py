@@ -1,0 +1,137 @@
+"""What a training run is asked to do: ``TrainingArguments``, the method's config, and the command that resumes it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+from dataclasses import dataclass, field
+
+from edgepeft.config import TASK_TYPES
+from edgepeft.errors import ConfigError
+from edgepeft.files import check_output_dir
+
+# Settings that may change when resuming (everything else must match the checkpoint).
+RESUMABLE = {"resume", "overwrite", "progress", "logging_steps"}
+# The learning rate of task heads trained whole (``modules_to_save``, e.g. a classifier): they start from
+# random weights, whatever the method, so they get their own rate (docs/training.md).
+HEAD_LR = 3e-3
+
+
+@dataclass
+class TrainingArguments:
+    model: str  # local folder or hub id
+    task: str  # causal-lm | seq-cls | feature-extraction
+    data: str  # train JSONL
+    out: str  # the adapter dir (plus log, curve and checkpoint)
+    method: str = "lora"  # a registered method: lora, ia3, bottleneck, ...
+    eval_data: str | None = None
+    epochs: int = 3
+    lr: float | None = None  # None: the method's default (its config's ``default_lr``)
+    head_lr: float | None = None  # task heads trained whole; None: HEAD_LR
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    scheduler: str = "linear"  # linear | cosine | constant_with_warmup
+    max_length: int = 256
+    seed: int = 0
+    logging_steps: int = 10  # a training-loss entry every N optimizer steps and at each epoch's end (one sync each)
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA that has it, else fp32) | no | bf16 | fp16
+    save: str = "best"  # best (by the eval metric; needs eval_data) | last
+    options: dict = field(default_factory=dict)  # the method config's fields: r, lora_alpha, target_modules, ...
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """Refuse bad settings before any work, and fill in the method's defaults (``lr``, ``head_lr``)."""
+        if self.task not in TASK_TYPES.values():
+            raise ConfigError(f"task {self.task!r} is not supported; use one of {', '.join(TASK_TYPES.values())}")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not 0 < self.max_grad_norm < math.inf:
+            raise ConfigError(f"--max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
+        check_output_dir(self.out, "--out")
+        from edgepeft.models import check_model_source
+
+        check_model_source(self.model, "--model")
+        if self.lr is None:
+            self.lr = find_method(self.method).config_cls.default_lr
+        if self.head_lr is None:
+            self.head_lr = HEAD_LR
+        for name in ("lr", "head_lr"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.scheduler not in ("linear", "cosine", "constant_with_warmup"):
+            raise ConfigError(f"--scheduler must be linear, cosine or constant_with_warmup, got {self.scheduler!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"--mixed-precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.save not in ("best", "last"):
+            raise ConfigError(f"--save must be best or last, got {self.save!r}")
+        if self.save == "best" and self.eval_data is None:
+            self.save = "last"  # nothing to rank epochs by
+
+    def fingerprint(self) -> dict:
+        """The settings a checkpoint was made with (paths made absolute)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE}
+        for k in ("data", "eval_data", "out"):
+            d[k] = os.path.abspath(d[k]) if d[k] else d[k]
+        if os.path.isdir(self.model):
+            d["model"] = os.path.abspath(self.model)
+        return json.loads(json.dumps(d))
+
+    def command(self, *extra: str) -> str:
+        """The ``edgepeft train`` command line for these settings (defaults left out), plus ``extra`` flags."""
+        defaults = TrainingArguments(model="", task="", data="", out="")
+        parts = ["edgepeft", "train", "--model", self.model, "--task", self.task, "--method", self.method,
+                 "--data", self.data]
+        if self.eval_data:
+            parts += ["--eval", self.eval_data]
+        parts += ["--out", self.out]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("model", "task", "method", "data", "eval_data", "out", "options", *RESUMABLE):
+                continue
+            if f.name in ("lr", "head_lr") or value != getattr(defaults, f.name):  # rates: the ones this run used
+                parts += [f"--{f.name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+        for key, value in self.options.items():
+            parts += ["--option", f"{key}={json.dumps(value)}"]
+        return " ".join(shlex.quote(p) for p in [*parts, *extra])
+
+
+def find_method(method: str):
+    """The registered method a name means: its short name (lora, ia3, ...) or HF PEFT's (prefix_tuning, PROMPT_TUNING)."""
+    from edgepeft.registry import methods
+
+    known = {m.name: m for m in methods()}
+    for m in methods():
+        known.setdefault(m.peft_type.lower(), m)
+        known.setdefault(m.peft_type.lower().split("_")[0], m)
+    found = known.get(str(method).lower())
+    if found is None:
+        raise ConfigError(f"method {method!r} is not supported; use one of {', '.join(sorted(x.name for x in methods()))}")
+    return found
+
+
+def method_config(method: str, task: str, options: dict):
+    """The config object for ``method`` with ``options`` as its fields (the method's training defaults fill the rest)."""
+    m = find_method(method)
+    fields = {f.name for f in dataclasses.fields(m.config_cls)} - {"task_type", "peft_type"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(f"{m.name} has no option {unknown[0]!r}; its options are {', '.join(sorted(fields))}")
+    task_type = {v: k for k, v in TASK_TYPES.items()}[task]
+    options = {**m.config_cls.training_defaults, **options}
+    try:
+        config = m.config_cls(task_type=task_type, **options)
+    except (TypeError, ValueError, ConfigError) as e:
+        raise ConfigError(f"invalid {m.name} options {options}: {e}") from None
+    return config

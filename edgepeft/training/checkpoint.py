@@ -1,0 +1,89 @@
+"""What survives a training run's epochs: the adapter OUT keeps, and the checkpoint ``--resume`` continues from.
+
+The checkpoint holds the trainable tensors themselves (not the saved adapter: a prefix adapter with a
+projection is saved with its MLP applied, HF PEFT's format, which cannot train on from where it stopped),
+the optimizer and scheduler, every random generator, the log and the settings it was made with.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from edgepeft.config import LABELS_NAME
+from edgepeft.errors import CorruptArtifactError
+from edgepeft.files import replace_dir, staging_dir, write_json_atomic
+
+CHECKPOINT = "checkpoint"
+STATE = "trainer_state.pt"
+
+
+def save_checkpoint(out: str, peft, fingerprint: dict, epoch: int, optimizer, scheduler, log: dict) -> None:
+    stage = staging_dir(out, "checkpoint")
+    trainable = {k: p.detach().cpu() for k, p in peft.named_parameters() if p.requires_grad}
+    torch.save({"args": fingerprint, "epoch": epoch, "trainable": trainable, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": _get_rng(), "log": log}, os.path.join(stage, STATE))
+    replace_dir(stage, os.path.join(out, CHECKPOINT))
+
+
+def read_checkpoint(out: str) -> dict | None:
+    """The state saved in OUT's checkpoint (None: there is none)."""
+    path = os.path.join(out, CHECKPOINT, STATE)
+    if not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: runs no code
+        state["args"], state["epoch"], state["trainable"]  # noqa: B018
+    except Exception as e:  # noqa: BLE001  (truncated or foreign file: torch raises many kinds)
+        raise CorruptArtifactError(f"{path}: cannot read the checkpoint ({type(e).__name__}); "
+                                   "start over with --overwrite") from None
+    return state
+
+
+def restore(peft, optimizer, scheduler, state: dict) -> None:
+    load_trainable(peft, state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng(state["rng"])
+
+
+def save_adapter(peft, directory: str, labels) -> None:
+    peft.save_pretrained(directory)
+    if labels is not None:
+        write_json_atomic(os.path.join(directory, LABELS_NAME), {"labels": labels})
+
+
+def load_trainable(peft, saved: dict) -> None:
+    """Put a checkpoint's trainable tensors back (the settings already matched, so the names do)."""
+    params = {k: p for k, p in peft.named_parameters() if p.requires_grad}
+    if params.keys() != saved.keys():
+        raise CorruptArtifactError(f"the checkpoint's trainable tensors do not match the model "
+                                   f"({len(saved)} saved, {len(params)} trainable); start over with --overwrite")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
+
+
+def checksum(params, device) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.stack([sum(p.detach().double().sum() for p in params)]).to(device)
+
+
+def _get_rng() -> dict:
+    """Every generator's state as tensors and plain data, so the checkpoint loads with weights_only."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+

@@ -1,0 +1,178 @@
+"""Export does not depend on the order of its adapters: every order of a mix of kinds writes the same files,
+and each adapter in the mix matches its own reference (HF PEFT where it runs the method, else edgepeft's
+PyTorch module with that adapter alone).
+
+The PyTorch reference that export validates against holds every adapter in one model; a second LoRA
+adapter added after an IA3 one once wrapped the IA3 layer in a new LoRA layer, and the exporter read the
+first one's tensors from the wrong layer (Llama 0.93 off, MiniLM 0.75).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from conftest import (
+    ARCHS,
+    TASK_TYPES,
+    _ia3_adapter,
+    default_task,
+    load_reference_base,
+    max_diff_valid,
+    peft_virtual_adapter,
+    randomize_adapter,
+    randomize_bottleneck,
+    randomize_prompt_encoder,
+    sample_batch,
+    torch_outputs,
+)
+
+import edgepeft
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+FIRST_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "v_proj", "down_proj"],
+                 "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value", "output.dense"]}
+FIELD = {"causal-lm": "logits", "seq-cls": "logits", "feature-extraction": "last_hidden_state"}
+PROMPT_TOKENS = 3
+
+
+def _hf_lora(path, base, task, seed, num_labels=None, **kw) -> str:
+    import peft
+
+    model = peft.get_peft_model(load_reference_base(base, task, num_labels), peft.LoraConfig(task_type=TASK_TYPES[task], **kw))
+    randomize_adapter(model, seed)
+    model.peft_config["default"].base_model_name_or_path = base
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def _hf_ia3(path, base, task, seed, num_labels=None) -> str:
+    if task == "causal-lm":
+        return _ia3_adapter(path, base, seed)
+    import peft
+    import torch
+
+    model = peft.get_peft_model(load_reference_base(base, task, num_labels), peft.IA3Config(task_type=TASK_TYPES[task]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "modules_to_save" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    model.peft_config["default"].base_model_name_or_path = base
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def _ours(path, base, task, seed, config, randomize) -> str:
+    model = edgepeft.get_peft_model(load_reference_base(base, task), config)
+    randomize(model, seed)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def _mix(root, arch: str, base: str) -> dict:
+    """{name: (adapter dir, which reference runs it: "hf" or "ours")}: LoRA, IA3, a second LoRA, bottleneck, prefix, prompt."""
+    task = default_task(arch)
+    tt = TASK_TYPES[task]
+    mix = {
+        "lora_1": (_hf_lora(root / "lora_1", base, task, 1, r=4, lora_alpha=8, target_modules=FIRST_TARGETS[arch]), "hf"),
+        "ia3": (_hf_ia3(root / "ia3", base, task, 2), "hf"),
+        "lora_2": (_hf_lora(root / "lora_2", base, task, 3, r=2, lora_alpha=4, target_modules="all-linear"), "hf"),
+        "bottleneck": (_ours(root / "bottleneck", base, task, 4, edgepeft.BottleneckConfig(task_type=tt, bottleneck_size=4),
+                             randomize_bottleneck), "ours"),
+        "prompt": (peft_virtual_adapter(root / "prompt", base, "prompt", seed=5, task=task,
+                                        num_virtual_tokens=PROMPT_TOKENS), "hf"),
+    }
+    if arch == "bert":  # HF PEFT refuses prefix tuning for encoders on transformers 5: edgepeft's module is the reference
+        config = edgepeft.PrefixTuningConfig(task_type=tt, num_virtual_tokens=2)
+        mix["prefix"] = (_ours(root / "prefix", base, task, 6, config, randomize_prompt_encoder), "ours")
+    else:
+        mix["prefix"] = (peft_virtual_adapter(root / "prefix", base, "prefix", seed=6, task=task, num_virtual_tokens=2), "hf")
+    return mix
+
+
+def _reference(base, task, path, kind, num_labels=None):
+    model = load_reference_base(base, task, num_labels)
+    if kind == "hf":
+        import peft
+
+        return peft.PeftModel.from_pretrained(model, path).eval()
+    return edgepeft.PeftModel.from_pretrained(model, path).eval()
+
+
+def _digests(out: str) -> dict:
+    found = {}
+    for root, _, files in os.walk(out):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                found[os.path.relpath(path, out)] = hashlib.sha256(fh.read()).hexdigest()
+    return found
+
+
+def _check_each(out, mix, base, task, num_labels=None):
+    rt = Runtime(out)
+    ids, mask = sample_batch(batch=2, seq=7, seed=9)
+    field = FIELD[task]
+    for name, (path, kind) in mix.items():
+        ours = rt.forward(ids, mask, adapter=name)[field]
+        ref = torch_outputs(_reference(base, task, path, kind, num_labels), ids, mask, field)
+        assert ours.shape == ref.shape, name
+        n = ours.shape[1] - ids.shape[1] if task != "seq-cls" else 0  # a prompt's tokens come first
+        valid = None if task == "seq-cls" else np.concatenate([np.ones((2, n), mask.dtype), mask], axis=1)
+        assert max_diff_valid(ours, ref, valid) <= 1e-4, name
+        plain = rt.forward(ids, mask)[field]
+        if plain.shape == ours.shape:  # the adapter acts (a prompt's output, or a head's, has another shape anyway)
+            assert max_diff_valid(ours, plain, valid) > 1e-3, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_order_of_a_mix_of_kinds_writes_the_same_files_and_each_adapter_matches_its_reference(arch, tiny_base, workdir):
+    base, task = tiny_base(arch), default_task(arch)
+    root = workdir / "order" / arch
+    mix = _mix(root, arch, base)
+    orders = [["lora_1", "ia3", "lora_2", "bottleneck", "prefix", "prompt"],  # a LoRA after IA3 after a LoRA
+              ["prompt", "prefix", "bottleneck", "lora_2", "ia3", "lora_1"]]
+    outs = []
+    for i, order in enumerate(orders):
+        out = str(root / f"out-{i}")
+        export([mix[n][0] for n in order], out, names=order)
+        outs.append(out)
+    first = _digests(outs[0])
+    assert {os.path.join("adapters", n, "adapter.onnx") for n in mix} <= set(first)
+    assert _digests(outs[1]) == first
+    _check_each(outs[0], mix, base, task)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_classifier_heads_of_mixed_kinds_export_alike_in_any_order(arch, tiny_base, workdir):
+    base, task, labels = tiny_base(arch), "seq-cls", 3
+    root = workdir / "order-heads" / arch
+    mix = {
+        "lora_1": (_hf_lora(root / "lora_1", base, task, 11, labels, r=4, lora_alpha=8, target_modules=FIRST_TARGETS[arch]), "hf"),
+        "ia3": (_hf_ia3(root / "ia3", base, task, 12, labels), "hf"),
+        "lora_2": (_hf_lora(root / "lora_2", base, task, 13, labels, r=2, lora_alpha=4, target_modules="all-linear"), "hf"),
+    }
+    outs = []
+    for i, order in enumerate((["lora_1", "ia3", "lora_2"], ["lora_2", "lora_1", "ia3"])):
+        out = str(root / f"out-{i}")
+        export([mix[n][0] for n in order], out, names=order)
+        outs.append(out)
+    assert _digests(outs[1]) == _digests(outs[0])
+    _check_each(outs[0], mix, base, task, labels)
+
+
+def test_a_second_ia3_adapter_that_scales_the_other_side_of_a_layer_is_refused(tiny_base):
+    from edgepeft.errors import ConfigError
+
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                    edgepeft.IA3Config(task_type="CAUSAL_LM", target_modules=["down_proj"],
+                                                       feedforward_modules=["down_proj"]))
+    with pytest.raises(ConfigError, match="feedforward_modules"):
+        model.add_adapter("other", edgepeft.IA3Config(task_type="CAUSAL_LM", target_modules=["down_proj"],
+                                                      feedforward_modules=[]))
