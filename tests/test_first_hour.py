@@ -1,0 +1,266 @@
+"""What a new user meets in the first hour: exports that never replace silently, training that picks the
+right epoch and says when it did not learn, and one-line errors that point the right way."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import spec_adapter
+from training_helpers import cli_error, cli_ok, seq_cls_rows, tree_hashes, write_lines
+
+from edgepeft.errors import ConfigError, TrainingInterrupted
+from edgepeft.training import Trainer, TrainingArguments, method_config
+
+
+@pytest.fixture(scope="module")
+def cls_export(tmp_path_factory, text_model):
+    """(OUT, adapter dir): a tiny BERT classifier adapter trained by edgepeft and exported."""
+    from edgepeft.cli import main
+
+    root = tmp_path_factory.mktemp("first-hour")
+    data = write_lines(root / "train.jsonl", seq_cls_rows(16))
+    adapter, out = str(root / "topic"), str(root / "out")
+    main(["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out", adapter,
+          "--epochs", "1", "--batch-size", "8", "--quiet"])
+    main(["export", "--adapter", adapter, "--out", out])
+    return out, adapter
+
+
+# --------------------------------------------------------------------------- exports never replace silently
+def test_export_under_a_name_out_holds_is_refused_until_overwrite(cls_export, capsys):
+    out, adapter = cls_export
+    before = tree_hashes(out)
+    line = cli_error(capsys, "export", "--adapter", adapter, "--out", out)
+    assert os.path.join(out, "adapters", "topic") in line and "--overwrite" in line and "--name" in line
+    assert tree_hashes(out) == before
+    # both ways the message offers work
+    assert "ok:" in cli_ok(capsys, "export", "--adapter", adapter, "--out", out, "--name", "topic2")
+    assert "ok:" in cli_ok(capsys, "export", "--adapter", adapter, "--out", out, "--overwrite")
+    from edgepeft.runtimes import Runtime
+
+    assert Runtime(out).adapter_names == ["topic", "topic2"]
+
+
+def test_export_into_an_adapter_folder_is_refused(cls_export, capsys):
+    _, adapter = cls_export
+    before = tree_hashes(adapter)
+    line = cli_error(capsys, "export", "--adapter", adapter, "--out", adapter)
+    assert adapter in line and "adapter_config.json" in line and f"--out {adapter}-onnx" in line
+    assert tree_hashes(adapter) == before
+
+
+def test_a_merged_export_is_replaced_only_with_overwrite(cls_export, tmp_path, capsys):
+    _, adapter = cls_export
+    out = str(tmp_path / "merged")
+    cli_ok(capsys, "export", "--adapter", adapter, "--out", out, "--merge")
+    before = tree_hashes(out)
+    line = cli_error(capsys, "export", "--adapter", adapter, "--out", out, "--merge")
+    assert "'topic'" in line and "--overwrite" in line
+    assert tree_hashes(out) == before
+    assert "ok:" in cli_ok(capsys, "export", "--adapter", adapter, "--out", out, "--merge", "--overwrite")
+
+
+# --------------------------------------------------------------------------- which epoch is kept, and what is said
+def _scripted(monkeypatch, evaluations):
+    """Make Trainer._evaluate return ``evaluations`` in turn (epoch 0 = before training)."""
+    queue = list(evaluations)
+    monkeypatch.setattr(Trainer, "_evaluate", lambda self, acc, model, loader: dict(queue.pop(0)))
+
+
+def _run(text_model, tmp_path, epochs, **kw):
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    args = TrainingArguments(model=text_model("bert"), task="seq-cls", data=data, eval_data=data, out=str(tmp_path / "o"),
+                             epochs=epochs, batch_size=8, options={"r": 2, "target_modules": ["query"]}, **kw)
+    return Trainer(args).train()
+
+
+def test_save_best_breaks_accuracy_ties_by_eval_loss(text_model, tmp_path, monkeypatch, capsys):
+    _scripted(monkeypatch, [{"loss": 0.70, "accuracy": 0.5}, {"loss": 0.40, "accuracy": 0.75},
+                            {"loss": 0.32, "accuracy": 1.0}, {"loss": 0.3, "accuracy": 0.9},
+                            {"loss": 0.0022, "accuracy": 1.0}])
+    log = _run(text_model, tmp_path, 4)
+    assert log["best"]["epoch"] == 4 and log["best"]["loss"] == 0.0022  # not epoch 2, tied on accuracy
+    err = "".join(capsys.readouterr())  # the epoch lines go through the progress bar's write
+    assert "epoch 2/4" in err and "epoch 4/4: eval loss 0.0022, accuracy 1.0000  (best so far)" in err
+    assert "accuracy 0.9000  (best so far)" not in err
+
+
+def test_best_so_far_is_not_claimed_below_the_untrained_score(text_model, tmp_path, monkeypatch, capsys):
+    _scripted(monkeypatch, [{"loss": 0.69, "accuracy": 0.63}, {"loss": 0.68, "accuracy": 0.5},
+                            {"loss": 0.70, "accuracy": 0.63}])
+    log = _run(text_model, tmp_path, 2)
+    err = "".join(capsys.readouterr())
+    assert "epoch 2/2: eval loss 0.7000, accuracy 0.6300" in err and "(best so far)" not in err
+    assert log["best"]["epoch"] == 2 and log["beat_untrained"] is False  # level on accuracy, worse on loss
+    assert "hardly moved (0.6900 -> 0.6800" in log["hint"] and "--lr" in log["hint"]
+
+
+def test_cli_says_plainly_when_training_did_not_beat_the_untrained_adapter(text_model, tmp_path, monkeypatch, capsys):
+    from edgepeft.cli import main
+
+    _scripted(monkeypatch, [{"loss": 0.69, "accuracy": 0.63}, {"loss": 0.69, "accuracy": 0.63}])
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    main(["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--eval", data, "--out",
+          str(tmp_path / "o"), "--epochs", "1", "--quiet"])
+    out, err = capsys.readouterr()
+    assert out.startswith("done, but no epoch beat the untrained adapter") and "ok:" not in out
+    assert "--lr" in out and err.count("note: eval loss hardly moved") == 1
+
+
+def test_each_method_has_its_own_default_rate_and_prompt_learning_its_token_count():
+    from edgepeft.registry import methods
+
+    rates = {}
+    for m in methods():
+        args = TrainingArguments(model="m", task="seq-cls", data="d.jsonl", out="o", method=m.name)
+        args.check()
+        rates[m.name] = args.lr
+        assert args.lr == m.config_cls.default_lr and args.head_lr > 0
+    assert rates["prompt"] > rates["lora"] and rates["prefix"] > rates["lora"]  # prompt learning needs far higher rates
+    assert TrainingArguments(model="m", task="seq-cls", data="d", out="o", lr=1e-4).lr == 1e-4  # given: kept
+    for method in ("prefix", "prompt"):
+        assert method_config(method, "causal-lm", {}).num_virtual_tokens == 8
+        assert method_config(method, "causal-lm", {"num_virtual_tokens": 3}).num_virtual_tokens == 3
+
+
+def test_prompt_config_without_a_token_count_names_the_option():
+    import edgepeft
+
+    with pytest.raises(ConfigError, match="num_virtual_tokens=8"):
+        edgepeft.PromptTuningConfig(task_type="CAUSAL_LM")
+
+
+def test_a_head_trains_at_its_own_rate(text_model, tmp_path, monkeypatch):
+    seen = {}
+    real = torch.optim.AdamW
+
+    def spy(groups, **kw):
+        seen["groups"] = [(len(g["params"]), g["lr"]) for g in groups]
+        return real(groups, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    _run(text_model, tmp_path, 1, lr=1e-3, head_lr=5e-3)
+    assert [lr for _, lr in seen["groups"]] == [1e-3, 5e-3] and seen["groups"][1][0] == 2  # classifier weight + bias
+
+
+def test_interrupt_in_the_first_epoch_leaves_no_folder(text_model, tmp_path, monkeypatch):
+    def interrupt(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_epoch", interrupt)
+    with pytest.raises(TrainingInterrupted, match="first epoch; nothing was saved"):
+        _run(text_model, tmp_path, 2)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_cli_interrupt_prints_one_line_and_exits_130(text_model, tmp_path, monkeypatch, capsys):
+    from edgepeft.cli import main
+
+    monkeypatch.setattr(Trainer, "_epoch", lambda self, *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out", str(tmp_path / "o"),
+              "--quiet"])
+    assert e.value.code == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"interrupted in the first epoch; nothing was saved in {tmp_path / 'o'}"]
+
+
+# --------------------------------------------------------------------------- errors that point the right way
+def test_missing_model_folder_is_named(capsys, tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
+    line = cli_error(capsys, "train", "--model", "/nope/model", "--task", "seq-cls", "--data", data, "--out",
+                     str(tmp_path / "o"))
+    assert line == ("error: /nope/model: no such folder; give --model a local model folder (with config.json) "
+                    "or a hub id")
+
+
+def test_an_adapter_folder_given_as_model_is_named(cls_export, capsys, tmp_path):
+    _, adapter = cls_export
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
+    line = cli_error(capsys, "train", "--model", adapter, "--task", "seq-cls", "--data", data, "--out", str(tmp_path / "o"))
+    assert adapter in line and "is an adapter folder" in line and "base_model_name_or_path" in line
+
+
+def test_unknown_target_modules_suggest_names_the_model_has(text_model, capsys, tmp_path):
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
+    line = cli_error(capsys, "train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data,
+                     "--out", str(tmp_path / "o"), "--target-modules", "q_proj")
+    assert "'q_proj'" in line and "query" in line and "value" in line and "dense" in line
+    assert "(e.g. q_proj" not in line
+
+
+def test_run_on_an_adapter_folder_shows_the_export_command(cls_export, capsys):
+    _, adapter = cls_export
+    line = cli_error(capsys, "run", adapter, "hi")
+    assert f"edgepeft export --adapter {adapter} --out {adapter}-onnx" in line
+    assert f"--out {adapter}`" not in line  # not the adapter folder itself as OUT
+
+
+def test_run_on_one_exported_adapter_names_its_export(cls_export, capsys):
+    out, _ = cls_export
+    line = cli_error(capsys, "run", os.path.join(out, "adapters", "topic"), "hi")
+    assert out in line and "'topic'" in line
+
+
+def test_cli_messages_name_flags_not_python_arguments(cls_export, text_export, capsys):
+    out, _ = cls_export
+    line = cli_error(capsys, "run", out, "--adapter", "nope", "hi")
+    assert "--adapter none" in line and "adapter=None" not in line
+    line = cli_error(capsys, "run", text_export[0], "--adapter", "tok", "--max-new-tokens", "0", "w10")
+    assert line.startswith("error: --max-new-tokens must be") and "max_new_tokens" not in line
+
+
+def test_sampling_note_reads_only_applies(text_export, capsys):
+    from edgepeft.cli import main
+
+    main(["run", text_export[0], "--adapter", "tok", "--max-new-tokens", "2", "--top-p", "0.5", "w10"])
+    assert "note: --top-p only applies with --do-sample; decoding greedily" in capsys.readouterr().err
+    main(["run", text_export[0], "--adapter", "tok", "--max-new-tokens", "2", "--top-p", "0.5", "--seed", "1", "w10"])
+    assert "note: --top-p, --seed only apply with --do-sample" in capsys.readouterr().err
+
+
+def test_run_without_adapter_on_a_classifier_notes_the_untrained_head(cls_export, capsys):
+    from edgepeft.cli import main
+
+    main(["run", cls_export[0], "hi"])
+    err = capsys.readouterr().err
+    assert "base model's classifier head is untrained" in err and "--adapter (topic" in err
+
+
+def test_causal_lm_training_notes_an_ignored_label_field(tmp_path):
+    from edgepeft.training.data import ignored_fields
+
+    path = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
+    note = ignored_fields(path, "causal-lm")
+    assert path in note and '"label"' in note and "--task seq-cls" in note
+    assert ignored_fields(path, "seq-cls") is None
+
+
+def test_bench_reports_the_switch_cost_in_ms_with_the_runs_noise(cls_export):
+    from edgepeft.runtimes import Runtime
+    from edgepeft.runtimes.bench import measure, table
+
+    result = measure(Runtime(cls_export[0]), rounds=4, calls=3, seq=8)
+    a = result["adapters"]["topic"]
+    lo, hi = a["switch_ms_iqr"]
+    assert lo <= hi and isinstance(a["switch_ms"], float)
+    text = table(result)
+    assert "ms added per call" in text and ("within noise" in text or "slower" in text or "faster (noise)" in text)
+
+
+def test_perplexity_is_drawn_on_a_log_axis(monkeypatch, tmp_path):
+    from edgepeft import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    log = {"args": {"method": "lora", "task": "causal-lm"}, "history": [{"step": 1, "loss": 3.0}],
+           "evals": [{"epoch": 0, "step": 0, "loss": 5.0, "perplexity": 148.0},
+                     {"epoch": 1, "step": 1, "loss": 2.0, "perplexity": 7.4}]}
+    plots.training_curve(log, str(tmp_path / "c.png"))
+    assert figures[0].axes[1].get_yscale() == "log"
