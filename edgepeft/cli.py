@@ -38,14 +38,17 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value  # a bare string
-    shorthand = {"r": ("--r", r), "lora_alpha": ("--alpha", alpha),
-                 "target_modules": ("--target-modules", target_modules if target_modules is None
-                                    or target_modules.lower() == "all-linear" else target_modules.split(","))}
-    for field, (flag, value) in shorthand.items():
+    from edgepeft.training.arguments import find_method
+
+    given = {"--r": r, "--alpha": alpha, "--target-modules": target_modules if target_modules is None
+             or target_modules.lower() == "all-linear" else target_modules.split(",")}
+    config_cls = find_method(method).config_cls
+    for flag, value in given.items():
         if value is None:
             continue
-        if method.lower() != "lora":
-            raise ConfigError(f"{flag} is a LoRA option; for {method} pass its own fields with --option KEY=VALUE")
+        field = config_cls.cli_shorthands.get(flag)  # what the method says the flag sets
+        if field is None:
+            raise ConfigError(f"{flag} is not an option of {method}; pass its fields with --option KEY=VALUE")
         options[field] = value
     return options
 
@@ -59,7 +62,7 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
 @click.option("--out", required=True, type=click.Path(), help="Adapter folder to write (HF PEFT format, plus log and curve).")
 @click.option("--epochs", default=3, show_default=True, type=int)
 @click.option("--lr", default=None, type=float, help="Learning rate (default: the method's own, see docs/training.md).")
-@click.option("--head-lr", default=None, type=float, help="Rate of task heads trained whole, e.g. a classifier (default 3e-3).")
+@click.option("--head-lr", default=None, type=float, help="Rate of task heads trained whole, e.g. a classifier (default 1e-2).")
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
 @click.option("--max-grad-norm", default=1.0, show_default=True, type=float)
@@ -232,8 +235,6 @@ SAMPLING_ONLY = ("--temperature", "--top-k", "--top-p", "--seed")  # what greedy
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, chat):
     """Generate (streamed) or classify PROMPT with an adapter of OUT."""
-    import numpy as np
-
     from edgepeft.runtimes import Runtime
 
     rt = Runtime(out)
@@ -260,19 +261,13 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     if name is None and rt.task == "seq-cls" and not rt.manifest.get("merged_adapter"):
         click.echo("note: no adapter: the base model's classifier head is untrained (random); pick a classifier with "
                    f"--adapter ({', '.join(rt.adapter_names) or 'none in this export'})", err=True)
-    ids, mask = rt.tokenizer.encode(prompt, pad_id=rt.pad_token_id)
-    result = rt.forward(ids, mask, adapter=name)
     if rt.task == "seq-cls":
-        logits = result["logits"][0]
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        labels = labels or [str(i) for i in range(len(probs))]
-        for i in np.argsort(-probs):
-            click.echo(f"{labels[i]}\t{probs[i]:.4f}")
+        scores = rt.classify(prompt, adapter=name)["scores"]
+        for label, p in sorted(scores.items(), key=lambda kv: -kv[1]):
+            click.echo(f"{label}\t{p:.4f}")
     else:
-        hidden = result["last_hidden_state"][0][-ids.shape[1]:]  # (T, hidden): a prompt's virtual tokens come first
-        pooled = hidden.mean(0)
-        click.echo(f"last_hidden_state {list(result['last_hidden_state'].shape)}; mean-pooled: "
+        pooled = rt.embed(prompt, adapter=name)
+        click.echo(f"embedding ({pooled.shape[0]} values, mean-pooled, normalized): "
                    + " ".join(f"{v:.4f}" for v in pooled[:8]) + " ...")
 
 

@@ -53,6 +53,7 @@ class PeftConfig:
     # What `edgepeft train` uses when the user gives no --lr / leaves these options out (docs/training.md's table).
     default_lr = 1e-3
     training_defaults = {}
+    cli_shorthands = {}  # `edgepeft train` flag -> the field it sets (--r -> r)
     # HF PEFT fields edgepeft does not model that change what the adapter computes: refused when set (others warn)
     refused_fields = frozenset()
     task_type: Optional[str] = None

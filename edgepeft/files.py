@@ -82,3 +82,27 @@ def replace_dir(staged: str, target: str) -> None:
     os.replace(staged, target)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class Staging:
+    """Folders built under hidden names and renamed into place by ``commit``; on leaving the ``with`` block,
+    whatever was not committed is removed (a failure leaves the targets as they were)."""
+
+    def __init__(self):
+        self.folders: list[str] = []
+
+    def new(self, parent: str, label: str) -> str:
+        folder = staging_dir(parent, label)
+        self.folders.append(folder)
+        return folder
+
+    def commit(self, staged: str, target: str) -> None:
+        replace_dir(staged, target)
+        self.folders.remove(staged)
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)

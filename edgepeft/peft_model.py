@@ -28,7 +28,8 @@ from torch import nn
 from edgepeft.config import WEIGHTS_NAME, load_config
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from edgepeft.files import write_bytes_atomic
-from edgepeft.registry import method_for
+from edgepeft.registry import AdapterLayer
+from edgepeft.tuners import method_for
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, wrap_modules_to_save
 from edgepeft.tuners.targets import replace_module
 
@@ -98,7 +99,7 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ConfigError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
         for module in self.modules():
-            if hasattr(module, "adapter_dicts"):
+            if isinstance(module, AdapterLayer):
                 module.active_adapter = adapter_name
         self.active_adapter = adapter_name
         for name, params in self._parameters_by_adapter().items():  # as HF PEFT: the active adapter trains, unless loaded frozen
@@ -110,11 +111,13 @@ class PeftModel(nn.Module):
         """{adapter: its parameters} for every adapter, in one walk of the modules (``adapter_parameters`` walks once per adapter)."""
         out = {name: [] for name in self.peft_config}
         for module in self.modules():
-            if hasattr(module, "saved_tensors"):  # its own state protocol
+            if not isinstance(module, AdapterLayer):
+                continue
+            if module.own_state:
                 for name, params in out.items():
                     params.extend(module.adapter_parameters(name).values())
                 continue
-            for dict_name in getattr(module, "adapter_dicts", ()):
+            for dict_name in module.adapter_dicts:
                 holder = getattr(module, dict_name)
                 for name, params in out.items():
                     if name in holder:
@@ -126,9 +129,9 @@ class PeftModel(nn.Module):
         """{saved key: (ModuleDict entry, parameter name)} for one adapter, in PEFT's key format."""
         entries = {}
         for key, module in self.named_modules():
-            if hasattr(module, "saved_tensors"):  # its own state protocol (_custom_state)
+            if not isinstance(module, AdapterLayer) or module.own_state:  # own state: _custom_state
                 continue
-            for dict_name in getattr(module, "adapter_dicts", ()):
+            for dict_name in module.adapter_dicts:
                 holder = getattr(module, dict_name)
                 if adapter_name not in holder:
                     continue
@@ -149,7 +152,7 @@ class PeftModel(nn.Module):
 
     def _custom_state(self) -> list:
         """(key, module) of layers that save computed tensors rather than their parameters."""
-        return [(k, m) for k, m in self.named_modules() if hasattr(m, "saved_tensors")]
+        return [(k, m) for k, m in self.named_modules() if isinstance(m, AdapterLayer) and m.own_state]
 
     def adapter_parameters(self, adapter_name: str) -> dict:
         out = {}
@@ -162,7 +165,7 @@ class PeftModel(nn.Module):
     def _saved_key(self, adapter_name: str, key: str, loading: bool = False) -> str:
         """A method whose files name the model ``base_model.`` (HF PEFT's prompt learning: no tuner
         wrapper around the model) sets ``saved_model_prefix`` on its tuner."""
-        prefix = getattr(method_for(self.peft_config[adapter_name]).tuner, "saved_model_prefix", None)
+        prefix = method_for(self.peft_config[adapter_name]).tuner.saved_model_prefix
         ours = "base_model.model."
         if prefix is None:
             return key
@@ -267,21 +270,20 @@ class PeftModel(nn.Module):
             config.save_pretrained(target, inference_mode=True)
 
     # ---------------------------------------------------------------- use
-    def _input_hook(self, name: str):
-        """The active method's tuner hook that rewrites a call's inputs (virtual tokens), or None."""
-        if self.active_adapter is None:
-            return None
-        hook = getattr(method_for(self.peft_config[self.active_adapter]).tuner, name, None)
-        return None if hook is None else (lambda *a, **k: hook(self.base_model.model, self.peft_config[self.active_adapter],
-                                                              self.active_adapter, *a, **k))
-
     def forward(self, *args, **kwargs):
-        hook = self._input_hook("forward")
-        return hook(*args, **kwargs) if hook else self.base_model.model(*args, **kwargs)
+        """The model with the active adapter; its tuner may rewrite the call's inputs (virtual tokens)."""
+        if self.active_adapter is None:
+            return self.base_model.model(*args, **kwargs)
+        name = self.active_adapter
+        return method_for(self.peft_config[name]).tuner.forward(self.base_model.model, self.peft_config[name], name,
+                                                                *args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        hook = self._input_hook("generate")
-        return hook(*args, **kwargs) if hook else self.base_model.model.generate(*args, **kwargs)
+        if self.active_adapter is None:
+            return self.base_model.model.generate(*args, **kwargs)
+        name = self.active_adapter
+        return method_for(self.peft_config[name]).tuner.generate(self.base_model.model, self.peft_config[name], name,
+                                                                 *args, **kwargs)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -298,24 +300,19 @@ class PeftModel(nn.Module):
             raise ConfigError(f"no adapter named {name!r} to merge; have {sorted(self.peft_config)}")
         model = copy.deepcopy(self.base_model.model)
         for module in model.modules():  # layers that cannot be folded (bottleneck) keep running `name`
-            if hasattr(module, "adapter_dicts"):
+            if isinstance(module, AdapterLayer):
                 module.active_adapter = name
         method_for(self.peft_config[name]).tuner.merge(model, name)
-        for key, module in list(model.named_modules()):
-            if isinstance(module, ModulesToSaveWrapper):
-                keep = module.modules_to_save[name] if name in module.modules_to_save else module.original_module
-                replace_module(model, key, keep)
-        for key, module in list(model.named_modules()):
-            if not (hasattr(module, "adapter_dicts") and hasattr(module, "base_layer")):
+        for key, module in list(model.named_modules()):  # outermost first: a wrapper goes before what it holds
+            if not isinstance(module, AdapterLayer) or not module.frozen_attr:
                 continue
-            if any(name in getattr(module, d) for d in module.adapter_dicts):
-                continue  # a non-linear adapter (bottleneck) cannot be folded: it stays, active
             try:
                 still_there = model.get_submodule(key) is module
             except AttributeError:  # inside a wrapper replaced above
                 still_there = False
-            if still_there:
-                replace_module(model, key, module.base_layer)  # another adapter's layer: not merged
+            plain = module.merged_module(name) if still_there else None
+            if plain is not None:  # None: it cannot be folded (a bottleneck): it stays, active
+                replace_module(model, key, plain)
         return model
 
 

@@ -1,23 +1,135 @@
-"""The method registry: ``peft_type`` -> what the trainer, exporter and loader need.
+"""The seam every method plugs in through: what the trainer, the exporter and the loader ask of a method.
 
-A method registers one ``Method`` from its own folder. Nothing outside a method's
-folder branches on the method's name: the PeftModel asks ``method.tuner`` to
-inject layers, and the exporter asks ``method.slots`` what slots it has.
+A method is one folder under ``edgepeft/tuners/`` (or anywhere: a test registers a toy one)
+holding a config class, a ``Tuner`` (PyTorch side) and a ``SlotSpec`` (export side), and one
+``register_method(Method(...))`` call. Nothing outside a method's folder branches on its name:
+``PeftModel`` calls the tuner's hooks, the exporter the spec's, and the runtime binds slots by
+the fields they declare. This module is a leaf: it imports no method. ``edgepeft.tuners``
+imports the built-in methods and hands out the lookups (``method_for``, ``methods``, ``spec_for``).
+
+Slot specs that no PEFT type owns (task heads: ``modules_to_save``) register with
+``register_spec(spec, every_adapter=True)``: they add their slots to every adapter.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from edgepeft.config import register_config
 from edgepeft.errors import UnsupportedMethodError
+
+
+class AdapterLayer(nn.Module):
+    """A layer that holds adapters around a frozen module.
+
+    ``adapter_dicts``: the names of its per-adapter ``ModuleDict``/``ParameterDict``s (saved by
+    ``PeftModel`` under ``<module>.<dict>.<adapter param>``, HF PEFT's keys); ``frozen_attr``: the
+    attribute holding the module it wraps; ``active_adapter``: the adapter calls use (None: none).
+    A layer whose saved state is not its parameters (virtual tokens) sets ``own_state`` and
+    implements the three ``*_tensors``/``adapter_parameters`` hooks.
+    """
+
+    adapter_dicts: tuple = ()
+    frozen_attr: str = "base_layer"
+    own_state: bool = False
+    active_adapter = None
+
+    def merged_module(self, adapter_name: str):
+        """The plain module that computes what this layer does with ``adapter_name`` active, or None when
+        it cannot be folded into one (``merge_and_unload``); by default the wrapped module when the layer
+        holds nothing of ``adapter_name``."""
+        if any(adapter_name in getattr(self, d) for d in self.adapter_dicts):
+            return None
+        return getattr(self, self.frozen_attr)
+
+    def adapter_parameters(self, adapter_name: str) -> dict:
+        """{name: parameter} that train for ``adapter_name`` (``own_state`` layers only)."""
+        raise NotImplementedError
+
+    def saved_tensors(self, adapter_name: str) -> dict:
+        """{saved key: tensor} written to ``adapter_model.safetensors`` (``own_state`` layers only)."""
+        raise NotImplementedError
+
+    def load_saved_tensors(self, adapter_name: str, state: dict, path: str) -> None:
+        """Put what ``saved_tensors`` wrote back (``own_state`` layers only)."""
+        raise NotImplementedError
+
+
+class Tuner:
+    """The PyTorch side of a method: puts its layers into a transformers model and takes them out.
+
+    ``forward``/``generate`` run a call with ``adapter_name`` active; a method that rewrites a
+    call's inputs (virtual tokens) overrides them. ``saved_model_prefix``: how the method's files
+    name the model (HF PEFT's prompt learning saves ``base_model.<module>``; None: ``base_model.model.``).
+    """
+
+    saved_model_prefix: str | None = None
+
+    def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
+        """Add ``adapter_name``'s layers (wrapping each target once); returns the module names it adapts."""
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module, adapter_name: str) -> None:
+        """Fold ``adapter_name`` into the frozen weights of ``model`` (a copy), or raise UnsupportedMethodError."""
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> list:
+        """[(module name, AdapterLayer)] of this method in ``model``."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, config, adapter_name: str, *args, **kwargs):
+        return model(*args, **kwargs)
+
+    def generate(self, model: nn.Module, config, adapter_name: str, *args, **kwargs):
+        return model.generate(*args, **kwargs)
+
+
+class SlotSpec:
+    """The export side of a method: which graph inputs (slots) it needs, how they enter the traced graph,
+    and what one adapter puts in them. See ``edgepeft.runtimes.manifest.Slot`` for the slot fields."""
+
+    name: str = ""  # the slots' ``method`` field and name prefix ("lora" -> "lora_A.<module>")
+
+    def slot_table(self, model: nn.Module, config, groups=()) -> list:
+        """The slots ``config`` needs on the plain ``model``; ``groups`` are its fused layer groups."""
+        raise NotImplementedError
+
+    def install(self, model: nn.Module, slots: list, fused: dict) -> tuple[dict, dict]:
+        """Put slot modules into ``model`` (the copy being traced; ``fused``: {group key: FusedProjection}).
+
+        Returns ({slot name: (module, role)}: the module reads its input as ``module.feed[role]``,
+        {slot name: neutral value}: what makes the slot a no-op).
+        """
+        raise NotImplementedError
+
+    def values(self, peft_model, adapter_name: str, slots: list) -> dict:
+        """{slot name: array or ``Assembled``} of ``adapter_name`` (slots it leaves out keep their neutral value)."""
+        raise NotImplementedError
+
+    def sample(self, slots: list, neutral: dict) -> dict:
+        """{slot name: tensor} to trace with: non-neutral, and sizes of 2+ so symbolic axes stay symbolic."""
+        raise NotImplementedError
+
+    def describe(self, config) -> dict:
+        """Fields for the adapter manifest (``rank``, ``alpha``, ``targets``, ...)."""
+        return {}
+
+    def unfused(self, model: nn.Module, config) -> list[str]:
+        """Layers that must stay out of fused groups (e.g. a layer whose own input is scaled)."""
+        return []
+
+    def output_axis(self, slots: list) -> str | None:
+        """The symbolic axis these slots give the task output's last dim (a head's label count), or None."""
+        return None
 
 
 @dataclass(frozen=True)
 class Method:
     name: str  # short name; also the prefix of its parameters ("lora_") and slots ("lora_A.")
     config_cls: type  # a PeftConfig subclass with peft_type_name set
-    tuner: object  # inject(model, config, adapter_name), merge(model, adapter_name), layers(model)
-    slots: object  # slot_table(model, config), install(model, slots), values(peft_model, adapter_name)
+    tuner: Tuner
+    slots: SlotSpec
 
     @property
     def peft_type(self) -> str:
@@ -25,17 +137,26 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
+_EVERY_ADAPTER: list[SlotSpec] = []
+_SPECS: dict[str, SlotSpec] = {}
 
 
 def register_method(method: Method) -> Method:
     register_config(method.config_cls)
     _METHODS[method.peft_type] = method
+    _SPECS[method.slots.name] = method.slots
     return method
 
 
-def method_for(config) -> Method:
-    import edgepeft.tuners  # noqa: F401  (registers the built-in methods)
+def register_spec(spec: SlotSpec, every_adapter: bool = True) -> SlotSpec:
+    """A slot spec no PEFT type owns; ``every_adapter``: it adds its slots to every adapter (task heads)."""
+    _SPECS[spec.name] = spec
+    if every_adapter and spec not in _EVERY_ADAPTER:
+        _EVERY_ADAPTER.append(spec)
+    return spec
 
+
+def method_for(config) -> Method:
     method = _METHODS.get(config.peft_type)
     if method is None:
         raise UnsupportedMethodError(f"peft_type {config.peft_type!r} is not supported; use one of {', '.join(sorted(_METHODS))}")
@@ -43,6 +164,14 @@ def method_for(config) -> Method:
 
 
 def methods() -> list[Method]:
-    import edgepeft.tuners  # noqa: F401
-
     return list(_METHODS.values())
+
+
+def specs_for(config) -> list[SlotSpec]:
+    """The slot specs an adapter with ``config`` fills: its method's, then those every adapter has (heads)."""
+    return [method_for(config).slots, *_EVERY_ADAPTER]
+
+
+def spec_for(name: str) -> SlotSpec:
+    """The spec whose slots carry ``method`` field ``name``."""
+    return _SPECS[name]

@@ -1,13 +1,10 @@
 """``edgepeft export``: base once, each adapter as its own small graph, all validated.
 
-    adapter dirs --> PeftModel (PyTorch reference, HF PEFT semantics)
-         |                 |
-         |   slot table    |  slot values (scaling folded, graph layout)
-         v                 v
-    OUT/base (reused when it has every slot)   OUT/adapters/<name>/adapter.onnx
-         \________ validate: Runtime vs PyTorch, max |diff| ________/
-                             |
-                 rename staged folders into place
+    adapter dirs --> resolve: the base, the task, a PeftModel holding every adapter (the PyTorch reference)
+                 --> plan slots: the union of the adapters' slot tables (OUT's base reused when it has them)
+                 --> trace base (base_graph.py)  --> write adapters (adapter_graph.py)
+                 --> validate each against PyTorch (validate.py), then the quantized base
+                 --> commit: rename the staged folders into place
 
 Everything is written into hidden staging folders under OUT and renamed into place
 only after validation passes, so a failed export leaves OUT as it was.
@@ -18,56 +15,26 @@ import copy
 import json
 import os
 import re
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-
-from edgepeft.config import CONFIG_NAME, LABELS_NAME, load_config
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, ExportValidationError
-from edgepeft.exporters.fingerprint import base_fingerprint, weights_fingerprint
-from edgepeft.exporters.fusion import fuse_groups, group_key, shared_input_groups, trace_conv1d_as_matmul
-from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph, write_adapter_graph
-from edgepeft.exporters import ort_adapter as ort_format
-from edgepeft.exporters.quantize import check_quantize, quantize_graph, relative_error
-from edgepeft.files import check_output_dir, replace_dir, staging_dir, write_json_atomic
-from edgepeft.models import (
-    cache_layout,
-    call_kwargs,
-    check_exportable,
-    default_task,
-    eos_token_ids,
-    load_base,
-    load_model_config,
-    max_positions,
-    sample_inputs,
-)
+from edgepeft.config import CONFIG_NAME
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError
+from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
+from edgepeft.exporters.base_graph import trace_base
+from edgepeft.exporters.fingerprint import weights_fingerprint
+from edgepeft.exporters.fusion import shared_input_groups
+from edgepeft.exporters.quantize import check_quantize, quantize_graph
+from edgepeft.exporters.validate import log_check, validate
+from edgepeft.files import Staging, check_output_dir, write_json_atomic
+from edgepeft.models import call_kwargs, check_exportable, check_supported, default_task, load_base, load_model_config, sample_inputs
 from edgepeft.peft_model import PeftModel
-from edgepeft.registry import method_for, methods
 from edgepeft.runtimes.manifest import (
-    ADAPTER_GRAPH,
-    ADAPTER_MANIFEST,
-    ADAPTERS_DIR,
-    adapter_dirs,
-    BASE_DIR,
-    BASE_GRAPH,
-    BASE_MANIFEST,
-    FORMAT_VERSION,
-    ORT_ADAPTER,
-    TASK_OUTPUTS,
-    read_adapter_manifest,
-    read_base_manifest,
-    sha256_file,
+    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
+    read_adapter_manifest, read_base_manifest,
 )
 from edgepeft.runtimes.runtime import Runtime
-from edgepeft.tuners.heads import CLASSIFIER_NAMES, HeadSlots
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json",
-)
-HEADS = HeadSlots()
+from edgepeft.tuners import load_config, specs_for
+from edgepeft.tuners.layout import group_key
 
 
 @dataclass
@@ -75,6 +42,106 @@ class AdapterSource:
     name: str
     path: str
     config: object
+
+
+@dataclass
+class ExportPlan:
+    """What one export works from: resolved before anything is written."""
+
+    out: str
+    sources: list  # AdapterSource, in the order given
+    source: str  # the base model: a folder or hub id
+    task: str
+    model: object  # the plain base (float32, eval)
+    peft: PeftModel  # every adapter on a copy of the base: the PyTorch reference
+    existing: dict | None  # OUT's base manifest, when there is one
+    groups: list  # fused layer groups (q|k|v, gate|up)
+    atol: float = 1e-4
+    qtol: float = 0.2
+    quantize: str | None = None
+    ort_adapter: bool = False
+    overwrite: bool = False
+    log: object = field(default=lambda *a, **k: None)
+    siblings: dict = field(default_factory=dict)  # {folder: manifest} of adapters already in OUT, when the base changes
+
+    @property
+    def base_dir(self) -> str:
+        return os.path.join(self.out, BASE_DIR)
+
+    def config(self, src: AdapterSource):
+        return self.peft.peft_config[src.name]
+
+
+def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose=False, quantize=None,
+           qtol=0.2, ort_adapter=False, overwrite=False) -> dict:
+    """Export adapters (HF PEFT or edgepeft dirs) and their base into ``out``.
+
+    Returns a report: the base (exported or reused), each adapter's size, and the
+    max difference against PyTorch for the base and every adapter. ``quantize="int8"``
+    or ``"int4"`` stores the base's weights so (adapters stay float32): the float32 graph is
+    validated first, then the quantized one by relative RMS error (<= ``qtol``).
+    ``ort_adapter``: also write each adapter in ONNX Runtime's ``.onnx_adapter`` format
+    where that format can hold it (see ``exporters/ort_adapter.py``). An adapter already in
+    ``out`` under the same name is replaced only with ``overwrite``.
+    A failed export leaves ``out`` as it was: folders it made are removed again.
+    """
+    out = str(out)
+    if not adapters:
+        raise ConfigError("give at least one --adapter folder")
+    if not atol >= 0:
+        raise ConfigError(f"--atol must be >= 0, got {atol}")
+    check_quantize(quantize)
+    if not qtol > 0:
+        raise ConfigError(f"--qtol must be > 0, got {qtol}")
+    made = [d for d in (out, os.path.join(out, ADAPTERS_DIR)) if not os.path.exists(d)]
+    try:
+        plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
+                       overwrite=overwrite, log=print if verbose else (lambda *a, **k: None))
+        if merge:
+            return export_merged(plan)
+        slots, reuse = plan_slots(plan)
+        with Staging() as staging:
+            base_stage, base_manifest = stage_base(plan, slots, reuse, staging)
+            adapter_stages = stage_adapters(plan, base_manifest, staging)
+            report = validate_float(plan, base_stage, adapter_stages, reuse, len(slots))
+            if quantize and not reuse:
+                report["checks"] += quantize_and_validate(plan, base_stage, adapter_stages)
+            commit(plan, staging, base_stage, adapter_stages, reuse)
+        plan.log(f"wrote {out}")
+        return report
+    except BaseException:
+        for d in reversed(made):  # the staging folders are gone already: only folders left empty are removed
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
+
+
+# ---------------------------------------------------------------- resolve
+def resolve(adapters, out, base, names, **options) -> ExportPlan:
+    """Read the adapters, find their base and task, load both, and check OUT can take them."""
+    for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
+        check_output_dir(os.path.join(out, sub), "--out")
+    sources = _read_sources(adapters, names)
+    if os.path.isfile(os.path.join(out, CONFIG_NAME)):
+        raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "
+                          f"e.g. --out {os.path.normpath(out)}-onnx")
+    source = _base_of(sources, base)
+    model_config = load_model_config(source)
+    task = _task_of(sources, model_config.model_type)
+    check_supported(model_config.model_type, task, source)
+    check_exportable(model_config, source)
+    options["log"](f"loading base {source} ({model_config.model_type}, {task})")
+    model = load_base(source, task)
+    if base:
+        _check_recorded_bases(sources, source, model, task)
+    peft = PeftModel(copy.deepcopy(model))
+    for src in sources:
+        peft.load_adapter(src.path, src.name)
+    peft.eval()
+    manifest = os.path.join(out, BASE_DIR, BASE_MANIFEST)
+    existing = read_base_manifest(os.path.dirname(manifest)) if os.path.exists(manifest) else None
+    groups = _fusion_groups(model, [peft.peft_config[s.name] for s in sources])
+    return ExportPlan(out, sources, source, task, model, peft, existing, groups, **options)
 
 
 def _read_sources(adapters, names) -> list[AdapterSource]:
@@ -93,7 +160,7 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
     return sources
 
 
-def _resolve_base(sources, base) -> str:
+def _base_of(sources, base) -> str:
     if base:
         return str(base)
     wanted = {s.config.base_model_name_or_path for s in sources}
@@ -101,11 +168,12 @@ def _resolve_base(sources, base) -> str:
         missing = next(s for s in sources if not s.config.base_model_name_or_path)
         raise ConfigError(f"{missing.path}: adapter_config.json names no base_model_name_or_path; pass --base MODEL")
     if len(wanted) > 1:
-        raise ConfigError(f"the adapters name different bases ({', '.join(sorted(wanted))}); export them into separate --out folders or pass --base")
+        raise ConfigError(f"the adapters name different bases ({', '.join(sorted(wanted))}); export them into separate "
+                          "--out folders or pass --base")
     return wanted.pop()
 
 
-def _resolve_task(sources, model_type: str) -> str:
+def _task_of(sources, model_type: str) -> str:
     tasks = {s.config.task or default_task(model_type) for s in sources}
     if len(tasks) > 1:
         raise ConfigError(
@@ -115,32 +183,87 @@ def _resolve_task(sources, model_type: str) -> str:
     return tasks.pop()
 
 
-def _adapter_slots(model, config, groups) -> list:
-    return method_for(config).slots.slot_table(model, config, groups) + HEADS.slot_table(model, config)
+def adapter_slots(model, config, groups=()) -> list:
+    """Every slot an adapter with ``config`` fills: its method's and those every adapter has (task heads)."""
+    return [s for spec in specs_for(config) for s in spec.slot_table(model, config, groups)]
+
+
+def _base_valued(model, configs) -> set:
+    """Modules whose base weights are only slot defaults (task heads): left out of the weights fingerprint."""
+    return {s.module for c in configs for s in adapter_slots(model, c) if s.neutral == "base"}
 
 
 def _check_recorded_bases(sources, source: str, model, task: str) -> None:
     """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``."""
-    heads = {m for src in sources for m in HEADS.saved_modules(model, src.config)}
+    skip = _base_valued(model, [s.config for s in sources])
     ours = None
     for src in sources:
         recorded = src.config.base_model_name_or_path
         if not recorded or not os.path.isdir(recorded) or os.path.realpath(recorded) == os.path.realpath(source):
             continue  # a hub id this machine may not have, or the same folder
-        ours = ours or weights_fingerprint(model, skip_modules=heads)
-        if weights_fingerprint(load_base(recorded, task), skip_modules=heads) != ours:
+        ours = ours or weights_fingerprint(model, skip_modules=skip)
+        if weights_fingerprint(load_base(recorded, task), skip_modules=skip) != ours:
             raise AdapterBaseMismatchError(
                 f"{src.path}: was trained on {recorded}, whose weights differ from --base {source}; export it with the "
                 "base it was trained on (drop --base), or train it again on this base")
 
 
-def _fusion_groups(model, task: str, configs) -> list[list[str]]:
-    """Layers reading the same input (q/k/v, gate/up), except task heads trained whole."""
+def _fusion_groups(model, configs) -> list[list[str]]:
+    """Layers reading the same input (q/k/v, gate/up), except those a spec keeps apart (heads trained whole, ...)."""
     ids, mask = sample_inputs(model.config)
     groups = shared_input_groups(model, lambda: model(input_ids=ids, attention_mask=mask, **call_kwargs(model.config)))
-    keep_apart = {m for c in configs for m in HEADS.saved_modules(model, c)}
-    keep_apart |= {m for c in configs for m in method_for(c).slots.unfused(model, c)}
+    keep_apart = {m for c in configs for spec in specs_for(c) for m in spec.unfused(model, c)}
     return [g for g in groups if not keep_apart.intersection(g)]
+
+
+# ---------------------------------------------------------------- plan slots
+def plan_slots(plan: ExportPlan) -> tuple[list, bool]:
+    """The base's slot table (OUT's and the new adapters', sorted) and whether OUT's base already serves it."""
+    configs = [plan.config(s) for s in plan.sources]
+    existing = plan.existing
+    if existing:
+        _check_existing_base(plan, configs)
+        plan.groups = _keep_layout(plan.groups, existing, plan.base_dir, [s.name for s in plan.sources])
+    if not plan.overwrite:
+        for src in plan.sources:
+            target = os.path.join(plan.out, ADAPTERS_DIR, src.name)
+            if os.path.exists(target):
+                raise ConfigError(f"{target}: {plan.out} holds an adapter named {src.name!r} already; pass --overwrite "
+                                  "to replace it, or --name to export this one under another name")
+    needed = slot_union(*[adapter_slots(plan.model, c, plan.groups) for c in configs])
+    slots = slot_union(existing["slots"] if existing else [], needed)
+    reuse = existing is not None and (
+        {s.name for s in needed} - set(existing.get("inert_slots", [])) <= {s.name for s in existing["slots"]})
+    return slots, reuse
+
+
+def slot_union(*tables) -> list:
+    """The slots of every table, each once, sorted by name: the base graph's inputs do not depend on the
+    order adapters were given in."""
+    first: dict = {}
+    for table in tables:
+        for s in table:
+            first.setdefault(s.name, s)
+    return sorted(first.values(), key=lambda s: s.name)
+
+
+def _check_existing_base(plan: ExportPlan, configs) -> None:
+    existing, base_dir = plan.existing, plan.base_dir
+    if existing.get("merged_adapter"):
+        raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")
+    skip = {s.module for s in existing["slots"] if s.neutral == "base"} | _base_valued(plan.model, configs)
+    if existing.get("weights_fingerprint") != weights_fingerprint(plan.model, skip_modules=skip) or existing["task"] != plan.task:
+        raise AdapterBaseMismatchError(
+            f"{base_dir}: was exported from {existing.get('source')} ({existing['task']}); these adapters need "
+            f"{plan.source} ({plan.task}); export them into another --out folder")
+    if existing.get("quantization") != plan.quantize:
+        have, want = existing.get("quantization") or "float32", plan.quantize or "float32"
+        raise ConfigError(f"{base_dir}: holds a {have} base, this export asks for {want} (--quantize); "
+                          "export into another --out folder")
+    if existing.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
+                          f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
+                          "export into a fresh --out folder")
 
 
 def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> list:
@@ -164,95 +287,73 @@ def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> li
     return [allowed[k] for k in have]
 
 
-def slot_union(*tables) -> list:
-    """The slots of every table, each once, sorted by name: the base graph's inputs do not depend on the
-    order adapters were given in."""
-    first: dict = {}
-    for table in tables:
-        for s in table:
-            first.setdefault(s.name, s)
-    return sorted(first.values(), key=lambda s: s.name)
+# ---------------------------------------------------------------- stage
+def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> tuple[str, dict]:
+    """OUT's base when it serves every slot, else a new base traced into a staging folder."""
+    if reuse:
+        plan.log(f"reusing {plan.base_dir} (has every slot these adapters need)")
+        return plan.base_dir, plan.existing
+    # a new base re-points the adapters already there: one that cannot be read stops the export now, OUT untouched
+    plan.siblings = {d: read_adapter_manifest(d) for name, d in adapter_dirs(plan.out).items()
+                     if name not in {s.name for s in plan.sources}}
+    stage = staging.new(plan.out, "base")
+    plan.log(f"exporting base with {len(slots)} slots to {plan.base_dir}")
+    skip = {s.module for s in slots if s.neutral == "base"}  # task heads: their base values are only defaults
+    trace_base(plan.model, slots, plan.task, stage, plan.source, weights_fingerprint(plan.model, skip_modules=skip),
+               plan.groups)
+    manifest = read_base_manifest(stage)
+    if manifest["inert_slots"]:
+        plan.log(f"note: {len(manifest['inert_slots'])} slots cannot change {TASK_OUTPUTS[plan.task]} "
+                 f"(e.g. {manifest['inert_slots'][0]}); adapter weights there are left out")
+    return stage, manifest
 
 
-def _reference(model, ids, mask, task) -> np.ndarray:
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, return_dict=True, **call_kwargs(model.config))
-    return getattr(out, TASK_OUTPUTS[task]).float().numpy()
+def stage_adapters(plan: ExportPlan, base_manifest: dict, staging: Staging) -> dict:
+    """{name: staging folder} with each adapter's graph and manifest, filling the slots the base has."""
+    usable = {s.name for s in base_manifest["slots"]}  # inert slots reach no output
+    stages = {}
+    for src in plan.sources:
+        stages[src.name] = staging.new(os.path.join(plan.out, ADAPTERS_DIR), src.name)
+        slots = [s for s in adapter_slots(plan.model, plan.config(src), plan.groups) if s.name in usable]
+        write_adapter(plan.peft, src, slots, base_manifest, stages[src.name], plan.ort_adapter)
+    return stages
 
 
-def _valid(ours: np.ndarray, ref: np.ndarray, mask, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """Both outputs at the positions that carry meaning (real tokens, not padding)."""
-    if ours.shape != ref.shape:
-        raise ExportValidationError(f"the export's output has shape {list(ours.shape)}, PyTorch's {list(ref.shape)}")
-    if task == "seq-cls" or mask is None:
-        return ours, ref
-    virtual = ours.shape[1] - mask.shape[1]  # a prompt's virtual tokens come first in the output
-    mask = np.concatenate([np.ones((mask.shape[0], virtual), mask.dtype), mask], axis=1)
-    valid = mask.astype(bool)
-    return ours[valid], ref[valid]
+# ---------------------------------------------------------------- validate
+def validate_float(plan: ExportPlan, base_stage: str, adapter_stages: dict, reuse: bool, n_slots: int) -> dict:
+    """The base alone, then each adapter, against PyTorch (a reused quantized base: by relative error)."""
+    rt = Runtime.from_base_dir(base_stage)
+    qtol = plan.qtol if rt.manifest.get("quantization") else None
+    report = {"out": plan.out, "base": {"reused": reuse, "path": plan.base_dir, "slots": n_slots}, "adapters": [],
+              "checks": [validate("base (no adapter)", rt, None, plan.model, plan.task, plan.atol, plan.base_dir, qtol=qtol)]}
+    for src in plan.sources:
+        stage = adapter_stages[src.name]
+        rt.load_adapter(stage, name=src.name)
+        plan.peft.set_adapter(src.name)
+        check = validate(f"adapter {src.name}", rt, src.name, plan.peft, plan.task, plan.atol, src.path, qtol=qtol)
+        if plan.task == "seq-cls":
+            set_labels(os.path.join(stage, ADAPTER_MANIFEST), read_labels(src.path, check["output_width"]))
+        report["checks"].append(check)
+        size = read_adapter_manifest(stage)["parameter_bytes"]
+        report["adapters"].append({"name": src.name, "path": os.path.join(plan.out, ADAPTERS_DIR, src.name),
+                                   "parameter_bytes": size, "max_abs_diff": check["max_abs_diff"]})
+        log_check(plan.log, check, src.name)
+    return report
 
 
-def _check(label: str, ours, ref, mask, task, atol, where, qtol=None) -> dict:
-    ours, ref = _valid(ours, ref, mask, task)
-    diff = float(np.abs(ours - ref).max())
-    if qtol is not None:  # a quantized graph: relative RMS error
-        rel = relative_error(ours, ref)
-        if not rel <= qtol:
-            raise ExportValidationError(
-                f"{where}: {label} differs from PyTorch by {rel:.3g} relative RMS error (tolerance {qtol:g}); nothing "
-                "was written. Export without --quantize, or loosen --qtol if this model tolerates it"
-            )
-        return {"what": label, "max_abs_diff": diff, "relative_error": rel, "tolerance": qtol}
-    tol = atol * max(1.0, float(np.abs(ref).max()))
-    if not diff <= tol:  # also catches NaN
-        raise ExportValidationError(
-            f"{where}: {label} differs from PyTorch by {diff:.3g} (tolerance {tol:.1g}); nothing was written. "
-            "Report this model with `edgepeft inspect`, or loosen --atol if the difference is expected"
-        )
-    return {"what": label, "max_abs_diff": diff, "tolerance": tol}
-
-
-def _decode_steps(rt, adapter, model, ids, mask, steps: int = 3):
-    """Prefill then ``steps`` cached decode steps, teacher-forced with PyTorch's greedy tokens.
-
-    Returns the last-position logits of every step, (steps + 1, B, V), from the
-    runtime and from PyTorch run on the whole sequence so far with positions from the
-    attention mask, as transformers' generate makes them (a PeftModel with virtual
-    tokens shifts or drops them as HF PEFT does).
-    """
-    from edgepeft.tuners.virtual import mask_positions
-
-    ours, ref = [], []
-    with rt._using(adapter) as plan, torch.no_grad():
-        runtime_steps = rt._steps(plan, ids.numpy(), mask.numpy())
-        logits = next(runtime_steps)
-        for step in range(steps + 1):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask))
-            ours.append(logits)
-            ref.append(out.logits[:, -1].float().numpy())
-            token = torch.from_numpy(ref[-1].argmax(-1)).long()  # (B,)
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-            if step < steps:
-                logits = runtime_steps.send(token.numpy())
-    return np.stack(ours), np.stack(ref)
-
-
-def _validate(label: str, rt, adapter, model, task: str, atol: float, where: str, seed: int = 1, qtol=None) -> dict:
-    """The runtime vs PyTorch on a left-padded batch: forward, and for decoders prefill + decode steps.
-
-    ``qtol``: the graph is quantized; check relative RMS error against it instead of ``atol``.
-    """
-    ids, mask = sample_inputs(model.config, seed=seed)
-    ours = rt.forward(ids.numpy(), mask.numpy(), adapter=adapter)[TASK_OUTPUTS[task]]
-    check = _check(label, ours, _reference(model, ids, mask, task), mask.numpy(), task, atol, where, qtol)
-    if rt.cache:
-        step = _check(f"{label}, cached decode", *_decode_steps(rt, adapter, model, ids, mask), None, task, atol, where, qtol)
-        check["decode_max_abs_diff"] = step["max_abs_diff"]
-        check["max_abs_diff"] = max(check["max_abs_diff"], step["max_abs_diff"])
-        if qtol is not None:
-            check["relative_error"] = max(check["relative_error"], step["relative_error"])
-    return check
+def quantize_and_validate(plan: ExportPlan, base_stage: str, adapter_stages: dict) -> list:
+    """Every float32 check passed: quantize the staged base, then check it and each adapter on it again."""
+    _quantize_stage(base_stage, plan.quantize, plan.log)
+    rt = Runtime.from_base_dir(base_stage)
+    checks = [validate(f"base (no adapter), {plan.quantize}", rt, None, plan.model, plan.task, plan.atol, plan.base_dir,
+                       qtol=plan.qtol)]
+    for src in plan.sources:
+        rt.load_adapter(adapter_stages[src.name], name=src.name)
+        plan.peft.set_adapter(src.name)
+        checks.append(validate(f"adapter {src.name}, {plan.quantize}", rt, src.name, plan.peft, plan.task, plan.atol,
+                               src.path, qtol=plan.qtol))
+        log_check(plan.log, checks[-1], f"{src.name} ({plan.quantize})")
+    return checks
 
 
 def _quantize_stage(stage: str, quantize: str, log) -> dict:
@@ -266,343 +367,50 @@ def _quantize_stage(stage: str, quantize: str, log) -> dict:
     return read_base_manifest(stage)
 
 
-def _log_check(log, check: dict, name: str) -> None:
-    if "relative_error" in check:
-        log(f"validated {name}: relative error vs PyTorch = {check['relative_error']:.2e} "
-            f"(tolerance {check['tolerance']:g}), max |diff| {check['max_abs_diff']:.2e}")
-    else:
-        log(f"validated {name}: max |diff| vs PyTorch = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")
+# ---------------------------------------------------------------- commit
+def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: dict, reuse: bool) -> None:
+    """Base first (then re-point the adapters already there to it), then the new adapters."""
+    if not reuse:
+        staging.commit(base_stage, plan.base_dir)
+        slot_names = {s.name for s in read_base_manifest(plan.base_dir)["slots"]}
+        fingerprint = read_base_manifest(plan.base_dir)["fingerprint"]
+        for d, manifest in plan.siblings.items():  # after the base gained slots, the adapters already in OUT still fit
+            if set(manifest["slots"]) <= slot_names:
+                write_json_atomic(os.path.join(d, ADAPTER_MANIFEST), {**manifest, "base_fingerprint": fingerprint},
+                                  sort_keys=True)
+    for name, stage in adapter_stages.items():
+        staging.commit(stage, os.path.join(plan.out, ADAPTERS_DIR, name))
 
 
-def _export_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, labels=None) -> dict:
-    """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest."""
-    graph_model = copy.deepcopy(model)
-    fused = fuse_groups(graph_model, groups)
-    trace_conv1d_as_matmul(graph_model)
-    feeds, neutral, samples = {}, {}, {}
-    by_method: dict = {}
-    for s in slots:
-        by_method.setdefault(s.method, []).append(s)
-    for method_name, group in by_method.items():
-        spec = _slot_providers()[method_name]
-        f, n = spec.install(graph_model, group, fused)
-        feeds.update(f)
-        neutral.update(n)
-        samples.update(spec.sample(group, n))
-    graph = SlotGraph(graph_model, feeds, task, cache=cache_layout(model.config, task))
-    io = export_graph(graph, graph.sample_inputs(model.config, samples), slots, neutral, os.path.join(stage, BASE_GRAPH), task)
-    slots = [s for s in slots if s.name not in io["inert_slots"]]
-    manifest = {
-        "format": "edgepeft-base",
-        "format_version": FORMAT_VERSION,
-        "model_type": model.config.model_type,
-        "task": task,
-        "source": source,
-        "graph": BASE_GRAPH,
-        "fingerprint": base_fingerprint(weights_fp, slots, OPSET),
-        "weights_fingerprint": weights_fp,
-        "opset": OPSET,
-        "dtype": "float32",
-        "quantization": None,
-        "merged_adapter": merged_adapter,
-        "labels": labels,  # a merged classifier's class names
-        "vocab_size": model.config.vocab_size,
-        "max_positions": max_positions(model.config),
-        "pad_token_id": model.config.pad_token_id,
-        "eos_token_id": eos_token_ids(model),
-        "slots": [s.to_json() for s in slots],
-        "fused_groups": list(fused),
-        **io,
-    }
-    if os.path.isdir(source):
-        for f in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(source, f)):
-                shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
-    write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
-    return manifest
-
-
-def _slot_providers() -> dict:
-    """Slot method name -> the object that installs and fills those slots."""
-    return {m.name: m.slots for m in methods()} | {HEADS.name: HEADS}
-
-
-def _labels(src: AdapterSource, widths: set) -> list | None:
-    """Class names saved beside a classifier adapter (``labels.json``, written by ``edgepeft train``).
-
-    ``widths``: the classifier's possible output counts; the file must name one of them.
-    """
-    path = os.path.join(src.path, LABELS_NAME)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            labels = json.load(f)["labels"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise CorruptArtifactError(f"{path}: cannot read the label names ({e}); fix or delete the file") from None
-    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-        raise CorruptArtifactError(f"{path}: 'labels' must be a list of strings; fix or delete the file")
-    if widths and len(labels) not in widths:
-        raise CorruptArtifactError(f"{path}: names {len(labels)} labels but the adapter's classifier has "
-                                   f"{sorted(widths)[0]} outputs; fix or delete the file")
-    return labels
-
-
-def _write_adapter(model, peft, src: AdapterSource, base_manifest, stage, groups, ort_adapter: bool = False) -> dict:
-    config = peft.peft_config[src.name]
-    method = method_for(config)
-    usable = {s.name for s in base_manifest["slots"]}
-    slots = [s for s in _adapter_slots(model, config, groups) if s.name in usable]  # inert slots reach no output
-    own = [s for s in slots if s.method == method.name]
-    heads = [s for s in slots if s.method == HEADS.name]
-    head_values = HEADS.values(peft, src.name, heads)
-    values = {**method.slots.values(peft, src.name, own), **head_values}
-    graph = os.path.join(stage, ADAPTER_GRAPH)
-    write_adapter_graph(values, graph)
-    ort_file = None
-    if ort_adapter and ort_format.applies(slots):
-        ort_file = ORT_ADAPTER
-        ort_format.write_ort_adapter(graph, os.path.join(stage, ORT_ADAPTER))
-    manifest = {
-        "format": "edgepeft-adapter",
-        "format_version": FORMAT_VERSION,
-        "name": src.name,
-        "methods": [method.name] + (["head"] if heads else []),
-        "peft_type": config.peft_type,
-        "task": base_manifest["task"],
-        "base_fingerprint": base_manifest["fingerprint"],
-        "base_source": base_manifest["source"],
-        **method.slots.describe(config),
-        "modules_to_save": config.modules_to_save,
-        "slots": {k: list(v.shape) for k, v in sorted(values.items())},
-        "parameter_bytes": int(sum(v.nbytes for v in values.values())),
-        "graph": ADAPTER_GRAPH,
-        "sha256": sha256_file(graph),
-        "ort_adapter": ort_file,
-        "peft_config": config.to_dict(),
-        "source": os.path.abspath(src.path),
-        # a classifier weight as bound: (hidden, num_labels)
-        "labels": _labels(src, {v.shape[1] for v in head_values.values() if v.ndim == 2}) if heads else None,
-    }
-    write_json_atomic(os.path.join(stage, ADAPTER_MANIFEST), manifest, sort_keys=True)
-    return manifest
-
-
-def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose=False, quantize=None,
-           qtol=0.2, ort_adapter=False, overwrite=False) -> dict:
-    """Export adapters (HF PEFT or edgepeft dirs) and their base into ``out``.
-
-    Returns a report: the base (exported or reused), each adapter's size, and the
-    max difference against PyTorch for the base and every adapter. ``quantize="int8"``
-    or ``"int4"`` stores the base's weights so (adapters stay float32): the float32 graph is
-    validated first, then the quantized one by relative RMS error (<= ``qtol``).
-    ``ort_adapter``: also write each adapter in ONNX Runtime's ``.onnx_adapter`` format
-    where that format can hold it (see ``exporters/ort_adapter.py``). An adapter already in
-    ``out`` under the same name is replaced only with ``overwrite``.
-    A failed export leaves ``out`` as it was: folders it made are removed again.
-    """
-    out = str(out)
-    made = [d for d in (out, os.path.join(out, ADAPTERS_DIR)) if not os.path.exists(d)]
-    try:
-        return _export(adapters, out, base, names, merge, atol, verbose, quantize, qtol, ort_adapter, overwrite)
-    except BaseException:
-        for d in reversed(made):  # the staging folders are gone already: only folders left empty are removed
-            if os.path.isdir(d) and not os.listdir(d):
-                os.rmdir(d)
-        raise
-
-
-def _refuse_adapter_folder(out: str) -> None:
-    if os.path.isfile(os.path.join(out, CONFIG_NAME)):
-        raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "
-                          f"e.g. --out {os.path.normpath(out)}-onnx")
-
-
-def _refuse_replacing(out: str, sources, overwrite: bool) -> None:
-    """An export never replaces an adapter silently: one of the same name in OUT needs ``overwrite``."""
-    if overwrite:
-        return
-    for src in sources:
-        target = os.path.join(out, ADAPTERS_DIR, src.name)
-        if os.path.exists(target):
-            raise ConfigError(f"{target}: {out} holds an adapter named {src.name!r} already; pass --overwrite to "
-                              "replace it, or --name to export this one under another name")
-
-
-def _export(adapters, out, base, names, merge, atol, verbose, quantize, qtol, ort_adapter, overwrite) -> dict:
-    log = print if verbose else (lambda *a, **k: None)
-    if not adapters:
-        raise ConfigError("give at least one --adapter folder")
-    if not atol >= 0:
-        raise ConfigError(f"--atol must be >= 0, got {atol}")
-    check_quantize(quantize)
-    if not qtol > 0:
-        raise ConfigError(f"--qtol must be > 0, got {qtol}")
-    for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
-        check_output_dir(os.path.join(out, sub), "--out")
-    sources = _read_sources(adapters, names)
-    _refuse_adapter_folder(out)
-    source = _resolve_base(sources, base)
-    config = load_model_config(source)
-    model_type = config.model_type
-    task = _resolve_task(sources, model_type)
-    check_exportable(config, source)
-    log(f"loading base {source} ({model_type}, {task})")
-    model = load_base(source, task)
-    if base:
-        _check_recorded_bases(sources, source, model, task)
-
-    peft = PeftModel(copy.deepcopy(model))
-    for src in sources:
-        peft.load_adapter(src.path, src.name)
-    peft.eval()
-
-    base_dir = os.path.join(out, BASE_DIR)
-    existing = read_base_manifest(base_dir) if os.path.exists(os.path.join(base_dir, BASE_MANIFEST)) else None
-    groups = _fusion_groups(model, task, [peft.peft_config[s.name] for s in sources])
-    if merge:
-        return _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize, qtol,
-                              overwrite)
-    heads = {s.module for s in (existing["slots"] if existing else []) if s.method == "head"}
-    heads |= {s.module for src in sources for s in HEADS.slot_table(model, peft.peft_config[src.name])}
-    weights_fp = weights_fingerprint(model, skip_modules=heads)  # the frozen weights, task heads left out
-    if existing:
-        if existing.get("merged_adapter"):
-            raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")
-        if existing.get("weights_fingerprint") != weights_fp or existing["task"] != task:
-            raise AdapterBaseMismatchError(
-                f"{base_dir}: was exported from {existing.get('source')} ({existing['task']}); these adapters need "
-                f"{source} ({task}); export them into another --out folder"
-            )
-        if existing.get("quantization") != quantize:
-            have, want = existing.get("quantization") or "float32", quantize or "float32"
-            raise ConfigError(f"{base_dir}: holds a {have} base, this export asks for {want} (--quantize); "
-                              "export into another --out folder")
-        if existing.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
-                              f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
-                              "export into a fresh --out folder")
-        groups = _keep_layout(groups, existing, base_dir, [s.name for s in sources])  # its adapters' slots need it
-
-    _refuse_replacing(out, sources, overwrite)
-    needed = slot_union(*[_adapter_slots(model, peft.peft_config[s.name], groups) for s in sources])
-    slots = slot_union(existing["slots"] if existing else [], needed)
-    reuse = existing is not None and (
-        {s.name for s in needed} - set(existing.get("inert_slots", [])) <= {s.name for s in existing["slots"]}
-    )
-    # a new base re-points the adapters already there: one that cannot be read stops the export now, OUT untouched
-    siblings = {} if reuse else _sibling_adapters(out, skip={s.name for s in sources})
-
-    staged = []
-    try:
-        if reuse:
-            base_stage, base_manifest = base_dir, existing
-            log(f"reusing {base_dir} (has every slot these adapters need)")
-        else:
-            base_stage = staging_dir(out, "base")
-            staged.append(base_stage)
-            log(f"exporting base with {len(slots)} slots to {base_dir}")
-            _export_base(model, slots, task, base_stage, source, weights_fp, groups)
-            base_manifest = read_base_manifest(base_stage)
-            if base_manifest["inert_slots"]:
-                log(f"note: {len(base_manifest['inert_slots'])} slots cannot change {TASK_OUTPUTS[task]} "
-                    f"(e.g. {base_manifest['inert_slots'][0]}); adapter weights there are left out")
-        rt = Runtime.from_base_dir(base_stage)
-        report = {"out": out, "base": {"reused": reuse, "path": base_dir, "slots": len(slots)}, "adapters": [], "checks": []}
-        qtol_now = qtol if base_manifest.get("quantization") else None  # a reused quantized base
-        report["checks"].append(_validate("base (no adapter)", rt, None, model, task, atol, base_dir, qtol=qtol_now))
-
-        adapter_stages = {}
-        for src in sources:
-            stage = staging_dir(os.path.join(out, ADAPTERS_DIR), src.name)
-            staged.append(stage)
-            adapter_stages[src.name] = stage
-            manifest = _write_adapter(model, peft, src, base_manifest, stage, groups, ort_adapter)
-            rt.load_adapter(stage, name=src.name)
-            peft.set_adapter(src.name)
-            check = _validate(f"adapter {src.name}", rt, src.name, peft, task, atol, src.path, qtol=qtol_now)
-            report["checks"].append(check)
-            report["adapters"].append({"name": src.name, "path": os.path.join(out, ADAPTERS_DIR, src.name),
-                                       "parameter_bytes": manifest["parameter_bytes"], "max_abs_diff": check["max_abs_diff"]})
-            _log_check(log, check, src.name)
-
-        if quantize and not reuse:  # every float32 check passed: now the quantized graph
-            base_manifest = _quantize_stage(base_stage, quantize, log)
-            rt = Runtime.from_base_dir(base_stage)
-            report["checks"].append(_validate(f"base (no adapter), {quantize}", rt, None, model, task, atol, base_dir, qtol=qtol))
-            for src in sources:
-                rt.load_adapter(adapter_stages[src.name], name=src.name)
-                peft.set_adapter(src.name)
-                check = _validate(f"adapter {src.name}, {quantize}", rt, src.name, peft, task, atol, src.path, qtol=qtol)
-                report["checks"].append(check)
-                _log_check(log, check, f"{src.name} ({quantize})")
-
-        # Commit: base first (then re-point the adapters already there), then the new adapters.
-        if not reuse:
-            replace_dir(base_stage, base_dir)
-            staged.remove(base_stage)
-            _repoint_adapters(siblings, base_manifest)
-        for name, stage in adapter_stages.items():
-            replace_dir(stage, os.path.join(out, ADAPTERS_DIR, name))
-            staged.remove(stage)
-    finally:
-        for d in staged:
-            shutil.rmtree(d, ignore_errors=True)
-    log(f"wrote {out}")
-    return report
-
-
-def _sibling_adapters(out: str, skip: set) -> dict:
-    """The manifests of the adapters already in OUT (but ``skip``), by folder.
-
-    Read before anything is exported, so that one which cannot be read (a stray
-    folder, a corrupt adapter.json) stops the export while OUT is untouched, not after
-    the base was replaced.
-    """
-    return {d: read_adapter_manifest(d) for name, d in adapter_dirs(out).items() if name not in skip}
-
-
-def _repoint_adapters(siblings: dict, base_manifest: dict) -> None:
-    """After the base gained slots, adapters already in OUT still fit: record the new fingerprint."""
-    slot_names = {s.name for s in base_manifest["slots"]}
-    for d, manifest in siblings.items():
-        if set(manifest["slots"]) <= slot_names:
-            write_json_atomic(os.path.join(d, ADAPTER_MANIFEST), {**manifest, "base_fingerprint": base_manifest["fingerprint"]},
-                              sort_keys=True)
-
-
-def _export_merged(model, peft, sources, source, task, out, existing, atol, log, groups, quantize=None, qtol=0.2,
-                   overwrite=False) -> dict:
+# ---------------------------------------------------------------- --merge
+def export_merged(plan: ExportPlan) -> dict:
     """``--merge``: one adapter folded into the weights, a plain graph with no slots."""
-    if len(sources) != 1:
-        raise ConfigError(f"--merge folds exactly one adapter into the base; got {len(sources)}")
-    src = sources[0]
-    base_dir = os.path.join(out, BASE_DIR)
+    if len(plan.sources) != 1:
+        raise ConfigError(f"--merge folds exactly one adapter into the base; got {len(plan.sources)}")
+    src, existing, base_dir = plan.sources[0], plan.existing, plan.base_dir
     if existing and not existing.get("merged_adapter"):
         raise ConfigError(f"{base_dir}: holds a slot base with adapters; write the --merge export to another --out folder")
-    if existing and not overwrite:
+    if existing and not plan.overwrite:
         raise ConfigError(f"{base_dir}: holds adapter {existing['merged_adapter']!r} merged into the base already; "
                           "pass --overwrite to replace it, or give another --out")
-    merged = peft.merge_and_unload(src.name).eval()
-    weights_fp = weights_fingerprint(merged)
-    stage = staging_dir(out, "merged")
-    try:
-        log(f"exporting {src.name} merged into the base to {base_dir}")
-        widths = {m.out_features for n, m in merged.named_modules() if n.rpartition(".")[2] in CLASSIFIER_NAMES
-                  and hasattr(m, "out_features")}  # the trained head's width (the config may still say 2)
-        labels = _labels(src, widths) if task == "seq-cls" else None
-        _export_base(merged, [], task, stage, source, weights_fp, groups, merged_adapter=src.name, labels=labels)
+    merged = plan.peft.merge_and_unload(src.name).eval()
+    with Staging() as staging:
+        stage = staging.new(plan.out, "merged")
+        plan.log(f"exporting {src.name} merged into the base to {base_dir}")
+        trace_base(merged, [], plan.task, stage, plan.source, weights_fingerprint(merged), plan.groups,
+                   merged_adapter=src.name)
         rt = Runtime.from_base_dir(stage)
-        peft.set_adapter(src.name)
-        checks = [_validate(f"merged {src.name}", rt, None, peft, task, atol, src.path)]
-        _log_check(log, checks[-1], f"merged {src.name}")
-        if quantize:
-            _quantize_stage(stage, quantize, log)
+        plan.peft.set_adapter(src.name)
+        checks = [validate(f"merged {src.name}", rt, None, plan.peft, plan.task, plan.atol, src.path)]
+        log_check(plan.log, checks[-1], f"merged {src.name}")
+        if plan.task == "seq-cls":  # the trained head's width (the config may still say 2)
+            set_labels(os.path.join(stage, BASE_MANIFEST), read_labels(src.path, checks[-1]["output_width"]))
+        if plan.quantize:
+            _quantize_stage(stage, plan.quantize, plan.log)
             rt = Runtime.from_base_dir(stage)
-            checks.append(_validate(f"merged {src.name}, {quantize}", rt, None, peft, task, atol, src.path, qtol=qtol))
-            _log_check(log, checks[-1], f"merged {src.name} ({quantize})")
-        replace_dir(stage, base_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return {"out": out, "base": {"reused": False, "path": base_dir, "slots": 0, "merged_adapter": src.name},
+            checks.append(validate(f"merged {src.name}, {plan.quantize}", rt, None, plan.peft, plan.task, plan.atol,
+                                   src.path, qtol=plan.qtol))
+            log_check(plan.log, checks[-1], f"merged {src.name} ({plan.quantize})")
+        staging.commit(stage, base_dir)
+    return {"out": plan.out, "base": {"reused": False, "path": base_dir, "slots": 0, "merged_adapter": src.name},
             "adapters": [], "checks": checks}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from edgepeft.tuners.layout import group_key
 from edgepeft.tuners.targets import in_out_features, replace_module
 
 
@@ -59,14 +60,6 @@ def shared_input_groups(model: nn.Module, run_once) -> list[list[str]]:
         if len(members) > 1 and len(widths) == 1:
             groups.append(members)
     return groups
-
-
-def group_key(members: list[str]) -> str:
-    """``model.layers.0.self_attn.q_proj+k_proj+v_proj``: the group's name in slot names."""
-    parent = members[0].rpartition(".")[0]
-    if all(m.rpartition(".")[0] == parent for m in members):
-        return parent + "." + "+".join(m.rpartition(".")[2] for m in members)
-    return "+".join(members)
 
 
 class FusedProjection(nn.Module):

@@ -9,21 +9,20 @@ Decoders exported for causal-LM get KV-cache I/O: one graph serves prefill (past
 length 0) and decode (past length > 0), traced with past length 4.
 
 Slot inputs also get an initializer of the same name holding the neutral value,
-which makes them optional: a session fed only input_ids/attention_mask runs the
-exact base model. ``logits_to_keep`` defaults to 0 (logits for every position), so
-a caller that does not know it gets a plain forward's output.
+which makes them optional: a session that binds no slot runs the exact base model.
+``logits_to_keep`` defaults to 0 (logits for every position), so a caller that does
+not know it gets a plain forward's output.
 """
 from __future__ import annotations
 
 import inspect
 import os
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from edgepeft.exporters.shapes import simplify_shapes
 from edgepeft.models import DECODERS, ENCODERS, cache_kwargs, call_kwargs, output_cache
@@ -32,6 +31,7 @@ from edgepeft.runtimes.manifest import (
 )
 
 OPSET = 18
+IR_VERSION = 9  # ONNX Runtime 1.20+ reads IR 9 (opset 18 needs IR >= 8); base and adapter graphs alike
 _EXTERNAL_DATA_BYTES = 1 << 30  # above this the base graph keeps its weights in model.onnx.data
 
 
@@ -42,7 +42,8 @@ def cache_manifest(layout: dict) -> dict:
 class SlotGraph(torch.nn.Module):
     """The model as traced for export: cache and slot tensors arrive as forward arguments."""
 
-    def __init__(self, model, feeds: dict, task: str, cache: dict | None = None):
+    def __init__(self, model, feeds: dict, task: str, cache: dict | None = None, output_axis: str | None = None):
+        """``output_axis``: the symbolic size of a classifier's output (its label count, from a head slot)."""
         super().__init__()
         self.model = model
         self.slot_names = list(feeds)
@@ -60,16 +61,41 @@ class SlotGraph(torch.nn.Module):
         # then takes the last position): with a prompt slot the graph pools as transformers does from input_ids.
         self.pools_from_ids = self.embedder is not None and task == "seq-cls" and model.config.model_type in DECODERS
         self.encoder = model.config.model_type in ENCODERS
+        self.task = task
+        self.output_axis = output_axis
+
+    def io_table(self) -> tuple[dict, dict]:
+        """({input: {axis: symbolic name}}, {output: ...}) in graph order, slots left out: the one place the
+        graph's I/O names and axes are declared (the trace and the manifest both read it)."""
+        tokens = {0: "batch", 1: "sequence"}
+        # past and/or a prompt's n ones come before the ids' columns
+        longer = self.cache is not None or self.embedder is not None
+        inputs = {"input_ids": tokens, "attention_mask": {0: "batch", 1: "total_sequence"} if longer else tokens}
+        if self.cache:
+            # A prompt puts its virtual tokens before input_ids: positions may be longer than the ids.
+            # Otherwise they are as long, and one name lets the shape pass prove the rotary products' dims.
+            inputs["position_ids"] = {0: "batch", 1: "position_sequence" if self.embedder is not None else "sequence"}
+            if self.keep:
+                inputs[LOGITS_TO_KEEP] = {}
+            inputs.update({n: {0: "batch", 2: "past_sequence"} for n in cache_names(self.cache, "past")})
+        if self.task == "seq-cls":
+            output = {0: "batch", 1: self.output_axis} if self.output_axis else {0: "batch"}
+        elif self.keep:
+            output = {0: "batch", 1: "kept_sequence"}
+        else:  # a prompt's n positions come first in the output
+            output = {0: "batch", 1: "total_sequence" if self.embedder is not None else "sequence"}
+        outputs = {self.output_name: output}
+        if self.cache:
+            outputs.update({n: {0: "batch", 2: "total_sequence"} for n in cache_names(self.cache, "present")})
+        return inputs, outputs
 
     @property
     def input_names(self) -> list[str]:
-        keep = [LOGITS_TO_KEEP] if self.keep else []
-        cache = ["position_ids", *keep, *cache_names(self.cache, "past")] if self.cache else []
-        return ["input_ids", "attention_mask", *cache, *self.slot_names]
+        return [*self.io_table()[0], *self.slot_names]
 
     @property
     def output_names(self) -> list[str]:
-        return [self.output_name, *(cache_names(self.cache, "present") if self.cache else [])]
+        return list(self.io_table()[1])
 
     def forward(self, input_ids, attention_mask, *rest):
         n_past = 2 * self.cache["num_layers"] if self.cache else 0
@@ -164,9 +190,8 @@ def causal_mask(attention_mask: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     Query i is the i-th of the last T = tokens.shape[1] of the K positions (past first); it sees
     key j when j is not after it and ``attention_mask[:, j]`` is 1. The indices count along
     the inputs themselves (not ``arange``, whose length has no name), so the mask's dims keep
-    the inputs' symbolic names. transformers' own mask loses them, and with them the shape
-    pass lost every attention reshape after it: the benchmark Llama's decode step ran 442
-    nodes after ONNX Runtime's optimizations with it, 323 with this one.
+    the inputs' symbolic names; with transformers' own mask the shape pass (``shapes.py``)
+    cannot prove the attention reshapes after it, and they stay Shape arithmetic in every layer.
     """
     keys = counted_positions(attention_mask)  # (B, K): 0 .. K-1
     queries = counted_positions(tokens) + (attention_mask.shape[1] - tokens.shape[1])  # (B, T): K-T .. K-1
@@ -206,36 +231,10 @@ def kept_positions(keep: torch.Tensor, length) -> torch.Tensor:
     return torch.arange(start, length)
 
 
-def output_axes(task: str, slots) -> dict:
-    if task == "seq-cls":
-        head_axes = [s.shape[-1] for s in slots if s.method == "head" and s.role == "weight"]
-        return {0: "batch", 1: head_axes[0]} if head_axes else {0: "batch"}
-    return {0: "batch", 1: "sequence"}
-
-
-def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, path: str, task: str) -> dict:
+def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, path: str) -> dict:
     """Trace ``graph`` to ``path``; returns the I/O table written into the manifest."""
-    token_axes = {0: "batch", 1: "sequence"}
+    io_axes, out_axes = graph.io_table()
     slot_axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in slots if not s.target}
-    output = graph.output_name
-    io_axes = {"input_ids": token_axes, "attention_mask": token_axes}
-    if graph.cache or graph.embedder is not None:  # past and/or a prompt's n ones come before the ids' columns
-        io_axes["attention_mask"] = {0: "batch", 1: "total_sequence"}
-    if graph.cache:
-        # A prompt puts its virtual tokens before input_ids: positions may be longer than the ids.
-        # Otherwise they are as long, and one name lets the shape pass prove the rotary products' dims.
-        io_axes["position_ids"] = {0: "batch", 1: "position_sequence" if graph.embedder is not None else "sequence"}
-        if graph.keep:
-            io_axes[LOGITS_TO_KEEP] = {}
-        io_axes.update({n: {0: "batch", 2: "past_sequence"} for n in cache_names(graph.cache, "past")})
-    out_axes = {output: output_axes(task, slots)}
-    if graph.embedder is not None and out_axes[output].get(1) == "sequence":
-        out_axes[output][1] = "total_sequence"  # outputs include the prompt's n positions
-    if graph.keep:
-        out_axes[output] = {0: "batch", 1: "kept_sequence"}
-    if graph.cache:
-        out_axes.update({n: {0: "batch", 2: "total_sequence"} for n in cache_names(graph.cache, "present")})
-    dynamic_axes = {**io_axes, **out_axes, **slot_axes}
     graph.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -245,16 +244,17 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
             path,
             input_names=graph.input_names,
             output_names=graph.output_names,
-            dynamic_axes=dynamic_axes,
+            dynamic_axes={**io_axes, **out_axes, **slot_axes},
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,
         )
     defaults = {**neutral, LOGITS_TO_KEEP: np.array(0, dtype=np.int64)} if graph.keep else neutral
     used = _finish(path, defaults)
+
     def table(axes_by_name):
-        return {n: {"dtype": "float32" if "past" in n or "present" in n or n == output else "int64", "axes": a}
-                for n, a in axes_by_name.items()}
+        return {n: {"dtype": "int64" if n in ("input_ids", "attention_mask", "position_ids", LOGITS_TO_KEEP) else "float32",
+                    "axes": a} for n, a in axes_by_name.items()}
 
     return {
         "inert_slots": sorted(set(neutral) - used),
@@ -279,68 +279,7 @@ def _finish(path: str, neutral: dict) -> set:
         if name in used and name not in existing:
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, order="C"), name))
     simplify_shapes(model)
+    model.ir_version = IR_VERSION  # the adapter graphs' too
     data = os.path.basename(path) + ".data"
     onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True, location=data)
     return used
-
-
-@dataclass
-class Assembled:
-    """A slot tensor the adapter graph builds at load from compact parts.
-
-    The parts are concatenated along ``axis``; with ``pads`` each part is first
-    zero-padded (left, right) along the other axis (a block-diagonal matrix).
-    Only the parts are stored, so the file holds the adapter's parameters only.
-    """
-
-    parts: list
-    axis: int
-    pads: list | None = None
-
-    @property
-    def shape(self) -> tuple:
-        first = self.parts[0].shape
-        if self.axis == 1:
-            return (first[0], sum(p.shape[1] for p in self.parts))
-        width = first[1] + sum(self.pads[0]) if self.pads else first[1]
-        return (sum(p.shape[0] for p in self.parts), width)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts)
-
-
-def write_adapter_graph(values: dict, path: str) -> None:
-    """An ONNX graph with no inputs and one output per slot.
-
-    A plain tensor is an initializer behind an Identity; an ``Assembled`` one is
-    Pad/Concat nodes over its parts' initializers, run once when the runtime loads
-    the adapter.
-    """
-    nodes, inits, outputs = [], [], []
-    for name, value in sorted(values.items()):
-        if isinstance(value, Assembled):
-            inputs = []
-            for i, part in enumerate(value.parts):
-                part_name = f"value.{name}.{i}"
-                inits.append(numpy_helper.from_array(np.ascontiguousarray(part, dtype=np.float32), part_name))
-                if value.pads and any(value.pads[i]):
-                    left, right = value.pads[i]
-                    pads_name = f"pads.{name}.{i}"
-                    inits.append(numpy_helper.from_array(np.array([0, left, 0, right], dtype=np.int64), pads_name))
-                    nodes.append(helper.make_node("Pad", [part_name, pads_name], [f"padded.{name}.{i}"]))
-                    part_name = f"padded.{name}.{i}"
-                inputs.append(part_name)
-            nodes.append(helper.make_node("Concat", inputs, [name], axis=value.axis))
-            shape = list(value.shape)
-        else:
-            value = np.ascontiguousarray(value, dtype=np.float32)
-            inits.append(numpy_helper.from_array(value, f"value.{name}"))
-            nodes.append(helper.make_node("Identity", [f"value.{name}"], [name]))
-            shape = list(value.shape)
-        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
-    graph = helper.make_graph(nodes, "edgepeft_adapter", [], outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgepeft")
-    model.ir_version = 9  # ONNX Runtime 1.20+ reads IR 9 (opset 18 needs IR >= 8)
-    onnx.checker.check_model(model)
-    onnx.save_model(model, path)

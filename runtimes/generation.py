@@ -122,3 +122,63 @@ def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig
     # Rounding can leave the cumulative sum just under u: never fall through to a removed token.
     last = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)
     return np.minimum((probs.cumsum(-1) < u).sum(-1), last).astype(np.int64)
+
+
+# ---------------------------------------------------------------------- the decode loop
+def generation_config(rt, generation: dict) -> GenerationConfig:
+    """``generate``'s keyword arguments checked and completed with the model's end-of-sequence and padding ids."""
+    known = set(GenerationConfig.__dataclass_fields__)
+    unknown = sorted(set(generation) - known)
+    if unknown:
+        raise ConfigError(f"unknown generation argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+    args = {k: v for k, v in generation.items() if v is not None}
+    eos = args.pop("eos_token_id", rt.manifest.get("eos_token_id") or [])
+    args["eos_token_id"] = list(np.ravel(eos)) if isinstance(eos, (list, tuple, np.ndarray)) else [eos]
+    if "pad_token_id" not in args:  # the model's, when it is a token id (some configs say -1), else the first eos
+        args["pad_token_id"] = rt.pad_id_or(args["eos_token_id"])
+    stop = args.get("stop") or []
+    args["stop"] = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
+    cfg = GenerationConfig(**args)
+    cfg.check(rt.vocab_size)
+    return cfg
+
+
+def decode_steps(rt, plan, ids: np.ndarray, mask: np.ndarray):
+    """Prefill, then one cached step per token sent in: yields each step's last-position logits (B, V).
+
+    ``steps.send(tokens)`` ((B,) int64) runs the next step. The KV cache stays in OrtValues:
+    each step's ``present.*`` outputs are bound as the next step's ``past_key_values.*``.
+    """
+    full, positions = rt.virtual_inputs(plan, mask, generate=True)
+    binding = rt.slot_binding(plan)
+    if rt.keep_last is not None:  # the last position's logits only (forward keeps the default, all)
+        binding.bind_ortvalue_input(rt.keep_last_name, rt.keep_last)
+    outputs = rt.run(plan, ids, full, positions, None, presents=True, binding=binding)
+    for name in plan.prefill:  # decode steps add no virtual tokens
+        binding.bind_ortvalue_input(name, rt.neutral[name])
+    while True:
+        token = yield outputs[0].numpy()[:, -1, :]
+        full = np.concatenate([full, np.ones_like(token)[:, None]], axis=1)
+        positions = positions[:, -1:] + 1
+        outputs = rt.run(plan, token[:, None], full, positions, outputs[1:], presents=True, binding=binding)
+
+
+def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops):
+    """Yield each step's new token per row, (B,) int64: greedy or sampled, stopping rows at eos or a stop string."""
+    rng = np.random.default_rng(cfg.seed)
+    eos = np.array(cfg.eos_token_id, dtype=np.int64)
+    sequences, finished = ids, np.zeros(ids.shape[0], dtype=bool)
+    with rt.store.using(adapter) as plan:
+        steps = decode_steps(rt, plan, ids, mask)
+        logits = next(steps)
+        for step in range(cfg.max_new_tokens):
+            token = next_tokens(logits, sequences, cfg, rng, ignore=padding)
+            token = np.where(finished, cfg.pad_token_id, token)
+            sequences = np.concatenate([sequences, token[:, None]], axis=1)
+            yield token
+            finished |= np.isin(token, eos)
+            if stops is not None:
+                finished |= stops.hit(sequences, finished)
+            if finished.all() or step + 1 == cfg.max_new_tokens:
+                return
+            logits = steps.send(token)

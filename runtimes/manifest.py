@@ -15,8 +15,9 @@ without re-export. Its ``neutral`` value makes the slot a no-op:
     "empty"  a zero-length symbolic axis (rank-0 LoRA): the graph's default initializer
     "base"   the base model's own tensor (a task head): the graph's default initializer
     "ones"   a vector of ones (IA3 scaling): the graph's default initializer
+    "zeros"  a vector of zeros (an added bias): the graph's default initializer
 
-Both are stored in the graph as initializers of the same name as the input, so a
+Each is stored in the graph as an initializer of the same name as the input, so a
 slot left unbound runs the base model exactly.
 
 Virtual tokens (prompt and prefix tuning) are declared by three optional fields:
@@ -66,9 +67,9 @@ PRESENT_VALUE = "present.%d.value"
 LOGITS_TO_KEEP = "logits_to_keep"
 
 
-def cache_names(cache: dict, kind: str) -> list[str]:
-    """Flat cache names for ``kind`` "past" or "present": layer 0 key, layer 0 value, layer 1 key, ..."""
-    key, value = cache[f"{kind}_key"], cache[f"{kind}_value"]
+def cache_names(cache: dict, direction: str) -> list[str]:
+    """Flat cache names for ``direction`` "past" (in) or "present" (out): layer 0 key, layer 0 value, layer 1 key, ..."""
+    key, value = cache[f"{direction}_key"], cache[f"{direction}_value"]
     return [name % layer for layer in range(cache["num_layers"]) for name in (key, value)]
 
 
@@ -95,7 +96,7 @@ class Slot:
     module: str  # dotted module path in the task model
     shape: tuple  # ints and symbolic axis names
     dtype: str  # numpy dtype name, e.g. "float32"
-    neutral: str  # "empty", "base" or "ones" (see module docstring)
+    neutral: str  # "empty", "base", "ones" or "zeros" (see module docstring)
     members: tuple = ()  # a slot of a fused group: the member modules, in output order
     phase: str = "every"  # "every" step, or "prefill" (first step) only
     target: str = ""  # the graph input this slot's value starts (a cache input); "" = its own input
@@ -146,7 +147,7 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: str, what: str, fix: str) -> dict:
+def read_json(path: str, what: str, fix: str) -> dict:
     if not os.path.isfile(path):
         raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")
     try:
@@ -159,9 +160,9 @@ def _read_json(path: str, what: str, fix: str) -> dict:
     return data
 
 
-def _check_format(data: dict, path: str, kind: str, required: tuple, fix: str) -> None:
-    if data.get("format") != kind:
-        raise CorruptArtifactError(f"{path}: not an edgepeft {kind} manifest; {fix}")
+def _check_format(data: dict, path: str, form: str, required: tuple, fix: str) -> None:
+    if data.get("format") != form:
+        raise CorruptArtifactError(f"{path}: not an edgepeft {form} manifest; {fix}")
     version = data.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CorruptArtifactError(
@@ -181,7 +182,7 @@ def _check_format(data: dict, path: str, kind: str, required: tuple, fix: str) -
     cache = data.get("cache")
     layout = {"num_layers": int, "num_kv_heads": int, "head_dim": int,
               "past_key": str, "past_value": str, "present_key": str, "present_value": str}
-    if cache is not None and not all(_is(cache.get(k), kind) for k, kind in layout.items()):
+    if cache is not None and not all(_is(cache.get(k), want) for k, want in layout.items()):
         raise CorruptArtifactError(f"{path}: field 'cache' lacks the cache layout; {fix}")
     for key in ("labels", "methods"):  # the element type, which the table does not say
         if isinstance(data.get(key), list) and not all(isinstance(x, str) for x in data[key]):
@@ -214,7 +215,7 @@ def read_base_manifest(base_dir: str) -> dict:
     """Read and check ``base_dir/edgepeft.json``; slots come back as ``Slot`` objects."""
     path = os.path.join(base_dir, BASE_MANIFEST)
     fix = "re-run `edgepeft export` into a fresh --out folder"
-    data = _read_json(path, "base manifest", fix)
+    data = read_json(path, "base manifest", fix)
     _check_format(data, path, "edgepeft-base", _BASE_KEYS, fix)
     try:
         data["slots"] = [Slot.from_json(s) for s in data["slots"]]
@@ -227,7 +228,7 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
     """Read and check ``adapter_dir/adapter.json``."""
     path = os.path.join(adapter_dir, ADAPTER_MANIFEST)
     fix = "re-export the adapter with `edgepeft export --adapter DIR --out OUT`"
-    data = _read_json(path, "adapter manifest", fix)
+    data = read_json(path, "adapter manifest", fix)
     _check_format(data, path, "edgepeft-adapter", _ADAPTER_KEYS, fix)
     if not isinstance(data["slots"], dict):
         raise CorruptArtifactError(f"{path}: 'slots' must map slot names to shapes; {fix}")

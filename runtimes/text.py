@@ -1,4 +1,8 @@
-"""Text in and out: the tokenizer exported with the base (``tokenizers`` package).
+"""Text in and out: the tokenizer exported with the base, and the Runtime's text calls built on it.
+
+    generate_text / stream_text   prompt(s) or chat messages -> new text (stop strings end rows)
+    classify                      text(s) -> label and probabilities (seq-cls exports)
+    embed                         text(s) -> mean-pooled, normalized embeddings (feature-extraction exports)
 
 Optional: ``tokenizers`` (and ``jinja2`` for chat templates) are imported only when
 text helpers are used, so an app that feeds token ids needs neither.
@@ -11,7 +15,7 @@ import os
 import numpy as np
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
-from .manifest import _read_json
+from .manifest import read_json
 
 _FIX = "re-export the base with its tokenizer files"
 
@@ -46,7 +50,7 @@ class TextTokenizer:
         self.pad_id = pad_id
         self._tok.no_truncation()  # too-long prompts get a clear error, not a silent cut
         config_path = os.path.join(base_dir, "tokenizer_config.json")
-        self.config = _read_json(config_path, "tokenizer config", _FIX) if os.path.isfile(config_path) else {}
+        self.config = read_json(config_path, "tokenizer config", _FIX) if os.path.isfile(config_path) else {}
         template_path = os.path.join(base_dir, "chat_template.jinja")
         self.template_source = config_path
         self.chat_template = self.config.get("chat_template")
@@ -119,3 +123,113 @@ class TextTokenizer:
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # what the messages hold
             raise InvalidInputError(f"the chat template of {self.template_source} cannot render these messages ({e}); "
                                     "give each message the role and the text content it expects") from None
+
+
+# ---------------------------------------------------------------------- the Runtime's text calls
+def prompt_ids(rt, prompt, chat: bool):
+    """(ids, mask, single): the prompt(s) tokenized, left-padded; ``single``: one prompt, not a list of them."""
+    single = isinstance(prompt, str) or (chat and isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
+    if not (single or (isinstance(prompt, (list, tuple)) and prompt
+                       and all(isinstance(p, list if chat and not isinstance(p, str) else str) for p in prompt))):
+        raise InvalidInputError(f"prompt must be a string or a non-empty list of strings{' or of chat messages' if chat else ''}; "
+                                f"got {type(prompt).__name__}")
+    tok = rt.tokenizer
+    prompts = [prompt] if single else list(prompt)
+    if chat:
+        texts = [tok.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}]) for p in prompts]
+        ids, mask = tok.encode(texts, add_special_tokens=False, padding_side="left")
+    else:
+        ids, mask = tok.encode(prompts, padding_side="left")
+    if ids.size == 0 or (mask.sum(-1) == 0).any():
+        raise InvalidInputError("a prompt is empty (it has no tokens); give some text")
+    return ids, mask, single
+
+
+def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):
+    """Yield the generated text piece by piece for one prompt (pieces end on whole characters)."""
+    ids, mask, _ = prompt_ids(rt, prompt, chat)
+    if ids.shape[0] != 1:
+        raise ConfigError("stream_text takes one prompt; use generate_text for a batch")
+    new, shown, text = [], "", ""
+    for token in rt.stream(ids, mask, adapter, **generation):
+        new.append(int(token[0]))
+        text = rt.tokenizer.decode(new)
+        if text.startswith(shown) and len(text) > len(shown) and not text.endswith("\ufffd"):
+            yield text[len(shown):]
+            shown = text
+    if text.startswith(shown) and len(text) > len(shown):  # held back: a character still incomplete at the end
+        yield text[len(shown):]
+
+
+def generate_text(rt, prompt, adapter=None, chat: bool = False, **generation):
+    """Generated text (without the prompt) for a prompt or a list of prompts."""
+    ids, mask, single = prompt_ids(rt, prompt, chat)
+    out = rt.generate(ids, mask, adapter, **generation)
+    texts = [rt.tokenizer.decode(row[ids.shape[1]:]) for row in out]
+    return texts[0] if single else texts
+
+
+def _texts(texts) -> tuple[list, bool]:
+    single = isinstance(texts, str)
+    if not (single or (isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts))):
+        raise InvalidInputError(f"give a text or a non-empty list of texts; got {type(texts).__name__}")
+    return ([texts] if single else list(texts)), single
+
+
+def classify(rt, texts, adapter=None):
+    """{"label", "score", "scores": {label: probability}} per text (one dict for one text)."""
+    if rt.task != "seq-cls":
+        raise ConfigError(f"{rt.base_dir}: a {rt.task} export does not classify; export a seq-cls adapter")
+    rows, single = _texts(texts)
+    ids, mask = rt.tokenizer.encode(rows)
+    logits = rt.forward(ids, mask, adapter=adapter)["logits"].astype(np.float64)  # (B, labels)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    names = rt.labels(adapter) or [str(i) for i in range(probs.shape[1])]
+    out = [{"label": names[int(p.argmax())], "score": float(p.max()), "scores": dict(zip(names, map(float, p)))}
+           for p in probs]
+    return out[0] if single else out
+
+
+def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
+    """(B, hidden) float32: the mean of each text's token states (sentence-transformers' pooling), L2-normalized.
+
+    One text gives (hidden,). A prompt adapter's virtual tokens are left out of the mean.
+    """
+    if rt.task != "feature-extraction":
+        raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
+    rows, single = _texts(texts)
+    ids, mask = rt.tokenizer.encode(rows)
+    hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
+    weights = mask[..., None].astype(np.float32)
+    pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1)
+    if normalize:
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return pooled[0] if single else pooled
+
+
+class StopStrings:
+    """Marks rows whose newest token completes a stop string (decoded with the exported tokenizer).
+
+    As transformers' ``StopStringCriteria``: special tokens count as their text, and a
+    match may begin in the prompt; it must end in a new token. Called after every step,
+    so only the newest token can complete a match: each call decodes the last few tokens
+    of each unfinished row, not the whole text.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, stops: list, starts: np.ndarray):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.lookback = max(len(s) for s in stops)  # tokens before the newest one a match can reach back over
+        self.starts = starts  # each row's first real token: padding is no text
+
+    def hit(self, sequences: np.ndarray, finished: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(sequences), dtype=bool)
+        for i, (row, start) in enumerate(zip(sequences, self.starts)):
+            if finished[i]:
+                continue
+            window = row[max(start, len(row) - 1 - self.lookback):]
+            before = len(self.tokenizer.decode(window[:-1], skip_special_tokens=False))
+            text = self.tokenizer.decode(window, skip_special_tokens=False)
+            found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
+        return found

@@ -115,10 +115,9 @@ def runtime_step_logits(rt, name, prompt, pmask, ids) -> np.ndarray:
     """The runtime's prefill and cached decode steps, teacher-forced with ``ids`` (prompt + new tokens):
     each step's last-position logits, (new tokens, B, V)."""
     start = prompt.shape[1]
-    with rt._using(name) as plan:
-        steps = rt._steps(plan, prompt, pmask)
-        logits = [next(steps)] + [steps.send(ids[:, start + i]) for i in range(ids.shape[1] - start - 1)]
-        steps.close()
+    steps = rt.step_logits(prompt, pmask, adapter=name)
+    logits = [next(steps)] + [steps.send(ids[:, start + i]) for i in range(ids.shape[1] - start - 1)]
+    steps.close()
     return np.stack(logits)
 
 

@@ -59,7 +59,7 @@ def test_decoder_graph_and_manifest_name_the_cache_as_optimum_does(text_export, 
         assert isinstance(batch, str) and isinstance(length, str)  # symbolic: any batch, any past length
         assert (heads, dim) == (cache["num_kv_heads"], cache["head_dim"]) == (2, 8)
     # the runtime reads its cache I/O from the manifest
-    assert (text_rt._past_names, text_rt._present_names) == (PAST, PRESENT)
+    assert (text_rt.cache_inputs, text_rt.cache_outputs) == (PAST, PRESENT)
 
 
 # ---------------------------------------------------------------- 2. the cache stays in OrtValues
@@ -92,7 +92,7 @@ def binding_spy(monkeypatch):
         return to_numpy(self)
 
     monkeypatch.setattr(ort.OrtValue, "numpy", numpy)
-    run = Runtime._run
+    run = Runtime.run  # every graph run of a call goes through it
 
     def recording_run(self, *args, **kwargs):
         outputs = run(self, *args, **kwargs)
@@ -100,7 +100,7 @@ def binding_spy(monkeypatch):
         log["runs"].append(list(outputs))
         return outputs
 
-    monkeypatch.setattr(Runtime, "_run", recording_run)
+    monkeypatch.setattr(Runtime, "run", recording_run)
     return log
 
 

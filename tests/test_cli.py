@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import spec_adapter
@@ -240,11 +241,13 @@ def test_run_pools_the_text_tokens_of_an_embedding_not_the_virtual_ones(tmp_path
     no_traceback(proc)
     assert proc.returncode == 0, proc.stderr
     rt = Runtime(out)
-    ids, mask = rt.tokenizer.encode("hello there", pad_id=rt._pad_id())
+    ids, mask = rt.tokenizer.encode("hello there")
     hidden = rt.forward(ids, mask, adapter="p")["last_hidden_state"][0]
     assert hidden.shape[0] == ids.shape[1] + 4
-    expected = " ".join(f"{v:.4f}" for v in hidden[4:].mean(0)[:8])
-    assert f"mean-pooled: {expected} ..." in proc.stdout, (proc.stdout, expected)
+    pooled = hidden[4:].mean(0)
+    expected = " ".join(f"{v:.4f}" for v in (pooled / (pooled ** 2).sum() ** 0.5)[:8])
+    assert f"mean-pooled, normalized): {expected} ..." in proc.stdout, (proc.stdout, expected)
+    np.testing.assert_allclose(rt.embed("hello there", adapter="p"), pooled / np.linalg.norm(pooled), atol=1e-6)
 
 
 def test_bench_json_that_is_a_folder_is_refused_before_measuring(tmp_path, llama):

@@ -40,4 +40,4 @@ def test_cuda_matches_cpu_for_every_adapter_and_keeps_adapters_on_device(cuda_ru
         b = cpu.forward(ids, mask, adapter=name)["logits"]
         assert np.abs(a - b)[mask.astype(bool)].max() <= 1e-3
     for name in dirs:
-        assert all(v.device_name().lower() == "cuda" for v in gpu._adapters[name].values.values())
+        assert all(v.device_name().lower() == "cuda" for v in gpu.adapter_tensors(name).values())

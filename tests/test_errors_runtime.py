@@ -246,23 +246,27 @@ def test_unload_then_forward_is_unknown(rt, before):
 
 
 def test_unload_while_in_use(rt, before):
-    with rt._using("qv"):
-        with pytest.raises(AdapterInUseError) as e:
-            rt.unload_adapter("qv")
-        assert "'qv'" in str(e.value) and "in use" in str(e.value)
-        # Other adapters are not held and the held one still serves.
-        ids, mask = sample_batch(VOCAB)
-        np.testing.assert_allclose(rt.forward(ids, mask, adapter="qv")["logits"], before["qv"], rtol=0, atol=1e-6)
+    ids, mask = sample_batch(VOCAB)
+    steps = rt.step_logits(ids, mask, adapter="qv")  # a generation in flight holds its adapter
+    next(steps)
+    with pytest.raises(AdapterInUseError) as e:
+        rt.unload_adapter("qv")
+    assert "'qv'" in str(e.value) and "in use" in str(e.value)
+    # Other adapters are not held and the held one still serves.
+    np.testing.assert_allclose(rt.forward(ids, mask, adapter="qv")["logits"], before["qv"], rtol=0, atol=1e-6)
+    steps.close()
     assert_still_serving(rt, before)
     rt.unload_adapter("qv")  # allowed once the call is done
     assert "qv" not in rt.adapter_names
 
 
 def test_in_use_count_is_released_after_a_failed_call(rt, before):
-    """A forward that raises inside the held section must not leave the adapter pinned."""
-    with pytest.raises(RuntimeError):
-        with rt._using("qv"):
-            raise RuntimeError("call failed")
+    """A generation that raises between its steps must not leave the adapter pinned."""
+    ids, mask = sample_batch(VOCAB)
+    steps = rt.step_logits(ids, mask, adapter="qv")
+    next(steps)
+    with pytest.raises(InvalidInputError):
+        steps.send(np.array([[1, 2]]))  # not one token per row: the step fails inside the held section
     rt.unload_adapter("qv")
     assert "qv" not in rt.adapter_names
 

@@ -91,7 +91,7 @@ def test_rank_axis_is_symbolic_and_fused_groups_share_one_slot_pair(shared_expor
     overridable = {i.name for i in rt.session.get_overridable_initializers()}
     assert a in overridable  # optional, rank-0 default
     # The group's B is block diagonal: "mlp" puts zeros in up_proj's columns (64..127).
-    values = rt._adapters["mlp"].values[b].numpy()
+    values = rt.adapter_tensors("mlp")[b].numpy()
     assert np.abs(values[:, :64]).max() > 0 and np.abs(values[:, 64:]).max() == 0
 
 

@@ -113,7 +113,7 @@ def test_cli_says_plainly_when_training_did_not_beat_the_untrained_adapter(text_
 
 
 def test_each_method_has_its_own_default_rate_and_prompt_learning_its_token_count():
-    from edgepeft.registry import methods
+    from edgepeft.tuners import methods
 
     rates = {}
     for m in methods():

@@ -28,7 +28,7 @@ from edgepeft.runtimes import (
     Runtime,
     UnknownAdapterError,
 )
-from edgepeft.runtimes import runtime as runtime_module
+from edgepeft.runtimes import generation as generation_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = 16  # new tokens per greedy run
@@ -140,21 +140,15 @@ def test_generation_may_fill_every_position(runtime_for, reference_for):
 
 # ---------------------------------------------------------------- 2. logits at every step
 @pytest.mark.parametrize("arch,name", CASES, ids=CASE_IDS)
-def test_step_logits_match_peft_generate(arch, name, runtime_for, greedy_ref, monkeypatch):
-    """Teacher-forced with HF's tokens: the logits the runtime's decode loop sees match HF's at every step."""
+def test_step_logits_match_peft_generate(arch, name, runtime_for, greedy_ref):
+    """Teacher-forced with HF's tokens (``Runtime.step_logits``): the decode loop's logits match HF's at every step,
+    and greedy generation picks HF's tokens from them."""
     ids, mask, hf_seqs, hf_logits = greedy_ref(arch, name)
-    forced = hf_seqs[:, ids.shape[1]:]
-    seen = []
-    real_next_tokens = runtime_module.next_tokens
-
-    def teacher(logits, sequences, *args, **kwargs):
-        real_next_tokens(logits, sequences, *args, **kwargs)  # the real selection still runs
-        seen.append(np.array(logits, dtype=np.float32, copy=True))
-        return forced[:, len(seen) - 1].copy()
-
-    monkeypatch.setattr(runtime_module, "next_tokens", teacher)
-    out = runtime_for(arch).generate(ids, mask, adapter=name, max_new_tokens=NEW, eos_token_id=[])
-    np.testing.assert_array_equal(out, hf_seqs)
+    rt = runtime_for(arch)
+    np.testing.assert_array_equal(rt.generate(ids, mask, adapter=name, max_new_tokens=NEW, eos_token_id=[]), hf_seqs)
+    steps = rt.step_logits(ids, mask, adapter=name)
+    seen = [next(steps)] + [steps.send(hf_seqs[:, ids.shape[1] + i]) for i in range(NEW - 1)]
+    steps.close()
     assert len(seen) == NEW and hf_logits.shape == (NEW, 2, 128)
     for step in range(NEW):  # step 0 is the prefill; the last position of every row is a real token
         diff = float(np.abs(seen[step] - hf_logits[step]).max())
@@ -328,7 +322,8 @@ def test_default_eos_and_pad_come_from_the_model(runtime_for, shared_export, hf_
         steps.append(1)
         return forced[:, len(steps) - 1].copy()
 
-    monkeypatch.setattr(runtime_module, "next_tokens", teacher)
+    # no public call picks the tokens generate takes: the token selection is replaced to force eos at given steps
+    monkeypatch.setattr(generation_module, "next_tokens", teacher)
     out = rt.generate(ids, mask, adapter="all", max_new_tokens=NEW)
     assert out[:, ids.shape[1]:].tolist() == [[9, 9, 2, 0, 0], [9, 9, 9, 9, 2]]
 

@@ -17,7 +17,7 @@ def _feeds(rt, ids, mask):
     if rt.cache:
         feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
         empty = np.zeros((ids.shape[0], rt.cache["num_kv_heads"], 0, rt.cache["head_dim"]), np.float32)
-        feeds |= {name: empty for name in rt._past_names}
+        feeds |= {name: empty for name in rt.cache_inputs}
     return feeds
 
 

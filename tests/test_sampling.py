@@ -149,7 +149,7 @@ def test_a_model_pad_id_that_is_no_token_falls_back_to_eos(shared_export, tmp_pa
     shutil.copytree(shared_export("llama")[0], out)
     edit_json(os.path.join(out, "base", "edgepeft.json"), pad_token_id=-1, eos_token_id=[7])
     rt = Runtime(out)
-    assert rt._generation_config({}).pad_token_id == 7
+    assert rt.generation_config().pad_token_id == 7
     ids = np.array([[5, 6, 7, 8]], dtype=np.int64)
     assert rt.generate(ids, adapter="qv", max_new_tokens=3).shape[0] == 1
 

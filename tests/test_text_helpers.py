@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgepeft.runtimes import CorruptArtifactError, Runtime
-from edgepeft.runtimes.runtime import _StopStrings
+from edgepeft.runtimes.text import StopStrings
 from conftest import PROMPT, decode
 
 
@@ -25,7 +25,7 @@ def ids_of(tok, text: str, special: bool = False) -> list:
 def stops_after(text_rt, tok, stop: list, prompt: str, new: str) -> bool:
     prompt_ids = ids_of(tok, prompt)
     row = np.array([prompt_ids + ids_of(tok, new)], dtype=np.int64)
-    checker = _StopStrings(text_rt, stop, np.zeros(1, dtype=np.int64))  # no padding
+    checker = StopStrings(text_rt.tokenizer, stop, np.zeros(1, dtype=np.int64))  # no padding
     return bool(checker.hit(row, np.zeros(1, dtype=bool))[0])
 
 
@@ -49,8 +49,8 @@ def test_stop_strings_ignore_left_padding(text_export, text_rt):
     prompt = [0, 0] + ids_of(tok, "w10")
     row = np.array([prompt + ids_of(tok, "w20")], dtype=np.int64)
     starts = np.array([2])  # the prompt's mask is [0, 0, 1]
-    assert not _StopStrings(text_rt, ["[PAD] [PAD] w10 w20"], starts).hit(row, np.zeros(1, dtype=bool))[0]
-    assert _StopStrings(text_rt, ["w10 w20"], starts).hit(row, np.zeros(1, dtype=bool))[0]
+    assert not StopStrings(text_rt.tokenizer, ["[PAD] [PAD] w10 w20"], starts).hit(row, np.zeros(1, dtype=bool))[0]
+    assert StopStrings(text_rt.tokenizer, ["w10 w20"], starts).hit(row, np.zeros(1, dtype=bool))[0]
 
 
 def test_stream_text_flushes_what_it_held_back(text_rt, monkeypatch):

@@ -16,7 +16,7 @@ from edgepeft.files import check_output_dir
 RESUMABLE = {"resume", "overwrite", "progress", "logging_steps"}
 # The learning rate of task heads trained whole (``modules_to_save``, e.g. a classifier): they start from
 # random weights, whatever the method, so they get their own rate (docs/training.md).
-HEAD_LR = 3e-3
+HEAD_LR = 1e-2
 
 
 @dataclass
@@ -109,7 +109,7 @@ class TrainingArguments:
 
 def find_method(method: str):
     """The registered method a name means: its short name (lora, ia3, ...) or HF PEFT's (prefix_tuning, PROMPT_TUNING)."""
-    from edgepeft.registry import methods
+    from edgepeft.tuners import methods
 
     known = {m.name: m for m in methods()}
     for m in methods():

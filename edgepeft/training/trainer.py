@@ -71,45 +71,45 @@ class Trainer:
                            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=self.args.seed))
 
     def _data(self):
-        a = self.args
-        rows = read_jsonl(a.data, a.task)
-        note = ignored_fields(a.data, a.task)
+        args = self.args
+        rows = read_jsonl(args.data, args.task)
+        note = ignored_fields(args.data, args.task)
         if note and int(os.environ.get("RANK", "0")) == 0:  # one note from a multi-process run
             print(f"note: {note}", file=sys.stderr)
-        eval_rows = read_jsonl(a.eval_data, a.task) if a.eval_data else None
-        labels = label_names(rows, a.data) if a.task == "seq-cls" else None
-        encoder = Encoder(load_tokenizer(a.model), a.task, a.max_length, labels)
-        train = encoder.encode(rows, a.data)
-        evals = encoder.encode(eval_rows, a.eval_data) if eval_rows else None
+        eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
+        labels = label_names(rows, args.data) if args.task == "seq-cls" else None
+        encoder = Encoder(load_tokenizer(args.model), args.task, args.max_length, labels)
+        train = encoder.encode(rows, args.data)
+        evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         return encoder, train, evals, labels
 
     def _model(self, labels):
         from edgepeft.models import load_base
         from edgepeft.peft_model import get_peft_model
 
-        a = self.args
-        config = method_config(a.method, a.task, dict(a.options))
-        config.base_model_name_or_path = os.path.abspath(a.model) if os.path.isdir(a.model) else a.model
-        base = load_base(a.model, a.task, labels=labels)
-        torch.manual_seed(a.seed)  # the adapter's initial values
+        args = self.args
+        config = method_config(args.method, args.task, dict(args.options))
+        config.base_model_name_or_path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
+        base = load_base(args.model, args.task, labels=labels)
+        torch.manual_seed(args.seed)  # the adapter's initial values
         try:
             return get_peft_model(base, config)
         except (TypeError, ValueError) as e:  # a value the config took but the layers cannot use
-            raise ConfigError(f"invalid {a.method} options {a.options}: {e}") from None
+            raise ConfigError(f"invalid {args.method} options {args.options}: {e}") from None
 
     def _prepare_out(self) -> dict | None:
         """The checkpoint state to resume from (None: a fresh run)."""
-        a = self.args
-        ckpt = os.path.join(a.out, CHECKPOINT)
-        state = read_checkpoint(a.out) if a.resume else None
+        args = self.args
+        ckpt = os.path.join(args.out, CHECKPOINT)
+        state = read_checkpoint(args.out) if args.resume else None
         if state is None:
-            if a.resume:
-                raise ConfigError(f"{a.out}: no checkpoint to resume from; run without --resume")
-            if os.path.exists(os.path.join(ckpt, "trainer_state.pt")) and not a.overwrite:
-                raise ConfigError(f"{a.out}: holds a checkpoint of an earlier run; pass --resume to continue it, "
+            if args.resume:
+                raise ConfigError(f"{args.out}: no checkpoint to resume from; run without --resume")
+            if os.path.exists(os.path.join(ckpt, "trainer_state.pt")) and not args.overwrite:
+                raise ConfigError(f"{args.out}: holds a checkpoint of an earlier run; pass --resume to continue it, "
                                   "--overwrite to start over, or another --out")
-            if os.path.exists(os.path.join(a.out, CONFIG_NAME)) and not a.overwrite:
-                raise ConfigError(f"{a.out}: holds an adapter already; pass --overwrite to replace it, or another --out")
+            if os.path.exists(os.path.join(args.out, CONFIG_NAME)) and not args.overwrite:
+                raise ConfigError(f"{args.out}: holds an adapter already; pass --overwrite to replace it, or another --out")
             return None
         old, new = state["args"], self.args.fingerprint()
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -180,29 +180,29 @@ class Trainer:
         from torch.utils.data import DataLoader
         from transformers import get_scheduler
 
-        a = self.args
+        args = self.args
         acc = self._accelerator()
         resume = self._prepare_out()
-        set_seed(a.seed)
+        set_seed(args.seed)
         encoder, train_rows, eval_rows, labels = self._data()
         peft = self._model(labels)
         heads = [p for n, p in peft.named_parameters() if p.requires_grad and ".modules_to_save." in n]
         params = [p for p in peft.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if all(p is not h for h in heads)], "lr": a.lr}]
+        groups = [{"params": [p for p in params if all(p is not h for h in heads)], "lr": args.lr}]
         if heads:  # a head trained whole starts from random weights: its own rate
-            groups.append({"params": heads, "lr": a.head_lr})
-        optimizer = torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay)
-        loader = DataLoader(train_rows, batch_size=a.batch_size, shuffle=True, collate_fn=encoder.collate)
-        eval_loader = (DataLoader(eval_rows, batch_size=a.batch_size, collate_fn=encoder.collate)
+            groups.append({"params": heads, "lr": args.head_lr})
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+        loader = DataLoader(train_rows, batch_size=args.batch_size, shuffle=True, collate_fn=encoder.collate)
+        eval_loader = (DataLoader(eval_rows, batch_size=args.batch_size, collate_fn=encoder.collate)
                        if eval_rows else None)
         model, optimizer, loader = acc.prepare(peft, optimizer, loader)
         if eval_loader is not None:
             eval_loader = acc.prepare(eval_loader)
-        steps_per_epoch = math.ceil(len(loader) / a.grad_accum)
-        total = steps_per_epoch * a.epochs
-        scheduler = get_scheduler(a.scheduler, optimizer, num_warmup_steps=round(a.warmup_ratio * total),
+        steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
+        total = steps_per_epoch * args.epochs
+        scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=round(args.warmup_ratio * total),
                                   num_training_steps=total)
-        log = {"args": a.fingerprint(), "labels": labels, "world_size": acc.num_processes,
+        log = {"args": args.fingerprint(), "labels": labels, "world_size": acc.num_processes,
                "train_examples": len(train_rows), "eval_examples": len(eval_rows or []),
                "trainable_parameters": sum(p.numel() for p in params),
                "total_parameters": sum(p.numel() for p in peft.parameters()),
@@ -213,16 +213,16 @@ class Trainer:
             log.update(resume["log"])
             start_epoch = resume["epoch"]
         self._checkpointed = start_epoch  # the epochs OUT's checkpoint holds
-        made_out = not os.path.exists(a.out)
+        made_out = not os.path.exists(args.out)
         if acc.is_main_process:
-            os.makedirs(a.out, exist_ok=True)
-        bar = _progress(a.progress and acc.is_main_process, total, start_epoch * steps_per_epoch)
+            os.makedirs(args.out, exist_ok=True)
+        bar = _progress(args.progress and acc.is_main_process, total, start_epoch * steps_per_epoch)
         try:
             if resume is None and eval_loader is not None:  # the untrained adapter, for comparison
                 log["evals"].append({"epoch": 0, "step": 0, **self._evaluate(acc, model, eval_loader)})
                 bar.write("before training: eval " + _shown(log["evals"][-1]))
             model.train()
-            for epoch in range(start_epoch, a.epochs):
+            for epoch in range(start_epoch, args.epochs):
                 self._epoch(acc, model, loader, optimizer, scheduler, params, log, epoch, steps_per_epoch, bar)
                 self._end_epoch(acc, model, eval_loader, optimizer, scheduler, log, epoch, bar)
         except KeyboardInterrupt:
@@ -245,7 +245,7 @@ class Trainer:
 
     def _epoch(self, acc, model, loader, optimizer, scheduler, params, log, epoch, steps_per_epoch, bar) -> None:
         """One pass over the training data, logging the mean loss every ``logging_steps`` optimizer steps."""
-        a = self.args
+        args = self.args
         loader.set_epoch(epoch)
         step = epoch * steps_per_epoch
         t0, examples, window = time.perf_counter(), 0, []
@@ -257,7 +257,7 @@ class Trainer:
                 window.append(loss.detach().float())
                 examples += len(batch["input_ids"]) * acc.num_processes
                 if acc.sync_gradients:
-                    acc.clip_grad_norm_(params, a.max_grad_norm)
+                    acc.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             if not acc.sync_gradients:
@@ -265,24 +265,24 @@ class Trainer:
             scheduler.step()
             step += 1
             bar.update(1)
-            if step % a.logging_steps and step % steps_per_epoch:  # log every N steps and at the epoch's end
+            if step % args.logging_steps and step % steps_per_epoch:  # log every N steps and at the epoch's end
                 continue
             mean = float(acc.reduce(torch.stack(window).mean(), "mean"))  # the mean since the last entry
             window = []
             if not math.isfinite(mean):  # every process sees the reduced mean: all stop alike
-                kept = (f"{a.out} keeps the adapter saved before" if os.path.isfile(os.path.join(a.out, CONFIG_NAME))
+                kept = (f"{args.out} keeps the adapter saved before" if os.path.isfile(os.path.join(args.out, CONFIG_NAME))
                         else "no adapter was saved")
                 raise ConfigError(f"training diverged at step {step} (epoch {epoch + 1}): the loss is {mean}; "
-                                  f"lower --lr (now {a.lr:g}) or check the data; {kept}")
+                                  f"lower --lr (now {args.lr:g}) or check the data; {kept}")
             speed = examples / max(time.perf_counter() - t0, 1e-9)
             lr = scheduler.get_last_lr()[0]
             log["history"].append({"step": step, "epoch": epoch + 1, "loss": mean, "lr": lr, "examples_per_s": speed})
-            bar.set_postfix(epoch=f"{epoch + 1}/{a.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}", ex_s=f"{speed:.0f}")
+            bar.set_postfix(epoch=f"{epoch + 1}/{args.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}", ex_s=f"{speed:.0f}")
         log["train_seconds"] += time.perf_counter() - t0
 
     def _end_epoch(self, acc, model, eval_loader, optimizer, scheduler, log, epoch, bar) -> None:
         """Evaluate, save the adapter (best or last), the log, the curve and a checkpoint."""
-        a = self.args
+        args = self.args
         evaluation = self._evaluate(acc, model, eval_loader) if eval_loader is not None else None
         improved = True
         if evaluation is not None:
@@ -296,37 +296,46 @@ class Trainer:
                 log["best"] = {"epoch": epoch + 1, "metric": name, "value": evaluation[name], "loss": evaluation["loss"]}
             untrained = by_epoch.get(0)  # "best so far" only for an epoch at least as good as before training
             shown = improved and (untrained is None or self._rank(evaluation) >= self._rank(untrained))
-            bar.write(f"epoch {epoch + 1}/{a.epochs}: eval {_shown(evaluation)}" + ("  (best so far)" if shown else ""))
+            bar.write(f"epoch {epoch + 1}/{args.epochs}: eval {_shown(evaluation)}" + ("  (best so far)" if shown else ""))
         if acc.is_main_process:
             peft = acc.unwrap_model(model)
-            if a.save == "last" or improved:
-                save_adapter(peft, a.out, log["labels"])
+            if args.save == "last" or improved:
+                save_adapter(peft, args.out, log["labels"])
             self._write_log(log)
-            save_checkpoint(a.out, peft, a.fingerprint(), epoch + 1, optimizer, scheduler, log)
+            save_checkpoint(args.out, peft, args.fingerprint(), epoch + 1, optimizer, scheduler, log)
         self._checkpointed = epoch + 1
         acc.wait_for_everyone()
 
     def _hint(self, log: dict) -> str | None:
-        """One line with the flags to try when training hardly moved the eval loss (None: it did move)."""
+        """One line with the flags to try when training did not learn (None: it did).
+
+        The eval loss rose: the rate is probably too high. It hardly moved and the metric did not
+        improve either: too low, or too few epochs.
+        """
         evals = log["evals"]
         if len(evals) < 2 or evals[0]["epoch"] != 0:
             return None
         before, best = evals[0]["loss"], min(e["loss"] for e in evals[1:])
+        args = self.args
+        if best > before:
+            return (f"eval loss rose ({before:.4f} -> {best:.4f} at best); try a lower rate, e.g. --lr {args.lr / 3:.2g}")
+        metric = next((k for k in ("accuracy", "perplexity") if k in evals[0]), None)
+        if metric == "accuracy" and max(e["accuracy"] for e in evals[1:]) > evals[0]["accuracy"] + 0.05:
+            return None  # a clear gain in accuracy: a small loss change (ln 2 to start with) says nothing more
         if best < HARDLY_MOVED * before:
             return None
-        a = self.args
         return (f"eval loss hardly moved ({before:.4f} -> {best:.4f} at best); try a higher rate, e.g. "
-                f"--lr {a.lr * 3:g}, or more --epochs (now {a.epochs})")
+                f"--lr {args.lr * 3:.2g}, or more --epochs (now {args.epochs})")
 
     def _interrupted(self, log: dict, made_out: bool) -> TrainingInterrupted:
         """What an interrupt (Ctrl-C) leaves: the last checkpoint and the command that resumes it, or nothing."""
-        a = self.args
+        args = self.args
         if self._checkpointed:
-            return TrainingInterrupted(f"interrupted; {os.path.join(a.out, CHECKPOINT)} holds the run after epoch "
-                                       f"{self._checkpointed} of {a.epochs}; continue with: {a.command('--resume')}")
-        if made_out and os.path.isdir(a.out) and not os.listdir(a.out):
-            os.rmdir(a.out)
-        return TrainingInterrupted(f"interrupted in the first epoch; nothing was saved in {a.out}")
+            return TrainingInterrupted(f"interrupted; {os.path.join(args.out, CHECKPOINT)} holds the run after epoch "
+                                       f"{self._checkpointed} of {args.epochs}; continue with: {args.command('--resume')}")
+        if made_out and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)
+        return TrainingInterrupted(f"interrupted in the first epoch; nothing was saved in {args.out}")
 
     def _write_log(self, log: dict, curve: bool = True) -> None:
         from edgepeft.files import write_json_atomic

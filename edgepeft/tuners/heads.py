@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from edgepeft.errors import ConfigError, UnsupportedModelError
+from edgepeft.registry import AdapterLayer, SlotSpec, register_spec
 from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
 from edgepeft.tuners.targets import name_matches, replace_module
 
@@ -22,14 +23,14 @@ from edgepeft.tuners.targets import name_matches, replace_module
 CLASSIFIER_NAMES = ["classifier", "score"]
 
 
-class ModulesToSaveWrapper(nn.Module):
-    adapter_dicts = ("modules_to_save",)  # ModuleDicts holding one entry per adapter
+class ModulesToSaveWrapper(AdapterLayer):
+    adapter_dicts = ("modules_to_save",)  # one trained copy of the module per adapter
+    frozen_attr = "original_module"  # HF PEFT's name for the module it wraps
 
     def __init__(self, original_module: nn.Module):
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
-        self.active_adapter = None
 
     def add(self, adapter_name: str) -> None:
         trained = copy.deepcopy(self.original_module)
@@ -47,6 +48,10 @@ class ModulesToSaveWrapper(nn.Module):
                 raise ConfigError(f"saved head has {in_features} inputs, the model's has {module.in_features}")
             new = nn.Linear(in_features, out_features, bias="bias" in state)
             self.modules_to_save[adapter_name] = new.to(module.weight.dtype)
+
+    def merged_module(self, adapter_name: str):
+        """The adapter's trained copy (or the original module): a head trained whole is its own merge."""
+        return self.modules_to_save[adapter_name] if adapter_name in self.modules_to_save else self.original_module
 
     def forward(self, *args, **kwargs):
         if self.active_adapter in self.modules_to_save:
@@ -95,11 +100,11 @@ class HeadSlotLinear(nn.Module):
         return out
 
 
-class HeadSlots:
+class HeadSlots(SlotSpec):
     name = "head"
 
-    def saved_modules(self, model: nn.Module, config) -> list[str]:
-        return saved_module_names(model, config)
+    def unfused(self, model: nn.Module, config) -> list[str]:
+        return saved_module_names(model, config)  # trained whole: no fused group may hold it
 
     def slot_table(self, model: nn.Module, config, groups=()) -> list[Slot]:
         slots = []
@@ -115,8 +120,8 @@ class HeadSlots:
                 slots.append(Slot(slot_name("head", "bias", key), "head", "bias", key, (out_axis,), "float32", "base"))
         return slots
 
-    def install(self, model: nn.Module, slots: list[Slot], fused: dict) -> dict:
-        """Swap heads for slot modules; returns {slot name: (module, key)} and neutral values."""
+    def install(self, model: nn.Module, slots: list[Slot], fused: dict) -> tuple[dict, dict]:
+        """Swap heads for slot modules; returns ({slot name: (module, role)}, neutral values: the base head's)."""
         feeds, neutral = {}, {}
         for s in slots:
             module = model.get_submodule(s.module)
@@ -141,3 +146,10 @@ class HeadSlots:
 
     def sample(self, slots: list[Slot], neutral: dict) -> dict:
         return {s.name: torch.from_numpy(neutral[s.name]) for s in slots}
+
+    def output_axis(self, slots: list[Slot]) -> str | None:
+        """A classifier's label count: its weight's output axis (tasks with other label counts share one base)."""
+        return next((s.shape[-1] for s in slots if s.role == "weight"), None)
+
+
+HEADS = register_spec(HeadSlots(), every_adapter=True)

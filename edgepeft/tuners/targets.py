@@ -8,14 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from edgepeft.errors import ConfigError
-
-# HF PEFT's default LoRA targets per model type (used when target_modules is None).
-DEFAULT_LORA_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-}
+from edgepeft.registry import AdapterLayer
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -32,7 +25,7 @@ def wrapper_of(module: nn.Module, cls: type):
     while module is not None:
         if isinstance(module, cls):
             return module
-        module = getattr(module, "base_layer", None) if hasattr(module, "adapter_dicts") else None
+        module = getattr(module, module.frozen_attr, None) if isinstance(module, AdapterLayer) and module.frozen_attr else None
     return None
 
 
@@ -60,8 +53,8 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def innermost(module: nn.Module) -> nn.Module:
     """The frozen layer under any adapter wrappers (``base_layer`` chains)."""
-    while hasattr(module, "adapter_dicts") and hasattr(module, "base_layer"):
-        module = module.base_layer
+    while isinstance(module, AdapterLayer) and module.frozen_attr:
+        module = getattr(module, module.frozen_attr)
     return module
 
 
@@ -82,15 +75,15 @@ def output_layer_name(model: nn.Module):
     return next((n for n, m in model.named_modules() if m is out), None)
 
 
-def linear_targets(model: nn.Module, config, defaults=None) -> list[str]:
+def linear_targets(model: nn.Module, config, defaults: dict) -> list[str]:
     """Full names of the linear modules ``config.target_modules`` selects in ``model``.
 
     ``"all-linear"`` selects every Linear/Conv1D except the output layer and the
-    modules saved whole (``modules_to_save``), as HF PEFT does.
+    modules saved whole (``modules_to_save``), as HF PEFT does. ``defaults``: the method's
+    targets per model type, for a config that names none.
     """
     targets = config.target_modules
     if targets is None:
-        defaults = DEFAULT_LORA_TARGETS if defaults is None else defaults
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in defaults:
             raise ConfigError(f"target_modules is required for model type {model_type!r}")
@@ -142,12 +135,15 @@ class _TargetView(nn.Module):
         object.__setattr__(self, "config", getattr(model, "config", None))
 
     def named_modules(self, *args, **kwargs):
-        inner = (".base_layer", ".original_module", ".modules_to_save")
+        """The model's modules by their original names: each adapter layer stands for the module it wraps,
+        and what adapter layers hold (the wrapped module, per-adapter dicts) is left out."""
+        held = set()  # names of what adapter layers hold
         for key, m in self._model.named_modules():
-            if any(part in key for part in inner) or any(
-                f".{d}." in key + "." for d in ("lora_A", "lora_B", "lora_dropout", "ia3_l", "adapter_down", "adapter_up", "prompt_encoder")
-            ):
+            parts = key.split(".")
+            if any(".".join(parts[:i]) in held for i in range(1, len(parts) + 1)):
                 continue
+            if isinstance(m, AdapterLayer):
+                held |= {f"{key}.{d}" if key else d for d in (*m.adapter_dicts, m.frozen_attr) if d}
             yield key, innermost(m)
 
     def get_submodule(self, target):

@@ -28,6 +28,7 @@ from torch import nn
 
 from edgepeft.config import PeftConfig
 from edgepeft.errors import ConfigError, CorruptArtifactError, UnsupportedMethodError
+from edgepeft.registry import AdapterLayer, Tuner
 from edgepeft.tuners.targets import replace_module
 
 
@@ -60,15 +61,13 @@ class PromptLearningConfig(PeftConfig):
             self.num_transformer_submodules = 1
         if self.num_transformer_submodules != 1:
             raise UnsupportedMethodError("num_transformer_submodules must be 1 (encoder-decoder models are not supported)")
-        kv_heads = getattr(c, "num_key_value_heads", None)
-        if self.peft_type == "PREFIX_TUNING" and kv_heads is not None and self.num_attention_heads != kv_heads:
-            head_dim = getattr(c, "head_dim", None) or self.token_dim // self.num_attention_heads  # grouped-query attention
-            self.token_dim, self.num_attention_heads = head_dim * kv_heads, kv_heads
-        if hasattr(self, "encoder_hidden_size") and self.encoder_hidden_size is None:
-            self.encoder_hidden_size = self.token_dim
+        self.fill_method_fields(c)
+
+    def fill_method_fields(self, model_config) -> None:
+        """What a method's own fields take from the model (prefix tuning: key/value sizes); none by default."""
 
 
-class VirtualTokenEmbedding(nn.Module):
+class VirtualTokenEmbedding(AdapterLayer):
     """Wraps the input embedding layer and holds each adapter's virtual-token encoder.
 
     Its forward is the embedding layer's. State: one ``prompt_embeddings`` tensor per
@@ -76,12 +75,12 @@ class VirtualTokenEmbedding(nn.Module):
     """
 
     adapter_dicts = ("prompt_encoder",)
+    own_state = True  # saves the encoder's output, not its parameters
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.prompt_encoder = nn.ModuleDict()
-        self.active_adapter = None
 
     def forward(self, *args, **kwargs):
         return self.base_layer(*args, **kwargs)
@@ -90,7 +89,6 @@ class VirtualTokenEmbedding(nn.Module):
         """(num_virtual_tokens, D): the prompt (D = hidden) or flattened prefix keys/values."""
         return self.prompt_encoder[adapter_name]()
 
-    # The saved-state protocol PeftModel calls for layers whose state is not plain parameters.
     def adapter_parameters(self, adapter_name: str) -> dict:
         return dict(self.prompt_encoder[adapter_name].named_parameters()) if adapter_name in self.prompt_encoder else {}
 
@@ -128,7 +126,7 @@ def embedding_holder(model: nn.Module, create: bool = False) -> VirtualTokenEmbe
     return holder
 
 
-class VirtualTokenTuner:
+class VirtualTokenTuner(Tuner):
     """What prompt and prefix tuners share: their adapter layer is the holder around the input embeddings."""
 
     def layers(self, model: nn.Module):

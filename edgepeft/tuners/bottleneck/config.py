@@ -28,7 +28,8 @@ class BottleneckConfig(PeftConfig):
     """
 
     peft_type_name = "BOTTLENECK"
-    default_lr = 1e-3
+    default_lr = 2e-3
+    cli_shorthands = {"--target-modules": "target_modules"}
     bottleneck_size: int = 64
     placement: str = "houlsby"
     non_linearity: str = "relu"

@@ -5,12 +5,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgepeft.registry import AdapterLayer
 from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
-class BottleneckLinear(nn.Module):
+class BottleneckLinear(AdapterLayer):
     """Wraps the layer that ends a block: ``y = base(x); y + up(act(down(y)))``.
 
     down: nn.Linear(out, size); up: nn.Linear(size, out), zero-initialised so a new
@@ -27,7 +28,6 @@ class BottleneckLinear(nn.Module):
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.non_linearity: dict[str, str] = {}
-        self.active_adapter = None
 
     def add(self, adapter_name: str, size: int, non_linearity: str, init: bool = True) -> None:
         weight = innermost(self.base_layer).weight

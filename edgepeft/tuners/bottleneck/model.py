@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from edgepeft.registry import Tuner
 from edgepeft.tuners.bottleneck.layer import BottleneckLinear
 from edgepeft.tuners.targets import adapter_layer, linear_targets, replace_module, unwrapped
 
@@ -13,7 +14,7 @@ def bottleneck_targets(model: nn.Module, config) -> list[str]:
     return linear_targets(model, config, defaults=defaults)
 
 
-class BottleneckTuner:
+class BottleneckTuner(Tuner):
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         keys = bottleneck_targets(unwrapped(model), config)
         if config.target_modules is None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepeft.registry import SlotSpec
 from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
 from edgepeft.tuners.bottleneck.layer import ACTIVATIONS, BottleneckLinear
 from edgepeft.tuners.bottleneck.model import bottleneck_targets
@@ -34,7 +35,7 @@ class BottleneckSlotLinear(nn.Module):
         return y + (h @ self.feed["up"] + self.feed["up_bias"])  # (B, T, out)
 
 
-class BottleneckSlots:
+class BottleneckSlots(SlotSpec):
     name = "bottleneck"
 
     def unfused(self, model: nn.Module, config) -> list[str]:

@@ -31,7 +31,8 @@ class IA3Config(PeftConfig):
     """
 
     peft_type_name = "IA3"
-    default_lr = 3e-3
+    default_lr = 3e-2
+    cli_shorthands = {"--target-modules": "target_modules"}
     target_modules: Optional[Union[list, str]] = None
     exclude_modules: Optional[Union[list, str]] = None
     feedforward_modules: Optional[Union[list, str]] = None

@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgepeft.registry import AdapterLayer
 from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(AdapterLayer):
     """Wraps a Linear or GPT-2 Conv1D.
 
     ``y = base(x) * l`` with ``l``: (out, 1), or for a feed-forward layer
@@ -23,7 +24,6 @@ class IA3Linear(nn.Module):
         self.in_features, self.out_features = in_out_features(base_layer)
         self.is_feedforward = is_feedforward
         self.ia3_l = nn.ParameterDict()
-        self.active_adapter = None
 
     def add(self, adapter_name: str, init: bool = True) -> None:
         weight = innermost(self.base_layer).weight

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from edgepeft.errors import ConfigError
+from edgepeft.registry import Tuner
 from edgepeft.tuners.ia3.config import DEFAULT_IA3_FEEDFORWARD, DEFAULT_IA3_TARGETS
 from edgepeft.tuners.ia3.layer import IA3Linear
 from edgepeft.tuners.targets import adapter_layer, innermost, linear_targets, name_matches, replace_module, unwrapped
@@ -20,7 +21,7 @@ def ia3_targets(model: nn.Module, config) -> list[tuple[str, bool]]:
     return [(k, name_matches(feedforward, k)) for k in keys]
 
 
-class IA3Tuner:
+class IA3Tuner(Tuner):
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         keys = []
         targets = ia3_targets(unwrapped(model), config)

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepeft.registry import SlotSpec
 from edgepeft.runtimes.manifest import Slot, slot_name
 from edgepeft.tuners.ia3.layer import IA3Linear
+from edgepeft.tuners.layout import group_key
 from edgepeft.tuners.ia3.model import ia3_targets
 from edgepeft.tuners.targets import in_out_features, replace_module, wrapper_of
 
@@ -46,7 +48,7 @@ class IA3GroupScale(nn.Module):
         return self.feed["out"]
 
 
-class IA3Slots:
+class IA3Slots(SlotSpec):
     name = "ia3"
 
     def unfused(self, model: nn.Module, config) -> list[str]:
@@ -54,8 +56,6 @@ class IA3Slots:
         return [k for k, feedforward in ia3_targets(model, config) if feedforward]
 
     def slot_table(self, model: nn.Module, config, groups=()) -> list[Slot]:
-        from edgepeft.exporters.fusion import group_key
-
         group_of = {m: tuple(g) for g in groups for m in g}
         slots, seen = [], set()
         for key, feedforward in ia3_targets(model, config):

@@ -11,6 +11,15 @@ from edgepeft.errors import ConfigError, UnsupportedMethodError
 from edgepeft.runtimes.values import is_real, is_whole
 
 
+# HF PEFT's default LoRA targets per model type (used when target_modules is None).
+DEFAULT_LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+}
+
+
 @dataclass
 class LoraConfig(PeftConfig):
     """``delta W = B @ A * scaling`` on each target Linear/Conv1D.
@@ -21,7 +30,8 @@ class LoraConfig(PeftConfig):
     """
 
     peft_type_name = "LORA"
-    default_lr = 2e-3
+    default_lr = 5e-3
+    cli_shorthands = {"--r": "r", "--alpha": "lora_alpha", "--target-modules": "target_modules"}
     refused_fields = frozenset({"alora_invocation_tokens", "layer_replication", "use_qalora", "lora_ga_config",
                                 "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config"})
     r: int = 8

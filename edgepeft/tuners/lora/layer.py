@@ -7,10 +7,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from edgepeft.registry import AdapterLayer
 from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLayer):
     """Wraps a Linear or GPT-2 Conv1D: ``y = base(x) + B(A(dropout(x))) * scaling``.
 
     Parameters are named as in HF PEFT (``base_layer``, ``lora_A.<adapter>``,
@@ -18,7 +19,7 @@ class LoraLinear(nn.Module):
     A: (r, in) as nn.Linear(in, r); B: (out, r) as nn.Linear(r, out).
     """
 
-    adapter_dicts = ("lora_A", "lora_B")  # ModuleDicts holding one entry per adapter
+    adapter_dicts = ("lora_A", "lora_B", "lora_dropout")  # ModuleDicts holding one entry per adapter
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -29,8 +30,6 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.active_adapter = None
-        self.merged = False
 
     def add(self, adapter_name: str, r: int, scaling: float, dropout: float, init: bool = True) -> None:
         weight = innermost(self.base_layer).weight
@@ -51,7 +50,7 @@ class LoraLinear(nn.Module):
     def forward(self, x, *args, **kwargs):
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
-        if self.merged or name is None or name not in self.lora_A:
+        if name is None or name not in self.lora_A:
             return result
         a, b = self.lora_A[name], self.lora_B[name]
         x = x.to(a.weight.dtype)

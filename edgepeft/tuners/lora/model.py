@@ -4,15 +4,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgepeft.registry import Tuner
+from edgepeft.tuners.lora.config import DEFAULT_LORA_TARGETS
 from edgepeft.tuners.lora.layer import LoraLinear
 from edgepeft.tuners.targets import adapter_layer, innermost, linear_targets, replace_module, unwrapped
 
 
-class LoraTuner:
+class LoraTuner(Tuner):
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         """Wrap each target module (once) and add ``adapter_name``'s A/B to it."""
         keys = []
-        for key in linear_targets(unwrapped(model), config):
+        for key in linear_targets(unwrapped(model), config, DEFAULT_LORA_TARGETS):
             module = adapter_layer(model, key, LoraLinear, LoraLinear)
             if module.fan_in_fan_out:
                 config.fan_in_fan_out = True  # as HF PEFT records for GPT-2's Conv1D

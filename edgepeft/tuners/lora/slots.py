@@ -25,7 +25,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from edgepeft.registry import SlotSpec
 from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
+from edgepeft.tuners.layout import Assembled, group_key
+from edgepeft.tuners.lora.config import DEFAULT_LORA_TARGETS
 from edgepeft.tuners.lora.layer import LoraLinear
 from edgepeft.tuners.targets import in_out_features, linear_targets, replace_module, wrapper_of
 
@@ -60,20 +63,14 @@ class LoraGroupDelta(nn.Module):
         return (x @ self.feed["A"]) @ self.feed["B"]
 
 
-
-class LoraSlots:
-    name = "lora"
-
-    def unfused(self, model: nn.Module, config) -> list[str]:
-        return []  # a LoRA delta joins a fused group (see the module docstring)
+class LoraSlots(SlotSpec):
+    name = "lora"  # a LoRA delta joins a fused group (see the module docstring): nothing kept apart
 
     def slot_table(self, model: nn.Module, config, groups=()) -> list[Slot]:
         """Slots for ``config``'s targets; ``groups`` are the fused groups (lists of member names)."""
-        from edgepeft.exporters.fusion import group_key
-
         group_of = {m: tuple(g) for g in groups for m in g}
         slots, seen = [], set()
-        for key in linear_targets(model, config):
+        for key in linear_targets(model, config, DEFAULT_LORA_TARGETS):
             members = group_of.get(key, ())
             module = group_key(list(members)) if members else key
             if module in seen:
@@ -107,8 +104,6 @@ class LoraSlots:
 
     def values(self, peft_model, adapter_name: str, slots: list[Slot]) -> dict:
         """Slot tensors for one adapter: arrays, or ``Assembled`` parts for fused groups."""
-        from edgepeft.exporters.graph import Assembled
-
         out = {}
         for s in slots:
             members = s.members or (s.module,)

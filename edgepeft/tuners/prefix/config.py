@@ -20,8 +20,18 @@ class PrefixTuningConfig(PromptLearningConfig):
     """
 
     peft_type_name = "PREFIX_TUNING"
-    default_lr = 1e-2
+    default_lr = 1e-1
     training_defaults = {"num_virtual_tokens": 8}
     encoder_hidden_size: Optional[int] = None
     prefix_projection: bool = False
     init_weights: Optional[str] = None
+
+    def fill_method_fields(self, model_config) -> None:
+        """Keys/values come per key/value head: with grouped-query attention, fewer heads than queries have."""
+        c = model_config
+        kv_heads = getattr(c, "num_key_value_heads", None)
+        if kv_heads is not None and self.num_attention_heads != kv_heads:
+            head_dim = getattr(c, "head_dim", None) or self.token_dim // self.num_attention_heads
+            self.token_dim, self.num_attention_heads = head_dim * kv_heads, kv_heads
+        if self.encoder_hidden_size is None:
+            self.encoder_hidden_size = self.token_dim

@@ -6,6 +6,8 @@ import threading
 import torch
 from torch import nn
 
+from edgepeft.registry import AdapterLayer
+
 _forwards = threading.local()  # per thread: a stack of dicts, one per running forward of a model with encoder prefixes
 
 
@@ -55,7 +57,7 @@ def layer_keys_values(tokens: torch.Tensor, num_layers: int, heads: int, token_d
     return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(num_layers)]
 
 
-class PrefixSelfAttention:
+class PrefixSelfAttention(AdapterLayer):
     """Mixed into an encoder self-attention (BERT family): its keys/values get a prefix in front.
 
         hidden (B, T, H) --> q, k, v (B, heads, T, hd)
@@ -75,6 +77,7 @@ class PrefixSelfAttention:
     """
 
     adapter_dicts = ()  # holds no parameters: its keys/values come from the prefix encoder
+    frozen_attr = ""  # not a wrapper: mixed into the attention module itself
 
     def prefix(self):
         encoders = self._source.prompt_encoder

@@ -51,13 +51,13 @@ class PrefixTuner(VirtualTokenTuner):
     saved_model_prefix = "base_model."  # HF PEFT: heads saved as base_model.<module> for prompt learning
 
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
-        kind = model_type(model)
-        if kind not in DECODERS and kind not in SELF_ATTENTION:
-            raise UnsupportedModelError(f"prefix tuning supports {', '.join(sorted(DECODERS | set(SELF_ATTENTION)))}, not {kind!r}")
+        arch = model_type(model)
+        if arch not in DECODERS and arch not in SELF_ATTENTION:
+            raise UnsupportedModelError(f"prefix tuning supports {', '.join(sorted(DECODERS | set(SELF_ATTENTION)))}, not {arch!r}")
         config.fill_from(model.config)
         holder = embedding_holder(model, create=True)
         holder.prompt_encoder[adapter_name] = PrefixEncoder(config).to(holder.base_layer.weight.device)
-        if kind in ENCODERS:
+        if arch in ENCODERS:
             for layer, key in enumerate(self_attention_names(model)):
                 add_prefix(model.get_submodule(key), PrefixSelfAttention, layer, _source=holder)
             share_per_forward(model)

@@ -19,6 +19,7 @@ from torch import nn
 
 from edgepeft.errors import UnsupportedMethodError
 from edgepeft.models import DECODERS, attention_layout
+from edgepeft.registry import SlotSpec
 from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, Slot, slot_axis, slot_name
 from edgepeft.tuners.prefix.layer import PrefixSelfAttention, add_prefix, share_per_forward
 from edgepeft.tuners.prefix.model import model_type, self_attention_names
@@ -48,7 +49,7 @@ def _modules(model) -> list[str]:
     return self_attention_names(model)
 
 
-class PrefixSlots:
+class PrefixSlots(SlotSpec):
     name = "prefix"
 
     def unfused(self, model: nn.Module, config) -> list[str]:

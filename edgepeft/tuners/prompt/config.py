@@ -20,7 +20,7 @@ class PromptTuningConfig(PromptLearningConfig):
     """
 
     peft_type_name = "PROMPT_TUNING"
-    default_lr = 3e-2
+    default_lr = 1e-1
     training_defaults = {"num_virtual_tokens": 8}
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: Optional[str] = None

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepeft.registry import SlotSpec
 from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
 from edgepeft.tuners.virtual import embedding_holder
 
@@ -40,11 +41,8 @@ def embedding_name(model: nn.Module) -> str:
     return next(k for k, m in model.named_modules() if m is embeddings)
 
 
-class PromptSlots:
+class PromptSlots(SlotSpec):
     name = "prompt"
-
-    def unfused(self, model: nn.Module, config) -> list[str]:
-        return []
 
     def slot_table(self, model: nn.Module, config, groups=()) -> list[Slot]:
         key = embedding_name(model)

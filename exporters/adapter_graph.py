@@ -1,0 +1,132 @@
+"""One adapter as its own small ONNX graph plus its manifest (``OUT/adapters/<name>/``).
+
+    adapter.onnx   no inputs; one output per slot the adapter fills (each spec's ``values``)
+    adapter.json   methods, rank/alpha/targets (each spec's ``describe``), base fingerprint,
+                   slot shapes, sha256 of adapter.onnx, the source PEFT config, label names
+    adapter.onnx_adapter   the same tensors in ONNX Runtime's format, where that format can hold them
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgepeft.config import LABELS_NAME
+from edgepeft.errors import CorruptArtifactError
+from edgepeft.exporters import ort_adapter as ort_format
+from edgepeft.exporters.graph import IR_VERSION, OPSET
+from edgepeft.files import write_json_atomic
+from edgepeft.runtimes.manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST, FORMAT_VERSION, ORT_ADAPTER, sha256_file
+from edgepeft.tuners import specs_for
+from edgepeft.tuners.layout import Assembled
+
+
+def write_adapter_graph(values: dict, path: str) -> None:
+    """An ONNX graph with no inputs and one output per slot.
+
+    A plain tensor is an initializer behind an Identity; an ``Assembled`` one is
+    Pad/Concat nodes over its parts' initializers, run once when the runtime loads
+    the adapter.
+    """
+    nodes, inits, outputs = [], [], []
+    for name, value in sorted(values.items()):
+        if isinstance(value, Assembled):
+            inputs = []
+            for i, part in enumerate(value.parts):
+                part_name = f"value.{name}.{i}"
+                inits.append(numpy_helper.from_array(np.ascontiguousarray(part, dtype=np.float32), part_name))
+                if value.pads and any(value.pads[i]):
+                    left, right = value.pads[i]
+                    pads_name = f"pads.{name}.{i}"
+                    inits.append(numpy_helper.from_array(np.array([0, left, 0, right], dtype=np.int64), pads_name))
+                    nodes.append(helper.make_node("Pad", [part_name, pads_name], [f"padded.{name}.{i}"]))
+                    part_name = f"padded.{name}.{i}"
+                inputs.append(part_name)
+            nodes.append(helper.make_node("Concat", inputs, [name], axis=value.axis))
+            shape = list(value.shape)
+        else:
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            inits.append(numpy_helper.from_array(value, f"value.{name}"))
+            nodes.append(helper.make_node("Identity", [f"value.{name}"], [name]))
+            shape = list(value.shape)
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+    graph = helper.make_graph(nodes, "edgepeft_adapter", [], outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgepeft")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    onnx.save_model(model, path)
+
+
+def write_adapter(peft, src, slots: list, base_manifest: dict, stage: str, ort_adapter: bool) -> dict:
+    """Stage ``src``'s graph and manifest in ``stage``; ``slots``: those of the base its specs fill."""
+    config = peft.peft_config[src.name]
+    specs = specs_for(config)  # the method's own first, then those every adapter has (task heads)
+    values, names = {}, [specs[0].name]
+    for i, spec in enumerate(specs):
+        own = [s for s in slots if s.method == spec.name]
+        filled = spec.values(peft, src.name, own) if own else {}
+        values.update(filled)
+        if filled and i:
+            names.append(spec.name)
+    graph = os.path.join(stage, ADAPTER_GRAPH)
+    write_adapter_graph(values, graph)
+    ort_file = None
+    if ort_adapter and ort_format.applies(slots):
+        ort_file = ORT_ADAPTER
+        ort_format.write_ort_adapter(graph, os.path.join(stage, ORT_ADAPTER))
+    manifest = {
+        "format": "edgepeft-adapter",
+        "format_version": FORMAT_VERSION,
+        "name": src.name,
+        "methods": names,
+        "peft_type": config.peft_type,
+        "task": base_manifest["task"],
+        "base_fingerprint": base_manifest["fingerprint"],
+        "base_source": base_manifest["source"],
+        **specs[0].describe(config),
+        "modules_to_save": config.modules_to_save,
+        "slots": {k: list(v.shape) for k, v in sorted(values.items())},
+        "parameter_bytes": int(sum(v.nbytes for v in values.values())),
+        "graph": ADAPTER_GRAPH,
+        "sha256": sha256_file(graph),
+        "ort_adapter": ort_file,
+        "peft_config": config.to_dict(),
+        "source": os.path.abspath(src.path),
+        "labels": None,  # set by set_labels once validation has seen the output's width
+    }
+    write_json_atomic(os.path.join(stage, ADAPTER_MANIFEST), manifest, sort_keys=True)
+    return manifest
+
+
+def read_labels(src_path: str, width: int) -> list | None:
+    """Class names saved beside a classifier adapter (``labels.json``, written by ``edgepeft train``), or None.
+
+    ``width``: the classifier's output count, which the file must match.
+    """
+    path = os.path.join(src_path, LABELS_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            labels = json.load(f)["labels"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise CorruptArtifactError(f"{path}: cannot read the label names ({e}); fix or delete the file") from None
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise CorruptArtifactError(f"{path}: 'labels' must be a list of strings; fix or delete the file")
+    if len(labels) != width:
+        raise CorruptArtifactError(f"{path}: names {len(labels)} labels but the adapter's classifier has "
+                                   f"{width} outputs; fix or delete the file")
+    return labels
+
+
+def set_labels(manifest_path: str, labels: list | None) -> None:
+    """Record label names in a staged manifest (an adapter's, or a merged base's)."""
+    if labels is None:
+        return
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["labels"] = labels
+    write_json_atomic(manifest_path, manifest, sort_keys=True)

@@ -1,0 +1,74 @@
+"""The frozen base as one ONNX graph with every slot as an input (``OUT/base/``), and its manifest.
+
+    plain model --copy--> fuse groups (q|k|v, gate|up) --> each spec installs its slot modules
+                --> SlotGraph (cache I/O for causal LMs) --> torch.onnx.export --> model.onnx
+    manifest: model type, task, I/O table, slot table, fingerprints, generation ids; tokenizer files copied
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+from edgepeft.exporters.fingerprint import base_fingerprint
+from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
+from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
+from edgepeft.files import write_json_atomic
+from edgepeft.models import cache_layout, eos_token_ids, max_positions
+from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION
+from edgepeft.tuners import spec_for
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json",
+)
+
+
+def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None) -> dict:
+    """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest."""
+    graph_model = copy.deepcopy(model)
+    fused = fuse_groups(graph_model, groups)
+    trace_conv1d_as_matmul(graph_model)
+    feeds, neutral, samples = {}, {}, {}
+    by_spec: dict = {}
+    for s in slots:
+        by_spec.setdefault(s.method, []).append(s)
+    output_axis = None
+    for name, group in by_spec.items():
+        spec = spec_for(name)
+        spec_feeds, spec_neutral = spec.install(graph_model, group, fused)
+        feeds.update(spec_feeds)
+        neutral.update(spec_neutral)
+        samples.update(spec.sample(group, spec_neutral))
+        output_axis = output_axis or spec.output_axis(group)
+    graph = SlotGraph(graph_model, feeds, task, cache=cache_layout(model.config, task), output_axis=output_axis)
+    io = export_graph(graph, graph.sample_inputs(model.config, samples), slots, neutral, os.path.join(stage, BASE_GRAPH))
+    slots = [s for s in slots if s.name not in io["inert_slots"]]
+    manifest = {
+        "format": "edgepeft-base",
+        "format_version": FORMAT_VERSION,
+        "model_type": model.config.model_type,
+        "task": task,
+        "source": source,
+        "graph": BASE_GRAPH,
+        "fingerprint": base_fingerprint(weights_fp, slots, OPSET),
+        "weights_fingerprint": weights_fp,
+        "opset": OPSET,
+        "dtype": "float32",
+        "quantization": None,
+        "merged_adapter": merged_adapter,
+        "labels": None,  # a merged classifier's class names, set once validation has seen its width
+        "vocab_size": model.config.vocab_size,
+        "max_positions": max_positions(model.config),
+        "pad_token_id": model.config.pad_token_id,
+        "eos_token_id": eos_token_ids(model),
+        "slots": [s.to_json() for s in slots],
+        "fused_groups": list(fused),
+        **io,
+    }
+    if os.path.isdir(source):
+        for f in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source, f)):
+                shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
+    write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
+    return manifest

@@ -1,0 +1,111 @@
+"""Every export is checked against PyTorch before anything is committed.
+
+    sample batch (one row left-padded) --> Runtime.forward(adapter)  vs  PyTorch model  -> max |diff| <= atol
+    decoders:  prefill + 3 cached steps --> Runtime.step_logits      vs  PyTorch on the whole sequence so far
+
+Float graphs are held to an absolute tolerance (scaled by the output's size when above 1);
+quantized ones to a relative RMS error. The runtime is driven through its public calls only.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgepeft.errors import ExportValidationError
+from edgepeft.exporters.quantize import relative_error
+from edgepeft.models import call_kwargs, sample_inputs
+from edgepeft.runtimes.manifest import TASK_OUTPUTS
+
+
+def reference_output(model, ids, mask, task) -> np.ndarray:
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, return_dict=True, **call_kwargs(model.config))
+    return getattr(out, TASK_OUTPUTS[task]).float().numpy()
+
+
+def meaningful_positions(ours: np.ndarray, ref: np.ndarray, mask, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both outputs at the positions that carry meaning (real tokens, not padding)."""
+    if ours.shape != ref.shape:
+        raise ExportValidationError(f"the export's output has shape {list(ours.shape)}, PyTorch's {list(ref.shape)}")
+    if task == "seq-cls" or mask is None:
+        return ours, ref
+    virtual = ours.shape[1] - mask.shape[1]  # a prompt's virtual tokens come first in the output
+    mask = np.concatenate([np.ones((mask.shape[0], virtual), mask.dtype), mask], axis=1)
+    valid = mask.astype(bool)
+    return ours[valid], ref[valid]
+
+
+def compare_outputs(label: str, ours, ref, mask, task, atol, where, qtol=None) -> dict:
+    """One check: raises ExportValidationError naming ``where`` when ``ours`` is out of tolerance."""
+    ours, ref = meaningful_positions(ours, ref, mask, task)
+    diff = float(np.abs(ours - ref).max())
+    if qtol is not None:  # a quantized graph: relative RMS error
+        rel = relative_error(ours, ref)
+        if not rel <= qtol:
+            raise ExportValidationError(
+                f"{where}: {label} differs from PyTorch by {rel:.3g} relative RMS error (tolerance {qtol:g}); nothing "
+                "was written. Export without --quantize, or loosen --qtol if this model tolerates it"
+            )
+        return {"what": label, "max_abs_diff": diff, "relative_error": rel, "tolerance": qtol}
+    tol = atol * max(1.0, float(np.abs(ref).max()))
+    if not diff <= tol:  # also catches NaN
+        raise ExportValidationError(
+            f"{where}: {label} differs from PyTorch by {diff:.3g} (tolerance {tol:.1g}); nothing was written. "
+            "Report this model with `edgepeft inspect`, or loosen --atol if the difference is expected"
+        )
+    return {"what": label, "max_abs_diff": diff, "tolerance": tol}
+
+
+def decode_steps(rt, adapter, model, ids, mask, steps: int = 3):
+    """Prefill then ``steps`` cached decode steps, teacher-forced with PyTorch's greedy tokens.
+
+    Returns the last-position logits of every step, (steps + 1, B, V), from the
+    runtime and from PyTorch run on the whole sequence so far with positions from the
+    attention mask, as transformers' generate makes them (a PeftModel with virtual
+    tokens shifts or drops them as HF PEFT does).
+    """
+    from edgepeft.tuners.virtual import mask_positions
+
+    ours, ref = [], []
+    runtime_steps = rt.step_logits(ids.numpy(), mask.numpy(), adapter=adapter)
+    with torch.no_grad():
+        logits = next(runtime_steps)
+        for step in range(steps + 1):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask))
+            ours.append(logits)
+            ref.append(out.logits[:, -1].float().numpy())
+            token = torch.from_numpy(ref[-1].argmax(-1)).long()  # (B,)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+            if step < steps:
+                logits = runtime_steps.send(token.numpy())
+    runtime_steps.close()
+    return np.stack(ours), np.stack(ref)
+
+
+def validate(label: str, rt, adapter, model, task: str, atol: float, where: str, seed: int = 1, qtol=None) -> dict:
+    """The runtime vs PyTorch on a left-padded batch: forward, and for decoders prefill + decode steps.
+
+    ``qtol``: the graph is quantized; check relative RMS error against it instead of ``atol``.
+    The check records ``output_width``, the output's last dim (a classifier's label count).
+    """
+    ids, mask = sample_inputs(model.config, seed=seed)
+    ours = rt.forward(ids.numpy(), mask.numpy(), adapter=adapter)[TASK_OUTPUTS[task]]
+    check = compare_outputs(label, ours, reference_output(model, ids, mask, task), mask.numpy(), task, atol, where, qtol)
+    check["output_width"] = int(ours.shape[-1])
+    if rt.cache:
+        step = compare_outputs(f"{label}, cached decode", *decode_steps(rt, adapter, model, ids, mask), None, task, atol,
+                               where, qtol)
+        check["decode_max_abs_diff"] = step["max_abs_diff"]
+        check["max_abs_diff"] = max(check["max_abs_diff"], step["max_abs_diff"])
+        if qtol is not None:
+            check["relative_error"] = max(check["relative_error"], step["relative_error"])
+    return check
+
+
+def log_check(log, check: dict, name: str) -> None:
+    if "relative_error" in check:
+        log(f"validated {name}: relative error vs PyTorch = {check['relative_error']:.2e} "
+            f"(tolerance {check['tolerance']:g}), max |diff| {check['max_abs_diff']:.2e}")
+    else:
+        log(f"validated {name}: max |diff| vs PyTorch = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")

@@ -1,0 +1,50 @@
+"""The checks every call's token inputs pass before they reach ONNX Runtime (its own errors are not one-line)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+
+def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions, base_dir: str):
+    """(ids, mask) as contiguous int64 (B, T) arrays, or InvalidInputError saying what is wrong."""
+    try:
+        ids = np.asarray(input_ids)
+    except Exception:
+        raise InvalidInputError("input_ids must be an array of token ids") from None
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.size == 0:
+        raise InvalidInputError(f"input_ids must have shape (batch, sequence) and not be empty; got {list(ids.shape)}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidInputError(f"input_ids must be integers; got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise InvalidInputError(
+            f"token id {hi if hi >= vocab_size else lo} is outside the vocabulary [0, {vocab_size}) "
+            f"of {base_dir}; tokenize with the base model's tokenizer"
+        )
+    if max_positions and ids.shape[1] > max_positions:
+        raise InvalidInputError(
+            f"sequence length {ids.shape[1]} exceeds the model's {max_positions} positions; shorten the input"
+        )
+    if attention_mask is None:
+        mask = np.ones_like(ids)
+    else:
+        try:
+            mask = np.asarray(attention_mask)
+        except Exception:
+            raise InvalidInputError("attention_mask must be an array of 0/1 (batch, sequence)") from None
+        if mask.ndim == 1:
+            mask = mask[None, :]
+        if mask.shape != ids.shape:
+            raise InvalidInputError(
+                f"attention_mask has shape {list(mask.shape)} but input_ids has {list(ids.shape)}; they must match"
+            )
+        if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+            raise InvalidInputError(f"attention_mask must be 0/1 integers; got dtype {mask.dtype}")
+        mask = mask.astype(np.int64, copy=False)
+        if mask.size and (mask.min() < 0 or mask.max() > 1):
+            raise InvalidInputError("attention_mask must hold only 0 (padding) and 1 (token)")
+    return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
