@@ -7,8 +7,6 @@ same numbers, an export folder stays byte-identical.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 
@@ -16,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import sample_batch, tiny_config
+from file_checks import copy_adapter, edit_json
+from tiny import sample_batch, tiny_config
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
@@ -26,28 +25,6 @@ MAX_POS = 64  # tiny_config's max_position_embeddings
 
 
 # --------------------------------------------------------------------------- helpers
-def tree_hashes(root) -> dict:
-    """{relative path: sha256} of every file under root, hidden ones included."""
-    out = {}
-    for dirpath, dirnames, files in os.walk(root):
-        for d in dirnames:  # empty folders count too
-            rel = os.path.relpath(os.path.join(dirpath, d), root)
-            out.setdefault(rel + "/", "dir")
-        for f in files:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
-def hidden_entries(root) -> list:
-    """Names under root that start with '.' (staging, old, tmp leftovers)."""
-    found = []
-    for dirpath, dirnames, files in os.walk(root):
-        found += [os.path.join(dirpath, n) for n in dirnames + files if n.startswith(".")]
-    return found
-
-
 def served(rt) -> dict:
     """The numbers a runtime serves: base and every loaded adapter, on a fixed batch."""
     ids, mask = sample_batch(VOCAB)
@@ -59,19 +36,6 @@ def assert_still_serving(rt, before: dict) -> None:
     assert set(after) == set(before), f"adapters changed: {sorted(map(str, before))} -> {sorted(map(str, after))}"
     for name, want in before.items():
         np.testing.assert_allclose(after[name], want, rtol=0, atol=1e-6, err_msg=f"adapter {name!r} changed")
-
-
-def copy_adapter(src, dst):
-    shutil.copytree(src, dst)
-    return str(dst)
-
-
-def edit_json(path, **changes):
-    with open(path) as f:
-        data = json.load(f)
-    data.update(changes)
-    with open(path, "w") as f:
-        json.dump(data, f)
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -7,17 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (
-    _ia3_adapter,
-    greedy_reference,
-    load_reference_base,
-    max_diff_valid,
-    peft_virtual_adapter,
-    randomize_bottleneck,
-    runtime_step_logits,
-    sample_batch,
-    torch_outputs,
-)
+from peft_refs import greedy_reference, ia3_adapter, peft_virtual_adapter, randomize_bottleneck, runtime_step_logits
+from tiny import load_reference_base, max_diff_valid, sample_batch, torch_outputs
 
 import edgepeft
 from edgepeft.exporters import export
@@ -50,7 +41,7 @@ def all_kinds(workdir, tiny_base, peft_adapter, hf_reference):
         "prompt": peft_virtual_adapter(root / "prompt", base, "prompt", seed=44, num_virtual_tokens=PROMPT_TOKENS),
         "lora": peft_adapter(ARCH, "all-kinds-lora", seed=45, r=4, lora_alpha=8,
                              target_modules=["q_proj", "v_proj", "down_proj"]),
-        "ia3": _ia3_adapter(root / "ia3", base, seed=46),
+        "ia3": ia3_adapter(root / "ia3", base, seed=46),
     }
     report = export(list(dirs.values()), str(workdir / "out-llama-all-kinds"), names=list(dirs))
     assert all(c["max_abs_diff"] <= 1e-4 for c in report["checks"])

@@ -6,18 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from conftest import (
-    ARCHS,
-    TASK_TYPES,
-    default_task,
-    hf_generate,
-    load_reference_base,
-    max_diff_valid,
-    randomize_bottleneck,
-    sample_batch,
-    torch_outputs,
-    train_steps,
-)
+from peft_refs import hf_generate, randomize_bottleneck
+from tiny import ARCHS, TASK_TYPES, default_task, load_reference_base, max_diff_valid, sample_batch, torch_outputs, train_steps
 
 import edgepeft
 from edgepeft.exporters import export

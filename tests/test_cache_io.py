@@ -18,12 +18,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import PROMPT
+from word_tokenizer import PROMPT
 from edgepeft import cli as cli_module
 from edgepeft.runtimes import Runtime
 from edgepeft.runtimes.manifest import BASE_DIR, LOGITS_TO_KEEP, cache_names, read_base_manifest
 
-LAYERS = 2  # conftest's tiny llama
+LAYERS = 2  # tiny.py's llama
 PAST = [f"past_key_values.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
 PRESENT = [f"present.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
 TOKEN_INPUTS = ["input_ids", "attention_mask", "position_ids"]

@@ -13,8 +13,9 @@ import sys
 
 import numpy as np
 import pytest
+from file_checks import tree_hashes
 
-from conftest import spec_adapter
+from peft_refs import spec_adapter
 from edgepeft.runtimes.manifest import read_base_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,18 +44,6 @@ def assert_user_error(proc, *needles):
     for needle in needles:
         assert str(needle) in errors[0], (needle, errors[0])
     return errors[0], lines[:-1]  # the error line and any noise before it
-
-
-def tree_hashes(root) -> dict:
-    import hashlib
-
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")

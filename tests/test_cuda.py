@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import sample_batch
+from tiny import sample_batch
 
 from edgepeft.runtimes import Runtime
 

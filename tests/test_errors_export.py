@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import sample_batch, spec_adapter
-from error_contract import CPU, VOCAB, copy_adapter, edit_json, hidden_entries, tree_hashes
+from peft_refs import spec_adapter
+from tiny import sample_batch
+from error_contract import CPU, VOCAB
 from error_contract import llama, other_llama_base, small_out  # noqa: F401  (fixtures)
+from file_checks import copy_adapter, edit_json, hidden_entries, tree_hashes
 from edgepeft.errors import (
     AdapterBaseMismatchError,
     AdapterInUseError,
@@ -378,7 +380,7 @@ def test_a_base_of_other_depth_is_named_as_another_base(small_copy, tmp_path):
     import peft
     import transformers
 
-    from conftest import tiny_config
+    from tiny import tiny_config
 
     config = tiny_config("llama")
     config.num_hidden_layers = 1

@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from conftest import sample_batch
-from error_contract import CPU, MAX_POS, VOCAB, assert_still_serving, copy_adapter, edit_json
+from tiny import sample_batch
+from error_contract import CPU, MAX_POS, VOCAB, assert_still_serving
 from error_contract import before, llama, other_export, other_llama_base, rt, small_out, victim  # noqa: F401  (fixtures)
+from file_checks import copy_adapter, edit_json
 from edgepeft.errors import (
     AdapterBaseMismatchError,
     AdapterInUseError,

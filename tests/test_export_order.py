@@ -8,26 +8,14 @@ first one's tensors from the wrong layer (Llama 0.93 off, MiniLM 0.75).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
 import pytest
+from file_checks import tree_hashes
 
-from conftest import (
-    ARCHS,
-    TASK_TYPES,
-    _ia3_adapter,
-    default_task,
-    load_reference_base,
-    max_diff_valid,
-    peft_virtual_adapter,
-    randomize_adapter,
-    randomize_bottleneck,
-    randomize_prompt_encoder,
-    sample_batch,
-    torch_outputs,
-)
+from peft_refs import ia3_adapter, peft_virtual_adapter, randomize_adapter, randomize_bottleneck, randomize_prompt_encoder
+from tiny import ARCHS, TASK_TYPES, default_task, load_reference_base, max_diff_valid, sample_batch, torch_outputs
 
 import edgepeft
 from edgepeft.exporters import export
@@ -51,7 +39,7 @@ def _hf_lora(path, base, task, seed, num_labels=None, **kw) -> str:
 
 def _hf_ia3(path, base, task, seed, num_labels=None) -> str:
     if task == "causal-lm":
-        return _ia3_adapter(path, base, seed)
+        return ia3_adapter(path, base, seed)
     import peft
     import torch
 
@@ -105,16 +93,6 @@ def _reference(base, task, path, kind, num_labels=None):
     return edgepeft.PeftModel.from_pretrained(model, path).eval()
 
 
-def _digests(out: str) -> dict:
-    found = {}
-    for root, _, files in os.walk(out):
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                found[os.path.relpath(path, out)] = hashlib.sha256(fh.read()).hexdigest()
-    return found
-
-
 def _check_each(out, mix, base, task, num_labels=None):
     rt = Runtime(out)
     ids, mask = sample_batch(batch=2, seq=7, seed=9)
@@ -143,9 +121,9 @@ def test_every_order_of_a_mix_of_kinds_writes_the_same_files_and_each_adapter_ma
         out = str(root / f"out-{i}")
         export([mix[n][0] for n in order], out, names=order)
         outs.append(out)
-    first = _digests(outs[0])
+    first = tree_hashes(outs[0])
     assert {os.path.join("adapters", n, "adapter.onnx") for n in mix} <= set(first)
-    assert _digests(outs[1]) == first
+    assert tree_hashes(outs[1]) == first
     _check_each(outs[0], mix, base, task)
 
 
@@ -163,7 +141,7 @@ def test_classifier_heads_of_mixed_kinds_export_alike_in_any_order(arch, tiny_ba
         out = str(root / f"out-{i}")
         export([mix[n][0] for n in order], out, names=order)
         outs.append(out)
-    assert _digests(outs[1]) == _digests(outs[0])
+    assert tree_hashes(outs[1]) == tree_hashes(outs[0])
     _check_each(outs[0], mix, base, task, labels)
 
 

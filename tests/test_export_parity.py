@@ -11,9 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import (
-    ARCHS, default_task, layer_nodes, load_reference_base, max_diff_valid, sample_batch, tiny_config, torch_outputs,
-)
+from tiny import ARCHS, default_task, layer_nodes, load_reference_base, max_diff_valid, sample_batch, tiny_config, torch_outputs
 
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime

@@ -2,16 +2,13 @@
 right epoch and says when it did not learn, and one-line errors that point the right way."""
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import spec_adapter
-from training_helpers import cli_error, cli_ok, seq_cls_rows, tree_hashes, write_lines
+from file_checks import tree_hashes, write_lines
+from training_helpers import cli_error, cli_ok, seq_cls_rows
 
 from edgepeft.errors import ConfigError, TrainingInterrupted
 from edgepeft.training import Trainer, TrainingArguments, method_config
@@ -67,7 +64,11 @@ def test_a_merged_export_is_replaced_only_with_overwrite(cls_export, tmp_path, c
 
 # --------------------------------------------------------------------------- which epoch is kept, and what is said
 def _scripted(monkeypatch, evaluations):
-    """Make Trainer._evaluate return ``evaluations`` in turn (epoch 0 = before training)."""
+    """Make Trainer._evaluate return ``evaluations`` in turn (epoch 0 = before training).
+
+    Private: the ranking of epochs is the behaviour under test, and real training cannot be steered to
+    given eval numbers (ties, a drop below the untrained score).
+    """
     queue = list(evaluations)
     monkeypatch.setattr(Trainer, "_evaluate", lambda self, acc, model, loader: dict(queue.pop(0)))
 
@@ -152,7 +153,7 @@ def test_interrupt_in_the_first_epoch_leaves_no_folder(text_model, tmp_path, mon
     def interrupt(self, *args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_epoch", interrupt)
+    monkeypatch.setattr(Trainer, "_epoch", interrupt)  # private: a Ctrl-C at a chosen moment, which nothing public gives
     with pytest.raises(TrainingInterrupted, match="first epoch; nothing was saved"):
         _run(text_model, tmp_path, 2)
     assert not os.path.exists(tmp_path / "o")
@@ -161,6 +162,7 @@ def test_interrupt_in_the_first_epoch_leaves_no_folder(text_model, tmp_path, mon
 def test_cli_interrupt_prints_one_line_and_exits_130(text_model, tmp_path, monkeypatch, capsys):
     from edgepeft.cli import main
 
+    # private: a Ctrl-C at a chosen moment, which nothing public gives
     monkeypatch.setattr(Trainer, "_epoch", lambda self, *a: (_ for _ in ()).throw(KeyboardInterrupt))
     data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
     with pytest.raises(SystemExit) as e:

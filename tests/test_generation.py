@@ -13,12 +13,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import (
-    hf_generate,
-    ADAPTER_SPECS, DECODER_ARCHS, PROMPT, TEMPLATE, decode, load_reference_base, max_diff_valid, torch_outputs,
-)
+from peft_refs import ADAPTER_SPECS, hf_generate
+from tiny import DECODER_ARCHS, load_reference_base, max_diff_valid, torch_outputs
+from word_tokenizer import PROMPT, TEMPLATE, decode
 from edgepeft.runtimes import (
     AdapterInUseError,
     ArtifactNotFoundError,

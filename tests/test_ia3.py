@@ -6,16 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (
-    ARCHS,
-    TASK_TYPES,
-    default_task,
-    load_reference_base,
-    max_diff_valid,
-    sample_batch,
-    torch_outputs,
-    train_steps,
-)
+from tiny import ARCHS, TASK_TYPES, default_task, load_reference_base, max_diff_valid, sample_batch, torch_outputs, train_steps
 
 import edgepeft
 from edgepeft.exporters import export
@@ -109,7 +100,7 @@ def test_adapters_exported_one_after_another_keep_the_fusion_layout(workdir, pef
     import peft
 
     from edgepeft.errors import ConfigError
-    from error_contract import tree_hashes
+    from file_checks import tree_hashes
 
     base = tiny_base("llama")
     pm = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.IA3Config(

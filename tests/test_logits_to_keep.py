@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import DECODER_ARCHS
+from tiny import DECODER_ARCHS
 from edgepeft.runtimes import Runtime
 from edgepeft.runtimes.manifest import BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, cache_names
 

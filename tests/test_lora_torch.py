@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ARCHS, TASK_TYPES, default_task, load_reference_base, randomize_adapter, sample_batch, torch_outputs
+from peft_refs import randomize_adapter
+from tiny import ARCHS, TASK_TYPES, default_task, load_reference_base, sample_batch, torch_outputs
 
 import edgepeft
 from edgepeft.errors import ConfigError, UnsupportedMethodError

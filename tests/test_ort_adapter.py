@@ -7,7 +7,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from conftest import max_diff_valid, sample_batch
+from tiny import max_diff_valid, sample_batch
 from edgepeft.runtimes import Runtime
 
 

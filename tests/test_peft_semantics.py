@@ -11,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import load_reference_base, randomize_adapter, sample_batch
+from peft_refs import randomize_adapter
+from tiny import load_reference_base, sample_batch
 
 import edgepeft
 
@@ -89,7 +90,7 @@ def test_adapters_on_a_bfloat16_base_match_peft(tiny_base, tmp_path, method):
 def test_token_type_ids_with_prompt_learning_as_in_peft(tiny_base, tmp_path, arch, task, kind):
     import peft
 
-    from conftest import TASK_TYPES
+    from tiny import TASK_TYPES
 
     config = lambda lib: (lib.PromptTuningConfig if kind == "prompt" else lib.PrefixTuningConfig)(  # noqa: E731
         num_virtual_tokens=3, task_type=TASK_TYPES[task])

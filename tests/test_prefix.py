@@ -13,17 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (
-    VIRTUAL_ARCHS,
-    greedy_reference,
-    load_reference_base,
-    max_diff_valid,
-    randomize_prompt_encoder,
-    runtime_step_logits,
-    sample_batch,
-    torch_outputs,
-    train_steps,
-)
+from peft_refs import VIRTUAL_ARCHS, greedy_reference, randomize_prompt_encoder, runtime_step_logits
+from tiny import load_reference_base, max_diff_valid, sample_batch, torch_outputs, train_steps
 
 import edgepeft
 from edgepeft.errors import ConfigError, UnsupportedMethodError

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_reference_base, max_diff_valid, sample_batch
+from tiny import load_reference_base, max_diff_valid, sample_batch
 
 import edgepeft
 from edgepeft.tuners.prefix.layer import PrefixEncoder

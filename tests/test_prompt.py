@@ -9,18 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (
-    VIRTUAL_ARCHS,
-    greedy_reference,
-    load_reference_base,
-    max_diff_valid,
-    peft_virtual_adapter,
-    randomize_prompt_encoder,
-    runtime_step_logits,
-    sample_batch,
-    torch_outputs,
-    train_steps,
-)
+from peft_refs import VIRTUAL_ARCHS, greedy_reference, peft_virtual_adapter, randomize_prompt_encoder, runtime_step_logits
+from tiny import load_reference_base, max_diff_valid, sample_batch, torch_outputs, train_steps
 
 import edgepeft
 from edgepeft.errors import EdgePeftError, InvalidInputError
@@ -147,7 +137,8 @@ def test_bert_prompt_matches_peft_in_pytorch_and_exported(task, tiny_base, workd
     """Encoders: the prompt goes before the token embeddings (positions count it), outputs include it."""
     import peft
 
-    from conftest import TASK_TYPES, peft_virtual_adapter
+    from peft_refs import peft_virtual_adapter
+    from tiny import TASK_TYPES
     from edgepeft.exporters import export
 
     field = "last_hidden_state" if task == "feature-extraction" else "logits"

@@ -6,7 +6,8 @@ import os
 import onnx
 import pytest
 
-from conftest import sample_batch, spec_adapter
+from peft_refs import spec_adapter
+from tiny import sample_batch
 from edgepeft.errors import ConfigError, ExportValidationError
 from edgepeft.exporters import export
 from edgepeft.exporters.quantize import relative_error
@@ -87,7 +88,7 @@ def test_quantized_adapters_still_switch_and_stay_close_to_float32(kind, quantiz
 
 def test_int8_gpt2_quantizes_every_conv1d(workdir, peft_adapter):
     """GPT-2's Conv1D layers outside the adapter's slots (c_proj, c_fc) are frozen MatMuls too: all int8."""
-    from conftest import tiny_config
+    from tiny import tiny_config
 
     out = str(workdir / "int8-gpt2")
     report = export([spec_adapter(peft_adapter, "gpt2", "attn")], out, quantize="int8")

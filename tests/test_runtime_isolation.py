@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import sample_batch
+from tiny import sample_batch
 
 
 def test_runtime_runs_with_torch_transformers_and_onnx_blocked(shared_export):

@@ -143,7 +143,7 @@ def test_a_model_pad_id_that_is_no_token_falls_back_to_eos(shared_export, tmp_pa
     import shutil
 
     from edgepeft.runtimes import Runtime
-    from error_contract import edit_json
+    from file_checks import edit_json
 
     out = str(tmp_path / "out")
     shutil.copytree(shared_export("llama")[0], out)

@@ -67,7 +67,7 @@ def test_a_failure_inside_the_pass_leaves_the_graph_as_traced(tmp_path, monkeypa
 
     model = onnx.load(_trace_attention(tmp_path))
     traced = model.SerializeToString()
-    real = shapes._rewrite_once
+    real = shapes._rewrite_once  # private: the pass must fail midway, which no real graph makes it do
 
     def rewrite_then_fail(m):
         assert real(m) > 0  # the graph is already rewritten when the pass fails
@@ -232,7 +232,7 @@ def test_the_export_causal_mask_is_transformers_mask(past, new, embeds):
     import transformers
     from transformers.masking_utils import create_causal_mask
 
-    from conftest import tiny_config
+    from tiny import tiny_config
     from edgepeft.exporters.graph import causal_mask
 
     config = tiny_config("llama")
@@ -262,7 +262,7 @@ def test_the_export_encoder_mask_and_positions_are_transformers_own(embeds):
     import transformers
     from transformers.masking_utils import create_bidirectional_mask
 
-    from conftest import tiny_config
+    from tiny import tiny_config
     from edgepeft.exporters.graph import encoder_positions, padding_mask
 
     config = tiny_config("bert")
@@ -293,7 +293,8 @@ def test_an_export_computes_no_shape_inside_its_layers(arch, shared_export, peft
     two computed Reshapes."""
     import os
 
-    from conftest import layer_nodes, spec_adapter
+    from peft_refs import spec_adapter
+    from tiny import layer_nodes
     from edgepeft.exporters import export
     from edgepeft.runtimes.manifest import read_base_manifest
 

@@ -15,7 +15,7 @@ import pytest
 
 from edgepeft.runtimes import CorruptArtifactError, Runtime
 from edgepeft.runtimes.text import StopStrings
-from conftest import PROMPT, decode
+from word_tokenizer import PROMPT, decode
 
 
 def ids_of(tok, text: str, special: bool = False) -> list:

@@ -8,8 +8,10 @@ import os
 import numpy as np
 import torch
 
-from conftest import greedy_reference, load_reference_base, sample_batch, torch_outputs
-from training_helpers import REPO, seq_cls_rows, write_lines
+from peft_refs import greedy_reference
+from tiny import load_reference_base, sample_batch, torch_outputs
+from file_checks import write_lines
+from training_helpers import REPO, seq_cls_rows
 
 import edgepeft
 from edgepeft.exporters import export

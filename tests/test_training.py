@@ -55,6 +55,7 @@ def trained_intent(workdir):
     return out, log
 
 
+@pytest.mark.slow
 def test_training_gives_a_clear_accuracy_gain_on_held_out_data(trained_intent):
     out, log = trained_intent
     before, after = log["evals"][0], log["evals"][-1]
@@ -197,7 +198,7 @@ def test_resume_continues_exactly_where_the_run_stopped(method, options, text_mo
         if calls["n"] == 1:
             raise KeyboardInterrupt  # the run dies after its first checkpoint
 
-    monkeypatch.setattr(Trainer, "_end_epoch", stop_after_first_epoch)
+    monkeypatch.setattr(Trainer, "_end_epoch", stop_after_first_epoch)  # private: a Ctrl-C right after a checkpoint
     with pytest.raises(TrainingInterrupted) as interrupted:  # Ctrl-C: the checkpoint and the command that resumes it
         Trainer(_args(model, data, str(tmp_path / "b"), save="last", **extra)).train()
     message = str(interrupted.value)
@@ -288,6 +289,7 @@ def test_bf16_autocast_trains_and_saves_fp32_weights(text_model, tmp_path):
 
 
 @pytest.mark.parametrize("kind, accuracy_drop, size", [("int8", 0.03, 0.7), ("int4", 0.05, 0.65)])
+@pytest.mark.slow
 def test_quantized_export_of_a_trained_classifier_keeps_its_accuracy(kind, accuracy_drop, size, trained_intent, workdir):
     """Real MiniLM weights, a trained adapter: int8 / int4 base weights change few held-out predictions.
 

@@ -6,7 +6,8 @@ import torch
 
 from edgepeft.errors import ArtifactNotFoundError, DataError
 from edgepeft.training.data import IGNORE_INDEX, Encoder, label_ids, label_names, read_jsonl
-from training_helpers import WordTokenizer, write_lines
+from file_checks import write_lines
+from training_helpers import WordTokenizer
 
 
 # --------------------------------------------------------------------------- read_jsonl

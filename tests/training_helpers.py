@@ -1,8 +1,6 @@
 """Helpers shared by the training error-contract tests."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 import pytest
@@ -14,30 +12,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------- helpers
-def write_lines(path, lines) -> str:
-    """Write raw lines (str: as given; dict/list: JSON-encoded) and return the path as str."""
-    with open(path, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
-    return str(path)
-
-
 def seq_cls_rows(n=16):
     return [{"text": f"sample number {i} sounds {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}
             for i in range(n)]
-
-
-def tree_hashes(root) -> dict:
-    """{relative path: sha256} of every file under root, hidden ones and empty folders included."""
-    out = {}
-    for dirpath, dirnames, files in os.walk(root):
-        for d in dirnames:
-            out.setdefault(os.path.relpath(os.path.join(dirpath, d), root) + "/", "dir")
-        for f in files:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def cli_error(capsys, *argv) -> str:

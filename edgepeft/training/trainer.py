@@ -203,6 +203,7 @@ class Trainer:
         scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=round(args.warmup_ratio * total),
                                   num_training_steps=total)
         log = {"args": args.fingerprint(), "labels": labels, "world_size": acc.num_processes,
+               "mixed_precision": str(acc.mixed_precision),
                "train_examples": len(train_rows), "eval_examples": len(eval_rows or []),
                "trainable_parameters": sum(p.numel() for p in params),
                "total_parameters": sum(p.numel() for p in peft.parameters()),

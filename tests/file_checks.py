@@ -1,0 +1,49 @@
+"""What tests check about folders: byte-identical trees, no leftover staging entries, edited copies."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+
+def tree_hashes(root) -> dict:
+    """{relative path: sha256} of every file under root, hidden ones included; empty folders count too."""
+    out = {}
+    for dirpath, dirnames, files in os.walk(root):
+        for d in dirnames:
+            out.setdefault(os.path.relpath(os.path.join(dirpath, d), root) + "/", "dir")
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def hidden_entries(root) -> list:
+    """Names under root that start with '.' (staging, old, tmp leftovers)."""
+    found = []
+    for dirpath, dirnames, files in os.walk(root):
+        found += [os.path.join(dirpath, n) for n in dirnames + files if n.startswith(".")]
+    return found
+
+
+def copy_adapter(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def edit_json(path, **changes):
+    with open(path) as f:
+        data = json.load(f)
+    data.update(changes)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def write_lines(path, lines) -> str:
+    """Write raw lines (str: as given; dict/list: JSON-encoded) and return the path as str."""
+    with open(path, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return str(path)

@@ -1,0 +1,130 @@
+"""HF PEFT reference adapters with random (non-neutral) weights, and the references parity tests compare with."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tiny import TASK_TYPES, load_reference_base
+
+
+def _randomize(model, seed: int, keys: tuple, scale: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in keys):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def randomize_adapter(model, seed: int) -> None:
+    """Give LoRA B and trained heads non-zero values so parity tests can fail."""
+    _randomize(model, seed, ("lora_B", "lora_A", "modules_to_save"), 0.2)
+
+
+def randomize_bottleneck(model, seed: int, scale: float = 0.2) -> None:
+    """Random down- and up-projections for edgepeft bottleneck adapters: not the identity, so parity tests can fail."""
+    _randomize(model, seed, ("adapter_down", "adapter_up"), scale)
+
+
+def randomize_prompt_encoder(model, seed: int, scale: float = 1.0) -> None:
+    """Random prompt/prefix parameters (HF PEFT's ``prompt_encoder`` or edgepeft's) so parity tests can fail."""
+    _randomize(model, seed, ("prompt_encoder",), scale)
+
+
+def hf_generate(model, ids, mask, **kwargs):
+    """HF generate -> (sequences (B, T+n), raw per-step logits (n, B, V))."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences.numpy(), torch.stack(out.logits).float().numpy()
+
+
+def runtime_step_logits(rt, name, prompt, pmask, ids) -> np.ndarray:
+    """The runtime's prefill and cached decode steps, teacher-forced with ``ids`` (prompt + new tokens):
+    each step's last-position logits, (new tokens, B, V)."""
+    start = prompt.shape[1]
+    steps = rt.step_logits(prompt, pmask, adapter=name)
+    logits = [next(steps)] + [steps.send(ids[:, start + i]) for i in range(ids.shape[1] - start - 1)]
+    steps.close()
+    return np.stack(logits)
+
+
+# The shared export per architecture: one base, three LoRA adapters of different
+# ranks/targets/options. Tests that only read it use this; tests that change an
+# export make their own folder.
+ADAPTER_SPECS = {
+    "llama": [
+        ("qv", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+        ("all", dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True)),
+        ("mlp", dict(r=2, lora_alpha=4, target_modules=["gate_proj", "down_proj"], rank_pattern={"down_proj": 3})),
+    ],
+    "qwen2": [
+        ("qv", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+        ("all", dict(r=6, lora_alpha=12, target_modules="all-linear")),
+    ],
+    "gpt2": [
+        ("attn", dict(r=4, lora_alpha=8, target_modules=["c_attn"])),
+        ("all", dict(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"])),
+    ],
+    "bert": [
+        ("qv", dict(r=4, lora_alpha=8, target_modules=["query", "value"])),
+        ("all", dict(r=8, lora_alpha=8, target_modules="all-linear")),
+    ],
+}
+
+
+def spec_adapter(peft_adapter, arch: str, name: str) -> str:
+    """The HF PEFT dir of ADAPTER_SPECS[arch]'s adapter ``name`` (the one shared_export uses)."""
+    i, kw = next((i, kw) for i, (n, kw) in enumerate(ADAPTER_SPECS[arch]) if n == name)
+    return peft_adapter(arch, name, seed=i + 1, **kw)
+
+
+# ---------------------------------------------------------------- virtual tokens (prompt / prefix tuning)
+VIRTUAL_ARCHS = ["llama", "qwen2", "gpt2"]
+
+
+def peft_virtual_adapter(path, base: str, kind: str, seed: int, task: str = "causal-lm", **kw) -> str:
+    """Save an HF PEFT prompt ("prompt") or prefix ("prefix") adapter with random weights to ``path``."""
+    import peft
+
+    cls = peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig
+    pm = peft.get_peft_model(load_reference_base(base, task), cls(task_type=TASK_TYPES[task], **kw))
+    randomize_prompt_encoder(pm, seed)
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(path))
+    return str(path)
+
+
+def greedy_reference(model, ids, mask, new_tokens: int):
+    """Greedy ids and every step's last logits, recomputing the whole sequence with ``model`` (no cache).
+
+    Positions come from the attention mask as transformers' generate makes them; HF PEFT
+    shifts them by the prefix (prefix tuning) or drops them (prompt tuning). This is what
+    HF PEFT's ``generate`` computes; its cached generate for prompt learning is broken on
+    transformers 5 (the prefix is dropped at prefill), so tests use this instead.
+    """
+    from edgepeft.tuners.virtual import mask_positions
+
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    steps = []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask)).logits[:, -1]
+            steps.append(logits.float().numpy())
+            token = logits.argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids.numpy(), np.stack(steps)
+
+
+def ia3_adapter(path, base: str, seed: int) -> str:
+    import peft
+
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.IA3Config(task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(path))
+    return str(path)
+
