@@ -25,6 +25,21 @@ def cli():
     """Export PEFT adapters with their base to ONNX once, run and switch them per call."""
 
 
+TRAINING_PACKAGES = ("torch", "transformers", "onnx", "optimum", "accelerate")
+
+
+def _needs_training_side(command: str) -> None:
+    """``train`` and ``export`` need the training extras, which a runtime-only install lacks: say so in one line."""
+    import importlib.util
+
+    from edgepeft.errors import MissingDependencyError
+
+    missing = [m for m in TRAINING_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"`edgepeft {command}` needs {', '.join(missing)}, which this install lacks (it "
+                                     "runs exports only); pip install 'edgepeft[train,cpu]'")
+
+
 def _options(method: str, r, alpha, target_modules, pairs) -> dict:
     """The method config's fields from the shorthand flags and --option KEY=VALUE (VALUE parsed as JSON)."""
     from edgepeft.errors import ConfigError
@@ -85,6 +100,7 @@ def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_
           weight_decay, scheduler, max_length, mixed_precision, save, seed, logging_steps, r, alpha, target_modules, pairs,
           resume, overwrite, quiet):
     """Train an adapter on JSONL data; OUT is an HF PEFT adapter dir ready for `edgepeft export`."""
+    _needs_training_side("train")
     from edgepeft.training import Trainer, TrainingArguments
 
     args = TrainingArguments(
@@ -117,10 +133,11 @@ def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_
 @click.option("--atol", default=1e-4, show_default=True, help="Validation tolerance vs PyTorch (scaled by max |output| when > 1).")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, help="Store the base's weights as int8 or int4 (CPU); adapters stay float32.")
 @click.option("--qtol", default=0.2, show_default=True, help="With --quantize: tolerated relative RMS error vs PyTorch.")
-@click.option("--ort-adapter", is_flag=True, help="Also write each adapter as ONNX Runtime's .onnx_adapter (LoRA, IA3, bottleneck, heads).")
+@click.option("--ort-adapter/--no-ort-adapter", default=None, help="Also write each adapter as ONNX Runtime's .onnx_adapter (LoRA, IA3, bottleneck, heads), for onnxruntime-genai and ort.LoraAdapter; default: on for float bases.")
 @click.option("--overwrite", is_flag=True, help="Replace adapters of the same name already in OUT (refused otherwise).")
 def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter, overwrite):
     """Export adapters and their frozen base to ONNX, validated against PyTorch."""
+    _needs_training_side("export")
     from edgepeft.exporters import export as run_export
 
     report = run_export(list(adapters), out, base=base, names=list(names), merge=merge, atol=atol, verbose=True,
@@ -201,6 +218,13 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
             raise ConfigError(f"{path}: is a folder; give {flag} a file path")
         if path:
             check_output_dir(os.path.dirname(os.path.abspath(path)), flag, "a file path in a folder")
+    if plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            from edgepeft.errors import MissingDependencyError
+
+            raise MissingDependencyError("--plot draws with matplotlib, which this install lacks; pip install matplotlib")
     if shared_threads:
         use_shared_thread_pool()
     result = measure(Runtime(out), list(adapters) or None, batch=batch, seq=seq, rounds=rounds, calls=calls,

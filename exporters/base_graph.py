@@ -12,6 +12,7 @@ import shutil
 
 from edgepeft.exporters.fingerprint import base_fingerprint
 from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
+from edgepeft.exporters.genai_config import write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
 from edgepeft.files import write_json_atomic
 from edgepeft.models import cache_layout, eos_token_ids, max_positions
@@ -71,4 +72,5 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
             if os.path.isfile(os.path.join(source, f)):
                 shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
     write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
+    write_genai_config(model, manifest, stage)  # decoders: onnxruntime-genai opens OUT/base as it is
     return manifest

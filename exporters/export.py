@@ -59,7 +59,7 @@ class ExportPlan:
     atol: float = 1e-4
     qtol: float = 0.2
     quantize: str | None = None
-    ort_adapter: bool = False
+    ort_adapter: bool | None = None  # None: where the base is float
     overwrite: bool = False
     log: object = field(default=lambda *a, **k: None)
     siblings: dict = field(default_factory=dict)  # {folder: manifest} of adapters already in OUT, when the base changes
@@ -73,7 +73,7 @@ class ExportPlan:
 
 
 def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose=False, quantize=None,
-           qtol=0.2, ort_adapter=False, overwrite=False) -> dict:
+           qtol=0.2, ort_adapter=None, overwrite=False) -> dict:
     """Export adapters (HF PEFT or edgepeft dirs) and their base into ``out``.
 
     Returns a report: the base (exported or reused), each adapter's size, and the
@@ -81,7 +81,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     or ``"int4"`` stores the base's weights so (adapters stay float32): the float32 graph is
     validated first, then the quantized one by relative RMS error (<= ``qtol``).
     ``ort_adapter``: also write each adapter in ONNX Runtime's ``.onnx_adapter`` format
-    where that format can hold it (see ``exporters/ort_adapter.py``). An adapter already in
+    where that format can hold it (see ``exporters/ort_adapter.py``); None, the default: on a
+    float base (what onnxruntime-genai and ONNX Runtime's LoraAdapter load). An adapter already in
     ``out`` under the same name is replaced only with ``overwrite``.
     A failed export leaves ``out`` as it was: folders it made are removed again.
     """
@@ -311,11 +312,14 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
 def stage_adapters(plan: ExportPlan, base_manifest: dict, staging: Staging) -> dict:
     """{name: staging folder} with each adapter's graph and manifest, filling the slots the base has."""
     usable = {s.name for s in base_manifest["slots"]}  # inert slots reach no output
+    ort_adapter = plan.ort_adapter
+    if ort_adapter is None:
+        ort_adapter = not (plan.quantize or base_manifest.get("quantization"))
     stages = {}
     for src in plan.sources:
         stages[src.name] = staging.new(os.path.join(plan.out, ADAPTERS_DIR), src.name)
         slots = [s for s in adapter_slots(plan.model, plan.config(src), plan.groups) if s.name in usable]
-        write_adapter(plan.peft, src, slots, base_manifest, stages[src.name], plan.ort_adapter)
+        write_adapter(plan.peft, src, slots, base_manifest, stages[src.name], ort_adapter)
     return stages
 
 

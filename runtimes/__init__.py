@@ -2,6 +2,8 @@
 
 Imports onnxruntime, numpy and the standard library only (``tokenizers`` when
 present), never torch, transformers or onnx, so it embeds in apps on devices.
+ONNX Runtime is imported on first use of ``Runtime`` (``pip install 'edgepeft[cpu]'`` or
+``'edgepeft[gpu]'``), so the errors and the manifest reader work without it.
 """
 from .errors import (
     AdapterBaseMismatchError,
@@ -15,9 +17,19 @@ from .errors import (
     UnknownAdapterError,
     UnsupportedMethodError,
     UnsupportedModelError,
+    MissingDependencyError,
 )
-from .runtime import Runtime
-from .sessions import session_options, use_shared_thread_pool
+
+_LAZY = {"Runtime": "runtime", "session_options": "sessions", "use_shared_thread_pool": "sessions"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'edgepeft.runtimes' has no attribute {name!r}")
+
 
 __all__ = [
     "Runtime",
@@ -34,4 +46,5 @@ __all__ = [
     "UnknownAdapterError",
     "UnsupportedMethodError",
     "UnsupportedModelError",
+    "MissingDependencyError",
 ]

@@ -12,7 +12,6 @@ import threading
 from contextlib import contextmanager
 
 import numpy as np
-import onnxruntime as ort
 
 from .errors import (
     AdapterBaseMismatchError,
@@ -23,7 +22,7 @@ from .errors import (
     UnknownAdapterError,
 )
 from .manifest import adapter_graph_error, read_adapter_manifest
-from .sessions import session_options
+from .sessions import ort, session_options
 
 
 class Plan:

@@ -57,3 +57,7 @@ class DataError(EdgePeftError):
 
 class TrainingInterrupted(EdgePeftError):
     """Training was interrupted (Ctrl-C); the message names the checkpoint and the command that resumes it."""
+
+
+class MissingDependencyError(EdgePeftError, ImportError):
+    """A package this part of edgepeft needs is not installed; the message names the pip extra that brings it."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import onnxruntime as ort
 
 from . import text
 from .adapters import AdapterStore, Plan
@@ -28,7 +27,7 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, In
 from .generation import decode_steps, generation_config, stream_tokens
 from .inputs import check_token_inputs
 from .manifest import BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, cache_names, read_base_manifest
-from .sessions import device_of, session_options
+from .sessions import device_of, ort, session_options
 
 
 class Runtime:

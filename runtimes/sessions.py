@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import os
 
-import onnxruntime as ort
+from .errors import MissingDependencyError
+
+try:
+    import onnxruntime as ort
+except ImportError:  # the install without an extra: numpy, tokenizers, click only
+    raise MissingDependencyError("edgepeft's runtime needs ONNX Runtime: pip install 'edgepeft[cpu]' "
+                                 "(or 'edgepeft[gpu]' for NVIDIA GPUs)") from None
 
 _shared_pool = False
 

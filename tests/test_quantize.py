@@ -110,6 +110,9 @@ def test_reusing_an_int8_base_validates_new_adapters_by_relative_error(int8_llam
     assert report["base"]["reused"]
     assert all("relative_error" in c for c in report["checks"])
     assert "qv-r2" in Runtime(copy).adapter_names
+    for folder in (out, copy):  # ONNX Runtime's adapter files are written by default for float bases only
+        for name in os.listdir(os.path.join(folder, "adapters")):
+            assert not os.path.exists(os.path.join(folder, "adapters", name, "adapter.onnx_adapter")), (folder, name)
 
 
 def test_a_float32_export_into_an_int8_folder_is_refused_and_changes_nothing(int8_llama, peft_adapter):

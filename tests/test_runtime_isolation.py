@@ -38,3 +38,34 @@ def test_runtime_runs_with_torch_transformers_and_onnx_blocked(shared_export):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"shape": [2, 9, 128], "adapters": sorted(dirs), "loaded": []}
+
+
+def test_without_onnx_runtime_the_runtime_names_the_extras_in_one_line(shared_export):
+    """An install without the [cpu] or [gpu] extra: errors and manifests work; Runtime says what to install."""
+    out, _, _ = shared_export("llama")
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "onnxruntime":
+                    raise ImportError("blocked: " + name)
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import edgepeft.runtimes
+        from edgepeft.errors import EdgePeftError, MissingDependencyError
+        from edgepeft.runtimes.manifest import describe_export
+        assert describe_export({out!r})["adapters"]
+        try:
+            edgepeft.runtimes.Runtime
+        except MissingDependencyError as e:
+            assert isinstance(e, EdgePeftError) and isinstance(e, ImportError)
+            print(e)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == [
+        "edgepeft's runtime needs ONNX Runtime: pip install 'edgepeft[cpu]' (or 'edgepeft[gpu]' for NVIDIA GPUs)"]

@@ -1,0 +1,79 @@
+"""``OUT/base/genai_config.json``: what onnxruntime-genai needs to open a decoder export as it is.
+
+    og.Model("OUT/base")  ->  model.type, ids, context length, decoder file and I/O names, head counts
+    og.Adapters(model).load("OUT/adapters/<name>/adapter.onnx_adapter", name)  ->  LoRA / IA3 by name
+
+The graph grows its KV cache by concatenation, so ``past_present_share_buffer`` is false
+(true fails: genai preallocates ``max_length`` positions). genai never binds
+``logits_to_keep``, whose default (0) gives every position's logits at prefill. It does not
+mask padding (a batch of prompts of unequal lengths differs from transformers' left-padded
+result), and its tokenizer adds no BOS token. Search defaults come from the model's
+``generation_config.json`` where it has one.
+"""
+from __future__ import annotations
+
+import os
+
+from edgepeft.files import write_json_atomic
+from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+
+GENAI_CONFIG = "genai_config.json"
+# edgepeft model type -> the onnxruntime-genai model type that runs its graph. genai's own "gpt2" class expects
+# another cache layout ("Model input was not found"); its generic decoder path ("llama") runs ours as it is.
+GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "gpt2": "llama"}
+
+
+def genai_config(model, manifest: dict) -> dict | None:
+    """The config for a causal-LM decoder export (None for other exports)."""
+    config, cache = model.config, manifest.get("cache")
+    if cache is None or config.model_type not in GENAI_TYPES:
+        return None
+    gen = getattr(model, "generation_config", None)
+    eos = manifest["eos_token_id"] or [config.eos_token_id or 0]
+    pad = manifest["pad_token_id"] if isinstance(manifest["pad_token_id"], int) and manifest["pad_token_id"] >= 0 else eos[0]
+    context = manifest["max_positions"] or 2048
+    heads = config.num_attention_heads  # GPT-2's config maps n_head / n_embd to these names
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+              "past_key_names": PAST_KEY, "past_value_names": PAST_VALUE}
+    return {
+        "model": {
+            "type": GENAI_TYPES[config.model_type],
+            "vocab_size": manifest["vocab_size"],
+            "context_length": context,
+            "bos_token_id": config.bos_token_id if config.bos_token_id is not None else eos[0],
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": pad,
+            "decoder": {
+                "filename": manifest["graph"],
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": cache["head_dim"],
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": heads,
+                "num_key_value_heads": cache["num_kv_heads"],
+                "num_hidden_layers": cache["num_layers"],
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": PRESENT_KEY, "present_value_names": PRESENT_VALUE},
+            },
+        },
+        "search": {
+            "do_sample": bool(getattr(gen, "do_sample", False)),
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "max_length": context,
+            "min_length": 0,
+            "temperature": float(getattr(gen, "temperature", None) or 1.0),
+            "top_k": int(getattr(gen, "top_k", None) or 50),
+            "top_p": float(getattr(gen, "top_p", None) or 1.0),
+            "repetition_penalty": float(getattr(gen, "repetition_penalty", None) or 1.0),
+            "past_present_share_buffer": False,  # the graph concatenates its cache: no fixed-size buffer
+        },
+    }
+
+
+def write_genai_config(model, manifest: dict, stage: str) -> bool:
+    """Write ``genai_config.json`` beside a decoder base graph; returns whether one was written."""
+    config = genai_config(model, manifest)
+    if config is None:
+        return False
+    write_json_atomic(os.path.join(stage, GENAI_CONFIG), config, sort_keys=True)
+    return True

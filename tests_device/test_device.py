@@ -1,0 +1,123 @@
+"""The device tier: edgepeft as a device installs it (`pip install 'edgepeft[cpu]' onnxruntime-genai`, no torch,
+transformers or onnx), run by `make test` in `.venv-device` on the exports and answers the main suite wrote
+(`tests/test_device_fixtures.py`). The runtime, `edgepeft run/inspect/bench`, ONNX Runtime's own LoraAdapter
+API and onnxruntime-genai must give the main environment's answers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.environ.get("EDGEPEFT_DEVICE_FIXTURES", os.path.join(REPO, "build", "device"))
+LLAMA, MINILM = os.path.join(FIXTURES, "llama"), os.path.join(FIXTURES, "minilm")
+ATOL = 1e-5  # the same ONNX Runtime version, its CPU build against onnxruntime-gpu's CPU provider
+
+
+@pytest.fixture(scope="module")
+def expected():
+    path = os.path.join(FIXTURES, "expected.json")
+    if not os.path.isfile(path):
+        pytest.fail(f"{path}: missing; the main suite writes it (tests/test_device_fixtures.py): run `make test`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def cli(*argv, check=True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "edgepeft", *map(str, argv)], capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_this_environment_has_no_torch_transformers_or_onnx():
+    for name in ("torch", "transformers", "onnx", "optimum", "accelerate", "matplotlib", "peft"):
+        assert importlib.util.find_spec(name) is None, f"{name} is installed in the device environment"
+    assert importlib.util.find_spec("onnxruntime") is not None
+
+
+def test_runtime_gives_the_main_environments_outputs(expected):
+    from edgepeft.runtimes import Runtime
+
+    for folder, key in ((LLAMA, "llama"), (MINILM, "minilm")):
+        rt, want = Runtime(folder), expected[key]
+        ids, mask = np.array(want["ids"]), np.array(want["mask"])
+        for adapter, logits in want["forward"].items():
+            ours = rt.forward(ids, mask, adapter=None if adapter == "None" else adapter)["logits"]
+            assert np.abs(ours - np.array(logits)).max() <= ATOL, (key, adapter)
+    rt = Runtime(LLAMA)
+    for adapter, ids in expected["llama"]["greedy"].items():
+        out = rt.generate(np.array(expected["llama"]["prompt_ids"]), adapter=None if adapter == "None" else adapter,
+                          max_new_tokens=len(ids[0]) - len(expected["llama"]["prompt_ids"][0]), eos_token_id=[])
+        assert out.tolist() == ids, adapter
+    assert Runtime(MINILM).labels("topic") == expected["minilm"]["labels"]
+
+
+def test_cli_run_inspect_and_bench_work(expected):
+    for adapter, text in expected["llama"]["run"].items():
+        assert cli("run", LLAMA, "--adapter", adapter, "--max-new-tokens", 8, expected["llama"]["prompt"]).stdout == text
+    assert cli("run", MINILM, "--adapter", "topic", "where is my parcel").stdout == expected["minilm"]["run"]
+    assert json.loads(cli("inspect", LLAMA, "--json").stdout) == json.loads(expected["llama"]["inspect"])
+    bench = cli("bench", MINILM, "--rounds", 2, "--calls", 2, "--seq", 8).stdout
+    assert "topic (lora+head)" in bench and "ms added per call" in bench
+
+
+def test_train_and_export_name_the_extra_they_need(tmp_path):
+    for argv in (["train", "--model", "m", "--task", "seq-cls", "--data", "d.jsonl", "--out", tmp_path / "o"],
+                 ["export", "--adapter", "a", "--out", tmp_path / "o"]):
+        done = cli(*argv, check=False)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "pip install 'edgepeft[train,cpu]'" in lines[0], done.stderr
+
+
+def test_onnx_runtimes_own_lora_adapter_api_gives_the_runtimes_logits(expected):
+    import onnxruntime as ort
+
+    want = expected["minilm"]
+    adapter = ort.LoraAdapter()
+    adapter.Load(os.path.join(MINILM, "adapters", "topic", "adapter.onnx_adapter"))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # the slots' default initializers are graph inputs too: ONNX Runtime warns at load
+    session = ort.InferenceSession(os.path.join(MINILM, "base", "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ids, mask = np.array(want["ids"]), np.array(want["mask"])
+    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask}, options)[0]
+    assert np.abs(logits - np.array(want["forward"]["topic"])).max() <= ATOL
+    plain = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]  # no adapter: the base model
+    assert np.abs(plain - np.array(want["forward"]["None"])).max() <= ATOL
+
+
+def _genai_ids(og, folder, prompt, length, adapter=None):
+    model = og.Model(os.path.join(folder, "base"))  # reads OUT/base/genai_config.json, written by the export
+    adapters = og.Adapters(model)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=length)  # prompt + new tokens
+    generator = og.Generator(model, params)
+    if adapter is not None:
+        adapters.load(os.path.join(folder, "adapters", adapter, "adapter.onnx_adapter"), adapter)
+        generator.set_active_adapter(adapters, adapter)  # before the prompt: the prefill runs with it
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return list(generator.get_sequence(0))
+
+
+def test_onnxruntime_genai_opens_the_exports_and_generates_the_same_ids(expected):
+    og = pytest.importorskip("onnxruntime_genai")
+
+    cases = [(LLAMA, expected["llama"])] + [(os.path.join(FIXTURES, arch), want) for arch, want in expected["genai"].items()]
+    for folder, want in cases:
+        prompt = want["prompt_ids"][0]
+        for adapter, ids in want["greedy"].items():
+            if adapter == "prompt":
+                continue  # a prompt adapter changes the mask and positions: genai cannot run it
+            got = _genai_ids(og, folder, prompt, len(ids[0]), None if adapter == "None" else adapter)
+            assert got == ids[0], (folder, adapter)
