@@ -11,6 +11,13 @@ so without the exclusion the quantizer would bake the neutral value in and cut t
 off. Adapters stay float32 and bind exactly as on a float32 base of the same weights,
 so the base fingerprint (frozen weights + slot table) does not change.
 
+Embedding tables (a Gather from a frozen initializer: the word embeddings, often half of
+a small model) are quantized too, for int8 and int4 alike: int8 per row (Gather -> Cast ->
+Mul by the row's gathered scale, standard ops, as fast as the float32 Gather). 4-bit
+tables (ONNX Runtime's GatherBlockQuantized, blocks of 32) raised a trained MiniLM
+classifier's relative error on the export check from 0.16 to 0.22, past the default
+tolerance, for 6 MB more saved; with 8-bit tables an int4 MiniLM is 0.2x float32.
+
 Quantized outputs cannot match PyTorch to 1e-4; the export checks them by relative
 RMS error instead (``relative_error``, default tolerance 0.2: it catches a broken graph,
 whose error is of the order of the output itself), after the float32 graph has passed
@@ -58,20 +65,64 @@ def quantize_graph(path: str, quantize: str) -> dict:
         if [i.name for i in quantized.graph.input] != [i.name for i in model.graph.input]:
             raise RuntimeError("the quantizer changed the graph inputs")  # a bug, not a user error
         count = sum(n.op_type in ("MatMulInteger", "MatMulNBits") for n in quantized.graph.node)
-        if external:  # re-save so the graph names its own data file (model.onnx.data)
-            quantized = onnx.load(tmp)
-            if os.path.exists(path + ".data"):  # onnx appends to an existing data file
-                os.unlink(path + ".data")
-            onnx.save_model(quantized, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=os.path.basename(path) + ".data")
-        else:
-            usual_permissions(tmp)  # mkstemp made it 0600
-            os.replace(tmp, path)
+        quantized = onnx.load(tmp)  # with its weights: the tables are rewritten below
+        tables = quantize_embedding_tables(quantized, slot_inputs)
+        if os.path.exists(path + ".data"):  # onnx appends to an existing data file
+            os.unlink(path + ".data")
+        # (the quantization runs on a staged base: the data file is the graph's own, model.onnx.data)
+        onnx.save_model(quantized, tmp, save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + ".data")
+        usual_permissions(tmp)  # mkstemp made it 0600
+        os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp + ".data"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
-    return {"quantization": quantize, "quantized_matmuls": count}
+    return {"quantization": quantize, "quantized_matmuls": count, "quantized_tables": tables}
+
+
+TABLE_MIN_ELEMENTS = 1 << 16  # smaller tables (token types, GPT-2's 1024 positions x 32) are not worth a node each
+
+
+def quantize_embedding_tables(model, slot_inputs: set) -> int:
+    """Rewrite each Gather from a float 2D initializer (an embedding table) to read an int8 table; returns how many.
+
+        Gather(table (V, H), ids) -> Gather(table_q int8, ids) -> Cast -> Mul(Gather(row scales (V, 1), ids))
+
+    Symmetric, one scale per row. A table something else also reads (a tied output layer) is left as it is.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    count = 0
+    for node in list(graph.node):
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if (table is None or table.name in slot_inputs or len(table.dims) != 2 or table.data_type != TensorProto.FLOAT
+                or table.dims[0] * table.dims[1] < TABLE_MIN_ELEMENTS or len(readers[table.name]) != 1
+                or dict((a.name, a.i) for a in node.attribute).get("axis", 0) != 0):
+            continue
+        weights = numpy_helper.to_array(table).astype(np.float32)  # (V, H)
+        scale = np.maximum(np.abs(weights).max(axis=1, keepdims=True), 1e-12) / 127.0  # (V, 1)
+        q = np.clip(np.round(weights / scale), -127, 127).astype(np.int8)
+        base, ids, out = table.name, node.input[1], node.output[0]
+        nodes = [helper.make_node("Gather", [f"{base}.int8", ids], [f"{out}.int8"], axis=0),
+                 helper.make_node("Cast", [f"{out}.int8"], [f"{out}.float"], to=TensorProto.FLOAT),
+                 helper.make_node("Gather", [f"{base}.scale", ids], [f"{out}.scale"], axis=0),
+                 helper.make_node("Mul", [f"{out}.float", f"{out}.scale"], [out])]
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, new in enumerate(nodes):
+            graph.node.insert(position + offset, new)
+        graph.initializer.remove(table)
+        graph.initializer.extend([numpy_helper.from_array(q, f"{base}.int8"),
+                                  numpy_helper.from_array(scale.astype(np.float32), f"{base}.scale")])
+        count += 1
+    return count
 
 
 def _int8(path: str, dest: str, keep_float: list, external: bool) -> None:

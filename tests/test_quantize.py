@@ -192,3 +192,39 @@ def test_int4_leaves_the_process_logging_alone(peft_adapter, tmp_path, capfd):
     export([spec_adapter(peft_adapter, "qwen2", "qv")], str(tmp_path / "out"), quantize="int4")
     assert (root.level, root.handlers) == (level, handlers)
     assert "[INFO]" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("kind, share", [("int8", 0.4), ("int4", 0.25)])
+def test_embedding_tables_are_quantized_too(kind, share, tmp_path):
+    """A Llama whose word embeddings are most of its weights: the table is quantized (int8 rows, for int4 bases
+    too), the graph shrinks to its share of float32, and the export still validates against PyTorch."""
+    import peft
+    import torch
+    import transformers as tf
+
+    from peft_refs import randomize_adapter
+    from tiny import load_reference_base
+    from edgepeft.runtimes.manifest import folder_bytes
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    base = str(tmp_path / "base")
+    tf.LlamaForCausalLM(config).save_pretrained(base)
+    model = peft.get_peft_model(load_reference_base(base, "causal-lm"),
+                                peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(model, 3)
+    model.peft_config["default"].base_model_name_or_path = base
+    model.save_pretrained(tmp_path / "a")
+    sizes = {}
+    for q in (None, kind):
+        out = str(tmp_path / f"out-{q}")
+        report = export([str(tmp_path / "a")], out, quantize=q)
+        sizes[q] = folder_bytes(os.path.join(out, "base"))
+    assert report["checks"][-1]["relative_error"] < 0.05
+    graph = onnx.load(os.path.join(out, "base", "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert "Cast" in ops and not any(i.name.endswith("embed_tokens.weight") for i in graph.graph.initializer)
+    assert Runtime(out).manifest["quantized_tables"] == 1
+    assert sizes[kind] <= share * sizes[None], sizes

@@ -288,7 +288,7 @@ def test_bf16_autocast_trains_and_saves_fp32_weights(text_model, tmp_path):
     assert {w.dtype for w in weights.values()} == {torch.float32}
 
 
-@pytest.mark.parametrize("kind, accuracy_drop, size", [("int8", 0.03, 0.7), ("int4", 0.05, 0.65)])
+@pytest.mark.parametrize("kind, accuracy_drop, size", [("int8", 0.03, 0.4), ("int4", 0.05, 0.25)])
 @pytest.mark.slow
 def test_quantized_export_of_a_trained_classifier_keeps_its_accuracy(kind, accuracy_drop, size, trained_intent, workdir):
     """Real MiniLM weights, a trained adapter: int8 / int4 base weights change few held-out predictions.
@@ -308,7 +308,7 @@ def test_quantized_export_of_a_trained_classifier_keeps_its_accuracy(kind, accur
     predicted = [rt.labels("intent")[i] for i in rt.forward(ids, mask, adapter="intent")["logits"].argmax(-1)]
     accuracy = np.mean([p == r["label"] for p, r in zip(predicted, rows)])
     assert accuracy >= log["best"]["value"] - accuracy_drop, (accuracy, log["best"]["value"])
-    # quantized projections; the word embeddings (half of MiniLM) stay float32: a Gather, not a MatMul
+    # quantized projections and word embeddings (half of MiniLM): int8 <= 0.4, int4 <= 0.25 of float32
     assert os.path.getsize(os.path.join(exp, "base", "model.onnx")) < size * 4 * log["total_parameters"]
 
 
