@@ -38,11 +38,12 @@ test-device: $(DEVICE_STAMP)
 demo: $(STAMP)
 	$(BIN)/python samples/demo.py
 
-bench: $(STAMP)
+bench: $(STAMP) $(DEVICE_STAMP)
 	$(BIN)/python samples/bench_lora.py
 	$(BIN)/python samples/bench_generate.py --rounds 16
 	$(BIN)/python samples/bench_threads.py --export bench-out/generate/merged
 	$(BIN)/python samples/bench_prefill.py --export bench-out/generate/slots
+	$(DEVICE)/bin/python samples/bench_genai.py --export bench-out/generate/slots
 
 clean:
 	rm -rf $(VENV) $(DEVICE) build demo-out bench-out gen-out

@@ -1,0 +1,78 @@
+"""edgepeft's runtime against onnxruntime-genai on the same export: greedy tokens/s, with and without an adapter.
+
+    .venv-device/bin/python samples/bench_genai.py --export bench-out/generate/slots [--adapter lora] [--rounds 10]
+
+Runs in the device environment (edgepeft[cpu] + onnxruntime-genai; genai brings the CPU onnxruntime, which must
+not share an environment with onnxruntime-gpu). Both load the same files: genai reads OUT/base/genai_config.json
+and the adapter's .onnx_adapter; edgepeft its manifests. Batch 1, a prompt of 16 random ids, --new-tokens greedy
+tokens, end of sequence off in edgepeft (genai stops only at its eos/pad ids; rows that do are reported). Peers go
+in a new seeded random order each round; each peer's first round is dropped; medians.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+
+import numpy as np
+import onnxruntime_genai as og
+
+from edgepeft.runtimes import Runtime
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export", default="bench-out/generate/slots")
+    ap.add_argument("--adapter", default="lora")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    rt = Runtime(args.export)
+    prompt = np.random.default_rng(0).integers(3, rt.vocab_size, size=(1, 16), dtype=np.int64)
+    length = prompt.shape[1] + args.new_tokens
+    model = og.Model(os.path.join(args.export, "base"))
+    adapters = og.Adapters(model)
+    adapters.load(os.path.join(args.export, "adapters", args.adapter, "adapter.onnx_adapter"), args.adapter)
+
+    def genai(adapter):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=length)
+        generator = og.Generator(model, params)
+        if adapter:
+            generator.set_active_adapter(adapters, adapter)
+        generator.append_tokens(prompt.astype(np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+        return list(generator.get_sequence(0))
+
+    def ours(adapter):
+        return rt.generate(prompt, adapter=adapter, max_new_tokens=args.new_tokens, eos_token_id=[])[0].tolist()
+
+    peers = {f"{who} {adapter or 'no adapter'}": (fn, adapter) for who, fn in (("edgepeft", ours), ("genai", genai))
+             for adapter in (None, args.adapter)}
+    times = {k: [] for k in peers}
+    ids = {}
+    order = random.Random(0)
+    for round_ in range(args.rounds + 1):
+        for name in order.sample(list(peers), len(peers)):
+            fn, adapter = peers[name]
+            t = time.perf_counter()
+            ids[name] = fn(adapter)
+            if round_:  # the first round warms every session up
+                times[name].append((len(ids[name]) - prompt.shape[1]) / (time.perf_counter() - t))
+    speed = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.export}: batch 1, 16 prompt + {args.new_tokens} new tokens, {args.rounds} rounds, "
+          f"{os.cpu_count()} CPUs, onnxruntime-genai {og.__version__}")
+    print("| adapter | edgepeft tokens/s | genai tokens/s | edgepeft / genai | greedy ids identical |")
+    print("| --- | --- | --- | --- | --- |")
+    for adapter in ("no adapter", args.adapter):
+        a, b = speed[f"edgepeft {adapter}"], speed[f"genai {adapter}"]
+        same = ids[f"edgepeft {adapter}"] == ids[f"genai {adapter}"]
+        print(f"| {adapter} | {a:.1f} | {b:.1f} | {a / b:.2f} | {'yes' if same else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
