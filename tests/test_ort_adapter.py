@@ -71,3 +71,12 @@ def test_prompt_and_prefix_adapters_get_no_ort_adapter_file(virtual_export, work
             ours = rt.forward(ids, mask, adapter=name)[rt.output_name]
             theirs = _run_with_ort_adapter(rt, os.path.join(out, "adapters", name), ids, mask)
             assert max_diff_valid(ours, theirs, mask) < 1e-5, name
+
+
+def test_base_and_adapter_graphs_share_one_ir_version(shared_export):
+    import onnx
+
+    out, dirs, _ = shared_export("llama")
+    base = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False)
+    versions = {onnx.load(os.path.join(out, "adapters", n, "adapter.onnx")).ir_version for n in dirs}
+    assert versions == {base.ir_version} == {9}
