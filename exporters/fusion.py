@@ -73,7 +73,7 @@ class FusedProjection(nn.Module):
         has_bias = any(m.bias is not None for m in members)
         self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
         self.deltas: list = []  # callables x -> (..., sum of sizes), added before the bias
-        self.scales: list = []  # callables () -> (sum of sizes,), multiplied after the bias
+        self.scales: list = []  # callables () -> (rows, 1, sum of sizes), multiplied after the bias
         self._x = None
         self._parts = None
 

@@ -1,14 +1,22 @@
-"""The adapter store: each adapter's tensors staged once as OrtValues, checked against the base's slot table,
-sorted by how a call binds them, and held while calls use them.
+"""The adapter store: adapters registered by name, staged as OrtValues on demand, held while calls use them.
 
-    load(OUT/adapters/<name>)  adapter.json (fingerprint, checksum) --> run adapter.onnx once
-                               --> check every tensor against its slot --> Plan --> OrtValues
-    using(name)                a call's hold: unload waits for no one; it is refused while held
+    register(OUT/adapters/<name> or zip bytes)   adapter.json checked (fingerprint, checksum): known, not staged
+    stage                                        run adapter.onnx once, check every tensor against its slot,
+                                                 sort them into a Plan of what a call binds, as OrtValues
+    hold(names)                                  a call's hold: staged first when needed, then unload and
+                                                 eviction leave them alone until the call ends
+
+With ``budget_bytes``, at most that many bytes of staged tensors stay resident: the least
+recently used adapters no call holds are evicted, and restaged (from their files or bytes)
+when a call names them again. Every change takes one lock; staging runs outside it.
 """
 from __future__ import annotations
 
+import io
 import os
 import threading
+import zipfile
+from collections import OrderedDict
 from contextlib import contextmanager
 
 import numpy as np
@@ -21,7 +29,7 @@ from .errors import (
     CorruptArtifactError,
     UnknownAdapterError,
 )
-from .manifest import adapter_graph_error, read_adapter_manifest
+from .manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST, adapter_graph_error, check_adapter_manifest, read_adapter_manifest
 from .sessions import ort, session_options
 
 
@@ -30,13 +38,16 @@ class Plan:
 
     every: {graph input: OrtValue} bound at every step; prefill: bound at the first step
     only; past: {cache input: array (1, ...)} that starts the cache, repeated over the
-    batch; n_past / n_prepend: virtual tokens added as past / before the input tokens.
+    batch; n_past / n_prepend: virtual tokens added as past / before the input tokens;
+    cpu: {graph input: array} bound from numpy (a mixed batch's row selectors);
+    columns: each row's (start, width) of the task output (a head per row), or None.
     """
 
-    __slots__ = ("every", "prefill", "past", "n_past", "n_prepend")
+    __slots__ = ("every", "prefill", "past", "n_past", "n_prepend", "cpu", "columns")
 
     def __init__(self):
         self.every, self.prefill, self.past, self.n_past, self.n_prepend = {}, {}, {}, 0, 0
+        self.cpu, self.columns = {}, None
 
     @property
     def n_virtual(self) -> int:
@@ -46,21 +57,29 @@ class Plan:
 NO_ADAPTER = Plan()
 
 
-class StagedAdapter:
-    __slots__ = ("name", "path", "manifest", "plan", "users")
+class Registered:
+    """An adapter the store knows: where to (re)stage it from, its manifest, and its staged state."""
 
-    def __init__(self, name, path, manifest, plan):
-        self.name = name
-        self.path = path
-        self.manifest = manifest
-        self.plan = plan
+    __slots__ = ("name", "path", "data", "manifest", "plan", "arrays", "bytes", "users")
+
+    def __init__(self, name, path, data, manifest):
+        self.name, self.path, self.data, self.manifest = name, path, data, manifest
+        self.plan = None  # staged: a Plan of OrtValues
+        self.arrays = None  # staged: {slot: array}, what mixed batches stack
+        self.bytes = 0
         self.users = 0  # calls in flight
+
+    @property
+    def stackable(self) -> bool:
+        """Whether rows of this adapter can share a graph run with other adapters' rows."""
+        return self.manifest.get("stackable", False)
 
 
 class AdapterStore:
-    """The adapters one Runtime serves, by name. Thread-safe: loads, unloads and holds take one lock."""
+    """The adapters one Runtime serves, by name. Thread-safe."""
 
-    def __init__(self, base_manifest: dict, base_dir: str, out: str, past_names: list, device: tuple):
+    def __init__(self, base_manifest: dict, base_dir: str, out: str, past_names: list, device: tuple,
+                 budget_bytes: int | None = None):
         self.base = base_manifest
         self.base_dir = base_dir
         self.out = out
@@ -68,18 +87,35 @@ class AdapterStore:
         self.past_names = past_names
         self.device = device
         self.merged = base_manifest.get("merged_adapter")  # a --merge export's adapter: the base graph as it is
-        self._adapters: dict[str, StagedAdapter] = {}
-        self._lock = threading.Lock()
+        if budget_bytes is not None and not (isinstance(budget_bytes, int) and budget_bytes >= 0):
+            raise ConfigError(f"adapter_budget_bytes must be a whole number of bytes >= 0, got {budget_bytes!r}")
+        self.budget = budget_bytes
+        self._adapters: dict[str, Registered] = {}
+        self._resident: OrderedDict = OrderedDict()  # staged names, least recently used first
+        self._lock = threading.RLock()
+        self._staging: dict[str, threading.Lock] = {}
+        self.on_change = []  # callables(name): an adapter was unloaded, evicted or restaged (stack caches drop it)
 
     @property
     def names(self) -> list[str]:
         return sorted(self._adapters)
 
+    @property
+    def resident(self) -> list[str]:
+        """The adapters staged now, least recently used first."""
+        with self._lock:
+            return list(self._resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(self._adapters[n].bytes for n in self._resident)
+
     def serves_base(self, name) -> bool:
         """No adapter, or the one a --merge export folded into the base: calls run the base graph as it is."""
         return name is None or name == self.merged
 
-    def get(self, name: str) -> StagedAdapter:
+    def get(self, name: str) -> Registered:
         adapter = self._adapters.get(name)
         if adapter is None:
             raise UnknownAdapterError(
@@ -89,63 +125,126 @@ class AdapterStore:
         return adapter
 
     # ---------------------------------------------------------------- load / unload
-    def load(self, path, name=None) -> str:
-        """Load an exported adapter folder, validate it against the base, stage its tensors; returns its name.
+    def load(self, source, name=None) -> str:
+        """Register an exported adapter (its folder, or the bytes of a zip of it) and stage it (within the budget).
 
-        On any failure nothing changes: adapters already loaded keep serving.
+        Returns its name. On any failure nothing changes: adapters already loaded keep serving.
         """
-        path = str(path)
-        if not os.path.isdir(path):
-            raise ArtifactNotFoundError(
-                f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by `edgepeft export`"
-            )
-        manifest = read_adapter_manifest(path)
+        path, data, manifest = _read_source(source)
+        label = path or "adapter bytes"
         name = name or manifest["name"]
         if manifest["base_fingerprint"] != self.base["fingerprint"]:
             raise AdapterBaseMismatchError(
-                f"{path}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
+                f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
                 f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "
                 f"({self.base.get('source')}); export the adapter into this OUT with "
                 f"`edgepeft export --adapter <adapter dir> --out {self.out}`"
             )
-        if (error := adapter_graph_error(path, manifest)) is not None:
-            raise error
-        arrays = run_adapter_graph(os.path.join(path, manifest["graph"]))
-        self._check_tensors(path, manifest, arrays)
-        plan = self._plan(path, arrays)
+        entry = Registered(name, path, data, {**manifest, "stackable": self._stackable(manifest)})
+        arrays, plan = self._stage(entry)  # a load stages (and checks) the adapter even under a budget
         with self._lock:
             if name in self._adapters:
-                raise ConfigError(f"{path}: an adapter named {name!r} is already loaded; unload it first or pick another name")
-            self._adapters[name] = StagedAdapter(name, path, manifest, plan)
+                raise ConfigError(f"{label}: an adapter named {name!r} is already loaded; unload it first or pick another name")
+            self._adapters[name] = entry
+            self._set_staged(entry, arrays, plan)
+            self._trim()
         return name
 
     def unload(self, name: str) -> None:
-        """Drop an adapter's staged tensors. Refused while a call is using it."""
+        """Forget an adapter and drop its staged tensors. Refused while a call is using it."""
         with self._lock:
             adapter = self._adapters.get(name)
             if adapter is None:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {', '.join(self.names) or 'none'}")
             if adapter.users:
                 raise AdapterInUseError(f"adapter {name!r} is in use by {adapter.users} call(s); unload it when they finish")
+            self._drop(adapter)
             del self._adapters[name]
 
+    # ---------------------------------------------------------------- holds
     @contextmanager
     def using(self, name):
-        """Hold an adapter for the length of one call; yields its Plan (unload is refused meanwhile)."""
+        """Hold one adapter for the length of one call; yields its Plan (unload is refused meanwhile)."""
         if self.serves_base(name):
             yield NO_ADAPTER
             return
+        with self.holding([name]) as held:
+            yield held[name].plan
+
+    @contextmanager
+    def holding(self, names):
+        """Hold adapters for one call, staging any that are not resident; yields {name: Registered}."""
+        names = [n for n in dict.fromkeys(names) if not self.serves_base(n)]
+        held = []
+        try:
+            for name in names:
+                held.append(self._acquire(name))
+            yield {a.name: a for a in held}
+        finally:
+            with self._lock:
+                for adapter in held:
+                    adapter.users -= 1
+                self._trim()
+
+    def _acquire(self, name: str) -> Registered:
         with self._lock:
             adapter = self.get(name)
             adapter.users += 1
+            if adapter.plan is not None:
+                self._resident.move_to_end(name)
+                return adapter
+            lock = self._staging.setdefault(name, threading.Lock())
         try:
-            yield adapter.plan
-        finally:
+            with lock:  # one thread restages; the others wait for it
+                if adapter.plan is None:
+                    arrays, plan = self._stage(adapter)
+                    with self._lock:
+                        self._set_staged(adapter, arrays, plan)
+                        self._trim()
+        except BaseException:
             with self._lock:
                 adapter.users -= 1
+            raise
+        return adapter
 
-    # ---------------------------------------------------------------- checks
-    def _plan(self, path: str, arrays: dict) -> Plan:
+    def _set_staged(self, adapter: Registered, arrays: dict, plan: Plan) -> None:
+        adapter.arrays, adapter.plan = arrays, plan
+        adapter.bytes = int(sum(a.nbytes for a in arrays.values()))
+        self._resident[adapter.name] = True
+        self._resident.move_to_end(adapter.name)
+        for notify in self.on_change:
+            notify(adapter.name)
+
+    def _drop(self, adapter: Registered) -> None:
+        adapter.plan = adapter.arrays = None
+        adapter.bytes = 0
+        self._resident.pop(adapter.name, None)
+        for notify in self.on_change:
+            notify(adapter.name)
+
+    def _trim(self) -> None:
+        """Evict least recently used adapters no call holds until the staged bytes fit the budget."""
+        if self.budget is None:
+            return
+        for name in list(self._resident):
+            if sum(self._adapters[n].bytes for n in self._resident) <= self.budget:
+                return
+            adapter = self._adapters[name]
+            if adapter.users == 0:
+                self._drop(adapter)
+
+    # ---------------------------------------------------------------- staging and checks
+    def _stage(self, adapter: Registered) -> tuple[dict, Plan]:
+        label = adapter.path or "adapter bytes"
+        graph = adapter.data[ADAPTER_GRAPH] if adapter.data else os.path.join(adapter.path, adapter.manifest["graph"])
+        arrays = run_adapter_graph(graph, label)
+        self._check_tensors(label, adapter.manifest, arrays)
+        return arrays, self._plan(label, arrays)
+
+    def _stackable(self, manifest: dict) -> bool:
+        return all(self.slots[n].stack_axis is not None for n in manifest["slots"] if n in self.slots)
+
+    def _plan(self, label: str, arrays: dict) -> Plan:
         """Sort an adapter's tensors by how they are bound (graph input, prefill only, cache start)."""
         plan = Plan()
         for name, arr in arrays.items():
@@ -161,47 +260,82 @@ class AdapterStore:
                 plan.n_prepend += int(arr.shape[slot.virtual_axis])
         if plan.past and set(plan.past) != set(self.past_names):
             raise CorruptArtifactError(
-                f"{path}: the adapter starts {len(plan.past)} of the {len(self.past_names)} cache inputs; re-export the adapter"
+                f"{label}: the adapter starts {len(plan.past)} of the {len(self.past_names)} cache inputs; re-export the adapter"
             )
         return plan
 
-    def _check_tensors(self, path: str, manifest: dict, arrays: dict) -> None:
+    def _check_tensors(self, label: str, manifest: dict, arrays: dict) -> None:
         """Every output must be a slot of this base with the slot's fixed sizes and dtype."""
         axes: dict[str, int] = {}
         for slot_name, arr in arrays.items():
             slot = self.slots.get(slot_name)
             if slot is None:
                 raise AdapterBaseMismatchError(
-                    f"{path}: adapter fills slot {slot_name!r} that {self.base_dir} lacks; "
+                    f"{label}: adapter fills slot {slot_name!r} that {self.base_dir} lacks; "
                     f"re-export with `edgepeft export --adapter <adapter dir> --out {self.out}` to add it"
                 )
             if arr.dtype != np.dtype(slot.dtype) or arr.ndim != len(slot.shape):
                 raise CorruptArtifactError(
-                    f"{path}: slot {slot_name} is {arr.dtype}{list(arr.shape)}, base expects "
+                    f"{label}: slot {slot_name} is {arr.dtype}{list(arr.shape)}, base expects "
                     f"{slot.dtype}{list(slot.shape)}; re-export the adapter"
                 )
             for size, want in zip(arr.shape, slot.shape):
                 if isinstance(want, str):
                     if axes.setdefault(want, size) != size:
                         raise CorruptArtifactError(
-                            f"{path}: axis {want} is {size} in {slot_name} but {axes[want]} elsewhere; re-export the adapter"
+                            f"{label}: axis {want} is {size} in {slot_name} but {axes[want]} elsewhere; re-export the adapter"
                         )
                 elif size != want:
                     raise CorruptArtifactError(
-                        f"{path}: slot {slot_name} has shape {list(arr.shape)}, base expects {list(slot.shape)}; "
+                        f"{label}: slot {slot_name} has shape {list(arr.shape)}, base expects {list(slot.shape)}; "
                         "re-export the adapter for this base"
                     )
         if set(manifest["slots"]) != set(arrays):
-            raise CorruptArtifactError(f"{path}: adapter.json and adapter.onnx disagree on the slots; re-export the adapter")
+            raise CorruptArtifactError(f"{label}: adapter.json and adapter.onnx disagree on the slots; re-export the adapter")
 
 
-def run_adapter_graph(graph: str) -> dict:
-    """{slot name: array}: an adapter graph's outputs (it has no inputs), run once on the CPU."""
+def _read_source(source) -> tuple[str | None, dict | None, dict]:
+    """(folder, None, manifest) for a folder; (None, {file: bytes}, manifest) for the bytes of a zip of one."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        try:
+            with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
+                files = {os.path.basename(n): archive.read(n) for n in archive.namelist()
+                         if os.path.basename(n) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)}
+        except zipfile.BadZipFile:
+            raise CorruptArtifactError("adapter bytes: not a zip archive of an adapter folder; pass the bytes of "
+                                       "shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None
+        if set(files) != {ADAPTER_MANIFEST, ADAPTER_GRAPH}:
+            raise CorruptArtifactError(f"adapter bytes: the zip needs {ADAPTER_MANIFEST} and {ADAPTER_GRAPH}; "
+                                       "zip an adapter folder from OUT/adapters/")
+        manifest = check_adapter_manifest(files[ADAPTER_MANIFEST], "adapter bytes")
+        if manifest["graph"] != ADAPTER_GRAPH or _sha256(files[ADAPTER_GRAPH]) != manifest["sha256"]:
+            raise CorruptArtifactError("adapter bytes: adapter.onnx does not match the checksum in adapter.json; "
+                                       "zip the adapter folder again")
+        return None, files, manifest
+    path = os.fspath(source)
+    if not os.path.isdir(path):
+        raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
+                                    "`edgepeft export`")
+    manifest = read_adapter_manifest(path)
+    if (error := adapter_graph_error(path, manifest)) is not None:
+        raise error
+    return path, None, manifest
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_adapter_graph(graph, label: str = "") -> dict:
+    """{slot name: array}: an adapter graph's outputs (it has no inputs), run once on the CPU (a path or bytes)."""
     try:
         sess = ort.InferenceSession(graph, sess_options=session_options(1), providers=["CPUExecutionProvider"])
         outputs = sess.run(None, {})
     except Exception as e:
+        where = graph if isinstance(graph, str) else f"{label}: adapter.onnx"
         raise CorruptArtifactError(
-            f"{graph}: ONNX Runtime cannot run the adapter graph ({str(e).splitlines()[0]}); re-export the adapter"
+            f"{where}: ONNX Runtime cannot run the adapter graph ({str(e).splitlines()[0]}); re-export the adapter"
         ) from None
     return {o.name: v for o, v in zip(sess.get_outputs(), outputs)}

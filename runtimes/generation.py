@@ -163,13 +163,30 @@ def decode_steps(rt, plan, ids: np.ndarray, mask: np.ndarray):
         outputs = rt.run(plan, token[:, None], full, positions, outputs[1:], presents=True, binding=binding)
 
 
+def lane_steps(rt, lanes, ids: np.ndarray, mask: np.ndarray):
+    """``decode_steps`` for every lane of a mixed batch, in lockstep: yields (B, V) logits in row order and takes
+    (B,) tokens, each lane stepping its own rows with its own cache."""
+    if len(lanes) == 1:
+        yield from decode_steps(rt, lanes[0].plan, ids, mask)
+        return
+    steps = [decode_steps(rt, lane.plan, ids[lane.rows], mask[lane.rows]) for lane in lanes]
+    first = [next(s) for s in steps]
+    logits = np.empty((ids.shape[0], first[0].shape[-1]), first[0].dtype)
+    for lane, part in zip(lanes, first):
+        logits[lane.rows] = part
+    while True:
+        token = yield logits.copy()
+        for lane, s in zip(lanes, steps):
+            logits[lane.rows] = s.send(token[lane.rows])
+
+
 def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops):
     """Yield each step's new token per row, (B,) int64: greedy or sampled, stopping rows at eos or a stop string."""
     rng = np.random.default_rng(cfg.seed)
     eos = np.array(cfg.eos_token_id, dtype=np.int64)
     sequences, finished = ids, np.zeros(ids.shape[0], dtype=bool)
-    with rt.store.using(adapter) as plan:
-        steps = decode_steps(rt, plan, ids, mask)
+    with rt.lanes(adapter, ids.shape[0]) as lanes:
+        steps = lane_steps(rt, lanes, ids, mask)
         logits = next(steps)
         for step in range(cfg.max_new_tokens):
             token = next_tokens(logits, sequences, cfg, rng, ignore=padding)

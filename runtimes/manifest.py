@@ -30,6 +30,20 @@ Virtual tokens (prompt and prefix tuning) are declared by three optional fields:
 
 A slot with a ``target`` adds its tokens as past (positions start after them); a graph
 input with a ``virtual_axis`` adds them before the input tokens (outputs include them).
+
+Rows with different adapters in one graph run (mixed batches, weighted adapters) are
+declared by three more fields:
+
+    stack_axis K     adapters' values of this slot concatenate along axis K into one bound tensor
+    selector NAME    the selector slot that picks each row's share of that stack, or "output":
+                     each row reads its own columns of the task output (a head per row)
+    selects KIND     on a selector slot (no adapter fills it; the runtime binds it per call):
+                     "columns" (rows, 1, width): a weight per stacked column (LoRA: 0 off, 1 on,
+                     or the adapter's weight), "adapters" (rows, stacked adapters): a weight per
+                     stacked adapter (IA3: 1 for the row's own)
+
+Slots without a ``stack_axis`` do not mix: rows of such an adapter run in a graph run of
+their own. Neutral selector values (ones) make the single-adapter path bind nothing more.
 """
 from __future__ import annotations
 
@@ -40,7 +54,7 @@ from dataclasses import dataclass
 
 from .errors import ArtifactNotFoundError, CorruptArtifactError
 
-FORMAT_VERSION = 2  # 2: fused groups, KV-cache I/O
+FORMAT_VERSION = 3  # 2: fused groups, KV-cache I/O; 3: stackable slots and selectors (mixed batches)
 BASE_DIR = "base"
 ADAPTERS_DIR = "adapters"
 BASE_MANIFEST = "edgepeft.json"
@@ -101,6 +115,9 @@ class Slot:
     phase: str = "every"  # "every" step, or "prefill" (first step) only
     target: str = ""  # the graph input this slot's value starts (a cache input); "" = its own input
     virtual_axis: int | None = None  # axis counting virtual tokens the runtime adds to mask and positions
+    stack_axis: int | None = None  # axis adapters' values concatenate along in a mixed batch
+    selector: str = ""  # the selector slot choosing each row's share of the stack, or "output"
+    selects: str = ""  # on a selector slot: "columns" or "adapters"
 
     def to_json(self) -> dict:
         d = {
@@ -120,6 +137,11 @@ class Slot:
             d["target"] = self.target
         if self.virtual_axis is not None:
             d["virtual_axis"] = self.virtual_axis
+        if self.stack_axis is not None:
+            d["stack_axis"] = self.stack_axis
+        for key in ("selector", "selects"):
+            if getattr(self, key):
+                d[key] = getattr(self, key)
         return d
 
     @classmethod
@@ -136,6 +158,9 @@ class Slot:
             phase=d.get("phase", "every"),
             target=d.get("target", ""),
             virtual_axis=d.get("virtual_axis"),
+            stack_axis=d.get("stack_axis"),
+            selector=d.get("selector", ""),
+            selects=d.get("selects", ""),
         )
 
 
@@ -224,14 +249,30 @@ def read_base_manifest(base_dir: str) -> dict:
     return data
 
 
+_ADAPTER_FIX = "re-export the adapter with `edgepeft export --adapter DIR --out OUT`"
+
+
 def read_adapter_manifest(adapter_dir: str) -> dict:
     """Read and check ``adapter_dir/adapter.json``."""
     path = os.path.join(adapter_dir, ADAPTER_MANIFEST)
-    fix = "re-export the adapter with `edgepeft export --adapter DIR --out OUT`"
-    data = read_json(path, "adapter manifest", fix)
-    _check_format(data, path, "edgepeft-adapter", _ADAPTER_KEYS, fix)
+    return _checked_adapter_manifest(read_json(path, "adapter manifest", _ADAPTER_FIX), path)
+
+
+def check_adapter_manifest(data: bytes, label: str) -> dict:
+    """Parse and check the bytes of an ``adapter.json`` (an adapter loaded from bytes); ``label`` names it."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptArtifactError(f"{label}: adapter.json is not valid JSON ({e}); {_ADAPTER_FIX}") from None
+    if not isinstance(manifest, dict):
+        raise CorruptArtifactError(f"{label}: adapter.json is not a JSON object; {_ADAPTER_FIX}")
+    return _checked_adapter_manifest(manifest, f"{label}: adapter.json")
+
+
+def _checked_adapter_manifest(data: dict, path: str) -> dict:
+    _check_format(data, path, "edgepeft-adapter", _ADAPTER_KEYS, _ADAPTER_FIX)
     if not isinstance(data["slots"], dict):
-        raise CorruptArtifactError(f"{path}: 'slots' must map slot names to shapes; {fix}")
+        raise CorruptArtifactError(f"{path}: 'slots' must map slot names to shapes; {_ADAPTER_FIX}")
     return data
 
 

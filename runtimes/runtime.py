@@ -18,13 +18,15 @@ per call.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 
 from . import text
 from .adapters import AdapterStore, Plan
+from .mixing import Lane, Mixer, row_specs
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
-from .generation import decode_steps, generation_config, stream_tokens
+from .generation import generation_config, lane_steps, stream_tokens
 from .inputs import check_token_inputs
 from .manifest import BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, cache_names, read_base_manifest
 from .sessions import device_of, ort, session_options
@@ -33,12 +35,14 @@ from .sessions import device_of, ort, session_options
 class Runtime:
     """Run an edgepeft export; see the module docstring for the lifecycle."""
 
-    def __init__(self, path, providers=None, sess_options=None, load_adapters=True):
+    def __init__(self, path, providers=None, sess_options=None, load_adapters=True, adapter_budget_bytes=None):
+        """``adapter_budget_bytes``: at most that many bytes of adapter tensors stay staged; the least recently
+        used are evicted and restaged when a call names them again (None: every adapter stays staged)."""
         base_dir = os.path.join(str(path), BASE_DIR)
         if not os.path.isdir(base_dir):
             raise _not_an_export(str(path))
         self.path = str(path)
-        self._open_base(base_dir, providers, sess_options)
+        self._open_base(base_dir, providers, sess_options, adapter_budget_bytes)
         if load_adapters:
             for name, d in adapter_dirs(self.path).items():
                 self.load_adapter(d, name=name)
@@ -48,10 +52,10 @@ class Runtime:
         """A runtime over a bare base folder with no adapters loaded (export validation uses it on staged folders)."""
         rt = cls.__new__(cls)
         rt.path = os.path.dirname(os.path.abspath(base_dir))
-        rt._open_base(base_dir, providers, sess_options)
+        rt._open_base(base_dir, providers, sess_options, None)
         return rt
 
-    def _open_base(self, base_dir, providers, sess_options):
+    def _open_base(self, base_dir, providers, sess_options, budget):
         self.manifest = read_base_manifest(base_dir)
         self.base_dir = base_dir
         self.providers = list(providers or ["CPUExecutionProvider"])
@@ -87,7 +91,8 @@ class Runtime:
                           if LOGITS_TO_KEEP in self.manifest["inputs"] else None)
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_positions = self.manifest.get("max_positions")
-        self.store = AdapterStore(self.manifest, base_dir, self.path, self.cache_inputs, self.device)
+        self.store = AdapterStore(self.manifest, base_dir, self.path, self.cache_inputs, self.device, budget)
+        self.mixer = Mixer(self.store, self.device)
         self._tokenizer = None
 
     # ---------------------------------------------------------------- adapters
@@ -100,20 +105,27 @@ class Runtime:
         return self.store.get(name).manifest
 
     def adapter_tensors(self, name: str) -> dict:
-        """{slot name: OrtValue} the adapter binds as graph inputs (staged once, on the runtime's device)."""
-        plan = self.store.get(name).plan
-        return {**plan.every, **plan.prefill}
+        """{slot name: OrtValue} the adapter binds as graph inputs (staged on the runtime's device; staged now
+        if a budget had evicted it)."""
+        with self.store.using(name) as plan:
+            return {**plan.every, **plan.prefill}
+
+    @property
+    def resident_adapters(self) -> list[str]:
+        """The adapters whose tensors are staged now, least recently used first (all of them without a budget)."""
+        return self.store.resident
 
     def adapter_dir(self, name: str) -> str:
         """The folder the adapter was loaded from."""
         return self.store.get(name).path
 
-    def load_adapter(self, path, name=None) -> str:
-        """Load an exported adapter folder, validate it against the base, stage its tensors; returns its name.
+    def load_adapter(self, source, name=None) -> str:
+        """Load an exported adapter (its folder in OUT/adapters, or the bytes of a zip of that folder), validate it
+        against the base, stage its tensors; returns its name.
 
         On any failure nothing changes: adapters already loaded keep serving.
         """
-        return self.store.load(path, name)
+        return self.store.load(source, name)
 
     def unload_adapter(self, name: str) -> None:
         """Drop an adapter's staged tensors. Refused (AdapterInUseError) while a call is using it."""
@@ -127,11 +139,25 @@ class Runtime:
 
     # ---------------------------------------------------------------- one graph run
     def slot_binding(self, plan: Plan):
-        """An IOBinding with the adapter's slot OrtValues bound (reused for every step of a generation)."""
+        """An IOBinding with the adapter's slot OrtValues (and a mixed batch's row weights) bound, reused for
+        every step of a generation."""
         binding = self.session.io_binding()
         for slot_name, value in (*plan.every.items(), *plan.prefill.items()):
             binding.bind_ortvalue_input(slot_name, value)
+        for slot_name, array in plan.cpu.items():  # inputs with a default bind only as OrtValues
+            binding.bind_ortvalue_input(slot_name, ort.OrtValue.ortvalue_from_numpy(array, *self.device))
         return binding
+
+    @contextmanager
+    def lanes(self, adapter, batch: int):
+        """Hold a call's adapters; yields its lanes: rows sharing a graph run and the Plan each binds (mixing.py)."""
+        specs = row_specs(adapter, batch)
+        if specs is None:
+            with self.store.using(adapter) as plan:
+                yield [Lane(np.arange(batch), plan, adapter)]
+            return
+        with self.store.holding(self.mixer.names(specs)) as held:
+            yield self.mixer.lanes(specs, held)
 
     def run(self, plan: Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None) -> list:
         """One session run; adapter slots and the KV cache stay OrtValues (IOBinding).
@@ -200,11 +226,17 @@ class Runtime:
         come first in the output (B, n + T, ...); a prefix's keys/values shift positions by n.
         """
         ids, mask = self._inputs(input_ids, attention_mask)
-        with self.store.using(adapter) as plan:
-            self._check_length(plan, ids.shape[1])
-            full, positions = self.virtual_inputs(plan, mask, generate=False)
-            result = self.run(plan, ids, full, positions)[0].numpy()
-        return {self.output_name: result}
+        parts = []
+        with self.lanes(adapter, ids.shape[0]) as lanes:
+            for lane in lanes:
+                rows_ids, rows_mask = (ids, mask) if len(lanes) == 1 else (ids[lane.rows], mask[lane.rows])
+                self._check_length(lane.plan, ids.shape[1])
+                full, positions = self.virtual_inputs(lane.plan, rows_mask, generate=False)
+                out = self.run(lane.plan, rows_ids, full, positions)[0].numpy()
+                if lane.plan.columns is not None:  # a head per row: each row's own output columns
+                    out = [out[i, start:start + width] for i, (start, width) in enumerate(lane.plan.columns)]
+                parts.append((lane.rows, out))
+        return {self.output_name: assemble(parts, ids.shape[0])}
 
     def _decoder_inputs(self, input_ids, attention_mask):
         if not self.cache:
@@ -219,12 +251,13 @@ class Runtime:
         position's logits (B, V); each ``send(tokens)`` ((B,) int64) feeds those tokens through the KV cache
         and yields the next logits. The adapter is held until the generator is closed or collected."""
         ids, mask = self._decoder_inputs(input_ids, attention_mask)
-        with self.store.using(adapter) as plan:  # an unknown adapter fails here, at the call
-            self._check_length(plan, ids.shape[1])
+        with self.lanes(adapter, ids.shape[0]) as lanes:  # an unknown adapter fails here, at the call
+            for lane in lanes:
+                self._check_length(lane.plan, ids.shape[1])
 
         def steps():
-            with self.store.using(adapter) as held:
-                inner = decode_steps(self, held, ids, mask)
+            with self.lanes(adapter, ids.shape[0]) as held:
+                inner = lane_steps(self, held, ids, mask)
                 token = yield next(inner)
                 while True:
                     token = yield inner.send(self._step_tokens(token, ids.shape[0]))
@@ -250,10 +283,10 @@ class Runtime:
         """
         ids, mask = self._decoder_inputs(input_ids, attention_mask)
         cfg = self.generation_config(**generation)
-        with self.store.using(adapter) as plan:  # an unknown adapter or too many virtual tokens fail now, not at next()
-            # the last new token is never fed back: it needs no position
-            self._check_length(plan, ids.shape[1], cfg.max_new_tokens - 1,
-                               f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)")
+        with self.lanes(adapter, ids.shape[0]) as lanes:  # an unknown adapter or too many virtual tokens fail now
+            for lane in lanes:  # the last new token is never fed back: it needs no position
+                self._check_length(lane.plan, ids.shape[1], cfg.max_new_tokens - 1,
+                                   f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)")
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = text.StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops)
@@ -317,6 +350,27 @@ class Runtime:
     def embed(self, texts, adapter=None, normalize: bool = True) -> np.ndarray:
         """Mean-pooled (L2-normalized) embeddings, (hidden,) for a text or (B, hidden); feature-extraction exports."""
         return text.embed(self, texts, adapter, normalize)
+
+
+def assemble(parts: list, batch: int) -> np.ndarray:
+    """One output array from each lane's (rows, output): rows in batch order. Rows whose outputs are shorter
+    (fewer prompt positions, fewer labels) are padded with NaN in front (positions) or behind (labels)."""
+    if len(parts) == 1 and not isinstance(parts[0][1], list):
+        return parts[0][1]
+    rows_out = {}
+    for rows, out in parts:
+        for i, row in enumerate(rows):
+            rows_out[int(row)] = out[i]
+    shapes = {r.shape for r in rows_out.values()}
+    if len(shapes) == 1:
+        return np.stack([rows_out[r] for r in range(batch)])
+    if rows_out[0].ndim == 1:  # labels: pad behind
+        width = max(r.shape[0] for r in rows_out.values())
+        return np.stack([np.pad(rows_out[r], (0, width - rows_out[r].shape[0]), constant_values=np.nan)
+                         for r in range(batch)])
+    length = max(r.shape[0] for r in rows_out.values())  # positions: a prompt's virtual ones come first
+    return np.stack([np.pad(rows_out[r], [(length - rows_out[r].shape[0], 0)] + [(0, 0)] * (rows_out[r].ndim - 1),
+                            constant_values=np.nan) for r in range(batch)])
 
 
 def _not_an_export(path: str) -> ArtifactNotFoundError:

@@ -1,5 +1,8 @@
 """Whole modules trained per task (``modules_to_save``), e.g. a classifier head.
 
+In a mixed batch the runtime binds every row's head side by side (weights along the output
+axis) and gives each row its own columns of the output.
+
 In PyTorch a ``ModulesToSaveWrapper`` keeps the original module and one trained
 copy per adapter, as HF PEFT does (same parameter names). In the exported base a
 Linear head becomes two slots, ``head_weight.<module>`` (in, out) and
@@ -115,9 +118,12 @@ class HeadSlots(SlotSpec):
                     f"modules_to_save {key!r} is a {type(module).__name__}; edgepeft exports Linear heads only"
                 )
             out_axis = slot_axis("head", "out", key)
-            slots.append(Slot(slot_name("head", "weight", key), "head", "weight", key, (module.in_features, out_axis), "float32", "base"))
+            # mixed batches: every row's head side by side, each row reading its own output columns
+            slots.append(Slot(slot_name("head", "weight", key), "head", "weight", key, (module.in_features, out_axis),
+                              "float32", "base", stack_axis=1, selector="output"))
             if module.bias is not None:
-                slots.append(Slot(slot_name("head", "bias", key), "head", "bias", key, (out_axis,), "float32", "base"))
+                slots.append(Slot(slot_name("head", "bias", key), "head", "bias", key, (out_axis,), "float32", "base",
+                                  stack_axis=0, selector="output"))
         return slots
 
     def install(self, model: nn.Module, slots: list[Slot], fused: dict) -> tuple[dict, dict]:

@@ -17,6 +17,14 @@ Targets inside a fused group (q/k/v, gate/up: layers that read the same input, s
 so a group costs two MatMuls and one Add whatever subset of it an adapter targets.
 The adapter graph stores the compact A and B of each module and assembles the group
 tensors once, at load.
+
+Rows with different LoRA adapters (or weighted sums of them) share one graph run: the
+runtime binds every adapter's A side by side along the rank axis (B stacked alike), and
+one row-weight input scales each row's rank columns before the B product:
+
+    delta = ((x @ A_stack) * row_weights) @ B_stack     row_weights: (rows, 1, R), 0 or the adapter's weight
+
+Its neutral value, (1, 1, 1) of ones, leaves a single adapter's delta as it is.
 """
 from __future__ import annotations
 
@@ -33,17 +41,35 @@ from edgepeft.tuners.lora.layer import LoraLinear
 from edgepeft.tuners.targets import in_out_features, linear_targets, replace_module, wrapper_of
 
 
+ROWS = slot_name("lora", "rows", "batch")  # the one row-weight input every LoRA delta reads
+
+
+class RowWeights(nn.Module):
+    """Holds the row-weight graph input that every LoRA slot module of a graph reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.feed = {}
+
+
+def lora_delta(x, feed: dict, rows: RowWeights):
+    """((x @ A) * row weights) @ B: (B, T, in) -> (B, T, r) -> (B, T, out); a (B, in) input (a pooler) alike."""
+    weights = rows.feed["rows"]  # (rows, 1, r), broadcast over T
+    return ((x @ feed["A"]) * (weights if x.dim() == 3 else weights[:, 0])) @ feed["B"]
+
+
 class LoraSlotLinear(nn.Module):
     """A frozen layer plus a LoRA delta whose A and B are graph inputs."""
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, rows: RowWeights):
         super().__init__()
         self.base_layer = base_layer
         self.feed = {}
+        object.__setattr__(self, "rows", rows)  # shared, not a submodule of each layer
 
     def forward(self, x):  # x: (B, T, in)
         base = self.base_layer
-        delta = (x @ self.feed["A"]) @ self.feed["B"]  # (B, T, r) @ (r, out) -> (B, T, out)
+        delta = lora_delta(x, self.feed, self.rows)  # (B, T, out)
         if not isinstance(base, (nn.Linear, Conv1D)):  # another method's slot layer (one adapter is active at a time)
             return base(x) + delta
         weight = base.weight.T if isinstance(base, nn.Linear) else base.weight  # (in, out)
@@ -55,12 +81,13 @@ class LoraSlotLinear(nn.Module):
 class LoraGroupDelta(nn.Module):
     """The LoRA delta of a fused group: ``(x @ A_group) @ B_group``, added before the bias."""
 
-    def __init__(self):
+    def __init__(self, rows: RowWeights):
         super().__init__()
         self.feed = {}
+        object.__setattr__(self, "rows", rows)
 
     def forward(self, x):  # x: (B, T, in) -> (B, T, sum of member outputs)
-        return (x @ self.feed["A"]) @ self.feed["B"]
+        return lora_delta(x, self.feed, self.rows)
 
 
 class LoraSlots(SlotSpec):
@@ -79,23 +106,33 @@ class LoraSlots(SlotSpec):
             n_in = in_out_features(model.get_submodule(key))[0]
             n_out = sum(in_out_features(model.get_submodule(m))[1] for m in members) if members else in_out_features(model.get_submodule(key))[1]
             rank = slot_axis("lora", "r", module)
-            slots.append(Slot(slot_name("lora", "A", module), "lora", "A", module, (n_in, rank), "float32", "empty", members))
-            slots.append(Slot(slot_name("lora", "B", module), "lora", "B", module, (rank, n_out), "float32", "empty", members))
+            slots.append(Slot(slot_name("lora", "A", module), "lora", "A", module, (n_in, rank), "float32", "empty", members,
+                              stack_axis=1, selector=ROWS))
+            slots.append(Slot(slot_name("lora", "B", module), "lora", "B", module, (rank, n_out), "float32", "empty", members,
+                              stack_axis=0, selector=ROWS))
+        # rows: 1 or the batch, declared as the batch so the shape pass still proves every reshape after the delta
+        slots.append(Slot(ROWS, "lora", "rows", "batch", ("batch", 1, slot_axis("lora", "r", "rows")),
+                          "float32", "ones", selects="columns"))
         return slots
 
     def install(self, model: nn.Module, slots: list[Slot], fused: dict):
         """Put slot layers in (group deltas on fused projections); returns ({slot: (module, role)}, neutral values)."""
         feeds, neutral, deltas = {}, {}, {}
+        rows = RowWeights()
         for s in slots:
+            if s.selects:
+                feeds[s.name] = (rows, "rows")
+                neutral[s.name] = np.ones((1, 1, 1), dtype=s.dtype)
+                continue
             if s.members:
                 if s.module not in deltas:
-                    deltas[s.module] = LoraGroupDelta()
+                    deltas[s.module] = LoraGroupDelta(rows)
                     fused[s.module].deltas.append(deltas[s.module])
                 module = deltas[s.module]
             else:
                 module = model.get_submodule(s.module)
                 if not isinstance(module, LoraSlotLinear):
-                    module = LoraSlotLinear(module)
+                    module = LoraSlotLinear(module, rows)
                     replace_module(model, s.module, module)
             feeds[s.name] = (module, s.role)
             shape = [0 if isinstance(d, str) else d for d in s.shape]  # rank 0
@@ -106,6 +143,8 @@ class LoraSlots(SlotSpec):
         """Slot tensors for one adapter: arrays, or ``Assembled`` parts for fused groups."""
         out = {}
         for s in slots:
+            if s.selects:
+                continue  # the row weights are the runtime's, per call
             members = s.members or (s.module,)
             parts, pads, sizes = [], [], []
             for m in members:
@@ -135,7 +174,9 @@ class LoraSlots(SlotSpec):
     def sample(self, slots: list[Slot], neutral: dict) -> dict:
         """Rank-2 random tensors to trace with (a traced size of 0 or 1 cannot stay symbolic)."""
         g = torch.Generator().manual_seed(0)
-        return {s.name: torch.randn([2 if isinstance(d, str) else d for d in s.shape], generator=g) * 0.01 for s in slots}
+        sizes = {s.name: [2 if isinstance(d, str) else d for d in s.shape] for s in slots}
+        return {s.name: (1 + 0.1 * torch.randn(sizes[s.name], generator=g)) if s.selects
+                else torch.randn(sizes[s.name], generator=g) * 0.01 for s in slots}
 
     def describe(self, config) -> dict:
         return {"rank": config.r, "alpha": config.lora_alpha, "targets": config.target_modules}

@@ -1,0 +1,218 @@
+"""Rows of one batch with different adapters, or weighted sums of adapters, in as few graph runs as the slots allow.
+
+    adapter=["a", None, {"a": 0.7, "b": 0.3}, "p"]   one entry per row (a name, None, or {name: weight})
+        -> lanes: rows that share a graph run, each with the Plan it binds
+           stackable rows (LoRA, IA3, heads): one run, every adapter's tensors side by side
+               LoRA   A_stack = [A_a | A_b]  (in, R), B_stack (R, out); row weights (rows, 1, R) pick each
+                      row's rank columns: 0, 1, or the adapter's weight in a weighted row
+               IA3    stack = [ones; l_a; l_b] (N, size); row weights (rows, N): one-hot on the row's vector
+               heads  every row's head side by side; each row reads its own output columns
+           other rows (prompt, prefix, bottleneck): a run per adapter
+
+Each adapter's width in a LoRA stack is its largest rank over the slots (zero-padded where
+smaller), so one row-weight input serves every LoRA slot. Stacks are built from the staged
+tensors once per set of adapters and cached (dropped when one of them is unloaded, evicted or
+restaged); per call only the small row-weight arrays are made. A weighted row computes
+``sum_i w_i * B_i A_i x``: HF PEFT with those adapters active and each one's scaling times its weight.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from .adapters import NO_ADAPTER, Plan
+from .errors import ConfigError, InvalidInputError
+from .sessions import ort
+from .values import is_real
+
+CACHED_STACKS = 16  # sets of adapters whose stacked tensors stay built
+
+
+def row_specs(adapter, batch: int):
+    """None for one adapter (or none) for every row; else each row's {name: weight} ({} is the base model)."""
+    if adapter is None or isinstance(adapter, str):
+        return None
+    if isinstance(adapter, dict):
+        return [_weights(adapter)] * batch
+    if not isinstance(adapter, (list, tuple)):
+        raise InvalidInputError(f"adapter must be a name, None, a {{name: weight}} dict or a list of those, one per row; "
+                                f"got {type(adapter).__name__}")
+    if len(adapter) != batch:
+        raise InvalidInputError(f"adapter lists {len(adapter)} entries for {batch} rows; give one per row (None: the base)")
+    return [{} if a is None else {a: 1.0} if isinstance(a, str) else _weights(a) for a in adapter]
+
+
+def _weights(spec) -> dict:
+    if not isinstance(spec, dict) or not spec or not all(isinstance(k, str) for k in spec):
+        raise InvalidInputError(f"a weighted adapter is a non-empty {{name: weight}} dict; got {spec!r}")
+    for name, weight in spec.items():
+        if not is_real(weight):
+            raise InvalidInputError(f"adapter {name!r} has weight {weight!r}; give a finite number")
+    return {k: float(v) for k, v in spec.items()}
+
+
+class Lane:
+    """Rows (indices into the batch) that share one graph run, and the Plan that run binds."""
+
+    __slots__ = ("rows", "plan", "name")
+
+    def __init__(self, rows, plan, name=None):
+        self.rows, self.plan, self.name = np.asarray(rows, dtype=np.int64), plan, name
+
+
+class Mixer:
+    """Builds the lanes of a mixed call; caches stacked tensors per set of adapters."""
+
+    def __init__(self, store, device):
+        self.store = store
+        self.device = device
+        self.slots = store.slots
+        self.selectors = {s.name: s for s in self.slots.values() if s.selects}
+        self._stacks: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        store.on_change.append(self._forget)
+
+    def names(self, specs) -> list:
+        return sorted({n for spec in specs for n in spec if not self.store.serves_base(n)})
+
+    def lanes(self, specs, held: dict) -> list:
+        """The lanes of a call; ``held``: {name: Registered} the call holds."""
+        groups: dict = {}  # lane key -> rows
+        for row, spec in enumerate(specs):
+            spec = {n: w for n, w in spec.items() if not self.store.serves_base(n)}
+            self._check(spec, held)
+            alone = [n for n in spec if not held[n].stackable]
+            key = ("alone", alone[0]) if alone else ("stack", bool(self._head_of(spec, held)))
+            groups.setdefault(key, []).append(row)
+        lanes = []
+        for (kind, what), rows in groups.items():
+            if kind == "alone":
+                lanes.append(Lane(rows, held[what].plan, what))
+            else:
+                lanes.append(Lane(rows, self._stacked_plan([specs[r] for r in rows], held, heads=what)))
+        return lanes
+
+    def _check(self, spec: dict, held: dict) -> None:
+        """A weighted sum has a meaning for LoRA only (one head at most rides along); other kinds go one per row."""
+        if len(spec) == 1 and next(iter(spec.values())) == 1.0:
+            return
+        for name in spec:
+            methods = set(held[name].manifest.get("methods") or [])
+            if not held[name].stackable or not methods <= {"lora", "head"} or "lora" not in methods:
+                raise ConfigError(f"adapter {name!r} ({'+'.join(sorted(methods))}) cannot be weighted or combined: "
+                                  "weighted sums are defined for LoRA adapters; give it alone, by name")
+        if sum(bool(self._head_of({n: 1.0}, held)) for n in spec) > 1:
+            raise ConfigError(f"adapters {', '.join(sorted(spec))} each bring a classifier head; two heads have no "
+                              "weighted sum: combine at most one adapter with a head")
+
+    def _head_of(self, spec: dict, held: dict):
+        """The adapter of ``spec`` that fills the output-selected slots (a head), or None."""
+        for name in spec:
+            if any(self.slots[s].selector == "output" for s in held[name].arrays):
+                return name
+        return None
+
+    # ---------------------------------------------------------------- stacks
+    def _stacked_plan(self, specs: list, held: dict, heads: bool) -> Plan:
+        names = tuple(sorted({n for spec in specs for n in spec if not self.store.serves_base(n)}))
+        if not names:
+            return NO_ADAPTER
+        stacks = self._stack(names, held)
+        plan = Plan()
+        plan.every = stacks["values"]
+        for selector, layout in stacks["layouts"].items():
+            kind = self.selectors[selector].selects
+            if kind == "columns":  # (rows, 1, R): each row's weight on its adapters' rank columns
+                weights = np.zeros((len(specs), 1, layout["width"]), np.float32)
+                for r, spec in enumerate(specs):
+                    for name, w in spec.items():
+                        start, width = layout["extent"].get(name, (0, 0))
+                        weights[r, 0, start:start + width] = w
+            else:  # "adapters": (rows, N) one-hot on the row's stacked vector (0: ones, the base)
+                weights = np.zeros((len(specs), layout["width"]), np.float32)
+                for r, spec in enumerate(specs):
+                    index = next((layout["extent"][n][0] for n in spec if n in layout["extent"]), 0)
+                    weights[r, index] = 1.0
+            plan.cpu[selector] = weights
+        if heads:  # each row's head columns in the output
+            extent = stacks["output"]
+            plan.columns = [extent[self._head_of(spec, held)] for spec in specs]
+        return plan
+
+    def _stack(self, names: tuple, held: dict) -> dict:
+        with self._lock:
+            built = self._stacks.get(names)
+            if built is not None:
+                self._stacks.move_to_end(names)
+                return built
+        arrays = {n: held[n].arrays for n in names}
+        values, layouts, output = {}, {}, {}
+        used = {self.slots[s].selector for a in arrays.values() for s in a if self.slots[s].stack_axis is not None}
+        by_selector: dict = {}  # every slot of a selector in use: a row weight spans them all
+        for slot in self.slots.values():
+            if slot.stack_axis is not None and slot.selector in used:
+                by_selector.setdefault(slot.selector, []).append(slot)
+        for selector, slots in by_selector.items():
+            if selector == "output":
+                output = self._stack_heads(slots, names, arrays, values)
+            elif self.selectors[selector].selects == "columns":
+                layouts[selector] = self._stack_columns(slots, names, arrays, values)
+            else:
+                layouts[selector] = self._stack_vectors(slots, names, arrays, values)
+        built = {"values": {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), *self.device)
+                            for k, v in values.items()}, "layouts": layouts, "output": output}
+        with self._lock:
+            self._stacks[names] = built
+            while len(self._stacks) > CACHED_STACKS:
+                self._stacks.popitem(last=False)
+        return built
+
+    @staticmethod
+    def _stack_columns(slots, names, arrays, values) -> dict:
+        """LoRA: each adapter's tensors zero-padded to its widest rank, side by side along the rank axis."""
+        widths = {n: max((arrays[n][s.name].shape[s.stack_axis] for s in slots if s.name in arrays[n]), default=0)
+                  for n in names}
+        extent, start = {}, 0
+        for n in names:
+            extent[n] = (start, widths[n])
+            start += widths[n]
+        for s in slots:
+            parts = []
+            for n in names:
+                shape = [widths[n] if i == s.stack_axis else d for i, d in enumerate(s.shape)]
+                part = np.zeros(shape, np.float32)
+                if s.name in arrays[n]:
+                    value = arrays[n][s.name]
+                    part[tuple(slice(0, k) for k in value.shape)] = value
+                parts.append(part)
+            values[s.name] = np.concatenate(parts, axis=s.stack_axis)
+        return {"width": start, "extent": extent}
+
+    @staticmethod
+    def _stack_vectors(slots, names, arrays, values) -> dict:
+        """IA3: a vector of ones (the base), then each adapter's vector (ones where it scales nothing)."""
+        for s in slots:
+            ones = np.ones([1 if isinstance(d, str) else d for d in s.shape], np.float32)
+            values[s.name] = np.concatenate([ones] + [arrays[n].get(s.name, ones) for n in names], axis=s.stack_axis)
+        extent = {n: (1 + i, 1) for i, n in enumerate(names) if any(s.name in arrays[n] for s in slots)}
+        return {"width": 1 + len(names), "extent": extent}
+
+    @staticmethod
+    def _stack_heads(slots, names, arrays, values) -> dict:
+        """Heads: each head adapter's side by side along the output axis; returns {name: (start, width)}."""
+        heads = [n for n in names if any(s.name in arrays[n] for s in slots)]
+        extent, start = {}, 0
+        for n in heads:
+            width = arrays[n][slots[0].name].shape[slots[0].stack_axis]
+            extent[n] = (start, width)
+            start += width
+        for s in slots:
+            values[s.name] = np.concatenate([arrays[n][s.name] for n in heads], axis=s.stack_axis)
+        return extent
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._stacks if name in k]:
+                del self._stacks[key]

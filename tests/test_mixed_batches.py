@@ -1,0 +1,284 @@
+"""Many tasks at once: one row per adapter in a batch, weighted and scaled LoRA adapters, adapters under a memory
+budget, and one Runtime serving many threads. Each mixed row must equal the same row run alone; weighted adapters
+must equal HF PEFT with those adapters active and each one's scaling times its weight."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from peft_refs import ia3_adapter, peft_virtual_adapter, randomize_adapter
+from tiny import load_reference_base
+
+from edgepeft.errors import AdapterInUseError, ConfigError, CorruptArtifactError, InvalidInputError
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+KINDS = ["lora_qv", "lora_all", "ia3", "prompt", "prefix"]
+
+
+def _lora(path, base, task, seed, num_labels=None, **kw) -> str:
+    import peft
+
+    from tiny import TASK_TYPES
+
+    model = peft.get_peft_model(load_reference_base(base, task, num_labels), peft.LoraConfig(task_type=TASK_TYPES[task], **kw))
+    randomize_adapter(model, seed)
+    model.peft_config["default"].base_model_name_or_path = base
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def decoder(workdir, tiny_base):
+    """(OUT, {name: adapter dir}): a tiny Llama with two LoRA adapters (different targets and ranks), IA3,
+    prompt and prefix adapters in one base."""
+    root, base = workdir / "mixed", tiny_base("llama")
+    dirs = {"lora_qv": _lora(root / "lora_qv", base, "causal-lm", 61, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            "lora_all": _lora(root / "lora_all", base, "causal-lm", 62, r=2, lora_alpha=4, target_modules="all-linear",
+                              rank_pattern={"down_proj": 3}),
+            "ia3": ia3_adapter(root / "ia3", base, 63),
+            "prompt": peft_virtual_adapter(root / "prompt", base, "prompt", seed=64, num_virtual_tokens=3),
+            "prefix": peft_virtual_adapter(root / "prefix", base, "prefix", seed=65, num_virtual_tokens=2)}
+    out = str(root / "out")
+    export(list(dirs.values()), out, names=list(dirs))
+    return out, dirs
+
+
+@pytest.fixture(scope="module")
+def rt(decoder):
+    return Runtime(decoder[0])
+
+
+def _batch(n, seq=7, seed=8):
+    """Token ids and a mask: row r left-padded by r % 3 tokens."""
+    ids = np.random.default_rng(seed).integers(3, 128, size=(n, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for row in range(n):
+        mask[row, : row % 3] = 0
+        ids[row, : row % 3] = 0
+    return ids, mask
+
+
+def _alone(rt, ids, mask, spec, row):
+    return rt.forward(ids[row:row + 1], mask[row:row + 1], adapter=spec)["logits"][0]
+
+
+def test_each_row_of_a_mixed_batch_equals_the_row_alone(rt):
+    spec = ["lora_qv", None, "ia3", "lora_all", "prompt", "prefix", "lora_qv", {"lora_qv": 0.5, "lora_all": 2.0}]
+    ids, mask = _batch(len(spec))
+    mixed = rt.forward(ids, mask, adapter=spec)["logits"]
+    assert mixed.shape == (8, 3 + 7, 128)  # the prompt row's 3 virtual positions set the length
+    for row, adapter in enumerate(spec):
+        alone = _alone(rt, ids, mask, adapter, row)
+        got = mixed[row, -alone.shape[0]:]
+        assert np.isnan(mixed[row, :mixed.shape[1] - alone.shape[0]]).all()  # shorter rows: NaN in front
+        valid = np.concatenate([np.ones(alone.shape[0] - 7, bool), mask[row].astype(bool)])
+        assert float(np.abs(got - alone)[valid].max()) <= 1e-5, adapter
+    base = rt.forward(ids, mask)["logits"]  # every row's adapter acts on that row alone
+    for row, adapter in enumerate(spec):
+        if adapter is not None and adapter != "prompt":
+            assert float(np.abs(mixed[row, -7:] - base[row])[mask[row].astype(bool)].max()) > 1e-3, adapter
+
+
+def test_stackable_rows_share_one_graph_run(rt):
+    spec = ["lora_qv", "ia3", None, "lora_all", {"lora_qv": 0.3}]
+    with rt.lanes(spec, len(spec)) as lanes:
+        assert len(lanes) == 1 and lanes[0].rows.tolist() == [0, 1, 2, 3, 4]
+    with rt.lanes(["lora_qv", "prompt", "prefix", "ia3", "prompt"], 5) as lanes:
+        assert sorted(lane.rows.tolist() for lane in lanes) == [[0, 3], [1, 4], [2]]
+
+
+def test_mixed_generation_gives_each_rows_own_ids(rt):
+    spec = ["lora_qv", "prefix", None, "ia3", "prompt", "lora_all"]
+    ids, mask = _batch(len(spec), seq=5, seed=9)  # rows left-padded
+    out = rt.generate(ids, mask, adapter=spec, max_new_tokens=6, eos_token_id=[])
+    for row, adapter in enumerate(spec):
+        alone = rt.generate(ids[row:row + 1], mask[row:row + 1], adapter=adapter, max_new_tokens=6, eos_token_id=[])
+        np.testing.assert_array_equal(out[row], alone[0], err_msg=str(adapter))
+    steps = rt.step_logits(ids, mask, adapter=spec)  # teacher-forced steps of a mixed batch, row by row
+    first = next(steps)
+    second = steps.send(out[:, 5])
+    steps.close()
+    for row, adapter in enumerate(spec):
+        one = rt.step_logits(ids[row:row + 1], mask[row:row + 1], adapter=adapter)
+        assert float(np.abs(next(one)[0] - first[row]).max()) <= 1e-5
+        assert float(np.abs(one.send(out[row:row + 1, 5])[0] - second[row]).max()) <= 1e-5
+        one.close()
+
+
+def _hf_combination(decoder, weights: dict):
+    """HF PEFT with every adapter of ``weights`` active, each one's scaling multiplied by its weight."""
+    import peft
+
+    out, dirs = decoder
+    names = list(weights)
+    model = peft.PeftModel.from_pretrained(load_reference_base(_base_of(dirs[names[0]]), "causal-lm"), dirs[names[0]],
+                                           adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(dirs[name], adapter_name=name)
+    model.base_model.set_adapter(names)
+    for module in model.modules():
+        if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+            for name, w in weights.items():
+                if name in module.scaling:
+                    module.scaling[name] *= w
+    return model.eval()
+
+
+def _base_of(adapter_dir):
+    import json
+
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
+@pytest.mark.parametrize("weights", [{"lora_qv": 0.7, "lora_all": 0.3}, {"lora_qv": 0.5}, {"lora_all": -1.5, "lora_qv": 2.0}])
+def test_weighted_and_scaled_lora_equal_hf_peft_with_both_active(decoder, rt, weights):
+    ids, mask = _batch(2)
+    ref = _hf_combination(decoder, weights)
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    ours = rt.forward(ids, mask, adapter=weights)["logits"]
+    assert float(np.abs(ours - want)[mask.astype(bool)].max()) <= 1e-4
+    mixed = rt.forward(ids, mask, adapter=[weights, "ia3"])["logits"]  # in a mixed batch too
+    assert float(np.abs(mixed[0] - ours[0]).max()) <= 1e-5
+
+
+def test_combinations_without_a_meaning_are_refused(rt):
+    ids, mask = _batch(2)
+    for bad in ({"ia3": 0.5}, {"prompt": 1.0, "lora_qv": 1.0}, {"lora_qv": 1.0, "prefix": 0.5}):
+        with pytest.raises(ConfigError, match="weighted sums are defined for LoRA"):
+            rt.forward(ids, mask, adapter=bad)
+    with pytest.raises(InvalidInputError, match="one per row"):
+        rt.forward(ids, mask, adapter=["lora_qv"])
+    with pytest.raises(InvalidInputError, match="finite"):
+        rt.forward(ids, mask, adapter={"lora_qv": float("nan")})
+
+
+@pytest.fixture(scope="module")
+def classifiers(workdir, tiny_base):
+    """(OUT, dirs): tiny BERT classifiers with 2 and 3 labels, and an IA3 one, in one base."""
+    import peft
+
+    root, base = workdir / "mixed-cls", tiny_base("bert")
+    dirs = {"two": _lora(root / "two", base, "seq-cls", 71, num_labels=2, r=4, target_modules=["query", "value"]),
+            "three": _lora(root / "three", base, "seq-cls", 72, num_labels=3, r=2, target_modules=["query", "value"])}
+    model = peft.get_peft_model(load_reference_base(base, "seq-cls", 3), peft.IA3Config(task_type="SEQ_CLS"))
+    randomize_adapter(model, 73)
+    model.peft_config["default"].base_model_name_or_path = base
+    model.save_pretrained(root / "ia3")
+    dirs["ia3"] = str(root / "ia3")
+    out = str(root / "out")
+    export(list(dirs.values()), out, names=list(dirs))
+    return out, dirs
+
+
+def test_rows_with_their_own_heads_share_a_run_and_keep_their_label_counts(classifiers):
+    rt = Runtime(classifiers[0])
+    spec = ["two", "three", None, "ia3", "two", {"three": 0.5}]
+    ids, mask = _batch(len(spec))
+    mixed = rt.forward(ids, mask, adapter=spec)["logits"]
+    assert mixed.shape == (6, 3)
+    with rt.lanes(spec, len(spec)) as lanes:
+        assert len(lanes) == 2  # rows with heads share one run; the base-model row runs the base head
+    for row, adapter in enumerate(spec):
+        alone = _alone(rt, ids, mask, adapter, row)
+        assert float(np.abs(mixed[row, :alone.shape[0]] - alone).max()) <= 1e-5, adapter
+        assert np.isnan(mixed[row, alone.shape[0]:]).all()  # fewer labels: NaN behind
+    with pytest.raises(ConfigError, match="two heads"):
+        rt.forward(ids, mask, adapter={"two": 0.5, "three": 0.5})
+
+
+# ---------------------------------------------------------------- a memory budget
+def _served(rt, names):
+    ids, mask = _batch(2, seed=11)
+    return {n: rt.forward(ids, mask, adapter=n)["logits"] for n in names}
+
+
+def test_a_budget_keeps_only_recent_adapters_staged_and_restages_the_rest_transparently(decoder, rt):
+    want = _served(rt, KINDS)
+    sizes = {n: sum(v.numpy().nbytes for v in rt.adapter_tensors(n).values()) for n in KINDS}
+    budget = max(sizes.values()) + 1
+    small = Runtime(decoder[0], adapter_budget_bytes=budget)
+    assert small.adapter_names == sorted(KINDS) and small.store.resident_bytes <= budget
+    assert len(small.resident_adapters) < len(KINDS)
+    for _ in range(2):
+        for name in KINDS:  # every call restages what was evicted: the answers do not change
+            np.testing.assert_array_equal(_served(small, [name])[name], want[name])
+            assert small.resident_adapters[-1] == name and small.store.resident_bytes <= budget + max(sizes.values())
+    mixed = small.forward(*_batch(5, seed=11), adapter=["lora_qv", "ia3", "lora_all", None, "lora_qv"])["logits"]
+    assert mixed.shape[0] == 5  # a call holding more than the budget still runs (evicted after it)
+    assert small.store.resident_bytes <= budget
+
+
+def test_an_adapter_loads_from_the_bytes_of_a_zip_of_its_folder(decoder, rt, tmp_path):
+    data = shutil.make_archive(str(tmp_path / "lora"), "zip", os.path.join(decoder[0], "adapters", "lora_qv"))
+    with open(data, "rb") as f:
+        raw = f.read()
+    other = Runtime(decoder[0], load_adapters=False)
+    assert other.load_adapter(raw, name="from-bytes") == "from-bytes"
+    ids, mask = _batch(2)
+    np.testing.assert_array_equal(other.forward(ids, mask, adapter="from-bytes")["logits"],
+                                  rt.forward(ids, mask, adapter="lora_qv")["logits"])
+    broken = io.BytesIO()
+    with zipfile.ZipFile(broken, "w") as z, zipfile.ZipFile(data) as src:
+        z.writestr("adapter.json", src.read("adapter.json"))
+        z.writestr("adapter.onnx", src.read("adapter.onnx")[:-10])
+    with pytest.raises(CorruptArtifactError, match="checksum"):
+        other.load_adapter(broken.getvalue(), name="broken")
+    with pytest.raises(CorruptArtifactError, match="not a zip"):
+        other.load_adapter(b"not a zip", name="junk")
+    assert other.adapter_names == ["from-bytes"]
+
+
+# ---------------------------------------------------------------- many threads
+def test_many_threads_each_get_their_single_thread_answers(decoder):
+    rt = Runtime(decoder[0], adapter_budget_bytes=20_000)  # evictions and restaging while threads run
+    specs = [*KINDS, None, ["lora_qv", "prompt", None, "ia3"], [{"lora_qv": 0.4, "lora_all": 0.6}, "prefix", "ia3", "ia3"]]
+    inputs = {i: _batch(4 if isinstance(s, list) else 2, seed=20 + i) for i, s in enumerate(specs)}
+    want = {i: rt.forward(*inputs[i], adapter=s)["logits"] for i, s in enumerate(specs)}
+    gens = {i: rt.generate(*inputs[i], adapter=s, max_new_tokens=4, eos_token_id=[]) for i, s in enumerate(specs)}
+    errors, done = [], []
+
+    def worker(t):
+        try:
+            for k in range(12):
+                i = (t + k) % len(specs)
+                got = rt.forward(*inputs[i], adapter=specs[i])["logits"]
+                assert np.array_equal(np.isnan(got), np.isnan(want[i])) and np.allclose(got, want[i], atol=1e-6,
+                                                                                         equal_nan=True), specs[i]
+                if k % 4 == 0:
+                    np.testing.assert_array_equal(rt.generate(*inputs[i], adapter=specs[i], max_new_tokens=4,
+                                                              eos_token_id=[]), gens[i])
+            done.append(t)
+        except Exception as e:  # noqa: BLE001  (reported below with the thread's failure)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(done) == list(range(8)), errors[:3]
+
+
+def test_unloading_an_adapter_a_call_holds_is_refused_and_eviction_waits(decoder):
+    rt = Runtime(decoder[0], adapter_budget_bytes=0)  # nothing stays staged once no call holds it
+    ids, mask = _batch(2)
+    steps = rt.step_logits(ids, mask, adapter=["lora_qv", "ia3"])
+    next(steps)  # the generation holds both
+    assert set(rt.resident_adapters) >= {"lora_qv", "ia3"}
+    with pytest.raises(AdapterInUseError):
+        rt.unload_adapter("ia3")
+    rt.forward(ids, mask, adapter="lora_all")  # another call's staging does not evict the held ones
+    assert set(rt.resident_adapters) >= {"lora_qv", "ia3"}
+    steps.close()
+    assert rt.resident_adapters == []  # released: evicted at once under a zero budget
+    rt.unload_adapter("ia3")
