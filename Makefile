@@ -43,6 +43,7 @@ bench: $(STAMP) $(DEVICE_STAMP)
 	$(BIN)/python samples/bench_generate.py --rounds 16
 	$(BIN)/python samples/bench_threads.py --export bench-out/generate/merged
 	$(BIN)/python samples/bench_prefill.py --export bench-out/generate/slots
+	$(BIN)/python samples/bench_many.py
 	$(DEVICE)/bin/python samples/bench_genai.py --export bench-out/generate/slots
 
 clean:

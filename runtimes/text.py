@@ -182,13 +182,23 @@ def classify(rt, texts, adapter=None):
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export does not classify; export a seq-cls adapter")
     rows, single = _texts(texts)
     ids, mask = rt.tokenizer.encode(rows)
-    logits = rt.forward(ids, mask, adapter=adapter)["logits"].astype(np.float64)  # (B, labels)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    names = rt.labels(adapter) or [str(i) for i in range(probs.shape[1])]
-    out = [{"label": names[int(p.argmax())], "score": float(p.max()), "scores": dict(zip(names, map(float, p)))}
-           for p in probs]
+    logits = rt.forward(ids, mask, adapter=adapter)["logits"].astype(np.float64)  # (B, labels); NaN past a row's own
+    per_row = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(rows)
+    out = []
+    for row, spec in zip(logits, per_row):
+        row = row[~np.isnan(row)]
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        names = _labels_of(rt, spec) or [str(i) for i in range(len(p))]
+        out.append({"label": names[int(p.argmax())], "score": float(p.max()), "scores": dict(zip(names, map(float, p)))})
     return out[0] if single else out
+
+
+def _labels_of(rt, spec):
+    """The label names of a row's adapter (a weighted row: the one adapter of it that has a head)."""
+    if isinstance(spec, dict):
+        return next((rt.labels(name) for name in spec if rt.labels(name)), None)
+    return rt.labels(spec)
 
 
 def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
