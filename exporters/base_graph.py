@@ -16,7 +16,8 @@ from edgepeft.exporters.genai_config import write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
 from edgepeft.files import write_json_atomic
 from edgepeft.models import cache_layout, eos_token_ids, max_positions
-from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION
+from edgepeft.exporters.web_graph import write_web_variant
+from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
 from edgepeft.tuners import spec_for
 
 TOKENIZER_FILES = (
@@ -44,6 +45,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         output_axis = output_axis or spec.output_axis(group)
     graph = SlotGraph(graph_model, feeds, task, cache=cache_layout(model.config, task), output_axis=output_axis)
     io = export_graph(graph, graph.sample_inputs(model.config, samples), slots, neutral, os.path.join(stage, BASE_GRAPH))
+    write_web_variant(stage)  # JavaScript: every slot required, their neutral values in neutral.onnx
     slots = [s for s in slots if s.name not in io["inert_slots"]]
     manifest = {
         "format": "edgepeft-base",
@@ -52,6 +54,8 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "task": task,
         "source": source,
         "graph": BASE_GRAPH,
+        "web_graph": WEB_GRAPH,
+        "neutral_graph": NEUTRAL_GRAPH,
         "fingerprint": base_fingerprint(weights_fp, slots, OPSET),
         "weights_fingerprint": weights_fp,
         "opset": OPSET,

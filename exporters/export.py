@@ -25,6 +25,7 @@ from edgepeft.exporters.fingerprint import weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.exporters.quantize import check_quantize, quantize_graph
 from edgepeft.exporters.validate import log_check, validate
+from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.files import Staging, check_output_dir, write_json_atomic
 from edgepeft.models import call_kwargs, check_exportable, check_supported, default_task, load_base, load_model_config, sample_inputs
 from edgepeft.peft_model import PeftModel
@@ -367,6 +368,7 @@ def _quantize_stage(stage: str, quantize: str, log) -> dict:
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)  # as written (read_base_manifest parses the slot table)
     manifest.update(quantize_graph(os.path.join(stage, BASE_GRAPH), quantize))
+    write_web_variant(stage)  # the JavaScript variant reads the quantized weights file now
     write_json_atomic(path, manifest, sort_keys=True)
     return read_base_manifest(stage)
 

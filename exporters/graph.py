@@ -25,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from edgepeft.exporters.shapes import simplify_shapes
+from edgepeft.files import usual_permissions
 from edgepeft.models import DECODERS, ENCODERS, cache_kwargs, call_kwargs, output_cache
 from edgepeft.runtimes.manifest import (
     LOGITS_TO_KEEP, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TASK_OUTPUTS, cache_names,
@@ -32,7 +33,6 @@ from edgepeft.runtimes.manifest import (
 
 OPSET = 18
 IR_VERSION = 9  # ONNX Runtime 1.20+ reads IR 9 (opset 18 needs IR >= 8); base and adapter graphs alike
-_EXTERNAL_DATA_BYTES = 1 << 30  # above this the base graph keeps its weights in model.onnx.data
 
 
 def cache_manifest(layout: dict) -> dict:
@@ -271,7 +271,6 @@ def _finish(path: str, neutral: dict) -> set:
     Returns the slots the graph uses: a slot on a layer that cannot reach the
     output (BertModel's pooler for ``last_hidden_state``) is dropped by the tracer.
     """
-    big = os.path.getsize(path) + sum(v.nbytes for v in neutral.values()) > _EXTERNAL_DATA_BYTES
     model = onnx.load(path)
     existing = {i.name for i in model.graph.initializer}
     used = {i.name for i in model.graph.input} & set(neutral)
@@ -281,5 +280,7 @@ def _finish(path: str, neutral: dict) -> set:
     simplify_shapes(model)
     model.ir_version = IR_VERSION  # the adapter graphs' too
     data = os.path.basename(path) + ".data"
-    onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True, location=data)
+    # the weights in model.onnx.data, which the JavaScript variant (web_graph.py) reads too
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+    usual_permissions(os.path.join(os.path.dirname(path), data))  # onnx writes the data file 0600
     return used

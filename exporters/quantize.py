@@ -73,6 +73,8 @@ def quantize_graph(path: str, quantize: str) -> dict:
         onnx.save_model(quantized, tmp, save_as_external_data=external, all_tensors_to_one_file=True,
                         location=os.path.basename(path) + ".data")
         usual_permissions(tmp)  # mkstemp made it 0600
+        if external:
+            usual_permissions(path + ".data")  # and onnx writes the data file 0600
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp + ".data"):

@@ -61,6 +61,8 @@ BASE_MANIFEST = "edgepeft.json"
 BASE_GRAPH = "model.onnx"
 ADAPTER_MANIFEST = "adapter.json"
 ADAPTER_GRAPH = "adapter.onnx"
+WEB_GRAPH = "model.web.onnx"  # the base graph for JavaScript: every slot a required input (exporters/web_graph.py)
+NEUTRAL_GRAPH = "neutral.onnx"  # no inputs; the neutral value of every slot model.web.onnx requires
 ORT_ADAPTER = "adapter.onnx_adapter"  # the same tensors in ONNX Runtime's own adapter format, where it applies
 
 # Output names follow transformers' ModelOutput field names.

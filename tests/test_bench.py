@@ -81,17 +81,3 @@ def test_bench_prefill_sample_times_both_ways(shared_export):
         assert float(r[1]) > 0 and float(r[2]) > 0
         every, last = (float(x) for x in r[4].split(" / "))
         assert last > 0 and every == pytest.approx(last * int(r[0]), rel=0.01)  # every position vs the last only
-
-
-def test_if_gate_experiment_runs_on_any_export_pair(shared_export, tmp_path):
-    """samples/experiment_if_gate.py (README, Measured: the issue-4 experiment) on a tiny BERT slot and merged export."""
-    from edgepeft.exporters import export
-
-    slots, dirs, _ = shared_export("bert")
-    merged = str(tmp_path / "merged")
-    export([next(iter(dirs.values()))], merged, merge=True)
-    rows = _run_sample("experiment_if_gate.py", "--slots", slots, "--plain", merged, "--work", tmp_path / "work",
-                       "--rounds", 1, "--seq", 8)
-    assert [r[0] for r in rows[1:]] == ["plain", "slots, no adapter", "gated, use_slots false", "gated, use_slots true",
-                                        "If around the plain graph"]
-    assert all(float(r[1]) > 0 for r in rows[1:])

@@ -139,10 +139,7 @@ def test_a_quantized_graph_outside_tolerance_writes_nothing(peft_adapter, tmp_pa
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_quantized_with_external_weights_and_merge(kind, peft_adapter, tmp_path, monkeypatch):
-    import edgepeft.exporters.graph as graph
-
-    monkeypatch.setattr(graph, "_EXTERNAL_DATA_BYTES", 0)  # write the weights beside the graph, as for big models
+def test_quantized_with_external_weights_and_merge(kind, peft_adapter, tmp_path):
     out = str(tmp_path / "ext")
     export([spec_adapter(peft_adapter, "qwen2", "qv")], out, quantize=kind)
     assert _tree(os.path.join(out, "base")).count("model.onnx.data") == 1
