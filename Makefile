@@ -1,15 +1,21 @@
 # `make test` and `make demo` set up .venv (when missing or older than pyproject.toml /
 # constraints.txt) with the tested versions, then run. `make test` also sets up .venv-device,
 # edgepeft as a device installs it (the runtime, ONNX Runtime's CPU package, onnxruntime-genai;
-# no torch), and runs the device tier there on the exports the main suite wrote.
+# no torch), and runs the device tier there on the exports the main suite wrote, then the
+# JavaScript runtime's tests (Node.js, and the sample page in headless Chromium) on the exports
+# it wrote to build/js. Node.js, npm and Chromium come from Debian's packages when missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgepeft-installed
 DEVICE := .venv-device
 DEVICE_STAMP := $(DEVICE)/.edgepeft-installed
+JS := runtimes/js
+JS_STAMP := $(JS)/node_modules/.edgepeft-installed
+CHROMIUM ?= /usr/bin/chromium
+APT := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
-.PHONY: test test-main test-device demo bench venv clean
+.PHONY: test test-main test-device test-js demo web bench venv clean
 
 venv: $(STAMP)
 
@@ -27,7 +33,14 @@ $(DEVICE_STAMP): pyproject.toml constraints-device.txt
 	$(DEVICE)/bin/python -m pip install -q -c constraints-device.txt -e '.[cpu]' onnxruntime-genai pytest
 	touch $(DEVICE_STAMP)
 
-test: test-main test-device
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
+	command -v node >/dev/null && command -v npm >/dev/null || { $(APT) update -q && $(APT) install -y -q nodejs npm; }
+	test -x $(CHROMIUM) || { $(APT) update -q && $(APT) install -y -q chromium; }
+	# onnxruntime-node's install script would fetch CUDA libraries from outside the registry: skipped
+	cd $(JS) && npm ci --no-audit --no-fund --onnxruntime-node-install=skip
+	touch $(JS_STAMP)
+
+test: test-main test-device test-js
 
 test-main: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -35,16 +48,27 @@ test-main: $(STAMP)
 test-device: $(DEVICE_STAMP)
 	$(DEVICE)/bin/python -m pytest -q -p no:cacheprovider tests_device
 
+test-js: $(STAMP) $(JS_STAMP)
+	test -f build/js/expected.json || $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_js_fixtures.py
+	cd $(JS) && EDGEPEFT_JS_FIXTURES=$(CURDIR)/build/js PYTHON=$(CURDIR)/$(BIN)/python CHROMIUM=$(CHROMIUM) node --test test/
+
 demo: $(STAMP)
 	$(BIN)/python samples/demo.py
 
-bench: $(STAMP) $(DEVICE_STAMP)
+# the demo's export (make demo) in the sample page: open http://localhost:8000/samples/web/
+web: $(STAMP) $(JS_STAMP)
+	test -f demo-out/export/base/edgepeft.json || $(BIN)/python samples/demo.py
+	$(BIN)/python samples/web/serve.py --port 8000
+
+bench: $(STAMP) $(DEVICE_STAMP) $(JS_STAMP)
 	$(BIN)/python samples/bench_lora.py
 	$(BIN)/python samples/bench_generate.py --rounds 16
 	$(BIN)/python samples/bench_threads.py --export bench-out/generate/merged
 	$(BIN)/python samples/bench_prefill.py --export bench-out/generate/slots
 	$(BIN)/python samples/bench_many.py
 	$(DEVICE)/bin/python samples/bench_genai.py --export bench-out/generate/slots
+	$(BIN)/python samples/bench_web.py
+	$(BIN)/python samples/bench_web.py --quantize int8 --out bench-out/web-int8
 
 clean:
-	rm -rf $(VENV) $(DEVICE) build demo-out bench-out gen-out
+	rm -rf $(VENV) $(DEVICE) $(JS)/node_modules build demo-out bench-out gen-out

@@ -45,7 +45,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         output_axis = output_axis or spec.output_axis(group)
     graph = SlotGraph(graph_model, feeds, task, cache=cache_layout(model.config, task), output_axis=output_axis)
     io = export_graph(graph, graph.sample_inputs(model.config, samples), slots, neutral, os.path.join(stage, BASE_GRAPH))
-    write_web_variant(stage)  # JavaScript: every slot required, their neutral values in neutral.onnx
+    required = write_web_variant(stage)  # JavaScript: every slot required, their neutral values in neutral.onnx
     slots = [s for s in slots if s.name not in io["inert_slots"]]
     manifest = {
         "format": "edgepeft-base",
@@ -55,7 +55,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "source": source,
         "graph": BASE_GRAPH,
         "web_graph": WEB_GRAPH,
-        "neutral_graph": NEUTRAL_GRAPH,
+        "neutral_graph": NEUTRAL_GRAPH if required else None,  # a merged classifier has no slot to fill
         "fingerprint": base_fingerprint(weights_fp, slots, OPSET),
         "weights_fingerprint": weights_fp,
         "opset": OPSET,

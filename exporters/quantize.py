@@ -25,6 +25,8 @@ the usual check.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 
@@ -127,39 +129,52 @@ def quantize_embedding_tables(model, slot_inputs: set) -> int:
     return count
 
 
+@contextlib.contextmanager
+def _quiet_quantizer_logs():
+    """ONNX Runtime's quantization modules configure the root logger on import (basicConfig(level=INFO)) and
+    log advice meant for image models ("Please consider to run pre-processing"): undo and drop both, so the
+    host process's logging stays as it was."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    advice = logging.Filter()
+    advice.filter = lambda record: "pre-processing before quantization" not in record.getMessage()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+        root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+
+
 def _int8(path: str, dest: str, keep_float: list, external: bool) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    with _quiet_quantizer_logs():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # reduce_range: 7-bit weights, so that uint8 x int8 pair sums fit the int16 lanes of x86 CPUs without VNNI
     # (AVX2, or AVX-512 without VNNI): with 8 bits they saturate there (tiny Llama: relative error 0.008-0.033 on
     # an AVX2 CPU, 0.0014-0.0024 with reduce_range; 0.0009-0.0026 with 8 bits on an AVX-512 VNNI CPU).
-    quantize_dynamic(path, dest, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                     nodes_to_exclude=keep_float, op_types_to_quantize=["MatMul"], use_external_data_format=external)
+        quantize_dynamic(path, dest, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                         nodes_to_exclude=keep_float, op_types_to_quantize=["MatMul"], use_external_data_format=external)
 
 
 def _int4(path: str, dest: str, keep_float: list, external: bool) -> None:
-    import logging
-
     import onnx
 
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    # ONNX Runtime's module calls logging.basicConfig(level=INFO) on import: undo it for the host process
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, logger
+    with _quiet_quantizer_logs():
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, logger
 
-    root.setLevel(level)
-    for handler in root.handlers[len(handlers):] if root.handlers[:len(handlers)] == handlers else []:
-        root.removeHandler(handler)
-    quiet = logger.level
-    logger.setLevel(logging.WARNING)  # one INFO line per weight otherwise
-    try:
-        quantizer = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
-                                         accuracy_level=INT4_ACCURACY, nodes_to_exclude=keep_float,
-                                         op_types_to_quantize=("MatMul",))
-        quantizer.process()
-        quantizer.model.save_model_to_file(dest, use_external_data_format=external)
-    finally:
-        logger.setLevel(quiet)
+        quiet = logger.level
+        logger.setLevel(logging.WARNING)  # one INFO line per weight otherwise
+        try:
+            quantizer = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+                                             accuracy_level=INT4_ACCURACY, nodes_to_exclude=keep_float,
+                                             op_types_to_quantize=("MatMul",))
+            quantizer.process()
+            quantizer.model.save_model_to_file(dest, use_external_data_format=external)
+        finally:
+            logger.setLevel(quiet)
 
 
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:

@@ -9,7 +9,8 @@ plain ONNX Runtime sessions, onnxruntime-genai) each export writes:
                      it reads the same weights file, model.onnx.data, so it costs only its nodes on disk
     neutral.onnx     no inputs; one output per removed default, its value (zero-size LoRA tensors, ones for
                      IA3, the base head, logits_to_keep 0): what a JavaScript runtime binds for the slots
-                     a call's adapter does not fill
+                     a call's adapter does not fill; not written where there is none (a merged classifier:
+                     ONNX Runtime loads no graph without outputs)
 """
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ def write_web_variant(stage: str) -> list[str]:
         array = numpy_helper.to_array(tensor)
         values.append(numpy_helper.from_array(array, f"neutral.{tensor.name}"))
         outputs.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(array.shape)))
-    nodes = [helper.make_node("Identity", [f"neutral.{t.name}"], [t.name]) for t in defaults]
-    neutral = helper.make_model(helper.make_graph(nodes, "edgepeft_neutral", [], outputs, initializer=values),
-                                opset_imports=[helper.make_opsetid("", 18)], producer_name="edgepeft")
-    neutral.ir_version = IR_VERSION
-    onnx.save_model(neutral, os.path.join(stage, NEUTRAL_GRAPH))
+    if defaults:
+        nodes = [helper.make_node("Identity", [f"neutral.{t.name}"], [t.name]) for t in defaults]
+        neutral = helper.make_model(helper.make_graph(nodes, "edgepeft_neutral", [], outputs, initializer=values),
+                                    opset_imports=[helper.make_opsetid("", 18)], producer_name="edgepeft")
+        neutral.ir_version = IR_VERSION
+        onnx.save_model(neutral, os.path.join(stage, NEUTRAL_GRAPH))
     web = onnx.load(os.path.join(stage, BASE_GRAPH), load_external_data=False)  # weights stay in model.onnx.data
     names = {t.name for t in defaults}
     kept = [t for t in web.graph.initializer if t.name not in names]

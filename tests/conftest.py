@@ -173,6 +173,7 @@ def text_model(workdir):
         # initializer_range 0.3: a frozen random head with the default 0.02 cannot give confident logits
         common = dict(vocab_size=tok.get_vocab_size(), pad_token_id=0, bos_token_id=1, eos_token_id=2,
                       initializer_range=0.3)
+        torch.manual_seed(7)  # the same weights every run
         if arch == "llama":
             config = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                     intermediate_size=64, max_position_embeddings=128, **common)
@@ -182,7 +183,6 @@ def text_model(workdir):
                                    max_position_embeddings=128, **common)
             model = tf.AutoModel.from_config(config)
         path = str(workdir / f"text-{arch}")
-        torch.manual_seed(7)
         model.save_pretrained(path)
         fast.save_pretrained(path)
         cache[arch] = path

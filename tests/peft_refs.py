@@ -128,3 +128,15 @@ def ia3_adapter(path, base: str, seed: int) -> str:
     pm.save_pretrained(str(path))
     return str(path)
 
+
+
+def bottleneck_adapter(path, base: str, seed: int) -> str:
+    """An edgepeft houlsby bottleneck adapter with random (non-identity) projections (HF PEFT has no such method)."""
+    import edgepeft
+
+    model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"),
+                                    edgepeft.BottleneckConfig(task_type="CAUSAL_LM", placement="houlsby",
+                                                              non_linearity="relu", bottleneck_size=8))
+    randomize_bottleneck(model, seed)
+    model.save_pretrained(str(path))
+    return str(path)

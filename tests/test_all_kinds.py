@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from peft_refs import greedy_reference, ia3_adapter, peft_virtual_adapter, randomize_bottleneck, runtime_step_logits
+from peft_refs import bottleneck_adapter, greedy_reference, ia3_adapter, peft_virtual_adapter, runtime_step_logits
 from tiny import load_reference_base, max_diff_valid, sample_batch, torch_outputs
 
 import edgepeft
@@ -18,23 +18,13 @@ ARCH = "llama"
 PROMPT_TOKENS = 4  # the prompt-tuning adapter's virtual tokens: they come first in its forward output
 
 
-def _bottleneck_adapter(path, base: str, seed: int) -> str:
-    """An edgepeft houlsby bottleneck adapter with random (non-identity) projections."""
-    model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"),
-                                    edgepeft.BottleneckConfig(task_type="CAUSAL_LM", placement="houlsby",
-                                                              non_linearity="relu", bottleneck_size=8))
-    randomize_bottleneck(model, seed)
-    model.save_pretrained(str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def all_kinds(workdir, tiny_base, peft_adapter, hf_reference):
     """(Runtime, {name: PyTorch reference model}): every kind exported into one base, once for the module."""
     root = workdir / "all-kinds"
     base = tiny_base(ARCH)
     dirs = {
-        "bottleneck": _bottleneck_adapter(root / "bottleneck", base, seed=41),
+        "bottleneck": bottleneck_adapter(root / "bottleneck", base, seed=41),
         "prefix": peft_virtual_adapter(root / "prefix", base, "prefix", seed=42, num_virtual_tokens=3),
         "prefix_mlp": peft_virtual_adapter(root / "prefix_mlp", base, "prefix", seed=43, num_virtual_tokens=5,
                                            prefix_projection=True, encoder_hidden_size=16),

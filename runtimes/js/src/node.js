@@ -1,0 +1,37 @@
+// Node.js: open an export folder with onnxruntime-node (or onnxruntime-web's wasm build, also in Node).
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+
+import { Tokenizer } from "@huggingface/tokenizers";
+
+import { Runtime } from "./runtime.js";
+
+/** Files of the export folder OUT, read from disk. */
+export function folderLoader(out) {
+  return {
+    where: (rel) => path.join(out, rel),
+    json: async (rel) => JSON.parse(await readFile(path.join(out, rel), "utf8")),
+    // onnxruntime-node reads a graph's external weights (model.onnx.data) beside the file itself;
+    // onnxruntime-web takes them as bytes
+    session: async (ort, rel, options, external) => {
+      const file = path.join(out, rel);
+      if (ort.env?.versions?.node === undefined && external) {
+        const data = await readFile(path.join(path.dirname(file), "model.onnx.data"));
+        return ort.InferenceSession.create(await readFile(file), { ...options, externalData: [{ path: "model.onnx.data", data }] });
+      }
+      return ort.InferenceSession.create(file, options);
+    },
+  };
+}
+
+/** A Runtime over the export folder OUT: Runtime.open with the folder's files. */
+export async function openFolder(ort, out, options = {}) {
+  return Runtime.open(ort, folderLoader(out), options);
+}
+
+/** The tokenizer exported with the base (tokenizer.json, tokenizer_config.json). */
+export async function loadTokenizer(out) {
+  const json = JSON.parse(await readFile(path.join(out, "base", "tokenizer.json"), "utf8"));
+  const config = JSON.parse(await readFile(path.join(out, "base", "tokenizer_config.json"), "utf8").catch(() => "{}"));
+  return new Tokenizer(json, config);
+}

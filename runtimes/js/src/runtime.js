@@ -1,0 +1,189 @@
+// The edgepeft runtime for JavaScript: one base session, adapters staged once as tensors, switched per call.
+//
+//   const rt = await Runtime.open(ort, loader)      // loader: src/node.js (files) or src/web.js (fetch)
+//   await rt.loadAdapter("intent")                 // runs OUT/adapters/intent/adapter.onnx once
+//   rt.forward(ids, mask, { adapter: "intent" })   // ids, mask: arrays of rows of numbers
+//   rt.generate(ids, mask, { adapter, maxNewTokens }) // greedy, with the KV cache; prompt included
+//
+// It mirrors the Python Runtime (runtimes/runtime.py) on the same export: the base graph is
+// OUT/base/model.web.onnx, whose adapter slots are required inputs (ONNX Runtime's JavaScript
+// bindings list only those), and OUT/base/neutral.onnx gives every slot's neutral value, bound
+// wherever the call's adapter fills nothing. Slots are bound by the fields the manifest declares:
+// "phase" prefill (a prompt: first step only), "target" (a prefix: the start of a cache input),
+// "virtual_axis" (tokens added to the mask and the positions). No method names here.
+
+export class EdgePeftError extends Error {}
+
+const int64 = (rows) => BigInt64Array.from(rows.flat(), (v) => BigInt(v));
+
+export class Runtime {
+  /** Open an export: its manifest, the base session, the neutral values; adapters load with loadAdapter. */
+  static async open(ort, loader, { sessionOptions = {} } = {}) {
+    const rt = new Runtime();
+    rt.ort = ort;
+    rt.loader = loader;
+    rt.sessionOptions = sessionOptions;
+    rt.manifest = await loader.json("base/edgepeft.json");
+    const m = rt.manifest;
+    if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; re-export it`);
+    rt.session = await loader.session(ort, `base/${m.web_graph}`, sessionOptions, true);
+    // neutral.onnx: every slot's neutral value (none in a merged classifier, which has no slot)
+    rt.neutral = m.neutral_graph ? await (await loader.session(ort, `base/${m.neutral_graph}`, sessionOptions, false)).run({}) : {};
+    rt.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
+    const required = new Set(rt.session.inputNames);
+    const missing = Object.keys(rt.neutral).filter((n) => !required.has(n));
+    if (missing.length) {  // a feed the session does not list would be dropped in silence (onnxruntime-node)
+      throw new EdgePeftError(`${loader.where("base")}: the session does not take slot ${missing[0]}; it would run the base model`);
+    }
+    rt.outputName = Object.keys(m.outputs)[0];
+    rt.cache = m.cache;
+    rt.pastNames = rt.cache ? names(rt.cache, "past") : [];
+    rt.presentNames = rt.cache ? names(rt.cache, "present") : [];
+    rt.adapters = new Map();
+    return rt;
+  }
+
+  get adapterNames() {
+    return [...this.adapters.keys()].sort();
+  }
+
+  /** Stage an adapter of OUT/adapters by name: run its graph once and sort its tensors by how they are bound. */
+  async loadAdapter(name) {
+    const manifest = await this.loader.json(`adapters/${name}/adapter.json`);
+    if (manifest.base_fingerprint !== this.manifest.fingerprint) {
+      throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: made for another base (fingerprint ` +
+        `${manifest.base_fingerprint.slice(0, 12)}, this base ${this.manifest.fingerprint.slice(0, 12)}); re-export it into this OUT`);
+    }
+    const session = await this.loader.session(this.ort, `adapters/${name}/${manifest.graph}`, this.sessionOptions, false);
+    const tensors = await session.run({});
+    const plan = { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, labels: manifest.labels || null };
+    for (const [slotName, tensor] of Object.entries(tensors)) {
+      const slot = this.slots[slotName];
+      if (!slot) throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: fills slot ${slotName}, which this base lacks`);
+      if (slot.target) plan.past[slot.target] = tensor;
+      else (slot.phase === "prefill" ? plan.prefill : plan.every)[slotName] = tensor;
+      if (slot.virtual_axis != null) {
+        if (slot.target) plan.nPast = tensor.dims[slot.virtual_axis];
+        else plan.nPrepend += tensor.dims[slot.virtual_axis];
+      }
+    }
+    this.adapters.set(name, plan);
+    return name;
+  }
+
+  unloadAdapter(name) {
+    this.plan(name);
+    this.adapters.delete(name);
+  }
+
+  labels(adapter) {
+    return adapter == null ? this.manifest.labels || null : this.plan(adapter).labels;
+  }
+
+  plan(adapter) {
+    if (adapter == null) return { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0 };
+    const plan = this.adapters.get(adapter);
+    if (!plan) throw new EdgePeftError(`adapter ${adapter} is not loaded; loaded: ${this.adapterNames.join(", ") || "none"}`);
+    return plan;
+  }
+
+  /** Run the base with an adapter (null: the base model); returns {logits} or {last_hidden_state} as an ort Tensor. */
+  async forward(ids, mask, { adapter = null } = {}) {
+    const plan = this.plan(adapter);
+    mask = mask || ids.map((row) => row.map(() => 1));
+    const { full, positions } = this.virtualInputs(plan, mask, false);
+    const out = await this.run(plan, ids, full, positions, null, true);
+    return { [this.outputName]: out[this.outputName] };
+  }
+
+  /** Greedy generation with the KV cache; rows left-padded; returns ids (prompt included) as arrays of numbers. */
+  async generate(ids, mask, { adapter = null, maxNewTokens = 32, eosTokenId = this.manifest.eos_token_id || [] } = {}) {
+    if (!this.cache) throw new EdgePeftError(`a ${this.manifest.task} export does not generate`);
+    const plan = this.plan(adapter);
+    mask = mask || ids.map((row) => row.map(() => 1));
+    const pad = this.manifest.pad_token_id ?? (eosTokenId[0] || 0);
+    let { full, positions } = this.virtualInputs(plan, mask, true);
+    const sequences = ids.map((row) => [...row]);
+    const done = ids.map(() => false);
+    let out = await this.run(plan, ids, full, positions, null, true, 1n);
+    for (let step = 0; step < maxNewTokens; step++) {
+      const logits = out.logits;  // (B, 1, V): the last position only
+      const vocab = logits.dims[2];
+      const tokens = sequences.map((_, b) => {
+        if (done[b]) return pad;
+        let best = 0;
+        for (let v = 1; v < vocab; v++) if (logits.data[b * vocab + v] > logits.data[b * vocab + best]) best = v;
+        return best;
+      });
+      tokens.forEach((t, b) => { sequences[b].push(t); if (eosTokenId.includes(t)) done[b] = true; });
+      if (done.every(Boolean) || step + 1 === maxNewTokens) break;
+      full = full.map((row) => [...row, 1]);
+      positions = positions.map((row) => [row[row.length - 1] + 1]);
+      const past = this.presentNames.map((n) => out[n]);
+      out = await this.run(plan, tokens.map((t) => [t]), full, positions, past, false, 1n);
+    }
+    return sequences;
+  }
+
+  /** The prefill's mask and positions with the adapter's virtual tokens, as the Python runtime makes them. */
+  virtualInputs(plan, mask, generate) {
+    const n = plan.nPast + plan.nPrepend;
+    const full = mask.map((row) => [...Array(n).fill(1), ...row]);
+    if (!this.cache) return { full, positions: null };
+    if (generate && !plan.nPrepend) {
+      const positions = mask.map((row) => {
+        let count = -1;
+        return row.map((m) => { count += m; return m ? count + plan.nPast : 1 + plan.nPast; });
+      });
+      return { full, positions };
+    }
+    const length = mask[0].length + plan.nPrepend;
+    return { full, positions: mask.map(() => Array.from({ length }, (_, i) => plan.nPast + i)) };
+  }
+
+  /** One graph run: the call's inputs, the adapter's tensors, the neutral value of every other slot. */
+  async run(plan, ids, mask, positions, past, prefill, keep = 0n) {
+    const { Tensor } = this.ort;
+    const batch = ids.length;
+    const feeds = { ...this.neutral };
+    Object.assign(feeds, plan.every);
+    if (prefill) Object.assign(feeds, plan.prefill);
+    feeds.input_ids = new Tensor("int64", int64(ids), [batch, ids[0].length]);
+    feeds.attention_mask = new Tensor("int64", int64(mask), [batch, mask[0].length]);
+    if ("logits_to_keep" in feeds) feeds.logits_to_keep = new Tensor("int64", BigInt64Array.from([keep]), []);
+    if (this.cache) {
+      feeds.position_ids = new Tensor("int64", int64(positions), [batch, positions[0].length]);
+      const { num_kv_heads: heads, head_dim: dim } = this.cache;
+      this.pastNames.forEach((name, i) => {
+        if (past) feeds[name] = past[i];
+        else if (plan.past[name]) feeds[name] = repeat(Tensor, plan.past[name], batch);
+        else feeds[name] = new Tensor("float32", new Float32Array(0), [batch, heads, 0, dim]);
+      });
+    }
+    return this.session.run(feeds);
+  }
+}
+
+function names(cache, direction) {
+  const out = [];
+  for (let layer = 0; layer < cache.num_layers; layer++) {
+    out.push(cache[`${direction}_key`].replace("%d", layer), cache[`${direction}_value`].replace("%d", layer));
+  }
+  return out;
+}
+
+function repeat(Tensor, tensor, batch) {  // (1, ...) -> (batch, ...): a prefix's cache start for every row
+  const data = new Float32Array(tensor.data.length * batch);
+  for (let b = 0; b < batch; b++) data.set(tensor.data, b * tensor.data.length);
+  return new Tensor("float32", data, [batch, ...tensor.dims.slice(1)]);
+}
+
+/** Label probabilities from a classifier's logits row: [{label, score}], most likely first. */
+export function classify(logits, labels, row = 0) {
+  const width = logits.dims[1];
+  const values = Array.from(logits.data.slice(row * width, (row + 1) * width));
+  const top = Math.max(...values);
+  const exp = values.map((v) => Math.exp(v - top));
+  const sum = exp.reduce((a, b) => a + b, 0);
+  return exp.map((e, i) => ({ label: labels ? labels[i] : String(i), score: e / sum })).sort((a, b) => b.score - a.score);
+}

@@ -1,0 +1,35 @@
+// Browsers: open an export served over HTTP with onnxruntime-web.
+import { Tokenizer } from "@huggingface/tokenizers";
+
+import { Runtime } from "./runtime.js";
+
+async function fetched(url, as) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  return as === "json" ? response.json() : new Uint8Array(await response.arrayBuffer());
+}
+
+/** Files of the export at URL ``out`` (e.g. "/demo-out/export"). */
+export function urlLoader(out) {
+  const at = (rel) => `${out.replace(/\/$/, "")}/${rel}`;
+  return {
+    where: at,
+    json: (rel) => fetched(at(rel), "json"),
+    session: async (ort, rel, options, external) => {
+      const model = await fetched(at(rel));
+      if (!external) return ort.InferenceSession.create(model, options);
+      const base = at(rel).replace(/[^/]*$/, "");
+      return ort.InferenceSession.create(model, { ...options, externalData: [{ path: "model.onnx.data", data: `${base}model.onnx.data` }] });
+    },
+  };
+}
+
+export async function openUrl(ort, out, options = {}) {
+  return Runtime.open(ort, urlLoader(out), options);
+}
+
+export async function loadTokenizer(out) {
+  const base = `${out.replace(/\/$/, "")}/base`;
+  const config = await fetch(`${base}/tokenizer_config.json`).then((r) => (r.ok ? r.json() : {}));
+  return new Tokenizer(await fetched(`${base}/tokenizer.json`, "json"), config);
+}

@@ -1,0 +1,123 @@
+// The JavaScript runtime gives the Python runtime's answers on the same exports (tests/test_js_fixtures.py writes
+// them to build/js): on onnxruntime-node and on onnxruntime-web's wasm build, every adapter kind, switching
+// adapter on every call, greedy generation with the KV cache, and the tokenizer's ids.
+import assert from "node:assert/strict";
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+import { test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import * as ortNode from "onnxruntime-node";
+import * as ortWeb from "onnxruntime-web";
+
+import { EdgePeftError, classify } from "../src/runtime.js";
+import { loadTokenizer, openFolder } from "../src/node.js";
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
+const FIXTURES = process.env.EDGEPEFT_JS_FIXTURES || path.join(REPO, "build", "js");
+const expected = JSON.parse(await readFile(path.join(FIXTURES, "expected.json"), "utf8"));
+ortWeb.env.wasm.numThreads = 1;
+
+function maxDiff(tensor, rows) {
+  const flat = rows.flat(Infinity);
+  assert.equal(tensor.data.length, flat.length);
+  let worst = 0;
+  for (let i = 0; i < flat.length; i++) worst = Math.max(worst, Math.abs(tensor.data[i] - flat[i]));
+  return worst;
+}
+
+function relativeRms(tensor, rows) {
+  const flat = rows.flat(Infinity);
+  let err = 0, ref = 0;
+  for (let i = 0; i < flat.length; i++) { err += (tensor.data[i] - flat[i]) ** 2; ref += flat[i] ** 2; }
+  return Math.sqrt(err / ref);
+}
+
+for (const [label, ort, tolerance] of [["onnxruntime-node", ortNode, 1e-5], ["onnxruntime-web (wasm)", ortWeb, 1e-4]]) {
+  test(`${label}: every adapter kind, switching every call, equals the Python runtime`, async () => {
+    const out = path.join(FIXTURES, "llama");
+    const rt = await openFolder(ort, out);
+    for (const name of ["lora", "ia3", "prompt", "prefix", "bottleneck"]) await rt.loadAdapter(name);
+    const want = expected.llama;
+    for (const [i, adapter] of want.order.entries()) {
+      const logits = (await rt.forward(want.ids, want.mask, { adapter })).logits;
+      assert.ok(maxDiff(logits, want.forward[i]) <= tolerance, `call ${i} (${adapter})`);
+    }
+    for (const [adapter, ids] of Object.entries(want.greedy)) {
+      const got = await rt.generate(want.ids, want.mask, { adapter: adapter === "None" ? null : adapter, maxNewTokens: 6, eosTokenId: [] });
+      assert.deepEqual(got, ids, `greedy ids with ${adapter}`);
+    }
+  });
+
+  test(`${label}: int8 and int4 bases give the Python runtime's logits and greedy ids`, async () => {
+    const want = expected.llama;
+    for (const bits of ["int8", "int4"]) {
+      const rt = await openFolder(ort, path.join(FIXTURES, `llama_${bits}`));
+      await rt.loadAdapter("lora");
+      for (const adapter of ["lora", "None", "lora"]) {
+        const a = adapter === "None" ? null : adapter;
+        const logits = (await rt.forward(want.ids, want.mask, { adapter: a })).logits;
+        const py = expected[`llama_${bits}`].forward[adapter];
+        if (ort === ortWeb) {
+          // wasm's integer kernels (MatMulInteger, MatMulNBits) are not the native builds' x86/ARM ones and round
+          // differently: close, and the same greedy ids
+          assert.ok(relativeRms(logits, py) <= 0.05, `${bits} ${adapter}: relative RMS ${relativeRms(logits, py)}`);
+        } else assert.ok(maxDiff(logits, py) <= tolerance, `${bits} ${adapter}`);
+        const got = await rt.generate(want.ids, want.mask, { adapter: a, maxNewTokens: 6, eosTokenId: [] });
+        const pyIds = expected[`llama_${bits}`].greedy[adapter];
+        // wasm: the same tokens up to the first step whose top two logits (in Python) are closer than twice the
+        // prefill's largest difference (this build's rounding could flip that choice); elsewhere every token
+        const margins = expected[`llama_${bits}`].margins[adapter];
+        const steps = ort === ortWeb ? margins.findIndex((m) => m < 2 * maxDiff(logits, py)) : -1;
+        const keep = want.ids[0].length + (steps < 0 ? margins.length : steps);
+        assert.deepEqual(got.map((r) => r.slice(0, keep)), pyIds.map((r) => r.slice(0, keep)), `${bits} greedy ids with ${adapter}`);
+      }
+    }
+  });
+
+  test(`${label}: a merged export (no slots, no neutral.onnx) runs as it is`, async () => {
+    const rt = await openFolder(ort, path.join(FIXTURES, "bert_merged"));
+    const want = expected.bert_merged;
+    assert.ok(maxDiff((await rt.forward(want.ids, want.mask)).logits, want.forward) <= tolerance);
+  });
+
+  test(`${label}: classifiers with their own label counts switch per call`, async () => {
+    const out = path.join(FIXTURES, "minilm");
+    const rt = await openFolder(ort, out);
+    await rt.loadAdapter("intent");
+    await rt.loadAdapter("sentiment");
+    const want = expected.minilm;
+    for (const adapter of ["intent", "sentiment", "intent"]) {
+      const logits = (await rt.forward(want.ids, want.mask, { adapter })).logits;
+      assert.ok(maxDiff(logits, want.forward[adapter]) <= tolerance, adapter);
+      want.classify[adapter].forEach((py, row) => {
+        const [top] = classify(logits, rt.labels(adapter), row);
+        assert.equal(top.label, py.label);
+        assert.ok(Math.abs(top.score - py.score) <= 1e-4);
+      });
+    }
+  });
+}
+
+test("the tokenizer gives the Python tokenizer's ids", async () => {
+  for (const model of ["llama", "minilm"]) {
+    const tokenizer = await loadTokenizer(path.join(FIXTURES, model));
+    for (const [text, ids] of Object.entries(expected[model].tokens)) {
+      assert.deepEqual(tokenizer.encode(text).ids, ids, `${model}: ${text}`);
+    }
+  }
+});
+
+test("a slot the session does not take is refused, and so is an adapter for another base", async () => {
+  const out = path.join(FIXTURES, "llama");
+  const loader = (await import("../src/node.js")).folderLoader(out);
+  const dropping = { ...loader, session: async (ort, rel, options, external) =>  // the plain graph: slots have defaults
+    loader.session(ort, rel.replace("model.web.onnx", "model.onnx"), options, external) };
+  const { Runtime } = await import("../src/runtime.js");
+  await assert.rejects(Runtime.open(ortNode, dropping, { sessionOptions: { logSeverityLevel: 3 } }), (e) => e instanceof EdgePeftError && /would run the base model/.test(e.message));
+  const rt = await openFolder(ortNode, out);
+  const foreign = { ...loader, json: async (rel) => ({ ...(await loader.json(rel)), base_fingerprint: "0".repeat(64) }) };
+  rt.loader = foreign;
+  await assert.rejects(rt.loadAdapter("lora"), /made for another base/);
+  assert.throws(() => rt.plan("nope"), /not loaded/);
+});

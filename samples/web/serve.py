@@ -1,0 +1,41 @@
+"""Serve the repository for the sample page, with the headers WebAssembly threads need (cross-origin isolation).
+
+    python samples/web/serve.py [--port 8000]      then open http://localhost:8000/samples/web/
+
+The page reads an export over HTTP from this server (default /demo-out/export, which `make demo` writes) and
+onnxruntime-web from runtimes/js/node_modules (`cd runtimes/js && npm ci`).
+"""
+import argparse
+import functools
+import http.server
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript",
+                      ".js": "text/javascript", ".wasm": "application/wasm", ".onnx": "application/octet-stream"}
+
+    def end_headers(self):
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1")
+    args = ap.parse_args()
+    server = http.server.ThreadingHTTPServer((args.host, args.port), functools.partial(Handler, directory=REPO))
+    print(f"serving {REPO} at http://{args.host}:{server.server_address[1]}/samples/web/", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Exports and the Python runtime's answers for the JavaScript tests (``runtimes/js/test/``, run by ``make test``
+with Node's test runner and headless Chromium).
+
+Written to ``build/js/`` (or ``$EDGEPEFT_JS_FIXTURES``):
+    llama/     a tiny Llama with a byte-level BPE tokenizer: LoRA, IA3, prompt, prefix and bottleneck adapters
+    llama_int8/, llama_int4/   its base quantized, with the LoRA adapter
+    bert_merged/   a tiny BERT classifier with a LoRA adapter merged in (--merge): no slot, no neutral.onnx
+    minilm/    the real MiniLM-L6 weights with an intent (6 labels) and a sentiment (2 labels) LoRA classifier
+    expected.json   tokenizer ids, forward outputs for a call sequence that switches adapter every call,
+                    greedy ids (batch 2, left-padded), classifier results: as the Python runtime gives them
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from peft_refs import bottleneck_adapter, ia3_adapter, peft_virtual_adapter, randomize_adapter
+from tiny import TASK_TYPES, load_reference_base
+
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.environ.get("EDGEPEFT_JS_FIXTURES", os.path.join(REPO, "build", "js"))
+TEXTS = ["could you put milk on my list", "the battery died after two days, avoid", "Wake me at 6:30!",
+         "honestly the best ramen in town", "set timr 15 min"]
+INTENTS = ["alarm", "music", "shopping_list", "smalltalk", "timer", "weather"]
+
+
+def _lora(path, base, task, seed, num_labels=None, **kw) -> str:
+    import peft
+
+    model = peft.get_peft_model(load_reference_base(base, task, num_labels), peft.LoraConfig(task_type=TASK_TYPES[task], **kw))
+    randomize_adapter(model, seed)
+    model.peft_config["default"].base_model_name_or_path = base
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def _step_margins(rt, ids, mask, adapter, new_tokens) -> list:
+    """Per decode step, the smallest gap between the top two logits over the rows: where it is small, another
+    build's rounding may pick the other token (onnxruntime-web's integer kernels round differently)."""
+    steps = rt.step_logits(ids, mask, adapter=adapter)
+    logits, margins = next(steps), []
+    for k in range(new_tokens.shape[1]):
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        margins.append(float((top2[:, 1] - top2[:, 0]).min()))
+        if k + 1 < new_tokens.shape[1]:
+            logits = steps.send(new_tokens[:, k])
+    steps.close()
+    return margins
+
+
+def _rows(a):
+    return np.asarray(a).tolist()
+
+
+@pytest.mark.slow
+def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
+    import edgepeft
+
+    shutil.rmtree(FIXTURES, ignore_errors=True)
+    os.makedirs(FIXTURES)
+    base = text_model("llama")
+    dirs = {"lora": _lora(tmp_path / "lora", base, "causal-lm", 41, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            "ia3": ia3_adapter(tmp_path / "ia3", base, 42),
+            "prompt": peft_virtual_adapter(tmp_path / "prompt", base, "prompt", seed=43, num_virtual_tokens=3),
+            "prefix": peft_virtual_adapter(tmp_path / "prefix", base, "prefix", seed=44, num_virtual_tokens=2),
+            "bottleneck": bottleneck_adapter(tmp_path / "bottleneck", base, 47)}
+    llama = os.path.join(FIXTURES, "llama")
+    export(list(dirs.values()), llama, names=list(dirs))
+    rt = Runtime(llama)
+    ids, mask = rt.tokenizer.encode(TEXTS[:2])  # left-padded
+    order = ["lora", "ia3", None, "prompt", "bottleneck", "lora", "prefix", "ia3", "prompt", None, "prefix", "bottleneck"]  # switches every call
+
+    quantized = {}
+    for bits in ("int8", "int4"):
+        export([dirs["lora"]], os.path.join(FIXTURES, f"llama_{bits}"), names=["lora"], quantize=bits,
+               qtol=1.0)  # a random tiny model quantizes badly; what counts here is JS == Python on one graph
+        q = Runtime(os.path.join(FIXTURES, f"llama_{bits}"))
+        quantized[bits] = {"forward": {str(a): _rows(q.forward(ids, mask, adapter=a)["logits"]) for a in (None, "lora")},
+                           "greedy": {}, "margins": {}}
+        for a in (None, "lora"):
+            greedy = q.generate(ids, mask, adapter=a, max_new_tokens=6, eos_token_id=[])
+            quantized[bits]["greedy"][str(a)] = _rows(greedy)
+            quantized[bits]["margins"][str(a)] = _step_margins(q, ids, mask, a, greedy[:, ids.shape[1]:])
+
+    merged = os.path.join(FIXTURES, "bert_merged")
+    export([_lora(tmp_path / "bert-cls", text_model("bert"), "seq-cls", 48, 3, r=4, target_modules=["query", "value"])],
+           merged, merge=True)
+    assert not os.path.exists(os.path.join(merged, "base", "neutral.onnx"))  # no slot: nothing to fill
+    plain = Runtime(merged)
+    plain_ids, plain_mask = plain.tokenizer.encode(TEXTS[:3])
+
+    minilm_dirs = {}
+    for name, labels, seed in (("intent", INTENTS, 45), ("sentiment", ["negative", "positive"], 46)):
+        minilm_dirs[name] = _lora(tmp_path / name, edgepeft.minilm_path(), "seq-cls", seed, len(labels), r=8,
+                                  target_modules=["query", "value"])
+        with open(os.path.join(minilm_dirs[name], "labels.json"), "w") as f:
+            json.dump({"labels": labels}, f)
+    minilm = os.path.join(FIXTURES, "minilm")
+    export(list(minilm_dirs.values()), minilm, names=list(minilm_dirs))
+    cls = Runtime(minilm)
+    cls_ids, cls_mask = cls.tokenizer.encode(TEXTS)
+
+    expected = {
+        "llama": {
+            "tokens": {t: _rows(rt.tokenizer.encode(t)[0][0]) for t in TEXTS},
+            "ids": _rows(ids), "mask": _rows(mask), "order": order,
+            "forward": [_rows(rt.forward(ids, mask, adapter=a)["logits"]) for a in order],
+            "greedy": {str(a): _rows(rt.generate(ids, mask, adapter=a, max_new_tokens=6, eos_token_id=[]))
+                       for a in [None, *dirs]},
+        },
+        **{f"llama_{bits}": v for bits, v in quantized.items()},
+        "bert_merged": {"ids": _rows(plain_ids), "mask": _rows(plain_mask),
+                        "forward": _rows(plain.forward(plain_ids, plain_mask)["logits"])},
+        "minilm": {
+            "tokens": {t: _rows(cls.tokenizer.encode(t)[0][0]) for t in TEXTS},
+            "ids": _rows(cls_ids), "mask": _rows(cls_mask),
+            "forward": {a: _rows(cls.forward(cls_ids, cls_mask, adapter=a)["logits"]) for a in minilm_dirs},
+            "classify": {a: cls.classify(TEXTS, adapter=a) for a in minilm_dirs},
+        },
+    }
+    with open(os.path.join(FIXTURES, "expected.json"), "w") as f:
+        json.dump(expected, f)
+    assert len({json.dumps(v) for v in expected["llama"]["greedy"].values()}) == 6  # every adapter acts
