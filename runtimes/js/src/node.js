@@ -4,20 +4,29 @@ import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { Runtime } from "./runtime.js";
+import { EdgePeftError, Runtime } from "./runtime.js";
+
+async function read(file, encoding) {
+  try {
+    return await readFile(file, encoding);
+  } catch (e) {
+    if (e.code !== "ENOENT") throw e;
+    throw new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
+  }
+}
 
 /** Files of the export folder OUT, read from disk. */
 export function folderLoader(out) {
   return {
     where: (rel) => path.join(out, rel),
-    json: async (rel) => JSON.parse(await readFile(path.join(out, rel), "utf8")),
+    json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8")),
     // onnxruntime-node reads a graph's external weights (model.onnx.data) beside the file itself;
     // onnxruntime-web takes them as bytes
     session: async (ort, rel, options, external) => {
       const file = path.join(out, rel);
       if (ort.env?.versions?.node === undefined && external) {
-        const data = await readFile(path.join(path.dirname(file), "model.onnx.data"));
-        return ort.InferenceSession.create(await readFile(file), { ...options, externalData: [{ path: "model.onnx.data", data }] });
+        const data = await read(path.join(path.dirname(file), "model.onnx.data"));
+        return ort.InferenceSession.create(await read(file), { ...options, externalData: [{ path: "model.onnx.data", data }] });
       }
       return ort.InferenceSession.create(file, options);
     },
@@ -31,7 +40,7 @@ export async function openFolder(ort, out, options = {}) {
 
 /** The tokenizer exported with the base (tokenizer.json, tokenizer_config.json). */
 export async function loadTokenizer(out) {
-  const json = JSON.parse(await readFile(path.join(out, "base", "tokenizer.json"), "utf8"));
+  const json = JSON.parse(await read(path.join(out, "base", "tokenizer.json"), "utf8"));
   const config = JSON.parse(await readFile(path.join(out, "base", "tokenizer_config.json"), "utf8").catch(() => "{}"));
   return new Tokenizer(json, config);
 }

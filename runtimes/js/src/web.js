@@ -1,11 +1,11 @@
 // Browsers: open an export served over HTTP with onnxruntime-web.
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { Runtime } from "./runtime.js";
+import { EdgePeftError, Runtime } from "./runtime.js";
 
 async function fetched(url, as) {
   const response = await fetch(url);
-  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  if (!response.ok) throw new EdgePeftError(`${url}: HTTP ${response.status}; serve the export's folder (OUT) at that address`);
   return as === "json" ? response.json() : new Uint8Array(await response.arrayBuffer());
 }
 

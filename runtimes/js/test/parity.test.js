@@ -120,4 +120,6 @@ test("a slot the session does not take is refused, and so is an adapter for anot
   rt.loader = foreign;
   await assert.rejects(rt.loadAdapter("lora"), /made for another base/);
   assert.throws(() => rt.plan("nope"), /not loaded/);
+  await assert.rejects(rt.loadAdapter("nope"), (e) => e instanceof EdgePeftError && /adapters\/nope\/adapter.json: no such file/.test(e.message));
+  await assert.rejects(openFolder(ortNode, path.join(FIXTURES, "missing")), (e) => e instanceof EdgePeftError && /edgepeft.json: no such file/.test(e.message));
 });
