@@ -82,6 +82,17 @@ def spec_adapter(peft_adapter, arch: str, name: str) -> str:
 VIRTUAL_ARCHS = ["llama", "qwen2", "gpt2"]
 
 
+def lora_adapter(path, base: str, task: str, seed: int, num_labels=None, **kw) -> str:
+    """Save an HF PEFT LoRA adapter (``LoraConfig(**kw)``) with random A, B and heads to ``path``."""
+    import peft
+
+    pm = peft.get_peft_model(load_reference_base(base, task, num_labels), peft.LoraConfig(task_type=TASK_TYPES[task], **kw))
+    randomize_adapter(pm, seed)
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(path))
+    return str(path)
+
+
 def peft_virtual_adapter(path, base: str, kind: str, seed: int, task: str = "causal-lm", **kw) -> str:
     """Save an HF PEFT prompt ("prompt") or prefix ("prefix") adapter with random weights to ``path``."""
     import peft

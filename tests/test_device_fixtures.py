@@ -17,8 +17,8 @@ import shutil
 import numpy as np
 import pytest
 
-from peft_refs import ia3_adapter, peft_virtual_adapter, randomize_adapter
-from tiny import load_reference_base, sample_batch
+from peft_refs import ia3_adapter, lora_adapter, peft_virtual_adapter
+from tiny import sample_batch
 from word_tokenizer import PROMPT
 
 from edgepeft.cli import main
@@ -35,18 +35,6 @@ def _cli(*argv) -> str:
     with contextlib.redirect_stdout(out):
         main([str(a) for a in argv])
     return out.getvalue()
-
-
-def _lora(path, base, task, seed, num_labels=None, **kw) -> str:
-    import peft
-
-    from tiny import TASK_TYPES
-
-    model = peft.get_peft_model(load_reference_base(base, task, num_labels), peft.LoraConfig(task_type=TASK_TYPES[task], **kw))
-    randomize_adapter(model, seed)
-    model.peft_config["default"].base_model_name_or_path = base
-    model.save_pretrained(str(path))
-    return str(path)
 
 
 def _quiet_prompt(rt, adapters, candidates) -> list:
@@ -68,7 +56,7 @@ def test_write_the_device_tiers_exports_and_answers(text_export, tiny_base, tmp_
     shutil.rmtree(FIXTURES, ignore_errors=True)
     os.makedirs(FIXTURES)
     _, _, llama_base = text_export  # a tiny Llama folder with a word tokenizer and a chat template
-    dirs = {"lora": _lora(tmp_path / "lora", llama_base, "causal-lm", 31, r=4, lora_alpha=8,
+    dirs = {"lora": lora_adapter(tmp_path / "lora", llama_base, "causal-lm", 31, r=4, lora_alpha=8,
                           target_modules=["q_proj", "v_proj", "down_proj"]),
             "ia3": ia3_adapter(tmp_path / "ia3", llama_base, 32),
             "prompt": peft_virtual_adapter(tmp_path / "prompt", llama_base, "prompt", seed=33, num_virtual_tokens=3)}
@@ -77,7 +65,7 @@ def test_write_the_device_tiers_exports_and_answers(text_export, tiny_base, tmp_
 
     import edgepeft
 
-    minilm_adapter = _lora(tmp_path / "topic", edgepeft.minilm_path(), "seq-cls", 34, num_labels=3, r=8,
+    minilm_adapter = lora_adapter(tmp_path / "topic", edgepeft.minilm_path(), "seq-cls", 34, num_labels=3, r=8,
                            target_modules=["query", "value"])
     with open(os.path.join(minilm_adapter, "labels.json"), "w") as f:
         json.dump({"labels": ["billing", "delivery", "returns"]}, f)
@@ -92,7 +80,7 @@ def test_write_the_device_tiers_exports_and_answers(text_export, tiny_base, tmp_
     genai = {}  # onnxruntime-genai on the other decoders (model.type qwen2; gpt2 runs as llama)
     for arch, targets in (("qwen2", ["q_proj", "v_proj"]), ("gpt2", ["c_attn", "c_fc"])):
         folder = os.path.join(FIXTURES, arch)
-        export([_lora(tmp_path / f"{arch}-lora", tiny_base(arch), "causal-lm", 35, r=4, target_modules=targets)], folder,
+        export([lora_adapter(tmp_path / f"{arch}-lora", tiny_base(arch), "causal-lm", 35, r=4, target_modules=targets)], folder,
                names=["lora"])
         other = Runtime(folder)
         quiet = _quiet_prompt(other, ["lora"], [[1, 5 + k, 40 + 3 * k, 90 - k] for k in range(40)])

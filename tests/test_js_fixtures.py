@@ -18,8 +18,7 @@ import shutil
 import numpy as np
 import pytest
 
-from peft_refs import bottleneck_adapter, ia3_adapter, peft_virtual_adapter, randomize_adapter
-from tiny import TASK_TYPES, load_reference_base
+from peft_refs import bottleneck_adapter, ia3_adapter, lora_adapter, peft_virtual_adapter
 
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
@@ -29,16 +28,6 @@ FIXTURES = os.environ.get("EDGEPEFT_JS_FIXTURES", os.path.join(REPO, "build", "j
 TEXTS = ["could you put milk on my list", "the battery died after two days, avoid", "Wake me at 6:30!",
          "honestly the best ramen in town", "set timr 15 min"]
 INTENTS = ["alarm", "music", "shopping_list", "smalltalk", "timer", "weather"]
-
-
-def _lora(path, base, task, seed, num_labels=None, **kw) -> str:
-    import peft
-
-    model = peft.get_peft_model(load_reference_base(base, task, num_labels), peft.LoraConfig(task_type=TASK_TYPES[task], **kw))
-    randomize_adapter(model, seed)
-    model.peft_config["default"].base_model_name_or_path = base
-    model.save_pretrained(str(path))
-    return str(path)
 
 
 def _step_margins(rt, ids, mask, adapter, new_tokens) -> list:
@@ -66,7 +55,7 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
     shutil.rmtree(FIXTURES, ignore_errors=True)
     os.makedirs(FIXTURES)
     base = text_model("llama")
-    dirs = {"lora": _lora(tmp_path / "lora", base, "causal-lm", 41, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    dirs = {"lora": lora_adapter(tmp_path / "lora", base, "causal-lm", 41, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
             "ia3": ia3_adapter(tmp_path / "ia3", base, 42),
             "prompt": peft_virtual_adapter(tmp_path / "prompt", base, "prompt", seed=43, num_virtual_tokens=3),
             "prefix": peft_virtual_adapter(tmp_path / "prefix", base, "prefix", seed=44, num_virtual_tokens=2),
@@ -90,7 +79,7 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
             quantized[bits]["margins"][str(a)] = _step_margins(q, ids, mask, a, greedy[:, ids.shape[1]:])
 
     merged = os.path.join(FIXTURES, "bert_merged")
-    export([_lora(tmp_path / "bert-cls", text_model("bert"), "seq-cls", 48, 3, r=4, target_modules=["query", "value"])],
+    export([lora_adapter(tmp_path / "bert-cls", text_model("bert"), "seq-cls", 48, 3, r=4, target_modules=["query", "value"])],
            merged, merge=True)
     assert not os.path.exists(os.path.join(merged, "base", "neutral.onnx"))  # no slot: nothing to fill
     plain = Runtime(merged)
@@ -98,7 +87,7 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
 
     minilm_dirs = {}
     for name, labels, seed in (("intent", INTENTS, 45), ("sentiment", ["negative", "positive"], 46)):
-        minilm_dirs[name] = _lora(tmp_path / name, edgepeft.minilm_path(), "seq-cls", seed, len(labels), r=8,
+        minilm_dirs[name] = lora_adapter(tmp_path / name, edgepeft.minilm_path(), "seq-cls", seed, len(labels), r=8,
                                   target_modules=["query", "value"])
         with open(os.path.join(minilm_dirs[name], "labels.json"), "w") as f:
             json.dump({"labels": labels}, f)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from peft_refs import ia3_adapter, peft_virtual_adapter, randomize_adapter
+from peft_refs import ia3_adapter, lora_adapter, peft_virtual_adapter, randomize_adapter
 from tiny import load_reference_base
 
 from edgepeft.errors import AdapterInUseError, ConfigError, CorruptArtifactError, InvalidInputError
@@ -23,25 +23,13 @@ from edgepeft.runtimes import Runtime
 KINDS = ["lora_qv", "lora_all", "ia3", "prompt", "prefix"]
 
 
-def _lora(path, base, task, seed, num_labels=None, **kw) -> str:
-    import peft
-
-    from tiny import TASK_TYPES
-
-    model = peft.get_peft_model(load_reference_base(base, task, num_labels), peft.LoraConfig(task_type=TASK_TYPES[task], **kw))
-    randomize_adapter(model, seed)
-    model.peft_config["default"].base_model_name_or_path = base
-    model.save_pretrained(str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def decoder(workdir, tiny_base):
     """(OUT, {name: adapter dir}): a tiny Llama with two LoRA adapters (different targets and ranks), IA3,
     prompt and prefix adapters in one base."""
     root, base = workdir / "mixed", tiny_base("llama")
-    dirs = {"lora_qv": _lora(root / "lora_qv", base, "causal-lm", 61, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-            "lora_all": _lora(root / "lora_all", base, "causal-lm", 62, r=2, lora_alpha=4, target_modules="all-linear",
+    dirs = {"lora_qv": lora_adapter(root / "lora_qv", base, "causal-lm", 61, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            "lora_all": lora_adapter(root / "lora_all", base, "causal-lm", 62, r=2, lora_alpha=4, target_modules="all-linear",
                               rank_pattern={"down_proj": 3}),
             "ia3": ia3_adapter(root / "ia3", base, 63),
             "prompt": peft_virtual_adapter(root / "prompt", base, "prompt", seed=64, num_virtual_tokens=3),
@@ -168,8 +156,8 @@ def classifiers(workdir, tiny_base):
     import peft
 
     root, base = workdir / "mixed-cls", tiny_base("bert")
-    dirs = {"two": _lora(root / "two", base, "seq-cls", 71, num_labels=2, r=4, target_modules=["query", "value"]),
-            "three": _lora(root / "three", base, "seq-cls", 72, num_labels=3, r=2, target_modules=["query", "value"])}
+    dirs = {"two": lora_adapter(root / "two", base, "seq-cls", 71, num_labels=2, r=4, target_modules=["query", "value"]),
+            "three": lora_adapter(root / "three", base, "seq-cls", 72, num_labels=3, r=2, target_modules=["query", "value"])}
     model = peft.get_peft_model(load_reference_base(base, "seq-cls", 3), peft.IA3Config(task_type="SEQ_CLS"))
     randomize_adapter(model, 73)
     model.peft_config["default"].base_model_name_or_path = base
