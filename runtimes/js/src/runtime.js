@@ -16,6 +16,30 @@ export class EdgePeftError extends Error {}
 
 const int64 = (rows) => BigInt64Array.from(rows.flat(), (v) => BigInt(v));
 
+/** ids and mask as rows of equal length (one row may be given flat), or EdgePeftError saying what is wrong. */
+function checkInputs(ids, mask, manifest, where) {
+  const rows = (x) => (Array.isArray(x) && x.length && !Array.isArray(x[0]) ? [x] : x);
+  ids = rows(ids);
+  if (!Array.isArray(ids) || !ids.length || !ids.every((r) => Array.isArray(r) && r.length === ids[0].length) || !ids[0].length) {
+    throw new EdgePeftError("ids must be a non-empty array of rows of token ids, every row the same length (pad on the left)");
+  }
+  const vocab = manifest.vocab_size;
+  for (const v of ids.flat()) {
+    if (!Number.isInteger(v) || v < 0 || (vocab && v >= vocab)) {
+      throw new EdgePeftError(`token id ${v} is outside the vocabulary [0, ${vocab}) of ${where}; tokenize with the base model's tokenizer`);
+    }
+  }
+  if (manifest.max_positions && ids[0].length > manifest.max_positions) {
+    throw new EdgePeftError(`sequence length ${ids[0].length} exceeds the model's ${manifest.max_positions} positions; shorten the input`);
+  }
+  mask = mask == null ? ids.map((row) => row.map(() => 1)) : rows(mask);
+  if (!Array.isArray(mask) || mask.length !== ids.length || !mask.every((r) => Array.isArray(r) && r.length === ids[0].length)) {
+    throw new EdgePeftError(`mask must have the shape of ids (${ids.length} rows of ${ids[0].length}); they must match`);
+  }
+  if (!mask.flat().every((v) => v === 0 || v === 1)) throw new EdgePeftError("mask must hold only 0 (padding) and 1 (token)");
+  return { ids, mask };
+}
+
 export class Runtime {
   /** Open an export: its manifest, the base session, the neutral values; adapters load with loadAdapter. */
   static async open(ort, loader, { sessionOptions = {} } = {}) {
@@ -90,7 +114,8 @@ export class Runtime {
   /** Run the base with an adapter (null: the base model); returns {logits} or {last_hidden_state} as an ort Tensor. */
   async forward(ids, mask, { adapter = null } = {}) {
     const plan = this.plan(adapter);
-    mask = mask || ids.map((row) => row.map(() => 1));
+    ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
+    this.checkLength(plan, ids[0].length, 0);
     const { full, positions } = this.virtualInputs(plan, mask, false);
     const out = await this.run(plan, ids, full, positions, null, true);
     return { [this.outputName]: out[this.outputName] };
@@ -100,8 +125,14 @@ export class Runtime {
   async generate(ids, mask, { adapter = null, maxNewTokens = 32, eosTokenId = this.manifest.eos_token_id || [] } = {}) {
     if (!this.cache) throw new EdgePeftError(`a ${this.manifest.task} export does not generate`);
     const plan = this.plan(adapter);
-    mask = mask || ids.map((row) => row.map(() => 1));
-    const pad = this.manifest.pad_token_id ?? (eosTokenId[0] || 0);
+    ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
+    if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1) {
+      throw new EdgePeftError(`maxNewTokens must be a positive integer, got ${maxNewTokens}`);
+    }
+    if (mask.some((row) => !row.includes(1))) throw new EdgePeftError("a prompt row has no tokens (its mask is all 0)");
+    eosTokenId = [eosTokenId ?? []].flat();  // one id or a list, as transformers takes it
+    this.checkLength(plan, ids[0].length, maxNewTokens - 1);  // the last new token is never fed back
+    const pad = this.padIdOr(eosTokenId);
     let { full, positions } = this.virtualInputs(plan, mask, true);
     const sequences = ids.map((row) => [...row]);
     const done = ids.map(() => false);
@@ -123,6 +154,22 @@ export class Runtime {
       out = await this.run(plan, tokens.map((t) => [t]), full, positions, past, false, 1n);
     }
     return sequences;
+  }
+
+  /** The model's padding id when it is a token id (some configs say -1), else the first end-of-sequence id. */
+  padIdOr(eos) {
+    const pad = this.manifest.pad_token_id;
+    return Number.isInteger(pad) && pad >= 0 && pad < this.manifest.vocab_size ? pad : eos[0] ?? 0;
+  }
+
+  checkLength(plan, length, newTokens) {
+    const limit = this.manifest.max_positions;
+    const total = length + plan.nPast + plan.nPrepend + newTokens;
+    if (limit && total > limit) {
+      throw new EdgePeftError(`prompt of ${length} tokens + the adapter's ${plan.nPast + plan.nPrepend} virtual tokens` +
+        `${newTokens ? ` + ${newTokens} new tokens fed back` : ""} = ${total} exceeds the model's ${limit} positions; shorten the prompt` +
+        (newTokens ? " or lower maxNewTokens" : ""));
+    }
   }
 
   /** The prefill's mask and positions with the adapter's virtual tokens, as the Python runtime makes them. */

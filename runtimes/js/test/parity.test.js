@@ -123,3 +123,32 @@ test("a slot the session does not take is refused, and so is an adapter for anot
   await assert.rejects(rt.loadAdapter("nope"), (e) => e instanceof EdgePeftError && /adapters\/nope\/adapter.json: no such file/.test(e.message));
   await assert.rejects(openFolder(ortNode, path.join(FIXTURES, "missing")), (e) => e instanceof EdgePeftError && /edgepeft.json: no such file/.test(e.message));
 });
+
+test("bad ids, masks and lengths are refused with what is wrong, as the Python runtime refuses them", async () => {
+  const rt = await openFolder(ortNode, path.join(FIXTURES, "llama"));
+  await rt.loadAdapter("prompt");
+  const { vocab_size: vocab, max_positions: limit } = rt.manifest;
+  const refuses = (call, pattern) => assert.rejects(call, (e) => e instanceof EdgePeftError && pattern.test(e.message));
+  await refuses(rt.forward([[1, 2], [3]]), /every row the same length/);
+  await refuses(rt.forward([]), /non-empty/);
+  await refuses(rt.forward([[1, vocab]]), new RegExp(`token id ${vocab} is outside the vocabulary \\[0, ${vocab}\\)`));
+  await refuses(rt.forward([[1, -1]]), /token id -1 is outside/);
+  await refuses(rt.forward([[1, 2.5]]), /token id 2.5 is outside/);
+  await refuses(rt.forward([[1, 2]], [[1]]), /mask must have the shape of ids/);
+  await refuses(rt.forward([[1, 2]], [[1, 2]]), /only 0 \(padding\) and 1/);
+  await refuses(rt.forward([Array(limit + 1).fill(1)]), /exceeds the model's/);
+  const virtual = rt.adapters.get("prompt").nPrepend;
+  await refuses(rt.forward([Array(limit - virtual + 1).fill(1)], null, { adapter: "prompt" }), /virtual tokens = \d+ exceeds/);
+  await refuses(rt.generate([[1, 2]], [[0, 0]]), /has no tokens/);
+  await refuses(rt.generate([[1, 2]], null, { maxNewTokens: 0 }), /maxNewTokens must be a positive integer/);
+  await refuses(rt.generate([Array(limit - 3).fill(1)], null, { maxNewTokens: 5 }), /new tokens fed back = \d+ exceeds.*lower maxNewTokens/);
+  // at the limit it runs: the last new token is never fed back
+  assert.equal((await rt.generate([Array(limit - 3).fill(1)], null, { maxNewTokens: 4, eosTokenId: [] }))[0].length, limit + 1);
+  // one row may be given flat, and one eos id as a number
+  const flat = await rt.generate([5, 6, 7], null, { maxNewTokens: 2, eosTokenId: 3 });
+  assert.deepEqual(flat, await rt.generate([[5, 6, 7]], [[1, 1, 1]], { maxNewTokens: 2, eosTokenId: [3] }));
+  // finished rows are fed the model's padding id, or the first eos id where the config says -1 (as in Python)
+  assert.equal(rt.padIdOr([2]), rt.manifest.pad_token_id);
+  rt.manifest = { ...rt.manifest, pad_token_id: -1 };
+  assert.equal(rt.padIdOr([2]), 2);
+});
