@@ -7,8 +7,11 @@
                                                  eviction leave them alone until the call ends
 
 With ``budget_bytes``, at most that many bytes of staged tensors stay resident: the least
-recently used adapters no call holds are evicted, and restaged (from their files or bytes)
-when a call names them again. Every change takes one lock; staging runs outside it.
+recently used adapters no call holds are evicted, and restaged (from their files, checked
+against their checksum again, or bytes) when a call names them again. The budget counts
+staged tensors only: a mixed batch's stacked copies (mixing.py's cache of 16 sets) and the
+zip bytes of an adapter loaded from memory come on top. Every change takes one lock;
+staging runs outside it.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import io
 import os
 import threading
 import zipfile
+import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -29,7 +33,15 @@ from .errors import (
     CorruptArtifactError,
     UnknownAdapterError,
 )
-from .manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST, adapter_graph_error, check_adapter_manifest, read_adapter_manifest
+from .manifest import (
+    ADAPTER_GRAPH,
+    ADAPTER_MANIFEST,
+    adapter_graph_error,
+    check_adapter_manifest,
+    read_adapter_manifest,
+    sha256_bytes,
+    sha256_file,
+)
 from .sessions import ort, session_options
 
 
@@ -68,6 +80,17 @@ class Registered:
         self.arrays = None  # staged: {slot: array}, what mixed batches stack
         self.bytes = 0
         self.users = 0  # calls in flight
+
+    @property
+    def source(self):
+        """What ``load`` takes to load this adapter again: its folder, or the bytes of a zip of its files."""
+        if self.path is not None:
+            return self.path
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for file, data in self.data.items():
+                archive.writestr(file, data)
+        return buffer.getvalue()
 
     @property
     def stackable(self) -> bool:
@@ -160,6 +183,7 @@ class AdapterStore:
                 raise AdapterInUseError(f"adapter {name!r} is in use by {adapter.users} call(s); unload it when they finish")
             self._drop(adapter)
             del self._adapters[name]
+            self._staging.pop(name, None)
 
     # ---------------------------------------------------------------- holds
     @contextmanager
@@ -237,6 +261,10 @@ class AdapterStore:
     def _stage(self, adapter: Registered) -> tuple[dict, Plan]:
         label = adapter.path or "adapter bytes"
         graph = adapter.data[ADAPTER_GRAPH] if adapter.data else os.path.join(adapter.path, adapter.manifest["graph"])
+        if adapter.data is None and (not os.path.isfile(graph) or sha256_file(graph) != adapter.manifest["sha256"]):
+            raise CorruptArtifactError(  # restaging after an eviction: the folder changed since load
+                f"{graph}: missing or changed since adapter {adapter.name!r} was loaded; unload_adapter({adapter.name!r}) "
+                "and load it again")
         arrays = run_adapter_graph(graph, label)
         self._check_tensors(label, adapter.manifest, arrays)
         return arrays, self._plan(label, arrays)
@@ -299,19 +327,25 @@ def _read_source(source) -> tuple[str | None, dict | None, dict]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         try:
             with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
-                files = {os.path.basename(n): archive.read(n) for n in archive.namelist()
-                         if os.path.basename(n) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)}
-        except zipfile.BadZipFile:
-            raise CorruptArtifactError("adapter bytes: not a zip archive of an adapter folder; pass the bytes of "
-                                       "shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None
+                members = [n for n in archive.namelist() if os.path.basename(n) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)]
+                files = {os.path.basename(n): archive.read(n) for n in members}
+        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:
+            raise CorruptArtifactError(f"adapter bytes: not a readable zip archive of an adapter folder ({e}); pass the "
+                                       "bytes of shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None
+        if len(members) > len(files):
+            raise CorruptArtifactError("adapter bytes: the zip holds more than one adapter folder; zip one folder of "
+                                       "OUT/adapters/ per adapter")
         if set(files) != {ADAPTER_MANIFEST, ADAPTER_GRAPH}:
             raise CorruptArtifactError(f"adapter bytes: the zip needs {ADAPTER_MANIFEST} and {ADAPTER_GRAPH}; "
                                        "zip an adapter folder from OUT/adapters/")
         manifest = check_adapter_manifest(files[ADAPTER_MANIFEST], "adapter bytes")
-        if manifest["graph"] != ADAPTER_GRAPH or _sha256(files[ADAPTER_GRAPH]) != manifest["sha256"]:
+        if manifest["graph"] != ADAPTER_GRAPH or sha256_bytes(files[ADAPTER_GRAPH]) != manifest["sha256"]:
             raise CorruptArtifactError("adapter bytes: adapter.onnx does not match the checksum in adapter.json; "
                                        "zip the adapter folder again")
         return None, files, manifest
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"load_adapter takes an adapter folder (a path) or the bytes of a zip of one, got "
+                          f"{type(source).__name__}")
     path = os.fspath(source)
     if not os.path.isdir(path):
         raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
@@ -320,12 +354,6 @@ def _read_source(source) -> tuple[str | None, dict | None, dict]:
     if (error := adapter_graph_error(path, manifest)) is not None:
         raise error
     return path, None, manifest
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def run_adapter_graph(graph, label: str = "") -> dict:

@@ -110,7 +110,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
         load = []
         for _ in range(3):  # staging cost: read, check and place the adapter's tensors (under another name)
             t = time.perf_counter()
-            tmp = rt.load_adapter(rt.adapter_dir(n), name=f"{n}__bench")
+            tmp = rt.load_adapter(rt.store.get(n).source, name=f"{n}__bench")  # its folder or zip bytes
             load.append(time.perf_counter() - t)
             rt.unload_adapter(tmp)
         stay = _median_ms(times[f"stay:{n}"])

@@ -133,7 +133,10 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
         raise ConfigError(f"unknown generation argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
     args = {k: v for k, v in generation.items() if v is not None}
     eos = args.pop("eos_token_id", rt.manifest.get("eos_token_id") or [])
-    args["eos_token_id"] = list(np.ravel(eos)) if isinstance(eos, (list, tuple, np.ndarray)) else [eos]
+    eos = list(np.ravel(eos)) if isinstance(eos, np.ndarray) else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if not all(is_whole(e) for e in eos):  # before one of them becomes the padding id
+        raise ConfigError(f"eos_token_id must be a token id or a list of token ids (integers), got {eos!r}")
+    args["eos_token_id"] = eos
     if "pad_token_id" not in args:  # the model's, when it is a token id (some configs say -1), else the first eos
         args["pad_token_id"] = rt.pad_id_or(args["eos_token_id"])
     stop = args.get("stop") or []

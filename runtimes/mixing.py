@@ -56,10 +56,10 @@ def _weights(spec) -> dict:
 class Lane:
     """Rows (indices into the batch) that share one graph run, and the Plan that run binds."""
 
-    __slots__ = ("rows", "plan", "name")
+    __slots__ = ("rows", "plan")
 
-    def __init__(self, rows, plan, name=None):
-        self.rows, self.plan, self.name = np.asarray(rows, dtype=np.int64), plan, name
+    def __init__(self, rows, plan):
+        self.rows, self.plan = np.asarray(rows, dtype=np.int64), plan
 
 
 class Mixer:
@@ -81,6 +81,10 @@ class Mixer:
         """The lanes of a call; ``held``: {name: Registered} the call holds."""
         groups: dict = {}  # lane key -> rows
         for row, spec in enumerate(specs):
+            for name, weight in spec.items():
+                if self.store.serves_base(name) and weight != 1.0:
+                    raise ConfigError(f"adapter {name!r} is merged into this export's weights: it runs at weight 1.0 "
+                                      f"only, not {weight}; export it with slots (without --merge) to weight it")
             spec = {n: w for n, w in spec.items() if not self.store.serves_base(n)}
             self._check(spec, held)
             alone = [n for n in spec if not held[n].stackable]
@@ -89,7 +93,7 @@ class Mixer:
         lanes = []
         for (kind, what), rows in groups.items():
             if kind == "alone":
-                lanes.append(Lane(rows, held[what].plan, what))
+                lanes.append(Lane(rows, held[what].plan))
             else:
                 lanes.append(Lane(rows, self._stacked_plan([specs[r] for r in rows], held, heads=what)))
         return lanes

@@ -12,11 +12,13 @@
       `-- generate_text / stream_text / classify / embed (text.py): text in, text or labels out
 
 There is no global active adapter: every call names its adapter, so concurrent
-calls with different adapters never interfere. Adapter tensors are never copied
-per call.
+calls with different adapters never interfere. Adapter tensors are not copied per
+call: a single adapter's are bound as staged; a mixed batch's are stacked once per set
+of adapters and cached (mixing.py).
 """
 from __future__ import annotations
 
+import itertools
 import os
 from contextlib import contextmanager
 
@@ -116,7 +118,7 @@ class Runtime:
         return self.store.resident
 
     def adapter_dir(self, name: str) -> str:
-        """The folder the adapter was loaded from."""
+        """The folder the adapter was loaded from (None for one loaded from the bytes of a zip)."""
         return self.store.get(name).path
 
     def load_adapter(self, source, name=None) -> str:
@@ -128,7 +130,7 @@ class Runtime:
         return self.store.load(source, name)
 
     def unload_adapter(self, name: str) -> None:
-        """Drop an adapter's staged tensors. Refused (AdapterInUseError) while a call is using it."""
+        """Forget an adapter (its staged tensors go with it). Refused (AdapterInUseError) while a call is using it."""
         self.store.unload(name)
 
     def labels(self, adapter) -> list | None:
@@ -154,7 +156,7 @@ class Runtime:
         specs = row_specs(adapter, batch)
         if specs is None:
             with self.store.using(adapter) as plan:
-                yield [Lane(np.arange(batch), plan, adapter)]
+                yield [Lane(np.arange(batch), plan)]
             return
         with self.store.holding(self.mixer.names(specs)) as held:
             yield self.mixer.lanes(specs, held)
@@ -259,7 +261,9 @@ class Runtime:
             with self.lanes(adapter, ids.shape[0]) as held:
                 inner = lane_steps(self, held, ids, mask)
                 token = yield next(inner)
-                while True:
+                for sent in itertools.count(1):  # every token sent takes a position
+                    for lane in held:
+                        self._check_length(lane.plan, ids.shape[1], sent, f" + {sent} token(s) sent")
                     token = yield inner.send(self._step_tokens(token, ids.shape[0]))
 
         return steps()

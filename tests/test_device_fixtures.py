@@ -92,6 +92,7 @@ def test_write_the_device_tiers_exports_and_answers(text_export, tiny_base, tmp_
             "forward": {str(a): rt.forward(ids, mask, adapter=a)["logits"].tolist() for a in [None, *dirs]},
             "greedy": {k: [v] for k, v in _greedy(rt, prompt_ids, dirs).items()},
             "run": {a: _cli("run", llama, "--adapter", a, "--max-new-tokens", NEW_TOKENS, prompt) for a in dirs},
+            "chat": _cli("run", llama, "--adapter", "lora", "--chat", "--max-new-tokens", NEW_TOKENS, prompt),
             "inspect": _cli("inspect", llama, "--json"),
         },
         "genai": genai,

@@ -13,6 +13,7 @@ import pytest
 
 from tiny import ARCHS, default_task, layer_nodes, load_reference_base, max_diff_valid, sample_batch, tiny_config, torch_outputs
 
+from edgepeft.errors import ConfigError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
@@ -141,6 +142,10 @@ def test_merge_export_matches_and_loads_like_any_export(workdir, shared_export, 
     ref = torch_outputs(hf_reference("qwen2", dirs["all"]), ids, mask, "logits")
     assert max_diff_valid(rt.forward(ids, mask)["logits"], ref, mask) <= 1e-4
     np.testing.assert_array_equal(rt.forward(ids, mask, adapter="all")["logits"], rt.forward(ids, mask)["logits"])
+    np.testing.assert_array_equal(rt.forward(ids, mask, adapter={"all": 1.0})["logits"], rt.forward(ids, mask)["logits"])
+    for weight in (0.0, -3.0):  # a merged adapter has no weight but 1: refused, not run at 1 in silence
+        with pytest.raises(ConfigError, match="merged into this export's weights"):
+            rt.forward(ids, mask, adapter=[{"all": weight}] * ids.shape[0])
 
 
 def test_base_is_reused_when_it_has_the_slots_and_extended_when_not(workdir, peft_adapter, hf_reference):

@@ -336,6 +336,15 @@ def test_bad_generation_input_raises_and_runtime_keeps_working(shared_export):
     long_ids = np.full((1, 65), 5, np.int64)
     zero_row = mask.copy()
     zero_row[1] = 0
+    no_pad = Runtime(out)  # a model whose config has no padding id: the first eos id pads finished rows
+    no_pad.manifest["pad_token_id"] = None
+
+    def send_past_the_positions():
+        steps = rt.step_logits(np.full((1, 63), 5, np.int64), adapter="qv")
+        next(steps)
+        steps.send([5])  # position 64 of 64
+        steps.send([5])
+
     bad = [
         ("prompt past max positions", InvalidInputError, lambda: rt.generate(long_ids, adapter="qv", max_new_tokens=1)),
         ("prompt + new past max positions", InvalidInputError,
@@ -360,6 +369,10 @@ def test_bad_generation_input_raises_and_runtime_keeps_working(shared_export):
         ("seed<0", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, seed=-1, **good)),
         ("seed float", ConfigError, lambda: rt.generate(ids, mask, do_sample=True, seed=1.5, **good)),
         ("eos a string", ConfigError, lambda: rt.generate(ids, mask, adapter="qv", max_new_tokens=2, eos_token_id="x")),
+        ("eos a string, no pad id", ConfigError, lambda: no_pad.generate(ids, mask, max_new_tokens=2, eos_token_id="x")),
+        ("eos [None], no pad id", ConfigError, lambda: no_pad.generate(ids, mask, max_new_tokens=2, eos_token_id=[None])),
+        ("eos ragged", ConfigError, lambda: rt.generate(ids, mask, max_new_tokens=2, eos_token_id=[[1], [2, 3]])),
+        ("step_logits sent past max positions", InvalidInputError, send_past_the_positions),
         ("pad outside vocab", ConfigError, lambda: rt.generate(ids, mask, pad_token_id=500, **good)),
         ("stop a number", ConfigError, lambda: rt.generate(ids, mask, stop=123, **good)),
         ("stop numbers", ConfigError, lambda: rt.generate(ids, mask, stop=[123], **good)),

@@ -221,9 +221,48 @@ def test_an_adapter_loads_from_the_bytes_of_a_zip_of_its_folder(decoder, rt, tmp
         z.writestr("adapter.onnx", src.read("adapter.onnx")[:-10])
     with pytest.raises(CorruptArtifactError, match="checksum"):
         other.load_adapter(broken.getvalue(), name="broken")
-    with pytest.raises(CorruptArtifactError, match="not a zip"):
+    with pytest.raises(CorruptArtifactError, match="not a readable zip"):
         other.load_adapter(b"not a zip", name="junk")
+    deflated = io.BytesIO()  # a damaged compressed stream (zlib.error inside zipfile)
+    with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as z, zipfile.ZipFile(data) as src:
+        z.writestr("adapter.json", src.read("adapter.json"))
+        z.writestr("adapter.onnx", src.read("adapter.onnx"))
+    damaged = bytearray(deflated.getvalue())
+    start = damaged.index(b"adapter.onnx") + len(b"adapter.onnx")  # the first entry of the graph's stream
+    damaged[start + 20:start + 60] = bytes(40)
+    with pytest.raises(CorruptArtifactError, match="not a readable zip.*decompressing"):
+        other.load_adapter(bytes(damaged), name="damaged")
+    two = io.BytesIO()
+    with zipfile.ZipFile(two, "w") as z, zipfile.ZipFile(data) as src:
+        for folder in ("a", "b"):
+            z.writestr(f"{folder}/adapter.json", src.read("adapter.json"))
+            z.writestr(f"{folder}/adapter.onnx", src.read("adapter.onnx"))
+    with pytest.raises(CorruptArtifactError, match="more than one adapter folder"):
+        other.load_adapter(two.getvalue(), name="two")
+    for bad in (None, 3):
+        with pytest.raises(ConfigError, match="a path\\) or the bytes of a zip"):
+            other.load_adapter(bad)
     assert other.adapter_names == ["from-bytes"]
+    from edgepeft.runtimes.bench import measure  # staging is timed from the same bytes
+
+    assert measure(other, rounds=1, calls=1, seq=4)["adapters"]["from-bytes"]["load_ms"] > 0
+
+
+def test_a_restage_checks_the_file_again(decoder, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(decoder[0], out)
+    small = Runtime(out, adapter_budget_bytes=0)
+    ids, mask = _batch(2)
+    small.forward(ids, mask, adapter="lora_qv")
+    assert small.resident_adapters == []  # evicted after the call
+    graph = os.path.join(out, "adapters", "lora_qv", "adapter.onnx")
+    with open(graph, "r+b") as f:  # replaced behind the runtime's back (an export --overwrite, a bad copy)
+        f.seek(-10, 2)
+        f.write(bytes(10))
+    with pytest.raises(CorruptArtifactError, match="changed since adapter 'lora_qv' was loaded"):
+        small.forward(ids, mask, adapter="lora_qv")
+    np.testing.assert_array_equal(small.forward(ids, mask, adapter="ia3")["logits"],
+                                  Runtime(decoder[0]).forward(ids, mask, adapter="ia3")["logits"])
 
 
 # ---------------------------------------------------------------- many threads

@@ -63,6 +63,8 @@ def test_cli_run_inspect_and_bench_work(expected):
     for adapter, text in expected["llama"]["run"].items():
         assert cli("run", LLAMA, "--adapter", adapter, "--max-new-tokens", 8, expected["llama"]["prompt"]).stdout == text
     assert cli("run", MINILM, "--adapter", "topic", "where is my parcel").stdout == expected["minilm"]["run"]
+    chat = cli("run", LLAMA, "--adapter", "lora", "--chat", "--max-new-tokens", 8, expected["llama"]["prompt"]).stdout
+    assert chat == expected["llama"]["chat"]  # the chat template (jinja2, a runtime dependency)
     assert json.loads(cli("inspect", LLAMA, "--json").stdout) == json.loads(expected["llama"]["inspect"])
     bench = cli("bench", MINILM, "--rounds", 2, "--calls", 2, "--seq", 8).stdout
     assert "topic (lora+head)" in bench and "ms added per call" in bench
