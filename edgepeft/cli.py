@@ -91,7 +91,7 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
 @click.option("--logging-steps", default=10, show_default=True, type=int, help="Log the training loss every N optimizer steps (and at each epoch's end).")
 @click.option("--r", "--rank", "r", default=None, type=int, help="LoRA rank (--rank under torchrun, which takes --r as its own).")
 @click.option("--alpha", default=None, type=float, help="LoRA alpha.")
-@click.option("--target-modules", default=None, help="LoRA targets, comma-separated, or all-linear.")
+@click.option("--target-modules", default=None, help="Target modules (LoRA, IA3, bottleneck), comma-separated, or all-linear.")
 @click.option("--option", "pairs", multiple=True, help="Any field of the method's config, KEY=VALUE (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint (same settings).")
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT holds an earlier run's checkpoint.")
@@ -142,11 +142,12 @@ def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter,
 
     report = run_export(list(adapters), out, base=base, names=list(names), merge=merge, atol=atol, verbose=True,
                         quantize=quantize, qtol=qtol, ort_adapter=ort_adapter, overwrite=overwrite)
-    worst = max(c["max_abs_diff"] for c in report["checks"] if "relative_error" not in c)
-    line = f"ok: {len(report['checks'])} checks, max |diff| vs PyTorch {worst:.2e}"
+    exact = [c["max_abs_diff"] for c in report["checks"] if "relative_error" not in c]
     relative = [c["relative_error"] for c in report["checks"] if "relative_error" in c]
+    parts = [f"max |diff| vs PyTorch {max(exact):.2e}"] if exact else []  # none when a quantized base was reused
     if relative:
-        line += f"; {quantize or 'quantized'} graph: max relative error {max(relative):.2e}"
+        parts.append(f"{quantize or 'quantized'} graph: max relative error {max(relative):.2e}")
+    line = f"ok: {len(report['checks'])} checks, " + "; ".join(parts)
     click.echo(line)
 
 
@@ -299,8 +300,10 @@ def as_flags(message: str, argv) -> str:
     """A runtime message in the command's own terms: ``adapter=None`` -> ``--adapter none``, ``max_new_tokens`` -> ``--max-new-tokens``.
 
     The runtime's messages name its Python arguments; at the command line its users typed flags.
+    Only ``run`` and ``bench``, whose messages come from the runtime; names inside paths are left alone.
     """
-    command = cli.commands.get(next((a for a in argv if not a.startswith("-")), ""), None)
+    name = next((a for a in argv if not a.startswith("-")), "")
+    command = cli.commands.get(name) if name in ("run", "bench") else None
     flags = {p.name: p.opts[0] for p in (command.params if command else []) if isinstance(p, click.Option)}
     if not flags:
         return message
@@ -314,8 +317,9 @@ def as_flags(message: str, argv) -> str:
             return flags[name] if value == "True" else f"no {flags[name]}"
         return f"{flags[name]} {values.get(value, value)}"
 
-    message = re.sub(r"\b(\w+)=(None|True|False|\w+)\b", flag, message)
-    return re.sub(r"\b([a-z]+_[a-z_]+)\b", lambda m: flags.get(m.group(1), m.group(1)), message)
+    alone = r"(?<![\w/.\-])", r"(?![\w/\-]|\.\w)"  # a word of its own, not part of a path or file name
+    message = re.sub(alone[0] + r"(\w+)=(None|True|False|\w+)" + alone[1], flag, message)
+    return re.sub(alone[0] + r"([a-z]+_[a-z_]+)" + alone[1], lambda m: flags.get(m.group(1), m.group(1)), message)
 
 
 def main(argv=None):

@@ -174,4 +174,8 @@ def specs_for(config) -> list[SlotSpec]:
 
 def spec_for(name: str) -> SlotSpec:
     """The spec whose slots carry ``method`` field ``name``."""
-    return _SPECS[name]
+    spec = _SPECS.get(name)
+    if spec is None:  # an export made with a method this process has not registered (a plugin)
+        raise UnsupportedMethodError(f"slots of method {name!r}, which this edgepeft does not have (it has "
+                                     f"{', '.join(sorted(_SPECS))}); register that method first, or export into a new --out")
+    return spec

@@ -128,6 +128,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
         raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "
                           f"e.g. --out {os.path.normpath(out)}-onnx")
     source = _base_of(sources, base)
+    _check_out_replaces_nothing_of_the_users(out, sources, source)
     model_config = load_model_config(source)
     task = _task_of(sources, model_config.model_type)
     check_supported(model_config.model_type, task, source)
@@ -144,6 +145,20 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     existing = read_base_manifest(os.path.dirname(manifest)) if os.path.exists(manifest) else None
     groups = _fusion_groups(model, [peft.peft_config[s.name] for s in sources])
     return ExportPlan(out, sources, source, task, model, peft, existing, groups, **options)
+
+
+def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
+    """Before any work: OUT's base and adapter folders are replaced by exports only, never a model or an input."""
+    base_dir = os.path.join(out, BASE_DIR)
+    if os.path.isdir(base_dir) and os.listdir(base_dir) and not os.path.isfile(os.path.join(base_dir, BASE_MANIFEST)):
+        raise ConfigError(f"{base_dir}: holds files but no {BASE_MANIFEST} (not an edgepeft export), and the export "
+                          f"would replace it; give --out a new folder, e.g. --out {os.path.normpath(out)}-onnx")
+    owned = [os.path.realpath(os.path.join(out, sub)) for sub in (BASE_DIR, ADAPTERS_DIR)]
+    for what, path in [("--base", source), *(("--adapter", s.path) for s in sources)]:
+        real = os.path.realpath(path)
+        if os.path.exists(path) and any(real == o or real.startswith(o + os.sep) for o in owned):
+            raise ConfigError(f"{path}: this {what} folder lies inside {out}'s base/ or adapters/, which the export "
+                              "replaces; move it out of the --out folder first")
 
 
 def _read_sources(adapters, names) -> list[AdapterSource]:
@@ -284,7 +299,7 @@ def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> li
     if apart:
         raise ConfigError(
             f"{base_dir}: fuses {', '.join(apart)} into one MatMul for the adapters already there, but "
-            f"{', '.join(names)} needs {'them' if len(apart) > 1 else 'it'} apart (IA3 scaling a layer's own input); "
+            f"{', '.join(names)} needs {'them' if len(apart) > 1 else 'it'} apart (a method that changes one of them alone, e.g. IA3 on a layer's input); "
             "export every adapter together into a fresh --out folder (edgepeft export --adapter A --adapter B ...)")
     return [allowed[k] for k in have]
 

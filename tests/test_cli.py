@@ -85,6 +85,29 @@ def test_export_reuses_base(tmp_path, llama):
     assert sorted(os.listdir(out / "adapters")) == ["again", "all", "mlp", "qv"]
 
 
+def test_export_into_a_quantized_out_reports_the_quantized_checks(tmp_path, llama):
+    """A second adapter into an int8 OUT reuses the quantized base: every check is relative; one ok line, exit 0."""
+    out = tmp_path / "out"
+    first = edgepeft("export", "--adapter", llama[1]["qv"], "--out", out, "--quantize", "int8")
+    assert first.returncode == 0, first.stderr
+    proc = edgepeft("export", "--adapter", llama[1]["qv"], "--name", "again", "--out", out, "--quantize", "int8")
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert "reusing" in proc.stdout
+    assert re.search(r"^ok: \d+ checks, int8 graph: max relative error \S+$", proc.stdout, re.M), proc.stdout
+    assert sorted(os.listdir(out / "adapters")) == ["again", "qv"]
+
+
+def test_an_error_keeps_the_paths_it_names(tmp_path):
+    """Runtime argument names become flags in run/bench messages; a path with such a name in it stays as it is."""
+    from edgepeft.cli import as_flags
+
+    missing = tmp_path / "eval_data.jsonl"
+    assert as_flags(f"{missing}: data file not found", ["train", "--eval", str(missing)]) == f"{missing}: data file not found"
+    assert as_flags(f"{missing} and max_new_tokens.", ["run", "out"]) == f"{missing} and --max-new-tokens."
+    assert as_flags("adapter=None; lower max_new_tokens", ["run", "out"]) == "--adapter none; lower --max-new-tokens"
+
+
 # --------------------------------------------------------------------------- inspect
 def test_inspect_lists_base_slots_and_adapters(llama):
     out = llama[0]

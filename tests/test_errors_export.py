@@ -414,3 +414,25 @@ def test_export_of_sliding_window_layers_is_refused(guarded, llama, tmp_path):
     lora = copy_adapter(llama[1]["qv"], tmp_path / "qwen2-qv")
     edit_json(os.path.join(lora, "adapter_config.json"), base_model_name_or_path=fixed)
     export([lora], str(tmp_path / "out-full"))
+
+
+def test_a_model_at_out_base_is_never_replaced(llama, tiny_base, tmp_path):
+    """The base model kept at OUT/base (a folder of the user's, no edgepeft.json): refused before any work."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_base("llama"), work / "base")
+    adapter = copy_adapter(llama[1]["qv"], tmp_path / "adapter")
+    edit_json(os.path.join(adapter, "adapter_config.json"), base_model_name_or_path=str(work / "base"))
+    msg = failing_export(ConfigError, [adapter], str(work))
+    assert os.path.join(str(work), "base") in msg and "not an edgepeft export" in msg and "--out" in msg
+    other = tmp_path / "other"
+    inside = copy_adapter(llama[1]["qv"], other / "adapters" / "mine")  # an input inside what the export replaces
+    for overwrite in (False, True):
+        msg = failing_export(ConfigError, [inside], str(other), base=tiny_base("llama"), overwrite=overwrite)
+        assert inside in msg and "move it out of the --out folder" in msg
+
+
+def test_slots_of_a_method_this_process_lacks_are_named():
+    from edgepeft.tuners import spec_for
+
+    with pytest.raises(UnsupportedMethodError, match="'toy'.*register that method"):
+        spec_for("toy")
