@@ -20,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgepeft.exporters.adapter_graph import IR_VERSION
+from edgepeft.exporters.graph import OPSET
 from edgepeft.runtimes.manifest import BASE_GRAPH, NEUTRAL_GRAPH, WEB_GRAPH
 
 
@@ -38,7 +39,7 @@ def write_web_variant(stage: str) -> list[str]:
     if defaults:
         nodes = [helper.make_node("Identity", [f"neutral.{t.name}"], [t.name]) for t in defaults]
         neutral = helper.make_model(helper.make_graph(nodes, "edgepeft_neutral", [], outputs, initializer=values),
-                                    opset_imports=[helper.make_opsetid("", 18)], producer_name="edgepeft")
+                                    opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgepeft")
         neutral.ir_version = IR_VERSION
         onnx.save_model(neutral, os.path.join(stage, NEUTRAL_GRAPH))
     web = onnx.load(os.path.join(stage, BASE_GRAPH), load_external_data=False)  # weights stay in model.onnx.data
