@@ -72,7 +72,7 @@ NO_ADAPTER = Plan()
 class Registered:
     """An adapter the store knows: where to (re)stage it from, its manifest, and its staged state."""
 
-    __slots__ = ("name", "path", "data", "manifest", "plan", "arrays", "bytes", "users")
+    __slots__ = ("name", "path", "data", "manifest", "plan", "arrays", "bytes", "users", "n_virtual")
 
     def __init__(self, name, path, data, manifest):
         self.name, self.path, self.data, self.manifest = name, path, data, manifest
@@ -80,6 +80,7 @@ class Registered:
         self.arrays = None  # staged: {slot: array}, what mixed batches stack
         self.bytes = 0
         self.users = 0  # calls in flight
+        self.n_virtual = 0  # its virtual tokens, known from the staging at load (kept when evicted)
 
     @property
     def source(self):
@@ -232,7 +233,7 @@ class AdapterStore:
         return adapter
 
     def _set_staged(self, adapter: Registered, arrays: dict, plan: Plan) -> None:
-        adapter.arrays, adapter.plan = arrays, plan
+        adapter.arrays, adapter.plan, adapter.n_virtual = arrays, plan, plan.n_virtual
         adapter.bytes = int(sum(a.nbytes for a in arrays.values()))
         self._resident[adapter.name] = True
         self._resident.move_to_end(adapter.name)

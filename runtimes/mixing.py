@@ -77,16 +77,24 @@ class Mixer:
     def names(self, specs) -> list:
         return sorted({n for spec in specs for n in spec if not self.store.serves_base(n)})
 
-    def lanes(self, specs, held: dict) -> list:
-        """The lanes of a call; ``held``: {name: Registered} the call holds."""
-        groups: dict = {}  # lane key -> rows
-        for row, spec in enumerate(specs):
+    def check(self, specs, known: dict) -> list:
+        """Each row's spec without the base's names, or ConfigError for a row without a meaning; ``known``:
+        {name: Registered} (staged or not: only manifests are read)."""
+        checked = []
+        for spec in specs:
             for name, weight in spec.items():
                 if self.store.serves_base(name) and weight != 1.0:
                     raise ConfigError(f"adapter {name!r} is merged into this export's weights: it runs at weight 1.0 "
                                       f"only, not {weight}; export it with slots (without --merge) to weight it")
             spec = {n: w for n, w in spec.items() if not self.store.serves_base(n)}
-            self._check(spec, held)
+            self._check(spec, known)
+            checked.append(spec)
+        return checked
+
+    def lanes(self, specs, held: dict) -> list:
+        """The lanes of a call; ``held``: {name: Registered} the call holds."""
+        groups: dict = {}  # lane key -> rows
+        for row, spec in enumerate(self.check(specs, held)):
             alone = [n for n in spec if not held[n].stackable]
             key = ("alone", alone[0]) if alone else ("stack", bool(self._head_of(spec, held)))
             groups.setdefault(key, []).append(row)
@@ -114,7 +122,7 @@ class Mixer:
     def _head_of(self, spec: dict, held: dict):
         """The adapter of ``spec`` that fills the output-selected slots (a head), or None."""
         for name in spec:
-            if any(self.slots[s].selector == "output" for s in held[name].arrays):
+            if any(self.slots[s].selector == "output" for s in held[name].manifest["slots"] if s in self.slots):
                 return name
         return None
 

@@ -208,10 +208,20 @@ class Runtime:
         positions = np.arange(plan.n_past, plan.n_past + plan.n_prepend + length, dtype=np.int64)
         return full, np.broadcast_to(positions, (batch, positions.size)).copy()
 
-    def _check_length(self, plan: Plan, length: int, new_tokens: int = 0, what: str = "") -> None:
-        if self.max_positions and (total := length + plan.n_virtual + new_tokens) > self.max_positions:
+    def _check_call(self, adapter, batch: int, length: int, new_tokens: int = 0, what: str = "") -> None:
+        """What a call's first step would refuse, staging nothing: an unknown adapter, a combination without a
+        meaning, more positions than the model has (a lane's virtual tokens: its prompt or prefix adapter's)."""
+        specs = row_specs(adapter, batch)
+        names = [adapter] if specs is None else self.mixer.names(specs)
+        known = {n: self.store.get(n) for n in names if not self.store.serves_base(n)}
+        if specs is not None:
+            self.mixer.check(specs, known)
+        self._check_length(max((a.n_virtual for a in known.values()), default=0), length, new_tokens, what)
+
+    def _check_length(self, n_virtual: int, length: int, new_tokens: int = 0, what: str = "") -> None:
+        if self.max_positions and (total := length + n_virtual + new_tokens) > self.max_positions:
             raise InvalidInputError(
-                f"prompt of {length} tokens + the adapter's {plan.n_virtual} virtual tokens{what} = {total} exceeds the "
+                f"prompt of {length} tokens + the adapter's {n_virtual} virtual tokens{what} = {total} exceeds the "
                 f"model's {self.max_positions} positions; shorten the prompt" + (" or lower max_new_tokens" if what else "")
             )
 
@@ -232,7 +242,7 @@ class Runtime:
         with self.lanes(adapter, ids.shape[0]) as lanes:
             for lane in lanes:
                 rows_ids, rows_mask = (ids, mask) if len(lanes) == 1 else (ids[lane.rows], mask[lane.rows])
-                self._check_length(lane.plan, ids.shape[1])
+                self._check_length(lane.plan.n_virtual, ids.shape[1])
                 full, positions = self.virtual_inputs(lane.plan, rows_mask, generate=False)
                 out = self.run(lane.plan, rows_ids, full, positions)[0].numpy()
                 if lane.plan.columns is not None:  # a head per row: each row's own output columns
@@ -253,9 +263,7 @@ class Runtime:
         position's logits (B, V); each ``send(tokens)`` ((B,) int64) feeds those tokens through the KV cache
         and yields the next logits. The adapter is held until the generator is closed or collected."""
         ids, mask = self._decoder_inputs(input_ids, attention_mask)
-        with self.lanes(adapter, ids.shape[0]) as lanes:  # an unknown adapter fails here, at the call
-            for lane in lanes:
-                self._check_length(lane.plan, ids.shape[1])
+        self._check_call(adapter, ids.shape[0], ids.shape[1])  # an unknown adapter fails here, at the call
 
         def steps():
             with self.lanes(adapter, ids.shape[0]) as held:
@@ -263,7 +271,7 @@ class Runtime:
                 token = yield next(inner)
                 for sent in itertools.count(1):  # every token sent takes a position
                     for lane in held:
-                        self._check_length(lane.plan, ids.shape[1], sent, f" + {sent} token(s) sent")
+                        self._check_length(lane.plan.n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent")
                     token = yield inner.send(self._step_tokens(token, ids.shape[0]))
 
         return steps()
@@ -287,10 +295,9 @@ class Runtime:
         """
         ids, mask = self._decoder_inputs(input_ids, attention_mask)
         cfg = self.generation_config(**generation)
-        with self.lanes(adapter, ids.shape[0]) as lanes:  # an unknown adapter or too many virtual tokens fail now
-            for lane in lanes:  # the last new token is never fed back: it needs no position
-                self._check_length(lane.plan, ids.shape[1], cfg.max_new_tokens - 1,
-                                   f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)")
+        # an unknown adapter or too many positions fail now; the last new token is never fed back: it needs none
+        self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1,
+                         f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)")
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = text.StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops)

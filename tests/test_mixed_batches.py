@@ -206,6 +206,32 @@ def test_a_budget_keeps_only_recent_adapters_staged_and_restages_the_rest_transp
     assert small.store.resident_bytes <= budget
 
 
+def test_a_generation_under_a_budget_stages_each_evicted_adapter_once(decoder, rt, monkeypatch):
+    """A call checks its adapters from what load recorded, so an evicted adapter is staged once, by the call itself."""
+    from edgepeft.runtimes import adapters as store_module
+
+    small = Runtime(decoder[0], adapter_budget_bytes=0)
+    staged = []
+    real = store_module.run_adapter_graph
+    monkeypatch.setattr(store_module, "run_adapter_graph", lambda graph, label="": staged.append(label) or real(graph, label))
+    ids, mask = _batch(2)
+    for adapter in ("prompt", ["lora_qv", "prefix"]):
+        staged.clear()
+        want = rt.generate(ids, mask, adapter=adapter, max_new_tokens=3, eos_token_id=[])
+        np.testing.assert_array_equal(small.generate(ids, mask, adapter=adapter, max_new_tokens=3, eos_token_id=[]), want)
+        assert len(staged) == len(set(staged)) == (1 if isinstance(adapter, str) else 2), staged
+        staged.clear()
+        steps = small.step_logits(ids, mask, adapter=adapter)
+        assert staged == []  # nothing staged before the first step
+        next(steps)
+        steps.close()
+        assert len(staged) == (1 if isinstance(adapter, str) else 2), staged
+    with pytest.raises(InvalidInputError, match="virtual tokens"):  # still checked at the call, from the manifest
+        small.generate(np.full((1, small.max_positions - 2), 5), adapter="prompt", max_new_tokens=1)
+    with pytest.raises(ConfigError, match="weighted sums are defined for LoRA"):
+        small.stream(ids, mask, adapter={"prompt": 0.5})
+
+
 def test_an_adapter_loads_from_the_bytes_of_a_zip_of_its_folder(decoder, rt, tmp_path):
     data = shutil.make_archive(str(tmp_path / "lora"), "zip", os.path.join(decoder[0], "adapters", "lora_qv"))
     with open(data, "rb") as f:
