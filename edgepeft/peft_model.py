@@ -128,6 +128,7 @@ class PeftModel(nn.Module):
     def _adapter_entries(self, adapter_name: str) -> dict:
         """{saved key: (ModuleDict entry, parameter name)} for one adapter, in PEFT's key format."""
         entries = {}
+        wrapped = {m.frozen_attr for m in self.modules() if isinstance(m, AdapterLayer) and m.frozen_attr}
         for key, module in self.named_modules():
             if not isinstance(module, AdapterLayer) or module.own_state:  # own state: _custom_state
                 continue
@@ -136,7 +137,8 @@ class PeftModel(nn.Module):
                 if adapter_name not in holder:
                     continue
                 sub = holder[adapter_name]
-                key = key.replace(".base_layer", "")  # a layer under another method's wrapper: saved by its module's name
+                # a layer under other methods' wrappers: saved by its module's name (whole path segments only)
+                key = ".".join(part for part in key.split(".") if part not in wrapped)
                 prefix = key if dict_name == "modules_to_save" else f"{key}.{dict_name}"
                 if isinstance(sub, nn.Parameter):  # a ParameterDict entry (IA3's ia3_l): saved as the dict's name
                     entries[prefix] = (module, dict_name, None)
