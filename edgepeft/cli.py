@@ -299,11 +299,10 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
 def as_flags(message: str, argv) -> str:
     """A runtime message in the command's own terms: ``adapter=None`` -> ``--adapter none``, ``max_new_tokens`` -> ``--max-new-tokens``.
 
-    The runtime's messages name its Python arguments; at the command line its users typed flags.
-    Only ``run`` and ``bench``, whose messages come from the runtime; names inside paths are left alone.
+    The runtime's and the trainer's messages name their Python arguments; at the command line its users
+    typed flags. Names inside paths and file names are left alone.
     """
-    name = next((a for a in argv if not a.startswith("-")), "")
-    command = cli.commands.get(name) if name in ("run", "bench") else None
+    command = cli.commands.get(next((a for a in argv if not a.startswith("-")), ""), None)
     flags = {p.name: p.opts[0] for p in (command.params if command else []) if isinstance(p, click.Option)}
     if not flags:
         return message
@@ -318,7 +317,7 @@ def as_flags(message: str, argv) -> str:
         return f"{flags[name]} {values.get(value, value)}"
 
     alone = r"(?<![\w/.\-])", r"(?![\w/\-]|\.\w)"  # a word of its own, not part of a path or file name
-    message = re.sub(alone[0] + r"(\w+)=(None|True|False|\w+)" + alone[1], flag, message)
+    message = re.sub(alone[0] + r"(\w+)=([\w.+\-]*\w)" + alone[1], flag, message)  # values: None, 0.005, -3
     return re.sub(alone[0] + r"([a-z]+_[a-z_]+)" + alone[1], lambda m: flags.get(m.group(1), m.group(1)), message)
 
 

@@ -222,7 +222,7 @@ class Runtime:
         if self.max_positions and (total := length + n_virtual + new_tokens) > self.max_positions:
             raise InvalidInputError(
                 f"prompt of {length} tokens + the adapter's {n_virtual} virtual tokens{what} = {total} exceeds the "
-                f"model's {self.max_positions} positions; shorten the prompt" + (" or lower max_new_tokens" if what else "")
+                f"model's {self.max_positions} positions; shorten the prompt" + (" or lower max_new_tokens" if "max_new_tokens" in what else "")
             )
 
     def _inputs(self, input_ids, attention_mask):
