@@ -351,7 +351,7 @@ def test_an_unreadable_adapter_in_out_stops_the_export_before_the_base_changes(s
 
 @pytest.mark.parametrize("where", ["out", "out/adapters", "out/base"])
 def test_a_file_where_out_needs_a_folder_is_refused_before_any_work(tmp_path, llama, where, monkeypatch):
-    module = importlib.import_module("edgepeft.exporters.export")
+    module = importlib.import_module("edgepeft.exporters.resolve")
     monkeypatch.setattr(module, "load_base", lambda *a: pytest.fail("the base was loaded before OUT was checked"))
     path = tmp_path / where
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,167 @@
+"""Resolve an export: the adapters, their base and task, and a PeftModel holding every adapter (the PyTorch
+reference), checked against OUT before anything is written (export.py's first step)."""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field
+
+from edgepeft.config import CONFIG_NAME
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError
+from edgepeft.exporters.fingerprint import weights_fingerprint
+from edgepeft.exporters.fusion import shared_input_groups
+from edgepeft.files import check_output_dir
+from edgepeft.models import call_kwargs, check_exportable, check_supported, default_task, load_base, load_model_config, sample_inputs
+from edgepeft.peft_model import PeftModel
+from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, read_base_manifest
+from edgepeft.tuners import load_config, specs_for
+
+
+@dataclass
+class AdapterSource:
+    name: str
+    path: str
+    config: object
+
+
+@dataclass
+class ExportPlan:
+    """What one export works from: resolved before anything is written."""
+
+    out: str
+    sources: list  # AdapterSource, in the order given
+    source: str  # the base model: a folder or hub id
+    task: str
+    model: object  # the plain base (float32, eval)
+    peft: PeftModel  # every adapter on a copy of the base: the PyTorch reference
+    existing: dict | None  # OUT's base manifest, when there is one
+    groups: list  # fused layer groups (q|k|v, gate|up)
+    atol: float = 1e-4
+    qtol: float = 0.2
+    quantize: str | None = None
+    ort_adapter: bool | None = None  # None: where the base is float
+    overwrite: bool = False
+    log: object = field(default=lambda *a, **k: None)
+    siblings: dict = field(default_factory=dict)  # {folder: manifest} of adapters already in OUT, when the base changes
+
+    @property
+    def base_dir(self) -> str:
+        return os.path.join(self.out, BASE_DIR)
+
+    def config(self, src: AdapterSource):
+        return self.peft.peft_config[src.name]
+
+
+def resolve(adapters, out, base, names, **options) -> ExportPlan:
+    """Read the adapters, find their base and task, load both, and check OUT can take them."""
+    for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
+        check_output_dir(os.path.join(out, sub), "--out")
+    sources = _read_sources(adapters, names)
+    if os.path.isfile(os.path.join(out, CONFIG_NAME)):
+        raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "
+                          f"e.g. --out {os.path.normpath(out)}-onnx")
+    source = _base_of(sources, base)
+    _check_out_replaces_nothing_of_the_users(out, sources, source)
+    model_config = load_model_config(source)
+    task = _task_of(sources, model_config.model_type)
+    check_supported(model_config.model_type, task, source)
+    check_exportable(model_config, source)
+    options["log"](f"loading base {source} ({model_config.model_type}, {task})")
+    model = load_base(source, task)
+    if base:
+        _check_recorded_bases(sources, source, model, task)
+    peft = PeftModel(copy.deepcopy(model))
+    for src in sources:
+        peft.load_adapter(src.path, src.name)
+    peft.eval()
+    manifest = os.path.join(out, BASE_DIR, BASE_MANIFEST)
+    existing = read_base_manifest(os.path.dirname(manifest)) if os.path.exists(manifest) else None
+    groups = _fusion_groups(model, [peft.peft_config[s.name] for s in sources])
+    return ExportPlan(out, sources, source, task, model, peft, existing, groups, **options)
+
+
+def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
+    """Before any work: OUT's base and adapter folders are replaced by exports only, never a model or an input."""
+    base_dir = os.path.join(out, BASE_DIR)
+    if os.path.isdir(base_dir) and os.listdir(base_dir) and not os.path.isfile(os.path.join(base_dir, BASE_MANIFEST)):
+        raise ConfigError(f"{base_dir}: holds files but no {BASE_MANIFEST} (not an edgepeft export), and the export "
+                          f"would replace it; give --out a new folder, e.g. --out {os.path.normpath(out)}-onnx")
+    owned = [os.path.realpath(os.path.join(out, sub)) for sub in (BASE_DIR, ADAPTERS_DIR)]
+    for what, path in [("--base", source), *(("--adapter", s.path) for s in sources)]:
+        real = os.path.realpath(path)
+        if os.path.exists(path) and any(real == o or real.startswith(o + os.sep) for o in owned):
+            raise ConfigError(f"{path}: this {what} folder lies inside {out}'s base/ or adapters/, which the export "
+                              "replaces; move it out of the --out folder first")
+
+
+def _read_sources(adapters, names) -> list[AdapterSource]:
+    adapters = [str(a) for a in adapters]
+    names = list(names or [])
+    if len(names) > len(adapters):
+        raise ConfigError(f"got {len(names)} --name values for {len(adapters)} --adapter folders; give one name per adapter")
+    sources = []
+    for i, path in enumerate(adapters):
+        name = names[i] if i < len(names) else os.path.basename(os.path.normpath(path))
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ConfigError(f"{path}: adapter name {name!r} must be letters, digits, '_', '.', '-'; pass --name")
+        if any(s.name == name for s in sources):
+            raise ConfigError(f"{path}: two adapters are both named {name!r}; pass --name to tell them apart")
+        sources.append(AdapterSource(name, path, load_config(path)))
+    return sources
+
+
+def _base_of(sources, base) -> str:
+    if base:
+        return str(base)
+    wanted = {s.config.base_model_name_or_path for s in sources}
+    if None in wanted or "" in wanted:
+        missing = next(s for s in sources if not s.config.base_model_name_or_path)
+        raise ConfigError(f"{missing.path}: adapter_config.json names no base_model_name_or_path; pass --base MODEL")
+    if len(wanted) > 1:
+        raise ConfigError(f"the adapters name different bases ({', '.join(sorted(wanted))}); export them into separate "
+                          "--out folders or pass --base")
+    return wanted.pop()
+
+
+def _task_of(sources, model_type: str) -> str:
+    tasks = {s.config.task or default_task(model_type) for s in sources}
+    if len(tasks) > 1:
+        raise ConfigError(
+            f"the adapters are for different tasks ({', '.join(sorted(tasks))}); one export folder serves one task, "
+            "so export them into separate --out folders"
+        )
+    return tasks.pop()
+
+
+def adapter_slots(model, config, groups=()) -> list:
+    """Every slot an adapter with ``config`` fills: its method's and those every adapter has (task heads)."""
+    return [s for spec in specs_for(config) for s in spec.slot_table(model, config, groups)]
+
+
+def base_valued(model, configs) -> set:
+    """Modules whose base weights are only slot defaults (task heads): left out of the weights fingerprint."""
+    return {s.module for c in configs for s in adapter_slots(model, c) if s.neutral == "base"}
+
+
+def _check_recorded_bases(sources, source: str, model, task: str) -> None:
+    """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``."""
+    skip = base_valued(model, [s.config for s in sources])
+    ours = None
+    for src in sources:
+        recorded = src.config.base_model_name_or_path
+        if not recorded or not os.path.isdir(recorded) or os.path.realpath(recorded) == os.path.realpath(source):
+            continue  # a hub id this machine may not have, or the same folder
+        ours = ours or weights_fingerprint(model, skip_modules=skip)
+        if weights_fingerprint(load_base(recorded, task), skip_modules=skip) != ours:
+            raise AdapterBaseMismatchError(
+                f"{src.path}: was trained on {recorded}, whose weights differ from --base {source}; export it with the "
+                "base it was trained on (drop --base), or train it again on this base")
+
+
+def _fusion_groups(model, configs) -> list[list[str]]:
+    """Layers reading the same input (q/k/v, gate/up), except those a spec keeps apart (heads trained whole, ...)."""
+    ids, mask = sample_inputs(model.config)
+    groups = shared_input_groups(model, lambda: model(input_ids=ids, attention_mask=mask, **call_kwargs(model.config)))
+    keep_apart = {m for c in configs for spec in specs_for(c) for m in spec.unfused(model, c)}
+    return [g for g in groups if not keep_apart.intersection(g)]
