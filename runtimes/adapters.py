@@ -40,7 +40,6 @@ from .manifest import (
     check_adapter_manifest,
     read_adapter_manifest,
     sha256_bytes,
-    sha256_file,
 )
 from .sessions import ort, session_options
 
@@ -72,10 +71,14 @@ NO_ADAPTER = Plan()
 class Registered:
     """An adapter the store knows: where to (re)stage it from, its manifest, and its staged state."""
 
-    __slots__ = ("name", "path", "data", "manifest", "plan", "arrays", "bytes", "users", "n_virtual")
+    __slots__ = ("name", "path", "data", "manifest", "stackable", "has_head", "plan", "arrays", "bytes", "users",
+                 "n_virtual")
 
-    def __init__(self, name, path, data, manifest):
+    def __init__(self, name, path, data, manifest, slots: dict):
         self.name, self.path, self.data, self.manifest = name, path, data, manifest
+        filled = [slots[n] for n in manifest["slots"] if n in slots]
+        self.stackable = all(s.stack_axis is not None for s in filled)  # rows can share a run with others' rows
+        self.has_head = any(s.selector == "output" for s in filled)  # fills the output-selected slots (a head)
         self.plan = None  # staged: a Plan of OrtValues
         self.arrays = None  # staged: {slot: array}, what mixed batches stack
         self.bytes = 0
@@ -92,11 +95,6 @@ class Registered:
             for file, data in self.data.items():
                 archive.writestr(file, data)
         return buffer.getvalue()
-
-    @property
-    def stackable(self) -> bool:
-        """Whether rows of this adapter can share a graph run with other adapters' rows."""
-        return self.manifest.get("stackable", False)
 
 
 class AdapterStore:
@@ -164,7 +162,7 @@ class AdapterStore:
                 f"({self.base.get('source')}); export the adapter into this OUT with "
                 f"`edgepeft export --adapter <adapter dir> --out {self.out}`"
             )
-        entry = Registered(name, path, data, {**manifest, "stackable": self._stackable(manifest)})
+        entry = Registered(name, path, data, manifest, self.slots)
         arrays, plan = self._stage(entry)  # a load stages (and checks) the adapter even under a budget
         with self._lock:
             if name in self._adapters:
@@ -222,6 +220,7 @@ class AdapterStore:
         try:
             with lock:  # one thread restages; the others wait for it
                 if adapter.plan is None:
+                    self._check_unchanged(adapter)
                     arrays, plan = self._stage(adapter)
                     with self._lock:
                         self._set_staged(adapter, arrays, plan)
@@ -251,27 +250,30 @@ class AdapterStore:
         """Evict least recently used adapters no call holds until the staged bytes fit the budget."""
         if self.budget is None:
             return
+        total = self.resident_bytes
         for name in list(self._resident):
-            if sum(self._adapters[n].bytes for n in self._resident) <= self.budget:
+            if total <= self.budget:
                 return
             adapter = self._adapters[name]
             if adapter.users == 0:
+                total -= adapter.bytes
                 self._drop(adapter)
 
     # ---------------------------------------------------------------- staging and checks
+    @staticmethod
+    def _check_unchanged(adapter: Registered) -> None:
+        """Before a restage: the folder's graph is still the one load checked (bytes cannot change)."""
+        if adapter.data is None and adapter_graph_error(adapter.path, adapter.manifest) is not None:
+            raise CorruptArtifactError(
+                f"{os.path.join(adapter.path, adapter.manifest['graph'])}: missing or changed since adapter "
+                f"{adapter.name!r} was loaded; unload_adapter({adapter.name!r}) and load it again")
+
     def _stage(self, adapter: Registered) -> tuple[dict, Plan]:
         label = adapter.path or "adapter bytes"
         graph = adapter.data[ADAPTER_GRAPH] if adapter.data else os.path.join(adapter.path, adapter.manifest["graph"])
-        if adapter.data is None and (not os.path.isfile(graph) or sha256_file(graph) != adapter.manifest["sha256"]):
-            raise CorruptArtifactError(  # restaging after an eviction: the folder changed since load
-                f"{graph}: missing or changed since adapter {adapter.name!r} was loaded; unload_adapter({adapter.name!r}) "
-                "and load it again")
         arrays = run_adapter_graph(graph, label)
         self._check_tensors(label, adapter.manifest, arrays)
         return arrays, self._plan(label, arrays)
-
-    def _stackable(self, manifest: dict) -> bool:
-        return all(self.slots[n].stack_axis is not None for n in manifest["slots"] if n in self.slots)
 
     def _plan(self, label: str, arrays: dict) -> Plan:
         """Sort an adapter's tensors by how they are bound (graph input, prefill only, cache start)."""

@@ -173,14 +173,13 @@ def lane_steps(rt, lanes, ids: np.ndarray, mask: np.ndarray):
         yield from decode_steps(rt, lanes[0].plan, ids, mask)
         return
     steps = [decode_steps(rt, lane.plan, ids[lane.rows], mask[lane.rows]) for lane in lanes]
-    first = [next(s) for s in steps]
-    logits = np.empty((ids.shape[0], first[0].shape[-1]), first[0].dtype)
-    for lane, part in zip(lanes, first):
-        logits[lane.rows] = part
+    parts = [next(s) for s in steps]
     while True:
-        token = yield logits.copy()
-        for lane, s in zip(lanes, steps):
-            logits[lane.rows] = s.send(token[lane.rows])
+        logits = np.empty((ids.shape[0], parts[0].shape[-1]), parts[0].dtype)  # a new array each step: the caller's
+        for lane, part in zip(lanes, parts):
+            logits[lane.rows] = part
+        token = yield logits
+        parts = [s.send(token[lane.rows]) for lane, s in zip(lanes, steps)]
 
 
 def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops):

@@ -115,16 +115,13 @@ class Mixer:
             if not held[name].stackable or not methods <= {"lora", "head"} or "lora" not in methods:
                 raise ConfigError(f"adapter {name!r} ({'+'.join(sorted(methods))}) cannot be weighted or combined: "
                                   "weighted sums are defined for LoRA adapters; give it alone, by name")
-        if sum(bool(self._head_of({n: 1.0}, held)) for n in spec) > 1:
+        if sum(held[n].has_head for n in spec) > 1:
             raise ConfigError(f"adapters {', '.join(sorted(spec))} each bring a classifier head; two heads have no "
                               "weighted sum: combine at most one adapter with a head")
 
     def _head_of(self, spec: dict, held: dict):
         """The adapter of ``spec`` that fills the output-selected slots (a head), or None."""
-        for name in spec:
-            if any(self.slots[s].selector == "output" for s in held[name].manifest["slots"] if s in self.slots):
-                return name
-        return None
+        return next((name for name in spec if held[name].has_head), None)
 
     # ---------------------------------------------------------------- stacks
     def _stacked_plan(self, specs: list, held: dict, heads: bool) -> Plan:

@@ -208,7 +208,7 @@ class Runtime:
         positions = np.arange(plan.n_past, plan.n_past + plan.n_prepend + length, dtype=np.int64)
         return full, np.broadcast_to(positions, (batch, positions.size)).copy()
 
-    def _check_call(self, adapter, batch: int, length: int, new_tokens: int = 0, what: str = "") -> None:
+    def _check_call(self, adapter, batch: int, length: int, new_tokens: int = 0, what: str = "", hint: str = "") -> None:
         """What a call's first step would refuse, staging nothing: an unknown adapter, a combination without a
         meaning, more positions than the model has (a lane's virtual tokens: its prompt or prefix adapter's)."""
         specs = row_specs(adapter, batch)
@@ -216,13 +216,14 @@ class Runtime:
         known = {n: self.store.get(n) for n in names if not self.store.serves_base(n)}
         if specs is not None:
             self.mixer.check(specs, known)
-        self._check_length(max((a.n_virtual for a in known.values()), default=0), length, new_tokens, what)
+        self._check_length(max((a.n_virtual for a in known.values()), default=0), length, new_tokens, what, hint)
 
-    def _check_length(self, n_virtual: int, length: int, new_tokens: int = 0, what: str = "") -> None:
+    def _check_length(self, n_virtual: int, length: int, new_tokens: int = 0, what: str = "", hint: str = "") -> None:
+        """``what``: the new tokens in words; ``hint``: a second fix besides shortening the prompt."""
         if self.max_positions and (total := length + n_virtual + new_tokens) > self.max_positions:
             raise InvalidInputError(
                 f"prompt of {length} tokens + the adapter's {n_virtual} virtual tokens{what} = {total} exceeds the "
-                f"model's {self.max_positions} positions; shorten the prompt" + (" or lower max_new_tokens" if "max_new_tokens" in what else "")
+                f"model's {self.max_positions} positions; shorten the prompt{hint}"
             )
 
     def _inputs(self, input_ids, attention_mask):
@@ -269,9 +270,9 @@ class Runtime:
             with self.lanes(adapter, ids.shape[0]) as held:
                 inner = lane_steps(self, held, ids, mask)
                 token = yield next(inner)
+                n_virtual = max(lane.plan.n_virtual for lane in held)
                 for sent in itertools.count(1):  # every token sent takes a position
-                    for lane in held:
-                        self._check_length(lane.plan.n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent")
+                    self._check_length(n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent")
                     token = yield inner.send(self._step_tokens(token, ids.shape[0]))
 
         return steps()
@@ -297,7 +298,8 @@ class Runtime:
         cfg = self.generation_config(**generation)
         # an unknown adapter or too many positions fail now; the last new token is never fed back: it needs none
         self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1,
-                         f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)")
+                         f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)",
+                         " or lower max_new_tokens")
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = text.StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops)

@@ -197,7 +197,7 @@ def classify(rt, texts, adapter=None):
 def _labels_of(rt, spec):
     """The label names of a row's adapter (a weighted row: the one adapter of it that has a head)."""
     if isinstance(spec, dict):
-        return next((rt.labels(name) for name in spec if rt.labels(name)), None)
+        return next((labels for name in spec if (labels := rt.labels(name))), None)
     return rt.labels(spec)
 
 
