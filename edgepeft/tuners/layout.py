@@ -1,11 +1,13 @@
 """What methods and the exporter share about the base graph's layout: the names of fused layer groups, and
-slot values that an adapter graph assembles at load from compact parts.
+slot values that an adapter graph assembles at load from compact parts, and the row weights of a mixed batch.
 
 Methods import these from here, so they need nothing from ``edgepeft.exporters``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from torch import nn
 
 
 def group_key(members: list[str]) -> str:
@@ -14,6 +16,18 @@ def group_key(members: list[str]) -> str:
     if all(m.rpartition(".")[0] == parent for m in members):
         return parent + "." + "+".join(m.rpartition(".")[2] for m in members)
     return "+".join(members)
+
+
+class RowWeights(nn.Module):
+    """Holds a mixed batch's row-weight graph input, read by every slot module of one method in a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.feed = {}
+
+    def share_with(self, module: nn.Module) -> None:
+        """``module.rows`` is this one object, not a submodule of each layer."""
+        object.__setattr__(module, "rows", self)
 
 
 @dataclass

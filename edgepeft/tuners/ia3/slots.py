@@ -21,19 +21,13 @@ from torch import nn
 from edgepeft.registry import SlotSpec
 from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
 from edgepeft.tuners.ia3.layer import IA3Linear
-from edgepeft.tuners.layout import group_key
+from edgepeft.tuners.layout import RowWeights, group_key
 from edgepeft.tuners.ia3.model import ia3_targets
 from edgepeft.tuners.targets import in_out_features, replace_module, wrapper_of
 
 
 ROWS = slot_name("ia3", "rows", "batch")  # the one row-weight input every IA3 scale reads
 STACK = slot_axis("ia3", "n", "stack")  # the stacked vectors' axis, one length for every slot
-
-
-class RowWeights(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.feed = {}
 
 
 def row_scale(stack, rows: RowWeights, dims: int = 3):
@@ -51,7 +45,7 @@ class IA3SlotLinear(nn.Module):
         self.base_layer = base_layer
         self.role = role
         self.feed = {}
-        object.__setattr__(self, "rows", rows)  # shared, not a submodule of each layer
+        rows.share_with(self)
 
     def forward(self, x):  # x: (B, T, in)
         if self.role == "in":
@@ -65,7 +59,7 @@ class IA3GroupScale(nn.Module):
     def __init__(self, rows: RowWeights):
         super().__init__()
         self.feed = {}
-        object.__setattr__(self, "rows", rows)
+        rows.share_with(self)
 
     def forward(self):
         return row_scale(self.feed["out"], self.rows)

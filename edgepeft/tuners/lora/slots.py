@@ -35,21 +35,13 @@ from transformers.pytorch_utils import Conv1D
 
 from edgepeft.registry import SlotSpec
 from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
-from edgepeft.tuners.layout import Assembled, group_key
+from edgepeft.tuners.layout import Assembled, RowWeights, group_key
 from edgepeft.tuners.lora.config import DEFAULT_LORA_TARGETS
 from edgepeft.tuners.lora.layer import LoraLinear
 from edgepeft.tuners.targets import in_out_features, linear_targets, replace_module, wrapper_of
 
 
 ROWS = slot_name("lora", "rows", "batch")  # the one row-weight input every LoRA delta reads
-
-
-class RowWeights(nn.Module):
-    """Holds the row-weight graph input that every LoRA slot module of a graph reads."""
-
-    def __init__(self):
-        super().__init__()
-        self.feed = {}
 
 
 def lora_delta(x, feed: dict, rows: RowWeights):
@@ -65,7 +57,7 @@ class LoraSlotLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.feed = {}
-        object.__setattr__(self, "rows", rows)  # shared, not a submodule of each layer
+        rows.share_with(self)
 
     def forward(self, x):  # x: (B, T, in)
         base = self.base_layer
@@ -84,7 +76,7 @@ class LoraGroupDelta(nn.Module):
     def __init__(self, rows: RowWeights):
         super().__init__()
         self.feed = {}
-        object.__setattr__(self, "rows", rows)
+        rows.share_with(self)
 
     def forward(self, x):  # x: (B, T, in) -> (B, T, sum of member outputs)
         return lora_delta(x, self.feed, self.rows)
