@@ -4,7 +4,7 @@ import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { EdgePeftError, Runtime } from "./runtime.js";
+import { EdgePeftError, Runtime, tokenizerOf } from "./runtime.js";
 
 async function read(file, encoding) {
   try {
@@ -40,7 +40,5 @@ export async function openFolder(ort, out, options = {}) {
 
 /** The tokenizer exported with the base (tokenizer.json, tokenizer_config.json). */
 export async function loadTokenizer(out) {
-  const json = JSON.parse(await read(path.join(out, "base", "tokenizer.json"), "utf8"));
-  const config = JSON.parse(await readFile(path.join(out, "base", "tokenizer_config.json"), "utf8").catch(() => "{}"));
-  return new Tokenizer(json, config);
+  return tokenizerOf(Tokenizer, folderLoader(out));
 }

@@ -225,6 +225,12 @@ function repeat(Tensor, tensor, batch) {  // (1, ...) -> (batch, ...): a prefix'
   return new Tensor("float32", data, [batch, ...tensor.dims.slice(1)]);
 }
 
+/** The tokenizer exported with the base, read through a loader (tokenizer_config.json when there is one). */
+export async function tokenizerOf(Tokenizer, loader) {
+  const config = await loader.json("base/tokenizer_config.json").catch(() => ({}));
+  return new Tokenizer(await loader.json("base/tokenizer.json"), config);
+}
+
 /** Label probabilities from a classifier's logits row: [{label, score}], most likely first. */
 export function classify(logits, labels, row = 0) {
   const width = logits.dims[1];

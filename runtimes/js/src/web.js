@@ -1,7 +1,7 @@
 // Browsers: open an export served over HTTP with onnxruntime-web.
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { EdgePeftError, Runtime } from "./runtime.js";
+import { EdgePeftError, Runtime, tokenizerOf } from "./runtime.js";
 
 async function fetched(url, as) {
   const response = await fetch(url);
@@ -28,8 +28,7 @@ export async function openUrl(ort, out, options = {}) {
   return Runtime.open(ort, urlLoader(out), options);
 }
 
+/** The tokenizer exported with the base, fetched from URL ``out``. */
 export async function loadTokenizer(out) {
-  const base = `${out.replace(/\/$/, "")}/base`;
-  const config = await fetch(`${base}/tokenizer_config.json`).then((r) => (r.ok ? r.json() : {}));
-  return new Tokenizer(await fetched(`${base}/tokenizer.json`, "json"), config);
+  return tokenizerOf(Tokenizer, urlLoader(out));
 }
