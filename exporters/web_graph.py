@@ -42,10 +42,9 @@ def write_web_variant(stage: str) -> list[str]:
                                     opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgepeft")
         neutral.ir_version = IR_VERSION
         onnx.save_model(neutral, os.path.join(stage, NEUTRAL_GRAPH))
-    web = onnx.load(os.path.join(stage, BASE_GRAPH), load_external_data=False)  # weights stay in model.onnx.data
-    names = {t.name for t in defaults}
-    kept = [t for t in web.graph.initializer if t.name not in names]
-    del web.graph.initializer[:]
-    web.graph.initializer.extend(kept)
-    onnx.save_model(web, os.path.join(stage, WEB_GRAPH))
+    names = {t.name for t in defaults}  # the same graph without those defaults; weights stay in model.onnx.data
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save_model(model, os.path.join(stage, WEB_GRAPH))
     return sorted(names)
