@@ -10,6 +10,7 @@ import copy
 import os
 import shutil
 
+from edgepeft.exporters.contrib_ops import install_contrib_ops, uses_contrib_ops
 from edgepeft.exporters.fingerprint import base_fingerprint
 from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
 from edgepeft.exporters.genai_config import write_genai_config
@@ -26,11 +27,14 @@ TOKENIZER_FILES = (
 )
 
 
-def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None) -> dict:
+def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="contrib") -> dict:
     """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest."""
     graph_model = copy.deepcopy(model)
     fused = fuse_groups(graph_model, groups)
     trace_conv1d_as_matmul(graph_model)
+    contrib = uses_contrib_ops(model.config, task, ops)
+    if contrib:
+        install_contrib_ops(graph_model, max_positions(model.config))
     feeds, neutral, samples = {}, {}, {}
     by_spec: dict = {}
     for s in slots:
@@ -59,6 +63,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "fingerprint": base_fingerprint(weights_fp, slots, OPSET),
         "weights_fingerprint": weights_fp,
         "opset": OPSET,
+        "ops": "contrib" if contrib else "standard",  # contrib: ONNX Runtime's fused kernels (contrib_ops.py)
         "dtype": "float32",
         "quantization": None,
         "merged_adapter": merged_adapter,

@@ -246,6 +246,7 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
             output_names=graph.output_names,
             dynamic_axes={**io_axes, **out_axes, **slot_axes},
             opset_version=OPSET,
+            custom_opsets={"com.microsoft": 1},
             do_constant_folding=True,
             dynamo=False,
         )

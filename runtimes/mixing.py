@@ -30,6 +30,33 @@ from .values import is_real
 CACHED_STACKS = 16  # sets of adapters whose stacked tensors stay built
 
 
+def run_rows_apart(rt, plan: Plan, ids, mask, positions, past, presents: bool) -> list:
+    """``rt.run`` one row at a time, the outputs joined along the batch (OrtValues, as ``rt.run`` returns).
+
+    For graphs on GroupQueryAttention (``ops: contrib``), whose CPU kernel takes a single row when several
+    new tokens meet a non-empty cache: a prefix adapter's prefill of a batch. Its logits keep every position.
+    """
+    import copy
+
+    batch = ids.shape[0]
+    parts = []
+    for i in range(batch):
+        row = copy.copy(plan)
+        row.cpu = {k: v[i:i + 1] if v.shape[0] == batch else v for k, v in plan.cpu.items()}
+        row_past = None if past is None else [_owned(p.numpy()[i:i + 1], rt.device) for p in past]
+        parts.append([o.numpy() for o in rt.run(row, ids[i:i + 1], mask[i:i + 1], positions[i:i + 1], row_past,
+                                                presents)])
+    return [_owned(np.concatenate(arrays), rt.device) for arrays in zip(*parts)]
+
+
+def _owned(array: np.ndarray, device) -> "ort.OrtValue":
+    """An OrtValue holding a copy of ``array`` in memory of its own (``ortvalue_from_numpy`` on the CPU would
+    point into the array, which is freed once the caller drops it)."""
+    value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, *device)
+    value.update_inplace(np.ascontiguousarray(array))
+    return value
+
+
 def row_specs(adapter, batch: int):
     """None for one adapter (or none) for every row; else each row's {name: weight} ({} is the base model)."""
     if adapter is None or isinstance(adapter, str):

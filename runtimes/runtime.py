@@ -26,7 +26,7 @@ import numpy as np
 
 from . import text
 from .adapters import AdapterStore, Plan
-from .mixing import Lane, Mixer, row_specs
+from .mixing import Lane, Mixer, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .generation import generation_config, lane_steps, stream_tokens
 from .inputs import check_token_inputs
@@ -78,6 +78,7 @@ class Runtime:
         self.task = self.manifest["task"]
         self.output_name = next(iter(self.manifest["outputs"]))  # logits / last_hidden_state first
         self.cache = self.manifest.get("cache")  # KV-cache layout of decoder graphs, else None
+        self.rows_apart = self.manifest.get("ops") == "contrib"  # see mixing.run_rows_apart
         self.cache_inputs = cache_names(self.cache, "past") if self.cache else []
         self.cache_outputs = cache_names(self.cache, "present") if self.cache else []
         self.neutral = {  # decode steps bind these for slots filled at prefill only (a zero-length prompt)
@@ -169,6 +170,8 @@ class Runtime:
         ``binding``: one from ``slot_binding(plan)`` to reuse (slots stay bound).
         Returns OrtValues: the task output, then the presents when asked for.
         """
+        if self.rows_apart and ids.shape[0] > 1 and ids.shape[1] > 1 and (past is not None or plan.past):
+            return run_rows_apart(self, plan, ids, mask, position_ids, past, presents)
         binding = binding or self.slot_binding(plan)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)

@@ -35,7 +35,7 @@ def test_prefix_tuning_matches_peft_both_ways(arch, projection, tiny_base, tmp_p
     randomize_prompt_encoder(model, seed=6, scale=0.5)
     model.eval().save_pretrained(tmp_path / "ours")
     state = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    token_dim = 16 if arch != "gpt2" else 32  # grouped-query attention: 2 kv heads x head_dim 8
+    token_dim = 32  # grouped-query attention (Llama, Qwen2): 2 kv heads x head_dim 16; GPT-2: 4 heads x 8
     assert list(state) == ["prompt_embeddings"] and tuple(state["prompt_embeddings"].shape) == (4, 2 * 2 * token_dim)
     ours = torch_outputs(model, ids, mask, "logits")
     assert ours.shape == (2, 9, 128)  # a prefix adds keys/values, not output positions

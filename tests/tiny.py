@@ -19,10 +19,10 @@ def tiny_config(arch: str):
 
     common = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
-        return tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        return tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                               intermediate_size=64, max_position_embeddings=64, **common)
     if arch == "qwen2":
-        return tf.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        return tf.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                               intermediate_size=64, max_position_embeddings=64, **common)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)

@@ -1,0 +1,216 @@
+"""Decoder graphs on ONNX Runtime's fused kernels (``--ops contrib``, the default for Llama and Qwen2 causal LMs).
+
+Per layer, in the traced copy of the model:
+
+    RMSNorm                        --> SimplifiedLayerNormalization (ONNX Runtime fuses it with the residual
+                                       Add before it into SkipSimplifiedLayerNormalization)
+    rotary + cache append + repeat_kv + masked softmax(QK^T)V
+                                   --> com.microsoft.GroupQueryAttention(q, k, v, past, ..., cos/sin cache,
+                                       position_ids, attention_bias)
+
+q, k and v are the projections' outputs as the slot layers left them (LoRA, IA3 and bottleneck slots
+on those projections work as before), the past is the cache input (a prefix is its start), and a
+prompt's virtual tokens arrive through ``inputs_embeds``: every slot kind keeps its place. The
+padding-and-causal mask the graph builds (``graph.causal_mask``) is the attention bias, so left-padded
+rows and mixed batches mean what they mean in the standard graph; every row's keys are the whole cache
+(``seqlens_k`` = its length - 1). Each op's PyTorch ``forward`` computes what transformers computes (the
+trace's shapes come from it); ``symbolic`` is the ONNX node. ``--ops standard`` exports the graph
+transformers' own code traces to, for providers without these kernels.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+CONTRIB = "com.microsoft"
+OPS = ("contrib", "standard")
+FUSED_MODELS = ("llama", "qwen2")  # the models whose attention and norms are replaced here
+
+
+def uses_contrib_ops(config, task: str, ops: str) -> bool:
+    return ops == "contrib" and task == "causal-lm" and config.model_type in FUSED_MODELS
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, weight, eps: float):
+        return g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+
+
+class _SkipRMSNorm(torch.autograd.Function):
+    """(RMSNorm(x + skip) * weight, x + skip): the residual add and the next norm in one op."""
+
+    @staticmethod
+    def forward(ctx, x, skip, weight, eps: float):
+        total = x + skip
+        return _RMSNorm.forward(ctx, total, weight, eps), total
+
+    @staticmethod
+    def symbolic(g, x, skip, weight, eps: float):
+        out = g.op(f"{CONTRIB}::SkipSimplifiedLayerNormalization", x, skip, weight, epsilon_f=eps, outputs=4)
+        out[0].setType(x.type())
+        out[3].setType(x.type())
+        return out[0], out[3]
+
+
+def _eps(norm) -> float:
+    return float(norm.variance_epsilon)
+
+
+def _rms_norm_forward(self, hidden_states):
+    return _RMSNorm.apply(hidden_states, self.weight, _eps(self))
+
+
+def _body_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                  use_cache=None, **kwargs):
+    """LlamaModel/Qwen2Model.forward with each residual add fused into the norm after it:
+
+        x = Norm(h); per layer: a = attn(x); x, h = SkipNorm(a, h); m = mlp(x); x, h = SkipNorm(m, h) (the next
+        layer's input norm, after the last layer the final norm)
+
+    ``attention_mask`` is the graph's (B, 1, S, K) mask and ``position_ids`` the input's (SlotGraph gives both).
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    layers = list(self.layers[: self.config.num_hidden_layers])
+    x = layers[0].input_layernorm(hidden)
+    shared = attention_inputs(attention_mask)  # once for every layer
+    for i, layer in enumerate(layers):
+        attended, _ = layer.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
+                                      cache=cache, attention_inputs=shared)
+        norm = layer.post_attention_layernorm
+        x, hidden = _SkipRMSNorm.apply(attended, hidden, norm.weight, _eps(norm))
+        norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+        x, hidden = _SkipRMSNorm.apply(layer.mlp(x), hidden, norm.weight, _eps(norm))
+    field = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return BaseModelOutputWithPast(last_hidden_state=x, **{field: cache})
+
+
+class _Rotary(torch.autograd.Function):
+    """transformers' rotary embedding on (B, S, heads * D) at ``position_ids`` (B, S), tables (positions, D / 2)."""
+
+    @staticmethod
+    def forward(ctx, x, position_ids, cos_cache, sin_cache, heads: int):
+        B, S, _ = x.shape
+        cos = torch.cat([cos_cache[position_ids]] * 2, dim=-1)[:, :, None]  # (B, S, 1, D)
+        sin = torch.cat([sin_cache[position_ids]] * 2, dim=-1)[:, :, None]
+        x = x.view(B, S, heads, -1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * cos + rotated * sin).reshape(B, S, -1)
+
+    @staticmethod
+    def symbolic(g, x, position_ids, cos_cache, sin_cache, heads: int):
+        out = g.op(f"{CONTRIB}::RotaryEmbedding", x, position_ids, cos_cache, sin_cache, num_heads_i=heads)
+        out.setType(x.type())
+        return out
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """Cache append, repeat_kv and softmax(QK^T * scale + bias) V on rotated (B, S, heads * D) q, k, v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total, bias, num_heads: int, kv_heads: int, scale: float):
+        B, S, _ = q.shape
+        D = past_k.shape[-1]
+        q = q.view(B, S, num_heads, D).transpose(1, 2)
+        k = k.view(B, S, kv_heads, D).transpose(1, 2)
+        v = v.view(B, S, kv_heads, D).transpose(1, 2)
+        present_k, present_v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        groups = num_heads // kv_heads
+        keys = present_k.repeat_interleave(groups, dim=1)
+        values = present_v.repeat_interleave(groups, dim=1)
+        scores = (q @ keys.transpose(-1, -2)) * scale + bias  # (B, heads, S, K)
+        out = torch.softmax(scores, dim=-1) @ values  # (B, heads, S, D)
+        return out.transpose(1, 2).reshape(B, S, num_heads * D), present_k, present_v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, bias, num_heads: int, kv_heads: int, scale: float):
+        # GroupQueryAttention's own rotary (do_rotary) ignores position_ids in a prefill: left-padded rows
+        # would be cached at other positions than transformers gives them, hence RotaryEmbedding before it.
+        out, present_k, present_v = g.op(
+            f"{CONTRIB}::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total, *_absent(g, 3), bias,
+            num_heads_i=num_heads, kv_num_heads_i=kv_heads, scale_f=scale, outputs=3)
+        out.setType(q.type())
+        present_k.setType(past_k.type())
+        present_v.setType(past_v.type())
+        return out, present_k, present_v
+
+
+def _absent(g, n: int) -> list:
+    """``n`` omitted optional inputs (ONNX: an empty name)."""
+    return [g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor()) for _ in range(n)]
+
+
+def attention_inputs(attention_mask) -> tuple:
+    """GroupQueryAttention's mask inputs from the graph's (B, 1, S, K) boolean mask: the additive bias, and
+    ``seqlens_k`` (B,) and ``total_sequence_length`` that make every row's keys the whole cache.
+
+    A padded query also sees its own key: a query that sees none is left unwritten by the kernel (it read
+    1e19 when a prefix met left padding), and what it computes flows into the next layer's cached keys.
+    Real queries see exactly what the mask lets them.
+    """
+    ones = torch.ones_like(attention_mask, dtype=torch.int32)  # (B, 1, S, K)
+    offset = ones.cumsum(-1) - ones.cumsum(-2)  # key index - query index
+    own = offset == ones.sum(-1, keepdim=True) - ones.sum(-2, keepdim=True)  # key K - S + i for query i
+    bias = torch.where(attention_mask | own, 0.0, torch.finfo(torch.float32).min)
+    row = ones[:, 0, 0, :]  # (B, K)
+    return bias, row.sum(-1, dtype=torch.int32) - 1, row[0].sum(dtype=torch.int32)
+
+
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """The attention of a Llama/Qwen2 layer on the fused ops; ``attention_mask``: (B, 1, S, K) bool."""
+    position_ids = kwargs["position_ids"]
+    layer = cache.layers[self.layer_idx]
+    past_k, past_v = layer.keys, layer.values  # (B, kv_heads, P, D): the graph inputs, put in by SlotGraph
+    bias, seqlens_k, total = kwargs.get("attention_inputs") or attention_inputs(attention_mask)
+    tables, heads, kv_heads = self.rotary_tables, self.config.num_attention_heads, self.config.num_key_value_heads
+    q = _Rotary.apply(self.q_proj(hidden_states), position_ids, tables.cos, tables.sin, heads)
+    k = _Rotary.apply(self.k_proj(hidden_states), position_ids, tables.cos, tables.sin, kv_heads)
+    out, present_k, present_v = _GroupQueryAttention.apply(
+        q, k, self.v_proj(hidden_states), past_k, past_v, seqlens_k, total, bias, heads, kv_heads, float(self.scaling))
+    layer.keys, layer.values = present_k, present_v  # what SlotGraph returns as present.*
+    return self.o_proj(out), None
+
+
+class RotaryTables(nn.Module):
+    """cos and sin of every position (max positions, head_dim / 2), from the model's own rotary embedding
+    (its rope scaling and attention scaling included), shared by every layer's GroupQueryAttention."""
+
+    def __init__(self, model, positions: int):
+        super().__init__()
+        rotary = model.model.rotary_emb
+        ids = torch.arange(positions)[None]
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, dtype=torch.float32), ids)  # (1, positions, head_dim)
+        half = cos.shape[-1] // 2
+        self.register_buffer("cos", cos[0, :, :half].contiguous())
+        self.register_buffer("sin", sin[0, :, :half].contiguous())
+
+
+def install_contrib_ops(model, positions: int) -> None:
+    """Swap the traced copy's RMSNorms and attentions for the fused ops (see the module docstring)."""
+    from edgepeft.errors import UnsupportedModelError
+
+    rope = (getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {})
+    if rope.get("rope_type", "default") == "dynamic":
+        raise UnsupportedModelError(
+            f"{model.config.model_type}: dynamic rope scaling changes the rotary tables with the length, which "
+            "the fused graph's fixed tables cannot follow; export with --ops standard")
+    tables = RotaryTables(model, positions)
+    model.model.forward = types.MethodType(_body_forward, model.model)
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm"):
+            module.forward = types.MethodType(_rms_norm_forward, module)
+        elif name.endswith("Attention") and hasattr(module, "q_proj"):
+            object.__setattr__(module, "rotary_tables", tables)
+            module.forward = types.MethodType(_attention_forward, module)
