@@ -10,7 +10,7 @@ import copy
 import os
 import shutil
 
-from edgepeft.exporters.contrib_ops import install_contrib_ops, uses_contrib_ops
+from edgepeft.exporters.contrib_ops import install_contrib_ops
 from edgepeft.exporters.fingerprint import base_fingerprint
 from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
 from edgepeft.exporters.genai_config import write_genai_config
@@ -27,12 +27,15 @@ TOKENIZER_FILES = (
 )
 
 
-def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="contrib") -> dict:
-    """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest."""
+def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="standard") -> dict:
+    """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest.
+
+    ``ops``: "contrib" (a model ``effective_ops`` allows) or "standard" (see ``contrib_ops``).
+    """
     graph_model = copy.deepcopy(model)
     fused = fuse_groups(graph_model, groups)
     trace_conv1d_as_matmul(graph_model)
-    contrib = uses_contrib_ops(model.config, task, ops)
+    contrib = ops == "contrib"
     if contrib:
         install_contrib_ops(graph_model, max_positions(model.config))
     feeds, neutral, samples = {}, {}, {}

@@ -29,8 +29,30 @@ OPS = ("contrib", "standard")
 FUSED_MODELS = ("llama", "qwen2")  # the models whose attention and norms are replaced here
 
 
-def uses_contrib_ops(config, task: str, ops: str) -> bool:
-    return ops == "contrib" and task == "causal-lm" and config.model_type in FUSED_MODELS
+KERNEL_HEAD_MULTIPLE = 16  # GroupQueryAttention's CPU kernel takes head sizes that are multiples of 16
+
+
+def check_ops(ops) -> None:
+    from edgepeft.errors import ConfigError
+
+    if ops not in OPS:
+        raise ConfigError(f"--ops {ops!r} is not supported; use one of {', '.join(OPS)}")
+
+
+def effective_ops(config, task: str, ops: str, log=None) -> str:
+    """"contrib" where asked for and the model has the fused build (Llama, Qwen2 causal LMs whose head size the
+    kernel takes), else "standard"; ``log`` hears why a contrib request falls back."""
+    if ops != "contrib" or task != "causal-lm" or config.model_type not in FUSED_MODELS:
+        return "standard"
+    from edgepeft.models import attention_layout
+
+    head = attention_layout(config)["head_dim"]
+    if head % KERNEL_HEAD_MULTIPLE:
+        if log:
+            log(f"note: head size {head} is not a multiple of {KERNEL_HEAD_MULTIPLE} (GroupQueryAttention's CPU "
+                "kernel needs that): standard ops")
+        return "standard"
+    return "contrib"
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -18,6 +18,7 @@ import os
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
 from edgepeft.exporters.base_graph import trace_base
+from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import weights_fingerprint
 from edgepeft.exporters.quantize import check_quantize, quantize_graph
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, base_valued, resolve
@@ -33,7 +34,7 @@ from edgepeft.tuners.layout import group_key
 
 
 def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose=False, quantize=None,
-           qtol=0.2, ort_adapter=None, overwrite=False) -> dict:
+           qtol=0.2, ort_adapter=None, overwrite=False, ops="contrib") -> dict:
     """Export adapters (HF PEFT or edgepeft dirs) and their base into ``out``.
 
     Returns a report: the base (exported or reused), each adapter's size, and the
@@ -43,7 +44,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     ``ort_adapter``: also write each adapter in ONNX Runtime's ``.onnx_adapter`` format
     where that format can hold it (see ``exporters/ort_adapter.py``); None, the default: on a
     float base (what onnxruntime-genai and ONNX Runtime's LoraAdapter load). An adapter already in
-    ``out`` under the same name is replaced only with ``overwrite``.
+    ``out`` under the same name is replaced only with ``overwrite``. ``ops="contrib"`` (the default) builds
+    Llama/Qwen2 causal LMs on ONNX Runtime's fused kernels, ``"standard"`` with plain ONNX ops (``contrib_ops.py``).
     A failed export leaves ``out`` as it was: folders it made are removed again.
     """
     out = str(out)
@@ -52,12 +54,13 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     if not atol >= 0:
         raise ConfigError(f"--atol must be >= 0, got {atol}")
     check_quantize(quantize)
+    check_ops(ops)
     if not qtol > 0:
         raise ConfigError(f"--qtol must be > 0, got {qtol}")
     made = [d for d in (out, os.path.join(out, ADAPTERS_DIR)) if not os.path.exists(d)]
     try:
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
-                       overwrite=overwrite, log=print if verbose else (lambda *a, **k: None))
+                       overwrite=overwrite, ops=ops, log=print if verbose else (lambda *a, **k: None))
         if merge:
             return export_merged(plan)
         slots, reuse = plan_slots(plan)
@@ -121,6 +124,10 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
         have, want = existing.get("quantization") or "float32", plan.quantize or "float32"
         raise ConfigError(f"{base_dir}: holds a {have} base, this export asks for {want} (--quantize); "
                           "export into another --out folder")
+    have, want = existing.get("ops", "standard"), effective_ops(plan.model.config, plan.task, plan.ops)
+    if have != want:
+        raise ConfigError(f"{base_dir}: holds a base built with {have} ops, this export asks for {want} (--ops); "
+                          f"export with --ops {have}, or into another --out folder")
     if existing.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
                           f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
@@ -161,7 +168,7 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
     plan.log(f"exporting base with {len(slots)} slots to {plan.base_dir}")
     skip = {s.module for s in slots if s.neutral == "base"}  # task heads: their base values are only defaults
     trace_base(plan.model, slots, plan.task, stage, plan.source, weights_fingerprint(plan.model, skip_modules=skip),
-               plan.groups)
+               plan.groups, ops=effective_ops(plan.model.config, plan.task, plan.ops, plan.log))
     manifest = read_base_manifest(stage)
     if manifest["inert_slots"]:
         plan.log(f"note: {len(manifest['inert_slots'])} slots cannot change {TASK_OUTPUTS[plan.task]} "
@@ -263,7 +270,7 @@ def export_merged(plan: ExportPlan) -> dict:
         stage = staging.new(plan.out, "merged")
         plan.log(f"exporting {src.name} merged into the base to {base_dir}")
         trace_base(merged, [], plan.task, stage, plan.source, weights_fingerprint(merged), plan.groups,
-                   merged_adapter=src.name)
+                   merged_adapter=src.name, ops=effective_ops(merged.config, plan.task, plan.ops, plan.log))
         rt = Runtime.from_base_dir(stage)
         plan.peft.set_adapter(src.name)
         checks = [validate(f"merged {src.name}", rt, None, plan.peft, plan.task, plan.atol, src.path)]

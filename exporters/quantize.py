@@ -149,6 +149,8 @@ def _quiet_quantizer_logs():
 
 
 def _int8(path: str, dest: str, keep_float: list, external: bool) -> None:
+    import onnx
+
     with _quiet_quantizer_logs():
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -156,7 +158,8 @@ def _int8(path: str, dest: str, keep_float: list, external: bool) -> None:
     # (AVX2, or AVX-512 without VNNI): with 8 bits they saturate there (tiny Llama: relative error 0.008-0.033 on
     # an AVX2 CPU, 0.0014-0.0024 with reduce_range; 0.0009-0.0026 with 8 bits on an AVX-512 VNNI CPU).
         quantize_dynamic(path, dest, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         nodes_to_exclude=keep_float, op_types_to_quantize=["MatMul"], use_external_data_format=external)
+                         nodes_to_exclude=keep_float, op_types_to_quantize=["MatMul"], use_external_data_format=external,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # past contrib ops' outputs
 
 
 def _int4(path: str, dest: str, keep_float: list, external: bool) -> None:

@@ -40,6 +40,7 @@ class ExportPlan:
     atol: float = 1e-4
     qtol: float = 0.2
     quantize: str | None = None
+    ops: str = "contrib"  # contrib_ops.py: ONNX Runtime's fused kernels where the model allows
     ort_adapter: bool | None = None  # None: where the base is float
     overwrite: bool = False
     log: object = field(default=lambda *a, **k: None)

@@ -57,7 +57,7 @@ def test_decoder_graph_and_manifest_name_the_cache_as_optimum_does(text_export, 
     for name in PAST:
         batch, heads, length, dim = inputs[name].shape
         assert isinstance(batch, str) and isinstance(length, str)  # symbolic: any batch, any past length
-        assert (heads, dim) == (cache["num_kv_heads"], cache["head_dim"]) == (2, 8)
+        assert (heads, dim) == (cache["num_kv_heads"], cache["head_dim"]) == (2, 16)
     # the runtime reads its cache I/O from the manifest
     assert (text_rt.cache_inputs, text_rt.cache_outputs) == (PAST, PRESENT)
 

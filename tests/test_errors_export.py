@@ -399,7 +399,7 @@ def test_export_of_sliding_window_layers_is_refused(guarded, llama, tmp_path):
     import transformers as tf
 
     config = tf.Qwen2Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                            num_key_value_heads=2, head_dim=16, intermediate_size=64, max_position_embeddings=64,
                             use_sliding_window=True, sliding_window=4, max_window_layers=1)
     torch.manual_seed(0)
     base = str(tmp_path / "base-qwen2-sliding")

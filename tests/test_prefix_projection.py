@@ -45,7 +45,7 @@ def _build(base, encoder_hidden_size):
     assert isinstance(our_enc, PrefixEncoder)
     assert isinstance(hf_enc.transform[1], torch.nn.Tanh)  # the reference: HF PEFT's MLP is Linear -> Tanh -> Linear
 
-    # Sizes the configs were filled with (grouped-query attention: 2 kv heads x head_dim 8 = token_dim 16).
+    # Sizes the configs were filled with (grouped-query attention: 2 kv heads x head_dim 16 = token_dim 32).
     hc, oc = hf.peft_config["default"], ours.peft_config["default"]
     for field in ("num_layers", "token_dim", "num_attention_heads", "encoder_hidden_size", "num_virtual_tokens"):
         assert getattr(oc, field) == getattr(hc, field), f"config {field}: edgepeft {getattr(oc, field)} != HF PEFT {getattr(hc, field)}"
@@ -113,7 +113,7 @@ def test_prefix_projection_mlp_matches_peft(tiny_base, encoder_hidden_size):
     assert len(ours_kv) == len(theirs_kv) == 2
     for layer, ((tk, tv), (ok, ov)) in enumerate(zip(theirs_kv, ours_kv)):
         for role, t, o in (("key", tk, ok), ("value", tv, ov)):
-            assert tuple(o.shape) == tuple(t.shape) == (batch, 2, N_VIRTUAL, 8), (layer, role, o.shape, t.shape)
+            assert tuple(o.shape) == tuple(t.shape) == (batch, 2, N_VIRTUAL, 16), (layer, role, o.shape, t.shape)
             assert float((o - t).abs().max()) <= 1e-6, f"layer {layer} {role} differs from HF PEFT's"
 
     # (b) forward logits on a left-padded batch
