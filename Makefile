@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgepeft-installed
 DEVICE := .venv-device
 DEVICE_STAMP := $(DEVICE)/.edgepeft-installed
+GENAI := .venv-genai
+GENAI_STAMP := $(GENAI)/.edgepeft-installed
 JS := runtimes/js
 JS_STAMP := $(JS)/node_modules/.edgepeft-installed
 CHROMIUM ?= /usr/bin/chromium
@@ -32,6 +34,15 @@ $(DEVICE_STAMP): pyproject.toml constraints-device.txt
 	$(DEVICE)/bin/python -m pip install -q --upgrade pip
 	$(DEVICE)/bin/python -m pip install -q -c constraints-device.txt -e '.[cpu]' onnxruntime-genai pytest
 	touch $(DEVICE_STAMP)
+
+# onnxruntime-genai's own pipeline for samples/bench_genai_builder.py: its model builder needs torch and
+# transformers beside genai, and genai brings the CPU onnxruntime (never beside onnxruntime-gpu)
+$(GENAI_STAMP): pyproject.toml constraints.txt
+	test -x $(GENAI)/bin/python || $(PYTHON) -m venv $(GENAI)
+	$(GENAI)/bin/python -m pip install -q --upgrade pip
+	$(GENAI)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(GENAI)/bin/python -m pip install -q -c constraints.txt -e '.[train,cpu]' peft onnxruntime onnxruntime-genai
+	touch $(GENAI_STAMP)
 
 $(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
 	command -v node >/dev/null && command -v npm >/dev/null || { $(APT) update -q && $(APT) install -y -q nodejs npm; }
@@ -65,15 +76,16 @@ web: $(STAMP) $(JS_STAMP)
 	test -f demo-out/export/base/edgepeft.json || $(BIN)/python samples/demo.py
 	$(BIN)/python samples/web/serve.py --port 8000
 
-bench: $(STAMP) $(DEVICE_STAMP) $(JS_STAMP)
+bench: $(STAMP) $(DEVICE_STAMP) $(JS_STAMP) $(GENAI_STAMP)
 	$(BIN)/python samples/bench_lora.py
 	$(BIN)/python samples/bench_generate.py --rounds 16
 	$(BIN)/python samples/bench_threads.py --export bench-out/generate/merged
 	$(BIN)/python samples/bench_prefill.py --export bench-out/generate/slots
 	$(BIN)/python samples/bench_many.py
 	$(DEVICE)/bin/python samples/bench_genai.py --export bench-out/generate/slots
+	$(GENAI)/bin/python samples/bench_genai_builder.py
 	$(BIN)/python samples/bench_web.py
 	$(BIN)/python samples/bench_web.py --quantize int8 --out bench-out/web-int8
 
 clean:
-	rm -rf $(VENV) $(DEVICE) $(JS)/node_modules build demo-out bench-out gen-out
+	rm -rf $(VENV) $(DEVICE) $(GENAI) $(JS)/node_modules build demo-out bench-out gen-out

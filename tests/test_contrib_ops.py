@@ -1,0 +1,103 @@
+"""--ops contrib (the default for Llama/Qwen2 causal LMs) against --ops standard: the fused kernels are in the
+graph, both builds answer as PyTorch and HF PEFT do (every other decoder test runs on the contrib build: the
+tiny Llama and Qwen2 have head size 16), and one OUT never mixes the two."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from peft_refs import greedy_reference
+from tiny import sample_batch, tiny_config, torch_outputs
+from edgepeft.errors import ConfigError
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+FUSED = {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
+
+
+def _ops(out: str) -> set:
+    graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph
+    return {n.op_type for n in graph.node}
+
+
+def _manifest(out: str) -> dict:
+    with open(os.path.join(out, "base", "edgepeft.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_contrib_and_standard_builds_both_match_hf_peft_prefill_and_decode(arch, peft_adapter, hf_reference, tmp_path):
+    adapter = peft_adapter(arch, "all-linear", r=4, target_modules="all-linear")
+    ref = hf_reference(arch, adapter)
+    ids, mask = sample_batch(batch=3)
+    expected = torch_outputs(ref, ids, mask, "logits")
+    greedy, steps = greedy_reference(ref, ids, mask, 6)  # each decode step's logits too
+    for ops in ("contrib", "standard"):
+        out = str(tmp_path / ops)
+        report = export([adapter], out, ops=ops)  # validated against PyTorch: prefill and 3 cached decode steps
+        assert _manifest(out)["ops"] == ops
+        kinds = _ops(out)
+        if ops == "contrib":
+            assert FUSED <= kinds and "Softmax" not in kinds and "ReduceMean" not in kinds
+        else:
+            assert not FUSED & kinds and "Softmax" in kinds
+        assert max(c["max_abs_diff"] for c in report["checks"]) <= 1e-4
+        rt = Runtime(out)
+        logits = rt.forward(ids, mask, adapter="all-linear")["logits"]
+        valid = mask.astype(bool)
+        assert np.abs(logits[valid] - expected[valid]).max() <= 1e-4
+        np.testing.assert_array_equal(rt.generate(ids, mask, adapter="all-linear", max_new_tokens=6, eos_token_id=[]),
+                                      greedy)
+        ours = rt.step_logits(ids, mask, adapter="all-linear")
+        logits = [next(ours)] + [ours.send(greedy[:, ids.shape[1] + i]) for i in range(5)]
+        assert np.abs(np.stack(logits) - np.stack(steps)).max() <= 1e-4
+
+
+def test_a_head_size_the_kernel_cannot_take_falls_back_to_standard_ops(tmp_path, capsys):
+    import peft
+    import transformers as tf
+
+    config = tiny_config("llama")
+    config.head_dim = 8  # GroupQueryAttention's CPU kernel needs multiples of 16
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    tf.LlamaForCausalLM(config).save_pretrained(base)
+    pm = peft.get_peft_model(tf.LlamaForCausalLM.from_pretrained(base), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(tmp_path / "lora"))
+    export([str(tmp_path / "lora")], str(tmp_path / "out"), verbose=True)
+    assert "head size 8 is not a multiple of 16" in capsys.readouterr().out
+    assert _manifest(str(tmp_path / "out"))["ops"] == "standard" and not FUSED & _ops(str(tmp_path / "out"))
+
+
+def test_an_out_built_with_other_ops_is_refused_and_left_as_it_was(peft_adapter, tmp_path):
+    first = peft_adapter("llama", "qv-ops", r=2, target_modules=["q_proj", "v_proj"])
+    second = peft_adapter("llama", "mlp-ops", r=2, target_modules=["gate_proj", "down_proj"])
+    out = str(tmp_path / "out")
+    export([first], out, ops="standard")
+    before = sorted(os.listdir(os.path.join(out, "base")))
+    with pytest.raises(ConfigError, match="built with standard ops, this export asks for contrib") as e:
+        export([second], out)
+    assert "--ops standard" in str(e.value)
+    assert sorted(os.listdir(os.path.join(out, "base"))) == before and _manifest(out)["ops"] == "standard"
+    assert os.listdir(os.path.join(out, "adapters")) == ["qv-ops"]
+    export([second], out, ops="standard")  # the message's fix
+    assert sorted(os.listdir(os.path.join(out, "adapters"))) == ["mlp-ops", "qv-ops"]
+
+
+def test_unknown_ops_value_is_refused(peft_adapter, tmp_path):
+    with pytest.raises(ConfigError, match="--ops 'fused' is not supported; use one of contrib, standard"):
+        export([peft_adapter("llama", "qv-ops", r=2, target_modules=["q_proj", "v_proj"])], str(tmp_path / "o"),
+               ops="fused")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_gpt2_and_bert_exports_say_standard_ops(shared_export):
+    for arch in ("gpt2", "bert"):
+        out, _, _ = shared_export(arch)
+        assert _manifest(out)["ops"] == "standard"
