@@ -192,7 +192,8 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     """The attention of a Llama/Qwen2 layer on the fused ops; ``attention_mask``: (B, 1, S, K) bool."""
     position_ids = kwargs["position_ids"]
     layer = cache.layers[self.layer_idx]
-    past_k, past_v = layer.keys, layer.values  # (B, kv_heads, P, D): the graph inputs, put in by SlotGraph
+    # (B, kv_heads, P, D): the graph inputs SlotGraph put in (not the cache's copies: a Concat per layer and step)
+    past_k, past_v = cache.graph_inputs[2 * self.layer_idx], cache.graph_inputs[2 * self.layer_idx + 1]
     bias, seqlens_k, total = kwargs.get("attention_inputs") or attention_inputs(attention_mask)
     tables, heads, kv_heads = self.rotary_tables, self.config.num_attention_heads, self.config.num_key_value_heads
     q = _Rotary.apply(self.q_proj(hidden_states), position_ids, tables.cos, tables.sin, heads)

@@ -110,6 +110,7 @@ class SlotGraph(torch.nn.Module):
             cache = DynamicCache(config=self.model.config)
             for layer in range(self.cache["num_layers"]):  # past: (B, kv_heads, P, head_dim) each
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            cache.graph_inputs = past  # the inputs themselves: GroupQueryAttention appends (contrib_ops.py)
             extra = {"position_ids": position_ids, **cache_kwargs(self.model, cache)}
         for (module, role), value in zip(self._feeds, rest):
             module.feed[role] = value

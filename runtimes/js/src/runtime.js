@@ -61,6 +61,7 @@ export class Runtime {
     }
     rt.outputName = Object.keys(m.outputs)[0];
     rt.cache = m.cache;
+    rt.rowsApart = m.ops === "contrib";  // see run()
     rt.pastNames = rt.cache ? names(rt.cache, "past") : [];
     rt.presentNames = rt.cache ? names(rt.cache, "present") : [];
     rt.adapters = new Map();
@@ -192,6 +193,16 @@ export class Runtime {
   async run(plan, ids, mask, positions, past, prefill, keep = 0n) {
     const { Tensor } = this.ort;
     const batch = ids.length;
+    if (this.rowsApart && batch > 1 && ids[0].length > 1 && (past || Object.keys(plan.past).length)) {
+      // GroupQueryAttention ("ops": "contrib") takes one row when several new tokens meet a non-empty cache
+      // (a prefix's prefill): row by row, the outputs joined along the batch, as the Python runtime does
+      const rows = [];
+      for (let b = 0; b < batch; b++) {
+        const rowPast = past && past.map((t) => rowOf(Tensor, t, b));
+        rows.push(await this.run(plan, [ids[b]], [mask[b]], [positions[b]], rowPast, prefill, keep));
+      }
+      return Object.fromEntries(Object.keys(rows[0]).map((name) => [name, joined(Tensor, rows.map((r) => r[name]))]));
+    }
     const feeds = { ...this.neutral };
     Object.assign(feeds, plan.every);
     if (prefill) Object.assign(feeds, plan.prefill);
@@ -223,6 +234,18 @@ function repeat(Tensor, tensor, batch) {  // (1, ...) -> (batch, ...): a prefix'
   const data = new Float32Array(tensor.data.length * batch);
   for (let b = 0; b < batch; b++) data.set(tensor.data, b * tensor.data.length);
   return new Tensor("float32", data, [batch, ...tensor.dims.slice(1)]);
+}
+
+function rowOf(Tensor, tensor, b) {  // row b of a (batch, ...) float32 tensor
+  const size = tensor.data.length / tensor.dims[0];
+  return new Tensor("float32", tensor.data.slice(b * size, (b + 1) * size), [1, ...tensor.dims.slice(1)]);
+}
+
+function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
+  const data = new Float32Array(tensors.reduce((n, t) => n + t.data.length, 0));
+  let at = 0;
+  for (const t of tensors) { data.set(t.data, at); at += t.data.length; }
+  return new Tensor("float32", data, [tensors.length, ...tensors[0].dims.slice(1)]);
 }
 
 /** The tokenizer exported with the base, read through a loader (tokenizer_config.json when there is one). */
