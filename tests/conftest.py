@@ -175,7 +175,7 @@ def text_model(workdir):
                       initializer_range=0.3)
         torch.manual_seed(7)  # the same weights every run
         if arch == "llama":
-            config = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            config = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                     intermediate_size=64, max_position_embeddings=128, **common)
             model = tf.AutoModelForCausalLM.from_config(config)
         else:
