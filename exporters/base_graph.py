@@ -51,7 +51,8 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         samples.update(spec.sample(group, spec_neutral))
         output_axis = output_axis or spec.output_axis(group)
     graph = SlotGraph(graph_model, feeds, task, cache=cache_layout(model.config, task), output_axis=output_axis)
-    io = export_graph(graph, graph.sample_inputs(model.config, samples), slots, neutral, os.path.join(stage, BASE_GRAPH))
+    io = export_graph(graph, graph.sample_inputs(model.config, samples), slots, neutral, os.path.join(stage, BASE_GRAPH),
+                      contrib)
     required = write_web_variant(stage)  # JavaScript: every slot required, their neutral values in neutral.onnx
     slots = [s for s in slots if s.name not in io["inert_slots"]]
     manifest = {

@@ -232,8 +232,10 @@ def kept_positions(keep: torch.Tensor, length) -> torch.Tensor:
     return torch.arange(start, length)
 
 
-def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, path: str) -> dict:
-    """Trace ``graph`` to ``path``; returns the I/O table written into the manifest."""
+def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, path: str,
+                 contrib: bool = False) -> dict:
+    """Trace ``graph`` to ``path``; returns the I/O table written into the manifest. ``contrib``: the model
+    emits ONNX Runtime's com.microsoft ops (``contrib_ops.py``)."""
     io_axes, out_axes = graph.io_table()
     slot_axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in slots if not s.target}
     graph.eval()
@@ -247,7 +249,7 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
             output_names=graph.output_names,
             dynamic_axes={**io_axes, **out_axes, **slot_axes},
             opset_version=OPSET,
-            custom_opsets={"com.microsoft": 1},
+            custom_opsets={"com.microsoft": 1} if contrib else None,
             do_constant_folding=True,
             dynamo=False,
         )
