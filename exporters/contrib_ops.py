@@ -27,8 +27,6 @@ from torch import nn
 CONTRIB = "com.microsoft"
 OPS = ("contrib", "standard")
 FUSED_MODELS = ("llama", "qwen2")  # the models whose attention and norms are replaced here
-
-
 KERNEL_HEAD_MULTIPLE = 16  # GroupQueryAttention's CPU kernel takes head sizes that are multiples of 16
 
 
@@ -47,12 +45,14 @@ def effective_ops(config, task: str, ops: str, log=None) -> str:
     from edgepeft.models import attention_layout
 
     head = attention_layout(config)["head_dim"]
-    if head % KERNEL_HEAD_MULTIPLE:
-        if log:
-            log(f"note: head size {head} is not a multiple of {KERNEL_HEAD_MULTIPLE} (GroupQueryAttention's CPU "
-                "kernel needs that): standard ops")
-        return "standard"
-    return "contrib"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    why = (f"head size {head} is not a multiple of {KERNEL_HEAD_MULTIPLE} (GroupQueryAttention's CPU kernel needs "
+           "that)" if head % KERNEL_HEAD_MULTIPLE else
+           "dynamic rope scaling changes the rotary tables with the length" if rope.get("rope_type") == "dynamic"
+           else None)
+    if why and log:
+        log(f"note: {why}: standard ops")
+    return "standard" if why else "contrib"
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -220,14 +220,8 @@ class RotaryTables(nn.Module):
 
 
 def install_contrib_ops(model, positions: int) -> None:
-    """Swap the traced copy's RMSNorms and attentions for the fused ops (see the module docstring)."""
-    from edgepeft.errors import UnsupportedModelError
-
-    rope = (getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {})
-    if rope.get("rope_type", "default") == "dynamic":
-        raise UnsupportedModelError(
-            f"{model.config.model_type}: dynamic rope scaling changes the rotary tables with the length, which "
-            "the fused graph's fixed tables cannot follow; export with --ops standard")
+    """Swap the traced copy's RMSNorms and attentions for the fused ops (see the module docstring); for a model
+    ``effective_ops`` allows."""
     tables = RotaryTables(model, positions)
     model.model.forward = types.MethodType(_body_forward, model.model)
     for module in model.modules():

@@ -75,6 +75,19 @@ def test_a_head_size_the_kernel_cannot_take_falls_back_to_standard_ops(tmp_path,
     assert _manifest(str(tmp_path / "out"))["ops"] == "standard" and not FUSED & _ops(str(tmp_path / "out"))
 
 
+def test_dynamic_rope_scaling_and_other_models_get_standard_ops():
+    from edgepeft.exporters.contrib_ops import effective_ops
+
+    notes = []
+    config = tiny_config("llama")
+    assert effective_ops(config, "causal-lm", "contrib") == "contrib"
+    assert effective_ops(config, "seq-cls", "contrib") == effective_ops(config, "causal-lm", "standard") == "standard"
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert effective_ops(config, "causal-lm", "contrib", notes.append) == "standard"
+    assert notes == ["note: dynamic rope scaling changes the rotary tables with the length: standard ops"]
+    assert effective_ops(tiny_config("gpt2"), "causal-lm", "contrib") == "standard"
+
+
 def test_an_out_built_with_other_ops_is_refused_and_left_as_it_was(peft_adapter, tmp_path):
     first = peft_adapter("llama", "qv-ops", r=2, target_modules=["q_proj", "v_proj"])
     second = peft_adapter("llama", "mlp-ops", r=2, target_modules=["gate_proj", "down_proj"])
