@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError
+from .kv_cache import FixedCache
 from .values import is_real, is_whole
 
 
@@ -150,8 +151,10 @@ def decode_steps(rt, plan, ids: np.ndarray, mask: np.ndarray):
     """Prefill, then one cached step per token sent in: yields each step's last-position logits (B, V).
 
     ``steps.send(tokens)`` ((B,) int64) runs the next step. The KV cache stays in OrtValues:
-    each step's ``present.*`` outputs are bound as the next step's ``past_key_values.*``.
+    each step's ``present.*`` outputs are bound as the next step's ``past_key_values.*``, or on
+    GroupQueryAttention graphs one buffer per cache input is both (``kv_cache.py``).
     """
+
     full, positions = rt.virtual_inputs(plan, mask, generate=True)
     binding = rt.slot_binding(plan)
     if rt.keep_last is not None:  # the last position's logits only (forward keeps the default, all)
@@ -159,11 +162,13 @@ def decode_steps(rt, plan, ids: np.ndarray, mask: np.ndarray):
     outputs = rt.run(plan, ids, full, positions, None, presents=True, binding=binding)
     for name in plan.prefill:  # decode steps add no virtual tokens
         binding.bind_ortvalue_input(name, rt.neutral[name])
+    cache = FixedCache(rt, outputs[1:]) if rt.contrib else None
     while True:
         token = yield outputs[0].numpy()[:, -1, :]
         full = np.concatenate([full, np.ones_like(token)[:, None]], axis=1)
         positions = positions[:, -1:] + 1
-        outputs = rt.run(plan, token[:, None], full, positions, outputs[1:], presents=True, binding=binding)
+        past = cache or outputs[1:]
+        outputs = rt.run(plan, token[:, None], full, positions, past, presents=cache is None, binding=binding)
 
 
 def lane_steps(rt, lanes, ids: np.ndarray, mask: np.ndarray):

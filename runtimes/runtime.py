@@ -8,7 +8,8 @@
       |     binds input_ids/attention_mask + that adapter's OrtValues (IOBinding);
       |     slots it does not fill keep the graph's neutral default
       |-- generate / stream / step_logits (decoders, generation.py): the same binding plus
-      |     the KV cache, whose present.* OrtValues become the next step's past_key_values.*
+      |     the KV cache (kv_cache.py): present.* become the next step's past_key_values.*, or on
+      |     GroupQueryAttention graphs one fixed buffer per cache input is both
       `-- generate_text / stream_text / classify / embed (text.py): text in, text or labels out
 
 There is no global active adapter: every call names its adapter, so concurrent
@@ -30,6 +31,7 @@ from .mixing import Lane, Mixer, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .generation import generation_config, lane_steps, stream_tokens
 from .inputs import check_token_inputs
+from .kv_cache import bind_past
 from .manifest import BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, cache_names, read_base_manifest
 from .sessions import device_of, ort, session_options
 
@@ -78,7 +80,7 @@ class Runtime:
         self.task = self.manifest["task"]
         self.output_name = next(iter(self.manifest["outputs"]))  # logits / last_hidden_state first
         self.cache = self.manifest.get("cache")  # KV-cache layout of decoder graphs, else None
-        self.rows_apart = self.manifest.get("ops") == "contrib"  # see mixing.run_rows_apart
+        self.contrib = self.manifest.get("ops") == "contrib"  # GroupQueryAttention: run_rows_apart, FixedCache
         self.cache_inputs = cache_names(self.cache, "past") if self.cache else []
         self.cache_outputs = cache_names(self.cache, "present") if self.cache else []
         self.neutral = {  # decode steps bind these for slots filled at prefill only (a zero-length prompt)
@@ -165,27 +167,19 @@ class Runtime:
     def run(self, plan: Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None) -> list:
         """One session run; adapter slots and the KV cache stay OrtValues (IOBinding).
 
-        ``past`` None is a prefill: the cache starts as the adapter's (a prefix) or empty.
-        ``mask``/``position_ids`` already count the virtual tokens (``virtual_inputs``).
+        ``past``: see ``kv_cache.bind_past``. ``mask``/``position_ids`` count the virtual tokens (``virtual_inputs``).
         ``binding``: one from ``slot_binding(plan)`` to reuse (slots stay bound).
         Returns OrtValues: the task output, then the presents when asked for.
         """
-        if self.rows_apart and ids.shape[0] > 1 and ids.shape[1] > 1 and (past is not None or plan.past):
+        if self.contrib and ids.shape[0] > 1 and ids.shape[1] > 1 and (past is not None or plan.past):
             return run_rows_apart(self, plan, ids, mask, position_ids, past, presents)
         binding = binding or self.slot_binding(plan)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_output(self.output_name, *self.device)  # first: outputs[0] whatever else is bound
         if self.cache:
             binding.bind_cpu_input("position_ids", position_ids)
-            if past is None:  # prefill: the adapter's cache start repeated over the batch, else empty
-                empty = np.zeros((ids.shape[0], self.cache["num_kv_heads"], 0, self.cache["head_dim"]), np.float32)
-                for name in self.cache_inputs:
-                    start = plan.past.get(name)
-                    binding.bind_cpu_input(name, empty if start is None else np.repeat(start, ids.shape[0], axis=0))
-            else:
-                for name, value in zip(self.cache_inputs, past):
-                    binding.bind_ortvalue_input(name, value)
-        binding.bind_output(self.output_name, *self.device)
+            bind_past(self, binding, plan, ids.shape[0], mask.shape[1], past)
         if presents:
             for name in self.cache_outputs:
                 binding.bind_output(name, *self.device)

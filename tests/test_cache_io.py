@@ -116,8 +116,12 @@ def steps_of(events):
     return steps
 
 
-def assert_cache_stayed_in_ortvalues(log, runs_expected: int) -> None:
-    """The spy's record of one generation: past bound from the last presents, only logits read as numpy."""
+def assert_cache_stayed_in_ortvalues(log, runs_expected: int, fixed: bool) -> None:
+    """The spy's record of one generation: past bound from the last presents, only logits read as numpy.
+
+    ``fixed``: a GroupQueryAttention graph (kv_cache.FixedCache): the prefill's presents are read once into one
+    buffer per cache input, bound at the first decode step as past and present alike and never again.
+    """
     runs, steps = log["runs"], steps_of(log["events"])
     assert len(runs) == len(steps) == runs_expected  # prefill + one step per token fed back (the last is not)
     assert all(len(r) == 1 + len(PAST) for r in runs)  # logits + every present
@@ -127,14 +131,20 @@ def assert_cache_stayed_in_ortvalues(log, runs_expected: int) -> None:
         cpu = [n for kind, n, _ in steps[k] if kind == "cpu"]
         assert cpu == TOKEN_INPUTS, f"decode step {k} bound {cpu} from numpy"
         past = [(n, v) for kind, n, v in steps[k] if kind == "ortvalue" and n.startswith("past_key_values.")]
+        if fixed and k > 1:
+            assert not past, f"decode step {k} rebound the fixed cache"
+            past = first_past
         assert [n for n, _ in past] == PAST, f"decode step {k} bound past {[n for n, _ in past]}"
-        # each past is the very OrtValue the previous step returned as its present (no copy in between)
-        assert all(v is p for (_, v), p in zip(past, runs[k - 1][1:])), f"decode step {k} past is not the last presents"
-    # numpy: exactly one read per step, each of that step's logits; presents never
-    presents = [p for r in runs for p in r[1:]]
-    assert len(log["numpy"]) == runs_expected
-    assert all(a is r[0] for a, r in zip(log["numpy"], runs))
-    assert not any(v is p for v in log["numpy"] for p in presents)
+        if fixed:  # the step wrote into the buffers it read: its presents are the bound pasts
+            first_past = past
+            assert all(v.data_ptr() == p.data_ptr() for (_, v), p in zip(past, runs[k][1:])), f"step {k} copied"
+        else:  # each past is the very OrtValue the previous step returned as its present (no copy in between)
+            assert all(v is p for (_, v), p in zip(past, runs[k - 1][1:])), f"decode step {k} past is not the last presents"
+    # numpy: one read per step, each of that step's logits (and with the fixed cache the prefill's presents, once)
+    logits = [a for a in log["numpy"] if any(a is r[0] for r in runs)]
+    assert len(logits) == runs_expected and all(a is r[0] for a, r in zip(logits, runs))
+    read = [a for a in log["numpy"] if not any(a is r[0] for r in runs)]
+    assert len(read) == (len(PAST) if fixed else 0) and all(any(a is p for p in runs[0][1:]) for a in read)
     assert log["copies"] == 0
 
 
@@ -147,14 +157,29 @@ def test_generate_decode_steps_bind_the_previous_presents_and_read_only_logits(t
     mask = (ids != 0).astype(np.int64)
     out = text_rt.generate(ids, mask, adapter=adapter, max_new_tokens=new, eos_token_id=[])  # no early stop
     assert out.shape == (2, ids.shape[1] + new)
-    assert_cache_stayed_in_ortvalues(binding_spy, new)
+    assert_cache_stayed_in_ortvalues(binding_spy, new, text_rt.contrib)
+    assert text_rt.contrib  # the text model's head size 16: a GroupQueryAttention graph
+
+
+def test_standard_graph_decode_steps_bind_the_previous_presents(text_export, binding_spy, tmp_path):
+    """On a standard-ops graph (Concat, no fixed buffer) each step's past is the previous step's present."""
+    from edgepeft.exporters import export
+
+    out = str(tmp_path / "standard")
+    export([os.path.join(os.path.dirname(text_export[0]), "adapter-tok")], out, names=["tok"], ops="standard")
+    rt = Runtime(out)
+    binding_spy.update(events=[], runs=[], numpy=[], copies=0)  # the export's own checks ran through the spy too
+    ids = np.array([[1, 10, 20, 30, 40], [0, 0, 1, 50, 60]], dtype=np.int64)
+    rt.generate(ids, (ids != 0).astype(np.int64), adapter="tok", max_new_tokens=5, eos_token_id=[])
+    assert not rt.contrib
+    assert_cache_stayed_in_ortvalues(binding_spy, 5, False)
 
 
 def test_stream_text_decode_steps_keep_the_cache_in_ortvalues(text_rt, binding_spy):
     """The text stream (what `edgepeft run` iterates) keeps the cache in OrtValues alike."""
     pieces = list(text_rt.stream_text(PROMPT, adapter="tok", max_new_tokens=4, eos_token_id=[]))
     assert pieces
-    assert_cache_stayed_in_ortvalues(binding_spy, 4)
+    assert_cache_stayed_in_ortvalues(binding_spy, 4, text_rt.contrib)
 
 
 # ---------------------------------------------------------------- 3. `edgepeft run` streams

@@ -114,3 +114,26 @@ def test_gpt2_and_bert_exports_say_standard_ops(shared_export):
     for arch in ("gpt2", "bert"):
         out, _, _ = shared_export(arch)
         assert _manifest(out)["ops"] == "standard"
+
+
+def test_decode_steps_share_one_growing_cache_buffer_on_contrib_graphs(peft_adapter, hf_reference, tmp_path,
+                                                                        monkeypatch):
+    """GroupQueryAttention graphs decode into one buffer per cache input (past and present alike), which doubles
+    when full; the standard graph keeps the growing cache. Both give HF PEFT's greedy ids."""
+    from edgepeft.runtimes import kv_cache as fixed_cache
+
+    adapter = peft_adapter("llama", "all-linear", r=4, target_modules="all-linear")
+    ids, mask = sample_batch(batch=2)
+    greedy, _ = greedy_reference(hf_reference("llama", adapter), ids, mask, 7)
+    sizes = []
+    allocate = fixed_cache.FixedCache._allocate
+    monkeypatch.setattr(fixed_cache, "RESERVE", 1)  # grows at the second step, then doubles
+    monkeypatch.setattr(fixed_cache.FixedCache, "_allocate",
+                        lambda self, arrays, capacity: (sizes.append(capacity), allocate(self, arrays, capacity)))
+    for ops, expected in (("contrib", [10, 20]), ("standard", [])):
+        out = str(tmp_path / ops)
+        export([adapter], out, ops=ops)  # its decode checks use the buffers too
+        sizes.clear()
+        np.testing.assert_array_equal(Runtime(out).generate(ids, mask, adapter="all-linear", max_new_tokens=7,
+                                                            eos_token_id=[]), greedy)
+        assert sizes == expected  # 9 prompt positions + 1, then doubled past 10 (7 new tokens: 15 filled)
