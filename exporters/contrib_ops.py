@@ -10,10 +10,11 @@ Per layer, in the traced copy of the model:
 
 q, k and v are the projections' outputs as the slot layers left them (LoRA, IA3 and bottleneck slots
 on those projections work as before), the past is the cache input (a prefix is its start), and a
-prompt's virtual tokens arrive through ``inputs_embeds``: every slot kind keeps its place. The
-padding-and-causal mask the graph builds (``graph.causal_mask``) is the attention bias, so left-padded
-rows and mixed batches mean what they mean in the standard graph; every row's keys are the whole cache
-(``seqlens_k`` = its length - 1). Each op's PyTorch ``forward`` computes what transformers computes (the
+prompt's virtual tokens arrive through ``inputs_embeds``: every slot kind keeps its place. The kernel
+is causal by itself; the attention mask's padding becomes its attention bias (``attention_inputs``), so
+left-padded rows and mixed batches mean what they mean in the standard graph; every row's keys are the
+whole cache (``seqlens_k`` = its length - 1). Decode steps may bind one buffer as past and present
+(``runtimes/kv_cache.py``): the kernel then appends in place. Each op's PyTorch ``forward`` computes what transformers computes (the
 trace's shapes come from it); ``symbolic`` is the ONNX node. ``--ops standard`` exports the graph
 transformers' own code traces to, for providers without these kernels.
 """
@@ -97,17 +98,18 @@ def _body_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         x = Norm(h); per layer: a = attn(x); x, h = SkipNorm(a, h); m = mlp(x); x, h = SkipNorm(m, h) (the next
         layer's input norm, after the last layer the final norm)
 
-    ``attention_mask`` is the graph's (B, 1, S, K) mask and ``position_ids`` the input's (SlotGraph gives both).
+    ``attention_mask`` is the graph's (B, K) padding mask and ``position_ids`` the input's (SlotGraph gives
+    both: ``padding_mask_only``).
     """
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     layers = list(self.layers[: self.config.num_hidden_layers])
     x = layers[0].input_layernorm(hidden)
-    shared = attention_inputs(attention_mask)  # once for every layer
+    shared = attention_inputs(attention_mask, hidden.shape[1])  # once for every layer
     for i, layer in enumerate(layers):
-        attended, _ = layer.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
-                                      cache=cache, attention_inputs=shared)
+        attended, _ = layer.self_attn(hidden_states=x, position_ids=position_ids, cache=cache,
+                                      attention_inputs=shared)
         norm = layer.post_attention_layernorm
         x, hidden = _SkipRMSNorm.apply(attended, hidden, norm.weight, _eps(norm))
         norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
@@ -172,29 +174,29 @@ def _absent(g, n: int) -> list:
     return [g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor()) for _ in range(n)]
 
 
-def attention_inputs(attention_mask) -> tuple:
-    """GroupQueryAttention's mask inputs from the graph's (B, 1, S, K) boolean mask: the additive bias, and
-    ``seqlens_k`` (B,) and ``total_sequence_length`` that make every row's keys the whole cache.
+def attention_inputs(attention_mask, length) -> tuple:
+    """GroupQueryAttention's mask inputs from the graph's (B, K) padding mask and the new tokens' count S.
 
-    A padded query also sees its own key: a query that sees none is left unwritten by the kernel (it read
-    1e19 when a prefix met left padding), and what it computes flows into the next layer's cached keys.
-    Real queries see exactly what the mask lets them.
+    The kernel is causal by itself; the (B, 1, S, K) additive bias hides padded keys from real queries, and
+    ``seqlens_k`` (B,) = K - 1 and ``total_sequence_length`` = K make every row's keys the whole cache (rows
+    are left-padded). A padded query sees every key before it: a query that sees none is left unwritten by
+    the kernel (it read 1e19 when a prefix met left padding), and what it computes flows into the next
+    layer's cached keys, hidden from real queries.
     """
-    ones = torch.ones_like(attention_mask, dtype=torch.int32)  # (B, 1, S, K)
-    offset = ones.cumsum(-1) - ones.cumsum(-2)  # key index - query index
-    own = offset == ones.sum(-1, keepdim=True) - ones.sum(-2, keepdim=True)  # key K - S + i for query i
-    bias = torch.where(attention_mask | own, 0.0, torch.finfo(torch.float32).min)
-    row = ones[:, 0, 0, :]  # (B, K)
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, K)
+    padded_queries = ~attention_mask[:, -length:].bool()[:, None, :, None]  # (B, 1, S, 1)
+    bias = torch.where(keys | padded_queries, 0.0, torch.finfo(torch.float32).min)  # (B, 1, S, K)
+    row = torch.ones_like(attention_mask, dtype=torch.int32)  # (B, K)
     return bias, row.sum(-1, dtype=torch.int32) - 1, row[0].sum(dtype=torch.int32)
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-    """The attention of a Llama/Qwen2 layer on the fused ops; ``attention_mask``: (B, 1, S, K) bool."""
+    """The attention of a Llama/Qwen2 layer on the fused ops; ``attention_inputs`` from ``_body_forward``."""
     position_ids = kwargs["position_ids"]
     layer = cache.layers[self.layer_idx]
     # (B, kv_heads, P, D): the graph inputs SlotGraph put in (not the cache's copies: a Concat per layer and step)
     past_k, past_v = cache.graph_inputs[2 * self.layer_idx], cache.graph_inputs[2 * self.layer_idx + 1]
-    bias, seqlens_k, total = kwargs.get("attention_inputs") or attention_inputs(attention_mask)
+    bias, seqlens_k, total = kwargs["attention_inputs"]
     tables, heads, kv_heads = self.rotary_tables, self.config.num_attention_heads, self.config.num_key_value_heads
     q = _Rotary.apply(self.q_proj(hidden_states), position_ids, tables.cos, tables.sin, heads)
     k = _Rotary.apply(self.k_proj(hidden_states), position_ids, tables.cos, tables.sin, kv_heads)
@@ -224,6 +226,7 @@ def install_contrib_ops(model, positions: int) -> None:
     ``effective_ops`` allows."""
     tables = RotaryTables(model, positions)
     model.model.forward = types.MethodType(_body_forward, model.model)
+    model.padding_mask_only = True  # SlotGraph passes the (B, K) mask as it is: the kernel is causal itself
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("RMSNorm"):

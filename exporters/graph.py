@@ -128,7 +128,8 @@ class SlotGraph(torch.nn.Module):
         else:  # every layer full attention: check_exportable
             if not self.cache:
                 extra["position_ids"] = counted_positions(first)
-            attention_mask = causal_mask(attention_mask, first)
+            if not getattr(self.model, "padding_mask_only", False):  # contrib_ops: the kernel is causal itself
+                attention_mask = causal_mask(attention_mask, first)
         out = self.model(**tokens, attention_mask=attention_mask, return_dict=True, **self.kwargs, **extra)
         result = getattr(out, self.output_name)
         if not self.cache:
