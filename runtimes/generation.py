@@ -162,9 +162,9 @@ def decode_steps(rt, plan, ids: np.ndarray, mask: np.ndarray):
     outputs = rt.run(plan, ids, full, positions, None, presents=True, binding=binding)
     for name in plan.prefill:  # decode steps add no virtual tokens
         binding.bind_ortvalue_input(name, rt.neutral[name])
-    cache = FixedCache(rt, outputs[1:]) if rt.contrib else None
+    cache = FixedCache(rt, outputs) if rt.contrib else None
     while True:
-        token = yield outputs[0].numpy()[:, -1, :]
+        token = yield outputs[0].numpy()[:, -1, :].copy()  # the fixed cache's logits buffer is reused
         full = np.concatenate([full, np.ones_like(token)[:, None]], axis=1)
         positions = positions[:, -1:] + 1
         past = cache or outputs[1:]

@@ -24,12 +24,19 @@ RESERVE = 64  # decode steps the first buffer holds
 
 
 class FixedCache:
-    """Per cache input a buffer that decode steps bind as past and present; ``length`` positions are filled."""
+    """Per cache input a buffer that decode steps bind as past and present; ``length`` positions are filled.
 
-    def __init__(self, rt, presents: list):
+    The steps' logits (B, 1, V) go to one buffer too (``logits``), bound once with the cache: a step binds
+    only its token, mask and position, and reads no other output.
+    """
+
+    def __init__(self, rt, outputs: list):
+        """``outputs``: the prefill's, logits (B, T, V) then the presents (B, kv_heads, P + T, D)."""
         self.rt = rt
-        arrays = [p.numpy() for p in presents]  # (B, kv_heads, P + T, D) each
+        arrays = [p.numpy() for p in outputs[1:]]
         self.length = arrays[0].shape[2]
+        batch, _, vocab = outputs[0].shape()
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, vocab), np.float32, *rt.device)
         self._allocate(arrays, self.length + RESERVE)
 
     def _allocate(self, arrays: list, capacity: int) -> None:
@@ -49,6 +56,7 @@ class FixedCache:
         if binding is self._bound:
             return
         self._bound = binding
+        binding.bind_ortvalue_output(self.rt.output_name, self.logits)
         for past, present, value in zip(self.rt.cache_inputs, self.rt.cache_outputs, self.buffers):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)

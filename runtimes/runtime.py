@@ -31,7 +31,7 @@ from .mixing import Lane, Mixer, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .generation import generation_config, lane_steps, stream_tokens
 from .inputs import check_token_inputs
-from .kv_cache import bind_past
+from .kv_cache import FixedCache, bind_past
 from .manifest import BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, cache_names, read_base_manifest
 from .sessions import device_of, ort, session_options
 
@@ -176,7 +176,9 @@ class Runtime:
         binding = binding or self.slot_binding(plan)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_output(self.output_name, *self.device)  # first: outputs[0] whatever else is bound
+        fixed = isinstance(past, FixedCache)  # it binds the logits too, once
+        if not fixed:
+            binding.bind_output(self.output_name, *self.device)  # first: outputs[0] whatever else is bound
         if self.cache:
             binding.bind_cpu_input("position_ids", position_ids)
             bind_past(self, binding, plan, ids.shape[0], mask.shape[1], past)
@@ -184,7 +186,7 @@ class Runtime:
             for name in self.cache_outputs:
                 binding.bind_output(name, *self.device)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()
+        return [past.logits] if fixed else binding.get_outputs()
 
     def virtual_inputs(self, plan: Plan, mask, generate: bool):
         """The prefill's attention mask and positions with the adapter's virtual tokens (HF PEFT's semantics).

@@ -1,6 +1,6 @@
 """edgepeft against onnxruntime-genai's own pipeline (its model builder's graphs + its C++ loop), CPU, batch 1.
 
-    .venv-genai/bin/python samples/bench_genai_builder.py [--out bench-out/genai-builder] [--rounds 10]
+    .venv-genai/bin/python samples/bench_genai_builder.py [--out bench-out/genai-builder] [--rounds 20]
 
 Runs in its own environment, which ``make bench`` sets up (.venv-genai: edgepeft[train,cpu], peft and
 onnxruntime-genai): genai's builder needs torch and transformers beside genai, and genai brings the CPU
@@ -75,7 +75,7 @@ def edgepeft_export(adapter: str, out: str, **options) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-out/genai-builder")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=256)
     args = ap.parse_args()

@@ -69,6 +69,11 @@ def binding_spy(monkeypatch):
     log = {"events": [], "runs": [], "numpy": [], "copies": 0}
     cls = ort.IOBinding
     bind_cpu, bind_ortvalue, copy_out = cls.bind_cpu_input, cls.bind_ortvalue_input, cls.copy_outputs_to_cpu
+    bind_out = cls.bind_ortvalue_output
+
+    def out(self, name, value):
+        log["events"].append(("out", name, value))
+        return bind_out(self, name, value)
 
     def cpu(self, name, arr):
         log["events"].append(("cpu", name, None))
@@ -84,6 +89,7 @@ def binding_spy(monkeypatch):
 
     monkeypatch.setattr(cls, "bind_cpu_input", cpu)
     monkeypatch.setattr(cls, "bind_ortvalue_input", ortvalue)
+    monkeypatch.setattr(cls, "bind_ortvalue_output", out)
     monkeypatch.setattr(cls, "copy_outputs_to_cpu", copies)
     to_numpy = ort.OrtValue.numpy
 
@@ -120,26 +126,29 @@ def assert_cache_stayed_in_ortvalues(log, runs_expected: int, fixed: bool) -> No
     """The spy's record of one generation: past bound from the last presents, only logits read as numpy.
 
     ``fixed``: a GroupQueryAttention graph (kv_cache.FixedCache): the prefill's presents are read once into one
-    buffer per cache input, bound at the first decode step as past and present alike and never again.
+    buffer per cache input, bound at the first decode step as past and present alike (and a logits buffer as
+    the output), never again; a decode step returns that logits buffer only.
     """
     runs, steps = log["runs"], steps_of(log["events"])
     assert len(runs) == len(steps) == runs_expected  # prefill + one step per token fed back (the last is not)
-    assert all(len(r) == 1 + len(PAST) for r in runs)  # logits + every present
+    assert len(runs[0]) == 1 + len(PAST)  # logits + every present
     # the prefill binds the (empty) cache start from numpy: the spy does see cpu binds
     assert [n for kind, n, _ in steps[0] if kind == "cpu"] == [*TOKEN_INPUTS, *PAST]
     for k in range(1, runs_expected):
         cpu = [n for kind, n, _ in steps[k] if kind == "cpu"]
         assert cpu == TOKEN_INPUTS, f"decode step {k} bound {cpu} from numpy"
         past = [(n, v) for kind, n, v in steps[k] if kind == "ortvalue" and n.startswith("past_key_values.")]
-        if fixed and k > 1:
-            assert not past, f"decode step {k} rebound the fixed cache"
-            past = first_past
-        assert [n for n, _ in past] == PAST, f"decode step {k} bound past {[n for n, _ in past]}"
-        if fixed:  # the step wrote into the buffers it read: its presents are the bound pasts
-            first_past = past
-            assert all(v.data_ptr() == p.data_ptr() for (_, v), p in zip(past, runs[k][1:])), f"step {k} copied"
-        else:  # each past is the very OrtValue the previous step returned as its present (no copy in between)
+        outs = {n: v for kind, n, v in steps[k] if kind == "out"}
+        if not fixed:  # each past is the very OrtValue the previous step returned as its present (no copy)
+            assert len(runs[k]) == 1 + len(PAST) and [n for n, _ in past] == PAST
             assert all(v is p for (_, v), p in zip(past, runs[k - 1][1:])), f"decode step {k} past is not the last presents"
+        elif k == 1:  # one buffer per cache input, bound as past and present; the logits buffer as the output
+            assert [n for n, _ in past] == PAST and list(outs) == ["logits", *PRESENT]
+            assert all(outs[p] is v for p, (_, v) in zip(PRESENT, past)) and runs[k] == [outs["logits"]]
+            assert not any(v is p for _, v in past for p in runs[0][1:])  # buffers of their own
+        else:
+            assert not past and not outs, f"decode step {k} rebound the fixed cache"
+            assert len(runs[k]) == 1 and runs[k][0] is runs[1][0]
     # numpy: one read per step, each of that step's logits (and with the fixed cache the prefill's presents, once)
     logits = [a for a in log["numpy"] if any(a is r[0] for r in runs)]
     assert len(logits) == runs_expected and all(a is r[0] for a, r in zip(logits, runs))
