@@ -3,8 +3,10 @@
     og.Model("OUT/base")  ->  model.type, ids, context length, decoder file and I/O names, head counts
     og.Adapters(model).load("OUT/adapters/<name>/adapter.onnx_adapter", name)  ->  LoRA / IA3 by name
 
-The graph grows its KV cache by concatenation, so ``past_present_share_buffer`` is false
-(true fails: genai preallocates ``max_length`` positions). genai never binds
+``past_present_share_buffer`` is false: standard graphs grow their KV cache by concatenation
+(true fails: genai preallocates ``max_length`` positions), and contrib graphs, which append in
+place, take the attention mask's length as the cache's (edgepeft's runtime binds its own fixed
+buffers, ``runtimes/kv_cache.py``; genai's shared mode was not tried on them). genai never binds
 ``logits_to_keep``, whose default (0) gives every position's logits at prefill. It does not
 mask padding (a batch of prompts of unequal lengths differs from transformers' left-padded
 result), and its tokenizer adds no BOS token. Search defaults come from the model's
@@ -65,7 +67,7 @@ def genai_config(model, manifest: dict) -> dict | None:
             "top_k": int(getattr(gen, "top_k", None) or 50),
             "top_p": float(getattr(gen, "top_p", None) or 1.0),
             "repetition_penalty": float(getattr(gen, "repetition_penalty", None) or 1.0),
-            "past_present_share_buffer": False,  # the graph concatenates its cache: no fixed-size buffer
+            "past_present_share_buffer": False,  # see the module docstring
         },
     }
 

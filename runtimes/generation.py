@@ -154,7 +154,6 @@ def decode_steps(rt, plan, ids: np.ndarray, mask: np.ndarray):
     each step's ``present.*`` outputs are bound as the next step's ``past_key_values.*``, or on
     GroupQueryAttention graphs one buffer per cache input is both (``kv_cache.py``).
     """
-
     full, positions = rt.virtual_inputs(plan, mask, generate=True)
     binding = rt.slot_binding(plan)
     if rt.keep_last is not None:  # the last position's logits only (forward keeps the default, all)

@@ -7,12 +7,12 @@ GroupQueryAttention graphs (``"ops": "contrib"``, ``FixedCache``).
 GroupQueryAttention sees the same buffer as past and present (ONNX Runtime's
 ``past_present_share_buffer`` mode) and writes each step's key and value in place, at the
 position the attention mask's length gives; a step neither copies the whole cache into a
-new present nor allocates one, and the cache inputs are bound once, not every step. The
-buffer starts at the prefill's length plus ``RESERVE`` and doubles when a step would pass it.
-Standard graphs grow their cache by Concat, which has no such mode; they keep the
-dynamic cache. Measured on the benchmark Llama's merged int4 graph: 0.90 ms per decode
-step with the dynamic cache, 0.69 ms with this one, the same greedy ids (see
-docs/benchmarks.md).
+new present nor allocates one, and the cache inputs and the logits output are bound once,
+not every step. The buffer starts at the prefill's length plus ``RESERVE`` and doubles when
+a step would pass it. Standard graphs grow their cache by Concat, which has no such mode;
+they keep the dynamic cache. Measured on the benchmark Llama's merged int4 graph with a bare
+ONNX Runtime loop: 0.90 ms per decode step with the dynamic cache, 0.69 ms with the fixed
+one, the same greedy ids; Runtime.generate then ran within 3% of that bare loop.
 """
 from __future__ import annotations
 

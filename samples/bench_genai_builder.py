@@ -62,7 +62,9 @@ def genai_build(base: str, out: str, precision: str, adapter: str | None) -> str
     if adapter:
         cmd += ["--extra_options", f"adapter_path={adapter}"]
     print("$", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(cmd, capture_output=True, text=True)  # its progress bars: shown only when it fails
+    if done.returncode:
+        sys.exit(f"genai's builder failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return out
 
 
