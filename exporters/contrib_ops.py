@@ -14,9 +14,10 @@ prompt's virtual tokens arrive through ``inputs_embeds``: every slot kind keeps 
 is causal by itself; the attention mask's padding becomes its attention bias (``attention_inputs``), so
 left-padded rows and mixed batches mean what they mean in the standard graph; every row's keys are the
 whole cache (``seqlens_k`` = its length - 1). Decode steps may bind one buffer as past and present
-(``runtimes/kv_cache.py``): the kernel then appends in place. Each op's PyTorch ``forward`` computes what transformers computes (the
-trace's shapes come from it); ``symbolic`` is the ONNX node. ``--ops standard`` exports the graph
-transformers' own code traces to, for providers without these kernels.
+(``runtimes/kv_cache.py``): the kernel then appends in place. Each op's PyTorch ``forward`` computes
+what transformers computes (the trace's shapes come from it); ``symbolic`` is the ONNX node.
+``--ops standard`` exports the graph transformers' own code traces to, for providers without these
+kernels.
 """
 from __future__ import annotations
 

@@ -169,7 +169,7 @@ class Runtime:
 
         ``past``: see ``kv_cache.bind_past``. ``mask``/``position_ids`` count the virtual tokens (``virtual_inputs``).
         ``binding``: one from ``slot_binding(plan)`` to reuse (slots stay bound).
-        Returns OrtValues: the task output, then the presents when asked for.
+        Returns OrtValues: the task output, then the presents when asked for (a FixedCache step: its logits only).
         """
         if self.contrib and ids.shape[0] > 1 and ids.shape[1] > 1 and (past is not None or plan.past):
             return run_rows_apart(self, plan, ids, mask, position_ids, past, presents)
