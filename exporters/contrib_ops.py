@@ -2,11 +2,12 @@
 
 Per layer, in the traced copy of the model:
 
-    RMSNorm                        --> SimplifiedLayerNormalization (ONNX Runtime fuses it with the residual
-                                       Add before it into SkipSimplifiedLayerNormalization)
-    rotary + cache append + repeat_kv + masked softmax(QK^T)V
-                                   --> com.microsoft.GroupQueryAttention(q, k, v, past, ..., cos/sin cache,
-                                       position_ids, attention_bias)
+    residual Add + RMSNorm         --> com.microsoft.SkipSimplifiedLayerNormalization (the first norm alone:
+                                       SimplifiedLayerNormalization; ONNX Runtime does not fuse these itself)
+    rotary on q and k              --> com.microsoft.RotaryEmbedding(x, position_ids, cos cache, sin cache)
+    cache append + repeat_kv + causal masked softmax(QK^T)V
+                                   --> com.microsoft.GroupQueryAttention(q, k, v, past_key, past_value,
+                                       seqlens_k, total_sequence_length, attention_bias)
 
 q, k and v are the projections' outputs as the slot layers left them (LoRA, IA3 and bottleneck slots
 on those projections work as before), the past is the cache input (a prefix is its start), and a
