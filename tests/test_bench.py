@@ -81,3 +81,17 @@ def test_bench_prefill_sample_times_both_ways(shared_export):
         assert float(r[1]) > 0 and float(r[2]) > 0
         every, last = (float(x) for x in r[4].split(" / "))
         assert last > 0 and every == pytest.approx(last * int(r[0]), rel=0.01)  # every position vs the last only
+
+
+def test_bench_lora_kernels_sample_computes_every_layout_alike(tmp_path):
+    """samples/bench_lora_kernels.py (benchmarks.md, issue 18's levers): every variant computes the same deltas as
+    edgepeft's layout, float32 ones exactly, quantized ones within their precision."""
+    rows = _run_sample("bench_lora_kernels.py", "--blocks", 1, "--out", tmp_path)
+    errors = {r[0]: float(r[4]) for r in rows[1:]}
+    assert list(errors) == ["fp32 inputs (edgepeft)", "fp32 inputs, no row Mul", "fp32 inputs, B per member",
+                            "fp32 constants", "fp16 inputs + Cast", "int8 inputs", "int4 inputs", "int4 constants"]
+    assert all(float(r[2]) > 0 for r in rows[1:])
+    assert max(errors[k] for k in list(errors)[:4]) <= 1e-6
+    assert errors["fp16 inputs + Cast"] <= 1e-3 and errors["int8 inputs"] <= 0.02
+    assert 0 < errors["int4 inputs"] == errors["int4 constants"] <= 0.1
+    assert (tmp_path / "bench.md").is_file()

@@ -41,6 +41,8 @@ def test_contrib_and_standard_builds_both_match_hf_peft_prefill_and_decode(arch,
         out = str(tmp_path / ops)
         report = export([adapter], out, ops=ops)  # validated against PyTorch: prefill and 3 cached decode steps
         assert _manifest(out)["ops"] == ops
+        with open(os.path.join(out, "base", "genai_config.json")) as f:  # genai appends in place on GQA graphs only
+            assert json.load(f)["search"]["past_present_share_buffer"] is (ops == "contrib")
         kinds = _ops(out)
         if ops == "contrib":
             assert FUSED <= kinds and "Softmax" not in kinds and "ReduceMean" not in kinds
