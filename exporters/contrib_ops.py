@@ -105,6 +105,7 @@ def _body_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     """
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
+    cache = cache if cache is not None else kwargs.get("past_key_values")  # the name before transformers' rename
     hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     layers = list(self.layers[: self.config.num_hidden_layers])
     x = layers[0].input_layernorm(hidden)

@@ -115,6 +115,10 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
     existing, base_dir = plan.existing, plan.base_dir
     if existing.get("merged_adapter"):
         raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")
+    if existing.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
+                          f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
+                          "export into a fresh --out folder")
     skip = {s.module for s in existing["slots"] if s.neutral == "base"} | base_valued(plan.model, configs)
     if existing.get("weights_fingerprint") != weights_fingerprint(plan.model, skip_modules=skip) or existing["task"] != plan.task:
         raise AdapterBaseMismatchError(
@@ -128,10 +132,6 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
     if have != want:
         raise ConfigError(f"{base_dir}: holds a base built with {have} ops, this export asks for {want} (--ops); "
                           f"export with --ops {have}, or into another --out folder")
-    if existing.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
-                          f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
-                          "export into a fresh --out folder")
 
 
 def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> list:

@@ -4,14 +4,15 @@
     og.Adapters(model).load("OUT/adapters/<name>/adapter.onnx_adapter", name)  ->  LoRA / IA3 by name
 
 ``past_present_share_buffer`` follows the graph's ops. On contrib graphs (GroupQueryAttention)
-it is true: genai binds one ``max_length`` buffer per cache input as past and present and the
-kernel appends in place, as edgepeft's runtime does (``runtimes/kv_cache.py``); the graph takes
-the attention mask's length as the filled part. Standard graphs grow their KV cache by
-concatenation and keep it false (true fails there: genai preallocates ``max_length``
-positions). On the benchmark Llama's contrib export genai's greedy ids stay the same with and
-without it, and it ran 1.02-1.07x faster (two paired runs, with and without its LoRA). genai never binds
-``logits_to_keep``, whose default (0) gives every position's logits at prefill. It does not
-mask padding (a batch of prompts of unequal lengths differs from transformers' left-padded
+it is true: genai binds one ``max_length`` buffer per cache input as past and present, and the
+kernel appends in place, as edgepeft's runtime does (``runtimes/kv_cache.py``). The graph takes
+the attention mask's length as the filled part, so genai's mask must grow by one position a
+step, as it does on the CPU (the static ``max_length`` mask of its graph capture would misplace
+them). Standard graphs grow their KV cache by concatenation and keep it false (true fails
+there: genai preallocates ``max_length`` positions). On the benchmark Llama's contrib export
+genai's greedy ids stay the same with and without it, and it ran 1.02-1.07x faster (two paired
+runs, with and without its LoRA). genai never binds ``logits_to_keep``, whose default (0)
+gives every position's logits at prefill. It does not mask padding (a batch of prompts of unequal lengths differs from transformers' left-padded
 result), and its tokenizer adds no BOS token. Search defaults come from the model's
 ``generation_config.json`` where it has one.
 """

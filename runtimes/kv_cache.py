@@ -9,7 +9,7 @@ GroupQueryAttention sees the same buffer as past and present (ONNX Runtime's
 position the attention mask's length gives; a step neither copies the whole cache into a
 new present nor allocates one, and the cache inputs and the logits output are bound once,
 not every step. The buffer starts at the prefill's length plus ``RESERVE`` and doubles when
-a step would pass it. Standard graphs grow their cache by Concat, which has no such mode;
+a step would pass it, never past the model's positions. Standard graphs grow their cache by Concat, which has no such mode;
 they keep the dynamic cache. Measured on the benchmark Llama's merged int4 graph with a bare
 ONNX Runtime loop: 0.90 ms per decode step with the dynamic cache, 0.69 ms with the fixed
 one, the same greedy ids; Runtime.generate then ran within 3% of that bare loop.
@@ -37,7 +37,7 @@ class FixedCache:
         self.length = arrays[0].shape[2]
         batch, _, vocab = outputs[0].shape()
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, vocab), np.float32, *rt.device)
-        self._allocate(arrays, self.length + RESERVE)
+        self._allocate(arrays, self._capped(self.length + RESERVE))
 
     def _allocate(self, arrays: list, capacity: int) -> None:
         self.buffers = []  # numpy-backed OrtValues on the CPU (they hold their arrays), device copies on a GPU
@@ -48,10 +48,14 @@ class FixedCache:
         self.capacity = capacity
         self._bound = None  # the binding the buffers are bound to
 
+    def _capped(self, capacity: int) -> int:
+        """No more positions than the model has (generation refuses to go past them)."""
+        return min(capacity, self.rt.max_positions) if self.rt.max_positions else capacity
+
     def bind(self, binding, length: int) -> None:
         """Bind the buffers for a step after which ``length`` positions are filled (doubling them first if needed)."""
         if length > self.capacity:
-            self._allocate([b.numpy() for b in self.buffers], max(length, 2 * self.capacity))
+            self._allocate([b.numpy() for b in self.buffers], max(length, self._capped(2 * self.capacity)))
         self.length = length
         if binding is self._bound:
             return

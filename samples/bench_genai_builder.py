@@ -176,7 +176,7 @@ def report(args, out, speed, prefill_speed, ids, decode) -> None:
     def ratio(a, b):
         return speed[a] / speed[b]
 
-    same = {kind: len({tuple(ids[k]) for k, (_, kd) in decode.items() if kd == kind and "int4" not in kd}) <= 1
+    same = {kind: len({tuple(ids[k]) for k, (_, kd) in decode.items() if kd == kind}) <= 1
             for kind in ("fp32", "fp32 lora")}
     lines = [f"Benchmark Llama 25.8M, batch 1, {PROMPT_LEN} prompt + {args.new_tokens} new greedy tokens, "
              f"{args.rounds} paired rounds, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
@@ -199,7 +199,7 @@ def report(args, out, speed, prefill_speed, ids, decode) -> None:
         ("contrib / standard ops, int4 LoRA", ratio("edgepeft slots int4, LoRA (switchable)",
                                                    "edgepeft slots int4 standard, LoRA (switchable)")),
     ]
-    lines += ["", "| ratio (tokens/s, one run) | value |", "| --- | --- |"]
+    lines += ["", "| ratio (median tokens/s, this run) | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.2f} |" for k, v in targets]
     lines += ["", f"Prefill, a {args.prefill_tokens}-token prompt (prompt tokens/s):", "", "| peer | tokens/s |",
               "| --- | --- |"]

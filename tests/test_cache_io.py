@@ -158,16 +158,16 @@ def assert_cache_stayed_in_ortvalues(log, runs_expected: int, fixed: bool) -> No
 
 
 @pytest.mark.parametrize("adapter", ["tok", None], ids=["adapter", "base"])
-def test_generate_decode_steps_bind_the_previous_presents_and_read_only_logits(text_rt, binding_spy, adapter):
-    """After the prefill, past_key_values.* are bound as the last step's present OrtValues, never from numpy,
-    and no present is ever converted to numpy: only each step's logits are."""
+def test_generate_decode_steps_bind_fixed_cache_buffers_once_and_read_only_logits(text_rt, binding_spy, adapter):
+    """On the GroupQueryAttention graph, after the prefill each past_key_values.* is one fixed buffer bound as
+    past and present once, never rebound from numpy, and only the logits are read (assert_cache_stayed_in_ortvalues)."""
+    assert text_rt.contrib  # the text model's head size 16: a GroupQueryAttention graph
     new = 5
     ids = np.array([[1, 10, 20, 30, 40], [0, 0, 1, 50, 60]], dtype=np.int64)  # row 1 left-padded
     mask = (ids != 0).astype(np.int64)
     out = text_rt.generate(ids, mask, adapter=adapter, max_new_tokens=new, eos_token_id=[])  # no early stop
     assert out.shape == (2, ids.shape[1] + new)
     assert_cache_stayed_in_ortvalues(binding_spy, new, text_rt.contrib)
-    assert text_rt.contrib  # the text model's head size 16: a GroupQueryAttention graph
 
 
 def test_standard_graph_decode_steps_bind_the_previous_presents(text_export, binding_spy, tmp_path):

@@ -139,3 +139,9 @@ def test_decode_steps_share_one_growing_cache_buffer_on_contrib_graphs(peft_adap
         np.testing.assert_array_equal(Runtime(out).generate(ids, mask, adapter="all-linear", max_new_tokens=7,
                                                             eos_token_id=[]), greedy)
         assert sizes == expected  # 9 prompt positions + 1, then doubled past 10 (7 new tokens: 15 filled)
+    rt = Runtime(str(tmp_path / "contrib"))
+    rt.max_positions = 15  # growth stops at the model's positions
+    sizes.clear()
+    np.testing.assert_array_equal(rt.generate(ids, mask, adapter="all-linear", max_new_tokens=6, eos_token_id=[]),
+                                  greedy[:, :15])
+    assert sizes == [10, 15]
