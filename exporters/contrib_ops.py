@@ -1,6 +1,8 @@
-"""Decoder graphs on ONNX Runtime's fused kernels (``--ops contrib``, the default for Llama and Qwen2 causal LMs).
+"""Decoder graphs on ONNX Runtime's fused kernels (``--ops contrib``, the default for Llama, Qwen2 and GPT-2
+causal LMs).
 
-Per layer, in the traced copy of the model:
+Per layer, in the traced copy of the model (GPT-2: no rotary, its LayerNorms as SkipLayerNormalization, as many
+key/value heads as heads):
 
     residual Add + RMSNorm         --> com.microsoft.SkipSimplifiedLayerNormalization (the first norm alone:
                                        SimplifiedLayerNormalization; ONNX Runtime does not fuse these itself)
@@ -29,7 +31,7 @@ from torch import nn
 
 CONTRIB = "com.microsoft"
 OPS = ("contrib", "standard")
-FUSED_MODELS = ("llama", "qwen2")  # the models whose attention and norms are replaced here
+FUSED_MODELS = ("llama", "qwen2", "gpt2")  # the models whose attention (and RMSNorms) are replaced here
 KERNEL_HEAD_MULTIPLE = 16  # GroupQueryAttention's CPU kernel takes head sizes that are multiples of 16
 
 
@@ -80,6 +82,22 @@ class _SkipRMSNorm(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, skip, weight, eps: float):
         out = g.op(f"{CONTRIB}::SkipSimplifiedLayerNormalization", x, skip, weight, epsilon_f=eps, outputs=4)
+        out[0].setType(x.type())
+        out[3].setType(x.type())
+        return out[0], out[3]
+
+
+class _SkipLayerNorm(torch.autograd.Function):
+    """(LayerNorm(x + skip), x + skip): GPT-2's residual add and the next LayerNorm in one op."""
+
+    @staticmethod
+    def forward(ctx, x, skip, weight, bias, eps: float):
+        total = x + skip
+        return torch.nn.functional.layer_norm(total, weight.shape, weight, bias, eps), total
+
+    @staticmethod
+    def symbolic(g, x, skip, weight, bias, eps: float):
+        out = g.op(f"{CONTRIB}::SkipLayerNormalization", x, skip, weight, bias, epsilon_f=eps, outputs=4)
         out[0].setType(x.type())
         out[3].setType(x.type())
         return out[0], out[3]
@@ -224,12 +242,53 @@ class RotaryTables(nn.Module):
         self.register_buffer("sin", sin[0, :, :half].contiguous())
 
 
+def _gpt2_body_forward(self, input_ids=None, cache=None, attention_mask=None, token_type_ids=None,
+                       position_ids=None, inputs_embeds=None, use_cache=None, **kwargs):
+    """GPT2Model.forward with the attention inputs built once from the (B, K) padding mask for every block, and
+    each residual add fused with the LayerNorm after it (as ``_body_forward`` for RMSNorm)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    cache = cache if cache is not None else kwargs.get("past_key_values")  # the name before transformers' rename
+    hidden = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+    hidden = self.drop(hidden + self.wpe(position_ids))
+    shared = attention_inputs(attention_mask, hidden.shape[1])
+    blocks = list(self.h)
+    x = blocks[0].ln_1(hidden)
+    for i, block in enumerate(blocks):  # GPT2Block.forward's order, each residual add fused with the next norm
+        attended, _ = block.attn(x, cache=cache, attention_inputs=shared)
+        x, hidden = _SkipLayerNorm.apply(attended, hidden, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+        norm = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.ln_f
+        x, hidden = _SkipLayerNorm.apply(block.mlp(x), hidden, norm.weight, norm.bias, norm.eps)
+    field = "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x, **{field: cache})
+
+
+def _gpt2_attention_forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+    """GPT-2's attention on GroupQueryAttention (as many key/value heads as heads, no rotary: positions are
+    the embeddings'); q, k and v are the slot-adapted c_attn's output split in three."""
+    cache = cache if cache is not None else kwargs.get("past_key_values")
+    layer = cache.layers[self.layer_idx]
+    past_k, past_v = cache.graph_inputs[2 * self.layer_idx], cache.graph_inputs[2 * self.layer_idx + 1]
+    bias, seqlens_k, total = kwargs["attention_inputs"]
+    q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
+    out, present_k, present_v = _GroupQueryAttention.apply(
+        q, k, v, past_k, past_v, seqlens_k, total, bias, self.num_heads, self.num_heads, float(self.scaling))
+    layer.keys, layer.values = present_k, present_v  # what SlotGraph returns as present.*
+    return self.resid_dropout(self.c_proj(out)), None
+
+
 def install_contrib_ops(model, positions: int) -> None:
-    """Swap the traced copy's RMSNorms and attentions for the fused ops (see the module docstring); for a model
-    ``effective_ops`` allows."""
+    """Swap the traced copy's attentions (and a Llama/Qwen2's RMSNorms) for the fused ops (see the module
+    docstring); for a model ``effective_ops`` allows."""
+    model.padding_mask_only = True  # SlotGraph passes the (B, K) mask as it is: the kernel is causal itself
+    if model.config.model_type == "gpt2":
+        model.transformer.forward = types.MethodType(_gpt2_body_forward, model.transformer)
+        for module in model.modules():
+            if type(module).__name__ == "GPT2Attention":
+                module.forward = types.MethodType(_gpt2_attention_forward, module)
+        return
     tables = RotaryTables(model, positions)
     model.model.forward = types.MethodType(_body_forward, model.model)
-    model.padding_mask_only = True  # SlotGraph passes the (B, K) mask as it is: the kernel is causal itself
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("RMSNorm"):

@@ -45,7 +45,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     where that format can hold it (see ``exporters/ort_adapter.py``); None, the default: on a
     float base (what onnxruntime-genai and ONNX Runtime's LoraAdapter load). An adapter already in
     ``out`` under the same name is replaced only with ``overwrite``. ``ops="contrib"`` (the default) builds
-    Llama/Qwen2 causal LMs on ONNX Runtime's fused kernels, ``"standard"`` with plain ONNX ops (``contrib_ops.py``).
+    Llama/Qwen2/GPT-2 causal LMs on ONNX Runtime's fused kernels, ``"standard"`` with plain ONNX ops (``contrib_ops.py``).
     A failed export leaves ``out`` as it was: folders it made are removed again.
     """
     out = str(out)

@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import onnxruntime_genai as og  # noqa: E402
 
-from bench_generate import CONFIG, PROMPT_LEN, build_base, make_adapter  # noqa: E402
+from bench_generate import CONFIG, PROMPT_LEN, build_base, make_adapter, paired  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 
@@ -154,20 +151,6 @@ def main() -> None:
     speed, ids = paired(decode, args.rounds, args.new_tokens)
     prefill_speed, _ = paired({k: (v, None) for k, v in prefill.items()}, args.rounds, args.prefill_tokens)
     report(args, out, speed, prefill_speed, ids, decode)
-
-
-def paired(peers: dict, rounds: int, tokens: int) -> tuple[dict, dict]:
-    """Median tokens/s of each peer over ``rounds`` (after one dropped round), peers in a new order each round."""
-    times = {k: [] for k in peers}
-    ids = {}
-    order = random.Random(0)
-    for round_ in range(rounds + 1):
-        for name in order.sample(list(peers), len(peers)):
-            t = time.perf_counter()
-            ids[name] = peers[name][0]()
-            if round_:
-                times[name].append(tokens / (time.perf_counter() - t))
-    return {k: statistics.median(v) for k, v in times.items()}, ids
 
 
 def report(args, out, speed, prefill_speed, ids, decode) -> None:

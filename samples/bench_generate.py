@@ -116,6 +116,20 @@ class FirstToken(BaseStreamer):
         pass
 
 
+def paired(peers: dict, rounds: int, tokens: int) -> tuple[dict, dict]:
+    """Median tokens/s of each peer over ``rounds`` (after one dropped round), peers in a new order each round."""
+    times = {k: [] for k in peers}
+    ids = {}
+    order = random.Random(0)
+    for round_ in range(rounds + 1):
+        for name in order.sample(list(peers), len(peers)):
+            t = time.perf_counter()
+            ids[name] = peers[name][0]()
+            if round_:
+                times[name].append(tokens / (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in times.items()}, ids
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-out/generate", help="work and export folder (default ./bench-out/generate)")

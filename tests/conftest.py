@@ -178,6 +178,9 @@ def text_model(workdir):
             config = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                     intermediate_size=64, max_position_embeddings=128, **common)
             model = tf.AutoModelForCausalLM.from_config(config)
+        elif arch == "gpt2":
+            config = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **common)  # head size 16
+            model = tf.AutoModelForCausalLM.from_config(config)
         else:
             config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                    max_position_embeddings=128, **common)

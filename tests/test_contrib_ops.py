@@ -1,6 +1,6 @@
-"""--ops contrib (the default for Llama/Qwen2 causal LMs) against --ops standard: the fused kernels are in the
-graph, both builds answer as PyTorch and HF PEFT do (every other decoder test runs on the contrib build: the
-tiny Llama and Qwen2 have head size 16), and one OUT never mixes the two."""
+"""--ops contrib (the default for Llama/Qwen2/GPT-2 causal LMs) against --ops standard: the fused kernels are in
+the graph, both builds answer as PyTorch and HF PEFT do (every other decoder test runs on the contrib build: the
+tiny Llama, Qwen2 and GPT-2 have head size 16), and one OUT never mixes the two."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,7 @@ from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
 FUSED = {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
+FUSED_GPT2 = {"GroupQueryAttention", "SkipLayerNormalization"}  # no rotary; LayerNorm with a bias
 
 
 def _ops(out: str) -> set:
@@ -30,7 +31,7 @@ def _manifest(out: str) -> dict:
         return json.load(f)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_contrib_and_standard_builds_both_match_hf_peft_prefill_and_decode(arch, peft_adapter, hf_reference, tmp_path):
     adapter = peft_adapter(arch, "all-linear", r=4, target_modules="all-linear")
     ref = hf_reference(arch, adapter)
@@ -43,11 +44,11 @@ def test_contrib_and_standard_builds_both_match_hf_peft_prefill_and_decode(arch,
         assert _manifest(out)["ops"] == ops
         with open(os.path.join(out, "base", "genai_config.json")) as f:  # genai appends in place on GQA graphs only
             assert json.load(f)["search"]["past_present_share_buffer"] is (ops == "contrib")
-        kinds = _ops(out)
+        kinds, fused = _ops(out), FUSED_GPT2 if arch == "gpt2" else FUSED
         if ops == "contrib":
-            assert FUSED <= kinds and "Softmax" not in kinds and "ReduceMean" not in kinds
+            assert fused <= kinds and "Softmax" not in kinds and "ReduceMean" not in kinds
         else:
-            assert not FUSED & kinds and "Softmax" in kinds
+            assert not (FUSED | FUSED_GPT2) & kinds and "Softmax" in kinds
         assert max(c["max_abs_diff"] for c in report["checks"]) <= 1e-4
         rt = Runtime(out)
         logits = rt.forward(ids, mask, adapter="all-linear")["logits"]
@@ -87,7 +88,10 @@ def test_dynamic_rope_scaling_and_other_models_get_standard_ops():
     config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     assert effective_ops(config, "causal-lm", "contrib", notes.append) == "standard"
     assert notes == ["note: dynamic rope scaling changes the rotary tables with the length: standard ops"]
-    assert effective_ops(tiny_config("gpt2"), "causal-lm", "contrib") == "standard"
+    gpt2 = tiny_config("gpt2")
+    assert effective_ops(gpt2, "causal-lm", "contrib") == "contrib"
+    gpt2.n_head = 4  # head size 8
+    assert effective_ops(gpt2, "causal-lm", "contrib") == "standard"
 
 
 def test_an_out_built_with_other_ops_is_refused_and_left_as_it_was(peft_adapter, tmp_path):
@@ -112,10 +116,10 @@ def test_unknown_ops_value_is_refused(peft_adapter, tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
-def test_gpt2_and_bert_exports_say_standard_ops(shared_export):
-    for arch in ("gpt2", "bert"):
+def test_gpt2_exports_say_contrib_ops_and_bert_standard(shared_export):
+    for arch, ops in (("gpt2", "contrib"), ("bert", "standard")):
         out, _, _ = shared_export(arch)
-        assert _manifest(out)["ops"] == "standard"
+        assert _manifest(out)["ops"] == ops
 
 
 def test_decode_steps_share_one_growing_cache_buffer_on_contrib_graphs(peft_adapter, hf_reference, tmp_path,

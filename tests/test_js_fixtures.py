@@ -4,6 +4,7 @@ with Node's test runner and headless Chromium).
 Written to ``build/js/`` (or ``$EDGEPEFT_JS_FIXTURES``):
     llama/     a tiny Llama with a byte-level BPE tokenizer: LoRA, IA3, prompt, prefix and bottleneck adapters
     llama_int8/, llama_int4/   its base quantized, with the LoRA adapter
+    gpt2/      a tiny GPT-2 on its contrib graph (GroupQueryAttention, SkipLayerNormalization): LoRA and prefix adapters
     bert_merged/   a tiny BERT classifier with a LoRA adapter merged in (--merge): no slot, no neutral.onnx
     minilm/    the real MiniLM-L6 weights with an intent (6 labels) and a sentiment (2 labels) LoRA classifier
     expected.json   tokenizer ids, forward outputs for a call sequence that switches adapter every call,
@@ -78,6 +79,13 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
             quantized[bits]["greedy"][str(a)] = _rows(greedy)
             quantized[bits]["margins"][str(a)] = _step_margins(q, ids, mask, a, greedy[:, ids.shape[1]:])
 
+    gpt2_base, gpt2_out = text_model("gpt2"), os.path.join(FIXTURES, "gpt2")
+    gpt2_dirs = {"lora": lora_adapter(tmp_path / "gpt2-lora", gpt2_base, "causal-lm", 45, r=4, target_modules=["c_attn", "c_fc"]),
+                 "prefix": peft_virtual_adapter(tmp_path / "gpt2-prefix", gpt2_base, "prefix", seed=46, num_virtual_tokens=2)}
+    export(list(gpt2_dirs.values()), gpt2_out, names=list(gpt2_dirs))
+    gpt2 = Runtime(gpt2_out)
+    assert gpt2.manifest["ops"] == "contrib"
+
     merged = os.path.join(FIXTURES, "bert_merged")
     export([lora_adapter(tmp_path / "bert-cls", text_model("bert"), "seq-cls", 48, 3, r=4, target_modules=["query", "value"])],
            merged, merge=True)
@@ -105,6 +113,9 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
                        for a in [None, *dirs]},
         },
         **{f"llama_{bits}": v for bits, v in quantized.items()},
+        "gpt2": {"forward": {str(a): _rows(gpt2.forward(ids, mask, adapter=a)["logits"]) for a in (None, *gpt2_dirs)},
+                 "greedy": {str(a): _rows(gpt2.generate(ids, mask, adapter=a, max_new_tokens=6, eos_token_id=[]))
+                            for a in (None, *gpt2_dirs)}},
         "bert_merged": {"ids": _rows(plain_ids), "mask": _rows(plain_mask),
                         "forward": _rows(plain.forward(plain_ids, plain_mask)["logits"])},
         "minilm": {
@@ -117,3 +128,4 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
     with open(os.path.join(FIXTURES, "expected.json"), "w") as f:
         json.dump(expected, f)
     assert len({json.dumps(v) for v in expected["llama"]["greedy"].values()}) == 6  # every adapter acts
+    assert len({json.dumps(v) for v in expected["gpt2"]["greedy"].values()}) == 3

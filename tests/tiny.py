@@ -25,7 +25,7 @@ def tiny_config(arch: str):
         return tf.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                               intermediate_size=64, max_position_embeddings=64, **common)
     if arch == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **common)  # head size 16: --ops contrib
     if arch == "bert":
         return tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                              max_position_embeddings=64, **common)

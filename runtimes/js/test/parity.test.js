@@ -75,6 +75,18 @@ for (const [label, ort, tolerance] of [["onnxruntime-node", ortNode, 1e-5], ["on
     }
   });
 
+  test(`${label}: GPT-2 on its fused graph: LoRA, prefix (rows run apart) and no adapter`, async () => {
+    const rt = await openFolder(ort, path.join(FIXTURES, "gpt2"));
+    for (const name of ["lora", "prefix"]) await rt.loadAdapter(name);
+    const { ids, mask } = expected.llama;  // the same left-padded batch: both tokenizers learned the same texts
+    for (const [adapter, py] of Object.entries(expected.gpt2.forward)) {
+      const a = adapter === "None" ? null : adapter;
+      assert.ok(maxDiff((await rt.forward(ids, mask, { adapter: a })).logits, py) <= tolerance, adapter);
+      const got = await rt.generate(ids, mask, { adapter: a, maxNewTokens: 6, eosTokenId: [] });
+      assert.deepEqual(got, expected.gpt2.greedy[adapter], `greedy ids with ${adapter}`);
+    }
+  });
+
   test(`${label}: a merged export (no slots, no neutral.onnx) runs as it is`, async () => {
     const rt = await openFolder(ort, path.join(FIXTURES, "bert_merged"));
     const want = expected.bert_merged;
