@@ -12,8 +12,9 @@ them). Standard graphs grow their KV cache by concatenation and keep it false (t
 there: genai preallocates ``max_length`` positions). On the benchmark Llama's contrib export
 genai's greedy ids stay the same with and without it, and it ran 1.02-1.07x faster (two paired
 runs, with and without its LoRA). genai never binds ``logits_to_keep``, whose default (0)
-gives every position's logits at prefill. It does not mask padding (a batch of prompts of unequal lengths differs from transformers' left-padded
-result), and its tokenizer adds no BOS token. Search defaults come from the model's
+gives every position's logits at prefill. It does not mask padding (a batch of prompts of
+unequal lengths differs from transformers' left-padded result), and its tokenizer adds no BOS
+token. Search defaults come from the model's
 ``generation_config.json`` where it has one.
 """
 from __future__ import annotations

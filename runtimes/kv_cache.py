@@ -9,8 +9,8 @@ GroupQueryAttention sees the same buffer as past and present (ONNX Runtime's
 position the attention mask's length gives; a step neither copies the whole cache into a
 new present nor allocates one, and the cache inputs and the logits output are bound once,
 not every step. The buffer starts at the prefill's length plus ``RESERVE`` and doubles when
-a step would pass it, never past the model's positions. Standard graphs grow their cache by Concat, which has no such mode;
-they keep the dynamic cache. Measured on the benchmark Llama's merged int4 graph with a bare
+a step would pass it, never past the model's positions. Standard graphs grow their cache by
+Concat, which has no such mode; they keep the dynamic cache. Measured on the benchmark Llama's merged int4 graph with a bare
 ONNX Runtime loop: 0.90 ms per decode step with the dynamic cache, 0.69 ms with the fixed
 one, the same greedy ids; Runtime.generate then ran within 3% of that bare loop.
 """
