@@ -174,6 +174,9 @@ class _GroupQueryAttention(torch.autograd.Function):
         keys = present_k.repeat_interleave(groups, dim=1)
         values = present_v.repeat_interleave(groups, dim=1)
         scores = (q @ keys.transpose(-1, -2)) * scale + bias  # (B, heads, S, K)
+        K = keys.shape[-2]
+        causal = torch.ones(S, K, dtype=torch.bool, device=q.device).tril(K - S)  # the kernel is causal itself
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         out = torch.softmax(scores, dim=-1) @ values  # (B, heads, S, D)
         return out.transpose(1, 2).reshape(B, S, num_heads * D), present_k, present_v
 
