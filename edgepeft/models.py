@@ -170,9 +170,11 @@ def cache_kwargs(model, cache) -> dict:
 
 
 def output_cache(out):
-    """The KV cache a forward call returned (``cache``, formerly ``past_key_values``)."""
+    """The KV cache a forward call returned (``cache``, formerly ``past_key_values``); of an EncoderDecoderCache
+    (GPT-2 built with cross-attention layers wraps its cache in one) the self-attention part."""
     cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+    cache = cache if cache is not None else out.past_key_values
+    return getattr(cache, "self_attention_cache", cache)
 
 
 def eos_token_ids(model) -> list[int]:

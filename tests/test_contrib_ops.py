@@ -149,3 +149,24 @@ def test_decode_steps_share_one_growing_cache_buffer_on_contrib_graphs(peft_adap
     np.testing.assert_array_equal(rt.generate(ids, mask, adapter="all-linear", max_new_tokens=6, eos_token_id=[]),
                                   greedy[:, :15])
     assert sizes == [10, 15]
+
+
+def test_a_gpt2_with_cross_attention_layers_exports_both_ways(tmp_path):
+    """transformers wraps such a GPT-2's cache in an EncoderDecoderCache (unused without encoder states): both
+    builds still export, validated against PyTorch."""
+    import peft
+    import transformers as tf
+
+    config = tiny_config("gpt2")
+    config.add_cross_attention = True
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    tf.GPT2LMHeadModel(config).save_pretrained(base)
+    pm = peft.get_peft_model(tf.GPT2LMHeadModel.from_pretrained(base),
+                             peft.LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(tmp_path / "lora"))
+    for ops in ("contrib", "standard"):
+        report = export([str(tmp_path / "lora")], str(tmp_path / ops), ops=ops)
+        assert _manifest(str(tmp_path / ops))["ops"] == ops
+        assert max(c["max_abs_diff"] for c in report["checks"]) <= 1e-4
