@@ -50,8 +50,8 @@ def run_rows_apart(rt, plan: Plan, ids, mask, positions, past, presents: bool) -
 
 
 def _owned(array: np.ndarray, device) -> "ort.OrtValue":
-    """An OrtValue holding a copy of ``array`` in memory of its own (``ortvalue_from_numpy`` on the CPU would
-    point into the array, which is freed once the caller drops it)."""
+    """An OrtValue holding a copy of ``array`` in memory of its own: ``array`` may be a view into another
+    OrtValue's memory (``OrtValue.numpy()`` of a previous run's output), freed with that OrtValue."""
     value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype, *device)
     value.update_inplace(np.ascontiguousarray(array))
     return value

@@ -87,9 +87,10 @@ def load_llama(path: str):
     return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def make_adapter(base: str, out: str, seed: int = 1, r: int = RANK, name: str = "lora") -> str:
+def make_adapter(base: str, out: str, seed: int = 1, r: int = RANK, name: str = "lora", load=load_llama) -> str:
+    """An r ``r`` all-linear LoRA on ``load(base)`` with random B (a real delta), saved to out/peft/<name>."""
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM")
-    model = peft.get_peft_model(load_llama(base), cfg)
+    model = peft.get_peft_model(load(base), cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, p in model.named_parameters():

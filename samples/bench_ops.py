@@ -21,7 +21,6 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -34,22 +33,12 @@ GPT2 = dict(n_embd=CONFIG["hidden_size"], n_layer=CONFIG["num_hidden_layers"], n
 
 
 def gpt2_adapter(out: str) -> str:
-    """A seeded random GPT-2 and an r 16 all-linear LoRA on it (B random too: a real delta); the adapter's folder."""
+    """A seeded random GPT-2 and the benchmark's LoRA on it; the adapter's folder."""
     base = os.path.join(out, "gpt2-base")
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)).eval().save_pretrained(base)
-    model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(base),
-                                peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear",
-                                                task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if "lora_B" in key:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    model.peft_config["default"].base_model_name_or_path = base
-    path = os.path.join(out, "peft", "gpt2-lora")
-    model.save_pretrained(path)
-    return path
+    return make_adapter(base, out, name="gpt2-lora",
+                        load=lambda path: transformers.GPT2LMHeadModel.from_pretrained(path).eval())
 
 
 def main() -> None:
