@@ -85,6 +85,8 @@ bench: $(STAMP) $(DEVICE_STAMP) $(JS_STAMP) $(GENAI_STAMP)
 	$(DEVICE)/bin/python samples/bench_genai.py --export bench-out/generate/slots
 	$(GENAI)/bin/python samples/bench_genai_builder.py
 	$(BIN)/python samples/bench_lora_kernels.py
+	$(BIN)/python samples/bench_lora_layouts.py --export bench-out/generate/slots-int4
+	$(BIN)/python samples/bench_lora_layouts.py --export bench-out/generate/slots
 	$(BIN)/python samples/bench_ops.py
 	$(BIN)/python samples/bench_web.py
 	$(BIN)/python samples/bench_web.py --quantize int8 --out bench-out/web-int8

@@ -95,3 +95,18 @@ def test_bench_lora_kernels_sample_computes_every_layout_alike(tmp_path):
     assert errors["fp16 inputs + Cast"] <= 1e-3 and errors["int8 inputs"] <= 0.02
     assert 0 < errors["int4 inputs"] == errors["int4 constants"] <= 0.1
     assert (tmp_path / "bench.md").is_file()
+
+
+def test_bench_lora_layouts_sample_edits_the_real_graph_without_changing_logits(shared_export, tmp_path):
+    """samples/bench_lora_layouts.py (benchmarks.md, issue 18's levers inside a step): on a tiny Llama export
+    with an all-linear adapter, every edited layout gives edgepeft's logits; the adapter changes them."""
+    rows = _run_sample("bench_lora_layouts.py", "--export", shared_export("llama")[0], "--adapter", "all",
+                       "--rounds", 1, "--out", tmp_path)
+    assert (tmp_path / "bench.md").read_text().count("| B per member") == 2
+    diffs = {r[0]: float(r[4]) for r in rows[1:]}
+    assert list(diffs) == ["edgepeft", "B per member", "no row Mul", "B per member, no row Mul", "no adapter"]
+    assert max(diffs[k] for k in list(diffs)[:4]) <= 1e-5
+    assert diffs["no adapter"] > 1e-3
+    assert all(float(r[1]) > 0 for r in rows[1:])
+    nodes = {r[0]: int(r[5]) for r in rows[1:]}  # the edits happened: ops added per fused group, one less per LoRA delta
+    assert nodes["B per member"] > nodes["edgepeft"] > nodes["no row Mul"]
