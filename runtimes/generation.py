@@ -156,9 +156,7 @@ def decode_steps(rt, plan, ids: np.ndarray, mask: np.ndarray):
     """
     full, positions = rt.virtual_inputs(plan, mask, generate=True)
     binding = rt.slot_binding(plan)
-    if rt.keep_last is not None:  # the last position's logits only (forward keeps the default, all)
-        binding.bind_ortvalue_input(rt.keep_last_name, rt.keep_last)
-    outputs = rt.run(plan, ids, full, positions, None, presents=True, binding=binding)
+    outputs = rt.run(plan, ids, full, positions, None, presents=True, binding=binding, keep_last=True)
     for name in plan.prefill:  # decode steps add no virtual tokens
         binding.bind_ortvalue_input(name, rt.neutral[name])
     cache = FixedCache(rt, outputs) if rt.contrib else None

@@ -30,11 +30,11 @@ from .values import is_real
 CACHED_STACKS = 16  # sets of adapters whose stacked tensors stay built
 
 
-def run_rows_apart(rt, plan: Plan, ids, mask, positions, past, presents: bool) -> list:
+def run_rows_apart(rt, plan: Plan, ids, mask, positions, past, presents: bool, keep_last: bool) -> list:
     """``rt.run`` one row at a time, the outputs joined along the batch (OrtValues, as ``rt.run`` returns).
 
     For graphs on GroupQueryAttention (``ops: contrib``), whose CPU kernel takes a single row when several
-    new tokens meet a non-empty cache: a prefix adapter's prefill of a batch. Its logits keep every position.
+    new tokens meet a non-empty cache: a prefix adapter's prefill of a batch.
     """
     import copy
 
@@ -45,7 +45,7 @@ def run_rows_apart(rt, plan: Plan, ids, mask, positions, past, presents: bool) -
         row.cpu = {k: v[i:i + 1] if v.shape[0] == batch else v for k, v in plan.cpu.items()}
         row_past = None if past is None else [_owned(p.numpy()[i:i + 1], rt.device) for p in past]
         parts.append([o.numpy() for o in rt.run(row, ids[i:i + 1], mask[i:i + 1], positions[i:i + 1], row_past,
-                                                presents)])
+                                                presents, keep_last=keep_last)])
     return [_owned(np.concatenate(arrays), rt.device) for arrays in zip(*parts)]
 
 

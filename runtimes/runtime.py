@@ -164,16 +164,21 @@ class Runtime:
         with self.store.holding(self.mixer.names(specs)) as held:
             yield self.mixer.lanes(specs, held)
 
-    def run(self, plan: Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None) -> list:
+    def run(self, plan: Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None,
+            keep_last: bool = False) -> list:
         """One session run; adapter slots and the KV cache stay OrtValues (IOBinding).
 
         ``past``: see ``kv_cache.bind_past``. ``mask``/``position_ids`` count the virtual tokens (``virtual_inputs``).
         ``binding``: one from ``slot_binding(plan)`` to reuse (slots stay bound).
+        ``keep_last``: logits for the last position only, where the graph takes ``logits_to_keep`` (it stays
+        bound in ``binding``); else the graph's default, every position.
         Returns OrtValues: the task output, then the presents when asked for (a FixedCache step: its logits only).
         """
         if self.contrib and ids.shape[0] > 1 and ids.shape[1] > 1 and (past is not None or plan.past):
-            return run_rows_apart(self, plan, ids, mask, position_ids, past, presents)
+            return run_rows_apart(self, plan, ids, mask, position_ids, past, presents, keep_last)
         binding = binding or self.slot_binding(plan)
+        if keep_last and self.keep_last is not None:
+            binding.bind_ortvalue_input(self.keep_last_name, self.keep_last)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         fixed = isinstance(past, FixedCache)  # it binds the logits too, once

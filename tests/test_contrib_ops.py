@@ -170,3 +170,25 @@ def test_a_gpt2_with_cross_attention_layers_exports_both_ways(tmp_path):
         report = export([str(tmp_path / "lora")], str(tmp_path / ops), ops=ops)
         assert _manifest(str(tmp_path / ops))["ops"] == ops
         assert max(c["max_abs_diff"] for c in report["checks"]) <= 1e-4
+
+
+def test_a_prefix_batch_prefill_runs_row_by_row_and_keeps_the_last_logits_only(virtual_export, hf_reference,
+                                                                               monkeypatch):
+    """GroupQueryAttention's CPU kernel takes one row when several new tokens meet a cache (a prefix adapter's
+    prefill): generation runs such a batch row by row, each row binding logits_to_keep 1 as a whole batch does,
+    and still gives HF PEFT's greedy ids."""
+    from edgepeft.runtimes import runtime as runtime_module
+
+    out, dirs, _ = virtual_export("llama")
+    rt = Runtime(out)
+    assert rt.contrib
+    shapes = []
+    rows_apart = runtime_module.run_rows_apart
+    monkeypatch.setattr(runtime_module, "run_rows_apart",
+                        lambda *a: (lambda outputs: (shapes.append(outputs[0].shape()), outputs)[1])(rows_apart(*a)))
+    prompt, pmask = sample_batch(batch=2, seq=6, seed=7)
+    expected, _ = greedy_reference(hf_reference("llama", dirs["prefix"]), prompt, pmask, 5)
+    np.testing.assert_array_equal(rt.generate(prompt, pmask, adapter="prefix", max_new_tokens=5, eos_token_id=[]),
+                                  expected)
+    assert shapes == [[2, 1, rt.vocab_size]]  # the prefill only; without logits_to_keep: [2, 6, vocab]
+    assert rt.forward(prompt, pmask, adapter="prefix")["logits"].shape == (2, 6, rt.vocab_size)  # forward: all
