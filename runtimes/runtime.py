@@ -171,7 +171,7 @@ class Runtime:
         ``past``: see ``kv_cache.bind_past``. ``mask``/``position_ids`` count the virtual tokens (``virtual_inputs``).
         ``binding``: one from ``slot_binding(plan)`` to reuse (slots stay bound).
         ``keep_last``: logits for the last position only, where the graph takes ``logits_to_keep`` (it stays
-        bound in ``binding``); else the graph's default, every position.
+        bound in ``binding``; rows run apart bind it per row); else the graph's default, every position.
         Returns OrtValues: the task output, then the presents when asked for (a FixedCache step: its logits only).
         """
         if self.contrib and ids.shape[0] > 1 and ids.shape[1] > 1 and (past is not None or plan.past):
