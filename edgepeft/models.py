@@ -83,12 +83,26 @@ def check_supported(model_type: str, task: str, source: str = "") -> None:
         raise UnsupportedModelError(f"{where}{model_type} is an encoder and has no causal-LM head; use seq-cls or feature-extraction")
 
 
-def check_exportable(config, source: str) -> None:
-    """Refuse what the export cannot trace: sliding-window attention layers (Qwen2's ``use_sliding_window``).
+def rope_type(config) -> str | None:
+    """The rotary scaling's type ("dynamic", "linear", ...), None without one."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type") or rope.get("type")
 
-    transformers keeps a cropped cache for them, which the graph's one cache layout for every layer
-    does not fit. Training them in PyTorch is unaffected.
+
+def check_exportable(config, source: str) -> None:
+    """Refuse what the export cannot trace: sliding-window attention layers (Qwen2's ``use_sliding_window``) and
+    longrope scaling.
+
+    transformers keeps a cropped cache for sliding layers, which the graph's one cache layout for
+    every layer does not fit; longrope switches its rotary frequencies once a sequence passes
+    original_max_position_embeddings, which one traced graph cannot follow. Training them in
+    PyTorch is unaffected.
     """
+    if rope_type(config) == "longrope":
+        raise UnsupportedModelError(
+            f"{source}: config.json's rope scaling is longrope, which edgepeft cannot export (its rotary "
+            "frequencies change with the sequence length); use a base model without longrope scaling"
+        )
     sliding = sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
     if sliding:
         raise UnsupportedModelError(

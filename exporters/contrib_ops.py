@@ -43,17 +43,16 @@ def check_ops(ops) -> None:
 
 
 def effective_ops(config, task: str, ops: str, log=None) -> str:
-    """"contrib" where asked for and the model has the fused build (Llama, Qwen2 causal LMs whose head size the
-    kernel takes), else "standard"; ``log`` hears why a contrib request falls back."""
+    """"contrib" where asked for and the model has the fused build (Llama, Qwen2, GPT-2 causal LMs whose head size
+    the kernel takes), else "standard"; ``log`` hears why a contrib request falls back."""
     if ops != "contrib" or task != "causal-lm" or config.model_type not in FUSED_MODELS:
         return "standard"
-    from edgepeft.models import attention_layout
+    from edgepeft.models import attention_layout, rope_type
 
     head = attention_layout(config)["head_dim"]
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     why = (f"head size {head} is not a multiple of {KERNEL_HEAD_MULTIPLE} (GroupQueryAttention's CPU kernel needs "
            "that)" if head % KERNEL_HEAD_MULTIPLE else
-           "dynamic rope scaling changes the rotary tables with the length" if rope.get("rope_type") == "dynamic"
+           "dynamic rope scaling changes the rotary tables with the length" if rope_type(config) == "dynamic"
            else None)
     if why and log:
         log(f"note: {why}: standard ops")
@@ -178,7 +177,7 @@ class _GroupQueryAttention(torch.autograd.Function):
         causal = torch.ones(S, K, dtype=torch.bool, device=q.device).tril(K - S)  # the kernel is causal itself
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
         out = torch.softmax(scores, dim=-1) @ values  # (B, heads, S, D)
-        return out.transpose(1, 2).reshape(B, S, num_heads * D), present_k, present_v
+        return out.transpose(1, 2).reshape(B, S, -1), present_k, present_v  # -1: a traced "* 1" (one head) breaks torch.onnx
 
     @staticmethod
     def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, bias, num_heads: int, kv_heads: int, scale: float):

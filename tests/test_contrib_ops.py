@@ -78,6 +78,31 @@ def test_a_head_size_the_kernel_cannot_take_falls_back_to_standard_ops(tmp_path,
     assert _manifest(str(tmp_path / "out"))["ops"] == "standard" and not FUSED & _ops(str(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_model_with_one_attention_head_exports_fused(arch, tmp_path):
+    """One head (and one kv head): the fused graph traces (a reshape by heads * size once broke torch.onnx on
+    the traced "* 1") and passes the export's checks against PyTorch and HF PEFT."""
+    import peft
+    import transformers as tf
+
+    config = tiny_config(arch)
+    if arch == "gpt2":
+        config.n_head = 1
+    else:
+        config.num_attention_heads = config.num_key_value_heads = 1
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    model_class = tf.GPT2LMHeadModel if arch == "gpt2" else tf.LlamaForCausalLM
+    model_class(config).save_pretrained(base)
+    target = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
+    pm = peft.get_peft_model(model_class.from_pretrained(base), peft.LoraConfig(r=2, target_modules=target))
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(tmp_path / "lora"))
+    report = export([str(tmp_path / "lora")], str(tmp_path / "out"))
+    assert _manifest(str(tmp_path / "out"))["ops"] == "contrib" and "GroupQueryAttention" in _ops(str(tmp_path / "out"))
+    assert all(c["max_abs_diff"] <= 1e-4 for c in report["checks"])
+
+
 def test_dynamic_rope_scaling_and_other_models_get_standard_ops():
     from edgepeft.exporters.contrib_ops import effective_ops
 

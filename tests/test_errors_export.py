@@ -394,6 +394,25 @@ def test_a_base_of_other_depth_is_named_as_another_base(small_copy, tmp_path):
     assert shallow in msg
 
 
+def test_export_of_longrope_scaling_is_refused(guarded, llama, tmp_path):
+    """longrope switches its rotary frequencies past original_max_position_embeddings: one traced graph cannot
+    follow that (the contrib graph was off by 8e-4, the standard trace failed inside torch.onnx)."""
+    import transformers as tf
+
+    from tiny import tiny_config
+
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0,
+                              "original_max_position_embeddings": 16, "short_factor": [1.0] * 8,
+                              "long_factor": [float(i + 1) for i in range(8)]}
+    torch.manual_seed(0)
+    base = str(tmp_path / "base-longrope")
+    tf.LlamaForCausalLM(config).save_pretrained(base)
+    for ops in ("contrib", "standard"):
+        msg = failing_export(UnsupportedModelError, [llama[1]["qv"]], guarded, base=base, ops=ops)
+        assert base in msg and "longrope" in msg and "without longrope" in msg
+
+
 def test_export_of_sliding_window_layers_is_refused(guarded, llama, tmp_path):
     """Qwen2 with use_sliding_window: transformers crops those layers' cache, which the graph cannot carry."""
     import transformers as tf
