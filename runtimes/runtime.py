@@ -261,6 +261,10 @@ class Runtime:
         ids, mask = self._inputs(input_ids, attention_mask)
         if (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
+        if (np.diff(mask, axis=1) < 0).any():  # a 0 after a 1: the next tokens would follow padding
+            row = int(np.flatnonzero((np.diff(mask, axis=1) < 0).any(axis=1))[0])
+            raise InvalidInputError(f"attention_mask row {row} has padding after its tokens; generation needs the "
+                                    "padding on the left (a tokenizer's padding_side='left')")
         return ids, mask
 
     def step_logits(self, input_ids, attention_mask=None, adapter=None):

@@ -336,6 +336,8 @@ def test_bad_generation_input_raises_and_runtime_keeps_working(shared_export):
     long_ids = np.full((1, 65), 5, np.int64)
     zero_row = mask.copy()
     zero_row[1] = 0
+    right_padded = np.ones_like(mask)
+    right_padded[0, -2:] = 0  # tokens, then padding: the new tokens would follow the pads
     no_pad = Runtime(out)  # a model whose config has no padding id: the first eos id pads finished rows
     no_pad.manifest["pad_token_id"] = None
 
@@ -352,6 +354,9 @@ def test_bad_generation_input_raises_and_runtime_keeps_working(shared_export):
         ("empty prompt", InvalidInputError, lambda: rt.generate(np.zeros((1, 0), np.int64), adapter="qv")),
         ("empty list", InvalidInputError, lambda: rt.generate([], adapter="qv")),
         ("all-zero mask row", InvalidInputError, lambda: rt.generate(ids, zero_row, **good)),
+        ("right-padded row", InvalidInputError, lambda: rt.generate(ids, right_padded, **good)),
+        ("right-padded row, stream", InvalidInputError, lambda: next(rt.stream(ids, right_padded, **good))),
+        ("right-padded row, step_logits", InvalidInputError, lambda: next(rt.step_logits(ids, right_padded))),
         ("float ids", InvalidInputError, lambda: rt.generate(ids.astype(np.float32), mask, **good)),
         ("id outside vocab", InvalidInputError, lambda: rt.generate(ids + 200, mask, **good)),
         ("max_new_tokens=0", ConfigError, lambda: rt.generate(ids, mask, adapter="qv", max_new_tokens=0)),

@@ -131,6 +131,10 @@ export class Runtime {
       throw new EdgePeftError(`maxNewTokens must be a positive integer, got ${maxNewTokens}`);
     }
     if (mask.some((row) => !row.includes(1))) throw new EdgePeftError("a prompt row has no tokens (its mask is all 0)");
+    const right = mask.findIndex((row) => row.some((m, i) => i > 0 && m < row[i - 1]));  // a 0 after a 1
+    if (right >= 0) {
+      throw new EdgePeftError(`mask row ${right} has padding after its tokens; generation needs the padding on the left`);
+    }
     eosTokenId = [eosTokenId ?? []].flat();  // one id or a list, as transformers takes it
     this.checkLength(plan, ids[0].length, maxNewTokens - 1);  // the last new token is never fed back
     const pad = this.padIdOr(eosTokenId);
