@@ -121,7 +121,9 @@ class PeftConfig:
         data = self.to_dict()
         if inference_mode is not None:
             data["inference_mode"] = inference_mode
-        write_json_atomic(os.path.join(directory, CONFIG_NAME), data, sort_keys=True)
+        # fields sorted, values as they are: the first rank/alpha pattern matching a module wins (HF PEFT's rule),
+        # so the patterns keep their order
+        write_json_atomic(os.path.join(directory, CONFIG_NAME), dict(sorted(data.items())))
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "PeftConfig":

@@ -131,3 +131,25 @@ def test_config_from_newer_peft_loads_with_warning_and_unsupported_options_fail(
         edgepeft.LoraConfig(use_dora=True)
     with pytest.raises(ConfigError, match="matches no linear layer"):
         edgepeft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), edgepeft.LoraConfig(target_modules=["nothing"]))
+
+
+def test_overlapping_alpha_patterns_keep_their_order_through_save_and_load(tiny_base, tmp_path):
+    """The first rank/alpha pattern that matches a module wins (HF PEFT's rule): adapter_config.json keeps the
+    patterns in their order (its fields stay sorted), so the reloaded adapter scales as the trained one."""
+    import peft
+
+    config = edgepeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                                 alpha_pattern={"q_proj": 2, "layers.0.self_attn.q_proj": 32},
+                                 rank_pattern={"q_proj": 2, "layers.0.self_attn.q_proj": 3})
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"), config)
+    randomize_adapter(model, seed=5)
+    model.save_pretrained(tmp_path / "ad")
+    saved = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    assert list(saved["alpha_pattern"]) == ["q_proj", "layers.0.self_attn.q_proj"] and list(saved) == sorted(saved)
+    ids, mask = sample_batch(seq=6)
+    want = torch_outputs(model.eval(), ids, mask, "logits")
+    for loaded in (edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                                      str(tmp_path / "ad")),
+                   peft.PeftModel.from_pretrained(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                                  str(tmp_path / "ad"))):
+        assert abs(torch_outputs(loaded.eval(), ids, mask, "logits") - want).max() <= 1e-5

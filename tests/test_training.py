@@ -339,3 +339,34 @@ def test_decoder_classifier_trains_exports_and_predicts_right_padded_batches(tex
         with torch.no_grad():
             ref = model(input_ids=torch.from_numpy(rt.tokenizer.encode([text], pad_id=0)[0])).logits[0].numpy()
         assert np.abs(ref - one).max() < 1e-4
+
+
+def test_decoder_classifier_batches_pad_with_the_models_pad_token(text_model, tmp_path):
+    """A tokenizer without a pad token (its eos pads) under a config.json whose pad_token_id the decoder classifier
+    looks for: training batches pad with the model's id, so a short row is read at its last token, not a pad."""
+    import shutil
+
+    from edgepeft.models import load_base
+    from edgepeft.peft_model import get_peft_model
+    from edgepeft.tuners.lora.config import LoraConfig
+
+    model = str(tmp_path / "llama-no-tokenizer-pad")
+    shutil.copytree(text_model("llama"), model)
+    with open(os.path.join(model, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    config.pop("pad_token", None)
+    with open(os.path.join(model, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    data = tmp_path / "cls.jsonl"
+    data.write_text('{"text": "play jazz", "label": "a"}\n'
+                    '{"text": "what is the weather like today in paris please", "label": "b"}\n')
+    encoder, rows, _, labels = Trainer(_args(model, str(data), str(tmp_path / "o")))._data()
+    assert encoder.pad_id == 0 != encoder.tokenizer.eos_token_id  # config.json's, not the tokenizer's eos
+    torch.manual_seed(0)
+    m = get_peft_model(load_base(model, "seq-cls", labels=labels), LoraConfig(task_type="SEQ_CLS")).eval()
+    batch, alone = encoder.collate(rows), encoder.collate(rows[:1])
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # row 0 is padded in the batch
+    with torch.no_grad():
+        in_batch = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
+        single = m(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits[0]
+    assert float((in_batch - single).abs().max()) <= 1e-5

@@ -113,12 +113,15 @@ def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:
 class Encoder:
     """Turns checked rows into token-id features and pads them into batches."""
 
-    def __init__(self, tokenizer, task: str, max_length: int, labels: list[str] | None = None):
+    def __init__(self, tokenizer, task: str, max_length: int, labels: list[str] | None = None,
+                 pad_id: int | None = None):
+        """``pad_id``: the model's padding token (config.json), which a decoder classifier looks for to find
+        each row's last token; else the tokenizer's, else its end-of-sequence token."""
         self.tokenizer = tokenizer
         self.task = task
         self.max_length = max_length
         self.labels = labels
-        pad = tokenizer.pad_token_id
+        pad = pad_id if pad_id is not None else tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id = pad

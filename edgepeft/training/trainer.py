@@ -78,7 +78,10 @@ class Trainer:
             print(f"note: {note}", file=sys.stderr)
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
         labels = label_names(rows, args.data) if args.task == "seq-cls" else None
-        encoder = Encoder(load_tokenizer(args.model), args.task, args.max_length, labels)
+        from edgepeft.models import load_model_config
+
+        model_pad = load_model_config(args.model, "--model").pad_token_id if args.task == "seq-cls" else None
+        encoder = Encoder(load_tokenizer(args.model), args.task, args.max_length, labels, pad_id=model_pad)
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         return encoder, train, evals, labels
