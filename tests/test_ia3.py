@@ -124,3 +124,19 @@ def test_adapters_exported_one_after_another_keep_the_fusion_layout(workdir, pef
     with pytest.raises(ConfigError, match=r"gate_proj\+up_proj.* export every adapter together"):
         export([ia3], other, names=["ia3"])
     assert tree_hashes(other) == before
+
+
+def test_feedforward_entries_match_any_end_of_a_name_as_hf_peft(tiny_base, tmp_path):
+    """HF PEFT marks a layer feed-forward when its name ends with a feedforward_modules entry, dot or not
+    ("proj" marks mlp.up_proj): such an adapter loads and scales the same sides (it was refused)."""
+    import peft
+
+    base = tiny_base("llama")
+    config = peft.IA3Config(task_type="CAUSAL_LM", target_modules=r".*mlp\.(up|down)_proj", feedforward_modules=["proj"])
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"), config)
+    randomize_ia3(pm, seed=3)
+    pm.save_pretrained(tmp_path / "ia3")
+    ids, mask = sample_batch()
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "ia3")).eval()
+    assert all(m.is_feedforward for m in ours.modules() if type(m).__name__ == "IA3Linear")
+    assert np.abs(torch_outputs(ours, ids, mask, "logits") - torch_outputs(pm.eval(), ids, mask, "logits")).max() <= 1e-5

@@ -18,7 +18,15 @@ def ia3_targets(model: nn.Module, config) -> list[tuple[str, bool]]:
     if feedforward is None:
         feedforward = DEFAULT_IA3_FEEDFORWARD.get(model_type, [])
     keys = linear_targets(model, config, defaults=DEFAULT_IA3_TARGETS)
-    return [(k, name_matches(feedforward, k)) for k in keys]
+    return [(k, is_feedforward(feedforward, k)) for k in keys]
+
+
+def is_feedforward(feedforward, key: str) -> bool:
+    """HF PEFT's rule, looser than target_modules': a string is a full-match regex, a list entry any end of the
+    name ("proj" marks "mlp.up_proj")."""
+    if isinstance(feedforward, str):
+        return name_matches(feedforward, key)
+    return any(key.endswith(p) for p in feedforward)
 
 
 class IA3Tuner(Tuner):
