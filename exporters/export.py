@@ -57,7 +57,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     check_ops(ops)
     if not qtol > 0:
         raise ConfigError(f"--qtol must be > 0, got {qtol}")
-    made = [d for d in (out, os.path.join(out, ADAPTERS_DIR)) if not os.path.exists(d)]
+    made = _missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
                        overwrite=overwrite, ops=ops, log=print if verbose else (lambda *a, **k: None))
@@ -78,6 +78,16 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
         raise
+
+
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and the folders above it that do not exist yet, outermost first: a failed export removes them."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.insert(0, path)
+        path = os.path.dirname(path)
+    return missing
 
 
 # ---------------------------------------------------------------- plan slots

@@ -58,6 +58,10 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     """Read the adapters, find their base and task, load both, and check OUT can take them."""
     for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
         check_output_dir(os.path.join(out, sub), "--out")
+    adapters_dir = os.path.join(out, ADAPTERS_DIR)
+    for name in sorted(os.listdir(adapters_dir)) if os.path.isdir(adapters_dir) else []:
+        if os.path.isdir(os.path.join(adapters_dir, name)):  # a new base re-points each adapter already in OUT
+            check_output_dir(os.path.join(adapters_dir, name), "--out")
     sources = _read_sources(adapters, names)
     if os.path.isfile(os.path.join(out, CONFIG_NAME)):
         raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "

@@ -314,10 +314,10 @@ def test_negative_atol_is_refused(small_copy, llama):
 
 
 def test_failed_export_into_fresh_out_leaves_no_partial_export(tmp_path, llama, failing_checks):
-    out = str(tmp_path / "fresh")
+    out = str(tmp_path / "new" / "deeper" / "fresh")
     with pytest.raises(ExportValidationError):
         export([llama[1]["qv"]], out)
-    assert not os.path.exists(out)  # nothing at all: not even an empty adapters/ folder
+    assert os.listdir(tmp_path) == []  # nothing at all: not OUT's adapters/, nor the folders made above OUT
     with pytest.raises(ArtifactNotFoundError):
         Runtime(out, providers=CPU)
 
@@ -347,6 +347,21 @@ def test_an_unreadable_adapter_in_out_stops_the_export_before_the_base_changes(s
     assert named in str(e.value)
     assert tree_hashes(small_copy) == before
     assert not hidden_entries(small_copy), hidden_entries(small_copy)
+
+
+def test_an_adapter_folder_in_out_that_cannot_be_written_stops_the_export_before_the_base_changes(
+        small_copy, llama, monkeypatch):
+    """A new base re-points every adapter already in OUT: one whose folder is read-only must stop the export
+    before the base is replaced (it left a new base that the old adapters did not fit)."""
+    locked = os.path.join(small_copy, "adapters", "qv")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and not (
+        mode & os.W_OK and os.path.abspath(path) == os.path.abspath(locked)))  # root ignores chmod: a stand-in
+    before = tree_hashes(small_copy)
+    with pytest.raises(ConfigError) as e:
+        export([llama[1]["mlp"]], small_copy)  # mlp needs slots the small base lacks
+    assert locked in str(e.value) and "permission denied" in str(e.value)
+    assert tree_hashes(small_copy) == before
 
 
 @pytest.mark.parametrize("where", ["out", "out/adapters", "out/base"])
