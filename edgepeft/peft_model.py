@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from edgepeft.config import WEIGHTS_NAME, load_config
-from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError
+from edgepeft.config import CONFIG_NAME, WEIGHTS_NAME, load_config
+from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
 from edgepeft.registry import AdapterLayer
 from edgepeft.tuners import method_for
@@ -188,7 +188,12 @@ class PeftModel(nn.Module):
         directory = str(directory)
         config = load_config(directory)
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
+        try:
+            self.add_adapter(adapter_name, config)
+        except EdgePeftError as e:  # a config the model cannot take: name the file it came from
+            if directory in str(e):
+                raise
+            raise type(e)(f"{os.path.join(directory, CONFIG_NAME)}: {e}") from None
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise ArtifactNotFoundError(f"{path}: adapter weights not found; re-save the adapter with save_pretrained")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, UnsupportedMethodError
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
 from edgepeft.exporters.base_graph import trace_base
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
@@ -275,7 +275,10 @@ def export_merged(plan: ExportPlan) -> dict:
     if existing and not plan.overwrite:
         raise ConfigError(f"{base_dir}: holds adapter {existing['merged_adapter']!r} merged into the base already; "
                           "pass --overwrite to replace it, or give another --out")
-    merged = plan.peft.merge_and_unload(src.name).eval()
+    try:
+        merged = plan.peft.merge_and_unload(src.name).eval()
+    except UnsupportedMethodError as e:  # prompt learning has no weights to merge: name the adapter
+        raise UnsupportedMethodError(f"{src.path}: {e}") from None
     with Staging() as staging:
         stage = staging.new(plan.out, "merged")
         plan.log(f"exporting {src.name} merged into the base to {base_dir}")

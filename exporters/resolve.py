@@ -63,6 +63,10 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
         if os.path.isdir(os.path.join(adapters_dir, name)):  # a new base re-points each adapter already in OUT
             check_output_dir(os.path.join(adapters_dir, name), "--out")
     sources = _read_sources(adapters, names)
+    if os.path.isfile(os.path.join(out, BASE_MANIFEST)):
+        parent = os.path.dirname(os.path.abspath(out))
+        raise ConfigError(f"{out}: is the base folder of the export {parent}; give --out {parent} to add the "
+                          "adapter to that export")
     if os.path.isfile(os.path.join(out, CONFIG_NAME)):
         raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "
                           f"e.g. --out {os.path.normpath(out)}-onnx")

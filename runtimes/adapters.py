@@ -36,6 +36,7 @@ from .errors import (
 from .manifest import (
     ADAPTER_GRAPH,
     ADAPTER_MANIFEST,
+    ADAPTERS_DIR,
     adapter_graph_error,
     check_adapter_manifest,
     read_adapter_manifest,
@@ -160,7 +161,8 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
                 f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "
                 f"({self.base.get('source')}); export the adapter into this OUT with "
-                f"`edgepeft export --adapter <adapter dir> --out {self.out}`"
+                f"`edgepeft export --adapter <adapter dir> --out {self.out}"
+                f"{' --overwrite' if os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest['name'])) else ''}`"
             )
         entry = Registered(name, path, data, manifest, self.slots)
         arrays, plan = self._stage(entry)  # a load stages (and checks) the adapter even under a budget

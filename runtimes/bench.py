@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from edgepeft.runtimes.errors import ConfigError
+from edgepeft.runtimes.errors import ConfigError, InvalidInputError, UnknownAdapterError
 
 
 def rss_bytes() -> int | None:
@@ -75,8 +75,10 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
             new_tokens: int = 0, seed: int = 0) -> dict:
     """Latency per adapter, switch cost, staging time, memory (see the module docstring)."""
     names = list(rt.adapter_names if adapters is None else adapters)
-    for name in names:
-        rt.adapter_info(name)  # unknown names fail now, naming the loaded ones
+    for name in names:  # unknown names fail now, naming the loaded ones
+        if name not in rt.adapter_names:
+            raise UnknownAdapterError(f"--adapter {name}: {rt.path} holds no adapter {name!r} (it holds "
+                                      f"{', '.join(rt.adapter_names) or 'none'}); the base model is measured anyway")
     for key, value in (("batch", batch), ("seq", seq), ("rounds", rounds), ("calls", calls)):
         if not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"--{key} must be a whole number >= 1, got {value!r}")
@@ -84,6 +86,9 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
         raise ConfigError(f"--new-tokens must be a whole number >= 0 (0: no generation), got {new_tokens!r}")
     if new_tokens and not rt.cache:
         raise ConfigError(f"{rt.base_dir}: generation needs a causal-LM export; drop --new-tokens")
+    for adapter in [None, *names] if new_tokens else []:  # before minutes of measuring
+        rt._check_call(adapter, 1, seq, new_tokens - 1, f" + --new-tokens {new_tokens} - 1 (the last is not fed back)",
+                       " (--seq) or lower --new-tokens")
     rng = np.random.default_rng(seed)
     low = min(1000, rt.vocab_size // 2)  # skip the special and padding ids at the start of most vocabularies
     ids = rng.integers(low, rt.vocab_size, size=(batch, seq), dtype=np.int64)
@@ -93,7 +98,10 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     peers |= {f"stay:{n}": (lambda n=n: rt.forward(ids, mask, adapter=n)) for n in names}
     if names:
         peers["switching"] = alternating(rt, ids, mask, cycle)
-    timed = interleaved(peers, rounds, calls, repeat={"switching": len(cycle)})  # switching: each adapter `calls` times
+    try:
+        timed = interleaved(peers, rounds, calls, repeat={"switching": len(cycle)})  # switching: each `calls` times
+    except InvalidInputError as e:  # too many positions: in this command's terms
+        raise InvalidInputError(f"{e} (here: lower --seq)") from None
     times = {k: [dt for dt, _ in v] for k, v in timed.items()}
     split = {n: [dt for dt, ran in timed.get("switching", []) if ran == n] for n in cycle}
     per_round = {n: _round_differences(split[n], times[f"stay:{n}"], rounds) for n in names}

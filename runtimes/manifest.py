@@ -255,7 +255,7 @@ def read_base_manifest(base_dir: str) -> dict:
     return data
 
 
-_ADAPTER_FIX = "re-export the adapter with `edgepeft export --adapter DIR --out OUT`"
+_ADAPTER_FIX = "re-export the adapter with `edgepeft export --adapter DIR --out OUT --overwrite`"
 
 
 def read_adapter_manifest(adapter_dir: str) -> dict:

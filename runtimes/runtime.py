@@ -32,7 +32,7 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, In
 from .generation import generation_config, lane_steps, stream_tokens
 from .inputs import check_token_inputs
 from .kv_cache import FixedCache, bind_past
-from .manifest import BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, cache_names, read_base_manifest
+from .manifest import BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, adapter_dirs, cache_names, read_base_manifest
 from .sessions import device_of, ort, session_options
 
 
@@ -403,5 +403,8 @@ def _not_an_export(path: str) -> ArtifactNotFoundError:
     if os.path.isfile(os.path.join(path, "adapter.json")):
         out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
         return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")
+    if os.path.isfile(os.path.join(path, BASE_MANIFEST)):
+        out = os.path.dirname(os.path.abspath(path))
+        return ArtifactNotFoundError(f"{path}: is the base folder of the export {out}; open {out} itself")
     return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "
                                  f"`edgepeft export --adapter DIR --out {path}` first")

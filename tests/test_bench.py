@@ -30,9 +30,17 @@ def test_measure_reports_every_adapter_and_generation(shared_export):
 
 
 def test_measure_rejects_bad_arguments(shared_export):
+    """In the bench command's own terms (--adapter, --seq, --new-tokens), before any measuring."""
+    from edgepeft.errors import InvalidInputError
+
     rt = Runtime(shared_export("bert")[0])
-    with pytest.raises(UnknownAdapterError):
-        measure(rt, ["nope"], rounds=1, calls=1)
+    with pytest.raises(UnknownAdapterError, match="--adapter none: .* holds no adapter 'none' .*measured anyway"):
+        measure(rt, ["none"], rounds=1, calls=1)
+    with pytest.raises(InvalidInputError, match=r"exceeds .*\(here: lower --seq\)"):
+        measure(rt, seq=rt.max_positions + 1, rounds=1, calls=1)
+    decoder = Runtime(shared_export("llama")[0])
+    with pytest.raises(InvalidInputError, match="--new-tokens 60 .* lower --new-tokens"):
+        measure(decoder, [], seq=8, rounds=1, calls=1, new_tokens=60)
     with pytest.raises(ConfigError, match="--rounds"):
         measure(rt, rounds=0)
     with pytest.raises(ConfigError, match="causal-LM"):

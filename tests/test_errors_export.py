@@ -349,6 +349,17 @@ def test_an_unreadable_adapter_in_out_stops_the_export_before_the_base_changes(s
     assert not hidden_entries(small_copy), hidden_entries(small_copy)
 
 
+def test_an_exports_base_folder_as_out_is_refused(small_copy, llama):
+    """--out OUT/base would nest a second export inside OUT's base: refused, naming OUT, and the fix works."""
+    base = os.path.join(small_copy, "base")
+    before = tree_hashes(small_copy)
+    msg = failing_export(ConfigError, [llama[1]["mlp"]], base)
+    assert f"give --out {os.path.abspath(small_copy)}" in msg
+    assert tree_hashes(small_copy) == before
+    export([llama[1]["mlp"]], os.path.abspath(small_copy))
+    assert Runtime(small_copy, providers=CPU).adapter_names == ["mlp", "qv"]
+
+
 def test_an_adapter_folder_in_out_that_cannot_be_written_stops_the_export_before_the_base_changes(
         small_copy, llama, monkeypatch):
     """A new base re-points every adapter already in OUT: one whose folder is read-only must stop the export
@@ -470,3 +481,30 @@ def test_slots_of_a_method_this_process_lacks_are_named():
 
     with pytest.raises(UnsupportedMethodError, match="'toy'.*register that method"):
         spec_for("toy")
+
+
+def test_messages_about_an_adapter_name_its_folder(llama, virtual_export, tmp_path):
+    """A target_modules the model lacks names adapter_config.json; --merge of a prefix adapter names the adapter."""
+    bad = copy_adapter(llama[1]["qv"], tmp_path / "bad-targets")
+    edit_json(os.path.join(bad, "adapter_config.json"), target_modules=["nonexistent"])
+    msg = failing_export(ConfigError, [bad], str(tmp_path / "out-a"))
+    assert msg.startswith(os.path.join(bad, "adapter_config.json") + ": target_modules ['nonexistent'] matches no")
+    prefix = virtual_export("llama")[1]["prefix"]
+    msg = failing_export(UnsupportedMethodError, [prefix], str(tmp_path / "out-b"), merge=True)
+    assert msg.startswith(f"{prefix}: ") and "no weights to merge" in msg
+
+
+def test_an_adapter_with_nan_weights_is_refused_naming_the_cause(llama, tmp_path):
+    """NaN in PyTorch's own outputs: no --atol helps ("loosen --atol" was the advice), so the message says what to
+    look for, and nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    bad = copy_adapter(llama[1]["qv"], tmp_path / "nan-adapter")
+    weights = os.path.join(bad, "adapter_model.safetensors")
+    state = load_file(weights)
+    first = sorted(state)[0]
+    state[first][0, 0] = float("nan")
+    save_file(state, weights)
+    msg = failing_export(ExportValidationError, [bad], str(tmp_path / "out"), atol=float("inf"))
+    assert msg.startswith(bad) and "NaN or inf" in msg and "adapter_model.safetensors" in msg
+    assert not os.path.exists(tmp_path / "out")

@@ -158,6 +158,15 @@ def test_runtime_on_folder_without_base(tmp_path):
     assert os.path.join(str(tmp_path), "base") in str(e.value) and "edgepeft export" in str(e.value)
 
 
+def test_runtime_on_an_exports_base_folder_names_the_export(llama):
+    """OUT/base is not an export: the message names OUT (it suggested exporting into OUT/base, which nested a
+    second export there)."""
+    base = os.path.join(llama[0], "base")
+    with pytest.raises(ArtifactNotFoundError) as e:
+        Runtime(base, providers=CPU)
+    assert f"{base}: is the base folder of the export {os.path.abspath(llama[0])}; open" in str(e.value)
+
+
 def test_runtime_on_missing_folder(tmp_path):
     path = str(tmp_path / "nowhere")
     with pytest.raises(ArtifactNotFoundError) as e:

@@ -370,3 +370,21 @@ def test_decoder_classifier_batches_pad_with_the_models_pad_token(text_model, tm
         in_batch = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
         single = m(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits[0]
     assert float((in_batch - single).abs().max()) <= 1e-5
+
+
+def test_out_may_not_be_the_model_or_inside_an_export(text_model, shared_export, tmp_path):
+    """Training into the --model folder made the base an adapter folder; into OUT/base or OUT/adapters/x, the next
+    export replaced the adapter. Both are refused before any work, and nothing is written."""
+    from edgepeft.errors import ConfigError
+
+    data = tmp_path / "cls.jsonl"
+    data.write_text('{"text": "play jazz", "label": "a"}\n{"text": "weather", "label": "b"}\n')
+    model = text_model("bert")
+    out = shared_export("llama")[0]
+    for target, needle in ((model, "is the --model folder"), (os.path.join(out, "base"), "lies inside the export"),
+                           (os.path.join(out, "adapters", "new"), "lies inside the export")):
+        before = sorted(os.listdir(os.path.dirname(target)))
+        with pytest.raises(ConfigError, match=needle):
+            Trainer(_args(model, str(data), target)).train()
+        assert sorted(os.listdir(os.path.dirname(target))) == before
+

@@ -103,6 +103,7 @@ class Trainer:
     def _prepare_out(self) -> dict | None:
         """The checkpoint state to resume from (None: a fresh run)."""
         args = self.args
+        _check_out_is_no_model_or_export(args.out, args.model)
         ckpt = os.path.join(args.out, CHECKPOINT)
         state = read_checkpoint(args.out) if args.resume else None
         if state is None:
@@ -387,4 +388,19 @@ def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _check_out_is_no_model_or_export(out: str, model: str) -> None:
+    """--out is the adapter's own folder: not the base model's (the base would turn into an adapter folder), and
+    not inside an export, whose folders exports replace."""
+    from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_MANIFEST
+
+    real = os.path.realpath(out)
+    if os.path.isdir(model) and real == os.path.realpath(model):
+        raise ConfigError(f"{out}: is the --model folder; give --out a folder of its own for the adapter")
+    for folder in (real, os.path.dirname(real)):
+        export = os.path.dirname(folder) if os.path.basename(folder) in ("base", ADAPTERS_DIR) else None
+        if export and os.path.isfile(os.path.join(export, "base", BASE_MANIFEST)):
+            raise ConfigError(f"{out}: lies inside the export {export}, whose folders exports replace; give --out a "
+                              "folder outside it (then `edgepeft export --adapter` it into the export)")
 
