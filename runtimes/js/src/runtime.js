@@ -20,6 +20,9 @@ const int64 = (rows) => BigInt64Array.from(rows.flat(), (v) => BigInt(v));
 function checkInputs(ids, mask, manifest, where) {
   const rows = (x) => (Array.isArray(x) && x.length && !Array.isArray(x[0]) ? [x] : x);
   ids = rows(ids);
+  if (Array.isArray(ids) && ids.some((r) => Array.isArray(r) && r.some(Array.isArray))) {
+    throw new EdgePeftError("ids must be rows of token ids (2-D: batch x sequence); got more levels of arrays");
+  }
   if (!Array.isArray(ids) || !ids.length || !ids.every((r) => Array.isArray(r) && r.length === ids[0].length) || !ids[0].length) {
     throw new EdgePeftError("ids must be a non-empty array of rows of token ids, every row the same length (pad on the left)");
   }
@@ -33,6 +36,7 @@ function checkInputs(ids, mask, manifest, where) {
     throw new EdgePeftError(`sequence length ${ids[0].length} exceeds the model's ${manifest.max_positions} positions; shorten the input`);
   }
   mask = mask == null ? ids.map((row) => row.map(() => 1)) : rows(mask);
+  if (Array.isArray(mask)) mask = mask.map((r) => (Array.isArray(r) ? r.map((v) => (typeof v === "boolean" ? Number(v) : v)) : r));
   if (!Array.isArray(mask) || mask.length !== ids.length || !mask.every((r) => Array.isArray(r) && r.length === ids[0].length)) {
     throw new EdgePeftError(`mask must have the shape of ids (${ids.length} rows of ${ids[0].length}); they must match`);
   }
@@ -52,7 +56,7 @@ export class Runtime {
     if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; re-export it`);
     rt.session = await loader.session(ort, `base/${m.web_graph}`, sessionOptions, true);
     // neutral.onnx: every slot's neutral value (none in a merged classifier, which has no slot)
-    rt.neutral = m.neutral_graph ? await (await loader.session(ort, `base/${m.neutral_graph}`, sessionOptions, false)).run({}) : {};
+    rt.neutral = m.neutral_graph ? await runOnce(await loader.session(ort, `base/${m.neutral_graph}`, sessionOptions, false)) : {};
     rt.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
     const required = new Set(rt.session.inputNames);
     const missing = Object.keys(rt.neutral).filter((n) => !required.has(n));
@@ -79,8 +83,10 @@ export class Runtime {
       throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: made for another base (fingerprint ` +
         `${manifest.base_fingerprint.slice(0, 12)}, this base ${this.manifest.fingerprint.slice(0, 12)}); re-export it into this OUT`);
     }
-    const session = await this.loader.session(this.ort, `adapters/${name}/${manifest.graph}`, this.sessionOptions, false);
-    const tensors = await session.run({});
+    if (this.adapters.has(name)) {
+      throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: an adapter named ${name} is loaded already; unloadAdapter it first`);
+    }
+    const tensors = await runOnce(await this.loader.session(this.ort, `adapters/${name}/${manifest.graph}`, this.sessionOptions, false));
     const plan = { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, labels: manifest.labels || null };
     for (const [slotName, tensor] of Object.entries(tensors)) {
       const slot = this.slots[slotName];
@@ -101,12 +107,17 @@ export class Runtime {
     this.adapters.delete(name);
   }
 
+  /** No adapter, or the one a --merge export folded into the base: calls run the base graph as it is. */
+  servesBase(adapter) {
+    return adapter == null || adapter === this.manifest.merged_adapter;
+  }
+
   labels(adapter) {
-    return adapter == null ? this.manifest.labels || null : this.plan(adapter).labels;
+    return this.servesBase(adapter) ? this.manifest.labels || null : this.plan(adapter).labels;
   }
 
   plan(adapter) {
-    if (adapter == null) return { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0 };
+    if (this.servesBase(adapter)) return { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0 };
     const plan = this.adapters.get(adapter);
     if (!plan) throw new EdgePeftError(`adapter ${adapter} is not loaded; loaded: ${this.adapterNames.join(", ") || "none"}`);
     return plan;
@@ -123,7 +134,7 @@ export class Runtime {
   }
 
   /** Greedy generation with the KV cache; rows left-padded; returns ids (prompt included) as arrays of numbers. */
-  async generate(ids, mask, { adapter = null, maxNewTokens = 32, eosTokenId = this.manifest.eos_token_id || [] } = {}) {
+  async generate(ids, mask, { adapter = null, maxNewTokens = 32, eosTokenId = null } = {}) {
     if (!this.cache) throw new EdgePeftError(`a ${this.manifest.task} export does not generate`);
     const plan = this.plan(adapter);
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
@@ -135,7 +146,10 @@ export class Runtime {
     if (right >= 0) {
       throw new EdgePeftError(`mask row ${right} has padding after its tokens; generation needs the padding on the left`);
     }
-    eosTokenId = [eosTokenId ?? []].flat();  // one id or a list, as transformers takes it
+    eosTokenId = [eosTokenId ?? this.manifest.eos_token_id ?? []].flat();  // null: the model's; one id or a list
+    if (!eosTokenId.every((v) => Number.isInteger(v) && v >= 0)) {
+      throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${JSON.stringify(eosTokenId)}`);
+    }
     this.checkLength(plan, ids[0].length, maxNewTokens - 1);  // the last new token is never fed back
     const pad = this.padIdOr(eosTokenId);
     let { full, positions } = this.virtualInputs(plan, mask, true);
@@ -267,3 +281,12 @@ export function classify(logits, labels, row = 0) {
   const sum = exp.reduce((a, b) => a + b, 0);
   return exp.map((e, i) => ({ label: labels ? labels[i] : String(i), score: e / sum })).sort((a, b) => b.score - a.score);
 }
+
+async function runOnce(session) {  // a graph with no inputs, run once; its session is released (else it leaks)
+  try {
+    return await session.run({});
+  } finally {
+    await session.release?.();
+  }
+}
+

@@ -91,6 +91,10 @@ for (const [label, ort, tolerance] of [["onnxruntime-node", ortNode, 1e-5], ["on
     const rt = await openFolder(ort, path.join(FIXTURES, "bert_merged"));
     const want = expected.bert_merged;
     assert.ok(maxDiff((await rt.forward(want.ids, want.mask)).logits, want.forward) <= tolerance);
+    // the merged adapter's name serves the base as it is, as in Python
+    const named = await rt.forward(want.ids, want.mask, { adapter: rt.manifest.merged_adapter });
+    assert.ok(maxDiff(named.logits, want.forward) <= tolerance);
+    assert.deepEqual(rt.labels(rt.manifest.merged_adapter), rt.labels(null));
   });
 
   test(`${label}: classifiers with their own label counts switch per call`, async () => {
@@ -157,6 +161,27 @@ test("bad ids, masks and lengths are refused with what is wrong, as the Python r
   await refuses(rt.generate([Array(limit - 3).fill(1)], null, { maxNewTokens: 5 }), /new tokens fed back = \d+ exceeds.*lower maxNewTokens/);
   // at the limit it runs: the last new token is never fed back
   assert.equal((await rt.generate([Array(limit - 3).fill(1)], null, { maxNewTokens: 4, eosTokenId: [] }))[0].length, limit + 1);
+  await refuses(rt.forward([[[1, 2]]]), /2-D/);
+  await refuses(rt.generate([[1, 2]], null, { eosTokenId: "x" }), /eosTokenId must be/);
+  await refuses(rt.generate([[1, 2]], null, { eosTokenId: [2.5] }), /eosTokenId must be/);
+  await refuses(rt.loadAdapter("prompt"), /loaded already/);
+  // a mask of booleans means what 1/0 mean; eosTokenId null is the model's, as Python's None
+  assert.ok(maxDiff((await rt.forward([[5, 6, 7]], [[true, true, true]])).logits,
+    Array.from((await rt.forward([[5, 6, 7]], [[1, 1, 1]])).logits.data)) === 0);
+  // the sessions of graphs run once (an adapter's, neutral.onnx) are released: loading 400 times grew wasm's memory
+  const session = rt.loader.session.bind(rt.loader);
+  let released = 0;
+  rt.loader.session = async (...args) => {
+    const s = await session(...args);
+    const release = s.release.bind(s);
+    s.release = async () => { released++; return release(); };
+    return s;
+  };
+  rt.unloadAdapter("prompt");
+  await rt.loadAdapter("prompt");
+  assert.equal(released, 1);
+  assert.deepEqual(await rt.generate([[5, 6, 7]], null, { maxNewTokens: 3, eosTokenId: null }),
+    await rt.generate([[5, 6, 7]], null, { maxNewTokens: 3, eosTokenId: rt.manifest.eos_token_id }));
   // one row may be given flat, and one eos id as a number
   const flat = await rt.generate([5, 6, 7], null, { maxNewTokens: 2, eosTokenId: 3 });
   assert.deepEqual(flat, await rt.generate([[5, 6, 7]], [[1, 1, 1]], { maxNewTokens: 2, eosTokenId: [3] }));
