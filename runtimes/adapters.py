@@ -43,6 +43,7 @@ from .manifest import (
     sha256_bytes,
 )
 from .sessions import ort, session_options
+from .values import is_whole
 
 
 class Plan:
@@ -110,9 +111,9 @@ class AdapterStore:
         self.past_names = past_names
         self.device = device
         self.merged = base_manifest.get("merged_adapter")  # a --merge export's adapter: the base graph as it is
-        if budget_bytes is not None and not (isinstance(budget_bytes, int) and budget_bytes >= 0):
+        if budget_bytes is not None and not (is_whole(budget_bytes) and budget_bytes >= 0):
             raise ConfigError(f"adapter_budget_bytes must be a whole number of bytes >= 0, got {budget_bytes!r}")
-        self.budget = budget_bytes
+        self.budget = None if budget_bytes is None else int(budget_bytes)
         self._adapters: dict[str, Registered] = {}
         self._resident: OrderedDict = OrderedDict()  # staged names, least recently used first
         self._lock = threading.RLock()

@@ -194,8 +194,10 @@ def test_a_budget_keeps_only_recent_adapters_staged_and_restages_the_rest_transp
     want = _served(rt, KINDS)
     sizes = {n: sum(v.numpy().nbytes for v in rt.adapter_tensors(n).values()) for n in KINDS}
     budget = max(sizes.values()) + 1
-    small = Runtime(decoder[0], adapter_budget_bytes=budget)
+    small = Runtime(decoder[0], adapter_budget_bytes=np.int64(budget))  # a numpy int is a whole number too
     assert small.adapter_names == sorted(KINDS) and small.store.resident_bytes <= budget
+    with pytest.raises(ConfigError, match="adapter_budget_bytes"):
+        Runtime(decoder[0], adapter_budget_bytes=True)  # not a byte count
     assert len(small.resident_adapters) < len(KINDS)
     for _ in range(2):
         for name in KINDS:  # every call restages what was evicted: the answers do not change
@@ -340,3 +342,31 @@ def test_unloading_an_adapter_a_call_holds_is_refused_and_eviction_waits(decoder
     steps.close()
     assert rt.resident_adapters == []  # released: evicted at once under a zero budget
     rt.unload_adapter("ia3")
+
+
+def test_saved_layers_other_than_the_classifier_run_their_rows_apart(tiny_base, tmp_path):
+    """Only a classifier's columns can sit side by side in one run: an lm_head (causal LM) or a pooler saved with
+    the adapter feeds the rest of the graph, so those adapters' rows run apart (the stacked heads gave doubled
+    vocabularies, NaN rows and a shape error) and each row equals that row alone."""
+    llama, bert = tiny_base("llama"), tiny_base("bert")
+    ms = {f"ms{i}": lora_adapter(tmp_path / f"ms{i}", llama, "causal-lm", 90 + i, r=2 + i, target_modules=["q_proj"],
+                                 modules_to_save=["lm_head"]) for i in (1, 2)}
+    cls = {f"p{i}": lora_adapter(tmp_path / f"p{i}", bert, "seq-cls", 93 + i, num_labels=1 + i, r=4,
+                                 target_modules=["query"], modules_to_save=["classifier", "pooler.dense"]) for i in (1, 2)}
+    ids = np.random.default_rng(8).integers(3, 128, size=(2, 7)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for adapters, key in ((ms, "logits"), (cls, "logits")):
+        out = str(tmp_path / f"out-{next(iter(adapters))}")
+        export(list(adapters.values()), out, names=list(adapters))
+        rt = Runtime(out)
+        mixed = rt.forward(ids, mask, adapter=list(adapters))[key]
+        for row, name in enumerate(adapters):
+            alone = rt.forward(ids[row:row + 1], mask[row:row + 1], adapter=name)[key][0]
+            np.testing.assert_allclose(mixed[row][..., :alone.shape[-1]], alone, atol=1e-5)
+    decoder = Runtime(str(tmp_path / "out-ms1"))
+    steps = decoder.step_logits(ids, mask, adapter=list(ms))
+    assert next(steps).shape == (2, decoder.vocab_size)
+    greedy = decoder.generate(ids, mask, adapter=list(ms), max_new_tokens=3, eos_token_id=[])
+    for row, name in enumerate(ms):
+        np.testing.assert_array_equal(greedy[row], decoder.generate(ids[row:row + 1], mask[row:row + 1], adapter=name,
+                                                                    max_new_tokens=3, eos_token_id=[])[0])

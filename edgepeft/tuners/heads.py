@@ -118,12 +118,17 @@ class HeadSlots(SlotSpec):
                     f"modules_to_save {key!r} is a {type(module).__name__}; edgepeft exports Linear heads only"
                 )
             out_axis = slot_axis("head", "out", key)
-            # mixed batches: every row's head side by side, each row reading its own output columns
+            # mixed batches: every row's classifier side by side, each row reading its own output columns. Only
+            # a classifier's columns are the output; another saved layer (an lm_head, a pooler) feeds on, so its
+            # adapter's rows run apart
+            stack = config.task_type == "SEQ_CLS" and key.rpartition(".")[2] in CLASSIFIER_NAMES
+            weight, bias = (dict(stack_axis=1, selector="output"), dict(stack_axis=0, selector="output")) if stack \
+                else ({}, {})
             slots.append(Slot(slot_name("head", "weight", key), "head", "weight", key, (module.in_features, out_axis),
-                              "float32", "base", stack_axis=1, selector="output"))
+                              "float32", "base", **weight))
             if module.bias is not None:
                 slots.append(Slot(slot_name("head", "bias", key), "head", "bias", key, (out_axis,), "float32", "base",
-                                  stack_axis=0, selector="output"))
+                                  **bias))
         return slots
 
     def install(self, model: nn.Module, slots: list[Slot], fused: dict) -> tuple[dict, dict]:
