@@ -41,6 +41,7 @@ from .manifest import (
     check_adapter_manifest,
     read_adapter_manifest,
     sha256_bytes,
+    stacks_as_output,
 )
 from .sessions import ort, session_options
 from .values import is_whole
@@ -76,10 +77,12 @@ class Registered:
     __slots__ = ("name", "path", "data", "manifest", "stackable", "has_head", "plan", "arrays", "bytes", "users",
                  "n_virtual")
 
-    def __init__(self, name, path, data, manifest, slots: dict):
+    def __init__(self, name, path, data, manifest, slots: dict, task: str):
         self.name, self.path, self.data, self.manifest = name, path, data, manifest
         filled = [slots[n] for n in manifest["slots"] if n in slots]
-        self.stackable = all(s.stack_axis is not None for s in filled)  # rows can share a run with others' rows
+        # rows can share a run with others' rows (exports before the check wrote selector "output" on any saved layer)
+        self.stackable = all(s.stack_axis is not None and (s.selector != "output" or stacks_as_output(task, s.module))
+                             for s in filled)
         self.has_head = any(s.selector == "output" for s in filled)  # fills the output-selected slots (a head)
         self.plan = None  # staged: a Plan of OrtValues
         self.arrays = None  # staged: {slot: array}, what mixed batches stack
@@ -165,7 +168,7 @@ class AdapterStore:
                 f"`edgepeft export --adapter <adapter dir> --out {self.out}"
                 f"{' --overwrite' if os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest['name'])) else ''}`"
             )
-        entry = Registered(name, path, data, manifest, self.slots)
+        entry = Registered(name, path, data, manifest, self.slots, self.base.get("task", ""))
         arrays, plan = self._stage(entry)  # a load stages (and checks) the adapter even under a budget
         with self._lock:
             if name in self._adapters:

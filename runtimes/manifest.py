@@ -55,6 +55,15 @@ from dataclasses import dataclass
 from .errors import ArtifactNotFoundError, CorruptArtifactError
 
 FORMAT_VERSION = 3  # 2: fused groups, KV-cache I/O; 3: stackable slots and selectors (mixed batches)
+CLASSIFIER_NAMES = ["classifier", "score"]  # a sequence classifier's head: the only layer whose columns are the output
+
+
+def stacks_as_output(task: str, module: str) -> bool:
+    """A saved layer whose adapters' copies sit side by side in a mixed batch, each row reading its own output
+    columns: a classifier's head only (an lm_head, a pooler feed on)."""
+    return task == "seq-cls" and module.rpartition(".")[2] in CLASSIFIER_NAMES
+
+
 BASE_DIR = "base"
 ADAPTERS_DIR = "adapters"
 BASE_MANIFEST = "edgepeft.json"

@@ -4,6 +4,7 @@ must equal HF PEFT with those adapters active and each one's scaling times its w
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import threading
@@ -363,7 +364,15 @@ def test_saved_layers_other_than_the_classifier_run_their_rows_apart(tiny_base, 
         for row, name in enumerate(adapters):
             alone = rt.forward(ids[row:row + 1], mask[row:row + 1], adapter=name)[key][0]
             np.testing.assert_allclose(mixed[row][..., :alone.shape[-1]], alone, atol=1e-5)
-    decoder = Runtime(str(tmp_path / "out-ms1"))
+    manifest = os.path.join(tmp_path, "out-ms1", "base", "edgepeft.json")  # as exports before the fix wrote it
+    with open(manifest) as f:
+        data = json.load(f)
+    for slot in data["slots"]:
+        if slot["method"] == "head":
+            slot.update(stack_axis=1 if slot["role"] == "weight" else 0, selector="output")
+    with open(manifest, "w") as f:
+        json.dump(data, f)
+    decoder = Runtime(str(tmp_path / "out-ms1"))  # the runtime keeps such adapters' rows apart too
     steps = decoder.step_logits(ids, mask, adapter=list(ms))
     assert next(steps).shape == (2, decoder.vocab_size)
     greedy = decoder.generate(ids, mask, adapter=list(ms), max_new_tokens=3, eos_token_id=[])

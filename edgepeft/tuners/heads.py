@@ -19,11 +19,10 @@ from torch import nn
 
 from edgepeft.errors import ConfigError, UnsupportedModelError
 from edgepeft.registry import AdapterLayer, SlotSpec, register_spec
-from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
+from edgepeft.runtimes.manifest import CLASSIFIER_NAMES, Slot, slot_axis, slot_name, stacks_as_output
 from edgepeft.tuners.targets import name_matches, replace_module
 
 # Heads HF PEFT adds to modules_to_save for sequence classification.
-CLASSIFIER_NAMES = ["classifier", "score"]
 
 
 class ModulesToSaveWrapper(AdapterLayer):
@@ -121,7 +120,7 @@ class HeadSlots(SlotSpec):
             # mixed batches: every row's classifier side by side, each row reading its own output columns. Only
             # a classifier's columns are the output; another saved layer (an lm_head, a pooler) feeds on, so its
             # adapter's rows run apart
-            stack = config.task_type == "SEQ_CLS" and key.rpartition(".")[2] in CLASSIFIER_NAMES
+            stack = stacks_as_output("seq-cls" if config.task_type == "SEQ_CLS" else "", key)
             weight, bias = (dict(stack_axis=1, selector="output"), dict(stack_axis=0, selector="output")) if stack \
                 else ({}, {})
             slots.append(Slot(slot_name("head", "weight", key), "head", "weight", key, (module.in_features, out_axis),
