@@ -136,8 +136,8 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
             f"{plan.source} ({plan.task}); export them into another --out folder")
     if existing.get("quantization") != plan.quantize:
         have, want = existing.get("quantization") or "float32", plan.quantize or "float32"
-        raise ConfigError(f"{base_dir}: holds a {have} base, this export asks for {want} (--quantize); "
-                          "export into another --out folder")
+        raise ConfigError(f"{base_dir}: holds {'an' if have.startswith('int') else 'a'} {have} base, this export asks for "
+                          f"{want} (--quantize); export into another --out folder")
     have, want = existing.get("ops", "standard"), effective_ops(plan.model.config, plan.task, plan.ops)
     if have != want:
         raise ConfigError(f"{base_dir}: holds a base built with {have} ops, this export asks for {want} (--ops); "

@@ -51,7 +51,7 @@ def compare_outputs(label: str, ours, ref, mask, task, atol, where, qtol=None) -
         rel = relative_error(ours, ref)
         if not rel <= qtol:
             raise ExportValidationError(
-                f"{where}: {label} differs from PyTorch by {rel:.3g} relative RMS error (tolerance {qtol:g}); nothing "
+                f"{where}: {label} differs from PyTorch by {rel:.6g} relative RMS error (tolerance {qtol:g}); nothing "
                 "was written. Export without --quantize, or loosen --qtol if this model tolerates it"
             )
         return {"what": label, "max_abs_diff": diff, "relative_error": rel, "tolerance": qtol}

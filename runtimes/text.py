@@ -90,7 +90,9 @@ class TextTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def _compiled_template(self):
-        """The chat template compiled once, in transformers' environment (loop controls, raise_exception, strftime_now)."""
+        """The chat template compiled once, in an environment like transformers': sandboxed and immutable (a template
+        is code from the model's files), loop controls, ``{% generation %}`` blocks, ``raise_exception``,
+        ``strftime_now``, and a ``tojson`` that keeps key order and non-ASCII text."""
         if self._template is None:
             if not self.chat_template:
                 raise ConfigError("this model has no chat template; pass plain text")
@@ -102,7 +104,11 @@ class TextTokenizer:
             def raise_exception(message):
                 raise ConfigError(f"chat template: {message}")
 
-            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols", _generation_blocks(jinja2)])
+            env.filters["tojson"] = _tojson
             env.globals["raise_exception"] = raise_exception
             env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
             try:
@@ -117,12 +123,33 @@ class TextTokenizer:
 
         try:
             return template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
                 bos_token=self._special("bos_token") or "", eos_token=self._special("eos_token") or "",
             )
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # what the messages hold
             raise InvalidInputError(f"the chat template of {self.template_source} cannot render these messages ({e}); "
                                     "give each message the role and the text content it expects") from None
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' ``tojson``: JSON as written (jinja2's own sorts keys and escapes HTML and non-ASCII)."""
+    import json
+
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _generation_blocks(jinja2):
+    """``{% generation %}...{% endgeneration %}`` (transformers marks the assistant's text with it): its body as is."""
+    import jinja2.ext  # noqa: F401  (the package does not import its extensions module)
+
+    class GenerationBlocks(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationBlocks
 
 
 # ---------------------------------------------------------------------- the Runtime's text calls
@@ -230,7 +257,8 @@ class StopStrings:
     def __init__(self, tokenizer: TextTokenizer, stops: list, starts: np.ndarray):
         self.tokenizer = tokenizer
         self.stops = stops
-        self.lookback = max(len(s) for s in stops)  # tokens before the newest one a match can reach back over
+        # tokens before the newest one a match can reach back over: a character may take 4 byte-level tokens
+        self.lookback = 4 * max(len(s) for s in stops) + 4
         self.starts = starts  # each row's first real token: padding is no text
 
     def hit(self, sequences: np.ndarray, finished: np.ndarray) -> np.ndarray:
@@ -239,7 +267,9 @@ class StopStrings:
             if finished[i]:
                 continue
             window = row[max(start, len(row) - 1 - self.lookback):]
-            before = len(self.tokenizer.decode(window[:-1], skip_special_tokens=False))
+            # the text before the newest token, less a character its bytes had only begun (decoded as U+FFFD):
+            # the newest token completes that character, so a match may end in it
+            before = len(self.tokenizer.decode(window[:-1], skip_special_tokens=False).rstrip("\ufffd"))
             text = self.tokenizer.decode(window, skip_special_tokens=False)
             found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
         return found

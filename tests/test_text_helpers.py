@@ -113,3 +113,52 @@ def test_chat_templates_get_transformers_environment(text_export, tmp_path):
     assert tok.apply_chat_template(two) == "user: w10 assistant:"
     with pytest.raises(InvalidInputError, match="cannot render these messages"):
         tok.apply_chat_template([{"role": "user", "content": 5}])  # no .strip() on a number
+
+
+def test_a_stop_string_ending_in_a_multi_byte_character_is_found(tmp_path):
+    """Byte-level BPE may spell one character over several tokens: the text before the newest token then ends in
+    U+FFFD, which the newest token completes. The stop must match there (as transformers' StopStringCriteria),
+    and not before its last byte arrives."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from edgepeft.runtimes.text import TextTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["it is warm today", "done and dusted"], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = TextTokenizer(str(tmp_path))
+    for sentence, stop in (("It is 22°", "°"), ("Done 😀", "😀"), ("It is 22°C", "°C")):
+        ids = np.array([ids_of(tok, sentence)], dtype=np.int64)
+        stops = StopStrings(text, [stop], np.zeros(1, dtype=np.int64))
+        assert ids.shape[1] > len(ids_of(tok, sentence[:-1])) + 1 or len(stop) > 1  # the last character: 2+ tokens
+        assert stops.hit(ids, np.zeros(1, dtype=bool))[0], (sentence, stop)
+        assert not stops.hit(ids[:, :-1], np.zeros(1, dtype=bool))[0], (sentence, stop)  # its last byte not there yet
+
+
+def test_chat_templates_are_sandboxed_and_json_keeps_order_and_text(text_export, tmp_path):
+    """As transformers renders them: in an immutable sandbox (a template is code from the model's files), tojson
+    keeping key order and non-ASCII text, tools and documents given as none, {% generation %} blocks parsed."""
+    from edgepeft.runtimes import InvalidInputError
+
+    out = str(tmp_path / "out")
+    shutil.copytree(text_export[0], out)
+    template = os.path.join(out, "base", "chat_template.jinja")
+
+    def render(source, messages):
+        with open(template, "w") as f:
+            f.write(source)
+        return Runtime(out).tokenizer.apply_chat_template(messages)
+
+    call = [{"role": "user", "content": {"city": "Zürich", "unit": "c", "a": "<b>1</b>"}}]
+    assert render("{{ messages[0]['content'] | tojson }}", call) == '{"city": "Zürich", "unit": "c", "a": "<b>1</b>"}'
+    assert render("{% if tools is not none %}T{% endif %}{% if documents is none %}D{% endif %}", call) == "D"
+    assert render("{% generation %}{{ messages | length }}{% endgeneration %}", call) == "1"
+    messages = [{"role": "user", "content": "w10"}]
+    with pytest.raises(InvalidInputError):
+        render("{{ messages.append(messages[0]) }}", messages)
+    assert len(messages) == 1  # the caller's list is left as it was
+    with pytest.raises(InvalidInputError):
+        render("{{ cycler.__init__.__globals__.os.getcwd() }}", messages)
