@@ -66,7 +66,7 @@ def load_model_config(name_or_path: str, flag: str = "--base"):
     except (OSError, ValueError) as e:
         raise ArtifactNotFoundError(
             f"{name_or_path}: cannot load the base model's config ({str(e).splitlines()[0]}); "
-            "pass --base with a local model folder"
+            f"pass {flag} with a local model folder"
         ) from None
 
 

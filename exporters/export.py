@@ -24,7 +24,7 @@ from edgepeft.exporters.quantize import check_quantize, quantize_graph
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, base_valued, resolve
 from edgepeft.exporters.validate import log_check, validate
 from edgepeft.exporters.web_graph import write_web_variant
-from edgepeft.files import Staging, write_json_atomic
+from edgepeft.files import Staging, check_output_dir, write_json_atomic
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
     read_adapter_manifest, read_base_manifest,
@@ -174,6 +174,8 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
     # a new base re-points the adapters already there: one that cannot be read stops the export now, OUT untouched
     plan.siblings = {d: read_adapter_manifest(d) for name, d in adapter_dirs(plan.out).items()
                      if name not in {s.name for s in plan.sources}}
+    for d in plan.siblings:  # each gets its manifest rewritten after the base is replaced: writable, checked now
+        check_output_dir(d, "--out")
     stage = staging.new(plan.out, "base")
     plan.log(f"exporting base with {len(slots)} slots to {plan.base_dir}")
     skip = {s.module for s in slots if s.neutral == "base"}  # task heads: their base values are only defaults

@@ -14,7 +14,7 @@ from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.files import check_output_dir
 from edgepeft.models import call_kwargs, check_exportable, check_supported, default_task, load_base, load_model_config, sample_inputs
 from edgepeft.peft_model import PeftModel
-from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, read_base_manifest
+from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, enclosing_export, read_base_manifest
 from edgepeft.tuners import load_config, specs_for
 
 
@@ -58,15 +58,10 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     """Read the adapters, find their base and task, load both, and check OUT can take them."""
     for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
         check_output_dir(os.path.join(out, sub), "--out")
-    adapters_dir = os.path.join(out, ADAPTERS_DIR)
-    for name in sorted(os.listdir(adapters_dir)) if os.path.isdir(adapters_dir) else []:
-        if os.path.isdir(os.path.join(adapters_dir, name)):  # a new base re-points each adapter already in OUT
-            check_output_dir(os.path.join(adapters_dir, name), "--out")
     sources = _read_sources(adapters, names)
-    if os.path.isfile(os.path.join(out, BASE_MANIFEST)):
-        parent = os.path.dirname(os.path.abspath(out))
-        raise ConfigError(f"{out}: is the base folder of the export {parent}; give --out {parent} to add the "
-                          "adapter to that export")
+    if (export := enclosing_export(os.path.dirname(os.path.abspath(out)))) is not None:
+        raise ConfigError(f"{out}: lies inside the export {export}; give --out {export} to add the adapter to that "
+                          "export")
     if os.path.isfile(os.path.join(out, CONFIG_NAME)):
         raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "
                           f"e.g. --out {os.path.normpath(out)}-onnx")

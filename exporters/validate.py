@@ -44,7 +44,8 @@ def compare_outputs(label: str, ours, ref, mask, task, atol, where, qtol=None) -
     if not np.isfinite(ref).all():  # no tolerance helps: the model computes NaN or inf itself
         raise ExportValidationError(
             f"{where}: {label}: PyTorch's own outputs hold NaN or inf, so nothing can be checked; nothing was "
-            "written. Look for non-finite values in the weights (adapter_model.safetensors) and retrain or fix them"
+            "written. Look for non-finite values in the weights (the base model's, or the adapter's "
+            "adapter_model.safetensors) and retrain or fix them"
         )
     diff = float(np.abs(ours - ref).max())
     if qtol is not None:  # a quantized graph: relative RMS error

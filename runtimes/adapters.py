@@ -166,7 +166,8 @@ class AdapterStore:
                 f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "
                 f"({self.base.get('source')}); export the adapter into this OUT with "
                 f"`edgepeft export --adapter <adapter dir> --out {self.out}"
-                f"{' --overwrite' if os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest['name'])) else ''}`"
+                + (f" --name <new name>` (OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)"
+                   if os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])) else "`")
             )
         entry = Registered(name, path, data, manifest, self.slots, self.base.get("task", ""))
         arrays, plan = self._stage(entry)  # a load stages (and checks) the adapter even under a budget

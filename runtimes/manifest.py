@@ -65,6 +65,17 @@ def stacks_as_output(task: str, module: str) -> bool:
 
 
 BASE_DIR = "base"
+
+
+def enclosing_export(path: str) -> str | None:
+    """The export folder ``path`` is or lies inside (a folder whose base/ holds edgepeft.json), else None."""
+    path = os.path.abspath(path)
+    while True:
+        if os.path.isfile(os.path.join(path, BASE_DIR, BASE_MANIFEST)):
+            return path
+        if os.path.dirname(path) == path:
+            return None
+        path = os.path.dirname(path)
 ADAPTERS_DIR = "adapters"
 BASE_MANIFEST = "edgepeft.json"
 BASE_GRAPH = "model.onnx"

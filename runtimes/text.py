@@ -121,11 +121,16 @@ class TextTokenizer:
         template = self._compiled_template()  # a missing template or jinja2 fails here with a ConfigError
         import jinja2  # present: _compiled_template checked
 
+        from jinja2.exceptions import SecurityError
+
         try:
             return template.render(
                 messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
                 bos_token=self._special("bos_token") or "", eos_token=self._special("eos_token") or "",
             )
+        except SecurityError as e:  # the template's own code, not the messages
+            raise CorruptArtifactError(f"{self.template_source}: the chat template does what a template may not ({e}); "
+                                       f"use the model's original template") from None
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # what the messages hold
             raise InvalidInputError(f"the chat template of {self.template_source} cannot render these messages ({e}); "
                                     "give each message the role and the text content it expects") from None

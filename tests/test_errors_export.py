@@ -349,12 +349,13 @@ def test_an_unreadable_adapter_in_out_stops_the_export_before_the_base_changes(s
     assert not hidden_entries(small_copy), hidden_entries(small_copy)
 
 
-def test_an_exports_base_folder_as_out_is_refused(small_copy, llama):
-    """--out OUT/base would nest a second export inside OUT's base: refused, naming OUT, and the fix works."""
-    base = os.path.join(small_copy, "base")
+@pytest.mark.parametrize("inside", ["base", "adapters", "adapters/qv/sub"])
+def test_an_out_inside_an_export_is_refused(small_copy, llama, inside):
+    """--out OUT/base (or OUT/adapters, or deeper) would nest a second export inside OUT: refused, naming OUT, and
+    the fix works."""
     before = tree_hashes(small_copy)
-    msg = failing_export(ConfigError, [llama[1]["mlp"]], base)
-    assert f"give --out {os.path.abspath(small_copy)}" in msg
+    msg = failing_export(ConfigError, [llama[1]["mlp"]], os.path.join(small_copy, inside))
+    assert f"lies inside the export {os.path.abspath(small_copy)}; give --out {os.path.abspath(small_copy)}" in msg
     assert tree_hashes(small_copy) == before
     export([llama[1]["mlp"]], os.path.abspath(small_copy))
     assert Runtime(small_copy, providers=CPU).adapter_names == ["mlp", "qv"]
@@ -373,6 +374,8 @@ def test_an_adapter_folder_in_out_that_cannot_be_written_stops_the_export_before
         export([llama[1]["mlp"]], small_copy)  # mlp needs slots the small base lacks
     assert locked in str(e.value) and "permission denied" in str(e.value)
     assert tree_hashes(small_copy) == before
+    export([llama[1]["qv"]], small_copy, names=["qv2"])  # the base is kept: nothing re-points the locked adapter
+    assert Runtime(small_copy, providers=CPU).adapter_names == ["qv", "qv2"]
 
 
 @pytest.mark.parametrize("where", ["out", "out/adapters", "out/base"])

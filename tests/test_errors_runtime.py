@@ -33,7 +33,8 @@ def test_adapter_for_other_base_is_refused_naming_both(rt, before, other_export,
     assert other_llama_base in msg  # the base the adapter was made for
     assert tiny_base("llama") in msg  # the base it was offered to
     assert rt.base_dir in msg
-    assert f"edgepeft export --adapter <adapter dir> --out {rt.path} --overwrite`" in msg  # OUT holds a 'qv' already
+    # OUT holds a 'qv' already: a new name, not --overwrite, which would replace it
+    assert f"edgepeft export --adapter <adapter dir> --out {rt.path} --name <new name>`" in msg and "'qv'" in msg
     assert "other" not in rt.adapter_names
     assert_still_serving(rt, before)
 

@@ -361,6 +361,8 @@ def test_saved_layers_other_than_the_classifier_run_their_rows_apart(tiny_base, 
         export(list(adapters.values()), out, names=list(adapters))
         rt = Runtime(out)
         mixed = rt.forward(ids, mask, adapter=list(adapters))[key]
+        if adapters is ms:
+            assert mixed.shape == (2, 7, rt.vocab_size)  # not two vocabularies side by side
         for row, name in enumerate(adapters):
             alone = rt.forward(ids[row:row + 1], mask[row:row + 1], adapter=name)[key][0]
             np.testing.assert_allclose(mixed[row][..., :alone.shape[-1]], alone, atol=1e-5)

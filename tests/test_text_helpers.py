@@ -141,8 +141,6 @@ def test_a_stop_string_ending_in_a_multi_byte_character_is_found(tmp_path):
 def test_chat_templates_are_sandboxed_and_json_keeps_order_and_text(text_export, tmp_path):
     """As transformers renders them: in an immutable sandbox (a template is code from the model's files), tojson
     keeping key order and non-ASCII text, tools and documents given as none, {% generation %} blocks parsed."""
-    from edgepeft.runtimes import InvalidInputError
-
     out = str(tmp_path / "out")
     shutil.copytree(text_export[0], out)
     template = os.path.join(out, "base", "chat_template.jinja")
@@ -157,8 +155,8 @@ def test_chat_templates_are_sandboxed_and_json_keeps_order_and_text(text_export,
     assert render("{% if tools is not none %}T{% endif %}{% if documents is none %}D{% endif %}", call) == "D"
     assert render("{% generation %}{{ messages | length }}{% endgeneration %}", call) == "1"
     messages = [{"role": "user", "content": "w10"}]
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(CorruptArtifactError, match="chat_template.jinja: the chat template does what a template may not"):
         render("{{ messages.append(messages[0]) }}", messages)
     assert len(messages) == 1  # the caller's list is left as it was
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(CorruptArtifactError, match="may not"):
         render("{{ cycler.__init__.__globals__.os.getcwd() }}", messages)

@@ -382,9 +382,11 @@ def test_out_may_not_be_the_model_or_inside_an_export(text_model, shared_export,
     model = text_model("bert")
     out = shared_export("llama")[0]
     for target, needle in ((model, "is the --model folder"), (os.path.join(out, "base"), "lies inside the export"),
-                           (os.path.join(out, "adapters", "new"), "lies inside the export")):
-        before = sorted(os.listdir(os.path.dirname(target)))
+                           (os.path.join(out, "adapters", "new"), "lies inside the export"),
+                           (out, "lies inside the export"), (os.path.join(out, "base", "x", "y"), "lies inside")):
+        existed = os.path.exists(target)
+        before = sorted(os.listdir(target)) if existed else None
         with pytest.raises(ConfigError, match=needle):
             Trainer(_args(model, str(data), target)).train()
-        assert sorted(os.listdir(os.path.dirname(target))) == before
+        assert (sorted(os.listdir(target)) if os.path.exists(target) else None) == before  # nothing written
 

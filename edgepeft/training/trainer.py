@@ -80,7 +80,8 @@ class Trainer:
         labels = label_names(rows, args.data) if args.task == "seq-cls" else None
         from edgepeft.models import load_model_config
 
-        model_pad = load_model_config(args.model, "--model").pad_token_id if args.task == "seq-cls" else None
+        model_pad = getattr(load_model_config(args.model, "--model"), "pad_token_id", None) if args.task == "seq-cls" \
+            else None
         encoder = Encoder(load_tokenizer(args.model), args.task, args.max_length, labels, pad_id=model_pad)
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
@@ -393,14 +394,12 @@ def _progress(enabled: bool, total: int, initial: int):
 def _check_out_is_no_model_or_export(out: str, model: str) -> None:
     """--out is the adapter's own folder: not the base model's (the base would turn into an adapter folder), and
     not inside an export, whose folders exports replace."""
-    from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_MANIFEST
+    from edgepeft.runtimes.manifest import enclosing_export
 
     real = os.path.realpath(out)
     if os.path.isdir(model) and real == os.path.realpath(model):
         raise ConfigError(f"{out}: is the --model folder; give --out a folder of its own for the adapter")
-    for folder in (real, os.path.dirname(real)):
-        export = os.path.dirname(folder) if os.path.basename(folder) in ("base", ADAPTERS_DIR) else None
-        if export and os.path.isfile(os.path.join(export, "base", BASE_MANIFEST)):
-            raise ConfigError(f"{out}: lies inside the export {export}, whose folders exports replace; give --out a "
-                              "folder outside it (then `edgepeft export --adapter` it into the export)")
+    if (export := enclosing_export(real)) is not None:
+        raise ConfigError(f"{out}: lies inside the export {export}, whose folders exports replace; give --out a "
+                          "folder outside it (then `edgepeft export --adapter` it into the export)")
 

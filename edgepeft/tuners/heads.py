@@ -22,8 +22,6 @@ from edgepeft.registry import AdapterLayer, SlotSpec, register_spec
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES, Slot, slot_axis, slot_name, stacks_as_output
 from edgepeft.tuners.targets import name_matches, replace_module
 
-# Heads HF PEFT adds to modules_to_save for sequence classification.
-
 
 class ModulesToSaveWrapper(AdapterLayer):
     adapter_dicts = ("modules_to_save",)  # one trained copy of the module per adapter

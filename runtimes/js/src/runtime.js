@@ -83,10 +83,17 @@ export class Runtime {
       throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: made for another base (fingerprint ` +
         `${manifest.base_fingerprint.slice(0, 12)}, this base ${this.manifest.fingerprint.slice(0, 12)}); re-export it into this OUT`);
     }
-    if (this.adapters.has(name)) {
+    this.loading ??= new Set();  // names being loaded: two loads of one name at once must not both pass the check
+    if (this.adapters.has(name) || this.loading.has(name)) {
       throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: an adapter named ${name} is loaded already; unloadAdapter it first`);
     }
-    const tensors = await runOnce(await this.loader.session(this.ort, `adapters/${name}/${manifest.graph}`, this.sessionOptions, false));
+    this.loading.add(name);
+    let tensors;
+    try {
+      tensors = await runOnce(await this.loader.session(this.ort, `adapters/${name}/${manifest.graph}`, this.sessionOptions, false));
+    } finally {
+      this.loading.delete(name);
+    }
     const plan = { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, labels: manifest.labels || null };
     for (const [slotName, tensor] of Object.entries(tensors)) {
       const slot = this.slots[slotName];
@@ -103,8 +110,12 @@ export class Runtime {
   }
 
   unloadAdapter(name) {
-    this.plan(name);
+    if (!this.adapters.has(name)) throw this.notLoaded(name);  // a merged export's name too, as in Python
     this.adapters.delete(name);
+  }
+
+  notLoaded(adapter) {
+    return new EdgePeftError(`adapter ${adapter} is not loaded; loaded: ${this.adapterNames.join(", ") || "none"}`);
   }
 
   /** No adapter, or the one a --merge export folded into the base: calls run the base graph as it is. */
@@ -119,7 +130,7 @@ export class Runtime {
   plan(adapter) {
     if (this.servesBase(adapter)) return { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0 };
     const plan = this.adapters.get(adapter);
-    if (!plan) throw new EdgePeftError(`adapter ${adapter} is not loaded; loaded: ${this.adapterNames.join(", ") || "none"}`);
+    if (!plan) throw this.notLoaded(adapter);
     return plan;
   }
 
@@ -286,7 +297,7 @@ async function runOnce(session) {  // a graph with no inputs, run once; its sess
   try {
     return await session.run({});
   } finally {
-    await session.release?.();
+    await session.release?.().catch(() => {});  // a failed release must not hide what run did
   }
 }
 

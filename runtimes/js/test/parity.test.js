@@ -95,6 +95,7 @@ for (const [label, ort, tolerance] of [["onnxruntime-node", ortNode, 1e-5], ["on
     const named = await rt.forward(want.ids, want.mask, { adapter: rt.manifest.merged_adapter });
     assert.ok(maxDiff(named.logits, want.forward) <= tolerance);
     assert.deepEqual(rt.labels(rt.manifest.merged_adapter), rt.labels(null));
+    assert.throws(() => rt.unloadAdapter(rt.manifest.merged_adapter), /is not loaded/);  // as Python: not an adapter
   });
 
   test(`${label}: classifiers with their own label counts switch per call`, async () => {
@@ -180,6 +181,9 @@ test("bad ids, masks and lengths are refused with what is wrong, as the Python r
   rt.unloadAdapter("prompt");
   await rt.loadAdapter("prompt");
   assert.equal(released, 1);
+  rt.unloadAdapter("prompt");  // two loads of one name at once: one loads, the other is refused
+  const both = await Promise.allSettled([rt.loadAdapter("prompt"), rt.loadAdapter("prompt")]);
+  assert.deepEqual(both.map((r) => r.status).sort(), ["fulfilled", "rejected"]);
   assert.deepEqual(await rt.generate([[5, 6, 7]], null, { maxNewTokens: 3, eosTokenId: null }),
     await rt.generate([[5, 6, 7]], null, { maxNewTokens: 3, eosTokenId: rt.manifest.eos_token_id }));
   // one row may be given flat, and one eos id as a number
