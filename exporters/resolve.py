@@ -59,7 +59,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
         check_output_dir(os.path.join(out, sub), "--out")
     sources = _read_sources(adapters, names)
-    if (export := enclosing_export(os.path.dirname(os.path.abspath(out)))) is not None:
+    if (export := enclosing_export(out)) is not None:
         raise ConfigError(f"{out}: lies inside the export {export}; give --out {export} to add the adapter to that "
                           "export")
     if os.path.isfile(os.path.join(out, CONFIG_NAME)):

@@ -68,14 +68,15 @@ BASE_DIR = "base"
 
 
 def enclosing_export(path: str) -> str | None:
-    """The export folder ``path`` is or lies inside (a folder whose base/ holds edgepeft.json), else None."""
+    """The export whose base/ or adapters/ folder holds ``path`` at any depth (folders exports replace), else None."""
     path = os.path.abspath(path)
-    while True:
-        if os.path.isfile(os.path.join(path, BASE_DIR, BASE_MANIFEST)):
-            return path
-        if os.path.dirname(path) == path:
-            return None
-        path = os.path.dirname(path)
+    while os.path.dirname(path) != path:
+        parent = os.path.dirname(path)
+        if os.path.basename(path) in (BASE_DIR, ADAPTERS_DIR) and os.path.isfile(os.path.join(parent, BASE_DIR,
+                                                                                                BASE_MANIFEST)):
+            return parent
+        path = parent
+    return None
 ADAPTERS_DIR = "adapters"
 BASE_MANIFEST = "edgepeft.json"
 BASE_GRAPH = "model.onnx"

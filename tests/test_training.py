@@ -383,7 +383,7 @@ def test_out_may_not_be_the_model_or_inside_an_export(text_model, shared_export,
     out = shared_export("llama")[0]
     for target, needle in ((model, "is the --model folder"), (os.path.join(out, "base"), "lies inside the export"),
                            (os.path.join(out, "adapters", "new"), "lies inside the export"),
-                           (out, "lies inside the export"), (os.path.join(out, "base", "x", "y"), "lies inside")):
+                           (out, "is an export"), (os.path.join(out, "base", "x", "y"), "lies inside")):
         existed = os.path.exists(target)
         before = sorted(os.listdir(target)) if existed else None
         with pytest.raises(ConfigError, match=needle):
