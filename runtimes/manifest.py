@@ -263,6 +263,22 @@ _BASE_KEYS = ("model_type", "task", "fingerprint", "inputs", "outputs", "slots",
 _ADAPTER_KEYS = ("name", "methods", "base_fingerprint", "slots", "graph", "sha256")
 
 
+def not_an_export(path: str) -> ArtifactNotFoundError:
+    """What to do with a folder that holds no export: an adapter folder gets the export command that fits it."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        out = os.path.normpath(path) + "-onnx"
+        return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
+                                     f"with `edgepeft export --adapter {path} --out {out}`, then use {out}")
+    if os.path.isfile(os.path.join(path, "adapter.json")):
+        out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
+        return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")
+    if os.path.isfile(os.path.join(path, BASE_MANIFEST)):
+        out = os.path.dirname(os.path.abspath(path))
+        return ArtifactNotFoundError(f"{path}: is the base folder of the export {out}; open {out} itself")
+    return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "
+                                 f"`edgepeft export --adapter DIR --out {path}` first")
+
+
 def read_base_manifest(base_dir: str) -> dict:
     """Read and check ``base_dir/edgepeft.json``; slots come back as ``Slot`` objects."""
     path = os.path.join(base_dir, BASE_MANIFEST)

@@ -32,7 +32,7 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, In
 from .generation import generation_config, lane_steps, stream_tokens
 from .inputs import check_token_inputs
 from .kv_cache import FixedCache, bind_past
-from .manifest import BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, adapter_dirs, cache_names, read_base_manifest
+from .manifest import BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, cache_names, not_an_export, read_base_manifest
 from .sessions import device_of, ort, session_options
 
 
@@ -44,7 +44,7 @@ class Runtime:
         used are evicted and restaged when a call names them again (None: every adapter stays staged)."""
         base_dir = os.path.join(str(path), BASE_DIR)
         if not os.path.isdir(base_dir):
-            raise _not_an_export(str(path))
+            raise not_an_export(str(path))
         self.path = str(path)
         self._open_base(base_dir, providers, sess_options, adapter_budget_bytes)
         if load_adapters:
@@ -261,10 +261,10 @@ class Runtime:
         ids, mask = self._inputs(input_ids, attention_mask)
         if (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
-        if (np.diff(mask, axis=1) < 0).any():  # a 0 after a 1: the next tokens would follow padding
-            row = int(np.flatnonzero((np.diff(mask, axis=1) < 0).any(axis=1))[0])
-            raise InvalidInputError(f"attention_mask row {row} has padding after its tokens; generation needs the "
-                                    "padding on the left (a tokenizer's padding_side='left')")
+        right = (np.diff(mask, axis=1) < 0).any(axis=1)  # a 0 after a 1: the next tokens would follow padding
+        if right.any():
+            raise InvalidInputError(f"attention_mask row {int(np.argmax(right))} has padding after its tokens; "
+                                    "generation needs the padding on the left (a tokenizer's padding_side='left')")
         return ids, mask
 
     def step_logits(self, input_ids, attention_mask=None, adapter=None):
@@ -392,19 +392,3 @@ def assemble(parts: list, batch: int) -> np.ndarray:
     length = max(r.shape[0] for r in rows_out.values())  # positions: a prompt's virtual ones come first
     return np.stack([np.pad(rows_out[r], [(length - rows_out[r].shape[0], 0)] + [(0, 0)] * (rows_out[r].ndim - 1),
                             constant_values=np.nan) for r in range(batch)])
-
-
-def _not_an_export(path: str) -> ArtifactNotFoundError:
-    """What to do with a folder that holds no export: an adapter folder gets the export command that fits it."""
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        out = os.path.normpath(path) + "-onnx"
-        return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
-                                     f"with `edgepeft export --adapter {path} --out {out}`, then use {out}")
-    if os.path.isfile(os.path.join(path, "adapter.json")):
-        out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
-        return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")
-    if os.path.isfile(os.path.join(path, BASE_MANIFEST)):
-        out = os.path.dirname(os.path.abspath(path))
-        return ArtifactNotFoundError(f"{path}: is the base folder of the export {out}; open {out} itself")
-    return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "
-                                 f"`edgepeft export --adapter DIR --out {path}` first")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from edgepeft.config import LABELS_NAME
-from edgepeft.errors import CorruptArtifactError
+from edgepeft.errors import ConfigError, CorruptArtifactError
 from edgepeft.files import replace_dir, staging_dir, write_json_atomic
 
 CHECKPOINT = "checkpoint"
@@ -87,3 +87,17 @@ def _set_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_out_folder(out: str, model: str) -> None:
+    """--out is the adapter's own folder: not the base model's (the base would turn into an adapter folder), and
+    not inside an export, whose folders exports replace."""
+    from edgepeft.runtimes.manifest import BASE_DIR, BASE_MANIFEST, enclosing_export
+
+    real = os.path.realpath(out)
+    if os.path.isdir(model) and real == os.path.realpath(model):
+        raise ConfigError(f"{out}: is the --model folder; give --out a folder of its own for the adapter")
+    if os.path.isfile(os.path.join(real, BASE_DIR, BASE_MANIFEST)):
+        raise ConfigError(f"{out}: is an export; give --out a folder of its own for the adapter (then `edgepeft "
+                          "export --adapter` it into the export)")
+    if (export := enclosing_export(real)) is not None:
+        raise ConfigError(f"{out}: lies inside the export {export}, whose folders exports replace; give --out a "
+                          "folder outside it (then `edgepeft export --adapter` it into the export)")

@@ -23,7 +23,7 @@ from edgepeft.errors import ConfigError, TrainingInterrupted
 from edgepeft.plots import training_curve
 from edgepeft.training.arguments import TrainingArguments, method_config
 from edgepeft.training.checkpoint import (
-    CHECKPOINT, checksum, read_checkpoint, restore, save_adapter, save_checkpoint,
+    CHECKPOINT, check_out_folder, checksum, read_checkpoint, restore, save_adapter, save_checkpoint,
 )
 from edgepeft.training.data import Encoder, ignored_fields, label_names, read_jsonl
 
@@ -104,7 +104,7 @@ class Trainer:
     def _prepare_out(self) -> dict | None:
         """The checkpoint state to resume from (None: a fresh run)."""
         args = self.args
-        _check_out_is_no_model_or_export(args.out, args.model)
+        check_out_folder(args.out, args.model)
         ckpt = os.path.join(args.out, CHECKPOINT)
         state = read_checkpoint(args.out) if args.resume else None
         if state is None:
@@ -389,20 +389,3 @@ def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-
-def _check_out_is_no_model_or_export(out: str, model: str) -> None:
-    """--out is the adapter's own folder: not the base model's (the base would turn into an adapter folder), and
-    not inside an export, whose folders exports replace."""
-    from edgepeft.runtimes.manifest import BASE_DIR, BASE_MANIFEST, enclosing_export
-
-    real = os.path.realpath(out)
-    if os.path.isdir(model) and real == os.path.realpath(model):
-        raise ConfigError(f"{out}: is the --model folder; give --out a folder of its own for the adapter")
-    if os.path.isfile(os.path.join(real, BASE_DIR, BASE_MANIFEST)):
-        raise ConfigError(f"{out}: is an export; give --out a folder of its own for the adapter (then `edgepeft "
-                          "export --adapter` it into the export)")
-    if (export := enclosing_export(real)) is not None:
-        raise ConfigError(f"{out}: lies inside the export {export}, whose folders exports replace; give --out a "
-                          "folder outside it (then `edgepeft export --adapter` it into the export)")
-
