@@ -157,9 +157,12 @@ class AdapterStore:
 
         Returns its name. On any failure nothing changes: adapters already loaded keep serving.
         """
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            raise ConfigError(f"an adapter's name must be a non-empty string (or None: the name it was exported "
+                              f"with), got {name!r}")
         path, data, manifest = _read_source(source)
         label = path or "adapter bytes"
-        name = name or manifest["name"]
+        name = manifest["name"] if name is None else name
         if manifest["base_fingerprint"] != self.base["fingerprint"]:
             raise AdapterBaseMismatchError(
                 f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
@@ -356,7 +359,7 @@ def _read_source(source) -> tuple[str | None, dict | None, dict]:
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(f"load_adapter takes an adapter folder (a path) or the bytes of a zip of one, got "
                           f"{type(source).__name__}")
-    path = os.fspath(source)
+    path = os.path.abspath(source)  # restaged after an eviction from where it was loaded, whatever the directory then
     if not os.path.isdir(path):
         raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
                                     "`edgepeft export`")

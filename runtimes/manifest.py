@@ -298,6 +298,14 @@ _ADAPTER_FIX = "re-export the adapter with `edgepeft export --adapter DIR --out 
 def read_adapter_manifest(adapter_dir: str) -> dict:
     """Read and check ``adapter_dir/adapter.json``."""
     path = os.path.join(adapter_dir, ADAPTER_MANIFEST)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise ArtifactNotFoundError(f"{adapter_dir}: is an adapter folder in HF PEFT format, not an exported one; "
+                                    f"export it first with `edgepeft export --adapter {adapter_dir} --out OUT`, "
+                                    "then load its folder in OUT/adapters/")
+    if not os.path.isfile(path) and not os.path.isfile(os.path.join(adapter_dir, ADAPTER_GRAPH)):
+        raise ArtifactNotFoundError(f"{adapter_dir}: not an exported adapter (no {ADAPTER_MANIFEST}, no {ADAPTER_GRAPH}); "
+                                    "remove it if it is a stray folder, or pass a folder of OUT/adapters/ made by "
+                                    "`edgepeft export`")
     return _checked_adapter_manifest(read_json(path, "adapter manifest", _ADAPTER_FIX), path)
 
 

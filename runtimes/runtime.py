@@ -19,7 +19,6 @@ of adapters and cached (mixing.py).
 """
 from __future__ import annotations
 
-import itertools
 import os
 from contextlib import contextmanager
 
@@ -29,11 +28,11 @@ from . import text
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
-from .generation import generation_config, lane_steps, stream_tokens
+from .generation import TeacherForcing, generation_config, lane_steps, stream_tokens
 from .inputs import check_token_inputs
 from .kv_cache import FixedCache, bind_past
 from .manifest import BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, cache_names, not_an_export, read_base_manifest
-from .sessions import device_of, ort, session_options
+from .sessions import check_providers, device_of, ort, session_options
 
 
 class Runtime:
@@ -42,10 +41,10 @@ class Runtime:
     def __init__(self, path, providers=None, sess_options=None, load_adapters=True, adapter_budget_bytes=None):
         """``adapter_budget_bytes``: at most that many bytes of adapter tensors stay staged; the least recently
         used are evicted and restaged when a call names them again (None: every adapter stays staged)."""
-        base_dir = os.path.join(str(path), BASE_DIR)
-        if not os.path.isdir(base_dir):
-            raise not_an_export(str(path))
-        self.path = str(path)
+        if not os.path.isdir(os.path.join(path, BASE_DIR)):
+            raise not_an_export(os.fspath(path))
+        self.path = os.path.abspath(path)  # the export stays where it was opened when the app changes directory
+        base_dir = os.path.join(self.path, BASE_DIR)
         self._open_base(base_dir, providers, sess_options, adapter_budget_bytes)
         if load_adapters:
             for name, d in adapter_dirs(self.path).items():
@@ -62,20 +61,20 @@ class Runtime:
     def _open_base(self, base_dir, providers, sess_options, budget):
         self.manifest = read_base_manifest(base_dir)
         self.base_dir = base_dir
-        self.providers = list(providers or ["CPUExecutionProvider"])
-        self.device = device_of(self.providers)
+        providers = check_providers(providers, sess_options)
         graph = os.path.join(base_dir, self.manifest["graph"])
         if not os.path.isfile(graph):
             raise ArtifactNotFoundError(f"{graph}: base graph missing; re-run `edgepeft export`")
         try:
             self.session = ort.InferenceSession(
-                graph, sess_options=sess_options or session_options(), providers=self.providers
+                graph, sess_options=sess_options or session_options(), providers=providers
             )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise CorruptArtifactError(
                 f"{graph}: ONNX Runtime cannot load the base graph ({str(e).splitlines()[0]}); "
                 "re-run `edgepeft export` into a fresh --out folder"
             ) from None
+        self.device = device_of(self.session)  # ONNX Runtime falls back to the CPU when CUDA cannot start
         self.slots = {s.name: s for s in self.manifest["slots"]}
         self.task = self.manifest["task"]
         self.output_name = next(iter(self.manifest["outputs"]))  # logits / last_hidden_state first
@@ -274,16 +273,22 @@ class Runtime:
         ids, mask = self._decoder_inputs(input_ids, attention_mask)
         self._check_call(adapter, ids.shape[0], ids.shape[1])  # an unknown adapter fails here, at the call
 
+        lanes = {}
+
         def steps():
             with self.lanes(adapter, ids.shape[0]) as held:
+                lanes["held"] = held
                 inner = lane_steps(self, held, ids, mask)
                 token = yield next(inner)
-                n_virtual = max(lane.plan.n_virtual for lane in held)
-                for sent in itertools.count(1):  # every token sent takes a position
-                    self._check_length(n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent")
-                    token = yield inner.send(self._step_tokens(token, ids.shape[0]))
+                while True:
+                    token = yield inner.send(token)
 
-        return steps()
+        def check(token, sent: int) -> np.ndarray:  # every token sent takes a position
+            n_virtual = max(lane.plan.n_virtual for lane in lanes["held"])
+            self._check_length(n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent")
+            return self._step_tokens(token, ids.shape[0])
+
+        return TeacherForcing(steps(), check)
 
     def _step_tokens(self, token, batch: int) -> np.ndarray:
         token = np.asarray(token)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import MissingDependencyError
+from .errors import ConfigError, MissingDependencyError
 
 try:
     import onnxruntime as ort
@@ -16,7 +16,7 @@ except ImportError:  # the install without an extra: numpy, tokenizers, click on
     raise MissingDependencyError("edgepeft's runtime needs ONNX Runtime: pip install 'edgepeft[cpu]' "
                                  "(or 'edgepeft[gpu]' for NVIDIA GPUs)") from None
 
-_shared_pool = False
+_shared_pool = 0  # the shared pool's threads once made
 
 
 def use_shared_thread_pool(threads: int = 0) -> None:
@@ -35,8 +35,14 @@ def use_shared_thread_pool(threads: int = 0) -> None:
     global _shared_pool
     from onnxruntime.capi import _pybind_state
 
-    _pybind_state.set_global_thread_pool_sizes(threads or os.cpu_count() or 1, 1)
-    _shared_pool = True
+    size = threads or os.cpu_count() or 1
+    if _shared_pool:  # ONNX Runtime makes the pool once per process: a second call can only repeat the first
+        if size != _shared_pool:
+            raise ConfigError(f"use_shared_thread_pool: this process's pool already has {_shared_pool} threads "
+                              f"(asked: {size}); call it once, at app start")
+        return
+    _pybind_state.set_global_thread_pool_sizes(size, 1)
+    _shared_pool = size
 
 
 def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
@@ -56,10 +62,25 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     return so
 
 
-def device_of(providers) -> tuple[str, int]:
-    """Where adapter OrtValues live: on the GPU when CUDA is the first provider."""
-    first = providers[0] if providers else "CPUExecutionProvider"
-    name, opts = (first if isinstance(first, tuple) else (first, {}))
-    if name == "CUDAExecutionProvider":
-        return "cuda", int(opts.get("device_id", 0))
+def device_of(session) -> tuple[str, int]:
+    """Where adapter OrtValues live: on the GPU when CUDA is the session's first provider. The providers the
+    session runs on, not the ones asked for: ONNX Runtime falls back to the CPU when CUDA cannot start."""
+    first = session.get_providers()[0]
+    if first == "CUDAExecutionProvider":
+        return "cuda", int(session.get_provider_options()[first].get("device_id", 0))
     return "cpu", 0
+
+
+def check_providers(providers, sess_options) -> list:
+    """The providers list to open a session with (default: the CPU), the arguments' types checked."""
+    if sess_options is not None and not isinstance(sess_options, ort.SessionOptions):
+        raise ConfigError(f"sess_options must be an onnxruntime.SessionOptions (see edgepeft.runtimes.session_options), "
+                          f"got {type(sess_options).__name__}")
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    if isinstance(providers, str) or not isinstance(providers, (list, tuple)) or not providers or not all(
+            isinstance(p, str) or (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                                   and isinstance(p[1], dict)) for p in providers):
+        raise ConfigError(f"providers must be a list of ONNX Runtime provider names (or (name, options) pairs), e.g. "
+                          f"['CUDAExecutionProvider', 'CPUExecutionProvider'], got {providers!r}")
+    return list(providers)

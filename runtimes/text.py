@@ -222,6 +222,9 @@ def classify(rt, texts, adapter=None):
         p = np.exp(row - row.max())
         p /= p.sum()
         names = _labels_of(rt, spec) or [str(i) for i in range(len(p))]
+        if len(names) != len(p):  # a hand-edited adapter.json (its checksum covers the graph only)
+            raise CorruptArtifactError(f"adapter {spec!r}: its adapter.json gives {len(names)} label name(s), its head has "
+                                       f"{len(p)} outputs; re-export the adapter with --overwrite")
         out.append({"label": names[int(p.argmax())], "score": float(p.max()), "scores": dict(zip(names, map(float, p)))})
     return out[0] if single else out
 

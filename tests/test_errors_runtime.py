@@ -129,7 +129,45 @@ def test_folder_without_manifest(rt, before, tmp_path):
     path.mkdir()
     with pytest.raises(ArtifactNotFoundError) as e:
         rt.load_adapter(str(path))
-    assert os.path.join(str(path), "adapter.json") in str(e.value)
+    assert f"{path}: not an exported adapter (no adapter.json, no adapter.onnx); remove it if it is a stray" in str(e.value)
+    assert_still_serving(rt, before)
+
+
+def test_manifest_deleted_beside_its_graph_gets_the_reexport_advice(rt, before, llama, tmp_path):
+    path = copy_adapter(os.path.join(llama[0], "adapters", "qv"), tmp_path / "qv")
+    os.remove(os.path.join(path, "adapter.json"))
+    with pytest.raises(ArtifactNotFoundError) as e:
+        rt.load_adapter(path, name="nomanifest")
+    assert os.path.join(path, "adapter.json") in str(e.value) and "--overwrite" in str(e.value)
+    assert_still_serving(rt, before)
+
+
+def test_hf_peft_folder_gets_the_export_command(rt, before, llama):
+    hf_dir = llama[1]["qv"]  # the HF PEFT folder the export was made from
+    with pytest.raises(ArtifactNotFoundError) as e:
+        rt.load_adapter(hf_dir, name="hf")
+    assert f"{hf_dir}: is an adapter folder in HF PEFT format, not an exported one" in str(e.value)
+    assert f"`edgepeft export --adapter {hf_dir} --out OUT`" in str(e.value)
+    assert_still_serving(rt, before)
+
+
+def test_stray_folder_in_out_adapters_is_named(victim):
+    stray = os.path.join(victim, "adapters", "__MACOSX")  # what unzipping an export made on a Mac leaves
+    os.mkdir(stray)
+    with pytest.raises(ArtifactNotFoundError) as e:
+        Runtime(victim, providers=CPU)
+    assert f"{stray}: not an exported adapter" in str(e.value) and "stray folder" in str(e.value)
+
+
+@pytest.mark.parametrize("name", [1, "", "  ", b"qv2", ["qv2"]])
+def test_adapter_name_must_be_a_non_empty_string(rt, before, llama, name):
+    with pytest.raises(ConfigError) as e:
+        rt.load_adapter(os.path.join(llama[0], "adapters", "qv"), name=name)
+    assert f"an adapter's name must be a non-empty string (or None: the name it was exported with), got {name!r}" \
+        == str(e.value)
+    assert rt.adapter_names == ["all", "mlp", "qv"]  # sorted: a non-string name made this raise TypeError
+    with pytest.raises(UnknownAdapterError):
+        rt.forward(*sample_batch(VOCAB), adapter="qv2")
     assert_still_serving(rt, before)
 
 
@@ -166,6 +204,41 @@ def test_runtime_on_an_exports_base_folder_names_the_export(llama):
     with pytest.raises(ArtifactNotFoundError) as e:
         Runtime(base, providers=CPU)
     assert f"{base}: is the base folder of the export {os.path.abspath(llama[0])}; open" in str(e.value)
+
+
+def test_relative_export_path_survives_a_change_of_directory(llama, before, tmp_path, monkeypatch):
+    """Opened by a relative path, then the app changes directory: adapters evicted by the budget restage from the
+    folder it opened, and serve the same numbers."""
+    out = llama[0]
+    monkeypatch.chdir(os.path.dirname(out))
+    moved = Runtime(os.path.basename(out), providers=CPU, adapter_budget_bytes=0)  # every call restages
+    monkeypatch.chdir(tmp_path)
+    assert moved.path == out and moved.adapter_dir("qv") == os.path.join(out, "adapters", "qv")
+    assert_still_serving(moved, before)
+
+
+@pytest.mark.parametrize("kwargs, wanted", [
+    (dict(providers="CPUExecutionProvider"), "providers must be a list of ONNX Runtime provider names"),
+    (dict(providers=[]), "providers must be a list of ONNX Runtime provider names"),
+    (dict(providers=[("CPUExecutionProvider", "opts")]), "providers must be a list of ONNX Runtime provider names"),
+    (dict(sess_options={"intra_op_num_threads": 1}), "sess_options must be an onnxruntime.SessionOptions"),
+])
+def test_runtime_arguments_of_the_wrong_type(llama, kwargs, wanted):
+    """Refused as the caller's mistake, not blamed on the export (re-exporting would not help)."""
+    with pytest.raises(ConfigError) as e:
+        Runtime(llama[0], **kwargs)
+    assert str(e.value).startswith(wanted) and "re-run" not in str(e.value)
+
+
+def test_cuda_asked_first_runs_where_onnx_runtime_started(llama, before):
+    """ONNX Runtime falls back to the CPU when CUDA cannot start (no GPU, missing CUDA libraries): the adapters are
+    staged where the session runs, so the runtime serves; with a GPU they live on it."""
+    rt = Runtime(llama[0], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    running = rt.session.get_providers()[0]
+    assert rt.device == (("cuda", 0) if running == "CUDAExecutionProvider" else ("cpu", 0))
+    for name, want in before.items():
+        np.testing.assert_allclose(rt.forward(*sample_batch(VOCAB), adapter=name)["logits"], want, rtol=0,
+                                   atol=1e-6 if running == "CPUExecutionProvider" else 1e-3)
 
 
 def test_runtime_on_missing_folder(tmp_path):
@@ -271,13 +344,19 @@ def test_unload_while_in_use(rt, before):
     assert "qv" not in rt.adapter_names
 
 
-def test_in_use_count_is_released_after_a_failed_call(rt, before):
-    """A generation that raises between its steps must not leave the adapter pinned."""
+def test_in_use_count_is_released_after_a_failed_call(rt, before, monkeypatch):
+    """A decode step that fails inside the held section must not leave the adapter pinned."""
     ids, mask = sample_batch(VOCAB)
     steps = rt.step_logits(ids, mask, adapter="qv")
     next(steps)
-    with pytest.raises(InvalidInputError):
-        steps.send(np.array([[1, 2]]))  # not one token per row: the step fails inside the held section
+
+    def failing_run(binding):
+        raise RuntimeError("the session failed mid-generation")
+
+    monkeypatch.setattr(rt.session, "run_with_iobinding", failing_run)
+    with pytest.raises(RuntimeError):
+        steps.send(np.array([1, 2]))
+    monkeypatch.undo()
     rt.unload_adapter("qv")
     assert "qv" not in rt.adapter_names
 
@@ -322,3 +401,24 @@ def test_longest_allowed_sequence_runs(rt):
     """The boundary of the too-long case: exactly max positions is accepted."""
     out = rt.forward(_ids(seq=MAX_POS, batch=1))["logits"]
     assert out.shape == (1, MAX_POS, VOCAB) and np.isfinite(out).all()
+
+
+def test_a_refused_step_token_keeps_the_session(rt):
+    """step_logits: a token refused by send() (wrong shape, dtype or id) leaves the prefill and the cache usable:
+    the corrected send gives what an uninterrupted session gives."""
+    ids, mask = sample_batch(VOCAB)
+    good = np.array([5, 9])
+    clean = rt.step_logits(ids, mask, adapter="qv")
+    want = [next(clean), clean.send(good), clean.send(good)]
+    steps = rt.step_logits(ids, mask, adapter="qv")
+    np.testing.assert_array_equal(next(steps), want[0])
+    for bad in (5, [5], good.astype(np.float32), good + VOCAB, None):
+        with pytest.raises(InvalidInputError):
+            steps.send(bad)
+    np.testing.assert_array_equal(steps.send(good), want[1])
+    with pytest.raises(InvalidInputError):
+        next(steps)  # next() sends no token
+    np.testing.assert_array_equal(steps.send(good), want[2])
+    steps.close()
+    clean.close()
+    rt.unload_adapter("qv")  # closed sessions hold their adapter no more

@@ -78,3 +78,21 @@ def test_minilm_export_ships_the_tokenizer_and_small_adapters(minilm_export):
     # 6 layers x 2 targets x (384x8 + 8x384) float32 = 294,912 bytes of parameters
     assert 294_912 <= adapter_bytes < 294_912 + 16_384
     assert base_bytes > 80e6
+
+
+def test_label_names_that_do_not_fit_the_head_are_refused(minilm_export, tmp_path):
+    """A hand-edited adapter.json (its checksum covers the graph only) naming fewer labels than the head has:
+    classify refuses it instead of dropping classes from the scores."""
+    from file_checks import copy_adapter, edit_json
+    from edgepeft.runtimes import CorruptArtifactError
+
+    rt = Runtime(minilm_export[1]["sentiment"])
+    scores = rt.classify("what a lovely day", adapter="sentiment")["scores"]
+    assert len(scores) == 2 and abs(sum(scores.values()) - 1) < 1e-6
+    edited = copy_adapter(rt.adapter_dir("sentiment"), tmp_path / "edited")
+    edit_json(os.path.join(edited, "adapter.json"), labels=["only"])
+    rt.load_adapter(edited, name="edited")
+    with pytest.raises(CorruptArtifactError) as e:
+        rt.classify("what a lovely day", adapter="edited")
+    assert str(e.value) == ("adapter 'edited': its adapter.json gives 1 label name(s), its head has 2 outputs; "
+                            "re-export the adapter with --overwrite")

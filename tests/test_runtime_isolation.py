@@ -69,3 +69,28 @@ def test_without_onnx_runtime_the_runtime_names_the_extras_in_one_line(shared_ex
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == [
         "edgepeft's runtime needs ONNX Runtime: pip install 'edgepeft[cpu]' (or 'edgepeft[gpu]' for NVIDIA GPUs)"]
+
+
+def test_a_second_shared_pool_call_repeats_the_first_or_is_refused(shared_export):
+    """ONNX Runtime makes the process's shared pool once: a repeat of the same size is a no-op (a library and its
+    app may both call it), another size a ConfigError, not ONNX Runtime's raw failure."""
+    out, dirs, _ = shared_export("llama")
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from edgepeft.runtimes import ConfigError, Runtime, use_shared_thread_pool
+        use_shared_thread_pool(2)
+        use_shared_thread_pool(2)
+        rt = Runtime({out!r})
+        print(rt.forward(np.array([[5, 6, 7]]), adapter={sorted(dirs)[0]!r})["logits"].shape)
+        try:
+            use_shared_thread_pool(3)
+        except ConfigError as e:
+            print(e)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == [
+        "(1, 3, 128)",
+        "use_shared_thread_pool: this process's pool already has 2 threads (asked: 3); call it once, at app start"]
