@@ -252,11 +252,12 @@ SAMPLING_ONLY = ("--temperature", "--top-k", "--top-p", "--seed")  # what greedy
 @click.argument("prompt")
 @click.option("--adapter", default="none", show_default=True, help="Adapter name in OUT, or 'none' for the base model.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
-@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", default=1.0, show_default=True, type=float)
-@click.option("--top-k", default=50, show_default=True, type=int)
-@click.option("--top-p", default=1.0, show_default=True, type=float)
-@click.option("--repetition-penalty", default=1.0, show_default=True, type=float)
+@click.option("--do-sample/--greedy", default=None, help="Sample, or decode greedily.  [default: as the model's "
+              "generation_config.json says, else greedy]")
+@click.option("--temperature", type=float, help="[default: the model's generation_config.json, else 1.0]")
+@click.option("--top-k", type=int, help="[default: the model's generation_config.json, else 50]")
+@click.option("--top-p", type=float, help="[default: the model's generation_config.json, else 1.0]")
+@click.option("--repetition-penalty", type=float, help="[default: the model's generation_config.json, else 1.0]")
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, chat):
@@ -275,7 +276,7 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         raise ConfigError(f"{out}: a {rt.task} export classifies or embeds, it does not generate; drop {', '.join(given)}")
     if rt.cache:
         idle = [f for f in given if f in SAMPLING_ONLY]
-        if idle and not do_sample:  # transformers warns alike: greedy decoding ignores them
+        if idle and not rt.generation_config(do_sample=do_sample).do_sample:  # transformers warns alike
             verb = "only applies" if len(idle) == 1 else "only apply"
             click.echo(f"note: {', '.join(idle)} {verb} with --do-sample; decoding greedily", err=True)
         for piece in rt.stream_text(prompt, adapter=name, chat=chat, max_new_tokens=max_new_tokens, do_sample=do_sample,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import torch
@@ -36,13 +37,18 @@ def default_task(model_type: str) -> str:
     return "feature-extraction" if model_type in ENCODERS else "causal-lm"
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")  # org/name, as the hub spells repository ids
+
+
 def check_model_source(name_or_path: str, flag: str = "--base") -> None:
     """Refuse, before any loading, a model given as a local path that is not a model folder.
 
     A name that looks like a path (a separator, or starting with '.' or '~') must be a folder
-    with config.json; anything else is taken as a hub id.
+    with config.json; anything else is taken as a hub id, ``org/name`` too when no such folder exists.
     """
     name = str(name_or_path)
+    if not os.path.exists(name) and HUB_ID.fullmatch(name):
+        return
     if not (os.path.sep in name or name.startswith((".", "~")) or os.path.exists(name)):
         return
     path = os.path.expanduser(name)
@@ -66,7 +72,7 @@ def load_model_config(name_or_path: str, flag: str = "--base"):
     except (OSError, ValueError) as e:
         raise ArtifactNotFoundError(
             f"{name_or_path}: cannot load the base model's config ({str(e).splitlines()[0]}); "
-            f"pass {flag} with a local model folder"
+            f"pass {flag} with a local model folder (with config.json)"
         ) from None
 
 
@@ -200,6 +206,24 @@ def eos_token_ids(model) -> list[int]:
     if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+# What transformers' generate takes from a model's generation_config.json when the call leaves it unset
+SAMPLING_DEFAULTS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def generation_defaults(model) -> dict:
+    """The sampling settings the model's generation config sets (Qwen2.5-Instruct: sampling at 0.7, top-k 20...)."""
+    gen = getattr(model, "generation_config", None)
+    return {key: value for key in SAMPLING_DEFAULTS if (value := getattr(gen, key, None)) is not None}
+
+
+def pad_token_id(model, task: str) -> int | None:
+    """The padding id: for generation the generation config's first, as transformers' generate takes it (some
+    models set it there only); for classifiers the model config's, which their forward reads."""
+    gen = getattr(model, "generation_config", None)
+    pad = getattr(gen, "pad_token_id", None) if task == "causal-lm" and gen is not None else None
+    return model.config.pad_token_id if pad is None else pad
 
 
 def max_positions(config) -> int | None:

@@ -222,6 +222,12 @@ class PeftModel(nn.Module):
                 f"load it on the base it was trained on ({self.peft_config[adapter_name].base_model_name_or_path})"
             )
         if missing:
+            absent = {id(entries[k][0]) for k in missing if k in entries}
+            if all(k in entries for k in missing) and not any(id(entries[k][0]) in absent for k in state if k in entries):
+                raise AdapterBaseMismatchError(  # whole layers without weights: a deeper model than the adapter's
+                    f"{path}: has no weights for {len(absent)} of the layers this model adapts (e.g. {missing[0]}); it "
+                    f"was trained on another base ({self.peft_config[adapter_name].base_model_name_or_path}), or saved "
+                    "incompletely: load it on the base it was trained on")
             raise CorruptArtifactError(f"{path}: lacks adapter weights (e.g. {missing[0]}); re-save the adapter")
         with torch.no_grad():
             for key, (module, dict_name, pname) in entries.items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from edgepeft.config import register_config
-from edgepeft.errors import UnsupportedMethodError
+from edgepeft.errors import ConfigError, UnsupportedMethodError
 
 
 class AdapterLayer(nn.Module):
@@ -71,7 +71,9 @@ class Tuner:
         raise NotImplementedError
 
     def merge(self, model: nn.Module, adapter_name: str) -> None:
-        """Fold ``adapter_name`` into the frozen weights of ``model`` (a copy), or raise UnsupportedMethodError."""
+        """Fold ``adapter_name`` into the frozen weights of ``model`` (a copy) and put each folded layer's frozen
+        module back in its place (``targets.replace_module``): a layer left in place keeps adding its adapter, as
+        one that cannot be folded must. Or raise UnsupportedMethodError."""
         raise NotImplementedError
 
     def layers(self, model: nn.Module) -> list:
@@ -142,6 +144,13 @@ _SPECS: dict[str, SlotSpec] = {}
 
 
 def register_method(method: Method) -> Method:
+    """Make ``method`` known to training, loading and export (its name names its slots: ``slots.name``)."""
+    if method.slots.name != method.name:
+        raise ConfigError(f"{type(method.slots).__name__}.name is {method.slots.name!r}; set it to the method's name "
+                          f"{method.name!r} (the slots' ``method`` field and name prefix)")
+    if not getattr(method.config_cls, "peft_type_name", None):
+        raise ConfigError(f"{method.config_cls.__name__} has no peft_type_name; set it to the peft_type written to "
+                          "adapter_config.json")
     register_config(method.config_cls)
     _METHODS[method.peft_type] = method
     _SPECS[method.slots.name] = method.slots

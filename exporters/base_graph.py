@@ -16,7 +16,7 @@ from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
 from edgepeft.exporters.genai_config import write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
 from edgepeft.files import write_json_atomic
-from edgepeft.models import cache_layout, eos_token_ids, max_positions
+from edgepeft.models import cache_layout, eos_token_ids, generation_defaults, max_positions, pad_token_id
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
 from edgepeft.tuners import spec_for
@@ -74,8 +74,9 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "labels": None,  # a merged classifier's class names, set once validation has seen its width
         "vocab_size": model.config.vocab_size,
         "max_positions": max_positions(model.config),
-        "pad_token_id": model.config.pad_token_id,
+        "pad_token_id": pad_token_id(model, task),
         "eos_token_id": eos_token_ids(model),
+        "generation": generation_defaults(model) if task == "causal-lm" else {},  # generate's defaults, as transformers
         "slots": [s.to_json() for s in slots],
         "fused_groups": list(fused),
         **io,

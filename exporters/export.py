@@ -30,6 +30,7 @@ from edgepeft.runtimes.manifest import (
     read_adapter_manifest, read_base_manifest,
 )
 from edgepeft.runtimes.runtime import Runtime
+from edgepeft.runtimes.values import is_number
 from edgepeft.tuners.layout import group_key
 
 
@@ -51,12 +52,12 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     out = str(out)
     if not adapters:
         raise ConfigError("give at least one --adapter folder")
-    if not atol >= 0:
-        raise ConfigError(f"--atol must be >= 0, got {atol}")
+    if not is_number(atol) or not atol >= 0:
+        raise ConfigError(f"--atol must be a number >= 0, got {atol!r}")
     check_quantize(quantize)
     check_ops(ops)
-    if not qtol > 0:
-        raise ConfigError(f"--qtol must be > 0, got {qtol}")
+    if not is_number(qtol) or not qtol > 0:
+        raise ConfigError(f"--qtol must be a number > 0, got {qtol!r}")
     made = _missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
@@ -104,7 +105,7 @@ def plan_slots(plan: ExportPlan) -> tuple[list, bool]:
             if os.path.exists(target):
                 raise ConfigError(f"{target}: {plan.out} holds an adapter named {src.name!r} already; pass --overwrite "
                                   "to replace it, or --name to export this one under another name")
-    needed = slot_union(*[adapter_slots(plan.model, c, plan.groups) for c in configs])
+    needed = slot_union(*[adapter_slots(plan.model, c, plan.groups, s.path) for c, s in zip(configs, plan.sources)])
     slots = slot_union(existing["slots"] if existing else [], needed)
     reuse = existing is not None and (
         {s.name for s in needed} - set(existing.get("inert_slots", [])) <= {s.name for s in existing["slots"]})
@@ -129,15 +130,16 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
         raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
                           f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
                           "export into a fresh --out folder")
-    skip = {s.module for s in existing["slots"] if s.neutral == "base"} | base_valued(plan.model, configs)
+    skip = {s.module for s in existing["slots"] if s.neutral == "base"} | base_valued(plan.model, configs, [s.path for s in plan.sources])
     if existing.get("weights_fingerprint") != weights_fingerprint(plan.model, skip_modules=skip) or existing["task"] != plan.task:
         raise AdapterBaseMismatchError(
             f"{base_dir}: was exported from {existing.get('source')} ({existing['task']}); these adapters need "
             f"{plan.source} ({plan.task}); export them into another --out folder")
     if existing.get("quantization") != plan.quantize:
         have, want = existing.get("quantization") or "float32", plan.quantize or "float32"
+        same = f"--quantize {have}" if have != "float32" else "no --quantize"
         raise ConfigError(f"{base_dir}: holds {'an' if have.startswith('int') else 'a'} {have} base, this export asks for "
-                          f"{want} (--quantize); export into another --out folder")
+                          f"{want} (--quantize); export with {same} to add to it, or into another --out folder")
     have, want = existing.get("ops", "standard"), effective_ops(plan.model.config, plan.task, plan.ops)
     if have != want:
         raise ConfigError(f"{base_dir}: holds a base built with {have} ops, this export asks for {want} (--ops); "

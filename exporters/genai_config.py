@@ -35,7 +35,7 @@ def genai_config(model, manifest: dict) -> dict | None:
     config, cache = model.config, manifest.get("cache")
     if cache is None or config.model_type not in GENAI_TYPES:
         return None
-    gen = getattr(model, "generation_config", None)
+    gen = manifest.get("generation") or {}
     eos = manifest["eos_token_id"] or [config.eos_token_id or 0]
     pad = manifest["pad_token_id"] if isinstance(manifest["pad_token_id"], int) and manifest["pad_token_id"] >= 0 else eos[0]
     context = manifest["max_positions"] or 2048
@@ -63,15 +63,15 @@ def genai_config(model, manifest: dict) -> dict | None:
             },
         },
         "search": {
-            "do_sample": bool(getattr(gen, "do_sample", False)),
+            "do_sample": bool(gen.get("do_sample", False)),
             "num_beams": 1,
             "num_return_sequences": 1,
             "max_length": context,
             "min_length": 0,
-            "temperature": float(getattr(gen, "temperature", None) or 1.0),
-            "top_k": int(getattr(gen, "top_k", None) or 50),
-            "top_p": float(getattr(gen, "top_p", None) or 1.0),
-            "repetition_penalty": float(getattr(gen, "repetition_penalty", None) or 1.0),
+            "temperature": float(gen.get("temperature", 1.0)),
+            "top_k": int(gen.get("top_k", 50)),
+            "top_p": float(gen.get("top_p", 1.0)),
+            "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
             "past_present_share_buffer": manifest.get("ops") == "contrib",  # see the module docstring
         },
     }

@@ -171,13 +171,50 @@ def _int4(path: str, dest: str, keep_float: list, external: bool) -> None:
         quiet = logger.level
         logger.setLevel(logging.WARNING)  # one INFO line per weight otherwise
         try:
-            quantizer = MatMulNBitsQuantizer(onnx.load(path), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+            model = onnx.load(path)
+            _gemms_as_matmuls(model.graph, set(keep_float))
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=True,
                                              accuracy_level=INT4_ACCURACY, nodes_to_exclude=keep_float,
                                              op_types_to_quantize=("MatMul",))
             quantizer.process()
             quantizer.model.save_model_to_file(dest, use_external_data_format=external)
         finally:
             logger.setLevel(quiet)
+
+
+def _gemms_as_matmuls(graph, keep_float: set) -> None:
+    """Rewrite each plain Gemm with a frozen weight (y = x @ W(^T) + c: BERT's pooler, a merged classifier's head)
+    as MatMul + Add, which the 4-bit quantizer takes (it quantizes MatMul only; int8's quantizer takes Gemm too)."""
+    from onnx import helper, numpy_helper
+
+    weights = {t.name: t for t in graph.initializer}
+    readers: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.name in keep_float or node.input[1] not in weights or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            array = numpy_helper.to_array(weights[weight]).T
+            weight = f"{weight}.T"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), weight))
+            readers[node.input[1]] -= 1
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}.matmul" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}.matmul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], list(node.output), name=f"{node.name}.bias"))
+    unused = [t for t in graph.initializer if readers.get(t.name, 1) == 0]
+    for t in unused:  # a transposed weight read by no other node
+        graph.initializer.remove(t)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:

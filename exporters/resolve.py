@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 from edgepeft.config import CONFIG_NAME
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
 from edgepeft.exporters.fingerprint import weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.files import check_output_dir
@@ -138,19 +138,25 @@ def _task_of(sources, model_type: str) -> str:
     return tasks.pop()
 
 
-def adapter_slots(model, config, groups=()) -> list:
-    """Every slot an adapter with ``config`` fills: its method's and those every adapter has (task heads)."""
-    return [s for spec in specs_for(config) for s in spec.slot_table(model, config, groups)]
+def adapter_slots(model, config, groups=(), path: str | None = None) -> list:
+    """Every slot an adapter with ``config`` fills: its method's and those every adapter has (task heads). A config
+    the model cannot take is refused naming the adapter's folder ``path``."""
+    try:
+        return [s for spec in specs_for(config) for s in spec.slot_table(model, config, groups)]
+    except EdgePeftError as e:
+        if path is None or path in str(e):
+            raise
+        raise type(e)(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
 
 
-def base_valued(model, configs) -> set:
+def base_valued(model, configs, paths) -> set:
     """Modules whose base weights are only slot defaults (task heads): left out of the weights fingerprint."""
-    return {s.module for c in configs for s in adapter_slots(model, c) if s.neutral == "base"}
+    return {s.module for c, p in zip(configs, paths) for s in adapter_slots(model, c, path=p) if s.neutral == "base"}
 
 
 def _check_recorded_bases(sources, source: str, model, task: str) -> None:
     """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``."""
-    skip = base_valued(model, [s.config for s in sources])
+    skip = base_valued(model, [s.config for s in sources], [s.path for s in sources])
     ours = None
     for src in sources:
         recorded = src.config.base_model_name_or_path

@@ -53,7 +53,8 @@ def compare_outputs(label: str, ours, ref, mask, task, atol, where, qtol=None) -
         if not rel <= qtol:
             raise ExportValidationError(
                 f"{where}: {label} differs from PyTorch by {rel:.6g} relative RMS error (tolerance {qtol:g}); nothing "
-                "was written. Export without --quantize, or loosen --qtol if this model tolerates it"
+                "was written. Loosen --qtol if this model tolerates it, or export without --quantize (into another --out "
+                "when OUT holds a quantized base)"
             )
         return {"what": label, "max_abs_diff": diff, "relative_error": rel, "tolerance": qtol}
     tol = atol * max(1.0, float(np.abs(ref).max()))

@@ -127,12 +127,15 @@ def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig
 
 # ---------------------------------------------------------------------- the decode loop
 def generation_config(rt, generation: dict) -> GenerationConfig:
-    """``generate``'s keyword arguments checked and completed with the model's end-of-sequence and padding ids."""
+    """``generate``'s keyword arguments checked and completed as transformers completes them: the model's sampling
+    settings, end-of-sequence and padding ids where the call leaves them unset."""
     known = set(GenerationConfig.__dataclass_fields__)
     unknown = sorted(set(generation) - known)
     if unknown:
         raise ConfigError(f"unknown generation argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
-    args = {k: v for k, v in generation.items() if v is not None}
+    # unset (None): the model's generation_config.json (recorded at export), then transformers' defaults
+    model = {k: v for k, v in (rt.manifest.get("generation") or {}).items() if k in known}
+    args = {**model, **{k: v for k, v in generation.items() if v is not None}}
     eos = args.pop("eos_token_id", rt.manifest.get("eos_token_id") or [])
     eos = list(np.ravel(eos)) if isinstance(eos, np.ndarray) else list(eos) if isinstance(eos, (list, tuple)) else [eos]
     if not all(is_whole(e) for e in eos):  # before one of them becomes the padding id

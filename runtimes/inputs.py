@@ -48,3 +48,19 @@ def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions
         if mask.size and (mask.min() < 0 or mask.max() > 1):
             raise InvalidInputError("attention_mask must hold only 0 (padding) and 1 (token)")
     return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
+
+
+def generation_mask(ids: np.ndarray, pad: int, eos) -> np.ndarray:
+    """The attention mask of a decoder call given none, as transformers' generate infers it (left padding): the padding id's positions are masked where the batch holds
+    it and it ends no sequence (a padding id that is an eos could be a real token), else every position is a token."""
+    if pad in eos or not (ids == pad).any():
+        return np.ones_like(ids)
+    mask = (ids != pad).astype(np.int64)
+    holes = (np.diff(mask, axis=1) < 0).any(axis=1)  # the padding id after a token: no left padding
+    if holes.any():
+        raise InvalidInputError(f"input_ids row {int(np.argmax(holes))} holds the padding id {pad} after a token and "
+                                "no attention_mask was given; pass the attention_mask (rt.tokenizer.encode gives both)")
+    if (mask.sum(-1) == 0).any():
+        raise InvalidInputError(f"an input_ids row is all padding ({pad}) and no attention_mask was given; pass the "
+                                "attention_mask (rt.tokenizer.encode gives both)")
+    return mask

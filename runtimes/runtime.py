@@ -29,7 +29,7 @@ from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .generation import TeacherForcing, generation_config, lane_steps, stream_tokens
-from .inputs import check_token_inputs
+from .inputs import check_token_inputs, generation_mask
 from .kv_cache import FixedCache, bind_past
 from .manifest import BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, cache_names, not_an_export, read_base_manifest
 from .sessions import check_providers, device_of, ort, session_options
@@ -254,10 +254,11 @@ class Runtime:
                 parts.append((lane.rows, out))
         return {self.output_name: assemble(parts, ids.shape[0])}
 
-    def _decoder_inputs(self, input_ids, attention_mask):
+    def _decoder_inputs(self, input_ids, attention_mask, cfg):
         if not self.cache:
             raise ConfigError(f"{self.base_dir}: a {self.task} export has no text generation; export a causal-lm adapter")
         ids, mask = self._inputs(input_ids, attention_mask)
+        mask = generation_mask(ids, cfg.pad_token_id, cfg.eos_token_id) if attention_mask is None else mask
         if (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
         right = (np.diff(mask, axis=1) < 0).any(axis=1)  # a 0 after a 1: the next tokens would follow padding
@@ -270,7 +271,7 @@ class Runtime:
         """Teacher-forced decoding: a generator whose first ``next()`` runs the prefill and yields the last
         position's logits (B, V); each ``send(tokens)`` ((B,) int64) feeds those tokens through the KV cache
         and yields the next logits. The adapter is held until the generator is closed or collected."""
-        ids, mask = self._decoder_inputs(input_ids, attention_mask)
+        ids, mask = self._decoder_inputs(input_ids, attention_mask, self.generation_config())
         self._check_call(adapter, ids.shape[0], ids.shape[1])  # an unknown adapter fails here, at the call
 
         lanes = {}
@@ -307,8 +308,8 @@ class Runtime:
         from the first ``next()`` until the generator finishes, so it cannot be unloaded
         mid-generation (unloaded before the first ``next()``, that call raises UnknownAdapterError).
         """
-        ids, mask = self._decoder_inputs(input_ids, attention_mask)
         cfg = self.generation_config(**generation)
+        ids, mask = self._decoder_inputs(input_ids, attention_mask, cfg)
         # an unknown adapter or too many positions fail now; the last new token is never fed back: it needs none
         self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1,
                          f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)",
@@ -317,13 +318,13 @@ class Runtime:
         stops = text.StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops)
 
-    def generate(self, input_ids, attention_mask=None, adapter=None, max_new_tokens=32, do_sample=False,
-                 temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0, seed=None,
+    def generate(self, input_ids, attention_mask=None, adapter=None, max_new_tokens=32, do_sample=None,
+                 temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=None,
                  eos_token_id=None, pad_token_id=None, stop=None, **unknown) -> np.ndarray:
         """Generate with ``adapter``; returns ids (B, T + new), the prompt included.
 
-        Greedy by default; ``do_sample`` with ``temperature``/``top_k``/``top_p`` and a
-        ``seed`` for reproducible sampling. ``eos_token_id`` defaults to the model's;
+        As transformers: what a call leaves None comes from the model's generation_config.json, else transformers'
+        defaults (greedy); ``seed`` makes sampling reproducible. ``eos_token_id`` defaults to the model's;
         ``stop`` strings need the exported tokenizer. Batches are left-padded.
         """
         args = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
@@ -334,7 +335,7 @@ class Runtime:
         return np.concatenate([ids, *tokens], axis=1)
 
     def generation_config(self, **generation):
-        """The settings ``generate`` would use for these arguments (the model's eos and padding filled in)."""
+        """The settings ``generate`` would use for these arguments (the model's defaults, eos and padding filled in)."""
         return generation_config(self, generation)
 
     # ---------------------------------------------------------------- text

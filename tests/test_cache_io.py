@@ -249,21 +249,23 @@ def test_cli_run_writes_each_piece_before_the_next_is_generated(text_export, tex
     assert "".join(pieces) == text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=6)
 
 
-DEFAULTS = dict(chat=False, max_new_tokens=64, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
-                repetition_penalty=1.0, seed=None)
+# None: the model's generation_config.json decides, else transformers' defaults (test_generation_defaults.py)
+DEFAULTS = dict(chat=False, max_new_tokens=64, do_sample=None, temperature=None, top_k=None, top_p=None,
+                repetition_penalty=None, seed=None)
 
 
 @pytest.mark.parametrize("flags, changed", [
     (["--top-p", "0.7"], {"top_p": 0.7}),
     (["--do-sample", "--top-p", "0.7"], {"do_sample": True, "top_p": 0.7}),
     (["--do-sample"], {"do_sample": True}),
+    (["--greedy"], {"do_sample": False}),
     (["--temperature", "0.5"], {"temperature": 0.5}),
     (["--top-k", "7"], {"top_k": 7}),
     (["--repetition-penalty", "1.3"], {"repetition_penalty": 1.3}),
     (["--seed", "5"], {"seed": 5}),
     (["--max-new-tokens", "3"], {"max_new_tokens": 3}),
     (["--chat"], {"chat": True}),
-], ids=["top-p", "do-sample+top-p", "do-sample", "temperature", "top-k", "repetition-penalty", "seed",
+], ids=["top-p", "do-sample+top-p", "do-sample", "greedy", "temperature", "top-k", "repetition-penalty", "seed",
         "max-new-tokens", "chat"])
 def test_cli_run_passes_each_generation_flag_alone(text_export, monkeypatch, flags, changed):
     """Each flag on its own reaches stream_text under its own name; the others keep their defaults."""

@@ -336,7 +336,7 @@ def test_an_unreadable_adapter_in_out_stops_the_export_before_the_base_changes(s
     cannot be read must stop the export first, not leave a new base with old adapters pointing elsewhere."""
     if damage == "stray-folder":
         os.makedirs(os.path.join(small_copy, "adapters", "notes"))
-        named = os.path.join(small_copy, "adapters", "notes", "adapter.json")
+        named = os.path.join(small_copy, "adapters", "notes") + ": not an exported adapter"  # a stray: remove it
     else:
         named = os.path.join(small_copy, "adapters", "qv", "adapter.json")
         with open(named, "w") as f:

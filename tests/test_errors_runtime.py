@@ -107,12 +107,14 @@ def test_manifest_field_of_wrong_type(rt, before, llama, tmp_path, field):
     assert_still_serving(rt, before)
 
 
-def test_missing_adapter_graph(rt, before, llama, tmp_path):
+@pytest.mark.parametrize("missing, advice", [("adapter.onnx", "re-export the adapter"), ("adapter.json", "--overwrite")])
+def test_a_file_missing_from_an_adapter_folder_is_named(rt, before, llama, tmp_path, missing, advice):
+    """Its graph, or its manifest beside the graph: named, with the re-export advice."""
     path = copy_adapter(os.path.join(llama[0], "adapters", "qv"), tmp_path / "qv")
-    os.remove(os.path.join(path, "adapter.onnx"))
+    os.remove(os.path.join(path, missing))
     with pytest.raises(ArtifactNotFoundError) as e:
-        rt.load_adapter(path, name="nograph")
-    assert os.path.join(path, "adapter.onnx") in str(e.value)
+        rt.load_adapter(path, name="incomplete")
+    assert os.path.join(path, missing) in str(e.value) and advice in str(e.value)
     assert_still_serving(rt, before)
 
 
@@ -130,15 +132,6 @@ def test_folder_without_manifest(rt, before, tmp_path):
     with pytest.raises(ArtifactNotFoundError) as e:
         rt.load_adapter(str(path))
     assert f"{path}: not an exported adapter (no adapter.json, no adapter.onnx); remove it if it is a stray" in str(e.value)
-    assert_still_serving(rt, before)
-
-
-def test_manifest_deleted_beside_its_graph_gets_the_reexport_advice(rt, before, llama, tmp_path):
-    path = copy_adapter(os.path.join(llama[0], "adapters", "qv"), tmp_path / "qv")
-    os.remove(os.path.join(path, "adapter.json"))
-    with pytest.raises(ArtifactNotFoundError) as e:
-        rt.load_adapter(path, name="nomanifest")
-    assert os.path.join(path, "adapter.json") in str(e.value) and "--overwrite" in str(e.value)
     assert_still_serving(rt, before)
 
 

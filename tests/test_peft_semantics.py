@@ -174,8 +174,93 @@ def test_configs_hf_peft_refuses_or_edgepeft_cannot_run_are_refused(make, error,
 
 
 def test_hf_lora_variants_that_need_no_base_change_still_load():
-    for init in (True, False, "gaussian", "eva", "orthogonal"):
+    for init in (True, False, "gaussian", "eva", "orthogonal", "mica"):
         assert edgepeft.LoraConfig(init_lora_weights=init).init_lora_weights == init
+
+
+def test_lora_inits_start_as_hf_peft_starts(tiny_base):
+    """init_lora_weights trains from HF PEFT's start: gaussian A ~ N(0, 1/r), B zero; orthogonal: A and B non-zero
+    with B @ A = 0 (an even rank); MiCA (plain LoRA when run) loads, but its training (B frozen) is refused."""
+    from edgepeft.errors import ConfigError, UnsupportedMethodError
+
+    def start(init, r=16):
+        torch.manual_seed(0)
+        model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"), edgepeft.LoraConfig(
+            r=r, target_modules=["gate_proj"], init_lora_weights=init, task_type="CAUSAL_LM"))
+        layer = model.get_submodule("base_model.model.model.layers.0.mlp.gate_proj")
+        return layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+
+    a, b = start("gaussian")
+    assert abs(float(a.std()) - 1 / 16) < 0.01 and not b.any()
+    a, b = start(True)
+    assert abs(float(a.std()) - 1 / 16) > 0.02 and not b.any()  # Kaiming-uniform: another spread
+    a, b = start("orthogonal")
+    assert a.abs().min() > 0 and b.abs().max() > 0.01 and float((b @ a).abs().max()) < 1e-6
+    with pytest.raises(ConfigError, match="'orthogonal' needs an even rank"):
+        start("orthogonal", r=3)
+    with pytest.raises(UnsupportedMethodError, match="does not train them"):
+        start("mica")
+
+
+def test_modules_to_save_match_as_in_hf_peft(tiny_base, tmp_path):
+    """HF PEFT saves every module whose name ends with a listed name ("head": lm_head) and puts no LoRA inside a
+    module saved whole; edgepeft reads and exports such adapters with HF PEFT's outputs. The adapter's own name may
+    end with a listed name: what LoRA layers hold is never saved whole."""
+    import peft
+
+    from edgepeft.exporters import export
+    from edgepeft.runtimes import Runtime
+    from tiny import max_diff_valid, torch_outputs
+
+    base = tiny_base("llama")
+    cases = {"ends-with-head": dict(target_modules=["q_proj"], modules_to_save=["head"]),
+             "lora-inside-saved": dict(target_modules=["q_proj", "o_proj"], modules_to_save=["layers.1.self_attn.o_proj"])}
+    ids, mask = sample_batch(batch=2, seq=6)
+    for name, options in cases.items():
+        pm = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.LoraConfig(task_type="CAUSAL_LM", r=4, **options))
+        randomize_adapter(pm, 5)
+        pm.peft_config["default"].base_model_name_or_path = base
+        pm.save_pretrained(tmp_path / name)
+        ref = torch_outputs(pm.eval(), ids, mask, "logits")
+        ours = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / name)).eval()
+        assert max_diff_valid(torch_outputs(ours, ids, mask, "logits"), ref, mask) < 1e-5, name
+        export([str(tmp_path / name)], str(tmp_path / f"out-{name}"), names=["mts_head"])  # an adapter name ending "head"
+        logits = Runtime(str(tmp_path / f"out-{name}")).forward(ids, mask, adapter="mts_head")["logits"]
+        assert max_diff_valid(logits, ref, mask) < 1e-4, name
+
+
+def test_an_adapter_trained_on_another_size_of_model_is_refused_naming_its_file(tiny_base, tmp_path):
+    """A deeper or wider base than the adapter's: refused as a base mismatch naming the adapter's file (before,
+    an IndexError, a torch RuntimeError, or advice to re-save or re-export that could not help)."""
+    import json
+
+    import peft
+    import transformers as tf
+
+    from edgepeft.errors import AdapterBaseMismatchError
+    from tiny import tiny_config
+
+    def sized(**change):
+        config = tiny_config("llama")
+        for key, value in change.items():
+            setattr(config, key, value)
+        return tf.AutoModelForCausalLM.from_config(config)
+
+    deeper, wider = dict(num_hidden_layers=3), dict(hidden_size=64, head_dim=32)  # wider keys and values too
+    configs = {"prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+               "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+               "lora": peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])}
+    for method, config in configs.items():
+        pm = peft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"), config)
+        pm.save_pretrained(tmp_path / method)
+        for other, words in ((deeper, "layers"), (wider, "hidden size")):
+            if method == "lora" and other is wider:
+                continue  # LoRA's shapes say it: covered by the shape check
+            with pytest.raises(AdapterBaseMismatchError) as e:
+                edgepeft.PeftModel.from_pretrained(sized(**other), str(tmp_path / method))
+            assert str(tmp_path / method) in str(e.value) and "trained on another base" in str(e.value), (method, words)
+            assert words in str(e.value) or method == "lora", str(e.value)
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
 def test_all_linear_ignores_case_and_merge_names_unknown_adapters(tiny_base):
@@ -205,3 +290,21 @@ def test_text_init_with_an_unnamed_tokenizer_object_cannot_be_saved(tiny_base, t
     with pytest.raises(ConfigError, match="save the tokenizer and pass its folder"):
         model.save_pretrained(str(tmp_path / "a"))
     assert not (tmp_path / "a").exists()  # nothing half-written
+
+
+def test_an_adapter_the_export_cannot_take_is_named(tiny_base, tmp_path):
+    """A module saved whole that is no Linear head (a whole MLP): refused naming the adapter's config file."""
+    import peft
+
+    from edgepeft.errors import UnsupportedModelError
+    from edgepeft.exporters import export
+
+    base = tiny_base("llama")
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "gate_proj"], modules_to_save=["mlp"]))
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(tmp_path / "whole-mlp")
+    with pytest.raises(UnsupportedModelError) as e:
+        export([str(tmp_path / "whole-mlp")], str(tmp_path / "out"))
+    assert str(e.value).startswith(f"{tmp_path / 'whole-mlp' / 'adapter_config.json'}: modules_to_save ")
+    assert "Linear heads only" in str(e.value) and not (tmp_path / "out").exists()

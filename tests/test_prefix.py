@@ -221,17 +221,25 @@ def test_prefix_training_reduces_the_loss(tiny_base, projection):
     assert losses[-1] < losses[0] - 0.05
 
 
-def test_decoder_prefix_for_another_task_is_refused_at_export(tiny_base, tmp_path):
-    """A decoder's prefix starts the KV cache; a seq-cls export has none, so export says so and writes nothing."""
+def test_decoder_prefix_for_another_task_is_refused_before_training_and_at_export(tiny_base, tmp_path):
+    """A decoder's prefix starts the KV cache; a seq-cls model has none (HF PEFT cannot run it either): refused
+    when the adapter is made (before any training), and an adapter folder saying so is refused at export."""
+    import json
+
     from edgepeft.errors import EdgePeftError
 
     base = tiny_base("llama")
-    config = edgepeft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
-    model = edgepeft.get_peft_model(load_reference_base(base, "seq-cls", num_labels=2), config)
+    with pytest.raises(UnsupportedMethodError, match=r"decoder \(llama\) runs and exports for causal-lm only"):
+        edgepeft.get_peft_model(load_reference_base(base, "seq-cls", num_labels=2),
+                                edgepeft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+    model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"),
+                                    edgepeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     model.save_pretrained(tmp_path / "cls-prefix")
+    config = tmp_path / "cls-prefix" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "task_type": "SEQ_CLS"}))
     with pytest.raises(UnsupportedMethodError, match="causal-lm only") as e:
         export([str(tmp_path / "cls-prefix")], str(tmp_path / "out"))
-    assert isinstance(e.value, EdgePeftError)
+    assert isinstance(e.value, EdgePeftError) and str(config) in str(e.value)
     assert not (tmp_path / "out" / "base").exists()
 
 

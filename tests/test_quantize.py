@@ -118,7 +118,7 @@ def test_reusing_an_int8_base_validates_new_adapters_by_relative_error(int8_llam
 def test_a_float32_export_into_an_int8_folder_is_refused_and_changes_nothing(int8_llama, peft_adapter):
     out, dirs, _ = int8_llama
     before = {p: os.path.getmtime(os.path.join(out, p)) for p in _tree(out)}
-    with pytest.raises(ConfigError, match="int8 base.*float32"):
+    with pytest.raises(ConfigError, match="int8 base.*float32.*export with --quantize int8 to add to it, or into another"):
         export([dirs[0]], out)
     assert {p: os.path.getmtime(os.path.join(out, p)) for p in _tree(out)} == before
 
@@ -128,11 +128,16 @@ def test_bad_quantize_options(peft_adapter, tmp_path):
         export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "a"), quantize="int3")
     with pytest.raises(ConfigError, match="qtol"):
         export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "b"), quantize="int8", qtol=0)
+    for arg, value in [("qtol", "0.1"), ("atol", "1e-4"), ("qtol", None), ("atol", True)]:  # Python callers: no TypeError
+        with pytest.raises(ConfigError, match=f"--{arg} must be a number"):
+            export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "c"), quantize="int8", **{arg: value})
+    assert not os.path.exists(tmp_path / "c")
 
 
 def test_a_quantized_graph_outside_tolerance_writes_nothing(peft_adapter, tmp_path):
     out = tmp_path / "strict"
-    with pytest.raises(ExportValidationError, match="relative RMS error"):
+    with pytest.raises(ExportValidationError, match="relative RMS error.*Loosen --qtol if this model tolerates it, or "
+                       "export without --quantize \\(into another --out when OUT holds a quantized base\\)"):
         export([spec_adapter(peft_adapter, "llama", "qv")], str(out), quantize="int8", qtol=1e-9)
     assert not os.path.exists(out / "base") and not os.path.exists(out / "adapters" / "qv")
     assert [p for p in _tree(out) if ".staging" in p] == []
@@ -225,3 +230,17 @@ def test_embedding_tables_are_quantized_too(kind, share, tmp_path):
     assert "Cast" in ops and not any(i.name.endswith("embed_tokens.weight") for i in graph.graph.initializer)
     assert Runtime(out).manifest["quantized_tables"] == 1
     assert sizes[kind] <= share * sizes[None], sizes
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_frozen_weight_product_is_quantized_gemms_too(kind, peft_adapter, tmp_path):
+    """BERT's pooler is a Gemm: int8's quantizer takes it, int4's takes MatMul only, so the int4 export rewrites
+    it as MatMul + Add first. Either way no MatMul or Gemm with a frozen float32 weight is left."""
+    adapter = peft_adapter("bert", "cls-q", task="seq-cls", num_labels=3, r=4, target_modules=["query", "value"])
+    out = str(tmp_path / kind)
+    export([adapter], out, quantize=kind)
+    graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph
+    frozen = {t.name for t in graph.initializer} - {i.name for i in graph.input}  # slots are inputs
+    left = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in frozen]
+    assert left == []
+    assert any("pooler" in n.name for n in graph.node if n.op_type == KINDS[kind][0]) or kind == "int8"

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from peft_refs import greedy_reference
-from tiny import load_reference_base, sample_batch, torch_outputs
+from tiny import load_reference_base, max_diff_valid, sample_batch, torch_outputs
 from file_checks import write_lines
 from training_helpers import REPO, seq_cls_rows
 
@@ -72,3 +72,73 @@ def test_no_shared_code_names_the_toy_method():
                     with open(os.path.join(root, f), encoding="utf-8") as fh:
                         source = fh.read()
                     assert "toybias" not in source and "TOY_BIAS" not in source, f
+
+
+def test_a_toy_adapter_and_a_lora_on_the_same_layers_share_one_export(tiny_base, tmp_path):
+    """Another method's layer wrapping a module the toy wrapped first (LoRA's sizes come from the layer underneath):
+    both adapters in one model and in one export, each as PyTorch computes it."""
+    base = tiny_base("llama")
+    model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), toy_bias.ToyBiasConfig(task_type="CAUSAL_LM"))
+    model.add_adapter("lora", edgepeft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["down_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "toy_bias" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+    model.save_pretrained(tmp_path / "both")  # the toy in tmp_path/both, the LoRA in tmp_path/both/lora
+    out = str(tmp_path / "out")
+    export([str(tmp_path / "both"), str(tmp_path / "both" / "lora")], out, names=["bias", "lora"])
+    rt = Runtime(out)
+    ids, mask = sample_batch(batch=2, seq=6)
+    for name in ("bias", "lora"):
+        reference = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(
+            tmp_path / "both" / ("lora" if name == "lora" else ""))).eval()
+        ref = torch_outputs(reference, ids, mask, "logits")
+        assert max_diff_valid(rt.forward(ids, mask, adapter=name)["logits"], ref, mask) <= 1e-4, name  # padding aside
+        assert max_diff_valid(rt.forward(ids, mask)["logits"], ref, mask) > 1e-3, name  # the adapter acts
+
+
+def test_a_slot_spec_must_carry_its_methods_name():
+    """The slots' name is the method's (it prefixes every slot and names their method): one left out is refused
+    when the method registers, not later with advice to register it."""
+    import pytest
+
+    from edgepeft.errors import ConfigError
+    from edgepeft.registry import Method, SlotSpec, register_method
+
+    with pytest.raises(ConfigError, match=r"SlotSpec.name is ''; set it to the method's name 'unnamed'"):
+        register_method(Method(name="unnamed", config_cls=toy_bias.ToyBiasConfig, tuner=toy_bias.ToyBiasTuner(),
+                               slots=SlotSpec()))
+
+
+def test_the_cli_trains_a_method_of_ones_own_with_its_package_imported_first(text_model, tmp_path):
+    """The command docs/adding-a-method.md gives for the CLI: the package imported, then edgepeft's main."""
+    import subprocess
+    import sys
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    code = (f"import sys; sys.path.insert(0, {os.path.join(REPO, 'tests')!r}); "
+            "import toy_bias, edgepeft.cli; edgepeft.cli.main()")
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--model", text_model("bert"), "--task", "seq-cls",
+                           "--method", "toybias", "--data", data, "--out", str(tmp_path / "mine"), "--epochs", "1",
+                           "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "mine" / "adapter_config.json") as f:
+        assert json.load(f)["peft_type"] == "TOY_BIAS"
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """pyproject.toml lists packages by hand (edgepeft.exporters and edgepeft.runtimes live outside edgepeft/): a
+    method folder added under edgepeft/tuners/ must be listed too, or a built wheel lacks it."""
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        setup = tomllib.load(f)["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    folders = {"edgepeft": "edgepeft", **{name: path for name, path in setup["package-dir"].items()}}
+    found = set()
+    for package, folder in folders.items():
+        for root, _, files in os.walk(os.path.join(REPO, folder)):
+            if "__init__.py" in files and "__pycache__" not in root:
+                relative = os.path.relpath(root, os.path.join(REPO, folder))
+                found.add(package if relative == "." else f"{package}.{relative.replace(os.sep, '.')}")
+    assert found == listed

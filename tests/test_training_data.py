@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgepeft.errors import ArtifactNotFoundError, DataError
-from edgepeft.training.data import IGNORE_INDEX, Encoder, label_ids, label_names, read_jsonl
+from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
+from edgepeft.training.data import IGNORE_INDEX, Encoder, check_positions, label_ids, label_names, read_jsonl
 from file_checks import write_lines
 from training_helpers import WordTokenizer
 
@@ -261,3 +261,40 @@ def test_pad_id_falls_back_to_eos_then_zero():
     assert Encoder(WordTokenizer(pad=None, eos=None), "causal-lm", 8).pad_id == 0
 
 
+
+
+def test_a_utf8_byte_order_mark_is_no_text(tmp_path):
+    """Windows editors and Excel save "UTF-8" with a byte-order mark: the rows are the same as without one."""
+    plain = write_lines(tmp_path / "plain.jsonl", [{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}])
+    marked = tmp_path / "bom.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + open(plain, "rb").read())
+    assert read_jsonl(str(marked), "seq-cls") == read_jsonl(plain, "seq-cls")
+
+
+def test_classifier_rows_truncate_as_transformers_keeping_sep():
+    """--max-length cuts a long text as the tokenizer's own truncation does: [CLS] ... [SEP], as the runtime's
+    tokenizer always ends a text, not the first max_length ids with [SEP] cut off."""
+    import edgepeft
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(edgepeft.minilm_path())
+    text = "the battery died after two days and the screen cracked the week after"
+    want = tok(text, truncation=True, max_length=8)["input_ids"]
+    assert want[-1] == tok.sep_token_id and len(want) == 8
+    assert Encoder(tok, "seq-cls", 8, labels=["a"]).encode([{"text": text, "label": "a", "_line": 1}], "d") == \
+        [{"input_ids": want, "label": 0}]
+    pair = Encoder(tok, "feature-extraction", 8).encode([{"text": text, "positive": text, "_line": 1}], "d")
+    assert pair == [{"input_ids": want, "positive_ids": want}]
+
+
+def test_rows_longer_than_the_models_positions_are_refused_naming_the_fix():
+    features = [{"input_ids": [1] * 10}, {"input_ids": [1] * 60}]
+    rows = [{"_line": 1}, {"_line": 7}]
+    check_positions(features, rows, "d.jsonl", 64, 4)  # 60 + 4 virtual tokens fit 64 positions
+    with pytest.raises(ConfigError) as e:
+        check_positions(features, rows, "d.jsonl", 64, 5)
+    assert str(e.value) == ("d.jsonl:7: 60 tokens + 5 virtual tokens exceed the model's 64 positions; pass "
+                            "--max-length 59 or less")
+    with pytest.raises(ConfigError, match="num_virtual_tokens=64 leaves none of the model's 64 positions"):
+        check_positions(features, rows, "d.jsonl", 64, 64)
+    check_positions(features, rows, "d.jsonl", None, 100)  # no position table: nothing to check

@@ -79,6 +79,9 @@ def _targs(**kw):
     ("warmup_ratio", 1.0, "--warmup-ratio"), ("warmup_ratio", -0.1, "--warmup-ratio"), ("warmup_ratio", math.nan, "--warmup-ratio"),
     ("scheduler", "step", "--scheduler"), ("mixed_precision", "fp8", "--mixed-precision"), ("save", "first", "--save"),
     ("task", "translation", "task"),
+    ("seed", -1, "--seed"), ("seed", 2**32, "--seed"), ("seed", "0", "--seed"), ("seed", 1.0, "--seed"),
+    ("epochs", True, "--epochs"), ("lr", "1e-3", "--lr"), ("head_lr", "1e-2", "--head-lr"),
+    ("max_grad_norm", None, "--max-grad-norm"), ("warmup_ratio", "0.1", "--warmup-ratio"), ("options", None, "options"),
 ])
 def test_check_rejects_bad_values(field, value, flag):
     with pytest.raises(ConfigError) as e:
@@ -444,3 +447,50 @@ def test_cli_all_linear_ignores_case():
 
     assert _options("lora", None, None, "ALL-LINEAR", ())["target_modules"] == "ALL-LINEAR"
     assert _options("lora", None, None, "q_proj,v_proj", ())["target_modules"] == ["q_proj", "v_proj"]
+
+
+# --------------------------------------------------------------------------- refused before any training
+def test_a_namespaced_hub_id_goes_to_the_hub(capsys, train_file, tmp_path):
+    """`org/name` with no such local folder is a hub id, as transformers takes it (offline here: it says it cannot
+    load it, not that the folder is missing)."""
+    line = cli_error(capsys, "train", "--model", "sentence-transformers/all-MiniLM-L6-v2", "--task", "seq-cls",
+                     "--data", train_file, "--out", tmp_path / "o")
+    assert line.startswith("error: sentence-transformers/all-MiniLM-L6-v2: cannot load the base model's config")
+    assert "no such folder" not in line and not (tmp_path / "o").exists()
+
+
+def test_rows_past_the_models_positions_are_refused_before_training(capsys, text_model, tmp_path):
+    """The tiny GPT-2 has 128 learned positions: a 200-token row at the default --max-length 256 would crash
+    inside torch; it is refused naming the row and a --max-length that works, and no OUT is left behind."""
+    rows = seq_cls_rows(8) + [{"text": " ".join(["battery"] * 200), "label": "pos"}]
+    data = write_lines(tmp_path / "long.jsonl", rows)
+    argv = ["train", "--model", text_model("gpt2"), "--task", "seq-cls", "--data", data, "--out", tmp_path / "o",
+            "--epochs", "1", "--quiet"]
+    line = cli_error(capsys, *argv)
+    assert line.startswith(f"error: {data}:9: ") and "exceed the model's 128 positions; pass --max-length 128 or less" in line
+    assert not (tmp_path / "o").exists()
+    line = cli_error(capsys, *argv, "--method", "prompt", "--option", "num_virtual_tokens=100", "--max-length", "64")
+    assert line == (f"error: {data}:9: 64 tokens + 100 virtual tokens exceed the model's 128 positions; pass "
+                    "--max-length 28 or less")
+    cli_ok(capsys, *argv, "--max-length", "128")  # the fix it names works
+    assert os.path.isfile(tmp_path / "o" / "adapter_model.safetensors")
+
+
+def test_prefix_on_a_decoder_classifier_is_refused_before_training(capsys, text_model, train_file, tmp_path):
+    line = cli_error(capsys, "train", "--model", text_model("gpt2"), "--task", "seq-cls", "--method", "prefix",
+                     "--data", train_file, "--out", tmp_path / "o", "--quiet")
+    assert "prefix tuning on a decoder (gpt2) runs and exports for causal-lm only" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoint/notes.txt", "training_log.json", "labels.json"])
+def test_files_of_the_users_where_training_writes_are_kept(capsys, tiny_bert, train_file, tmp_path, name):
+    """Not an earlier run's: a checkpoint/ folder or a training_log.json of the user's is not replaced silently."""
+    out = tmp_path / "proj"
+    (out / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
+    (out / name).write_text("mine")
+    before = tree_hashes(out)
+    line = cli_error(capsys, *train_argv(tiny_bert, train_file, str(out)))
+    written = out / name.split("/")[0]
+    assert line == f"error: {written}: training writes there; move it, pass --overwrite to replace it, or give another --out"
+    assert tree_hashes(out) == before

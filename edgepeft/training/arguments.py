@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from edgepeft.config import TASK_TYPES
 from edgepeft.errors import ConfigError
 from edgepeft.files import check_output_dir
+from edgepeft.runtimes.values import is_number, is_whole
 
 # Settings that may change when resuming (everything else must match the checkpoint).
 RESUMABLE = {"resume", "overwrite", "progress", "logging_steps"}
@@ -51,8 +52,16 @@ class TrainingArguments:
         if self.task not in TASK_TYPES.values():
             raise ConfigError(f"task {self.task!r} is not supported; use one of {', '.join(TASK_TYPES.values())}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+            if not (is_whole(getattr(self, name)) and getattr(self, name) >= 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not (is_whole(self.seed) and 0 <= self.seed < 2**32):  # numpy's seeds
+            raise ConfigError(f"--seed must be a whole number in 0..{2**32 - 1}, got {self.seed!r}")
+        for name in ("lr", "head_lr", "max_grad_norm", "warmup_ratio", "weight_decay"):
+            value = getattr(self, name)
+            if not (value is None and name.endswith("lr")) and not is_number(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value!r}")  # ranges: below
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"options must map the method's fields to values (e.g. {{'r': 8}}), got {self.options!r}")
         if not 0 < self.max_grad_norm < math.inf:
             raise ConfigError(f"--max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
         check_output_dir(self.out, "--out")

@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
 
-from edgepeft.config import LABELS_NAME
+from edgepeft.config import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME
 from edgepeft.errors import ConfigError, CorruptArtifactError
 from edgepeft.files import replace_dir, staging_dir, write_json_atomic
 
 CHECKPOINT = "checkpoint"
 STATE = "trainer_state.pt"
+LOG_NAME = "training_log.json"
+CURVE_NAME = "training_curve.png"
 
 
 def save_checkpoint(out: str, peft, fingerprint: dict, epoch: int, optimizer, scheduler, log: dict) -> None:
     stage = staging_dir(out, "checkpoint")
     trainable = {k: p.detach().cpu() for k, p in peft.named_parameters() if p.requires_grad}
-    torch.save({"args": fingerprint, "epoch": epoch, "trainable": trainable, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": _get_rng(), "log": log}, os.path.join(stage, STATE))
-    replace_dir(stage, os.path.join(out, CHECKPOINT))
+    try:
+        torch.save({"args": fingerprint, "epoch": epoch, "trainable": trainable, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": _get_rng(), "log": log}, os.path.join(stage, STATE))
+        replace_dir(stage, os.path.join(out, CHECKPOINT))
+    finally:  # interrupted or out of disk while writing: no half-written staging folder is left in OUT
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def read_checkpoint(out: str) -> dict | None:
@@ -53,6 +59,8 @@ def save_adapter(peft, directory: str, labels) -> None:
     peft.save_pretrained(directory)
     if labels is not None:
         write_json_atomic(os.path.join(directory, LABELS_NAME), {"labels": labels})
+    elif os.path.isfile(os.path.join(directory, LABELS_NAME)):  # left by a classifier this run overwrote
+        os.remove(os.path.join(directory, LABELS_NAME))
 
 
 def load_trainable(peft, saved: dict) -> None:
@@ -101,3 +109,17 @@ def check_out_folder(out: str, model: str) -> None:
     if (export := enclosing_export(real)) is not None:
         raise ConfigError(f"{out}: lies inside the export {export}, whose folders exports replace; give --out a "
                           "folder outside it (then `edgepeft export --adapter` it into the export)")
+
+
+def check_fresh_out(out: str) -> None:
+    """A run that neither resumes nor overwrites replaces nothing: not an earlier run's checkpoint or adapter, nor
+    a file or folder of the user's where training writes."""
+    if os.path.exists(os.path.join(out, CHECKPOINT, STATE)):
+        raise ConfigError(f"{out}: holds a checkpoint of an earlier run; pass --resume to continue it, "
+                          "--overwrite to start over, or another --out")
+    if os.path.exists(os.path.join(out, CONFIG_NAME)):
+        raise ConfigError(f"{out}: holds an adapter already; pass --overwrite to replace it, or another --out")
+    written = [n for n in (CHECKPOINT, WEIGHTS_NAME, LABELS_NAME, LOG_NAME, CURVE_NAME) if os.path.exists(os.path.join(out, n))]
+    if written:
+        raise ConfigError(f"{os.path.join(out, written[0])}: training writes there; move it, pass --overwrite to "
+                          "replace it, or give another --out")

@@ -8,12 +8,13 @@ A bad row raises ``DataError`` naming the file and the line.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 
 import torch
 
-from edgepeft.errors import ArtifactNotFoundError, DataError
+from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
 
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
 FIELDS = {
@@ -21,6 +22,30 @@ FIELDS = {
     "causal-lm": [("text",), ("prompt", "completion")],
     "feature-extraction": [("text", "positive")],
 }
+
+
+def _lines(path: str) -> list[bytes]:
+    """The file's lines as bytes; a UTF-8 byte-order mark (Windows editors and Excel write one) is no text."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data.removeprefix(codecs.BOM_UTF8).split(b"\n")
+
+
+def check_positions(features: list[dict], rows: list[dict], path: str, positions: int | None, n_virtual: int) -> None:
+    """Every row's tokens and the adapter's virtual tokens fit the model's positions: learned position tables
+    (BERT, GPT-2) end there, and the exported graph takes no more."""
+    if not positions:
+        return
+    limit = positions - n_virtual
+    if limit < 1:
+        raise ConfigError(f"num_virtual_tokens={n_virtual} leaves none of the model's {positions} positions for the "
+                          "text; use fewer virtual tokens")
+    for feature, row in zip(features, rows):
+        longest = max(len(feature["input_ids"]), len(feature.get("positive_ids", ())))
+        if longest > limit:
+            virtual = f" + {n_virtual} virtual tokens" if n_virtual else ""
+            raise ConfigError(f"{path}:{row['_line']}: {longest} tokens{virtual} exceed the model's {positions} "
+                              f"positions; pass --max-length {limit} or less")
 
 
 def read_jsonl(path: str, task: str) -> list[dict]:
@@ -31,9 +56,7 @@ def read_jsonl(path: str, task: str) -> list[dict]:
     shapes = FIELDS[task]
     want = " or ".join("{" + ", ".join(f'"{k}"' for k in shape) + "}" for shape in shapes)
     rows = []
-    with open(path, "rb") as f:
-        raw = f.read().split(b"\n")
-    for n, data in enumerate(raw, 1):
+    for n, data in enumerate(_lines(path), 1):
         try:
             line = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -68,14 +91,13 @@ def ignored_fields(path: str, task: str) -> str | None:
     used = {k for shape in FIELDS[task] for k in shape}
     others = {k: t for t, shapes in FIELDS.items() for shape in shapes for k in shape if k not in used}
     found = set()
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(row, dict):
-                found |= others.keys() & row.keys()
+    for line in _lines(path):
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(row, dict):
+            found |= others.keys() & row.keys()
     if not found:
         return None
     names = ", ".join(f'"{k}"' for k in sorted(found))
@@ -129,13 +151,16 @@ class Encoder:
     def _ids(self, text: str, special: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special, truncation=False)["input_ids"]
 
+    def _cut(self, text: str) -> list[int]:
+        """At most max_length ids, truncated as transformers' tokenizers truncate: [SEP] / eos stay at the end."""
+        return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+
     def encode(self, rows: list[dict], path: str) -> list[dict]:
         if self.task == "seq-cls":
             targets = label_ids(rows, self.labels, path)
-            return [{"input_ids": self._ids(r["text"])[: self.max_length], "label": y} for r, y in zip(rows, targets)]
+            return [{"input_ids": self._cut(r["text"]), "label": y} for r, y in zip(rows, targets)]
         if self.task == "feature-extraction":
-            return [{"input_ids": self._ids(r["text"])[: self.max_length],
-                     "positive_ids": self._ids(r["positive"])[: self.max_length]} for r in rows]
+            return [{"input_ids": self._cut(r["text"]), "positive_ids": self._cut(r["positive"])} for r in rows]
         return [self._causal(r, path) for r in rows]
 
     def _causal(self, row: dict, path: str) -> dict:

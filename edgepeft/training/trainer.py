@@ -23,12 +23,11 @@ from edgepeft.errors import ConfigError, TrainingInterrupted
 from edgepeft.plots import training_curve
 from edgepeft.training.arguments import TrainingArguments, method_config
 from edgepeft.training.checkpoint import (
-    CHECKPOINT, check_out_folder, checksum, read_checkpoint, restore, save_adapter, save_checkpoint,
+    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_out_folder, checksum, read_checkpoint, restore, save_adapter,
+    save_checkpoint,
 )
-from edgepeft.training.data import Encoder, ignored_fields, label_names, read_jsonl
+from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, read_jsonl
 
-LOG_NAME = "training_log.json"
-CURVE_NAME = "training_curve.png"
 HARDLY_MOVED = 0.97  # eval loss at its best above this share of the untrained adapter's: the rate is probably too low
 
 
@@ -78,13 +77,16 @@ class Trainer:
             print(f"note: {note}", file=sys.stderr)
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
         labels = label_names(rows, args.data) if args.task == "seq-cls" else None
-        from edgepeft.models import load_model_config
+        from edgepeft.models import load_model_config, max_positions
 
-        model_pad = getattr(load_model_config(args.model, "--model"), "pad_token_id", None) if args.task == "seq-cls" \
-            else None
+        config = load_model_config(args.model, "--model")
+        model_pad = getattr(config, "pad_token_id", None) if args.task == "seq-cls" else None
         encoder = Encoder(load_tokenizer(args.model), args.task, args.max_length, labels, pad_id=model_pad)
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
+        n_virtual = getattr(method_config(args.method, args.task, dict(args.options)), "num_virtual_tokens", None) or 0
+        for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
+            check_positions(features, checked, path, max_positions(config), n_virtual)
         return encoder, train, evals, labels
 
     def _model(self, labels):
@@ -110,11 +112,8 @@ class Trainer:
         if state is None:
             if args.resume:
                 raise ConfigError(f"{args.out}: no checkpoint to resume from; run without --resume")
-            if os.path.exists(os.path.join(ckpt, "trainer_state.pt")) and not args.overwrite:
-                raise ConfigError(f"{args.out}: holds a checkpoint of an earlier run; pass --resume to continue it, "
-                                  "--overwrite to start over, or another --out")
-            if os.path.exists(os.path.join(args.out, CONFIG_NAME)) and not args.overwrite:
-                raise ConfigError(f"{args.out}: holds an adapter already; pass --overwrite to replace it, or another --out")
+            if not args.overwrite:
+                check_fresh_out(args.out)
             return None
         old, new = state["args"], self.args.fingerprint()
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -234,6 +233,10 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             raise self._interrupted(log, made_out) from None
+        except BaseException:
+            if made_out and os.path.isdir(args.out) and not os.listdir(args.out):  # a failed run leaves no empty OUT
+                os.rmdir(args.out)
+            raise
         bar.close()
         log["hint"] = self._hint(log)
         untrained = next((e for e in log["evals"] if e["epoch"] == 0), None)

@@ -20,7 +20,7 @@ from torch import nn
 from edgepeft.errors import ConfigError, UnsupportedModelError
 from edgepeft.registry import AdapterLayer, SlotSpec, register_spec
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES, Slot, slot_axis, slot_name, stacks_as_output
-from edgepeft.tuners.targets import name_matches, replace_module
+from edgepeft.tuners.targets import name_matches, replace_module, saved_whole
 
 
 class ModulesToSaveWrapper(AdapterLayer):
@@ -62,15 +62,20 @@ class ModulesToSaveWrapper(AdapterLayer):
 def wrap_modules_to_save(model: nn.Module, names, adapter_name: str) -> list[str]:
     """Wrap every module matching ``names`` and add a trained copy for ``adapter_name``."""
     wrapped = []
+    # what another method's layers hold (``q_proj.lora_A.<adapter name>``) is never saved whole, whatever its name ends with
+    held = tuple(key + "." for key, module in model.named_modules()
+                 if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveWrapper))
     for key, module in list(model.named_modules()):
+        if held and key.startswith(held):
+            continue
         if isinstance(module, ModulesToSaveWrapper):
-            if name_matches(names, key):
+            if saved_whole(names, key):
                 module.add(adapter_name)
                 wrapped.append(key)
             continue
         if ".original_module" in key or ".modules_to_save." in key:
             continue
-        if name_matches(names, key):
+        if saved_whole(names, key):
             wrapper = ModulesToSaveWrapper(module)
             wrapper.add(adapter_name)
             replace_module(model, key, wrapper)
@@ -81,7 +86,7 @@ def wrap_modules_to_save(model: nn.Module, names, adapter_name: str) -> list[str
 def saved_module_names(model: nn.Module, config) -> list[str]:
     """Full names of the modules that ``config.modules_to_save`` selects in a plain model."""
     names = config.modules_to_save or []
-    return [k for k, _ in model.named_modules() if name_matches(names, k)]
+    return [k for k, _ in model.named_modules() if saved_whole(names, k)]
 
 
 # ---------------------------------------------------------------- export slots

@@ -14,7 +14,10 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a Linear, an adapter layer wrapping one, or a GPT-2 Conv1D (weight stored (in, out))."""
+    """(in, out) of a Linear, an adapter layer wrapping one (any method's), or a GPT-2 Conv1D (weight stored (in, out))."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features
+    module = innermost(module)  # a wrapper that does not say: the frozen layer it wraps
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
     return tuple(module.weight.shape)
@@ -58,6 +61,16 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
+def saved_whole(names, key: str) -> bool:
+    """HF PEFT's ``modules_to_save`` match: the module's full name ends with a listed name (``head``: ``lm_head``)."""
+    return any(key.endswith(name) for name in names or [])
+
+
+def within_saved(names, key: str) -> bool:
+    """HF PEFT: a layer that is, or lies inside, a module named in ``modules_to_save`` gets no adapter layer."""
+    return any(re.match(rf"(^|.*\.){name}($|\..*)", key) for name in names or [])
+
+
 def name_matches(patterns, key: str) -> bool:
     """PEFT semantics: a string is a full-match regex; a list matches by name or dotted suffix."""
     if patterns is None:
@@ -93,11 +106,11 @@ def linear_targets(model: nn.Module, config, defaults: dict) -> list[str]:
     if isinstance(targets, str) and targets.lower() == "all-linear":  # HF PEFT ignores its case
         skip = output_layer_name(model)
         for key, module in model.named_modules():
-            if isinstance(module, LINEAR_TYPES) and key != skip and not name_matches(saved, key):
+            if isinstance(module, LINEAR_TYPES) and key != skip and not within_saved(saved, key):
                 names.append(key)
     else:
         for key, module in model.named_modules():
-            if name_matches(targets, key) and not name_matches(saved, key):
+            if name_matches(targets, key) and not within_saved(saved, key):
                 if not isinstance(module, LINEAR_TYPES):
                     raise ConfigError(
                         f"target module {key!r} is a {type(module).__name__}; edgepeft adapts nn.Linear and Conv1D layers"

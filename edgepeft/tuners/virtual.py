@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from edgepeft.config import PeftConfig
-from edgepeft.errors import ConfigError, CorruptArtifactError, UnsupportedMethodError
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, UnsupportedMethodError
 from edgepeft.registry import AdapterLayer, Tuner
 from edgepeft.tuners.targets import replace_module
 
@@ -49,8 +49,18 @@ class PromptLearningConfig(PeftConfig):
                               "set it (edgepeft train: --option num_virtual_tokens=8)")
 
     def fill_from(self, model_config) -> None:
-        """HF PEFT's ``_prepare_prompt_learning_config``: sizes the config leaves unset come from the model."""
+        """HF PEFT's ``_prepare_prompt_learning_config``: sizes the config leaves unset come from the model; sizes a
+        loaded adapter_config.json sets must be the model's (an adapter trained on another base)."""
         c = model_config
+        layers, width = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer"), getattr(c, "hidden_size", None) \
+            or getattr(c, "n_embd")
+        if self.num_layers is not None and self.num_layers != layers:
+            raise AdapterBaseMismatchError(f"num_layers is {self.num_layers}, the model has {layers} layers: the adapter "
+                                           f"was trained on another base ({self.base_model_name_or_path}); use that one")
+        if self.token_dim is not None and self.token_dim != width and self.token_dim != self.method_width(c):
+            raise AdapterBaseMismatchError(f"token_dim is {self.token_dim}, the model's hidden size is {width}: the "
+                                           f"adapter was trained on another base ({self.base_model_name_or_path}); use "
+                                           "that one")
         if self.num_layers is None:
             self.num_layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
         if self.token_dim is None:
@@ -65,6 +75,9 @@ class PromptLearningConfig(PeftConfig):
 
     def fill_method_fields(self, model_config) -> None:
         """What a method's own fields take from the model (prefix tuning: key/value sizes); none by default."""
+
+    def method_width(self, model_config) -> int | None:
+        """The token_dim ``fill_method_fields`` may set instead of the hidden size (None: it sets none)."""
 
 
 class VirtualTokenEmbedding(AdapterLayer):

@@ -67,10 +67,10 @@ class LoraConfig(PeftConfig):
             raise UnsupportedMethodError(
                 f"LoRA option(s) {', '.join(bad)} are not supported by edgepeft; train without them"
             )
-        if self.init_lora_weights not in (True, False, "gaussian", "eva", "orthogonal"):
+        if self.init_lora_weights not in (True, False, "gaussian", "eva", "orthogonal", "mica"):
             raise UnsupportedMethodError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported: PiSSA, OLoRA, CorDA and LoftQ change the "
-                "base weights and MiCA changes the LoRA maths; convert the adapter with HF PEFT's save_pretrained("
+                "base weights; convert the adapter with HF PEFT's save_pretrained("
                 "path_initial_model_for_weight_conversion=...) first, or train with the default init")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")

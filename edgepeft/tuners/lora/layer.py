@@ -31,16 +31,26 @@ class LoraLinear(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
 
-    def add(self, adapter_name: str, r: int, scaling: float, dropout: float, init: bool = True) -> None:
+    def add(self, adapter_name: str, r: int, scaling: float, dropout: float, init=True) -> None:
+        """``init``: HF PEFT's ``init_lora_weights`` (True, False, "gaussian", "orthogonal", "eva")."""
         weight = innermost(self.base_layer).weight
         dtype = adapter_dtype(weight)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False).to(weight.device, dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False).to(weight.device, dtype)
         self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[adapter_name] = scaling
-        if init:  # PEFT's default: A Kaiming-uniform, B zero, so the adapter starts as a no-op
-            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[adapter_name].weight)
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        with torch.no_grad():
+            if init == "orthogonal":  # A's rows and B's columns from two disjoint halves of one orthogonal basis: B @ A = 0
+                basis = torch.linalg.qr(torch.randn(r, r))[0]
+                a.copy_((torch.randn(self.in_features, r // 2) @ basis[0::2]).T / 10)
+                b.copy_(torch.randn(self.out_features, r // 2) @ basis[1::2] / 10)
+            elif init is not False:  # B zero: the adapter starts as a no-op
+                if init == "gaussian":
+                    nn.init.normal_(a, std=1 / r)
+                else:  # True (PEFT's default) and "eva" before its data-driven step: A Kaiming-uniform
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.zeros_(b)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """B @ A * scaling in the base layer's weight layout."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgepeft.errors import ConfigError, UnsupportedMethodError
 from edgepeft.registry import Tuner
 from edgepeft.tuners.lora.config import DEFAULT_LORA_TARGETS
 from edgepeft.tuners.lora.layer import LoraLinear
@@ -13,13 +14,18 @@ from edgepeft.tuners.targets import adapter_layer, innermost, linear_targets, re
 class LoraTuner(Tuner):
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         """Wrap each target module (once) and add ``adapter_name``'s A/B to it."""
+        if config.init_lora_weights == "mica" and not config.inference_mode:  # a MiCA adapter runs as plain LoRA
+            raise UnsupportedMethodError("init_lora_weights='mica' trains A alone from B's SVD init; edgepeft loads and "
+                                         "exports MiCA adapters but does not train them: train with the default init")
         keys = []
         for key in linear_targets(unwrapped(model), config, DEFAULT_LORA_TARGETS):
             module = adapter_layer(model, key, LoraLinear, LoraLinear)
             if module.fan_in_fan_out:
                 config.fan_in_fan_out = True  # as HF PEFT records for GPT-2's Conv1D
             r = config.rank_for(key)
-            module.add(adapter_name, r, config.scaling_for(key, r), config.lora_dropout, init=config.init_lora_weights is not False)
+            if config.init_lora_weights == "orthogonal" and r % 2:
+                raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank; {key} has r={r}")
+            module.add(adapter_name, r, config.scaling_for(key, r), config.lora_dropout, init=config.init_lora_weights)
             keys.append(key)
         return keys
 

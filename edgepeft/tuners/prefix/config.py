@@ -28,10 +28,18 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def fill_method_fields(self, model_config) -> None:
         """Keys/values come per key/value head: with grouped-query attention, fewer heads than queries have."""
-        c = model_config
-        kv_heads = getattr(c, "num_key_value_heads", None)
+        kv_heads = getattr(model_config, "num_key_value_heads", None)
         if kv_heads is not None and self.num_attention_heads != kv_heads:
-            head_dim = getattr(c, "head_dim", None) or self.token_dim // self.num_attention_heads
-            self.token_dim, self.num_attention_heads = head_dim * kv_heads, kv_heads
+            self.token_dim, self.num_attention_heads = self.method_width(model_config), kv_heads
         if self.encoder_hidden_size is None:
             self.encoder_hidden_size = self.token_dim
+
+    def method_width(self, model_config) -> int | None:
+        """The keys/values' width: the key/value heads' (fewer than the queries' with grouped-query attention)."""
+        c = model_config
+        kv_heads = getattr(c, "num_key_value_heads", None)
+        if kv_heads is None:
+            return None
+        heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+        width = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+        return (getattr(c, "head_dim", None) or width // heads) * kv_heads

@@ -47,6 +47,15 @@ def prefix_cache(model, holder, adapter_name: str, batch: int, cache=None):
     return cache
 
 
+def check_decoder_task(arch: str, task_type) -> None:
+    """A decoder's prefix starts the KV cache: only causal-LM models have one (HF PEFT cannot run it otherwise)."""
+    if arch in DECODERS and task_type not in (None, "CAUSAL_LM"):
+        raise UnsupportedMethodError(
+            f"prefix tuning on a decoder ({arch}) runs and exports for causal-lm only: its keys/values start the KV "
+            f"cache, and a {task_type} model has none; train it with task causal-lm, or use prompt tuning or LoRA "
+            "for this task")
+
+
 class PrefixTuner(VirtualTokenTuner):
     saved_model_prefix = "base_model."  # HF PEFT: heads saved as base_model.<module> for prompt learning
 
@@ -54,6 +63,7 @@ class PrefixTuner(VirtualTokenTuner):
         arch = model_type(model)
         if arch not in DECODERS and arch not in SELF_ATTENTION:
             raise UnsupportedModelError(f"prefix tuning supports {', '.join(sorted(DECODERS | set(SELF_ATTENTION)))}, not {arch!r}")
+        check_decoder_task(arch, config.task_type)  # refused before training, not after it at export
         config.fill_from(model.config)
         holder = embedding_holder(model, create=True)
         holder.prompt_encoder[adapter_name] = PrefixEncoder(config).to(holder.base_layer.weight.device)

@@ -17,12 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepeft.errors import UnsupportedMethodError
 from edgepeft.models import DECODERS, attention_layout
 from edgepeft.registry import SlotSpec
 from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, Slot, slot_axis, slot_name
 from edgepeft.tuners.prefix.layer import PrefixSelfAttention, add_prefix, share_per_forward
-from edgepeft.tuners.prefix.model import model_type, self_attention_names
+from edgepeft.tuners.prefix.model import check_decoder_task, model_type, self_attention_names
 from edgepeft.tuners.virtual import embedding_holder
 
 # Decoder attention modules per layer (the slot's module; the cache is indexed by layer).
@@ -58,11 +57,7 @@ class PrefixSlots(SlotSpec):
     def slot_table(self, model: nn.Module, config, groups=()) -> list[Slot]:
         _, heads, head_dim = _layout(model)
         decoder = model_type(model) in DECODERS
-        if decoder and config.task_type != "CAUSAL_LM":
-            raise UnsupportedMethodError(
-                f"prefix tuning on a decoder ({model_type(model)}) exports for causal-lm only: its keys/values start "
-                f"the KV cache, and a {config.task_type} export has none; train it with task causal-lm, or use "
-                "prompt tuning or LoRA for this task")
+        check_decoder_task(model_type(model), config.task_type)
         slots = []
         for layer, key in enumerate(_modules(model)):
             for role, past in (("key", PAST_KEY), ("value", PAST_VALUE)):

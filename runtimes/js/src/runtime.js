@@ -148,21 +148,29 @@ export class Runtime {
   async generate(ids, mask, { adapter = null, maxNewTokens = 32, eosTokenId = null } = {}) {
     if (!this.cache) throw new EdgePeftError(`a ${this.manifest.task} export does not generate`);
     const plan = this.plan(adapter);
+    const given = mask != null;
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
     if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1) {
       throw new EdgePeftError(`maxNewTokens must be a positive integer, got ${maxNewTokens}`);
-    }
-    if (mask.some((row) => !row.includes(1))) throw new EdgePeftError("a prompt row has no tokens (its mask is all 0)");
-    const right = mask.findIndex((row) => row.some((m, i) => i > 0 && m < row[i - 1]));  // a 0 after a 1
-    if (right >= 0) {
-      throw new EdgePeftError(`mask row ${right} has padding after its tokens; generation needs the padding on the left`);
     }
     eosTokenId = [eosTokenId ?? this.manifest.eos_token_id ?? []].flat();  // null: the model's; one id or a list
     if (!eosTokenId.every((v) => Number.isInteger(v) && v >= 0)) {
       throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${JSON.stringify(eosTokenId)}`);
     }
-    this.checkLength(plan, ids[0].length, maxNewTokens - 1);  // the last new token is never fed back
     const pad = this.padIdOr(eosTokenId);
+    // no mask: left padding told by the padding id, as transformers' generate (and Python's) tells it
+    const told = !given && !eosTokenId.includes(pad) && ids.some((row) => row.includes(pad));
+    if (told) mask = ids.map((row) => row.map((t) => (t === pad ? 0 : 1)));
+    if (mask.some((row) => !row.includes(1))) {
+      throw new EdgePeftError(told ? `an ids row is all padding (${pad}) and no mask was given; pass the mask`
+        : "a prompt row has no tokens (its mask is all 0)");
+    }
+    const right = mask.findIndex((row) => row.some((m, i) => i > 0 && m < row[i - 1]));  // a 0 after a 1
+    if (right >= 0) {
+      throw new EdgePeftError(told ? `ids row ${right} holds the padding id ${pad} after a token and no mask was given; pass the mask`
+        : `mask row ${right} has padding after its tokens; generation needs the padding on the left`);
+    }
+    this.checkLength(plan, ids[0].length, maxNewTokens - 1);  // the last new token is never fed back
     let { full, positions } = this.virtualInputs(plan, mask, true);
     const sequences = ids.map((row) => [...row]);
     const done = ids.map(() => false);

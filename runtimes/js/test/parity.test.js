@@ -189,6 +189,15 @@ test("bad ids, masks and lengths are refused with what is wrong, as the Python r
   // one row may be given flat, and one eos id as a number
   const flat = await rt.generate([5, 6, 7], null, { maxNewTokens: 2, eosTokenId: 3 });
   assert.deepEqual(flat, await rt.generate([[5, 6, 7]], [[1, 1, 1]], { maxNewTokens: 2, eosTokenId: [3] }));
+  // no mask: the padding id (not an eos) marks left padding, as transformers' generate and Python tell it
+  const pad = rt.manifest.pad_token_id;
+  assert.ok(!rt.manifest.eos_token_id.includes(pad));
+  assert.deepEqual(await rt.generate([[pad, pad, 5, 6], [7, 8, 9, 10]], null, { maxNewTokens: 3, eosTokenId: [] }),
+    await rt.generate([[pad, pad, 5, 6], [7, 8, 9, 10]], [[0, 0, 1, 1], [1, 1, 1, 1]], { maxNewTokens: 3, eosTokenId: [] }));
+  assert.notDeepEqual(await rt.generate([[pad, pad, 5, 6]], null, { maxNewTokens: 3, eosTokenId: [pad] }),
+    await rt.generate([[pad, pad, 5, 6]], [[0, 0, 1, 1]], { maxNewTokens: 3, eosTokenId: [pad] }));  // an eos counts
+  await refuses(rt.generate([[5, pad, 6]], null), new RegExp(`ids row 0 holds the padding id ${pad} after a token and no mask`));
+  await refuses(rt.generate([[pad, pad]], null), /all padding .* no mask was given; pass the mask/);
   // finished rows are fed the model's padding id, or the first eos id where the config says -1 (as in Python)
   assert.equal(rt.padIdOr([2]), rt.manifest.pad_token_id);
   rt.manifest = { ...rt.manifest, pad_token_id: -1 };

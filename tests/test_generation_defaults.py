@@ -1,0 +1,135 @@
+"""What ``generate`` takes from the model when a call leaves it unset, as transformers' generate does.
+
+A model laid out as Qwen2.5-Instruct is: config.json has no padding id, generation_config.json
+sets the padding id, two eos ids and sampling settings. transformers samples with them by
+default and pads finished rows with that padding id; so must the runtime, the CLI and the
+export's genai_config.json. Without an attention_mask, transformers tells left padding by
+the padding id; so does the runtime.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from file_checks import edit_json
+from peft_refs import randomize_adapter
+from tiny import load_reference_base
+from edgepeft.runtimes import InvalidInputError, Runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GENERATION = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}
+PAD, EOS = 0, [5, 2]
+
+
+@pytest.fixture(scope="module")
+def sampling_model(tmp_path_factory, text_export):
+    """(OUT, HF PEFT model): text_export's tokenized llama with a generation_config.json that samples, LoRA 'lora'."""
+    import peft
+
+    root = tmp_path_factory.mktemp("generation-defaults")
+    base = str(root / "base")
+    shutil.copytree(text_export[2], base)
+    edit_json(os.path.join(base, "config.json"), pad_token_id=None)  # the padding id lives in generation_config.json
+    with open(os.path.join(base, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "pad_token_id": PAD, "eos_token_id": EOS, **GENERATION}, f)
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"),
+                             peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(pm, 3)
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(root / "adapter"))
+    from edgepeft.exporters import export
+
+    out = str(root / "out")
+    export([str(root / "adapter")], out, names=["lora"])
+    return out, peft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(root / "adapter")).eval()
+
+
+def test_unset_settings_come_from_generation_config(sampling_model):
+    out, hf = sampling_model
+    rt = Runtime(out)
+    assert rt.manifest["generation"] == GENERATION
+    cfg = rt.generation_config()
+    for key in GENERATION:
+        assert getattr(cfg, key) == getattr(hf.generation_config, key), key
+    assert (cfg.pad_token_id, cfg.eos_token_id) == (hf.generation_config.pad_token_id, EOS) == (PAD, EOS)
+    assert rt.generation_config(do_sample=False, top_k=3).do_sample is False  # a call's value wins
+    assert rt.generation_config(do_sample=False, top_k=3).top_k == 3
+    with open(os.path.join(out, "base", "genai_config.json")) as f:
+        search = json.load(f)["search"]
+    assert {key: search[key] for key in GENERATION} == GENERATION
+    assert json.load(open(os.path.join(out, "base", "genai_config.json")))["model"]["pad_token_id"] == PAD
+    # Sampling by default: the model's settings, the same draws as when they are given
+    ids, mask = rt.tokenizer.encode(["w10 w20 w30", "w40"])
+    drawn = rt.generate(ids, mask, adapter="lora", max_new_tokens=8, seed=5, eos_token_id=[])
+    np.testing.assert_array_equal(drawn, rt.generate(ids, mask, adapter="lora", max_new_tokens=8, seed=5,
+                                                     eos_token_id=[], **GENERATION))
+    assert not np.array_equal(drawn, rt.generate(ids, mask, adapter="lora", max_new_tokens=8, seed=5, eos_token_id=[],
+                                                 **{**GENERATION, "temperature": 1.0, "top_k": 50, "top_p": 1.0}))
+
+
+def test_finished_rows_get_the_generation_configs_padding_as_in_transformers(sampling_model):
+    """Greedy on request; a row that ends early is filled with generation_config.json's padding id (0), not an eos."""
+    out, hf = sampling_model
+    rt = Runtime(out)
+    ids, mask = rt.tokenizer.encode(["w10 w20 w30", "w40"])
+    free = rt.generate(ids, mask, adapter="lora", max_new_tokens=6, do_sample=False, eos_token_id=[])
+    eos = int(free[0, ids.shape[1] + 1])  # row 0's second new token ends it
+    ours = rt.generate(ids, mask, adapter="lora", max_new_tokens=6, do_sample=False, eos_token_id=[eos])
+    with torch.no_grad():
+        want = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=6,
+                           do_sample=False, eos_token_id=[eos]).numpy()
+    want = np.pad(want, ((0, 0), (0, ours.shape[1] - want.shape[1])), constant_values=PAD)  # HF stops when all end
+    np.testing.assert_array_equal(ours, want)
+    assert (ours[0, ids.shape[1] + 2:] == PAD).all()
+
+
+def test_without_a_mask_left_padding_is_told_by_the_padding_id(sampling_model):
+    """As transformers' generate: no attention_mask, the padding id (not an eos) in the batch: its positions are
+    padding. The padding id after a token cannot be left padding: refused, asking for the mask."""
+    out, hf = sampling_model
+    rt = Runtime(out)
+    ids, mask = rt.tokenizer.encode(["w10 w20 w30 w40", "w50"])
+    assert (ids == PAD).any() and (mask == 0).any()
+    with_mask = rt.generate(ids, mask, adapter="lora", max_new_tokens=5, do_sample=False, eos_token_id=[])
+    np.testing.assert_array_equal(rt.generate(ids, adapter="lora", max_new_tokens=5, do_sample=False, eos_token_id=[]),
+                                  with_mask)
+    with torch.no_grad():
+        want = hf.generate(input_ids=torch.from_numpy(ids), max_new_tokens=5, do_sample=False, eos_token_id=None,
+                           pad_token_id=PAD).numpy()
+    np.testing.assert_array_equal(with_mask, want)
+    steps = rt.step_logits(ids, adapter="lora")
+    np.testing.assert_allclose(next(steps), next(rt.step_logits(ids, mask, adapter="lora")), rtol=0, atol=1e-6)
+    steps.close()
+    holes = ids.copy()
+    holes[0, -2] = PAD
+    with pytest.raises(InvalidInputError, match=f"row 0 holds the padding id {PAD} after a token and no attention_mask"):
+        rt.generate(holes, adapter="lora", max_new_tokens=2)
+    # the padding id is an eos: it may be a real token, so every position counts, as in transformers
+    as_eos = rt.generate(ids, adapter="lora", max_new_tokens=5, do_sample=False, eos_token_id=[PAD])
+    assert not np.array_equal(as_eos[:, :ids.shape[1] + 1], with_mask[:, :ids.shape[1] + 1])
+
+
+def test_cli_run_follows_the_model_unless_told(sampling_model):
+    out, _ = sampling_model
+    rt = Runtime(out)
+    prompt = "w10 w20 w30"
+
+    def run(*flags):
+        proc = subprocess.run([sys.executable, "-m", "edgepeft", "run", out, prompt, "--adapter", "lora",
+                               "--max-new-tokens", "6", *flags], capture_output=True, text=True, cwd=REPO, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    greedy = run("--greedy")
+    assert greedy.stdout == rt.generate_text(prompt, adapter="lora", max_new_tokens=6, do_sample=False) + "\n"
+    sampled = run("--seed", "4")  # the model samples: no note that --seed needs --do-sample
+    assert sampled.stdout == rt.generate_text(prompt, adapter="lora", max_new_tokens=6, seed=4) + "\n"
+    assert "note:" not in sampled.stderr
+    assert "note: --seed only applies with --do-sample" in run("--greedy", "--seed", "4").stderr
