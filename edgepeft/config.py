@@ -35,6 +35,13 @@ _CONFIG_CLASSES: dict[str, type] = {}
 _HARMLESS_FIELDS = {"peft_type", "peft_version", "auto_mapping", "megatron_core", "megatron_config", "qalora_group_size"}
 
 
+def naming_config(error: EdgePeftError, directory: str) -> EdgePeftError:
+    """``error`` (about what an adapter's config asks) naming that adapter's ``adapter_config.json``."""
+    if directory in str(error):
+        return error
+    return type(error)(f"{os.path.join(directory, CONFIG_NAME)}: {error}")
+
+
 def register_config(cls):
     """Class decorator: make ``cls`` the config for its ``peft_type``."""
     _CONFIG_CLASSES[cls.peft_type_name] = cls

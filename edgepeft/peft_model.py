@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from edgepeft.config import CONFIG_NAME, WEIGHTS_NAME, load_config
+from edgepeft.config import WEIGHTS_NAME, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
 from edgepeft.registry import AdapterLayer
@@ -191,9 +191,7 @@ class PeftModel(nn.Module):
         try:
             self.add_adapter(adapter_name, config)
         except EdgePeftError as e:  # a config the model cannot take: name the file it came from
-            if directory in str(e):
-                raise
-            raise type(e)(f"{os.path.join(directory, CONFIG_NAME)}: {e}") from None
+            raise naming_config(e, directory) from None
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise ArtifactNotFoundError(f"{path}: adapter weights not found; re-save the adapter with save_pretrained")
@@ -222,12 +220,12 @@ class PeftModel(nn.Module):
                 f"load it on the base it was trained on ({self.peft_config[adapter_name].base_model_name_or_path})"
             )
         if missing:
-            absent = {id(entries[k][0]) for k in missing if k in entries}
-            if all(k in entries for k in missing) and not any(id(entries[k][0]) in absent for k in state if k in entries):
-                raise AdapterBaseMismatchError(  # whole layers without weights: a deeper model than the adapter's
-                    f"{path}: has no weights for {len(absent)} of the layers this model adapts (e.g. {missing[0]}); it "
-                    f"was trained on another base ({self.peft_config[adapter_name].base_model_name_or_path}), or saved "
-                    "incompletely: load it on the base it was trained on")
+            deepest = max((i for i in map(_layer_index, state) if i is not None), default=None)
+            if deepest is not None and all((i := _layer_index(k)) is not None and i > deepest for k in missing):
+                raise AdapterBaseMismatchError(  # weights for the first layers only: a shallower model's adapter
+                    f"{path}: has weights for layers 0-{deepest} only, this model has more (e.g. {missing[0]}); it "
+                    f"was trained on another base ({self.peft_config[adapter_name].base_model_name_or_path}): load "
+                    "it on that base")
             raise CorruptArtifactError(f"{path}: lacks adapter weights (e.g. {missing[0]}); re-save the adapter")
         with torch.no_grad():
             for key, (module, dict_name, pname) in entries.items():
@@ -327,6 +325,11 @@ class PeftModel(nn.Module):
             if plain is not None:  # None: it cannot be folded (a bottleneck): it stays, active
                 replace_module(model, key, plain)
         return model
+
+
+def _layer_index(key: str) -> int | None:
+    """The layer a parameter name belongs to (its first numeric part: ``model.layers.3.mlp...`` -> 3), else None."""
+    return next((int(part) for part in key.split(".") if part.isdigit()), None)
 
 
 def get_peft_model(model: nn.Module, config, adapter_name: str = "default") -> PeftModel:

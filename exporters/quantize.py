@@ -183,8 +183,12 @@ def _int4(path: str, dest: str, keep_float: list, external: bool) -> None:
 
 
 def _gemms_as_matmuls(graph, keep_float: set) -> None:
-    """Rewrite each plain Gemm with a frozen weight (y = x @ W(^T) + c: BERT's pooler, a merged classifier's head)
-    as MatMul + Add, which the 4-bit quantizer takes (it quantizes MatMul only; int8's quantizer takes Gemm too)."""
+    """Rewrite each plain Gemm with a frozen weight as MatMul + Add, which the 4-bit quantizer takes (it quantizes
+    MatMul only; int8's quantizer takes Gemm too): BERT's pooler, a merged classifier's head.
+
+        x (B, in) --Gemm(W, c, transB=1)--> y (B, out)
+        x (B, in) --MatMul(W.T: (in, out), a new initializer, one per W)--> --Add(c)--> y (B, out)
+    """
     from onnx import helper, numpy_helper
 
     weights = {t.name: t for t in graph.initializer}
@@ -192,6 +196,7 @@ def _gemms_as_matmuls(graph, keep_float: set) -> None:
     for node in graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
+    transposed: dict = {}  # W -> W.T's name: Gemms sharing a weight share its transpose
     nodes = []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -201,17 +206,19 @@ def _gemms_as_matmuls(graph, keep_float: set) -> None:
             continue
         weight = node.input[1]
         if attrs.get("transB", 0):
-            array = numpy_helper.to_array(weights[weight]).T
-            weight = f"{weight}.T"
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), weight))
-            readers[node.input[1]] -= 1
+            if weight not in transposed:
+                transposed[weight] = f"{weight}.T"
+                array = np.ascontiguousarray(numpy_helper.to_array(weights[weight]).T)  # (out, in) -> (in, out)
+                graph.initializer.append(numpy_helper.from_array(array, transposed[weight]))
+            readers[weight] -= 1
+            weight = transposed[weight]
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        product = f"{node.output[0]}.matmul" if bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}.matmul"))
+        out = node.output[0]
+        product = f"{out}.matmul" if bias else out
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{out}.matmul"))
         if bias:
-            nodes.append(helper.make_node("Add", [product, bias], list(node.output), name=f"{node.name}.bias"))
-    unused = [t for t in graph.initializer if readers.get(t.name, 1) == 0]
-    for t in unused:  # a transposed weight read by no other node
+            nodes.append(helper.make_node("Add", [product, bias], [out], name=f"{out}.bias"))
+    for t in [t for t in graph.initializer if readers.get(t.name, 1) == 0]:  # a weight now read transposed only
         graph.initializer.remove(t)
     del graph.node[:]
     graph.node.extend(nodes)

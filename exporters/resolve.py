@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from edgepeft.config import CONFIG_NAME
+from edgepeft.config import CONFIG_NAME, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
 from edgepeft.exporters.fingerprint import weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
@@ -144,9 +144,9 @@ def adapter_slots(model, config, groups=(), path: str | None = None) -> list:
     try:
         return [s for spec in specs_for(config) for s in spec.slot_table(model, config, groups)]
     except EdgePeftError as e:
-        if path is None or path in str(e):
+        if path is None:
             raise
-        raise type(e)(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
+        raise naming_config(e, path) from None
 
 
 def base_valued(model, configs, paths) -> set:

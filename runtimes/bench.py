@@ -141,7 +141,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
             spans = []
             for _ in range(max(1, rounds // 3)):
                 t = time.perf_counter()
-                rt.generate(ids[:1], adapter=adapter, max_new_tokens=new_tokens, eos_token_id=[])
+                rt.generate(ids[:1], adapter=adapter, max_new_tokens=new_tokens, eos_token_id=[], do_sample=False)
                 spans.append(time.perf_counter() - t)
             result["tokens_per_s"][adapter or "none"] = new_tokens / statistics.median(spans)
     return result

@@ -7,6 +7,7 @@ transformers does.
 """
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,19 +209,13 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops)
             logits = steps.send(token)
 
 
-class TeacherForcing:
-    """What ``Runtime.step_logits`` returns: ``next()`` / ``send(tokens)`` / ``close()`` as on a generator, over the
-    decode loop ``steps``. ``check(token, sent)`` refuses a sent token before it reaches the loop, so a refused one
-    (an ``InvalidInputError``) leaves the session, its prefill and its cache usable for a corrected ``send``."""
+class TeacherForcing(Generator):
+    """What ``Runtime.step_logits`` returns: a generator over the decode loop ``steps``. ``check(token, sent)`` refuses
+    a sent token before it reaches the loop, so a refused one (an ``InvalidInputError``) leaves the session, its
+    prefill and its cache usable for a corrected ``send``."""
 
     def __init__(self, steps, check):
         self._steps, self._check, self._sent = steps, check, None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.send(None)
 
     def send(self, token):
         if self._sent is None:  # the prefill: takes no token, as a just-started generator
@@ -231,6 +226,9 @@ class TeacherForcing:
         out = self._steps.send(token)
         self._sent += 1
         return out
+
+    def throw(self, *error):
+        return self._steps.throw(*error)
 
     def close(self) -> None:
         self._steps.close()

@@ -50,10 +50,11 @@ def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions
     return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
 
 
-def generation_mask(ids: np.ndarray, pad: int, eos) -> np.ndarray:
-    """The attention mask of a decoder call given none, as transformers' generate infers it (left padding): the padding id's positions are masked where the batch holds
-    it and it ends no sequence (a padding id that is an eos could be a real token), else every position is a token."""
-    if pad in eos or not (ids == pad).any():
+def generation_mask(ids: np.ndarray, pad: int | None, eos) -> np.ndarray:
+    """The attention mask of a decoder call given none, as transformers' generate infers it (left padding): the
+    padding id's positions are masked where the batch holds it and it ends no sequence (a padding id that is an eos
+    could be a real token); with no padding id, or none in the batch, every position is a token."""
+    if pad is None or pad in eos or not (ids == pad).any():
         return np.ones_like(ids)
     mask = (ids != pad).astype(np.int64)
     holes = (np.diff(mask, axis=1) < 0).any(axis=1)  # the padding id after a token: no left padding
@@ -64,3 +65,14 @@ def generation_mask(ids: np.ndarray, pad: int, eos) -> np.ndarray:
         raise InvalidInputError(f"an input_ids row is all padding ({pad}) and no attention_mask was given; pass the "
                                 "attention_mask (rt.tokenizer.encode gives both)")
     return mask
+
+
+def step_tokens(token, batch: int, vocab_size: int) -> np.ndarray:
+    """A decode step's tokens sent by the caller (``step_logits``): one id per row, as (B,) int64."""
+    token = np.asarray(token)
+    if token.shape != (batch,) or not np.issubdtype(token.dtype, np.integer):
+        raise InvalidInputError(f"send one token id per row: an integer array of shape ({batch},), "
+                                f"got {token.dtype}{list(token.shape)}")
+    if token.min() < 0 or token.max() >= vocab_size:
+        raise InvalidInputError(f"a token id is outside the vocabulary [0, {vocab_size})")
+    return token.astype(np.int64, copy=False)

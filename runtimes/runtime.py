@@ -29,7 +29,7 @@ from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .generation import TeacherForcing, generation_config, lane_steps, stream_tokens
-from .inputs import check_token_inputs, generation_mask
+from .inputs import check_token_inputs, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
 from .manifest import BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, cache_names, not_an_export, read_base_manifest
 from .sessions import check_providers, device_of, ort, session_options
@@ -41,6 +41,8 @@ class Runtime:
     def __init__(self, path, providers=None, sess_options=None, load_adapters=True, adapter_budget_bytes=None):
         """``adapter_budget_bytes``: at most that many bytes of adapter tensors stay staged; the least recently
         used are evicted and restaged when a call names them again (None: every adapter stays staged)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"Runtime takes an export's folder (a path), got {type(path).__name__}")
         if not os.path.isdir(os.path.join(path, BASE_DIR)):
             raise not_an_export(os.fspath(path))
         self.path = os.path.abspath(path)  # the export stays where it was opened when the app changes directory
@@ -254,11 +256,12 @@ class Runtime:
                 parts.append((lane.rows, out))
         return {self.output_name: assemble(parts, ids.shape[0])}
 
-    def _decoder_inputs(self, input_ids, attention_mask, cfg):
+    def _decoder_inputs(self, input_ids, attention_mask, pad, eos):
+        """``pad``: the padding id the call or the model gives (None: none), which tells left padding without a mask."""
         if not self.cache:
             raise ConfigError(f"{self.base_dir}: a {self.task} export has no text generation; export a causal-lm adapter")
         ids, mask = self._inputs(input_ids, attention_mask)
-        mask = generation_mask(ids, cfg.pad_token_id, cfg.eos_token_id) if attention_mask is None else mask
+        mask = generation_mask(ids, pad, eos) if attention_mask is None else mask
         if (mask.sum(-1) == 0).any():
             raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
         right = (np.diff(mask, axis=1) < 0).any(axis=1)  # a 0 after a 1: the next tokens would follow padding
@@ -271,7 +274,8 @@ class Runtime:
         """Teacher-forced decoding: a generator whose first ``next()`` runs the prefill and yields the last
         position's logits (B, V); each ``send(tokens)`` ((B,) int64) feeds those tokens through the KV cache
         and yields the next logits. The adapter is held until the generator is closed or collected."""
-        ids, mask = self._decoder_inputs(input_ids, attention_mask, self.generation_config())
+        ids, mask = self._decoder_inputs(input_ids, attention_mask, self.model_pad_id,
+                                        self.manifest.get("eos_token_id") or [])
         self._check_call(adapter, ids.shape[0], ids.shape[1])  # an unknown adapter fails here, at the call
 
         lanes = {}
@@ -287,18 +291,9 @@ class Runtime:
         def check(token, sent: int) -> np.ndarray:  # every token sent takes a position
             n_virtual = max(lane.plan.n_virtual for lane in lanes["held"])
             self._check_length(n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent")
-            return self._step_tokens(token, ids.shape[0])
+            return step_tokens(token, ids.shape[0], self.vocab_size)
 
         return TeacherForcing(steps(), check)
-
-    def _step_tokens(self, token, batch: int) -> np.ndarray:
-        token = np.asarray(token)
-        if token.shape != (batch,) or not np.issubdtype(token.dtype, np.integer):
-            raise InvalidInputError(f"send one token id per row: an integer array of shape ({batch},), "
-                                    f"got {token.dtype}{list(token.shape)}")
-        if token.min() < 0 or token.max() >= self.vocab_size:
-            raise InvalidInputError(f"a token id is outside the vocabulary [0, {self.vocab_size})")
-        return token.astype(np.int64, copy=False)
 
     def stream(self, input_ids, attention_mask=None, adapter=None, **generation):
         """Generate token by token: yields the new token of every row, (B,) int64, per step.
@@ -309,7 +304,8 @@ class Runtime:
         mid-generation (unloaded before the first ``next()``, that call raises UnknownAdapterError).
         """
         cfg = self.generation_config(**generation)
-        ids, mask = self._decoder_inputs(input_ids, attention_mask, cfg)
+        pad = cfg.pad_token_id if generation.get("pad_token_id") is not None else self.model_pad_id  # not an eos fallback
+        ids, mask = self._decoder_inputs(input_ids, attention_mask, pad, cfg.eos_token_id)
         # an unknown adapter or too many positions fail now; the last new token is never fed back: it needs none
         self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1,
                          f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)",
@@ -355,12 +351,15 @@ class Runtime:
         """The token that pads batches and fills finished rows: the model's, else its first end-of-sequence token."""
         return self.pad_id_or(self.manifest.get("eos_token_id"))
 
-    def pad_id_or(self, eos) -> int:
-        """The model's padding token when it is a token id (some configs say -1), else the first of ``eos``."""
+    @property
+    def model_pad_id(self) -> int | None:
+        """The model's padding token when it is a token id (some configs say -1, some name none)."""
         pad = self.manifest.get("pad_token_id")
-        if isinstance(pad, int) and 0 <= pad < self.vocab_size:
-            return pad
-        return int((eos or [0])[0])
+        return pad if isinstance(pad, int) and 0 <= pad < self.vocab_size else None
+
+    def pad_id_or(self, eos) -> int:
+        """The model's padding token, else the first of ``eos``."""
+        return int((eos or [0])[0]) if self.model_pad_id is None else self.model_pad_id
 
     def generate_text(self, prompt, adapter=None, chat: bool = False, **generation):
         """Generated text (without the prompt) for a prompt or a list of prompts (chat messages with ``chat=True``)."""

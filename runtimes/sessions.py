@@ -76,9 +76,9 @@ def check_providers(providers, sess_options) -> list:
     if sess_options is not None and not isinstance(sess_options, ort.SessionOptions):
         raise ConfigError(f"sess_options must be an onnxruntime.SessionOptions (see edgepeft.runtimes.session_options), "
                           f"got {type(sess_options).__name__}")
-    if providers is None:
+    if providers is None or (isinstance(providers, (list, tuple)) and not providers):  # none: the CPU
         return ["CPUExecutionProvider"]
-    if isinstance(providers, str) or not isinstance(providers, (list, tuple)) or not providers or not all(
+    if isinstance(providers, str) or not isinstance(providers, (list, tuple)) or not all(
             isinstance(p, str) or (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
                                    and isinstance(p[1], dict)) for p in providers):
         raise ConfigError(f"providers must be a list of ONNX Runtime provider names (or (name, options) pairs), e.g. "

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
-from .manifest import read_json
+from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST, read_json
 
 _FIX = "re-export the base with its tokenizer files"
 
@@ -221,19 +221,26 @@ def classify(rt, texts, adapter=None):
         row = row[~np.isnan(row)]
         p = np.exp(row - row.max())
         p /= p.sum()
-        names = _labels_of(rt, spec) or [str(i) for i in range(len(p))]
-        if len(names) != len(p):  # a hand-edited adapter.json (its checksum covers the graph only)
-            raise CorruptArtifactError(f"adapter {spec!r}: its adapter.json gives {len(names)} label name(s), its head has "
-                                       f"{len(p)} outputs; re-export the adapter with --overwrite")
+        named, where = _labels_of(rt, spec)
+        names = named or [str(i) for i in range(len(p))]
+        if len(names) != len(p):  # a hand-edited manifest (its checksum covers the graph only)
+            raise CorruptArtifactError(f"{where}: gives {len(names)} label name(s), the head has {len(p)} outputs; "
+                                       "re-export with --overwrite")
         out.append({"label": names[int(p.argmax())], "score": float(p.max()), "scores": dict(zip(names, map(float, p)))})
     return out[0] if single else out
 
 
-def _labels_of(rt, spec):
-    """The label names of a row's adapter (a weighted row: the one adapter of it that has a head)."""
+def _labels_of(rt, spec) -> tuple:
+    """(label names, the manifest that gives them) of a row's adapter (a weighted row: the one adapter of it that
+    has a head; None: the base, a merged classifier's)."""
     if isinstance(spec, dict):
-        return next((labels for name in spec if (labels := rt.labels(name))), None)
-    return rt.labels(spec)
+        spec = next((name for name in spec if rt.labels(name)), None)
+        if spec is None:
+            return None, None
+    if rt.store.serves_base(spec):
+        return rt.labels(None), os.path.join(rt.base_dir, BASE_MANIFEST)
+    folder = rt.adapter_dir(spec)
+    return rt.labels(spec), os.path.join(folder, ADAPTER_MANIFEST) if folder else f"adapter {spec!r} (from bytes): adapter.json"
 
 
 def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:

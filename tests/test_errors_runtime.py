@@ -212,7 +212,6 @@ def test_relative_export_path_survives_a_change_of_directory(llama, before, tmp_
 
 @pytest.mark.parametrize("kwargs, wanted", [
     (dict(providers="CPUExecutionProvider"), "providers must be a list of ONNX Runtime provider names"),
-    (dict(providers=[]), "providers must be a list of ONNX Runtime provider names"),
     (dict(providers=[("CPUExecutionProvider", "opts")]), "providers must be a list of ONNX Runtime provider names"),
     (dict(sess_options={"intra_op_num_threads": 1}), "sess_options must be an onnxruntime.SessionOptions"),
 ])
@@ -221,6 +220,9 @@ def test_runtime_arguments_of_the_wrong_type(llama, kwargs, wanted):
     with pytest.raises(ConfigError) as e:
         Runtime(llama[0], **kwargs)
     assert str(e.value).startswith(wanted) and "re-run" not in str(e.value)
+    with pytest.raises(ConfigError, match="Runtime takes an export's folder"):
+        Runtime(None)
+    assert Runtime(llama[0], providers=[]).session.get_providers() == ["CPUExecutionProvider"]  # none given: the CPU
 
 
 def test_cuda_asked_first_runs_where_onnx_runtime_started(llama, before):

@@ -114,6 +114,12 @@ def test_without_a_mask_left_padding_is_told_by_the_padding_id(sampling_model):
     # the padding id is an eos: it may be a real token, so every position counts, as in transformers
     as_eos = rt.generate(ids, adapter="lora", max_new_tokens=5, do_sample=False, eos_token_id=[PAD])
     assert not np.array_equal(as_eos[:, :ids.shape[1] + 1], with_mask[:, :ids.shape[1] + 1])
+    # a model that names no padding id: no id tells padding (0 is a real token), even where finished rows get one
+    rt.manifest["pad_token_id"] = None
+    for row in ([[PAD, 7, 8]], [[7, 8, PAD]]):
+        np.testing.assert_array_equal(rt.generate(row, adapter="lora", max_new_tokens=3, do_sample=False, eos_token_id=[]),
+                                      rt.generate(row, np.ones((1, 3), np.int64), adapter="lora", max_new_tokens=3,
+                                                  do_sample=False, eos_token_id=[]))
 
 
 def test_cli_run_follows_the_model_unless_told(sampling_model):

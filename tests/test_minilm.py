@@ -94,5 +94,5 @@ def test_label_names_that_do_not_fit_the_head_are_refused(minilm_export, tmp_pat
     rt.load_adapter(edited, name="edited")
     with pytest.raises(CorruptArtifactError) as e:
         rt.classify("what a lovely day", adapter="edited")
-    assert str(e.value) == ("adapter 'edited': its adapter.json gives 1 label name(s), its head has 2 outputs; "
-                            "re-export the adapter with --overwrite")
+    assert str(e.value) == (f"{os.path.join(edited, 'adapter.json')}: gives 1 label name(s), the head has 2 outputs; "
+                            "re-export with --overwrite")

@@ -261,6 +261,17 @@ def test_an_adapter_trained_on_another_size_of_model_is_refused_naming_its_file(
             assert str(tmp_path / method) in str(e.value) and "trained on another base" in str(e.value), (method, words)
             assert words in str(e.value) or method == "lora", str(e.value)
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # weights missing elsewhere than past the adapter's last layer: a damaged file, not another base
+    from safetensors.torch import load_file, save_file
+
+    from edgepeft.errors import CorruptArtifactError
+
+    weights = tmp_path / "lora" / "adapter_model.safetensors"
+    state = load_file(weights)
+    for drop in ([k for k in state if ".layers.0." in k][:1], list(state)):
+        save_file({k: v for k, v in state.items() if k not in drop}, weights)
+        with pytest.raises(CorruptArtifactError, match="lacks adapter weights"):
+            edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base("llama"), "causal-lm"), str(tmp_path / "lora"))
 
 
 def test_all_linear_ignores_case_and_merge_names_unknown_adapters(tiny_base):

@@ -244,3 +244,30 @@ def test_every_frozen_weight_product_is_quantized_gemms_too(kind, peft_adapter, 
     left = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in frozen]
     assert left == []
     assert any("pooler" in n.name for n in graph.node if n.op_type == KINDS[kind][0]) or kind == "int8"
+
+
+def test_gemms_sharing_a_weight_share_its_transpose():
+    """Two transB Gemms on one weight (tied heads): one transposed initializer, the same outputs, the old weight
+    gone once nothing reads it untransposed."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepeft.exporters.quantize import _gemms_as_matmuls
+
+    rng = np.random.default_rng(0)
+    w, c = rng.random((4, 3), dtype=np.float32), rng.random(4, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "c"], ["y1"], transB=1), helper.make_node("Gemm", ["x", "W"], ["y2"], transB=1)],
+        "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, 4]) for y in ("y1", "y2")],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(c, "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    x = rng.random((2, 3), dtype=np.float32)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    _gemms_as_matmuls(model.graph, set())
+    assert sorted(t.name for t in model.graph.initializer) == ["W.T", "c"]
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "MatMul"]
+    for ours, ref in zip(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x}), want):
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)

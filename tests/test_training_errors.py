@@ -90,6 +90,17 @@ def test_check_rejects_bad_values(field, value, flag):
     assert flag in msg and (repr(value) in msg or str(value) in msg), msg
 
 
+def test_numpy_numbers_are_taken_as_python_numbers():
+    """Values from a numpy sweep pass the checks and are written to the log and the checkpoint as plain JSON."""
+    import numpy as np
+
+    args = _targs(seed=np.int64(3), epochs=np.int32(2), lr=np.float32(0.5), warmup_ratio=np.float64(0.25))
+    args.check()
+    fingerprint = args.fingerprint()
+    assert (fingerprint["seed"], fingerprint["epochs"], fingerprint["lr"], fingerprint["warmup_ratio"]) == (3, 2, 0.5, 0.25)
+    assert type(args.seed) is int and type(args.lr) is float
+
+
 def test_trainer_checks_its_arguments_on_construction():
     with pytest.raises(ConfigError, match="--epochs"):
         Trainer(model="m", task="seq-cls", data="d.jsonl", out="o", epochs=0)

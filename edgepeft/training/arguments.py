@@ -87,6 +87,10 @@ class TrainingArguments:
             raise ConfigError(f"--save must be best or last, got {self.save!r}")
         if self.save == "best" and self.eval_data is None:
             self.save = "last"  # nothing to rank epochs by
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps", "seed"):  # numpy ones too
+            setattr(self, name, int(getattr(self, name)))  # Python numbers, for the log and the checkpoint's JSON
+        for name in ("lr", "head_lr", "max_grad_norm", "warmup_ratio", "weight_decay"):
+            setattr(self, name, float(getattr(self, name)))
 
     def fingerprint(self) -> dict:
         """The settings a checkpoint was made with (paths made absolute)."""

@@ -234,8 +234,7 @@ class Trainer:
             bar.close()
             raise self._interrupted(log, made_out) from None
         except BaseException:
-            if made_out and os.path.isdir(args.out) and not os.listdir(args.out):  # a failed run leaves no empty OUT
-                os.rmdir(args.out)
+            _remove_if_empty(args.out, made_out)  # a failed run leaves no empty OUT
             raise
         bar.close()
         log["hint"] = self._hint(log)
@@ -342,8 +341,7 @@ class Trainer:
         if self._checkpointed:
             return TrainingInterrupted(f"interrupted; {os.path.join(args.out, CHECKPOINT)} holds the run after epoch "
                                        f"{self._checkpointed} of {args.epochs}; continue with: {args.command('--resume')}")
-        if made_out and os.path.isdir(args.out) and not os.listdir(args.out):
-            os.rmdir(args.out)
+        _remove_if_empty(args.out, made_out)
         return TrainingInterrupted(f"interrupted in the first epoch; nothing was saved in {args.out}")
 
     def _write_log(self, log: dict, curve: bool = True) -> None:
@@ -352,6 +350,12 @@ class Trainer:
         write_json_atomic(os.path.join(self.args.out, LOG_NAME), log)
         if curve:
             training_curve(log, os.path.join(self.args.out, CURVE_NAME))
+
+
+def _remove_if_empty(out: str, made: bool) -> None:
+    """Take back the OUT folder this run made, when nothing was saved in it."""
+    if made and os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
 
 
 def train(**kwargs) -> dict:

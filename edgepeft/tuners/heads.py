@@ -20,7 +20,7 @@ from torch import nn
 from edgepeft.errors import ConfigError, UnsupportedModelError
 from edgepeft.registry import AdapterLayer, SlotSpec, register_spec
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES, Slot, slot_axis, slot_name, stacks_as_output
-from edgepeft.tuners.targets import name_matches, replace_module, saved_whole
+from edgepeft.tuners.targets import replace_module, saved_whole
 
 
 class ModulesToSaveWrapper(AdapterLayer):

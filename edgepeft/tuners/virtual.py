@@ -32,6 +32,11 @@ from edgepeft.registry import AdapterLayer, Tuner
 from edgepeft.tuners.targets import replace_module
 
 
+def hidden_size(model_config) -> int:
+    """The model's hidden size (GPT-2 calls it n_embd)."""
+    return getattr(model_config, "hidden_size", None) or getattr(model_config, "n_embd")
+
+
 @dataclass
 class PromptLearningConfig(PeftConfig):
     """Fields HF PEFT's prompt-learning configs share; the model's sizes are filled in at injection."""
@@ -52,19 +57,18 @@ class PromptLearningConfig(PeftConfig):
         """HF PEFT's ``_prepare_prompt_learning_config``: sizes the config leaves unset come from the model; sizes a
         loaded adapter_config.json sets must be the model's (an adapter trained on another base)."""
         c = model_config
-        layers, width = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer"), getattr(c, "hidden_size", None) \
-            or getattr(c, "n_embd")
+        layers, width = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer"), hidden_size(c)
         if self.num_layers is not None and self.num_layers != layers:
             raise AdapterBaseMismatchError(f"num_layers is {self.num_layers}, the model has {layers} layers: the adapter "
                                            f"was trained on another base ({self.base_model_name_or_path}); use that one")
-        if self.token_dim is not None and self.token_dim != width and self.token_dim != self.method_width(c):
+        if self.token_dim is not None and self.token_dim not in (width, self.method_width(c)):
             raise AdapterBaseMismatchError(f"token_dim is {self.token_dim}, the model's hidden size is {width}: the "
                                            f"adapter was trained on another base ({self.base_model_name_or_path}); use "
                                            "that one")
         if self.num_layers is None:
-            self.num_layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
+            self.num_layers = layers
         if self.token_dim is None:
-            self.token_dim = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+            self.token_dim = width
         if self.num_attention_heads is None:
             self.num_attention_heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
         if self.num_transformer_submodules is None:

@@ -5,7 +5,7 @@ from torch import nn
 
 from edgepeft.registry import Tuner
 from edgepeft.tuners.bottleneck.layer import BottleneckLinear
-from edgepeft.tuners.targets import adapter_layer, linear_targets, replace_module, unwrapped
+from edgepeft.tuners.targets import adapter_layer, linear_targets, unwrapped
 
 
 def bottleneck_targets(model: nn.Module, config) -> list[str]:

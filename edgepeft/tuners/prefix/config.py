@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from edgepeft.tuners.virtual import PromptLearningConfig
+from edgepeft.tuners.virtual import PromptLearningConfig, hidden_size
 
 
 @dataclass
@@ -41,5 +41,4 @@ class PrefixTuningConfig(PromptLearningConfig):
         if kv_heads is None:
             return None
         heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
-        width = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
-        return (getattr(c, "head_dim", None) or width // heads) * kv_heads
+        return (getattr(c, "head_dim", None) or hidden_size(c) // heads) * kv_heads

@@ -158,8 +158,8 @@ export class Runtime {
       throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${JSON.stringify(eosTokenId)}`);
     }
     const pad = this.padIdOr(eosTokenId);
-    // no mask: left padding told by the padding id, as transformers' generate (and Python's) tells it
-    const told = !given && !eosTokenId.includes(pad) && ids.some((row) => row.includes(pad));
+    // no mask: left padding told by the model's padding id (not an eos fallback), as transformers' generate tells it
+    const told = !given && this.modelPadId() !== null && !eosTokenId.includes(pad) && ids.some((row) => row.includes(pad));
     if (told) mask = ids.map((row) => row.map((t) => (t === pad ? 0 : 1)));
     if (mask.some((row) => !row.includes(1))) {
       throw new EdgePeftError(told ? `an ids row is all padding (${pad}) and no mask was given; pass the mask`
@@ -194,10 +194,15 @@ export class Runtime {
     return sequences;
   }
 
-  /** The model's padding id when it is a token id (some configs say -1), else the first end-of-sequence id. */
-  padIdOr(eos) {
+  /** The model's padding id when it is a token id (some configs say -1, some name none), else null. */
+  modelPadId() {
     const pad = this.manifest.pad_token_id;
-    return Number.isInteger(pad) && pad >= 0 && pad < this.manifest.vocab_size ? pad : eos[0] ?? 0;
+    return Number.isInteger(pad) && pad >= 0 && pad < this.manifest.vocab_size ? pad : null;
+  }
+
+  /** The model's padding id, else the first end-of-sequence id. */
+  padIdOr(eos) {
+    return this.modelPadId() ?? eos[0] ?? 0;
   }
 
   checkLength(plan, length, newTokens) {

@@ -202,4 +202,7 @@ test("bad ids, masks and lengths are refused with what is wrong, as the Python r
   assert.equal(rt.padIdOr([2]), rt.manifest.pad_token_id);
   rt.manifest = { ...rt.manifest, pad_token_id: -1 };
   assert.equal(rt.padIdOr([2]), 2);
+  // a model without a padding id: no mask is told from an id (0 here is a real token), as in transformers
+  assert.deepEqual(await rt.generate([[pad, 5, 6]], null, { maxNewTokens: 2, eosTokenId: [] }),
+    await rt.generate([[pad, 5, 6]], [[1, 1, 1]], { maxNewTokens: 2, eosTokenId: [] }));
 });
