@@ -55,8 +55,12 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
             options[key] = value  # a bare string
     from edgepeft.training.arguments import find_method
 
-    given = {"--r": r, "--alpha": alpha, "--target-modules": target_modules if target_modules is None
-             or target_modules.lower() == "all-linear" else target_modules.split(",")}
+    modules = target_modules if target_modules is None or target_modules.lower() == "all-linear" \
+        else [m.strip() for m in target_modules.split(",")]  # "q_proj, v_proj": two names
+    if isinstance(modules, list) and not all(modules):
+        raise ConfigError(f"--target-modules {target_modules!r} has an empty name; list names with commas, e.g. "
+                          "--target-modules q_proj,v_proj")
+    given = {"--r": r, "--alpha": alpha, "--target-modules": modules}
     config_cls = find_method(method).config_cls
     for flag, value in given.items():
         if value is None:
@@ -113,13 +117,15 @@ def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_
     if int(os.environ.get("RANK", "0")) != 0:  # one report from a multi-process run
         return
     b = log.get("best")
+    kept = (f"the last epoch's adapter ({log['args']['epochs']}, --save last)" if log["args"]["save"] == "last"
+            else f"the best epoch's adapter ({b['epoch']})" if b else "")
     if b and log.get("beat_untrained") is False:
         first = log["evals"][0]
         click.echo(f"done, but no epoch beat the untrained adapter (eval {b['metric']} {first[b['metric']]:.4f}); "
-                   f"the best epoch, {b['epoch']}, is in {out}; {log.get('hint') or 'try another --lr or more --epochs'}")
+                   f"{kept} is in {out}; {log.get('hint') or 'try another --lr or more --epochs'}")
     elif b:
         click.echo(f"ok: best eval {b['metric']} {b['value']:.4f} at epoch {b['epoch']} (lr {log['args']['lr']:g}); "
-                   f"adapter in {out}")
+                   f"{kept} is in {out}")
     else:
         click.echo(f"ok: adapter in {out} (lr {log['args']['lr']:g})")
 
@@ -157,7 +163,7 @@ def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter,
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def inspect(out, as_json):
     """Show the base, its slots and the adapters of an export folder."""
-    from edgepeft.runtimes.manifest import describe_export
+    from edgepeft.runtimes.describe import describe_export
 
     info = describe_export(out)
     if as_json:
@@ -214,12 +220,18 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
     from edgepeft.files import check_output_dir, write_json_atomic
     from edgepeft.runtimes import Runtime, use_shared_thread_pool
     from edgepeft.runtimes.bench import measure, table
+    from edgepeft.runtimes.manifest import enclosing_export
 
     for path, flag in ((as_json, "--json"), (plot, "--plot")):  # before minutes of measuring
         if path and os.path.isdir(path):
             raise ConfigError(f"{path}: is a folder; give {flag} a file path")
         if path:
             check_output_dir(os.path.dirname(os.path.abspath(path)), flag, "a file path in a folder")
+        if path and (export := enclosing_export(os.path.realpath(path))):  # the measured export's own files, say
+            raise ConfigError(f"{path}: lies inside the export {export}, whose files exports own; give {flag} a "
+                              "path outside it")
+    if plot and not plot.lower().endswith(".png"):
+        raise ConfigError(f"{plot}: --plot draws a PNG image; give it a file name ending in .png")
     if plot:
         import importlib.util
 
@@ -268,7 +280,8 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     name = None if adapter.lower() == "none" else adapter
     labels = rt.labels(name)  # an unknown name raises UnknownAdapterError naming the loaded adapters
     ctx = click.get_current_context()
-    given = [f"--{p.replace('_', '-')}" for p in ctx.params if p not in ("out", "prompt", "adapter")  # generation options
+    given = ["--greedy" if p == "do_sample" and ctx.params[p] is False else f"--{p.replace('_', '-')}"  # as typed
+             for p in ctx.params if p not in ("out", "prompt", "adapter")  # generation options
              and ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
     if given and not rt.cache:
         from edgepeft.errors import ConfigError
@@ -311,15 +324,17 @@ def as_flags(message: str, argv) -> str:
     values = {"None": "none", "True": "", "False": ""}
 
     def flag(m):
-        name, value = m.group(1), m.group(2)
+        name, value = m.group(1), m.group(2).strip("'")
         if name not in flags:
             return m.group(0)
         if value in ("True", "False"):
-            return flags[name] if value == "True" else f"no {flags[name]}"
+            negative = next((p.secondary_opts[0] for p in command.params if p.name == name and getattr(p, "secondary_opts", None)), None)
+            return flags[name] if value == "True" else negative or f"no {flags[name]}"
         return f"{flags[name]} {values.get(value, value)}"
 
     alone = r"(?<![\w/.\-])", r"(?![\w/\-]|\.\w)"  # a word of its own, not part of a path or file name
-    message = re.sub(alone[0] + r"(\w+)=([\w.+\-]*\w)" + alone[1], flag, message)  # values: None, 0.005, -3
+    message = re.sub(alone[0] + r"(\w+)=('[^' ]*'|[\w.+\-]*\w)" + alone[1], flag, message)  # None, 0.005, -3, 'linear'
+    message = re.sub(alone[0] + r"([a-z]+)(?= must )", lambda m: flags.get(m.group(1), m.group(1)), message)  # "seed must"
     return re.sub(alone[0] + r"([a-z]+_[a-z_]+)" + alone[1], lambda m: flags.get(m.group(1), m.group(1)), message)
 
 

@@ -109,6 +109,8 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
         name = names[i] if i < len(names) else os.path.basename(os.path.normpath(path))
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ConfigError(f"{path}: adapter name {name!r} must be letters, digits, '_', '.', '-'; pass --name")
+        if name.lower() == "none":  # `edgepeft run --adapter none` is the base model
+            raise ConfigError(f"{path}: the adapter name {name!r} means the base model at the command line; pass --name")
         if any(s.name == name for s in sources):
             raise ConfigError(f"{path}: two adapters are both named {name!r}; pass --name to tell them apart")
         sources.append(AdapterSource(name, path, load_config(path)))

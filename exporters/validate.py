@@ -61,7 +61,7 @@ def compare_outputs(label: str, ours, ref, mask, task, atol, where, qtol=None) -
     if not diff <= tol:  # also catches NaN
         raise ExportValidationError(
             f"{where}: {label} differs from PyTorch by {diff:.3g} (tolerance {tol:.1g}); nothing was written. "
-            "Report this model with `edgepeft inspect`, or loosen --atol if the difference is expected"
+            "Report this model (its config.json and this command), or loosen --atol if the difference is expected"
         )
     return {"what": label, "max_abs_diff": diff, "tolerance": tol}
 

@@ -76,9 +76,10 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     """Latency per adapter, switch cost, staging time, memory (see the module docstring)."""
     names = list(rt.adapter_names if adapters is None else adapters)
     for name in names:  # unknown names fail now, naming the loaded ones
-        if name not in rt.adapter_names:
+        if name not in rt.adapter_names and not rt.store.serves_base(name):
             raise UnknownAdapterError(f"--adapter {name}: {rt.path} holds no adapter {name!r} (it holds "
                                       f"{', '.join(rt.adapter_names) or 'none'}); the base model is measured anyway")
+    names = [n for n in names if not rt.store.serves_base(n)]  # a --merge export's name: the base, measured anyway
     for key, value in (("batch", batch), ("seq", seq), ("rounds", rounds), ("calls", calls)):
         if not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"--{key} must be a whole number >= 1, got {value!r}")
@@ -110,6 +111,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
                   "providers": rt.session.get_providers(), "quantization": rt.manifest.get("quantization"),
                   "slots": len(rt.slots), "cpus": os.cpu_count()},
         "none_ms": _median_ms(times["none"]),
+        "merged_adapter": rt.manifest.get("merged_adapter"),
         "rss_bytes": rss_bytes(),
         "adapters": {},
     }
@@ -162,7 +164,8 @@ def switch_cost_text(a: dict) -> str:
 
 def table(result: dict) -> str:
     """The result as a markdown table."""
-    rows = [("none (base model)", f"{result['none_ms']:.3f}", "", "1.000", "", "")]
+    base = f"{merged} (merged into the base)" if (merged := result.get("merged_adapter")) else "none (base model)"
+    rows = [(base, f"{result['none_ms']:.3f}", "", "1.000", "", "")]
     for n, a in result["adapters"].items():
         rows.append((f"{n} ({'+'.join(a['methods'] or [])})", f"{a['stay_ms']:.3f}", f"{a['switching_ms']:.3f}",
                      f"{a['over_base']:.3f}", switch_cost_text(a), f"{a['load_ms']:.1f} / {a['staged_bytes'] / 1024:.0f} KiB"))

@@ -43,7 +43,7 @@ class GenerationConfig:
             raise ConfigError(f"top_k must be an integer, got {self.top_k!r}")
         if self.do_sample:
             if not self.temperature > 0:
-                raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature!r} (greedy: do_sample=False)")
+                raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature!r} (greedy decoding: do_sample=False)")
             if self.top_k < 0:
                 raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k!r}")
             if not 0 <= self.top_p <= 1:

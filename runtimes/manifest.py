@@ -275,6 +275,10 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
     if os.path.isfile(os.path.join(path, BASE_MANIFEST)):
         out = os.path.dirname(os.path.abspath(path))
         return ArtifactNotFoundError(f"{path}: is the base folder of the export {out}; open {out} itself")
+    if os.path.isfile(os.path.join(path, "config.json")):  # a model folder: its export goes elsewhere
+        out = os.path.normpath(path) + "-onnx"
+        return ArtifactNotFoundError(f"{path}: is a model folder, not an export; export an adapter trained on it "
+                                     f"with `edgepeft export --adapter DIR --out {out}`, then use {out}")
     return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "
                                  f"`edgepeft export --adapter DIR --out {path}` first")
 
@@ -345,56 +349,3 @@ def adapter_dirs(out_dir: str) -> dict:
         return {}
     return {name: os.path.join(adapters_dir, name) for name in sorted(os.listdir(adapters_dir))
             if not name.startswith(".") and os.path.isdir(os.path.join(adapters_dir, name))}
-
-
-def folder_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total
-
-
-def describe_export(out_dir: str) -> dict:
-    """What ``edgepeft inspect`` prints: base, slots, adapters, sizes and problems (no ONNX Runtime needed).
-
-    Problems: a graph file missing (or the base's empty), an adapter graph whose sha256
-    differs from its manifest's. The base graph's contents are not read (it may be GBs).
-    """
-    base_dir = os.path.join(out_dir, BASE_DIR)
-    base = read_base_manifest(base_dir)
-    adapters, problems = [], []
-    graph = os.path.join(base_dir, base["graph"])
-    if not os.path.isfile(graph) or os.path.getsize(graph) == 0:
-        problems.append(f"{graph}: base graph missing or empty; re-run `edgepeft export` into a fresh --out folder")
-    for d in adapter_dirs(out_dir).values():
-        m = read_adapter_manifest(d)
-        if (error := adapter_graph_error(d, m)) is not None:
-            problems.append(str(error))
-        adapters.append(
-            {
-                "name": m["name"],
-                "methods": m["methods"],
-                "rank": m.get("rank"),
-                "alpha": m.get("alpha"),
-                "slots": len(m["slots"]),
-                "labels": m.get("labels"),
-                "bytes": folder_bytes(d),
-                "matches_base": m["base_fingerprint"] == base["fingerprint"],
-            }
-        )
-    return {
-        "base": {
-            "model_type": base["model_type"],
-            "task": base["task"],
-            "source": base.get("source"),
-            "fingerprint": base["fingerprint"],
-            "dtype": base.get("dtype"),
-            "quantization": base.get("quantization"),
-            "opset": base.get("opset"),
-            "merged_adapter": base.get("merged_adapter"),
-            "bytes": folder_bytes(base_dir),
-        },
-        "slots": base["slots"],
-        "adapters": adapters,
-        "problems": problems,  # files the manifests name that are missing or damaged
-    }

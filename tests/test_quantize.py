@@ -206,7 +206,7 @@ def test_embedding_tables_are_quantized_too(kind, share, tmp_path):
 
     from peft_refs import randomize_adapter
     from tiny import load_reference_base
-    from edgepeft.runtimes.manifest import folder_bytes
+    from edgepeft.runtimes.describe import folder_bytes
 
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,

@@ -56,7 +56,7 @@ def test_without_onnx_runtime_the_runtime_names_the_extras_in_one_line(shared_ex
         sys.meta_path.insert(0, Block())
         import edgepeft.runtimes
         from edgepeft.errors import EdgePeftError, MissingDependencyError
-        from edgepeft.runtimes.manifest import describe_export
+        from edgepeft.runtimes.describe import describe_export
         assert describe_export({out!r})["adapters"]
         try:
             edgepeft.runtimes.Runtime

@@ -23,8 +23,8 @@ from edgepeft.errors import ConfigError, TrainingInterrupted
 from edgepeft.plots import training_curve
 from edgepeft.training.arguments import TrainingArguments, method_config
 from edgepeft.training.checkpoint import (
-    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_out_folder, checksum, read_checkpoint, restore, save_adapter,
-    save_checkpoint,
+    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_out_folder, checksum, read_checkpoint, remove_if_empty, restore,
+    save_adapter, save_checkpoint,
 )
 from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, read_jsonl
 
@@ -119,6 +119,10 @@ class Trainer:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             k = changed[0]
+            if k == "options":  # the method's option that differs (--r, --option lora_dropout=...)
+                a, b = old.get(k) or {}, new.get(k) or {}
+                k = next(o for o in sorted(set(a) | set(b)) if a.get(o) != b.get(o))
+                old, new = a, b
             raise ConfigError(f"{ckpt}: was made with {k}={old.get(k)!r}, this run has {k}={new.get(k)!r}; "
                               "resume with the same settings or start over with --overwrite")
         return state
@@ -234,7 +238,7 @@ class Trainer:
             bar.close()
             raise self._interrupted(log, made_out) from None
         except BaseException:
-            _remove_if_empty(args.out, made_out)  # a failed run leaves no empty OUT
+            remove_if_empty(args.out, made_out)  # a failed run leaves no empty OUT
             raise
         bar.close()
         log["hint"] = self._hint(log)
@@ -341,7 +345,7 @@ class Trainer:
         if self._checkpointed:
             return TrainingInterrupted(f"interrupted; {os.path.join(args.out, CHECKPOINT)} holds the run after epoch "
                                        f"{self._checkpointed} of {args.epochs}; continue with: {args.command('--resume')}")
-        _remove_if_empty(args.out, made_out)
+        remove_if_empty(args.out, made_out)
         return TrainingInterrupted(f"interrupted in the first epoch; nothing was saved in {args.out}")
 
     def _write_log(self, log: dict, curve: bool = True) -> None:
@@ -350,12 +354,6 @@ class Trainer:
         write_json_atomic(os.path.join(self.args.out, LOG_NAME), log)
         if curve:
             training_curve(log, os.path.join(self.args.out, CURVE_NAME))
-
-
-def _remove_if_empty(out: str, made: bool) -> None:
-    """Take back the OUT folder this run made, when nothing was saved in it."""
-    if made and os.path.isdir(out) and not os.listdir(out):
-        os.rmdir(out)
 
 
 def train(**kwargs) -> dict:

@@ -1,0 +1,64 @@
+"""What ``edgepeft inspect`` shows of an export: its base, slots, adapters, sizes and damaged files (manifests only,
+no ONNX Runtime)."""
+from __future__ import annotations
+
+import os
+
+from .manifest import (
+    BASE_DIR, BASE_MANIFEST, adapter_dirs, adapter_graph_error, not_an_export, read_adapter_manifest, read_base_manifest,
+)
+
+
+def folder_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def describe_export(out_dir: str) -> dict:
+    """What ``edgepeft inspect`` prints: base, slots, adapters, sizes and problems (no ONNX Runtime needed).
+
+    Problems: a graph file missing (or the base's empty), an adapter graph whose sha256
+    differs from its manifest's. The base graph's contents are not read (it may be GBs).
+    """
+    base_dir = os.path.join(out_dir, BASE_DIR)
+    if not os.path.isfile(os.path.join(base_dir, BASE_MANIFEST)):
+        raise not_an_export(out_dir)  # an adapter folder, one adapter of an export, its base/: what to open instead
+    base = read_base_manifest(base_dir)
+    adapters, problems = [], []
+    graph = os.path.join(base_dir, base["graph"])
+    if not os.path.isfile(graph) or os.path.getsize(graph) == 0:
+        problems.append(f"{graph}: base graph missing or empty; re-run `edgepeft export` into a fresh --out folder")
+    for d in adapter_dirs(out_dir).values():
+        m = read_adapter_manifest(d)
+        if (error := adapter_graph_error(d, m)) is not None:
+            problems.append(str(error))
+        adapters.append(
+            {
+                "name": m["name"],
+                "methods": m["methods"],
+                "rank": m.get("rank"),
+                "alpha": m.get("alpha"),
+                "slots": len(m["slots"]),
+                "labels": m.get("labels"),
+                "bytes": folder_bytes(d),
+                "matches_base": m["base_fingerprint"] == base["fingerprint"],
+            }
+        )
+    return {
+        "base": {
+            "model_type": base["model_type"],
+            "task": base["task"],
+            "source": base.get("source"),
+            "fingerprint": base["fingerprint"],
+            "dtype": base.get("dtype"),
+            "quantization": base.get("quantization"),
+            "opset": base.get("opset"),
+            "merged_adapter": base.get("merged_adapter"),
+            "bytes": folder_bytes(base_dir),
+        },
+        "slots": base["slots"],
+        "adapters": adapters,
+        "problems": problems,  # files the manifests name that are missing or damaged
+    }

@@ -1,0 +1,101 @@
+"""What the command line says and does on mistakes a bug hunt found: each fix's advice works as given.
+
+In-process (``edgepeft.cli.main``): one ``error:`` line, exit 1, no traceback (training_helpers.cli_error).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from file_checks import write_lines
+from peft_refs import spec_adapter
+from training_helpers import cli_error, cli_ok, seq_cls_rows
+from word_tokenizer import PROMPT
+from edgepeft.cli import _options, as_flags
+from edgepeft.errors import ArtifactNotFoundError, ConfigError
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+
+def test_target_modules_with_spaces_name_every_module():
+    """"q_proj, v_proj" is two modules (the space once made " v_proj", which matched nothing, silently)."""
+    assert _options("lora", None, None, "q_proj, v_proj", []) == {"target_modules": ["q_proj", "v_proj"]}
+    with pytest.raises(ConfigError, match="--target-modules 'q_proj,' has an empty name"):
+        _options("lora", None, None, "q_proj,", [])
+
+
+def test_an_adapter_may_not_be_named_none(peft_adapter, tmp_path):
+    """`edgepeft run --adapter none` is the base model: an adapter of that name could never be reached."""
+    for name in ("none", "None"):
+        with pytest.raises(ConfigError, match=f"adapter name '{name}' means the base model at the command line"):
+            export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "out"), names=[name])
+    assert not (tmp_path / "out").exists()
+
+
+def test_messages_name_the_flags_as_typed():
+    run, train = ["run", "OUT", "prompt"], ["train", "--model", "m"]
+    assert as_flags("got 0.0 (greedy decoding: do_sample=False)", run) == "got 0.0 (greedy decoding: --greedy)"
+    assert as_flags("temperature must be > 0", run) == "--temperature must be > 0"
+    assert as_flags("was made with scheduler='linear', this run has scheduler='cosine'", train) == \
+        "was made with --scheduler linear, this run has --scheduler cosine"
+    assert as_flags("the model must be local", run) == "the model must be local"  # not a flag of run
+
+
+def test_run_on_a_classifier_names_greedy_as_typed(shared_export, capsys):
+    out = shared_export("bert")[0]
+    line = cli_error(capsys, "run", out, "w1 w2", "--greedy")
+    assert line.endswith("it does not generate; drop --greedy")
+
+
+def test_inspect_and_run_say_what_to_open_instead(shared_export, tiny_base, capsys):
+    out, dirs, _ = shared_export("llama")
+    hf_adapter = next(iter(dirs.values()))
+    cases = {os.path.join(out, "base"): f"is the base folder of the export {out}; open {out} itself",
+             hf_adapter: f"export it first with `edgepeft export --adapter {hf_adapter} --out {hf_adapter}-onnx`",
+             tiny_base("llama"): f"is a model folder, not an export; export an adapter trained on it with "
+                                 f"`edgepeft export --adapter DIR --out {tiny_base('llama')}-onnx`"}
+    for folder, advice in cases.items():
+        assert advice in cli_error(capsys, "inspect", folder), folder
+        with pytest.raises(ArtifactNotFoundError, match=advice.replace("(", r"\(").replace(")", r"\)")):
+            Runtime(folder)
+
+
+def test_chat_without_a_template_names_the_file(text_export, tmp_path):
+    out = str(tmp_path / "no-template")
+    shutil.copytree(text_export[0], out)
+    config = os.path.join(out, "base", "tokenizer_config.json")
+    with open(config) as f:
+        data = json.load(f)
+    data.pop("chat_template")
+    with open(config, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ConfigError) as e:
+        Runtime(out).generate_text([{"role": "user", "content": PROMPT}], adapter="tok", chat=True)
+    assert str(e.value).startswith(f"{config}: has no chat_template") and "chat=False" in str(e.value)
+
+
+def test_bench_takes_a_merged_exports_name_and_writes_no_export_file(peft_adapter, tmp_path, capsys):
+    out = str(tmp_path / "merged")
+    export([spec_adapter(peft_adapter, "llama", "qv")], out, merge=True)
+    argv = ["bench", out, "--adapter", "qv", "--rounds", "1", "--calls", "2", "--seq", "4"]
+    assert "qv (merged into the base)" in cli_ok(capsys, *argv)  # as `run --adapter qv`: the base it was folded into
+    manifest = os.path.join(out, "base", "edgepeft.json")
+    before = open(manifest, "rb").read()
+    line = cli_error(capsys, *argv, "--json", manifest)
+    assert line == f"error: {manifest}: lies inside the export {out}, whose files exports own; give --json a path outside it"
+    assert open(manifest, "rb").read() == before
+    line = cli_error(capsys, *argv, "--plot", str(tmp_path / "chart.svg"))
+    assert line == f"error: {tmp_path / 'chart.svg'}: --plot draws a PNG image; give it a file name ending in .png"
+
+
+def test_save_last_says_which_epoch_out_holds(text_model, tmp_path, capsys):
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(16))
+    argv = ["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--eval", data,
+            "--epochs", "2", "--batch-size", "8", "--max-length", "32", "--quiet"]
+    last = cli_ok(capsys, *argv, "--out", tmp_path / "last", "--save", "last")
+    assert f"the last epoch's adapter (2, --save last) is in {tmp_path / 'last'}" in last
+    best = cli_ok(capsys, *argv, "--out", tmp_path / "best")
+    assert "the best epoch's adapter (" in best and "--save last" not in best
