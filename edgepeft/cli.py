@@ -7,6 +7,7 @@ import re
 import sys
 
 import click
+from click.core import ParameterSource
 
 from edgepeft.errors import EdgePeftError, TrainingInterrupted
 
@@ -68,6 +69,8 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
         field = config_cls.cli_shorthands.get(flag)  # what the method says the flag sets
         if field is None:
             raise ConfigError(f"{flag} is not an option of {method}; pass its fields with --option KEY=VALUE")
+        if field in options:
+            raise ConfigError(f"{flag} and --option {field}=... both set {field}; give one of them")
         options[field] = value
     return options
 
@@ -147,6 +150,9 @@ def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter,
     _needs_training_side("export")
     from edgepeft.exporters import export as run_export
 
+    if quantize is None and click.get_current_context().get_parameter_source("qtol") is not ParameterSource.DEFAULT:
+        click.echo("note: --qtol only applies with --quantize (a float32 base is checked by --atol)", err=True)
+
     report = run_export(list(adapters), out, base=base, names=list(names), merge=merge, atol=atol, verbose=True,
                         quantize=quantize, qtol=qtol, ort_adapter=ort_adapter, overwrite=overwrite, ops=ops)
     exact = [c["max_abs_diff"] for c in report["checks"] if "relative_error" not in c]
@@ -181,9 +187,10 @@ def inspect(out, as_json):
         by_method.setdefault(s.method, []).append(s)
     click.echo(f"slots: {len(info['slots'])}")
     for method, slots in by_method.items():
-        modules = sorted({s.module for s in slots})
+        modules = sorted({s.module for s in slots if s.role != "rows"})  # a row-weight input is on no module
         shown = ", ".join(modules[:4]) + (f", ... ({len(modules)} modules)" if len(modules) > 4 else "")
-        click.echo(f"  {method}: {len(slots)} slots on {shown}")
+        rows = " and its per-row weights (mixed batches)" if any(s.role == "rows" for s in slots) else ""
+        click.echo(f"  {method}: {len(slots)} slots on {shown}{rows}")
     click.echo(f"adapters: {len(info['adapters'])}")
     for a in info["adapters"]:
         status = "" if a["matches_base"] else "  (made for another base: re-export)"
@@ -282,7 +289,7 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     ctx = click.get_current_context()
     given = ["--greedy" if p == "do_sample" and ctx.params[p] is False else f"--{p.replace('_', '-')}"  # as typed
              for p in ctx.params if p not in ("out", "prompt", "adapter")  # generation options
-             and ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
+             and ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]
     if given and not rt.cache:
         from edgepeft.errors import ConfigError
 
@@ -328,7 +335,8 @@ def as_flags(message: str, argv) -> str:
         if name not in flags:
             return m.group(0)
         if value in ("True", "False"):
-            negative = next((p.secondary_opts[0] for p in command.params if p.name == name and getattr(p, "secondary_opts", None)), None)
+            negative = next((p.secondary_opts[0] for p in command.params  # --do-sample/--greedy: --greedy
+                             if p.name == name and getattr(p, "secondary_opts", None)), None)
             return flags[name] if value == "True" else negative or f"no {flags[name]}"
         return f"{flags[name]} {values.get(value, value)}"
 

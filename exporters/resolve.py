@@ -158,7 +158,13 @@ def base_valued(model, configs, paths) -> set:
 
 def _check_recorded_bases(sources, source: str, model, task: str) -> None:
     """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``."""
-    skip = base_valued(model, [s.config for s in sources], [s.path for s in sources])
+    try:
+        skip = base_valued(model, [s.config for s in sources], [s.path for s in sources])
+    except EdgePeftError as e:  # an adapter this model cannot take: most likely made for the base it records
+        recorded = next((s.config.base_model_name_or_path for s in sources if s.path in str(e)), None)
+        if not recorded or recorded == source:
+            raise
+        raise type(e)(f"{e}; it was trained on {recorded}: drop --base to export it with that base") from None
     ours = None
     for src in sources:
         recorded = src.config.base_model_name_or_path

@@ -27,6 +27,22 @@ def test_target_modules_with_spaces_name_every_module():
         _options("lora", None, None, "q_proj,", [])
 
 
+def test_flags_that_contradict_or_do_nothing_are_said(peft_adapter, text_model, tmp_path, capsys):
+    """A shorthand and --option setting one field, --resume with --overwrite: refused; --qtol on a float32 export:
+    a note (it checks nothing there)."""
+    with pytest.raises(ConfigError, match="--r and --option r=... both set r; give one of them"):
+        _options("lora", 2, None, None, ["r=16"])
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
+    line = cli_error(capsys, "train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out",
+                     tmp_path / "o", "--resume", "--overwrite")
+    assert line == "error: --resume continues OUT's checkpoint and --overwrite starts over; give one of them"
+    capsys.readouterr()
+    from edgepeft.cli import main
+
+    main(["export", "--adapter", spec_adapter(peft_adapter, "llama", "qv"), "--out", str(tmp_path / "out"), "--qtol", "0.1"])
+    assert "note: --qtol only applies with --quantize" in capsys.readouterr().err
+
+
 def test_an_adapter_may_not_be_named_none(peft_adapter, tmp_path):
     """`edgepeft run --adapter none` is the base model: an adapter of that name could never be reached."""
     for name in ("none", "None"):
@@ -99,3 +115,12 @@ def test_save_last_says_which_epoch_out_holds(text_model, tmp_path, capsys):
     assert f"the last epoch's adapter (2, --save last) is in {tmp_path / 'last'}" in last
     best = cli_ok(capsys, *argv, "--out", tmp_path / "best")
     assert "the best epoch's adapter (" in best and "--save last" not in best
+
+
+def test_an_adapter_for_another_architecture_under_base_says_drop_base(peft_adapter, tiny_base, tmp_path):
+    """--base of another architecture than the adapter's: the refusal names the base it was trained on."""
+    gpt2 = spec_adapter(peft_adapter, "gpt2", "attn")
+    with pytest.raises(ConfigError) as e:
+        export([gpt2], str(tmp_path / "out"), base=tiny_base("llama"))
+    assert str(e.value).startswith(os.path.join(gpt2, "adapter_config.json"))
+    assert str(e.value).endswith(f"it was trained on {tiny_base('gpt2')}: drop --base to export it with that base")

@@ -60,6 +60,8 @@ class TrainingArguments:
             value = getattr(self, name)
             if not (value is None and name.endswith("lr")) and not is_number(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value!r}")  # ranges: below
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues OUT's checkpoint and --overwrite starts over; give one of them")
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must map the method's fields to values (e.g. {{'r': 8}}), got {self.options!r}")
         if not 0 < self.max_grad_norm < math.inf:
