@@ -161,8 +161,9 @@ def _check_recorded_bases(sources, source: str, model, task: str) -> None:
     try:
         skip = base_valued(model, [s.config for s in sources], [s.path for s in sources])
     except EdgePeftError as e:  # an adapter this model cannot take: most likely made for the base it records
-        recorded = next((s.config.base_model_name_or_path for s in sources if s.path in str(e)), None)
-        if not recorded or recorded == source:
+        recorded = next((s.config.base_model_name_or_path for s in sources
+                         if str(e).startswith(os.path.join(s.path, CONFIG_NAME))), None)
+        if not recorded or os.path.abspath(recorded) == os.path.abspath(source):
             raise
         raise type(e)(f"{e}; it was trained on {recorded}: drop --base to export it with that base") from None
     ours = None

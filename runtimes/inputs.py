@@ -60,7 +60,8 @@ def generation_mask(ids: np.ndarray, pad: int | None, eos) -> np.ndarray:
     holes = (np.diff(mask, axis=1) < 0).any(axis=1)  # the padding id after a token: no left padding
     if holes.any():
         raise InvalidInputError(f"input_ids row {int(np.argmax(holes))} holds the padding id {pad} after a token and "
-                                "no attention_mask was given; pass the attention_mask (rt.tokenizer.encode gives both)")
+                                "no attention_mask was given; pass one: ones where these are real tokens (ids that "
+                                "generate returned), else the mask that marks the padding (rt.tokenizer.encode gives it)")
     if (mask.sum(-1) == 0).any():
         raise InvalidInputError(f"an input_ids row is all padding ({pad}) and no attention_mask was given; pass the "
                                 "attention_mask (rt.tokenizer.encode gives both)")

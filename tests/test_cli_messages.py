@@ -97,7 +97,9 @@ def test_bench_takes_a_merged_exports_name_and_writes_no_export_file(peft_adapte
     out = str(tmp_path / "merged")
     export([spec_adapter(peft_adapter, "llama", "qv")], out, merge=True)
     argv = ["bench", out, "--adapter", "qv", "--rounds", "1", "--calls", "2", "--seq", "4"]
-    assert "qv (merged into the base)" in cli_ok(capsys, *argv)  # as `run --adapter qv`: the base it was folded into
+    shown = cli_ok(capsys, *argv, "--adapter", "none", "--new-tokens", "2")  # none: the base, as `run --adapter none`
+    assert "| qv (merged into the base) |" in shown and "| qv | " in shown  # latency and tokens/s rows alike
+    assert "| none |" not in shown
     manifest = os.path.join(out, "base", "edgepeft.json")
     before = open(manifest, "rb").read()
     line = cli_error(capsys, *argv, "--json", manifest)

@@ -111,6 +111,8 @@ def test_without_a_mask_left_padding_is_told_by_the_padding_id(sampling_model):
     holes[0, -2] = PAD
     with pytest.raises(InvalidInputError, match=f"row 0 holds the padding id {PAD} after a token and no attention_mask"):
         rt.generate(holes, adapter="lora", max_new_tokens=2)
+    ones = rt.generate(holes, np.ones_like(holes), adapter="lora", max_new_tokens=2)  # the advice: real tokens, ones
+    assert ones.shape == (2, holes.shape[1] + 2)
     # the padding id is an eos: it may be a real token, so every position counts, as in transformers
     as_eos = rt.generate(ids, adapter="lora", max_new_tokens=5, do_sample=False, eos_token_id=[PAD])
     assert not np.array_equal(as_eos[:, :ids.shape[1] + 1], with_mask[:, :ids.shape[1] + 1])

@@ -167,7 +167,7 @@ export class Runtime {
     }
     const right = mask.findIndex((row) => row.some((m, i) => i > 0 && m < row[i - 1]));  // a 0 after a 1
     if (right >= 0) {
-      throw new EdgePeftError(told ? `ids row ${right} holds the padding id ${pad} after a token and no mask was given; pass the mask`
+      throw new EdgePeftError(told ? `ids row ${right} holds the padding id ${pad} after a token and no mask was given; pass one: ones where these are real tokens, else the mask that marks the padding`
         : `mask row ${right} has padding after its tokens; generation needs the padding on the left`);
     }
     this.checkLength(plan, ids[0].length, maxNewTokens - 1);  // the last new token is never fed back
