@@ -248,7 +248,8 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
             raise MissingDependencyError("--plot draws with matplotlib, which this install lacks; pip install matplotlib")
     if shared_threads:
         use_shared_thread_pool()
-    result = measure(Runtime(out), list(adapters) or None, batch=batch, seq=seq, rounds=rounds, calls=calls,
+    adapters = [a for a in adapters if a.lower() != "none"]  # the base, as `run --adapter none`: measured anyway
+    result = measure(Runtime(out), adapters or None, batch=batch, seq=seq, rounds=rounds, calls=calls,
                      new_tokens=new_tokens)
     s = result["setup"]
     rss = f", resident memory {_size(result['rss_bytes'])}" if result["rss_bytes"] else ""

@@ -76,10 +76,10 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     """Latency per adapter, switch cost, staging time, memory (see the module docstring)."""
     names = list(rt.adapter_names if adapters is None else adapters)
     for name in names:  # unknown names fail now, naming the loaded ones
-        if name not in rt.adapter_names and not rt.store.serves_base(name) and name.lower() != "none":
+        if name not in rt.adapter_names and not rt.store.serves_base(name):
             raise UnknownAdapterError(f"--adapter {name}: {rt.path} holds no adapter {name!r} (it holds "
                                       f"{', '.join(rt.adapter_names) or 'none'}); the base model is measured anyway")
-    names = [n for n in names if not rt.store.serves_base(n) and n.lower() != "none"]  # the base: measured anyway
+    names = [n for n in names if not rt.store.serves_base(n)]  # a --merge export's name: the base, measured anyway
     for key, value in (("batch", batch), ("seq", seq), ("rounds", rounds), ("calls", calls)):
         if not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"--{key} must be a whole number >= 1, got {value!r}")

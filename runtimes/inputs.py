@@ -50,21 +50,26 @@ def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions
     return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
 
 
-def generation_mask(ids: np.ndarray, pad: int | None, eos) -> np.ndarray:
-    """The attention mask of a decoder call given none, as transformers' generate infers it (left padding): the
-    padding id's positions are masked where the batch holds it and it ends no sequence (a padding id that is an eos
-    could be a real token); with no padding id, or none in the batch, every position is a token."""
-    if pad is None or pad in eos or not (ids == pad).any():
-        return np.ones_like(ids)
-    mask = (ids != pad).astype(np.int64)
-    holes = (np.diff(mask, axis=1) < 0).any(axis=1)  # the padding id after a token: no left padding
-    if holes.any():
-        raise InvalidInputError(f"input_ids row {int(np.argmax(holes))} holds the padding id {pad} after a token and "
-                                "no attention_mask was given; pass one: ones where these are real tokens (ids that "
-                                "generate returned), else the mask that marks the padding (rt.tokenizer.encode gives it)")
+def generation_mask(ids: np.ndarray, mask: np.ndarray | None, pad: int | None, eos) -> np.ndarray:
+    """The mask a decoder call generates with, left-padded rows with tokens only. ``mask`` None (none given): as
+    transformers' generate infers it, the padding id's positions where the batch holds the padding id and that id
+    ends no sequence (a padding id that is an eos could be a real token), else every position."""
+    told = mask is None and pad is not None and pad not in eos and bool((ids == pad).any())
+    if mask is None:
+        mask = (ids != pad).astype(np.int64) if told else np.ones_like(ids)
     if (mask.sum(-1) == 0).any():
         raise InvalidInputError(f"an input_ids row is all padding ({pad}) and no attention_mask was given; pass the "
-                                "attention_mask (rt.tokenizer.encode gives both)")
+                                "attention_mask (rt.tokenizer.encode gives both)" if told else
+                                "a prompt row has no tokens (its attention_mask is all 0)")
+    right = (np.diff(mask, axis=1) < 0).any(axis=1)  # a 0 after a 1: the next tokens would follow padding
+    if right.any():
+        row = int(np.argmax(right))
+        raise InvalidInputError(
+            f"input_ids row {row} holds the padding id {pad} after a token and no attention_mask was given; pass one: "
+            "ones where these are real tokens (ids that generate returned), else the mask that marks the padding "
+            "(rt.tokenizer.encode gives it)" if told else
+            f"attention_mask row {row} has padding after its tokens; generation needs the padding on the left (a "
+            "tokenizer's padding_side='left')")
     return mask
 
 

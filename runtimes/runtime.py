@@ -261,14 +261,7 @@ class Runtime:
         if not self.cache:
             raise ConfigError(f"{self.base_dir}: a {self.task} export has no text generation; export a causal-lm adapter")
         ids, mask = self._inputs(input_ids, attention_mask)
-        mask = generation_mask(ids, pad, eos) if attention_mask is None else mask
-        if (mask.sum(-1) == 0).any():
-            raise InvalidInputError("a prompt row has no tokens (its attention_mask is all 0)")
-        right = (np.diff(mask, axis=1) < 0).any(axis=1)  # a 0 after a 1: the next tokens would follow padding
-        if right.any():
-            raise InvalidInputError(f"attention_mask row {int(np.argmax(right))} has padding after its tokens; "
-                                    "generation needs the padding on the left (a tokenizer's padding_side='left')")
-        return ids, mask
+        return ids, generation_mask(ids, None if attention_mask is None else mask, pad, eos)
 
     def step_logits(self, input_ids, attention_mask=None, adapter=None):
         """Teacher-forced decoding: a generator whose first ``next()`` runs the prefill and yields the last
@@ -359,7 +352,8 @@ class Runtime:
 
     def pad_id_or(self, eos) -> int:
         """The model's padding token, else the first of ``eos``."""
-        return int((eos or [0])[0]) if self.model_pad_id is None else self.model_pad_id
+        pad = self.model_pad_id
+        return int((eos or [0])[0]) if pad is None else pad
 
     def generate_text(self, prompt, adapter=None, chat: bool = False, **generation):
         """Generated text (without the prompt) for a prompt or a list of prompts (chat messages with ``chat=True``)."""

@@ -12,12 +12,11 @@ def is_whole(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def is_real(value) -> bool:
-    """A finite int or float (Python or numpy), not a bool."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
-        and bool(np.isfinite(value))
-
-
 def is_number(value) -> bool:
     """An int or float (Python or numpy), infinite or NaN too, not a bool: a tolerance's type."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value) -> bool:
+    """A finite int or float (Python or numpy), not a bool."""
+    return is_number(value) and bool(np.isfinite(value))

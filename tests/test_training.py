@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from edgepeft.cli import cli
 from edgepeft.errors import TrainingInterrupted
-from edgepeft.training import Trainer, TrainingArguments, train
+from edgepeft.training import Trainer, TrainingArguments, method_config, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "samples", "data")
@@ -360,7 +360,8 @@ def test_decoder_classifier_batches_pad_with_the_models_pad_token(text_model, tm
     data = tmp_path / "cls.jsonl"
     data.write_text('{"text": "play jazz", "label": "a"}\n'
                     '{"text": "what is the weather like today in paris please", "label": "b"}\n')
-    encoder, rows, _, labels = Trainer(_args(model, str(data), str(tmp_path / "o")))._data()
+    args = _args(model, str(data), str(tmp_path / "o"))
+    encoder, rows, _, labels = Trainer(args)._data(method_config(args.method, args.task, dict(args.options)))
     assert encoder.pad_id == 0 != encoder.tokenizer.eos_token_id  # config.json's, not the tokenizer's eos
     torch.manual_seed(0)
     m = get_peft_model(load_base(model, "seq-cls", labels=labels), LoraConfig(task_type="SEQ_CLS")).eval()

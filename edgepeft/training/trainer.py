@@ -69,7 +69,8 @@ class Trainer:
         return Accelerator(gradient_accumulation_steps=self.args.grad_accum, mixed_precision=mp, cpu=not cuda,
                            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=self.args.seed))
 
-    def _data(self):
+    def _data(self, method):
+        """``method``: the adapter's config (its virtual tokens take positions too)."""
         args = self.args
         rows = read_jsonl(args.data, args.task)
         note = ignored_fields(args.data, args.task)
@@ -84,17 +85,16 @@ class Trainer:
         encoder = Encoder(load_tokenizer(args.model), args.task, args.max_length, labels, pad_id=model_pad)
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
-        n_virtual = getattr(method_config(args.method, args.task, dict(args.options)), "num_virtual_tokens", None) or 0
+        n_virtual = getattr(method, "num_virtual_tokens", None) or 0
         for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
             check_positions(features, checked, path, max_positions(config), n_virtual)
         return encoder, train, evals, labels
 
-    def _model(self, labels):
+    def _model(self, labels, config):
         from edgepeft.models import load_base
         from edgepeft.peft_model import get_peft_model
 
         args = self.args
-        config = method_config(args.method, args.task, dict(args.options))
         config.base_model_name_or_path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
         base = load_base(args.model, args.task, labels=labels)
         torch.manual_seed(args.seed)  # the adapter's initial values
@@ -192,8 +192,9 @@ class Trainer:
         acc = self._accelerator()
         resume = self._prepare_out()
         set_seed(args.seed)
-        encoder, train_rows, eval_rows, labels = self._data()
-        peft = self._model(labels)
+        method = method_config(args.method, args.task, dict(args.options))
+        encoder, train_rows, eval_rows, labels = self._data(method)
+        peft = self._model(labels, method)
         heads = [p for n, p in peft.named_parameters() if p.requires_grad and ".modules_to_save." in n]
         params = [p for p in peft.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if all(p is not h for h in heads)], "lr": args.lr}]
