@@ -11,7 +11,9 @@ async function read(file, encoding) {
     return await readFile(file, encoding);
   } catch (e) {
     if (e.code !== "ENOENT") throw e;
-    throw new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
+    const error = new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
+    error.missing = true;  // the runtime says what a missing file of an export means
+    throw error;
   }
 }
 
@@ -20,6 +22,7 @@ export function folderLoader(out) {
   return {
     where: (rel) => path.join(out, rel),
     json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8")),
+    bytes: async (rel) => new Uint8Array(await read(path.join(out, rel))),
     // onnxruntime-node reads a graph's external weights (model.onnx.data) beside the file itself;
     // onnxruntime-web takes them as bytes
     session: async (ort, rel, options, external) => {

@@ -12,51 +12,31 @@
 // "phase" prefill (a prompt: first step only), "target" (a prefix: the start of a cache input),
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
-export class EdgePeftError extends Error {}
+import { EdgePeftError, checkInputs, checkOptions, checkTensors } from "./checks.js";
+import { sha256 } from "./sha256.js";
+
+export { EdgePeftError };
 
 const int64 = (rows) => BigInt64Array.from(rows.flat(), (v) => BigInt(v));
-
-/** ids and mask as rows of equal length (one row may be given flat), or EdgePeftError saying what is wrong. */
-function checkInputs(ids, mask, manifest, where) {
-  const rows = (x) => (Array.isArray(x) && x.length && !Array.isArray(x[0]) ? [x] : x);
-  ids = rows(ids);
-  if (Array.isArray(ids) && ids.some((r) => Array.isArray(r) && r.some(Array.isArray))) {
-    throw new EdgePeftError("ids must be rows of token ids (2-D: batch x sequence); got more levels of arrays");
-  }
-  if (!Array.isArray(ids) || !ids.length || !ids.every((r) => Array.isArray(r) && r.length === ids[0].length) || !ids[0].length) {
-    throw new EdgePeftError("ids must be a non-empty array of rows of token ids, every row the same length (pad on the left)");
-  }
-  const vocab = manifest.vocab_size;
-  for (const v of ids.flat()) {
-    if (!Number.isInteger(v) || v < 0 || (vocab && v >= vocab)) {
-      throw new EdgePeftError(`token id ${v} is outside the vocabulary [0, ${vocab}) of ${where}; tokenize with the base model's tokenizer`);
-    }
-  }
-  if (manifest.max_positions && ids[0].length > manifest.max_positions) {
-    throw new EdgePeftError(`sequence length ${ids[0].length} exceeds the model's ${manifest.max_positions} positions; shorten the input`);
-  }
-  mask = mask == null ? ids.map((row) => row.map(() => 1)) : rows(mask);
-  if (Array.isArray(mask)) mask = mask.map((r) => (Array.isArray(r) ? r.map((v) => (typeof v === "boolean" ? Number(v) : v)) : r));
-  if (!Array.isArray(mask) || mask.length !== ids.length || !mask.every((r) => Array.isArray(r) && r.length === ids[0].length)) {
-    throw new EdgePeftError(`mask must have the shape of ids (${ids.length} rows of ${ids[0].length}); they must match`);
-  }
-  if (!mask.flat().every((v) => v === 0 || v === 1)) throw new EdgePeftError("mask must hold only 0 (padding) and 1 (token)");
-  return { ids, mask };
-}
+const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
+const PYTHON_ONLY = "; sampling, stop strings and mixed batches (one adapter per row) are the Python runtime's only";
 
 export class Runtime {
   /** Open an export: its manifest, the base session, the neutral values; adapters load with loadAdapter. */
-  static async open(ort, loader, { sessionOptions = {} } = {}) {
+  static async open(ort, loader, options = {}) {
+    const { sessionOptions = {} } = checkOptions(options, ["sessionOptions"], "Runtime.open",
+      " (ONNX Runtime's own options, executionProviders included, go inside sessionOptions)");
     const rt = new Runtime();
     rt.ort = ort;
     rt.loader = loader;
     rt.sessionOptions = sessionOptions;
-    rt.manifest = await loader.json("base/edgepeft.json");
+    rt.manifest = await rt.json("base/edgepeft.json", null);
     const m = rt.manifest;
-    if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; re-export it`);
-    rt.session = await loader.session(ort, `base/${m.web_graph}`, sessionOptions, true);
+    if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT}`);
+    rt.session = await rt.opened(`base/${m.web_graph}`, () => loader.session(ort, `base/${m.web_graph}`, sessionOptions, true));
     // neutral.onnx: every slot's neutral value (none in a merged classifier, which has no slot)
-    rt.neutral = m.neutral_graph ? await runOnce(await loader.session(ort, `base/${m.neutral_graph}`, sessionOptions, false)) : {};
+    const neutral = `base/${m.neutral_graph}`;
+    rt.neutral = m.neutral_graph ? await runOnce(await rt.opened(neutral, () => loader.session(ort, neutral, sessionOptions, false))) : {};
     rt.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
     const required = new Set(rt.session.inputNames);
     const missing = Object.keys(rt.neutral).filter((n) => !required.has(n));
@@ -72,13 +52,42 @@ export class Runtime {
     return rt;
   }
 
+  /**
+   * A file of the export as JSON; one that is missing or damaged is an EdgePeftError naming it and a fix.
+   * missing: what to say when the file is not there (null: the loader's own advice, for OUT itself).
+   */
+  async json(rel, missing = `missing from the export; ${REEXPORT}`) {
+    try {
+      return await this.loader.json(rel);
+    } catch (e) {
+      if (e instanceof EdgePeftError && !(e.missing && missing)) throw e;
+      throw new EdgePeftError(`${this.loader.where(rel)}: ${e.missing ? missing : `not readable JSON (${e.message}); ${REEXPORT}`}`);
+    }
+  }
+
+  /** A session made by make(); ONNX Runtime's failure to load a file is an EdgePeftError naming it. */
+  async opened(rel, make) {
+    try {
+      return await make();
+    } catch (e) {
+      if (e instanceof EdgePeftError && !e.missing) throw e;
+      const what = e instanceof EdgePeftError ? "missing from the export" : `ONNX Runtime cannot load it (${String(e.message).split("\n")[0]})`;
+      throw new EdgePeftError(`${this.loader.where(rel)}: ${what}; the file is damaged or incomplete: ${REEXPORT}`);
+    }
+  }
+
   get adapterNames() {
     return [...this.adapters.keys()].sort();
   }
 
   /** Stage an adapter of OUT/adapters by name: run its graph once and sort its tensors by how they are bound. */
   async loadAdapter(name) {
-    const manifest = await this.loader.json(`adapters/${name}/adapter.json`);
+    if (typeof name !== "string" || !name.trim()) {
+      throw new EdgePeftError(`an adapter's name must be a non-empty string (a folder of OUT/adapters), got ${JSON.stringify(name)}`);
+    }
+    const where = this.loader.where(`adapters/${name}`);
+    const manifest = await this.json(`adapters/${name}/adapter.json`,
+      `no adapter ${name} in this export; export it there first (edgepeft export --adapter DIR --out OUT --name ${name})`);
     if (manifest.base_fingerprint !== this.manifest.fingerprint) {
       throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: made for another base (fingerprint ` +
         `${manifest.base_fingerprint.slice(0, 12)}, this base ${this.manifest.fingerprint.slice(0, 12)}); re-export it into this OUT`);
@@ -90,20 +99,31 @@ export class Runtime {
     this.loading.add(name);
     let tensors;
     try {
-      tensors = await runOnce(await this.loader.session(this.ort, `adapters/${name}/${manifest.graph}`, this.sessionOptions, false));
+      // the graph's bytes against adapter.json's checksum (a cache may serve an old adapter.onnx after a re-export)
+      const graph = `adapters/${name}/${manifest.graph}`;
+      const bytes = await this.opened(graph, () => this.loader.bytes(graph));
+      if ((await sha256(bytes)) !== manifest.sha256) {
+        throw new EdgePeftError(`${this.loader.where(graph)}: checksum does not match adapter.json (truncated, modified or ` +
+          `a stale copy); ${REEXPORT}`);
+      }
+      tensors = await runOnce(await this.opened(graph, () => this.ort.InferenceSession.create(bytes, this.sessionOptions)));
     } finally {
       this.loading.delete(name);
     }
+    checkTensors(tensors, manifest, this.slots, where);
     const plan = { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, labels: manifest.labels || null };
     for (const [slotName, tensor] of Object.entries(tensors)) {
       const slot = this.slots[slotName];
-      if (!slot) throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: fills slot ${slotName}, which this base lacks`);
       if (slot.target) plan.past[slot.target] = tensor;
       else (slot.phase === "prefill" ? plan.prefill : plan.every)[slotName] = tensor;
       if (slot.virtual_axis != null) {
         if (slot.target) plan.nPast = tensor.dims[slot.virtual_axis];
         else plan.nPrepend += tensor.dims[slot.virtual_axis];
       }
+    }
+    const started = Object.keys(plan.past);
+    if (started.length && (started.length !== this.pastNames.length || !this.pastNames.every((n) => n in plan.past))) {
+      throw new EdgePeftError(`${where}: the adapter starts ${started.length} of the ${this.pastNames.length} cache inputs; ${REEXPORT}`);
     }
     this.adapters.set(name, plan);
     return name;
@@ -128,6 +148,10 @@ export class Runtime {
   }
 
   plan(adapter) {
+    if (adapter != null && typeof adapter !== "string") {
+      throw new EdgePeftError(`adapter must be one loaded adapter's name or null (the base model), got ${JSON.stringify(adapter)}` +
+        "; mixed and weighted batches are the Python runtime's only");
+    }
     if (this.servesBase(adapter)) return { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0 };
     const plan = this.adapters.get(adapter);
     if (!plan) throw this.notLoaded(adapter);
@@ -135,7 +159,8 @@ export class Runtime {
   }
 
   /** Run the base with an adapter (null: the base model); returns {logits} or {last_hidden_state} as an ort Tensor. */
-  async forward(ids, mask, { adapter = null } = {}) {
+  async forward(ids, mask, options = {}) {
+    const { adapter = null } = checkOptions(options, ["adapter"], "forward");
     const plan = this.plan(adapter);
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
     this.checkLength(plan, ids[0].length, 0);
@@ -145,7 +170,9 @@ export class Runtime {
   }
 
   /** Greedy generation with the KV cache; rows left-padded; returns ids (prompt included) as arrays of numbers. */
-  async generate(ids, mask, { adapter = null, maxNewTokens = 32, eosTokenId = null } = {}) {
+  async generate(ids, mask, options = {}) {
+    const { adapter = null, maxNewTokens = 32, eosTokenId: eos = null } =
+      checkOptions(options, ["adapter", "maxNewTokens", "eosTokenId"], "generate", PYTHON_ONLY);
     if (!this.cache) throw new EdgePeftError(`a ${this.manifest.task} export does not generate`);
     const plan = this.plan(adapter);
     const given = mask != null;
@@ -153,7 +180,7 @@ export class Runtime {
     if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1) {
       throw new EdgePeftError(`maxNewTokens must be a positive integer, got ${maxNewTokens}`);
     }
-    eosTokenId = [eosTokenId ?? this.manifest.eos_token_id ?? []].flat();  // null: the model's; one id or a list
+    const eosTokenId = [eos ?? this.manifest.eos_token_id ?? []].flat();  // null: the model's; one id or a list
     if (!eosTokenId.every((v) => Number.isInteger(v) && v >= 0)) {
       throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${JSON.stringify(eosTokenId)}`);
     }
@@ -292,8 +319,18 @@ function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
 
 /** The tokenizer exported with the base, read through a loader (tokenizer_config.json when there is one). */
 export async function tokenizerOf(Tokenizer, loader) {
-  const config = await loader.json("base/tokenizer_config.json").catch(() => ({}));
-  return new Tokenizer(await loader.json("base/tokenizer.json"), config);
+  const config = await loader.json("base/tokenizer_config.json").catch((e) => {  // optional, but not when damaged
+    if (e.missing) return {};
+    throw new EdgePeftError(`${loader.where("base/tokenizer_config.json")}: not readable JSON (${e.message}); ` +
+      "re-export the base with its tokenizer files");
+  });
+  const tokenizer = await loader.json("base/tokenizer.json").catch((e) => {
+    if (!e.missing) throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: not a readable tokenizer (${e.message}); ` +
+      "re-export the base with its tokenizer files");
+    throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: the export has no tokenizer; pass token ids, or ` +
+      "export from a base folder that has tokenizer.json");
+  });
+  return new Tokenizer(tokenizer, config);
 }
 
 /** Label probabilities from a classifier's logits row: [{label, score}], most likely first. */

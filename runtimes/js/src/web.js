@@ -5,7 +5,11 @@ import { EdgePeftError, Runtime, tokenizerOf } from "./runtime.js";
 
 async function fetched(url, as) {
   const response = await fetch(url);
-  if (!response.ok) throw new EdgePeftError(`${url}: HTTP ${response.status}; serve the export's folder (OUT) at that address`);
+  if (!response.ok) {
+    const error = new EdgePeftError(`${url}: HTTP ${response.status}; serve the export's folder (OUT) at that address`);
+    error.missing = response.status === 404;  // the runtime says what a missing file of an export means
+    throw error;
+  }
   return as === "json" ? response.json() : new Uint8Array(await response.arrayBuffer());
 }
 
@@ -15,6 +19,7 @@ export function urlLoader(out) {
   return {
     where: at,
     json: (rel) => fetched(at(rel), "json"),
+    bytes: (rel) => fetched(at(rel)),
     session: async (ort, rel, options, external) => {
       const model = await fetched(at(rel));
       if (!external) return ort.InferenceSession.create(model, options);

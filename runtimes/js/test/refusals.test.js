@@ -1,0 +1,123 @@
+// What the JavaScript runtime refuses rather than answer wrongly, as the Python runtime refuses it: options a call
+// does not know (dropped in silence, they ran the base model), an adapter.onnx that is not the one adapter.json
+// names, missing or damaged files of an export (raw ONNX Runtime or JSON errors before), JavaScript's other forms
+// of token ids, and SHA-256 without Web Crypto.
+import assert from "node:assert/strict";
+import { createHash, randomBytes } from "node:crypto";
+import { copyFile, cp, mkdtemp, readFile, rm, truncate, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { after, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import * as ortNode from "onnxruntime-node";
+import * as ortWeb from "onnxruntime-web";
+
+import { EdgePeftError } from "../src/runtime.js";
+import { loadTokenizer, openFolder } from "../src/node.js";
+import { sha256Plain } from "../src/sha256.js";
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
+const FIXTURES = process.env.EDGEPEFT_JS_FIXTURES || path.join(REPO, "build", "js");
+const scratch = await mkdtemp(path.join(os.tmpdir(), "edgepeft-js-"));
+after(() => rm(scratch, { recursive: true, force: true }));
+ortWeb.env.wasm.numThreads = 1;
+
+const refuses = (call, pattern) => assert.rejects(call, (e) => e instanceof EdgePeftError && pattern.test(e.message));
+
+/** A copy of the llama fixture to damage. */
+async function copied(name) {
+  const out = path.join(scratch, name);
+  await cp(path.join(FIXTURES, "llama"), out, { recursive: true });
+  return out;
+}
+
+test("options a call does not know are refused, not dropped (they ran the base model)", async () => {
+  const rt = await openFolder(ortNode, path.join(FIXTURES, "llama"));
+  await rt.loadAdapter("lora");
+  const ids = [[5, 6, 7]];
+  await refuses(rt.forward(ids, null, "lora"), /forward's options must be an object such as \{ adapter: \.\.\. \}; got "lora"/);
+  await refuses(rt.forward(ids, null, { adaptor: "lora" }), /forward has no option adaptor; its options are adapter$/);
+  await refuses(rt.generate(ids, null, { adapter: "lora", max_new_tokens: 3 }),
+    /generate has no option max_new_tokens; .*\(maxNewTokens: camelCase here\); sampling, stop strings and mixed batches/);
+  await refuses(rt.generate(ids, null, { maxNewToken: 3 }), /generate has no option maxNewToken/);
+  await refuses(rt.generate(ids, null, { temperature: 0.7 }), /sampling.*are the Python runtime's only/);
+  await refuses(openFolder(ortNode, path.join(FIXTURES, "llama"), { executionProviders: ["cpu"] }),
+    /Runtime.open has no option executionProviders; its options are sessionOptions \(.*go inside sessionOptions\)/);
+  // Python's mixed and weighted batches: a message that fits, not "adapter lora is not loaded"
+  await refuses(rt.forward(ids, null, { adapter: ["lora"] }), /adapter must be one loaded adapter's name or null.*Python runtime's only/);
+  await refuses(rt.forward(ids, null, { adapter: { lora: 0.5 } }), /adapter must be one loaded adapter's name/);
+  await refuses(rt.loadAdapter(7), /an adapter's name must be a non-empty string/);
+  // what is known still runs: the options object may be left out or empty
+  assert.deepEqual(Array.from((await rt.forward(ids)).logits.data), Array.from((await rt.forward(ids, null, {})).logits.data));
+});
+
+test("JavaScript's other forms of token ids are taken (bigint, typed arrays); strings are refused as such", async () => {
+  const rt = await openFolder(ortNode, path.join(FIXTURES, "llama"));
+  const want = Array.from((await rt.forward([[5, 6, 7]], [[1, 1, 1]])).logits.data);
+  for (const [ids, mask] of [[[[5n, 6n, 7n]], [[1n, 1n, 1n]]], [[Int32Array.from([5, 6, 7])], [Int32Array.from([1, 1, 1])]],
+    [[BigInt64Array.from([5n, 6n, 7n])], null], [Int32Array.from([5, 6, 7]), Uint8Array.from([1, 1, 1])]]) {
+    assert.deepEqual(Array.from((await rt.forward(ids, mask)).logits.data), want);
+  }
+  await refuses(rt.forward([["5", "6"]]), /ids must hold whole numbers; got "5"/);
+  await refuses(rt.forward([[5, 6]], [["1", "1"]]), /mask must hold whole numbers; got "1"/);
+  await refuses(rt.forward([[5n, 2n ** 70n]]), /ids must hold whole numbers; got 1180591620717411303424n/);
+  assert.deepEqual(await rt.generate([Int32Array.from([5, 6, 7])], null, { maxNewTokens: 2, eosTokenId: [] }),
+    await rt.generate([[5, 6, 7]], null, { maxNewTokens: 2, eosTokenId: [] }));
+});
+
+test("an adapter.onnx that is not the one adapter.json names is refused (checksum), as in Python", async () => {
+  const out = await copied("swapped");
+  await copyFile(path.join(out, "adapters/ia3/adapter.onnx"), path.join(out, "adapters/lora/adapter.onnx"));
+  for (const ort of [ortNode, ortWeb]) {
+    const rt = await openFolder(ort, out);
+    await refuses(rt.loadAdapter("lora"), /adapters\/lora\/adapter.onnx: checksum does not match adapter.json.*re-export it/);
+    assert.deepEqual(rt.adapterNames, []);
+    await rt.loadAdapter("ia3");  // the others still load
+  }
+});
+
+test("an adapter whose tensors do not fit the base's slots is refused, as in Python", async () => {
+  const out = await copied("slots");
+  const rt = await openFolder(ortNode, out);
+  const slot = rt.manifest.slots.find((s) => s.name.startsWith("lora_A."));
+  rt.slots = { ...rt.slots, [slot.name]: { ...slot, shape: [slot.shape[0] + 1, slot.shape[1]] } };
+  await refuses(rt.loadAdapter("lora"), new RegExp(`slot ${slot.name.replace(/[.+]/g, "\\$&")} is float32\\[.*\\], the base expects`));
+  rt.slots = { ...rt.slots, [slot.name]: { ...slot, dtype: "float16" } };
+  await refuses(rt.loadAdapter("lora"), /the base expects float16/);
+  const manifest = JSON.parse(await readFile(path.join(out, "adapters/lora/adapter.json"), "utf8"));
+  delete manifest.slots[slot.name];
+  await writeFile(path.join(out, "adapters/lora/adapter.json"), JSON.stringify(manifest));
+  rt.slots = Object.fromEntries(rt.manifest.slots.map((s) => [s.name, s]));
+  await refuses(rt.loadAdapter("lora"), /adapter.json and adapter.onnx disagree on the slots/);
+});
+
+test("missing or damaged files of an export name the file and a fix, on node and on wasm", async () => {
+  for (const [label, ort] of [["node", ortNode], ["wasm", ortWeb]]) {
+    const out = await copied(`damaged-${label}`);
+    const rt = await openFolder(ort, out);
+    await rm(path.join(out, "adapters/lora/adapter.onnx"));
+    await refuses(rt.loadAdapter("lora"), /adapters\/lora\/adapter.onnx: missing from the export; .*re-export it \(edgepeft export/);
+    await writeFile(path.join(out, "adapters/ia3/adapter.json"), "{\"name\": ");
+    await refuses(rt.loadAdapter("ia3"), /adapters\/ia3\/adapter.json: not readable JSON \(.*\); re-export it/);
+    await truncate(path.join(out, "base/model.web.onnx"), 100);
+    await refuses(openFolder(ort, out), /base\/model.web.onnx: ONNX Runtime cannot load it \(.*\); the file is damaged or incomplete: re-export/);
+    await writeFile(path.join(out, "base/edgepeft.json"), "{");
+    await refuses(openFolder(ort, out), /base\/edgepeft.json: not readable JSON/);
+  }
+  const out = await copied("no-data");
+  await rm(path.join(out, "base/model.onnx.data"));
+  await refuses(openFolder(ortNode, out), /base\/model.web.onnx: (ONNX Runtime cannot load it|missing from the export)/);
+  await refuses(openFolder(ortWeb, out), /base\/model.web.onnx: missing from the export/);
+  await rm(path.join(out, "base/tokenizer.json"));
+  await refuses(loadTokenizer(out), /base\/tokenizer.json: the export has no tokenizer; pass token ids, or export from a base folder/);
+  await writeFile(path.join(out, "base/tokenizer_config.json"), "{");
+  await refuses(loadTokenizer(out), /base\/tokenizer_config.json: not readable JSON/);
+});
+
+test("SHA-256 without Web Crypto (a page served over plain http) gives Web Crypto's digests", () => {
+  for (const n of [0, 1, 55, 56, 63, 64, 65, 1000, 65537]) {
+    const bytes = new Uint8Array(randomBytes(n));
+    assert.equal(sha256Plain(bytes), createHash("sha256").update(bytes).digest("hex"), `${n} bytes`);
+  }
+});
