@@ -19,7 +19,6 @@ import io
 import os
 import threading
 import zipfile
-import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -28,19 +27,17 @@ import numpy as np
 from .errors import (
     AdapterBaseMismatchError,
     AdapterInUseError,
-    ArtifactNotFoundError,
     ConfigError,
     CorruptArtifactError,
+    EdgePeftError,
     UnknownAdapterError,
 )
 from .manifest import (
     ADAPTER_GRAPH,
-    ADAPTER_MANIFEST,
     ADAPTERS_DIR,
     adapter_graph_error,
-    check_adapter_manifest,
-    read_adapter_manifest,
-    sha256_bytes,
+    read_adapter_source,
+    read_base_manifest,
     stacks_as_output,
 )
 from .sessions import ort, session_options
@@ -74,15 +71,17 @@ NO_ADAPTER = Plan()
 class Registered:
     """An adapter the store knows: where to (re)stage it from, its manifest, and its staged state."""
 
-    __slots__ = ("name", "path", "data", "manifest", "stackable", "has_head", "plan", "arrays", "bytes", "users",
-                 "n_virtual")
+    __slots__ = ("name", "path", "data", "manifest", "stackable", "saved_alone", "has_head", "plan", "arrays", "bytes",
+                 "users", "n_virtual")
 
     def __init__(self, name, path, data, manifest, slots: dict, task: str):
         self.name, self.path, self.data, self.manifest = name, path, data, manifest
         filled = [slots[n] for n in manifest["slots"] if n in slots]
         # rows can share a run with others' rows (exports before the check wrote selector "output" on any saved layer)
-        self.stackable = all(s.stack_axis is not None and (s.selector != "output" or stacks_as_output(task, s.module))
-                             for s in filled)
+        stacks = [s.stack_axis is not None and (s.selector != "output" or stacks_as_output(task, s.module)) for s in filled]
+        self.stackable = all(stacks)
+        # layers saved whole whose copies cannot share a run (an lm_head, a pooler; a classifier's head can)
+        self.saved_alone = sorted({s.module for s, ok in zip(filled, stacks) if s.method == "head" and not ok})
         self.has_head = any(s.selector == "output" for s in filled)  # fills the output-selected slots (a head)
         self.plan = None  # staged: a Plan of OrtValues
         self.arrays = None  # staged: {slot: array}, what mixed batches stack
@@ -143,7 +142,7 @@ class AdapterStore:
         return name is None or name == self.merged
 
     def get(self, name: str) -> Registered:
-        adapter = self._adapters.get(name)
+        adapter = self._adapters.get(_one_name(name))
         if adapter is None:
             raise UnknownAdapterError(
                 f"adapter {name!r} is not loaded in {self.out}; loaded: {', '.join(self.names) or 'none'} "
@@ -160,18 +159,11 @@ class AdapterStore:
         if name is not None and not (isinstance(name, str) and name.strip()):
             raise ConfigError(f"an adapter's name must be a non-empty string (or None: the name it was exported "
                               f"with), got {name!r}")
-        path, data, manifest = _read_source(source)
+        path, data, manifest = read_adapter_source(source)
         label = path or "adapter bytes"
         name = manifest["name"] if name is None else name
         if manifest["base_fingerprint"] != self.base["fingerprint"]:
-            raise AdapterBaseMismatchError(
-                f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
-                f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "
-                f"({self.base.get('source')}); export the adapter into this OUT with "
-                f"`edgepeft export --adapter <adapter dir> --out {self.out}"
-                + (f" --name <new name>` (OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)"
-                   if os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])) else "`")
-            )
+            raise self._mismatch(label, manifest)
         entry = Registered(name, path, data, manifest, self.slots, self.base.get("task", ""))
         arrays, plan = self._stage(entry)  # a load stages (and checks) the adapter even under a budget
         with self._lock:
@@ -182,10 +174,30 @@ class AdapterStore:
             self._trim()
         return name
 
+    def _mismatch(self, label: str, manifest: dict) -> AdapterBaseMismatchError:
+        """An adapter exported for another base: made for the base OUT holds now (re-exported since this Runtime
+        opened it, as exporting another adapter into OUT does), or for another one."""
+        try:
+            on_disk = read_base_manifest(self.base_dir)["fingerprint"]
+        except EdgePeftError:
+            on_disk = None
+        if on_disk == manifest["base_fingerprint"]:
+            return AdapterBaseMismatchError(
+                f"{label}: adapter {manifest['name']!r} was exported for the base {self.base_dir} holds now "
+                f"({on_disk[:12]}), re-exported since this Runtime opened it ({self.base['fingerprint'][:12]}); "
+                f"open a new Runtime({self.out!r}) to serve it")
+        return AdapterBaseMismatchError(
+            f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
+            f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "
+            f"({self.base.get('source')}); export the adapter into this OUT with "
+            f"`edgepeft export --adapter <adapter dir> --out {self.out}"
+            + (f" --name <new name>` (OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)"
+               if os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])) else "`"))
+
     def unload(self, name: str) -> None:
         """Forget an adapter and drop its staged tensors. Refused while a call is using it."""
         with self._lock:
-            adapter = self._adapters.get(name)
+            adapter = self._adapters.get(_one_name(name))
             if adapter is None:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {', '.join(self.names) or 'none'}")
             if adapter.users:
@@ -198,7 +210,7 @@ class AdapterStore:
     @contextmanager
     def using(self, name):
         """Hold one adapter for the length of one call; yields its Plan (unload is refused meanwhile)."""
-        if self.serves_base(name):
+        if self.serves_base(_one_name(name)):
             yield NO_ADAPTER
             return
         with self.holding([name]) as held:
@@ -335,38 +347,12 @@ class AdapterStore:
             raise CorruptArtifactError(f"{label}: adapter.json and adapter.onnx disagree on the slots; re-export the adapter")
 
 
-def _read_source(source) -> tuple[str | None, dict | None, dict]:
-    """(folder, None, manifest) for a folder; (None, {file: bytes}, manifest) for the bytes of a zip of one."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        try:
-            with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
-                members = [n for n in archive.namelist() if os.path.basename(n) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)]
-                files = {os.path.basename(n): archive.read(n) for n in members}
-        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:
-            raise CorruptArtifactError(f"adapter bytes: not a readable zip archive of an adapter folder ({e}); pass the "
-                                       "bytes of shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None
-        if len(members) > len(files):
-            raise CorruptArtifactError("adapter bytes: the zip holds more than one adapter folder; zip one folder of "
-                                       "OUT/adapters/ per adapter")
-        if set(files) != {ADAPTER_MANIFEST, ADAPTER_GRAPH}:
-            raise CorruptArtifactError(f"adapter bytes: the zip needs {ADAPTER_MANIFEST} and {ADAPTER_GRAPH}; "
-                                       "zip an adapter folder from OUT/adapters/")
-        manifest = check_adapter_manifest(files[ADAPTER_MANIFEST], "adapter bytes")
-        if manifest["graph"] != ADAPTER_GRAPH or sha256_bytes(files[ADAPTER_GRAPH]) != manifest["sha256"]:
-            raise CorruptArtifactError("adapter bytes: adapter.onnx does not match the checksum in adapter.json; "
-                                       "zip the adapter folder again")
-        return None, files, manifest
-    if not isinstance(source, (str, os.PathLike)):
-        raise ConfigError(f"load_adapter takes an adapter folder (a path) or the bytes of a zip of one, got "
-                          f"{type(source).__name__}")
-    path = os.path.abspath(source)  # restaged after an eviction from where it was loaded, whatever the directory then
-    if not os.path.isdir(path):
-        raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
-                                    "`edgepeft export`")
-    manifest = read_adapter_manifest(path)
-    if (error := adapter_graph_error(path, manifest)) is not None:
-        raise error
-    return path, None, manifest
+def _one_name(name):
+    """An adapter's name as the calls that take one name check it (a list would fail as a dict key)."""
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"this call takes one adapter's name (a string), got {name!r}; lists and weights of "
+                          "adapters are for the calls that run them (forward, generate, classify, embed)")
+    return name
 
 
 def run_adapter_graph(graph, label: str = "") -> dict:

@@ -48,11 +48,14 @@ their own. Neutral selector values (ones) make the single-adapter path bind noth
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 
-from .errors import ArtifactNotFoundError, CorruptArtifactError
+from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 
 FORMAT_VERSION = 3  # 2: fused groups, KV-cache I/O; 3: stackable slots and selectors (mixed batches)
 CLASSIFIER_NAMES = ["classifier", "score"]  # a sequence classifier's head: the only layer whose columns are the output
@@ -349,3 +352,37 @@ def adapter_dirs(out_dir: str) -> dict:
         return {}
     return {name: os.path.join(adapters_dir, name) for name in sorted(os.listdir(adapters_dir))
             if not name.startswith(".") and os.path.isdir(os.path.join(adapters_dir, name))}
+
+
+def read_adapter_source(source) -> tuple[str | None, dict | None, dict]:
+    """(folder, None, manifest) for a folder; (None, {file: bytes}, manifest) for the bytes of a zip of one."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        try:
+            with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
+                members = [n for n in archive.namelist() if os.path.basename(n) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)]
+                files = {os.path.basename(n): archive.read(n) for n in members}
+        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:
+            raise CorruptArtifactError(f"adapter bytes: not a readable zip archive of an adapter folder ({e}); pass the "
+                                       "bytes of shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None
+        if len(members) > len(files):
+            raise CorruptArtifactError("adapter bytes: the zip holds more than one adapter folder; zip one folder of "
+                                       "OUT/adapters/ per adapter")
+        if set(files) != {ADAPTER_MANIFEST, ADAPTER_GRAPH}:
+            raise CorruptArtifactError(f"adapter bytes: the zip needs {ADAPTER_MANIFEST} and {ADAPTER_GRAPH}; "
+                                       "zip an adapter folder from OUT/adapters/")
+        manifest = check_adapter_manifest(files[ADAPTER_MANIFEST], "adapter bytes")
+        if manifest["graph"] != ADAPTER_GRAPH or sha256_bytes(files[ADAPTER_GRAPH]) != manifest["sha256"]:
+            raise CorruptArtifactError("adapter bytes: adapter.onnx does not match the checksum in adapter.json; "
+                                       "zip the adapter folder again")
+        return None, files, manifest
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"load_adapter takes an adapter folder (a path) or the bytes of a zip of one, got "
+                          f"{type(source).__name__}")
+    path = os.path.abspath(source)  # restaged after an eviction from where it was loaded, whatever the directory then
+    if not os.path.isdir(path):
+        raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
+                                    "`edgepeft export`")
+    manifest = read_adapter_manifest(path)
+    if (error := adapter_graph_error(path, manifest)) is not None:
+        raise error
+    return path, None, manifest

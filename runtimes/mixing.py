@@ -139,6 +139,9 @@ class Mixer:
             return
         for name in spec:
             methods = set(held[name].manifest.get("methods") or [])
+            if held[name].saved_alone:  # HF PEFT weights the LoRA only; which saved copy would a sum use?
+                raise ConfigError(f"adapter {name!r} saves {', '.join(held[name].saved_alone)} whole (not a classifier's "
+                                  "head), which cannot be weighted or combined; give it alone, by name")
             if not held[name].stackable or not methods <= {"lora", "head"} or "lora" not in methods:
                 raise ConfigError(f"adapter {name!r} ({'+'.join(sorted(methods))}) cannot be weighted or combined: "
                                   "weighted sums are defined for LoRA adapters; give it alone, by name")

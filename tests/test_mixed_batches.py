@@ -17,7 +17,7 @@ import torch
 from peft_refs import ia3_adapter, lora_adapter, peft_virtual_adapter, randomize_adapter
 from tiny import load_reference_base
 
-from edgepeft.errors import AdapterInUseError, ConfigError, CorruptArtifactError, InvalidInputError
+from edgepeft.errors import AdapterBaseMismatchError, AdapterInUseError, ConfigError, CorruptArtifactError, InvalidInputError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
@@ -149,6 +149,26 @@ def test_combinations_without_a_meaning_are_refused(rt):
         rt.forward(ids, mask, adapter=["lora_qv"])
     with pytest.raises(InvalidInputError, match="finite"):
         rt.forward(ids, mask, adapter={"lora_qv": float("nan")})
+    # the calls that take one name refuse a list or weights (a TypeError: unhashable type before)
+    for call in (rt.labels, rt.adapter_info, rt.adapter_dir, rt.adapter_tensors, rt.unload_adapter):
+        for bad in (["lora_qv"], {"lora_qv": 1.0}):
+            with pytest.raises(ConfigError, match=r"this call takes one adapter's name \(a string\), got .*lora_qv"):
+                call(bad)
+    assert "lora_qv" in rt.adapter_names
+
+
+def test_an_adapter_exported_into_a_served_out_asks_for_a_new_runtime(decoder, tmp_path):
+    """Exporting an adapter with new slots into OUT re-exports its base; a Runtime opened before cannot serve it.
+    The advice was to export it again (which changed nothing); it is to open a new Runtime."""
+    out, dirs = str(tmp_path / "served"), decoder[1]
+    export([dirs["lora_qv"]], out, names=["lora_qv"])
+    serving = Runtime(out)
+    export([dirs["ia3"]], out, names=["ia3"])
+    with pytest.raises(AdapterBaseMismatchError, match=r"adapters/ia3: adapter 'ia3' was exported for the base .*/base "
+                       r"holds now \(\w+\), re-exported since this Runtime opened it \(\w+\); open a new Runtime\("):
+        serving.load_adapter(os.path.join(out, "adapters", "ia3"))
+    assert serving.adapter_names == ["lora_qv"]
+    assert Runtime(out).adapter_names == ["ia3", "lora_qv"]
 
 
 @pytest.fixture(scope="module")
@@ -361,6 +381,10 @@ def test_saved_layers_other_than_the_classifier_run_their_rows_apart(tiny_base, 
         export(list(adapters.values()), out, names=list(adapters))
         rt = Runtime(out)
         mixed = rt.forward(ids, mask, adapter=list(adapters))[key]
+        saved = r"lm_head" if adapters is ms else r"\S*pooler.dense"
+        with pytest.raises(ConfigError, match=rf"adapter '\w+' saves {saved} whole \(not a classifier's head\), which "
+                           "cannot be weighted"):  # not "weighted sums are defined for LoRA adapters": it is one
+            rt.forward(ids, mask, adapter={next(iter(adapters)): 0.5})
         if adapters is ms:
             assert mixed.shape == (2, 7, rt.vocab_size)  # not two vocabularies side by side
         for row, name in enumerate(adapters):
