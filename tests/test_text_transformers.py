@@ -1,0 +1,166 @@
+"""Text in and out as transformers gives it, where tokenizers and chat templates differ from the plain files.
+
+A Llama-2-style tokenizer (byte fallback, ``tokenizer_class`` LlamaTokenizer, which transformers 5 rebuilds):
+the export writes the tokenizer transformers runs, ``stream_text`` never drops text when a byte run turns to
+U+FFFD, stop strings read a byte token's own text. Chat templates get what transformers hands them: named
+templates, messages without None values, every special token, reasoning under its aliases, and a template's
+own refusal is the caller's input error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from peft_refs import lora_adapter
+from word_tokenizer import PROMPT, TEMPLATE
+
+from edgepeft.errors import ConfigError, CorruptArtifactError, InvalidInputError
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+from edgepeft.runtimes import text as text_calls
+from edgepeft.runtimes.text import StopStrings, TextTokenizer
+
+TEXTS = ["Hello world, how are you today?", "the quick brown fox", "It is 22 degrees", "Paris is nice\nyes"] * 10
+TRICKY = ["Hello world", " Hello", "Hello  world", "a\nb", "Paris<s>is", "Hi </s> there", "é€😀", " "]
+
+
+def llama2_tokenizer(folder, tokenizer_class="LlamaTokenizer") -> str:
+    """A Llama-2-style tokenizer.json (Prepend + Replace normalizer, BPE with byte fallback, ByteFallback decoder)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = normalizer
+    learner.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    learnt = json.loads(learner.to_str())["model"]
+    vocab = sorted(learnt["vocab"], key=learnt["vocab"].get)
+    vocab += [b for b in (f"<0x{i:02X}>" for i in range(256)) if b not in learnt["vocab"]]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learnt["merges"]]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges, unk_token="<unk>", byte_fallback=True,
+                               fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                   "add_bos_token": True, "legacy": False}, f)
+    return str(folder)
+
+
+def test_the_export_writes_the_tokenizer_transformers_runs(tmp_path):
+    """transformers 5 rebuilds LlamaTokenizer without the file's Prepend normalizer: the copied file gave other
+    ids for ' Hello' and for text after <s> or </s> (and so other chat prompts and generations)."""
+    import transformers as tf
+
+    base = llama2_tokenizer(tmp_path / "base")
+    hf = tf.AutoTokenizer.from_pretrained(base)
+    assert TextTokenizer(base).encode(" Hello")[0].tolist()[0] != hf(" Hello")["input_ids"]  # the file as it is
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=8, intermediate_size=64, vocab_size=len(hf), pad_token_id=0, bos_token_id=1,
+                            eos_token_id=2, max_position_embeddings=64)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    out = str(tmp_path / "out")
+    export([lora_adapter(tmp_path / "lora", base, "causal-lm", 3, r=2, target_modules=["q_proj"])], out, names=["a"])
+    ours = Runtime(out).tokenizer
+    for text in TRICKY:
+        want = hf(text)["input_ids"]
+        assert ours.encode(text)[0].tolist()[0] == want, text
+        assert ours.decode(want) == hf.decode(want, skip_special_tokens=True), text
+
+
+def _byte_run(tok):
+    """Tokens whose decode changes text already shown: a newline byte, then a byte that begins no character."""
+    words = tok._tok.encode("is the quick", add_special_tokens=False).ids
+    return [tok._tok.token_to_id(t) for t in ["▁Par", "<0x0A>", "<0xE6>"]] + words + [tok._tok.token_to_id("<0xE6>")]
+
+
+def test_stream_text_keeps_streaming_after_a_byte_run_turns_to_replacement_characters(tmp_path):
+    """Byte-fallback decoders make every byte of an invalid run U+FFFD, the newline shown before included:
+    the shown text was no longer a prefix, and nothing more came (not even the final flush)."""
+    tok = TextTokenizer(llama2_tokenizer(tmp_path / "tok"))
+    chosen = _byte_run(tok)
+    assert tok.decode(chosen[:2]) == "Par\n" and tok.decode(chosen[:3]).startswith("Par\ufffd\ufffd")
+    rt = types.SimpleNamespace(tokenizer=tok, stream=lambda ids, mask, adapter, **g: (np.array([t]) for t in chosen))
+    pieces = list(text_calls.stream_text(rt, "Hello"))
+    assert "".join(pieces) == tok.decode(chosen)
+    assert len(pieces) > 2  # streamed, not held to the end
+
+
+def test_stop_strings_read_a_byte_tokens_own_text_as_transformers(tmp_path):
+    """<0xE6> then <0x0A>: transformers' StopStringCriteria sees '\\n' (each token's own text); the decoder's
+    whole-run U+FFFD hid it, so generation ran past the stop."""
+    import transformers as tf
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    folder = llama2_tokenizer(tmp_path / "tok", tokenizer_class="PreTrainedTokenizerFast")
+    ours, hf = TextTokenizer(folder), tf.AutoTokenizer.from_pretrained(folder)
+    prompt = hf("Hello")["input_ids"]
+    for new, stop in ([["<0xE6>", "<0x0A>"], "\n"], [["<0xE6>", "<0x41>"], "A"], [["▁Par", "<0x0A>"], "\n"],
+                      [["<0xE6>", "▁Par"], "Par"], [["<0xE6>", "<0x0A>"], "A"]):
+        row = np.array([prompt + [ours._tok.token_to_id(t) for t in new]])
+        got = StopStrings(ours, [stop], np.zeros(1, np.int64)).hit(row, np.zeros(1, bool))[0]
+        assert got == bool(StopStringCriteria(hf, [stop])(torch.from_numpy(row), None)[0]), (new, stop)
+
+
+@pytest.mark.parametrize("stop", ["", [""], ["w10", ""]])
+def test_an_empty_stop_string_is_refused(text_rt, stop):
+    """"" is found after any token ([""] ended every row after one token; "" was ignored)."""
+    with pytest.raises(ConfigError, match="stop strings must not be empty"):
+        text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=3, stop=stop)
+
+
+def _folder(text_export, tmp_path, config: dict, special_map: dict | None = None) -> str:
+    folder = str(tmp_path / "tok")
+    os.makedirs(folder)
+    shutil.copy(os.path.join(text_export[0], "base", "tokenizer.json"), folder)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **config}, f)
+    if special_map:
+        with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+            json.dump(special_map, f)
+    return folder
+
+
+@pytest.mark.parametrize("config, special_map, messages", [
+    ({"chat_template": [{"name": "default", "template": TEMPLATE}, {"name": "tool_use", "template": "T"}]}, None,
+     [{"role": "user", "content": "w10"}]),
+    ({"chat_template": "{% for m in messages %}{% if 'tool_calls' in m %}T{% endif %}{{ m['content'] }}{% endfor %}"},
+     None, [{"role": "assistant", "content": "w10", "tool_calls": None}]),
+    ({"chat_template": "{{ pad_token }}|{{ unk_token }}|{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}",
+      "pad_token": "[PAD]"}, {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "unk_token": "[UNK]"},
+     [{"role": "user", "content": "w10"}]),
+    ({"chat_template": "{% for m in messages %}{{ m.reasoning_content }}|{{ m.thinking }}|{{ m.content }}{% endfor %}"},
+     None, [{"role": "assistant", "content": "w10", "reasoning": "w20"}]),
+], ids=["named-templates", "none-values-dropped", "every-special-token", "reasoning-aliases"])
+def test_chat_templates_render_as_transformers_renders_them(text_export, tmp_path, config, special_map, messages):
+    import transformers as tf
+
+    folder = _folder(text_export, tmp_path, config, special_map)
+    want = tf.AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False,
+                                                                        add_generation_prompt=True)
+    assert TextTokenizer(folder).apply_chat_template(messages) == want
+
+
+def test_chat_template_refusals_name_the_file(text_export, tmp_path):
+    """Named templates without a default are the file's fault; a template's raise_exception is the caller's."""
+    folder = _folder(text_export, tmp_path, {"chat_template": [{"name": "tool_use", "template": "T"}]})
+    with pytest.raises(CorruptArtifactError, match=r"tokenizer_config.json: has chat templates named tool_use but none "
+                       "named default"):
+        TextTokenizer(folder)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": "{% if messages[0]['role'] != 'system' %}{{ raise_exception('Start with a "
+                                    "system message') }}{% endif %}"}, f)
+    with pytest.raises(InvalidInputError, match=r"tokenizer_config.json: the chat template refuses these messages: "
+                       "Start with a system message"):
+        TextTokenizer(folder).apply_chat_template([{"role": "user", "content": "w10"}])
