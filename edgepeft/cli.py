@@ -152,6 +152,8 @@ def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter,
 
     if quantize is None and click.get_current_context().get_parameter_source("qtol") is not ParameterSource.DEFAULT:
         click.echo("note: --qtol only applies with --quantize (a float32 base is checked by --atol)", err=True)
+    if merge and ort_adapter:
+        click.echo("note: --ort-adapter writes adapter files; --merge writes none (the adapter is in the weights)", err=True)
 
     report = run_export(list(adapters), out, base=base, names=list(names), merge=merge, atol=atol, verbose=True,
                         quantize=quantize, qtol=qtol, ort_adapter=ort_adapter, overwrite=overwrite, ops=ops)

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 
 
 _UMASK = os.umask(0)
@@ -75,13 +78,36 @@ def replace_dir(staged: str, target: str) -> None:
     place, so at every moment ``target`` is either the old or the new folder.
     """
     old = None
-    if os.path.exists(target):
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(target)))
-        os.rmdir(old)
-        os.replace(target, old)
-    os.replace(staged, target)
+    with deferred_interrupts():  # Ctrl-C between the two renames would leave no target at all
+        if os.path.exists(target):
+            old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(target)))
+            os.rmdir(old)
+            os.replace(target, old)
+        try:
+            os.replace(staged, target)
+        except BaseException:
+            if old:
+                os.replace(old, target)
+            raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def deferred_interrupts():
+    """Ctrl-C (SIGINT) waits until the block is done: renames that belong together all happen, then it is raised.
+    Outside the main thread (where no signal handler can be set) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        previous(*caught[0]) if callable(previous) else signal.raise_signal(signal.SIGINT)
 
 
 class Staging:

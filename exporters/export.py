@@ -21,10 +21,10 @@ from edgepeft.exporters.base_graph import trace_base
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import weights_fingerprint
 from edgepeft.exporters.quantize import check_quantize, quantize_graph
-from edgepeft.exporters.resolve import ExportPlan, adapter_slots, base_valued, resolve
+from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
 from edgepeft.exporters.validate import log_check, validate
 from edgepeft.exporters.web_graph import write_web_variant
-from edgepeft.files import Staging, check_output_dir, write_json_atomic
+from edgepeft.files import Staging, check_output_dir, deferred_interrupts, write_json_atomic
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
     read_adapter_manifest, read_base_manifest,
@@ -58,6 +58,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     check_ops(ops)
     if not is_number(qtol) or not qtol > 0:
         raise ConfigError(f"--qtol must be a number > 0, got {qtol!r}")
+    check_output_dir(out, "--out")  # OUT itself takes the staging folders (resolve checks its base/ and adapters/)
     made = _missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
@@ -96,6 +97,11 @@ def plan_slots(plan: ExportPlan) -> tuple[list, bool]:
     """The base's slot table (OUT's and the new adapters', sorted) and whether OUT's base already serves it."""
     configs = [plan.config(s) for s in plan.sources]
     existing = plan.existing
+    others = sorted(set(adapter_dirs(plan.out)) - {s.name for s in plan.sources})
+    if not existing and others:  # nothing to check them against: a new base would be made without them
+        raise ConfigError(f"{os.path.join(plan.out, ADAPTERS_DIR)}: holds {', '.join(others)} but {plan.base_dir} holds "
+                          "no base (removed, or an export stopped); export every adapter into a fresh --out folder, "
+                          f"or remove {os.path.join(plan.out, ADAPTERS_DIR)}")
     if existing:
         _check_existing_base(plan, configs)
         plan.groups = _keep_layout(plan.groups, existing, plan.base_dir, [s.name for s in plan.sources])
@@ -130,7 +136,7 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
         raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
                           f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
                           "export into a fresh --out folder")
-    skip = {s.module for s in existing["slots"] if s.neutral == "base"} | base_valued(plan.model, configs, [s.path for s in plan.sources])
+    skip = {s.module for s in existing["slots"] if s.neutral == "base"}  # as OUT's base was fingerprinted
     if existing.get("weights_fingerprint") != weights_fingerprint(plan.model, skip_modules=skip) or existing["task"] != plan.task:
         raise AdapterBaseMismatchError(
             f"{base_dir}: was exported from {existing.get('source')} ({existing['task']}); these adapters need "
@@ -173,9 +179,11 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
     if reuse:
         plan.log(f"reusing {plan.base_dir} (has every slot these adapters need)")
         return plan.base_dir, plan.existing
-    # a new base re-points the adapters already there: one that cannot be read stops the export now, OUT untouched
+    # a new base re-points the adapters already there (those made for OUT's base: one copied in for another base
+    # stays refused); one that cannot be read stops the export now, OUT untouched
     plan.siblings = {d: read_adapter_manifest(d) for name, d in adapter_dirs(plan.out).items()
                      if name not in {s.name for s in plan.sources}}
+    plan.siblings = {d: m for d, m in plan.siblings.items() if m["base_fingerprint"] == plan.existing["fingerprint"]}
     for d in plan.siblings:  # each gets its manifest rewritten after the base is replaced: writable, checked now
         check_output_dir(d, "--out")
     stage = staging.new(plan.out, "base")
@@ -255,15 +263,29 @@ def _quantize_stage(stage: str, quantize: str, log) -> dict:
 
 # ---------------------------------------------------------------- commit
 def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: dict, reuse: bool) -> None:
-    """Base first (then re-point the adapters already there to it), then the new adapters."""
+    """Base first, the adapters already there re-pointed to it in the same breath, then the new adapters.
+
+    The re-pointed manifests are written beside the old ones first; the base and they are then renamed into
+    place with Ctrl-C held off, so OUT never holds a new base with its adapters still pointing at the old one.
+    """
     if not reuse:
-        staging.commit(base_stage, plan.base_dir)
-        slot_names = {s.name for s in read_base_manifest(plan.base_dir)["slots"]}
-        fingerprint = read_base_manifest(plan.base_dir)["fingerprint"]
-        for d, manifest in plan.siblings.items():  # after the base gained slots, the adapters already in OUT still fit
-            if set(manifest["slots"]) <= slot_names:
-                write_json_atomic(os.path.join(d, ADAPTER_MANIFEST), {**manifest, "base_fingerprint": fingerprint},
-                                  sort_keys=True)
+        base = read_base_manifest(base_stage)
+        slot_names = {s.name for s in base["slots"]}
+        moves = []
+        try:
+            for d, manifest in plan.siblings.items():  # after the base gained slots, the adapters already in OUT still fit
+                if set(manifest["slots"]) <= slot_names:
+                    staged = os.path.join(d, f".{ADAPTER_MANIFEST}.new")
+                    moves.append((staged, os.path.join(d, ADAPTER_MANIFEST)))
+                    write_json_atomic(staged, {**manifest, "base_fingerprint": base["fingerprint"]}, sort_keys=True)
+            with deferred_interrupts():
+                staging.commit(base_stage, plan.base_dir)
+                for staged, target in moves:
+                    os.replace(staged, target)
+        finally:
+            for staged, _ in moves:
+                if os.path.exists(staged):
+                    os.unlink(staged)
     for name, stage in adapter_stages.items():
         staging.commit(stage, os.path.join(plan.out, ADAPTERS_DIR, name))
 

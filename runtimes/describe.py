@@ -19,7 +19,7 @@ def folder_bytes(path: str) -> int:
 def describe_export(out_dir: str) -> dict:
     """What ``edgepeft inspect`` prints: base, slots, adapters, sizes and problems (no ONNX Runtime needed).
 
-    Problems: a graph file missing (or the base's empty), an adapter graph whose sha256
+    Problems: a graph file missing (or the base's empty, or its weights file), an adapter graph whose sha256
     differs from its manifest's. The base graph's contents are not read (it may be GBs).
     """
     base_dir = os.path.join(out_dir, BASE_DIR)
@@ -30,6 +30,8 @@ def describe_export(out_dir: str) -> dict:
     graph = os.path.join(base_dir, base["graph"])
     if not os.path.isfile(graph) or os.path.getsize(graph) == 0:
         problems.append(f"{graph}: base graph missing or empty; re-run `edgepeft export` into a fresh --out folder")
+    elif not os.path.isfile(graph + ".data"):  # export writes the weights beside the graph, always
+        problems.append(f"{graph}.data: the base's weights are missing; re-run `edgepeft export` into a fresh --out folder")
     for d in adapter_dirs(out_dir).values():
         m = read_adapter_manifest(d)
         if (error := adapter_graph_error(d, m)) is not None:

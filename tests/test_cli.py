@@ -286,12 +286,15 @@ def test_a_disk_error_is_one_line(monkeypatch, capsys):
     assert err == ("error: /data/out/base/model.onnx: Permission denied; check the path, its permissions and free space")
 
 
-@pytest.mark.parametrize("damage", ["adapter-graph-missing", "adapter-graph-truncated", "base-graph-missing"])
+@pytest.mark.parametrize("damage", ["adapter-graph-missing", "adapter-graph-truncated", "base-graph-missing",
+                                    "base-weights-missing"])
 def test_inspect_fails_on_missing_or_damaged_graphs(tmp_path, llama, damage):
     out = tmp_path / "out"
     shutil.copytree(llama[0], out)
     graph = out / ("base" if damage.startswith("base") else "adapters/qv") / ("model.onnx" if damage.startswith("base")
                                                                                else "adapter.onnx")
+    if damage == "base-weights-missing":  # inspect said all was well; Runtime could not load the base
+        graph = out / "base" / "model.onnx.data"
     if damage.endswith("missing"):
         graph.unlink()
     else:

@@ -28,8 +28,8 @@ def test_target_modules_with_spaces_name_every_module():
 
 
 def test_flags_that_contradict_or_do_nothing_are_said(peft_adapter, text_model, tmp_path, capsys):
-    """A shorthand and --option setting one field, --resume with --overwrite: refused; --qtol on a float32 export:
-    a note (it checks nothing there)."""
+    """A shorthand and --option setting one field, --resume with --overwrite: refused; --qtol on a float32 export
+    and --ort-adapter with --merge: a note (they do nothing there)."""
     with pytest.raises(ConfigError, match="--r and --option r=... both set r; give one of them"):
         _options("lora", 2, None, None, ["r=16"])
     data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
@@ -41,6 +41,9 @@ def test_flags_that_contradict_or_do_nothing_are_said(peft_adapter, text_model, 
 
     main(["export", "--adapter", spec_adapter(peft_adapter, "llama", "qv"), "--out", str(tmp_path / "out"), "--qtol", "0.1"])
     assert "note: --qtol only applies with --quantize" in capsys.readouterr().err
+    main(["export", "--adapter", spec_adapter(peft_adapter, "llama", "qv"), "--out", str(tmp_path / "merged"), "--merge",
+          "--ort-adapter"])  # was silently ignored
+    assert "note: --ort-adapter writes adapter files; --merge writes none" in capsys.readouterr().err
 
 
 def test_an_adapter_may_not_be_named_none(peft_adapter, tmp_path):

@@ -1,0 +1,130 @@
+"""A later export into an OUT that holds adapters: which adapters a new base takes along, and that OUT is never
+left half-committed (Ctrl-C during the commit, a rename that fails)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from error_contract import llama, other_llama_base  # noqa: F401  (fixtures)
+from file_checks import copy_adapter, edit_json, hidden_entries
+from peft_refs import lora_adapter
+
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError
+from edgepeft.exporters import export
+from edgepeft.files import replace_dir
+from edgepeft.runtimes import Runtime
+
+
+def _fingerprint(folder) -> str:
+    with open(os.path.join(folder, "adapter.json")) as f:
+        return json.load(f)["base_fingerprint"]
+
+
+def test_an_adapter_made_for_another_base_stays_refused_when_the_base_grows(llama, other_llama_base, tmp_path):
+    """deploy.md: copy adapters into OUT later, a Runtime refuses one made for another base. A later export that
+    grew the base re-pointed it to the new base: it loaded, and ran its weights on the wrong base."""
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    other = copy_adapter(llama[1]["qv"], tmp_path / "other-qv")
+    edit_json(os.path.join(other, "adapter_config.json"), base_model_name_or_path=other_llama_base)
+    export([other], str(tmp_path / "other-out"), names=["foreign"])
+    foreign = os.path.join(out, "adapters", "foreign")
+    shutil.copytree(os.path.join(tmp_path, "other-out", "adapters", "foreign"), foreign)
+    made_for = _fingerprint(foreign)
+    export([llama[1]["mlp"]], out)  # new slots: a new base, the adapters made for the old one re-pointed
+    rt = Runtime(out, load_adapters=False)
+    assert rt.manifest["fingerprint"] == _fingerprint(os.path.join(out, "adapters", "qv")) != made_for
+    assert _fingerprint(foreign) == made_for
+    rt.load_adapter(os.path.join(out, "adapters", "qv"))
+    with pytest.raises(AdapterBaseMismatchError, match="was exported for base"):
+        rt.load_adapter(foreign)
+
+
+def test_a_head_adapter_after_a_plain_one_grows_the_base_as_both_together(tiny_base, tmp_path):
+    """A LoRA adapter saving lm_head exported after a plain one was refused ('exported from BASE; these adapters
+    need BASE'); in one export, or in the other order, it worked. Any order writes the same base."""
+    base = tiny_base("llama")
+    plain = lora_adapter(tmp_path / "plain", base, "causal-lm", 5, r=2, target_modules=["q_proj"])
+    head = lora_adapter(tmp_path / "head", base, "causal-lm", 6, r=2, target_modules=["v_proj"], modules_to_save=["lm_head"])
+    apart, together = str(tmp_path / "apart"), str(tmp_path / "together")
+    export([plain], apart, names=["plain"])
+    export([head], apart, names=["head"])
+    export([plain, head], together, names=["plain", "head"])
+    manifests = [Runtime(o, load_adapters=False).manifest for o in (apart, together)]
+    assert manifests[0]["fingerprint"] == manifests[1]["fingerprint"]
+    ids = np.array([[5, 6, 7, 8]])
+    for name in ("plain", "head"):
+        np.testing.assert_array_equal(Runtime(apart).forward(ids, adapter=name)["logits"],
+                                      Runtime(together).forward(ids, adapter=name)["logits"])
+
+
+def test_adapters_without_a_base_are_refused_not_left_stale(llama, tmp_path):
+    """OUT/base removed (or an export stopped): the new base was made without them, and every Runtime(OUT)
+    then failed on the old adapters, the one just exported included."""
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    shutil.rmtree(os.path.join(out, "base"))
+    with pytest.raises(ConfigError, match=r"adapters: holds qv but .*base holds no base \(removed, or an export "
+                       r"stopped\); export every adapter into a fresh --out folder"):
+        export([llama[1]["mlp"]], out)
+    assert sorted(os.listdir(out)) == ["adapters"]
+
+
+def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp_path, monkeypatch):
+    """SIGINT between the new base's rename and its adapters' new manifests left every adapter of OUT 'made for
+    another base', and a second export did not mend it (the base was then reused)."""
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    slots_before = len(Runtime(out, load_adapters=False).manifest["slots"])
+    real, sent = os.replace, []
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "base" and not sent:  # Ctrl-C just as the new base moves in
+            sent.append(dst)
+            signal.raise_signal(signal.SIGINT)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        export([llama[1]["mlp"]], out)
+    monkeypatch.setattr(os, "replace", real)
+    assert sent
+    rt = Runtime(out)  # every adapter of OUT fits the base OUT holds
+    assert rt.adapter_names == ["qv"] and len(rt.manifest["slots"]) > slots_before  # the new base, mlp's slots in
+    assert not hidden_entries(out)
+
+
+def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tmp_path, monkeypatch):
+    """Its docstring: target is at every moment the old or the new folder. A failing second rename left neither."""
+    target, staged = tmp_path / "target", tmp_path / ".staged"
+    for folder, text in ((target, "old"), (staged, "new")):
+        folder.mkdir()
+        (folder / "file").write_text(text)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src) == str(staged):
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"):
+        replace_dir(str(staged), str(target))
+    assert (target / "file").read_text() == "old" and (staged / "file").read_text() == "new"
+
+
+
+def test_a_read_only_out_is_refused_before_any_work(llama, tmp_path, monkeypatch):
+    """OUT takes the staging folders: the error named a hidden staging path that did not exist, after loading.
+    (Read-only as this process sees it: root writes anywhere, so os.access says so for OUT.)"""
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: real(path, mode) and os.path.abspath(path) != out)
+    with pytest.raises(ConfigError, match=rf"{out}: cannot write here \(permission denied\)"):
+        export([llama[1]["mlp"]], out)
