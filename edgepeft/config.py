@@ -20,6 +20,7 @@ from edgepeft.runtimes.values import is_real, is_whole
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # HF PEFT's save_pretrained(safe_serialization=False): read, never written
 LABELS_NAME = "labels.json"  # class names beside a classifier adapter (edgepeft train writes it)
 
 # HF PEFT task_type -> edgepeft task (the export's head).

@@ -63,15 +63,22 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
                                     "that save_pretrained wrote (config.json, model.safetensors, tokenizer files)")
 
 
-def load_model_config(name_or_path: str, flag: str = "--base"):
+def model_label(name_or_path: str, revision: str | None = None) -> str:
+    """A model as messages name it: the folder or hub id, with the revision when one is asked for."""
+    return f"{name_or_path} (revision {revision})" if revision else str(name_or_path)
+
+
+def load_model_config(name_or_path: str, flag: str = "--base", revision: str | None = None):
+    """``revision``: the hub branch, tag or commit (an adapter config's ``revision``, as HF PEFT's AutoPeftModel
+    passes it); None: the default branch. A local folder has none: it is ignored there."""
     from transformers import AutoConfig
 
     check_model_source(name_or_path, flag)
     try:
-        return AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as e:
         raise ArtifactNotFoundError(
-            f"{name_or_path}: cannot load the base model's config ({str(e).splitlines()[0]}); "
+            f"{model_label(name_or_path, revision)}: cannot load the base model's config ({str(e).splitlines()[0]}); "
             f"pass {flag} with a local model folder (with config.json)"
         ) from None
 
@@ -118,19 +125,20 @@ def check_exportable(config, source: str) -> None:
         )
 
 
-def load_base(name_or_path: str, task: str, labels: list[str] | None = None):
+def load_base(name_or_path: str, task: str, labels: list[str] | None = None, revision: str | None = None):
     """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
 
     Heads the checkpoint lacks (a classifier) are initialised from a fixed seed so
     the same base loads to the same weights every time. ``labels`` (seq-cls) sizes
-    the classifier for those classes and names them in the config.
+    the classifier for those classes and names them in the config. ``revision``: see
+    ``load_model_config``.
     """
     from optimum.exporters.tasks import TasksManager
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
-    config = load_model_config(name_or_path)
+    config = load_model_config(name_or_path, revision=revision)
     check_supported(config.model_type, task, str(name_or_path))
     if task == "seq-cls" and config.model_type in DECODERS and config.pad_token_id is None:
         raise UnsupportedModelError(
@@ -148,9 +156,11 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa", **head)
+            model = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa",
+                                             revision=revision, **head)
         except (OSError, ValueError) as e:
-            raise ArtifactNotFoundError(f"{name_or_path}: cannot load the base model ({str(e).splitlines()[0]})") from None
+            raise ArtifactNotFoundError(f"{model_label(name_or_path, revision)}: cannot load the base model "
+                                        f"({str(e).splitlines()[0]})") from None
         finally:
             hf_logging.set_verbosity(verbosity)
     return model.eval()
@@ -236,7 +246,9 @@ def max_positions(config) -> int | None:
 def sample_inputs(config, batch: int = 2, seq: int = 8, seed: int = 0):
     """Token ids and a mask with the last row left-padded (3 pad tokens)."""
     g = torch.Generator().manual_seed(seed)
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    pad = config.pad_token_id
+    if not (isinstance(pad, int) and 0 <= pad < config.vocab_size):  # None, or -1 as older Llama conversions say
+        pad = 0
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
     ids[ids == pad] = (pad + 1) % config.vocab_size
     mask = torch.ones(batch, seq, dtype=torch.long)

@@ -25,13 +25,38 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from edgepeft.config import WEIGHTS_NAME, load_config, naming_config
+from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
 from edgepeft.registry import AdapterLayer
 from edgepeft.tuners import method_for
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, wrap_modules_to_save
 from edgepeft.tuners.targets import replace_module
+
+
+def read_adapter_weights(directory: str) -> tuple[str, dict]:
+    """(file, {saved key: tensor}) of an adapter folder: ``adapter_model.safetensors``, else HF PEFT's pickled
+    ``adapter_model.bin`` (older hub adapters), read as HF PEFT reads it but with tensors only (no code runs)."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    pickled = os.path.join(directory, PICKLED_WEIGHTS_NAME)
+    if not os.path.isfile(path) and os.path.isfile(pickled):
+        try:
+            state = torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  torch's unpickler fails with many types on damaged bytes (IndexError too)
+            raise CorruptArtifactError(
+                f"{pickled}: cannot read adapter weights ({type(e).__name__}): damaged, or holding more than tensors "
+                f"(it is read with weights_only=True); re-save the adapter with save_pretrained, which writes "
+                f"{WEIGHTS_NAME}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CorruptArtifactError(f"{pickled}: holds no state dict of tensors; re-save the adapter with save_pretrained")
+        return pickled, state
+    if not os.path.isfile(path):
+        raise ArtifactNotFoundError(f"{path}: adapter weights not found (nor {PICKLED_WEIGHTS_NAME}); re-save the adapter "
+                                    "with save_pretrained")
+    try:
+        return path, load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptArtifactError(f"{path}: cannot read adapter weights ({e}); re-save the adapter") from None
 
 
 class TunedModel(nn.Module):
@@ -192,13 +217,7 @@ class PeftModel(nn.Module):
             self.add_adapter(adapter_name, config)
         except EdgePeftError as e:  # a config the model cannot take: name the file it came from
             raise naming_config(e, directory) from None
-        path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise ArtifactNotFoundError(f"{path}: adapter weights not found; re-save the adapter with save_pretrained")
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CorruptArtifactError(f"{path}: cannot read adapter weights ({e}); re-save the adapter") from None
+        path, state = read_adapter_weights(directory)
         self._load_state(adapter_name, state, path)
         if is_trainable:  # as HF PEFT: trainable now, even before set_adapter
             self._set_requires_grad(adapter_name, True)

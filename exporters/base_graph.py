@@ -29,10 +29,12 @@ TOKENIZER_FILES = (
 MODEL_FILES = ("generation_config.json", "sentence_bert_config.json", "modules.json", os.path.join("1_Pooling", "config.json"))
 
 
-def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="standard") -> dict:
+def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="standard",
+               revision=None) -> dict:
     """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest.
 
-    ``ops``: "contrib" (a model ``effective_ops`` allows) or "standard" (see ``contrib_ops``).
+    ``ops``: "contrib" (a model ``effective_ops`` allows) or "standard" (see ``contrib_ops``). ``revision``: the hub
+    revision of ``source`` (its tokenizer's too).
     """
     graph_model = copy.deepcopy(model)
     fused = fuse_groups(graph_model, groups)
@@ -83,7 +85,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "fused_groups": list(fused),
         **io,
     }
-    write_tokenizer(source, stage)
+    write_tokenizer(source, stage, revision)
     for f in MODEL_FILES if os.path.isdir(source) else ():
         if os.path.isfile(os.path.join(source, f)):
             os.makedirs(os.path.dirname(os.path.join(stage, f)), exist_ok=True)
@@ -93,19 +95,24 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     return manifest
 
 
-def write_tokenizer(source: str, stage: str) -> None:
+def write_tokenizer(source: str, stage: str, revision: str | None = None) -> None:
     """The base's tokenizer as transformers loads it, into ``stage``: its tokenizer.json is the one transformers
     runs. transformers 5 rebuilds some tokenizers (Llama-2's: no Prepend normalizer, Metaspace first only), so
     a copied file gave other ids (' Hello', text after <s>). A hub id's tokenizer comes too. A tokenizer that
-    transformers cannot load is copied as it is (a folder's), or left out (the runtime then takes token ids)."""
+    transformers cannot load is copied as it is (a folder's), or left out (the runtime then takes token ids), and
+    so is one with no vocabulary beyond its special tokens: transformers 5 makes such a placeholder for a folder
+    without tokenizer files, which encodes every word as [UNK] (or nothing)."""
     import transformers
 
+    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
+        return
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision)
     except Exception:  # no tokenizer, or one that needs remote code or another package: no reference to follow
         tokenizer = None
     if getattr(tokenizer, "backend_tokenizer", None) is not None:
-        tokenizer.save_pretrained(stage)
+        if len(tokenizer) > len(set(tokenizer.all_special_ids)):
+            tokenizer.save_pretrained(stage)
         return
     for f in TOKENIZER_FILES if os.path.isdir(source) else ():
         if os.path.isfile(os.path.join(source, f)):

@@ -190,7 +190,7 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
     plan.log(f"exporting base with {len(slots)} slots to {plan.base_dir}")
     skip = {s.module for s in slots if s.neutral == "base"}  # task heads: their base values are only defaults
     trace_base(plan.model, slots, plan.task, stage, plan.source, weights_fingerprint(plan.model, skip_modules=skip),
-               plan.groups, ops=effective_ops(plan.model.config, plan.task, plan.ops, plan.log))
+               plan.groups, ops=effective_ops(plan.model.config, plan.task, plan.ops, plan.log), revision=plan.revision)
     manifest = read_base_manifest(stage)
     if manifest["inert_slots"]:
         plan.log(f"note: {len(manifest['inert_slots'])} slots cannot change {TASK_OUTPUTS[plan.task]} "
@@ -309,7 +309,8 @@ def export_merged(plan: ExportPlan) -> dict:
         stage = staging.new(plan.out, "merged")
         plan.log(f"exporting {src.name} merged into the base to {base_dir}")
         trace_base(merged, [], plan.task, stage, plan.source, weights_fingerprint(merged), plan.groups,
-                   merged_adapter=src.name, ops=effective_ops(merged.config, plan.task, plan.ops, plan.log))
+                   merged_adapter=src.name, ops=effective_ops(merged.config, plan.task, plan.ops, plan.log),
+                   revision=plan.revision)
         rt = Runtime.from_base_dir(stage)
         plan.peft.set_adapter(src.name)
         checks = [validate(f"merged {src.name}", rt, None, plan.peft, plan.task, plan.atol, src.path)]

@@ -50,6 +50,9 @@ class SlotGraph(torch.nn.Module):
         self._feeds = [feeds[n] for n in self.slot_names]  # (slot module, role) per slot
         # A slot module that embeds input_ids itself (a prompt before the tokens): the model gets inputs_embeds.
         self.embedder = next((m for m, _ in self._feeds if getattr(m, "embeds_input_ids", False)), None)
+        # A slot module whose keys/values come before the tokens' inside the graph (an encoder's prefix): the
+        # tokens' positions start after them (``virtual_length()``: their number, 0 for the neutral value).
+        self.shifter = next((m for m, _ in self._feeds if getattr(m, "shifts_positions", False)), None)
         self.output_name = TASK_OUTPUTS[task]
         self.cache = cache_manifest(cache) if cache else None
         self.kwargs = {} if cache else call_kwargs(model.config)
@@ -123,7 +126,7 @@ class SlotGraph(torch.nn.Module):
         # transformers takes a 4D mask as it is; built here, its dims keep the inputs' names (``causal_mask``).
         # Without a cache, positions are passed too: transformers' default (0 .. T-1) comes from arange.
         if self.encoder:
-            extra.update(encoder_positions(first))
+            extra.update(encoder_positions(first, self.shifter.virtual_length() if self.shifter is not None else None))
             attention_mask = padding_mask(attention_mask, first)
         else:  # every layer full attention: check_exportable
             if not self.cache:
@@ -217,13 +220,16 @@ def counted_positions(tokens: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(_rows(tokens), dtype=torch.long).cumsum(-1) - 1
 
 
-def encoder_positions(tokens: torch.Tensor) -> dict:
-    """BERT's default position ids (0 .. T-1) and token types (0), counted along the inputs.
+def encoder_positions(tokens: torch.Tensor, offset=None) -> dict:
+    """BERT's default position ids (0 .. T-1, shifted by ``offset``) and token types (0), counted along the inputs.
 
+    ``offset``: the prefix tokens before the input's keys (an encoder prefix: n .. n+T-1, as HF PEFT).
     BertEmbeddings slices them from buffers otherwise, which shape inference cannot relate to
     the inputs: the embeddings' sum, and every dim after it, lost the batch and length names.
     """
-    positions = counted_positions(tokens)
+    positions = counted_positions(tokens)  # (B, T)
+    if offset is not None:
+        positions = positions + offset
     return {"position_ids": positions, "token_type_ids": torch.zeros_like(positions)}
 
 

@@ -12,7 +12,9 @@ from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
 from edgepeft.exporters.fingerprint import weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.files import check_output_dir
-from edgepeft.models import call_kwargs, check_exportable, check_supported, default_task, load_base, load_model_config, sample_inputs
+from edgepeft.models import (
+    call_kwargs, check_exportable, check_supported, default_task, load_base, load_model_config, model_label, sample_inputs,
+)
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, enclosing_export, read_base_manifest
 from edgepeft.tuners import load_config, specs_for
@@ -45,6 +47,7 @@ class ExportPlan:
     overwrite: bool = False
     log: object = field(default=lambda *a, **k: None)
     siblings: dict = field(default_factory=dict)  # {folder: manifest} of adapters already in OUT, when the base changes
+    revision: str | None = None  # the hub revision of ``source`` the adapters record (None: the default branch)
 
     @property
     def base_dir(self) -> str:
@@ -66,13 +69,14 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
         raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "
                           f"e.g. --out {os.path.normpath(out)}-onnx")
     source = _base_of(sources, base)
+    revision = _revision_of(sources, source)
     _check_out_replaces_nothing_of_the_users(out, sources, source)
-    model_config = load_model_config(source)
+    model_config = load_model_config(source, revision=revision)
     task = _task_of(sources, model_config.model_type)
     check_supported(model_config.model_type, task, source)
     check_exportable(model_config, source)
-    options["log"](f"loading base {source} ({model_config.model_type}, {task})")
-    model = load_base(source, task)
+    options["log"](f"loading base {model_label(source, revision)} ({model_config.model_type}, {task})")
+    model = load_base(source, task, revision=revision)
     if base:
         _check_recorded_bases(sources, source, model, task)
     peft = PeftModel(copy.deepcopy(model))
@@ -82,7 +86,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     manifest = os.path.join(out, BASE_DIR, BASE_MANIFEST)
     existing = read_base_manifest(os.path.dirname(manifest)) if os.path.exists(manifest) else None
     groups = _fusion_groups(model, [peft.peft_config[s.name] for s in sources])
-    return ExportPlan(out, sources, source, task, model, peft, existing, groups, **options)
+    return ExportPlan(out, sources, source, task, model, peft, existing, groups, revision=revision, **options)
 
 
 def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
@@ -128,6 +132,19 @@ def _base_of(sources, base) -> str:
         raise ConfigError(f"the adapters name different bases ({', '.join(sorted(wanted))}); export them into separate "
                           "--out folders or pass --base")
     return wanted.pop()
+
+
+def _revision_of(sources, source: str) -> str | None:
+    """The hub revision the adapters record for ``source`` (their ``revision``, which HF PEFT's AutoPeftModel loads);
+    None: the default branch, or ``--base`` names another model than they record. One export serves one revision."""
+    recorded = [s for s in sources if s.config.base_model_name_or_path == source]
+    revisions = {s.config.revision or "main" for s in recorded}  # unset is the default branch, as HF loads it
+    if len(revisions) > 1:
+        named = ", ".join(f"{s.path}: {s.config.revision or 'main (unset)'}" for s in recorded)
+        raise ConfigError(f"the adapters name different revisions of {source} ({named}); one export folder holds one "
+                          "base, so export them into separate --out folders")
+    revision = revisions.pop() if revisions else None
+    return None if revision == "main" else revision
 
 
 def _task_of(sources, model_type: str) -> str:

@@ -50,19 +50,26 @@ class Plan:
     every: {graph input: OrtValue} bound at every step; prefill: bound at the first step
     only; past: {cache input: array (1, ...)} that starts the cache, repeated over the
     batch; n_past / n_prepend: virtual tokens added as past / before the input tokens;
+    n_inside: virtual tokens the graph adds itself (an encoder's prefix), which take positions only;
     cpu: {graph input: array} bound from numpy (a mixed batch's row selectors);
     columns: each row's (start, width) of the task output (a head per row), or None.
     """
 
-    __slots__ = ("every", "prefill", "past", "n_past", "n_prepend", "cpu", "columns")
+    __slots__ = ("every", "prefill", "past", "n_past", "n_prepend", "n_inside", "cpu", "columns")
 
     def __init__(self):
-        self.every, self.prefill, self.past, self.n_past, self.n_prepend = {}, {}, {}, 0, 0
+        self.every, self.prefill, self.past, self.n_past, self.n_prepend, self.n_inside = {}, {}, {}, 0, 0, 0
         self.cpu, self.columns = {}, None
 
     @property
     def n_virtual(self) -> int:
+        """Virtual tokens the runtime adds to the mask and positions."""
         return self.n_past + self.n_prepend
+
+    @property
+    def n_positions(self) -> int:
+        """Positions the adapter's virtual tokens take, every kind: what a length check counts."""
+        return self.n_virtual + self.n_inside
 
 
 NO_ADAPTER = Plan()
@@ -87,7 +94,7 @@ class Registered:
         self.arrays = None  # staged: {slot: array}, what mixed batches stack
         self.bytes = 0
         self.users = 0  # calls in flight
-        self.n_virtual = 0  # its virtual tokens, known from the staging at load (kept when evicted)
+        self.n_virtual = 0  # positions its virtual tokens take, known from the staging at load (kept when evicted)
 
     @property
     def source(self):
@@ -254,7 +261,7 @@ class AdapterStore:
         return adapter
 
     def _set_staged(self, adapter: Registered, arrays: dict, plan: Plan) -> None:
-        adapter.arrays, adapter.plan, adapter.n_virtual = arrays, plan, plan.n_virtual
+        adapter.arrays, adapter.plan, adapter.n_virtual = arrays, plan, plan.n_positions
         adapter.bytes = int(sum(a.nbytes for a in arrays.values()))
         self._resident[adapter.name] = True
         self._resident.move_to_end(adapter.name)
@@ -311,6 +318,8 @@ class AdapterStore:
                 plan.n_past = int(arr.shape[slot.virtual_axis])  # every layer's prefix has the same length
             elif slot.virtual_axis is not None:
                 plan.n_prepend += int(arr.shape[slot.virtual_axis])
+            if slot.position_axis is not None:
+                plan.n_inside = int(arr.shape[slot.position_axis])  # every layer's prefix has the same length
         if plan.past and set(plan.past) != set(self.past_names):
             raise CorruptArtifactError(
                 f"{label}: the adapter starts {len(plan.past)} of the {len(self.past_names)} cache inputs; re-export the adapter"

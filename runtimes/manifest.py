@@ -30,6 +30,11 @@ Virtual tokens (prompt and prefix tuning) are declared by three optional fields:
 
 A slot with a ``target`` adds its tokens as past (positions start after them); a graph
 input with a ``virtual_axis`` adds them before the input tokens (outputs include them).
+One more declares virtual tokens the graph adds itself:
+
+    position_axis K    axis K of the value counts tokens the graph puts before the input's keys
+                       (an encoder's prefix); the graph starts the input's positions after them,
+                       so the runtime counts them against max_positions (mask and positions unchanged)
 
 Rows with different adapters in one graph run (mixed batches, weighted adapters) are
 declared by three more fields:
@@ -141,6 +146,7 @@ class Slot:
     phase: str = "every"  # "every" step, or "prefill" (first step) only
     target: str = ""  # the graph input this slot's value starts (a cache input); "" = its own input
     virtual_axis: int | None = None  # axis counting virtual tokens the runtime adds to mask and positions
+    position_axis: int | None = None  # axis counting virtual tokens the graph adds itself (they take positions)
     stack_axis: int | None = None  # axis adapters' values concatenate along in a mixed batch
     selector: str = ""  # the selector slot choosing each row's share of the stack, or "output"
     selects: str = ""  # on a selector slot: "columns" or "adapters"
@@ -163,6 +169,8 @@ class Slot:
             d["target"] = self.target
         if self.virtual_axis is not None:
             d["virtual_axis"] = self.virtual_axis
+        if self.position_axis is not None:
+            d["position_axis"] = self.position_axis
         if self.stack_axis is not None:
             d["stack_axis"] = self.stack_axis
         for key in ("selector", "selects"):
@@ -184,6 +192,7 @@ class Slot:
             phase=d.get("phase", "every"),
             target=d.get("target", ""),
             virtual_axis=d.get("virtual_axis"),
+            position_axis=d.get("position_axis"),
             stack_axis=d.get("stack_axis"),
             selector=d.get("selector", ""),
             selects=d.get("selects", ""),

@@ -248,7 +248,7 @@ class Runtime:
         with self.lanes(adapter, ids.shape[0]) as lanes:
             for lane in lanes:
                 rows_ids, rows_mask = (ids, mask) if len(lanes) == 1 else (ids[lane.rows], mask[lane.rows])
-                self._check_length(lane.plan.n_virtual, ids.shape[1])
+                self._check_length(lane.plan.n_positions, ids.shape[1])
                 full, positions = self.virtual_inputs(lane.plan, rows_mask, generate=False)
                 out = self.run(lane.plan, rows_ids, full, positions)[0].numpy()
                 if lane.plan.columns is not None:  # a head per row: each row's own output columns
@@ -282,7 +282,7 @@ class Runtime:
                     token = yield inner.send(token)
 
         def check(token, sent: int) -> np.ndarray:  # every token sent takes a position
-            n_virtual = max(lane.plan.n_virtual for lane in lanes["held"])
+            n_virtual = max(lane.plan.n_positions for lane in lanes["held"])
             self._check_length(n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent")
             return step_tokens(token, ids.shape[0], self.vocab_size)
 

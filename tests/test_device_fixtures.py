@@ -39,7 +39,7 @@ def _cli(*argv) -> str:
 
 def _quiet_prompt(rt, adapters, candidates) -> list:
     """The first prompt (token ids) no adapter answers with eos or pad within NEW_TOKENS: onnxruntime-genai cannot
-    be told never to stop (it falls back to the pad id), so the tiers compare runs that reach the length limit."""
+    be told never to stop (it stops at the model's eos ids), so the tiers compare runs that reach the length limit."""
     stops = {*rt.manifest["eos_token_id"], rt.pad_token_id}
     return next(p for p in candidates
                 if not any(stops & set(rt.generate(np.array([p]), adapter=a, max_new_tokens=NEW_TOKENS,

@@ -6,6 +6,7 @@ Written to ``build/js/`` (or ``$EDGEPEFT_JS_FIXTURES``):
     llama_int8/, llama_int4/   its base quantized, with the LoRA adapter
     gpt2/      a tiny GPT-2 on its contrib graph (GroupQueryAttention, SkipLayerNormalization): LoRA and prefix adapters
     bert_merged/   a tiny BERT classifier with a LoRA adapter merged in (--merge): no slot, no neutral.onnx
+    bert_prefix/   a tiny BERT feature extractor with a prefix adapter (positions start after the prefix, in the graph)
     minilm/    the real MiniLM-L6 weights with an intent (6 labels) and a sentiment (2 labels) LoRA classifier
     expected.json   tokenizer ids, forward outputs for a call sequence that switches adapter every call,
                     greedy ids (batch 2, left-padded), classifier results: as the Python runtime gives them
@@ -92,6 +93,10 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
     assert not os.path.exists(os.path.join(merged, "base", "neutral.onnx"))  # no slot: nothing to fill
     plain = Runtime(merged)
     plain_ids, plain_mask = plain.tokenizer.encode(TEXTS[:3])
+    bert_prefix = os.path.join(FIXTURES, "bert_prefix")
+    export([peft_virtual_adapter(tmp_path / "bert-prefix", text_model("bert"), "prefix", seed=49,
+                                 task="feature-extraction", num_virtual_tokens=3)], bert_prefix, names=["prefix"])
+    encoder = Runtime(bert_prefix)
 
     minilm_dirs = {}
     for name, labels, seed in (("intent", INTENTS, 45), ("sentiment", ["negative", "positive"], 46)):
@@ -118,6 +123,9 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
                             for a in (None, *gpt2_dirs)}},
         "bert_merged": {"ids": _rows(plain_ids), "mask": _rows(plain_mask),
                         "forward": _rows(plain.forward(plain_ids, plain_mask)["logits"])},
+        "bert_prefix": {"ids": _rows(plain_ids), "mask": _rows(plain_mask),
+                        "forward": {str(a): _rows(encoder.forward(plain_ids, plain_mask, adapter=a)["last_hidden_state"])
+                                    for a in (None, "prefix")}},
         "minilm": {
             "tokens": {t: _rows(cls.tokenizer.encode(t)[0][0]) for t in TEXTS},
             "ids": _rows(cls_ids), "mask": _rows(cls_mask),

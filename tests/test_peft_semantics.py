@@ -15,6 +15,7 @@ from peft_refs import randomize_adapter
 from tiny import load_reference_base, sample_batch
 
 import edgepeft
+from edgepeft.training import method_config
 
 
 def trainable_adapters(model) -> set:
@@ -165,7 +166,11 @@ def test_an_hf_lm_head_adapter_trained_on_a_bfloat16_copy_loads_on_the_float32_b
     (lambda: edgepeft.IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"]), "ConfigError", "subset"),
     (lambda: edgepeft.LoraConfig.from_dict({"peft_type": "LORA", "alora_invocation_tokens": [5, 6]}),
      "UnsupportedMethodError", "alora_invocation_tokens"),
-], ids=["pissa", "bogus-init", "dropout", "task-foo", "task-token-cls", "ia3-ff-not-target", "alora"])
+    # without layers_to_transform it selects nothing, and HF PEFT cannot load an adapter that records it
+    (lambda: edgepeft.LoraConfig(layers_pattern="layers"), "UnsupportedMethodError", "train without layers_pattern"),
+    (lambda: method_config("lora", "causal-lm", {"layers_pattern": ["layers"]}), "UnsupportedMethodError", "layers_pattern"),
+], ids=["pissa", "bogus-init", "dropout", "task-foo", "task-token-cls", "ia3-ff-not-target", "alora", "layers-pattern",
+        "layers-pattern-train"])
 def test_configs_hf_peft_refuses_or_edgepeft_cannot_run_are_refused(make, error, words):
     from edgepeft import errors
 
@@ -176,6 +181,29 @@ def test_configs_hf_peft_refuses_or_edgepeft_cannot_run_are_refused(make, error,
 def test_hf_lora_variants_that_need_no_base_change_still_load():
     for init in (True, False, "gaussian", "eva", "orthogonal", "mica"):
         assert edgepeft.LoraConfig(init_lora_weights=init).init_lora_weights == init
+    assert edgepeft.LoraConfig(layers_pattern=None).layers_pattern is None  # HF PEFT writes null
+
+
+def test_eva_adapters_load_but_training_with_eva_is_refused(tiny_base, tmp_path):
+    """EVA starts A from the SVD of activations on training data (HF PEFT's initialize_lora_eva_weights), which
+    edgepeft does not run: training would silently start from the default init. A trained EVA adapter is plain LoRA."""
+    import json
+
+    from edgepeft.errors import UnsupportedMethodError
+    from tiny import max_diff_valid, torch_outputs
+
+    base = tiny_base("llama")
+    options = dict(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(UnsupportedMethodError, match="init_lora_weights='eva'.*does not train them"):
+        edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(init_lora_weights="eva", **options))
+    model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(**options))
+    randomize_adapter(model, 5)
+    model.eval().save_pretrained(tmp_path / "eva")
+    config = json.loads((tmp_path / "eva" / "adapter_config.json").read_text())
+    (tmp_path / "eva" / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "eva"}))
+    loaded = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "eva")).eval()
+    ids, mask = sample_batch()
+    assert max_diff_valid(torch_outputs(loaded, ids, mask, "logits"), torch_outputs(model, ids, mask, "logits")) == 0
 
 
 def test_lora_inits_start_as_hf_peft_starts(tiny_base):

@@ -101,7 +101,8 @@ def test_one_base_switches_prefix_prompt_lora_and_ia3_per_call(arch, virtual_exp
 # ---------------------------------------------------------------- encoders (BERT family)
 @pytest.fixture(scope="module")
 def bert_prefix(tiny_base, workdir):
-    """{task: edgepeft prefix adapter dir} on the tiny BERT (HF PEFT cannot run these on transformers 5)."""
+    """{task: edgepeft prefix adapter dir} on the tiny BERT (HF PEFT runs no SEQ_CLS prefix; feature extraction
+    against HF PEFT: test_peft_roundtrip.py)."""
     dirs = {}
     for task, task_type, kw in [("feature-extraction", "FEATURE_EXTRACTION", dict(num_virtual_tokens=3)),
                                 ("seq-cls", "SEQ_CLS", dict(num_virtual_tokens=4, prefix_projection=True))]:

@@ -167,3 +167,22 @@ def test_configs_take_what_hf_peft_takes(config, field, expected):
     assert getattr(lora, field) == expected and type(getattr(lora, field)) is type(expected)
     assert edgepeft.BottleneckConfig(target_modules={"b", "a"}).target_modules == ["a", "b"]
     assert edgepeft.IA3Config(exclude_modules={"x"}).exclude_modules == ["x"]
+
+
+def test_a_base_whose_config_says_pad_token_id_minus_one_exports(tiny_base, tmp_path):
+    """Older Llama conversions say pad_token_id -1: the export's sample batch padded with it (an IndexError and a
+    torch traceback); it pads with 0 there."""
+    import os
+    import shutil
+
+    from edgepeft.exporters import export
+    from edgepeft.runtimes import Runtime
+    from file_checks import edit_json
+    from peft_refs import lora_adapter
+
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_base("llama"), base)
+    edit_json(os.path.join(base, "config.json"), pad_token_id=-1)
+    out = str(tmp_path / "out")
+    export([lora_adapter(tmp_path / "qv", base, "causal-lm", 6, r=2, target_modules=["q_proj"])], out, names=["qv"])
+    assert Runtime(out).generate(np.array([[5, 6, 7]]), adapter="qv", max_new_tokens=2).shape == (1, 5)

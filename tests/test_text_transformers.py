@@ -20,7 +20,7 @@ import torch
 from peft_refs import lora_adapter
 from word_tokenizer import PROMPT, TEMPLATE
 
-from edgepeft.errors import ConfigError, CorruptArtifactError, InvalidInputError
+from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 from edgepeft.runtimes import text as text_calls
@@ -164,3 +164,19 @@ def test_chat_template_refusals_name_the_file(text_export, tmp_path):
     with pytest.raises(InvalidInputError, match=r"tokenizer_config.json: the chat template refuses these messages: "
                        "Start with a system message"):
         TextTokenizer(folder).apply_chat_template([{"role": "user", "content": "w10"}])
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_a_base_without_tokenizer_files_exports_no_tokenizer(tiny_base, tmp_path, arch):
+    """transformers 5 builds a placeholder tokenizer for a folder without tokenizer files (special tokens only:
+    every BERT word [UNK], every GPT-2 text no tokens); exported, it gave confident answers to any text."""
+    base = tiny_base(arch)
+    assert not any(os.path.exists(os.path.join(base, f)) for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+    out = str(tmp_path / "out")
+    task, targets = ("causal-lm", ["q_proj"]) if arch == "llama" else ("feature-extraction", ["query"])
+    adapter = lora_adapter(tmp_path / "qv", base, task, 4, r=2, target_modules=targets)
+    export([adapter], out, names=["qv"])
+    assert not os.path.exists(os.path.join(out, "base", "tokenizer.json"))
+    rt = Runtime(out)
+    with pytest.raises(ArtifactNotFoundError, match="the export has no tokenizer; pass token ids"):
+        rt.tokenizer

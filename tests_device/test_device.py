@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -123,3 +124,27 @@ def test_onnxruntime_genai_opens_the_exports_and_generates_the_same_ids(expected
                 continue  # a prompt adapter changes the mask and positions: genai cannot run it
             got = _genai_ids(og, folder, prompt, len(ids[0]), None if adapter == "None" else adapter)
             assert got == ids[0], (folder, adapter)
+
+
+def test_onnxruntime_genai_stops_at_an_eos_and_leaves_it_out(expected, tmp_path):
+    """deploy.md: genai stops at an end-of-sequence id (not at the padding id) and get_sequence leaves that eos out;
+    edgepeft's ids end with it, as transformers'. An export whose eos is a token greedy decoding reaches later on."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from edgepeft.runtimes import Runtime
+
+    want = expected["llama"]
+    prompt, ids = want["prompt_ids"][0], want["greedy"]["lora"][0]
+    new = ids[len(prompt):]
+    k = next(k for k in range(1, len(new)) if new[k] not in new[:k])  # the first new token not generated before
+    stop = new[k]
+    folder = str(tmp_path / "llama")
+    shutil.copytree(LLAMA, folder)
+    config = os.path.join(folder, "base", "genai_config.json")
+    with open(config) as f:
+        data = json.load(f)
+    data["model"]["eos_token_id"] = stop
+    with open(config, "w") as f:
+        json.dump(data, f)
+    assert _genai_ids(og, folder, prompt, len(ids), "lora") == ids[:len(prompt) + k]
+    edgepeft = Runtime(folder).generate(np.array([prompt]), adapter="lora", max_new_tokens=8, eos_token_id=[stop])
+    assert edgepeft[0].tolist() == ids[:len(prompt) + k + 1]  # the eos included

@@ -31,12 +31,12 @@ from edgepeft.training.data import Encoder, check_positions, ignored_fields, lab
 HARDLY_MOVED = 0.97  # eval loss at its best above this share of the untrained adapter's: the rate is probably too low
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(model: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     fix = "save one beside the model (tokenizer.save_pretrained) or pass a model folder that has one"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"{model}: no usable tokenizer ({str(e).splitlines()[0]}); {fix}") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)) + 1:  # transformers 5 builds an empty one when files are missing
@@ -80,9 +80,9 @@ class Trainer:
         labels = label_names(rows, args.data) if args.task == "seq-cls" else None
         from edgepeft.models import load_model_config, max_positions
 
-        config = load_model_config(args.model, "--model")
+        config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
         model_pad = getattr(config, "pad_token_id", None) if args.task == "seq-cls" else None
-        encoder = Encoder(load_tokenizer(args.model), args.task, args.max_length, labels, pad_id=model_pad)
+        encoder = Encoder(load_tokenizer(args.model, method.revision), args.task, args.max_length, labels, pad_id=model_pad)
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         n_virtual = getattr(method, "num_virtual_tokens", None) or 0
@@ -96,7 +96,7 @@ class Trainer:
 
         args = self.args
         config.base_model_name_or_path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
-        base = load_base(args.model, args.task, labels=labels)
+        base = load_base(args.model, args.task, labels=labels, revision=config.revision)  # the one the adapter records
         torch.manual_seed(args.seed)  # the adapter's initial values
         try:
             return get_peft_model(base, config)

@@ -67,6 +67,11 @@ class LoraConfig(PeftConfig):
             raise UnsupportedMethodError(
                 f"LoRA option(s) {', '.join(bad)} are not supported by edgepeft; train without them"
             )
+        if self.layers_pattern:  # HF PEFT refuses it without layers_to_transform, which edgepeft does not support
+            raise UnsupportedMethodError(
+                f"layers_pattern={self.layers_pattern!r} only names where layers_to_transform finds the layer numbers; "
+                "without layers_to_transform (which edgepeft does not support) it selects nothing and HF PEFT cannot "
+                "load the adapter: train without layers_pattern")
         if self.init_lora_weights not in (True, False, "gaussian", "eva", "orthogonal", "mica"):
             raise UnsupportedMethodError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported: PiSSA, OLoRA, CorDA and LoftQ change the "

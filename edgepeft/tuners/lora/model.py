@@ -17,6 +17,11 @@ class LoraTuner(Tuner):
         if config.init_lora_weights == "mica" and not config.inference_mode:  # a MiCA adapter runs as plain LoRA
             raise UnsupportedMethodError("init_lora_weights='mica' trains A alone from B's SVD init; edgepeft loads and "
                                          "exports MiCA adapters but does not train them: train with the default init")
+        if config.init_lora_weights == "eva" and not config.inference_mode:  # an EVA adapter runs as plain LoRA
+            raise UnsupportedMethodError(
+                "init_lora_weights='eva' starts A from the SVD of the layers' activations on training data (HF PEFT's "
+                "initialize_lora_eva_weights), which edgepeft does not run; edgepeft loads and exports EVA adapters but "
+                "does not train them: train with the default init, or initialise and train with HF PEFT")
         keys = []
         for key in linear_targets(unwrapped(model), config, DEFAULT_LORA_TARGETS):
             module = adapter_layer(model, key, LoraLinear, LoraLinear)

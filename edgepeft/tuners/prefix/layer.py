@@ -64,7 +64,8 @@ class PrefixSelfAttention(AdapterLayer):
         prefix key/value (heads, n, hd) --> expand (B, heads, n, hd) --> cat before k, v: (B, heads, n + T, hd)
         attention mask (B, 1, T, T) --> prefix columns always attended: (B, 1, T, n + T)
 
-    Positions and the token sequence are unchanged: the prefix is keys and values only.
+    The token sequence is unchanged: the prefix is keys and values only (the tokens'
+    positions start after it: ``PrefixTuner.forward`` and the export graph shift them).
     What every layer needs alike (the zeros that broadcast a prefix over the batch, the
     mask with the prefix columns) is built once per forward of the model and reused by
     the other layers, which get the very same mask tensor (``share_per_forward``): an

@@ -5,13 +5,16 @@ prefix keys/values, the attention mask gets num_virtual_tokens ones in front, an
 positions start after the prefix (user ``position_ids`` are shifted by it). Outputs
 cover the input tokens only.
 
-Encoders (BERT family; HF PEFT on transformers 5 refuses prefix tuning for them):
-each self-attention puts the prefix before its own keys/values (``PrefixSelfAttention``,
-mixed into the module so LoRA and others still find query/key/value by name);
-positions stay 0..T-1.
+Encoders (BERT family): each self-attention puts the prefix before its own keys/values
+(``PrefixSelfAttention``, mixed into the module so LoRA and others still find
+query/key/value by name), and positions start after the prefix, n..n+T-1, as HF PEFT
+on transformers 5 runs a FEATURE_EXTRACTION prefix (the prefix fills the cache and
+BertEmbeddings offsets positions by its length); every encoder task alike (HF PEFT
+cannot run SEQ_CLS: "Model does not support past key values").
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from edgepeft.errors import UnsupportedMethodError, UnsupportedModelError
@@ -47,6 +50,18 @@ def prefix_cache(model, holder, adapter_name: str, batch: int, cache=None):
     return cache
 
 
+def shifted_positions(input_ids, inputs_embeds, position_ids, n: int):
+    """An encoder's positions with a prefix: ``position_ids`` (default 0..T-1, BERT's) shifted by the n prefix tokens.
+
+    HF PEFT's FEATURE_EXTRACTION prefix sits in the cache, and BertEmbeddings starts positions
+    after the cache: n..n+T-1, (B, T).
+    """
+    if position_ids is None:
+        tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]  # (B, T)
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+    return position_ids + n
+
+
 def check_decoder_task(arch: str, task_type) -> None:
     """A decoder's prefix starts the KV cache: only causal-LM models have one (HF PEFT cannot run it otherwise)."""
     if arch in DECODERS and task_type not in (None, "CAUSAL_LM"):
@@ -80,10 +95,10 @@ class PrefixTuner(VirtualTokenTuner):
                 position_ids=None, **kwargs):
         if (types := drop_token_type_ids(config, kwargs)) is not None:
             kwargs["token_type_ids"] = types
+        n = config.num_virtual_tokens
         if model_type(model) in ENCODERS:  # the self-attention layers add the prefix (PrefixSelfAttention)
             return model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                         position_ids=position_ids, **kwargs)
-        n = config.num_virtual_tokens
+                         position_ids=shifted_positions(input_ids, inputs_embeds, position_ids, n), **kwargs)
         batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         device = (input_ids if input_ids is not None else inputs_embeds).device
         for name in ("use_cache", "cache", "past_key_values"):

@@ -9,7 +9,9 @@ empty cache the runtime binds anyway: the plain base.
 
 Encoders (BERT family): each self-attention gets two graph inputs,
 ``prefix_key.<module>`` / ``prefix_value.<module>`` (heads, n, hd), put before its own
-keys/values inside the graph (``PrefixSelfAttention``); zero length is the plain base.
+keys/values inside the graph (``PrefixSelfAttention``), and the graph starts the tokens'
+positions at n (``position_axis``: the runtime counts n against max_positions); zero
+length is the plain base.
 """
 from __future__ import annotations
 
@@ -32,8 +34,14 @@ AXIS = slot_axis("prefix", "n", "virtual_tokens")  # one length for every layer
 class PrefixSlotSelfAttention(PrefixSelfAttention):
     """PrefixSelfAttention reading its prefix from graph inputs (``feed``)."""
 
+    shifts_positions = True  # SlotGraph starts the tokens' positions after the prefix (HF PEFT's n .. n+T-1)
+
     def prefix(self):
         return self.feed["key"], self.feed["value"]  # (heads, n, hd) each
+
+    def virtual_length(self):
+        """n, the prefix's length (0 for the neutral value): traced from the graph input's shape."""
+        return self.feed["key"].shape[1]
 
 
 def _layout(model) -> tuple[int, int, int]:
@@ -66,7 +74,7 @@ class PrefixSlots(SlotSpec):
                                       "float32", "empty", phase="prefill", target=past % layer, virtual_axis=2))
                 else:
                     slots.append(Slot(slot_name("prefix", role, key), "prefix", role, key, (heads, AXIS, head_dim),
-                                      "float32", "empty"))
+                                      "float32", "empty", position_axis=1))  # the graph shifts positions by n
         return slots
 
     def install(self, model: nn.Module, slots: list[Slot], fused: dict):

@@ -111,7 +111,7 @@ export class Runtime {
       this.loading.delete(name);
     }
     checkTensors(tensors, manifest, this.slots, where);
-    const plan = { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, labels: manifest.labels || null };
+    const plan = { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, nInside: 0, labels: manifest.labels || null };
     for (const [slotName, tensor] of Object.entries(tensors)) {
       const slot = this.slots[slotName];
       if (slot.target) plan.past[slot.target] = tensor;
@@ -120,6 +120,8 @@ export class Runtime {
         if (slot.target) plan.nPast = tensor.dims[slot.virtual_axis];
         else plan.nPrepend += tensor.dims[slot.virtual_axis];
       }
+      // tokens the graph puts before the keys itself (an encoder's prefix): positions only, not the mask
+      if (slot.position_axis != null) plan.nInside = tensor.dims[slot.position_axis];
     }
     const started = Object.keys(plan.past);
     if (started.length && (started.length !== this.pastNames.length || !this.pastNames.every((n) => n in plan.past))) {
@@ -152,7 +154,7 @@ export class Runtime {
       throw new EdgePeftError(`adapter must be one loaded adapter's name or null (the base model), got ${JSON.stringify(adapter)}` +
         "; mixed and weighted batches are the Python runtime's only");
     }
-    if (this.servesBase(adapter)) return { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0 };
+    if (this.servesBase(adapter)) return { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, nInside: 0 };
     const plan = this.adapters.get(adapter);
     if (!plan) throw this.notLoaded(adapter);
     return plan;
@@ -234,9 +236,10 @@ export class Runtime {
 
   checkLength(plan, length, newTokens) {
     const limit = this.manifest.max_positions;
-    const total = length + plan.nPast + plan.nPrepend + newTokens;
+    const virtual = plan.nPast + plan.nPrepend + plan.nInside;
+    const total = length + virtual + newTokens;
     if (limit && total > limit) {
-      throw new EdgePeftError(`prompt of ${length} tokens + the adapter's ${plan.nPast + plan.nPrepend} virtual tokens` +
+      throw new EdgePeftError(`prompt of ${length} tokens + the adapter's ${virtual} virtual tokens` +
         `${newTokens ? ` + ${newTokens} new tokens fed back` : ""} = ${total} exceeds the model's ${limit} positions; shorten the prompt` +
         (newTokens ? " or lower maxNewTokens" : ""));
     }

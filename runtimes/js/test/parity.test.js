@@ -98,6 +98,22 @@ for (const [label, ort, tolerance] of [["onnxruntime-node", ortNode, 1e-5], ["on
     assert.throws(() => rt.unloadAdapter(rt.manifest.merged_adapter), /is not loaded/);  // as Python: not an adapter
   });
 
+  test(`${label}: an encoder's prefix (its positions start after it, in the graph) gives Python's states`, async () => {
+    const rt = await openFolder(ort, path.join(FIXTURES, "bert_prefix"));
+    await rt.loadAdapter("prefix");
+    const want = expected.bert_prefix;
+    for (const adapter of ["prefix", "None", "prefix"]) {
+      const a = adapter === "None" ? null : adapter;
+      const states = (await rt.forward(want.ids, want.mask, { adapter: a })).last_hidden_state;
+      assert.ok(maxDiff(states, want.forward[adapter]) <= tolerance, adapter);
+    }
+    // its 3 tokens take positions: a row that fits the model alone does not fit with the prefix (as in Python)
+    const limit = rt.manifest.max_positions;
+    await rt.forward([Array(limit).fill(5)]);
+    await assert.rejects(rt.forward([Array(limit - 2).fill(5)], null, { adapter: "prefix" }),
+      (e) => e instanceof EdgePeftError && /3 virtual tokens = \d+ exceeds the model's/.test(e.message));
+  });
+
   test(`${label}: classifiers with their own label counts switch per call`, async () => {
     const out = path.join(FIXTURES, "minilm");
     const rt = await openFolder(ort, out);

@@ -1,0 +1,174 @@
+"""Round trips with HF PEFT on transformers 5 as the reference: BERT prefix tuning (the tokens' positions start
+after the prefix, in PyTorch, the export and the runtime's length check; adapters both ways), the base revision an
+adapter records (export and training, from an offline fake hub cache), and HF PEFT's pickled adapter_model.bin.
+Tiny models from configs; nothing is downloaded."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from file_checks import write_lines
+from peft_refs import randomize_adapter, randomize_prompt_encoder
+from tiny import load_reference_base, max_diff_valid, sample_batch, tiny_config, torch_outputs
+from training_helpers import seq_cls_rows, train_argv
+from word_tokenizer import build_tokenizer
+
+import edgepeft
+from edgepeft.errors import ConfigError, CorruptArtifactError, InvalidInputError
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+FE = "feature-extraction"
+
+
+# ---------------------------------------------------------------- BERT prefix tuning
+@pytest.mark.parametrize("projection", [False, True])
+def test_bert_prefix_matches_hf_peft_in_torch_and_onnx_both_ways(projection, tiny_base, tmp_path):
+    """HF PEFT runs a FEATURE_EXTRACTION prefix on BERT from the cache, so BertEmbeddings starts the tokens'
+    positions at n: edgepeft's PyTorch module and its export give HF PEFT's outputs, and HF PEFT gives an adapter
+    edgepeft saved the outputs edgepeft gives it."""
+    import peft
+
+    base = tiny_base("bert")
+    ids, mask = sample_batch(batch=3)
+    kw = dict(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3, prefix_projection=projection,
+              encoder_hidden_size=24 if projection else None)
+    theirs = peft.get_peft_model(load_reference_base(base, FE), peft.PrefixTuningConfig(**kw)).eval()
+    randomize_prompt_encoder(theirs, seed=5, scale=0.5)
+    theirs.peft_config["default"].base_model_name_or_path = base
+    theirs.save_pretrained(tmp_path / "theirs")
+    want = torch_outputs(theirs, ids, mask, "last_hidden_state")
+    assert max_diff_valid(want, torch_outputs(load_reference_base(base, FE), ids, mask, "last_hidden_state"), mask) > 1e-2
+
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(base, FE), str(tmp_path / "theirs")).eval()
+    assert max_diff_valid(torch_outputs(ours, ids, mask, "last_hidden_state"), want, mask) <= 1e-5
+    export([tmp_path / "theirs"], tmp_path / "out", names=["prefix"])
+    got = Runtime(str(tmp_path / "out")).forward(ids, mask, adapter="prefix")["last_hidden_state"]
+    assert max_diff_valid(got, want, mask) <= 1e-4
+
+    made = edgepeft.get_peft_model(load_reference_base(base, FE), edgepeft.PrefixTuningConfig(**kw))
+    randomize_prompt_encoder(made, seed=6, scale=0.5)
+    made.eval().save_pretrained(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(load_reference_base(base, FE), str(tmp_path / "ours")).eval()
+    assert max_diff_valid(torch_outputs(loaded, ids, mask, "last_hidden_state"),
+                          torch_outputs(made, ids, mask, "last_hidden_state"), mask) <= 1e-5
+
+
+def test_bert_prefix_positions_follow_one_convention_and_count_against_max_positions(tiny_base, tmp_path):
+    """A seq-cls prefix (HF PEFT cannot run one on BERT) takes positions n..n+T-1 as feature extraction does, and
+    the runtime counts the n virtual tokens against the model's 64 positions, as training does."""
+    n, limit = 4, tiny_config("bert").max_position_embeddings
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("bert"), "seq-cls", num_labels=3),
+                                    edgepeft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=n))
+    randomize_prompt_encoder(model, seed=7, scale=0.5)
+    model.eval().save_pretrained(tmp_path / "prefix")
+    seen = []
+    embeddings = model.get_submodule("base_model.model.bert.embeddings")
+    hook = embeddings.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True)
+    ids, mask = sample_batch(batch=2, seq=limit - n)  # the longest text that fits
+    want = torch_outputs(model, ids, mask, "logits")
+    hook.remove()
+    assert seen[0].tolist() == [list(range(n, limit))] * 2
+
+    export([tmp_path / "prefix"], tmp_path / "out", names=["prefix"])
+    rt = Runtime(str(tmp_path / "out"))
+    assert max_diff_valid(rt.forward(ids, mask, adapter="prefix")["logits"], want) <= 1e-4
+    longer, longer_mask = sample_batch(batch=2, seq=limit - n + 1)
+    with pytest.raises(InvalidInputError, match=f"{limit - n + 1} tokens \\+ the adapter's {n} virtual tokens"):
+        rt.forward(longer, longer_mask, adapter="prefix")
+    rt.forward(longer, longer_mask)  # the base alone takes them
+
+
+# ---------------------------------------------------------------- the base revision an adapter records
+def _fake_hub(root, monkeypatch, repo: str, snapshots: dict) -> None:
+    """An offline hub cache at ``root`` holding ``repo`` at each {ref: model folder}; the hub reads it from now on."""
+    import huggingface_hub.constants as hub
+
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    for i, (ref, model) in enumerate(snapshots.items()):
+        commit = str(i + 1) * 40
+        shutil.copytree(model, folder / "snapshots" / commit)
+        (folder / "refs" / ref).write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(root))  # read at import: the environment alone comes too late
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+
+
+def _hub_adapter(path, revision):
+    """An HF PEFT LoRA adapter on acme/tiny-llama at ``revision``, recording it as HF PEFT does; with its outputs."""
+    import peft
+    import transformers as tf
+
+    base = tf.AutoModelForCausalLM.from_pretrained("acme/tiny-llama", revision=revision, dtype=torch.float32)
+    pm = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"],
+                                                   revision=revision))
+    randomize_adapter(pm, 3)
+    pm.peft_config["default"].base_model_name_or_path = "acme/tiny-llama"
+    pm.save_pretrained(path)
+    ids, mask = sample_batch()
+    return str(path), torch_outputs(pm.eval(), ids, mask, "logits")
+
+
+def test_export_loads_the_base_revision_the_adapter_records(tiny_base, tmp_path, monkeypatch):
+    import transformers as tf
+
+    torch.manual_seed(77)
+    tf.AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(tmp_path / "v1")
+    build_tokenizer().save(str(tmp_path / "v1" / "tokenizer.json"))  # only v1 has a tokenizer: the export takes it
+    (tmp_path / "v1" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                        "bos_token": "<s>", "eos_token": "</s>"}))
+    _fake_hub(tmp_path / "hub", monkeypatch, "acme/tiny-llama", {"main": tiny_base("llama"), "v1": tmp_path / "v1"})
+    v1, want = _hub_adapter(tmp_path / "on-v1", "v1")
+    assert json.loads((tmp_path / "on-v1" / "adapter_config.json").read_text())["revision"] == "v1"
+    export([v1], tmp_path / "out", names=["v1"])
+    ids, mask = sample_batch()
+    rt = Runtime(str(tmp_path / "out"))
+    assert max_diff_valid(rt.forward(ids, mask, adapter="v1")["logits"], want, mask) <= 1e-4
+    assert rt.tokenizer.encode("w10 w20")[0].tolist() == [[1, 10, 20]]  # a hub base's tokenizer, at its revision
+
+    on_main, _ = _hub_adapter(tmp_path / "on-main", None)
+    with pytest.raises(ConfigError, match=r"different revisions of acme/tiny-llama .*on-v1: v1.*on-main: main"):
+        export([v1, on_main], tmp_path / "both")
+
+
+def test_training_loads_the_revision_it_records(text_model, tmp_path, monkeypatch):
+    """`--option revision=v1` trains on that revision (the hub cache holds no other) and records it."""
+    from edgepeft.cli import main
+
+    _fake_hub(tmp_path / "hub", monkeypatch, "acme/tiny-bert", {"v1": text_model("bert")})
+    data = write_lines(tmp_path / "train.jsonl", seq_cls_rows(8))
+    main(train_argv("acme/tiny-bert", data, str(tmp_path / "out"), "--option", "revision=v1"))
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("acme/tiny-bert", "v1")
+
+
+# ---------------------------------------------------------------- HF PEFT's pickled weights
+def test_adapter_model_bin_loads_and_exports_as_hf_peft_reads_it(tiny_base, tmp_path):
+    import peft
+
+    base = tiny_base("llama")
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"),
+                             peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(pm, 4)
+    pm.peft_config["default"].base_model_name_or_path = base
+    path = tmp_path / "pickled"
+    pm.save_pretrained(path, safe_serialization=False)
+    assert "adapter_model.bin" in os.listdir(path) and "adapter_model.safetensors" not in os.listdir(path)
+    ids, mask = sample_batch()
+    want = torch_outputs(pm.eval(), ids, mask, "logits")
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(path)).eval()
+    assert max_diff_valid(torch_outputs(ours, ids, mask, "logits"), want, mask) <= 1e-5
+    export([path], tmp_path / "out", names=["pickled"])
+    got = Runtime(str(tmp_path / "out")).forward(ids, mask, adapter="pickled")["logits"]
+    assert max_diff_valid(got, want, mask) <= 1e-4
+
+    (path / "adapter_model.bin").write_bytes(np.arange(64, dtype=np.uint8).tobytes())
+    with pytest.raises(CorruptArtifactError, match=r"adapter_model\.bin: cannot read adapter weights.*save_pretrained"):
+        edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(path))
