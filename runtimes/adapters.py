@@ -36,10 +36,10 @@ from .manifest import (
     ADAPTER_GRAPH,
     ADAPTERS_DIR,
     adapter_graph_error,
-    read_adapter_source,
     read_base_manifest,
     stacks_as_output,
 )
+from .adapter_source import read_adapter_source
 from .sessions import ort, session_options
 from .values import is_whole
 

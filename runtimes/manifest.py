@@ -53,14 +53,11 @@ their own. Neutral selector values (ones) make the single-adapter path bind noth
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import zipfile
-import zlib
 from dataclasses import dataclass
 
-from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
+from .errors import ArtifactNotFoundError, CorruptArtifactError
 
 FORMAT_VERSION = 3  # 2: fused groups, KV-cache I/O; 3: stackable slots and selectors (mixed batches)
 CLASSIFIER_NAMES = ["classifier", "score"]  # a sequence classifier's head: the only layer whose columns are the output
@@ -305,7 +302,19 @@ def read_base_manifest(base_dir: str) -> dict:
         data["slots"] = [Slot.from_json(s) for s in data["slots"]]
     except (KeyError, TypeError, AttributeError) as e:
         raise CorruptArtifactError(f"{path}: malformed slot table ({e}); {fix}") from None
+    for slot in data["slots"]:  # a hand-edited table: what the runtime would index, hash or hand numpy
+        if not (all(isinstance(v, str) for v in (slot.name, slot.method, slot.role, slot.module, slot.neutral))
+                and slot.dtype in _DTYPES and all(_is(n, (int, str)) for n in slot.shape)):
+            raise CorruptArtifactError(f"{path}: malformed slot {slot.name!r} (names are strings, dtype one of "
+                                       f"{', '.join(sorted(_DTYPES))}, shape sizes or axis names); {fix}")
+    if data["task"] in TASK_OUTPUTS and TASK_OUTPUTS[data["task"]] not in data["outputs"]:
+        raise CorruptArtifactError(f"{path}: outputs lack {TASK_OUTPUTS[data['task']]!r}, a {data['task']} graph's; {fix}")
+    if data["task"] == "causal-lm" and not data.get("cache"):
+        raise CorruptArtifactError(f"{path}: a causal-lm base needs its cache table ('cache'); {fix}")
     return data
+
+
+_DTYPES = {"float32", "float16", "int64", "int32", "bool"}
 
 
 _ADAPTER_FIX = "re-export the adapter with `edgepeft export --adapter DIR --out OUT --overwrite`"
@@ -361,37 +370,3 @@ def adapter_dirs(out_dir: str) -> dict:
         return {}
     return {name: os.path.join(adapters_dir, name) for name in sorted(os.listdir(adapters_dir))
             if not name.startswith(".") and os.path.isdir(os.path.join(adapters_dir, name))}
-
-
-def read_adapter_source(source) -> tuple[str | None, dict | None, dict]:
-    """(folder, None, manifest) for a folder; (None, {file: bytes}, manifest) for the bytes of a zip of one."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        try:
-            with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
-                members = [n for n in archive.namelist() if os.path.basename(n) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)]
-                files = {os.path.basename(n): archive.read(n) for n in members}
-        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:
-            raise CorruptArtifactError(f"adapter bytes: not a readable zip archive of an adapter folder ({e}); pass the "
-                                       "bytes of shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None
-        if len(members) > len(files):
-            raise CorruptArtifactError("adapter bytes: the zip holds more than one adapter folder; zip one folder of "
-                                       "OUT/adapters/ per adapter")
-        if set(files) != {ADAPTER_MANIFEST, ADAPTER_GRAPH}:
-            raise CorruptArtifactError(f"adapter bytes: the zip needs {ADAPTER_MANIFEST} and {ADAPTER_GRAPH}; "
-                                       "zip an adapter folder from OUT/adapters/")
-        manifest = check_adapter_manifest(files[ADAPTER_MANIFEST], "adapter bytes")
-        if manifest["graph"] != ADAPTER_GRAPH or sha256_bytes(files[ADAPTER_GRAPH]) != manifest["sha256"]:
-            raise CorruptArtifactError("adapter bytes: adapter.onnx does not match the checksum in adapter.json; "
-                                       "zip the adapter folder again")
-        return None, files, manifest
-    if not isinstance(source, (str, os.PathLike)):
-        raise ConfigError(f"load_adapter takes an adapter folder (a path) or the bytes of a zip of one, got "
-                          f"{type(source).__name__}")
-    path = os.path.abspath(source)  # restaged after an eviction from where it was loaded, whatever the directory then
-    if not os.path.isdir(path):
-        raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
-                                    "`edgepeft export`")
-    manifest = read_adapter_manifest(path)
-    if (error := adapter_graph_error(path, manifest)) is not None:
-        raise error
-    return path, None, manifest

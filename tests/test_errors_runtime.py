@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -282,6 +283,26 @@ def test_base_manifest_field_of_wrong_type_is_corrupt(victim, change):
     edit_json(manifest, **change)
     with pytest.raises(CorruptArtifactError) as e:
         Runtime(victim, providers=CPU)
+    assert manifest in str(e.value) and "re-run `edgepeft export`" in str(e.value)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["slots"][0].update(name=["x"]), lambda m: m["slots"][0].update(dtype=3),
+    lambda m: m["slots"][0].update(module=None), lambda m: m["slots"][0].update(shape=[[1]]),
+    lambda m: m["outputs"].pop("logits"), lambda m: m.update(outputs={"scores": m["outputs"]["logits"]}),
+    lambda m: m.update(cache=None),
+], ids=["slot-name-list", "slot-dtype-number", "slot-module-none", "slot-shape-nested", "no-logits", "output-renamed",
+        "no-cache"])
+def test_a_hand_edited_base_manifest_is_corrupt_not_a_traceback(victim, edit):
+    """A TypeError (unhashable, no such dtype), a ValueError from the cache layout or ONNX Runtime's own error before."""
+    manifest = os.path.join(victim, "base", "edgepeft.json")
+    with open(manifest) as f:
+        data = json.load(f)
+    edit(data)
+    with open(manifest, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(CorruptArtifactError) as e:
+        Runtime(victim, providers=CPU).forward(np.array([[5, 6, 7]]))
     assert manifest in str(e.value) and "re-run `edgepeft export`" in str(e.value)
 
 

@@ -1,0 +1,47 @@
+"""Where an adapter is loaded from: its folder in OUT/adapters, or the bytes of a zip of that folder (an app
+that downloads adapters), each checked against its manifest before anything is staged."""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+import zlib
+
+from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
+from .manifest import (
+    ADAPTER_GRAPH, ADAPTER_MANIFEST, adapter_graph_error, check_adapter_manifest, read_adapter_manifest, sha256_bytes,
+)
+
+
+def read_adapter_source(source) -> tuple[str | None, dict | None, dict]:
+    """(folder, None, manifest) for a folder; (None, {file: bytes}, manifest) for the bytes of a zip of one."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        try:
+            with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
+                members = [n for n in archive.namelist() if os.path.basename(n) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)]
+                files = {os.path.basename(n): archive.read(n) for n in members}
+        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:
+            raise CorruptArtifactError(f"adapter bytes: not a readable zip archive of an adapter folder ({e}); pass the "
+                                       "bytes of shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None
+        if len(members) > len(files):
+            raise CorruptArtifactError("adapter bytes: the zip holds more than one adapter folder; zip one folder of "
+                                       "OUT/adapters/ per adapter")
+        if set(files) != {ADAPTER_MANIFEST, ADAPTER_GRAPH}:
+            raise CorruptArtifactError(f"adapter bytes: the zip needs {ADAPTER_MANIFEST} and {ADAPTER_GRAPH}; "
+                                       "zip an adapter folder from OUT/adapters/")
+        manifest = check_adapter_manifest(files[ADAPTER_MANIFEST], "adapter bytes")
+        if manifest["graph"] != ADAPTER_GRAPH or sha256_bytes(files[ADAPTER_GRAPH]) != manifest["sha256"]:
+            raise CorruptArtifactError("adapter bytes: adapter.onnx does not match the checksum in adapter.json; "
+                                       "zip the adapter folder again")
+        return None, files, manifest
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"load_adapter takes an adapter folder (a path) or the bytes of a zip of one, got "
+                          f"{type(source).__name__}")
+    path = os.path.abspath(source)  # restaged after an eviction from where it was loaded, whatever the directory then
+    if not os.path.isdir(path):
+        raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
+                                    "`edgepeft export`")
+    manifest = read_adapter_manifest(path)
+    if (error := adapter_graph_error(path, manifest)) is not None:
+        raise error
+    return path, None, manifest
