@@ -308,7 +308,8 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
             click.echo(piece, nl=False)
         click.echo()
         return
-    if name is None and rt.task == "seq-cls" and not rt.manifest.get("merged_adapter"):
+    if name is None and rt.task == "seq-cls" and not rt.manifest.get("merged_adapter") and \
+            rt.manifest.get("head_initialised", True):  # exports before it was recorded: as they said
         click.echo("note: no adapter: the base model's classifier head is untrained (random); pick a classifier with "
                    f"--adapter ({', '.join(rt.adapter_names) or 'none in this export'})", err=True)
     if rt.task == "seq-cls":

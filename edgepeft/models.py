@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from edgepeft.errors import ArtifactNotFoundError, UnsupportedModelError
+from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 
 # model_type -> family. Encoders have no causal-LM head; decoders take use_cache.
 ENCODERS = {"bert"}
@@ -129,7 +130,8 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
     """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
 
     Heads the checkpoint lacks (a classifier) are initialised from a fixed seed so
-    the same base loads to the same weights every time. ``labels`` (seq-cls) sizes
+    the same base loads to the same weights every time; ``model.edgepeft_new_head`` says whether the
+    task's head was made so (the export records it: an untrained base head). ``labels`` (seq-cls) sizes
     the classifier for those classes and names them in the config. ``revision``: see
     ``load_model_config``.
     """
@@ -156,13 +158,15 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa",
-                                             revision=revision, **head)
+            model, info = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa",
+                                                   revision=revision, output_loading_info=True, **head)
         except (OSError, ValueError) as e:
             raise ArtifactNotFoundError(f"{model_label(name_or_path, revision)}: cannot load the base model "
                                         f"({str(e).splitlines()[0]})") from None
         finally:
             hf_logging.set_verbosity(verbosity)
+    made = [*info["missing_keys"], *(m[0] for m in info.get("mismatched_keys", []))]  # initialised, not loaded
+    model.edgepeft_new_head = any(k.split(".")[0] in CLASSIFIER_NAMES for k in made)
     return model.eval()
 
 

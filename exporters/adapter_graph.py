@@ -101,14 +101,24 @@ def write_adapter(peft, src, slots: list, base_manifest: dict, stage: str, ort_a
     return manifest
 
 
-def read_labels(src_path: str, width: int) -> list | None:
-    """Class names saved beside a classifier adapter (``labels.json``, written by ``edgepeft train``), or None.
+def named_labels(config, width: int | None = None) -> list | None:
+    """The class names a model's config gives (``id2label``), unless transformers' defaults (LABEL_0, ...) or
+    another count than ``width``."""
+    names = [str(config.id2label[i]) for i in range(len(config.id2label or {}))]
+    if not names or names == [f"LABEL_{i}" for i in range(len(names))] or width not in (None, len(names)):
+        return None
+    return names
+
+
+def read_labels(src_path: str, width: int, config=None) -> list | None:
+    """Class names saved beside a classifier adapter (``labels.json``, written by ``edgepeft train``), else those
+    the base's ``config`` names (as transformers labels the adapted model), or None.
 
     ``width``: the classifier's output count, which the file must match.
     """
     path = os.path.join(src_path, LABELS_NAME)
     if not os.path.isfile(path):
-        return None
+        return named_labels(config, width) if config is not None else None
     try:
         with open(path, encoding="utf-8") as f:
             labels = json.load(f)["labels"]

@@ -10,6 +10,7 @@ import copy
 import os
 import shutil
 
+from edgepeft.exporters.adapter_graph import named_labels
 from edgepeft.exporters.contrib_ops import install_contrib_ops
 from edgepeft.exporters.fingerprint import base_fingerprint
 from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
@@ -75,7 +76,10 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "dtype": "float32",
         "quantization": None,
         "merged_adapter": merged_adapter,
-        "labels": None,  # a merged classifier's class names, set once validation has seen its width
+        # the base head's class names, where the model's config names them (a merged classifier's: set once
+        # validation has seen its width), and whether that head was made at load (untrained) rather than loaded
+        "labels": named_labels(model.config) if task == "seq-cls" else None,
+        "head_initialised": bool(getattr(model, "edgepeft_new_head", False)) if task == "seq-cls" else None,
         "vocab_size": model.config.vocab_size,
         "max_positions": max_positions(model.config),
         "pad_token_id": pad_token_id(model, task),

@@ -225,7 +225,7 @@ def validate_float(plan: ExportPlan, base_stage: str, adapter_stages: dict, reus
         plan.peft.set_adapter(src.name)
         check = validate(f"adapter {src.name}", rt, src.name, plan.peft, plan.task, plan.atol, src.path, qtol=qtol)
         if plan.task == "seq-cls":
-            set_labels(os.path.join(stage, ADAPTER_MANIFEST), read_labels(src.path, check["output_width"]))
+            set_labels(os.path.join(stage, ADAPTER_MANIFEST), read_labels(src.path, check["output_width"], plan.model.config))
         report["checks"].append(check)
         size = read_adapter_manifest(stage)["parameter_bytes"]
         report["adapters"].append({"name": src.name, "path": os.path.join(plan.out, ADAPTERS_DIR, src.name),
@@ -316,7 +316,8 @@ def export_merged(plan: ExportPlan) -> dict:
         checks = [validate(f"merged {src.name}", rt, None, plan.peft, plan.task, plan.atol, src.path)]
         log_check(plan.log, checks[-1], f"merged {src.name}")
         if plan.task == "seq-cls":  # the trained head's width (the config may still say 2)
-            set_labels(os.path.join(stage, BASE_MANIFEST), read_labels(src.path, checks[-1]["output_width"]))
+            set_labels(os.path.join(stage, BASE_MANIFEST), read_labels(src.path, checks[-1]["output_width"],
+                                                                       plan.model.config))
         if plan.quantize:
             _quantize_stage(stage, plan.quantize, plan.log)
             rt = Runtime.from_base_dir(stage)

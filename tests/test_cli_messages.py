@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from file_checks import write_lines
-from peft_refs import spec_adapter
+from peft_refs import lora_adapter, spec_adapter
 from training_helpers import cli_error, cli_ok, seq_cls_rows
 from word_tokenizer import PROMPT
 from edgepeft.cli import _options, as_flags
@@ -132,3 +132,41 @@ def test_an_adapter_for_another_architecture_under_base_says_drop_base(peft_adap
         export([gpt2], str(tmp_path / "out"), base=tiny_base("llama"))
     assert str(e.value).startswith(os.path.join(gpt2, "adapter_config.json"))
     assert str(e.value).endswith(f"it was trained on {tiny_base('gpt2')}: drop --base to export it with that base")
+
+
+def test_a_trained_base_classifier_keeps_its_label_names_and_gets_no_untrained_note(text_model, tmp_path, capsys):
+    """A base that is a trained classifier (config.json id2label NEGATIVE/POSITIVE) with an HF PEFT LoRA on it:
+    transformers names the classes so; edgepeft said '0'/'1', and `run --adapter none` called its head untrained."""
+    import peft
+    import torch
+    import transformers as tf
+
+    from peft_refs import randomize_adapter
+
+    base = str(tmp_path / "base")
+    shutil.copytree(text_model("bert"), base)  # its tokenizer; the model saved over it is a classifier
+    config = tf.AutoConfig.from_pretrained(base, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                                           label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    torch.manual_seed(3)
+    tf.BertForSequenceClassification(config).save_pretrained(base)
+    pm = peft.get_peft_model(tf.BertForSequenceClassification.from_pretrained(base),
+                             peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    randomize_adapter(pm, 1)
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    out = str(tmp_path / "out")
+    export([str(tmp_path / "adapter")], out, names=["s"])
+    rt = Runtime(out)
+    assert rt.labels("s") == rt.labels(None) == ["NEGATIVE", "POSITIVE"]
+    assert rt.classify("hello world", adapter="s")["label"] in ("NEGATIVE", "POSITIVE")
+    from edgepeft.cli import main
+
+    untrained = str(tmp_path / "untrained")  # a plain BERT: its head is made at load
+    export([lora_adapter(tmp_path / "plain", text_model("bert"), "seq-cls", 2, 2, r=2, target_modules=["query"])],
+           untrained, names=["p"])
+    for folder, noted in ((out, False), (untrained, True)):
+        capsys.readouterr()
+        main(["run", folder, "--adapter", "none", "hello world"])
+        out_text, err = capsys.readouterr()
+        assert ("note: no adapter: the base model's classifier head is untrained" in err) == noted, folder
+        assert noted or "NEGATIVE\t" in out_text  # run prints each label's probability
