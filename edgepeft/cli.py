@@ -318,7 +318,7 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
             click.echo(f"{label}\t{p:.4f}")
     else:
         pooled = rt.embed(prompt, adapter=name)
-        click.echo(f"embedding ({pooled.shape[0]} values, mean-pooled, normalized): "
+        click.echo(f"embedding ({pooled.shape[0]} values, pooled as sentence-transformers, normalized): "
                    + " ".join(f"{v:.4f}" for v in pooled[:8]) + " ...")
 
 

@@ -78,19 +78,21 @@ def replace_dir(staged: str, target: str) -> None:
     place, so at every moment ``target`` is either the old or the new folder.
     """
     old = None
-    with deferred_interrupts():  # Ctrl-C between the two renames would leave no target at all
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(target)))
-            os.rmdir(old)
-            os.replace(target, old)
-        try:
-            os.replace(staged, target)
-        except BaseException:
-            if old:
-                os.replace(old, target)
-            raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        with deferred_interrupts():  # Ctrl-C between the two renames would leave no target at all
+            if os.path.exists(target):
+                old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(target)))
+                os.rmdir(old)
+                os.replace(target, old)
+            try:
+                os.replace(staged, target)
+            except BaseException:
+                if old:
+                    os.replace(old, target)
+                raise
+    finally:  # also when the deferred Ctrl-C is raised: the old folder is not left behind
+        if old and os.path.exists(old):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

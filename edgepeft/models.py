@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from edgepeft.errors import ArtifactNotFoundError, UnsupportedModelError
+from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 
 # model_type -> family. Encoders have no causal-LM head; decoders take use_cache.
@@ -259,3 +259,44 @@ def sample_inputs(config, batch: int = 2, seq: int = 8, seed: int = 0):
     mask[-1, :3] = 0
     ids[-1, :3] = pad
     return ids, mask
+
+
+def is_placeholder_tokenizer(tokenizer) -> bool:
+    """transformers 5 builds a tokenizer that knows only special tokens (or one more) for a model without tokenizer
+    files: it encodes every word as unknown, or as nothing."""
+    return len(tokenizer) <= len(set(tokenizer.all_special_ids)) + 1
+
+
+SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")
+
+
+def sentence_transformers_folder(source: str, revision: str | None = None) -> str | None:
+    """The local folder holding a base's sentence-transformers files (its length limit, pooling, modules): the
+    model's own folder, or its hub snapshot (fetched there at ``revision``); None for a model without them."""
+    if os.path.isdir(source):
+        found = any(os.path.isfile(os.path.join(source, f)) for f in SENTENCE_TRANSFORMERS_FILES)
+        return source if found else None
+    from huggingface_hub import hf_hub_download
+
+    folder = None
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        try:
+            path = hf_hub_download(source, name, revision=revision)
+        except Exception:  # noqa: BLE001  not in the repo (or no hub): the model has no such settings
+            continue
+        folder = path[:-len(name)].rstrip("/\\")
+    return folder
+
+
+def load_tokenizer(model: str, revision: str | None = None):
+    """The tokenizer training encodes its rows with; ConfigError when the model has none it can use."""
+    from transformers import AutoTokenizer
+
+    fix = "save one beside the model (tokenizer.save_pretrained) or pass a model folder that has one"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{model}: no usable tokenizer ({str(e).splitlines()[0]}); {fix}") from None
+    if is_placeholder_tokenizer(tokenizer):
+        raise ConfigError(f"{model}: has no tokenizer files (its tokenizer would know only special tokens); {fix}")
+    return tokenizer

@@ -17,7 +17,10 @@ from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
 from edgepeft.exporters.genai_config import write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
 from edgepeft.files import write_json_atomic
-from edgepeft.models import cache_layout, eos_token_ids, generation_defaults, max_positions, pad_token_id
+from edgepeft.models import (
+    SENTENCE_TRANSFORMERS_FILES, cache_layout, eos_token_ids, generation_defaults, is_placeholder_tokenizer,
+    max_positions, pad_token_id, sentence_transformers_folder,
+)
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
 from edgepeft.tuners import spec_for
@@ -26,8 +29,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
     "merges.txt", "tokenizer.model", "chat_template.jinja",
 )
-# copied as they are: generation defaults, and sentence-transformers' length limit and pooling (Runtime.embed)
-MODEL_FILES = ("generation_config.json", "sentence_bert_config.json", "modules.json", os.path.join("1_Pooling", "config.json"))
 
 
 def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="standard",
@@ -90,10 +91,13 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         **io,
     }
     write_tokenizer(source, stage, revision)
-    for f in MODEL_FILES if os.path.isdir(source) else ():
-        if os.path.isfile(os.path.join(source, f)):
+    if os.path.isfile(os.path.join(source, "generation_config.json")):  # generate's defaults are in the manifest too
+        shutil.copy2(os.path.join(source, "generation_config.json"), stage)
+    st = sentence_transformers_folder(source, revision)  # Runtime.embed's length limit and pooling, from the hub too
+    for f in SENTENCE_TRANSFORMERS_FILES if st else ():
+        if os.path.isfile(os.path.join(st, f)):
             os.makedirs(os.path.dirname(os.path.join(stage, f)), exist_ok=True)
-            shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
+            shutil.copy2(os.path.join(st, f), os.path.join(stage, f))
     write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
     write_genai_config(model, manifest, stage)  # decoders: onnxruntime-genai opens OUT/base as it is
     return manifest
@@ -115,7 +119,7 @@ def write_tokenizer(source: str, stage: str, revision: str | None = None) -> Non
     except Exception:  # no tokenizer, or one that needs remote code or another package: no reference to follow
         tokenizer = None
     if getattr(tokenizer, "backend_tokenizer", None) is not None:
-        if len(tokenizer) > len(set(tokenizer.all_special_ids)):
+        if not is_placeholder_tokenizer(tokenizer):
             tokenizer.save_pretrained(stage)
         return
     for f in TOKENIZER_FILES if os.path.isdir(source) else ():

@@ -112,6 +112,11 @@ def plan_slots(plan: ExportPlan) -> tuple[list, bool]:
                 raise ConfigError(f"{target}: {plan.out} holds an adapter named {src.name!r} already; pass --overwrite "
                                   "to replace it, or --name to export this one under another name")
     needed = slot_union(*[adapter_slots(plan.model, c, plan.groups, s.path) for c, s in zip(configs, plan.sources)])
+    have = {s.name: s for s in existing["slots"]} if existing else {}
+    older = next((s for s in needed if s.name in have and have[s.name].to_json() != s.to_json()), None)
+    if older is not None:  # e.g. a BERT prefix slot before its positions started after the prefix (position_axis)
+        raise ConfigError(f"{plan.base_dir}: was written by an older edgepeft (its slot {older.name} reads otherwise "
+                          "than this edgepeft's graph); export every adapter into a fresh --out folder")
     slots = slot_union(existing["slots"] if existing else [], needed)
     reuse = existing is not None and (
         {s.name for s in needed} - set(existing.get("inert_slots", [])) <= {s.name for s in existing["slots"]})

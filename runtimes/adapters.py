@@ -79,7 +79,7 @@ class Registered:
     """An adapter the store knows: where to (re)stage it from, its manifest, and its staged state."""
 
     __slots__ = ("name", "path", "data", "manifest", "stackable", "saved_alone", "has_head", "plan", "arrays", "bytes",
-                 "users", "n_virtual")
+                 "users", "n_positions")
 
     def __init__(self, name, path, data, manifest, slots: dict, task: str):
         self.name, self.path, self.data, self.manifest = name, path, data, manifest
@@ -94,7 +94,7 @@ class Registered:
         self.arrays = None  # staged: {slot: array}, what mixed batches stack
         self.bytes = 0
         self.users = 0  # calls in flight
-        self.n_virtual = 0  # positions its virtual tokens take, known from the staging at load (kept when evicted)
+        self.n_positions = 0  # positions its virtual tokens take, known from the staging at load (kept when evicted)
 
     @property
     def source(self):
@@ -261,7 +261,7 @@ class AdapterStore:
         return adapter
 
     def _set_staged(self, adapter: Registered, arrays: dict, plan: Plan) -> None:
-        adapter.arrays, adapter.plan, adapter.n_virtual = arrays, plan, plan.n_positions
+        adapter.arrays, adapter.plan, adapter.n_positions = arrays, plan, plan.n_positions
         adapter.bytes = int(sum(a.nbytes for a in arrays.values()))
         self._resident[adapter.name] = True
         self._resident.move_to_end(adapter.name)

@@ -221,7 +221,7 @@ class Runtime:
         known = {n: self.store.get(n) for n in names if not self.store.serves_base(n)}
         if specs is not None:
             self.mixer.check(specs, known)
-        self._check_length(max((a.n_virtual for a in known.values()), default=0), length, new_tokens, what, hint)
+        self._check_length(max((a.n_positions for a in known.values()), default=0), length, new_tokens, what, hint)
 
     def _check_length(self, n_virtual: int, length: int, new_tokens: int = 0, what: str = "", hint: str = "") -> None:
         """``what``: the new tokens in words; ``hint``: a second fix besides shortening the prompt."""

@@ -10,6 +10,7 @@ text helpers are used, so an app that feeds token ids needs neither.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 
 import numpy as np
@@ -45,7 +46,6 @@ class TextTokenizer:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
-        self.base_dir = base_dir
         self._tok.no_padding()  # we pad ourselves
         self.padding_side = padding_side
         self.pad_id = pad_id
@@ -201,8 +201,6 @@ def _default_template(template, path: str):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     """transformers' ``tojson``: JSON as written (jinja2's own sorts keys and escapes HTML and non-ASCII)."""
-    import json
-
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -318,8 +316,8 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     if rt.task != "feature-extraction":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
     rows, single = _texts(texts)
-    max_length, mode = _sentence_transformers(rt.base_dir)
-    ids, mask = rt.tokenizer.encode(rows, max_length=max_length)
+    max_length, mode, lower = sentence_transformers_settings(rt.base_dir)
+    ids, mask = rt.tokenizer.encode([t.lower() for t in rows] if lower else rows, max_length=max_length)
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
     weights = mask[..., None].astype(np.float32)
     if mode == "cls":
@@ -334,21 +332,35 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     return pooled[0] if single else pooled
 
 
-def _sentence_transformers(base_dir: str) -> tuple:
-    """(max_seq_length or None, pooling mode): sentence-transformers' settings the export copied, else (None, mean)."""
-    config = os.path.join(base_dir, "sentence_bert_config.json")
-    pooling = os.path.join(base_dir, "1_Pooling", "config.json")
-    limit = read_json(config, "sentence-transformers config", _FIX).get("max_seq_length") if os.path.isfile(config) else None
+ST_MODULES = {f"sentence_transformers.models.{m}" for m in ("Transformer", "Pooling", "Normalize")}
+
+
+def sentence_transformers_settings(folder: str) -> tuple:
+    """(max_seq_length or None, pooling mode, lower-case texts): a sentence-transformers model's settings in
+    ``folder`` (an export's base/, or the model's own folder for training), else (None, "mean", False)."""
+    config = os.path.join(folder, "sentence_bert_config.json")
+    pooling, modules = os.path.join(folder, "1_Pooling", "config.json"), os.path.join(folder, "modules.json")
+    settings = read_json(config, "sentence-transformers config", _FIX) if os.path.isfile(config) else {}
+    limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True
     if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 2):
         raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {_FIX}")
+    try:
+        listed = json.loads(_read_text(modules)) if os.path.isfile(modules) else []  # a list, which read_json refuses
+    except ValueError as e:
+        raise CorruptArtifactError(f"{modules}: not valid JSON ({e}); {_FIX}") from None
+    other = [m.get("type") for m in listed if isinstance(m, dict) and (m.get("type") not in ST_MODULES or (
+        m.get("type", "").endswith("Pooling") and m.get("path") != "1_Pooling"))]
+    if other or not isinstance(listed, list):
+        raise ConfigError(f"{modules}: the model runs {other or listed} beyond a Transformer, 1_Pooling and Normalize, "
+                          "which edgepeft does not; take last_hidden_state from Runtime.forward and apply them yourself")
     if not os.path.isfile(pooling):
-        return limit, "mean"
+        return limit, "mean", lower
     modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
              for k, v in read_json(pooling, "pooling config", _FIX).items() if k.startswith("pooling_mode_") and v]
     if len(modes) != 1 or modes[0] not in ("mean", "cls", "max", "mean_sqrt_len"):
         raise ConfigError(f"{pooling}: pooling {' + '.join(modes) or 'none'} is not one edgepeft pools by (mean, cls, max, "
                           "mean_sqrt_len); take last_hidden_state from Runtime.forward and pool it yourself")
-    return limit, modes[0]
+    return limit, modes[0], lower
 
 
 class StopStrings:

@@ -259,7 +259,7 @@ def test_run_pools_the_text_tokens_of_an_embedding_not_the_virtual_ones(tmp_path
     assert hidden.shape[0] == ids.shape[1] + 4
     pooled = hidden[4:].mean(0)
     expected = " ".join(f"{v:.4f}" for v in (pooled / (pooled ** 2).sum() ** 0.5)[:8])
-    assert f"mean-pooled, normalized): {expected} ..." in proc.stdout, (proc.stdout, expected)
+    assert f"pooled as sentence-transformers, normalized): {expected} ..." in proc.stdout, (proc.stdout, expected)
     np.testing.assert_allclose(rt.embed("hello there", adapter="p"), pooled / np.linalg.norm(pooled), atol=1e-6)
 
 

@@ -128,3 +128,44 @@ def test_a_read_only_out_is_refused_before_any_work(llama, tmp_path, monkeypatch
     monkeypatch.setattr(os, "access", lambda path, mode: real(path, mode) and os.path.abspath(path) != out)
     with pytest.raises(ConfigError, match=rf"{out}: cannot write here \(permission denied\)"):
         export([llama[1]["mlp"]], out)
+
+
+def test_ctrl_c_during_replace_dir_moves_the_new_folder_in_and_leaves_no_old_copy(tmp_path, monkeypatch):
+    """The deferred Ctrl-C was raised before the old folder's removal: a hidden full copy stayed behind."""
+    target, staged = tmp_path / "target", tmp_path / ".staged"
+    for folder, text in ((target, "old"), (staged, "new")):
+        folder.mkdir()
+        (folder / "file").write_text(text)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(target):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C between the two renames
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(str(staged), str(target))
+    assert (target / "file").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["target"]
+
+
+def test_a_base_whose_slot_reads_otherwise_than_this_edgepeft_is_not_reused(tiny_base, tmp_path):
+    """A BERT prefix base written before positions started after the prefix has the same slot names: it was reused
+    and the new adapter failed validation by 2.9 ('loosen --atol')."""
+    from file_checks import edit_json as edit
+    from peft_refs import peft_virtual_adapter
+
+    bert = tiny_base("bert")
+    first, second = (peft_virtual_adapter(tmp_path / f"p{i}", bert, "prefix", seed=i, task="feature-extraction",
+                                          num_virtual_tokens=2) for i in (1, 2))
+    out = str(tmp_path / "out")
+    export([first], out, names=["p1"])
+    manifest = os.path.join(out, "base", "edgepeft.json")
+    with open(manifest) as f:
+        slots = json.load(f)["slots"]
+    for slot in slots:
+        slot.pop("position_axis", None)  # as the older edgepeft wrote them
+    edit(manifest, slots=slots)
+    with pytest.raises(ConfigError, match=r"base: was written by an older edgepeft \(its slot prefix_\w+\.\S+ reads "
+                       "otherwise than this edgepeft's graph\\); export every adapter into a fresh --out folder"):
+        export([second], out, names=["p2"])

@@ -126,3 +126,37 @@ def test_embed_is_sentence_transformers_encode_for_long_texts_and_its_pooling(mi
                 Runtime(out).embed(texts[0])
             continue
         np.testing.assert_allclose(Runtime(out).embed(texts[0]), want / np.linalg.norm(want), atol=1e-6)
+
+
+def test_training_pools_as_the_export_serves(text_model, tmp_path, monkeypatch):
+    """A sentence-transformers model with CLS pooling: training pooled by the mean while Runtime.embed pools by CLS
+    (an adapter trained for one pooling, served with another); modules beyond Transformer, Pooling and Normalize
+    (a Dense layer) are refused, not skipped."""
+    import shutil
+
+    from edgepeft.training import trainer as training
+    from file_checks import write_lines
+    from edgepeft.runtimes.text import sentence_transformers_settings
+
+    base = str(tmp_path / "st-bert")
+    shutil.copytree(text_model("bert"), base)
+    os.makedirs(os.path.join(base, "1_Pooling"))
+    with open(os.path.join(base, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, f)
+    seen = []
+    real = training._pooled
+    monkeypatch.setattr(training, "_pooled", lambda model, ids, mask, mode="mean": seen.append(mode) or real(model, ids, mask, mode))
+    rows = [{"text": f"w{i} w{i + 1}", "positive": f"w{i + 1} w{i}"} for i in range(8)]
+    training.train(model=base, task="feature-extraction", data=write_lines(tmp_path / "d.jsonl", rows),
+                   out=str(tmp_path / "out"), epochs=1, batch_size=4)
+    assert seen and set(seen) == {"cls"}
+    hidden = torch.randn(2, 3, 4)
+    model = lambda **kw: type("Out", (), {"last_hidden_state": hidden})()  # noqa: E731
+    np.testing.assert_allclose(real(model, None, torch.ones(2, 3, dtype=torch.long), "cls").numpy(),
+                               torch.nn.functional.normalize(hidden[:, 0], dim=-1).numpy(), atol=1e-6)
+    with open(os.path.join(base, "modules.json"), "w") as f:
+        json.dump([{"path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                   {"path": "2_Dense", "type": "sentence_transformers.models.Dense"}], f)
+    with pytest.raises(ConfigError, match=r"modules.json: the model runs \['sentence_transformers.models.Dense'\] beyond"):
+        sentence_transformers_settings(base)

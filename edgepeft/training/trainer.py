@@ -20,6 +20,8 @@ import torch
 
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, TrainingInterrupted
+from edgepeft.models import load_tokenizer, sentence_transformers_folder
+from edgepeft.runtimes.text import sentence_transformers_settings
 from edgepeft.plots import training_curve
 from edgepeft.training.arguments import TrainingArguments, method_config
 from edgepeft.training.checkpoint import (
@@ -29,19 +31,6 @@ from edgepeft.training.checkpoint import (
 from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, read_jsonl
 
 HARDLY_MOVED = 0.97  # eval loss at its best above this share of the untrained adapter's: the rate is probably too low
-
-
-def load_tokenizer(model: str, revision: str | None = None):
-    from transformers import AutoTokenizer
-
-    fix = "save one beside the model (tokenizer.save_pretrained) or pass a model folder that has one"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
-    except (OSError, ValueError, TypeError) as e:
-        raise ConfigError(f"{model}: no usable tokenizer ({str(e).splitlines()[0]}); {fix}") from None
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)) + 1:  # transformers 5 builds an empty one when files are missing
-        raise ConfigError(f"{model}: has no tokenizer files (its tokenizer would know only special tokens); {fix}")
-    return tokenizer
 
 
 class Trainer:
@@ -139,7 +128,7 @@ class Trainer:
         pad = torch.nn.functional.pad
         ids = torch.cat([pad(t, (0, width - t.shape[1])) for t in (batch["input_ids"], batch["positive_ids"])])
         mask = torch.cat([pad(t, (0, width - t.shape[1])) for t in (batch["attention_mask"], batch["positive_mask"])])
-        a, p = _pooled(model, ids, mask).split(len(batch["input_ids"]))
+        a, p = _pooled(model, ids, mask, self.pooling).split(len(batch["input_ids"]))
         scores = 20.0 * a @ p.T  # cosine similarity x 20, as sentence-transformers' MultipleNegativesRankingLoss
         return torch.nn.functional.cross_entropy(scores, torch.arange(len(a), device=a.device)), (a, p)
 
@@ -194,6 +183,8 @@ class Trainer:
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
         encoder, train_rows, eval_rows, labels = self._data(method)
+        folder = sentence_transformers_folder(self.args.model, method.revision)  # embeddings pool as Runtime.embed
+        self.pooling = sentence_transformers_settings(folder)[1] if folder else "mean"
         peft = self._model(labels, method)
         heads = [p for n, p in peft.named_parameters() if p.requires_grad and ".modules_to_save." in n]
         params = [p for p in peft.parameters() if p.requires_grad]
@@ -363,11 +354,14 @@ def train(**kwargs) -> dict:
 
 
 # ---------------------------------------------------------------------- helpers
-def _pooled(model, ids, mask):
+def _pooled(model, ids, mask, mode="mean"):
+    """Embeddings pooled as sentence-transformers pools them (``mode``: its 1_Pooling config), L2-normalized."""
     hidden = model(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
     hidden = hidden[:, hidden.shape[1] - mask.shape[1]:]  # a prompt's virtual tokens come first: pool the text's own
     m = mask[..., None].to(hidden.dtype)
-    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers
+    count = m.sum(1).clamp(min=1)
+    pooled = {"cls": lambda: hidden[:, 0], "max": lambda: hidden.masked_fill(m == 0, -1e9).max(1).values,
+              "mean_sqrt_len": lambda: (hidden * m).sum(1) / count.sqrt()}.get(mode, lambda: (hidden * m).sum(1) / count)()
     return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
 
