@@ -99,12 +99,18 @@ def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp
     assert not hidden_entries(out)
 
 
-def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tmp_path, monkeypatch):
-    """Its docstring: target is at every moment the old or the new folder. A failing second rename left neither."""
-    target, staged = tmp_path / "target", tmp_path / ".staged"
+def _old_and_new(root):
+    """target/file saying "old", .staged/file saying "new": what replace_dir swaps."""
+    target, staged = root / "target", root / ".staged"
     for folder, text in ((target, "old"), (staged, "new")):
         folder.mkdir()
         (folder / "file").write_text(text)
+    return target, staged
+
+
+def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tmp_path, monkeypatch):
+    """Its docstring: target is at every moment the old or the new folder. A failing second rename left neither."""
+    target, staged = _old_and_new(tmp_path)
     real = os.replace
 
     def replace(src, dst):
@@ -132,10 +138,7 @@ def test_a_read_only_out_is_refused_before_any_work(llama, tmp_path, monkeypatch
 
 def test_ctrl_c_during_replace_dir_moves_the_new_folder_in_and_leaves_no_old_copy(tmp_path, monkeypatch):
     """The deferred Ctrl-C was raised before the old folder's removal: a hidden full copy stayed behind."""
-    target, staged = tmp_path / "target", tmp_path / ".staged"
-    for folder, text in ((target, "old"), (staged, "new")):
-        folder.mkdir()
-        (folder / "file").write_text(text)
+    target, staged = _old_and_new(tmp_path)
     real = os.replace
 
     def replace(src, dst):
