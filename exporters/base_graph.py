@@ -32,11 +32,11 @@ TOKENIZER_FILES = (
 
 
 def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="standard",
-               revision=None) -> dict:
+               revision=None, log=lambda *a, **k: None) -> dict:
     """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest.
 
     ``ops``: "contrib" (a model ``effective_ops`` allows) or "standard" (see ``contrib_ops``). ``revision``: the hub
-    revision of ``source`` (its tokenizer's too).
+    revision of ``source`` (its tokenizer's too). ``log``: where a note goes (a tokenizer left out).
     """
     graph_model = copy.deepcopy(model)
     fused = fuse_groups(graph_model, groups)
@@ -67,6 +67,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "model_type": model.config.model_type,
         "task": task,
         "source": source,
+        "revision": revision,  # the hub revision of source (None: the default branch, or a folder)
         "graph": BASE_GRAPH,
         "web_graph": WEB_GRAPH,
         "neutral_graph": NEUTRAL_GRAPH if required else None,  # a merged classifier has no slot to fill
@@ -90,7 +91,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "fused_groups": list(fused),
         **io,
     }
-    write_tokenizer(source, stage, revision)
+    write_tokenizer(source, stage, revision, log)
     if os.path.isfile(os.path.join(source, "generation_config.json")):  # generate's defaults are in the manifest too
         shutil.copy2(os.path.join(source, "generation_config.json"), stage)
     st = sentence_transformers_folder(source, revision)  # Runtime.embed's length limit and pooling, from the hub too
@@ -103,7 +104,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     return manifest
 
 
-def write_tokenizer(source: str, stage: str, revision: str | None = None) -> None:
+def write_tokenizer(source: str, stage: str, revision: str | None = None, log=lambda *a, **k: None) -> None:
     """The base's tokenizer as transformers loads it, into ``stage``: its tokenizer.json is the one transformers
     runs. transformers 5 rebuilds some tokenizers (Llama-2's: no Prepend normalizer, Metaspace first only), so
     a copied file gave other ids (' Hello', text after <s>). A hub id's tokenizer comes too. A tokenizer that
@@ -116,7 +117,9 @@ def write_tokenizer(source: str, stage: str, revision: str | None = None) -> Non
         return
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision)
-    except Exception:  # no tokenizer, or one that needs remote code or another package: no reference to follow
+    except Exception as e:  # noqa: BLE001  one that needs remote code, another package or the network
+        log(f"note: transformers cannot load the tokenizer of {source} ({str(e).splitlines()[0][:120]}); "
+            + ("its files are copied as they are" if os.path.isdir(source) else "the export has none: pass token ids"))
         tokenizer = None
     if getattr(tokenizer, "backend_tokenizer", None) is not None:
         if not is_placeholder_tokenizer(tokenizer):

@@ -25,6 +25,7 @@ from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
 from edgepeft.exporters.validate import log_check, validate
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.files import Staging, check_output_dir, deferred_interrupts, write_json_atomic
+from edgepeft.models import model_label
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
     read_adapter_manifest, read_base_manifest,
@@ -144,8 +145,9 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
     skip = {s.module for s in existing["slots"] if s.neutral == "base"}  # as OUT's base was fingerprinted
     if existing.get("weights_fingerprint") != weights_fingerprint(plan.model, skip_modules=skip) or existing["task"] != plan.task:
         raise AdapterBaseMismatchError(
-            f"{base_dir}: was exported from {existing.get('source')} ({existing['task']}); these adapters need "
-            f"{plan.source} ({plan.task}); export them into another --out folder")
+            f"{base_dir}: was exported from {model_label(existing.get('source'), existing.get('revision'))} "
+            f"({existing['task']}); these adapters need {model_label(plan.source, plan.revision)} ({plan.task}); "
+            "export them into another --out folder")
     if existing.get("quantization") != plan.quantize:
         have, want = existing.get("quantization") or "float32", plan.quantize or "float32"
         same = f"--quantize {have}" if have != "float32" else "no --quantize"
@@ -195,7 +197,8 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
     plan.log(f"exporting base with {len(slots)} slots to {plan.base_dir}")
     skip = {s.module for s in slots if s.neutral == "base"}  # task heads: their base values are only defaults
     trace_base(plan.model, slots, plan.task, stage, plan.source, weights_fingerprint(plan.model, skip_modules=skip),
-               plan.groups, ops=effective_ops(plan.model.config, plan.task, plan.ops, plan.log), revision=plan.revision)
+               plan.groups, ops=effective_ops(plan.model.config, plan.task, plan.ops, plan.log), revision=plan.revision,
+               log=plan.log)
     manifest = read_base_manifest(stage)
     if manifest["inert_slots"]:
         plan.log(f"note: {len(manifest['inert_slots'])} slots cannot change {TASK_OUTPUTS[plan.task]} "
@@ -315,7 +318,7 @@ def export_merged(plan: ExportPlan) -> dict:
         plan.log(f"exporting {src.name} merged into the base to {base_dir}")
         trace_base(merged, [], plan.task, stage, plan.source, weights_fingerprint(merged), plan.groups,
                    merged_adapter=src.name, ops=effective_ops(merged.config, plan.task, plan.ops, plan.log),
-                   revision=plan.revision)
+                   revision=plan.revision, log=plan.log)
         rt = Runtime.from_base_dir(stage)
         plan.peft.set_adapter(src.name)
         checks = [validate(f"merged {src.name}", rt, None, plan.peft, plan.task, plan.atol, src.path)]

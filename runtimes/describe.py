@@ -53,6 +53,7 @@ def describe_export(out_dir: str) -> dict:
             "model_type": base["model_type"],
             "task": base["task"],
             "source": base.get("source"),
+            "revision": base.get("revision"),
             "fingerprint": base["fingerprint"],
             "dtype": base.get("dtype"),
             "quantization": base.get("quantization"),

@@ -261,6 +261,7 @@ _FIELD_TYPES = {
     "model_type": (str, "a string"), "task": (str, "a string"), "inputs": (dict, "an object"),
     "outputs": (dict, "an object"), "vocab_size": (int, "a whole number"), "max_positions": ((int, type(None)), "a whole number"),
     "cache": ((dict, type(None)), "an object"), "generation": (dict, "an object"), "merged_adapter": ((str, type(None)), "a name"),
+    "revision": ((str, type(None)), "a hub revision"),
     "methods": (list, "a list of method names"), "labels": ((list, type(None)), "a list of names"),
     "parameter_bytes": (int, "a whole number"), "rank": ((int, float, type(None)), "a number"),
     "alpha": ((int, float, type(None)), "a number"),

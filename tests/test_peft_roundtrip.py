@@ -116,7 +116,7 @@ def _hub_adapter(path, revision):
     return str(path), torch_outputs(pm.eval(), ids, mask, "logits")
 
 
-def test_export_loads_the_base_revision_the_adapter_records(tiny_base, tmp_path, monkeypatch):
+def test_export_loads_the_base_revision_the_adapter_records(tiny_base, tmp_path, monkeypatch, capsys):
     import transformers as tf
 
     torch.manual_seed(77)
@@ -132,6 +132,11 @@ def test_export_loads_the_base_revision_the_adapter_records(tiny_base, tmp_path,
     rt = Runtime(str(tmp_path / "out"))
     assert max_diff_valid(rt.forward(ids, mask, adapter="v1")["logits"], want, mask) <= 1e-4
     assert rt.tokenizer.encode("w10 w20")[0].tolist() == [[1, 10, 20]]  # a hub base's tokenizer, at its revision
+    from edgepeft.cli import main
+
+    assert rt.manifest["revision"] == "v1"  # recorded: inspect shows it
+    main(["inspect", str(tmp_path / "out")])
+    assert "from acme/tiny-llama (revision v1)" in capsys.readouterr().out
 
     on_main, _ = _hub_adapter(tmp_path / "on-main", None)
     with pytest.raises(ConfigError, match=r"different revisions of acme/tiny-llama .*on-v1: v1.*on-main: main"):

@@ -180,3 +180,25 @@ def test_a_base_without_tokenizer_files_exports_no_tokenizer(tiny_base, tmp_path
     rt = Runtime(out)
     with pytest.raises(ArtifactNotFoundError, match="the export has no tokenizer; pass token ids"):
         rt.tokenizer
+
+
+def test_a_tokenizer_transformers_cannot_load_is_said_and_copied_as_it_is(tiny_base, tmp_path, capsys, monkeypatch):
+    """It was left out or copied without a word (a tokenizer class of another package, remote code, no network)."""
+    import transformers as tf
+
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_base("llama"), base)
+    llama2_tokenizer(base)
+    real = tf.AutoTokenizer.from_pretrained
+
+    def refuse(source, *args, **kwargs):  # as transformers refuses a tokenizer that needs trust_remote_code
+        if str(source) == base:
+            raise ValueError("this tokenizer needs trust_remote_code=True")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(tf.AutoTokenizer, "from_pretrained", refuse)
+    out = str(tmp_path / "out")
+    export([lora_adapter(tmp_path / "qv", base, "causal-lm", 4, r=2, target_modules=["q_proj"])], out, names=["qv"],
+           verbose=True)
+    assert "note: transformers cannot load the tokenizer of" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(out, "base", "tokenizer.json"))  # the folder's files, as they are
