@@ -94,7 +94,8 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     write_tokenizer(source, stage, revision, log)
     if os.path.isfile(os.path.join(source, "generation_config.json")):  # generate's defaults are in the manifest too
         shutil.copy2(os.path.join(source, "generation_config.json"), stage)
-    st = sentence_transformers_folder(source, revision)  # Runtime.embed's length limit and pooling, from the hub too
+    # Runtime.embed's length limit and pooling, from the hub too
+    st = sentence_transformers_folder(source, revision) if task == "feature-extraction" else None
     for f in SENTENCE_TRANSFORMERS_FILES if st else ():
         if os.path.isfile(os.path.join(st, f)):
             os.makedirs(os.path.dirname(os.path.join(stage, f)), exist_ok=True)

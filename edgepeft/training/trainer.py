@@ -183,7 +183,8 @@ class Trainer:
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
         encoder, train_rows, eval_rows, labels = self._data(method)
-        folder = sentence_transformers_folder(self.args.model, method.revision)  # embeddings pool as Runtime.embed
+        embeds = self.args.task == "feature-extraction"  # embeddings pool as Runtime.embed pools them
+        folder = sentence_transformers_folder(self.args.model, method.revision) if embeds else None
         self.pooling = sentence_transformers_settings(folder)[1] if folder else "mean"
         peft = self._model(labels, method)
         heads = [p for n, p in peft.named_parameters() if p.requires_grad and ".modules_to_save." in n]
