@@ -10,6 +10,7 @@ text helpers are used, so an app that feeds token ids needs neither.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 
@@ -46,6 +47,7 @@ class TextTokenizer:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
+        self.base_dir = base_dir
         self._tok.no_padding()  # we pad ourselves
         self.padding_side = padding_side
         self.pad_id = pad_id
@@ -60,6 +62,11 @@ class TextTokenizer:
         self._template = None  # compiled on first use
         if os.path.isfile(template_path):
             self.chat_template, self.template_source = _read_text(template_path), template_path
+
+    @functools.cached_property
+    def sentence_transformers(self) -> tuple:
+        """(max_seq_length, pooling mode, lower-case): read once per Runtime, not per ``embed`` call."""
+        return sentence_transformers_settings(self.base_dir)
 
     def _special(self, key: str):
         value = self.config.get(key, self.special_map.get(key))
@@ -316,7 +323,7 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     if rt.task != "feature-extraction":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
     rows, single = _texts(texts)
-    max_length, mode, lower = sentence_transformers_settings(rt.base_dir)
+    max_length, mode, lower = rt.tokenizer.sentence_transformers
     ids, mask = rt.tokenizer.encode([t.lower() for t in rows] if lower else rows, max_length=max_length)
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
     weights = mask[..., None].astype(np.float32)

@@ -52,17 +52,8 @@ export class Runtime {
     return rt;
   }
 
-  /**
-   * A file of the export as JSON; one that is missing or damaged is an EdgePeftError naming it and a fix.
-   * missing: what to say when the file is not there (null: the loader's own advice, for OUT itself).
-   */
-  async json(rel, missing = `missing from the export; ${REEXPORT}`) {
-    try {
-      return await this.loader.json(rel);
-    } catch (e) {
-      if (e instanceof EdgePeftError && !(e.missing && missing)) throw e;
-      throw new EdgePeftError(`${this.loader.where(rel)}: ${e.missing ? missing : `not readable JSON (${e.message}); ${REEXPORT}`}`);
-    }
+  json(rel, missing) {
+    return readJson(this.loader, rel, missing);
   }
 
   /** A session made by make(); ONNX Runtime's failure to load a file is an EdgePeftError naming it. */
@@ -322,18 +313,27 @@ function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
 
 /** The tokenizer exported with the base, read through a loader (tokenizer_config.json when there is one). */
 export async function tokenizerOf(Tokenizer, loader) {
-  const config = await loader.json("base/tokenizer_config.json").catch((e) => {  // optional, but not when damaged
-    if (e.missing) return {};
-    throw new EdgePeftError(`${loader.where("base/tokenizer_config.json")}: not readable JSON (${e.message}); ` +
-      "re-export the base with its tokenizer files");
-  });
-  const tokenizer = await loader.json("base/tokenizer.json").catch((e) => {
-    if (!e.missing) throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: not a readable tokenizer (${e.message}); ` +
-      "re-export the base with its tokenizer files");
-    throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: the export has no tokenizer; pass token ids, or ` +
-      "export from a base folder that has tokenizer.json");
-  });
+  const fix = "re-export the base with its tokenizer files";
+  const config = await readJson(loader, "base/tokenizer_config.json", OPTIONAL, fix);
+  const tokenizer = await readJson(loader, "base/tokenizer.json",
+    "the export has no tokenizer; pass token ids, or export from a base folder that has tokenizer.json", fix);
   return new Tokenizer(tokenizer, config);
+}
+
+const OPTIONAL = Symbol("optional");  // readJson's missing: a file that may be absent reads as {}
+
+/**
+ * A file of the export as JSON; one that is missing or damaged is an EdgePeftError naming it and a fix.
+ * missing: what to say when the file is not there (null: the loader's own advice, for OUT itself; OPTIONAL: {}).
+ */
+async function readJson(loader, rel, missing = `missing from the export; ${REEXPORT}`, fix = REEXPORT) {
+  try {
+    return await loader.json(rel);
+  } catch (e) {
+    if (e.missing && missing === OPTIONAL) return {};
+    if (e instanceof EdgePeftError && !(e.missing && missing)) throw e;
+    throw new EdgePeftError(`${loader.where(rel)}: ${e.missing ? missing : `not readable JSON (${e.message}); ${fix}`}`);
+  }
 }
 
 /** Label probabilities from a classifier's logits row: [{label, score}], most likely first. */
