@@ -9,6 +9,7 @@ import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
+from edgepeft.runtimes.text import SENTENCE_TRANSFORMERS_FILES
 
 # model_type -> family. Encoders have no causal-LM head; decoders take use_cache.
 ENCODERS = {"bert"}
@@ -265,9 +266,6 @@ def is_placeholder_tokenizer(tokenizer) -> bool:
     """transformers 5 builds a tokenizer that knows only special tokens (or one more) for a model without tokenizer
     files: it encodes every word as unknown, or as nothing."""
     return len(tokenizer) <= len(set(tokenizer.all_special_ids)) + 1
-
-
-SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")
 
 
 def sentence_transformers_folder(source: str, revision: str | None = None) -> str | None:

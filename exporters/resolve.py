@@ -168,21 +168,17 @@ def adapter_slots(model, config, groups=(), path: str | None = None) -> list:
         raise naming_config(e, path) from None
 
 
-def base_valued(model, configs, paths) -> set:
-    """Modules whose base weights are only slot defaults (task heads): left out of the weights fingerprint."""
-    return {s.module for c, p in zip(configs, paths) for s in adapter_slots(model, c, path=p) if s.neutral == "base"}
-
-
 def _check_recorded_bases(sources, source: str, model, task: str) -> None:
     """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``."""
-    try:
-        skip = base_valued(model, [s.config for s in sources], [s.path for s in sources])
-    except EdgePeftError as e:  # an adapter this model cannot take: most likely made for the base it records
-        recorded = next((s.config.base_model_name_or_path for s in sources
-                         if str(e).startswith(os.path.join(s.path, CONFIG_NAME))), None)
-        if not recorded or os.path.abspath(recorded) == os.path.abspath(source):
-            raise
-        raise type(e)(f"{e}; it was trained on {recorded}: drop --base to export it with that base") from None
+    skip = set()  # modules whose base weights are only slot defaults (task heads): left out of the fingerprint
+    for src in sources:
+        try:
+            skip |= {s.module for s in adapter_slots(model, src.config, path=src.path) if s.neutral == "base"}
+        except EdgePeftError as e:  # an adapter this model cannot take: most likely made for the base it records
+            recorded = src.config.base_model_name_or_path
+            if not recorded or os.path.abspath(recorded) == os.path.abspath(source):
+                raise
+            raise type(e)(f"{e}; it was trained on {recorded}: drop --base to export it with that base") from None
     ours = None
     for src in sources:
         recorded = src.config.base_model_name_or_path

@@ -176,5 +176,6 @@ def table(result: dict) -> str:
         lines.append("")
         lines.append("| adapter | generation tokens/s |")
         lines.append("| --- | --- |")
-        lines += [f"| {base.split(' (')[0] if n == 'none' else n} | {v:.1f} |" for n, v in result["tokens_per_s"].items()]
+        lines += [f"| {result.get('merged_adapter') or n if n == 'none' else n} | {v:.1f} |"
+                  for n, v in result["tokens_per_s"].items()]
     return "\n".join(lines)

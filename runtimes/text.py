@@ -250,15 +250,14 @@ def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     ids, mask, _ = prompt_ids(rt, prompt, chat)
     if ids.shape[0] != 1:
         raise ConfigError("stream_text takes one prompt; use generate_text for a batch")
-    new, shown, text, tok = [], "", "", rt.tokenizer
+    new, shown, tok = [], "", rt.tokenizer
     for token in rt.stream(ids, mask, adapter, **generation):
         new.append(int(token[0]))
-        text = tok.decode(new)
-        open_run = tok.open_bytes(new)  # a run of byte tokens may still change: its text is held back
-        settled = tok.decode(new[:-open_run]) if open_run else text
+        settled = tok.decode(new[:len(new) - tok.open_bytes(new)])  # an open run of byte tokens may still change
         if settled.startswith(shown) and len(settled) > len(shown) and not settled.endswith("\ufffd"):
             yield settled[len(shown):]
             shown = settled
+    text = tok.decode(new)
     if text.startswith(shown) and len(text) > len(shown):  # held back: a character or byte run open at the end
         yield text[len(shown):]
 
@@ -339,14 +338,14 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     return pooled[0] if single else pooled
 
 
+SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")  # as exported
 ST_MODULES = {f"sentence_transformers.models.{m}" for m in ("Transformer", "Pooling", "Normalize")}
 
 
 def sentence_transformers_settings(folder: str) -> tuple:
     """(max_seq_length or None, pooling mode, lower-case texts): a sentence-transformers model's settings in
     ``folder`` (an export's base/, or the model's own folder for training), else (None, "mean", False)."""
-    config = os.path.join(folder, "sentence_bert_config.json")
-    pooling, modules = os.path.join(folder, "1_Pooling", "config.json"), os.path.join(folder, "modules.json")
+    config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
     settings = read_json(config, "sentence-transformers config", _FIX) if os.path.isfile(config) else {}
     limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True
     if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 2):

@@ -14,6 +14,8 @@ from edgepeft.files import check_output_dir
 from edgepeft.runtimes.values import is_number, is_whole
 
 # Settings that may change when resuming (everything else must match the checkpoint).
+WHOLE_FIELDS = ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps")  # whole numbers >= 1
+NUMBER_FIELDS = ("lr", "head_lr", "max_grad_norm", "warmup_ratio", "weight_decay")  # numbers (ranges checked apart)
 RESUMABLE = {"resume", "overwrite", "progress", "logging_steps"}
 # The learning rate of task heads trained whole (``modules_to_save``, e.g. a classifier): they start from
 # random weights, whatever the method, so they get their own rate (docs/training.md).
@@ -51,12 +53,12 @@ class TrainingArguments:
         """Refuse bad settings before any work, and fill in the method's defaults (``lr``, ``head_lr``)."""
         if self.task not in TASK_TYPES.values():
             raise ConfigError(f"task {self.task!r} is not supported; use one of {', '.join(TASK_TYPES.values())}")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps"):
+        for name in WHOLE_FIELDS:
             if not (is_whole(getattr(self, name)) and getattr(self, name) >= 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
         if not (is_whole(self.seed) and 0 <= self.seed < 2**32):  # numpy's seeds
             raise ConfigError(f"--seed must be a whole number in 0..{2**32 - 1}, got {self.seed!r}")
-        for name in ("lr", "head_lr", "max_grad_norm", "warmup_ratio", "weight_decay"):
+        for name in NUMBER_FIELDS:
             value = getattr(self, name)
             if not (value is None and name.endswith("lr")) and not is_number(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value!r}")  # ranges: below
@@ -89,9 +91,9 @@ class TrainingArguments:
             raise ConfigError(f"--save must be best or last, got {self.save!r}")
         if self.save == "best" and self.eval_data is None:
             self.save = "last"  # nothing to rank epochs by
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps", "seed"):  # numpy ones too
-            setattr(self, name, int(getattr(self, name)))  # Python numbers, for the log and the checkpoint's JSON
-        for name in ("lr", "head_lr", "max_grad_norm", "warmup_ratio", "weight_decay"):
+        for name in (*WHOLE_FIELDS, "seed"):  # numpy ones too: Python numbers, for the log and the checkpoint's JSON
+            setattr(self, name, int(getattr(self, name)))
+        for name in NUMBER_FIELDS:
             setattr(self, name, float(getattr(self, name)))
 
     def fingerprint(self) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from edgepeft.tuners.virtual import PromptLearningConfig, hidden_size
+from edgepeft.models import attention_layout
+from edgepeft.tuners.virtual import PromptLearningConfig
 
 
 @dataclass
@@ -36,9 +37,7 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def method_width(self, model_config) -> int | None:
         """The keys/values' width: the key/value heads' (fewer than the queries' with grouped-query attention)."""
-        c = model_config
-        kv_heads = getattr(c, "num_key_value_heads", None)
-        if kv_heads is None:
+        if getattr(model_config, "num_key_value_heads", None) is None:
             return None
-        heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
-        return (getattr(c, "head_dim", None) or hidden_size(c) // heads) * kv_heads
+        layout = attention_layout(model_config)  # the prefix's cache shape (slots.py) reads the same
+        return layout["num_kv_heads"] * layout["head_dim"]
