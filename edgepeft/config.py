@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 import warnings
@@ -32,8 +33,23 @@ TASK_TYPES = {
 
 _CONFIG_CLASSES: dict[str, type] = {}
 
+
+def task_type_of_class(auto_mapping) -> str | None:
+    """The task_type of an adapter saved without one, from the model class HF PEFT recorded (``auto_mapping``'s
+    ``base_model_class``, which its AutoPeftModel loads): LlamaForSequenceClassification -> SEQ_CLS. None: none
+    recorded; another head (token classification, masked LM) names itself, and ``task`` refuses it."""
+    name = (auto_mapping or {}).get("base_model_class") if isinstance(auto_mapping, dict) else None
+    if not isinstance(name, str):
+        return None
+    for suffix, task_type in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
+                              ("LMHeadModel", "CAUSAL_LM")):
+        if name.endswith(suffix):
+            return task_type
+    head = re.search(r"For\w+$", name)
+    return head.group(0)[3:] if head else "FEATURE_EXTRACTION"  # a bare LlamaModel / BertModel: hidden states
+
 # Fields HF PEFT writes that change nothing edgepeft does when left at these values.
-_HARMLESS_FIELDS = {"peft_type", "peft_version", "auto_mapping", "megatron_core", "megatron_config", "qalora_group_size"}
+_HARMLESS_FIELDS = {"peft_type", "peft_version", "megatron_core", "megatron_config", "qalora_group_size"}
 
 
 def naming_config(error: EdgePeftError, directory: str) -> EdgePeftError:
@@ -69,6 +85,7 @@ class PeftConfig:
     revision: Optional[str] = None
     inference_mode: bool = False
     modules_to_save: Optional[list] = None
+    auto_mapping: Optional[dict] = None  # HF PEFT: the model class it was saved on (AutoPeftModel loads that class)
 
     @property
     def peft_type(self) -> str:
@@ -84,6 +101,17 @@ class PeftConfig:
                 f"task_type {self.task_type!r} is not supported; use one of {', '.join(TASK_TYPES)}"
             )
         return TASK_TYPES[self.task_type]
+
+    @property
+    def recorded_task(self) -> Optional[str]:
+        """The task of the model class HF PEFT recorded (``auto_mapping``), for an adapter saved without task_type:
+        a classifier's adapter runs on the classifier, its head the checkpoint's own, as AutoPeftModel loads it."""
+        task_type = task_type_of_class(self.auto_mapping)
+        if task_type is None or task_type in TASK_TYPES:
+            return TASK_TYPES.get(task_type)
+        raise UnsupportedMethodError(
+            f"has no task_type and was saved on {self.auto_mapping['base_model_class']} (auto_mapping), whose task "
+            f"edgepeft does not export; it exports {', '.join(TASK_TYPES)}: use an adapter trained for one of them")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -171,9 +199,11 @@ def load_config(directory: str) -> PeftConfig:
     directory = str(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise ArtifactNotFoundError(
-            f"{path}: not found; pass an adapter folder saved by save_pretrained (edgepeft or HF PEFT)"
-        )
+        named = sorted(d for d in os.listdir(directory) if os.path.isfile(os.path.join(directory, d, CONFIG_NAME))) \
+            if os.path.isdir(directory) else []
+        fix = (f"it holds adapters saved under their names: pass {' or '.join(os.path.join(directory, d) for d in named)}"
+               if named else "pass an adapter folder saved by save_pretrained (edgepeft or HF PEFT)")
+        raise ArtifactNotFoundError(f"{path}: not found; {fix}")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)

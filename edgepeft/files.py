@@ -1,10 +1,13 @@
 """Atomic writes: a failed write leaves what was there untouched."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -63,10 +66,59 @@ def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None
         raise ConfigError(f"{probe}: cannot write here (permission denied); give {flag} another folder or fix its permissions")
 
 
+def _host() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner() -> str:
+    """This process in a hidden folder's name (``p<pid>h<host>``): a later export can tell a dead process's
+    leftovers (``remove_abandoned``) from a running export's folders."""
+    return f"p{os.getpid()}h{_host()}"
+
+
+# staging_dir's and replace_dir's names: .staging-<label>-<owner>-<random>, .old-<target's name>-<owner>-<random>
+_HIDDEN = re.compile(r"\.(staging|old)-(.+)-p(\d+)h([0-9a-f]{8})-[^-]+")
+
+
+def remove_abandoned(parent: str) -> list[str]:
+    """Mend what an export killed midway (kill -9, the out-of-memory killer) left under ``parent``, made by a
+    process of this host that no longer runs: its staging folders are removed; a folder ``replace_dir`` had
+    moved aside is put back when nothing took its place (killed between the two renames), else removed.
+    Folders of running processes, of other hosts (a shared drive) and of other names stay.
+    Returns one line per folder, saying what was done."""
+    if os.name != "posix" or not os.path.isdir(parent):  # os.kill(pid, 0) only asks "is it there?" on POSIX
+        return []
+    host = _host()
+    done = []
+    for name in sorted(os.listdir(parent)):
+        m = _HIDDEN.fullmatch(name)
+        path = os.path.join(parent, name)
+        if m is None or m.group(4) != host or not os.path.isdir(path) or _running(int(m.group(3))):
+            continue
+        target = os.path.join(parent, m.group(2))
+        if m.group(1) == "old" and not os.path.exists(target):
+            os.replace(path, target)
+            done.append(f"put {target} back (an export was stopped while replacing it)")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path} (left by an export that was stopped midway)")
+    return done
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        return True
+    return True
+
+
 def staging_dir(parent: str, label: str) -> str:
     """A fresh hidden folder under ``parent`` to build into before ``replace_dir``."""
     os.makedirs(parent, exist_ok=True)
-    path = tempfile.mkdtemp(prefix=f".staging-{label}-", dir=parent)
+    path = tempfile.mkdtemp(prefix=f".staging-{label}-{_owner()}-", dir=parent)
     usual_permissions(path)
     return path
 
@@ -81,7 +133,8 @@ def replace_dir(staged: str, target: str) -> None:
     try:
         with deferred_interrupts():  # Ctrl-C between the two renames would leave no target at all
             if os.path.exists(target):
-                old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(target)))
+                parent, name = os.path.split(os.path.abspath(target))
+                old = tempfile.mkdtemp(prefix=f".old-{name}-{_owner()}-", dir=parent)
                 os.rmdir(old)
                 os.replace(target, old)
             try:

@@ -127,21 +127,22 @@ def check_exportable(config, source: str) -> None:
         )
 
 
-def load_base(name_or_path: str, task: str, labels: list[str] | None = None, revision: str | None = None):
+def load_base(name_or_path: str, task: str, labels: list[str] | None = None, revision: str | None = None,
+              config=None):
     """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
 
     Heads the checkpoint lacks (a classifier) are initialised from a fixed seed so
     the same base loads to the same weights every time; ``model.edgepeft_new_head`` says whether the
     task's head was made so (the export records it: an untrained base head). ``labels`` (seq-cls) sizes
     the classifier for those classes and names them in the config. ``revision``: see
-    ``load_model_config``.
+    ``load_model_config``; ``config``: its result when the caller has it already (no second look-up).
     """
     from optimum.exporters.tasks import TasksManager
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
-    config = load_model_config(name_or_path, revision=revision)
+    config = config or load_model_config(name_or_path, revision=revision)
     check_supported(config.model_type, task, str(name_or_path))
     if task == "seq-cls" and config.model_type in DECODERS and config.pad_token_id is None:
         raise UnsupportedModelError(
@@ -167,6 +168,12 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         finally:
             hf_logging.set_verbosity(verbosity)
     made = [*info["missing_keys"], *(m[0] for m in info.get("mismatched_keys", []))]  # initialised, not loaded
+    output = model.get_output_embeddings() if task == "causal-lm" else None
+    if output is not None and any(k.startswith(n + ".") for n, m in model.named_modules() if m is output for k in made):
+        raise UnsupportedModelError(
+            f"{model_label(name_or_path, revision)}: holds no language-model head (its output layer would be random): "
+            "a checkpoint saved for another task (a classifier, embeddings); export with a causal-LM checkpoint as "
+            "--base, or set the task the adapter was trained for (task_type in its adapter_config.json)")
     model.edgepeft_new_head = any(k.split(".")[0] in CLASSIFIER_NAMES for k in made)
     return model.eval()
 
@@ -223,14 +230,35 @@ def eos_token_ids(model) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-# What transformers' generate takes from a model's generation_config.json when the call leaves it unset
-SAMPLING_DEFAULTS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+# What transformers' generate takes from a model's generation_config.json when the call leaves it unset, and the
+# runtime applies too (stop_strings is the runtime's ``stop``)
+GENERATION_DEFAULTS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
+                       "max_new_tokens", "max_length", "min_new_tokens", "min_length", "stop_strings")
+# Settings that change generate's tokens which the runtime does not apply, with the value that changes nothing
+IGNORED_GENERATION = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "penalty_alpha": None,
+                      "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                      "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None, "typical_p": 1.0,
+                      "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None,
+                      "guidance_scale": 1.0, "top_h": None, "max_time": None, "dola_layers": None,
+                      "watermarking_config": None, "prompt_lookup_num_tokens": None}
 
 
 def generation_defaults(model) -> dict:
-    """The sampling settings the model's generation config sets (Qwen2.5-Instruct: sampling at 0.7, top-k 20...)."""
+    """The settings the model's generation config sets that the runtime applies (Qwen2.5-Instruct: sampling at 0.7,
+    top-k 20...; Qwen2.5: max_new_tokens 2048); transformers 5 leaves every unset one None."""
     gen = getattr(model, "generation_config", None)
-    return {key: value for key in SAMPLING_DEFAULTS if (value := getattr(gen, key, None)) is not None}
+    found = {key: value for key in GENERATION_DEFAULTS if (value := getattr(gen, key, None)) is not None}
+    if "stop_strings" in found:
+        found["stop"] = found.pop("stop_strings")
+    return found
+
+
+def ignored_generation(model) -> list[str]:
+    """``key=value`` of the model's generation settings that change generate's tokens in transformers and that the
+    runtime does not apply (beam search, bad words...): the export says so."""
+    gen = getattr(model, "generation_config", None)
+    return [f"{key}={value!r}" for key, neutral in IGNORED_GENERATION.items()
+            if (value := getattr(gen, key, None)) is not None and value != neutral]
 
 
 def pad_token_id(model, task: str) -> int | None:

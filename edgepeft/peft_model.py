@@ -30,7 +30,7 @@ from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, Con
 from edgepeft.files import write_bytes_atomic
 from edgepeft.registry import AdapterLayer
 from edgepeft.tuners import method_for
-from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, wrap_modules_to_save
+from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, check_saved_whole_apart, wrap_modules_to_save
 from edgepeft.tuners.targets import replace_module
 
 
@@ -104,6 +104,7 @@ class PeftModel(nn.Module):
         method_for(config).tuner.inject(model, config, adapter_name)
         if config.modules_to_save:
             wrap_modules_to_save(model, config.modules_to_save, adapter_name)
+        check_saved_whole_apart(model)
         self.peft_config[adapter_name] = config
         # As HF PEFT: the base stays frozen, the other adapters keep their state, and the new one is frozen
         # until set_adapter makes it active (or load_adapter(is_trainable=True) asks for it).
@@ -228,9 +229,9 @@ class PeftModel(nn.Module):
         for key, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")})
-        self._drop_carried_base_weights(state, path)
         entries = self._adapter_entries(adapter_name)
         custom = {k: module for _, module in self._custom_state() for k in module.saved_tensors(adapter_name)}
+        self._drop_carried_base_weights(state, path, set(entries) | set(custom))
         missing = sorted((set(entries) | set(custom)) - set(state))
         unexpected = sorted(set(state) - set(entries) - set(custom))
         if unexpected:
@@ -258,13 +259,14 @@ class PeftModel(nn.Module):
         for module in {id(m): m for m in custom.values()}.values():
             module.load_saved_tensors(adapter_name, state, path)
 
-    def _drop_carried_base_weights(self, state: dict, path: str) -> None:
-        """HF PEFT saves the base weight of an adapted embedding or lm_head too (``save_embedding_layers="auto"``).
+    def _drop_carried_base_weights(self, state: dict, path: str, adapter_keys: set) -> None:
+        """HF PEFT saves the base weight of an adapted embedding or lm_head too (``save_embedding_layers="auto"``),
+        and of the embedding and output layers with ``save_embedding_layers=True`` (keys of plain base weights).
 
         Unchanged, it is redundant: dropped. A different one (resized or trained embeddings) would change the frozen
         base, which edgepeft exports once and shares: refused.
         """
-        for key in [k for k in state if k.endswith(".base_layer.weight")]:
+        for key in [k for k in state if k.endswith(".weight") and k not in adapter_keys]:
             try:
                 weight = self.get_submodule(key[: -len(".weight")]).weight
             except AttributeError:
@@ -274,8 +276,9 @@ class PeftModel(nn.Module):
                 torch.equal(saved, weight.detach()) if saved.dtype == weight.dtype
                 else torch.allclose(saved.float(), weight.detach().float(), rtol=1e-2, atol=1e-3))
             if not same:
+                layer = key.removesuffix(".weight").removesuffix(".base_layer").removeprefix("base_model.model.")
                 raise AdapterBaseMismatchError(
-                    f"{path}: carries its own {key[: -len('.base_layer.weight')].removeprefix('base_model.model.')} weights "
+                    f"{path}: carries its own {layer} weights "
                     "(resized or trained embeddings), which would change the frozen base; edgepeft needs the adapter "
                     "on the unchanged base it was trained on")
             del state[key]

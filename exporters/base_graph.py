@@ -18,8 +18,8 @@ from edgepeft.exporters.genai_config import write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
 from edgepeft.files import write_json_atomic
 from edgepeft.models import (
-    SENTENCE_TRANSFORMERS_FILES, cache_layout, eos_token_ids, generation_defaults, is_placeholder_tokenizer,
-    max_positions, pad_token_id, sentence_transformers_folder,
+    SENTENCE_TRANSFORMERS_FILES, cache_layout, eos_token_ids, generation_defaults, ignored_generation,
+    is_placeholder_tokenizer, max_positions, pad_token_id, sentence_transformers_folder,
 )
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
@@ -56,7 +56,9 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         neutral.update(spec_neutral)
         samples.update(spec.sample(group, spec_neutral))
         output_axis = output_axis or spec.output_axis(group)
-    graph = SlotGraph(graph_model, feeds, task, cache=cache_layout(model.config, task), output_axis=output_axis)
+    shift = next(((s.name, s.position_axis) for s in slots if s.position_axis is not None), None)
+    graph = SlotGraph(graph_model, feeds, task, cache=cache_layout(model.config, task), output_axis=output_axis,
+                      shift=shift)
     io = export_graph(graph, graph.sample_inputs(model.config, samples), slots, neutral, os.path.join(stage, BASE_GRAPH),
                       contrib)
     required = write_web_variant(stage)  # JavaScript: every slot required, their neutral values in neutral.onnx
@@ -91,6 +93,10 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "fused_groups": list(fused),
         **io,
     }
+    ignored = ignored_generation(model) if task == "causal-lm" else []
+    if ignored:
+        log(f"note: {source}: generation_config.json sets {', '.join(ignored)}, which edgepeft's generate does not "
+            "apply (one sequence per prompt, greedy or sampled); its tokens differ from transformers' generate there")
     write_tokenizer(source, stage, revision, log)
     if os.path.isfile(os.path.join(source, "generation_config.json")):  # generate's defaults are in the manifest too
         shutil.copy2(os.path.join(source, "generation_config.json"), stage)
@@ -100,9 +106,17 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         if os.path.isfile(os.path.join(st, f)):
             os.makedirs(os.path.dirname(os.path.join(stage, f)), exist_ok=True)
             shutil.copy2(os.path.join(st, f), os.path.join(stage, f))
+    manifest["file_bytes"] = graph_file_bytes(stage, manifest)
     write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
     write_genai_config(model, manifest, stage)  # decoders: onnxruntime-genai opens OUT/base as it is
     return manifest
+
+
+def graph_file_bytes(stage: str, manifest: dict) -> dict:
+    """{file: size} of the base's graphs and weights file, as written: a copy cut short is told by its size
+    (``manifest.base_file_errors``); the weights are too large to hash on every load."""
+    names = (manifest["graph"], manifest["graph"] + ".data", manifest.get("web_graph"), manifest.get("neutral_graph"))
+    return {n: os.path.getsize(os.path.join(stage, n)) for n in names if n and os.path.isfile(os.path.join(stage, n))}
 
 
 def write_tokenizer(source: str, stage: str, revision: str | None = None, log=lambda *a, **k: None) -> None:

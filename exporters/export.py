@@ -16,15 +16,16 @@ import json
 import os
 
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, UnsupportedMethodError
+from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
-from edgepeft.exporters.base_graph import trace_base
+from edgepeft.exporters.base_graph import graph_file_bytes, trace_base
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import weights_fingerprint
 from edgepeft.exporters.quantize import check_quantize, quantize_graph
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
 from edgepeft.exporters.validate import log_check, validate
 from edgepeft.exporters.web_graph import write_web_variant
-from edgepeft.files import Staging, check_output_dir, deferred_interrupts, write_json_atomic
+from edgepeft.files import Staging, check_output_dir, deferred_interrupts, remove_abandoned, write_json_atomic
 from edgepeft.models import model_label
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
@@ -60,10 +61,13 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     if not is_number(qtol) or not qtol > 0:
         raise ConfigError(f"--qtol must be a number > 0, got {qtol!r}")
     check_output_dir(out, "--out")  # OUT itself takes the staging folders (resolve checks its base/ and adapters/)
+    log = print if verbose else (lambda *a, **k: None)
+    for line in remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR)):
+        log(f"note: {line}")
     made = _missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
-                       overwrite=overwrite, ops=ops, log=print if verbose else (lambda *a, **k: None))
+                       overwrite=overwrite, ops=ops, log=log)
         if merge:
             return export_merged(plan)
         slots, reuse = plan_slots(plan)
@@ -216,6 +220,9 @@ def stage_adapters(plan: ExportPlan, base_manifest: dict, staging: Staging) -> d
     for src in plan.sources:
         stages[src.name] = staging.new(os.path.join(plan.out, ADAPTERS_DIR), src.name)
         slots = [s for s in adapter_slots(plan.model, plan.config(src), plan.groups) if s.name in usable]
+        if plan.ort_adapter and not ort_format.applies(slots):  # asked for, not written: say so
+            plan.log(f"note: {src.name}: no .onnx_adapter written; ONNX Runtime's adapter format holds only "
+                     "tensors the graph adds to its inputs (a prompt or prefix also changes the mask and positions)")
         write_adapter(plan.peft, src, slots, base_manifest, stages[src.name], ort_adapter)
     return stages
 
@@ -231,7 +238,8 @@ def validate_float(plan: ExportPlan, base_stage: str, adapter_stages: dict, reus
         stage = adapter_stages[src.name]
         rt.load_adapter(stage, name=src.name)
         plan.peft.set_adapter(src.name)
-        check = validate(f"adapter {src.name}", rt, src.name, plan.peft, plan.task, plan.atol, src.path, qtol=qtol)
+        check = validate(f"adapter {src.name}", rt, src.name, plan.peft, plan.task, plan.atol, src.path, qtol=qtol,
+                         base=plan.model)
         if plan.task == "seq-cls":
             set_labels(os.path.join(stage, ADAPTER_MANIFEST), read_labels(src.path, check["output_width"], plan.model.config))
         report["checks"].append(check)
@@ -252,7 +260,7 @@ def quantize_and_validate(plan: ExportPlan, base_stage: str, adapter_stages: dic
         rt.load_adapter(adapter_stages[src.name], name=src.name)
         plan.peft.set_adapter(src.name)
         checks.append(validate(f"adapter {src.name}, {plan.quantize}", rt, src.name, plan.peft, plan.task, plan.atol,
-                               src.path, qtol=plan.qtol))
+                               src.path, qtol=plan.qtol, base=plan.model))
         log_check(plan.log, checks[-1], f"{src.name} ({plan.quantize})")
     return checks
 
@@ -265,6 +273,7 @@ def _quantize_stage(stage: str, quantize: str, log) -> dict:
         manifest = json.load(f)  # as written (read_base_manifest parses the slot table)
     manifest.update(quantize_graph(os.path.join(stage, BASE_GRAPH), quantize))
     write_web_variant(stage)  # the JavaScript variant reads the quantized weights file now
+    manifest["file_bytes"] = graph_file_bytes(stage, manifest)
     write_json_atomic(path, manifest, sort_keys=True)
     return read_base_manifest(stage)
 

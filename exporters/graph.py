@@ -25,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from edgepeft.exporters.shapes import simplify_shapes
+from edgepeft.exporters.tied import share_tied_tables
 from edgepeft.files import usual_permissions
 from edgepeft.models import DECODERS, ENCODERS, cache_kwargs, call_kwargs, output_cache
 from edgepeft.runtimes.manifest import (
@@ -42,17 +43,18 @@ def cache_manifest(layout: dict) -> dict:
 class SlotGraph(torch.nn.Module):
     """The model as traced for export: cache and slot tensors arrive as forward arguments."""
 
-    def __init__(self, model, feeds: dict, task: str, cache: dict | None = None, output_axis: str | None = None):
-        """``output_axis``: the symbolic size of a classifier's output (its label count, from a head slot)."""
+    def __init__(self, model, feeds: dict, task: str, cache: dict | None = None, output_axis: str | None = None,
+                 shift: tuple[str, int] | None = None):
+        """``output_axis``: the symbolic size of a classifier's output (its label count, from a head slot).
+        ``shift``: (slot, axis) of a slot whose tokens come before the input's keys inside the graph (an
+        encoder's prefix, the slot table's ``position_axis``): the tokens' positions start after them."""
         super().__init__()
         self.model = model
         self.slot_names = list(feeds)
         self._feeds = [feeds[n] for n in self.slot_names]  # (slot module, role) per slot
         # A slot module that embeds input_ids itself (a prompt before the tokens): the model gets inputs_embeds.
         self.embedder = next((m for m, _ in self._feeds if getattr(m, "embeds_input_ids", False)), None)
-        # A slot module whose keys/values come before the tokens' inside the graph (an encoder's prefix): the
-        # tokens' positions start after them (``virtual_length()``: their number, 0 for the neutral value).
-        self.shifter = next((m for m, _ in self._feeds if getattr(m, "shifts_positions", False)), None)
+        self.shift = (self.slot_names.index(shift[0]), shift[1]) if shift else None
         self.output_name = TASK_OUTPUTS[task]
         self.cache = cache_manifest(cache) if cache else None
         self.kwargs = {} if cache else call_kwargs(model.config)
@@ -126,7 +128,9 @@ class SlotGraph(torch.nn.Module):
         # transformers takes a 4D mask as it is; built here, its dims keep the inputs' names (``causal_mask``).
         # Without a cache, positions are passed too: transformers' default (0 .. T-1) comes from arange.
         if self.encoder:
-            extra.update(encoder_positions(first, self.shifter.virtual_length() if self.shifter is not None else None))
+            # the shifting slot's length along its axis (0 for the neutral value), traced from the input's shape
+            offset = rest[self.shift[0]].shape[self.shift[1]] if self.shift else None
+            extra.update(encoder_positions(first, offset))
             attention_mask = padding_mask(attention_mask, first)
         else:  # every layer full attention: check_exportable
             if not self.cache:
@@ -289,6 +293,7 @@ def _finish(path: str, neutral: dict) -> set:
         if name in used and name not in existing:
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, order="C"), name))
     simplify_shapes(model)
+    share_tied_tables(model)  # a tied output layer reads the embedding table, not a copy (tied.py)
     model.ir_version = IR_VERSION  # the adapter graphs' too
     data = os.path.basename(path) + ".data"
     # the weights in model.onnx.data, which the JavaScript variant (web_graph.py) reads too

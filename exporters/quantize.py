@@ -33,6 +33,7 @@ import tempfile
 import numpy as np
 
 from edgepeft.errors import ConfigError
+from edgepeft.exporters.tied import fold_tied_tables
 from edgepeft.files import usual_permissions
 
 QUANTIZATIONS = ("int8", "int4")
@@ -51,10 +52,17 @@ def quantize_graph(path: str, quantize: str) -> dict:
 
     check_quantize(quantize)
     model = onnx.load(path, load_external_data=False)
+    external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+    if any(n.op_type == "Transpose" for n in model.graph.node):  # the quantizers take constant MatMul weights only
+        model = onnx.load(path)
+        if fold_tied_tables(model):  # a tied output layer's table: its own (quantized) copy again
+            if os.path.exists(path + ".data"):  # onnx appends to an existing data file
+                os.unlink(path + ".data")
+            onnx.save_model(model, path, save_as_external_data=external, all_tensors_to_one_file=True,
+                            location=os.path.basename(path) + ".data")
     initializers = {i.name for i in model.graph.initializer}
     slot_inputs = {i.name for i in model.graph.input if i.name in initializers}
     keep_float = [n.name for n in model.graph.node if slot_inputs.intersection(n.input)]
-    external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".quantized-", suffix=".onnx", dir=directory)
     os.close(fd)

@@ -76,7 +76,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     check_supported(model_config.model_type, task, source)
     check_exportable(model_config, source)
     options["log"](f"loading base {model_label(source, revision)} ({model_config.model_type}, {task})")
-    model = load_base(source, task, revision=revision)
+    model = load_base(source, task, revision=revision, config=model_config)
     if base:
         _check_recorded_bases(sources, source, model, task)
     peft = PeftModel(copy.deepcopy(model))
@@ -148,7 +148,12 @@ def _revision_of(sources, source: str) -> str | None:
 
 
 def _task_of(sources, model_type: str) -> str:
-    tasks = {s.config.task or default_task(model_type) for s in sources}
+    tasks = set()
+    for s in sources:  # task_type, else the model class HF PEFT recorded, else the model type's usual task
+        try:
+            tasks.add(s.config.task or s.config.recorded_task or default_task(model_type))
+        except EdgePeftError as e:
+            raise naming_config(e, s.path) from None
     if len(tasks) > 1:
         raise ConfigError(
             f"the adapters are for different tasks ({', '.join(sorted(tasks))}); one export folder serves one task, "

@@ -4,7 +4,10 @@
     decoders:  prefill + 3 cached steps --> Runtime.step_logits      vs  PyTorch on the whole sequence so far
 
 Float graphs are held to an absolute tolerance (scaled by the output's size when above 1);
-quantized ones to a relative RMS error. The runtime is driven through its public calls only.
+quantized ones to a relative RMS error, and an adapter on a quantized base also by its effect
+(its output less the base's) against PyTorch's: an adapter is often a few percent of the output,
+so a graph that lost its slots stays within the output's tolerance. The runtime is driven through
+its public calls only.
 """
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ from edgepeft.runtimes.manifest import TASK_OUTPUTS
 
 
 QUANTIZED_SAMPLE = (16, 16)  # rows x tokens of the quantized checks' batch
+# An adapter's effect on a quantized graph: judged where it is EFFECT_NOISE x the base's own error or more (below, the
+# two cannot be told apart), and refused when it is off PyTorch's by more than EFFECT_TOL of itself. Independent errors
+# on base and adapter outputs give sqrt(2) / EFFECT_NOISE = 0.35 at worst; a graph that ignores the adapter gives 1.
+EFFECT_NOISE, EFFECT_TOL = 4.0, 0.5
 
 
 def reference_output(model, ids, mask, task) -> np.ndarray:
@@ -66,6 +73,29 @@ def compare_outputs(label: str, ours, ref, mask, task, atol, where, qtol=None) -
     return {"what": label, "max_abs_diff": diff, "tolerance": tol}
 
 
+def compare_effects(label: str, ours, ref, base_ours, base_ref, mask, task, where) -> float | None:
+    """The adapter's effect on a quantized graph (its output less the base's) against PyTorch's; returns its relative
+    error (None: too small to judge against the base's error), raising ExportValidationError past EFFECT_TOL."""
+    if ours.ndim == 3 and ours.shape[1] != base_ours.shape[1]:  # a prompt's virtual positions come first
+        ours, ref = ours[:, -base_ours.shape[1]:], ref[:, -base_ours.shape[1]:]
+    if ours.shape != base_ours.shape:  # a classifier head of its own with other labels: no common output
+        return None
+    (ours, ref), (base_ours, base_ref) = (meaningful_positions(a, b, mask, task) for a, b in ((ours, ref),
+                                                                                               (base_ours, base_ref)))
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))  # noqa: E731
+    effect, noise = rms(ref - base_ref), rms(base_ours - base_ref)
+    if not effect >= EFFECT_NOISE * noise or effect == 0:
+        return None
+    rel = rms((ours - base_ours) - (ref - base_ref)) / effect
+    if not rel <= EFFECT_TOL:
+        raise ExportValidationError(
+            f"{where}: {label} changes the quantized graph's output by {rms(ours - base_ours):.3g} RMS where it changes "
+            f"PyTorch's by {effect:.3g} ({rel:.2f} of its effect lost or wrong, tolerance {EFFECT_TOL}); nothing was "
+            "written. Report this model and adapter (config.json, adapter_config.json and this command), or export "
+            "without --quantize (into another --out when OUT holds a quantized base)")
+    return rel
+
+
 def decode_steps(rt, adapter, model, ids, mask, steps: int = 3):
     """Prefill then ``steps`` cached decode steps, teacher-forced with PyTorch's greedy tokens.
 
@@ -93,19 +123,25 @@ def decode_steps(rt, adapter, model, ids, mask, steps: int = 3):
     return np.stack(ours), np.stack(ref)
 
 
-def validate(label: str, rt, adapter, model, task: str, atol: float, where: str, seed: int = 1, qtol=None) -> dict:
+def validate(label: str, rt, adapter, model, task: str, atol: float, where: str, seed: int = 1, qtol=None,
+             base=None) -> dict:
     """The runtime vs PyTorch on a left-padded batch: forward, and for decoders prefill + decode steps.
 
     ``qtol``: the graph is quantized; check relative RMS error against it instead of ``atol``, on a
     larger batch (16 x 16 tokens): on 2 x 8 random tokens a trained classifier's relative error swung
     from 0.16 to 0.41, while held-out text gave 0.16. The check records ``output_width``, the
-    output's last dim (a classifier's label count).
+    output's last dim (a classifier's label count). ``base``: the PyTorch base without adapters; with ``qtol`` and
+    an adapter, the adapter's effect is checked too (``compare_effects``).
     """
     batch, length = QUANTIZED_SAMPLE if qtol is not None else (2, 8)
     ids, mask = sample_inputs(model.config, batch=batch, seq=length, seed=seed)
     ours = rt.forward(ids.numpy(), mask.numpy(), adapter=adapter)[TASK_OUTPUTS[task]]
-    check = compare_outputs(label, ours, reference_output(model, ids, mask, task), mask.numpy(), task, atol, where, qtol)
+    ref = reference_output(model, ids, mask, task)
+    check = compare_outputs(label, ours, ref, mask.numpy(), task, atol, where, qtol)
     check["output_width"] = int(ours.shape[-1])
+    if qtol is not None and adapter is not None and base is not None:
+        check["effect_error"] = compare_effects(label, ours, ref, rt.forward(ids.numpy(), mask.numpy())[TASK_OUTPUTS[task]],
+                                                reference_output(base, ids, mask, task), mask.numpy(), task, where)
     if rt.cache:
         step = compare_outputs(f"{label}, cached decode", *decode_steps(rt, adapter, model, ids, mask), None, task, atol,
                                where, qtol)
@@ -118,7 +154,8 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
 
 def log_check(log, check: dict, name: str) -> None:
     if "relative_error" in check:
+        effect = "" if check.get("effect_error") is None else f", its effect's {check['effect_error']:.2e}"
         log(f"validated {name}: relative error vs PyTorch = {check['relative_error']:.2e} "
-            f"(tolerance {check['tolerance']:g}), max |diff| {check['max_abs_diff']:.2e}")
+            f"(tolerance {check['tolerance']:g}){effect}, max |diff| {check['max_abs_diff']:.2e}")
     else:
         log(f"validated {name}: max |diff| vs PyTorch = {check['max_abs_diff']:.2e} (tolerance {check['tolerance']:.0e})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .manifest import (
-    BASE_DIR, BASE_MANIFEST, adapter_dirs, adapter_graph_error, not_an_export, read_adapter_manifest, read_base_manifest,
+    BASE_DIR, BASE_MANIFEST, adapter_dirs, adapter_graph_error, base_file_errors, not_an_export, read_adapter_manifest, read_base_manifest,
 )
 
 
@@ -19,8 +19,9 @@ def folder_bytes(path: str) -> int:
 def describe_export(out_dir: str) -> dict:
     """What ``edgepeft inspect`` prints: base, slots, adapters, sizes and problems (no ONNX Runtime needed).
 
-    Problems: a graph file missing (or the base's empty, or its weights file), an adapter graph whose sha256
-    differs from its manifest's. The base graph's contents are not read (it may be GBs).
+    Problems: a graph file missing (or the base's empty, or its weights file), a base file not as long as the export
+    wrote it, an adapter graph whose sha256 differs from its manifest's. The base graph's contents are not read (it
+    may be GBs).
     """
     base_dir = os.path.join(out_dir, BASE_DIR)
     if not os.path.isfile(os.path.join(base_dir, BASE_MANIFEST)):
@@ -32,6 +33,8 @@ def describe_export(out_dir: str) -> dict:
         problems.append(f"{graph}: base graph missing or empty; re-run `edgepeft export` into a fresh --out folder")
     elif not os.path.isfile(graph + ".data"):  # export writes the weights beside the graph, always
         problems.append(f"{graph}.data: the base's weights are missing; re-run `edgepeft export` into a fresh --out folder")
+    else:
+        problems += [str(e) for e in base_file_errors(base_dir, base)]
     for d in adapter_dirs(out_dir).values():
         m = read_adapter_manifest(d)
         if (error := adapter_graph_error(d, m)) is not None:

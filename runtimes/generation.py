@@ -1,14 +1,14 @@
 """Token selection for ``Runtime.generate``: HF transformers' logits processing in numpy.
 
-Order and semantics follow transformers' ``generate``: the repetition penalty
-applies to greedy and sampled decoding; temperature, top-k and top-p (in that
-order) apply only when sampling, and greedy decoding ignores their values, as
-transformers does.
+Order and semantics follow transformers' ``generate``: the repetition penalty, no
+repeated n-grams and the minimum lengths (eos held back) apply to greedy and sampled
+decoding; temperature, top-k, top-p and min-p (in that order) apply only when sampling,
+and greedy decoding ignores their values, as transformers does.
 """
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -17,14 +17,22 @@ from .kv_cache import FixedCache
 from .values import is_real, is_whole
 
 
+DEFAULT_NEW_TOKENS = 32  # when neither the call nor the model sets max_new_tokens or max_length
+
+
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = DEFAULT_NEW_TOKENS  # None: max_length less the prompt's length (``for_prompt``)
+    max_length: int | None = None  # prompt and new tokens, where max_new_tokens is None (transformers' meaning)
+    min_new_tokens: int | None = None  # eos cannot come before this many new tokens
+    min_length: int | None = None  # ... nor before the prompt and new tokens are this long (min_new_tokens wins)
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 50  # transformers' default; 0 disables
     top_p: float = 1.0
+    min_p: float | None = None  # sampling: drop tokens less likely than min_p x the likeliest
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # no n-gram of this size twice in a row (0: off)
     seed: int | None = None
     eos_token_id: list = field(default_factory=list)  # ints; empty: never stop early
     pad_token_id: int = 0
@@ -32,8 +40,16 @@ class GenerationConfig:
 
     def check(self, vocab_size: int) -> None:
         """Types always; the sampling values' ranges only when sampling (greedy ignores them, as transformers does)."""
-        if not is_whole(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        for name in ("max_new_tokens", "max_length"):
+            value = getattr(self, name)
+            if value is not None and (not is_whole(value) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size"):
+            value = getattr(self, name)
+            if value is not None and (not is_whole(value) or value < 0):
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.min_p is not None and not is_real(self.min_p):
+            raise ConfigError(f"min_p must be a finite number, got {self.min_p!r}")
         if not isinstance(self.do_sample, (bool, np.bool_)):
             raise ConfigError(f"do_sample must be True or False, got {self.do_sample!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -48,6 +64,8 @@ class GenerationConfig:
                 raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k!r}")
             if not 0 <= self.top_p <= 1:
                 raise ConfigError(f"top_p must be in [0, 1], got {self.top_p!r}")
+            if self.min_p is not None and not 0 <= self.min_p <= 1:
+                raise ConfigError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not self.repetition_penalty > 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and not (is_whole(self.seed) and self.seed >= 0):
@@ -60,6 +78,17 @@ class GenerationConfig:
             raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if not all(self.stop):  # "" is found after any token: the first new token would end every row
             raise ConfigError(f"stop strings must not be empty, got {self.stop!r}; leave stop out to stop at eos only")
+
+    def for_prompt(self, length: int) -> "GenerationConfig":
+        """This config for a prompt ``length`` tokens wide, as transformers sets the lengths: max_new_tokens from
+        max_length where only that is set; min_new_tokens, where set, replaces min_length."""
+        cfg = self if self.min_new_tokens is None else replace(self, min_length=self.min_new_tokens + length)
+        if cfg.max_new_tokens is not None:
+            return cfg
+        if cfg.max_length <= length:  # transformers refuses it too
+            raise ConfigError(f"max_length {cfg.max_length} (the call's, else the model's generation_config.json) "
+                              f"leaves no new token after a {length}-token prompt; pass max_new_tokens")
+        return replace(cfg, max_new_tokens=cfg.max_length - length)
 
 
 def apply_repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float, ignore=None) -> np.ndarray:
@@ -78,6 +107,38 @@ def apply_repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty:
     picked = np.where(picked < 0, picked * penalty, picked / penalty)
     np.put_along_axis(padded, sequences, picked, axis=1)
     return padded[:, :vocab]
+
+
+def apply_no_repeat_ngram(scores: np.ndarray, sequences: np.ndarray, n: int) -> np.ndarray:
+    """Tokens that would complete an n-gram the row already holds get -inf (its prompt and padding included, as
+    transformers' NoRepeatNGramLogitsProcessor reads the whole row)."""
+    if n <= 0 or sequences.shape[1] < n:
+        return scores
+    grams = np.lib.stride_tricks.sliding_window_view(sequences, n, axis=1)  # (B, L-n+1, n)
+    tail = sequences[:, sequences.shape[1] - n + 1:]  # the last n-1 tokens: what a new token would complete
+    rows, starts = np.nonzero((grams[:, :, :-1] == tail[:, None, :]).all(-1))
+    out = scores.copy()
+    out[rows, grams[rows, starts, -1]] = -np.inf
+    return out
+
+
+def hold_back_eos(scores: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig, prompt_length: int) -> np.ndarray:
+    """eos gets -inf before min_new_tokens new tokens, or while the rows are shorter than min_length (transformers'
+    MinNewTokensLength and MinLength processors; the rows' width counts, padding included)."""
+    if sequences.shape[1] - prompt_length >= (cfg.min_new_tokens or 0) and sequences.shape[1] >= (cfg.min_length or 0):
+        return scores
+    eos = [e for e in cfg.eos_token_id if 0 <= e < scores.shape[-1]]
+    out = scores.copy()
+    out[:, eos] = -np.inf
+    return out
+
+
+def apply_min_p(scores: np.ndarray, p: float | None) -> np.ndarray:
+    """Drop tokens whose probability is below ``p`` x the likeliest token's (which stays)."""
+    if not p:
+        return scores
+    probs = softmax(scores)
+    return np.where(probs < p * probs.max(-1, keepdims=True), -np.inf, scores)
 
 
 def apply_top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -108,16 +169,20 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator,
-                ignore=None) -> np.ndarray:
+                ignore=None, prompt_length: int | None = None) -> np.ndarray:
     """Pick one token per row from last-position ``logits`` (B, V); returns (B,) int64.
 
-    ``ignore`` (B,): each row's left-padding length, left out of the repetition penalty.
+    ``ignore`` (B,): each row's left-padding length, left out of the repetition penalty. ``prompt_length``: the
+    prompt's width in ``sequences`` (None: all of it), for min_new_tokens.
     """
     scores = apply_repetition_penalty(logits.astype(np.float32, copy=False), sequences, cfg.repetition_penalty, ignore)
+    scores = apply_no_repeat_ngram(scores, sequences, cfg.no_repeat_ngram_size)
+    if cfg.min_new_tokens or cfg.min_length:
+        scores = hold_back_eos(scores, sequences, cfg, sequences.shape[1] if prompt_length is None else prompt_length)
     if not cfg.do_sample:
         return scores.argmax(-1).astype(np.int64)
     scores = scores / np.float32(cfg.temperature)  # float32, as transformers divides
-    scores = apply_top_p(apply_top_k(scores, cfg.top_k), cfg.top_p)
+    scores = apply_min_p(apply_top_p(apply_top_k(scores, cfg.top_k), cfg.top_p), cfg.min_p)
     probs = softmax(scores.astype(np.float64))
     if not np.isfinite(probs).all():  # transformers refuses to sample these too
         raise InvalidInputError(f"cannot sample: the scores are not finite (NaN or infinite logits, or temperature "
@@ -139,6 +204,8 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
     # unset (None): the model's generation_config.json (recorded at export), then transformers' defaults
     model = {k: v for k, v in (rt.manifest.get("generation") or {}).items() if k in known}
     args = {**model, **{k: v for k, v in generation.items() if v is not None}}
+    if args.get("max_new_tokens") is None:  # max_length where only that is set, as transformers
+        args["max_new_tokens"] = None if args.get("max_length") is not None else DEFAULT_NEW_TOKENS
     eos = args.pop("eos_token_id", rt.manifest.get("eos_token_id") or [])
     eos = list(np.ravel(eos)) if isinstance(eos, np.ndarray) else list(eos) if isinstance(eos, (list, tuple)) else [eos]
     if not all(is_whole(e) for e in eos):  # before one of them becomes the padding id
@@ -199,7 +266,7 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops)
         steps = lane_steps(rt, lanes, ids, mask)
         logits = next(steps)
         for step in range(cfg.max_new_tokens):
-            token = next_tokens(logits, sequences, cfg, rng, ignore=padding)
+            token = next_tokens(logits, sequences, cfg, rng, ignore=padding, prompt_length=ids.shape[1])
             token = np.where(finished, cfg.pad_token_id, token)
             sequences = np.concatenate([sequences, token[:, None]], axis=1)
             yield token
@@ -221,6 +288,9 @@ class TeacherForcing(Generator):
 
     def send(self, token):
         if self._sent is None:  # the prefill: takes no token, as a just-started generator
+            if token is not None:  # Python's own TypeError told nothing of step_logits
+                raise InvalidInputError("step_logits: call next() first (it runs the prefill and returns its logits), "
+                                        "then send each token")
             out = self._steps.send(token)
             self._sent = 0
             return out

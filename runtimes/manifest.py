@@ -261,7 +261,7 @@ _FIELD_TYPES = {
     "model_type": (str, "a string"), "task": (str, "a string"), "inputs": (dict, "an object"),
     "outputs": (dict, "an object"), "vocab_size": (int, "a whole number"), "max_positions": ((int, type(None)), "a whole number"),
     "cache": ((dict, type(None)), "an object"), "generation": (dict, "an object"), "merged_adapter": ((str, type(None)), "a name"),
-    "revision": ((str, type(None)), "a hub revision"),
+    "revision": ((str, type(None)), "a hub revision"), "file_bytes": (dict, "an object of file sizes"),
     "methods": (list, "a list of method names"), "labels": ((list, type(None)), "a list of names"),
     "parameter_bytes": (int, "a whole number"), "rank": ((int, float, type(None)), "a number"),
     "alpha": ((int, float, type(None)), "a number"),
@@ -312,7 +312,26 @@ def read_base_manifest(base_dir: str) -> dict:
         raise CorruptArtifactError(f"{path}: outputs lack {TASK_OUTPUTS[data['task']]!r}, a {data['task']} graph's; {fix}")
     if data["task"] == "causal-lm" and not data.get("cache"):
         raise CorruptArtifactError(f"{path}: a causal-lm base needs its cache table ('cache'); {fix}")
+    if not all(_is(size, int) for size in data.get("file_bytes", {}).values()):
+        raise CorruptArtifactError(f"{path}: field 'file_bytes' must give each file's size in bytes; {fix}")
     return data
+
+
+def base_file_errors(base_dir: str, manifest: dict, names=None) -> list:
+    """The errors of the base's files whose sizes the export recorded (``file_bytes``; ``names``: of those only)
+    that are missing or not as long as written: a copy to a device cut short."""
+    fix = "copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder"
+    errors = []
+    for name, size in (manifest.get("file_bytes") or {}).items():
+        if names is not None and name not in names:
+            continue
+        path = os.path.join(base_dir, name)
+        if not os.path.isfile(path):
+            errors.append(ArtifactNotFoundError(f"{path}: missing; {fix}"))
+        elif os.path.getsize(path) != size:
+            errors.append(CorruptArtifactError(f"{path}: {os.path.getsize(path)} bytes where the export wrote {size} "
+                                               f"(a copy cut short?); {fix}"))
+    return errors
 
 
 _DTYPES = {"float32", "float16", "int64", "int32", "bool"}

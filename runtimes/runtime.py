@@ -31,7 +31,9 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, In
 from .generation import TeacherForcing, generation_config, lane_steps, stream_tokens
 from .inputs import check_token_inputs, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
-from .manifest import BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, cache_names, not_an_export, read_base_manifest
+from .manifest import (
+    BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, base_file_errors, cache_names, not_an_export, read_base_manifest,
+)
 from .sessions import check_providers, device_of, ort, session_options
 
 
@@ -67,6 +69,9 @@ class Runtime:
         graph = os.path.join(base_dir, self.manifest["graph"])
         if not os.path.isfile(graph):
             raise ArtifactNotFoundError(f"{graph}: base graph missing; re-run `edgepeft export`")
+        cut = base_file_errors(base_dir, self.manifest, {self.manifest["graph"], self.manifest["graph"] + ".data"})
+        if cut:  # ONNX Runtime's own message names an initializer and offsets, and no fix
+            raise cut[0]
         try:
             self.session = ort.InferenceSession(
                 graph, sess_options=sess_options or session_options(), providers=providers
@@ -299,6 +304,7 @@ class Runtime:
         cfg = self.generation_config(**generation)
         pad = cfg.pad_token_id if generation.get("pad_token_id") is not None else self.model_pad_id  # not an eos fallback
         ids, mask = self._decoder_inputs(input_ids, attention_mask, pad, cfg.eos_token_id)
+        cfg = cfg.for_prompt(ids.shape[1])
         # an unknown adapter or too many positions fail now; the last new token is never fed back: it needs none
         self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1,
                          f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)",
@@ -307,20 +313,17 @@ class Runtime:
         stops = text.StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops)
 
-    def generate(self, input_ids, attention_mask=None, adapter=None, max_new_tokens=32, do_sample=None,
-                 temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=None,
-                 eos_token_id=None, pad_token_id=None, stop=None, **unknown) -> np.ndarray:
+    def generate(self, input_ids, attention_mask=None, adapter=None, **generation) -> np.ndarray:
         """Generate with ``adapter``; returns ids (B, T + new), the prompt included.
 
-        As transformers: what a call leaves None comes from the model's generation_config.json, else transformers'
-        defaults (greedy); ``seed`` makes sampling reproducible. ``eos_token_id`` defaults to the model's;
-        ``stop`` strings need the exported tokenizer. Batches are left-padded.
+        ``generation``: transformers' names: max_new_tokens (else max_length, else 32), min_new_tokens, min_length,
+        do_sample, temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, eos_token_id,
+        pad_token_id; and seed (reproducible sampling), stop (strings; need the exported tokenizer). As transformers:
+        what a call leaves None comes from the model's generation_config.json, else transformers' defaults
+        (greedy). Batches are left-padded.
         """
-        args = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                    top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
-                    pad_token_id=pad_token_id, stop=stop, **unknown)
         ids, _ = self._inputs(input_ids, attention_mask)
-        tokens = [t[:, None] for t in self.stream(input_ids, attention_mask, adapter, **args)]
+        tokens = [t[:, None] for t in self.stream(input_ids, attention_mask, adapter, **generation)]
         return np.concatenate([ids, *tokens], axis=1)
 
     def generation_config(self, **generation):

@@ -16,6 +16,8 @@ import pytest
 from file_checks import tree_hashes
 
 from peft_refs import spec_adapter
+from edgepeft.errors import CorruptArtifactError
+from edgepeft.runtimes import Runtime
 from edgepeft.runtimes.manifest import read_base_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,7 +243,6 @@ def test_run_pools_the_text_tokens_of_an_embedding_not_the_virtual_ones(tmp_path
     import transformers
 
     import edgepeft as ep
-    from edgepeft.runtimes import Runtime
 
     base = text_model("bert")
     model = ep.get_peft_model(transformers.AutoModel.from_pretrained(base),
@@ -287,13 +288,13 @@ def test_a_disk_error_is_one_line(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("damage", ["adapter-graph-missing", "adapter-graph-truncated", "base-graph-missing",
-                                    "base-weights-missing"])
+                                    "base-weights-missing", "base-weights-truncated"])
 def test_inspect_fails_on_missing_or_damaged_graphs(tmp_path, llama, damage):
     out = tmp_path / "out"
     shutil.copytree(llama[0], out)
     graph = out / ("base" if damage.startswith("base") else "adapters/qv") / ("model.onnx" if damage.startswith("base")
                                                                                else "adapter.onnx")
-    if damage == "base-weights-missing":  # inspect said all was well; Runtime could not load the base
+    if damage.startswith("base-weights"):  # inspect said all was well; Runtime could not load the base
         graph = out / "base" / "model.onnx.data"
     if damage.endswith("missing"):
         graph.unlink()
@@ -302,6 +303,10 @@ def test_inspect_fails_on_missing_or_damaged_graphs(tmp_path, llama, damage):
     proc = edgepeft("inspect", out)
     assert_user_error(proc, str(graph), "re-")
     assert proc.stdout.startswith("base: llama")  # the summary still prints first
+    if damage == "base-weights-truncated":  # a copy to a device cut short: ONNX Runtime named an initializer's offsets
+        with pytest.raises(CorruptArtifactError, match=rf"{graph}: 100 bytes where the export wrote \d+ \(a copy cut "
+                           r"short\?\); copy the export's base folder again"):
+            Runtime(out)
 
 
 def test_generation_flags_on_an_encoder_export_are_refused(shared_export):

@@ -427,6 +427,8 @@ def test_a_refused_step_token_keeps_the_session(rt):
     clean = rt.step_logits(ids, mask, adapter="qv")
     want = [next(clean), clean.send(good), clean.send(good)]
     steps = rt.step_logits(ids, mask, adapter="qv")
+    with pytest.raises(InvalidInputError, match=r"call next\(\) first"):  # was Python's TypeError: no send before next
+        steps.send(good)
     np.testing.assert_array_equal(next(steps), want[0])
     for bad in (5, [5], good.astype(np.float32), good + VOCAB, None):
         with pytest.raises(InvalidInputError):

@@ -172,3 +172,46 @@ def test_a_base_whose_slot_reads_otherwise_than_this_edgepeft_is_not_reused(tiny
     with pytest.raises(ConfigError, match=r"base: was written by an older edgepeft \(its slot prefix_\w+\.\S+ reads "
                        "otherwise than this edgepeft's graph\\); export every adapter into a fresh --out folder"):
         export([second], out, names=["p2"])
+
+
+_KILLED_MIDWAY = """
+import os, signal, sys
+from edgepeft.files import replace_dir, staging_dir
+parent, target = sys.argv[1], sys.argv[2]
+staged = staging_dir(parent, os.path.basename(target))
+open(os.path.join(staged, "adapter.json"), "w").write("half")  # a staged adapter, not yet validated
+real = os.replace
+os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL) if dst == target else real(src, dst)
+replace_dir(staged, target)  # killed (kill -9, the out-of-memory killer) between its two renames
+"""
+
+
+def test_a_later_export_mends_what_an_export_killed_midway_left(llama, tmp_path, capsys):
+    """kill -9 cannot be deferred: between replace_dir's two renames it left no adapter, its old folder hidden
+    beside it (the user's only copy), and a staging folder as large as what was being exported; no later export
+    cleaned them up. Folders of a running process, or of another host, are not this export's to touch."""
+    import subprocess
+    import sys
+
+    from edgepeft.files import _owner
+
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    adapters = os.path.join(out, "adapters")
+    before = Runtime(out).forward(np.array([[1, 2, 3]]), adapter="qv")["logits"]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_MIDWAY, adapters, os.path.join(adapters, "qv")])
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted(os.listdir(adapters))  # and no qv
+    assert len(left) == 2 and left[0].startswith(".old-qv-p") and left[1].startswith(".staging-qv-p")
+    dead = left[0].split("-")[2]  # p<the killed process's pid>h<this host>
+    running = os.path.join(out, f".staging-base-{_owner()}-abc")  # this process is running
+    elsewhere = os.path.join(out, f".staging-base-{dead[:dead.index('h')]}h00000000-abc")  # that pid on another host
+    os.makedirs(running), os.makedirs(elsewhere)
+    export([llama[1]["mlp"]], out, verbose=True)
+    printed = capsys.readouterr().out
+    assert f"note: put {os.path.join(adapters, 'qv')} back (an export was stopped while replacing it)" in printed
+    assert "removed " in printed and "left by an export that was stopped midway" in printed
+    assert sorted(hidden_entries(out)) == sorted([running, elsewhere])
+    rt = Runtime(out)
+    assert rt.adapter_names == ["mlp", "qv"]
+    np.testing.assert_array_equal(rt.forward(np.array([[1, 2, 3]]), adapter="qv")["logits"], before)

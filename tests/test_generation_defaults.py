@@ -141,3 +141,86 @@ def test_cli_run_follows_the_model_unless_told(sampling_model):
     assert sampled.stdout == rt.generate_text(prompt, adapter="lora", max_new_tokens=6, seed=4) + "\n"
     assert "note:" not in sampled.stderr
     assert "note: --seed only applies with --do-sample" in run("--greedy", "--seed", "4").stderr
+
+
+@pytest.fixture(scope="module")
+def length_model(tmp_path_factory, text_export):
+    """(OUT, HF PEFT model, export log, eos): a generation_config.json that bans repeated bigrams, holds eos back for
+    3 new tokens, stops at 7, sets stop strings, and asks for beam search (which the runtime does not do)."""
+    import contextlib
+    import io
+
+    import peft
+
+    root = tmp_path_factory.mktemp("generation-lengths")
+    base = str(root / "base")
+    shutil.copytree(text_export[2], base)
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"),
+                             peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(pm, 5)
+    ids, mask = _length_prompts()
+    with torch.no_grad():  # the token greedy decoding gives second: made the eos, min_new_tokens holds it back
+        eos = int(pm.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=2,
+                              do_sample=False, eos_token_id=None, pad_token_id=PAD)[0, ids.shape[1] + 1])
+    with open(os.path.join(base, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "pad_token_id": PAD, "eos_token_id": eos, "no_repeat_ngram_size": 2,
+                   "min_new_tokens": 3, "max_new_tokens": 7, "stop_strings": ["zz"], "num_beams": 2}, f)
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(root / "adapter"))
+    from edgepeft.exporters import export
+
+    out, log = str(root / "out"), io.StringIO()
+    with contextlib.redirect_stdout(log):
+        export([str(root / "adapter")], out, names=["lora"], verbose=True)
+    hf = peft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(root / "adapter")).eval()
+    hf.generation_config.stop_strings = None  # transformers cannot read the test's word tokenizer; no word has zz
+    return out, hf, log.getvalue(), eos
+
+
+def _length_prompts():
+    ids = np.array([[PAD, PAD, 11, 12, 13], [14, 15, 16, 17, 18]], dtype=np.int64)
+    return ids, (ids != PAD).astype(np.int64)
+
+
+def test_length_and_ngram_settings_of_generation_config_apply_as_in_transformers(length_model):
+    """Only five sampling settings were recorded: no_repeat_ngram_size, min_new_tokens and max_new_tokens of the
+    model's generation_config.json were dropped without a word (tokens the model forbids, 32 of them)."""
+    out, hf, log, eos = length_model
+    rt = Runtime(out)
+    assert rt.manifest["generation"] == {"no_repeat_ngram_size": 2, "min_new_tokens": 3, "max_new_tokens": 7,
+                                         "stop": ["zz"]}
+    assert "generation_config.json sets num_beams=2, which edgepeft's generate does not apply" in log
+    ids, mask = _length_prompts()
+    ours = rt.generate(ids, mask, adapter="lora")
+    with torch.no_grad():  # beam search is what the runtime does not do: one beam
+        want = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), num_beams=1).numpy()
+    want = np.pad(want, ((0, 0), (0, ours.shape[1] - want.shape[1])), constant_values=PAD)  # HF stops when all end
+    np.testing.assert_array_equal(ours, want)
+    assert ours.shape[1] == ids.shape[1] + 7
+    unbanned = rt.generate(ids, mask, adapter="lora", no_repeat_ngram_size=0, min_new_tokens=0)
+    assert not np.array_equal(unbanned, ours)  # the settings changed the tokens
+    for kwargs in ({"min_p": 0.3, "do_sample": True, "seed": 1}, {"min_length": 9}, {"max_length": 8}):
+        with torch.no_grad():  # a call's settings: as transformers' (model's max_new_tokens wins over max_length)
+            want = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), num_beams=1,
+                               **{k: v for k, v in kwargs.items() if k != "seed"}).numpy()
+        got = rt.generate(ids, mask, adapter="lora", **kwargs)
+        assert got.shape[1] >= want.shape[1]
+        if "min_p" not in kwargs:  # sampling: another random stream
+            np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+
+
+def test_max_length_counts_the_prompt_when_max_new_tokens_is_unset(length_model):
+    out, _, _, _ = length_model
+    rt = Runtime(out)
+    ids, mask = _length_prompts()
+    rt.manifest["generation"] = {"max_length": 8}  # as a model that sets max_length only (Llama-2-chat: 4096)
+    assert rt.generation_config().max_new_tokens is None
+    assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, 8)
+    assert rt.generate(ids, mask, adapter="lora", eos_token_id=[], max_new_tokens=2).shape == (2, 7)
+    from edgepeft.runtimes import ConfigError
+
+    with pytest.raises(ConfigError, match="max_length 5 .* leaves no new token after a 5-token prompt; pass "
+                                          "max_new_tokens"):
+        rt.generate(ids, mask, adapter="lora", max_length=5)
+    rt.manifest["generation"] = {}
+    assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, 5 + 32)  # transformers gives 20

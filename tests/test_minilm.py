@@ -154,6 +154,19 @@ def test_training_pools_as_the_export_serves(text_model, tmp_path, monkeypatch):
     model = lambda **kw: type("Out", (), {"last_hidden_state": hidden})()  # noqa: E731
     np.testing.assert_allclose(real(model, None, torch.ones(2, 3, dtype=torch.long), "cls").numpy(),
                                torch.nn.functional.normalize(hidden[:, 0], dim=-1).numpy(), atol=1e-6)
+    # max_seq_length and do_lower_case too: training saw 7 tokens as written where embed sees 4 lower-cased ones
+    with open(os.path.join(base, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": 4, "do_lower_case": True}, f)
+    ids_seen = []
+    monkeypatch.setattr(training, "_pooled", lambda model, ids, mask, mode="mean": ids_seen.append(ids) or real(
+        model, ids, mask, mode))
+    rows = [{"text": "W1 W2 W3 W4 W5", "positive": "W2 W1"}] * 4
+    training.train(model=base, task="feature-extraction", data=write_lines(tmp_path / "d2.jsonl", rows),
+                   out=str(tmp_path / "out2"), epochs=1, batch_size=4)
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(base)("w1 w2 w3 w4 w5", truncation=True, max_length=4)["input_ids"]
+    assert ids_seen[0].shape[1] == 4 and ids_seen[0][0].tolist() == want
     with open(os.path.join(base, "modules.json"), "w") as f:
         json.dump([{"path": "", "type": "sentence_transformers.models.Transformer"},
                    {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},

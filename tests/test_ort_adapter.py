@@ -50,12 +50,15 @@ def test_ort_adapter_files_match_the_runtime(shared_export, workdir):
             assert max_diff_valid(ours, rt.forward(ids, mask)[rt.output_name], mask) > 1e-3  # the adapter acts
 
 
-def test_prompt_and_prefix_adapters_get_no_ort_adapter_file(virtual_export, workdir):
+def test_prompt_and_prefix_adapters_get_no_ort_adapter_file(virtual_export, workdir, capsys):
+    """Asked for with ort_adapter=True (--ort-adapter), the file left out is named in a note; it went unsaid."""
     from edgepeft.exporters import export
 
     dirs = virtual_export("llama")[1]
     out = str(workdir / "ort-adapter-virtual")
-    export(list(dirs.values()), out, names=list(dirs), ort_adapter=True)
+    export(list(dirs.values()), out, names=list(dirs), ort_adapter=True, verbose=True)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "no .onnx_adapter written" in line]
+    assert sorted(n.split(":")[1].strip() for n in notes) == ["prefix", "prefix_mlp", "prompt"]
     manifests = {}
     for name in os.listdir(os.path.join(out, "adapters")):
         with open(os.path.join(out, "adapters", name, "adapter.json")) as f:

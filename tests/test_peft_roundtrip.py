@@ -177,3 +177,64 @@ def test_adapter_model_bin_loads_and_exports_as_hf_peft_reads_it(tiny_base, tmp_
     (path / "adapter_model.bin").write_bytes(np.arange(64, dtype=np.uint8).tobytes())
     with pytest.raises(CorruptArtifactError, match=r"adapter_model\.bin: cannot read adapter weights.*save_pretrained"):
         edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(path))
+
+
+# ---------------------------------------------------------------- adapters saved without task_type
+def test_an_adapter_without_task_type_exports_for_the_class_hf_peft_loads(tmp_path):
+    """HF PEFT records the model class (auto_mapping) and AutoPeftModel loads it: a LoRA on a Llama classifier
+    saved without task_type exported as a causal LM, its lm_head random (transformers made one, no word), logits
+    (B, T, vocab) where HF PEFT gives (B, labels). A causal-LM export of a checkpoint without its head is refused."""
+    import peft
+    import transformers
+
+    cfg = tiny_config("llama")
+    cfg.num_labels, cfg.pad_token_id = 3, 0
+    base = str(tmp_path / "llama-cls")
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(base)
+    pm = peft.get_peft_model(transformers.AutoModelForSequenceClassification.from_pretrained(base),
+                             peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # no task_type
+    randomize_adapter(pm, 1)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        saved = json.load(f)
+    assert saved["task_type"] is None and saved["auto_mapping"]["base_model_class"] == "LlamaForSequenceClassification"
+    export([str(tmp_path / "adapter")], str(tmp_path / "out"), names=["cls"])
+    rt = Runtime(tmp_path / "out")
+    assert rt.task == "seq-cls"
+    ids, mask = sample_batch(batch=2, seq=6)
+    ids[ids == 0] = 5  # no padding id inside the tokens (the classifier reads the last non-pad token)
+    hf = peft.AutoPeftModel.from_pretrained(str(tmp_path / "adapter")).eval()
+    want = torch_outputs(hf, ids, np.ones_like(mask), "logits")
+    np.testing.assert_allclose(rt.forward(ids, np.ones_like(mask), adapter="cls")["logits"], want, atol=1e-5)
+    with open(tmp_path / "adapter" / "adapter_config.json", "w") as f:
+        json.dump({**saved, "task_type": "CAUSAL_LM"}, f)  # told causal-lm: the checkpoint has no lm_head
+    with pytest.raises(edgepeft.errors.UnsupportedModelError, match="llama-cls: holds no language-model head .* "
+                       "set the task the adapter was trained for \\(task_type in its adapter_config.json\\)"):
+        export([str(tmp_path / "adapter")], str(tmp_path / "out2"))
+    assert not os.path.exists(tmp_path / "out2")
+
+
+def test_a_module_trained_whole_by_one_adapter_and_adapted_by_another_is_refused_naming_it(tiny_base, tmp_path):
+    """One adapter saves pooler.dense whole, another puts LoRA on it (all-linear): exported together, a traceback
+    (AttributeError) in one order and 'weights for modules this model lacks' in the other. Each alone exports."""
+    import peft
+
+    base = tiny_base("bert")
+    dirs = []
+    for name, config in (("whole", peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
+                                                   modules_to_save=["pooler.dense"])),
+                         ("all", peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules="all-linear"))):
+        pm = peft.get_peft_model(load_reference_base(base, "seq-cls", num_labels=3), config)
+        randomize_adapter(pm, len(dirs))
+        pm.peft_config["default"].base_model_name_or_path = base
+        pm.save_pretrained(str(tmp_path / name))
+        dirs.append(str(tmp_path / name))
+    for order in (dirs, dirs[::-1]):
+        with pytest.raises(ConfigError, match=rf"{order[1]}/adapter_config.json: bert.pooler.dense: one adapter trains "
+                           "it whole \\(modules_to_save\\) and another puts its own layers on it, .* export them one at "
+                           "a time into the same --out folder"):
+            export(order, str(tmp_path / "out"))
+    for d in dirs:  # the advice works
+        export([d], str(tmp_path / "out"))
+    assert Runtime(tmp_path / "out").adapter_names == ["all", "whole"]

@@ -146,6 +146,33 @@ def test_an_hf_adapter_on_lm_head_loads_and_exports(tiny_base, tmp_path):
         edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
 
 
+def test_embedding_layers_saved_whole_by_hf_peft_are_dropped_when_unchanged(tiny_base, tmp_path):
+    """save_pretrained(save_embedding_layers=True) writes the embedding and output layers' plain base weights:
+    refused as 'weights for modules this model lacks' (advising the base it was trained on, which it was)."""
+    import peft
+    from safetensors.torch import load_file, save_file
+
+    from edgepeft.errors import AdapterBaseMismatchError
+
+    base = tiny_base("llama")
+    hf = peft.get_peft_model(load_reference_base(base, "causal-lm"),
+                             peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    randomize_adapter(hf, 4)
+    hf.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = load_file(weights)
+    assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= set(saved)
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+    ids, mask = (torch.from_numpy(a) for a in sample_batch())
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(input_ids=ids, attention_mask=mask).logits,
+                                   hf.eval()(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-6)
+    saved["base_model.model.model.embed_tokens.weight"] = torch.cat([saved["base_model.model.model.embed_tokens.weight"]] * 2)
+    save_file(saved, str(weights))  # a resized vocabulary
+    with pytest.raises(AdapterBaseMismatchError, match="carries its own model.embed_tokens weights"):
+        edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+
+
 def test_an_hf_lm_head_adapter_trained_on_a_bfloat16_copy_loads_on_the_float32_base(tiny_base, tmp_path):
     import peft
 

@@ -61,6 +61,7 @@ def test_quantized_export_quantizes_base_weights_and_keeps_every_slot(kind, quan
     assert {s.name for s in rt.manifest["slots"]} >= {n for n in fp32.slots if n.startswith("lora_")} & set(rt.slots)
     quantized_checks = [c for c in report["checks"] if "relative_error" in c]
     assert len(quantized_checks) == 3 and all(c["relative_error"] <= bound for c in quantized_checks), quantized_checks
+    assert all(c["effect_error"] <= 10 * bound for c in quantized_checks[1:]), quantized_checks  # the adapters' effect
     assert all(c["max_abs_diff"] <= 1e-4 * 10 for c in report["checks"] if "relative_error" not in c)  # float32 first
 
 
@@ -84,6 +85,24 @@ def test_quantized_adapters_still_switch_and_stay_close_to_float32(kind, quantiz
         assert effect > max(0.1, 2 * max(errors.values())), (adapter, effect, errors)
     generated = rt.generate(ids, mask, adapter="all", max_new_tokens=8)
     assert generated.shape == (2, ids.shape[1] + 8)
+
+
+def test_a_tied_output_layer_reads_the_embedding_table_stored_once(shared_export, workdir, peft_adapter):
+    """GPT-2 ties lm_head to wte: the trace stored the table and a transposed copy of it (GPT-2: 154 MB of 500)."""
+    import numpy as np
+    from onnx import numpy_helper
+    from tiny import tiny_config
+
+    graph = onnx.load(os.path.join(shared_export("gpt2")[0], "base", "model.onnx")).graph
+    table = next(numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("wte.weight"))
+    copies = [i.name for i in graph.initializer if i.dims == list(table.shape[::-1])
+              and np.array_equal(numpy_helper.to_array(i), table.T)]
+    assert copies == [] and any(n.op_type == "Transpose" for n in graph.node)
+    out = str(workdir / "int4-gpt2-tied")  # quantized: lm_head still a quantized MatMul of its own
+    export([spec_adapter(peft_adapter, "gpt2", "attn")], out, quantize="int4")
+    graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Transpose" not in ops and ops.count("MatMulNBits") == 4 * tiny_config("gpt2").n_layer + 1  # lm_head too
 
 
 def test_int8_gpt2_quantizes_every_conv1d(workdir, peft_adapter):
@@ -141,6 +160,37 @@ def test_a_quantized_graph_outside_tolerance_writes_nothing(peft_adapter, tmp_pa
         export([spec_adapter(peft_adapter, "llama", "qv")], str(out), quantize="int8", qtol=1e-9)
     assert not os.path.exists(out / "base") and not os.path.exists(out / "adapters" / "qv")
     assert [p for p in _tree(out) if ".staging" in p] == []
+
+
+def test_a_quantized_graph_that_lost_its_adapter_slots_is_refused(peft_adapter, tmp_path, monkeypatch):
+    """What quantize.py guards against: the quantized graph reads each slot's neutral value, not the input. The adapter
+    then changed nothing, and passed --qtol 0.2 (0.16 relative error: its whole effect)."""
+    import sys
+
+    export_module = sys.modules["edgepeft.exporters.export"]  # the package's name export is the function
+    real = export_module.quantize_graph
+
+    def quantize_and_cut_slots(path, quantize):
+        info = real(path, quantize)
+        m = onnx.load(path)
+        slots = {i.name for i in m.graph.input} & {i.name for i in m.graph.initializer}
+        for init in [i for i in m.graph.initializer if i.name in slots]:
+            baked = onnx.TensorProto()
+            baked.CopyFrom(init)
+            baked.name += ".baked"
+            m.graph.initializer.append(baked)
+        for node in m.graph.node:
+            node.input[:] = [x + ".baked" if x in slots else x for x in node.input]
+        os.unlink(path + ".data")
+        onnx.save_model(m, path, save_as_external_data=True, location="model.onnx.data")
+        return info
+
+    monkeypatch.setattr(export_module, "quantize_graph", quantize_and_cut_slots)
+    out = tmp_path / "cut"
+    with pytest.raises(ExportValidationError, match=r"adapter all, int8 changes the quantized graph's output by 0 RMS "
+                       r"where it changes PyTorch's by .* \(1.00 of its effect lost or wrong"):
+        export([spec_adapter(peft_adapter, "llama", "all")], str(out), quantize="int8")
+    assert not os.path.exists(out)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

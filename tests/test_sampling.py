@@ -51,6 +51,7 @@ PIPELINES = [
     dict(temperature=2.0, top_k=10, top_p=0.5, repetition_penalty=1.0),  # order matters: top-k, then top-p
     dict(temperature=0.8, top_k=0, top_p=0.9, repetition_penalty=1.3),
     dict(temperature=1.2, top_k=20, top_p=0.95, repetition_penalty=0.7),
+    dict(temperature=1.1, top_k=0, top_p=0.9, repetition_penalty=1.0, min_p=0.2),  # min-p after top-p
 ]
 
 
@@ -68,6 +69,10 @@ def test_sampling_scores_match_transformers_processor_chain(cfg, monkeypatch):
         procs.append(TopKLogitsWarper(cfg["top_k"]))
     if cfg["top_p"] < 1:
         procs.append(TopPLogitsWarper(cfg["top_p"]))
+    if cfg.get("min_p"):
+        from transformers.generation.logits_process import MinPLogitsWarper
+
+        procs.append(MinPLogitsWarper(cfg["min_p"]))
     ref = LogitsProcessorList(procs)(torch.from_numpy(sequences), torch.from_numpy(scores.copy())).numpy()
     captured = []
     real_softmax = gen.softmax
@@ -186,3 +191,39 @@ def test_a_base_whose_config_says_pad_token_id_minus_one_exports(tiny_base, tmp_
     out = str(tmp_path / "out")
     export([lora_adapter(tmp_path / "qv", base, "causal-lm", 6, r=2, target_modules=["q_proj"])], out, names=["qv"])
     assert Runtime(out).generate(np.array([[5, 6, 7]]), adapter="qv", max_new_tokens=2).shape == (1, 5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_no_repeat_ngram_matches_transformers(n):
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    scores = random_scores(rows=4, vocab=16, seed=9)
+    sequences = np.random.default_rng(10).integers(0, 16, size=(4, 12)).astype(np.int64)
+    sequences[1, -2:] = sequences[1, 3:5]  # a bigram seen before: what follows it is banned
+    sequences[2, -3:] = sequences[2, 0:3]
+    ref = NoRepeatNGramLogitsProcessor(n)(torch.from_numpy(sequences), torch.from_numpy(scores.copy())).numpy()
+    assert_same_scores(gen.apply_no_repeat_ngram(scores, sequences, n), ref)
+    assert np.isneginf(ref).any() or n == 6
+
+
+@pytest.mark.parametrize("new", [0, 2, 3, 5])
+def test_min_lengths_hold_eos_back_as_transformers(new):
+    from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+
+    scores = random_scores(rows=3, vocab=16, seed=11)
+    sequences = np.random.default_rng(12).integers(0, 16, size=(3, 6 + new)).astype(np.int64)
+    eos = torch.tensor([2, 7])
+    for ours_cfg, proc in ((dict(min_new_tokens=3), MinNewTokensLengthLogitsProcessor(6, 3, eos)),
+                           (dict(min_length=10), MinLengthLogitsProcessor(10, eos))):
+        cfg = gen.GenerationConfig(eos_token_id=[2, 7], **ours_cfg)
+        ref = proc(torch.from_numpy(sequences), torch.from_numpy(scores.copy())).numpy()
+        assert_same_scores(gen.hold_back_eos(scores, sequences, cfg, prompt_length=6), ref)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.2, 0.9, 1.0])
+def test_min_p_matches_transformers(p):
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    scores = random_scores(seed=13)
+    ref = MinPLogitsWarper(p)(None, torch.from_numpy(scores.copy())).numpy()
+    assert_same_scores(gen.apply_min_p(scores, p), ref)

@@ -18,8 +18,9 @@ import torch
 from click.testing import CliRunner
 
 from edgepeft.cli import cli
-from edgepeft.errors import TrainingInterrupted
+from edgepeft.errors import ConfigError, TrainingInterrupted
 from edgepeft.training import Trainer, TrainingArguments, method_config, train
+from edgepeft.training import trainer as training_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "samples", "data")
@@ -204,6 +205,12 @@ def test_resume_continues_exactly_where_the_run_stopped(method, options, text_mo
     message = str(interrupted.value)
     assert os.path.join(str(tmp_path / "b"), "checkpoint") in message and "after epoch 1 of 2" in message
     monkeypatch.setattr(Trainer, "_end_epoch", real_end)
+    real_read = training_module.read_checkpoint  # made by two processes (torchrun): this one-process run is refused
+    monkeypatch.setattr(training_module, "read_checkpoint", lambda out: {**(state := real_read(out)),
+                                                                         "log": {**state["log"], "world_size": 2}})
+    with pytest.raises(ConfigError, match="was made by 2 training process\\(es\\), this run has 1; resume with 2"):
+        Trainer(_args(model, data, str(tmp_path / "b"), save="last", resume=True, **extra)).train()
+    monkeypatch.setattr(training_module, "read_checkpoint", real_read)
     command = shlex.split(message.split("continue with: ", 1)[1])  # the printed command, run as given
     assert command[:2] == ["edgepeft", "train"] and command[-1] == "--resume"
     result = CliRunner().invoke(cli, command[1:] + ["--quiet"])
@@ -220,11 +227,69 @@ def test_resume_continues_exactly_where_the_run_stopped(method, options, text_mo
     assert [e["epoch"] for e in resumed["evals"]] == [0, 1, 2]
 
 
+def test_ctrl_c_while_an_epoch_is_saved_waits_for_its_checkpoint(text_model, tmp_path, monkeypatch):
+    """Ctrl-C while the curve was drawn (after the adapter, before the checkpoint): 'nothing was saved', yet OUT
+    held an adapter and no checkpoint, so neither --resume nor a new run into OUT could go on."""
+    import signal
+
+    real = training_module.training_curve
+
+    def curve_then_ctrl_c(log, path):
+        real(log, path)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(training_module, "training_curve", curve_then_ctrl_c)
+    data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 16))
+    with pytest.raises(TrainingInterrupted, match="holds the run after epoch 1 of 2; continue with: .*--resume"):
+        Trainer(_args(text_model("bert"), data, str(tmp_path / "o"))).train()
+    assert os.path.isfile(tmp_path / "o" / "checkpoint" / "trainer_state.pt")
+
+
+def test_warmup_takes_as_many_steps_as_in_transformers(text_model, tmp_path):
+    """transformers rounds warmup_ratio x steps up (ceil): 0.1 of 12 steps is 2 warm-up steps; round() gave 1."""
+    data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 12))
+    args = _args(text_model("bert"), data, str(tmp_path / "o"), logging_steps=1)
+    args.epochs, args.batch_size = 1, 1
+    log = Trainer(args).train()
+    assert [h["lr"] for h in log["history"][:2]] == pytest.approx([args.lr / 2, args.lr])
+
+
 def test_gradient_accumulation_makes_fewer_optimizer_steps(text_model, tmp_path):
     data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 32))
     log = Trainer(_args(text_model("bert"), data, str(tmp_path / "o"), grad_accum=2)).train()
     assert log["steps_per_epoch"] == 2  # 32 rows / batch 8 = 4 micro-batches, 2 per step
     assert [h["step"] for h in log["history"]] == [2, 4]  # logging_steps 10: an entry at each epoch's end
+
+
+def test_gradient_accumulation_takes_the_step_the_whole_batch_takes(text_model, tmp_path):
+    """As transformers' Trainer (num_items_in_batch): 2 x 2 and 1 x 4 batches give the 4-row batch's step. Each
+    micro-batch's token mean was divided by grad_accum, so a short row's tokens counted for more (cosine 0.70)."""
+    from safetensors.torch import load_file
+
+    words = [" ".join(f"w{i}" for i in range(n)) for n in (2, 30, 3, 25)]  # lengths far apart
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in words])
+    adapters = []
+    for batch, accum in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"b{batch}"
+        train(model=text_model("llama"), task="causal-lm", method="lora", data=data, out=str(out), epochs=1, lr=1e-2,
+              batch_size=batch, grad_accum=accum, options={"lora_dropout": 0.0}, progress=False)
+        adapters.append(load_file(out / "adapter_model.safetensors"))
+    for other in adapters[1:]:
+        for key, value in adapters[0].items():
+            torch.testing.assert_close(other[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_training_reads_the_base_config_once(text_model, tmp_path, monkeypatch):
+    """One look-up serves the length checks and the model load (a hub id: one request fewer)."""
+    import edgepeft.models as models
+
+    calls, real = [], models.load_model_config
+    monkeypatch.setattr(models, "load_model_config", lambda *a, **k: calls.append(a) or real(*a, **k))
+    data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 8))
+    args = _args(text_model("bert"), data, str(tmp_path / "o"))
+    args.epochs = 1
+    Trainer(args).train()
+    assert len(calls) == 1
 
 
 def test_cli_train_then_export_then_run(text_model, tmp_path):
@@ -361,7 +426,7 @@ def test_decoder_classifier_batches_pad_with_the_models_pad_token(text_model, tm
     data.write_text('{"text": "play jazz", "label": "a"}\n'
                     '{"text": "what is the weather like today in paris please", "label": "b"}\n')
     args = _args(model, str(data), str(tmp_path / "o"))
-    encoder, rows, _, labels = Trainer(args)._data(method_config(args.method, args.task, dict(args.options)))
+    encoder, rows, _, labels, _ = Trainer(args)._data(method_config(args.method, args.task, dict(args.options)))
     assert encoder.pad_id == 0 != encoder.tokenizer.eos_token_id  # config.json's, not the tokenizer's eos
     torch.manual_seed(0)
     m = get_peft_model(load_base(model, "seq-cls", labels=labels), LoraConfig(task_type="SEQ_CLS")).eval()
@@ -376,8 +441,6 @@ def test_decoder_classifier_batches_pad_with_the_models_pad_token(text_model, tm
 def test_out_may_not_be_the_model_or_inside_an_export(text_model, shared_export, tmp_path):
     """Training into the --model folder made the base an adapter folder; into OUT/base or OUT/adapters/x, the next
     export replaced the adapter. Both are refused before any work, and nothing is written."""
-    from edgepeft.errors import ConfigError
-
     data = tmp_path / "cls.jsonl"
     data.write_text('{"text": "play jazz", "label": "a"}\n{"text": "weather", "label": "b"}\n')
     model = text_model("bert")

@@ -138,9 +138,32 @@ def test_unknown_option_lists_the_valid_ones():
     assert "task_type" not in msg and "peft_type" not in msg
 
 
-def test_task_type_is_not_an_option():
-    with pytest.raises(ConfigError, match="'task_type'"):
-        method_config("ia3", "causal-lm", {"task_type": "SEQ_CLS"})
+@pytest.mark.parametrize("field", ["task_type", "inference_mode", "base_model_name_or_path", "auto_mapping"])
+def test_fields_training_sets_itself_are_no_options(field):
+    """inference_mode=true froze the adapter: a traceback (no tensor requires grad) after loading the model."""
+    with pytest.raises(ConfigError, match=f"ia3 has no option '{field}'"):
+        method_config("ia3", "causal-lm", {field: "SEQ_CLS"})
+
+
+def test_options_json_cannot_hold_are_saved_as_it_can_or_refused():
+    """A set (HF PEFT takes them) or a tokenizer object: a TypeError from the checkpoint's JSON after loading."""
+    tokenizer = type("Tokenizer", (), {"name_or_path": "/models/tok"})()
+    args = TrainingArguments(model="m", task="causal-lm", data="d", out="o", method="prompt",
+                             options={"target_modules": {"v", "q"}, "tokenizer_name_or_path": tokenizer})
+    args.check()
+    assert args.options == {"target_modules": ["q", "v"], "tokenizer_name_or_path": "/models/tok"}
+    with pytest.raises(ConfigError, match="option init=<object .* cannot be saved in the training log and checkpoint"):
+        TrainingArguments(model="m", task="causal-lm", data="d", out="o", options={"init": object()}).check()
+
+
+def test_the_resume_command_gives_the_rates_as_they_were():
+    """--lr 0.00166667 (printed with :g) was refused on resume: 'made with --lr 0.0016666666666666668'."""
+    import shlex
+
+    args = TrainingArguments(model="m", task="causal-lm", data="d", out="o", lr=5e-3 / 3, warmup_ratio=0.1 / 3)
+    words = shlex.split(args.command("--resume"))
+    assert float(words[words.index("--lr") + 1]) == args.lr
+    assert float(words[words.index("--warmup-ratio") + 1]) == args.warmup_ratio
 
 
 @pytest.mark.parametrize("name, cls_name", [("LORA", "LoraConfig"), ("Lora", "LoraConfig"), ("ia3", "IA3Config"),

@@ -66,6 +66,7 @@ class TrainingArguments:
             raise ConfigError("--resume continues OUT's checkpoint and --overwrite starts over; give one of them")
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must map the method's fields to values (e.g. {{'r': 8}}), got {self.options!r}")
+        self.options = {k: _saved_as(k, v) for k, v in self.options.items()}  # as the checkpoint and the log hold them
         if not 0 < self.max_grad_norm < math.inf:
             raise ConfigError(f"--max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
         check_output_dir(self.out, "--out")
@@ -118,7 +119,7 @@ class TrainingArguments:
             if f.name in ("model", "task", "method", "data", "eval_data", "out", "options", *RESUMABLE):
                 continue
             if f.name in ("lr", "head_lr") or value != getattr(defaults, f.name):  # rates: the ones this run used
-                parts += [f"--{f.name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+                parts += [f"--{f.name.replace('_', '-')}", repr(value) if isinstance(value, float) else str(value)]
         for key, value in self.options.items():
             parts += ["--option", f"{key}={json.dumps(value)}"]
         return " ".join(shlex.quote(p) for p in [*parts, *extra])
@@ -138,10 +139,30 @@ def find_method(method: str):
     return found
 
 
+def _saved_as(key: str, value):
+    """An option as JSON holds it: a set as a sorted list (HF PEFT takes sets), a tokenizer as its name or folder."""
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value)
+    elif isinstance(value, tuple):
+        value = list(value)
+    elif isinstance(getattr(value, "name_or_path", None), str) and not isinstance(value, str):  # a tokenizer object
+        value = value.name_or_path
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {key}={value!r:.60} cannot be saved in the training log and checkpoint; give a "
+                          "number, string, list or mapping (a tokenizer: its folder)") from None
+    return value
+
+
+# Config fields training sets itself: not options
+NOT_OPTIONS = {"task_type", "peft_type", "inference_mode", "base_model_name_or_path", "auto_mapping"}
+
+
 def method_config(method: str, task: str, options: dict):
     """The config object for ``method`` with ``options`` as its fields (the method's training defaults fill the rest)."""
     m = find_method(method)
-    fields = {f.name for f in dataclasses.fields(m.config_cls)} - {"task_type", "peft_type"}
+    fields = {f.name for f in dataclasses.fields(m.config_cls)} - NOT_OPTIONS
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ConfigError(f"{m.name} has no option {unknown[0]!r}; its options are {', '.join(sorted(fields))}")

@@ -136,10 +136,12 @@ class Encoder:
     """Turns checked rows into token-id features and pads them into batches."""
 
     def __init__(self, tokenizer, task: str, max_length: int, labels: list[str] | None = None,
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, lower: bool = False):
         """``pad_id``: the model's padding token (config.json), which a decoder classifier looks for to find
-        each row's last token; else the tokenizer's, else its end-of-sequence token."""
+        each row's last token; else the tokenizer's, else its end-of-sequence token. ``lower``: pairs are
+        lower-cased first (a sentence-transformers model's do_lower_case)."""
         self.tokenizer = tokenizer
+        self.lower = lower
         self.task = task
         self.max_length = max_length
         self.labels = labels
@@ -160,7 +162,8 @@ class Encoder:
             targets = label_ids(rows, self.labels, path)
             return [{"input_ids": self._cut(r["text"]), "label": y} for r, y in zip(rows, targets)]
         if self.task == "feature-extraction":
-            return [{"input_ids": self._cut(r["text"]), "positive_ids": self._cut(r["positive"])} for r in rows]
+            case = str.lower if self.lower else str
+            return [{"input_ids": self._cut(case(r["text"])), "positive_ids": self._cut(case(r["positive"]))} for r in rows]
         return [self._causal(r, path) for r in rows]
 
     def _causal(self, row: dict, path: str) -> dict:

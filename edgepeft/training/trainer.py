@@ -11,6 +11,8 @@ classifiers, ``training_log.json`` and ``training_curve.png``.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
 import sys
@@ -20,6 +22,7 @@ import torch
 
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, TrainingInterrupted
+from edgepeft.files import deferred_interrupts
 from edgepeft.models import load_tokenizer, sentence_transformers_folder
 from edgepeft.runtimes.text import sentence_transformers_settings
 from edgepeft.plots import training_curve
@@ -55,7 +58,7 @@ class Trainer:
         if mp == "fp16" and not cuda:
             raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
         # cpu=True without CUDA: several CPU processes (torchrun) then form a gloo DDP group
-        return Accelerator(gradient_accumulation_steps=self.args.grad_accum, mixed_precision=mp, cpu=not cuda,
+        return Accelerator(mixed_precision=mp, cpu=not cuda,  # _epoch accumulates gradients itself
                            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=self.args.seed))
 
     def _data(self, method):
@@ -71,29 +74,35 @@ class Trainer:
 
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
         model_pad = getattr(config, "pad_token_id", None) if args.task == "seq-cls" else None
-        encoder = Encoder(load_tokenizer(args.model, method.revision), args.task, args.max_length, labels, pad_id=model_pad)
+        limit, self.pooling, lower = None, "mean", False
+        if args.task == "feature-extraction":  # texts cut, lower-cased and pooled as sentence-transformers (and embed)
+            folder = sentence_transformers_folder(args.model, method.revision)
+            limit, self.pooling, lower = sentence_transformers_settings(folder) if folder else (None, "mean", False)
+        encoder = Encoder(load_tokenizer(args.model, method.revision), args.task, min(args.max_length, limit or
+                          args.max_length), labels, pad_id=model_pad, lower=lower)
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         n_virtual = getattr(method, "num_virtual_tokens", None) or 0
         for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
             check_positions(features, checked, path, max_positions(config), n_virtual)
-        return encoder, train, evals, labels
+        return encoder, train, evals, labels, config
 
-    def _model(self, labels, config):
+    def _model(self, labels, config, model_config):
         from edgepeft.models import load_base
         from edgepeft.peft_model import get_peft_model
 
         args = self.args
         config.base_model_name_or_path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
-        base = load_base(args.model, args.task, labels=labels, revision=config.revision)  # the one the adapter records
+        base = load_base(args.model, args.task, labels=labels, revision=config.revision,  # the one the adapter records
+                         config=model_config)
         torch.manual_seed(args.seed)  # the adapter's initial values
         try:
             return get_peft_model(base, config)
         except (TypeError, ValueError) as e:  # a value the config took but the layers cannot use
             raise ConfigError(f"invalid {args.method} options {args.options}: {e}") from None
 
-    def _prepare_out(self) -> dict | None:
-        """The checkpoint state to resume from (None: a fresh run)."""
+    def _prepare_out(self, processes: int) -> dict | None:
+        """The checkpoint state to resume from (None: a fresh run); ``processes``: this run's (torchrun)."""
         args = self.args
         check_out_folder(args.out, args.model)
         ckpt = os.path.join(args.out, CHECKPOINT)
@@ -114,6 +123,11 @@ class Trainer:
                 old, new = a, b
             raise ConfigError(f"{ckpt}: was made with {k}={old.get(k)!r}, this run has {k}={new.get(k)!r}; "
                               "resume with the same settings or start over with --overwrite")
+        made = state.get("log", {}).get("world_size", 1)
+        if made != processes:  # the data each process takes and the steps per epoch follow the process count
+            raise ConfigError(f"{ckpt}: was made by {made} training process(es), this run has {processes}; resume "
+                              f"with {made} (torchrun --nproc-per-node {made} -m edgepeft train ... --resume) or start "
+                              "over with --overwrite")
         return state
 
     # ------------------------------------------------------------------ loss and metrics
@@ -132,6 +146,12 @@ class Trainer:
         scores = 20.0 * a @ p.T  # cosine similarity x 20, as sentence-transformers' MultipleNegativesRankingLoss
         return torch.nn.functional.cross_entropy(scores, torch.arange(len(a), device=a.device)), (a, p)
 
+    def _count(self, acc, batch) -> torch.Tensor:
+        """What a batch's loss is the mean over: its label tokens (causal LM: the shifted labels), else its rows."""
+        if self.args.task == "causal-lm":
+            return (batch["labels"][:, 1:] != -100).sum()
+        return torch.tensor(len(batch["input_ids"]), device=acc.device)
+
     @torch.no_grad()
     def _evaluate(self, acc, model, loader) -> dict:
         model.eval()
@@ -139,10 +159,7 @@ class Trainer:
         for batch in loader:
             with acc.autocast():
                 loss, extra = self._loss(model, batch)
-            if self.args.task == "causal-lm":
-                n = (batch["labels"][:, 1:] != -100).sum()
-            else:
-                n = torch.tensor(len(batch["input_ids"]), device=acc.device)
+            n = self._count(acc, batch)
             total += float(acc.reduce(loss.detach().float() * n, "sum"))
             count += int(acc.reduce(n, "sum"))
             if self.args.task == "seq-cls":
@@ -179,14 +196,11 @@ class Trainer:
 
         args = self.args
         acc = self._accelerator()
-        resume = self._prepare_out()
+        resume = self._prepare_out(acc.num_processes)
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
-        encoder, train_rows, eval_rows, labels = self._data(method)
-        embeds = self.args.task == "feature-extraction"  # embeddings pool as Runtime.embed pools them
-        folder = sentence_transformers_folder(self.args.model, method.revision) if embeds else None
-        self.pooling = sentence_transformers_settings(folder)[1] if folder else "mean"
-        peft = self._model(labels, method)
+        encoder, train_rows, eval_rows, labels, model_config = self._data(method)
+        peft = self._model(labels, method, model_config)
         heads = [p for n, p in peft.named_parameters() if p.requires_grad and ".modules_to_save." in n]
         params = [p for p in peft.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if all(p is not h for h in heads)], "lr": args.lr}]
@@ -201,7 +215,7 @@ class Trainer:
             eval_loader = acc.prepare(eval_loader)
         steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
         total = steps_per_epoch * args.epochs
-        scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=round(args.warmup_ratio * total),
+        scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
                                   num_training_steps=total)
         log = {"args": args.fingerprint(), "labels": labels, "world_size": acc.num_processes,
                "mixed_precision": str(acc.mixed_precision),
@@ -249,31 +263,36 @@ class Trainer:
         return log
 
     def _epoch(self, acc, model, loader, optimizer, scheduler, params, log, epoch, steps_per_epoch, bar) -> None:
-        """One pass over the training data, logging the mean loss every ``logging_steps`` optimizer steps."""
+        """One pass over the training data, logging the mean loss every ``logging_steps`` optimizer steps.
+
+        An optimizer step takes ``grad_accum`` batches (fewer at the epoch's end), each batch's mean loss weighted
+        by its share of the window's label tokens (causal LM) or examples, over every process, as transformers'
+        Trainer divides the summed loss by the window's ``num_items_in_batch``: the step is the whole window's.
+        """
         args = self.args
         loader.set_epoch(epoch)
         step = epoch * steps_per_epoch
-        t0, examples, window = time.perf_counter(), 0, []
-        for batch in loader:
-            with acc.accumulate(model):
-                with acc.autocast():
-                    loss, _ = self._loss(model, batch)
-                acc.backward(loss)
-                window.append(loss.detach().float())
+        t0, examples, losses, batches = time.perf_counter(), 0, [], iter(loader)
+        while window := list(itertools.islice(batches, args.grad_accum)):
+            counts = [self._count(acc, b) for b in window]
+            total = acc.reduce(torch.stack(counts).sum(), "sum")  # DDP averages the processes' gradients
+            for i, batch in enumerate(window):
+                with contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(model):  # sync once
+                    with acc.autocast():
+                        loss, _ = self._loss(model, batch)
+                    acc.backward(loss * counts[i] * acc.num_processes / total.clamp(min=1))
+                losses.append(loss.detach().float())
                 examples += len(batch["input_ids"]) * acc.num_processes
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            if not acc.sync_gradients:
-                continue
+            acc.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
             scheduler.step()
             step += 1
             bar.update(1)
             if step % args.logging_steps and step % steps_per_epoch:  # log every N steps and at the epoch's end
                 continue
-            mean = float(acc.reduce(torch.stack(window).mean(), "mean"))  # the mean since the last entry
-            window = []
+            mean = float(acc.reduce(torch.stack(losses).mean(), "mean"))  # the mean since the last entry
+            losses = []
             if not math.isfinite(mean):  # every process sees the reduced mean: all stop alike
                 kept = (f"{args.out} keeps the adapter saved before" if os.path.isfile(os.path.join(args.out, CONFIG_NAME))
                         else "no adapter was saved")
@@ -304,10 +323,12 @@ class Trainer:
             bar.write(f"epoch {epoch + 1}/{args.epochs}: eval {_shown(evaluation)}" + ("  (best so far)" if shown else ""))
         if acc.is_main_process:
             peft = acc.unwrap_model(model)
-            if args.save == "last" or improved:
-                save_adapter(peft, args.out, log["labels"])
-            self._write_log(log)
-            save_checkpoint(args.out, peft, args.fingerprint(), epoch + 1, optimizer, scheduler, log)
+            with deferred_interrupts():  # Ctrl-C: after the checkpoint that the saved adapter belongs to
+                if args.save == "last" or improved:
+                    save_adapter(peft, args.out, log["labels"])
+                self._write_log(log)
+                save_checkpoint(args.out, peft, args.fingerprint(), epoch + 1, optimizer, scheduler, log)
+                self._checkpointed = epoch + 1  # set before a Ctrl-C held off meanwhile is raised
         self._checkpointed = epoch + 1
         acc.wait_for_everyone()
 

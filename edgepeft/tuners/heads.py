@@ -68,6 +68,8 @@ def wrap_modules_to_save(model: nn.Module, names, adapter_name: str) -> list[str
     for key, module in list(model.named_modules()):
         if held and key.startswith(held):
             continue
+        if saved_whole(names, key) and isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveWrapper):
+            raise _saved_whole_and_adapted(key)  # another adapter's layer
         if isinstance(module, ModulesToSaveWrapper):
             if saved_whole(names, key):
                 module.add(adapter_name)
@@ -81,6 +83,23 @@ def wrap_modules_to_save(model: nn.Module, names, adapter_name: str) -> list[str
             replace_module(model, key, wrapper)
             wrapped.append(key)
     return wrapped
+
+
+def check_saved_whole_apart(model: nn.Module) -> None:
+    """Refuse a module one adapter trains whole (modules_to_save) while another puts its layers on it: the two
+    wrap each other and neither adapter's tensors can be told apart (each alone exports, into the same OUT)."""
+    for key, layer in model.named_modules():
+        if not isinstance(layer, AdapterLayer):
+            continue
+        whole = isinstance(layer, ModulesToSaveWrapper)
+        if any(isinstance(m, AdapterLayer) and isinstance(m, ModulesToSaveWrapper) != whole
+               for m in layer.modules() if m is not layer):
+            raise _saved_whole_and_adapted(key)
+
+
+def _saved_whole_and_adapted(key: str) -> ConfigError:
+    return ConfigError(f"{key}: one adapter trains it whole (modules_to_save) and another puts its own layers on it, "
+                       "which one export cannot build together; export them one at a time into the same --out folder")
 
 
 def saved_module_names(model: nn.Module, config) -> list[str]:
@@ -117,7 +136,8 @@ class HeadSlots(SlotSpec):
             module = model.get_submodule(key)
             if not isinstance(module, nn.Linear):
                 raise UnsupportedModelError(
-                    f"modules_to_save {key!r} is a {type(module).__name__}; edgepeft exports Linear heads only"
+                    f"modules_to_save {key!r} is a {type(module).__name__}; edgepeft exports Linear heads only "
+                    "(embeddings trained whole would change the shared base): use an adapter trained without it"
                 )
             out_axis = slot_axis("head", "out", key)
             # mixed batches: every row's classifier side by side, each row reading its own output columns. Only

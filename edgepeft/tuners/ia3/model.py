@@ -40,9 +40,10 @@ class IA3Tuner(Tuner):
         for key, feedforward in targets:
             module = adapter_layer(model, key, IA3Linear, lambda m, ff=feedforward: IA3Linear(m, ff))
             if module.is_feedforward != feedforward:  # one layer scales either its input or its output
-                mode, fix = ("output", "not list") if feedforward else ("input", "list")
-                raise ConfigError(f"{key}: another IA3 adapter of this model scales this layer's {mode}; {adapter_name!r} "
-                                  f"must {fix} it in feedforward_modules too, or go into a model of its own")
+                theirs, ours = ("output", "input") if feedforward else ("input", "output")
+                raise ConfigError(f"{key}: another IA3 adapter of this model scales this layer's {theirs}, "
+                                  f"{adapter_name!r} its {ours}, which one model cannot build together; export them "
+                                  "one at a time into the same --out folder")
             if not isinstance(innermost(module), nn.Linear):  # GPT-2's Conv1D
                 config.fan_in_fan_out = True  # as HF PEFT records for GPT-2's Conv1D
             module.add(adapter_name, init=config.init_ia3_weights)

@@ -34,14 +34,8 @@ AXIS = slot_axis("prefix", "n", "virtual_tokens")  # one length for every layer
 class PrefixSlotSelfAttention(PrefixSelfAttention):
     """PrefixSelfAttention reading its prefix from graph inputs (``feed``)."""
 
-    shifts_positions = True  # SlotGraph starts the tokens' positions after the prefix (HF PEFT's n .. n+T-1)
-
     def prefix(self):
         return self.feed["key"], self.feed["value"]  # (heads, n, hd) each
-
-    def virtual_length(self):
-        """n, the prefix's length (0 for the neutral value): traced from the graph input's shape."""
-        return self.feed["key"].shape[1]
 
 
 def _layout(model) -> tuple[int, int, int]:
