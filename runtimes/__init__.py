@@ -11,13 +11,15 @@ from .errors import (
     ArtifactNotFoundError,
     ConfigError,
     CorruptArtifactError,
+    DataError,
     EdgePeftError,
     ExportValidationError,
     InvalidInputError,
+    MissingDependencyError,
+    TrainingInterrupted,
     UnknownAdapterError,
     UnsupportedMethodError,
     UnsupportedModelError,
-    MissingDependencyError,
 )
 
 _LAZY = {"Runtime": "runtime", "session_options": "sessions", "use_shared_thread_pool": "sessions"}
@@ -41,10 +43,12 @@ __all__ = [
     "ArtifactNotFoundError",
     "ConfigError",
     "CorruptArtifactError",
+    "DataError",
     "ExportValidationError",
     "InvalidInputError",
     "UnknownAdapterError",
     "UnsupportedMethodError",
     "UnsupportedModelError",
     "MissingDependencyError",
+    "TrainingInterrupted",
 ]

@@ -18,8 +18,9 @@ def read_adapter_source(source) -> tuple[str | None, dict | None, dict]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         try:
             with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
-                members = [n for n in archive.namelist() if os.path.basename(n) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)]
-                files = {os.path.basename(n): archive.read(n) for n in members}
+                # the file's own name, whatever its folders (Windows' zips separate them with backslashes)
+                members = [n for n in archive.namelist() if _file_name(n) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)]
+                files = {_file_name(n): archive.read(n) for n in members}
         except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:
             raise CorruptArtifactError(f"adapter bytes: not a readable zip archive of an adapter folder ({e}); pass the "
                                        "bytes of shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None
@@ -45,3 +46,7 @@ def read_adapter_source(source) -> tuple[str | None, dict | None, dict]:
     if (error := adapter_graph_error(path, manifest)) is not None:
         raise error
     return path, None, manifest
+
+
+def _file_name(member: str) -> str:
+    return member.replace("\\", "/").rpartition("/")[2]

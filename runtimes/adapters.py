@@ -164,11 +164,12 @@ class AdapterStore:
         Returns its name. On any failure nothing changes: adapters already loaded keep serving.
         """
         if name is not None and not (isinstance(name, str) and name.strip()):
-            raise ConfigError(f"an adapter's name must be a non-empty string (or None: the name it was exported "
-                              f"with), got {name!r}")
+            raise ConfigError(f"an adapter's name must be a non-empty string (or None: its folder's name, a zip's: "
+                              f"the name it was exported with), got {name!r}")
         path, data, manifest = read_adapter_source(source)
         label = path or "adapter bytes"
-        name = manifest["name"] if name is None else name
+        if name is None:  # a folder is named as Runtime(OUT) names what it finds in OUT/adapters: by the folder
+            name = os.path.basename(os.path.normpath(path)) if path else manifest["name"]
         if manifest["base_fingerprint"] != self.base["fingerprint"]:
             raise self._mismatch(label, manifest)
         entry = Registered(name, path, data, manifest, self.slots, self.base.get("task", ""))

@@ -168,9 +168,9 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator,
-                ignore=None, prompt_length: int | None = None) -> np.ndarray:
-    """Pick one token per row from last-position ``logits`` (B, V); returns (B,) int64.
+def processed_scores(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig, ignore=None,
+                     prompt_length: int | None = None) -> np.ndarray:
+    """The scores (B, V) the next tokens are chosen from: greedy, their argmax; sampling, a draw from their softmax.
 
     ``ignore`` (B,): each row's left-padding length, left out of the repetition penalty. ``prompt_length``: the
     prompt's width in ``sequences`` (None: all of it), for min_new_tokens.
@@ -180,9 +180,17 @@ def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig
     if cfg.min_new_tokens or cfg.min_length:
         scores = hold_back_eos(scores, sequences, cfg, sequences.shape[1] if prompt_length is None else prompt_length)
     if not cfg.do_sample:
-        return scores.argmax(-1).astype(np.int64)
+        return scores
     scores = scores / np.float32(cfg.temperature)  # float32, as transformers divides
-    scores = apply_min_p(apply_top_p(apply_top_k(scores, cfg.top_k), cfg.top_p), cfg.min_p)
+    return apply_min_p(apply_top_p(apply_top_k(scores, cfg.top_k), cfg.top_p), cfg.min_p)
+
+
+def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator,
+                ignore=None, prompt_length: int | None = None) -> np.ndarray:
+    """Pick one token per row from last-position ``logits`` (B, V); returns (B,) int64 (``processed_scores``)."""
+    scores = processed_scores(logits, sequences, cfg, ignore, prompt_length)
+    if not cfg.do_sample:
+        return scores.argmax(-1).astype(np.int64)
     probs = softmax(scores.astype(np.float64))
     if not np.isfinite(probs).all():  # transformers refuses to sample these too
         raise InvalidInputError(f"cannot sample: the scores are not finite (NaN or infinite logits, or temperature "

@@ -18,8 +18,8 @@ def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions
         raise InvalidInputError(f"input_ids must have shape (batch, sequence) and not be empty; got {list(ids.shape)}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise InvalidInputError(f"input_ids must be integers; got dtype {ids.dtype}")
+    lo, hi = int(ids.min()), int(ids.max())  # before int64: a uint64 id past 2**63 would read as negative
     ids = ids.astype(np.int64, copy=False)
-    lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab_size:
         raise InvalidInputError(
             f"token id {hi if hi >= vocab_size else lo} is outside the vocabulary [0, {vocab_size}) "

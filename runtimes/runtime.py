@@ -132,7 +132,8 @@ class Runtime:
 
     def load_adapter(self, source, name=None) -> str:
         """Load an exported adapter (its folder in OUT/adapters, or the bytes of a zip of that folder), validate it
-        against the base, stage its tensors; returns its name.
+        against the base, stage its tensors; returns its name (None: the folder's, as ``Runtime(OUT)`` names it; a
+        zip's: the name it was exported with).
 
         On any failure nothing changes: adapters already loaded keep serving.
         """
@@ -371,7 +372,8 @@ class Runtime:
         return text.classify(self, texts, adapter)
 
     def embed(self, texts, adapter=None, normalize: bool = True) -> np.ndarray:
-        """Mean-pooled (L2-normalized) embeddings, (hidden,) for a text or (B, hidden); feature-extraction exports."""
+        """Embeddings pooled as the model's sentence-transformers config says (the mean where it has none), L2-normalized
+        unless ``normalize=False``: (hidden,) for a text or (B, hidden); feature-extraction exports."""
         return text.embed(self, texts, adapter, normalize)
 
 

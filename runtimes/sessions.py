@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from .errors import ConfigError, MissingDependencyError
+from .values import is_whole
 
 try:
     import onnxruntime as ort
@@ -35,6 +36,7 @@ def use_shared_thread_pool(threads: int = 0) -> None:
     global _shared_pool
     from onnxruntime.capi import _pybind_state
 
+    check_threads(threads, "use_shared_thread_pool")
     size = threads or os.cpu_count() or 1
     if _shared_pool:  # ONNX Runtime makes the pool once per process: a second call can only repeat the first
         if size != _shared_pool:
@@ -50,6 +52,7 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
 
     See use_shared_thread_pool for why spinning stops when each call returns.
     """
+    check_threads(intra_op_threads, "session_options")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
@@ -60,6 +63,11 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
         so.add_session_config_entry("session.intra_op.allow_spinning", "1")
         so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
+
+
+def check_threads(threads, call: str) -> None:
+    if not (is_whole(threads) and threads >= 0):
+        raise ConfigError(f"{call}: threads must be a whole number >= 0 (0: one per core), got {threads!r}")
 
 
 def device_of(session) -> tuple[str, int]:
@@ -76,6 +84,10 @@ def check_providers(providers, sess_options) -> list:
     if sess_options is not None and not isinstance(sess_options, ort.SessionOptions):
         raise ConfigError(f"sess_options must be an onnxruntime.SessionOptions (see edgepeft.runtimes.session_options), "
                           f"got {type(sess_options).__name__}")
+    if sess_options is not None and _shared_pool and sess_options.use_per_session_threads:
+        raise ConfigError("sess_options asks for a thread pool of its own, which ONNX Runtime refuses after "
+                          "use_shared_thread_pool(); set sess_options.use_per_session_threads = False, or start from "
+                          "edgepeft.runtimes.session_options()")
     if providers is None or (isinstance(providers, (list, tuple)) and not providers):  # none: the CPU
         return ["CPUExecutionProvider"]
     if isinstance(providers, str) or not isinstance(providers, (list, tuple)) or not all(

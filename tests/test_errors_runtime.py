@@ -386,6 +386,7 @@ BAD_INPUTS = {
     "id-equal-vocab": (lambda: np.full((1, 4), VOCAB, np.int64), None, str(VOCAB)),
     "id-above-vocab": (lambda: np.array([[5, 6, VOCAB + 1000]]), None, str(VOCAB + 1000)),
     "negative-id": (lambda: np.array([[5, -1, 7]]), None, "-1"),
+    "huge-unsigned-id": (lambda: np.array([[5, 6, 2**64 - 1]], np.uint64), None, str(2**64 - 1)),  # said -1
     "float-ids": (lambda: _ids().astype(np.float32), None, "integer"),
     "float-ids-list": (lambda: [[1.0, 2.0, 3.0]], None, "integer"),
     "bool-ids": (lambda: np.ones((1, 4), bool), None, "integer"),

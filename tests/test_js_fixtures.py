@@ -9,7 +9,9 @@ Written to ``build/js/`` (or ``$EDGEPEFT_JS_FIXTURES``):
     bert_prefix/   a tiny BERT feature extractor with a prefix adapter (positions start after the prefix, in the graph)
     minilm/    the real MiniLM-L6 weights with an intent (6 labels) and a sentiment (2 labels) LoRA classifier
     expected.json   tokenizer ids, forward outputs for a call sequence that switches adapter every call,
-                    greedy ids (batch 2, left-padded), classifier results: as the Python runtime gives them
+                    greedy ids (batch 2, left-padded), classifier results, the scores generate picks tokens from
+                    for several settings, greedy ids under a generation_config.json's settings: as the Python
+                    runtime gives them
 """
 from __future__ import annotations
 
@@ -48,6 +50,29 @@ def _step_margins(rt, ids, mask, adapter, new_tokens) -> list:
 
 def _rows(a):
     return np.asarray(a).tolist()
+
+
+# generate's settings (generation_config.json's names) whose processed scores the JavaScript runtime must give
+PROCESSING = [{"do_sample": False, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "min_new_tokens": 2},
+              {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.2},
+              {"do_sample": True, "temperature": 1.3, "top_k": 0, "min_p": 0.05, "no_repeat_ngram_size": 1},
+              {"do_sample": True, "top_p": 0.5, "min_length": 12, "no_repeat_ngram_size": 3}]
+
+
+def _processing_cases() -> list:
+    """Per setting: one row's logits and tokens so far (2 of left padding, a 9-wide prompt), and the scores the
+    Python runtime picks its next token from (None: removed)."""
+    from edgepeft.runtimes.generation import GenerationConfig, processed_scores
+
+    rng, cases = np.random.default_rng(7), []
+    for settings in PROCESSING:
+        logits = (rng.standard_normal((1, 64)) * 3).astype(np.float32)
+        row = [0, 0, *rng.integers(1, 8, 8).tolist()]  # few distinct ids: repeats and n-grams to ban
+        cfg = GenerationConfig(eos_token_id=[row[-1], 3], **settings)
+        scores = processed_scores(logits, np.array([row]), cfg, ignore=[2], prompt_length=9)[0]
+        cases.append({"settings": settings, "logits": logits[0].tolist(), "row": row, "padding": 2, "prompt_length": 9,
+                      "eos": cfg.eos_token_id, "scores": [None if np.isneginf(x) else float(x) for x in scores]})
+    return cases
 
 
 @pytest.mark.slow
@@ -109,7 +134,13 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
     cls = Runtime(minilm)
     cls_ids, cls_mask = cls.tokenizer.encode(TEXTS)
 
+    settings = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "min_new_tokens": 3}
+    eos = [int(rt.generate(ids, mask, adapter="lora", max_new_tokens=1, eos_token_id=[])[0, -1])]  # held back
     expected = {
+        "processing": _processing_cases(),
+        "settings_greedy": {"generation": settings, "eos": eos,
+                            "ids": _rows(rt.generate(ids, mask, adapter="lora", max_new_tokens=6, eos_token_id=eos,
+                                                     **settings))},
         "llama": {
             "tokens": {t: _rows(rt.tokenizer.encode(t)[0][0]) for t in TEXTS},
             "ids": _rows(ids), "mask": _rows(mask), "order": order,

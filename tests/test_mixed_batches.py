@@ -291,6 +291,15 @@ def test_an_adapter_loads_from_the_bytes_of_a_zip_of_its_folder(decoder, rt, tmp
     for bad in (None, 3):
         with pytest.raises(ConfigError, match="a path\\) or the bytes of a zip"):
             other.load_adapter(bad)
+    windows = io.BytesIO()  # Windows' zips (PowerShell 5) separate folders with backslashes: it was "needs adapter.json"
+    with zipfile.ZipFile(windows, "w") as z, zipfile.ZipFile(data) as src:
+        for name in ("adapter.json", "adapter.onnx"):
+            z.writestr(f"lora_qv\\{name}", src.read(name))
+    assert other.load_adapter(windows.getvalue()) == "lora_qv"  # no name given: the one it was exported with
+    other.unload_adapter("lora_qv")
+    renamed = shutil.copytree(os.path.join(decoder[0], "adapters", "lora_qv"), tmp_path / "lora-v2")
+    assert other.load_adapter(renamed) == "lora-v2"  # a folder: by its name, as Runtime(OUT) names it
+    other.unload_adapter("lora-v2")
     assert other.adapter_names == ["from-bytes"]
     from edgepeft.runtimes.bench import measure  # staging is measured from the same bytes, under another name
 

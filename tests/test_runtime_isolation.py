@@ -78,7 +78,13 @@ def test_a_second_shared_pool_call_repeats_the_first_or_is_refused(shared_export
     script = textwrap.dedent(
         f"""
         import numpy as np
+        import onnxruntime as ort
         from edgepeft.runtimes import ConfigError, Runtime, use_shared_thread_pool
+        for bad in ("4", 2.5, -1, True):  # ONNX Runtime's raw TypeError, or recorded as the pool's size
+            try:
+                use_shared_thread_pool(bad)
+            except ConfigError as e:
+                print(e)
         use_shared_thread_pool(2)
         use_shared_thread_pool(2)
         rt = Runtime({out!r})
@@ -87,10 +93,18 @@ def test_a_second_shared_pool_call_repeats_the_first_or_is_refused(shared_export
             use_shared_thread_pool(3)
         except ConfigError as e:
             print(e)
+        try:  # options of the app's own that ask for a pool: ONNX Runtime's error blamed the export
+            Runtime({out!r}, sess_options=ort.SessionOptions())
+        except ConfigError as e:
+            print(e)
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == [
+        *(f"use_shared_thread_pool: threads must be a whole number >= 0 (0: one per core), got {bad}"
+          for bad in ("'4'", "2.5", "-1", "True")),
         "(1, 3, 128)",
-        "use_shared_thread_pool: this process's pool already has 2 threads (asked: 3); call it once, at app start"]
+        "use_shared_thread_pool: this process's pool already has 2 threads (asked: 3); call it once, at app start",
+        "sess_options asks for a thread pool of its own, which ONNX Runtime refuses after use_shared_thread_pool(); "
+        "set sess_options.use_per_session_threads = False, or start from edgepeft.runtimes.session_options()"]

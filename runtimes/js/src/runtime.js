@@ -3,7 +3,7 @@
 //   const rt = await Runtime.open(ort, loader)      // loader: src/node.js (files) or src/web.js (fetch)
 //   await rt.loadAdapter("intent")                 // runs OUT/adapters/intent/adapter.onnx once
 //   rt.forward(ids, mask, { adapter: "intent" })   // ids, mask: arrays of rows of numbers
-//   rt.generate(ids, mask, { adapter, maxNewTokens }) // greedy, with the KV cache; prompt included
+//   rt.generate(ids, mask, { adapter, maxNewTokens }) // with the KV cache, as the model's generation_config says
 //
 // It mirrors the Python Runtime (runtimes/runtime.py) on the same export: the base graph is
 // OUT/base/model.web.onnx, whose adapter slots are required inputs (ONNX Runtime's JavaScript
@@ -13,13 +13,14 @@
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
 import { EdgePeftError, checkInputs, checkOptions, checkTensors } from "./checks.js";
+import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { sha256 } from "./sha256.js";
 
 export { EdgePeftError };
 
 const int64 = (rows) => BigInt64Array.from(rows.flat(), (v) => BigInt(v));
 const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
-const PYTHON_ONLY = "; sampling, stop strings and mixed batches (one adapter per row) are the Python runtime's only";
+const PYTHON_ONLY = "; stop strings and mixed batches (one adapter per row) are the Python runtime's only";
 
 export class Runtime {
   /** Open an export: its manifest, the base session, the neutral values; adapters load with loadAdapter. */
@@ -162,17 +163,20 @@ export class Runtime {
     return { [this.outputName]: out[this.outputName] };
   }
 
-  /** Greedy generation with the KV cache; rows left-padded; returns ids (prompt included) as arrays of numbers. */
+  /**
+   * Generation with the KV cache, greedy or sampled (sampling.js: transformers' settings, camelCase, the model's
+   * generation_config.json where a call leaves them unset); rows left-padded; returns ids (prompt included).
+   */
   async generate(ids, mask, options = {}) {
-    const { adapter = null, maxNewTokens = 32, eosTokenId: eos = null } =
-      checkOptions(options, ["adapter", "maxNewTokens", "eosTokenId"], "generate", PYTHON_ONLY);
+    const { adapter = null, eosTokenId: eos = null, ...settings } =
+      checkOptions(options, ["adapter", "eosTokenId", ...GENERATION_OPTIONS], "generate", PYTHON_ONLY);
     if (!this.cache) throw new EdgePeftError(`a ${this.manifest.task} export does not generate`);
+    let s = generationSettings(this.manifest, settings);
     const plan = this.plan(adapter);
     const given = mask != null;
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
-    if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1) {
-      throw new EdgePeftError(`maxNewTokens must be a positive integer, got ${maxNewTokens}`);
-    }
+    s = forPrompt(s, ids[0].length);
+    const maxNewTokens = s.maxNewTokens;
     const eosTokenId = [eos ?? this.manifest.eos_token_id ?? []].flat();  // null: the model's; one id or a list
     if (!eosTokenId.every((v) => Number.isInteger(v) && v >= 0)) {
       throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${JSON.stringify(eosTokenId)}`);
@@ -194,15 +198,16 @@ export class Runtime {
     let { full, positions } = this.virtualInputs(plan, mask, true);
     const sequences = ids.map((row) => [...row]);
     const done = ids.map(() => false);
+    const padding = mask.map((row) => row.indexOf(1));  // each row's left padding: no repetition penalty there
+    const random = generator(s.seed);
     let out = await this.run(plan, ids, full, positions, null, true, 1n);
     for (let step = 0; step < maxNewTokens; step++) {
       const logits = out.logits;  // (B, 1, V): the last position only
       const vocab = logits.dims[2];
-      const tokens = sequences.map((_, b) => {
+      const tokens = sequences.map((row, b) => {
         if (done[b]) return pad;
-        let best = 0;
-        for (let v = 1; v < vocab; v++) if (logits.data[b * vocab + v] > logits.data[b * vocab + best]) best = v;
-        return best;
+        const scores = processScores(logits.data.subarray(b * vocab, (b + 1) * vocab), row, s, padding[b], ids[0].length, eosTokenId);
+        return pick(scores, s, random);
       });
       tokens.forEach((t, b) => { sequences[b].push(t); if (eosTokenId.includes(t)) done[b] = true; });
       if (done.every(Boolean) || step + 1 === maxNewTokens) break;

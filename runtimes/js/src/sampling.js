@@ -1,0 +1,156 @@
+// Token selection for generate: transformers' logits processing as the Python runtime does it
+// (runtimes/generation.py), one row's last-position logits at a time.
+//
+//   logits --repetition penalty (not over the row's left padding)--> --no repeated n-grams (the whole row)-->
+//          --eos held back (minNewTokens, minLength)--> greedy: the first largest score
+//                                                     | sampling: --temperature--> --top-k--> --top-p--> --min-p-->
+//                                                                 softmax --> one draw from a seeded generator
+//
+// Settings a call leaves unset (null or absent) come from the model's generation_config.json (the manifest's
+// "generation"), else transformers' defaults, as in Python. The draws are this runtime's own: a seed repeats
+// them here, not Python's (numpy's) stream.
+
+import { EdgePeftError } from "./checks.js";
+
+export const DEFAULT_NEW_TOKENS = 32;
+// option -> the manifest's (generation_config.json's) name, and transformers' default
+const SETTINGS = {
+  maxNewTokens: ["max_new_tokens", null], maxLength: ["max_length", null], minNewTokens: ["min_new_tokens", null],
+  minLength: ["min_length", null], doSample: ["do_sample", false], temperature: ["temperature", 1.0],
+  topK: ["top_k", 50], topP: ["top_p", 1.0], minP: ["min_p", null], repetitionPenalty: ["repetition_penalty", 1.0],
+  noRepeatNgramSize: ["no_repeat_ngram_size", 0], seed: [null, null],
+};
+export const GENERATION_OPTIONS = Object.keys(SETTINGS);
+
+const whole = (v) => Number.isInteger(v);
+const real = (v) => typeof v === "number" && Number.isFinite(v);
+
+/** The call's settings completed from the model's and transformers' defaults, checked as Python checks them. */
+export function generationSettings(manifest, options) {
+  const model = manifest.generation || {};
+  const s = {};
+  for (const [key, [name, fallback]] of Object.entries(SETTINGS)) {
+    s[key] = options[key] ?? (name && model[name] != null ? model[name] : fallback);
+  }
+  if (s.maxNewTokens == null && s.maxLength == null) s.maxNewTokens = DEFAULT_NEW_TOKENS;
+  for (const key of ["maxNewTokens", "maxLength"]) {
+    if (s[key] != null && !(whole(s[key]) && s[key] >= 1)) throw new EdgePeftError(`${key} must be a positive integer, got ${s[key]}`);
+  }
+  for (const key of ["minNewTokens", "minLength", "noRepeatNgramSize", "topK"]) {
+    if (s[key] != null && !(whole(s[key]) && s[key] >= 0)) throw new EdgePeftError(`${key} must be an integer >= 0, got ${s[key]}`);
+  }
+  if (typeof s.doSample !== "boolean") throw new EdgePeftError(`doSample must be true or false, got ${s.doSample}`);
+  for (const key of ["temperature", "topP", "repetitionPenalty", ...(s.minP == null ? [] : ["minP"])]) {
+    if (!real(s[key])) throw new EdgePeftError(`${key} must be a finite number, got ${s[key]}`);
+  }
+  if (s.doSample) {  // greedy decoding ignores the sampling values, as transformers does
+    if (!(s.temperature > 0)) throw new EdgePeftError(`temperature must be > 0 when sampling, got ${s.temperature} (greedy decoding: doSample false)`);
+    if (!(s.topP >= 0 && s.topP <= 1)) throw new EdgePeftError(`topP must be in [0, 1], got ${s.topP}`);
+    if (s.minP != null && !(s.minP >= 0 && s.minP <= 1)) throw new EdgePeftError(`minP must be in [0, 1], got ${s.minP}`);
+  }
+  if (!(s.repetitionPenalty > 0)) throw new EdgePeftError(`repetitionPenalty must be > 0, got ${s.repetitionPenalty}`);
+  if (s.seed != null && !(whole(s.seed) && s.seed >= 0)) throw new EdgePeftError(`seed must be an integer >= 0, got ${s.seed}`);
+  return s;
+}
+
+/** The settings for a prompt `length` tokens wide, as transformers sets the lengths (Python's for_prompt). */
+export function forPrompt(s, length) {
+  const out = { ...s };
+  if (s.minNewTokens != null) out.minLength = s.minNewTokens + length;  // min_new_tokens wins over min_length
+  if (out.maxNewTokens == null) {
+    if (s.maxLength <= length) {
+      throw new EdgePeftError(`maxLength ${s.maxLength} (the call's, else the model's generation_config.json) leaves no new token after a ${length}-token prompt; pass maxNewTokens`);
+    }
+    out.maxNewTokens = s.maxLength - length;
+  }
+  return out;
+}
+
+/** A seeded uniform generator in [0, 1) (mulberry32); no seed: a random one. */
+export function generator(seed) {
+  let state = (seed ?? Math.floor(Math.random() * 2 ** 32)) >>> 0;
+  return () => {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
+}
+
+const f32 = Math.fround;
+
+/**
+ * The scores a row's next token is chosen from (Float32Array, -Infinity where removed): `row` the row so far
+ * (prompt with its left padding, then the new tokens), `padding` its left-padding length, `promptLength` the
+ * prompt's width, `eos` the end-of-sequence ids. Greedy: up to the eos hold-back; sampling: all of it.
+ */
+export function processScores(logits, row, s, padding, promptLength, eos) {
+  const scores = Float32Array.from(logits);
+  const vocab = scores.length;
+  if (s.repetitionPenalty !== 1) {
+    const seen = new Set(row.slice(padding));
+    for (const t of seen) if (t < vocab) scores[t] = scores[t] < 0 ? f32(scores[t] * s.repetitionPenalty) : f32(scores[t] / s.repetitionPenalty);
+  }
+  const n = s.noRepeatNgramSize;
+  if (n > 0 && row.length >= n) {  // tokens that would complete an n-gram the row holds already
+    const tail = row.slice(row.length - n + 1);
+    for (let i = 0; i + n <= row.length; i++) {
+      if (tail.every((t, j) => row[i + j] === t)) scores[row[i + n - 1]] = -Infinity;
+    }
+  }
+  if (row.length - promptLength < (s.minNewTokens ?? 0) || row.length < (s.minLength ?? 0)) {
+    for (const e of eos) if (e < vocab) scores[e] = -Infinity;
+  }
+  if (!s.doSample) return scores;
+  const t = f32(s.temperature);
+  for (let v = 0; v < vocab; v++) scores[v] = f32(scores[v] / t);
+  if (s.topK > 0 && s.topK < vocab) {
+    const kth = Float32Array.from(scores).sort()[vocab - s.topK];
+    for (let v = 0; v < vocab; v++) if (scores[v] < kth) scores[v] = -Infinity;
+  }
+  if (s.topP < 1) {  // the smallest set of likeliest tokens reaching topP (ascending order, stable, as numpy sorts)
+    const order = [...scores.keys()].sort((a, b) => scores[a] - scores[b] || a - b);
+    const probs = softmax(order.map((v) => scores[v]));
+    let cumulative = 0;
+    for (let i = 0; i < vocab - 1; i++) {
+      cumulative = f32(cumulative + probs[i]);
+      if (cumulative <= f32(1 - s.topP)) scores[order[i]] = -Infinity;
+    }
+  }
+  if (s.minP) {
+    const probs = softmax(scores);
+    const top = Math.max(...probs);
+    for (let v = 0; v < vocab; v++) if (probs[v] < s.minP * top) scores[v] = -Infinity;
+  }
+  return scores;
+}
+
+function softmax(scores) {
+  let max = -Infinity;
+  for (const x of scores) if (x > max) max = x;
+  const e = Array.from(scores, (x) => Math.exp(x - max));
+  const sum = e.reduce((a, b) => a + b, 0);
+  return e.map((x) => x / sum);
+}
+
+/** The row's next token from its processed scores: the first largest (greedy) or one draw of `random`. */
+export function pick(scores, s, random) {
+  if (!s.doSample) {
+    let best = 0;
+    for (let v = 1; v < scores.length; v++) if (scores[v] > scores[best]) best = v;
+    return best;
+  }
+  const probs = softmax(scores);
+  if (!probs.every(Number.isFinite)) {
+    throw new EdgePeftError(`cannot sample: the scores are not finite (NaN or infinite logits, or temperature ${s.temperature} too small for float32); raise the temperature or use greedy decoding`);
+  }
+  const u = random();
+  let cumulative = 0, last = 0;
+  for (let v = 0; v < probs.length; v++) {
+    if (probs[v] > 0) last = v;
+    cumulative += probs[v];
+    if (cumulative > u) return v;
+  }
+  return last;  // rounding left the sum just under u: never a removed token
+}
