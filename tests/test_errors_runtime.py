@@ -157,8 +157,8 @@ def test_stray_folder_in_out_adapters_is_named(victim):
 def test_adapter_name_must_be_a_non_empty_string(rt, before, llama, name):
     with pytest.raises(ConfigError) as e:
         rt.load_adapter(os.path.join(llama[0], "adapters", "qv"), name=name)
-    assert f"an adapter's name must be a non-empty string (or None: the name it was exported with), got {name!r}" \
-        == str(e.value)
+    assert (f"an adapter's name must be a non-empty string (or None: its folder's name, a zip's: the name it was "
+            f"exported with), got {name!r}") == str(e.value)
     assert rt.adapter_names == ["all", "mlp", "qv"]  # sorted: a non-string name made this raise TypeError
     with pytest.raises(UnknownAdapterError):
         rt.forward(*sample_batch(VOCAB), adapter="qv2")
