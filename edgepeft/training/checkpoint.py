@@ -48,6 +48,26 @@ def read_checkpoint(out: str) -> dict | None:
     return state
 
 
+def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> None:
+    """Refuse to resume a checkpoint made with other settings (the first that differs named as a flag or option)
+    or by another number of processes (torchrun): the data each takes and the steps per epoch follow it."""
+    old, new = state["args"], settings
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        k = changed[0]
+        if k == "options":  # the method's option that differs (--r, --option lora_dropout=...)
+            a, b = old.get(k) or {}, new.get(k) or {}
+            k = next(o for o in sorted(set(a) | set(b)) if a.get(o) != b.get(o))
+            old, new = a, b
+        raise ConfigError(f"{ckpt}: was made with {k}={old.get(k)!r}, this run has {k}={new.get(k)!r}; "
+                          "resume with the same settings or start over with --overwrite")
+    made = state.get("log", {}).get("world_size", 1)
+    if made != processes:
+        raise ConfigError(f"{ckpt}: was made by {made} training process(es), this run has {processes}; resume "
+                          f"with {made} (torchrun --nproc-per-node {made} -m edgepeft train ... --resume) or start "
+                          "over with --overwrite")
+
+
 def restore(peft, optimizer, scheduler, state: dict) -> None:
     load_trainable(peft, state["trainable"])
     optimizer.load_state_dict(state["optimizer"])

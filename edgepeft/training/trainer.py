@@ -28,8 +28,8 @@ from edgepeft.runtimes.text import sentence_transformers_settings
 from edgepeft.plots import training_curve
 from edgepeft.training.arguments import TrainingArguments, method_config
 from edgepeft.training.checkpoint import (
-    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_out_folder, checksum, read_checkpoint, remove_if_empty, restore,
-    save_adapter, save_checkpoint,
+    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_out_folder, check_resumable, checksum, read_checkpoint,
+    remove_if_empty, restore, save_adapter, save_checkpoint,
 )
 from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, read_jsonl
 
@@ -113,21 +113,7 @@ class Trainer:
             if not args.overwrite:
                 check_fresh_out(args.out)
             return None
-        old, new = state["args"], self.args.fingerprint()
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            k = changed[0]
-            if k == "options":  # the method's option that differs (--r, --option lora_dropout=...)
-                a, b = old.get(k) or {}, new.get(k) or {}
-                k = next(o for o in sorted(set(a) | set(b)) if a.get(o) != b.get(o))
-                old, new = a, b
-            raise ConfigError(f"{ckpt}: was made with {k}={old.get(k)!r}, this run has {k}={new.get(k)!r}; "
-                              "resume with the same settings or start over with --overwrite")
-        made = state.get("log", {}).get("world_size", 1)
-        if made != processes:  # the data each process takes and the steps per epoch follow the process count
-            raise ConfigError(f"{ckpt}: was made by {made} training process(es), this run has {processes}; resume "
-                              f"with {made} (torchrun --nproc-per-node {made} -m edgepeft train ... --resume) or start "
-                              "over with --overwrite")
+        check_resumable(state, ckpt, self.args.fingerprint(), processes)
         return state
 
     # ------------------------------------------------------------------ loss and metrics
