@@ -251,9 +251,9 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
             raise MissingDependencyError("--plot draws with matplotlib, which this install lacks; pip install matplotlib")
     if shared_threads:
         use_shared_thread_pool()
-    adapters = [a for a in adapters if a.lower() != "none"]  # the base, as `run --adapter none`: measured anyway
-    result = measure(Runtime(out), adapters or None, batch=batch, seq=seq, rounds=rounds, calls=calls,
-                     new_tokens=new_tokens)
+    named = [a for a in adapters if a.lower() != "none"]  # the base, as `run --adapter none`: measured anyway
+    result = measure(Runtime(out), named if adapters else None, batch=batch, seq=seq, rounds=rounds, calls=calls,
+                     new_tokens=new_tokens)  # no --adapter: every adapter; --adapter none: the base alone
     s = result["setup"]
     rss = f", resident memory {_size(result['rss_bytes'])}" if result["rss_bytes"] else ""
     click.echo(f"{out}: batch {s['batch']} x {s['seq']} tokens, {s['rounds']} rounds x {s['calls']} calls per peer, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -67,7 +68,16 @@ def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None
 
 
 def _host() -> str:
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+    """This machine and PID namespace: the host name, the boot and the namespace's id where Linux gives them (a
+    container sharing the host's name, or a second machine of that name on a shared drive, gets another)."""
+    parts = [socket.gethostname()]
+    for probe in (lambda: pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                  lambda: str(os.stat("/proc/self/ns/pid").st_ino)):
+        try:
+            parts.append(probe())
+        except OSError:
+            pass
+    return hashlib.sha1("/".join(parts).encode()).hexdigest()[:8]
 
 
 def _owner() -> str:

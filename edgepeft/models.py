@@ -135,7 +135,8 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
     the same base loads to the same weights every time; ``model.edgepeft_new_head`` says whether the
     task's head was made so (the export records it: an untrained base head). ``labels`` (seq-cls) sizes
     the classifier for those classes and names them in the config. ``revision``: see
-    ``load_model_config``; ``config``: its result when the caller has it already (no second look-up).
+    ``load_model_config``; ``config``: its result when the caller has it already (not looked up again for the
+    checks here; transformers' own load reads config.json itself).
     """
     from optimum.exporters.tasks import TasksManager
     from transformers.utils import logging as hf_logging

@@ -21,7 +21,7 @@ def _save(fig, path: str) -> None:
 
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")  # a legend below the axes stays whole
     plt.close(fig)
     write_bytes_atomic(path, buf.getvalue())
 

@@ -53,7 +53,8 @@ def quantize_graph(path: str, quantize: str) -> dict:
     check_quantize(quantize)
     model = onnx.load(path, load_external_data=False)
     external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
-    if any(n.op_type == "Transpose" for n in model.graph.node):  # the quantizers take constant MatMul weights only
+    if any(n.op_type == "Transpose" and n.name == f"{n.input[0]}.T" for n in model.graph.node):  # tied.py's: the
+        # quantizers take constant MatMul weights only
         model = onnx.load(path)
         if fold_tied_tables(model):  # a tied output layer's table: its own (quantized) copy again
             if os.path.exists(path + ".data"):  # onnx appends to an existing data file

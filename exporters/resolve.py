@@ -111,8 +111,9 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
     sources = []
     for i, path in enumerate(adapters):
         name = names[i] if i < len(names) else os.path.basename(os.path.normpath(path))
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise ConfigError(f"{path}: adapter name {name!r} must be letters, digits, '_', '.', '-'; pass --name")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):  # no '.': PyTorch's module names hold the name
+            fix = f" (e.g. --name {name.replace('.', '_')})" if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) else ""
+            raise ConfigError(f"{path}: adapter name {name!r} must be letters, digits, '_', '-'; pass --name{fix}")
         if name.lower() == "none":  # `edgepeft run --adapter none` is the base model
             raise ConfigError(f"{path}: the adapter name {name!r} means the base model at the command line; pass --name")
         if any(s.name == name for s in sources):

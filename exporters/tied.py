@@ -18,7 +18,8 @@ def share_tied_tables(model) -> int:
     """Point each MatMul whose weight is a Gather table's transpose at a Transpose of that table, and drop the copy.
     Returns the number of copies dropped."""
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+    inputs = {i.name for i in graph.input}  # a slot's default (a head slot's lm_head weight) stays the slot's
+    inits = {t.name: t for t in graph.initializer if t.name not in inputs}
     tables = {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits}
     by_shape = {tuple(inits[t].dims[::-1]): t for t in tables if len(inits[t].dims) == 2}
     readers: dict = {}

@@ -151,8 +151,9 @@ class AdapterStore:
     def get(self, name: str) -> Registered:
         adapter = self._adapters.get(_one_name(name))
         if adapter is None:
+            merged = f"; {self.merged!r} is merged into the base" if self.merged else ""
             raise UnknownAdapterError(
-                f"adapter {name!r} is not loaded in {self.out}; loaded: {', '.join(self.names) or 'none'} "
+                f"adapter {name!r} is not loaded in {self.out}; loaded: {', '.join(self.names) or 'none'}{merged} "
                 "(use adapter=None for the base model)"
             )
         return adapter

@@ -10,7 +10,8 @@ round (load drifts, ratios hold):
                  of the rounds' differences and their interquartile range (the run's noise)
 Plus staging (``load_adapter`` of each adapter's files, median of 3), the bytes each
 adapter keeps staged, the process's resident memory, and for causal-LM exports
-generation tokens/s per adapter (``new_tokens`` > 0). Nothing here imports torch.
+generation tokens/s per adapter (``new_tokens`` > 0: the batch's new tokens, greedy, the peers interleaved
+the same way). Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -74,11 +75,12 @@ def alternating(rt, ids, mask, names: list):
 def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, calls: int = 10,
             new_tokens: int = 0, seed: int = 0) -> dict:
     """Latency per adapter, switch cost, staging time, memory (see the module docstring)."""
-    names = list(rt.adapter_names if adapters is None else adapters)
+    names = list(dict.fromkeys(rt.adapter_names if adapters is None else adapters))  # a name given twice: once
     for name in names:  # unknown names fail now, naming the loaded ones
         if name not in rt.adapter_names and not rt.store.serves_base(name):
+            held = [*rt.adapter_names, *[m for m in [rt.manifest.get("merged_adapter")] if m]]
             raise UnknownAdapterError(f"--adapter {name}: {rt.path} holds no adapter {name!r} (it holds "
-                                      f"{', '.join(rt.adapter_names) or 'none'}); the base model is measured anyway")
+                                      f"{', '.join(held) or 'none'}); the base model is measured anyway")
     names = [n for n in names if not rt.store.serves_base(n)]  # a --merge export's name: the base, measured anyway
     for key, value in (("batch", batch), ("seq", seq), ("rounds", rounds), ("calls", calls)):
         if not (isinstance(value, int) and value >= 1):
@@ -88,7 +90,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     if new_tokens and not rt.cache:
         raise ConfigError(f"{rt.base_dir}: generation needs a causal-LM export; drop --new-tokens")
     for adapter in [None, *names] if new_tokens else []:  # before minutes of measuring
-        rt._check_call(adapter, 1, seq, new_tokens - 1, f" + --new-tokens {new_tokens} - 1 (the last is not fed back)",
+        rt._check_call(adapter, batch, seq, new_tokens - 1, f" + --new-tokens {new_tokens} - 1 (the last is not fed back)",
                        " (--seq) or lower --new-tokens")
     rng = np.random.default_rng(seed)
     low = min(1000, rt.vocab_size // 2)  # skip the special and padding ids at the start of most vocabularies
@@ -137,15 +139,13 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
         }
     if names:
         result["switching_none_ms"] = _median_ms(split[None])
-    if new_tokens:
-        result["tokens_per_s"] = {}
-        for adapter in [None, *names]:
-            spans = []
-            for _ in range(max(1, rounds // 3)):
-                t = time.perf_counter()
-                rt.generate(ids[:1], adapter=adapter, max_new_tokens=new_tokens, eos_token_id=[], do_sample=False)
-                spans.append(time.perf_counter() - t)
-            result["tokens_per_s"][adapter or "none"] = new_tokens / statistics.median(spans)
+    if new_tokens:  # the batch's new tokens per second, peers in turns as above; no eos or stop string ends early
+        generating = {adapter or "none": (lambda a=adapter: rt.generate(
+            ids, mask, adapter=a, max_new_tokens=new_tokens, eos_token_id=[], stop=[], do_sample=False))
+            for adapter in [None, *names]}
+        timed = interleaved(generating, max(1, rounds // 3), 1, warmup=1, seed=seed + 1)
+        result["tokens_per_s"] = {k: statistics.median((out.shape[1] - seq) * batch / dt for dt, out in v)
+                                  for k, v in timed.items()}
     return result
 
 

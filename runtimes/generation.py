@@ -228,6 +228,15 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
     return cfg
 
 
+def length_source(rt, generation: dict) -> str:
+    """Where max_new_tokens came from when the call gave no length, for messages: "" (the call's), the model's
+    generation_config.json, or the default."""
+    if any(generation.get(k) is not None for k in ("max_new_tokens", "max_length")):
+        return ""
+    model = rt.manifest.get("generation") or {}
+    return " (generation_config.json's)" if {"max_new_tokens", "max_length"} & set(model) else " (the default)"
+
+
 def decode_steps(rt, plan, ids: np.ndarray, mask: np.ndarray):
     """Prefill, then one cached step per token sent in: yields each step's last-position logits (B, V).
 

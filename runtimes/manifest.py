@@ -275,6 +275,10 @@ _ADAPTER_KEYS = ("name", "methods", "base_fingerprint", "slots", "graph", "sha25
 
 def not_an_export(path: str) -> ArtifactNotFoundError:
     """What to do with a folder that holds no export: an adapter folder gets the export command that fits it."""
+    if os.path.isfile(path):  # a file of an export (OUT/base/model.onnx), or any file
+        out = enclosing_export(os.path.abspath(path))
+        return ArtifactNotFoundError(f"{path}: is a file of the export {out}; give {out} itself" if out else
+                                     f"{path}: is a file, not an export; give the folder `edgepeft export --out` wrote")
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         out = os.path.normpath(path) + "-onnx"
         return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
@@ -326,8 +330,9 @@ def base_file_errors(base_dir: str, manifest: dict, names=None) -> list:
         if names is not None and name not in names:
             continue
         path = os.path.join(base_dir, name)
-        if not os.path.isfile(path):
-            errors.append(ArtifactNotFoundError(f"{path}: missing; {fix}"))
+        if not os.path.isfile(path):  # the JavaScript graphs may be left out of a Python deployment (deploy.md)
+            if name in (manifest["graph"], manifest["graph"] + ".data"):
+                errors.append(ArtifactNotFoundError(f"{path}: missing; {fix}"))
         elif os.path.getsize(path) != size:
             errors.append(CorruptArtifactError(f"{path}: {os.path.getsize(path)} bytes where the export wrote {size} "
                                                f"(a copy cut short?); {fix}"))

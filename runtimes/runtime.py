@@ -28,7 +28,7 @@ from . import text
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
-from .generation import TeacherForcing, generation_config, lane_steps, stream_tokens
+from .generation import TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
 from .inputs import check_token_inputs, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
 from .manifest import (
@@ -308,7 +308,8 @@ class Runtime:
         cfg = cfg.for_prompt(ids.shape[1])
         # an unknown adapter or too many positions fail now; the last new token is never fed back: it needs none
         self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1,
-                         f" + max_new_tokens {cfg.max_new_tokens} - 1 (the last token is not fed back)",
+                         f" + max_new_tokens {cfg.max_new_tokens}{length_source(self, generation)} - 1 (the last "
+                         "token is not fed back)",
                          " or lower max_new_tokens")
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = text.StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now

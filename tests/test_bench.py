@@ -29,6 +29,27 @@ def test_measure_reports_every_adapter_and_generation(shared_export):
     assert all(name in text for name in dirs) and "tokens/s" in text
 
 
+def test_generation_speed_counts_the_tokens_made_for_the_whole_batch(shared_export, monkeypatch):
+    """A model whose generation_config.json sets stop strings stopped each run after a token or so, and bench still
+    divided the tokens asked for (17x too fast); --batch was ignored for tokens/s; a name given twice was switched
+    to from itself half the time."""
+    out, dirs, _ = shared_export("llama")
+    rt = Runtime(out)
+    name = sorted(dirs)[0]
+    rt.manifest["generation"] = {"stop": ["w"]}
+    made, real = [], rt.generate
+
+    def recorded(*args, **kwargs):
+        out = real(*args, **kwargs)
+        made.append(out.shape)
+        return out
+
+    monkeypatch.setattr(rt, "generate", recorded)
+    result = measure(rt, [name, name], batch=2, rounds=3, calls=1, seq=8, new_tokens=4)
+    assert set(made) == {(2, 12)}  # every run made its 4 tokens for both rows
+    assert list(result["adapters"]) == [name] and set(result["tokens_per_s"]) == {"none", name}
+
+
 def test_measure_rejects_bad_arguments(shared_export):
     """In the bench command's own terms (--adapter, --seq, --new-tokens), before any measuring."""
     from edgepeft.errors import InvalidInputError
@@ -59,6 +80,10 @@ def test_cli_bench_prints_table_and_writes_json_and_plot(shared_export, tmp_path
     data = json.loads((tmp_path / "b.json").read_text())
     assert list(data["adapters"]) == [name] and data["setup"]["seq"] == 8
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    base_only = CliRunner().invoke(cli, ["bench", out, "--adapter", "none", "--rounds", "1", "--calls", "1", "--seq", "4",
+                                         "--json", str(tmp_path / "n.json")])  # it measured every adapter
+    assert base_only.exit_code == 0, base_only.output
+    assert json.loads((tmp_path / "n.json").read_text())["adapters"] == {}
 
 
 def test_bench_threads_sample_measures_every_setting(shared_export):

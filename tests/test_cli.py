@@ -309,6 +309,17 @@ def test_inspect_fails_on_missing_or_damaged_graphs(tmp_path, llama, damage):
             Runtime(out)
 
 
+def test_inspect_takes_a_python_deployment_without_the_javascript_graphs(tmp_path, llama):
+    """deploy.md: model.web.onnx and neutral.onnx are for JavaScript only; inspect called them missing (exit 1)."""
+    out = tmp_path / "device"
+    shutil.copytree(llama[0], out)
+    for name in ("model.web.onnx", "neutral.onnx"):
+        (out / "base" / name).unlink()
+    proc = edgepeft("inspect", out)
+    assert proc.returncode == 0, proc.stderr
+    Runtime(out)
+
+
 def test_generation_flags_on_an_encoder_export_are_refused(shared_export):
     out = shared_export("bert")[0]
     proc = edgepeft("run", out, "hello", "--max-new-tokens", -5, "--temperature", 2)

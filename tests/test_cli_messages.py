@@ -75,7 +75,11 @@ def test_inspect_and_run_say_what_to_open_instead(shared_export, tiny_base, caps
     cases = {os.path.join(out, "base"): f"is the base folder of the export {out}; open {out} itself",
              hf_adapter: f"export it first with `edgepeft export --adapter {hf_adapter} --out {hf_adapter}-onnx`",
              tiny_base("llama"): f"is a model folder, not an export; export an adapter trained on it with "
-                                 f"`edgepeft export --adapter DIR --out {tiny_base('llama')}-onnx`"}
+                                 f"`edgepeft export --adapter DIR --out {tiny_base('llama')}-onnx`",
+             # a file: the advice was to export into it, which is refused
+             os.path.join(out, "base", "model.onnx"): f"is a file of the export {out}; give {out} itself",
+             os.path.join(tiny_base("llama"), "config.json"): "is a file, not an export; give the folder "
+                                                              "`edgepeft export --out` wrote"}
     for folder, advice in cases.items():
         assert advice in cli_error(capsys, "inspect", folder), folder
         with pytest.raises(ArtifactNotFoundError, match=advice.replace("(", r"\(").replace(")", r"\)")):
@@ -113,6 +117,9 @@ def test_bench_takes_a_merged_exports_name_and_writes_no_export_file(peft_adapte
     assert open(manifest, "rb").read() == before
     line = cli_error(capsys, *argv, "--plot", str(tmp_path / "chart.svg"))
     assert line == f"error: {tmp_path / 'chart.svg'}: --plot draws a PNG image; give it a file name ending in .png"
+    # the name that works is named (it said 'it holds none' / 'loaded: none')
+    assert "(it holds qv)" in cli_error(capsys, "bench", out, "--adapter", "QV", "--rounds", "1", "--calls", "1")
+    assert "loaded: none; 'qv' is merged into the base" in cli_error(capsys, "run", out, "w1", "--adapter", "QV")
 
 
 def test_save_last_says_which_epoch_out_holds(text_model, tmp_path, capsys):

@@ -104,8 +104,9 @@ def test_export_unsupported_task_type(guarded, llama, tmp_path):
 
 @pytest.mark.parametrize(
     "names, needle",
-    [(["a", "b"], "--name"), (["bad name!"], "bad name!"), ([".hidden"], ".hidden")],
-    ids=["more-names-than-adapters", "bad-characters", "hidden-name"],
+    [(["a", "b"], "--name"), (["bad name!"], "bad name!"), ([".hidden"], ".hidden"),
+     (["intent-v1.2"], "'intent-v1.2' must be letters, digits, '_', '-'; pass --name (e.g. --name intent-v1_2)")],
+    ids=["more-names-than-adapters", "bad-characters", "hidden-name", "dot (a KeyError from torch)"],
 )
 def test_export_bad_names(guarded, llama, names, needle):
     msg = failing_export(ConfigError, [llama[1]["qv"]], guarded, names=names)

@@ -222,5 +222,8 @@ def test_max_length_counts_the_prompt_when_max_new_tokens_is_unset(length_model)
     with pytest.raises(ConfigError, match="max_length 5 .* leaves no new token after a 5-token prompt; pass "
                                           "max_new_tokens"):
         rt.generate(ids, mask, adapter="lora", max_length=5)
+    rt.manifest["generation"] = {"max_length": 10_000}  # past the positions: the message says whose value it is
+    with pytest.raises(InvalidInputError, match=r"\+ max_new_tokens 9995 \(generation_config.json's\) - 1 .* exceeds"):
+        rt.generate(ids, mask, adapter="lora")
     rt.manifest["generation"] = {}
     assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, 5 + 32)  # transformers gives 20

@@ -98,6 +98,11 @@ def test_a_tied_output_layer_reads_the_embedding_table_stored_once(shared_export
     copies = [i.name for i in graph.initializer if i.dims == list(table.shape[::-1])
               and np.array_equal(numpy_helper.to_array(i), table.T)]
     assert copies == [] and any(n.op_type == "Transpose" for n in graph.node)
+    # an adapter that trains lm_head whole: the head slot's default equals wte.T and must stay the slot's (it was
+    # dropped, and the graph read Transpose(wte): every adapter's head ignored, validation off by 3.9)
+    head = peft_adapter("gpt2", "tied-head", target_modules=["c_attn"], modules_to_save=["lm_head"])
+    report = export([head], str(workdir / "gpt2-tied-head"))
+    assert max(c["max_abs_diff"] for c in report["checks"]) < 1e-4
     out = str(workdir / "int4-gpt2-tied")  # quantized: lm_head still a quantized MatMul of its own
     export([spec_adapter(peft_adapter, "gpt2", "attn")], out, quantize="int4")
     graph = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False).graph

@@ -88,9 +88,9 @@ const f32 = Math.fround;
 export function processScores(logits, row, s, padding, promptLength, eos) {
   const scores = Float32Array.from(logits);
   const vocab = scores.length;
-  if (s.repetitionPenalty !== 1) {
-    const seen = new Set(row.slice(padding));
-    for (const t of seen) if (t < vocab) scores[t] = scores[t] < 0 ? f32(scores[t] * s.repetitionPenalty) : f32(scores[t] / s.repetitionPenalty);
+  if (s.repetitionPenalty !== 1) {  // in float32, as numpy and transformers multiply and divide
+    const p = f32(s.repetitionPenalty);
+    for (const t of new Set(row.slice(padding))) if (t < vocab) scores[t] = scores[t] < 0 ? f32(scores[t] * p) : f32(scores[t] / p);
   }
   const n = s.noRepeatNgramSize;
   if (n > 0 && row.length >= n) {  // tokens that would complete an n-gram the row holds already
@@ -111,7 +111,7 @@ export function processScores(logits, row, s, padding, promptLength, eos) {
   }
   if (s.topP < 1) {  // the smallest set of likeliest tokens reaching topP (ascending order, stable, as numpy sorts)
     const order = [...scores.keys()].sort((a, b) => scores[a] - scores[b] || a - b);
-    const probs = softmax(order.map((v) => scores[v]));
+    const probs = softmax(order.map((v) => scores[v])).map(f32);  // float32, as numpy's over float32 scores
     let cumulative = 0;
     for (let i = 0; i < vocab - 1; i++) {
       cumulative = f32(cumulative + probs[i]);
@@ -119,9 +119,10 @@ export function processScores(logits, row, s, padding, promptLength, eos) {
     }
   }
   if (s.minP) {
-    const probs = softmax(scores);
-    const top = Math.max(...probs);
-    for (let v = 0; v < vocab; v++) if (probs[v] < s.minP * top) scores[v] = -Infinity;
+    const probs = softmax(scores).map(f32);
+    let top = 0;
+    for (const p of probs) if (p > top) top = p;  // a loop: Math.max(...probs) overflows the stack at 128k tokens
+    for (let v = 0; v < vocab; v++) if (probs[v] < f32(s.minP * top)) scores[v] = -Infinity;
   }
   return scores;
 }

@@ -57,6 +57,16 @@ test("sampling draws from those scores' softmax, repeats with a seed, and never 
   assert.ok(seeded > 0);
 });
 
+test("a vocabulary of 152k tokens samples with minP (Math.max(...) overflowed the stack past about 128k)", () => {
+  const logits = Float32Array.from({ length: 151936 }, (_, v) => 10 * Math.sin(v));
+  const s = forPrompt(generationSettings({}, { doSample: true, minP: 0.05, topK: 0, seed: 1 }), 3);
+  const scores = processScores(logits, [1, 2, 3], s, 0, 3, [2]);
+  const token = pick(scores, s, generator(1));
+  // kept: probability >= 0.05 x the largest, i.e. 10 sin(v) >= 10 + ln 0.05
+  assert.ok(10 * Math.sin(token) >= 10 + Math.log(0.05) - 1e-4, `token ${token}`);
+  assert.ok(scores.some((x) => x === -Infinity) && scores.some((x) => x > 0));
+});
+
 test("the model's generation_config.json settings apply where a call leaves them unset, as in Python", async () => {
   const rt = await openFolder(ortNode, path.join(FIXTURES, "llama"));
   await rt.loadAdapter("lora");
