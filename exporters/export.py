@@ -23,7 +23,7 @@ from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import weights_fingerprint
 from edgepeft.exporters.quantize import check_quantize, quantize_graph
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
-from edgepeft.exporters.validate import log_check, validate
+from edgepeft.exporters.validate import compare_siblings, log_check, validate
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.files import Staging, check_output_dir, deferred_interrupts, remove_abandoned, write_json_atomic
 from edgepeft.models import model_label
@@ -77,6 +77,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
             report = validate_float(plan, base_stage, adapter_stages, reuse, len(slots))
             if quantize and not reuse:
                 report["checks"] += quantize_and_validate(plan, base_stage, adapter_stages)
+            if not reuse:  # the adapters already in OUT, taken along to the new base
+                report["checks"] += compare_siblings(plan, base_stage)
             commit(plan, staging, base_stage, adapter_stages, reuse)
         plan.log(f"wrote {out}")
         return report

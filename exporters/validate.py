@@ -152,6 +152,46 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
     return check
 
 
+def compare_siblings(plan, base_stage: str) -> list:
+    """Each adapter already in OUT that a new base takes along (``plan.siblings``), run on OUT's base as it is and on
+    the new one: the same outputs (quantized: within --qtol), else ExportValidationError before anything moves.
+
+        adapter.onnx --zip, its manifest re-pointed--> new base  vs  OUT's base <-- adapter folder
+    """
+    import io
+    import json
+    import os
+    import zipfile
+
+    from edgepeft.runtimes import Runtime
+    from edgepeft.runtimes.manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST
+
+    if not plan.siblings:
+        return []
+    old, new = Runtime(plan.out, load_adapters=False), Runtime.from_base_dir(base_stage)
+    slots, quantized = {s.name for s in new.manifest["slots"]}, new.manifest.get("quantization")
+    ids, mask = (t.numpy() for t in sample_inputs(plan.model.config, batch=2, seq=8, seed=3))
+    checks = []
+    for folder, manifest in plan.siblings.items():
+        if not set(manifest["slots"]) <= slots:  # not taken along (commit leaves it as it is)
+            continue
+        name = old.load_adapter(folder)
+        zipped = io.BytesIO()
+        with zipfile.ZipFile(zipped, "w") as z:
+            z.writestr(ADAPTER_MANIFEST, json.dumps({**manifest, "base_fingerprint": new.manifest["fingerprint"]}))
+            z.write(os.path.join(folder, ADAPTER_GRAPH), ADAPTER_GRAPH)
+        new.load_adapter(zipped.getvalue(), name=name)
+        want, got = (rt.forward(ids, mask, adapter=name)[TASK_OUTPUTS[plan.task]] for rt in (old, new))
+        diff, tol = float(np.abs(got - want).max()), plan.atol * max(1.0, float(np.abs(want).max()))
+        if not (relative_error(got, want) <= plan.qtol if quantized else diff <= tol):
+            raise ExportValidationError(
+                f"{folder}: gives other outputs on the new base than on OUT's ({diff:.3g} apart); nothing was written. "
+                "Report this (both exports' edgepeft.json), or export the new adapters into another --out")
+        checks.append({"what": f"adapter {name} (already in OUT) on the new base", "max_abs_diff": diff,
+                       "tolerance": tol})
+    return checks
+
+
 def log_check(log, check: dict, name: str) -> None:
     if "relative_error" in check:
         effect = "" if check.get("effect_error") is None else f", its effect's {check['effect_error']:.2e}"

@@ -14,7 +14,7 @@ from error_contract import llama, other_llama_base  # noqa: F401  (fixtures)
 from file_checks import copy_adapter, edit_json, hidden_entries
 from peft_refs import lora_adapter
 
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, ExportValidationError
 from edgepeft.exporters import export
 from edgepeft.files import replace_dir
 from edgepeft.runtimes import Runtime
@@ -215,3 +215,41 @@ def test_a_later_export_mends_what_an_export_killed_midway_left(llama, tmp_path,
     rt = Runtime(out)
     assert rt.adapter_names == ["mlp", "qv"]
     np.testing.assert_array_equal(rt.forward(np.array([[1, 2, 3]]), adapter="qv")["logits"], before)
+
+
+def test_adapters_taken_along_to_a_new_base_are_run_on_it_first(tiny_base, tmp_path, monkeypatch):
+    """A new base re-pointed the adapters already in OUT without running them on it: a base that read one of their
+    slots otherwise (here: two layers' LoRA A swapped) passed its own checks and served them wrong."""
+    import sys
+
+    import onnx
+
+    base = tiny_base("llama")
+    qv = lora_adapter(tmp_path / "qv", base, "causal-lm", 5, r=2, target_modules=["q_proj", "v_proj"])
+    mlp = lora_adapter(tmp_path / "mlp", base, "causal-lm", 6, r=2, target_modules=["down_proj"])
+    out = str(tmp_path / "out")
+    export([qv], out, names=["qv"])
+    report = export([mlp], out, names=["mlp"])
+    assert [c["what"] for c in report["checks"]][-1] == "adapter qv (already in OUT) on the new base"
+    assert report["checks"][-1]["max_abs_diff"] <= report["checks"][-1]["tolerance"]
+    shutil.rmtree(os.path.join(out, "adapters", "mlp"))
+    shutil.rmtree(os.path.join(out, "base"))
+    export([qv], out, names=["qv"], overwrite=True)  # OUT as before: qv on a base of its own slots
+    module = sys.modules["edgepeft.exporters.export"]
+    real = module.trace_base
+
+    def swapping(*args, **kwargs):  # the new base reads layer 1's LoRA A in layer 0, and back
+        manifest = real(*args, **kwargs)
+        path = os.path.join(args[3], "model.onnx")
+        model = onnx.load(path, load_external_data=False)
+        a, b = (f"lora_A.model.layers.{i}.self_attn.q_proj+k_proj+v_proj" for i in (0, 1))
+        for node in model.graph.node:
+            node.input[:] = [{a: b, b: a}.get(x, x) for x in node.input]
+        onnx.save_model(model, path)
+        return manifest
+
+    monkeypatch.setattr(module, "trace_base", swapping)
+    before = Runtime(out).forward(np.array([[5, 6, 7]]), adapter="qv")["logits"]
+    with pytest.raises(ExportValidationError, match=r"adapters/qv: gives other outputs on the new base than on OUT's"):
+        export([mlp], out, names=["mlp"])
+    np.testing.assert_array_equal(Runtime(out).forward(np.array([[5, 6, 7]]), adapter="qv")["logits"], before)
