@@ -275,7 +275,7 @@ SAMPLING_ONLY = ("--temperature", "--top-k", "--top-p", "--seed")  # what greedy
 @click.argument("prompt")
 @click.option("--adapter", default="none", show_default=True, help="Adapter name in OUT, or 'none' for the base model.")
 @click.option("--max-new-tokens", type=int, help="[default: the model's generation_config.json (max_new_tokens, "
-              "else max_length), else 64]")
+              "else max_length), else 32, as Runtime.generate]")
 @click.option("--do-sample/--greedy", default=None, help="Sample, or decode greedily.  [default: as the model's "
               "generation_config.json says, else greedy]")
 @click.option("--temperature", type=float, help="[default: the model's generation_config.json, else 1.0]")
@@ -304,8 +304,6 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         if idle and not rt.generation_config(do_sample=do_sample).do_sample:  # transformers warns alike
             verb = "only applies" if len(idle) == 1 else "only apply"
             click.echo(f"note: {', '.join(idle)} {verb} with --do-sample; decoding greedily", err=True)
-        if max_new_tokens is None and not {"max_new_tokens", "max_length"} & set(rt.manifest.get("generation") or {}):
-            max_new_tokens = 64
         for piece in rt.stream_text(prompt, adapter=name, chat=chat, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                     temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, seed=seed):

@@ -1,6 +1,7 @@
 """Atomic writes: a failed write leaves what was there untouched."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -67,6 +68,7 @@ def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None
         raise ConfigError(f"{probe}: cannot write here (permission denied); give {flag} another folder or fix its permissions")
 
 
+@functools.cache  # the same for the process's life (a fork shares its namespace and boot)
 def _host() -> str:
     """This machine and PID namespace: the host name, the boot and the namespace's id where Linux gives them (a
     container sharing the host's name, or a second machine of that name on a shared drive, gets another)."""

@@ -141,6 +141,10 @@ def test_cli_run_follows_the_model_unless_told(sampling_model):
     assert sampled.stdout == rt.generate_text(prompt, adapter="lora", max_new_tokens=6, seed=4) + "\n"
     assert "note:" not in sampled.stderr
     assert "note: --seed only applies with --do-sample" in run("--greedy", "--seed", "4").stderr
+    # no --max-new-tokens: Runtime.generate's default (the model's, else 32), not a second rule of the CLI's own
+    proc = subprocess.run([sys.executable, "-m", "edgepeft", "run", out, prompt, "--adapter", "lora", "--greedy"],
+                          capture_output=True, text=True, cwd=REPO, timeout=240)
+    assert proc.stdout == rt.generate_text(prompt, adapter="lora", do_sample=False) + "\n"
 
 
 @pytest.fixture(scope="module")

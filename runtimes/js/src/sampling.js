@@ -106,14 +106,15 @@ export function processScores(logits, row, s, padding, promptLength, eos) {
   const t = f32(s.temperature);
   for (let v = 0; v < vocab; v++) scores[v] = f32(scores[v] / t);
   if (s.topK > 0 && s.topK < vocab) {
-    const kth = Float32Array.from(scores).sort()[vocab - s.topK];
+    const kth = kthLargest(Float32Array.from(scores), s.topK);
     for (let v = 0; v < vocab; v++) if (scores[v] < kth) scores[v] = -Infinity;
   }
   if (s.topP < 1) {  // the smallest set of likeliest tokens reaching topP (ascending order, stable, as numpy sorts)
-    const order = [...scores.keys()].sort((a, b) => scores[a] - scores[b] || a - b);
+    // removed tokens (-Infinity) add nothing to the sum: only the others are sorted (after top-k, a few)
+    const order = [...scores.keys()].filter((v) => scores[v] > -Infinity).sort((a, b) => scores[a] - scores[b] || a - b);
     const probs = softmax(order.map((v) => scores[v])).map(f32);  // float32, as numpy's over float32 scores
     let cumulative = 0;
-    for (let i = 0; i < vocab - 1; i++) {
+    for (let i = 0; i < order.length - 1; i++) {
       cumulative = f32(cumulative + probs[i]);
       if (cumulative <= f32(1 - s.topP)) scores[order[i]] = -Infinity;
     }
@@ -125,6 +126,23 @@ export function processScores(logits, row, s, padding, promptLength, eos) {
     for (let v = 0; v < vocab; v++) if (probs[v] < f32(s.minP * top)) scores[v] = -Infinity;
   }
   return scores;
+}
+
+/** The k-th largest value (quickselect, in place: `a` is a scratch copy), as numpy's partition finds it. */
+function kthLargest(a, k) {
+  let lo = 0, hi = a.length - 1;
+  const want = a.length - k;  // its index in ascending order
+  while (lo < hi) {
+    const pivot = a[(lo + hi) >> 1];
+    let i = lo, j = hi;
+    while (i <= j) {
+      while (a[i] < pivot) i++;
+      while (a[j] > pivot) j--;
+      if (i <= j) { [a[i], a[j]] = [a[j], a[i]]; i++; j--; }
+    }
+    if (want <= j) hi = j; else if (want >= i) lo = i; else break;
+  }
+  return a[want];
 }
 
 function softmax(scores) {
