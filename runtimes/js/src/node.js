@@ -1,5 +1,5 @@
 // Node.js: open an export folder with onnxruntime-node (or onnxruntime-web's wasm build, also in Node).
-import { readFile } from "node:fs/promises";
+import { readFile, stat } from "node:fs/promises";
 import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
@@ -23,6 +23,8 @@ export function folderLoader(out) {
     where: (rel) => path.join(out, rel),
     json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8")),
     bytes: async (rel) => new Uint8Array(await read(path.join(out, rel))),
+    // a file's size in bytes (undefined: missing, named when read)
+    size: async (rel) => stat(path.join(out, rel)).then((s) => s.size, (e) => { if (e.code === "ENOENT") return undefined; throw e; }),
     // onnxruntime-node reads a graph's external weights (model.onnx.data) beside the file itself;
     // onnxruntime-web takes them as bytes
     session: async (ort, rel, options, external) => {

@@ -34,6 +34,7 @@ export class Runtime {
     rt.manifest = await rt.json("base/edgepeft.json", null);
     const m = rt.manifest;
     if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT}`);
+    await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`]);
     rt.session = await rt.opened(`base/${m.web_graph}`, () => loader.session(ort, `base/${m.web_graph}`, sessionOptions, true));
     // neutral.onnx: every slot's neutral value (none in a merged classifier, which has no slot)
     const neutral = `base/${m.neutral_graph}`;
@@ -338,6 +339,22 @@ async function readJson(loader, rel, missing = `missing from the export; ${REEXP
     if (e.missing && missing === OPTIONAL) return {};
     if (e instanceof EdgePeftError && !(e.missing && missing)) throw e;
     throw new EdgePeftError(`${loader.where(rel)}: ${e.missing ? missing : `not readable JSON (${e.message}); ${fix}`}`);
+  }
+}
+
+/**
+ * The base's files against the sizes the export recorded (file_bytes), as the Python runtime checks them: a copy
+ * cut short is named as such (ONNX Runtime's own error named the graph, or an initializer's offsets). Loaders
+ * that cannot tell a size before reading (a browser's fetch) skip it; a missing file is named when it is read.
+ */
+async function checkSizes(loader, manifest, files) {
+  for (const file of loader.size ? files : []) {
+    const want = manifest.file_bytes?.[file];
+    const got = want === undefined ? undefined : await loader.size(`base/${file}`);
+    if (got !== undefined && got !== want) {
+      throw new EdgePeftError(`${loader.where(`base/${file}`)}: ${got} bytes where the export wrote ${want} (a copy cut ` +
+        "short?); copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder");
+    }
   }
 }
 

@@ -99,7 +99,17 @@ test("missing or damaged files of an export name the file and a fix, on node and
     await refuses(rt.loadAdapter("lora"), /adapters\/lora\/adapter.onnx: missing from the export; .*re-export it \(edgepeft export/);
     await writeFile(path.join(out, "adapters/ia3/adapter.json"), "{\"name\": ");
     await refuses(rt.loadAdapter("ia3"), /adapters\/ia3\/adapter.json: not readable JSON \(.*\); re-export it/);
+    const data = path.join(out, "base/model.onnx.data");
+    const whole = await readFile(data);
+    await truncate(data, whole.length - 64);  // a copy to a device cut short: named with its sizes, as in Python
+    await refuses(openFolder(ort, out), new RegExp(`base/model.onnx.data: ${whole.length - 64} bytes where the export wrote ` +
+      `${whole.length} \\(a copy cut short\\?\\); copy the export's base folder again`));
+    await writeFile(data, whole);
     await truncate(path.join(out, "base/model.web.onnx"), 100);
+    await refuses(openFolder(ort, out), /base\/model.web.onnx: 100 bytes where the export wrote \d+ \(a copy cut short\?\)/);
+    const manifest = JSON.parse(await readFile(path.join(out, "base/edgepeft.json"), "utf8"));
+    delete manifest.file_bytes;  // an export from before sizes were recorded: ONNX Runtime's own failure, named
+    await writeFile(path.join(out, "base/edgepeft.json"), JSON.stringify(manifest));
     await refuses(openFolder(ort, out), /base\/model.web.onnx: ONNX Runtime cannot load it \(.*\); the file is damaged or incomplete: re-export/);
     await writeFile(path.join(out, "base/edgepeft.json"), "{");
     await refuses(openFolder(ort, out), /base\/edgepeft.json: not readable JSON/);
