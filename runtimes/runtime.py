@@ -27,14 +27,14 @@ import numpy as np
 from . import text
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, row_specs, run_rows_apart
-from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
+from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
 from .generation import TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
 from .inputs import check_token_inputs, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
 from .manifest import (
     BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, base_file_errors, cache_names, not_an_export, read_base_manifest,
 )
-from .sessions import check_providers, device_of, ort, session_options
+from .sessions import check_providers, device_of, open_base_session, ort
 
 
 class Runtime:
@@ -72,15 +72,7 @@ class Runtime:
         cut = base_file_errors(base_dir, self.manifest, {self.manifest["graph"], self.manifest["graph"] + ".data"})
         if cut:  # ONNX Runtime's own message names an initializer and offsets, and no fix
             raise cut[0]
-        try:
-            self.session = ort.InferenceSession(
-                graph, sess_options=sess_options or session_options(), providers=providers
-            )
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise CorruptArtifactError(
-                f"{graph}: ONNX Runtime cannot load the base graph ({str(e).splitlines()[0]}); "
-                "re-run `edgepeft export` into a fresh --out folder"
-            ) from None
+        self.session = open_base_session(graph, providers, sess_options)
         self.device = device_of(self.session)  # ONNX Runtime falls back to the CPU when CUDA cannot start
         self.slots = {s.name: s for s in self.manifest["slots"]}
         self.task = self.manifest["task"]
@@ -282,6 +274,7 @@ class Runtime:
         def steps():
             with self.lanes(adapter, ids.shape[0]) as held:
                 lanes["held"] = held
+                check(None, 0)  # as at the call: a name reloaded since may have more virtual tokens
                 inner = lane_steps(self, held, ids, mask)
                 token = yield next(inner)
                 while True:
@@ -289,8 +282,8 @@ class Runtime:
 
         def check(token, sent: int) -> np.ndarray:  # every token sent takes a position
             n_virtual = max(lane.plan.n_positions for lane in lanes["held"])
-            self._check_length(n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent")
-            return step_tokens(token, ids.shape[0], self.vocab_size)
+            self._check_length(n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent" if sent else "")
+            return None if token is None else step_tokens(token, ids.shape[0], self.vocab_size)
 
         return TeacherForcing(steps(), check)
 
@@ -307,13 +300,15 @@ class Runtime:
         ids, mask = self._decoder_inputs(input_ids, attention_mask, pad, cfg.eos_token_id)
         cfg = cfg.for_prompt(ids.shape[1])
         # an unknown adapter or too many positions fail now; the last new token is never fed back: it needs none
-        self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1,
-                         f" + max_new_tokens {cfg.max_new_tokens}{length_source(self, generation)} - 1 (the last "
-                         "token is not fed back)",
-                         " or lower max_new_tokens")
+        words = (f" + max_new_tokens {cfg.max_new_tokens}{length_source(self, generation)} - 1 (the last token is "
+                 "not fed back)", " or lower max_new_tokens")
+        self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1, *words)
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = text.StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
-        return stream_tokens(self, ids, mask, padding, adapter, cfg, stops)
+        # again once the adapter is held at the first next(): a name reloaded since may have more virtual tokens
+        def check(n_virtual):
+            self._check_length(n_virtual, ids.shape[1], cfg.max_new_tokens - 1, *words)
+        return stream_tokens(self, ids, mask, padding, adapter, cfg, stops, check)
 
     def generate(self, input_ids, attention_mask=None, adapter=None, **generation) -> np.ndarray:
         """Generate with ``adapter``; returns ids (B, T + new), the prompt included.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import ConfigError, MissingDependencyError
+from .errors import ConfigError, CorruptArtifactError, MissingDependencyError
 from .values import is_whole
 
 try:
@@ -88,6 +88,10 @@ def check_providers(providers, sess_options) -> list:
         raise ConfigError("sess_options asks for a thread pool of its own, which ONNX Runtime refuses after "
                           "use_shared_thread_pool(); set sess_options.use_per_session_threads = False, or start from "
                           "edgepeft.runtimes.session_options()")
+    if sess_options is not None and not _shared_pool and not sess_options.use_per_session_threads:
+        raise ConfigError("sess_options.use_per_session_threads = False takes the process's shared thread pool, which "
+                          "ONNX Runtime has only after edgepeft.runtimes.use_shared_thread_pool(): call that first, "
+                          "at app start, or leave use_per_session_threads True")
     if providers is None or (isinstance(providers, (list, tuple)) and not providers):  # none: the CPU
         return ["CPUExecutionProvider"]
     if isinstance(providers, str) or not isinstance(providers, (list, tuple)) or not all(
@@ -96,3 +100,23 @@ def check_providers(providers, sess_options) -> list:
         raise ConfigError(f"providers must be a list of ONNX Runtime provider names (or (name, options) pairs), e.g. "
                           f"['CUDAExecutionProvider', 'CPUExecutionProvider'], got {providers!r}")
     return list(providers)
+
+
+def open_base_session(graph: str, providers: list, sess_options):
+    """The base graph's session. A graph ONNX Runtime cannot load is the export's fault (CorruptArtifactError),
+    unless it loads with edgepeft's own options: then the app's ``sess_options`` are (ConfigError), and
+    re-exporting would not help."""
+    try:
+        return ort.InferenceSession(graph, sess_options=sess_options or session_options(), providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        reason = str(e).splitlines()[0]
+    if sess_options is not None:
+        try:
+            ort.InferenceSession(graph, sess_options=session_options(), providers=providers)
+        except Exception:
+            pass
+        else:
+            raise ConfigError(f"{graph}: ONNX Runtime cannot load the base graph with the sess_options given "
+                              f"({reason}); it loads with edgepeft.runtimes.session_options(): start from those")
+    raise CorruptArtifactError(f"{graph}: ONNX Runtime cannot load the base graph ({reason}); "
+                               "re-run `edgepeft export` into a fresh --out folder")

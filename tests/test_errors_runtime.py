@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from tiny import sample_batch
@@ -224,6 +225,23 @@ def test_runtime_arguments_of_the_wrong_type(llama, kwargs, wanted):
     with pytest.raises(ConfigError, match="Runtime takes an export's folder"):
         Runtime(None)
     assert Runtime(llama[0], providers=[]).session.get_providers() == ["CPUExecutionProvider"]  # none given: the CPU
+
+
+def test_sess_options_ort_refuses_are_the_apps(llama, tmp_path):
+    """Session options ONNX Runtime refuses are named as the app's, not as a damaged export (re-exporting would
+    not help): the shared pool asked for before use_shared_thread_pool(), and any other setting that fails."""
+    shared = ort.SessionOptions()
+    shared.use_per_session_threads = False  # python-api.md's setting for apps that opted in to the shared pool
+    with pytest.raises(ConfigError, match=r"^sess_options.use_per_session_threads = False takes the process's shared "
+                                          r"thread pool, .*use_shared_thread_pool\(\): call that first"):
+        Runtime(llama[0], sess_options=shared)
+    unwritable = ort.SessionOptions()
+    unwritable.optimized_model_filepath = str(tmp_path / "no" / "such" / "dir" / "opt.onnx")
+    graph = os.path.join(llama[0], "base", "model.onnx")
+    with pytest.raises(ConfigError) as e:
+        Runtime(llama[0], sess_options=unwritable)
+    assert str(e.value).startswith(f"{graph}: ONNX Runtime cannot load the base graph with the sess_options given (")
+    assert str(e.value).endswith("it loads with edgepeft.runtimes.session_options(): start from those")
 
 
 def test_cuda_asked_first_runs_where_onnx_runtime_started(llama, before):

@@ -17,7 +17,7 @@ from peft_refs import VIRTUAL_ARCHS, greedy_reference, randomize_prompt_encoder,
 from tiny import load_reference_base, max_diff_valid, sample_batch, torch_outputs, train_steps
 
 import edgepeft
-from edgepeft.errors import ConfigError, UnsupportedMethodError
+from edgepeft.errors import ConfigError, InvalidInputError, UnsupportedMethodError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
@@ -96,6 +96,26 @@ def test_one_base_switches_prefix_prompt_lora_and_ia3_per_call(arch, virtual_exp
         model = hf_reference(arch, dirs[name]) if name else load_reference_base(tiny_base(arch), "causal-lm")
         np.testing.assert_array_equal(rt.generate(prompt, pmask, adapter=name, max_new_tokens=6, eos_token_id=[]),
                                       greedy_reference(model, prompt, pmask, 6)[0])
+
+
+def test_a_name_reloaded_before_the_first_step_is_checked_again(virtual_export):
+    """stream/step_logits check positions at the call and hold the adapter at the first next(): a name reloaded
+    in between with a prefix adapter (3 virtual tokens) was not checked again, and ran past the model's positions
+    (a raw ONNX Runtime error, or positions no model has)."""
+    out, _, _ = virtual_export("llama")
+    rt = Runtime(out)
+    ids = np.array([[5, 9, 33, 12, 7]])
+    new = rt.max_positions - ids.shape[1] + 1  # every position: accepted for a LoRA adapter
+    stream = rt.stream(ids, adapter="lora", max_new_tokens=new, eos_token_id=[])
+    steps = rt.step_logits(np.zeros((1, rt.max_positions), np.int64) + 5, adapter="lora")
+    rt.unload_adapter("lora")
+    rt.load_adapter(f"{out}/adapters/prefix", name="lora")
+    with pytest.raises(InvalidInputError, match=f"the adapter's 3 virtual tokens .* exceeds the model's "
+                                                f"{rt.max_positions} positions; shorten the prompt or lower max_new_tokens"):
+        next(stream)
+    with pytest.raises(InvalidInputError, match=f"{rt.max_positions} tokens \\+ the adapter's 3 virtual tokens = "):
+        next(steps)
+    rt.unload_adapter("lora")  # neither refused call left it held
 
 
 # ---------------------------------------------------------------- encoders (BERT family)
