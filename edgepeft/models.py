@@ -9,7 +9,7 @@ import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
-from edgepeft.runtimes.text import SENTENCE_TRANSFORMERS_FILES
+from edgepeft.runtimes.sentence import SENTENCE_TRANSFORMERS_FILES
 
 # model_type -> family. Encoders have no causal-LM head; decoders take use_cache.
 ENCODERS = {"bert"}

@@ -208,7 +208,8 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def read_json(path: str, what: str, fix: str) -> dict:
+def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
+    """The JSON object (``kind`` list: the list) in ``path``; a missing or damaged file names itself and ``fix``."""
     if not os.path.isfile(path):
         raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")
     try:
@@ -216,8 +217,8 @@ def read_json(path: str, what: str, fix: str) -> dict:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptArtifactError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(data, dict):
-        raise CorruptArtifactError(f"{path}: {what} is not a JSON object; {fix}")
+    if not isinstance(data, kind):
+        raise CorruptArtifactError(f"{path}: {what} is not a JSON {'object' if kind is dict else 'list'}; {fix}")
     return data
 
 

@@ -214,12 +214,17 @@ class Runtime:
     def _check_call(self, adapter, batch: int, length: int, new_tokens: int = 0, what: str = "", hint: str = "") -> None:
         """What a call's first step would refuse, staging nothing: an unknown adapter, a combination without a
         meaning, more positions than the model has (a lane's virtual tokens: its prompt or prefix adapter's)."""
+        self._check_length(self.virtual_positions(adapter, batch), length, new_tokens, what, hint)
+
+    def virtual_positions(self, adapter, batch: int) -> int:
+        """The most positions a call's adapters take besides the text's (a prompt's or prefix's virtual tokens);
+        an unknown adapter or a combination without a meaning raises."""
         specs = row_specs(adapter, batch)
         names = [adapter] if specs is None else self.mixer.names(specs)
         known = {n: self.store.get(n) for n in names if not self.store.serves_base(n)}
         if specs is not None:
             self.mixer.check(specs, known)
-        self._check_length(max((a.n_positions for a in known.values()), default=0), length, new_tokens, what, hint)
+        return max((a.n_positions for a in known.values()), default=0)
 
     def _check_length(self, n_virtual: int, length: int, new_tokens: int = 0, what: str = "", hint: str = "") -> None:
         """``what``: the new tokens in words; ``hint``: a second fix besides shortening the prompt."""
@@ -274,7 +279,7 @@ class Runtime:
         def steps():
             with self.lanes(adapter, ids.shape[0]) as held:
                 lanes["held"] = held
-                check(None, 0)  # as at the call: a name reloaded since may have more virtual tokens
+                self._check_length(max(lane.plan.n_positions for lane in held), ids.shape[1])  # reloaded since?
                 inner = lane_steps(self, held, ids, mask)
                 token = yield next(inner)
                 while True:
@@ -282,8 +287,8 @@ class Runtime:
 
         def check(token, sent: int) -> np.ndarray:  # every token sent takes a position
             n_virtual = max(lane.plan.n_positions for lane in lanes["held"])
-            self._check_length(n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent" if sent else "")
-            return None if token is None else step_tokens(token, ids.shape[0], self.vocab_size)
+            self._check_length(n_virtual, ids.shape[1], sent, f" + {sent} token(s) sent")
+            return step_tokens(token, ids.shape[0], self.vocab_size)
 
         return TeacherForcing(steps(), check)
 
@@ -336,7 +341,7 @@ class Runtime:
         """
         if self._tokenizer is None:
             self._tokenizer = text.TextTokenizer(self.base_dir, padding_side="left" if self.cache else "right",
-                                                 pad_id=self.pad_token_id)
+                                                 pad_id=self.pad_token_id, max_positions=self.max_positions)
         return self._tokenizer
 
     @property

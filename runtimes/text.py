@@ -9,6 +9,7 @@ text helpers are used, so an app that feeds token ids needs neither.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import json
@@ -18,6 +19,7 @@ import numpy as np
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST, read_json
+from .sentence import lowercase_first, sentence_transformers_settings
 
 _FIX = "re-export the base with its tokenizer files"
 
@@ -33,7 +35,7 @@ def _read_text(path: str) -> str:
 class TextTokenizer:
     """``tokenizer.json`` plus ``tokenizer_config.json`` (special tokens, chat template)."""
 
-    def __init__(self, base_dir: str, padding_side: str = "left", pad_id: int = 0):
+    def __init__(self, base_dir: str, padding_side: str = "left", pad_id: int = 0, max_positions: int | None = None):
         path = os.path.join(base_dir, "tokenizer.json")
         if not os.path.isfile(path):
             raise ArtifactNotFoundError(
@@ -48,6 +50,7 @@ class TextTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
         self.base_dir = base_dir
+        self.max_positions = max_positions  # the model's: caps a text's length in embed
         self._tok.no_padding()  # we pad ourselves
         self.padding_side = padding_side
         self.pad_id = pad_id
@@ -65,8 +68,15 @@ class TextTokenizer:
 
     @functools.cached_property
     def sentence_transformers(self) -> tuple:
-        """(max_seq_length, pooling mode, lower-case): read once per Runtime, not per ``embed`` call."""
-        return sentence_transformers_settings(self.base_dir)
+        """(max_seq_length, pooling mode, the tokenizer ``embed`` encodes with: this one, or a copy that lower-cases
+        first, as sentence-transformers' do_lower_case): read once per Runtime, not per ``embed`` call."""
+        limit, mode, lower = sentence_transformers_settings(self.base_dir, self.max_positions)
+        if not lower:
+            return limit, mode, self
+        lowered = copy.copy(self)
+        lowered._tok = type(self._tok).from_str(self._tok.to_str())
+        lowercase_first(lowered._tok)
+        return limit, mode, lowered
 
     def _special(self, key: str):
         value = self.config.get(key, self.special_map.get(key))
@@ -317,13 +327,16 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
 
     One text gives (hidden,). As sentence-transformers: texts are cut to the model's ``max_seq_length`` and
     pooled by the mode of ``1_Pooling/config.json`` (both exported from a sentence-transformers folder; the
-    mean where there is none). A prompt adapter's virtual tokens are left out of the pooling.
+    mean where there is none; see sentence.py). A prompt adapter's virtual tokens are left out of the pooling,
+    and texts are cut further where the model's positions leave them no room.
     """
     if rt.task != "feature-extraction":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
     rows, single = _texts(texts)
-    max_length, mode, lower = rt.tokenizer.sentence_transformers
-    ids, mask = rt.tokenizer.encode([t.lower() for t in rows] if lower else rows, max_length=max_length)
+    max_length, mode, tokenizer = rt.tokenizer.sentence_transformers
+    if n_virtual := rt.virtual_positions(adapter, len(rows)):  # a prompt's or prefix's tokens take positions too
+        max_length = min(max_length or rt.max_positions, rt.max_positions - n_virtual) if rt.max_positions else max_length
+    ids, mask = tokenizer.encode(rows, max_length=max_length)
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
     weights = mask[..., None].astype(np.float32)
     if mode == "cls":
@@ -336,37 +349,6 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     if normalize:
         pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
     return pooled[0] if single else pooled
-
-
-SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")  # as exported
-ST_MODULES = {f"sentence_transformers.models.{m}" for m in ("Transformer", "Pooling", "Normalize")}
-
-
-def sentence_transformers_settings(folder: str) -> tuple:
-    """(max_seq_length or None, pooling mode, lower-case texts): a sentence-transformers model's settings in
-    ``folder`` (an export's base/, or the model's own folder for training), else (None, "mean", False)."""
-    config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
-    settings = read_json(config, "sentence-transformers config", _FIX) if os.path.isfile(config) else {}
-    limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True
-    if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 2):
-        raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {_FIX}")
-    try:
-        listed = json.loads(_read_text(modules)) if os.path.isfile(modules) else []  # a list, which read_json refuses
-    except ValueError as e:
-        raise CorruptArtifactError(f"{modules}: not valid JSON ({e}); {_FIX}") from None
-    other = [m.get("type") for m in listed if isinstance(m, dict) and (m.get("type") not in ST_MODULES or (
-        m.get("type", "").endswith("Pooling") and m.get("path") != "1_Pooling"))]
-    if other or not isinstance(listed, list):
-        raise ConfigError(f"{modules}: the model runs {other or listed} beyond a Transformer, 1_Pooling and Normalize, "
-                          "which edgepeft does not; take last_hidden_state from Runtime.forward and apply them yourself")
-    if not os.path.isfile(pooling):
-        return limit, "mean", lower
-    modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
-             for k, v in read_json(pooling, "pooling config", _FIX).items() if k.startswith("pooling_mode_") and v]
-    if len(modes) != 1 or modes[0] not in ("mean", "cls", "max", "mean_sqrt_len"):
-        raise ConfigError(f"{pooling}: pooling {' + '.join(modes) or 'none'} is not one edgepeft pools by (mean, cls, max, "
-                          "mean_sqrt_len); take last_hidden_state from Runtime.forward and pool it yourself")
-    return limit, modes[0], lower
 
 
 class StopStrings:

@@ -136,7 +136,7 @@ def test_training_pools_as_the_export_serves(text_model, tmp_path, monkeypatch):
 
     from edgepeft.training import trainer as training
     from file_checks import write_lines
-    from edgepeft.runtimes.text import sentence_transformers_settings
+    from edgepeft.runtimes.sentence import sentence_transformers_settings
 
     base = str(tmp_path / "st-bert")
     shutil.copytree(text_model("bert"), base)

@@ -9,12 +9,14 @@ A bad row raises ``DataError`` naming the file and the line.
 from __future__ import annotations
 
 import codecs
+import copy
 import json
 import os
 
 import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
+from edgepeft.runtimes.sentence import lowercase_first
 
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
 FIELDS = {
@@ -140,8 +142,10 @@ class Encoder:
         """``pad_id``: the model's padding token (config.json), which a decoder classifier looks for to find
         each row's last token; else the tokenizer's, else its end-of-sequence token. ``lower``: pairs are
         lower-cased first (a sentence-transformers model's do_lower_case)."""
+        if lower:  # as sentence-transformers: a Lowercase step in (a copy of) the tokenizer, not str.lower
+            tokenizer = copy.deepcopy(tokenizer)
+            lowercase_first(tokenizer.backend_tokenizer)
         self.tokenizer = tokenizer
-        self.lower = lower
         self.task = task
         self.max_length = max_length
         self.labels = labels
@@ -162,8 +166,7 @@ class Encoder:
             targets = label_ids(rows, self.labels, path)
             return [{"input_ids": self._cut(r["text"]), "label": y} for r, y in zip(rows, targets)]
         if self.task == "feature-extraction":
-            case = str.lower if self.lower else str
-            return [{"input_ids": self._cut(case(r["text"])), "positive_ids": self._cut(case(r["positive"]))} for r in rows]
+            return [{"input_ids": self._cut(r["text"]), "positive_ids": self._cut(r["positive"])} for r in rows]
         return [self._causal(r, path) for r in rows]
 
     def _causal(self, row: dict, path: str) -> dict:

