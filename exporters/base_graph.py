@@ -84,6 +84,8 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         # validation has seen its width), and whether that head was made at load (untrained) rather than loaded
         "labels": named_labels(model.config) if task == "seq-cls" else None,
         "head_initialised": bool(getattr(model, "edgepeft_new_head", False)) if task == "seq-cls" else None,
+        # how classify scores the logits, as transformers' pipeline: softmax, sigmoid (multi-label), none (regression)
+        "problem_type": getattr(model.config, "problem_type", None) if task == "seq-cls" else None,
         "vocab_size": model.config.vocab_size,
         "max_positions": max_positions(model.config),
         "pad_token_id": pad_token_id(model, task),

@@ -265,7 +265,7 @@ _FIELD_TYPES = {
     "revision": ((str, type(None)), "a hub revision"), "file_bytes": (dict, "an object of file sizes"),
     "methods": (list, "a list of method names"), "labels": ((list, type(None)), "a list of names"),
     "parameter_bytes": (int, "a whole number"), "rank": ((int, float, type(None)), "a number"),
-    "alpha": ((int, float, type(None)), "a number"),
+    "alpha": ((int, float, type(None)), "a number"), "problem_type": ((str, type(None)), "a string"),
     **{key: (str, "a string") for key in ("name", "fingerprint", "base_fingerprint", "graph", "sha256")},
 }
 

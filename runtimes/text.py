@@ -288,25 +288,36 @@ def _texts(texts) -> tuple[list, bool]:
 
 
 def classify(rt, texts, adapter=None):
-    """{"label", "score", "scores": {label: probability}} per text (one dict for one text)."""
+    """{"label", "score", "scores": {label: score}} per text (one dict for one text). Scores as transformers'
+    text-classification pipeline gives them, by the base config's ``problem_type``: probabilities (softmax), a
+    sigmoid per label for multi-label heads and heads of one output, the logits themselves for regression."""
     if rt.task != "seq-cls":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export does not classify; export a seq-cls adapter")
     rows, single = _texts(texts)
     ids, mask = rt.tokenizer.encode(rows)
-    logits = rt.forward(ids, mask, adapter=adapter)["logits"].astype(np.float64)  # (B, labels); NaN past a row's own
     per_row = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(rows)
+    with rt.lanes(adapter, len(rows)):  # held until the names are read: a name reloaded between renames the scores
+        logits = rt.forward(ids, mask, adapter=adapter)["logits"].astype(np.float64)  # NaN past a row's own labels
+        labels = [_labels_of(rt, spec) for spec in per_row]
     out = []
-    for row, spec in zip(logits, per_row):
-        row = row[~np.isnan(row)]
-        p = np.exp(row - row.max())
-        p /= p.sum()
-        named, where = _labels_of(rt, spec)
+    for row, (named, where) in zip(logits, labels):
+        p = label_scores(row[~np.isnan(row)], rt.manifest.get("problem_type"))
         names = named or [str(i) for i in range(len(p))]
         if len(names) != len(p):  # a hand-edited manifest (its checksum covers the graph only)
             raise CorruptArtifactError(f"{where}: gives {len(names)} label name(s), the head has {len(p)} outputs; "
                                        "re-export with --overwrite")
         out.append({"label": names[int(p.argmax())], "score": float(p.max()), "scores": dict(zip(names, map(float, p)))})
     return out[0] if single else out
+
+
+def label_scores(logits: np.ndarray, problem_type: str | None) -> np.ndarray:
+    """A row of classifier logits as transformers' text-classification pipeline scores them."""
+    if problem_type == "regression":
+        return logits
+    if problem_type == "multi_label_classification" or len(logits) == 1:
+        return 1 / (1 + np.exp(-logits))
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
 
 
 def _labels_of(rt, spec) -> tuple:

@@ -36,7 +36,7 @@ async function main() {
       const generated = await rt.generate(ids, mask, { adapter, maxNewTokens: 16 });
       $("result").textContent = tokenizer.decode(generated[0].slice(ids[0].length), { skip_special_tokens: true });
     } else {
-      const [top] = classify((await rt.forward(ids, mask, { adapter })).logits, rt.labels(adapter));
+      const [top] = classify((await rt.forward(ids, mask, { adapter })).logits, rt.labels(adapter), 0, rt.problemType);
       $("result").textContent = `${top.label} (${top.score.toFixed(3)})`;
       $("result").dataset.label = top.label;
       $("result").dataset.score = top.score;

@@ -69,6 +69,11 @@ export class Runtime {
     }
   }
 
+  /** How classify scores a classifier's logits: the base config's problem_type (null: softmax, or one output's sigmoid). */
+  get problemType() {
+    return this.manifest.problem_type ?? null;
+  }
+
   get adapterNames() {
     return [...this.adapters.keys()].sort();
   }
@@ -358,14 +363,24 @@ async function checkSizes(loader, manifest, files) {
   }
 }
 
-/** Label probabilities from a classifier's logits row: [{label, score}], most likely first. */
-export function classify(logits, labels, row = 0) {
+/**
+ * Label scores from a classifier's logits row: [{label, score}], highest first. As transformers' text-classification
+ * pipeline (and the Python runtime's classify) by the model's problemType (rt.problemType): probabilities (softmax),
+ * a sigmoid per label for "multi_label_classification" and for heads of one output, the logits for "regression".
+ */
+export function classify(logits, labels, row = 0, problemType = null) {
   const width = logits.dims[1];
   const values = Array.from(logits.data.slice(row * width, (row + 1) * width));
-  const top = Math.max(...values);
-  const exp = values.map((v) => Math.exp(v - top));
-  const sum = exp.reduce((a, b) => a + b, 0);
-  return exp.map((e, i) => ({ label: labels ? labels[i] : String(i), score: e / sum })).sort((a, b) => b.score - a.score);
+  let scores = values;
+  if (problemType === "multi_label_classification" || (problemType !== "regression" && width === 1)) {
+    scores = values.map((v) => 1 / (1 + Math.exp(-v)));
+  } else if (problemType !== "regression") {
+    const top = values.reduce((a, b) => Math.max(a, b), -Infinity);
+    const exp = values.map((v) => Math.exp(v - top));
+    const sum = exp.reduce((a, b) => a + b, 0);
+    scores = exp.map((e) => e / sum);
+  }
+  return scores.map((score, i) => ({ label: labels ? labels[i] : String(i), score })).sort((a, b) => b.score - a.score);
 }
 
 async function runOnce(session) {  // a graph with no inputs, run once; its session is released (else it leaks)

@@ -132,6 +132,19 @@ for (const [label, ort, tolerance] of [["onnxruntime-node", ortNode, 1e-5], ["on
   });
 }
 
+test("classify scores as transformers' pipeline: softmax, a sigmoid for multi-label or one output, logits for regression", () => {
+  const tensor = (values) => ({ dims: [1, values.length], data: Float32Array.from(values) });
+  const sigmoid = (v) => 1 / (1 + Math.exp(-v));
+  const close = (got, want) => got.forEach((g, i) => assert.ok(Math.abs(g.score - want[i]) < 1e-6, `${g.score} ${want[i]}`));
+  close(classify(tensor([-0.287]), null), [sigmoid(-0.287)]);  // one output: softmax gave 1.0 for every text
+  close(classify(tensor([0.5, -0.2, -1]), ["a", "b", "c"], 0, "multi_label_classification"),
+    [sigmoid(0.5), sigmoid(-0.2), sigmoid(-1)]);
+  close(classify(tensor([2.5, -1]), ["x", "y"], 0, "regression"), [2.5, -1]);
+  const soft = classify(tensor([1, 2]), ["x", "y"]);
+  assert.equal(soft[0].label, "y");
+  close(soft, [Math.E / (1 + Math.E), 1 / (1 + Math.E)]);
+});
+
 test("the tokenizer gives the Python tokenizer's ids", async () => {
   for (const model of ["llama", "minilm"]) {
     const tokenizer = await loadTokenizer(path.join(FIXTURES, model));

@@ -1,0 +1,77 @@
+"""Runtime.classify scores as transformers' text-classification pipeline does, by the base config's problem_type:
+softmax gave 1.0 to a head of one output (rerankers, scores) and probabilities summing to 1 to multi-label heads."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from peft_refs import randomize_adapter
+
+from edgepeft.errors import AdapterInUseError
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+TEXTS = ["w1 w2 w3", "w7 w3"]
+
+
+def _classifier(text_model, root, labels: int, problem_type=None) -> tuple:
+    """(OUT with a LoRA classifier "c", the PEFT model merged) on a tiny BERT whose config says ``problem_type``."""
+    import peft
+    import transformers as tf
+
+    base = str(root / "base")
+    shutil.copytree(text_model("bert"), base)
+    config = tf.AutoConfig.from_pretrained(base, num_labels=labels, problem_type=problem_type,
+                                           id2label={i: f"L{i}" for i in range(labels)})
+    torch.manual_seed(4)
+    tf.BertForSequenceClassification(config).save_pretrained(base)
+    pm = peft.get_peft_model(tf.BertForSequenceClassification.from_pretrained(base),
+                             peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    randomize_adapter(pm, 2)
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(root / "adapter"))
+    out = str(root / "out")
+    export([str(root / "adapter")], out, names=["c"])
+    return out, base, pm.merge_and_unload().eval()
+
+
+@pytest.mark.parametrize("labels, problem_type", [(1, None), (3, "multi_label_classification"), (1, "regression"),
+                                                  (3, None)])
+def test_classify_scores_as_the_pipeline(labels, problem_type, text_model, tmp_path):
+    import transformers as tf
+
+    out, base, merged = _classifier(text_model, tmp_path, labels, problem_type)
+    pipe = tf.pipeline("text-classification", model=merged, tokenizer=tf.AutoTokenizer.from_pretrained(base),
+                       top_k=None, device="cpu")
+    rt = Runtime(out)
+    assert rt.manifest["problem_type"] == problem_type
+    for text, theirs in zip(TEXTS, pipe(TEXTS)):
+        ours = rt.classify(text, adapter="c")
+        want = {r["label"]: r["score"] for r in theirs}
+        assert ours["scores"].keys() == want.keys()
+        np.testing.assert_allclose([ours["scores"][k] for k in want], list(want.values()), atol=1e-5)
+        assert ours["label"] == theirs[0]["label"] and ours["score"] == pytest.approx(theirs[0]["score"], abs=1e-5)
+
+
+def test_classify_holds_the_adapter_until_its_labels_are_read(text_model, tmp_path, monkeypatch):
+    """An adapter reloaded under the same name between the forward pass and reading its label names gave the old
+    adapter's scores under the new one's names."""
+    out, _, _ = _classifier(text_model, tmp_path, 3)
+    rt = Runtime(out)
+    forward = rt.forward
+    tried = []
+
+    def then_unload(*args, **kwargs):  # another thread, right after the forward pass
+        result = forward(*args, **kwargs)
+        with pytest.raises(AdapterInUseError):
+            rt.unload_adapter("c")
+        tried.append(True)
+        return result
+
+    monkeypatch.setattr(rt, "forward", then_unload)
+    assert rt.classify(TEXTS[0], adapter="c")["label"] in ("L0", "L1", "L2") and tried
+    monkeypatch.undo()
+    rt.unload_adapter("c")  # released once classify returns
