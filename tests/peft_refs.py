@@ -151,3 +151,25 @@ def bottleneck_adapter(path, base: str, seed: int) -> str:
     randomize_bottleneck(model, seed)
     model.save_pretrained(str(path))
     return str(path)
+
+
+def bert_lora_classifier(source: str, root, id2label: dict, seed: int = 3, **config) -> tuple:
+    """(base, adapter dir, the PEFT model): a tiny BERT saved as a trained classifier (``id2label``, other config
+    fields such as problem_type) in ``root``/base, with ``source``'s tokenizer, and an HF PEFT LoRA on it."""
+    import shutil
+
+    import peft
+    import transformers as tf
+
+    base, adapter = str(root / "base"), str(root / "adapter")
+    shutil.copytree(source, base)  # its tokenizer; the model saved over it is a classifier
+    labels = {v: k for k, v in id2label.items()}
+    cfg = tf.AutoConfig.from_pretrained(base, num_labels=len(id2label), id2label=id2label, label2id=labels, **config)
+    torch.manual_seed(seed)
+    tf.BertForSequenceClassification(cfg).save_pretrained(base)
+    pm = peft.get_peft_model(tf.BertForSequenceClassification.from_pretrained(base),
+                             peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    randomize_adapter(pm, 1)
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(adapter)
+    return base, adapter, pm

@@ -2,13 +2,10 @@
 softmax gave 1.0 to a head of one output (rerankers, scores) and probabilities summing to 1 to multi-label heads."""
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
-import torch
 
-from peft_refs import randomize_adapter
+from peft_refs import bert_lora_classifier
 
 from edgepeft.errors import AdapterInUseError
 from edgepeft.exporters import export
@@ -19,22 +16,10 @@ TEXTS = ["w1 w2 w3", "w7 w3"]
 
 def _classifier(text_model, root, labels: int, problem_type=None) -> tuple:
     """(OUT with a LoRA classifier "c", the PEFT model merged) on a tiny BERT whose config says ``problem_type``."""
-    import peft
-    import transformers as tf
-
-    base = str(root / "base")
-    shutil.copytree(text_model("bert"), base)
-    config = tf.AutoConfig.from_pretrained(base, num_labels=labels, problem_type=problem_type,
-                                           id2label={i: f"L{i}" for i in range(labels)})
-    torch.manual_seed(4)
-    tf.BertForSequenceClassification(config).save_pretrained(base)
-    pm = peft.get_peft_model(tf.BertForSequenceClassification.from_pretrained(base),
-                             peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
-    randomize_adapter(pm, 2)
-    pm.peft_config["default"].base_model_name_or_path = base
-    pm.save_pretrained(str(root / "adapter"))
+    base, adapter, pm = bert_lora_classifier(text_model("bert"), root, {i: f"L{i}" for i in range(labels)}, seed=4,
+                                             problem_type=problem_type)
     out = str(root / "out")
-    export([str(root / "adapter")], out, names=["c"])
+    export([adapter], out, names=["c"])
     return out, base, pm.merge_and_unload().eval()
 
 

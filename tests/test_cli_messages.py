@@ -144,23 +144,9 @@ def test_an_adapter_for_another_architecture_under_base_says_drop_base(peft_adap
 def test_a_trained_base_classifier_keeps_its_label_names_and_gets_no_untrained_note(text_model, tmp_path, capsys):
     """A base that is a trained classifier (config.json id2label NEGATIVE/POSITIVE) with an HF PEFT LoRA on it:
     transformers names the classes so; edgepeft said '0'/'1', and `run --adapter none` called its head untrained."""
-    import peft
-    import torch
-    import transformers as tf
+    from peft_refs import bert_lora_classifier
 
-    from peft_refs import randomize_adapter
-
-    base = str(tmp_path / "base")
-    shutil.copytree(text_model("bert"), base)  # its tokenizer; the model saved over it is a classifier
-    config = tf.AutoConfig.from_pretrained(base, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"},
-                                           label2id={"NEGATIVE": 0, "POSITIVE": 1})
-    torch.manual_seed(3)
-    tf.BertForSequenceClassification(config).save_pretrained(base)
-    pm = peft.get_peft_model(tf.BertForSequenceClassification.from_pretrained(base),
-                             peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
-    randomize_adapter(pm, 1)
-    pm.peft_config["default"].base_model_name_or_path = base
-    pm.save_pretrained(str(tmp_path / "adapter"))
+    bert_lora_classifier(text_model("bert"), tmp_path, {0: "NEGATIVE", 1: "POSITIVE"})
     out = str(tmp_path / "out")
     export([str(tmp_path / "adapter")], out, names=["s"])
     rt = Runtime(out)
