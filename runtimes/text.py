@@ -57,6 +57,9 @@ class TextTokenizer:
         self._tok.no_truncation()  # too-long prompts get a clear error, not a silent cut
         config_path = os.path.join(base_dir, "tokenizer_config.json")
         self.config = read_json(config_path, "tokenizer config", _FIX) if os.path.isfile(config_path) else {}
+        # as transformers: special-token text in a prompt is plain text (a defence against prompt injection)
+        self._tok.encode_special_tokens = self.config.get("split_special_tokens") is True
+        self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         map_path = os.path.join(base_dir, "special_tokens_map.json")  # older tokenizers name their tokens there
         self.special_map = read_json(map_path, "special tokens map", _FIX) if os.path.isfile(map_path) else {}
         template_path = os.path.join(base_dir, "chat_template.jinja")
@@ -121,16 +124,20 @@ class TextTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def open_bytes(self, ids) -> int:
+    def open_bytes(self, ids, skip_special_tokens: bool = False) -> int:
         """How many of the last ``ids`` are byte-fallback tokens (``<0x0A>``: Llama-2, Mistral): a run of them
         decodes as a whole, each of its bytes U+FFFD while the run is not valid UTF-8, so its text (a newline
-        shown already included) may change until a token of another kind ends the run."""
-        n = 0
+        shown already included) may change until a token of another kind ends the run. Decoded without special
+        tokens, a special token inside a run does not end it (and is counted with it)."""
+        n = skipped = 0
         for i in reversed(ids):
+            if skip_special_tokens and int(i) in self._special_ids:
+                skipped += 1
+                continue
             token = self._tok.id_to_token(int(i)) or ""
             if not (len(token) == 6 and token.startswith("<0x") and token.endswith(">")):
                 break
-            n += 1
+            n, skipped = n + skipped + 1, 0
         return n
 
     def decode_open(self, ids, skip_special_tokens: bool = True) -> str:
@@ -263,7 +270,7 @@ def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     new, shown, tok = [], "", rt.tokenizer
     for token in rt.stream(ids, mask, adapter, **generation):
         new.append(int(token[0]))
-        settled = tok.decode(new[:len(new) - tok.open_bytes(new)])  # an open run of byte tokens may still change
+        settled = tok.decode(new[:len(new) - tok.open_bytes(new, True)])  # an open run of byte tokens may change
         if settled.startswith(shown) and len(settled) > len(shown) and not settled.endswith("\ufffd"):
             yield settled[len(shown):]
             shown = settled

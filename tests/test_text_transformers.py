@@ -97,6 +97,34 @@ def test_stream_text_keeps_streaming_after_a_byte_run_turns_to_replacement_chara
     assert len(pieces) > 2  # streamed, not held to the end
 
 
+def test_stream_text_holds_back_a_byte_run_a_special_token_interrupts(tmp_path):
+    """stream_text decodes without special tokens, so <0x28> <unk> <0xE6> is one byte run whose '(' turns to
+    U+FFFD: the run was held back only up to <unk>, '(' was shown, and everything after it was lost."""
+    tok = TextTokenizer(llama2_tokenizer(tmp_path / "tok"))
+    chosen = [tok._tok.token_to_id(t) for t in ["▁Par", "<0x28>", "<unk>", "<0xE6>", "▁the▁quick▁", "how"]]
+    rt = types.SimpleNamespace(tokenizer=tok, stream=lambda ids, mask, adapter, **g: (np.array([t]) for t in chosen))
+    pieces = list(text_calls.stream_text(rt, "Hello"))
+    assert "".join(pieces) == tok.decode(chosen) == "Par\ufffd\ufffd the quick how"
+    assert len(pieces) > 2
+
+
+def test_split_special_tokens_encodes_special_token_text_as_text(tmp_path):
+    """tokenizer_config.json's split_special_tokens: transformers encodes '</s>' in a prompt as plain text (a defence
+    against prompt injection); the runtime made it the control token."""
+    import transformers as tf
+
+    folder = llama2_tokenizer(tmp_path / "tok", tokenizer_class="PreTrainedTokenizerFast")
+    text = "Hello</s> the<s>"
+    plain = TextTokenizer(folder).encode(text)[0][0].tolist()
+    config = os.path.join(folder, "tokenizer_config.json")
+    with open(config) as f:
+        settings = json.load(f)
+    with open(config, "w") as f:
+        json.dump({**settings, "split_special_tokens": True}, f)
+    want = tf.AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
+    assert TextTokenizer(folder).encode(text)[0][0].tolist() == want != plain
+
+
 def test_stop_strings_read_a_byte_tokens_own_text_as_transformers(tmp_path):
     """<0xE6> then <0x0A>: transformers' StopStringCriteria sees '\\n' (each token's own text); the decoder's
     whole-run U+FFFD hid it, so generation ran past the stop."""

@@ -328,6 +328,11 @@ export async function tokenizerOf(Tokenizer, loader) {
   const config = await readJson(loader, "base/tokenizer_config.json", OPTIONAL, fix);
   const tokenizer = await readJson(loader, "base/tokenizer.json",
     "the export has no tokenizer; pass token ids, or export from a base folder that has tokenizer.json", fix);
+  if (config.split_special_tokens === true) {  // @huggingface/tokenizers would make "</s>" in a text the control token
+    throw new EdgePeftError(`${loader.where("base/tokenizer_config.json")}: split_special_tokens (special-token text ` +
+      "in a prompt encoded as text) is not in the JavaScript tokenizer; pass token ids encoded by the Python runtime " +
+      "(rt.tokenizer.encode) or transformers");
+  }
   return new Tokenizer(tokenizer, config);
 }
 

@@ -122,6 +122,10 @@ test("missing or damaged files of an export name the file and a fix, on node and
   await refuses(loadTokenizer(out), /base\/tokenizer.json: the export has no tokenizer; pass token ids, or export from a base folder/);
   await writeFile(path.join(out, "base/tokenizer_config.json"), "{");
   await refuses(loadTokenizer(out), /base\/tokenizer_config.json: not readable JSON/);
+  const tokenized = await copied("split-special");  // the Python runtime and transformers encode "</s>" as text
+  const config = path.join(tokenized, "base/tokenizer_config.json");
+  await writeFile(config, JSON.stringify({ ...JSON.parse(await readFile(config, "utf8")), split_special_tokens: true }));
+  await refuses(loadTokenizer(tokenized), /tokenizer_config.json: split_special_tokens .* is not in the JavaScript tokenizer; pass token ids/);
 });
 
 test("SHA-256 without Web Crypto (a page served over plain http) gives Web Crypto's digests", () => {
