@@ -125,20 +125,25 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
 def _base_of(sources, base) -> str:
     if base:
         return str(base)
-    wanted = {s.config.base_model_name_or_path for s in sources}
-    if None in wanted or "" in wanted:
+    named = [s.config.base_model_name_or_path for s in sources]
+    if None in named or "" in named:
         missing = next(s for s in sources if not s.config.base_model_name_or_path)
         raise ConfigError(f"{missing.path}: adapter_config.json names no base_model_name_or_path; pass --base MODEL")
-    if len(wanted) > 1:
-        raise ConfigError(f"the adapters name different bases ({', '.join(sorted(wanted))}); export them into separate "
-                          "--out folders or pass --base")
-    return wanted.pop()
+    if len({_same(n) for n in named}) > 1:
+        raise ConfigError(f"the adapters name different bases ({', '.join(sorted(set(named)))}); export them into "
+                          "separate --out folders or pass --base")
+    return named[0]
+
+
+def _same(source: str) -> str:
+    """A base as one model: a folder by its real path (one adapter may name it relative, another absolute)."""
+    return os.path.realpath(source) if os.path.isdir(source) else source
 
 
 def _revision_of(sources, source: str) -> str | None:
     """The hub revision the adapters record for ``source`` (their ``revision``, which HF PEFT's AutoPeftModel loads);
     None: the default branch, or ``--base`` names another model than they record. One export serves one revision."""
-    recorded = [s for s in sources if s.config.base_model_name_or_path == source]
+    recorded = [s for s in sources if _same(s.config.base_model_name_or_path or "") == _same(source)]
     revisions = {s.config.revision or "main" for s in recorded}  # unset is the default branch, as HF loads it
     if len(revisions) > 1:
         named = ", ".join(f"{s.path}: {s.config.revision or 'main (unset)'}" for s in recorded)

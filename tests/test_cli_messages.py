@@ -163,3 +163,14 @@ def test_a_trained_base_classifier_keeps_its_label_names_and_gets_no_untrained_n
         out_text, err = capsys.readouterr()
         assert ("note: no adapter: the base model's classifier head is untrained" in err) == noted, folder
         assert noted or "NEGATIVE\t" in out_text  # run prints each label's probability
+
+
+def test_adapters_naming_one_base_folder_relative_and_absolute_export_together(tiny_base, tmp_path, monkeypatch):
+    """Two adapters trained on one base folder, one recording it relative and one absolute, were refused as
+    "different bases"."""
+    base = tiny_base("llama")
+    monkeypatch.chdir(os.path.dirname(base))
+    relative = lora_adapter(tmp_path / "rel", os.path.basename(base), "causal-lm", 1, r=2, target_modules=["q_proj"])
+    absolute = lora_adapter(tmp_path / "abs", base, "causal-lm", 2, r=2, target_modules=["v_proj"])
+    export([relative, absolute], str(tmp_path / "out"), names=["rel", "abs"])
+    assert Runtime(str(tmp_path / "out")).adapter_names == ["abs", "rel"]
