@@ -10,11 +10,6 @@ _LAZY = {
     "PeftConfig": "edgepeft.config",
     "load_config": "edgepeft.tuners",
     "minilm_path": "edgepeft.models",
-    "LoraConfig": "edgepeft.tuners.lora",
-    "IA3Config": "edgepeft.tuners.ia3",
-    "BottleneckConfig": "edgepeft.tuners.bottleneck",
-    "PrefixTuningConfig": "edgepeft.tuners.prefix",
-    "PromptTuningConfig": "edgepeft.tuners.prompt",
     "PeftModel": "edgepeft.peft_model",
     "get_peft_model": "edgepeft.peft_model",
     "EdgePeftError": "edgepeft.errors",
@@ -31,4 +26,8 @@ __all__ = sorted(_LAZY)
 def __getattr__(name):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
+    if name.endswith("Config"):  # a registered method's config class (LoraConfig; a plugin's once it is imported)
+        for method in import_module("edgepeft.tuners").methods():
+            if method.config_cls.__name__ == name:
+                return method.config_cls
     raise AttributeError(f"module 'edgepeft' has no attribute {name!r}")

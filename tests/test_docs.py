@@ -72,3 +72,16 @@ def run_page(page: str) -> None:
 def test_python_blocks_run_as_written(page, docs_folder):
     run_page("README.md")  # its quickstart makes the exports the other pages use
     run_page(page)
+
+
+def test_method_pages_name_every_built_in_method():
+    """A built-in method has its row in docs/methods.md (its config class) and in training.md's default-rate table."""
+    from edgepeft.tuners import methods
+
+    def page(name):
+        with open(os.path.join(REPO, name), encoding="utf-8") as f:
+            return f.read()
+
+    built_in = [m for m in methods() if m.config_cls.__module__.startswith("edgepeft.")]  # not a test's toy method
+    assert [m.config_cls.__name__ for m in built_in if f"`{m.config_cls.__name__}(" not in page("docs/methods.md")] == []
+    assert [m.name for m in built_in if f"\n| {m.name} |" not in page("docs/training.md")] == []

@@ -97,3 +97,23 @@ def test_prompt_tuning_random_init_is_peft_random_init(tiny_base):
     assert ours.abs().min() > 0 and 0.8 < float(ours.std()) < 1.2 and abs(float(ours.mean())) < 0.2  # N(0, 1)
     assert abs(float(ours.std()) - float(theirs.std())) < 0.1
     assert torch.equal(ours, theirs)
+
+
+def test_module_targets_finds_modules_of_any_type_as_hf_peft_selects_them(tiny_base):
+    """targets.module_targets, the helper adding-a-method.md names for a method whose targets are not linear
+    layers (norms): matched as HF PEFT matches, less exclude_modules and modules saved whole; none matched is an
+    error naming the model, and linear_targets points to it for a norm."""
+    from edgepeft.errors import ConfigError
+    from edgepeft.tuners import targets
+
+    model = load_reference_base(tiny_base("llama"), "causal-lm")
+    config = edgepeft.LoraConfig(target_modules=["post_attention_layernorm", "input_layernorm"],
+                                 exclude_modules=["model.layers.0.input_layernorm"])
+    found = targets.module_targets(model, config, {})
+    layers = len(model.model.layers)
+    assert len(found) == 2 * layers - 1 and "model.layers.0.input_layernorm" not in found
+    assert all(type(model.get_submodule(k)).__name__ == "LlamaRMSNorm" for k in found)
+    with pytest.raises(ConfigError, match="matches no module of this llama model"):
+        targets.module_targets(model, edgepeft.LoraConfig(target_modules=["no_such"]), {})
+    with pytest.raises(ConfigError, match="uses module_targets"):
+        targets.linear_targets(model, config, {})

@@ -88,6 +88,35 @@ def output_layer_name(model: nn.Module):
     return next((n for n, m in model.named_modules() if m is out), None)
 
 
+def configured_targets(model: nn.Module, config, defaults: dict):
+    """``config.target_modules``, or the method's default for the model type (``defaults``: {model type: targets})."""
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in defaults:
+        raise ConfigError(f"target_modules is required for model type {model_type!r}")
+    return defaults[model_type]
+
+
+def selected_modules(model: nn.Module, config, selects) -> list[str]:
+    """Full names of the modules ``selects(key, module)`` picks, less those inside ``modules_to_save`` and those
+    ``exclude_modules`` names, as HF PEFT leaves them out."""
+    saved, exclude = list(config.modules_to_save or []), getattr(config, "exclude_modules", None)
+    return [key for key, module in model.named_modules()
+            if selects(key, module) and not within_saved(saved, key) and not name_matches(exclude, key)]
+
+
+def module_targets(model: nn.Module, config, defaults: dict) -> list[str]:
+    """Full names of the modules of any type ``config.target_modules`` selects (norms, embeddings): for a method
+    whose targets are not linear layers. ``defaults``: as for ``linear_targets``."""
+    targets = configured_targets(model, config, defaults)
+    names = selected_modules(model, config, lambda key, module: name_matches(targets, key))
+    if not names:
+        model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise ConfigError(f"target_modules {targets!r} matches no module of this {model_type} model")
+    return names
+
+
 def linear_targets(model: nn.Module, config, defaults: dict) -> list[str]:
     """Full names of the linear modules ``config.target_modules`` selects in ``model``.
 
@@ -95,29 +124,18 @@ def linear_targets(model: nn.Module, config, defaults: dict) -> list[str]:
     modules saved whole (``modules_to_save``), as HF PEFT does. ``defaults``: the method's
     targets per model type, for a config that names none.
     """
-    targets = config.target_modules
-    if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in defaults:
-            raise ConfigError(f"target_modules is required for model type {model_type!r}")
-        targets = defaults[model_type]
-    saved = list(config.modules_to_save or [])
-    names = []
+    targets = configured_targets(model, config, defaults)
     if isinstance(targets, str) and targets.lower() == "all-linear":  # HF PEFT ignores its case
         skip = output_layer_name(model)
-        for key, module in model.named_modules():
-            if isinstance(module, LINEAR_TYPES) and key != skip and not within_saved(saved, key):
-                names.append(key)
+        names = selected_modules(model, config, lambda key, module: isinstance(module, LINEAR_TYPES) and key != skip)
     else:
-        for key, module in model.named_modules():
-            if name_matches(targets, key) and not within_saved(saved, key):
-                if not isinstance(module, LINEAR_TYPES):
-                    raise ConfigError(
-                        f"target module {key!r} is a {type(module).__name__}; edgepeft adapts nn.Linear and Conv1D layers"
-                    )
-                names.append(key)
+        names = selected_modules(model, config, lambda key, module: name_matches(targets, key))
+        for key in names:
+            module = model.get_submodule(key)
+            if not isinstance(module, LINEAR_TYPES):
+                raise ConfigError(f"target module {key!r} is a {type(module).__name__}; edgepeft adapts nn.Linear and "
+                                  "Conv1D layers (a method whose targets are other modules uses module_targets)")
     exclude = getattr(config, "exclude_modules", None)
-    names = [n for n in names if not name_matches(exclude, n)]
     if not names:
         model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
         have = sorted({k.rpartition(".")[2] for k, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
