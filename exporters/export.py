@@ -20,7 +20,7 @@ from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
 from edgepeft.exporters.base_graph import graph_file_bytes, trace_base
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
-from edgepeft.exporters.fingerprint import weights_fingerprint
+from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
 from edgepeft.exporters.quantize import check_quantize, quantize_graph
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
 from edgepeft.exporters.validate import compare_siblings, log_check, validate
@@ -148,8 +148,11 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
         raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
                           f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
                           "export into a fresh --out folder")
-    skip = {s.module for s in existing["slots"] if s.neutral == "base"}  # as OUT's base was fingerprinted
-    if existing.get("weights_fingerprint") != weights_fingerprint(plan.model, skip_modules=skip) or existing["task"] != plan.task:
+    recorded = existing.get("weights_fingerprint")
+    ours = weights_fingerprint(plan.model, skip_modules=made_heads(plan.model))
+    if recorded != ours and existing["task"] == plan.task:
+        _check_older_fingerprint(plan, recorded)
+    if recorded != ours or existing["task"] != plan.task:
         raise AdapterBaseMismatchError(
             f"{base_dir}: was exported from {model_label(existing.get('source'), existing.get('revision'))} "
             f"({existing['task']}); these adapters need {model_label(plan.source, plan.revision)} ({plan.task}); "
@@ -163,6 +166,16 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
     if have != want:
         raise ConfigError(f"{base_dir}: holds a base built with {have} ops, this export asks for {want} (--ops); "
                           f"export with --ops {have}, or into another --out folder")
+
+
+def _check_older_fingerprint(plan: ExportPlan, recorded: str) -> None:
+    """An older edgepeft left the base's own heads (slots) out of its fingerprint: an OUT it wrote from this base
+    is named as such, not as another base's, and refused (it cannot tell bases differing only there apart)."""
+    heads = sorted({s.module for s in plan.existing["slots"] if s.neutral == "base"} - made_heads(plan.model))
+    if heads and recorded == weights_fingerprint(plan.model, skip_modules=heads + sorted(made_heads(plan.model))):
+        raise ConfigError(f"{plan.base_dir}: was written by an older edgepeft (its base fingerprint leaves out "
+                          f"{', '.join(heads)}, so adapters made for a base with another {heads[0]} would load on it); "
+                          "export every adapter into a fresh --out folder")
 
 
 def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> list:
@@ -201,7 +214,7 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
         check_output_dir(d, "--out")
     stage = staging.new(plan.out, "base")
     plan.log(f"exporting base with {len(slots)} slots to {plan.base_dir}")
-    skip = {s.module for s in slots if s.neutral == "base"}  # task heads: their base values are only defaults
+    skip = made_heads(plan.model)  # a head made at load is no base weight; the base's own heads count (slot defaults)
     trace_base(plan.model, slots, plan.task, stage, plan.source, weights_fingerprint(plan.model, skip_modules=skip),
                plan.groups, ops=effective_ops(plan.model.config, plan.task, plan.ops, plan.log), revision=plan.revision,
                log=plan.log)

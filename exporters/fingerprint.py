@@ -6,6 +6,8 @@ import json
 
 import torch
 
+from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
+
 # Config keys that name or describe a checkpoint but do not change the computation.
 _VOLATILE = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "id2label", "label2id",
              "_attn_implementation_autoset", "use_cache"}
@@ -14,8 +16,8 @@ _VOLATILE = {"_name_or_path", "transformers_version", "architectures", "dtype", 
 def weights_fingerprint(model: torch.nn.Module, skip_modules=()) -> str:
     """sha256 of the model config and every tensor (name, dtype, shape, bytes).
 
-    ``skip_modules`` (task heads that are slots) are left out: their base values are
-    only slot defaults.
+    ``skip_modules`` are left out: weights that are not the base's (``made_heads``). A base's own head counts
+    even when it is a slot: the graph uses it wherever an adapter leaves the slot empty.
     """
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
@@ -28,6 +30,14 @@ def weights_fingerprint(model: torch.nn.Module, skip_modules=()) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def made_heads(model: torch.nn.Module) -> set:
+    """The classifier modules ``load_base`` made (seeded, untrained) for a checkpoint without one: not the base's
+    weights, so they stay out of its fingerprint (``model.edgepeft_new_head``)."""
+    if not getattr(model, "edgepeft_new_head", False):
+        return set()
+    return {n for n in CLASSIFIER_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)}
 
 
 def base_fingerprint(weights_fp: str, slots, opset: int) -> str:

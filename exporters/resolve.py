@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from edgepeft.config import CONFIG_NAME, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
-from edgepeft.exporters.fingerprint import weights_fingerprint
+from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.files import check_output_dir
 from edgepeft.models import (
@@ -180,23 +180,24 @@ def adapter_slots(model, config, groups=(), path: str | None = None) -> list:
 
 
 def _check_recorded_bases(sources, source: str, model, task: str) -> None:
-    """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``."""
-    skip = set()  # modules whose base weights are only slot defaults (task heads): left out of the fingerprint
+    """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``,
+    apart from the heads the adapter carries itself (modules it trains whole) and heads made at load."""
+    own = {}  # per adapter: the base modules it replaces with its own (its slots whose neutral value is the base's)
     for src in sources:
         try:
-            skip |= {s.module for s in adapter_slots(model, src.config, path=src.path) if s.neutral == "base"}
+            own[src.name] = {s.module for s in adapter_slots(model, src.config, path=src.path) if s.neutral == "base"}
         except EdgePeftError as e:  # an adapter this model cannot take: most likely made for the base it records
             recorded = src.config.base_model_name_or_path
             if not recorded or os.path.abspath(recorded) == os.path.abspath(source):
                 raise
             raise type(e)(f"{e}; it was trained on {recorded}: drop --base to export it with that base") from None
-    ours = None
     for src in sources:
         recorded = src.config.base_model_name_or_path
         if not recorded or not os.path.isdir(recorded) or os.path.realpath(recorded) == os.path.realpath(source):
             continue  # a hub id this machine may not have, or the same folder
-        ours = ours or weights_fingerprint(model, skip_modules=skip)
-        if weights_fingerprint(load_base(recorded, task), skip_modules=skip) != ours:
+        theirs = load_base(recorded, task)
+        if (weights_fingerprint(theirs, skip_modules=own[src.name] | made_heads(theirs))
+                != weights_fingerprint(model, skip_modules=own[src.name] | made_heads(model))):
             raise AdapterBaseMismatchError(
                 f"{src.path}: was trained on {recorded}, whose weights differ from --base {source}; export it with the "
                 "base it was trained on (drop --base), or train it again on this base")

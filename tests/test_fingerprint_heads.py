@@ -1,0 +1,97 @@
+"""The base fingerprint covers the base's own heads (the graph uses them wherever an adapter leaves the head slot
+empty) and leaves out only a classifier load_base made for a checkpoint without one."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from file_checks import edit_json
+from peft_refs import lora_adapter
+from tiny import load_reference_base
+
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError
+from edgepeft.exporters import export
+from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
+from edgepeft.models import load_base
+from edgepeft.runtimes import Runtime
+from edgepeft.runtimes.manifest import BASE_MANIFEST
+
+
+def _base_manifest(out) -> dict:
+    with open(os.path.join(out, "base", BASE_MANIFEST)) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def two_outs(tiny_base, tmp_path_factory):
+    """(folder, [OUT A, OUT B]): llama bases differing only in lm_head, each OUT with an adapter saving lm_head
+    ("head-a"/"head-b" in folder) and a plain one ("plain-a"/"plain-b")."""
+    root, base = tmp_path_factory.mktemp("fp-heads"), tiny_base("llama")
+    model = load_reference_base(base, "causal-lm")
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5)
+    other = str(root / "base-other-head")
+    model.save_pretrained(other)
+    outs = []
+    for b, tag in ((base, "a"), (other, "b")):
+        head = lora_adapter(root / f"head-{tag}", b, "causal-lm", 1, r=2, target_modules=["q_proj"],
+                            modules_to_save=["lm_head"])
+        plain = lora_adapter(root / f"plain-{tag}", b, "causal-lm", 2, r=2, target_modules=["q_proj"])
+        outs.append(str(root / f"out-{tag}"))
+        export([head, plain], outs[-1], names=["head", "plain"])
+    return root, outs
+
+
+def test_an_adapter_for_a_base_with_another_lm_head_is_refused(two_outs):
+    """lm_head, a head slot once an adapter saves it, was left out of the fingerprint: OUT A loaded B's plain
+    adapter and ran it on A's lm_head (logits off by ~12)."""
+    out_a, out_b = two_outs[1]
+    assert _base_manifest(out_a)["fingerprint"] != _base_manifest(out_b)["fingerprint"]
+    with pytest.raises(AdapterBaseMismatchError, match="was exported for base"):
+        Runtime(out_a, load_adapters=False).load_adapter(os.path.join(out_b, "adapters", "plain"))
+
+
+def test_an_out_whose_fingerprint_left_the_head_out_is_named_older(two_outs, tmp_path):
+    """An OUT written before heads counted is refused as an older edgepeft's, not as another base's."""
+    root, out = two_outs[0], str(tmp_path / "older")
+    export([str(root / "head-a")], out, names=["head"])
+    older = weights_fingerprint(load_base(_base_manifest(out)["source"], "causal-lm"), skip_modules=["lm_head"])
+    edit_json(os.path.join(out, "base", BASE_MANIFEST), weights_fingerprint=older)  # as the older edgepeft wrote it
+    with pytest.raises(ConfigError, match=r"base: was written by an older edgepeft \(its base fingerprint leaves "
+                                          r"out lm_head.*export every adapter into a fresh --out folder"):
+        export([str(root / "plain-a")], out, names=["plain"])
+
+
+def test_a_classifier_made_at_load_stays_out_and_re_exports_keep_the_fingerprint(tiny_base, tmp_path):
+    """A seq-cls base without a classifier: its made head is no base weight; a later export into the same OUT
+    (a new base for new slots) keeps the fingerprint, and the adapter already there still loads."""
+    base = tiny_base("bert")
+    model = load_base(base, "seq-cls")
+    assert made_heads(model) == {"classifier"}
+    fp = weights_fingerprint(model, skip_modules=made_heads(model))
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    assert weights_fingerprint(model, skip_modules=made_heads(model)) == fp
+    out = str(tmp_path / "out")
+    export([lora_adapter(tmp_path / "q", base, "seq-cls", 3, num_labels=3, r=2, target_modules=["query"])], out,
+           names=["q"])
+    first = _base_manifest(out)["weights_fingerprint"]
+    assert first == fp
+    export([lora_adapter(tmp_path / "v", base, "seq-cls", 4, num_labels=3, r=2, target_modules=["value"])], out,
+           names=["v"])
+    assert _base_manifest(out)["weights_fingerprint"] == first
+    Runtime(out)  # loads q (re-pointed to the new base) and v
+
+
+def test_base_given_refuses_an_adapter_trained_with_another_head_unless_it_carries_its_own(tiny_base, two_outs,
+                                                                                            tmp_path):
+    """--base: the check against each adapter's recorded base left out every head any adapter of the export
+    saves, so B's plain adapter went onto A's lm_head when a head adapter came with it. An adapter that carries
+    its own lm_head may move: the base's is never used with it."""
+    root, base = two_outs[0], tiny_base("llama")
+    with pytest.raises(AdapterBaseMismatchError, match=r"plain-b: was trained on .*whose weights differ from --base"):
+        export([str(root / "head-a"), str(root / "plain-b")], str(tmp_path / "mixed"), base=base, names=["h", "p"])
+    export([str(root / "head-b")], str(tmp_path / "carried"), base=base, names=["h"])
