@@ -120,6 +120,34 @@ def test_add_and_set_adapter_switch_outputs_and_merge_matches(tiny_base, tmp_pat
     assert os.path.isfile(tmp_path / "multi" / "second" / "adapter_model.safetensors")
 
 
+@pytest.mark.parametrize("config", [edgepeft.LoraConfig(r=2, target_modules=["lm_head"]),
+                                    edgepeft.IA3Config(target_modules=["lm_head"], feedforward_modules=[]),
+                                    edgepeft.IA3Config(target_modules=["lm_head"], feedforward_modules=["lm_head"])],
+                         ids=["lora", "ia3-out", "ia3-in"])
+def test_merging_into_a_tied_output_layer_leaves_the_embeddings(config, tiny_base, tmp_path):
+    """GPT-2's lm_head is its token embedding table: merge folded the adapter into the shared table, so the merged
+    model embedded every token differently (logits off by ~40; `export --merge` refused it, advising --atol)."""
+    base = load_reference_base(tiny_base("gpt2"), "causal-lm")
+    assert base.lm_head.weight is base.get_input_embeddings().weight
+    table = base.get_input_embeddings().weight.detach().clone()
+    model = edgepeft.get_peft_model(base, config)
+    randomize_adapter(model, seed=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.uniform_(0.5, 1.5)
+    model.eval()
+    ids, mask = sample_batch()
+    want = torch_outputs(model, ids, mask, "logits")
+    merged = model.merge_and_unload()
+    assert abs(torch_outputs(merged, ids, mask, "logits") - want).max() <= 1e-4
+    assert torch.equal(merged.get_input_embeddings().weight, table)
+    assert not merged.config.tie_word_embeddings
+    merged.save_pretrained(tmp_path / "merged")  # saved and loaded as transformers does: the head stays its own
+    again = load_reference_base(str(tmp_path / "merged"), "causal-lm")
+    assert abs(torch_outputs(again, ids, mask, "logits") - want).max() <= 1e-4
+
+
 def test_config_from_newer_peft_loads_with_warning_and_unsupported_options_fail(tmp_path):
     (tmp_path / "a").mkdir()
     cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "shiny_new_option": {"x": 1}}

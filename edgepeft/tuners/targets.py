@@ -61,6 +61,18 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
+def untied(model: nn.Module, layer: nn.Module) -> nn.Module:
+    """``layer`` with a weight of its own, for an adapter to be folded into: a tied output layer (GPT-2, SmolLM2,
+    small Qwen2.5) shares the input embedding table, and folding into it changed every token's embedding too
+    (HF PEFT does so, with a warning). ``model`` (the copy being merged) is untied for good."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is layer.weight:
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False  # save_pretrained and tie_weights would tie them again
+    return layer
+
+
 def saved_whole(names, key: str) -> bool:
     """HF PEFT's ``modules_to_save`` match: the module's full name ends with a listed name (``head``: ``lm_head``)."""
     return any(key.endswith(name) for name in names or [])

@@ -8,7 +8,9 @@ from edgepeft.errors import ConfigError
 from edgepeft.registry import Tuner
 from edgepeft.tuners.ia3.config import DEFAULT_IA3_FEEDFORWARD, DEFAULT_IA3_TARGETS
 from edgepeft.tuners.ia3.layer import IA3Linear
-from edgepeft.tuners.targets import adapter_layer, innermost, linear_targets, name_matches, replace_module, unwrapped
+from edgepeft.tuners.targets import (
+    adapter_layer, innermost, linear_targets, name_matches, replace_module, untied, unwrapped,
+)
 
 
 def ia3_targets(model: nn.Module, config) -> list[tuple[str, bool]]:
@@ -57,7 +59,7 @@ class IA3Tuner(Tuner):
     def merge(self, model: nn.Module, adapter_name: str) -> None:
         """Fold the scaling vectors into the weights (and, for output scaling, the bias)."""
         for key, module in self.layers(model):
-            base = innermost(module)
+            base = untied(model, innermost(module))
             if adapter_name in module.ia3_l:
                 scale = module.ia3_l[adapter_name].flatten()
                 linear = isinstance(base, nn.Linear)  # Linear weight (out, in); Conv1D weight (in, out)

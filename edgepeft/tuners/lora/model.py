@@ -8,7 +8,7 @@ from edgepeft.errors import ConfigError, UnsupportedMethodError
 from edgepeft.registry import Tuner
 from edgepeft.tuners.lora.config import DEFAULT_LORA_TARGETS
 from edgepeft.tuners.lora.layer import LoraLinear
-from edgepeft.tuners.targets import adapter_layer, innermost, linear_targets, replace_module, unwrapped
+from edgepeft.tuners.targets import adapter_layer, innermost, linear_targets, replace_module, untied, unwrapped
 
 
 class LoraTuner(Tuner):
@@ -41,7 +41,7 @@ class LoraTuner(Tuner):
     def merge(self, model: nn.Module, adapter_name: str) -> None:
         """Fold ``adapter_name`` into the base weights and put the plain layers back."""
         for key, module in self.layers(model):
-            base = innermost(module)
+            base = untied(model, innermost(module))
             if adapter_name in module.lora_A:
                 base.weight += module.delta_weight(adapter_name).to(base.weight.dtype)
             replace_module(model, key, module.base_layer)
