@@ -182,21 +182,23 @@ def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> li
     """The fusion layout of the base already in OUT, which its adapters' slots depend on.
 
     New adapters may need fewer fused groups (one that scales a member's own input keeps it apart):
-    fine when OUT's base already keeps those layers apart (an earlier adapter needed it too); when it
-    fuses them, its adapters would need new slots, so the export is refused with the way out.
+    fine when OUT's base already keeps those layers apart (an earlier adapter needed it too), or when no
+    adapter there has a slot on the group (the new base splits it); else its adapters would need new slots,
+    so the export is refused with the way out.
     """
     have = existing.get("fused_groups", [])
     allowed = {group_key(g): g for g in groups}
-    if {s.module for s in existing["slots"]} & (set(allowed) - set(have)):  # slots on groups it says it lacks
+    used = {s.module for s in existing["slots"]}
+    if used & (set(allowed) - set(have)):  # slots on groups it says it lacks
         raise ConfigError(f"{base_dir}: was written with another graph layout (its slot table and fused groups "
                           "disagree); export into a fresh --out folder")
-    apart = [k for k in have if k not in allowed]
+    apart = [k for k in have if k not in allowed and k in used]  # a group no adapter there reads: split it
     if apart:
         raise ConfigError(
             f"{base_dir}: fuses {', '.join(apart)} into one MatMul for the adapters already there, but "
             f"{', '.join(names)} needs {'them' if len(apart) > 1 else 'it'} apart (a method that changes one of them alone, e.g. IA3 on a layer's input); "
             "export every adapter together into a fresh --out folder (edgepeft export --adapter A --adapter B ...)")
-    return [allowed[k] for k in have]
+    return [allowed[k] for k in have if k in allowed]
 
 
 # ---------------------------------------------------------------- stage

@@ -124,6 +124,17 @@ def test_adapters_exported_one_after_another_keep_the_fusion_layout(workdir, pef
     with pytest.raises(ConfigError, match=r"gate_proj\+up_proj.* export every adapter together"):
         export([ia3], other, names=["ia3"])
     assert tree_hashes(other) == before
+    # after adapters with no slot on gate/up (it was refused alike): the new base splits the group
+    qv = peft_adapter("llama", "qv-for-ia3", seed=62, r=2, target_modules=["q_proj", "v_proj"])
+    third = str(tmp_path / "qv-first")
+    export([qv], third, names=["qv"])
+    assert any("up_proj" in g for g in Runtime(third).manifest["fused_groups"])
+    export([ia3], third, names=["ia3"])
+    rt = Runtime(third)
+    assert not any("up_proj" in g for g in rt.manifest["fused_groups"])
+    for name, adapter_dir in [("ia3", ia3), ("qv", qv)]:
+        ours = rt.forward(ids, mask, adapter=name)["logits"]
+        assert max_diff_valid(ours, torch_outputs(hf_reference("llama", adapter_dir), ids, mask, "logits"), mask) <= 1e-4
 
 
 def test_feedforward_entries_match_any_end_of_a_name_as_hf_peft(tiny_base, tmp_path):
