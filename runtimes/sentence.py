@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from .errors import ConfigError, CorruptArtifactError
 from .manifest import read_json
 
@@ -85,3 +87,14 @@ def lowercase_first(tokenizer) -> None:
     steps = list(normalizer) if isinstance(normalizer, Sequence) else [normalizer] if normalizer is not None else []
     if not any(isinstance(n, Lowercase) for n in steps):
         tokenizer.normalizer = Sequence([Lowercase(), *steps])
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """(B, H): token states (B, T, H) pooled over each row's tokens (``mask``), as sentence-transformers' Pooling."""
+    weights = mask[..., None].astype(np.float32)
+    if mode == "cls":
+        return hidden[:, 0].copy()  # encoders pad on the right: the first position is [CLS]
+    if mode == "max":
+        return np.where(weights > 0, hidden, -1e9).max(1)
+    count = np.maximum(weights.sum(1), 1)
+    return (hidden * weights).sum(1) / (np.sqrt(count) if mode == "mean_sqrt_len" else count)

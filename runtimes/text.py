@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST, read_json
-from .sentence import lowercase_first, sentence_transformers_settings
+from .sentence import lowercase_first, pool, sentence_transformers_settings
 
 _FIX = "re-export the base with its tokenizer files"
 
@@ -329,11 +329,9 @@ def label_scores(logits: np.ndarray, problem_type: str | None) -> np.ndarray:
 
 def _labels_of(rt, spec) -> tuple:
     """(label names, the manifest that gives them) of a row's adapter (a weighted row: the one adapter of it that
-    has a head; None: the base, a merged classifier's)."""
-    if isinstance(spec, dict):
-        spec = next((name for name in spec if rt.labels(name)), None)
-        if spec is None:
-            return None, None
+    has a head, else the base; None: the base, a merged classifier's)."""
+    if isinstance(spec, dict):  # the one whose head runs, whatever the order; none: the base's head runs
+        spec = next((name for name in spec if rt.store.get(name).has_head), None)
     if rt.store.serves_base(spec):
         return rt.labels(None), os.path.join(rt.base_dir, BASE_MANIFEST)
     folder = rt.adapter_dir(spec)
@@ -352,18 +350,19 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
     rows, single = _texts(texts)
     max_length, mode, tokenizer = rt.tokenizer.sentence_transformers
-    if n_virtual := rt.virtual_positions(adapter, len(rows)):  # a prompt's or prefix's tokens take positions too
-        max_length = min(max_length or rt.max_positions, rt.max_positions - n_virtual) if rt.max_positions else max_length
-    ids, mask = tokenizer.encode(rows, max_length=max_length)
+    per_row = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(rows)
+    # a prompt's or prefix's tokens take positions too: each row is cut for its own adapter, as run alone
+    limits = [min(max_length or rt.max_positions, rt.max_positions - n) if rt.max_positions and n else max_length
+              for n in (rt.virtual_positions(spec, 1) for spec in per_row)]
+    if len(set(limits)) > 1:  # rows cut to other lengths run in batches of their own: a wider row pads them past it
+        parts = {}
+        for limit in set(limits):
+            at = [i for i, cut in enumerate(limits) if cut == limit]
+            parts.update(zip(at, embed(rt, [rows[i] for i in at], [per_row[i] for i in at], normalize)))
+        return np.stack([parts[i] for i in range(len(rows))])
+    ids, mask = tokenizer.encode(rows, max_length=limits[0])
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
-    weights = mask[..., None].astype(np.float32)
-    if mode == "cls":
-        pooled = hidden[:, 0].copy()  # encoders pad on the right: the first position is [CLS]
-    elif mode == "max":
-        pooled = np.where(weights > 0, hidden, -1e9).max(1)
-    else:
-        count = np.maximum(weights.sum(1), 1)
-        pooled = (hidden * weights).sum(1) / (np.sqrt(count) if mode == "mean_sqrt_len" else count)
+    pooled = pool(hidden, mask, mode)
     if normalize:
         pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
     return pooled[0] if single else pooled

@@ -2,6 +2,8 @@
 softmax gave 1.0 to a head of one output (rerankers, scores) and probabilities summing to 1 to multi-label heads."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -60,3 +62,30 @@ def test_classify_holds_the_adapter_until_its_labels_are_read(text_model, tmp_pa
     assert rt.classify(TEXTS[0], adapter="c")["label"] in ("L0", "L1", "L2") and tried
     monkeypatch.undo()
     rt.unload_adapter("c")  # released once classify returns
+
+
+def test_a_weighted_row_is_named_by_the_adapter_whose_head_runs(text_model, tmp_path):
+    """{"H": 1, "N": 0.5}: H brings the head that runs, N (a LoRA without task_type) keeps the base's. The names came
+    from whichever was listed first: N first named H's scores by the base's labels (or, for another label count,
+    called the export corrupt)."""
+    import json
+
+    import peft
+    import transformers as tf
+
+    from peft_refs import randomize_adapter
+
+    base, head, _ = bert_lora_classifier(text_model("bert"), tmp_path, {0: "neg", 1: "pos", 2: "mixed"})
+    with open(os.path.join(head, "labels.json"), "w") as f:
+        json.dump({"labels": ["spam", "ham", "eggs"]}, f)
+    keeps = peft.get_peft_model(tf.BertForSequenceClassification.from_pretrained(base),
+                                peft.LoraConfig(r=2, target_modules=["value"]))
+    randomize_adapter(keeps, 2)
+    keeps.peft_config["default"].base_model_name_or_path = base
+    keeps.save_pretrained(str(tmp_path / "keeps"))
+    out = str(tmp_path / "out")
+    export([head, str(tmp_path / "keeps")], out, names=["H", "N"])
+    rt = Runtime(out)
+    first, second = (rt.classify(TEXTS[0], adapter=mix) for mix in ({"H": 1.0, "N": 0.5}, {"N": 0.5, "H": 1.0}))
+    assert first == second and set(first["scores"]) == {"spam", "ham", "eggs"}
+    assert set(rt.classify(TEXTS[0], adapter={"N": 0.5})["scores"]) == {"neg", "pos", "mixed"}  # the base's head

@@ -86,6 +86,9 @@ def test_a_prompt_adapter_leaves_room_for_its_tokens(st6):
         hidden = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
     want = hidden[0, 4:].mean(0).numpy()  # the text's tokens only, as embed pools them
     np.testing.assert_allclose(ours, want / np.linalg.norm(want), atol=2e-5)
+    # one adapter per row: each row is cut for its own (the base's row had been cut for the prompt's row too)
+    mixed = rt.embed([long, long], adapter=["prompt", None])
+    np.testing.assert_allclose(mixed, [ours, rt.embed(long)], atol=2e-5)
 
 
 def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tmp_path):
