@@ -70,6 +70,14 @@ class TunedModel(nn.Module):
         return self.model(*args, **kwargs)
 
 
+def _refuse_adapter_names(kwargs: dict) -> None:
+    """HF PEFT's ``adapter_names=`` (an adapter per row) is not in the PyTorch model: transformers took the keyword
+    and ran the active adapter on every row, or refused it with its own error."""
+    if "adapter_names" in kwargs:
+        raise ConfigError("adapter_names= (an adapter per row) is not in edgepeft's PyTorch model: run one adapter "
+                          "per call (set_adapter), or export and pass adapter=[...] to the runtime's forward/generate")
+
+
 class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config=None, adapter_name: str = "default"):
         super().__init__()
@@ -305,6 +313,7 @@ class PeftModel(nn.Module):
     # ---------------------------------------------------------------- use
     def forward(self, *args, **kwargs):
         """The model with the active adapter; its tuner may rewrite the call's inputs (virtual tokens)."""
+        _refuse_adapter_names(kwargs)
         if self.active_adapter is None:
             return self.base_model.model(*args, **kwargs)
         name = self.active_adapter
@@ -312,6 +321,7 @@ class PeftModel(nn.Module):
                                                                 *args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        _refuse_adapter_names(kwargs)
         if self.active_adapter is None:
             return self.base_model.model.generate(*args, **kwargs)
         name = self.active_adapter

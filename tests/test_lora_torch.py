@@ -148,6 +148,17 @@ def test_merging_into_a_tied_output_layer_leaves_the_embeddings(config, tiny_bas
     assert abs(torch_outputs(again, ids, mask, "logits") - want).max() <= 1e-4
 
 
+def test_adapter_names_per_row_is_refused_not_dropped(tiny_base):
+    """HF PEFT's adapter_names= went to transformers: forward ran the active adapter on every row (row 1 off by
+    0.74 from HF PEFT), generate raised transformers' own error."""
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                    edgepeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ids, mask = sample_batch()
+    for call in (model, model.generate):
+        with pytest.raises(ConfigError, match=r"adapter_names= \(an adapter per row\) is not in edgepeft's PyTorch"):
+            call(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), adapter_names=["default", "x"])
+
+
 def test_config_from_newer_peft_loads_with_warning_and_unsupported_options_fail(tmp_path):
     (tmp_path / "a").mkdir()
     cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "shiny_new_option": {"x": 1}}
