@@ -20,7 +20,9 @@ _LAZY = {
     "TrainingArguments": "edgepeft.training",
 }
 
-__all__ = sorted(_LAZY)
+# the built-in methods' configs, for `from edgepeft import *` (any registered method's is found by name, below)
+BUILT_IN_CONFIGS = ("LoraConfig", "IA3Config", "BottleneckConfig", "PrefixTuningConfig", "PromptTuningConfig")
+__all__ = sorted([*_LAZY, *BUILT_IN_CONFIGS])
 
 
 def __getattr__(name):

@@ -73,7 +73,7 @@ class TunedModel(nn.Module):
 def _refuse_adapter_names(kwargs: dict) -> None:
     """HF PEFT's ``adapter_names=`` (an adapter per row) is not in the PyTorch model: transformers took the keyword
     and ran the active adapter on every row, or refused it with its own error."""
-    if "adapter_names" in kwargs:
+    if kwargs.pop("adapter_names", None) is not None:  # None: every row the active adapter, as HF PEFT takes it
         raise ConfigError("adapter_names= (an adapter per row) is not in edgepeft's PyTorch model: run one adapter "
                           "per call (set_adapter), or export and pass adapter=[...] to the runtime's forward/generate")
 

@@ -75,6 +75,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "neutral_graph": NEUTRAL_GRAPH if required else None,  # a merged classifier has no slot to fill
         "fingerprint": base_fingerprint(weights_fp, slots, OPSET),
         "weights_fingerprint": weights_fp,
+        "fingerprint_counts_heads": True,  # the base's own head weights are in it (older exports left them out)
         "opset": OPSET,
         "ops": "contrib" if contrib else "standard",  # contrib: ONNX Runtime's fused kernels (contrib_ops.py)
         "dtype": "float32",

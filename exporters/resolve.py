@@ -188,12 +188,12 @@ def _check_recorded_bases(sources, source: str, model, task: str) -> None:
             own[src.name] = {s.module for s in adapter_slots(model, src.config, path=src.path) if s.neutral == "base"}
         except EdgePeftError as e:  # an adapter this model cannot take: most likely made for the base it records
             recorded = src.config.base_model_name_or_path
-            if not recorded or os.path.abspath(recorded) == os.path.abspath(source):
+            if not recorded or _same(recorded) == _same(source):
                 raise
             raise type(e)(f"{e}; it was trained on {recorded}: drop --base to export it with that base") from None
     for src in sources:
         recorded = src.config.base_model_name_or_path
-        if not recorded or not os.path.isdir(recorded) or os.path.realpath(recorded) == os.path.realpath(source):
+        if not recorded or not os.path.isdir(recorded) or _same(recorded) == _same(source):
             continue  # a hub id this machine may not have, or the same folder
         theirs = load_base(recorded, task)
         if (weights_fingerprint(theirs, skip_modules=own[src.name] | made_heads(theirs))

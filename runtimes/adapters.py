@@ -195,6 +195,12 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported for the base {self.base_dir} holds now "
                 f"({on_disk[:12]}), re-exported since this Runtime opened it ({self.base['fingerprint'][:12]}); "
                 f"open a new Runtime({self.out!r}) to serve it")
+        heads = sorted({s.module for s in self.base["slots"] if s.neutral == "base"})
+        if heads and not self.base.get("fingerprint_counts_heads") and manifest.get("base_source") == self.base.get("source"):
+            return AdapterBaseMismatchError(  # an export into this OUT is refused alike (export._check_older_fingerprint)
+                f"{label}: adapter {manifest['name']!r} was exported from {self.base.get('source')} by an edgepeft whose "
+                f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "
+                "out; export every adapter into a fresh --out folder")
         return AdapterBaseMismatchError(
             f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
             f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "

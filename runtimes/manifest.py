@@ -266,6 +266,7 @@ _FIELD_TYPES = {
     "methods": (list, "a list of method names"), "labels": ((list, type(None)), "a list of names"),
     "parameter_bytes": (int, "a whole number"), "rank": ((int, float, type(None)), "a number"),
     "alpha": ((int, float, type(None)), "a number"), "problem_type": ((str, type(None)), "a string"),
+    "fingerprint_counts_heads": (bool, "true or false"),
     **{key: (str, "a string") for key in ("name", "fingerprint", "base_fingerprint", "graph", "sha256")},
 }
 

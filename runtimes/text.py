@@ -78,6 +78,7 @@ class TextTokenizer:
             return limit, mode, self
         lowered = copy.copy(self)
         lowered._tok = type(self._tok).from_str(self._tok.to_str())
+        lowered._tok.encode_special_tokens = self._tok.encode_special_tokens  # to_str does not carry it
         lowercase_first(lowered._tok)
         return limit, mode, lowered
 
@@ -287,6 +288,11 @@ def generate_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     return texts[0] if single else texts
 
 
+def _per_row(adapter, rows: int) -> list:
+    """Each row's adapter (a name, a weighted dict, None) of a call's ``adapter`` argument."""
+    return list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * rows
+
+
 def _texts(texts) -> tuple[list, bool]:
     single = isinstance(texts, str)
     if not (single or (isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts))):
@@ -302,7 +308,7 @@ def classify(rt, texts, adapter=None):
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export does not classify; export a seq-cls adapter")
     rows, single = _texts(texts)
     ids, mask = rt.tokenizer.encode(rows)
-    per_row = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(rows)
+    per_row = _per_row(adapter, len(rows))
     with rt.lanes(adapter, len(rows)):  # held until the names are read: a name reloaded between renames the scores
         logits = rt.forward(ids, mask, adapter=adapter)["logits"].astype(np.float64)  # NaN past a row's own labels
         labels = [_labels_of(rt, spec) for spec in per_row]
@@ -330,8 +336,8 @@ def label_scores(logits: np.ndarray, problem_type: str | None) -> np.ndarray:
 def _labels_of(rt, spec) -> tuple:
     """(label names, the manifest that gives them) of a row's adapter (a weighted row: the one adapter of it that
     has a head, else the base; None: the base, a merged classifier's)."""
-    if isinstance(spec, dict):  # the one whose head runs, whatever the order; none: the base's head runs
-        spec = next((name for name in spec if rt.store.get(name).has_head), None)
+    if isinstance(spec, dict):  # the one whose head runs, whatever the order; none (or a merged one): the base's
+        spec = next((n for n in spec if not rt.store.serves_base(n) and rt.store.get(n).has_head), None)
     if rt.store.serves_base(spec):
         return rt.labels(None), os.path.join(rt.base_dir, BASE_MANIFEST)
     folder = rt.adapter_dir(spec)
@@ -350,7 +356,7 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
     rows, single = _texts(texts)
     max_length, mode, tokenizer = rt.tokenizer.sentence_transformers
-    per_row = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(rows)
+    per_row = _per_row(adapter, len(rows))
     # a prompt's or prefix's tokens take positions too: each row is cut for its own adapter, as run alone
     limits = [min(max_length or rt.max_positions, rt.max_positions - n) if rt.max_positions and n else max_length
               for n in (rt.virtual_positions(spec, 1) for spec in per_row)]

@@ -89,3 +89,6 @@ def test_a_weighted_row_is_named_by_the_adapter_whose_head_runs(text_model, tmp_
     first, second = (rt.classify(TEXTS[0], adapter=mix) for mix in ({"H": 1.0, "N": 0.5}, {"N": 0.5, "H": 1.0}))
     assert first == second and set(first["scores"]) == {"spam", "ham", "eggs"}
     assert set(rt.classify(TEXTS[0], adapter={"N": 0.5})["scores"]) == {"neg", "pos", "mixed"}  # the base's head
+    merged = str(tmp_path / "merged")  # a merged adapter's name at weight 1 is the base (classify raised)
+    export([head], merged, names=["H"], merge=True)
+    assert set(Runtime(merged).classify(TEXTS[0], adapter={"H": 1.0})["scores"]) == {"spam", "ham", "eggs"}

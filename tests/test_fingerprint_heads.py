@@ -59,10 +59,15 @@ def test_an_out_whose_fingerprint_left_the_head_out_is_named_older(two_outs, tmp
     root, out = two_outs[0], str(tmp_path / "older")
     export([str(root / "head-a")], out, names=["head"])
     older = weights_fingerprint(load_base(_base_manifest(out)["source"], "causal-lm"), skip_modules=["lm_head"])
-    edit_json(os.path.join(out, "base", BASE_MANIFEST), weights_fingerprint=older)  # as the older edgepeft wrote it
+    edit_json(os.path.join(out, "base", BASE_MANIFEST), weights_fingerprint=older, fingerprint="0" * 64,
+              fingerprint_counts_heads=False)  # as the older edgepeft wrote it
     with pytest.raises(ConfigError, match=r"base: was written by an older edgepeft \(its base fingerprint leaves "
                                           r"out lm_head.*export every adapter into a fresh --out folder"):
         export([str(root / "plain-a")], out, names=["plain"])
+    # the runtime says the same of an adapter exported from this base since (it advised exporting into this OUT)
+    with pytest.raises(AdapterBaseMismatchError, match=r"exported from .* by an edgepeft whose base fingerprint counts "
+                                                       r"lm_head; .*older one .*export every adapter into a fresh --out"):
+        Runtime(out, load_adapters=False).load_adapter(os.path.join(two_outs[1][0], "adapters", "plain"))
 
 
 def test_a_classifier_made_at_load_stays_out_and_re_exports_keep_the_fingerprint(tiny_base, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -146,6 +147,9 @@ def test_merging_into_a_tied_output_layer_leaves_the_embeddings(config, tiny_bas
     merged.save_pretrained(tmp_path / "merged")  # saved and loaded as transformers does: the head stays its own
     again = load_reference_base(str(tmp_path / "merged"), "causal-lm")
     assert abs(torch_outputs(again, ids, mask, "logits") - want).max() <= 1e-4
+    model.add_adapter("attn", edgepeft.LoraConfig(r=2, target_modules=["c_attn"]))
+    other = model.merge_and_unload("attn")  # an adapter off the head: the model stays tied
+    assert other.lm_head.weight is other.get_input_embeddings().weight and other.config.tie_word_embeddings
 
 
 def test_adapter_names_per_row_is_refused_not_dropped(tiny_base):
@@ -157,6 +161,9 @@ def test_adapter_names_per_row_is_refused_not_dropped(tiny_base):
     for call in (model, model.generate):
         with pytest.raises(ConfigError, match=r"adapter_names= \(an adapter per row\) is not in edgepeft's PyTorch"):
             call(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), adapter_names=["default", "x"])
+    model.eval()  # None, as HF PEFT takes it: the active adapter on every row
+    np.testing.assert_array_equal(torch_outputs(model, ids, mask, "logits"), model(
+        input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), adapter_names=None).logits.detach().numpy())
 
 
 def test_config_from_newer_peft_loads_with_warning_and_unsupported_options_fail(tmp_path):

@@ -117,3 +117,13 @@ def test_module_targets_finds_modules_of_any_type_as_hf_peft_selects_them(tiny_b
         targets.module_targets(model, edgepeft.LoraConfig(target_modules=["no_such"]), {})
     with pytest.raises(ConfigError, match="uses module_targets"):
         targets.linear_targets(model, config, {})
+
+
+def test_every_built_in_config_is_a_star_import():
+    """`from edgepeft import *` gives each built-in method's config (they left __all__ when found by name)."""
+    from edgepeft.tuners import methods
+
+    names = {}
+    exec("from edgepeft import *", names)  # noqa: S102
+    built_in = {m.config_cls.__name__ for m in methods() if m.config_cls.__module__.startswith("edgepeft.")}
+    assert built_in == set(edgepeft.BUILT_IN_CONFIGS) and all(names[n] is getattr(edgepeft, n) for n in built_in)

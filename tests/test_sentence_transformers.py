@@ -47,7 +47,7 @@ def st6(tmp_path_factory):
     return folder, out, SentenceTransformer(folder, device="cpu")
 
 
-def test_a_model_saved_by_sentence_transformers_6_embeds_as_it_encodes(st6):
+def test_a_model_saved_by_sentence_transformers_6_embeds_as_it_encodes(st6, tmp_path):
     """6.x's modules.json paths, pooling_mode and model_max_length were refused ("runs ... beyond a Transformer"),
     and do_lower_case lowered the text with str.lower: [SEP] in a text split into pieces, a final capital sigma
     became another letter."""
@@ -56,10 +56,26 @@ def test_a_model_saved_by_sentence_transformers_6_embeds_as_it_encodes(st6):
     ours, theirs = rt.embed(TEXTS), st.encode(TEXTS)
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
     tokenizer = rt.tokenizer.sentence_transformers[2]
+
+    def ids_of(text):
+        return st.tokenize([text])["input_ids"][0].tolist()
+
     for text in TEXTS:
-        assert tokenizer.encode(text)[0][0].tolist() == st.tokenize([text])["input_ids"][0].tolist(), text
+        assert tokenizer.encode(text)[0][0].tolist() == ids_of(text), text
     long = "Word " * 600  # cut at 512 tokens, as sentence-transformers cuts it
     np.testing.assert_allclose(rt.embed(long), st.encode(long), atol=2e-5)
+    # split_special_tokens too: the lower-casing copy of the tokenizer had lost it ("[SEP]" was the separator again)
+    import transformers as tf
+
+    split = str(tmp_path / "split")
+    shutil.copytree(out, split)
+    config = os.path.join(split, "base", "tokenizer_config.json")
+    with open(config) as f:
+        settings = json.load(f)
+    with open(config, "w") as f:
+        json.dump({**settings, "split_special_tokens": True}, f)
+    want = tf.AutoTokenizer.from_pretrained(os.path.join(split, "base"))(TEXTS[0])["input_ids"]
+    assert Runtime(split).tokenizer.sentence_transformers[2].encode(TEXTS[0])[0][0].tolist() == want != ids_of(TEXTS[0])
     # training encodes its pairs as embed does
     from transformers import AutoTokenizer
 
@@ -104,6 +120,12 @@ def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tm
     for name in ("modules.json", "sentence_bert_config.json", "1_Pooling"):
         path = os.path.join(copied, "base", name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    for folder in (plain, os.path.join(copied, "base")):  # a tokenizer limit past the model's positions: capped
+        config = os.path.join(folder, "tokenizer_config.json")
+        with open(config) as f:
+            settings = json.load(f)
+        with open(config, "w") as f:
+            json.dump({**settings, "model_max_length": 4096}, f)
     st = SentenceTransformer(plain, device="cpu")  # mean pooling, no Normalize module
     texts = ["word " * 600, "hello world"]
     np.testing.assert_allclose(Runtime(copied).embed(texts, normalize=False), st.encode(texts), atol=2e-4)

@@ -59,8 +59,8 @@ class IA3Tuner(Tuner):
     def merge(self, model: nn.Module, adapter_name: str) -> None:
         """Fold the scaling vectors into the weights (and, for output scaling, the bias)."""
         for key, module in self.layers(model):
-            base = untied(model, innermost(module))
             if adapter_name in module.ia3_l:
+                base = untied(model, innermost(module))
                 scale = module.ia3_l[adapter_name].flatten()
                 linear = isinstance(base, nn.Linear)  # Linear weight (out, in); Conv1D weight (in, out)
                 if module.is_feedforward:

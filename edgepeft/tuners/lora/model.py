@@ -41,7 +41,7 @@ class LoraTuner(Tuner):
     def merge(self, model: nn.Module, adapter_name: str) -> None:
         """Fold ``adapter_name`` into the base weights and put the plain layers back."""
         for key, module in self.layers(model):
-            base = untied(model, innermost(module))
             if adapter_name in module.lora_A:
+                base = untied(model, innermost(module))
                 base.weight += module.delta_weight(adapter_name).to(base.weight.dtype)
             replace_module(model, key, module.base_layer)
