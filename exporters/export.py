@@ -335,6 +335,9 @@ def export_merged(plan: ExportPlan) -> dict:
     if existing and not plan.overwrite:
         raise ConfigError(f"{base_dir}: holds adapter {existing['merged_adapter']!r} merged into the base already; "
                           "pass --overwrite to replace it, or give another --out")
+    if adapter_dirs(plan.out):  # left by a slot base removed since: a merged base would strand them
+        raise ConfigError(f"{os.path.join(plan.out, ADAPTERS_DIR)}: holds {', '.join(sorted(adapter_dirs(plan.out)))}; "
+                          "a --merge export takes no adapters: give another --out, or remove that folder")
     try:
         merged = plan.peft.merge_and_unload(src.name).eval()
     except UnsupportedMethodError as e:  # prompt learning has no weights to merge: name the adapter

@@ -36,6 +36,7 @@ from .manifest import (
     ADAPTER_GRAPH,
     ADAPTERS_DIR,
     adapter_graph_error,
+    read_adapter_manifest,
     read_base_manifest,
     stacks_as_output,
 )
@@ -195,6 +196,10 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported for the base {self.base_dir} holds now "
                 f"({on_disk[:12]}), re-exported since this Runtime opened it ({self.base['fingerprint'][:12]}); "
                 f"open a new Runtime({self.out!r}) to serve it")
+        if self.merged:  # an adapter folder copied into a --merge export: no export into it can serve one
+            return AdapterBaseMismatchError(
+                f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which takes no adapters; remove "
+                f"the adapter from {os.path.join(self.out, ADAPTERS_DIR)}, or export it into another --out")
         heads = sorted({s.module for s in self.base["slots"] if s.neutral == "base"})
         if heads and not self.base.get("fingerprint_counts_heads") and manifest.get("base_source") == self.base.get("source"):
             return AdapterBaseMismatchError(  # an export into this OUT is refused alike (export._check_older_fingerprint)
@@ -301,9 +306,15 @@ class AdapterStore:
     def _check_unchanged(adapter: Registered) -> None:
         """Before a restage: the folder's graph is still the one load checked (bytes cannot change)."""
         if adapter.data is None and adapter_graph_error(adapter.path, adapter.manifest) is not None:
+            try:  # re-exported since (edgepeft export --overwrite): for this base, or for a new one
+                base = read_adapter_manifest(adapter.path)["base_fingerprint"]
+            except EdgePeftError:
+                base = adapter.manifest["base_fingerprint"]
+            fix = (f"unload_adapter({adapter.name!r}) and load it again" if base == adapter.manifest["base_fingerprint"]
+                   else "its base was re-exported too: open a new Runtime on the export")
             raise CorruptArtifactError(
-                f"{os.path.join(adapter.path, adapter.manifest['graph'])}: missing or changed since adapter "
-                f"{adapter.name!r} was loaded; unload_adapter({adapter.name!r}) and load it again")
+                f"{os.path.join(adapter.path, adapter.manifest['graph'])}: missing or changed (re-exported?) since "
+                f"adapter {adapter.name!r} was loaded; {fix}")
 
     def _stage(self, adapter: Registered) -> tuple[dict, Plan]:
         label = adapter.path or "adapter bytes"

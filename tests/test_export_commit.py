@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from error_contract import llama, other_llama_base  # noqa: F401  (fixtures)
-from file_checks import copy_adapter, edit_json, hidden_entries
+from file_checks import copy_adapter, edit_json, hidden_entries, tree_hashes
 from peft_refs import lora_adapter
 
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, ExportValidationError
@@ -253,3 +253,23 @@ def test_adapters_taken_along_to_a_new_base_are_run_on_it_first(tiny_base, tmp_p
     with pytest.raises(ExportValidationError, match=r"adapters/qv: gives other outputs on the new base than on OUT's"):
         export([mlp], out, names=["mlp"])
     np.testing.assert_array_equal(Runtime(out).forward(np.array([[5, 6, 7]]), adapter="qv")["logits"], before)
+
+
+def test_a_merge_export_takes_no_adapters(peft_adapter, tmp_path):
+    """--merge into an OUT whose slot base was removed but whose adapters stayed succeeded, and left an export no
+    Runtime opens; an adapter copied into a --merge export was told to be exported into it, which is refused."""
+    qv, other = peft_adapter("llama", "qv"), peft_adapter("llama", "all")
+    out = str(tmp_path / "out")
+    export([qv], out, names=["qv"])
+    shutil.rmtree(os.path.join(out, "base"))
+    before = tree_hashes(out)
+    with pytest.raises(ConfigError, match=r"adapters: holds qv; a --merge export takes no adapters: give another --out"):
+        export([other], out, names=["m"], merge=True)
+    assert tree_hashes(out) == before
+    merged = str(tmp_path / "merged")
+    export([other], merged, names=["m"], merge=True)
+    shutil.copytree(os.path.join(out, "adapters", "qv"),
+                    os.path.join(merged, "adapters", "qv"))
+    with pytest.raises(AdapterBaseMismatchError, match=r"holds a --merge export \('m'\), which takes no adapters; "
+                                                       r"remove the adapter from .*, or export it into another --out"):
+        Runtime(merged)

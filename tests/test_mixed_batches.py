@@ -322,7 +322,16 @@ def test_a_restage_checks_the_file_again(decoder, tmp_path):
     with open(graph, "r+b") as f:  # replaced behind the runtime's back (an export --overwrite, a bad copy)
         f.seek(-10, 2)
         f.write(bytes(10))
-    with pytest.raises(CorruptArtifactError, match="changed since adapter 'lora_qv' was loaded"):
+    with pytest.raises(CorruptArtifactError, match=r"changed \(re-exported\?\) since adapter 'lora_qv' was loaded; "
+                                                   r"unload_adapter\('lora_qv'\) and load it again"):
+        small.forward(ids, mask, adapter="lora_qv")
+    # re-exported for a new base (--overwrite with new slots): unloading and loading again is refused, so say so
+    manifest = os.path.join(out, "adapters", "lora_qv", "adapter.json")
+    with open(manifest) as f:
+        fields = json.load(f)
+    with open(manifest, "w") as f:
+        json.dump({**fields, "base_fingerprint": "f" * 64}, f)
+    with pytest.raises(CorruptArtifactError, match="its base was re-exported too: open a new Runtime on the export"):
         small.forward(ids, mask, adapter="lora_qv")
     np.testing.assert_array_equal(small.forward(ids, mask, adapter="ia3")["logits"],
                                   Runtime(decoder[0]).forward(ids, mask, adapter="ia3")["logits"])
