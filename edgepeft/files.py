@@ -199,3 +199,26 @@ class Staging:
     def __exit__(self, *exc) -> None:
         for folder in self.folders:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def one_at_a_time(folder: str, waiting):
+    """Hold ``folder`` (it exists) for one export at a time: an advisory lock on the folder itself, so no file is
+    left behind. Two exports into one OUT each read its base and adapters first, and the later commit dropped what
+    the other had added. ``waiting(message)`` is told when another holds it; this one then waits its turn.
+    Where the system has no such locks (Windows), exports are not serialised."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting(f"note: another export into {folder} is running; waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, UnsupportedMethodError
 from edgepeft.exporters import ort_adapter as ort_format
@@ -25,7 +26,9 @@ from edgepeft.exporters.quantize import check_quantize, quantize_graph
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
 from edgepeft.exporters.validate import compare_siblings, log_check, validate
 from edgepeft.exporters.web_graph import write_web_variant
-from edgepeft.files import Staging, check_output_dir, deferred_interrupts, remove_abandoned, write_json_atomic
+from edgepeft.files import (
+    Staging, check_output_dir, deferred_interrupts, one_at_a_time, remove_abandoned, write_json_atomic,
+)
 from edgepeft.models import model_label
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
@@ -62,31 +65,42 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
         raise ConfigError(f"--qtol must be a number > 0, got {qtol!r}")
     check_output_dir(out, "--out")  # OUT itself takes the staging folders (resolve checks its base/ and adapters/)
     log = print if verbose else (lambda *a, **k: None)
-    for line in remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR)):
-        log(f"note: {line}")
     made = _missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
-        plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
-                       overwrite=overwrite, ops=ops, log=log)
-        if merge:
-            return export_merged(plan)
-        slots, reuse = plan_slots(plan)
-        with Staging() as staging:
-            base_stage, base_manifest = stage_base(plan, slots, reuse, staging)
-            adapter_stages = stage_adapters(plan, base_manifest, staging)
-            report = validate_float(plan, base_stage, adapter_stages, reuse, len(slots))
-            if quantize and not reuse:
-                report["checks"] += quantize_and_validate(plan, base_stage, adapter_stages)
-            if not reuse:  # the adapters already in OUT, taken along to the new base
-                report["checks"] += compare_siblings(plan, base_stage)
-            commit(plan, staging, base_stage, adapter_stages, reuse)
-        plan.log(f"wrote {out}")
-        return report
+        os.makedirs(out, exist_ok=True)
+        with one_at_a_time(out, _waiting):
+            return _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log)
     except BaseException:
         for d in reversed(made):  # the staging folders are gone already: only folders left empty are removed
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
         raise
+
+
+def _waiting(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log) -> dict:
+    """``export`` with OUT held: one export into OUT at a time."""
+    for line in remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR)):
+        log(f"note: {line}")
+    plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
+                   overwrite=overwrite, ops=ops, log=log)
+    if merge:
+        return export_merged(plan)
+    slots, reuse = plan_slots(plan)
+    with Staging() as staging:
+        base_stage, base_manifest = stage_base(plan, slots, reuse, staging)
+        adapter_stages = stage_adapters(plan, base_manifest, staging)
+        report = validate_float(plan, base_stage, adapter_stages, reuse, len(slots))
+        if quantize and not reuse:
+            report["checks"] += quantize_and_validate(plan, base_stage, adapter_stages)
+        if not reuse:  # the adapters already in OUT, taken along to the new base
+            report["checks"] += compare_siblings(plan, base_stage)
+        commit(plan, staging, base_stage, adapter_stages, reuse)
+    plan.log(f"wrote {out}")
+    return report
 
 
 def _missing_folders(path: str) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 
 from error_contract import llama, other_llama_base  # noqa: F401  (fixtures)
 from file_checks import copy_adapter, edit_json, hidden_entries, tree_hashes
-from peft_refs import lora_adapter
+from peft_refs import lora_adapter, spec_adapter
 
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, ExportValidationError
 from edgepeft.exporters import export
@@ -258,7 +258,7 @@ def test_adapters_taken_along_to_a_new_base_are_run_on_it_first(tiny_base, tmp_p
 def test_a_merge_export_takes_no_adapters(peft_adapter, tmp_path):
     """--merge into an OUT whose slot base was removed but whose adapters stayed succeeded, and left an export no
     Runtime opens; an adapter copied into a --merge export was told to be exported into it, which is refused."""
-    qv, other = peft_adapter("llama", "qv"), peft_adapter("llama", "all")
+    qv, other = spec_adapter(peft_adapter, "llama", "qv"), spec_adapter(peft_adapter, "llama", "all")
     out = str(tmp_path / "out")
     export([qv], out, names=["qv"])
     shutil.rmtree(os.path.join(out, "base"))
@@ -273,3 +273,47 @@ def test_a_merge_export_takes_no_adapters(peft_adapter, tmp_path):
     with pytest.raises(AdapterBaseMismatchError, match=r"holds a --merge export \('m'\), which takes no adapters; "
                                                        r"remove the adapter from .*, or export it into another --out"):
         Runtime(merged)
+
+
+def test_exports_into_one_out_take_turns(peft_adapter, tmp_path, monkeypatch):
+    """Two exports into one OUT at once each read its base and adapters first; the later commit dropped the adapter
+    the other had added and its slots: both said ok, and no Runtime opened OUT. The second now waits its turn."""
+    import importlib
+    import threading
+
+    module = importlib.import_module("edgepeft.exporters.export")
+
+    out = str(tmp_path / "out")
+    export([spec_adapter(peft_adapter, "llama", "qv")], out, names=["qv"])
+    order, told = [], threading.Event()
+    resolve, commit = module.resolve, module.commit
+    monkeypatch.setattr(module, "resolve", lambda *a, **k: order.append(("resolve", threading.current_thread().name))
+                        or resolve(*a, **k))
+
+    def first_commits_once_the_other_waits(*args, **kwargs):
+        if threading.current_thread().name == "first":
+            told.wait(120)  # B is told to wait at once; without the lock it never is (and resolves meanwhile)
+        order.append(("commit", threading.current_thread().name))
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(module, "commit", first_commits_once_the_other_waits)
+    monkeypatch.setattr(module, "_waiting", lambda message: told.set(), raising=False)
+    errors = []
+
+    def run(adapter, name):
+        try:
+            export([spec_adapter(peft_adapter, "llama", adapter)], out, names=[name])
+        except Exception as e:  # noqa: BLE001  reported below
+            errors.append(e)
+
+    first = threading.Thread(target=run, args=("all", "all"), name="first")
+    first.start()
+    while not order:  # the first holds OUT once it resolves
+        first.join(0.05)
+    second = threading.Thread(target=run, args=("mlp", "mlp"), name="second")
+    second.start()
+    first.join()
+    second.join()
+    assert errors == [] and order == [("resolve", "first"), ("commit", "first"), ("resolve", "second"),
+                                      ("commit", "second")]
+    assert Runtime(out).adapter_names == ["all", "mlp", "qv"]
