@@ -3,7 +3,7 @@
 Order and semantics follow transformers' ``generate``: the repetition penalty, no
 repeated n-grams and the minimum lengths (eos held back) apply to greedy and sampled
 decoding; temperature, top-k, top-p and min-p (in that order) apply only when sampling,
-and greedy decoding ignores their values, as transformers does.
+and greedy decoding ignores their values, as transformers does. ``StopStrings`` ends rows at stop strings.
 """
 from __future__ import annotations
 
@@ -323,3 +323,33 @@ class TeacherForcing(Generator):
 
     def close(self) -> None:
         self._steps.close()
+
+
+class StopStrings:
+    """Marks rows whose newest token completes a stop string (decoded with the exported tokenizer).
+
+    As transformers' ``StopStringCriteria``: special tokens count as their text, and a
+    match may begin in the prompt; it must end in a new token. Called after every step,
+    so only the newest token can complete a match: each call decodes the last few tokens
+    of each unfinished row, not the whole text.
+    """
+
+    def __init__(self, tokenizer: "TextTokenizer", stops: list, starts: np.ndarray):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        # tokens before the newest one a match can reach back over: a character may take 4 byte-level tokens
+        self.lookback = 4 * max(len(s) for s in stops) + 4
+        self.starts = starts  # each row's first real token: padding is no text
+
+    def hit(self, sequences: np.ndarray, finished: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(sequences), dtype=bool)
+        for i, (row, start) in enumerate(zip(sequences, self.starts)):
+            if finished[i]:
+                continue
+            window = row[max(start, len(row) - 1 - self.lookback):]
+            # the text before the newest token, less a character its bytes had only begun (decoded as U+FFFD):
+            # the newest token completes that character, so a match may end in it
+            before = len(self.tokenizer.decode_open(window[:-1], skip_special_tokens=False).rstrip("\ufffd"))
+            text = self.tokenizer.decode_open(window, skip_special_tokens=False)
+            found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
+        return found

@@ -28,7 +28,7 @@ from . import text
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
-from .generation import TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
+from .generation import StopStrings, TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
 from .inputs import check_token_inputs, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
 from .manifest import (
@@ -309,7 +309,7 @@ class Runtime:
                  "not fed back)", " or lower max_new_tokens")
         self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1, *words)
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
-        stops = text.StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
+        stops = StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
         # again once the adapter is held at the first next(): a name reloaded since may have more virtual tokens
         def check(n_virtual):
             self._check_length(n_virtual, ids.shape[1], cfg.max_new_tokens - 1, *words)

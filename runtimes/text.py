@@ -372,33 +372,3 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     if normalize:
         pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
     return pooled[0] if single else pooled
-
-
-class StopStrings:
-    """Marks rows whose newest token completes a stop string (decoded with the exported tokenizer).
-
-    As transformers' ``StopStringCriteria``: special tokens count as their text, and a
-    match may begin in the prompt; it must end in a new token. Called after every step,
-    so only the newest token can complete a match: each call decodes the last few tokens
-    of each unfinished row, not the whole text.
-    """
-
-    def __init__(self, tokenizer: TextTokenizer, stops: list, starts: np.ndarray):
-        self.tokenizer = tokenizer
-        self.stops = stops
-        # tokens before the newest one a match can reach back over: a character may take 4 byte-level tokens
-        self.lookback = 4 * max(len(s) for s in stops) + 4
-        self.starts = starts  # each row's first real token: padding is no text
-
-    def hit(self, sequences: np.ndarray, finished: np.ndarray) -> np.ndarray:
-        found = np.zeros(len(sequences), dtype=bool)
-        for i, (row, start) in enumerate(zip(sequences, self.starts)):
-            if finished[i]:
-                continue
-            window = row[max(start, len(row) - 1 - self.lookback):]
-            # the text before the newest token, less a character its bytes had only begun (decoded as U+FFFD):
-            # the newest token completes that character, so a match may end in it
-            before = len(self.tokenizer.decode_open(window[:-1], skip_special_tokens=False).rstrip("\ufffd"))
-            text = self.tokenizer.decode_open(window, skip_special_tokens=False)
-            found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
-        return found

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgepeft.runtimes import CorruptArtifactError, Runtime
-from edgepeft.runtimes.text import StopStrings
+from edgepeft.runtimes.generation import StopStrings
 from word_tokenizer import PROMPT, decode
 
 

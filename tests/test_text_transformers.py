@@ -24,7 +24,8 @@ from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactE
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 from edgepeft.runtimes import text as text_calls
-from edgepeft.runtimes.text import StopStrings, TextTokenizer
+from edgepeft.runtimes.generation import StopStrings
+from edgepeft.runtimes.text import TextTokenizer
 
 TEXTS = ["Hello world, how are you today?", "the quick brown fox", "It is 22 degrees", "Paris is nice\nyes"] * 10
 TRICKY = ["Hello world", " Hello", "Hello  world", "a\nb", "Paris<s>is", "Hi </s> there", "é€😀", " "]
