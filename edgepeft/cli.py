@@ -157,11 +157,16 @@ def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter,
 
     report = run_export(list(adapters), out, base=base, names=list(names), merge=merge, atol=atol, verbose=True,
                         quantize=quantize, qtol=qtol, ort_adapter=ort_adapter, overwrite=overwrite, ops=ops)
-    exact = [c["max_abs_diff"] for c in report["checks"] if "relative_error" not in c]
-    relative = [c["relative_error"] for c in report["checks"] if "relative_error" in c]
+    checks = [c for c in report["checks"] if "against" not in c]  # against PyTorch
+    exact = [c["max_abs_diff"] for c in checks if "relative_error" not in c]
+    relative = [c["relative_error"] for c in checks if "relative_error" in c]
     parts = [f"max |diff| vs PyTorch {max(exact):.2e}"] if exact else []  # none when a quantized base was reused
     if relative:
         parts.append(f"{quantize or 'quantized'} graph: max relative error {max(relative):.2e}")
+    kept = [c.get("relative_error", c["max_abs_diff"]) for c in report["checks"] if "against" in c]
+    if kept:
+        parts.append(f"{len(kept)} adapter(s) already in OUT give OUT's base's outputs on the new base (max "
+                     f"{'relative error' if relative else '|diff|'} {max(kept):.2e})")
     line = f"ok: {len(report['checks'])} checks, " + "; ".join(parts)
     click.echo(line)
 

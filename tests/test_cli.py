@@ -98,6 +98,14 @@ def test_export_into_a_quantized_out_reports_the_quantized_checks(tmp_path, llam
     assert "reusing" in proc.stdout
     assert re.search(r"^ok: \d+ checks, int8 graph: max relative error \S+$", proc.stdout, re.M), proc.stdout
     assert sorted(os.listdir(out / "adapters")) == ["again", "qv"]
+    # a new base: the adapters already there are judged against OUT's base by --qtol, and said apart from the
+    # checks against PyTorch (their difference was reported as "max |diff| vs PyTorch", 350x its tolerance)
+    proc = edgepeft("export", "--adapter", llama[1]["mlp"], "--out", out, "--quantize", "int8")
+    assert proc.returncode == 0, proc.stderr
+    line = re.search(r"^ok: .*$", proc.stdout, re.M).group(0)
+    assert re.fullmatch(r"ok: \d+ checks, max \|diff\| vs PyTorch \S+; int8 graph: max relative error \S+; 2 "
+                        r"adapter\(s\) already in OUT give OUT's base's outputs on the new base \(max relative error "
+                        r"\S+\)", line), line
 
 
 def test_an_error_keeps_the_paths_it_names(tmp_path):
