@@ -203,22 +203,41 @@ class Staging:
 
 @contextmanager
 def one_at_a_time(folder: str, waiting):
-    """Hold ``folder`` (it exists) for one export at a time: an advisory lock on the folder itself, so no file is
-    left behind. Two exports into one OUT each read its base and adapters first, and the later commit dropped what
-    the other had added. ``waiting(message)`` is told when another holds it; this one then waits its turn.
-    Where the system has no such locks (Windows), exports are not serialised."""
+    """Hold ``folder`` for one export at a time: an advisory lock on the folder itself, so no file is left behind.
+    Two exports into one OUT each read its base and adapters first, and the later commit dropped what the other
+    had added. ``waiting(message)`` is told when another holds it; this one then waits its turn. A folder removed
+    or replaced meanwhile (a failed first export into a new OUT removes it) is made and locked again. Where the
+    system has no such locks (Windows, or a filesystem that refuses them), exports are not serialised."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
+    while True:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             waiting(f"note: another export into {folder} is running; waiting for it to finish")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this filesystem
+            os.close(fd)
+            fd = None
+            break
+        held, now = os.fstat(fd), _stat(folder)
+        if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+            break
+        os.close(fd)  # the folder locked is gone: lock the one at that path now
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _stat(path: str):
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, UnsupportedMethodError
 from edgepeft.exporters import ort_adapter as ort_format
@@ -67,18 +66,26 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     log = print if verbose else (lambda *a, **k: None)
     made = _missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
-        os.makedirs(out, exist_ok=True)
-        with one_at_a_time(out, _waiting):
-            return _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log)
+        with one_at_a_time(out, lambda message: _waiting(message, log)):  # makes OUT
+            try:
+                return _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log)
+            except BaseException:
+                _remove_empty(made)  # with OUT still held: an export waiting for it then finds it gone, and remakes it
+                raise
     except BaseException:
-        for d in reversed(made):  # the staging folders are gone already: only folders left empty are removed
-            if os.path.isdir(d) and not os.listdir(d):
-                os.rmdir(d)
+        _remove_empty(made)
         raise
 
 
-def _waiting(message: str) -> None:
-    print(message, file=sys.stderr)
+def _remove_empty(made: list) -> None:
+    """The folders an export made, where left empty (the staging folders are gone already), innermost first."""
+    for d in reversed(made):
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
+
+
+def _waiting(message: str, log) -> None:
+    log(message)
 
 
 def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log) -> dict:

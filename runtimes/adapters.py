@@ -196,10 +196,12 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported for the base {self.base_dir} holds now "
                 f"({on_disk[:12]}), re-exported since this Runtime opened it ({self.base['fingerprint'][:12]}); "
                 f"open a new Runtime({self.out!r}) to serve it")
-        if self.merged:  # an adapter folder copied into a --merge export: no export into it can serve one
+        if self.merged:  # no export into a --merge export can serve an adapter
+            inside = os.path.abspath(label).startswith(os.path.join(os.path.abspath(self.out), ADAPTERS_DIR) + os.sep)
+            fix = (f"remove it from {os.path.join(self.out, ADAPTERS_DIR)}, or export it into another --out" if inside
+                   else "load it on the export it was made for")
             return AdapterBaseMismatchError(
-                f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which takes no adapters; remove "
-                f"the adapter from {os.path.join(self.out, ADAPTERS_DIR)}, or export it into another --out")
+                f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which takes no adapters; {fix}")
         heads = sorted({s.module for s in self.base["slots"] if s.neutral == "base"})
         if heads and not self.base.get("fingerprint_counts_heads") and manifest.get("base_source") == self.base.get("source"):
             return AdapterBaseMismatchError(  # an export into this OUT is refused alike (export._check_older_fingerprint)

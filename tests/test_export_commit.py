@@ -271,8 +271,10 @@ def test_a_merge_export_takes_no_adapters(peft_adapter, tmp_path):
     shutil.copytree(os.path.join(out, "adapters", "qv"),
                     os.path.join(merged, "adapters", "qv"))
     with pytest.raises(AdapterBaseMismatchError, match=r"holds a --merge export \('m'\), which takes no adapters; "
-                                                       r"remove the adapter from .*, or export it into another --out"):
+                                                       r"remove it from .*, or export it into another --out"):
         Runtime(merged)
+    with pytest.raises(AdapterBaseMismatchError, match=r"which takes no adapters; load it on the export it was made for"):
+        Runtime(merged, load_adapters=False).load_adapter(os.path.join(out, "adapters", "qv"))
 
 
 def test_exports_into_one_out_take_turns(peft_adapter, tmp_path, monkeypatch):
@@ -297,7 +299,7 @@ def test_exports_into_one_out_take_turns(peft_adapter, tmp_path, monkeypatch):
         return commit(*args, **kwargs)
 
     monkeypatch.setattr(module, "commit", first_commits_once_the_other_waits)
-    monkeypatch.setattr(module, "_waiting", lambda message: told.set(), raising=False)
+    monkeypatch.setattr(module, "_waiting", lambda message, log: told.set(), raising=False)
     errors = []
 
     def run(adapter, name):
@@ -308,8 +310,9 @@ def test_exports_into_one_out_take_turns(peft_adapter, tmp_path, monkeypatch):
 
     first = threading.Thread(target=run, args=("all", "all"), name="first")
     first.start()
-    while not order:  # the first holds OUT once it resolves
+    while not order and first.is_alive():  # the first holds OUT once it resolves
         first.join(0.05)
+    assert order, errors
     second = threading.Thread(target=run, args=("mlp", "mlp"), name="second")
     second.start()
     first.join()
@@ -317,3 +320,41 @@ def test_exports_into_one_out_take_turns(peft_adapter, tmp_path, monkeypatch):
     assert errors == [] and order == [("resolve", "first"), ("commit", "first"), ("resolve", "second"),
                                       ("commit", "second")]
     assert Runtime(out).adapter_names == ["all", "mlp", "qv"]
+
+
+def test_an_export_waiting_for_a_new_out_that_fails_holds_the_out_made_again(tmp_path, monkeypatch):
+    """The first export into a new OUT fails and removes the folder it made; the one waiting for it held a lock on
+    the removed folder, and a third export could run beside it."""
+    import fcntl
+    import importlib
+    import threading
+
+    module = importlib.import_module("edgepeft.exporters.export")
+    out, told, seen = str(tmp_path / "out"), threading.Event(), {}
+
+    def fake_export(adapters, out_, *args):
+        if threading.current_thread().name == "first":
+            told.wait(120)
+            raise ConfigError("the first export fails")
+        fd = os.open(out_, os.O_RDONLY)  # a third export, now
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen["third locked OUT"] = True
+        except BlockingIOError:
+            seen["third locked OUT"] = False
+        finally:
+            os.close(fd)
+        return {}
+
+    monkeypatch.setattr(module, "_export", fake_export)
+    monkeypatch.setattr(module, "_waiting", lambda message, log: told.set())
+    threads = [threading.Thread(target=lambda: module.export(["a"], out) if threading.current_thread().name ==
+                                "second" else pytest.raises(ConfigError, module.export, ["a"], out), name=n)
+               for n in ("first", "second")]
+    threads[0].start()
+    while not os.path.isdir(out) and threads[0].is_alive():
+        threads[0].join(0.01)
+    threads[1].start()
+    for t in threads:
+        t.join()
+    assert seen == {"third locked OUT": False}
