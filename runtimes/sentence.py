@@ -26,23 +26,23 @@ POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sq
 LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
                   "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
                   "pooling_mode_lasttoken": "lasttoken"}  # sentence-transformers 5's flags
-_FIX = "re-export the base with its tokenizer files"
+TOKENIZER_FIX = "re-export the base with its tokenizer files"  # its tokenizer and sentence-transformers files
 
 
 def sentence_transformers_settings(folder: str, max_positions: int | None = None) -> tuple:
     """(max_seq_length or None, pooling mode, lower-case texts) of the model in ``folder`` (an export's base/, or
     the model's own folder for training). ``max_positions``: the model's, which caps a tokenizer's own limit."""
     config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
-    settings = read_json(config, "sentence-transformers config", _FIX) if os.path.isfile(config) else {}
+    settings = read_json(config, "sentence-transformers config", TOKENIZER_FIX) if os.path.isfile(config) else {}
     limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True
     if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 2):
-        raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {_FIX}")
+        raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {TOKENIZER_FIX}")
     if limit is None:
         limit = _tokenizer_limit(folder, max_positions)
     _check_modules(modules)
     if not os.path.isfile(pooling):
         return limit, "mean", lower
-    fields = read_json(pooling, "pooling config", _FIX)
+    fields = read_json(pooling, "pooling config", TOKENIZER_FIX)
     modes = fields.get("pooling_mode")
     if modes is None:  # sentence-transformers 5: one flag per mode; none set pools by the mean, as 6.x reads it
         modes = [LEGACY_POOLING.get(k, k.removeprefix("pooling_mode_")) for k, v in fields.items()
@@ -59,13 +59,13 @@ def _tokenizer_limit(folder: str, max_positions: int | None) -> int | None:
     """sentence-transformers' limit where its config gives none: the tokenizer's ``model_max_length`` (where
     sentence-transformers 6 saves ``max_seq_length``), capped at the model's positions."""
     path = os.path.join(folder, "tokenizer_config.json")
-    own = read_json(path, "tokenizer config", _FIX).get("model_max_length") if os.path.isfile(path) else None
+    own = read_json(path, "tokenizer config", TOKENIZER_FIX).get("model_max_length") if os.path.isfile(path) else None
     own = own if isinstance(own, int) and not isinstance(own, bool) and own > 2 else None
     return min((n for n in (own, max_positions) if n), default=None)
 
 
 def _check_modules(modules: str) -> None:
-    listed = read_json(modules, "sentence-transformers modules", _FIX, list) if os.path.isfile(modules) else []
+    listed = read_json(modules, "sentence-transformers modules", TOKENIZER_FIX, list) if os.path.isfile(modules) else []
     other = []
     for m in listed:
         kind, path = (str(m.get("type", "")), m.get("path")) if isinstance(m, dict) else (repr(m), None)

@@ -19,9 +19,7 @@ import numpy as np
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST, read_json
-from .sentence import lowercase_first, pool, sentence_transformers_settings
-
-_FIX = "re-export the base with its tokenizer files"
+from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
 
 
 def _read_text(path: str) -> str:
