@@ -33,11 +33,7 @@ from .errors import (
     UnknownAdapterError,
 )
 from .manifest import (
-    ADAPTER_GRAPH,
-    ADAPTERS_DIR,
-    adapter_graph_error,
-    read_adapter_manifest,
-    read_base_manifest,
+    ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, adapter_graph_error, read_adapter_manifest, read_base_manifest,
     stacks_as_output,
 )
 from .adapter_source import read_adapter_source
@@ -202,7 +198,8 @@ class AdapterStore:
                    else "load it on the export it was made for")
             return AdapterBaseMismatchError(
                 f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which takes no adapters; {fix}")
-        heads = sorted({s.module for s in self.base["slots"] if s.neutral == "base"})
+        made = CLASSIFIER_NAMES if self.base.get("head_initialised") else ()  # a head made at load never counted
+        heads = sorted({s.module for s in self.base["slots"] if s.neutral == "base"} - set(made))
         if heads and not self.base.get("fingerprint_counts_heads") and manifest.get("base_source") == self.base.get("source"):
             return AdapterBaseMismatchError(  # an export into this OUT is refused alike (export._check_older_fingerprint)
                 f"{label}: adapter {manifest['name']!r} was exported from {self.base.get('source')} by an edgepeft whose "

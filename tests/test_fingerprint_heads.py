@@ -89,6 +89,14 @@ def test_a_classifier_made_at_load_stays_out_and_re_exports_keep_the_fingerprint
            names=["v"])
     assert _base_manifest(out)["weights_fingerprint"] == first
     Runtime(out)  # loads q (re-pointed to the new base) and v
+    # an OUT written before heads counted, with only such a made head: an adapter of another OUT gets the usual
+    # advice (export it into this OUT works), not the older-export one
+    other = str(tmp_path / "other")
+    dense = lora_adapter(tmp_path / "k", base, "seq-cls", 5, num_labels=3, r=2, target_modules=["intermediate.dense"])
+    export([dense], other, names=["k"])
+    edit_json(os.path.join(out, "base", BASE_MANIFEST), fingerprint_counts_heads=False)
+    with pytest.raises(AdapterBaseMismatchError, match=r"export the adapter into this OUT with `edgepeft export"):
+        Runtime(out, load_adapters=False).load_adapter(os.path.join(other, "adapters", "k"))
 
 
 def test_base_given_refuses_an_adapter_trained_with_another_head_unless_it_carries_its_own(tiny_base, two_outs,
