@@ -170,7 +170,7 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
                           f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
                           "export into a fresh --out folder")
     recorded = existing.get("weights_fingerprint")
-    ours = weights_fingerprint(plan.model, skip_modules=made_heads(plan.model))
+    ours = plan.weights_fp
     if recorded != ours and existing["task"] == plan.task:
         _check_older_fingerprint(plan, recorded)
     if recorded != ours or existing["task"] != plan.task:
@@ -237,8 +237,7 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
         check_output_dir(d, "--out")
     stage = staging.new(plan.out, "base")
     plan.log(f"exporting base with {len(slots)} slots to {plan.base_dir}")
-    skip = made_heads(plan.model)  # a head made at load is no base weight; the base's own heads count (slot defaults)
-    trace_base(plan.model, slots, plan.task, stage, plan.source, weights_fingerprint(plan.model, skip_modules=skip),
+    trace_base(plan.model, slots, plan.task, stage, plan.source, plan.weights_fp,
                plan.groups, ops=effective_ops(plan.model.config, plan.task, plan.ops, plan.log), revision=plan.revision,
                log=plan.log)
     manifest = read_base_manifest(stage)
@@ -356,8 +355,8 @@ def export_merged(plan: ExportPlan) -> dict:
     if existing and not plan.overwrite:
         raise ConfigError(f"{base_dir}: holds adapter {existing['merged_adapter']!r} merged into the base already; "
                           "pass --overwrite to replace it, or give another --out")
-    if adapter_dirs(plan.out):  # left by a slot base removed since: a merged base would strand them
-        raise ConfigError(f"{os.path.join(plan.out, ADAPTERS_DIR)}: holds {', '.join(sorted(adapter_dirs(plan.out)))}; "
+    if stranded := sorted(adapter_dirs(plan.out)):  # left by a slot base removed since: a merged base would strand them
+        raise ConfigError(f"{os.path.join(plan.out, ADAPTERS_DIR)}: holds {', '.join(stranded)}; "
                           "a --merge export takes no adapters: give another --out, or remove that folder")
     try:
         merged = plan.peft.merge_and_unload(src.name).eval()

@@ -33,7 +33,7 @@ import tempfile
 import numpy as np
 
 from edgepeft.errors import ConfigError
-from edgepeft.exporters.tied import fold_tied_tables
+from edgepeft.exporters.tied import fold_tied_tables, is_shared_table
 from edgepeft.files import usual_permissions
 
 QUANTIZATIONS = ("int8", "int4")
@@ -53,7 +53,7 @@ def quantize_graph(path: str, quantize: str) -> dict:
     check_quantize(quantize)
     model = onnx.load(path, load_external_data=False)
     external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
-    if any(n.op_type == "Transpose" and n.name == f"{n.input[0]}.T" for n in model.graph.node):  # tied.py's: the
+    if any(is_shared_table(n) for n in model.graph.node):  # tied.py's: the
         # quantizers take constant MatMul weights only
         model = onnx.load(path)
         if fold_tied_tables(model):  # a tied output layer's table: its own (quantized) copy again

@@ -3,6 +3,7 @@ reference), checked against OUT before anything is written (export.py's first st
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -55,6 +56,12 @@ class ExportPlan:
 
     def config(self, src: AdapterSource):
         return self.peft.peft_config[src.name]
+
+    @functools.cached_property
+    def weights_fp(self) -> str:
+        """The base weights' fingerprint (a hash of every tensor: computed once). A head made at load is no base
+        weight; the base's own heads count (the graph uses them where no adapter fills their slot)."""
+        return weights_fingerprint(self.model, skip_modules=made_heads(self.model))
 
 
 def resolve(adapters, out, base, names, **options) -> ExportPlan:

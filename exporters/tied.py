@@ -26,7 +26,7 @@ def share_tied_tables(model) -> int:
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    dropped = []
+    dropped, outputs = [], {o for n in graph.node for o in n.output}
     for name, tensor in inits.items():
         table = by_shape.get(tuple(tensor.dims))
         users = readers.get(name, [])
@@ -36,8 +36,9 @@ def share_tied_tables(model) -> int:
         if not np.array_equal(numpy_helper.to_array(tensor), numpy_helper.to_array(inits[table]).T):
             continue
         transposed = f"{table}.T"
-        if transposed not in {o for n in graph.node for o in n.output}:
+        if transposed not in outputs:
             graph.node.insert(0, helper.make_node("Transpose", [table], [transposed], name=transposed, perm=[1, 0]))
+            outputs.add(transposed)
         for user in users:
             user.input[1] = transposed
         dropped.append(tensor)
@@ -46,12 +47,17 @@ def share_tied_tables(model) -> int:
     return len(dropped)
 
 
+def is_shared_table(node) -> bool:
+    """A Transpose ``share_tied_tables`` wrote (named after its table)."""
+    return node.op_type == "Transpose" and node.name == f"{node.input[0]}.T"
+
+
 def fold_tied_tables(model) -> int:
     """The reverse, for the quantizers: each Transpose of an initializer becomes an initializer again (the MatMul's
     constant weight). Returns the number folded."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    folded = [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits and n.name == f"{n.input[0]}.T"]
+    folded = [n for n in graph.node if is_shared_table(n) and n.input[0] in inits]
     for node in folded:
         array = np.ascontiguousarray(numpy_helper.to_array(inits[node.input[0]]).T)
         graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
