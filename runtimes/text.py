@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST, read_json
+from .mixing import row_specs
 from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
 
 
@@ -356,8 +357,10 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     max_length, mode, tokenizer = rt.tokenizer.sentence_transformers
     per_row = _per_row(adapter, len(rows))
     # a prompt's or prefix's tokens take positions too: each row is cut for its own adapter, as run alone
+    virtual = ([rt.virtual_positions(spec, 1) for spec in per_row] if row_specs(adapter, len(rows)) is not None
+               else [rt.virtual_positions(adapter, len(rows))] * len(rows))  # one adapter: asked once
     limits = [min(max_length or rt.max_positions, rt.max_positions - n) if rt.max_positions and n else max_length
-              for n in (rt.virtual_positions(spec, 1) for spec in per_row)]
+              for n in virtual]
     if len(set(limits)) > 1:  # rows cut to other lengths run in batches of their own: a wider row pads them past it
         parts = {}
         for limit in set(limits):

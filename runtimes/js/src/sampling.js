@@ -83,9 +83,12 @@ const f32 = Math.fround;
 /**
  * The scores a row's next token is chosen from (Float32Array, -Infinity where removed): `row` the row so far
  * (prompt with its left padding, then the new tokens), `padding` its left-padding length, `promptLength` the
- * prompt's width, `eos` the end-of-sequence ids. Greedy: up to the eos hold-back; sampling: all of it.
+ * prompt's width, `eos` the end-of-sequence ids. Greedy: up to the eos hold-back; sampling: all of it. Greedy with
+ * nothing to apply gets `logits` itself (read only): a copy of the vocabulary per row and token is not needed.
  */
 export function processScores(logits, row, s, padding, promptLength, eos) {
+  const holdEos = row.length - promptLength < (s.minNewTokens ?? 0) || row.length < (s.minLength ?? 0);
+  if (!s.doSample && s.repetitionPenalty === 1 && !(s.noRepeatNgramSize > 0) && !holdEos) return logits;  // greedy: as is
   const scores = Float32Array.from(logits);
   const vocab = scores.length;
   if (s.repetitionPenalty !== 1) {  // in float32, as numpy and transformers multiply and divide
@@ -99,7 +102,7 @@ export function processScores(logits, row, s, padding, promptLength, eos) {
       if (tail.every((t, j) => row[i + j] === t)) scores[row[i + n - 1]] = -Infinity;
     }
   }
-  if (row.length - promptLength < (s.minNewTokens ?? 0) || row.length < (s.minLength ?? 0)) {
+  if (holdEos) {
     for (const e of eos) if (e < vocab) scores[e] = -Infinity;
   }
   if (!s.doSample) return scores;
