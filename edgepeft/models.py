@@ -132,9 +132,9 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
     """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
 
     Heads the checkpoint lacks (a classifier) are initialised from a fixed seed so
-    the same base loads to the same weights every time; ``model.edgepeft_new_head`` says whether the
-    task's head was made so (the export records it: an untrained base head). ``labels`` (seq-cls) sizes
-    the classifier for those classes and names them in the config. ``revision``: see
+    the same base loads to the same weights every time; ``model.edgepeft_made_heads`` names the
+    head modules made so (the export records an untrained base head, and leaves it out of the fingerprint).
+    ``labels`` (seq-cls) sizes the classifier for those classes and names them in the config. ``revision``: see
     ``load_model_config``; ``config``: its result when the caller has it already (not looked up again for the
     checks here; transformers' own load reads config.json itself).
     """
@@ -175,7 +175,7 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
             f"{model_label(name_or_path, revision)}: holds no language-model head (its output layer would be random): "
             "a checkpoint saved for another task (a classifier, embeddings); export with a causal-LM checkpoint as "
             "--base, or set the task the adapter was trained for (task_type in its adapter_config.json)")
-    model.edgepeft_new_head = any(k.split(".")[0] in CLASSIFIER_NAMES for k in made)
+    model.edgepeft_made_heads = {k.split(".")[0] for k in made} & set(CLASSIFIER_NAMES)
     return model.eval()
 
 

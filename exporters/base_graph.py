@@ -12,7 +12,7 @@ import shutil
 
 from edgepeft.exporters.adapter_graph import named_labels
 from edgepeft.exporters.contrib_ops import install_contrib_ops
-from edgepeft.exporters.fingerprint import base_fingerprint
+from edgepeft.exporters.fingerprint import base_fingerprint, made_heads
 from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
 from edgepeft.exporters.genai_config import write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
@@ -84,7 +84,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         # the base head's class names, where the model's config names them (a merged classifier's: set once
         # validation has seen its width), and whether that head was made at load (untrained) rather than loaded
         "labels": named_labels(model.config) if task == "seq-cls" else None,
-        "head_initialised": bool(getattr(model, "edgepeft_new_head", False)) if task == "seq-cls" else None,
+        "head_initialised": bool(made_heads(model)) if task == "seq-cls" else None,
         # how classify scores the logits, as transformers' pipeline: softmax, sigmoid (multi-label), none (regression)
         "problem_type": getattr(model.config, "problem_type", None) if task == "seq-cls" else None,
         "vocab_size": model.config.vocab_size,

@@ -23,7 +23,7 @@ from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
 from edgepeft.exporters.quantize import check_quantize, quantize_graph
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
-from edgepeft.exporters.validate import compare_siblings, log_check, validate
+from edgepeft.exporters.validate import BaseOutputs, compare_siblings, log_check, validate
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.files import (
     Staging, check_output_dir, deferred_interrupts, one_at_a_time, remove_abandoned, write_json_atomic,
@@ -269,14 +269,16 @@ def validate_float(plan: ExportPlan, base_stage: str, adapter_stages: dict, reus
     """The base alone, then each adapter, against PyTorch (a reused quantized base: by relative error)."""
     rt = Runtime.from_base_dir(base_stage)
     qtol = plan.qtol if rt.manifest.get("quantization") else None
+    base = BaseOutputs(rt, plan.model, plan.task)
     report = {"out": plan.out, "base": {"reused": reuse, "path": plan.base_dir, "slots": n_slots}, "adapters": [],
-              "checks": [validate("base (no adapter)", rt, None, plan.model, plan.task, plan.atol, plan.base_dir, qtol=qtol)]}
+              "checks": [validate("base (no adapter)", rt, None, plan.model, plan.task, plan.atol, plan.base_dir, qtol=qtol,
+                                  base=base)]}
     for src in plan.sources:
         stage = adapter_stages[src.name]
         rt.load_adapter(stage, name=src.name)
         plan.peft.set_adapter(src.name)
         check = validate(f"adapter {src.name}", rt, src.name, plan.peft, plan.task, plan.atol, src.path, qtol=qtol,
-                         base=plan.model)
+                         base=base)
         if plan.task == "seq-cls":
             set_labels(os.path.join(stage, ADAPTER_MANIFEST), read_labels(src.path, check["output_width"], plan.model.config))
         report["checks"].append(check)
@@ -291,13 +293,14 @@ def quantize_and_validate(plan: ExportPlan, base_stage: str, adapter_stages: dic
     """Every float32 check passed: quantize the staged base, then check it and each adapter on it again."""
     _quantize_stage(base_stage, plan.quantize, plan.log)
     rt = Runtime.from_base_dir(base_stage)
+    base = BaseOutputs(rt, plan.model, plan.task)
     checks = [validate(f"base (no adapter), {plan.quantize}", rt, None, plan.model, plan.task, plan.atol, plan.base_dir,
-                       qtol=plan.qtol)]
+                       qtol=plan.qtol, base=base)]
     for src in plan.sources:
         rt.load_adapter(adapter_stages[src.name], name=src.name)
         plan.peft.set_adapter(src.name)
         checks.append(validate(f"adapter {src.name}, {plan.quantize}", rt, src.name, plan.peft, plan.task, plan.atol,
-                               src.path, qtol=plan.qtol, base=plan.model))
+                               src.path, qtol=plan.qtol, base=base))
         log_check(plan.log, checks[-1], f"{src.name} ({plan.quantize})")
     return checks
 
@@ -323,15 +326,12 @@ def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: 
     place with Ctrl-C held off, so OUT never holds a new base with its adapters still pointing at the old one.
     """
     if not reuse:
-        base = read_base_manifest(base_stage)
-        slot_names = {s.name for s in base["slots"]}
         moves = []
         try:
-            for d, manifest in plan.siblings.items():  # after the base gained slots, the adapters already in OUT still fit
-                if set(manifest["slots"]) <= slot_names:
-                    staged = os.path.join(d, f".{ADAPTER_MANIFEST}.new")
-                    moves.append((staged, os.path.join(d, ADAPTER_MANIFEST)))
-                    write_json_atomic(staged, {**manifest, "base_fingerprint": base["fingerprint"]}, sort_keys=True)
+            for d, manifest in plan.taken_along(read_base_manifest(base_stage)).items():
+                staged = os.path.join(d, f".{ADAPTER_MANIFEST}.new")
+                moves.append((staged, os.path.join(d, ADAPTER_MANIFEST)))
+                write_json_atomic(staged, manifest, sort_keys=True)
             with deferred_interrupts():
                 staging.commit(base_stage, plan.base_dir)
                 for staged, target in moves:

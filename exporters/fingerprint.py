@@ -6,8 +6,6 @@ import json
 
 import torch
 
-from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
-
 # Config keys that name or describe a checkpoint but do not change the computation.
 _VOLATILE = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "id2label", "label2id",
              "_attn_implementation_autoset", "use_cache"}
@@ -34,10 +32,8 @@ def weights_fingerprint(model: torch.nn.Module, skip_modules=()) -> str:
 
 def made_heads(model: torch.nn.Module) -> set:
     """The classifier modules ``load_base`` made (seeded, untrained) for a checkpoint without one: not the base's
-    weights, so they stay out of its fingerprint (``model.edgepeft_new_head``)."""
-    if not getattr(model, "edgepeft_new_head", False):
-        return set()
-    return {n for n in CLASSIFIER_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)}
+    weights, so they stay out of its fingerprint."""
+    return set(getattr(model, "edgepeft_made_heads", ()))
 
 
 def base_fingerprint(weights_fp: str, slots, opset: int) -> str:

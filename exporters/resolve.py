@@ -57,6 +57,13 @@ class ExportPlan:
     def config(self, src: AdapterSource):
         return self.peft.peft_config[src.name]
 
+    def taken_along(self, base: dict) -> dict:
+        """{folder: its manifest re-pointed to ``base`` (a new base manifest)} of the adapters already in OUT that the
+        new base serves (every slot they read is in it); the others stay as they are, refused by the new base."""
+        slots = {s.name for s in base["slots"]}
+        return {folder: {**manifest, "base_fingerprint": base["fingerprint"]}
+                for folder, manifest in self.siblings.items() if set(manifest["slots"]) <= slots}
+
     @functools.cached_property
     def weights_fp(self) -> str:
         """The base weights' fingerprint (a hash of every tensor: computed once). A head made at load is no base
@@ -198,11 +205,14 @@ def _check_recorded_bases(sources, source: str, model, task: str) -> None:
             if not recorded or _same(recorded) == _same(source):
                 raise
             raise type(e)(f"{e}; it was trained on {recorded}: drop --base to export it with that base") from None
+    loaded = {}  # each recorded folder loaded once, however many adapters name it
     for src in sources:
         recorded = src.config.base_model_name_or_path
         if not recorded or not os.path.isdir(recorded) or _same(recorded) == _same(source):
             continue  # a hub id this machine may not have, or the same folder
-        theirs = load_base(recorded, task)
+        if _same(recorded) not in loaded:
+            loaded[_same(recorded)] = load_base(recorded, task)
+        theirs = loaded[_same(recorded)]
         if (weights_fingerprint(theirs, skip_modules=own[src.name] | made_heads(theirs))
                 != weights_fingerprint(model, skip_modules=own[src.name] | made_heads(model))):
             raise AdapterBaseMismatchError(

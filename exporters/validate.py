@@ -123,15 +123,32 @@ def decode_steps(rt, adapter, model, ids, mask, steps: int = 3):
     return np.stack(ours), np.stack(ref)
 
 
+class BaseOutputs:
+    """The base's own outputs on a quantized check's batch, the runtime's (no adapter) and PyTorch's: each adapter's
+    effect is measured against them, so they are computed once (or kept from the base's own check), not per adapter."""
+
+    def __init__(self, rt, model, task: str):
+        self.rt, self.model, self.task, self.kept = rt, model, task, {}
+
+    def keep(self, seed: int, ours, ref) -> None:
+        self.kept[seed] = ours, ref
+
+    def outputs(self, seed: int, ids, mask) -> tuple:
+        if seed not in self.kept:
+            self.keep(seed, self.rt.forward(ids.numpy(), mask.numpy())[TASK_OUTPUTS[self.task]],
+                      reference_output(self.model, ids, mask, self.task))
+        return self.kept[seed]
+
+
 def validate(label: str, rt, adapter, model, task: str, atol: float, where: str, seed: int = 1, qtol=None,
-             base=None) -> dict:
+             base: BaseOutputs | None = None) -> dict:
     """The runtime vs PyTorch on a left-padded batch: forward, and for decoders prefill + decode steps.
 
     ``qtol``: the graph is quantized; check relative RMS error against it instead of ``atol``, on a
     larger batch (16 x 16 tokens): on 2 x 8 random tokens a trained classifier's relative error swung
     from 0.16 to 0.41, while held-out text gave 0.16. The check records ``output_width``, the
-    output's last dim (a classifier's label count). ``base``: the PyTorch base without adapters; with ``qtol`` and
-    an adapter, the adapter's effect is checked too (``compare_effects``).
+    output's last dim (a classifier's label count). ``base``: with ``qtol``, the base's outputs (the base's own check
+    keeps them); an adapter's effect is checked against them too (``compare_effects``).
     """
     batch, length = QUANTIZED_SAMPLE if qtol is not None else (2, 8)
     ids, mask = sample_inputs(model.config, batch=batch, seq=length, seed=seed)
@@ -139,9 +156,12 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
     ref = reference_output(model, ids, mask, task)
     check = compare_outputs(label, ours, ref, mask.numpy(), task, atol, where, qtol)
     check["output_width"] = int(ours.shape[-1])
-    if qtol is not None and adapter is not None and base is not None:
-        check["effect_error"] = compare_effects(label, ours, ref, rt.forward(ids.numpy(), mask.numpy())[TASK_OUTPUTS[task]],
-                                                reference_output(base, ids, mask, task), mask.numpy(), task, where)
+    if qtol is not None and base is not None:
+        if adapter is None:
+            base.keep(seed, ours, ref)
+        else:
+            check["effect_error"] = compare_effects(label, ours, ref, *base.outputs(seed, ids, mask), mask.numpy(), task,
+                                                    where)
     if rt.cache:
         step = compare_outputs(f"{label}, cached decode", *decode_steps(rt, adapter, model, ids, mask), None, task, atol,
                                where, qtol)
@@ -169,16 +189,14 @@ def compare_siblings(plan, base_stage: str) -> list:
     if not plan.siblings:
         return []
     old, new = Runtime(plan.out, load_adapters=False), Runtime.from_base_dir(base_stage)
-    slots, quantized = {s.name for s in new.manifest["slots"]}, new.manifest.get("quantization")
+    quantized = new.manifest.get("quantization")
     ids, mask = (t.numpy() for t in sample_inputs(plan.model.config, batch=2, seq=8, seed=3))
     checks = []
-    for folder, manifest in plan.siblings.items():
-        if not set(manifest["slots"]) <= slots:  # not taken along (commit leaves it as it is)
-            continue
+    for folder, manifest in plan.taken_along(new.manifest).items():  # as commit will re-point them
         name = old.load_adapter(folder)
         zipped = io.BytesIO()
         with zipfile.ZipFile(zipped, "w") as z:
-            z.writestr(ADAPTER_MANIFEST, json.dumps({**manifest, "base_fingerprint": new.manifest["fingerprint"]}))
+            z.writestr(ADAPTER_MANIFEST, json.dumps(manifest))
             z.write(os.path.join(folder, ADAPTER_GRAPH), ADAPTER_GRAPH)
         new.load_adapter(zipped.getvalue(), name=name)
         want, got = (rt.forward(ids, mask, adapter=name)[TASK_OUTPUTS[plan.task]] for rt in (old, new))

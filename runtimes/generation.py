@@ -274,14 +274,13 @@ def lane_steps(rt, lanes, ids: np.ndarray, mask: np.ndarray):
         parts = [s.send(token[lane.rows]) for lane, s in zip(lanes, steps)]
 
 
-def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops, check):
+def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops, words):
     """Yield each step's new token per row, (B,) int64: greedy or sampled, stopping rows at eos or a stop string.
-    ``check(n_virtual)``: the call's length check, run again with the adapters held."""
+    ``words``: the call's length check in words, run again with the adapters held (``Runtime.lanes``)."""
     rng = np.random.default_rng(cfg.seed)
     eos = np.array(cfg.eos_token_id, dtype=np.int64)
     sequences, finished = ids, np.zeros(ids.shape[0], dtype=bool)
-    with rt.lanes(adapter, ids.shape[0]) as lanes:
-        check(max(lane.plan.n_positions for lane in lanes))
+    with rt.lanes(adapter, *ids.shape, cfg.max_new_tokens - 1, words) as lanes:
         steps = lane_steps(rt, lanes, ids, mask)
         logits = next(steps)
         for step in range(cfg.max_new_tokens):

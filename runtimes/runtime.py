@@ -153,15 +153,16 @@ class Runtime:
         return binding
 
     @contextmanager
-    def lanes(self, adapter, batch: int):
-        """Hold a call's adapters; yields its lanes: rows sharing a graph run and the Plan each binds (mixing.py)."""
+    def lanes(self, adapter, batch: int, length: int | None = None, new_tokens: int = 0, words=("", "")):
+        """Hold a call's adapters; yields its lanes: rows sharing a graph run and the Plan each binds (mixing.py).
+        ``length`` (+ ``new_tokens``), where given, is checked against the positions with the adapters held: a name
+        reloaded since the call checked it may take more virtual tokens (``words``: see ``_check_length``)."""
         specs = row_specs(adapter, batch)
-        if specs is None:
-            with self.store.using(adapter) as plan:
-                yield [Lane(np.arange(batch), plan)]
-            return
-        with self.store.holding(self.mixer.names(specs)) as held:
-            yield self.mixer.lanes(specs, held)
+        with self.store.using(adapter) if specs is None else self.store.holding(self.mixer.names(specs)) as held:
+            lanes = [Lane(np.arange(batch), held)] if specs is None else self.mixer.lanes(specs, held)
+            if length is not None:
+                self._check_length(max(lane.plan.n_positions for lane in lanes), length, new_tokens, *words)
+            yield lanes
 
     def run(self, plan: Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None,
             keep_last: bool = False) -> list:
@@ -248,10 +249,9 @@ class Runtime:
         """
         ids, mask = self._inputs(input_ids, attention_mask)
         parts = []
-        with self.lanes(adapter, ids.shape[0]) as lanes:
+        with self.lanes(adapter, *ids.shape) as lanes:
             for lane in lanes:
                 rows_ids, rows_mask = (ids, mask) if len(lanes) == 1 else (ids[lane.rows], mask[lane.rows])
-                self._check_length(lane.plan.n_positions, ids.shape[1])
                 full, positions = self.virtual_inputs(lane.plan, rows_mask, generate=False)
                 out = self.run(lane.plan, rows_ids, full, positions)[0].numpy()
                 if lane.plan.columns is not None:  # a head per row: each row's own output columns
@@ -277,9 +277,8 @@ class Runtime:
         lanes = {}
 
         def steps():
-            with self.lanes(adapter, ids.shape[0]) as held:
+            with self.lanes(adapter, *ids.shape) as held:
                 lanes["held"] = held
-                self._check_length(max(lane.plan.n_positions for lane in held), ids.shape[1])  # reloaded since?
                 inner = lane_steps(self, held, ids, mask)
                 token = yield next(inner)
                 while True:
@@ -310,10 +309,7 @@ class Runtime:
         self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1, *words)
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
-        # again once the adapter is held at the first next(): a name reloaded since may have more virtual tokens
-        def check(n_virtual):
-            self._check_length(n_virtual, ids.shape[1], cfg.max_new_tokens - 1, *words)
-        return stream_tokens(self, ids, mask, padding, adapter, cfg, stops, check)
+        return stream_tokens(self, ids, mask, padding, adapter, cfg, stops, words)  # checked again once held
 
     def generate(self, input_ids, attention_mask=None, adapter=None, **generation) -> np.ndarray:
         """Generate with ``adapter``; returns ids (B, T + new), the prompt included.

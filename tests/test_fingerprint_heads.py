@@ -108,3 +108,20 @@ def test_base_given_refuses_an_adapter_trained_with_another_head_unless_it_carri
     with pytest.raises(AdapterBaseMismatchError, match=r"plain-b: was trained on .*whose weights differ from --base"):
         export([str(root / "head-a"), str(root / "plain-b")], str(tmp_path / "mixed"), base=base, names=["h", "p"])
     export([str(root / "head-b")], str(tmp_path / "carried"), base=base, names=["h"])
+
+
+def test_base_given_loads_a_base_several_adapters_record_once(two_outs, tmp_path, monkeypatch):
+    """--base: each adapter's recorded base is loaded to compare its weights; two adapters recording one folder
+    load it once."""
+    import shutil
+    import sys
+
+    resolve = sys.modules["edgepeft.exporters.resolve"]
+    root, loads = two_outs[0], []
+    real = resolve.load_base
+    monkeypatch.setattr(resolve, "load_base",
+                        lambda path, *a, **k: loads.append(os.path.realpath(path)) or real(path, *a, **k))
+    copy = str(tmp_path / "same-weights")
+    shutil.copytree(root / "base-other-head", copy)
+    export([str(root / "head-b"), str(root / "plain-b")], str(tmp_path / "out"), base=copy, names=["h", "p"])
+    assert loads.count(os.path.realpath(root / "base-other-head")) == 1, loads

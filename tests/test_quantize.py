@@ -326,3 +326,23 @@ def test_gemms_sharing_a_weight_share_its_transpose():
     assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "MatMul"]
     for ours, ref in zip(ort.InferenceSession(model.SerializeToString()).run(None, {"x": x}), want):
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_the_base_outputs_are_computed_once_for_every_adapters_effect(peft_adapter, tmp_path, monkeypatch):
+    """Each adapter's effect on a quantized base is judged against the base's outputs: one PyTorch run of the base
+    per base graph (its own check), not one more per adapter."""
+    import sys
+
+    validate_module = sys.modules["edgepeft.exporters.validate"]
+    real, models = validate_module.reference_output, []
+
+    def counted(model, *args):
+        models.append(type(model).__name__)
+        return real(model, *args)
+
+    monkeypatch.setattr(validate_module, "reference_output", counted)
+    dirs = [spec_adapter(peft_adapter, "llama", "qv"), spec_adapter(peft_adapter, "llama", "all")]
+    report = export(dirs, str(tmp_path / "out"), quantize="int8")
+    assert all(c["effect_error"] is not None for c in report["checks"][-2:]), report["checks"]
+    # the float32 graph and the int8 one: the base once each, each adapter once each
+    assert models.count("PeftModel") == 4 and len(models) == 6, models
