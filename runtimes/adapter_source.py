@@ -9,7 +9,7 @@ import zlib
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .manifest import (
-    ADAPTER_GRAPH, ADAPTER_MANIFEST, adapter_graph_error, check_adapter_manifest, read_adapter_manifest, sha256_bytes,
+    ADAPTER_GRAPH, ADAPTER_MANIFEST, check_adapter_graph, check_adapter_manifest, read_adapter_manifest, sha256_bytes,
 )
 
 
@@ -43,8 +43,7 @@ def read_adapter_source(source) -> tuple[str | None, dict | None, dict]:
         raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
                                     "`edgepeft export`")
     manifest = read_adapter_manifest(path)
-    if (error := adapter_graph_error(path, manifest)) is not None:
-        raise error
+    check_adapter_graph(path, manifest)
     return path, None, manifest
 
 

@@ -20,20 +20,15 @@ import os
 import threading
 import zipfile
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 
 from .errors import (
-    AdapterBaseMismatchError,
-    AdapterInUseError,
-    ConfigError,
-    CorruptArtifactError,
-    EdgePeftError,
-    UnknownAdapterError,
+    AdapterBaseMismatchError, AdapterInUseError, ConfigError, CorruptArtifactError, EdgePeftError, UnknownAdapterError,
 )
 from .manifest import (
-    ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, adapter_graph_error, read_adapter_manifest, read_base_manifest,
+    ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, read_adapter_manifest, read_base_manifest,
     stacks_as_output,
 )
 from .adapter_source import read_adapter_source
@@ -124,7 +119,7 @@ class AdapterStore:
         self._resident: OrderedDict = OrderedDict()  # staged names, least recently used first
         self._lock = threading.RLock()
         self._staging: dict[str, threading.Lock] = {}
-        self.on_change = []  # callables(name): an adapter was unloaded, evicted or restaged (stack caches drop it)
+        self.on_change = []  # WeakMethods(name): unloaded, evicted or restaged (weak: a Mixer holds this store)
 
     @property
     def names(self) -> list[str]:
@@ -277,15 +272,18 @@ class AdapterStore:
         adapter.bytes = int(sum(a.nbytes for a in arrays.values()))
         self._resident[adapter.name] = True
         self._resident.move_to_end(adapter.name)
-        for notify in self.on_change:
-            notify(adapter.name)
+        self._changed(adapter.name)
 
     def _drop(self, adapter: Registered) -> None:
         adapter.plan = adapter.arrays = None
         adapter.bytes = 0
         self._resident.pop(adapter.name, None)
-        for notify in self.on_change:
-            notify(adapter.name)
+        self._changed(adapter.name)
+
+    def _changed(self, name: str) -> None:
+        for listener in self.on_change:
+            if (notify := listener()) is not None:
+                notify(name)
 
     def _trim(self) -> None:
         """Evict least recently used adapters no call holds until the staged bytes fit the budget."""
@@ -304,16 +302,19 @@ class AdapterStore:
     @staticmethod
     def _check_unchanged(adapter: Registered) -> None:
         """Before a restage: the folder's graph is still the one load checked (bytes cannot change)."""
-        if adapter.data is None and adapter_graph_error(adapter.path, adapter.manifest) is not None:
-            try:  # re-exported since (edgepeft export --overwrite): for this base, or for a new one
-                base = read_adapter_manifest(adapter.path)["base_fingerprint"]
-            except EdgePeftError:
-                base = adapter.manifest["base_fingerprint"]
-            fix = (f"unload_adapter({adapter.name!r}) and load it again" if base == adapter.manifest["base_fingerprint"]
-                   else "its base was re-exported too: open a new Runtime on the export")
-            raise CorruptArtifactError(
-                f"{os.path.join(adapter.path, adapter.manifest['graph'])}: missing or changed (re-exported?) since "
-                f"adapter {adapter.name!r} was loaded; {fix}")
+        if adapter.data is not None:
+            return
+        with suppress(EdgePeftError):  # else re-exported since (edgepeft export --overwrite): for this base or another
+            return check_adapter_graph(adapter.path, adapter.manifest)
+        try:
+            base = read_adapter_manifest(adapter.path)["base_fingerprint"]
+        except EdgePeftError:
+            base = adapter.manifest["base_fingerprint"]
+        fix = (f"unload_adapter({adapter.name!r}) and load it again" if base == adapter.manifest["base_fingerprint"]
+               else "its base was re-exported too: open a new Runtime on the export")
+        raise CorruptArtifactError(
+            f"{os.path.join(adapter.path, adapter.manifest['graph'])}: missing or changed (re-exported?) since "
+            f"adapter {adapter.name!r} was loaded; {fix}")
 
     def _stage(self, adapter: Registered) -> tuple[dict, Plan]:
         label = adapter.path or "adapter bytes"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+from .errors import EdgePeftError
 from .manifest import (
-    BASE_DIR, BASE_MANIFEST, adapter_dirs, adapter_graph_error, base_file_errors, not_an_export, read_adapter_manifest, read_base_manifest,
+    BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export, read_adapter_manifest,
+    read_base_manifest,
 )
 
 
@@ -37,8 +39,10 @@ def describe_export(out_dir: str) -> dict:
         problems += [str(e) for e in base_file_errors(base_dir, base)]
     for d in adapter_dirs(out_dir).values():
         m = read_adapter_manifest(d)
-        if (error := adapter_graph_error(d, m)) is not None:
-            problems.append(str(error))
+        try:
+            check_adapter_graph(d, m)
+        except EdgePeftError as e:
+            problems.append(str(e))
         adapters.append(
             {
                 "name": m["name"],

@@ -379,15 +379,15 @@ def _checked_adapter_manifest(data: dict, path: str) -> dict:
     return data
 
 
-def adapter_graph_error(adapter_dir: str, manifest: dict):
-    """The error an adapter's graph file has (missing, or not the file its sha256 names), else None."""
+def check_adapter_graph(adapter_dir: str, manifest: dict) -> None:
+    """Raises the error an adapter's graph file has: missing, or not the file its sha256 names. (Raised here, not
+    returned: a caller's local holding the exception it raises keeps that frame, and the Runtime in it, alive.)"""
     graph = os.path.join(adapter_dir, manifest["graph"])
     if not os.path.isfile(graph):
-        return ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
+        raise ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
     if sha256_file(graph) != manifest["sha256"]:
-        return CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); "
-                                    "re-export the adapter")
-    return None
+        raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); "
+                                   "re-export the adapter")
 
 
 def adapter_dirs(out_dir: str) -> dict:

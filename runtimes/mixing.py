@@ -18,6 +18,7 @@ restaged); per call only the small row-weight arrays are made. A weighted row co
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -99,7 +100,7 @@ class Mixer:
         self.selectors = {s.name: s for s in self.slots.values() if s.selects}
         self._stacks: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
-        store.on_change.append(self._forget)
+        store.on_change.append(weakref.WeakMethod(self._forget))
 
     def names(self, specs) -> list:
         return sorted({n for spec in specs for n in spec if not self.store.serves_base(n)})

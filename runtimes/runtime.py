@@ -49,10 +49,14 @@ class Runtime:
             raise not_an_export(os.fspath(path))
         self.path = os.path.abspath(path)  # the export stays where it was opened when the app changes directory
         base_dir = os.path.join(self.path, BASE_DIR)
-        self._open_base(base_dir, providers, sess_options, adapter_budget_bytes)
-        if load_adapters:
-            for name, d in adapter_dirs(self.path).items():
-                self.load_adapter(d, name=name)
+        try:
+            self._open_base(base_dir, providers, sess_options, adapter_budget_bytes)
+            if load_adapters:
+                for name, d in adapter_dirs(self.path).items():
+                    self.load_adapter(d, name=name)
+        except BaseException:  # a failed open holds nothing: the error's traceback (kept by the app) reaches self
+            self.__dict__.clear()
+            raise
 
     @classmethod
     def from_base_dir(cls, base_dir, providers=None, sess_options=None) -> "Runtime":

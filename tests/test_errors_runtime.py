@@ -459,3 +459,43 @@ def test_a_refused_step_token_keeps_the_session(rt):
     steps.close()
     clean.close()
     rt.unload_adapter("qv")  # closed sessions hold their adapter no more
+
+
+def test_a_failed_open_holds_no_session_while_the_app_keeps_the_error(victim, monkeypatch):
+    """A Runtime(OUT) refused for a damaged adapter kept its base session (weights, threads) alive through the
+    error's traceback: an app retrying until a download finished held one more model per try."""
+    import gc
+    import sys
+    import weakref
+
+    runtime_module, sessions = sys.modules["edgepeft.runtimes.runtime"], []
+    real = runtime_module.open_base_session
+    monkeypatch.setattr(runtime_module, "open_base_session",
+                        lambda *a: sessions.append(weakref.ref(s := real(*a))) or s)
+    with open(os.path.join(victim, "adapters", "mlp", "adapter.onnx"), "ab") as f:
+        f.write(b"tampered")
+    gc.disable()  # no cycle collector: only what the references free
+    try:
+        with pytest.raises(CorruptArtifactError) as kept:  # the app keeps (or logs) the error
+            Runtime(victim, providers=CPU)
+        assert kept.traceback and sessions and sessions[0]() is None
+    finally:
+        gc.enable()
+
+
+def test_a_dropped_runtime_frees_its_staged_adapters(llama):
+    """The adapter store and the mixed-batch cache referred to each other: dropping a Runtime kept every staged
+    tensor until Python's cycle collector ran."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        rt = Runtime(llama[0], providers=CPU)
+        ids, mask = sample_batch()
+        rt.forward(ids, mask, adapter=[rt.adapter_names[0], None])  # a mixed batch: the mixer is used
+        store = weakref.ref(rt.store)
+        del rt
+        assert store() is None
+    finally:
+        gc.enable()
