@@ -168,3 +168,13 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
         json.dump(expected, f)
     assert len({json.dumps(v) for v in expected["llama"]["greedy"].values()}) == 6  # every adapter acts
     assert len({json.dumps(v) for v in expected["gpt2"]["greedy"].values()}) == 3
+
+
+def test_the_javascript_runtime_reads_the_format_this_one_writes():
+    """Both runtimes refuse an export newer than they read; the JavaScript one's FORMAT_VERSION is this one's."""
+    import re
+
+    from edgepeft.runtimes.manifest import FORMAT_VERSION
+
+    with open(os.path.join(REPO, "runtimes", "js", "src", "checks.js"), encoding="utf-8") as f:
+        assert re.search(r"export const FORMAT_VERSION = (\d+);", f.read()).group(1) == str(FORMAT_VERSION)

@@ -10,6 +10,18 @@ function described(v) {  // a value as a message shows it: "5", 5n, 2.5, Int32Ar
   return [Object, Array].includes(v.constructor) ? JSON.stringify(v) : v.constructor?.name ?? "an object";
 }
 
+export const FORMAT_VERSION = 3;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)
+
+/** A manifest of `form` ("edgepeft-base", "edgepeft-adapter") in a format this runtime reads, or EdgePeftError. */
+export function checkFormat(manifest, form, where) {
+  if (manifest?.format !== form) throw new EdgePeftError(`${where}: not an ${form} manifest; re-run \`edgepeft export\``);
+  const version = manifest.format_version;
+  if (!Number.isInteger(version) || version > FORMAT_VERSION) {
+    throw new EdgePeftError(`${where}: format version ${described(version)} is newer than this runtime reads (${FORMAT_VERSION}); ` +
+      "update the JavaScript runtime (runtimes/js) to the edgepeft that exported it, or export with this runtime's edgepeft");
+  }
+}
+
 const camel = (key) => key.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
 
 /**

@@ -12,7 +12,7 @@
 // "phase" prefill (a prompt: first step only), "target" (a prefix: the start of a cache input),
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
-import { EdgePeftError, checkInputs, checkOptions, checkTensors } from "./checks.js";
+import { EdgePeftError, checkFormat, checkInputs, checkOptions, checkTensors } from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { sha256 } from "./sha256.js";
 
@@ -33,6 +33,7 @@ export class Runtime {
     rt.sessionOptions = sessionOptions;
     rt.manifest = await rt.json("base/edgepeft.json", null);
     const m = rt.manifest;
+    checkFormat(m, "edgepeft-base", loader.where("base/edgepeft.json"));
     if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT}`);
     await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`]);
     rt.session = await rt.opened(`base/${m.web_graph}`, () => loader.session(ort, `base/${m.web_graph}`, sessionOptions, true));
@@ -86,6 +87,7 @@ export class Runtime {
     const where = this.loader.where(`adapters/${name}`);
     const manifest = await this.json(`adapters/${name}/adapter.json`,
       `no adapter ${name} in this export; export it there first (edgepeft export --adapter DIR --out OUT --name ${name})`);
+    checkFormat(manifest, "edgepeft-adapter", this.loader.where(`adapters/${name}/adapter.json`));
     if (manifest.base_fingerprint !== this.manifest.fingerprint) {
       throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: made for another base (fingerprint ` +
         `${manifest.base_fingerprint.slice(0, 12)}, this base ${this.manifest.fingerprint.slice(0, 12)}); re-export it into this OUT`);

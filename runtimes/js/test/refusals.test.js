@@ -134,3 +134,19 @@ test("SHA-256 without Web Crypto (a page served over plain http) gives Web Crypt
     assert.equal(sha256Plain(bytes), createHash("sha256").update(bytes).digest("hex"), `${n} bytes`);
   }
 });
+
+test("an export in a newer format than this runtime reads is named, as the Python runtime names it", async () => {
+  const out = await copied("newer");
+  const edit = async (rel, change) => {
+    const file = path.join(out, rel);
+    await writeFile(file, JSON.stringify({ ...JSON.parse(await readFile(file, "utf8")), ...change }));
+  };
+  await edit("adapters/lora/adapter.json", { format_version: 99 });
+  const rt = await openFolder(ortNode, out);
+  await refuses(rt.loadAdapter("lora"), /adapters\/lora\/adapter.json: format version 99 is newer than this runtime reads \(3\); update the JavaScript runtime/);
+  await rt.loadAdapter("ia3");  // the others still load
+  await edit("base/edgepeft.json", { format_version: 99 });
+  await refuses(openFolder(ortNode, out), /base\/edgepeft.json: format version 99 is newer than this runtime reads/);
+  await edit("base/edgepeft.json", { format: "something-else", format_version: 3 });
+  await refuses(openFolder(ortNode, out), /base\/edgepeft.json: not an edgepeft-base manifest/);
+});
