@@ -1,6 +1,7 @@
 // The sample page: an edgepeft export served over HTTP, a task menu, text in, the task's answer out.
 //   ?out=/demo-out/export&adapters=intent,sentiment   (the defaults: what `make demo` writes)
 //   &ep=webgpu|wasm   ONNX Runtime's execution provider; default: WebGPU where the browser offers an adapter
+//   &proxy=1          wasm in onnxruntime-web's proxy worker (env.wasm.proxy): the page stays responsive during a call
 import { classify } from "/runtimes/js/src/runtime.js";
 import { loadTokenizer, openUrl } from "/runtimes/js/src/web.js";
 
@@ -16,6 +17,7 @@ async function main() {
   const ort = await import(ep === "webgpu" ? "onnxruntime-web/webgpu" : "onnxruntime-web/wasm");
   ort.env.wasm.wasmPaths = "/runtimes/js/node_modules/onnxruntime-web/dist/";
   ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(2, navigator.hardwareConcurrency || 1) : 1;
+  ort.env.wasm.proxy = params.get("proxy") === "1";
   const rt = await openUrl(ort, out, { sessionOptions: { executionProviders: [ep] } });
   for (const name of names) await rt.loadAdapter(name);
   const tokenizer = await loadTokenizer(out);
@@ -25,7 +27,7 @@ async function main() {
   const where = ep === "webgpu" ? "WebGPU" : `wasm, ${ort.env.wasm.numThreads} threads`;
   $("timing").textContent = `loaded in ${loadMs.toFixed(0)} ms (${where})`;
   $("run").disabled = false;
-  window.edgepeft = { rt, loadMs, ep, threads: ort.env.wasm.numThreads };  // for the page test and samples/bench_web.py
+  window.edgepeft = { rt, loadMs, ep, threads: ort.env.wasm.numThreads, proxy: ort.env.wasm.proxy };  // for the page test and samples/bench_web.py
 
   $("run").onclick = async () => {
     const adapter = $("task").value;

@@ -14,6 +14,7 @@
 
 import { EdgePeftError, checkFormat, checkInputs, checkOptions, checkTensors } from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
+import { TakingTurns, runOnce } from "./sessions.js";
 import { sha256 } from "./sha256.js";
 
 export { EdgePeftError };
@@ -36,7 +37,8 @@ export class Runtime {
     checkFormat(m, "edgepeft-base", loader.where("base/edgepeft.json"));
     if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT}`);
     await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`]);
-    rt.session = await rt.opened(`base/${m.web_graph}`, () => loader.session(ort, `base/${m.web_graph}`, sessionOptions, true));
+    rt.session = new TakingTurns(ort, await rt.opened(`base/${m.web_graph}`,
+      () => loader.session(ort, `base/${m.web_graph}`, sessionOptions, true)));
     // neutral.onnx: every slot's neutral value (none in a merged classifier, which has no slot)
     const neutral = `base/${m.neutral_graph}`;
     rt.neutral = m.neutral_graph ? await runOnce(await rt.opened(neutral, () => loader.session(ort, neutral, sessionOptions, false))) : {};
@@ -94,7 +96,8 @@ export class Runtime {
     }
     this.loading ??= new Set();  // names being loaded: two loads of one name at once must not both pass the check
     if (this.adapters.has(name) || this.loading.has(name)) {
-      throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: an adapter named ${name} is loaded already; unloadAdapter it first`);
+      throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: an adapter named ${name} is ` + (this.adapters.has(name)
+        ? "loaded already; unloadAdapter it first" : "being loaded by another call; await that call's loadAdapter"));
     }
     this.loading.add(name);
     let tensors;
@@ -389,12 +392,3 @@ export function classify(logits, labels, row = 0, problemType = null) {
   }
   return scores.map((score, i) => ({ label: labels ? labels[i] : String(i), score })).sort((a, b) => b.score - a.score);
 }
-
-async function runOnce(session) {  // a graph with no inputs, run once; its session is released (else it leaks)
-  try {
-    return await session.run({});
-  } finally {
-    await session.release?.().catch(() => {});  // a failed release must not hide what run did
-  }
-}
-

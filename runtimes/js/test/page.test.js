@@ -19,8 +19,10 @@ const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 // Offline machine: no background traffic, no GPU, no sandbox (root), a fresh profile.
 const FLAGS = ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
   "--disable-component-update", "--disable-sync"];
-const EPS = {
+const EPS = {  // name: the page's execution provider (ep, else the name), its other parameters, Chromium's flags
   wasm: { flags: ["--disable-gpu"], tolerance: 1e-4 },
+  // onnxruntime-web's proxy worker takes each input's buffer: the tensors kept between calls go as copies
+  "wasm-proxy": { ep: "wasm", query: "&proxy=1", flags: ["--disable-gpu"], tolerance: 1e-4 },
   webgpu: { flags: ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-angle=swiftshader", "--use-webgpu-adapter=swiftshader"], tolerance: 1e-3 },
 };
 const PYTHON = process.env.PYTHON || (existsSync(path.join(REPO, ".venv/bin/python")) ? path.join(REPO, ".venv/bin/python") : "python3");
@@ -48,14 +50,14 @@ after(async () => {
   server?.kill();
 });
 
-for (const [ep, { flags, tolerance }] of Object.entries(EPS)) test(`${ep}: the page switches task without reloading and shows the Python runtime's answers`, async () => {
+for (const [name, { ep = name, query = "", flags, tolerance }] of Object.entries(EPS)) test(`${name}: the page switches task without reloading and shows the Python runtime's answers`, async () => {
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: [...FLAGS, ...flags] });
   browsers.push(browser);
   const expected = JSON.parse(await readFile(path.join(FIXTURES, "expected.json"), "utf8")).minilm.classify;
   const page = await browser.newPage();
   const errors = [];
   page.on("pageerror", (e) => errors.push(e.message));
-  await page.goto(`${url}&ep=${ep}`);
+  await page.goto(`${url}&ep=${ep}${query}`);
   await page.waitForFunction(() => document.getElementById("status").textContent !== "loading...", null, { timeout: 120000 });
   assert.equal(await page.textContent("#status"), "ready", errors.join("; "));
   const fixtures = JSON.parse(await readFile(path.join(FIXTURES, "expected.json"), "utf8")).minilm;
@@ -75,12 +77,13 @@ for (const [ep, { flags, tolerance }] of Object.entries(EPS)) test(`${ep}: the p
       assert.ok(Math.abs(shown.score - want.score) <= tolerance, `${ep} ${task}: ${text}: ${shown.score} vs ${want.score}`);
     }
   }
-  const loaded = await page.evaluate(() => ({ loadMs: window.edgepeft.loadMs, ep: window.edgepeft.ep,
+  const loaded = await page.evaluate(() => ({ loadMs: window.edgepeft.loadMs, ep: window.edgepeft.ep, proxy: window.edgepeft.proxy,
     reloads: performance.getEntriesByType("navigation").length }));
   assert.equal(loaded.ep, ep);
+  assert.equal(loaded.proxy, query.includes("proxy=1"));
   assert.equal(loaded.reloads, 1);  // one navigation: the tasks switched in place
   assert.deepEqual(errors, []);
-  await page.screenshot({ path: path.join(FIXTURES, `page-${ep}.png`) });
+  await page.screenshot({ path: path.join(FIXTURES, `page-${name}.png`) });
   timings.sort((a, b) => a - b);
-  await writeFile(path.join(FIXTURES, `page-${ep}.json`), JSON.stringify({ loadMs: loaded.loadMs, medianCallMs: timings[timings.length >> 1] }));
+  await writeFile(path.join(FIXTURES, `page-${name}.json`), JSON.stringify({ loadMs: loaded.loadMs, medianCallMs: timings[timings.length >> 1] }));
 });

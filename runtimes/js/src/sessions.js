@@ -1,0 +1,39 @@
+// How the runtime runs its ONNX Runtime sessions (the Python runtime's runtimes/sessions.py, in JavaScript's terms).
+
+/**
+ * The base session's runs, one at a time: onnxruntime-web's wasm runs of one session share its stack, and two calls
+ * awaited at once (Promise.all, a button clicked twice) hung the process or the page. onnxruntime-node's runs are
+ * queued in its thread pool anyway, so waiting a turn costs it nothing. With onnxruntime-web's proxy worker
+ * (env.wasm.proxy) every input's buffer moves to the worker; tensors the runtime keeps for later calls (the neutral
+ * values, the adapters' tensors) go as copies, else the next call found them detached.
+ */
+export class TakingTurns {
+  constructor(ort, session) {
+    this.ort = ort;
+    this.session = session;
+    this.turn = Promise.resolve();
+  }
+
+  get inputNames() {
+    return this.session.inputNames;
+  }
+
+  run(feeds) {
+    if (this.ort.env?.wasm?.proxy) {
+      const { Tensor } = this.ort;
+      feeds = Object.fromEntries(Object.entries(feeds).map(([k, t]) => [k, new Tensor(t.type, t.data.slice(), t.dims)]));
+    }
+    const run = this.turn.then(() => this.session.run(feeds));
+    this.turn = run.catch(() => {});  // a failed run is its caller's; the next one runs
+    return run;
+  }
+}
+
+/** A graph with no inputs, run once; its session is released (else it leaks). */
+export async function runOnce(session) {
+  try {
+    return await session.run({});
+  } finally {
+    await session.release?.().catch(() => {});  // a failed release must not hide what run did
+  }
+}

@@ -1,0 +1,64 @@
+// Calls awaited at once on one Runtime (Promise.all, a button clicked twice) give what each gives alone, on
+// onnxruntime-node and onnxruntime-web: web's wasm runs of one session share its stack, and two that overlapped hung
+// the process (its main thread in a wasm wait: no timer fires, so the calls run in a child process with a limit).
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import path from "node:path";
+import { test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import * as ortNode from "onnxruntime-node";
+
+import { EdgePeftError } from "../src/runtime.js";
+import { openFolder } from "../src/node.js";
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const FIXTURES = process.env.EDGEPEFT_JS_FIXTURES || path.resolve(HERE, "../../../build/js");
+
+const OVERLAPPING = (ortModule, out) => `
+import * as ort from ${JSON.stringify(ortModule)};
+import { openFolder } from ${JSON.stringify(path.resolve(HERE, "../src/node.js"))};
+if (ort.env.wasm) ort.env.wasm.numThreads = 1;
+const rt = await openFolder(ort, ${JSON.stringify(out)});
+await rt.loadAdapter("prefix");
+const ids = [[5, 6, 7], [20, 21, 22]], mask = [[1, 1, 1], [0, 1, 1]];
+const generate = (adapter, maxNewTokens) => () => rt.generate(ids, mask, { adapter, maxNewTokens, eosTokenId: [] });
+const forward = (adapter) => async () => Array.from((await rt.forward(ids, mask, { adapter })).logits.data);
+const groups = [  // the first pair hung onnxruntime-web in lockstep; the others overlap at other steps
+  [generate(null, 3), generate("prefix", 3)],
+  [generate(null, 3), generate("prefix", 4), generate("prefix", 5), generate(null, 6), forward(null), forward("prefix")],
+];
+const alone = [], atOnce = [];
+for (const group of groups) {
+  for (const call of group) alone.push(await call());
+  atOnce.push(...await Promise.all(group.map((call) => call())));
+}
+console.log(JSON.stringify({ alone, atOnce }));
+`;
+
+for (const ortModule of ["onnxruntime-node", "onnxruntime-web"]) {
+  test(`${ortModule}: generate and forward calls at once give what each gives alone (a prefix adapter's cache too)`, () => {
+    const child = spawnSync(process.execPath, ["--input-type=module", "-e", OVERLAPPING(ortModule, path.join(FIXTURES, "gpt2"))],
+      { cwd: path.resolve(HERE, ".."), timeout: 60000, encoding: "utf8" });
+    assert.equal(child.signal, null, `the calls did not finish within 60 s (they hung): ${child.stderr}`);
+    assert.equal(child.status, 0, child.stderr);
+    const { alone, atOnce } = JSON.parse(child.stdout);
+    assert.deepEqual(atOnce, alone);
+  });
+}
+
+test("a second load of a name while the first is loading says to await it (not that it is loaded)", async () => {
+  const rt = await openFolder(ortNode, path.join(FIXTURES, "llama"));
+  const bytes = rt.loader.bytes;
+  let release;
+  const gate = new Promise((resolve) => { release = resolve; });
+  rt.loader.bytes = async (rel) => { await gate; return bytes(rel); };  // the first load waits at its graph's bytes
+  const first = rt.loadAdapter("lora");
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  rt.loader.bytes = bytes;
+  await assert.rejects(rt.loadAdapter("lora"), (e) => e instanceof EdgePeftError &&
+    /an adapter named lora is being loaded by another call; await that call's loadAdapter/.test(e.message));
+  release();
+  await first;
+  await assert.rejects(rt.loadAdapter("lora"), /an adapter named lora is loaded already; unloadAdapter it first/);
+});
