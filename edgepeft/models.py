@@ -1,6 +1,7 @@
 """Supported base models and how to load and call them for each task."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -38,6 +39,10 @@ def minilm_path() -> str:
 def default_task(model_type: str) -> str:
     return "feature-extraction" if model_type in ENCODERS else "causal-lm"
 
+
+# transformers runs a model's own Python code (config.json's auto_map) only when asked; edgepeft never asks, so it
+# refuses at once instead of prompting [y/N] (and running the folder's code on "y"): every load passes this
+NO_REMOTE_CODE = {"trust_remote_code": False}
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")  # org/name, as the hub spells repository ids
 
@@ -77,21 +82,37 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
 
     check_model_source(name_or_path, flag)
     try:
-        return AutoConfig.from_pretrained(name_or_path, revision=revision)
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, **NO_REMOTE_CODE)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UnsupportedModelError(
+                f"{model_label(name_or_path, revision)}: its config.json needs the model's own Python code (auto_map), "
+                f"which edgepeft never runs; edgepeft supports {', '.join(SUPPORTED)} as transformers implements them"
+            ) from None
+        local = os.path.join(os.path.expanduser(str(name_or_path)), "config.json")
+        try:
+            with open(local, encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError):  # none, not JSON, not an object
+            model_type = None
+        if model_type is not None and model_type not in SUPPORTED:  # one transformers does not know either
+            raise unsupported_type(model_type, f"{model_label(name_or_path, revision)}: ") from None
+        fix = (f"its config.json is damaged: save the model again (save_pretrained), or pass {flag} another folder"
+               if os.path.isfile(local) else f"pass {flag} with a local model folder (with config.json)")
         raise ArtifactNotFoundError(
             f"{model_label(name_or_path, revision)}: cannot load the base model's config ({str(e).splitlines()[0]}); "
-            f"pass {flag} with a local model folder (with config.json)"
-        ) from None
+            f"{fix}") from None
+
+
+def unsupported_type(model_type: str, where: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{where}model type {model_type!r} is not supported; edgepeft supports "
+                                 f"{', '.join(SUPPORTED)} (Llama, Qwen2, GPT-2, BERT-family encoders such as MiniLM)")
 
 
 def check_supported(model_type: str, task: str, source: str = "") -> None:
     where = f"{source}: " if source else ""
     if model_type not in SUPPORTED:
-        raise UnsupportedModelError(
-            f"{where}model type {model_type!r} is not supported; edgepeft supports {', '.join(SUPPORTED)} "
-            "(Llama, Qwen2, GPT-2, BERT-family encoders such as MiniLM)"
-        )
+        raise unsupported_type(model_type, where)
     if task not in OPTIMUM_TASKS:
         raise UnsupportedModelError(f"{where}task {task!r} is not supported; use one of {', '.join(OPTIMUM_TASKS)}")
     if task == "causal-lm" and model_type in ENCODERS:
@@ -128,7 +149,7 @@ def check_exportable(config, source: str) -> None:
 
 
 def load_base(name_or_path: str, task: str, labels: list[str] | None = None, revision: str | None = None,
-              config=None):
+              config=None, flag: str = "--base"):
     """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
 
     Heads the checkpoint lacks (a classifier) are initialised from a fixed seed so
@@ -136,14 +157,16 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
     head modules made so (the export records an untrained base head, and leaves it out of the fingerprint).
     ``labels`` (seq-cls) sizes the classifier for those classes and names them in the config. ``revision``: see
     ``load_model_config``; ``config``: its result when the caller has it already (not looked up again for the
-    checks here; transformers' own load reads config.json itself).
+    checks here; transformers' own load reads config.json itself). ``flag``: the option that named the model
+    (``--model`` when training), for the messages.
     """
     from optimum.exporters.tasks import TasksManager
+    from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
-    config = config or load_model_config(name_or_path, revision=revision)
+    config = config or load_model_config(name_or_path, flag, revision=revision)
     check_supported(config.model_type, task, str(name_or_path))
     if task == "seq-cls" and config.model_type in DECODERS and config.pad_token_id is None:
         raise UnsupportedModelError(
@@ -162,19 +185,24 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         warnings.simplefilter("ignore")
         try:
             model, info = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa",
-                                                   revision=revision, output_loading_info=True, **head)
-        except (OSError, ValueError) as e:
-            raise ArtifactNotFoundError(f"{model_label(name_or_path, revision)}: cannot load the base model "
-                                        f"({str(e).splitlines()[0]})") from None
+                                                   revision=revision, output_loading_info=True, **head, **NO_REMOTE_CODE)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # torch's RuntimeError: a .bin cut short
+            raise ArtifactNotFoundError(
+                f"{model_label(name_or_path, revision)}: cannot load the base model ({str(e).splitlines()[0][:200]}); "
+                "its weights files may be missing or incomplete (a Git LFS pointer, an interrupted download): download "
+                f"them again, or pass {flag} a complete model folder") from None
         finally:
             hf_logging.set_verbosity(verbosity)
     made = [*info["missing_keys"], *(m[0] for m in info.get("mismatched_keys", []))]  # initialised, not loaded
     output = model.get_output_embeddings() if task == "causal-lm" else None
     if output is not None and any(k.startswith(n + ".") for n, m in model.named_modules() if m is output for k in made):
+        fix = ("pass --model a causal-LM checkpoint, or train for another --task (seq-cls, feature-extraction)"
+               if flag == "--model" else "export with a causal-LM checkpoint as --base, or set the task the adapter "
+               "was trained for (task_type in its adapter_config.json)")
         raise UnsupportedModelError(
-            f"{model_label(name_or_path, revision)}: holds no language-model head (its output layer would be random): "
-            "a checkpoint saved for another task (a classifier, embeddings); export with a causal-LM checkpoint as "
-            "--base, or set the task the adapter was trained for (task_type in its adapter_config.json)")
+            f"{model_label(name_or_path, revision)}: holds no weights for its language-model head (its output layer "
+            "would be random): a checkpoint saved for another task (a classifier, embeddings), or one saved with tied "
+            f"embeddings whose config.json says tie_word_embeddings: false; {fix}")
     model.edgepeft_made_heads = {k.split(".")[0] for k in made} & set(CLASSIFIER_NAMES)
     return model.eval()
 
@@ -321,7 +349,7 @@ def load_tokenizer(model: str, revision: str | None = None):
 
     fix = "save one beside the model (tokenizer.save_pretrained) or pass a model folder that has one"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, **NO_REMOTE_CODE)
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"{model}: no usable tokenizer ({str(e).splitlines()[0]}); {fix}") from None
     if is_placeholder_tokenizer(tokenizer):

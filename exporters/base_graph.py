@@ -18,7 +18,7 @@ from edgepeft.exporters.genai_config import write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
 from edgepeft.files import write_json_atomic
 from edgepeft.models import (
-    SENTENCE_TRANSFORMERS_FILES, cache_layout, eos_token_ids, generation_defaults, ignored_generation,
+    NO_REMOTE_CODE, SENTENCE_TRANSFORMERS_FILES, cache_layout, eos_token_ids, generation_defaults, ignored_generation,
     is_placeholder_tokenizer, max_positions, pad_token_id, sentence_transformers_folder,
 )
 from edgepeft.exporters.web_graph import write_web_variant
@@ -134,7 +134,7 @@ def write_tokenizer(source: str, stage: str, revision: str | None = None, log=la
     if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
         return
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision, **NO_REMOTE_CODE)
     except Exception as e:  # noqa: BLE001  one that needs remote code, another package or the network
         log(f"note: transformers cannot load the tokenizer of {source} ({str(e).splitlines()[0][:120]}); "
             + ("its files are copied as they are" if os.path.isdir(source) else "the export has none: pass token ids"))

@@ -11,15 +11,15 @@ _VOLATILE = {"_name_or_path", "transformers_version", "architectures", "dtype", 
              "_attn_implementation_autoset", "use_cache"}
 
 
-def weights_fingerprint(model: torch.nn.Module, skip_modules=()) -> str:
-    """sha256 of the model config and every tensor (name, dtype, shape, bytes).
+def weights_fingerprint(model: torch.nn.Module, skip_modules=(), config: bool = True) -> str:
+    """sha256 of the model config (``config``: with it) and every tensor (name, dtype, shape, bytes).
 
     ``skip_modules`` are left out: weights that are not the base's (``made_heads``). A base's own head counts
     even when it is a slot: the graph uses it wherever an adapter leaves the slot empty.
     """
     h = hashlib.sha256()
-    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    if config:
+        h.update(json.dumps(_counted_config(model), sort_keys=True, default=str).encode())
     skip = tuple(m + "." for m in skip_modules)
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith(skip):
@@ -28,6 +28,16 @@ def weights_fingerprint(model: torch.nn.Module, skip_modules=()) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _counted_config(model) -> dict:
+    return {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
+
+
+def config_differences(a: torch.nn.Module, b: torch.nn.Module) -> list:
+    """The config.json keys two models' fingerprints count and differ in."""
+    x, y = _counted_config(a), _counted_config(b)
+    return sorted(k for k in x.keys() | y.keys() if k not in x or k not in y or x[k] != y[k])
 
 
 def made_heads(model: torch.nn.Module) -> set:

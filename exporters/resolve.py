@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from edgepeft.config import CONFIG_NAME, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
-from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
+from edgepeft.exporters.fingerprint import config_differences, made_heads, weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.files import check_output_dir
 from edgepeft.models import (
@@ -213,8 +213,13 @@ def _check_recorded_bases(sources, source: str, model, task: str) -> None:
         if _same(recorded) not in loaded:
             loaded[_same(recorded)] = load_base(recorded, task)
         theirs = loaded[_same(recorded)]
-        if (weights_fingerprint(theirs, skip_modules=own[src.name] | made_heads(theirs))
-                != weights_fingerprint(model, skip_modules=own[src.name] | made_heads(model))):
+        ours_skip, their_skip = (own[src.name] | made_heads(m) for m in (model, theirs))
+        if weights_fingerprint(theirs, their_skip) != weights_fingerprint(model, ours_skip):
+            if weights_fingerprint(theirs, their_skip, config=False) == weights_fingerprint(model, ours_skip, config=False):
+                raise AdapterBaseMismatchError(
+                    f"{src.path}: was trained on {recorded}, whose config.json differs from --base {source}'s in "
+                    f"{', '.join(config_differences(theirs, model))} (the weights are the same); make the two "
+                    "config.json files agree, or export it with the base it was trained on (drop --base)")
             raise AdapterBaseMismatchError(
                 f"{src.path}: was trained on {recorded}, whose weights differ from --base {source}; export it with the "
                 "base it was trained on (drop --base), or train it again on this base")

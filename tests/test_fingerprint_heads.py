@@ -125,3 +125,17 @@ def test_base_given_loads_a_base_several_adapters_record_once(two_outs, tmp_path
     shutil.copytree(root / "base-other-head", copy)
     export([str(root / "head-b"), str(root / "plain-b")], str(tmp_path / "out"), base=copy, names=["h", "p"])
     assert loads.count(os.path.realpath(root / "base-other-head")) == 1, loads
+
+
+def test_base_given_with_the_same_weights_and_another_config_names_the_keys(two_outs, tmp_path):
+    """A config.json key that differs (here one transformers does not know) was called "weights differ"."""
+    import shutil
+
+    root = two_outs[0]
+    copy = str(tmp_path / "same-weights")
+    shutil.copytree(root / "base-other-head", copy)
+    edit_json(os.path.join(copy, "config.json"), my_custom_key=1)
+    with pytest.raises(AdapterBaseMismatchError, match=r"plain-b: was trained on .*base-other-head, whose config.json "
+                       r"differs from --base .*same-weights's in my_custom_key \(the weights are the same\); make the "
+                       r"two config.json files agree"):
+        export([str(root / "plain-b")], str(tmp_path / "out"), base=copy)

@@ -209,7 +209,7 @@ def test_an_adapter_without_task_type_exports_for_the_class_hf_peft_loads(tmp_pa
     np.testing.assert_allclose(rt.forward(ids, np.ones_like(mask), adapter="cls")["logits"], want, atol=1e-5)
     with open(tmp_path / "adapter" / "adapter_config.json", "w") as f:
         json.dump({**saved, "task_type": "CAUSAL_LM"}, f)  # told causal-lm: the checkpoint has no lm_head
-    with pytest.raises(edgepeft.errors.UnsupportedModelError, match="llama-cls: holds no language-model head .* "
+    with pytest.raises(edgepeft.errors.UnsupportedModelError, match="llama-cls: holds no weights for its language-model head .* "
                        "set the task the adapter was trained for \\(task_type in its adapter_config.json\\)"):
         export([str(tmp_path / "adapter")], str(tmp_path / "out2"))
     assert not os.path.exists(tmp_path / "out2")

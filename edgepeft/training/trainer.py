@@ -94,7 +94,7 @@ class Trainer:
         args = self.args
         config.base_model_name_or_path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
         base = load_base(args.model, args.task, labels=labels, revision=config.revision,  # the one the adapter records
-                         config=model_config)
+                         config=model_config, flag="--model")
         torch.manual_seed(args.seed)  # the adapter's initial values
         try:
             return get_peft_model(base, config)

@@ -13,8 +13,9 @@ def _tokenizer(config):
         return tok  # a tokenizer object
     from transformers import AutoTokenizer
 
-    kwargs = dict(config.tokenizer_kwargs or {})
-    kwargs.pop("trust_remote_code", None)
+    from edgepeft.models import NO_REMOTE_CODE
+
+    kwargs = {**(config.tokenizer_kwargs or {}), **NO_REMOTE_CODE}
     try:
         return AutoTokenizer.from_pretrained(tok, **kwargs)
     except (OSError, ValueError) as e:

@@ -1,0 +1,124 @@
+"""Base checkpoints as they arrive from people and the hub: folders that ask to run their own code, weights files
+cut short or left as Git LFS pointers, a checkpoint of another task. Each is refused in one line naming the fix,
+and no folder's code ever runs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from peft_refs import lora_adapter
+
+from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
+from edgepeft.exporters import export
+from edgepeft.models import load_base, load_tokenizer
+
+CODE = "open({marker!r}, 'a').write(__name__ + '\\n')\nfrom transformers import {base}\nclass {cls}({base}):\n{body}"
+
+
+def _with_own_code(base, folder, model_type):
+    """A copy of ``base`` whose config.json (and tokenizer_config.json) ask for Python files in the folder; each
+    file, once run, appends to the folder's RAN file."""
+    shutil.copytree(base, folder)
+    marker = os.path.join(folder, "RAN")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config.update(model_type=model_type, auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                   "AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    files = {"config.json": json.dumps(config),
+             "tokenizer_config.json": json.dumps({"tokenizer_class": "XTokenizerFast",
+                                                  "auto_map": {"AutoTokenizer": [None, "tokenization_x.XTokenizerFast"]}}),
+             "configuration_x.py": CODE.format(marker=marker, base="LlamaConfig", cls="XConfig",
+                                               body=f"    model_type = {model_type!r}\n"),
+             "modeling_x.py": CODE.format(marker=marker, base="LlamaForCausalLM", cls="XForCausalLM", body="    pass\n"),
+             "tokenization_x.py": CODE.format(marker=marker, base="PreTrainedTokenizerFast", cls="XTokenizerFast",
+                                              body="    pass\n")}
+    for name, text in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    return str(folder), marker
+
+
+def test_a_base_that_needs_its_own_code_is_refused_without_running_it(tiny_base, tmp_path, monkeypatch):
+    """transformers asked "run the custom code? [y/N]" on the terminal, and ran the folder's files on "y"."""
+    monkeypatch.setattr("builtins.input", lambda *a: "y")  # what answering the prompt would do
+    folder, marker = _with_own_code(tiny_base("llama"), tmp_path / "own-code", "xllama")
+    adapter = lora_adapter(tmp_path / "adapter", tiny_base("llama"), "causal-lm", 1, r=2, target_modules=["q_proj"])
+    with pytest.raises(UnsupportedModelError, match=r"own-code: its config.json needs the model's own Python code "
+                       r"\(auto_map\), which edgepeft never runs; edgepeft supports bert, gpt2, llama, qwen2"):
+        export([adapter], str(tmp_path / "out"), base=folder)
+    with pytest.raises(UnsupportedModelError, match="never runs"):
+        load_base(folder, "causal-lm", flag="--model")
+    assert not os.path.exists(marker) and not os.path.exists(tmp_path / "out")
+
+
+def test_a_tokenizer_that_needs_its_own_code_is_never_run(tiny_base, tmp_path, monkeypatch):
+    """A plain Llama whose tokenizer_config.json asks for its own class: the export copies the files as they are,
+    training says it has no usable tokenizer; neither runs tokenization_x.py."""
+    monkeypatch.setattr("builtins.input", lambda *a: "y")
+    folder, marker = _with_own_code(tiny_base("llama"), tmp_path / "own-tokenizer", "llama")
+    adapter = lora_adapter(tmp_path / "adapter", folder, "causal-lm", 1, r=2, target_modules=["q_proj"])
+    export([adapter], str(tmp_path / "out"))
+    assert os.path.isfile(tmp_path / "out" / "base" / "tokenizer_config.json")
+    with pytest.raises(ConfigError, match="own-tokenizer: no usable tokenizer"):
+        load_tokenizer(folder)
+    from types import SimpleNamespace
+
+    from edgepeft.tuners.prompt.layer import _tokenizer  # prompt_tuning_init="TEXT"'s, even when its kwargs ask
+    with pytest.raises(ConfigError, match="own-tokenizer: cannot load the tokenizer for prompt_tuning_init='TEXT'"):
+        _tokenizer(SimpleNamespace(tokenizer_name_or_path=folder, tokenizer_kwargs={"trust_remote_code": True}))
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("damage", ["lfs-pointer", "cut-short", "bin-cut-short"])
+def test_a_weights_file_cut_short_or_left_as_a_pointer_is_named(tiny_base, tmp_path, damage):
+    """A clone without Git LFS, or an interrupted download: safetensors' and torch's own errors came as tracebacks."""
+    import transformers
+
+    folder = tmp_path / damage
+    shutil.copytree(tiny_base("llama"), folder)
+    weights = folder / "model.safetensors"
+    if damage == "bin-cut-short":  # the older format: a torch zip archive
+        import torch
+
+        torch.save(transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict(), folder / "pytorch_model.bin")
+        os.unlink(weights)
+        weights = folder / "pytorch_model.bin"
+    if damage == "lfs-pointer":
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n")
+    else:
+        data = weights.read_bytes()
+        weights.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ArtifactNotFoundError, match=rf"{damage}: cannot load the base model \(.*\); its weights files may "
+                       r"be missing or incomplete \(a Git LFS pointer, an interrupted download\): download them again, "
+                       r"or pass --model a complete model folder"):
+        load_base(str(folder), "causal-lm", flag="--model")
+
+
+def test_training_on_a_checkpoint_without_a_language_model_head_names_the_training_flags(tiny_base, tmp_path):
+    """The advice named export's --base and adapter_config.json, which training has neither of."""
+    import transformers
+
+    folder = str(tmp_path / "classifier")
+    transformers.AutoModelForSequenceClassification.from_pretrained(tiny_base("llama"), num_labels=2).save_pretrained(folder)
+    with pytest.raises(UnsupportedModelError, match=r"classifier: holds no weights for its language-model head .*; pass "
+                       r"--model a causal-LM checkpoint, or train for another --task \(seq-cls, feature-extraction\)"):
+        load_base(folder, "causal-lm", flag="--model")
+
+
+@pytest.mark.parametrize("config, error, message", [
+    ('{"model_type": "llama", "hidden_si', ArtifactNotFoundError,
+     r"cut: cannot load the base model's config \(.*\); its config.json is damaged: save the model again "
+     r"\(save_pretrained\), or pass --model another folder"),
+    ('{"model_type": "foo"}', UnsupportedModelError, r"cut: model type 'foo' is not supported; edgepeft supports"),
+], ids=["cut-short", "unknown-type"])
+def test_a_config_json_that_cannot_be_read_is_named_as_such(tmp_path, config, error, message):
+    """The advice was to pass a local model folder with config.json, which it was."""
+    from edgepeft.models import load_model_config
+
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "config.json").write_text(config)
+    with pytest.raises(error, match=message):
+        load_model_config(str(tmp_path / "cut"), "--model")
