@@ -40,8 +40,9 @@ def default_task(model_type: str) -> str:
     return "feature-extraction" if model_type in ENCODERS else "causal-lm"
 
 
-# transformers runs a model's own Python code (config.json's auto_map) only when asked; edgepeft never asks, so it
-# refuses at once instead of prompting [y/N] (and running the folder's code on "y"): every load passes this
+# transformers runs a model's own Python code (config.json's auto_map) only when asked; edgepeft never asks: a type
+# transformers knows loads with its own class, any other is refused at once (it prompted [y/N] and ran the folder's
+# code on "y"). Every load passes this
 NO_REMOTE_CODE = {"trust_remote_code": False}
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")  # org/name, as the hub spells repository ids
@@ -174,10 +175,10 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
             "(the head reads the last non-pad token); set it and retry"
         )
     auto_cls = TasksManager.get_model_class_for_task(OPTIMUM_TASKS[task], library="transformers")
-    head = {}
+    head = {"ignore_mismatched_sizes": True}  # a size that differs is refused below, naming it (but the head's)
     if labels is not None and task == "seq-cls":
-        head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                    label2id={n: i for i, n in enumerate(labels)}, ignore_mismatched_sizes=True)
+        head.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                    label2id={n: i for i, n in enumerate(labels)})
     torch.manual_seed(0)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report lists the new head as "missing": expected here
@@ -186,13 +187,22 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         try:
             model, info = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa",
                                                    revision=revision, output_loading_info=True, **head, **NO_REMOTE_CODE)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # torch's RuntimeError: a .bin cut short
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            if type(e) is RuntimeError and "PytorchStreamReader" not in str(e):  # torch's: a .bin cut short
+                raise
             raise ArtifactNotFoundError(
                 f"{model_label(name_or_path, revision)}: cannot load the base model ({str(e).splitlines()[0][:200]}); "
                 "its weights files may be missing or incomplete (a Git LFS pointer, an interrupted download): download "
                 f"them again, or pass {flag} a complete model folder") from None
         finally:
             hf_logging.set_verbosity(verbosity)
+    mismatched = sorted(m for m in info.get("mismatched_keys", []) if m[0].split(".")[0] not in CLASSIFIER_NAMES)
+    if mismatched:  # transformers would start it from random values
+        key, saved, wanted = mismatched[0]
+        raise ConfigError(
+            f"{model_label(name_or_path, revision)}: config.json does not fit the weights saved with it ({key} is "
+            f"{list(saved)} there, {list(wanted)} by config.json; {len(mismatched)} such weight(s)); use the "
+            "config.json saved with these weights")
     made = [*info["missing_keys"], *(m[0] for m in info.get("mismatched_keys", []))]  # initialised, not loaded
     output = model.get_output_embeddings() if task == "causal-lm" else None
     if output is not None and any(k.startswith(n + ".") for n, m in model.named_modules() if m is output for k in made):

@@ -205,24 +205,37 @@ def _check_recorded_bases(sources, source: str, model, task: str) -> None:
             if not recorded or _same(recorded) == _same(source):
                 raise
             raise type(e)(f"{e}; it was trained on {recorded}: drop --base to export it with that base") from None
-    loaded = {}  # each recorded folder loaded once, however many adapters name it
+    by_base = {}  # each recorded folder loaded once however many adapters name it, and let go before the next
     for src in sources:
         recorded = src.config.base_model_name_or_path
-        if not recorded or not os.path.isdir(recorded) or _same(recorded) == _same(source):
-            continue  # a hub id this machine may not have, or the same folder
-        if _same(recorded) not in loaded:
-            loaded[_same(recorded)] = load_base(recorded, task)
-        theirs = loaded[_same(recorded)]
-        ours_skip, their_skip = (own[src.name] | made_heads(m) for m in (model, theirs))
-        if weights_fingerprint(theirs, their_skip) != weights_fingerprint(model, ours_skip):
-            if weights_fingerprint(theirs, their_skip, config=False) == weights_fingerprint(model, ours_skip, config=False):
-                raise AdapterBaseMismatchError(
-                    f"{src.path}: was trained on {recorded}, whose config.json differs from --base {source}'s in "
-                    f"{', '.join(config_differences(theirs, model))} (the weights are the same); make the two "
-                    "config.json files agree, or export it with the base it was trained on (drop --base)")
-            raise AdapterBaseMismatchError(
-                f"{src.path}: was trained on {recorded}, whose weights differ from --base {source}; export it with the "
-                "base it was trained on (drop --base), or train it again on this base")
+        if recorded and os.path.isdir(recorded) and _same(recorded) != _same(source):  # not a hub id, another folder
+            by_base.setdefault(_same(recorded), []).append(src)
+    for srcs in by_base.values():
+        recorded = srcs[0].config.base_model_name_or_path
+        try:  # the fix to name: the adapter's record of it, not --base (given already)
+            theirs = load_base(recorded, task, flag=f"base_model_name_or_path in {srcs[0].path}'s adapter_config.json")
+        except EdgePeftError as e:
+            raise type(e)(f"{srcs[0].path}: records the base {recorded}, which --base {source} is compared with: {e}") \
+                from None
+        for src in srcs:
+            _compare_recorded(src, recorded, source, theirs, model, own[src.name])
+        del theirs
+
+
+def _compare_recorded(src, recorded: str, source: str, theirs, model, own: set) -> None:
+    """Refuse ``src`` when its recorded base ``theirs`` has other weights or config than --base's ``model``, apart from
+    the heads the adapter carries itself (``own``) and heads made at load."""
+    ours_skip, their_skip = (own | made_heads(m) for m in (model, theirs))
+    if weights_fingerprint(theirs, their_skip) == weights_fingerprint(model, ours_skip):
+        return
+    if weights_fingerprint(theirs, their_skip, config=False) == weights_fingerprint(model, ours_skip, config=False):
+        raise AdapterBaseMismatchError(
+            f"{src.path}: was trained on {recorded}, whose config.json differs from --base {source}'s in "
+            f"{', '.join(config_differences(theirs, model))} (the weights are the same); make the two "
+            "config.json files agree, or export it with the base it was trained on (drop --base)")
+    raise AdapterBaseMismatchError(
+        f"{src.path}: was trained on {recorded}, whose weights differ from --base {source}; export it with the "
+        "base it was trained on (drop --base), or train it again on this base")
 
 
 def _fusion_groups(model, configs) -> list[list[str]]:

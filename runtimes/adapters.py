@@ -20,7 +20,7 @@ import os
 import threading
 import zipfile
 from collections import OrderedDict
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -304,8 +304,10 @@ class AdapterStore:
         """Before a restage: the folder's graph is still the one load checked (bytes cannot change)."""
         if adapter.data is not None:
             return
-        with suppress(EdgePeftError):  # else re-exported since (edgepeft export --overwrite): for this base or another
+        try:
             return check_adapter_graph(adapter.path, adapter.manifest)
+        except EdgePeftError:  # re-exported since (edgepeft export --overwrite): for this base, or for a new one
+            pass
         try:
             base = read_adapter_manifest(adapter.path)["base_fingerprint"]
         except EdgePeftError:

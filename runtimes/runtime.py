@@ -48,14 +48,15 @@ class Runtime:
         if not os.path.isdir(os.path.join(path, BASE_DIR)):
             raise not_an_export(os.fspath(path))
         self.path = os.path.abspath(path)  # the export stays where it was opened when the app changes directory
-        base_dir = os.path.join(self.path, BASE_DIR)
         try:
-            self._open_base(base_dir, providers, sess_options, adapter_budget_bytes)
+            self._open_base(os.path.join(self.path, BASE_DIR), providers, sess_options, adapter_budget_bytes)
             if load_adapters:
                 for name, d in adapter_dirs(self.path).items():
                     self.load_adapter(d, name=name)
         except BaseException:  # a failed open holds nothing: the error's traceback (kept by the app) reaches self
-            self.__dict__.clear()
+            if "store" in vars(self):  # and the store, with the adapters staged before the one that failed
+                vars(self.store).clear()
+            vars(self).clear()
             raise
 
     @classmethod
@@ -75,7 +76,7 @@ class Runtime:
             raise ArtifactNotFoundError(f"{graph}: base graph missing; re-run `edgepeft export`")
         cut = base_file_errors(base_dir, self.manifest, {self.manifest["graph"], self.manifest["graph"] + ".data"})
         if cut:  # ONNX Runtime's own message names an initializer and offsets, and no fix
-            raise cut[0]
+            raise cut.pop(0)  # popped: a local holding the raised error would keep this frame alive
         self.session = open_base_session(graph, providers, sess_options)
         self.device = device_of(self.session)  # ONNX Runtime falls back to the CPU when CUDA cannot start
         self.slots = {s.name: s for s in self.manifest["slots"]}

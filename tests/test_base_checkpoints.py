@@ -122,3 +122,19 @@ def test_a_config_json_that_cannot_be_read_is_named_as_such(tmp_path, config, er
     (tmp_path / "cut" / "config.json").write_text(config)
     with pytest.raises(error, match=message):
         load_model_config(str(tmp_path / "cut"), "--model")
+
+
+@pytest.mark.parametrize("task, labels", [("causal-lm", None), ("seq-cls", ["no", "yes"])])
+def test_a_config_json_that_does_not_fit_its_weights_is_refused(tiny_base, tmp_path, task, labels):
+    """transformers raised (a traceback) for a size that differs, or, with labels to size a new head (training a
+    classifier), started the body's weight from random values in silence."""
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_base("llama"), folder)
+    with open(folder / "config.json") as f:
+        config = json.load(f)
+    config.update(intermediate_size=config["intermediate_size"] * 2, pad_token_id=0)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"edited: config.json does not fit the weights saved with it \(model.layers"
+                       r"\.\d+\.mlp\.\w+_proj\.weight is \[\d+, \d+\] there, \[\d+, \d+\] by config.json; \d+ such "
+                       r"weight\(s\)\); use the config.json saved with these weights"):
+        load_base(str(folder), task, labels=labels)

@@ -468,17 +468,24 @@ def test_a_failed_open_holds_no_session_while_the_app_keeps_the_error(victim, mo
     import sys
     import weakref
 
-    runtime_module, sessions = sys.modules["edgepeft.runtimes.runtime"], []
-    real = runtime_module.open_base_session
+    from edgepeft.runtimes.adapters import AdapterStore
+
+    runtime_module, sessions, staged = sys.modules["edgepeft.runtimes.runtime"], [], []
+    real, stage = runtime_module.open_base_session, AdapterStore._set_staged
     monkeypatch.setattr(runtime_module, "open_base_session",
                         lambda *a: sessions.append(weakref.ref(s := real(*a))) or s)
-    with open(os.path.join(victim, "adapters", "mlp", "adapter.onnx"), "ab") as f:
+    monkeypatch.setattr(AdapterStore, "_set_staged", lambda store, a, arrays, plan: staged.append(
+                        [weakref.ref(t) for t in arrays.values()]) or stage(store, a, arrays, plan))
+    names = sorted(os.listdir(os.path.join(victim, "adapters")))  # the last one damaged: the others load first
+    with open(os.path.join(victim, "adapters", names[-1], "adapter.onnx"), "ab") as f:
         f.write(b"tampered")
     gc.disable()  # no cycle collector: only what the references free
     try:
         with pytest.raises(CorruptArtifactError) as kept:  # the app keeps (or logs) the error
             Runtime(victim, providers=CPU)
         assert kept.traceback and sessions and sessions[0]() is None
+        assert len(staged) == len(names) - 1  # the adapters staged before the damaged one: all freed
+        assert not [t for tensors in staged for t in tensors if t() is not None]
     finally:
         gc.enable()
 

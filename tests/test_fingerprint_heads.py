@@ -12,7 +12,7 @@ from file_checks import edit_json
 from peft_refs import lora_adapter
 from tiny import load_reference_base
 
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError
+from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError
 from edgepeft.exporters import export
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
 from edgepeft.models import load_base
@@ -139,3 +139,49 @@ def test_base_given_with_the_same_weights_and_another_config_names_the_keys(two_
                        r"differs from --base .*same-weights's in my_custom_key \(the weights are the same\); make the "
                        r"two config.json files agree"):
         export([str(root / "plain-b")], str(tmp_path / "out"), base=copy)
+
+
+def test_base_given_and_the_recorded_base_cannot_load_names_the_adapters_record(two_outs, tmp_path):
+    """The recorded base's load error advised passing --base a complete model folder, which was given."""
+    import shutil
+
+    root = two_outs[0]
+    recorded = str(tmp_path / "recorded")
+    shutil.copytree(root / "base-other-head", recorded)
+    adapter = lora_adapter(tmp_path / "adapter", recorded, "causal-lm", 2, r=2, target_modules=["q_proj"])
+    with open(os.path.join(recorded, "model.safetensors"), "w") as f:  # a clone without Git LFS
+        f.write("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1\n")
+    with pytest.raises(ArtifactNotFoundError, match=r"adapter: records the base .*recorded, which --base .* is compared "
+                       r"with: .*recorded: cannot load the base model .* or pass base_model_name_or_path in "
+                       r".*adapter's adapter_config.json a complete model folder"):
+        export([adapter], str(tmp_path / "out"), base=str(root / "base-other-head"))
+
+
+def test_base_given_holds_one_recorded_base_at_a_time(two_outs, tmp_path, monkeypatch):
+    """Adapters recording several other folders: each recorded base is let go before the next loads (a cache of
+    them held every one, float32, at once)."""
+    import gc
+    import shutil
+    import sys
+    import weakref
+
+    resolve, root, alive = sys.modules["edgepeft.exporters.resolve"], two_outs[0], []
+    real, held = resolve.load_base, []
+
+    def load(path, *a, **k):
+        gc.collect()
+        held.append(sum(r() is not None for r in alive))
+        model = real(path, *a, **k)
+        alive.append(weakref.ref(model))
+        return model
+
+    dirs = []
+    for n in ("one", "two"):
+        shutil.copytree(root / "base-other-head", tmp_path / n)
+        dirs.append(lora_adapter(tmp_path / f"adapter-{n}", str(tmp_path / n), "causal-lm", 2, r=2,
+                                 target_modules=["q_proj"]))
+    source = str(root / "base-other-head")
+    model = real(source, "causal-lm")
+    monkeypatch.setattr(resolve, "load_base", load)
+    resolve._check_recorded_bases(resolve._read_sources(dirs, ["one", "two"]), source, model, "causal-lm")
+    assert held == [0, 0], held  # when "two" loads, "one" is gone
