@@ -23,6 +23,14 @@ from .mixing import row_specs
 from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
 
 
+def _tidied(text: str) -> str:
+    """transformers' clean_up_tokenization: no space before punctuation, English contractions joined."""
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(spaced, joined)
+    return text
+
+
 def _read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -59,6 +67,9 @@ class TextTokenizer:
         # as transformers: special-token text in a prompt is plain text (a defence against prompt injection)
         self._tok.encode_special_tokens = self.config.get("split_special_tokens") is True
         self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        # decoded text tidied (" ," -> ",") as transformers tidies it: where the config asks, never for BPE unless told
+        self._tidy = self.config.get("clean_up_tokenization_spaces") is True and (type(self._tok.model).__name__ != "BPE"
+            or self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output") is True)
         map_path = os.path.join(base_dir, "special_tokens_map.json")  # older tokenizers name their tokens there
         self.special_map = read_json(map_path, "special tokens map", _FIX) if os.path.isfile(map_path) else {}
         template_path = os.path.join(base_dir, "chat_template.jinja")
@@ -118,11 +129,16 @@ class TextTokenizer:
 
     def _cut(self, text: str, add_special_tokens: bool, max_length: int) -> list:
         encoding = self._tok.encode(text, add_special_tokens=False)
-        encoding.truncate(max_length - (self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0))
+        special = self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0
+        if max_length <= special:
+            raise ConfigError(f"max_length {max_length} leaves no room for text beside the {special} special tokens "
+                              "every text gets; raise it")
+        encoding.truncate(max_length - special)
         return (self._tok.post_process(encoding) if add_special_tokens else encoding).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return _tidied(text) if self._tidy else text
 
     def open_bytes(self, ids, skip_special_tokens: bool = False) -> int:
         """How many of the last ``ids`` are byte-fallback tokens (``<0x0A>``: Llama-2, Mistral): a run of them

@@ -231,3 +231,41 @@ def test_a_tokenizer_transformers_cannot_load_is_said_and_copied_as_it_is(tiny_b
            verbose=True)
     assert "note: transformers cannot load the tokenizer of" in capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "base", "tokenizer.json"))  # the folder's files, as they are
+
+
+@pytest.mark.parametrize("tidy", [True, False, None])
+@pytest.mark.parametrize("model", ["WordPiece", "BPE"])
+def test_decoded_text_is_tidied_as_transformers_tidies_it(tmp_path, model, tidy):
+    """clean_up_tokenization_spaces: true (older configs) tidies " ," and " n't" in transformers' decode, except for
+    a BPE model; the runtime never tidied."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    words = ["[UNK]", "[CLS]", "[SEP]", "i", "do", "n", "'", "t", "know", ",", "ok", "?", "!", "."]
+    if model == "WordPiece":
+        tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        tok.decoder = decoders.WordPiece()
+    else:
+        tok = Tokenizer(models.BPE({w: i for i, w in enumerate(words)}, [], unk_token="[UNK]"))
+        tok.decoder = decoders.WordPiece()  # joins with spaces as WordPiece does: the tidy step is what differs
+    tok.normalizer, tok.pre_tokenizer = normalizers.BertNormalizer(), pre_tokenizers.BertPreTokenizer()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}
+    if tidy is not None:
+        config["clean_up_tokenization_spaces"] = tidy
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ids = tok.encode("i do n ' t know , ok ? !").ids
+    ours = TextTokenizer(str(tmp_path)).decode(ids)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path).decode(ids)
+    assert ours == reference, (ours, reference)
+    assert (ours == "i don't know, ok?!") == (tidy is True and model == "WordPiece")
+
+
+def test_a_max_length_with_no_room_for_text_is_refused(text_rt):
+    """The special tokens alone fill it: an OverflowError traceback from the tokenizers library."""
+    tokenizer = text_rt.tokenizer
+    special = tokenizer._tok.num_special_tokens_to_add(False)
+    if not special:
+        pytest.skip("this tokenizer adds no special tokens")
+    with pytest.raises(ConfigError, match=rf"max_length {special} leaves no room for text beside the {special} special"):
+        tokenizer.encode("w10 w20", max_length=special)

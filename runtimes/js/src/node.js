@@ -4,7 +4,8 @@ import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { EdgePeftError, Runtime, tokenizerOf } from "./runtime.js";
+import { EdgePeftError, Runtime } from "./runtime.js";
+import { tokenizerOf } from "./tokenizer.js";
 
 async function read(file, encoding) {
   try {

@@ -328,26 +328,13 @@ function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
 }
 
 /** The tokenizer exported with the base, read through a loader (tokenizer_config.json when there is one). */
-export async function tokenizerOf(Tokenizer, loader) {
-  const fix = "re-export the base with its tokenizer files";
-  const config = await readJson(loader, "base/tokenizer_config.json", OPTIONAL, fix);
-  const tokenizer = await readJson(loader, "base/tokenizer.json",
-    "the export has no tokenizer; pass token ids, or export from a base folder that has tokenizer.json", fix);
-  if (config.split_special_tokens === true) {  // @huggingface/tokenizers would make "</s>" in a text the control token
-    throw new EdgePeftError(`${loader.where("base/tokenizer_config.json")}: split_special_tokens (special-token text ` +
-      "in a prompt encoded as text) is not in the JavaScript tokenizer; pass token ids encoded by the Python runtime " +
-      "(rt.tokenizer.encode) or transformers");
-  }
-  return new Tokenizer(tokenizer, config);
-}
-
-const OPTIONAL = Symbol("optional");  // readJson's missing: a file that may be absent reads as {}
+export const OPTIONAL = Symbol("optional");  // readJson's missing: a file that may be absent reads as {}
 
 /**
  * A file of the export as JSON; one that is missing or damaged is an EdgePeftError naming it and a fix.
  * missing: what to say when the file is not there (null: the loader's own advice, for OUT itself; OPTIONAL: {}).
  */
-async function readJson(loader, rel, missing = `missing from the export; ${REEXPORT}`, fix = REEXPORT) {
+export async function readJson(loader, rel, missing = `missing from the export; ${REEXPORT}`, fix = REEXPORT) {
   try {
     return await loader.json(rel);
   } catch (e) {

@@ -1,7 +1,8 @@
 // Browsers: open an export served over HTTP with onnxruntime-web.
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { EdgePeftError, Runtime, tokenizerOf } from "./runtime.js";
+import { EdgePeftError, Runtime } from "./runtime.js";
+import { tokenizerOf } from "./tokenizer.js";
 
 async function fetched(url, as) {
   const response = await fetch(url);

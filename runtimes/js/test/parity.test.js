@@ -145,12 +145,16 @@ test("classify scores as transformers' pipeline: softmax, a sigmoid for multi-la
   close(soft, [Math.E / (1 + Math.E), 1 / (1 + Math.E)]);
 });
 
-test("the tokenizer gives the Python tokenizer's ids", async () => {
+test("the tokenizer gives the Python tokenizer's ids and decoded text", async () => {
   for (const model of ["llama", "minilm"]) {
     const tokenizer = await loadTokenizer(path.join(FIXTURES, model));
-    for (const [text, ids] of Object.entries(expected[model].tokens)) {
+    for (const [text, ids] of Object.entries({ ...expected[model].tokens, ...expected[model].tricky_tokens })) {
       assert.deepEqual(tokenizer.encode(text).ids, ids, `${model}: ${text}`);
     }
+    // and the text ids decode to: spaces before punctuation kept where the Python runtime (and transformers) keep them
+    Object.values(expected[model].tricky_tokens).forEach((ids, i) => {
+      assert.equal(tokenizer.decode(ids, { skip_special_tokens: true }), expected[model].tricky_decoded[i], `${model}: ${ids}`);
+    });
   }
 });
 

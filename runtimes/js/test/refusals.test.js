@@ -150,3 +150,25 @@ test("an export in a newer format than this runtime reads is named, as the Pytho
   await edit("base/edgepeft.json", { format: "something-else", format_version: 3 });
   await refuses(openFolder(ortNode, out), /base\/edgepeft.json: not an edgepeft-base manifest/);
 });
+
+test("a tokenizer this library would encode otherwise than the Python runtime is refused, naming what to do", async () => {
+  const out = await copied("tokenizers");
+  const file = path.join(out, "base/tokenizer.json");
+  const original = JSON.parse(await readFile(file, "utf8"));
+  const refusedWith = async (edit, pattern) => {
+    const json = structuredClone(original);
+    edit(json);
+    await writeFile(file, JSON.stringify(json));
+    await refuses(loadTokenizer(out), pattern);
+  };
+  // the library splits every word into characters (it ignores the prefix), or matches the token inside words
+  await refusedWith((j) => { j.model.continuing_subword_prefix = "##"; },
+    /base\/tokenizer.json: a BPE model with continuing_subword_prefix "##" is not in the JavaScript tokenizer; pass token ids/);
+  await refusedWith((j) => { j.added_tokens.push({ ...j.added_tokens[0], id: 999, content: "<w>", single_word: true }); },
+    /added token "<w>" with single_word \(matched inside words here\) is not in the JavaScript tokenizer; pass token ids/);
+  // a part the library does not know: named, not a bare Error
+  await refusedWith((j) => { j.pre_tokenizer = { type: "UnicodeScripts" }; },
+    /base\/tokenizer.json: the JavaScript tokenizer cannot read it \(.*UnicodeScripts.*\); pass token ids encoded by the Python runtime/);
+  await writeFile(file, JSON.stringify(original));
+  assert.ok((await loadTokenizer(out)).encode("w10 w20").ids.length);
+});

@@ -1,0 +1,55 @@
+// The tokenizer exported with the base (tokenizer.json, tokenizer_config.json) in @huggingface/tokenizers, giving the
+// ids and text the Python runtime gives (the Rust tokenizers library, as transformers): where this library differs
+// and the difference can be mended, it is mended here; where it cannot, loadTokenizer refuses the tokenizer, naming
+// what to do (pass ids the Python runtime encodes). Differences in rare characters are listed in docs/web.md.
+import { EdgePeftError } from "./checks.js";
+import { OPTIONAL, readJson } from "./runtime.js";
+
+const PASS_IDS = "pass token ids encoded by the Python runtime (rt.tokenizer.encode) or transformers";
+
+// CJK ideographs past U+FFFF, which the Rust BertNormalizer spaces out and this library's does not (it reads UTF-16
+// units): the Rust library's ranges (0x2B820-0x2B91F is not among them)
+const ASTRAL_CJK = /[\u{20000}-\u{2A6DF}\u{2A700}-\u{2B81F}\u{2B920}-\u{2CEAF}\u{2F800}-\u{2FA1F}]/gu;
+
+const bertCjk = (n) => n?.type === "Sequence" ? n.normalizers.some(bertCjk)
+  : n?.type === "BertNormalizer" && n.handle_chinese_chars !== false;
+
+/** What this library would encode otherwise than the Rust one, for every text that has it (null: nothing). */
+function unlike(json, config) {
+  if (config.split_special_tokens === true) return "split_special_tokens (special-token text in a prompt encoded as text)";
+  if (json.model?.type === "BPE" && json.model.continuing_subword_prefix) {
+    return `a BPE model with continuing_subword_prefix ${JSON.stringify(json.model.continuing_subword_prefix)}`;
+  }
+  const single = (json.added_tokens ?? []).find((t) => t.single_word);
+  return single ? `added token ${JSON.stringify(single.content)} with single_word (matched inside words here)` : null;
+}
+
+export async function tokenizerOf(Tokenizer, loader) {
+  const fix = "re-export the base with its tokenizer files";
+  const config = await readJson(loader, "base/tokenizer_config.json", OPTIONAL, fix);
+  const json = await readJson(loader, "base/tokenizer.json",
+    "the export has no tokenizer; pass token ids, or export from a base folder that has tokenizer.json", fix);
+  const differs = unlike(json, config);
+  if (differs) {
+    const file = config.split_special_tokens === true ? "base/tokenizer_config.json" : "base/tokenizer.json";
+    throw new EdgePeftError(`${loader.where(file)}: ${differs} is not in the JavaScript tokenizer; ${PASS_IDS}`);
+  }
+  // transformers tidies spaces before punctuation in decoded text only where the config asks, and not for a BPE
+  // model unless told to; this library tidies by default, every model (generated text lost the spaces Python keeps)
+  const tidy = config.clean_up_tokenization_spaces === true && (json.model?.type !== "BPE" ||
+    config.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output === true);
+  let tokenizer;
+  try {
+    tokenizer = new Tokenizer(json, { ...config, clean_up_tokenization_spaces: tidy });
+  } catch (e) {
+    throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: the JavaScript tokenizer cannot read it ` +
+      `(${String(e.message).split("\n")[0]}); ${PASS_IDS}`);
+  }
+  if (bertCjk(json.normalizer)) {
+    const encode = tokenizer.encode.bind(tokenizer);
+    const spaced = (text) => typeof text === "string" ? text.replace(ASTRAL_CJK, " $& ") : text;
+    tokenizer.encode = (text, options) => encode(spaced(text),
+      options?.text_pair == null ? options : { ...options, text_pair: spaced(options.text_pair) });
+  }
+  return tokenizer;
+}
