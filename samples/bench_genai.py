@@ -14,6 +14,7 @@ import argparse
 import os
 import random
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -31,11 +32,15 @@ def main():
     args = ap.parse_args()
 
     rt = Runtime(args.export)
+    ort_adapter = os.path.join(args.export, "adapters", args.adapter, "adapter.onnx_adapter")
+    if not os.path.isfile(ort_adapter):  # genai's own error names no file
+        sys.exit(f"{ort_adapter}: missing; name an adapter of {args.export} ({', '.join(rt.adapter_names)}), exported "
+                 "with --ort-adapter (a quantized base writes none by default)")
     prompt = np.random.default_rng(0).integers(3, rt.vocab_size, size=(1, 16), dtype=np.int64)
     length = prompt.shape[1] + args.new_tokens
     model = og.Model(os.path.join(args.export, "base"))
     adapters = og.Adapters(model)
-    adapters.load(os.path.join(args.export, "adapters", args.adapter, "adapter.onnx_adapter"), args.adapter)
+    adapters.load(ort_adapter, args.adapter)
 
     def genai(adapter):
         params = og.GeneratorParams(model)

@@ -146,7 +146,10 @@ def main() -> None:
     out = args.out or os.path.join("bench-out", "lora-layouts", os.path.basename(os.path.normpath(args.export)))
     command = shlex.join([sys.executable, *sys.argv])
     print(f"command: {command}")
-    with open(os.path.join(args.export, "base", "edgepeft.json")) as f:
+    manifest_path = os.path.join(args.export, "base", "edgepeft.json")
+    if not os.path.isfile(manifest_path):
+        sys.exit(f"{manifest_path}: missing; give --export an edgepeft export of a decoder (`make bench` writes it)")
+    with open(manifest_path) as f:
         manifest = json.load(f)
     if LOGITS_TO_KEEP not in manifest["inputs"]:
         sys.exit(f"{args.export}: this export has no {LOGITS_TO_KEEP} input; re-export it")

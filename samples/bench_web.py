@@ -61,15 +61,17 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--quantize", choices=["int8", "int4"], help="export the base quantized (default: float32)")
     args = ap.parse_args()
+    if args.calls <= DROP:
+        sys.exit(f"--calls must be more than {DROP}: each block's first {DROP} calls are dropped")
+    out = os.path.abspath(args.out)
+    export_path = os.path.relpath(os.path.join(out, "export"), REPO)
+    if export_path.startswith(".."):  # checked before --out is emptied
+        sys.exit(f"--out must lie inside {REPO}: the page reads the export from the repository's server")
     if not os.path.isdir(os.path.join(JS, "node_modules")):
         sys.exit(f"{JS}/node_modules is missing: run `make test-js` (or `cd runtimes/js && npm ci`) first")
-    out = os.path.abspath(args.out)
     shutil.rmtree(out, ignore_errors=True)
     dirs = make_adapters(edgepeft.minilm_path(), "seq-cls", os.path.join(out, "adapters-src"), ["query", "value"], 8, 3)
     export(list(dirs.values()), os.path.join(out, "export"), names=ADAPTERS, quantize=args.quantize)
-    export_path = os.path.relpath(os.path.join(out, "export"), REPO)
-    if export_path.startswith(".."):
-        sys.exit(f"--out must lie inside {REPO}: the page reads the export from the repository's server")
 
     loads = {"python": python_load(os.path.join(out, "export"))}
     rt = Runtime(os.path.join(out, "export"))

@@ -83,20 +83,33 @@ def row(r):
     return "| " + " | ".join(cells) + " |"
 
 
+def method_rate(text: str) -> tuple:
+    """--lr's METHOD=RATE, e.g. lora=0.01."""
+    method, _, rate = text.partition("=")
+    try:
+        if method in METHODS:
+            return method, float(rate)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: give METHOD=RATE with METHOD one of {', '.join(METHODS)}, e.g. lora=0.01")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lr-scale", type=float, nargs="+", default=[1.0], help="multiples of each method's rate")
-    p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=RATE", help="a method's rate, not its default_lr")
+    p.add_argument("--lr", nargs="+", default=[], type=method_rate, metavar="METHOD=RATE",
+                   help="a method's rate, not its default_lr")
     p.add_argument("--head-lr", type=float, nargs="+", default=[None], help="seq-cls head rates (default: HEAD_LR)")
     p.add_argument("--virtual-tokens", type=int, nargs="+", default=[None], help="num_virtual_tokens for prefix/prompt")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    p.add_argument("--data", nargs="+", default=None, help="only these data sets (intent, sentiment)")
+    p.add_argument("--data", nargs="+", default=None, choices=sorted({n for names in TASKS.values() for n in names}),
+                   help="only these data sets")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--work", default="training-defaults-work", help="scratch folder (data, decoder, adapters)")
     args = p.parse_args()
     rates = {m: find_method(m).config_cls.default_lr for m in args.methods}
-    rates.update({m: float(v) for m, v in (x.split("=") for x in args.lr)})
+    rates.update(dict(args.lr))
     os.makedirs(args.work, exist_ok=True)
     inputs = {(t, n): prepare(t, n, args.work) for t in args.tasks for n in TASKS[t] if n in (args.data or [n])}
     print("| method | task | data | lr | head lr | metric | before -> best | per epoch | eval loss | s |\n"

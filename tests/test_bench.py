@@ -143,3 +143,22 @@ def test_bench_lora_layouts_sample_edits_the_real_graph_without_changing_logits(
     assert all(float(r[1]) > 0 for r in rows[1:])
     nodes = {r[0]: int(r[5]) for r in rows[1:]}  # the edits happened: ops added per fused group, one less per LoRA delta
     assert nodes["B per member"] > nodes["edgepeft"] > nodes["no row Mul"]
+
+
+@pytest.mark.parametrize("args, refusal", [
+    (["--calls", "3"], "--calls must be more than 3"),
+    ([], "--out must lie inside"),
+])
+def test_bench_web_sample_refuses_before_it_empties_out(tmp_path, args, refusal):
+    """samples/bench_web.py emptied --out, then said it must lie inside the repository (the folder was gone)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "bench_web.py")
+    done = subprocess.run([sys.executable, script, "--out", str(out), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and refusal in done.stderr, done.stderr[-2000:]
+    assert (out / "keep.txt").read_text() == "the user's"

@@ -9,6 +9,7 @@ import argparse
 import functools
 import http.server
 import os
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,7 +33,10 @@ def main():
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args()
-    server = http.server.ThreadingHTTPServer((args.host, args.port), functools.partial(Handler, directory=REPO))
+    try:
+        server = http.server.ThreadingHTTPServer((args.host, args.port), functools.partial(Handler, directory=REPO))
+    except OSError as e:  # the port taken, most often
+        sys.exit(f"cannot serve at {args.host}:{args.port} ({e.strerror}); pass another --port")
     print(f"serving {REPO} at http://{args.host}:{server.server_address[1]}/samples/web/", flush=True)
     server.serve_forever()
 
