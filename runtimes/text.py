@@ -130,9 +130,9 @@ class TextTokenizer:
     def _cut(self, text: str, add_special_tokens: bool, max_length: int) -> list:
         encoding = self._tok.encode(text, add_special_tokens=False)
         special = self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0
-        if max_length <= special:
-            raise ConfigError(f"max_length {max_length} leaves no room for text beside the {special} special tokens "
-                              "every text gets; raise it")
+        if max_length < special:
+            raise ConfigError(f"max_length {max_length} is less than the {special} special tokens every text gets; "
+                              "raise it")
         encoding.truncate(max_length - special)
         return (self._tok.post_process(encoding) if add_special_tokens else encoding).ids
 

@@ -261,11 +261,11 @@ def test_decoded_text_is_tidied_as_transformers_tidies_it(tmp_path, model, tidy)
     assert (ours == "i don't know, ok?!") == (tidy is True and model == "WordPiece")
 
 
-def test_a_max_length_with_no_room_for_text_is_refused(text_rt):
-    """The special tokens alone fill it: an OverflowError traceback from the tokenizers library."""
-    tokenizer = text_rt.tokenizer
-    special = tokenizer._tok.num_special_tokens_to_add(False)
-    if not special:
-        pytest.skip("this tokenizer adds no special tokens")
-    with pytest.raises(ConfigError, match=rf"max_length {special} leaves no room for text beside the {special} special"):
-        tokenizer.encode("w10 w20", max_length=special)
+def test_a_max_length_shorter_than_the_special_tokens_is_refused():
+    """MiniLM's [CLS] and [SEP] with max_length 1: an OverflowError traceback from the tokenizers library."""
+    import edgepeft
+
+    tokenizer = TextTokenizer(edgepeft.minilm_path())
+    with pytest.raises(ConfigError, match=r"max_length 1 is less than the 2 special tokens every text gets; raise it"):
+        tokenizer.encode("hello world", max_length=1)
+    assert tokenizer.encode("hello world", max_length=2)[0].tolist() == [[101, 102]]  # the special tokens alone

@@ -327,7 +327,6 @@ function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
   return new Tensor("float32", data, [tensors.length, ...tensors[0].dims.slice(1)]);
 }
 
-/** The tokenizer exported with the base, read through a loader (tokenizer_config.json when there is one). */
 export const OPTIONAL = Symbol("optional");  // readJson's missing: a file that may be absent reads as {}
 
 /**
