@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import warnings
 
 import pytest
@@ -230,3 +231,11 @@ def text_rt(text_export):
 
     return Runtime(text_export[0])
 
+
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt as in a terminal, even where the suite was started with SIGINT ignored (a
+    background job of a non-interactive shell inherits that, and the Ctrl-C tests then saw no interrupt at all)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -75,7 +75,7 @@ def test_adapters_without_a_base_are_refused_not_left_stale(llama, tmp_path):
     assert sorted(os.listdir(out)) == ["adapters"]
 
 
-def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp_path, monkeypatch):
+def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp_path, monkeypatch, sigint_raises):
     """SIGINT between the new base's rename and its adapters' new manifests left every adapter of OUT 'made for
     another base', and a second export did not mend it (the base was then reused)."""
     out = str(tmp_path / "out")
@@ -136,7 +136,7 @@ def test_a_read_only_out_is_refused_before_any_work(llama, tmp_path, monkeypatch
         export([llama[1]["mlp"]], out)
 
 
-def test_ctrl_c_during_replace_dir_moves_the_new_folder_in_and_leaves_no_old_copy(tmp_path, monkeypatch):
+def test_ctrl_c_during_replace_dir_moves_the_new_folder_in_and_leaves_no_old_copy(tmp_path, monkeypatch, sigint_raises):
     """The deferred Ctrl-C was raised before the old folder's removal: a hidden full copy stayed behind."""
     target, staged = _old_and_new(tmp_path)
     real = os.replace

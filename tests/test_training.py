@@ -227,7 +227,7 @@ def test_resume_continues_exactly_where_the_run_stopped(method, options, text_mo
     assert [e["epoch"] for e in resumed["evals"]] == [0, 1, 2]
 
 
-def test_ctrl_c_while_an_epoch_is_saved_waits_for_its_checkpoint(text_model, tmp_path, monkeypatch):
+def test_ctrl_c_while_an_epoch_is_saved_waits_for_its_checkpoint(text_model, tmp_path, monkeypatch, sigint_raises):
     """Ctrl-C while the curve was drawn (after the adapter, before the checkpoint): 'nothing was saved', yet OUT
     held an adapter and no checkpoint, so neither --resume nor a new run into OUT could go on."""
     import signal
