@@ -206,9 +206,10 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
     made = [*info["missing_keys"], *(m[0] for m in info.get("mismatched_keys", []))]  # initialised, not loaded
     output = model.get_output_embeddings() if task == "causal-lm" else None
     if output is not None and any(k.startswith(n + ".") for n, m in model.named_modules() if m is output for k in made):
-        fix = ("pass --model a causal-LM checkpoint, or train for another --task (seq-cls, feature-extraction)"
-               if flag == "--model" else "export with a causal-LM checkpoint as --base, or set the task the adapter "
-               "was trained for (task_type in its adapter_config.json)")
+        fix = {"--base": "export with a causal-LM checkpoint as --base, or set the task the adapter was trained for "
+                         "(task_type in its adapter_config.json)",
+               "--model": "pass --model a causal-LM checkpoint, or train for another --task (seq-cls, feature-extraction)"
+               }.get(flag, f"give {flag} a causal-LM checkpoint")
         raise UnsupportedModelError(
             f"{model_label(name_or_path, revision)}: holds no weights for its language-model head (its output layer "
             "would be random): a checkpoint saved for another task (a classifier, embeddings), or one saved with tied "

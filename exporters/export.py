@@ -31,7 +31,7 @@ from edgepeft.files import (
 from edgepeft.models import model_label
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
-    read_adapter_manifest, read_base_manifest,
+    read_adapter_manifest, read_base_manifest, uncounted_heads,
 )
 from edgepeft.runtimes.runtime import Runtime
 from edgepeft.runtimes.values import is_number
@@ -66,7 +66,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     log = print if verbose else (lambda *a, **k: None)
     made = _missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
-        with one_at_a_time(out, lambda message: _waiting(message, log)):  # makes OUT
+        with one_at_a_time(out, log):  # makes OUT; says so when another export holds it
             try:
                 return _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log)
             except BaseException:
@@ -82,10 +82,6 @@ def _remove_empty(made: list) -> None:
     for d in reversed(made):
         if os.path.isdir(d) and not os.listdir(d):
             os.rmdir(d)
-
-
-def _waiting(message: str, log) -> None:
-    log(message)
 
 
 def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log) -> dict:
@@ -192,7 +188,7 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
 def _check_older_fingerprint(plan: ExportPlan, recorded: str) -> None:
     """An older edgepeft left the base's own heads (slots) out of its fingerprint: an OUT it wrote from this base
     is named as such, not as another base's, and refused (it cannot tell bases differing only there apart)."""
-    heads = sorted({s.module for s in plan.existing["slots"] if s.neutral == "base"} - made_heads(plan.model))
+    heads = uncounted_heads(plan.existing, made_heads(plan.model))  # none in a newer OUT: no hashing then
     if heads and recorded == weights_fingerprint(plan.model, skip_modules=heads + sorted(made_heads(plan.model))):
         raise ConfigError(f"{plan.base_dir}: was written by an older edgepeft (its base fingerprint leaves out "
                           f"{', '.join(heads)}, so adapters made for a base with another {heads[0]} would load on it); "

@@ -226,12 +226,13 @@ def _compare_recorded(src, recorded: str, source: str, theirs, model, own: set) 
     """Refuse ``src`` when its recorded base ``theirs`` has other weights or config than --base's ``model``, apart from
     the heads the adapter carries itself (``own``) and heads made at load."""
     ours_skip, their_skip = (own | made_heads(m) for m in (model, theirs))
-    if weights_fingerprint(theirs, their_skip) == weights_fingerprint(model, ours_skip):
-        return
     if weights_fingerprint(theirs, their_skip, config=False) == weights_fingerprint(model, ours_skip, config=False):
+        differ = config_differences(theirs, model)
+        if not differ:
+            return
         raise AdapterBaseMismatchError(
             f"{src.path}: was trained on {recorded}, whose config.json differs from --base {source}'s in "
-            f"{', '.join(config_differences(theirs, model))} (the weights are the same); make the two "
+            f"{', '.join(differ)} (the weights are the same); make the two "
             "config.json files agree, or export it with the base it was trained on (drop --base)")
     raise AdapterBaseMismatchError(
         f"{src.path}: was trained on {recorded}, whose weights differ from --base {source}; export it with the "

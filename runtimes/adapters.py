@@ -29,7 +29,7 @@ from .errors import (
 )
 from .manifest import (
     ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, read_adapter_manifest, read_base_manifest,
-    stacks_as_output,
+    stacks_as_output, uncounted_heads,
 )
 from .adapter_source import read_adapter_source
 from .sessions import ort, session_options
@@ -193,9 +193,8 @@ class AdapterStore:
                    else "load it on the export it was made for")
             return AdapterBaseMismatchError(
                 f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which takes no adapters; {fix}")
-        made = CLASSIFIER_NAMES if self.base.get("head_initialised") else ()  # a head made at load never counted
-        heads = sorted({s.module for s in self.base["slots"] if s.neutral == "base"} - set(made))
-        if heads and not self.base.get("fingerprint_counts_heads") and manifest.get("base_source") == self.base.get("source"):
+        heads = uncounted_heads(self.base, CLASSIFIER_NAMES if self.base.get("head_initialised") else ())
+        if heads and manifest.get("base_source") == self.base.get("source"):
             return AdapterBaseMismatchError(  # an export into this OUT is refused alike (export._check_older_fingerprint)
                 f"{label}: adapter {manifest['name']!r} was exported from {self.base.get('source')} by an edgepeft whose "
                 f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "

@@ -17,8 +17,7 @@ without re-export. Its ``neutral`` value makes the slot a no-op:
     "ones"   a vector of ones (IA3 scaling): the graph's default initializer
     "zeros"  a vector of zeros (an added bias): the graph's default initializer
 
-Each is stored in the graph as an initializer of the same name as the input, so a
-slot left unbound runs the base model exactly.
+Each is stored as an initializer named as the input: a slot left unbound runs the base model exactly.
 
 Virtual tokens (prompt and prefix tuning) are declared by three optional fields:
 
@@ -388,6 +387,13 @@ def check_adapter_graph(adapter_dir: str, manifest: dict) -> None:
     if sha256_file(graph) != manifest["sha256"]:
         raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); "
                                    "re-export the adapter")
+
+
+def uncounted_heads(base: dict, made=()) -> list:
+    """The base's own heads (slots it fills itself) an OUT written before ``fingerprint_counts_heads`` left out of
+    its fingerprint; none for a newer OUT. ``made``: heads made at load, which never count."""
+    counted = base.get("fingerprint_counts_heads")
+    return [] if counted else sorted({s.module for s in base["slots"] if s.neutral == "base"} - set(made))
 
 
 def adapter_dirs(out_dir: str) -> dict:

@@ -41,6 +41,12 @@ def edit_json(path, **changes):
         json.dump(data, f)
 
 
+def lfs_pointer(path) -> None:
+    """Replace a weights file with the Git LFS pointer a clone without LFS leaves in its place."""
+    with open(path, "w") as f:
+        f.write("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n")
+
+
 def write_lines(path, lines) -> str:
     """Write raw lines (str: as given; dict/list: JSON-encoded) and return the path as str."""
     with open(path, "w", encoding="utf-8") as f:

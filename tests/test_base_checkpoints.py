@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from file_checks import edit_json, lfs_pointer
 from peft_refs import lora_adapter
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
@@ -87,7 +88,7 @@ def test_a_weights_file_cut_short_or_left_as_a_pointer_is_named(tiny_base, tmp_p
         os.unlink(weights)
         weights = folder / "pytorch_model.bin"
     if damage == "lfs-pointer":
-        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n")
+        lfs_pointer(weights)
     else:
         data = weights.read_bytes()
         weights.write_bytes(data[:len(data) // 2])
@@ -131,9 +132,8 @@ def test_a_config_json_that_does_not_fit_its_weights_is_refused(tiny_base, tmp_p
     folder = tmp_path / "edited"
     shutil.copytree(tiny_base("llama"), folder)
     with open(folder / "config.json") as f:
-        config = json.load(f)
-    config.update(intermediate_size=config["intermediate_size"] * 2, pad_token_id=0)
-    (folder / "config.json").write_text(json.dumps(config))
+        size = json.load(f)["intermediate_size"]
+    edit_json(folder / "config.json", intermediate_size=size * 2, pad_token_id=0)
     with pytest.raises(ConfigError, match=r"edited: config.json does not fit the weights saved with it \(model.layers"
                        r"\.\d+\.mlp\.\w+_proj\.weight is \[\d+, \d+\] there, \[\d+, \d+\] by config.json; \d+ such "
                        r"weight\(s\)\); use the config.json saved with these weights"):

@@ -93,14 +93,19 @@ def test_bench_threads_sample_measures_every_setting(shared_export):
     assert all(float(v) > 0 for r in rows[1:] for v in r[1:])
 
 
-def _run_sample(name: str, *args) -> list:
-    """Run samples/<name> and return its markdown table's rows (header first) as lists of cells."""
+def _sample(name: str, *args):
+    """Run samples/<name>; the finished process."""
     import os
     import subprocess
     import sys
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", name)
-    done = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def _run_sample(name: str, *args) -> list:
+    """Run samples/<name> and return its markdown table's rows (header first) as lists of cells."""
+    done = _sample(name, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return [[c.strip() for c in line.split("|")[1:-1]] for line in done.stdout.splitlines()
             if line.startswith("| ") and "---" not in line]
@@ -151,14 +156,9 @@ def test_bench_lora_layouts_sample_edits_the_real_graph_without_changing_logits(
 ])
 def test_bench_web_sample_refuses_before_it_empties_out(tmp_path, args, refusal):
     """samples/bench_web.py emptied --out, then said it must lie inside the repository (the folder was gone)."""
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "mine"
     out.mkdir()
     (out / "keep.txt").write_text("the user's")
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "bench_web.py")
-    done = subprocess.run([sys.executable, script, "--out", str(out), *args], capture_output=True, text=True, timeout=120)
+    done = _sample("bench_web.py", "--out", out, *args)
     assert done.returncode != 0 and refusal in done.stderr, done.stderr[-2000:]
     assert (out / "keep.txt").read_text() == "the user's"

@@ -299,7 +299,8 @@ def test_exports_into_one_out_take_turns(peft_adapter, tmp_path, monkeypatch):
         return commit(*args, **kwargs)
 
     monkeypatch.setattr(module, "commit", first_commits_once_the_other_waits)
-    monkeypatch.setattr(module, "_waiting", lambda message, log: told.set(), raising=False)
+    lock = module.one_at_a_time  # the export says when it waits: the test hears it too
+    monkeypatch.setattr(module, "one_at_a_time", lambda out, waiting: lock(out, lambda m: (waiting(m), told.set())))
     errors = []
 
     def run(adapter, name):
@@ -347,7 +348,8 @@ def test_an_export_waiting_for_a_new_out_that_fails_holds_the_out_made_again(tmp
         return {}
 
     monkeypatch.setattr(module, "_export", fake_export)
-    monkeypatch.setattr(module, "_waiting", lambda message, log: told.set())
+    lock = module.one_at_a_time  # the export says when it waits: the test hears it too
+    monkeypatch.setattr(module, "one_at_a_time", lambda out, waiting: lock(out, lambda m: (waiting(m), told.set())))
     threads = [threading.Thread(target=lambda: module.export(["a"], out) if threading.current_thread().name ==
                                 "second" else pytest.raises(ConfigError, module.export, ["a"], out), name=n)
                for n in ("first", "second")]

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from file_checks import edit_json
+from file_checks import edit_json, lfs_pointer
 from peft_refs import lora_adapter
 from tiny import load_reference_base
 
@@ -149,8 +149,7 @@ def test_base_given_and_the_recorded_base_cannot_load_names_the_adapters_record(
     recorded = str(tmp_path / "recorded")
     shutil.copytree(root / "base-other-head", recorded)
     adapter = lora_adapter(tmp_path / "adapter", recorded, "causal-lm", 2, r=2, target_modules=["q_proj"])
-    with open(os.path.join(recorded, "model.safetensors"), "w") as f:  # a clone without Git LFS
-        f.write("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1\n")
+    lfs_pointer(os.path.join(recorded, "model.safetensors"))
     with pytest.raises(ArtifactNotFoundError, match=r"adapter: records the base .*recorded, which --base .* is compared "
                        r"with: .*recorded: cannot load the base model .* or pass base_model_name_or_path in "
                        r".*adapter's adapter_config.json a complete model folder"):

@@ -104,3 +104,20 @@ export function checkTensors(tensors, manifest, slots, where) {
     throw new EdgePeftError(`${where}: adapter.json and adapter.onnx disagree on the slots; ${fix}`);
   }
 }
+
+export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
+export const OPTIONAL = Symbol("optional");  // readJson's missing: a file that may be absent reads as {}
+
+/**
+ * A file of the export as JSON; one that is missing or damaged is an EdgePeftError naming it and a fix.
+ * missing: what to say when the file is not there (null: the loader's own advice, for OUT itself; OPTIONAL: {}).
+ */
+export async function readJson(loader, rel, missing = `missing from the export; ${REEXPORT}`, fix = REEXPORT) {
+  try {
+    return await loader.json(rel);
+  } catch (e) {
+    if (e.missing && missing === OPTIONAL) return {};
+    if (e instanceof EdgePeftError && !(e.missing && missing)) throw e;
+    throw new EdgePeftError(`${loader.where(rel)}: ${e.missing ? missing : `not readable JSON (${e.message}); ${fix}`}`);
+  }
+}

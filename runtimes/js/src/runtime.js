@@ -12,7 +12,7 @@
 // "phase" prefill (a prompt: first step only), "target" (a prefix: the start of a cache input),
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
-import { EdgePeftError, checkFormat, checkInputs, checkOptions, checkTensors } from "./checks.js";
+import { EdgePeftError, REEXPORT, checkFormat, checkInputs, checkOptions, checkTensors, readJson } from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, runOnce } from "./sessions.js";
 import { sha256 } from "./sha256.js";
@@ -20,7 +20,6 @@ import { sha256 } from "./sha256.js";
 export { EdgePeftError };
 
 const int64 = (rows) => BigInt64Array.from(rows.flat(), (v) => BigInt(v));
-const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
 const PYTHON_ONLY = "; stop strings and mixed batches (one adapter per row) are the Python runtime's only";
 
 export class Runtime {
@@ -37,7 +36,7 @@ export class Runtime {
     checkFormat(m, "edgepeft-base", loader.where("base/edgepeft.json"));
     if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT}`);
     await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`]);
-    rt.session = new TakingTurns(ort, await rt.opened(`base/${m.web_graph}`,
+    rt.session = new TakingTurns(await rt.opened(`base/${m.web_graph}`,
       () => loader.session(ort, `base/${m.web_graph}`, sessionOptions, true)));
     // neutral.onnx: every slot's neutral value (none in a merged classifier, which has no slot)
     const neutral = `base/${m.neutral_graph}`;
@@ -282,9 +281,12 @@ export class Runtime {
       }
       return Object.fromEntries(Object.keys(rows[0]).map((name) => [name, joined(Tensor, rows.map((r) => r[name]))]));
     }
-    const feeds = { ...this.neutral };
-    Object.assign(feeds, plan.every);
-    if (prefill) Object.assign(feeds, plan.prefill);
+    // kept between calls: onnxruntime-web's proxy worker takes the buffers it is fed, so those go as copies there
+    const kept = this.ort.env?.wasm?.proxy ? (t) => new Tensor(t.type, t.data.slice(), t.dims) : (t) => t;
+    const feeds = {};
+    for (const values of [this.neutral, plan.every, prefill ? plan.prefill : {}]) {
+      for (const [name, t] of Object.entries(values)) feeds[name] = kept(t);
+    }
     feeds.input_ids = new Tensor("int64", int64(ids), [batch, ids[0].length]);
     feeds.attention_mask = new Tensor("int64", int64(mask), [batch, mask[0].length]);
     if ("logits_to_keep" in feeds) feeds.logits_to_keep = new Tensor("int64", BigInt64Array.from([keep]), []);
@@ -325,22 +327,6 @@ function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
   let at = 0;
   for (const t of tensors) { data.set(t.data, at); at += t.data.length; }
   return new Tensor("float32", data, [tensors.length, ...tensors[0].dims.slice(1)]);
-}
-
-export const OPTIONAL = Symbol("optional");  // readJson's missing: a file that may be absent reads as {}
-
-/**
- * A file of the export as JSON; one that is missing or damaged is an EdgePeftError naming it and a fix.
- * missing: what to say when the file is not there (null: the loader's own advice, for OUT itself; OPTIONAL: {}).
- */
-export async function readJson(loader, rel, missing = `missing from the export; ${REEXPORT}`, fix = REEXPORT) {
-  try {
-    return await loader.json(rel);
-  } catch (e) {
-    if (e.missing && missing === OPTIONAL) return {};
-    if (e instanceof EdgePeftError && !(e.missing && missing)) throw e;
-    throw new EdgePeftError(`${loader.where(rel)}: ${e.missing ? missing : `not readable JSON (${e.message}); ${fix}`}`);
-  }
 }
 
 /**

@@ -3,13 +3,10 @@
 /**
  * The base session's runs, one at a time: onnxruntime-web's wasm runs of one session share its stack, and two calls
  * awaited at once (Promise.all, a button clicked twice) hung the process or the page. onnxruntime-node's runs are
- * queued in its thread pool anyway, so waiting a turn costs it nothing. With onnxruntime-web's proxy worker
- * (env.wasm.proxy) every input's buffer moves to the worker; tensors the runtime keeps for later calls (the neutral
- * values, the adapters' tensors) go as copies, else the next call found them detached.
+ * queued in its thread pool anyway, so waiting a turn costs it nothing.
  */
 export class TakingTurns {
-  constructor(ort, session) {
-    this.ort = ort;
+  constructor(session) {
     this.session = session;
     this.turn = Promise.resolve();
   }
@@ -19,10 +16,6 @@ export class TakingTurns {
   }
 
   run(feeds) {
-    if (this.ort.env?.wasm?.proxy) {
-      const { Tensor } = this.ort;
-      feeds = Object.fromEntries(Object.entries(feeds).map(([k, t]) => [k, new Tensor(t.type, t.data.slice(), t.dims)]));
-    }
     const run = this.turn.then(() => this.session.run(feeds));
     this.turn = run.catch(() => {});  // a failed run is its caller's; the next one runs
     return run;

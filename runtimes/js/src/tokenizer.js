@@ -2,8 +2,7 @@
 // ids and text the Python runtime gives (the Rust tokenizers library, as transformers): where this library differs
 // and the difference can be mended, it is mended here; where it cannot, loadTokenizer refuses the tokenizer, naming
 // what to do (pass ids the Python runtime encodes). Differences in rare characters are listed in docs/web.md.
-import { EdgePeftError } from "./checks.js";
-import { OPTIONAL, readJson } from "./runtime.js";
+import { EdgePeftError, OPTIONAL, readJson } from "./checks.js";
 
 const PASS_IDS = "pass token ids encoded by the Python runtime (rt.tokenizer.encode) or transformers";
 

@@ -25,6 +25,11 @@ ortWeb.env.wasm.numThreads = 1;
 
 const refuses = (call, pattern) => assert.rejects(call, (e) => e instanceof EdgePeftError && pattern.test(e.message));
 
+/** A JSON file of an export with some fields changed. */
+async function editJson(file, change) {
+  await writeFile(file, JSON.stringify({ ...JSON.parse(await readFile(file, "utf8")), ...change }));
+}
+
 /** A copy of the llama fixture to damage. */
 async function copied(name) {
   const out = path.join(scratch, name);
@@ -124,7 +129,7 @@ test("missing or damaged files of an export name the file and a fix, on node and
   await refuses(loadTokenizer(out), /base\/tokenizer_config.json: not readable JSON/);
   const tokenized = await copied("split-special");  // the Python runtime and transformers encode "</s>" as text
   const config = path.join(tokenized, "base/tokenizer_config.json");
-  await writeFile(config, JSON.stringify({ ...JSON.parse(await readFile(config, "utf8")), split_special_tokens: true }));
+  await editJson(config, { split_special_tokens: true });
   await refuses(loadTokenizer(tokenized), /tokenizer_config.json: split_special_tokens .* is not in the JavaScript tokenizer; pass token ids/);
 });
 
@@ -137,10 +142,7 @@ test("SHA-256 without Web Crypto (a page served over plain http) gives Web Crypt
 
 test("an export in a newer format than this runtime reads is named, as the Python runtime names it", async () => {
   const out = await copied("newer");
-  const edit = async (rel, change) => {
-    const file = path.join(out, rel);
-    await writeFile(file, JSON.stringify({ ...JSON.parse(await readFile(file, "utf8")), ...change }));
-  };
+  const edit = (rel, change) => editJson(path.join(out, rel), change);
   await edit("adapters/lora/adapter.json", { format_version: 99 });
   const rt = await openFolder(ortNode, out);
   await refuses(rt.loadAdapter("lora"), /adapters\/lora\/adapter.json: format version 99 is newer than this runtime reads \(3\); update the JavaScript runtime/);
