@@ -8,9 +8,8 @@ Layout of an export folder ``OUT``::
     OUT/adapters/<name>/adapter.onnx   no inputs, one output per slot it fills
     OUT/adapters/<name>/adapter.json   adapter manifest (see ``read_adapter_manifest``)
 
-A slot is a named graph input of the base graph. Its shape mixes fixed sizes and
-symbolic axes (strings) such as a LoRA rank, so an adapter of any rank binds
-without re-export. Its ``neutral`` value makes the slot a no-op:
+A slot is a named graph input of the base graph. Its shape mixes fixed sizes and symbolic axes (strings) such as a
+LoRA rank, so an adapter of any rank binds without re-export. Its ``neutral`` value makes the slot a no-op:
 
     "empty"  a zero-length symbolic axis (rank-0 LoRA): the graph's default initializer
     "base"   the base model's own tensor (a task head): the graph's default initializer
@@ -27,16 +26,14 @@ Virtual tokens (prompt and prefix tuning) are declared by three optional fields:
     virtual_axis K     axis K of the value counts virtual tokens; the runtime puts that many ones
                        before the attention mask and counts them in the positions
 
-A slot with a ``target`` adds its tokens as past (positions start after them); a graph
-input with a ``virtual_axis`` adds them before the input tokens (outputs include them).
-One more declares virtual tokens the graph adds itself:
+A slot with a ``target`` adds its tokens as past (positions start after them); a graph input with a ``virtual_axis``
+adds them before the input tokens (outputs include them). One more declares virtual tokens the graph adds itself:
 
     position_axis K    axis K of the value counts tokens the graph puts before the input's keys
                        (an encoder's prefix); the graph starts the input's positions after them,
                        so the runtime counts them against max_positions (mask and positions unchanged)
 
-Rows with different adapters in one graph run (mixed batches, weighted adapters) are
-declared by three more fields:
+Rows with different adapters in one graph run (mixed batches, weighted adapters) are declared by three more fields:
 
     stack_axis K     adapters' values of this slot concatenate along axis K into one bound tensor
     selector NAME    the selector slot that picks each row's share of that stack, or "output":
@@ -46,8 +43,8 @@ declared by three more fields:
                      or the adapter's weight), "adapters" (rows, stacked adapters): a weight per
                      stacked adapter (IA3: 1 for the row's own)
 
-Slots without a ``stack_axis`` do not mix: rows of such an adapter run in a graph run of
-their own. Neutral selector values (ones) make the single-adapter path bind nothing more.
+Slots without a ``stack_axis`` do not mix: rows of such an adapter run in a graph run of their own. Neutral selector
+values (ones) make the single-adapter path bind nothing more.
 """
 from __future__ import annotations
 

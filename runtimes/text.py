@@ -373,8 +373,9 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     max_length, mode, tokenizer = rt.tokenizer.sentence_transformers
     per_row = _per_row(adapter, len(rows))
     # a prompt's or prefix's tokens take positions too: each row is cut for its own adapter, as run alone
-    virtual = ([rt.virtual_positions(spec, 1) for spec in per_row] if row_specs(adapter, len(rows)) is not None
-               else [rt.virtual_positions(adapter, len(rows))] * len(rows))  # one adapter: asked once
+    row_specs(adapter, len(rows))  # a per-row list of the wrong length is refused here, before it is indexed
+    virtual = ([rt.virtual_positions(spec, 1) for spec in per_row] if isinstance(adapter, (list, tuple))
+               else [rt.virtual_positions(adapter, len(rows))] * len(rows))  # one adapter (or one mix): asked once
     limits = [min(max_length or rt.max_positions, rt.max_positions - n) if rt.max_positions and n else max_length
               for n in virtual]
     if len(set(limits)) > 1:  # rows cut to other lengths run in batches of their own: a wider row pads them past it
