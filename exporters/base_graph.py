@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 
@@ -142,7 +143,18 @@ def write_tokenizer(source: str, stage: str, revision: str | None = None, log=la
     if getattr(tokenizer, "backend_tokenizer", None) is not None:
         if not is_placeholder_tokenizer(tokenizer):
             tokenizer.save_pretrained(stage)
+            compact_json(os.path.join(stage, "tokenizer.json"))
         return
     for f in TOKENIZER_FILES if os.path.isdir(source) else ():
         if os.path.isfile(os.path.join(source, f)):
             shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
+
+
+def compact_json(path: str) -> None:
+    """``path`` rewritten without indentation, same content: save_pretrained indents tokenizer.json, which a
+    browser downloads (MiniLM's: 0.71 MB indented, 0.47 MB compact)."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
