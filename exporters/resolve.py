@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import re
 from dataclasses import dataclass, field
 
 from edgepeft.config import CONFIG_NAME, naming_config
@@ -17,6 +16,7 @@ from edgepeft.models import (
     call_kwargs, check_exportable, check_supported, default_task, load_base, load_model_config, model_label, sample_inputs,
 )
 from edgepeft.peft_model import PeftModel
+from edgepeft.runtimes.adapter_source import name_problem
 from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, enclosing_export, read_base_manifest
 from edgepeft.tuners import load_config, specs_for
 
@@ -125,11 +125,10 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
     sources = []
     for i, path in enumerate(adapters):
         name = names[i] if i < len(names) else os.path.basename(os.path.normpath(path))
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):  # no '.': PyTorch's module names hold the name
-            fix = f" (e.g. --name {name.replace('.', '_')})" if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) else ""
-            raise ConfigError(f"{path}: adapter name {name!r} must be letters, digits, '_', '-'; pass --name{fix}")
-        if name.lower() == "none":  # `edgepeft run --adapter none` is the base model
-            raise ConfigError(f"{path}: the adapter name {name!r} means the base model at the command line; pass --name")
+        problem = name_problem(name)
+        if problem:
+            fix = f" (e.g. --name {name.replace('.', '_')})" if "." in name and not name_problem(name.replace('.', '_')) else ""
+            raise ConfigError(f"{path}: adapter name {name!r:.80} {problem}; pass --name{fix}")
         if any(s.name == name for s in sources):
             raise ConfigError(f"{path}: two adapters are both named {name!r}; pass --name to tell them apart")
         sources.append(AdapterSource(name, path, load_config(path)))

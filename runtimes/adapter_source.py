@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 import zlib
 
@@ -11,6 +12,21 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .manifest import (
     ADAPTER_GRAPH, ADAPTER_MANIFEST, check_adapter_graph, check_adapter_manifest, read_adapter_manifest, sha256_bytes,
 )
+
+
+NAME_LENGTH = 100  # OUT/adapters/<name>, and the export's staging folder beside it, within a file name's 255 bytes
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an adapter, else None: one rule for export's --name, the folders of OUT/adapters
+    and load_adapter's ``name``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):  # no '.': PyTorch's module names hold the name
+        return "must be letters, digits, '_', '-'"
+    if len(name) > NAME_LENGTH:
+        return f"is longer than {NAME_LENGTH} characters"
+    if name.lower() == "none":  # `edgepeft run --adapter none` is the base model
+        return "means the base model at the command line (--adapter none)"
+    return None
 
 
 def read_adapter_source(source) -> tuple[str | None, dict | None, dict]:

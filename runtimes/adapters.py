@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
@@ -31,8 +32,9 @@ from .manifest import (
     ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, read_adapter_manifest, read_base_manifest,
     stacks_as_output, uncounted_heads,
 )
-from .adapter_source import read_adapter_source
+from .adapter_source import name_problem, read_adapter_source
 from .sessions import ort, session_options
+from .slot_checks import check_adapter_tensors
 from .values import is_whole
 
 
@@ -70,12 +72,13 @@ NO_ADAPTER = Plan()
 class Registered:
     """An adapter the store knows: where to (re)stage it from, its manifest, and its staged state."""
 
-    __slots__ = ("name", "path", "data", "manifest", "stackable", "saved_alone", "has_head", "plan", "arrays", "bytes",
-                 "users", "n_positions")
+    __slots__ = ("name", "path", "data", "manifest", "methods", "stackable", "saved_alone", "has_head", "plan", "arrays",
+                 "bytes", "users", "n_positions")
 
     def __init__(self, name, path, data, manifest, slots: dict, task: str):
         self.name, self.path, self.data, self.manifest = name, path, data, manifest
         filled = [slots[n] for n in manifest["slots"] if n in slots]
+        self.methods = {s.method for s in filled}  # what its tensors are (staging checks them against adapter.json's)
         # rows can share a run with others' rows (exports before the check wrote selector "output" on any saved layer)
         stacks = [s.stack_axis is not None and (s.selector != "output" or stacks_as_output(task, s.module)) for s in filled]
         self.stackable = all(stacks)
@@ -156,13 +159,18 @@ class AdapterStore:
 
         Returns its name. On any failure nothing changes: adapters already loaded keep serving.
         """
-        if name is not None and not (isinstance(name, str) and name.strip()):
-            raise ConfigError(f"an adapter's name must be a non-empty string (or None: its folder's name, a zip's: "
-                              f"the name it was exported with), got {name!r}")
+        problem = name is not None and (name_problem(name) if isinstance(name, str) else "must be a string")
+        if problem:
+            raise ConfigError(f"the adapter name {name!r:.80} {problem}; pass another name= (or None: its folder's "
+                              "name, a zip's: the name it was exported with)")
         path, data, manifest = read_adapter_source(source)
         label = path or "adapter bytes"
         if name is None:  # a folder is named as Runtime(OUT) names what it finds in OUT/adapters: by the folder
             name = os.path.basename(os.path.normpath(path)) if path else manifest["name"]
+            if name_problem(name):  # `edgepeft run --adapter None` ran the base model with a folder named None
+                raise ConfigError(f"{label}: the adapter name {name!r:.80} (the {'folder' if path else 'adapter.json'}"
+                                  f"'s) {name_problem(name)}; " + ("rename the folder, or load it with name="
+                                                                   if path else "load it with name="))
         if manifest["base_fingerprint"] != self.base["fingerprint"]:
             raise self._mismatch(label, manifest)
         entry = Registered(name, path, data, manifest, self.slots, self.base.get("task", ""))
@@ -321,7 +329,7 @@ class AdapterStore:
         label = adapter.path or "adapter bytes"
         graph = adapter.data[ADAPTER_GRAPH] if adapter.data else os.path.join(adapter.path, adapter.manifest["graph"])
         arrays = run_adapter_graph(graph, label)
-        self._check_tensors(label, adapter.manifest, arrays)
+        check_adapter_tensors(label, adapter.manifest, arrays, self.slots, self.base_dir, self.out)
         return arrays, self._plan(label, arrays)
 
     def _plan(self, label: str, arrays: dict) -> Plan:
@@ -346,35 +354,6 @@ class AdapterStore:
             )
         return plan
 
-    def _check_tensors(self, label: str, manifest: dict, arrays: dict) -> None:
-        """Every output must be a slot of this base with the slot's fixed sizes and dtype."""
-        axes: dict[str, int] = {}
-        for slot_name, arr in arrays.items():
-            slot = self.slots.get(slot_name)
-            if slot is None:
-                raise AdapterBaseMismatchError(
-                    f"{label}: adapter fills slot {slot_name!r} that {self.base_dir} lacks; "
-                    f"re-export with `edgepeft export --adapter <adapter dir> --out {self.out}` to add it"
-                )
-            if arr.dtype != np.dtype(slot.dtype) or arr.ndim != len(slot.shape):
-                raise CorruptArtifactError(
-                    f"{label}: slot {slot_name} is {arr.dtype}{list(arr.shape)}, base expects "
-                    f"{slot.dtype}{list(slot.shape)}; re-export the adapter"
-                )
-            for size, want in zip(arr.shape, slot.shape):
-                if isinstance(want, str):
-                    if axes.setdefault(want, size) != size:
-                        raise CorruptArtifactError(
-                            f"{label}: axis {want} is {size} in {slot_name} but {axes[want]} elsewhere; re-export the adapter"
-                        )
-                elif size != want:
-                    raise CorruptArtifactError(
-                        f"{label}: slot {slot_name} has shape {list(arr.shape)}, base expects {list(slot.shape)}; "
-                        "re-export the adapter for this base"
-                    )
-        if set(manifest["slots"]) != set(arrays):
-            raise CorruptArtifactError(f"{label}: adapter.json and adapter.onnx disagree on the slots; re-export the adapter")
-
 
 def _one_name(name):
     """An adapter's name as the calls that take one name check it (a list would fail as a dict key)."""
@@ -385,10 +364,16 @@ def _one_name(name):
 
 
 def run_adapter_graph(graph, label: str = "") -> dict:
-    """{slot name: array}: an adapter graph's outputs (it has no inputs), run once on the CPU (a path or bytes)."""
+    """{slot name: array}: an adapter graph's outputs (it has no inputs), run once on the CPU (a path or bytes).
+
+    Its tensors are inside it (exports write no external data for adapters): external data is looked for in an
+    empty folder, so a graph naming a file fails instead of reading it (from bytes: from the app's directory)."""
+    options = session_options(1)
     try:
-        sess = ort.InferenceSession(graph, sess_options=session_options(1), providers=["CPUExecutionProvider"])
-        outputs = sess.run(None, {})
+        with tempfile.TemporaryDirectory() as empty:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+            sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
+            outputs = sess.run(None, {})
     except Exception as e:
         where = graph if isinstance(graph, str) else f"{label}: adapter.onnx"
         raise CorruptArtifactError(

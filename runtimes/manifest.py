@@ -54,6 +54,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import ArtifactNotFoundError, CorruptArtifactError
+from .slot_checks import slot_table_errors
 
 FORMAT_VERSION = 3  # 2: fused groups, KV-cache I/O; 3: stackable slots and selectors (mixed batches)
 CLASSIFIER_NAMES = ["classifier", "score"]  # a sequence classifier's head: the only layer whose columns are the output
@@ -305,11 +306,9 @@ def read_base_manifest(base_dir: str) -> dict:
         data["slots"] = [Slot.from_json(s) for s in data["slots"]]
     except (KeyError, TypeError, AttributeError) as e:
         raise CorruptArtifactError(f"{path}: malformed slot table ({e}); {fix}") from None
-    for slot in data["slots"]:  # a hand-edited table: what the runtime would index, hash or hand numpy
-        if not (all(isinstance(v, str) for v in (slot.name, slot.method, slot.role, slot.module, slot.neutral))
-                and slot.dtype in _DTYPES and all(_is(n, (int, str)) for n in slot.shape)):
-            raise CorruptArtifactError(f"{path}: malformed slot {slot.name!r} (names are strings, dtype one of "
-                                       f"{', '.join(sorted(_DTYPES))}, shape sizes or axis names); {fix}")
+    errors = slot_table_errors(data["slots"], cache_names(data["cache"], "past") if data.get("cache") else ())
+    if errors:  # a hand-edited table: what the runtime would index, hash or hand numpy
+        raise CorruptArtifactError(f"{path}: malformed {errors[0]}; {fix}")
     if data["task"] in TASK_OUTPUTS and TASK_OUTPUTS[data["task"]] not in data["outputs"]:
         raise CorruptArtifactError(f"{path}: outputs lack {TASK_OUTPUTS[data['task']]!r}, a {data['task']} graph's; {fix}")
     if data["task"] == "causal-lm" and not data.get("cache"):
@@ -336,8 +335,6 @@ def base_file_errors(base_dir: str, manifest: dict, names=None) -> list:
                                                f"(a copy cut short?); {fix}"))
     return errors
 
-
-_DTYPES = {"float32", "float16", "int64", "int32", "bool"}
 
 
 _ADAPTER_FIX = "re-export the adapter with `edgepeft export --adapter DIR --out OUT --overwrite`"

@@ -139,7 +139,7 @@ class Mixer:
         if len(spec) == 1 and next(iter(spec.values())) == 1.0:
             return
         for name in spec:
-            methods = set(held[name].manifest.get("methods") or [])
+            methods = held[name].methods
             if held[name].saved_alone:  # HF PEFT weights the LoRA only; which saved copy would a sum use?
                 raise ConfigError(f"adapter {name!r} saves {', '.join(held[name].saved_alone)} whole (not a classifier's "
                                   "head), which cannot be weighted or combined; give it alone, by name")

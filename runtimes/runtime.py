@@ -32,9 +32,11 @@ from .generation import StopStrings, TeacherForcing, generation_config, lane_ste
 from .inputs import check_token_inputs, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
 from .manifest import (
-    BASE_DIR, LOGITS_TO_KEEP, adapter_dirs, base_file_errors, cache_names, not_an_export, read_base_manifest,
+    BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, adapter_dirs, base_file_errors, cache_names, not_an_export,
+    read_base_manifest,
 )
 from .sessions import check_providers, device_of, open_base_session, ort
+from .slot_checks import check_graph_inputs
 
 
 class Runtime:
@@ -51,8 +53,8 @@ class Runtime:
         try:
             self._open_base(os.path.join(self.path, BASE_DIR), providers, sess_options, adapter_budget_bytes)
             if load_adapters:
-                for name, d in adapter_dirs(self.path).items():
-                    self.load_adapter(d, name=name)
+                for d in adapter_dirs(self.path).values():
+                    self.load_adapter(d)  # named by its folder
         except BaseException:  # a failed open holds nothing: the error's traceback (kept by the app) reaches self
             if "store" in vars(self):  # and the store, with the adapters staged before the one that failed
                 vars(self.store).clear()
@@ -78,6 +80,7 @@ class Runtime:
         if cut:  # ONNX Runtime's own message names an initializer and offsets, and no fix
             raise cut.pop(0)  # popped: a local holding the raised error would keep this frame alive
         self.session = open_base_session(graph, providers, sess_options)
+        check_graph_inputs(self.session, self.manifest["slots"], os.path.join(base_dir, BASE_MANIFEST), graph)
         self.device = device_of(self.session)  # ONNX Runtime falls back to the CPU when CUDA cannot start
         self.slots = {s.name: s for s in self.manifest["slots"]}
         self.task = self.manifest["task"]
@@ -130,10 +133,7 @@ class Runtime:
     def load_adapter(self, source, name=None) -> str:
         """Load an exported adapter (its folder in OUT/adapters, or the bytes of a zip of that folder), validate it
         against the base, stage its tensors; returns its name (None: the folder's, as ``Runtime(OUT)`` names it; a
-        zip's: the name it was exported with).
-
-        On any failure nothing changes: adapters already loaded keep serving.
-        """
+        zip's: the name it was exported with). On any failure nothing changes: loaded adapters keep serving."""
         return self.store.load(source, name)
 
     def unload_adapter(self, name: str) -> None:

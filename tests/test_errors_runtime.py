@@ -154,12 +154,17 @@ def test_stray_folder_in_out_adapters_is_named(victim):
     assert f"{stray}: not an exported adapter" in str(e.value) and "stray folder" in str(e.value)
 
 
-@pytest.mark.parametrize("name", [1, "", "  ", b"qv2", ["qv2"]])
-def test_adapter_name_must_be_a_non_empty_string(rt, before, llama, name):
+@pytest.mark.parametrize("name, problem", [
+    (1, "must be a string"), ("", "must be letters, digits, '_', '-'"), ("  ", "must be letters, digits, '_', '-'"),
+    (b"qv2", "must be a string"), (["qv2"], "must be a string"), ("../qv2", "must be letters, digits, '_', '-'"),
+    ("q" * 101, "is longer than 100 characters"), ("None", "means the base model at the command line (--adapter none)"),
+])
+def test_adapter_name_follows_the_export_rule(rt, before, llama, name, problem):
+    """One rule for export's --name and load_adapter's name: 'None' ran the base model at `edgepeft run`."""
     with pytest.raises(ConfigError) as e:
         rt.load_adapter(os.path.join(llama[0], "adapters", "qv"), name=name)
-    assert (f"an adapter's name must be a non-empty string (or None: its folder's name, a zip's: the name it was "
-            f"exported with), got {name!r}") == str(e.value)
+    assert (f"the adapter name {name!r:.80} {problem}; pass another name= (or None: its folder's name, a zip's: the "
+            "name it was exported with)") == str(e.value)
     assert rt.adapter_names == ["all", "mlp", "qv"]  # sorted: a non-string name made this raise TypeError
     with pytest.raises(UnknownAdapterError):
         rt.forward(*sample_batch(VOCAB), adapter="qv2")

@@ -1,5 +1,7 @@
-// What the runtime refuses, and how it says so: a call's options, its ids and mask, an adapter's tensors.
-// The Python runtime's checks (runtimes/inputs.py, runtimes/adapters.py), in JavaScript's terms.
+// What the runtime refuses, and how it says so: an export's manifests and slot table, a call's options, its ids and
+// mask, an adapter's tensors and label names. The Python runtime's checks (runtimes/manifest.py, slot_checks.py,
+// inputs.py, text.py), in JavaScript's terms: a damaged, hand-edited or hostile export is an EdgePeftError naming the
+// file and a fix, never a TypeError, a raw ONNX Runtime error, a file outside the export or a silent wrong answer.
 
 export class EdgePeftError extends Error {}
 
@@ -11,8 +13,43 @@ function described(v) {  // a value as a message shows it: "5", 5n, 2.5, Int32Ar
 }
 
 export const FORMAT_VERSION = 3;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)
+export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
+const REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder";
 
-/** A manifest of `form` ("edgepeft-base", "edgepeft-adapter") in a format this runtime reads, or EdgePeftError. */
+const string = (v) => typeof v === "string";
+const whole = Number.isInteger;
+const object = (v) => typeof v === "object" && v !== null && !Array.isArray(v);
+const strings = (v) => Array.isArray(v) && v.every(string);
+const orNull = (is) => (v) => v === null || is(v);
+
+/** A file's name in the folder of the manifest that names it: no path to elsewhere ("../x", "/etc/x", "."). */
+export const bareName = (v) => string(v) && !/[/\\]/.test(v) && !["", ".", ".."].includes(v);
+
+// Manifest fields that must have these types where present: runtimes/manifest.py's _FIELD_TYPES, and the graphs' names
+const FIELD_TYPES = {
+  model_type: [string, "a string"], task: [string, "a string"], inputs: [object, "an object"], outputs: [object, "an object"],
+  vocab_size: [whole, "a whole number"], max_positions: [orNull(whole), "a whole number"], cache: [orNull(object), "an object"],
+  generation: [object, "an object"], merged_adapter: [orNull(string), "a name"], revision: [orNull(string), "a hub revision"],
+  file_bytes: [(v) => object(v) && Object.values(v).every(whole), "an object of file sizes in bytes"],
+  methods: [strings, "a list of method names"], labels: [orNull(strings), "a list of names"],
+  parameter_bytes: [whole, "a whole number"], rank: [orNull(Number.isFinite), "a number"], alpha: [orNull(Number.isFinite), "a number"],
+  problem_type: [orNull(string), "a string"], fingerprint_counts_heads: [(v) => typeof v === "boolean", "true or false"],
+  name: [string, "a string"], fingerprint: [string, "a string"], base_fingerprint: [string, "a string"], sha256: [string, "a string"],
+  graph: [bareName, "a file name in the same folder"], web_graph: [orNull(bareName), "a file name in the same folder"],
+  neutral_graph: [orNull(bareName), "a file name in the same folder"],
+};
+const REQUIRED = {
+  "edgepeft-base": ["model_type", "task", "fingerprint", "inputs", "outputs", "slots", "vocab_size", "graph"],
+  "edgepeft-adapter": ["name", "methods", "base_fingerprint", "slots", "graph", "sha256"],
+};
+const CACHE_LAYOUT = { num_layers: whole, num_kv_heads: whole, head_dim: whole, past_key: string, past_value: string,
+  present_key: string, present_value: string };
+
+/**
+ * A manifest of `form` ("edgepeft-base", "edgepeft-adapter") in a format this runtime reads, with the fields the runtime
+ * reads of the types it reads them as (a base's slot table too), or EdgePeftError naming the file: a hand-edited field
+ * was a TypeError deep in a call, a graph named "../x" a file outside the export.
+ */
 export function checkFormat(manifest, form, where) {
   if (manifest?.format !== form) throw new EdgePeftError(`${where}: not an ${form} manifest; re-run \`edgepeft export\``);
   const version = manifest.format_version;
@@ -20,6 +57,106 @@ export function checkFormat(manifest, form, where) {
     throw new EdgePeftError(`${where}: format version ${described(version)} is newer than this runtime reads (${FORMAT_VERSION}); ` +
       "update the JavaScript runtime (runtimes/js) to the edgepeft that exported it, or export with this runtime's edgepeft");
   }
+  const base = form === "edgepeft-base";
+  const fix = base ? REEXPORT_BASE : REEXPORT;
+  const refuse = (what) => { throw new EdgePeftError(`${where}: ${what}; ${fix}`); };
+  const missing = REQUIRED[form].filter((key) => !(key in manifest));
+  if (missing.length) refuse(`manifest lacks ${missing.join(", ")}`);
+  for (const [key, [is, what]] of Object.entries(FIELD_TYPES)) {
+    if (key in manifest && !is(manifest[key])) refuse(`field ${key} must be ${what}, got ${described(manifest[key]).slice(0, 60)}`);
+  }
+  const { cache, slots } = manifest;
+  if (cache && !Object.entries(CACHE_LAYOUT).every(([key, is]) => is(cache[key]))) refuse("field cache lacks the cache layout");
+  if (!base) {
+    if (!object(slots)) refuse("field slots must map slot names to shapes");
+    return;
+  }
+  if (!Object.keys(manifest.outputs).length) refuse("field outputs names no output");
+  if (manifest.task === "causal-lm" && !cache) refuse("a causal-lm base needs its cache table (cache)");
+  if (!Array.isArray(slots)) refuse("field slots must be a list of slots");
+  checkSlotTable(slots, cache, where);
+}
+
+const DTYPES = ["float32", "float16", "int64", "int32", "bool"];
+const NEUTRALS = ["empty", "base", "ones", "zeros"];
+const PHASES = ["every", "prefill"];
+const SELECTS = ["", "columns", "adapters"];
+
+/** The base's slot table as runtimes/slot_checks.py checks it: the fields the runtime indexes shapes by and binds by. */
+function checkSlotTable(slots, cache, where) {
+  const past = new Set(cache ? cacheNames(cache, "past") : []);
+  const selectors = new Set(slots.filter((s) => s?.selects).map((s) => s.name));
+  const names = slots.map((s) => s?.name);
+  slots.forEach((slot, i) => {
+    const wrong = slotErrors(slot, names, past, selectors);
+    if (wrong.length) {
+      throw new EdgePeftError(`${where}: malformed slot ${string(slot?.name) ? slot.name : `at ${i}`} (${wrong[0]}); ` +
+        REEXPORT_BASE);
+    }
+  });
+  checkSharedPhases(slots, where);
+}
+
+/** What is wrong with one slot of the table; a field absent reads as the Python runtime's default. */
+function slotErrors(slot, names, past, selectors) {
+  if (!object(slot)) return ["not an object"];
+  const field = (key, absent) => (key in slot ? slot[key] : absent);
+  const { name, method, role, module, neutral, dtype, shape } = slot;
+  if (![name, method, role, module, neutral].every(string) || !DTYPES.includes(dtype) || !Array.isArray(shape) ||
+    !shape.every((n) => whole(n) || string(n))) {
+    return [`names are strings, dtype one of ${DTYPES.join(", ")}, shape sizes or axis names`];
+  }
+  const wrong = [];
+  if (names.indexOf(name) !== names.lastIndexOf(name)) wrong.push("its name is listed twice");
+  if (!NEUTRALS.includes(neutral)) wrong.push(`neutral must be one of ${NEUTRALS.join(", ")}`);
+  if (!PHASES.includes(field("phase", "every"))) wrong.push(`phase must be one of ${PHASES.join(", ")}`);
+  for (const key of ["virtual_axis", "position_axis", "stack_axis"]) {
+    const axis = field(key, null);
+    if (axis !== null && !(whole(axis) && axis >= 0 && axis < shape.length)) {
+      wrong.push(`${key} must be an axis of its shape (0 to ${shape.length - 1})`);
+    }
+  }
+  const target = field("target", "");
+  if (target && !past.has(target)) wrong.push("target must name a cache input (past_key_values.*)");
+  if (!SELECTS.includes(field("selects", ""))) wrong.push("selects must be columns or adapters");
+  const selector = field("selector", "");
+  if (selector && selector !== "output" && !selectors.has(selector)) {
+    wrong.push("selector must name a selector slot (one with selects) or be output");
+  }
+  if (!strings(field("members", []))) wrong.push("members must be module names");
+  if ((field("stack_axis", null) === null) !== !selector) {
+    wrong.push("stack_axis and selector come together (a slot that stacks is selected per row)");
+  }
+  const virtualAxis = field("virtual_axis", null);
+  if ((virtualAxis !== null || target) && field("phase", "every") !== "prefill") {
+    wrong.push("virtual tokens (virtual_axis, target) are bound at prefill only (phase prefill)");
+  }
+  if (target && virtualAxis === null) wrong.push("a slot that starts the cache counts its tokens (virtual_axis)");
+  return wrong;
+}
+
+/** Slots that share a symbolic axis are bound together (a LoRA pair, a prefix's layers): one phase for them all. */
+function checkSharedPhases(slots, where) {
+  const first = {};
+  for (const slot of slots) {
+    for (const axis of slot.shape.filter(string)) {
+      const other = (first[axis] ??= slot);
+      const [phase, otherPhase] = [slot.phase ?? "every", other.phase ?? "every"];
+      if (phase !== otherPhase) {
+        throw new EdgePeftError(`${where}: malformed slot ${slot.name} (phase ${phase} differs from ${other.name}'s, which ` +
+          `shares its axis ${axis}); ${REEXPORT_BASE}`);
+      }
+    }
+  }
+}
+
+/** The cache's input ("past") or output ("present") names: layer 0 key, layer 0 value, layer 1 key, ... */
+export function cacheNames(cache, direction) {
+  const out = [];
+  for (let layer = 0; layer < cache.num_layers; layer++) {
+    out.push(cache[`${direction}_key`].replace("%d", layer), cache[`${direction}_value`].replace("%d", layer));
+  }
+  return out;
 }
 
 const camel = (key) => key.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
@@ -81,31 +218,80 @@ export function checkInputs(ids, mask, manifest, where) {
   return { ids, mask };
 }
 
-/** An adapter's tensors against the base's slot table, as the Python runtime checks them. */
+/**
+ * An adapter's tensors against the base's slot table, as the Python runtime checks them (runtimes/slot_checks.py):
+ * each a slot of this base that is not a selector (the runtime binds those per call: filled with zeros, the adapter
+ * was a no-op), of the slot's dtype and sizes, one adapter along the axis that stacks adapters (IA3's), and every slot
+ * that shares a symbolic axis filled too (the graph multiplies them: LoRA A without its B crashed in ONNX Runtime).
+ */
 export function checkTensors(tensors, manifest, slots, where) {
   const fix = "re-export the adapter (edgepeft export --adapter DIR --out OUT --overwrite)";
   const axes = {};
   for (const [name, tensor] of Object.entries(tensors)) {
     const slot = slots[name];
     if (!slot) throw new EdgePeftError(`${where}: fills slot ${name}, which this base lacks; export the adapter into this OUT`);
+    if (slot.selects) throw new EdgePeftError(`${where}: fills the selector slot ${name}, which the runtime binds per call; ${fix}`);
     const shape = `${tensor.type}[${tensor.dims}]`;
     if (tensor.type !== slot.dtype || tensor.dims.length !== slot.shape.length) {
       throw new EdgePeftError(`${where}: slot ${name} is ${shape}, the base expects ${slot.dtype}[${slot.shape}]; ${fix}`);
     }
+    const stacked = adaptersAxis(slot, slots);
     slot.shape.forEach((want, i) => {
       const size = tensor.dims[i];
+      if (want === stacked && size !== 1) {
+        throw new EdgePeftError(`${where}: slot ${name} stacks ${size} adapters along ${want}; an adapter gives 1; ${fix}`);
+      }
       if (typeof want === "string" ? (axes[want] ??= size) !== size : size !== want) {
         throw new EdgePeftError(`${where}: slot ${name} is ${shape}, the base expects ${slot.dtype}[${slot.shape}]; ${fix}`);
       }
     });
   }
-  const listed = Object.keys(manifest.slots || {});
+  for (const name of Object.keys(tensors)) {
+    const slot = slots[name];
+    for (const axis of slot.shape.filter((a) => typeof a === "string" && a !== adaptersAxis(slot, slots))) {
+      const unfilled = Object.values(slots).filter((s) => s.shape.includes(axis) && !s.selects && !(s.name in tensors));
+      if (unfilled.length) {
+        const other = unfilled.map((s) => s.name).sort()[0];
+        throw new EdgePeftError(`${where}: fills ${name} but not ${other}, which shares its axis ${axis}; ${fix}`);
+      }
+    }
+  }
+  const listed = Object.keys(manifest.slots);
   if (listed.length !== Object.keys(tensors).length || !listed.every((n) => n in tensors)) {
     throw new EdgePeftError(`${where}: adapter.json and adapter.onnx disagree on the slots; ${fix}`);
   }
 }
 
-export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
+/** The axis along which a slot stacks whole adapters (IA3's: one entry per adapter), else null. */
+function adaptersAxis(slot, slots) {
+  const selector = slots[slot.selector];
+  return slot.stack_axis == null || selector?.selects !== "adapters" ? null : slot.shape[slot.stack_axis];
+}
+
+/** Label names as a manifest gives them (or null), carrying `where`: classify names that file when they do not fit the head. */
+export function namedLabels(labels, where) {
+  return labels ? Object.defineProperty([...labels], "where", { value: where }) : null;
+}
+
+/** Label names (or null) that fit a head of `width` outputs, or EdgePeftError naming the manifest that gave them. */
+export function checkLabels(labels, width) {
+  if (labels && labels.length !== width) {
+    throw new EdgePeftError(`${labels.where ?? "the labels given"}: gives ${labels.length} label name(s), the head has ${width} ` +
+      `outputs; ${labels.where ? "re-export with --overwrite" : "give one name per output"}`);
+  }
+}
+
+// Where ONNX Runtime looks for an adapter graph's external data: a folder that does not exist. A graph made from bytes
+// had it resolved against the process's working directory (a hostile adapter.onnx read a file of the app's folder);
+// exports never write external data for adapters, so ONNX Runtime now refuses any ("External data path does not exist").
+const NO_FOLDER = "/edgepeft: adapter graphs hold their tensors inside";
+
+/** Session options for an adapter graph: the caller's, with external data read from nowhere. */
+export function adapterSessionOptions(options) {
+  const extra = options.extra ?? {};
+  return { ...options, extra: { ...extra, session: { ...extra.session, model_external_initializers_file_folder_path: NO_FOLDER } } };
+}
+
 export const OPTIONAL = Symbol("optional");  // readJson's missing: a file that may be absent reads as {}
 
 /**

@@ -12,7 +12,10 @@
 // "phase" prefill (a prompt: first step only), "target" (a prefix: the start of a cache input),
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
-import { EdgePeftError, REEXPORT, checkFormat, checkInputs, checkOptions, checkTensors, readJson } from "./checks.js";
+import {
+  EdgePeftError, REEXPORT, adapterSessionOptions, bareName, cacheNames, checkFormat, checkInputs, checkLabels, checkOptions, checkTensors,
+  namedLabels, readJson,
+} from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, runOnce } from "./sessions.js";
 import { sha256 } from "./sha256.js";
@@ -42,6 +45,11 @@ export class Runtime {
     const neutral = `base/${m.neutral_graph}`;
     rt.neutral = m.neutral_graph ? await runOnce(await rt.opened(neutral, () => loader.session(ort, neutral, sessionOptions, false))) : {};
     rt.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
+    const unbound = m.slots.find((s) => !s.target && !(s.name in rt.neutral));  // an input no run would feed
+    if (unbound) {
+      throw new EdgePeftError(`${m.neutral_graph ? `${loader.where(neutral)}: gives no value for slot ${unbound.name}`
+        : `${loader.where("base")}: this export has no neutral.onnx`}; ${REEXPORT}`);
+    }
     const required = new Set(rt.session.inputNames);
     const missing = Object.keys(rt.neutral).filter((n) => !required.has(n));
     if (missing.length) {  // a feed the session does not list would be dropped in silence (onnxruntime-node)
@@ -50,8 +58,9 @@ export class Runtime {
     rt.outputName = Object.keys(m.outputs)[0];
     rt.cache = m.cache;
     rt.rowsApart = m.ops === "contrib";  // see run()
-    rt.pastNames = rt.cache ? names(rt.cache, "past") : [];
-    rt.presentNames = rt.cache ? names(rt.cache, "present") : [];
+    rt.pastNames = rt.cache ? cacheNames(rt.cache, "past") : [];
+    rt.presentNames = rt.cache ? cacheNames(rt.cache, "present") : [];
+    rt.baseLabels = namedLabels(m.labels, loader.where("base/edgepeft.json"));
     rt.adapters = new Map();
     return rt;
   }
@@ -82,13 +91,15 @@ export class Runtime {
 
   /** Stage an adapter of OUT/adapters by name: run its graph once and sort its tensors by how they are bound. */
   async loadAdapter(name) {
-    if (typeof name !== "string" || !name.trim()) {
-      throw new EdgePeftError(`an adapter's name must be a non-empty string (a folder of OUT/adapters), got ${JSON.stringify(name)}`);
+    if (!bareName(name) || !name.trim()) {
+      throw new EdgePeftError("an adapter's name must be a non-empty string, a folder's name in OUT/adapters (no path), " +
+        `got ${JSON.stringify(name)}`);
     }
     const where = this.loader.where(`adapters/${name}`);
-    const manifest = await this.json(`adapters/${name}/adapter.json`,
+    const json = `adapters/${name}/adapter.json`;
+    const manifest = await this.json(json,
       `no adapter ${name} in this export; export it there first (edgepeft export --adapter DIR --out OUT --name ${name})`);
-    checkFormat(manifest, "edgepeft-adapter", this.loader.where(`adapters/${name}/adapter.json`));
+    checkFormat(manifest, "edgepeft-adapter", this.loader.where(json));
     if (manifest.base_fingerprint !== this.manifest.fingerprint) {
       throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: made for another base (fingerprint ` +
         `${manifest.base_fingerprint.slice(0, 12)}, this base ${this.manifest.fingerprint.slice(0, 12)}); re-export it into this OUT`);
@@ -108,12 +119,13 @@ export class Runtime {
         throw new EdgePeftError(`${this.loader.where(graph)}: checksum does not match adapter.json (truncated, modified or ` +
           `a stale copy); ${REEXPORT}`);
       }
-      tensors = await runOnce(await this.opened(graph, () => this.ort.InferenceSession.create(bytes, this.sessionOptions)));
+      tensors = await runOnce(await this.opened(graph, () => this.adapterSession(graph, bytes)));
     } finally {
       this.loading.delete(name);
     }
     checkTensors(tensors, manifest, this.slots, where);
-    const plan = { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, nInside: 0, labels: manifest.labels || null };
+    const labels = namedLabels(manifest.labels, this.loader.where(json));  // classify names adapter.json where they do not fit
+    const plan = { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, nInside: 0, labels };
     for (const [slotName, tensor] of Object.entries(tensors)) {
       const slot = this.slots[slotName];
       if (slot.target) plan.past[slot.target] = tensor;
@@ -133,6 +145,17 @@ export class Runtime {
     return name;
   }
 
+  /** An adapter graph's session, which reads no file: its tensors are inside (adapterSessionOptions). */
+  async adapterSession(graph, bytes) {
+    try {
+      return await this.ort.InferenceSession.create(bytes, adapterSessionOptions(this.sessionOptions));
+    } catch (e) {
+      if (!/external data/i.test(e.message)) throw e;
+      throw new EdgePeftError(`${this.loader.where(graph)}: reads tensors from another file (external data); adapter graphs hold ` +
+        `their tensors inside: ${REEXPORT}`);
+    }
+  }
+
   unloadAdapter(name) {
     if (!this.adapters.has(name)) throw this.notLoaded(name);  // a merged export's name too, as in Python
     this.adapters.delete(name);
@@ -148,7 +171,7 @@ export class Runtime {
   }
 
   labels(adapter) {
-    return this.servesBase(adapter) ? this.manifest.labels || null : this.plan(adapter).labels;
+    return this.servesBase(adapter) ? this.baseLabels : this.plan(adapter).labels;
   }
 
   plan(adapter) {
@@ -303,14 +326,6 @@ export class Runtime {
   }
 }
 
-function names(cache, direction) {
-  const out = [];
-  for (let layer = 0; layer < cache.num_layers; layer++) {
-    out.push(cache[`${direction}_key`].replace("%d", layer), cache[`${direction}_value`].replace("%d", layer));
-  }
-  return out;
-}
-
 function repeat(Tensor, tensor, batch) {  // (1, ...) -> (batch, ...): a prefix's cache start for every row
   const data = new Float32Array(tensor.data.length * batch);
   for (let b = 0; b < batch; b++) data.set(tensor.data, b * tensor.data.length);
@@ -349,9 +364,11 @@ async function checkSizes(loader, manifest, files) {
  * Label scores from a classifier's logits row: [{label, score}], highest first. As transformers' text-classification
  * pipeline (and the Python runtime's classify) by the model's problemType (rt.problemType): probabilities (softmax),
  * a sigmoid per label for "multi_label_classification" and for heads of one output, the logits for "regression".
+ * Label names that do not fit the head (a hand-edited manifest) are an EdgePeftError naming the manifest.
  */
 export function classify(logits, labels, row = 0, problemType = null) {
   const width = logits.dims[1];
+  checkLabels(labels, width);
   const values = Array.from(logits.data.slice(row * width, (row + 1) * width));
   let scores = values;
   if (problemType === "multi_label_classification" || (problemType !== "regression" && width === 1)) {

@@ -1,0 +1,253 @@
+// Damaged, hand-edited or hostile exports are refused as the Python runtime refuses them (runtimes/manifest.py,
+// slot_checks.py, text.py): an EdgePeftError naming the file and a fix, where a TypeError, a raw ONNX Runtime error,
+// a file outside the export (a graph named "../x", an adapter graph's external data read from the app's folder) or
+// an answer without its labels came before. Adapter graphs are written at test time (Python's onnx package).
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
+import { cp, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { after, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import * as ortNode from "onnxruntime-node";
+import * as ortWeb from "onnxruntime-web";
+
+import { adapterSessionOptions } from "../src/checks.js";
+import { EdgePeftError, classify } from "../src/runtime.js";
+import { openFolder } from "../src/node.js";
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
+const FIXTURES = process.env.EDGEPEFT_JS_FIXTURES || path.join(REPO, "build", "js");
+const PYTHON = process.env.PYTHON || (existsSync(path.join(REPO, ".venv/bin/python")) ? path.join(REPO, ".venv/bin/python") : "python3");
+const scratch = await mkdtemp(path.join(os.tmpdir(), "edgepeft-js-artifacts-"));
+after(() => rm(scratch, { recursive: true, force: true }));
+ortWeb.env.wasm.numThreads = 1;
+
+const refuses = (call, pattern) => assert.rejects(call, (e) => {
+  assert.ok(e instanceof EdgePeftError, `${e.constructor.name}: ${e.message}`);
+  assert.match(e.message, pattern);
+  return true;
+});
+const quoted = (s) => s.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
+const got = (value) => quoted(JSON.stringify(value));  // a value as a message shows it, as a pattern
+const REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder";
+
+/** A copy of a fixture export to damage (`linked`: its base folder a link, for a base that stays as it is). */
+async function copied(name, fixture = "llama", linked = false) {
+  const out = path.join(scratch, name);
+  if (!linked) {
+    await cp(path.join(FIXTURES, fixture), out, { recursive: true });
+    return out;
+  }
+  await mkdir(out);
+  await symlink(path.join(FIXTURES, fixture, "base"), path.join(out, "base"));
+  await cp(path.join(FIXTURES, fixture, "adapters"), path.join(out, "adapters"), { recursive: true });
+  return out;
+}
+
+const readJsonFile = async (file) => JSON.parse(await readFile(file, "utf8"));
+
+/** Calls check(edited) with a JSON file of `out` changed by edit(json), then puts the file back. */
+async function withEdit(out, rel, edit, check) {
+  const file = path.join(out, rel);
+  const original = await readFile(file, "utf8");
+  const json = JSON.parse(original);
+  edit(json);
+  await writeFile(file, JSON.stringify(json));
+  try {
+    await check();
+  } finally {
+    await writeFile(file, original);
+  }
+}
+
+// An adapter graph giving each named tensor (0.01 everywhere); "external": the file its values are read from instead.
+const GRAPH = `
+import json, sys
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+nodes, inits, outs = [], [], []
+for i, (name, t) in enumerate(json.loads(sys.argv[1]).items()):
+    init = numpy_helper.from_array(np.full(t["dims"], 0.01, np.float32), f"value{i}")
+    if t.get("external"):
+        size = len(init.raw_data)
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", t["external"]), ("offset", "0"), ("length", str(size))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+    inits.append(init)
+    nodes.append(helper.make_node("Identity", [f"value{i}"], [name]))
+    outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, t["dims"]))
+graph = helper.make_graph(nodes, "adapter", [], outs, initializer=inits)
+sys.stdout.buffer.write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString())
+`;
+
+/** Adapter `name` of `out` rewritten to give `tensors` ({slot: {dims, external?}}), adapter.json to match (checksum, slots). */
+async function giving(out, name, tensors) {
+  const bytes = execFileSync(PYTHON, ["-c", GRAPH, JSON.stringify(tensors)]);
+  await writeFile(path.join(out, "adapters", name, "adapter.onnx"), bytes);
+  const file = path.join(out, "adapters", name, "adapter.json");
+  const slots = Object.fromEntries(Object.entries(tensors).map(([slot, t]) => [slot, t.dims]));
+  await writeFile(file, JSON.stringify({ ...await readJsonFile(file), slots, sha256: createHash("sha256").update(bytes).digest("hex") }));
+}
+
+const LAYER = (i) => `model.layers.${i}.self_attn.q_proj+k_proj+v_proj`;
+const LORA = Object.fromEntries([0, 1].flatMap((i) =>  // the lora fixture's slots: A and B of both layers
+  [[`lora_A.${LAYER(i)}`, { dims: [32, 8] }], [`lora_B.${LAYER(i)}`, { dims: [8, 128] }]]));
+
+test("a manifest lacking a field, with one of the wrong type, or naming a graph outside its folder is refused", async () => {
+  const out = await copied("fields");
+  const adapter = "adapters/lora/adapter.json";
+  const where = (rel) => quoted(path.join(out, rel));
+  const adapterRefused = async (edit, pattern) => withEdit(out, adapter, edit, async () => {
+    const rt = await openFolder(ortNode, out);
+    await refuses(rt.loadAdapter("lora"), new RegExp(`^${where(adapter)}: ${pattern}; re-export it \\(edgepeft export`));
+  });
+  await adapterRefused((j) => { delete j.base_fingerprint; delete j.name; }, "manifest lacks name, base_fingerprint");
+  await adapterRefused((j) => { j.base_fingerprint = 7; }, "field base_fingerprint must be a string, got 7");
+  const outside = "graph must be a file name in the same folder, got";
+  await adapterRefused((j) => { j.graph = "../ia3/adapter.onnx"; }, `field ${outside} ${got("../ia3/adapter.onnx")}`);
+  await adapterRefused((j) => { j.graph = ".."; }, `field ${outside} ${got("..")}`);
+  await adapterRefused((j) => { j.labels = ["a", 2]; }, `field labels must be a list of names, got \\["a",2\\]`);
+  await adapterRefused((j) => { j.methods = "lora"; }, `field methods must be a list of method names, got "lora"`);
+  await adapterRefused((j) => { j.slots = []; }, "field slots must map slot names to shapes");
+  const rt = await openFolder(ortNode, out);
+  await refuses(rt.loadAdapter("../lora"), /an adapter's name must be a non-empty string, a folder's name in OUT\/adapters \(no path\)/);
+
+  const baseRefused = async (edit, pattern) => withEdit(out, "base/edgepeft.json", edit, () =>
+    refuses(openFolder(ortNode, out), new RegExp(`^${where("base/edgepeft.json")}: ${pattern}; ${quoted(REEXPORT_BASE)}$`)));
+  await baseRefused((j) => { j.web_graph = "../base/model.web.onnx"; }, `field web_${outside} ${got("../base/model.web.onnx")}`);
+  await baseRefused((j) => { j.neutral_graph = "sub\\neutral.onnx"; }, `field neutral_${outside} ${got("sub\\neutral.onnx")}`);
+  await baseRefused((j) => { delete j.outputs; delete j.vocab_size; }, "manifest lacks outputs, vocab_size");
+  await baseRefused((j) => { j.vocab_size = "400"; }, `field vocab_size must be a whole number, got "400"`);
+  await baseRefused((j) => { j.fingerprint = null; }, "field fingerprint must be a string, got null");
+  await baseRefused((j) => { j.outputs = {}; }, "field outputs names no output");
+  await baseRefused((j) => { j.slots = {}; }, "field slots must be a list of slots");
+  await baseRefused((j) => { j.cache = null; }, "a causal-lm base needs its cache table \\(cache\\)");
+  await baseRefused((j) => { delete j.cache.head_dim; }, "field cache lacks the cache layout");
+  await baseRefused((j) => { j.cache.past_key = 0; }, "field cache lacks the cache layout");
+  await baseRefused((j) => { j.file_bytes["model.onnx"] = "1"; }, "field file_bytes must be an object of file sizes in bytes, got .*");
+  await withEdit(out, "base/edgepeft.json", (j) => { delete j.neutral_graph; }, () =>  // its slots would go unfed
+    refuses(openFolder(ortNode, out), new RegExp(`^${where("base")}: this export has no neutral.onnx; re-export it`)));
+  await (await openFolder(ortNode, out)).loadAdapter("lora");  // put back: it opens and loads
+});
+
+test("a slot table the runtime would misread (axes, targets, selectors, names) is refused, naming the slot", async () => {
+  const out = await copied("slot-table");
+  const where = quoted(path.join(out, "base/edgepeft.json"));
+  const slotRefused = async (name, change, wrong) => withEdit(out, "base/edgepeft.json",
+    (j) => change(j.slots.find((s) => s.name === name), j), () => refuses(openFolder(ortNode, out),
+      new RegExp(`^${where}: malformed slot ${quoted(name)} \\(${wrong}\\); ${quoted(REEXPORT_BASE)}$`)));
+  const prompt = "prompt_embeddings.model.embed_tokens";
+  const prefix = "prefix_key.model.layers.0.self_attn";
+  const loraA = `lora_A.${LAYER(0)}`;
+  await slotRefused(prompt, (s) => { s.virtual_axis = 2; }, "virtual_axis must be an axis of its shape \\(0 to 1\\)");
+  await slotRefused(prompt, (s) => { s.virtual_axis = "0"; }, "virtual_axis must be an axis of its shape \\(0 to 1\\)");
+  await slotRefused(prefix, (s) => { s.position_axis = -1; }, "position_axis must be an axis of its shape \\(0 to 3\\)");
+  await slotRefused(loraA, (s) => { s.stack_axis = 1.5; }, "stack_axis must be an axis of its shape \\(0 to 1\\)");
+  await slotRefused(prefix, (s) => { s.target = "past_key_values.2.key"; }, "target must name a cache input \\(past_key_values\\.\\*\\)");
+  await slotRefused(prefix, (s) => { s.target = "present.0.key"; }, "target must name a cache input \\(past_key_values\\.\\*\\)");
+  // fields in range but out of step: a LoRA slot read as virtual tokens, or bound at prefill only, crashed in a call
+  await slotRefused(loraA, (s) => { s.virtual_axis = 0; s.phase = "every"; },
+    "virtual tokens \\(virtual_axis, target\\) are bound at prefill only \\(phase prefill\\)");
+  await slotRefused(loraA, (s) => { s.selector = ""; }, "stack_axis and selector come together \\(a slot that stacks is selected per row\\)");
+  await slotRefused(prefix, (s) => { delete s.virtual_axis; }, "a slot that starts the cache counts its tokens \\(virtual_axis\\)");
+  await withEdit(out, "base/edgepeft.json", (j) => { j.slots.find((s) => s.name === loraA).phase = "prefill"; },
+    () => refuses(openFolder(ortNode, out), new RegExp(`^${where}: malformed slot ${quoted(`lora_B.${LAYER(0)}`)} \\(phase every ` +
+      `differs from ${quoted(loraA)}'s, which shares its axis ${quoted(`lora_r.${LAYER(0)}`)}\\); ${quoted(REEXPORT_BASE)}$`)));
+  await slotRefused(loraA, (s) => { s.selector = "lora_A.model.layers.1.self_attn.q_proj+k_proj+v_proj"; },
+    "selector must name a selector slot \\(one with selects\\) or be output");
+  await slotRefused("lora_rows.batch", (s) => { s.selects = "rows"; }, "selects must be columns or adapters");
+  await slotRefused(prompt, (s) => { s.phase = "decode"; }, "phase must be one of every, prefill");
+  await slotRefused(prompt, (s) => { s.neutral = "nothing"; }, "neutral must be one of empty, base, ones, zeros");
+  await slotRefused(loraA, (s) => { s.members = [1]; }, "members must be module names");
+  await slotRefused(loraA, (s, j) => { j.slots.push({ ...s }); }, "its name is listed twice");
+  await slotRefused(loraA, (s) => { s.dtype = "float64"; },
+    "names are strings, dtype one of float32, float16, int64, int32, bool, shape sizes or axis names");
+  await slotRefused(loraA, (s) => { s.shape = [32, null]; }, "names are strings, dtype one of .*, shape sizes or axis names");
+  await slotRefused(loraA, (s) => { s.module = ["x"]; }, "names are strings, .*");
+  await withEdit(out, "base/edgepeft.json", (j) => { j.slots[0] = "lora"; },
+    () => refuses(openFolder(ortNode, out), new RegExp(`^${where}: malformed slot at 0 \\(not an object\\)`)));
+  await openFolder(ortNode, out);  // put back: it opens
+});
+
+test("an adapter filling a selector slot, half a LoRA pair or several IA3 adapters is refused, as in Python", async () => {
+  const out = await copied("tensors");
+  const where = quoted(path.join(out, "adapters"));
+  const fix = "re-export the adapter \\(edgepeft export --adapter DIR --out OUT --overwrite\\)$";
+  // lora_rows.batch is the runtime's per-call choice of rows: an adapter's zeros there silently ran the base model
+  await giving(out, "lora", { ...LORA, "lora_rows.batch": { dims: [1, 1, 8] } });
+  let rt = await openFolder(ortNode, out);
+  await refuses(rt.loadAdapter("lora"),
+    new RegExp(`^${where}/lora: fills the selector slot lora_rows\\.batch, which the runtime binds per call; ${fix}`));
+  // LoRA A without its B: ONNX Runtime's MatMul failed at the first call
+  await giving(out, "lora", { [`lora_A.${LAYER(0)}`]: { dims: [32, 8] } });
+  await refuses(rt.loadAdapter("lora"), new RegExp(`^${where}/lora: fills ${quoted(`lora_A.${LAYER(0)}`)} but not ` +
+    `${quoted(`lora_B.${LAYER(0)}`)}, which shares its axis ${quoted(`lora_r.${LAYER(0)}`)}; ${fix}`));
+  // IA3 stacks one entry per adapter of a batch: an adapter giving 2 failed in ONNX Runtime
+  const ia3 = ["ia3_in.model.layers.0.mlp.down_proj", "ia3_in.model.layers.1.mlp.down_proj"].map((n) => [n, { dims: [2, 64] }]);
+  const ia3Out = [0, 1].map((i) => [`ia3_out.${LAYER(i)}`, { dims: [2, 128] }]);
+  await giving(out, "ia3", Object.fromEntries([...ia3, ...ia3Out]));
+  await refuses(rt.loadAdapter("ia3"), new RegExp(`^${where}/ia3: slot ia3_in\\.model\\.layers\\.0\\.mlp\\.down_proj stacks 2 adapters ` +
+    `along ia3_n\\.stack; an adapter gives 1; ${fix}`));
+  // what an IA3 adapter may leave out (another layer: the stacking axis is not shared) and whole LoRA pairs load
+  await giving(out, "ia3", { "ia3_in.model.layers.0.mlp.down_proj": { dims: [1, 64] } });
+  await giving(out, "lora", LORA);
+  rt = await openFolder(ortNode, out);
+  await rt.loadAdapter("ia3");
+  await rt.loadAdapter("lora");
+});
+
+test("an adapter graph reading external data (a file of the app's working folder) is refused, on node and wasm", async () => {
+  const out = await copied("external");
+  const folder = path.join(scratch, "app");  // the app's working folder, holding a file the adapter must not read
+  await mkdir(folder);
+  await writeFile(path.join(folder, "secret.bin"), new Uint8Array(new Float32Array(32 * 8).fill(7).buffer));
+  await giving(out, "lora", { ...LORA, [`lora_A.${LAYER(0)}`]: { dims: [32, 8], external: "secret.bin" } });
+  const cwd = process.cwd();
+  process.chdir(folder);
+  try {
+    for (const ort of [ortNode, ortWeb]) {
+      const rt = await openFolder(ort, out);
+      await refuses(rt.loadAdapter("lora"), new RegExp(`^${quoted(path.join(out, "adapters/lora/adapter.onnx"))}: reads tensors from ` +
+        "another file \\(external data\\); adapter graphs hold their tensors inside: re-export it \\(edgepeft export"));
+      assert.deepEqual(rt.adapterNames, []);
+      await rt.loadAdapter("ia3");  // the others still load
+    }
+  } finally {
+    process.chdir(cwd);
+  }
+  // the caller's own session options are kept; only where external data is read from is set
+  assert.deepEqual(adapterSessionOptions({ logSeverityLevel: 3, extra: { session: { a: "1" }, b: { c: "2" } } }), {
+    logSeverityLevel: 3,
+    extra: { session: { a: "1", model_external_initializers_file_folder_path: "/edgepeft: adapter graphs hold their tensors inside" },
+      b: { c: "2" } },
+  });
+});
+
+test("label names that do not fit the head are refused at classify, naming the manifest, as in Python", async () => {
+  const out = await copied("labels", "minilm", true);
+  await withEdit(out, "adapters/intent/adapter.json", (j) => { j.labels = j.labels.slice(0, 2); }, async () => {
+    const rt = await openFolder(ortNode, out);
+    await rt.loadAdapter("intent");
+    const { logits } = await rt.forward([[101, 2054, 102]], null, { adapter: "intent" });
+    assert.throws(() => classify(logits, rt.labels("intent"), 0, rt.problemType), (e) => e instanceof EdgePeftError &&
+      e.message === `${path.join(out, "adapters/intent/adapter.json")}: gives 2 label name(s), the head has 6 outputs; ` +
+      "re-export with --overwrite");
+  });
+  const merged = await copied("labels-merged", "bert_merged");  // a --merge export: the base's manifest gives them
+  const width = (await (await openFolder(ortNode, merged)).forward([[1, 2, 3]])).logits.dims[1];
+  await withEdit(merged, "base/edgepeft.json", (j) => { j.labels = Array.from({ length: width + 1 }, (_, i) => `l${i}`); }, async () => {
+    const rt = await openFolder(ortNode, merged);
+    const { logits } = await rt.forward([[1, 2, 3]]);
+    assert.throws(() => classify(logits, rt.labels(null)), (e) => e instanceof EdgePeftError && e.message ===
+      `${path.join(merged, "base/edgepeft.json")}: gives ${width + 1} label name(s), the head has ${width} outputs; re-export with --overwrite`);
+  });
+  assert.throws(() => classify(new ortNode.Tensor("float32", Float32Array.from([1, 2, 3]), [1, 3]), ["a", "b"]), (e) =>
+    e instanceof EdgePeftError &&
+    e.message === "the labels given: gives 2 label name(s), the head has 3 outputs; give one name per output");
+});

@@ -1,0 +1,129 @@
+"""What a hand-edited, damaged or hostile export cannot get past: the base's slot table, an adapter's tensors.
+
+The runtime indexes shapes by a slot's axes, binds its name as a graph input and stacks, selects or repeats its
+values as its fields say (manifest.py's docstring): a field out of range was a TypeError or IndexError deep in a
+call, and an adapter filling a selector slot, or half of a LoRA pair, a silent no-op or an ONNX Runtime crash.
+The JavaScript runtime checks the same (runtimes/js/src/checks.js).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import AdapterBaseMismatchError, CorruptArtifactError
+
+DTYPES = ("bool", "float16", "float32", "int32", "int64")
+NEUTRALS = ("empty", "base", "ones", "zeros")
+PHASES = ("every", "prefill")
+SELECTS = ("", "columns", "adapters")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def slot_table_errors(slots: list, past_names) -> list[str]:
+    """What is wrong with a base manifest's slots (``Slot`` objects); ``past_names``: the graph's cache inputs."""
+    errors, names = [], [s.name for s in slots]
+    past, selectors = set(past_names), {s.name for s in slots if isinstance(s.selects, str) and s.selects}
+    for slot in slots:
+        if not (all(isinstance(v, str) for v in (slot.name, slot.method, slot.role, slot.module, slot.neutral,
+                                                 slot.phase, slot.target, slot.selector, slot.selects))
+                and slot.dtype in DTYPES and all(_is_int(n) or isinstance(n, str) for n in slot.shape)):
+            errors.append(f"slot {slot.name!r} (names are strings, dtype one of {', '.join(DTYPES)}, shape sizes or "
+                          "axis names)")
+            continue
+        wrong = []
+        if names.count(slot.name) > 1:
+            wrong.append("its name is listed twice")
+        if slot.neutral not in NEUTRALS:
+            wrong.append(f"neutral must be one of {', '.join(NEUTRALS)}")
+        if slot.phase not in PHASES:
+            wrong.append(f"phase must be one of {', '.join(PHASES)}")
+        for key in ("virtual_axis", "position_axis", "stack_axis"):
+            axis = getattr(slot, key)
+            if axis is not None and not (_is_int(axis) and 0 <= axis < len(slot.shape)):
+                wrong.append(f"{key} must be an axis of its shape (0 to {len(slot.shape) - 1})")
+        if slot.target and slot.target not in past:
+            wrong.append("target must name a cache input (past_key_values.*)")
+        if slot.selects not in SELECTS:
+            wrong.append("selects must be columns or adapters")
+        if slot.selector and slot.selector != "output" and slot.selector not in selectors:
+            wrong.append("selector must name a selector slot (one with selects) or be output")
+        if not all(isinstance(m, str) for m in slot.members):
+            wrong.append("members must be module names")
+        if (slot.stack_axis is None) != (not slot.selector):
+            wrong.append("stack_axis and selector come together (a slot that stacks is selected per row)")
+        if (slot.virtual_axis is not None or slot.target) and slot.phase != "prefill":
+            wrong.append("virtual tokens (virtual_axis, target) are bound at prefill only (phase prefill)")
+        if slot.target and slot.virtual_axis is None:
+            wrong.append("a slot that starts the cache counts its tokens (virtual_axis)")
+        errors += [f"slot {slot.name!r}: {w}" for w in wrong]
+    phases: dict = {}  # slots that share a symbolic axis are bound together (a LoRA pair, a prefix's layers)
+    for slot in slots if not errors else ():
+        for axis in (a for a in slot.shape if isinstance(a, str)):
+            other = phases.setdefault(axis, slot)
+            if other.phase != slot.phase:
+                errors.append(f"slot {slot.name!r}: phase {slot.phase} differs from {other.name}'s, which shares its "
+                              f"axis {axis}")
+    return errors
+
+
+def adapters_axis(slot, slots: dict) -> str | None:
+    """The axis along which a slot stacks whole adapters (IA3's: one entry per adapter), else None."""
+    selector = slots.get(slot.selector)
+    if slot.stack_axis is None or selector is None or selector.selects != "adapters":
+        return None
+    return slot.shape[slot.stack_axis]
+
+
+def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict, base_dir: str, out: str) -> None:
+    """Every output must be a slot of this base with the slot's fixed sizes and dtype, share its symbolic sizes with
+    the adapter's other outputs, and fill every slot that shares one (the graph multiplies them together)."""
+    fix = "re-export the adapter"
+    axes: dict[str, int] = {}
+    for slot_name, arr in arrays.items():
+        slot = slots.get(slot_name)
+        if slot is None:
+            raise AdapterBaseMismatchError(
+                f"{label}: adapter fills slot {slot_name!r} that {base_dir} lacks; "
+                f"re-export with `edgepeft export --adapter <adapter dir> --out {out}` to add it")
+        if slot.selects:
+            raise CorruptArtifactError(f"{label}: adapter fills the selector slot {slot_name!r}, which the runtime "
+                                       f"binds per call; {fix}")
+        if arr.dtype != np.dtype(slot.dtype) or arr.ndim != len(slot.shape):
+            raise CorruptArtifactError(f"{label}: slot {slot_name} is {arr.dtype}{list(arr.shape)}, base expects "
+                                       f"{slot.dtype}{list(slot.shape)}; {fix}")
+        stacked = adapters_axis(slot, slots)
+        for size, want in zip(arr.shape, slot.shape):
+            if want == stacked and size != 1:
+                raise CorruptArtifactError(f"{label}: slot {slot_name} stacks {size} adapters along {want}; an "
+                                           f"adapter gives 1; {fix}")
+            if isinstance(want, str):
+                if axes.setdefault(want, size) != size:
+                    raise CorruptArtifactError(f"{label}: axis {want} is {size} in {slot_name} but {axes[want]} "
+                                               f"elsewhere; {fix}")
+            elif size != want:
+                raise CorruptArtifactError(f"{label}: slot {slot_name} has shape {list(arr.shape)}, base expects "
+                                           f"{list(slot.shape)}; re-export the adapter for this base")
+    sharing: dict[str, list] = {}  # symbolic axis -> the slots whose shape has it
+    for slot in slots.values():
+        for axis in {a for a in slot.shape if isinstance(a, str)} if not slot.selects else ():
+            sharing.setdefault(axis, []).append(slot.name)
+    for slot_name in arrays:
+        slot = slots[slot_name]
+        for axis in {a for a in slot.shape if isinstance(a, str)} - {adapters_axis(slot, slots)}:
+            unfilled = [n for n in sharing[axis] if n not in arrays]
+            if unfilled:
+                raise CorruptArtifactError(f"{label}: adapter fills {slot_name} but not {min(unfilled)}, which shares "
+                                           f"its axis {axis}; {fix}")
+    if set(manifest["slots"]) != set(arrays):
+        raise CorruptArtifactError(f"{label}: adapter.json and adapter.onnx disagree on the slots; {fix}")
+
+
+def check_graph_inputs(session, slots: list, manifest_path: str, graph: str) -> None:
+    """Every slot bound as a graph input (all but those starting a cache input) is one of the base graph's."""
+    takes = {i.name for i in session.get_inputs() + session.get_overridable_initializers()}  # slots have defaults
+    absent = sorted(s.name for s in slots if not s.target and s.name not in takes)
+    if absent:
+        raise CorruptArtifactError(f"{manifest_path}: slot {absent[0]!r} is not an input of {graph}; re-run "
+                                   "`edgepeft export` into a fresh --out folder")

@@ -1,0 +1,183 @@
+"""Exports that arrive damaged, hand-edited or hostile (a download, another person's copy): refused with a clear
+error, never a silent wrong result, a crash deep in a call, or a file read from outside the export."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from file_checks import edit_json
+from edgepeft.errors import ConfigError, CorruptArtifactError
+from edgepeft.runtimes import Runtime
+
+IDS = np.array([[5, 6, 7, 8, 9]], dtype=np.int64)
+LORA_A = "lora_A.model.layers.0.self_attn.q_proj+k_proj+v_proj"
+LORA_B = "lora_B.model.layers.0.self_attn.q_proj+k_proj+v_proj"
+
+
+@pytest.fixture
+def out(virtual_export, tmp_path):
+    """A copy of the tiny Llama export with prompt, prefix, LoRA and IA3 adapters, to edit."""
+    return shutil.copytree(virtual_export("llama")[0], tmp_path / "out")
+
+
+def graph_outputs(adapter_dir) -> dict:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(os.path.join(adapter_dir, "adapter.onnx"), providers=["CPUExecutionProvider"])
+    return {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, {}))}
+
+
+def write_adapter_graph(adapter_dir, arrays: dict, external: str | None = None) -> None:
+    """Rewrite adapter.onnx to output ``arrays`` (``external``: LORA_A's values kept in that external file instead),
+    with adapter.json's slots and checksum to match, as a careful forger would."""
+    nodes, outputs, inits = [], [], []
+    for i, (name, arr) in enumerate(arrays.items()):
+        tensor = numpy_helper.from_array(np.asarray(arr), f"w{i}")
+        if name == LORA_A and external:
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", external), ("offset", "0"), ("length", str(arr.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+        inits.append(tensor)
+        nodes.append(helper.make_node("Identity", [f"w{i}"], [name]))
+        outputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+    model = helper.make_model(helper.make_graph(nodes, "adapter", [], outputs, initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    path = os.path.join(adapter_dir, "adapter.onnx")
+    onnx.save(model, path)
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    edit_json(os.path.join(adapter_dir, "adapter.json"), sha256=sha,
+              slots={k: list(np.asarray(v).shape) for k, v in arrays.items()})
+
+
+def zipped(adapter_dir, **changes) -> bytes:
+    """The bytes of a zip of an adapter folder; ``changes`` edit its adapter.json."""
+    with open(os.path.join(adapter_dir, "adapter.json")) as f:
+        manifest = {**json.load(f), **changes}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("adapter.json", json.dumps(manifest))
+        archive.write(os.path.join(adapter_dir, "adapter.onnx"), "adapter.onnx")
+    return buffer.getvalue()
+
+
+def test_an_adapter_folder_named_none_is_refused_not_run_as_the_base(out):
+    """`edgepeft run OUT --adapter None` ran the base model when OUT/adapters/None held an adapter."""
+    os.rename(os.path.join(out, "adapters", "lora"), os.path.join(out, "adapters", "None"))
+    with pytest.raises(ConfigError) as e:
+        Runtime(out)
+    assert str(e.value) == (f"{os.path.join(out, 'adapters', 'None')}: the adapter name 'None' (the folder's) means "
+                            "the base model at the command line (--adapter none); rename the folder, or load it with "
+                            "name=")
+    rt = Runtime(out, load_adapters=False)
+    for name in ("none", "../x", ""):  # a zip is named by its adapter.json
+        with pytest.raises(ConfigError, match=re.escape(f"adapter bytes: the adapter name {name!r} (the adapter.json's)")):
+            rt.load_adapter(zipped(os.path.join(out, "adapters", "None"), name=name))
+    assert rt.load_adapter(os.path.join(out, "adapters", "None"), name="renamed") == "renamed"
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("B left out", f"fills {LORA_A} but not {LORA_B}, which shares its axis"),
+    ("selector filled", "fills the selector slot 'lora_rows.batch', which the runtime binds per call"),
+    ("two IA3 adapters stacked", "stacks 2 adapters along ia3_n.stack; an adapter gives 1"),
+    ("one prefix layer", "fills prefix_key.model.layers.0.self_attn but not prefix_key.model.layers.1.self_attn"),
+])
+def test_an_adapter_graph_that_fills_its_slots_in_part_is_refused_at_load(out, edit, message):
+    """An adapter graph edited (checksum and adapter.json to match) to fill half a LoRA pair crashed in ONNX Runtime
+    on the first call; one filling a row selector with zeros silently ran the base model."""
+    name = {"two IA3 adapters stacked": "ia3", "one prefix layer": "prefix"}.get(edit, "lora")
+    adapter = os.path.join(out, "adapters", name)
+    arrays = graph_outputs(adapter)
+    if edit == "B left out":
+        del arrays[LORA_B]
+    elif edit == "selector filled":
+        arrays["lora_rows.batch"] = np.zeros((1, 1, 4), np.float32)
+    elif edit == "two IA3 adapters stacked":
+        arrays = {k: np.concatenate([v, v]) for k, v in arrays.items()}
+    else:
+        arrays = {k: v for k, v in arrays.items() if "layers.1." not in k or "value" in k}
+    write_adapter_graph(adapter, arrays)
+    rt = Runtime(out, load_adapters=False)
+    with pytest.raises(CorruptArtifactError) as e:
+        rt.load_adapter(adapter)
+    assert str(e.value) == f"{adapter}: adapter {message}; re-export the adapter" or message in str(e.value)
+    assert rt.adapter_names == []
+
+
+@pytest.mark.parametrize("slot, field, value, message", [
+    (LORA_A, "virtual_axis", "1", "malformed slot"),
+    (LORA_A, "virtual_axis", 7, "virtual_axis must be an axis of its shape (0 to 1)"),
+    (LORA_A, "stack_axis", 5, "stack_axis must be an axis of its shape (0 to 1)"),
+    (LORA_A, "selector", "nope", "selector must name a selector slot (one with selects) or be output"),
+    (LORA_A, "selector", "", "stack_axis and selector come together"),
+    (LORA_A, "phase", "decode", "phase must be one of every, prefill"),
+    (LORA_A, "phase", "prefill", f"slot '{LORA_B}': phase every differs from {LORA_A}'s, which shares its axis"),
+    (LORA_A, "target", "nope", "target must name a cache input"),
+    (LORA_A, "neutral", "twos", "neutral must be one of empty, base, ones, zeros"),
+    ("ia3_in.model.layers.0.mlp.down_proj", "virtual_axis", 0, "virtual tokens (virtual_axis, target) are bound at "
+                                                               "prefill only"),
+    ("prefix_key.model.layers.0.self_attn", "virtual_axis", None, "a slot that starts the cache counts its tokens"),
+    (LORA_A, "name", LORA_B, "its name is listed twice"),
+    (LORA_A, "name", LORA_A + "x", f"slot '{LORA_A}x' is not an input of"),
+])
+def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value, message):
+    """Fields of the base's slot table out of range or out of step were a TypeError, IndexError or KeyError deep in
+    a call, or an ONNX Runtime crash."""
+    path = os.path.join(out, "base", "edgepeft.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    entry = next(s for s in manifest["slots"] if s["name"] == slot)
+    entry.pop(field) if value is None else entry.__setitem__(field, value)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(CorruptArtifactError) as e:
+        Runtime(out)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+    assert str(e.value).endswith("re-run `edgepeft export` into a fresh --out folder")
+
+
+@pytest.mark.parametrize("source", ["folder", "zip"])
+def test_an_adapter_graph_cannot_read_a_file_beside_it_or_in_the_apps_directory(out, tmp_path, monkeypatch, source):
+    """A zip's adapter.onnx naming external data read it from the app's working directory (ONNX Runtime resolves it
+    there for bytes); exports write no external data for adapters, so none is read, from anywhere."""
+    adapter = os.path.join(out, "adapters", "lora")
+    arrays = graph_outputs(adapter)
+    write_adapter_graph(adapter, arrays, external="secret.bin")
+    for folder in (tmp_path, adapter):  # the app's directory, and the adapter's own folder
+        np.full(arrays[LORA_A].shape, 7.0, np.float32).tofile(os.path.join(folder, "secret.bin"))
+    monkeypatch.chdir(tmp_path)
+    rt = Runtime(out, load_adapters=False)
+    with pytest.raises(CorruptArtifactError, match="ONNX Runtime cannot run the adapter graph .*External data"):
+        rt.load_adapter(adapter if source == "folder" else zipped(adapter))
+    assert rt.adapter_names == []
+
+
+def test_weighting_follows_the_adapters_tensors_not_its_adapter_json(out):
+    """An IA3 adapter whose adapter.json says lora was weighted: the weight was ignored in silence."""
+    edit_json(os.path.join(out, "adapters", "ia3", "adapter.json"), methods=["lora"])
+    rt = Runtime(out)
+    with pytest.raises(ConfigError, match="adapter 'ia3' .ia3. cannot be weighted or combined"):
+        rt.forward(IDS, adapter={"ia3": 0.5})
+
+
+def test_an_export_name_too_long_for_a_folder_is_refused_before_anything_is_written(virtual_export, tmp_path):
+    """A 235-character --name passed the name check, exported the base, then failed on the staging folder's name."""
+    from edgepeft.exporters import export
+
+    target = tmp_path / "new-out"
+    with pytest.raises(ConfigError) as e:
+        export([virtual_export("llama")[1]["lora"]], str(target), names=["a" * 235])
+    assert "is longer than 100 characters; pass --name" in str(e.value)
+    assert not target.exists()
