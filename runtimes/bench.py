@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from edgepeft.runtimes.errors import ConfigError, InvalidInputError, UnknownAdapterError
+from edgepeft.runtimes.values import is_whole
 
 
 def rss_bytes() -> int | None:
@@ -75,6 +76,7 @@ def alternating(rt, ids, mask, names: list):
 def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, calls: int = 10,
             new_tokens: int = 0, seed: int = 0) -> dict:
     """Latency per adapter, switch cost, staging time, memory (see the module docstring)."""
+    adapters = [adapters] if isinstance(adapters, str) else adapters  # one name, not its letters
     names = list(dict.fromkeys(rt.adapter_names if adapters is None else adapters))  # a name given twice: once
     for name in names:  # unknown names fail now, naming the loaded ones
         if name not in rt.adapter_names and not rt.store.serves_base(name):
@@ -83,10 +85,11 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
                                       f"{', '.join(held) or 'none'}); the base model is measured anyway")
     names = [n for n in names if not rt.store.serves_base(n)]  # a --merge export's name: the base, measured anyway
     for key, value in (("batch", batch), ("seq", seq), ("rounds", rounds), ("calls", calls)):
-        if not (isinstance(value, int) and value >= 1):
+        if not (is_whole(value) and value >= 1):
             raise ConfigError(f"--{key} must be a whole number >= 1, got {value!r}")
-    if not (isinstance(new_tokens, int) and new_tokens >= 0):
+    if not (is_whole(new_tokens) and new_tokens >= 0):
         raise ConfigError(f"--new-tokens must be a whole number >= 0 (0: no generation), got {new_tokens!r}")
+    batch, seq, rounds, calls, new_tokens = (int(v) for v in (batch, seq, rounds, calls, new_tokens))
     if new_tokens and not rt.cache:
         raise ConfigError(f"{rt.base_dir}: generation needs a causal-LM export; drop --new-tokens")
     for adapter in [None, *names] if new_tokens else []:  # before minutes of measuring

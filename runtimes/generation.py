@@ -17,6 +17,8 @@ from .kv_cache import FixedCache
 from .values import is_real, is_whole
 
 
+WHOLE_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "no_repeat_ngram_size", "seed",
+                  "pad_token_id")
 DEFAULT_NEW_TOKENS = 32  # when neither the call nor the model sets max_new_tokens or max_length
 
 
@@ -225,7 +227,9 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
     args["stop"] = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
     cfg = GenerationConfig(**args)
     cfg.check(rt.vocab_size)
-    return cfg
+    # as Python ints: a numpy uint8 max_new_tokens wrapped in the length check's sum (255 + 4 -> 3)
+    whole = {k: int(getattr(cfg, k)) for k in WHOLE_SETTINGS if getattr(cfg, k) is not None}
+    return replace(cfg, **whole, eos_token_id=[int(e) for e in cfg.eos_token_id])
 
 
 def length_source(rt, generation: dict) -> str:

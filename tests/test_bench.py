@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -48,6 +49,9 @@ def test_generation_speed_counts_the_tokens_made_for_the_whole_batch(shared_expo
     result = measure(rt, [name, name], batch=2, rounds=3, calls=1, seq=8, new_tokens=4)
     assert set(made) == {(2, 12)}  # every run made its 4 tokens for both rows
     assert list(result["adapters"]) == [name] and set(result["tokens_per_s"]) == {"none", name}
+    # one name as a string (it was read letter by letter), numpy sizes (refused as not whole)
+    result = measure(rt, name, batch=np.int64(1), rounds=np.int64(1), calls=1, seq=8, new_tokens=np.uint8(2))
+    assert list(result["adapters"]) == [name]
 
 
 def test_measure_rejects_bad_arguments(shared_export):

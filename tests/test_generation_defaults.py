@@ -231,3 +231,17 @@ def test_max_length_counts_the_prompt_when_max_new_tokens_is_unset(length_model)
         rt.generate(ids, mask, adapter="lora")
     rt.manifest["generation"] = {}
     assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, 5 + 32)  # transformers gives 20
+
+
+def test_numpy_integer_settings_act_as_python_ints(length_model):
+    """A numpy uint8 max_new_tokens wrapped in the length check (5 + 255 -> 4) and generated past the positions;
+    numpy top_k, min_new_tokens and seed overflowed in sums alike."""
+    out, _, _, _ = length_model
+    rt = Runtime(out)
+    ids, mask = _length_prompts()
+    with pytest.raises(InvalidInputError, match="exceeds"):
+        rt.generate(ids, mask, adapter="lora", max_new_tokens=np.uint8(255))
+    want = rt.generate(ids, mask, adapter="lora", max_new_tokens=3, min_new_tokens=2, top_k=5, do_sample=True, seed=1)
+    got = rt.generate(ids, mask, adapter="lora", max_new_tokens=np.uint8(3), min_new_tokens=np.uint8(2),
+                      top_k=np.uint64(5), do_sample=True, seed=np.int8(1))
+    np.testing.assert_array_equal(got, want)
