@@ -366,3 +366,12 @@ def load_tokenizer(model: str, revision: str | None = None):
     if is_placeholder_tokenizer(tokenizer):
         raise ConfigError(f"{model}: has no tokenizer files (its tokenizer would know only special tokens); {fix}")
     return tokenizer
+
+
+def named_labels(config, width: int | None = None) -> list | None:
+    """The class names a model's config gives (``id2label``), unless transformers' defaults (LABEL_0, ...) or
+    another count than ``width``."""
+    names = [str(config.id2label[i]) for i in range(len(config.id2label or {}))]
+    if not names or names == [f"LABEL_{i}" for i in range(len(names))] or width not in (None, len(names)):
+        return None
+    return names

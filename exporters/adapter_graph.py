@@ -19,6 +19,7 @@ from edgepeft.errors import CorruptArtifactError
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.graph import IR_VERSION, OPSET
 from edgepeft.files import write_json_atomic
+from edgepeft.models import named_labels
 from edgepeft.runtimes.manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST, FORMAT_VERSION, ORT_ADAPTER, sha256_file
 from edgepeft.tuners import specs_for
 from edgepeft.tuners.layout import Assembled
@@ -99,15 +100,6 @@ def write_adapter(peft, src, slots: list, base_manifest: dict, stage: str, ort_a
     }
     write_json_atomic(os.path.join(stage, ADAPTER_MANIFEST), manifest, sort_keys=True)
     return manifest
-
-
-def named_labels(config, width: int | None = None) -> list | None:
-    """The class names a model's config gives (``id2label``), unless transformers' defaults (LABEL_0, ...) or
-    another count than ``width``."""
-    names = [str(config.id2label[i]) for i in range(len(config.id2label or {}))]
-    if not names or names == [f"LABEL_{i}" for i in range(len(names))] or width not in (None, len(names)):
-        return None
-    return names
 
 
 def read_labels(src_path: str, width: int, config=None) -> list | None:

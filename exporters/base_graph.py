@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 
-from edgepeft.exporters.adapter_graph import named_labels
 from edgepeft.exporters.contrib_ops import install_contrib_ops
 from edgepeft.exporters.fingerprint import base_fingerprint, made_heads
 from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
@@ -20,7 +19,7 @@ from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
 from edgepeft.files import write_json_atomic
 from edgepeft.models import (
     NO_REMOTE_CODE, SENTENCE_TRANSFORMERS_FILES, cache_layout, eos_token_ids, generation_defaults, ignored_generation,
-    is_placeholder_tokenizer, max_positions, pad_token_id, sentence_transformers_folder,
+    is_placeholder_tokenizer, max_positions, named_labels, pad_token_id, sentence_transformers_folder,
 )
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH

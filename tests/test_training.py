@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -284,7 +285,8 @@ def test_training_reads_the_base_config_once(text_model, tmp_path, monkeypatch):
     import edgepeft.models as models
 
     calls, real = [], models.load_model_config
-    monkeypatch.setattr(models, "load_model_config", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for module in (models, training_module):  # the trainer's own name for it, and the loaders'
+        monkeypatch.setattr(module, "load_model_config", lambda *a, **k: calls.append(a) or real(*a, **k))
     data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 8))
     args = _args(text_model("bert"), data, str(tmp_path / "o"))
     args.epochs = 1
@@ -454,3 +456,24 @@ def test_out_may_not_be_the_model_or_inside_an_export(text_model, shared_export,
             Trainer(_args(model, str(data), target)).train()
         assert (sorted(os.listdir(target)) if os.path.exists(target) else None) == before  # nothing written
 
+
+
+@pytest.mark.parametrize("labels", ["names", "class ids"])
+def test_a_classifier_checkpoints_own_label_order_and_names_are_kept(text_model, tmp_path, labels):
+    """A trained classifier (config.json id2label {0: pos, 1: neg}) trained with sorted labels started with its head
+    inverted and saved names HF PEFT read the other way round; with class ids 0/1 it lost the names."""
+    model = shutil.copytree(text_model("bert"), tmp_path / "clf")
+    with open(model / "config.json") as f:
+        config = json.load(f)
+    config.update(id2label={"0": "pos", "1": "neg"}, label2id={"pos": 0, "neg": 1})
+    with open(model / "config.json", "w") as f:
+        json.dump(config, f)
+    rows = _rows("sentiment_train.jsonl", 24)  # labels negative / positive
+    rows = [dict(r, label=("pos" if r["label"] == "positive" else "neg")) for r in rows]
+    if labels == "class ids":
+        rows = [dict(r, label=0 if r["label"] == "pos" else 1) for r in rows]
+    data = _write_jsonl(tmp_path / "train.jsonl", rows)
+    out = str(tmp_path / "out")
+    Trainer(_args(str(model), data, out)).train()
+    with open(os.path.join(out, "labels.json")) as f:
+        assert json.load(f)["labels"] == ["pos", "neg"]

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
-from edgepeft.training.data import IGNORE_INDEX, Encoder, check_positions, label_ids, label_names, read_jsonl
+from edgepeft.training.data import (
+    IGNORE_INDEX, Encoder, check_positions, class_names, label_ids, label_names, read_jsonl,
+)
 from file_checks import write_lines
 from training_helpers import WordTokenizer
 
@@ -120,6 +122,16 @@ def test_non_utf8_bytes(tmp_path):
     assert str(path) in str(e.value) and "UTF-8" in str(e.value)
 
 
+def test_an_unpaired_surrogate_names_the_line(tmp_path):
+    """Valid JSON ("\\ud800": a string cut inside an emoji) that no tokenizer takes: a TypeError traceback."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok", "label": "a"}\n{"text": "a \\ud800 b", "label": "b"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_jsonl(str(path), "seq-cls")
+    assert str(e.value) == (f"{path}:2: \"text\" holds an unpaired surrogate ('\\ud800', half a character escaped in "
+                            "JSON); mend or drop that text")
+
+
 def test_non_utf8_error_names_the_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "fine", "label": "b"}\n{"text": "caf\xe9", "label": "b"}\n')
@@ -161,6 +173,19 @@ def test_string_labels_are_sorted():
     names = label_names(rows, "d.jsonl")
     assert names == ["mid", "neg", "pos"]
     assert label_ids(rows, names, "d.jsonl") == [2, 1, 0]
+
+
+def test_a_trained_classifiers_label_order_is_kept_where_the_data_has_its_labels():
+    """As transformers' run_glue: sorted, a trained head (id2label positive, negative) started inverted and HF PEFT
+    named the adapter's classes the other way round; integer class ids take the head's names."""
+    rows = [{"label": "positive", "_line": 1}, {"label": "negative", "_line": 2}]
+    assert label_names(rows, "d.jsonl", ["positive", "negative"]) == ["positive", "negative"]
+    assert label_ids(rows, ["positive", "negative"], "d.jsonl") == [0, 1]
+    assert label_names(rows, "d.jsonl", ["positive", "neutral"]) == ["negative", "positive"]  # other names: sorted
+    ids = [{"label": 1, "_line": 1}, {"label": 0, "_line": 2}]
+    assert class_names(label_names(ids, "d.jsonl", ["positive", "negative"]), ["positive", "negative"]) == [
+        "positive", "negative"]
+    assert class_names(label_names(ids, "d.jsonl"), ["a", "b", "c"]) == ["0", "1"]  # another count: the ids
 
 
 def test_eval_label_not_in_training_labels_names_eval_file_and_line(tmp_path):

@@ -51,6 +51,9 @@ class TrainingArguments:
 
     def check(self) -> None:
         """Refuse bad settings before any work, and fill in the method's defaults (``lr``, ``head_lr``)."""
+        for name in ("model", "data", "eval_data", "out"):  # the resume command quotes them (shlex takes no Path)
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         if self.task not in TASK_TYPES.values():
             raise ConfigError(f"task {self.task!r} is not supported; use one of {', '.join(TASK_TYPES.values())}")
         for name in WHOLE_FIELDS:

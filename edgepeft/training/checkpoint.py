@@ -68,6 +68,15 @@ def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> N
                           "over with --overwrite")
 
 
+def check_labels(state: dict | None, ckpt: str, labels: list | None, data: str) -> None:
+    """Refuse to resume on data whose classes differ from the checkpoint's (a label renamed trained its rows as
+    another class and saved the old names; one added was a size-mismatch traceback)."""
+    made = (state or {}).get("log", {}).get("labels")
+    if state is not None and made != labels:
+        raise ConfigError(f"{ckpt}: was made with the labels {made}, {data} now gives {labels}; resume with the data "
+                          "it was made with or start over with --overwrite")
+
+
 def restore(peft, optimizer, scheduler, state: dict) -> None:
     load_trainable(peft, state["trainable"])
     optimizer.load_state_dict(state["optimizer"])

@@ -75,6 +75,11 @@ def read_jsonl(path: str, task: str) -> list[dict]:
         if shape is None:
             raise DataError(f"{path}:{n}: a {task} row needs {want}; this row has {sorted(row) or 'no fields'}")
         for k in shape:
+            try:  # JSON's \ud800 escapes half a character (a string cut inside an emoji): no tokenizer takes it
+                row[k].encode("utf-8") if isinstance(row[k], str) else None
+            except UnicodeEncodeError as e:
+                raise DataError(f"{path}:{n}: \"{k}\" holds an unpaired surrogate ({row[k][e.start]!r}, half a character "
+                                "escaped in JSON); mend or drop that text") from None
             if k == "label":
                 if isinstance(row[k], bool) or not isinstance(row[k], (str, int)) or row[k] == "":
                     raise DataError(f"{path}:{n}: \"label\" must be a non-empty string or an integer, got {row[k]!r}")
@@ -107,8 +112,10 @@ def ignored_fields(path: str, task: str) -> str | None:
     return f"{path}: rows carry {names}, which {task} training ignores; for a model that uses it, train with {tasks}"
 
 
-def label_names(rows: list[dict], path: str) -> list[str]:
-    """Names of the classes, index = class id: sorted strings, or str(i) for integer labels 0..max."""
+def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> list[str]:
+    """Names of the classes, index = class id: sorted strings, or str(i) for integer labels 0..max. ``head``: a
+    trained classifier's class names in its head's order (config.json's id2label), taken where the data has the
+    same names, as transformers' run_glue keeps a model's label order (sorted, a trained head started inverted)."""
     values = {r["label"] for r in rows}
     ints = all(isinstance(v, int) for v in values)
     if not ints and any(isinstance(v, int) for v in values):
@@ -116,11 +123,17 @@ def label_names(rows: list[dict], path: str) -> list[str]:
     if len(values) < 2:
         raise DataError(f"{path}: every row has the label {next(iter(values))!r}; classification needs two or more")
     if not ints:
-        return sorted(values)
+        return list(head) if head and sorted(head) == sorted(values) else sorted(values)
     if max(values) >= max(1000, 2 * len(values)):  # class ids, not arbitrary numbers
         raise DataError(f"{path}: integer labels must be class ids 0..N-1 (got {max(values)} for {len(values)} "
                         "classes); use string labels or renumber them")
     return [str(i) for i in range(max(values) + 1)]
+
+
+def class_names(labels: list[str], head: list[str] | None) -> list[str]:
+    """What the classes are called (the head's config, labels.json): integer class ids 0..N-1 take a trained
+    classifier's own names for them where it has as many (the runtime said '0'/'1' where the base said names)."""
+    return list(head) if head and labels == [str(i) for i in range(len(head))] else labels
 
 
 def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:

@@ -23,15 +23,15 @@ import torch
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, TrainingInterrupted
 from edgepeft.files import deferred_interrupts
-from edgepeft.models import load_tokenizer, sentence_transformers_folder
+from edgepeft.models import load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder
 from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.plots import training_curve
 from edgepeft.training.arguments import TrainingArguments, method_config
 from edgepeft.training.checkpoint import (
-    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_out_folder, check_resumable, checksum, read_checkpoint,
-    remove_if_empty, restore, save_adapter, save_checkpoint,
+    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, checksum,
+    read_checkpoint, remove_if_empty, restore, save_adapter, save_checkpoint,
 )
-from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, read_jsonl
+from edgepeft.training.data import Encoder, check_positions, class_names, ignored_fields, label_names, read_jsonl
 
 HARDLY_MOVED = 0.97  # eval loss at its best above this share of the untrained adapter's: the rate is probably too low
 
@@ -69,10 +69,9 @@ class Trainer:
         if note and int(os.environ.get("RANK", "0")) == 0:  # one note from a multi-process run
             print(f"note: {note}", file=sys.stderr)
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
-        labels = label_names(rows, args.data) if args.task == "seq-cls" else None
-        from edgepeft.models import load_model_config, max_positions
-
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
+        head = named_labels(config) if args.task == "seq-cls" else None  # a trained classifier's own class names
+        labels = label_names(rows, args.data, head) if args.task == "seq-cls" else None
         model_pad = getattr(config, "pad_token_id", None) if args.task == "seq-cls" else None
         # texts cut, lower-cased and pooled as sentence-transformers (and embed)
         folder = sentence_transformers_folder(args.model, method.revision) if args.task == "feature-extraction" else None
@@ -85,7 +84,7 @@ class Trainer:
         n_virtual = getattr(method, "num_virtual_tokens", None) or 0
         for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
             check_positions(features, checked, path, max_positions(config), n_virtual)
-        return encoder, train, evals, labels, config
+        return encoder, train, evals, labels and class_names(labels, head), config
 
     def _model(self, labels, config, model_config):
         from edgepeft.models import load_base
@@ -186,6 +185,7 @@ class Trainer:
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
         encoder, train_rows, eval_rows, labels, model_config = self._data(method)
+        check_labels(resume, os.path.join(args.out, CHECKPOINT), labels, args.data)
         peft = self._model(labels, method, model_config)
         heads = [p for n, p in peft.named_parameters() if p.requires_grad and ".modules_to_save." in n]
         params = [p for p in peft.parameters() if p.requires_grad]
