@@ -39,6 +39,9 @@ def _needs_training_side(command: str) -> None:
     if missing:
         raise MissingDependencyError(f"`edgepeft {command}` needs {', '.join(missing)}, which this install lacks (it "
                                      "runs exports only); pip install 'edgepeft[train,cpu]'")
+    if command == "export" and importlib.util.find_spec("onnxruntime") is None:  # export validates on it
+        raise MissingDependencyError("`edgepeft export` checks the export on ONNX Runtime, which this install lacks; "
+                                     "pip install 'edgepeft[cpu]' (or 'edgepeft[gpu]')")
 
 
 def _options(method: str, r, alpha, target_modules, pairs) -> dict:

@@ -44,6 +44,10 @@ INT4_ACCURACY = 4  # MatMulNBits computes with int8 activations (the fastest CPU
 def check_quantize(quantize) -> None:
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ConfigError(f"--quantize {quantize!r} is not supported; use one of {', '.join(QUANTIZATIONS)}")
+    if quantize == "int4":  # before anything is exported: older quantizers take other arguments (a TypeError)
+        from edgepeft.runtimes.sessions import needs_ort
+
+        needs_ort((1, 24), "--quantize int4 (ONNX Runtime's MatMulNBits quantizer)")
 
 
 def quantize_graph(path: str, quantize: str) -> dict:

@@ -17,7 +17,20 @@ except ImportError:  # the install without an extra: numpy, tokenizers, click on
     raise MissingDependencyError("edgepeft's runtime needs ONNX Runtime: pip install 'edgepeft[cpu]' "
                                  "(or 'edgepeft[gpu]' for NVIDIA GPUs)") from None
 
+MIN_ORT = (1, 22)  # the decoders' GroupQueryAttention takes 11 inputs from 1.22 (1.20 and 1.21 refuse the graph)
 _shared_pool = 0  # the shared pool's threads once made
+
+
+def ort_version() -> tuple:
+    """ONNX Runtime's (major, minor)."""
+    return tuple(int(part) for part in ort.__version__.split(".")[:2])
+
+
+def needs_ort(version: tuple, what: str) -> None:
+    """MissingDependencyError where the installed ONNX Runtime is older than ``version`` (``what`` needs it)."""
+    if ort_version() < version:
+        raise MissingDependencyError(f"{what} needs onnxruntime>={'.'.join(map(str, version))}, this is "
+                                     f"{ort.__version__}; pip install -U onnxruntime (or onnxruntime-gpu)")
 
 
 def use_shared_thread_pool(threads: int = 0) -> None:
@@ -118,5 +131,6 @@ def open_base_session(graph: str, providers: list, sess_options):
         else:
             raise ConfigError(f"{graph}: ONNX Runtime cannot load the base graph with the sess_options given "
                               f"({reason}); it loads with edgepeft.runtimes.session_options(): start from those")
+    needs_ort(MIN_ORT, f"{graph}: ONNX Runtime cannot load the base graph ({reason}); edgepeft's export")
     raise CorruptArtifactError(f"{graph}: ONNX Runtime cannot load the base graph ({reason}); "
                                "re-run `edgepeft export` into a fresh --out folder")

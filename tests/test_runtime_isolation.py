@@ -108,3 +108,45 @@ def test_a_second_shared_pool_call_repeats_the_first_or_is_refused(shared_export
         "use_shared_thread_pool: this process's pool already has 2 threads (asked: 3); call it once, at app start",
         "sess_options asks for a thread pool of its own, which ONNX Runtime refuses after use_shared_thread_pool(); "
         "set sess_options.use_per_session_threads = False, or start from edgepeft.runtimes.session_options()"]
+
+
+def test_an_onnx_runtime_older_than_the_exports_need_is_named_not_the_files(tmp_path, monkeypatch):
+    """onnxruntime 1.20/1.21 (which [cpu] allowed) refuse the decoders' GroupQueryAttention: the message said the
+    export was damaged and to re-export, which never helps; 1.22-1.23's int4 quantizer was a TypeError traceback."""
+    import onnxruntime as ort
+    import pytest
+
+    from edgepeft.errors import CorruptArtifactError, MissingDependencyError
+    from edgepeft.exporters.quantize import check_quantize
+    from edgepeft.runtimes.sessions import open_base_session
+
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"not a graph")
+    with pytest.raises(CorruptArtifactError, match="re-run `edgepeft export`"):
+        open_base_session(str(graph), ["CPUExecutionProvider"], None)
+    check_quantize("int4")
+    monkeypatch.setattr(ort, "__version__", "1.21.0")
+    with pytest.raises(MissingDependencyError, match=r"edgepeft's export needs onnxruntime>=1.22, this is 1.21.0; "
+                                                     r"pip install -U onnxruntime \(or onnxruntime-gpu\)$"):
+        open_base_session(str(graph), ["CPUExecutionProvider"], None)
+    monkeypatch.setattr(ort, "__version__", "1.23.2")
+    with pytest.raises(MissingDependencyError, match=r"^--quantize int4 .* needs onnxruntime>=1.24, this is 1.23.2"):
+        check_quantize("int4")
+
+
+def test_export_without_onnx_runtime_names_the_extra_in_one_line(tmp_path):
+    """`pip install 'edgepeft[train]'` alone: `edgepeft export` was a ModuleNotFoundError traceback."""
+    script = textwrap.dedent(
+        f"""
+        import importlib.util
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "onnxruntime" else real(name, *a)
+        from edgepeft.cli import main
+        main(["export", "--adapter", {str(tmp_path)!r}, "--out", {str(tmp_path / "out")!r}])
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: `edgepeft export` checks the export on ONNX Runtime, which this install lacks; pip install "
+        "'edgepeft[cpu]' (or 'edgepeft[gpu]')")
