@@ -204,6 +204,19 @@ def test_eval_integer_label_beyond_training_max(tmp_path):
 
 
 # --------------------------------------------------------------------------- Encoder
+def test_a_completion_is_tokenized_as_the_text_reads_on_from_its_prompt(tmp_path):
+    """A Llama-2-style (Metaspace) tokenizer starts a text tokenized alone with '▁': the completion trained on
+    'Paris is\n nice', a space the data does not have (TRL tokenizes prompt + completion as one text)."""
+    import transformers
+    from test_text_transformers import llama2_tokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(llama2_tokenizer(tmp_path / "tok"))
+    enc = Encoder(tok, "causal-lm", max_length=64)
+    (f,) = enc.encode([{"prompt": "Paris is\n", "completion": "nice", "_line": 1}], "d.jsonl")
+    assert tok.decode(f["input_ids"], skip_special_tokens=True) == "Paris is\nnice"
+    assert f["input_ids"][:-1] == tok("Paris is\nnice")["input_ids"] and f["input_ids"][-1] == tok.eos_token_id
+
+
 def test_prompt_completion_masks_the_prompt_and_ends_with_eos():
     tok = WordTokenizer()
     enc = Encoder(tok, "causal-lm", max_length=64)

@@ -189,7 +189,7 @@ class Encoder:
             labels = list(ids)
         else:
             prompt = self._ids(row["prompt"])
-            completion = self._ids(row["completion"], special=False) + ([eos] if eos is not None else [])
+            completion = self._completion(row["prompt"], row["completion"]) + ([eos] if eos is not None else [])
             ids = prompt + completion
             labels = [IGNORE_INDEX] * len(prompt) + completion
         ids, labels = ids[: self.max_length], labels[: self.max_length]
@@ -197,6 +197,13 @@ class Encoder:
             raise DataError(f"{path}:{row['_line']}: nothing left to learn after truncating to --max-length "
                             f"{self.max_length} tokens; shorten the prompt or raise --max-length")
         return {"input_ids": ids, "labels": labels}
+
+    def _completion(self, prompt: str, completion: str) -> list[int]:
+        """The completion's ids as the text reads on from the prompt, as TRL tokenizes prompt + completion: alone,
+        a Metaspace tokenizer (Llama-2, Mistral) starts it with '▁', a space the text does not have. Where the
+        joint ids do not begin with the prompt's (a token across the seam), the completion alone."""
+        head, whole = self._ids(prompt, special=False), self._ids(prompt + completion, special=False)
+        return whole[len(head):] if whole[:len(head)] == head else self._ids(completion, special=False)
 
     def _pad(self, seqs: list[list[int]], value: int) -> torch.Tensor:
         width = max(len(s) for s in seqs)
