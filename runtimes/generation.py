@@ -316,6 +316,9 @@ class TeacherForcing(Generator):
             out = self._steps.send(token)
             self._sent = 0
             return out
+        if token is None:  # next() again, a for loop: the message said "got object[]"
+            raise InvalidInputError("step_logits: next() runs the prefill only; send each decode step's tokens "
+                                    "(one id per row) with send(tokens)")
         token = self._check(token, self._sent + 1)
         out = self._steps.send(token)
         self._sent += 1

@@ -137,7 +137,10 @@ class TextTokenizer:
         return (self._tok.post_process(encoding) if add_special_tokens else encoding).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):  # int() read 5.7 as 5; transformers refuses
+            raise InvalidInputError(f"decode takes one sequence of token ids (integers), got {ids.tolist()!r:.80}")
+        text = self._tok.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
         return _tidied(text) if self._tidy else text
 
     def open_bytes(self, ids, skip_special_tokens: bool = False) -> int:

@@ -153,6 +153,15 @@ def test_step_logits_match_peft_generate(arch, name, runtime_for, greedy_ref):
         assert diff <= ATOL, f"{arch}/{name}: step {step} logits differ from HF by {diff:.2e}"
 
 
+def test_step_logits_says_to_send_tokens_after_the_prefill(runtime_for):
+    """next() again (a for loop over the steps) said 'an integer array of shape (2,), got object[]'."""
+    steps = runtime_for("llama").step_logits(*prompt_batch(), adapter="all")
+    next(steps)
+    with pytest.raises(InvalidInputError, match=r"^step_logits: next\(\) runs the prefill only; send each decode "):
+        next(steps)
+    steps.close()
+
+
 # ---------------------------------------------------------------- 3. sampling
 def test_sampling_is_reproducible_with_a_seed(runtime_for):
     rt = runtime_for("llama")

@@ -78,6 +78,8 @@ def test_the_export_writes_the_tokenizer_transformers_runs(tmp_path):
         want = hf(text)["input_ids"]
         assert ours.encode(text)[0].tolist()[0] == want, text
         assert ours.decode(want) == hf.decode(want, skip_special_tokens=True), text
+    with pytest.raises(InvalidInputError, match="decode takes one sequence of token ids"):  # int() read 5.7 as 5
+        ours.decode([5.7, 6])
 
 
 def _byte_run(tok):

@@ -49,7 +49,9 @@ export function generationSettings(manifest, options) {
     if (s.minP != null && !(s.minP >= 0 && s.minP <= 1)) throw new EdgePeftError(`minP must be in [0, 1], got ${s.minP}`);
   }
   if (!(s.repetitionPenalty > 0)) throw new EdgePeftError(`repetitionPenalty must be > 0, got ${s.repetitionPenalty}`);
-  if (s.seed != null && !(whole(s.seed) && s.seed >= 0)) throw new EdgePeftError(`seed must be an integer >= 0, got ${s.seed}`);
+  if (s.seed != null && !(Number.isSafeInteger(s.seed) && s.seed >= 0)) {  // past 2**53 a number holds no whole seed
+    throw new EdgePeftError(`seed must be an integer in 0..${Number.MAX_SAFE_INTEGER}, got ${s.seed}`);
+  }
   return s;
 }
 
@@ -68,7 +70,8 @@ export function forPrompt(s, length) {
 
 /** A seeded uniform generator in [0, 1) (mulberry32); no seed: a random one. */
 export function generator(seed) {
-  let state = (seed ?? Math.floor(Math.random() * 2 ** 32)) >>> 0;
+  const s = seed ?? Math.floor(Math.random() * 2 ** 32);
+  let state = ((s >>> 0) ^ Math.imul(Math.floor(s / 2 ** 32), 0x9e3779b1)) >>> 0;  // seeds 2**32 apart: other draws
   return () => {
     state = (state + 0x6d2b79f5) >>> 0;
     let t = state;

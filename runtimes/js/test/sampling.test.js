@@ -49,6 +49,7 @@ test("sampling draws from those scores' softmax, repeats with a seed, and never 
     });
     const again = (seed) => { const r = generator(seed); return Array.from({ length: 20 }, () => pick(scores, s, r)); };
     assert.deepEqual(again(5), again(5));
+    assert.notDeepEqual(generator(1)(), generator(2 ** 32 + 1)());  // the seed's high bits count (Date.now() 49 days apart)
     if (counts.filter((n) => n > draws / 10).length > 1) {  // two likely tokens: another seed, other draws
       assert.notDeepEqual(again(5), again(6));
       seeded++;
