@@ -13,8 +13,8 @@
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
 import {
-  EdgePeftError, REEXPORT, adapterSessionOptions, bareName, cacheNames, checkFormat, checkInputs, checkLabels, checkOptions, checkTensors,
-  namedLabels, readJson,
+  EdgePeftError, REEXPORT, adapterSessionOptions, bareName, cacheNames, checkFormat, checkInputs, checkLabels, checkOptions,
+  checkTensors, namedLabels, readJson,
 } from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, runOnce } from "./sessions.js";
