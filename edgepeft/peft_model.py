@@ -20,43 +20,20 @@ from __future__ import annotations
 import copy
 import os
 
+from contextlib import contextmanager
+
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
-from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME, load_config, naming_config
-from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError
+from edgepeft.adapter_weights import read_adapter_weights
+from edgepeft.config import WEIGHTS_NAME, load_config, naming_config
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
 from edgepeft.registry import AdapterLayer
 from edgepeft.tuners import method_for
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, check_saved_whole_apart, wrap_modules_to_save
 from edgepeft.tuners.targets import replace_module
-
-
-def read_adapter_weights(directory: str) -> tuple[str, dict]:
-    """(file, {saved key: tensor}) of an adapter folder: ``adapter_model.safetensors``, else HF PEFT's pickled
-    ``adapter_model.bin`` (older hub adapters), read as HF PEFT reads it but with tensors only (no code runs)."""
-    path = os.path.join(directory, WEIGHTS_NAME)
-    pickled = os.path.join(directory, PICKLED_WEIGHTS_NAME)
-    if not os.path.isfile(path) and os.path.isfile(pickled):
-        try:
-            state = torch.load(pickled, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001  torch's unpickler fails with many types on damaged bytes (IndexError too)
-            raise CorruptArtifactError(
-                f"{pickled}: cannot read adapter weights ({type(e).__name__}): damaged, or holding more than tensors "
-                f"(it is read with weights_only=True); re-save the adapter with save_pretrained, which writes "
-                f"{WEIGHTS_NAME}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CorruptArtifactError(f"{pickled}: holds no state dict of tensors; re-save the adapter with save_pretrained")
-        return pickled, state
-    if not os.path.isfile(path):
-        raise ArtifactNotFoundError(f"{path}: adapter weights not found (nor {PICKLED_WEIGHTS_NAME}); re-save the adapter "
-                                    "with save_pretrained")
-    try:
-        return path, load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptArtifactError(f"{path}: cannot read adapter weights ({e}); re-save the adapter") from None
 
 
 class TunedModel(nn.Module):
@@ -109,10 +86,14 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-        method_for(config).tuner.inject(model, config, adapter_name)
-        if config.modules_to_save:
-            wrap_modules_to_save(model, config.modules_to_save, adapter_name)
-        check_saved_whole_apart(model)
+        try:  # a failure part way leaves no layers of it behind (they trained, and a later adapter of that name took them)
+            method_for(config).tuner.inject(model, config, adapter_name)
+            if config.modules_to_save:
+                wrap_modules_to_save(model, config.modules_to_save, adapter_name)
+            check_saved_whole_apart(model)
+        except BaseException:
+            self._forget(adapter_name)
+            raise
         self.peft_config[adapter_name] = config
         # As HF PEFT: the base stays frozen, the other adapters keep their state, and the new one is frozen
         # until set_adapter makes it active (or load_adapter(is_trainable=True) asks for it).
@@ -128,18 +109,55 @@ class PeftModel(nn.Module):
         for p in self.adapter_parameters(adapter_name).values():
             p.requires_grad_(requires_grad)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one calls use and the one that trains."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the one calls use and, as HF PEFT, the one that trains (frozen: ``inference_mode``)."""
         if adapter_name not in self.peft_config:
             raise ConfigError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
+        self._activate(adapter_name)
+        for name, params in self._parameters_by_adapter().items():
+            for p in params:
+                p.requires_grad_(name == adapter_name and not inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (HF PEFT's ``delete_adapter``); deleting the active one activates the first left."""
+        if adapter_name not in self.peft_config:
+            raise ConfigError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
+        self._forget(adapter_name)
+        if self.active_adapter == adapter_name:
+            left = list(self.peft_config)
+            self._activate(None)
+            if left:
+                self.set_adapter(left[0], inference_mode=self.peft_config[left[0]].inference_mode)
+
+    def _forget(self, adapter_name: str) -> None:
+        """Every layer's entries of ``adapter_name`` and its config removed."""
+        for module in self.modules():
+            for dict_name in module.adapter_dicts if isinstance(module, AdapterLayer) else ():
+                holder = getattr(module, dict_name)
+                if adapter_name in holder:
+                    del holder[adapter_name]
+        self.peft_config.pop(adapter_name, None)
+
+    def _activate(self, adapter_name) -> None:
+        """The adapter calls use (None: the base model), in every layer; what trains is left as it is."""
         for module in self.modules():
             if isinstance(module, AdapterLayer):
                 module.active_adapter = adapter_name
         self.active_adapter = adapter_name
-        for name, params in self._parameters_by_adapter().items():  # as HF PEFT: the active adapter trains, unless loaded frozen
-            trains = name == adapter_name and not self.peft_config[name].inference_mode
-            for p in params:
-                p.requires_grad_(trains)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Calls inside run the base model (HF PEFT's ``with model.disable_adapter():``)."""
+        was = self.active_adapter
+        self._activate(None)
+        try:
+            yield
+        finally:
+            self._activate(was)
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model, its adapter layers in place (HF PEFT's ``get_base_model``)."""
+        return self.base_model.model
 
     def _parameters_by_adapter(self) -> dict:
         """{adapter: its parameters} for every adapter, in one walk of the modules (``adapter_parameters`` walks once per adapter)."""
@@ -226,10 +244,16 @@ class PeftModel(nn.Module):
             self.add_adapter(adapter_name, config)
         except EdgePeftError as e:  # a config the model cannot take: name the file it came from
             raise naming_config(e, directory) from None
-        path, state = read_adapter_weights(directory)
-        self._load_state(adapter_name, state, path)
+        try:  # damaged weights leave no adapter of that name behind (a retry was refused: "already exists")
+            path, state = read_adapter_weights(directory)
+            self._load_state(adapter_name, state, path)
+        except BaseException:
+            self._forget(adapter_name)
+            raise
         if is_trainable:  # as HF PEFT: trainable now, even before set_adapter
             self._set_requires_grad(adapter_name, True)
+        else:  # as HF PEFT: no dropout (the new layers' Dropout modules start in training mode)
+            self.eval()
 
     def _load_state(self, adapter_name: str, state: dict, path: str) -> None:
         state = {self._saved_key(adapter_name, k, loading=True): v for k, v in state.items()}
@@ -295,13 +319,18 @@ class PeftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False):
         peft = cls(model)
         peft.load_adapter(directory, adapter_name, is_trainable=is_trainable)
-        peft.set_adapter(adapter_name)
+        peft.set_adapter(adapter_name, inference_mode=not is_trainable)
         return peft
 
     def save_pretrained(self, directory, selected_adapters=None) -> None:
         """Write each adapter as an HF PEFT dir (non-default adapters in ``directory/<name>``)."""
         directory = str(directory)
-        configs = {name: self.peft_config[name] for name in selected_adapters or list(self.peft_config)}
+        selected = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [name for name in selected if name not in self.peft_config]
+        if unknown:
+            raise ConfigError(f"save_pretrained: no adapter named {', '.join(map(repr, unknown))}; have "
+                              f"{sorted(self.peft_config)}")
+        configs = {name: self.peft_config[name] for name in selected}
         for config in configs.values():  # every config serialised first: one that cannot be written fails before any file is
             config.to_dict()
         for name, config in configs.items():

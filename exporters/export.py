@@ -272,7 +272,7 @@ def validate_float(plan: ExportPlan, base_stage: str, adapter_stages: dict, reus
     for src in plan.sources:
         stage = adapter_stages[src.name]
         rt.load_adapter(stage, name=src.name)
-        plan.peft.set_adapter(src.name)
+        plan.peft.set_adapter(src.name, inference_mode=True)
         check = validate(f"adapter {src.name}", rt, src.name, plan.peft, plan.task, plan.atol, src.path, qtol=qtol,
                          base=base)
         if plan.task == "seq-cls":
@@ -294,7 +294,7 @@ def quantize_and_validate(plan: ExportPlan, base_stage: str, adapter_stages: dic
                        qtol=plan.qtol, base=base)]
     for src in plan.sources:
         rt.load_adapter(adapter_stages[src.name], name=src.name)
-        plan.peft.set_adapter(src.name)
+        plan.peft.set_adapter(src.name, inference_mode=True)
         checks.append(validate(f"adapter {src.name}, {plan.quantize}", rt, src.name, plan.peft, plan.task, plan.atol,
                                src.path, qtol=plan.qtol, base=base))
         log_check(plan.log, checks[-1], f"{src.name} ({plan.quantize})")
@@ -365,7 +365,7 @@ def export_merged(plan: ExportPlan) -> dict:
                    merged_adapter=src.name, ops=effective_ops(merged.config, plan.task, plan.ops, plan.log),
                    revision=plan.revision, log=plan.log)
         rt = Runtime.from_base_dir(stage)
-        plan.peft.set_adapter(src.name)
+        plan.peft.set_adapter(src.name, inference_mode=True)
         checks = [validate(f"merged {src.name}", rt, None, plan.peft, plan.task, plan.atol, src.path)]
         log_check(plan.log, checks[-1], f"merged {src.name}")
         if plan.task == "seq-cls":  # the trained head's width (the config may still say 2)
