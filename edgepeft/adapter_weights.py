@@ -9,7 +9,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
-from edgepeft.errors import ArtifactNotFoundError, CorruptArtifactError
+from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, CorruptArtifactError
 
 
 def read_adapter_weights(directory: str) -> tuple[str, dict]:
@@ -21,10 +21,9 @@ def read_adapter_weights(directory: str) -> tuple[str, dict]:
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  torch's unpickler fails with many types on damaged bytes (IndexError too)
-            raise CorruptArtifactError(
-                f"{pickled}: cannot read adapter weights ({type(e).__name__}): damaged, or holding more than tensors "
-                f"(it is read with weights_only=True); re-save the adapter with save_pretrained, which writes "
-                f"{WEIGHTS_NAME}") from None
+            raise _unreadable(pickled, type(e).__name__, "damaged, or holding more than tensors (it is read with "
+                              f"weights_only=True); download it again, or re-save it with save_pretrained, which writes "
+                              f"{WEIGHTS_NAME}") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CorruptArtifactError(f"{pickled}: holds no state dict of tensors; re-save the adapter with save_pretrained")
         return pickled, state
@@ -34,4 +33,47 @@ def read_adapter_weights(directory: str) -> tuple[str, dict]:
     try:
         return path, load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptArtifactError(f"{path}: cannot read adapter weights ({e}); re-save the adapter") from None
+        raise _unreadable(path, e, "damaged or cut short; download the adapter again, or re-save it") from None
+
+
+def _unreadable(path: str, reason, fix: str) -> CorruptArtifactError:
+    """A weights file that cannot be read; a Git LFS pointer (a clone without git-lfs) is named as one."""
+    with open(path, "rb") as f:
+        if f.read(24) == b"version https://git-lfs.":
+            return CorruptArtifactError(f"{path}: is a Git LFS pointer, not the weights; fetch them (git lfs pull) or "
+                                        "download the adapter again")
+    return CorruptArtifactError(f"{path}: cannot read adapter weights ({reason}): {fix}")
+
+
+def named_as_expected(state: dict, expected: set) -> dict:
+    """Keys as ``state_dict()`` names them, with the adapter's name (``lora_A.default.weight``, ``ia3_l.default``:
+    hand-written and some hub files), renamed to HF PEFT's saved names as HF PEFT maps them on load."""
+    renamed = {}
+    for key, value in state.items():
+        head, _, last = key.rpartition(".")
+        plain = next((k for k in (key, head, f"{head.rpartition('.')[0]}.{last}") if k in expected), key)
+        renamed[plain if plain == key or plain not in state else key] = value
+    return renamed
+
+
+def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) -> None:
+    """HF PEFT saves the base weight of an adapted embedding or lm_head too (``save_embedding_layers="auto"``),
+    and of the embedding and output layers with ``save_embedding_layers=True`` (keys of plain base weights).
+
+    Unchanged, it is redundant: dropped. A different one (resized or trained embeddings) would change the frozen
+    base, which edgepeft exports once and shares: refused.
+    """
+    for key in [k for k in state if k.endswith(".weight") and k not in adapter_keys]:
+        try:
+            weight = model.get_submodule(key[: -len(".weight")]).weight
+        except AttributeError:
+            continue  # no such layer here: reported as an unexpected weight
+        saved = state[key]  # a half-precision copy is the base rounded to it, exactly (a tolerance let trained rows by)
+        same = weight.shape == saved.shape and torch.equal(saved, weight.detach().to(saved.dtype))
+        if not same:
+            layer = key.removesuffix(".weight").removesuffix(".base_layer").removeprefix("base_model.model.")
+            raise AdapterBaseMismatchError(
+                f"{path}: carries its own {layer} weights "
+                "(resized or trained embeddings), which would change the frozen base; edgepeft needs the adapter "
+                "on the unchanged base it was trained on")
+        del state[key]

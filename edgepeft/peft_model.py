@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from edgepeft.adapter_weights import read_adapter_weights
+from edgepeft.adapter_weights import drop_carried_base_weights, named_as_expected, read_adapter_weights
 from edgepeft.config import WEIGHTS_NAME, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
@@ -260,10 +260,15 @@ class PeftModel(nn.Module):
         # A head trained for another label count gets that shape before loading.
         for key, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")})
+                try:
+                    module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items()
+                                                      if k.startswith(key + ".")})
+                except ConfigError as e:
+                    raise AdapterBaseMismatchError(f"{path}: {key}: {e}; the adapter was trained on another base") from None
         entries = self._adapter_entries(adapter_name)
         custom = {k: module for _, module in self._custom_state() for k in module.saved_tensors(adapter_name)}
-        self._drop_carried_base_weights(state, path, set(entries) | set(custom))
+        state = named_as_expected(state, set(entries) | set(custom))
+        drop_carried_base_weights(self, state, path, set(entries) | set(custom))
         missing = sorted((set(entries) | set(custom)) - set(state))
         unexpected = sorted(set(state) - set(entries) - set(custom))
         if unexpected:
@@ -290,30 +295,6 @@ class PeftModel(nn.Module):
                 p.copy_(state[key].to(p.dtype))
         for module in {id(m): m for m in custom.values()}.values():
             module.load_saved_tensors(adapter_name, state, path)
-
-    def _drop_carried_base_weights(self, state: dict, path: str, adapter_keys: set) -> None:
-        """HF PEFT saves the base weight of an adapted embedding or lm_head too (``save_embedding_layers="auto"``),
-        and of the embedding and output layers with ``save_embedding_layers=True`` (keys of plain base weights).
-
-        Unchanged, it is redundant: dropped. A different one (resized or trained embeddings) would change the frozen
-        base, which edgepeft exports once and shares: refused.
-        """
-        for key in [k for k in state if k.endswith(".weight") and k not in adapter_keys]:
-            try:
-                weight = self.get_submodule(key[: -len(".weight")]).weight
-            except AttributeError:
-                continue  # no such layer here: reported as an unexpected weight
-            saved = state[key]
-            same = weight.shape == saved.shape and (  # a half-precision copy of the base rounds: compare at its precision
-                torch.equal(saved, weight.detach()) if saved.dtype == weight.dtype
-                else torch.allclose(saved.float(), weight.detach().float(), rtol=1e-2, atol=1e-3))
-            if not same:
-                layer = key.removesuffix(".weight").removesuffix(".base_layer").removeprefix("base_model.model.")
-                raise AdapterBaseMismatchError(
-                    f"{path}: carries its own {layer} weights "
-                    "(resized or trained embeddings), which would change the frozen base; edgepeft needs the adapter "
-                    "on the unchanged base it was trained on")
-            del state[key]
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False):

@@ -84,6 +84,16 @@ def test_seq_cls_head_is_saved_and_loaded_like_peft(tiny_base, tmp_path):
     # edgepeft also loads it on a base whose head has another label count.
     other = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "seq-cls"), tmp_path / "cls").eval()
     assert torch_outputs(other, ids, mask, "logits").shape == (2, 3)
+    from safetensors.torch import save_file
+
+    from edgepeft.errors import AdapterBaseMismatchError
+
+    saved = load_file(tmp_path / "cls" / "adapter_model.safetensors")
+    for weight, wrong in ((saved["base_model.model.classifier.weight"].flatten(), "has shape \\[96\\], a Linear head's"),
+                          (torch.zeros(3, 48), "has 48 inputs, the model's has 32")):  # a ValueError traceback; no file
+        save_file({**saved, "base_model.model.classifier.weight": weight}, str(tmp_path / "cls" / "adapter_model.safetensors"))
+        with pytest.raises(AdapterBaseMismatchError, match=f"adapter_model.safetensors: base_model.model.classifier: .*{wrong}"):
+            edgepeft.PeftModel.from_pretrained(load_reference_base(base, "seq-cls"), tmp_path / "cls")
 
 
 def test_only_adapter_parameters_train_and_gradients_flow(tiny_base):

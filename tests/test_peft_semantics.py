@@ -237,9 +237,39 @@ def test_embedding_layers_saved_whole_by_hf_peft_are_dropped_when_unchanged(tiny
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(input_ids=ids, attention_mask=mask).logits,
                                    hf.eval()(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-6)
-    saved["base_model.model.model.embed_tokens.weight"] = torch.cat([saved["base_model.model.model.embed_tokens.weight"]] * 2)
-    save_file(saved, str(weights))  # a resized vocabulary
-    with pytest.raises(AdapterBaseMismatchError, match="carries its own model.embed_tokens weights"):
+    embeddings = saved["base_model.model.model.embed_tokens.weight"]
+    save_file({**saved, "base_model.model.model.embed_tokens.weight": embeddings.half()}, str(weights))
+    edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))  # the base, rounded
+    trained = embeddings.clone()
+    trained[3:40] += 9e-4  # trained rows in a half-precision file: a tolerance for rounding let them by, in silence
+    for changed in (trained.half(), torch.cat([embeddings] * 2)):  # ... and a resized vocabulary
+        save_file({**saved, "base_model.model.model.embed_tokens.weight": changed}, str(weights))
+        with pytest.raises(AdapterBaseMismatchError, match="carries its own model.embed_tokens weights"):
+            edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+
+
+def test_adapter_files_named_as_state_dict_names_load_as_in_peft(tiny_base, tmp_path):
+    """Keys with the adapter's name (``lora_A.default.weight``, as state_dict() names them) load in HF PEFT with the
+    same numbers; edgepeft refused them, advising the base they were already on. A Git LFS pointer is named."""
+    import peft
+    from safetensors.torch import load_file, save_file
+
+    from edgepeft.errors import CorruptArtifactError
+
+    base = tiny_base("llama")
+    hf = peft.get_peft_model(load_reference_base(base, "causal-lm"),
+                             peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    randomize_adapter(hf, 8)
+    hf.save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in load_file(weights).items()}, str(weights))
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+    ids = torch.from_numpy(sample_batch()[0])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, hf.eval()(input_ids=ids).logits, rtol=0, atol=1e-6)
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234\n")
+    with pytest.raises(CorruptArtifactError, match=r"adapter_model.safetensors: is a Git LFS pointer, not the weights; "
+                                                   r"fetch them \(git lfs pull\)"):
         edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
 
 

@@ -43,6 +43,9 @@ class ModulesToSaveWrapper(AdapterLayer):
         module = self.modules_to_save[adapter_name]
         weight = state.get("weight")
         if isinstance(module, nn.Linear) and weight is not None and tuple(weight.shape) != tuple(module.weight.shape):
+            if weight.dim() != 2:
+                raise ConfigError(f"the saved head's weight has shape {list(weight.shape)}, a Linear head's is "
+                                  f"[labels, {module.in_features}]")
             out_features, in_features = weight.shape
             if in_features != module.in_features:
                 raise ConfigError(f"saved head has {in_features} inputs, the model's has {module.in_features}")
