@@ -272,10 +272,12 @@ class PeftModel(nn.Module):
         missing = sorted((set(entries) | set(custom)) - set(state))
         unexpected = sorted(set(state) - set(entries) - set(custom))
         if unexpected:
-            raise AdapterBaseMismatchError(
-                f"{path}: has weights for modules this model lacks (e.g. {unexpected[0]}); "
-                f"load it on the base it was trained on ({self.peft_config[adapter_name].base_model_name_or_path})"
-            )
+            recorded = self.peft_config[adapter_name].base_model_name_or_path
+            here = getattr(self.base_model.model, "name_or_path", None)
+            fix = (f"load it on the base it was trained on ({recorded})" if not recorded or not here or
+                   os.path.abspath(recorded) != os.path.abspath(here) else "it names this base: remove those keys "
+                   "from the file or save the adapter again")
+            raise AdapterBaseMismatchError(f"{path}: has weights for modules this model lacks (e.g. {unexpected[0]}); {fix}")
         if missing:
             deepest = max((i for i in map(_layer_index, state) if i is not None), default=None)
             if deepest is not None and all((i := _layer_index(k)) is not None and i > deepest for k in missing):

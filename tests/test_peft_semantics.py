@@ -254,7 +254,7 @@ def test_adapter_files_named_as_state_dict_names_load_as_in_peft(tiny_base, tmp_
     import peft
     from safetensors.torch import load_file, save_file
 
-    from edgepeft.errors import CorruptArtifactError
+    from edgepeft.errors import AdapterBaseMismatchError, CorruptArtifactError
 
     base = tiny_base("llama")
     hf = peft.get_peft_model(load_reference_base(base, "causal-lm"),
@@ -267,6 +267,11 @@ def test_adapter_files_named_as_state_dict_names_load_as_in_peft(tiny_base, tmp_
     ids = torch.from_numpy(sample_batch()[0])
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, hf.eval()(input_ids=ids).logits, rtol=0, atol=1e-6)
+    extra = {**load_file(weights), "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32)}
+    save_file(extra, str(weights))  # a key for a module this base lacks: the advice named the base already in use
+    with pytest.raises(AdapterBaseMismatchError, match=r"lacks \(e.g. base_model.model.model.layers.9.self_attn.q_proj"
+                                                       r".lora_A.weight\); it names this base: remove those keys"):
+        edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
     weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234\n")
     with pytest.raises(CorruptArtifactError, match=r"adapter_model.safetensors: is a Git LFS pointer, not the weights; "
                                                    r"fetch them \(git lfs pull\)"):
