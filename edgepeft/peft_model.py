@@ -119,15 +119,16 @@ class PeftModel(nn.Module):
                 p.requires_grad_(name == adapter_name and not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter (HF PEFT's ``delete_adapter``); deleting the active one activates the first left."""
+        """Remove an adapter (HF PEFT's ``delete_adapter``); deleting the active one activates, trainable, the first
+        left by name, as HF PEFT does."""
         if adapter_name not in self.peft_config:
             raise ConfigError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
         self._forget(adapter_name)
         if self.active_adapter == adapter_name:
-            left = list(self.peft_config)
+            left = sorted(self.peft_config)
             self._activate(None)
             if left:
-                self.set_adapter(left[0], inference_mode=self.peft_config[left[0]].inference_mode)
+                self.set_adapter(left[0])
 
     def _forget(self, adapter_name: str) -> None:
         """Every layer's entries of ``adapter_name`` and its config removed."""

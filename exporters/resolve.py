@@ -16,7 +16,7 @@ from edgepeft.models import (
     call_kwargs, check_exportable, check_supported, default_task, load_base, load_model_config, model_label, sample_inputs,
 )
 from edgepeft.peft_model import PeftModel
-from edgepeft.runtimes.adapter_source import name_problem
+from edgepeft.runtimes.adapter_source import export_name_problem
 from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, enclosing_export, read_base_manifest
 from edgepeft.tuners import load_config, specs_for
 
@@ -125,9 +125,10 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
     sources = []
     for i, path in enumerate(adapters):
         name = names[i] if i < len(names) else os.path.basename(os.path.normpath(path))
-        problem = name_problem(name)
+        problem = export_name_problem(name)
         if problem:
-            fix = f" (e.g. --name {name.replace('.', '_')})" if "." in name and not name_problem(name.replace('.', '_')) else ""
+            mended = name.replace(".", "_")
+            fix = f" (e.g. --name {mended})" if "." in name and not export_name_problem(mended) else ""
             raise ConfigError(f"{path}: adapter name {name!r:.80} {problem}; pass --name{fix}")
         if any(s.name == name for s in sources):
             raise ConfigError(f"{path}: two adapters are both named {name!r}; pass --name to tell them apart")

@@ -17,16 +17,25 @@ from .manifest import (
 NAME_LENGTH = 100  # OUT/adapters/<name>, and the export's staging folder beside it, within a file name's 255 bytes
 
 
-def name_problem(name: str) -> str | None:
-    """Why ``name`` cannot name an adapter, else None: one rule for export's --name, the folders of OUT/adapters
-    and load_adapter's ``name``."""
+def name_problem(name) -> str | None:
+    """Why a loaded adapter cannot go by ``name`` (load_adapter's, a folder's of OUT/adapters, a zip's), else None:
+    any text but a blank one or 'none', which `edgepeft run --adapter none` reads as the base model."""
+    if not isinstance(name, str):
+        return "must be a string"
+    if not name.strip():
+        return "must not be blank"
+    if name.lower() == "none":  # a folder named None ran the base model at `edgepeft run --adapter None`
+        return "means the base model at the command line (--adapter none)"
+    return None
+
+
+def export_name_problem(name: str) -> str | None:
+    """Why export cannot write an adapter as ``name`` (``OUT/adapters/<name>``), else None: stricter than a load's."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):  # no '.': PyTorch's module names hold the name
         return "must be letters, digits, '_', '-'"
     if len(name) > NAME_LENGTH:
         return f"is longer than {NAME_LENGTH} characters"
-    if name.lower() == "none":  # `edgepeft run --adapter none` is the base model
-        return "means the base model at the command line (--adapter none)"
-    return None
+    return name_problem(name)
 
 
 def read_adapter_source(source) -> tuple[str | None, dict | None, dict]:

@@ -159,10 +159,9 @@ class AdapterStore:
 
         Returns its name. On any failure nothing changes: adapters already loaded keep serving.
         """
-        problem = name is not None and (name_problem(name) if isinstance(name, str) else "must be a string")
-        if problem:
-            raise ConfigError(f"the adapter name {name!r:.80} {problem}; pass another name= (or None: its folder's "
-                              "name, a zip's: the name it was exported with)")
+        if name is not None and name_problem(name):
+            raise ConfigError(f"the adapter name {name!r:.80} {name_problem(name)}; pass another name= (or None: its "
+                              "folder's name, a zip's: the name it was exported with)")
         path, data, manifest = read_adapter_source(source)
         label = path or "adapter bytes"
         if name is None:  # a folder is named as Runtime(OUT) names what it finds in OUT/adapters: by the folder

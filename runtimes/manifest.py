@@ -182,7 +182,7 @@ class Slot:
             shape=tuple(d["shape"]),
             dtype=d["dtype"],
             neutral=d["neutral"],
-            members=tuple(d.get("members", ())),
+            members=tuple(d["members"]) if isinstance(d.get("members"), list) else d.get("members", ()),
             phase=d.get("phase", "every"),
             target=d.get("target", ""),
             virtual_axis=d.get("virtual_axis"),
@@ -234,15 +234,16 @@ def _check_format(data: dict, path: str, form: str, required: tuple, fix: str) -
     for key, (kinds, what) in _FIELD_TYPES.items():
         if key in data and not _is(data[key], kinds):
             raise CorruptArtifactError(f"{path}: field {key!r} must be {what}, got {data[key]!r:.60}; {fix}")
-    if "graph" in required and os.path.basename(data["graph"]) != data["graph"]:
+    if "graph" in required and (os.path.basename(data["graph"]) != data["graph"] or data["graph"] in ("", ".", "..")):
         raise CorruptArtifactError(f"{path}: field 'graph' must be a file name in the same folder; {fix}")
     if "outputs" in required and not data["outputs"]:
         raise CorruptArtifactError(f"{path}: field 'outputs' names no output; {fix}")
     cache = data.get("cache")
     layout = {"num_layers": int, "num_kv_heads": int, "head_dim": int,
               "past_key": str, "past_value": str, "present_key": str, "present_value": str}
-    if cache is not None and not all(_is(cache.get(k), want) for k, want in layout.items()):
-        raise CorruptArtifactError(f"{path}: field 'cache' lacks the cache layout; {fix}")
+    if cache is not None and not (all(_is(cache.get(k), want) for k, want in layout.items()) and all(
+            cache[k].count("%") == 1 and "%d" in cache[k] for k, want in layout.items() if want is str)):
+        raise CorruptArtifactError(f"{path}: field 'cache' lacks the cache layout (names with one %d); {fix}")
     for key in ("labels", "methods"):  # the element type, which the table does not say
         if isinstance(data.get(key), list) and not all(isinstance(x, str) for x in data[key]):
             raise CorruptArtifactError(f"{path}: field {key!r} must list strings; {fix}")

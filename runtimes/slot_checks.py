@@ -7,6 +7,8 @@ The JavaScript runtime checks the same (runtimes/js/src/checks.js).
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from .errors import AdapterBaseMismatchError, CorruptArtifactError
@@ -23,7 +25,7 @@ def _is_int(value) -> bool:
 
 def slot_table_errors(slots: list, past_names) -> list[str]:
     """What is wrong with a base manifest's slots (``Slot`` objects); ``past_names``: the graph's cache inputs."""
-    errors, names = [], [s.name for s in slots]
+    errors, names = [], Counter(s.name for s in slots if isinstance(s.name, str))
     past, selectors = set(past_names), {s.name for s in slots if isinstance(s.selects, str) and s.selects}
     for slot in slots:
         if not (all(isinstance(v, str) for v in (slot.name, slot.method, slot.role, slot.module, slot.neutral,
@@ -33,7 +35,7 @@ def slot_table_errors(slots: list, past_names) -> list[str]:
                           "axis names)")
             continue
         wrong = []
-        if names.count(slot.name) > 1:
+        if names[slot.name] > 1:
             wrong.append("its name is listed twice")
         if slot.neutral not in NEUTRALS:
             wrong.append(f"neutral must be one of {', '.join(NEUTRALS)}")
@@ -49,7 +51,7 @@ def slot_table_errors(slots: list, past_names) -> list[str]:
             wrong.append("selects must be columns or adapters")
         if slot.selector and slot.selector != "output" and slot.selector not in selectors:
             wrong.append("selector must name a selector slot (one with selects) or be output")
-        if not all(isinstance(m, str) for m in slot.members):
+        if not (isinstance(slot.members, tuple) and all(isinstance(m, str) for m in slot.members)):
             wrong.append("members must be module names")
         if (slot.stack_axis is None) != (not slot.selector):
             wrong.append("stack_axis and selector come together (a slot that stacks is selected per row)")

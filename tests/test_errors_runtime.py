@@ -155,17 +155,19 @@ def test_stray_folder_in_out_adapters_is_named(victim):
 
 
 @pytest.mark.parametrize("name, problem", [
-    (1, "must be a string"), ("", "must be letters, digits, '_', '-'"), ("  ", "must be letters, digits, '_', '-'"),
-    (b"qv2", "must be a string"), (["qv2"], "must be a string"), ("../qv2", "must be letters, digits, '_', '-'"),
-    ("q" * 101, "is longer than 100 characters"), ("None", "means the base model at the command line (--adapter none)"),
+    (1, "must be a string"), ("", "must not be blank"), ("  ", "must not be blank"), (b"qv2", "must be a string"),
+    (["qv2"], "must be a string"), ("None", "means the base model at the command line (--adapter none)"),
 ])
-def test_adapter_name_follows_the_export_rule(rt, before, llama, name, problem):
-    """One rule for export's --name and load_adapter's name: 'None' ran the base model at `edgepeft run`."""
+def test_adapter_name_is_text_but_not_none(rt, before, llama, name, problem):
+    """Any text names a loaded adapter (a dictionary key: 'tenant.42' too), but 'None', which `edgepeft run` reads
+    as the base model; export's --name is stricter (a folder, PyTorch module names)."""
     with pytest.raises(ConfigError) as e:
         rt.load_adapter(os.path.join(llama[0], "adapters", "qv"), name=name)
     assert (f"the adapter name {name!r:.80} {problem}; pass another name= (or None: its folder's name, a zip's: the "
             "name it was exported with)") == str(e.value)
     assert rt.adapter_names == ["all", "mlp", "qv"]  # sorted: a non-string name made this raise TypeError
+    assert rt.load_adapter(os.path.join(llama[0], "adapters", "qv"), name="tenant.42") == "tenant.42"
+    rt.unload_adapter("tenant.42")
     with pytest.raises(UnknownAdapterError):
         rt.forward(*sample_batch(VOCAB), adapter="qv2")
     assert_still_serving(rt, before)

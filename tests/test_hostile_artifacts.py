@@ -82,7 +82,7 @@ def test_an_adapter_folder_named_none_is_refused_not_run_as_the_base(out):
                             "the base model at the command line (--adapter none); rename the folder, or load it with "
                             "name=")
     rt = Runtime(out, load_adapters=False)
-    for name in ("none", "../x", ""):  # a zip is named by its adapter.json
+    for name in ("none", "NONE", " "):  # a zip is named by its adapter.json
         with pytest.raises(ConfigError, match=re.escape(f"adapter bytes: the adapter name {name!r} (the adapter.json's)")):
             rt.load_adapter(zipped(os.path.join(out, "adapters", "None"), name=name))
     assert rt.load_adapter(os.path.join(out, "adapters", "None"), name="renamed") == "renamed"
@@ -130,6 +130,7 @@ def test_an_adapter_graph_that_fills_its_slots_in_part_is_refused_at_load(out, e
                                                                "prefill only"),
     ("prefix_key.model.layers.0.self_attn", "virtual_axis", None, "a slot that starts the cache counts its tokens"),
     (LORA_A, "name", LORA_B, "its name is listed twice"),
+    (LORA_A, "members", "abc", "members must be module names"),
     (LORA_A, "name", LORA_A + "x", f"slot '{LORA_A}x' is not an input of"),
 ])
 def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value, message):
@@ -146,6 +147,27 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
         Runtime(out)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
     assert str(e.value).endswith("re-run `edgepeft export` into a fresh --out folder")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("cache", {"past_key": "past.key"}, "field 'cache' lacks the cache layout (names with one %d)"),  # a TypeError
+    ("cache", {"present_value": "present.%d.%s"}, "field 'cache' lacks the cache layout (names with one %d)"),
+    ("graph", "..", "field 'graph' must be a file name in the same folder"),
+])
+def test_a_hand_edited_base_manifest_is_refused_when_opened_or_inspected(out, field, value, message):
+    """A cache name without its %d was a TypeError from `edgepeft inspect` and Runtime(OUT)."""
+    from edgepeft.runtimes.describe import describe_export
+
+    path = os.path.join(out, "base", "edgepeft.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest[field] = {**manifest[field], **value} if isinstance(value, dict) else value
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    for opening in (Runtime, describe_export):
+        with pytest.raises(CorruptArtifactError) as e:
+            opening(out)
+        assert str(e.value).startswith(f"{path}: {message}")
 
 
 @pytest.mark.parametrize("source", ["folder", "zip"])

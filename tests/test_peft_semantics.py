@@ -19,13 +19,13 @@ import edgepeft
 from edgepeft.training import method_config
 
 
-def trainable_adapters(model) -> set:
+def trainable_adapters(model, adapters=("default", "other")) -> set:
     """Adapter names whose weights have requires_grad (names taken from HF PEFT's key layout)."""
     names = set()
     for key, p in model.named_parameters():
         if p.requires_grad:
             for part in key.split("."):
-                if part in ("default", "other"):
+                if part in adapters:
                     names.add(part)
     return names
 
@@ -124,12 +124,19 @@ def test_a_failed_load_leaves_no_adapter_behind_and_adapters_delete_and_disable_
                                                    target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 3}))
     assert model.get_nb_trainable_parameters() == trainable and sorted(model.peft_config) == ["default", "x"]
     assert not any(".y." in key for key in dict(model.named_parameters()))  # the layers wrapped before it failed
-    model.delete_adapter("default")  # the active one: the first left becomes active, as in HF PEFT
-    assert sorted(model.peft_config) == ["x"] and model.active_adapter == "x" and model.get_base_model() is base
-    with pytest.raises(ConfigError, match=r"save_pretrained: no adapter named 'zzz'; have \['x'\]"):
+    assert model.get_base_model() is base
+    with pytest.raises(ConfigError, match=r"save_pretrained: no adapter named 'zzz'; have \['default', 'x'\]"):
         model.save_pretrained(tmp_path / "saved", selected_adapters=["zzz"])
-    model.save_pretrained(tmp_path / "none", selected_adapters=[])  # as HF PEFT: none
+    model.save_pretrained(tmp_path / "none", selected_adapters=[])  # no adapter (HF PEFT writes only a README.md)
     assert not (tmp_path / "none").exists()
+    both = {}
+    for lib in (peft, edgepeft):  # deleting the active one: the first left by name becomes active and trains
+        model = lib.PeftModel.from_pretrained(load_reference_base(tiny_base("llama"), "causal-lm"), str(tmp_path / "good"))
+        for name in ("b", "a"):
+            model.load_adapter(str(tmp_path / "good"), name)
+        model.delete_adapter("default")
+        both[lib.__name__] = (sorted(model.peft_config), model.active_adapter, trainable_adapters(model, ("a", "b")))
+    assert both["edgepeft"] == both["peft"] == (["a", "b"], "a", {"a"})
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prefix"])

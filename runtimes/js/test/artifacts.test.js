@@ -128,8 +128,9 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   await baseRefused((j) => { j.outputs = {}; }, "field outputs names no output");
   await baseRefused((j) => { j.slots = {}; }, "field slots must be a list of slots");
   await baseRefused((j) => { j.cache = null; }, "a causal-lm base needs its cache table \\(cache\\)");
-  await baseRefused((j) => { delete j.cache.head_dim; }, "field cache lacks the cache layout");
-  await baseRefused((j) => { j.cache.past_key = 0; }, "field cache lacks the cache layout");
+  await baseRefused((j) => { delete j.cache.head_dim; }, "field cache lacks the cache layout \\(names with one %d\\)");
+  await baseRefused((j) => { j.cache.past_key = 0; }, "field cache lacks the cache layout \\(names with one %d\\)");
+  await baseRefused((j) => { j.cache.past_key = "past.key"; }, "field cache lacks the cache layout \\(names with one %d\\)");
   await baseRefused((j) => { j.file_bytes["model.onnx"] = "1"; }, "field file_bytes must be an object of file sizes in bytes, got .*");
   await withEdit(out, "base/edgepeft.json", (j) => { delete j.neutral_graph; }, () =>  // its slots would go unfed
     refuses(openFolder(ortNode, out), new RegExp(`^${where("base")}: this export has no neutral.onnx; re-export it`)));
@@ -165,6 +166,7 @@ test("a slot table the runtime would misread (axes, targets, selectors, names) i
   await slotRefused(prompt, (s) => { s.phase = "decode"; }, "phase must be one of every, prefill");
   await slotRefused(prompt, (s) => { s.neutral = "nothing"; }, "neutral must be one of empty, base, ones, zeros");
   await slotRefused(loraA, (s) => { s.members = [1]; }, "members must be module names");
+  await slotRefused(loraA, (s) => { s.target = 0; }, "names are strings, .*");  // read as unset before
   await slotRefused(loraA, (s, j) => { j.slots.push({ ...s }); }, "its name is listed twice");
   await slotRefused(loraA, (s) => { s.dtype = "float64"; },
     "names are strings, dtype one of float32, float16, int64, int32, bool, shape sizes or axis names");
