@@ -38,21 +38,27 @@ def read_adapter_weights(directory: str) -> tuple[str, dict]:
 
 def _unreadable(path: str, reason, fix: str) -> CorruptArtifactError:
     """A weights file that cannot be read; a Git LFS pointer (a clone without git-lfs) is named as one."""
-    with open(path, "rb") as f:
-        if f.read(24) == b"version https://git-lfs.":
-            return CorruptArtifactError(f"{path}: is a Git LFS pointer, not the weights; fetch them (git lfs pull) or "
-                                        "download the adapter again")
+    try:
+        with open(path, "rb") as f:
+            pointer = f.read(24) == b"version https://git-lfs."
+    except OSError:  # unreadable (permissions): the error below says so
+        pointer = False
+    if pointer:
+        return CorruptArtifactError(f"{path}: is a Git LFS pointer, not the weights; fetch them (git lfs pull) or "
+                                    "download the adapter again")
     return CorruptArtifactError(f"{path}: cannot read adapter weights ({reason}): {fix}")
 
 
-def named_as_expected(state: dict, expected: set) -> dict:
-    """Keys as ``state_dict()`` names them, with the adapter's name (``lora_A.default.weight``, ``ia3_l.default``:
-    hand-written and some hub files), renamed to HF PEFT's saved names as HF PEFT maps them on load."""
+def named_as_expected(state: dict, expected: set, adapter_name: str) -> dict:
+    """Keys as ``state_dict()`` names them, with the name of the adapter being loaded (``lora_A.default.weight``,
+    ``ia3_l.default``: hand-written and some hub files), renamed to HF PEFT's saved names as HF PEFT maps them on load.
+    Another adapter's keys stay as they are (unexpected), and a plain key wins over a named one."""
     renamed = {}
     for key, value in state.items():
         head, _, last = key.rpartition(".")
-        plain = next((k for k in (key, head, f"{head.rpartition('.')[0]}.{last}") if k in expected), key)
-        renamed[plain if plain == key or plain not in state else key] = value
+        stem, _, named = head.rpartition(".")
+        plain = (head if last == adapter_name else f"{stem}.{last}" if named == adapter_name else key)
+        renamed[plain if key not in expected and plain in expected and plain not in state else key] = value
     return renamed
 
 
@@ -68,8 +74,13 @@ def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) 
             weight = model.get_submodule(key[: -len(".weight")]).weight
         except AttributeError:
             continue  # no such layer here: reported as an unexpected weight
-        saved = state[key]  # a half-precision copy is the base rounded to it, exactly (a tolerance let trained rows by)
-        same = weight.shape == saved.shape and torch.equal(saved, weight.detach().to(saved.dtype))
+        saved, weight = state[key], weight.detach()
+        # the same weights, at whichever of the two precisions is coarser: a saved half-precision copy is the base
+        # rounded, and an fp16 checkpoint loaded in bf16 rounds the other way (a 1e-3 tolerance let trained rows by)
+        coarse = max(saved.dtype, weight.dtype, key=lambda d: torch.finfo(d).eps)
+        same = weight.shape == saved.shape and (
+            torch.equal(saved, weight) if saved.dtype == weight.dtype
+            else torch.allclose(saved.to(coarse).float(), weight.to(coarse).float(), rtol=torch.finfo(coarse).eps, atol=0))
         if not same:
             layer = key.removesuffix(".weight").removesuffix(".base_layer").removeprefix("base_model.model.")
             raise AdapterBaseMismatchError(

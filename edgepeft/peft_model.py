@@ -268,7 +268,7 @@ class PeftModel(nn.Module):
                     raise AdapterBaseMismatchError(f"{path}: {key}: {e}; the adapter was trained on another base") from None
         entries = self._adapter_entries(adapter_name)
         custom = {k: module for _, module in self._custom_state() for k in module.saved_tensors(adapter_name)}
-        state = named_as_expected(state, set(entries) | set(custom))
+        state = named_as_expected(state, set(entries) | set(custom), adapter_name)
         drop_carried_base_weights(self, state, path, set(entries) | set(custom))
         missing = sorted((set(entries) | set(custom)) - set(state))
         unexpected = sorted(set(state) - set(entries) - set(custom))

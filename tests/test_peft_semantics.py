@@ -245,6 +245,7 @@ def test_embedding_layers_saved_whole_by_hf_peft_are_dropped_when_unchanged(tiny
         torch.testing.assert_close(ours.eval()(input_ids=ids, attention_mask=mask).logits,
                                    hf.eval()(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-6)
     embeddings = saved["base_model.model.model.embed_tokens.weight"]
+    edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm").to(torch.bfloat16), str(tmp_path / "a"))
     save_file({**saved, "base_model.model.model.embed_tokens.weight": embeddings.half()}, str(weights))
     edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))  # the base, rounded
     trained = embeddings.clone()
@@ -274,7 +275,11 @@ def test_adapter_files_named_as_state_dict_names_load_as_in_peft(tiny_base, tmp_
     ids = torch.from_numpy(sample_batch()[0])
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, hf.eval()(input_ids=ids).logits, rtol=0, atol=1e-6)
-    extra = {**load_file(weights), "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32)}
+    named = load_file(weights)  # another adapter's keys beside them: the last one's values were loaded, in silence
+    save_file({**named, **{k.replace(".default.", ".other."): v + 1 for k, v in named.items()}}, str(weights))
+    with pytest.raises(AdapterBaseMismatchError, match=r"lacks \(e.g. .*lora_A.other.weight\)"):
+        edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+    extra = {**named, "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32)}
     save_file(extra, str(weights))  # a key for a module this base lacks: the advice named the base already in use
     with pytest.raises(AdapterBaseMismatchError, match=r"lacks \(e.g. base_model.model.model.layers.9.self_attn.q_proj"
                                                        r".lora_A.weight\); it names this base: remove those keys"):

@@ -114,8 +114,9 @@ def ignored_fields(path: str, task: str) -> str | None:
 
 def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> list[str]:
     """Names of the classes, index = class id: sorted strings, or str(i) for integer labels 0..max. ``head``: a
-    trained classifier's class names in its head's order (config.json's id2label), taken where the data has the
-    same names, as transformers' run_glue keeps a model's label order (sorted, a trained head started inverted)."""
+    trained classifier's class names in its head's order (config.json's id2label): where the data has the same
+    names (case and spaces aside, as transformers' run_glue compares them), that order, in the data's spelling
+    (sorted, a trained head started inverted and HF PEFT read the classes the other way round)."""
     values = {r["label"] for r in rows}
     ints = all(isinstance(v, int) for v in values)
     if not ints and any(isinstance(v, int) for v in values):
@@ -123,17 +124,14 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
     if len(values) < 2:
         raise DataError(f"{path}: every row has the label {next(iter(values))!r}; classification needs two or more")
     if not ints:
-        return list(head) if head and sorted(head) == sorted(values) else sorted(values)
+        spelled = {v.strip().lower(): v for v in values}
+        order = [h.strip().lower() for h in head or []]
+        return [spelled[k] for k in order] if len(spelled) == len(values) and sorted(order) == sorted(spelled) else (
+            sorted(values))
     if max(values) >= max(1000, 2 * len(values)):  # class ids, not arbitrary numbers
         raise DataError(f"{path}: integer labels must be class ids 0..N-1 (got {max(values)} for {len(values)} "
                         "classes); use string labels or renumber them")
     return [str(i) for i in range(max(values) + 1)]
-
-
-def class_names(labels: list[str], head: list[str] | None) -> list[str]:
-    """What the classes are called (the head's config, labels.json): integer class ids 0..N-1 take a trained
-    classifier's own names for them where it has as many (the runtime said '0'/'1' where the base said names)."""
-    return list(head) if head and labels == [str(i) for i in range(len(head))] else labels
 
 
 def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:

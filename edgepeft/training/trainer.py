@@ -31,7 +31,7 @@ from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, checksum,
     read_checkpoint, remove_if_empty, restore, save_adapter, save_checkpoint,
 )
-from edgepeft.training.data import Encoder, check_positions, class_names, ignored_fields, label_names, read_jsonl
+from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, read_jsonl
 
 HARDLY_MOVED = 0.97  # eval loss at its best above this share of the untrained adapter's: the rate is probably too low
 
@@ -84,7 +84,7 @@ class Trainer:
         n_virtual = getattr(method, "num_virtual_tokens", None) or 0
         for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
             check_positions(features, checked, path, max_positions(config), n_virtual)
-        return encoder, train, evals, labels and class_names(labels, head), config
+        return encoder, train, evals, labels, config
 
     def _model(self, labels, config, model_config):
         from edgepeft.models import load_base
