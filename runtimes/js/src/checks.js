@@ -313,3 +313,15 @@ export async function readJson(loader, rel, missing = `missing from the export; 
     throw new EdgePeftError(`${loader.where(rel)}: ${e.missing ? missing : `not readable JSON (${e.message}); ${fix}`}`);
   }
 }
+
+/** The base's files against the sizes the export wrote (file_bytes): a copy to a device cut short is named. */
+export async function checkSizes(loader, manifest, files) {
+  for (const file of loader.size ? files : []) {
+    const want = manifest.file_bytes?.[file];
+    const got = want === undefined ? undefined : await loader.size(`base/${file}`);
+    if (got !== undefined && got !== want) {
+      throw new EdgePeftError(`${loader.where(`base/${file}`)}: ${got} bytes where the export wrote ${want} (a copy cut ` +
+        "short?); copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder");
+    }
+  }
+}

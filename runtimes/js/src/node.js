@@ -11,6 +11,9 @@ async function read(file, encoding) {
   try {
     return await readFile(file, encoding);
   } catch (e) {
+    if (e.code === "ENOTDIR") {  // a file of the export given as OUT
+      throw new EdgePeftError(`${file}: a path through a file, not a folder; give openFolder the export's folder (OUT)`);
+    }
     if (e.code !== "ENOENT") throw e;
     const error = new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
     error.missing = true;  // the runtime says what a missing file of an export means
@@ -18,8 +21,12 @@ async function read(file, encoding) {
   }
 }
 
-/** Files of the export folder OUT, read from disk. */
+/** Files of the export folder OUT, read from disk; a relative OUT is resolved once (the app may change directory). */
 export function folderLoader(out) {
+  if (typeof out !== "string" || !out) {
+    throw new EdgePeftError(`openFolder and loadTokenizer take an export's folder (a path), got ${JSON.stringify(out) ?? String(out)}`);
+  }
+  out = path.resolve(out);
   return {
     where: (rel) => path.join(out, rel),
     json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8")),

@@ -14,7 +14,7 @@
 
 import {
   EdgePeftError, REEXPORT, adapterSessionOptions, bareName, cacheNames, checkFormat, checkInputs, checkLabels, checkOptions,
-  checkTensors, namedLabels, readJson,
+  checkSizes, checkTensors, namedLabels, readJson,
 } from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, runOnce } from "./sessions.js";
@@ -30,6 +30,10 @@ export class Runtime {
   static async open(ort, loader, options = {}) {
     const { sessionOptions = {} } = checkOptions(options, ["sessionOptions"], "Runtime.open",
       " (ONNX Runtime's own options, executionProviders included, go inside sessionOptions)");
+    if (typeof ort?.InferenceSession?.create !== "function") {
+      throw new EdgePeftError("Runtime.open takes ONNX Runtime's module first (import * as ort from \"onnxruntime-node\" " +
+        "or \"onnxruntime-web\")");
+    }
     const rt = new Runtime();
     rt.ort = ort;
     rt.loader = loader;
@@ -40,10 +44,10 @@ export class Runtime {
     if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT}`);
     await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`]);
     rt.session = new TakingTurns(await rt.opened(`base/${m.web_graph}`,
-      () => loader.session(ort, `base/${m.web_graph}`, sessionOptions, true)));
+      (o) => loader.session(ort, `base/${m.web_graph}`, o, true)));
     // neutral.onnx: every slot's neutral value (none in a merged classifier, which has no slot)
     const neutral = `base/${m.neutral_graph}`;
-    rt.neutral = m.neutral_graph ? await runOnce(await rt.opened(neutral, () => loader.session(ort, neutral, sessionOptions, false))) : {};
+    rt.neutral = m.neutral_graph ? await runOnce(await rt.opened(neutral, (o) => loader.session(ort, neutral, o, false))) : {};
     rt.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
     const unbound = m.slots.find((s) => !s.target && !(s.name in rt.neutral));  // an input no run would feed
     if (unbound) {
@@ -70,14 +74,28 @@ export class Runtime {
   }
 
   /** A session made by make(); ONNX Runtime's failure to load a file is an EdgePeftError naming it. */
+  /** make(sessionOptions), its failure named: the sessionOptions given where it opens without them, else the file. */
   async opened(rel, make) {
     try {
-      return await make();
+      return await make(this.sessionOptions);
     } catch (e) {
       if (e instanceof EdgePeftError && !e.missing) throw e;
-      const what = e instanceof EdgePeftError ? "missing from the export" : `ONNX Runtime cannot load it (${String(e.message).split("\n")[0]})`;
+      const reason = String(e.message).split("\n")[0];
+      const plain = async () => { await (await make({}))?.release?.(); return true; };
+      if (!e.missing && Object.keys(this.sessionOptions).length && await plain().catch(() => false)) {
+        throw new EdgePeftError(`${this.loader.where(rel)}: ONNX Runtime cannot load it with the sessionOptions given ` +
+          `(${reason}); it loads without them: start from {} and add options one by one`);
+      }
+      const what = e instanceof EdgePeftError ? "missing from the export" : `ONNX Runtime cannot load it (${reason})`;
       throw new EdgePeftError(`${this.loader.where(rel)}: ${what}; the file is damaged or incomplete: ${REEXPORT}`);
     }
+  }
+
+  /** Free the base session once queued calls are done (wasm frees one on release only: ~90 MB per open kept). */
+  async release() {
+    const session = this.session;
+    this.session = { run: async () => { throw new EdgePeftError("this Runtime was released; open the export again"); } };
+    await session.release();
   }
 
   /** How classify scores a classifier's logits: the base config's problem_type (null: softmax, or one output's sigmoid). */
@@ -119,7 +137,7 @@ export class Runtime {
         throw new EdgePeftError(`${this.loader.where(graph)}: checksum does not match adapter.json (truncated, modified or ` +
           `a stale copy); ${REEXPORT}`);
       }
-      tensors = await runOnce(await this.opened(graph, () => this.adapterSession(graph, bytes)));
+      tensors = await runOnce(await this.opened(graph, (o) => this.adapterSession(graph, bytes, o)));
     } finally {
       this.loading.delete(name);
     }
@@ -146,9 +164,9 @@ export class Runtime {
   }
 
   /** An adapter graph's session, which reads no file: its tensors are inside (adapterSessionOptions). */
-  async adapterSession(graph, bytes) {
+  async adapterSession(graph, bytes, options) {
     try {
-      return await this.ort.InferenceSession.create(bytes, adapterSessionOptions(this.sessionOptions));
+      return await this.ort.InferenceSession.create(bytes, adapterSessionOptions(options));
     } catch (e) {
       if (!/external data/i.test(e.message)) throw e;
       throw new EdgePeftError(`${this.loader.where(graph)}: reads tensors from another file (external data); adapter graphs hold ` +
@@ -349,17 +367,6 @@ function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
  * cut short is named as such (ONNX Runtime's own error named the graph, or an initializer's offsets). Loaders
  * that cannot tell a size before reading (a browser's fetch) skip it; a missing file is named when it is read.
  */
-async function checkSizes(loader, manifest, files) {
-  for (const file of loader.size ? files : []) {
-    const want = manifest.file_bytes?.[file];
-    const got = want === undefined ? undefined : await loader.size(`base/${file}`);
-    if (got !== undefined && got !== want) {
-      throw new EdgePeftError(`${loader.where(`base/${file}`)}: ${got} bytes where the export wrote ${want} (a copy cut ` +
-        "short?); copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder");
-    }
-  }
-}
-
 /**
  * Label scores from a classifier's logits row: [{label, score}], highest first. As transformers' text-classification
  * pipeline (and the Python runtime's classify) by the model's problemType (rt.problemType): probabilities (softmax),
@@ -367,6 +374,10 @@ async function checkSizes(loader, manifest, files) {
  * Label names that do not fit the head (a hand-edited manifest) are an EdgePeftError naming the manifest.
  */
 export function classify(logits, labels, row = 0, problemType = null) {
+  if (logits.dims.length !== 2 || !(Number.isInteger(row) && row >= 0 && row < logits.dims[0])) {
+    throw new EdgePeftError(`classify takes a classifier's logits (batch x labels) and one of their rows; got ` +
+      `[${logits.dims}] and row ${row}`);
+  }
   const width = logits.dims[1];
   checkLabels(labels, width);
   const values = Array.from(logits.data.slice(row * width, (row + 1) * width));

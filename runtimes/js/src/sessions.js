@@ -20,6 +20,13 @@ export class TakingTurns {
     this.turn = run.catch(() => {});  // a failed run is its caller's; the next one runs
     return run;
   }
+
+  /** Release the session once the runs already queued are done (wasm sessions are freed by release only). */
+  release() {
+    const released = this.turn.then(() => this.session.release?.());
+    this.turn = released.catch(() => {});
+    return released;
+  }
 }
 
 /** A graph with no inputs, run once; its session is released (else it leaks). */

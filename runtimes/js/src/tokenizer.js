@@ -44,6 +44,8 @@ export async function tokenizerOf(Tokenizer, loader) {
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: the JavaScript tokenizer cannot read it ` +
       `(${String(e.message).split("\n")[0]}); ${PASS_IDS}`);
   }
+  const decode = tokenizer.decode.bind(tokenizer);  // as the Python runtime's decode: special tokens skipped by default
+  tokenizer.decode = (ids, options) => decode(ids, { skip_special_tokens: true, ...options });
   if (bertCjk(json.normalizer)) {
     const encode = tokenizer.encode.bind(tokenizer);
     const spaced = (text) => typeof text === "string" ? text.replace(ASTRAL_CJK, " $& ") : text;

@@ -1,0 +1,63 @@
+// The JavaScript runtime as an app uses it: a relative OUT opened once whatever the app's directory is later, a
+// Runtime released (onnxruntime-web frees a session on release only), sessionOptions blamed where they are at fault
+// (not the files), arguments named rather than TypeErrors, classify's logits checked, decode as the Python runtime's.
+import assert from "node:assert/strict";
+import { cp, mkdir, mkdtemp, rm } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { after, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import * as ortNode from "onnxruntime-node";
+
+import { EdgePeftError, classify } from "../src/runtime.js";
+import { loadTokenizer, openFolder } from "../src/node.js";
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
+const FIXTURES = process.env.EDGEPEFT_JS_FIXTURES || path.join(REPO, "build", "js");
+const scratch = await mkdtemp(path.join(os.tmpdir(), "edgepeft-js-app-"));
+after(() => rm(scratch, { recursive: true, force: true }));
+const refuses = (call, pattern) => assert.rejects(call, (e) => e instanceof EdgePeftError && pattern.test(e.message));
+
+test("a relative OUT is the folder opened, after the app changes directory (another copy there served its adapter)", async () => {
+  const home = process.cwd();
+  await cp(path.join(FIXTURES, "llama"), path.join(scratch, "a", "out"), { recursive: true });
+  await mkdir(path.join(scratch, "b"));
+  try {
+    process.chdir(path.join(scratch, "a"));
+    const rt = await openFolder(ortNode, "out");
+    process.chdir(path.join(scratch, "b"));  // holds no out/: the adapter was looked for here
+    assert.equal(await rt.loadAdapter("lora"), "lora");
+  } finally {
+    process.chdir(home);
+  }
+});
+
+test("release frees the base session; later calls are refused, not run", async () => {
+  const rt = await openFolder(ortNode, path.join(FIXTURES, "minilm"));
+  const ids = [[101, 2054, 102]];
+  const pending = rt.forward(ids);  // queued before the release: it runs
+  await rt.release();
+  assert.ok((await pending).logits);
+  await refuses(rt.forward(ids), /this Runtime was released; open the export again/);
+});
+
+test("what is wrong with an app's arguments is named, not blamed on the export", async () => {
+  const out = path.join(FIXTURES, "minilm");
+  await refuses(openFolder(ortNode, out, { sessionOptions: { graphOptimizationLevel: "bogus" } }),
+    /model\.web\.onnx: ONNX Runtime cannot load it with the sessionOptions given \(.*\); it loads without them/);
+  await refuses(openFolder(ortNode, undefined), /openFolder and loadTokenizer take an export's folder \(a path\), got undefined/);
+  await refuses(loadTokenizer(""), /take an export's folder \(a path\), got ""/);
+  await refuses(openFolder(undefined, out), /Runtime\.open takes ONNX Runtime's module first/);
+  await refuses(openFolder(ortNode, path.join(out, "base", "edgepeft.json")), /a path through a file, not a folder; give openFolder the export's folder/);
+  const logits = new ortNode.Tensor("float32", new Float32Array(6), [1, 2, 3]);  // a decoder's (batch, sequence, vocab)
+  assert.throws(() => classify(logits, null), (e) => e instanceof EdgePeftError && /batch x labels/.test(e.message));
+  assert.throws(() => classify(new ortNode.Tensor("float32", new Float32Array(2), [1, 2]), null, 1), /one of their rows/);
+});
+
+test("decode skips special tokens by default, as the Python runtime's", async () => {
+  const tokenizer = await loadTokenizer(path.join(FIXTURES, "minilm"));
+  const ids = tokenizer.encode("hello world").ids;
+  assert.equal(tokenizer.decode(ids), "hello world");
+  assert.match(tokenizer.decode(ids, { skip_special_tokens: false }), /^\[CLS\] hello world \[SEP\]$/);
+});
