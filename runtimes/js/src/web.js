@@ -4,28 +4,61 @@ import { Tokenizer } from "@huggingface/tokenizers";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { tokenizerOf } from "./tokenizer.js";
 
+/** The body of `url` (JSON or bytes); a failed download, an HTTP error or a page where a JSON file should be named. */
 async function fetched(url, as) {
-  const response = await fetch(url);
-  if (!response.ok) {
-    const error = new EdgePeftError(`${url}: HTTP ${response.status}; serve the export's folder (OUT) at that address`);
-    error.missing = response.status === 404;  // the runtime says what a missing file of an export means
+  let response, body;
+  try {
+    response = await fetch(url);
+    body = response.ok ? (as === "json" ? await response.text() : new Uint8Array(await response.arrayBuffer())) : null;
+  } catch (e) {  // the server down, the connection cut: nothing to re-export
+    throw new EdgePeftError(`${url}: download failed (${e.message}); check the server and the connection, then retry`);
+  }
+  const page = as === "json" && /^\s*</.test(body ?? "");  // a site that answers a missing file with its HTML page
+  if (!response.ok || page) {
+    const error = new EdgePeftError(`${url}: ${page ? "the server answered with an HTML page, not the export's file"
+      : `HTTP ${response.status}`}; serve the export's folder (OUT) at that address`);
+    error.missing = page || response.status === 404;  // the runtime says what a missing file of an export means
     throw error;
   }
-  return as === "json" ? response.json() : new Uint8Array(await response.arrayBuffer());
+  return as === "json" ? JSON.parse(body) : body;
 }
 
-/** Files of the export at URL ``out`` (e.g. "/demo-out/export"). */
+/** Files of the export at URL ``out`` (e.g. "/demo-out/export", "https://host/out?v=2"), resolved once against the
+ * page: a relative OUT under onnxruntime-web's proxy worker was resolved against the worker's script. */
 export function urlLoader(out) {
-  const at = (rel) => `${out.replace(/\/$/, "")}/${rel}`;
+  let root;
+  try {
+    root = new URL(out, globalThis.location?.href);
+  } catch {
+    throw new EdgePeftError(`${out}: not a URL this page can fetch; give the export's address (absolute, or a path of this site)`);
+  }
+  const at = (rel) => {
+    const url = new URL(root);
+    url.pathname = `${root.pathname.replace(/\/*$/, "")}/${rel}`;  // its query (?v=2) kept for every file
+    url.hash = "";
+    return url.href;
+  };
+  const downloads = new Map();  // base files fetched for their size (file_bytes) and then for their session, once
+  const once = (rel) => {
+    if (!downloads.has(rel)) downloads.set(rel, fetched(at(rel)));
+    return downloads.get(rel);
+  };
   return {
     where: at,
     json: (rel) => fetched(at(rel), "json"),
     bytes: (rel) => fetched(at(rel)),
+    // a base file's size as served (undefined: missing, named when read): a stale model.onnx.data gave other logits
+    size: (rel) => once(rel).then((bytes) => bytes.length, (e) => { if (e.missing) return undefined; throw e; }),
     session: async (ort, rel, options, external) => {
-      const model = await fetched(at(rel));
-      if (!external) return ort.InferenceSession.create(model, options);
-      const base = at(rel).replace(/[^/]*$/, "");
-      return ort.InferenceSession.create(model, { ...options, externalData: [{ path: "model.onnx.data", data: `${base}model.onnx.data` }] });
+      const data = `${rel.replace(/[^/]*$/, "")}model.onnx.data`;
+      try {
+        const model = await once(rel);
+        if (!external) return await ort.InferenceSession.create(model, options);
+        return await ort.InferenceSession.create(model, { ...options, externalData: [{ path: "model.onnx.data", data: await once(data) }] });
+      } finally {
+        downloads.delete(rel);  // the session holds what it needs
+        downloads.delete(data);
+      }
     },
   };
 }

@@ -1,0 +1,56 @@
+// The browser loader (src/web.js) against a local server that behaves as real hosting does: an OUT address with a
+// query string (cache busting), a stale weights file of another length (other logits, no error), a site that answers
+// a missing file with its HTML page, and a server that is down. Run with onnxruntime-web's wasm, in Node.
+import assert from "node:assert/strict";
+import { readFile } from "node:fs/promises";
+import http from "node:http";
+import path from "node:path";
+import { after, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import * as ortWeb from "onnxruntime-web";
+
+import { EdgePeftError } from "../src/runtime.js";
+import { openFolder } from "../src/node.js";
+import { openUrl } from "../src/web.js";
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
+const FIXTURES = process.env.EDGEPEFT_JS_FIXTURES || path.join(REPO, "build", "js");
+ortWeb.env.wasm.numThreads = 1;
+const refuses = (call, pattern) => assert.rejects(call, (e) => e instanceof EdgePeftError && pattern.test(e.message));
+
+const behaviour = { staleData: false, pages: false };
+const server = http.createServer(async (request, response) => {
+  const rel = decodeURIComponent(new URL(request.url, "http://x").pathname).replace(/^\/out\//, "");
+  try {
+    let body = await readFile(path.join(FIXTURES, "llama", rel));
+    if (behaviour.staleData && rel.endsWith("model.onnx.data")) body = Buffer.concat([body, Buffer.alloc(64)]);
+    response.writeHead(200).end(body);
+  } catch {
+    if (behaviour.pages) response.writeHead(200, { "content-type": "text/html" }).end("<!DOCTYPE html><p>app</p>");
+    else response.writeHead(404).end();
+  }
+});
+await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+after(() => server.close());
+const base = `http://127.0.0.1:${server.address().port}/out`;
+
+test("an OUT address with a query string opens (files were fetched from 'out?v=2/base/...')", async () => {
+  const ids = [[5, 6, 7]];
+  const want = (await (await openFolder(ortWeb, path.join(FIXTURES, "llama"))).forward(ids)).logits.data;
+  const rt = await openUrl(ortWeb, `${base}?v=2`);
+  assert.deepEqual(Array.from((await rt.forward(ids)).logits.data), Array.from(want));
+  assert.equal(await rt.loadAdapter("lora"), "lora");
+});
+
+test("a stale weights file, a page for a missing file, a server that is down: each named, none a wrong answer", async () => {
+  behaviour.staleData = true;  // the weights were fetched by onnxruntime-web, unchecked: other logits, no error
+  await refuses(openUrl(ortWeb, base), /model\.onnx\.data: \d+ bytes where the export wrote \d+ \(a copy cut short\?\)/);
+  behaviour.staleData = false;
+  behaviour.pages = true;  // "not readable JSON (Unexpected token '<')...; re-export it"
+  const rt = await openUrl(ortWeb, base);
+  await refuses(rt.loadAdapter("nope"), /adapters\/nope\/adapter\.json: no adapter nope in this export/);
+  behaviour.pages = false;
+  await refuses(openUrl(ortWeb, "http://127.0.0.1:9/out"), /edgepeft\.json: download failed \(.*\); check the server and the connection/);
+  await refuses(openUrl(ortWeb, "out"), /^out: not a URL this page can fetch/);  // relative, with no page to resolve it
+});
