@@ -343,6 +343,11 @@ def as_flags(message: str, argv) -> str:
     if not flags:
         return message
     values = {"None": "none", "True": "", "False": ""}
+    paths = {}  # the command's paths as given ("sweep lr=0.01/train.jsonl"): no flag names inside them
+    for a in sorted({a for a in argv if " " in a or "/" in a or os.sep in a}, key=len, reverse=True):
+        if a in message:
+            paths[f"\x00{len(paths)}\x00"] = a
+            message = message.replace(a, f"\x00{len(paths) - 1}\x00")
 
     def flag(m):
         name, value = m.group(1), m.group(2).strip("'")
@@ -357,18 +362,21 @@ def as_flags(message: str, argv) -> str:
     alone = r"(?<![\w/.\-])", r"(?![\w/\-]|\.\w)"  # a word of its own, not part of a path or file name
     message = re.sub(alone[0] + r"(\w+)=('[^' ]*'|[\w.+\-]*\w)" + alone[1], flag, message)  # None, 0.005, -3, 'linear'
     message = re.sub(alone[0] + r"([a-z]+)(?= must )", lambda m: flags.get(m.group(1), m.group(1)), message)  # "seed must"
-    return re.sub(alone[0] + r"([a-z]+_[a-z_]+)" + alone[1], lambda m: flags.get(m.group(1), m.group(1)), message)
+    message = re.sub(alone[0] + r"([a-z]+_[a-z_]+)" + alone[1], lambda m: flags.get(m.group(1), m.group(1)), message)
+    for token, path in paths.items():
+        message = message.replace(token, path)
+    return message
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, standalone_mode=False)
-    except TrainingInterrupted as e:
-        click.echo(" ".join(str(e).split()), err=True)
+    except TrainingInterrupted as e:  # as it is: its resume command quotes paths whose spaces count
+        click.echo(str(e), err=True)
         sys.exit(130)
-    except EdgePeftError as e:
-        click.echo("error: " + as_flags(" ".join(str(e).split()), argv), err=True)
+    except EdgePeftError as e:  # one line; spaces inside a path stay
+        click.echo("error: " + as_flags(re.sub(r"\s*\n\s*", " ", str(e)), argv), err=True)
         sys.exit(1)
     except OSError as e:  # the disk said no: a path that is a file, no permission, disk full
         where = f"{e.filename}: " if e.filename else ""

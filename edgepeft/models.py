@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import warnings
 
 import torch
@@ -57,9 +58,12 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
     name = str(name_or_path)
     if not os.path.exists(name) and HUB_ID.fullmatch(name):
         return
-    if not (os.path.sep in name or name.startswith((".", "~")) or os.path.exists(name)):
+    if name.startswith("~") and not os.path.exists(name):  # transformers takes it as a hub id (a quoted ~, or Python)
+        raise ArtifactNotFoundError(f"{name}: '~' is not expanded here; give {flag} the full path, "
+                                    f"{shlex.quote(os.path.expanduser(name))}")
+    if not (os.path.sep in name or name.startswith(".") or os.path.exists(name)):
         return
-    path = os.path.expanduser(name)
+    path = name
     if not os.path.exists(path):
         raise ArtifactNotFoundError(f"{name}: no such folder; give {flag} a local model folder (with config.json) "
                                     "or a hub id")
@@ -90,7 +94,7 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
                 f"{model_label(name_or_path, revision)}: its config.json needs the model's own Python code (auto_map), "
                 f"which edgepeft never runs; edgepeft supports {', '.join(SUPPORTED)} as transformers implements them"
             ) from None
-        local = os.path.join(os.path.expanduser(str(name_or_path)), "config.json")
+        local = os.path.join(str(name_or_path), "config.json")
         try:
             with open(local, encoding="utf-8") as f:
                 model_type = json.load(f).get("model_type")

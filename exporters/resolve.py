@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import shlex
 from dataclasses import dataclass, field
 
 from edgepeft.config import CONFIG_NAME, naming_config
@@ -76,12 +77,12 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
         check_output_dir(os.path.join(out, sub), "--out")
     sources = _read_sources(adapters, names)
-    if (export := enclosing_export(out)) is not None:
-        raise ConfigError(f"{out}: lies inside the export {export}; give --out {export} to add the adapter to that "
-                          "export")
+    if (export := enclosing_export(os.path.realpath(out))) is not None:  # through a link too
+        raise ConfigError(f"{out}: lies inside the export {export}; give --out {shlex.quote(export)} to add the adapter "
+                          "to that export")
     if os.path.isfile(os.path.join(out, CONFIG_NAME)):
         raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "
-                          f"e.g. --out {os.path.normpath(out)}-onnx")
+                          f"e.g. --out {shlex.quote(os.path.abspath(out) + '-onnx')}")
     source = _base_of(sources, base)
     revision = _revision_of(sources, source)
     _check_out_replaces_nothing_of_the_users(out, sources, source)

@@ -52,6 +52,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from shlex import quote
 
 from .errors import ArtifactNotFoundError, CorruptArtifactError
 from .slot_checks import slot_table_errors
@@ -224,10 +225,8 @@ def _check_format(data: dict, path: str, form: str, required: tuple, fix: str) -
         raise CorruptArtifactError(f"{path}: not an edgepeft {form} manifest; {fix}")
     version = data.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CorruptArtifactError(
-            f"{path}: format version {version!r} is newer than this edgepeft reads "
-            f"({FORMAT_VERSION}); upgrade edgepeft or re-export with this version"
-        )
+        raise CorruptArtifactError(f"{path}: format version {version!r} is newer than this edgepeft reads "
+                                   f"({FORMAT_VERSION}); upgrade edgepeft or re-export with this version")
     missing = [k for k in required if k not in data]
     if missing:
         raise CorruptArtifactError(f"{path}: manifest lacks {', '.join(missing)}; {fix}")
@@ -280,9 +279,9 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
         return ArtifactNotFoundError(f"{path}: is a file of the export {out}; give {out} itself" if out else
                                      f"{path}: is a file, not an export; give the folder `edgepeft export --out` wrote")
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        out = os.path.normpath(path) + "-onnx"
+        out = os.path.abspath(path) + "-onnx"  # "." gave ".-onnx", a hidden folder inside the adapter
         return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
-                                     f"with `edgepeft export --adapter {path} --out {out}`, then use {out}")
+                                     f"with `edgepeft export --adapter {quote(path)} --out {quote(out)}`, then use {out}")
     if os.path.isfile(os.path.join(path, "adapter.json")):
         out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
         return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")
@@ -290,11 +289,11 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
         out = os.path.dirname(os.path.abspath(path))
         return ArtifactNotFoundError(f"{path}: is the base folder of the export {out}; open {out} itself")
     if os.path.isfile(os.path.join(path, "config.json")):  # a model folder: its export goes elsewhere
-        out = os.path.normpath(path) + "-onnx"
+        out = os.path.abspath(path) + "-onnx"
         return ArtifactNotFoundError(f"{path}: is a model folder, not an export; export an adapter trained on it "
-                                     f"with `edgepeft export --adapter DIR --out {out}`, then use {out}")
+                                     f"with `edgepeft export --adapter DIR --out {quote(out)}`, then use {out}")
     return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "
-                                 f"`edgepeft export --adapter DIR --out {path}` first")
+                                 f"`edgepeft export --adapter DIR --out {quote(path)}` first")
 
 
 def read_base_manifest(base_dir: str) -> dict:

@@ -174,3 +174,37 @@ def test_adapters_naming_one_base_folder_relative_and_absolute_export_together(t
     absolute = lora_adapter(tmp_path / "abs", base, "causal-lm", 2, r=2, target_modules=["v_proj"])
     export([relative, absolute], str(tmp_path / "out"), names=["rel", "abs"])
     assert Runtime(str(tmp_path / "out")).adapter_names == ["abs", "rel"]
+
+
+def test_paths_in_messages_and_suggested_commands_are_as_given(peft_adapter, shared_export, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Paths with spaces, 'lr=' or '~' in them: the CLI squeezed repeated spaces (the resume command printed on
+    Ctrl-C named a folder that does not exist), rewrote 'lr=0.01' inside a path into '--lr 0.01', suggested
+    commands without quotes ('.-onnx' for '.'), took a quoted '~' for a hub id, and an --out through a link into
+    an export's adapters/ broke that export."""
+    import edgepeft.cli as cli_module
+    from edgepeft.errors import TrainingInterrupted
+
+    missing = tmp_path / "sweep  lr=0.01 b"
+    line = cli_error(capsys, "run", str(missing), "hello")
+    assert f"{missing}" in line and "--lr" not in line
+    adapter = shutil.copytree(peft_adapter("llama", "paths-qv", r=2, target_modules=["q_proj"]), tmp_path / "my adapter")
+    monkeypatch.chdir(adapter)
+    line = cli_error(capsys, "run", ".", "hello")
+    assert f"`edgepeft export --adapter . --out '{adapter}-onnx'`" in line
+    line = cli_error(capsys, "train", "--model", "~/no-such-model", "--task", "seq-cls", "--data", "d.jsonl", "--out",
+                     str(tmp_path / "o"))
+    assert line == (f"error: ~/no-such-model: '~' is not expanded here; give --model the full path, "
+                    f"{os.path.expanduser('~/no-such-model')}")
+    out = shared_export("llama")[0]
+    os.symlink(os.path.join(out, "adapters"), tmp_path / "link")
+    line = cli_error(capsys, "export", "--adapter", str(adapter), "--name", "nested", "--out", str(tmp_path / "link" / "nested"))
+    assert "lies inside the export" in line and not os.path.exists(os.path.join(out, "adapters", "nested"))
+
+    def interrupted(**kwargs):
+        raise TrainingInterrupted("interrupted; continue with: edgepeft train --out 'run  two' --resume")
+
+    monkeypatch.setattr(cli_module.cli, "main", interrupted)
+    with pytest.raises(SystemExit):
+        cli_module.main(["train"])
+    assert capsys.readouterr().err == "interrupted; continue with: edgepeft train --out 'run  two' --resume\n"
