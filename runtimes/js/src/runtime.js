@@ -94,7 +94,8 @@ export class Runtime {
   /** Free the base session once queued calls are done (wasm frees one on release only: ~90 MB per open kept). */
   async release() {
     const session = this.session;
-    this.session = { run: async () => { throw new EdgePeftError("this Runtime was released; open the export again"); } };
+    this.session = { run: async () => { throw new EdgePeftError("this Runtime was released; open the export again"); },
+      release: async () => {} };  // a second release does nothing
     await session.release();
   }
 

@@ -40,6 +40,7 @@ test("release frees the base session; later calls are refused, not run", async (
   await rt.release();
   assert.ok((await pending).logits);
   await refuses(rt.forward(ids), /this Runtime was released; open the export again/);
+  await rt.release();  // twice: nothing more
 });
 
 test("what is wrong with an app's arguments is named, not blamed on the export", async () => {
