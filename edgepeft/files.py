@@ -61,6 +61,9 @@ def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None
 
     probe = os.path.abspath(path)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        if os.path.islink(probe):  # a link to what is not there (an unmounted disk): "File exists" from makedirs
+            raise ConfigError(f"{probe}: is a link to {os.readlink(probe)}, which does not exist; create or mount "
+                              f"it, or give {flag} another folder")
         probe = os.path.dirname(probe)  # the nearest part of the path that exists
     if not os.path.isdir(probe):
         raise ConfigError(f"{probe}: is a file, not a folder; give {flag} {wants}")

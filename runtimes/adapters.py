@@ -22,6 +22,7 @@ import threading
 import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
+from shlex import quote
 
 import numpy as np
 
@@ -210,7 +211,7 @@ class AdapterStore:
             f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
             f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "
             f"({self.base.get('source')}); export the adapter into this OUT with "
-            f"`edgepeft export --adapter <adapter dir> --out {self.out}"
+            f"`edgepeft export --adapter <adapter dir> --out {quote(self.out)}"
             + (f" --name <new name>` (OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)"
                if os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])) else "`"))
 

@@ -345,7 +345,7 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, ADAPTER_MANIFEST)
     if not os.path.isfile(path) and os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise ArtifactNotFoundError(f"{adapter_dir}: is an adapter folder in HF PEFT format, not an exported one; "
-                                    f"export it first with `edgepeft export --adapter {adapter_dir} --out OUT`, "
+                                    f"export it first with `edgepeft export --adapter {quote(adapter_dir)} --out OUT`, "
                                     "then load its folder in OUT/adapters/")
     if not os.path.isfile(path) and not os.path.isfile(os.path.join(adapter_dir, ADAPTER_GRAPH)):
         raise ArtifactNotFoundError(f"{adapter_dir}: not an exported adapter (no {ADAPTER_MANIFEST}, no {ADAPTER_GRAPH}); "

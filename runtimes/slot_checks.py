@@ -8,6 +8,7 @@ The JavaScript runtime checks the same (runtimes/js/src/checks.js).
 from __future__ import annotations
 
 from collections import Counter
+from shlex import quote
 
 import numpy as np
 
@@ -88,7 +89,7 @@ def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict,
         if slot is None:
             raise AdapterBaseMismatchError(
                 f"{label}: adapter fills slot {slot_name!r} that {base_dir} lacks; "
-                f"re-export with `edgepeft export --adapter <adapter dir> --out {out}` to add it")
+                f"re-export with `edgepeft export --adapter <adapter dir> --out {quote(out)}` to add it")
         if slot.selects:
             raise CorruptArtifactError(f"{label}: adapter fills the selector slot {slot_name!r}, which the runtime "
                                        f"binds per call; {fix}")

@@ -201,6 +201,11 @@ def test_paths_in_messages_and_suggested_commands_are_as_given(peft_adapter, sha
     line = cli_error(capsys, "export", "--adapter", str(adapter), "--name", "nested", "--out", str(tmp_path / "link" / "nested"))
     assert "lies inside the export" in line and not os.path.exists(os.path.join(out, "adapters", "nested"))
 
+    os.symlink(tmp_path / "unmounted", tmp_path / "dangling")  # a link to a disk not mounted: "File exists"
+    line = cli_error(capsys, "export", "--adapter", str(adapter), "--name", "x", "--out", str(tmp_path / "dangling"))
+    assert line == (f"error: {tmp_path / 'dangling'}: is a link to {tmp_path / 'unmounted'}, which does not exist; "
+                    "create or mount it, or give --out another folder")
+
     def interrupted(**kwargs):
         raise TrainingInterrupted("interrupted; continue with: edgepeft train --out 'run  two' --resume")
 
