@@ -26,8 +26,12 @@ function unlike(json, config) {
 export async function tokenizerOf(Tokenizer, loader) {
   const fix = "re-export the base with its tokenizer files";
   const config = await readJson(loader, "base/tokenizer_config.json", OPTIONAL, fix);
-  const json = await readJson(loader, "base/tokenizer.json",
-    "the export has no tokenizer; pass token ids, or export from a base folder that has tokenizer.json", fix);
+  const json = await readJson(loader, "base/tokenizer.json", OPTIONAL, fix);
+  if (!Object.keys(json).length) {  // no export there at all (a mistyped OUT), or an export without a tokenizer
+    await readJson(loader, "base/edgepeft.json", null);
+    throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: the export has no tokenizer; pass token ids, or ` +
+      "export from a base folder that has tokenizer.json");
+  }
   const differs = unlike(json, config);
   if (differs) {
     const file = config.split_special_tokens === true ? "base/tokenizer_config.json" : "base/tokenizer.json";

@@ -49,6 +49,7 @@ test("what is wrong with an app's arguments is named, not blamed on the export",
     /model\.web\.onnx: ONNX Runtime cannot load it with the sessionOptions given \(.*\); it loads without them/);
   await refuses(openFolder(ortNode, undefined), /openFolder and loadTokenizer take an export's folder \(a path\), got undefined/);
   await refuses(loadTokenizer(""), /take an export's folder \(a path\), got ""/);
+  await refuses(loadTokenizer(path.join(scratch, "no-such-out")), /edgepeft\.json: no such file; export there first/);
   await refuses(openFolder(undefined, out), /Runtime\.open takes ONNX Runtime's module first/);
   await refuses(openFolder(ortNode, path.join(out, "base", "edgepeft.json")), /a path through a file, not a folder; give openFolder the export's folder/);
   const logits = new ortNode.Tensor("float32", new Float32Array(6), [1, 2, 3]);  // a decoder's (batch, sequence, vocab)
