@@ -108,15 +108,17 @@ def remove_abandoned(parent: str) -> list[str]:
     for name in sorted(os.listdir(parent)):
         m = _HIDDEN.fullmatch(name)
         path = os.path.join(parent, name)
-        if m is None or m.group(4) != host or not os.path.isdir(path) or _running(int(m.group(3))):
+        kept = not (os.path.isdir(path) or os.path.islink(path))  # a file of that name is not ours
+        if m is None or m.group(4) != host or kept or _running(int(m.group(3))):
             continue
         target = os.path.join(parent, m.group(2))
         if m.group(1) == "old" and not os.path.exists(target):
             os.replace(path, target)
             done.append(f"put {target} back (an export was stopped while replacing it)")
         else:
-            shutil.rmtree(path, ignore_errors=True)
-            done.append(f"removed {path} (left by an export that was stopped midway)")
+            _remove(path)
+            if not os.path.lexists(path):  # only what is gone is said to be
+                done.append(f"removed {path} (left by an export that was stopped midway)")
     return done
 
 
@@ -159,8 +161,16 @@ def replace_dir(staged: str, target: str) -> None:
                     os.replace(old, target)
                 raise
     finally:  # also when the deferred Ctrl-C is raised: the old folder is not left behind
-        if old and os.path.exists(old):
-            shutil.rmtree(old, ignore_errors=True)
+        if old and os.path.lexists(old):
+            _remove(old)
+
+
+def _remove(path: str) -> None:
+    """A folder, or a link moved aside in its place (OUT/base linked to another disk: rmtree leaves links, silently)."""
+    if os.path.islink(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager

@@ -360,3 +360,20 @@ def test_an_export_waiting_for_a_new_out_that_fails_holds_the_out_made_again(tmp
     for t in threads:
         t.join()
     assert seen == {"third locked OUT": False}
+
+
+def test_a_base_folder_linked_to_another_disk_is_replaced_without_a_stale_link(tmp_path):
+    """OUT/base as a link to another disk: the re-export moved the link aside and rmtree left it (it takes no links),
+    and every later export said it had removed it."""
+    from edgepeft.files import remove_abandoned, replace_dir
+
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "old.txt").write_text("old")
+    (tmp_path / "out").mkdir()
+    os.symlink(tmp_path / "disk", tmp_path / "out" / "base")
+    staged = tmp_path / "out" / ".stage"
+    staged.mkdir()
+    (staged / "new.txt").write_text("new")
+    replace_dir(str(staged), str(tmp_path / "out" / "base"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["base"] and (tmp_path / "out" / "base" / "new.txt").is_file()
+    assert remove_abandoned(str(tmp_path / "out")) == []
