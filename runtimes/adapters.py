@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
@@ -35,7 +34,7 @@ from .manifest import (
 )
 from .adapter_source import name_problem, read_adapter_source
 from .sessions import ort, session_options
-from .slot_checks import check_adapter_tensors
+from .slot_checks import axis_sharing, check_adapter_tensors
 from .values import is_whole
 
 
@@ -79,7 +78,7 @@ class Registered:
     def __init__(self, name, path, data, manifest, slots: dict, task: str):
         self.name, self.path, self.data, self.manifest = name, path, data, manifest
         filled = [slots[n] for n in manifest["slots"] if n in slots]
-        self.methods = {s.method for s in filled}  # what its tensors are (staging checks them against adapter.json's)
+        self.methods = {s.method for s in filled}  # of the slots it fills (adapter.json's "methods" is not trusted)
         # rows can share a run with others' rows (exports before the check wrote selector "output" on any saved layer)
         stacks = [s.stack_axis is not None and (s.selector != "output" or stacks_as_output(task, s.module)) for s in filled]
         self.stackable = all(stacks)
@@ -113,6 +112,7 @@ class AdapterStore:
         self.base_dir = base_dir
         self.out = out
         self.slots = {s.name: s for s in base_manifest["slots"]}
+        self.sharing = axis_sharing(self.slots)  # what each adapter's tensors are checked against (restages too)
         self.past_names = past_names
         self.device = device
         self.merged = base_manifest.get("merged_adapter")  # a --merge export's adapter: the base graph as it is
@@ -329,7 +329,7 @@ class AdapterStore:
         label = adapter.path or "adapter bytes"
         graph = adapter.data[ADAPTER_GRAPH] if adapter.data else os.path.join(adapter.path, adapter.manifest["graph"])
         arrays = run_adapter_graph(graph, label)
-        check_adapter_tensors(label, adapter.manifest, arrays, self.slots, self.base_dir, self.out)
+        check_adapter_tensors(label, adapter.manifest, arrays, self.slots, self.sharing, self.base_dir, self.out)
         return arrays, self._plan(label, arrays)
 
     def _plan(self, label: str, arrays: dict) -> Plan:
@@ -363,17 +363,20 @@ def _one_name(name):
     return name
 
 
+NO_FOLDER = os.path.join(os.sep, "edgepeft: adapter graphs hold their tensors inside")
+
+
 def run_adapter_graph(graph, label: str = "") -> dict:
     """{slot name: array}: an adapter graph's outputs (it has no inputs), run once on the CPU (a path or bytes).
 
-    Its tensors are inside it (exports write no external data for adapters): external data is looked for in an
-    empty folder, so a graph naming a file fails instead of reading it (from bytes: from the app's directory)."""
+    Its tensors are inside it (exports write no external data for adapters): external data is looked for in a
+    folder that does not exist, so a graph naming a file fails instead of reading it (from bytes: from the app's
+    directory). The JavaScript runtime does the same (checks.js)."""
     options = session_options(1)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", NO_FOLDER)
     try:
-        with tempfile.TemporaryDirectory() as empty:
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
-            sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
-            outputs = sess.run(None, {})
+        sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
+        outputs = sess.run(None, {})
     except Exception as e:
         where = graph if isinstance(graph, str) else f"{label}: adapter.onnx"
         raise CorruptArtifactError(

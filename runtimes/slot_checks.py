@@ -13,15 +13,12 @@ from shlex import quote
 import numpy as np
 
 from .errors import AdapterBaseMismatchError, CorruptArtifactError
+from .values import is_whole
 
 DTYPES = ("bool", "float16", "float32", "int32", "int64")
 NEUTRALS = ("empty", "base", "ones", "zeros")
 PHASES = ("every", "prefill")
 SELECTS = ("", "columns", "adapters")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def slot_table_errors(slots: list, past_names) -> list[str]:
@@ -31,7 +28,7 @@ def slot_table_errors(slots: list, past_names) -> list[str]:
     for slot in slots:
         if not (all(isinstance(v, str) for v in (slot.name, slot.method, slot.role, slot.module, slot.neutral,
                                                  slot.phase, slot.target, slot.selector, slot.selects))
-                and slot.dtype in DTYPES and all(_is_int(n) or isinstance(n, str) for n in slot.shape)):
+                and slot.dtype in DTYPES and all(is_whole(n) or isinstance(n, str) for n in slot.shape)):
             errors.append(f"slot {slot.name!r} (names are strings, dtype one of {', '.join(DTYPES)}, shape sizes or "
                           "axis names)")
             continue
@@ -44,7 +41,7 @@ def slot_table_errors(slots: list, past_names) -> list[str]:
             wrong.append(f"phase must be one of {', '.join(PHASES)}")
         for key in ("virtual_axis", "position_axis", "stack_axis"):
             axis = getattr(slot, key)
-            if axis is not None and not (_is_int(axis) and 0 <= axis < len(slot.shape)):
+            if axis is not None and not (is_whole(axis) and 0 <= axis < len(slot.shape)):
                 wrong.append(f"{key} must be an axis of its shape (0 to {len(slot.shape) - 1})")
         if slot.target and slot.target not in past:
             wrong.append("target must name a cache input (past_key_values.*)")
@@ -79,9 +76,19 @@ def adapters_axis(slot, slots: dict) -> str | None:
     return slot.shape[slot.stack_axis]
 
 
-def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict, base_dir: str, out: str) -> None:
+def axis_sharing(slots: dict) -> dict:
+    """{symbolic axis: names of the slots whose shape has it} (selector slots left out): made once per base."""
+    sharing: dict[str, list] = {}
+    for slot in slots.values():
+        for axis in {a for a in slot.shape if isinstance(a, str)} if not slot.selects else ():
+            sharing.setdefault(axis, []).append(slot.name)
+    return sharing
+
+
+def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict, sharing: dict, base_dir: str,
+                          out: str) -> None:
     """Every output must be a slot of this base with the slot's fixed sizes and dtype, share its symbolic sizes with
-    the adapter's other outputs, and fill every slot that shares one (the graph multiplies them together)."""
+    the adapter's other outputs, and fill every slot that shares one (``sharing``: ``axis_sharing(slots)``)."""
     fix = "re-export the adapter"
     axes: dict[str, int] = {}
     for slot_name, arr in arrays.items():
@@ -108,10 +115,6 @@ def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict,
             elif size != want:
                 raise CorruptArtifactError(f"{label}: slot {slot_name} has shape {list(arr.shape)}, base expects "
                                            f"{list(slot.shape)}; re-export the adapter for this base")
-    sharing: dict[str, list] = {}  # symbolic axis -> the slots whose shape has it
-    for slot in slots.values():
-        for axis in {a for a in slot.shape if isinstance(a, str)} if not slot.selects else ():
-            sharing.setdefault(axis, []).append(slot.name)
     for slot_name in arrays:
         slot = slots[slot_name]
         for axis in {a for a in slot.shape if isinstance(a, str)} - {adapters_axis(slot, slots)}:

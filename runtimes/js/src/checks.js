@@ -227,8 +227,8 @@ export function checkInputs(ids, mask, manifest, where) {
  * was a no-op), of the slot's dtype and sizes, one adapter along the axis that stacks adapters (IA3's), and every slot
  * that shares a symbolic axis filled too (the graph multiplies them: LoRA A without its B crashed in ONNX Runtime).
  */
-export function checkTensors(tensors, manifest, slots, where) {
-  const fix = "re-export the adapter (edgepeft export --adapter DIR --out OUT --overwrite)";
+export function checkTensors(tensors, manifest, slots, sharing, where) {
+  const fix = REEXPORT;
   const axes = {};
   for (const [name, tensor] of Object.entries(tensors)) {
     const slot = slots[name];
@@ -249,10 +249,6 @@ export function checkTensors(tensors, manifest, slots, where) {
       }
     });
   }
-  const sharing = {};  // symbolic axis -> the slots whose shape has it, made once (not per tensor: 1,121 slots took 320 ms)
-  for (const s of Object.values(slots)) {
-    for (const axis of s.selects ? [] : new Set(s.shape.filter(string))) (sharing[axis] ??= []).push(s.name);
-  }
   for (const name of Object.keys(tensors)) {
     const slot = slots[name];
     for (const axis of slot.shape.filter((a) => string(a) && a !== adaptersAxis(slot, slots))) {
@@ -266,6 +262,16 @@ export function checkTensors(tensors, manifest, slots, where) {
   if (listed.length !== Object.keys(tensors).length || !listed.every((n) => n in tensors)) {
     throw new EdgePeftError(`${where}: adapter.json and adapter.onnx disagree on the slots; ${fix}`);
   }
+}
+
+/** {symbolic axis: names of the slots whose shape has it} (selector slots left out): made once per base (per tensor,
+ * 1,121 slots took 320 ms a load). */
+export function axisSharing(slots) {
+  const sharing = {};
+  for (const s of Object.values(slots)) {
+    for (const axis of s.selects ? [] : new Set(s.shape.filter(string))) (sharing[axis] ??= []).push(s.name);
+  }
+  return sharing;
 }
 
 /** The axis along which a slot stacks whole adapters (IA3's: one entry per adapter), else null. */
@@ -314,7 +320,11 @@ export async function readJson(loader, rel, missing = `missing from the export; 
   }
 }
 
-/** The base's files against the sizes the export wrote (file_bytes): a copy to a device cut short is named. */
+/**
+ * The base's files against the sizes the export recorded (file_bytes), as the Python runtime checks them: a copy
+ * cut short, or a stale one served over HTTP, is named as such (ONNX Runtime's own error named the graph, or an
+ * initializer's offsets; a stale one of another length gave other logits). A missing file is named when read.
+ */
 export async function checkSizes(loader, manifest, files) {
   for (const file of loader.size ? files : []) {
     const want = manifest.file_bytes?.[file];

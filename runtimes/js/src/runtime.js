@@ -13,8 +13,8 @@
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
 import {
-  EdgePeftError, REEXPORT, adapterSessionOptions, bareName, cacheNames, checkFormat, checkInputs, checkLabels, checkOptions,
-  checkSizes, checkTensors, namedLabels, readJson,
+  EdgePeftError, REEXPORT, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
+  checkOptions, checkSizes, checkTensors, namedLabels, readJson,
 } from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, runOnce } from "./sessions.js";
@@ -49,6 +49,7 @@ export class Runtime {
     const neutral = `base/${m.neutral_graph}`;
     rt.neutral = m.neutral_graph ? await runOnce(await rt.opened(neutral, (o) => loader.session(ort, neutral, o, false))) : {};
     rt.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
+    rt.sharing = axisSharing(rt.slots);  // what each adapter's tensors are checked against
     const unbound = m.slots.find((s) => !s.target && !(s.name in rt.neutral));  // an input no run would feed
     if (unbound) {
       throw new EdgePeftError(`${m.neutral_graph ? `${loader.where(neutral)}: gives no value for slot ${unbound.name}`
@@ -73,7 +74,6 @@ export class Runtime {
     return readJson(this.loader, rel, missing);
   }
 
-  /** A session made by make(); ONNX Runtime's failure to load a file is an EdgePeftError naming it. */
   /** make(sessionOptions), its failure named: the sessionOptions given where it opens without them, else the file. */
   async opened(rel, make) {
     try {
@@ -142,7 +142,7 @@ export class Runtime {
     } finally {
       this.loading.delete(name);
     }
-    checkTensors(tensors, manifest, this.slots, where);
+    checkTensors(tensors, manifest, this.slots, this.sharing, where);
     const labels = namedLabels(manifest.labels, this.loader.where(json));  // classify names adapter.json where they do not fit
     const plan = { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, nInside: 0, labels };
     for (const [slotName, tensor] of Object.entries(tensors)) {
@@ -363,11 +363,6 @@ function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
   return new Tensor("float32", data, [tensors.length, ...tensors[0].dims.slice(1)]);
 }
 
-/**
- * The base's files against the sizes the export recorded (file_bytes), as the Python runtime checks them: a copy
- * cut short is named as such (ONNX Runtime's own error named the graph, or an initializer's offsets). Loaders
- * that cannot tell a size before reading (a browser's fetch) skip it; a missing file is named when it is read.
- */
 /**
  * Label scores from a classifier's logits row: [{label, score}], highest first. As transformers' text-classification
  * pipeline (and the Python runtime's classify) by the model's problemType (rt.problemType): probabilities (softmax),

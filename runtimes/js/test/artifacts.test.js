@@ -180,7 +180,7 @@ test("a slot table the runtime would misread (axes, targets, selectors, names) i
 test("an adapter filling a selector slot, half a LoRA pair or several IA3 adapters is refused, as in Python", async () => {
   const out = await copied("tensors");
   const where = quoted(path.join(out, "adapters"));
-  const fix = "re-export the adapter \\(edgepeft export --adapter DIR --out OUT --overwrite\\)$";
+  const fix = "re-export it \\(edgepeft export --adapter DIR --out OUT --overwrite\\)$";
   // lora_rows.batch is the runtime's per-call choice of rows: an adapter's zeros there silently ran the base model
   await giving(out, "lora", { ...LORA, "lora_rows.batch": { dims: [1, 1, 8] } });
   let rt = await openFolder(ortNode, out);
