@@ -109,9 +109,11 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
 def _missing_folders(path: str) -> list[str]:
     """``path`` and the folders above it that do not exist yet, outermost first: a failed export removes them."""
     missing = []
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        missing.insert(0, path)
+    path = os.path.join(os.getcwd(), path)  # not normalised: makedirs("n1/../n2") makes n1 too
+    while os.path.dirname(path) != path:
+        if os.path.basename(path) not in ("", ".", "..") and not os.path.exists(os.path.normpath(path)) \
+                and not os.path.exists(path):
+            missing.insert(0, path)
         path = os.path.dirname(path)
     return missing
 

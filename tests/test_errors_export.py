@@ -314,8 +314,9 @@ def test_negative_atol_is_refused(small_copy, llama):
     assert tree_hashes(small_copy) == before
 
 
-def test_failed_export_into_fresh_out_leaves_no_partial_export(tmp_path, llama, failing_checks):
-    out = str(tmp_path / "new" / "deeper" / "fresh")
+@pytest.mark.parametrize("where", ["new/deeper/fresh", "new/../fresh"])  # makedirs makes "new" for the second too
+def test_failed_export_into_fresh_out_leaves_no_partial_export(tmp_path, llama, failing_checks, where):
+    out = str(tmp_path / where)
     with pytest.raises(ExportValidationError):
         export([llama[1]["qv"]], out)
     assert os.listdir(tmp_path) == []  # nothing at all: not OUT's adapters/, nor the folders made above OUT
