@@ -15,6 +15,18 @@ function described(v) {  // a value as a message shows it: "5", 5n, 2.5, Int32Ar
 export const FORMAT_VERSION = 3;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)
 export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
 const REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder";
+const MIN_ORT = [1, 22];  // as runtimes/sessions.py and package.json's peerDependencies: 1.20 and 1.21 refuse GroupQueryAttention
+
+/** What to install where ONNX Runtime's module (onnxruntime-node or -web) is older than exports need, else "". */
+export function olderRuntime(ort) {
+  const versions = ort.env?.versions ?? {};
+  const pkg = versions.web ? "onnxruntime-web" : "onnxruntime-node";
+  const version = versions.web ?? versions.node ?? versions.common;
+  const parts = String(version).split(".").map((p) => parseInt(p, 10));
+  const i = MIN_ORT.findIndex((v, k) => parts[k] !== v);  // the first part that differs
+  return i >= 0 && parts[i] < MIN_ORT[i]
+    ? `edgepeft's exports need ${pkg}>=${MIN_ORT.join(".")}, this is ${version}: npm install ${pkg}@latest` : "";
+}
 
 const string = (v) => typeof v === "string";
 const whole = Number.isInteger;

@@ -14,7 +14,7 @@
 
 import {
   EdgePeftError, REEXPORT, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
-  checkOptions, checkSizes, checkTensors, namedLabels, readJson,
+  checkOptions, checkSizes, checkTensors, namedLabels, olderRuntime, readJson,
 } from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, runOnce } from "./sessions.js";
@@ -87,7 +87,8 @@ export class Runtime {
           `(${reason}); it loads without them: start from {} and add options one by one`);
       }
       const what = e instanceof EdgePeftError ? "missing from the export" : `ONNX Runtime cannot load it (${reason})`;
-      throw new EdgePeftError(`${this.loader.where(rel)}: ${what}; the file is damaged or incomplete: ${REEXPORT}`);
+      const fix = (!e.missing && olderRuntime(this.ort)) || `the file is damaged or incomplete: ${REEXPORT}`;
+      throw new EdgePeftError(`${this.loader.where(rel)}: ${what}; ${fix}`);
     }
   }
 

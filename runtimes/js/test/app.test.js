@@ -1,6 +1,7 @@
 // The JavaScript runtime as an app uses it: a relative OUT opened once whatever the app's directory is later, a
 // Runtime released (onnxruntime-web frees a session on release only), sessionOptions blamed where they are at fault
-// (not the files), arguments named rather than TypeErrors, classify's logits checked, decode as the Python runtime's.
+// (not the files), an old onnxruntime named, arguments named rather than TypeErrors, classify's logits checked,
+// decode as the Python runtime's.
 import assert from "node:assert/strict";
 import { cp, mkdir, mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
@@ -55,6 +56,17 @@ test("what is wrong with an app's arguments is named, not blamed on the export",
   const logits = new ortNode.Tensor("float32", new Float32Array(6), [1, 2, 3]);  // a decoder's (batch, sequence, vocab)
   assert.throws(() => classify(logits, null), (e) => e instanceof EdgePeftError && /batch x labels/.test(e.message));
   assert.throws(() => classify(new ortNode.Tensor("float32", new Float32Array(2), [1, 2]), null, 1), /one of their rows/);
+});
+
+test("an onnxruntime older than the exports need is named, not blamed on the files", async () => {
+  const refusing = (node) => ({  // onnxruntime-node 1.21 on a decoder: no GroupQueryAttention with 11 inputs
+    ...ortNode, env: { versions: { common: node, node } },
+    InferenceSession: { create: async () => { throw new Error("Could not find an implementation for GroupQueryAttention(1)"); } },
+  });
+  const out = path.join(FIXTURES, "llama");
+  await refuses(openFolder(refusing("1.21.1"), out),
+    /model\.web\.onnx: ONNX Runtime cannot load it \(.*GroupQueryAttention.*\); edgepeft's exports need onnxruntime-node>=1\.22, this is 1\.21\.1: npm install onnxruntime-node@latest$/);
+  await refuses(openFolder(refusing("1.22.0"), out), /model\.web\.onnx: .*the file is damaged or incomplete: re-export/);
 });
 
 test("decode skips special tokens by default, as the Python runtime's", async () => {
