@@ -52,6 +52,26 @@ def usual_permissions(path: str) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
 
 
+def missing_folders(path: str) -> list[str]:
+    """``path`` and the folders above it that do not exist yet, outermost first: what making it makes, for
+    ``remove_empty`` to take back after a failure."""
+    missing = []
+    path = os.path.join(os.getcwd(), path)  # not normalised: makedirs("n1/../n2") makes n1 too
+    while os.path.dirname(path) != path:
+        if os.path.basename(path) not in ("", ".", "..") and not os.path.exists(os.path.normpath(path)) \
+                and not os.path.exists(path):
+            missing.insert(0, path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def remove_empty(made: list) -> None:
+    """The folders of ``missing_folders`` that are there and empty, innermost first."""
+    for d in reversed(made):
+        if os.path.isdir(d) and not os.listdir(d):
+            os.rmdir(d)
+
+
 def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None:
     """Refuse, before any work, an output folder that is a file or lies where nothing can be written.
 

@@ -26,7 +26,8 @@ from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
 from edgepeft.exporters.validate import BaseOutputs, compare_siblings, log_check, validate
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.files import (
-    Staging, check_output_dir, deferred_interrupts, one_at_a_time, remove_abandoned, write_json_atomic,
+    Staging, check_output_dir, deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty,
+    write_json_atomic,
 )
 from edgepeft.models import model_label
 from edgepeft.runtimes.manifest import (
@@ -64,24 +65,17 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
         raise ConfigError(f"--qtol must be a number > 0, got {qtol!r}")
     check_output_dir(out, "--out")  # OUT itself takes the staging folders (resolve checks its base/ and adapters/)
     log = print if verbose else (lambda *a, **k: None)
-    made = _missing_folders(os.path.join(out, ADAPTERS_DIR))
+    made = missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
         with one_at_a_time(out, log):  # makes OUT; says so when another export holds it
             try:
                 return _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log)
             except BaseException:
-                _remove_empty(made)  # with OUT still held: an export waiting for it then finds it gone, and remakes it
+                remove_empty(made)  # with OUT still held: an export waiting for it then finds it gone, and remakes it
                 raise
     except BaseException:
-        _remove_empty(made)
+        remove_empty(made)
         raise
-
-
-def _remove_empty(made: list) -> None:
-    """The folders an export made, where left empty (the staging folders are gone already), innermost first."""
-    for d in reversed(made):
-        if os.path.isdir(d) and not os.listdir(d):
-            os.rmdir(d)
 
 
 def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log) -> dict:
@@ -104,18 +98,6 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
         commit(plan, staging, base_stage, adapter_stages, reuse)
     plan.log(f"wrote {out}")
     return report
-
-
-def _missing_folders(path: str) -> list[str]:
-    """``path`` and the folders above it that do not exist yet, outermost first: a failed export removes them."""
-    missing = []
-    path = os.path.join(os.getcwd(), path)  # not normalised: makedirs("n1/../n2") makes n1 too
-    while os.path.dirname(path) != path:
-        if os.path.basename(path) not in ("", ".", "..") and not os.path.exists(os.path.normpath(path)) \
-                and not os.path.exists(path):
-            missing.insert(0, path)
-        path = os.path.dirname(path)
-    return missing
 
 
 # ---------------------------------------------------------------- plan slots

@@ -73,9 +73,9 @@ def _scripted(monkeypatch, evaluations):
     monkeypatch.setattr(Trainer, "_evaluate", lambda self, acc, model, loader: dict(queue.pop(0)))
 
 
-def _run(text_model, tmp_path, epochs, **kw):
+def _run(text_model, tmp_path, epochs, out="o", **kw):
     data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
-    args = TrainingArguments(model=text_model("bert"), task="seq-cls", data=data, eval_data=data, out=str(tmp_path / "o"),
+    args = TrainingArguments(model=text_model("bert"), task="seq-cls", data=data, eval_data=data, out=str(tmp_path / out),
                              epochs=epochs, batch_size=8, options={"r": 2, "target_modules": ["query"]}, **kw)
     return Trainer(args).train()
 
@@ -155,8 +155,8 @@ def test_interrupt_in_the_first_epoch_leaves_no_folder(text_model, tmp_path, mon
 
     monkeypatch.setattr(Trainer, "_epoch", interrupt)  # private: a Ctrl-C at a chosen moment, which nothing public gives
     with pytest.raises(TrainingInterrupted, match="first epoch; nothing was saved"):
-        _run(text_model, tmp_path, 2)
-    assert not os.path.exists(tmp_path / "o")
+        _run(text_model, tmp_path, 2, out="new/../o")  # makedirs makes "new" too
+    assert os.listdir(tmp_path) == ["d.jsonl"]
 
 
 def test_cli_interrupt_prints_one_line_and_exits_130(text_model, tmp_path, monkeypatch, capsys):

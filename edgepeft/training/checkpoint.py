@@ -152,9 +152,3 @@ def check_fresh_out(out: str) -> None:
     if written:
         raise ConfigError(f"{os.path.join(out, written[0])}: training writes there; move it, pass --overwrite to "
                           "replace it, or give another --out")
-
-
-def remove_if_empty(out: str, made: bool) -> None:
-    """Take back the OUT folder this run made, when nothing was saved in it."""
-    if made and os.path.isdir(out) and not os.listdir(out):
-        os.rmdir(out)

@@ -22,14 +22,14 @@ import torch
 
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, TrainingInterrupted
-from edgepeft.files import deferred_interrupts
+from edgepeft.files import deferred_interrupts, missing_folders, remove_empty
 from edgepeft.models import load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder
 from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.plots import training_curve
 from edgepeft.training.arguments import TrainingArguments, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, checksum,
-    read_checkpoint, remove_if_empty, restore, save_adapter, save_checkpoint,
+    read_checkpoint, restore, save_adapter, save_checkpoint,
 )
 from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, read_jsonl
 
@@ -215,7 +215,7 @@ class Trainer:
             log.update(resume["log"])
             start_epoch = resume["epoch"]
         self._checkpointed = start_epoch  # the epochs OUT's checkpoint holds
-        made_out = not os.path.exists(args.out)
+        made_out = missing_folders(args.out)  # OUT and the folders above it that this run makes
         if acc.is_main_process:
             os.makedirs(args.out, exist_ok=True)
         bar = _progress(args.progress and acc.is_main_process, total, start_epoch * steps_per_epoch)
@@ -231,7 +231,7 @@ class Trainer:
             bar.close()
             raise self._interrupted(log, made_out) from None
         except BaseException:
-            remove_if_empty(args.out, made_out)  # a failed run leaves no empty OUT
+            remove_empty(made_out)  # a failed run leaves no empty OUT
             raise
         bar.close()
         log["hint"] = self._hint(log)
@@ -339,13 +339,13 @@ class Trainer:
         return (f"eval loss hardly moved ({before:.4f} -> {best:.4f} at best); try a higher rate, e.g. "
                 f"--lr {args.lr * 3:.2g}, or more --epochs (now {args.epochs})")
 
-    def _interrupted(self, log: dict, made_out: bool) -> TrainingInterrupted:
+    def _interrupted(self, log: dict, made_out: list) -> TrainingInterrupted:
         """What an interrupt (Ctrl-C) leaves: the last checkpoint and the command that resumes it, or nothing."""
         args = self.args
         if self._checkpointed:
             return TrainingInterrupted(f"interrupted; {os.path.join(args.out, CHECKPOINT)} holds the run after epoch "
                                        f"{self._checkpointed} of {args.epochs}; continue with: {args.command('--resume')}")
-        remove_if_empty(args.out, made_out)
+        remove_empty(made_out)
         return TrainingInterrupted(f"interrupted in the first epoch; nothing was saved in {args.out}")
 
     def _write_log(self, log: dict, curve: bool = True) -> None:
