@@ -145,7 +145,7 @@ def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_
 @click.option("--atol", default=1e-4, show_default=True, help="Validation tolerance vs PyTorch (scaled by max |output| when > 1).")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None, help="Store the base's weights as int8 or int4 (CPU); adapters stay float32.")
 @click.option("--qtol", default=0.2, show_default=True, help="With --quantize: tolerated relative RMS error vs PyTorch.")
-@click.option("--ort-adapter/--no-ort-adapter", default=None, help="Also write each adapter as ONNX Runtime's .onnx_adapter (LoRA, IA3, bottleneck, heads), for onnxruntime-genai and ort.LoraAdapter; default: on for float bases.")
+@click.option("--ort-adapter/--no-ort-adapter", default=None, help="Also write each adapter as ONNX Runtime's .onnx_adapter (LoRA, IA3, bottleneck, heads, BERT prefix), for onnxruntime-genai and ort.LoraAdapter; default: on for float bases.")
 @click.option("--overwrite", is_flag=True, help="Replace adapters of the same name already in OUT (refused otherwise).")
 @click.option("--ops", type=click.Choice(["contrib", "standard"]), default="contrib", show_default=True, help="contrib: Llama/Qwen2/GPT-2 causal LMs on ONNX Runtime's fused kernels (GroupQueryAttention, Skip(Simplified)LayerNormalization, RotaryEmbedding); standard: plain ONNX ops, for runtimes without them.")
 def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops):

@@ -14,7 +14,7 @@ import shutil
 from edgepeft.exporters.contrib_ops import install_contrib_ops
 from edgepeft.exporters.fingerprint import base_fingerprint, made_heads
 from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
-from edgepeft.exporters.genai_config import write_genai_config
+from edgepeft.exporters.genai_config import genai_notes, write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
 from edgepeft.files import write_json_atomic
 from edgepeft.models import (
@@ -29,6 +29,10 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
     "merges.txt", "tokenizer.model", "chat_template.jinja",
 )
+# where and how transformers loaded or wrote a side file, not what it does (a copy of a base elsewhere, or the hub's),
+# and the padding and truncation the export clears from tokenizer.json (plain_tokenizer_json; an older OUT has them)
+WRITTEN_KEYS = {"name_or_path", "is_local", "local_files_only", "_commit_hash", "transformers_version", "_from_model_config",
+                "padding", "truncation"}
 
 
 def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="standard",
@@ -100,19 +104,50 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     if ignored:
         log(f"note: {source}: generation_config.json sets {', '.join(ignored)}, which edgepeft's generate does not "
             "apply (one sequence per prompt, greedy or sampled); its tokens differ from transformers' generate there")
+    write_side_files(source, stage, task, revision, log)
+    manifest["file_bytes"] = graph_file_bytes(stage, manifest)
+    write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
+    write_genai_config(model, manifest, stage)  # decoders: onnxruntime-genai opens OUT/base as it is
+    for note in genai_notes(manifest):
+        log(f"note: {source}: {note}")
+    return manifest
+
+
+def write_side_files(source: str, stage: str, task: str, revision: str | None = None, log=lambda *a, **k: None) -> None:
+    """What the graph runs with, from ``source`` into ``stage``: the tokenizer, generate's defaults (in the manifest
+    too), Runtime.embed's length limit and pooling (from the hub too)."""
     write_tokenizer(source, stage, revision, log)
-    if os.path.isfile(os.path.join(source, "generation_config.json")):  # generate's defaults are in the manifest too
+    if os.path.isfile(os.path.join(source, "generation_config.json")):
         shutil.copy2(os.path.join(source, "generation_config.json"), stage)
-    # Runtime.embed's length limit and pooling, from the hub too
     st = sentence_transformers_folder(source, revision) if task == "feature-extraction" else None
     for f in SENTENCE_TRANSFORMERS_FILES if st else ():
         if os.path.isfile(os.path.join(st, f)):
             os.makedirs(os.path.dirname(os.path.join(stage, f)), exist_ok=True)
             shutil.copy2(os.path.join(st, f), os.path.join(stage, f))
-    manifest["file_bytes"] = graph_file_bytes(stage, manifest)
-    write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
-    write_genai_config(model, manifest, stage)  # decoders: onnxruntime-genai opens OUT/base as it is
-    return manifest
+
+
+def side_file_difference(have: str, new: str) -> str | None:
+    """The first file of ``write_side_files`` that folders ``have`` and ``new`` hold differently (one of them only,
+    or other content; JSON compared as data, without the keys saying where and how it was written), else None."""
+    for f in (*TOKENIZER_FILES, "generation_config.json", *SENTENCE_TRANSFORMERS_FILES):
+        if _side_content(os.path.join(have, f)) != _side_content(os.path.join(new, f)):
+            return f
+    return None
+
+
+def _side_content(path: str):
+    """A side file's content as it acts: JSON as data without WRITTEN_KEYS, other files as bytes; None: missing."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    if not path.endswith(".json"):
+        return data
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return data
+    return {k: v for k, v in value.items() if k not in WRITTEN_KEYS} if isinstance(value, dict) else value
 
 
 def graph_file_bytes(stage: str, manifest: dict) -> dict:
@@ -142,18 +177,21 @@ def write_tokenizer(source: str, stage: str, revision: str | None = None, log=la
     if getattr(tokenizer, "backend_tokenizer", None) is not None:
         if not is_placeholder_tokenizer(tokenizer):
             tokenizer.save_pretrained(stage)
-            compact_json(os.path.join(stage, "tokenizer.json"))
+            plain_tokenizer_json(os.path.join(stage, "tokenizer.json"))
         return
     for f in TOKENIZER_FILES if os.path.isdir(source) else ():
         if os.path.isfile(os.path.join(source, f)):
             shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
 
 
-def compact_json(path: str) -> None:
-    """``path`` rewritten without indentation, same content: save_pretrained indents tokenizer.json, which a
-    browser downloads (MiniLM's: 0.71 MB indented, 0.47 MB compact)."""
+def plain_tokenizer_json(path: str) -> None:
+    """``path`` (a tokenizer.json) rewritten without indentation, padding or truncation: save_pretrained indents it,
+    which a browser downloads (MiniLM's: 0.71 MB indented, 0.47 MB compact), and keeps MiniLM's padding to 128 ids
+    and cut at 128, which transformers' tokenizer(text) turns off, as edgepeft's runtimes do; ONNX Runtime's recipe
+    (deploy.md) and onnxruntime-genai read the file as it is."""
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+        data.update(padding=None, truncation=None)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, separators=(",", ":"))

@@ -36,7 +36,7 @@ def genai_config(model, manifest: dict) -> dict | None:
     if cache is None or config.model_type not in GENAI_TYPES:
         return None
     gen = manifest.get("generation") or {}
-    eos = manifest["eos_token_id"] or [config.eos_token_id or 0]
+    eos = manifest["eos_token_id"] or [0]  # none: genai needs one (genai_notes says so at export)
     pad = manifest["pad_token_id"] if isinstance(manifest["pad_token_id"], int) and manifest["pad_token_id"] >= 0 else eos[0]
     context = manifest["max_positions"] or 2048
     heads = config.num_attention_heads  # GPT-2's config maps n_head / n_embd to these names
@@ -67,7 +67,8 @@ def genai_config(model, manifest: dict) -> dict | None:
             "num_beams": 1,
             "num_return_sequences": 1,
             "max_length": context,
-            "min_length": 0,
+            "min_length": int(gen.get("min_length") or 0),  # genai has no min_new_tokens (the prompt's length varies)
+            "no_repeat_ngram_size": int(gen.get("no_repeat_ngram_size") or 0),
             "temperature": float(gen.get("temperature", 1.0)),
             "top_k": int(gen.get("top_k", 50)),
             "top_p": float(gen.get("top_p", 1.0)),
@@ -75,6 +76,19 @@ def genai_config(model, manifest: dict) -> dict | None:
             "past_present_share_buffer": manifest.get("ops") == "contrib",  # see the module docstring
         },
     }
+
+
+def genai_notes(manifest: dict) -> list[str]:
+    """What genai will do otherwise than edgepeft's generate on this export, for the export to say."""
+    if manifest.get("cache") is None:
+        return []
+    notes = [] if manifest["eos_token_id"] else [
+        "this model has no end-of-sequence id: edgepeft generates to the length asked; onnxruntime-genai, which needs "
+        "one, stops at id 0 (genai_config.json's eos_token_id)"]
+    if (manifest.get("generation") or {}).get("min_new_tokens"):
+        notes.append("generation_config.json sets min_new_tokens, which onnxruntime-genai cannot express (min_length "
+                     "counts the prompt too): pass min_length to genai for each prompt")
+    return notes
 
 
 def write_genai_config(model, manifest: dict, stage: str) -> bool:

@@ -5,8 +5,9 @@ ONNX Runtime (1.20+) binds an adapter's named tensors over a session's inputs wi
 the same mechanism as edgepeft's slots, so an adapter whose every slot is a plain graph
 input bound at every step (LoRA, IA3, bottleneck, task heads) can also be written in that
 format (``export(..., ort_adapter=True)``, ``--ort-adapter``; it doubles the adapter's
-bytes on disk): ``ort.LoraAdapter`` + the exported base then run it without edgepeft. Prompt and
-prefix tuning also change the mask, the positions or the starting cache, which those
+bytes on disk): ``ort.LoraAdapter`` + the exported base then run it without edgepeft; so can an
+encoder's prefix (BERT: its keys and values are inputs of every run). Prompt tuning, and a
+decoder's prefix, also change the mask, the positions or the starting cache, which those
 tools do not do, so they get no such file.
 """
 from __future__ import annotations

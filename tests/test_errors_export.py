@@ -207,6 +207,49 @@ def test_base_with_other_weights_than_the_adapters_recorded_base_is_refused(llam
     export([llama[1]["qv"]], str(tmp_path / "ok"), base=copy)
 
 
+@pytest.mark.parametrize("edit", ["none", "chat template", "generation_config"])
+def test_a_base_copy_with_other_side_files_is_refused(text_export, tmp_path, edit):
+    """Same weights and config.json, another tokenizer or generation_config.json: the adapters of one OUT share
+    OUT/base's, so the new adapter would have run with OUT's (the base reused), or OUT's adapters with the new
+    one's (the base rebuilt for new slots: "mlp"), silently. An unchanged copy elsewhere is the same base."""
+    import peft
+
+    out = str(tmp_path / "out")
+    shutil.copytree(text_export[0], out)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(text_export[2], copy)
+    if edit == "chat template":
+        edit_json(os.path.join(copy, "tokenizer_config.json"), chat_template="{{ messages[0]['content'] }}")
+    elif edit == "generation_config":
+        edit_json(os.path.join(copy, "generation_config.json"), max_new_tokens=7)
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["gate_proj" if edit == "generation_config" else "q_proj"])
+    pm = peft.get_peft_model(load_reference_base(copy, "causal-lm"), config)
+    pm.save_pretrained(str(tmp_path / "a"))
+    if edit == "none":
+        export([str(tmp_path / "a")], out, names=["new"])
+        assert Runtime(out, providers=CPU).adapter_names == ["new", "tok"]
+        return
+    msg = failing_export(AdapterBaseMismatchError, [str(tmp_path / "a")], out, names=["new"])
+    file = "chat_template.jinja" if edit == "chat template" else "generation_config.json"
+    assert msg.startswith(f"{os.path.join(out, 'base', file)}: differs from {copy}'s (the base of these adapters")
+    assert msg.endswith(f"export these into another --out folder, or make the two {file} files agree")
+
+
+def test_a_base_folder_changed_since_the_export_is_named_so(small_copy, llama, tiny_base, tmp_path):
+    """The adapter's base is the folder OUT was exported from, edited since (a newer download): said so, rather than
+    "was exported from X; these adapters need X"."""
+    folder = str(tmp_path / "base")
+    shutil.copytree(tiny_base("llama"), folder)
+    out = str(tmp_path / "out")
+    path = copy_adapter(llama[1]["qv"], tmp_path / "qv")
+    edit_json(os.path.join(path, "adapter_config.json"), base_model_name_or_path=folder)
+    export([path], out)
+    edit_json(os.path.join(folder, "config.json"), rms_norm_eps=1e-5)
+    msg = failing_export(AdapterBaseMismatchError, [path], out, names=["again"])
+    assert msg == (f"{os.path.join(out, 'base')}: was exported from {folder} whose weights or config.json have "
+                   "changed since; export them into another --out folder")
+
+
 def test_export_into_out_of_other_arch(guarded, peft_adapter, tiny_base):
     msg = failing_export(AdapterBaseMismatchError, [spec_adapter(peft_adapter, "gpt2", "attn")], guarded)
     assert os.path.join(guarded, "base") in msg

@@ -194,6 +194,9 @@ def test_length_and_ngram_settings_of_generation_config_apply_as_in_transformers
     assert rt.manifest["generation"] == {"no_repeat_ngram_size": 2, "min_new_tokens": 3, "max_new_tokens": 7,
                                          "stop": ["zz"]}
     assert "generation_config.json sets num_beams=2, which edgepeft's generate does not apply" in log
+    with open(os.path.join(out, "base", "genai_config.json")) as f:  # genai bans the bigrams too (it repeated them)
+        assert json.load(f)["search"]["no_repeat_ngram_size"] == 2
+    assert "sets min_new_tokens, which onnxruntime-genai cannot express" in log
     ids, mask = _length_prompts()
     ours = rt.generate(ids, mask, adapter="lora")
     with torch.no_grad():  # beam search is what the runtime does not do: one beam
@@ -245,3 +248,19 @@ def test_numpy_integer_settings_act_as_python_ints(length_model):
     got = rt.generate(ids, mask, adapter="lora", max_new_tokens=np.uint8(3), min_new_tokens=np.uint8(2),
                       top_k=np.uint64(5), do_sample=True, seed=np.int8(1))
     np.testing.assert_array_equal(got, want)
+
+
+def test_genai_config_takes_min_length_and_says_when_genai_stops_otherwise():
+    """min_length was written as 0 (genai ended 14 tokens early); no eos id meant a silent stop at id 0 in genai."""
+    from types import SimpleNamespace
+
+    from edgepeft.exporters.genai_config import genai_config, genai_notes
+
+    config = SimpleNamespace(model_type="llama", bos_token_id=1, num_attention_heads=2, hidden_size=8)
+    manifest = {"cache": {"head_dim": 4, "num_kv_heads": 1, "num_layers": 1}, "generation": {"min_length": 14},
+                "eos_token_id": [2], "pad_token_id": 0, "max_positions": 64, "vocab_size": 10, "graph": "model.onnx"}
+    assert genai_config(SimpleNamespace(config=config), manifest)["search"]["min_length"] == 14
+    assert genai_notes(manifest) == []
+    assert genai_notes({**manifest, "eos_token_id": []}) == [
+        "this model has no end-of-sequence id: edgepeft generates to the length asked; onnxruntime-genai, which needs "
+        "one, stops at id 0 (genai_config.json's eos_token_id)"]

@@ -75,10 +75,16 @@ def test_minilm_export_ships_the_tokenizer_and_small_adapters(minilm_export):
     base = os.path.join(outs["qv"], "base")
     with open(os.path.join(base, "tokenizer.json"), encoding="utf-8") as f:
         written = f.read()
-    # compact (a browser downloads it: 0.47 MB, 0.71 MB as save_pretrained indents it), and what transformers runs
+    # compact (a browser downloads it: 0.47 MB, 0.71 MB as save_pretrained indents it), and what transformers runs,
+    # without MiniLM's padding to 128 ids and cut at 128, which tokenizer(text) turns off: ONNX Runtime's recipe
+    # (deploy.md) and genai read the file as it is
     assert "\n" not in written and len(written.encode()) < 500_000
+    import tokenizers
     import transformers
-    assert json.loads(written) == json.loads(transformers.AutoTokenizer.from_pretrained(MINILM).backend_tokenizer.to_str())
+    hf = transformers.AutoTokenizer.from_pretrained(MINILM)
+    assert json.loads(written) == {**json.loads(hf.backend_tokenizer.to_str()), "padding": None, "truncation": None}
+    text = "where is my parcel " * 40
+    assert tokenizers.Tokenizer.from_str(written).encode(text).ids == hf(text)["input_ids"]  # 162 ids, none [PAD]
     base_bytes = os.path.getsize(os.path.join(base, "model.onnx.data"))  # the weights, beside the graph
     adapter_bytes = os.path.getsize(os.path.join(outs["qv"], "adapters", "qv", "adapter.onnx"))
     # 6 layers x 2 targets x (384x8 + 8x384) float32 = 294,912 bytes of parameters

@@ -76,6 +76,22 @@ def test_prompt_and_prefix_adapters_get_no_ort_adapter_file(virtual_export, work
             assert max_diff_valid(ours, theirs, mask) < 1e-5, name
 
 
+def test_an_encoders_prefix_adapter_runs_from_its_ort_adapter_file(tiny_base, tmp_path):
+    """BERT's prefix keys and values are plain inputs of every run (no cache, no mask change): ort.LoraAdapter runs it."""
+    from peft_refs import peft_virtual_adapter
+    from edgepeft.exporters import export
+
+    out = str(tmp_path / "out")
+    export([peft_virtual_adapter(tmp_path / "prefix", tiny_base("bert"), "prefix", seed=5, task="feature-extraction",
+                                 num_virtual_tokens=3)], out, names=["prefix"])
+    rt = Runtime(out)
+    ids, mask = sample_batch()
+    ours = rt.forward(ids, mask, adapter="prefix")[rt.output_name]
+    theirs = _run_with_ort_adapter(rt, os.path.join(out, "adapters", "prefix"), ids, mask)
+    assert max_diff_valid(ours, theirs, mask) < 1e-5
+    assert max_diff_valid(ours, rt.forward(ids, mask)[rt.output_name], mask) > 1e-3  # the adapter acts
+
+
 def test_base_and_adapter_graphs_share_one_ir_version(shared_export):
     import onnx
 
