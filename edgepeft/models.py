@@ -154,11 +154,11 @@ def check_exportable(config, source: str) -> None:
 
 
 def load_base(name_or_path: str, task: str, labels: list[str] | None = None, revision: str | None = None,
-              config=None, flag: str = "--base"):
+              config=None, flag: str = "--base", seed: int = 0):
     """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
 
-    Heads the checkpoint lacks (a classifier) are initialised from a fixed seed so
-    the same base loads to the same weights every time; ``model.edgepeft_made_heads`` names the
+    Heads the checkpoint lacks (a classifier) are initialised from ``seed`` (training's ``--seed``, as transformers'
+    run_glue seeds before the load) so the same base loads to the same weights every time; ``model.edgepeft_made_heads`` names the
     head modules made so (the export records an untrained base head, and leaves it out of the fingerprint).
     ``labels`` (seq-cls) sizes the classifier for those classes and names them in the config. ``revision``: see
     ``load_model_config``; ``config``: its result when the caller has it already (not looked up again for the
@@ -183,7 +183,7 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
     if labels is not None and task == "seq-cls":
         head.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                     label2id={n: i for i, n in enumerate(labels)})
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report lists the new head as "missing": expected here
     with warnings.catch_warnings():

@@ -1,9 +1,17 @@
 """PNG charts: the training curve (``edgepeft train``) and the switch-cost chart (``edgepeft bench --plot``)."""
 from __future__ import annotations
 
+import importlib.util
 import io
 
 from edgepeft.files import write_bytes_atomic
+
+
+def missing_matplotlib() -> str | None:
+    """A note where matplotlib is not installed (``training_curve`` then draws nothing), else None."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed, so no training_curve.png is drawn; pip install matplotlib for it"
+    return None
 
 
 def _pyplot():
@@ -27,7 +35,10 @@ def _save(fig, path: str) -> None:
 
 
 def training_curve(log: dict, path: str) -> None:
-    """Loss per step (with eval loss per epoch) and the eval metric per epoch."""
+    """Loss per step (with eval loss per epoch) and the eval metric per epoch; nothing without matplotlib (the
+    training run said so at its start)."""
+    if missing_matplotlib():
+        return
     matplotlib, plt = _pyplot()
     history, evals = log["history"], log["evals"]
     metric = next((k for k in ("accuracy", "perplexity") if evals and k in evals[0]), None)

@@ -3,6 +3,7 @@ right epoch and says when it did not learn, and one-line errors that point the r
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -157,6 +158,28 @@ def test_interrupt_in_the_first_epoch_leaves_no_folder(text_model, tmp_path, mon
     with pytest.raises(TrainingInterrupted, match="first epoch; nothing was saved"):
         _run(text_model, tmp_path, 2, out="new/../o")  # makedirs makes "new" too
     assert os.listdir(tmp_path) == ["d.jsonl"]
+
+
+def test_the_seed_starts_a_head_the_base_lacks_too(text_model, tmp_path, monkeypatch):
+    """As transformers' run_glue seeds before the load: the classifier head started alike under every --seed."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(Trainer, "_epoch", lambda self, *a: None)  # private: the initial values, saved by _end_epoch
+    heads = []
+    for i, seed in enumerate((1, 1, 2)):
+        _run(text_model, tmp_path, 1, out=f"o{i}", seed=seed)
+        weights = load_file(str(tmp_path / f"o{i}" / "adapter_model.safetensors"))
+        heads.append(next(v for k, v in weights.items() if "classifier" in k and k.endswith("weight")))
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+def test_training_without_matplotlib_trains_and_says_the_curve_is_not_drawn(text_model, tmp_path, monkeypatch, capsys):
+    """matplotlib comes with [train] only: an install without it crashed after the first epoch, before the checkpoint."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec: None, as where it is not installed
+    _run(text_model, tmp_path, 2)
+    assert "note: matplotlib is not installed, so no training_curve.png is drawn" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "o")) == sorted(["adapter_config.json", "adapter_model.safetensors", "checkpoint",
+                                                          "labels.json", "training_log.json"])
 
 
 def test_cli_interrupt_prints_one_line_and_exits_130(text_model, tmp_path, monkeypatch, capsys):

@@ -25,7 +25,7 @@ from edgepeft.errors import ConfigError, TrainingInterrupted
 from edgepeft.files import deferred_interrupts, missing_folders, remove_empty
 from edgepeft.models import load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder
 from edgepeft.runtimes.sentence import sentence_transformers_settings
-from edgepeft.plots import training_curve
+from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.training.arguments import TrainingArguments, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, checksum,
@@ -65,9 +65,9 @@ class Trainer:
         """``method``: the adapter's config (its virtual tokens take positions too)."""
         args = self.args
         rows = read_jsonl(args.data, args.task)
-        note = ignored_fields(args.data, args.task)
-        if note and int(os.environ.get("RANK", "0")) == 0:  # one note from a multi-process run
-            print(f"note: {note}", file=sys.stderr)
+        for note in (ignored_fields(args.data, args.task), missing_matplotlib()):
+            if note and int(os.environ.get("RANK", "0")) == 0:  # one note from a multi-process run
+                print(f"note: {note}", file=sys.stderr)
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
         head = named_labels(config) if args.task == "seq-cls" else None  # a trained classifier's own class names
@@ -93,7 +93,7 @@ class Trainer:
         args = self.args
         config.base_model_name_or_path = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
         base = load_base(args.model, args.task, labels=labels, revision=config.revision,  # the one the adapter records
-                         config=model_config, flag="--model")
+                         config=model_config, flag="--model", seed=args.seed)
         torch.manual_seed(args.seed)  # the adapter's initial values
         try:
             return get_peft_model(base, config)

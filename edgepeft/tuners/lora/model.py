@@ -23,7 +23,10 @@ class LoraTuner(Tuner):
                 "initialize_lora_eva_weights), which edgepeft does not run; edgepeft loads and exports EVA adapters but "
                 "does not train them: train with the default init, or initialise and train with HF PEFT")
         keys = []
-        for key in linear_targets(unwrapped(model), config, DEFAULT_LORA_TARGETS):
+        targets = linear_targets(unwrapped(model), config, DEFAULT_LORA_TARGETS)
+        if config.target_modules is None or str(config.target_modules).lower() == "all-linear":
+            config.target_modules = sorted(targets)  # record what they resolved to, as HF PEFT (and IA3 here) does
+        for key in targets:
             module = adapter_layer(model, key, LoraLinear, LoraLinear)
             if module.fan_in_fan_out:
                 config.fan_in_fan_out = True  # as HF PEFT records for GPT-2's Conv1D
