@@ -1,6 +1,7 @@
 """Atomic writes: a failed write leaves what was there untouched."""
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -50,6 +51,23 @@ def usual_permissions(path: str) -> None:
     running as another user).
     """
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
+
+
+@contextmanager
+def reporting_full_disk(folder: str, flag: str):
+    """A write under ``folder`` that fails for want of space (or quota) becomes a StorageError naming the folder and
+    the fix: torch.onnx's, onnx's and ONNX Runtime's writers fail with an OSError naming no file."""
+    from edgepeft.errors import StorageError
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        root, path = os.path.abspath(folder), os.path.abspath(e.filename) if isinstance(e.filename, str) else None
+        if path and os.path.commonpath([root, path]) != root:  # elsewhere: the hub's cache, say
+            raise StorageError(f"{path}: no space left on its disk; free some") from None
+        raise StorageError(f"{root}: no space left on its disk; free some, or give {flag} a folder on another disk") from None
 
 
 def missing_folders(path: str) -> list[str]:

@@ -27,7 +27,7 @@ from edgepeft.exporters.validate import BaseOutputs, compare_siblings, log_check
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.files import (
     Staging, check_output_dir, deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty,
-    write_json_atomic,
+    reporting_full_disk, write_json_atomic,
 )
 from edgepeft.models import model_label
 from edgepeft.runtimes.manifest import (
@@ -67,7 +67,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     log = print if verbose else (lambda *a, **k: None)
     made = missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
-        with one_at_a_time(out, log):  # makes OUT; says so when another export holds it
+        # one_at_a_time makes OUT, and says so when another export holds it
+        with one_at_a_time(out, log), reporting_full_disk(out, "--out"):
             try:
                 return _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log)
             except BaseException:
@@ -157,10 +158,9 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
     if recorded != ours or existing["task"] != plan.task:
         was = model_label(existing.get("source"), existing.get("revision"))
         changed = existing["task"] == plan.task and was == source  # the same folder: changed since
-        raise AdapterBaseMismatchError(
-            f"{base_dir}: was exported from {was} " + (
-                "whose weights or config.json have changed since" if changed else
-                f"({existing['task']}); these adapters need {source} ({plan.task})") + "; export them into another --out folder")
+        raise AdapterBaseMismatchError(f"{base_dir}: was exported from {was} " + (
+            "whose weights or config.json have changed since" if changed else
+            f"({existing['task']}); these adapters need {source} ({plan.task})") + "; export them into another --out folder")
     with Staging() as staging:  # the files the graph runs with: another tokenizer would serve one side's adapters
         new = staging.new(plan.out, "side-files")
         write_side_files(plan.source, new, plan.task, plan.revision)

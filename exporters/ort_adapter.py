@@ -12,6 +12,10 @@ tools do not do, so they get no such file.
 """
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+
 import onnxruntime as ort
 
 from edgepeft.runtimes.manifest import FORMAT_VERSION
@@ -31,4 +35,10 @@ def write_ort_adapter(graph_path: str, out_path: str) -> None:
     adapter.set_adapter_version(1)
     adapter.set_model_version(FORMAT_VERSION)
     adapter.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in zip(names, arrays)})
-    adapter.export_adapter(out_path)
+    try:
+        adapter.export_adapter(out_path)
+    except RuntimeError:  # "Failed to write N bytes": an OSError where the disk is full, as other writers give
+        folder = os.path.dirname(os.path.abspath(out_path))
+        if os.path.isdir(folder) and shutil.disk_usage(folder).free < sum(a.nbytes for a in arrays):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), out_path) from None
+        raise

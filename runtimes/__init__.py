@@ -16,6 +16,7 @@ from .errors import (
     ExportValidationError,
     InvalidInputError,
     MissingDependencyError,
+    StorageError,
     TrainingInterrupted,
     UnknownAdapterError,
     UnsupportedMethodError,
@@ -50,5 +51,6 @@ __all__ = [
     "UnsupportedMethodError",
     "UnsupportedModelError",
     "MissingDependencyError",
+    "StorageError",
     "TrainingInterrupted",
 ]

@@ -59,5 +59,9 @@ class TrainingInterrupted(EdgePeftError):
     """Training was interrupted (Ctrl-C); the message names the checkpoint and the command that resumes it."""
 
 
+class StorageError(EdgePeftError):
+    """A write failed for want of space (or quota) on the disk; the message names the folder written to."""
+
+
 class MissingDependencyError(EdgePeftError, ImportError):
     """A package this part of edgepeft needs is not installed; the message names the pip extra that brings it."""

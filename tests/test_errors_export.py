@@ -24,6 +24,7 @@ from edgepeft.errors import (
     EdgePeftError,
     ExportValidationError,
     InvalidInputError,
+    StorageError,
     UnknownAdapterError,
     UnsupportedMethodError,
     UnsupportedModelError,
@@ -369,7 +370,7 @@ def test_failed_export_into_fresh_out_leaves_no_partial_export(tmp_path, llama, 
 
 def test_every_error_is_an_edgepeft_error():
     for cls in (AdapterBaseMismatchError, AdapterInUseError, ArtifactNotFoundError, ConfigError, CorruptArtifactError,
-                ExportValidationError, InvalidInputError, UnknownAdapterError, UnsupportedMethodError,
+                ExportValidationError, InvalidInputError, StorageError, UnknownAdapterError, UnsupportedMethodError,
                 UnsupportedModelError):
         assert issubclass(cls, EdgePeftError) and cls is not EdgePeftError
 

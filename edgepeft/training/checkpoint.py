@@ -6,6 +6,7 @@ the optimizer and scheduler, every random generator, the log and the settings it
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -15,7 +16,7 @@ import torch
 
 from edgepeft.config import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME
 from edgepeft.errors import ConfigError, CorruptArtifactError
-from edgepeft.files import replace_dir, staging_dir, write_json_atomic
+from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic, write_json_atomic
 
 CHECKPOINT = "checkpoint"
 STATE = "trainer_state.pt"
@@ -27,8 +28,10 @@ def save_checkpoint(out: str, peft, fingerprint: dict, epoch: int, optimizer, sc
     stage = staging_dir(out, "checkpoint")
     trainable = {k: p.detach().cpu() for k, p in peft.named_parameters() if p.requires_grad}
     try:
+        state = io.BytesIO()  # written by write_bytes_atomic: a full disk is an OSError (torch's writer: a RuntimeError)
         torch.save({"args": fingerprint, "epoch": epoch, "trainable": trainable, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _get_rng(), "log": log}, os.path.join(stage, STATE))
+                    "scheduler": scheduler.state_dict(), "rng": _get_rng(), "log": log}, state)
+        write_bytes_atomic(os.path.join(stage, STATE), state.getvalue())
         replace_dir(stage, os.path.join(out, CHECKPOINT))
     finally:  # interrupted or out of disk while writing: no half-written staging folder is left in OUT
         shutil.rmtree(stage, ignore_errors=True)

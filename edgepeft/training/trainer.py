@@ -22,7 +22,7 @@ import torch
 
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, TrainingInterrupted
-from edgepeft.files import deferred_interrupts, missing_folders, remove_empty
+from edgepeft.files import deferred_interrupts, missing_folders, remove_empty, reporting_full_disk
 from edgepeft.models import load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder
 from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.plots import missing_matplotlib, training_curve
@@ -175,6 +175,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
+        with reporting_full_disk(self.args.out, "--out"):
+            return self._train()
+
+    def _train(self) -> dict:
         from accelerate.utils import set_seed
         from torch.utils.data import DataLoader
         from transformers import get_scheduler

@@ -1,0 +1,81 @@
+"""A disk that fills up while exporting or training: one line naming the folder and the fix, nothing left half-written.
+
+torch.onnx's, onnx's and ONNX Runtime's writers fail with an OSError naming no file ("error: No space left on
+device" was all the CLI said), torch.save and ORT's adapter writer with a RuntimeError (a traceback). A tmpfs to fill
+needs root, so the writers are made to fail here as a full disk makes them fail (checked by hand on a tmpfs).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import pytest
+
+from file_checks import tree_hashes, write_lines
+from training_helpers import cli_error, seq_cls_rows
+from edgepeft.errors import StorageError
+
+FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as onnx.save_model raises it: no file named
+
+
+def test_a_full_disk_during_an_export_names_out_and_leaves_it_as_it_was(shared_export, tmp_path, monkeypatch, capsys):
+    import onnx
+
+    out, dirs, _ = shared_export("llama")
+    copy = str(tmp_path / "out")
+    shutil.copytree(out, copy)
+    before = tree_hashes(copy)
+
+    def full(*args, **kwargs):
+        raise FULL
+
+    monkeypatch.setattr(onnx, "save_model", full)  # the adapter graph's writer
+    line = cli_error(capsys, "export", "--adapter", dirs["qv"], "--out", copy, "--name", "again")
+    assert line == f"error: {copy}: no space left on its disk; free some, or give --out a folder on another disk"
+    assert tree_hashes(copy) == before
+
+
+def test_a_full_disk_elsewhere_is_named_there(tmp_path):
+    from edgepeft.files import reporting_full_disk
+
+    cache = str(tmp_path / "hub-cache" / "model.safetensors")  # not under OUT: OUT's disk is not the one to blame
+    with pytest.raises(StorageError, match=f"^{cache}: no space left on its disk; free some$"):
+        with reporting_full_disk(str(tmp_path / "out"), "--out"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), cache)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(text_model, tmp_path, monkeypatch, capsys):
+    """torch.save wrote the checkpoint itself: its RuntimeError ("unexpected pos") was a traceback."""
+    from edgepeft.training import checkpoint
+
+    real = checkpoint.write_bytes_atomic
+
+    def full(path, data):
+        if path.endswith(checkpoint.STATE):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "write_bytes_atomic", full)
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    out = str(tmp_path / "o")
+    line = cli_error(capsys, "train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out", out,
+                     "--epochs", "1", "--quiet")
+    assert line == f"error: {out}: no space left on its disk; free some, or give --out a folder on another disk"
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no staging folder left
+
+
+def test_ort_adapter_writes_that_fail_on_a_full_disk_say_so(shared_export, tmp_path, monkeypatch):
+    """ONNX Runtime's adapter writer says "Failed to write N bytes" in a RuntimeError; where the disk lacks the room,
+    that is a full disk."""
+    from edgepeft.exporters import ort_adapter
+
+    graph = os.path.join(shared_export("llama")[0], "adapters", "qv", "adapter.onnx")
+    taken = str(tmp_path / "a-folder")  # ORT cannot write a file where a folder is: its RuntimeError, room or not
+    os.mkdir(taken)
+    with pytest.raises(RuntimeError):
+        ort_adapter.write_ort_adapter(graph, taken)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))  # no room left
+    with pytest.raises(OSError) as e:
+        ort_adapter.write_ort_adapter(graph, taken)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == taken
