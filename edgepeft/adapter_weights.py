@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, CorruptArtifactError
+from edgepeft.runtimes.access import check_readable
 
 
 def read_adapter_weights(directory: str) -> tuple[str, dict]:
@@ -17,6 +18,8 @@ def read_adapter_weights(directory: str) -> tuple[str, dict]:
     ``adapter_model.bin`` (older hub adapters), read as HF PEFT reads it but with tensors only (no code runs)."""
     path = os.path.join(directory, WEIGHTS_NAME)
     pickled = os.path.join(directory, PICKLED_WEIGHTS_NAME)
+    for f in (path, pickled):  # safetensors says "No such file" for a file it may not read
+        check_readable(f)
     if not os.path.isfile(path) and os.path.isfile(pickled):
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True)

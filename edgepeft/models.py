@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
+from edgepeft.runtimes.access import check_readable
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 from edgepeft.runtimes.sentence import SENTENCE_TRANSFORMERS_FILES
 
@@ -67,6 +68,10 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
     if not os.path.exists(path):
         raise ArtifactNotFoundError(f"{name}: no such folder; give {flag} a local model folder (with config.json) "
                                     "or a hub id")
+    check_readable(path)  # a folder one may not list looks empty, a weights file one may not read missing
+    for entry in os.listdir(path) if os.path.isdir(path) else ():
+        if os.path.isfile(os.path.join(path, entry)):  # its own files only: a .git folder is no concern
+            check_readable(os.path.join(path, entry))
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise ArtifactNotFoundError(f"{name}: is an adapter folder, not a model; give {flag} the base model it was "
                                     "trained on (its adapter_config.json names it: base_model_name_or_path)")

@@ -114,12 +114,14 @@ def plan_slots(plan: ExportPlan) -> tuple[list, bool]:
     if existing:
         _check_existing_base(plan, configs)
         plan.groups = _keep_layout(plan.groups, existing, plan.base_dir, [s.name for s in plan.sources])
-    if not plan.overwrite:
-        for src in plan.sources:
-            target = os.path.join(plan.out, ADAPTERS_DIR, src.name)
-            if os.path.exists(target):
-                raise ConfigError(f"{target}: {plan.out} holds an adapter named {src.name!r} already; pass --overwrite "
-                                  "to replace it, or --name to export this one under another name")
+    for src in plan.sources:
+        target = os.path.join(plan.out, ADAPTERS_DIR, src.name)
+        if os.path.exists(target) and not plan.overwrite:
+            raise ConfigError(f"{target}: {plan.out} holds an adapter named {src.name!r} already; pass --overwrite "
+                              "to replace it, or --name to export this one under another name")
+        if os.path.isdir(target) and not os.access(target, os.W_OK | os.X_OK):  # moved aside, it would stay there
+            raise ConfigError(f"{target}: cannot replace it (permission denied: another user's?); remove it as its "
+                              "owner, or export this one under another --name")
     needed = slot_union(*[adapter_slots(plan.model, c, plan.groups, s.path) for c, s in zip(configs, plan.sources)])
     have = {s.name: s for s in existing["slots"]} if existing else {}
     older = next((s for s in needed if s.name in have and have[s.name].to_json() != s.to_json()), None)

@@ -60,7 +60,7 @@ class TrainingInterrupted(EdgePeftError):
 
 
 class StorageError(EdgePeftError):
-    """A write failed for want of space (or quota) on the disk; the message names the folder written to."""
+    """The disk refused: no space (or quota) left for a write, or no permission to read; the message names where."""
 
 
 class MissingDependencyError(EdgePeftError, ImportError):

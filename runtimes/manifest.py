@@ -54,6 +54,7 @@ import os
 from dataclasses import dataclass
 from shlex import quote
 
+from .access import check_readable
 from .errors import ArtifactNotFoundError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 
@@ -208,6 +209,7 @@ def sha256_file(path: str) -> str:
 
 def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
     """The JSON object (``kind`` list: the list) in ``path``; a missing or damaged file names itself and ``fix``."""
+    check_readable(path)
     if not os.path.isfile(path):
         raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")
     try:
@@ -343,6 +345,7 @@ _ADAPTER_FIX = "re-export the adapter with `edgepeft export --adapter DIR --out 
 def read_adapter_manifest(adapter_dir: str) -> dict:
     """Read and check ``adapter_dir/adapter.json``."""
     path = os.path.join(adapter_dir, ADAPTER_MANIFEST)
+    check_readable(adapter_dir)  # a folder one cannot list looks empty: "remove it" below would be wrong
     if not os.path.isfile(path) and os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise ArtifactNotFoundError(f"{adapter_dir}: is an adapter folder in HF PEFT format, not an exported one; "
                                     f"export it first with `edgepeft export --adapter {quote(adapter_dir)} --out OUT`, "
@@ -376,6 +379,7 @@ def check_adapter_graph(adapter_dir: str, manifest: dict) -> None:
     """Raises the error an adapter's graph file has: missing, or not the file its sha256 names. (Raised here, not
     returned: a caller's local holding the exception it raises keeps that frame, and the Runtime in it, alive.)"""
     graph = os.path.join(adapter_dir, manifest["graph"])
+    check_readable(graph)
     if not os.path.isfile(graph):
         raise ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
     if sha256_file(graph) != manifest["sha256"]:
@@ -393,6 +397,7 @@ def uncounted_heads(base: dict, made=()) -> list:
 def adapter_dirs(out_dir: str) -> dict:
     """{name: folder} of the adapters in ``out_dir/adapters``, sorted; hidden (staging) entries left out."""
     adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
+    check_readable(adapters_dir)
     if not os.path.isdir(adapters_dir):
         return {}
     return {name: os.path.join(adapters_dir, name) for name in sorted(os.listdir(adapters_dir))

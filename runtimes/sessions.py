@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from .access import check_readable
 from .errors import ConfigError, CorruptArtifactError, MissingDependencyError
 from .values import is_whole
 
@@ -131,6 +132,8 @@ def open_base_session(graph: str, providers: list, sess_options):
         else:
             raise ConfigError(f"{graph}: ONNX Runtime cannot load the base graph with the sess_options given "
                               f"({reason}); it loads with edgepeft.runtimes.session_options(): start from those")
+    for path in (graph, f"{graph}.data"):  # another user's files: not the export's fault
+        check_readable(path)
     needs_ort(MIN_ORT, f"{graph}: ONNX Runtime cannot load the base graph ({reason}); edgepeft's export")
     raise CorruptArtifactError(f"{graph}: ONNX Runtime cannot load the base graph ({reason}); "
                                "re-run `edgepeft export` into a fresh --out folder")

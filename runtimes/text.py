@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
+from .access import check_readable
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST, read_json
 from .mixing import row_specs
 from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
@@ -32,6 +33,7 @@ def _tidied(text: str) -> str:
 
 
 def _read_text(path: str) -> str:
+    check_readable(path)
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -44,6 +46,7 @@ class TextTokenizer:
 
     def __init__(self, base_dir: str, padding_side: str = "left", pad_id: int = 0, max_positions: int | None = None):
         path = os.path.join(base_dir, "tokenizer.json")
+        check_readable(path)
         if not os.path.isfile(path):
             raise ArtifactNotFoundError(
                 f"{path}: the export has no tokenizer; pass token ids, or export from a base folder that has tokenizer.json"
