@@ -459,7 +459,8 @@ def test_all_linear_ignores_case_and_merge_names_unknown_adapters(tiny_base):
 @pytest.mark.parametrize("targets", [None, "all-linear"])
 def test_lora_records_the_targets_its_defaults_resolved_to_as_hf_peft(tiny_base, tmp_path, targets):
     """adapter_config.json says which modules the adapter adapts, as HF PEFT writes it (it said null or "all-linear",
-    which leaves the choice to whichever loader's defaults): the same modules as HF PEFT's."""
+    which leaves the choice to whichever loader's defaults): the model type's names (full names would match the
+    first layers only on a deeper model of that type), or the modules all-linear chose."""
     import json
 
     import peft
@@ -469,10 +470,7 @@ def test_lora_records_the_targets_its_defaults_resolved_to_as_hf_peft(tiny_base,
         lib.get_peft_model(load(folder, "causal-lm"), lib.LoraConfig(r=2, target_modules=targets, task_type="CAUSAL_LM")
                            ).save_pretrained(str(tmp_path / name))
     ours, hf = (json.loads((tmp_path / n / "adapter_config.json").read_text())["target_modules"] for n in ("ours", "hf"))
-    assert isinstance(ours, list) and ours == sorted(ours)
-    modules = [k for k, _ in load_reference_base(folder, "causal-lm").named_modules()]
-    resolve = lambda names: {k for k in modules if any(k == n or k.endswith("." + n) for n in names)}
-    assert resolve(ours) == resolve(hf) and len(resolve(ours)) == (4 if targets is None else 14)
+    assert ours == sorted(hf) and len(ours) == (2 if targets is None else 14)  # q_proj, v_proj; or every module's name
 
 
 def test_text_init_with_an_unnamed_tokenizer_object_cannot_be_saved(tiny_base, tmp_path):

@@ -8,7 +8,9 @@ from edgepeft.errors import ConfigError, UnsupportedMethodError
 from edgepeft.registry import Tuner
 from edgepeft.tuners.lora.config import DEFAULT_LORA_TARGETS
 from edgepeft.tuners.lora.layer import LoraLinear
-from edgepeft.tuners.targets import adapter_layer, innermost, linear_targets, replace_module, untied, unwrapped
+from edgepeft.tuners.targets import (
+    adapter_layer, configured_targets, innermost, linear_targets, replace_module, untied, unwrapped,
+)
 
 
 class LoraTuner(Tuner):
@@ -24,8 +26,11 @@ class LoraTuner(Tuner):
                 "does not train them: train with the default init, or initialise and train with HF PEFT")
         keys = []
         targets = linear_targets(unwrapped(model), config, DEFAULT_LORA_TARGETS)
-        if config.target_modules is None or str(config.target_modules).lower() == "all-linear":
-            config.target_modules = sorted(targets)  # record what they resolved to, as HF PEFT (and IA3 here) does
+        # record what they resolved to, as HF PEFT does: the model type's names, or all-linear's modules
+        if config.target_modules is None:
+            config.target_modules = sorted(configured_targets(unwrapped(model), config, DEFAULT_LORA_TARGETS))
+        elif str(config.target_modules).lower() == "all-linear":
+            config.target_modules = sorted(targets)
         for key in targets:
             module = adapter_layer(model, key, LoraLinear, LoraLinear)
             if module.fan_in_fan_out:
