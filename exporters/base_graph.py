@@ -23,16 +23,14 @@ from edgepeft.models import (
 )
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
+from edgepeft.runtimes.sentence import sentence_transformers_settings
+from edgepeft.runtimes.text import TextTokenizer
 from edgepeft.tuners import spec_for
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
     "merges.txt", "tokenizer.model", "chat_template.jinja",
 )
-# where and how transformers loaded or wrote a side file, not what it does (a copy of a base elsewhere, or the hub's),
-# and the padding and truncation the export clears from tokenizer.json (plain_tokenizer_json; an older OUT has them)
-WRITTEN_KEYS = {"name_or_path", "is_local", "local_files_only", "_commit_hash", "transformers_version", "_from_model_config",
-                "padding", "truncation"}
 
 
 def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="standard",
@@ -93,9 +91,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         "problem_type": getattr(model.config, "problem_type", None) if task == "seq-cls" else None,
         "vocab_size": model.config.vocab_size,
         "max_positions": max_positions(model.config),
-        "pad_token_id": pad_token_id(model, task),
-        "eos_token_id": eos_token_ids(model),
-        "generation": generation_defaults(model) if task == "causal-lm" else {},  # generate's defaults, as transformers
+        **generation_fields(model, task),
         "slots": [s.to_json() for s in slots],
         "fused_groups": list(fused),
         **io,
@@ -126,28 +122,26 @@ def write_side_files(source: str, stage: str, task: str, revision: str | None = 
             shutil.copy2(os.path.join(st, f), os.path.join(stage, f))
 
 
-def side_file_difference(have: str, new: str) -> str | None:
-    """The first file of ``write_side_files`` that folders ``have`` and ``new`` hold differently (one of them only,
-    or other content; JSON compared as data, without the keys saying where and how it was written), else None."""
-    for f in (*TOKENIZER_FILES, "generation_config.json", *SENTENCE_TRANSFORMERS_FILES):
-        if _side_content(os.path.join(have, f)) != _side_content(os.path.join(new, f)):
-            return f
+def side_difference(have: str, new: str, task: str, max_positions: int | None) -> str | None:
+    """What ``have`` (OUT/base) and ``new`` (``write_side_files``' folder) make the runtime do otherwise, as it reads
+    them: the tokenizer (rules and vocabulary, special tokens, chat template) or, for embeddings, the
+    sentence-transformers settings (length limit, pooling, lower-casing); None: the same. How transformers wrote the
+    files (their keys, a hub id's or a folder's) does not count."""
+    def tokenizer(folder):
+        return TextTokenizer(folder).behaviour() if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
+
+    if tokenizer(have) != tokenizer(new):
+        return "tokenizer (tokenizer.json, tokenizer_config.json, chat template)"
+    if task == "feature-extraction" and \
+            sentence_transformers_settings(have, max_positions) != sentence_transformers_settings(new, max_positions):
+        return "sentence-transformers settings (sentence_bert_config.json, 1_Pooling/config.json)"
     return None
 
 
-def _side_content(path: str):
-    """A side file's content as it acts: JSON as data without WRITTEN_KEYS, other files as bytes; None: missing."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        data = f.read()
-    if not path.endswith(".json"):
-        return data
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return data
-    return {k: v for k, v in value.items() if k not in WRITTEN_KEYS} if isinstance(value, dict) else value
+def generation_fields(model, task: str) -> dict:
+    """The manifest's padding and end-of-sequence ids and generate's defaults: the model's generation config."""
+    return {"pad_token_id": pad_token_id(model, task), "eos_token_id": eos_token_ids(model),
+            "generation": generation_defaults(model) if task == "causal-lm" else {}}  # as transformers' generate
 
 
 def graph_file_bytes(stage: str, manifest: dict) -> dict:

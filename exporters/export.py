@@ -18,7 +18,9 @@ import os
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, UnsupportedMethodError
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
-from edgepeft.exporters.base_graph import graph_file_bytes, side_file_difference, trace_base, write_side_files
+from edgepeft.exporters.base_graph import (
+    generation_fields, graph_file_bytes, side_difference, trace_base, write_side_files,
+)
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
 from edgepeft.exporters.quantize import check_quantize, quantize_graph
@@ -163,18 +165,6 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
         raise AdapterBaseMismatchError(f"{base_dir}: was exported from {was} " + (
             "whose weights or config.json have changed since" if changed else
             f"({existing['task']}); these adapters need {source} ({plan.task})") + "; export them into another --out folder")
-    with Staging() as staging:  # the files the graph runs with: another tokenizer would serve one side's adapters
-        new = staging.new(plan.out, "side-files")
-        write_side_files(plan.source, new, plan.task, plan.revision)
-        differs = side_file_difference(base_dir, new)
-        theirs = differs and os.path.isfile(os.path.join(new, differs))
-    if differs:
-        have = os.path.join(base_dir, differs)
-        how = (f"differs from {source}'s" if os.path.isfile(have) else f"missing, while {source} has one") \
-            if theirs else f"{source} has none"
-        raise AdapterBaseMismatchError(
-            f"{have}: {how} (the base of these adapters, with the same weights); the adapters of one --out folder share "
-            f"it: export these into another --out folder, or make the two {differs} files agree")
     if existing.get("quantization") != plan.quantize:
         have, want = existing.get("quantization") or "float32", plan.quantize or "float32"
         same = f"--quantize {have}" if have != "float32" else "no --quantize"
@@ -184,6 +174,18 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
     if have != want:
         raise ConfigError(f"{base_dir}: holds a base built with {have} ops, this export asks for {want} (--ops); "
                           f"export with --ops {have}, or into another --out folder")
+    theirs = generation_fields(plan.model, plan.task)  # generate's defaults, from generation_config.json
+    key = next((k for k, v in theirs.items() if existing.get(k) != v), None)
+    differs = key and f"{key} ({existing.get(key)!r} here, {theirs[key]!r} in its generation_config.json)"
+    if not differs:
+        with Staging() as staging:  # the files the graph runs with: another tokenizer would serve one side's adapters
+            new = staging.new(plan.out, "side-files")
+            write_side_files(plan.source, new, plan.task, plan.revision)
+            differs = side_difference(base_dir, new, plan.task, existing.get("max_positions"))
+    if differs:
+        raise AdapterBaseMismatchError(
+            f"{base_dir}: differs from {source}, these adapters' base (the same weights), in its {differs}; the "
+            "adapters of one --out folder share one base: export these into another --out folder")
 
 
 def _check_older_fingerprint(plan: ExportPlan, recorded: str) -> None:

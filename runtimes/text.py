@@ -17,8 +17,8 @@ import os
 
 import numpy as np
 
-from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .access import check_readable
+from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST, read_json
 from .mixing import row_specs
 from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
@@ -103,6 +103,11 @@ class TextTokenizer:
         """{bos_token: text, ...}: the named special tokens a chat template sees, as transformers gives them."""
         names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
         return {k: v for k in names if isinstance(v := self._special(k), str)}
+
+    def behaviour(self) -> tuple:
+        """What this tokenizer does (rules and vocabulary, special tokens, chat template), for telling two apart."""
+        return json.loads(self._tok.to_str()), self._tok.encode_special_tokens, self._tidy, self.special_tokens(), \
+            self.chat_template
 
     def encode(self, texts, add_special_tokens: bool = True, pad_id: int | None = None,
                padding_side: str | None = None, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

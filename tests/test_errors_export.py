@@ -210,9 +210,10 @@ def test_base_with_other_weights_than_the_adapters_recorded_base_is_refused(llam
 
 @pytest.mark.parametrize("edit", ["none", "chat template", "generation_config"])
 def test_a_base_copy_with_other_side_files_is_refused(text_export, tmp_path, edit):
-    """Same weights and config.json, another tokenizer or generation_config.json: the adapters of one OUT share
+    """Same weights and config.json, another chat template or generation_config.json: the adapters of one OUT share
     OUT/base's, so the new adapter would have run with OUT's (the base reused), or OUT's adapters with the new
-    one's (the base rebuilt for new slots: "mlp"), silently. An unchanged copy elsewhere is the same base."""
+    one's (the base rebuilt for new slots: gate_proj), silently. An unchanged copy elsewhere is the same base, and so
+    is an OUT whose tokenizer_config.json was written otherwise (older edgepeft copied the folder's as it was)."""
     import peft
 
     out = str(tmp_path / "out")
@@ -223,6 +224,8 @@ def test_a_base_copy_with_other_side_files_is_refused(text_export, tmp_path, edi
         edit_json(os.path.join(copy, "tokenizer_config.json"), chat_template="{{ messages[0]['content'] }}")
     elif edit == "generation_config":
         edit_json(os.path.join(copy, "generation_config.json"), max_new_tokens=7)
+    else:
+        shutil.copy(os.path.join(copy, "tokenizer_config.json"), os.path.join(out, "base"))
     config = peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["gate_proj" if edit == "generation_config" else "q_proj"])
     pm = peft.get_peft_model(load_reference_base(copy, "causal-lm"), config)
     pm.save_pretrained(str(tmp_path / "a"))
@@ -231,9 +234,10 @@ def test_a_base_copy_with_other_side_files_is_refused(text_export, tmp_path, edi
         assert Runtime(out, providers=CPU).adapter_names == ["new", "tok"]
         return
     msg = failing_export(AdapterBaseMismatchError, [str(tmp_path / "a")], out, names=["new"])
-    file = "chat_template.jinja" if edit == "chat template" else "generation_config.json"
-    assert msg.startswith(f"{os.path.join(out, 'base', file)}: differs from {copy}'s (the base of these adapters")
-    assert msg.endswith(f"export these into another --out folder, or make the two {file} files agree")
+    what = ("tokenizer (tokenizer.json, tokenizer_config.json, chat template)" if edit == "chat template" else
+            "generation ({} here, {'max_new_tokens': 7} in its generation_config.json)")
+    assert msg == (f"{os.path.join(out, 'base')}: differs from {copy}, these adapters' base (the same weights), in its "
+                   f"{what}; the adapters of one --out folder share one base: export these into another --out folder")
 
 
 def test_a_base_folder_changed_since_the_export_is_named_so(small_copy, llama, tiny_base, tmp_path):
