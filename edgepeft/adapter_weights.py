@@ -18,12 +18,11 @@ def read_adapter_weights(directory: str) -> tuple[str, dict]:
     ``adapter_model.bin`` (older hub adapters), read as HF PEFT reads it but with tensors only (no code runs)."""
     path = os.path.join(directory, WEIGHTS_NAME)
     pickled = os.path.join(directory, PICKLED_WEIGHTS_NAME)
-    for f in (path, pickled):  # safetensors says "No such file" for a file it may not read
-        check_readable(f)
     if not os.path.isfile(path) and os.path.isfile(pickled):
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  torch's unpickler fails with many types on damaged bytes (IndexError too)
+            check_readable(pickled)
             raise _unreadable(pickled, type(e).__name__, "damaged, or holding more than tensors (it is read with "
                               f"weights_only=True); download it again, or re-save it with save_pretrained, which writes "
                               f"{WEIGHTS_NAME}") from None
@@ -31,11 +30,13 @@ def read_adapter_weights(directory: str) -> tuple[str, dict]:
             raise CorruptArtifactError(f"{pickled}: holds no state dict of tensors; re-save the adapter with save_pretrained")
         return pickled, state
     if not os.path.isfile(path):
+        check_readable(path)
         raise ArtifactNotFoundError(f"{path}: adapter weights not found (nor {PICKLED_WEIGHTS_NAME}); re-save the adapter "
                                     "with save_pretrained")
     try:
         return path, load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
+        check_readable(path)  # safetensors says "No such file" for a file it may not read
         raise _unreadable(path, e, "damaged or cut short; download the adapter again, or re-save it") from None
 
 

@@ -68,14 +68,11 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
     if not os.path.exists(path):
         raise ArtifactNotFoundError(f"{name}: no such folder; give {flag} a local model folder (with config.json) "
                                     "or a hub id")
-    check_readable(path)  # a folder one may not list looks empty, a weights file one may not read missing
-    for entry in os.listdir(path) if os.path.isdir(path) else ():
-        if os.path.isfile(os.path.join(path, entry)):  # its own files only: a .git folder is no concern
-            check_readable(os.path.join(path, entry))
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise ArtifactNotFoundError(f"{name}: is an adapter folder, not a model; give {flag} the base model it was "
                                     "trained on (its adapter_config.json names it: base_model_name_or_path)")
     if not os.path.isfile(os.path.join(path, "config.json")):
+        check_readable(path)  # a folder one may not list looks empty
         raise ArtifactNotFoundError(f"{name}: is not a model folder (no config.json in it); give {flag} the folder "
                                     "that save_pretrained wrote (config.json, model.safetensors, tokenizer files)")
 
@@ -100,6 +97,7 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
                 f"which edgepeft never runs; edgepeft supports {', '.join(SUPPORTED)} as transformers implements them"
             ) from None
         local = os.path.join(str(name_or_path), "config.json")
+        check_readable(local)
         try:
             with open(local, encoding="utf-8") as f:
                 model_type = json.load(f).get("model_type")
@@ -199,6 +197,9 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             if type(e) is RuntimeError and "PytorchStreamReader" not in str(e):  # torch's: a .bin cut short
                 raise
+            for entry in sorted(os.listdir(name_or_path)) if os.path.isdir(name_or_path) else ():  # another user's?
+                if entry.endswith((".safetensors", ".bin", ".json")):  # what transformers reads for the weights
+                    check_readable(os.path.join(name_or_path, entry))
             raise ArtifactNotFoundError(
                 f"{model_label(name_or_path, revision)}: cannot load the base model ({str(e).splitlines()[0][:200]}); "
                 "its weights files may be missing or incomplete (a Git LFS pointer, an interrupted download): download "

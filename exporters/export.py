@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError, UnsupportedMethodError
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, StorageError, UnsupportedMethodError
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
 from edgepeft.exporters.base_graph import (
@@ -32,6 +32,7 @@ from edgepeft.files import (
     reporting_full_disk, write_json_atomic,
 )
 from edgepeft.models import model_label
+from edgepeft.runtimes.access import may_replace
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
     read_adapter_manifest, read_base_manifest, uncounted_heads,
@@ -121,9 +122,9 @@ def plan_slots(plan: ExportPlan) -> tuple[list, bool]:
         if os.path.exists(target) and not plan.overwrite:
             raise ConfigError(f"{target}: {plan.out} holds an adapter named {src.name!r} already; pass --overwrite "
                               "to replace it, or --name to export this one under another name")
-        if os.path.isdir(target) and not os.access(target, os.W_OK | os.X_OK):  # moved aside, it would stay there
-            raise ConfigError(f"{target}: cannot replace it (permission denied: another user's?); remove it as its "
-                              "owner, or export this one under another --name")
+        if os.path.isdir(target) and not may_replace(target):  # moved aside, it would stay there
+            raise StorageError(f"{target}: cannot replace it (permission denied: another user's?); remove it as its "
+                               "owner, or export this one under another --name")
     needed = slot_union(*[adapter_slots(plan.model, c, plan.groups, s.path) for c, s in zip(configs, plan.sources)])
     have = {s.name: s for s in existing["slots"]} if existing else {}
     older = next((s for s in needed if s.name in have and have[s.name].to_json() != s.to_json()), None)

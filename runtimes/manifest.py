@@ -209,13 +209,14 @@ def sha256_file(path: str) -> str:
 
 def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
     """The JSON object (``kind`` list: the list) in ``path``; a missing or damaged file names itself and ``fix``."""
-    check_readable(path)
     if not os.path.isfile(path):
+        check_readable(path)  # inside a folder one may not enter, a file looks missing
         raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        check_readable(path)
         raise CorruptArtifactError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
     if not isinstance(data, kind):
         raise CorruptArtifactError(f"{path}: {what} is not a JSON {'object' if kind is dict else 'list'}; {fix}")
@@ -345,12 +346,12 @@ _ADAPTER_FIX = "re-export the adapter with `edgepeft export --adapter DIR --out 
 def read_adapter_manifest(adapter_dir: str) -> dict:
     """Read and check ``adapter_dir/adapter.json``."""
     path = os.path.join(adapter_dir, ADAPTER_MANIFEST)
-    check_readable(adapter_dir)  # a folder one cannot list looks empty: "remove it" below would be wrong
     if not os.path.isfile(path) and os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise ArtifactNotFoundError(f"{adapter_dir}: is an adapter folder in HF PEFT format, not an exported one; "
                                     f"export it first with `edgepeft export --adapter {quote(adapter_dir)} --out OUT`, "
                                     "then load its folder in OUT/adapters/")
     if not os.path.isfile(path) and not os.path.isfile(os.path.join(adapter_dir, ADAPTER_GRAPH)):
+        check_readable(adapter_dir)  # a folder one may not list looks empty: "remove it" below would be wrong
         raise ArtifactNotFoundError(f"{adapter_dir}: not an exported adapter (no {ADAPTER_MANIFEST}, no {ADAPTER_GRAPH}); "
                                     "remove it if it is a stray folder, or pass a folder of OUT/adapters/ made by "
                                     "`edgepeft export`")
@@ -379,10 +380,15 @@ def check_adapter_graph(adapter_dir: str, manifest: dict) -> None:
     """Raises the error an adapter's graph file has: missing, or not the file its sha256 names. (Raised here, not
     returned: a caller's local holding the exception it raises keeps that frame, and the Runtime in it, alive.)"""
     graph = os.path.join(adapter_dir, manifest["graph"])
-    check_readable(graph)
     if not os.path.isfile(graph):
+        check_readable(graph)
         raise ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
-    if sha256_file(graph) != manifest["sha256"]:
+    try:
+        digest = sha256_file(graph)
+    except OSError:
+        check_readable(graph)
+        raise
+    if digest != manifest["sha256"]:
         raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); "
                                    "re-export the adapter")
 
@@ -397,8 +403,12 @@ def uncounted_heads(base: dict, made=()) -> list:
 def adapter_dirs(out_dir: str) -> dict:
     """{name: folder} of the adapters in ``out_dir/adapters``, sorted; hidden (staging) entries left out."""
     adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
-    check_readable(adapters_dir)
     if not os.path.isdir(adapters_dir):
         return {}
-    return {name: os.path.join(adapters_dir, name) for name in sorted(os.listdir(adapters_dir))
+    try:
+        names = sorted(os.listdir(adapters_dir))
+    except OSError:
+        check_readable(adapters_dir)
+        raise
+    return {name: os.path.join(adapters_dir, name) for name in names
             if not name.startswith(".") and os.path.isdir(os.path.join(adapters_dir, name))}

@@ -33,11 +33,11 @@ def _tidied(text: str) -> str:
 
 
 def _read_text(path: str) -> str:
-    check_readable(path)
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
+        check_readable(path)
         raise CorruptArtifactError(f"{path}: cannot read it ({e}); {_FIX}") from None
 
 
@@ -46,8 +46,8 @@ class TextTokenizer:
 
     def __init__(self, base_dir: str, padding_side: str = "left", pad_id: int = 0, max_positions: int | None = None):
         path = os.path.join(base_dir, "tokenizer.json")
-        check_readable(path)
         if not os.path.isfile(path):
+            check_readable(path)
             raise ArtifactNotFoundError(
                 f"{path}: the export has no tokenizer; pass token ids, or export from a base folder that has tokenizer.json"
             )
@@ -58,6 +58,7 @@ class TextTokenizer:
         try:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
+            check_readable(path)
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
         self.base_dir = base_dir
         self.max_positions = max_positions  # the model's: caps a text's length in embed

@@ -2,67 +2,108 @@
 fix that works, instead of "missing" (with "remove it if it is a stray folder"), "not valid JSON" or "damaged: download
 it again".
 
-Tests run as root here, whom no mode stops, so ``os.access`` answers as it would for another user; the unreadable
-paths were checked by hand as uid 65534 (setpriv) too.
+The files are made unreadable with chmod 000, which stops their owner too. Root reads them anyway, so as root the
+calls run as another user (os.seteuid), in a world-readable scratch folder, with the modules they use loaded first.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import stat
+import tempfile
+from contextlib import contextmanager
 
 import pytest
 
-from file_checks import copy_adapter, tree_hashes
-from edgepeft.errors import ConfigError, StorageError
+from file_checks import tree_hashes
+from edgepeft.errors import StorageError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
 DENIED = "permission denied for this user"
+pytestmark = pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+
+
+@contextmanager
+def as_another_user():
+    """Root: run the block as uid/gid 65534 (file access follows the effective ids); others: as they are."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
 
 
 @pytest.fixture
-def deny(monkeypatch):
-    """deny(path, ...): os.access says no for those paths, as for a user they are not readable to."""
-    real = os.access
-    denied = set()
+def scratch():
+    """A folder every user may enter and write to (tmp_path lies under a folder only its owner may enter)."""
+    folder = tempfile.mkdtemp(prefix="edgepeft-perm-")
+    os.chmod(folder, 0o777)
+    yield folder
+    for root, dirs, files in os.walk(folder):  # chmod 000 folders: removable again
+        for d in dirs:
+            os.chmod(os.path.join(root, d), stat.S_IRWXU)
+    shutil.rmtree(folder)
 
-    def access(path, mode, *args, **kwargs):
-        return os.path.abspath(path) not in denied and real(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(os, "access", access)
-    return lambda *paths: denied.update(os.path.abspath(str(p)) for p in paths)
+def _lock(path: str) -> None:
+    os.chmod(path, 0)
+
+
+def _copy(src: str, dst: str) -> str:
+    """A copy every user may read (transformers writes model.safetensors 0600)."""
+    shutil.copytree(src, dst)
+    for root, dirs, files in os.walk(dst):
+        os.chmod(root, 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    return dst
 
 
 @pytest.mark.parametrize("part", ["adapters/qv", "adapters", "base", "base/edgepeft.json", "adapters/qv/adapter.onnx"])
-def test_an_export_another_user_owns_is_named_so(shared_export, tmp_path, deny, part):
-    out = str(tmp_path / "out")
-    shutil.copytree(shared_export("llama")[0], out)
-    deny(os.path.join(out, part))
-    with pytest.raises(StorageError) as e:
+def test_an_export_another_user_owns_is_named_so(shared_export, scratch, part):
+    out = _copy(shared_export("llama")[0], os.path.join(scratch, "out"))
+    Runtime(out).load_adapter(os.path.join(out, "adapters", "qv"), name="again")  # the modules it uses, loaded
+    _lock(os.path.join(out, part))
+    with as_another_user(), pytest.raises(StorageError) as e:
         rt = Runtime(out)
         rt.load_adapter(os.path.join(out, "adapters", "qv"), name="again")  # adapter.onnx is read when staged
     assert str(e.value).startswith(f"{os.path.join(out, part)}: {DENIED}")
 
 
-def test_adapter_and_base_files_another_user_owns_are_named_at_export(shared_export, tiny_base, tmp_path, deny):
-    adapter = copy_adapter(shared_export("llama")[1]["qv"], tmp_path / "qv")
-    deny(os.path.join(adapter, "adapter_model.safetensors"))  # safetensors said "No such file": download it again
-    with pytest.raises(StorageError, match=f"adapter_model.safetensors: {DENIED}"):
-        export([adapter], str(tmp_path / "a"))
-    base = str(tmp_path / "base")
-    shutil.copytree(tiny_base("llama"), base)
-    deny(os.path.join(base, "model.safetensors"))
-    with pytest.raises(StorageError, match=f"model.safetensors: {DENIED}"):
-        export([shared_export("llama")[1]["qv"]], str(tmp_path / "b"), base=base)
-    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+def test_adapter_and_base_files_another_user_owns_are_named_at_export(shared_export, tiny_base, scratch):
+    adapter = _copy(shared_export("llama")[1]["qv"], os.path.join(scratch, "qv"))
+    base = _copy(tiny_base("llama"), os.path.join(scratch, "base"))
+    export([adapter], os.path.join(scratch, "first"), base=base)  # the modules it uses, loaded
+    _lock(os.path.join(adapter, "adapter_model.safetensors"))  # safetensors said "No such file": download it again
+    with as_another_user(), pytest.raises(StorageError, match=f"adapter_model.safetensors: {DENIED}"):
+        export([adapter], os.path.join(scratch, "a"), base=base)
+    os.chmod(os.path.join(adapter, "adapter_model.safetensors"), 0o644)
+    _lock(os.path.join(base, "model.safetensors"))
+    with as_another_user(), pytest.raises(StorageError, match=f"model.safetensors: {DENIED}"):
+        export([adapter], os.path.join(scratch, "b"), base=base)
+    assert not os.path.exists(os.path.join(scratch, "a")) and not os.path.exists(os.path.join(scratch, "b"))
 
 
-def test_overwriting_an_adapter_folder_another_user_owns_is_refused_before_any_work(shared_export, tmp_path, deny):
+def test_overwriting_an_adapter_folder_another_user_owns_is_refused_before_any_work(shared_export, tiny_base, scratch):
     """Renamed aside, its files could not be removed: a hidden .old-qv-* copy stayed forever after "ok"."""
-    out = str(tmp_path / "out")
-    shutil.copytree(shared_export("llama")[0], out)
+    out = _copy(shared_export("llama")[0], os.path.join(scratch, "out"))
+    qv = os.path.join(out, "adapters", "qv")
+    adapter = _copy(shared_export("llama")[1]["qv"], os.path.join(scratch, "qv"))
+    base = _copy(tiny_base("llama"), os.path.join(scratch, "base"))
+    if os.geteuid() == 0:  # OUT is the other user's, but for adapters/qv
+        for root, dirs, files in os.walk(out):
+            for name in [root, *(os.path.join(root, f) for f in files)]:
+                os.chown(name, 65534, 65534)
+        os.chown(qv, 0, 0)
+    else:
+        os.chmod(qv, 0o555)  # its files cannot be removed
     before = tree_hashes(out)
-    deny(os.path.join(out, "adapters", "qv"))
-    with pytest.raises(ConfigError, match="adapters/qv: cannot replace it \\(permission denied"):
-        export([shared_export("llama")[1]["qv"]], out, names=["qv"], overwrite=True)
+    with as_another_user(), pytest.raises(StorageError, match="adapters/qv: cannot replace it \\(permission denied"):
+        export([adapter], out, base=base, names=["qv"], overwrite=True)
     assert tree_hashes(out) == before
