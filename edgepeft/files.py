@@ -56,7 +56,8 @@ def usual_permissions(path: str) -> None:
 @contextmanager
 def reporting_full_disk(folder: str, flag: str):
     """A write under ``folder`` that fails for want of space (or quota) becomes a StorageError naming the folder and
-    the fix: torch.onnx's, onnx's and ONNX Runtime's writers fail with an OSError naming no file."""
+    the fix: torch.onnx's, onnx's and ONNX Runtime's writers fail with an OSError naming no file. Wrap the writes
+    only: an error naming no file is blamed on ``folder``."""
     from edgepeft.errors import StorageError
 
     try:
@@ -65,9 +66,16 @@ def reporting_full_disk(folder: str, flag: str):
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         root, path = os.path.abspath(folder), os.path.abspath(e.filename) if isinstance(e.filename, str) else None
-        if path and os.path.commonpath([root, path]) != root:  # elsewhere: the hub's cache, say
+        if path and not _inside(path, root):  # elsewhere: the hub's cache, say
             raise StorageError(f"{path}: no space left on its disk; free some") from None
         raise StorageError(f"{root}: no space left on its disk; free some, or give {flag} a folder on another disk") from None
+
+
+def _inside(path: str, folder: str) -> bool:
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # Windows: on another drive
+        return False
 
 
 def missing_folders(path: str) -> list[str]:

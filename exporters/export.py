@@ -70,8 +70,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     log = print if verbose else (lambda *a, **k: None)
     made = missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
-        # one_at_a_time makes OUT, and says so when another export holds it
-        with one_at_a_time(out, log), reporting_full_disk(out, "--out"):
+        with one_at_a_time(out, log):  # makes OUT; says so when another export holds it
             try:
                 return _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log)
             except BaseException:
@@ -88,18 +87,19 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
         log(f"note: {line}")
     plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
                    overwrite=overwrite, ops=ops, log=log)
-    if merge:
-        return export_merged(plan)
-    slots, reuse = plan_slots(plan)
-    with Staging() as staging:
-        base_stage, base_manifest = stage_base(plan, slots, reuse, staging)
-        adapter_stages = stage_adapters(plan, base_manifest, staging)
-        report = validate_float(plan, base_stage, adapter_stages, reuse, len(slots))
-        if quantize and not reuse:
-            report["checks"] += quantize_and_validate(plan, base_stage, adapter_stages)
-        if not reuse:  # the adapters already in OUT, taken along to the new base
-            report["checks"] += compare_siblings(plan, base_stage)
-        commit(plan, staging, base_stage, adapter_stages, reuse)
+    with reporting_full_disk(out, "--out"):  # the writes into OUT (resolve's loading is not: a hub download)
+        if merge:
+            return export_merged(plan)
+        slots, reuse = plan_slots(plan)
+        with Staging() as staging:
+            base_stage, base_manifest = stage_base(plan, slots, reuse, staging)
+            adapter_stages = stage_adapters(plan, base_manifest, staging)
+            report = validate_float(plan, base_stage, adapter_stages, reuse, len(slots))
+            if quantize and not reuse:
+                report["checks"] += quantize_and_validate(plan, base_stage, adapter_stages)
+            if not reuse:  # the adapters already in OUT, taken along to the new base
+                report["checks"] += compare_siblings(plan, base_stage)
+            commit(plan, staging, base_stage, adapter_stages, reuse)
     plan.log(f"wrote {out}")
     return report
 

@@ -79,3 +79,18 @@ def test_ort_adapter_writes_that_fail_on_a_full_disk_say_so(shared_export, tmp_p
     with pytest.raises(OSError) as e:
         ort_adapter.write_ort_adapter(graph, taken)
     assert e.value.errno == errno.ENOSPC and e.value.filename == taken
+
+
+def test_a_full_disk_while_loading_is_not_blamed_on_out(shared_export, tmp_path, monkeypatch):
+    """Loading the base may download it (the hub's cache, elsewhere): an OSError naming no file there is not OUT's."""
+    import importlib
+
+    export_module = importlib.import_module("edgepeft.exporters.export")  # the package's name is the function
+
+    def loading(*args, **kwargs):
+        raise FULL
+
+    monkeypatch.setattr(export_module, "resolve", loading)
+    with pytest.raises(OSError) as e:
+        export_module.export([shared_export("llama")[1]["qv"]], str(tmp_path / "out"))
+    assert not isinstance(e.value, StorageError) and e.value.errno == errno.ENOSPC

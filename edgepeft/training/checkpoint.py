@@ -31,7 +31,7 @@ def save_checkpoint(out: str, peft, fingerprint: dict, epoch: int, optimizer, sc
         state = io.BytesIO()  # written by write_bytes_atomic: a full disk is an OSError (torch's writer: a RuntimeError)
         torch.save({"args": fingerprint, "epoch": epoch, "trainable": trainable, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _get_rng(), "log": log}, state)
-        write_bytes_atomic(os.path.join(stage, STATE), state.getvalue())
+        write_bytes_atomic(os.path.join(stage, STATE), state.getbuffer())  # not a copy
         replace_dir(stage, os.path.join(out, CHECKPOINT))
     finally:  # interrupted or out of disk while writing: no half-written staging folder is left in OUT
         shutil.rmtree(stage, ignore_errors=True)

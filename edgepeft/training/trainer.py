@@ -175,10 +175,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
-        with reporting_full_disk(self.args.out, "--out"):
-            return self._train()
-
-    def _train(self) -> dict:
         from accelerate.utils import set_seed
         from torch.utils.data import DataLoader
         from transformers import get_scheduler
@@ -247,7 +243,8 @@ class Trainer:
             print(f"note: {log['hint']}", file=sys.stderr)
         log["replica_checksums"] = [float(x) for x in acc.gather(checksum(params, acc.device))]
         if acc.is_main_process:  # the checksums join the log; the curve, drawn at the last epoch, is unchanged
-            self._write_log(log, curve=False)
+            with reporting_full_disk(args.out, "--out"):
+                self._write_log(log, curve=False)
         acc.wait_for_everyone()
         acc.end_training()
         return log
@@ -313,7 +310,8 @@ class Trainer:
             bar.write(f"epoch {epoch + 1}/{args.epochs}: eval {_shown(evaluation)}" + ("  (best so far)" if shown else ""))
         if acc.is_main_process:
             peft = acc.unwrap_model(model)
-            with deferred_interrupts():  # Ctrl-C: after the checkpoint that the saved adapter belongs to
+            # Ctrl-C: after the checkpoint that the saved adapter belongs to
+            with deferred_interrupts(), reporting_full_disk(args.out, "--out"):
                 if args.save == "last" or improved:
                     save_adapter(peft, args.out, log["labels"])
                 self._write_log(log)
