@@ -22,6 +22,30 @@ from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
 
+def test_prefix_keys_take_the_heads_own_width_as_hf_peft(tmp_path):
+    """head_dim x heads other than hidden_size, every head a key/value head: the prefix was hidden_size wide (a
+    size-mismatch RuntimeError in the first forward; edgepeft train printed a traceback)."""
+    import peft
+    import transformers as tf
+
+    from tiny import tiny_config
+
+    config = tiny_config("llama")
+    config.num_key_value_heads = config.num_attention_heads  # 4 x head_dim 16 = 64, hidden_size 32
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    ids, mask = sample_batch()
+    model = edgepeft.get_peft_model(load_reference_base(str(tmp_path / "base"), "causal-lm"),
+                                    edgepeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    randomize_prompt_encoder(model, seed=6, scale=0.5)
+    ours = torch_outputs(model.eval(), ids, mask, "logits")
+    assert model.peft_config["default"].token_dim == 64
+    model.save_pretrained(tmp_path / "ours")
+    hf = peft.PeftModel.from_pretrained(load_reference_base(str(tmp_path / "base"), "causal-lm"), str(tmp_path / "ours"))
+    assert hf.peft_config["default"].token_dim == 64
+    assert max_diff_valid(torch_outputs(hf.eval(), ids, mask, "logits"), ours, mask) <= 1e-5
+
+
 @pytest.mark.parametrize("arch", VIRTUAL_ARCHS)
 @pytest.mark.parametrize("projection", [False, True])
 def test_prefix_tuning_matches_peft_both_ways(arch, projection, tiny_base, tmp_path):

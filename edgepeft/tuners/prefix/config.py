@@ -28,10 +28,11 @@ class PrefixTuningConfig(PromptLearningConfig):
     init_weights: Optional[str] = None
 
     def fill_method_fields(self, model_config) -> None:
-        """Keys/values come per key/value head: with grouped-query attention, fewer heads than queries have."""
-        kv_heads = getattr(model_config, "num_key_value_heads", None)
-        if kv_heads is not None and self.num_attention_heads != kv_heads:
-            self.token_dim, self.num_attention_heads = self.method_width(model_config), kv_heads
+        """Keys/values come per key/value head: with grouped-query attention, fewer heads than queries have, and a
+        head_dim of its own (Llama's config may set one) makes them other than hidden_size wide, as HF PEFT sets."""
+        kv_heads, width = getattr(model_config, "num_key_value_heads", None), self.method_width(model_config)
+        if kv_heads is not None and (self.num_attention_heads, self.token_dim) != (kv_heads, width):
+            self.token_dim, self.num_attention_heads = width, kv_heads
         if self.encoder_hidden_size is None:
             self.encoder_hidden_size = self.token_dim
 
