@@ -134,8 +134,8 @@ def rope_type(config) -> str | None:
 
 
 def check_exportable(config, source: str) -> None:
-    """Refuse what the export cannot trace: sliding-window attention layers (Qwen2's ``use_sliding_window``) and
-    longrope scaling.
+    """Refuse what the export cannot trace: sliding-window attention layers (Qwen2's ``use_sliding_window``),
+    longrope scaling, and an encoder made a causal decoder (``is_decoder``).
 
     transformers keeps a cropped cache for sliding layers, which the graph's one cache layout for
     every layer does not fit; longrope switches its rotary frequencies once a sequence passes
@@ -147,6 +147,10 @@ def check_exportable(config, source: str) -> None:
             f"{source}: config.json's rope scaling is longrope, which edgepeft cannot export (its rotary "
             "frequencies change with the sequence length); use a base model without longrope scaling"
         )
+    if getattr(config, "is_decoder", False) and config.model_type not in DECODERS:
+        raise UnsupportedModelError(
+            f"{source}: config.json sets is_decoder: true (an encoder run as a causal decoder), which edgepeft cannot "
+            "export (its graph attends both ways); set it to false, or use a decoder model (Llama, Qwen2, GPT-2)")
     sliding = sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
     if sliding:
         raise UnsupportedModelError(
@@ -225,6 +229,9 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
             "would be random): a checkpoint saved for another task (a classifier, embeddings), or one saved with tied "
             f"embeddings whose config.json says tie_word_embeddings: false; {fix}")
     model.edgepeft_made_heads = {k.split(".")[0] for k in made} & set(CLASSIFIER_NAMES)
+    for module in model.modules():  # BERT's chunked feed-forward (memory only): a graph traced with it runs at the
+        if getattr(module, "chunk_size_feed_forward", 0):  # traced length only, and it needs multiples of the chunk
+            module.chunk_size_feed_forward = 0
     return model.eval()
 
 

@@ -21,6 +21,7 @@ from edgepeft.runtimes.manifest import TASK_OUTPUTS
 
 
 QUANTIZED_SAMPLE = (16, 16)  # rows x tokens of the quantized checks' batch
+DECODE_STEPS = 3  # cached decode steps checked after the prefill
 # An adapter's effect on a quantized graph: judged where it is EFFECT_NOISE x the base's own error or more (below, the
 # two cannot be told apart), and refused when it is off PyTorch's by more than EFFECT_TOL of itself. Independent errors
 # on base and adapter outputs give sqrt(2) / EFFECT_NOISE = 0.35 at worst; a graph that ignores the adapter gives 1.
@@ -96,7 +97,7 @@ def compare_effects(label: str, ours, ref, base_ours, base_ref, mask, task, wher
     return rel
 
 
-def decode_steps(rt, adapter, model, ids, mask, steps: int = 3):
+def decode_steps(rt, adapter, model, ids, mask, steps: int = DECODE_STEPS):
     """Prefill then ``steps`` cached decode steps, teacher-forced with PyTorch's greedy tokens.
 
     Returns the last-position logits of every step, (steps + 1, B, V), from the
@@ -150,7 +151,10 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
     output's last dim (a classifier's label count). ``base``: with ``qtol``, the base's outputs (the base's own check
     keeps them); an adapter's effect is checked against them too (``compare_effects``).
     """
-    batch, length = QUANTIZED_SAMPLE if qtol is not None else (2, 8)
+    batch, length = QUANTIZED_SAMPLE if qtol is not None else (2, 6)  # not the trace's length (8; 4 + 3 cached)
+    if rt.max_positions:  # a model with few positions (a prefix nearly as long): as many as fit
+        room = rt.max_positions - rt.virtual_positions(adapter, batch) - (DECODE_STEPS if rt.cache else 0)
+        length = max(4, min(length, room))  # 4: a row left-padded by 3 keeps a token
     ids, mask = sample_inputs(model.config, batch=batch, seq=length, seed=seed)
     ours = rt.forward(ids.numpy(), mask.numpy(), adapter=adapter)[TASK_OUTPUTS[task]]
     ref = reference_output(model, ids, mask, task)
