@@ -20,7 +20,8 @@ from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.graph import IR_VERSION, OPSET
 from edgepeft.files import write_json_atomic
 from edgepeft.models import named_labels
-from edgepeft.runtimes.manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST, FORMAT_VERSION, ORT_ADAPTER, sha256_file
+from edgepeft.runtimes.access import sha256_file
+from edgepeft.runtimes.manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST, FORMAT_VERSION, ORT_ADAPTER
 from edgepeft.tuners import specs_for
 from edgepeft.tuners.layout import Assembled
 

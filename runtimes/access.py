@@ -1,16 +1,22 @@
-"""Files and folders this process may not read (another user's, on a device or a shared machine): named as such,
-with the fix that works, rather than as missing or damaged files to re-export or remove."""
+"""Reading an export's files: JSON and checksums, and files and folders this process may not read (another user's,
+on a device or a shared machine), named as such with the fix that works rather than as missing or damaged files to
+re-export or remove."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
-from .errors import StorageError
+from .errors import ArtifactNotFoundError, CorruptArtifactError, StorageError
 
 
 def check_readable(path: str) -> None:
     """StorageError where ``path`` (a file, or a folder to list) or a folder above it is there but this process may
     not read it; nothing where it is readable or missing (the caller says what is missing). Called where a read
     failed or found nothing: os.access can say no where a read would succeed (capabilities, ACLs)."""
+    real = os.path.realpath(path)
+    if real != os.path.abspath(path):  # a link: where it leads is read too
+        check_readable(real)
     path = os.path.abspath(path)
     folders = []
     probe = os.path.dirname(path)
@@ -41,3 +47,31 @@ def _denied(path: str) -> StorageError:
     user = f" (uid {os.geteuid()})" if hasattr(os, "geteuid") else ""
     return StorageError(f"{path}: permission denied for this user{user}; make it readable (chmod, chown), or run as "
                         "a user who may read it")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
+    """The JSON object (``kind`` list: the list) in ``path``; a missing or damaged file names itself and ``fix``."""
+    if not os.path.isfile(path):
+        check_readable(path)  # inside a folder one may not enter, a file looks missing
+        raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        check_readable(path)
+        raise CorruptArtifactError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, kind):
+        raise CorruptArtifactError(f"{path}: {what} is not a JSON {'object' if kind is dict else 'list'}; {fix}")
+    return data

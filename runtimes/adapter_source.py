@@ -8,9 +8,10 @@ import re
 import zipfile
 import zlib
 
+from .access import sha256_bytes
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .manifest import (
-    ADAPTER_GRAPH, ADAPTER_MANIFEST, check_adapter_graph, check_adapter_manifest, read_adapter_manifest, sha256_bytes,
+    ADAPTER_GRAPH, ADAPTER_MANIFEST, check_adapter_graph, check_adapter_manifest, read_adapter_manifest,
 )
 
 

@@ -48,13 +48,12 @@ values (ones) make the single-adapter path bind nothing more.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from shlex import quote
 
-from .access import check_readable
+from .access import check_readable, read_json, sha256_file
 from .errors import ArtifactNotFoundError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 
@@ -195,34 +194,6 @@ class Slot:
         )
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
-    """The JSON object (``kind`` list: the list) in ``path``; a missing or damaged file names itself and ``fix``."""
-    if not os.path.isfile(path):
-        check_readable(path)  # inside a folder one may not enter, a file looks missing
-        raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        check_readable(path)
-        raise CorruptArtifactError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(data, kind):
-        raise CorruptArtifactError(f"{path}: {what} is not a JSON {'object' if kind is dict else 'list'}; {fix}")
-    return data
-
-
 def _check_format(data: dict, path: str, form: str, required: tuple, fix: str) -> None:
     if data.get("format") != form:
         raise CorruptArtifactError(f"{path}: not an edgepeft {form} manifest; {fix}")
@@ -332,6 +303,7 @@ def base_file_errors(base_dir: str, manifest: dict, names=None) -> list:
         path = os.path.join(base_dir, name)
         if not os.path.isfile(path):  # the JavaScript graphs may be left out of a Python deployment (deploy.md)
             if name in (manifest["graph"], manifest["graph"] + ".data"):
+                check_readable(path)  # a link into a folder this user may not enter looks missing
                 errors.append(ArtifactNotFoundError(f"{path}: missing; {fix}"))
         elif os.path.getsize(path) != size:
             errors.append(CorruptArtifactError(f"{path}: {os.path.getsize(path)} bytes where the export wrote {size} "

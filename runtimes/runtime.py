@@ -27,6 +27,7 @@ import numpy as np
 from . import text
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, row_specs, run_rows_apart
+from .access import check_readable
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
 from .generation import StopStrings, TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
 from .inputs import check_token_inputs, generation_mask, step_tokens
@@ -48,6 +49,7 @@ class Runtime:
         if not isinstance(path, (str, os.PathLike)):
             raise ConfigError(f"Runtime takes an export's folder (a path), got {type(path).__name__}")
         if not os.path.isdir(os.path.join(path, BASE_DIR)):
+            check_readable(os.path.join(path, BASE_DIR))  # OUT another user's: not "no exported base here"
             raise not_an_export(os.fspath(path))
         self.path = os.path.abspath(path)  # the export stays where it was opened when the app changes directory
         try:

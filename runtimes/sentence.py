@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from .errors import ConfigError, CorruptArtifactError
-from .manifest import read_json
+from .access import read_json
 
 SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")  # as exported
 MODULES = ("Transformer", "Pooling", "Normalize")  # the modules embed runs (class names)

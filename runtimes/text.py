@@ -17,9 +17,9 @@ import os
 
 import numpy as np
 
-from .access import check_readable
+from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
-from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST, read_json
+from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .mixing import row_specs
 from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
 

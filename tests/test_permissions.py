@@ -65,15 +65,27 @@ def _copy(src: str, dst: str) -> str:
     return dst
 
 
-@pytest.mark.parametrize("part", ["adapters/qv", "adapters", "base", "base/edgepeft.json", "adapters/qv/adapter.onnx"])
+@pytest.mark.parametrize("part", ["", "adapters/qv", "adapters", "base", "base/edgepeft.json", "adapters/qv/adapter.onnx",
+                                  "linked data"])
 def test_an_export_another_user_owns_is_named_so(shared_export, scratch, part):
+    """OUT itself: "no exported base here; run edgepeft export"; its weights linked into a folder the user may not
+    enter: "missing"."""
     out = _copy(shared_export("llama")[0], os.path.join(scratch, "out"))
     Runtime(out).load_adapter(os.path.join(out, "adapters", "qv"), name="again")  # the modules it uses, loaded
-    _lock(os.path.join(out, part))
+    if part == "linked data":
+        part = "private"
+        os.mkdir(os.path.join(scratch, part))
+        data = os.path.join(out, "base", "model.onnx.data")
+        os.replace(data, os.path.join(scratch, part, "model.onnx.data"))
+        os.symlink(os.path.join(scratch, part, "model.onnx.data"), data)
+        locked = os.path.join(scratch, part)
+    else:
+        locked = os.path.normpath(os.path.join(out, part))
+    _lock(locked)
     with as_another_user(), pytest.raises(StorageError) as e:
         rt = Runtime(out)
         rt.load_adapter(os.path.join(out, "adapters", "qv"), name="again")  # adapter.onnx is read when staged
-    assert str(e.value).startswith(f"{os.path.join(out, part)}: {DENIED}")
+    assert str(e.value).startswith(f"{locked}: {DENIED}")
 
 
 def test_adapter_and_base_files_another_user_owns_are_named_at_export(shared_export, tiny_base, scratch):

@@ -14,7 +14,7 @@ function described(v) {  // a value as a message shows it: "5", 5n, 2.5, Int32Ar
 
 export const FORMAT_VERSION = 3;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)
 export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
-const REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder";
+export const REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder";
 const MIN_ORT = [1, 22];  // as runtimes/sessions.py and package.json's peerDependencies: 1.20 and 1.21 refuse GroupQueryAttention
 
 /** What to install where ONNX Runtime's module (onnxruntime-node or -web) is older than exports need, else "". */
@@ -341,6 +341,10 @@ export async function checkSizes(loader, manifest, files) {
   for (const file of loader.size ? files : []) {
     const want = manifest.file_bytes?.[file];
     const got = want === undefined ? undefined : await loader.size(`base/${file}`);
+    if (want !== undefined && got === undefined) {  // on Node, ONNX Runtime reads model.onnx.data: it blamed the graph
+      throw new EdgePeftError(`${loader.where(`base/${file}`)}: missing; copy the export's base folder again, or ` +
+        REEXPORT_BASE);
+    }
     if (got !== undefined && got !== want) {
       throw new EdgePeftError(`${loader.where(`base/${file}`)}: ${got} bytes where the export wrote ${want} (a copy cut ` +
         "short?); copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder");

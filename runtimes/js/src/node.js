@@ -1,5 +1,5 @@
 // Node.js: open an export folder with onnxruntime-node (or onnxruntime-web's wasm build, also in Node).
-import { readFile, stat } from "node:fs/promises";
+import { open, readFile, stat } from "node:fs/promises";
 import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
@@ -11,14 +11,24 @@ async function read(file, encoding) {
   try {
     return await readFile(file, encoding);
   } catch (e) {
-    if (e.code === "ENOTDIR") {  // a file of the export given as OUT
-      throw new EdgePeftError(`${file}: a path through a file, not a folder; give openFolder the export's folder (OUT)`);
-    }
-    if (e.code !== "ENOENT") throw e;
-    const error = new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
-    error.missing = true;  // the runtime says what a missing file of an export means
-    throw error;
+    throw named(e, file);
   }
+}
+
+/** A file system error as an EdgePeftError naming the file: a missing one is marked so (the runtime says what it
+ * means for an export), one another user owns gets the fix that works (a re-export would not). */
+function named(e, file) {
+  if (e.code === "ENOTDIR") {  // a file of the export given as OUT
+    return new EdgePeftError(`${file}: a path through a file, not a folder; give openFolder the export's folder (OUT)`);
+  }
+  if (e.code === "EACCES" || e.code === "EPERM") {
+    return new EdgePeftError(`${file}: permission denied for this user (uid ${process.getuid?.()}); make it readable ` +
+      "(chmod, chown), or run as a user who may read it");
+  }
+  if (e.code !== "ENOENT") return new EdgePeftError(`${file}: cannot read it (${e.code ?? e.message})`);
+  const error = new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
+  error.missing = true;
+  return error;
 }
 
 /** Files of the export folder OUT, read from disk; a relative OUT is resolved once (the app may change directory). */
@@ -32,7 +42,10 @@ export function folderLoader(out) {
     json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8")),
     bytes: async (rel) => new Uint8Array(await read(path.join(out, rel))),
     // a file's size in bytes (undefined: missing, named when read)
-    size: async (rel) => stat(path.join(out, rel)).then((s) => s.size, (e) => { if (e.code === "ENOENT") return undefined; throw e; }),
+    size: async (rel) => stat(path.join(out, rel)).then((s) => s.size, (e) => {
+      if (e.code === "ENOENT") return undefined;
+      throw named(e, path.join(out, rel));
+    }),
     // onnxruntime-node reads a graph's external weights (model.onnx.data) beside the file itself;
     // onnxruntime-web takes them as bytes
     session: async (ort, rel, options, external) => {
@@ -40,6 +53,9 @@ export function folderLoader(out) {
       if (ort.env?.versions?.node === undefined && external) {
         const data = await read(path.join(path.dirname(file), "model.onnx.data"));
         return ort.InferenceSession.create(await read(file), { ...options, externalData: [{ path: "model.onnx.data", data }] });
+      }
+      for (const readable of external ? [file, path.join(path.dirname(file), "model.onnx.data")] : [file]) {
+        await (await open(readable).catch((e) => { throw named(e, readable); })).close();  // ONNX Runtime: "error 13"
       }
       return ort.InferenceSession.create(file, options);
     },

@@ -13,7 +13,7 @@
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
 import {
-  EdgePeftError, REEXPORT, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
+  EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
   checkOptions, checkSizes, checkTensors, namedLabels, olderRuntime, readJson,
 } from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
@@ -71,7 +71,7 @@ export class Runtime {
   }
 
   json(rel, missing) {
-    return readJson(this.loader, rel, missing);
+    return readJson(this.loader, rel, missing, rel.startsWith("base/") ? REEXPORT_BASE : REEXPORT);
   }
 
   /** make(sessionOptions), its failure named: the sessionOptions given where it opens without them, else the file. */
@@ -87,7 +87,8 @@ export class Runtime {
           `(${reason}); it loads without them: start from {} and add options one by one`);
       }
       const what = e instanceof EdgePeftError ? "missing from the export" : `ONNX Runtime cannot load it (${reason})`;
-      const fix = (!e.missing && olderRuntime(this.ort)) || `the file is damaged or incomplete: ${REEXPORT}`;
+      const fix = (!e.missing && olderRuntime(this.ort)) ||
+        `the file is damaged or incomplete: ${rel.startsWith("base/") ? REEXPORT_BASE : REEXPORT}`;
       throw new EdgePeftError(`${this.loader.where(rel)}: ${what}; ${fix}`);
     }
   }
@@ -120,9 +121,11 @@ export class Runtime {
     const manifest = await this.json(json,
       `no adapter ${name} in this export; export it there first (edgepeft export --adapter DIR --out OUT --name ${name})`);
     checkFormat(manifest, "edgepeft-adapter", this.loader.where(json));
-    if (manifest.base_fingerprint !== this.manifest.fingerprint) {
-      throw new EdgePeftError(`${this.loader.where(`adapters/${name}`)}: made for another base (fingerprint ` +
-        `${manifest.base_fingerprint.slice(0, 12)}, this base ${this.manifest.fingerprint.slice(0, 12)}); re-export it into this OUT`);
+    if (manifest.base_fingerprint !== this.manifest.fingerprint) {  // OUT's base re-exported since it was opened?
+      const since = (await this.json("base/edgepeft.json", null).catch(() => null))?.fingerprint === manifest.base_fingerprint;
+      throw new EdgePeftError(`${where}: made for ${since ? "the base OUT holds now, re-exported since this Runtime " +
+        "opened it" : "another base"} (fingerprint ${manifest.base_fingerprint.slice(0, 12)}, this base ` +
+        `${this.manifest.fingerprint.slice(0, 12)}); ${since ? "open the export again to serve it" : "re-export it into this OUT"}`);
     }
     this.loading ??= new Set();  // names being loaded: two loads of one name at once must not both pass the check
     if (this.adapters.has(name) || this.loading.has(name)) {

@@ -3,7 +3,7 @@
 // (not the files), an old onnxruntime named, arguments named rather than TypeErrors, classify's logits checked,
 // decode as the Python runtime's.
 import assert from "node:assert/strict";
-import { cp, mkdir, mkdtemp, rm } from "node:fs/promises";
+import { chmod, cp, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
@@ -44,6 +44,29 @@ test("release frees the base session; later calls are refused, not run", async (
   await rt.release();  // twice: nothing more
 });
 
+test("the export's own files: a base re-exported since, a missing weights file, another user's file", async () => {
+  const out = path.join(scratch, "files");
+  await cp(path.join(FIXTURES, "llama"), out, { recursive: true });
+  const rt = await openFolder(ortNode, out);
+  const edit = async (rel, change) => writeFile(path.join(out, rel), JSON.stringify(change(JSON.parse(await readFile(path.join(out, rel), "utf8")))));
+  await edit("base/edgepeft.json", (m) => ({ ...m, fingerprint: "f".repeat(64) }));  // re-exported since it was opened
+  await edit("adapters/lora/adapter.json", (m) => ({ ...m, base_fingerprint: "f".repeat(64) }));
+  await refuses(rt.loadAdapter("lora"), /made for the base OUT holds now, re-exported since this Runtime opened it .*; open the export again to serve it$/);
+  await rm(path.join(out, "base", "model.onnx.data"));  // ONNX Runtime's error named model.web.onnx, "damaged: re-export it"
+  await refuses(openFolder(ortNode, out), /model\.onnx\.data: missing; copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder$/);
+  const locked = path.join(scratch, "locked");
+  await cp(path.join(FIXTURES, "llama"), locked, { recursive: true });
+  await chmod(scratch, 0o755);
+  await chmod(path.join(locked, "base", "model.web.onnx"), 0);  // ONNX Runtime said "system error number 13": damaged
+  const root = process.geteuid?.() === 0;
+  if (root) process.seteuid(65534);  // chmod 0 stops an owner, but not root
+  try {
+    await refuses(openFolder(ortNode, locked), /model\.web\.onnx: permission denied for this user \(uid \d+\); make it readable \(chmod, chown\)/);
+  } finally {
+    if (root) process.seteuid(0);
+  }
+});
+
 test("what is wrong with an app's arguments is named, not blamed on the export", async () => {
   const out = path.join(FIXTURES, "minilm");
   await refuses(openFolder(ortNode, out, { sessionOptions: { graphOptimizationLevel: "bogus" } }),
@@ -66,7 +89,7 @@ test("an onnxruntime older than the exports need is named, not blamed on the fil
   const out = path.join(FIXTURES, "llama");
   await refuses(openFolder(refusing("1.21.1"), out),
     /model\.web\.onnx: ONNX Runtime cannot load it \(.*GroupQueryAttention.*\); edgepeft's exports need onnxruntime-node>=1\.22, this is 1\.21\.1: npm install onnxruntime-node@latest$/);
-  await refuses(openFolder(refusing("1.22.0"), out), /model\.web\.onnx: .*the file is damaged or incomplete: re-export/);
+  await refuses(openFolder(refusing("1.22.0"), out), /model\.web\.onnx: .*the file is damaged or incomplete: re-run `edgepeft export`/);
 });
 
 test("decode skips special tokens by default, as the Python runtime's", async () => {
