@@ -88,7 +88,7 @@ def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) 
         if not same:
             layer = key.removesuffix(".weight").removesuffix(".base_layer").removeprefix("base_model.model.")
             raise AdapterBaseMismatchError(
-                f"{path}: carries its own {layer} weights "
-                "(resized or trained embeddings), which would change the frozen base; edgepeft needs the adapter "
-                "on the unchanged base it was trained on")
+                f"{path}: carries its own {layer} weights (resized embeddings, or tied embeddings trained whole: "
+                "modules_to_save, ensure_weight_tying), which would change the frozen base edgepeft shares between "
+                "adapters; train the adapter without them")
         del state[key]

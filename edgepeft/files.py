@@ -54,10 +54,10 @@ def usual_permissions(path: str) -> None:
 
 
 @contextmanager
-def reporting_full_disk(folder: str, flag: str):
+def reporting_full_disk(folder: str, flag: str, loading: bool = False):
     """A write under ``folder`` that fails for want of space (or quota) becomes a StorageError naming the folder and
-    the fix: torch.onnx's, onnx's and ONNX Runtime's writers fail with an OSError naming no file. Wrap the writes
-    only: an error naming no file is blamed on ``folder``."""
+    the fix: torch.onnx's, onnx's and ONNX Runtime's writers fail with an OSError naming no file. An error naming no
+    file is blamed on ``folder``, or with ``loading`` (what loads the base: a hub download) on the hub's cache."""
     from edgepeft.errors import StorageError
 
     try:
@@ -68,6 +68,9 @@ def reporting_full_disk(folder: str, flag: str):
         root, path = os.path.abspath(folder), os.path.abspath(e.filename) if isinstance(e.filename, str) else None
         if path and not _inside(path, root):  # elsewhere: the hub's cache, say
             raise StorageError(f"{path}: no space left on its disk; free some") from None
+        if loading and not path:
+            raise StorageError("no space left on a disk while loading the base model (a download goes to the hub's "
+                               "cache, HF_HOME); free some, or set HF_HOME to a folder on another disk") from None
         raise StorageError(f"{root}: no space left on its disk; free some, or give {flag} a folder on another disk") from None
 
 

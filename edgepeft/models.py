@@ -133,6 +133,18 @@ def rope_type(config) -> str | None:
     return rope.get("rope_type") or rope.get("type")
 
 
+def _weights_files(folder: str) -> list[str]:
+    """``folder`` (transformers lists it) and what transformers reads in it to load a model: config and weights."""
+    if not os.path.isdir(folder):
+        return []
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:  # check_readable names it
+        entries = []
+    names = ("model", "pytorch_model", "config.json", "generation_config.json")
+    return [folder, *(os.path.join(folder, e) for e in entries if e.startswith(names))]
+
+
 def check_exportable(config, source: str) -> None:
     """Refuse what the export cannot trace: sliding-window attention layers (Qwen2's ``use_sliding_window``),
     longrope scaling, and an encoder made a causal decoder (``is_decoder``).
@@ -150,7 +162,8 @@ def check_exportable(config, source: str) -> None:
     if getattr(config, "is_decoder", False) and config.model_type not in DECODERS:
         raise UnsupportedModelError(
             f"{source}: config.json sets is_decoder: true (an encoder run as a causal decoder), which edgepeft cannot "
-            "export (its graph attends both ways); set it to false, or use a decoder model (Llama, Qwen2, GPT-2)")
+            "export (its graph attends both ways); set it to false and train adapters on it so, or use a decoder model "
+            "(Llama, Qwen2, GPT-2)")
     sliding = sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
     if sliding:
         raise UnsupportedModelError(
@@ -180,6 +193,7 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
 
     config = config or load_model_config(name_or_path, flag, revision=revision)
     check_supported(config.model_type, task, str(name_or_path))
+    check_exportable(config, str(name_or_path))  # training too: an adapter edgepeft cannot export is refused first
     if task == "seq-cls" and config.model_type in DECODERS and config.pad_token_id is None:
         raise UnsupportedModelError(
             f"{name_or_path}: sequence classification on {config.model_type} needs pad_token_id in config.json "
@@ -201,9 +215,8 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             if type(e) is RuntimeError and "PytorchStreamReader" not in str(e):  # torch's: a .bin cut short
                 raise
-            for entry in sorted(os.listdir(name_or_path)) if os.path.isdir(name_or_path) else ():  # another user's?
-                if entry.endswith((".safetensors", ".bin", ".json")):  # what transformers reads for the weights
-                    check_readable(os.path.join(name_or_path, entry))
+            for path in _weights_files(name_or_path):  # another user's?
+                check_readable(path)
             raise ArtifactNotFoundError(
                 f"{model_label(name_or_path, revision)}: cannot load the base model ({str(e).splitlines()[0][:200]}); "
                 "its weights files may be missing or incomplete (a Git LFS pointer, an interrupted download): download "
@@ -274,56 +287,6 @@ def output_cache(out):
     cache = getattr(out, "cache", None)
     cache = cache if cache is not None else out.past_key_values
     return getattr(cache, "self_attention_cache", cache)
-
-
-def eos_token_ids(model) -> list[int]:
-    """End-of-sequence ids from the generation config (falling back to the model config)."""
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if eos is None:
-        eos = model.config.eos_token_id
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-# What transformers' generate takes from a model's generation_config.json when the call leaves it unset, and the
-# runtime applies too (stop_strings is the runtime's ``stop``)
-GENERATION_DEFAULTS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
-                       "max_new_tokens", "max_length", "min_new_tokens", "min_length", "stop_strings")
-# Settings that change generate's tokens which the runtime does not apply, with the value that changes nothing
-IGNORED_GENERATION = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "penalty_alpha": None,
-                      "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-                      "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None, "typical_p": 1.0,
-                      "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None,
-                      "guidance_scale": 1.0, "top_h": None, "max_time": None, "dola_layers": None,
-                      "watermarking_config": None, "prompt_lookup_num_tokens": None}
-
-
-def generation_defaults(model) -> dict:
-    """The settings the model's generation config sets that the runtime applies (Qwen2.5-Instruct: sampling at 0.7,
-    top-k 20...; Qwen2.5: max_new_tokens 2048); transformers 5 leaves every unset one None."""
-    gen = getattr(model, "generation_config", None)
-    found = {key: value for key in GENERATION_DEFAULTS if (value := getattr(gen, key, None)) is not None}
-    if "stop_strings" in found:
-        found["stop"] = found.pop("stop_strings")
-    return found
-
-
-def ignored_generation(model) -> list[str]:
-    """``key=value`` of the model's generation settings that change generate's tokens in transformers and that the
-    runtime does not apply (beam search, bad words...): the export says so."""
-    gen = getattr(model, "generation_config", None)
-    return [f"{key}={value!r}" for key, neutral in IGNORED_GENERATION.items()
-            if (value := getattr(gen, key, None)) is not None and value != neutral]
-
-
-def pad_token_id(model, task: str) -> int | None:
-    """The padding id: for generation the generation config's first, as transformers' generate takes it (some
-    models set it there only); for classifiers the model config's, which their forward reads."""
-    gen = getattr(model, "generation_config", None)
-    pad = getattr(gen, "pad_token_id", None) if task == "causal-lm" and gen is not None else None
-    return model.config.pad_token_id if pad is None else pad
 
 
 def max_positions(config) -> int | None:

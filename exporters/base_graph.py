@@ -18,9 +18,10 @@ from edgepeft.exporters.genai_config import genai_notes, write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
 from edgepeft.files import write_json_atomic
 from edgepeft.models import (
-    NO_REMOTE_CODE, SENTENCE_TRANSFORMERS_FILES, cache_layout, eos_token_ids, generation_defaults, ignored_generation,
-    is_placeholder_tokenizer, max_positions, named_labels, pad_token_id, sentence_transformers_folder,
+    NO_REMOTE_CODE, SENTENCE_TRANSFORMERS_FILES, cache_layout, is_placeholder_tokenizer, max_positions, named_labels,
+    sentence_transformers_folder,
 )
+from edgepeft.exporters.generation_settings import generation_fields, ignored_generation
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
 from edgepeft.runtimes.sentence import sentence_transformers_settings
@@ -136,12 +137,6 @@ def side_difference(have: str, new: str, task: str, max_positions: int | None) -
             sentence_transformers_settings(have, max_positions) != sentence_transformers_settings(new, max_positions):
         return "sentence-transformers settings (sentence_bert_config.json, 1_Pooling/config.json)"
     return None
-
-
-def generation_fields(model, task: str) -> dict:
-    """The manifest's padding and end-of-sequence ids and generate's defaults: the model's generation config."""
-    return {"pad_token_id": pad_token_id(model, task), "eos_token_id": eos_token_ids(model),
-            "generation": generation_defaults(model) if task == "causal-lm" else {}}  # as transformers' generate
 
 
 def graph_file_bytes(stage: str, manifest: dict) -> dict:

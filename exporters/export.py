@@ -18,9 +18,8 @@ import os
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, StorageError, UnsupportedMethodError
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
-from edgepeft.exporters.base_graph import (
-    generation_fields, graph_file_bytes, side_difference, trace_base, write_side_files,
-)
+from edgepeft.exporters.base_graph import graph_file_bytes, side_difference, trace_base, write_side_files
+from edgepeft.exporters.generation_settings import generation_fields
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
 from edgepeft.exporters.quantize import check_quantize, quantize_graph
@@ -85,9 +84,10 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
     """``export`` with OUT held: one export into OUT at a time."""
     for line in remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR)):
         log(f"note: {line}")
-    plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
-                   overwrite=overwrite, ops=ops, log=log)
-    with reporting_full_disk(out, "--out"):  # the writes into OUT (resolve's loading is not: a hub download)
+    with reporting_full_disk(out, "--out", loading=True):
+        plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
+                       overwrite=overwrite, ops=ops, log=log)
+    with reporting_full_disk(out, "--out"):  # the writes into OUT
         if merge:
             return export_merged(plan)
         slots, reuse = plan_slots(plan)
@@ -177,7 +177,8 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
                           f"export with --ops {have}, or into another --out folder")
     theirs = generation_fields(plan.model, plan.task)  # generate's defaults, from generation_config.json
     key = next((k for k, v in theirs.items() if existing.get(k) != v), None)
-    differs = key and f"{key} ({existing.get(key)!r} here, {theirs[key]!r} in its generation_config.json)"
+    differs = key and (f"{key} ({existing.get(key)!r} here, {theirs[key]!r} in its generation_config.json, or its "
+                       "config.json where it has none)")
     if not differs:
         with Staging() as staging:  # the files the graph runs with: another tokenizer would serve one side's adapters
             new = staging.new(plan.out, "side-files")

@@ -14,7 +14,7 @@ from edgepeft.exporters.fingerprint import config_differences, made_heads, weigh
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.files import check_output_dir
 from edgepeft.models import (
-    call_kwargs, check_exportable, check_supported, default_task, load_base, load_model_config, model_label, sample_inputs,
+    call_kwargs, check_supported, default_task, load_base, load_model_config, model_label, sample_inputs,
 )
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.adapter_source import export_name_problem
@@ -89,7 +89,6 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     model_config = load_model_config(source, revision=revision)
     task = _task_of(sources, model_config.model_type)
     check_supported(model_config.model_type, task, source)
-    check_exportable(model_config, source)
     options["log"](f"loading base {model_label(source, revision)} ({model_config.model_type}, {task})")
     model = load_base(source, task, revision=revision, config=model_config)
     if base:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgepeft.errors import ExportValidationError
+from edgepeft.errors import ConfigError, ExportValidationError
 from edgepeft.exporters.quantize import relative_error
 from edgepeft.models import call_kwargs, sample_inputs
 from edgepeft.runtimes.manifest import TASK_OUTPUTS
@@ -152,9 +152,7 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
     keeps them); an adapter's effect is checked against them too (``compare_effects``).
     """
     batch, length = QUANTIZED_SAMPLE if qtol is not None else (2, 6)  # not the trace's length (8; 4 + 3 cached)
-    if rt.max_positions:  # a model with few positions (a prefix nearly as long): as many as fit
-        room = rt.max_positions - rt.virtual_positions(adapter, batch) - (DECODE_STEPS if rt.cache else 0)
-        length = max(4, min(length, room))  # 4: a row left-padded by 3 keeps a token
+    length, steps = sample_shape(rt, adapter, batch, length, where)
     ids, mask = sample_inputs(model.config, batch=batch, seq=length, seed=seed)
     ours = rt.forward(ids.numpy(), mask.numpy(), adapter=adapter)[TASK_OUTPUTS[task]]
     ref = reference_output(model, ids, mask, task)
@@ -167,13 +165,29 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
             check["effect_error"] = compare_effects(label, ours, ref, *base.outputs(seed, ids, mask), mask.numpy(), task,
                                                     where)
     if rt.cache:
-        step = compare_outputs(f"{label}, cached decode", *decode_steps(rt, adapter, model, ids, mask), None, task, atol,
-                               where, qtol)
+        step = compare_outputs(f"{label}, cached decode", *decode_steps(rt, adapter, model, ids, mask, steps), None,
+                               task, atol, where, qtol)
         check["decode_max_abs_diff"] = step["max_abs_diff"]
         check["max_abs_diff"] = max(check["max_abs_diff"], step["max_abs_diff"])
         if qtol is not None:
             check["relative_error"] = max(check["relative_error"], step["relative_error"])
     return check
+
+
+def sample_shape(rt, adapter, batch: int, length: int, where: str) -> tuple[int, int]:
+    """A check's sample length and decode steps: ``length`` and DECODE_STEPS where the model's positions hold them
+    beside the adapter's virtual tokens, else as many as fit (a model with few positions, a prefix nearly as long),
+    the steps given up before the length drops below 4 (a row left-padded by 3 keeps a token)."""
+    steps = DECODE_STEPS if rt.cache else 0
+    if not rt.max_positions:
+        return length, steps
+    virtual = rt.virtual_positions(adapter, batch)
+    room = rt.max_positions - virtual
+    if room < 4:
+        raise ConfigError(f"{where}: the adapter's {virtual} virtual tokens leave {max(room, 0)} of the model's "
+                          f"{rt.max_positions} positions for text; train it with fewer num_virtual_tokens")
+    length = min(length, max(4, room - steps))
+    return length, min(steps, room - length)
 
 
 def compare_siblings(plan, base_stage: str) -> list:
@@ -194,10 +208,11 @@ def compare_siblings(plan, base_stage: str) -> list:
         return []
     old, new = Runtime(plan.out, load_adapters=False), Runtime.from_base_dir(base_stage)
     quantized = new.manifest.get("quantization")
-    ids, mask = (t.numpy() for t in sample_inputs(plan.model.config, batch=2, seq=8, seed=3))
     checks = []
     for folder, manifest in plan.taken_along(new.manifest).items():  # as commit will re-point them
         name = old.load_adapter(folder)
+        length = sample_shape(old, name, 2, 8, folder)[0]
+        ids, mask = (t.numpy() for t in sample_inputs(plan.model.config, batch=2, seq=length, seed=3))
         zipped = io.BytesIO()
         with zipfile.ZipFile(zipped, "w") as z:
             z.writestr(ADAPTER_MANIFEST, json.dumps(manifest))

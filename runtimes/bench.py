@@ -77,6 +77,10 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
             new_tokens: int = 0, seed: int = 0) -> dict:
     """Latency per adapter, switch cost, staging time, memory (see the module docstring)."""
     adapters = [adapters] if isinstance(adapters, str) else adapters  # one name, not its letters
+    if not (adapters is None or isinstance(adapters, (list, tuple)) and all(isinstance(a, str) for a in adapters)):
+        raise ConfigError(f"adapters must be an adapter's name or a list of names, got {adapters!r}")
+    if not (is_whole(seed) and seed >= 0):
+        raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}")
     names = list(dict.fromkeys(rt.adapter_names if adapters is None else adapters))  # a name given twice: once
     for name in names:  # unknown names fail now, naming the loaded ones
         if name not in rt.adapter_names and not rt.store.serves_base(name):

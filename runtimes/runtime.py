@@ -25,17 +25,15 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import text
+from .access import check_readable
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, row_specs, run_rows_apart
-from .access import check_readable
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
 from .generation import StopStrings, TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
 from .inputs import check_token_inputs, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
-from .manifest import (
-    BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, adapter_dirs, base_file_errors, cache_names, not_an_export,
-    read_base_manifest,
-)
+from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, adapter_dirs, base_file_errors, cache_names,
+                       not_an_export, read_base_manifest)
 from .sessions import check_providers, device_of, open_base_session, ort
 from .slot_checks import check_graph_inputs
 

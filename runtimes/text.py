@@ -10,13 +10,13 @@ text helpers are used, so an app that feeds token ids needs neither.
 from __future__ import annotations
 
 import copy
-import datetime
 import functools
 import json
 import os
 
 import numpy as np
 
+from . import chat_template
 from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
@@ -78,7 +78,7 @@ class TextTokenizer:
         self.special_map = read_json(map_path, "special tokens map", _FIX) if os.path.isfile(map_path) else {}
         template_path = os.path.join(base_dir, "chat_template.jinja")
         self.template_source = config_path
-        self.chat_template = _default_template(self.config.get("chat_template"), config_path)
+        self.chat_template = chat_template.default_template(self.config.get("chat_template"), config_path)
         self._template = None  # compiled on first use
         if os.path.isfile(template_path):
             self.chat_template, self.template_source = _read_text(template_path), template_path
@@ -178,96 +178,11 @@ class TextTokenizer:
         run = bytes(int(self._tok.id_to_token(int(i))[3:5], 16) for i in ids[len(ids) - n:])
         return self.decode(ids[:len(ids) - n], skip_special_tokens) + run.decode("utf-8", "replace")
 
-    def _compiled_template(self):
-        """The chat template compiled once, in an environment like transformers': sandboxed and immutable (a template
-        is code from the model's files), loop controls, ``{% generation %}`` blocks, ``raise_exception``,
-        ``strftime_now``, and a ``tojson`` that keeps key order and non-ASCII text."""
-        if self._template is None:
-            if not self.chat_template:
-                raise ConfigError(f"{self.template_source}: has no chat_template (nor does chat_template.jinja beside it); "
-                                  "pass plain text (chat=False)")
-            try:
-                import jinja2
-            except ImportError:
-                raise ConfigError("chat templates need the `jinja2` package: pip install jinja2") from None
-
-            def raise_exception(message):  # the template refuses what the messages hold
-                raise InvalidInputError(f"{self.template_source}: the chat template refuses these messages: {message}")
-
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols", _generation_blocks(jinja2)])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-            try:
-                self._template = env.from_string(self.chat_template)
-            except jinja2.TemplateSyntaxError as e:
-                raise CorruptArtifactError(f"{self.template_source}: the chat template does not parse ({e}); {_FIX}") from None
-        return self._template
-
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
-        template = self._compiled_template()  # a missing template or jinja2 fails here with a ConfigError
-        import jinja2  # present: _compiled_template checked
-
-        from jinja2.exceptions import SecurityError
-
-        messages = [_as_transformers_gives(m) if isinstance(m, dict) else m for m in messages]
-        try:
-            return template.render(messages=messages, tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **self.special_tokens())
-        except SecurityError as e:  # the template's own code, not the messages
-            raise CorruptArtifactError(f"{self.template_source}: the chat template does what a template may not ({e}); "
-                                       f"use the model's original template") from None
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # what the messages hold
-            raise InvalidInputError(f"the chat template of {self.template_source} cannot render these messages ({e}); "
-                                    "give each message the role and the text content it expects") from None
-
-
-def _as_transformers_gives(message: dict) -> dict:
-    """A message as transformers hands it to a template: keys whose value is None dropped (templates test for a
-    key: 'tool_calls' in m), reasoning under every name templates read it by (reasoning_content, thinking)."""
-    message = {k: v for k, v in message.items() if v is not None}
-    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
-    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
-
-
-def _default_template(template, path: str):
-    """The template transformers uses without tools: a single one, or the one named "default" of several
-    (tokenizer_config.json may list them as [{"name": ..., "template": ...}])."""
-    if isinstance(template, list):
-        try:
-            template = {t["name"]: t["template"] for t in template}
-        except (TypeError, KeyError):
-            raise CorruptArtifactError(f"{path}: chat_template lists entries without a name and a template; {_FIX}") from None
-    if isinstance(template, dict):
-        if "default" not in template:
-            raise CorruptArtifactError(f"{path}: has chat templates named {', '.join(sorted(map(str, template)))} but "
-                                       "none named default, which transformers would use; add one or pass plain text")
-        template = template["default"]
-    if template is not None and not isinstance(template, str):
-        raise CorruptArtifactError(f"{path}: chat_template must be a template (a string), got {type(template).__name__}; {_FIX}")
-    return template
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    """transformers' ``tojson``: JSON as written (jinja2's own sorts keys and escapes HTML and non-ASCII)."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _generation_blocks(jinja2):
-    """``{% generation %}...{% endgeneration %}`` (transformers marks the assistant's text with it): its body as is."""
-    import jinja2.ext  # noqa: F401  (the package does not import its extensions module)
-
-    class GenerationBlocks(jinja2.ext.Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    return GenerationBlocks
+        if self._template is None:  # compiled once; a missing template or jinja2 fails here with a ConfigError
+            self._template = chat_template.compile_template(self.chat_template, self.template_source)
+        return chat_template.render(self._template, self.template_source, messages, add_generation_prompt,
+                                    self.special_tokens())
 
 
 # ---------------------------------------------------------------------- the Runtime's text calls

@@ -72,6 +72,9 @@ def test_measure_rejects_bad_arguments(shared_export):
         measure(rt, rounds=1, calls=1, new_tokens=4)
     with pytest.raises(ConfigError, match="--new-tokens"):
         measure(rt, rounds=1, calls=1, new_tokens=-1)
+    for bad in (dict(seed=-1), dict(seed=1.5), dict(adapters=5), dict(adapters=[{"qv": 0.5}])):  # numpy's TypeErrors
+        with pytest.raises(ConfigError, match=f"{next(iter(bad))} must be"):
+            measure(rt, rounds=1, calls=1, **bad)
 
 
 def test_cli_bench_prints_table_and_writes_json_and_plot(shared_export, tmp_path):

@@ -2,12 +2,14 @@
 BERT's chunked feed-forward, a model with few positions, an encoder made a causal decoder."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from tiny import load_reference_base, max_diff_valid, tiny_config
-from edgepeft.errors import UnsupportedModelError
+from edgepeft.errors import ConfigError, UnsupportedModelError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
@@ -58,7 +60,39 @@ def test_a_model_with_ten_positions_exports(tmp_path):
     assert all(c["max_abs_diff"] < 1e-4 for c in report["checks"])
 
 
-def test_an_encoder_made_a_decoder_is_refused_naming_the_field(tmp_path):
+def test_a_prefix_nearly_as_long_as_the_positions_is_checked_in_what_is_left(tmp_path):
+    """A 5-token prefix on 10 positions: the check's prompt of 4 + 3 decode steps did not fit, nor did the 8 tokens
+    the adapters already in OUT were checked with when a new adapter rebuilt the base; too long a prefix for any
+    check names num_virtual_tokens."""
+    from peft_refs import peft_virtual_adapter
+
+    base = _base(tmp_path, "llama", max_position_embeddings=10)
+    prefix = peft_virtual_adapter(tmp_path / "prefix", base, "prefix", seed=5, task="causal-lm", num_virtual_tokens=5)
+    out = str(tmp_path / "out")
+    export([prefix], out, names=["prefix"])
+    report = export([_lora(tmp_path, base, "causal-lm", ["gate_proj"])], out, names=["lora"])  # a new base: prefix is
+    assert any("already in OUT" in c["what"] for c in report["checks"])                       # checked on it
+    longer = peft_virtual_adapter(tmp_path / "long", base, "prefix", seed=6, task="causal-lm", num_virtual_tokens=7)
+    with pytest.raises(ConfigError, match="virtual tokens leave 3 of the model's 10 positions.*num_virtual_tokens"):
+        export([longer], out, names=["long"])
+    assert sorted(os.listdir(os.path.join(out, "adapters"))) == ["lora", "prefix"]
+
+
+def test_an_encoder_made_a_decoder_is_refused_naming_the_field(tmp_path, text_model, capsys):
+    """At export, and at training (which trained an adapter on causal attention that no export could serve)."""
+    import json
+    import shutil
+
+    from training_helpers import cli_error, seq_cls_rows, train_argv
+
     base = _base(tmp_path, "bert", is_decoder=True)
     with pytest.raises(UnsupportedModelError, match="config.json sets is_decoder: true"):
         export([_lora(tmp_path, base, "feature-extraction", ["query"])], str(tmp_path / "out"))
+    model = shutil.copytree(text_model("bert"), tmp_path / "text-bert")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "is_decoder": True}))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in seq_cls_rows()))
+    line = cli_error(capsys, *train_argv(str(model), data, tmp_path / "adapter"))
+    assert "config.json sets is_decoder: true" in line and "train adapters on it so" in line
+    assert not (tmp_path / "adapter").exists()

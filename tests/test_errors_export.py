@@ -235,7 +235,8 @@ def test_a_base_copy_with_other_side_files_is_refused(text_export, tmp_path, edi
         return
     msg = failing_export(AdapterBaseMismatchError, [str(tmp_path / "a")], out, names=["new"])
     what = ("tokenizer (tokenizer.json, tokenizer_config.json, chat template)" if edit == "chat template" else
-            "generation ({} here, {'max_new_tokens': 7} in its generation_config.json)")
+            "generation ({} here, {'max_new_tokens': 7} in its generation_config.json, or its config.json where it "
+            "has none)")
     assert msg == (f"{os.path.join(out, 'base')}: differs from {copy}, these adapters' base (the same weights), in its "
                    f"{what}; the adapters of one --out folder share one base: export these into another --out folder")
 

@@ -82,7 +82,8 @@ def test_ort_adapter_writes_that_fail_on_a_full_disk_say_so(shared_export, tmp_p
 
 
 def test_a_full_disk_while_loading_is_not_blamed_on_out(shared_export, tmp_path, monkeypatch):
-    """Loading the base may download it (the hub's cache, elsewhere): an OSError naming no file there is not OUT's."""
+    """Loading the base may download it (the hub's cache, elsewhere): an OSError naming no file there is not OUT's
+    (a bare OSError, which the Python API let through)."""
     import importlib
 
     export_module = importlib.import_module("edgepeft.exporters.export")  # the package's name is the function
@@ -91,6 +92,6 @@ def test_a_full_disk_while_loading_is_not_blamed_on_out(shared_export, tmp_path,
         raise FULL
 
     monkeypatch.setattr(export_module, "resolve", loading)
-    with pytest.raises(OSError) as e:
+    with pytest.raises(StorageError, match="^no space left on a disk while loading the base model .*set HF_HOME"):
         export_module.export([shared_export("llama")[1]["qv"]], str(tmp_path / "out"))
-    assert not isinstance(e.value, StorageError) and e.value.errno == errno.ENOSPC
+    assert not (tmp_path / "out").exists()

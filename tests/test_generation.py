@@ -386,6 +386,9 @@ def test_bad_generation_input_raises_and_runtime_keeps_working(shared_export):
         ("eos a string, no pad id", ConfigError, lambda: no_pad.generate(ids, mask, max_new_tokens=2, eos_token_id="x")),
         ("eos [None], no pad id", ConfigError, lambda: no_pad.generate(ids, mask, max_new_tokens=2, eos_token_id=[None])),
         ("eos ragged", ConfigError, lambda: rt.generate(ids, mask, max_new_tokens=2, eos_token_id=[[1], [2, 3]])),
+        ("eos past int64", ConfigError, lambda: rt.generate(ids, mask, max_new_tokens=2, eos_token_id=2**70)),
+        ("eos past int64, stream", ConfigError,  # at the call, not at the first token
+         lambda: rt.stream(ids, mask, max_new_tokens=2, eos_token_id=[np.uint64(2**64 - 1)])),
         ("step_logits sent past max positions", InvalidInputError, send_past_the_positions),
         ("pad outside vocab", ConfigError, lambda: rt.generate(ids, mask, pad_token_id=500, **good)),
         ("stop a number", ConfigError, lambda: rt.generate(ids, mask, stop=123, **good)),

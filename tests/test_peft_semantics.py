@@ -256,6 +256,30 @@ def test_embedding_layers_saved_whole_by_hf_peft_are_dropped_when_unchanged(tiny
             edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
 
 
+def test_tied_embeddings_trained_whole_or_adapted_are_refused_with_a_fix(tiny_base, tmp_path):
+    """ensure_weight_tying with modules_to_save=["lm_head"] trains GPT-2's tied embeddings whole: it was blamed on
+    another base ("needs the adapter on the unchanged base it was trained on", which it was); LoRA on an embedding
+    named one of edgepeft's functions instead of a fix."""
+    import peft
+
+    from edgepeft.errors import AdapterBaseMismatchError, ConfigError
+
+    for arch, name, config, error, fix in (
+            ("gpt2", "tied", peft.LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"],
+                                             ensure_weight_tying=True, task_type="CAUSAL_LM"),
+             AdapterBaseMismatchError, "carries its own .*ensure_weight_tying.*; train the adapter without them"),
+            ("llama", "embedding", peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], task_type="CAUSAL_LM"),
+             ConfigError, "'model.embed_tokens' is a Embedding layer.*leave it out of target_modules and train again")):
+        hf = peft.get_peft_model(load_reference_base(tiny_base(arch), "causal-lm"), config)
+        randomize_adapter(hf, 5)
+        for module in hf.modules():  # what training does to a layer saved whole
+            if isinstance(module, torch.nn.Embedding) and any(p.requires_grad for p in module.parameters()):
+                torch.nn.init.normal_(module.weight)
+        hf.save_pretrained(tmp_path / name)
+        with pytest.raises(error, match=fix):
+            edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base(arch), "causal-lm"), str(tmp_path / name))
+
+
 def test_adapter_files_named_as_state_dict_names_load_as_in_peft(tiny_base, tmp_path):
     """Keys with the adapter's name (``lora_A.default.weight``, as state_dict() names them) load in HF PEFT with the
     same numbers; edgepeft refused them, advising the base they were already on. A Git LFS pointer is named."""
@@ -508,3 +532,19 @@ def test_an_adapter_the_export_cannot_take_is_named(tiny_base, tmp_path):
         export([str(tmp_path / "whole-mlp")], str(tmp_path / "out"))
     assert str(e.value).startswith(f"{tmp_path / 'whole-mlp' / 'adapter_config.json'}: modules_to_save ")
     assert "Linear heads only" in str(e.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ia3_records_the_model_types_default_targets_as_hf_peft(tiny_base, tmp_path, arch):
+    """It recorded every module's full name (the first layers only, on a deeper model of that type)."""
+    import json
+
+    import peft
+
+    folder = tiny_base(arch)
+    for name, lib in (("ours", edgepeft), ("hf", peft)):
+        lib.get_peft_model(load_reference_base(folder, "causal-lm"), lib.IA3Config(task_type="CAUSAL_LM")
+                           ).save_pretrained(str(tmp_path / name))
+    ours, hf = (json.loads((tmp_path / n / "adapter_config.json").read_text()) for n in ("ours", "hf"))
+    for key in ("target_modules", "feedforward_modules"):
+        assert ours[key] == sorted(hf[key]), key

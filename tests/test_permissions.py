@@ -102,6 +102,26 @@ def test_adapter_and_base_files_another_user_owns_are_named_at_export(shared_exp
     assert not os.path.exists(os.path.join(scratch, "a")) and not os.path.exists(os.path.join(scratch, "b"))
 
 
+def test_a_base_folder_one_may_enter_but_not_list_is_named_and_other_files_are_not_blamed(tiny_base, scratch):
+    """transformers lists the folder: os.listdir's PermissionError came out as a traceback; a locked file transformers
+    never reads (a trainer's log) was blamed for damaged weights."""
+    from edgepeft.errors import ArtifactNotFoundError
+    from edgepeft.models import load_base
+
+    base = _copy(tiny_base("llama"), os.path.join(scratch, "base"))
+    with open(os.path.join(base, "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with open(os.path.join(base, "trainer_state.json"), "w") as f:
+        f.write("{}")
+    _lock(os.path.join(base, "trainer_state.json"))
+    load_base(tiny_base("llama"), "causal-lm")  # the modules it uses, loaded
+    with as_another_user(), pytest.raises(ArtifactNotFoundError, match="cannot load the base model"):
+        load_base(base, "causal-lm")
+    os.chmod(base, 0o711)
+    with as_another_user(), pytest.raises(StorageError, match=f"base: {DENIED}"):
+        load_base(base, "causal-lm")
+
+
 def test_overwriting_an_adapter_folder_another_user_owns_is_refused_before_any_work(shared_export, tiny_base, scratch):
     """Renamed aside, its files could not be removed: a hidden .old-qv-* copy stayed forever after "ok"."""
     out = _copy(shared_export("llama")[0], os.path.join(scratch, "out"))

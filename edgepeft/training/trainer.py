@@ -380,17 +380,8 @@ def _shown(evaluation: dict) -> str:
 
 
 class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def write(self, text):
-        pass
-
-    def close(self):
-        pass
+    """--quiet's progress bar: shows and writes nothing."""
+    update = set_postfix = write = close = staticmethod(lambda *args, **kwargs: None)
 
 
 def _progress(enabled: bool, total: int, initial: int):

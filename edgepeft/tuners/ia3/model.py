@@ -9,7 +9,7 @@ from edgepeft.registry import Tuner
 from edgepeft.tuners.ia3.config import DEFAULT_IA3_FEEDFORWARD, DEFAULT_IA3_TARGETS
 from edgepeft.tuners.ia3.layer import IA3Linear
 from edgepeft.tuners.targets import (
-    adapter_layer, innermost, linear_targets, name_matches, replace_module, untied, unwrapped,
+    adapter_layer, configured_targets, innermost, linear_targets, name_matches, replace_module, untied, unwrapped,
 )
 
 
@@ -35,10 +35,11 @@ class IA3Tuner(Tuner):
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         keys = []
         targets = ia3_targets(unwrapped(model), config)
-        if config.target_modules is None:  # record what the defaults resolved to, as HF PEFT does
-            config.target_modules = sorted(k for k, _ in targets)
+        model_type = getattr(getattr(unwrapped(model), "config", None), "model_type", None)
+        if config.target_modules is None:  # record the model type's defaults, as HF PEFT does
+            config.target_modules = sorted(configured_targets(unwrapped(model), config, DEFAULT_IA3_TARGETS))
         if config.feedforward_modules is None:
-            config.feedforward_modules = sorted(k for k, feedforward in targets if feedforward)
+            config.feedforward_modules = sorted(DEFAULT_IA3_FEEDFORWARD.get(model_type, []))
         for key, feedforward in targets:
             module = adapter_layer(model, key, IA3Linear, lambda m, ff=feedforward: IA3Linear(m, ff))
             if module.is_feedforward != feedforward:  # one layer scales either its input or its output

@@ -335,7 +335,7 @@ export async function readJson(loader, rel, missing = `missing from the export; 
 /**
  * The base's files against the sizes the export recorded (file_bytes), as the Python runtime checks them: a copy
  * cut short, or a stale one served over HTTP, is named as such (ONNX Runtime's own error named the graph, or an
- * initializer's offsets; a stale one of another length gave other logits). A missing file is named when read.
+ * initializer's offsets; a stale one of another length gave other logits), and a missing one.
  */
 export async function checkSizes(loader, manifest, files) {
   for (const file of loader.size ? files : []) {

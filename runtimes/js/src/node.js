@@ -22,10 +22,14 @@ function named(e, file) {
     return new EdgePeftError(`${file}: a path through a file, not a folder; give openFolder the export's folder (OUT)`);
   }
   if (e.code === "EACCES" || e.code === "EPERM") {
-    return new EdgePeftError(`${file}: permission denied for this user (uid ${process.getuid?.()}); make it readable ` +
-      "(chmod, chown), or run as a user who may read it");
+    const uid = process.geteuid?.();  // file access follows the effective id, as Python's os.geteuid (none on Windows)
+    return new EdgePeftError(`${file}: permission denied for this user${uid === undefined ? "" : ` (uid ${uid})`}; ` +
+      "make it readable (chmod, chown), or run as a user who may read it");
   }
-  if (e.code !== "ENOENT") return new EdgePeftError(`${file}: cannot read it (${e.code ?? e.message})`);
+  if (e.code === "EISDIR") {
+    return new EdgePeftError(`${file}: a folder where the export has a file; remove it and export again`);
+  }
+  if (e.code !== "ENOENT") return new EdgePeftError(`${file}: cannot read it (${e.code ?? e.message}); check the disk, or export again`);
   const error = new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
   error.missing = true;
   return error;
@@ -41,8 +45,11 @@ export function folderLoader(out) {
     where: (rel) => path.join(out, rel),
     json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8")),
     bytes: async (rel) => new Uint8Array(await read(path.join(out, rel))),
-    // a file's size in bytes (undefined: missing, named when read)
-    size: async (rel) => stat(path.join(out, rel)).then((s) => s.size, (e) => {
+    // a file's size in bytes (undefined: missing; checkSizes names it)
+    size: async (rel) => stat(path.join(out, rel)).then((s) => {
+      if (s.isDirectory()) throw named({ code: "EISDIR" }, path.join(out, rel));
+      return s.size;
+    }, (e) => {
       if (e.code === "ENOENT") return undefined;
       throw named(e, path.join(out, rel));
     }),

@@ -47,7 +47,7 @@ export function urlLoader(out) {
     where: at,
     json: (rel) => fetched(at(rel), "json"),
     bytes: (rel) => fetched(at(rel)),
-    // a base file's size as served (undefined: missing, named when read): a stale model.onnx.data gave other logits
+    // a base file's size as served (undefined: missing; checkSizes names it): a stale model.onnx.data gave other logits
     size: (rel) => once(rel).then((bytes) => bytes.length, (e) => { if (e.missing) return undefined; throw e; }),
     session: async (ort, rel, options, external) => {
       const data = `${rel.replace(/[^/]*$/, "")}model.onnx.data`;

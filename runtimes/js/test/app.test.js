@@ -61,10 +61,14 @@ test("the export's own files: a base re-exported since, a missing weights file, 
   const root = process.geteuid?.() === 0;
   if (root) process.seteuid(65534);  // chmod 0 stops an owner, but not root
   try {
-    await refuses(openFolder(ortNode, locked), /model\.web\.onnx: permission denied for this user \(uid \d+\); make it readable \(chmod, chown\)/);
+    const uid = root ? 65534 : process.geteuid();  // the effective id: the real one is root's
+    await refuses(openFolder(ortNode, locked), new RegExp(`model\\.web\\.onnx: permission denied for this user \\(uid ${uid}\\); make it readable \\(chmod, chown\\)`));
   } finally {
     if (root) process.seteuid(0);
   }
+  await rm(path.join(locked, "base", "model.web.onnx"), { force: true });
+  await mkdir(path.join(locked, "base", "model.web.onnx"));  // a copy gone wrong
+  await refuses(openFolder(ortNode, locked), /model\.web\.onnx: a folder where the export has a file; remove it and export again$/);
 });
 
 test("what is wrong with an app's arguments is named, not blamed on the export", async () => {

@@ -1,0 +1,59 @@
+"""What a model's generation config tells the export: its end-of-sequence and padding ids, the settings of
+transformers' generate the runtime applies as the model's defaults (in the manifest), and those it does not."""
+from __future__ import annotations
+
+
+def eos_token_ids(model) -> list[int]:
+    """End-of-sequence ids from the generation config (falling back to the model config)."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+# What transformers' generate takes from a model's generation_config.json when the call leaves it unset, and the
+# runtime applies too (stop_strings is the runtime's ``stop``)
+GENERATION_DEFAULTS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
+                       "max_new_tokens", "max_length", "min_new_tokens", "min_length", "stop_strings")
+# Settings that change generate's tokens which the runtime does not apply, with the value that changes nothing
+IGNORED_GENERATION = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "penalty_alpha": None,
+                      "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                      "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None, "typical_p": 1.0,
+                      "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None,
+                      "guidance_scale": 1.0, "top_h": None, "max_time": None, "dola_layers": None,
+                      "watermarking_config": None, "prompt_lookup_num_tokens": None}
+
+
+def generation_defaults(model) -> dict:
+    """The settings the model's generation config sets that the runtime applies (Qwen2.5-Instruct: sampling at 0.7,
+    top-k 20...; Qwen2.5: max_new_tokens 2048); transformers 5 leaves every unset one None."""
+    gen = getattr(model, "generation_config", None)
+    found = {key: value for key in GENERATION_DEFAULTS if (value := getattr(gen, key, None)) is not None}
+    if "stop_strings" in found:
+        found["stop"] = found.pop("stop_strings")
+    return found
+
+
+def ignored_generation(model) -> list[str]:
+    """``key=value`` of the model's generation settings that change generate's tokens in transformers and that the
+    runtime does not apply (beam search, bad words...): the export says so."""
+    gen = getattr(model, "generation_config", None)
+    return [f"{key}={value!r}" for key, neutral in IGNORED_GENERATION.items()
+            if (value := getattr(gen, key, None)) is not None and value != neutral]
+
+
+def pad_token_id(model, task: str) -> int | None:
+    """The padding id: for generation the generation config's first, as transformers' generate takes it (some
+    models set it there only); for classifiers the model config's, which their forward reads."""
+    gen = getattr(model, "generation_config", None)
+    pad = getattr(gen, "pad_token_id", None) if task == "causal-lm" and gen is not None else None
+    return model.config.pad_token_id if pad is None else pad
+
+
+def generation_fields(model, task: str) -> dict:
+    """The manifest's padding and end-of-sequence ids and generate's defaults: the model's generation config."""
+    return {"pad_token_id": pad_token_id(model, task), "eos_token_id": eos_token_ids(model),
+            "generation": generation_defaults(model) if task == "causal-lm" else {}}  # as transformers' generate

@@ -1,0 +1,102 @@
+"""Chat templates rendered as transformers renders them: the template of ``tokenizer_config.json`` (or
+``chat_template.jinja``) in a sandboxed, immutable jinja2 environment with transformers' loop controls,
+``{% generation %}`` blocks, ``raise_exception``, ``strftime_now`` and ``tojson``. ``jinja2`` is imported only when a
+template is used."""
+from __future__ import annotations
+
+import datetime
+import json
+
+from .errors import ConfigError, CorruptArtifactError, InvalidInputError
+from .sentence import TOKENIZER_FIX as _FIX
+
+
+def default_template(template, path: str):
+    """The template transformers uses without tools: a single one, or the one named "default" of several
+    (tokenizer_config.json may list them as [{"name": ..., "template": ...}])."""
+    if isinstance(template, list):
+        try:
+            template = {t["name"]: t["template"] for t in template}
+        except (TypeError, KeyError):
+            raise CorruptArtifactError(f"{path}: chat_template lists entries without a name and a template; {_FIX}") from None
+    if isinstance(template, dict):
+        if "default" not in template:
+            raise CorruptArtifactError(f"{path}: has chat templates named {', '.join(sorted(map(str, template)))} but "
+                                       "none named default, which transformers would use; add one or pass plain text")
+        template = template["default"]
+    if template is not None and not isinstance(template, str):
+        raise CorruptArtifactError(f"{path}: chat_template must be a template (a string), got {type(template).__name__}; {_FIX}")
+    return template
+
+
+def compile_template(text: str | None, source: str):
+    """``text`` compiled in an environment like transformers': sandboxed and immutable (a template is code from the
+    model's files), loop controls, ``{% generation %}`` blocks, ``raise_exception``, ``strftime_now``, and a
+    ``tojson`` that keeps key order and non-ASCII text. ``source``: the file it came from, for messages."""
+    if not text:
+        raise ConfigError(f"{source}: has no chat_template (nor does chat_template.jinja beside it); "
+                          "pass plain text (chat=False)")
+    try:
+        import jinja2
+    except ImportError:
+        raise ConfigError("chat templates need the `jinja2` package: pip install jinja2") from None
+
+    def raise_exception(message):  # the template refuses what the messages hold
+        raise InvalidInputError(f"{source}: the chat template refuses these messages: {message}")
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", _generation_blocks(jinja2)])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise CorruptArtifactError(f"{source}: the chat template does not parse ({e}); {_FIX}") from None
+
+
+def render(template, source: str, messages: list, add_generation_prompt: bool, special_tokens: dict) -> str:
+    """``compile_template``'s template rendered for ``messages``; what the messages hold that it cannot render is an
+    InvalidInputError, what the template itself may not do a CorruptArtifactError."""
+    import jinja2  # present: compile_template imported it
+    from jinja2.exceptions import SecurityError
+
+    messages = [_as_transformers_gives(m) if isinstance(m, dict) else m for m in messages]
+    try:
+        return template.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **special_tokens)
+    except SecurityError as e:  # the template's own code, not the messages
+        raise CorruptArtifactError(f"{source}: the chat template does what a template may not ({e}); "
+                                   f"use the model's original template") from None
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # what the messages hold
+        raise InvalidInputError(f"the chat template of {source} cannot render these messages ({e}); "
+                                "give each message the role and the text content it expects") from None
+
+
+def _as_transformers_gives(message: dict) -> dict:
+    """A message as transformers hands it to a template: keys whose value is None dropped (templates test for a
+    key: 'tool_calls' in m), reasoning under every name templates read it by (reasoning_content, thinking)."""
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' ``tojson``: JSON as written (jinja2's own sorts keys and escapes HTML and non-ASCII)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _generation_blocks(jinja2):
+    """``{% generation %}...{% endgeneration %}`` (transformers marks the assistant's text with it): its body as is."""
+    import jinja2.ext  # noqa: F401  (the package does not import its extensions module)
+
+    class GenerationBlocks(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationBlocks
