@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -17,8 +18,10 @@ from edgepeft.models import (
     call_kwargs, check_supported, default_task, load_base, load_model_config, model_label, sample_inputs,
 )
 from edgepeft.peft_model import PeftModel
-from edgepeft.runtimes.adapter_source import export_name_problem
-from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, enclosing_export, read_base_manifest
+from edgepeft.runtimes.adapter_source import NAME_LENGTH, export_name_problem
+from edgepeft.runtimes.manifest import (
+    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export, read_base_manifest,
+)
 from edgepeft.tuners import load_config, specs_for
 
 
@@ -115,6 +118,12 @@ def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
         if os.path.exists(path) and any(real == o or real.startswith(o + os.sep) for o in owned):
             raise ConfigError(f"{path}: this {what} folder lies inside {out}'s base/ or adapters/, which the export "
                               "replaces; move it out of the --out folder first")
+    trained = [n for n, d in adapter_dirs(out).items()  # a training run's output (./adapters/<name>, as the README's)
+               if os.path.isfile(os.path.join(d, CONFIG_NAME)) and not os.path.isfile(os.path.join(d, ADAPTER_MANIFEST))]
+    if trained:
+        raise ConfigError(f"{os.path.join(out, ADAPTERS_DIR)}: holds {', '.join(trained)}: HF PEFT adapter folders, not "
+                          "exported ones, which the export would take for its own; give --out a folder of its own, e.g. "
+                          f"--out {os.path.normpath(out)}-onnx")
 
 
 def _read_sources(adapters, names) -> list[AdapterSource]:
@@ -127,9 +136,11 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
         name = names[i] if i < len(names) else os.path.basename(os.path.normpath(path))
         problem = export_name_problem(name)
         if problem:
-            mended = name.replace(".", "_")
-            fix = f" (e.g. --name {mended})" if "." in name and not export_name_problem(mended) else ""
-            raise ConfigError(f"{path}: adapter name {name!r:.80} {problem}; pass --name{fix}")
+            mended = re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")[:NAME_LENGTH]
+            fix = f" (e.g. --name {mended})" if mended and not export_name_problem(mended) else ""
+            given = "choose another --name" if i < len(names) else "pass --name"
+            shown = repr(name if len(name) <= 80 else name[:77] + "...")
+            raise ConfigError(f"{path}: adapter name {shown} {problem}; {given}{fix}")
         if any(s.name == name for s in sources):
             raise ConfigError(f"{path}: two adapters are both named {name!r}; pass --name to tell them apart")
         sources.append(AdapterSource(name, path, load_config(path)))

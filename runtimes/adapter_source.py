@@ -32,8 +32,10 @@ def name_problem(name) -> str | None:
 
 def export_name_problem(name: str) -> str | None:
     """Why export cannot write an adapter as ``name`` (``OUT/adapters/<name>``), else None: stricter than a load's."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):  # no '.': PyTorch's module names hold the name
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", name):  # no '.': PyTorch's module names hold the name
         return "must be letters, digits, '_', '-'"
+    if not re.match(r"[A-Za-z0-9]", name):  # '-x' reads as an option, '_x' as hidden
+        return "must start with a letter or digit"
     if len(name) > NAME_LENGTH:
         return f"is longer than {NAME_LENGTH} characters"
     return name_problem(name)

@@ -106,12 +106,23 @@ def test_export_unsupported_task_type(guarded, llama, tmp_path):
 @pytest.mark.parametrize(
     "names, needle",
     [(["a", "b"], "--name"), (["bad name!"], "bad name!"), ([".hidden"], ".hidden"),
-     (["intent-v1.2"], "'intent-v1.2' must be letters, digits, '_', '-'; pass --name (e.g. --name intent-v1_2)")],
-    ids=["more-names-than-adapters", "bad-characters", "hidden-name", "dot (a KeyError from torch)"],
+     (["intent-v1.2"], "'intent-v1.2' must be letters, digits, '_', '-'; choose another --name (e.g. --name intent-v1_2)"),
+     (["_draft"], "'_draft' must start with a letter or digit; choose another --name (e.g. --name draft)"),
+     (["-x"], "'-x' must start with a letter or digit; choose another --name (e.g. --name x)"),
+     (["n" * 101], f"'{'n' * 77}...' is longer than 100 characters; choose another --name (e.g. --name {'n' * 100})")],
+    ids=["more-names-than-adapters", "bad-characters", "hidden-name", "dot (a KeyError from torch)",
+         "underscore first (was: 'must be letters, digits, _, -'; pass --name, which it was)", "dash first",
+         "too long (its quote was cut off)"],
 )
 def test_export_bad_names(guarded, llama, names, needle):
     msg = failing_export(ConfigError, [llama[1]["qv"]], guarded, names=names)
     assert needle in msg
+
+
+def test_export_bad_folder_name_asks_for_a_name(guarded, llama, tmp_path):
+    path = copy_adapter(llama[1]["qv"], tmp_path / "_draft")
+    msg = failing_export(ConfigError, [path], guarded)
+    assert msg.endswith("'_draft' must start with a letter or digit; pass --name (e.g. --name draft)")
 
 
 def test_export_two_adapters_same_name(guarded, llama, tmp_path):
@@ -513,6 +524,19 @@ def test_export_of_sliding_window_layers_is_refused(guarded, llama, tmp_path):
     lora = copy_adapter(llama[1]["qv"], tmp_path / "qwen2-qv")
     edit_json(os.path.join(lora, "adapter_config.json"), base_model_name_or_path=fixed)
     export([lora], str(tmp_path / "out-full"))
+
+
+def test_adapters_a_training_run_wrote_into_out_are_not_taken_for_exported_ones(llama, tmp_path):
+    """The README's layout, ./adapters/<name> from edgepeft train, then an export with --out .: the fix offered
+    was "or remove ./adapters", the user's trained adapters."""
+    work = tmp_path / "project"
+    copy_adapter(llama[1]["qv"], work / "adapters" / "topic")
+    before = tree_hashes(str(work))
+    msg = failing_export(ConfigError, [llama[1]["mlp"]], str(work))
+    assert msg == (f"{work / 'adapters'}: holds topic: HF PEFT adapter folders, not exported ones, which the export "
+                   f"would take for its own; give --out a folder of its own, e.g. --out {work}-onnx")
+    assert tree_hashes(str(work)) == before
+    export([llama[1]["mlp"]], f"{work}-onnx")  # the fix works
 
 
 def test_a_model_at_out_base_is_never_replaced(llama, tiny_base, tmp_path):

@@ -201,5 +201,5 @@ def test_an_export_name_too_long_for_a_folder_is_refused_before_anything_is_writ
     target = tmp_path / "new-out"
     with pytest.raises(ConfigError) as e:
         export([virtual_export("llama")[1]["lora"]], str(target), names=["a" * 235])
-    assert "is longer than 100 characters; pass --name" in str(e.value)
+    assert "is longer than 100 characters; choose another --name" in str(e.value)
     assert not target.exists()

@@ -20,6 +20,17 @@ def test_missing_data_file(tmp_path):
     assert str(path) in str(e.value) and "JSONL" in str(e.value)
 
 
+def test_a_folder_or_a_pipe_given_as_data_is_named_so(tmp_path):
+    """Both said "data file not found" for a path that is there."""
+    import os
+
+    with pytest.raises(ConfigError, match=f"^{tmp_path}: is a folder, not a data file; pass a JSONL file"):
+        read_jsonl(str(tmp_path), "seq-cls")
+    os.mkfifo(tmp_path / "rows")
+    with pytest.raises(ConfigError, match="rows: is not a regular file \\(a pipe\\?\\); write the rows to a JSONL file"):
+        read_jsonl(str(tmp_path / "rows"), "seq-cls")
+
+
 def test_invalid_json_names_file_and_line(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, '{"text": "c", "label"'])
     with pytest.raises(DataError) as e:

@@ -16,6 +16,7 @@ import os
 import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
+from edgepeft.runtimes.access import check_readable
 from edgepeft.runtimes.sentence import lowercase_first
 
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
@@ -53,7 +54,12 @@ def check_positions(features: list[dict], rows: list[dict], path: str, positions
 def read_jsonl(path: str, task: str) -> list[dict]:
     """The rows of ``path``, each checked against the task's fields (blank lines skipped)."""
     path = str(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a folder, not a data file; pass a JSONL file with one JSON object per line")
+    if os.path.exists(path) and not os.path.isfile(path):  # read twice (its fields' note too): a pipe would be empty
+        raise ConfigError(f"{path}: is not a regular file (a pipe?); write the rows to a JSONL file and pass that")
     if not os.path.isfile(path):
+        check_readable(path)
         raise ArtifactNotFoundError(f"{path}: data file not found; pass a JSONL file with one JSON object per line")
     shapes = FIELDS[task]
     want = " or ".join("{" + ", ".join(f'"{k}"' for k in shape) + "}" for shape in shapes)
