@@ -34,6 +34,10 @@ export class Runtime {
       throw new EdgePeftError("Runtime.open takes ONNX Runtime's module first (import * as ort from \"onnxruntime-node\" " +
         "or \"onnxruntime-web\")");
     }
+    if (typeof loader?.where !== "function" || typeof loader?.json !== "function") {
+      throw new EdgePeftError(`Runtime.open takes a loader of the export's files, got ${typeof loader === "string" ?
+        JSON.stringify(loader) : String(loader)}; open a folder with openFolder (Node.js) or an address with openUrl`);
+    }
     const rt = new Runtime();
     rt.ort = ort;
     rt.loader = loader;
@@ -374,9 +378,9 @@ function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
  * Label names that do not fit the head (a hand-edited manifest) are an EdgePeftError naming the manifest.
  */
 export function classify(logits, labels, row = 0, problemType = null) {
-  if (logits.dims.length !== 2 || !(Number.isInteger(row) && row >= 0 && row < logits.dims[0])) {
+  if (logits?.dims?.length !== 2 || !(Number.isInteger(row) && row >= 0 && row < logits.dims[0])) {
     throw new EdgePeftError(`classify takes a classifier's logits (batch x labels) and one of their rows; got ` +
-      `[${logits.dims}] and row ${row}`);
+      `${logits?.dims ? `[${logits.dims}]` : String(logits)} and row ${row}`);
   }
   const width = logits.dims[1];
   checkLabels(labels, width);

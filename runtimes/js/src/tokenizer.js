@@ -6,6 +6,17 @@ import { EdgePeftError, OPTIONAL, readJson } from "./checks.js";
 
 const PASS_IDS = "pass token ids encoded by the Python runtime (rt.tokenizer.encode) or transformers";
 
+/** `ids` (an array of numbers or bigints, or a typed array: what ONNX Runtime hands back) as plain numbers, as
+ * the Python runtime's decode takes them; anything else is named (the library said "must be non-empty"). */
+function tokenIds(ids) {
+  const list = ArrayBuffer.isView(ids) || Array.isArray(ids) ? Array.from(ids, (v) => typeof v === "bigint" ? Number(v) : v) : null;
+  if (list === null || !list.every((v) => Number.isInteger(v) && v >= 0 && v < 2 ** 32)) {
+    const shown = list === null ? String(ids) : JSON.stringify(list);
+    throw new EdgePeftError(`decode takes one sequence of token ids (integers >= 0), got ${shown.slice(0, 80)}`);
+  }
+  return list;
+}
+
 // CJK ideographs past U+FFFF, which the Rust BertNormalizer spaces out and this library's does not (it reads UTF-16
 // units): the Rust library's ranges (0x2B820-0x2B91F is not among them)
 const ASTRAL_CJK = /[\u{20000}-\u{2A6DF}\u{2A700}-\u{2B81F}\u{2B920}-\u{2CEAF}\u{2F800}-\u{2FA1F}]/gu;
@@ -49,7 +60,10 @@ export async function tokenizerOf(Tokenizer, loader) {
       `(${String(e.message).split("\n")[0]}); ${PASS_IDS}`);
   }
   const decode = tokenizer.decode.bind(tokenizer);  // as the Python runtime's decode: special tokens skipped by default
-  tokenizer.decode = (ids, options) => decode(ids, { skip_special_tokens: true, ...options });
+  tokenizer.decode = (ids, options) => {
+    const list = tokenIds(ids);
+    return list.length ? decode(list, { skip_special_tokens: true, ...options }) : "";
+  };
   if (bertCjk(json.normalizer)) {
     const encode = tokenizer.encode.bind(tokenizer);
     const spaced = (text) => typeof text === "string" ? text.replace(ASTRAL_CJK, " $& ") : text;

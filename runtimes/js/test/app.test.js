@@ -11,7 +11,7 @@ import { fileURLToPath } from "node:url";
 
 import * as ortNode from "onnxruntime-node";
 
-import { EdgePeftError, classify } from "../src/runtime.js";
+import { EdgePeftError, Runtime, classify } from "../src/runtime.js";
 import { loadTokenizer, openFolder } from "../src/node.js";
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
@@ -83,6 +83,8 @@ test("what is wrong with an app's arguments is named, not blamed on the export",
   const logits = new ortNode.Tensor("float32", new Float32Array(6), [1, 2, 3]);  // a decoder's (batch, sequence, vocab)
   assert.throws(() => classify(logits, null), (e) => e instanceof EdgePeftError && /batch x labels/.test(e.message));
   assert.throws(() => classify(new ortNode.Tensor("float32", new Float32Array(2), [1, 2]), null, 1), /one of their rows/);
+  assert.throws(() => classify(undefined, null), /batch x labels.*got undefined/);  // a TypeError reading .dims
+  await refuses(Runtime.open(ortNode, out), /Runtime\.open takes a loader of the export's files, got ".*"; open a folder with openFolder/);
 });
 
 test("an onnxruntime older than the exports need is named, not blamed on the files", async () => {
@@ -101,4 +103,12 @@ test("decode skips special tokens by default, as the Python runtime's", async ()
   const ids = tokenizer.encode("hello world").ids;
   assert.equal(tokenizer.decode(ids), "hello world");
   assert.match(tokenizer.decode(ids, { skip_special_tokens: false }), /^\[CLS\] hello world \[SEP\]$/);
+  // what ONNX Runtime hands back, and an empty sequence, as Python decodes them (the library threw a plain Error)
+  assert.equal(tokenizer.decode(BigInt64Array.from(ids, BigInt)), "hello world");
+  assert.equal(tokenizer.decode(Int32Array.from(ids)), "hello world");
+  assert.equal(tokenizer.decode([]), "");
+  for (const bad of [[5.5], [-1, 5], "hello", undefined]) {  // -1 was dropped in silence
+    assert.throws(() => tokenizer.decode(bad), (e) => e instanceof EdgePeftError &&
+      /^decode takes one sequence of token ids \(integers >= 0\), got /.test(e.message));
+  }
 });
