@@ -587,32 +587,3 @@ def test_an_adapter_with_nan_weights_is_refused_naming_the_cause(llama, tmp_path
     assert msg.startswith(bad) and "NaN or inf" in msg and "adapter_model.safetensors" in msg
     assert not os.path.exists(tmp_path / "out")
 
-
-# --------------------------------------------------------------------------- adapters HF PEFT saved otherwise
-def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):
-    """Each message gave a fix that did not work: a folder of named adapters ('pass a folder saved by save_pretrained',
-    which it was); target_modules as one name (its own layer listed as one it could match); an embedding trained
-    whole (no fix). (Two IA3 adapters scaling a layer's two sides: test_export_order.py.)"""
-    import peft
-
-    import edgepeft
-
-    base = tiny_base("llama")
-    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"),
-                             peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]), adapter_name="mine")
-    pm.save_pretrained(str(tmp_path / "named"))  # HF PEFT: named/mine/
-    with pytest.raises(ArtifactNotFoundError, match=rf"named/adapter_config.json: not found; it holds adapters saved "
-                       rf"under their names: pass {tmp_path}/named/mine$"):
-        export([str(tmp_path / "named")], str(tmp_path / "out"))
-    export([str(tmp_path / "named" / "mine")], str(tmp_path / "out"))  # the advice works
-    model = load_reference_base(base, "causal-lm")
-    with pytest.raises(ConfigError, match=r"a string is a regular expression for the whole module name: give a list "
-                       r"\(\['q_proj'\]\) or '\.\*q_proj'"):
-        edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules="q_proj"))
-    with pytest.raises(ConfigError, match="exclude_modules \\['q_proj'\\] leaves none of its matches"):
-        edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
-    edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(
-        target_modules=["q_proj"], modules_to_save=["embed_tokens"])).save_pretrained(str(tmp_path / "embed"))
-    with pytest.raises(UnsupportedModelError, match="embed_tokens' is a Embedding; edgepeft exports Linear heads only "
-                       ".* use an adapter trained without it"):
-        export([str(tmp_path / "embed")], str(tmp_path / "out-embed"))
