@@ -167,6 +167,10 @@ def test_the_resume_command_gives_the_rates_as_they_were():
     words = shlex.split(args.command("--resume"))
     assert float(words[words.index("--lr") + 1]) == args.lr
     assert float(words[words.index("--warmup-ratio") + 1]) == args.warmup_ratio
+    assert "--quiet" not in words and "--logging-steps" not in words  # defaults: left out
+    quiet = TrainingArguments(model="m", task="causal-lm", data="d", out="o", logging_steps=3, progress=False)
+    words = shlex.split(quiet.command("--resume"))  # both were dropped: the resumed run logged every 10 steps
+    assert words[words.index("--logging-steps") + 1] == "3" and "--quiet" in words and words[-1] == "--resume"
 
 
 def test_path_arguments_give_the_resume_command():

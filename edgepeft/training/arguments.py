@@ -119,7 +119,10 @@ class TrainingArguments:
         parts += ["--out", self.out]
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("model", "task", "method", "data", "eval_data", "out", "options", *RESUMABLE):
+            if f.name in ("model", "task", "method", "data", "eval_data", "out", "options", "resume", "overwrite"):
+                continue
+            if f.name == "progress":  # --quiet
+                parts += [] if value else ["--quiet"]
                 continue
             if f.name in ("lr", "head_lr") or value != getattr(defaults, f.name):  # rates: the ones this run used
                 parts += [f"--{f.name.replace('_', '-')}", repr(value) if isinstance(value, float) else str(value)]

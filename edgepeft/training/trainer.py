@@ -82,6 +82,7 @@ class Trainer:
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         n_virtual = getattr(method, "num_virtual_tokens", None) or 0
+        self.virtual_first = getattr(method, "peft_type_name", None) == "PROMPT_TUNING"  # before the text: see _count
         for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
             check_positions(features, checked, path, max_positions(config), n_virtual)
         return encoder, train, evals, labels, config
@@ -132,9 +133,10 @@ class Trainer:
         return torch.nn.functional.cross_entropy(scores, torch.arange(len(a), device=a.device)), (a, p)
 
     def _count(self, acc, batch) -> torch.Tensor:
-        """What a batch's loss is the mean over: its label tokens (causal LM: the shifted labels), else its rows."""
+        """What a batch's loss is the mean over: its label tokens (causal LM: the shifted labels; with a prompt's
+        virtual tokens first, which HF PEFT labels -100, the first label too), else its rows."""
         if self.args.task == "causal-lm":
-            return (batch["labels"][:, 1:] != -100).sum()
+            return (batch["labels"][:, 0 if self.virtual_first else 1:] != -100).sum()
         return torch.tensor(len(batch["input_ids"]), device=acc.device)
 
     @torch.no_grad()
