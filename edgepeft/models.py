@@ -141,8 +141,10 @@ def _weights_files(folder: str) -> list[str]:
         entries = sorted(os.listdir(folder))
     except OSError:  # check_readable names it
         entries = []
-    names = ("model", "pytorch_model", "config.json", "generation_config.json")
-    return [folder, *(os.path.join(folder, e) for e in entries if e.startswith(names))]
+    weights = [e for e in entries if e.startswith(("model", "pytorch_model")) and e.endswith((".safetensors", ".bin",
+                                                                                               ".index.json"))]
+    return [folder, *(os.path.join(folder, e) for e in [*weights, "config.json", "generation_config.json"]
+                      if e in entries)]
 
 
 def check_exportable(config, source: str) -> None:
@@ -151,8 +153,9 @@ def check_exportable(config, source: str) -> None:
 
     transformers keeps a cropped cache for sliding layers, which the graph's one cache layout for
     every layer does not fit; longrope switches its rotary frequencies once a sequence passes
-    original_max_position_embeddings, which one traced graph cannot follow. Training them in
-    PyTorch is unaffected.
+    original_max_position_embeddings, which one traced graph cannot follow. ``load_base`` checks it, so
+    ``edgepeft train`` refuses them too, before training an adapter no export could serve; a model given to
+    ``get_peft_model`` in PyTorch is unaffected.
     """
     if rope_type(config) == "longrope":
         raise UnsupportedModelError(
@@ -168,7 +171,7 @@ def check_exportable(config, source: str) -> None:
     if sliding:
         raise UnsupportedModelError(
             f"{source}: config.json's layer_types holds {', '.join(sliding)} layers, which edgepeft cannot export "
-            "(full attention only); export a copy whose config.json sets use_sliding_window to false and every "
+            "(full attention only); use a copy whose config.json sets use_sliding_window to false and every "
             "layer_types entry to full_attention (the same model for inputs no longer than sliding_window)"
         )
 

@@ -54,6 +54,16 @@ def test_generation_speed_counts_the_tokens_made_for_the_whole_batch(shared_expo
     assert list(result["adapters"]) == [name]
 
 
+def test_staging_is_timed_under_a_name_the_export_does_not_hold(shared_export):
+    """An adapter named qv__bench beside qv: measure failed after minutes of measuring ('already loaded; unload it
+    first or pick another name', neither of which the user chose)."""
+    rt = Runtime(shared_export("llama")[0])
+    rt.load_adapter(rt.adapter_dir("qv"), name="qv__bench")
+    names = rt.adapter_names
+    assert set(measure(rt, ["qv"], rounds=1, calls=1, seq=4)["adapters"]) == {"qv"}
+    assert rt.adapter_names == names
+
+
 def test_measure_rejects_bad_arguments(shared_export):
     """In the bench command's own terms (--adapter, --seq, --new-tokens), before any measuring."""
     from edgepeft.errors import InvalidInputError

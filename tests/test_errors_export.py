@@ -526,16 +526,17 @@ def test_export_of_sliding_window_layers_is_refused(guarded, llama, tmp_path):
     export([lora], str(tmp_path / "out-full"))
 
 
-def test_adapters_a_training_run_wrote_into_out_are_not_taken_for_exported_ones(llama, tmp_path):
+def test_adapters_a_training_run_wrote_into_out_are_not_taken_for_exported_ones(llama, tmp_path, monkeypatch):
     """The README's layout, ./adapters/<name> from edgepeft train, then an export with --out .: the fix offered
     was "or remove ./adapters", the user's trained adapters."""
-    work = tmp_path / "project"
+    work = tmp_path / "my project"
     copy_adapter(llama[1]["qv"], work / "adapters" / "topic")
-    before = tree_hashes(str(work))
-    msg = failing_export(ConfigError, [llama[1]["mlp"]], str(work))
-    assert msg == (f"{work / 'adapters'}: holds topic: HF PEFT adapter folders, not exported ones, which the export "
-                   f"would take for its own; give --out a folder of its own, e.g. --out {work}-onnx")
-    assert tree_hashes(str(work)) == before
+    monkeypatch.chdir(work)
+    before = tree_hashes(".")
+    msg = failing_export(ConfigError, [llama[1]["mlp"]], ".")
+    assert msg == ("./adapters: holds topic: HF PEFT adapter folders, not exported ones, which the export would take "
+                   f"for its own; give --out a folder of its own, e.g. --out '{work}-onnx'")  # not .-onnx: hidden
+    assert tree_hashes(".") == before
     export([llama[1]["mlp"]], f"{work}-onnx")  # the fix works
 
 

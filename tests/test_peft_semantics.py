@@ -548,6 +548,19 @@ def test_ia3_records_the_model_types_default_targets_as_hf_peft(tiny_base, tmp_p
     ours, hf = (json.loads((tmp_path / n / "adapter_config.json").read_text()) for n in ("ours", "hf"))
     for key in ("target_modules", "feedforward_modules"):
         assert ours[key] == sorted(hf[key]), key
+    # targets chosen without their feedforward layer: HF PEFT records the model type's list, which neither library
+    # then loads ("must be a subset of target_modules"); the targets it marks are recorded, for the same layers
+    chosen = {"llama": ["q_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"]}[arch]
+    model = edgepeft.get_peft_model(load_reference_base(folder, "causal-lm"), edgepeft.IA3Config(target_modules=chosen[:1]))
+    model.save_pretrained(str(tmp_path / "attention"))
+    assert json.loads((tmp_path / "attention" / "adapter_config.json").read_text())["feedforward_modules"] == []
+    model = edgepeft.get_peft_model(load_reference_base(folder, "causal-lm"), edgepeft.IA3Config(target_modules=chosen))
+    marked = sorted(k for k, m in model.named_modules() if getattr(m, "is_feedforward", False))
+    model.save_pretrained(str(tmp_path / "both"))
+    for lib in (edgepeft, peft):
+        again = lib.PeftModel.from_pretrained(load_reference_base(folder, "causal-lm"), str(tmp_path / "both"))
+        assert sorted(k for k, m in again.named_modules() if getattr(m, "is_feedforward", False)) == marked, lib
+    assert marked
 
 
 def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):

@@ -38,8 +38,10 @@ class IA3Tuner(Tuner):
         model_type = getattr(getattr(unwrapped(model), "config", None), "model_type", None)
         if config.target_modules is None:  # record the model type's defaults, as HF PEFT does
             config.target_modules = sorted(configured_targets(unwrapped(model), config, DEFAULT_IA3_TARGETS))
-        if config.feedforward_modules is None:
-            config.feedforward_modules = sorted(DEFAULT_IA3_FEEDFORWARD.get(model_type, []))
+        if config.feedforward_modules is None:  # HF PEFT records the model type's list, which it cannot load beside
+            defaults, chosen = DEFAULT_IA3_FEEDFORWARD.get(model_type, []), config.target_modules  # targets lacking it
+            config.feedforward_modules = sorted(defaults) if isinstance(chosen, str) else sorted(
+                t for t in chosen if any(t.endswith(f) for f in defaults))  # the targets it marks: the same layers
         for key, feedforward in targets:
             module = adapter_layer(model, key, IA3Linear, lambda m, ff=feedforward: IA3Linear(m, ff))
             if module.is_feedforward != feedforward:  # one layer scales either its input or its output
