@@ -12,7 +12,7 @@ import torch
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
 from edgepeft.runtimes.access import check_readable
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
-from edgepeft.runtimes.sentence import SENTENCE_TRANSFORMERS_FILES
+from edgepeft.runtimes.sentence import PROMPTS_CONFIG, SENTENCE_TRANSFORMERS_FILES
 
 # model_type -> family. Encoders have no causal-LM head; decoders take use_cache.
 ENCODERS = {"bert"}
@@ -328,7 +328,7 @@ def sentence_transformers_folder(source: str, revision: str | None = None) -> st
     from huggingface_hub import hf_hub_download
 
     folder = None
-    for name in SENTENCE_TRANSFORMERS_FILES:
+    for name in (*SENTENCE_TRANSFORMERS_FILES, PROMPTS_CONFIG):
         try:
             path = hf_hub_download(source, name, revision=revision)
         except Exception:  # noqa: BLE001  not in the repo (or no hub): the model has no such settings

@@ -195,8 +195,8 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported for the base {self.base_dir} holds now "
                 f"({on_disk[:12]}), re-exported since this Runtime opened it ({self.base['fingerprint'][:12]}); "
                 f"open a new Runtime({self.out!r}) to serve it")
+        inside = os.path.abspath(label).startswith(os.path.join(os.path.abspath(self.out), ADAPTERS_DIR) + os.sep)
         if self.merged:  # no export into a --merge export can serve an adapter
-            inside = os.path.abspath(label).startswith(os.path.join(os.path.abspath(self.out), ADAPTERS_DIR) + os.sep)
             fix = (f"remove it from {os.path.join(self.out, ADAPTERS_DIR)}, or export it into another --out" if inside
                    else "load it on the export it was made for")
             return AdapterBaseMismatchError(
@@ -207,13 +207,19 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported from {self.base.get('source')} by an edgepeft whose "
                 f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "
                 "out; export every adapter into a fresh --out folder")
+        export = f"`edgepeft export --adapter <adapter dir> --out {quote(self.out)}"
+        if inside:  # OUT's own folder: a Runtime opening OUT loads it, so another --name would not help
+            fix = (f"remove {label}, or re-export its adapter into this OUT: {export} --name "
+                   f"{os.path.basename(os.path.normpath(label))} --overwrite`")
+        elif os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])):
+            fix = (f"export the adapter into this OUT with {export} --name <new name>` (OUT holds an adapter named "
+                   f"{manifest['name']!r}; --overwrite would replace it)")
+        else:
+            fix = f"export the adapter into this OUT with {export}`"
         return AdapterBaseMismatchError(
             f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
             f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "
-            f"({self.base.get('source')}); export the adapter into this OUT with "
-            f"`edgepeft export --adapter <adapter dir> --out {quote(self.out)}"
-            + (f" --name <new name>` (OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)"
-               if os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])) else "`"))
+            f"({self.base.get('source')}); {fix}")
 
     def unload(self, name: str) -> None:
         """Forget an adapter and drop its staged tensors. Refused while a call is using it."""

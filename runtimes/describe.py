@@ -37,15 +37,19 @@ def describe_export(out_dir: str) -> dict:
         problems.append(f"{graph}.data: the base's weights are missing; re-run `edgepeft export` into a fresh --out folder")
     else:
         problems += [str(e) for e in base_file_errors(base_dir, base)]
-    for d in adapter_dirs(out_dir).values():
+    for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them
         m = read_adapter_manifest(d)
         try:
             check_adapter_graph(d, m)
         except EdgePeftError as e:
             problems.append(str(e))
+        if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it
+            problems.append(f"{d}: exported for another base ({m['base_fingerprint'][:12]}; {base_dir} is "
+                            f"{base['fingerprint'][:12]}); remove it, or re-export its adapter into this OUT with "
+                            f"--name {name} --overwrite")
         adapters.append(
             {
-                "name": m["name"],
+                "name": name,
                 "methods": m["methods"],
                 "rank": m.get("rank"),
                 "alpha": m.get("alpha"),
@@ -70,5 +74,5 @@ def describe_export(out_dir: str) -> dict:
         },
         "slots": base["slots"],
         "adapters": adapters,
-        "problems": problems,  # files the manifests name that are missing or damaged
+        "problems": problems,  # files the manifests name that are missing or damaged, adapters for another base
     }

@@ -20,6 +20,7 @@ from .errors import ConfigError, CorruptArtifactError
 from .access import read_json
 
 SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")  # as exported
+PROMPTS_CONFIG = "config_sentence_transformers.json"  # prompts and default_prompt_name (checked, not exported)
 MODULES = ("Transformer", "Pooling", "Normalize")  # the modules embed runs (class names)
 POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sqrt_len",
            "mean_sqrt_len_tokens": "mean_sqrt_len"}  # sentence-transformers' names -> edgepeft's
@@ -29,9 +30,23 @@ LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "m
 TOKENIZER_FIX = "re-export the base with its tokenizer files"  # its tokenizer and sentence-transformers files
 
 
+def check_default_prompt(folder: str) -> None:
+    """Refuse a model whose sentence-transformers config sets ``default_prompt_name``: its ``encode`` puts that
+    prompt before every text, which edgepeft's embed and training do not (their embeddings differed, cosine 0.85)."""
+    path = os.path.join(folder, PROMPTS_CONFIG)
+    settings = read_json(path, "sentence-transformers config", TOKENIZER_FIX) if os.path.isfile(path) else {}
+    name = settings.get("default_prompt_name")
+    if name is not None:
+        prompt = (settings.get("prompts") or {}).get(name) if isinstance(settings.get("prompts"), dict) else None
+        raise ConfigError(f"{path}: default_prompt_name {name!r} puts {prompt!r} before every text in "
+                          "sentence-transformers' encode, which edgepeft does not; set it to null and put the prompt "
+                          "in the texts yourself (training data and embed calls alike)")
+
+
 def sentence_transformers_settings(folder: str, max_positions: int | None = None) -> tuple:
     """(max_seq_length or None, pooling mode, lower-case texts) of the model in ``folder`` (an export's base/, or
     the model's own folder for training). ``max_positions``: the model's, which caps a tokenizer's own limit."""
+    check_default_prompt(folder)
     config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
     settings = read_json(config, "sentence-transformers config", TOKENIZER_FIX) if os.path.isfile(config) else {}
     limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True

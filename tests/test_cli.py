@@ -161,11 +161,13 @@ def test_inspect_flags_adapter_of_other_base(tmp_path, llama):
     data = json.loads(manifest.read_text())
     data["base_fingerprint"] = "0" * 64
     manifest.write_text(json.dumps(data))
+    (out / "adapters" / "qv").rename(out / "adapters" / "qv2")  # listed by folder, as the runtime names it
     proc = edgepeft("inspect", out)
     no_traceback(proc)
-    assert proc.returncode == 0, proc.stderr
-    assert re.search(r"^  qv: .*made for another base", proc.stdout, re.M), proc.stdout
+    assert proc.returncode == 1, proc.stderr  # every Runtime(OUT) refuses it: it exited 0
+    assert re.search(r"^  qv2: .*made for another base", proc.stdout, re.M), proc.stdout
     assert not re.search(r"^  all: .*made for another base", proc.stdout, re.M), proc.stdout
+    assert f"qv2: exported for another base" in proc.stderr and "--name qv2 --overwrite" in proc.stderr
 
 
 # --------------------------------------------------------------------------- user errors

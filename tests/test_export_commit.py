@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -43,6 +44,17 @@ def test_an_adapter_made_for_another_base_stays_refused_when_the_base_grows(llam
     rt.load_adapter(os.path.join(out, "adapters", "qv"))
     with pytest.raises(AdapterBaseMismatchError, match="was exported for base"):
         rt.load_adapter(foreign)
+    # Runtime(OUT) and inspect say so, with a fix that works (it said: export it under another --name, which left
+    # the folder that every Runtime(OUT) refuses where it was)
+    fix = f"remove {foreign}, or re-export its adapter into this OUT: `edgepeft export --adapter <adapter dir> --out " \
+          f"{out} --name foreign --overwrite`"
+    with pytest.raises(AdapterBaseMismatchError, match=re.escape(fix) + "$"):
+        Runtime(out)
+    from edgepeft.runtimes.describe import describe_export
+    assert any(p.startswith(f"{foreign}: exported for another base") and p.endswith("--name foreign --overwrite")
+               for p in describe_export(out)["problems"])
+    export([llama[1]["qv"]], out, names=["foreign"], overwrite=True)  # an adapter trained on this OUT's base
+    assert Runtime(out).adapter_names == ["foreign", "mlp", "qv"]
 
 
 def test_a_head_adapter_after_a_plain_one_grows_the_base_as_both_together(tiny_base, tmp_path):

@@ -129,3 +129,25 @@ def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tm
     st = SentenceTransformer(plain, device="cpu")  # mean pooling, no Normalize module
     texts = ["word " * 600, "hello world"]
     np.testing.assert_allclose(Runtime(copied).embed(texts, normalize=False), st.encode(texts), atol=2e-4)
+
+
+def test_a_default_prompt_is_refused_at_export_and_training(st6, tmp_path):
+    """sentence-transformers' encode puts prompts[default_prompt_name] before every text: embed did not, and its
+    embeddings differed from encode's (cosine 0.85) without a word."""
+    from edgepeft.errors import ConfigError
+
+    folder = shutil.copytree(st6[0], tmp_path / "prompted")
+    config = folder / "config_sentence_transformers.json"
+    settings = json.loads(config.read_text()) if config.exists() else {}
+    config.write_text(json.dumps({**settings, "prompts": {"query": "query: "}, "default_prompt_name": "query"}))
+    adapter = peft_virtual_adapter(tmp_path / "prompt", str(folder), "prompt", seed=5, task="feature-extraction",
+                                   num_virtual_tokens=4)
+    refusal = "config_sentence_transformers.json: default_prompt_name 'query' puts 'query: ' before every text"
+    with pytest.raises(ConfigError, match=refusal):
+        export([adapter], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"text": "a", "positive": "b"}) + "\n")
+    with pytest.raises(ConfigError, match=refusal):
+        edgepeft.train(model=str(folder), task="feature-extraction", method="lora", data=str(data),
+                       out=str(tmp_path / "trained"), progress=False)
