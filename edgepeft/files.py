@@ -144,11 +144,11 @@ def _owner() -> str:
 _HIDDEN = re.compile(r"\.(staging|old)-(.+)-p(\d+)h([0-9a-f]{8})-[^-]+")
 
 
-def remove_abandoned(parent: str) -> list[str]:
-    """Mend what an export killed midway (kill -9, the out-of-memory killer) left under ``parent``, made by a
-    process of this host that no longer runs: its staging folders are removed; a folder ``replace_dir`` had
-    moved aside is put back when nothing took its place (killed between the two renames), else removed.
-    Folders of running processes, of other hosts (a shared drive) and of other names stay.
+def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
+    """Mend what an export (or training run: ``who``) killed midway (kill -9, the out-of-memory killer) left under
+    ``parent``, made by a process of this host that no longer runs: its staging folders are removed; a folder
+    ``replace_dir`` had moved aside is put back when nothing took its place (killed between the two renames), else
+    removed. Folders of running processes, of other hosts (a shared drive) and of other names stay.
     Returns one line per folder, saying what was done."""
     if os.name != "posix" or not os.path.isdir(parent):  # os.kill(pid, 0) only asks "is it there?" on POSIX
         return []
@@ -163,11 +163,11 @@ def remove_abandoned(parent: str) -> list[str]:
         target = os.path.join(parent, m.group(2))
         if m.group(1) == "old" and not os.path.exists(target):
             os.replace(path, target)
-            done.append(f"put {target} back (an export was stopped while replacing it)")
+            done.append(f"put {target} back ({who} was stopped while replacing it)")
         else:
             _remove(path)
             if not os.path.lexists(path):  # only what is gone is said to be
-                done.append(f"removed {path} (left by an export that was stopped midway)")
+                done.append(f"removed {path} (left by {who} that was stopped midway)")
     return done
 
 

@@ -16,6 +16,7 @@ from edgepeft.exporters.fingerprint import base_fingerprint, made_heads
 from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
 from edgepeft.exporters.genai_config import genai_notes, write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
+from edgepeft.exporters.quantize import quantize_graph
 from edgepeft.files import write_json_atomic
 from edgepeft.models import (
     NO_REMOTE_CODE, SENTENCE_TRANSFORMERS_FILES, cache_layout, is_placeholder_tokenizer, max_positions, named_labels,
@@ -23,7 +24,9 @@ from edgepeft.models import (
 )
 from edgepeft.exporters.generation_settings import generation_fields, ignored_generation
 from edgepeft.exporters.web_graph import write_web_variant
-from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
+from edgepeft.runtimes.manifest import (
+    BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH, read_base_manifest,
+)
 from edgepeft.runtimes.sentence import check_default_prompt, sentence_transformers_settings
 from edgepeft.runtimes.text import TextTokenizer
 from edgepeft.tuners import spec_for
@@ -186,3 +189,16 @@ def plain_tokenizer_json(path: str) -> None:
         data.update(padding=None, truncation=None)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
+
+
+def quantize_stage(stage: str, quantize: str, log) -> dict:
+    """Quantize a staged, float32-validated base graph in place and record it in its manifest."""
+    log(f"quantizing the base's weights to {quantize}")
+    path = os.path.join(stage, BASE_MANIFEST)
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)  # as written (read_base_manifest parses the slot table)
+    manifest.update(quantize_graph(os.path.join(stage, BASE_GRAPH), quantize))
+    write_web_variant(stage)  # the JavaScript variant reads the quantized weights file now
+    manifest["file_bytes"] = graph_file_bytes(stage, manifest)
+    write_json_atomic(path, manifest, sort_keys=True)
+    return read_base_manifest(stage)

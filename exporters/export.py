@@ -12,28 +12,27 @@ only after validation passes, so a failed export leaves OUT as it was.
 """
 from __future__ import annotations
 
-import json
 import os
 
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError, StorageError, UnsupportedMethodError
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, StorageError
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
-from edgepeft.exporters.base_graph import graph_file_bytes, side_difference, trace_base, write_side_files
+from edgepeft.exporters.base_graph import quantize_stage, side_difference, trace_base, write_side_files
 from edgepeft.exporters.generation_settings import generation_fields
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
-from edgepeft.exporters.quantize import check_quantize, quantize_graph
+from edgepeft.exporters.merged import export_merged
+from edgepeft.exporters.quantize import check_quantize
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
 from edgepeft.exporters.validate import BaseOutputs, compare_siblings, log_check, validate
-from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.files import (
     Staging, check_output_dir, deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty,
     reporting_full_disk, write_json_atomic,
 )
 from edgepeft.models import model_label
-from edgepeft.runtimes.access import may_replace
+from edgepeft.runtimes.access import may_replace, read_json
 from edgepeft.runtimes.manifest import (
-    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
+    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
     read_adapter_manifest, read_base_manifest, uncounted_heads,
 )
 from edgepeft.runtimes.runtime import Runtime
@@ -82,7 +81,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
 
 def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log) -> dict:
     """``export`` with OUT held: one export into OUT at a time."""
-    for line in remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR)):
+    for line in remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR)) + _finish_repointing(out):
         log(f"note: {line}")
     with reporting_full_disk(out, "--out", loading=True):
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
@@ -102,6 +101,32 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
             commit(plan, staging, base_stage, adapter_stages, reuse)
     plan.log(f"wrote {out}")
     return report
+
+
+def _finish_repointing(out: str) -> list[str]:
+    """The re-pointed manifests (``commit``) an export killed between renaming the new base in and them left
+    beside the adapters' own: renamed into place where they name the base OUT holds (it is the new one), else
+    removed. One line per adapter, saying what was done."""
+    try:
+        holds = read_base_manifest(os.path.join(out, BASE_DIR))["fingerprint"]
+    except EdgePeftError:
+        holds = None
+    done = []
+    for d in adapter_dirs(out).values():
+        staged = os.path.join(d, f".{ADAPTER_MANIFEST}.new")
+        if not os.path.isfile(staged):
+            continue
+        try:
+            made_for = read_json(staged, "re-pointed adapter manifest", "")["base_fingerprint"]
+        except (EdgePeftError, KeyError):
+            made_for = None
+        if holds is not None and made_for == holds:
+            os.replace(staged, os.path.join(d, ADAPTER_MANIFEST))
+            done.append(f"re-pointed {d} to the base OUT holds (an export was stopped before it had)")
+        else:
+            os.unlink(staged)
+            done.append(f"removed {staged} (left by an export that was stopped midway)")
+    return done
 
 
 # ---------------------------------------------------------------- plan slots
@@ -292,7 +317,7 @@ def validate_float(plan: ExportPlan, base_stage: str, adapter_stages: dict, reus
 
 def quantize_and_validate(plan: ExportPlan, base_stage: str, adapter_stages: dict) -> list:
     """Every float32 check passed: quantize the staged base, then check it and each adapter on it again."""
-    _quantize_stage(base_stage, plan.quantize, plan.log)
+    quantize_stage(base_stage, plan.quantize, plan.log)
     rt = Runtime.from_base_dir(base_stage)
     base = BaseOutputs(rt, plan.model, plan.task)
     checks = [validate(f"base (no adapter), {plan.quantize}", rt, None, plan.model, plan.task, plan.atol, plan.base_dir,
@@ -304,19 +329,6 @@ def quantize_and_validate(plan: ExportPlan, base_stage: str, adapter_stages: dic
                                src.path, qtol=plan.qtol, base=base))
         log_check(plan.log, checks[-1], f"{src.name} ({plan.quantize})")
     return checks
-
-
-def _quantize_stage(stage: str, quantize: str, log) -> dict:
-    """Quantize a staged, float32-validated base graph in place and record it in its manifest."""
-    log(f"quantizing the base's weights to {quantize}")
-    path = os.path.join(stage, BASE_MANIFEST)
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)  # as written (read_base_manifest parses the slot table)
-    manifest.update(quantize_graph(os.path.join(stage, BASE_GRAPH), quantize))
-    write_web_variant(stage)  # the JavaScript variant reads the quantized weights file now
-    manifest["file_bytes"] = graph_file_bytes(stage, manifest)
-    write_json_atomic(path, manifest, sort_keys=True)
-    return read_base_manifest(stage)
 
 
 # ---------------------------------------------------------------- commit
@@ -343,45 +355,3 @@ def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: 
                     os.unlink(staged)
     for name, stage in adapter_stages.items():
         staging.commit(stage, os.path.join(plan.out, ADAPTERS_DIR, name))
-
-
-# ---------------------------------------------------------------- --merge
-def export_merged(plan: ExportPlan) -> dict:
-    """``--merge``: one adapter folded into the weights, a plain graph with no slots."""
-    if len(plan.sources) != 1:
-        raise ConfigError(f"--merge folds exactly one adapter into the base; got {len(plan.sources)}")
-    src, existing, base_dir = plan.sources[0], plan.existing, plan.base_dir
-    if existing and not existing.get("merged_adapter"):
-        raise ConfigError(f"{base_dir}: holds a slot base with adapters; write the --merge export to another --out folder")
-    if existing and not plan.overwrite:
-        raise ConfigError(f"{base_dir}: holds adapter {existing['merged_adapter']!r} merged into the base already; "
-                          "pass --overwrite to replace it, or give another --out")
-    if stranded := sorted(adapter_dirs(plan.out)):  # left by a slot base removed since: a merged base would strand them
-        raise ConfigError(f"{os.path.join(plan.out, ADAPTERS_DIR)}: holds {', '.join(stranded)}; "
-                          "a --merge export takes no adapters: give another --out, or remove that folder")
-    try:
-        merged = plan.peft.merge_and_unload(src.name).eval()
-    except UnsupportedMethodError as e:  # prompt learning has no weights to merge: name the adapter
-        raise UnsupportedMethodError(f"{src.path}: {e}") from None
-    with Staging() as staging:
-        stage = staging.new(plan.out, "merged")
-        plan.log(f"exporting {src.name} merged into the base to {base_dir}")
-        trace_base(merged, [], plan.task, stage, plan.source, weights_fingerprint(merged), plan.groups,
-                   merged_adapter=src.name, ops=effective_ops(merged.config, plan.task, plan.ops, plan.log),
-                   revision=plan.revision, log=plan.log)
-        rt = Runtime.from_base_dir(stage)
-        plan.peft.set_adapter(src.name, inference_mode=True)
-        checks = [validate(f"merged {src.name}", rt, None, plan.peft, plan.task, plan.atol, src.path)]
-        log_check(plan.log, checks[-1], f"merged {src.name}")
-        if plan.task == "seq-cls":  # the trained head's width (the config may still say 2)
-            set_labels(os.path.join(stage, BASE_MANIFEST), read_labels(src.path, checks[-1]["output_width"],
-                                                                       plan.model.config))
-        if plan.quantize:
-            _quantize_stage(stage, plan.quantize, plan.log)
-            rt = Runtime.from_base_dir(stage)
-            checks.append(validate(f"merged {src.name}, {plan.quantize}", rt, None, plan.peft, plan.task, plan.atol,
-                                   src.path, qtol=plan.qtol))
-            log_check(plan.log, checks[-1], f"merged {src.name} ({plan.quantize})")
-        staging.commit(stage, base_dir)
-    return {"out": plan.out, "base": {"reused": False, "path": base_dir, "slots": 0, "merged_adapter": src.name},
-            "adapters": [], "checks": checks}

@@ -389,3 +389,28 @@ def test_a_base_folder_linked_to_another_disk_is_replaced_without_a_stale_link(t
     replace_dir(str(staged), str(tmp_path / "out" / "base"))
     assert sorted(os.listdir(tmp_path / "out")) == ["base"] and (tmp_path / "out" / "base" / "new.txt").is_file()
     assert remove_abandoned(str(tmp_path / "out")) == []
+
+
+@pytest.mark.parametrize("killed", ["after the base", "before the base"])
+def test_an_export_killed_while_re_pointing_is_finished_by_the_next(llama, tmp_path, capsys, killed):
+    """kill -9 between renaming a new base into OUT and the adapters' re-pointed manifests (.adapter.json.new) over
+    theirs: every Runtime(OUT) refused qv ('exported for another base'), and the next export removed the old base
+    and said ok, leaving OUT so. The next export now renames them in (or, killed before the base moved, drops them)."""
+    ids = np.array([[1, 2, 3]])
+    done, out = str(tmp_path / "done"), str(tmp_path / "out")
+    export([llama[1]["qv"]], done)
+    shutil.copytree(done, out)
+    export([llama[1]["mlp"]], done)  # new slots: a new base, qv re-pointed to it
+    want = Runtime(done).forward(ids, adapter="qv")["logits"]
+    if killed == "after the base":
+        shutil.rmtree(os.path.join(out, "base"))
+        shutil.copytree(os.path.join(done, "base"), os.path.join(out, "base"))
+        with pytest.raises(AdapterBaseMismatchError):
+            Runtime(out)
+    shutil.copy(os.path.join(done, "adapters", "qv", "adapter.json"), os.path.join(out, "adapters", "qv", ".adapter.json.new"))
+    export([llama[1]["mlp"]], out, verbose=True)
+    printed = capsys.readouterr().out
+    line = "re-pointed {} to the base OUT holds" if killed == "after the base" else "removed {}/.adapter.json.new"
+    assert line.format(os.path.join(out, "adapters", "qv")) in printed
+    assert not hidden_entries(out)
+    np.testing.assert_allclose(Runtime(out).forward(ids, adapter="qv")["logits"], want, atol=1e-5)

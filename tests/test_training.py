@@ -212,10 +212,22 @@ def test_resume_continues_exactly_where_the_run_stopped(method, options, text_mo
     with pytest.raises(ConfigError, match="was made by 2 training process\\(es\\), this run has 1; resume with 2"):
         Trainer(_args(model, data, str(tmp_path / "b"), save="last", resume=True, **extra)).train()
     monkeypatch.setattr(training_module, "read_checkpoint", real_read)
+    # killed (kill -9) between the checkpoint's two renames, and while staging one: --resume said "no checkpoint",
+    # without it "pass --overwrite" (every epoch lost); the resumed run puts it back and removes the staging folder
+    import subprocess
+    import sys
+
+    from edgepeft.files import _host
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = f"p{dead.stdout.strip()}h{_host()}"
+    os.rename(tmp_path / "b" / "checkpoint", tmp_path / "b" / f".old-checkpoint-{owner}-x")
+    os.mkdir(tmp_path / "b" / f".staging-checkpoint-{owner}-y")
     command = shlex.split(message.split("continue with: ", 1)[1])  # the printed command, run as given
     assert command[:2] == ["edgepeft", "train"] and command[-1] == "--resume"
     result = CliRunner().invoke(cli, command[1:] + ["--quiet"])
     assert result.exit_code == 0, result.output
+    assert not [n for n in os.listdir(tmp_path / "b") if n.startswith(".")]
     with open(tmp_path / "b" / "training_log.json") as f:
         resumed = json.load(f)
 

@@ -22,7 +22,7 @@ import torch
 
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, TrainingInterrupted
-from edgepeft.files import deferred_interrupts, missing_folders, remove_empty, reporting_full_disk
+from edgepeft.files import deferred_interrupts, missing_folders, remove_abandoned, remove_empty, reporting_full_disk
 from edgepeft.models import load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder
 from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.plots import missing_matplotlib, training_curve
@@ -105,6 +105,9 @@ class Trainer:
         """The checkpoint state to resume from (None: a fresh run); ``processes``: this run's (torchrun)."""
         args = self.args
         check_out_folder(args.out, args.model)
+        if int(os.environ.get("RANK", "0")) == 0:  # a run killed between the checkpoint's renames: put it back
+            for line in remove_abandoned(args.out, "a training run"):
+                print(f"note: {line}", file=sys.stderr)
         ckpt = os.path.join(args.out, CHECKPOINT)
         state = read_checkpoint(args.out) if args.resume else None
         if state is None:

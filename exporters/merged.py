@@ -1,0 +1,57 @@
+"""``edgepeft export --merge``: one adapter folded into the base's weights, a plain graph with no slots, validated
+against HF PEFT's model as the slot exports are (``export.py``)."""
+from __future__ import annotations
+
+import os
+
+from edgepeft.errors import ConfigError, UnsupportedMethodError
+from edgepeft.exporters.adapter_graph import read_labels, set_labels
+from edgepeft.exporters.base_graph import quantize_stage, trace_base
+from edgepeft.exporters.contrib_ops import effective_ops
+from edgepeft.exporters.fingerprint import weights_fingerprint
+from edgepeft.exporters.resolve import ExportPlan
+from edgepeft.exporters.validate import log_check, validate
+from edgepeft.files import Staging
+from edgepeft.runtimes import Runtime
+from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_MANIFEST, adapter_dirs
+
+
+def export_merged(plan: ExportPlan) -> dict:
+    """``--merge``: one adapter folded into the weights, a plain graph with no slots."""
+    if len(plan.sources) != 1:
+        raise ConfigError(f"--merge folds exactly one adapter into the base; got {len(plan.sources)}")
+    src, existing, base_dir = plan.sources[0], plan.existing, plan.base_dir
+    if existing and not existing.get("merged_adapter"):
+        raise ConfigError(f"{base_dir}: holds a slot base with adapters; write the --merge export to another --out folder")
+    if existing and not plan.overwrite:
+        raise ConfigError(f"{base_dir}: holds adapter {existing['merged_adapter']!r} merged into the base already; "
+                          "pass --overwrite to replace it, or give another --out")
+    if stranded := sorted(adapter_dirs(plan.out)):  # left by a slot base removed since: a merged base would strand them
+        raise ConfigError(f"{os.path.join(plan.out, ADAPTERS_DIR)}: holds {', '.join(stranded)}; "
+                          "a --merge export takes no adapters: give another --out, or remove that folder")
+    try:
+        merged = plan.peft.merge_and_unload(src.name).eval()
+    except UnsupportedMethodError as e:  # prompt learning has no weights to merge: name the adapter
+        raise UnsupportedMethodError(f"{src.path}: {e}") from None
+    with Staging() as staging:
+        stage = staging.new(plan.out, "merged")
+        plan.log(f"exporting {src.name} merged into the base to {base_dir}")
+        trace_base(merged, [], plan.task, stage, plan.source, weights_fingerprint(merged), plan.groups,
+                   merged_adapter=src.name, ops=effective_ops(merged.config, plan.task, plan.ops, plan.log),
+                   revision=plan.revision, log=plan.log)
+        rt = Runtime.from_base_dir(stage)
+        plan.peft.set_adapter(src.name, inference_mode=True)
+        checks = [validate(f"merged {src.name}", rt, None, plan.peft, plan.task, plan.atol, src.path)]
+        log_check(plan.log, checks[-1], f"merged {src.name}")
+        if plan.task == "seq-cls":  # the trained head's width (the config may still say 2)
+            set_labels(os.path.join(stage, BASE_MANIFEST), read_labels(src.path, checks[-1]["output_width"],
+                                                                       plan.model.config))
+        if plan.quantize:
+            quantize_stage(stage, plan.quantize, plan.log)
+            rt = Runtime.from_base_dir(stage)
+            checks.append(validate(f"merged {src.name}, {plan.quantize}", rt, None, plan.peft, plan.task, plan.atol,
+                                   src.path, qtol=plan.qtol))
+            log_check(plan.log, checks[-1], f"merged {src.name} ({plan.quantize})")
+        staging.commit(stage, base_dir)
+    return {"out": plan.out, "base": {"reused": False, "path": base_dir, "slots": 0, "merged_adapter": src.name},
+            "adapters": [], "checks": checks}
