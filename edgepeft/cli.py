@@ -214,7 +214,7 @@ def inspect(out, as_json):
 
 
 def _fail_on(problems: list) -> None:
-    """inspect's exit: 1 with one error line naming every missing or damaged file."""
+    """inspect's exit: 1 with one error line naming every missing or damaged file and adapter for another base."""
     if problems:
         from edgepeft.errors import CorruptArtifactError
 

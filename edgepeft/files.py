@@ -269,11 +269,12 @@ def one_at_a_time(folder: str, waiting):
     Two exports into one OUT each read its base and adapters first, and the later commit dropped what the other
     had added. ``waiting(message)`` is told when another holds it; this one then waits its turn. A folder removed
     or replaced meanwhile (a failed first export into a new OUT removes it) is made and locked again. Where the
-    system has no such locks (Windows, or a filesystem that refuses them), exports are not serialised."""
+    system has no such locks (Windows, or a filesystem that refuses them), exports are not serialised. Yields
+    whether it holds the lock (without it, another export's files may be in flight)."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     while True:
         os.makedirs(folder, exist_ok=True)
@@ -292,7 +293,7 @@ def one_at_a_time(folder: str, waiting):
             break
         os.close(fd)  # the folder locked is gone: lock the one at that path now
     try:
-        yield
+        yield fd is not None
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock

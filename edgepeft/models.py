@@ -328,12 +328,13 @@ def sentence_transformers_folder(source: str, revision: str | None = None) -> st
     from huggingface_hub import hf_hub_download
 
     folder = None
-    for name in (*SENTENCE_TRANSFORMERS_FILES, PROMPTS_CONFIG):
+    for name in (*SENTENCE_TRANSFORMERS_FILES, PROMPTS_CONFIG):  # the prompts beside them, for check_default_prompt
         try:
             path = hf_hub_download(source, name, revision=revision)
         except Exception:  # noqa: BLE001  not in the repo (or no hub): the model has no such settings
             continue
-        folder = path[:-len(name)].rstrip("/\\")
+        if name != PROMPTS_CONFIG:  # a model with that file alone has no settings, as a local folder
+            folder = path[:-len(name)].rstrip("/\\")
     return folder
 
 

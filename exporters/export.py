@@ -58,6 +58,9 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     out = str(out)
     if not adapters:
         raise ConfigError("give at least one --adapter folder")
+    if merge and len(adapters) > 1:  # before minutes of loading
+        raise ConfigError(f"--merge folds one adapter into the base, got {len(adapters)} ({', '.join(map(str, adapters))})"
+                          "; export each with --merge into its own --out folder, or all without --merge into one")
     if not is_number(atol) or not atol >= 0:
         raise ConfigError(f"--atol must be a number >= 0, got {atol!r}")
     check_quantize(quantize)
@@ -68,9 +71,10 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     log = print if verbose else (lambda *a, **k: None)
     made = missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
-        with one_at_a_time(out, log):  # makes OUT; says so when another export holds it
+        with one_at_a_time(out, log) as locked:  # makes OUT; says so when another export holds it
             try:
-                return _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log)
+                return _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log,
+                               locked)
             except BaseException:
                 remove_empty(made)  # with OUT still held: an export waiting for it then finds it gone, and remakes it
                 raise
@@ -79,9 +83,11 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
         raise
 
 
-def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log) -> dict:
+def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log,
+            locked: bool = True) -> dict:
     """``export`` with OUT held: one export into OUT at a time."""
-    for line in remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR)) + _finish_repointing(out):
+    mended = _finish_repointing(out) if locked else []  # unlocked, another export's may be in flight
+    for line in remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR)) + mended:
         log(f"note: {line}")
     with reporting_full_disk(out, "--out", loading=True):
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,

@@ -18,8 +18,6 @@ from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_MANIFEST, adapter_dirs
 
 def export_merged(plan: ExportPlan) -> dict:
     """``--merge``: one adapter folded into the weights, a plain graph with no slots."""
-    if len(plan.sources) != 1:
-        raise ConfigError(f"--merge folds exactly one adapter into the base; got {len(plan.sources)}")
     src, existing, base_dir = plan.sources[0], plan.existing, plan.base_dir
     if existing and not existing.get("merged_adapter"):
         raise ConfigError(f"{base_dir}: holds a slot base with adapters; write the --merge export to another --out folder")

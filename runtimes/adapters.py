@@ -29,8 +29,8 @@ from .errors import (
     AdapterBaseMismatchError, AdapterInUseError, ConfigError, CorruptArtifactError, EdgePeftError, UnknownAdapterError,
 )
 from .manifest import (
-    ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, read_adapter_manifest, read_base_manifest,
-    stacks_as_output, uncounted_heads,
+    ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, folder_fix, read_adapter_manifest,
+    read_base_manifest, stacks_as_output, uncounted_heads,
 )
 from .adapter_source import name_problem, read_adapter_source
 from .sessions import ort, session_options
@@ -103,6 +103,7 @@ class Registered:
         return buffer.getvalue()
 
 
+
 class AdapterStore:
     """The adapters one Runtime serves, by name. Thread-safe."""
 
@@ -172,7 +173,7 @@ class AdapterStore:
                                   f"'s) {name_problem(name)}; " + ("rename the folder, or load it with name="
                                                                    if path else "load it with name="))
         if manifest["base_fingerprint"] != self.base["fingerprint"]:
-            raise self._mismatch(label, manifest)
+            raise self._mismatch(label, manifest, path)
         entry = Registered(name, path, data, manifest, self.slots, self.base.get("task", ""))
         arrays, plan = self._stage(entry)  # a load stages (and checks) the adapter even under a budget
         with self._lock:
@@ -183,7 +184,7 @@ class AdapterStore:
             self._trim()
         return name
 
-    def _mismatch(self, label: str, manifest: dict) -> AdapterBaseMismatchError:
+    def _mismatch(self, label: str, manifest: dict, path: str | None) -> AdapterBaseMismatchError:
         """An adapter exported for another base: made for the base OUT holds now (re-exported since this Runtime
         opened it, as exporting another adapter into OUT does), or for another one."""
         try:
@@ -195,12 +196,12 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported for the base {self.base_dir} holds now "
                 f"({on_disk[:12]}), re-exported since this Runtime opened it ({self.base['fingerprint'][:12]}); "
                 f"open a new Runtime({self.out!r}) to serve it")
-        inside = os.path.abspath(label).startswith(os.path.join(os.path.abspath(self.out), ADAPTERS_DIR) + os.sep)
+        inside = path is not None and os.path.abspath(path).startswith(
+            os.path.join(os.path.abspath(self.out), ADAPTERS_DIR) + os.sep)  # OUT's own folder: Runtime(OUT) loads it
         if self.merged:  # no export into a --merge export can serve an adapter
-            fix = (f"remove it from {os.path.join(self.out, ADAPTERS_DIR)}, or export it into another --out" if inside
-                   else "load it on the export it was made for")
-            return AdapterBaseMismatchError(
-                f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which takes no adapters; {fix}")
+            return AdapterBaseMismatchError(f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which "
+                                            "takes no adapters; " + (folder_fix(self.out, path, self.merged) if inside
+                                                                    else "load it on the export it was made for"))
         heads = uncounted_heads(self.base, CLASSIFIER_NAMES if self.base.get("head_initialised") else ())
         if heads and manifest.get("base_source") == self.base.get("source"):
             return AdapterBaseMismatchError(  # an export into this OUT is refused alike (export._check_older_fingerprint)
@@ -208,9 +209,8 @@ class AdapterStore:
                 f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "
                 "out; export every adapter into a fresh --out folder")
         export = f"`edgepeft export --adapter <adapter dir> --out {quote(self.out)}"
-        if inside:  # OUT's own folder: a Runtime opening OUT loads it, so another --name would not help
-            fix = (f"remove {label}, or re-export its adapter into this OUT: {export} --name "
-                   f"{os.path.basename(os.path.normpath(label))} --overwrite`")
+        if inside:  # another --name would leave the folder there
+            fix = folder_fix(self.out, path, self.merged)
         elif os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])):
             fix = (f"export the adapter into this OUT with {export} --name <new name>` (OUT holds an adapter named "
                    f"{manifest['name']!r}; --overwrite would replace it)")

@@ -6,8 +6,8 @@ import os
 
 from .errors import EdgePeftError
 from .manifest import (
-    BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export, read_adapter_manifest,
-    read_base_manifest,
+    BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, folder_fix, not_an_export,
+    read_adapter_manifest, read_base_manifest,
 )
 
 
@@ -45,8 +45,7 @@ def describe_export(out_dir: str) -> dict:
             problems.append(str(e))
         if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it
             problems.append(f"{d}: exported for another base ({m['base_fingerprint'][:12]}; {base_dir} is "
-                            f"{base['fingerprint'][:12]}); remove it, or re-export its adapter into this OUT with "
-                            f"--name {name} --overwrite")
+                            f"{base['fingerprint'][:12]}); {folder_fix(out_dir, d, base.get('merged_adapter'))}")
         adapters.append(
             {
                 "name": name,

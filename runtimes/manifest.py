@@ -384,3 +384,12 @@ def adapter_dirs(out_dir: str) -> dict:
         raise
     return {name: os.path.join(adapters_dir, name) for name in names
             if not name.startswith(".") and os.path.isdir(os.path.join(adapters_dir, name))}
+
+
+def folder_fix(out: str, folder: str, merged) -> str:
+    """What mends a folder of OUT/adapters made for another base (every Runtime(OUT) refuses it): removing it, or on
+    a slot base re-exporting its adapter into it."""
+    if merged:
+        return f"remove it from {os.path.join(out, ADAPTERS_DIR)}, or export it into another --out"
+    return (f"remove {folder}, or re-export its adapter into this OUT: `edgepeft export --adapter <adapter dir> --out "
+            f"{quote(out)} --name {os.path.basename(os.path.normpath(folder))} --overwrite`")

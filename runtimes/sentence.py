@@ -34,10 +34,11 @@ def check_default_prompt(folder: str) -> None:
     """Refuse a model whose sentence-transformers config sets ``default_prompt_name``: its ``encode`` puts that
     prompt before every text, which edgepeft's embed and training do not (their embeddings differed, cosine 0.85)."""
     path = os.path.join(folder, PROMPTS_CONFIG)
-    settings = read_json(path, "sentence-transformers config", TOKENIZER_FIX) if os.path.isfile(path) else {}
-    name = settings.get("default_prompt_name")
-    if name is not None:
-        prompt = (settings.get("prompts") or {}).get(name) if isinstance(settings.get("prompts"), dict) else None
+    fix = "repair it, or remove it"
+    settings = read_json(path, "sentence-transformers config", fix) if os.path.isfile(path) else {}
+    name, prompts = settings.get("default_prompt_name"), settings.get("prompts")
+    prompt = prompts.get(name) if name is not None and isinstance(prompts, dict) else None
+    if prompt:  # "" prepends nothing
         raise ConfigError(f"{path}: default_prompt_name {name!r} puts {prompt!r} before every text in "
                           "sentence-transformers' encode, which edgepeft does not; set it to null and put the prompt "
                           "in the texts yourself (training data and embed calls alike)")

@@ -143,6 +143,14 @@ def test_export_no_adapters(guarded):
     assert "--adapter" in msg
 
 
+def test_export_merge_of_two_adapters_is_refused_before_loading(guarded, llama, monkeypatch):
+    """It said '--merge folds exactly one adapter into the base; got 2' (no file, no fix) after loading everything."""
+    monkeypatch.setattr(importlib.import_module("edgepeft.exporters.export"), "resolve", lambda *a, **k: 1 / 0)
+    msg = failing_export(ConfigError, [llama[1]["qv"], llama[1]["mlp"]], guarded, merge=True)
+    assert msg == (f"--merge folds one adapter into the base, got 2 ({llama[1]['qv']}, {llama[1]['mlp']}); export each "
+                   "with --merge into its own --out folder, or all without --merge into one")
+
+
 def test_export_merge_into_slot_out(guarded, llama):
     msg = failing_export(ConfigError, [llama[1]["qv"]], guarded, merge=True)
     assert os.path.join(guarded, "base") in msg and "--out" in msg

@@ -41,6 +41,30 @@ def test_adapter_for_other_base_is_refused_naming_both(rt, before, other_export,
     assert_still_serving(rt, before)
 
 
+def test_a_foreign_adapter_from_bytes_or_in_a_merge_export_gets_a_fix_that_works(rt, other_export, llama, tmp_path,
+                                                                                     monkeypatch):
+    """Bytes loaded from inside OUT/adapters were named as a folder ('remove adapter bytes, or ... --name adapter
+    bytes --overwrite'); inspect told a --merge export's stray adapter to re-export into OUT, which it refuses."""
+    import shutil
+
+    from edgepeft.exporters import export
+    from edgepeft.runtimes.describe import describe_export
+
+    zipped = shutil.make_archive(str(tmp_path / "foreign"), "zip", os.path.join(other_export, "adapters", "qv"))
+    monkeypatch.chdir(os.path.join(rt.path, "adapters"))
+    with pytest.raises(AdapterBaseMismatchError) as e:
+        rt.load_adapter(open(zipped, "rb").read(), name="other")
+    assert "remove adapter bytes" not in str(e.value) and str(e.value).endswith("--name <new name>` (OUT holds an "
+                                                                               "adapter named 'qv'; --overwrite would "
+                                                                               "replace it)")
+    merged = str(tmp_path / "merged")
+    export([llama[1]["qv"]], merged, merge=True)
+    shutil.copytree(os.path.join(other_export, "adapters", "qv"), os.path.join(merged, "adapters", "qv"))
+    problems = describe_export(merged)["problems"]
+    assert len(problems) == 1 and problems[0].endswith(
+        f"remove it from {os.path.join(merged, 'adapters')}, or export it into another --out"), problems
+
+
 def test_adapter_for_other_slot_table_is_refused(small_out, llama):
     """Same weights, different slot table: the fingerprint differs, so the load is refused."""
     small = Runtime(small_out, providers=CPU)

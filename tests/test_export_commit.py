@@ -51,7 +51,7 @@ def test_an_adapter_made_for_another_base_stays_refused_when_the_base_grows(llam
     with pytest.raises(AdapterBaseMismatchError, match=re.escape(fix) + "$"):
         Runtime(out)
     from edgepeft.runtimes.describe import describe_export
-    assert any(p.startswith(f"{foreign}: exported for another base") and p.endswith("--name foreign --overwrite")
+    assert any(p.startswith(f"{foreign}: exported for another base") and p.endswith("--name foreign --overwrite`")
                for p in describe_export(out)["problems"])
     export([llama[1]["qv"]], out, names=["foreign"], overwrite=True)  # an adapter trained on this OUT's base
     assert Runtime(out).adapter_names == ["foreign", "mlp", "qv"]

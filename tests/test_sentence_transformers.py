@@ -151,3 +151,7 @@ def test_a_default_prompt_is_refused_at_export_and_training(st6, tmp_path):
     with pytest.raises(ConfigError, match=refusal):
         edgepeft.train(model=str(folder), task="feature-extraction", method="lora", data=str(data),
                        out=str(tmp_path / "trained"), progress=False)
+    from edgepeft.runtimes.sentence import check_default_prompt
+
+    config.write_text(json.dumps({**settings, "prompts": {"query": ""}, "default_prompt_name": "query"}))
+    check_default_prompt(str(folder))  # an empty prompt prepends nothing: not refused

@@ -101,13 +101,14 @@ class Trainer:
         except (TypeError, ValueError) as e:  # a value the config took but the layers cannot use
             raise ConfigError(f"invalid {args.method} options {args.options}: {e}") from None
 
-    def _prepare_out(self, processes: int) -> dict | None:
-        """The checkpoint state to resume from (None: a fresh run); ``processes``: this run's (torchrun)."""
-        args = self.args
+    def _prepare_out(self, acc) -> dict | None:
+        """The checkpoint state to resume from (None: a fresh run), for each of ``acc``'s processes (torchrun)."""
+        args, processes = self.args, acc.num_processes
         check_out_folder(args.out, args.model)
-        if int(os.environ.get("RANK", "0")) == 0:  # a run killed between the checkpoint's renames: put it back
+        if acc.is_main_process:  # a run killed between the checkpoint's renames: put it back, once
             for line in remove_abandoned(args.out, "a training run"):
                 print(f"note: {line}", file=sys.stderr)
+        acc.wait_for_everyone()  # before any process looks for the checkpoint
         ckpt = os.path.join(args.out, CHECKPOINT)
         state = read_checkpoint(args.out) if args.resume else None
         if state is None:
@@ -186,7 +187,7 @@ class Trainer:
 
         args = self.args
         acc = self._accelerator()
-        resume = self._prepare_out(acc.num_processes)
+        resume = self._prepare_out(acc)
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
         encoder, train_rows, eval_rows, labels, model_config = self._data(method)
