@@ -56,6 +56,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     A failed export leaves ``out`` as it was: folders it made are removed again.
     """
     out = str(out)
+    adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)  # one folder; a generator
     if not adapters:
         raise ConfigError("give at least one --adapter folder")
     if merge and len(adapters) > 1:  # before minutes of loading

@@ -103,7 +103,6 @@ class Registered:
         return buffer.getvalue()
 
 
-
 class AdapterStore:
     """The adapters one Runtime serves, by name. Thread-safe."""
 

@@ -146,7 +146,7 @@ def test_export_no_adapters(guarded):
 def test_export_merge_of_two_adapters_is_refused_before_loading(guarded, llama, monkeypatch):
     """It said '--merge folds exactly one adapter into the base; got 2' (no file, no fix) after loading everything."""
     monkeypatch.setattr(importlib.import_module("edgepeft.exporters.export"), "resolve", lambda *a, **k: 1 / 0)
-    msg = failing_export(ConfigError, [llama[1]["qv"], llama[1]["mlp"]], guarded, merge=True)
+    msg = failing_export(ConfigError, iter([llama[1]["qv"], llama[1]["mlp"]]), guarded, merge=True)  # any iterable
     assert msg == (f"--merge folds one adapter into the base, got 2 ({llama[1]['qv']}, {llama[1]['mlp']}); export each "
                    "with --merge into its own --out folder, or all without --merge into one")
 
