@@ -567,3 +567,13 @@ def test_files_of_the_users_where_training_writes_are_kept(capsys, tiny_bert, tr
     written = out / name.split("/")[0]
     assert line == f"error: {written}: training writes there; move it, pass --overwrite to replace it, or give another --out"
     assert tree_hashes(out) == before
+
+
+def test_train_names_a_keyword_it_does_not_take():
+    """edgepeft.train(r=2) (a CLI flag) was a TypeError: 'unexpected keyword argument'."""
+    import edgepeft
+
+    with pytest.raises(ConfigError, match=r"edgepeft.train takes no eval, r; for eval use eval_data=; a method's own "
+                       r"settings \(r, lora_alpha, target_modules, ...\) go in options=\{...\}, the rest are "
+                       r"TrainingArguments' fields: batch_size, data, "):
+        edgepeft.train(model="m", task="seq-cls", data="d", out="o", r=2, eval="e.jsonl")

@@ -179,3 +179,17 @@ def method_config(method: str, task: str, options: dict):
     except (TypeError, ValueError, ConfigError) as e:
         raise ConfigError(f"invalid {m.name} options {options}: {e}") from None
     return config
+
+
+def arguments_of(kwargs: dict) -> TrainingArguments:
+    """``edgepeft.train``'s keywords as TrainingArguments; one it does not take is named (a TypeError said
+    "unexpected keyword argument"), with the keyword a CLI flag maps to."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(k for k in kwargs if k not in names)
+    if unknown:
+        renamed = {"eval": "eval_data=", "quiet": "progress=False", "alpha": "options={'lora_alpha': ...}"}
+        hints = "".join(f"; for {k} use {renamed[k]}" for k in unknown if k in renamed)
+        raise ConfigError(f"edgepeft.train takes no {', '.join(unknown)}{hints}; a method's own settings (r, "
+                          "lora_alpha, target_modules, ...) go in options={...}, the rest are TrainingArguments' "
+                          f"fields: {', '.join(sorted(names))}")
+    return TrainingArguments(**kwargs)

@@ -26,7 +26,7 @@ from edgepeft.files import deferred_interrupts, missing_folders, remove_abandone
 from edgepeft.models import load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder
 from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.plots import missing_matplotlib, training_curve
-from edgepeft.training.arguments import TrainingArguments, method_config
+from edgepeft.training.arguments import TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, checksum,
     read_checkpoint, restore, save_adapter, save_checkpoint,
@@ -366,7 +366,7 @@ class Trainer:
 
 def train(**kwargs) -> dict:
     """``edgepeft.train(model=..., task=..., data=..., out=..., method="lora", ...)``: see ``TrainingArguments``."""
-    return Trainer(TrainingArguments(**kwargs)).train()
+    return Trainer(arguments_of(kwargs)).train()
 
 
 # ---------------------------------------------------------------------- helpers
