@@ -15,6 +15,7 @@ GENAI_STAMP := $(GENAI)/.edgepeft-installed
 JS := runtimes/js
 JS_STAMP := $(JS)/node_modules/.edgepeft-installed
 CHROMIUM ?= /usr/bin/chromium
+PORT ?= 8000  # make web PORT=8001 where 8000 is taken
 APT := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
 .PHONY: test test-main test-device test-js demo web bench venv clean
@@ -74,7 +75,7 @@ demo: $(STAMP)
 # the demo's export (make demo) in the sample page: open http://localhost:8000/samples/web/
 web: $(STAMP) $(JS_STAMP)
 	test -f demo-out/export/base/edgepeft.json || $(BIN)/python samples/demo.py
-	$(BIN)/python samples/web/serve.py --port 8000
+	$(BIN)/python samples/web/serve.py --port $(PORT)
 
 bench: $(STAMP) $(DEVICE_STAMP) $(JS_STAMP) $(GENAI_STAMP)
 	$(BIN)/python samples/bench_lora.py

@@ -22,11 +22,22 @@ const FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-ru
   "--disable-component-update", "--disable-sync"];
 ortWeb.env.wasm.numThreads = 1;
 
-function rendererRss() {  // resident memory of Chromium's page processes (Linux /proc), MiB
+function parentOf(pid) {
+  try {
+    return Number(/PPid:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]);
+  } catch { return 0; }  // the process ended
+}
+
+function ours(pid) {  // a process this one started, at any depth: another user's Chromium on the host is not counted
+  for (let p = parentOf(pid); p > 1; p = parentOf(p)) if (p === process.pid) return true;
+  return false;
+}
+
+function rendererRss() {  // resident memory of this run's Chromium page processes (Linux /proc), MiB
   let kib = 0;
   for (const pid of readdirSync("/proc").filter((n) => /^\d+$/.test(n))) {
     try {
-      if (!readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("--type=renderer")) continue;
+      if (!readFileSync(`/proc/${pid}/cmdline`, "utf8").includes("--type=renderer") || !ours(Number(pid))) continue;
       kib += Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]);
     } catch { /* the process ended */ }
   }
