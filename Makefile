@@ -15,7 +15,8 @@ GENAI_STAMP := $(GENAI)/.edgepeft-installed
 JS := runtimes/js
 JS_STAMP := $(JS)/node_modules/.edgepeft-installed
 CHROMIUM ?= /usr/bin/chromium
-PORT ?= 8000  # make web PORT=8001 where 8000 is taken
+# make web PORT=8001 where port 8000 is taken
+PORT ?= 8000
 APT := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
 .PHONY: test test-main test-device test-js demo web bench venv clean
