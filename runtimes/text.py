@@ -32,6 +32,11 @@ def _tidied(text: str) -> str:
     return text
 
 
+def _content(token):
+    """A special token's text: as written, or an AddedToken's ``content``."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
 def _read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -97,13 +102,15 @@ class TextTokenizer:
         return limit, mode, lowered
 
     def _special(self, key: str):
-        value = self.config.get(key, self.special_map.get(key))
-        return value.get("content") if isinstance(value, dict) else value
+        return _content(self.special_map.get(key, self.config.get(key)))  # transformers: special_tokens_map.json's win
 
     def special_tokens(self) -> dict:
-        """{bos_token: text, ...}: the named special tokens a chat template sees, as transformers gives them."""
+        """{bos_token: text, ...}: the named special tokens a chat template sees, as transformers gives them, the
+        config's named extra ones (``extra_special_tokens``: {"image_token": ...}) too."""
         names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-        return {k: v for k in names if isinstance(v := self._special(k), str)}
+        extra = self.special_map.get("extra_special_tokens", self.config.get("extra_special_tokens"))
+        named = {k: _content(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
+        return {k: v for k, v in {**named, **{k: self._special(k) for k in names}}.items() if isinstance(v, str)}
 
     def behaviour(self) -> tuple:
         """What this tokenizer does (rules and vocabulary, special tokens, chat template), for telling two apart."""

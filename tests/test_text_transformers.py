@@ -177,7 +177,11 @@ def _folder(text_export, tmp_path, config: dict, special_map: dict | None = None
      [{"role": "user", "content": "w10"}]),
     ({"chat_template": "{% for m in messages %}{{ m.reasoning_content }}|{{ m.thinking }}|{{ m.content }}{% endfor %}"},
      None, [{"role": "assistant", "content": "w10", "reasoning": "w20"}]),
-], ids=["named-templates", "none-values-dropped", "every-special-token", "reasoning-aliases"])
+    ({"chat_template": "{{ bos_token }}|{{ image_token }}|{{ messages[0]['content'] }}", "bos_token": "<s>",
+      "extra_special_tokens": {"image_token": "<unk>"}}, {"bos_token": "</s>"},  # both were others than transformers'
+     [{"role": "user", "content": "w10"}]),
+], ids=["named-templates", "none-values-dropped", "every-special-token", "reasoning-aliases",
+        "extra-special-tokens, special_tokens_map.json first"])
 def test_chat_templates_render_as_transformers_renders_them(text_export, tmp_path, config, special_map, messages):
     import transformers as tf
 
