@@ -200,8 +200,9 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
     if task == "seq-cls" and config.model_type in DECODERS and config.pad_token_id is None:
         raise UnsupportedModelError(
             f"{name_or_path}: sequence classification on {config.model_type} needs pad_token_id in config.json "
-            "(the head reads the last non-pad token); set it and retry"
-        )
+            "(the head reads the last non-pad token); set it and retry" + (
+                f" (a model without a padding token: its end-of-sequence id, {eos})"
+                if isinstance(eos := config.eos_token_id, int) else ""))
     auto_cls = TasksManager.get_model_class_for_task(OPTIMUM_TASKS[task], library="transformers")
     head = {"ignore_mismatched_sizes": True}  # a size that differs is refused below, naming it (but the head's)
     if labels is not None and task == "seq-cls":

@@ -113,3 +113,13 @@ def test_an_encoder_made_a_decoder_is_refused_naming_the_field(tmp_path, text_mo
     line = cli_error(capsys, *train_argv(str(model), data, tmp_path / "adapter"))
     assert "config.json sets is_decoder: true" in line and "train adapters on it so" in line
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_decoder_classifier_without_a_padding_id_is_told_which_id_to_set(tmp_path):
+    """'set it and retry' named no value; GPT-2 has no padding token, and its end-of-sequence id is the usual one."""
+    from edgepeft.models import load_base
+
+    base = _base(tmp_path, "gpt2", pad_token_id=None, eos_token_id=7)
+    with pytest.raises(UnsupportedModelError, match=r"needs pad_token_id in config.json .*set it and retry \(a model "
+                       r"without a padding token: its end-of-sequence id, 7\)$"):
+        load_base(base, "seq-cls")
