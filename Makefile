@@ -73,7 +73,7 @@ test-js: $(STAMP) $(JS_STAMP)
 demo: $(STAMP)
 	$(BIN)/python samples/demo.py
 
-# the demo's export (make demo) in the sample page: open http://localhost:8000/samples/web/
+# the demo's export (make demo) in the sample page: open http://localhost:$(PORT)/samples/web/
 web: $(STAMP) $(JS_STAMP)
 	test -f demo-out/export/base/edgepeft.json || $(BIN)/python samples/demo.py
 	$(BIN)/python samples/web/serve.py --port $(PORT)

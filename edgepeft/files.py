@@ -15,6 +15,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 
+from edgepeft.runtimes.access import inside
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -66,19 +67,12 @@ def reporting_full_disk(folder: str, flag: str, loading: bool = False):
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         root, path = os.path.abspath(folder), os.path.abspath(e.filename) if isinstance(e.filename, str) else None
-        if path and not _inside(path, root):  # elsewhere: the hub's cache, say
+        if path and not inside(path, root):  # elsewhere: the hub's cache, say
             raise StorageError(f"{path}: no space left on its disk; free some") from None
         if loading and not path:
             raise StorageError("no space left on a disk while loading the base model (a download goes to the hub's "
                                "cache, HF_HOME); free some, or set HF_HOME to a folder on another disk") from None
         raise StorageError(f"{root}: no space left on its disk; free some, or give {flag} a folder on another disk") from None
-
-
-def _inside(path: str, folder: str) -> bool:
-    try:
-        return os.path.commonpath([path, folder]) == folder
-    except ValueError:  # Windows: on another drive
-        return False
 
 
 def missing_folders(path: str) -> list[str]:

@@ -27,7 +27,7 @@ from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import (
     BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH, read_base_manifest,
 )
-from edgepeft.runtimes.sentence import check_default_prompt, sentence_transformers_settings
+from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.runtimes.text import TextTokenizer
 from edgepeft.tuners import spec_for
 
@@ -120,8 +120,6 @@ def write_side_files(source: str, stage: str, task: str, revision: str | None = 
     if os.path.isfile(os.path.join(source, "generation_config.json")):
         shutil.copy2(os.path.join(source, "generation_config.json"), stage)
     st = sentence_transformers_folder(source, revision) if task == "feature-extraction" else None
-    if st:
-        check_default_prompt(st)
     for f in SENTENCE_TRANSFORMERS_FILES if st else ():
         if os.path.isfile(os.path.join(st, f)):
             os.makedirs(os.path.dirname(os.path.join(stage, f)), exist_ok=True)

@@ -110,6 +110,9 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
     return report
 
 
+REPOINTED = f".{ADAPTER_MANIFEST}.new"  # an adapter's manifest re-pointed to a new base, beside its own until commit
+
+
 def _finish_repointing(out: str) -> list[str]:
     """The re-pointed manifests (``commit``) an export killed between renaming the new base in and them left
     beside the adapters' own: renamed into place where they name the base OUT holds (it is the new one), else
@@ -120,7 +123,7 @@ def _finish_repointing(out: str) -> list[str]:
         holds = None
     done = []
     for d in adapter_dirs(out).values():
-        staged = os.path.join(d, f".{ADAPTER_MANIFEST}.new")
+        staged = os.path.join(d, REPOINTED)
         if not os.path.isfile(staged):
             continue
         try:
@@ -349,7 +352,7 @@ def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: 
         moves = []
         try:
             for d, manifest in plan.taken_along(read_base_manifest(base_stage)).items():
-                staged = os.path.join(d, f".{ADAPTER_MANIFEST}.new")
+                staged = os.path.join(d, REPOINTED)
                 moves.append((staged, os.path.join(d, ADAPTER_MANIFEST)))
                 write_json_atomic(staged, manifest, sort_keys=True)
             with deferred_interrupts():

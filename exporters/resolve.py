@@ -20,7 +20,8 @@ from edgepeft.models import (
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.adapter_source import NAME_LENGTH, export_name_problem
 from edgepeft.runtimes.manifest import (
-    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export, read_base_manifest,
+    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export, fresh_out,
+    read_base_manifest,
 )
 from edgepeft.tuners import load_config, specs_for
 
@@ -85,7 +86,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
                           "to that export")
     if os.path.isfile(os.path.join(out, CONFIG_NAME)):
         raise ConfigError(f"{out}: is an adapter folder (it has {CONFIG_NAME}); give --out a new folder for the export, "
-                          f"e.g. --out {_fresh_out(out)}")
+                          f"e.g. --out {shlex.quote(fresh_out(out))}")
     source = _base_of(sources, base)
     revision = _revision_of(sources, source)
     _check_out_replaces_nothing_of_the_users(out, sources, source)
@@ -106,17 +107,12 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     return ExportPlan(out, sources, source, task, model, peft, existing, groups, revision=revision, **options)
 
 
-def _fresh_out(out: str) -> str:
-    """An --out beside ``out`` for a suggested command: absolute (``.`` would give ``.-onnx``, a hidden folder), quoted."""
-    return shlex.quote(os.path.abspath(out) + "-onnx")
-
-
 def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
     """Before any work: OUT's base and adapter folders are replaced by exports only, never a model or an input."""
     base_dir = os.path.join(out, BASE_DIR)
     if os.path.isdir(base_dir) and os.listdir(base_dir) and not os.path.isfile(os.path.join(base_dir, BASE_MANIFEST)):
         raise ConfigError(f"{base_dir}: holds files but no {BASE_MANIFEST} (not an edgepeft export), and the export "
-                          f"would replace it; give --out a new folder, e.g. --out {_fresh_out(out)}")
+                          f"would replace it; give --out a new folder, e.g. --out {shlex.quote(fresh_out(out))}")
     owned = [os.path.realpath(os.path.join(out, sub)) for sub in (BASE_DIR, ADAPTERS_DIR)]
     for what, path in [("--base", source), *(("--adapter", s.path) for s in sources)]:
         real = os.path.realpath(path)
@@ -128,7 +124,7 @@ def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
     if trained:
         raise ConfigError(f"{os.path.join(out, ADAPTERS_DIR)}: holds {', '.join(trained)}: HF PEFT adapter folders, not "
                           "exported ones, which the export would take for its own; give --out a folder of its own, e.g. "
-                          f"--out {_fresh_out(out)}")
+                          f"--out {shlex.quote(fresh_out(out))}")
 
 
 def _read_sources(adapters, names) -> list[AdapterSource]:

@@ -49,6 +49,14 @@ def _denied(path: str) -> StorageError:
                         "a user who may read it")
 
 
+def inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies under it (absolute or relative; on Windows, another drive is elsewhere)."""
+    try:
+        return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
+    except ValueError:  # Windows: on another drive
+        return False
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -32,6 +32,7 @@ from .manifest import (
     ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, folder_fix, read_adapter_manifest,
     read_base_manifest, stacks_as_output, uncounted_heads,
 )
+from .access import inside
 from .adapter_source import name_problem, read_adapter_source
 from .sessions import ort, session_options
 from .slot_checks import axis_sharing, check_adapter_tensors
@@ -195,12 +196,12 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported for the base {self.base_dir} holds now "
                 f"({on_disk[:12]}), re-exported since this Runtime opened it ({self.base['fingerprint'][:12]}); "
                 f"open a new Runtime({self.out!r}) to serve it")
-        inside = path is not None and os.path.abspath(path).startswith(
-            os.path.join(os.path.abspath(self.out), ADAPTERS_DIR) + os.sep)  # OUT's own folder: Runtime(OUT) loads it
+        # OUT's own folder (every Runtime(OUT) loads it): removed or exported into, not another --name
+        own = folder_fix(self.out, path, self.merged) if path and inside(path, os.path.join(self.out, ADAPTERS_DIR)) \
+            else None
         if self.merged:  # no export into a --merge export can serve an adapter
             return AdapterBaseMismatchError(f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which "
-                                            "takes no adapters; " + (folder_fix(self.out, path, self.merged) if inside
-                                                                    else "load it on the export it was made for"))
+                                            f"takes no adapters; {own or 'load it on the export it was made for'}")
         heads = uncounted_heads(self.base, CLASSIFIER_NAMES if self.base.get("head_initialised") else ())
         if heads and manifest.get("base_source") == self.base.get("source"):
             return AdapterBaseMismatchError(  # an export into this OUT is refused alike (export._check_older_fingerprint)
@@ -208,8 +209,8 @@ class AdapterStore:
                 f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "
                 "out; export every adapter into a fresh --out folder")
         export = f"`edgepeft export --adapter <adapter dir> --out {quote(self.out)}"
-        if inside:  # another --name would leave the folder there
-            fix = folder_fix(self.out, path, self.merged)
+        if own:
+            fix = own
         elif os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])):
             fix = (f"export the adapter into this OUT with {export} --name <new name>` (OUT holds an adapter named "
                    f"{manifest['name']!r}; --overwrite would replace it)")

@@ -246,6 +246,11 @@ _BASE_KEYS = ("model_type", "task", "fingerprint", "inputs", "outputs", "slots",
 _ADAPTER_KEYS = ("name", "methods", "base_fingerprint", "slots", "graph", "sha256")
 
 
+def fresh_out(path: str) -> str:
+    """A folder beside ``path`` for a suggested --out: absolute (``.`` would give ``.-onnx``, a hidden folder)."""
+    return os.path.abspath(path) + "-onnx"
+
+
 def not_an_export(path: str) -> ArtifactNotFoundError:
     """What to do with a folder that holds no export: an adapter folder gets the export command that fits it."""
     if os.path.isfile(path):  # a file of an export (OUT/base/model.onnx), or any file
@@ -253,7 +258,7 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
         return ArtifactNotFoundError(f"{path}: is a file of the export {out}; give {out} itself" if out else
                                      f"{path}: is a file, not an export; give the folder `edgepeft export --out` wrote")
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        out = os.path.abspath(path) + "-onnx"  # "." gave ".-onnx", a hidden folder inside the adapter
+        out = fresh_out(path)
         return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
                                      f"with `edgepeft export --adapter {quote(path)} --out {quote(out)}`, then use {out}")
     if os.path.isfile(os.path.join(path, "adapter.json")):
@@ -263,7 +268,7 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
         out = os.path.dirname(os.path.abspath(path))
         return ArtifactNotFoundError(f"{path}: is the base folder of the export {out}; open {out} itself")
     if os.path.isfile(os.path.join(path, "config.json")):  # a model folder: its export goes elsewhere
-        out = os.path.abspath(path) + "-onnx"
+        out = fresh_out(path)
         return ArtifactNotFoundError(f"{path}: is a model folder, not an export; export an adapter trained on it "
                                      f"with `edgepeft export --adapter DIR --out {quote(out)}`, then use {out}")
     return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "

@@ -47,7 +47,6 @@ def check_default_prompt(folder: str) -> None:
 def sentence_transformers_settings(folder: str, max_positions: int | None = None) -> tuple:
     """(max_seq_length or None, pooling mode, lower-case texts) of the model in ``folder`` (an export's base/, or
     the model's own folder for training). ``max_positions``: the model's, which caps a tokenizer's own limit."""
-    check_default_prompt(folder)
     config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
     settings = read_json(config, "sentence-transformers config", TOKENIZER_FIX) if os.path.isfile(config) else {}
     limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True

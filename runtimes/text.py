@@ -104,6 +104,7 @@ class TextTokenizer:
     def _special(self, key: str):
         return _content(self.special_map.get(key, self.config.get(key)))  # transformers: special_tokens_map.json's win
 
+    @functools.cached_property
     def special_tokens(self) -> dict:
         """{bos_token: text, ...}: the named special tokens a chat template sees, as transformers gives them, the
         config's named extra ones (``extra_special_tokens``: {"image_token": ...}) too."""
@@ -114,7 +115,7 @@ class TextTokenizer:
 
     def behaviour(self) -> tuple:
         """What this tokenizer does (rules and vocabulary, special tokens, chat template), for telling two apart."""
-        return json.loads(self._tok.to_str()), self._tok.encode_special_tokens, self._tidy, self.special_tokens(), \
+        return json.loads(self._tok.to_str()), self._tok.encode_special_tokens, self._tidy, self.special_tokens, \
             self.chat_template
 
     def encode(self, texts, add_special_tokens: bool = True, pad_id: int | None = None,
@@ -191,7 +192,7 @@ class TextTokenizer:
         if self._template is None:  # compiled once; a missing template or jinja2 fails here with a ConfigError
             self._template = chat_template.compile_template(self.chat_template, self.template_source)
         return chat_template.render(self._template, self.template_source, messages, add_generation_prompt,
-                                    self.special_tokens())
+                                    self.special_tokens)
 
 
 # ---------------------------------------------------------------------- the Runtime's text calls

@@ -34,14 +34,15 @@ def is_feedforward(feedforward, key: str) -> bool:
 class IA3Tuner(Tuner):
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         keys = []
-        targets = ia3_targets(unwrapped(model), config)
-        model_type = getattr(getattr(unwrapped(model), "config", None), "model_type", None)
+        inner = unwrapped(model)
+        targets = ia3_targets(inner, config)
         if config.target_modules is None:  # record the model type's defaults, as HF PEFT does
-            config.target_modules = sorted(configured_targets(unwrapped(model), config, DEFAULT_IA3_TARGETS))
+            config.target_modules = sorted(configured_targets(inner, config, DEFAULT_IA3_TARGETS))
         if config.feedforward_modules is None:  # HF PEFT records the model type's list, which it cannot load beside
-            defaults, chosen = DEFAULT_IA3_FEEDFORWARD.get(model_type, []), config.target_modules  # targets lacking it
+            chosen = config.target_modules  # targets lacking it: the targets it marks, the same layers
+            defaults = DEFAULT_IA3_FEEDFORWARD.get(getattr(getattr(inner, "config", None), "model_type", None), [])
             config.feedforward_modules = sorted(defaults) if isinstance(chosen, str) else sorted(
-                t for t in chosen if any(t.endswith(f) for f in defaults))  # the targets it marks: the same layers
+                t for t in chosen if is_feedforward(defaults, t))
         for key, feedforward in targets:
             module = adapter_layer(model, key, IA3Linear, lambda m, ff=feedforward: IA3Linear(m, ff))
             if module.is_feedforward != feedforward:  # one layer scales either its input or its output

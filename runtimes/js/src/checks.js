@@ -15,6 +15,8 @@ function described(v) {  // a value as a message shows it: "5", 5n, 2.5, Int32Ar
 export const FORMAT_VERSION = 3;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)
 export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
 export const REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder";
+/** The fix for a damaged file of the export at `rel`: the base's needs a fresh export, an adapter's a re-export. */
+export const reexportFor = (rel) => rel.startsWith("base/") ? REEXPORT_BASE : REEXPORT;
 const MIN_ORT = [1, 22];  // as runtimes/sessions.py and package.json's peerDependencies: 1.20 and 1.21 refuse GroupQueryAttention
 
 /** What to install where ONNX Runtime's module (onnxruntime-node or -web) is older than exports need, else "". */
@@ -240,24 +242,23 @@ export function checkInputs(ids, mask, manifest, where) {
  * that shares a symbolic axis filled too (the graph multiplies them: LoRA A without its B crashed in ONNX Runtime).
  */
 export function checkTensors(tensors, manifest, slots, sharing, where) {
-  const fix = REEXPORT;
   const axes = {};
   for (const [name, tensor] of Object.entries(tensors)) {
     const slot = slots[name];
     if (!slot) throw new EdgePeftError(`${where}: fills slot ${name}, which this base lacks; export the adapter into this OUT`);
-    if (slot.selects) throw new EdgePeftError(`${where}: fills the selector slot ${name}, which the runtime binds per call; ${fix}`);
+    if (slot.selects) throw new EdgePeftError(`${where}: fills the selector slot ${name}, which the runtime binds per call; ${REEXPORT}`);
     const shape = `${tensor.type}[${tensor.dims}]`;
     if (tensor.type !== slot.dtype || tensor.dims.length !== slot.shape.length) {
-      throw new EdgePeftError(`${where}: slot ${name} is ${shape}, the base expects ${slot.dtype}[${slot.shape}]; ${fix}`);
+      throw new EdgePeftError(`${where}: slot ${name} is ${shape}, the base expects ${slot.dtype}[${slot.shape}]; ${REEXPORT}`);
     }
     const stacked = adaptersAxis(slot, slots);
     slot.shape.forEach((want, i) => {
       const size = tensor.dims[i];
       if (want === stacked && size !== 1) {
-        throw new EdgePeftError(`${where}: slot ${name} stacks ${size} adapters along ${want}; an adapter gives 1; ${fix}`);
+        throw new EdgePeftError(`${where}: slot ${name} stacks ${size} adapters along ${want}; an adapter gives 1; ${REEXPORT}`);
       }
       if (typeof want === "string" ? (axes[want] ??= size) !== size : size !== want) {
-        throw new EdgePeftError(`${where}: slot ${name} is ${shape}, the base expects ${slot.dtype}[${slot.shape}]; ${fix}`);
+        throw new EdgePeftError(`${where}: slot ${name} is ${shape}, the base expects ${slot.dtype}[${slot.shape}]; ${REEXPORT}`);
       }
     });
   }
@@ -266,13 +267,13 @@ export function checkTensors(tensors, manifest, slots, sharing, where) {
     for (const axis of slot.shape.filter((a) => string(a) && a !== adaptersAxis(slot, slots))) {
       const unfilled = sharing[axis].filter((n) => !(n in tensors));
       if (unfilled.length) {
-        throw new EdgePeftError(`${where}: fills ${name} but not ${unfilled.sort()[0]}, which shares its axis ${axis}; ${fix}`);
+        throw new EdgePeftError(`${where}: fills ${name} but not ${unfilled.sort()[0]}, which shares its axis ${axis}; ${REEXPORT}`);
       }
     }
   }
   const listed = Object.keys(manifest.slots);
   if (listed.length !== Object.keys(tensors).length || !listed.every((n) => n in tensors)) {
-    throw new EdgePeftError(`${where}: adapter.json and adapter.onnx disagree on the slots; ${fix}`);
+    throw new EdgePeftError(`${where}: adapter.json and adapter.onnx disagree on the slots; ${REEXPORT}`);
   }
 }
 
@@ -347,7 +348,7 @@ export async function checkSizes(loader, manifest, files) {
     }
     if (got !== undefined && got !== want) {
       throw new EdgePeftError(`${loader.where(`base/${file}`)}: ${got} bytes where the export wrote ${want} (a copy cut ` +
-        "short?); copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder");
+        `short?); copy the export's base folder again, or ${REEXPORT_BASE}`);
     }
   }
 }

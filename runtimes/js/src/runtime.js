@@ -13,8 +13,8 @@
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
 import {
-  EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
-  checkOptions, checkSizes, checkTensors, namedLabels, olderRuntime, readJson,
+  EdgePeftError, REEXPORT, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
+  checkOptions, checkSizes, checkTensors, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, runOnce } from "./sessions.js";
@@ -75,7 +75,7 @@ export class Runtime {
   }
 
   json(rel, missing) {
-    return readJson(this.loader, rel, missing, rel.startsWith("base/") ? REEXPORT_BASE : REEXPORT);
+    return readJson(this.loader, rel, missing, reexportFor(rel));
   }
 
   /** make(sessionOptions), its failure named: the sessionOptions given where it opens without them, else the file. */
@@ -92,7 +92,7 @@ export class Runtime {
       }
       const what = e instanceof EdgePeftError ? "missing from the export" : `ONNX Runtime cannot load it (${reason})`;
       const fix = (!e.missing && olderRuntime(this.ort)) ||
-        `the file is damaged or incomplete: ${rel.startsWith("base/") ? REEXPORT_BASE : REEXPORT}`;
+        `the file is damaged or incomplete: ${reexportFor(rel)}`;
       throw new EdgePeftError(`${this.loader.where(rel)}: ${what}; ${fix}`);
     }
   }
