@@ -189,3 +189,22 @@ def test_the_javascript_runtime_reads_the_format_this_one_writes():
 
     with open(os.path.join(REPO, "runtimes", "js", "src", "checks.js"), encoding="utf-8") as f:
         assert re.search(r"export const FORMAT_VERSION = (\d+);", f.read()).group(1) == str(FORMAT_VERSION)
+
+
+def test_both_runtimes_and_both_packages_ask_for_the_same_onnx_runtime():
+    """The oldest ONNX Runtime each runtime takes (its refusal names it), the Python extras and the npm peer
+    dependencies are one version: a runtime that accepted an older one would call the export damaged."""
+    import re
+    import tomllib
+
+    from edgepeft.runtimes.sessions import MIN_ORT
+
+    want = ".".join(map(str, MIN_ORT))
+    with open(os.path.join(REPO, "runtimes", "js", "src", "checks.js")) as f:
+        js = re.search(r"const MIN_ORT = \[(\d+), (\d+)\]", f.read())
+    assert js and (int(js[1]), int(js[2])) == MIN_ORT
+    with open(os.path.join(REPO, "runtimes", "js", "package.json")) as f:
+        assert set(json.load(f)["peerDependencies"].values()) == {f">={want}"}
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert extras["cpu"] == [f"onnxruntime>={want}"] and extras["gpu"] == [f"onnxruntime-gpu>={want}"]
