@@ -120,6 +120,10 @@ def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_
         save=save, seed=seed, logging_steps=logging_steps, options=_options(method, r, alpha, target_modules, pairs),
         resume=resume, overwrite=overwrite, progress=not quiet)
     log = Trainer(args).train()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # torchrun: it ends with the command (edgepeft.train keeps it)
+        dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) != 0:  # one report from a multi-process run
         return
     b = log.get("best")

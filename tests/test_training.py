@@ -5,12 +5,15 @@ with a small BPE tokenizer learned from the sample texts. Nothing is downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -343,11 +346,11 @@ def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path, task):
         rows = [{"text": a["text"], "positive": b["text"]} for a, b in zip(rows[:32], rows[32:])]
     data = _write_jsonl(tmp_path / "d.jsonl", rows[:32])
     out = str(tmp_path / "ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m",
            "edgepeft", "train", "--model", text_model("bert"), "--task", task, "--data", data, "--eval", data,
            "--out", out, "--epochs", "2", "--batch-size", "4", "--rank", "2", "--lr", "1e-3", "--quiet"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _finished(cmd, env, timeout=240, marker=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [line for line in proc.stdout.splitlines() if line.startswith(("ok: best eval", "done, but"))]
     assert len(reports) == 1  # one report, from rank 0
@@ -358,6 +361,57 @@ def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path, task):
     a, b = log["replica_checksums"]
     assert a == b  # both processes hold the same adapter after training
     assert min(e["loss"] for e in log["evals"][1:]) < log["evals"][0]["loss"]  # the best epoch beats the untrained adapter
+
+
+def test_a_script_under_torchrun_trains_twice(text_model, tmp_path):
+    """``edgepeft.train`` twice in one torchrun script (a sweep): the second run trains in the process group the
+    first left (it had ended it: the second failed at its first collective, a ValueError from torch)."""
+    data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 16))
+    script = tmp_path / "sweep.py"
+    script.write_text(
+        "import json, os, edgepeft\n"
+        f"logs = [edgepeft.train(model={text_model('bert')!r}, task='seq-cls', data={data!r}, epochs=1,\n"
+        f"                       out=os.path.join({str(tmp_path)!r}, f'lr{{lr}}'), batch_size=4, lr=lr,\n"
+        "                       progress=False, options={'r': 2}) for lr in (1e-3, 3e-3)]\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    print(json.dumps([log['replica_checksums'] for log in logs]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)]
+    proc = _finished(cmd, env, timeout=240, marker=str(script))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = json.loads(proc.stdout.splitlines()[-1])
+    assert first[0] == first[1] and second[0] == second[1] and first != second  # each run's replicas agree
+
+
+def _finished(cmd, env, timeout, marker):
+    """``cmd`` run to its end; if it hangs, the test fails with where each of its processes waits (the ones whose
+    command line holds ``marker``: torchrun starts its workers in sessions of their own, and one may outlive it).
+    SIGABRT makes faulthandler print every thread's stack; SIGKILL then ends what is left."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ours = [pid for pid in _pids() if marker in _cmdline(pid)]
+        for sig in (signal.SIGABRT, signal.SIGKILL):
+            for pid in ours:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(5)  # the stacks written
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"no end in {timeout} s; stdout: {stdout[-1000:]}\nstacks:\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # gone meanwhile
+        return ""
 
 
 def test_bf16_autocast_trains_and_saves_fp32_weights(text_model, tmp_path):

@@ -10,6 +10,7 @@ import io
 import os
 import random
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -109,6 +110,28 @@ def load_trainable(peft, saved: dict) -> None:
 def checksum(params, device) -> torch.Tensor:
     with torch.no_grad():
         return torch.stack([sum(p.detach().double().sum() for p in params)]).to(device)
+
+
+def replica_checksums(acc, params) -> list[float]:
+    """Each process's ``checksum`` of ``params`` (one: a single process's).
+
+    The last collective before the process group ends, so it waits, the GIL let go, until gloo's worker threads
+    hold none of its tensors: a worker that lets go of a tensor Python made takes the GIL, and ending the group
+    (``destroy_process_group``, or the DDP model freed) joins the workers with the GIL held. A worker not yet done then
+    waits for ever (torch 2.13: under load, a torchrun run stopped in ``~ProcessGroupGloo`` after its report).
+    """
+    import torch.distributed as dist
+
+    mine = checksum(params, acc.device)
+    if acc.num_processes == 1:
+        return [float(mine)]
+    everyone = [torch.empty_like(mine) for _ in range(acc.num_processes)]
+    dist.all_gather(everyone, mine)
+    held = lambda: any(t._use_count() > 1 for t in (mine, *everyone))  # noqa: E731 (Python's own reference: 1)
+    deadline = time.monotonic() + 60  # a reference kept for good: go on rather than wait here for ever
+    while dist.get_backend() == "gloo" and held() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return [float(t) for t in everyone]
 
 
 def _get_rng() -> dict:

@@ -28,7 +28,7 @@ from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.training.arguments import TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
-    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, checksum,
+    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, replica_checksums,
     read_checkpoint, restore, save_adapter, save_checkpoint,
 )
 from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, read_jsonl
@@ -247,12 +247,11 @@ class Trainer:
             log["beat_untrained"] = self._rank(best) > self._rank(untrained)
         if log["hint"] and acc.is_main_process:
             print(f"note: {log['hint']}", file=sys.stderr)
-        log["replica_checksums"] = [float(x) for x in acc.gather(checksum(params, acc.device))]
+        log["replica_checksums"] = replica_checksums(acc, params)  # the last collective: see there
         if acc.is_main_process:  # the checksums join the log; the curve, drawn at the last epoch, is unchanged
             with reporting_full_disk(args.out, "--out"):
                 self._write_log(log, curve=False)
-        acc.wait_for_everyone()
-        acc.end_training()
+        acc.wait_for_everyone()  # the process group stays (torchrun): a script's next run trains in it; the CLI ends it
         return log
 
     def _epoch(self, acc, model, loader, optimizer, scheduler, params, log, epoch, steps_per_epoch, bar) -> None:
