@@ -120,9 +120,8 @@ def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_
         save=save, seed=seed, logging_steps=logging_steps, options=_options(method, r, alpha, target_modules, pairs),
         resume=resume, overwrite=overwrite, progress=not quiet)
     log = Trainer(args).train()
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():  # torchrun: it ends with the command (edgepeft.train keeps it)
+    import torch.distributed as dist  # torchrun: the group ends with the command (edgepeft.train keeps it)
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) != 0:  # one report from a multi-process run
         return
@@ -372,19 +371,24 @@ def as_flags(message: str, argv) -> str:
     return message
 
 
+def _say(line: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line from its processes, which all stop alike
+        click.echo(line, err=True)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, standalone_mode=False)
     except TrainingInterrupted as e:  # as it is: its resume command quotes paths whose spaces count
-        click.echo(str(e), err=True)
+        _say(str(e))
         sys.exit(130)
     except EdgePeftError as e:  # one line; spaces inside a path stay
-        click.echo("error: " + as_flags(re.sub(r"\s*\n\s*", " ", str(e)), argv), err=True)
+        _say("error: " + as_flags(re.sub(r"\s*\n\s*", " ", str(e)), argv))
         sys.exit(1)
     except OSError as e:  # the disk said no: a path that is a file, no permission, disk full
         where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"error: {where}{e.strerror or e}; check the path, its permissions and free space", err=True)
+        _say(f"error: {where}{e.strerror or e}; check the path, its permissions and free space")
         sys.exit(1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -185,6 +185,24 @@ def test_path_arguments_give_the_resume_command():
     assert words[words.index("--data") + 1] == "my data.jsonl" and words[words.index("--eval") + 1] == "e.jsonl"
 
 
+def test_a_torchrun_run_is_resumed_under_torchrun_and_reports_once(monkeypatch, capsys, tmp_path):
+    """Ctrl-C under torchrun printed its line once per process, with a one-process command that the checkpoint
+    refused ("was made by 2 training process(es)"); every error line came once per process too."""
+    import shlex
+
+    args = TrainingArguments(model="m", task="seq-cls", data="d", out="o", options={"r": 2})
+    words = shlex.split(args.command("--resume", processes=2))
+    assert words[:6] == ["torchrun", "--nproc-per-node", "2", "-m", "edgepeft", "train"] and words[-1] == "--resume"
+    assert shlex.split(args.command("--resume"))[:2] == ["edgepeft", "train"]
+    argv = ["train", "--model", str(tmp_path / "none"), "--task", "seq-cls", "--data", str(tmp_path / "d.jsonl"),
+            "--out", str(tmp_path / "o")]
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 1 and len(capsys.readouterr().err.splitlines()) == lines
+
+
 @pytest.mark.parametrize("name, cls_name", [("LORA", "LoraConfig"), ("Lora", "LoraConfig"), ("ia3", "IA3Config"),
                                             ("IA3", "IA3Config"), ("BOTTLENECK", "BottleneckConfig")])
 def test_peft_style_method_names(name, cls_name):

@@ -109,10 +109,12 @@ class TrainingArguments:
             d["model"] = os.path.abspath(self.model)
         return json.loads(json.dumps(d))
 
-    def command(self, *extra: str) -> str:
-        """The ``edgepeft train`` command line for these settings (defaults left out), plus ``extra`` flags."""
+    def command(self, *extra: str, processes: int = 1) -> str:
+        """The ``edgepeft train`` command line for these settings (defaults left out), plus ``extra`` flags; under
+        torchrun where ``processes`` is over 1 (a checkpoint resumes with as many)."""
         defaults = TrainingArguments(model="", task="", data="", out="")
-        parts = ["edgepeft", "train", "--model", self.model, "--task", self.task, "--method", self.method,
+        launch = ["torchrun", "--nproc-per-node", str(processes), "-m", "edgepeft"] if processes > 1 else ["edgepeft"]
+        parts = [*launch, "train", "--model", self.model, "--task", self.task, "--method", self.method,
                  "--data", self.data]
         if self.eval_data:
             parts += ["--eval", self.eval_data]

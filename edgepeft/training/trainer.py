@@ -351,7 +351,8 @@ class Trainer:
         args = self.args
         if self._checkpointed:
             return TrainingInterrupted(f"interrupted; {os.path.join(args.out, CHECKPOINT)} holds the run after epoch "
-                                       f"{self._checkpointed} of {args.epochs}; continue with: {args.command('--resume')}")
+                                       f"{self._checkpointed} of {args.epochs}; continue with: "
+                                       + args.command("--resume", processes=log["world_size"]))
         remove_empty(made_out)
         return TrainingInterrupted(f"interrupted in the first epoch; nothing was saved in {args.out}")
 
