@@ -361,6 +361,20 @@ def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path, task):
     a, b = log["replica_checksums"]
     assert a == b  # both processes hold the same adapter after training
     assert min(e["loss"] for e in log["evals"][1:]) < log["evals"][0]["loss"]  # the best epoch beats the untrained adapter
+    if task == "seq-cls":  # Ctrl-C after epoch 1, then --resume: the same run (rank 1 resumed with rank 0's dropout)
+        stop = tmp_path / "stop.py"
+        stop.write_text("import sys\nfrom edgepeft.training.trainer import Trainer\nend = Trainer._end_epoch\n\n"
+                        "def stop(self, *args):\n    end(self, *args)\n    raise KeyboardInterrupt\n\n\n"
+                        "Trainer._end_epoch = stop\nfrom edgepeft.cli import main\nmain(sys.argv[1:])\n")
+        cut = str(tmp_path / "cut")
+        head, tail = cmd[:cmd.index("-m", 3)], [cut if a == out else a for a in cmd[cmd.index("train"):]]
+        stopped = _finished([*head, str(stop), *tail], env, timeout=240, marker=cut)
+        assert stopped.returncode != 0 and stopped.stderr.count("continue with: torchrun --nproc-per-node 2") == 1
+        resumed = _finished([*head, "-m", "edgepeft", *tail, "--resume"], env, timeout=240, marker=cut)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        with open(os.path.join(cut, "training_log.json")) as f:
+            again = json.load(f)
+        assert again["replica_checksums"] == log["replica_checksums"] and again["evals"] == log["evals"]
 
 
 def test_a_script_under_torchrun_trains_twice(text_model, tmp_path):

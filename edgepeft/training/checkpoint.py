@@ -25,13 +25,15 @@ LOG_NAME = "training_log.json"
 CURVE_NAME = "training_curve.png"
 
 
-def save_checkpoint(out: str, peft, fingerprint: dict, epoch: int, optimizer, scheduler, log: dict) -> None:
+def save_checkpoint(out: str, peft, fingerprint: dict, epoch: int, optimizer, scheduler, log: dict,
+                    rngs: list[dict]) -> None:
+    """``rngs``: every process's generators (``process_rngs``), for each to resume with its own."""
     stage = staging_dir(out, "checkpoint")
     trainable = {k: p.detach().cpu() for k, p in peft.named_parameters() if p.requires_grad}
     try:
         state = io.BytesIO()  # written by write_bytes_atomic: a full disk is an OSError (torch's writer: a RuntimeError)
         torch.save({"args": fingerprint, "epoch": epoch, "trainable": trainable, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _get_rng(), "log": log}, state)
+                    "scheduler": scheduler.state_dict(), "rng": rngs, "log": log}, state)
         write_bytes_atomic(os.path.join(stage, STATE), state.getbuffer())  # not a copy
         replace_dir(stage, os.path.join(out, CHECKPOINT))
     finally:  # interrupted or out of disk while writing: no half-written staging folder is left in OUT
@@ -81,11 +83,13 @@ def check_labels(state: dict | None, ckpt: str, labels: list | None, data: str) 
                           "it was made with or start over with --overwrite")
 
 
-def restore(peft, optimizer, scheduler, state: dict) -> None:
+def restore(peft, optimizer, scheduler, state: dict, process: int) -> None:
+    """``process``: this process's index (torchrun): its own generators, as it left them."""
     load_trainable(peft, state["trainable"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng(state["rng"])
+    rng = state["rng"]
+    _set_rng(rng[process] if isinstance(rng, list) else rng)  # an older checkpoint: rank 0's for every process
 
 
 def save_adapter(peft, directory: str, labels) -> None:
@@ -132,6 +136,17 @@ def replica_checksums(acc, params) -> list[float]:
     while dist.get_backend() == "gloo" and held() and time.monotonic() < deadline:
         time.sleep(0.001)
     return [float(t) for t in everyone]
+
+
+def process_rngs(acc) -> list[dict]:
+    """Every process's generator states, in process order: each draws its own dropout masks."""
+    if acc.num_processes == 1:
+        return [_get_rng()]
+    import torch.distributed as dist
+
+    everyone = [None] * acc.num_processes
+    dist.all_gather_object(everyone, _get_rng())
+    return everyone
 
 
 def _get_rng() -> dict:

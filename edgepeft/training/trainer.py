@@ -28,8 +28,8 @@ from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.training.arguments import TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
-    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, replica_checksums,
-    read_checkpoint, restore, save_adapter, save_checkpoint,
+    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, process_rngs,
+    read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint,
 )
 from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, read_jsonl
 
@@ -217,7 +217,7 @@ class Trainer:
                "steps_per_epoch": steps_per_epoch, "history": [], "evals": [], "best": None, "train_seconds": 0.0}
         start_epoch = 0
         if resume is not None:
-            restore(acc.unwrap_model(model), optimizer, scheduler, resume)
+            restore(acc.unwrap_model(model), optimizer, scheduler, resume, acc.process_index)
             log.update(resume["log"])
             start_epoch = resume["epoch"]
         self._checkpointed = start_epoch  # the epochs OUT's checkpoint holds
@@ -313,6 +313,7 @@ class Trainer:
             untrained = by_epoch.get(0)  # "best so far" only for an epoch at least as good as before training
             shown = improved and (untrained is None or self._rank(evaluation) >= self._rank(untrained))
             bar.write(f"epoch {epoch + 1}/{args.epochs}: eval {_shown(evaluation)}" + ("  (best so far)" if shown else ""))
+        rngs = process_rngs(acc)  # every process's, as the checkpoint keeps them
         if acc.is_main_process:
             peft = acc.unwrap_model(model)
             # Ctrl-C: after the checkpoint that the saved adapter belongs to
@@ -320,7 +321,7 @@ class Trainer:
                 if args.save == "last" or improved:
                     save_adapter(peft, args.out, log["labels"])
                 self._write_log(log)
-                save_checkpoint(args.out, peft, args.fingerprint(), epoch + 1, optimizer, scheduler, log)
+                save_checkpoint(args.out, peft, args.fingerprint(), epoch + 1, optimizer, scheduler, log, rngs)
                 self._checkpointed = epoch + 1  # set before a Ctrl-C held off meanwhile is raised
         self._checkpointed = epoch + 1
         acc.wait_for_everyone()
