@@ -345,10 +345,11 @@ def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path, task):
     if task == "feature-extraction":  # pairs: one forward per step holds both sides (DDP needs that)
         rows = [{"text": a["text"], "positive": b["text"]} for a, b in zip(rows[:32], rows[32:])]
     data = _write_jsonl(tmp_path / "d.jsonl", rows[:32])
+    held = _write_jsonl(tmp_path / "e.jsonl", rows[:13])  # 4 batches of 4, the last of 1: not even over 2 processes
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m",
-           "edgepeft", "train", "--model", text_model("bert"), "--task", task, "--data", data, "--eval", data,
+           "edgepeft", "train", "--model", text_model("bert"), "--task", task, "--data", data, "--eval", held,
            "--out", out, "--epochs", "2", "--batch-size", "4", "--rank", "2", "--lr", "1e-3", "--quiet"]
     proc = _finished(cmd, env, timeout=240, marker=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -361,6 +362,10 @@ def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path, task):
     a, b = log["replica_checksums"]
     assert a == b  # both processes hold the same adapter after training
     assert min(e["loss"] for e in log["evals"][1:]) < log["evals"][0]["loss"]  # the best epoch beats the untrained adapter
+    alone = train(model=text_model("bert"), task=task, data=data, eval_data=held, out=str(tmp_path / "one"), epochs=1,
+                  batch_size=4, lr=1e-3, progress=False, options={"r": 2})
+    # the untrained adapter scores as in one process (accelerate's even shares repeated 3 rows, which the loss counted)
+    assert log["evals"][0] == pytest.approx(alone["evals"][0], rel=1e-5)  # float32 sums, other thread counts
     if task == "seq-cls":  # Ctrl-C after epoch 1, then --resume: the same run (rank 1 resumed with rank 0's dropout)
         stop = tmp_path / "stop.py"
         stop.write_text("import sys\nfrom edgepeft.training.trainer import Trainer\nend = Trainer._end_epoch\n\n"

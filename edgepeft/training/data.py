@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import copy
 import json
+import math
 import os
 
 import torch
@@ -97,6 +98,13 @@ def read_jsonl(path: str, task: str) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no rows; a {task} file needs lines like {want}")
     return rows
+
+
+def process_share(rows: list, size: int, acc) -> list:
+    """This process's evaluation rows: batches p, p + N, ... of the ``size``-row batches one process makes (process p
+    of N), so that each batch is scored once, as in one process."""
+    return [r for k in range(acc.process_index, math.ceil(len(rows) / size), acc.num_processes)
+            for r in rows[k * size:(k + 1) * size]]
 
 
 def ignored_fields(path: str, task: str) -> str | None:

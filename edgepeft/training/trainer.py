@@ -31,7 +31,7 @@ from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, process_rngs,
     read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint,
 )
-from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, read_jsonl
+from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl
 
 HARDLY_MOVED = 0.97  # eval loss at its best above this share of the untrained adapter's: the rate is probably too low
 
@@ -145,31 +145,35 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, acc, model, loader) -> dict:
-        model.eval()
-        total, count, correct, seen, anchors, positives = 0.0, 0, 0, 0, [], []
+        """Each process scores its own batches (``process_share``), the module without DDP: the shares differ in length,
+        and accelerate's even shares repeat rows, which a sum of losses counted (the loss depended on processes)."""
+        from accelerate.utils import gather_object
+
+        module = acc.unwrap_model(model)
+        module.eval()
+        total, count, correct, seen, pairs = 0.0, 0, 0, 0, []
         for batch in loader:
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
-                loss, extra = self._loss(model, batch)
+                loss, extra = self._loss(module, batch)
             n = self._count(acc, batch)
-            total += float(acc.reduce(loss.detach().float() * n, "sum"))
-            count += int(acc.reduce(n, "sum"))
+            total, count = total + float(loss.float() * n), count + int(n)
             if self.args.task == "seq-cls":
-                pred, gold = acc.gather_for_metrics((extra.argmax(-1), batch["labels"]))
-                correct += int((pred == gold).sum())
-                seen += len(gold)
+                correct, seen = correct + int((extra.argmax(-1) == batch["labels"]).sum()), seen + len(batch["labels"])
             elif self.args.task == "feature-extraction":
-                a, p = acc.gather_for_metrics(extra)
-                anchors.append(a.float())
-                positives.append(p.float())
+                pairs.append(tuple(t.float().cpu() for t in extra))
         model.train()
+        sums = acc.reduce(torch.tensor([total, count, correct, seen], dtype=torch.float64, device=acc.device), "sum")
+        total, count, correct, seen = sums.tolist()
         result = {"loss": total / max(count, 1)}
         if self.args.task == "seq-cls":
             result["accuracy"] = correct / max(seen, 1)
         elif self.args.task == "causal-lm":
             result["perplexity"] = math.exp(min(result["loss"], 50.0))
         else:  # retrieval: is each text's nearest positive (among all eval positives) its own?
-            a, p = torch.cat(anchors), torch.cat(positives)
-            result["accuracy"] = float(((a @ p.T).argmax(-1) == torch.arange(len(a), device=a.device)).float().mean())
+            pairs = gather_object(pairs)  # every process's, in process order
+            a, p = (torch.cat(side) for side in zip(*pairs))
+            result["accuracy"] = float(((a @ p.T).argmax(-1) == torch.arange(len(a))).float().mean())
         return result
 
     @staticmethod
@@ -200,11 +204,9 @@ class Trainer:
             groups.append({"params": heads, "lr": args.head_lr})
         optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
         loader = DataLoader(train_rows, batch_size=args.batch_size, shuffle=True, collate_fn=encoder.collate)
-        eval_loader = (DataLoader(eval_rows, batch_size=args.batch_size, collate_fn=encoder.collate)
-                       if eval_rows else None)
+        eval_loader = (DataLoader(process_share(eval_rows, args.batch_size, acc), batch_size=args.batch_size,
+                                  collate_fn=encoder.collate) if eval_rows else None)
         model, optimizer, loader = acc.prepare(peft, optimizer, loader)
-        if eval_loader is not None:
-            eval_loader = acc.prepare(eval_loader)
         steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
         total = steps_per_epoch * args.epochs
         scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
