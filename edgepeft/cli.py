@@ -10,6 +10,7 @@ import click
 from click.core import ParameterSource
 
 from edgepeft.errors import EdgePeftError, TrainingInterrupted
+from edgepeft.processes import end_group, first, leave, say
 
 
 def _size(n: int) -> str:
@@ -120,17 +121,15 @@ def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_
         save=save, seed=seed, logging_steps=logging_steps, options=_options(method, r, alpha, target_modules, pairs),
         resume=resume, overwrite=overwrite, progress=not quiet)
     log = Trainer(args).train()
-    import torch.distributed as dist  # torchrun: the group ends with the command (edgepeft.train keeps it)
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) != 0:  # one report from a multi-process run
+    end_group()  # torchrun's: it ends with the command
+    if not first():  # one report from a multi-process run
         return
     b = log.get("best")
     kept = (f"the last epoch's adapter ({log['args']['epochs']}, --save last)" if log["args"]["save"] == "last"
             else f"the best epoch's adapter ({b['epoch']})" if b else "")
     if b and log.get("beat_untrained") is False:
-        first = log["evals"][0]
-        click.echo(f"done, but no epoch beat the untrained adapter (eval {b['metric']} {first[b['metric']]:.4f}); "
+        untrained = log["evals"][0]
+        click.echo(f"done, but no epoch beat the untrained adapter (eval {b['metric']} {untrained[b['metric']]:.4f}); "
                    f"{kept} is in {out}; {log.get('hint') or 'try another --lr or more --epochs'}")
     elif b:
         click.echo(f"ok: best eval {b['metric']} {b['value']:.4f} at epoch {b['epoch']} (lr {log['args']['lr']:g}); "
@@ -371,33 +370,28 @@ def as_flags(message: str, argv) -> str:
     return message
 
 
-def _say(line: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line from its processes, which all stop alike
-        click.echo(line, err=True)
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, standalone_mode=False)
     except TrainingInterrupted as e:  # as it is: its resume command quotes paths whose spaces count
-        _say(str(e))
-        sys.exit(130)
+        say(str(e))
+        leave(130)
     except EdgePeftError as e:  # one line; spaces inside a path stay
-        _say("error: " + as_flags(re.sub(r"\s*\n\s*", " ", str(e)), argv))
-        sys.exit(1)
+        say("error: " + as_flags(re.sub(r"\s*\n\s*", " ", str(e)), argv))
+        leave(1)
     except OSError as e:  # the disk said no: a path that is a file, no permission, disk full
         where = f"{e.filename}: " if e.filename else ""
-        _say(f"error: {where}{e.strerror or e}; check the path, its permissions and free space")
-        sys.exit(1)
+        say(f"error: {where}{e.strerror or e}; check the path, its permissions and free space")
+        leave(1)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        say("aborted")
+        leave(130)
     except click.exceptions.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
+        leave(e.exit_code)
     except KeyboardInterrupt:
-        sys.exit(130)
+        leave(130)
 
 
 if __name__ == "__main__":

@@ -200,10 +200,10 @@ def test_both_runtimes_and_both_packages_ask_for_the_same_onnx_runtime():
     from edgepeft.runtimes.sessions import MIN_ORT
 
     want = ".".join(map(str, MIN_ORT))
-    with open(os.path.join(REPO, "runtimes", "js", "src", "checks.js")) as f:
+    with open(os.path.join(REPO, "runtimes", "js", "src", "checks.js"), encoding="utf-8") as f:
         js = re.search(r"const MIN_ORT = \[(\d+), (\d+)\]", f.read())
     assert js and (int(js[1]), int(js[2])) == MIN_ORT
-    with open(os.path.join(REPO, "runtimes", "js", "package.json")) as f:
+    with open(os.path.join(REPO, "runtimes", "js", "package.json"), encoding="utf-8") as f:
         assert set(json.load(f)["peerDependencies"].values()) == {f">={want}"}
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         extras = tomllib.load(f)["project"]["optional-dependencies"]

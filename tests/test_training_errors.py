@@ -187,7 +187,7 @@ def test_path_arguments_give_the_resume_command():
 
 def test_a_torchrun_run_is_resumed_under_torchrun_and_reports_once(monkeypatch, capsys, tmp_path):
     """Ctrl-C under torchrun printed its line once per process, with a one-process command that the checkpoint
-    refused ("was made by 2 training process(es)"); every error line came once per process too."""
+    refused ("was made by 2 training process(es)"); error lines too. Each process's goes to torchrun's report."""
     import shlex
 
     args = TrainingArguments(model="m", task="seq-cls", data="d", out="o", options={"r": 2})
@@ -196,11 +196,14 @@ def test_a_torchrun_run_is_resumed_under_torchrun_and_reports_once(monkeypatch, 
     assert shlex.split(args.command("--resume"))[:2] == ["edgepeft", "train"]
     argv = ["train", "--model", str(tmp_path / "none"), "--task", "seq-cls", "--data", str(tmp_path / "d.jsonl"),
             "--out", str(tmp_path / "o")]
-    for rank, lines in (("1", 0), ("0", 1)):
+    for rank, lines in (("1", 0), ("0", 1)):  # each process's own line goes to torchrun's report ("Root Cause")
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error{rank}.json"))
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 1 and len(capsys.readouterr().err.splitlines()) == lines
+        with open(tmp_path / f"error{rank}.json") as f:
+            assert json.load(f)["message"]["message"].startswith(f"error: {tmp_path / 'none'}: no such folder")
 
 
 @pytest.mark.parametrize("name, cls_name", [("LORA", "LoraConfig"), ("Lora", "LoraConfig"), ("ia3", "IA3Config"),

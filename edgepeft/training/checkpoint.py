@@ -119,10 +119,12 @@ def checksum(params, device) -> torch.Tensor:
 def replica_checksums(acc, params) -> list[float]:
     """Each process's ``checksum`` of ``params`` (one: a single process's).
 
-    The last collective before the process group ends, so it waits, the GIL let go, until gloo's worker threads
-    hold none of its tensors: a worker that lets go of a tensor Python made takes the GIL, and ending the group
-    (``destroy_process_group``, or the DDP model freed) joins the workers with the GIL held. A worker not yet done then
-    waits for ever (torch 2.13: under load, a torchrun run stopped in ``~ProcessGroupGloo`` after its report).
+    A run's last collective on tensors Python made, so it waits, the GIL let go, until gloo's worker threads hold
+    none of them: a worker that lets go of such a tensor takes the GIL, and ending the group (``destroy_process_group``,
+    or the DDP model freed) joins the workers with the GIL held: a worker not yet done then waits for ever (torch
+    2.13, under load: a torchrun run stopped in ``~ProcessGroupGloo`` after its report). Earlier collectives' workers
+    are done long before (the run's saving and its barriers come between); a run stopped by an error skips the
+    teardown (``processes.leave``).
     """
     import torch.distributed as dist
 
@@ -131,7 +133,7 @@ def replica_checksums(acc, params) -> list[float]:
         return [float(mine)]
     everyone = [torch.empty_like(mine) for _ in range(acc.num_processes)]
     dist.all_gather(everyone, mine)
-    held = lambda: any(t._use_count() > 1 for t in (mine, *everyone))  # noqa: E731 (Python's own reference: 1)
+    held = lambda: any(getattr(t, "_use_count", lambda: 1)() > 1 for t in (mine, *everyone))  # noqa: E731 (Python's: 1)
     deadline = time.monotonic() + 60  # a reference kept for good: go on rather than wait here for ever
     while dist.get_backend() == "gloo" and held() and time.monotonic() < deadline:
         time.sleep(0.001)

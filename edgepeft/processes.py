@@ -1,0 +1,54 @@
+"""The command line under torchrun, whose processes run the same command: one report from them, each process's error
+in torchrun's failure report, and the process group ended with the command (``edgepeft.train`` leaves it to the
+script that called it, whose next run trains in it)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+
+def first() -> bool:
+    """Whether this is the first (or only) process: the one that reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(line: str) -> None:
+    """A one-line message on stderr, from the first process; under torchrun each process also writes its own into
+    the error file torchrun reads, so that its failure report names the process that failed first ("Root Cause"),
+    an error of another process's own included (a path only the first node has)."""
+    if first():
+        click.echo(line, err=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+        except OSError:  # the line is on stderr (first process) or in torchrun's "exitcode 1" already
+            pass
+
+
+def _group():
+    """torch.distributed where a process group is up (torch imported already: a runtime-only install has none)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def end_group() -> None:
+    """After a finished run: end the process group (every process has passed the run's last barrier)."""
+    if (dist := _group()) is not None:
+        dist.destroy_process_group()
+
+
+def leave(code: int):
+    """Exit with ``code``. With a process group still up (a run stopped by an error or Ctrl-C), skip the teardown:
+    it joins gloo's worker threads holding the GIL, which one of them may need to let go of a tensor Python made (a
+    hang; see ``checkpoint.replica_checksums``), and the other processes are stopping anyway."""
+    if _group() is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
