@@ -249,7 +249,7 @@ class Trainer:
             log["beat_untrained"] = self._rank(best) > self._rank(untrained)
         if log["hint"] and acc.is_main_process:
             print(f"note: {log['hint']}", file=sys.stderr)
-        log["replica_checksums"] = replica_checksums(acc, params)  # the last collective: see there
+        log["replica_checksums"] = replica_checksums(acc, params)  # waits until gloo lets go of them: see there
         if acc.is_main_process:  # the checksums join the log; the curve, drawn at the last epoch, is unchanged
             with reporting_full_disk(args.out, "--out"):
                 self._write_log(log, curve=False)
