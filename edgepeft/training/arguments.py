@@ -184,8 +184,8 @@ def method_config(method: str, task: str, options: dict):
 
 
 def arguments_of(kwargs: dict) -> TrainingArguments:
-    """``edgepeft.train``'s keywords as TrainingArguments; one it does not take is named (a TypeError said
-    "unexpected keyword argument"), with the keyword a CLI flag maps to."""
+    """``edgepeft.train``'s keywords as TrainingArguments; one it does not take is a ConfigError naming it, and the
+    keyword a CLI flag maps to."""
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     unknown = sorted(k for k in kwargs if k not in names)
     if unknown:

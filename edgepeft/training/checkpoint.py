@@ -121,10 +121,9 @@ def replica_checksums(acc, params) -> list[float]:
 
     A run's last collective on tensors Python made, so it waits, the GIL let go, until gloo's worker threads hold
     none of them: a worker that lets go of such a tensor takes the GIL, and ending the group (``destroy_process_group``,
-    or the DDP model freed) joins the workers with the GIL held: a worker not yet done then waits for ever (torch
-    2.13, under load: a torchrun run stopped in ``~ProcessGroupGloo`` after its report). Earlier collectives' workers
-    are done long before (the run's saving and its barriers come between); a run stopped by an error skips the
-    teardown (``processes.leave``).
+    or the DDP model freed) joins the workers with the GIL held, so a worker not yet done would wait for ever in
+    ``~ProcessGroupGloo``. Earlier collectives' workers are done long before (the run's saving and its barriers come
+    between); a run stopped by an error skips the teardown (``processes.leave``).
     """
     import torch.distributed as dist
 

@@ -100,11 +100,10 @@ def read_jsonl(path: str, task: str) -> list[dict]:
     return rows
 
 
-def process_share(rows: list, size: int, acc) -> list:
-    """This process's evaluation rows: batches p, p + N, ... of the ``size``-row batches one process makes (process p
-    of N), so that each batch is scored once, as in one process."""
-    return [r for k in range(acc.process_index, math.ceil(len(rows) / size), acc.num_processes)
-            for r in rows[k * size:(k + 1) * size]]
+def process_share(rows: list, size: int, index: int, processes: int) -> list:
+    """Process ``index``'s evaluation rows: batches index, index + processes, ... of the ``size``-row batches one
+    process makes, so that each batch is scored once, as in one process."""
+    return [r for k in range(index, math.ceil(len(rows) / size), processes) for r in rows[k * size:(k + 1) * size]]
 
 
 def ignored_fields(path: str, task: str) -> str | None:

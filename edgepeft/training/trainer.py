@@ -26,15 +26,16 @@ from edgepeft.files import deferred_interrupts, missing_folders, remove_abandone
 from edgepeft.models import load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder
 from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.plots import missing_matplotlib, training_curve
+from edgepeft.processes import first
 from edgepeft.training.arguments import TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, process_rngs,
     read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint,
 )
-from edgepeft.training.data import Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl
-
-HARDLY_MOVED = 0.97  # eval loss at its best above this share of the untrained adapter's: the rate is probably too low
-
+from edgepeft.training.data import (
+    IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl,
+)
+from edgepeft.training.summary import beat_untrained, hint, rank, shown
 
 class Trainer:
     """Train one adapter; ``train()`` returns the summary also written to ``training_log.json``."""
@@ -66,7 +67,7 @@ class Trainer:
         args = self.args
         rows = read_jsonl(args.data, args.task)
         for note in (ignored_fields(args.data, args.task), missing_matplotlib()):
-            if note and int(os.environ.get("RANK", "0")) == 0:  # one note from a multi-process run
+            if note and first():  # one note from a multi-process run
                 print(f"note: {note}", file=sys.stderr)
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
@@ -82,7 +83,7 @@ class Trainer:
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         n_virtual = getattr(method, "num_virtual_tokens", None) or 0
-        self.virtual_first = getattr(method, "peft_type_name", None) == "PROMPT_TUNING"  # before the text: see _count
+        self.virtual_first = getattr(method, "virtual_first", False)  # the config's to say: see _count
         for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
             check_positions(features, checked, path, max_positions(config), n_virtual)
         return encoder, train, evals, labels, config
@@ -140,13 +141,13 @@ class Trainer:
         """What a batch's loss is the mean over: its label tokens (causal LM: the shifted labels; with a prompt's
         virtual tokens first, which HF PEFT labels -100, the first label too), else its rows."""
         if self.args.task == "causal-lm":
-            return (batch["labels"][:, 0 if self.virtual_first else 1:] != -100).sum()
+            return (batch["labels"][:, 0 if self.virtual_first else 1:] != IGNORE_INDEX).sum()
         return torch.tensor(len(batch["input_ids"]), device=acc.device)
 
     @torch.no_grad()
     def _evaluate(self, acc, model, loader) -> dict:
-        """Each process scores its own batches (``process_share``), the module without DDP: the shares differ in length,
-        and accelerate's even shares repeat rows, which a sum of losses counted (the loss depended on processes)."""
+        """Each process scores its own batches (``process_share``: each batch once, as one process would), through the
+        module without DDP, as the shares differ in length; then the sums are added up and the embeddings gathered."""
         from accelerate.utils import gather_object
 
         module = acc.unwrap_model(model)
@@ -176,13 +177,6 @@ class Trainer:
             result["accuracy"] = float(((a @ p.T).argmax(-1) == torch.arange(len(a))).float().mean())
         return result
 
-    @staticmethod
-    def _rank(evaluation: dict) -> tuple:
-        """Higher is better: accuracy, ties broken by the lower eval loss; or the eval loss alone."""
-        if "accuracy" in evaluation:
-            return evaluation["accuracy"], -evaluation["loss"]
-        return (-evaluation["loss"],)
-
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
         from accelerate.utils import set_seed
@@ -204,7 +198,7 @@ class Trainer:
             groups.append({"params": heads, "lr": args.head_lr})
         optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
         loader = DataLoader(train_rows, batch_size=args.batch_size, shuffle=True, collate_fn=encoder.collate)
-        eval_loader = (DataLoader(process_share(eval_rows, args.batch_size, acc), batch_size=args.batch_size,
+        eval_loader = (DataLoader(process_share(eval_rows, args.batch_size, acc.process_index, acc.num_processes), batch_size=args.batch_size,
                                   collate_fn=encoder.collate) if eval_rows else None)
         model, optimizer, loader = acc.prepare(peft, optimizer, loader)
         steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
@@ -230,7 +224,7 @@ class Trainer:
         try:
             if resume is None and eval_loader is not None:  # the untrained adapter, for comparison
                 log["evals"].append({"epoch": 0, "step": 0, **self._evaluate(acc, model, eval_loader)})
-                bar.write("before training: eval " + _shown(log["evals"][-1]))
+                bar.write("before training: eval " + shown(log["evals"][-1]))
             model.train()
             for epoch in range(start_epoch, args.epochs):
                 self._epoch(acc, model, loader, optimizer, scheduler, params, log, epoch, steps_per_epoch, bar)
@@ -242,11 +236,9 @@ class Trainer:
             remove_empty(made_out)  # a failed run leaves no empty OUT
             raise
         bar.close()
-        log["hint"] = self._hint(log)
-        untrained = next((e for e in log["evals"] if e["epoch"] == 0), None)
-        if untrained is not None and log["best"]:  # whether training beat the adapter it started from
-            best = next(e for e in log["evals"] if e["epoch"] == log["best"]["epoch"])
-            log["beat_untrained"] = self._rank(best) > self._rank(untrained)
+        log["hint"] = hint(log, args.lr, args.epochs)
+        if (beat := beat_untrained(log)) is not None:
+            log["beat_untrained"] = beat
         if log["hint"] and acc.is_main_process:
             print(f"note: {log['hint']}", file=sys.stderr)
         log["replica_checksums"] = replica_checksums(acc, params)  # waits until gloo lets go of them: see there
@@ -308,13 +300,13 @@ class Trainer:
             by_epoch = {e["epoch"]: e for e in log["evals"]}
             log["evals"].append(evaluation)
             best = log["best"]
-            improved = best is None or self._rank(evaluation) > self._rank(by_epoch[best["epoch"]])
+            improved = best is None or rank(evaluation) > rank(by_epoch[best["epoch"]])
             if improved:
                 name = "accuracy" if "accuracy" in evaluation else "loss"
                 log["best"] = {"epoch": epoch + 1, "metric": name, "value": evaluation[name], "loss": evaluation["loss"]}
             untrained = by_epoch.get(0)  # "best so far" only for an epoch at least as good as before training
-            shown = improved and (untrained is None or self._rank(evaluation) >= self._rank(untrained))
-            bar.write(f"epoch {epoch + 1}/{args.epochs}: eval {_shown(evaluation)}" + ("  (best so far)" if shown else ""))
+            so_far = improved and (untrained is None or rank(evaluation) >= rank(untrained))
+            bar.write(f"epoch {epoch + 1}/{args.epochs}: eval {shown(evaluation)}" + ("  (best so far)" if so_far else ""))
         rngs = process_rngs(acc)  # every process's, as the checkpoint keeps them
         if acc.is_main_process:
             peft = acc.unwrap_model(model)
@@ -327,27 +319,6 @@ class Trainer:
                 self._checkpointed = epoch + 1  # set before a Ctrl-C held off meanwhile is raised
         self._checkpointed = epoch + 1
         acc.wait_for_everyone()
-
-    def _hint(self, log: dict) -> str | None:
-        """One line with the flags to try when training did not learn (None: it did).
-
-        The eval loss rose: the rate is probably too high. It hardly moved and the metric did not
-        improve either: too low, or too few epochs.
-        """
-        evals = log["evals"]
-        if len(evals) < 2 or evals[0]["epoch"] != 0:
-            return None
-        before, best = evals[0]["loss"], min(e["loss"] for e in evals[1:])
-        args = self.args
-        if best > before:
-            return (f"eval loss rose ({before:.4f} -> {best:.4f} at best); try a lower rate, e.g. --lr {args.lr / 3:.2g}")
-        metric = next((k for k in ("accuracy", "perplexity") if k in evals[0]), None)
-        if metric == "accuracy" and max(e["accuracy"] for e in evals[1:]) > evals[0]["accuracy"] + 0.05:
-            return None  # a clear gain in accuracy: a small loss change (ln 2 to start with) says nothing more
-        if best < HARDLY_MOVED * before:
-            return None
-        return (f"eval loss hardly moved ({before:.4f} -> {best:.4f} at best); try a higher rate, e.g. "
-                f"--lr {args.lr * 3:.2g}, or more --epochs (now {args.epochs})")
 
     def _interrupted(self, log: dict, made_out: list) -> TrainingInterrupted:
         """What an interrupt (Ctrl-C) leaves: the last checkpoint and the command that resumes it, or nothing."""
@@ -382,10 +353,6 @@ def _pooled(model, ids, mask, mode="mean"):
     pooled = {"cls": lambda: hidden[:, 0], "max": lambda: hidden.masked_fill(m == 0, -1e9).max(1).values,
               "mean_sqrt_len": lambda: (hidden * m).sum(1) / count.sqrt()}.get(mode, lambda: (hidden * m).sum(1) / count)()
     return torch.nn.functional.normalize(pooled.float(), dim=-1)
-
-
-def _shown(evaluation: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items() if k not in ("epoch", "step"))
 
 
 class _NoBar:

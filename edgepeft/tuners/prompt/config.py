@@ -20,6 +20,7 @@ class PromptTuningConfig(PromptLearningConfig):
     """
 
     peft_type_name = "PROMPT_TUNING"
+    virtual_first = True  # put before the input embeddings (prefix tuning's are only in the cache)
     default_lr = 1e-1
     training_defaults = {"num_virtual_tokens": 8}
     prompt_tuning_init: str = "RANDOM"
