@@ -24,9 +24,7 @@ from edgepeft.models import (
 )
 from edgepeft.exporters.generation_settings import generation_fields, ignored_generation
 from edgepeft.exporters.web_graph import write_web_variant
-from edgepeft.runtimes.manifest import (
-    BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH, read_base_manifest,
-)
+from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
 from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.runtimes.text import TextTokenizer
 from edgepeft.tuners import spec_for
@@ -189,7 +187,7 @@ def plain_tokenizer_json(path: str) -> None:
             json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
 
 
-def quantize_stage(stage: str, quantize: str, log) -> dict:
+def quantize_stage(stage: str, quantize: str, log) -> None:
     """Quantize a staged, float32-validated base graph in place and record it in its manifest."""
     log(f"quantizing the base's weights to {quantize}")
     path = os.path.join(stage, BASE_MANIFEST)
@@ -199,4 +197,3 @@ def quantize_stage(stage: str, quantize: str, log) -> dict:
     write_web_variant(stage)  # the JavaScript variant reads the quantized weights file now
     manifest["file_bytes"] = graph_file_bytes(stage, manifest)
     write_json_atomic(path, manifest, sort_keys=True)
-    return read_base_manifest(stage)

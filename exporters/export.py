@@ -57,6 +57,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     """
     out = str(out)
     adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)  # one folder; a generator
+    names = [names] if isinstance(names, str) else names  # one name, not its letters
     if not adapters:
         raise ConfigError("give at least one --adapter folder")
     if merge and len(adapters) > 1:  # before minutes of loading
@@ -85,7 +86,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
 
 
 def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log,
-            locked: bool = True) -> dict:
+            locked: bool) -> dict:
     """``export`` with OUT held: one export into OUT at a time."""
     mended = _finish_repointing(out) if locked else []  # unlocked, another export's may be in flight
     for line in remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR)) + mended:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ from edgepeft.models import (
     call_kwargs, check_supported, default_task, load_base, load_model_config, model_label, sample_inputs,
 )
 from edgepeft.peft_model import PeftModel
-from edgepeft.runtimes.adapter_source import NAME_LENGTH, export_name_problem
+from edgepeft.runtimes.adapter_source import export_name_problem, export_name_suggestion
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export, fresh_out,
     read_base_manifest,
@@ -137,8 +136,8 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
         name = names[i] if i < len(names) else os.path.basename(os.path.normpath(path))
         problem = export_name_problem(name)
         if problem:
-            mended = re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")[:NAME_LENGTH]
-            fix = f" (e.g. --name {mended})" if mended and not export_name_problem(mended) else ""
+            mended = export_name_suggestion(name)
+            fix = f" (e.g. --name {mended})" if mended else ""
             given = "choose another --name" if i < len(names) else "pass --name"
             shown = repr(name if len(name) <= 80 else name[:77] + "...")
             raise ConfigError(f"{path}: adapter name {shown} {problem}; {given}{fix}")

@@ -41,6 +41,12 @@ def export_name_problem(name: str) -> str | None:
     return name_problem(name)
 
 
+def export_name_suggestion(name: str) -> str | None:
+    """A name like ``name`` that export takes (None: none is near), for the message that refuses ``name``."""
+    mended = re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")[:NAME_LENGTH]
+    return mended if mended and not export_name_problem(mended) else None
+
+
 def read_adapter_source(source) -> tuple[str | None, dict | None, dict]:
     """(folder, None, manifest) for a folder; (None, {file: bytes}, manifest) for the bytes of a zip of one."""
     if isinstance(source, (bytes, bytearray, memoryview)):

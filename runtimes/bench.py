@@ -127,8 +127,8 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     for n in names:
         info = rt.adapter_info(n)
         load = []
-        spare = next(f"{n}__bench{i or ''}" for i in range(len(rt.adapter_names) + 1)  # a name OUT does not hold
-                     if f"{n}__bench{i or ''}" not in rt.adapter_names)
+        spare = next(s for i in range(len(rt.adapter_names) + 1)  # a name OUT does not hold
+                     if (s := f"{n}__bench{i or ''}") not in rt.adapter_names)
         for _ in range(3):  # staging cost: read, check and place the adapter's tensors (under another name)
             t = time.perf_counter()
             tmp = rt.load_adapter(rt.store.get(n).source, name=spare)  # its folder or zip bytes

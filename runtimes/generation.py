@@ -72,10 +72,9 @@ class GenerationConfig:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and not (is_whole(self.seed) and self.seed >= 0):
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not all(is_whole(e) for e in self.eos_token_id):
-            raise ConfigError(f"eos_token_id must be token ids (integers), got {self.eos_token_id!r}")
-        if not all(-2**63 <= e < 2**63 for e in self.eos_token_id):  # no token matches one outside [0, vocab): int64
-            raise ConfigError(f"eos_token_id must be token ids in [0, {vocab_size}), got {self.eos_token_id!r}")
+        # compared with int64 ids: one in that range but outside [0, vocab) never matches, as in transformers
+        if not all(is_whole(e) and -2**63 <= e < 2**63 for e in self.eos_token_id):
+            raise ConfigError(f"eos_token_id must be token ids (64-bit integers), got {self.eos_token_id!r}")
         if not (is_whole(self.pad_token_id) and 0 <= self.pad_token_id < vocab_size):  # finished rows feed it back
             raise ConfigError(f"pad_token_id must be a token id in [0, {vocab_size}), got {self.pad_token_id!r}")
         if not (isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop)):

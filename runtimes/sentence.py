@@ -32,7 +32,7 @@ TOKENIZER_FIX = "re-export the base with its tokenizer files"  # its tokenizer a
 
 def check_default_prompt(folder: str) -> None:
     """Refuse a model whose sentence-transformers config sets ``default_prompt_name``: its ``encode`` puts that
-    prompt before every text, which edgepeft's embed and training do not (their embeddings differed, cosine 0.85)."""
+    prompt before every text, which edgepeft's embed and training do not (they would embed other text)."""
     path = os.path.join(folder, PROMPTS_CONFIG)
     fix = "repair it, or remove it"
     settings = read_json(path, "sentence-transformers config", fix) if os.path.isfile(path) else {}

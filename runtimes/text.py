@@ -157,9 +157,10 @@ class TextTokenizer:
         ids = np.asarray(ids)
         if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):  # int() read 5.7 as 5; transformers refuses
             raise InvalidInputError(f"decode takes one sequence of token ids (integers), got {ids.tolist()!r:.80}")
-        if ids.size and not (0 <= ids.min() and ids.max() < 2**32):  # the tokenizers package's OverflowError
-            raise InvalidInputError(f"decode takes token ids (integers >= 0), got {ids.tolist()!r:.80}")
-        text = self._tok.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
+        try:
+            text = self._tok.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
+        except OverflowError:  # the tokenizers package's word for an id < 0 or >= 2**32
+            raise InvalidInputError(f"decode takes token ids (integers >= 0), got {ids.tolist()!r:.80}") from None
         return _tidied(text) if self._tidy else text
 
     def open_bytes(self, ids, skip_special_tokens: bool = False) -> int:

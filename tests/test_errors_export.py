@@ -109,10 +109,11 @@ def test_export_unsupported_task_type(guarded, llama, tmp_path):
      (["intent-v1.2"], "'intent-v1.2' must be letters, digits, '_', '-'; choose another --name (e.g. --name intent-v1_2)"),
      (["_draft"], "'_draft' must start with a letter or digit; choose another --name (e.g. --name draft)"),
      (["-x"], "'-x' must start with a letter or digit; choose another --name (e.g. --name x)"),
-     (["n" * 101], f"'{'n' * 77}...' is longer than 100 characters; choose another --name (e.g. --name {'n' * 100})")],
+     (["n" * 101], f"'{'n' * 77}...' is longer than 100 characters; choose another --name (e.g. --name {'n' * 100})"),
+     ("v1.2", "'v1.2' must be letters, digits, '_', '-'; choose another --name (e.g. --name v1_2)")],
     ids=["more-names-than-adapters", "bad-characters", "hidden-name", "dot (a KeyError from torch)",
          "underscore first (was: 'must be letters, digits, _, -'; pass --name, which it was)", "dash first",
-         "too long (its quote was cut off)"],
+         "too long (its quote was cut off)", "one name as a string (was: 4 --name values, its letters)"],
 )
 def test_export_bad_names(guarded, llama, names, needle):
     msg = failing_export(ConfigError, [llama[1]["qv"]], guarded, names=names)
