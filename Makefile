@@ -16,7 +16,7 @@ JS := runtimes/js
 JS_STAMP := $(JS)/node_modules/.edgepeft-installed
 CHROMIUM ?= /usr/bin/chromium
 # make web PORT=8001 where port 8000 is taken
-PORT ?= 8000
+PORT = 8000
 APT := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
 
 .PHONY: test test-main test-device test-js demo web bench venv clean

@@ -78,38 +78,19 @@ def test_a_prefix_nearly_as_long_as_the_positions_is_checked_in_what_is_left(tmp
     assert sorted(os.listdir(os.path.join(out, "adapters"))) == ["lora", "prefix"]
 
 
-def test_a_quantized_adapters_effect_is_measured_against_the_base_on_its_own_sample(monkeypatch):
-    """The base's outputs were kept per seed: an adapter checked on fewer tokens (a prompt on a model with few
-    positions: sample_shape) had its effect measured against the base's outputs for other ids."""
-    from edgepeft.exporters import validate
-
-    class Rt:
-        def forward(self, ids, mask):
-            return {"logits": ids[..., None].astype(np.float32)}
-
-    monkeypatch.setattr(validate, "reference_output", lambda model, ids, mask, task: ids[..., None].float().numpy())
-    base = validate.BaseOutputs(Rt(), None, "causal-lm")
-    for length in (7, 4, 7):
-        ids = torch.randint(0, 99, (16, length), generator=torch.Generator().manual_seed(length))
-        ours, ref = base.outputs(1, ids, torch.ones_like(ids))
-        assert np.array_equal(ours[..., 0], ids.numpy()) and np.array_equal(ref[..., 0], ids.numpy())
-
-
 def test_an_encoder_made_a_decoder_is_refused_naming_the_field(tmp_path, text_model, capsys):
     """At export, and at training (which trained an adapter on causal attention that no export could serve)."""
-    import json
     import shutil
 
+    from file_checks import edit_json, write_lines
     from training_helpers import cli_error, seq_cls_rows, train_argv
 
     base = _base(tmp_path, "bert", is_decoder=True)
     with pytest.raises(UnsupportedModelError, match="config.json sets is_decoder: true"):
         export([_lora(tmp_path, base, "feature-extraction", ["query"])], str(tmp_path / "out"))
     model = shutil.copytree(text_model("bert"), tmp_path / "text-bert")
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "is_decoder": True}))
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in seq_cls_rows()))
+    edit_json(model / "config.json", is_decoder=True)
+    data = write_lines(tmp_path / "train.jsonl", seq_cls_rows())
     line = cli_error(capsys, *train_argv(str(model), data, tmp_path / "adapter"))
     assert "config.json sets is_decoder: true" in line and "train adapters on it so" in line
     assert not (tmp_path / "adapter").exists()

@@ -181,27 +181,21 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
     assert len({json.dumps(v) for v in expected["gpt2"]["greedy"].values()}) == 3
 
 
-def test_the_javascript_runtime_reads_the_format_this_one_writes():
-    """Both runtimes refuse an export newer than they read; the JavaScript one's FORMAT_VERSION is this one's."""
-    import re
-
-    from edgepeft.runtimes.manifest import FORMAT_VERSION
-
-    with open(os.path.join(REPO, "runtimes", "js", "src", "checks.js"), encoding="utf-8") as f:
-        assert re.search(r"export const FORMAT_VERSION = (\d+);", f.read()).group(1) == str(FORMAT_VERSION)
-
-
-def test_both_runtimes_and_both_packages_ask_for_the_same_onnx_runtime():
-    """The oldest ONNX Runtime each runtime takes (its refusal names it), the Python extras and the npm peer
-    dependencies are one version: a runtime that accepted an older one would call the export damaged."""
+def test_the_javascript_runtime_asks_what_this_one_does():
+    """checks.js's constants are Python's: both runtimes refuse an export newer than they read (FORMAT_VERSION), and
+    the oldest ONNX Runtime each takes (its refusal names it) is the Python extras' and the npm peer dependencies'
+    (a runtime that accepted an older one would call the export damaged)."""
     import re
     import tomllib
 
+    from edgepeft.runtimes.manifest import FORMAT_VERSION
     from edgepeft.runtimes.sessions import MIN_ORT
 
     want = ".".join(map(str, MIN_ORT))
     with open(os.path.join(REPO, "runtimes", "js", "src", "checks.js"), encoding="utf-8") as f:
-        js = re.search(r"const MIN_ORT = \[(\d+), (\d+)\]", f.read())
+        checks = f.read()
+    assert re.search(r"export const FORMAT_VERSION = (\d+);", checks).group(1) == str(FORMAT_VERSION)
+    js = re.search(r"const MIN_ORT = \[(\d+), (\d+)\]", checks)
     assert js and (int(js[1]), int(js[2])) == MIN_ORT
     with open(os.path.join(REPO, "runtimes", "js", "package.json"), encoding="utf-8") as f:
         assert set(json.load(f)["peerDependencies"].values()) == {f">={want}"}

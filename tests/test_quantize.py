@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import onnx
 import pytest
+import torch
 
 from peft_refs import spec_adapter
 from tiny import sample_batch
@@ -346,3 +348,20 @@ def test_the_base_outputs_are_computed_once_for_every_adapters_effect(peft_adapt
     assert all(c["effect_error"] is not None for c in report["checks"][-2:]), report["checks"]
     # the float32 graph and the int8 one: the base once each, each adapter once each
     assert models.count("PeftModel") == 4 and len(models) == 6, models
+
+
+def test_a_quantized_adapters_effect_is_measured_against_the_base_on_its_own_sample(monkeypatch):
+    """The base's outputs were kept per seed: an adapter checked on fewer tokens (a prompt on a model with few
+    positions: sample_shape) had its effect measured against the base's outputs for other ids."""
+    from edgepeft.exporters import validate
+
+    class Rt:
+        def forward(self, ids, mask):
+            return {"logits": ids[..., None].astype(np.float32)}
+
+    monkeypatch.setattr(validate, "reference_output", lambda model, ids, mask, task: ids[..., None].float().numpy())
+    base = validate.BaseOutputs(Rt(), None, "causal-lm")
+    for length in (7, 4, 7):
+        ids = torch.randint(0, 99, (16, length), generator=torch.Generator().manual_seed(length))
+        ours, ref = base.outputs(1, ids, torch.ones_like(ids))
+        assert np.array_equal(ours[..., 0], ids.numpy()) and np.array_equal(ref[..., 0], ids.numpy())

@@ -217,9 +217,6 @@ def test_resume_continues_exactly_where_the_run_stopped(method, options, text_mo
     monkeypatch.setattr(training_module, "read_checkpoint", real_read)
     # killed (kill -9) between the checkpoint's two renames, and while staging one: --resume said "no checkpoint",
     # without it "pass --overwrite" (every epoch lost); the resumed run puts it back and removes the staging folder
-    import subprocess
-    import sys
-
     from edgepeft.files import _host
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -416,7 +413,7 @@ def _finished(cmd, env, timeout, marker):
             for pid in ours:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            time.sleep(5)  # the stacks written
+            time.sleep(5 if sig == signal.SIGABRT else 0)  # faulthandler writes the stacks
         stdout, stderr = proc.communicate()
         pytest.fail(f"no end in {timeout} s; stdout: {stdout[-1000:]}\nstacks:\n{stderr[-12000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
