@@ -259,12 +259,12 @@ def test_run_without_adapter_on_a_classifier_notes_the_untrained_head(cls_export
 
 
 def test_causal_lm_training_notes_an_ignored_label_field(tmp_path):
-    from edgepeft.training.data import ignored_fields
+    from edgepeft.training.data import ignored_fields, read_jsonl
 
     path = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
-    note = ignored_fields(path, "causal-lm")
+    note = ignored_fields(read_jsonl(path, "causal-lm"), path, "causal-lm")
     assert path in note and '"label"' in note and "--task seq-cls" in note
-    assert ignored_fields(path, "seq-cls") is None
+    assert ignored_fields(read_jsonl(path, "seq-cls"), path, "seq-cls") is None
 
 
 def test_bench_reports_the_switch_cost_with_the_runs_noise(cls_export):

@@ -20,15 +20,21 @@ def test_missing_data_file(tmp_path):
     assert str(path) in str(e.value) and "JSONL" in str(e.value)
 
 
-def test_a_folder_or_a_pipe_given_as_data_is_named_so(tmp_path):
-    """Both said "data file not found" for a path that is there."""
+def test_a_folder_given_as_data_is_named_so_and_a_pipe_is_read_once(tmp_path):
+    """A folder said "data file not found" for a path that is there; a pipe (``--data <(...)``) was read twice (the
+    rows, then the note on other tasks' fields), so it was refused."""
     import os
+    import threading
 
     with pytest.raises(ConfigError, match=f"^{tmp_path}: is a folder, not a data file; pass a JSONL file"):
         read_jsonl(str(tmp_path), "seq-cls")
     os.mkfifo(tmp_path / "rows")
-    with pytest.raises(ConfigError, match="rows: is not a regular file \\(a pipe\\?\\); write the rows to a JSONL file"):
-        read_jsonl(str(tmp_path / "rows"), "seq-cls")
+    writer = threading.Thread(target=write_lines, args=(tmp_path / "rows", [{"text": "a", "label": "x", "positive": "b"}]),
+                              daemon=True)  # no hang when the read fails
+    writer.start()
+    rows = read_jsonl(str(tmp_path / "rows"), "seq-cls")
+    writer.join()
+    assert [r["text"] for r in rows] == ["a"] and rows.ignored == {"positive"}
 
 
 def test_invalid_json_names_file_and_line(tmp_path):

@@ -52,19 +52,31 @@ def check_positions(features: list[dict], rows: list[dict], path: str, positions
                               f"positions; pass --max-length {limit} or less")
 
 
-def read_jsonl(path: str, task: str) -> list[dict]:
-    """The rows of ``path``, each checked against the task's fields (blank lines skipped)."""
+class Rows(list):
+    """A data file's rows (dicts, each with its ``_line``), and the fields of other tasks they carry (``ignored``)."""
+
+    def __init__(self, rows: list, ignored: set):
+        super().__init__(rows)
+        self.ignored = ignored
+
+
+def _other_fields(task: str) -> dict:
+    """{field: the task that trains on it} for the fields ``task`` ignores."""
+    used = {k for shape in FIELDS[task] for k in shape}
+    return {k: t for t, shapes in FIELDS.items() for shape in shapes for k in shape if k not in used}
+
+
+def read_jsonl(path: str, task: str) -> Rows:
+    """The rows of ``path``, each checked against the task's fields (blank lines skipped), read once (a pipe too)."""
     path = str(path)
     if os.path.isdir(path):
         raise ConfigError(f"{path}: is a folder, not a data file; pass a JSONL file with one JSON object per line")
-    if os.path.exists(path) and not os.path.isfile(path):  # read twice (its fields' note too): a pipe would be empty
-        raise ConfigError(f"{path}: is not a regular file (a pipe?); write the rows to a JSONL file and pass that")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         check_readable(path)
         raise ArtifactNotFoundError(f"{path}: data file not found; pass a JSONL file with one JSON object per line")
     shapes = FIELDS[task]
     want = " or ".join("{" + ", ".join(f'"{k}"' for k in shape) + "}" for shape in shapes)
-    rows = []
+    rows, others, ignored = [], _other_fields(task), set()
     for n, data in enumerate(_lines(path), 1):
         try:
             line = data.decode("utf-8")
@@ -78,6 +90,7 @@ def read_jsonl(path: str, task: str) -> list[dict]:
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object like {want}, got {type(row).__name__}")
+        ignored |= others.keys() & row.keys()
         shape = next((s for s in shapes if all(k in row for k in s)), None)
         if shape is None:
             raise DataError(f"{path}:{n}: a {task} row needs {want}; this row has {sorted(row) or 'no fields'}")
@@ -97,7 +110,7 @@ def read_jsonl(path: str, task: str) -> list[dict]:
         rows.append({k: row[k] for k in shape} | {"_line": n})
     if not rows:
         raise DataError(f"{path}: no rows; a {task} file needs lines like {want}")
-    return rows
+    return Rows(rows, ignored)
 
 
 def process_share(rows: list, size: int, index: int, processes: int) -> list:
@@ -106,22 +119,14 @@ def process_share(rows: list, size: int, index: int, processes: int) -> list:
     return [r for k in range(index, math.ceil(len(rows) / size), processes) for r in rows[k * size:(k + 1) * size]]
 
 
-def ignored_fields(path: str, task: str) -> str | None:
-    """A note when the rows carry fields another task trains on but ``task`` ignores (a "label" for causal-lm), else None."""
-    used = {k for shape in FIELDS[task] for k in shape}
-    others = {k: t for t, shapes in FIELDS.items() for shape in shapes for k in shape if k not in used}
-    found = set()
-    for line in _lines(path):
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(row, dict):
-            found |= others.keys() & row.keys()
-    if not found:
+def ignored_fields(rows: Rows, path: str, task: str) -> str | None:
+    """A note when ``rows`` (``path``'s) carry fields another task trains on but ``task`` ignores (a "label" for
+    causal-lm), else None."""
+    if not rows.ignored:
         return None
-    names = ", ".join(f'"{k}"' for k in sorted(found))
-    tasks = " or ".join(f"--task {t}" for t in sorted({others[k] for k in found}))
+    others = _other_fields(task)
+    names = ", ".join(f'"{k}"' for k in sorted(rows.ignored))
+    tasks = " or ".join(f"--task {t}" for t in sorted({others[k] for k in rows.ignored}))
     return f"{path}: rows carry {names}, which {task} training ignores; for a model that uses it, train with {tasks}"
 
 

@@ -66,7 +66,7 @@ class Trainer:
         """``method``: the adapter's config (its virtual tokens take positions too)."""
         args = self.args
         rows = read_jsonl(args.data, args.task)
-        for note in (ignored_fields(args.data, args.task), missing_matplotlib()):
+        for note in (ignored_fields(rows, args.data, args.task), missing_matplotlib()):
             if note and first():  # one note from a multi-process run
                 print(f"note: {note}", file=sys.stderr)
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
