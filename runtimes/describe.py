@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from .access import check_readable
 from .errors import EdgePeftError
 from .manifest import (
     BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, folder_fix, not_an_export,
@@ -18,11 +19,27 @@ def folder_bytes(path: str) -> int:
     return total
 
 
+def _unreadable(*paths: str) -> list:
+    """The errors of the files among ``paths`` this process may not open: their sizes can be right while
+    Runtime(OUT) cannot read them (another user's files)."""
+    errors = []
+    for path in paths:
+        try:
+            open(path, "rb").close()
+        except OSError as e:
+            try:
+                check_readable(path)
+                errors.append(f"{path}: cannot be read ({e.strerror}); make it readable for this user")
+            except EdgePeftError as denied:
+                errors.append(str(denied))
+    return errors
+
+
 def describe_export(out_dir: str) -> dict:
     """What ``edgepeft inspect`` prints: base, slots, adapters, sizes and problems (no ONNX Runtime needed).
 
     Problems: a graph file missing (or the base's empty, or its weights file), a base file not as long as the export
-    wrote it, an adapter graph whose sha256 differs from its manifest's. The base graph's contents are not read (it
+    wrote it or one this process may not read, an adapter graph whose sha256 differs from its manifest's. The base graph's contents are not read (it
     may be GBs).
     """
     base_dir = os.path.join(out_dir, BASE_DIR)
@@ -36,7 +53,7 @@ def describe_export(out_dir: str) -> dict:
     elif not os.path.isfile(graph + ".data"):  # export writes the weights beside the graph, always
         problems.append(f"{graph}.data: the base's weights are missing; re-run `edgepeft export` into a fresh --out folder")
     else:
-        problems += [str(e) for e in base_file_errors(base_dir, base)]
+        problems += [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, graph + ".data")
     for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them
         m = read_adapter_manifest(d)
         try:

@@ -139,3 +139,18 @@ def test_overwriting_an_adapter_folder_another_user_owns_is_refused_before_any_w
     with as_another_user(), pytest.raises(StorageError, match="adapters/qv: cannot replace it \\(permission denied"):
         export([adapter], out, base=base, names=["qv"], overwrite=True)
     assert tree_hashes(out) == before
+
+
+@pytest.mark.parametrize("part", ["base/model.onnx", "base/model.onnx.data"])
+def test_inspect_names_a_base_file_it_may_not_read(shared_export, scratch, part):
+    """Its sizes were right, so `edgepeft inspect` said nothing and exited 0 where Runtime(OUT) refuses to open."""
+    from click.testing import CliRunner
+
+    from edgepeft.cli import cli
+
+    out = _copy(shared_export("llama")[0], os.path.join(scratch, "out"))
+    assert CliRunner().invoke(cli, ["inspect", out]).exit_code == 0  # the modules it uses, loaded
+    _lock(os.path.join(out, part))
+    with as_another_user():
+        result = CliRunner().invoke(cli, ["inspect", out])
+    assert f"{os.path.join(out, part)}: {DENIED}" in str(result.exception)  # main() prints it as one line, exit 1
