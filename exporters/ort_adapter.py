@@ -15,10 +15,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 
 import onnxruntime as ort
 
 from edgepeft.runtimes.manifest import FORMAT_VERSION
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def applies(slots) -> bool:
@@ -37,8 +40,29 @@ def write_ort_adapter(graph_path: str, out_path: str) -> None:
     adapter.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in zip(names, arrays)})
     try:
         adapter.export_adapter(out_path)
-    except RuntimeError:  # "Failed to write N bytes": an OSError where the disk is full, as other writers give
-        folder = os.path.dirname(os.path.abspath(out_path))
-        if os.path.isdir(folder) and shutil.disk_usage(folder).free < sum(a.nbytes for a in arrays):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), out_path) from None
+    except RuntimeError:  # "Failed to write N bytes": an OSError where space or quota ran out, as other writers give
+        lacking = _no_room(os.path.dirname(os.path.abspath(out_path)), sum(a.nbytes for a in arrays))
+        if lacking:
+            raise OSError(lacking, os.strerror(lacking), out_path) from None
         raise
+
+
+def _no_room(folder: str, size: int) -> int | None:
+    """ENOSPC or EDQUOT where a file of ``size`` bytes cannot be made in ``folder``: it is allocated and removed (a
+    quota leaves the disk's free space as it is); where the platform or filesystem cannot allocate, free space tells."""
+    if not os.path.isdir(folder):
+        return None
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".edgepeft-room-")
+    except OSError as e:
+        return e.errno if e.errno in _FULL else None
+    try:
+        os.posix_fallocate(fd, 0, max(size, 1))
+    except (AttributeError, OSError) as e:  # AttributeError: no posix_fallocate (macOS, Windows)
+        if getattr(e, "errno", None) in _FULL:
+            return e.errno
+        return errno.ENOSPC if shutil.disk_usage(folder).free < size else None
+    finally:
+        os.close(fd)
+        os.remove(probe)
+    return None

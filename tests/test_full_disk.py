@@ -65,9 +65,10 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(text_model, tmp_path,
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # no staging folder left
 
 
-def test_ort_adapter_writes_that_fail_on_a_full_disk_say_so(shared_export, tmp_path, monkeypatch):
-    """ONNX Runtime's adapter writer says "Failed to write N bytes" in a RuntimeError; where the disk lacks the room,
-    that is a full disk."""
+@pytest.mark.parametrize("lacking", ["ENOSPC", "EDQUOT", "free space"])
+def test_ort_adapter_writes_that_fail_on_a_full_disk_say_so(shared_export, tmp_path, monkeypatch, lacking):
+    """ONNX Runtime's adapter writer says "Failed to write N bytes" in a RuntimeError; where a file that large cannot
+    be made there, that is a full disk or a spent quota (which leaves the disk's free space as it is)."""
     from edgepeft.exporters import ort_adapter
 
     graph = os.path.join(shared_export("llama")[0], "adapters", "qv", "adapter.onnx")
@@ -75,10 +76,16 @@ def test_ort_adapter_writes_that_fail_on_a_full_disk_say_so(shared_export, tmp_p
     os.mkdir(taken)
     with pytest.raises(RuntimeError):
         ort_adapter.write_ort_adapter(graph, taken)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))  # no room left
+    code = errno.ENOSPC if lacking == "free space" else getattr(errno, lacking)
+    if lacking == "free space":  # a platform without posix_fallocate
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    else:
+        monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: (_ for _ in ()).throw(OSError(code, "")))
     with pytest.raises(OSError) as e:
         ort_adapter.write_ort_adapter(graph, taken)
-    assert e.value.errno == errno.ENOSPC and e.value.filename == taken
+    assert e.value.errno == code and e.value.filename == taken
+    assert os.listdir(tmp_path) == ["a-folder"]  # the probe is gone
 
 
 def test_a_full_disk_while_loading_is_not_blamed_on_out(shared_export, tmp_path, monkeypatch):
