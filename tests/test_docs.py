@@ -85,3 +85,16 @@ def test_method_pages_name_every_built_in_method():
     built_in = [m for m in methods() if m.config_cls.__module__.startswith("edgepeft.")]  # not a test's toy method
     assert [m.config_cls.__name__ for m in built_in if f"`{m.config_cls.__name__}(" not in page("docs/methods.md")] == []
     assert [m.name for m in built_in if f"\n| {m.name} |" not in page("docs/training.md")] == []
+
+
+def test_architecture_names_every_module():
+    """A module a newcomer cannot find in docs/architecture.md's map is one they read the whole tree for."""
+    with open(os.path.join(REPO, "docs", "architecture.md"), encoding="utf-8") as f:
+        page = f.read()
+    unnamed = []
+    for package in ["edgepeft", "edgepeft/training", "edgepeft/tuners", "exporters", "runtimes", "runtimes/js/src"]:
+        for name in sorted(os.listdir(os.path.join(REPO, package))):
+            if name.endswith((".py", ".js")) and name not in ("__init__.py", "__main__.py") and \
+                    not re.search(rf"`([\w./]+/)?{re.escape(name)}`", page):
+                unnamed.append(f"{package}/{name}")
+    assert unnamed == []
