@@ -186,7 +186,7 @@ def test_the_javascript_runtime_asks_what_this_one_does():
     the oldest ONNX Runtime each takes (its refusal names it) is the Python extras' and the npm peer dependencies'
     (a runtime that accepted an older one would call the export damaged)."""
     import re
-    import tomllib
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads TOML (README: 3.10 or newer)")
 
     from edgepeft.runtimes.manifest import FORMAT_VERSION
     from edgepeft.runtimes.sessions import MIN_ORT
