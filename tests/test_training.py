@@ -217,12 +217,11 @@ def test_resume_continues_exactly_where_the_run_stopped(method, options, text_mo
     monkeypatch.setattr(training_module, "read_checkpoint", real_read)
     # killed (kill -9) between the checkpoint's two renames, and while staging one: --resume said "no checkpoint",
     # without it "pass --overwrite" (every epoch lost); the resumed run puts it back and removes the staging folder
-    from edgepeft.files import _host
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    owner = f"p{dead.stdout.strip()}h{_host()}"
+    made = subprocess.run([sys.executable, "-c", "import sys, edgepeft.files as f; print(f.staging_dir(sys.argv[1], "
+                           "'checkpoint'))", str(tmp_path / "b")], capture_output=True, text=True, check=True)
+    owner = os.path.basename(made.stdout.strip()).split("-")[2]  # .staging-checkpoint-<owner>-<random>, its process gone
+    assert os.path.isdir(made.stdout.strip()) and owner.startswith("p")
     os.rename(tmp_path / "b" / "checkpoint", tmp_path / "b" / f".old-checkpoint-{owner}-x")
-    os.mkdir(tmp_path / "b" / f".staging-checkpoint-{owner}-y")
     command = shlex.split(message.split("continue with: ", 1)[1])  # the printed command, run as given
     assert command[:2] == ["edgepeft", "train"] and command[-1] == "--resume"
     result = CliRunner().invoke(cli, command[1:] + ["--quiet"])
