@@ -18,8 +18,9 @@ from edgepeft.models import (
 )
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.adapter_source import export_name_problem, export_name_suggestion
+from edgepeft.runtimes.commands import fresh_out
 from edgepeft.runtimes.manifest import (
-    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export, fresh_out,
+    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export,
     read_base_manifest,
 )
 from edgepeft.tuners import load_config, specs_for

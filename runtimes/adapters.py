@@ -21,7 +21,6 @@ import threading
 import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
-from shlex import quote
 
 import numpy as np
 
@@ -33,6 +32,7 @@ from .manifest import (
     read_base_manifest, stacks_as_output, uncounted_heads,
 )
 from .access import inside
+from .commands import export_command
 from .adapter_source import name_problem, read_adapter_source
 from .sessions import ort, session_options
 from .slot_checks import axis_sharing, check_adapter_tensors
@@ -208,14 +208,13 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported from {self.base.get('source')} by an edgepeft whose "
                 f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "
                 "out; export every adapter into a fresh --out folder")
-        export = f"`edgepeft export --adapter <adapter dir> --out {quote(self.out)}"
         if own:
             fix = own
         elif os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])):
-            fix = (f"export the adapter into this OUT with {export} --name <new name>` (OUT holds an adapter named "
-                   f"{manifest['name']!r}; --overwrite would replace it)")
+            fix = (f"export the adapter into this OUT with {export_command('DIR', self.out, '--name', 'NAME')} (OUT "
+                   f"holds an adapter named {manifest['name']!r}; --overwrite would replace it)")
         else:
-            fix = f"export the adapter into this OUT with {export}`"
+            fix = f"export the adapter into this OUT with {export_command('DIR', self.out)}"
         return AdapterBaseMismatchError(
             f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
             f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "

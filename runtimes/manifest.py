@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from shlex import quote
 
 from .access import check_readable, read_json, sha256_file
+from .commands import export_command, fresh_out
 from .errors import ArtifactNotFoundError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 
@@ -246,11 +247,6 @@ _BASE_KEYS = ("model_type", "task", "fingerprint", "inputs", "outputs", "slots",
 _ADAPTER_KEYS = ("name", "methods", "base_fingerprint", "slots", "graph", "sha256")
 
 
-def fresh_out(path: str) -> str:
-    """A folder beside ``path`` for a suggested --out: absolute (``.`` would give ``.-onnx``, a hidden folder)."""
-    return os.path.abspath(path) + "-onnx"
-
-
 def not_an_export(path: str) -> ArtifactNotFoundError:
     """What to do with a folder that holds no export: an adapter folder gets the export command that fits it."""
     if os.path.isfile(path):  # a file of an export (OUT/base/model.onnx), or any file
@@ -260,7 +256,7 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         out = fresh_out(path)
         return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
-                                     f"with `edgepeft export --adapter {quote(path)} --out {quote(out)}`, then use {out}")
+                                     f"with {export_command(path, out)}, then use {out}")
     if os.path.isfile(os.path.join(path, "adapter.json")):
         out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
         return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")
@@ -270,9 +266,9 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
     if os.path.isfile(os.path.join(path, "config.json")):  # a model folder: its export goes elsewhere
         out = fresh_out(path)
         return ArtifactNotFoundError(f"{path}: is a model folder, not an export; export an adapter trained on it "
-                                     f"with `edgepeft export --adapter DIR --out {quote(out)}`, then use {out}")
+                                     f"with {export_command('DIR', out)}, then use {out}")
     return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "
-                                 f"`edgepeft export --adapter DIR --out {quote(path)}` first")
+                                 f"{export_command('DIR', path)} first")
 
 
 def read_base_manifest(base_dir: str) -> dict:
@@ -317,7 +313,7 @@ def base_file_errors(base_dir: str, manifest: dict, names=None) -> list:
 
 
 
-_ADAPTER_FIX = "re-export the adapter with `edgepeft export --adapter DIR --out OUT --overwrite`"
+_ADAPTER_FIX = f"re-export the adapter with {export_command('DIR', 'OUT', '--overwrite')}"
 
 
 def read_adapter_manifest(adapter_dir: str) -> dict:
@@ -325,7 +321,7 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, ADAPTER_MANIFEST)
     if not os.path.isfile(path) and os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise ArtifactNotFoundError(f"{adapter_dir}: is an adapter folder in HF PEFT format, not an exported one; "
-                                    f"export it first with `edgepeft export --adapter {quote(adapter_dir)} --out OUT`, "
+                                    f"export it first with {export_command(adapter_dir)}, "
                                     "then load its folder in OUT/adapters/")
     if not os.path.isfile(path) and not os.path.isfile(os.path.join(adapter_dir, ADAPTER_GRAPH)):
         check_readable(adapter_dir)  # a folder one may not list looks empty: "remove it" below would be wrong
@@ -396,5 +392,5 @@ def folder_fix(out: str, folder: str, merged) -> str:
     a slot base re-exporting its adapter into it."""
     if merged:
         return f"remove it from {os.path.join(out, ADAPTERS_DIR)}, or export it into another --out"
-    return (f"remove {folder}, or re-export its adapter into this OUT: `edgepeft export --adapter <adapter dir> --out "
-            f"{quote(out)} --name {os.path.basename(os.path.normpath(folder))} --overwrite`")
+    name = quote(os.path.basename(os.path.normpath(folder)))
+    return f"remove {folder}, or re-export its adapter into this OUT: {export_command('DIR', out, '--name', name, '--overwrite')}"

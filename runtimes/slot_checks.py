@@ -8,10 +8,10 @@ The JavaScript runtime checks the same (runtimes/js/src/checks.js).
 from __future__ import annotations
 
 from collections import Counter
-from shlex import quote
 
 import numpy as np
 
+from .commands import export_command
 from .errors import AdapterBaseMismatchError, CorruptArtifactError
 from .values import is_whole
 
@@ -96,7 +96,7 @@ def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict,
         if slot is None:
             raise AdapterBaseMismatchError(
                 f"{label}: adapter fills slot {slot_name!r} that {base_dir} lacks; "
-                f"re-export with `edgepeft export --adapter <adapter dir> --out {quote(out)}` to add it")
+                f"re-export with {export_command('DIR', out)} to add it")
         if slot.selects:
             raise CorruptArtifactError(f"{label}: adapter fills the selector slot {slot_name!r}, which the runtime "
                                        f"binds per call; {fix}")

@@ -86,6 +86,18 @@ def test_inspect_and_run_say_what_to_open_instead(shared_export, tiny_base, caps
             Runtime(folder)
 
 
+def test_a_messages_export_command_pastes_into_a_shell_as_it_is(tmp_path, capsys):
+    """Folders with spaces: the command an HF PEFT adapter folder's message gives runs the export it names."""
+    import shlex
+
+    adapter = str(tmp_path / "my adapters" / "qv")
+    os.makedirs(adapter)
+    write_lines(os.path.join(adapter, "adapter_config.json"), ["{}"])
+    line = cli_error(capsys, "inspect", adapter)
+    command = shlex.split(line.split("`")[1])
+    assert command == ["edgepeft", "export", "--adapter", adapter, "--out", adapter + "-onnx"]
+
+
 def test_chat_without_a_template_names_the_file(text_export, tmp_path):
     out = str(tmp_path / "no-template")
     shutil.copytree(text_export[0], out)

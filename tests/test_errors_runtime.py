@@ -36,7 +36,7 @@ def test_adapter_for_other_base_is_refused_naming_both(rt, before, other_export,
     assert tiny_base("llama") in msg  # the base it was offered to
     assert rt.base_dir in msg
     # OUT holds a 'qv' already: a new name, not --overwrite, which would replace it
-    assert f"edgepeft export --adapter <adapter dir> --out {rt.path} --name <new name>`" in msg and "'qv'" in msg
+    assert f"edgepeft export --adapter DIR --out {rt.path} --name NAME`" in msg and "'qv'" in msg
     assert "other" not in rt.adapter_names
     assert_still_serving(rt, before)
 
@@ -54,7 +54,7 @@ def test_a_foreign_adapter_from_bytes_or_in_a_merge_export_gets_a_fix_that_works
     monkeypatch.chdir(os.path.join(rt.path, "adapters"))
     with pytest.raises(AdapterBaseMismatchError) as e:
         rt.load_adapter(open(zipped, "rb").read(), name="other")
-    assert "remove adapter bytes" not in str(e.value) and str(e.value).endswith("--name <new name>` (OUT holds an "
+    assert "remove adapter bytes" not in str(e.value) and str(e.value).endswith("--name NAME` (OUT holds an "
                                                                                "adapter named 'qv'; --overwrite would "
                                                                                "replace it)")
     merged = str(tmp_path / "merged")
