@@ -238,7 +238,7 @@ export class Runtime {
     s = forPrompt(s, ids[0].length);
     const maxNewTokens = s.maxNewTokens;
     const eosTokenId = [eos ?? this.manifest.eos_token_id ?? []].flat();  // null: the model's; one id or a list
-    if (!eosTokenId.every((v) => Number.isInteger(v) && v >= 0)) {
+    if (!eosTokenId.every((v) => Number.isInteger(v))) {  // as Python: an id < 0 is taken and never matches
       throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${JSON.stringify(eosTokenId)}`);
     }
     const pad = this.padIdOr(eosTokenId);

@@ -6,12 +6,14 @@ import { EdgePeftError, OPTIONAL, readJson } from "./checks.js";
 
 const PASS_IDS = "pass token ids encoded by the Python runtime (rt.tokenizer.encode) or transformers";
 
-/** `ids` (an array of numbers or bigints, or a typed array: what ONNX Runtime hands back) as plain numbers, as
- * the Python runtime's decode takes them; anything else is named (the library said "must be non-empty"). */
+/** `ids` (an array of numbers or bigints, or an integer typed array: what ONNX Runtime hands back) as plain numbers,
+ * as the Python runtime's decode takes them; anything else is named (the library said "must be non-empty"). A float
+ * typed array is refused as Python refuses a float array, whole numbers or not (a float tensor is no ids). */
 function tokenIds(ids) {
-  const list = ArrayBuffer.isView(ids) || Array.isArray(ids) ? Array.from(ids, (v) => typeof v === "bigint" ? Number(v) : v) : null;
+  const integers = Array.isArray(ids) || ArrayBuffer.isView(ids) && !(ids instanceof DataView) && !/^Float/.test(ids.constructor.name);
+  const list = integers ? Array.from(ids, (v) => typeof v === "bigint" ? Number(v) : v) : null;
   if (list === null || !list.every((v) => Number.isInteger(v) && v >= 0 && v < 2 ** 32)) {
-    const shown = list === null ? String(ids) : JSON.stringify(list);
+    const shown = list === null ? (ArrayBuffer.isView(ids) ? `a ${ids.constructor.name}` : String(ids)) : JSON.stringify(list);
     throw new EdgePeftError(`decode takes one sequence of token ids (integers >= 0), got ${shown.slice(0, 80)}`);
   }
   return list;

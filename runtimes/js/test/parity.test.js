@@ -198,6 +198,8 @@ test("bad ids, masks and lengths are refused with what is wrong, as the Python r
   await refuses(rt.forward([[[1, 2]]]), /2-D/);
   await refuses(rt.generate([[1, 2]], null, { eosTokenId: "x" }), /eosTokenId must be/);
   await refuses(rt.generate([[1, 2]], null, { eosTokenId: [2.5] }), /eosTokenId must be/);
+  assert.deepEqual(await rt.generate([[5, 6, 7]], null, { maxNewTokens: 3, eosTokenId: -1 }),  // Python takes it too
+    await rt.generate([[5, 6, 7]], null, { maxNewTokens: 3, eosTokenId: [] }));
   await refuses(rt.loadAdapter("prompt"), /loaded already/);
   // a mask of booleans means what 1/0 mean; eosTokenId null is the model's, as Python's None
   assert.ok(maxDiff((await rt.forward([[5, 6, 7]], [[true, true, true]])).logits,
