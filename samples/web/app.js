@@ -12,7 +12,11 @@ const $ = (id) => document.getElementById(id);
 
 async function main() {
   const t0 = performance.now();
-  const ep = params.get("ep") || ((await navigator.gpu?.requestAdapter()) ? "webgpu" : "wasm");
+  const gpu = params.get("ep") === "wasm" ? null : await navigator.gpu?.requestAdapter().catch(() => null);
+  const ep = params.get("ep") || (gpu ? "webgpu" : "wasm");
+  if (ep === "webgpu" && !gpu) {  // ONNX Runtime's own error blamed the session options
+    throw new Error("this browser offers no WebGPU adapter (navigator.gpu); open the page with &ep=wasm");
+  }
   // each build fetches its own wasm binary: the wasm-only one is half the size of the WebGPU one
   const ort = await import(ep === "webgpu" ? "onnxruntime-web/webgpu" : "onnxruntime-web/wasm");
   ort.env.wasm.wasmPaths = "/runtimes/js/node_modules/onnxruntime-web/dist/";

@@ -87,3 +87,13 @@ for (const [name, { ep = name, query = "", flags, tolerance }] of Object.entries
   timings.sort((a, b) => a - b);
   await writeFile(path.join(FIXTURES, `page-${name}.json`), JSON.stringify({ loadMs: loaded.loadMs, medianCallMs: timings[timings.length >> 1] }));
 });
+
+test("webgpu asked for where the browser has no adapter: the page says so and names &ep=wasm", async () => {
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: [...FLAGS, "--disable-gpu"] });
+  browsers.push(browser);
+  const page = await browser.newPage();
+  await page.goto(`${url}&ep=webgpu`);
+  await page.waitForFunction(() => document.getElementById("status").textContent !== "loading...", null, { timeout: 120000 });
+  assert.equal(await page.textContent("#status"),
+    "error: this browser offers no WebGPU adapter (navigator.gpu); open the page with &ep=wasm");
+});
