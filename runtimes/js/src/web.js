@@ -8,7 +8,9 @@ import { tokenizerOf } from "./tokenizer.js";
 async function fetched(url, as) {
   let response, body;
   try {
-    response = await fetch(url);
+    // JSON (manifests, small) revalidated on every fetch: a browser's cached edgepeft.json paired an old manifest
+    // with re-exported files, and hid "re-exported since this Runtime opened it" on loading a new adapter
+    response = await fetch(url, as === "json" ? { cache: "no-cache" } : undefined);
     body = response.ok ? (as === "json" ? await response.text() : new Uint8Array(await response.arrayBuffer())) : null;
   } catch (e) {  // the server down, the connection cut: nothing to re-export
     throw new EdgePeftError(`${url}: download failed (${e.message}); check the server and the connection, then retry`);

@@ -54,3 +54,18 @@ test("a stale weights file, a page for a missing file, a server that is down: ea
   await refuses(openUrl(ortWeb, "http://127.0.0.1:9/out"), /edgepeft\.json: download failed \(.*\); check the server and the connection/);
   await refuses(openUrl(ortWeb, "out"), /^out: not a URL this page can fetch/);  // relative, with no page to resolve it
 });
+
+test("manifests are revalidated on every fetch (a browser's cached edgepeft.json hid a base re-exported since)", async () => {
+  const real = globalThis.fetch;
+  const modes = {};
+  globalThis.fetch = (url, init) => { modes[new URL(url).pathname.replace(/^\/out\//, "")] = init?.cache; return real(url, init); };
+  try {
+    const rt = await openUrl(ortWeb, base);
+    await rt.loadAdapter("lora");
+  } finally {
+    globalThis.fetch = real;
+  }
+  assert.equal(modes["base/edgepeft.json"], "no-cache");
+  assert.equal(modes["adapters/lora/adapter.json"], "no-cache");
+  assert.equal(modes["base/model.web.onnx"], undefined);  // large files: the browser's cache as it is
+});
