@@ -211,18 +211,36 @@ def load_config(directory: str) -> PeftConfig:
         raise CorruptArtifactError(f"{path}: not valid JSON ({e}); re-save the adapter") from None
     if not isinstance(d, dict) or not isinstance(d.get("peft_type"), str):
         raise CorruptArtifactError(f"{path}: has no 'peft_type' name; re-save the adapter with save_pretrained")
+    return _config_from_dict(d, path, "fix the file or re-save the adapter")
+
+
+def _config_from_dict(d: dict, source: str, fix: str) -> PeftConfig:
+    """The registered config class for ``d["peft_type"]`` made from ``d``; errors begin with ``source``."""
     cls = _CONFIG_CLASSES.get(d["peft_type"])
     if cls is None:
         raise UnsupportedMethodError(
-            f"{path}: peft_type {d['peft_type']!r} is not supported; edgepeft supports "
+            f"{source}: peft_type {d['peft_type']!r} is not supported; edgepeft supports "
             f"{', '.join(supported_peft_types())}"
         )
     try:
-        config = cls.from_dict(d, source=path)
+        config = cls.from_dict(d, source=source)
         config.task  # noqa: B018  (checks task_type)
     except EdgePeftError as e:
-        raise type(e)(f"{path}: {e}") from None
+        raise type(e)(f"{source}: {e}") from None
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: invalid config ({e}); fix the file or re-save the adapter") from None
+        raise ConfigError(f"{source}: invalid config ({e}); {fix}") from None
     return config
+
+
+def as_config(config) -> PeftConfig:
+    """What ``get_peft_model``/``add_adapter`` take: an edgepeft config as it is; an HF PEFT config (a ported script)
+    read as its saved adapter_config.json would be, so the same fields are taken, warned about or refused."""
+    if isinstance(config, PeftConfig):
+        return config
+    if type(config).__module__.partition(".")[0] == "peft" and hasattr(config, "to_dict"):
+        d = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, (set, frozenset))
+                                  else str(v)))  # as HF PEFT writes it: sets as lists, its enums as their names
+        return _config_from_dict(d, f"HF PEFT's {type(config).__name__}", "or make an edgepeft config")
+    raise ConfigError(f"config must be a PEFT config such as edgepeft.LoraConfig(...) (or HF PEFT's), got "
+                      f"{type(config).__name__}")
 

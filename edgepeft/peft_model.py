@@ -27,13 +27,14 @@ from safetensors.torch import save
 from torch import nn
 
 from edgepeft.adapter_weights import drop_carried_base_weights, named_as_expected, read_adapter_weights
-from edgepeft.config import WEIGHTS_NAME, load_config, naming_config
+from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
+from edgepeft.hf_calls import elsewhere, refuse_adapter_names
 from edgepeft.registry import AdapterLayer
 from edgepeft.tuners import method_for
+from edgepeft.tuners.copies import merged_copy, unloaded_copy
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, check_saved_whole_apart, wrap_modules_to_save
-from edgepeft.tuners.targets import replace_module
 
 
 class TunedModel(nn.Module):
@@ -47,23 +48,16 @@ class TunedModel(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _refuse_adapter_names(kwargs: dict) -> None:
-    """HF PEFT's ``adapter_names=`` (an adapter per row) is not in the PyTorch model: transformers took the keyword
-    and ran the active adapter on every row, or refused it with its own error."""
-    if kwargs.pop("adapter_names", None) is not None:  # None: every row the active adapter, as HF PEFT takes it
-        raise ConfigError("adapter_names= (an adapter per row) is not in edgepeft's PyTorch model: run one adapter "
-                          "per call (set_adapter), or export and pass adapter=[...] to the runtime's forward/generate")
-
-
 class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config=None, adapter_name: str = "default"):
         super().__init__()
         self.base_model = TunedModel(model)
         self.peft_config: dict = {}
         self.active_adapter = None
+        self._disabled = False  # inside `with disable_adapter():`
         if config is not None:
             self.add_adapter(adapter_name, config)
-            self.set_adapter(adapter_name)
+            self.set_adapter(adapter_name, inference_mode=self.peft_config[adapter_name].inference_mode)
 
     def __getattr__(self, name):
         try:
@@ -71,14 +65,24 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name in ("base_model", "peft_config"):
                 raise
-            return getattr(self.base_model.model, name)
+            return elsewhere(name) or getattr(self.base_model.model, name)
+
+    @property
+    def active_adapters(self) -> list:
+        """HF PEFT's list form of ``active_adapter``."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
+    def peft_type(self) -> str | None:
+        """The active adapter's method, as HF PEFT names it (``LORA``)."""
+        return self.peft_config[self.active_adapter].peft_type if self.active_adapter is not None else None
 
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, adapter_name: str, config) -> None:
         """Add a new adapter (initialised as PEFT does); it trains once ``set_adapter`` makes it active."""
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists; pick another name")
-        config = copy.deepcopy(config)
+        config = copy.deepcopy(as_config(config))
         if config.task_type == "SEQ_CLS":  # PEFT trains the classifier head with the adapter
             config.modules_to_save = list(config.modules_to_save or []) + [
                 n for n in CLASSIFIER_NAMES if n not in (config.modules_to_save or [])
@@ -140,21 +144,28 @@ class PeftModel(nn.Module):
         self.peft_config.pop(adapter_name, None)
 
     def _activate(self, adapter_name) -> None:
-        """The adapter calls use (None: the base model), in every layer; what trains is left as it is."""
+        """The adapter calls use (None: the base model); what trains is left as it is."""
+        self.active_adapter = adapter_name
+        self._run_layers()
+
+    def _run_layers(self) -> None:
+        """Every layer runs the active adapter, or none inside ``disable_adapter``'s block."""
+        running = None if self._disabled else self.active_adapter
         for module in self.modules():
             if isinstance(module, AdapterLayer):
-                module.active_adapter = adapter_name
-        self.active_adapter = adapter_name
+                module.active_adapter = running
 
     @contextmanager
     def disable_adapter(self):
-        """Calls inside run the base model (HF PEFT's ``with model.disable_adapter():``)."""
-        was = self.active_adapter
-        self._activate(None)
+        """Calls inside run the base model (HF PEFT's ``with model.disable_adapter():``); ``active_adapter`` stays,
+        and an adapter ``set_adapter`` makes active inside the block runs once it ends, as in HF PEFT."""
+        was, self._disabled = self._disabled, True
+        self._run_layers()
         try:
             yield
         finally:
-            self._activate(was)
+            self._disabled = was
+            self._run_layers()
 
     def get_base_model(self) -> nn.Module:
         """The transformers model, its adapter layers in place (HF PEFT's ``get_base_model``)."""
@@ -237,8 +248,9 @@ class PeftModel(nn.Module):
             state.update(module.saved_tensors(name))
         return state
 
-    def load_adapter(self, directory: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        directory = str(directory)
+    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Load the adapter folder ``model_id`` (HF PEFT's name: a local folder here) as ``adapter_name``."""
+        directory = str(model_id)
         config = load_config(directory)
         config.inference_mode = not is_trainable
         try:
@@ -300,15 +312,25 @@ class PeftModel(nn.Module):
             module.load_saved_tensors(adapter_name, state, path)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory, adapter_name: str = "default", is_trainable: bool = False):
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False):
         peft = cls(model)
-        peft.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        peft.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
         peft.set_adapter(adapter_name, inference_mode=not is_trainable)
         return peft
 
-    def save_pretrained(self, directory, selected_adapters=None) -> None:
-        """Write each adapter as an HF PEFT dir (non-default adapters in ``directory/<name>``)."""
-        directory = str(directory)
+    def save_pretrained(self, save_directory, selected_adapters=None, save_embedding_layers="auto",
+                        is_main_process: bool = True, safe_serialization: bool = True) -> None:
+        """Write each adapter as an HF PEFT dir (non-default adapters in ``save_directory/<name>``), as HF PEFT's
+        save_pretrained with its defaults; ``is_main_process=False`` writes nothing (the other processes of a run)."""
+        directory = str(save_directory)
+        if os.path.isfile(directory):
+            raise ConfigError(f"{directory}: is a file; give save_pretrained a folder")
+        if not safe_serialization:
+            raise ConfigError("safe_serialization=False (adapter_model.bin): edgepeft writes adapter_model.safetensors "
+                              "only, which HF PEFT reads as well; leave safe_serialization at True")
+        if save_embedding_layers is True:
+            raise ConfigError("save_embedding_layers=True: edgepeft trains no base embedding layers to save with the "
+                              "adapter; leave it at 'auto'")
         selected = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [name for name in selected if name not in self.peft_config]
         if unknown:
@@ -317,6 +339,8 @@ class PeftModel(nn.Module):
         configs = {name: self.peft_config[name] for name in selected}
         for config in configs.values():  # every config serialised first: one that cannot be written fails before any file is
             config.to_dict()
+        if not is_main_process:
+            return
         for name, config in configs.items():
             target = directory if name == "default" else os.path.join(directory, name)
             state = {k: v.contiguous().cpu() for k, v in self.get_adapter_state_dict(name).items()}
@@ -326,16 +350,16 @@ class PeftModel(nn.Module):
     # ---------------------------------------------------------------- use
     def forward(self, *args, **kwargs):
         """The model with the active adapter; its tuner may rewrite the call's inputs (virtual tokens)."""
-        _refuse_adapter_names(kwargs)
-        if self.active_adapter is None:
+        refuse_adapter_names(kwargs)
+        if self.active_adapter is None or self._disabled:
             return self.base_model.model(*args, **kwargs)
         name = self.active_adapter
         return method_for(self.peft_config[name]).tuner.forward(self.base_model.model, self.peft_config[name], name,
                                                                 *args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        _refuse_adapter_names(kwargs)
-        if self.active_adapter is None:
+        refuse_adapter_names(kwargs)
+        if self.active_adapter is None or self._disabled:
             return self.base_model.model.generate(*args, **kwargs)
         name = self.active_adapter
         return method_for(self.peft_config[name]).tuner.generate(self.base_model.model, self.peft_config[name], name,
@@ -349,27 +373,23 @@ class PeftModel(nn.Module):
         t, n = self.get_nb_trainable_parameters()
         print(f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / n:.4f}")
 
-    def merge_and_unload(self, adapter_name: str | None = None) -> nn.Module:
-        """A copy of the transformers model with ``adapter_name`` folded into its weights."""
+    def merge_and_unload(self, adapter_name: str | None = None, *, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names=None) -> nn.Module:
+        """A copy of the transformers model with ``adapter_name`` (or HF PEFT's ``adapter_names``, one of them)
+        folded into its weights; ``safe_merge``: weights that are not finite refused; ``progressbar`` ignored."""
+        if adapter_names is not None:
+            if isinstance(adapter_names, str) or len(adapter_names) != 1 or adapter_name is not None:
+                raise ConfigError(f"adapter_names={adapter_names!r}: edgepeft merges one adapter per copy; give one "
+                                  "name, e.g. merge_and_unload(adapter_names=['default'])")
+            adapter_name = adapter_names[0]
         name = adapter_name or self.active_adapter
         if name not in self.peft_config:
             raise ConfigError(f"no adapter named {name!r} to merge; have {sorted(self.peft_config)}")
-        model = copy.deepcopy(self.base_model.model)
-        for module in model.modules():  # layers that cannot be folded (bottleneck) keep running `name`
-            if isinstance(module, AdapterLayer):
-                module.active_adapter = name
-        method_for(self.peft_config[name]).tuner.merge(model, name)
-        for key, module in list(model.named_modules()):  # outermost first: a wrapper goes before what it holds
-            if not isinstance(module, AdapterLayer) or not module.frozen_attr:
-                continue
-            try:
-                still_there = model.get_submodule(key) is module
-            except AttributeError:  # inside a wrapper replaced above
-                still_there = False
-            plain = module.merged_module(name) if still_there else None
-            if plain is not None:  # None: it cannot be folded (a bottleneck): it stays, active
-                replace_module(model, key, plain)
-        return model
+        return merged_copy(self.base_model.model, method_for(self.peft_config[name]).tuner, name, safe_merge)
+
+    def unload(self) -> nn.Module:
+        """A copy of the transformers model with every adapter layer taken out, nothing merged (HF PEFT's unload)."""
+        return unloaded_copy(self.base_model.model)
 
 
 def _layer_index(key: str) -> int | None:

@@ -25,13 +25,14 @@ class AdapterLayer(nn.Module):
 
     ``adapter_dicts``: the names of its per-adapter ``ModuleDict``/``ParameterDict``s (saved by
     ``PeftModel`` under ``<module>.<dict>.<adapter param>``, HF PEFT's keys); ``frozen_attr``: the
-    attribute holding the module it wraps; ``active_adapter``: the adapter calls use (None: none).
+    attribute holding the module it wraps ("": mixed into the module itself; None: wraps nothing, a module of the
+    model's own that a merged or unloaded copy drops); ``active_adapter``: the adapter calls use (None: none).
     A layer whose saved state is not its parameters (virtual tokens) sets ``own_state`` and
     implements the three ``*_tensors``/``adapter_parameters`` hooks.
     """
 
     adapter_dicts: tuple = ()
-    frozen_attr: str = "base_layer"
+    frozen_attr: str | None = "base_layer"
     own_state: bool = False
     active_adapter = None
 

@@ -84,7 +84,7 @@ def test_text_init_matches_peft_from_a_local_tokenizer(tiny_base, tmp_path):
                                         edgepeft.PromptTuningConfig(tokenizer_name_or_path=source, **kw))
         got = model.get_adapter_state_dict()["prompt_embeddings"]
         assert torch.equal(got, expected)
-    words = model.base_model.model.get_input_embeddings().base_layer.weight.detach()
+    words = model.base_model.model.get_input_embeddings().weight.detach()
     assert torch.equal(got[:3], words[[5, 9, 17]]) and torch.equal(got[3:6], words[[5, 9, 17]])  # repeated, cut to 7
     model.save_pretrained(tmp_path / "saved")  # the object's source folder is recorded
     assert json.load(open(tmp_path / "saved" / "adapter_config.json"))["tokenizer_name_or_path"] == str(tmp_path / "tok")

@@ -191,6 +191,9 @@ class _TargetView(nn.Module):
             if any(".".join(parts[:i]) in held for i in range(1, len(parts) + 1)):
                 continue
             if isinstance(m, AdapterLayer):
+                if m.frozen_attr is None:  # a module the adapters added (virtual tokens): not the model's
+                    held.add(key)
+                    continue
                 held |= {f"{key}.{d}" if key else d for d in (*m.adapter_dicts, m.frozen_attr) if d}
             yield key, innermost(m)
 

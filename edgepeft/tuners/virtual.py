@@ -1,13 +1,15 @@
 """Virtual tokens: what prompt tuning and prefix tuning share (HF PEFT's "prompt learning").
 
     transformers model
-      `-- input embedding layer = VirtualTokenEmbedding(base_layer)   forward: base_layer, unchanged
+      |-- input embedding layer: untouched (get_input_embeddings, resize_token_embeddings as without adapters)
+      `-- virtual_tokens = VirtualTokens()   no forward
             `-- prompt_encoder[adapter]: the method's encoder; encoder() -> (num_virtual_tokens, D)
 
-The encoder lives beside the input embeddings so it is part of the module tree
-(trainable, moved with ``.to``), yet it changes nothing by itself: the method's
-tuner rewrites a call's inputs (``forward`` / ``generate`` hooks that PeftModel
-calls), as HF PEFT's PeftModel does for prompt learning:
+The encoders live in a module of their own beside the model's layers, so they are part of the module tree
+(trainable, moved with ``.to``) without wrapping the input embeddings (a wrapper had no ``weight``, was replaced
+by ``resize_token_embeddings``, and a save of the base named its weights ``...wte.base_layer.weight``, which
+transformers then left random). They change nothing by themselves: the method's tuner rewrites a call's inputs
+(``forward`` / ``generate`` hooks that PeftModel calls), as HF PEFT's PeftModel does for prompt learning:
 
 - the attention mask gets ``num_virtual_tokens`` ones in front;
 - prompt tuning puts the prompt before the input embeddings; user ``position_ids``
@@ -29,7 +31,6 @@ from torch import nn
 from edgepeft.config import PeftConfig
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, UnsupportedMethodError
 from edgepeft.registry import AdapterLayer, Tuner
-from edgepeft.tuners.targets import replace_module
 
 
 def hidden_size(model_config) -> int:
@@ -85,23 +86,22 @@ class PromptLearningConfig(PeftConfig):
         """The token_dim ``fill_method_fields`` may set instead of the hidden size (None: it sets none)."""
 
 
-class VirtualTokenEmbedding(AdapterLayer):
-    """Wraps the input embedding layer and holds each adapter's virtual-token encoder.
+HOLDER = "virtual_tokens"  # the model's submodule holding the encoders
 
-    Its forward is the embedding layer's. State: one ``prompt_embeddings`` tensor per
-    adapter (the encoder's output, as HF PEFT saves it).
+
+class VirtualTokens(AdapterLayer):
+    """Each adapter's virtual-token encoder, in a module of the model's own (it wraps nothing).
+
+    State: one ``prompt_embeddings`` tensor per adapter (the encoder's output, as HF PEFT saves it).
     """
 
     adapter_dicts = ("prompt_encoder",)
     own_state = True  # saves the encoder's output, not its parameters
+    frozen_attr = None  # wraps nothing: a merged or unloaded copy of the model drops it
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self):
         super().__init__()
-        self.base_layer = base_layer
         self.prompt_encoder = nn.ModuleDict()
-
-    def forward(self, *args, **kwargs):
-        return self.base_layer(*args, **kwargs)
 
     def tokens(self, adapter_name: str) -> torch.Tensor:
         """(num_virtual_tokens, D): the prompt (D = hidden) or flattened prefix keys/values."""
@@ -133,23 +133,21 @@ class VirtualTokenEmbedding(AdapterLayer):
             weight.copy_(saved.to(weight.dtype))
 
 
-def embedding_holder(model: nn.Module, create: bool = False) -> VirtualTokenEmbedding | None:
-    """The VirtualTokenEmbedding around ``model``'s input embeddings (made on first use when ``create``)."""
-    embeddings = model.get_input_embeddings()
-    if isinstance(embeddings, VirtualTokenEmbedding) or not create:
-        return embeddings if isinstance(embeddings, VirtualTokenEmbedding) else None
-    key = next(k for k, m in model.named_modules() if m is embeddings)
-    holder = VirtualTokenEmbedding(embeddings)
-    replace_module(model, key, holder)
+def embedding_holder(model: nn.Module, create: bool = False) -> VirtualTokens | None:
+    """``model``'s VirtualTokens (made on first use when ``create``)."""
+    holder = model._modules.get(HOLDER)
+    if holder is None and create:
+        holder = VirtualTokens()
+        model.add_module(HOLDER, holder)
     return holder
 
 
 class VirtualTokenTuner(Tuner):
-    """What prompt and prefix tuners share: their adapter layer is the holder around the input embeddings."""
+    """What prompt and prefix tuners share: their adapter layer is the model's VirtualTokens."""
 
     def layers(self, model: nn.Module):
         holder = embedding_holder(model)
-        return [] if holder is None else [("", holder)]
+        return [] if holder is None else [(HOLDER, holder)]
 
 
 def drop_token_type_ids(config, kwargs: dict):

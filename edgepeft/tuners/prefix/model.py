@@ -81,7 +81,7 @@ class PrefixTuner(VirtualTokenTuner):
         check_decoder_task(arch, config.task_type)  # refused before training, not after it at export
         config.fill_from(model.config)
         holder = embedding_holder(model, create=True)
-        holder.prompt_encoder[adapter_name] = PrefixEncoder(config).to(holder.base_layer.weight.device)
+        holder.prompt_encoder[adapter_name] = PrefixEncoder(config).to(model.get_input_embeddings().weight.device)
         if arch in ENCODERS:
             for layer, key in enumerate(self_attention_names(model)):
                 add_prefix(model.get_submodule(key), PrefixSelfAttention, layer, _source=holder)

@@ -23,7 +23,8 @@ class PromptTuner(VirtualTokenTuner):
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         config.fill_from(model.config)
         holder = embedding_holder(model, create=True)
-        holder.prompt_encoder[adapter_name] = PromptEmbedding(config, holder.base_layer).to(holder.base_layer.weight.device)
+        words = model.get_input_embeddings()
+        holder.prompt_encoder[adapter_name] = PromptEmbedding(config, words).to(words.weight.device)
         return []
 
     def merge(self, model: nn.Module, adapter_name: str) -> None:
@@ -32,7 +33,7 @@ class PromptTuner(VirtualTokenTuner):
     def inputs_embeds(self, model, adapter_name: str, input_ids, inputs_embeds):
         holder = embedding_holder(model)
         if inputs_embeds is None:
-            inputs_embeds = holder.base_layer(input_ids)  # (B, T, H)
+            inputs_embeds = model.get_input_embeddings()(input_ids)  # (B, T, H)
         prompt = holder.tokens(adapter_name).to(inputs_embeds.dtype)  # (n, H)
         prompt = prompt.unsqueeze(0).expand(inputs_embeds.shape[0], -1, -1)  # (B, n, H)
         return torch.cat([prompt, inputs_embeds], dim=1)  # (B, n + T, H)

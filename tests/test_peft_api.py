@@ -1,0 +1,124 @@
+"""HF PEFT's PeftModel calls a ported script makes, on edgepeft's PeftModel: each does what HF PEFT's does, or is
+refused with an EdgePeftError that names what to call instead (a bug hunt found each one failing before its fix:
+ignored, a wrong answer, a raw TypeError/AttributeError, or a false "use PEFT >= 0.22" from transformers)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_refs import randomize_adapter
+from tiny import load_reference_base, sample_batch
+
+import edgepeft
+from edgepeft.errors import ConfigError, UnsupportedMethodError
+
+
+def _llama(tiny_base):
+    return load_reference_base(tiny_base("llama"), "causal-lm").eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_inference_mode_configs_and_hf_peft_configs_are_taken_as_hf_peft_takes_them(tiny_base):
+    import peft
+
+    for lib in (peft, edgepeft):  # inference_mode=True: nothing trains (edgepeft trained the adapter)
+        config = lib.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"], inference_mode=True)
+        assert lib.get_peft_model(_llama(tiny_base), config).get_nb_trainable_parameters()[0] == 0
+    # a ported script's HF PEFT config (an AttributeError from inside the tuner): read as its saved file would be
+    kw = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules={"q_proj", "v_proj"}, use_rslora=True)
+    theirs = edgepeft.get_peft_model(_llama(tiny_base), peft.LoraConfig(**kw))
+    ours = edgepeft.get_peft_model(_llama(tiny_base), edgepeft.LoraConfig(**kw))
+    assert theirs.peft_config["default"].to_dict() == ours.peft_config["default"].to_dict()
+    with pytest.raises(UnsupportedMethodError, match="HF PEFT's LoraConfig: .*use_dora"):
+        edgepeft.get_peft_model(_llama(tiny_base), peft.LoraConfig(task_type="CAUSAL_LM", use_dora=True))
+    with pytest.raises(ConfigError, match="config must be a PEFT config such as edgepeft.LoraConfig.*got dict"):
+        edgepeft.get_peft_model(_llama(tiny_base), {"r": 4})
+
+
+def test_disable_adapter_and_the_active_adapter_as_in_hf_peft(tiny_base):
+    """Inside the block active_adapter stays (edgepeft said None); an adapter set_adapter makes active there runs
+    once the block ends (edgepeft ran it inside, then went back to the old one); merging inside works."""
+    import peft
+
+    ids = torch.from_numpy(sample_batch()[0])
+    plain = _logits(_llama(tiny_base), ids)
+    seen = {}
+    for lib in (peft, edgepeft):
+        model = lib.get_peft_model(_llama(tiny_base), lib.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+        model.add_adapter("b", lib.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+        randomize_adapter(model, 3)
+        with model.disable_adapter():
+            inside = (model.active_adapter, list(model.active_adapters))
+            model.set_adapter("b")
+            torch.testing.assert_close(_logits(model, ids), plain, rtol=0, atol=0)
+            merged = model.merge_and_unload()
+        b = _logits(model, ids)
+        assert not torch.equal(b, plain)
+        torch.testing.assert_close(_logits(merged, ids), b, rtol=1e-4, atol=1e-5)
+        seen[lib.__name__] = (inside, model.active_adapter, model.active_adapters, model.peft_type == "LORA")
+    assert seen["edgepeft"] == seen["peft"] == (("default", ["default"]), "b", ["b"], True)
+
+
+def test_hf_peft_keywords_of_save_load_merge_and_unload(tiny_base, tmp_path):
+    ids = torch.from_numpy(sample_batch()[0])
+    model = edgepeft.get_peft_model(_llama(tiny_base), edgepeft.LoraConfig(task_type="CAUSAL_LM", r=2,
+                                                                          target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(model, 4)
+    tuned = _logits(model, ids)
+    model.save_pretrained(save_directory=tmp_path / "a")
+    model.save_pretrained(tmp_path / "b", is_main_process=False)  # another process of a run: writes nothing
+    assert not (tmp_path / "b").exists()
+    (tmp_path / "file").write_text("x")
+    for kwargs, words in (({"safe_serialization": False}, "writes adapter_model.safetensors only"),
+                          ({"save_embedding_layers": True}, "no base embedding layers")):
+        with pytest.raises(ConfigError, match=words):
+            model.save_pretrained(tmp_path / "c", **kwargs)
+    with pytest.raises(ConfigError, match="file: is a file; give save_pretrained a folder"):  # FileExistsError
+        model.save_pretrained(tmp_path / "file")
+    loaded = edgepeft.PeftModel.from_pretrained(_llama(tiny_base), model_id=str(tmp_path / "a"))
+    loaded.load_adapter(model_id=str(tmp_path / "a"), adapter_name="again")
+    torch.testing.assert_close(_logits(loaded, ids), tuned, rtol=0, atol=0)
+    merged = model.merge_and_unload(progressbar=True, safe_merge=True, adapter_names=["default"])
+    torch.testing.assert_close(_logits(merged, ids), tuned, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="merges one adapter per copy"):
+        loaded.merge_and_unload(adapter_names=["default", "again"])
+    unloaded = model.unload()  # nothing merged, no adapter layer left
+    torch.testing.assert_close(_logits(unloaded, ids), _logits(_llama(tiny_base), ids), rtol=0, atol=0)
+    assert type(unloaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    for name, fix in (("merge_adapter", "merge_and_unload"), ("disable_adapters", "disable_adapter"),
+                      ("enable_adapter_layers", "disable_adapter")):
+        with pytest.raises(ConfigError, match=rf"{name}\(\) \(HF PEFT's\) is not in edgepeft's PeftModel; use .*{fix}"):
+            getattr(model, name)()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+    with pytest.raises(ConfigError, match="gives weights that are not finite"):
+        model.merge_and_unload(safe_merge=True)
+
+
+def test_virtual_tokens_leave_the_input_embeddings_as_they_are(tiny_base, tmp_path):
+    """Prompt tuning wrapped the input embeddings: get_input_embeddings().weight and resize_token_embeddings failed,
+    and a save of the base named the embeddings ...embed_tokens.base_layer.weight, which transformers then left
+    random (HF PEFT keeps its encoders outside the model)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.from_numpy(sample_batch()[0])
+    base = _llama(tiny_base)
+    words = base.get_input_embeddings().weight.detach().clone()
+    model = edgepeft.get_peft_model(base, edgepeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    model.add_adapter("lora", edgepeft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    assert torch.equal(model.get_input_embeddings().weight, words)
+    prompted = _logits(model, ids)
+    model.get_base_model().save_pretrained(tmp_path / "base")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert torch.equal(reloaded.get_input_embeddings().weight, words)
+    assert not any("virtual_tokens" in k for k in model.merge_and_unload("lora").state_dict())
+    with pytest.raises(UnsupportedMethodError, match="prompt tuning adds tokens"):
+        model.merge_and_unload("default")
+    assert not any("virtual_tokens" in k for k in model.unload().state_dict())
+    model.resize_token_embeddings(words.shape[0] + 8)
+    assert model.get_input_embeddings().weight.shape[0] == words.shape[0] + 8
+    torch.testing.assert_close(_logits(model, ids)[..., :words.shape[0]], prompted, rtol=1e-5, atol=1e-6)
