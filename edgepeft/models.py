@@ -205,7 +205,12 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
                 if isinstance(eos := config.eos_token_id, int) else ""))
     auto_cls = TasksManager.get_model_class_for_task(OPTIMUM_TASKS[task], library="transformers")
     head = {"ignore_mismatched_sizes": True}  # a size that differs is refused below, naming it (but the head's)
-    if labels is not None and task == "seq-cls":
+    if labels is not None and task == "seq-cls":  # training: one label per row, cross-entropy
+        if getattr(config, "problem_type", None) not in (None, "single_label_classification"):
+            raise ConfigError(  # BCE or MSE loss on class ids: a size-mismatch traceback
+                f"{model_label(name_or_path, revision)}: config.json's problem_type is {config.problem_type!r}; edgepeft "
+                "trains single-label classification (one label per row); use a copy of the model whose config.json "
+                "sets problem_type to \"single_label_classification\"")
         head.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                     label2id={n: i for i, n in enumerate(labels)})
     torch.manual_seed(seed)

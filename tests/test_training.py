@@ -215,6 +215,11 @@ def test_resume_continues_exactly_where_the_run_stopped(method, options, text_mo
     with pytest.raises(ConfigError, match="was made by 2 training process\\(es\\), this run has 1; resume with 2"):
         Trainer(_args(model, data, str(tmp_path / "b"), save="last", resume=True, **extra)).train()
     monkeypatch.setattr(training_module, "read_checkpoint", real_read)
+    # rows added to the data since: the resumed epochs ran twice the steps, the log kept the old counts
+    _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 40))
+    with pytest.raises(ConfigError, match=f"was made with other rows in {data} \\(the file changed since"):
+        Trainer(_args(model, data, str(tmp_path / "b"), save="last", resume=True, **extra)).train()
+    _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 32))
     # killed (kill -9) between the checkpoint's two renames, and while staging one: --resume said "no checkpoint",
     # without it "pass --overwrite" (every epoch lost); the resumed run puts it back and removes the staging folder
     made = subprocess.run([sys.executable, "-c", "import sys, edgepeft.files as f; print(f.staging_dir(sys.argv[1], "

@@ -48,6 +48,9 @@ def test_two_objects_on_one_line_is_invalid_json(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", ['{"text": "a", "label": "x"} {"text": "b", "label": "y"}'])
     with pytest.raises(DataError, match=r":1: not valid JSON"):
         read_jsonl(path, "seq-cls")
+    path = write_lines(tmp_path / "deep.jsonl", ["[" * 100000])  # Python's RecursionError, a traceback
+    with pytest.raises(DataError, match=r"deep.jsonl:1: not valid JSON \(nested too deeply\)"):
+        read_jsonl(path, "seq-cls")
 
 
 @pytest.mark.parametrize("line, kind", [('["a", "b"]', "list"), ('"just text"', "str"), ("42", "int"), ("null", "NoneType")])
@@ -78,9 +81,13 @@ def test_missing_fields_per_task(tmp_path, task, row, needs):
 
 
 def test_causal_lm_accepts_both_shapes_and_keeps_line_numbers(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [{"text": "plain"}, "", "   ", {"prompt": "Q", "completion": "A", "extra": 1}])
+    """A row with the text and its prompt/completion trains the completion, as TRL's SFTTrainer does (it trained the
+    text, the prompt's tokens too, silently)."""
+    path = write_lines(tmp_path / "d.jsonl", [{"text": "plain"}, "", "   ", {"prompt": "Q", "completion": "A", "extra": 1},
+                                              {"text": "Q A", "prompt": "Q", "completion": "A"}])
     rows = read_jsonl(path, "causal-lm")
-    assert rows == [{"text": "plain", "_line": 1}, {"prompt": "Q", "completion": "A", "_line": 4}]
+    assert rows == [{"text": "plain", "_line": 1}, {"prompt": "Q", "completion": "A", "_line": 4},
+                    {"prompt": "Q", "completion": "A", "_line": 5}]
 
 
 @pytest.mark.parametrize("task, row, field", [
@@ -104,6 +111,7 @@ def test_empty_or_non_string_text(tmp_path, task, row, field):
     (1.0, "non-empty string or an integer"),
     (0.5, "non-empty string or an integer"),
     ("", "non-empty string or an integer"),
+    ("  ", "non-empty string or an integer"),  # was a class of its own
     (None, "non-empty string or an integer"),
     (["a"], "non-empty string or an integer"),
     (-1, ">= 0"),

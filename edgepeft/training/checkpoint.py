@@ -74,13 +74,21 @@ def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> N
                           "over with --overwrite")
 
 
-def check_labels(state: dict | None, ckpt: str, labels: list | None, data: str) -> None:
+def check_labels(state: dict | None, ckpt: str, labels: list | None, data: str, digests: dict, paths: dict) -> None:
     """Refuse to resume on data whose classes differ from the checkpoint's (a label renamed trained its rows as
-    another class and saved the old names; one added was a size-mismatch traceback)."""
-    made = (state or {}).get("log", {}).get("labels")
-    if state is not None and made != labels:
-        raise ConfigError(f"{ckpt}: was made with the labels {made}, {data} now gives {labels}; resume with the data "
-                          "it was made with or start over with --overwrite")
+    another class and saved the old names; one added was a size-mismatch traceback), or on rows changed since
+    (``digests``: {"data_sha256": ..., "eval_sha256": ...}, of the files in ``paths``): the steps per epoch, the
+    log's counts and the evals that pick the best epoch follow the rows, and the log kept the old ones."""
+    if state is None:
+        return
+    log = state.get("log", {})
+    if log.get("labels") != labels:
+        raise ConfigError(f"{ckpt}: was made with the labels {log.get('labels')}, {data} now gives {labels}; resume "
+                          "with the data it was made with or start over with --overwrite")
+    for key, digest in digests.items():
+        if key in log and log[key] != digest:  # a checkpoint from before the digests: not checked
+            raise ConfigError(f"{ckpt}: was made with other rows in {paths[key]} (the file changed since, or it is "
+                              "another file); resume with the rows it was made with or start over with --overwrite")
 
 
 def restore(peft, optimizer, scheduler, state: dict, process: int) -> None:

@@ -1,7 +1,7 @@
 """Training data: JSONL rows checked line by line, tokenized and batched per task.
 
     seq-cls             {"text": ..., "label": "positive" | 3}
-    causal-lm           {"text": ...}  or  {"prompt": ..., "completion": ...}  (loss on the completion only)
+    causal-lm           {"prompt": ..., "completion": ...}  (loss on the completion only)  or  {"text": ...}
     feature-extraction  {"text": ..., "positive": ...}  (pairs; in-batch negatives)
 
 A bad row raises ``DataError`` naming the file and the line.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import copy
+import hashlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from edgepeft.runtimes.sentence import lowercase_first
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
 FIELDS = {
     "seq-cls": [("text", "label")],
-    "causal-lm": [("text",), ("prompt", "completion")],
+    "causal-lm": [("prompt", "completion"), ("text",)],  # a row with both: the completion trains, as in TRL
     "feature-extraction": [("text", "positive")],
 }
 
@@ -86,8 +87,9 @@ def read_jsonl(path: str, task: str) -> Rows:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise DataError(f"{path}:{n}: not valid JSON ({reason}); each line must be one JSON object") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object like {want}, got {type(row).__name__}")
         ignored |= others.keys() & row.keys()
@@ -101,7 +103,8 @@ def read_jsonl(path: str, task: str) -> Rows:
                 raise DataError(f"{path}:{n}: \"{k}\" holds an unpaired surrogate ({row[k][e.start]!r}, half a character "
                                 "escaped in JSON); mend or drop that text") from None
             if k == "label":
-                if isinstance(row[k], bool) or not isinstance(row[k], (str, int)) or row[k] == "":
+                if isinstance(row[k], bool) or not isinstance(row[k], (str, int)) or \
+                        isinstance(row[k], str) and not row[k].strip():
                     raise DataError(f"{path}:{n}: \"label\" must be a non-empty string or an integer, got {row[k]!r}")
                 if isinstance(row[k], int) and row[k] < 0:
                     raise DataError(f"{path}:{n}: integer labels must be >= 0, got {row[k]}")
@@ -111,6 +114,14 @@ def read_jsonl(path: str, task: str) -> Rows:
     if not rows:
         raise DataError(f"{path}: no rows; a {task} file needs lines like {want}")
     return Rows(rows, ignored)
+
+
+def rows_digest(rows: list | None) -> str | None:
+    """sha256 of the rows' fields (not their line numbers): which data a checkpoint was trained on."""
+    if rows is None:
+        return None
+    fields = [{k: v for k, v in r.items() if k != "_line"} for r in rows]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def process_share(rows: list, size: int, index: int, processes: int) -> list:

@@ -33,7 +33,7 @@ from edgepeft.training.checkpoint import (
     read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint,
 )
 from edgepeft.training.data import (
-    IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl,
+    IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, rows_digest,
 )
 from edgepeft.training.summary import beat_untrained, hint, rank, shown
 
@@ -70,6 +70,7 @@ class Trainer:
             if note and first():  # one note from a multi-process run
                 print(f"note: {note}", file=sys.stderr)
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
+        self.digests = {"data_sha256": rows_digest(rows), "eval_sha256": rows_digest(eval_rows)}  # what --resume checks
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
         head = named_labels(config) if args.task == "seq-cls" else None  # a trained classifier's own class names
         labels = label_names(rows, args.data, head) if args.task == "seq-cls" else None
@@ -171,10 +172,11 @@ class Trainer:
             result["accuracy"] = correct / max(seen, 1)
         elif self.args.task == "causal-lm":
             result["perplexity"] = math.exp(min(result["loss"], 50.0))
-        else:  # retrieval: is each text's nearest positive (among all eval positives) its own?
-            pairs = gather_object(pairs)  # every process's, in process order
+        else:  # retrieval: is each text's nearest positive (among all eval positives) its own? A tie counts (a
+            pairs = gather_object(pairs)  # row's copy: argmax took the first and a duplicate pair scored as a miss)
             a, p = (torch.cat(side) for side in zip(*pairs))
-            result["accuracy"] = float(((a @ p.T).argmax(-1) == torch.arange(len(a))).float().mean())
+            scores = a @ p.T  # cosines; the same text padded in another batch differs by float rounding
+            result["accuracy"] = float((scores.diagonal() >= scores.max(-1).values - 1e-6).float().mean())
         return result
 
     # ------------------------------------------------------------------ train
@@ -189,7 +191,8 @@ class Trainer:
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
         encoder, train_rows, eval_rows, labels, model_config = self._data(method)
-        check_labels(resume, os.path.join(args.out, CHECKPOINT), labels, args.data)
+        check_labels(resume, os.path.join(args.out, CHECKPOINT), labels, args.data, self.digests,
+                     {"data_sha256": args.data, "eval_sha256": args.eval_data})
         peft = self._model(labels, method, model_config)
         heads = [p for n, p in peft.named_parameters() if p.requires_grad and ".modules_to_save." in n]
         params = [p for p in peft.parameters() if p.requires_grad]
@@ -207,7 +210,7 @@ class Trainer:
                                   num_training_steps=total)
         log = {"args": args.fingerprint(), "labels": labels, "world_size": acc.num_processes,
                "mixed_precision": str(acc.mixed_precision),
-               "train_examples": len(train_rows), "eval_examples": len(eval_rows or []),
+               "train_examples": len(train_rows), "eval_examples": len(eval_rows or []), **self.digests,
                "trainable_parameters": sum(p.numel() for p in params),
                "total_parameters": sum(p.numel() for p in peft.parameters()),
                "steps_per_epoch": steps_per_epoch, "history": [], "evals": [], "best": None, "train_seconds": 0.0}

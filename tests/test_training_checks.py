@@ -1,0 +1,43 @@
+"""What training checks of its model and its evaluation beyond the rows (a bug hunt's finds, each failing before its
+fix): a classifier that is not single-label, and duplicate pairs in a retrieval eval."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from file_checks import edit_json, write_lines
+from training_helpers import cli_error, seq_cls_rows, train_argv
+from edgepeft.errors import ConfigError
+from edgepeft.training import train
+
+
+@pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
+def test_a_classifier_that_is_not_single_label_is_refused_naming_the_fix(text_model, tmp_path, capsys, problem_type):
+    """Its BCE or MSE loss on class ids was a size-mismatch traceback from transformers."""
+    model = shutil.copytree(text_model("bert"), tmp_path / "model")
+    edit_json(os.path.join(model, "config.json"), problem_type=problem_type)
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    line = cli_error(capsys, *train_argv(str(model), data, str(tmp_path / "out")))
+    assert line.endswith(f"config.json's problem_type is {problem_type!r}; edgepeft trains single-label "
+                         "classification (one label per row); use a copy of the model whose config.json sets "
+                         "problem_type to \"single_label_classification\"")
+    assert not os.path.exists(tmp_path / "out")
+    edit_json(os.path.join(model, "config.json"), problem_type="single_label_classification")
+    train(model=str(model), task="seq-cls", method="lora", data=data, out=str(tmp_path / "out"), epochs=1,
+          progress=False)
+
+
+def test_a_duplicate_pair_in_a_retrieval_eval_is_no_miss(text_model, tmp_path):
+    """Its copy's positive ties with its own, and argmax took the first: 0.25 where the pairs alone gave 0.5."""
+    pairs = [{"text": "i love it", "positive": "love it"}, {"text": "awful day", "positive": "bad day"},
+             {"text": "great stuff", "positive": "so good"}]
+    data = write_lines(tmp_path / "d.jsonl", pairs)
+    accuracy = {}
+    for name, rows in (("once", pairs), ("twice", pairs + pairs)):
+        evals = write_lines(tmp_path / f"{name}.jsonl", rows)
+        log = train(model=text_model("bert"), task="feature-extraction", method="lora", data=data, eval_data=evals,
+                    out=str(tmp_path / name), epochs=1, batch_size=8, progress=False)
+        accuracy[name] = log["evals"][0]["accuracy"]  # the untrained adapter's
+    assert accuracy["twice"] == accuracy["once"] > 0
