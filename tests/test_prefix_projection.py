@@ -18,7 +18,7 @@ from tiny import load_reference_base, max_diff_valid, sample_batch
 import edgepeft
 from edgepeft.tuners.prefix.layer import PrefixEncoder
 from edgepeft.tuners.prefix.model import prefix_cache
-from edgepeft.tuners.virtual import embedding_holder
+from edgepeft.tuners.virtual import virtual_token_holder
 
 N_VIRTUAL = 4
 # HF PEFT's PrefixEncoder parameter -> edgepeft's PrefixEncoder parameter (both relative to the encoder).
@@ -41,7 +41,7 @@ def _build(base, encoder_hidden_size):
     hf = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.PrefixTuningConfig(**kw))
     ours = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.PrefixTuningConfig(**kw))
     hf_enc = hf.prompt_encoder["default"]
-    our_enc = embedding_holder(ours.base_model.model).prompt_encoder["default"]
+    our_enc = virtual_token_holder(ours.base_model.model).prompt_encoder["default"]
     assert isinstance(our_enc, PrefixEncoder)
     assert isinstance(hf_enc.transform[1], torch.nn.Tanh)  # the reference: HF PEFT's MLP is Linear -> Tanh -> Linear
 
@@ -76,7 +76,7 @@ def _hf_keys_values(hf, batch):
 def _our_keys_values(ours, batch):
     """edgepeft's per-layer prefix [(key, value)], (B, kv_heads, n, head_dim): the cache its forward starts with."""
     model = ours.base_model.model
-    cache = prefix_cache(model, embedding_holder(model), "default", batch)
+    cache = prefix_cache(model, virtual_token_holder(model), "default", batch)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 

@@ -5,11 +5,11 @@
       `-- virtual_tokens = VirtualTokens()   no forward
             `-- prompt_encoder[adapter]: the method's encoder; encoder() -> (num_virtual_tokens, D)
 
-The encoders live in a module of their own beside the model's layers, so they are part of the module tree
-(trainable, moved with ``.to``) without wrapping the input embeddings (a wrapper had no ``weight``, was replaced
-by ``resize_token_embeddings``, and a save of the base named its weights ``...wte.base_layer.weight``, which
-transformers then left random). They change nothing by themselves: the method's tuner rewrites a call's inputs
-(``forward`` / ``generate`` hooks that PeftModel calls), as HF PEFT's PeftModel does for prompt learning:
+The encoders live in a module of their own beside the model's layers: part of the module tree (trainable, moved
+with ``.to``), while the input embeddings stay the model's own (``get_input_embeddings().weight``,
+``resize_token_embeddings`` and a save of the base work as without adapters, as HF PEFT keeps its encoders outside
+the model). They change nothing by themselves: the method's tuner rewrites a call's inputs (``forward`` /
+``generate`` hooks that PeftModel calls), as HF PEFT's PeftModel does for prompt learning:
 
 - the attention mask gets ``num_virtual_tokens`` ones in front;
 - prompt tuning puts the prompt before the input embeddings; user ``position_ids``
@@ -133,7 +133,7 @@ class VirtualTokens(AdapterLayer):
             weight.copy_(saved.to(weight.dtype))
 
 
-def embedding_holder(model: nn.Module, create: bool = False) -> VirtualTokens | None:
+def virtual_token_holder(model: nn.Module, create: bool = False) -> VirtualTokens | None:
     """``model``'s VirtualTokens (made on first use when ``create``)."""
     holder = model._modules.get(HOLDER)
     if holder is None and create:
@@ -146,7 +146,7 @@ class VirtualTokenTuner(Tuner):
     """What prompt and prefix tuners share: their adapter layer is the model's VirtualTokens."""
 
     def layers(self, model: nn.Module):
-        holder = embedding_holder(model)
+        holder = virtual_token_holder(model)
         return [] if holder is None else [(HOLDER, holder)]
 
 

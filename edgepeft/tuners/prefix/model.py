@@ -22,7 +22,7 @@ from edgepeft.models import DECODERS, ENCODERS, cache_kwargs
 from edgepeft.tuners.prefix.layer import PrefixEncoder, PrefixSelfAttention, add_prefix, share_per_forward
 from edgepeft.tuners.targets import name_matches
 from edgepeft.tuners.virtual import (
-    VirtualTokenTuner, drop_token_type_ids, embedding_holder, extend_mask, generate_with, mask_positions,
+    VirtualTokenTuner, drop_token_type_ids, extend_mask, generate_with, mask_positions, virtual_token_holder,
 )
 
 # Encoder self-attention modules that take a prefix, per model type (full-match regexes).
@@ -80,7 +80,7 @@ class PrefixTuner(VirtualTokenTuner):
             raise UnsupportedModelError(f"prefix tuning supports {', '.join(sorted(DECODERS | set(SELF_ATTENTION)))}, not {arch!r}")
         check_decoder_task(arch, config.task_type)  # refused before training, not after it at export
         config.fill_from(model.config)
-        holder = embedding_holder(model, create=True)
+        holder = virtual_token_holder(model, create=True)
         holder.prompt_encoder[adapter_name] = PrefixEncoder(config).to(model.get_input_embeddings().weight.device)
         if arch in ENCODERS:
             for layer, key in enumerate(self_attention_names(model)):
@@ -103,7 +103,7 @@ class PrefixTuner(VirtualTokenTuner):
         device = (input_ids if input_ids is not None else inputs_embeds).device
         for name in ("use_cache", "cache", "past_key_values"):
             kwargs.pop(name, None)
-        cache = prefix_cache(model, embedding_holder(model), adapter_name, batch)
+        cache = prefix_cache(model, virtual_token_holder(model), adapter_name, batch)
         return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=extend_mask(attention_mask, n, batch, device),
                      position_ids=None if position_ids is None else position_ids + n, **cache_kwargs(model, cache), **kwargs)
 
@@ -112,7 +112,7 @@ class PrefixTuner(VirtualTokenTuner):
         if model_type(model) not in DECODERS:
             raise UnsupportedModelError(f"{model_type(model)} is an encoder: it does not generate")
         n = config.num_virtual_tokens
-        holder = embedding_holder(model)
+        holder = virtual_token_holder(model)
 
         def step(inputs, key, input_ids, mask, first):
             batch = input_ids.shape[0]

@@ -24,7 +24,7 @@ from edgepeft.registry import SlotSpec
 from edgepeft.runtimes.manifest import PAST_KEY, PAST_VALUE, Slot, slot_axis, slot_name
 from edgepeft.tuners.prefix.layer import PrefixSelfAttention, add_prefix, share_per_forward
 from edgepeft.tuners.prefix.model import check_decoder_task, model_type, self_attention_names
-from edgepeft.tuners.virtual import embedding_holder
+from edgepeft.tuners.virtual import virtual_token_holder
 
 # Decoder attention modules per layer (the slot's module; the cache is indexed by layer).
 ATTENTION = {"llama": "model.layers.{}.self_attn", "qwen2": "model.layers.{}.self_attn", "gpt2": "transformer.h.{}.attn"}
@@ -88,7 +88,7 @@ class PrefixSlots(SlotSpec):
 
     def values(self, peft_model, adapter_name: str, slots: list[Slot]) -> dict:
         model = peft_model.base_model.model
-        per_layer = embedding_holder(model).prompt_encoder[adapter_name].keys_values()  # [(heads, n, hd) x 2]
+        per_layer = virtual_token_holder(model).prompt_encoder[adapter_name].keys_values()  # [(heads, n, hd) x 2]
         modules = _modules(model)
         out = {}
         for s in slots:

@@ -14,7 +14,7 @@ from torch import nn
 
 from edgepeft.errors import UnsupportedMethodError
 from edgepeft.tuners.prompt.layer import PromptEmbedding
-from edgepeft.tuners.virtual import VirtualTokenTuner, drop_token_type_ids, embedding_holder, extend_mask, generate_with
+from edgepeft.tuners.virtual import VirtualTokenTuner, drop_token_type_ids, extend_mask, generate_with, virtual_token_holder
 
 
 class PromptTuner(VirtualTokenTuner):
@@ -22,7 +22,7 @@ class PromptTuner(VirtualTokenTuner):
 
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         config.fill_from(model.config)
-        holder = embedding_holder(model, create=True)
+        holder = virtual_token_holder(model, create=True)
         words = model.get_input_embeddings()
         holder.prompt_encoder[adapter_name] = PromptEmbedding(config, words).to(words.weight.device)
         return []
@@ -31,7 +31,7 @@ class PromptTuner(VirtualTokenTuner):
         raise UnsupportedMethodError("prompt tuning adds tokens, it has no weights to merge; export it with slots instead")
 
     def inputs_embeds(self, model, adapter_name: str, input_ids, inputs_embeds):
-        holder = embedding_holder(model)
+        holder = virtual_token_holder(model)
         if inputs_embeds is None:
             inputs_embeds = model.get_input_embeddings()(input_ids)  # (B, T, H)
         prompt = holder.tokens(adapter_name).to(inputs_embeds.dtype)  # (n, H)

@@ -16,7 +16,7 @@ from torch import nn
 
 from edgepeft.registry import SlotSpec
 from edgepeft.runtimes.manifest import Slot, slot_axis, slot_name
-from edgepeft.tuners.virtual import embedding_holder
+from edgepeft.tuners.virtual import virtual_token_holder
 
 
 class PromptSlotEmbedding(nn.Module):
@@ -58,7 +58,7 @@ class PromptSlots(SlotSpec):
         return feeds, neutral
 
     def values(self, peft_model, adapter_name: str, slots: list[Slot]) -> dict:
-        holder = embedding_holder(peft_model.base_model.model)
+        holder = virtual_token_holder(peft_model.base_model.model)
         prompt = holder.tokens(adapter_name).detach().float().numpy()  # (n, H)
         return {s.name: np.ascontiguousarray(prompt) for s in slots}
 
