@@ -176,6 +176,18 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
     return check
 
 
+def check_room(positions: int | None, virtual: int, where: str) -> int | None:
+    """The model's positions left beside an adapter's ``virtual`` tokens; ConfigError where fewer than a check's
+    sample needs (4: a row left-padded by 3 keeps a token). ``resolve`` asks it first, before any tracing."""
+    if not positions:
+        return None
+    room = positions - virtual
+    if room < 4:
+        raise ConfigError(f"{where}: the adapter's {virtual} virtual tokens leave {max(room, 0)} of the model's "
+                          f"{positions} positions for text; train it with fewer num_virtual_tokens")
+    return room
+
+
 def sample_shape(rt, adapter, batch: int, length: int, where: str) -> tuple[int, int]:
     """A check's sample length and decode steps: ``length`` and DECODE_STEPS where the model's positions hold them
     beside the adapter's virtual tokens, else as many as fit (a model with few positions, a prefix nearly as long),
@@ -184,10 +196,7 @@ def sample_shape(rt, adapter, batch: int, length: int, where: str) -> tuple[int,
     if not rt.max_positions:
         return length, steps
     virtual = rt.virtual_positions(adapter, batch)
-    room = rt.max_positions - virtual
-    if room < 4:
-        raise ConfigError(f"{where}: the adapter's {virtual} virtual tokens leave {max(room, 0)} of the model's "
-                          f"{rt.max_positions} positions for text; train it with fewer num_virtual_tokens")
+    room = check_room(rt.max_positions, virtual, where)
     length = min(length, max(4, room - steps))
     return length, min(steps, room - length)
 
