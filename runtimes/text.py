@@ -199,15 +199,17 @@ class TextTokenizer:
 # ---------------------------------------------------------------------- the Runtime's text calls
 def prompt_ids(rt, prompt, chat: bool):
     """(ids, mask, single): the prompt(s) tokenized, left-padded; ``single``: one prompt, not a list of them."""
-    single = isinstance(prompt, str) or (chat and isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
+    # chat messages as a list or a tuple (transformers' apply_chat_template takes both), or a list of those
+    single = isinstance(prompt, str) or (chat and isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict))
     if not (single or (isinstance(prompt, (list, tuple)) and prompt
-                       and all(isinstance(p, list if chat and not isinstance(p, str) else str) for p in prompt))):
+                       and all(isinstance(p, (list, tuple) if chat and not isinstance(p, str) else str) for p in prompt))):
         raise InvalidInputError(f"prompt must be a string or a non-empty list of strings{' or of chat messages' if chat else ''}; "
                                 f"got {type(prompt).__name__}")
     tok = rt.tokenizer
     prompts = [prompt] if single else list(prompt)
     if chat:
-        texts = [tok.apply_chat_template(p if isinstance(p, list) else [{"role": "user", "content": p}]) for p in prompts]
+        texts = [tok.apply_chat_template(list(p) if isinstance(p, (list, tuple)) else [{"role": "user", "content": p}])
+                 for p in prompts]
         ids, mask = tok.encode(texts, add_special_tokens=False, padding_side="left")
     else:
         ids, mask = tok.encode(prompts, padding_side="left")

@@ -480,6 +480,9 @@ def test_chat_uses_the_template(text_export, text_rt):
         expected = decode(tok, out[0, ids.shape[1]:])
         prompt = PROMPT if len(messages) == 1 else messages  # a plain string is one user message
         assert text_rt.generate_text(prompt, adapter="tok", chat=True, max_new_tokens=12) == expected
+        # messages as a tuple, as transformers' apply_chat_template takes them (refused: "a list of chat messages")
+        assert text_rt.generate_text(tuple(messages), adapter="tok", chat=True, max_new_tokens=12) == expected
+        assert text_rt.generate_text([tuple(messages)], adapter="tok", chat=True, max_new_tokens=12) == [expected]
 
 
 def test_stop_strings_cut_generation_right_after_the_match(text_export, text_rt):
