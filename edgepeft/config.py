@@ -144,8 +144,10 @@ class PeftConfig:
         unknown = sorted(k for k in d if k not in names and k not in _HARMLESS_FIELDS and d[k] not in (None, False, {}, []))
         refused = [k for k in unknown if k in cls.refused_fields]
         if refused:
-            raise UnsupportedMethodError(f"{', '.join(refused)} change what the adapter computes; edgepeft does not "
-                                         f"support {'them' if len(refused) > 1 else 'it'}: use an adapter trained without")
+            them = "them" if len(refused) > 1 else "it"
+            raise UnsupportedMethodError(f"{', '.join(refused)} {'change' if len(refused) > 1 else 'changes'} what the "
+                                         f"adapter computes, and edgepeft does not support {them}: use an adapter "
+                                         f"trained without {them}")
         if unknown:
             warnings.warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}", stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in names})

@@ -255,7 +255,8 @@ def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> li
         raise ConfigError(
             f"{base_dir}: fuses {', '.join(apart)} into one MatMul for the adapters already there, but "
             f"{', '.join(names)} needs {'them' if len(apart) > 1 else 'it'} apart (a method that changes one of them alone, e.g. IA3 on a layer's input); "
-            "export every adapter together into a fresh --out folder (edgepeft export --adapter A --adapter B ...)")
+            f"export into a fresh --out folder: {', '.join(names)} first, then the adapters already in OUT (or every "
+            "adapter together: edgepeft export --adapter A --adapter B ...)")
     return [allowed[k] for k in have if k in allowed]
 
 

@@ -155,3 +155,28 @@ def test_a_second_ia3_adapter_that_scales_the_other_side_of_a_layer_is_refused(t
                        "into the same --out folder"):  # 'list it in feedforward_modules' changed what 'other' computes
         model.add_adapter("other", edgepeft.IA3Config(task_type="CAUSAL_LM", target_modules=["down_proj"],
                                                       feedforward_modules=[]))
+
+
+def test_a_layer_one_adapter_trains_whole_and_another_adapts_exports_as_the_messages_say(peft_adapter, tmp_path):
+    """Together: "one at a time into the same --out folder"; the adapter with LoRA alone first then said "every
+    adapter together", which is refused. The advice now names the order that works (the one training it whole first)."""
+    from edgepeft.errors import ConfigError
+
+    whole = peft_adapter("llama", "q-whole", seed=71, r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["q_proj"])
+    lora = peft_adapter("llama", "q-lora", seed=72, r=2, target_modules=["q_proj", "v_proj"],
+                        modules_to_save=["layers.1.self_attn.k_proj"])
+    with pytest.raises(ConfigError, match="export them one at a time into the same --out folder, the one that trains "
+                                          "it whole first"):
+        export([whole, lora], str(tmp_path / "together"), names=["whole", "lora"])
+    export([lora], str(tmp_path / "lora-first"), names=["lora"])
+    with pytest.raises(ConfigError, match="export into a fresh --out folder: whole first, then the adapters already"):
+        export([whole], str(tmp_path / "lora-first"), names=["whole"])
+    out = str(tmp_path / "whole-first")
+    export([whole], out, names=["whole"])
+    export([lora], out, names=["lora"])
+    ids, mask = sample_batch(batch=2)
+    rt = Runtime(out)
+    for name, adapter in (("whole", whole), ("lora", lora)):
+        reference = torch_outputs(edgepeft.PeftModel.from_pretrained(
+            load_reference_base(rt.manifest["source"], "causal-lm"), adapter).eval(), ids, mask, "logits")
+        assert max_diff_valid(rt.forward(ids, mask, adapter=name)["logits"], reference, mask) <= 1e-4

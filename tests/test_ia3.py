@@ -121,7 +121,8 @@ def test_adapters_exported_one_after_another_keep_the_fusion_layout(workdir, pef
     other = str(tmp_path / "lora-first")
     export([lora], other, names=["lora"])
     before = tree_hashes(other)
-    with pytest.raises(ConfigError, match=r"gate_proj\+up_proj.* export every adapter together"):
+    with pytest.raises(ConfigError, match=r"gate_proj\+up_proj.* export into a fresh --out folder: ia3 first, then the "
+                       "adapters already in OUT"):
         export([ia3], other, names=["ia3"])
     assert tree_hashes(other) == before
     # after adapters with no slot on gate/up (it was refused alike): the new base splits the group

@@ -35,6 +35,9 @@ def test_inference_mode_configs_and_hf_peft_configs_are_taken_as_hf_peft_takes_t
     assert theirs.peft_config["default"].to_dict() == ours.peft_config["default"].to_dict()
     with pytest.raises(UnsupportedMethodError, match="HF PEFT's LoraConfig: .*use_dora"):
         edgepeft.get_peft_model(_llama(tiny_base), peft.LoraConfig(task_type="CAUSAL_LM", use_dora=True))
+    with pytest.raises(UnsupportedMethodError, match="layer_replication changes what the adapter computes, and edgepeft "
+                                                     "does not support it: use an adapter trained without it$"):
+        edgepeft.get_peft_model(_llama(tiny_base), peft.LoraConfig(task_type="CAUSAL_LM", layer_replication=[[0, 1]]))
     with pytest.raises(ConfigError, match="config must be a PEFT config such as edgepeft.LoraConfig.*got dict"):
         edgepeft.get_peft_model(_llama(tiny_base), {"r": 4})
 

@@ -102,7 +102,8 @@ def check_saved_whole_apart(model: nn.Module) -> None:
 
 def _saved_whole_and_adapted(key: str) -> ConfigError:
     return ConfigError(f"{key}: one adapter trains it whole (modules_to_save) and another puts its own layers on it, "
-                       "which one export cannot build together; export them one at a time into the same --out folder")
+                       "which one export cannot build together; export them one at a time into the same --out folder, "
+                       "the one that trains it whole first")
 
 
 def saved_module_names(model: nn.Module, config) -> list[str]:
@@ -140,7 +141,7 @@ class HeadSlots(SlotSpec):
             if not isinstance(module, nn.Linear):
                 raise UnsupportedModelError(
                     f"modules_to_save {key!r} is a {type(module).__name__}; edgepeft exports Linear heads only "
-                    "(embeddings trained whole would change the shared base): use an adapter trained without it"
+                    "(a head's weight and bias are the adapter's slots): use an adapter trained without it"
                 )
             out_axis = slot_axis("head", "out", key)
             # mixed batches: every row's classifier side by side, each row reading its own output columns. Only
