@@ -41,3 +41,21 @@ def test_a_duplicate_pair_in_a_retrieval_eval_is_no_miss(text_model, tmp_path):
                     out=str(tmp_path / name), epochs=1, batch_size=8, progress=False)
         accuracy[name] = log["evals"][0]["accuracy"]  # the untrained adapter's
     assert accuracy["twice"] == accuracy["once"] > 0
+
+
+def test_a_checkpoint_of_an_earlier_edgepeft_resumes_a_prompt_adapter(tiny_base):
+    """Its encoders sat inside the input embeddings (...embed_tokens.prompt_encoder...): their names changed, and the
+    checkpoint was refused as not matching the model (every epoch lost)."""
+    import torch
+
+    import edgepeft
+    from edgepeft.training.checkpoint import load_trainable
+    from tiny import load_reference_base
+
+    peft = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                   edgepeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    (name, param), = [(n, p) for n, p in peft.named_parameters() if p.requires_grad]
+    assert name == "base_model.model.virtual_tokens.prompt_encoder.default.embedding.weight"
+    saved = torch.randn_like(param)
+    load_trainable(peft, {"base_model.model.model.embed_tokens.prompt_encoder.default.embedding.weight": saved})
+    assert torch.equal(param, saved)

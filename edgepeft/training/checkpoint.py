@@ -112,11 +112,22 @@ def load_trainable(peft, saved: dict) -> None:
     """Put a checkpoint's trainable tensors back (the settings already matched, so the names do)."""
     params = {k: p for k, p in peft.named_parameters() if p.requires_grad}
     if params.keys() != saved.keys():
+        saved = {_current_name(k): v for k, v in saved.items()}
+    if params.keys() != saved.keys():
         raise CorruptArtifactError(f"the checkpoint's trainable tensors do not match the model "
                                    f"({len(saved)} saved, {len(params)} trainable); start over with --overwrite")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k])
+
+
+def _current_name(key: str) -> str:
+    """A prompt or prefix encoder's name in a checkpoint of an earlier edgepeft, which kept the encoders inside the
+    input embeddings (``...embed_tokens.prompt_encoder.<adapter>...``), as they are named now."""
+    from edgepeft.tuners.virtual import HOLDER
+
+    head, found, rest = key.partition(".prompt_encoder.")
+    return f"base_model.model.{HOLDER}.prompt_encoder.{rest}" if found and not head.endswith(HOLDER) else key
 
 
 def checksum(params, device) -> torch.Tensor:
