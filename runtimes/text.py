@@ -79,6 +79,10 @@ class TextTokenizer:
         # decoded text tidied (" ," -> ",") as transformers tidies it: where the config asks, never for BPE unless told
         self._tidy = self.config.get("clean_up_tokenization_spaces") is True and (type(self._tok.model).__name__ != "BPE"
             or self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output") is True)
+        self.truncation_side = self.config.get("truncation_side") or "right"  # which end a cut text loses
+        if self.truncation_side not in ("left", "right"):
+            raise CorruptArtifactError(f"{config_path}: truncation_side must be 'left' or 'right', got "
+                                       f"{self.truncation_side!r}; {_FIX}")
         map_path = os.path.join(base_dir, "special_tokens_map.json")  # older tokenizers name their tokens there
         self.special_map = read_json(map_path, "special tokens map", _FIX) if os.path.isfile(map_path) else {}
         template_path = os.path.join(base_dir, "chat_template.jinja")
@@ -125,7 +129,8 @@ class TextTokenizer:
         Left padding for generation (new tokens follow every row's last real token);
         right padding otherwise, so encoders' absolute positions start at 0 in every row.
         ``pad_id`` defaults to the model's padding token. ``max_length``: longer texts are cut to it, their
-        special tokens kept (transformers' ``truncation=True``); None: no text is cut.
+        special tokens kept, at the tokenizer config's ``truncation_side`` (transformers' ``truncation=True``);
+        None: no text is cut.
         """
         pad_id = self.pad_id if pad_id is None else pad_id
         side = padding_side or self.padding_side
@@ -150,7 +155,7 @@ class TextTokenizer:
         if max_length < special:
             raise ConfigError(f"max_length {max_length} is less than the {special} special tokens every text gets; "
                               "raise it")
-        encoding.truncate(max_length - special)
+        encoding.truncate(max_length - special, direction=self.truncation_side)
         return (self._tok.post_process(encoding) if add_special_tokens else encoding).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -264,6 +269,13 @@ def classify(rt, texts, adapter=None):
     rows, single = _texts(texts)
     ids, mask = rt.tokenizer.encode(rows)
     per_row = _per_row(adapter, len(rows))
+    lengths = mask.sum(-1).tolist()
+    if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
+        parts = {}  # at a time does (transformers' pipeline): the head would read a shorter row at a pad
+        for n in set(lengths):
+            at = [i for i, k in enumerate(lengths) if k == n]
+            parts.update(zip(at, classify(rt, [rows[i] for i in at], [per_row[i] for i in at])))
+        return [parts[i] for i in range(len(rows))]
     with rt.lanes(adapter, len(rows)):  # held until the names are read: a name reloaded between renames the scores
         logits = rt.forward(ids, mask, adapter=adapter)["logits"].astype(np.float64)  # NaN past a row's own labels
         labels = [_labels_of(rt, spec) for spec in per_row]
@@ -276,6 +288,14 @@ def classify(rt, texts, adapter=None):
                                        "re-export with --overwrite")
         out.append({"label": names[int(p.argmax())], "score": float(p.max()), "scores": dict(zip(names, map(float, p)))})
     return out[0] if single else out
+
+
+def _reads_last_position(rt, per_row: list) -> bool:
+    """Whether a decoder classifier's graph reads each row's last position, padding or not: where the model's
+    padding id is no token (``pad_token_id`` -1, which marks no padding) or a row's adapter adds virtual tokens
+    (a prompt passes embeddings, in which transformers cannot see padding)."""
+    pad = rt.manifest.get("pad_token_id")
+    return (pad is not None and pad < 0) or any(rt.virtual_positions(spec, 1) for spec in per_row)
 
 
 def label_scores(logits: np.ndarray, problem_type: str | None) -> np.ndarray:

@@ -92,3 +92,40 @@ def test_a_weighted_row_is_named_by_the_adapter_whose_head_runs(text_model, tmp_
     merged = str(tmp_path / "merged")  # a merged adapter's name at weight 1 is the base (classify raised)
     export([head], merged, names=["H"], merge=True)
     assert set(Runtime(merged).classify(TEXTS[0], adapter={"H": 1.0})["scores"]) == {"spam", "ham", "eggs"}
+
+
+@pytest.mark.parametrize("pad", [-1, 0])
+def test_a_decoder_classifier_scores_each_text_of_a_batch_as_alone(text_model, tmp_path, pad):
+    """Its head reads each row's last position where the model's padding id is no token (pad_token_id -1, older
+    Llama conversions) or a prompt adapter passes embeddings: a shorter text of a batch was read at a pad (0.008 off
+    the pipeline, which classifies one text at a time). Rows of each length now run apart."""
+    import shutil
+
+    import peft
+    import torch
+    import transformers as tf
+
+    from file_checks import edit_json
+    from peft_refs import randomize_adapter, randomize_prompt_encoder
+
+    texts = ["set an alarm for seven tomorrow morning", "hi", "the battery died", "hi"]
+    base = str(tmp_path / "base")
+    shutil.copytree(text_model("llama"), base)
+    edit_json(os.path.join(base, "config.json"), pad_token_id=pad)
+    adapters = {}
+    for name, config in (("lora", peft.LoraConfig(task_type="SEQ_CLS", r=2)),
+                         ("prompt", peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))):
+        torch.manual_seed(5)
+        pm = peft.get_peft_model(tf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3), config)
+        (randomize_adapter if name == "lora" else randomize_prompt_encoder)(pm, 6)
+        pm.peft_config["default"].base_model_name_or_path = base
+        adapters[name] = str(tmp_path / name)
+        pm.save_pretrained(adapters[name])
+    out = str(tmp_path / "out")
+    export(list(adapters.values()), out, names=list(adapters))
+    rt = Runtime(out)
+    for spec in ("lora", "prompt", ["lora", "prompt", "prompt", "lora"]):
+        batch = rt.classify(texts, adapter=spec)
+        alone = [rt.classify(t, adapter=spec if isinstance(spec, str) else spec[i]) for i, t in enumerate(texts)]
+        for ours, want in zip(batch, alone):
+            np.testing.assert_allclose(list(ours["scores"].values()), list(want["scores"].values()), atol=1e-6)

@@ -126,6 +126,14 @@ def test_embed_is_sentence_transformers_encode_for_long_texts_and_its_pooling(mi
     np.testing.assert_allclose(rt.embed(texts), st.encode(texts), atol=1e-5)
     out = str(tmp_path / "out")
     shutil.copytree(outs["qv"], out)
+    config = os.path.join(out, "base", "tokenizer_config.json")  # a tokenizer that cuts a long text's start: the
+    with open(config) as f:                                      # runtime cut its end (0.40 off encode)
+        settings = json.load(f)
+    with open(config, "w") as f:
+        json.dump({**settings, "truncation_side": "left"}, f)
+    st.tokenizer.truncation_side = "left"
+    counted = [" ".join(map(str, range(400)))]  # its start and its end differ
+    np.testing.assert_allclose(Runtime(out).embed(counted), st.encode(counted), atol=1e-5)
     pooling = os.path.join(out, "base", "1_Pooling", "config.json")
     hidden = rt.forward(*rt.tokenizer.encode(texts[:1], max_length=256))["last_hidden_state"][0]
     for mode, want in (("cls", hidden[0]), ("max", hidden.max(0)), ("weightedmean", None)):
