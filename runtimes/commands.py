@@ -7,8 +7,8 @@ from shlex import quote
 
 
 def export_command(adapter: str = "DIR", out: str = "OUT", *flags: str) -> str:
-    """```edgepeft export --adapter <adapter> --out <out> <flags>``` in backquotes; ``flags`` as given (quote a path
-    among them)."""
+    """The command in backquotes: `edgepeft export --adapter ADAPTER --out OUT FLAGS...`; ``flags`` as given (quote
+    a path among them)."""
     return "`" + " ".join(["edgepeft export --adapter", quote(adapter), "--out", quote(out), *flags]) + "`"
 
 

@@ -39,8 +39,8 @@ def describe_export(out_dir: str) -> dict:
     """What ``edgepeft inspect`` prints: base, slots, adapters, sizes and problems (no ONNX Runtime needed).
 
     Problems: a graph file missing (or the base's empty, or its weights file), a base file not as long as the export
-    wrote it or one this process may not read, an adapter graph whose sha256 differs from its manifest's. The base graph's contents are not read (it
-    may be GBs).
+    wrote it or one this process may not read, an adapter graph whose sha256 differs from its manifest's. The base
+    graph's contents are not read (it may be GBs).
     """
     base_dir = os.path.join(out_dir, BASE_DIR)
     if not os.path.isfile(os.path.join(base_dir, BASE_MANIFEST)):
