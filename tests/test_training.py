@@ -263,12 +263,23 @@ def test_ctrl_c_while_an_epoch_is_saved_waits_for_its_checkpoint(text_model, tmp
 
 
 def test_warmup_takes_as_many_steps_as_in_transformers(text_model, tmp_path):
-    """transformers rounds warmup_ratio x steps up (ceil): 0.1 of 12 steps is 2 warm-up steps; round() gave 1."""
+    """transformers rounds warmup_ratio x steps up (ceil): 0.1 of 12 steps is 2 warm-up steps; round() gave 1. The
+    log gives the rate each step took, as transformers logs it (it gave the next step's: the first at the full rate,
+    the last at 0); a step fp16's gradient scaler skips does not move the schedule (it took a warm-up step)."""
+    from accelerate import Accelerator
+
     data = _write_jsonl(tmp_path / "d.jsonl", _rows("sentiment_train.jsonl", 12))
     args = _args(text_model("bert"), data, str(tmp_path / "o"), logging_steps=1)
     args.epochs, args.batch_size = 1, 1
     log = Trainer(args).train()
-    assert [h["lr"] for h in log["history"][:2]] == pytest.approx([args.lr / 2, args.lr])
+    assert [h["lr"] for h in log["history"][:3]] == pytest.approx([0.0, args.lr / 2, args.lr])
+    assert log["history"][-1]["lr"] == pytest.approx(args.lr / 10)  # 1 of the 10 decay steps left
+    skipped = iter([True] + [False] * 20)  # the first step overflowed
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: next(skipped)))
+        args.out = str(tmp_path / "p")
+        log = Trainer(args).train()
+    assert [h["lr"] for h in log["history"][:3]] == pytest.approx([0.0, 0.0, args.lr / 2])
 
 
 def test_gradient_accumulation_makes_fewer_optimizer_steps(text_model, tmp_path):

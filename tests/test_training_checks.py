@@ -1,5 +1,6 @@
-"""What training checks of its model and its evaluation beyond the rows (a bug hunt's finds, each failing before its
-fix): a classifier that is not single-label, and duplicate pairs in a retrieval eval."""
+"""What training does beyond reading its rows, found by bug hunts (each test failed before its fix): the model it
+refuses, the eval it scores, the optimizer it builds (as transformers' Trainer), the checkpoints it resumes and the
+notes it prints."""
 from __future__ import annotations
 
 import os
@@ -59,3 +60,34 @@ def test_a_checkpoint_of_an_earlier_edgepeft_resumes_a_prompt_adapter(tiny_base)
     saved = torch.randn_like(param)
     load_trainable(peft, {"base_model.model.model.embed_tokens.prompt_encoder.default.embedding.weight": saved})
     assert torch.equal(param, saved)
+
+
+def test_weight_decay_leaves_biases_and_norms_as_transformers_trainer_does(tiny_base):
+    """--weight-decay decayed every trainable tensor: a classifier's bias, a bottleneck's biases (transformers keeps
+    biases and norm weights out of decay: 0.0022 on a head's bias after 26 steps at 0.5)."""
+    import transformers
+
+    import edgepeft
+    from edgepeft.training.optimizer import make_optimizer
+    from tiny import load_reference_base
+
+    peft = edgepeft.get_peft_model(load_reference_base(tiny_base("bert"), "seq-cls", num_labels=2),
+                                   edgepeft.BottleneckConfig(task_type="SEQ_CLS", bottleneck_size=4))
+    optimizer = make_optimizer(peft, 1e-3, 1e-2, 0.5)
+    names = {id(p): n for n, p in peft.named_parameters()}
+    undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
+    assert undecayed == trainable - set(transformers.Trainer.get_decay_parameter_names(None, peft))
+    assert any("classifier" in n for n in undecayed) and any("adapter" in n for n in undecayed)
+    assert {names[id(p)] for g in optimizer.param_groups if g["lr"] == 1e-2 for p in g["params"]} == \
+        {n for n in trainable if ".modules_to_save." in n}  # the head at its own rate
+    assert [len(g["params"]) > 0 for g in make_optimizer(peft, 1e-3, 1e-2, 0.0).param_groups] == [True, True]
+
+
+def test_fields_of_another_task_in_the_eval_file_get_their_note(text_model, tmp_path, capsys):
+    """Only --data's were noted: an eval file of seq-cls rows scored a causal-lm run on their text, silently."""
+    data = write_lines(tmp_path / "d.jsonl", [{"text": f"sample number {i}"} for i in range(4)])
+    evals = write_lines(tmp_path / "e.jsonl", seq_cls_rows(4))
+    train(model=text_model("llama"), task="causal-lm", method="lora", data=data, eval_data=evals,
+          out=str(tmp_path / "out"), epochs=1, progress=False)
+    assert f'note: {evals}: rows carry "label", which causal-lm training ignores' in capsys.readouterr().err

@@ -94,7 +94,11 @@ def check_labels(state: dict | None, ckpt: str, labels: list | None, data: str, 
 def restore(peft, optimizer, scheduler, state: dict, process: int) -> None:
     """``process``: this process's index (torchrun): its own generators, as it left them."""
     load_trainable(peft, state["trainable"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # other parameter groups: an earlier edgepeft's, with --weight-decay set
+        raise ConfigError(f"the checkpoint's optimizer state does not fit this edgepeft's ({e}); start over with "
+                          "--overwrite") from None
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
     _set_rng(rng[process] if isinstance(rng, list) else rng)  # an older checkpoint: rank 0's for every process

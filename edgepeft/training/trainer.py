@@ -35,6 +35,7 @@ from edgepeft.training.checkpoint import (
 from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, rows_digest,
 )
+from edgepeft.training.optimizer import make_optimizer
 from edgepeft.training.summary import beat_untrained, hint, rank, shown
 
 class Trainer:
@@ -66,10 +67,12 @@ class Trainer:
         """``method``: the adapter's config (its virtual tokens take positions too)."""
         args = self.args
         rows = read_jsonl(args.data, args.task)
-        for note in (ignored_fields(rows, args.data, args.task), missing_matplotlib()):
+        eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
+        other = ignored_fields(eval_rows, args.eval_data, args.task) if eval_rows and args.eval_data != args.data \
+            else None
+        for note in (ignored_fields(rows, args.data, args.task), other, missing_matplotlib()):
             if note and first():  # one note from a multi-process run
                 print(f"note: {note}", file=sys.stderr)
-        eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
         self.digests = {"data_sha256": rows_digest(rows), "eval_sha256": rows_digest(eval_rows)}  # what --resume checks
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
         head = named_labels(config) if args.task == "seq-cls" else None  # a trained classifier's own class names
@@ -194,12 +197,8 @@ class Trainer:
         check_labels(resume, os.path.join(args.out, CHECKPOINT), labels, args.data, self.digests,
                      {"data_sha256": args.data, "eval_sha256": args.eval_data})
         peft = self._model(labels, method, model_config)
-        heads = [p for n, p in peft.named_parameters() if p.requires_grad and ".modules_to_save." in n]
         params = [p for p in peft.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if all(p is not h for h in heads)], "lr": args.lr}]
-        if heads:  # a head trained whole starts from random weights: its own rate
-            groups.append({"params": heads, "lr": args.head_lr})
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = make_optimizer(peft, args.lr, args.head_lr, args.weight_decay)
         loader = DataLoader(train_rows, batch_size=args.batch_size, shuffle=True, collate_fn=encoder.collate)
         eval_loader = (DataLoader(process_share(eval_rows, args.batch_size, acc.process_index, acc.num_processes), batch_size=args.batch_size,
                                   collate_fn=encoder.collate) if eval_rows else None)
@@ -273,9 +272,11 @@ class Trainer:
                 losses.append(loss.detach().float())
                 examples += len(batch["input_ids"]) * acc.num_processes
             acc.clip_grad_norm_(params, args.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step takes (logged, as transformers logs it)
             optimizer.step()
             optimizer.zero_grad()
-            scheduler.step()
+            if not acc.optimizer_step_was_skipped:  # fp16: a step the gradient scaler skipped moves no schedule
+                scheduler.step()
             step += 1
             bar.update(1)
             if step % args.logging_steps and step % steps_per_epoch:  # log every N steps and at the epoch's end
@@ -288,7 +289,6 @@ class Trainer:
                 raise ConfigError(f"training diverged at step {step} (epoch {epoch + 1}): the loss is {mean}; "
                                   f"lower --lr (now {args.lr:g}) or check the data; {kept}")
             speed = examples / max(time.perf_counter() - t0, 1e-9)
-            lr = scheduler.get_last_lr()[0]
             log["history"].append({"step": step, "epoch": epoch + 1, "loss": mean, "lr": lr, "examples_per_s": speed})
             bar.set_postfix(epoch=f"{epoch + 1}/{args.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}", ex_s=f"{speed:.0f}")
         log["train_seconds"] += time.perf_counter() - t0
