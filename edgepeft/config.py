@@ -242,7 +242,7 @@ def as_config(config) -> PeftConfig:
     if type(config).__module__.partition(".")[0] == "peft" and hasattr(config, "to_dict"):
         d = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, (set, frozenset))
                                   else str(v)))  # as HF PEFT writes it: sets as lists, its enums as their names
-        return _config_from_dict(d, f"HF PEFT's {type(config).__name__}", "or make an edgepeft config")
+        return _config_from_dict(d, f"HF PEFT's {type(config).__name__}", "make an edgepeft config instead")
     raise ConfigError(f"config must be a PEFT config such as edgepeft.LoraConfig(...) (or HF PEFT's), got "
                       f"{type(config).__name__}")
 

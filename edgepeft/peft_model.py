@@ -377,8 +377,11 @@ class PeftModel(nn.Module):
                          adapter_names=None) -> nn.Module:
         """A copy of the transformers model with ``adapter_name`` (or HF PEFT's ``adapter_names``, one of them)
         folded into its weights; ``safe_merge``: weights that are not finite refused; ``progressbar`` ignored."""
+        if isinstance(adapter_name, bool):  # HF PEFT's first argument: merge_and_unload(True) is its progressbar
+            adapter_name = None
         if adapter_names is not None:
-            if isinstance(adapter_names, str) or len(adapter_names) != 1 or adapter_name is not None:
+            adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+            if len(adapter_names) != 1 or adapter_name is not None:
                 raise ConfigError(f"adapter_names={adapter_names!r}: edgepeft merges one adapter per copy; give one "
                                   "name, e.g. merge_and_unload(adapter_names=['default'])")
             adapter_name = adapter_names[0]

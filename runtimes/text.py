@@ -269,6 +269,7 @@ def classify(rt, texts, adapter=None):
     rows, single = _texts(texts)
     ids, mask = rt.tokenizer.encode(rows)
     per_row = _per_row(adapter, len(rows))
+    row_specs(adapter, len(rows))  # a per-row list of the wrong length is refused here, before it is indexed
     lengths = mask.sum(-1).tolist()
     if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
         parts = {}  # at a time does (transformers' pipeline): the head would read a shorter row at a pad
@@ -291,9 +292,10 @@ def classify(rt, texts, adapter=None):
 
 
 def _reads_last_position(rt, per_row: list) -> bool:
-    """Whether a decoder classifier's graph reads each row's last position, padding or not: where the model's
+    """Whether a decoder classifier's graph would read each row's last position, padding or not: where the model's
     padding id is no token (``pad_token_id`` -1, which marks no padding) or a row's adapter adds virtual tokens
-    (a prompt passes embeddings, in which transformers cannot see padding)."""
+    (a prompt passes embeddings, in which transformers cannot see padding). The manifest does not say whether the
+    head is a decoder's, so an encoder's (which reads [CLS] either way) is split alike: the same scores, more runs."""
     pad = rt.manifest.get("pad_token_id")
     return (pad is not None and pad < 0) or any(rt.virtual_positions(spec, 1) for spec in per_row)
 

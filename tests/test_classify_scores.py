@@ -129,3 +129,8 @@ def test_a_decoder_classifier_scores_each_text_of_a_batch_as_alone(text_model, t
         alone = [rt.classify(t, adapter=spec if isinstance(spec, str) else spec[i]) for i, t in enumerate(texts)]
         for ours, want in zip(batch, alone):
             np.testing.assert_allclose(list(ours["scores"].values()), list(want["scores"].values()), atol=1e-6)
+    from edgepeft.runtimes import InvalidInputError
+
+    for wrong in (["prompt"] * 5, ["prompt"]):  # the split indexed the list: extra entries ignored, or an IndexError
+        with pytest.raises(InvalidInputError, match=f"adapter lists {len(wrong)} entries for 4 rows"):
+            rt.classify(texts, adapter=wrong)

@@ -74,7 +74,7 @@ def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> N
                           "over with --overwrite")
 
 
-def check_labels(state: dict | None, ckpt: str, labels: list | None, data: str, digests: dict, paths: dict) -> None:
+def check_same_data(state: dict | None, ckpt: str, labels: list | None, data: str, digests: dict, paths: dict) -> None:
     """Refuse to resume on data whose classes differ from the checkpoint's (a label renamed trained its rows as
     another class and saved the old names; one added was a size-mismatch traceback), or on rows changed since
     (``digests``: {"data_sha256": ..., "eval_sha256": ...}, of the files in ``paths``): the steps per epoch, the

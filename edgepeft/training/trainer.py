@@ -29,7 +29,7 @@ from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.processes import first
 from edgepeft.training.arguments import TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
-    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_labels, check_out_folder, check_resumable, process_rngs,
+    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_same_data, check_out_folder, check_resumable, process_rngs,
     read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint,
 )
 from edgepeft.training.data import (
@@ -165,8 +165,9 @@ class Trainer:
             total, count = total + float(loss.float() * n), count + int(n)
             if self.args.task == "seq-cls":
                 correct, seen = correct + int((extra.argmax(-1) == batch["labels"]).sum()), seen + len(batch["labels"])
-            elif self.args.task == "feature-extraction":
-                pairs.append(tuple(t.float().cpu() for t in extra))
+            elif self.args.task == "feature-extraction":  # the embeddings, and each positive's ids (its text)
+                ids = [tuple(row[m.bool()].tolist()) for row, m in zip(batch["positive_ids"], batch["positive_mask"])]
+                pairs.append((*(t.float().cpu() for t in extra), ids))
         model.train()
         sums = acc.reduce(torch.tensor([total, count, correct, seen], dtype=torch.float64, device=acc.device), "sum")
         total, count, correct, seen = sums.tolist()
@@ -175,11 +176,12 @@ class Trainer:
             result["accuracy"] = correct / max(seen, 1)
         elif self.args.task == "causal-lm":
             result["perplexity"] = math.exp(min(result["loss"], 50.0))
-        else:  # retrieval: is each text's nearest positive (among all eval positives) its own? A tie counts (a
-            pairs = gather_object(pairs)  # row's copy: argmax took the first and a duplicate pair scored as a miss)
-            a, p = (torch.cat(side) for side in zip(*pairs))
-            scores = a @ p.T  # cosines; the same text padded in another batch differs by float rounding
-            result["accuracy"] = float((scores.diagonal() >= scores.max(-1).values - 1e-6).float().mean())
+        else:  # retrieval: is each text's nearest positive (among all eval positives) its own, or the same text (a
+            pairs = gather_object(pairs)  # duplicate pair's: a tie, argmax took the first, and it scored as a miss)
+            a, p = (torch.cat(side) for side in list(zip(*pairs))[:2])
+            ids = [key for part in pairs for key in part[2]]
+            nearest = (a @ p.T).argmax(-1).tolist()
+            result["accuracy"] = sum(ids[j] == ids[i] for i, j in enumerate(nearest)) / max(len(ids), 1)
         return result
 
     # ------------------------------------------------------------------ train
@@ -194,7 +196,7 @@ class Trainer:
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
         encoder, train_rows, eval_rows, labels, model_config = self._data(method)
-        check_labels(resume, os.path.join(args.out, CHECKPOINT), labels, args.data, self.digests,
+        check_same_data(resume, os.path.join(args.out, CHECKPOINT), labels, args.data, self.digests,
                      {"data_sha256": args.data, "eval_sha256": args.eval_data})
         peft = self._model(labels, method, model_config)
         params = [p for p in peft.parameters() if p.requires_grad]

@@ -6,9 +6,10 @@
             `-- prompt_encoder[adapter]: the method's encoder; encoder() -> (num_virtual_tokens, D)
 
 The encoders live in a module of their own beside the model's layers: part of the module tree (trainable, moved
-with ``.to``), while the input embeddings stay the model's own (``get_input_embeddings().weight``,
-``resize_token_embeddings`` and a save of the base work as without adapters, as HF PEFT keeps its encoders outside
-the model). They change nothing by themselves: the method's tuner rewrites a call's inputs (``forward`` /
+with ``.to``), while the input embeddings stay the model's own (``get_input_embeddings().weight`` and
+``resize_token_embeddings`` work as without adapters; a save of the base keeps its weights under their names, the
+encoders' beside them, which transformers reports as unused when it loads the base). HF PEFT keeps its encoders
+outside the model. They change nothing by themselves: the method's tuner rewrites a call's inputs (``forward`` /
 ``generate`` hooks that PeftModel calls), as HF PEFT's PeftModel does for prompt learning:
 
 - the attention mask gets ``num_virtual_tokens`` ones in front;
