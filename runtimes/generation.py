@@ -356,7 +356,8 @@ class StopStrings:
             window = row[max(start, len(row) - 1 - self.lookback):]
             # the text before the newest token, less a character its bytes had only begun (decoded as U+FFFD):
             # the newest token completes that character, so a match may end in it
-            before = len(self.tokenizer.decode_open(window[:-1], skip_special_tokens=False).rstrip("\ufffd"))
-            text = self.tokenizer.decode_open(window, skip_special_tokens=False)
+            # untidied, as transformers matches the tokens' own text (" ," is found where decode would give ",")
+            before = len(self.tokenizer.decode_open(window[:-1], skip_special_tokens=False, tidy=False).rstrip("\ufffd"))
+            text = self.tokenizer.decode_open(window, skip_special_tokens=False, tidy=False)
             found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
         return found

@@ -110,12 +110,15 @@ class TextTokenizer:
 
     @functools.cached_property
     def special_tokens(self) -> dict:
-        """{bos_token: text, ...}: the named special tokens a chat template sees, as transformers gives them, the
-        config's named extra ones (``extra_special_tokens``: {"image_token": ...}) too."""
-        names = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-        extra = self.special_map.get("extra_special_tokens", self.config.get("extra_special_tokens"))
-        named = {k: _content(v) for k, v in extra.items()} if isinstance(extra, dict) else {}
-        return {k: v for k, v in {**named, **{k: self._special(k) for k in names}}.items() if isinstance(v, str)}
+        """{bos_token: text, ...}: the named special tokens a chat template sees, as transformers 5 gives them: every
+        ``*_token`` the config names (Gemma's ``image_token``, ``boi_token``, ...; as transformers saves them) and an
+        ``extra_special_tokens`` dict's, special_tokens_map.json's first."""
+        named = {}
+        for source in (self.config, self.special_map):
+            extra = source.get("extra_special_tokens")
+            named.update({k: _content(v) for k, v in extra.items()} if isinstance(extra, dict) else {})
+            named.update({k: _content(v) for k, v in source.items() if k.endswith("_token")})
+        return {k: v for k, v in named.items() if isinstance(v, str)}
 
     def behaviour(self) -> tuple:
         """What this tokenizer does (rules and vocabulary, special tokens, chat template), for telling two apart."""
@@ -158,7 +161,9 @@ class TextTokenizer:
         encoding.truncate(max_length - special, direction=self.truncation_side)
         return (self._tok.post_process(encoding) if add_special_tokens else encoding).ids
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True, tidy: bool = True) -> str:
+        """The text of ``ids``; ``tidy``: as transformers' decode (clean_up_tokenization_spaces where the config asks),
+        False: the tokens' text as it is (transformers' stop strings read that)."""
         ids = np.asarray(ids)
         if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):  # int() read 5.7 as 5; transformers refuses
             raise InvalidInputError(f"decode takes one sequence of token ids (integers), got {ids.tolist()!r:.80}")
@@ -166,7 +171,7 @@ class TextTokenizer:
             text = self._tok.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
         except OverflowError:  # the tokenizers package's word for an id < 0 or >= 2**32
             raise InvalidInputError(f"decode takes token ids (integers >= 0), got {ids.tolist()!r:.80}") from None
-        return _tidied(text) if self._tidy else text
+        return _tidied(text) if self._tidy and tidy else text
 
     def open_bytes(self, ids, skip_special_tokens: bool = False) -> int:
         """How many of the last ``ids`` are byte-fallback tokens (``<0x0A>``: Llama-2, Mistral): a run of them
@@ -184,15 +189,25 @@ class TextTokenizer:
             n, skipped = n + skipped + 1, 0
         return n
 
-    def decode_open(self, ids, skip_special_tokens: bool = True) -> str:
+    def decode_open(self, ids, skip_special_tokens: bool = True, tidy: bool = True) -> str:
         """``decode``, with a run of byte tokens at the end decoded as Python decodes bytes (``errors="replace"``):
         a newline before a byte that begins no character stays a newline (transformers' stop strings read each
         token's own text, where the tokenizer's decoder makes the whole run U+FFFD)."""
         n = self.open_bytes(ids)
         if not n:
-            return self.decode(ids, skip_special_tokens)
+            return self.decode(ids, skip_special_tokens, tidy)
         run = bytes(int(self._tok.id_to_token(int(i))[3:5], 16) for i in ids[len(ids) - n:])
-        return self.decode(ids[:len(ids) - n], skip_special_tokens) + run.decode("utf-8", "replace")
+        return self.decode(ids[:len(ids) - n], skip_special_tokens, tidy) + run.decode("utf-8", "replace")
+
+    @functools.cached_property
+    def rewrites(self) -> bool:
+        """Whether more tokens can change text already decoded (not only add to it): the config's tidying, or a
+        decoder that cleans up as it joins (BERT's WordPiece decoder, ``cleanup``): " '" becomes "'s" with an "s"."""
+        def cleans(part) -> bool:
+            if isinstance(part, dict):
+                return part.get("cleanup") is True or any(cleans(v) for v in part.values())
+            return isinstance(part, list) and any(cleans(v) for v in part)
+        return self._tidy or cleans(json.loads(self._tok.to_str()).get("decoder"))
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
         if self._template is None:  # compiled once; a missing template or jinja2 fails here with a ConfigError
@@ -229,9 +244,13 @@ def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     if ids.shape[0] != 1:
         raise ConfigError("stream_text takes one prompt; use generate_text for a batch")
     new, shown, tok = [], "", rt.tokenizer
+    # a tokenizer whose decoding rewrites text (" ," -> ",", " n" + "'t" -> "n't") may still change its last
+    # characters: they wait (a rewrite reaches at most this far back, chained ones included)
+    hold = 8 if tok.rewrites else 0
     for token in rt.stream(ids, mask, adapter, **generation):
         new.append(int(token[0]))
         settled = tok.decode(new[:len(new) - tok.open_bytes(new, True)])  # an open run of byte tokens may change
+        settled = settled[:max(len(settled) - hold, 0)]
         if settled.startswith(shown) and len(settled) > len(shown) and not settled.endswith("\ufffd"):
             yield settled[len(shown):]
             shown = settled

@@ -160,3 +160,55 @@ def test_chat_templates_are_sandboxed_and_json_keeps_order_and_text(text_export,
     assert len(messages) == 1  # the caller's list is left as it was
     with pytest.raises(CorruptArtifactError, match="may not"):
         render("{{ cycler.__init__.__globals__.os.getcwd() }}", messages)
+
+
+class _Streamed:
+    """A runtime stand-in for stream_text: its tokenizer, and the ids its stream yields."""
+
+    def __init__(self, tokenizer, new):
+        self.tokenizer, self.new = tokenizer, new
+
+    def stream(self, ids, mask, adapter, **generation):
+        yield from (np.array([t]) for t in self.new)
+
+
+def test_a_tokenizer_that_tidies_streams_all_its_text_and_stops_on_the_tokens_text(tmp_path):
+    """clean_up_tokenization_spaces (not BPE) rewrites decoded text: " '" + "s" is "'s". stream_text dropped
+    everything after such a rewrite (a prefix of the ids no longer decoded to a prefix of the text), and stop
+    strings were matched on the tidied text, where transformers' StopStringCriteria reads the tokens' own (" ,")."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from edgepeft.runtimes.text import TextTokenizer, stream_text
+
+    words = ["[PAD]", "<s>", "</s>", "[UNK]", "I", "do", "n't", "know", ",", "it", "'", "s", "fine", "."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(words[:4])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump({"clean_up_tokenization_spaces": True}, f)
+    tidy = TextTokenizer(str(tmp_path))
+    new = tok.encode("I do n't know , it ' s fine .").ids
+    assert tidy.decode(new) == "I don't know, it's fine."
+    assert "".join(stream_text(_Streamed(tidy, new), "I")) == tidy.decode(new)
+    comma = new.index(words.index(","))
+    for stop, at in ((" ,", comma), ("n't", 2), (" .", len(new) - 1)):
+        hits = [bool(StopStrings(tidy, [stop], np.zeros(1, dtype=np.int64)).hit(np.array([new[:k + 1]]),
+                                                                               np.zeros(1, dtype=bool))[0])
+                for k in range(len(new))]
+        assert hits.index(True) == at, stop
+
+
+def test_a_chat_template_sees_every_named_special_token(text_export, tmp_path):
+    """transformers 5 gives a template every *_token the tokenizer config names (Gemma's image_token, boi_token);
+    the runtime gave only bos/eos/unk/sep/pad/cls/mask and an extra_special_tokens dict, so they rendered empty."""
+    from file_checks import edit_json
+
+    out = str(tmp_path / "out")
+    shutil.copytree(text_export[0], out)
+    edit_json(os.path.join(out, "base", "tokenizer_config.json"), image_token="w99")
+    with open(os.path.join(out, "base", "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}{{ m['role'] }}: {{ image_token }} {{ m['content'] }} {% endfor %}assistant:")
+    assert Runtime(out).tokenizer.apply_chat_template([{"role": "user", "content": "w10"}]) == "user: w99 w10 assistant:"
