@@ -220,7 +220,8 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         warnings.simplefilter("ignore")
         try:
             model, info = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa",
-                                                   revision=revision, output_loading_info=True, **head, **NO_REMOTE_CODE)
+                                                   revision=revision, output_loading_info=True, **head, **NO_REMOTE_CODE,
+                                                   **RUN_AS_TRACED)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             if type(e) is RuntimeError and "PytorchStreamReader" not in str(e):  # torch's: a .bin cut short
                 raise
@@ -255,6 +256,12 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         if getattr(module, "chunk_size_feed_forward", 0):  # traced length only, and it needs multiples of the chunk
             module.chunk_size_feed_forward = 0
     return model.eval()
+
+
+# config.json fields some checkpoints carry that the model edgepeft traces and trains cannot run with, set as it runs:
+# outputs as a dict, no attention weights (sdpa refuses them), sdpa even where the file names flash attention (which
+# transformers would load from the file over attn_implementation, and refuse where flash-attn is not installed)
+RUN_AS_TRACED = {"return_dict": True, "output_attentions": False, "_attn_implementation": "sdpa"}
 
 
 def call_kwargs(config) -> dict:

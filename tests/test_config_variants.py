@@ -112,3 +112,18 @@ def test_a_decoder_classifier_without_a_padding_id_is_told_which_id_to_set(tmp_p
     with pytest.raises(UnsupportedModelError, match=r"needs pad_token_id in config.json .*set it and retry \(a model "
                        r"without a padding token: its end-of-sequence id, 7\)$"):
         load_base(base, "seq-cls")
+
+
+@pytest.mark.parametrize("field, value", [("output_attentions", True), ("_attn_implementation", "flash_attention_2"),
+                                          ("return_dict", False)])
+def test_config_fields_the_traced_model_runs_without_are_set_as_it_runs(tmp_path, field, value):
+    """Fields some checkpoints carry: transformers refuses attention weights with sdpa, loads the file's flash
+    attention over attn_implementation (an ImportError without flash-attn), and returns tuples: each was a raw
+    traceback from export (and training)."""
+    from file_checks import edit_json
+
+    base = _base(tmp_path, "llama")
+    lora = _lora(tmp_path, base, "causal-lm", ["q_proj"])
+    edit_json(os.path.join(base, "config.json"), **{field: value})
+    report = export([lora], str(tmp_path / "out"))
+    assert report["checks"] and all(c["max_abs_diff"] < 1e-4 for c in report["checks"])
