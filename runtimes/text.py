@@ -105,9 +105,6 @@ class TextTokenizer:
         lowercase_first(lowered._tok)
         return limit, mode, lowered
 
-    def _special(self, key: str):
-        return _content(self.special_map.get(key, self.config.get(key)))  # transformers: special_tokens_map.json's win
-
     @functools.cached_property
     def special_tokens(self) -> dict:
         """{bos_token: text, ...}: the named special tokens a chat template sees, as transformers 5 gives them: every
