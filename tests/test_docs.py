@@ -98,3 +98,16 @@ def test_architecture_names_every_module():
                     not re.search(rf"`([\w./]+/)?{re.escape(name)}`", page):
                 unnamed.append(f"{package}/{name}")
     assert unnamed == []
+
+
+def test_every_cli_flag_is_documented():
+    """docs/cli.md (and training.md for train) name every flag each command takes, its negative form too."""
+    from edgepeft.cli import cli
+
+    with open(os.path.join(REPO, "docs", "cli.md"), encoding="utf-8") as f:
+        pages = f.read()
+    with open(os.path.join(REPO, "docs", "training.md"), encoding="utf-8") as f:
+        pages += f.read()
+    flags = {f"{name} {opt}" for name, command in cli.commands.items() for p in command.params
+             for opt in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ())) if opt.startswith("--")}
+    assert sorted(f for f in flags if not re.search(re.escape(f.split(" ", 1)[1]) + r"\b", pages)) == []
