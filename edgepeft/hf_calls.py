@@ -3,6 +3,8 @@ than falling through to transformers' own PEFT integration (a false "use PEFT >=
 a keyword transformers takes and ignores."""
 from __future__ import annotations
 
+import os
+
 from edgepeft.errors import ConfigError
 
 _ELSEWHERE = {
@@ -31,3 +33,29 @@ def refuse_adapter_names(kwargs: dict) -> None:
     if kwargs.pop("adapter_names", None) is not None:  # None: every row the active adapter, as HF PEFT takes it
         raise ConfigError("adapter_names= (an adapter per row) is not in edgepeft's PyTorch model: run one adapter "
                           "per call (set_adapter), or export and pass adapter=[...] to the runtime's forward/generate")
+
+
+def check_save_options(directory: str, save_embedding_layers, safe_serialization: bool) -> None:
+    """HF PEFT's save_pretrained options that would make edgepeft write something else, refused before any file is."""
+    if os.path.isfile(directory):
+        raise ConfigError(f"{directory}: is a file; give save_pretrained a folder")
+    if not safe_serialization:
+        raise ConfigError("safe_serialization=False (adapter_model.bin): edgepeft writes adapter_model.safetensors "
+                          "only, which HF PEFT reads as well; leave safe_serialization at True")
+    if save_embedding_layers is True:
+        raise ConfigError("save_embedding_layers=True: edgepeft trains no base embedding layers to save with the "
+                          "adapter; leave it at 'auto'")
+
+
+def merged_name(adapter_name, adapter_names) -> str | None:
+    """The adapter merge_and_unload merges, from its own argument or HF PEFT's: ``merge_and_unload(True)`` (HF PEFT's
+    first argument is its progressbar) or ``adapter_names`` of one adapter (edgepeft merges one per copy)."""
+    if isinstance(adapter_name, bool):
+        adapter_name = None
+    if adapter_names is None:
+        return adapter_name
+    adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    if len(adapter_names) != 1 or adapter_name is not None:
+        raise ConfigError(f"adapter_names={adapter_names!r}: edgepeft merges one adapter per copy; give one name, e.g. "
+                          "merge_and_unload(adapter_names=['default'])")
+    return adapter_names[0]

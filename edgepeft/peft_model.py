@@ -30,7 +30,7 @@ from edgepeft.adapter_weights import drop_carried_base_weights, named_as_expecte
 from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
-from edgepeft.hf_calls import elsewhere, refuse_adapter_names
+from edgepeft.hf_calls import check_save_options, elsewhere, merged_name, refuse_adapter_names
 from edgepeft.registry import AdapterLayer
 from edgepeft.tuners import method_for
 from edgepeft.tuners.copies import merged_copy, unloaded_copy
@@ -323,14 +323,7 @@ class PeftModel(nn.Module):
         """Write each adapter as an HF PEFT dir (non-default adapters in ``save_directory/<name>``), as HF PEFT's
         save_pretrained with its defaults; ``is_main_process=False`` writes nothing (the other processes of a run)."""
         directory = str(save_directory)
-        if os.path.isfile(directory):
-            raise ConfigError(f"{directory}: is a file; give save_pretrained a folder")
-        if not safe_serialization:
-            raise ConfigError("safe_serialization=False (adapter_model.bin): edgepeft writes adapter_model.safetensors "
-                              "only, which HF PEFT reads as well; leave safe_serialization at True")
-        if save_embedding_layers is True:
-            raise ConfigError("save_embedding_layers=True: edgepeft trains no base embedding layers to save with the "
-                              "adapter; leave it at 'auto'")
+        check_save_options(directory, save_embedding_layers, safe_serialization)
         selected = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [name for name in selected if name not in self.peft_config]
         if unknown:
@@ -377,15 +370,7 @@ class PeftModel(nn.Module):
                          adapter_names=None) -> nn.Module:
         """A copy of the transformers model with ``adapter_name`` (or HF PEFT's ``adapter_names``, one of them)
         folded into its weights; ``safe_merge``: weights that are not finite refused; ``progressbar`` ignored."""
-        if isinstance(adapter_name, bool):  # HF PEFT's first argument: merge_and_unload(True) is its progressbar
-            adapter_name = None
-        if adapter_names is not None:
-            adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-            if len(adapter_names) != 1 or adapter_name is not None:
-                raise ConfigError(f"adapter_names={adapter_names!r}: edgepeft merges one adapter per copy; give one "
-                                  "name, e.g. merge_and_unload(adapter_names=['default'])")
-            adapter_name = adapter_names[0]
-        name = adapter_name or self.active_adapter
+        name = merged_name(adapter_name, adapter_names) or self.active_adapter
         if name not in self.peft_config:
             raise ConfigError(f"no adapter named {name!r} to merge; have {sorted(self.peft_config)}")
         return merged_copy(self.base_model.model, method_for(self.peft_config[name]).tuner, name, safe_merge)
