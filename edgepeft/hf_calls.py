@@ -1,6 +1,6 @@
-"""HF PEFT's PeftModel calls that edgepeft's PeftModel answers otherwise: refused with what to call instead, rather
-than falling through to transformers' own PEFT integration (a false "use PEFT >= 0.22"), to an AttributeError, or to
-a keyword transformers takes and ignores."""
+"""HF PEFT's PeftModel calls and options that edgepeft's PeftModel answers otherwise: refused with what to call
+instead, rather than falling through to transformers' own PEFT integration (a false "use PEFT >= 0.22"), to an
+AttributeError, or to a keyword transformers takes and ignores; or read as edgepeft's (merge_and_unload's)."""
 from __future__ import annotations
 
 import os
