@@ -46,11 +46,11 @@ def ignored_generation(model) -> list[str]:
 
 
 def pad_token_id(model, task: str) -> int | None:
-    """The padding id: for generation the generation config's first, as transformers' generate takes it (some
-    models set it there only); for classifiers the model config's, which their forward reads."""
+    """The padding id: for generation the generation config's, as transformers' generate takes it (made from
+    config.json where the model has no generation_config.json; None where that file names none, so finished rows
+    get the first eos, as in transformers); for classifiers the model config's, which their forward reads."""
     gen = getattr(model, "generation_config", None)
-    pad = getattr(gen, "pad_token_id", None) if task == "causal-lm" and gen is not None else None
-    return model.config.pad_token_id if pad is None else pad
+    return gen.pad_token_id if task == "causal-lm" and gen is not None else model.config.pad_token_id
 
 
 def generation_fields(model, task: str) -> dict:

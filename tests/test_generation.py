@@ -335,6 +335,36 @@ def test_default_eos_and_pad_come_from_the_model(runtime_for, shared_export, hf_
     assert out[:, ids.shape[1]:].tolist() == [[9, 9, 2, 0, 0], [9, 9, 9, 9, 2]]
 
 
+def test_a_generation_config_without_a_pad_fills_finished_rows_with_its_eos(tiny_base, peft_adapter, tmp_path):
+    """transformers fills finished rows with the first eos where the model's generation_config.json names no
+    pad_token_id (many checkpoints' do); the export took config.json's pad (0) there."""
+    import json
+    import shutil
+
+    import peft
+    import transformers as tf
+
+    from edgepeft.exporters import export
+
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_base("llama"), base)
+    adapter = peft_adapter("llama", "qv-eos", seed=21, r=2, target_modules=["q_proj", "v_proj"])
+
+    def reference(ids, mask):
+        model = peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+        return hf_generate(model, ids, mask, max_new_tokens=6)[0]
+
+    ids, mask = prompt_batch(seq=6, pad=0, seed=3)
+    first = reference(ids, mask)[:, ids.shape[1]:]
+    eos = next(int(t) for t in first[0, :3] if t not in first[1])  # row 0 ends early, row 1 never
+    with open(os.path.join(base, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": [eos]}, f)
+    export([adapter], str(tmp_path / "out"), base=base, names=["qv"])
+    ours = Runtime(str(tmp_path / "out")).generate(ids, mask, adapter="qv", max_new_tokens=6)
+    np.testing.assert_array_equal(ours, reference(ids, mask))
+    assert ours[0, -1] == eos
+
+
 # ---------------------------------------------------------------- 7. bad input
 def test_bad_generation_input_raises_and_runtime_keeps_working(shared_export):
     out, _, _ = shared_export("llama")
