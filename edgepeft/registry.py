@@ -44,6 +44,11 @@ class AdapterLayer(nn.Module):
             return None
         return getattr(self, self.frozen_attr)
 
+    def unloaded_module(self):
+        """The module this layer leaves when its adapters are taken out, nothing merged (``unload``): by default the
+        module it wraps."""
+        return getattr(self, self.frozen_attr)
+
     def adapter_parameters(self, adapter_name: str) -> dict:
         """{name: parameter} that train for ``adapter_name`` (``own_state`` layers only)."""
         raise NotImplementedError

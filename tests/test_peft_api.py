@@ -127,3 +127,19 @@ def test_virtual_tokens_leave_the_input_embeddings_as_they_are(tiny_base, tmp_pa
     model.resize_token_embeddings(words.shape[0] + 8)
     assert model.get_input_embeddings().weight.shape[0] == words.shape[0] + 8
     torch.testing.assert_close(_logits(model, ids)[..., :words.shape[0]], prompted, rtol=1e-5, atol=1e-6)
+
+
+def test_unload_keeps_the_active_adapters_copy_of_a_layer_trained_whole(tiny_base, tmp_path):
+    """HF PEFT's unload leaves a classifier's trained head (modules_to_save) in place: edgepeft put the base's
+    untrained head back (0.71 off HF PEFT's unload)."""
+    import peft
+
+    ids = torch.from_numpy(sample_batch()[0])
+    hf = peft.get_peft_model(load_reference_base(tiny_base("bert"), "seq-cls", num_labels=3),
+                             peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    randomize_adapter(hf, 5)
+    hf.save_pretrained(tmp_path / "cls")
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base("bert"), "seq-cls", num_labels=3),
+                                              str(tmp_path / "cls"))
+    unloaded = hf.eval().unload()
+    torch.testing.assert_close(_logits(ours.unload(), ids), _logits(unloaded, ids), rtol=1e-5, atol=1e-6)

@@ -41,7 +41,8 @@ def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False) ->
 
 
 def unloaded_copy(model: nn.Module) -> nn.Module:
-    """``model`` with every adapter layer taken out, nothing merged (HF PEFT's ``unload``)."""
+    """``model`` with every adapter layer taken out, nothing merged (HF PEFT's ``unload``: a layer trained whole keeps
+    the active adapter's copy)."""
     if any(isinstance(m, AdapterLayer) and m.frozen_attr == "" for m in model.modules()):
         raise UnsupportedMethodError("unload(): prefix tuning is part of the attention modules, not a layer to "
                                      "take out; run the base with `with model.disable_adapter():`")
@@ -51,7 +52,7 @@ def unloaded_copy(model: nn.Module) -> nn.Module:
         if module.frozen_attr is None:  # wraps nothing: dropped
             _drop(model, key)
         else:
-            replace_module(model, key, getattr(module, module.frozen_attr))
+            replace_module(model, key, module.unloaded_module())
     return model
 
 

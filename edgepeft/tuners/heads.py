@@ -56,6 +56,10 @@ class ModulesToSaveWrapper(AdapterLayer):
         """The adapter's trained copy (or the original module): a head trained whole is its own merge."""
         return self.modules_to_save[adapter_name] if adapter_name in self.modules_to_save else self.original_module
 
+    def unloaded_module(self):
+        """The active adapter's trained copy, as HF PEFT's unload keeps it (the original where it has none)."""
+        return self.merged_module(self.active_adapter)
+
     def forward(self, *args, **kwargs):
         if self.active_adapter in self.modules_to_save:
             return self.modules_to_save[self.active_adapter](*args, **kwargs)

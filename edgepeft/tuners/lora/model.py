@@ -51,5 +51,5 @@ class LoraTuner(Tuner):
         for key, module in self.layers(model):
             if adapter_name in module.lora_A:
                 base = untied(model, innermost(module))
-                base.weight += module.delta_weight(adapter_name).to(base.weight.dtype)
+                base.weight += module.delta_weight(adapter_name)  # float32 added in place: rounded once, as HF PEFT
             replace_module(model, key, module.base_layer)
