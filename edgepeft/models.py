@@ -90,7 +90,7 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
     check_model_source(name_or_path, flag)
     try:
         return AutoConfig.from_pretrained(name_or_path, revision=revision, **NO_REMOTE_CODE)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # the last two: a field the config class refuses
         if "trust_remote_code" in str(e):
             raise UnsupportedModelError(
                 f"{model_label(name_or_path, revision)}: its config.json needs the model's own Python code (auto_map), "

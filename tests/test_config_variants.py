@@ -127,3 +127,17 @@ def test_config_fields_the_traced_model_runs_without_are_set_as_it_runs(tmp_path
     edit_json(os.path.join(base, "config.json"), **{field: value})
     report = export([lora], str(tmp_path / "out"))
     assert report["checks"] and all(c["max_abs_diff"] < 1e-4 for c in report["checks"])
+
+
+def test_a_config_field_transformers_cannot_set_is_named_as_a_damaged_config(tmp_path, capsys):
+    """use_return_dict (a read-only property) in config.json: transformers' AttributeError was a raw traceback."""
+    from file_checks import edit_json
+    from training_helpers import cli_error
+
+    base = _base(tmp_path, "llama")
+    lora = _lora(tmp_path, base, "causal-lm", ["q_proj"])
+    edit_json(os.path.join(base, "config.json"), use_return_dict=False)
+    line = cli_error(capsys, "export", "--adapter", lora, "--base", base, "--out", str(tmp_path / "out"))
+    assert "cannot load the base model's config (property 'use_return_dict'" in line
+    assert line.endswith("its config.json is damaged: save the model again (save_pretrained), or pass --base another "
+                         "folder")
