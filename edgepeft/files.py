@@ -54,6 +54,9 @@ def usual_permissions(path: str) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
 
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # a write that failed for want of space, or of quota
+
+
 @contextmanager
 def reporting_full_disk(folder: str, flag: str, loading: bool = False):
     """A write under ``folder`` that fails for want of space (or quota) becomes a StorageError naming the folder and
@@ -64,7 +67,7 @@ def reporting_full_disk(folder: str, flag: str, loading: bool = False):
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in FULL_DISK:
             raise
         root, path = os.path.abspath(folder), os.path.abspath(e.filename) if isinstance(e.filename, str) else None
         if path and not inside(path, root):  # elsewhere: the hub's cache, say

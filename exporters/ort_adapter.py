@@ -19,9 +19,8 @@ import tempfile
 
 import onnxruntime as ort
 
+from edgepeft.files import FULL_DISK
 from edgepeft.runtimes.manifest import FORMAT_VERSION
-
-_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def applies(slots) -> bool:
@@ -55,11 +54,11 @@ def _no_room(folder: str, size: int) -> int | None:
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".edgepeft-room-")
     except OSError as e:
-        return e.errno if e.errno in _FULL else None
+        return e.errno if e.errno in FULL_DISK else None
     try:
         os.posix_fallocate(fd, 0, max(size, 1))
     except (AttributeError, OSError) as e:  # AttributeError: no posix_fallocate (macOS, Windows)
-        if getattr(e, "errno", None) in _FULL:
+        if getattr(e, "errno", None) in FULL_DISK:
             return e.errno
         return errno.ENOSPC if shutil.disk_usage(folder).free < size else None
     finally:

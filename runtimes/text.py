@@ -265,7 +265,9 @@ def generate_text(rt, prompt, adapter=None, chat: bool = False, **generation):
 
 
 def _per_row(adapter, rows: int) -> list:
-    """Each row's adapter (a name, a weighted dict, None) of a call's ``adapter`` argument."""
+    """Each row's adapter (a name, a weighted dict, None) of a call's ``adapter`` argument; a per-row list of the
+    wrong length is refused here, before a caller indexes it."""
+    row_specs(adapter, rows)
     return list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * rows
 
 
@@ -285,7 +287,6 @@ def classify(rt, texts, adapter=None):
     rows, single = _texts(texts)
     ids, mask = rt.tokenizer.encode(rows)
     per_row = _per_row(adapter, len(rows))
-    row_specs(adapter, len(rows))  # a per-row list of the wrong length is refused here, before it is indexed
     lengths = mask.sum(-1).tolist()
     if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
         parts = {}  # at a time does (transformers' pipeline): the head would read a shorter row at a pad
@@ -351,7 +352,6 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     max_length, mode, tokenizer = rt.tokenizer.sentence_transformers
     per_row = _per_row(adapter, len(rows))
     # a prompt's or prefix's tokens take positions too: each row is cut for its own adapter, as run alone
-    row_specs(adapter, len(rows))  # a per-row list of the wrong length is refused here, before it is indexed
     virtual = ([rt.virtual_positions(spec, 1) for spec in per_row] if isinstance(adapter, (list, tuple))
                else [rt.virtual_positions(adapter, len(rows))] * len(rows))  # one adapter (or one mix): asked once
     limits = [min(max_length or rt.max_positions, rt.max_positions - n) if rt.max_positions and n else max_length

@@ -10,7 +10,7 @@ from torch import nn
 
 from edgepeft.errors import ConfigError, UnsupportedMethodError
 from edgepeft.registry import AdapterLayer
-from edgepeft.tuners.targets import replace_module
+from edgepeft.tuners.targets import remove_module, replace_module
 
 
 def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False) -> nn.Module:
@@ -23,7 +23,7 @@ def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False) ->
     tuner.merge(model, name)
     for key, module in list(model.named_modules()):  # outermost first: a wrapper goes before what it holds
         if isinstance(module, AdapterLayer) and module.frozen_attr is None:  # virtual tokens (merge refuses
-            _drop(model, key)  # their own adapters)
+            remove_module(model, key)  # their own adapters)
         if not isinstance(module, AdapterLayer) or not module.frozen_attr:
             continue
         try:
@@ -50,12 +50,7 @@ def unloaded_copy(model: nn.Module) -> nn.Module:
     while (layer := next(((k, m) for k, m in model.named_modules() if isinstance(m, AdapterLayer)), None)):
         key, module = layer  # outermost first
         if module.frozen_attr is None:  # wraps nothing: dropped
-            _drop(model, key)
+            remove_module(model, key)
         else:
             replace_module(model, key, module.unloaded_module())
     return model
-
-
-def _drop(model: nn.Module, key: str) -> None:
-    parent, _, child = key.rpartition(".")
-    delattr(model.get_submodule(parent) if parent else model, child)

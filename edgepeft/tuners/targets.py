@@ -167,6 +167,11 @@ def replace_module(model: nn.Module, key: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def remove_module(model: nn.Module, key: str) -> None:
+    parent_name, _, child = key.rpartition(".")
+    delattr(model.get_submodule(parent_name) if parent_name else model, child)
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """A read-only view of ``model`` naming adapter-wrapped layers by their original names.
 
