@@ -3,9 +3,8 @@ instead, rather than falling through to transformers' own PEFT integration (a fa
 AttributeError, or to a keyword transformers takes and ignores; or read as edgepeft's (merge_and_unload's)."""
 from __future__ import annotations
 
-import os
-
 from edgepeft.errors import ConfigError
+from edgepeft.files import check_output_dir
 
 _ELSEWHERE = {
     "merge_adapter": "merge_and_unload() (a merged copy; the PeftModel stays as it is)",
@@ -37,8 +36,7 @@ def refuse_adapter_names(kwargs: dict) -> None:
 
 def check_save_options(directory: str, save_embedding_layers, safe_serialization: bool) -> None:
     """HF PEFT's save_pretrained options that would make edgepeft write something else, refused before any file is."""
-    if os.path.isfile(directory):
-        raise ConfigError(f"{directory}: is a file; give save_pretrained a folder")
+    check_output_dir(directory, "save_pretrained", "a folder")  # a file there or above it, or a folder one may not write
     if not safe_serialization:
         raise ConfigError("safe_serialization=False (adapter_model.bin): edgepeft writes adapter_model.safetensors "
                           "only, which HF PEFT reads as well; leave safe_serialization at True")

@@ -148,12 +148,16 @@ class PeftModel(nn.Module):
         self.active_adapter = adapter_name
         self._run_layers()
 
+    @property
+    def _running(self):
+        """The adapter calls run: the active one, or none inside ``disable_adapter``'s block."""
+        return None if self._disabled else self.active_adapter
+
     def _run_layers(self) -> None:
         """Every layer runs the active adapter, or none inside ``disable_adapter``'s block."""
-        running = None if self._disabled else self.active_adapter
         for module in self.modules():
             if isinstance(module, AdapterLayer):
-                module.active_adapter = running
+                module.active_adapter = self._running
 
     @contextmanager
     def disable_adapter(self):
@@ -344,7 +348,7 @@ class PeftModel(nn.Module):
     def forward(self, *args, **kwargs):
         """The model with the active adapter; its tuner may rewrite the call's inputs (virtual tokens)."""
         refuse_adapter_names(kwargs)
-        if self.active_adapter is None or self._disabled:
+        if self._running is None:
             return self.base_model.model(*args, **kwargs)
         name = self.active_adapter
         return method_for(self.peft_config[name]).tuner.forward(self.base_model.model, self.peft_config[name], name,
@@ -352,7 +356,7 @@ class PeftModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         refuse_adapter_names(kwargs)
-        if self.active_adapter is None or self._disabled:
+        if self._running is None:
             return self.base_model.model.generate(*args, **kwargs)
         name = self.active_adapter
         return method_for(self.peft_config[name]).tuner.generate(self.base_model.model, self.peft_config[name], name,

@@ -131,16 +131,15 @@ class BaseOutputs:
     def __init__(self, rt, model, task: str):
         self.rt, self.model, self.task, self.kept = rt, model, task, {}
 
-    @staticmethod
-    def key(seed: int, ids) -> tuple:
-        return seed, tuple(ids.shape)  # an adapter's check may be shorter (sample_shape)
+    def keep(self, seed: int, ids, ours, ref) -> None:
+        """The base's outputs on the batch of ``seed`` and ``ids``' shape (an adapter's check may be shorter)."""
+        self.kept[seed, tuple(ids.shape)] = ours, ref
 
     def outputs(self, seed: int, ids, mask) -> tuple:
-        key = self.key(seed, ids)
-        if key not in self.kept:
-            self.kept[key] = (self.rt.forward(ids.numpy(), mask.numpy())[TASK_OUTPUTS[self.task]],
-                              reference_output(self.model, ids, mask, self.task))
-        return self.kept[key]
+        if (seed, tuple(ids.shape)) not in self.kept:
+            self.keep(seed, ids, self.rt.forward(ids.numpy(), mask.numpy())[TASK_OUTPUTS[self.task]],
+                      reference_output(self.model, ids, mask, self.task))
+        return self.kept[seed, tuple(ids.shape)]
 
 
 def validate(label: str, rt, adapter, model, task: str, atol: float, where: str, seed: int = 1, qtol=None,
@@ -162,7 +161,7 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
     check["output_width"] = int(ours.shape[-1])
     if qtol is not None and base is not None:
         if adapter is None:
-            base.kept[base.key(seed, ids)] = ours, ref
+            base.keep(seed, ids, ours, ref)
         else:
             check["effect_error"] = compare_effects(label, ours, ref, *base.outputs(seed, ids, mask), mask.numpy(), task,
                                                     where)

@@ -271,6 +271,15 @@ def _per_row(adapter, rows: int) -> list:
     return list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * rows
 
 
+def _in_groups(keys: list, rows: list, per_row: list, call) -> list:
+    """``call(rows, their adapters)`` once per group of rows with equal ``keys``, the results in the rows' order."""
+    parts = {}
+    for key in set(keys):
+        at = [i for i, k in enumerate(keys) if k == key]
+        parts.update(zip(at, call([rows[i] for i in at], [per_row[i] for i in at])))
+    return [parts[i] for i in range(len(rows))]
+
+
 def _texts(texts) -> tuple[list, bool]:
     single = isinstance(texts, str)
     if not (single or (isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts))):
@@ -289,11 +298,8 @@ def classify(rt, texts, adapter=None):
     per_row = _per_row(adapter, len(rows))
     lengths = mask.sum(-1).tolist()
     if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
-        parts = {}  # at a time does (transformers' pipeline): the head would read a shorter row at a pad
-        for n in set(lengths):
-            at = [i for i, k in enumerate(lengths) if k == n]
-            parts.update(zip(at, classify(rt, [rows[i] for i in at], [per_row[i] for i in at])))
-        return [parts[i] for i in range(len(rows))]
+        # at a time does (transformers' pipeline): the head would read a shorter row at a pad
+        return _in_groups(lengths, rows, per_row, lambda part, specs: classify(rt, part, specs))
     with rt.lanes(adapter, len(rows)):  # held until the names are read: a name reloaded between renames the scores
         logits = rt.forward(ids, mask, adapter=adapter)["logits"].astype(np.float64)  # NaN past a row's own labels
         labels = [_labels_of(rt, spec) for spec in per_row]
@@ -357,11 +363,7 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     limits = [min(max_length or rt.max_positions, rt.max_positions - n) if rt.max_positions and n else max_length
               for n in virtual]
     if len(set(limits)) > 1:  # rows cut to other lengths run in batches of their own: a wider row pads them past it
-        parts = {}
-        for limit in set(limits):
-            at = [i for i, cut in enumerate(limits) if cut == limit]
-            parts.update(zip(at, embed(rt, [rows[i] for i in at], [per_row[i] for i in at], normalize)))
-        return np.stack([parts[i] for i in range(len(rows))])
+        return np.stack(_in_groups(limits, rows, per_row, lambda part, specs: embed(rt, part, specs, normalize)))
     ids, mask = tokenizer.encode(rows, max_length=limits[0])
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
     pooled = pool(hidden, mask, mode)

@@ -80,7 +80,7 @@ def test_hf_peft_keywords_of_save_load_merge_and_unload(tiny_base, tmp_path):
                           ({"save_embedding_layers": True}, "no base embedding layers")):
         with pytest.raises(ConfigError, match=words):
             model.save_pretrained(tmp_path / "c", **kwargs)
-    with pytest.raises(ConfigError, match="file: is a file; give save_pretrained a folder"):  # FileExistsError
+    with pytest.raises(ConfigError, match="file: is a file, not a folder; give save_pretrained a folder"):  # FileExistsError
         model.save_pretrained(tmp_path / "file")
     loaded = edgepeft.PeftModel.from_pretrained(_llama(tiny_base), model_id=str(tmp_path / "a"))
     loaded.load_adapter(model_id=str(tmp_path / "a"), adapter_name="again")

@@ -74,10 +74,10 @@ def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> N
                           "over with --overwrite")
 
 
-def check_same_data(state: dict | None, ckpt: str, labels: list | None, data: str, digests: dict, paths: dict) -> None:
+def check_same_data(state: dict | None, ckpt: str, labels: list | None, data: str, digests: dict) -> None:
     """Refuse to resume on data whose classes differ from the checkpoint's (a label renamed trained its rows as
     another class and saved the old names; one added was a size-mismatch traceback), or on rows changed since
-    (``digests``: {"data_sha256": ..., "eval_sha256": ...}, of the files in ``paths``): the steps per epoch, the
+    (``digests``: {"data_sha256": (its file, sha256), "eval_sha256": ...}): the steps per epoch, the
     log's counts and the evals that pick the best epoch follow the rows, and the log kept the old ones."""
     if state is None:
         return
@@ -85,9 +85,9 @@ def check_same_data(state: dict | None, ckpt: str, labels: list | None, data: st
     if log.get("labels") != labels:
         raise ConfigError(f"{ckpt}: was made with the labels {log.get('labels')}, {data} now gives {labels}; resume "
                           "with the data it was made with or start over with --overwrite")
-    for key, digest in digests.items():
+    for key, (path, digest) in digests.items():
         if key in log and log[key] != digest:  # a checkpoint from before the digests: not checked
-            raise ConfigError(f"{ckpt}: was made with other rows in {paths[key]} (the file changed since, or it is "
+            raise ConfigError(f"{ckpt}: was made with other rows in {path} (the file changed since, or it is "
                               "another file); resume with the rows it was made with or start over with --overwrite")
 
 

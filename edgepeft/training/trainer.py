@@ -73,7 +73,9 @@ class Trainer:
         for note in (ignored_fields(rows, args.data, args.task), other, missing_matplotlib()):
             if note and first():  # one note from a multi-process run
                 print(f"note: {note}", file=sys.stderr)
-        self.digests = {"data_sha256": rows_digest(rows), "eval_sha256": rows_digest(eval_rows)}  # what --resume checks
+        # what --resume checks (the file each digest is of)
+        self.digests = {"data_sha256": (args.data, rows_digest(rows)),
+                        "eval_sha256": (args.eval_data, rows_digest(eval_rows))}
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
         head = named_labels(config) if args.task == "seq-cls" else None  # a trained classifier's own class names
         labels = label_names(rows, args.data, head) if args.task == "seq-cls" else None
@@ -196,8 +198,7 @@ class Trainer:
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
         encoder, train_rows, eval_rows, labels, model_config = self._data(method)
-        check_same_data(resume, os.path.join(args.out, CHECKPOINT), labels, args.data, self.digests,
-                     {"data_sha256": args.data, "eval_sha256": args.eval_data})
+        check_same_data(resume, os.path.join(args.out, CHECKPOINT), labels, args.data, self.digests)
         peft = self._model(labels, method, model_config)
         params = [p for p in peft.parameters() if p.requires_grad]
         optimizer = make_optimizer(peft, args.lr, args.head_lr, args.weight_decay)
@@ -211,7 +212,7 @@ class Trainer:
                                   num_training_steps=total)
         log = {"args": args.fingerprint(), "labels": labels, "world_size": acc.num_processes,
                "mixed_precision": str(acc.mixed_precision),
-               "train_examples": len(train_rows), "eval_examples": len(eval_rows or []), **self.digests,
+               "train_examples": len(train_rows), "eval_examples": len(eval_rows or []), **{k: digest for k, (_, digest) in self.digests.items()},
                "trainable_parameters": sum(p.numel() for p in params),
                "total_parameters": sum(p.numel() for p in peft.parameters()),
                "steps_per_epoch": steps_per_epoch, "history": [], "evals": [], "best": None, "train_seconds": 0.0}
