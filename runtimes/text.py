@@ -235,6 +235,30 @@ def prompt_ids(rt, prompt, chat: bool):
     return ids, mask, single
 
 
+class GrowingText:
+    """The text of a growing list of ids in time linear in its length: decoding the whole list at every token cost
+    1.2 ms a token at 2,000 tokens. The text of the ids before ``start`` is kept, and each call decodes from a few
+    ids before ``start`` (a text's first tokens decode apart: Metaspace drops their space, WordPiece keeps "##";
+    both windows start alike, so the text they add is the same). Where a new id changed that context's text (a
+    tidying rewrite), the whole list is decoded. ``start`` moves on where the text ends on a whole character."""
+    CONTEXT, WINDOW = 8, 32
+
+    def __init__(self, tok: TextTokenizer):
+        self.tok, self.start, self.kept, self.before = tok, 0, "", ""
+
+    def __call__(self, ids: list, n: int) -> str:
+        """The text of ``ids[:n]``; ``n`` never less than the last call's (ids cut before an open byte run)."""
+        after = self.tok.decode(ids[max(self.start - self.CONTEXT, 0):n])
+        if not after.startswith(self.before):  # a new id rewrote the context's text: decode all, start again
+            self.start, self.kept, self.before = 0, "", ""
+            after = self.tok.decode(ids[:n])
+        text = self.kept + after[len(self.before):]
+        if n - self.start > self.WINDOW and not text.endswith("\ufffd"):
+            self.start, self.kept = n, text
+            self.before = self.tok.decode(ids[max(n - self.CONTEXT, 0):n])
+        return text
+
+
 def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     """Yield the generated text piece by piece for one prompt (pieces end on whole characters)."""
     ids, mask, _ = prompt_ids(rt, prompt, chat)
@@ -244,9 +268,10 @@ def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     # a tokenizer whose decoding rewrites text (" ," -> ",", " n" + "'t" -> "n't") may still change its last
     # characters: they wait (a rewrite reaches at most this far back, chained ones included)
     hold = 8 if tok.rewrites else 0
+    text_of = GrowingText(tok)
     for token in rt.stream(ids, mask, adapter, **generation):
         new.append(int(token[0]))
-        settled = tok.decode(new[:len(new) - tok.open_bytes(new, True)])  # an open run of byte tokens may change
+        settled = text_of(new, len(new) - tok.open_bytes(new, True))  # an open run of byte tokens may change
         settled = settled[:max(len(settled) - hold, 0)]
         if settled.startswith(shown) and len(settled) > len(shown) and not settled.endswith("\ufffd"):
             yield settled[len(shown):]

@@ -279,3 +279,60 @@ def test_a_max_length_shorter_than_the_special_tokens_is_refused():
     with pytest.raises(ConfigError, match=r"max_length 1 is less than the 2 special tokens every text gets; raise it"):
         tokenizer.encode("hello world", max_length=1)
     assert tokenizer.encode("hello world", max_length=2)[0].tolist() == [[101, 102]]  # the special tokens alone
+
+
+def _decoders(tmp_path) -> dict:
+    """Tokenizers whose decoders join tokens differently: byte fallback (Llama-2), byte-level BPE (GPT-2),
+    WordPiece with cleanup (MiniLM), and MiniLM's with the config's tidying on."""
+    import edgepeft
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    byte_level.train_from_iterator(TEXTS + TRICKY, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(tmp_path / "bytes")
+    byte_level.save(str(tmp_path / "bytes" / "tokenizer.json"))
+    shutil.copytree(edgepeft.minilm_path(), tmp_path / "tidy", ignore=shutil.ignore_patterns("*.safetensors"))
+    with open(tmp_path / "tidy" / "tokenizer_config.json", "r+") as f:
+        config = dict(json.load(f), clean_up_tokenization_spaces=True)
+        f.seek(0), json.dump(config, f), f.truncate()
+    folders = {"llama2": llama2_tokenizer(tmp_path / "llama2"), "bytes": str(tmp_path / "bytes"),
+               "wordpiece": edgepeft.minilm_path(), "tidy": str(tmp_path / "tidy")}
+    return {name: TextTokenizer(folder) for name, folder in folders.items()}
+
+
+def test_stream_text_decodes_in_time_linear_in_the_text(tmp_path):
+    """stream_text decoded every generated id again at each new one (1.2 ms a token at 2,000 tokens on MiniLM's
+    tokenizer). It now decodes a window, and its text is still the whole decode's at every length, for random ids
+    of each decoder (byte runs cut anywhere, partial characters, special tokens, tidying rewrites)."""
+    rng = np.random.default_rng(0)
+    for name, tok in _decoders(tmp_path).items():
+        size = tok._tok.get_vocab_size()
+        ids = [int(i) for i in rng.integers(0, min(size, 400), 1500)]  # MiniLM: its first 400 ids are marks, bytes
+        if name in ("wordpiece", "tidy"):
+            words = tok._tok.encode("it ' s fine , is n't it ? don ' t go . he ' ll see .", add_special_tokens=False)
+            ids = [int(i) for i in rng.choice(words.ids + [1996, 2003, 2009, 1005], 1500)]  # rewrites, often
+        decoded = []
+        real = tok._tok
+
+        class Counting:  # counts the ids handed to the tokenizers package
+            def __getattr__(self, attr):
+                return getattr(real, attr)
+
+            def decode(self, part, **kw):
+                decoded.append(len(part))
+                return real.decode(part, **kw)
+
+        tok._tok = Counting()
+        rt = types.SimpleNamespace(tokenizer=tok, stream=lambda ids_, mask, adapter, **g: (np.array([t]) for t in ids))
+        pieces = list(text_calls.stream_text(rt, "Hello"))
+        assert sum(decoded) < 100 * len(ids), name  # every prefix decoded whole: about 750 x len(ids)
+        tok._tok = real
+        assert "".join(pieces) == tok.decode(ids), name
+        assert len(pieces) > 100, name
+        growing = text_calls.GrowingText(tok)
+        for k in range(1, len(ids) + 1):
+            n = k - tok.open_bytes(ids[:k], True)
+            assert growing(ids, n) == tok.decode(ids[:n]), (name, k)
