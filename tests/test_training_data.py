@@ -350,6 +350,24 @@ def test_classifier_rows_truncate_as_transformers_keeping_sep():
     assert pair == [{"input_ids": want, "positive_ids": want}]
 
 
+@pytest.mark.parametrize("task", ["seq-cls", "feature-extraction"])
+def test_a_max_length_that_leaves_no_text_is_refused(task):
+    """BERT adds [CLS] and [SEP]: at --max-length 2 every row was those two ids (a classifier trained on no text),
+    and at 1 transformers cut nothing (rows ran at full length)."""
+    import edgepeft
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(edgepeft.minilm_path())
+    for max_length in (1, 2):
+        with pytest.raises(ConfigError) as e:
+            Encoder(tok, task, max_length, labels=["a"])
+        assert str(e.value) == (f"--max-length {max_length} leaves no token of text: the tokenizer adds 2 special "
+                                "tokens to each text; pass --max-length 3 or more")
+    (row,) = Encoder(tok, task, 3, labels=["a"]).encode([{"text": "hi there", "label": "a", "positive": "x", "_line": 1}],
+                                                     "d")
+    assert len(row["input_ids"]) == 3
+
+
 def test_rows_longer_than_the_models_positions_are_refused_naming_the_fix():
     features = [{"input_ids": [1] * 10}, {"input_ids": [1] * 60}]
     rows = [{"_line": 1}, {"_line": 7}]

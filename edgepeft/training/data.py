@@ -193,6 +193,10 @@ class Encoder:
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id = pad
+        specials = len(self._ids(""))
+        if task != "causal-lm" and max_length <= specials:  # transformers then cuts none of the text, or all of it
+            raise ConfigError(f"--max-length {max_length} leaves no token of text: the tokenizer adds {specials} "
+                              f"special tokens to each text; pass --max-length {specials + 1} or more")
 
     def _ids(self, text: str, special: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special, truncation=False)["input_ids"]
