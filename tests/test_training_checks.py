@@ -91,3 +91,21 @@ def test_fields_of_another_task_in_the_eval_file_get_their_note(text_model, tmp_
     train(model=text_model("llama"), task="causal-lm", method="lora", data=data, eval_data=evals,
           out=str(tmp_path / "out"), epochs=1, progress=False)
     assert f'note: {evals}: rows carry "label", which causal-lm training ignores' in capsys.readouterr().err
+
+
+def test_embedding_pairs_without_in_batch_negatives_are_refused(text_model, tmp_path, capsys):
+    """A pair alone in its batch scores its text against its own positive only: the loss was 0 at every step, and
+    the run ended with an untrained adapter, silently."""
+    model = text_model("bert")
+    one = write_lines(tmp_path / "one.jsonl", [{"text": "i love it", "positive": "love it"}])
+    two = write_lines(tmp_path / "two.jsonl", [{"text": "i love it", "positive": "love it"},
+                                               {"text": "awful day", "positive": "bad day"}])
+    argv = ["train", "--model", model, "--task", "feature-extraction", "--out", tmp_path / "out", "--epochs", "1",
+            "--quiet", "--data"]
+    assert cli_error(capsys, *argv, one).endswith(
+        "one.jsonl: one pair; in-batch negatives score each text against the other pairs' positives, so add pairs "
+        "(2 or more)")
+    assert cli_error(capsys, *argv, two, "--batch-size", "1") == (
+        "error: --batch-size 1 leaves each pair without negatives (its loss is 0, nothing is learnt); pass "
+        "--batch-size 2 or more")
+    assert not os.path.exists(tmp_path / "out")

@@ -59,6 +59,9 @@ class TrainingArguments:
         for name in WHOLE_FIELDS:
             if not (is_whole(getattr(self, name)) and getattr(self, name) >= 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if self.task == "feature-extraction" and self.batch_size == 1:  # in-batch negatives: a loss of 0
+            raise ConfigError("--batch-size 1 leaves each pair without negatives (its loss is 0, nothing is learnt); "
+                              "pass --batch-size 2 or more")
         if not (is_whole(self.seed) and 0 <= self.seed < 2**32):  # numpy's seeds
             raise ConfigError(f"--seed must be a whole number in 0..{2**32 - 1}, got {self.seed!r}")
         for name in NUMBER_FIELDS:

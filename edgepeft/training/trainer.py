@@ -21,7 +21,7 @@ import time
 import torch
 
 from edgepeft.config import CONFIG_NAME
-from edgepeft.errors import ConfigError, TrainingInterrupted
+from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
 from edgepeft.files import deferred_interrupts, missing_folders, remove_abandoned, remove_empty, reporting_full_disk
 from edgepeft.models import load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder
 from edgepeft.runtimes.sentence import sentence_transformers_settings
@@ -67,6 +67,9 @@ class Trainer:
         """``method``: the adapter's config (its virtual tokens take positions too)."""
         args = self.args
         rows = read_jsonl(args.data, args.task)
+        if args.task == "feature-extraction" and len(rows) < 2:  # in-batch negatives: a pair alone has a loss of 0
+            raise DataError(f"{args.data}: one pair; in-batch negatives score each text against the other pairs' "
+                            "positives, so add pairs (2 or more)")
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
         other = ignored_fields(eval_rows, args.eval_data, args.task) if eval_rows and args.eval_data != args.data \
             else None
