@@ -193,6 +193,15 @@ def test_integer_labels_name_every_class_up_to_the_max():
     assert label_ids(rows, ["0", "1", "2"], "d.jsonl") == [2, 0, 2]
 
 
+def test_labels_that_differ_only_in_spaces_around_them_are_refused():
+    """"pos" and "pos " made two classes that read alike in labels.json and every score."""
+    rows = [{"label": "neg", "_line": 1}, {"label": "pos", "_line": 2}, {"label": "pos ", "_line": 3}]
+    with pytest.raises(DataError) as e:
+        label_names(rows, "d.jsonl")
+    assert str(e.value) == "d.jsonl: labels 'pos' and 'pos ' differ only in spaces around them; spell each class one way"
+    assert label_names(rows[:2] + [{"label": "p os", "_line": 3}], "d.jsonl") == ["neg", "p os", "pos"]
+
+
 def test_string_labels_are_sorted():
     rows = [{"label": "pos", "_line": 1}, {"label": "neg", "_line": 2}, {"label": "mid", "_line": 3}]
     names = label_names(rows, "d.jsonl")

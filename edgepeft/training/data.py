@@ -153,6 +153,11 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
     if len(values) < 2:
         raise DataError(f"{path}: every row has the label {next(iter(values))!r}; classification needs two or more")
     if not ints:
+        trimmed = {}
+        for v in sorted(values):
+            if trimmed.setdefault(v.strip(), v) != v:  # "pos" and "pos ": two classes of one name
+                raise DataError(f"{path}: labels {trimmed[v.strip()]!r} and {v!r} differ only in spaces around them; "
+                                "spell each class one way")
         spelled = {v.strip().lower(): v for v in values}
         order = [h.strip().lower() for h in head or []]
         return [spelled[k] for k in order] if len(spelled) == len(values) and sorted(order) == sorted(spelled) else (
