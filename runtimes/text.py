@@ -20,6 +20,7 @@ from . import chat_template
 from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
+from .values import surrogate_at
 from .mixing import row_specs
 from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
 
@@ -137,6 +138,10 @@ class TextTokenizer:
         if side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}")
         texts = [texts] if isinstance(texts, str) else list(texts)
+        for text in texts:  # the tokenizers package's TypeError said "TextInputSequence must be str"
+            if isinstance(text, str) and surrogate_at(text) is not None:
+                raise InvalidInputError(f"text {text[:40]!r} holds half of a character (a lone surrogate: bytes read "
+                                        "in another encoding than UTF-8); pass it as UTF-8 text")
         rows = [self._cut(t, add_special_tokens, max_length) if max_length else
                 self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
         width = max(len(r) for r in rows) if rows else 0

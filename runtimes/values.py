@@ -20,3 +20,13 @@ def is_number(value) -> bool:
 def is_real(value) -> bool:
     """A finite int or float (Python or numpy), not a bool."""
     return is_number(value) and bool(np.isfinite(value))
+
+
+def surrogate_at(text: str) -> int | None:
+    """Where ``text`` holds half of a character (a lone surrogate: bytes read in another encoding than UTF-8, a
+    string cut inside an emoji), else None. No tokenizer takes one, and no model's text holds one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None

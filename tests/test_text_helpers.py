@@ -98,6 +98,29 @@ def test_an_empty_prompt_is_refused(text_rt, prompt, monkeypatch):
         text_rt.generate_text(prompt, adapter="tok", max_new_tokens=2)
 
 
+def test_text_with_half_a_character_is_refused_in_one_line(text_export, text_rt):
+    """Bytes of another encoding on a command line (Latin-1 "café") reach Python as a lone surrogate: the tokenizers
+    package raised a bare TypeError ("TextInputSequence must be str"), and `edgepeft run` printed a traceback. A
+    stop string holding one never matched."""
+    import subprocess
+    import sys
+
+    from edgepeft.runtimes import ConfigError, InvalidInputError
+
+    for call in (lambda: text_rt.generate_text("caf\udce9", adapter="tok", max_new_tokens=2),
+                 lambda: text_rt.tokenizer.encode(["w10", "\ud83d"])):
+        with pytest.raises(InvalidInputError, match="holds half of a character .* pass it as UTF-8 text"):
+            call()
+    with pytest.raises(ConfigError, match="stop strings must be whole characters"):
+        text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=2, stop=["\ud800"])
+    done = subprocess.run([sys.executable, "-m", "edgepeft", "run", text_export[0].encode(), b"caf\xe9", b"--adapter",
+                           b"tok"], capture_output=True)
+    assert done.returncode == 1 and b"Traceback" not in done.stderr, done.stderr
+    assert done.stderr.decode().splitlines() == [
+        "error: text 'caf\\udce9' holds half of a character (a lone surrogate: bytes read in another encoding than "
+        "UTF-8); pass it as UTF-8 text"]
+
+
 def test_chat_templates_get_transformers_environment(text_export, tmp_path):
     """Loop controls and strftime_now, as transformers renders templates; a message the template cannot
     render is the caller's input error, not a corrupt file."""
