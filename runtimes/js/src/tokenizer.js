@@ -61,16 +61,35 @@ export async function tokenizerOf(Tokenizer, loader) {
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: the JavaScript tokenizer cannot read it ` +
       `(${String(e.message).split("\n")[0]}); ${PASS_IDS}`);
   }
+  keepByteOrderMarks(tokenizer.decoder);
   const decode = tokenizer.decode.bind(tokenizer);  // as the Python runtime's decode: special tokens skipped by default
   tokenizer.decode = (ids, options) => {
     const list = tokenIds(ids);
     return list.length ? decode(list, { skip_special_tokens: true, ...options }) : "";
   };
-  if (bertCjk(json.normalizer)) {
-    const encode = tokenizer.encode.bind(tokenizer);
-    const spaced = (text) => typeof text === "string" ? text.replace(ASTRAL_CJK, " $& ") : text;
-    tokenizer.encode = (text, options) => encode(spaced(text),
-      options?.text_pair == null ? options : { ...options, text_pair: spaced(options.text_pair) });
-  }
+  const encode = tokenizer.encode.bind(tokenizer);
+  const cjk = bertCjk(json.normalizer);
+  const text = (t) => typeof t !== "string" ? t : wholeCharacters(cjk ? t.replace(ASTRAL_CJK, " $& ") : t);
+  tokenizer.encode = (t, options) => encode(text(t),
+    options?.text_pair == null ? options : { ...options, text_pair: text(options.text_pair) });
   return tokenizer;
+}
+
+/** `text`, refused where it holds half of a character (a lone surrogate: a string cut inside an emoji), as the Python
+ * runtime refuses it; this library encoded it as U+FFFD, or dropped it (BERT). */
+function wholeCharacters(text) {
+  if (/[\uD800-\uDFFF]/u.test(text)) {  // with the u flag, a surrogate pair is one character and does not match
+    throw new EdgePeftError(`text ${JSON.stringify(text.slice(0, 40))} holds half of a character (a lone surrogate); ` +
+      "pass whole characters");
+  }
+  return text;
+}
+
+/** The library's ByteFallback decoder reads each byte run with a TextDecoder that drops a byte order mark (U+FEFF)
+ * at the run's start; the Rust library keeps it, as the Python runtime does. */
+function keepByteOrderMarks(decoder) {
+  for (const part of decoder?.decoders ?? []) keepByteOrderMarks(part);
+  if (decoder?.text_decoder instanceof TextDecoder && !decoder.text_decoder.ignoreBOM) {
+    decoder.text_decoder = new TextDecoder("utf-8", { ignoreBOM: true });
+  }
 }

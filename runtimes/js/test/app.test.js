@@ -113,3 +113,32 @@ test("decode skips special tokens by default, as the Python runtime's", async ()
       /^decode takes one sequence of token ids \(integers >= 0\), got /.test(e.message));
   }
 });
+
+test("decode keeps a byte order mark a byte run spells, and encode refuses half a character, as the Python runtime", async () => {
+  // a Llama-2-style byte-fallback tokenizer: the library's TextDecoder dropped U+FEFF at the start of each byte run
+  const bytes = Array.from({ length: 256 }, (_, i) => `<0x${i.toString(16).toUpperCase().padStart(2, "0")}>`);
+  const vocab = Object.fromEntries(["<unk>", "▁", "a", "b", ...bytes].map((t, i) => [t, i]));
+  const json = {
+    version: "1.0", truncation: null, padding: null, pre_tokenizer: null, post_processor: null,
+    added_tokens: [{ id: 0, content: "<unk>", single_word: false, lstrip: false, rstrip: false, normalized: false, special: true }],
+    normalizer: { type: "Sequence", normalizers: [{ type: "Prepend", prepend: "▁" }, { type: "Replace", pattern: { String: " " }, content: "▁" }] },
+    decoder: { type: "Sequence", decoders: [{ type: "Replace", pattern: { String: "▁" }, content: " " }, { type: "ByteFallback" },
+      { type: "Fuse" }, { type: "Strip", content: " ", start: 1, stop: 0 }] },
+    model: { type: "BPE", dropout: null, unk_token: "<unk>", continuing_subword_prefix: null, end_of_word_suffix: null,
+      fuse_unk: true, byte_fallback: true, ignore_merges: false, vocab, merges: [] },
+  };
+  await mkdir(path.join(scratch, "bom", "base"), { recursive: true });
+  await writeFile(path.join(scratch, "bom", "base", "tokenizer.json"), JSON.stringify(json));
+  const bom = await loadTokenizer(path.join(scratch, "bom"));
+  const [a, ef, bb, bf, b] = [vocab.a, vocab["<0xEF>"], vocab["<0xBB>"], vocab["<0xBF>"], vocab.b];
+  assert.equal(bom.decode([a, ef, bb, bf, b]), "a\uFEFFb");
+  assert.equal(bom.decode([ef, bb, bf, a]), "\uFEFFa");
+  assert.deepEqual(bom.encode("a\uFEFFb").ids, [vocab["▁"], a, ef, bb, bf, b]);
+  const minilm = await loadTokenizer(path.join(FIXTURES, "minilm"));
+  for (const tokenizer of [bom, minilm]) {
+    assert.throws(() => tokenizer.encode("caf\uD83D"), (e) => e instanceof EdgePeftError &&
+      e.message === 'text "caf\\ud83d" holds half of a character (a lone surrogate); pass whole characters');
+    assert.throws(() => tokenizer.encode("ok", { text_pair: "\uDE00" }), EdgePeftError);
+  }
+  assert.deepEqual(minilm.encode("ok 😀").ids, minilm.encode("ok 😀", {}).ids);  // a whole emoji (a surrogate pair) is taken
+});
