@@ -361,6 +361,7 @@ class StopStrings:
             # the newest token completes that character, so a match may end in it
             # untidied, as transformers matches the tokens' own text (" ," is found where decode would give ",")
             before = len(self.tokenizer.decode_open(window[:-1], skip_special_tokens=False, tidy=False).rstrip("\ufffd"))
-            text = self.tokenizer.decode_open(window, skip_special_tokens=False, tidy=False)
+            # less a character the newest token only began: its U+FFFD is no text yet (a stop "\ufffd" matched it)
+            text = self.tokenizer.decode_open(window, skip_special_tokens=False, tidy=False).rstrip("\ufffd")
             found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
         return found

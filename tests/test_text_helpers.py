@@ -159,6 +159,8 @@ def test_a_stop_string_ending_in_a_multi_byte_character_is_found(tmp_path):
         assert ids.shape[1] > len(ids_of(tok, sentence[:-1])) + 1 or len(stop) > 1  # the last character: 2+ tokens
         assert stops.hit(ids, np.zeros(1, dtype=bool))[0], (sentence, stop)
         assert not stops.hit(ids[:, :-1], np.zeros(1, dtype=bool))[0], (sentence, stop)  # its last byte not there yet
+        placeholder = StopStrings(text, ["\ufffd"], np.zeros(1, dtype=np.int64))  # a character begun is no U+FFFD
+        assert not any(placeholder.hit(ids[:, :k], np.zeros(1, dtype=bool))[0] for k in range(1, ids.shape[1] + 1))
 
 
 def test_chat_templates_are_sandboxed_and_json_keeps_order_and_text(text_export, tmp_path):
