@@ -48,12 +48,15 @@ def describe_export(out_dir: str) -> dict:
     base = read_base_manifest(base_dir)
     adapters, problems = [], []
     graph = os.path.join(base_dir, base["graph"])
+    # the weights beside the graph: always since exports write model.web.onnx (which reads them too); an older
+    # export kept a base under 1 GB inside the graph
+    weights = [graph + ".data"] if base.get("web_graph") or os.path.lexists(graph + ".data") else []
     if not os.path.isfile(graph) or os.path.getsize(graph) == 0:
         problems.append(f"{graph}: base graph missing or empty; re-run `edgepeft export` into a fresh --out folder")
-    elif not os.path.isfile(graph + ".data"):  # export writes the weights beside the graph, always
+    elif weights and not os.path.isfile(weights[0]):
         problems.append(f"{graph}.data: the base's weights are missing; re-run `edgepeft export` into a fresh --out folder")
     else:
-        problems += [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, graph + ".data")
+        problems += [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
     for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them
         m = read_adapter_manifest(d)
         try:

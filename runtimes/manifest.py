@@ -55,7 +55,7 @@ from shlex import quote
 
 from .access import check_readable, read_json, sha256_file
 from .commands import export_command, fresh_out
-from .errors import ArtifactNotFoundError, CorruptArtifactError
+from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 
 FORMAT_VERSION = 3  # 2: fused groups, KV-cache I/O; 3: stackable slots and selectors (mixed batches)
@@ -284,6 +284,11 @@ def read_base_manifest(base_dir: str) -> dict:
     errors = slot_table_errors(data["slots"], cache_names(data["cache"], "past") if data.get("cache") else ())
     if errors:  # a hand-edited table: what the runtime would index, hash or hand numpy
         raise CorruptArtifactError(f"{path}: malformed {errors[0]}; {fix}")
+    # an encoder's prefix before position_axis: the text at the prefix's positions, not after them
+    if older := next((s.name for s in data["slots"] if s.method == "prefix" and not s.target
+                      and s.position_axis is None), None):
+        raise ConfigError(f"{path}: was written by an older edgepeft (its slot {older} puts the text at the prefix's "
+                          "positions, where HF PEFT puts it after them); export every adapter into a fresh --out folder")
     if data["task"] in TASK_OUTPUTS and TASK_OUTPUTS[data["task"]] not in data["outputs"]:
         raise CorruptArtifactError(f"{path}: outputs lack {TASK_OUTPUTS[data['task']]!r}, a {data['task']} graph's; {fix}")
     if data["task"] == "causal-lm" and not data.get("cache"):

@@ -334,3 +334,23 @@ def test_generation_flags_on_an_encoder_export_are_refused(shared_export):
     out = shared_export("bert")[0]
     proc = edgepeft("run", out, "hello", "--max-new-tokens", -5, "--temperature", 2)
     assert_user_error(proc, str(out), "--max-new-tokens", "--temperature")
+
+
+def test_inspect_takes_an_older_export_that_keeps_its_weights_in_the_graph(tmp_path, llama):
+    """Exports before model.web.onnx kept a base under 1 GB whole in model.onnx: inspect called its weights file
+    missing (exit 1), where Runtime serves it."""
+    import onnx
+
+    out = tmp_path / "older"
+    shutil.copytree(llama[0], out)
+    graph = out / "base" / "model.onnx"
+    onnx.save_model(onnx.load(str(graph)), str(graph))  # the weights inside
+    (out / "base" / "model.onnx.data").unlink()
+    manifest = json.loads((out / "base" / "edgepeft.json").read_text())
+    for key in ("web_graph", "neutral_graph", "file_bytes"):  # fields those exports did not write
+        manifest.pop(key)
+    (out / "base" / "edgepeft.json").write_text(json.dumps(manifest))
+    proc = edgepeft("inspect", out)
+    assert proc.returncode == 0, proc.stderr
+    ids = np.array([[1, 5, 9, 3]], dtype=np.int64)
+    assert np.array_equal(Runtime(out).forward(ids, adapter="qv")["logits"], Runtime(llama[0]).forward(ids, adapter="qv")["logits"])

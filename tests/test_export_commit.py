@@ -166,7 +166,7 @@ def test_ctrl_c_during_replace_dir_moves_the_new_folder_in_and_leaves_no_old_cop
 
 def test_a_base_whose_slot_reads_otherwise_than_this_edgepeft_is_not_reused(tiny_base, tmp_path):
     """A BERT prefix base written before positions started after the prefix has the same slot names: it was reused
-    and the new adapter failed validation by 2.9 ('loosen --atol')."""
+    and the new adapter failed validation by 2.9 ('loosen --atol'). The runtimes refuse it too."""
     from file_checks import edit_json as edit
     from peft_refs import peft_virtual_adapter
 
@@ -181,9 +181,17 @@ def test_a_base_whose_slot_reads_otherwise_than_this_edgepeft_is_not_reused(tiny
     for slot in slots:
         slot.pop("position_axis", None)  # as the older edgepeft wrote them
     edit(manifest, slots=slots)
-    with pytest.raises(ConfigError, match=r"base: was written by an older edgepeft \(its slot prefix_\w+\.\S+ reads "
-                       "otherwise than this edgepeft's graph\\); export every adapter into a fresh --out folder"):
+    older = (r"base/edgepeft.json: was written by an older edgepeft \(its slot prefix_\w+\.\S+ puts the text at the "
+             r"prefix's positions, where HF PEFT puts it after them\); export every adapter into a fresh --out folder$")
+    with pytest.raises(ConfigError, match=older):
         export([second], out, names=["p2"])
+    # the runtimes served it as it was (3.2 off HF PEFT), inspect said nothing
+    from edgepeft.runtimes import Runtime
+    from edgepeft.runtimes.describe import describe_export
+
+    for call in (Runtime, describe_export):
+        with pytest.raises(ConfigError, match=older):
+            call(out)
 
 
 _KILLED_MIDWAY = """

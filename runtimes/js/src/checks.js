@@ -90,6 +90,12 @@ export function checkFormat(manifest, form, where) {
   if (manifest.task === "causal-lm" && !cache) refuse("a causal-lm base needs its cache table (cache)");
   if (!Array.isArray(slots)) refuse("field slots must be a list of slots");
   checkSlotTable(slots, cache, where);
+  // an encoder's prefix before position_axis: the text at the prefix's positions, not after them (as Python refuses)
+  const older = slots.find((s) => s.method === "prefix" && !s.target && s.position_axis == null);
+  if (older) {
+    throw new EdgePeftError(`${where}: was written by an older edgepeft (its slot ${older.name} puts the text at the ` +
+      "prefix's positions, where HF PEFT puts it after them); export every adapter into a fresh --out folder");
+  }
 }
 
 const DTYPES = ["float32", "float16", "int64", "int32", "bool"];

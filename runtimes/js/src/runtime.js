@@ -13,7 +13,7 @@
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
 import {
-  EdgePeftError, REEXPORT, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
+  EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
   checkOptions, checkSizes, checkTensors, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
@@ -45,7 +45,7 @@ export class Runtime {
     rt.manifest = await rt.json("base/edgepeft.json", null);
     const m = rt.manifest;
     checkFormat(m, "edgepeft-base", loader.where("base/edgepeft.json"));
-    if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT}`);
+    if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT_BASE}`);
     await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`]);
     rt.session = new TakingTurns(await rt.opened(`base/${m.web_graph}`,
       (o) => loader.session(ort, `base/${m.web_graph}`, o, true)));
@@ -57,7 +57,7 @@ export class Runtime {
     const unbound = m.slots.find((s) => !s.target && !(s.name in rt.neutral));  // an input no run would feed
     if (unbound) {
       throw new EdgePeftError(`${m.neutral_graph ? `${loader.where(neutral)}: gives no value for slot ${unbound.name}`
-        : `${loader.where("base")}: this export has no neutral.onnx`}; ${REEXPORT}`);
+        : `${loader.where("base")}: this export has no neutral.onnx`}; ${REEXPORT_BASE}`);
     }
     const required = new Set(rt.session.inputNames);
     const missing = Object.keys(rt.neutral).filter((n) => !required.has(n));
