@@ -191,6 +191,10 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
         raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
                           f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
                           "export into a fresh --out folder")
+    theirs = generation_fields(plan.model, plan.task)  # generate's defaults, from generation_config.json
+    if missing := [k for k in theirs if k not in existing]:  # not another base: it was called one, the same folder
+        raise ConfigError(f"{base_dir}: was written by an older edgepeft (its manifest records no {missing[0]}); "
+                          "export every adapter into a fresh --out folder")
     recorded = existing.get("weights_fingerprint")
     ours = plan.weights_fp
     if recorded != ours and existing["task"] == plan.task:
@@ -211,7 +215,6 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
     if have != want:
         raise ConfigError(f"{base_dir}: holds a base built with {have} ops, this export asks for {want} (--ops); "
                           f"export with --ops {have}, or into another --out folder")
-    theirs = generation_fields(plan.model, plan.task)  # generate's defaults, from generation_config.json
     key = next((k for k, v in theirs.items() if existing.get(k) != v), None)
     differs = key and (f"{key} ({existing.get(key)!r} here, {theirs[key]!r} in its generation_config.json, or its "
                        "config.json where it has none)")

@@ -143,7 +143,12 @@ class Mixer:
             if held[name].saved_alone:  # HF PEFT weights the LoRA only; which saved copy would a sum use?
                 raise ConfigError(f"adapter {name!r} saves {', '.join(held[name].saved_alone)} whole (not a classifier's "
                                   "head), which cannot be weighted or combined; give it alone, by name")
-            if not held[name].stackable or not methods <= {"lora", "head"} or "lora" not in methods:
+            lora = methods <= {"lora", "head"} and "lora" in methods
+            if lora and not held[name].stackable:  # a base of export format 1 or 2: no slot stacks
+                raise ConfigError(f"adapter {name!r} is LoRA, but {self.store.base_dir} was exported before LoRA "
+                                  "adapters could be weighted or combined; export every adapter into a fresh --out "
+                                  "folder to weight it")
+            if not lora:
                 raise ConfigError(f"adapter {name!r} ({'+'.join(sorted(methods))}) cannot be weighted or combined: "
                                   "weighted sums are defined for LoRA adapters; give it alone, by name")
         if sum(held[n].has_head for n in spec) > 1:

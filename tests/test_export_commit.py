@@ -194,6 +194,27 @@ def test_a_base_whose_slot_reads_otherwise_than_this_edgepeft_is_not_reused(tiny
             call(out)
 
 
+def test_an_out_written_before_the_generation_defaults_is_named_older_not_another_base(tiny_base, peft_adapter,
+                                                                                     tmp_path):
+    """Its manifest has no "generation": adding an adapter from the same base folder was refused as 'differs from
+    <that folder> ... in its generation (None here, {} in its generation_config.json)'."""
+    bert = [peft_adapter("bert", f"older-{i}", seed=i, r=2) for i in (1, 2)]
+    out = str(tmp_path / "out")
+    export(bert[:1], out, names=["first"])
+    manifest = os.path.join(out, "base", "edgepeft.json")
+    with open(manifest) as f:
+        data = json.load(f)
+    del data["generation"]  # as that edgepeft wrote it
+    with open(manifest, "w") as f:
+        json.dump(data, f)
+    before = tree_hashes(out)
+    with pytest.raises(ConfigError, match=r"base: was written by an older edgepeft \(its manifest records no "
+                       r"generation\); export every adapter into a fresh --out folder$"):
+        export(bert[1:], out, names=["second"])
+    assert tree_hashes(out) == before
+    export(bert, str(tmp_path / "fresh"), names=["first", "second"])
+
+
 _KILLED_MIDWAY = """
 import os, signal, sys
 from edgepeft.files import replace_dir, staging_dir

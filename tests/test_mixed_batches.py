@@ -157,6 +157,28 @@ def test_combinations_without_a_meaning_are_refused(rt):
     assert "lora_qv" in rt.adapter_names
 
 
+def test_weighting_lora_on_a_base_exported_before_weighted_sums_names_the_fix(decoder, tmp_path):
+    """Slots of export formats 1 and 2 do not stack: a weighted LoRA was refused as if it were not LoRA ('weighted
+    sums are defined for LoRA adapters'), with no working fix."""
+    out = str(tmp_path / "older")
+    shutil.copytree(decoder[0], out)
+    manifest = os.path.join(out, "base", "edgepeft.json")
+    with open(manifest) as f:
+        data = json.load(f)
+    for slot in data["slots"]:  # as the older exports wrote them
+        slot.pop("stack_axis", None), slot.pop("selector", None)
+    with open(manifest, "w") as f:
+        json.dump(data, f)
+    rt = Runtime(out)
+    ids, mask = _batch(2)
+    with pytest.raises(ConfigError) as e:
+        rt.forward(ids, mask, adapter={"lora_qv": 0.5})
+    assert str(e.value) == (f"adapter 'lora_qv' is LoRA, but {out}/base was exported before LoRA adapters could be "
+                            "weighted or combined; export every adapter into a fresh --out folder to weight it")
+    single = rt.forward(ids, mask, adapter="lora_qv")["logits"]  # by name it runs as before
+    assert np.array_equal(rt.forward(ids, mask, adapter=["lora_qv", "lora_qv"])["logits"], single)
+
+
 def test_an_adapter_exported_into_a_served_out_asks_for_a_new_runtime(decoder, tmp_path):
     """Exporting an adapter with new slots into OUT re-exports its base; a Runtime opened before cannot serve it.
     The advice was to export it again (which changed nothing); it is to open a new Runtime."""
