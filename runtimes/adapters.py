@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import weakref
 import zipfile
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -74,7 +75,7 @@ class Registered:
     """An adapter the store knows: where to (re)stage it from, its manifest, and its staged state."""
 
     __slots__ = ("name", "path", "data", "manifest", "methods", "stackable", "saved_alone", "has_head", "plan", "arrays",
-                 "bytes", "users", "n_positions")
+                 "bytes", "holds", "n_positions")
 
     def __init__(self, name, path, data, manifest, slots: dict, task: str):
         self.name, self.path, self.data, self.manifest = name, path, data, manifest
@@ -89,7 +90,7 @@ class Registered:
         self.plan = None  # staged: a Plan of OrtValues
         self.arrays = None  # staged: {slot: array}, what mixed batches stack
         self.bytes = 0
-        self.users = 0  # calls in flight
+        self.holds = weakref.WeakSet()  # the calls in flight that hold it (see _Call)
         self.n_positions = 0  # positions its virtual tokens take, known from the staging at load (kept when evicted)
 
     @property
@@ -102,6 +103,13 @@ class Registered:
             for file, data in self.data.items():
                 archive.writestr(file, data)
         return buffer.getvalue()
+
+
+class _Call:
+    """One call's hold on its adapters, a token each adapter keeps weakly (not a count): Ctrl-C or a timeout's
+    signal handler raising anywhere, the release itself included, leaves no hold once the call's frames are gone
+    (a count raised and not yet recorded kept an adapter in use for the life of the Runtime)."""
+    __slots__ = ("__weakref__",)
 
 
 class AdapterStore:
@@ -226,8 +234,9 @@ class AdapterStore:
             adapter = self._adapters.get(_one_name(name))
             if adapter is None:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {', '.join(self.names) or 'none'}")
-            if adapter.users:
-                raise AdapterInUseError(f"adapter {name!r} is in use by {adapter.users} call(s); unload it when they finish")
+            if adapter.holds:
+                raise AdapterInUseError(f"adapter {name!r} is in use by {len(adapter.holds)} call(s); unload it when they "
+                                        "finish")
             self._drop(adapter)
             del self._adapters[name]
             self._staging.pop(name, None)
@@ -246,38 +255,34 @@ class AdapterStore:
     def holding(self, names):
         """Hold adapters for one call, staging any that are not resident; yields {name: Registered}."""
         names = [n for n in dict.fromkeys(names) if not self.serves_base(n)]
-        held = []
+        held, call = [], _Call()
         try:
             for name in names:
-                held.append(self._acquire(name))
+                self._acquire(name, call, held)
             yield {a.name: a for a in held}
         finally:
             with self._lock:
                 for adapter in held:
-                    adapter.users -= 1
+                    adapter.holds.discard(call)
                 self._trim()
 
-    def _acquire(self, name: str) -> Registered:
+    def _acquire(self, name: str, call: "_Call", held: list) -> None:
+        """Hold adapter ``name`` for ``call`` (listed in ``held`` before it holds it), staging it if evicted."""
         with self._lock:
             adapter = self.get(name)
-            adapter.users += 1
+            held.append(adapter)
+            adapter.holds.add(call)
             if adapter.plan is not None:
                 self._resident.move_to_end(name)
-                return adapter
+                return
             lock = self._staging.setdefault(name, threading.Lock())
-        try:
-            with lock:  # one thread restages; the others wait for it
-                if adapter.plan is None:
-                    self._check_unchanged(adapter)
-                    arrays, plan = self._stage(adapter)
-                    with self._lock:
-                        self._set_staged(adapter, arrays, plan)
-                        self._trim()
-        except BaseException:
-            with self._lock:
-                adapter.users -= 1
-            raise
-        return adapter
+        with lock:  # one thread restages; the others wait for it
+            if adapter.plan is None:
+                self._check_unchanged(adapter)
+                arrays, plan = self._stage(adapter)
+                with self._lock:
+                    self._set_staged(adapter, arrays, plan)
+                    self._trim()
 
     def _set_staged(self, adapter: Registered, arrays: dict, plan: Plan) -> None:
         adapter.arrays, adapter.plan, adapter.n_positions = arrays, plan, plan.n_positions
@@ -306,7 +311,7 @@ class AdapterStore:
             if total <= self.budget:
                 return
             adapter = self._adapters[name]
-            if adapter.users == 0:
+            if not adapter.holds:
                 total -= adapter.bytes
                 self._drop(adapter)
 

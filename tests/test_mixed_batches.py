@@ -405,6 +405,43 @@ def test_unloading_an_adapter_a_call_holds_is_refused_and_eviction_waits(decoder
     rt.unload_adapter("ia3")
 
 
+def test_a_call_interrupted_anywhere_in_taking_or_releasing_its_adapters_holds_none_after(decoder):
+    """Ctrl-C (or a timeout's signal handler) raising between a hold's count and its record left the adapter in use
+    for the life of the Runtime: unload refused, never evicted. A KeyboardInterrupt raised at each line in turn, the
+    release's own included."""
+    import sys
+
+    from edgepeft.runtimes.adapters import AdapterStore
+
+    rt = Runtime(decoder[0], adapter_budget_bytes=0)  # nothing stays staged once no call holds it: restages too
+    ids, mask = _batch(2)
+    codes = (AdapterStore._acquire.__code__, AdapterStore.holding.__wrapped__.__code__)
+    lines = [(code, line) for code in codes for line in sorted({n for _, _, n in code.co_lines() if n})]
+    for code, line in lines:
+        fired = []
+
+        def tracer(frame, event, arg):
+            def local(frame, event, arg):
+                if event == "line" and frame.f_lineno == line and not fired:
+                    fired.append(line)
+                    raise KeyboardInterrupt
+                return local
+            return local if frame.f_code is code else None
+
+        sys.settrace(tracer)
+        try:
+            rt.forward(ids, mask, adapter=["lora_qv", "ia3"])
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        for name in ("lora_qv", "ia3"):  # refused while a call holds it
+            rt.unload_adapter(name)
+            rt.load_adapter(os.path.join(decoder[0], "adapters", name))
+    assert np.array_equal(rt.forward(ids, mask, adapter=["lora_qv", "ia3"])["logits"],
+                                    Runtime(decoder[0]).forward(ids, mask, adapter=["lora_qv", "ia3"])["logits"])
+
+
 def test_saved_layers_other_than_the_classifier_run_their_rows_apart(tiny_base, tmp_path):
     """Only a classifier's columns can sit side by side in one run: an lm_head (causal LM) or a pooler saved with
     the adapter feeds the rest of the graph, so those adapters' rows run apart (the stacked heads gave doubled
