@@ -77,7 +77,7 @@ def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, a 5,000-digit number
         check_readable(path)
         raise CorruptArtifactError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
     if not isinstance(data, kind):

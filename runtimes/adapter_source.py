@@ -47,14 +47,19 @@ def export_name_suggestion(name: str) -> str | None:
     return mended if mended and not export_name_problem(mended) else None
 
 
-def read_adapter_source(source) -> tuple[str | None, dict | None, dict]:
-    """(folder, None, manifest) for a folder; (None, {file: bytes}, manifest) for the bytes of a zip of one."""
+def read_adapter_source(source, most: int) -> tuple[str | None, dict | None, dict]:
+    """(folder, None, manifest) for a folder; (None, {file: bytes}, manifest) for the bytes of a zip of one, whose
+    files may unpack to ``most`` bytes each (a zip bomb is refused by the sizes it declares, before it unpacks)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         try:
             with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
                 # the file's own name, whatever its folders (Windows' zips separate them with backslashes)
-                members = [n for n in archive.namelist() if _file_name(n) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)]
-                files = {_file_name(n): archive.read(n) for n in members}
+                members = [i for i in archive.infolist() if _file_name(i.filename) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)]
+                if big := next((i for i in members if i.file_size > most), None):
+                    raise CorruptArtifactError(f"adapter bytes: {big.filename} unpacks to {big.file_size} bytes, more "
+                                               f"than an adapter of this base can take ({most}); zip an adapter folder "
+                                               "from OUT/adapters/")
+                files = {_file_name(i.filename): archive.read(i) for i in members}
         except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:
             raise CorruptArtifactError(f"adapter bytes: not a readable zip archive of an adapter folder ({e}); pass the "
                                        "bytes of shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None

@@ -125,6 +125,9 @@ class AdapterStore:
         self.past_names = past_names
         self.device = device
         self.merged = base_manifest.get("merged_adapter")  # a --merge export's adapter: the base graph as it is
+        # the most an adapter file may unpack to: 4x the base (a float32 head beside an int4 base is about that)
+        graph = os.path.join(base_dir, base_manifest["graph"])
+        self.most_bytes = 4 * sum(os.path.getsize(f) for f in (graph, graph + ".data") if os.path.isfile(f)) + (64 << 20)
         if budget_bytes is not None and not (is_whole(budget_bytes) and budget_bytes >= 0):
             raise ConfigError(f"adapter_budget_bytes must be a whole number of bytes >= 0, got {budget_bytes!r}")
         self.budget = None if budget_bytes is None else int(budget_bytes)
@@ -172,7 +175,7 @@ class AdapterStore:
         if name is not None and name_problem(name):
             raise ConfigError(f"the adapter name {name!r:.80} {name_problem(name)}; pass another name= (or None: its "
                               "folder's name, a zip's: the name it was exported with)")
-        path, data, manifest = read_adapter_source(source)
+        path, data, manifest = read_adapter_source(source, self.most_bytes)
         label = path or "adapter bytes"
         if name is None:  # a folder is named as Runtime(OUT) names what it finds in OUT/adapters: by the folder
             name = os.path.basename(os.path.normpath(path)) if path else manifest["name"]
@@ -384,12 +387,15 @@ def run_adapter_graph(graph, label: str = "") -> dict:
     directory). The JavaScript runtime does the same (checks.js)."""
     options = session_options(1)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", NO_FOLDER)
+    where = graph if isinstance(graph, str) else f"{label}: adapter.onnx"
     try:
         sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
         outputs = sess.run(None, {})
     except Exception as e:
-        where = graph if isinstance(graph, str) else f"{label}: adapter.onnx"
         raise CorruptArtifactError(
             f"{where}: ONNX Runtime cannot run the adapter graph ({str(e).splitlines()[0]}); re-export the adapter"
         ) from None
+    odd = next((o.name for o, v in zip(sess.get_outputs(), outputs) if not isinstance(v, np.ndarray)), None)
+    if odd is not None:  # a sequence or map: no slot takes one
+        raise CorruptArtifactError(f"{where}: its output {odd!r} is not a tensor; re-export the adapter")
     return {o.name: v for o, v in zip(sess.get_outputs(), outputs)}

@@ -340,7 +340,7 @@ def check_adapter_manifest(data: bytes, label: str) -> dict:
     """Parse and check the bytes of an ``adapter.json`` (an adapter loaded from bytes); ``label`` names it."""
     try:
         manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a 5,000-digit number; nested 100,000 deep
         raise CorruptArtifactError(f"{label}: adapter.json is not valid JSON ({e}); {_ADAPTER_FIX}") from None
     if not isinstance(manifest, dict):
         raise CorruptArtifactError(f"{label}: adapter.json is not a JSON object; {_ADAPTER_FIX}")

@@ -203,3 +203,72 @@ def test_an_export_name_too_long_for_a_folder_is_refused_before_anything_is_writ
         export([virtual_export("llama")[1]["lora"]], str(target), names=["a" * 235])
     assert "is longer than 100 characters; choose another --name" in str(e.value)
     assert not target.exists()
+
+
+def test_a_zip_bomb_is_refused_by_its_declared_sizes_before_it_unpacks(out):
+    """A 1 MB zip whose adapter.onnx unpacks to 1.2 GB was unpacked whole (2.4 GB of memory, a MemoryError at 3 GB)
+    before the checksum refused it."""
+    rt = Runtime(out, load_adapters=False)
+    size = rt.store.most_bytes + 1
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("adapter.json", json.dumps({"format": "edgepeft-adapter"}))
+        with archive.open("adapter.onnx", "w", force_zip64=True) as f:
+            for _ in range(size // (64 << 20) + 1):
+                f.write(bytes(64 << 20))
+    assert len(buffer.getvalue()) < size / 500
+    with pytest.raises(CorruptArtifactError, match=rf"^adapter bytes: adapter.onnx unpacks to \d+ bytes, more than an "
+                       r"adapter of this base can take \(\d+\); zip an adapter folder from OUT/adapters/$"):
+        rt.load_adapter(buffer.getvalue())
+    rt.load_adapter(zipped(os.path.join(out, "adapters", "lora")))  # an adapter's own zip is well inside the bound
+
+
+@pytest.mark.parametrize("text", ['{"rank": 1' + "0" * 5000 + "}", "[" * 100_000 + "]" * 100_000],
+                         ids=["5000-digit-number", "nested-100000-deep"])
+def test_json_python_cannot_read_is_named_as_damaged(out, text):
+    """Python's JSON reader raises ValueError past 4,300 digits and RecursionError deep down: raw tracebacks from
+    load_adapter (folder or zip), Runtime(OUT) and inspect."""
+    from edgepeft.runtimes.describe import describe_export
+
+    adapter = os.path.join(out, "adapters", "lora")
+    rt = Runtime(out, load_adapters=False)
+    with pytest.raises(CorruptArtifactError, match=r"^adapter bytes: adapter.json is not valid JSON"):
+        rt.load_adapter(_zip_with(adapter, text))
+    with open(os.path.join(adapter, "adapter.json"), "w") as f:
+        f.write(text)
+    with pytest.raises(CorruptArtifactError, match=r"adapter.json: adapter manifest is not valid JSON"):
+        rt.load_adapter(adapter)
+    with open(os.path.join(out, "base", "edgepeft.json"), "w") as f:
+        f.write(text)
+    for call in (Runtime, describe_export):
+        with pytest.raises(CorruptArtifactError, match=r"edgepeft.json: base manifest is not valid JSON"):
+            call(out)
+
+
+def _zip_with(adapter_dir, manifest_text: str) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("adapter.json", manifest_text)
+        archive.write(os.path.join(adapter_dir, "adapter.onnx"), "adapter.onnx")
+    return buffer.getvalue()
+
+
+def test_an_adapter_graph_giving_a_sequence_is_refused(out):
+    """A sequence output named as a slot was an AttributeError ('list' object has no attribute 'dtype')."""
+    adapter = os.path.join(out, "adapters", "lora")
+    arrays = graph_outputs(adapter)
+    write_adapter_graph(adapter, arrays)
+    path = os.path.join(adapter, "adapter.onnx")
+    model = onnx.load(path)
+    a = next(o for o in model.graph.output if o.name == LORA_A)
+    node = next(n for n in model.graph.node if n.output[0] == LORA_A)
+    node.output[0] = "tensor"
+    model.graph.node.append(helper.make_node("SequenceConstruct", ["tensor"], [LORA_A]))
+    a.type.CopyFrom(helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, None)))
+    onnx.save(model, path)
+    with open(path, "rb") as f:
+        edit_json(os.path.join(adapter, "adapter.json"), sha256=hashlib.sha256(f.read()).hexdigest())
+    rt = Runtime(out, load_adapters=False)
+    with pytest.raises(CorruptArtifactError, match=rf"adapter.onnx: its output '{re.escape(LORA_A)}' is not a tensor; "
+                       "re-export the adapter$"):
+        rt.load_adapter(adapter)
