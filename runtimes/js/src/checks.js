@@ -250,7 +250,7 @@ export function checkInputs(ids, mask, manifest, where) {
 export function checkTensors(tensors, manifest, slots, sharing, where) {
   const axes = {};
   for (const [name, tensor] of Object.entries(tensors)) {
-    const slot = slots[name];
+    const slot = Object.hasOwn(slots, name) ? slots[name] : undefined;  // "constructor" is no slot
     if (!slot) throw new EdgePeftError(`${where}: fills slot ${name}, which this base lacks; export the adapter into this OUT`);
     if (slot.selects) throw new EdgePeftError(`${where}: fills the selector slot ${name}, which the runtime binds per call; ${REEXPORT}`);
     const shape = `${tensor.type}[${tensor.dims}]`;
@@ -271,14 +271,14 @@ export function checkTensors(tensors, manifest, slots, sharing, where) {
   for (const name of Object.keys(tensors)) {
     const slot = slots[name];
     for (const axis of slot.shape.filter((a) => string(a) && a !== adaptersAxis(slot, slots))) {
-      const unfilled = sharing[axis].filter((n) => !(n in tensors));
+      const unfilled = sharing[axis].filter((n) => !Object.hasOwn(tensors, n));
       if (unfilled.length) {
         throw new EdgePeftError(`${where}: fills ${name} but not ${unfilled.sort()[0]}, which shares its axis ${axis}; ${REEXPORT}`);
       }
     }
   }
   const listed = Object.keys(manifest.slots);
-  if (listed.length !== Object.keys(tensors).length || !listed.every((n) => n in tensors)) {
+  if (listed.length !== Object.keys(tensors).length || !listed.every((n) => Object.hasOwn(tensors, n))) {
     throw new EdgePeftError(`${where}: adapter.json and adapter.onnx disagree on the slots; ${REEXPORT}`);
   }
 }

@@ -146,7 +146,15 @@ export class Runtime {
         throw new EdgePeftError(`${this.loader.where(graph)}: checksum does not match adapter.json (truncated, modified or ` +
           `a stale copy); ${REEXPORT}`);
       }
-      tensors = await runOnce(await this.opened(graph, (o) => this.adapterSession(graph, bytes, o)));
+      const session = await this.opened(graph, (o) => this.adapterSession(graph, bytes, o));
+      tensors = await runOnce(session).catch((e) => {  // as Python names it (a raw ONNX Runtime error otherwise)
+        throw new EdgePeftError(`${this.loader.where(graph)}: ONNX Runtime cannot run the adapter graph ` +
+          `(${String(e.message).split("\n")[0]}); ${REEXPORT}`);
+      });
+      const lost = session.outputNames.find((n) => !Object.hasOwn(tensors, n));  // "__proto__": no key of its own
+      if (lost !== undefined) {
+        throw new EdgePeftError(`${where}: fills slot ${lost}, which this base lacks; export the adapter into this OUT`);
+      }
     } finally {
       this.loading.delete(name);
     }

@@ -218,6 +218,37 @@ test("an adapter filling a selector slot, half a LoRA pair or several IA3 adapte
   await rt.loadAdapter("lora");
 });
 
+test("an adapter graph ONNX Runtime cannot run, or whose outputs Object's own names hide, is refused, as in Python", async () => {
+  const out = await copied("odd-graphs");
+  const where = quoted(path.join(out, "adapters/lora"));
+  const fix = "; re-export it \\(edgepeft export --adapter DIR --out OUT --overwrite\\)$";
+  const rt = await openFolder(ortNode, out);
+  // "constructor" and "__proto__" read as slots of any object: a wrong message, or the output silently gone
+  for (const odd of ["constructor", "__proto__"]) {
+    await giving(out, "lora", { ...LORA, [odd]: { dims: [1] } });
+    await refuses(rt.loadAdapter("lora"), new RegExp(`^${where}: fills slot ${odd}, which this base lacks`));
+  }
+  await giving(out, "lora", LORA);
+  await withEdit(out, "adapters/lora/adapter.json", (j) => {  // a slot dropped from the list, "constructor" instead
+    delete j.slots[`lora_A.${LAYER(0)}`];
+    j.slots.constructor = [1];
+  }, () => refuses(rt.loadAdapter("lora"), new RegExp(`^${where}: adapter.json and adapter.onnx disagree on the slots${fix}`)));
+  // a graph that needs an input: ONNX Runtime's raw "input 'x' is missing in 'feeds'"
+  const bytes = execFileSync(PYTHON, ["-c", `
+import sys
+from onnx import TensorProto, helper
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 8])
+y = helper.make_tensor_value_info("lora_A.${LAYER(0)}", TensorProto.FLOAT, [32, 8])
+graph = helper.make_graph([helper.make_node("Identity", ["x"], [y.name])], "adapter", [x], [y])
+sys.stdout.buffer.write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString())`]);
+  await writeFile(path.join(out, "adapters/lora/adapter.onnx"), bytes);
+  const json = path.join(out, "adapters/lora/adapter.json");
+  await writeFile(json, JSON.stringify({ ...await readJsonFile(json), sha256: createHash("sha256").update(bytes).digest("hex") }));
+  await refuses(rt.loadAdapter("lora"), new RegExp(`^${where}/adapter.onnx: ONNX Runtime cannot run the adapter graph ` +
+    `\\(.*x.*\\)${fix}`));
+  await rt.loadAdapter("ia3");  // the others still load
+});
+
 test("an adapter graph reading external data (a file of the app's working folder) is refused, on node and wasm", async () => {
   const out = await copied("external");
   const folder = path.join(scratch, "app");  // the app's working folder, holding a file the adapter must not read
