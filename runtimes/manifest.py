@@ -199,9 +199,10 @@ def _check_format(data: dict, path: str, form: str, required: tuple, fix: str) -
     if data.get("format") != form:
         raise CorruptArtifactError(f"{path}: not an edgepeft {form} manifest; {fix}")
     version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CorruptArtifactError(f"{path}: format version {version!r} is newer than this edgepeft reads "
-                                   f"({FORMAT_VERSION}); upgrade edgepeft or re-export with this version")
+    if not (_is(version, int) and 1 <= version <= FORMAT_VERSION):  # "3", 3.0, -5: no version (nor is a bool)
+        raise CorruptArtifactError(f"{path}: format version {version!r:.40} " + (
+            f"is newer than this edgepeft reads ({FORMAT_VERSION}); upgrade edgepeft or re-export with this version"
+            if _is(version, int) and version > 0 else f"is not a version (a whole number from 1); {fix}"))
     missing = [k for k in required if k not in data]
     if missing:
         raise CorruptArtifactError(f"{path}: manifest lacks {', '.join(missing)}; {fix}")

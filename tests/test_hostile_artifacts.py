@@ -153,6 +153,9 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     ("cache", {"past_key": "past.key"}, "field 'cache' lacks the cache layout (names with one %d)"),  # a TypeError
     ("cache", {"present_value": "present.%d.%s"}, "field 'cache' lacks the cache layout (names with one %d)"),
     ("graph", "..", "field 'graph' must be a file name in the same folder"),
+    ("format_version", -5, "format version -5 is not a version (a whole number from 1)"),  # it was taken
+    ("format_version", "3", "format version '3' is not a version"),  # it was 'newer than this edgepeft reads'
+    ("format_version", 99, "format version 99 is newer than this edgepeft reads (3)"),
 ])
 def test_a_hand_edited_base_manifest_is_refused_when_opened_or_inspected(out, field, value, message):
     """A cache name without its %d was a TypeError from `edgepeft inspect` and Runtime(OUT)."""

@@ -68,12 +68,15 @@ const CACHE_LAYOUT = { num_layers: whole, num_kv_heads: whole, head_dim: whole, 
 export function checkFormat(manifest, form, where) {
   if (manifest?.format !== form) throw new EdgePeftError(`${where}: not an ${form} manifest; re-run \`edgepeft export\``);
   const version = manifest.format_version;
-  if (!Number.isInteger(version) || version > FORMAT_VERSION) {
+  const base = form === "edgepeft-base";
+  const fix = base ? REEXPORT_BASE : REEXPORT;
+  if (!Number.isInteger(version) || version < 1) {  // "3", -5: no version
+    throw new EdgePeftError(`${where}: format version ${described(version)} is not a version (a whole number from 1); ${fix}`);
+  }
+  if (version > FORMAT_VERSION) {
     throw new EdgePeftError(`${where}: format version ${described(version)} is newer than this runtime reads (${FORMAT_VERSION}); ` +
       "update the JavaScript runtime (runtimes/js) to the edgepeft that exported it, or export with this runtime's edgepeft");
   }
-  const base = form === "edgepeft-base";
-  const fix = base ? REEXPORT_BASE : REEXPORT;
   const refuse = (what) => { throw new EdgePeftError(`${where}: ${what}; ${fix}`); };
   const missing = REQUIRED[form].filter((key) => !(key in manifest));
   if (missing.length) refuse(`manifest lacks ${missing.join(", ")}`);

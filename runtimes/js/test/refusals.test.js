@@ -150,6 +150,11 @@ test("an export in a newer format than this runtime reads is named, as the Pytho
   await rt.loadAdapter("ia3");  // the others still load
   await edit("base/edgepeft.json", { format_version: 99 });
   await refuses(openFolder(ortNode, out), /base\/edgepeft.json: format version 99 is newer than this runtime reads/);
+  for (const odd of [-5, "3"]) {  // -5 was taken, "3" called newer
+    await edit("base/edgepeft.json", { format_version: odd });
+    await refuses(openFolder(ortNode, out), new RegExp(`base/edgepeft.json: format version ${JSON.stringify(odd)} is not a ` +
+      "version \\(a whole number from 1\\); re-run `edgepeft export` into a fresh --out folder$"));
+  }
   await edit("base/edgepeft.json", { format: "something-else", format_version: 3 });
   await refuses(openFolder(ortNode, out), /base\/edgepeft.json: not an edgepeft-base manifest/);
 });
