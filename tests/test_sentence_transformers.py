@@ -147,7 +147,7 @@ def test_a_default_prompt_is_refused_at_export_and_training(st6, tmp_path):
         export([adapter], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"text": "a", "positive": "b"}) + "\n")
+    data.write_text(json.dumps({"text": "a", "positive": "b"}) + "\n" + json.dumps({"text": "c", "positive": "d"}) + "\n")
     with pytest.raises(ConfigError, match=refusal):
         edgepeft.train(model=str(folder), task="feature-extraction", method="lora", data=str(data),
                        out=str(tmp_path / "trained"), progress=False)
