@@ -18,7 +18,7 @@ from edgepeft.models import (
     call_kwargs, check_supported, default_task, load_base, load_model_config, max_positions, model_label, sample_inputs,
 )
 from edgepeft.peft_model import PeftModel
-from edgepeft.runtimes.adapter_source import export_name_problem, export_name_suggestion
+from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion
 from edgepeft.runtimes.commands import fresh_out
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export,

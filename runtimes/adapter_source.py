@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import zipfile
 import zlib
 
@@ -13,38 +12,6 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .manifest import (
     ADAPTER_GRAPH, ADAPTER_MANIFEST, check_adapter_graph, check_adapter_manifest, read_adapter_manifest,
 )
-
-
-NAME_LENGTH = 100  # OUT/adapters/<name>, and the export's staging folder beside it, within a file name's 255 bytes
-
-
-def name_problem(name) -> str | None:
-    """Why a loaded adapter cannot go by ``name`` (load_adapter's, a folder's of OUT/adapters, a zip's), else None:
-    any text but a blank one or 'none', which `edgepeft run --adapter none` reads as the base model."""
-    if not isinstance(name, str):
-        return "must be a string"
-    if not name.strip():
-        return "must not be blank"
-    if name.lower() == "none":  # a folder named None ran the base model at `edgepeft run --adapter None`
-        return "means the base model at the command line (--adapter none)"
-    return None
-
-
-def export_name_problem(name: str) -> str | None:
-    """Why export cannot write an adapter as ``name`` (``OUT/adapters/<name>``), else None: stricter than a load's."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]*", name):  # no '.': PyTorch's module names hold the name
-        return "must be letters, digits, '_', '-'"
-    if not re.match(r"[A-Za-z0-9]", name):  # '-x' reads as an option, '_x' as hidden
-        return "must start with a letter or digit"
-    if len(name) > NAME_LENGTH:
-        return f"is longer than {NAME_LENGTH} characters"
-    return name_problem(name)
-
-
-def export_name_suggestion(name: str) -> str | None:
-    """A name like ``name`` that export takes (None: none is near), for the message that refuses ``name``."""
-    mended = re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")[:NAME_LENGTH]
-    return mended if mended and not export_name_problem(mended) else None
 
 
 def read_adapter_source(source, most: int) -> tuple[str | None, dict | None, dict]:

@@ -29,12 +29,12 @@ from .errors import (
     AdapterBaseMismatchError, AdapterInUseError, ConfigError, CorruptArtifactError, EdgePeftError, UnknownAdapterError,
 )
 from .manifest import (
-    ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, folder_fix, read_adapter_manifest,
+    ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, read_adapter_manifest,
     read_base_manifest, stacks_as_output, uncounted_heads,
 )
 from .access import inside
-from .commands import export_command
-from .adapter_source import name_problem, read_adapter_source
+from .commands import export_command, folder_fix, name_problem
+from .adapter_source import read_adapter_source
 from .sessions import ort, session_options
 from .slot_checks import axis_sharing, check_adapter_tensors
 from .values import is_whole

@@ -1,8 +1,9 @@
 """The commands that error messages tell a user to run, spelled once: the same placeholders as docs/cli.md (DIR,
-OUT), real paths quoted for a shell, so a message's command can be pasted as it is."""
+OUT), real paths quoted for a shell, names as export takes them, so a message's command can be pasted and works."""
 from __future__ import annotations
 
 import os
+import re
 from shlex import quote
 
 
@@ -15,3 +16,59 @@ def export_command(adapter: str = "DIR", out: str = "OUT", *flags: str) -> str:
 def fresh_out(path: str) -> str:
     """A folder beside ``path`` for a suggested --out: absolute (``.`` would give ``.-onnx``, a hidden folder)."""
     return os.path.abspath(path) + "-onnx"
+
+
+NAME_LENGTH = 100  # OUT/adapters/<name>, and the export's staging folder beside it, within a file name's 255 bytes
+
+
+def name_problem(name) -> str | None:
+    """Why a loaded adapter cannot go by ``name`` (load_adapter's, a folder's of OUT/adapters, a zip's), else None:
+    any text but a blank one or 'none', which `edgepeft run --adapter none` reads as the base model."""
+    if not isinstance(name, str):
+        return "must be a string"
+    if not name.strip():
+        return "must not be blank"
+    if name.lower() == "none":  # a folder named None ran the base model at `edgepeft run --adapter None`
+        return "means the base model at the command line (--adapter none)"
+    return None
+
+
+def export_name_problem(name: str) -> str | None:
+    """Why export cannot write an adapter as ``name`` (``OUT/adapters/<name>``), else None: stricter than a load's."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", name):  # no '.': PyTorch's module names hold the name
+        return "must be letters, digits, '_', '-'"
+    if not re.match(r"[A-Za-z0-9]", name):  # '-x' reads as an option, '_x' as hidden
+        return "must start with a letter or digit"
+    if len(name) > NAME_LENGTH:
+        return f"is longer than {NAME_LENGTH} characters"
+    return name_problem(name)
+
+
+def export_name_suggestion(name: str) -> str | None:
+    """A name like ``name`` that export takes (None: none is near), for the message that refuses ``name``."""
+    mended = re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")[:NAME_LENGTH]
+    return mended if mended and not export_name_problem(mended) else None
+
+
+def exported_as(name: str) -> str:
+    """``name`` as export takes it: itself, else a name like it (NAME where none is near)."""
+    return name if not export_name_problem(name) else export_name_suggestion(name) or "NAME"
+
+
+def adapter_export_command(folder: str, out: str, *flags: str) -> str:
+    """``export_command`` for the adapter ``folder``, with the --name export needs where it refuses the folder's."""
+    name = os.path.basename(os.path.normpath(folder))  # export's default ('.' for the folder one is in)
+    named = ("--name", quote(exported_as(os.path.basename(os.path.abspath(folder))))) if export_name_problem(name) else ()
+    return export_command(folder, out, *named, *flags)
+
+
+def folder_fix(out: str, folder: str, merged) -> str:
+    """What mends a folder of OUT/adapters made for another base (every Runtime(OUT) refuses it): removing it, or on
+    a slot base re-exporting its adapter into it."""
+    if merged:
+        return f"remove it from {os.path.dirname(os.path.normpath(folder))}, or export it into another --out"
+    name = os.path.basename(os.path.normpath(folder))
+    if export_name_problem(name):  # export cannot write that folder: it goes, its adapter comes back by another name
+        return f"remove {folder}, then re-export its adapter into this OUT: " \
+               f"{export_command('DIR', out, '--name', quote(exported_as(name)))}"
+    return f"remove {folder}, or re-export its adapter into this OUT: {export_command('DIR', out, '--name', quote(name), '--overwrite')}"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 from .access import check_readable
+from .commands import folder_fix
 from .errors import EdgePeftError
 from .manifest import (
-    BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, folder_fix, not_an_export,
+    BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export,
     read_adapter_manifest, read_base_manifest,
 )
 

@@ -51,10 +51,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from shlex import quote
 
 from .access import check_readable, read_json, sha256_file
-from .commands import export_command, fresh_out
+from .commands import adapter_export_command, export_command, fresh_out
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 
@@ -257,7 +256,7 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         out = fresh_out(path)
         return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
-                                     f"with {export_command(path, out)}, then use {out}")
+                                     f"with {adapter_export_command(path, out)}, then use {out}")
     if os.path.isfile(os.path.join(path, "adapter.json")):
         out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
         return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")
@@ -391,12 +390,3 @@ def adapter_dirs(out_dir: str) -> dict:
         raise
     return {name: os.path.join(adapters_dir, name) for name in names
             if not name.startswith(".") and os.path.isdir(os.path.join(adapters_dir, name))}
-
-
-def folder_fix(out: str, folder: str, merged) -> str:
-    """What mends a folder of OUT/adapters made for another base (every Runtime(OUT) refuses it): removing it, or on
-    a slot base re-exporting its adapter into it."""
-    if merged:
-        return f"remove it from {os.path.join(out, ADAPTERS_DIR)}, or export it into another --out"
-    name = quote(os.path.basename(os.path.normpath(folder)))
-    return f"remove {folder}, or re-export its adapter into this OUT: {export_command('DIR', out, '--name', name, '--overwrite')}"

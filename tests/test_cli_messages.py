@@ -98,6 +98,36 @@ def test_a_messages_export_command_pastes_into_a_shell_as_it_is(tmp_path, capsys
     assert command == ["edgepeft", "export", "--adapter", adapter, "--out", adapter + "-onnx"]
 
 
+def test_suggested_export_commands_name_the_adapter_as_export_takes_it(peft_adapter, shared_export, tmp_path, capsys):
+    """A folder whose name export refuses ('my adapter', 'sp ace'): the command a message gave failed, pasted,
+    with "adapter name ... must be letters, digits, '_', '-'". Both commands below are run as given."""
+    import shlex
+
+    from edgepeft.cli import main
+    from edgepeft.errors import AdapterBaseMismatchError
+
+    adapter = str(tmp_path / "my adapter")
+    shutil.copytree(spec_adapter(peft_adapter, "llama", "qv"), adapter)
+    command = shlex.split(cli_error(capsys, "inspect", adapter).split("`")[1])
+    assert command == ["edgepeft", "export", "--adapter", adapter, "--out", adapter + "-onnx", "--name", "my_adapter"]
+    main(command[1:])
+    assert Runtime(adapter + "-onnx").adapter_names == ["my_adapter"]
+    # a folder of OUT made for another base: it goes, and its adapter comes back under a name export takes
+    out = str(shutil.copytree(shared_export("llama")[0], tmp_path / "out"))
+    foreign = os.path.join(out, "adapters", "sp ace")
+    shutil.copytree(os.path.join(adapter + "-onnx", "adapters", "my_adapter"), foreign)
+    with open(os.path.join(foreign, "adapter.json"), "r+") as f:
+        manifest = dict(json.load(f), base_fingerprint="0" * 64)
+        f.seek(0), json.dump(manifest, f), f.truncate()
+    with pytest.raises(AdapterBaseMismatchError) as e:
+        Runtime(out)
+    assert str(e.value).endswith(f"remove {foreign}, then re-export its adapter into this OUT: `edgepeft export "
+                                 f"--adapter DIR --out {out} --name sp_ace`")
+    shutil.rmtree(foreign)
+    main(shlex.split(str(e.value).split("`")[1].replace("DIR", shlex.quote(adapter)))[1:])
+    assert "sp_ace" in Runtime(out).adapter_names
+
+
 def test_chat_without_a_template_names_the_file(text_export, tmp_path):
     out = str(tmp_path / "no-template")
     shutil.copytree(text_export[0], out)
@@ -203,7 +233,7 @@ def test_paths_in_messages_and_suggested_commands_are_as_given(peft_adapter, sha
     adapter = shutil.copytree(peft_adapter("llama", "paths-qv", r=2, target_modules=["q_proj"]), tmp_path / "my adapter")
     monkeypatch.chdir(adapter)
     line = cli_error(capsys, "run", ".", "hello")
-    assert f"`edgepeft export --adapter . --out '{adapter}-onnx'`" in line
+    assert f"`edgepeft export --adapter . --out '{adapter}-onnx' --name my_adapter`" in line  # '.' is no name
     line = cli_error(capsys, "train", "--model", "~/no-such-model", "--task", "seq-cls", "--data", "d.jsonl", "--out",
                      str(tmp_path / "o"))
     assert line == (f"error: ~/no-such-model: '~' is not expanded here; give --model the full path, "

@@ -36,7 +36,9 @@ export function urlLoader(out) {
   }
   const at = (rel) => {
     const url = new URL(root);
-    url.pathname = `${root.pathname.replace(/\/*$/, "")}/${rel}`;  // its query (?v=2) kept for every file
+    // each name encoded: the pathname setter leaves "%" as it is, so a folder named p%20q was fetched as "p q"
+    const path = rel.split("/").map(encodeURIComponent).join("/");
+    url.pathname = `${root.pathname.replace(/\/*$/, "")}/${path}`;  // its query (?v=2) kept for every file
     url.hash = "";
     return url.href;
   };

@@ -19,9 +19,11 @@ const FIXTURES = process.env.EDGEPEFT_JS_FIXTURES || path.join(REPO, "build", "j
 ortWeb.env.wasm.numThreads = 1;
 const refuses = (call, pattern) => assert.rejects(call, (e) => e instanceof EdgePeftError && pattern.test(e.message));
 
-const behaviour = { staleData: false, pages: false };
+const behaviour = { staleData: false, pages: false, copies: {} };  // copies: {folder name: the adapter it holds}
 const server = http.createServer(async (request, response) => {
-  const rel = decodeURIComponent(new URL(request.url, "http://x").pathname).replace(/^\/out\//, "");
+  let rel = decodeURIComponent(new URL(request.url, "http://x").pathname).replace(/^\/out\//, "");
+  const [dir, name, ...file] = rel.split("/");
+  if (dir === "adapters" && name in behaviour.copies) rel = ["adapters", behaviour.copies[name], ...file].join("/");
   try {
     let body = await readFile(path.join(FIXTURES, "llama", rel));
     if (behaviour.staleData && rel.endsWith("model.onnx.data")) body = Buffer.concat([body, Buffer.alloc(64)]);
@@ -41,6 +43,20 @@ test("an OUT address with a query string opens (files were fetched from 'out?v=2
   const rt = await openUrl(ortWeb, `${base}?v=2`);
   assert.deepEqual(Array.from((await rt.forward(ids)).logits.data), Array.from(want));
   assert.equal(await rt.loadAdapter("lora"), "lora");
+});
+
+test("adapter folders whose names hold %, #, ? or spaces are fetched by their names (p%20q was fetched as 'p q')", async () => {
+  const ids = [[5, 6, 7]];
+  const local = await openFolder(ortWeb, path.join(FIXTURES, "llama"));
+  await local.loadAdapter("lora");
+  const want = Array.from((await local.forward(ids, undefined, { adapter: "lora" })).logits.data);
+  const rt = await openUrl(ortWeb, base);
+  for (const name of ["p%20q", "100%", "a#b?c", "sp ace"]) {
+    behaviour.copies[name] = "lora";
+    assert.equal(await rt.loadAdapter(name), name);
+    assert.deepEqual(Array.from((await rt.forward(ids, undefined, { adapter: name })).logits.data), want);
+  }
+  behaviour.copies = {};
 });
 
 test("a stale weights file, a page for a missing file, a server that is down: each named, none a wrong answer", async () => {
