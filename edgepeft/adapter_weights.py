@@ -54,14 +54,15 @@ def _unreadable(path: str, reason, fix: str) -> CorruptArtifactError:
 
 
 def named_as_expected(state: dict, expected: set, adapter_name: str) -> dict:
-    """Keys as ``state_dict()`` names them, with the name of the adapter being loaded (``lora_A.default.weight``,
-    ``ia3_l.default``: hand-written and some hub files), renamed to HF PEFT's saved names as HF PEFT maps them on load.
-    Another adapter's keys stay as they are (unexpected), and a plain key wins over a named one."""
-    renamed = {}
+    """Keys as ``state_dict()`` names them, with the name of the adapter being loaded or HF PEFT's default one
+    (``lora_A.default.weight``, ``ia3_l.default``: hand-written and some hub files, which HF PEFT's from_pretrained
+    loads; export loads each adapter under its own name), renamed to HF PEFT's saved names as HF PEFT maps them on
+    load. Another adapter's keys stay as they are (unexpected), and a plain key wins over a named one."""
+    renamed, names = {}, {adapter_name, "default"}
     for key, value in state.items():
         head, _, last = key.rpartition(".")
         stem, _, named = head.rpartition(".")
-        plain = (head if last == adapter_name else f"{stem}.{last}" if named == adapter_name else key)
+        plain = (head if last in names else f"{stem}.{last}" if named in names else key)
         renamed[plain if key not in expected and plain in expected and plain not in state else key] = value
     return renamed
 

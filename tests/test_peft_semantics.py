@@ -302,6 +302,12 @@ def test_adapter_files_named_as_state_dict_names_load_as_in_peft(tiny_base, tmp_
     ids = torch.from_numpy(sample_batch()[0])
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, hf.eval()(input_ids=ids).logits, rtol=0, atol=1e-6)
+        want = hf(input_ids=ids).logits.numpy()
+    from edgepeft.exporters import export
+    from edgepeft.runtimes import Runtime
+
+    export([str(tmp_path / "a")], str(tmp_path / "out"))  # loaded as 'a', not 'default': it was refused
+    assert float(abs(Runtime(str(tmp_path / "out")).forward(ids.numpy(), adapter="a")["logits"] - want).max()) <= 1e-4
     named = load_file(weights)  # another adapter's keys beside them: the last one's values were loaded, in silence
     save_file({**named, **{k.replace(".default.", ".other."): v + 1 for k, v in named.items()}}, str(weights))
     with pytest.raises(AdapterBaseMismatchError, match=r"lacks \(e.g. .*lora_A.other.weight\)"):
