@@ -137,6 +137,15 @@ class PeftConfig:
             setattr(self, f.name, value)
             if not _fits(value, hints[f.name]):
                 raise ConfigError(f"{f.name} = {value!r} is not a valid {_type_name(hints[f.name])}")
+        # HF PEFT's regular expressions: a string of modules matches in full, a pattern's key at a name's end
+        for name in ("target_modules", "exclude_modules", "rank_pattern", "alpha_pattern"):
+            value = getattr(self, name, None)
+            for pattern in ([value] if isinstance(value, str) else list(value) if isinstance(value, dict) else []):
+                try:
+                    re.compile(pattern)
+                except re.error as e:  # it was a traceback at the first match
+                    raise ConfigError(f"{name}: {pattern!r} is not a regular expression ({e}); correct it as Python's re "
+                                      "reads it, as HF PEFT does") from None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "PeftConfig":

@@ -80,7 +80,7 @@ def saved_whole(names, key: str) -> bool:
 
 def within_saved(names, key: str) -> bool:
     """HF PEFT: a layer that is, or lies inside, a module named in ``modules_to_save`` gets no adapter layer."""
-    return any(re.match(rf"(^|.*\.){name}($|\..*)", key) for name in names or [])
+    return any(re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", key) for name in names or [])
 
 
 def name_matches(patterns, key: str) -> bool:
