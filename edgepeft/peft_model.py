@@ -292,8 +292,10 @@ class PeftModel(nn.Module):
             recorded = self.peft_config[adapter_name].base_model_name_or_path
             here = getattr(self.base_model.model, "name_or_path", None)
             fix = (f"load it on the base it was trained on ({recorded})" if not recorded or not here or
-                   os.path.abspath(recorded) != os.path.abspath(here) else "it names this base: remove those keys "
-                   "from the file or save the adapter again")
+                   os.path.abspath(recorded) != os.path.abspath(here) else
+                   f"it names this base, and its adapter_config.json describes other weights (it lacks e.g. "
+                   f"{missing[0]}): save the adapter again from its model" if missing else
+                   "it names this base: remove those keys from the file or save the adapter again")
             raise AdapterBaseMismatchError(f"{path}: has weights for modules this model lacks (e.g. {unexpected[0]}); {fix}")
         if missing:
             deepest = max((i for i in map(_layer_index, state) if i is not None), default=None)

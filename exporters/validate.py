@@ -53,7 +53,7 @@ def compare_outputs(label: str, ours, ref, mask, task, atol, where, qtol=None) -
         raise ExportValidationError(
             f"{where}: {label}: PyTorch's own outputs hold NaN or inf, so nothing can be checked; nothing was "
             "written. Look for non-finite values in the weights (the base model's, or the adapter's "
-            "adapter_model.safetensors) and retrain or fix them"
+            "adapter_model.safetensors or adapter_model.bin) and retrain or fix them"
         )
     diff = float(np.abs(ours - ref).max())
     if qtol is not None:  # a quantized graph: relative RMS error

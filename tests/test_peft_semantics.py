@@ -6,6 +6,8 @@ prompt learning (dropped except for sequence classification).
 """
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import warnings
 
@@ -600,3 +602,34 @@ def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):
     with pytest.raises(UnsupportedModelError, match="embed_tokens' is a Embedding; edgepeft exports Linear heads only "
                        ".* use an adapter trained without it"):
         export([str(tmp_path / "embed")], str(tmp_path / "out-embed"))
+
+
+def test_a_config_that_disagrees_with_its_own_base_or_weights_says_so(tiny_base, tmp_path):
+    """The advice named the base already in use ('trained on another base (<this one>); use that one'), or said to
+    remove every weight from the file ('remove those keys')."""
+    import json
+
+    import peft
+
+    from peft_refs import peft_virtual_adapter
+
+    from edgepeft.errors import AdapterBaseMismatchError
+
+    base = tiny_base("llama")
+    prefix = peft_virtual_adapter(tmp_path / "prefix", base, "prefix", seed=3, num_virtual_tokens=2)
+    lora = tmp_path / "lora"
+    peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(lora)
+    for folder, edit, said in (
+            (prefix, {"num_layers": 5}, "num_layers is 5, the model has 2 layers: adapter_config.json disagrees with "
+                                        "the base it names: save the adapter again from its model"),
+            (lora, {"peft_type": "IA3", "target_modules": ["q_proj"], "feedforward_modules": []},
+             "it names this base, and its adapter_config.json describes other weights (it lacks e.g. ")):
+        config = os.path.join(folder, "adapter_config.json")
+        with open(config) as f:
+            data = {k: v for k, v in json.load(f).items() if edit.get("peft_type") != "IA3" or k in (
+                "base_model_name_or_path", "task_type", "revision")}
+        with open(config, "w") as f:
+            json.dump({**data, **edit}, f)
+        with pytest.raises(AdapterBaseMismatchError, match=re.escape(said)):
+            edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(folder))

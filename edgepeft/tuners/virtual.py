@@ -22,6 +22,8 @@ Saved state is one tensor, ``prompt_embeddings``, as HF PEFT saves it.
 """
 from __future__ import annotations
 
+import os
+
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -61,13 +63,14 @@ class PromptLearningConfig(PeftConfig):
         loaded adapter_config.json sets must be the model's (an adapter trained on another base)."""
         c = model_config
         layers, width = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer"), hidden_size(c)
+        named, here = self.base_model_name_or_path, getattr(c, "_name_or_path", None)
+        fix = (f"the adapter was trained on another base ({named}); use that one" if not (named and here) or
+               os.path.abspath(named) != os.path.abspath(here) else  # the advice named the base already in use
+               "adapter_config.json disagrees with the base it names: save the adapter again from its model")
         if self.num_layers is not None and self.num_layers != layers:
-            raise AdapterBaseMismatchError(f"num_layers is {self.num_layers}, the model has {layers} layers: the adapter "
-                                           f"was trained on another base ({self.base_model_name_or_path}); use that one")
+            raise AdapterBaseMismatchError(f"num_layers is {self.num_layers}, the model has {layers} layers: {fix}")
         if self.token_dim is not None and self.token_dim not in (width, self.method_width(c)):
-            raise AdapterBaseMismatchError(f"token_dim is {self.token_dim}, the model's hidden size is {width}: the "
-                                           f"adapter was trained on another base ({self.base_model_name_or_path}); use "
-                                           "that one")
+            raise AdapterBaseMismatchError(f"token_dim is {self.token_dim}, the model's hidden size is {width}: {fix}")
         if self.num_layers is None:
             self.num_layers = layers
         if self.token_dim is None:
