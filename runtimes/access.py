@@ -7,7 +7,16 @@ import hashlib
 import json
 import os
 
-from .errors import ArtifactNotFoundError, CorruptArtifactError, StorageError
+from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, StorageError
+from .values import surrogate_at
+
+
+def check_utf8_path(path: str) -> None:
+    """ConfigError where ``path`` holds bytes that are not UTF-8 (Python reads them as lone surrogates): ONNX Runtime
+    and PyTorch's ONNX exporter take no such path (a TypeError, which read as a damaged file)."""
+    if surrogate_at(path) is not None:
+        raise ConfigError(f"{path!r}: a name in this path is not UTF-8 (bytes of another encoding), and ONNX Runtime "
+                          "opens UTF-8 paths only; rename it")
 
 
 def check_readable(path: str) -> None:

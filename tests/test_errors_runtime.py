@@ -78,6 +78,26 @@ def test_adapter_for_other_slot_table_is_refused(small_out, llama):
     np.testing.assert_allclose(small.forward(ids, mask, adapter="qv")["logits"], want, rtol=0, atol=1e-6)
 
 
+def test_a_path_that_is_not_utf8_is_named_with_the_fix(rt, before, llama, tmp_path):
+    """Bytes of another encoding in a name (a Latin-1 zip unpacked): ONNX Runtime's TypeError read as a damaged base
+    or adapter graph ('re-export'), and PyTorch's ONNX exporter gave a traceback. Renaming is the fix."""
+    import shutil
+
+    from edgepeft.exporters import export
+
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    rename = r"is not UTF-8 \(bytes of another encoding\), and ONNX Runtime opens UTF-8 paths only; rename it"
+    with pytest.raises(ConfigError, match=rename):
+        rt.load_adapter(copy_adapter(os.path.join(llama[0], "adapters", "all"), odd))
+    assert_still_serving(rt, before)
+    shutil.copytree(llama[0], odd + "-out")
+    with pytest.raises(ConfigError, match=rename):
+        Runtime(odd + "-out")
+    with pytest.raises(ConfigError, match=rename):
+        export([llama[1]["qv"]], odd + "-new")
+    assert not os.path.exists(odd + "-new")
+
+
 def test_truncated_adapter_graph_fails_checksum(rt, before, llama, tmp_path):
     path = copy_adapter(os.path.join(llama[0], "adapters", "all"), tmp_path / "all")
     graph = os.path.join(path, "adapter.onnx")
