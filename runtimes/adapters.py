@@ -34,8 +34,9 @@ from .manifest import (
 )
 from .access import inside
 from .commands import export_command, folder_fix, name_problem
+from .adapter_graph import run_adapter_graph
 from .adapter_source import read_adapter_source
-from .sessions import ort, session_options
+from .sessions import ort
 from .slot_checks import axis_sharing, check_adapter_tensors
 from .values import is_whole
 
@@ -122,6 +123,7 @@ class AdapterStore:
         self.out = out
         self.slots = {s.name: s for s in base_manifest["slots"]}
         self.sharing = axis_sharing(self.slots)  # what each adapter's tensors are checked against (restages too)
+        self.widest = max((n for s in self.slots.values() for n in s.shape if is_whole(n)), default=0)  # a Pad's bound
         self.past_names = past_names
         self.device = device
         self.merged = base_manifest.get("merged_adapter")  # a --merge export's adapter: the base graph as it is
@@ -341,7 +343,7 @@ class AdapterStore:
     def _stage(self, adapter: Registered) -> tuple[dict, Plan]:
         label = adapter.path or "adapter bytes"
         graph = adapter.data[ADAPTER_GRAPH] if adapter.data else os.path.join(adapter.path, adapter.manifest["graph"])
-        arrays = run_adapter_graph(graph, label)
+        arrays = run_adapter_graph(graph, label, self.widest)
         check_adapter_tensors(label, adapter.manifest, arrays, self.slots, self.sharing, self.base_dir, self.out)
         return arrays, self._plan(label, arrays)
 
@@ -374,28 +376,3 @@ def _one_name(name):
         raise ConfigError(f"this call takes one adapter's name (a string), got {name!r}; lists and weights of "
                           "adapters are for the calls that run them (forward, generate, classify, embed)")
     return name
-
-
-NO_FOLDER = os.path.join(os.sep, "edgepeft: adapter graphs hold their tensors inside")
-
-
-def run_adapter_graph(graph, label: str = "") -> dict:
-    """{slot name: array}: an adapter graph's outputs (it has no inputs), run once on the CPU (a path or bytes).
-
-    Its tensors are inside it (exports write no external data for adapters): external data is looked for in a
-    folder that does not exist, so a graph naming a file fails instead of reading it (from bytes: from the app's
-    directory). The JavaScript runtime does the same (checks.js)."""
-    options = session_options(1)
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", NO_FOLDER)
-    where = graph if isinstance(graph, str) else f"{label}: adapter.onnx"
-    try:
-        sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
-        outputs = sess.run(None, {})
-    except Exception as e:
-        raise CorruptArtifactError(
-            f"{where}: ONNX Runtime cannot run the adapter graph ({str(e).splitlines()[0]}); re-export the adapter"
-        ) from None
-    odd = next((o.name for o, v in zip(sess.get_outputs(), outputs) if not isinstance(v, np.ndarray)), None)
-    if odd is not None:  # a sequence or map: no slot takes one
-        raise CorruptArtifactError(f"{where}: its output {odd!r} is not a tensor; re-export the adapter")
-    return {o.name: v for o, v in zip(sess.get_outputs(), outputs)}

@@ -39,7 +39,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepeft.runtimes.adapters import run_adapter_graph
+from edgepeft.runtimes.adapter_graph import run_adapter_graph
 from edgepeft.runtimes.bench import interleaved
 from edgepeft.runtimes.kv_cache import RESERVE
 from edgepeft.runtimes.manifest import LOGITS_TO_KEEP, cache_names

@@ -272,6 +272,54 @@ def test_an_adapter_graph_giving_a_sequence_is_refused(out):
     with open(path, "rb") as f:
         edit_json(os.path.join(adapter, "adapter.json"), sha256=hashlib.sha256(f.read()).hexdigest())
     rt = Runtime(out, load_adapters=False)
-    with pytest.raises(CorruptArtifactError, match=rf"adapter.onnx: its output '{re.escape(LORA_A)}' is not a tensor; "
-                       "re-export the adapter$"):
+    with pytest.raises(CorruptArtifactError, match=r"adapter.onnx: it holds a SequenceConstruct node \(exports write "
+                       r"Identity, Concat, Pad only\); re-export the adapter$"):
         rt.load_adapter(adapter)
+
+
+def _forged(adapter_dir, arrays: dict, nodes: list, inits: list, outputs: list) -> None:
+    """adapter.onnx giving ``arrays`` (Identity each) plus ``nodes``/``inits``/``outputs``, its checksum to match."""
+    ident = [helper.make_node("Identity", [f"w{i}"], [name]) for i, name in enumerate(arrays)]
+    tensors = [numpy_helper.from_array(np.asarray(a), f"w{i}") for i, a in enumerate(arrays.values())]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(a.shape)) for n, a in arrays.items()]
+    model = helper.make_model(helper.make_graph(ident + nodes, "adapter", [], outs + outputs, initializer=tensors + inits),
+                              opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    path = os.path.join(adapter_dir, "adapter.onnx")
+    onnx.save(model, path)
+    with open(path, "rb") as f:
+        edit_json(os.path.join(adapter_dir, "adapter.json"), sha256=hashlib.sha256(f.read()).hexdigest())
+
+
+def _int64(name, values):
+    return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+
+@pytest.mark.parametrize("case", ["constant-of-shape", "loop", "concat-twice", "wide-pad", "pad-widths-computed"])
+def test_an_adapter_graph_holding_what_no_export_writes_is_refused_before_it_runs(out, case):
+    """Loading ran any graph before checking its outputs: a 1 KB adapter.onnx took 3 GB (ConstantOfShape, a Pad), or
+    never returned (a Loop of 10^12 steps). Exports write Identity, Concat and Pad nodes over tensors read once."""
+    adapter = os.path.join(out, "adapters", "lora")
+    arrays = graph_outputs(adapter)
+    big = helper.make_tensor_value_info("big", TensorProto.FLOAT, None)
+    nodes, inits, said = {
+        "constant-of-shape": ([helper.make_node("ConstantOfShape", ["shape"], ["big"])], [_int64("shape", [1 << 40])],
+                              "it holds a ConstantOfShape node"),
+        "loop": ([helper.make_node("Loop", ["n", ""], [], body=helper.make_graph([], "b", [], []))],
+                 [_int64("n", 10 ** 12)], "it holds a Loop node"),
+        "concat-twice": ([helper.make_node("Concat", ["x"] * 1000, ["big"], axis=0)],
+                         [numpy_helper.from_array(np.ones(1000, np.float32), "x")], "it reads one tensor twice"),
+        "wide-pad": ([helper.make_node("Pad", ["x", "pads"], ["big"])],
+                     [numpy_helper.from_array(np.ones((1, 1), np.float32), "x"), _int64("pads", [0, 0, 0, 1 << 30])],
+                     r"a Pad's widths \(\[0, 0, 0, 1073741824\]\) are not the graph's own, from 0 to the base's "
+                     r"widest slot \(\d+\)"),
+        "pad-widths-computed": ([helper.make_node("Identity", ["w"], ["pads"]), helper.make_node("Pad", ["x", "pads"], ["big"])],
+                                [numpy_helper.from_array(np.ones((1, 1), np.float32), "x"), _int64("w", [0, 0, 0, 2])],
+                                r"a Pad's widths \(None\) are not the graph's own"),
+    }[case]
+    _forged(adapter, arrays, nodes, inits, [] if case == "loop" else [big])
+    rt = Runtime(out, load_adapters=False)
+    with pytest.raises(CorruptArtifactError, match=rf"adapter.onnx: {said}.*; re-export the adapter$"):
+        rt.load_adapter(adapter)
+    with pytest.raises(CorruptArtifactError, match=said):
+        rt.load_adapter(zipped(adapter))
+    assert rt.adapter_names == []

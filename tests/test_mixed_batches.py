@@ -258,7 +258,8 @@ def test_a_generation_under_a_budget_stages_each_evicted_adapter_once(decoder, r
     small = Runtime(decoder[0], adapter_budget_bytes=0)
     staged = []
     real = store_module.run_adapter_graph
-    monkeypatch.setattr(store_module, "run_adapter_graph", lambda graph, label="": staged.append(label) or real(graph, label))
+    monkeypatch.setattr(store_module, "run_adapter_graph",
+                        lambda graph, label="", widest=None: staged.append(label) or real(graph, label, widest))
     ids, mask = _batch(2)
     for adapter in ("prompt", ["lora_qv", "prefix"]):
         staged.clear()

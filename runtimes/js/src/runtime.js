@@ -16,6 +16,7 @@ import {
   EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
   checkOptions, checkSizes, checkTensors, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
+import { adapterGraphProblem } from "./graph.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, runOnce } from "./sessions.js";
 import { sha256 } from "./sha256.js";
@@ -54,6 +55,7 @@ export class Runtime {
     rt.neutral = m.neutral_graph ? await runOnce(await rt.opened(neutral, (o) => loader.session(ort, neutral, o, false))) : {};
     rt.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
     rt.sharing = axisSharing(rt.slots);  // what each adapter's tensors are checked against
+    rt.widest = Math.max(0, ...m.slots.flatMap((s) => s.shape.filter(Number.isInteger)));  // a Pad's bound
     const unbound = m.slots.find((s) => !s.target && !(s.name in rt.neutral));  // an input no run would feed
     if (unbound) {
       throw new EdgePeftError(`${m.neutral_graph ? `${loader.where(neutral)}: gives no value for slot ${unbound.name}`
@@ -146,6 +148,8 @@ export class Runtime {
         throw new EdgePeftError(`${this.loader.where(graph)}: checksum does not match adapter.json (truncated, modified or ` +
           `a stale copy); ${REEXPORT}`);
       }
+      const problem = adapterGraphProblem(bytes, this.widest);  // before it runs: a forged node could take any memory or time
+      if (problem) throw new EdgePeftError(`${this.loader.where(graph)}: ${problem}; ${REEXPORT}`);
       const session = await this.opened(graph, (o) => this.adapterSession(graph, bytes, o));
       tensors = await runOnce(session).catch((e) => {  // as Python names it (a raw ONNX Runtime error otherwise)
         throw new EdgePeftError(`${this.loader.where(graph)}: ONNX Runtime cannot run the adapter graph ` +

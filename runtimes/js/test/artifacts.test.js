@@ -249,6 +249,47 @@ sys.stdout.buffer.write(helper.make_model(graph, opset_imports=[helper.make_opse
   await rt.loadAdapter("ia3");  // the others still load
 });
 
+test("an adapter graph holding what no export writes is refused before it runs, as in Python", async () => {
+  // a 1 KB graph took 3 GB (ConstantOfShape) or never returned (a Loop of 10^12 steps) in loadAdapter
+  const out = await copied("forged-nodes");
+  const where = quoted(path.join(out, "adapters/lora/adapter.onnx"));
+  const rt = await openFolder(ortNode, out);
+  const cases = {
+    "constant-of-shape": "it holds a ConstantOfShape node \\(exports write Identity, Concat, Pad only\\)",
+    loop: "it holds a Loop node", "concat-twice": "it reads one tensor twice",
+    "wide-pad": "a Pad's widths \\(\\[0, 0, 0, 1073741824\\]\\) are not the graph's own, from 0 to the base's widest slot \\(\\d+\\)",
+  };
+  for (const [name, said] of Object.entries(cases)) {
+    const bytes = execFileSync(PYTHON, ["-c", FORGED, name]);
+    await writeFile(path.join(out, "adapters/lora/adapter.onnx"), bytes);
+    const json = path.join(out, "adapters/lora/adapter.json");
+    await writeFile(json, JSON.stringify({ ...await readJsonFile(json), sha256: createHash("sha256").update(bytes).digest("hex") }));
+    await refuses(rt.loadAdapter("lora"), new RegExp(`^${where}: ${said}.*; re-export it`));
+  }
+  await rt.loadAdapter("ia3");  // the others still load
+});
+
+// An adapter graph with one node no export writes (argv[1] names which), beside an output the lora fixture fills.
+const FORGED = `
+import sys
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+i64 = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.int64), name)
+x = numpy_helper.from_array(np.ones((1, 1), np.float32), "x")
+nodes, inits = {
+    "constant-of-shape": ([helper.make_node("ConstantOfShape", ["shape"], ["big"])], [i64("shape", [1 << 40])]),
+    "loop": ([helper.make_node("Loop", ["n", ""], ["big"], body=helper.make_graph([], "b", [], []))], [i64("n", 10 ** 12)]),
+    "concat-twice": ([helper.make_node("Concat", ["x"] * 1000, ["big"], axis=0)], [x]),
+    "wide-pad": ([helper.make_node("Pad", ["x", "pads"], ["big"])], [x, i64("pads", [0, 0, 0, 1 << 30])]),
+}[sys.argv[1]]
+a = "lora_A.model.layers.0.self_attn.q_proj+k_proj+v_proj"
+nodes.append(helper.make_node("Identity", ["a"], [a]))
+inits.append(numpy_helper.from_array(np.zeros((32, 8), np.float32), "a"))
+outs = [helper.make_tensor_value_info(a, TensorProto.FLOAT, [32, 8]), helper.make_tensor_value_info("big", TensorProto.FLOAT, None)]
+graph = helper.make_graph(nodes, "adapter", [], outs, initializer=inits)
+sys.stdout.buffer.write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString())
+`;
+
 test("an adapter graph reading external data (a file of the app's working folder) is refused, on node and wasm", async () => {
   const out = await copied("external");
   const folder = path.join(scratch, "app");  // the app's working folder, holding a file the adapter must not read
