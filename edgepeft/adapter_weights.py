@@ -58,7 +58,8 @@ def named_as_expected(state: dict, expected: set, adapter_name: str) -> dict:
     (``lora_A.default.weight``, ``ia3_l.default``: hand-written and some hub files, which HF PEFT's from_pretrained
     loads; export loads each adapter under its own name), renamed to HF PEFT's saved names as HF PEFT maps them on
     load. Another adapter's keys stay as they are (unexpected), and a plain key wins over a named one."""
-    renamed, names = {}, {adapter_name, "default"}
+    own = any(adapter_name in key.split(".")[-2:] for key in state)  # keys of its own name: "default" is another's
+    renamed, names = {}, {adapter_name} if own else {adapter_name, "default"}
     for key, value in state.items():
         head, _, last = key.rpartition(".")
         stem, _, named = head.rpartition(".")

@@ -1,14 +1,16 @@
 """An adapter's graph: what it may hold, read from its bytes before ONNX Runtime runs it once for its tensors (the
-JavaScript runtime's ``checks.js`` reads the same).
+JavaScript runtime's ``graph.js`` reads the same).
 
 Loading runs the adapter's graph, and its checksum finds damage, not forgery: one node (ConstantOfShape, Expand, a
 Loop) could take memory or time without bound. Exports write Identity, Concat and Pad nodes over the graph's own
-tensors (``exporters/adapter_graph.py``), so a graph may hold only those: no functions, no subgraphs, each tensor
-read once (a Concat of one tensor a thousand times), and no Pad wider than the base's widest slot. ONNX's protobuf
-is read here field by field (the runtime imports no ``onnx``).
+tensors (``exporters/adapter_graph.py``), in order, so a graph may hold only those: no inputs, functions, subgraphs
+or sparse tensors, each name defined once, and every tensor's shape, worked out from its tensors' dims before
+anything runs, within what an adapter of this base can take. ONNX's protobuf is read field by field (the runtime
+imports no ``onnx``).
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
 
@@ -17,6 +19,10 @@ from .sessions import ort, session_options
 
 NODES = ("Identity", "Concat", "Pad")
 _INT64 = 7  # TensorProto.INT64
+# ModelProto.graph, .functions; GraphProto.node, .initializer, .input, .sparse_initializer; NodeProto.input, .output,
+# .op_type, .attribute, .domain; AttributeProto.name, .i, .g, .graphs; TensorProto.dims, .data_type, .int64_data,
+# .name, .raw_data
+_GRAPH, _FUNCTIONS, _NODE, _INIT, _INPUT, _SPARSE = 7, 25, 1, 5, 11, 15
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:
@@ -54,78 +60,110 @@ def _text(data: bytes, span) -> str:
     return data[span[0]:span[1]].decode("utf-8")
 
 
-def _int64s(data: bytes, span) -> tuple[str, list | None]:
-    """(name, values) of an int64 TensorProto (raw_data, or int64_data packed or not); values None for other types."""
-    name, kind, raw, values = "", None, b"", []
-    for field, value in _fields(data, *span):  # in any order: a forger need not write them as protobuf does
+def _ints(data: bytes, value) -> list:
+    """A repeated int64 field's numbers: packed (the bytes of many varints) or one varint, signed."""
+    out, i = ([], value[0]) if isinstance(value, tuple) else ([value], 0)
+    while isinstance(value, tuple) and i < value[1]:
+        number, i = _varint(data, i)
+        out.append(number)
+    return [v - (1 << 64) if v >= 1 << 63 else v for v in out]
+
+
+def _tensor(data: bytes, span) -> tuple[str, list, list | None]:
+    """(name, dims, values of an int64 tensor else None) of a TensorProto, its fields in any order."""
+    name, dims, kind, raw, values = "", [], None, None, []
+    for field, value in _fields(data, *span):
         if field == 8:
             name = _text(data, value)
+        elif field == 1:
+            dims += _ints(data, value)
         elif field == 2:
             kind = value
         elif field == 9:
-            raw = data[value[0]:value[1]]
-        elif field == 7:  # packed (the bytes of many varints), or one varint
-            values += [v - (1 << 64) if v >= 1 << 63 else v for v in
-                       (_packed(data, value) if isinstance(value, tuple) else [value])]
+            raw = value
+        elif field == 7:
+            values += _ints(data, value)
     if kind != _INT64:
-        return name, None
-    return name, values + list(struct.unpack(f"<{len(raw) // 8}q", raw[:len(raw) // 8 * 8]))
+        return name, dims, None
+    raw = data[raw[0]:raw[1]] if raw else b""
+    return name, dims, values + list(struct.unpack(f"<{len(raw) // 8}q", raw[:len(raw) // 8 * 8]))
 
 
-def _packed(data: bytes, span) -> list:
-    out, i = [], span[0]
-    while i < span[1]:
-        value, i = _varint(data, i)
-        out.append(value)
-    return out
+def _node(data: bytes, span) -> tuple[str, str, list, list, int, bool]:
+    """(op_type, domain, inputs, outputs, its axis attribute, whether an attribute holds a graph) of a NodeProto."""
+    op, domain, inputs, outputs, axis, sub = "", "", [], [], 0, False
+    for field, value in _fields(data, *span):
+        if field == 4:
+            op = _text(data, value)
+        elif field == 7:
+            domain = _text(data, value)
+        elif field == 1:
+            inputs.append(_text(data, value))
+        elif field == 2:
+            outputs.append(_text(data, value))
+        elif field == 5:
+            attribute = list(_fields(data, *value))
+            sub = sub or any(f in (6, 11) for f, _ in attribute)
+            if any(f == 1 and _text(data, v) == "axis" for f, v in attribute):
+                axis = next((_ints(data, v)[0] for f, v in attribute if f == 3), 0)
+    return op, domain, inputs, outputs, axis, sub
 
 
-def adapter_graph_problem(data: bytes, widest: int | None) -> str | None:
-    """What an adapter graph's bytes hold that an export never writes, else None; ``widest``: the base's widest
-    slot (None: pads unchecked)."""
+def _shape(op: str, inputs: list, axis: int, shapes: dict, ints: dict) -> list:
+    """The output's shape of an exported node from its inputs' (ValueError where it is not one exports write)."""
+    if any(name not in shapes for name in inputs[:1 if op == "Pad" else None]):
+        raise ValueError(f"a {op} reads a tensor not defined before it")
+    first = shapes[inputs[0]]
+    if op == "Identity":
+        return first
+    if op == "Pad":  # widths: an int64 tensor of the graph's own, two per axis, none negative; no axes input
+        pads = ints.get(inputs[1]) if len(inputs) in (2, 3) else None
+        if pads is None or len(pads) != 2 * len(first) or min(pads) < 0:
+            raise ValueError(f"a Pad's widths are not two per axis of a tensor of the graph's own ({pads})")
+        return [n + pads[k] + pads[k + len(first)] for k, n in enumerate(first)]
+    k = axis + len(first) if axis < 0 else axis  # Concat
+    if not 0 <= k < len(first) or any(len(shapes[n]) != len(first) or [d for j, d in enumerate(shapes[n]) if j != k]
+                                      != [d for j, d in enumerate(first) if j != k] for n in inputs):
+        raise ValueError("a Concat of tensors whose shapes do not fit")
+    return [sum(shapes[n][k] for n in inputs) if j == k else d for j, d in enumerate(first)]
+
+
+def adapter_graph_problem(data: bytes, most: int) -> str | None:
+    """What an adapter graph's bytes hold that an export never writes, else None; ``most``: the bytes an adapter
+    of this base may take (its tensors and what its nodes compute, as float32)."""
     try:
         model = list(_fields(data))
-        graphs = [v for f, v in model if f == 7]
-        if any(f == 25 for f, _ in model) or len(graphs) != 1:
+        graphs = [v for f, v in model if f == _GRAPH]
+        if any(f == _FUNCTIONS for f, _ in model) or len(graphs) != 1:
             return "it is not one graph of its own (functions, or no graph)"
-        nodes, ints = [], {}
-        for field, value in _fields(data, *graphs[0]):
-            if field == 1:
-                nodes.append(value)
-            elif field == 5:
-                name, values = _int64s(data, value)
-                if values is not None:
-                    ints[name] = values
-        read = []
-        for span in nodes:
-            op, domain, inputs, sub = "", "", [], False
-            for field, value in _fields(data, *span):
-                if field == 4:
-                    op = _text(data, value)
-                elif field == 7:
-                    domain = _text(data, value)
-                elif field == 1:
-                    inputs.append(_text(data, value))
-                elif field == 5:
-                    sub = sub or any(f in (6, 11) for f, _ in _fields(data, *value))  # an attribute's graph(s)
-            if op not in NODES or domain not in ("", "ai.onnx") or sub:
+        graph = list(_fields(data, *graphs[0]))
+        if any(f in (_INPUT, _SPARSE) for f, _ in graph):
+            return "it has inputs or sparse tensors (exports write neither)"
+        shapes, ints = {}, {}
+        for name, dims, values in (_tensor(data, v) for f, v in graph if f == _INIT):
+            if name in shapes or min(dims, default=0) < 0:
+                return f"its tensor {name!r} is defined twice, or has a negative size"
+            shapes[name] = dims
+            if values is not None:
+                ints[name] = values
+        for op, domain, inputs, outputs, axis, sub in (_node(data, v) for f, v in graph if f == _NODE):
+            if op not in NODES or domain not in ("", "ai.onnx") or sub or len(outputs) != 1:
                 return f"it holds a {domain + '.' if domain else ''}{op} node (exports write {', '.join(NODES)} only)"
-            if op == "Pad" and widest is not None:  # its widths: an int64 tensor of the graph's own, each in bounds
-                pads = ints.get(inputs[1]) if len(inputs) > 1 else None
-                if pads is None or any(p < 0 or p > widest for p in pads):
-                    return f"a Pad's widths ({pads}) are not the graph's own, from 0 to the base's widest slot ({widest})"
-            read += [name for name in inputs if name]  # "": an optional input left out
-        if len(read) != len(set(read)):
-            return "it reads one tensor twice (exports read each once)"
-    except (ValueError, IndexError, UnicodeDecodeError, struct.error) as e:
-        return f"it is not a readable ONNX graph ({e})"
+            if outputs[0] in shapes:
+                return f"its tensor {outputs[0]!r} is defined twice"
+            shapes[outputs[0]] = _shape(op, inputs, axis, shapes, ints)
+        total = 4 * sum(math.prod(shape) for shape in shapes.values())
+        if total > most:
+            return f"its nodes would make {total} bytes of tensors, more than an adapter of this base can take ({most})"
+    except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:
+        return f"it is not a graph an export writes ({e})"
     return None
 
 
 NO_FOLDER = os.path.join(os.sep, "edgepeft: adapter graphs hold their tensors inside")
 
 
-def run_adapter_graph(graph, label: str = "", widest: int | None = None) -> dict:
+def run_adapter_graph(graph, label: str = "", most: int = 1 << 62) -> dict:
     """{slot name: array}: an adapter graph's outputs (it has no inputs), run once on the CPU (a path or bytes).
 
     Its tensors are inside it (exports write no external data for adapters): external data is looked for in a
@@ -137,7 +175,7 @@ def run_adapter_graph(graph, label: str = "", widest: int | None = None) -> dict
     if isinstance(graph, str):
         with open(graph, "rb") as f:
             graph = f.read()
-    if problem := adapter_graph_problem(graph, widest):  # before it runs: a forged node could take any memory or time
+    if problem := adapter_graph_problem(graph, most):  # before it runs: a forged node could take any memory or time
         raise CorruptArtifactError(f"{where}: {problem}; re-export the adapter")
     try:
         sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])

@@ -14,6 +14,17 @@ from .manifest import (
 )
 
 
+def _unpacked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, most: int) -> bytes:
+    """A member's bytes, unpacked no further than ``most`` bytes or the size it declares, whichever is less (a zip
+    bomb, declared or lying about its size, is refused before it unpacks further)."""
+    with archive.open(info) as f:
+        data = f.read(min(most, info.file_size) + 1)
+    if len(data) > most or info.file_size > most:
+        raise CorruptArtifactError(f"adapter bytes: {info.filename} unpacks to more than an adapter of this base can "
+                                   f"take ({most} bytes); zip an adapter folder from OUT/adapters/")
+    return data
+
+
 def read_adapter_source(source, most: int) -> tuple[str | None, dict | None, dict]:
     """(folder, None, manifest) for a folder; (None, {file: bytes}, manifest) for the bytes of a zip of one, whose
     files may unpack to ``most`` bytes each (a zip bomb is refused by the sizes it declares, before it unpacks)."""
@@ -22,17 +33,13 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict | None, dic
             with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
                 # the file's own name, whatever its folders (Windows' zips separate them with backslashes)
                 members = [i for i in archive.infolist() if _file_name(i.filename) in (ADAPTER_MANIFEST, ADAPTER_GRAPH)]
-                if big := next((i for i in members if i.file_size > most), None):
-                    raise CorruptArtifactError(f"adapter bytes: {big.filename} unpacks to {big.file_size} bytes, more "
-                                               f"than an adapter of this base can take ({most}); zip an adapter folder "
-                                               "from OUT/adapters/")
-                files = {_file_name(i.filename): archive.read(i) for i in members}
+                if len(members) > len({_file_name(i.filename) for i in members}):
+                    raise CorruptArtifactError("adapter bytes: the zip holds more than one adapter folder; zip one "
+                                               "folder of OUT/adapters/ per adapter")
+                files = {_file_name(i.filename): _unpacked(archive, i, most) for i in members}
         except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:
             raise CorruptArtifactError(f"adapter bytes: not a readable zip archive of an adapter folder ({e}); pass the "
                                        "bytes of shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None
-        if len(members) > len(files):
-            raise CorruptArtifactError("adapter bytes: the zip holds more than one adapter folder; zip one folder of "
-                                       "OUT/adapters/ per adapter")
         if set(files) != {ADAPTER_MANIFEST, ADAPTER_GRAPH}:
             raise CorruptArtifactError(f"adapter bytes: the zip needs {ADAPTER_MANIFEST} and {ADAPTER_GRAPH}; "
                                        "zip an adapter folder from OUT/adapters/")

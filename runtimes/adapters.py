@@ -123,7 +123,6 @@ class AdapterStore:
         self.out = out
         self.slots = {s.name: s for s in base_manifest["slots"]}
         self.sharing = axis_sharing(self.slots)  # what each adapter's tensors are checked against (restages too)
-        self.widest = max((n for s in self.slots.values() for n in s.shape if is_whole(n)), default=0)  # a Pad's bound
         self.past_names = past_names
         self.device = device
         self.merged = base_manifest.get("merged_adapter")  # a --merge export's adapter: the base graph as it is
@@ -343,7 +342,7 @@ class AdapterStore:
     def _stage(self, adapter: Registered) -> tuple[dict, Plan]:
         label = adapter.path or "adapter bytes"
         graph = adapter.data[ADAPTER_GRAPH] if adapter.data else os.path.join(adapter.path, adapter.manifest["graph"])
-        arrays = run_adapter_graph(graph, label, self.widest)
+        arrays = run_adapter_graph(graph, label, self.most_bytes)
         check_adapter_tensors(label, adapter.manifest, arrays, self.slots, self.sharing, self.base_dir, self.out)
         return arrays, self._plan(label, arrays)
 

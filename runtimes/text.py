@@ -259,8 +259,9 @@ class GrowingText:
             after = self.tok.decode(ids[:n])
         text = self.kept + after[len(self.before):]
         if n - self.start > self.WINDOW and not text.endswith("\ufffd"):
-            self.start, self.kept = n, text
-            self.before = self.tok.decode(ids[max(n - self.CONTEXT, 0):n])
+            before = self.tok.decode(ids[max(n - self.CONTEXT, 0):n])
+            if before or n <= self.CONTEXT:  # a context of special tokens only decodes to "": the next token would
+                self.start, self.kept, self.before = n, text, before  # read as a text's first (its space dropped)
         return text
 
 

@@ -220,10 +220,29 @@ def test_a_zip_bomb_is_refused_by_its_declared_sizes_before_it_unpacks(out):
             for _ in range(size // (64 << 20) + 1):
                 f.write(bytes(64 << 20))
     assert len(buffer.getvalue()) < size / 500
-    with pytest.raises(CorruptArtifactError, match=rf"^adapter bytes: adapter.onnx unpacks to \d+ bytes, more than an "
-                       r"adapter of this base can take \(\d+\); zip an adapter folder from OUT/adapters/$"):
+    with pytest.raises(CorruptArtifactError, match=r"^adapter bytes: adapter.onnx unpacks to more than an adapter of "
+                       r"this base can take \(\d+ bytes\); zip an adapter folder from OUT/adapters/$"):
         rt.load_adapter(buffer.getvalue())
     rt.load_adapter(zipped(os.path.join(out, "adapters", "lora")))  # an adapter's own zip is well inside the bound
+
+
+def test_a_zip_that_declares_less_than_it_holds_is_not_unpacked_past_it(out):
+    """A 200 KB zip declaring 1,000 bytes for 200 MB: zipfile's read unpacked it all (2 GB at most a member) before
+    its checksum failed."""
+    import tracemalloc
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("adapter.json", json.dumps({"format": "edgepeft-adapter"}))
+        archive.writestr("adapter.onnx", bytes(200 << 20))
+        archive.filelist[-1].file_size = 1000  # what the central directory says
+    rt = Runtime(out, load_adapters=False)
+    tracemalloc.start()
+    with pytest.raises(CorruptArtifactError, match="^adapter bytes: not a readable zip archive"):
+        rt.load_adapter(buffer.getvalue())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50 << 20, peak
 
 
 @pytest.mark.parametrize("text", ['{"rank": 1' + "0" * 5000 + "}", "[" * 100_000 + "]" * 100_000],
@@ -294,32 +313,43 @@ def _int64(name, values):
     return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
 
 
-@pytest.mark.parametrize("case", ["constant-of-shape", "loop", "concat-twice", "wide-pad", "pad-widths-computed"])
+@pytest.mark.parametrize("case", ["constant-of-shape", "loop", "concat-many", "wide-pad", "pad-widths-computed",
+                                  "sparse-widths"])
 def test_an_adapter_graph_holding_what_no_export_writes_is_refused_before_it_runs(out, case):
     """Loading ran any graph before checking its outputs: a 1 KB adapter.onnx took 3 GB (ConstantOfShape, a Pad), or
-    never returned (a Loop of 10^12 steps). Exports write Identity, Concat and Pad nodes over tensors read once."""
+    never returned (a Loop of 10^12 steps). Exports write Identity, Concat and Pad nodes over tensors of their own,
+    and what those make is worked out from the tensors' dims before anything runs."""
     adapter = os.path.join(out, "adapters", "lora")
     arrays = graph_outputs(adapter)
     big = helper.make_tensor_value_info("big", TensorProto.FLOAT, None)
+    x = numpy_helper.from_array(np.ones((1, 1), np.float32), "x")
+    too_much = r"its nodes would make \d+ bytes of tensors, more than an adapter of this base can take \(\d+\)"
     nodes, inits, said = {
         "constant-of-shape": ([helper.make_node("ConstantOfShape", ["shape"], ["big"])], [_int64("shape", [1 << 40])],
                               "it holds a ConstantOfShape node"),
-        "loop": ([helper.make_node("Loop", ["n", ""], [], body=helper.make_graph([], "b", [], []))],
+        "loop": ([helper.make_node("Loop", ["n", ""], ["big"], body=helper.make_graph([], "b", [], []))],
                  [_int64("n", 10 ** 12)], "it holds a Loop node"),
-        "concat-twice": ([helper.make_node("Concat", ["x"] * 1000, ["big"], axis=0)],
-                         [numpy_helper.from_array(np.ones(1000, np.float32), "x")], "it reads one tensor twice"),
-        "wide-pad": ([helper.make_node("Pad", ["x", "pads"], ["big"])],
-                     [numpy_helper.from_array(np.ones((1, 1), np.float32), "x"), _int64("pads", [0, 0, 0, 1 << 30])],
-                     r"a Pad's widths \(\[0, 0, 0, 1073741824\]\) are not the graph's own, from 0 to the base's "
-                     r"widest slot \(\d+\)"),
+        "concat-many": ([helper.make_node("Concat", ["y"] * 1000, ["big"], axis=0)],  # 400 KB of file, 400 MB made
+                        [numpy_helper.from_array(np.ones(100_000, np.float32), "y")], too_much),
+        "wide-pad": ([helper.make_node("Pad", ["x", "pads"], ["big"])], [x, _int64("pads", [0, 0, 0, 1 << 30])], too_much),
         "pad-widths-computed": ([helper.make_node("Identity", ["w"], ["pads"]), helper.make_node("Pad", ["x", "pads"], ["big"])],
-                                [numpy_helper.from_array(np.ones((1, 1), np.float32), "x"), _int64("w", [0, 0, 0, 2])],
-                                r"a Pad's widths \(None\) are not the graph's own"),
+                                [x, _int64("w", [0, 0, 0, 2])],
+                                r"a Pad's widths are not two per axis of a tensor of the graph's own \(None\)"),
+        "sparse-widths": ([helper.make_node("Pad", ["x", "pads"], ["big"])], [x, _int64("pads", [0, 0, 0, 1])],
+                          r"it has inputs or sparse tensors"),  # ONNX Runtime took the sparse one of the same name
     }[case]
     _forged(adapter, arrays, nodes, inits, [] if case == "loop" else [big])
+    if case == "sparse-widths":
+        model = onnx.load(os.path.join(adapter, "adapter.onnx"))
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(
+            _int64("pads", [1 << 30]), _int64("at", [3]), [4]))
+        onnx.save(model, os.path.join(adapter, "adapter.onnx"))
+        with open(os.path.join(adapter, "adapter.onnx"), "rb") as f:
+            edit_json(os.path.join(adapter, "adapter.json"), sha256=hashlib.sha256(f.read()).hexdigest())
     rt = Runtime(out, load_adapters=False)
-    with pytest.raises(CorruptArtifactError, match=rf"adapter.onnx: {said}.*; re-export the adapter$"):
+    with pytest.raises(CorruptArtifactError, match=rf"adapter.onnx: .*{said}.*; re-export the adapter$"):
         rt.load_adapter(adapter)
     with pytest.raises(CorruptArtifactError, match=said):
         rt.load_adapter(zipped(adapter))
     assert rt.adapter_names == []
+    rt.load_adapter(os.path.join(out, "adapters", "ia3"))  # an export's own graph passes

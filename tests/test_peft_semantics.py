@@ -310,7 +310,11 @@ def test_adapter_files_named_as_state_dict_names_load_as_in_peft(tiny_base, tmp_
 
     export([str(tmp_path / "a")], str(tmp_path / "out"))  # loaded as 'a', not 'default': it was refused
     assert float(abs(Runtime(str(tmp_path / "out")).forward(ids.numpy(), adapter="a")["logits"] - want).max()) <= 1e-4
-    named = load_file(weights)  # another adapter's keys beside them: the last one's values were loaded, in silence
+    named = load_file(weights)
+    save_file({**named, **{k.replace(".default.", ".a."): v + 1 for k, v in named.items()}}, str(weights))
+    with pytest.raises(AdapterBaseMismatchError, match=r"lacks \(e.g. .*lora_A.default.weight\)"):
+        export([str(tmp_path / "a")], str(tmp_path / "out2"))  # both names: one set was loaded over the other
+    save_file(named, str(weights))  # another adapter's keys beside them: the last one's values were loaded, in silence
     save_file({**named, **{k.replace(".default.", ".other."): v + 1 for k, v in named.items()}}, str(weights))
     with pytest.raises(AdapterBaseMismatchError, match=r"lacks \(e.g. .*lora_A.other.weight\)"):
         edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))

@@ -306,7 +306,7 @@ def _decoders(tmp_path) -> dict:
 def test_stream_text_decodes_in_time_linear_in_the_text(tmp_path):
     """stream_text decoded every generated id again at each new one (1.2 ms a token at 2,000 tokens on MiniLM's
     tokenizer). It now decodes a window, and its text is still the whole decode's at every length, for random ids
-    of each decoder (byte runs cut anywhere, partial characters, special tokens, tidying rewrites)."""
+    of each decoder (byte runs cut anywhere, partial characters, runs of special tokens, tidying rewrites)."""
     rng = np.random.default_rng(0)
     for name, tok in _decoders(tmp_path).items():
         size = tok._tok.get_vocab_size()
@@ -314,6 +314,9 @@ def test_stream_text_decodes_in_time_linear_in_the_text(tmp_path):
         if name in ("wordpiece", "tidy"):
             words = tok._tok.encode("it ' s fine , is n't it ? don ' t go . he ' ll see .", add_special_tokens=False)
             ids = [int(i) for i in rng.choice(words.ids + [1996, 2003, 2009, 1005], 1500)]  # rewrites, often
+        specials = sorted(tok._special_ids)
+        for at in rng.integers(0, len(ids), 12) if specials else ():  # runs of them (a small model loops on <unk>):
+            ids[at:at] = [int(rng.choice(specials))] * int(rng.integers(8, 40))  # a context of them decodes to ""
         decoded = []
         real = tok._tok
 

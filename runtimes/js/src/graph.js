@@ -1,10 +1,13 @@
 // What an adapter graph may hold, read from its bytes before ONNX Runtime runs it, as the Python runtime reads it
-// (runtimes/adapter_graph.py): Identity, Concat and Pad nodes over the graph's own tensors, each read once, no
-// functions or subgraphs, no Pad wider than the base's widest slot. A forged node could otherwise take memory or
-// time without bound (ConstantOfShape, a Loop). ONNX's protobuf is read field by field.
+// (runtimes/adapter_graph.py): Identity, Concat and Pad nodes over the graph's own tensors, in order; no inputs,
+// functions, subgraphs or sparse tensors; each name defined once; every tensor's shape, worked out from its tensors'
+// dims before anything runs, within what an adapter of this base can take. A forged node could otherwise take memory
+// or time without bound (ConstantOfShape, a Loop). ONNX's protobuf is read field by field.
 
 const NODES = ["Identity", "Concat", "Pad"];
 const INT64 = 7;  // TensorProto.INT64
+// ModelProto.graph, .functions; GraphProto.node, .initializer, .input, .sparse_initializer (as adapter_graph.py)
+const [GRAPH, FUNCTIONS, NODE, INIT, INPUT, SPARSE] = [7, 25, 1, 5, 11, 15];
 
 function varint(data, i) {
   let value = 0n, shift = 0n;
@@ -40,68 +43,105 @@ function fields(data, start = 0, end = data.length) {
 }
 
 const text = (data, [start, end]) => new TextDecoder("utf-8", { fatal: true }).decode(data.subarray(start, end));
-const signed = (v) => (v >= 1n << 63n ? v - (1n << 64n) : v);
+const span = (value) => { if (!Array.isArray(value)) throw new Error("a field of the wrong kind"); return value; };
 
-/** [name, values] of an int64 TensorProto (raw_data, or int64_data packed or not); values null for other types. */
-function int64s(data, span) {
+/** A repeated int64 field's numbers (packed, or one varint), signed BigInts. */
+function ints(data, value) {
+  const out = [];
+  if (!Array.isArray(value)) out.push(value);
+  else for (let i = value[0], v; i < value[1];) { [v, i] = varint(data, i); out.push(v); }
+  return out.map((v) => (v >= 1n << 63n ? v - (1n << 64n) : v));
+}
+
+/** [name, dims, values of an int64 tensor else null] of a TensorProto, its fields in any order. */
+function tensor(data, at) {
   let name = "", kind = null, raw = null;
-  const values = [];
-  for (const [field, value] of fields(data, ...span)) {  // in any order: a forger need not write them as protobuf does
-    if (field === 8) name = text(data, value);
+  const dims = [], values = [];
+  for (const [field, value] of fields(data, ...span(at))) {
+    if (field === 8) name = text(data, span(value));
+    else if (field === 1) dims.push(...ints(data, value));
     else if (field === 2) kind = Number(value);
-    else if (field === 9) raw = value;
-    else if (field === 7 && Array.isArray(value)) {
-      for (let i = value[0], v; i < value[1];) { [v, i] = varint(data, i); values.push(signed(v)); }
-    } else if (field === 7) values.push(signed(value));
+    else if (field === 9) raw = span(value);
+    else if (field === 7) values.push(...ints(data, value));
   }
-  if (kind !== INT64) return [name, null];
+  if (kind !== INT64) return [name, dims, null];
   if (raw) {
     const view = new DataView(data.buffer, data.byteOffset + raw[0], raw[1] - raw[0]);
     for (let i = 0; i + 8 <= view.byteLength; i += 8) values.push(view.getBigInt64(i, true));
   }
-  return [name, values];
+  return [name, dims, values];
 }
 
-/** What an adapter graph's bytes hold that an export never writes, else null; `widest`: the base's widest slot. */
-export function adapterGraphProblem(bytes, widest) {
+/** {op, domain, inputs, outputs, axis, sub} of a NodeProto (sub: an attribute holds a graph). */
+function node(data, at) {
+  const n = { op: "", domain: "", inputs: [], outputs: [], axis: 0n, sub: false };
+  for (const [field, value] of fields(data, ...span(at))) {
+    if (field === 4) n.op = text(data, span(value));
+    else if (field === 7) n.domain = text(data, span(value));
+    else if (field === 1) n.inputs.push(text(data, span(value)));
+    else if (field === 2) n.outputs.push(text(data, span(value)));
+    else if (field === 5) {
+      const attribute = fields(data, ...span(value));
+      n.sub ||= attribute.some(([f]) => f === 6 || f === 11);
+      if (attribute.some(([f, v]) => f === 1 && text(data, span(v)) === "axis")) {
+        n.axis = ints(data, attribute.find(([f]) => f === 3)?.[1] ?? 0n)[0];
+      }
+    }
+  }
+  return n;
+}
+
+/** The output's shape (BigInts) of an exported node from its inputs' (an Error where it is not one exports write). */
+function shapeOf({ op, inputs, axis }, shapes, pads) {
+  if (inputs.slice(0, op === "Pad" ? 1 : undefined).some((n) => !shapes.has(n))) {
+    throw new Error(`a ${op} reads a tensor not defined before it`);
+  }
+  const first = shapes.get(inputs[0]);
+  if (op === "Identity") return first;
+  if (op === "Pad") {  // widths: an int64 tensor of the graph's own, two per axis, none negative; no axes input
+    const widths = inputs.length === 2 || inputs.length === 3 ? pads.get(inputs[1]) ?? null : null;
+    if (widths === null || widths.length !== 2 * first.length || widths.some((w) => w < 0n)) {
+      throw new Error(`a Pad's widths are not two per axis of a tensor of the graph's own (${widths === null ? "None"
+        : `[${widths.join(", ")}]`})`);
+    }
+    return first.map((n, k) => n + widths[k] + widths[k + first.length]);
+  }
+  const k = Number(axis < 0n ? axis + BigInt(first.length) : axis);  // Concat
+  const others = (shape) => shape.filter((_, j) => j !== k).join(",");
+  if (!(k >= 0 && k < first.length) || inputs.some((n) => shapes.get(n).length !== first.length ||
+      others(shapes.get(n)) !== others(first))) throw new Error("a Concat of tensors whose shapes do not fit");
+  return first.map((d, j) => (j === k ? inputs.reduce((sum, n) => sum + shapes.get(n)[k], 0n) : d));
+}
+
+/** What an adapter graph's bytes hold that an export never writes, else null; `most`: the bytes an adapter of this
+ * base may take (its tensors and what its nodes compute, as float32). */
+export function adapterGraphProblem(bytes, most) {
   const data = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
   try {
     const model = fields(data);
-    const graphs = model.filter(([f]) => f === 7).map(([, v]) => v);
-    if (model.some(([f]) => f === 25) || graphs.length !== 1) return "it is not one graph of its own (functions, or no graph)";
-    const nodes = [], ints = new Map();
-    for (const [field, value] of fields(data, ...graphs[0])) {
-      if (field === 1) nodes.push(value);
-      else if (field === 5) {
-        const [name, values] = int64s(data, value);
-        if (values) ints.set(name, values);
-      }
+    const graphs = model.filter(([f]) => f === GRAPH).map(([, v]) => v);
+    if (model.some(([f]) => f === FUNCTIONS) || graphs.length !== 1) return "it is not one graph of its own (functions, or no graph)";
+    const graph = fields(data, ...span(graphs[0]));
+    if (graph.some(([f]) => f === INPUT || f === SPARSE)) return "it has inputs or sparse tensors (exports write neither)";
+    const shapes = new Map(), pads = new Map();
+    for (const [name, dims, values] of graph.filter(([f]) => f === INIT).map(([, v]) => tensor(data, v))) {
+      if (shapes.has(name) || dims.some((d) => d < 0n)) return `its tensor ${JSON.stringify(name)} is defined twice, or has a negative size`;
+      shapes.set(name, dims);
+      if (values) pads.set(name, values);
     }
-    const read = [];
-    for (const span of nodes) {
-      let op = "", domain = "", sub = false;
-      const inputs = [];
-      for (const [field, value] of fields(data, ...span)) {
-        if (field === 4) op = text(data, value);
-        else if (field === 7) domain = text(data, value);
-        else if (field === 1) inputs.push(text(data, value));
-        else if (field === 5) sub ||= fields(data, ...value).some(([f]) => f === 6 || f === 11);  // an attribute's graph(s)
+    for (const n of graph.filter(([f]) => f === NODE).map(([, v]) => node(data, v))) {
+      if (!NODES.includes(n.op) || !["", "ai.onnx"].includes(n.domain) || n.sub || n.outputs.length !== 1) {
+        return `it holds a ${n.domain ? `${n.domain}.` : ""}${n.op} node (exports write ${NODES.join(", ")} only)`;
       }
-      if (!NODES.includes(op) || !["", "ai.onnx"].includes(domain) || sub) {
-        return `it holds a ${domain ? `${domain}.` : ""}${op} node (exports write ${NODES.join(", ")} only)`;
-      }
-      if (op === "Pad") {  // its widths: an int64 tensor of the graph's own, each in bounds
-        const pads = ints.get(inputs[1]) ?? null;
-        if (pads === null || pads.some((p) => p < 0n || p > BigInt(widest))) {
-          return `a Pad's widths (${pads === null ? "None" : `[${pads.join(", ")}]`}) are not the graph's own, from 0 to ` +
-            `the base's widest slot (${widest})`;
-        }
-      }
-      read.push(...inputs.filter((n) => n));  // "": an optional input left out
+      if (shapes.has(n.outputs[0])) return `its tensor ${JSON.stringify(n.outputs[0])} is defined twice`;
+      shapes.set(n.outputs[0], shapeOf(n, shapes, pads));
     }
-    if (new Set(read).size !== read.length) return "it reads one tensor twice (exports read each once)";
+    const total = 4n * [...shapes.values()].reduce((sum, s) => sum + s.reduce((p, d) => p * d, 1n), 0n);
+    if (total > BigInt(most)) {
+      return `its nodes would make ${total} bytes of tensors, more than an adapter of this base can take (${most})`;
+    }
   } catch (e) {
-    return `it is not a readable ONNX graph (${e.message})`;
+    return `it is not a graph an export writes (${e.message})`;
   }
   return null;
 }

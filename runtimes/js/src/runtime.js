@@ -55,7 +55,9 @@ export class Runtime {
     rt.neutral = m.neutral_graph ? await runOnce(await rt.opened(neutral, (o) => loader.session(ort, neutral, o, false))) : {};
     rt.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
     rt.sharing = axisSharing(rt.slots);  // what each adapter's tensors are checked against
-    rt.widest = Math.max(0, ...m.slots.flatMap((s) => s.shape.filter(Number.isInteger)));  // a Pad's bound
+    // the most an adapter may take: 4x the base (as Python; 2 GiB where an older export recorded no sizes)
+    const recorded = (m.file_bytes?.[m.graph] ?? 0) + (m.file_bytes?.[`${m.graph}.data`] ?? 0);
+    rt.most = recorded ? 4 * recorded + 64 * 2 ** 20 : 2 ** 31;
     const unbound = m.slots.find((s) => !s.target && !(s.name in rt.neutral));  // an input no run would feed
     if (unbound) {
       throw new EdgePeftError(`${m.neutral_graph ? `${loader.where(neutral)}: gives no value for slot ${unbound.name}`
@@ -148,7 +150,7 @@ export class Runtime {
         throw new EdgePeftError(`${this.loader.where(graph)}: checksum does not match adapter.json (truncated, modified or ` +
           `a stale copy); ${REEXPORT}`);
       }
-      const problem = adapterGraphProblem(bytes, this.widest);  // before it runs: a forged node could take any memory or time
+      const problem = adapterGraphProblem(bytes, this.most);  // before it runs: a forged node could take any memory or time
       if (problem) throw new EdgePeftError(`${this.loader.where(graph)}: ${problem}; ${REEXPORT}`);
       const session = await this.opened(graph, (o) => this.adapterSession(graph, bytes, o));
       tensors = await runOnce(session).catch((e) => {  // as Python names it (a raw ONNX Runtime error otherwise)
