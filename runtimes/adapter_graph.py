@@ -18,7 +18,8 @@ from .errors import CorruptArtifactError
 from .sessions import ort, session_options
 
 NODES = ("Identity", "Concat", "Pad")
-_INT64 = 7  # TensorProto.INT64
+_FLOAT, _INT64 = 1, 7  # TensorProto's data types: exports write float32 tensors, and a Pad's widths in int64
+_SIZES = {_FLOAT: 4, _INT64: 8}
 # ModelProto.graph, .functions; GraphProto.node, .initializer, .input, .sparse_initializer; NodeProto.input, .output,
 # .op_type, .attribute, .domain; AttributeProto.name, .i, .g, .graphs; TensorProto.dims, .data_type, .int64_data,
 # .name, .raw_data
@@ -69,8 +70,8 @@ def _ints(data: bytes, value) -> list:
     return [v - (1 << 64) if v >= 1 << 63 else v for v in out]
 
 
-def _tensor(data: bytes, span) -> tuple[str, list, list | None]:
-    """(name, dims, values of an int64 tensor else None) of a TensorProto, its fields in any order."""
+def _tensor(data: bytes, span) -> tuple[str, list, int | None, list | None]:
+    """(name, dims, data_type, values of an int64 tensor else None) of a TensorProto, its fields in any order."""
     name, dims, kind, raw, values = "", [], None, None, []
     for field, value in _fields(data, *span):
         if field == 8:
@@ -84,9 +85,9 @@ def _tensor(data: bytes, span) -> tuple[str, list, list | None]:
         elif field == 7:
             values += _ints(data, value)
     if kind != _INT64:
-        return name, dims, None
+        return name, dims, kind, None
     raw = data[raw[0]:raw[1]] if raw else b""
-    return name, dims, values + list(struct.unpack(f"<{len(raw) // 8}q", raw[:len(raw) // 8 * 8]))
+    return name, dims, kind, values + list(struct.unpack(f"<{len(raw) // 8}q", raw[:len(raw) // 8 * 8]))
 
 
 def _node(data: bytes, span) -> tuple[str, str, list, list, int, bool]:
@@ -101,11 +102,12 @@ def _node(data: bytes, span) -> tuple[str, str, list, list, int, bool]:
             inputs.append(_text(data, value))
         elif field == 2:
             outputs.append(_text(data, value))
-        elif field == 5:
+        elif field == 5:  # a field given twice counts as ONNX Runtime reads it, as protobuf does: the last one
             attribute = list(_fields(data, *value))
             sub = sub or any(f in (6, 11) for f, _ in attribute)
-            if any(f == 1 and _text(data, v) == "axis" for f, v in attribute):
-                axis = next((_ints(data, v)[0] for f, v in attribute if f == 3), 0)
+            names = [_text(data, v) for f, v in attribute if f == 1]
+            if names and names[-1] == "axis":
+                axis = ([0] + [n for f, v in attribute if f == 3 for n in _ints(data, v)])[-1]
     return op, domain, inputs, outputs, axis, sub
 
 
@@ -130,7 +132,7 @@ def _shape(op: str, inputs: list, axis: int, shapes: dict, ints: dict) -> list:
 
 def adapter_graph_problem(data: bytes, most: int) -> str | None:
     """What an adapter graph's bytes hold that an export never writes, else None; ``most``: the bytes an adapter
-    of this base may take (its tensors and what its nodes compute, as float32)."""
+    of this base may take (its tensors and what its nodes compute)."""
     try:
         model = list(_fields(data))
         graphs = [v for f, v in model if f == _GRAPH]
@@ -139,11 +141,11 @@ def adapter_graph_problem(data: bytes, most: int) -> str | None:
         graph = list(_fields(data, *graphs[0]))
         if any(f in (_INPUT, _SPARSE) for f, _ in graph):
             return "it has inputs or sparse tensors (exports write neither)"
-        shapes, ints = {}, {}
-        for name, dims, values in (_tensor(data, v) for f, v in graph if f == _INIT):
-            if name in shapes or min(dims, default=0) < 0:
-                return f"its tensor {name!r} is defined twice, or has a negative size"
-            shapes[name] = dims
+        shapes, kinds, ints = {}, {}, {}
+        for name, dims, kind, values in (_tensor(data, v) for f, v in graph if f == _INIT):
+            if name in shapes or min(dims, default=0) < 0 or kind not in _SIZES:
+                return f"its tensor {name!r} is defined twice, has a negative size, or is not float32 or int64"
+            shapes[name], kinds[name] = dims, kind
             if values is not None:
                 ints[name] = values
         for op, domain, inputs, outputs, axis, sub in (_node(data, v) for f, v in graph if f == _NODE):
@@ -152,7 +154,8 @@ def adapter_graph_problem(data: bytes, most: int) -> str | None:
             if outputs[0] in shapes:
                 return f"its tensor {outputs[0]!r} is defined twice"
             shapes[outputs[0]] = _shape(op, inputs, axis, shapes, ints)
-        total = 4 * sum(math.prod(shape) for shape in shapes.values())
+            kinds[outputs[0]] = kinds[inputs[0]]  # each node's output is of its (first) input's type
+        total = sum(math.prod(shape) * _SIZES[kinds[name]] for name, shape in shapes.items())
         if total > most:
             return f"its nodes would make {total} bytes of tensors, more than an adapter of this base can take ({most})"
     except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:

@@ -353,3 +353,43 @@ def test_an_adapter_graph_holding_what_no_export_writes_is_refused_before_it_run
         rt.load_adapter(zipped(adapter))
     assert rt.adapter_names == []
     rt.load_adapter(os.path.join(out, "adapters", "ia3"))  # an export's own graph passes
+
+
+def _pb(field: int, value) -> bytes:
+    """One protobuf field: an int as a varint, bytes as length-delimited (a forger writes fields as it likes)."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            out, n = out + bytes([n & 0x7F | (0x80 if n > 0x7F else 0)]), n >> 7
+            if not n:
+                return out
+    return varint(field << 3 | (0 if isinstance(value, int) else 2)) + (
+        varint(value) if isinstance(value, int) else varint(len(value)) + value)
+
+
+def test_an_adapter_graph_is_read_as_onnx_runtime_reads_it(out):
+    """A field given twice counts once, the last time (protobuf's rule): a Concat whose axis was written 0 then 1 was
+    read as 0, and doublings then a Pad the checks counted at 260 KB made 1 GB. String tensors were counted 4 bytes
+    an element (a 1 MB string concatenated 600 times passed)."""
+    from edgepeft.runtimes.adapter_graph import adapter_graph_problem
+
+    def tensor(name, dims, kind, raw):
+        return b"".join(_pb(1, d) for d in dims) + _pb(2, kind) + _pb(8, name.encode()) + _pb(9, raw)
+
+    def node(op, inputs, output, *attributes):
+        return b"".join(_pb(1, i.encode()) for i in inputs) + _pb(2, output.encode()) + _pb(4, op.encode()) + \
+            b"".join(_pb(5, a) for a in attributes)
+
+    axis_twice = _pb(1, b"axis") + _pb(3, 0) + _pb(3, 1) + _pb(20, 2)  # AttributeProto: name, i, i, type INT
+    nodes = [node("Concat", [f"c{k - 1}" if k else "a"] * 2, f"c{k}", axis_twice) for k in range(14)]
+    nodes.append(node("Pad", ["c13", "pads"], "out"))
+    inits = [tensor("a", [1, 1], 1, np.ones(1, np.float32).tobytes()),
+             tensor("pads", [4], 7, np.array([16383, 0, 0, 0], np.int64).tobytes())]
+    graph = b"".join(_pb(1, n) for n in nodes) + b"".join(_pb(5, t) for t in inits)
+    problem = adapter_graph_problem(_pb(1, 9) + _pb(7, graph), 70_000_000)
+    assert problem == "its nodes would make 1073872924 bytes of tensors, more than an adapter of this base can take " \
+                      "(70000000)"  # [16384, 16384] floats: the Pad's rows on a [1, 16384] tensor
+    strings = tensor("s", [1], 8, b"") + _pb(6, b"x" * 1000)  # TensorProto.STRING, string_data
+    graph = _pb(1, node("Concat", ["s"] * 600, "out", _pb(1, b"axis") + _pb(3, 0) + _pb(20, 2))) + _pb(5, strings)
+    assert adapter_graph_problem(_pb(1, 9) + _pb(7, graph), 70_000_000) == (
+        "its tensor 's' is defined twice, has a negative size, or is not float32 or int64")

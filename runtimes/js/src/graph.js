@@ -5,7 +5,8 @@
 // or time without bound (ConstantOfShape, a Loop). ONNX's protobuf is read field by field.
 
 const NODES = ["Identity", "Concat", "Pad"];
-const INT64 = 7;  // TensorProto.INT64
+const [FLOAT, INT64] = [1, 7];  // TensorProto's data types: exports write float32 tensors, and a Pad's widths in int64
+const SIZES = new Map([[FLOAT, 4n], [INT64, 8n]]);
 // ModelProto.graph, .functions; GraphProto.node, .initializer, .input, .sparse_initializer (as adapter_graph.py)
 const [GRAPH, FUNCTIONS, NODE, INIT, INPUT, SPARSE] = [7, 25, 1, 5, 11, 15];
 
@@ -42,7 +43,8 @@ function fields(data, start = 0, end = data.length) {
   return out;
 }
 
-const text = (data, [start, end]) => new TextDecoder("utf-8", { fatal: true }).decode(data.subarray(start, end));
+// ignoreBOM: a name's leading U+FEFF is kept, as Python and ONNX Runtime keep it
+const text = (data, [start, end]) => new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(data.subarray(start, end));
 const span = (value) => { if (!Array.isArray(value)) throw new Error("a field of the wrong kind"); return value; };
 
 /** A repeated int64 field's numbers (packed, or one varint), signed BigInts. */
@@ -53,7 +55,7 @@ function ints(data, value) {
   return out.map((v) => (v >= 1n << 63n ? v - (1n << 64n) : v));
 }
 
-/** [name, dims, values of an int64 tensor else null] of a TensorProto, its fields in any order. */
+/** [name, dims, data_type, values of an int64 tensor else null] of a TensorProto, its fields in any order. */
 function tensor(data, at) {
   let name = "", kind = null, raw = null;
   const dims = [], values = [];
@@ -64,12 +66,12 @@ function tensor(data, at) {
     else if (field === 9) raw = span(value);
     else if (field === 7) values.push(...ints(data, value));
   }
-  if (kind !== INT64) return [name, dims, null];
+  if (kind !== INT64) return [name, dims, kind, null];
   if (raw) {
     const view = new DataView(data.buffer, data.byteOffset + raw[0], raw[1] - raw[0]);
     for (let i = 0; i + 8 <= view.byteLength; i += 8) values.push(view.getBigInt64(i, true));
   }
-  return [name, dims, values];
+  return [name, dims, kind, values];
 }
 
 /** {op, domain, inputs, outputs, axis, sub} of a NodeProto (sub: an attribute holds a graph). */
@@ -80,12 +82,11 @@ function node(data, at) {
     else if (field === 7) n.domain = text(data, span(value));
     else if (field === 1) n.inputs.push(text(data, span(value)));
     else if (field === 2) n.outputs.push(text(data, span(value)));
-    else if (field === 5) {
+    else if (field === 5) {  // a field given twice counts as ONNX Runtime reads it, as protobuf does: the last one
       const attribute = fields(data, ...span(value));
       n.sub ||= attribute.some(([f]) => f === 6 || f === 11);
-      if (attribute.some(([f, v]) => f === 1 && text(data, span(v)) === "axis")) {
-        n.axis = ints(data, attribute.find(([f]) => f === 3)?.[1] ?? 0n)[0];
-      }
+      const names = attribute.filter(([f]) => f === 1).map(([, v]) => text(data, span(v)));
+      if (names.at(-1) === "axis") n.axis = [0n, ...attribute.filter(([f]) => f === 3).flatMap(([, v]) => ints(data, v))].at(-1);
     }
   }
   return n;
@@ -114,7 +115,7 @@ function shapeOf({ op, inputs, axis }, shapes, pads) {
 }
 
 /** What an adapter graph's bytes hold that an export never writes, else null; `most`: the bytes an adapter of this
- * base may take (its tensors and what its nodes compute, as float32). */
+ * base may take (its tensors and what its nodes compute). */
 export function adapterGraphProblem(bytes, most) {
   const data = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
   try {
@@ -123,10 +124,13 @@ export function adapterGraphProblem(bytes, most) {
     if (model.some(([f]) => f === FUNCTIONS) || graphs.length !== 1) return "it is not one graph of its own (functions, or no graph)";
     const graph = fields(data, ...span(graphs[0]));
     if (graph.some(([f]) => f === INPUT || f === SPARSE)) return "it has inputs or sparse tensors (exports write neither)";
-    const shapes = new Map(), pads = new Map();
-    for (const [name, dims, values] of graph.filter(([f]) => f === INIT).map(([, v]) => tensor(data, v))) {
-      if (shapes.has(name) || dims.some((d) => d < 0n)) return `its tensor ${JSON.stringify(name)} is defined twice, or has a negative size`;
+    const shapes = new Map(), kinds = new Map(), pads = new Map();
+    for (const [name, dims, kind, values] of graph.filter(([f]) => f === INIT).map(([, v]) => tensor(data, v))) {
+      if (shapes.has(name) || dims.some((d) => d < 0n) || !SIZES.has(kind)) {
+        return `its tensor ${JSON.stringify(name)} is defined twice, has a negative size, or is not float32 or int64`;
+      }
       shapes.set(name, dims);
+      kinds.set(name, kind);
       if (values) pads.set(name, values);
     }
     for (const n of graph.filter(([f]) => f === NODE).map(([, v]) => node(data, v))) {
@@ -135,8 +139,9 @@ export function adapterGraphProblem(bytes, most) {
       }
       if (shapes.has(n.outputs[0])) return `its tensor ${JSON.stringify(n.outputs[0])} is defined twice`;
       shapes.set(n.outputs[0], shapeOf(n, shapes, pads));
+      kinds.set(n.outputs[0], kinds.get(n.inputs[0]));  // each node's output is of its (first) input's type
     }
-    const total = 4n * [...shapes.values()].reduce((sum, s) => sum + s.reduce((p, d) => p * d, 1n), 0n);
+    const total = [...shapes].reduce((sum, [name, s]) => sum + s.reduce((p, d) => p * d, 1n) * SIZES.get(kinds.get(name)), 0n);
     if (total > BigInt(most)) {
       return `its nodes would make ${total} bytes of tensors, more than an adapter of this base can take (${most})`;
     }

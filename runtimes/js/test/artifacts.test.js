@@ -16,6 +16,7 @@ import * as ortNode from "onnxruntime-node";
 import * as ortWeb from "onnxruntime-web";
 
 import { adapterSessionOptions } from "../src/checks.js";
+import { adapterGraphProblem } from "../src/graph.js";
 import { EdgePeftError, classify } from "../src/runtime.js";
 import { openFolder } from "../src/node.js";
 
@@ -270,6 +271,31 @@ test("an adapter graph holding what no export writes is refused before it runs, 
     await refuses(rt.loadAdapter("lora"), new RegExp(`^${where}: ${said}.*; re-export it`));
   }
   await rt.loadAdapter("ia3");  // the others still load
+});
+
+test("an adapter graph is read as ONNX Runtime reads it: a field given twice counts the last time, as in Python", () => {
+  // a Concat whose axis was written 0 then 1 was read as 0: doublings then a Pad counted at 260 KB made 1 GB;
+  // string tensors were counted 4 bytes an element (a 1 MB string concatenated 600 times passed)
+  const varint = (n) => { const out = []; do { out.push((n & 0x7f) | (n > 0x7f ? 0x80 : 0)); n = Math.floor(n / 128); } while (n); return out; };
+  const pb = (field, value) => Buffer.from(typeof value === "number" ? [...varint(field * 8), ...varint(value)]
+    : [...varint(field * 8 + 2), ...varint(value.length), ...value]);
+  const str = (t) => Buffer.from(t);
+  const tensor = (name, dims, kind, raw) => Buffer.concat([...dims.map((d) => pb(1, d)), pb(2, kind), pb(8, str(name)), pb(9, raw)]);
+  const node = (op, inputs, output, ...attributes) => Buffer.concat([...inputs.map((i) => pb(1, str(i))), pb(2, str(output)),
+    pb(4, str(op)), ...attributes.map((a) => pb(5, a))]);
+  const axisTwice = Buffer.concat([pb(1, str("axis")), pb(3, 0), pb(3, 1), pb(20, 2)]);
+  const nodes = Array.from({ length: 14 }, (_, k) => node("Concat", [k ? `c${k - 1}` : "a", k ? `c${k - 1}` : "a"], `c${k}`, axisTwice));
+  nodes.push(node("Pad", ["c13", "pads"], "out"));
+  const pads = Buffer.alloc(32);
+  pads.writeBigInt64LE(16383n, 0);
+  const inits = [tensor("a", [1, 1], 1, Buffer.from(new Float32Array([1]).buffer)), tensor("pads", [4], 7, pads)];
+  const model = (graph) => Buffer.concat([pb(1, 9), pb(7, graph)]);
+  assert.equal(adapterGraphProblem(model(Buffer.concat([...nodes.map((n) => pb(1, n)), ...inits.map((t) => pb(5, t))])), 70000000),
+    "its nodes would make 1073872924 bytes of tensors, more than an adapter of this base can take (70000000)");
+  const strings = Buffer.concat([tensor("s", [1], 8, Buffer.alloc(0)), pb(6, Buffer.alloc(1000, 120))]);
+  const concat = node("Concat", Array(600).fill("s"), "out", Buffer.concat([pb(1, str("axis")), pb(3, 0), pb(20, 2)]));
+  assert.equal(adapterGraphProblem(model(Buffer.concat([pb(1, concat), pb(5, strings)])), 70000000),
+    'its tensor "s" is defined twice, has a negative size, or is not float32 or int64');
 });
 
 // An adapter graph with one node no export writes (argv[1] names which), beside an output the lora fixture fills.
