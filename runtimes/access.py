@@ -11,6 +11,16 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, St
 from .values import surrogate_at
 
 
+def located(path: str) -> str:
+    """``path`` made absolute where the system finds it: os.path.abspath drops 'LINK/..' by its text, where the
+    system goes up from the link's target (another folder); links elsewhere in the path are kept as given."""
+    path = os.fspath(path)
+    absolute = os.path.abspath(path)
+    if ".." in path.replace("\\", "/").split("/") and os.path.realpath(path) != os.path.realpath(absolute):
+        return os.path.realpath(path)
+    return absolute
+
+
 def check_utf8_path(path: str) -> None:
     """ConfigError where ``path`` holds bytes that are not UTF-8 (Python reads them as lone surrogates): ONNX Runtime
     and PyTorch's ONNX exporter take no such path (a TypeError, which read as a damaged file)."""

@@ -98,6 +98,18 @@ def test_a_path_that_is_not_utf8_is_named_with_the_fix(rt, before, llama, tmp_pa
     assert not os.path.exists(odd + "-new")
 
 
+def test_an_out_given_as_link_then_dotdot_is_where_the_system_finds_it(llama, tmp_path):
+    """LINK/../OUT, LINK a folder elsewhere: os.path.abspath drops 'LINK/..' by its text, where the system goes up from
+    the link's target. export gave a traceback from onnx's save, and Runtime looked in another folder."""
+    from edgepeft.exporters import export
+
+    os.makedirs(tmp_path / "a" / "b" / "c")
+    os.symlink(tmp_path / "a" / "b" / "c", tmp_path / "link")
+    export([llama[1]["qv"]], str(tmp_path / "link" / ".." / "out"))
+    assert os.path.isdir(tmp_path / "a" / "b" / "out" / "base") and not os.path.exists(tmp_path / "out")
+    assert Runtime(str(tmp_path / "link" / ".." / "out")).adapter_names == ["qv"]
+
+
 def test_truncated_adapter_graph_fails_checksum(rt, before, llama, tmp_path):
     path = copy_adapter(os.path.join(llama[0], "adapters", "all"), tmp_path / "all")
     graph = os.path.join(path, "adapter.onnx")
