@@ -18,7 +18,7 @@ import {
 } from "./checks.js";
 import { adapterGraphProblem } from "./graph.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
-import { TakingTurns, runOnce } from "./sessions.js";
+import { TakingTurns, joined, repeat, rowOf, runOnce } from "./sessions.js";
 import { sha256 } from "./sha256.js";
 
 export { EdgePeftError };
@@ -365,24 +365,6 @@ export class Runtime {
     }
     return this.session.run(feeds);
   }
-}
-
-function repeat(Tensor, tensor, batch) {  // (1, ...) -> (batch, ...): a prefix's cache start for every row
-  const data = new Float32Array(tensor.data.length * batch);
-  for (let b = 0; b < batch; b++) data.set(tensor.data, b * tensor.data.length);
-  return new Tensor("float32", data, [batch, ...tensor.dims.slice(1)]);
-}
-
-function rowOf(Tensor, tensor, b) {  // row b of a (batch, ...) float32 tensor
-  const size = tensor.data.length / tensor.dims[0];
-  return new Tensor("float32", tensor.data.slice(b * size, (b + 1) * size), [1, ...tensor.dims.slice(1)]);
-}
-
-function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
-  const data = new Float32Array(tensors.reduce((n, t) => n + t.data.length, 0));
-  let at = 0;
-  for (const t of tensors) { data.set(t.data, at); at += t.data.length; }
-  return new Tensor("float32", data, [tensors.length, ...tensors[0].dims.slice(1)]);
 }
 
 /**

@@ -1,4 +1,5 @@
-// How the runtime runs its ONNX Runtime sessions (the Python runtime's runtimes/sessions.py, in JavaScript's terms).
+// How the runtime runs its ONNX Runtime sessions (the Python runtime's runtimes/sessions.py, in JavaScript's terms), and
+// the float32 tensors it repeats, slices and joins between runs.
 
 /**
  * The base session's runs, one at a time: onnxruntime-web's wasm runs of one session share its stack, and two calls
@@ -36,4 +37,22 @@ export async function runOnce(session) {
   } finally {
     await session.release?.().catch(() => {});  // a failed release must not hide what run did
   }
+}
+
+export function repeat(Tensor, tensor, batch) {  // (1, ...) -> (batch, ...): a prefix's cache start for every row
+  const data = new Float32Array(tensor.data.length * batch);
+  for (let b = 0; b < batch; b++) data.set(tensor.data, b * tensor.data.length);
+  return new Tensor("float32", data, [batch, ...tensor.dims.slice(1)]);
+}
+
+export function rowOf(Tensor, tensor, b) {  // row b of a (batch, ...) float32 tensor
+  const size = tensor.data.length / tensor.dims[0];
+  return new Tensor("float32", tensor.data.slice(b * size, (b + 1) * size), [1, ...tensor.dims.slice(1)]);
+}
+
+export function joined(Tensor, tensors) {  // (1, ...) float32 tensors -> (n, ...)
+  const data = new Float32Array(tensors.reduce((n, t) => n + t.data.length, 0));
+  let at = 0;
+  for (const t of tensors) { data.set(t.data, at); at += t.data.length; }
+  return new Tensor("float32", data, [tensors.length, ...tensors[0].dims.slice(1)]);
 }
