@@ -3,7 +3,8 @@
 Order and semantics follow transformers' ``generate``: the repetition penalty, no
 repeated n-grams and the minimum lengths (eos held back) apply to greedy and sampled
 decoding; temperature, top-k, top-p and min-p (in that order) apply only when sampling,
-and greedy decoding ignores their values, as transformers does. ``StopStrings`` ends rows at stop strings.
+and greedy decoding ignores their values, as transformers does. ``StopStrings`` ends rows at stop strings;
+``GrowingText`` gives ``stream_text`` the text of the ids so far, decoding a window of them.
 """
 from __future__ import annotations
 
@@ -365,3 +366,28 @@ class StopStrings:
             text = self.tokenizer.decode_open(window, skip_special_tokens=False, tidy=False).rstrip("\ufffd")
             found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
         return found
+
+
+class GrowingText:
+    """The text of a growing list of ids in time linear in its length: decoding the whole list at every token cost
+    1.2 ms a token at 2,000 tokens. The text of the ids before ``start`` is kept, and each call decodes from a few
+    ids before ``start`` (a text's first tokens decode apart: Metaspace drops their space, WordPiece keeps "##";
+    both windows start alike, so the text they add is the same). Where a new id changed that context's text (a
+    tidying rewrite), the whole list is decoded. ``start`` moves on where the text ends on a whole character."""
+    CONTEXT, WINDOW = 8, 32
+
+    def __init__(self, tok: "TextTokenizer"):
+        self.tok, self.start, self.kept, self.before = tok, 0, "", ""
+
+    def __call__(self, ids: list, n: int) -> str:
+        """The text of ``ids[:n]``; ``n`` never less than the last call's (ids cut before an open byte run)."""
+        after = self.tok.decode(ids[max(self.start - self.CONTEXT, 0):n])
+        if not after.startswith(self.before):  # a new id rewrote the context's text: decode all, start again
+            self.start, self.kept, self.before = 0, "", ""
+            after = self.tok.decode(ids[:n])
+        text = self.kept + after[len(self.before):]
+        if n - self.start > self.WINDOW and not text.endswith("\ufffd"):
+            before = self.tok.decode(ids[max(n - self.CONTEXT, 0):n])
+            if before or n <= self.CONTEXT:  # a context of special tokens only decodes to "": the next token would
+                self.start, self.kept, self.before = n, text, before  # read as a text's first (its space dropped)
+        return text

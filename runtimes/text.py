@@ -19,6 +19,7 @@ import numpy as np
 from . import chat_template
 from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
+from .generation import GrowingText
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .values import surrogate_at
 from .mixing import row_specs
@@ -238,31 +239,6 @@ def prompt_ids(rt, prompt, chat: bool):
     if ids.size == 0 or (mask.sum(-1) == 0).any():
         raise InvalidInputError("a prompt is empty (it has no tokens); give some text")
     return ids, mask, single
-
-
-class GrowingText:
-    """The text of a growing list of ids in time linear in its length: decoding the whole list at every token cost
-    1.2 ms a token at 2,000 tokens. The text of the ids before ``start`` is kept, and each call decodes from a few
-    ids before ``start`` (a text's first tokens decode apart: Metaspace drops their space, WordPiece keeps "##";
-    both windows start alike, so the text they add is the same). Where a new id changed that context's text (a
-    tidying rewrite), the whole list is decoded. ``start`` moves on where the text ends on a whole character."""
-    CONTEXT, WINDOW = 8, 32
-
-    def __init__(self, tok: TextTokenizer):
-        self.tok, self.start, self.kept, self.before = tok, 0, "", ""
-
-    def __call__(self, ids: list, n: int) -> str:
-        """The text of ``ids[:n]``; ``n`` never less than the last call's (ids cut before an open byte run)."""
-        after = self.tok.decode(ids[max(self.start - self.CONTEXT, 0):n])
-        if not after.startswith(self.before):  # a new id rewrote the context's text: decode all, start again
-            self.start, self.kept, self.before = 0, "", ""
-            after = self.tok.decode(ids[:n])
-        text = self.kept + after[len(self.before):]
-        if n - self.start > self.WINDOW and not text.endswith("\ufffd"):
-            before = self.tok.decode(ids[max(n - self.CONTEXT, 0):n])
-            if before or n <= self.CONTEXT:  # a context of special tokens only decodes to "": the next token would
-                self.start, self.kept, self.before = n, text, before  # read as a text's first (its space dropped)
-        return text
 
 
 def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):

@@ -24,7 +24,7 @@ from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactE
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 from edgepeft.runtimes import text as text_calls
-from edgepeft.runtimes.generation import StopStrings
+from edgepeft.runtimes.generation import GrowingText, StopStrings
 from edgepeft.runtimes.text import TextTokenizer
 
 TEXTS = ["Hello world, how are you today?", "the quick brown fox", "It is 22 degrees", "Paris is nice\nyes"] * 10
@@ -335,7 +335,7 @@ def test_stream_text_decodes_in_time_linear_in_the_text(tmp_path):
         tok._tok = real
         assert "".join(pieces) == tok.decode(ids), name
         assert len(pieces) > 100, name
-        growing = text_calls.GrowingText(tok)
+        growing = GrowingText(tok)
         for k in range(1, len(ids) + 1):
             n = k - tok.open_bytes(ids[:k], True)
             assert growing(ids, n) == tok.decode(ids[:n]), (name, k)
