@@ -58,14 +58,15 @@ def named_as_expected(state: dict, expected: set, adapter_name: str) -> dict:
     (``lora_A.default.weight``, ``ia3_l.default``: hand-written and some hub files, which HF PEFT's from_pretrained
     loads; export loads each adapter under its own name), renamed to HF PEFT's saved names as HF PEFT maps them on
     load. Another adapter's keys stay as they are (unexpected), and a plain key wins over a named one."""
-    own = any(adapter_name in key.split(".")[-2:] for key in state)  # keys of its own name: "default" is another's
-    renamed, names = {}, {adapter_name} if own else {adapter_name, "default"}
-    for key, value in state.items():
+    def plain(key: str, names) -> str:  # the key without a name of ``names`` (``key`` itself where it has none)
         head, _, last = key.rpartition(".")
         stem, _, named = head.rpartition(".")
-        plain = (head if last in names else f"{stem}.{last}" if named in names else key)
-        renamed[plain if key not in expected and plain in expected and plain not in state else key] = value
-    return renamed
+        unnamed = ([head] if last in names else []) + ([f"{stem}.{last}"] if named in names else [])
+        return next((k for k in unnamed if key not in expected and k in expected and k not in state), key)
+
+    own = any(plain(key, {adapter_name}) != key for key in state)  # keys of its own name: "default" is another's
+    names = {adapter_name} if own else {adapter_name, "default"}
+    return {plain(key, names): value for key, value in state.items()}
 
 
 def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) -> None:

@@ -56,7 +56,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     A failed export leaves ``out`` as it was: folders it made are removed again.
     """
     out = str(out)
-    out = located(out) if located(out) != os.path.abspath(out) else out  # LINK/..: where the system finds it
+    where = located(out)  # LINK/..: where the system finds it, not where its text leads
+    out = out if where == os.path.abspath(out) else where
     check_utf8_path(os.path.abspath(out))  # the graphs are written there by PyTorch's ONNX exporter, read by ONNX Runtime
     adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)  # one folder; a generator
     names = [names] if isinstance(names, str) else names  # one name, not its letters

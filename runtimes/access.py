@@ -13,7 +13,8 @@ from .values import surrogate_at
 
 def located(path: str) -> str:
     """``path`` made absolute where the system finds it: os.path.abspath drops 'LINK/..' by its text, where the
-    system goes up from the link's target (another folder); links elsewhere in the path are kept as given."""
+    system goes up from the link's target (another folder). Where the two differ, the real path (every link
+    resolved); else os.path.abspath's (links kept as given)."""
     path = os.fspath(path)
     absolute = os.path.abspath(path)
     if ".." in path.replace("\\", "/").split("/") and os.path.realpath(path) != os.path.realpath(absolute):

@@ -41,8 +41,10 @@ def _fields(data: bytes, start: int = 0, end: int | None = None):
     """(field number, value) of one protobuf message: a varint's number, else the (start, end) of its bytes."""
     i, end = start, len(data) if end is None else end
     while i < end:
-        key, i = _varint(data, i)
-        field, wire = key >> 3, key & 7
+        key, j = _varint(data, i)
+        if j - i > 5 or key >= 1 << 32 or not 0 < key >> 3 < 1 << 29:  # protobuf reads a key in 32 bits: a longer
+            raise ValueError("a field key out of protobuf's range")  # one was another field to ONNX Runtime
+        field, wire, i = key >> 3, key & 7, j
         if wire == 0:
             value, i = _varint(data, i)
         elif wire == 2:
@@ -55,6 +57,10 @@ def _fields(data: bytes, start: int = 0, end: int | None = None):
         if i > end:
             raise ValueError("a field runs past its message")
         yield field, value
+
+
+def _refused(why: str):
+    raise ValueError(why)
 
 
 def _text(data: bytes, span) -> str:
@@ -106,8 +112,9 @@ def _node(data: bytes, span) -> tuple[str, str, list, list, int, bool]:
             attribute = list(_fields(data, *value))
             sub = sub or any(f in (6, 11) for f, _ in attribute)
             names = [_text(data, v) for f, v in attribute if f == 1]
-            if names and names[-1] == "axis":
-                axis = ([0] + [n for f, v in attribute if f == 3 for n in _ints(data, v)])[-1]
+            if names and names[-1] == "axis":  # i, a single int64: a varint (protobuf skips one written as bytes)
+                axis = ([0] + [v if isinstance(v, int) else _refused("axis written as bytes") for f, v in attribute
+                               if f == 3])[-1]
     return op, domain, inputs, outputs, axis, sub
 
 
@@ -120,7 +127,7 @@ def _shape(op: str, inputs: list, axis: int, shapes: dict, ints: dict) -> list:
         return first
     if op == "Pad":  # widths: an int64 tensor of the graph's own, two per axis, none negative; no axes input
         pads = ints.get(inputs[1]) if len(inputs) in (2, 3) else None
-        if pads is None or len(pads) != 2 * len(first) or min(pads) < 0:
+        if pads is None or not first or len(pads) != 2 * len(first) or min(pads) < 0:
             raise ValueError(f"a Pad's widths are not two per axis of a tensor of the graph's own ({pads})")
         return [n + pads[k] + pads[k + len(first)] for k, n in enumerate(first)]
     k = axis + len(first) if axis < 0 else axis  # Concat

@@ -7,7 +7,7 @@ import os
 import zipfile
 import zlib
 
-from .access import check_utf8_path, sha256_bytes
+from .access import check_utf8_path, located, sha256_bytes
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .manifest import (
     ADAPTER_GRAPH, ADAPTER_MANIFEST, check_adapter_graph, check_adapter_manifest, read_adapter_manifest,
@@ -17,6 +17,9 @@ from .manifest import (
 def _unpacked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, most: int) -> bytes:
     """A member's bytes, unpacked no further than ``most`` bytes or the size it declares, whichever is less (a zip
     bomb, declared or lying about its size, is refused before it unpacks further)."""
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):  # bzip2 and LZMA unpack whole chunks
+        raise CorruptArtifactError(f"adapter bytes: {info.filename} is compressed otherwise than a zip of an adapter "
+                                   "folder is (stored or deflated); zip it with shutil.make_archive")
     with archive.open(info) as f:
         data = f.read(min(most, info.file_size) + 1)
     if len(data) > most or info.file_size > most:
@@ -51,7 +54,7 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict | None, dic
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(f"load_adapter takes an adapter folder (a path) or the bytes of a zip of one, got "
                           f"{type(source).__name__}")
-    path = os.path.abspath(source)  # restaged after an eviction from where it was loaded, whatever the directory then
+    path = located(source)  # restaged after an eviction from where it was loaded, whatever the directory then
     check_utf8_path(path)
     if not os.path.isdir(path):
         raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "

@@ -66,7 +66,7 @@ class Runtime:
     def from_base_dir(cls, base_dir, providers=None, sess_options=None) -> "Runtime":
         """A runtime over a bare base folder with no adapters loaded (export validation uses it on staged folders)."""
         rt = cls.__new__(cls)
-        rt.path = os.path.dirname(os.path.abspath(base_dir))
+        rt.path = os.path.dirname(located(base_dir))
         rt._open_base(base_dir, providers, sess_options, None)
         return rt
 

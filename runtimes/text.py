@@ -77,7 +77,7 @@ class TextTokenizer:
         self.config = read_json(config_path, "tokenizer config", _FIX) if os.path.isfile(config_path) else {}
         # as transformers: special-token text in a prompt is plain text (a defence against prompt injection)
         self._tok.encode_special_tokens = self.config.get("split_special_tokens") is True
-        self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}  # decode skips them
         # decoded text tidied (" ," -> ",") as transformers tidies it: where the config asks, never for BPE unless told
         self._tidy = self.config.get("clean_up_tokenization_spaces") is True and (type(self._tok.model).__name__ != "BPE"
             or self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output") is True)
@@ -183,7 +183,7 @@ class TextTokenizer:
         tokens, a special token inside a run does not end it (and is counted with it)."""
         n = skipped = 0
         for i in reversed(ids):
-            if skip_special_tokens and int(i) in self._special_ids:
+            if skip_special_tokens and int(i) in self.special_ids:
                 skipped += 1
                 continue
             token = self._tok.id_to_token(int(i)) or ""

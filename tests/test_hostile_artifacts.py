@@ -226,6 +226,18 @@ def test_a_zip_bomb_is_refused_by_its_declared_sizes_before_it_unpacks(out):
     rt.load_adapter(zipped(os.path.join(out, "adapters", "lora")))  # an adapter's own zip is well inside the bound
 
 
+def test_a_zip_member_compressed_otherwise_than_make_archive_does_is_refused(out):
+    """bzip2 and LZMA unpack a whole chunk at a time: 785 bytes declaring 1,000 unpacked 1 GB before the checksum
+    failed, and a damaged stream was a raw OSError."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_BZIP2) as archive:
+        archive.writestr("adapter.json", "{}")
+        archive.writestr("adapter.onnx", b"")
+    with pytest.raises(CorruptArtifactError, match=r"^adapter bytes: adapter.json is compressed otherwise than a zip of "
+                       r"an adapter folder is \(stored or deflated\); zip it with shutil.make_archive$"):
+        Runtime(out, load_adapters=False).load_adapter(buffer.getvalue())
+
+
 def test_a_zip_that_declares_less_than_it_holds_is_not_unpacked_past_it(out):
     """A 200 KB zip declaring 1,000 bytes for 200 MB: zipfile's read unpacked it all (2 GB at most a member) before
     its checksum failed."""
@@ -389,6 +401,17 @@ def test_an_adapter_graph_is_read_as_onnx_runtime_reads_it(out):
     problem = adapter_graph_problem(_pb(1, 9) + _pb(7, graph), 70_000_000)
     assert problem == "its nodes would make 1073872924 bytes of tensors, more than an adapter of this base can take " \
                       "(70000000)"  # [16384, 16384] floats: the Pad's rows on a [1, 16384] tensor
+    # i written as bytes, which protobuf skips (ONNX Runtime kept axis 1), and a key of 5 bytes whose bits past 32
+    # protobuf drops (the readers saw an unknown field, ONNX Runtime a node)
+    axis_as_bytes = _pb(1, b"axis") + _pb(3, 1) + _pb(3, b"\x00") + _pb(20, 2)
+    nodes[0] = node("Concat", ["a", "a"], "c0", axis_as_bytes)
+    graph = b"".join(_pb(1, n) for n in nodes) + b"".join(_pb(5, t) for t in inits)
+    assert adapter_graph_problem(_pb(1, 9) + _pb(7, graph), 70_000_000) == (
+        "it is not a graph an export writes (axis written as bytes)")
+    hidden = b"\x8a\x80\x80\x80\x10" + _pb(1, node("ConstantOfShape", ["pads"], "big"))[1:]  # field 1, as ORT reads it
+    graph = hidden + b"".join(_pb(5, t) for t in inits)
+    assert adapter_graph_problem(_pb(1, 9) + _pb(7, graph), 70_000_000) == (
+        "it is not a graph an export writes (a field key out of protobuf's range)")
     strings = tensor("s", [1], 8, b"") + _pb(6, b"x" * 1000)  # TensorProto.STRING, string_data
     graph = _pb(1, node("Concat", ["s"] * 600, "out", _pb(1, b"axis") + _pb(3, 0) + _pb(20, 2))) + _pb(5, strings)
     assert adapter_graph_problem(_pb(1, 9) + _pb(7, graph), 70_000_000) == (

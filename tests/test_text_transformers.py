@@ -314,9 +314,10 @@ def test_stream_text_decodes_in_time_linear_in_the_text(tmp_path):
         if name in ("wordpiece", "tidy"):
             words = tok._tok.encode("it ' s fine , is n't it ? don ' t go . he ' ll see .", add_special_tokens=False)
             ids = [int(i) for i in rng.choice(words.ids + [1996, 2003, 2009, 1005], 1500)]  # rewrites, often
-        specials = sorted(tok._special_ids)
+        specials = sorted(tok.special_ids)
         for at in rng.integers(0, len(ids), 12) if specials else ():  # runs of them (a small model loops on <unk>):
             ids[at:at] = [int(rng.choice(specials))] * int(rng.integers(8, 40))  # a context of them decodes to ""
+        ids[700:700] = [specials[0]] * 1500 if specials else []  # and a long one, which the window must pass at once
         decoded = []
         real = tok._tok
 

@@ -26,9 +26,12 @@ function varint(data, i) {
 function fields(data, start = 0, end = data.length) {
   const out = [];
   for (let i = start; i < end;) {
-    let key, value;
-    [key, i] = varint(data, i);
+    let key, value, j;
+    [key, j] = varint(data, i);
     const field = Number(key >> 3n), wire = Number(key & 7n);
+    // protobuf reads a key in 32 bits: a longer one was another field to ONNX Runtime
+    if (j - i > 5 || key >= 1n << 32n || !(field > 0 && field < 2 ** 29)) throw new Error("a field key out of protobuf's range");
+    i = j;
     if (wire === 0) [value, i] = varint(data, i);
     else if (wire === 2) {
       let size;
@@ -86,7 +89,12 @@ function node(data, at) {
       const attribute = fields(data, ...span(value));
       n.sub ||= attribute.some(([f]) => f === 6 || f === 11);
       const names = attribute.filter(([f]) => f === 1).map(([, v]) => text(data, span(v)));
-      if (names.at(-1) === "axis") n.axis = [0n, ...attribute.filter(([f]) => f === 3).flatMap(([, v]) => ints(data, v))].at(-1);
+      if (names.at(-1) === "axis") {  // i, a single int64: a varint (protobuf skips one written as bytes)
+        n.axis = [0n, ...attribute.filter(([f]) => f === 3).map(([, v]) => {
+          if (typeof v !== "bigint") throw new Error("axis written as bytes");
+          return ints(data, v)[0];
+        })].at(-1);
+      }
     }
   }
   return n;
@@ -101,7 +109,7 @@ function shapeOf({ op, inputs, axis }, shapes, pads) {
   if (op === "Identity") return first;
   if (op === "Pad") {  // widths: an int64 tensor of the graph's own, two per axis, none negative; no axes input
     const widths = inputs.length === 2 || inputs.length === 3 ? pads.get(inputs[1]) ?? null : null;
-    if (widths === null || widths.length !== 2 * first.length || widths.some((w) => w < 0n)) {
+    if (widths === null || !first.length || widths.length !== 2 * first.length || widths.some((w) => w < 0n)) {
       throw new Error(`a Pad's widths are not two per axis of a tensor of the graph's own (${widths === null ? "None"
         : `[${widths.join(", ")}]`})`);
     }

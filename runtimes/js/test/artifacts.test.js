@@ -292,6 +292,13 @@ test("an adapter graph is read as ONNX Runtime reads it: a field given twice cou
   const model = (graph) => Buffer.concat([pb(1, 9), pb(7, graph)]);
   assert.equal(adapterGraphProblem(model(Buffer.concat([...nodes.map((n) => pb(1, n)), ...inits.map((t) => pb(5, t))])), 70000000),
     "its nodes would make 1073872924 bytes of tensors, more than an adapter of this base can take (70000000)");
+  // i written as bytes, which protobuf skips; a 5-byte key whose bits past 32 protobuf drops (a hidden node)
+  nodes[0] = node("Concat", ["a", "a"], "c0", Buffer.concat([pb(1, str("axis")), pb(3, 1), pb(3, Buffer.from([0])), pb(20, 2)]));
+  assert.equal(adapterGraphProblem(model(Buffer.concat([...nodes.map((n) => pb(1, n)), ...inits.map((t) => pb(5, t))])), 70000000),
+    "it is not a graph an export writes (axis written as bytes)");
+  const hidden = Buffer.concat([Buffer.from([0x8a, 0x80, 0x80, 0x80, 0x10]), pb(1, node("ConstantOfShape", ["pads"], "big")).subarray(1)]);
+  assert.equal(adapterGraphProblem(model(Buffer.concat([hidden, ...inits.map((t) => pb(5, t))])), 70000000),
+    "it is not a graph an export writes (a field key out of protobuf's range)");
   const strings = Buffer.concat([tensor("s", [1], 8, Buffer.alloc(0)), pb(6, Buffer.alloc(1000, 120))]);
   const concat = node("Concat", Array(600).fill("s"), "out", Buffer.concat([pb(1, str("axis")), pb(3, 0), pb(20, 2)]));
   assert.equal(adapterGraphProblem(model(Buffer.concat([pb(1, concat), pb(5, strings)])), 70000000),
