@@ -3,10 +3,10 @@ JavaScript runtime's ``graph.js`` reads the same).
 
 Loading runs the adapter's graph, and its checksum finds damage, not forgery: one node (ConstantOfShape, Expand, a
 Loop) could take memory or time without bound. Exports write Identity, Concat and Pad nodes over the graph's own
-tensors (``exporters/adapter_graph.py``), in order, so a graph may hold only those: no inputs, functions, subgraphs
-or sparse tensors, each name defined once, and every tensor's shape, worked out from its tensors' dims before
-anything runs, within what an adapter of this base can take. ONNX's protobuf is read field by field (the runtime
-imports no ``onnx``).
+tensors (``exporters/adapter_graph.py``), in order, so a graph may hold only those: each message only the fields
+exports write (no inputs, functions, subgraphs, sparse tensors or attribute tensors), each name defined once, and
+every tensor's shape, worked out from its tensors' dims before anything runs, within what an adapter of this base
+can take. ONNX's protobuf is read field by field, as protobuf reads it (the runtime imports no ``onnx``).
 """
 from __future__ import annotations
 
@@ -20,10 +20,7 @@ from .sessions import ort, session_options
 NODES = ("Identity", "Concat", "Pad")
 _FLOAT, _INT64 = 1, 7  # TensorProto's data types: exports write float32 tensors, and a Pad's widths in int64
 _SIZES = {_FLOAT: 4, _INT64: 8}
-# ModelProto.graph, .functions; GraphProto.node, .initializer, .input, .sparse_initializer; NodeProto.input, .output,
-# .op_type, .attribute, .domain; AttributeProto.name, .i, .g, .graphs; TensorProto.dims, .data_type, .int64_data,
-# .name, .raw_data
-_GRAPH, _FUNCTIONS, _NODE, _INIT, _INPUT, _SPARSE = 7, 25, 1, 5, 11, 15
+_GRAPH, _NODE, _INIT, _OUTPUT = 7, 1, 5, 12  # ModelProto.graph; GraphProto.node, .initializer, .output
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:
@@ -76,10 +73,45 @@ def _ints(data: bytes, value) -> list:
     return [v - (1 << 64) if v >= 1 << 63 else v for v in out]
 
 
+# the fields each message may hold: what exports write, and names and docs (ONNX Runtime builds an object for every
+# entry of a repeated field while it parses, before it checks anything: 2 bytes of an empty attribute tensor took 400)
+_ALLOWED = {"model": {1, 2, 3, 4, 5, 6, 7, 8}, "opset": {1, 2}, "graph": {1, 2, 5, 10, 12}, "node": {1, 2, 3, 4, 5, 6, 7},
+            "attribute": {1, 3, 20}, "tensor": {1, 2, 7, 8, 9, 12}, "output": {1, 2, 3}, "type": {1},
+            "tensor type": {1, 2}, "shape": {1}, "dim": {1, 2}}
+_MOST_DIMS = 8  # of a tensor or an output's shape: slots have at most 4
+
+
+def _read(data: bytes, span, what: str) -> list:
+    """The fields of one ``what`` message, refused where it holds one exports never write."""
+    fields = list(_fields(data, *span))
+    if what == "tensor" and any(f in (13, 14) for f, _ in fields):  # external_data, data_location
+        raise ValueError("it reads tensors from another file (external data), where adapter graphs hold them inside")
+    if odd := next((f for f, _ in fields if f not in _ALLOWED[what]), None):
+        raise ValueError(f"its {what} holds field {odd}, which exports never write")
+    return fields
+
+
+def _output(data: bytes, span) -> str:
+    """An output's name (a ValueInfoProto), its declared type read only to see it holds what exports write."""
+    name = ""
+    for field, value in _read(data, span, "output"):
+        if field == 1:
+            name = _text(data, value)
+        elif field == 2:
+            for _, tensor_type in _read(data, value, "type"):
+                for f, shape in _read(data, tensor_type, "tensor type"):
+                    dims = _read(data, shape, "shape") if f == 2 else []
+                    if len(dims) > _MOST_DIMS:
+                        raise ValueError(f"an output's shape has {len(dims)} dims")
+                    for _, dim in dims:
+                        _read(data, dim, "dim")
+    return name
+
+
 def _tensor(data: bytes, span) -> tuple[str, list, int | None, list | None]:
     """(name, dims, data_type, values of an int64 tensor else None) of a TensorProto, its fields in any order."""
     name, dims, kind, raw, values = "", [], None, None, []
-    for field, value in _fields(data, *span):
+    for field, value in _read(data, span, "tensor"):
         if field == 8:
             name = _text(data, value)
         elif field == 1:
@@ -90,16 +122,18 @@ def _tensor(data: bytes, span) -> tuple[str, list, int | None, list | None]:
             raw = value
         elif field == 7:
             values += _ints(data, value)
+    if len(dims) > _MOST_DIMS or len(values) > 2 * _MOST_DIMS:  # int64_data: a Pad's widths, two per axis
+        raise ValueError(f"its tensor {name!r} has {len(dims)} dims and {len(values)} int64 values")
     if kind != _INT64:
         return name, dims, kind, None
     raw = data[raw[0]:raw[1]] if raw else b""
     return name, dims, kind, values + list(struct.unpack(f"<{len(raw) // 8}q", raw[:len(raw) // 8 * 8]))
 
 
-def _node(data: bytes, span) -> tuple[str, str, list, list, int, bool]:
-    """(op_type, domain, inputs, outputs, its axis attribute, whether an attribute holds a graph) of a NodeProto."""
-    op, domain, inputs, outputs, axis, sub = "", "", [], [], 0, False
-    for field, value in _fields(data, *span):
+def _node(data: bytes, span) -> tuple[str, str, list, list, int]:
+    """(op_type, domain, inputs, outputs, its axis attribute) of a NodeProto."""
+    op, domain, inputs, outputs, axis = "", "", [], [], 0
+    for field, value in _read(data, span, "node"):
         if field == 4:
             op = _text(data, value)
         elif field == 7:
@@ -109,13 +143,13 @@ def _node(data: bytes, span) -> tuple[str, str, list, list, int, bool]:
         elif field == 2:
             outputs.append(_text(data, value))
         elif field == 5:  # a field given twice counts as ONNX Runtime reads it, as protobuf does: the last one
-            attribute = list(_fields(data, *value))
-            sub = sub or any(f in (6, 11) for f, _ in attribute)
+            attribute = _read(data, value, "attribute")
             names = [_text(data, v) for f, v in attribute if f == 1]
             if names and names[-1] == "axis":  # i, a single int64: a varint (protobuf skips one written as bytes)
                 axis = ([0] + [v if isinstance(v, int) else _refused("axis written as bytes") for f, v in attribute
                                if f == 3])[-1]
-    return op, domain, inputs, outputs, axis, sub
+                axis = axis - (1 << 64) if axis >= 1 << 63 else axis  # -1 is written as 2**64 - 1
+    return op, domain, inputs, outputs, axis
 
 
 def _shape(op: str, inputs: list, axis: int, shapes: dict, ints: dict) -> list:
@@ -139,15 +173,15 @@ def _shape(op: str, inputs: list, axis: int, shapes: dict, ints: dict) -> list:
 
 def adapter_graph_problem(data: bytes, most: int) -> str | None:
     """What an adapter graph's bytes hold that an export never writes, else None; ``most``: the bytes an adapter
-    of this base may take (its tensors and what its nodes compute)."""
+    of this base may take (its tensors, what its nodes compute, and its outputs, which JavaScript copies)."""
     try:
-        model = list(_fields(data))
+        model = _read(data, (0, len(data)), "model")
         graphs = [v for f, v in model if f == _GRAPH]
-        if any(f == _FUNCTIONS for f, _ in model) or len(graphs) != 1:
-            return "it is not one graph of its own (functions, or no graph)"
-        graph = list(_fields(data, *graphs[0]))
-        if any(f in (_INPUT, _SPARSE) for f, _ in graph):
-            return "it has inputs or sparse tensors (exports write neither)"
+        if len(graphs) != 1 or sum(f == 8 for f, _ in model) > _MOST_DIMS:
+            return "it is not one graph of its own"
+        for _, opset in (x for x in model if x[0] == 8):
+            _read(data, opset, "opset")
+        graph = _read(data, graphs[0], "graph")
         shapes, kinds, ints = {}, {}, {}
         for name, dims, kind, values in (_tensor(data, v) for f, v in graph if f == _INIT):
             if name in shapes or min(dims, default=0) < 0 or kind not in _SIZES:
@@ -155,14 +189,17 @@ def adapter_graph_problem(data: bytes, most: int) -> str | None:
             shapes[name], kinds[name] = dims, kind
             if values is not None:
                 ints[name] = values
-        for op, domain, inputs, outputs, axis, sub in (_node(data, v) for f, v in graph if f == _NODE):
-            if op not in NODES or domain not in ("", "ai.onnx") or sub or len(outputs) != 1:
+        for op, domain, inputs, outputs, axis in (_node(data, v) for f, v in graph if f == _NODE):
+            if op not in NODES or domain not in ("", "ai.onnx") or len(outputs) != 1:
                 return f"it holds a {domain + '.' if domain else ''}{op} node (exports write {', '.join(NODES)} only)"
             if outputs[0] in shapes:
                 return f"its tensor {outputs[0]!r} is defined twice"
             shapes[outputs[0]] = _shape(op, inputs, axis, shapes, ints)
             kinds[outputs[0]] = kinds[inputs[0]]  # each node's output is of its (first) input's type
-        total = sum(math.prod(shape) * _SIZES[kinds[name]] for name, shape in shapes.items())
+        outputs = [_output(data, v) for f, v in graph if f == _OUTPUT]
+        if len(set(outputs)) < len(outputs) or not set(outputs) <= set(shapes):
+            return "its outputs name a tensor twice, or one it does not define"
+        total = sum(math.prod(shapes[n]) * _SIZES[kinds[n]] for n in [*shapes, *outputs])
         if total > most:
             return f"its nodes would make {total} bytes of tensors, more than an adapter of this base can take ({most})"
     except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError, struct.error) as e:

@@ -1,14 +1,14 @@
 // What an adapter graph may hold, read from its bytes before ONNX Runtime runs it, as the Python runtime reads it
-// (runtimes/adapter_graph.py): Identity, Concat and Pad nodes over the graph's own tensors, in order; no inputs,
-// functions, subgraphs or sparse tensors; each name defined once; every tensor's shape, worked out from its tensors'
-// dims before anything runs, within what an adapter of this base can take. A forged node could otherwise take memory
-// or time without bound (ConstantOfShape, a Loop). ONNX's protobuf is read field by field.
+// (runtimes/adapter_graph.py): Identity, Concat and Pad nodes over the graph's own tensors, in order; each message only
+// the fields exports write (no inputs, functions, subgraphs, sparse or attribute tensors); each name defined once;
+// every tensor's shape, worked out from its tensors' dims before anything runs, within what an adapter of this base
+// can take. A forged node could otherwise take memory or time without bound (ConstantOfShape, a Loop). ONNX's
+// protobuf is read field by field, as protobuf reads it.
 
 const NODES = ["Identity", "Concat", "Pad"];
 const [FLOAT, INT64] = [1, 7];  // TensorProto's data types: exports write float32 tensors, and a Pad's widths in int64
 const SIZES = new Map([[FLOAT, 4n], [INT64, 8n]]);
-// ModelProto.graph, .functions; GraphProto.node, .initializer, .input, .sparse_initializer (as adapter_graph.py)
-const [GRAPH, FUNCTIONS, NODE, INIT, INPUT, SPARSE] = [7, 25, 1, 5, 11, 15];
+const [GRAPH, NODE, INIT, OUTPUT] = [7, 1, 5, 12];  // ModelProto.graph; GraphProto.node, .initializer, .output
 
 function varint(data, i) {
   let value = 0n, shift = 0n;
@@ -50,6 +50,44 @@ function fields(data, start = 0, end = data.length) {
 const text = (data, [start, end]) => new TextDecoder("utf-8", { fatal: true, ignoreBOM: true }).decode(data.subarray(start, end));
 const span = (value) => { if (!Array.isArray(value)) throw new Error("a field of the wrong kind"); return value; };
 
+// the fields each message may hold: what exports write, and names and docs (ONNX Runtime builds an object for every
+// entry of a repeated field while it parses, before it checks anything: 2 bytes of an empty attribute tensor took 400)
+const ALLOWED = {
+  model: [1, 2, 3, 4, 5, 6, 7, 8], opset: [1, 2], graph: [1, 2, 5, 10, 12], node: [1, 2, 3, 4, 5, 6, 7],
+  attribute: [1, 3, 20], tensor: [1, 2, 7, 8, 9, 12], output: [1, 2, 3], type: [1], "tensor type": [1, 2], shape: [1],
+  dim: [1, 2],
+};
+const MOST_DIMS = 8;  // of a tensor or an output's shape: slots have at most 4
+
+/** The fields of one `what` message, refused where it holds one exports never write. */
+function read(data, at, what) {
+  const out = fields(data, ...span(at));
+  if (what === "tensor" && out.some(([f]) => f === 13 || f === 14)) {  // external_data, data_location
+    throw new Error("it reads tensors from another file (external data), where adapter graphs hold them inside");
+  }
+  const odd = out.find(([f]) => !ALLOWED[what].includes(f));
+  if (odd) throw new Error(`its ${what} holds field ${odd[0]}, which exports never write`);
+  return out;
+}
+
+/** An output's name (a ValueInfoProto), its declared type read only to see it holds what exports write. */
+function output(data, at) {
+  let name = "";
+  for (const [field, value] of read(data, at, "output")) {
+    if (field === 1) name = text(data, span(value));
+    else if (field === 2) {
+      for (const [, tensorType] of read(data, value, "type")) {
+        for (const [f, shape] of read(data, tensorType, "tensor type")) {
+          const dims = f === 2 ? read(data, shape, "shape") : [];
+          if (dims.length > MOST_DIMS) throw new Error(`an output's shape has ${dims.length} dims`);
+          for (const [, dim] of dims) read(data, dim, "dim");
+        }
+      }
+    }
+  }
+  return name;
+}
+
 /** A repeated int64 field's numbers (packed, or one varint), signed BigInts. */
 function ints(data, value) {
   const out = [];
@@ -60,14 +98,16 @@ function ints(data, value) {
 
 /** [name, dims, data_type, values of an int64 tensor else null] of a TensorProto, its fields in any order. */
 function tensor(data, at) {
-  let name = "", kind = null, raw = null;
-  const dims = [], values = [];
-  for (const [field, value] of fields(data, ...span(at))) {
+  let name = "", kind = null, raw = null, dims = [], values = [];
+  for (const [field, value] of read(data, at, "tensor")) {
     if (field === 8) name = text(data, span(value));
-    else if (field === 1) dims.push(...ints(data, value));
+    else if (field === 1) dims = dims.concat(ints(data, value));
     else if (field === 2) kind = Number(value);
     else if (field === 9) raw = span(value);
-    else if (field === 7) values.push(...ints(data, value));
+    else if (field === 7) values = values.concat(ints(data, value));
+  }
+  if (dims.length > MOST_DIMS || values.length > 2 * MOST_DIMS) {  // int64_data: a Pad's widths, two per axis
+    throw new Error(`its tensor ${JSON.stringify(name)} has ${dims.length} dims and ${values.length} int64 values`);
   }
   if (kind !== INT64) return [name, dims, kind, null];
   if (raw) {
@@ -77,17 +117,16 @@ function tensor(data, at) {
   return [name, dims, kind, values];
 }
 
-/** {op, domain, inputs, outputs, axis, sub} of a NodeProto (sub: an attribute holds a graph). */
+/** {op, domain, inputs, outputs, axis} of a NodeProto. */
 function node(data, at) {
-  const n = { op: "", domain: "", inputs: [], outputs: [], axis: 0n, sub: false };
-  for (const [field, value] of fields(data, ...span(at))) {
+  const n = { op: "", domain: "", inputs: [], outputs: [], axis: 0n };
+  for (const [field, value] of read(data, at, "node")) {
     if (field === 4) n.op = text(data, span(value));
     else if (field === 7) n.domain = text(data, span(value));
     else if (field === 1) n.inputs.push(text(data, span(value)));
     else if (field === 2) n.outputs.push(text(data, span(value)));
     else if (field === 5) {  // a field given twice counts as ONNX Runtime reads it, as protobuf does: the last one
-      const attribute = fields(data, ...span(value));
-      n.sub ||= attribute.some(([f]) => f === 6 || f === 11);
+      const attribute = read(data, value, "attribute");
       const names = attribute.filter(([f]) => f === 1).map(([, v]) => text(data, span(v)));
       if (names.at(-1) === "axis") {  // i, a single int64: a varint (protobuf skips one written as bytes)
         n.axis = [0n, ...attribute.filter(([f]) => f === 3).map(([, v]) => {
@@ -123,15 +162,15 @@ function shapeOf({ op, inputs, axis }, shapes, pads) {
 }
 
 /** What an adapter graph's bytes hold that an export never writes, else null; `most`: the bytes an adapter of this
- * base may take (its tensors and what its nodes compute). */
+ * base may take (its tensors, what its nodes compute, and its outputs, which JavaScript copies). */
 export function adapterGraphProblem(bytes, most) {
   const data = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
   try {
-    const model = fields(data);
+    const model = read(data, [0, data.length], "model");
     const graphs = model.filter(([f]) => f === GRAPH).map(([, v]) => v);
-    if (model.some(([f]) => f === FUNCTIONS) || graphs.length !== 1) return "it is not one graph of its own (functions, or no graph)";
-    const graph = fields(data, ...span(graphs[0]));
-    if (graph.some(([f]) => f === INPUT || f === SPARSE)) return "it has inputs or sparse tensors (exports write neither)";
+    if (graphs.length !== 1 || model.filter(([f]) => f === 8).length > MOST_DIMS) return "it is not one graph of its own";
+    for (const [, opset] of model.filter(([f]) => f === 8)) read(data, opset, "opset");
+    const graph = read(data, graphs[0], "graph");
     const shapes = new Map(), kinds = new Map(), pads = new Map();
     for (const [name, dims, kind, values] of graph.filter(([f]) => f === INIT).map(([, v]) => tensor(data, v))) {
       if (shapes.has(name) || dims.some((d) => d < 0n) || !SIZES.has(kind)) {
@@ -142,14 +181,19 @@ export function adapterGraphProblem(bytes, most) {
       if (values) pads.set(name, values);
     }
     for (const n of graph.filter(([f]) => f === NODE).map(([, v]) => node(data, v))) {
-      if (!NODES.includes(n.op) || !["", "ai.onnx"].includes(n.domain) || n.sub || n.outputs.length !== 1) {
+      if (!NODES.includes(n.op) || !["", "ai.onnx"].includes(n.domain) || n.outputs.length !== 1) {
         return `it holds a ${n.domain ? `${n.domain}.` : ""}${n.op} node (exports write ${NODES.join(", ")} only)`;
       }
       if (shapes.has(n.outputs[0])) return `its tensor ${JSON.stringify(n.outputs[0])} is defined twice`;
       shapes.set(n.outputs[0], shapeOf(n, shapes, pads));
       kinds.set(n.outputs[0], kinds.get(n.inputs[0]));  // each node's output is of its (first) input's type
     }
-    const total = [...shapes].reduce((sum, [name, s]) => sum + s.reduce((p, d) => p * d, 1n) * SIZES.get(kinds.get(name)), 0n);
+    const outputs = graph.filter(([f]) => f === OUTPUT).map(([, v]) => output(data, v));
+    if (new Set(outputs).size < outputs.length || outputs.some((n) => !shapes.has(n))) {
+      return "its outputs name a tensor twice, or one it does not define";
+    }
+    const bytesOf = (name) => shapes.get(name).reduce((p, d) => p * d, 1n) * SIZES.get(kinds.get(name));
+    const total = [...shapes.keys(), ...outputs].reduce((sum, name) => sum + bytesOf(name), 0n);
     if (total > BigInt(most)) {
       return `its nodes would make ${total} bytes of tensors, more than an adapter of this base can take (${most})`;
     }

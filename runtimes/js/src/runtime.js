@@ -186,15 +186,10 @@ export class Runtime {
     return name;
   }
 
-  /** An adapter graph's session, which reads no file: its tensors are inside (adapterSessionOptions). */
+  /** An adapter graph's session, which reads no file: its tensors are inside (adapterSessionOptions; graph.js refuses
+   * external data before this). */
   async adapterSession(graph, bytes, options) {
-    try {
-      return await this.ort.InferenceSession.create(bytes, adapterSessionOptions(options));
-    } catch (e) {
-      if (!/external data/i.test(e.message)) throw e;
-      throw new EdgePeftError(`${this.loader.where(graph)}: reads tensors from another file (external data); adapter graphs hold ` +
-        `their tensors inside: ${REEXPORT}`);
-    }
+    return this.ort.InferenceSession.create(bytes, adapterSessionOptions(options));
   }
 
   unloadAdapter(name) {

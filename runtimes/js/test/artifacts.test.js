@@ -235,20 +235,18 @@ test("an adapter graph ONNX Runtime cannot run, or whose outputs Object's own na
     delete j.slots[`lora_A.${LAYER(0)}`];
     j.slots.constructor = [1];
   }, () => refuses(rt.loadAdapter("lora"), new RegExp(`^${where}: adapter.json and adapter.onnx disagree on the slots${fix}`)));
-  // a graph of exported nodes that fails as it runs (a reflecting Pad wider than its tensor): a raw ONNX Runtime error
-  const bytes = execFileSync(PYTHON, ["-c", `
-import sys
-import numpy as np
-from onnx import TensorProto, helper, numpy_helper
-y = helper.make_tensor_value_info("lora_A.${LAYER(0)}", TensorProto.FLOAT, [32, 8])
-inits = [numpy_helper.from_array(np.ones((32, 1), np.float32), "x"), numpy_helper.from_array(np.array([0, 0, 0, 7]), "pads")]
-graph = helper.make_graph([helper.make_node("Pad", ["x", "pads"], [y.name], mode="reflect")], "adapter", [], [y], inits)
-sys.stdout.buffer.write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9).SerializeToString())`]);
-  await writeFile(path.join(out, "adapters/lora/adapter.onnx"), bytes);
-  const json = path.join(out, "adapters/lora/adapter.json");
-  await writeFile(json, JSON.stringify({ ...await readJsonFile(json), sha256: createHash("sha256").update(bytes).digest("hex") }));
-  await refuses(rt.loadAdapter("lora"), new RegExp(`^${where}/adapter.onnx: ONNX Runtime cannot run the adapter graph ` +
-    `\\(.*\\)${fix}`));
+  // an adapter graph whose run fails (out of memory, say): ONNX Runtime's raw error, named as Python names it
+  let failing = false;
+  const ort = { ...ortNode, InferenceSession: { create: async (...args) => {
+    const session = await ortNode.InferenceSession.create(...args);
+    if (!failing) return session;
+    return { outputNames: session.outputNames, release: () => session.release(), run: async () => { throw new Error("Failed to allocate memory"); } };
+  } } };
+  const other = await openFolder(ort, out);
+  failing = true;
+  await refuses(other.loadAdapter("lora"), new RegExp(`^${where}/adapter.onnx: ONNX Runtime cannot run the adapter graph ` +
+    `\\(Failed to allocate memory\\)${fix}`));
+  failing = false;
   await rt.loadAdapter("ia3");  // the others still load
 });
 
@@ -260,15 +258,15 @@ test("an adapter graph holding what no export writes is refused before it runs, 
   const TOO_MUCH = "its nodes would make \\d+ bytes of tensors, more than an adapter of this base can take \\(\\d+\\)";
   const cases = {
     "constant-of-shape": "it holds a ConstantOfShape node \\(exports write Identity, Concat, Pad only\\)",
-    loop: "it holds a Loop node", "concat-many": TOO_MUCH, "wide-pad": TOO_MUCH, "pad-4d": TOO_MUCH,
-    sparse: "it has inputs or sparse tensors",  // ONNX Runtime took the sparse widths of the same name
+    loop: "its attribute holds field 6, which exports never write", "concat-many": TOO_MUCH, "wide-pad": TOO_MUCH, "pad-4d": TOO_MUCH,
+    sparse: "its graph holds field 15, which exports never write",  // ONNX Runtime took the sparse widths of its name
   };
   for (const [name, said] of Object.entries(cases)) {
     const bytes = execFileSync(PYTHON, ["-c", FORGED, name]);
     await writeFile(path.join(out, "adapters/lora/adapter.onnx"), bytes);
     const json = path.join(out, "adapters/lora/adapter.json");
     await writeFile(json, JSON.stringify({ ...await readJsonFile(json), sha256: createHash("sha256").update(bytes).digest("hex") }));
-    await refuses(rt.loadAdapter("lora"), new RegExp(`^${where}: ${said}.*; re-export it`));
+    await refuses(rt.loadAdapter("lora"), new RegExp(`^${where}: .*${said}.*; re-export it`));
   }
   await rt.loadAdapter("ia3");  // the others still load
 });
@@ -302,7 +300,7 @@ test("an adapter graph is read as ONNX Runtime reads it: a field given twice cou
   const strings = Buffer.concat([tensor("s", [1], 8, Buffer.alloc(0)), pb(6, Buffer.alloc(1000, 120))]);
   const concat = node("Concat", Array(600).fill("s"), "out", Buffer.concat([pb(1, str("axis")), pb(3, 0), pb(20, 2)]));
   assert.equal(adapterGraphProblem(model(Buffer.concat([pb(1, concat), pb(5, strings)])), 70000000),
-    'its tensor "s" is defined twice, has a negative size, or is not float32 or int64');
+    "it is not a graph an export writes (its tensor holds field 6, which exports never write)");  // string_data
 });
 
 // An adapter graph with one node no export writes (argv[1] names which), beside an output the lora fixture fills.
@@ -342,8 +340,8 @@ test("an adapter graph reading external data (a file of the app's working folder
   try {
     for (const ort of [ortNode, ortWeb]) {
       const rt = await openFolder(ort, out);
-      await refuses(rt.loadAdapter("lora"), new RegExp(`^${quoted(path.join(out, "adapters/lora/adapter.onnx"))}: reads tensors from ` +
-        "another file \\(external data\\); adapter graphs hold their tensors inside: re-export it \\(edgepeft export"));
+      await refuses(rt.loadAdapter("lora"), new RegExp(`^${quoted(path.join(out, "adapters/lora/adapter.onnx"))}: .*it reads ` +
+        "tensors from another file \\(external data\\), where adapter graphs hold them inside\\); re-export it \\(edgepeft export"));
       assert.deepEqual(rt.adapterNames, []);
       await rt.loadAdapter("ia3");  // the others still load
     }
