@@ -30,7 +30,7 @@ from edgepeft.files import (
     reporting_full_disk, write_json_atomic,
 )
 from edgepeft.models import model_label
-from edgepeft.runtimes.access import check_utf8_path, located, may_replace, read_json
+from edgepeft.runtimes.access import located, may_replace, read_json
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
     read_adapter_manifest, read_base_manifest, uncounted_heads,
@@ -56,9 +56,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     A failed export leaves ``out`` as it was: folders it made are removed again.
     """
     out = str(out)
-    where = located(out)  # LINK/..: where the system finds it, not where its text leads
+    where = located(out)  # LINK/..: where the system finds it; a name not UTF-8 refused (ONNX Runtime reads it)
     out = out if where == os.path.abspath(out) else where
-    check_utf8_path(os.path.abspath(out))  # the graphs are written there by PyTorch's ONNX exporter, read by ONNX Runtime
     adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)  # one folder; a generator
     names = [names] if isinstance(names, str) else names  # one name, not its letters
     if not adapters:

@@ -14,20 +14,17 @@ from .values import surrogate_at
 def located(path: str) -> str:
     """``path`` made absolute where the system finds it: os.path.abspath drops 'LINK/..' by its text, where the
     system goes up from the link's target (another folder). Where the two differ, the real path (every link
-    resolved); else os.path.abspath's (links kept as given)."""
+    resolved); else os.path.abspath's (links kept as given). A path whose names are not UTF-8 (Python reads those
+    bytes as lone surrogates) is refused: ONNX Runtime and PyTorch's ONNX exporter take none (a TypeError, which
+    read as a damaged file)."""
     path = os.fspath(path)
+    if surrogate_at(path) is not None:
+        raise ConfigError(f"{os.path.abspath(path)!r}: a name in this path is not UTF-8 (bytes of another encoding), "
+                          "and ONNX Runtime opens UTF-8 paths only; rename it")
     absolute = os.path.abspath(path)
     if ".." in path.replace("\\", "/").split("/") and os.path.realpath(path) != os.path.realpath(absolute):
         return os.path.realpath(path)
     return absolute
-
-
-def check_utf8_path(path: str) -> None:
-    """ConfigError where ``path`` holds bytes that are not UTF-8 (Python reads them as lone surrogates): ONNX Runtime
-    and PyTorch's ONNX exporter take no such path (a TypeError, which read as a damaged file)."""
-    if surrogate_at(path) is not None:
-        raise ConfigError(f"{path!r}: a name in this path is not UTF-8 (bytes of another encoding), and ONNX Runtime "
-                          "opens UTF-8 paths only; rename it")
 
 
 def check_readable(path: str) -> None:

@@ -7,7 +7,7 @@ import os
 import zipfile
 import zlib
 
-from .access import check_utf8_path, located, sha256_bytes
+from .access import located, sha256_bytes
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .manifest import (
     ADAPTER_GRAPH, ADAPTER_MANIFEST, check_adapter_graph, check_adapter_manifest, read_adapter_manifest,
@@ -55,7 +55,6 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict | None, dic
         raise ConfigError(f"load_adapter takes an adapter folder (a path) or the bytes of a zip of one, got "
                           f"{type(source).__name__}")
     path = located(source)  # restaged after an eviction from where it was loaded, whatever the directory then
-    check_utf8_path(path)
     if not os.path.isdir(path):
         raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
                                     "`edgepeft export`")

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import text
-from .access import check_readable, check_utf8_path, located
+from .access import check_readable, located
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
@@ -50,7 +50,6 @@ class Runtime:
             check_readable(os.path.join(path, BASE_DIR))  # OUT another user's: not "no exported base here"
             raise not_an_export(os.fspath(path))
         self.path = located(path)  # the export stays where it was opened when the app changes directory
-        check_utf8_path(self.path)
         try:
             self._open_base(os.path.join(self.path, BASE_DIR), providers, sess_options, adapter_budget_bytes)
             if load_adapters:
