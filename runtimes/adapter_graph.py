@@ -210,18 +210,15 @@ def adapter_graph_problem(data: bytes, most: int) -> str | None:
 NO_FOLDER = os.path.join(os.sep, "edgepeft: adapter graphs hold their tensors inside")
 
 
-def run_adapter_graph(graph, label: str = "", most: int = 1 << 62) -> dict:
-    """{slot name: array}: an adapter graph's outputs (it has no inputs), run once on the CPU (a path or bytes).
+def run_adapter_graph(graph: bytes, where: str, most: int = 1 << 62) -> dict:
+    """{slot name: array}: an adapter graph's outputs (it has no inputs), run once on the CPU from its bytes (the
+    ones checked against adapter.json's sha256); ``where`` names it in errors.
 
     Its tensors are inside it (exports write no external data for adapters): external data is looked for in a
     folder that does not exist, so a graph naming a file fails instead of reading it (from bytes: from the app's
     directory). The JavaScript runtime does the same (checks.js)."""
     options = session_options(1)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", NO_FOLDER)
-    where = graph if isinstance(graph, str) else f"{label}: adapter.onnx"
-    if isinstance(graph, str):
-        with open(graph, "rb") as f:
-            graph = f.read()
     if problem := adapter_graph_problem(graph, most):  # before it runs: a forged node could take any memory or time
         raise CorruptArtifactError(f"{where}: {problem}; re-export the adapter")
     try:

@@ -28,9 +28,10 @@ def _unpacked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, most: int) -> byt
     return data
 
 
-def read_adapter_source(source, most: int) -> tuple[str | None, dict | None, dict]:
-    """(folder, None, manifest) for a folder; (None, {file: bytes}, manifest) for the bytes of a zip of one, whose
-    files may unpack to ``most`` bytes each (a zip bomb is refused by the sizes it declares, before it unpacks)."""
+def read_adapter_source(source, most: int) -> tuple[str | None, dict, dict]:
+    """(folder, {adapter.onnx: bytes}, manifest) for a folder, its graph checked against the manifest's sha256;
+    (None, {file: bytes}, manifest) for the bytes of a zip of one, whose files may unpack to ``most`` bytes each (a
+    zip bomb is refused by the sizes it declares, before it unpacks)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         try:
             with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
@@ -59,8 +60,7 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict | None, dic
         raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
                                     "`edgepeft export`")
     manifest = read_adapter_manifest(path)
-    check_adapter_graph(path, manifest)
-    return path, None, manifest
+    return path, {ADAPTER_GRAPH: check_adapter_graph(path, manifest)}, manifest
 
 
 def _file_name(member: str) -> str:

@@ -176,7 +176,7 @@ class AdapterStore:
         if name is not None and name_problem(name):
             raise ConfigError(f"the adapter name {name!r:.80} {name_problem(name)}; pass another name= (or None: its "
                               "folder's name, a zip's: the name it was exported with)")
-        path, data, manifest = read_adapter_source(source, self.most_bytes)
+        path, files, manifest = read_adapter_source(source, self.most_bytes)
         label = path or "adapter bytes"
         if name is None:  # a folder is named as Runtime(OUT) names what it finds in OUT/adapters: by the folder
             name = os.path.basename(os.path.normpath(path)) if path else manifest["name"]
@@ -186,8 +186,9 @@ class AdapterStore:
                                                                    if path else "load it with name="))
         if manifest["base_fingerprint"] != self.base["fingerprint"]:
             raise self._mismatch(label, manifest, path)
-        entry = Registered(name, path, data, manifest, self.slots, self.base.get("task", ""))
-        arrays, plan = self._stage(entry)  # a load stages (and checks) the adapter even under a budget
+        # a folder's files are read again at each restage (an evicted adapter's bytes are not kept)
+        entry = Registered(name, path, None if path else files, manifest, self.slots, self.base.get("task", ""))
+        arrays, plan = self._stage(entry, files[ADAPTER_GRAPH])  # a load stages (and checks) it even under a budget
         with self._lock:
             if name in self._adapters:
                 raise ConfigError(f"{label}: an adapter named {name!r} is already loaded; unload it first or pick another name")
@@ -282,8 +283,7 @@ class AdapterStore:
             lock = self._staging.setdefault(name, threading.Lock())
         with lock:  # one thread restages; the others wait for it
             if adapter.plan is None:
-                self._check_unchanged(adapter)
-                arrays, plan = self._stage(adapter)
+                arrays, plan = self._stage(adapter, self._unchanged_graph(adapter))
                 with self._lock:
                     self._set_staged(adapter, arrays, plan)
                     self._trim()
@@ -321,10 +321,10 @@ class AdapterStore:
 
     # ---------------------------------------------------------------- staging and checks
     @staticmethod
-    def _check_unchanged(adapter: Registered) -> None:
-        """Before a restage: the folder's graph is still the one load checked (bytes cannot change)."""
+    def _unchanged_graph(adapter: Registered) -> bytes:
+        """Before a restage: the graph's bytes, a folder's still the ones load checked (bytes cannot change)."""
         if adapter.data is not None:
-            return
+            return adapter.data[ADAPTER_GRAPH]
         try:
             return check_adapter_graph(adapter.path, adapter.manifest)
         except EdgePeftError:  # re-exported since (edgepeft export --overwrite): for this base, or for a new one
@@ -339,10 +339,10 @@ class AdapterStore:
             f"{os.path.join(adapter.path, adapter.manifest['graph'])}: missing or changed (re-exported?) since "
             f"adapter {adapter.name!r} was loaded; {fix}")
 
-    def _stage(self, adapter: Registered) -> tuple[dict, Plan]:
+    def _stage(self, adapter: Registered, graph: bytes) -> tuple[dict, Plan]:
         label = adapter.path or "adapter bytes"
-        graph = adapter.data[ADAPTER_GRAPH] if adapter.data else os.path.join(adapter.path, adapter.manifest["graph"])
-        arrays = run_adapter_graph(graph, label, self.most_bytes)
+        where = os.path.join(adapter.path, adapter.manifest["graph"]) if adapter.path else f"{label}: {ADAPTER_GRAPH}"
+        arrays = run_adapter_graph(graph, where, self.most_bytes)
         check_adapter_tensors(label, adapter.manifest, arrays, self.slots, self.sharing, self.base_dir, self.out)
         return arrays, self._plan(label, arrays)
 

@@ -52,7 +52,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .access import check_readable, read_json, sha256_file
+from .access import check_readable, read_json, sha256_bytes
 from .commands import adapter_export_command, export_command, fresh_out
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
@@ -354,21 +354,25 @@ def _checked_adapter_manifest(data: dict, path: str) -> dict:
     return data
 
 
-def check_adapter_graph(adapter_dir: str, manifest: dict) -> None:
-    """Raises the error an adapter's graph file has: missing, or not the file its sha256 names. (Raised here, not
-    returned: a caller's local holding the exception it raises keeps that frame, and the Runtime in it, alive.)"""
+def check_adapter_graph(adapter_dir: str, manifest: dict) -> bytes:
+    """An adapter graph's bytes, read once: the bytes its sha256 was checked on are the bytes that run (no window
+    for the file to change between). Raises the error the file has: missing, or not the file its sha256 names.
+    (Raised here, not returned: a caller's local holding the exception it raises keeps that frame, and the Runtime
+    in it, alive.)"""
     graph = os.path.join(adapter_dir, manifest["graph"])
     if not os.path.isfile(graph):
         check_readable(graph)
         raise ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
     try:
-        digest = sha256_file(graph)
+        with open(graph, "rb") as f:
+            data = f.read()
     except OSError:
         check_readable(graph)
         raise
-    if digest != manifest["sha256"]:
+    if sha256_bytes(data) != manifest["sha256"]:
         raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); "
                                    "re-export the adapter")
+    return data
 
 
 def uncounted_heads(base: dict, made=()) -> list:

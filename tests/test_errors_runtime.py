@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -135,6 +136,32 @@ def test_unreadable_adapter_graph_with_matching_checksum(rt, before, llama, tmp_
     assert graph in str(e.value) and "re-export" in str(e.value)
     assert "broken" not in rt.adapter_names
     assert_still_serving(rt, before)
+
+
+def test_the_graph_that_runs_is_the_one_whose_checksum_was_checked(llama, tmp_path, monkeypatch):
+    """A folder's graph is read once: a file replaced after its sha256 was checked (another adapter's graph, an
+    export writing it) is not what runs, at load or at a restage (a budget of 0 restages at every call)."""
+    from edgepeft.runtimes import adapters as store_module
+
+    path = copy_adapter(os.path.join(llama[0], "adapters", "qv"), tmp_path / "qv")
+    graph, saved = os.path.join(path, "adapter.onnx"), str(tmp_path / "qv.onnx")
+    shutil.copyfile(graph, saved)
+    real = store_module.run_adapter_graph
+
+    def replaced_while_run(*args):
+        shutil.copyfile(os.path.join(llama[0], "adapters", "all", "adapter.onnx"), graph)
+        try:
+            return real(*args)
+        finally:
+            shutil.copyfile(saved, graph)
+
+    monkeypatch.setattr(store_module, "run_adapter_graph", replaced_while_run)
+    small = Runtime(llama[0], providers=CPU, load_adapters=False, adapter_budget_bytes=0)
+    small.load_adapter(path, name="copy")
+    ids, mask = sample_batch(VOCAB)
+    want = Runtime(llama[0], providers=CPU).forward(ids, mask, adapter="qv")["logits"]
+    for _ in range(2):
+        np.testing.assert_array_equal(small.forward(ids, mask, adapter="copy")["logits"], want)
 
 
 @pytest.mark.parametrize(
