@@ -18,6 +18,7 @@ def fresh_out(path: str) -> str:
     return os.path.abspath(path) + "-onnx"
 
 
+ADAPTERS_DIR = "adapters"  # OUT/adapters/<name>: one folder per adapter
 NAME_LENGTH = 100  # OUT/adapters/<name>, and the export's staging folder beside it, within a file name's 255 bytes
 
 
@@ -55,11 +56,22 @@ def exported_as(name: str) -> str:
     return name if not export_name_problem(name) else export_name_suggestion(name) or "NAME"
 
 
+def unused_name(out: str, name: str) -> str:
+    """``name``, else ``name_2``, ``name_3``...: the first no folder of OUT/adapters has, for a suggested --name (a
+    taken one fails, pasted, with "exists; pass --overwrite", which would replace another adapter)."""
+    candidate, k = name, 1
+    while name != "NAME" and os.path.lexists(os.path.join(out, ADAPTERS_DIR, candidate)):
+        k += 1
+        candidate = f"{name[:NAME_LENGTH - len(str(k)) - 1]}_{k}"
+    return candidate
+
+
 def adapter_export_command(folder: str, out: str, *flags: str) -> str:
     """``export_command`` for the adapter ``folder``, with the --name export needs where it refuses the folder's."""
     name = os.path.basename(os.path.normpath(folder))  # export's default ('.' for the folder one is in)
-    named = ("--name", quote(exported_as(os.path.basename(os.path.abspath(folder))))) if export_name_problem(name) else ()
-    return export_command(folder, out, *named, *flags)
+    if export_name_problem(name):
+        flags = ("--name", quote(unused_name(out, exported_as(os.path.basename(os.path.abspath(folder))))), *flags)
+    return export_command(folder, out, *flags)
 
 
 def folder_fix(out: str, folder: str, merged) -> str:
@@ -70,5 +82,5 @@ def folder_fix(out: str, folder: str, merged) -> str:
     name = os.path.basename(os.path.normpath(folder))
     if export_name_problem(name):  # export cannot write that folder: it goes, its adapter comes back by another name
         return f"remove {folder}, then re-export its adapter into this OUT: " \
-               f"{export_command('DIR', out, '--name', quote(exported_as(name)))}"
+               f"{export_command('DIR', out, '--name', quote(unused_name(out, exported_as(name))))}"
     return f"remove {folder}, or re-export its adapter into this OUT: {export_command('DIR', out, '--name', quote(name), '--overwrite')}"

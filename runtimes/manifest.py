@@ -53,7 +53,7 @@ import os
 from dataclasses import dataclass
 
 from .access import check_readable, read_json, sha256_bytes
-from .commands import adapter_export_command, export_command, fresh_out
+from .commands import ADAPTERS_DIR, adapter_export_command, export_command, fresh_out
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 
@@ -80,7 +80,8 @@ def enclosing_export(path: str) -> str | None:
             return parent
         path = parent
     return None
-ADAPTERS_DIR = "adapters"
+
+
 BASE_MANIFEST = "edgepeft.json"
 BASE_GRAPH = "model.onnx"
 ADAPTER_MANIFEST = "adapter.json"

@@ -100,7 +100,8 @@ def test_a_messages_export_command_pastes_into_a_shell_as_it_is(tmp_path, capsys
 
 def test_suggested_export_commands_name_the_adapter_as_export_takes_it(peft_adapter, shared_export, tmp_path, capsys):
     """A folder whose name export refuses ('my adapter', 'sp ace'): the command a message gave failed, pasted,
-    with "adapter name ... must be letters, digits, '_', '-'". Both commands below are run as given."""
+    with "adapter name ... must be letters, digits, '_', '-'"; and a suggested name OUT holds already failed with
+    "exists; pass --overwrite". The commands below are run as given."""
     import shlex
 
     from edgepeft.cli import main
@@ -108,12 +109,14 @@ def test_suggested_export_commands_name_the_adapter_as_export_takes_it(peft_adap
 
     adapter = str(tmp_path / "my adapter")
     shutil.copytree(spec_adapter(peft_adapter, "llama", "qv"), adapter)
-    command = shlex.split(cli_error(capsys, "inspect", adapter).split("`")[1])
-    assert command == ["edgepeft", "export", "--adapter", adapter, "--out", adapter + "-onnx", "--name", "my_adapter"]
-    main(command[1:])
-    assert Runtime(adapter + "-onnx").adapter_names == ["my_adapter"]
+    for name in ("my_adapter", "my_adapter_2"):  # the second time, the first name is taken
+        command = shlex.split(cli_error(capsys, "inspect", adapter).split("`")[1])
+        assert command == ["edgepeft", "export", "--adapter", adapter, "--out", adapter + "-onnx", "--name", name]
+        main(command[1:])
+    assert Runtime(adapter + "-onnx").adapter_names == ["my_adapter", "my_adapter_2"]
     # a folder of OUT made for another base: it goes, and its adapter comes back under a name export takes
     out = str(shutil.copytree(shared_export("llama")[0], tmp_path / "out"))
+    shutil.copytree(os.path.join(out, "adapters", "qv"), os.path.join(out, "adapters", "sp_ace"))  # taken
     foreign = os.path.join(out, "adapters", "sp ace")
     shutil.copytree(os.path.join(adapter + "-onnx", "adapters", "my_adapter"), foreign)
     with open(os.path.join(foreign, "adapter.json"), "r+") as f:
@@ -122,10 +125,10 @@ def test_suggested_export_commands_name_the_adapter_as_export_takes_it(peft_adap
     with pytest.raises(AdapterBaseMismatchError) as e:
         Runtime(out)
     assert str(e.value).endswith(f"remove {foreign}, then re-export its adapter into this OUT: `edgepeft export "
-                                 f"--adapter DIR --out {out} --name sp_ace`")
+                                 f"--adapter DIR --out {out} --name sp_ace_2`")
     shutil.rmtree(foreign)
     main(shlex.split(str(e.value).split("`")[1].replace("DIR", shlex.quote(adapter)))[1:])
-    assert "sp_ace" in Runtime(out).adapter_names
+    assert {"sp_ace", "sp_ace_2"} <= set(Runtime(out).adapter_names)
 
 
 def test_chat_without_a_template_names_the_file(text_export, tmp_path):
