@@ -1,4 +1,5 @@
 // Node.js: open an export folder with onnxruntime-node (or onnxruntime-web's wasm build, also in Node).
+import { realpathSync } from "node:fs";
 import { open, readFile, stat } from "node:fs/promises";
 import path from "node:path";
 
@@ -35,12 +36,25 @@ function named(e, file) {
   return error;
 }
 
+/** OUT made absolute where the system finds it, as the Python runtime's access.located: path.resolve (and Node's own
+ * realpath) drop "LINK/.." by its text, where the system goes up from the link's target (another folder). */
+function located(out) {
+  const absolute = path.resolve(out);
+  if (!out.replaceAll("\\", "/").split("/").includes("..")) return absolute;
+  try {
+    const real = realpathSync.native(out);  // the C library's: links resolved in order
+    return real === realpathSync.native(absolute) ? absolute : real;
+  } catch {
+    return absolute;  // missing: the read names what is not there
+  }
+}
+
 /** Files of the export folder OUT, read from disk; a relative OUT is resolved once (the app may change directory). */
 export function folderLoader(out) {
   if (typeof out !== "string" || !out) {
     throw new EdgePeftError(`openFolder and loadTokenizer take an export's folder (a path), got ${JSON.stringify(out) ?? String(out)}`);
   }
-  out = path.resolve(out);
+  out = located(out);
   return {
     where: (rel) => path.join(out, rel),
     json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8")),

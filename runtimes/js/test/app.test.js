@@ -3,7 +3,7 @@
 // (not the files), an old onnxruntime named, arguments named rather than TypeErrors, classify's logits checked,
 // decode as the Python runtime's.
 import assert from "node:assert/strict";
-import { chmod, cp, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { chmod, cp, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
@@ -32,6 +32,15 @@ test("a relative OUT is the folder opened, after the app changes directory (anot
   } finally {
     process.chdir(home);
   }
+});
+
+test("OUT given as LINK/../out is the folder the system finds there (path.resolve took the one beside LINK)", async () => {
+  await cp(path.join(FIXTURES, "llama"), path.join(scratch, "real", "out"), { recursive: true });
+  await mkdir(path.join(scratch, "real", "deep"));
+  await symlink(path.join(scratch, "real", "deep"), path.join(scratch, "link"));
+  await mkdir(path.join(scratch, "out"));  // beside the link: no export there
+  const rt = await openFolder(ortNode, `${scratch}/link/../out`);  // path.join drops "link/.." by its text too
+  assert.equal(await rt.loadAdapter("lora"), "lora");
 });
 
 test("release frees the base session; later calls are refused, not run", async () => {
