@@ -79,6 +79,10 @@ _ALLOWED = {"model": {1, 2, 3, 4, 5, 6, 7, 8}, "opset": {1, 2}, "graph": {1, 2, 
             "attribute": {1, 3, 20}, "tensor": {1, 2, 7, 8, 9, 12}, "output": {1, 2, 3}, "type": {1},
             "tensor type": {1, 2}, "shape": {1}, "dim": {1, 2}}
 _MOST_DIMS = 8  # of a tensor or an output's shape: slots have at most 4
+# nodes and tensors a graph may hold per slot of its base: exports write an output per slot they fill, each an
+# Identity over a tensor or a Concat over parts (q/k/v: 3) each Padded (2 nodes and 3 tensors an output at most, in
+# every fixture); ONNX Runtime takes time quadratic in the nodes (100,000 Identity nodes, 5 MB: minutes)
+NODES_PER_SLOT = 8
 
 
 def _read(data: bytes, span, what: str) -> list:
@@ -171,9 +175,10 @@ def _shape(op: str, inputs: list, axis: int, shapes: dict, ints: dict) -> list:
     return [sum(shapes[n][k] for n in inputs) if j == k else d for j, d in enumerate(first)]
 
 
-def adapter_graph_problem(data: bytes, most: int) -> str | None:
+def adapter_graph_problem(data: bytes, most: int, slots: int | None = None) -> str | None:
     """What an adapter graph's bytes hold that an export never writes, else None; ``most``: the bytes an adapter
-    of this base may take (its tensors, what its nodes compute, and its outputs, which JavaScript copies)."""
+    of this base may take (its tensors, what its nodes compute, and its outputs, which JavaScript copies); ``slots``:
+    how many the base has (None: no bound on the count of outputs, nodes and tensors)."""
     try:
         model = _read(data, (0, len(data)), "model")
         graphs = [v for f, v in model if f == _GRAPH]
@@ -182,6 +187,11 @@ def adapter_graph_problem(data: bytes, most: int) -> str | None:
         for _, opset in (x for x in model if x[0] == 8):
             _read(data, opset, "opset")
         graph = _read(data, graphs[0], "graph")
+        count = {field: sum(f == field for f, _ in graph) for field in (_NODE, _INIT, _OUTPUT)}
+        if slots is not None and (count[_OUTPUT] > slots or max(count[_NODE], count[_INIT]) > NODES_PER_SLOT * slots):
+            return (f"it holds {count[_OUTPUT]} outputs, {count[_NODE]} nodes and {count[_INIT]} tensors, where an "
+                    f"export writes an output per slot of its base ({slots} here) and at most {NODES_PER_SLOT} nodes "
+                    "and tensors a slot")
         shapes, kinds, ints = {}, {}, {}
         for name, dims, kind, values in (_tensor(data, v) for f, v in graph if f == _INIT):
             if name in shapes or min(dims, default=0) < 0 or kind not in _SIZES:
@@ -210,16 +220,17 @@ def adapter_graph_problem(data: bytes, most: int) -> str | None:
 NO_FOLDER = os.path.join(os.sep, "edgepeft: adapter graphs hold their tensors inside")
 
 
-def run_adapter_graph(graph: bytes, where: str, most: int = 1 << 62) -> dict:
+def run_adapter_graph(graph: bytes, where: str, most: int = 1 << 62, slots: int | None = None) -> dict:
     """{slot name: array}: an adapter graph's outputs (it has no inputs), run once on the CPU from its bytes (the
-    ones checked against adapter.json's sha256); ``where`` names it in errors.
+    ones checked against adapter.json's sha256); ``where`` names it in errors; ``most``, ``slots``: the bounds of
+    ``adapter_graph_problem``.
 
     Its tensors are inside it (exports write no external data for adapters): external data is looked for in a
     folder that does not exist, so a graph naming a file fails instead of reading it (from bytes: from the app's
     directory). The JavaScript runtime does the same (checks.js)."""
     options = session_options(1)
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", NO_FOLDER)
-    if problem := adapter_graph_problem(graph, most):  # before it runs: a forged node could take any memory or time
+    if problem := adapter_graph_problem(graph, most, slots):  # before it runs: a forged node could take any memory or time
         raise CorruptArtifactError(f"{where}: {problem}; re-export the adapter")
     try:
         sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])

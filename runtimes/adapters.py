@@ -342,7 +342,7 @@ class AdapterStore:
     def _stage(self, adapter: Registered, graph: bytes) -> tuple[dict, Plan]:
         label = adapter.path or "adapter bytes"
         where = os.path.join(adapter.path, adapter.manifest["graph"]) if adapter.path else f"{label}: {ADAPTER_GRAPH}"
-        arrays = run_adapter_graph(graph, where, self.most_bytes)
+        arrays = run_adapter_graph(graph, where, self.most_bytes, len(self.slots))
         check_adapter_tensors(label, adapter.manifest, arrays, self.slots, self.sharing, self.base_dir, self.out)
         return arrays, self._plan(label, arrays)
 

@@ -153,7 +153,8 @@ def main() -> None:
         manifest = json.load(f)
     if LOGITS_TO_KEEP not in manifest["inputs"]:
         sys.exit(f"{args.export}: this export has no {LOGITS_TO_KEEP} input; re-export it")
-    slots = run_adapter_graph(os.path.join(args.export, "adapters", args.adapter, "adapter.onnx"))
+    with open(os.path.join(args.export, "adapters", args.adapter, "adapter.onnx"), "rb") as f:
+        slots = run_adapter_graph(f.read(), f.name)
     rows_name = next(s["selector"] for s in manifest["slots"] if s["method"] == "lora")
     base = onnx.load(os.path.join(args.export, "base", manifest["graph"]))
     so = session_options()

@@ -368,6 +368,27 @@ def test_an_adapter_graph_holding_what_no_export_writes_is_refused_before_it_run
     rt.load_adapter(os.path.join(out, "adapters", "ia3"))  # an export's own graph passes
 
 
+def test_an_adapter_graph_of_more_nodes_than_an_export_writes_for_its_base_is_refused(out):
+    """ONNX Runtime takes time quadratic in a graph's nodes: 100,000 Identity nodes (a 5 MB adapter.onnx, no bytes
+    of tensors to speak of) took minutes to load. An export writes an output per slot it fills, at most 2 nodes and
+    3 tensors each: a graph may hold 8 nodes and 8 tensors a slot of its base."""
+    adapter = os.path.join(out, "adapters", "lora")
+    rt = Runtime(out, load_adapters=False)
+    slots, arrays = len(rt.store.slots), graph_outputs(adapter)
+    x = numpy_helper.from_array(np.ones((1, 1), np.float32), "x0")
+    for nodes, inits in (([helper.make_node("Identity", [f"x{i}"], [f"x{i + 1}"]) for i in range(8 * slots)], [x]),
+                         ([], [numpy_helper.from_array(np.ones(0, np.float32), f"e{i}") for i in range(8 * slots)])):
+        _forged(adapter, arrays, nodes, inits, [])
+        said = rf"it holds \d+ outputs, \d+ nodes and \d+ tensors, where an export writes an output per slot of its " \
+               rf"base \({slots} here\) and at most 8 nodes and tensors a slot; re-export the adapter$"
+        with pytest.raises(CorruptArtifactError, match=said):
+            rt.load_adapter(adapter)
+        with pytest.raises(CorruptArtifactError, match=said):
+            rt.load_adapter(zipped(adapter))
+    assert rt.adapter_names == []
+    rt.load_adapter(os.path.join(out, "adapters", "ia3"))  # an export's own graph passes
+
+
 def _pb(field: int, value) -> bytes:
     """One protobuf field: an int as a varint, bytes as length-delimited (a forger writes fields as it likes)."""
     def varint(n: int) -> bytes:

@@ -259,7 +259,7 @@ def test_a_generation_under_a_budget_stages_each_evicted_adapter_once(decoder, r
     staged = []
     real = store_module.run_adapter_graph
     monkeypatch.setattr(store_module, "run_adapter_graph",
-                        lambda graph, where, most: staged.append(where) or real(graph, where, most))
+                        lambda graph, where, *bounds: staged.append(where) or real(graph, where, *bounds))
     ids, mask = _batch(2)
     for adapter in ("prompt", ["lora_qv", "prefix"]):
         staged.clear()

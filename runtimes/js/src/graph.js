@@ -58,6 +58,9 @@ const ALLOWED = {
   dim: [1, 2],
 };
 const MOST_DIMS = 8;  // of a tensor or an output's shape: slots have at most 4
+// nodes and tensors a graph may hold per slot of its base, as Python's NODES_PER_SLOT (exports write at most 2 and 3
+// an output, one output per slot they fill; ONNX Runtime takes time quadratic in the nodes)
+const NODES_PER_SLOT = 8;
 
 /** The fields of one `what` message, refused where it holds one exports never write. */
 function read(data, at, what) {
@@ -162,8 +165,9 @@ function shapeOf({ op, inputs, axis }, shapes, pads) {
 }
 
 /** What an adapter graph's bytes hold that an export never writes, else null; `most`: the bytes an adapter of this
- * base may take (its tensors, what its nodes compute, and its outputs, which JavaScript copies). */
-export function adapterGraphProblem(bytes, most) {
+ * base may take (its tensors, what its nodes compute, and its outputs, which JavaScript copies); `slots`: how many
+ * the base has (undefined: no bound on the count of outputs, nodes and tensors). */
+export function adapterGraphProblem(bytes, most, slots) {
   const data = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
   try {
     const model = read(data, [0, data.length], "model");
@@ -171,6 +175,12 @@ export function adapterGraphProblem(bytes, most) {
     if (graphs.length !== 1 || model.filter(([f]) => f === 8).length > MOST_DIMS) return "it is not one graph of its own";
     for (const [, opset] of model.filter(([f]) => f === 8)) read(data, opset, "opset");
     const graph = read(data, graphs[0], "graph");
+    const count = (field) => graph.reduce((n, [f]) => n + (f === field), 0);
+    const [outs, nodes, inits] = [count(OUTPUT), count(NODE), count(INIT)];
+    if (slots !== undefined && (outs > slots || Math.max(nodes, inits) > NODES_PER_SLOT * slots)) {
+      return `it holds ${outs} outputs, ${nodes} nodes and ${inits} tensors, where an export writes an output per ` +
+        `slot of its base (${slots} here) and at most ${NODES_PER_SLOT} nodes and tensors a slot`;
+    }
     const shapes = new Map(), kinds = new Map(), pads = new Map();
     for (const [name, dims, kind, values] of graph.filter(([f]) => f === INIT).map(([, v]) => tensor(data, v))) {
       if (shapes.has(name) || dims.some((d) => d < 0n) || !SIZES.has(kind)) {

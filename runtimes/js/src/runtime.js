@@ -150,7 +150,7 @@ export class Runtime {
         throw new EdgePeftError(`${this.loader.where(graph)}: checksum does not match adapter.json (truncated, modified or ` +
           `a stale copy); ${REEXPORT}`);
       }
-      const problem = adapterGraphProblem(bytes, this.most);  // before it runs: a forged node could take any memory or time
+      const problem = adapterGraphProblem(bytes, this.most, Object.keys(this.slots).length);  // before it runs: a forged node could take any memory or time
       if (problem) throw new EdgePeftError(`${this.loader.where(graph)}: ${problem}; ${REEXPORT}`);
       const session = await this.opened(graph, (o) => this.adapterSession(graph, bytes, o));
       tensors = await runOnce(session).catch((e) => {  // as Python names it (a raw ONNX Runtime error otherwise)

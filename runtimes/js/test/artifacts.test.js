@@ -256,13 +256,18 @@ test("an adapter graph holding what no export writes is refused before it runs, 
   const where = quoted(path.join(out, "adapters/lora/adapter.onnx"));
   const rt = await openFolder(ortNode, out);
   const TOO_MUCH = "its nodes would make \\d+ bytes of tensors, more than an adapter of this base can take \\(\\d+\\)";
+  const slots = (await readJsonFile(path.join(out, "base/edgepeft.json"))).slots.length;
+  const MANY = `it holds \\d+ outputs, \\d+ nodes and \\d+ tensors, where an export writes an output per slot of its base ` +
+    `\\(${slots} here\\) and at most 8 nodes and tensors a slot`;
   const cases = {
     "constant-of-shape": "it holds a ConstantOfShape node \\(exports write Identity, Concat, Pad only\\)",
     loop: "its attribute holds field 6, which exports never write", "concat-many": TOO_MUCH, "wide-pad": TOO_MUCH, "pad-4d": TOO_MUCH,
     sparse: "its graph holds field 15, which exports never write",  // ONNX Runtime took the sparse widths of its name
+    // ONNX Runtime takes time quadratic in the nodes (100,000 Identity nodes, 5 MB: minutes)
+    "many-nodes": MANY, "many-tensors": MANY,
   };
   for (const [name, said] of Object.entries(cases)) {
-    const bytes = execFileSync(PYTHON, ["-c", FORGED, name]);
+    const bytes = execFileSync(PYTHON, ["-c", FORGED, name, String(slots)]);
     await writeFile(path.join(out, "adapters/lora/adapter.onnx"), bytes);
     const json = path.join(out, "adapters/lora/adapter.json");
     await writeFile(json, JSON.stringify({ ...await readJsonFile(json), sha256: createHash("sha256").update(bytes).digest("hex") }));
@@ -319,6 +324,10 @@ nodes, inits = {
     "pad-4d": ([helper.make_node("Pad", ["x4", "pads"], ["big"])],
                [numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "x4"), i64("pads", [128] * 8)]),
     "sparse": ([helper.make_node("Pad", ["x", "pads"], ["big"])], [x, i64("pads", [0, 0, 0, 1])]),
+    "many-nodes": ([helper.make_node("Identity", ["x" if i == 0 else f"x{i}"], [f"x{i + 1}"]) for i in range(8 * int(sys.argv[2]))]
+                   + [helper.make_node("Identity", [f"x{8 * int(sys.argv[2])}"], ["big"])], [x]),
+    "many-tensors": ([helper.make_node("Identity", ["x"], ["big"])],
+                     [x] + [numpy_helper.from_array(np.ones(0, np.float32), f"e{i}") for i in range(8 * int(sys.argv[2]))]),
 }[sys.argv[1]]
 a = "lora_A.model.layers.0.self_attn.q_proj+k_proj+v_proj"
 nodes.append(helper.make_node("Identity", ["a"], [a]))
