@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from file_checks import edit_json, write_lines
 from training_helpers import cli_error, seq_cls_rows, train_argv
@@ -109,3 +110,32 @@ def test_embedding_pairs_without_in_batch_negatives_are_refused(text_model, tmp_
         "error: --batch-size 1 leaves each pair without negatives (its loss is 0, nothing is learnt); pass "
         "--batch-size 2 or more")
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_decoder_classifier_with_a_prompt_trains_on_each_rows_last_real_token(text_model, tmp_path, arch):
+    """A decoder classifier given inputs_embeds (a prompt before the tokens) pools the last position, which in a
+    right-padded batch is a pad: training and its eval read padding (logged loss 2.81 against 2.71 row by row), while
+    classify serves each row as the row alone gives it. A batch's loss and logits are now those of its rows alone."""
+    from edgepeft.models import load_base
+    from edgepeft.peft_model import get_peft_model
+    from edgepeft.training import Trainer, TrainingArguments, method_config
+    from edgepeft.tuners.prompt.config import PromptTuningConfig
+
+    rows = [{"text": "play some jazz", "label": "a"}, {"text": "what is the weather like in paris today", "label": "b"},
+            {"text": "stop", "label": "a"}, {"text": "add milk and eggs to the list", "label": "b"}]
+    data = write_lines(tmp_path / "d.jsonl", rows)
+    args = TrainingArguments(model=text_model(arch), task="seq-cls", method="prompt", data=data, out=str(tmp_path / "o"),
+                             options={"num_virtual_tokens": 3}, progress=False)
+    trainer = Trainer(args)
+    encoder, features, _, labels, _ = trainer._data(method_config(args.method, args.task, dict(args.options)))
+    torch.manual_seed(0)
+    model = get_peft_model(load_base(args.model, "seq-cls", labels=labels),
+                           PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)).eval()
+    batch = encoder.collate(features)
+    assert (batch["attention_mask"] == 0).any()  # rows of different lengths, padded on the right
+    with torch.no_grad():
+        loss, logits = trainer._loss(model, batch)
+        alone = torch.cat([model(**encoder.collate([f])).logits for f in features])
+    torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(alone, batch["labels"]), rtol=0, atol=1e-5)

@@ -23,7 +23,9 @@ import torch
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
 from edgepeft.files import deferred_interrupts, missing_folders, remove_abandoned, remove_empty, reporting_full_disk
-from edgepeft.models import load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder
+from edgepeft.models import (
+    DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder,
+)
 from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.processes import first
@@ -93,6 +95,8 @@ class Trainer:
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         n_virtual = getattr(method, "num_virtual_tokens", None) or 0
         self.virtual_first = getattr(method, "virtual_first", False)  # the config's to say: see _count
+        # a decoder classifier given inputs_embeds (a prompt before the tokens) pools the last position: see _loss
+        self.pools_last_real = args.task == "seq-cls" and self.virtual_first and config.model_type in DECODERS
         for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
             check_positions(features, checked, path, max_positions(config), n_virtual)
         return encoder, train, evals, labels, config
@@ -135,7 +139,9 @@ class Trainer:
         """(loss, what evaluation needs: the logits, or the (anchor, positive) embeddings)."""
         if self.args.task != "feature-extraction":
             fields = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-            out = model(**fields, return_dict=True)
+            with last_real_token_pooled(model, batch["attention_mask"]) if self.pools_last_real else \
+                    contextlib.nullcontext():
+                out = model(**fields, return_dict=True)
             return out.loss, out.logits
         # texts and positives in one forward (DDP allows one forward per backward)
         width = max(batch["input_ids"].shape[1], batch["positive_ids"].shape[1])
@@ -375,3 +381,33 @@ def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def last_real_token_pooled(model, mask: torch.Tensor):
+    """transformers' decoder classifiers pool each row's last non-pad token, found from input_ids; given inputs_embeds
+    (a prompt before the tokens, as HF PEFT gives them) they pool the last position, a pad in a right-padded batch.
+    Within, the score layer's output at the last position is each row's at its last real token: what the row alone
+    gives (causal attention never reads the pads after it), which is what ``classify`` serves. transformers' warning
+    that padding goes undetected is left out (the logger of the module whose forward says it)."""
+    import logging
+
+    base = getattr(model, "module", model).get_base_model()  # DDP's wrapper holds the model as .module
+    last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # in the inputs; the virtual tokens come before them
+
+    def at_last_real(module, args, logits):
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        shift = logits.shape[1] - mask.shape[1]  # the prompt's virtual tokens
+        return torch.cat([logits[:, :-1], logits[rows, shift + last].unsqueeze(1)], dim=1)
+
+    def undetected(record) -> bool:
+        return "will not detect padding tokens" not in record.getMessage()
+
+    logger = logging.getLogger(type(base).forward.__module__)
+    hook = base.score.register_forward_hook(at_last_real)
+    logger.addFilter(undetected)
+    try:
+        yield
+    finally:
+        hook.remove()
+        logger.removeFilter(undetected)
