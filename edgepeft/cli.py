@@ -88,7 +88,7 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
 @click.option("--out", required=True, type=click.Path(), help="Adapter folder to write (HF PEFT format, plus log and curve).")
 @click.option("--epochs", default=3, show_default=True, type=int)
 @click.option("--lr", default=None, type=float, help="Learning rate (default: the method's own, see docs/training.md).")
-@click.option("--head-lr", default=None, type=float, help="Rate of task heads trained whole, e.g. a classifier (default 1e-2).")
+@click.option("--head-lr", default=None, type=float, help="Rate of a task head the model lacks, trained whole from random weights: a new classifier (default 1e-2).")
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimizer step.")
 @click.option("--max-grad-norm", default=1.0, show_default=True, type=float)

@@ -85,6 +85,29 @@ def test_weight_decay_leaves_biases_and_norms_as_transformers_trainer_does(tiny_
     assert [len(g["params"]) > 0 for g in make_optimizer(peft, 1e-3, 1e-2, 0.0).param_groups] == [True, True]
 
 
+def test_modules_a_user_trains_whole_train_at_lr_and_only_heads_made_at_load_at_head_lr(text_model, tmp_path):
+    """modules_to_save=["lm_head"] trained the pretrained output layer at --head-lr (1e-2), 1,000x a --lr of 1e-5:
+    --head-lr is for a head that starts from random weights (a classifier the base lacks)."""
+    from edgepeft.models import load_base
+    from edgepeft.peft_model import get_peft_model
+    from edgepeft.training.optimizer import make_optimizer
+    from edgepeft.tuners.lora.config import LoraConfig
+
+    def rates(peft) -> dict:
+        names = {id(p): n for n, p in peft.named_parameters()}
+        return {names[id(p)].split(".")[2]: g["lr"] for g in make_optimizer(peft, 1e-5, 1e-2, 0.0).param_groups
+                for p in g["params"] if ".modules_to_save." in names[id(p)]}
+
+    model = text_model("llama")
+    lm = get_peft_model(load_base(model, "causal-lm"), LoraConfig(task_type="CAUSAL_LM", modules_to_save=["lm_head"]))
+    assert rates(lm) == {"lm_head": 1e-5}
+    load_base(model, "seq-cls", labels=["a", "b"]).save_pretrained(tmp_path / "classifier")
+    classifier = load_base(model, "seq-cls", labels=["a", "b"])
+    assert rates(get_peft_model(classifier, LoraConfig(task_type="SEQ_CLS"))) == {"score": 1e-2}  # made at load
+    again = load_base(str(tmp_path / "classifier"), "seq-cls", labels=["a", "b"])
+    assert rates(get_peft_model(again, LoraConfig(task_type="SEQ_CLS"))) == {"score": 1e-5}  # a classifier's own
+
+
 def test_fields_of_another_task_in_the_eval_file_get_their_note(text_model, tmp_path, capsys):
     """Only --data's were noted: an eval file of seq-cls rows scored a causal-lm run on their text, silently."""
     data = write_lines(tmp_path / "d.jsonl", [{"text": f"sample number {i}"} for i in range(4)])
