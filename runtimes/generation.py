@@ -162,7 +162,8 @@ def apply_top_p(scores: np.ndarray, p: float) -> np.ndarray:
     order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as transformers sorts
     sorted_scores = np.take_along_axis(scores, order, axis=-1)
     probs = softmax(sorted_scores)
-    remove_sorted = np.cumsum(probs, axis=-1) <= (1 - p)
+    # summed in double, each sum rounded to float32, as torch sums float32 (a float32 sum drifts: 0.8000000715)
+    remove_sorted = np.cumsum(probs, axis=-1, dtype=np.float64).astype(np.float32) <= np.float32(1 - p)
     remove_sorted[:, -1] = False  # keep the most likely token
     remove = np.zeros_like(remove_sorted)
     np.put_along_axis(remove, order, remove_sorted, axis=-1)

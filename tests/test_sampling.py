@@ -111,6 +111,25 @@ def test_top_p_matches_transformers(p):
     assert_same_scores(gen.apply_top_p(gen.apply_top_k(scores, 20), p), ref)
 
 
+def test_top_p_keeps_as_many_tokens_as_transformers_where_a_float32_sum_drifts():
+    """numpy summed float32 probabilities in float32: ten equal ones reached 0.8000000715 at the eighth, so top_p
+    0.2 kept 3 where transformers keeps 2 (torch sums float32 in double, each sum rounded); 3 rows in 48 of a
+    Qwen2-sized vocabulary kept one more."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    def kept(scores, p):
+        ref = TopPLogitsWarper(p)(None, torch.from_numpy(scores.copy())).numpy()
+        return np.isfinite(gen.apply_top_p(scores, p)).sum(-1).tolist(), np.isfinite(ref).sum(-1).tolist()
+
+    for p in (0.2, 0.3, 0.7, 0.9):
+        ours, want = kept(np.zeros((1, 10), np.float32), p)
+        assert ours == want == [round(10 * p)], p
+    large = random_scores(rows=8, vocab=151_936, seed=2) / np.float32(1.5)
+    for p in (0.9, 0.95):
+        ours, want = kept(large, p)
+        assert ours == want, p
+
+
 @pytest.mark.parametrize("cfg", [
     dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0),
     dict(temperature=0.7, top_k=5, top_p=1.0, repetition_penalty=1.0),

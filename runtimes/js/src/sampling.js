@@ -36,15 +36,17 @@ export function generationSettings(manifest, options) {
   for (const key of ["maxNewTokens", "maxLength"]) {
     if (s[key] != null && !(whole(s[key]) && s[key] >= 1)) throw new EdgePeftError(`${key} must be a positive integer, got ${s[key]}`);
   }
-  for (const key of ["minNewTokens", "minLength", "noRepeatNgramSize", "topK"]) {
+  for (const key of ["minNewTokens", "minLength", "noRepeatNgramSize"]) {
     if (s[key] != null && !(whole(s[key]) && s[key] >= 0)) throw new EdgePeftError(`${key} must be an integer >= 0, got ${s[key]}`);
   }
+  if (!whole(s.topK)) throw new EdgePeftError(`topK must be an integer, got ${s.topK}`);
   if (typeof s.doSample !== "boolean") throw new EdgePeftError(`doSample must be true or false, got ${s.doSample}`);
   for (const key of ["temperature", "topP", "repetitionPenalty", ...(s.minP == null ? [] : ["minP"])]) {
     if (!real(s[key])) throw new EdgePeftError(`${key} must be a finite number, got ${s[key]}`);
   }
   if (s.doSample) {  // greedy decoding ignores the sampling values, as transformers does
     if (!(s.temperature > 0)) throw new EdgePeftError(`temperature must be > 0 when sampling, got ${s.temperature} (greedy decoding: doSample false)`);
+    if (s.topK < 0) throw new EdgePeftError(`topK must be >= 0 (0: off), got ${s.topK}`);
     if (!(s.topP >= 0 && s.topP <= 1)) throw new EdgePeftError(`topP must be in [0, 1], got ${s.topP}`);
     if (s.minP != null && !(s.minP >= 0 && s.minP <= 1)) throw new EdgePeftError(`minP must be in [0, 1], got ${s.minP}`);
   }
@@ -119,10 +121,10 @@ export function processScores(logits, row, s, padding, promptLength, eos) {
     // removed tokens (-Infinity) add nothing to the sum: only the others are sorted (after top-k, a few)
     const order = [...scores.keys()].filter((v) => scores[v] > -Infinity).sort((a, b) => scores[a] - scores[b] || a - b);
     const probs = softmax(order.map((v) => scores[v])).map(f32);  // float32, as numpy's over float32 scores
-    let cumulative = 0;
+    let cumulative = 0;  // summed in double, each sum rounded to float32, as torch sums float32 (a float32 sum drifts)
     for (let i = 0; i < order.length - 1; i++) {
-      cumulative = f32(cumulative + probs[i]);
-      if (cumulative <= f32(1 - s.topP)) scores[order[i]] = -Infinity;
+      cumulative += probs[i];
+      if (f32(cumulative) <= f32(1 - s.topP)) scores[order[i]] = -Infinity;
     }
   }
   if (s.minP) {

@@ -58,6 +58,14 @@ test("sampling draws from those scores' softmax, repeats with a seed, and never 
   assert.ok(seeded > 0);
 });
 
+test("topP keeps as many tokens as transformers where a float32 sum drifts (ten equal ones: 0.8000000715 at the eighth)", () => {
+  const s = { doSample: true, temperature: 1, topK: 0, topP: 0.2, minP: null, repetitionPenalty: 1, noRepeatNgramSize: 0 };
+  for (const topP of [0.2, 0.3, 0.7, 0.9]) {  // transformers' TopPLogitsWarper keeps 10 * topP of ten equal scores
+    const kept = processScores(new Float32Array(10), [5], { ...s, topP }, 0, 1, []).filter((x) => x > -Infinity).length;
+    assert.equal(kept, Math.round(10 * topP), `topP ${topP}`);
+  }
+});
+
 test("a vocabulary of 152k tokens samples with minP (Math.max(...) overflowed the stack past about 128k)", () => {
   const logits = Float32Array.from({ length: 151936 }, (_, v) => 10 * Math.sin(v));
   const s = forPrompt(generationSettings({}, { doSample: true, minP: 0.05, topK: 0, seed: 1 }), 3);
@@ -91,6 +99,10 @@ test("the model's generation_config.json settings apply where a call leaves them
   await refuses({ doSample: true, temperature: 0 }, /temperature must be > 0 when sampling/);
   await refuses({ doSample: true, topP: 1.5 }, /topP must be in \[0, 1\]/);
   await refuses({ noRepeatNgramSize: -1 }, /noRepeatNgramSize must be an integer >= 0/);
+  // topK as Python checks top_k: a whole number always, >= 0 when sampling (greedy decoding ignores it)
+  await refuses({ doSample: true, topK: -1 }, /topK must be >= 0 \(0: off\), got -1/);
+  await refuses({ topK: 1.5 }, /topK must be an integer, got 1.5/);
+  assert.deepEqual(await rt.generate(ids, mask, { adapter: "lora", maxNewTokens: 6, eosTokenId: want.eos, topK: -1 }), plain);
   await refuses({ top_k: 5 }, /generate has no option top_k; .* \(topK: camelCase here\)/);
   await refuses({ stop: ["x"] }, /has no option stop; .*stop strings .* are the Python runtime's only/);
 });
