@@ -196,10 +196,11 @@ def processed_scores(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationC
 def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator,
                 ignore=None, prompt_length: int | None = None) -> np.ndarray:
     """Pick one token per row from last-position ``logits`` (B, V); returns (B,) int64 (``processed_scores``)."""
-    scores = processed_scores(logits, sequences, cfg, ignore, prompt_length)
-    if not cfg.do_sample:
-        return scores.argmax(-1).astype(np.int64)
-    probs = softmax(scores.astype(np.float64))
+    with np.errstate(all="ignore"):  # a temperature too small for float32 makes infinities: refused below, once
+        scores = processed_scores(logits, sequences, cfg, ignore, prompt_length)
+        if not cfg.do_sample:
+            return scores.argmax(-1).astype(np.int64)
+        probs = softmax(scores.astype(np.float64))
     if not np.isfinite(probs).all():  # transformers refuses to sample these too
         raise InvalidInputError(f"cannot sample: the scores are not finite (NaN or infinite logits, or temperature "
                                 f"{cfg.temperature!r} too small for float32); raise the temperature or use greedy decoding")

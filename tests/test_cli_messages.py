@@ -131,6 +131,22 @@ def test_suggested_export_commands_name_the_adapter_as_export_takes_it(peft_adap
     assert {"sp_ace", "sp_ace_2"} <= set(Runtime(out).adapter_names)
 
 
+def test_run_says_one_line_for_a_sampling_value_it_refuses(text_export, capsys):
+    """A temperature too small for float32 printed numpy's two RuntimeWarnings (with their source lines) before the
+    error; --seed -1 on greedy decoding printed a note that the seed goes unused, then refused it."""
+    import warnings
+
+    out = text_export[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning printed to the terminal fails the run here
+        line = cli_error(capsys, "run", out, PROMPT, "--adapter", "tok", "--do-sample", "--temperature", "1e-50")
+    assert line == "error: cannot sample: the scores are not finite (NaN or infinite logits, or temperature 1e-50 " \
+                   "too small for float32); raise the temperature or use greedy decoding"
+    for flag, value, said in (("--seed", "-1", "--seed must be an integer >= 0, got -1"),
+                              ("--top-p", "nan", "--top-p must be a finite number, got nan")):
+        assert cli_error(capsys, "run", out, PROMPT, "--adapter", "tok", flag, value) == f"error: {said}"
+
+
 def test_chat_without_a_template_names_the_file(text_export, tmp_path):
     out = str(tmp_path / "no-template")
     shutil.copytree(text_export[0], out)
