@@ -18,6 +18,11 @@ CHROMIUM ?= /usr/bin/chromium
 # make web PORT=8001 where port 8000 is taken
 PORT = 8000
 APT := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
+# torch's CPU build: PyPI's Linux torch 2.13.0 is the CUDA build (multi-GB, NVIDIA libraries), so PyTorch's CPU index
+# is added where it answers; a host that cannot reach it takes torch from its own pip configuration (a mirror)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_FROM = $(shell $(PYTHON) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=10)" \
+	$(TORCH_CPU_INDEX) 2>/dev/null && echo --extra-index-url $(TORCH_CPU_INDEX))
 
 .PHONY: test test-main test-device test-js demo web bench venv clean
 
@@ -26,8 +31,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU build (an unpinned torch pulls a multi-GB CUDA build)
-	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	# torch first, pinned, the CPU build (TORCH_FROM)
+	$(BIN)/python -m pip install -q -c constraints.txt $(TORCH_FROM) torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,gpu,dev]'
 	touch $(STAMP)
 
@@ -42,7 +47,7 @@ $(DEVICE_STAMP): pyproject.toml constraints-device.txt
 $(GENAI_STAMP): pyproject.toml constraints.txt
 	test -x $(GENAI)/bin/python || $(PYTHON) -m venv $(GENAI)
 	$(GENAI)/bin/python -m pip install -q --upgrade pip
-	$(GENAI)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(GENAI)/bin/python -m pip install -q -c constraints.txt $(TORCH_FROM) torch==2.13.0
 	$(GENAI)/bin/python -m pip install -q -c constraints.txt -e '.[train,cpu]' peft onnxruntime onnxruntime-genai
 	touch $(GENAI_STAMP)
 
