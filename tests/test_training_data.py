@@ -228,7 +228,8 @@ def test_eval_label_not_in_training_labels_names_eval_file_and_line(tmp_path):
     with pytest.raises(DataError) as e:
         label_ids(rows, ["neg", "pos"], eval_path)
     msg = str(e.value)
-    assert f"{eval_path}:2:" in msg and "'maybe'" in msg and "['neg', 'pos']" in msg
+    assert msg == f"{eval_path}:2: label 'maybe' is not one of the training labels ['neg', 'pos']; use one of " \
+                  "those, or add training rows labelled 'maybe' to --data"  # it named no fix
 
 
 def test_eval_integer_label_beyond_training_max(tmp_path):
@@ -283,8 +284,12 @@ def test_truncation_that_leaves_nothing_to_learn(max_length):
         rows = rows[1:]
     with pytest.raises(DataError) as e:
         enc.encode(rows, "train.jsonl")
-    msg = str(e.value)
-    assert "train.jsonl:7:" in msg and f"--max-length {max_length}" in msg and "nothing left to learn" in msg
+    assert str(e.value) == f"train.jsonl:7: nothing left to learn after truncating to --max-length {max_length} " \
+                           "tokens; shorten the prompt or raise --max-length"
+    with pytest.raises(DataError) as e:  # a text row has no prompt to shorten
+        Encoder(WordTokenizer(), "causal-lm", max_length=1).encode([{"text": "a b c", "_line": 3}], "train.jsonl")
+    assert str(e.value) == "train.jsonl:3: nothing left to learn after truncating to --max-length 1 tokens; raise " \
+                           "--max-length"
 
 
 def test_seq_cls_encode_checks_labels_against_training_names():

@@ -174,7 +174,8 @@ def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:
     for r in rows:
         key = str(r["label"])
         if key not in index:
-            raise DataError(f"{path}:{r['_line']}: label {r['label']!r} is not one of the training labels {names}")
+            raise DataError(f"{path}:{r['_line']}: label {r['label']!r} is not one of the training labels {names}; "
+                            f"use one of those, or add training rows labelled {r['label']!r} to --data")
         ids.append(index[key])
     return ids
 
@@ -230,8 +231,9 @@ class Encoder:
             labels = [IGNORE_INDEX] * len(prompt) + completion
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if all(y == IGNORE_INDEX for y in labels[1:]):
+            fix = "raise --max-length" if "text" in row else "shorten the prompt or raise --max-length"
             raise DataError(f"{path}:{row['_line']}: nothing left to learn after truncating to --max-length "
-                            f"{self.max_length} tokens; shorten the prompt or raise --max-length")
+                            f"{self.max_length} tokens; {fix}")
         return {"input_ids": ids, "labels": labels}
 
     def _completion(self, prompt: str, completion: str) -> list[int]:
