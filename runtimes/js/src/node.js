@@ -41,11 +41,16 @@ function named(e, file) {
 function located(out) {
   const absolute = path.resolve(out);
   if (!out.replaceAll("\\", "/").split("/").includes("..")) return absolute;
+  let real;
   try {
-    const real = realpathSync.native(out);  // the C library's: links resolved in order
-    return real === realpathSync.native(absolute) ? absolute : real;
+    real = realpathSync.native(out);  // the C library's: links resolved in order
   } catch {
     return absolute;  // missing: the read names what is not there
+  }
+  try {
+    return realpathSync.native(absolute) === real ? absolute : real;
+  } catch {
+    return real;  // nothing where the text leads (the usual case): the system's folder
   }
 }
 

@@ -38,9 +38,11 @@ test("OUT given as LINK/../out is the folder the system finds there (path.resolv
   await cp(path.join(FIXTURES, "llama"), path.join(scratch, "real", "out"), { recursive: true });
   await mkdir(path.join(scratch, "real", "deep"));
   await symlink(path.join(scratch, "real", "deep"), path.join(scratch, "link"));
-  await mkdir(path.join(scratch, "out"));  // beside the link: no export there
-  const rt = await openFolder(ortNode, `${scratch}/link/../out`);  // path.join drops "link/.." by its text too
-  assert.equal(await rt.loadAdapter("lora"), "lora");
+  for (const beside of [false, true]) {  // nothing named out beside the link (the usual case), then a folder there
+    if (beside) await mkdir(path.join(scratch, "out"));
+    const rt = await openFolder(ortNode, `${scratch}/link/../out`);  // path.join drops "link/.." by its text too
+    assert.equal(await rt.loadAdapter("lora"), "lora");
+  }
 });
 
 test("release frees the base session; later calls are refused, not run", async () => {
