@@ -14,7 +14,7 @@ import math
 import os
 import struct
 
-from .errors import CorruptArtifactError
+from .errors import CorruptArtifactError, first_line
 from .sessions import ort, session_options
 
 NODES = ("Identity", "Concat", "Pad")
@@ -79,10 +79,11 @@ _ALLOWED = {"model": {1, 2, 3, 4, 5, 6, 7, 8}, "opset": {1, 2}, "graph": {1, 2, 
             "attribute": {1, 3, 20}, "tensor": {1, 2, 7, 8, 9, 12}, "output": {1, 2, 3}, "type": {1},
             "tensor type": {1, 2}, "shape": {1}, "dim": {1, 2}}
 _MOST_DIMS = 8  # of a tensor or an output's shape: slots have at most 4
-# nodes and tensors a graph may hold per slot of its base: exports write an output per slot they fill, each an
-# Identity over a tensor or a Concat over parts (q/k/v: 3) each Padded (2 nodes and 3 tensors an output at most, in
-# every fixture); ONNX Runtime takes time quadratic in the nodes (100,000 Identity nodes, 5 MB: minutes)
-NODES_PER_SLOT = 8
+# nodes and tensors a graph may hold per slot of its base: exports write an output per slot they fill, an Identity
+# over a tensor, or a Concat over parts each Padded (a LoRA B on fused q/k/v: 4 nodes and 6 tensors; 2.5 tensors a
+# slot of the base at most in every fixture); an ``Assembled`` value of a method of one's own (adding-a-method.md)
+# fits up to 7 padded parts. ONNX Runtime's load time grows faster than the count (100,000 Identity nodes: minutes)
+NODES_PER_SLOT = 16
 
 
 def _read(data: bytes, span, what: str) -> list:
@@ -237,6 +238,6 @@ def run_adapter_graph(graph: bytes, where: str, most: int = 1 << 62, slots: int 
         outputs = sess.run(None, {})
     except Exception as e:
         raise CorruptArtifactError(
-            f"{where}: ONNX Runtime cannot run the adapter graph ({str(e).splitlines()[0]}); re-export the adapter"
+            f"{where}: ONNX Runtime cannot run the adapter graph ({first_line(e)}); re-export the adapter"
         ) from None
     return {o.name: v for o, v in zip(sess.get_outputs(), outputs)}

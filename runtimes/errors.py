@@ -65,3 +65,9 @@ class StorageError(EdgePeftError):
 
 class MissingDependencyError(EdgePeftError, ImportError):
     """A package this part of edgepeft needs is not installed; the message names the pip extra that brings it."""
+
+
+def first_line(error: BaseException) -> str:
+    """ONNX Runtime's (or another library's) error in one line of a readable length: a forged graph's error named
+    each of its 100,000 inputs (megabytes)."""
+    return (str(error).splitlines() or [""])[0][:300]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from .access import check_readable
-from .errors import ConfigError, CorruptArtifactError, MissingDependencyError
+from .errors import ConfigError, CorruptArtifactError, MissingDependencyError, first_line
 from .values import is_whole
 
 try:
@@ -123,7 +123,7 @@ def open_base_session(graph: str, providers: list, sess_options):
     try:
         return ort.InferenceSession(graph, sess_options=sess_options or session_options(), providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-        reason = str(e).splitlines()[0]
+        reason = first_line(e)
     if sess_options is not None:
         try:
             ort.InferenceSession(graph, sess_options=session_options(), providers=providers)

@@ -17,6 +17,9 @@ export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT -
 export const REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder";
 /** The fix for a damaged file of the export at `rel`: the base's needs a fresh export, an adapter's a re-export. */
 export const reexportFor = (rel) => rel.startsWith("base/") ? REEXPORT_BASE : REEXPORT;
+/** ONNX Runtime's (or another library's) error in one line of a readable length, as Python's first_line: a forged
+ * graph's error named each of its 100,000 inputs (megabytes). */
+export const firstLine = (e) => String(e?.message ?? e).split("\n")[0].slice(0, 300);
 const MIN_ORT = [1, 22];  // as runtimes/sessions.py and package.json's peerDependencies: 1.20 and 1.21 refuse GroupQueryAttention
 
 /** What to install where ONNX Runtime's module (onnxruntime-node or -web) is older than exports need, else "". */

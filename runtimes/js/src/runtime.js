@@ -14,7 +14,7 @@
 
 import {
   EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
-  checkOptions, checkSizes, checkTensors, namedLabels, olderRuntime, readJson, reexportFor,
+  checkOptions, checkSizes, checkTensors, firstLine, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { adapterGraphProblem } from "./graph.js";
 import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
@@ -88,7 +88,7 @@ export class Runtime {
       return await make(this.sessionOptions);
     } catch (e) {
       if (e instanceof EdgePeftError && !e.missing) throw e;
-      const reason = String(e.message).split("\n")[0];
+      const reason = firstLine(e);
       const plain = async () => { await (await make({}))?.release?.(); return true; };
       if (!e.missing && Object.keys(this.sessionOptions).length && await plain().catch(() => false)) {
         throw new EdgePeftError(`${this.loader.where(rel)}: ONNX Runtime cannot load it with the sessionOptions given ` +
@@ -155,7 +155,7 @@ export class Runtime {
       const session = await this.opened(graph, (o) => this.adapterSession(graph, bytes, o));
       tensors = await runOnce(session).catch((e) => {  // as Python names it (a raw ONNX Runtime error otherwise)
         throw new EdgePeftError(`${this.loader.where(graph)}: ONNX Runtime cannot run the adapter graph ` +
-          `(${String(e.message).split("\n")[0]}); ${REEXPORT}`);
+          `(${firstLine(e)}); ${REEXPORT}`);
       });
       const lost = session.outputNames.find((n) => !Object.hasOwn(tensors, n));  // "__proto__": no key of its own
       if (lost !== undefined) {

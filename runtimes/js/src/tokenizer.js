@@ -2,7 +2,7 @@
 // ids and text the Python runtime gives (the Rust tokenizers library, as transformers): where this library differs
 // and the difference can be mended, it is mended here; where it cannot, loadTokenizer refuses the tokenizer, naming
 // what to do (pass ids the Python runtime encodes). Differences in rare characters are listed in docs/web.md.
-import { EdgePeftError, OPTIONAL, readJson } from "./checks.js";
+import { EdgePeftError, OPTIONAL, firstLine, readJson } from "./checks.js";
 
 const PASS_IDS = "pass token ids encoded by the Python runtime (rt.tokenizer.encode) or transformers";
 
@@ -59,7 +59,7 @@ export async function tokenizerOf(Tokenizer, loader) {
     tokenizer = new Tokenizer(json, { ...config, clean_up_tokenization_spaces: tidy });
   } catch (e) {
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: the JavaScript tokenizer cannot read it ` +
-      `(${String(e.message).split("\n")[0]}); ${PASS_IDS}`);
+      `(${firstLine(e)}); ${PASS_IDS}`);
   }
   keepByteOrderMarks(tokenizer.decoder);
   const decode = tokenizer.decode.bind(tokenizer);  // as the Python runtime's decode: special tokens skipped by default
