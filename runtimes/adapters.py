@@ -153,6 +153,13 @@ class AdapterStore:
         with self._lock:
             return sum(self._adapters[n].bytes for n in self._resident)
 
+    def staged_bytes(self, name: str) -> int:
+        """The bytes adapter ``name`` takes staged, what the budget counts (an evicted one is staged to count them)."""
+        adapter = self.get(name)
+        if adapter.plan is not None:
+            return adapter.bytes
+        return int(sum(a.nbytes for a in self._stage(adapter, self._unchanged_graph(adapter))[0].values()))
+
     def serves_base(self, name) -> bool:
         """No adapter, or the one a --merge export folded into the base: calls run the base graph as it is."""
         return name is None or name == self.merged

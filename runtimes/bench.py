@@ -126,15 +126,13 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     }
     for n in names:
         info = rt.adapter_info(n)
-        load, staged = [], 0
+        load = []
         spare = next(s for i in range(len(rt.adapter_names) + 1)  # a name OUT does not hold
                      if (s := f"{n}__bench{i or ''}") not in rt.adapter_names)
         for _ in range(3):  # staging cost: read, check and place the adapter's tensors (under another name)
             t = time.perf_counter()
             tmp = rt.load_adapter(rt.store.get(n).source, name=spare)  # its folder or zip bytes
             load.append(time.perf_counter() - t)
-            # what adapter_budget_bytes counts: the tensors as bound (fused q/k/v block-diagonal), not the file's
-            staged = max(staged, rt.store.get(tmp).bytes)
             rt.unload_adapter(tmp)
         stay = _median_ms(times[f"stay:{n}"])
         result["adapters"][n] = {
@@ -146,7 +144,8 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
             "switch_ms_iqr": [float(q) for q in np.percentile(per_round[n], [25, 75])],
             "over_base": stay / result["none_ms"],
             "load_ms": _median_ms(load),
-            "staged_bytes": staged,
+            # what adapter_budget_bytes counts: the tensors as bound (fused q/k/v block-diagonal), not the file's
+            "staged_bytes": rt.store.staged_bytes(n),
         }
     if names:
         result["switching_none_ms"] = _median_ms(split[None])

@@ -26,6 +26,9 @@ def test_measure_reports_every_adapter_and_generation(shared_export):
         assert a["staged_bytes"] == rt.store.get(name).bytes  # what adapter_budget_bytes counts
     # not the file's parameters (it said so): a fused q/k/v group's B is staged block-diagonal, 3x its parts
     assert result["adapters"]["all"]["staged_bytes"] > rt.adapter_info("all")["parameter_bytes"]
+    small = Runtime(out, adapter_budget_bytes=0)  # nothing stays staged: the bytes are still counted (they were 0)
+    assert {n: a["staged_bytes"] for n, a in measure(small, rounds=1, calls=1, seq=8)["adapters"].items()} == \
+        {n: a["staged_bytes"] for n, a in result["adapters"].items()}
     assert set(result["tokens_per_s"]) == {"none", *dirs}
     assert rt.adapter_names == sorted(dirs)  # the staging probe loaded and unloaded its copies
     text = table(result)
