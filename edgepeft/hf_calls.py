@@ -13,6 +13,8 @@ _ELSEWHERE = {
     "disable_adapters": "`with model.disable_adapter():`",
     "enable_adapter_layers": "`with model.disable_adapter():` (the adapter is back when the block ends)",
     "disable_adapter_layers": "`with model.disable_adapter():`",
+    "add_weighted_adapter": "the runtime's weighted sums: export the LoRA adapters, then pass adapter={'a': 0.7, "
+                            "'b': 0.3} to forward or generate",
 }
 
 

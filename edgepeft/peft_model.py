@@ -47,6 +47,14 @@ class TunedModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if (refused := elsewhere(name)) is None:  # HF PEFT's LoraModel has them too (model.base_model.merge_adapter)
+                raise
+            return refused
+
 
 class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config=None, adapter_name: str = "default"):
@@ -115,6 +123,9 @@ class PeftModel(nn.Module):
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the one calls use and, as HF PEFT, the one that trains (frozen: ``inference_mode``)."""
+        if not isinstance(adapter_name, str):  # HF PEFT's LoraModel takes a list: several adapters active at once
+            raise ConfigError(f"set_adapter takes one adapter's name, got {adapter_name!r}; for several at once export "
+                              "them, then pass adapter=[...] (one per row) or {name: weight} to the runtime")
         if adapter_name not in self.peft_config:
             raise ConfigError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
         self._activate(adapter_name)

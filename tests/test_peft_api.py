@@ -94,9 +94,12 @@ def test_hf_peft_keywords_of_save_load_merge_and_unload(tiny_base, tmp_path):
     torch.testing.assert_close(_logits(unloaded, ids), _logits(_llama(tiny_base), ids), rtol=0, atol=0)
     assert type(unloaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     for name, fix in (("merge_adapter", "merge_and_unload"), ("disable_adapters", "disable_adapter"),
-                      ("enable_adapter_layers", "disable_adapter")):
-        with pytest.raises(ConfigError, match=rf"{name}\(\) \(HF PEFT's\) is not in edgepeft's PeftModel; use .*{fix}"):
-            getattr(model, name)()
+                      ("enable_adapter_layers", "disable_adapter"), ("add_weighted_adapter", "adapter=\\{'a'")):
+        for owner in (model, model.base_model):  # HF PEFT's LoraModel has them too (an AttributeError naming transformers')
+            with pytest.raises(ConfigError, match=rf"{name}\(\) \(HF PEFT's\) is not in edgepeft's PeftModel; use .*{fix}"):
+                getattr(owner, name)(["default", "again"], [0.5, 0.5], "mix")
+    with pytest.raises(ConfigError, match=r"set_adapter takes one adapter's name, got \['default', 'again'\]; .* to the runtime"):
+        loaded.set_adapter(["default", "again"])  # HF PEFT's LoraModel's way to activate several: a TypeError
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
     with pytest.raises(ConfigError, match="gives weights that are not finite"):
