@@ -76,8 +76,9 @@ def _weights(spec) -> dict:
     if not isinstance(spec, dict) or not spec or not all(isinstance(k, str) for k in spec):
         raise InvalidInputError(f"a weighted adapter is a non-empty {{name: weight}} dict; got {spec!r}")
     for name, weight in spec.items():
-        if not is_real(weight):
-            raise InvalidInputError(f"adapter {name!r} has weight {weight!r}; give a finite number")
+        if not is_real(weight) or abs(weight) > float(np.finfo(np.float32).max):  # the row weights are float32: 1e40 is inf
+            raise InvalidInputError(f"adapter {name!r} has weight {weight!r}; give a finite number (within float32's "
+                                    "range, 3.4e38)")
     return {k: float(v) for k, v in spec.items()}
 
 
