@@ -4,18 +4,21 @@ import { Tokenizer } from "@huggingface/tokenizers";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { tokenizerOf } from "./tokenizer.js";
 
-/** The body of `url` (JSON or bytes); a failed download, an HTTP error or a page where a JSON file should be named. */
+/** The body of `url` (JSON or bytes); a failed download, an HTTP error or a page where an export's file should be named. */
 async function fetched(url, as) {
   let response, body;
   try {
-    // JSON (manifests, small) revalidated on every fetch: a browser's cached edgepeft.json paired an old manifest
-    // with re-exported files, and hid "re-exported since this Runtime opened it" on loading a new adapter
-    response = await fetch(url, as === "json" ? { cache: "no-cache" } : undefined);
+    // every file revalidated on every fetch (unchanged: a 304, no download): a browser's cached edgepeft.json paired
+    // an old manifest with re-exported files, and a cached adapter.onnx or model.onnx.data (a site's max-age) an old
+    // graph or weights with a re-exported manifest (a checksum that re-exporting could not mend; other logits)
+    response = await fetch(url, { cache: "no-cache" });
     body = response.ok ? (as === "json" ? await response.text() : new Uint8Array(await response.arrayBuffer())) : null;
   } catch (e) {  // the server down, the connection cut: nothing to re-export
     throw new EdgePeftError(`${url}: download failed (${e.message}); check the server and the connection, then retry`);
   }
-  const page = as === "json" && /^\s*</.test(body ?? "");  // a site that answers a missing file with its HTML page
+  // a site that answers a missing file with its HTML page (a binary file's said "checksum does not match: re-export")
+  const page = response.ok && (/text\/html/i.test(response.headers?.get?.("content-type") ?? "") ||
+    (as === "json" && /^\s*</.test(body ?? "")));
   if (!response.ok || page) {
     const error = new EdgePeftError(`${url}: ${page ? "the server answered with an HTML page, not the export's file"
       : `HTTP ${response.status}`}; serve the export's folder (OUT) at that address`);
