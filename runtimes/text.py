@@ -13,6 +13,7 @@ import copy
 import functools
 import json
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -138,9 +139,11 @@ class TextTokenizer:
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}")
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = [texts] if isinstance(texts, str) or not isinstance(texts, Iterable) else list(texts)
         for text in texts:  # the tokenizers package's TypeError said "TextInputSequence must be str"
-            if isinstance(text, str) and surrogate_at(text) is not None:
+            if not isinstance(text, str):
+                raise InvalidInputError(f"encode takes a text or a list of texts (strings), got {type(text).__name__}")
+            if surrogate_at(text) is not None:
                 raise InvalidInputError(f"text {text[:40]!r} holds half of a character (a lone surrogate: bytes read "
                                         "in another encoding than UTF-8); pass it as UTF-8 text")
         rows = [self._cut(t, add_special_tokens, max_length) if max_length else

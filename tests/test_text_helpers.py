@@ -111,6 +111,9 @@ def test_text_with_half_a_character_is_refused_in_one_line(text_export, text_rt)
                  lambda: text_rt.tokenizer.encode(["w10", "\ud83d"])):
         with pytest.raises(InvalidInputError, match="holds half of a character .* pass it as UTF-8 text"):
             call()
+    for odd in (123, None, ["w10", None]):  # TypeErrors from numpy or the tokenizers package
+        with pytest.raises(InvalidInputError, match="encode takes a text or a list of texts \\(strings\\), got"):
+            text_rt.tokenizer.encode(odd)
     with pytest.raises(ConfigError, match="stop strings must be whole characters"):
         text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=2, stop=["\ud800"])
     done = subprocess.run([sys.executable, "-m", "edgepeft", "run", text_export[0].encode(), b"caf\xe9", b"--adapter",

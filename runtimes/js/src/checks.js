@@ -5,7 +5,7 @@
 
 export class EdgePeftError extends Error {}
 
-function described(v) {  // a value as a message shows it: "5", 5n, 2.5, Int32Array, {"a":1}
+export function described(v) {  // a value as a message shows it: "5", 5n, 2.5, Int32Array, {"a":1}
   if (typeof v === "string") return JSON.stringify(v);
   if (typeof v === "bigint") return `${v}n`;
   if (typeof v !== "object" || v === null) return String(v);
@@ -214,6 +214,9 @@ function integerRows(x, what) {
   if (isRow(x) && x.length && !isRow(x[0])) x = [x];  // one row given flat
   if (!Array.isArray(x) || !x.length || !x.every(isRow)) {
     throw new EdgePeftError(`${what} must be a non-empty array of rows (2-D: batch x sequence), every row the same length (pad on the left)`);
+  }
+  if (what === "ids" && x.some((r) => r instanceof Float32Array || r instanceof Float64Array)) {  // as Python's dtype check
+    throw new EdgePeftError(`ids must be token ids (integers: numbers, an Int32Array, a BigInt64Array), got ${described(x.find((r) => r instanceof Float32Array || r instanceof Float64Array))}`);
   }
   return x.map((row) => Array.from(row, (v) => {
     if (isRow(v)) throw new EdgePeftError(`${what} must be rows of numbers (2-D: batch x sequence); got more levels of arrays`);

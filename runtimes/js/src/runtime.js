@@ -13,15 +13,15 @@
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
 import {
-  EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs, checkLabels,
-  checkOptions, checkSizes, checkTensors, firstLine, namedLabels, olderRuntime, readJson, reexportFor,
+  EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs,
+  checkOptions, checkSizes, checkTensors, described, firstLine, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { adapterGraphProblem } from "./graph.js";
-import { GENERATION_OPTIONS, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
+import { GENERATION_OPTIONS, classify, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, joined, repeat, rowOf, runOnce } from "./sessions.js";
 import { sha256 } from "./sha256.js";
 
-export { EdgePeftError };
+export { EdgePeftError, classify };
 
 const int64 = (rows) => BigInt64Array.from(rows.flat(), (v) => BigInt(v));
 const PYTHON_ONLY = "; stop strings and mixed batches (one adapter per row) are the Python runtime's only";
@@ -50,32 +50,43 @@ export class Runtime {
     await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`]);
     rt.session = new TakingTurns(await rt.opened(`base/${m.web_graph}`,
       (o) => loader.session(ort, `base/${m.web_graph}`, o, true)));
+    try {
+      await rt.checkedOpen(m);
+    } catch (e) {  // the session is freed (wasm frees one on release only: 80 MB a failed open kept)
+      await rt.session.release().catch(() => {});
+      throw e;
+    }
+    return rt;
+  }
+
+  /** The base's neutral values and slots, checked against the session: the rest of open. */
+  async checkedOpen(m) {
+    const { loader, ort } = this;
     // neutral.onnx: every slot's neutral value (none in a merged classifier, which has no slot)
     const neutral = `base/${m.neutral_graph}`;
-    rt.neutral = m.neutral_graph ? await runOnce(await rt.opened(neutral, (o) => loader.session(ort, neutral, o, false))) : {};
-    rt.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
-    rt.sharing = axisSharing(rt.slots);  // what each adapter's tensors are checked against
+    this.neutral = m.neutral_graph ? await runOnce(await this.opened(neutral, (o) => loader.session(ort, neutral, o, false))) : {};
+    this.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
+    this.sharing = axisSharing(this.slots);  // what each adapter's tensors are checked against
     // the most an adapter may take: 4x the base (as Python; 2 GiB where an older export recorded no sizes)
     const recorded = (m.file_bytes?.[m.graph] ?? 0) + (m.file_bytes?.[`${m.graph}.data`] ?? 0);
-    rt.most = recorded ? 4 * recorded + 64 * 2 ** 20 : 2 ** 31;
-    const unbound = m.slots.find((s) => !s.target && !(s.name in rt.neutral));  // an input no run would feed
+    this.most = recorded ? 4 * recorded + 64 * 2 ** 20 : 2 ** 31;
+    const unbound = m.slots.find((s) => !s.target && !(s.name in this.neutral));  // an input no run would feed
     if (unbound) {
       throw new EdgePeftError(`${m.neutral_graph ? `${loader.where(neutral)}: gives no value for slot ${unbound.name}`
         : `${loader.where("base")}: this export has no neutral.onnx`}; ${REEXPORT_BASE}`);
     }
-    const required = new Set(rt.session.inputNames);
-    const missing = Object.keys(rt.neutral).filter((n) => !required.has(n));
+    const required = new Set(this.session.inputNames);
+    const missing = Object.keys(this.neutral).filter((n) => !required.has(n));
     if (missing.length) {  // a feed the session does not list would be dropped in silence (onnxruntime-node)
       throw new EdgePeftError(`${loader.where("base")}: the session does not take slot ${missing[0]}; it would run the base model`);
     }
-    rt.outputName = Object.keys(m.outputs)[0];
-    rt.cache = m.cache;
-    rt.rowsApart = m.ops === "contrib";  // see run()
-    rt.pastNames = rt.cache ? cacheNames(rt.cache, "past") : [];
-    rt.presentNames = rt.cache ? cacheNames(rt.cache, "present") : [];
-    rt.baseLabels = namedLabels(m.labels, loader.where("base/edgepeft.json"));
-    rt.adapters = new Map();
-    return rt;
+    this.outputName = Object.keys(m.outputs)[0];
+    this.cache = m.cache;
+    this.rowsApart = m.ops === "contrib";  // see run()
+    this.pastNames = this.cache ? cacheNames(this.cache, "past") : [];
+    this.presentNames = this.cache ? cacheNames(this.cache, "present") : [];
+    this.baseLabels = namedLabels(m.labels, loader.where("base/edgepeft.json"));
+    this.adapters = new Map();
   }
 
   json(rel, missing) {
@@ -101,12 +112,24 @@ export class Runtime {
     }
   }
 
-  /** Free the base session once queued calls are done (wasm frees one on release only: ~90 MB per open kept). */
+  /** Free the base session once the calls already made are done, a generate's every step included (wasm frees one
+   * on release only: ~90 MB per open kept); later calls are refused. */
   async release() {
-    const session = this.session;
-    this.session = { run: async () => { throw new EdgePeftError("this Runtime was released; open the export again"); },
-      release: async () => {} };  // a second release does nothing
-    await session.release();
+    if (this.released) return;  // a second release does nothing
+    this.released = true;
+    if (this.inFlight) await new Promise((resolve) => { this.settled = resolve; });
+    await this.session.release();
+  }
+
+  /** call() as a call release() waits for (it swapped in a refusing session at once: a generate's decode steps failed). */
+  async counted(call) {
+    if (this.released) throw new EdgePeftError("this Runtime was released; open the export again");
+    this.inFlight = (this.inFlight ?? 0) + 1;
+    try {
+      return await call();
+    } finally {
+      if (--this.inFlight === 0) this.settled?.();
+    }
   }
 
   /** How classify scores a classifier's logits: the base config's problem_type (null: softmax, or one output's sigmoid). */
@@ -222,7 +245,11 @@ export class Runtime {
   }
 
   /** Run the base with an adapter (null: the base model); returns {logits} or {last_hidden_state} as an ort Tensor. */
-  async forward(ids, mask, options = {}) {
+  forward(ids, mask, options = {}) {
+    return this.counted(() => this.forwardNow(ids, mask, options));
+  }
+
+  async forwardNow(ids, mask, options) {
     const { adapter = null } = checkOptions(options, ["adapter"], "forward");
     const plan = this.plan(adapter);
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
@@ -236,7 +263,11 @@ export class Runtime {
    * Generation with the KV cache, greedy or sampled (sampling.js: transformers' settings, camelCase, the model's
    * generation_config.json where a call leaves them unset); rows left-padded; returns ids (prompt included).
    */
-  async generate(ids, mask, options = {}) {
+  generate(ids, mask, options = {}) {
+    return this.counted(() => this.generateNow(ids, mask, options));
+  }
+
+  async generateNow(ids, mask, options) {
     const { adapter = null, eosTokenId: eos = null, ...settings } =
       checkOptions(options, ["adapter", "eosTokenId", ...GENERATION_OPTIONS], "generate", PYTHON_ONLY);
     if (!this.cache) throw new EdgePeftError(`a ${this.manifest.task} export does not generate`);
@@ -246,9 +277,11 @@ export class Runtime {
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
     s = forPrompt(s, ids[0].length);
     const maxNewTokens = s.maxNewTokens;
-    const eosTokenId = [eos ?? this.manifest.eos_token_id ?? []].flat();  // null: the model's; one id or a list
+    const eosGiven = eos ?? this.manifest.eos_token_id ?? [];  // null: the model's; one id or a list (or typed array)
+    const eosTokenId = (Array.isArray(eosGiven) || ArrayBuffer.isView(eosGiven) ? [...eosGiven] : [eosGiven])
+      .map((v) => (typeof v === "bigint" && v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v));
     if (!eosTokenId.every((v) => Number.isInteger(v))) {  // as Python: an id < 0 is taken and never matches
-      throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${JSON.stringify(eosTokenId)}`);
+      throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${described(eosGiven)}`);
     }
     const pad = this.padIdOr(eosTokenId);
     // no mask: left padding told by the model's padding id (not an eos fallback), as transformers' generate tells it
@@ -360,30 +393,4 @@ export class Runtime {
     }
     return this.session.run(feeds);
   }
-}
-
-/**
- * Label scores from a classifier's logits row: [{label, score}], highest first. As transformers' text-classification
- * pipeline (and the Python runtime's classify) by the model's problemType (rt.problemType): probabilities (softmax),
- * a sigmoid per label for "multi_label_classification" and for heads of one output, the logits for "regression".
- * Label names that do not fit the head (a hand-edited manifest) are an EdgePeftError naming the manifest.
- */
-export function classify(logits, labels, row = 0, problemType = null) {
-  if (logits?.dims?.length !== 2 || !(Number.isInteger(row) && row >= 0 && row < logits.dims[0])) {
-    throw new EdgePeftError(`classify takes a classifier's logits (batch x labels) and one of their rows; got ` +
-      `${logits?.dims ? `[${logits.dims}]` : String(logits)} and row ${row}`);
-  }
-  const width = logits.dims[1];
-  checkLabels(labels, width);
-  const values = Array.from(logits.data.slice(row * width, (row + 1) * width));
-  let scores = values;
-  if (problemType === "multi_label_classification" || (problemType !== "regression" && width === 1)) {
-    scores = values.map((v) => 1 / (1 + Math.exp(-v)));
-  } else if (problemType !== "regression") {
-    const top = values.reduce((a, b) => Math.max(a, b), -Infinity);
-    const exp = values.map((v) => Math.exp(v - top));
-    const sum = exp.reduce((a, b) => a + b, 0);
-    scores = exp.map((e) => e / sum);
-  }
-  return scores.map((score, i) => ({ label: labels ? labels[i] : String(i), score })).sort((a, b) => b.score - a.score);
 }

@@ -8,9 +8,10 @@
 //
 // Settings a call leaves unset (null or absent) come from the model's generation_config.json (the manifest's
 // "generation"), else transformers' defaults, as in Python. The draws are this runtime's own: a seed repeats
-// them here, not Python's (numpy's) stream.
+// them here, not Python's (numpy's) stream. classify (below) scores a classifier's logits row as transformers'
+// text-classification pipeline does.
 
-import { EdgePeftError } from "./checks.js";
+import { EdgePeftError, checkLabels } from "./checks.js";
 
 export const DEFAULT_NEW_TOKENS = 32;
 // option -> the manifest's (generation_config.json's) name, and transformers' default
@@ -180,4 +181,30 @@ export function pick(scores, s, random) {
     if (cumulative > u) return v;
   }
   return last;  // rounding left the sum just under u: never a removed token
+}
+
+/**
+ * Label scores from a classifier's logits row: [{label, score}], highest first. As transformers' text-classification
+ * pipeline (and the Python runtime's classify) by the model's problemType (rt.problemType): probabilities (softmax),
+ * a sigmoid per label for "multi_label_classification" and for heads of one output, the logits for "regression".
+ * Label names that do not fit the head (a hand-edited manifest) are an EdgePeftError naming the manifest.
+ */
+export function classify(logits, labels, row = 0, problemType = null) {
+  if (logits?.dims?.length !== 2 || !(Number.isInteger(row) && row >= 0 && row < logits.dims[0])) {
+    throw new EdgePeftError(`classify takes a classifier's logits (batch x labels) and one of their rows; got ` +
+      `${logits?.dims ? `[${logits.dims}]` : String(logits)} and row ${row}`);
+  }
+  const width = logits.dims[1];
+  checkLabels(labels, width);
+  const values = Array.from(logits.data.slice(row * width, (row + 1) * width));
+  let scores = values;
+  if (problemType === "multi_label_classification" || (problemType !== "regression" && width === 1)) {
+    scores = values.map((v) => 1 / (1 + Math.exp(-v)));
+  } else if (problemType !== "regression") {
+    const top = values.reduce((a, b) => Math.max(a, b), -Infinity);
+    const exp = values.map((v) => Math.exp(v - top));
+    const sum = exp.reduce((a, b) => a + b, 0);
+    scores = exp.map((e) => e / sum);
+  }
+  return scores.map((score, i) => ({ label: labels ? labels[i] : String(i), score })).sort((a, b) => b.score - a.score);
 }

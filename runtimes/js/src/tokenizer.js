@@ -2,7 +2,7 @@
 // ids and text the Python runtime gives (the Rust tokenizers library, as transformers): where this library differs
 // and the difference can be mended, it is mended here; where it cannot, loadTokenizer refuses the tokenizer, naming
 // what to do (pass ids the Python runtime encodes). Differences in rare characters are listed in docs/web.md.
-import { EdgePeftError, OPTIONAL, firstLine, readJson } from "./checks.js";
+import { EdgePeftError, OPTIONAL, described, firstLine, readJson } from "./checks.js";
 
 const PASS_IDS = "pass token ids encoded by the Python runtime (rt.tokenizer.encode) or transformers";
 
@@ -69,7 +69,10 @@ export async function tokenizerOf(Tokenizer, loader) {
   };
   const encode = tokenizer.encode.bind(tokenizer);
   const cjk = bertCjk(json.normalizer);
-  const text = (t) => typeof t !== "string" ? t : wholeCharacters(cjk ? t.replace(ASTRAL_CJK, " $& ") : t);
+  const text = (t) => {
+    if (typeof t !== "string") throw new EdgePeftError(`encode takes a text (a string), got ${described(t)}`);
+    return wholeCharacters(cjk ? t.replace(ASTRAL_CJK, " $& ") : t);
+  };
   tokenizer.encode = (t, options) => encode(text(t),
     options?.text_pair == null ? options : { ...options, text_pair: text(options.text_pair) });
   return tokenizer;

@@ -53,6 +53,29 @@ test("release frees the base session; later calls are refused, not run", async (
   assert.ok((await pending).logits);
   await refuses(rt.forward(ids), /this Runtime was released; open the export again/);
   await rt.release();  // twice: nothing more
+  // a generate made before the release takes every decode step (its steps after the prefill were refused)
+  const llama = await openFolder(ortNode, path.join(FIXTURES, "llama"));
+  const want = await llama.generate([[5, 6, 7]], null, { maxNewTokens: 5, eosTokenId: [] });
+  const generating = llama.generate([[5, 6, 7]], null, { maxNewTokens: 5, eosTokenId: [] });
+  await llama.release();
+  assert.deepEqual(await generating, want);
+  await refuses(llama.generate([[5, 6, 7]], null, { maxNewTokens: 1 }), /this Runtime was released/);
+});
+
+test("an open that fails after the base session was made releases it (80 MB of wasm kept per failed open)", async () => {
+  const out = path.join(scratch, "no-neutral");
+  await cp(path.join(FIXTURES, "minilm"), out, { recursive: true });
+  await rm(path.join(out, "base", "neutral.onnx"));
+  let made = 0, released = 0;
+  const ort = { ...ortNode, InferenceSession: { create: async (...args) => {
+    const session = await ortNode.InferenceSession.create(...args);
+    made++;
+    return { inputNames: session.inputNames, outputNames: session.outputNames, run: (f) => session.run(f),
+      release: () => { released++; return session.release(); } };
+  } } };
+  await refuses(openFolder(ort, out), /neutral\.onnx: no such file|neutral\.onnx: missing/);
+  assert.equal(made, 1);
+  assert.equal(released, 1);
 });
 
 test("the export's own files: a base re-exported since, a missing weights file, another user's file", async () => {
@@ -95,6 +118,14 @@ test("what is wrong with an app's arguments is named, not blamed on the export",
   assert.throws(() => classify(logits, null), (e) => e instanceof EdgePeftError && /batch x labels/.test(e.message));
   assert.throws(() => classify(new ortNode.Tensor("float32", new Float32Array(2), [1, 2]), null, 1), /one of their rows/);
   assert.throws(() => classify(undefined, null), /batch x labels.*got undefined/);  // a TypeError reading .dims
+  const minilm = await openFolder(ortNode, out);  // float ids: refused, as in Python (a dtype) and in decode
+  await refuses(minilm.forward([Float32Array.from([101, 102])]), /ids must be token ids \(integers: numbers, an Int32Array, a BigInt64Array\), got Float32Array/);
+  const llama = await openFolder(ortNode, path.join(FIXTURES, "llama"));  // bigint ids are taken: bigint eos ids too
+  const want = await llama.generate([[5, 6, 7]], null, { maxNewTokens: 3, eosTokenId: [2] });
+  for (const eos of [2n, [2n], BigInt64Array.from([2n])]) {  // a TypeError from JSON.stringify
+    assert.deepEqual(await llama.generate([[5, 6, 7]], null, { maxNewTokens: 3, eosTokenId: eos }), want);
+  }
+  await refuses(llama.generate([[5, 6, 7]], null, { eosTokenId: [2.5] }), /eosTokenId must be a token id or a list of token ids \(integers\), got \[2\.5\]/);
   await refuses(Runtime.open(ortNode, out), /Runtime\.open takes a loader of the export's files, got ".*"; open a folder with openFolder/);
 });
 
@@ -150,6 +181,9 @@ test("decode keeps a byte order mark a byte run spells, and encode refuses half 
     assert.throws(() => tokenizer.encode("caf\uD83D"), (e) => e instanceof EdgePeftError &&
       e.message === 'text "caf\\ud83d" holds half of a character (a lone surrogate); pass whole characters');
     assert.throws(() => tokenizer.encode("ok", { text_pair: "\uDE00" }), EdgePeftError);
+  }
+  for (const odd of [null, undefined, 123]) {  // a TypeError from the library, or no ids at all (123)
+    assert.throws(() => minilm.encode(odd), (e) => e instanceof EdgePeftError && /encode takes a text \(a string\), got/.test(e.message));
   }
   assert.deepEqual(bom.encode("a😀").ids, [vocab["▁"], a, ...[0xF0, 0x9F, 0x98, 0x80].map((x) => x + 4)]);  // a pair is taken
 });
