@@ -78,7 +78,10 @@ def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) 
     """
     for key in [k for k in state if k.endswith(".weight") and k not in adapter_keys]:
         try:
-            weight = model.get_submodule(key[: -len(".weight")]).weight
+            layer = model.get_submodule(key[: -len(".weight")])
+            while not hasattr(layer, "weight") and hasattr(layer, "base_layer"):  # another method's wrapper over it
+                layer = layer.base_layer  # (LoRA and IA3 both on lm_head: the second wraps the first)
+            weight = layer.weight
         except AttributeError:
             continue  # no such layer here: reported as an unexpected weight
         saved, weight = state[key], weight.detach()

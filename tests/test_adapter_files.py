@@ -52,6 +52,39 @@ def test_an_hf_adapter_on_lm_head_loads_and_exports(tiny_base, tmp_path):
         edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
 
 
+def test_lora_and_ia3_on_lm_head_export_together(tiny_base, tmp_path):
+    """Both save lm_head's base weight; loaded together, the second's wrapper sits over the first's, whose base layer
+    holds the weight: the key was read as a layer the model lacks ("remove those keys"), though each exported alone."""
+    import peft
+
+    from edgepeft.exporters import export
+    from edgepeft.runtimes import Runtime
+
+    base = tiny_base("llama")
+    configs = {"lora": peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"),
+               "ia3": peft.IA3Config(target_modules=["q_proj", "lm_head", "down_proj"], feedforward_modules=["down_proj"],
+                                     task_type="CAUSAL_LM")}
+    ids, mask = (torch.from_numpy(a) for a in sample_batch())
+    want = {}
+    for seed, (name, config) in enumerate(configs.items()):
+        hf = peft.get_peft_model(load_reference_base(base, "causal-lm"), config)
+        randomize_adapter(hf, 20 + seed)
+        if name == "ia3":
+            with torch.no_grad():
+                for n, p in hf.named_parameters():
+                    if "ia3_l" in n:
+                        p.copy_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        hf.peft_config["default"].base_model_name_or_path = base
+        hf.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            want[name] = hf.eval()(input_ids=ids, attention_mask=mask).logits.numpy()
+    export([str(tmp_path / "lora"), str(tmp_path / "ia3")], str(tmp_path / "out"))
+    rt, valid = Runtime(str(tmp_path / "out")), mask.bool().numpy()
+    for name in configs:
+        got = rt.forward(ids.numpy(), mask.numpy(), adapter=name)["logits"]
+        assert abs(got[valid] - want[name][valid]).max() < 1e-4, name
+
+
 def test_embedding_layers_saved_whole_by_hf_peft_are_dropped_when_unchanged(tiny_base, tmp_path):
     """save_pretrained(save_embedding_layers=True) writes the embedding and output layers' plain base weights:
     refused as 'weights for modules this model lacks' (advising the base it was trained on, which it was)."""
