@@ -272,10 +272,11 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
         plan.log(f"reusing {plan.base_dir} (has every slot these adapters need)")
         return plan.base_dir, plan.existing
     # a new base re-points the adapters already there (those made for OUT's base: one copied in for another base
-    # stays refused); one that cannot be read stops the export now, OUT untouched
-    plan.siblings = {d: read_adapter_manifest(d) for name, d in adapter_dirs(plan.out).items()
-                     if name not in {s.name for s in plan.sources}}
-    plan.siblings = {d: m for d, m in plan.siblings.items() if m["base_fingerprint"] == plan.existing["fingerprint"]}
+    # stays refused), those --overwrite replaces too: an export killed after the base moved in and before (or while)
+    # one is replaced leaves it fitting the base, not a refused OUT; one that cannot be read stops the export now
+    made_for = plan.existing and plan.existing["fingerprint"]  # None: OUT holds no base (removed) to re-point from
+    plan.siblings = {d: read_adapter_manifest(d) for d in adapter_dirs(plan.out).values()} if made_for else {}
+    plan.siblings = {d: m for d, m in plan.siblings.items() if m["base_fingerprint"] == made_for}
     for d in plan.siblings:  # each gets its manifest rewritten after the base is replaced: writable, checked now
         check_output_dir(d, "--out")
     stage = staging.new(plan.out, "base")

@@ -443,3 +443,36 @@ def test_an_export_killed_while_re_pointing_is_finished_by_the_next(llama, tmp_p
     assert line.format(os.path.join(out, "adapters", "qv")) in printed
     assert not hidden_entries(out)
     np.testing.assert_allclose(Runtime(out).forward(ids, adapter="qv")["logits"], want, atol=1e-5)
+
+
+_KILLED_OVERWRITING = """
+import os, signal, sys
+from edgepeft.exporters import export
+out, adapter, when = sys.argv[1:]
+target, real = os.path.join(out, "adapters", "qv"), os.replace
+def replace(src, dst):  # kill -9 as the old qv moves aside, or between that and the new one moving in
+    if (src if when == "before" else dst) == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+os.replace = replace
+export([adapter], out, names=["qv"], overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "between"])
+def test_an_overwrite_killed_after_its_new_base_moved_in_leaves_the_old_adapter_fitting_it(llama, tmp_path, when):
+    """--overwrite of an adapter whose replacement needs a new base: killed after the base moved in, the old adapter
+    (never re-pointed) was made for a base that is gone, and every Runtime(OUT) refused OUT; a later export put it
+    back, said ok, and left OUT refused. The adapter being replaced is re-pointed with the others now."""
+    import subprocess
+    import sys
+
+    ids = np.array([[1, 2, 3]])
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    want = Runtime(out).forward(ids, adapter="qv")["logits"]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_OVERWRITING, out, llama[1]["mlp"], when])
+    assert killed.returncode == -signal.SIGKILL
+    if when == "between":  # qv hidden aside: the next export puts it back
+        export([llama[1]["all"]], out, names=["other"])
+    np.testing.assert_allclose(Runtime(out).forward(ids, adapter="qv")["logits"], want, atol=1e-5)
