@@ -9,6 +9,7 @@ import json
 
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
 from .sentence import TOKENIZER_FIX as _FIX
+from .values import surrogate_at
 
 
 def default_template(template, path: str):
@@ -60,19 +61,36 @@ def compile_template(text: str | None, source: str):
 def render(template, source: str, messages: list, add_generation_prompt: bool, special_tokens: dict) -> str:
     """``compile_template``'s template rendered for ``messages``; what the messages hold that it cannot render is an
     InvalidInputError, what the template itself may not do a CorruptArtifactError."""
-    import jinja2  # present: compile_template imported it
-    from jinja2.exceptions import SecurityError
+    from jinja2.exceptions import SecurityError  # present: compile_template imported jinja2
 
-    messages = [_as_transformers_gives(m) if isinstance(m, dict) else m for m in messages]
+    for i, m in enumerate(messages):  # templates skip what is no dict: a message left out, silently
+        if not isinstance(m, dict):
+            raise InvalidInputError(f"chat message {i} is {type(m).__name__} {m!r:.40}, not a dict; give each message "
+                                    "as {'role': ..., 'content': ...}, as transformers takes them")
+        if (half := _half_character(m)) is not None:  # named here: the rendered chat's own text said nothing
+            raise InvalidInputError(f"chat message {i}'s text {half[:40]!r} holds half of a character (a lone "
+                                    "surrogate: bytes read in another encoding than UTF-8); pass it as UTF-8 text")
+    messages = [_as_transformers_gives(m) for m in messages]
     try:
         return template.render(messages=messages, tools=None, documents=None,
                                add_generation_prompt=add_generation_prompt, **special_tokens)
     except SecurityError as e:  # the template's own code, not the messages
         raise CorruptArtifactError(f"{source}: the chat template does what a template may not ({e}); "
                                    f"use the model's original template") from None
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # what the messages hold
-        raise InvalidInputError(f"the chat template of {source} cannot render these messages ({e}); "
-                                "give each message the role and the text content it expects") from None
+    except InvalidInputError:  # raise_exception's
+        raise
+    except Exception as e:  # what the messages hold (a KeyError, an IndexError, 1 // 0 of too few messages, ...)
+        raise InvalidInputError(f"the chat template of {source} cannot render these messages ({type(e).__name__}: "
+                                f"{e}); give each message the role and the text content it expects") from None
+
+
+def _half_character(value) -> str | None:
+    """The first string in a message (its content, a part's text, a tool call's arguments) holding a lone
+    surrogate, else None."""
+    if isinstance(value, str):
+        return value if surrogate_at(value) is not None else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((s for s in map(_half_character, items) if s is not None), None)
 
 
 def _as_transformers_gives(message: dict) -> dict:
@@ -89,14 +107,19 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 
 def _generation_blocks(jinja2):
-    """``{% generation %}...{% endgeneration %}`` (transformers marks the assistant's text with it): its body as is."""
+    """``{% generation %}...{% endgeneration %}`` (transformers marks the assistant's text with it): its body, in a
+    scope of its own."""
     import jinja2.ext  # noqa: F401  (the package does not import its extensions module)
 
     class GenerationBlocks(jinja2.ext.Extension):
         tags = {"generation"}
 
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        def parse(self, parser):  # a call block, as transformers': a {% set %} inside stays inside
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
 
     return GenerationBlocks

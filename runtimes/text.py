@@ -22,7 +22,7 @@ from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
 from .generation import GrowingText
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
-from .values import surrogate_at
+from .values import is_whole, surrogate_at
 from .mixing import row_specs
 from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
 
@@ -136,6 +136,8 @@ class TextTokenizer:
         None: no text is cut.
         """
         pad_id = self.pad_id if pad_id is None else pad_id
+        if max_length is not None and not is_whole(max_length):  # a TypeError from the tokenizers package
+            raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}")
@@ -270,8 +272,17 @@ def generate_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     """Generated text (without the prompt) for a prompt or a list of prompts."""
     ids, mask, single = prompt_ids(rt, prompt, chat)
     out = rt.generate(ids, mask, adapter, **generation)
-    texts = [rt.tokenizer.decode(row[ids.shape[1]:]) for row in out]
+    eos = rt.generation_config(**generation).eos_token_id
+    # each row to its first eos: a row that ended before the others is filled with the padding id, a token whose
+    # text decode keeps where it is not a special one (the row alone ends there)
+    texts = [rt.tokenizer.decode(_to_first(row[ids.shape[1]:], eos)) for row in out]
     return texts[0] if single else texts
+
+
+def _to_first(ids: np.ndarray, eos: list) -> np.ndarray:
+    """``ids`` up to and with the first of ``eos``."""
+    at = np.flatnonzero(np.isin(ids, eos))
+    return ids[:at[0] + 1] if at.size else ids
 
 
 def _per_row(adapter, rows: int) -> list:

@@ -489,6 +489,18 @@ def test_generate_text_batch_is_left_padded(text_export, text_rt):
     assert texts == [decode(tok, row[width:]) for row in out]
 
 
+def test_generate_text_on_a_list_gives_each_prompt_its_text_alone_whatever_the_padding_id(text_rt):
+    """A row that ended first (eos) is filled with the padding id; where that is no special token, decode kept its
+    text after the row's end: the batch gave other text than the prompt alone."""
+    prompts = [PROMPT, "w99 w98"]
+    first = [text_rt.generate(*text_rt.tokenizer.encode(p), adapter="tok", max_new_tokens=6, eos_token_id=[])[0, -6:]
+             for p in prompts]
+    eos = next(int(t) for t in first[0][:3] if t not in first[1])  # row 0 ends early, row 1 runs on
+    pad = next(int(t) for t in first[1] if t not in first[0])  # a plain word's id
+    kw = dict(adapter="tok", max_new_tokens=6, eos_token_id=[eos], pad_token_id=pad)
+    assert text_rt.generate_text(prompts, **kw) == [text_rt.generate_text(p, **kw) for p in prompts]
+
+
 def test_stream_text_pieces_concatenate_to_generate_text(text_rt):
     for kw in (dict(), dict(do_sample=True, seed=4, temperature=1.5, top_k=0), dict(chat=True)):
         pieces = list(text_rt.stream_text(PROMPT, adapter="tok", max_new_tokens=12, **kw))

@@ -114,6 +114,9 @@ def test_text_with_half_a_character_is_refused_in_one_line(text_export, text_rt)
     for odd in (123, None, ["w10", None]):  # TypeErrors from numpy or the tokenizers package
         with pytest.raises(InvalidInputError, match="encode takes a text or a list of texts \\(strings\\), got"):
             text_rt.tokenizer.encode(odd)
+    for length in (2.5, "3"):
+        with pytest.raises(ConfigError, match=f"max_length must be a whole number of tokens \\(None: no cut\\), got {length!r}"):
+            text_rt.tokenizer.encode("w10", max_length=length)
     with pytest.raises(ConfigError, match="stop strings must be whole characters"):
         text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=2, stop=["\ud800"])
     done = subprocess.run([sys.executable, "-m", "edgepeft", "run", text_export[0].encode(), b"caf\xe9", b"--adapter",
@@ -139,6 +142,21 @@ def test_chat_templates_get_transformers_environment(text_export, tmp_path):
     assert tok.apply_chat_template(two) == "user: w10 assistant:"
     with pytest.raises(InvalidInputError, match="cannot render these messages"):
         tok.apply_chat_template([{"role": "user", "content": 5}])  # no .strip() on a number
+    # found by a hunt: a message that is no dict was skipped by many templates (left out, silently); half a
+    # character was named in the template's own text; an IndexError or 1 // 0 of the template was a traceback;
+    # a {% set %} inside {% generation %} leaked out of it (transformers' is a call block)
+    with pytest.raises(InvalidInputError, match=r"chat message 1 is str 'w20', not a dict; give each message as"):
+        tok.apply_chat_template([two[0], "w20"])
+    with pytest.raises(InvalidInputError, match=r"chat message 1's text 'caf\\udce9' holds half of a character"):
+        tok.apply_chat_template([two[0], {"role": "user", "content": [{"type": "text", "text": "caf\udce9"}]}])
+    for body, error in (("{{ '{0}{1}'.format(1) }}", "IndexError"), ("{{ 1 // (messages|length - 2) }}", "ZeroDivisionError")):
+        with open(os.path.join(out, "base", "chat_template.jinja"), "w") as f:
+            f.write(body)
+        with pytest.raises(InvalidInputError, match=f"cannot render these messages \\({error}: "):
+            Runtime(out).tokenizer.apply_chat_template(two)
+    with open(os.path.join(out, "base", "chat_template.jinja"), "w") as f:
+        f.write("{% set c = 'outer' %}{% generation %}{% set c = 'inner' %}{{ c }}|{% endgeneration %}{{ c }}")
+    assert Runtime(out).tokenizer.apply_chat_template(two) == "inner|outer"  # as transformers renders it
 
 
 def test_a_stop_string_ending_in_a_multi_byte_character_is_found(tmp_path):
