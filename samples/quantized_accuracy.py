@@ -8,7 +8,6 @@ the logits' max |difference| and relative RMS error against float32, and the bas
 """
 import argparse
 import os
-import shutil
 
 import numpy as np
 
@@ -19,6 +18,7 @@ from edgepeft.exporters.quantize import relative_error  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.runtimes.describe import folder_bytes  # noqa: E402
 from edgepeft.training.data import read_jsonl  # noqa: E402
+from sample_folder import fresh_folder, run  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -26,10 +26,10 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="intent", choices=["intent", "sentiment"])
-    ap.add_argument("--work", default="quant-out")
+    ap.add_argument("--work", default="quant-out", help="emptied first where a sample made it (default %(default)s)")
     ap.add_argument("--qtol", type=float, default=0.2, help="the export's tolerance for the quantized check")
     args = ap.parse_args()
-    shutil.rmtree(args.work, ignore_errors=True)
+    fresh_folder(args.work)
     adapter = os.path.join(args.work, args.task)
     log = edgepeft.train(model=edgepeft.minilm_path(), task="seq-cls", method="lora",
                          data=os.path.join(DATA, f"{args.task}_train.jsonl"),
@@ -57,4 +57,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,13 +9,13 @@ any local Llama/Qwen2/GPT-2 folder to train on real pretrained weights instead.
 """
 import argparse
 import os
-import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.training.data import read_jsonl  # noqa: E402
+from sample_folder import fresh_folder, run  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 PROMPTS = {"intent": "Request: {}\nIntent:", "sentiment": "Review: {}\nSentiment:"}
@@ -63,11 +63,10 @@ def accuracy(rt, task, adapter):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a local decoder folder (default: build a small random Llama)")
-    p.add_argument("--out", default="gen-out")
+    p.add_argument("--out", default="gen-out", help="emptied first where a sample made it (default %(default)s)")
     p.add_argument("--epochs", type=int, default=12)
     args = p.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.makedirs(args.out)
+    fresh_folder(args.out)
     model = args.model or small_decoder(os.path.join(args.out, "small-llama"))
     adapters = []
     for task, (method, options) in METHODS.items():
@@ -88,4 +87,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -291,3 +291,36 @@ def test_perplexity_is_drawn_on_a_log_axis(monkeypatch, tmp_path):
                      {"epoch": 1, "step": 1, "loss": 2.0, "perplexity": 7.4}]}
     plots.training_curve(log, str(tmp_path / "c.png"))
     assert figures[0].axes[1].get_yscale() == "log"
+
+
+def test_the_samples_empty_only_a_folder_a_sample_made_and_say_ctrl_c_in_one_line(tmp_path, monkeypatch, capsys):
+    """samples/demo.py, train_generative.py and quantized_accuracy.py emptied the folder they were given (`--out
+    adapters`, the quickstart's: its adapters gone), and a Ctrl-C in `make demo` was a traceback with a resume
+    command for a folder the next run empties."""
+    import subprocess
+
+    samples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
+    mine = tmp_path / "adapters"
+    os.makedirs(mine / "intent")
+    write_lines(mine / "intent" / "notes.jsonl", [{"keep": 1}])
+    for script, flag in (("demo.py", ()), ("train_generative.py", ("--out",)), ("quantized_accuracy.py", ("--work",))):
+        done = subprocess.run([sys.executable, os.path.join(samples, script), *flag, str(mine)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+            f"error: {mine}: holds files no sample wrote, and a run empties its folder; give another folder (or "
+            "remove this one)"], (script, done.stderr)
+        assert (mine / "intent" / "notes.jsonl").exists()
+    monkeypatch.syspath_prepend(samples)
+    from sample_folder import fresh_folder, run
+
+    made = fresh_folder(str(tmp_path / "run"))
+    os.makedirs(os.path.join(made, "intent"))
+    write_lines(os.path.join(made, "intent", "rows.jsonl"), [{"a": 1}])
+    assert os.listdir(fresh_folder(made)) == [".edgepeft-sample"]  # a sample's own folder: emptied
+    monkeypatch.setattr(sys, "argv", ["demo.py"])
+    for stop in (KeyboardInterrupt(), TrainingInterrupted("interrupted; demo-out/intent/checkpoint ... --resume")):
+        def main(stop=stop):
+            raise stop
+        with pytest.raises(SystemExit) as e:
+            run(main)
+        assert e.value.code == 130 and capsys.readouterr().err == "interrupted; run demo.py again to start over\n"
