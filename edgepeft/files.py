@@ -25,7 +25,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path`` and rename it into place."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{_owner()}-", dir=directory)  # a killed write's: remove_abandoned
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -94,8 +94,11 @@ def missing_folders(path: str) -> list[str]:
 def remove_empty(made: list) -> None:
     """The folders of ``missing_folders`` that are there and empty, innermost first."""
     for d in reversed(made):
-        if os.path.isdir(d) and not os.listdir(d):
-            os.rmdir(d)
+        try:
+            if not os.listdir(d):
+                os.rmdir(d)
+        except (FileNotFoundError, NotADirectoryError):  # another process (torchrun's) removed it first
+            pass
 
 
 def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None:
@@ -139,11 +142,13 @@ def _owner() -> str:
 
 # staging_dir's and replace_dir's names: .staging-<label>-<owner>-<random>, .old-<target's name>-<owner>-<random>
 _HIDDEN = re.compile(r"\.(staging|old)-(.+)-p(\d+)h([0-9a-f]{8})-[^-]+")
+_HALF_WRITTEN = re.compile(r"\.tmp-p(\d+)h([0-9a-f]{8})-[^-]+")  # write_bytes_atomic's temp file
 
 
 def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
     """Mend what an export (or training run: ``who``) killed midway (kill -9, the out-of-memory killer) left under
-    ``parent``, made by a process of this host that no longer runs: its staging folders are removed; a folder
+    ``parent``, made by a process of this host that no longer runs: its staging folders and half-written temp files
+    are removed; a folder
     ``replace_dir`` had moved aside is put back when nothing took its place (killed between the two renames), else
     removed. Folders of running processes, of other hosts (a shared drive) and of other names stay.
     Returns one line per folder, saying what was done."""
@@ -154,6 +159,11 @@ def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
     for name in sorted(os.listdir(parent)):
         m = _HIDDEN.fullmatch(name)
         path = os.path.join(parent, name)
+        if (t := _HALF_WRITTEN.fullmatch(name)) and os.path.isfile(path) and not os.path.islink(path) and \
+                t.group(2) == host and not _running(int(t.group(1))):  # a file a killed write left
+            os.unlink(path)
+            done.append(f"removed {path} (a file half-written by {who} that was stopped midway)")
+            continue
         kept = not (os.path.isdir(path) or os.path.islink(path))  # a file of that name is not ours
         if m is None or m.group(4) != host or kept or _running(int(m.group(3))):
             continue

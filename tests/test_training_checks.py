@@ -162,3 +162,46 @@ def test_a_decoder_classifier_with_a_prompt_trains_on_each_rows_last_real_token(
         alone = torch.cat([model(**encoder.collate([f])).logits for f in features])
     torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(alone, batch["labels"]), rtol=0, atol=1e-5)
+
+
+def test_stopped_runs_resume_or_start_over_as_their_messages_say(text_model, tmp_path, capsys, monkeypatch):
+    """Found by a hunt of interrupted runs: --resume on an OUT with an adapter and no checkpoint said "run without
+    --resume", which is refused ("holds an adapter already"); a checkpoint moved with its OUT (mv out renamed) was
+    refused for its --out; Ctrl-C after the last epoch was click's bare "aborted"; a feature-extraction eval file of
+    one pair scored 0 and 1.0 every epoch; a temp file a killed write left stayed in OUT for good."""
+    import subprocess
+    import sys
+
+    from edgepeft.errors import DataError, TrainingInterrupted
+    from edgepeft.files import remove_abandoned, remove_empty
+    from edgepeft.training import trainer as trainer_module
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    out = str(tmp_path / "out")
+    train(model=text_model("bert"), task="seq-cls", data=data, out=out, epochs=1, progress=False)
+    shutil.rmtree(os.path.join(out, "checkpoint"))  # as a run stopped before its first checkpoint leaves OUT
+    line = cli_error(capsys, *train_argv(text_model("bert"), data, out, "--resume"))
+    assert line.endswith("no checkpoint to resume from; it holds an adapter (a finished run, or one stopped before it "
+                         "saved a checkpoint): start over with --overwrite instead of --resume")
+    real = trainer_module.replica_checksums  # Ctrl-C after the last epoch's checkpoint: --resume finishes
+    monkeypatch.setattr(trainer_module, "replica_checksums", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(TrainingInterrupted, match=r"holds the run after epoch 2 of 2; continue with: edgepeft train"):
+        train(model=text_model("bert"), task="seq-cls", data=data, out=out, epochs=2, progress=False, overwrite=True)
+    monkeypatch.setattr(trainer_module, "replica_checksums", real)
+    moved = str(tmp_path / "moved")
+    os.rename(out, moved)
+    log = train(model=text_model("bert"), task="seq-cls", data=data, out=moved, epochs=2, progress=False, resume=True)
+    assert "replica_checksums" in log and log["history"][-1]["epoch"] == 2  # finished, as the checkpoint held it
+    one = write_lines(tmp_path / "one.jsonl", [{"text": "a b", "positive": "a"}])
+    with pytest.raises(DataError, match=r"one.jsonl: one pair; retrieval is scored against the other pairs' positives"):
+        train(model=text_model("bert"), task="feature-extraction", data=write_lines(
+            tmp_path / "pairs.jsonl", [{"text": f"t {i}", "positive": f"p {i}"} for i in range(4)]), eval_data=one,
+            out=str(tmp_path / "fe"), progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from edgepeft.files import _owner
+
+    left = os.path.join(moved, f".tmp-p{int(dead.stdout)}{_owner()[_owner().index('h'):]}-abc123")
+    open(left, "w").close()
+    assert remove_abandoned(moved, "a training run") == [
+        f"removed {left} (a file half-written by a training run that was stopped midway)"]
+    remove_empty([str(tmp_path / "gone")])  # another process removed it first (torchrun): no FileNotFoundError

@@ -191,6 +191,10 @@ def test_integer_labels_name_every_class_up_to_the_max():
     rows = [{"label": 2, "_line": 1}, {"label": 0, "_line": 2}, {"label": 2, "_line": 3}]
     assert label_names(rows, "d.jsonl") == ["0", "1", "2"]
     assert label_ids(rows, ["0", "1", "2"], "d.jsonl") == [2, 0, 2]
+    for first in (1, 10):  # numbered from 1 (or in tens): a class 0 no row has, trained as one (7 or 61 classes)
+        with pytest.raises(DataError, match=rf"d.jsonl: integer labels are class ids 0..N-1, and the least here is "
+                           rf"{first}; renumber them from 0, or use string labels"):
+            label_names([{"label": first * k, "_line": k} for k in range(1, 7)], "d.jsonl")
 
 
 def test_labels_that_differ_only_in_spaces_around_them_are_refused():

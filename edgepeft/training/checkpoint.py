@@ -58,7 +58,8 @@ def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> N
     """Refuse to resume a checkpoint made with other settings (the first that differs named as a flag or option)
     or by another number of processes (torchrun): the data each takes and the steps per epoch follow it."""
     old, new = state["args"], settings
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # not --out: the checkpoint is found in it, and a folder moved or copied (mv out renamed) resumes
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "out")
     if changed:
         k = changed[0]
         if k == "options":  # the method's option that differs (--r, --option lora_dropout=...)

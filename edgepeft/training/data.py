@@ -165,6 +165,9 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
     if max(values) >= max(1000, 2 * len(values)):  # class ids, not arbitrary numbers
         raise DataError(f"{path}: integer labels must be class ids 0..N-1 (got {max(values)} for {len(values)} "
                         "classes); use string labels or renumber them")
+    if min(values) > 0:  # numbered from 1 (or 10, 20, ...): 1..6 made 7 classes, class 0 never trained
+        raise DataError(f"{path}: integer labels are class ids 0..N-1, and the least here is {min(values)}; renumber "
+                        "them from 0, or use string labels")
     return [str(i) for i in range(max(values) + 1)]
 
 

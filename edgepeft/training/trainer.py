@@ -73,6 +73,9 @@ class Trainer:
             raise DataError(f"{args.data}: one pair; in-batch negatives score each text against the other pairs' "
                             "positives, so add pairs (2 or more)")
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
+        if args.task == "feature-extraction" and eval_rows is not None and len(eval_rows) < 2:  # scored 0 and 1.0
+            raise DataError(f"{args.eval_data}: one pair; retrieval is scored against the other pairs' positives, so "
+                            "add pairs (2 or more)")
         other = ignored_fields(eval_rows, args.eval_data, args.task) if eval_rows and args.eval_data != args.data \
             else None
         for note in (ignored_fields(rows, args.data, args.task), other, missing_matplotlib()):
@@ -126,8 +129,11 @@ class Trainer:
         ckpt = os.path.join(args.out, CHECKPOINT)
         state = read_checkpoint(args.out) if args.resume else None
         if state is None:
-            if args.resume:
-                raise ConfigError(f"{args.out}: no checkpoint to resume from; run without --resume")
+            if args.resume:  # an adapter there (a run stopped before its first checkpoint): without --resume, refused
+                there = os.path.exists(os.path.join(args.out, CONFIG_NAME))
+                raise ConfigError(f"{args.out}: no checkpoint to resume from; " + (
+                    "it holds an adapter (a finished run, or one stopped before it saved a checkpoint): start over "
+                    "with --overwrite instead of --resume" if there else "run without --resume"))
             if not args.overwrite:
                 check_fresh_out(args.out)
             return None
@@ -255,10 +261,13 @@ class Trainer:
             log["beat_untrained"] = beat
         if log["hint"] and acc.is_main_process:
             print(f"note: {log['hint']}", file=sys.stderr)
-        log["replica_checksums"] = replica_checksums(acc, params)  # waits until gloo lets go of them: see there
-        if acc.is_main_process:  # the checksums join the log; the curve, drawn at the last epoch, is unchanged
-            with reporting_full_disk(args.out, "--out"):
-                self._write_log(log, curve=False)
+        try:  # Ctrl-C here was click's bare "aborted": the checkpoint holds every epoch, and --resume finishes
+            log["replica_checksums"] = replica_checksums(acc, params)  # waits until gloo lets go of them: see there
+            if acc.is_main_process:  # the checksums join the log; the curve, drawn at the last epoch, is unchanged
+                with reporting_full_disk(args.out, "--out"):
+                    self._write_log(log, curve=False)
+        except KeyboardInterrupt:
+            raise self._interrupted(log, made_out) from None
         acc.wait_for_everyone()  # the process group stays (torchrun): a script's next run trains in it; the CLI ends it
         return log
 
