@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 
 import click
 from click.core import ParameterSource
@@ -247,6 +248,11 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
             raise ConfigError(f"{path}: is a folder; give {flag} a file path")
         if path:
             check_output_dir(os.path.dirname(os.path.abspath(path)), flag, "a file path in a folder")
+            try:  # what os.access cannot tell (/proc, a read-only mount): said after the whole run, of a temp file
+                tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))).close()
+            except OSError as e:
+                raise ConfigError(f"{path}: cannot write there ({e.strerror}); give {flag} a path in another "
+                                  "folder") from None
         if path and (export := enclosing_export(os.path.realpath(path))):  # the measured export's own files, say
             raise ConfigError(f"{path}: lies inside the export {export}, whose files exports own; give {flag} a "
                               "path outside it")

@@ -25,7 +25,10 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path`` and rename it into place."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{_owner()}-", dir=directory)  # a killed write's: remove_abandoned
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{_owner()}-", dir=directory)  # a killed write's: remove_abandoned
+    except OSError as e:  # named as the file asked for, not the temp file beside it
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

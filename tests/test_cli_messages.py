@@ -180,6 +180,10 @@ def test_bench_takes_a_merged_exports_name_and_writes_no_export_file(peft_adapte
     line = cli_error(capsys, *argv, "--json", manifest)
     assert line == f"error: {manifest}: lies inside the export {out}, whose files exports own; give --json a path outside it"
     assert open(manifest, "rb").read() == before
+    # a folder os.access calls writable where no file can be made: after the whole run, of a hidden temp file
+    line = cli_error(capsys, *argv, "--json", "/proc/b.json")
+    assert line.startswith("error: /proc/b.json: cannot write there (") and line.endswith("); give --json a path in "
+                                                                                          "another folder")
     line = cli_error(capsys, *argv, "--plot", str(tmp_path / "chart.svg"))
     assert line == f"error: {tmp_path / 'chart.svg'}: --plot draws a PNG image; give it a file name ending in .png"
     # the name that works is named (it said 'it holds none' / 'loaded: none')
