@@ -205,6 +205,19 @@ def _type_name(annotation) -> str:
         annotation, getattr(annotation, "__name__", str(annotation)))
 
 
+def _exported(directory: str) -> str | None:
+    """What to pass instead of an export's folder, or of an adapter folder inside one (both lack adapter_config.json)."""
+    from edgepeft.runtimes.manifest import ADAPTER_MANIFEST, BASE_DIR, BASE_MANIFEST, enclosing_export
+
+    if os.path.isfile(os.path.join(directory, BASE_DIR, BASE_MANIFEST)):
+        return ("this folder is an export (OUT) of `edgepeft export`; pass the folder an adapter was saved in "
+                "(save_pretrained, edgepeft train --out), or run this export (Runtime, edgepeft run)")
+    if os.path.isfile(os.path.join(directory, ADAPTER_MANIFEST)) and (out := enclosing_export(directory)):
+        return (f"this folder is an adapter exported into {out}, served from there (edgepeft run {out} ... --adapter "
+                f"{os.path.basename(os.path.normpath(directory))}); to export it again, pass the folder it was saved in")
+    return None
+
+
 def load_config(directory: str) -> PeftConfig:
     """Read ``directory/adapter_config.json`` into the registered config class."""
     directory = str(directory)
@@ -214,7 +227,7 @@ def load_config(directory: str) -> PeftConfig:
             if os.path.isdir(directory) else []
         fix = (f"it holds adapters saved under their names: pass {' or '.join(os.path.join(directory, d) for d in named)}"
                if named else "pass an adapter folder saved by save_pretrained (edgepeft or HF PEFT)")
-        raise ArtifactNotFoundError(f"{path}: not found; {fix}")
+        raise ArtifactNotFoundError(f"{path}: not found; {_exported(directory) or fix}")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)

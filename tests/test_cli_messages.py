@@ -151,6 +151,19 @@ def test_run_says_one_line_for_a_sampling_value_it_refuses(text_export, capsys):
         assert capsys.readouterr().err == f"error: {said}\n"  # no note before it that the value goes unused
 
 
+def test_an_export_or_an_exported_adapter_given_as_adapter_is_named_so(shared_export, tmp_path, capsys):
+    """Both said "adapter_config.json: not found; pass an adapter folder saved by save_pretrained", where the
+    opposite mix-up (an adapter folder where an export goes) is named exactly."""
+    out = shared_export("llama")[0]
+    line = cli_error(capsys, "export", "--adapter", out, "--out", str(tmp_path / "x"))
+    assert line.endswith("this folder is an export (OUT) of `edgepeft export`; pass the folder an adapter was saved "
+                         "in (save_pretrained, edgepeft train --out), or run this export (Runtime, edgepeft run)")
+    line = cli_error(capsys, "export", "--adapter", os.path.join(out, "adapters", "qv"), "--out", str(tmp_path / "x"))
+    assert line.endswith(f"this folder is an adapter exported into {out}, served from there (edgepeft run {out} ... "
+                         "--adapter qv); to export it again, pass the folder it was saved in")
+    assert not os.path.exists(tmp_path / "x")
+
+
 def test_chat_without_a_template_names_the_file(text_export, tmp_path):
     out = str(tmp_path / "no-template")
     shutil.copytree(text_export[0], out)
