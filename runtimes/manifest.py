@@ -268,6 +268,9 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
         out = fresh_out(path)
         return ArtifactNotFoundError(f"{path}: is a model folder, not an export; export an adapter trained on it "
                                      f"with {export_command('DIR', out)}, then use {out}")
+    if not os.path.lexists(path):  # a typo: say so before what an export there would need
+        return ArtifactNotFoundError(f"{path}: no such folder; give the folder `edgepeft export --out` wrote, or "
+                                     f"export there first: {export_command('DIR', path)}")
     return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "
                                  f"{export_command('DIR', path)} first")
 
