@@ -274,7 +274,7 @@ class Staging:
 
 
 @contextmanager
-def one_at_a_time(folder: str, waiting):
+def one_at_a_time(folder: str, waiting, who: str = "export"):
     """Hold ``folder`` for one export at a time: an advisory lock on the folder itself, so no file is left behind.
     Two exports into one OUT each read its base and adapters first, and the later commit dropped what the other
     had added. ``waiting(message)`` is told when another holds it; this one then waits its turn. A folder removed
@@ -292,7 +292,7 @@ def one_at_a_time(folder: str, waiting):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            waiting(f"note: another export into {folder} is running; waiting for it to finish")
+            waiting(f"note: another {who} into {folder} is running; waiting for it to finish")
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:  # no locks on this filesystem
             os.close(fd)

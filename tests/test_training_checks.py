@@ -3,6 +3,7 @@ refuses, the eval it scores, the optimizer it builds (as transformers' Trainer),
 notes it prints."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -205,3 +206,30 @@ def test_stopped_runs_resume_or_start_over_as_their_messages_say(text_model, tmp
     assert remove_abandoned(moved, "a training run") == [
         f"removed {left} (a file half-written by a training run that was stopped midway)"]
     remove_empty([str(tmp_path / "gone")])  # another process removed it first (torchrun): no FileNotFoundError
+
+
+def test_two_runs_into_one_out_take_turns(text_model, tmp_path, capsys):
+    """Both found OUT fresh, both said ok, and OUT held one's adapter with the other's log and checkpoint. The later
+    run now waits for the first, then finds its adapter there (--overwrite to replace it)."""
+    import threading
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(16))
+    out, results = str(tmp_path / "out"), {}
+
+    def run(lr):
+        try:
+            results[lr] = train(model=text_model("bert"), task="seq-cls", data=data, out=out, epochs=2, lr=lr,
+                                progress=False)
+        except Exception as e:  # noqa: BLE001  (what the other thread met is asserted below)
+            results[lr] = e
+
+    threads = [threading.Thread(target=run, args=(lr,)) for lr in (1e-3, 5e-2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [lr for lr, r in results.items() if isinstance(r, ConfigError)]
+    assert len(refused) == 1 and "holds a checkpoint of an earlier run" in str(results[refused[0]]), results
+    finished = next(r for r in results.values() if isinstance(r, dict))
+    with open(os.path.join(out, "training_log.json")) as f:
+        assert json.load(f)["args"]["lr"] == finished["args"]["lr"]  # OUT is one run's, log and adapter alike

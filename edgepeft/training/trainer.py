@@ -22,7 +22,9 @@ import torch
 
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
-from edgepeft.files import deferred_interrupts, missing_folders, remove_abandoned, remove_empty, reporting_full_disk
+from edgepeft.files import (
+    deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty, reporting_full_disk,
+)
 from edgepeft.models import (
     DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder,
 )
@@ -38,6 +40,7 @@ from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, rows_digest,
 )
 from edgepeft.training.optimizer import make_optimizer
+from edgepeft.training.pooling import last_real_token_pooled, pooled
 from edgepeft.training.summary import beat_untrained, hint, rank, shown
 
 class Trainer:
@@ -154,7 +157,7 @@ class Trainer:
         pad = torch.nn.functional.pad
         ids = torch.cat([pad(t, (0, width - t.shape[1])) for t in (batch["input_ids"], batch["positive_ids"])])
         mask = torch.cat([pad(t, (0, width - t.shape[1])) for t in (batch["attention_mask"], batch["positive_mask"])])
-        a, p = _pooled(model, ids, mask, self.pooling).split(len(batch["input_ids"]))
+        a, p = pooled(model, ids, mask, self.pooling).split(len(batch["input_ids"]))
         scores = 20.0 * a @ p.T  # cosine similarity x 20, as sentence-transformers' MultipleNegativesRankingLoss
         return torch.nn.functional.cross_entropy(scores, torch.arange(len(a), device=a.device)), (a, p)
 
@@ -203,12 +206,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
+        """The run, holding OUT against another run into it (two at once each found it fresh, and left one's adapter
+        with the other's log and checkpoint, both saying ok): the main process locks it, the others follow it."""
+        acc = self._accelerator()
+        made_out = missing_folders(self.args.out)  # OUT and the folders above it that this run makes
+        try:
+            with one_at_a_time(self.args.out, lambda note: print(note, file=sys.stderr), "training run") \
+                    if acc.is_main_process else contextlib.nullcontext():
+                return self._train(acc, made_out)
+        except BaseException:
+            remove_empty(made_out)  # a failed run leaves no empty OUT (the lock made it)
+            raise
+
+    def _train(self, acc, made_out: list) -> dict:
         from accelerate.utils import set_seed
         from torch.utils.data import DataLoader
         from transformers import get_scheduler
 
         args = self.args
-        acc = self._accelerator()
         resume = self._prepare_out(acc)
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
@@ -237,7 +252,6 @@ class Trainer:
             log.update(resume["log"])
             start_epoch = resume["epoch"]
         self._checkpointed = start_epoch  # the epochs OUT's checkpoint holds
-        made_out = missing_folders(args.out)  # OUT and the folders above it that this run makes
         if acc.is_main_process:
             os.makedirs(args.out, exist_ok=True)
         bar = _progress(args.progress and acc.is_main_process, total, start_epoch * steps_per_epoch)
@@ -368,17 +382,6 @@ def train(**kwargs) -> dict:
 
 
 # ---------------------------------------------------------------------- helpers
-def _pooled(model, ids, mask, mode="mean"):
-    """Embeddings pooled as sentence-transformers pools them (``mode``: its 1_Pooling config), L2-normalized."""
-    hidden = model(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
-    hidden = hidden[:, hidden.shape[1] - mask.shape[1]:]  # a prompt's virtual tokens come first: pool the text's own
-    m = mask[..., None].to(hidden.dtype)
-    count = m.sum(1).clamp(min=1)
-    pooled = {"cls": lambda: hidden[:, 0], "max": lambda: hidden.masked_fill(m == 0, -1e9).max(1).values,
-              "mean_sqrt_len": lambda: (hidden * m).sum(1) / count.sqrt()}.get(mode, lambda: (hidden * m).sum(1) / count)()
-    return torch.nn.functional.normalize(pooled.float(), dim=-1)
-
-
 class _NoBar:
     """--quiet's progress bar: shows and writes nothing."""
     update = set_postfix = write = close = staticmethod(lambda *args, **kwargs: None)
@@ -390,33 +393,3 @@ def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-
-@contextlib.contextmanager
-def last_real_token_pooled(model, mask: torch.Tensor):
-    """transformers' decoder classifiers pool each row's last non-pad token, found from input_ids; given inputs_embeds
-    (a prompt before the tokens, as HF PEFT gives them) they pool the last position, a pad in a right-padded batch.
-    Within, the score layer's output at the last position is each row's at its last real token: what the row alone
-    gives (causal attention never reads the pads after it), which is what ``classify`` serves. transformers' warning
-    that padding goes undetected is left out (the logger of the module whose forward says it)."""
-    import logging
-
-    base = getattr(model, "module", model).get_base_model()  # DDP's wrapper holds the model as .module
-    last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # in the inputs; the virtual tokens come before them
-
-    def at_last_real(module, args, logits):
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        shift = logits.shape[1] - mask.shape[1]  # the prompt's virtual tokens
-        return torch.cat([logits[:, :-1], logits[rows, shift + last].unsqueeze(1)], dim=1)
-
-    def undetected(record) -> bool:
-        return "will not detect padding tokens" not in record.getMessage()
-
-    logger = logging.getLogger(type(base).forward.__module__)
-    hook = base.score.register_forward_hook(at_last_real)
-    logger.addFilter(undetected)
-    try:
-        yield
-    finally:
-        hook.remove()
-        logger.removeFilter(undetected)

@@ -1,0 +1,47 @@
+"""What training reads off a model's outputs beyond its own loss: sentence embeddings pooled as sentence-transformers
+pools them, and a prompt-tuned decoder classifier's logits at each row's last real token."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+
+def pooled(model, ids, mask, mode="mean"):
+    """Embeddings pooled as sentence-transformers pools them (``mode``: its 1_Pooling config), L2-normalized."""
+    hidden = model(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
+    hidden = hidden[:, hidden.shape[1] - mask.shape[1]:]  # a prompt's virtual tokens come first: pool the text's own
+    m = mask[..., None].to(hidden.dtype)
+    count = m.sum(1).clamp(min=1)
+    vector = {"cls": lambda: hidden[:, 0], "max": lambda: hidden.masked_fill(m == 0, -1e9).max(1).values,
+              "mean_sqrt_len": lambda: (hidden * m).sum(1) / count.sqrt()}.get(mode, lambda: (hidden * m).sum(1) / count)()
+    return torch.nn.functional.normalize(vector.float(), dim=-1)
+
+
+@contextlib.contextmanager
+def last_real_token_pooled(model, mask: torch.Tensor):
+    """transformers' decoder classifiers pool each row's last non-pad token, found from input_ids; given inputs_embeds
+    (a prompt before the tokens, as HF PEFT gives them) they pool the last position, a pad in a right-padded batch.
+    Within, the score layer's output at the last position is each row's at its last real token: what the row alone
+    gives (causal attention never reads the pads after it), which is what ``classify`` serves. transformers' warning
+    that padding goes undetected is left out (the logger of the module whose forward says it)."""
+    base = getattr(model, "module", model).get_base_model()  # DDP's wrapper holds the model as .module
+    last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # in the inputs; the virtual tokens come before them
+
+    def at_last_real(module, args, logits):
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        shift = logits.shape[1] - mask.shape[1]  # the prompt's virtual tokens
+        return torch.cat([logits[:, :-1], logits[rows, shift + last].unsqueeze(1)], dim=1)
+
+    def undetected(record) -> bool:
+        return "will not detect padding tokens" not in record.getMessage()
+
+    logger = logging.getLogger(type(base).forward.__module__)
+    hook = base.score.register_forward_hook(at_last_real)
+    logger.addFilter(undetected)
+    try:
+        yield
+    finally:
+        hook.remove()
+        logger.removeFilter(undetected)
