@@ -5,7 +5,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 import click
 from click.core import ParameterSource
@@ -238,21 +237,14 @@ def _fail_on(problems: list) -> None:
 def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, as_json, plot):
     """Latency per adapter, switch cost, staging time and memory of an export, on this machine."""
     from edgepeft.errors import ConfigError
-    from edgepeft.files import check_output_dir, write_json_atomic
+    from edgepeft.files import check_output_file, write_json_atomic
     from edgepeft.runtimes import Runtime, use_shared_thread_pool
     from edgepeft.runtimes.bench import measure, table
     from edgepeft.runtimes.manifest import enclosing_export
 
     for path, flag in ((as_json, "--json"), (plot, "--plot")):  # before minutes of measuring
-        if path and os.path.isdir(path):
-            raise ConfigError(f"{path}: is a folder; give {flag} a file path")
         if path:
-            check_output_dir(os.path.dirname(os.path.abspath(path)), flag, "a file path in a folder")
-            try:  # what os.access cannot tell (/proc, a read-only mount): said after the whole run, of a temp file
-                tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))).close()
-            except OSError as e:
-                raise ConfigError(f"{path}: cannot write there ({e.strerror}); give {flag} a path in another "
-                                  "folder") from None
+            check_output_file(path, flag)
         if path and (export := enclosing_export(os.path.realpath(path))):  # the measured export's own files, say
             raise ConfigError(f"{path}: lies inside the export {export}, whose files exports own; give {flag} a "
                               "path outside it")

@@ -104,6 +104,24 @@ def remove_empty(made: list) -> None:
             pass
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse, before any work, a file path where no file can be written: a folder, a path under a file, or a folder
+    os.access calls writable where no file can be made (/proc, a read-only mount: said after a whole bench run, of a
+    temp file). A temp file is made and removed in the nearest folder there (the write makes the rest)."""
+    from edgepeft.errors import ConfigError
+
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a folder; give {flag} a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    check_output_dir(folder, flag, "a file path in a folder")
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write there ({e.strerror}); give {flag} a path in another folder") from None
+
+
 def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None:
     """Refuse, before any work, an output folder that is a file or lies where nothing can be written.
 

@@ -63,6 +63,10 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
     InvalidInputError, what the template itself may not do a CorruptArtifactError."""
     from jinja2.exceptions import SecurityError  # present: compile_template imported jinja2
 
+    if isinstance(messages, (str, dict)):  # one message, or a text: read as its characters or keys below
+        raise InvalidInputError(f"chat messages are a list of {{'role': ..., 'content': ...}} dicts, got a "
+                                f"{type(messages).__name__}; pass [message]")
+    messages = list(messages)  # a generator: used up by the checks below, and the template got none
     for i, m in enumerate(messages):  # templates skip what is no dict: a message left out, silently
         if not isinstance(m, dict):
             raise InvalidInputError(f"chat message {i} is {type(m).__name__} {m!r:.40}, not a dict; give each message "

@@ -272,17 +272,19 @@ def generate_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     """Generated text (without the prompt) for a prompt or a list of prompts."""
     ids, mask, single = prompt_ids(rt, prompt, chat)
     out = rt.generate(ids, mask, adapter, **generation)
-    eos = rt.generation_config(**generation).eos_token_id
-    # each row to its first eos: a row that ended before the others is filled with the padding id, a token whose
+    cfg = rt.generation_config(**generation)
+    # each row to where it ended: a row that ended before the others is filled with the padding id, a token whose
     # text decode keeps where it is not a special one (the row alone ends there)
-    texts = [rt.tokenizer.decode(_to_first(row[ids.shape[1]:], eos)) for row in out]
+    texts = [rt.tokenizer.decode(_ended(rt.tokenizer, row[ids.shape[1]:], cfg)) for row in out]
     return texts[0] if single else texts
 
 
-def _to_first(ids: np.ndarray, eos: list) -> np.ndarray:
-    """``ids`` up to and with the first of ``eos``."""
-    at = np.flatnonzero(np.isin(ids, eos))
-    return ids[:at[0] + 1] if at.size else ids
+def _ended(tok, ids: np.ndarray, cfg) -> np.ndarray:
+    """``ids`` up to and with the first of ``cfg``'s eos, or the token that completes a stop string."""
+    at = np.flatnonzero(np.isin(ids, cfg.eos_token_id))
+    ids = ids[:at[0] + 1] if at.size else ids
+    return next((ids[:k] for k in range(1, len(ids)) if any(s in tok.decode(ids[:k], tidy=False) for s in cfg.stop)),
+                ids) if cfg.stop else ids
 
 
 def _per_row(adapter, rows: int) -> list:

@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--out", default="bench-out/many", help="emptied first where a sample made it")
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
-    fresh_folder(args.out)
+    fresh_folder(args.out, ap.get_default("out"))
     torch.set_num_threads(os.cpu_count())
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 8000, size=(8, 32), dtype=np.int64)

@@ -48,7 +48,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", nargs="?", default="demo-out",
                     help="work folder, emptied first where a sample made it (default %(default)s)")
-    work = fresh_folder(ap.parse_args().work)
+    work = fresh_folder(ap.parse_args().work, ap.get_default("work"))
     print("1. train two LoRA classifiers on MiniLM-L6 (held-out accuracy before -> after)")
     logs = {}
     for task in TASKS:

@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--work", default="quant-out", help="emptied first where a sample made it (default %(default)s)")
     ap.add_argument("--qtol", type=float, default=0.2, help="the export's tolerance for the quantized check")
     args = ap.parse_args()
-    fresh_folder(args.work)
+    fresh_folder(args.work, ap.get_default("work"))
     adapter = os.path.join(args.work, args.task)
     log = edgepeft.train(model=edgepeft.minilm_path(), task="seq-cls", method="lora",
                          data=os.path.join(DATA, f"{args.task}_train.jsonl"),

@@ -9,12 +9,14 @@ from edgepeft.errors import EdgePeftError, TrainingInterrupted
 MARK = ".edgepeft-sample"  # in a folder a sample made: the next run may empty it
 
 
-def fresh_folder(path: str) -> str:
-    """``path`` made empty for a run: a missing or empty folder, or one a sample made; a folder of anything else (an
-    adapter of one's own, `--out .`) is refused, not emptied."""
-    if os.path.lexists(path) and not os.path.isdir(path):
-        sys.exit(f"error: {path}: is a file; give a folder for the run's files")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, MARK)):
+def fresh_folder(path: str, default: str) -> str:
+    """``path`` made empty for a run: a missing or empty folder, one a sample made, or the sample's ``default`` (the
+    repository's own ignored folder, which samples before the mark wrote); a folder of anything else (an adapter of
+    one's own, `--out .`) is refused, not emptied."""
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        sys.exit(f"error: {path}: is a file or a link; give a folder for the run's files")
+    own = os.path.exists(os.path.join(path, MARK)) or os.path.normpath(path) == os.path.normpath(default)
+    if os.path.isdir(path) and os.listdir(path) and not own:
         sys.exit(f"error: {path}: holds files no sample wrote, and a run empties its folder; give another folder "
                  "(or remove this one)")
     shutil.rmtree(path, ignore_errors=True)

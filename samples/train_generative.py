@@ -66,7 +66,7 @@ def main():
     p.add_argument("--out", default="gen-out", help="emptied first where a sample made it (default %(default)s)")
     p.add_argument("--epochs", type=int, default=12)
     args = p.parse_args()
-    fresh_folder(args.out)
+    fresh_folder(args.out, p.get_default("out"))
     model = args.model or small_decoder(os.path.join(args.out, "small-llama"))
     adapters = []
     for task, (method, options) in METHODS.items():

@@ -197,6 +197,8 @@ def test_bench_takes_a_merged_exports_name_and_writes_no_export_file(peft_adapte
     line = cli_error(capsys, *argv, "--json", "/proc/b.json")
     assert line.startswith("error: /proc/b.json: cannot write there (") and line.endswith("); give --json a path in "
                                                                                           "another folder")
+    cli_ok(capsys, *argv, "--json", str(tmp_path / "new" / "b.json"))  # a folder still to be made: written there
+    assert os.path.isfile(tmp_path / "new" / "b.json")
     line = cli_error(capsys, *argv, "--plot", str(tmp_path / "chart.svg"))
     assert line == f"error: {tmp_path / 'chart.svg'}: --plot draws a PNG image; give it a file name ending in .png"
     # the name that works is named (it said 'it holds none' / 'loaded: none')

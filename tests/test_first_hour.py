@@ -313,10 +313,16 @@ def test_the_samples_empty_only_a_folder_a_sample_made_and_say_ctrl_c_in_one_lin
     monkeypatch.syspath_prepend(samples)
     from sample_folder import fresh_folder, run
 
-    made = fresh_folder(str(tmp_path / "run"))
+    made = fresh_folder(str(tmp_path / "run"), "demo-out")
     os.makedirs(os.path.join(made, "intent"))
     write_lines(os.path.join(made, "intent", "rows.jsonl"), [{"a": 1}])
-    assert os.listdir(fresh_folder(made)) == [".edgepeft-sample"]  # a sample's own folder: emptied
+    assert os.listdir(fresh_folder(made, "demo-out")) == [".edgepeft-sample"]  # a sample's own folder: emptied
+    monkeypatch.chdir(tmp_path)  # demo-out written before the mark (make demo after an update): the sample's own
+    os.makedirs("demo-out/intent")
+    assert os.listdir(fresh_folder("demo-out", "demo-out")) == [".edgepeft-sample"]
+    os.symlink(made, "linked")  # rmtree leaves a link: makedirs then raised FileExistsError
+    with pytest.raises(SystemExit, match="linked: is a file or a link; give a folder"):
+        fresh_folder("linked", "demo-out")
     monkeypatch.setattr(sys, "argv", ["demo.py"])
     for stop in (KeyboardInterrupt(), TrainingInterrupted("interrupted; demo-out/intent/checkpoint ... --resume")):
         def main(stop=stop):

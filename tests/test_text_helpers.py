@@ -147,6 +147,10 @@ def test_chat_templates_get_transformers_environment(text_export, tmp_path):
     # a {% set %} inside {% generation %} leaked out of it (transformers' is a call block)
     with pytest.raises(InvalidInputError, match=r"chat message 1 is str 'w20', not a dict; give each message as"):
         tok.apply_chat_template([two[0], "w20"])
+    assert tok.apply_chat_template(m for m in two) == "user: w10 assistant:"  # a generator was used up: no messages
+    for one in (two[0], "w10"):
+        with pytest.raises(InvalidInputError, match=r"chat messages are a list of .* dicts, got a (dict|str); pass \[message\]"):
+            tok.apply_chat_template(one)
     with pytest.raises(InvalidInputError, match=r"chat message 1's text 'caf\\udce9' holds half of a character"):
         tok.apply_chat_template([two[0], {"role": "user", "content": [{"type": "text", "text": "caf\udce9"}]}])
     for body, error in (("{{ '{0}{1}'.format(1) }}", "IndexError"), ("{{ 1 // (messages|length - 2) }}", "ZeroDivisionError")):

@@ -170,6 +170,7 @@ def test_stopped_runs_resume_or_start_over_as_their_messages_say(text_model, tmp
     --resume", which is refused ("holds an adapter already"); a checkpoint moved with its OUT (mv out renamed) was
     refused for its --out; Ctrl-C after the last epoch was click's bare "aborted"; a feature-extraction eval file of
     one pair scored 0 and 1.0 every epoch; a temp file a killed write left stayed in OUT for good."""
+    import contextlib
     import subprocess
     import sys
 
@@ -193,6 +194,18 @@ def test_stopped_runs_resume_or_start_over_as_their_messages_say(text_model, tmp
     os.rename(out, moved)
     log = train(model=text_model("bert"), task="seq-cls", data=data, out=moved, epochs=2, progress=False, resume=True)
     assert "replica_checksums" in log and log["history"][-1]["epoch"] == 2  # finished, as the checkpoint held it
+    assert log["args"]["out"] == os.path.abspath(moved)  # not the checkpoint's old --out
+    @contextlib.contextmanager
+    def waited(*args):  # Ctrl-C while waiting for another run into OUT: click's bare "aborted"
+        os.makedirs(args[0])  # as one_at_a_time makes OUT before it waits
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(trainer_module, "one_at_a_time", waited)
+    with pytest.raises(TrainingInterrupted, match=r"interrupted before training began; nothing saved in .*waited$"):
+        train(model=text_model("bert"), task="seq-cls", data=data, out=str(tmp_path / "waited"), progress=False)
+    assert not os.path.exists(tmp_path / "waited")
+    monkeypatch.undo()
     one = write_lines(tmp_path / "one.jsonl", [{"text": "a b", "positive": "a"}])
     with pytest.raises(DataError, match=r"one.jsonl: one pair; retrieval is scored against the other pairs' positives"):
         train(model=text_model("bert"), task="feature-extraction", data=write_lines(

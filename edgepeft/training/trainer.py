@@ -206,16 +206,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
-        """The run, holding OUT against another run into it (two at once each found it fresh, and left one's adapter
-        with the other's log and checkpoint, both saying ok): the main process locks it, the others follow it."""
+        """The run, holding OUT against another run into it (both found it fresh and said ok, one's adapter beside the
+        other's log); one process only: under torchrun the others would wait at a barrier that times out (30 min)."""
         acc = self._accelerator()
         made_out = missing_folders(self.args.out)  # OUT and the folders above it that this run makes
+        held = one_at_a_time(self.args.out, lambda note: print(note, file=sys.stderr), "training run") \
+            if acc.num_processes == 1 else contextlib.nullcontext()
         try:
-            with one_at_a_time(self.args.out, lambda note: print(note, file=sys.stderr), "training run") \
-                    if acc.is_main_process else contextlib.nullcontext():
-                return self._train(acc, made_out)
-        except BaseException:
-            remove_empty(made_out)  # a failed run leaves no empty OUT (the lock made it)
+            with held:
+                try:
+                    return self._train(acc, made_out)
+                except BaseException:
+                    remove_empty(made_out)  # while OUT is held: a run waiting for it then finds it gone, and remakes it
+                    raise
+        except BaseException as e:  # a failed run leaves no empty OUT
+            remove_empty(made_out)
+            if isinstance(e, KeyboardInterrupt):  # waiting for the other run, or loading (click's bare "aborted")
+                raise TrainingInterrupted(f"interrupted before training began; nothing saved in {self.args.out}") from None
             raise
 
     def _train(self, acc, made_out: list) -> dict:
@@ -250,6 +257,7 @@ class Trainer:
         if resume is not None:
             restore(acc.unwrap_model(model), optimizer, scheduler, resume, acc.process_index)
             log.update(resume["log"])
+            log["args"] = {**log["args"], "out": args.fingerprint()["out"]}  # a checkpoint moved with its OUT
             start_epoch = resume["epoch"]
         self._checkpointed = start_epoch  # the epochs OUT's checkpoint holds
         if acc.is_main_process:
@@ -266,9 +274,6 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             raise self._interrupted(log, made_out) from None
-        except BaseException:
-            remove_empty(made_out)  # a failed run leaves no empty OUT
-            raise
         bar.close()
         log["hint"] = hint(log, args.lr, args.epochs)
         if (beat := beat_untrained(log)) is not None:

@@ -215,8 +215,8 @@ function integerRows(x, what) {
   if (!Array.isArray(x) || !x.length || !x.every(isRow)) {
     throw new EdgePeftError(`${what} must be a non-empty array of rows (2-D: batch x sequence), every row the same length (pad on the left)`);
   }
-  if (what === "ids" && x.some((r) => r instanceof Float32Array || r instanceof Float64Array)) {  // as Python's dtype check
-    throw new EdgePeftError(`ids must be token ids (integers: numbers, an Int32Array, a BigInt64Array), got ${described(x.find((r) => r instanceof Float32Array || r instanceof Float64Array))}`);
+  if (x.some((r) => r instanceof Float32Array || r instanceof Float64Array)) {  // as Python's dtype check, ids and mask
+    throw new EdgePeftError(`${what} must be ${what === "ids" ? "token ids" : "0 and 1"} (integers: numbers, an Int32Array, a BigInt64Array), got ${described(x.find((r) => r instanceof Float32Array || r instanceof Float64Array))}`);
   }
   return x.map((row) => Array.from(row, (v) => {
     if (isRow(v)) throw new EdgePeftError(`${what} must be rows of numbers (2-D: batch x sequence); got more levels of arrays`);
