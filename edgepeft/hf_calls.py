@@ -28,6 +28,20 @@ def elsewhere(name: str):
     return refused
 
 
+def elsewhere_or(name: str, error: AttributeError):
+    """``elsewhere(name)``, else ``error`` raised: for a module whose attributes fall through to no other object."""
+    if (refused := elsewhere(name)) is None:
+        raise error
+    return refused
+
+
+def check_one_adapter(adapter_name) -> None:
+    """HF PEFT's LoraModel.set_adapter takes a list (several adapters active at once): refused, naming the way."""
+    if not isinstance(adapter_name, str):
+        raise ConfigError(f"set_adapter takes one adapter's name, got {adapter_name!r}; for several at once export "
+                          "them, then pass adapter=[...] (one per row) or {name: weight} to the runtime")
+
+
 def refuse_adapter_names(kwargs: dict) -> None:
     """HF PEFT's ``adapter_names=`` (an adapter per row) is not in the PyTorch model: transformers took the keyword
     and ran the active adapter on every row, or refused it with its own error."""

@@ -6,20 +6,17 @@
                   ...q_proj = LoraLinear(base_layer, lora_A[name], lora_B[name])
                   ...classifier = ModulesToSaveWrapper(original_module, modules_to_save[name])
 
-Parameter names match HF PEFT, so ``adapter_model.safetensors`` keys are the same
-(``base_model.model.<module>.lora_A.weight``; a saved head as
-``base_model.model.classifier.weight``). Every adapter-holding layer names its
-per-adapter ``ModuleDict``s in ``adapter_dicts``; saving and loading walk those,
-never the method's name. A layer whose saved state is not its parameters (the
-virtual-token encoder of prompt/prefix tuning) implements ``adapter_parameters``,
-``saved_tensors`` and ``load_saved_tensors`` instead, and a method whose tuner has
+Parameter names match HF PEFT, so ``adapter_model.safetensors`` keys are the same (``base_model.model.<module>.
+lora_A.weight``; a saved head as ``base_model.model.classifier.weight``). Every adapter-holding layer names its
+per-adapter ``ModuleDict``s in ``adapter_dicts``; saving and loading walk those, never the method's name. A layer
+whose saved state is not its parameters (the virtual-token encoder of prompt/prefix tuning) implements
+``adapter_parameters``, ``saved_tensors`` and ``load_saved_tensors`` instead, and a method whose tuner has
 ``forward``/``generate`` hooks rewrites a call's inputs (virtual tokens).
 """
 from __future__ import annotations
 
 import copy
 import os
-
 from contextlib import contextmanager
 
 import torch
@@ -30,7 +27,7 @@ from edgepeft.adapter_weights import drop_carried_base_weights, named_as_expecte
 from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
-from edgepeft.hf_calls import check_save_options, elsewhere, merged_name, refuse_adapter_names
+from edgepeft.hf_calls import check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name, refuse_adapter_names
 from edgepeft.registry import AdapterLayer
 from edgepeft.tuners import method_for
 from edgepeft.tuners.copies import merged_copy, unloaded_copy
@@ -47,13 +44,11 @@ class TunedModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # HF PEFT's LoraModel has merge_adapter and the like too
         try:
             return super().__getattr__(name)
-        except AttributeError:
-            if (refused := elsewhere(name)) is None:  # HF PEFT's LoraModel has them too (model.base_model.merge_adapter)
-                raise
-            return refused
+        except AttributeError as e:
+            return elsewhere_or(name, e)
 
 
 class PeftModel(nn.Module):
@@ -123,9 +118,7 @@ class PeftModel(nn.Module):
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the one calls use and, as HF PEFT, the one that trains (frozen: ``inference_mode``)."""
-        if not isinstance(adapter_name, str):  # HF PEFT's LoraModel takes a list: several adapters active at once
-            raise ConfigError(f"set_adapter takes one adapter's name, got {adapter_name!r}; for several at once export "
-                              "them, then pass adapter=[...] (one per row) or {name: weight} to the runtime")
+        check_one_adapter(adapter_name)
         if adapter_name not in self.peft_config:
             raise ConfigError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
         self._activate(adapter_name)
