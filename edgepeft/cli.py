@@ -192,7 +192,7 @@ def inspect(out, as_json):
     b = info["base"]
     merged = f", merged adapter {b['merged_adapter']}" if b["merged_adapter"] else ""
     weights = f"{b['quantization']} weights" if b.get("quantization") else b["dtype"]
-    source = b["source"] + (f" (revision {b['revision']})" if b.get("revision") else "")
+    source = (b.get("source") or "a source not recorded") + (f" (revision {b['revision']})" if b.get("revision") else "")
     click.echo(f"base: {b['model_type']} {b['task']} from {source}  {_size(b['bytes'])}  {weights} opset {b['opset']}{merged}")
     click.echo(f"  fingerprint {b['fingerprint'][:16]}")
     by_method: dict = {}

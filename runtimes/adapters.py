@@ -165,6 +165,9 @@ class AdapterStore:
         return name is None or name == self.merged
 
     def get(self, name: str) -> Registered:
+        if name is None:  # "use adapter=None for the base model" was the advice: the base has no adapter's files
+            raise UnknownAdapterError("adapter None is the base model, which has no adapter folder or manifest; "
+                                      "the base's own are rt.base_dir and rt.manifest")
         adapter = self._adapters.get(_one_name(name))
         if adapter is None:
             merged = f"; {self.merged!r} is merged into the base" if self.merged else ""

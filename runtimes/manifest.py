@@ -261,9 +261,9 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
     if os.path.isfile(os.path.join(path, "adapter.json")):
         out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
         return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")
-    if os.path.isfile(os.path.join(path, BASE_MANIFEST)):
-        out = os.path.dirname(os.path.abspath(path))
-        return ArtifactNotFoundError(f"{path}: is the base folder of the export {out}; open {out} itself")
+    if (out := enclosing_export(path)) or os.path.isfile(os.path.join(path, BASE_MANIFEST)):  # OUT/base, OUT/adapters
+        out, part = out or os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.normpath(path))
+        return ArtifactNotFoundError(f"{path}: is the {part} folder of the export {out}; open {out} itself")
     if os.path.isfile(os.path.join(path, "config.json")):  # a model folder: its export goes elsewhere
         out = fresh_out(path)
         return ArtifactNotFoundError(f"{path}: is a model folder, not an export; export an adapter trained on it "

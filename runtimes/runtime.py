@@ -19,6 +19,7 @@ of adapters and cached (mixing.py).
 """
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 
@@ -112,8 +113,8 @@ class Runtime:
         return self.store.names
 
     def adapter_info(self, name: str) -> dict:
-        """The adapter's manifest (methods, rank, labels, source PEFT config...)."""
-        return self.store.get(name).manifest
+        """The adapter's manifest (methods, rank, labels, source PEFT config...): a copy (restaging reads its own)."""
+        return copy.deepcopy(self.store.get(name).manifest)
 
     def adapter_tensors(self, name: str) -> dict:
         """{slot name: OrtValue} the adapter binds as graph inputs (staged on the runtime's device; staged now
@@ -141,10 +142,9 @@ class Runtime:
         self.store.unload(name)
 
     def labels(self, adapter) -> list | None:
-        """Label names saved with a classification adapter, if any (a --merge export's: its base's)."""
-        if self.store.serves_base(adapter):
-            return self.manifest.get("labels")
-        return self.store.get(adapter).manifest.get("labels")
+        """Label names saved with a classification adapter, if any (a --merge export's: its base's); a copy."""
+        labels = (self.manifest if self.store.serves_base(adapter) else self.store.get(adapter).manifest).get("labels")
+        return None if labels is None else list(labels)  # classify reads them: an edit of the caller's stays its own
 
     # ---------------------------------------------------------------- one graph run
     def slot_binding(self, plan: Plan):

@@ -73,6 +73,8 @@ def test_inspect_and_run_say_what_to_open_instead(shared_export, tiny_base, caps
     out, dirs, _ = shared_export("llama")
     hf_adapter = next(iter(dirs.values()))
     cases = {os.path.join(out, "base"): f"is the base folder of the export {out}; open {out} itself",
+             # it said to export into OUT/adapters, which export refuses
+             os.path.join(out, "adapters"): f"is the adapters folder of the export {out}; open {out} itself",
              hf_adapter: f"export it first with `edgepeft export --adapter {hf_adapter} --out {hf_adapter}-onnx`",
              tiny_base("llama"): f"is a model folder, not an export; export an adapter trained on it with "
                                  f"`edgepeft export --adapter DIR --out {tiny_base('llama')}-onnx`",
@@ -84,6 +86,39 @@ def test_inspect_and_run_say_what_to_open_instead(shared_export, tiny_base, caps
         assert advice in cli_error(capsys, "inspect", folder), folder
         with pytest.raises(ArtifactNotFoundError, match=advice.replace("(", r"\(").replace(")", r"\)")):
             Runtime(folder)
+
+
+def test_inspect_describes_what_runtime_opens_and_describing_calls_hand_out_copies(shared_export, tmp_path, capsys):
+    """Found by a hunt: a stray link to nothing in base/ failed inspect (Runtime opened the export); a manifest
+    without its source was a traceback; edits of labels() or adapter_info() changed what classify and restaging
+    read; adapter_info(None)'s advice was "use adapter=None"."""
+    import json
+    import shutil
+
+    from edgepeft.errors import UnknownAdapterError
+
+    out = str(shutil.copytree(shared_export("llama")[0], tmp_path / "out"))
+    os.symlink(str(tmp_path / "nowhere"), os.path.join(out, "base", "notes.txt"))
+    manifest = os.path.join(out, "base", "edgepeft.json")
+    with open(manifest) as f:
+        data = json.load(f)
+    del data["source"]
+    with open(manifest, "w") as f:
+        json.dump(data, f)
+    shown = cli_ok(capsys, "inspect", out)
+    assert "from a source not recorded" in shown
+    rt = Runtime(out)
+    name = rt.adapter_names[0]
+    rt.adapter_info(name)["graph"] = "elsewhere.onnx"
+    rt.adapter_info(name)["slots"].clear()
+    assert rt.adapter_info(name)["graph"] == "adapter.onnx" and rt.adapter_info(name)["slots"]
+    rt.manifest["labels"] = ["neg", "pos"]  # as a classifier's base records them (labels(None))
+    rt.labels(None).reverse()
+    assert rt.labels(None) == ["neg", "pos"]
+    for call in (rt.adapter_info, rt.adapter_dir):
+        with pytest.raises(UnknownAdapterError, match=r"^adapter None is the base model, which has no adapter folder "
+                           r"or manifest; the base's own are rt.base_dir and rt.manifest$"):
+            call(None)
 
 
 def test_a_messages_export_command_pastes_into_a_shell_as_it_is(tmp_path, capsys):
