@@ -65,12 +65,12 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     if merge and len(adapters) > 1:  # before minutes of loading
         raise ConfigError(f"--merge folds one adapter into the base, got {len(adapters)} ({', '.join(map(str, adapters))})"
                           "; export each with --merge into its own --out folder, or all without --merge into one")
-    if not is_number(atol) or not atol >= 0:
-        raise ConfigError(f"--atol must be a number >= 0, got {atol!r}")
+    if not is_number(atol) or not atol >= 0 or not _float_like(atol):
+        raise ConfigError(f"--atol must be a number >= 0, got {atol!r:.40}")
     check_quantize(quantize)
     check_ops(ops)
-    if not is_number(qtol) or not qtol > 0:
-        raise ConfigError(f"--qtol must be a number > 0, got {qtol!r}")
+    if not is_number(qtol) or not qtol > 0 or not _float_like(qtol):  # 10**400: an OverflowError after the work
+        raise ConfigError(f"--qtol must be a number > 0, got {qtol!r:.40}")
     check_output_dir(out, "--out")  # OUT itself takes the staging folders (resolve checks its base/ and adapters/)
     log = print if verbose else (lambda *a, **k: None)
     made = missing_folders(os.path.join(out, ADAPTERS_DIR))
@@ -85,6 +85,15 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     except BaseException:
         remove_empty(made)
         raise
+
+
+def _float_like(value) -> bool:
+    """A number a float holds (a Python int of 400 digits is none: the checks compare floats)."""
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log,

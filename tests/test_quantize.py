@@ -154,7 +154,9 @@ def test_bad_quantize_options(peft_adapter, tmp_path):
         export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "a"), quantize="int3")
     with pytest.raises(ConfigError, match="qtol"):
         export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "b"), quantize="int8", qtol=0)
-    for arg, value in [("qtol", "0.1"), ("atol", "1e-4"), ("qtol", None), ("atol", True)]:  # Python callers: no TypeError
+    # Python callers: no TypeError; an int no float holds was an OverflowError after the whole export
+    for arg, value in [("qtol", "0.1"), ("atol", "1e-4"), ("qtol", None), ("atol", True), ("qtol", 10 ** 400),
+                       ("atol", 10 ** 400)]:
         with pytest.raises(ConfigError, match=f"--{arg} must be a number"):
             export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "c"), quantize="int8", **{arg: value})
     assert not os.path.exists(tmp_path / "c")
