@@ -286,11 +286,13 @@ def lane_steps(rt, lanes, ids: np.ndarray, mask: np.ndarray):
 
 
 def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops, words):
-    """Yield each step's new token per row, (B,) int64: greedy or sampled, stopping rows at eos or a stop string.
+    """Yield each step's new token per row, (B,) int64: greedy or sampled, stopping rows at eos or a stop string;
+    returns each row's count of new tokens up to and with the one that ended it (the rest are padding).
     ``words``: the call's length check in words, run again with the adapters held (``Runtime.lanes``)."""
     rng = np.random.default_rng(cfg.seed)
     eos = np.array(cfg.eos_token_id, dtype=np.int64)
     sequences, finished = ids, np.zeros(ids.shape[0], dtype=bool)
+    ends = np.full(ids.shape[0], cfg.max_new_tokens)
     with rt.lanes(adapter, *ids.shape, cfg.max_new_tokens - 1, words) as lanes:
         steps = lane_steps(rt, lanes, ids, mask)
         logits = next(steps)
@@ -299,11 +301,13 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops,
             token = np.where(finished, cfg.pad_token_id, token)
             sequences = np.concatenate([sequences, token[:, None]], axis=1)
             yield token
+            was = finished.copy()
             finished |= np.isin(token, eos)
             if stops is not None:
                 finished |= stops.hit(sequences, finished)
+            ends[finished & ~was] = step + 1
             if finished.all() or step + 1 == cfg.max_new_tokens:
-                return
+                return ends
             logits = steps.send(token)
 
 

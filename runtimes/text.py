@@ -271,20 +271,16 @@ def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):
 def generate_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     """Generated text (without the prompt) for a prompt or a list of prompts."""
     ids, mask, single = prompt_ids(rt, prompt, chat)
-    out = rt.generate(ids, mask, adapter, **generation)
-    cfg = rt.generation_config(**generation)
-    # each row to where it ended: a row that ended before the others is filled with the padding id, a token whose
-    # text decode keeps where it is not a special one (the row alone ends there)
-    texts = [rt.tokenizer.decode(_ended(rt.tokenizer, row[ids.shape[1]:], cfg)) for row in out]
+    steps, tokens = rt.stream(ids, mask, adapter, **generation), []
+    while True:  # the stream returns where each row ended (its eos, a stop string): a row that ended before the
+        try:  # others is filled with the padding id, whose text decode keeps where it is no special token
+            tokens.append(next(steps))
+        except StopIteration as done:
+            ends = done.value
+            break
+    new = np.stack(tokens, axis=1)
+    texts = [rt.tokenizer.decode(row[:end]) for row, end in zip(new, ends)]
     return texts[0] if single else texts
-
-
-def _ended(tok, ids: np.ndarray, cfg) -> np.ndarray:
-    """``ids`` up to and with the first of ``cfg``'s eos, or the token that completes a stop string."""
-    at = np.flatnonzero(np.isin(ids, cfg.eos_token_id))
-    ids = ids[:at[0] + 1] if at.size else ids
-    return next((ids[:k] for k in range(1, len(ids)) if any(s in tok.decode(ids[:k], tidy=False) for s in cfg.stop)),
-                ids) if cfg.stop else ids
 
 
 def _per_row(adapter, rows: int) -> list:

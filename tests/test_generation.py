@@ -499,9 +499,11 @@ def test_generate_text_on_a_list_gives_each_prompt_its_text_alone_whatever_the_p
     pad = next(int(t) for t in first[1] if t not in first[0])  # a plain word's id
     kw = dict(adapter="tok", max_new_tokens=6, eos_token_id=[eos], pad_token_id=pad)
     assert text_rt.generate_text(prompts, **kw) == [text_rt.generate_text(p, **kw) for p in prompts]
-    word = text_rt.tokenizer.decode([eos])  # the same row ended by a stop string instead (the review's find)
-    kw = dict(adapter="tok", max_new_tokens=6, eos_token_id=[], pad_token_id=pad, stop=[word])
-    assert text_rt.generate_text(prompts, **kw) == [text_rt.generate_text(p, **kw) for p in prompts]
+    word = text_rt.tokenizer.decode([eos])  # the same row ended by a stop string instead (the review's find), and
+    for stop in (word, "40 " + word[:2]):  # by one that begins in the prompt (w40, then the first new word)
+        kw = dict(adapter="tok", max_new_tokens=6, eos_token_id=[], pad_token_id=pad, stop=[stop])
+        alone = [text_rt.generate_text(p, **kw) for p in prompts]
+        assert text_rt.generate_text(prompts, **kw) == alone and alone[0] == word, stop
 
 
 def test_stream_text_pieces_concatenate_to_generate_text(text_rt):
