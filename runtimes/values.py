@@ -18,8 +18,11 @@ def is_number(value) -> bool:
 
 
 def is_real(value) -> bool:
-    """A finite int or float (Python or numpy), not a bool."""
-    return is_number(value) and bool(np.isfinite(value))
+    """A finite int or float (Python or numpy), not a bool; an int no float holds (10**400) is none."""
+    try:
+        return is_number(value) and bool(np.isfinite(float(value)))
+    except OverflowError:
+        return False
 
 
 def surrogate_at(text: str) -> int | None:

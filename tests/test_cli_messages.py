@@ -184,6 +184,8 @@ def test_run_says_one_line_for_a_sampling_value_it_refuses(text_export, capsys):
         with pytest.raises(SystemExit):
             main(["run", out, PROMPT, "--adapter", "tok", flag, value])
         assert capsys.readouterr().err == f"error: {said}\n"  # no note before it that the value goes unused
+    with pytest.raises(ConfigError, match="temperature must be a finite number"):  # an int no float holds: a TypeError
+        Runtime(out).generate_text(PROMPT, adapter="tok", do_sample=True, temperature=10 ** 400)
 
 
 def test_an_export_or_an_exported_adapter_given_as_adapter_is_named_so(shared_export, tmp_path, capsys):

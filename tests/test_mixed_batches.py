@@ -147,9 +147,10 @@ def test_combinations_without_a_meaning_are_refused(rt):
             rt.forward(ids, mask, adapter=bad)
     with pytest.raises(InvalidInputError, match="one per row"):
         rt.forward(ids, mask, adapter=["lora_qv"])
-    for weight in (float("nan"), 1e40):  # 1e40: infinite in the float32 row weights, NaN logits
-        with pytest.raises(InvalidInputError, match=r"give a finite number \(within float32's range, 3.4e38\)"):
-            rt.forward(ids, mask, adapter=[{"lora_qv": weight}, None])
+    for weight in (float("nan"), 1e40, 10 ** 400):  # 1e40: infinite in the float32 row weights, NaN logits;
+        for spec in ({"lora_qv": weight}, [{"lora_qv": weight}, None]):  # 10**400: a TypeError from numpy
+            with pytest.raises(InvalidInputError, match=r"give a finite number \(within float32's range, 3.4e38\)"):
+                rt.forward(ids, mask, adapter=spec)
     # the calls that take one name refuse a list or weights (a TypeError: unhashable type before)
     for call in (rt.labels, rt.adapter_info, rt.adapter_dir, rt.adapter_tensors, rt.unload_adapter):
         for bad in (["lora_qv"], {"lora_qv": 1.0}):
