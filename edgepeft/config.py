@@ -138,7 +138,7 @@ class PeftConfig:
             if not _fits(value, hints[f.name]):
                 raise ConfigError(f"{f.name} = {value!r} is not a valid {_type_name(hints[f.name])}")
         # HF PEFT's regular expressions: a string of modules matches in full, a pattern's key at a name's end
-        for name in ("target_modules", "exclude_modules", "rank_pattern", "alpha_pattern"):
+        for name in ("target_modules", "exclude_modules"):  # a rank or alpha pattern: LoraConfig checks it as it matches
             value = getattr(self, name, None)
             for pattern in ([value] if isinstance(value, str) else list(value) if isinstance(value, dict) else []):
                 try:

@@ -277,7 +277,8 @@ def test_a_config_that_disagrees_with_its_own_base_or_weights_says_so(tiny_base,
 
 
 @pytest.mark.parametrize("field, value", [("target_modules", "(q_proj"), ("exclude_modules", "["),
-                                          ("rank_pattern", {"(q_proj": 2}), ("alpha_pattern", {"q_proj)": 2})])
+                                          ("rank_pattern", {"(q_proj": 2}), ("alpha_pattern", {"q_proj)": 2}),
+                                          ("rank_pattern", {"(?i)q_proj": 2})])  # compiles alone, not as matched
 def test_a_pattern_that_is_no_regular_expression_is_named(peft_adapter, tmp_path, capsys, field, value):
     """HF PEFT reads these as regular expressions: a re.error traceback came out of export at the first match."""
     import shutil

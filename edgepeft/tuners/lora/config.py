@@ -85,11 +85,16 @@ class LoraConfig(PeftConfig):
             for key, value in pattern.items():
                 if not (is_whole(value) and value > 0 if whole else is_real(value)):
                     raise ConfigError(f"{name}[{key!r}] = {value!r} is not a valid {'rank' if whole else 'alpha'}")
+                try:  # as _pattern_value matches it ('(?i)query' alone compiles; inside, a traceback at the first match)
+                    _key_pattern(key)
+                except re.error as e:
+                    raise ConfigError(f"{name}: {key!r} is not a regular expression ({e}); correct it as Python's re "
+                                      "reads it, as HF PEFT does") from None
 
     def _pattern_value(self, pattern: dict, key: str, default):
         # PEFT: the first pattern that matches the end of the module name wins.
         for p, v in pattern.items():
-            if re.match(rf"(.*\.)?({p})$", key):
+            if _key_pattern(p).match(key):
                 return v
         return default
 
@@ -100,3 +105,8 @@ class LoraConfig(PeftConfig):
         r = r if r is not None else self.rank_for(key)
         alpha = self._pattern_value(self.alpha_pattern, key, self.lora_alpha)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _key_pattern(pattern: str) -> "re.Pattern":
+    """A rank or alpha pattern as HF PEFT matches it: at the end of a module's name."""
+    return re.compile(rf"(.*\.)?({pattern})$")
