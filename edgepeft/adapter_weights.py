@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, CorruptArtifactError
 from edgepeft.runtimes.access import check_readable
+from edgepeft.tuners.targets import innermost
 
 
 def read_adapter_weights(directory: str) -> tuple[str, dict]:
@@ -78,10 +79,8 @@ def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) 
     """
     for key in [k for k in state if k.endswith(".weight") and k not in adapter_keys]:
         try:
-            layer = model.get_submodule(key[: -len(".weight")])
-            while not hasattr(layer, "weight") and hasattr(layer, "base_layer"):  # another method's wrapper over it
-                layer = layer.base_layer  # (LoRA and IA3 both on lm_head: the second wraps the first)
-            weight = layer.weight
+            # under another method's wrapper too (LoRA and IA3 both on lm_head: the second wraps the first)
+            weight = innermost(model.get_submodule(key[: -len(".weight")])).weight
         except AttributeError:
             continue  # no such layer here: reported as an unexpected weight
         saved, weight = state[key], weight.detach()

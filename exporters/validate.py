@@ -214,12 +214,12 @@ def compare_siblings(plan, base_stage: str) -> list:
     from edgepeft.runtimes import Runtime
     from edgepeft.runtimes.manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST
 
-    if not plan.siblings:
-        return []
+    replaced = {s.name for s in plan.sources}  # re-pointed only for an export stopped before they are replaced
+    if not {f for f in plan.siblings if os.path.basename(f) not in replaced}:
+        return []  # before two Runtimes are opened for nothing
     old, new = Runtime(plan.out, load_adapters=False), Runtime.from_base_dir(base_stage)
     quantized = new.manifest.get("quantization")
     checks = []
-    replaced = {s.name for s in plan.sources}  # re-pointed only for an export stopped before they are replaced
     for folder, manifest in plan.taken_along(new.manifest).items():  # as commit will re-point them
         if os.path.basename(folder) in replaced:
             continue

@@ -154,11 +154,8 @@ class AdapterStore:
             return sum(self._adapters[n].bytes for n in self._resident)
 
     def staged_bytes(self, name: str) -> int:
-        """The bytes adapter ``name`` takes staged, what the budget counts (an evicted one is staged to count them)."""
-        adapter = self.get(name)
-        if adapter.plan is not None:
-            return adapter.bytes
-        return int(sum(a.nbytes for a in self._stage(adapter, self._unchanged_graph(adapter))[0].values()))
+        """The bytes adapter ``name`` takes staged, what the budget counts (known from its staging at load)."""
+        return self.get(name).bytes
 
     def serves_base(self, name) -> bool:
         """No adapter, or the one a --merge export folded into the base: calls run the base graph as it is."""
@@ -306,8 +303,7 @@ class AdapterStore:
         self._changed(adapter.name)
 
     def _drop(self, adapter: Registered) -> None:
-        adapter.plan = adapter.arrays = None
-        adapter.bytes = 0
+        adapter.plan = adapter.arrays = None  # its bytes stay known (staged_bytes); resident_bytes counts residents
         self._resident.pop(adapter.name, None)
         self._changed(adapter.name)
 

@@ -219,11 +219,9 @@ class Trainer:
                 except BaseException:
                     remove_empty(made_out)  # while OUT is held: a run waiting for it then finds it gone, and remakes it
                     raise
-        except BaseException as e:  # a failed run leaves no empty OUT
+        except KeyboardInterrupt:  # waiting for the other run (no cleanup ran), or loading (click's bare "aborted")
             remove_empty(made_out)
-            if isinstance(e, KeyboardInterrupt):  # waiting for the other run, or loading (click's bare "aborted")
-                raise TrainingInterrupted(f"interrupted before training began; nothing saved in {self.args.out}") from None
-            raise
+            raise TrainingInterrupted(f"interrupted before training began; nothing saved in {self.args.out}") from None
 
     def _train(self, acc, made_out: list) -> dict:
         from accelerate.utils import set_seed
