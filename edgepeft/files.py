@@ -105,25 +105,18 @@ def remove_empty(made: list) -> None:
 
 
 def check_output_file(path: str, flag: str) -> None:
-    """Refuse, before any work, a file path where no file can be written: a folder, a path under a file, or a folder
-    os.access calls writable where no file can be made (/proc, a read-only mount: said after a whole bench run, of a
-    temp file). A temp file is made and removed in the nearest folder there (the write makes the rest)."""
+    """``check_output_dir`` for a file path: its folder, and the path no folder."""
     from edgepeft.errors import ConfigError
 
     if os.path.isdir(path):
         raise ConfigError(f"{path}: is a folder; give {flag} a file path")
-    folder = os.path.dirname(os.path.abspath(path))
-    check_output_dir(folder, flag, "a file path in a folder")
-    while not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot write there ({e.strerror}); give {flag} a path in another folder") from None
+    check_output_dir(os.path.dirname(os.path.abspath(path)), flag, "a file path in a folder")
 
 
 def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None:
-    """Refuse, before any work, an output folder that is a file or lies where nothing can be written.
+    """Refuse, before any work, an output folder that is a file or lies where nothing can be written: a temp file is
+    made and removed in the nearest folder of the path there (os.access calls /proc or a read-only mount writable:
+    the write failed after the work).
 
     ``wants``: what ``flag`` takes, for the message ("a folder path", "a file path in a folder").
     """
@@ -139,6 +132,10 @@ def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None
         raise ConfigError(f"{probe}: is a file, not a folder; give {flag} {wants}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{probe}: cannot write here (permission denied); give {flag} another folder or fix its permissions")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise ConfigError(f"{probe}: cannot write here ({e.strerror}); give {flag} another folder") from None
 
 
 @functools.cache  # the same for the process's life (a fork shares its namespace and boot)

@@ -232,8 +232,9 @@ def test_bench_takes_a_merged_exports_name_and_writes_no_export_file(peft_adapte
     assert open(manifest, "rb").read() == before
     # a folder os.access calls writable where no file can be made: after the whole run, of a hidden temp file
     line = cli_error(capsys, *argv, "--json", "/proc/b.json")
-    assert line.startswith("error: /proc/b.json: cannot write there (") and line.endswith("); give --json a path in "
-                                                                                          "another folder")
+    assert line.startswith("error: /proc: cannot write here (") and line.endswith("); give --json another folder")
+    assert cli_error(capsys, "export", "--adapter", spec_adapter(peft_adapter, "llama", "qv"), "--out",
+                     "/proc/x").startswith("error: /proc: cannot write here (")  # export --out alike, before its work
     cli_ok(capsys, *argv, "--json", str(tmp_path / "new" / "b.json"))  # a folder still to be made: written there
     assert os.path.isfile(tmp_path / "new" / "b.json")
     line = cli_error(capsys, *argv, "--plot", str(tmp_path / "chart.svg"))
