@@ -309,15 +309,12 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         raise ConfigError(f"{out}: a {rt.task} export classifies or embeds, it does not generate; drop {', '.join(given)}")
     if rt.cache:
         idle = [f for f in given if f in SAMPLING_ONLY]
-        cfg = rt.generation_config(  # checked before a note says a value goes unused
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, seed=seed)
-        if idle and not cfg.do_sample:  # transformers warns alike
+        generation = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                          top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+        if idle and not rt.generation_config(**generation).do_sample:  # checked before the note; transformers warns alike
             verb = "only applies" if len(idle) == 1 else "only apply"
             click.echo(f"note: {', '.join(idle)} {verb} with --do-sample; decoding greedily", err=True)
-        for piece in rt.stream_text(prompt, adapter=name, chat=chat, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                    temperature=temperature, top_k=top_k, top_p=top_p,
-                                    repetition_penalty=repetition_penalty, seed=seed):
+        for piece in rt.stream_text(prompt, adapter=name, chat=chat, **generation):
             click.echo(piece, nl=False)
         click.echo()
         return

@@ -69,7 +69,7 @@ def main():
         sys.exit(f"--out must lie inside {REPO}: the page reads the export from the repository's server")
     if not os.path.isdir(os.path.join(JS, "node_modules")):
         sys.exit(f"{JS}/node_modules is missing: run `make test-js` (or `cd runtimes/js && npm ci`) first")
-    fresh_folder(out, os.path.abspath(ap.get_default("out")))
+    fresh_folder(out, ap.get_default("out"))
     dirs = make_adapters(edgepeft.minilm_path(), "seq-cls", os.path.join(out, "adapters-src"), ["query", "value"], 8, 3)
     export(list(dirs.values()), os.path.join(out, "export"), names=ADAPTERS, quantize=args.quantize)
 

@@ -15,7 +15,7 @@ def fresh_folder(path: str, default: str) -> str:
     one's own, `--out .`) is refused, not emptied."""
     if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
         sys.exit(f"error: {path}: is a file or a link; give a folder for the run's files")
-    own = os.path.exists(os.path.join(path, MARK)) or os.path.normpath(path) == os.path.normpath(default)
+    own = os.path.exists(os.path.join(path, MARK)) or os.path.abspath(path) == os.path.abspath(default)
     if os.path.isdir(path) and os.listdir(path) and not own:
         sys.exit(f"error: {path}: holds files no sample wrote, and a run empties its folder; give another folder "
                  "(or remove this one)")

@@ -209,18 +209,23 @@ export function checkOptions(options, allowed, call, elsewhere = "") {
 }
 
 /** Rows of whole numbers from arrays or typed arrays of numbers or bigints (ONNX Runtime's int64 tensors give those). */
+/** A bigint id as a number where one holds it exactly (numbers as they are), as the tokenizer's ids come. */
+export const fromBigint = (v) => (typeof v === "bigint" && v >= BigInt(Number.MIN_SAFE_INTEGER) &&
+  v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v);
+
 function integerRows(x, what) {
   const isRow = (r) => Array.isArray(r) || ArrayBuffer.isView(r);
   if (isRow(x) && x.length && !isRow(x[0])) x = [x];  // one row given flat
   if (!Array.isArray(x) || !x.length || !x.every(isRow)) {
     throw new EdgePeftError(`${what} must be a non-empty array of rows (2-D: batch x sequence), every row the same length (pad on the left)`);
   }
-  if (x.some((r) => r instanceof Float32Array || r instanceof Float64Array)) {  // as Python's dtype check, ids and mask
-    throw new EdgePeftError(`${what} must be ${what === "ids" ? "token ids" : "0 and 1"} (integers: numbers, an Int32Array, a BigInt64Array), got ${described(x.find((r) => r instanceof Float32Array || r instanceof Float64Array))}`);
+  const floats = x.find((r) => r instanceof Float32Array || r instanceof Float64Array);  // as Python's dtype check
+  if (floats) {
+    throw new EdgePeftError(`${what} must be ${what === "ids" ? "token ids" : "0 and 1"} (integers: numbers, an Int32Array, a BigInt64Array), got ${described(floats)}`);
   }
   return x.map((row) => Array.from(row, (v) => {
     if (isRow(v)) throw new EdgePeftError(`${what} must be rows of numbers (2-D: batch x sequence); got more levels of arrays`);
-    if (typeof v === "bigint" && v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER)) return Number(v);
+    v = fromBigint(v);
     if (typeof v === "boolean" && what === "mask") return Number(v);
     if (!Number.isInteger(v)) throw new EdgePeftError(`${what} must hold whole numbers; got ${described(v)}`);
     return v;

@@ -14,7 +14,7 @@
 
 import {
   EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs,
-  checkOptions, checkSizes, checkTensors, described, firstLine, namedLabels, olderRuntime, readJson, reexportFor,
+  checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { adapterGraphProblem } from "./graph.js";
 import { GENERATION_OPTIONS, classify, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
@@ -114,11 +114,12 @@ export class Runtime {
 
   /** Free the base session once the calls already made are done, a generate's every step included (wasm frees one
    * on release only: ~90 MB per open kept); later calls are refused. */
-  async release() {
-    if (this.released) return;  // a second release does nothing
-    this.released = true;
-    if (this.inFlight) await new Promise((resolve) => { this.settled = resolve; });
-    await this.session.release();
+  release() {
+    this.released ??= (async () => {  // a second release waits for the first (it returned at once)
+      if (this.inFlight) await new Promise((resolve) => { this.settled = resolve; });
+      await this.session.release();
+    })();
+    return this.released;
   }
 
   /** call() as a call release() waits for (it swapped in a refusing session at once: a generate's decode steps failed). */
@@ -278,8 +279,7 @@ export class Runtime {
     s = forPrompt(s, ids[0].length);
     const maxNewTokens = s.maxNewTokens;
     const eosGiven = eos ?? this.manifest.eos_token_id ?? [];  // null: the model's; one id or a list (or typed array)
-    const eosTokenId = (Array.isArray(eosGiven) || ArrayBuffer.isView(eosGiven) ? [...eosGiven] : [eosGiven])
-      .map((v) => (typeof v === "bigint" && v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v));
+    const eosTokenId = (Array.isArray(eosGiven) || ArrayBuffer.isView(eosGiven) ? [...eosGiven] : [eosGiven]).map(fromBigint);
     if (!eosTokenId.every((v) => Number.isInteger(v))) {  // as Python: an id < 0 is taken and never matches
       throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${described(eosGiven)}`);
     }
