@@ -174,7 +174,8 @@ def test_adapter_files_named_as_state_dict_names_load_as_in_peft(tiny_base, tmp_
     save_file(named, str(weights))
     from edgepeft.adapter_weights import named_as_expected  # an adapter named as a key's last part is no own name
 
-    assert named_as_expected({"m.lora_A.default.weight": 1}, {"m.lora_A.weight"}, "weight") == {"m.lora_A.weight": 1}  # another adapter's keys beside them: the last one's values were loaded, in silence
+    assert named_as_expected({"m.lora_A.default.weight": 1}, {"m.lora_A.weight"}, "weight") == {"m.lora_A.weight": 1}
+    # another adapter's keys beside them: the last one's values were loaded, in silence
     save_file({**named, **{k.replace(".default.", ".other."): v + 1 for k, v in named.items()}}, str(weights))
     with pytest.raises(AdapterBaseMismatchError, match=r"lacks \(e.g. .*lora_A.other.weight\)"):
         edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))

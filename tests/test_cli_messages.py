@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from file_checks import write_lines
+from file_checks import edit_json, write_lines
 from peft_refs import lora_adapter, spec_adapter
 from training_helpers import cli_error, cli_ok, seq_cls_rows
 from word_tokenizer import PROMPT
@@ -92,9 +92,6 @@ def test_inspect_describes_what_runtime_opens_and_describing_calls_hand_out_copi
     """Found by a hunt: a stray link to nothing in base/ failed inspect (Runtime opened the export); a manifest
     without its source was a traceback; edits of labels() or adapter_info() changed what classify and restaging
     read; adapter_info(None)'s advice was "use adapter=None"."""
-    import json
-    import shutil
-
     from edgepeft.errors import UnknownAdapterError
 
     out = str(shutil.copytree(shared_export("llama")[0], tmp_path / "out"))
@@ -154,9 +151,7 @@ def test_suggested_export_commands_name_the_adapter_as_export_takes_it(peft_adap
     shutil.copytree(os.path.join(out, "adapters", "qv"), os.path.join(out, "adapters", "sp_ace"))  # taken
     foreign = os.path.join(out, "adapters", "sp ace")
     shutil.copytree(os.path.join(adapter + "-onnx", "adapters", "my_adapter"), foreign)
-    with open(os.path.join(foreign, "adapter.json"), "r+") as f:
-        manifest = dict(json.load(f), base_fingerprint="0" * 64)
-        f.seek(0), json.dump(manifest, f), f.truncate()
+    edit_json(os.path.join(foreign, "adapter.json"), base_fingerprint="0" * 64)
     with pytest.raises(AdapterBaseMismatchError) as e:
         Runtime(out)
     assert str(e.value).endswith(f"remove {foreign}, then re-export its adapter into this OUT: `edgepeft export "

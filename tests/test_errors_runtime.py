@@ -46,8 +46,6 @@ def test_a_foreign_adapter_from_bytes_or_in_a_merge_export_gets_a_fix_that_works
                                                                                      monkeypatch):
     """Bytes loaded from inside OUT/adapters were named as a folder ('remove adapter bytes, or ... --name adapter
     bytes --overwrite'); inspect told a --merge export's stray adapter to re-export into OUT, which it refuses."""
-    import shutil
-
     from edgepeft.exporters import export
     from edgepeft.runtimes.describe import describe_export
 
@@ -82,8 +80,6 @@ def test_adapter_for_other_slot_table_is_refused(small_out, llama):
 def test_a_path_that_is_not_utf8_is_named_with_the_fix(rt, before, llama, tmp_path):
     """Bytes of another encoding in a name (a Latin-1 zip unpacked): ONNX Runtime's TypeError read as a damaged base
     or adapter graph ('re-export'), and PyTorch's ONNX exporter gave a traceback. Renaming is the fix."""
-    import shutil
-
     from edgepeft.exporters import export
 
     odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
