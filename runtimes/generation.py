@@ -286,13 +286,10 @@ def lane_steps(rt, lanes, ids: np.ndarray, mask: np.ndarray):
 
 
 def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops, words):
-    """Yield each step's new token per row, (B,) int64: greedy or sampled, stopping rows at eos or a stop string;
-    returns each row's count of new tokens up to and with the one that ended it (the rest are padding).
-    ``words``: the call's length check in words, run again with the adapters held (``Runtime.lanes``)."""
-    rng = np.random.default_rng(cfg.seed)
-    eos = np.array(cfg.eos_token_id, dtype=np.int64)
-    sequences, finished = ids, np.zeros(ids.shape[0], dtype=bool)
-    ends = np.full(ids.shape[0], cfg.max_new_tokens)
+    """Yield each step's new token per row, (B,) int64, stopping rows at eos or a stop string; return each row's count
+    of new tokens with the one that ended it. ``words``: the length check, run again once held (``Runtime.lanes``)."""
+    rng, eos = np.random.default_rng(cfg.seed), np.array(cfg.eos_token_id, dtype=np.int64)
+    sequences, finished, ends = ids, np.zeros(ids.shape[0], dtype=bool), np.full(ids.shape[0], cfg.max_new_tokens)
     with rt.lanes(adapter, *ids.shape, cfg.max_new_tokens - 1, words) as lanes:
         steps = lane_steps(rt, lanes, ids, mask)
         logits = next(steps)
