@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shlex
+import socket
+import urllib.parse
 import warnings
 
 import torch
@@ -82,12 +84,29 @@ def model_label(name_or_path: str, revision: str | None = None) -> str:
     return f"{name_or_path} (revision {revision})" if revision else str(name_or_path)
 
 
+def hub_unreachable(name_or_path: str) -> str | None:
+    """The hub's host where a hub id is asked for and the host has no address here, else None. The hub then goes
+    offline for the process, as HF_HUB_OFFLINE=1: its cache serves, where each file waited out 5 retries (25 s)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.path.exists(name_or_path):
+        return None
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):  # no name service, no such name
+        constants.HF_HUB_OFFLINE = True
+        return host
+    return None
+
+
 def load_model_config(name_or_path: str, flag: str = "--base", revision: str | None = None):
     """``revision``: the hub branch, tag or commit (an adapter config's ``revision``, as HF PEFT's AutoPeftModel
     passes it); None: the default branch. A local folder has none: it is ignored there."""
     from transformers import AutoConfig
 
     check_model_source(name_or_path, flag)
+    offline = hub_unreachable(str(name_or_path))
     try:
         return AutoConfig.from_pretrained(name_or_path, revision=revision, **NO_REMOTE_CODE)
     except (OSError, ValueError, AttributeError, TypeError) as e:  # the last two: a field the config class refuses
@@ -107,8 +126,9 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
             raise unsupported_type(model_type, f"{model_label(name_or_path, revision)}: ") from None
         fix = (f"its config.json is damaged: save the model again (save_pretrained), or pass {flag} another folder"
                if os.path.isfile(local) else f"pass {flag} with a local model folder (with config.json)")
+        reason = f"{offline} is unreachable from here, no copy in the hub cache" if offline else str(e).splitlines()[0]
         raise ArtifactNotFoundError(
-            f"{model_label(name_or_path, revision)}: cannot load the base model's config ({str(e).splitlines()[0]}); "
+            f"{model_label(name_or_path, revision)}: cannot load the base model's config ({reason}); "
             f"{fix}") from None
 
 

@@ -330,3 +330,22 @@ def test_the_samples_empty_only_a_folder_a_sample_made_and_say_ctrl_c_in_one_lin
         with pytest.raises(SystemExit) as e:
             run(main)
         assert e.value.code == 130 and capsys.readouterr().err == "interrupted; run demo.py again to start over\n"
+
+
+def test_a_hub_id_with_no_hub_in_reach_fails_at_once_and_goes_offline(capsys, tmp_path, monkeypatch):
+    """A device with no name service: a hub id is refused in one line without the hub's five retries (25 s), and the
+    hub goes offline for the process (a cached model then loads from the cache, as with HF_HUB_OFFLINE=1)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
+    line = cli_error(capsys, "train", "--model", "smollm2", "--task", "seq-cls", "--data", data, "--out", tmp_path / "o")
+    assert line == ("error: smollm2: cannot load the base model's config (huggingface.co is unreachable from here, no "
+                    "copy in the hub cache); pass --model with a local model folder (with config.json)")
+    assert constants.HF_HUB_OFFLINE and not (tmp_path / "o").exists()
