@@ -9,8 +9,8 @@ import sys
 import click
 from click.core import ParameterSource
 
-from edgepeft.errors import EdgePeftError, TrainingInterrupted
-from edgepeft.processes import end_group, first, leave, say
+from edgepeft.errors import EdgePeftError, TrainingInterrupted, first_line
+from edgepeft.processes import end_group, first, leave, peer_stopped, say
 
 
 def _size(n: int) -> str:
@@ -18,7 +18,6 @@ def _size(n: int) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return str(n)
 
 
 @click.group()
@@ -390,6 +389,11 @@ def main(argv=None):
         leave(e.exit_code)
     except KeyboardInterrupt:
         leave(130)
+    except RuntimeError as e:  # a collective failed where another process stopped: its error names why
+        if not peer_stopped(e):
+            raise
+        say(f"error: process {os.environ['RANK']} stopped with the others ({first_line(e)})")
+        leave(1)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,13 @@ def _group():
     return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
+def peer_stopped(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed in a process other than the first, under a process group: another
+    process stopped (its error, said by the first process or in torchrun's report, names why); this one says no more
+    than that, where it printed gloo's traceback ("Connection closed by peer")."""
+    return isinstance(error, RuntimeError) and not first() and _group() is not None
+
+
 def end_group() -> None:
     """After a finished run: end the process group (every process has passed the run's last barrier)."""
     if (dist := _group()) is not None:

@@ -246,3 +246,31 @@ def test_two_runs_into_one_out_take_turns(text_model, tmp_path, capsys):
     finished = next(r for r in results.values() if isinstance(r, dict))
     with open(os.path.join(out, "training_log.json")) as f:
         assert json.load(f)["args"]["lr"] == finished["args"]["lr"]  # OUT is one run's, log and adapter alike
+
+
+def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, tmp_path, capsys):
+    """torchrun: where only the first process fails (a full disk while saving), the others' next collective fails
+    with gloo's "Connection closed by peer", which was a traceback; a process group must be up for that reading."""
+    from edgepeft import cli, processes
+
+    def peer_gone(**kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41"
+                           "\nException raised from ...")
+
+    def leave(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli.cli, "main", peer_gone)
+    monkeypatch.setattr(cli, "leave", leave)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error1.json"))
+    with pytest.raises(RuntimeError):  # no process group: not a peer's stop, raised as it is
+        cli.main(["train"])
+    monkeypatch.setattr(processes, "_group", lambda: object())
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train"])
+    assert stop.value.code == 1 and capsys.readouterr().err == ""  # the first process says why
+    with open(tmp_path / "error1.json") as f:
+        assert json.load(f)["message"]["message"] == ("error: process 1 stopped with the others ([../third_party/gloo/"
+                                                      "gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                                                      "[127.0.0.1]:41)")
