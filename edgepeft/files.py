@@ -158,9 +158,9 @@ def _owner() -> str:
     return f"p{os.getpid()}h{_host()}"
 
 
-# staging_dir's and replace_dir's names: .staging-<label>-<owner>-<random>, .old-<target's name>-<owner>-<random>
-_HIDDEN = re.compile(r"\.(staging|old)-(.+)-p(\d+)h([0-9a-f]{8})-[^-]+")
-_HALF_WRITTEN = re.compile(r"\.tmp-p(\d+)h([0-9a-f]{8})-[^-]+")  # write_bytes_atomic's temp file
+# staging_dir's and replace_dir's names: .staging-<label>-<owner>-<random>, .old-<target's name>-<owner>-<random>;
+# write_bytes_atomic's temp file: .tmp-<owner>-<random>
+_LEFT = re.compile(r"\.(?:(?P<kind>staging|old)-(?P<target>.+)-|tmp-)p(?P<pid>\d+)h(?P<host>[0-9a-f]{8})-[^-]+")
 
 
 def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
@@ -175,18 +175,18 @@ def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
     host = _host()
     done = []
     for name in sorted(os.listdir(parent)):
-        m = _HIDDEN.fullmatch(name)
-        path = os.path.join(parent, name)
-        if (t := _HALF_WRITTEN.fullmatch(name)) and os.path.isfile(path) and not os.path.islink(path) and \
-                t.group(2) == host and not _running(int(t.group(1))):  # a file a killed write left
-            os.unlink(path)
-            done.append(f"removed {path} (a file half-written by {who} that was stopped midway)")
+        m, path = _LEFT.fullmatch(name), os.path.join(parent, name)
+        if m is None or m["host"] != host or _running(int(m["pid"])):
             continue
-        kept = not (os.path.isdir(path) or os.path.islink(path))  # a file of that name is not ours
-        if m is None or m.group(4) != host or kept or _running(int(m.group(3))):
+        if m["kind"] is None:  # a temp file a killed write left (a folder or link of that name is not ours)
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                done.append(f"removed {path} (a file half-written by {who} that was stopped midway)")
             continue
-        target = os.path.join(parent, m.group(2))
-        if m.group(1) == "old" and not os.path.exists(target):
+        if not (os.path.isdir(path) or os.path.islink(path)):  # a file of that name is not ours
+            continue
+        target = os.path.join(parent, m["target"])
+        if m["kind"] == "old" and not os.path.exists(target):
             os.replace(path, target)
             done.append(f"put {target} back ({who} was stopped while replacing it)")
         else:

@@ -207,7 +207,7 @@ def test_stopped_runs_resume_or_start_over_as_their_messages_say(text_model, tmp
     assert not os.path.exists(tmp_path / "waited")
     monkeypatch.undo()
     one = write_lines(tmp_path / "one.jsonl", [{"text": "a b", "positive": "a"}])
-    with pytest.raises(DataError, match=r"one.jsonl: one pair; retrieval is scored against the other pairs' positives"):
+    with pytest.raises(DataError, match=r"one.jsonl: one pair; retrieval scores each text against the other pairs' positives"):
         train(model=text_model("bert"), task="feature-extraction", data=write_lines(
             tmp_path / "pairs.jsonl", [{"text": f"t {i}", "positive": f"p {i}"} for i in range(4)]), eval_data=one,
             out=str(tmp_path / "fe"), progress=False)

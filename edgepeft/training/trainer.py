@@ -72,13 +72,12 @@ class Trainer:
         """``method``: the adapter's config (its virtual tokens take positions too)."""
         args = self.args
         rows = read_jsonl(args.data, args.task)
-        if args.task == "feature-extraction" and len(rows) < 2:  # in-batch negatives: a pair alone has a loss of 0
-            raise DataError(f"{args.data}: one pair; in-batch negatives score each text against the other pairs' "
-                            "positives, so add pairs (2 or more)")
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
-        if args.task == "feature-extraction" and eval_rows is not None and len(eval_rows) < 2:  # scored 0 and 1.0
-            raise DataError(f"{args.eval_data}: one pair; retrieval is scored against the other pairs' positives, so "
-                            "add pairs (2 or more)")
+        for path, read, scored in ((args.data, rows, "in-batch negatives score"),  # a pair alone: a loss of 0
+                                   (args.eval_data, eval_rows, "retrieval scores")):  # a pair alone: 0 or 1.0
+            if args.task == "feature-extraction" and read is not None and len(read) < 2:
+                raise DataError(f"{path}: one pair; {scored} each text against the other pairs' positives, so add "
+                                "pairs (2 or more)")
         other = ignored_fields(eval_rows, args.eval_data, args.task) if eval_rows and args.eval_data != args.data \
             else None
         for note in (ignored_fields(rows, args.data, args.task), other, missing_matplotlib()):
