@@ -113,6 +113,12 @@ class PeftConfig:
             f"has no task_type and was saved on {self.auto_mapping['base_model_class']} (auto_mapping), whose task "
             f"edgepeft does not export; it exports {', '.join(TASK_TYPES)}: use an adapter trained for one of them")
 
+    def names_another_base(self, here: str | None) -> bool:
+        """Whether the base this config names may not be ``here`` (the model in use; either unknown counts): a
+        mismatch then advises that base, else (it names the base in use) a re-save of the adapter."""
+        named = self.base_model_name_or_path
+        return not (named and here) or os.path.abspath(named) != os.path.abspath(here)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["peft_type"] = self.peft_type

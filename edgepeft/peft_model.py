@@ -293,10 +293,9 @@ class PeftModel(nn.Module):
         missing = sorted((set(entries) | set(custom)) - set(state))
         unexpected = sorted(set(state) - set(entries) - set(custom))
         if unexpected:
-            recorded = self.peft_config[adapter_name].base_model_name_or_path
-            here = getattr(self.base_model.model, "name_or_path", None)
-            fix = (f"load it on the base it was trained on ({recorded})" if not recorded or not here or
-                   os.path.abspath(recorded) != os.path.abspath(here) else
+            config = self.peft_config[adapter_name]
+            fix = (f"load it on the base it was trained on ({config.base_model_name_or_path})"
+                   if config.names_another_base(getattr(self.base_model.model, "name_or_path", None)) else
                    f"it names this base, and its adapter_config.json describes other weights (it lacks e.g. "
                    f"{missing[0]}): save the adapter again from its model" if missing else
                    "it names this base: remove those keys from the file or save the adapter again")

@@ -22,8 +22,6 @@ Saved state is one tensor, ``prompt_embeddings``, as HF PEFT saves it.
 """
 from __future__ import annotations
 
-import os
-
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -63,9 +61,8 @@ class PromptLearningConfig(PeftConfig):
         loaded adapter_config.json sets must be the model's (an adapter trained on another base)."""
         c = model_config
         layers, width = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer"), hidden_size(c)
-        named, here = self.base_model_name_or_path, getattr(c, "_name_or_path", None)
-        fix = (f"the adapter was trained on another base ({named}); use that one" if not (named and here) or
-               os.path.abspath(named) != os.path.abspath(here) else  # the advice named the base already in use
+        fix = (f"the adapter was trained on another base ({self.base_model_name_or_path}); use that one"
+               if self.names_another_base(getattr(c, "_name_or_path", None)) else
                "adapter_config.json disagrees with the base it names: save the adapter again from its model")
         if self.num_layers is not None and self.num_layers != layers:
             raise AdapterBaseMismatchError(f"num_layers is {self.num_layers}, the model has {layers} layers: {fix}")
