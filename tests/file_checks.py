@@ -1,6 +1,7 @@
 """What tests check about folders: byte-identical trees, no leftover staging entries, edited copies."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,12 +34,19 @@ def copy_adapter(src, dst):
     return str(dst)
 
 
-def edit_json(path, **changes):
-    with open(path) as f:
+@contextlib.contextmanager
+def edited_json(path):
+    """``with edited_json(path) as data: del data["key"]``: the file holds ``data`` as the block left it."""
+    with open(path, encoding="utf-8") as f:
         data = json.load(f)
-    data.update(changes)
-    with open(path, "w") as f:
+    yield data
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f)
+
+
+def edit_json(path, **changes):
+    with edited_json(path) as data:
+        data.update(changes)
 
 
 def lfs_pointer(path) -> None:

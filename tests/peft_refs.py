@@ -7,17 +7,22 @@ import torch
 from tiny import TASK_TYPES, load_reference_base
 
 
-def _randomize(model, seed: int, keys: tuple, scale: float) -> None:
+def _randomize(model, seed: int, keys: tuple, scale: float, around: float = 0.0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if any(k in name for k in keys):
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+                p.copy_(around + torch.randn(p.shape, generator=g) * scale)
 
 
 def randomize_adapter(model, seed: int) -> None:
     """Give LoRA B and trained heads non-zero values so parity tests can fail."""
     _randomize(model, seed, ("lora_B", "lora_A", "modules_to_save"), 0.2)
+
+
+def randomize_ia3(model, seed: int) -> None:
+    """IA3 scales around 1 (1 is the identity, as HF PEFT starts them), so parity tests can fail."""
+    _randomize(model, seed, ("ia3_l",), 0.3, around=1.0)
 
 
 def randomize_bottleneck(model, seed: int, scale: float = 0.2) -> None:
@@ -130,11 +135,7 @@ def ia3_adapter(path, base: str, seed: int) -> str:
     import peft
 
     pm = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.IA3Config(task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    randomize_ia3(pm, seed)
     pm.peft_config["default"].base_model_name_or_path = base
     pm.save_pretrained(str(path))
     return str(path)

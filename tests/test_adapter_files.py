@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from peft_refs import randomize_adapter
+from peft_refs import randomize_adapter, randomize_ia3
 from tiny import load_reference_base, sample_batch
 
 import edgepeft
@@ -70,10 +70,7 @@ def test_lora_and_ia3_on_lm_head_export_together(tiny_base, tmp_path):
         hf = peft.get_peft_model(load_reference_base(base, "causal-lm"), config)
         randomize_adapter(hf, 20 + seed)
         if name == "ia3":
-            with torch.no_grad():
-                for n, p in hf.named_parameters():
-                    if "ia3_l" in n:
-                        p.copy_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+            randomize_ia3(hf, seed)
         hf.peft_config["default"].base_model_name_or_path = base
         hf.save_pretrained(tmp_path / name)
         with torch.no_grad():

@@ -4,13 +4,12 @@ In-process (``edgepeft.cli.main``): one ``error:`` line, exit 1, no traceback (t
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 
-from file_checks import edit_json, write_lines
+from file_checks import edit_json, edited_json, write_lines
 from peft_refs import lora_adapter, spec_adapter
 from training_helpers import cli_error, cli_ok, seq_cls_rows
 from word_tokenizer import PROMPT
@@ -97,11 +96,8 @@ def test_inspect_describes_what_runtime_opens_and_describing_calls_hand_out_copi
     out = str(shutil.copytree(shared_export("llama")[0], tmp_path / "out"))
     os.symlink(str(tmp_path / "nowhere"), os.path.join(out, "base", "notes.txt"))
     manifest = os.path.join(out, "base", "edgepeft.json")
-    with open(manifest) as f:
-        data = json.load(f)
-    del data["source"]
-    with open(manifest, "w") as f:
-        json.dump(data, f)
+    with edited_json(manifest) as data:
+        del data["source"]
     shown = cli_ok(capsys, "inspect", out)
     assert "from a source not recorded" in shown
     rt = Runtime(out)
@@ -200,11 +196,8 @@ def test_chat_without_a_template_names_the_file(text_export, tmp_path):
     out = str(tmp_path / "no-template")
     shutil.copytree(text_export[0], out)
     config = os.path.join(out, "base", "tokenizer_config.json")
-    with open(config) as f:
-        data = json.load(f)
-    data.pop("chat_template", None)
-    with open(config, "w") as f:
-        json.dump(data, f)
+    with edited_json(config) as data:
+        data.pop("chat_template", None)
     template = os.path.join(out, "base", "chat_template.jinja")  # where transformers' save_pretrained puts it
     if os.path.exists(template):
         os.remove(template)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 
@@ -13,7 +12,7 @@ import pytest
 from tiny import sample_batch
 from error_contract import CPU, MAX_POS, VOCAB, assert_still_serving
 from error_contract import before, llama, other_export, other_llama_base, rt, small_out, victim  # noqa: F401  (fixtures)
-from file_checks import copy_adapter, edit_json
+from file_checks import copy_adapter, edit_json, edited_json
 from edgepeft.errors import (
     AdapterBaseMismatchError,
     AdapterInUseError,
@@ -401,11 +400,8 @@ def test_base_manifest_field_of_wrong_type_is_corrupt(victim, change):
 def test_a_hand_edited_base_manifest_is_corrupt_not_a_traceback(victim, edit):
     """A TypeError (unhashable, no such dtype), a ValueError from the cache layout or ONNX Runtime's own error before."""
     manifest = os.path.join(victim, "base", "edgepeft.json")
-    with open(manifest) as f:
-        data = json.load(f)
-    edit(data)
-    with open(manifest, "w") as f:
-        json.dump(data, f)
+    with edited_json(manifest) as data:
+        edit(data)
     with pytest.raises(CorruptArtifactError) as e:
         Runtime(victim, providers=CPU).forward(np.array([[5, 6, 7]]))
     assert manifest in str(e.value) and "re-run `edgepeft export`" in str(e.value)

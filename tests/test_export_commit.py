@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from error_contract import llama, other_llama_base  # noqa: F401  (fixtures)
-from file_checks import copy_adapter, edit_json, hidden_entries, tree_hashes
+from file_checks import copy_adapter, edit_json, edited_json, hidden_entries, tree_hashes
 from peft_refs import lora_adapter, spec_adapter
 
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, ExportValidationError
@@ -202,11 +202,8 @@ def test_an_out_written_before_the_generation_defaults_is_named_older_not_anothe
     out = str(tmp_path / "out")
     export(bert[:1], out, names=["first"])
     manifest = os.path.join(out, "base", "edgepeft.json")
-    with open(manifest) as f:
-        data = json.load(f)
-    del data["generation"]  # as that edgepeft wrote it
-    with open(manifest, "w") as f:
-        json.dump(data, f)
+    with edited_json(manifest) as data:
+        del data["generation"]  # as that edgepeft wrote it
     before = tree_hashes(out)
     with pytest.raises(ConfigError, match=r"base: was written by an older edgepeft \(its manifest records no "
                        r"generation\); export every adapter into a fresh --out folder$"):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from file_checks import tree_hashes
 
-from peft_refs import ia3_adapter, peft_virtual_adapter, randomize_adapter, randomize_bottleneck, randomize_prompt_encoder
+from peft_refs import (ia3_adapter, peft_virtual_adapter, randomize_adapter, randomize_bottleneck, randomize_ia3,
+                       randomize_prompt_encoder)
 from tiny import ARCHS, TASK_TYPES, default_task, load_reference_base, max_diff_valid, sample_batch, torch_outputs
 
 import edgepeft
@@ -41,16 +42,10 @@ def _hf_ia3(path, base, task, seed, num_labels=None) -> str:
     if task == "causal-lm":
         return ia3_adapter(path, base, seed)
     import peft
-    import torch
 
     model = peft.get_peft_model(load_reference_base(base, task, num_labels), peft.IA3Config(task_type=TASK_TYPES[task]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "modules_to_save" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    randomize_ia3(model, seed)
+    randomize_adapter(model, seed)  # the head's copy
     model.peft_config["default"].base_model_name_or_path = base
     model.save_pretrained(str(path))
     return str(path)

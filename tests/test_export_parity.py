@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from file_checks import edit_json
 from tiny import ARCHS, default_task, layer_nodes, load_reference_base, max_diff_valid, sample_batch, tiny_config, torch_outputs
 
 from edgepeft.errors import ConfigError
@@ -172,18 +173,13 @@ def test_base_is_reused_when_it_has_the_slots_and_extended_when_not(workdir, pef
 
 
 def test_a_base_with_another_graph_layout_is_not_extended(workdir, shared_export, peft_adapter):
-    import json
     import shutil
-
-    from edgepeft.errors import ConfigError
 
     out, dirs, _ = shared_export("qwen2")
     old = str(workdir / "out-qwen2-old-layout")
     shutil.copytree(out, old)
     manifest_path = os.path.join(old, "base", "edgepeft.json")
-    manifest = json.load(open(manifest_path))
-    manifest["fused_groups"] = []  # as an export from before projections were fused
-    json.dump(manifest, open(manifest_path, "w"))
+    edit_json(manifest_path, fused_groups=[])  # as an export from before projections were fused
     before = open(manifest_path).read()
     with pytest.raises(ConfigError, match="another graph layout"):
         export([peft_adapter("qwen2", "mlp-late", seed=7, r=2, target_modules=["up_proj"])], old)

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from file_checks import edit_json
+from file_checks import edit_json, edited_json
 from edgepeft.errors import ConfigError, CorruptArtifactError
 from edgepeft.runtimes import Runtime
 
@@ -54,12 +54,15 @@ def write_adapter_graph(adapter_dir, arrays: dict, external: str | None = None) 
         outputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
     model = helper.make_model(helper.make_graph(nodes, "adapter", [], outputs, initializer=inits),
                               opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    _save_graph(adapter_dir, model, slots={k: list(np.asarray(v).shape) for k, v in arrays.items()})
+
+
+def _save_graph(adapter_dir, model, **fields) -> None:
+    """Write ``model`` as the adapter's graph, adapter.json's sha256 (and ``fields``) made to match."""
     path = os.path.join(adapter_dir, "adapter.onnx")
     onnx.save(model, path)
     with open(path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
-    edit_json(os.path.join(adapter_dir, "adapter.json"), sha256=sha,
-              slots={k: list(np.asarray(v).shape) for k, v in arrays.items()})
+        edit_json(os.path.join(adapter_dir, "adapter.json"), sha256=hashlib.sha256(f.read()).hexdigest(), **fields)
 
 
 def zipped(adapter_dir, **changes) -> bytes:
@@ -137,12 +140,9 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     """Fields of the base's slot table out of range or out of step were a TypeError, IndexError or KeyError deep in
     a call, or an ONNX Runtime crash."""
     path = os.path.join(out, "base", "edgepeft.json")
-    with open(path) as f:
-        manifest = json.load(f)
-    entry = next(s for s in manifest["slots"] if s["name"] == slot)
-    entry.pop(field) if value is None else entry.__setitem__(field, value)
-    with open(path, "w") as f:
-        json.dump(manifest, f)
+    with edited_json(path) as manifest:
+        entry = next(s for s in manifest["slots"] if s["name"] == slot)
+        entry.pop(field) if value is None else entry.__setitem__(field, value)
     with pytest.raises(CorruptArtifactError) as e:
         Runtime(out)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
@@ -162,11 +162,8 @@ def test_a_hand_edited_base_manifest_is_refused_when_opened_or_inspected(out, fi
     from edgepeft.runtimes.describe import describe_export
 
     path = os.path.join(out, "base", "edgepeft.json")
-    with open(path) as f:
-        manifest = json.load(f)
-    manifest[field] = {**manifest[field], **value} if isinstance(value, dict) else value
-    with open(path, "w") as f:
-        json.dump(manifest, f)
+    with edited_json(path) as manifest:
+        manifest[field] = {**manifest[field], **value} if isinstance(value, dict) else value
     for opening in (Runtime, describe_export):
         with pytest.raises(CorruptArtifactError) as e:
             opening(out)
@@ -293,16 +290,13 @@ def test_an_adapter_graph_giving_a_sequence_is_refused(out):
     adapter = os.path.join(out, "adapters", "lora")
     arrays = graph_outputs(adapter)
     write_adapter_graph(adapter, arrays)
-    path = os.path.join(adapter, "adapter.onnx")
-    model = onnx.load(path)
+    model = onnx.load(os.path.join(adapter, "adapter.onnx"))
     a = next(o for o in model.graph.output if o.name == LORA_A)
     node = next(n for n in model.graph.node if n.output[0] == LORA_A)
     node.output[0] = "tensor"
     model.graph.node.append(helper.make_node("SequenceConstruct", ["tensor"], [LORA_A]))
     a.type.CopyFrom(helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, None)))
-    onnx.save(model, path)
-    with open(path, "rb") as f:
-        edit_json(os.path.join(adapter, "adapter.json"), sha256=hashlib.sha256(f.read()).hexdigest())
+    _save_graph(adapter, model)
     rt = Runtime(out, load_adapters=False)
     with pytest.raises(CorruptArtifactError, match=r"adapter.onnx: it holds a SequenceConstruct node \(exports write "
                        r"Identity, Concat, Pad only\); re-export the adapter$"):
@@ -316,10 +310,7 @@ def _forged(adapter_dir, arrays: dict, nodes: list, inits: list, outputs: list) 
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(a.shape)) for n, a in arrays.items()]
     model = helper.make_model(helper.make_graph(ident + nodes, "adapter", [], outs + outputs, initializer=tensors + inits),
                               opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
-    path = os.path.join(adapter_dir, "adapter.onnx")
-    onnx.save(model, path)
-    with open(path, "rb") as f:
-        edit_json(os.path.join(adapter_dir, "adapter.json"), sha256=hashlib.sha256(f.read()).hexdigest())
+    _save_graph(adapter_dir, model)
 
 
 def _int64(name, values):
@@ -356,9 +347,7 @@ def test_an_adapter_graph_holding_what_no_export_writes_is_refused_before_it_run
         model = onnx.load(os.path.join(adapter, "adapter.onnx"))
         model.graph.sparse_initializer.append(helper.make_sparse_tensor(
             _int64("pads", [1 << 30]), _int64("at", [3]), [4]))
-        onnx.save(model, os.path.join(adapter, "adapter.onnx"))
-        with open(os.path.join(adapter, "adapter.onnx"), "rb") as f:
-            edit_json(os.path.join(adapter, "adapter.json"), sha256=hashlib.sha256(f.read()).hexdigest())
+        _save_graph(adapter, model)
     rt = Runtime(out, load_adapters=False)
     with pytest.raises(CorruptArtifactError, match=rf"adapter.onnx: .*{said}.*; re-export the adapter$"):
         rt.load_adapter(adapter)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peft_refs import randomize_ia3
 from tiny import ARCHS, TASK_TYPES, default_task, load_reference_base, max_diff_valid, sample_batch, torch_outputs, train_steps
 
 import edgepeft
@@ -13,14 +14,6 @@ from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
 FIELD = {"causal-lm": "logits", "feature-extraction": "last_hidden_state"}
-
-
-def randomize_ia3(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ forward keeps all of them, and an export made before the input existed still run
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import numpy as np
 import pytest
 
+from file_checks import edited_json
 from tiny import DECODER_ARCHS
 from edgepeft.runtimes import Runtime
 from edgepeft.runtimes.manifest import BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, cache_names
@@ -77,11 +77,8 @@ def test_an_export_without_the_input_still_generates_alike(shared_export, tmp_pa
     old = str(tmp_path / "old")
     shutil.copytree(out, old)
     path = os.path.join(old, BASE_DIR, BASE_MANIFEST)
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    del manifest["inputs"][LOGITS_TO_KEEP]
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f)
+    with edited_json(path) as manifest:
+        del manifest["inputs"][LOGITS_TO_KEEP]
     name = sorted(dirs)[0]
     ids = np.arange(3, 12, dtype=np.int64)[None, :]
     new_ids = Runtime(out).generate(ids, adapter=name, max_new_tokens=4)

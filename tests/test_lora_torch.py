@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_refs import randomize_adapter
+from peft_refs import randomize_adapter, randomize_ia3
 from tiny import ARCHS, TASK_TYPES, default_task, load_reference_base, sample_batch, torch_outputs
 
 import edgepeft
@@ -143,10 +143,7 @@ def test_merging_into_a_tied_output_layer_leaves_the_embeddings(config, tiny_bas
     table = base.get_input_embeddings().weight.detach().clone()
     model = edgepeft.get_peft_model(base, config)
     randomize_adapter(model, seed=4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_l" in name:
-                p.uniform_(0.5, 1.5)
+    randomize_ia3(model, seed=4)
     model.eval()
     ids, mask = sample_batch()
     want = torch_outputs(model, ids, mask, "logits")

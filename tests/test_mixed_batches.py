@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from file_checks import edited_json
 from peft_refs import ia3_adapter, lora_adapter, peft_virtual_adapter, randomize_adapter
 from tiny import load_reference_base
 
@@ -122,8 +123,6 @@ def _hf_combination(decoder, weights: dict):
 
 
 def _base_of(adapter_dir):
-    import json
-
     with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
         return json.load(f)["base_model_name_or_path"]
 
@@ -165,12 +164,9 @@ def test_weighting_lora_on_a_base_exported_before_weighted_sums_names_the_fix(de
     out = str(tmp_path / "older")
     shutil.copytree(decoder[0], out)
     manifest = os.path.join(out, "base", "edgepeft.json")
-    with open(manifest) as f:
-        data = json.load(f)
-    for slot in data["slots"]:  # as the older exports wrote them
-        slot.pop("stack_axis", None), slot.pop("selector", None)
-    with open(manifest, "w") as f:
-        json.dump(data, f)
+    with edited_json(manifest) as data:
+        for slot in data["slots"]:  # as the older exports wrote them
+            slot.pop("stack_axis", None), slot.pop("selector", None)
     rt = Runtime(out)
     ids, mask = _batch(2)
     with pytest.raises(ConfigError) as e:
@@ -472,13 +468,10 @@ def test_saved_layers_other_than_the_classifier_run_their_rows_apart(tiny_base, 
             alone = rt.forward(ids[row:row + 1], mask[row:row + 1], adapter=name)[key][0]
             np.testing.assert_allclose(mixed[row][..., :alone.shape[-1]], alone, atol=1e-5)
     manifest = os.path.join(tmp_path, "out-ms1", "base", "edgepeft.json")  # as exports before the fix wrote it
-    with open(manifest) as f:
-        data = json.load(f)
-    for slot in data["slots"]:
-        if slot["method"] == "head":
-            slot.update(stack_axis=1 if slot["role"] == "weight" else 0, selector="output")
-    with open(manifest, "w") as f:
-        json.dump(data, f)
+    with edited_json(manifest) as data:
+        for slot in data["slots"]:
+            if slot["method"] == "head":
+                slot.update(stack_axis=1 if slot["role"] == "weight" else 0, selector="output")
     decoder = Runtime(str(tmp_path / "out-ms1"))  # the runtime keeps such adapters' rows apart too
     steps = decoder.step_logits(ids, mask, adapter=list(ms))
     assert next(steps).shape == (2, decoder.vocab_size)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from click.testing import CliRunner
+from file_checks import edit_json
 
 from edgepeft.cli import cli
 from edgepeft.errors import ConfigError, TrainingInterrupted
@@ -565,11 +566,7 @@ def test_a_classifier_checkpoints_own_label_order_is_kept(text_model, tmp_path):
     """A trained classifier (config.json id2label {0: POS, 1: NEG}) trained on data labelled pos/neg with sorted labels
     started with its head inverted and saved names HF PEFT read the other way round."""
     model = shutil.copytree(text_model("bert"), tmp_path / "clf")
-    with open(model / "config.json") as f:
-        config = json.load(f)
-    config.update(id2label={"0": "POS", "1": "NEG"}, label2id={"POS": 0, "NEG": 1})
-    with open(model / "config.json", "w") as f:
-        json.dump(config, f)
+    edit_json(model / "config.json", id2label={"0": "POS", "1": "NEG"}, label2id={"POS": 0, "NEG": 1})
     rows = _rows("sentiment_train.jsonl", 24)  # labels negative / positive
     rows = [dict(r, label=("pos" if r["label"] == "positive" else "neg")) for r in rows]
     data = _write_jsonl(tmp_path / "train.jsonl", rows)
