@@ -53,6 +53,7 @@ import os
 from dataclasses import dataclass
 
 from .access import check_readable, read_json, sha256_bytes
+from .base_checks import base_value_errors, is_kind
 from .commands import ADAPTERS_DIR, adapter_export_command, export_command, fresh_out
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
@@ -199,35 +200,23 @@ def _check_format(data: dict, path: str, form: str, required: tuple, fix: str) -
     if data.get("format") != form:
         raise CorruptArtifactError(f"{path}: not an edgepeft {form} manifest; {fix}")
     version = data.get("format_version")
-    if not (_is(version, int) and 1 <= version <= FORMAT_VERSION):  # "3", 3.0, -5: no version (nor is a bool)
+    if not (is_kind(version, int) and 1 <= version <= FORMAT_VERSION):  # "3", 3.0, -5: no version (nor is a bool)
         raise CorruptArtifactError(f"{path}: format version {version!r:.40} " + (
             f"is newer than this edgepeft reads ({FORMAT_VERSION}); upgrade edgepeft or re-export with this version"
-            if _is(version, int) and version > 0 else f"is not a version (a whole number from 1); {fix}"))
+            if is_kind(version, int) and version > 0 else f"is not a version (a whole number from 1); {fix}"))
     missing = [k for k in required if k not in data]
     if missing:
         raise CorruptArtifactError(f"{path}: manifest lacks {', '.join(missing)}; {fix}")
     for key, (kinds, what) in _FIELD_TYPES.items():
-        if key in data and not _is(data[key], kinds):
+        if key in data and not is_kind(data[key], kinds):
             raise CorruptArtifactError(f"{path}: field {key!r} must be {what}, got {data[key]!r:.60}; {fix}")
     if "graph" in required and (os.path.basename(data["graph"]) != data["graph"] or data["graph"] in ("", ".", "..")):
         raise CorruptArtifactError(f"{path}: field 'graph' must be a file name in the same folder; {fix}")
     if "outputs" in required and not data["outputs"]:
         raise CorruptArtifactError(f"{path}: field 'outputs' names no output; {fix}")
-    cache = data.get("cache")
-    layout = {"num_layers": int, "num_kv_heads": int, "head_dim": int,
-              "past_key": str, "past_value": str, "present_key": str, "present_value": str}
-    if cache is not None and not (all(_is(cache.get(k), want) for k, want in layout.items()) and all(
-            cache[k].count("%") == 1 and "%d" in cache[k] for k, want in layout.items() if want is str)):
-        raise CorruptArtifactError(f"{path}: field 'cache' lacks the cache layout (names with one %d); {fix}")
     for key in ("labels", "methods"):  # the element type, which the table does not say
         if isinstance(data.get(key), list) and not all(isinstance(x, str) for x in data[key]):
             raise CorruptArtifactError(f"{path}: field {key!r} must list strings; {fix}")
-
-
-def _is(value, kinds) -> bool:
-    """``isinstance`` where bool is no int."""
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
 
 
 # Manifest fields that must have these types where present (required ones are checked present first).
@@ -239,7 +228,9 @@ _FIELD_TYPES = {
     "methods": (list, "a list of method names"), "labels": ((list, type(None)), "a list of names"),
     "parameter_bytes": (int, "a whole number"), "rank": ((int, float, type(None)), "a number"),
     "alpha": ((int, float, type(None)), "a number"), "problem_type": ((str, type(None)), "a string"),
-    "fingerprint_counts_heads": (bool, "true or false"),
+    "fingerprint_counts_heads": (bool, "true or false"), "eos_token_id": ((list, type(None)), "a list of token ids"),
+    "pad_token_id": ((int, type(None)), "a token id"), "fused_groups": (list, "a list"), "inert_slots": (list, "a list"),
+    "quantization": ((str, type(None)), "a string"), "ops": (str, "a string"), "weights_fingerprint": ((str, type(None)), "a string"),
     **{key: (str, "a string") for key in ("name", "fingerprint", "base_fingerprint", "graph", "sha256")},
 }
 
@@ -281,6 +272,8 @@ def read_base_manifest(base_dir: str) -> dict:
     fix = "re-run `edgepeft export` into a fresh --out folder"
     data = read_json(path, "base manifest", fix)
     _check_format(data, path, "edgepeft-base", _BASE_KEYS, fix)
+    if errors := base_value_errors(data):
+        raise CorruptArtifactError(f"{path}: {errors[0]}; {fix}")
     try:
         data["slots"] = [Slot.from_json(s) for s in data["slots"]]
     except (KeyError, TypeError, AttributeError) as e:
@@ -297,7 +290,7 @@ def read_base_manifest(base_dir: str) -> dict:
         raise CorruptArtifactError(f"{path}: outputs lack {TASK_OUTPUTS[data['task']]!r}, a {data['task']} graph's; {fix}")
     if data["task"] == "causal-lm" and not data.get("cache"):
         raise CorruptArtifactError(f"{path}: a causal-lm base needs its cache table ('cache'); {fix}")
-    if not all(_is(size, int) for size in data.get("file_bytes", {}).values()):
+    if not all(is_kind(size, int) for size in data.get("file_bytes", {}).values()):
         raise CorruptArtifactError(f"{path}: field 'file_bytes' must give each file's size in bytes; {fix}")
     return data
 

@@ -81,7 +81,7 @@ class Runtime:
         if cut:  # ONNX Runtime's own message names an initializer and offsets, and no fix
             raise cut.pop(0)  # popped: a local holding the raised error would keep this frame alive
         self.session = open_base_session(graph, providers, sess_options)
-        check_graph_inputs(self.session, self.manifest["slots"], os.path.join(base_dir, BASE_MANIFEST), graph)
+        check_graph_inputs(self.session, self.manifest, os.path.join(base_dir, BASE_MANIFEST), graph)
         self.device = device_of(self.session)  # ONNX Runtime falls back to the CPU when CUDA cannot start
         self.slots = {s.name: s for s in self.manifest["slots"]}
         self.task = self.manifest["task"]

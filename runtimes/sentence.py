@@ -27,7 +27,7 @@ POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sq
 LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
                   "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
                   "pooling_mode_lasttoken": "lasttoken"}  # sentence-transformers 5's flags
-TOKENIZER_FIX = "re-export the base with its tokenizer files"  # its tokenizer and sentence-transformers files
+TOKENIZER_FIX = "re-run `edgepeft export` into a fresh --out folder"  # its tokenizer and sentence-transformers files
 
 
 def check_default_prompt(folder: str) -> None:

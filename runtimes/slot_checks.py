@@ -11,6 +11,7 @@ from collections import Counter
 
 import numpy as np
 
+from .base_checks import graph_declaration_errors
 from .commands import export_command
 from .errors import AdapterBaseMismatchError, CorruptArtifactError
 from .values import is_whole
@@ -126,10 +127,11 @@ def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict,
         raise CorruptArtifactError(f"{label}: adapter.json and adapter.onnx disagree on the slots; {fix}")
 
 
-def check_graph_inputs(session, slots: list, manifest_path: str, graph: str) -> None:
-    """Every slot bound as a graph input (all but those starting a cache input) is one of the base graph's."""
+def check_graph_inputs(session, manifest: dict, manifest_path: str, graph: str) -> None:
+    """Every slot bound as a graph input (all but those starting a cache input) is one of the base graph's, and the
+    inputs, outputs and cache sizes the manifest declares are the graph's (``graph_declaration_errors``)."""
     takes = {i.name for i in session.get_inputs() + session.get_overridable_initializers()}  # slots have defaults
-    absent = sorted(s.name for s in slots if not s.target and s.name not in takes)
-    if absent:
-        raise CorruptArtifactError(f"{manifest_path}: slot {absent[0]!r} is not an input of {graph}; re-run "
-                                   "`edgepeft export` into a fresh --out folder")
+    absent = sorted(s.name for s in manifest["slots"] if not s.target and s.name not in takes)
+    errors = [f"slot {absent[0]!r} is not an input of {graph}"] if absent else graph_declaration_errors(session, manifest)
+    if errors:
+        raise CorruptArtifactError(f"{manifest_path}: {errors[0]}; re-run `edgepeft export` into a fresh --out folder")

@@ -482,3 +482,21 @@ def test_an_adapter_being_replaced_is_not_checked_on_the_new_base(llama, tmp_pat
     export([llama[1]["qv"]], out)
     report = export([llama[1]["mlp"]], out, names=["qv"], overwrite=True)  # new slots: a new base
     assert not [c["what"] for c in report["checks"] if "already in OUT" in c["what"]]
+
+
+def test_a_damaged_tokenizer_in_out_names_a_fix_that_works(text_export, tmp_path, capsys):
+    """OUT/base/tokenizer.json cut short: the fix said "re-export the base with its tokenizer files", and an export
+    into that OUT (with or without --overwrite) was refused with the same message; a fresh --out is what works."""
+    from training_helpers import cli_error, cli_ok
+
+    out, adapter = str(tmp_path / "out"), os.path.join(os.path.dirname(text_export[0]), "adapter-tok")
+    shutil.copytree(text_export[0], out)
+    with open(os.path.join(out, "base", "tokenizer.json"), "r+") as f:
+        f.truncate(100)
+    fix = "; re-run `edgepeft export` into a fresh --out folder"
+    for argv in (["run", out, "hello", "--max-new-tokens", "1"], ["export", "--adapter", adapter, "--out", out,
+                                                                  "--name", "tok", "--overwrite"]):
+        line = cli_error(capsys, *argv)
+        assert line.startswith(f"error: {out}/base/tokenizer.json: not a tokenizer") and line.endswith(fix), argv
+    cli_ok(capsys, "export", "--adapter", adapter, "--out", str(tmp_path / "fresh"))
+    cli_ok(capsys, "run", str(tmp_path / "fresh"), "hello", "--max-new-tokens", "1")

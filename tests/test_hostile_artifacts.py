@@ -156,6 +156,20 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     ("format_version", -5, "format version -5 is not a version (a whole number from 1)"),  # it was taken
     ("format_version", "3", "format version '3' is not a version"),  # it was 'newer than this edgepeft reads'
     ("format_version", 99, "format version 99 is newer than this edgepeft reads (3)"),
+    # what the runtime sizes by: numpy's "negative dimensions", ONNX Runtime's "Missing Input", a hang filling memory
+    ("cache", {"head_dim": -1}, "field 'cache': head_dim must be at least 1, got -1"),
+    ("cache", {"num_layers": 1}, "field 'cache': num_layers is 1, field 'inputs' lists 4 past tensors (2 a layer)"),
+    ("cache", {"num_layers": 10**12}, "field 'cache': num_layers is 1000000000000, field 'inputs' lists 4 past"),
+    ("eos_token_id", 5, "field 'eos_token_id' must be a list of token ids, got 5"),  # a TypeError in each text call
+    ("eos_token_id", [10**30], "field 'eos_token_id' must list token ids from 0 to 127, got [10000"),
+    ("vocab_size", 0, "field 'vocab_size' must be at least 1, got 0"),  # "token id 30 is outside the vocabulary"
+    ("max_positions", -1, "field 'max_positions' must be at least 1 (or null), got -1"),
+    ("ops", "fast", "field 'ops' must be contrib or standard, got 'fast'"),  # export advised "--ops fast"
+    ("fused_groups", 5, "field 'fused_groups' must be a list, got 5"),  # export's tracebacks
+    ("inert_slots", 5, "field 'inert_slots' must be a list, got 5"),
+    ("quantization", 1.5, "field 'quantization' must be a string, got 1.5"),
+    ("generation", {"do_sample": "x"}, "field 'generation.do_sample' must be True or False, got 'x'"),  # "--do-sample"
+    ("generation", {"do_sample": True, "temperature": 0}, "field 'generation.temperature' must be > 0 when sampling"),
 ])
 def test_a_hand_edited_base_manifest_is_refused_when_opened_or_inspected(out, field, value, message):
     """A cache name without its %d was a TypeError from `edgepeft inspect` and Runtime(OUT)."""
@@ -168,6 +182,23 @@ def test_a_hand_edited_base_manifest_is_refused_when_opened_or_inspected(out, fi
         with pytest.raises(CorruptArtifactError) as e:
             opening(out)
         assert str(e.value).startswith(f"{path}: {message}")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("cache", {"num_kv_heads": 1}, "field 'cache': num_kv_heads is 1, the graph's is 2"),
+    ("cache", {"head_dim": 8}, "field 'cache': head_dim is 8, the graph's is 16"),
+    ("vocab_size", 100, "field 'vocab_size' is 100, the graph's logits have 128"),
+    ("inputs", {"token_type_ids": {"axes": {}, "dtype": "int64"}}, "field 'inputs' lists 'token_type_ids', which the "
+                                                                   "graph lacks"),
+])
+def test_a_base_manifest_that_disagrees_with_its_graph_is_refused_when_opened(out, field, value, message):
+    """Values inside their ranges that the graph does not have: ONNX Runtime's errors at the first call."""
+    path = os.path.join(out, "base", "edgepeft.json")
+    with edited_json(path) as manifest:
+        manifest[field] = {**manifest[field], **value} if isinstance(value, dict) else value
+    with pytest.raises(CorruptArtifactError) as e:
+        Runtime(out)
+    assert str(e.value) == f"{path}: {message}; re-run `edgepeft export` into a fresh --out folder"
 
 
 @pytest.mark.parametrize("source", ["folder", "zip"])

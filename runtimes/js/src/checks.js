@@ -53,7 +53,8 @@ const FIELD_TYPES = {
   problem_type: [orNull(string), "a string"], fingerprint_counts_heads: [(v) => typeof v === "boolean", "true or false"],
   name: [string, "a string"], fingerprint: [string, "a string"], base_fingerprint: [string, "a string"], sha256: [string, "a string"],
   graph: [bareName, "a file name in the same folder"], web_graph: [orNull(bareName), "a file name in the same folder"],
-  neutral_graph: [orNull(bareName), "a file name in the same folder"],
+  neutral_graph: [orNull(bareName), "a file name in the same folder"], eos_token_id: [orNull(Array.isArray), "a list of token ids"],
+  pad_token_id: [orNull(whole), "a token id"], ops: [string, "a string"],
 };
 const REQUIRED = {
   "edgepeft-base": ["model_type", "task", "fingerprint", "inputs", "outputs", "slots", "vocab_size", "graph"],
@@ -94,6 +95,8 @@ export function checkFormat(manifest, form, where) {
   }
   if (!Object.keys(manifest.outputs).length) refuse("field outputs names no output");
   if (manifest.task === "causal-lm" && !cache) refuse("a causal-lm base needs its cache table (cache)");
+  const [wrong] = baseValueErrors(manifest);
+  if (wrong) refuse(wrong);
   if (!Array.isArray(slots)) refuse("field slots must be a list of slots");
   checkSlotTable(slots, cache, where);
   // an encoder's prefix before position_axis: the text at the prefix's positions, not after them (as Python refuses)
@@ -102,6 +105,29 @@ export function checkFormat(manifest, form, where) {
     throw new EdgePeftError(`${where}: was written by an older edgepeft (its slot ${older.name} puts the text at the ` +
       "prefix's positions, where HF PEFT puts it after them); export every adapter into a fresh --out folder");
   }
+}
+
+/** runtimes/base_checks.py's base_value_errors: sizes from 1, eos ids in the vocabulary, the cache's layers as the
+ * manifest's inputs and outputs list them (a cache of 10**12 layers filled the memory), the kernels' choice. */
+function baseValueErrors(m) {
+  const errors = [];
+  const vocab = m.vocab_size;
+  if (vocab < 1) errors.push(`field vocab_size must be at least 1, got ${vocab}`);
+  if (m.max_positions != null && m.max_positions < 1) errors.push(`field max_positions must be at least 1 (or null), got ${m.max_positions}`);
+  const eos = m.eos_token_id ?? [];
+  if (!eos.every((e) => whole(e) && e >= 0 && e < vocab)) errors.push(`field eos_token_id must list token ids from 0 to ${vocab - 1}, got ${described(eos).slice(0, 60)}`);
+  if ((m.ops ?? "standard") !== "contrib" && m.ops !== "standard") errors.push(`field ops must be contrib or standard, got ${described(m.ops).slice(0, 40)}`);
+  const cache = m.cache;
+  if (!cache) return errors;
+  const small = ["num_layers", "num_kv_heads", "head_dim"].find((k) => cache[k] < 1);
+  if (small) return [...errors, `field cache: ${small} must be at least 1, got ${cache[small]}`];
+  for (const [direction, side] of [["past", "inputs"], ["present", "outputs"]]) {
+    const patterns = ["key", "value"].map((part) => new RegExp(`^${cache[`${direction}_${part}`]
+      .replace(/[.*+?^${}()|[\]\\]/g, "\\$&").replace("%d", "\\d+")}$`));
+    const count = Object.keys(m[side]).filter((n) => patterns.some((p) => p.test(n))).length;
+    if (count !== 2 * cache.num_layers) errors.push(`field cache: num_layers is ${cache.num_layers}, field ${side} lists ${count} ${direction} tensors (2 a layer)`);
+  }
+  return errors;
 }
 
 const DTYPES = ["float32", "float16", "int64", "int32", "bool"];

@@ -2,7 +2,7 @@
 // ids and text the Python runtime gives (the Rust tokenizers library, as transformers): where this library differs
 // and the difference can be mended, it is mended here; where it cannot, loadTokenizer refuses the tokenizer, naming
 // what to do (pass ids the Python runtime encodes). Differences in rare characters are listed in docs/web.md.
-import { EdgePeftError, OPTIONAL, described, firstLine, readJson } from "./checks.js";
+import { EdgePeftError, OPTIONAL, REEXPORT_BASE, described, firstLine, readJson } from "./checks.js";
 
 const PASS_IDS = "pass token ids encoded by the Python runtime (rt.tokenizer.encode) or transformers";
 
@@ -37,7 +37,7 @@ function unlike(json, config) {
 }
 
 export async function tokenizerOf(Tokenizer, loader) {
-  const fix = "re-export the base with its tokenizer files";
+  const fix = REEXPORT_BASE;
   const config = await readJson(loader, "base/tokenizer_config.json", OPTIONAL, fix);
   const json = await readJson(loader, "base/tokenizer.json", OPTIONAL, fix);
   if (!Object.keys(json).length) {  // no export there at all (a mistyped OUT), or an export without a tokenizer

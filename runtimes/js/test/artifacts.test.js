@@ -134,6 +134,13 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   await baseRefused((j) => { j.cache.past_key = 0; }, "field cache lacks the cache layout \\(names with one %d\\)");
   await baseRefused((j) => { j.cache.past_key = "past.key"; }, "field cache lacks the cache layout \\(names with one %d\\)");
   await baseRefused((j) => { j.file_bytes["model.onnx"] = "1"; }, "field file_bytes must be an object of file sizes in bytes, got .*");
+  // values out of range (runtimes/base_checks.py): a cache of 10**12 layers filled the memory, an eos of 5 a TypeError
+  await baseRefused((j) => { j.cache.num_layers = 1e12; }, "field cache: num_layers is 1000000000000, field inputs lists 4 past tensors \\(2 a layer\\)");
+  await baseRefused((j) => { j.cache.head_dim = -1; }, "field cache: head_dim must be at least 1, got -1");
+  await baseRefused((j) => { j.eos_token_id = 5; }, "field eos_token_id must be a list of token ids, got 5");
+  await baseRefused((j) => { j.eos_token_id = [400]; }, "field eos_token_id must list token ids from 0 to \\d+, got \\[400\\]");
+  await baseRefused((j) => { j.max_positions = 0; }, "field max_positions must be at least 1 \\(or null\\), got 0");
+  await baseRefused((j) => { j.ops = "fast"; }, `field ops must be contrib or standard, got "fast"`);
   // a base problem: another export of an adapter into that OUT was refused (its base is older), a fresh one works
   for (const [field, file] of [["neutral_graph", "neutral.onnx"], ["web_graph", "model.web.onnx"]]) {
     await withEdit(out, "base/edgepeft.json", (j) => { delete j[field]; }, () => refuses(openFolder(ortNode, out),

@@ -1,0 +1,85 @@
+"""What a base manifest's values must be beyond their types (``manifest._FIELD_TYPES``), and what the graph must
+declare as the manifest says: a hand-edited or damaged ``base/edgepeft.json`` is refused naming its field, where a
+value out of range was numpy's "negative dimensions", ONNX Runtime's "Missing Input", an eos id that was a TypeError
+in every text call, a cache of 10**12 layers that filled the memory, or "token id 30 is outside the vocabulary [0, 5)"
+blaming the input, generate's defaults refused as if a call had passed them."""
+from __future__ import annotations
+
+import re
+
+from .errors import ConfigError
+from .generation import GenerationConfig
+
+OPS = ("contrib", "standard")  # exporters' --ops
+
+
+def base_value_errors(data: dict) -> list[str]:
+    """The fields of a type-checked base manifest whose values no export writes (checked before anything is sized by
+    them): sizes from 1, eos ids inside the vocabulary, the cache table naming the graph inputs and outputs it
+    lists, the kernels' choice (``ops``)."""
+    errors, vocab = [], data["vocab_size"]
+    if vocab < 1:
+        errors.append(f"field 'vocab_size' must be at least 1, got {vocab}")
+    if (most := data.get("max_positions")) is not None and most < 1:
+        errors.append(f"field 'max_positions' must be at least 1 (or null), got {most}")
+    eos = data.get("eos_token_id") or []
+    if not all(is_kind(e, int) and 0 <= e < vocab for e in eos):
+        errors.append(f"field 'eos_token_id' must list token ids from 0 to {vocab - 1}, got {eos!r:.60}")
+    if data.get("ops", OPS[1]) not in OPS:
+        errors.append(f"field 'ops' must be {' or '.join(OPS)}, got {data['ops']!r:.40}")
+    fields = GenerationConfig.__dataclass_fields__
+    try:  # generate's defaults, which a call leaves unset: "--do-sample must be True or False", though no flag was given
+        GenerationConfig(**{"pad_token_id": 0, **{k: v for k, v in data.get("generation", {}).items() if k in fields}}
+                         ).check(max(vocab, 1))
+    except ConfigError as e:  # its messages start with the setting's name
+        name, _, rest = str(e).partition(" ")
+        errors.append(f"field 'generation.{name}' {rest}")
+    cache = data.get("cache")
+    layout = {"num_layers": int, "num_kv_heads": int, "head_dim": int,
+              "past_key": str, "past_value": str, "present_key": str, "present_value": str}
+    if cache is not None and not (all(is_kind(cache.get(k), want) for k, want in layout.items()) and all(
+            cache[k].count("%") == 1 and "%d" in cache[k] for k, want in layout.items() if want is str)):
+        return [*errors, "field 'cache' lacks the cache layout (names with one %d)"]
+    if cache is not None:
+        small = [k for k in ("num_layers", "num_kv_heads", "head_dim") if cache[k] < 1]
+        if small:
+            errors.append(f"field 'cache': {small[0]} must be at least 1, got {cache[small[0]]}")
+        for direction, side in (("past", "inputs"), ("present", "outputs")):
+            names = [n for n in data[side] if any(_layer_pattern(cache[f"{direction}_{part}"]).fullmatch(n)
+                                                  for part in ("key", "value"))]
+            if not small and len(names) != 2 * cache["num_layers"]:
+                errors.append(f"field 'cache': num_layers is {cache['num_layers']}, field {side!r} lists "
+                              f"{len(names)} {direction} tensors (2 a layer)")
+    return errors
+
+
+def is_kind(value, kinds) -> bool:
+    """``isinstance`` where bool is no int."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+
+
+def _layer_pattern(name: str) -> re.Pattern:
+    """``past_key_values.%d.key`` as a pattern of its layers' names."""
+    return re.compile(re.escape(name).replace("%d", r"\d+"))
+
+
+def graph_declaration_errors(session, manifest: dict) -> list[str]:
+    """Where the opened graph and the manifest disagree on what the runtime sizes or binds by the manifest: the
+    inputs and outputs it lists, the cache's heads and widths, a decoder's vocabulary (its logits)."""
+    inputs = {i.name: i.shape for i in session.get_inputs() + session.get_overridable_initializers()}
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    for side, declared, has in (("inputs", manifest["inputs"], inputs), ("outputs", manifest["outputs"], outputs)):
+        absent = sorted(set(declared) - set(has))
+        if absent:
+            return [f"field {side!r} lists {absent[0]!r}, which the graph lacks"]
+    cache = manifest.get("cache")
+    if cache:
+        shape = inputs[cache["past_key"] % 0]  # (batch, kv heads, positions, head width)
+        for axis, key in ((1, "num_kv_heads"), (3, "head_dim")):
+            if len(shape) == 4 and isinstance(shape[axis], int) and shape[axis] != cache[key]:
+                return [f"field 'cache': {key} is {cache[key]}, the graph's is {shape[axis]}"]
+        logits = outputs.get("logits") or []
+        if logits and isinstance(logits[-1], int) and logits[-1] != manifest["vocab_size"]:
+            return [f"field 'vocab_size' is {manifest['vocab_size']}, the graph's logits have {logits[-1]}"]
+    return []
