@@ -32,8 +32,15 @@ function unlike(json, config) {
   if (json.model?.type === "BPE" && json.model.continuing_subword_prefix) {
     return `a BPE model with continuing_subword_prefix ${JSON.stringify(json.model.continuing_subword_prefix)}`;
   }
-  const single = (json.added_tokens ?? []).find((t) => t.single_word);
-  return single ? `added token ${JSON.stringify(single.content)} with single_word (matched inside words here)` : null;
+  const added = json.added_tokens ?? [];
+  const single = added.find((t) => t.single_word);
+  if (single) return `added token ${JSON.stringify(single.content)} with single_word (matched inside words here)`;
+  // the library trims an added token of whitespace beside an lstrip or rstrip one, which the Rust one keeps
+  const blank = added.find((t) => !t.content.trim()), strips = added.find((t) => t.lstrip || t.rstrip);
+  if (blank && strips) return `added token ${JSON.stringify(blank.content)} (whitespace) beside ${JSON.stringify(strips.content)} (lstrip/rstrip)`;
+  // CJK ideographs past U+FFFF are spaced out before added tokens are found here (below), after in the Rust library
+  const astral = bertCjk(json.normalizer) && added.find((t) => new RegExp(ASTRAL_CJK.source, "u").test(t.content));
+  return astral ? `added token ${JSON.stringify(astral.content)} (a CJK ideograph past U+FFFF)` : null;
 }
 
 export async function tokenizerOf(Tokenizer, loader) {
@@ -62,9 +69,10 @@ export async function tokenizerOf(Tokenizer, loader) {
       `(${firstLine(e)}); ${PASS_IDS}`);
   }
   keepByteOrderMarks(tokenizer.decoder);
+  asRustReads(tokenizer);
   const decode = tokenizer.decode.bind(tokenizer);  // as the Python runtime's decode: special tokens skipped by default
-  tokenizer.decode = (ids, options) => {
-    const list = tokenIds(ids);
+  tokenizer.decode = (ids, options) => {  // an id past the vocabulary decodes to nothing (the library said [UNK])
+    const list = tokenIds(ids).filter((id) => tokenizer.model.vocab[id] !== undefined);
     return list.length ? decode(list, { skip_special_tokens: true, ...options }) : "";
   };
   const encode = tokenizer.encode.bind(tokenizer);
@@ -86,6 +94,20 @@ function wholeCharacters(text) {
       "pass whole characters");
   }
   return text;
+}
+
+/** Where the library's model reads otherwise than the Rust one, mended: unknown pieces are fused within a word (the
+ * library fused them across a text's words: "Ω Ω" was one [UNK]; every Unigram model fuses), and an added token
+ * that is normalized decodes as its normalized text ("COVID" added to an uncased model decodes as "covid"). */
+function asRustReads(tokenizer) {
+  const { model, normalizer } = tokenizer;
+  if (model.fuse_unk) {
+    const call = model._call.bind(model);
+    model._call = (words) => words.flatMap((word) => call([word]));
+  }
+  for (const token of tokenizer.added_tokens) {
+    if (token.normalized && !token.special && normalizer) model.vocab[token.id] = token.content = normalizer(token.content);
+  }
 }
 
 /** The library's ByteFallback decoder reads each byte run with a TextDecoder that drops a byte order mark (U+FEFF)
