@@ -100,7 +100,7 @@ class Mixer:
         self.slots = store.slots
         self.selectors = {s.name: s for s in self.slots.values() if s.selects}
         self._stacks: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the store's eviction may call _forget inside (a hold the collector released)
         store.on_change.append(weakref.WeakMethod(self._forget))
 
     def names(self, specs) -> list:
@@ -259,6 +259,6 @@ class Mixer:
         return extent
 
     def _forget(self, name: str) -> None:
-        with self._lock:
-            for key in [k for k in self._stacks if name in k]:
-                del self._stacks[key]
+        with self._lock:  # it may run inside this lock, in the same thread (above): the keys are copied first
+            for key in [k for k in list(self._stacks) if name in k]:
+                self._stacks.pop(key, None)

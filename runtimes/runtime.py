@@ -71,8 +71,7 @@ class Runtime:
         return rt
 
     def _open_base(self, base_dir, providers, sess_options, budget):
-        self.manifest = read_base_manifest(base_dir)
-        self.base_dir = base_dir
+        self.manifest, self.base_dir = read_base_manifest(base_dir), base_dir
         providers = check_providers(providers, sess_options)
         graph = os.path.join(base_dir, self.manifest["graph"])
         if not os.path.isfile(graph):
@@ -253,6 +252,7 @@ class Runtime:
         come first in the output (B, n + T, ...); a prefix's keys/values shift positions by n.
         """
         ids, mask = self._inputs(input_ids, attention_mask)
+        self.virtual_positions(adapter, ids.shape[0])  # a call refused stages nothing and evicts nothing
         parts = []
         with self.lanes(adapter, *ids.shape) as lanes:
             for lane in lanes:

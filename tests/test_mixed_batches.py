@@ -18,7 +18,8 @@ from file_checks import edited_json
 from peft_refs import ia3_adapter, lora_adapter, peft_virtual_adapter, randomize_adapter
 from tiny import load_reference_base
 
-from edgepeft.errors import AdapterBaseMismatchError, AdapterInUseError, ConfigError, CorruptArtifactError, InvalidInputError
+from edgepeft.errors import (AdapterBaseMismatchError, AdapterInUseError, ConfigError, CorruptArtifactError,
+                             InvalidInputError, UnknownAdapterError)
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
@@ -274,6 +275,29 @@ def test_a_generation_under_a_budget_stages_each_evicted_adapter_once(decoder, r
         small.generate(np.full((1, small.max_positions - 2), 5), adapter="prompt", max_new_tokens=1)
     with pytest.raises(ConfigError, match="weighted sums are defined for LoRA"):
         small.stream(ids, mask, adapter={"prompt": 0.5})
+    warm = Runtime(decoder[0], adapter_budget_bytes=sum(v.numpy().nbytes for v in rt.adapter_tensors("lora_all").values()))
+    warm.forward(ids, mask, adapter="lora_all")
+    staged.clear()
+    for refused in ({"lora_qv": 0.5, "ia3": 0.5}, ["lora_qv", "nope"]):  # forward staged them and evicted lora_all
+        with pytest.raises((ConfigError, UnknownAdapterError)):
+            warm.forward(ids, mask, adapter=refused)
+    assert staged == [] and warm.resident_adapters == ["lora_all"]
+
+
+def test_an_eviction_inside_the_mixers_own_lock_goes_through(decoder):
+    """A hold the garbage collector releases (an abandoned stream in a cycle) evicts where the collection started,
+    which can be inside the mixer's lock (a collection starts at any allocation); the eviction tells the mixer to
+    forget that adapter's stacks, taking the lock again: a plain Lock waited for itself for good."""
+    small = Runtime(decoder[0], adapter_budget_bytes=0)
+    done = threading.Event()
+
+    def inside():
+        with small.mixer._lock:
+            small.unload_adapter("lora_qv")  # the store tells the mixer, as an eviction does
+        done.set()
+
+    threading.Thread(target=inside, daemon=True).start()
+    assert done.wait(30) and "lora_qv" not in small.adapter_names
 
 
 def test_an_adapter_loads_from_the_bytes_of_a_zip_of_its_folder(decoder, rt, tmp_path):
