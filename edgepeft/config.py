@@ -143,6 +143,10 @@ class PeftConfig:
             setattr(self, f.name, value)
             if not _fits(value, hints[f.name]):
                 raise ConfigError(f"{f.name} = {value!r} is not a valid {_type_name(hints[f.name])}")
+        for name in ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"):
+            value = getattr(self, name, None)  # [5] was a TypeError where the names are matched
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must list module names (strings), got {value!r:.80}")
         # HF PEFT's regular expressions: a string of modules matches in full, a pattern's key at a name's end
         for name in ("target_modules", "exclude_modules"):  # a rank or alpha pattern: LoraConfig checks it as it matches
             value = getattr(self, name, None)

@@ -278,6 +278,11 @@ class PeftModel(nn.Module):
 
     def _load_state(self, adapter_name: str, state: dict, path: str) -> None:
         state = {self._saved_key(adapter_name, k, loading=True): v for k, v in state.items()}
+        config = self.peft_config[adapter_name]  # where it names the base in use, its adapter_config.json is wrong
+        other = config.names_another_base(getattr(self.base_model.model, "name_or_path", None))
+        fix = (f"the adapter was trained on another base ({config.base_model_name_or_path}); load it on that base"
+               if other else "it names this base, and its adapter_config.json describes other weights (r, "
+               "rank_pattern, feedforward_modules, ...): save the adapter again from its model")
         # A head trained for another label count gets that shape before loading.
         for key, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
@@ -285,7 +290,7 @@ class PeftModel(nn.Module):
                     module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items()
                                                       if k.startswith(key + ".")})
                 except ConfigError as e:
-                    raise AdapterBaseMismatchError(f"{path}: {key}: {e}; the adapter was trained on another base") from None
+                    raise AdapterBaseMismatchError(f"{path}: {key}: {e}; {fix}") from None
         entries = self._adapter_entries(adapter_name)
         custom = {k: module for _, module in self._custom_state() for k in module.saved_tensors(adapter_name)}
         state = named_as_expected(state, set(entries) | set(custom), adapter_name)
@@ -293,9 +298,7 @@ class PeftModel(nn.Module):
         missing = sorted((set(entries) | set(custom)) - set(state))
         unexpected = sorted(set(state) - set(entries) - set(custom))
         if unexpected:
-            config = self.peft_config[adapter_name]
-            fix = (f"load it on the base it was trained on ({config.base_model_name_or_path})"
-                   if config.names_another_base(getattr(self.base_model.model, "name_or_path", None)) else
+            fix = (f"load it on the base it was trained on ({config.base_model_name_or_path})" if other else
                    f"it names this base, and its adapter_config.json describes other weights (it lacks e.g. "
                    f"{missing[0]}): save the adapter again from its model" if missing else
                    "it names this base: remove those keys from the file or save the adapter again")
@@ -313,9 +316,7 @@ class PeftModel(nn.Module):
                 p = self._entry(module, dict_name, adapter_name, pname)
                 if tuple(p.shape) != tuple(state[key].shape):
                     raise AdapterBaseMismatchError(
-                        f"{path}: {key} has shape {list(state[key].shape)}, the model expects {list(p.shape)}; "
-                        "the adapter was trained on another base"
-                    )
+                        f"{path}: {key} has shape {list(state[key].shape)}, the model expects {list(p.shape)}; {fix}")
                 p.copy_(state[key].to(p.dtype))
         for module in {id(m): m for m in custom.values()}.values():
             module.load_saved_tensors(adapter_name, state, path)

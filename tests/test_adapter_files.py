@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+from file_checks import edit_json
 from peft_refs import randomize_adapter, randomize_ia3
 from tiny import load_reference_base, sample_batch
 
@@ -293,3 +294,22 @@ def test_a_pattern_that_is_no_regular_expression_is_named(peft_adapter, tmp_path
     assert line.startswith(f"error: {config}: {field}: {pattern!r} is not a regular expression (")
     assert line.endswith("); correct it as Python's re reads it, as HF PEFT does")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_weights_of_another_rank_than_the_config_on_the_base_it_names_advise_a_re_save(tiny_base, tmp_path):
+    """adapter_config.json's r disagreeing with the weights, on the very base it names, advised "the adapter was
+    trained on another base", which no base mends."""
+    import peft
+
+    from edgepeft.errors import AdapterBaseMismatchError
+
+    base = tiny_base("llama")
+    hf = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    hf.peft_config["default"].base_model_name_or_path = base
+    hf.save_pretrained(tmp_path / "lora")
+    edit_json(tmp_path / "lora" / "adapter_config.json", r=8)
+    with pytest.raises(AdapterBaseMismatchError, match=re.escape(
+            "the model expects [8, 32]; it names this base, and its adapter_config.json describes other weights (r, "
+            "rank_pattern, feedforward_modules, ...): save the adapter again from its model")):
+        edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "lora"))

@@ -274,3 +274,23 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, tmp_path,
         assert json.load(f)["message"]["message"] == ("error: process 1 stopped with the others ([../third_party/gloo/"
                                                       "gloo/transport/tcp/pair.cc:534] Connection closed by peer "
                                                       "[127.0.0.1]:41)")
+
+
+def test_sizes_no_memory_holds_are_refused_in_a_line(tiny_base, capsys):
+    """10**20 rows a batch or tokens a row, a LoRA rank of 10**12 or 10**20, target modules that are no names: each
+    was a traceback from torch's sampler, the tokenizer, torch's allocator or the name matching."""
+    import edgepeft
+    from edgepeft.training import TrainingArguments
+    from tiny import load_reference_base
+
+    for field in ("batch_size", "grad_accum", "max_length", "epochs", "logging_steps"):
+        with pytest.raises(ConfigError, match=f"--{field.replace('_', '-')} must be a whole number from 1 to 2147483647, "
+                                              "got 100000000000000000000"):
+            TrainingArguments(model="m", task="seq-cls", data="d", out="o", **{field: 10**20}).check()
+    model = load_reference_base(tiny_base("llama"), "causal-lm")
+    for r in (10**12, 10**20):
+        with pytest.raises(ConfigError, match=rf"r {r}: a LoRA of that rank on a 32 x \d+ layer cannot be made \(.*\); "
+                                              "use a rank below the layer's widths"):
+            edgepeft.get_peft_model(model, edgepeft.LoraConfig(r=r, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match=r"target_modules must list module names \(strings\), got \[5\]"):
+        edgepeft.LoraConfig(target_modules=[5])

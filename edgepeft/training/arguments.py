@@ -15,6 +15,7 @@ from edgepeft.runtimes.values import is_number, is_whole
 
 # Settings that may change when resuming (everything else must match the checkpoint).
 WHOLE_FIELDS = ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps")  # whole numbers >= 1
+MOST = 2**31 - 1  # of those: 10**20 rows a batch or tokens a row was a traceback from torch's sampler or the tokenizer
 NUMBER_FIELDS = ("lr", "head_lr", "max_grad_norm", "warmup_ratio", "weight_decay")  # numbers (ranges checked apart)
 RESUMABLE = {"resume", "overwrite", "progress", "logging_steps"}
 # The learning rate of task heads trained whole (``modules_to_save``, e.g. a classifier): they start from
@@ -57,8 +58,9 @@ class TrainingArguments:
         if self.task not in TASK_TYPES.values():
             raise ConfigError(f"task {self.task!r} is not supported; use one of {', '.join(TASK_TYPES.values())}")
         for name in WHOLE_FIELDS:
-            if not (is_whole(getattr(self, name)) and getattr(self, name) >= 1):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+            if not (is_whole(getattr(self, name)) and 1 <= getattr(self, name) <= MOST):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number from 1 to {MOST}, got "
+                                  f"{getattr(self, name)!r}")
         if self.task == "feature-extraction" and self.batch_size == 1:  # in-batch negatives: a loss of 0
             raise ConfigError("--batch-size 1 leaves each pair without negatives (its loss is 0, nothing is learnt); "
                               "pass --batch-size 2 or more")

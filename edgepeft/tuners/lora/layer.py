@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from edgepeft.errors import ConfigError, first_line
 from edgepeft.registry import AdapterLayer
 from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost
 
@@ -35,8 +36,12 @@ class LoraLinear(AdapterLayer):
         """``init``: HF PEFT's ``init_lora_weights`` (True, False, "gaussian", "orthogonal", "eva")."""
         weight = innermost(self.base_layer).weight
         dtype = adapter_dtype(weight)
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False).to(weight.device, dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False).to(weight.device, dtype)
+        try:  # a rank no memory holds: torch's allocator refused it (1e12), or its 64-bit sizes did (1e20)
+            self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False).to(weight.device, dtype)
+            self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False).to(weight.device, dtype)
+        except (RuntimeError, TypeError, OverflowError) as e:
+            raise ConfigError(f"r {r}: a LoRA of that rank on a {self.in_features} x {self.out_features} layer cannot "
+                              f"be made ({first_line(e)}); use a rank below the layer's widths") from None
         self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[adapter_name] = scaling
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
