@@ -75,7 +75,7 @@ def graph_declaration_errors(session, manifest: dict) -> list[str]:
             return [f"field {side!r} lists {absent[0]!r}, which the graph lacks"]
     cache = manifest.get("cache")
     if cache:
-        shape = inputs[cache["past_key"] % 0]  # (batch, kv heads, positions, head width)
+        shape = inputs.get(cache["past_key"] % 0) or []  # (batch, kv heads, positions, head width)
         for axis, key in ((1, "num_kv_heads"), (3, "head_dim")):
             if len(shape) == 4 and isinstance(shape[axis], int) and shape[axis] != cache[key]:
                 return [f"field 'cache': {key} is {cache[key]}, the graph's is {shape[axis]}"]

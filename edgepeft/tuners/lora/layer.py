@@ -40,6 +40,8 @@ class LoraLinear(AdapterLayer):
             self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False).to(weight.device, dtype)
             self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False).to(weight.device, dtype)
         except (RuntimeError, TypeError, OverflowError) as e:
+            if r <= max(self.in_features, self.out_features):  # a rank that fits: memory that is full (raised as it is)
+                raise
             raise ConfigError(f"r {r}: a LoRA of that rank on a {self.in_features} x {self.out_features} layer cannot "
                               f"be made ({first_line(e)}); use a rank below the layer's widths") from None
         self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -116,7 +116,7 @@ function baseValueErrors(m) {
   if (m.max_positions != null && m.max_positions < 1) errors.push(`field max_positions must be at least 1 (or null), got ${m.max_positions}`);
   const eos = m.eos_token_id ?? [];
   if (!eos.every((e) => whole(e) && e >= 0 && e < vocab)) errors.push(`field eos_token_id must list token ids from 0 to ${vocab - 1}, got ${described(eos).slice(0, 60)}`);
-  if ((m.ops ?? "standard") !== "contrib" && m.ops !== "standard") errors.push(`field ops must be contrib or standard, got ${described(m.ops).slice(0, 40)}`);
+  if (!["contrib", "standard"].includes(m.ops ?? "standard")) errors.push(`field ops must be contrib or standard, got ${described(m.ops).slice(0, 40)}`);
   const cache = m.cache;
   if (!cache) return errors;
   const small = ["num_layers", "num_kv_heads", "head_dim"].find((k) => cache[k] < 1);
