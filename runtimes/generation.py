@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError
-from .kv_cache import FixedCache
 from .values import is_real, is_whole, surrogate_at
 
 
@@ -255,6 +254,7 @@ def decode_steps(rt, plan, ids: np.ndarray, mask: np.ndarray):
     each step's ``present.*`` outputs are bound as the next step's ``past_key_values.*``, or on
     GroupQueryAttention graphs one buffer per cache input is both (``kv_cache.py``).
     """
+    from .kv_cache import FixedCache  # ONNX Runtime's: the settings above serve an install without it (manifests)
     full, positions = rt.virtual_inputs(plan, mask, generate=True)
     binding = rt.slot_binding(plan)
     outputs = rt.run(plan, ids, full, positions, None, presents=True, binding=binding, keep_last=True)
