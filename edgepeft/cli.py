@@ -236,15 +236,14 @@ def _fail_on(problems: list) -> None:
 def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, as_json, plot):
     """Latency per adapter, switch cost, staging time and memory of an export, on this machine."""
     from edgepeft.errors import ConfigError
-    from edgepeft.files import check_output_file, write_json_atomic
+    from edgepeft.files import check_output_files, write_json_atomic
     from edgepeft.runtimes import Runtime, use_shared_thread_pool
     from edgepeft.runtimes.bench import measure, table
     from edgepeft.runtimes.manifest import enclosing_export
 
-    for path, flag in ((as_json, "--json"), (plot, "--plot")):  # before minutes of measuring
-        if path:
-            check_output_file(path, flag)
-        if path and (export := enclosing_export(os.path.realpath(path))):  # the measured export's own files, say
+    as_json, plot = check_output_files({"--json": as_json, "--plot": plot})  # before minutes of measuring
+    for path, flag in ((as_json, "--json"), (plot, "--plot")):
+        if path and (export := enclosing_export(path)):  # the measured export's own files, say
             raise ConfigError(f"{path}: lies inside the export {export}, whose files exports own; give {flag} a "
                               "path outside it")
     if plot and not plot.lower().endswith(".png"):
@@ -342,8 +341,9 @@ def as_flags(message: str, argv) -> str:
     if not flags:
         return message
     values = {"None": "none", "True": "", "False": ""}
-    paths = {}  # the command's paths as given ("sweep lr=0.01/train.jsonl"): no flag names inside them
-    for a in sorted({a for a in argv if " " in a or "/" in a or os.sep in a}, key=len, reverse=True):
+    paths = {}  # quoted names and text, the command's paths ("sweep lr=0.01/train.jsonl"): no flag names inside them
+    quoted = dict.fromkeys(re.findall(r"(?<![=\w])('[^'\n]*'|\"[^\"\n]*\")", message))  # not a value's: name='x'
+    for a in [*quoted, *sorted({a for a in argv if " " in a or "/" in a or os.sep in a}, key=len, reverse=True)]:
         if a in message:
             paths[f"\x00{len(paths)}\x00"] = a
             message = message.replace(a, f"\x00{len(paths) - 1}\x00")

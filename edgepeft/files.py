@@ -105,12 +105,31 @@ def remove_empty(made: list) -> None:
 
 
 def check_output_file(path: str, flag: str) -> None:
-    """``check_output_dir`` for a file path: its folder, and the path no folder."""
+    """``check_output_dir`` for a file path: its folder, and the path a regular file or nothing yet (the write
+    replaces what is there: a FIFO, a device such as /dev/null, a link to nothing)."""
     from edgepeft.errors import ConfigError
 
-    if os.path.isdir(path):
+    if not path:
+        raise ConfigError(f"{flag} '': an empty path; give {flag} a file path")
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ConfigError(f"{path}: is a folder; give {flag} a file path")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise ConfigError(f"{path}: is not a regular file (a device, a pipe, a link to nothing); give {flag} a file path")
     check_output_dir(os.path.dirname(os.path.abspath(path)), flag, "a file path in a folder")
+
+
+def check_output_files(paths: dict) -> list:
+    """``check_output_file`` for each flag's path given ({flag: path or None}), no two the same file; the paths as
+    written to (a link's target, which the write would replace), None where not given."""
+    from edgepeft.errors import ConfigError
+
+    seen = {}
+    for flag, path in paths.items():
+        if path is not None:
+            check_output_file(path, flag)
+            if (other := seen.setdefault(os.path.realpath(path), flag)) != flag:
+                raise ConfigError(f"{path}: given to {other} and {flag}; give each its own file")
+    return [None if path is None else os.path.realpath(path) for path in paths.values()]
 
 
 def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None:

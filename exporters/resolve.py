@@ -137,6 +137,9 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
         raise ConfigError(f"got {len(names)} --name values for {len(adapters)} --adapter folders; give one name per adapter")
     sources = []
     for i, path in enumerate(adapters):
+        if not path:
+            raise ConfigError("--adapter '': an empty path; give --adapter an adapter folder (save_pretrained's)")
+        config = load_config(path)  # a folder that is not there is named so, before a name taken from it
         name = names[i] if i < len(names) else os.path.basename(os.path.normpath(path))
         problem = export_name_problem(name)
         if problem:
@@ -147,11 +150,13 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
             raise ConfigError(f"{path}: adapter name {shown} {problem}; {given}{fix}")
         if any(s.name == name for s in sources):
             raise ConfigError(f"{path}: two adapters are both named {name!r}; pass --name to tell them apart")
-        sources.append(AdapterSource(name, path, load_config(path)))
+        sources.append(AdapterSource(name, path, config))
     return sources
 
 
 def _base_of(sources, base) -> str:
+    if base is not None and not str(base):
+        raise ConfigError("--base '': an empty path; give --base the base model's folder or hub id, or leave it out")
     if base:
         return str(base)
     named = [s.config.base_model_name_or_path for s in sources]

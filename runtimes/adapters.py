@@ -169,7 +169,7 @@ class AdapterStore:
         if adapter is None:
             merged = f"; {self.merged!r} is merged into the base" if self.merged else ""
             raise UnknownAdapterError(
-                f"adapter {name!r} is not loaded in {self.out}; loaded: {', '.join(self.names) or 'none'}{merged} "
+                f"adapter {name!r} is not loaded in {self.out}; loaded: {', '.join(map(repr, self.names)) or 'none'}{merged} "
                 "(use adapter=None for the base model)"
             )
         return adapter
@@ -245,7 +245,7 @@ class AdapterStore:
         with self._lock:
             adapter = self._adapters.get(_one_name(name))
             if adapter is None:
-                raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {', '.join(self.names) or 'none'}")
+                raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {', '.join(map(repr, self.names)) or 'none'}")
             if adapter.holds:
                 raise AdapterInUseError(f"adapter {name!r} is in use by {len(adapter.holds)} call(s); unload it when they "
                                         "finish")

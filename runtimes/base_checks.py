@@ -15,7 +15,7 @@ OPS = ("contrib", "standard")  # exporters' --ops
 
 def base_value_errors(data: dict) -> list[str]:
     """The fields of a type-checked base manifest whose values no export writes (checked before anything is sized by
-    them): sizes from 1, eos ids inside the vocabulary, the cache table naming the graph inputs and outputs it
+    them): sizes from 1, eos ids as generate compares them, the cache table naming the graph inputs and outputs it
     lists, the kernels' choice (``ops``)."""
     errors, vocab = [], data["vocab_size"]
     if vocab < 1:
@@ -23,8 +23,8 @@ def base_value_errors(data: dict) -> list[str]:
     if (most := data.get("max_positions")) is not None and most < 1:
         errors.append(f"field 'max_positions' must be at least 1 (or null), got {most}")
     eos = data.get("eos_token_id") or []
-    if not all(is_kind(e, int) and 0 <= e < vocab for e in eos):
-        errors.append(f"field 'eos_token_id' must list token ids from 0 to {vocab - 1}, got {eos!r:.60}")
+    if not all(is_kind(e, int) and -2**63 <= e < 2**63 for e in eos):  # one outside the vocabulary never matches (a
+        errors.append(f"field 'eos_token_id' must list token ids (64-bit integers), got {eos!r:.60}")  # config's)
     if data.get("ops", OPS[1]) not in OPS:
         errors.append(f"field 'ops' must be {' or '.join(OPS)}, got {data['ops']!r:.40}")
     fields = GenerationConfig.__dataclass_fields__

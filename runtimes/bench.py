@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from edgepeft.runtimes.errors import ConfigError, InvalidInputError, UnknownAdapterError
+from edgepeft.runtimes.errors import ConfigError, InvalidInputError, UnknownAdapterError, first_line
 from edgepeft.runtimes.values import is_whole
 
 
@@ -97,12 +97,17 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     batch, seq, rounds, calls, new_tokens = (int(v) for v in (batch, seq, rounds, calls, new_tokens))
     if new_tokens and not rt.cache:
         raise ConfigError(f"{rt.base_dir}: generation needs a causal-LM export; drop --new-tokens")
-    for adapter in [None, *names] if new_tokens else []:  # before minutes of measuring
-        rt._check_call(adapter, batch, seq, new_tokens - 1, f" + --new-tokens {new_tokens} - 1 (the last is not fed back)",
-                       " (--seq) or lower --new-tokens")
+    generated = f" + --new-tokens {new_tokens} - 1 (the last is not fed back)" if new_tokens else ""
+    for adapter in [None, *names]:  # before minutes of measuring (and before ids of 10**30 positions)
+        rt._check_call(adapter, batch, seq, max(new_tokens - 1, 0), generated,
+                       " (--seq) or lower --new-tokens" if new_tokens else " (here: lower --seq)")
     rng = np.random.default_rng(seed)
     low = min(1000, rt.vocab_size // 2)  # skip the special and padding ids at the start of most vocabularies
-    ids = rng.integers(low, rt.vocab_size, size=(batch, seq), dtype=np.int64)
+    try:
+        ids = rng.integers(low, rt.vocab_size, size=(batch, seq), dtype=np.int64)
+    except (MemoryError, ValueError) as e:  # numpy's "Unable to allocate", "Maximum allowed dimension exceeded"
+        raise ConfigError(f"--batch {batch} x --seq {seq}: the token ids alone do not fit in memory here "
+                          f"({first_line(e)}); lower --batch") from None
     mask = np.ones_like(ids)
     cycle = [*names, None]
     peers = {"none": lambda: rt.forward(ids, mask)}

@@ -241,6 +241,8 @@ _ADAPTER_KEYS = ("name", "methods", "base_fingerprint", "slots", "graph", "sha25
 
 def not_an_export(path: str) -> ArtifactNotFoundError:
     """What to do with a folder that holds no export: an adapter folder gets the export command that fits it."""
+    if not path:  # an empty argument: "export there first" would advise --out ''
+        return ArtifactNotFoundError("'': an empty path; give the folder `edgepeft export --out` wrote")
     if os.path.isfile(path):  # a file of an export (OUT/base/model.onnx), or any file
         out = enclosing_export(os.path.abspath(path))
         return ArtifactNotFoundError(f"{path}: is a file of the export {out}; give {out} itself" if out else

@@ -79,6 +79,10 @@ def test_measure_rejects_bad_arguments(shared_export):
         measure(rt, ["none"], rounds=1, calls=1)  # the command line's word for the base; edgepeft bench maps it
     with pytest.raises(InvalidInputError, match=r"exceeds .*\(here: lower --seq\)"):
         measure(rt, seq=rt.max_positions + 1, rounds=1, calls=1)
+    with pytest.raises(InvalidInputError, match=r"exceeds .*\(here: lower --seq\)"):  # numpy's "Maximum allowed ..."
+        measure(rt, seq=10**30, rounds=1, calls=1)
+    with pytest.raises(ConfigError, match=r"--batch 10{30} x --seq 4: the token ids alone do not fit in memory here"):
+        measure(rt, batch=10**30, seq=4, rounds=1, calls=1)
     decoder = Runtime(shared_export("llama")[0])
     with pytest.raises(InvalidInputError, match="--new-tokens 60 .* lower --new-tokens"):
         measure(decoder, [], seq=8, rounds=1, calls=1, new_tokens=60)

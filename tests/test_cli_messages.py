@@ -4,6 +4,7 @@ In-process (``edgepeft.cli.main``): one ``error:`` line, exit 1, no traceback (t
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -60,6 +61,39 @@ def test_messages_name_the_flags_as_typed():
     assert as_flags("was made with scheduler='linear', this run has scheduler='cosine'", train) == \
         "was made with --scheduler linear, this run has --scheduler cosine"
     assert as_flags("the model must be local", run) == "the model must be local"  # not a flag of run
+    # names and text in quotes are as given: an adapter named top_k was "loaded: --top-k", a prompt "top_k=5" too
+    assert as_flags("adapter 'lora' is not loaded; loaded: 'max_new_tokens', 'top_k'", run) == \
+        "adapter 'lora' is not loaded; loaded: 'max_new_tokens', 'top_k'"
+    assert as_flags('text "top_k=5 x" holds half a character', run) == 'text "top_k=5 x" holds half a character'
+
+
+def test_output_files_and_empty_paths_are_refused_before_the_work(shared_export, tmp_path, capsys):
+    """bench's --json and --plot replaced a FIFO, a device (/dev/null, as root) or the link itself; a trailing slash,
+    an empty path or one file for both failed after the run or wrote nothing, silently; export took --base '' as no
+    --base and named a misspelt --adapter's name before saying the folder is not there; run '' advised --out ''."""
+    out = shared_export("bert")[0]
+    bench = ["bench", out, "--rounds", "1", "--calls", "1", "--seq", "4"]
+    os.mkfifo(tmp_path / "pipe.json")
+    for path, said in ((tmp_path / "pipe.json", "is not a regular file (a device, a pipe, a link to nothing)"),
+                       (f"{tmp_path}/r.json/", "is a folder; give --json a file path"),
+                       ("", "--json '': an empty path; give --json a file path")):
+        assert said in cli_error(capsys, *bench, "--json", path)
+    assert "given to --json and --plot; give each its own file" in cli_error(
+        capsys, *bench, "--json", tmp_path / "same.png", "--plot", tmp_path / "same.png")
+    (tmp_path / "real.json").write_text("old")
+    os.symlink("real.json", tmp_path / "link.json")
+    cli_ok(capsys, *bench, "--json", tmp_path / "link.json")  # written through the link
+    assert os.path.islink(tmp_path / "link.json") and json.loads((tmp_path / "real.json").read_text())["setup"]
+    assert cli_error(capsys, "run", "", "hello") == "error: '': an empty path; give the folder `edgepeft export --out` wrote"
+    missing = tmp_path / "no such"
+    assert cli_error(capsys, "export", "--adapter", missing, "--out", tmp_path / "o").startswith(
+        f"error: {missing}/adapter_config.json: not found")
+    assert cli_error(capsys, "export", "--adapter", "", "--out", tmp_path / "o") == (
+        "error: --adapter '': an empty path; give --adapter an adapter folder (save_pretrained's)")
+    adapter = next(iter(shared_export("bert")[1].values()))
+    assert cli_error(capsys, "export", "--adapter", adapter, "--base", "", "--out", tmp_path / "o") == (
+        "error: --base '': an empty path; give --base the base model's folder or hub id, or leave it out")
+    assert not (tmp_path / "o").exists()
 
 
 def test_run_on_a_classifier_names_greedy_as_typed(shared_export, capsys):

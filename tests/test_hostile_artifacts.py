@@ -161,13 +161,14 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     ("cache", {"num_layers": 1}, "field 'cache': num_layers is 1, field 'inputs' lists 4 past tensors (2 a layer)"),
     ("cache", {"num_layers": 10**12}, "field 'cache': num_layers is 1000000000000, field 'inputs' lists 4 past"),
     ("eos_token_id", 5, "field 'eos_token_id' must be a list of token ids, got 5"),  # a TypeError in each text call
-    ("eos_token_id", [10**30], "field 'eos_token_id' must list token ids from 0 to 127, got [10000"),
+    ("eos_token_id", [10**30], "field 'eos_token_id' must list token ids (64-bit integers), got [10000"),
     ("vocab_size", 0, "field 'vocab_size' must be at least 1, got 0"),  # "token id 30 is outside the vocabulary"
     ("max_positions", -1, "field 'max_positions' must be at least 1 (or null), got -1"),
     ("ops", "fast", "field 'ops' must be contrib or standard, got 'fast'"),  # export advised "--ops fast"
     ("fused_groups", 5, "field 'fused_groups' must be a list, got 5"),  # export's tracebacks
     ("inert_slots", 5, "field 'inert_slots' must be a list, got 5"),
     ("quantization", 1.5, "field 'quantization' must be a string, got 1.5"),
+    ("eos_token_id", [128], None),  # outside the vocabulary: never met, as a config's 50256 on a smaller vocabulary
     ("generation", {"do_sample": "x"}, "field 'generation.do_sample' must be True or False, got 'x'"),  # "--do-sample"
     ("generation", {"do_sample": True, "temperature": 0}, "field 'generation.temperature' must be > 0 when sampling"),
 ])
@@ -179,6 +180,9 @@ def test_a_hand_edited_base_manifest_is_refused_when_opened_or_inspected(out, fi
     with edited_json(path) as manifest:
         manifest[field] = {**manifest[field], **value} if isinstance(value, dict) else value
     for opening in (Runtime, describe_export):
+        if message is None:
+            opening(out)
+            continue
         with pytest.raises(CorruptArtifactError) as e:
             opening(out)
         assert str(e.value).startswith(f"{path}: {message}")

@@ -107,7 +107,7 @@ export function checkFormat(manifest, form, where) {
   }
 }
 
-/** runtimes/base_checks.py's base_value_errors: sizes from 1, eos ids in the vocabulary, the cache's layers as the
+/** runtimes/base_checks.py's base_value_errors: sizes from 1, eos ids as 64-bit integers, the cache's layers as the
  * manifest's inputs and outputs list them (a cache of 10**12 layers filled the memory), the kernels' choice. */
 function baseValueErrors(m) {
   const errors = [];
@@ -115,7 +115,7 @@ function baseValueErrors(m) {
   if (vocab < 1) errors.push(`field vocab_size must be at least 1, got ${vocab}`);
   if (m.max_positions != null && m.max_positions < 1) errors.push(`field max_positions must be at least 1 (or null), got ${m.max_positions}`);
   const eos = m.eos_token_id ?? [];
-  if (!eos.every((e) => whole(e) && e >= 0 && e < vocab)) errors.push(`field eos_token_id must list token ids from 0 to ${vocab - 1}, got ${described(eos).slice(0, 60)}`);
+  if (!eos.every((e) => whole(e) && Math.abs(e) < 2 ** 63)) errors.push(`field eos_token_id must list token ids (64-bit integers), got ${described(eos).slice(0, 60)}`);
   if (!["contrib", "standard"].includes(m.ops ?? "standard")) errors.push(`field ops must be contrib or standard, got ${described(m.ops).slice(0, 40)}`);
   const cache = m.cache;
   if (!cache) return errors;
