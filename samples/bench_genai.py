@@ -21,13 +21,14 @@ import numpy as np
 import onnxruntime_genai as og
 
 from edgepeft.runtimes import Runtime
+from sample_folder import positive, run
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", default="bench-out/generate/slots")
     ap.add_argument("--adapter", default="lora")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=positive, default=10)
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
 
@@ -80,4 +81,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

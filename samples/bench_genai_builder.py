@@ -38,6 +38,7 @@ import onnxruntime_genai as og  # noqa: E402
 from bench_generate import CONFIG, PROMPT_LEN, build_base, make_adapter, paired  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
+from sample_folder import positive, run  # noqa: E402
 
 
 def write_tokenizer(path: str) -> None:
@@ -74,7 +75,7 @@ def edgepeft_export(adapter: str, out: str, **options) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-out/genai-builder")
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=positive, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=256)
     args = ap.parse_args()
@@ -199,4 +200,4 @@ def report(args, out, speed, prefill_speed, ids, decode) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -64,6 +64,7 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime, use_shared_thread_pool  # noqa: E402
+from sample_folder import claim_folder, positive, run  # noqa: E402
 
 CONFIG = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
               intermediate_size=1376, vocab_size=8192, max_position_embeddings=512,
@@ -134,7 +135,7 @@ def paired(peers: dict, rounds: int, tokens: int) -> tuple[dict, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-out/generate", help="work and export folder (default ./bench-out/generate)")
-    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds, one call per peer each (default 10)")
+    ap.add_argument("--rounds", type=positive, default=10, help="interleaved rounds, one call per peer each (default 10)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per call (default 64)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per peer first (default 2)")
     ap.add_argument("--shared-threads", action="store_true",
@@ -144,6 +145,7 @@ def main() -> None:
         use_shared_thread_pool()
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (the decode cost needs a step after the first token)")
+    claim_folder(args.out, ap.get_default("out"))  # its exports are replaced, in a folder a sample made
     command = shlex.join([sys.executable, *sys.argv])
     print(f"command: {command}")
     t_start = time.perf_counter()
@@ -312,4 +314,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

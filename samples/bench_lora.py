@@ -62,6 +62,7 @@ import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime, use_shared_thread_pool  # noqa: E402
 from edgepeft.runtimes.bench import alternating, interleaved  # noqa: E402
+from sample_folder import claim_folder, positive, run  # noqa: E402
 
 MINILM = edgepeft.minilm_path()
 ADAPTERS = {
@@ -130,14 +131,15 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-out", help="work and export folder (default ./bench-out)")
-    ap.add_argument("--rounds", type=int, default=100, help="interleaved rounds (default 100)")
-    ap.add_argument("--calls", type=int, default=6, help="timed calls per peer per round (default 6; fewer calls"
+    ap.add_argument("--rounds", type=positive, default=100, help="interleaved rounds (default 100)")
+    ap.add_argument("--calls", type=positive, default=6, help="timed calls per peer per round (default 6; fewer calls"
                     " in more rounds keep the host's drift out of the ratios)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed calls per peer first (default 10)")
     ap.add_argument("--seq", type=int, default=32, help="tokens per call (default 32)")
     ap.add_argument("--shared-threads", action="store_true",
                     help="opt in to one process-wide spinning ONNX Runtime pool (edgepeft.runtimes.use_shared_thread_pool)")
     args = ap.parse_args()
+    claim_folder(args.out, ap.get_default("out"))  # its exports are replaced, in a folder a sample made
     if args.shared_threads:
         use_shared_thread_pool()
     command = shlex.join([sys.executable, *sys.argv])
@@ -278,4 +280,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

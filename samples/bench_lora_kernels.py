@@ -38,6 +38,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft.exporters.quantize import _quiet_quantizer_logs
+from sample_folder import positive, run
 
 LAYERS, RANK = 6, 16
 GROUPS = {"qkv": (512, [512, 256, 256]), "o": (512, [512]), "gate_up": (512, [1376, 1376]), "down": (1376, [512])}
@@ -195,7 +196,7 @@ VARIANTS = ["fp32 inputs (edgepeft)", "fp32 inputs, no row Mul", "fp32 inputs, B
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blocks", type=int, default=15)
+    ap.add_argument("--blocks", type=positive, default=15)
     ap.add_argument("--out", default="bench-out/lora-kernels")
     args = ap.parse_args()
     w = weights(np.random.default_rng(0))
@@ -227,4 +228,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

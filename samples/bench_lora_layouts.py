@@ -44,6 +44,7 @@ from edgepeft.runtimes.bench import interleaved
 from edgepeft.runtimes.kv_cache import RESERVE
 from edgepeft.runtimes.manifest import LOGITS_TO_KEEP, cache_names
 from edgepeft.runtimes.sessions import session_options
+from sample_folder import positive, run
 
 LAYOUTS = {"edgepeft": (False, False), "B per member": (True, False), "no row Mul": (False, True),
            "B per member, no row Mul": (True, True)}
@@ -140,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", default="bench-out/generate/slots-int4", help="a causal-lm export (%(default)s)")
     ap.add_argument("--adapter", default="lora", help="the adapter under OUT/adapters to bind (%(default)s)")
-    ap.add_argument("--rounds", type=int, default=30, help=f"rounds of {CALLS} calls per peer (%(default)s)")
+    ap.add_argument("--rounds", type=positive, default=30, help=f"rounds of {CALLS} calls per peer (%(default)s)")
     ap.add_argument("--out", help="where bench.md goes (bench-out/lora-layouts/<the export's folder name>)")
     args = ap.parse_args()
     out = args.out or os.path.join("bench-out", "lora-layouts", os.path.basename(os.path.normpath(args.export)))
@@ -148,12 +149,18 @@ def main() -> None:
     print(f"command: {command}")
     manifest_path = os.path.join(args.export, "base", "edgepeft.json")
     if not os.path.isfile(manifest_path):
-        sys.exit(f"{manifest_path}: missing; give --export an edgepeft export of a decoder (`make bench` writes it)")
+        sys.exit(f"error: {manifest_path}: missing; give --export an edgepeft export of a decoder (`make bench` writes it)")
     with open(manifest_path) as f:
         manifest = json.load(f)
+    if manifest.get("task") != "causal-lm":
+        sys.exit(f"error: {args.export}: a {manifest.get('task')} export; give a causal-lm export (a decoder's step)")
     if LOGITS_TO_KEEP not in manifest["inputs"]:
-        sys.exit(f"{args.export}: this export has no {LOGITS_TO_KEEP} input; re-export it")
-    with open(os.path.join(args.export, "adapters", args.adapter, "adapter.onnx"), "rb") as f:
+        sys.exit(f"error: {args.export}: this export has no {LOGITS_TO_KEEP} input; re-export it")
+    graph = os.path.join(args.export, "adapters", args.adapter, "adapter.onnx")
+    if not os.path.isfile(graph):
+        held = sorted(os.listdir(os.path.join(args.export, "adapters")))
+        sys.exit(f"error: {graph}: missing; give --adapter one of {', '.join(held) or 'none (export one first)'}")
+    with open(graph, "rb") as f:
         slots = run_adapter_graph(f.read(), f.name)
     rows_name = next(s["selector"] for s in manifest["slots"] if s["method"] == "lora")
     base = onnx.load(os.path.join(args.export, "base", manifest["graph"]))
@@ -198,4 +205,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

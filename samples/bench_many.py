@@ -33,7 +33,7 @@ from edgepeft.exporters import export  # noqa: E402
 from edgepeft.models import load_base  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.runtimes.bench import rss_bytes  # noqa: E402
-from sample_folder import fresh_folder  # noqa: E402
+from sample_folder import fresh_folder, positive, run  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_generate import build_base  # noqa: E402
@@ -100,7 +100,7 @@ def batch_peers(rt, hf, ids, mask, task):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-out/many", help="emptied first where a sample made it")
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=positive, default=20)
     args = ap.parse_args()
     fresh_folder(args.out, ap.get_default("out"))
     torch.set_num_threads(os.cpu_count())
@@ -172,4 +172,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

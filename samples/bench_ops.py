@@ -27,6 +27,7 @@ import transformers  # noqa: E402
 from bench_generate import CONFIG, PROMPT_LEN, RANK, build_base, make_adapter, paired  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
+from sample_folder import positive, run  # noqa: E402
 
 GPT2 = dict(n_embd=CONFIG["hidden_size"], n_layer=CONFIG["num_hidden_layers"], n_head=CONFIG["num_attention_heads"],
             n_positions=CONFIG["max_position_embeddings"], vocab_size=CONFIG["vocab_size"])
@@ -43,7 +44,7 @@ def gpt2_adapter(out: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=positive, default=10)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default="bench-out/ops")
     args = ap.parse_args()
@@ -82,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -23,6 +23,7 @@ import numpy as np
 from edgepeft.runtimes import Runtime
 from edgepeft.runtimes.bench import interleaved
 from edgepeft.runtimes.manifest import LOGITS_TO_KEEP, cache_names
+from sample_folder import positive, run
 
 
 def prefill_feeds(rt: Runtime, length: int, keep: int) -> dict:
@@ -36,14 +37,19 @@ def prefill_feeds(rt: Runtime, length: int, keep: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", default="bench-out/generate/slots", help="a causal-lm export (default %(default)s)")
-    ap.add_argument("--lengths", default="16,64,256,496", help="prompt lengths, comma-separated (default %(default)s)")
-    ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds, 3 calls per peer each (default 20)")
+    ap.add_argument("--lengths", default="16,64,256,496", type=lambda text: [positive(n) for n in text.split(",")],
+                    help="prompt lengths, comma-separated (default %(default)s)")
+    ap.add_argument("--rounds", type=positive, default=20, help="interleaved rounds, 3 calls per peer each (default 20)")
     args = ap.parse_args()
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     rt = Runtime(args.export, load_adapters=False)
+    if not rt.cache:
+        sys.exit(f"error: {args.export}: a {rt.task} export; give a causal-lm export (a decoder's prefill)")
     if LOGITS_TO_KEEP not in rt.manifest["inputs"]:
-        sys.exit(f"{args.export}: this export has no {LOGITS_TO_KEEP} input; re-export it")
-    lengths = [int(n) for n in args.lengths.split(",")]
+        sys.exit(f"error: {args.export}: this export has no {LOGITS_TO_KEEP} input; re-export it")
+    lengths = args.lengths
+    if rt.max_positions and max(lengths) > rt.max_positions:
+        sys.exit(f"error: --lengths {max(lengths)}: the model has {rt.max_positions} positions; give shorter prompts")
     feeds = {(n, keep): prefill_feeds(rt, n, keep) for n in lengths for keep in (0, 1)}
     sizes = {key: rt.session.run(["logits"], f)[0].nbytes for key, f in feeds.items()}
     times = interleaved({key: (lambda f=f: rt.session.run(["logits"], f)) for key, f in feeds.items()}, args.rounds, 3)
@@ -58,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

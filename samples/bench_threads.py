@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepeft.runtimes.manifest import cache_names, read_base_manifest
+from sample_folder import positive, run
 
 SETTINGS = {"no spin": {"session.intra_op.allow_spinning": "0"},
             "spin": {"session.intra_op.allow_spinning": "1"},
@@ -73,7 +74,7 @@ def measure(base: str, cache: dict, setting: str, rounds: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", default="bench-out/generate/merged", help="a decoder export folder (OUT)")
-    ap.add_argument("--rounds", type=int, default=15, help="rounds of 20 calls per pattern (default 15)")
+    ap.add_argument("--rounds", type=positive, default=15, help="rounds of 20 calls per pattern (default 15)")
     ap.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)  # the child process's one setting
     args = ap.parse_args()
     base = os.path.join(args.export, "base")
@@ -93,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

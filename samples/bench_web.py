@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
-from sample_folder import fresh_folder  # noqa: E402
+from sample_folder import fresh_folder, positive, run  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_many import ADAPTERS, make_adapters  # noqa: E402
@@ -57,8 +57,8 @@ def python_load(export_dir) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-out/web")
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--rounds", type=positive, default=12)
+    ap.add_argument("--calls", type=positive, default=20)
     ap.add_argument("--quantize", choices=["int8", "int4"], help="export the base quantized (default: float32)")
     args = ap.parse_args()
     if args.calls <= DROP:
@@ -132,4 +132,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,5 +1,6 @@
-"""What the sample scripts share: the folder a run writes, emptied only where a sample made it, and errors and
-Ctrl-C said in one line, as the `edgepeft` commands say them."""
+"""What the sample scripts share: the folder a run writes, emptied only where a sample made it, counts checked as
+they are parsed, and errors and Ctrl-C said in one line, as the `edgepeft` commands say them."""
+import argparse
 import os
 import shutil
 import sys
@@ -7,27 +8,54 @@ import sys
 from edgepeft.errors import EdgePeftError, TrainingInterrupted
 
 MARK = ".edgepeft-sample"  # in a folder a sample made: the next run may empty it
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the samples' default folders lie
 
 
-def fresh_folder(path: str, default: str) -> str:
-    """``path`` made empty for a run: a missing or empty folder, one a sample made, or the sample's ``default`` (the
-    repository's own ignored folder, which samples before the mark wrote); a folder of anything else (an adapter of
-    one's own, `--out .`) is refused, not emptied."""
+def claim_folder(path: str, default: str) -> str:
+    """``path`` marked as a run's folder and kept as it is: a missing or empty folder, one a sample made, or the
+    repository's own ``default`` (ignored by git; samples before the mark wrote it); a folder of anything else (an
+    adapter of one's own, `--out .`, a ``default`` of that name in another working folder) is refused."""
+    if not path:
+        sys.exit("error: '': an empty path; give a folder for the run's files")
     if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
         sys.exit(f"error: {path}: is a file or a link; give a folder for the run's files")
-    own = os.path.exists(os.path.join(path, MARK)) or os.path.abspath(path) == os.path.abspath(default)
+    own = os.path.exists(os.path.join(path, MARK)) or os.path.abspath(path) == os.path.join(REPO, default)
     if os.path.isdir(path) and os.listdir(path) and not own:
-        sys.exit(f"error: {path}: holds files no sample wrote, and a run empties its folder; give another folder "
+        sys.exit(f"error: {path}: holds files no sample wrote, and a run writes over its folder; give another folder "
                  "(or remove this one)")
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
-    open(os.path.join(path, MARK), "w").close()
+    try:
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, MARK), "w").close()
+    except OSError as e:
+        sys.exit(f"error: {path}: {e.strerror}; give a folder for the run's files")
     return path
 
 
+def fresh_folder(path: str, default: str) -> str:
+    """``claim_folder``, then emptied for the run."""
+    shutil.rmtree(claim_folder(path, default))
+    return claim_folder(path, default)
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies in ``folder`` (which a run empties)."""
+    return os.path.commonpath([os.path.realpath(path), os.path.realpath(folder)]) == os.path.realpath(folder)
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number from 1 (a count of rounds or calls; 0 left nothing to take the median of)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number from 1")
+    return value
+
+
 def run(main) -> None:
-    """``main()``, an EdgePeftError as one `error:` line (exit 1) and Ctrl-C as `interrupted` (exit 130): a
-    traceback and a resume command for a folder the next run empties, before."""
+    """``main()``, an EdgePeftError or a refused file as one `error:` line (exit 1) and Ctrl-C as `interrupted` (exit
+    130): a traceback and a resume command for a folder the next run empties, before."""
     try:
         main()
     except (KeyboardInterrupt, TrainingInterrupted):
@@ -35,3 +63,5 @@ def run(main) -> None:
         sys.exit(130)
     except EdgePeftError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # the disk said no: a path that is a file, no permission, disk full
+        sys.exit(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}; check the path")

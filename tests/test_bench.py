@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -122,7 +123,6 @@ def test_bench_threads_sample_measures_every_setting(shared_export):
 
 def _sample(name: str, *args):
     """Run samples/<name>; the finished process."""
-    import os
     import subprocess
     import sys
 
@@ -189,3 +189,23 @@ def test_bench_web_sample_refuses_before_it_empties_out(tmp_path, args, refusal)
     done = _sample("bench_web.py", "--out", out, *args)
     assert done.returncode != 0 and refusal in done.stderr, done.stderr[-2000:]
     assert (out / "keep.txt").read_text() == "the user's"
+
+
+def test_the_samples_say_an_error_or_a_count_they_refuse_in_a_line(shared_export, tmp_path):
+    """The bench samples' errors were tracebacks (a missing export, a classifier export advised "re-export it", a
+    prompt past the positions from ONNX Runtime), and --rounds 0 a StatisticsError after the work;
+    train_generative.py emptied a --model inside its --out before failing to load it."""
+    os.makedirs(tmp_path / "gen" / "model")
+    for args, code, said in (
+            (["bench_prefill.py", "--export", tmp_path / "none"], 1, f"error: {tmp_path / 'none'}: no such folder"),
+            (["bench_prefill.py", "--export", shared_export("bert")[0]], 1, "a feature-extraction export; give a causal"),
+            (["bench_prefill.py", "--export", shared_export("llama")[0], "--lengths", "9999"], 1,
+             "error: --lengths 9999: the model has 64 positions"),
+            (["bench_prefill.py", "--rounds", "0"], 2, "argument --rounds: 0 is not a whole number from 1"),
+            (["bench_lora_kernels.py", "--blocks", "-1"], 2, "argument --blocks: -1 is not a whole number from 1"),
+            (["train_generative.py", "--model", tmp_path / "gen" / "model", "--out", tmp_path / "gen"], 1,
+             "lies inside --out")):
+        done = _sample(*args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == code and said in lines[-1] and "Traceback" not in done.stderr, (args, done.stderr)
+    assert (tmp_path / "gen" / "model").is_dir()

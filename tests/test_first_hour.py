@@ -307,19 +307,29 @@ def test_the_samples_empty_only_a_folder_a_sample_made_and_say_ctrl_c_in_one_lin
         done = subprocess.run([sys.executable, os.path.join(samples, script), *flag, str(mine)], capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-            f"error: {mine}: holds files no sample wrote, and a run empties its folder; give another folder (or "
+            f"error: {mine}: holds files no sample wrote, and a run writes over its folder; give another folder (or "
             "remove this one)"], (script, done.stderr)
         assert (mine / "intent" / "notes.jsonl").exists()
     monkeypatch.syspath_prepend(samples)
-    from sample_folder import fresh_folder, run
+    import sample_folder
+    from sample_folder import claim_folder, fresh_folder, run
 
     made = fresh_folder(str(tmp_path / "run"), "demo-out")
     os.makedirs(os.path.join(made, "intent"))
     write_lines(os.path.join(made, "intent", "rows.jsonl"), [{"a": 1}])
     assert os.listdir(fresh_folder(made, "demo-out")) == [".edgepeft-sample"]  # a sample's own folder: emptied
-    monkeypatch.chdir(tmp_path)  # demo-out written before the mark (make demo after an update): the sample's own
+    monkeypatch.chdir(tmp_path)  # a demo-out of one's own in another working folder: it was emptied too
     os.makedirs("demo-out/intent")
-    assert os.listdir(fresh_folder("demo-out", "demo-out")) == [".edgepeft-sample"]
+    with pytest.raises(SystemExit, match="demo-out: holds files no sample wrote"):
+        fresh_folder("demo-out", "demo-out")
+    monkeypatch.setattr(sample_folder, "REPO", str(tmp_path))  # the repository's demo-out, written before the mark
+    assert os.listdir(fresh_folder("demo-out", "demo-out")) == [".edgepeft-sample"]  # (make demo after an update)
+    for bad, said in (("", "'': an empty path"), ("demo-out/.edgepeft-sample/x", "demo-out/.edgepeft-sample/x: ")):
+        with pytest.raises(SystemExit, match=said):  # a traceback from makedirs before
+            fresh_folder(bad, "demo-out")
+    os.makedirs("export/base")  # bench_lora and bench_generate removed its base/ and adapters/ (they keep the rest)
+    with pytest.raises(SystemExit, match="export: holds files no sample wrote"):
+        claim_folder("export", "bench-out")
     os.symlink(made, "linked")  # rmtree leaves a link: makedirs then raised FileExistsError
     with pytest.raises(SystemExit, match="linked: is a file or a link; give a folder"):
         fresh_folder("linked", "demo-out")
