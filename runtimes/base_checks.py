@@ -28,9 +28,12 @@ def base_value_errors(data: dict) -> list[str]:
     if data.get("ops", OPS[1]) not in OPS:
         errors.append(f"field 'ops' must be {' or '.join(OPS)}, got {data['ops']!r:.40}")
     fields = GenerationConfig.__dataclass_fields__
+    given = {k: v for k, v in data.get("generation", {}).items() if k in fields}
+    for key in ("stop", "eos_token_id"):  # one string or id, as generate takes them (a config's stop_strings "###")
+        if key in given and not isinstance(given[key], list):
+            given[key] = [] if given[key] is None else [given[key]]
     try:  # generate's defaults, which a call leaves unset: "--do-sample must be True or False", though no flag was given
-        GenerationConfig(**{"pad_token_id": 0, **{k: v for k, v in data.get("generation", {}).items() if k in fields}}
-                         ).check(max(vocab, 1))
+        GenerationConfig(**{"pad_token_id": 0, **given}).check(max(vocab, 1))
     except ConfigError as e:  # its messages start with the setting's name
         name, _, rest = str(e).partition(" ")
         errors.append(f"field 'generation.{name}' {rest}")

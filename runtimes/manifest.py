@@ -288,8 +288,9 @@ def read_base_manifest(base_dir: str) -> dict:
                       and s.position_axis is None), None):
         raise ConfigError(f"{path}: was written by an older edgepeft (its slot {older} puts the text at the prefix's "
                           "positions, where HF PEFT puts it after them); export every adapter into a fresh --out folder")
-    if data["task"] in TASK_OUTPUTS and TASK_OUTPUTS[data["task"]] not in data["outputs"]:
-        raise CorruptArtifactError(f"{path}: outputs lack {TASK_OUTPUTS[data['task']]!r}, a {data['task']} graph's; {fix}")
+    if data["task"] in TASK_OUTPUTS and next(iter(data["outputs"])) != TASK_OUTPUTS[data["task"]]:  # the one returned
+        raise CorruptArtifactError(f"{path}: field 'outputs' must list {TASK_OUTPUTS[data['task']]!r} first, a "
+                                   f"{data['task']} graph's; {fix}")
     if data["task"] == "causal-lm" and not data.get("cache"):
         raise CorruptArtifactError(f"{path}: a causal-lm base needs its cache table ('cache'); {fix}")
     if not all(is_kind(size, int) for size in data.get("file_bytes", {}).values()):

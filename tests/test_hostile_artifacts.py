@@ -171,6 +171,8 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     ("eos_token_id", [128], None),  # outside the vocabulary: never met, as a config's 50256 on a smaller vocabulary
     ("generation", {"do_sample": "x"}, "field 'generation.do_sample' must be True or False, got 'x'"),  # "--do-sample"
     ("generation", {"do_sample": True, "temperature": 0}, "field 'generation.temperature' must be > 0 when sampling"),
+    ("generation", {"stop": "###", "eos_token_id": 5}, None),  # one string, one id: as generate takes them
+    ("generation", {"eos_token_id": "x"}, "field 'generation.eos_token_id' must be token ids"),  # a TypeError
 ])
 def test_a_hand_edited_base_manifest_is_refused_when_opened_or_inspected(out, field, value, message):
     """A cache name without its %d was a TypeError from `edgepeft inspect` and Runtime(OUT)."""
@@ -186,6 +188,17 @@ def test_a_hand_edited_base_manifest_is_refused_when_opened_or_inspected(out, fi
         with pytest.raises(CorruptArtifactError) as e:
             opening(out)
         assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_a_base_manifest_listing_another_output_first_is_refused(out):
+    """The runtime returns the first output: in another order generate was a ValueError ("too many values to unpack"),
+    and the JavaScript forward returned a cache tensor as the logits."""
+    path = os.path.join(out, "base", "edgepeft.json")
+    with edited_json(path) as manifest:
+        manifest["outputs"] = dict(reversed(manifest["outputs"].items()))
+    with pytest.raises(CorruptArtifactError, match=re.escape(f"{path}: field 'outputs' must list 'logits' first, a "
+                                                             "causal-lm graph's")):
+        Runtime(out)
 
 
 @pytest.mark.parametrize("field, value, message", [

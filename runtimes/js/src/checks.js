@@ -3,6 +3,8 @@
 // inputs.py, text.py), in JavaScript's terms: a damaged, hand-edited or hostile export is an EdgePeftError naming the
 // file and a fix, never a TypeError, a raw ONNX Runtime error, a file outside the export or a silent wrong answer.
 
+import { baseValueErrors } from "./base_checks.js";
+
 export class EdgePeftError extends Error {}
 
 export function described(v) {  // a value as a message shows it: "5", 5n, 2.5, Int32Array, {"a":1}
@@ -105,29 +107,6 @@ export function checkFormat(manifest, form, where) {
     throw new EdgePeftError(`${where}: was written by an older edgepeft (its slot ${older.name} puts the text at the ` +
       "prefix's positions, where HF PEFT puts it after them); export every adapter into a fresh --out folder");
   }
-}
-
-/** runtimes/base_checks.py's base_value_errors: sizes from 1, eos ids as 64-bit integers, the cache's layers as the
- * manifest's inputs and outputs list them (a cache of 10**12 layers filled the memory), the kernels' choice. */
-function baseValueErrors(m) {
-  const errors = [];
-  const vocab = m.vocab_size;
-  if (vocab < 1) errors.push(`field vocab_size must be at least 1, got ${vocab}`);
-  if (m.max_positions != null && m.max_positions < 1) errors.push(`field max_positions must be at least 1 (or null), got ${m.max_positions}`);
-  const eos = m.eos_token_id ?? [];
-  if (!eos.every((e) => whole(e) && Math.abs(e) < 2 ** 63)) errors.push(`field eos_token_id must list token ids (64-bit integers), got ${described(eos).slice(0, 60)}`);
-  if (!["contrib", "standard"].includes(m.ops ?? "standard")) errors.push(`field ops must be contrib or standard, got ${described(m.ops).slice(0, 40)}`);
-  const cache = m.cache;
-  if (!cache) return errors;
-  const small = ["num_layers", "num_kv_heads", "head_dim"].find((k) => cache[k] < 1);
-  if (small) return [...errors, `field cache: ${small} must be at least 1, got ${cache[small]}`];
-  for (const [direction, side] of [["past", "inputs"], ["present", "outputs"]]) {
-    const patterns = ["key", "value"].map((part) => new RegExp(`^${cache[`${direction}_${part}`]
-      .replace(/[.*+?^${}()|[\]\\]/g, "\\$&").replace("%d", "\\d+")}$`));
-    const count = Object.keys(m[side]).filter((n) => patterns.some((p) => p.test(n))).length;
-    if (count !== 2 * cache.num_layers) errors.push(`field cache: num_layers is ${cache.num_layers}, field ${side} lists ${count} ${direction} tensors (2 a layer)`);
-  }
-  return errors;
 }
 
 const DTYPES = ["float32", "float16", "int64", "int32", "bool"];

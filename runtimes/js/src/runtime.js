@@ -16,6 +16,7 @@ import {
   EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs,
   checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
+import { graphDeclarationErrors } from "./base_checks.js";
 import { adapterGraphProblem } from "./graph.js";
 import { GENERATION_OPTIONS, classify, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, joined, repeat, rowOf, runOnce } from "./sessions.js";
@@ -63,8 +64,10 @@ export class Runtime {
   async checkedOpen(m) {
     const { loader, ort } = this;
     // neutral.onnx: every slot's neutral value (none in a merged classifier, which has no slot)
-    const neutral = `base/${m.neutral_graph}`;
-    this.neutral = m.neutral_graph ? await runOnce(await this.opened(neutral, (o) => loader.session(ort, neutral, o, false))) : {};
+    const neutral = `base/${m.neutral_graph}`;  // run inside opened: a graph taking inputs is named as damaged
+    this.neutral = m.neutral_graph ? await this.opened(neutral, async (o) => runOnce(await loader.session(ort, neutral, o, false))) : {};
+    const [wrong] = graphDeclarationErrors(this.session.session, m);
+    if (wrong) throw new EdgePeftError(`${loader.where("base/edgepeft.json")}: ${wrong}; ${REEXPORT_BASE}`);
     this.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
     this.sharing = axisSharing(this.slots);  // what each adapter's tensors are checked against
     // the most an adapter may take: 4x the base (as Python; 2 GiB where an older export recorded no sizes)

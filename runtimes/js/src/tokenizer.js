@@ -47,6 +47,13 @@ export async function tokenizerOf(Tokenizer, loader) {
   const fix = REEXPORT_BASE;
   const config = await readJson(loader, "base/tokenizer_config.json", OPTIONAL, fix);
   const json = await readJson(loader, "base/tokenizer.json", OPTIONAL, fix);
+  for (const [rel, value] of [["base/tokenizer_config.json", config], ["base/tokenizer.json", json]]) {  // null, [], 5
+    const added = value?.added_tokens ?? [];  // as the Rust library reads them: objects with their text
+    if (typeof value !== "object" || value === null || Array.isArray(value) ||
+        !(Array.isArray(added) && added.every((t) => typeof t?.content === "string"))) {
+      throw new EdgePeftError(`${loader.where(rel)}: not a tokenizer file the tokenizers library can read; ${fix}`);
+    }
+  }
   if (!Object.keys(json).length) {  // no export there at all (a mistyped OUT), or an export without a tokenizer
     await readJson(loader, "base/edgepeft.json", null);
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: the export has no tokenizer; pass token ids, or ` +

@@ -142,12 +142,22 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   await withEdit(out, "base/edgepeft.json", (j) => { j.eos_token_id = [50256]; }, () => openFolder(ortNode, out));  // a config's, never met
   await baseRefused((j) => { j.max_positions = 0; }, "field max_positions must be at least 1 \\(or null\\), got 0");
   await baseRefused((j) => { j.ops = "fast"; }, `field ops must be contrib or standard, got "fast"`);
+  // what the graph has otherwise (runtimes/base_checks.js): ONNX Runtime's errors at the first call, or the wrong output
+  await baseRefused((j) => { j.outputs = Object.fromEntries(Object.entries(j.outputs).reverse()); }, "field outputs must list logits first, a causal-lm graph's");
+  await baseRefused((j) => { j.vocab_size = 1000; }, "field vocab_size is 1000, the graph's logits have 400");
+  await baseRefused((j) => { j.cache.head_dim = 8; }, "field cache: head_dim is 8, the graph's is 16");
+  await baseRefused((j) => { j.inputs.token_type_ids = j.inputs.input_ids; }, "field inputs lists token_type_ids, which the graph lacks");
   await withEdit(out, "base/edgepeft.json", (j) => { delete j.ops; }, () => openFolder(ortNode, out));  // older exports
   // a base problem: another export of an adapter into that OUT was refused (its base is older), a fresh one works
   for (const [field, file] of [["neutral_graph", "neutral.onnx"], ["web_graph", "model.web.onnx"]]) {
     await withEdit(out, "base/edgepeft.json", (j) => { delete j[field]; }, () => refuses(openFolder(ortNode, out),
       new RegExp(`^${where("base")}: this export has no ${file.replace(".", "\\.")}; re-run \`edgepeft export\` into a fresh --out folder$`)));
   }
+  const neutral = path.join(out, "base/neutral.onnx");  // a graph that takes inputs: ONNX Runtime's error, raw
+  const kept = await readFile(neutral);
+  await cp(path.join(out, "base/model.web.onnx"), neutral);
+  await refuses(openFolder(ortNode, out), /base\/neutral.onnx: ONNX Runtime cannot load it \(.*\); the file is damaged or incomplete/);
+  await writeFile(neutral, kept);
   await (await openFolder(ortNode, out)).loadAdapter("lora");  // put back: it opens and loads
 });
 

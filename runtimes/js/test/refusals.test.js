@@ -128,6 +128,10 @@ test("missing or damaged files of an export name the file and a fix, on node and
   await refuses(loadTokenizer(out), /base\/tokenizer.json: the export has no tokenizer; pass token ids, or export from a base folder/);
   await writeFile(path.join(out, "base/tokenizer_config.json"), "{");
   await refuses(loadTokenizer(out), /base\/tokenizer_config.json: not readable JSON/);
+  for (const text of ["null", "[]", "5"]) {  // a TypeError, or loaded as if there were no config
+    await writeFile(path.join(out, "base/tokenizer_config.json"), text);
+    await refuses(loadTokenizer(out), /base\/tokenizer_config.json: not a tokenizer file the tokenizers library can read; re-run/);
+  }
   const tokenized = await copied("split-special");  // the Python runtime and transformers encode "</s>" as text
   const config = path.join(tokenized, "base/tokenizer_config.json");
   await editJson(config, { split_special_tokens: true });
