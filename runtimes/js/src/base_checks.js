@@ -3,6 +3,7 @@
 // field, where a value out of range filled the memory (a cache of 10**12 layers), was ONNX Runtime's error at the
 // first call (a cache's widths, a vocabulary the logits do not have), or returned another output than the task's.
 import { described } from "./checks.js";
+import { generationSettings } from "./sampling.js";
 
 const whole = Number.isInteger;
 const TASK_OUTPUTS = { "causal-lm": "logits", "seq-cls": "logits", "feature-extraction": "last_hidden_state" };
@@ -17,6 +18,11 @@ export function baseValueErrors(m) {
   const eos = m.eos_token_id ?? [];
   if (!eos.every((e) => whole(e) && Math.abs(e) < 2 ** 63)) errors.push(`field eos_token_id must list token ids (64-bit integers), got ${described(eos).slice(0, 60)}`);
   if (!["contrib", "standard"].includes(m.ops ?? "standard")) errors.push(`field ops must be contrib or standard, got ${described(m.ops).slice(0, 40)}`);
+  try {  // generate's defaults, which a call leaves unset: "maxNewTokens must be ...", though the call gave none
+    if (m.cache) generationSettings(m, {});
+  } catch (e) {
+    errors.push(`field generation: ${e.message} (the model's default)`);
+  }
   const output = TASK_OUTPUTS[m.task];  // the runtime returns the first output: the task's (runtimes/manifest.py)
   if (output && Object.keys(m.outputs)[0] !== output) errors.push(`field outputs must list ${output} first, a ${m.task} graph's`);
   const cache = m.cache;

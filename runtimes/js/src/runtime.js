@@ -66,8 +66,6 @@ export class Runtime {
     // neutral.onnx: every slot's neutral value (none in a merged classifier, which has no slot)
     const neutral = `base/${m.neutral_graph}`;  // run inside opened: a graph taking inputs is named as damaged
     this.neutral = m.neutral_graph ? await this.opened(neutral, async (o) => runOnce(await loader.session(ort, neutral, o, false))) : {};
-    const [wrong] = graphDeclarationErrors(this.session.session, m);
-    if (wrong) throw new EdgePeftError(`${loader.where("base/edgepeft.json")}: ${wrong}; ${REEXPORT_BASE}`);
     this.slots = Object.fromEntries(m.slots.map((s) => [s.name, s]));
     this.sharing = axisSharing(this.slots);  // what each adapter's tensors are checked against
     // the most an adapter may take: 4x the base (as Python; 2 GiB where an older export recorded no sizes)
@@ -83,6 +81,8 @@ export class Runtime {
     if (missing.length) {  // a feed the session does not list would be dropped in silence (onnxruntime-node)
       throw new EdgePeftError(`${loader.where("base")}: the session does not take slot ${missing[0]}; it would run the base model`);
     }
+    const [wrong] = graphDeclarationErrors(this.session.session, m);
+    if (wrong) throw new EdgePeftError(`${loader.where("base/edgepeft.json")}: ${wrong}; ${REEXPORT_BASE}`);
     this.outputName = Object.keys(m.outputs)[0];
     this.cache = m.cache;
     this.rowsApart = m.ops === "contrib";  // see run()

@@ -147,6 +147,7 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   await baseRefused((j) => { j.vocab_size = 1000; }, "field vocab_size is 1000, the graph's logits have 400");
   await baseRefused((j) => { j.cache.head_dim = 8; }, "field cache: head_dim is 8, the graph's is 16");
   await baseRefused((j) => { j.inputs.token_type_ids = j.inputs.input_ids; }, "field inputs lists token_type_ids, which the graph lacks");
+  await baseRefused((j) => { j.generation = { max_new_tokens: 0 }; }, "field generation: maxNewTokens must be a positive integer, got 0 \\(the model's default\\)");
   await withEdit(out, "base/edgepeft.json", (j) => { delete j.ops; }, () => openFolder(ortNode, out));  // older exports
   // a base problem: another export of an adapter into that OUT was refused (its base is older), a fresh one works
   for (const [field, file] of [["neutral_graph", "neutral.onnx"], ["web_graph", "model.web.onnx"]]) {
