@@ -5,13 +5,12 @@ import json
 import os
 import re
 import shlex
-import socket
-import urllib.parse
 import warnings
 
 import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
+from edgepeft.hub import hub_unreachable
 from edgepeft.runtimes.access import check_readable
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 from edgepeft.runtimes.sentence import PROMPTS_CONFIG, SENTENCE_TRANSFORMERS_FILES, check_default_prompt
@@ -82,22 +81,6 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
 def model_label(name_or_path: str, revision: str | None = None) -> str:
     """A model as messages name it: the folder or hub id, with the revision when one is asked for."""
     return f"{name_or_path} (revision {revision})" if revision else str(name_or_path)
-
-
-def hub_unreachable(name_or_path: str) -> str | None:
-    """The hub's host where a hub id is asked for and the host has no address here, else None. The hub then goes
-    offline for the process, as HF_HUB_OFFLINE=1: its cache serves, where each file waited out 5 retries (25 s)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.path.exists(name_or_path):
-        return None
-    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or constants.ENDPOINT
-    try:
-        socket.getaddrinfo(host, None)
-    except (OSError, UnicodeError):  # no name service, no such name
-        constants.HF_HUB_OFFLINE = True
-        return host
-    return None
 
 
 def load_model_config(name_or_path: str, flag: str = "--base", revision: str | None = None):

@@ -40,8 +40,14 @@ def _group():
 def peer_stopped(error: BaseException) -> bool:
     """Whether ``error`` is a collective that failed in a process other than the first, under a process group: another
     process stopped (its error, said by the first process or in torchrun's report, names why); this one says no more
-    than that, where it printed gloo's traceback ("Connection closed by peer")."""
-    return isinstance(error, RuntimeError) and not first() and _group() is not None
+    than that, where it printed gloo's traceback ("Connection closed by peer"). A process's own error (out of memory)
+    is not one."""
+    if not isinstance(error, RuntimeError) or first() or (dist := _group()) is None:
+        return False
+    return isinstance(error, dist.DistError) or any(s in str(error) for s in PEER_GONE)
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "/gloo/transport/")  # gloo's RuntimeErrors
 
 
 def end_group() -> None:

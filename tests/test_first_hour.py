@@ -352,10 +352,23 @@ def test_a_hub_id_with_no_hub_in_reach_fails_at_once_and_goes_offline(capsys, tm
     def no_dns(*args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
+    from edgepeft import hub
+
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_went_offline", False)
+    for proxy in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy", "NO_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    real_dns = socket.getaddrinfo
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")  # a proxy resolves the hub's name: asked as before
+    assert hub.hub_unreachable("smollm2") is None and not constants.HF_HUB_OFFLINE
+    monkeypatch.delenv("HTTPS_PROXY")
     data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
     line = cli_error(capsys, "train", "--model", "smollm2", "--task", "seq-cls", "--data", data, "--out", tmp_path / "o")
     assert line == ("error: smollm2: cannot load the base model's config (huggingface.co is unreachable from here, no "
                     "copy in the hub cache); pass --model with a local model folder (with config.json)")
     assert constants.HF_HUB_OFFLINE and not (tmp_path / "o").exists()
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: real_dns("localhost", None))  # back online
+    assert hub.hub_unreachable("smollm2") is None and not constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the user's HF_HUB_OFFLINE=1 stays
+    assert hub.hub_unreachable("smollm2") is None and constants.HF_HUB_OFFLINE

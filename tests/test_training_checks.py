@@ -266,7 +266,7 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, tmp_path,
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error1.json"))
     with pytest.raises(RuntimeError):  # no process group: not a peer's stop, raised as it is
         cli.main(["train"])
-    monkeypatch.setattr(processes, "_group", lambda: object())
+    monkeypatch.setattr(processes, "_group", lambda: torch.distributed)
     with pytest.raises(SystemExit) as stop:
         cli.main(["train"])
     assert stop.value.code == 1 and capsys.readouterr().err == ""  # the first process says why
@@ -274,6 +274,13 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, tmp_path,
         assert json.load(f)["message"]["message"] == ("error: process 1 stopped with the others ([../third_party/gloo/"
                                                       "gloo/transport/tcp/pair.cc:534] Connection closed by peer "
                                                       "[127.0.0.1]:41)")
+
+    def own_error(**kwargs):  # this process's own: raised as it is (torchrun's report shows its traceback)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB on GPU 1")
+
+    monkeypatch.setattr(cli.cli, "main", own_error)
+    with pytest.raises(torch.OutOfMemoryError):
+        cli.main(["train"])
 
 
 def test_sizes_no_memory_holds_are_refused_in_a_line(tiny_base, capsys):

@@ -1,0 +1,31 @@
+"""Whether the hub can be reached from here: a device offline waited out the hub's retries (25 s a file) before
+an error or its cache; with no address for the hub's host, the hub goes offline, as HF_HUB_OFFLINE=1 would have it."""
+from __future__ import annotations
+
+import os
+import socket
+import urllib.parse
+import urllib.request
+
+_went_offline = False  # HF_HUB_OFFLINE set by hub_unreachable, not by the user
+
+
+def hub_unreachable(name_or_path: str) -> str | None:
+    """The hub's host where a hub id is asked for, no proxy would reach it and it has no address here, else None. The
+    hub then goes offline, as HF_HUB_OFFLINE=1: its cache serves, where each file waited out 5 retries (25 s); the
+    next load asks again (the network may be back)."""
+    from huggingface_hub import constants
+
+    global _went_offline
+    if (constants.HF_HUB_OFFLINE and not _went_offline) or os.path.exists(name_or_path) or \
+            {"https", "all"} & set(urllib.request.getproxies()):  # offline as the user set it; a proxy resolves names
+        return None
+    host = urllib.parse.urlsplit(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):  # no name service, no such name
+        constants.HF_HUB_OFFLINE = _went_offline = True
+        return host
+    if _went_offline:  # back online
+        constants.HF_HUB_OFFLINE = _went_offline = False
+    return None
