@@ -19,7 +19,7 @@ import numpy as np
 
 from . import chat_template
 from .access import check_readable, read_json
-from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError
+from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
 from .generation import GrowingText
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .values import is_whole, surrogate_at
@@ -68,6 +68,12 @@ class TextTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             check_readable(path)
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
+        try:  # a post-processor naming a token the file lacks panics at every encode (the library's PanicException)
+            self._tok.encode("a")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            raise CorruptArtifactError(f"{path}: the `tokenizers` package cannot encode with it ({first_line(e)}); {_FIX}") from None
         self.base_dir = base_dir
         self.max_positions = max_positions  # the model's: caps a text's length in embed
         self._tok.no_padding()  # we pad ourselves

@@ -15,6 +15,7 @@ import pytest
 
 from edgepeft.runtimes import CorruptArtifactError, Runtime
 from edgepeft.runtimes.generation import StopStrings
+from file_checks import edited_json
 from word_tokenizer import PROMPT, decode
 
 
@@ -74,17 +75,25 @@ def test_stream_text_flushes_what_it_held_back(text_rt, monkeypatch):
     ("tokenizer_config.json", b"\xff\xfe\x00", False),
     ("chat_template.jinja", b"{% if %}", True),
     ("chat_template.jinja", b"{{ messages | no_such_filter }}", True),
-], ids=["tokenizer-truncated", "config-not-json", "config-not-utf8", "template-syntax", "template-unknown-filter"])
+    ("tokenizer.json", lambda t: t["post_processor"].update(single=[{"SpecialToken": {"id": "<zz>", "type_id": 0}}]),
+     False),  # a token the file lacks: the library's PanicException (a BaseException) at every encode
+], ids=["tokenizer-truncated", "config-not-json", "config-not-utf8", "template-syntax", "template-unknown-filter",
+        "post-processor-unknown-token"])
 def test_a_broken_tokenizer_file_is_named(text_export, tmp_path, name, content, chat):
     out = str(tmp_path / "out")
     shutil.copytree(text_export[0], out)
     path = os.path.join(out, "base", name)
-    with open(path, "wb") as f:
-        f.write(content)
+    if callable(content):
+        with edited_json(path) as data:
+            content(data)
+    else:
+        with open(path, "wb") as f:
+            f.write(content)
     rt = Runtime(out)
     with pytest.raises(CorruptArtifactError) as e:
         rt.generate_text(PROMPT, adapter="tok", max_new_tokens=2, chat=chat)
     assert path in str(e.value) and str(e.value).endswith("; re-run `edgepeft export` into a fresh --out folder")
+    assert "cannot encode with it (no entry found for key)" in str(e.value) or not callable(content)
     assert rt.generate(np.array([[1, 10, 20]]), adapter="tok", max_new_tokens=2).shape == (1, 5)  # ids still work
 
 
