@@ -161,6 +161,7 @@ class Runtime:
         """Hold a call's adapters; yields its lanes: rows sharing a graph run and the Plan each binds (mixing.py).
         ``length`` (+ ``new_tokens``), where given, is checked against the positions with the adapters held: a name
         reloaded since the call checked it may take more virtual tokens (``words``: see ``_check_length``)."""
+        self.virtual_positions(adapter, batch)  # a call refused here stages nothing and evicts nothing
         specs = row_specs(adapter, batch)
         with self.store.using(adapter) if specs is None else self.store.holding(self.mixer.names(specs)) as held:
             lanes = [Lane(np.arange(batch), held)] if specs is None else self.mixer.lanes(specs, held)
@@ -252,7 +253,6 @@ class Runtime:
         come first in the output (B, n + T, ...); a prefix's keys/values shift positions by n.
         """
         ids, mask = self._inputs(input_ids, attention_mask)
-        self.virtual_positions(adapter, ids.shape[0])  # a call refused stages nothing and evicts nothing
         parts = []
         with self.lanes(adapter, *ids.shape) as lanes:
             for lane in lanes:
