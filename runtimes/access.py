@@ -8,7 +8,7 @@ import json
 import os
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, StorageError
-from .values import surrogate_at
+from .values import half_character
 
 
 def located(path: str) -> str:
@@ -18,7 +18,7 @@ def located(path: str) -> str:
     bytes as lone surrogates) is refused: ONNX Runtime and PyTorch's ONNX exporter take none (a TypeError, which
     read as a damaged file)."""
     path = os.fspath(path)
-    if surrogate_at(path) is not None:
+    if half_character(path):
         raise ConfigError(f"{os.path.abspath(path)!r}: a name in this path is not UTF-8 (bytes of another encoding), "
                           "and ONNX Runtime opens UTF-8 paths only; rename it")
     absolute = os.path.abspath(path)

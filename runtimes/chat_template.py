@@ -9,7 +9,7 @@ import json
 
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
 from .sentence import TOKENIZER_FIX as _FIX
-from .values import surrogate_at
+from .values import HALF_CHARACTER, half_character
 
 
 def default_template(template, path: str):
@@ -72,8 +72,7 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
             raise InvalidInputError(f"chat message {i} is {type(m).__name__} {m!r:.40}, not a dict; give each message "
                                     "as {'role': ..., 'content': ...}, as transformers takes them")
         if (half := _half_character(m)) is not None:  # named here: the rendered chat's own text said nothing
-            raise InvalidInputError(f"chat message {i}'s text {half[:40]!r} holds half of a character (a lone "
-                                    "surrogate: bytes read in another encoding than UTF-8); pass it as UTF-8 text")
+            raise InvalidInputError(f"chat message {i}'s text {half[:40]!r} {HALF_CHARACTER}")
     messages = [_as_transformers_gives(m) for m in messages]
     try:
         return template.render(messages=messages, tools=None, documents=None,
@@ -92,7 +91,7 @@ def _half_character(value) -> str | None:
     """The first string in a message (its content, a part's text, a tool call's arguments) holding a lone
     surrogate, else None."""
     if isinstance(value, str):
-        return value if surrogate_at(value) is not None else None
+        return value if half_character(value) else None
     items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
     return next((s for s in map(_half_character, items) if s is not None), None)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError
-from .values import is_real, is_whole, surrogate_at
+from .values import half_character, is_real, is_whole
 
 
 WHOLE_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "no_repeat_ngram_size", "seed",
@@ -81,7 +81,7 @@ class GenerationConfig:
             raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if not all(self.stop):  # "" is found after any token: the first new token would end every row
             raise ConfigError(f"stop strings must not be empty, got {self.stop!r}; leave stop out to stop at eos only")
-        if any(surrogate_at(s) is not None for s in self.stop):  # it never matched: no model's text holds one
+        if any(map(half_character, self.stop)):  # it never matched: no model's text holds one
             raise ConfigError(f"stop strings must be whole characters, got {self.stop!r} (half of one: bytes read in "
                               "another encoding than UTF-8); pass them as UTF-8 text")
 

@@ -22,7 +22,7 @@ from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
 from .generation import GrowingText
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
-from .values import is_whole, surrogate_at
+from .values import HALF_CHARACTER, half_character, is_whole
 from .mixing import row_specs
 from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
 
@@ -151,9 +151,8 @@ class TextTokenizer:
         for text in texts:  # the tokenizers package's TypeError said "TextInputSequence must be str"
             if not isinstance(text, str):
                 raise InvalidInputError(f"encode takes a text or a list of texts (strings), got {type(text).__name__}")
-            if surrogate_at(text) is not None:
-                raise InvalidInputError(f"text {text[:40]!r} holds half of a character (a lone surrogate: bytes read "
-                                        "in another encoding than UTF-8); pass it as UTF-8 text")
+            if half_character(text):
+                raise InvalidInputError(f"text {text[:40]!r} {HALF_CHARACTER}")
         rows = [self._cut(t, add_special_tokens, max_length) if max_length else
                 self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
         width = max(len(r) for r in rows) if rows else 0

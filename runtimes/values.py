@@ -25,11 +25,14 @@ def is_real(value) -> bool:
         return False
 
 
-def surrogate_at(text: str) -> int | None:
-    """Where ``text`` holds half of a character (a lone surrogate: bytes read in another encoding than UTF-8, a
-    string cut inside an emoji), else None. No tokenizer takes one, and no model's text holds one."""
+HALF_CHARACTER = "holds half of a character (a lone surrogate: bytes read in another encoding than UTF-8); pass it as UTF-8 text"
+
+
+def half_character(text: str) -> bool:
+    """Whether ``text`` holds half of a character (a lone surrogate: bytes read in another encoding than UTF-8, a
+    string cut inside an emoji). No tokenizer takes one, and no model's text holds one."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return e.start
-    return None
+    except UnicodeEncodeError:
+        return True
+    return False
