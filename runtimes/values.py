@@ -13,16 +13,20 @@ def is_whole(value) -> bool:
 
 
 def is_number(value) -> bool:
-    """An int or float (Python or numpy), infinite or NaN too, not a bool: a tolerance's type."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    """An int or float (Python or numpy), infinite or NaN too, not a bool: a tolerance's type; an int no float holds
+    (10**400) is none (float() of it overflows, after the work where it was compared)."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def is_real(value) -> bool:
-    """A finite int or float (Python or numpy), not a bool; an int no float holds (10**400) is none."""
-    try:
-        return is_number(value) and bool(np.isfinite(float(value)))
-    except OverflowError:
-        return False
+    """A finite number (``is_number``)."""
+    return is_number(value) and bool(np.isfinite(float(value)))
 
 
 HALF_CHARACTER = "holds half of a character (a lone surrogate: bytes read in another encoding than UTF-8); pass it as UTF-8 text"

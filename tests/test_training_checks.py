@@ -294,6 +294,8 @@ def test_sizes_no_memory_holds_are_refused_in_a_line(tiny_base, capsys):
         with pytest.raises(ConfigError, match=f"--{field.replace('_', '-')} must be a whole number from 1 to 2147483647, "
                                               "got 100000000000000000000"):
             TrainingArguments(model="m", task="seq-cls", data="d", out="o", **{field: 10**20}).check()
+    with pytest.raises(ConfigError, match="--lr must be a number"):  # no float holds it: it passed 0 < lr < inf
+        TrainingArguments(model="m", task="seq-cls", data="d", out="o", lr=10**400).check()
     model = load_reference_base(tiny_base("llama"), "causal-lm")
     for r in (10**12, 10**20):
         with pytest.raises(ConfigError, match=rf"r {r}: a LoRA of that rank on a 32 x \d+ layer cannot be made \(.*\); "
