@@ -150,7 +150,7 @@ class PeftConfig:
         # HF PEFT's regular expressions: a string of modules matches in full, a pattern's key at a name's end
         for name in ("target_modules", "exclude_modules"):  # a rank or alpha pattern: LoraConfig checks it as it matches
             value = getattr(self, name, None)
-            for pattern in ([value] if isinstance(value, str) else list(value) if isinstance(value, dict) else []):
+            for pattern in [value] if isinstance(value, str) else []:
                 try:
                     re.compile(pattern)
                 except re.error as e:  # it was a traceback at the first match

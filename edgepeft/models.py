@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
+from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
 from edgepeft.hub import hub_unreachable
 from edgepeft.runtimes.access import check_readable
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
@@ -58,6 +58,8 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
     with config.json; anything else is taken as a hub id, ``org/name`` too when no such folder exists.
     """
     name = str(name_or_path)
+    if not name:  # an empty argument: not the current folder, nor a hub id
+        raise ConfigError(f"{flag} '': an empty path; give {flag} a local model folder (with config.json) or a hub id")
     if not os.path.exists(name) and HUB_ID.fullmatch(name):
         return
     if name.startswith("~") and not os.path.exists(name):  # transformers takes it as a hub id (a quoted ~, or Python)
@@ -109,7 +111,7 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
             raise unsupported_type(model_type, f"{model_label(name_or_path, revision)}: ") from None
         fix = (f"its config.json is damaged: save the model again (save_pretrained), or pass {flag} another folder"
                if os.path.isfile(local) else f"pass {flag} with a local model folder (with config.json)")
-        reason = f"{offline} is unreachable from here, no copy in the hub cache" if offline else str(e).splitlines()[0]
+        reason = f"{offline} is unreachable from here, no copy in the hub cache" if offline else first_line(e)
         raise ArtifactNotFoundError(
             f"{model_label(name_or_path, revision)}: cannot load the base model's config ({reason}); "
             f"{fix}") from None

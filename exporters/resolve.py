@@ -155,9 +155,7 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
 
 
 def _base_of(sources, base) -> str:
-    if base is not None and not str(base):
-        raise ConfigError("--base '': an empty path; give --base the base model's folder or hub id, or leave it out")
-    if base:
+    if base is not None:  # '' too: check_model_source refuses it
         return str(base)
     named = [s.config.base_model_name_or_path for s in sources]
     if None in named or "" in named:

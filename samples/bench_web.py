@@ -28,12 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
-from sample_folder import fresh_folder, positive, run  # noqa: E402
+from sample_folder import REPO, fresh_folder, positive, run  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_many import ADAPTERS, make_adapters  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JS = os.path.join(REPO, "runtimes", "js")
 DROP = 3
 TEXT = "could you put milk on my list"

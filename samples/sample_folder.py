@@ -32,14 +32,11 @@ def claim_folder(path: str, default: str) -> str:
 
 
 def fresh_folder(path: str, default: str) -> str:
-    """``claim_folder``, then emptied for the run."""
+    """``claim_folder``, then emptied for the run (its mark kept)."""
     shutil.rmtree(claim_folder(path, default))
-    return claim_folder(path, default)
-
-
-def inside(path: str, folder: str) -> bool:
-    """Whether ``path`` lies in ``folder`` (which a run empties)."""
-    return os.path.commonpath([os.path.realpath(path), os.path.realpath(folder)]) == os.path.realpath(folder)
+    os.makedirs(path)
+    open(os.path.join(path, MARK), "w").close()
+    return path
 
 
 def positive(text: str) -> int:

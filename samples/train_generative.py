@@ -15,8 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
+from edgepeft.runtimes.access import inside  # noqa: E402
 from edgepeft.training.data import read_jsonl  # noqa: E402
-from sample_folder import fresh_folder, inside, run  # noqa: E402
+from sample_folder import fresh_folder, run  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 PROMPTS = {"intent": "Request: {}\nIntent:", "sentiment": "Review: {}\nSentiment:"}
@@ -67,7 +68,7 @@ def main():
     p.add_argument("--out", default="gen-out", help="emptied first where a sample made it (default %(default)s)")
     p.add_argument("--epochs", type=int, default=12)
     args = p.parse_args()
-    if args.model and args.out and inside(args.model, args.out):  # the run empties --out, the model with it
+    if args.model and args.out and inside(os.path.realpath(args.model), os.path.realpath(args.out)):  # emptied with it
         sys.exit(f"error: {args.model}: lies inside --out {args.out}, which a run empties; copy the model elsewhere")
     fresh_folder(args.out, p.get_default("out"))
     model = args.model or small_decoder(os.path.join(args.out, "small-llama"))

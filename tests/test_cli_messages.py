@@ -92,7 +92,9 @@ def test_output_files_and_empty_paths_are_refused_before_the_work(shared_export,
         "error: --adapter '': an empty path; give --adapter an adapter folder (save_pretrained's)")
     adapter = next(iter(shared_export("bert")[1].values()))
     assert cli_error(capsys, "export", "--adapter", adapter, "--base", "", "--out", tmp_path / "o") == (
-        "error: --base '': an empty path; give --base the base model's folder or hub id, or leave it out")
+        "error: --base '': an empty path; give --base a local model folder (with config.json) or a hub id")
+    assert cli_error(capsys, "train", "--model", "", "--task", "seq-cls", "--data", adapter, "--out", tmp_path / "o") == (
+        "error: --model '': an empty path; give --model a local model folder (with config.json) or a hub id")
     assert not (tmp_path / "o").exists()
 
 

@@ -214,7 +214,7 @@ class Trainer:
         try:
             with held:
                 try:
-                    return self._train(acc, made_out)
+                    return self._train(acc)
                 except BaseException:
                     remove_empty(made_out)  # while OUT is held: a run waiting for it then finds it gone, and remakes it
                     raise
@@ -222,7 +222,7 @@ class Trainer:
             remove_empty(made_out)
             raise TrainingInterrupted(f"interrupted before training began; nothing saved in {self.args.out}") from None
 
-    def _train(self, acc, made_out: list) -> dict:
+    def _train(self, acc) -> dict:
         from accelerate.utils import set_seed
         from torch.utils.data import DataLoader
         from transformers import get_scheduler
@@ -270,7 +270,7 @@ class Trainer:
                 self._end_epoch(acc, model, eval_loader, optimizer, scheduler, log, epoch, bar)
         except KeyboardInterrupt:
             bar.close()
-            raise self._interrupted(log, made_out) from None
+            raise self._interrupted(log) from None
         bar.close()
         log["hint"] = hint(log, args.lr, args.epochs)
         if (beat := beat_untrained(log)) is not None:
@@ -283,7 +283,7 @@ class Trainer:
                 with reporting_full_disk(args.out, "--out"):
                     self._write_log(log, curve=False)
         except KeyboardInterrupt:
-            raise self._interrupted(log, made_out) from None
+            raise self._interrupted(log) from None
         acc.wait_for_everyone()  # the process group stays (torchrun): a script's next run trains in it; the CLI ends it
         return log
 
@@ -360,14 +360,14 @@ class Trainer:
         self._checkpointed = epoch + 1
         acc.wait_for_everyone()
 
-    def _interrupted(self, log: dict, made_out: list) -> TrainingInterrupted:
-        """What an interrupt (Ctrl-C) leaves: the last checkpoint and the command that resumes it, or nothing."""
+    def _interrupted(self, log: dict) -> TrainingInterrupted:
+        """What an interrupt (Ctrl-C) leaves: the last checkpoint and the command that resumes it, or nothing (train
+        removes an OUT it made, as for any error)."""
         args = self.args
         if self._checkpointed:
             return TrainingInterrupted(f"interrupted; {os.path.join(args.out, CHECKPOINT)} holds the run after epoch "
                                        f"{self._checkpointed} of {args.epochs}; continue with: "
                                        + args.command("--resume", processes=log["world_size"]))
-        remove_empty(made_out)
         return TrainingInterrupted(f"interrupted in the first epoch; nothing was saved in {args.out}")
 
     def _write_log(self, log: dict, curve: bool = True) -> None:
