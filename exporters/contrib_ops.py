@@ -29,8 +29,9 @@ import types
 import torch
 from torch import nn
 
+from edgepeft.runtimes.base_checks import OPS  # the kernels' choice, as the runtime reads it
+
 CONTRIB = "com.microsoft"
-OPS = ("contrib", "standard")
 FUSED_MODELS = ("llama", "qwen2", "gpt2")  # the models whose attention (and RMSNorms) are replaced here
 KERNEL_HEAD_MULTIPLE = 16  # GroupQueryAttention's CPU kernel takes head sizes that are multiples of 16
 

@@ -9,6 +9,7 @@ import re
 
 from .errors import ConfigError
 from .generation import GenerationConfig
+from .values import is_kind
 
 OPS = ("contrib", "standard")  # exporters' --ops
 
@@ -29,9 +30,10 @@ def base_value_errors(data: dict) -> list[str]:
         errors.append(f"field 'ops' must be {' or '.join(OPS)}, got {data['ops']!r:.40}")
     fields = GenerationConfig.__dataclass_fields__
     given = {k: v for k, v in data.get("generation", {}).items() if k in fields}
-    for key in ("stop", "eos_token_id"):  # one string or id, as generate takes them (a config's stop_strings "###")
-        if key in given and not isinstance(given[key], list):
-            given[key] = [] if given[key] is None else [given[key]]
+    if given.get("stop") is None or isinstance(given["stop"], str):  # as generate takes them: a config's "###"
+        given["stop"] = [given["stop"]] if given.get("stop") else []
+    if "eos_token_id" in given and not isinstance(given["eos_token_id"], list):  # one id; null is refused, as there
+        given["eos_token_id"] = [given["eos_token_id"]]
     try:  # generate's defaults, which a call leaves unset: "--do-sample must be True or False", though no flag was given
         GenerationConfig(**{"pad_token_id": 0, **given}).check(max(vocab, 1))
     except ConfigError as e:  # its messages start with the setting's name
@@ -54,12 +56,6 @@ def base_value_errors(data: dict) -> list[str]:
                 errors.append(f"field 'cache': num_layers is {cache['num_layers']}, field {side!r} lists "
                               f"{len(names)} {direction} tensors (2 a layer)")
     return errors
-
-
-def is_kind(value, kinds) -> bool:
-    """``isinstance`` where bool is no int."""
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
 
 
 def _layer_pattern(name: str) -> re.Pattern:

@@ -289,7 +289,7 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops,
     """Yield each step's new token per row, (B,) int64, stopping rows at eos or a stop string; return each row's count
     of new tokens with the one that ended it. ``words``: the length check, run again once held (``Runtime.lanes``)."""
     rng, eos = np.random.default_rng(cfg.seed), np.array(cfg.eos_token_id, dtype=np.int64)
-    sequences, finished, ends = ids, np.zeros(ids.shape[0], dtype=bool), np.full(ids.shape[0], cfg.max_new_tokens)
+    sequences, finished, ends = ids, np.zeros(ids.shape[0], dtype=bool), np.zeros(ids.shape[0], dtype=np.int64)
     with rt.lanes(adapter, *ids.shape, cfg.max_new_tokens - 1, words) as lanes:
         steps = lane_steps(rt, lanes, ids, mask)
         logits = next(steps)
@@ -298,11 +298,10 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops,
             token = np.where(finished, cfg.pad_token_id, token)
             sequences = np.concatenate([sequences, token[:, None]], axis=1)
             yield token
-            was = finished.copy()
+            ends += ~finished  # this token counts for each row it did not end before
             finished |= np.isin(token, eos)
             if stops is not None:
                 finished |= stops.hit(sequences, finished)
-            ends[finished & ~was] = step + 1
             if finished.all() or step + 1 == cfg.max_new_tokens:
                 return ends
             logits = steps.send(token)

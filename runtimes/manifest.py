@@ -53,7 +53,8 @@ import os
 from dataclasses import dataclass
 
 from .access import check_readable, read_json, sha256_bytes
-from .base_checks import base_value_errors, is_kind
+from .base_checks import base_value_errors
+from .values import is_kind
 from .commands import ADAPTERS_DIR, adapter_export_command, export_command, fresh_out
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors

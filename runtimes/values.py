@@ -12,6 +12,12 @@ def is_whole(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def is_kind(value, kinds) -> bool:
+    """``isinstance`` where bool is no int (a manifest's JSON values)."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+
+
 def is_number(value) -> bool:
     """An int or float (Python or numpy), infinite or NaN too, not a bool: a tolerance's type; an int no float holds
     (10**400) is none (float() of it overflows, after the work where it was compared)."""

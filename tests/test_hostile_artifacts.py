@@ -173,6 +173,7 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     ("generation", {"do_sample": True, "temperature": 0}, "field 'generation.temperature' must be > 0 when sampling"),
     ("generation", {"stop": "###", "eos_token_id": 5}, None),  # one string, one id: as generate takes them
     ("generation", {"eos_token_id": "x"}, "field 'generation.eos_token_id' must be token ids"),  # a TypeError
+    ("generation", {"eos_token_id": None}, "field 'generation.eos_token_id' must be token ids"),  # as each call
 ])
 def test_a_hand_edited_base_manifest_is_refused_when_opened_or_inspected(out, field, value, message):
     """A cache name without its %d was a TypeError from `edgepeft inspect` and Runtime(OUT)."""

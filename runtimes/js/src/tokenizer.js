@@ -22,6 +22,7 @@ function tokenIds(ids) {
 // CJK ideographs past U+FFFF, which the Rust BertNormalizer spaces out and this library's does not (it reads UTF-16
 // units): the Rust library's ranges (0x2B820-0x2B91F is not among them)
 const ASTRAL_CJK = /[\u{20000}-\u{2A6DF}\u{2A700}-\u{2B81F}\u{2B920}-\u{2CEAF}\u{2F800}-\u{2FA1F}]/gu;
+const HAS_ASTRAL_CJK = new RegExp(ASTRAL_CJK.source, "u");  // a test without the global flag's lastIndex
 
 const bertCjk = (n) => n?.type === "Sequence" ? n.normalizers.some(bertCjk)
   : n?.type === "BertNormalizer" && n.handle_chinese_chars !== false;
@@ -39,7 +40,7 @@ function unlike(json, config) {
   const blank = added.find((t) => !t.content.trim()), strips = added.find((t) => t.lstrip || t.rstrip);
   if (blank && strips) return `added token ${JSON.stringify(blank.content)} (whitespace) beside ${JSON.stringify(strips.content)} (lstrip/rstrip)`;
   // CJK ideographs past U+FFFF are spaced out before added tokens are found here (below), after in the Rust library
-  const astral = bertCjk(json.normalizer) && added.find((t) => new RegExp(ASTRAL_CJK.source, "u").test(t.content));
+  const astral = bertCjk(json.normalizer) && added.find((t) => HAS_ASTRAL_CJK.test(t.content));
   return astral ? `added token ${JSON.stringify(astral.content)} (a CJK ideograph past U+FFFF)` : null;
 }
 
