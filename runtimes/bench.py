@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from edgepeft.runtimes.errors import ConfigError, InvalidInputError, UnknownAdapterError, first_line
+from edgepeft.runtimes.errors import ConfigError, InvalidInputError, OutOfMemoryError, UnknownAdapterError, first_line
 from edgepeft.runtimes.values import is_whole
 
 
@@ -116,8 +116,8 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
         peers["switching"] = alternating(rt, ids, mask, cycle)
     try:
         timed = interleaved(peers, rounds, calls, repeat={"switching": len(cycle)})  # switching: each `calls` times
-    except InvalidInputError as e:  # too many positions: in this command's terms
-        raise InvalidInputError(f"{e} (here: lower --seq)") from None
+    except InvalidInputError as e:  # too many positions, or too little memory: in this command's terms
+        raise type(e)(f"{e} (here: lower {'--batch or ' * isinstance(e, OutOfMemoryError)}--seq)") from None
     times = {k: [dt for dt, _ in v] for k, v in timed.items()}
     split = {n: [dt for dt, ran in timed.get("switching", []) if ran == n] for n in cycle}
     per_round = {n: _round_differences(split[n], times[f"stay:{n}"], rounds) for n in names}

@@ -47,6 +47,10 @@ class InvalidInputError(EdgePeftError):
     """Model inputs have the wrong type, shape or values."""
 
 
+class OutOfMemoryError(InvalidInputError):
+    """A call's inputs need more memory than the device has (the message says how much was asked)."""
+
+
 class ExportValidationError(EdgePeftError):
     """The exported ONNX graph does not match PyTorch within tolerance."""
 

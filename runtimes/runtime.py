@@ -35,7 +35,7 @@ from .inputs import check_token_inputs, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
 from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, adapter_dirs, base_file_errors, cache_names,
                        not_an_export, read_base_manifest)
-from .sessions import check_providers, device_of, open_base_session, ort
+from .sessions import check_providers, device_of, open_base_session, ort, run_bound
 from .slot_checks import check_graph_inputs
 
 
@@ -195,7 +195,7 @@ class Runtime:
         if presents:
             for name in self.cache_outputs:
                 binding.bind_output(name, *self.device)
-        self.session.run_with_iobinding(binding)
+        run_bound(self.session, binding, self.base_dir, mask.shape)
         return [past.logits] if fixed else binding.get_outputs()
 
     def virtual_inputs(self, plan: Plan, mask, generate: bool):

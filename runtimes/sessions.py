@@ -7,9 +7,10 @@ the settings side by side.
 from __future__ import annotations
 
 import os
+import re
 
 from .access import check_readable
-from .errors import ConfigError, CorruptArtifactError, MissingDependencyError, first_line
+from .errors import ConfigError, CorruptArtifactError, MissingDependencyError, OutOfMemoryError, first_line
 from .values import is_whole
 
 try:
@@ -137,3 +138,18 @@ def open_base_session(graph: str, providers: list, sess_options):
     needs_ort(MIN_ORT, f"{graph}: ONNX Runtime cannot load the base graph ({reason}); edgepeft's export")
     raise CorruptArtifactError(f"{graph}: ONNX Runtime cannot load the base graph ({reason}); "
                                "re-run `edgepeft export` into a fresh --out folder")
+
+
+_NO_MEMORY = re.compile(r"Failed to allocate memory[^\n]*|bad[ _]alloc\w*|out of memory")  # CPU arena, C++, CUDA
+
+
+def run_bound(session, binding, where: str, mask_shape: tuple) -> None:
+    """Runs the base graph on its bound inputs. Activations that do not fit in memory (a batch of 20,000 rows) are
+    the call's to shrink (OutOfMemoryError), where they were ONNX Runtime's RuntimeError in a traceback."""
+    try:
+        session.run_with_iobinding(binding)
+    except Exception as e:  # onnxruntime raises RuntimeError or its own types
+        if not (found := _NO_MEMORY.search(str(e))):
+            raise
+        raise OutOfMemoryError(f"{where}: a batch of {mask_shape[0]} rows x {mask_shape[1]} positions does not fit "
+                                f"in memory here ({found.group(0)[:120]}); use a smaller batch or shorter inputs") from None

@@ -209,3 +209,21 @@ def test_the_samples_say_an_error_or_a_count_they_refuse_in_a_line(shared_export
         lines = done.stderr.strip().splitlines()
         assert done.returncode == code and said in lines[-1] and "Traceback" not in done.stderr, (args, done.stderr)
     assert (tmp_path / "gen" / "model").is_dir()
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_refused_in_a_line(shared_export):
+    """Activations no memory holds (ids that fit, 200,000 rows) were ONNX Runtime's allocation failure in a
+    traceback; the process's memory is capped so that the arena refuses, as on a small device."""
+    import resource
+    import subprocess
+    import sys
+
+    cap = 3 * 2**30
+    done = subprocess.run([sys.executable, "-m", "edgepeft", "bench", shared_export("llama")[0], "--batch", "200000",
+                           "--seq", "64", "--rounds", "1", "--calls", "1"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "a batch of 200000 rows x 64 positions does not fit in memory here (Failed to allocate memory" in last
+    assert last.endswith("use a smaller batch or shorter inputs (here: lower --batch or --seq)")
