@@ -23,6 +23,8 @@ def base_value_errors(data: dict) -> list[str]:
         errors.append(f"field 'vocab_size' must be at least 1, got {vocab}")
     if (most := data.get("max_positions")) is not None and most < 1:
         errors.append(f"field 'max_positions' must be at least 1 (or null), got {most}")
+    if most is None and data.get("ops") == "contrib" and data.get("cache") is not None:  # RotaryEmbedding's error
+        errors.append("field 'max_positions' must be the length of a contrib decoder's position tables, got null")
     eos = data.get("eos_token_id") or []
     if not all(is_kind(e, int) and -2**63 <= e < 2**63 for e in eos):  # one outside the vocabulary never matches (a
         errors.append(f"field 'eos_token_id' must list token ids (64-bit integers), got {eos!r:.60}")  # config's)

@@ -20,7 +20,8 @@ Each is stored as an initializer named as the input: a slot left unbound runs th
 
 Virtual tokens (prompt and prefix tuning) are declared by three optional fields:
 
-    phase "prefill"    bound at the first step of a call only (decode steps get the neutral value)
+    phase "prefill"    bound at the first step of a call only (decode steps get the neutral value); it
+                       adds virtual tokens, so it comes with a virtual_axis
     target NAME        not a graph input: its value starts the graph input NAME (a past_key_values.*
                        cache input), repeated over the batch
     virtual_axis K     axis K of the value counts virtual tokens; the runtime puts that many ones

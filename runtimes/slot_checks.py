@@ -56,8 +56,8 @@ def slot_table_errors(slots: list, past_names) -> list[str]:
             wrong.append("stack_axis and selector come together (a slot that stacks is selected per row)")
         if (slot.virtual_axis is not None or slot.target) and slot.phase != "prefill":
             wrong.append("virtual tokens (virtual_axis, target) are bound at prefill only (phase prefill)")
-        if slot.target and slot.virtual_axis is None:
-            wrong.append("a slot that starts the cache counts its tokens (virtual_axis)")
+        if slot.phase == "prefill" and slot.virtual_axis is None:  # a prompt's without it: RotaryEmbedding's error
+            wrong.append("a slot bound at prefill adds virtual tokens and counts them (virtual_axis)")
         errors += [f"slot {slot.name!r}: {w}" for w in wrong]
     phases: dict = {}  # slots that share a symbolic axis are bound together (a LoRA pair, a prefix's layers)
     for slot in slots if not errors else ():

@@ -126,12 +126,14 @@ def test_an_adapter_graph_that_fills_its_slots_in_part_is_refused_at_load(out, e
     (LORA_A, "selector", "nope", "selector must name a selector slot (one with selects) or be output"),
     (LORA_A, "selector", "", "stack_axis and selector come together"),
     (LORA_A, "phase", "decode", "phase must be one of every, prefill"),
-    (LORA_A, "phase", "prefill", f"slot '{LORA_B}': phase every differs from {LORA_A}'s, which shares its axis"),
+    (LORA_A, "phase", "prefill", "a slot bound at prefill adds virtual tokens and counts them (virtual_axis)"),
+    (LORA_A, None, {"phase": "prefill", "virtual_axis": 0}, f"slot '{LORA_B}': phase every differs from {LORA_A}'s"),
     (LORA_A, "target", "nope", "target must name a cache input"),
     (LORA_A, "neutral", "twos", "neutral must be one of empty, base, ones, zeros"),
     ("ia3_in.model.layers.0.mlp.down_proj", "virtual_axis", 0, "virtual tokens (virtual_axis, target) are bound at "
                                                                "prefill only"),
-    ("prefix_key.model.layers.0.self_attn", "virtual_axis", None, "a slot that starts the cache counts its tokens"),
+    ("prefix_key.model.layers.0.self_attn", "virtual_axis", None, "a slot bound at prefill adds virtual tokens and counts them"),
+    ("prompt_embeddings.model.embed_tokens", "virtual_axis", None, "a slot bound at prefill adds virtual tokens"),
     (LORA_A, "name", LORA_B, "its name is listed twice"),
     (LORA_A, "members", "abc", "members must be module names"),
     (LORA_A, "name", LORA_A + "x", f"slot '{LORA_A}x' is not an input of"),
@@ -142,7 +144,7 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     path = os.path.join(out, "base", "edgepeft.json")
     with edited_json(path) as manifest:
         entry = next(s for s in manifest["slots"] if s["name"] == slot)
-        entry.pop(field) if value is None else entry.__setitem__(field, value)
+        entry.pop(field) if value is None else entry.update({field: value} if field else value)
     with pytest.raises(CorruptArtifactError) as e:
         Runtime(out)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
@@ -164,6 +166,7 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     ("eos_token_id", [10**30], "field 'eos_token_id' must list token ids (64-bit integers), got [10000"),
     ("vocab_size", 0, "field 'vocab_size' must be at least 1, got 0"),  # "token id 30 is outside the vocabulary"
     ("max_positions", -1, "field 'max_positions' must be at least 1 (or null), got -1"),
+    ("max_positions", None, "field 'max_positions' must be the length of a contrib decoder's position tables"),
     ("ops", "fast", "field 'ops' must be contrib or standard, got 'fast'"),  # export advised "--ops fast"
     ("fused_groups", 5, "field 'fused_groups' must be a list, got 5"),  # export's tracebacks
     ("inert_slots", 5, "field 'inert_slots' must be a list, got 5"),

@@ -15,6 +15,9 @@ export function baseValueErrors(m) {
   const vocab = m.vocab_size;
   if (vocab < 1) errors.push(`field vocab_size must be at least 1, got ${vocab}`);
   if (m.max_positions != null && m.max_positions < 1) errors.push(`field max_positions must be at least 1 (or null), got ${m.max_positions}`);
+  if (m.max_positions == null && m.ops === "contrib" && m.cache) {  // ONNX Runtime's RotaryEmbedding error at a call
+    errors.push("field max_positions must be the length of a contrib decoder's position tables, got null");
+  }
   const eos = m.eos_token_id ?? [];
   if (!eos.every((e) => whole(e) && Math.abs(e) < 2 ** 63)) errors.push(`field eos_token_id must list token ids (64-bit integers), got ${described(eos).slice(0, 60)}`);
   if (!["contrib", "standard"].includes(m.ops ?? "standard")) errors.push(`field ops must be contrib or standard, got ${described(m.ops).slice(0, 40)}`);

@@ -165,7 +165,9 @@ function slotErrors(slot, twice, past, selectors) {
   if ((virtualAxis !== null || target) && field("phase", "every") !== "prefill") {
     wrong.push("virtual tokens (virtual_axis, target) are bound at prefill only (phase prefill)");
   }
-  if (target && virtualAxis === null) wrong.push("a slot that starts the cache counts its tokens (virtual_axis)");
+  if (field("phase", "every") === "prefill" && virtualAxis === null) {
+    wrong.push("a slot bound at prefill adds virtual tokens and counts them (virtual_axis)");
+  }
   return wrong;
 }
 

@@ -141,6 +141,7 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   await baseRefused((j) => { j.eos_token_id = [1e30]; }, "field eos_token_id must list token ids \\(64-bit integers\\), got \\[1e\\+30\\]");
   await withEdit(out, "base/edgepeft.json", (j) => { j.eos_token_id = [50256]; }, () => openFolder(ortNode, out));  // a config's, never met
   await baseRefused((j) => { j.max_positions = 0; }, "field max_positions must be at least 1 \\(or null\\), got 0");
+  await baseRefused((j) => { j.max_positions = null; }, "field max_positions must be the length of a contrib decoder's position tables, got null");
   await baseRefused((j) => { j.ops = "fast"; }, `field ops must be contrib or standard, got "fast"`);
   // what the graph has otherwise (runtimes/base_checks.js): ONNX Runtime's errors at the first call, or the wrong output
   await baseRefused((j) => { j.outputs = Object.fromEntries(Object.entries(j.outputs).reverse()); }, "field outputs must list logits first, a causal-lm graph's");
@@ -192,8 +193,9 @@ test("a slot table the runtime would misread (axes, targets, selectors, names) i
   await slotRefused(loraA, (s) => { s.virtual_axis = 0; s.phase = "every"; },
     "virtual tokens \\(virtual_axis, target\\) are bound at prefill only \\(phase prefill\\)");
   await slotRefused(loraA, (s) => { s.selector = ""; }, "stack_axis and selector come together \\(a slot that stacks is selected per row\\)");
-  await slotRefused(prefix, (s) => { delete s.virtual_axis; }, "a slot that starts the cache counts its tokens \\(virtual_axis\\)");
-  await withEdit(out, "base/edgepeft.json", (j) => { j.slots.find((s) => s.name === loraA).phase = "prefill"; },
+  await slotRefused(prefix, (s) => { delete s.virtual_axis; }, "a slot bound at prefill adds virtual tokens and counts them \\(virtual_axis\\)");
+  await slotRefused(prompt, (s) => { delete s.virtual_axis; }, "a slot bound at prefill adds virtual tokens and counts them \\(virtual_axis\\)");
+  await withEdit(out, "base/edgepeft.json", (j) => { Object.assign(j.slots.find((s) => s.name === loraA), { phase: "prefill", virtual_axis: 0 }); },
     () => refuses(openFolder(ortNode, out), new RegExp(`^${where}: malformed slot ${quoted(`lora_B.${LAYER(0)}`)} \\(phase every ` +
       `differs from ${quoted(loraA)}'s, which shares its axis ${quoted(`lora_r.${LAYER(0)}`)}\\); ${quoted(REEXPORT_BASE)}$`)));
   await slotRefused(loraA, (s) => { s.selector = "lora_A.model.layers.1.self_attn.q_proj+k_proj+v_proj"; },
