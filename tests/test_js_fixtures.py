@@ -68,6 +68,18 @@ PROCESSING = [{"do_sample": False, "repetition_penalty": 1.3, "no_repeat_ngram_s
               {"do_sample": True, "top_p": 0.5, "min_length": 12, "no_repeat_ngram_size": 3}]
 
 
+def _model_ids(rt, ids, mask) -> dict:
+    """Greedy ids where the manifest's generation (a generation_config.json's) sets end and padding ids apart from
+    config.json's: row 0's first token ends it, and its later places get that padding id."""
+    first = int(rt.generate(ids[:1], mask[:1], adapter="lora", max_new_tokens=1, eos_token_id=[])[0, -1])
+    generation, before = {"eos_token_id": [first], "pad_token_id": 7}, rt.manifest["generation"]
+    rt.manifest["generation"] = generation
+    try:
+        return {"generation": generation, "ids": _rows(rt.generate(ids, mask, adapter="lora", max_new_tokens=6))}
+    finally:
+        rt.manifest["generation"] = before
+
+
 def _processing_cases() -> list:
     """Per setting: one row's logits and tokens so far (2 of left padding, a 9-wide prompt), and the scores the
     Python runtime picks its next token from (None: removed)."""
@@ -150,6 +162,7 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
         "settings_greedy": {"generation": settings, "eos": eos,
                             "ids": _rows(rt.generate(ids, mask, adapter="lora", max_new_tokens=6, eos_token_id=eos,
                                                      **settings))},
+        "model_ids": _model_ids(rt, ids, mask),
         "llama": {
             "tokens": {t: _rows(rt.tokenizer.encode(t)[0][0]) for t in TEXTS},
             **_tricky(rt.tokenizer),

@@ -281,7 +281,7 @@ export class Runtime {
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
     s = forPrompt(s, ids[0].length);
     const maxNewTokens = s.maxNewTokens;
-    const eosGiven = eos ?? this.manifest.eos_token_id ?? [];  // null: the model's; one id or a list (or typed array)
+    const eosGiven = eos ?? s.modelEos ?? this.manifest.eos_token_id ?? [];  // null: the model's; an id or a list
     const eosTokenId = (Array.isArray(eosGiven) || ArrayBuffer.isView(eosGiven) ? [...eosGiven] : [eosGiven]).map(fromBigint);
     if (!eosTokenId.every((v) => Number.isInteger(v))) {  // as Python: an id < 0 is taken and never matches
       throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${described(eosGiven)}`);
@@ -310,7 +310,7 @@ export class Runtime {
       const logits = out.logits;  // (B, 1, V): the last position only
       const vocab = logits.dims[2];
       const tokens = sequences.map((row, b) => {
-        if (done[b]) return pad;
+        if (done[b]) return s.padTokenId ?? pad;
         const scores = processScores(logits.data.subarray(b * vocab, (b + 1) * vocab), row, s, padding[b], ids[0].length, eosTokenId);
         return pick(scores, s, random);
       });

@@ -11,7 +11,7 @@
 // them here, not Python's (numpy's) stream. classify (below) scores a classifier's logits row as transformers'
 // text-classification pipeline does.
 
-import { EdgePeftError, checkLabels } from "./checks.js";
+import { EdgePeftError, checkLabels, described } from "./checks.js";
 
 export const DEFAULT_NEW_TOKENS = 32;
 // option -> the manifest's (generation_config.json's) name, and transformers' default
@@ -52,6 +52,14 @@ export function generationSettings(manifest, options) {
     if (s.minP != null && !(s.minP >= 0 && s.minP <= 1)) throw new EdgePeftError(`minP must be in [0, 1], got ${s.minP}`);
   }
   if (!(s.repetitionPenalty > 0)) throw new EdgePeftError(`repetitionPenalty must be > 0, got ${s.repetitionPenalty}`);
+  const { eos_token_id: eos, pad_token_id: pad } = model;  // a generation_config.json's, apart from config.json's
+  if (eos !== undefined && !(Array.isArray(eos) ? eos : [eos]).every(whole)) {  // null too: as Python refuses it
+    throw new EdgePeftError(`eos_token_id must be token ids, got ${described(eos).slice(0, 60)}`);
+  }
+  if (pad !== undefined && !(whole(pad) && pad >= 0 && pad < manifest.vocab_size)) {
+    throw new EdgePeftError(`pad_token_id must be a token id in [0, ${manifest.vocab_size}), got ${described(pad).slice(0, 40)}`);
+  }
+  [s.modelEos, s.padTokenId] = [eos, pad];  // generate's where the call gives no eosTokenId; finished rows' padding
   if (s.seed != null && !(Number.isSafeInteger(s.seed) && s.seed >= 0)) {  // past 2**53 a number holds no whole seed
     throw new EdgePeftError(`seed must be an integer in 0..${Number.MAX_SAFE_INTEGER}, got ${s.seed}`);
   }
