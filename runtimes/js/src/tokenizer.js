@@ -44,6 +44,12 @@ function unlike(json, config) {
   return astral ? `added token ${JSON.stringify(astral.content)} (a CJK ideograph past U+FFFF)` : null;
 }
 
+/** A special token a template's pieces name and its table lacks: the Rust library panics at every encode, so the
+ * Python runtime refuses the file at load; this library left the token out. */
+const unlisted = (p) => p?.type === "Sequence" ? (p.processors ?? []).map(unlisted).find((id) => id !== undefined)
+  : p?.type !== "TemplateProcessing" ? undefined : [...(p.single ?? []), ...(p.pair ?? [])]
+    .map((piece) => piece?.SpecialToken?.id).find((id) => id !== undefined && !Object.hasOwn(p.special_tokens ?? {}, id));
+
 export async function tokenizerOf(Tokenizer, loader) {
   const fix = REEXPORT_BASE;
   const config = await readJson(loader, "base/tokenizer_config.json", OPTIONAL, fix);
@@ -59,6 +65,11 @@ export async function tokenizerOf(Tokenizer, loader) {
     await readJson(loader, "base/edgepeft.json", null);
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: the export has no tokenizer; pass token ids, or ` +
       "export from a base folder that has tokenizer.json");
+  }
+  const missing = unlisted(json.post_processor);
+  if (missing !== undefined) {
+    throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: its post-processor names the special token ` +
+      `${described(missing)}, which its special_tokens lack (the tokenizers library cannot encode with it); ${fix}`);
   }
   const differs = unlike(json, config);
   if (differs) {

@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { existsSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
@@ -82,4 +82,10 @@ test("added tokens the library would match otherwise are refused, naming what to
   // "𠮷野家" was never matched (the ideograph spaced out first); "  " beside "<m>" was trimmed away
   await refused("astral-added", /base\/tokenizer.json: added token "\u{20BB7}野家" \(a CJK ideograph past U\+FFFF\) is not in the JavaScript tokenizer; pass token ids/u);
   await refused("blank-beside-strip", /base\/tokenizer.json: added token " {2}" \(whitespace\) beside "<m>" \(lstrip\/rstrip\) is not in the JavaScript tokenizer/);
+  // a template naming a token the file lacks: Python refuses the file at load (the Rust library panics at each encode)
+  const json = JSON.parse(await readFile(path.join(scratch, "normalized-added", "base", "tokenizer.json"), "utf8"));
+  json.post_processor.single.push({ SpecialToken: { id: "<zz>", type_id: 0 } });
+  await mkdir(path.join(scratch, "template-unlisted", "base"), { recursive: true });
+  await writeFile(path.join(scratch, "template-unlisted", "base", "tokenizer.json"), JSON.stringify(json));
+  await refused("template-unlisted", /base\/tokenizer.json: its post-processor names the special token "<zz>", which its special_tokens lack \(the tokenizers library cannot encode with it\); re-run `edgepeft export` into a fresh --out folder$/);
 });
