@@ -24,7 +24,7 @@ DEFAULT_NEW_TOKENS = 32  # when neither the call nor the model sets max_new_toke
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int | None = DEFAULT_NEW_TOKENS  # None: max_length less the prompt's length (``for_prompt``)
+    max_new_tokens: int | None = DEFAULT_NEW_TOKENS  # None: per prompt (``for_prompt``)
     max_length: int | None = None  # prompt and new tokens, where max_new_tokens is None (transformers' meaning)
     min_new_tokens: int | None = None  # eos cannot come before this many new tokens
     min_length: int | None = None  # ... nor before the prompt and new tokens are this long (min_new_tokens wins)
@@ -85,12 +85,14 @@ class GenerationConfig:
             raise ConfigError(f"stop strings must be whole characters, got {self.stop!r} (half of one: bytes read in "
                               "another encoding than UTF-8); pass them as UTF-8 text")
 
-    def for_prompt(self, length: int) -> "GenerationConfig":
+    def for_prompt(self, length: int, room: int | None = None) -> "GenerationConfig":
         """This config for a prompt ``length`` tokens wide, as transformers sets the lengths: max_new_tokens from
-        max_length where only that is set; min_new_tokens, where set, replaces min_length."""
+        max_length, else 32 at most the ``room`` the positions leave (at least 1); min_new_tokens replaces min_length."""
         cfg = self if self.min_new_tokens is None else replace(self, min_length=self.min_new_tokens + length)
         if cfg.max_new_tokens is not None:
             return cfg
+        if cfg.max_length is None:  # transformers caps its default too: a long prompt was refused
+            return replace(cfg, max_new_tokens=DEFAULT_NEW_TOKENS if room is None else max(1, min(DEFAULT_NEW_TOKENS, room)))
         if cfg.max_length <= length:  # transformers refuses it too
             raise ConfigError(f"max_length {cfg.max_length} (the call's, else the model's generation_config.json) "
                               f"leaves no new token after a {length}-token prompt; pass max_new_tokens")
@@ -220,8 +222,7 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
     # unset (None): the model's generation_config.json (recorded at export), then transformers' defaults
     model = {k: v for k, v in (rt.manifest.get("generation") or {}).items() if k in known}
     args = {**model, **{k: v for k, v in generation.items() if v is not None}}
-    if args.get("max_new_tokens") is None:  # max_length where only that is set, as transformers
-        args["max_new_tokens"] = None if args.get("max_length") is not None else DEFAULT_NEW_TOKENS
+    args.setdefault("max_new_tokens", None)  # per prompt (for_prompt): max_length's, else the default
     eos = args.pop("eos_token_id", rt.manifest.get("eos_token_id") or [])
     eos = list(np.ravel(eos)) if isinstance(eos, np.ndarray) else list(eos) if isinstance(eos, (list, tuple)) else [eos]
     if not all(is_whole(e) for e in eos):  # before one of them becomes the padding id

@@ -299,15 +299,15 @@ class Runtime:
     def stream(self, input_ids, attention_mask=None, adapter=None, **generation):
         """Generate token by token: yields the new token of every row, (B,) int64, per step.
 
-        Takes the arguments of ``generate``. Rows that finished (end-of-sequence or a
-        stop string) get ``pad_token_id`` until every row is done. The adapter is held
-        from the first ``next()`` until the generator finishes, so it cannot be unloaded
-        mid-generation (unloaded before the first ``next()``, that call raises UnknownAdapterError).
+        Takes the arguments of ``generate``. Rows that finished (end-of-sequence or a stop string) get ``pad_token_id``
+        until every row is done. The adapter is held from the first ``next()`` until the generator finishes: it cannot
+        be unloaded mid-generation (unloaded before the first ``next()``, that call raises UnknownAdapterError).
         """
         cfg = self.generation_config(**generation)
         pad = cfg.pad_token_id if generation.get("pad_token_id") is not None else self.model_pad_id  # not an eos fallback
         ids, mask = self._decoder_inputs(input_ids, attention_mask, pad, cfg.eos_token_id)
-        cfg = cfg.for_prompt(ids.shape[1])
+        cfg = cfg.for_prompt(ids.shape[1], self.max_positions and self.max_positions - ids.shape[1]
+                             - self.virtual_positions(adapter, ids.shape[0]))
         # an unknown adapter or too many positions fail now; the last new token is never fed back: it needs none
         words = (f" + max_new_tokens {cfg.max_new_tokens}{length_source(self, generation)} - 1 (the last token is "
                  "not fed back)", " or lower max_new_tokens")
@@ -321,8 +321,8 @@ class Runtime:
 
         ``generation``: transformers' names: max_new_tokens (else max_length, else 32), min_new_tokens, min_length,
         do_sample, temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, eos_token_id,
-        pad_token_id; and seed (reproducible sampling), stop (strings; need the exported tokenizer). As transformers:
-        what a call leaves None comes from the model's generation_config.json, else transformers' defaults
+        pad_token_id; and seed (reproducible sampling), stop (strings; need the exported tokenizer). What a call
+        leaves None (or out: as transformers) comes from the model's generation_config.json, else transformers' defaults
         (greedy). Batches are left-padded.
         """
         ids, _ = self._inputs(input_ids, attention_mask)
@@ -357,9 +357,9 @@ class Runtime:
         return pad if isinstance(pad, int) and 0 <= pad < self.vocab_size else None
 
     def pad_id_or(self, eos) -> int:
-        """The model's padding token, else the first of ``eos``."""
+        """The model's padding token, else the first of ``eos`` in the vocabulary (another never ends a row), else 0."""
         pad = self.model_pad_id
-        return int((eos or [0])[0]) if pad is None else pad
+        return next((int(e) for e in eos or [] if 0 <= e < self.vocab_size), 0) if pad is None else pad
 
     def generate_text(self, prompt, adapter=None, chat: bool = False, **generation):
         """Generated text (without the prompt) for a prompt or a list of prompts (chat messages with ``chat=True``)."""

@@ -236,6 +236,46 @@ def test_max_length_counts_the_prompt_when_max_new_tokens_is_unset(length_model)
     assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, 5 + 32)  # transformers gives 20
 
 
+def test_the_default_length_stops_at_the_models_positions_as_in_transformers(length_model):
+    """transformers caps its default length at max_position_embeddings: a 50-token prompt on 64 positions gets 14
+    new tokens there, and was refused here ("max_new_tokens 32 (the default) ... exceeds the model's 64 positions")."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    out, hf, _, _ = length_model
+    rt = Runtime(out)
+    rt.manifest["generation"] = {}  # a model that sets no length
+    ids = np.arange(10, 10 + rt.max_positions - 14, dtype=np.int64)[None]
+    hf = copy.deepcopy(hf)
+    hf.generation_config = GenerationConfig(pad_token_id=PAD, eos_token_id=None)
+    with torch.no_grad():
+        want = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids))).numpy()
+    assert want.shape == (1, rt.max_positions)
+    np.testing.assert_array_equal(rt.generate(ids, adapter="lora", eos_token_id=[]), want)
+    assert rt.generate(ids[:, :-13], adapter="lora", eos_token_id=[]).shape == (1, rt.max_positions)  # 27 < 32
+    full = np.arange(1, 1 + rt.max_positions, dtype=np.int64)[None]  # no room left: one token, as transformers
+    assert rt.generate(full, adapter="lora", eos_token_id=[]).shape == (1, rt.max_positions + 1)
+    with pytest.raises(InvalidInputError, match=r"\+ max_new_tokens 20 - 1 .* exceeds"):  # a call's length is kept
+        rt.generate(ids, adapter="lora", max_new_tokens=20)
+
+
+def test_without_a_padding_id_an_eos_outside_the_vocabulary_does_not_pad(length_model):
+    """With no padding id, the first eos pads finished rows: -1 or 200 (never produced, as transformers takes them)
+    was refused as "pad_token_id must be a token id", a setting the call never gave; the first eos in the
+    vocabulary pads now."""
+    out, _, _, _ = length_model
+    rt = Runtime(out)
+    rt.manifest["pad_token_id"], rt.manifest["generation"] = None, {}
+    ids, mask = _length_prompts()
+    free = rt.generate(ids, mask, adapter="lora", max_new_tokens=4, eos_token_id=[])
+    for eos in (-1, 200, [-1, rt.vocab_size]):
+        np.testing.assert_array_equal(rt.generate(ids, mask, adapter="lora", max_new_tokens=4, eos_token_id=eos), free)
+    ends = int(free[0, ids.shape[1]])  # row 0's first new token ends it; its later places get the padding
+    got = rt.generate(ids, mask, adapter="lora", max_new_tokens=4, eos_token_id=[200, ends])
+    assert got.shape[1] > ids.shape[1] + 1 and set(got[0, ids.shape[1]:].tolist()) == {ends}
+
+
 def test_numpy_integer_settings_act_as_python_ints(length_model):
     """A numpy uint8 max_new_tokens wrapped in the length check (5 + 255 -> 4) and generated past the positions;
     numpy top_k, min_new_tokens and seed overflowed in sums alike."""

@@ -80,6 +80,16 @@ def _model_ids(rt, ids, mask) -> dict:
         rt.manifest["generation"] = before
 
 
+def _default_capped(rt) -> dict:
+    """No length given, a prompt 5 positions short of the model's beside the prompt adapter's virtual tokens: as
+    transformers caps its default length at the model's positions, 5 new tokens (not 32, which was refused)."""
+    virtual = rt.virtual_positions("prompt", 1)
+    ids = np.full((1, rt.max_positions - virtual - 5), 9, dtype=np.int64)
+    got = rt.generate(ids, adapter="prompt", eos_token_id=[])
+    assert got.shape[1] == ids.shape[1] + 5
+    return {"ids": _rows(ids), "generated": _rows(got)}
+
+
 def _processing_cases() -> list:
     """Per setting: one row's logits and tokens so far (2 of left padding, a 9-wide prompt), and the scores the
     Python runtime picks its next token from (None: removed)."""
@@ -163,6 +173,7 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
                             "ids": _rows(rt.generate(ids, mask, adapter="lora", max_new_tokens=6, eos_token_id=eos,
                                                      **settings))},
         "model_ids": _model_ids(rt, ids, mask),
+        "default_capped": _default_capped(rt),
         "llama": {
             "tokens": {t: _rows(rt.tokenizer.encode(t)[0][0]) for t in TEXTS},
             **_tricky(rt.tokenizer),

@@ -263,10 +263,8 @@ export class Runtime {
     return { [this.outputName]: out[this.outputName] };
   }
 
-  /**
-   * Generation with the KV cache, greedy or sampled (sampling.js: transformers' settings, camelCase, the model's
-   * generation_config.json where a call leaves them unset); rows left-padded; returns ids (prompt included).
-   */
+  /** Generation with the KV cache, greedy or sampled (sampling.js: transformers' settings, camelCase, the model's
+   * generation_config.json where a call leaves them unset); rows left-padded; returns ids (prompt included). */
   generate(ids, mask, options = {}) {
     return this.counted(() => this.generateNow(ids, mask, options));
   }
@@ -279,7 +277,7 @@ export class Runtime {
     const plan = this.plan(adapter);
     const given = mask != null;
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
-    s = forPrompt(s, ids[0].length);
+    s = forPrompt(s, ids[0].length, this.checkLength(plan, ids[0].length, 0));  // the room left: the default's cap
     const maxNewTokens = s.maxNewTokens;
     const eosGiven = eos ?? s.modelEos ?? this.manifest.eos_token_id ?? [];  // null: the model's; an id or a list
     const eosTokenId = (Array.isArray(eosGiven) || ArrayBuffer.isView(eosGiven) ? [...eosGiven] : [eosGiven]).map(fromBigint);
@@ -330,11 +328,12 @@ export class Runtime {
     return Number.isInteger(pad) && pad >= 0 && pad < this.manifest.vocab_size ? pad : null;
   }
 
-  /** The model's padding id, else the first end-of-sequence id. */
+  /** The model's padding id, else the first end-of-sequence id in the vocabulary (another never ends a row), else 0. */
   padIdOr(eos) {
-    return this.modelPadId() ?? eos[0] ?? 0;
+    return this.modelPadId() ?? eos.find((e) => e >= 0 && e < this.manifest.vocab_size) ?? 0;
   }
 
+  /** Refuses more positions than the model has; returns the positions left (null: no limit). */
   checkLength(plan, length, newTokens) {
     const limit = this.manifest.max_positions;
     const virtual = plan.nPast + plan.nPrepend + plan.nInside;
@@ -344,6 +343,7 @@ export class Runtime {
         `${newTokens ? ` + ${newTokens} new tokens fed back` : ""} = ${total} exceeds the model's ${limit} positions; shorten the prompt` +
         (newTokens ? " or lower maxNewTokens" : ""));
     }
+    return limit ? limit - total : null;
   }
 
   /** The prefill's mask and positions with the adapter's virtual tokens, as the Python runtime makes them. */

@@ -33,7 +33,6 @@ export function generationSettings(manifest, options) {
   for (const [key, [name, fallback]] of Object.entries(SETTINGS)) {
     s[key] = options[key] ?? (name && model[name] != null ? model[name] : fallback);
   }
-  if (s.maxNewTokens == null && s.maxLength == null) s.maxNewTokens = DEFAULT_NEW_TOKENS;
   for (const key of ["maxNewTokens", "maxLength"]) {
     if (s[key] != null && !(whole(s[key]) && s[key] >= 1)) throw new EdgePeftError(`${key} must be a positive integer, got ${s[key]}`);
   }
@@ -66,11 +65,14 @@ export function generationSettings(manifest, options) {
   return s;
 }
 
-/** The settings for a prompt `length` tokens wide, as transformers sets the lengths (Python's for_prompt). */
-export function forPrompt(s, length) {
+/** The settings for a prompt `length` tokens wide, as transformers sets the lengths (Python's for_prompt): neither
+ * length set, 32 new tokens at most the `room` the model's positions leave (at least 1; null: no limit). */
+export function forPrompt(s, length, room = null) {
   const out = { ...s };
   if (s.minNewTokens != null) out.minLength = s.minNewTokens + length;  // min_new_tokens wins over min_length
-  if (out.maxNewTokens == null) {
+  if (out.maxNewTokens == null && s.maxLength == null) {
+    out.maxNewTokens = room === null ? DEFAULT_NEW_TOKENS : Math.min(DEFAULT_NEW_TOKENS, Math.max(1, room));
+  } else if (out.maxNewTokens == null) {
     if (s.maxLength <= length) {
       throw new EdgePeftError(`maxLength ${s.maxLength} (the call's, else the model's generation_config.json) leaves no new token after a ${length}-token prompt; pass maxNewTokens`);
     }

@@ -193,6 +193,9 @@ test("bad ids, masks and lengths are refused with what is wrong, as the Python r
   await refuses(rt.generate([[1, 2, 3], [4, 5, 0]], [[1, 1, 1], [1, 1, 0]]), /mask row 1 has padding after its tokens/);
   await refuses(rt.generate([[1, 2]], null, { maxNewTokens: 0 }), /maxNewTokens must be a positive integer/);
   await refuses(rt.generate([Array(limit - 3).fill(1)], null, { maxNewTokens: 5 }), /new tokens fed back = \d+ exceeds.*lower maxNewTokens/);
+  // no length given: 32 new tokens, at most the positions left (virtual tokens counted), as transformers and Python
+  const capped = expected.default_capped;
+  assert.deepEqual(await rt.generate(capped.ids, null, { adapter: "prompt", eosTokenId: [] }), capped.generated);
   // at the limit it runs: the last new token is never fed back
   assert.equal((await rt.generate([Array(limit - 3).fill(1)], null, { maxNewTokens: 4, eosTokenId: [] }))[0].length, limit + 1);
   await refuses(rt.forward([[[1, 2]]]), /2-D/);
@@ -236,6 +239,7 @@ test("bad ids, masks and lengths are refused with what is wrong, as the Python r
   assert.equal(rt.padIdOr([2]), rt.manifest.pad_token_id);
   rt.manifest = { ...rt.manifest, pad_token_id: -1 };
   assert.equal(rt.padIdOr([2]), 2);
+  assert.deepEqual([rt.padIdOr([-1, rt.manifest.vocab_size, 3]), rt.padIdOr([-1])], [3, 0]);  // an eos outside never ends a row
   // a model without a padding id: no mask is told from an id (0 here is a real token), as in transformers
   assert.deepEqual(await rt.generate([[pad, 5, 6]], null, { maxNewTokens: 2, eosTokenId: [] }),
     await rt.generate([[pad, 5, 6]], [[1, 1, 1]], { maxNewTokens: 2, eosTokenId: [] }));
