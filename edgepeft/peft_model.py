@@ -280,9 +280,9 @@ class PeftModel(nn.Module):
         state = {self._saved_key(adapter_name, k, loading=True): v for k, v in state.items()}
         config = self.peft_config[adapter_name]  # where it names the base in use, its adapter_config.json is wrong
         other = config.names_another_base(getattr(self.base_model.model, "name_or_path", None))
-        fix = (f"the adapter was trained on another base ({config.base_model_name_or_path}); load it on that base"
-               if other else "it names this base, and its adapter_config.json describes other weights (r, "
-               "rank_pattern, feedforward_modules, ...): save the adapter again from its model")
+        elsewhere = f"the adapter was trained on another base ({config.base_model_name_or_path}); load it on that base"
+        fix = elsewhere if other else ("it names this base, and its adapter_config.json describes other weights (r, "
+                                       "rank_pattern, feedforward_modules, ...): save the adapter again from its model")
         # A head trained for another label count gets that shape before loading.
         for key, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
@@ -298,7 +298,7 @@ class PeftModel(nn.Module):
         missing = sorted((set(entries) | set(custom)) - set(state))
         unexpected = sorted(set(state) - set(entries) - set(custom))
         if unexpected:
-            fix = (f"load it on the base it was trained on ({config.base_model_name_or_path})" if other else
+            fix = (elsewhere if other else
                    f"it names this base, and its adapter_config.json describes other weights (it lacks e.g. "
                    f"{missing[0]}): save the adapter again from its model" if missing else
                    "it names this base: remove those keys from the file or save the adapter again")
@@ -307,9 +307,8 @@ class PeftModel(nn.Module):
             deepest = max((i for i in map(_layer_index, state) if i is not None), default=None)
             if deepest is not None and all((i := _layer_index(k)) is not None and i > deepest for k in missing):
                 raise AdapterBaseMismatchError(  # weights for the first layers only: a shallower model's adapter
-                    f"{path}: has weights for layers 0-{deepest} only, this model has more (e.g. {missing[0]}); it "
-                    f"was trained on another base ({self.peft_config[adapter_name].base_model_name_or_path}): load "
-                    "it on that base")
+                    f"{path}: has weights for layers 0-{deepest} only, this model has more (e.g. {missing[0]}); "
+                    f"{elsewhere}")
             raise CorruptArtifactError(f"{path}: lacks adapter weights (e.g. {missing[0]}); re-save the adapter")
         with torch.no_grad():
             for key, (module, dict_name, pname) in entries.items():
