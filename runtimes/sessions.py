@@ -143,11 +143,15 @@ def open_base_session(graph: str, providers: list, sess_options):
 _NO_MEMORY = re.compile(r"Failed to allocate memory[^\n]*|bad[ _]alloc\w*|out of memory")  # CPU arena, C++, CUDA
 
 
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4  # a kernel's failure is raised, not also logged in red above the CLI's one line
+
+
 def run_bound(session, binding, where: str, mask_shape: tuple) -> None:
     """Runs the base graph on its bound inputs. Activations that do not fit in memory (a batch of 20,000 rows) are
     the call's to shrink (OutOfMemoryError), where they were ONNX Runtime's RuntimeError in a traceback."""
     try:
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, _QUIET)
     except Exception as e:  # onnxruntime raises RuntimeError or its own types
         if not (found := _NO_MEMORY.search(str(e))):
             raise
