@@ -141,8 +141,6 @@ def open_base_session(graph: str, providers: list, sess_options):
 
 
 _NO_MEMORY = re.compile(r"Failed to allocate memory[^\n]*|bad[ _]alloc\w*|out of memory")  # CPU arena, C++, CUDA
-
-
 _QUIET = ort.RunOptions()
 _QUIET.log_severity_level = 4  # a kernel's failure is raised, not also logged in red above the CLI's one line
 
