@@ -321,6 +321,9 @@ def classify(rt, texts, adapter=None):
     ids, mask = rt.tokenizer.encode(rows)
     per_row = _per_row(adapter, len(rows))
     lengths = mask.sum(-1).tolist()
+    if 0 in lengths:  # in a batch the head read its padding: a label for no text (transformers' pipeline refuses it)
+        raise InvalidInputError(f"text {rows[lengths.index(0)]!r:.60} has no tokens (this model's tokenizer adds none "
+                                "of its own); give text the vocabulary holds")
     if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
         # at a time does (transformers' pipeline): the head would read a shorter row at a pad
         return _in_groups(lengths, rows, per_row, lambda part, specs: classify(rt, part, specs))
@@ -340,11 +343,10 @@ def classify(rt, texts, adapter=None):
 
 def _reads_last_position(rt, per_row: list) -> bool:
     """Whether a decoder classifier's graph would read each row's last position, padding or not: where the model's
-    padding id is no token (``pad_token_id`` -1, which marks no padding) or a row's adapter adds virtual tokens
+    padding id is no token (none, -1, or past the vocabulary: rows are padded with eos) or a row's adapter adds virtual tokens
     (a prompt passes embeddings, in which transformers cannot see padding). The manifest does not say whether the
     head is a decoder's, so an encoder's (which reads [CLS] either way) is split alike: the same scores, more runs."""
-    pad = rt.manifest.get("pad_token_id")
-    return (pad is not None and pad < 0) or any(rt.virtual_positions(spec, 1) for spec in per_row)
+    return rt.model_pad_id is None or any(rt.virtual_positions(spec, 1) for spec in per_row)
 
 
 def label_scores(logits: np.ndarray, problem_type: str | None) -> np.ndarray:

@@ -94,11 +94,12 @@ def test_a_weighted_row_is_named_by_the_adapter_whose_head_runs(text_model, tmp_
     assert set(Runtime(merged).classify(TEXTS[0], adapter={"H": 1.0})["scores"]) == {"spam", "ham", "eggs"}
 
 
-@pytest.mark.parametrize("pad", [-1, 0])
-def test_a_decoder_classifier_scores_each_text_of_a_batch_as_alone(text_model, tmp_path, pad):
+@pytest.mark.parametrize("arch, pad", [("llama", -1), ("llama", 0), ("gpt2", 400)])
+def test_a_decoder_classifier_scores_each_text_of_a_batch_as_alone(text_model, tmp_path, arch, pad):
     """Its head reads each row's last position where the model's padding id is no token (pad_token_id -1, older
-    Llama conversions) or a prompt adapter passes embeddings: a shorter text of a batch was read at a pad (0.008 off
-    the pipeline, which classifies one text at a time). Rows of each length now run apart."""
+    Llama conversions; past the vocabulary, which GPT-2 takes) or a prompt adapter passes embeddings: a shorter
+    text of a batch was read at a pad (0.008 off the pipeline, which classifies one text at a time). Rows of each
+    length now run apart. A text of no tokens ("": this tokenizer adds none) got a label in a batch."""
     import shutil
 
     import peft
@@ -110,7 +111,7 @@ def test_a_decoder_classifier_scores_each_text_of_a_batch_as_alone(text_model, t
 
     texts = ["set an alarm for seven tomorrow morning", "hi", "the battery died", "hi"]
     base = str(tmp_path / "base")
-    shutil.copytree(text_model("llama"), base)
+    shutil.copytree(text_model(arch), base)
     edit_json(os.path.join(base, "config.json"), pad_token_id=pad)
     adapters = {}
     for name, config in (("lora", peft.LoraConfig(task_type="SEQ_CLS", r=2)),
@@ -134,3 +135,6 @@ def test_a_decoder_classifier_scores_each_text_of_a_batch_as_alone(text_model, t
     for wrong in (["prompt"] * 5, ["prompt"]):  # the split indexed the list: extra entries ignored, or an IndexError
         with pytest.raises(InvalidInputError, match=f"adapter lists {len(wrong)} entries for 4 rows"):
             rt.classify(texts, adapter=wrong)
+    for empty in ("", ["", "hi"]):
+        with pytest.raises(InvalidInputError, match="^text '' has no tokens .*; give text the vocabulary holds$"):
+            rt.classify(empty, adapter="lora")
