@@ -10,7 +10,7 @@ import click
 from click.core import ParameterSource
 
 from edgepeft.errors import EdgePeftError, TrainingInterrupted, first_line
-from edgepeft.processes import end_group, first, leave, peer_stopped, say
+from edgepeft.processes import end_group, first, leave, notes_once, peer_stopped, say
 
 
 def _size(n: int) -> str:
@@ -333,9 +333,8 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
 def as_flags(message: str, argv) -> str:
     """A runtime message in the command's own terms: ``adapter=None`` -> ``--adapter none``, ``max_new_tokens`` -> ``--max-new-tokens``.
 
-    The runtime's and the trainer's messages name their Python arguments; at the command line its users
-    typed flags. Names inside paths and file names are left alone.
-    """
+    The runtime's and the trainer's messages name their Python arguments; at the command line its users typed flags.
+    Names inside paths and file names are left alone."""
     command = cli.commands.get(next((a for a in argv if not a.startswith("-")), ""), None)
     flags = {p.name: p.opts[0] for p in (command.params if command else []) if isinstance(p, click.Option)}
     if not flags:
@@ -369,6 +368,7 @@ def as_flags(message: str, argv) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    notes_once()
     try:
         cli.main(args=argv, standalone_mode=False)
     except TrainingInterrupted as e:  # as it is: its resume command quotes paths whose spaces count

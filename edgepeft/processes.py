@@ -31,6 +31,24 @@ def say(line: str) -> None:
             pass
 
 
+def notes_once() -> None:
+    """edgepeft's own warnings (an adapter_config.json's fields it ignores) as one ``note:`` line each, once, from the
+    first process: Python printed each with its source line, once per file that read the config."""
+    import warnings
+
+    shown, said = warnings.showwarning, set()
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(package + os.sep):
+            return shown(message, category, filename, lineno, file, line)
+        if first() and str(message) not in said:
+            said.add(str(message))
+            click.echo(f"note: {message}", err=True)
+
+    warnings.showwarning = note
+
+
 def _group():
     """torch.distributed where a process group is up (torch imported already: a runtime-only install has none)."""
     dist = sys.modules.get("torch.distributed")

@@ -359,3 +359,17 @@ def test_paths_in_messages_and_suggested_commands_are_as_given(peft_adapter, sha
     with pytest.raises(SystemExit):
         cli_module.main(["train"])
     assert capsys.readouterr().err == "interrupted; continue with: edgepeft train --out 'run  two' --resume\n"
+
+
+def test_a_field_edgepeft_ignores_is_one_note_said_once(peft_adapter, tmp_path, capsys):
+    """A newer PEFT's field in adapter_config.json was Python's UserWarning with its source line, printed twice (each
+    reading of the config)."""
+    from edgepeft.cli import main
+
+    adapter = str(tmp_path / "adapter")
+    shutil.copytree(spec_adapter(peft_adapter, "llama", "qv"), adapter)
+    edit_json(os.path.join(adapter, "adapter_config.json"), future_field=True)
+    main(["export", "--adapter", adapter, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "future_field" in line]
+    assert said == [f"note: {adapter}/adapter_config.json: ignoring fields this edgepeft does not know: future_field"]
