@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 import shutil
 import signal
 import socket
@@ -15,7 +14,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 
-from edgepeft.runtimes.access import inside
+from edgepeft.runtimes.access import LEFT_BEHIND, inside
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -177,9 +176,6 @@ def _owner() -> str:
     return f"p{os.getpid()}h{_host()}"
 
 
-# staging_dir's and replace_dir's names: .staging-<label>-<owner>-<random>, .old-<target's name>-<owner>-<random>;
-# write_bytes_atomic's temp file: .tmp-<owner>-<random>
-_LEFT = re.compile(r"\.(?:(?P<kind>staging|old)-(?P<target>.+)-|tmp-)p(?P<pid>\d+)h(?P<host>[0-9a-f]{8})-[^-]+")
 
 
 def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
@@ -194,7 +190,7 @@ def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
     host = _host()
     done = []
     for name in sorted(os.listdir(parent)):
-        m, path = _LEFT.fullmatch(name), os.path.join(parent, name)
+        m, path = LEFT_BEHIND.fullmatch(name), os.path.join(parent, name)
         if m is None or m["host"] != host or _running(int(m["pid"])):
             continue
         if m["kind"] is None:  # a temp file a killed write left (a folder or link of that name is not ours)
@@ -303,8 +299,9 @@ class Staging:
         return self
 
     def __exit__(self, *exc) -> None:
-        for folder in self.folders:
-            shutil.rmtree(folder, ignore_errors=True)
+        with deferred_interrupts():  # a Ctrl-C (or a second one) cut the removal short, leaving half a folder in OUT
+            for folder in self.folders:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from edgepeft.files import (
     reporting_full_disk, write_json_atomic,
 )
 from edgepeft.models import model_label
-from edgepeft.runtimes.access import located, may_replace, read_json
+from edgepeft.runtimes.access import REPOINTED, located, may_replace, read_json
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
     read_adapter_manifest, read_base_manifest, uncounted_heads,
@@ -91,7 +91,7 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
             locked: bool) -> dict:
     """``export`` with OUT held: one export into OUT at a time."""
     mended = _finish_repointing(out) if locked else []  # unlocked, another export's may be in flight
-    for line in remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR)) + mended:
+    for line in _abandoned(out) + mended:
         log(f"note: {line}")
     with reporting_full_disk(out, "--out", loading=True):
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
@@ -113,7 +113,16 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
     return report
 
 
-REPOINTED = f".{ADAPTER_MANIFEST}.new"  # an adapter's manifest re-pointed to a new base, beside its own until commit
+
+
+def _abandoned(out: str) -> list[str]:
+    """What exports stopped midway left in OUT, OUT/adapters and each adapter's folder (a re-pointed manifest's temp
+    file, which stayed), mended (``remove_abandoned``): one line each."""
+    adapters = os.path.join(out, ADAPTERS_DIR)
+    done = remove_abandoned(out) + remove_abandoned(adapters)  # first: an adapter moved aside is put back
+    for name in sorted(os.listdir(adapters)) if os.path.isdir(adapters) else []:
+        done += remove_abandoned(os.path.join(adapters, name))
+    return done
 
 
 def _finish_repointing(out: str) -> list[str]:

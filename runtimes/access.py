@@ -6,9 +6,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, StorageError
 from .values import half_character
+
+
+# What an export stopped midway leaves in OUT (edgepeft/files.py names and mends them; inspect and the runtime's
+# fixes name them): staging_dir's .staging-<label>-<owner>-<random>, replace_dir's .old-<target's name>-<owner>-
+# <random>, write_bytes_atomic's .tmp-<owner>-<random> (owner: p<pid>h<host>); and an adapter's manifest re-pointed
+# to a new base, beside its own until the export commits
+LEFT_BEHIND = re.compile(r"\.(?:(?P<kind>staging|old)-(?P<target>.+)-|tmp-)p(?P<pid>\d+)h(?P<host>[0-9a-f]{8})-[^-]+")
+REPOINTED = ".adapter.json.new"
 
 
 def located(path: str) -> str:

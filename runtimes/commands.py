@@ -6,6 +6,8 @@ import os
 import re
 from shlex import quote
 
+from .access import REPOINTED
+
 
 def export_command(adapter: str = "DIR", out: str = "OUT", *flags: str) -> str:
     """The command in backquotes: `edgepeft export --adapter ADAPTER --out OUT FLAGS...`; ``flags`` as given (quote
@@ -77,6 +79,8 @@ def adapter_export_command(folder: str, out: str, *flags: str) -> str:
 def folder_fix(out: str, folder: str, merged) -> str:
     """What mends a folder of OUT/adapters made for another base (every Runtime(OUT) refuses it): removing it, or on
     a slot base re-exporting its adapter into it."""
+    if os.path.isfile(os.path.join(folder, REPOINTED)):  # its manifest for the new base waits beside it: not to remove
+        return f"an export into {out} was stopped before it re-pointed it; run that export again (it finishes that first)"
     if merged:
         return f"remove it from {os.path.dirname(os.path.normpath(folder))}, or export it into another --out"
     name = os.path.basename(os.path.normpath(folder))

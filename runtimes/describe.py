@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-from .access import check_readable
+from .access import LEFT_BEHIND, check_readable
 from .commands import folder_fix
 from .errors import EdgePeftError
 from .manifest import (
-    BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export,
+    ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export,
     read_adapter_manifest, read_base_manifest,
 )
 
@@ -59,6 +59,7 @@ def describe_export(out_dir: str) -> dict:
         problems.append(f"{graph}.data: the base's weights are missing; re-run `edgepeft export` into a fresh --out folder")
     else:
         problems += [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
+    problems += _moved_aside(out_dir)
     for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them
         m = read_adapter_manifest(d)
         try:
@@ -97,3 +98,13 @@ def describe_export(out_dir: str) -> dict:
         "adapters": adapters,
         "problems": problems,  # files the manifests name that are missing or damaged, adapters for another base
     }
+
+
+def _moved_aside(out_dir: str) -> list[str]:
+    """Adapters an export stopped midway (kill -9) had moved aside to replace them, and nothing took their place:
+    the runtime does not see them, and the next export puts them back."""
+    parent = os.path.join(out_dir, ADAPTERS_DIR)
+    found = [(n, m["target"]) for n in sorted(os.listdir(parent)) if (m := LEFT_BEHIND.fullmatch(n)) and m["kind"] == "old"
+             and not os.path.lexists(os.path.join(parent, m["target"]))] if os.path.isdir(parent) else []
+    return [f"{os.path.join(parent, n)}: adapter {target!r}, moved aside by an export into {out_dir} that was stopped; "
+            "run that export again (it puts the adapter back first)" for n, target in found]

@@ -164,6 +164,23 @@ def test_ctrl_c_during_replace_dir_moves_the_new_folder_in_and_leaves_no_old_cop
     assert (target / "file").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["target"]
 
 
+def test_ctrl_c_while_staging_folders_are_removed_removes_them_all(tmp_path, monkeypatch, sigint_raises):
+    """A Ctrl-C (or a second one) during the removal of what an export staged cut it short: half a folder in OUT."""
+    from edgepeft.files import Staging
+
+    real, folders = shutil.rmtree, []
+
+    def rmtree(path, **kwargs):
+        real(path, **kwargs)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C after the first folder
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with Staging() as staging:
+            folders = [staging.new(str(tmp_path), label) for label in ("base", "adapter")]
+    assert folders and not os.listdir(tmp_path)
+
+
 def test_a_base_whose_slot_reads_otherwise_than_this_edgepeft_is_not_reused(tiny_base, tmp_path):
     """A BERT prefix base written before positions started after the prefix has the same slot names: it was reused
     and the new adapter failed validation by 2.9 ('loosen --atol'). The runtimes refuse it too."""
@@ -227,11 +244,14 @@ replace_dir(staged, target)  # killed (kill -9, the out-of-memory killer) betwee
 def test_a_later_export_mends_what_an_export_killed_midway_left(llama, tmp_path, capsys):
     """kill -9 cannot be deferred: between replace_dir's two renames it left no adapter, its old folder hidden
     beside it (the user's only copy), and a staging folder as large as what was being exported; no later export
-    cleaned them up. Folders of a running process, or of another host, are not this export's to touch."""
+    cleaned them up. Folders of a running process, or of another host, are not this export's to touch. inspect
+    said nothing of the hidden adapter (exit 0), and a re-pointed manifest's temp file inside an adapter's folder
+    stayed through every later export."""
     import subprocess
     import sys
 
     from edgepeft.files import _owner
+    from edgepeft.runtimes.describe import describe_export
 
     out = str(tmp_path / "out")
     export([llama[1]["qv"]], out)
@@ -245,8 +265,14 @@ def test_a_later_export_mends_what_an_export_killed_midway_left(llama, tmp_path,
     running = os.path.join(out, f".staging-base-{_owner()}-abc")  # this process is running
     elsewhere = os.path.join(out, f".staging-base-{dead[:dead.index('h')]}h00000000-abc")  # that pid on another host
     os.makedirs(running), os.makedirs(elsewhere)
+    assert describe_export(out)["problems"] == [f"{os.path.join(adapters, left[0])}: adapter 'qv', moved aside by an "
+                                                f"export into {out} that was stopped; run that export again (it puts "
+                                                "the adapter back first)"]
+    with open(os.path.join(adapters, left[0], f".tmp-{dead}-abc"), "w") as f:  # a killed write's, inside qv
+        f.write("half")
     export([llama[1]["mlp"]], out, verbose=True)
     printed = capsys.readouterr().out
+    assert f"removed {os.path.join(adapters, 'qv', f'.tmp-{dead}-abc')} (a file half-written" in printed
     assert f"note: put {os.path.join(adapters, 'qv')} back (an export was stopped while replacing it)" in printed
     assert "removed " in printed and "left by an export that was stopped midway" in printed
     assert sorted(hidden_entries(out)) == sorted([running, elsewhere])
@@ -428,12 +454,13 @@ def test_an_export_killed_while_re_pointing_is_finished_by_the_next(llama, tmp_p
     shutil.copytree(done, out)
     export([llama[1]["mlp"]], done)  # new slots: a new base, qv re-pointed to it
     want = Runtime(done).forward(ids, adapter="qv")["logits"]
-    if killed == "after the base":
+    shutil.copy(os.path.join(done, "adapters", "qv", "adapter.json"), os.path.join(out, "adapters", "qv", ".adapter.json.new"))
+    if killed == "after the base":  # the fix said to remove qv, which the next export mends
         shutil.rmtree(os.path.join(out, "base"))
         shutil.copytree(os.path.join(done, "base"), os.path.join(out, "base"))
-        with pytest.raises(AdapterBaseMismatchError):
+        with pytest.raises(AdapterBaseMismatchError, match=f"an export into {out} was stopped before it re-pointed "
+                                                           "it; run that export again \\(it finishes that first\\)$"):
             Runtime(out)
-    shutil.copy(os.path.join(done, "adapters", "qv", "adapter.json"), os.path.join(out, "adapters", "qv", ".adapter.json.new"))
     export([llama[1]["mlp"]], out, verbose=True)
     printed = capsys.readouterr().out
     line = "re-pointed {} to the base OUT holds" if killed == "after the base" else "removed {}/.adapter.json.new"
