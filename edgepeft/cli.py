@@ -368,32 +368,32 @@ def as_flags(message: str, argv) -> str:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    notes_once()
-    try:
-        cli.main(args=argv, standalone_mode=False)
-    except TrainingInterrupted as e:  # as it is: its resume command quotes paths whose spaces count
-        say(str(e))
-        leave(130)
-    except EdgePeftError as e:  # one line; spaces inside a path stay
-        say("error: " + as_flags(re.sub(r"\s*\n\s*", " ", str(e)), argv))
-        leave(1)
-    except OSError as e:  # the disk said no: a path that is a file, no permission, disk full
-        where = f"{e.filename}: " if e.filename else ""
-        say(f"error: {where}{e.strerror or e}; check the path, its permissions and free space")
-        leave(1)
-    except click.exceptions.Abort:
-        say("aborted")
-        leave(130)
-    except click.exceptions.ClickException as e:
-        e.show()
-        leave(e.exit_code)
-    except KeyboardInterrupt:
-        leave(130)
-    except RuntimeError as e:  # a collective failed where another process stopped: its error names why
-        if not peer_stopped(e):
-            raise
-        say(f"error: process {os.environ['RANK']} stopped with the others ({first_line(e)})")
-        leave(1)
+    with notes_once():
+        try:
+            cli.main(args=argv, standalone_mode=False)
+        except TrainingInterrupted as e:  # as it is: its resume command quotes paths whose spaces count
+            say(str(e))
+            leave(130)
+        except EdgePeftError as e:  # one line; spaces inside a path stay
+            say("error: " + as_flags(re.sub(r"\s*\n\s*", " ", str(e)), argv))
+            leave(1)
+        except OSError as e:  # the disk said no: a path that is a file, no permission, disk full
+            where = f"{e.filename}: " if e.filename else ""
+            say(f"error: {where}{e.strerror or e}; check the path, its permissions and free space")
+            leave(1)
+        except click.exceptions.Abort:
+            say("aborted")
+            leave(130)
+        except click.exceptions.ClickException as e:
+            e.show()
+            leave(e.exit_code)
+        except KeyboardInterrupt:
+            leave(130)
+        except RuntimeError as e:  # a collective failed where another process stopped: its error names why
+            if not peer_stopped(e):
+                raise
+            say(f"error: process {os.environ['RANK']} stopped with the others ({first_line(e)})")
+            leave(1)
 
 
 if __name__ == "__main__":

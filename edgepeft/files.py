@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 import errno
-import functools
-import hashlib
 import json
 import os
-import pathlib
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 from contextlib import contextmanager
 
-from edgepeft.runtimes.access import LEFT_BEHIND, inside
+from edgepeft.runtimes.access import inside, left_by_a_stopped_process, this_host
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -156,24 +152,10 @@ def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None
         raise ConfigError(f"{probe}: cannot write here ({e.strerror}); give {flag} another folder") from None
 
 
-@functools.cache  # the same for the process's life (a fork shares its namespace and boot)
-def _host() -> str:
-    """This machine and PID namespace: the host name, the boot and the namespace's id where Linux gives them (a
-    container sharing the host's name, or a second machine of that name on a shared drive, gets another)."""
-    parts = [socket.gethostname()]
-    for probe in (lambda: pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-                  lambda: str(os.stat("/proc/self/ns/pid").st_ino)):
-        try:
-            parts.append(probe())
-        except OSError:
-            pass
-    return hashlib.sha1("/".join(parts).encode()).hexdigest()[:8]
-
-
 def _owner() -> str:
     """This process in a hidden folder's name (``p<pid>h<host>``): a later export can tell a dead process's
     leftovers (``remove_abandoned``) from a running export's folders."""
-    return f"p{os.getpid()}h{_host()}"
+    return f"p{os.getpid()}h{this_host()}"
 
 
 
@@ -185,13 +167,10 @@ def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
     ``replace_dir`` had moved aside is put back when nothing took its place (killed between the two renames), else
     removed. Folders of running processes, of other hosts (a shared drive) and of other names stay.
     Returns one line per folder, saying what was done."""
-    if os.name != "posix" or not os.path.isdir(parent):  # os.kill(pid, 0) only asks "is it there?" on POSIX
-        return []
-    host = _host()
     done = []
-    for name in sorted(os.listdir(parent)):
-        m, path = LEFT_BEHIND.fullmatch(name), os.path.join(parent, name)
-        if m is None or m["host"] != host or _running(int(m["pid"])):
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        m, path = left_by_a_stopped_process(name), os.path.join(parent, name)
+        if m is None:
             continue
         if m["kind"] is None:  # a temp file a killed write left (a folder or link of that name is not ours)
             if os.path.isfile(path) and not os.path.islink(path):
@@ -209,16 +188,6 @@ def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
             if not os.path.lexists(path):  # only what is gone is said to be
                 done.append(f"removed {path} (left by {who} that was stopped midway)")
     return done
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: running
-        return True
-    return True
 
 
 def staging_dir(parent: str, label: str) -> str:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import click
 
@@ -31,22 +32,32 @@ def say(line: str) -> None:
             pass
 
 
-def notes_once() -> None:
+@contextmanager
+def notes_once():
     """edgepeft's own warnings (an adapter_config.json's fields it ignores) as one ``note:`` line each, once, from the
-    first process: Python printed each with its source line, once per file that read the config."""
+    first process, while a command runs: Python printed each with its source line, once per file that read the
+    config. Other warnings show as they would."""
     import warnings
 
+    import edgepeft.runtimes
+
+    runtimes = os.path.dirname(os.path.abspath(edgepeft.runtimes.__file__))  # beside exporters/: in a wheel inside
+    ours = tuple(d + os.sep for d in (os.path.dirname(os.path.abspath(__file__)), runtimes,  # edgepeft/, in a
+                                      os.path.join(os.path.dirname(runtimes), "exporters")))  # checkout beside it
     shown, said = warnings.showwarning, set()
-    package = os.path.dirname(os.path.abspath(__file__))
 
     def note(message, category, filename, lineno, file=None, line=None):
-        if not os.path.abspath(filename).startswith(package + os.sep):
+        if category is not UserWarning or not os.path.abspath(filename).startswith(ours):
             return shown(message, category, filename, lineno, file, line)
         if first() and str(message) not in said:
             said.add(str(message))
             click.echo(f"note: {message}", err=True)
 
     warnings.showwarning = note
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _group():

@@ -3,10 +3,13 @@ on a device or a shared machine), named as such with the fix that works rather t
 re-export or remove."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import pathlib
 import re
+import socket
 
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, StorageError
 from .values import half_character
@@ -18,6 +21,36 @@ from .values import half_character
 # to a new base, beside its own until the export commits
 LEFT_BEHIND = re.compile(r"\.(?:(?P<kind>staging|old)-(?P<target>.+)-|tmp-)p(?P<pid>\d+)h(?P<host>[0-9a-f]{8})-[^-]+")
 REPOINTED = ".adapter.json.new"
+
+
+@functools.cache  # the same for the process's life (a fork shares its namespace and boot)
+def this_host() -> str:
+    """This machine and PID namespace: the host name, the boot and the namespace's id where Linux gives them (a
+    container sharing the host's name, or a second machine of that name on a shared drive, gets another)."""
+    parts = [socket.gethostname()]
+    for probe in (lambda: pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                  lambda: str(os.stat("/proc/self/ns/pid").st_ino)):
+        try:
+            parts.append(probe())
+        except OSError:
+            pass
+    return hashlib.sha1("/".join(parts).encode()).hexdigest()[:8]
+
+
+def left_by_a_stopped_process(name: str):
+    """``name``'s LEFT_BEHIND match where a process of this host that no longer runs left it, else None: a running
+    export's folders and another host's (a shared drive) are not a stopped export's (os.kill(pid, 0) asks "is it
+    there?" on POSIX only)."""
+    m = LEFT_BEHIND.fullmatch(name)
+    if m is None or os.name != "posix" or m["host"] != this_host():
+        return None
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return m
+    except OSError:  # another user's process: running
+        return None
+    return None
 
 
 def located(path: str) -> str:

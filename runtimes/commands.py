@@ -78,13 +78,15 @@ def adapter_export_command(folder: str, out: str, *flags: str) -> str:
 
 def folder_fix(out: str, folder: str, merged) -> str:
     """What mends a folder of OUT/adapters made for another base (every Runtime(OUT) refuses it): removing it, or on
-    a slot base re-exporting its adapter into it."""
-    if os.path.isfile(os.path.join(folder, REPOINTED)):  # its manifest for the new base waits beside it: not to remove
-        return f"an export into {out} was stopped before it re-pointed it; run that export again (it finishes that first)"
+    a slot base re-exporting its adapter into it; where an export stopped before re-pointing it, running that again."""
     if merged:
         return f"remove it from {os.path.dirname(os.path.normpath(folder))}, or export it into another --out"
     name = os.path.basename(os.path.normpath(folder))
     if export_name_problem(name):  # export cannot write that folder: it goes, its adapter comes back by another name
         return f"remove {folder}, then re-export its adapter into this OUT: " \
                f"{export_command('DIR', out, '--name', quote(unused_name(out, exported_as(name))))}"
-    return f"remove {folder}, or re-export its adapter into this OUT: {export_command('DIR', out, '--name', quote(name), '--overwrite')}"
+    again = f"re-export its adapter into this OUT: {export_command('DIR', out, '--name', quote(name), '--overwrite')}"
+    if os.path.isfile(os.path.join(folder, REPOINTED)):  # its manifest for the new base waits beside it: not to remove
+        return (f"an export into {out} was stopped before it re-pointed it; run that export again (where OUT can be "
+                f"locked, not on Windows, it finishes that first), or {again}")
+    return f"remove {folder}, or {again}"

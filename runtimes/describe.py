@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .access import LEFT_BEHIND, check_readable
+from .access import check_readable, left_by_a_stopped_process
 from .commands import folder_fix
 from .errors import EdgePeftError
 from .manifest import (
@@ -102,9 +102,9 @@ def describe_export(out_dir: str) -> dict:
 
 def _moved_aside(out_dir: str) -> list[str]:
     """Adapters an export stopped midway (kill -9) had moved aside to replace them, and nothing took their place:
-    the runtime does not see them, and the next export puts them back."""
+    the runtime does not see them, and the next export puts them back (``remove_abandoned``, which reads them so)."""
     parent = os.path.join(out_dir, ADAPTERS_DIR)
-    found = [(n, m["target"]) for n in sorted(os.listdir(parent)) if (m := LEFT_BEHIND.fullmatch(n)) and m["kind"] == "old"
-             and not os.path.lexists(os.path.join(parent, m["target"]))] if os.path.isdir(parent) else []
+    found = [(n, m["target"]) for n in sorted(os.listdir(parent)) if (m := left_by_a_stopped_process(n))
+             and m["kind"] == "old" and not os.path.lexists(os.path.join(parent, m["target"]))] if os.path.isdir(parent) else []
     return [f"{os.path.join(parent, n)}: adapter {target!r}, moved aside by an export into {out_dir} that was stopped; "
             "run that export again (it puts the adapter back first)" for n, target in found]

@@ -369,7 +369,11 @@ def test_a_field_edgepeft_ignores_is_one_note_said_once(peft_adapter, tmp_path, 
     adapter = str(tmp_path / "adapter")
     shutil.copytree(spec_adapter(peft_adapter, "llama", "qv"), adapter)
     edit_json(os.path.join(adapter, "adapter_config.json"), future_field=True)
+    import warnings
+
+    before = warnings.showwarning
     main(["export", "--adapter", adapter, "--out", str(tmp_path / "out")])
+    assert warnings.showwarning is before  # the command's notes end with it: an app's own warnings show as before
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if "future_field" in line]
     assert said == [f"note: {adapter}/adapter_config.json: ignoring fields this edgepeft does not know: future_field"]

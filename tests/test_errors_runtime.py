@@ -467,7 +467,7 @@ def test_in_use_count_is_released_after_a_failed_call(rt, before, monkeypatch):
     steps = rt.step_logits(ids, mask, adapter="qv")
     next(steps)
 
-    def failing_run(binding):
+    def failing_run(binding, run_options=None):
         raise RuntimeError("the session failed mid-generation")
 
     monkeypatch.setattr(rt.session, "run_with_iobinding", failing_run)

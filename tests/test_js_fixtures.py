@@ -87,6 +87,10 @@ def _default_capped(rt) -> dict:
     ids = np.full((1, rt.max_positions - virtual - 5), 9, dtype=np.int64)
     got = rt.generate(ids, adapter="prompt", eos_token_id=[])
     assert got.shape[1] == ids.shape[1] + 5
+    from edgepeft.runtimes import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="virtual tokens = .* positions; shorten the prompt$"):  # no length to
+        rt.generate(np.full((1, rt.max_positions - 1), 9), adapter="prompt")  # lower: the default's fits the positions
     return {"ids": _rows(ids), "generated": _rows(got)}
 
 
