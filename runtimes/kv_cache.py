@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import OutOfMemoryError, first_line
 from .sessions import ort
 
 RESERVE = 64  # decode steps the first buffer holds
@@ -42,7 +43,12 @@ class FixedCache:
     def _allocate(self, arrays: list, capacity: int) -> None:
         self.buffers = []  # numpy-backed OrtValues on the CPU (they hold their arrays), device copies on a GPU
         for a in arrays:
-            buffer = np.zeros((*a.shape[:2], capacity, a.shape[3]), np.float32)
+            try:
+                buffer = np.zeros((*a.shape[:2], capacity, a.shape[3]), np.float32)
+            except MemoryError as e:  # numpy's "Unable to allocate": as the graph's own allocations are said
+                raise OutOfMemoryError(f"{self.rt.base_dir}: the cache of {a.shape[0]} row(s) x {capacity} positions "
+                                       f"does not fit in memory here ({first_line(e)}); use a smaller batch or shorter "
+                                       "inputs") from None
             buffer[:, :, : self.length] = a[:, :, : self.length]
             self.buffers.append(ort.OrtValue.ortvalue_from_numpy(buffer, *self.rt.device))
         self.capacity = capacity

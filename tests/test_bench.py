@@ -227,3 +227,10 @@ def test_a_batch_that_does_not_fit_in_memory_is_refused_in_a_line(shared_export)
     assert done.returncode == 1, done.stderr
     assert "200000 row(s) x 64 positions do not fit in memory here (Failed to allocate memory" in last
     assert last.endswith("use a smaller batch or shorter inputs (here: lower --batch or --seq)")
+    script = ("import resource, sys, numpy as np; resource.setrlimit(resource.RLIMIT_AS, (5 * 2**29, 5 * 2**29)); "
+              "from edgepeft.runtimes import Runtime, OutOfMemoryError\ntry:\n    Runtime(sys.argv[1], load_adapters="
+              "False).generate(np.full((100000, 1), 5), max_new_tokens=2, eos_token_id=[])\nexcept OutOfMemoryError as e:"
+              "\n    print(e)")  # the prefill fits, the decode steps' fixed cache (numpy's MemoryError) does not
+    done = subprocess.run([sys.executable, "-c", script, shared_export("llama")[0]], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert "the cache of 100000 row(s) x " in done.stdout and "use a smaller batch" in done.stdout, done.stderr[-800:]
