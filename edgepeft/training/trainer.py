@@ -65,8 +65,9 @@ class Trainer:
         if mp == "fp16" and not cuda:
             raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
         # cpu=True without CUDA: several CPU processes (torchrun) then form a gloo DDP group
-        return Accelerator(mixed_precision=mp, cpu=not cuda,  # _epoch accumulates gradients itself
-                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=self.args.seed))
+        return Accelerator(mixed_precision=mp, cpu=not cuda,  # _epoch accumulates gradients itself; even_batches: rows
+                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=self.args.seed,
+                                                                     even_batches=False))  # trained twice per epoch
 
     def _data(self, method):
         """``method``: the adapter's config (its virtual tokens take positions too)."""
@@ -239,8 +240,9 @@ class Trainer:
         loader = DataLoader(train_rows, batch_size=args.batch_size, shuffle=True, collate_fn=encoder.collate)
         eval_loader = (DataLoader(process_share(eval_rows, args.batch_size, acc.process_index, acc.num_processes), batch_size=args.batch_size,
                                   collate_fn=encoder.collate) if eval_rows else None)
-        model, optimizer, loader = acc.prepare(peft, optimizer, loader)
-        steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
+        model, optimizer, loader = acc.prepare(peft, optimizer, loader)  # each process every n-th batch (the first most)
+        steps_per_epoch = math.ceil(math.ceil(len(train_rows) / (args.batch_size * acc.num_processes)) / args.grad_accum)
+        self._spare = {k: v.to(acc.device) for k, v in encoder.collate(train_rows[:1]).items()}  # see _epoch
         total = steps_per_epoch * args.epochs
         scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
                                   num_training_steps=total)
@@ -298,16 +300,18 @@ class Trainer:
         loader.set_epoch(epoch)
         step = epoch * steps_per_epoch
         t0, examples, losses, batches = time.perf_counter(), 0, [], iter(loader)
-        while window := list(itertools.islice(batches, args.grad_accum)):
-            counts = [self._count(acc, b) for b in window]
-            total = acc.reduce(torch.stack(counts).sum(), "sum")  # DDP averages the processes' gradients
-            for i, batch in enumerate(window):
-                with contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(model):  # sync once
+        for _ in range(steps_per_epoch):  # as many in every process: one past its rows runs a spare batch, weighted 0,
+            window = list(itertools.islice(batches, args.grad_accum))  # so that DDP's gradient sync meets the others'
+            counts = [self._count(acc, b) for b in window] or [torch.zeros((), dtype=torch.long, device=acc.device)]
+            total, weighted = acc.reduce(torch.stack(counts).sum(), "sum").clamp(min=1), 0.0  # DDP averages gradients
+            for i, batch in enumerate(window or [self._spare]):
+                with contextlib.nullcontext() if i == len(counts) - 1 else acc.no_sync(model):  # sync once
                     with acc.autocast():
                         loss, _ = self._loss(model, batch)
-                    acc.backward(loss * counts[i] * acc.num_processes / total.clamp(min=1))
-                losses.append(loss.detach().float())
-                examples += len(batch["input_ids"]) * acc.num_processes
+                    acc.backward(loss * counts[i] * acc.num_processes / total)
+                weighted = weighted + loss.detach().float() * counts[i]
+                examples += len(batch["input_ids"]) * acc.num_processes * bool(window)
+            losses.append(acc.reduce(weighted, "sum") / total)  # the step's loss: its window's rows, in every process
             acc.clip_grad_norm_(params, args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step takes (logged, as transformers logs it)
             optimizer.step()
@@ -318,8 +322,7 @@ class Trainer:
             bar.update(1)
             if step % args.logging_steps and step % steps_per_epoch:  # log every N steps and at the epoch's end
                 continue
-            mean = float(acc.reduce(torch.stack(losses).mean(), "mean"))  # the mean since the last entry
-            losses = []
+            mean, losses = float(torch.stack(losses).mean()), []  # the steps' since the last entry, alike everywhere
             if not math.isfinite(mean):  # every process sees the reduced mean: all stop alike
                 kept = (f"{args.out} keeps the adapter saved before" if os.path.isfile(os.path.join(args.out, CONFIG_NAME))
                         else "no adapter was saved")
