@@ -37,6 +37,25 @@ def test_every_page_with_python_is_run_here():
     assert all(os.path.isfile(os.path.join(REPO, p)) for p in PAGES)
 
 
+MODULES = {"edgepeft", "json", "np", "numpy", "os", "torch", "transformers", "peft", "onnxruntime", "ort"}
+
+
+@pytest.mark.parametrize("page", PAGES + DEVICE_PAGES)
+def test_each_block_imports_the_modules_it_uses(page):
+    """A block with imports of its own stands alone: it imports every module it uses. The blocks of a page run in
+    one namespace, so training.md's own loop, which used ``edgepeft`` without importing it, passed here and was a
+    NameError copied alone. (A block without imports goes on from the one before, as README's do.)"""
+    import ast
+
+    for i, block in enumerate(python_blocks(page)):
+        tree = ast.parse(block)
+        imported = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert not imported or (used & MODULES) <= imported, \
+            f"{page}, python block {i + 1} uses {sorted((used & MODULES) - imported)}"
+
+
 @pytest.fixture(scope="module")
 def docs_folder(tmp_path_factory, text_model):
     """The working folder the blocks run in, with edgepeft.minilm_path() pointing at a tiny BERT."""
@@ -75,7 +94,8 @@ def test_python_blocks_run_as_written(page, docs_folder):
 
 
 def test_method_pages_name_every_built_in_method():
-    """A built-in method has its row in docs/methods.md (its config class) and in training.md's default-rate table."""
+    """A built-in method has its row in docs/methods.md (its config class), in training.md's default-rate table and
+    in its usage line."""
     from edgepeft.tuners import methods
 
     def page(name):
@@ -85,6 +105,8 @@ def test_method_pages_name_every_built_in_method():
     built_in = [m for m in methods() if m.config_cls.__module__.startswith("edgepeft.")]  # not a test's toy method
     assert [m.config_cls.__name__ for m in built_in if f"`{m.config_cls.__name__}(" not in page("docs/methods.md")] == []
     assert [m.name for m in built_in if f"\n| {m.name} |" not in page("docs/training.md")] == []
+    usage = re.search(r"--method ([\w|]+)", page("docs/training.md"))[1].split("|")  # its usage line
+    assert sorted(usage) == sorted(m.name for m in built_in)
 
 
 def test_architecture_names_every_module():
