@@ -290,18 +290,17 @@ class Trainer:
         return log
 
     def _epoch(self, acc, model, loader, optimizer, scheduler, params, log, epoch, steps_per_epoch, bar) -> None:
-        """One pass over the training data, logging the mean loss every ``logging_steps`` optimizer steps.
-
-        An optimizer step takes ``grad_accum`` batches (fewer at the epoch's end), each batch's mean loss weighted
-        by its share of the window's label tokens (causal LM) or examples, over every process, as transformers'
-        Trainer divides the summed loss by the window's ``num_items_in_batch``: the step is the whole window's.
-        """
+        """One pass over the training data, logging the mean loss every ``logging_steps`` optimizer steps. An
+        optimizer step takes ``grad_accum`` batches (fewer at the epoch's end), each batch's mean loss weighted by its
+        share of the window's label tokens (causal LM) or examples, over every process, as transformers' Trainer
+        divides the summed loss by the window's ``num_items_in_batch``: the step is the whole window's. Every process
+        takes as many steps: one past its rows runs a spare batch, weighted 0, so that DDP's sync meets the others'."""
         args = self.args
         loader.set_epoch(epoch)
         step = epoch * steps_per_epoch
         t0, examples, losses, batches = time.perf_counter(), 0, [], iter(loader)
-        for _ in range(steps_per_epoch):  # as many in every process: one past its rows runs a spare batch, weighted 0,
-            window = list(itertools.islice(batches, args.grad_accum))  # so that DDP's gradient sync meets the others'
+        for _ in range(steps_per_epoch):
+            window = list(itertools.islice(batches, args.grad_accum))
             counts = [self._count(acc, b) for b in window] or [torch.zeros((), dtype=torch.long, device=acc.device)]
             total, weighted = acc.reduce(torch.stack(counts).sum(), "sum").clamp(min=1), 0.0  # DDP averages gradients
             for i, batch in enumerate(window or [self._spare]):
@@ -331,6 +330,7 @@ class Trainer:
             speed = examples / max(time.perf_counter() - t0, 1e-9)
             log["history"].append({"step": step, "epoch": epoch + 1, "loss": mean, "lr": lr, "examples_per_s": speed})
             bar.set_postfix(epoch=f"{epoch + 1}/{args.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}", ex_s=f"{speed:.0f}")
+        next(batches, None)  # the loader's end (its batches are all taken): accelerate lets go of it
         log["train_seconds"] += time.perf_counter() - t0
 
     def _end_epoch(self, acc, model, eval_loader, optimizer, scheduler, log, epoch, bar) -> None:
