@@ -217,3 +217,58 @@ def test_a_prefix_batch_prefill_runs_row_by_row_and_keeps_the_last_logits_only(v
                                   expected)
     assert shapes == [[2, 1, rt.vocab_size]]  # the prefill only; without logits_to_keep: [2, 6, vocab]
     assert rt.forward(prompt, pmask, adapter="prefix")["logits"].shape == (2, 6, rt.vocab_size)  # forward: all
+
+
+def _sharpened(model, seed: int = 7) -> None:
+    """Weights that make attention sharp, as a trained model's: with the default init (std 0.02) attention is near
+    uniform, and a wrong rotary table moved the logits by 1e-7, which no parity check could see."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() < 2:  # norms: not all ones
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+                continue
+            sharp = 2.5 if any(k in name for k in ("q_proj", "k_proj")) else 1.0
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "embed" in name else sharp * p.shape[1] ** -0.5))
+
+
+ROPE = {"llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 16, "rope_theta": 500000.0},
+        "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+        "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE))
+def test_rope_scaling_matches_hf_peft_past_the_original_positions(rope, tmp_path):
+    """Llama 3's scaling, yarn and linear, on both builds: prefill and decode steps to position 28, past the 16
+    the scaling starts from. The sharpened weights let the test fail: HF with plain rope differs by far more."""
+    import peft
+    import transformers as tf
+
+    from peft_refs import randomize_adapter
+
+    config = tiny_config("llama")
+    config.rope_parameters = ROPE[rope]
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    _sharpened(model)
+    base, lora = str(tmp_path / "base"), str(tmp_path / "lora")
+    model.save_pretrained(base)
+    pm = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(base),
+                             peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"))
+    randomize_adapter(pm, 3)
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(lora)
+    ids, mask = sample_batch(batch=3, seq=20)
+    greedy, steps = greedy_reference(peft.PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), lora)
+                                     .eval(), ids, mask, 8)
+    plain = tf.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    plain.load_state_dict(model.state_dict())
+    _, unscaled = greedy_reference(peft.PeftModel.from_pretrained(plain, lora).eval(), greedy[:, :-1], np.pad(
+        mask, ((0, 0), (0, 7)), constant_values=1), 1)
+    assert np.abs(unscaled[0] - steps[-1]).max() > 0.1, "the scaling matters at the last step"
+    for ops in ("contrib", "standard"):
+        export([lora], str(tmp_path / ops), ops=ops)
+        ours = Runtime(str(tmp_path / ops)).step_logits(ids, mask, adapter="lora")
+        logits = [next(ours)] + [ours.send(greedy[:, ids.shape[1] + i]) for i in range(7)]
+        assert np.abs(np.stack(logits) - steps).max() <= 1e-4, ops
