@@ -154,7 +154,7 @@ def _weights_files(folder: str) -> list[str]:
 
 def check_exportable(config, source: str) -> None:
     """Refuse what the export cannot trace: sliding-window attention layers (Qwen2's ``use_sliding_window``),
-    longrope scaling, and an encoder made a causal decoder (``is_decoder``).
+    longrope scaling, an encoder made a causal decoder (``is_decoder``), and BERT's relative position embeddings.
 
     transformers keeps a cropped cache for sliding layers, which the graph's one cache layout for
     every layer does not fit; longrope switches its rotary frequencies once a sequence passes
@@ -167,6 +167,11 @@ def check_exportable(config, source: str) -> None:
             f"{source}: config.json's rope scaling is longrope, which edgepeft cannot export (its rotary "
             "frequencies change with the sequence length); use a base model without longrope scaling"
         )
+    if getattr(config, "position_embedding_type", "absolute") in ("relative_key", "relative_key_query"):
+        raise UnsupportedModelError(  # transformers 5 dropped them and runs absolute positions instead, silently
+            f"{source}: config.json's position_embedding_type is {config.position_embedding_type}, which transformers "
+            "5 no longer computes (it would run absolute positions, not what the model was trained with); use a model "
+            "with absolute position embeddings")
     if getattr(config, "is_decoder", False) and config.model_type not in DECODERS:
         raise UnsupportedModelError(
             f"{source}: config.json sets is_decoder: true (an encoder run as a causal decoder), which edgepeft cannot "

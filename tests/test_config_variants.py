@@ -141,3 +141,13 @@ def test_a_config_field_transformers_cannot_set_is_named_as_a_damaged_config(tmp
     assert "cannot load the base model's config (property 'use_return_dict'" in line
     assert line.endswith("its config.json is damaged: save the model again (save_pretrained), or pass --base another "
                          "folder")
+
+
+@pytest.mark.parametrize("kind", ["relative_key", "relative_key_query"])
+def test_bert_relative_position_embeddings_are_refused_naming_the_field(tmp_path, kind):
+    """transformers 5 no longer computes them and runs absolute positions instead: a checkpoint trained with them
+    exported "ok" with outputs it was never trained to give."""
+    base = _base(tmp_path, "bert", position_embedding_type=kind)
+    with pytest.raises(UnsupportedModelError, match=f"position_embedding_type is {kind}, which transformers 5 no "
+                                                    "longer computes"):
+        export([_lora(tmp_path, base, "feature-extraction", ["query"])], str(tmp_path / "out"))
