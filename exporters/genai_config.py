@@ -66,7 +66,7 @@ def genai_config(model, manifest: dict) -> dict | None:
             "do_sample": bool(gen.get("do_sample", False)),
             "num_beams": 1,
             "num_return_sequences": 1,
-            "max_length": context,
+            "max_length": min(int(gen.get("max_length") or context), context),  # the model's, prompt included
             "min_length": int(gen.get("min_length") or 0),  # genai has no min_new_tokens (the prompt's length varies)
             "no_repeat_ngram_size": int(gen.get("no_repeat_ngram_size") or 0),
             "temperature": float(gen.get("temperature", 1.0)),
@@ -85,9 +85,10 @@ def genai_notes(manifest: dict) -> list[str]:
     notes = [] if manifest["eos_token_id"] else [
         "this model has no end-of-sequence id: edgepeft generates to the length asked; onnxruntime-genai, which needs "
         "one, stops at id 0 (genai_config.json's eos_token_id)"]
-    if (manifest.get("generation") or {}).get("min_new_tokens"):
-        notes.append("generation_config.json sets min_new_tokens, which onnxruntime-genai cannot express (min_length "
-                     "counts the prompt too): pass min_length to genai for each prompt")
+    for name, instead in (("min_new_tokens", "min_length"), ("max_new_tokens", "max_length")):
+        if (manifest.get("generation") or {}).get(name):
+            notes.append(f"generation_config.json sets {name}, which onnxruntime-genai cannot express ({instead} "
+                         f"counts the prompt too): pass {instead} to genai for each prompt")
     return notes
 
 

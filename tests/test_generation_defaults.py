@@ -291,7 +291,8 @@ def test_numpy_integer_settings_act_as_python_ints(length_model):
 
 
 def test_genai_config_takes_min_length_and_says_when_genai_stops_otherwise():
-    """min_length was written as 0 (genai ended 14 tokens early); no eos id meant a silent stop at id 0 in genai."""
+    """min_length was written as 0 (genai ended 14 tokens early); no eos id meant a silent stop at id 0 in genai; the
+    model's max_length was not written, and its max_new_tokens not said."""
     from types import SimpleNamespace
 
     from edgepeft.exporters.genai_config import genai_config, genai_notes
@@ -301,6 +302,12 @@ def test_genai_config_takes_min_length_and_says_when_genai_stops_otherwise():
                 "eos_token_id": [2], "pad_token_id": 0, "max_positions": 64, "vocab_size": 10, "graph": "model.onnx"}
     assert genai_config(SimpleNamespace(config=config), manifest)["search"]["min_length"] == 14
     assert genai_notes(manifest) == []
+    limited = {**manifest, "generation": {"max_length": 20}}  # the model's: genai ran to the context (64)
+    assert genai_config(SimpleNamespace(config=config), limited)["search"]["max_length"] == 20
+    assert genai_config(SimpleNamespace(config=config), manifest)["search"]["max_length"] == 64
+    assert genai_notes({**manifest, "generation": {"max_new_tokens": 2048}}) == [  # Qwen2.5's: no note said so
+        "generation_config.json sets max_new_tokens, which onnxruntime-genai cannot express (max_length counts the "
+        "prompt too): pass max_length to genai for each prompt"]
     assert genai_notes({**manifest, "eos_token_id": []}) == [
         "this model has no end-of-sequence id: edgepeft generates to the length asked; onnxruntime-genai, which needs "
         "one, stops at id 0 (genai_config.json's eos_token_id)"]
