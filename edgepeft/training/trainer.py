@@ -65,9 +65,9 @@ class Trainer:
         if mp == "fp16" and not cuda:
             raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
         # cpu=True without CUDA: several CPU processes (torchrun) then form a gloo DDP group
-        return Accelerator(mixed_precision=mp, cpu=not cuda,  # _epoch accumulates gradients itself; even_batches: rows
+        return Accelerator(mixed_precision=mp, cpu=not cuda,  # _epoch accumulates gradients itself; even batches
                            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=self.args.seed,
-                                                                     even_batches=False))  # trained twice per epoch
+                                                                     even_batches=False))  # repeated rows: see _epoch
 
     def _data(self, method):
         """``method``: the adapter's config (its virtual tokens take positions too)."""
