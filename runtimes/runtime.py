@@ -306,12 +306,11 @@ class Runtime:
         cfg = self.generation_config(**generation)
         pad = cfg.pad_token_id if generation.get("pad_token_id") is not None else self.model_pad_id  # not an eos fallback
         ids, mask = self._decoder_inputs(input_ids, attention_mask, pad, cfg.eos_token_id)
-        source, room = length_source(self, generation), self.max_positions and (
-            self.max_positions - ids.shape[1] - self.virtual_positions(adapter, ids.shape[0]))
-        cfg = cfg.for_prompt(ids.shape[1], room)  # too many positions fail now (not the default length: it fits them)
+        source, virtual = length_source(self, generation), self.virtual_positions(adapter, ids.shape[0])
+        cfg = cfg.for_prompt(ids.shape[1], self.max_positions and self.max_positions - ids.shape[1] - virtual)
         words = ("", "") if source == " (the default)" else (f" + max_new_tokens {cfg.max_new_tokens}{source} - 1 (the "
                                                              "last token is not fed back)", " or lower max_new_tokens")
-        self._check_call(adapter, ids.shape[0], ids.shape[1], cfg.max_new_tokens - 1, *words)
+        self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *words)  # too many positions fail now
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops, words)  # checked again once held
