@@ -150,11 +150,11 @@ class PeftConfig:
         # HF PEFT's regular expressions: a string of modules matches in full, a pattern's key at a name's end
         for name in ("target_modules", "exclude_modules"):  # a rank or alpha pattern: LoraConfig checks it as it matches
             value = getattr(self, name, None)
-            for pattern in [value] if isinstance(value, str) else []:
+            if isinstance(value, str):
                 try:
-                    re.compile(pattern)
+                    re.compile(value)
                 except re.error as e:  # it was a traceback at the first match
-                    raise ConfigError(f"{name}: {pattern!r} is not a regular expression ({e}); correct it as Python's re "
+                    raise ConfigError(f"{name}: {value!r} is not a regular expression ({e}); correct it as Python's re "
                                       "reads it, as HF PEFT does") from None
 
     @classmethod

@@ -281,8 +281,9 @@ class PeftModel(nn.Module):
         config = self.peft_config[adapter_name]  # where it names the base in use, its adapter_config.json is wrong
         other = config.names_another_base(getattr(self.base_model.model, "name_or_path", None))
         elsewhere = f"the adapter was trained on another base ({config.base_model_name_or_path}); load it on that base"
-        fix = elsewhere if other else ("it names this base, and its adapter_config.json describes other weights (r, "
-                                       "rank_pattern, feedforward_modules, ...): save the adapter again from its model")
+        resave = ("it names this base, and its adapter_config.json describes other weights ({}): save the adapter "
+                  "again from its model").format
+        fix = elsewhere if other else resave("r, rank_pattern, feedforward_modules, ...")
         # A head trained for another label count gets that shape before loading.
         for key, module in self.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
@@ -298,9 +299,7 @@ class PeftModel(nn.Module):
         missing = sorted((set(entries) | set(custom)) - set(state))
         unexpected = sorted(set(state) - set(entries) - set(custom))
         if unexpected:
-            fix = (elsewhere if other else
-                   f"it names this base, and its adapter_config.json describes other weights (it lacks e.g. "
-                   f"{missing[0]}): save the adapter again from its model" if missing else
+            fix = (elsewhere if other else resave(f"it lacks e.g. {missing[0]}") if missing else
                    "it names this base: remove those keys from the file or save the adapter again")
             raise AdapterBaseMismatchError(f"{path}: has weights for modules this model lacks (e.g. {unexpected[0]}); {fix}")
         if missing:

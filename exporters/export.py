@@ -118,10 +118,9 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
 def _abandoned(out: str) -> list[str]:
     """What exports stopped midway left in OUT, OUT/adapters and each adapter's folder (a re-pointed manifest's temp
     file, which stayed), mended (``remove_abandoned``): one line each."""
-    adapters = os.path.join(out, ADAPTERS_DIR)
-    done = remove_abandoned(out) + remove_abandoned(adapters)  # first: an adapter moved aside is put back
-    for name in sorted(os.listdir(adapters)) if os.path.isdir(adapters) else []:
-        done += remove_abandoned(os.path.join(adapters, name))
+    done = remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR))  # first: one moved aside is back
+    for folder in adapter_dirs(out).values():
+        done += remove_abandoned(folder)
     return done
 
 

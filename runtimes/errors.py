@@ -50,6 +50,11 @@ class InvalidInputError(EdgePeftError):
 class OutOfMemoryError(InvalidInputError):
     """A call's inputs need more memory than the device has (the message says how much was asked)."""
 
+    @classmethod
+    def of(cls, where: str, what: str, cause: str) -> "OutOfMemoryError":
+        """``what`` (rows and positions) did not fit, as ``cause`` (the allocator's words) says: one wording, one fix."""
+        return cls(f"{where}: {what} does not fit in memory here ({cause[:120]}); use a smaller batch or shorter inputs")
+
 
 class ExportValidationError(EdgePeftError):
     """The exported ONNX graph does not match PyTorch within tolerance."""

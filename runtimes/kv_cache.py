@@ -46,9 +46,8 @@ class FixedCache:
             try:
                 buffer = np.zeros((*a.shape[:2], capacity, a.shape[3]), np.float32)
             except MemoryError as e:  # numpy's "Unable to allocate": as the graph's own allocations are said
-                raise OutOfMemoryError(f"{self.rt.base_dir}: the cache of {a.shape[0]} row(s) x {capacity} positions "
-                                       f"does not fit in memory here ({first_line(e)}); use a smaller batch or shorter "
-                                       "inputs") from None
+                raise OutOfMemoryError.of(self.rt.base_dir, f"the cache of {a.shape[0]} row(s) x {capacity} positions",
+                                          first_line(e)) from None
             buffer[:, :, : self.length] = a[:, :, : self.length]
             self.buffers.append(ort.OrtValue.ortvalue_from_numpy(buffer, *self.rt.device))
         self.capacity = capacity

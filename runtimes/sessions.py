@@ -153,5 +153,5 @@ def run_bound(session, binding, where: str, mask_shape: tuple) -> None:
     except Exception as e:  # onnxruntime raises RuntimeError or its own types
         if not (found := _NO_MEMORY.search(str(e))):
             raise
-        raise OutOfMemoryError(f"{where}: {mask_shape[0]} row(s) x {mask_shape[1]} positions do not fit in memory "
-                               f"here ({found.group(0)[:120]}); use a smaller batch or shorter inputs") from None
+        raise OutOfMemoryError.of(where, f"a batch of {mask_shape[0]} row(s) x {mask_shape[1]} positions",
+                                  found.group(0)) from None

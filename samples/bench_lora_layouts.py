@@ -42,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgepeft.runtimes.adapter_graph import run_adapter_graph
 from edgepeft.runtimes.bench import interleaved
 from edgepeft.runtimes.kv_cache import RESERVE
-from edgepeft.runtimes.manifest import LOGITS_TO_KEEP, cache_names
+from edgepeft.runtimes.manifest import LOGITS_TO_KEEP, adapter_dirs, cache_names
 from edgepeft.runtimes.sessions import session_options
 from sample_folder import positive, run
 
@@ -158,7 +158,7 @@ def main() -> None:
         sys.exit(f"error: {args.export}: this export has no {LOGITS_TO_KEEP} input; re-export it")
     graph = os.path.join(args.export, "adapters", args.adapter, "adapter.onnx")
     if not os.path.isfile(graph):
-        held = sorted(os.listdir(os.path.join(args.export, "adapters")))
+        held = sorted(adapter_dirs(args.export))
         sys.exit(f"error: {graph}: missing; give --adapter one of {', '.join(held) or 'none (export one first)'}")
     with open(graph, "rb") as f:
         slots = run_adapter_graph(f.read(), f.name)

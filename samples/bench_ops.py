@@ -27,6 +27,7 @@ import transformers  # noqa: E402
 from bench_generate import CONFIG, PROMPT_LEN, RANK, build_base, make_adapter, paired  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
+from edgepeft.runtimes.base_checks import OPS  # noqa: E402
 from sample_folder import positive, run  # noqa: E402
 
 GPT2 = dict(n_embd=CONFIG["hidden_size"], n_layer=CONFIG["num_hidden_layers"], n_head=CONFIG["num_attention_heads"],
@@ -54,7 +55,7 @@ def main() -> None:
     runtimes = {}
     for arch, adapter in adapters.items():
         for quantize in (None, "int4"):
-            for ops in ("contrib", "standard"):
+            for ops in OPS:
                 name = f"{arch} {quantize or 'fp32'} {ops}"
                 out = os.path.join(args.out, name.replace(" ", "-"))
                 export([adapter], out, names=["lora"], quantize=quantize, ops=ops, overwrite=True)

@@ -33,9 +33,10 @@ def claim_folder(path: str, default: str) -> str:
 
 def fresh_folder(path: str, default: str) -> str:
     """``claim_folder``, then emptied for the run (its mark kept)."""
-    shutil.rmtree(claim_folder(path, default))
-    os.makedirs(path)
-    open(os.path.join(path, MARK), "w").close()
+    for name in os.listdir(claim_folder(path, default)):
+        if name != MARK:
+            entry = os.path.join(path, name)
+            shutil.rmtree(entry) if os.path.isdir(entry) and not os.path.islink(entry) else os.unlink(entry)
     return path
 
 

@@ -225,7 +225,7 @@ def test_a_batch_that_does_not_fit_in_memory_is_refused_in_a_line(shared_export)
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
     [last] = done.stderr.strip().splitlines()  # ONNX Runtime's own log of the failure is not printed above it
     assert done.returncode == 1, done.stderr
-    assert "200000 row(s) x 64 positions do not fit in memory here (Failed to allocate memory" in last
+    assert "a batch of 200000 row(s) x 64 positions does not fit in memory here (Failed to allocate memory" in last
     assert last.endswith("use a smaller batch or shorter inputs (here: lower --batch or --seq)")
     script = ("import resource, sys, numpy as np; resource.setrlimit(resource.RLIMIT_AS, (5 * 2**29, 5 * 2**29)); "
               "from edgepeft.runtimes import Runtime, OutOfMemoryError\ntry:\n    Runtime(sys.argv[1], load_adapters="

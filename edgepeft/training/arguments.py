@@ -42,7 +42,7 @@ class TrainingArguments:
     scheduler: str = "linear"  # linear | cosine | constant_with_warmup
     max_length: int = 256
     seed: int = 0
-    logging_steps: int = 10  # a training-loss entry every N optimizer steps and at each epoch's end
+    logging_steps: int = 10  # a training-loss entry every N optimizer steps and at each epoch's end (one sync each)
     mixed_precision: str = "auto"  # auto (bf16 on CUDA that has it, else fp32) | no | bf16 | fp16
     save: str = "best"  # best (by the eval metric; needs eval_data) | last
     options: dict = field(default_factory=dict)  # the method config's fields: r, lora_alpha, target_modules, ...

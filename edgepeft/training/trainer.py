@@ -310,7 +310,7 @@ class Trainer:
                     acc.backward(loss * counts[i] * acc.num_processes / total)
                 weighted = weighted + loss.detach().float() * counts[i]
                 examples += len(batch["input_ids"]) * acc.num_processes * bool(window)
-            losses.append(acc.reduce(weighted, "sum") / total)  # the step's loss: its window's rows, in every process
+            losses.append(weighted / total)  # this process's part of the step's loss (summed over processes when logged)
             acc.clip_grad_norm_(params, args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step takes (logged, as transformers logs it)
             optimizer.step()
@@ -321,7 +321,7 @@ class Trainer:
             bar.update(1)
             if step % args.logging_steps and step % steps_per_epoch:  # log every N steps and at the epoch's end
                 continue
-            mean, losses = float(torch.stack(losses).mean()), []  # the steps' since the last entry, alike everywhere
+            mean, losses = float(acc.reduce(torch.stack(losses).mean(), "sum")), []  # the steps' since the last entry
             if not math.isfinite(mean):  # every process sees the reduced mean: all stop alike
                 kept = (f"{args.out} keeps the adapter saved before" if os.path.isfile(os.path.join(args.out, CONFIG_NAME))
                         else "no adapter was saved")
