@@ -284,8 +284,8 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, tmp_path,
 
 
 def test_sizes_no_memory_holds_are_refused_in_a_line(tiny_base, capsys):
-    """10**20 rows a batch or tokens a row, a LoRA rank of 10**12 or 10**20, target modules that are no names: each
-    was a traceback from torch's sampler, the tokenizer, torch's allocator or the name matching."""
+    """10**20 rows a batch or tokens a row, a LoRA rank, bottleneck size or prefix projection width of 10**12 or 10**20,
+    target modules that are no names: each was a traceback from torch's sampler, the tokenizer, torch's allocator or the name matching."""
     import edgepeft
     from edgepeft.training import TrainingArguments
     from tiny import load_reference_base
@@ -301,5 +301,12 @@ def test_sizes_no_memory_holds_are_refused_in_a_line(tiny_base, capsys):
         with pytest.raises(ConfigError, match=rf"r {r}: a LoRA of that rank on a 32 x \d+ layer cannot be made \(.*\); "
                                               "use a rank below the layer's widths"):
             edgepeft.get_peft_model(model, edgepeft.LoraConfig(r=r, target_modules=["q_proj"]))
+        with pytest.raises(ConfigError, match=rf"bottleneck_size {r}: an adapter of that size on a layer of width 32 cannot "
+                                              r"be made \(.*\); use a size below the layer's width"):
+            edgepeft.get_peft_model(model, edgepeft.BottleneckConfig(bottleneck_size=r, target_modules=["o_proj"]))
+        with pytest.raises(ConfigError, match=rf"encoder_hidden_size {r}: a prefix projection of that width cannot be made "
+                                              r"\(.*\); use a width below 128 \(num_layers x 2 x token_dim\)"):
+            edgepeft.get_peft_model(model, edgepeft.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True,
+                                                                      encoder_hidden_size=r))
     with pytest.raises(ConfigError, match=r"target_modules must list module names \(strings\), got \[5\]"):
         edgepeft.LoraConfig(target_modules=[5])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.errors import ConfigError
+from edgepeft.errors import ConfigError, first_line
 from edgepeft.registry import AdapterLayer
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -21,6 +21,18 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
     return tuple(module.weight.shape)
+
+
+def made(build, size: int, room: int, what: str, fix: str):
+    """``build()``, where a ``size`` past ``room`` that no memory holds (torch's allocator refused it: 1e12, or its 64-bit
+    sizes did: 1e20) is refused in a line naming ``what`` and the ``fix``; within ``room``, memory that is full is raised
+    as it is."""
+    try:
+        return build()
+    except (RuntimeError, TypeError, OverflowError) as e:
+        if size <= room:
+            raise
+        raise ConfigError(f"{what} cannot be made ({first_line(e)}); {fix}") from None
 
 
 def wrapper_of(module: nn.Module, cls: type):

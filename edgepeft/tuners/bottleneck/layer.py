@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgepeft.registry import AdapterLayer
-from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost
+from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost, made
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -32,8 +32,11 @@ class BottleneckLinear(AdapterLayer):
     def add(self, adapter_name: str, size: int, non_linearity: str, init: bool = True) -> None:
         weight = innermost(self.base_layer).weight
         dtype = adapter_dtype(weight)
-        self.adapter_down[adapter_name] = nn.Linear(self.out_features, size).to(weight.device, dtype)
-        self.adapter_up[adapter_name] = nn.Linear(size, self.out_features).to(weight.device, dtype)
+        self.adapter_down[adapter_name], self.adapter_up[adapter_name] = made(
+            lambda: (nn.Linear(self.out_features, size).to(weight.device, dtype),
+                     nn.Linear(size, self.out_features).to(weight.device, dtype)), size, self.out_features,
+            f"bottleneck_size {size}: an adapter of that size on a layer of width {self.out_features}",
+            "use a size below the layer's width")
         self.non_linearity[adapter_name] = non_linearity
         if init:
             nn.init.zeros_(self.adapter_up[adapter_name].weight)

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.errors import ConfigError, first_line
 from edgepeft.registry import AdapterLayer
-from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost
+from edgepeft.tuners.targets import adapter_dtype, in_out_features, innermost, made
 
 
 class LoraLinear(AdapterLayer):
@@ -36,14 +35,10 @@ class LoraLinear(AdapterLayer):
         """``init``: HF PEFT's ``init_lora_weights`` (True, False, "gaussian", "orthogonal", "eva")."""
         weight = innermost(self.base_layer).weight
         dtype = adapter_dtype(weight)
-        try:  # a rank no memory holds: torch's allocator refused it (1e12), or its 64-bit sizes did (1e20)
-            self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False).to(weight.device, dtype)
-            self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False).to(weight.device, dtype)
-        except (RuntimeError, TypeError, OverflowError) as e:
-            if r <= max(self.in_features, self.out_features):  # a rank that fits: memory that is full (raised as it is)
-                raise
-            raise ConfigError(f"r {r}: a LoRA of that rank on a {self.in_features} x {self.out_features} layer cannot "
-                              f"be made ({first_line(e)}); use a rank below the layer's widths") from None
+        linear = lambda i, o: nn.Linear(i, o, bias=False).to(weight.device, dtype)  # noqa: E731
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = made(
+            lambda: (linear(self.in_features, r), linear(r, self.out_features)), r, max(self.in_features, self.out_features),
+            f"r {r}: a LoRA of that rank on a {self.in_features} x {self.out_features} layer", "use a rank below the layer's widths")
         self.lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[adapter_name] = scaling
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight

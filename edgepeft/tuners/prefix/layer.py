@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from edgepeft.registry import AdapterLayer
+from edgepeft.tuners.targets import made
 
 _forwards = threading.local()  # per thread: a stack of dicts, one per running forward of a model with encoder prefixes
 
@@ -26,9 +27,10 @@ class PrefixEncoder(nn.Module):
         self.transform = None
         if config.prefix_projection and not config.inference_mode:
             self.embedding = nn.Embedding(n, config.token_dim)
-            self.transform = nn.Sequential(
-                nn.Linear(config.token_dim, config.encoder_hidden_size), nn.Tanh(), nn.Linear(config.encoder_hidden_size, width)
-            )
+            hidden = config.encoder_hidden_size
+            self.transform = made(lambda: nn.Sequential(nn.Linear(config.token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width)),
+                                  hidden, width, f"encoder_hidden_size {hidden}: a prefix projection of that width",
+                                  f"use a width below {width} (num_layers x 2 x token_dim)")
             last = self.transform[-1]
             if config.init_weights == "zero":
                 nn.init.zeros_(last.weight)
