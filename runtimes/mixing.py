@@ -72,6 +72,13 @@ def row_specs(adapter, batch: int):
     return [{} if a is None else {a: 1.0} if isinstance(a, str) else _weights(a) for a in adapter]
 
 
+def row_adapters(adapter, rows: int) -> list:
+    """Each row's adapter (a name, a weighted dict, None) of a call's ``adapter`` argument; a per-row list of the
+    wrong length is refused here, before a caller indexes it."""
+    row_specs(adapter, rows)
+    return list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * rows
+
+
 def _weights(spec) -> dict:
     if not isinstance(spec, dict) or not spec or not all(isinstance(k, str) for k in spec):
         raise InvalidInputError(f"a weighted adapter is a non-empty {{name: weight}} dict; got {spec!r}")

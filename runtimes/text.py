@@ -23,7 +23,7 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, In
 from .generation import GrowingText
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .values import HALF_CHARACTER, half_character, is_whole
-from .mixing import row_specs
+from .mixing import row_adapters
 from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
 
 
@@ -158,11 +158,9 @@ class TextTokenizer:
         width = max(len(r) for r in rows) if rows else 0
         ids = np.full((len(rows), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            if r:
-                cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-                ids[i, cols] = r
-                mask[i, cols] = 1
+        for i, r in enumerate(rows):  # a row of no tokens stays padding
+            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[i, cols], mask[i, cols] = r, 1
         return ids, mask
 
     def _cut(self, text: str, add_special_tokens: bool, max_length: int) -> list:
@@ -288,13 +286,6 @@ def generate_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     return texts[0] if single else texts
 
 
-def _per_row(adapter, rows: int) -> list:
-    """Each row's adapter (a name, a weighted dict, None) of a call's ``adapter`` argument; a per-row list of the
-    wrong length is refused here, before a caller indexes it."""
-    row_specs(adapter, rows)
-    return list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * rows
-
-
 def _in_groups(keys: list, rows: list, per_row: list, call) -> list:
     """``call(rows, their adapters)`` once per group of rows with equal ``keys``, the results in the rows' order."""
     parts = {}
@@ -311,6 +302,16 @@ def _texts(texts) -> tuple[list, bool]:
     return ([texts] if single else list(texts)), single
 
 
+def _token_counts(rows: list, mask: np.ndarray) -> list:
+    """Each text's tokens; a text of none is refused (transformers' pipeline refuses it): in a batch a classifier's head
+    or the pooling read its padding, a label or an embedding for no text."""
+    lengths = mask.sum(-1).tolist()
+    if 0 in lengths:
+        raise InvalidInputError(f"text {rows[lengths.index(0)]!r:.60} has no tokens (this model's tokenizer adds none "
+                                "of its own); give text the vocabulary holds")
+    return lengths
+
+
 def classify(rt, texts, adapter=None):
     """{"label", "score", "scores": {label: score}} per text (one dict for one text). Scores as transformers'
     text-classification pipeline gives them, by the base config's ``problem_type``: probabilities (softmax), a
@@ -319,11 +320,8 @@ def classify(rt, texts, adapter=None):
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export does not classify; export a seq-cls adapter")
     rows, single = _texts(texts)
     ids, mask = rt.tokenizer.encode(rows)
-    per_row = _per_row(adapter, len(rows))
-    lengths = mask.sum(-1).tolist()
-    if 0 in lengths:  # in a batch the head read its padding: a label for no text (transformers' pipeline refuses it)
-        raise InvalidInputError(f"text {rows[lengths.index(0)]!r:.60} has no tokens (this model's tokenizer adds none "
-                                "of its own); give text the vocabulary holds")
+    per_row = row_adapters(adapter, len(rows))
+    lengths = _token_counts(rows, mask)
     if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
         # at a time does (transformers' pipeline): the head would read a shorter row at a pad
         return _in_groups(lengths, rows, per_row, lambda part, specs: classify(rt, part, specs))
@@ -382,7 +380,7 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
     rows, single = _texts(texts)
     max_length, mode, tokenizer = rt.tokenizer.sentence_transformers
-    per_row = _per_row(adapter, len(rows))
+    per_row = row_adapters(adapter, len(rows))
     # a prompt's or prefix's tokens take positions too: each row is cut for its own adapter, as run alone
     virtual = ([rt.virtual_positions(spec, 1) for spec in per_row] if isinstance(adapter, (list, tuple))
                else [rt.virtual_positions(adapter, len(rows))] * len(rows))  # one adapter (or one mix): asked once
@@ -391,6 +389,7 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     if len(set(limits)) > 1:  # rows cut to other lengths run in batches of their own: a wider row pads them past it
         return np.stack(_in_groups(limits, rows, per_row, lambda part, specs: embed(rt, part, specs, normalize)))
     ids, mask = tokenizer.encode(rows, max_length=limits[0])
+    _token_counts(rows, mask)
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
     pooled = pool(hidden, mask, mode)
     if normalize:

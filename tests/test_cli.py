@@ -17,7 +17,7 @@ from file_checks import tree_hashes
 
 from peft_refs import spec_adapter
 from edgepeft.errors import CorruptArtifactError
-from edgepeft.runtimes import Runtime
+from edgepeft.runtimes import InvalidInputError, Runtime
 from edgepeft.runtimes.manifest import read_base_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,6 +272,10 @@ def test_run_pools_the_text_tokens_of_an_embedding_not_the_virtual_ones(tmp_path
     expected = " ".join(f"{v:.4f}" for v in (pooled / (pooled ** 2).sum() ** 0.5)[:8])
     assert f"pooled as sentence-transformers, normalized): {expected} ..." in proc.stdout, (proc.stdout, expected)
     np.testing.assert_allclose(rt.embed("hello there", adapter="p"), pooled / np.linalg.norm(pooled), atol=1e-6)
+    rt.tokenizer._tok.post_processor = None  # a tokenizer that adds no token of its own: "" has none (alone: a shape
+    for empty in ("", ["", "hello there"]):  # complaint; in a batch the pooling of its padding)
+        with pytest.raises(InvalidInputError, match="^text '' has no tokens .*; give text the vocabulary holds$"):
+            rt.embed(empty, adapter="p")
 
 
 def test_bench_json_that_is_a_folder_is_refused_before_measuring(tmp_path, llama):
