@@ -23,6 +23,7 @@ import { TakingTurns, joined, repeat, rowOf, runOnce } from "./sessions.js";
 import { sha256 } from "./sha256.js";
 
 export { EdgePeftError, classify };
+export { OutOfMemoryError } from "./checks.js";
 
 const int64 = (rows) => BigInt64Array.from(rows.flat(), (v) => BigInt(v));
 const PYTHON_ONLY = "; stop strings and mixed batches (one adapter per row) are the Python runtime's only";
@@ -50,7 +51,7 @@ export class Runtime {
     if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT_BASE}`);
     await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`]);
     rt.session = new TakingTurns(await rt.opened(`base/${m.web_graph}`,
-      (o) => loader.session(ort, `base/${m.web_graph}`, o, true)));
+      (o) => loader.session(ort, `base/${m.web_graph}`, o, true)), loader.where(`base/${m.web_graph}`));
     try {
       await rt.checkedOpen(m);
     } catch (e) {  // the session is freed (wasm frees one on release only: 80 MB a failed open kept)

@@ -1,14 +1,17 @@
 // How the runtime runs its ONNX Runtime sessions (the Python runtime's runtimes/sessions.py, in JavaScript's terms), and
 // the float32 tensors it repeats, slices and joins between runs.
 
+import { OutOfMemoryError } from "./checks.js";
+
 /**
  * The base session's runs, one at a time: onnxruntime-web's wasm runs of one session share its stack, and two calls
  * awaited at once (Promise.all, a button clicked twice) hung the process or the page. onnxruntime-node's runs are
  * queued in its thread pool anyway, so waiting a turn costs it nothing.
  */
 export class TakingTurns {
-  constructor(session) {
+  constructor(session, where) {
     this.session = session;
+    this.where = where;  // the graph, as errors name it
     this.turn = Promise.resolve();
   }
 
@@ -17,7 +20,8 @@ export class TakingTurns {
   }
 
   run(feeds) {
-    const run = this.turn.then(() => this.session.run(feeds));
+    const run = this.turn.then(() => this.session.run(feeds, QUIET))
+      .catch((e) => { throw outOfMemory(e, this.where, feeds) ?? e; });
     this.turn = run.catch(() => {});  // a failed run is its caller's; the next one runs
     return run;
   }
@@ -28,6 +32,18 @@ export class TakingTurns {
     this.turn = released.catch(() => {});
     return released;
   }
+}
+
+const NO_MEMORY = /Failed to allocate memory[^\n]*|bad[ _]alloc\w*|out of memory/;  // CPU arena, C++, CUDA (as sessions.py)
+const QUIET = { logSeverityLevel: 4 };  // a kernel's failure is thrown, not also logged in red above the app's own message
+
+/** ONNX Runtime's allocation failure in a run, as an OutOfMemoryError naming the batch and the fix (else null): the
+ * Python runtime's wording (OutOfMemoryError.of). */
+function outOfMemory(e, where, feeds) {
+  const found = NO_MEMORY.exec(String(e?.message ?? e));
+  const [rows, positions] = feeds.attention_mask?.dims ?? [];
+  return found && new OutOfMemoryError(`${where}: a batch of ${rows} row(s) x ${positions} positions does not fit in ` +
+    `memory here (${found[0].slice(0, 120)}); use a smaller batch or shorter inputs`);
 }
 
 /** A graph with no inputs, run once; its session is released (else it leaks). */

@@ -4,6 +4,7 @@
 // of token ids, and SHA-256 without Web Crypto.
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
+import { spawnSync } from "node:child_process";
 import { copyFile, cp, mkdtemp, readFile, rm, truncate, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -183,4 +184,25 @@ test("a tokenizer this library would encode otherwise than the Python runtime is
     /base\/tokenizer.json: the JavaScript tokenizer cannot read it \(.*UnicodeScripts.*\); pass token ids encoded by the Python runtime/);
   await writeFile(file, JSON.stringify(original));
   assert.ok((await loadTokenizer(out)).encode("w10 w20").ids.length);
+});
+
+test("a batch no memory holds is an OutOfMemoryError naming it and the fix, and the runtime runs on", () => {
+  // ONNX Runtime's allocation failure was a plain Error, logged in red as well; run under a capped address space
+  const script = `
+import * as ort from "onnxruntime-node";
+import { OutOfMemoryError } from ${JSON.stringify(path.join(REPO, "runtimes/js/src/runtime.js"))};
+import { openFolder } from ${JSON.stringify(path.join(REPO, "runtimes/js/src/node.js"))};
+const rt = await openFolder(ort, ${JSON.stringify(path.join(FIXTURES, "llama"))});
+const row = Array.from({ length: 60 }, (_, i) => 5 + (i % 50));
+const error = await rt.forward(Array.from({ length: 40000 }, () => row)).catch((e) => e);
+const after = (await rt.forward([row])).logits.dims;
+console.log(JSON.stringify({ memory: error instanceof OutOfMemoryError, message: String(error?.message), after }));`;
+  const child = spawnSync("sh", ["-c", 'ulimit -v 3000000 && exec "$0" --input-type=module -e "$1"', process.execPath, script],
+    { cwd: path.join(REPO, "runtimes/js"), encoding: "utf8", timeout: 120000 });
+  assert.equal(child.status, 0, child.stderr);
+  const { memory, message, after } = JSON.parse(child.stdout);
+  assert.ok(memory, message);
+  assert.match(message, /base\/model\.web\.onnx: a batch of 40000 row\(s\) x 60 positions does not fit in memory here \(.*(Failed to allocate memory|bad_alloc).*\); use a smaller batch or shorter inputs$/);
+  assert.deepEqual(after.slice(0, 2), [1, 60]);
+  assert.doesNotMatch(child.stderr, /Failed to allocate|Non-zero status code/);  // said once, by the error
 });
