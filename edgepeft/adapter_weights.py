@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, CorruptArtifactError
 from edgepeft.runtimes.access import check_readable
+from edgepeft.tuners.heads import CLASSIFIER_NAMES
 from edgepeft.tuners.targets import innermost
 
 
@@ -68,6 +69,29 @@ def named_as_expected(state: dict, expected: set, adapter_name: str) -> dict:
     own = any(plain(key, {adapter_name}) != key for key in state)  # keys of its own name: "default" is another's
     names = {adapter_name} if own else {adapter_name, "default"}
     return {plain(key, names): value for key, value in state.items()}
+
+
+def another_task(path: str, config, prefix: str, missing: list, unexpected: list) -> AdapterBaseMismatchError | None:
+    """The error where the file at ``path`` holds an adapter of this base for another task than its config's
+    ``task_type`` (a hand-edited field): its layers' keys one level deeper or shallower than this model's (``prefix``:
+    the transformers model's ``base_model_prefix``, under which a task model holds the bare one; a head left over), or
+    all of it but the classifier head a SEQ_CLS adapter carries. None where the weights do not read so."""
+    root, deeper, lack = "base_model.model.", f"base_model.model.{prefix}.", set(missing)
+    heads = {*(config.modules_to_save or []), *CLASSIFIER_NAMES}
+    body = [k for k in unexpected if not any(f".{m}." in k for m in heads)]
+    for moved in (lambda k: k.startswith(deeper) and root + k[len(deeper):],  # a task model's adapter on the bare one
+                  lambda k: k.startswith(root) and deeper + k[len(root):]):  # or the other way
+        if body and all(moved(k) in lack for k in body):
+            which = f"{body[0]}, where this model has {moved(body[0])}"
+            break
+    else:
+        if not (missing and not unexpected and config.task_type == "SEQ_CLS"
+                and all(any(f".{m}." in k for m in heads) for k in missing)):
+            return None
+        which = f"it lacks the classifier head a SEQ_CLS adapter carries: {missing[0]}"
+    return AdapterBaseMismatchError(
+        f"{os.path.join(os.path.dirname(path), 'adapter_config.json')}: task_type {config.task_type} does not fit the "
+        f"weights of {os.path.basename(path)} ({which}), another task's; set task_type to the task it was trained for")
 
 
 def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) -> None:

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from edgepeft.adapter_weights import drop_carried_base_weights, named_as_expected, read_adapter_weights
+from edgepeft.adapter_weights import another_task, drop_carried_base_weights, named_as_expected, read_adapter_weights
 from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
@@ -298,6 +298,8 @@ class PeftModel(nn.Module):
         drop_carried_base_weights(self, state, path, set(entries) | set(custom))
         missing = sorted((set(entries) | set(custom)) - set(state))
         unexpected = sorted(set(state) - set(entries) - set(custom))
+        if not other and (wrong := another_task(path, config, self.base_model.model.base_model_prefix, missing, unexpected)):
+            raise wrong
         if unexpected:
             fix = (elsewhere if other else resave(f"it lacks e.g. {missing[0]}") if missing else
                    "it names this base: remove those keys from the file or save the adapter again")

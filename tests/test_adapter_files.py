@@ -313,3 +313,30 @@ def test_weights_of_another_rank_than_the_config_on_the_base_it_names_advise_a_r
             "the model expects [8, 32]; it names this base, and its adapter_config.json describes other weights (r, "
             "rank_pattern, feedforward_modules, ...): save the adapter again from its model")):
         edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "lora"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_a_task_type_edited_to_another_task_is_named_with_its_fix(arch, peft_adapter, tiny_base, tmp_path):
+    """An adapter whose adapter_config.json names another task than it was trained for: the advice was to re-save
+    the adapter (its weights file blamed), where task_type is what to mend."""
+    import shutil
+
+    from edgepeft.errors import AdapterBaseMismatchError
+
+    trained = {"feature-extraction": peft_adapter(arch, "task-fe", r=2),
+               "seq-cls": peft_adapter(arch, "task-cls", task="seq-cls", num_labels=3, r=2)}
+    if arch == "llama":
+        trained["causal-lm"] = peft_adapter(arch, "task-lm", task="causal-lm", r=2)
+    for task, folder in trained.items():
+        for other in {"feature-extraction", "seq-cls"} - {task}:
+            edited = shutil.copytree(folder, tmp_path / f"{task}-as-{other}")
+            edit_json(os.path.join(edited, "adapter_config.json"),
+                      task_type={"feature-extraction": "FEATURE_EXTRACTION", "seq-cls": "SEQ_CLS"}[other])
+            with pytest.raises(AdapterBaseMismatchError) as e:
+                edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base(arch), other, 3), str(edited))
+            where = re.escape(os.path.join(str(edited), "adapter_config.json"))
+            assert re.fullmatch(f"{where}: task_type (FEATURE_EXTRACTION|SEQ_CLS) does not fit the weights of "
+                                r"adapter_model.safetensors \(.*\), another task's; set task_type to the task it was "
+                                "trained for", str(e.value)), str(e.value)
+    model = load_reference_base(tiny_base(arch), "seq-cls", 3)  # as it was trained, it loads
+    edgepeft.PeftModel.from_pretrained(model, trained["seq-cls"])
