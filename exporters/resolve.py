@@ -12,7 +12,7 @@ from edgepeft.config import CONFIG_NAME, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
 from edgepeft.exporters.fingerprint import config_differences, made_heads, weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
-from edgepeft.exporters.validate import check_room
+from edgepeft.exporters.validate import check_room, check_traceable
 from edgepeft.files import check_output_dir
 from edgepeft.models import (
     call_kwargs, check_supported, default_task, load_base, load_model_config, max_positions, model_label, sample_inputs,
@@ -103,6 +103,8 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
         peft.load_adapter(src.path, src.name)
         check_room(max_positions(model_config), getattr(peft.peft_config[src.name], "num_virtual_tokens", None) or 0,
                    src.path)  # before the base is traced, not after
+    check_traceable(max_positions(model_config), any(getattr(c, "num_virtual_tokens", None) for c in peft.peft_config.values()),
+                    source)
     peft.eval()
     manifest = os.path.join(out, BASE_DIR, BASE_MANIFEST)
     existing = read_base_manifest(os.path.dirname(manifest)) if os.path.exists(manifest) else None

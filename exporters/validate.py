@@ -187,6 +187,16 @@ def check_room(positions: int | None, virtual: int, where: str) -> int | None:
     return room
 
 
+def check_traceable(positions: int | None, virtual: bool, where: str) -> None:
+    """The export traces the base with 8 tokens, and 2 virtual ones beside them where an adapter adds some (a
+    prompt's, a prefix's): a model with fewer positions is refused before tracing, where an IndexError stopped it."""
+    need = 10 if virtual else 8
+    if positions and positions < need:
+        raise ConfigError(f"{where}: the model has {positions} positions (config.json), fewer than the {need} the export "
+                          f"traces it with{' (8 tokens and 2 virtual ones)' if virtual else ''}; export a model of {need} "
+                          "positions or more")
+
+
 def sample_shape(rt, adapter, batch: int, length: int, where: str) -> tuple[int, int]:
     """A check's sample length and decode steps: ``length`` and DECODE_STEPS where the model's positions hold them
     beside the adapter's virtual tokens, else as many as fit (a model with few positions, a prefix nearly as long),

@@ -61,6 +61,28 @@ def test_a_model_with_ten_positions_exports(tmp_path):
     assert all(c["max_abs_diff"] < 1e-4 for c in report["checks"])
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_a_model_with_fewer_positions_than_the_trace_takes_is_refused(tmp_path, arch):
+    """7 positions, or 9 for a prompt adapter: tracing stopped with an IndexError (the rotary table, the position
+    embeddings) or a RuntimeError; 8 and 10 export."""
+    from peft_refs import peft_virtual_adapter
+
+    task = "feature-extraction" if arch == "bert" else "causal-lm"
+    targets = ["query"] if arch == "bert" else ["c_attn"] if arch == "gpt2" else ["q_proj"]
+    for positions, kind, need in ((7, "lora", "8 the export traces it with"),
+                                  (9, "prompt", r"10 the export traces it with \(8 tokens and 2 virtual ones\)")):
+        folder = tmp_path / kind
+        base = _base(folder, arch, **{"n_positions" if arch == "gpt2" else "max_position_embeddings": positions})
+        adapter = (_lora(folder, base, task, targets) if kind == "lora" else
+                   peft_virtual_adapter(folder / "prompt", base, "prompt", seed=5, task=task, num_virtual_tokens=3))
+        with pytest.raises(ConfigError, match=f"^{base}: the model has {positions} positions \\(config.json\\), fewer than "
+                                              f"the {need}; export a model of {need.split()[0]} positions or more$"):
+            export([adapter], str(folder / "out"))
+    base = _base(tmp_path / "ten", arch, **{"n_positions" if arch == "gpt2" else "max_position_embeddings": 10})
+    export([peft_virtual_adapter(tmp_path / "ten" / "prompt", base, "prompt", seed=5, task=task, num_virtual_tokens=3)],
+           str(tmp_path / "ten" / "out"))
+
+
 def test_a_prefix_nearly_as_long_as_the_positions_is_checked_in_what_is_left(tmp_path):
     """A 5-token prefix on 10 positions: the check's prompt of 4 + 3 decode steps did not fit, nor did the 8 tokens
     the adapters already in OUT were checked with when a new adapter rebuilt the base; too long a prefix for any
