@@ -42,14 +42,10 @@ class GenerationConfig:
 
     def check(self, vocab_size: int) -> None:
         """Types always; the sampling values' ranges only when sampling (greedy ignores them, as transformers does)."""
-        for name in ("max_new_tokens", "max_length"):
-            value = getattr(self, name)
-            if value is not None and (not is_whole(value) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size"):
-            value = getattr(self, name)
-            if value is not None and (not is_whole(value) or value < 0):
-                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        for name, least in (("max_new_tokens", 1), ("max_length", 1), ("min_new_tokens", 0), ("min_length", 0),
+                            ("no_repeat_ngram_size", 0)):
+            if (value := getattr(self, name)) is not None and (not is_whole(value) or value < least):
+                raise ConfigError(f"{name} must be {'a positive integer' if least else 'an integer >= 0'}, got {value!r}")
         if self.min_p is not None and not is_real(self.min_p):
             raise ConfigError(f"min_p must be a finite number, got {self.min_p!r}")
         if not isinstance(self.do_sample, (bool, np.bool_)):
@@ -317,6 +313,8 @@ class TeacherForcing(Generator):
         self._steps, self._check, self._sent = steps, check, None
 
     def send(self, token):
+        if self._sent == -1:  # closed: as a generator that finished (next() again said to send tokens)
+            raise StopIteration
         if self._sent is None:  # the prefill: takes no token, as a just-started generator
             if token is not None:  # Python's own TypeError told nothing of step_logits
                 raise InvalidInputError("step_logits: call next() first (it runs the prefill and returns its logits), "
@@ -337,6 +335,7 @@ class TeacherForcing(Generator):
 
     def close(self) -> None:
         self._steps.close()
+        self._sent = -1
 
 
 class StopStrings:

@@ -160,6 +160,9 @@ def test_step_logits_says_to_send_tokens_after_the_prefill(runtime_for):
     with pytest.raises(InvalidInputError, match=r"^step_logits: next\(\) runs the prefill only; send each decode "):
         next(steps)
     steps.close()
+    for again in (lambda: next(steps), lambda: steps.send(np.array([5, 6]))):  # closed: as a finished generator
+        with pytest.raises(StopIteration):  # (next() said to send tokens; send raised it already)
+            again()
 
 
 # ---------------------------------------------------------------- 3. sampling
