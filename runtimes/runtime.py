@@ -308,9 +308,10 @@ class Runtime:
         ids, mask = self._decoder_inputs(input_ids, attention_mask, pad, cfg.eos_token_id)
         source, virtual = length_source(self, generation), self.virtual_positions(adapter, ids.shape[0])
         cfg = cfg.for_prompt(ids.shape[1], self.max_positions and self.max_positions - ids.shape[1] - virtual)
-        words = ("", "") if source == " (the default)" else (f" + max_new_tokens {cfg.max_new_tokens}{source} - 1 (the "
-                                                             "last token is not fed back)", " or lower max_new_tokens")
-        self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *words)  # too many positions fail now
+        words = (f" + max_new_tokens {cfg.max_new_tokens}{source} - 1 (the last token is not fed back)",
+                 " or lower max_new_tokens")  # a default length fits this adapter (only the prompt can be too long
+        fits = ("", "") if source == " (the default)" else words  # now), not one reloaded with more virtual tokens
+        self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *fits)  # too many positions fail now
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops, words)  # checked again once held

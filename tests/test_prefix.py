@@ -131,15 +131,21 @@ def test_a_name_reloaded_before_the_first_step_is_checked_again(virtual_export):
     ids = np.array([[5, 9, 33, 12, 7]])
     new = rt.max_positions - ids.shape[1] + 1  # every position: accepted for a LoRA adapter
     stream = rt.stream(ids, adapter="lora", max_new_tokens=new, eos_token_id=[])
+    long = np.zeros((1, rt.max_positions - 4), np.int64) + 5  # the default length, capped to the room: 4 new tokens
+    default = rt.stream(long, adapter="lora", eos_token_id=[])
     steps = rt.step_logits(np.zeros((1, rt.max_positions), np.int64) + 5, adapter="lora")
     rt.unload_adapter("lora")
     rt.load_adapter(f"{out}/adapters/prefix", name="lora")
     with pytest.raises(InvalidInputError, match=f"the adapter's 3 virtual tokens .* exceeds the model's "
                                                 f"{rt.max_positions} positions; shorten the prompt or lower max_new_tokens"):
         next(stream)
+    with pytest.raises(InvalidInputError, match=f"^prompt of {rt.max_positions - 4} tokens \\+ the adapter's 3 virtual tokens "
+                                                "\\+ max_new_tokens 4 \\(the default\\) - 1 \\(the last token is not fed "
+                                                f"back\\) = {rt.max_positions + 2} exceeds"):  # counted, not named
+        next(default)
     with pytest.raises(InvalidInputError, match=f"{rt.max_positions} tokens \\+ the adapter's 3 virtual tokens = "):
         next(steps)
-    rt.unload_adapter("lora")  # neither refused call left it held
+    rt.unload_adapter("lora")  # no refused call left it held
 
 
 # ---------------------------------------------------------------- encoders (BERT family)
