@@ -13,7 +13,8 @@ export function described(v) {  // a value as a message shows it: "5", 5n, 2.5, 
   if (typeof v === "string") return JSON.stringify(v);
   if (typeof v === "bigint") return `${v}n`;
   if (typeof v !== "object" || v === null) return String(v);
-  return [Object, Array].includes(v.constructor) ? JSON.stringify(v) : v.constructor?.name ?? "an object";
+  if (![Object, Array].includes(v.constructor)) return v.constructor?.name ?? "an object";
+  return JSON.stringify(v, (_, x) => (typeof x === "bigint" ? `${x}n` : x));  // a bigint inside threw a TypeError
 }
 
 export const FORMAT_VERSION = 3;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)

@@ -1,5 +1,5 @@
 // Node.js: open an export folder with onnxruntime-node (or onnxruntime-web's wasm build, also in Node).
-import { realpathSync } from "node:fs";
+import { realpathSync, statSync } from "node:fs";
 import { open, readFile, stat } from "node:fs/promises";
 import path from "node:path";
 
@@ -8,19 +8,22 @@ import { Tokenizer } from "@huggingface/tokenizers";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { tokenizerOf } from "./tokenizer.js";
 
-async function read(file, encoding) {
+async function read(file, encoding, out = null) {
   try {
     return await readFile(file, encoding);
   } catch (e) {
-    throw named(e, file);
+    throw named(e, file, out);
   }
 }
 
 /** A file system error as an EdgePeftError naming the file: a missing one is marked so (the runtime says what it
  * means for an export), one another user owns gets the fix that works (a re-export would not). */
-function named(e, file) {
-  if (e.code === "ENOTDIR") {  // a file of the export given as OUT
-    return new EdgePeftError(`${file}: a path through a file, not a folder; give openFolder the export's folder (OUT)`);
+function named(e, file, out = null) {
+  if (e.code === "ENOTDIR") {  // a file of the export given as OUT, or a file inside OUT where it has a folder
+    const blocking = throughFile(file);
+    return new EdgePeftError(out && blocking?.startsWith(out + path.sep)
+      ? `${blocking}: a file where the export has a folder; remove it and export again`
+      : `${file}: a path through a file, not a folder; give openFolder the export's folder (OUT)`);
   }
   if (e.code === "EACCES" || e.code === "EPERM") {
     const uid = process.geteuid?.();  // file access follows the effective id, as Python's os.geteuid (none on Windows)
@@ -34,6 +37,16 @@ function named(e, file) {
   const error = new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
   error.missing = true;
   return error;
+}
+
+/** The file a path goes through (its first ancestor that is there), or null. */
+function throughFile(file) {
+  for (let p = path.dirname(file); p !== path.dirname(p); p = path.dirname(p)) {
+    try {
+      return statSync(p).isFile() ? p : null;
+    } catch {}  // not there, or under the file: one up
+  }
+  return null;
 }
 
 /** OUT made absolute where the system finds it, as the Python runtime's access.located: path.resolve (and Node's own
@@ -62,15 +75,15 @@ export function folderLoader(out) {
   out = located(out);
   return {
     where: (rel) => path.join(out, rel),
-    json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8")),
-    bytes: async (rel) => new Uint8Array(await read(path.join(out, rel))),
+    json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8", out)),
+    bytes: async (rel) => new Uint8Array(await read(path.join(out, rel), undefined, out)),
     // a file's size in bytes (undefined: missing; checkSizes names it)
     size: async (rel) => stat(path.join(out, rel)).then((s) => {
       if (s.isDirectory()) throw named({ code: "EISDIR" }, path.join(out, rel));
       return s.size;
     }, (e) => {
       if (e.code === "ENOENT") return undefined;
-      throw named(e, path.join(out, rel));
+      throw named(e, path.join(out, rel), out);
     }),
     // onnxruntime-node reads a graph's external weights (model.onnx.data) beside the file itself;
     // onnxruntime-web takes them as bytes

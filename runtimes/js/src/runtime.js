@@ -14,7 +14,7 @@
 
 import {
   EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs,
-  checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
+  checkOptions, checkSizes, checkTensors, described, firstLine, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { graphDeclarationErrors } from "./base_checks.js";
 import { adapterGraphProblem } from "./graph.js";
@@ -148,9 +148,10 @@ export class Runtime {
 
   /** Stage an adapter of OUT/adapters by name: run its graph once and sort its tensors by how they are bound. */
   async loadAdapter(name) {
+    if (this.released) throw new EdgePeftError("this Runtime was released; open the export again");
     if (!bareName(name) || !name.trim()) {
       throw new EdgePeftError("an adapter's name must be a non-empty string, a folder's name in OUT/adapters (no path), " +
-        `got ${JSON.stringify(name)}`);
+        `got ${described(name)}`);
     }
     const where = this.loader.where(`adapters/${name}`);
     const json = `adapters/${name}/adapter.json`;
@@ -180,7 +181,8 @@ export class Runtime {
       }
       const problem = adapterGraphProblem(bytes, this.most, Object.keys(this.slots).length);  // before it runs: a forged node could take any memory or time
       if (problem) throw new EdgePeftError(`${this.loader.where(graph)}: ${problem}; ${REEXPORT}`);
-      const session = await this.opened(graph, (o) => this.adapterSession(graph, bytes, o));
+      // its tensors are inside: a session that reads no file (graph.js refused external data above)
+      const session = await this.opened(graph, (o) => this.ort.InferenceSession.create(bytes, adapterSessionOptions(o)));
       tensors = await runOnce(session).catch((e) => {  // as Python names it (a raw ONNX Runtime error otherwise)
         throw new EdgePeftError(`${this.loader.where(graph)}: ONNX Runtime cannot run the adapter graph ` +
           `(${firstLine(e)}); ${REEXPORT}`);
@@ -214,12 +216,6 @@ export class Runtime {
     return name;
   }
 
-  /** An adapter graph's session, which reads no file: its tensors are inside (adapterSessionOptions; graph.js refuses
-   * external data before this). */
-  async adapterSession(graph, bytes, options) {
-    return this.ort.InferenceSession.create(bytes, adapterSessionOptions(options));
-  }
-
   unloadAdapter(name) {
     if (!this.adapters.has(name)) throw this.notLoaded(name);  // a merged export's name too, as in Python
     this.adapters.delete(name);
@@ -234,13 +230,14 @@ export class Runtime {
     return adapter == null || adapter === this.manifest.merged_adapter;
   }
 
-  labels(adapter) {
-    return this.servesBase(adapter) ? this.baseLabels : this.plan(adapter).labels;
+  labels(adapter) {  // a copy, as Python's: an app sorting it for a menu renamed every later classify's classes
+    const labels = this.servesBase(adapter) ? this.baseLabels : this.plan(adapter).labels;
+    return namedLabels(labels, labels?.where);  // the manifest that gives them kept (classify names it)
   }
 
   plan(adapter) {
     if (adapter != null && typeof adapter !== "string") {
-      throw new EdgePeftError(`adapter must be one loaded adapter's name or null (the base model), got ${JSON.stringify(adapter)}` +
+      throw new EdgePeftError(`adapter must be one loaded adapter's name or null (the base model), got ${described(adapter)}` +
         "; mixed and weighted batches are the Python runtime's only");
     }
     if (this.servesBase(adapter)) return { every: {}, prefill: {}, past: {}, nPast: 0, nPrepend: 0, nInside: 0 };
@@ -281,7 +278,8 @@ export class Runtime {
     s = forPrompt(s, ids[0].length, this.checkLength(plan, ids[0].length, 0));  // the room left: the default's cap
     const maxNewTokens = s.maxNewTokens;
     const eosGiven = eos ?? s.modelEos ?? this.manifest.eos_token_id ?? [];  // null: the model's; an id or a list
-    const eosTokenId = (Array.isArray(eosGiven) || ArrayBuffer.isView(eosGiven) ? [...eosGiven] : [eosGiven]).map(fromBigint);
+    const eosTokenId = (Array.isArray(eosGiven) || ArrayBuffer.isView(eosGiven) ? [...eosGiven] : [eosGiven]).map((v) =>
+      (typeof v === "bigint" && BigInt.asIntN(64, v) === v ? Number(v) : v));  // as Python: any int64; past 2**53 none matches
     if (!eosTokenId.every((v) => Number.isInteger(v))) {  // as Python: an id < 0 is taken and never matches
       throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${described(eosGiven)}`);
     }
@@ -342,7 +340,7 @@ export class Runtime {
     if (limit && total > limit) {
       throw new EdgePeftError(`prompt of ${length} tokens + the adapter's ${virtual} virtual tokens` +
         `${newTokens ? ` + ${newTokens} new tokens fed back` : ""} = ${total} exceeds the model's ${limit} positions; shorten the prompt` +
-        (newTokens ? " or lower maxNewTokens" : ""));
+        (newTokens ? " or lower maxNewTokens (the call's, else the model's generation_config.json)" : ""));
     }
     return limit ? limit - total : null;
   }

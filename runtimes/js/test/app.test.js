@@ -52,6 +52,7 @@ test("release frees the base session; later calls are refused, not run", async (
   await rt.release();
   assert.ok((await pending).logits);
   await refuses(rt.forward(ids), /this Runtime was released; open the export again/);
+  await refuses(rt.loadAdapter("intent"), /this Runtime was released; open the export again/);  // it loaded
   await rt.release();  // twice: nothing more
   // a generate made before the release takes every decode step (its steps after the prefill were refused)
   const llama = await openFolder(ortNode, path.join(FIXTURES, "llama"));

@@ -206,3 +206,35 @@ console.log(JSON.stringify({ memory: error instanceof OutOfMemoryError, message:
   assert.deepEqual(after.slice(0, 2), [1, 60]);
   assert.doesNotMatch(child.stderr, /Failed to allocate|Non-zero status code/);  // said once, by the error
 });
+
+test("bigints in a call's arguments are named in the refusal (a TypeError from JSON.stringify), and any int64 eos is taken", async () => {
+  const rt = await openFolder(ortNode, path.join(FIXTURES, "llama"));
+  const ids = [[5, 6, 7]];
+  await refuses(rt.forward(ids, null, { adapter: 1n }), /adapter must be one loaded adapter's name or null \(the base model\), got 1n/);
+  await refuses(rt.loadAdapter(1n), /an adapter's name must be a non-empty string.*, got 1n$/);
+  await refuses(rt.generate(ids, null, { eosTokenId: [2n ** 70n], maxNewTokens: 2 }),
+    /eosTokenId must be a token id or a list of token ids \(integers\), got \["1180591620717411303424n"\]$/);
+  const tokenizer = await loadTokenizer(path.join(FIXTURES, "llama"));
+  assert.throws(() => tokenizer.encode([1n]), (e) => e instanceof EdgePeftError && /got \["1n"\]$/.test(e.message));
+  // as Python: an int64 past any vocabulary is an eos that never comes
+  assert.deepEqual(await rt.generate(ids, null, { eosTokenId: [2n ** 60n], maxNewTokens: 4 }),
+    await rt.generate(ids, null, { eosTokenId: [], maxNewTokens: 4 }));
+});
+
+test("labels() is a copy: an app sorting it does not rename the classes of later calls", async () => {
+  const rt = await openFolder(ortNode, path.join(FIXTURES, "minilm"));
+  await rt.loadAdapter("intent");
+  const labels = rt.labels("intent");
+  rt.labels("intent").sort().reverse();
+  assert.deepEqual(rt.labels("intent"), labels);
+  assert.notEqual(rt.labels("intent"), rt.labels("intent"));
+});
+
+test("a file inside OUT where the export has a folder is named, not OUT (OUT was right)", async () => {
+  const out = await copied("file-for-folder");
+  await writeFile(path.join(out, "adapters", "stray"), "x");
+  await refuses(openFolder(ortNode, out).then((r) => r.loadAdapter("stray")),
+    new RegExp(`^${path.join(out, "adapters", "stray").replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")}: a file where the export has ` +
+      "a folder; remove it and export again$"));
+  await refuses(openFolder(ortNode, path.join(out, "base", "edgepeft.json")), /a path through a file, not a folder; give openFolder/);
+});
