@@ -219,9 +219,8 @@ export function checkOptions(options, allowed, call, elsewhere = "") {
 }
 
 /** Rows of whole numbers from arrays or typed arrays of numbers or bigints (ONNX Runtime's int64 tensors give those). */
-/** A bigint id as a number where one holds it exactly (numbers as they are), as the tokenizer's ids come. */
-export const fromBigint = (v) => (typeof v === "bigint" && v >= BigInt(Number.MIN_SAFE_INTEGER) &&
-  v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v);
+/** A bigint of int64's range as a number (past 2**53 not exact, but then no token id: the checks name it as such). */
+export const fromBigint = (v) => (typeof v === "bigint" && BigInt.asIntN(64, v) === v ? Number(v) : v);
 
 function integerRows(x, what) {
   const isRow = (r) => Array.isArray(r) || ArrayBuffer.isView(r);

@@ -14,7 +14,7 @@
 
 import {
   EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs,
-  checkOptions, checkSizes, checkTensors, described, firstLine, namedLabels, olderRuntime, readJson, reexportFor,
+  checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { graphDeclarationErrors } from "./base_checks.js";
 import { adapterGraphProblem } from "./graph.js";
@@ -278,8 +278,7 @@ export class Runtime {
     s = forPrompt(s, ids[0].length, this.checkLength(plan, ids[0].length, 0));  // the room left: the default's cap
     const maxNewTokens = s.maxNewTokens;
     const eosGiven = eos ?? s.modelEos ?? this.manifest.eos_token_id ?? [];  // null: the model's; an id or a list
-    const eosTokenId = (Array.isArray(eosGiven) || ArrayBuffer.isView(eosGiven) ? [...eosGiven] : [eosGiven]).map((v) =>
-      (typeof v === "bigint" && BigInt.asIntN(64, v) === v ? Number(v) : v));  // as Python: any int64; past 2**53 none matches
+    const eosTokenId = (Array.isArray(eosGiven) || ArrayBuffer.isView(eosGiven) ? [...eosGiven] : [eosGiven]).map(fromBigint);
     if (!eosTokenId.every((v) => Number.isInteger(v))) {  // as Python: an id < 0 is taken and never matches
       throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${described(eosGiven)}`);
     }
