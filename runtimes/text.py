@@ -57,7 +57,8 @@ class TextTokenizer:
         if not os.path.isfile(path):
             check_readable(path)
             raise ArtifactNotFoundError(
-                f"{path}: the export has no tokenizer; pass token ids, or export from a base folder that has tokenizer.json"
+                f"{path}: missing (the export has no tokenizer, or the file was removed); pass token ids, or export again "
+                "from a base folder that has tokenizer.json into a fresh --out folder"
             )
         try:
             from tokenizers import Tokenizer

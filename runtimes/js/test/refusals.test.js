@@ -126,7 +126,7 @@ test("missing or damaged files of an export name the file and a fix, on node and
     await refuses(openFolder(ort, out), /base\/model.onnx.data: missing; copy the export's base folder again, or re-run `edgepeft export`/);
   }
   await rm(path.join(out, "base/tokenizer.json"));
-  await refuses(loadTokenizer(out), /base\/tokenizer.json: the export has no tokenizer; pass token ids, or export from a base folder/);
+  await refuses(loadTokenizer(out), /base\/tokenizer.json: missing \(the export has no tokenizer, or the file was removed\); pass token ids, or export again from a base folder that has tokenizer.json into a fresh --out folder$/);
   await writeFile(path.join(out, "base/tokenizer_config.json"), "{");
   await refuses(loadTokenizer(out), /base\/tokenizer_config.json: not readable JSON/);
   for (const text of ["null", "[]", "5"]) {  // a TypeError, or loaded as if there were no config
