@@ -309,8 +309,8 @@ class Runtime:
         source, virtual = length_source(self, generation), self.virtual_positions(adapter, ids.shape[0])
         cfg = cfg.for_prompt(ids.shape[1], self.max_positions and self.max_positions - ids.shape[1] - virtual)
         words = (f" + max_new_tokens {cfg.max_new_tokens}{source} - 1 (the last token is not fed back)",
-                 " or lower max_new_tokens")  # a default length fits this adapter (only the prompt can be too long
-        fits = ("", "") if source == " (the default)" else words  # now), not one reloaded with more virtual tokens
+                 " or lower max_new_tokens")  # the check once held names them: an adapter reloaded since may not fit
+        fits = ("", "") if source == " (the default)" else words  # a default length fits: only the prompt can be long
         self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *fits)  # too many positions fail now
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now

@@ -308,5 +308,8 @@ def test_sizes_no_memory_holds_are_refused_in_a_line(tiny_base, capsys):
                                               r"\(.*\); use a width below 128 \(num_layers x 2 x token_dim\)"):
             edgepeft.get_peft_model(model, edgepeft.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True,
                                                                       encoder_hidden_size=r))
+    for width in (0, -3):  # -3: torch's traceback at the layer; 0: a projection of nothing
+        with pytest.raises(ConfigError, match=rf"encoder_hidden_size must be a positive integer \(None: token_dim\), got {width}"):
+            edgepeft.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=width)
     with pytest.raises(ConfigError, match=r"target_modules must list module names \(strings\), got \[5\]"):
         edgepeft.LoraConfig(target_modules=[5])

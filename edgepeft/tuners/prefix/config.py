@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from edgepeft.errors import ConfigError
 from edgepeft.models import attention_layout
 from edgepeft.tuners.virtual import PromptLearningConfig
 
@@ -26,6 +27,12 @@ class PrefixTuningConfig(PromptLearningConfig):
     encoder_hidden_size: Optional[int] = None
     prefix_projection: bool = False
     init_weights: Optional[str] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:  # a traceback from torch (-3)
+            raise ConfigError(f"encoder_hidden_size must be a positive integer (None: token_dim), got "
+                              f"{self.encoder_hidden_size!r}")
 
     def fill_method_fields(self, model_config) -> None:
         """Keys/values come per key/value head: with grouped-query attention, fewer heads than queries have, and a
