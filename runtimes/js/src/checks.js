@@ -218,10 +218,10 @@ export function checkOptions(options, allowed, call, elsewhere = "") {
   return options;
 }
 
-/** Rows of whole numbers from arrays or typed arrays of numbers or bigints (ONNX Runtime's int64 tensors give those). */
 /** A bigint of int64's range as a number (past 2**53 not exact, but then no token id: the checks name it as such). */
 export const fromBigint = (v) => (typeof v === "bigint" && BigInt.asIntN(64, v) === v ? Number(v) : v);
 
+/** Rows of whole numbers from arrays or typed arrays of numbers or bigints (ONNX Runtime's int64 tensors give those). */
 function integerRows(x, what) {
   const isRow = (r) => Array.isArray(r) || ArrayBuffer.isView(r);
   if (isRow(x) && x.length && !isRow(x[0])) x = [x];  // one row given flat

@@ -26,6 +26,7 @@ export { EdgePeftError, classify };
 export { OutOfMemoryError } from "./checks.js";
 
 const int64 = (rows) => BigInt64Array.from(rows.flat(), (v) => BigInt(v));
+const RELEASED = "this Runtime was released; open the export again";
 const PYTHON_ONLY = "; stop strings and mixed batches (one adapter per row) are the Python runtime's only";
 
 export class Runtime {
@@ -128,7 +129,7 @@ export class Runtime {
 
   /** call() as a call release() waits for (it swapped in a refusing session at once: a generate's decode steps failed). */
   async counted(call) {
-    if (this.released) throw new EdgePeftError("this Runtime was released; open the export again");
+    if (this.released) throw new EdgePeftError(RELEASED);
     this.inFlight = (this.inFlight ?? 0) + 1;
     try {
       return await call();
@@ -148,7 +149,7 @@ export class Runtime {
 
   /** Stage an adapter of OUT/adapters by name: run its graph once and sort its tensors by how they are bound. */
   async loadAdapter(name) {
-    if (this.released) throw new EdgePeftError("this Runtime was released; open the export again");
+    if (this.released) throw new EdgePeftError(RELEASED);
     if (!bareName(name) || !name.trim()) {
       throw new EdgePeftError("an adapter's name must be a non-empty string, a folder's name in OUT/adapters (no path), " +
         `got ${described(name)}`);
