@@ -64,7 +64,7 @@ def test_a_model_with_ten_positions_exports(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_a_model_with_fewer_positions_than_the_trace_takes_is_refused(tmp_path, arch):
     """7 positions, or 9 for a prompt adapter: tracing stopped with an IndexError (the rotary table, the position
-    embeddings) or a RuntimeError; 8 and 10 export."""
+    embeddings) or a RuntimeError; 10 exports with a prompt adapter."""
     from peft_refs import peft_virtual_adapter
 
     task = "feature-extraction" if arch == "bert" else "causal-lm"

@@ -285,7 +285,8 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, tmp_path,
 
 def test_sizes_no_memory_holds_are_refused_in_a_line(tiny_base, capsys):
     """10**20 rows a batch or tokens a row, a LoRA rank, bottleneck size or prefix projection width of 10**12 or 10**20,
-    target modules that are no names: each was a traceback from torch's sampler, the tokenizer, torch's allocator or the name matching."""
+    target modules that are no names: each was a traceback from torch's sampler, the tokenizer, torch's allocator or
+    the name matching."""
     import edgepeft
     from edgepeft.training import TrainingArguments
     from tiny import load_reference_base
