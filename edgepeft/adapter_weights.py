@@ -78,7 +78,8 @@ def another_task(path: str, config, prefix: str, missing: list, unexpected: list
     all of it but the classifier head a SEQ_CLS adapter carries. None where the weights do not read so."""
     root, deeper, lack = "base_model.model.", f"base_model.model.{prefix}.", set(missing)
     heads = {*(config.modules_to_save or []), *CLASSIFIER_NAMES}
-    body = [k for k in unexpected if not any(f".{m}." in k for m in heads)]
+    in_head = lambda k: any(f".{m}." in k for m in heads)  # noqa: E731
+    body = [k for k in unexpected if not in_head(k)]
     for moved in (lambda k: k.startswith(deeper) and root + k[len(deeper):],  # a task model's adapter on the bare one
                   lambda k: k.startswith(root) and deeper + k[len(root):]):  # or the other way
         if body and all(moved(k) in lack for k in body):
@@ -86,7 +87,7 @@ def another_task(path: str, config, prefix: str, missing: list, unexpected: list
             break
     else:
         if not (missing and not unexpected and config.task_type == "SEQ_CLS"
-                and all(any(f".{m}." in k for m in heads) for k in missing)):
+                and all(map(in_head, missing))):
             return None
         which = f"it lacks the classifier head a SEQ_CLS adapter carries: {missing[0]}"
     return AdapterBaseMismatchError(

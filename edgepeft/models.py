@@ -322,7 +322,10 @@ def max_positions(config) -> int | None:
     return None
 
 
-def sample_inputs(config, batch: int = 2, seq: int = 8, seed: int = 0):
+SAMPLE_TOKENS = 8  # a traced sample's length (export's check_traceable asks the model's positions for as many)
+
+
+def sample_inputs(config, batch: int = 2, seq: int = SAMPLE_TOKENS, seed: int = 0):
     """Token ids and a mask with the last row left-padded (3 pad tokens)."""
     g = torch.Generator().manual_seed(seed)
     pad = config.pad_token_id

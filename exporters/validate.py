@@ -16,7 +16,7 @@ import torch
 
 from edgepeft.errors import ConfigError, ExportValidationError
 from edgepeft.exporters.quantize import relative_error
-from edgepeft.models import call_kwargs, sample_inputs
+from edgepeft.models import SAMPLE_TOKENS, call_kwargs, sample_inputs
 from edgepeft.runtimes.manifest import TASK_OUTPUTS
 
 
@@ -188,13 +188,14 @@ def check_room(positions: int | None, virtual: int, where: str) -> int | None:
 
 
 def check_traceable(positions: int | None, virtual: bool, where: str) -> None:
-    """The export traces the base with 8 tokens, and 2 virtual ones beside them where an adapter adds some (a
-    prompt's, a prefix's): a model with fewer positions is refused before tracing, where an IndexError stopped it."""
-    need = 10 if virtual else 8
+    """The export traces the base with SAMPLE_TOKENS tokens, and 2 virtual ones beside them where an adapter adds some
+    (a prompt's, a prefix's: its slots' traced sizes): a model with fewer positions is refused before tracing, where an
+    IndexError stopped it."""
+    need = SAMPLE_TOKENS + (2 if virtual else 0)
     if positions and positions < need:
         raise ConfigError(f"{where}: the model has {positions} positions (config.json), fewer than the {need} the export "
-                          f"traces it with{' (8 tokens and 2 virtual ones)' if virtual else ''}; export a model of {need} "
-                          "positions or more")
+                          f"traces it with{f' ({SAMPLE_TOKENS} tokens and 2 virtual ones)' if virtual else ''}; export a "
+                          f"model of {need} positions or more")
 
 
 def sample_shape(rt, adapter, batch: int, length: int, where: str) -> tuple[int, int]:
