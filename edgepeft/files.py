@@ -158,8 +158,6 @@ def _owner() -> str:
     return f"p{os.getpid()}h{this_host()}"
 
 
-
-
 def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
     """Mend what an export (or training run: ``who``) killed midway (kill -9, the out-of-memory killer) left under
     ``parent``, made by a process of this host that no longer runs: its staging folders and half-written temp files

@@ -113,8 +113,6 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
     return report
 
 
-
-
 def _abandoned(out: str) -> list[str]:
     """What exports stopped midway left in OUT, OUT/adapters and each adapter's folder (a re-pointed manifest's temp
     file, which stayed), mended (``remove_abandoned``): one line each."""

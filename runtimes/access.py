@@ -20,7 +20,8 @@ from .values import half_character
 # <random>, write_bytes_atomic's .tmp-<owner>-<random> (owner: p<pid>h<host>); and an adapter's manifest re-pointed
 # to a new base, beside its own until the export commits
 LEFT_BEHIND = re.compile(r"\.(?:(?P<kind>staging|old)-(?P<target>.+)-|tmp-)p(?P<pid>\d+)h(?P<host>[0-9a-f]{8})-[^-]+")
-REPOINTED = ".adapter.json.new"
+ADAPTER_MANIFEST = "adapter.json"  # manifest.py's name for it (imported from here)
+REPOINTED = f".{ADAPTER_MANIFEST}.new"
 
 
 @functools.cache  # the same for the process's life (a fork shares its namespace and boot)

@@ -53,7 +53,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .access import check_readable, read_json, sha256_bytes
+from .access import ADAPTER_MANIFEST, check_readable, read_json, sha256_bytes
 from .base_checks import base_value_errors
 from .values import is_kind
 from .commands import ADAPTERS_DIR, adapter_export_command, export_command, fresh_out
@@ -87,7 +87,6 @@ def enclosing_export(path: str) -> str | None:
 
 BASE_MANIFEST = "edgepeft.json"
 BASE_GRAPH = "model.onnx"
-ADAPTER_MANIFEST = "adapter.json"
 ADAPTER_GRAPH = "adapter.onnx"
 WEB_GRAPH = "model.web.onnx"  # the base graph for JavaScript: every slot a required input (exporters/web_graph.py)
 NEUTRAL_GRAPH = "neutral.onnx"  # no inputs; the neutral value of every slot model.web.onnx requires

@@ -307,11 +307,11 @@ class Runtime:
         pad = cfg.pad_token_id if generation.get("pad_token_id") is not None else self.model_pad_id  # not an eos fallback
         ids, mask = self._decoder_inputs(input_ids, attention_mask, pad, cfg.eos_token_id)
         source, virtual = length_source(self, generation), self.virtual_positions(adapter, ids.shape[0])
+        defaulted = cfg.max_new_tokens is None and cfg.max_length is None  # for_prompt's default: fits the room
         cfg = cfg.for_prompt(ids.shape[1], self.max_positions and self.max_positions - ids.shape[1] - virtual)
         words = (f" + max_new_tokens {cfg.max_new_tokens}{source} - 1 (the last token is not fed back)",
                  " or lower max_new_tokens")  # the check once held names them: an adapter reloaded since may not fit
-        fits = ("", "") if source == " (the default)" else words  # a default length fits: only the prompt can be long
-        self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *fits)  # too many positions fail now
+        self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *(("", "") if defaulted else words))
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops, words)  # checked again once held
