@@ -13,6 +13,7 @@ _LAZY = {
     "PeftModel": "edgepeft.peft_model",
     "get_peft_model": "edgepeft.peft_model",
     "EdgePeftError": "edgepeft.errors",
+    "EdgePeftWarning": "edgepeft.errors",
     "Runtime": "edgepeft.runtimes",
     "export": "edgepeft.exporters",
     "train": "edgepeft.training",

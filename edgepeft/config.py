@@ -16,7 +16,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError, UnsupportedMethodError
+from edgepeft.errors import (ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError, EdgePeftWarning,
+                             UnsupportedMethodError)
 from edgepeft.runtimes.values import is_real, is_whole
 
 CONFIG_NAME = "adapter_config.json"
@@ -168,7 +169,8 @@ class PeftConfig:
                                          f"adapter computes, and edgepeft does not support {them}: use an adapter "
                                          f"trained without {them}")
         if unknown:
-            warnings.warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}", stacklevel=2)
+            warnings.warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}",
+                          EdgePeftWarning, stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save_pretrained(self, directory: str, inference_mode: bool | None = None) -> None:

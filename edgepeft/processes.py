@@ -34,20 +34,17 @@ def say(line: str) -> None:
 
 @contextmanager
 def notes_once():
-    """edgepeft's own warnings (an adapter_config.json's fields it ignores) as one ``note:`` line each, once, from the
-    first process, while a command runs: Python printed each with its source line, once per file that read the
-    config. Other warnings show as they would."""
+    """edgepeft's own warnings (``EdgePeftWarning``: an adapter_config.json's fields it ignores) as one ``note:`` line
+    each, once, from the first process, while a command runs: Python printed each with its source line, once per file
+    that read the config. Other warnings show as they would."""
     import warnings
 
-    import edgepeft.runtimes
+    from edgepeft.errors import EdgePeftWarning
 
-    runtimes = os.path.dirname(os.path.abspath(edgepeft.runtimes.__file__))  # beside exporters/: in a wheel inside
-    ours = tuple(d + os.sep for d in (os.path.dirname(os.path.abspath(__file__)), runtimes,  # edgepeft/, in a
-                                      os.path.join(os.path.dirname(runtimes), "exporters")))  # checkout beside it
     shown, said = warnings.showwarning, set()
 
     def note(message, category, filename, lineno, file=None, line=None):
-        if category is not UserWarning or not os.path.abspath(filename).startswith(ours):
+        if not issubclass(category, EdgePeftWarning):
             return shown(message, category, filename, lineno, file, line)
         if first() and str(message) not in said:
             said.add(str(message))

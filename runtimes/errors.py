@@ -11,6 +11,11 @@ class EdgePeftError(Exception):
     """Base class of every error edgepeft raises for bad input or bad artifacts."""
 
 
+class EdgePeftWarning(UserWarning):
+    """Input edgepeft reads but partly ignores (an adapter config's unknown fields). The CLI prints each once as a
+    ``note:`` line; an app filters them by this category (``warnings.filterwarnings("ignore", category=...)``)."""
+
+
 class ConfigError(EdgePeftError):
     """An adapter config or a call's arguments are invalid."""
 

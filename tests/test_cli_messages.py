@@ -377,3 +377,27 @@ def test_a_field_edgepeft_ignores_is_one_note_said_once(peft_adapter, tmp_path, 
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if "future_field" in line]
     assert said == [f"note: {adapter}/adapter_config.json: ignoring fields this edgepeft does not know: future_field"]
+
+
+def test_edgepeft_warnings_have_a_category_of_their_own(peft_adapter, tmp_path, capsys):
+    """An app filters edgepeft's notes by category; the CLI tells them by it too (it told them by the warning's
+    file, which a warning credited to its caller's file would escape)."""
+    import warnings
+
+    from edgepeft import EdgePeftWarning, load_config
+    from edgepeft.processes import notes_once
+
+    adapter = str(tmp_path / "adapter")
+    shutil.copytree(spec_adapter(peft_adapter, "llama", "qv"), adapter)
+    edit_json(os.path.join(adapter, "adapter_config.json"), future_field=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EdgePeftWarning)
+        with pytest.raises(EdgePeftWarning, match="future_field"):
+            load_config(adapter)
+    assert issubclass(EdgePeftWarning, UserWarning)  # HF PEFT's warnings are UserWarnings: filters of them still act
+    with warnings.catch_warnings(), notes_once():
+        warnings.simplefilter("always")
+        warnings.warn("said by a caller's line", EdgePeftWarning)  # credited to this file, not edgepeft's
+        warnings.warn("not ours", UserWarning)
+    err = capsys.readouterr().err
+    assert "note: said by a caller's line\n" in err and "not ours" not in err  # shown as Python shows it (pytest's)

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from edgepeft.config import PeftConfig
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, UnsupportedMethodError
+from edgepeft.errors import (AdapterBaseMismatchError, ConfigError, CorruptArtifactError, EdgePeftWarning,
+                             UnsupportedMethodError)
 from edgepeft.registry import AdapterLayer, Tuner
 
 
@@ -159,7 +160,7 @@ def drop_token_type_ids(config, kwargs: dict):
     types = kwargs.pop("token_type_ids", None)
     if types is not None and config.task_type != "SEQ_CLS":
         warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids",
-                      stacklevel=3)
+                      EdgePeftWarning, stacklevel=3)  # HF PEFT's words; a UserWarning, as there
         return None
     return types
 
