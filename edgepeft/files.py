@@ -10,7 +10,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 
-from edgepeft.runtimes.access import inside, left_by_a_stopped_process, this_host
+from edgepeft.runtimes.access import inside, left_by_a_stopped_process, moved_aside_for_nothing, this_host
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -177,8 +177,10 @@ def remove_abandoned(parent: str, who: str = "an export") -> list[str]:
             continue
         if not (os.path.isdir(path) or os.path.islink(path)):  # a file of that name is not ours
             continue
-        target = os.path.join(parent, m["target"])
-        if m["kind"] == "old" and not os.path.exists(target):
+        target = moved_aside_for_nothing(parent, m)
+        if target is not None:
+            if os.path.islink(target):  # a link to nothing, which a folder cannot replace: it holds nothing
+                os.unlink(target)
             os.replace(path, target)
             done.append(f"put {target} back ({who} was stopped while replacing it)")
         else:

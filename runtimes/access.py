@@ -54,6 +54,14 @@ def left_by_a_stopped_process(name: str):
     return None
 
 
+def moved_aside_for_nothing(parent: str, m) -> str | None:
+    """Where a folder that a stopped process had moved aside (``m``: its LEFT_BEHIND match, kind "old") was being
+    replaced and nothing usable took its place (nothing there, or a link to nothing: killed between replace_dir's
+    two renames), that path, else None. ``remove_abandoned`` puts such a folder back; ``inspect`` names it."""
+    target = os.path.join(parent, m["target"])
+    return target if m["kind"] == "old" and not os.path.exists(target) else None
+
+
 def located(path: str) -> str:
     """``path`` made absolute where the system finds it: os.path.abspath drops 'LINK/..' by its text, where the
     system goes up from the link's target (another folder). Where the two differ, the real path (every link

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .access import check_readable, left_by_a_stopped_process
+from .access import check_readable, left_by_a_stopped_process, moved_aside_for_nothing
 from .commands import folder_fix
 from .errors import EdgePeftError
 from .manifest import (
@@ -105,6 +105,6 @@ def _moved_aside(out_dir: str) -> list[str]:
     the runtime does not see them, and the next export puts them back (``remove_abandoned``, which reads them so)."""
     parent = os.path.join(out_dir, ADAPTERS_DIR)
     found = [(n, m["target"]) for n in sorted(os.listdir(parent)) if (m := left_by_a_stopped_process(n))
-             and m["kind"] == "old" and not os.path.lexists(os.path.join(parent, m["target"]))] if os.path.isdir(parent) else []
+             and moved_aside_for_nothing(parent, m)] if os.path.isdir(parent) else []
     return [f"{os.path.join(parent, n)}: adapter {target!r}, moved aside by an export into {out_dir} that was stopped; "
             "run that export again (it puts the adapter back first)" for n, target in found]

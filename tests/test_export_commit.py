@@ -530,3 +530,24 @@ def test_a_damaged_tokenizer_in_out_names_a_fix_that_works(text_export, tmp_path
         assert line.startswith(f"error: {out}/base/tokenizer.json: not a tokenizer") and line.endswith(fix), argv
     cli_ok(capsys, "export", "--adapter", adapter, "--out", str(tmp_path / "fresh"))
     cli_ok(capsys, "run", str(tmp_path / "fresh"), "hello", "--max-new-tokens", "1")
+
+
+def test_an_adapter_moved_aside_with_a_link_to_nothing_in_its_place_is_named_and_put_back(tmp_path):
+    """inspect and the next export read "nothing took its place" alike: a link to nothing there was fine to inspect
+    (os.path.lexists), and the export's os.replace of the folder onto the link stopped with NotADirectoryError."""
+    import subprocess
+
+    from edgepeft.files import remove_abandoned
+    from edgepeft.runtimes.access import this_host
+    from edgepeft.runtimes.describe import _moved_aside
+
+    done = subprocess.Popen(["true"])
+    done.wait()  # a process of this host that no longer runs
+    adapters = tmp_path / "out" / "adapters"
+    aside = adapters / f".old-qv-p{done.pid}h{this_host()}-abc"
+    aside.mkdir(parents=True)
+    (aside / "adapter.json").write_text("{}")
+    os.symlink(tmp_path / "gone", adapters / "qv")
+    assert [line.split(":")[0] for line in _moved_aside(str(tmp_path / "out"))] == [str(aside)]
+    assert remove_abandoned(str(adapters)) == [f"put {adapters / 'qv'} back (an export was stopped while replacing it)"]
+    assert os.listdir(adapters) == ["qv"] and (adapters / "qv" / "adapter.json").read_text() == "{}"
