@@ -3,8 +3,7 @@
 Order and semantics follow transformers' ``generate``: the repetition penalty, no
 repeated n-grams and the minimum lengths (eos held back) apply to greedy and sampled
 decoding; temperature, top-k, top-p and min-p (in that order) apply only when sampling,
-and greedy decoding ignores their values, as transformers does. ``StopStrings`` ends rows at stop strings;
-``GrowingText`` gives ``stream_text`` the text of the ids so far, decoding a window of them.
+and greedy decoding ignores their values, as transformers does (stop strings and streamed text: ``decoded``).
 """
 from __future__ import annotations
 
@@ -336,64 +335,3 @@ class TeacherForcing(Generator):
     def close(self) -> None:
         self._steps.close()
         self._sent = -1
-
-
-class StopStrings:
-    """Marks rows whose newest token completes a stop string (decoded with the exported tokenizer).
-
-    As transformers' ``StopStringCriteria``: special tokens count as their text, and a
-    match may begin in the prompt; it must end in a new token. Called after every step,
-    so only the newest token can complete a match: each call decodes the last few tokens
-    of each unfinished row, not the whole text.
-    """
-
-    def __init__(self, tokenizer: "TextTokenizer", stops: list, starts: np.ndarray):
-        self.tokenizer = tokenizer
-        self.stops = stops
-        # tokens before the newest one a match can reach back over: a character may take 4 byte-level tokens
-        self.lookback = 4 * max(len(s) for s in stops) + 4
-        self.starts = starts  # each row's first real token: padding is no text
-
-    def hit(self, sequences: np.ndarray, finished: np.ndarray) -> np.ndarray:
-        found = np.zeros(len(sequences), dtype=bool)
-        for i, (row, start) in enumerate(zip(sequences, self.starts)):
-            if finished[i]:
-                continue
-            window = row[max(start, len(row) - 1 - self.lookback):]
-            # the text before the newest token, less a character its bytes had only begun (decoded as U+FFFD):
-            # the newest token completes that character, so a match may end in it
-            # untidied, as transformers matches the tokens' own text (" ," is found where decode would give ",")
-            before = len(self.tokenizer.decode_open(window[:-1], skip_special_tokens=False, tidy=False).rstrip("\ufffd"))
-            # less a character the newest token only began: its U+FFFD is no text yet (a stop "\ufffd" matched it)
-            text = self.tokenizer.decode_open(window, skip_special_tokens=False, tidy=False).rstrip("\ufffd")
-            found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
-        return found
-
-
-class GrowingText:
-    """The text of a growing list of ids in time linear in its length: decoding the whole list at every token cost
-    1.2 ms a token at 2,000 tokens. Special tokens are left out as they come (decoding skips them; a context of
-    them only would decode to "", and the next token read as a text's first, its space dropped). The text of the
-    other ids before ``start`` is kept, and each call decodes from a few ids before ``start`` (a text's first tokens
-    decode apart: Metaspace drops their space, WordPiece keeps "##"; both windows start alike, so the text they add
-    is the same). Where a new id changed that context's text (a tidying rewrite), the whole list is decoded.
-    ``start`` moves on where the text ends on a whole character."""
-    CONTEXT, WINDOW = 8, 32
-
-    def __init__(self, tok: "TextTokenizer"):
-        self.tok, self.start, self.kept, self.before = tok, 0, "", ""
-        self.seen, self.ids = 0, []  # how many of the caller's ids are read, and the ones not special
-
-    def __call__(self, ids: list, n: int) -> str:
-        """The text of ``ids[:n]``; ``n`` never less than the last call's (ids cut before an open byte run)."""
-        special = self.tok.special_ids
-        self.ids += [i for i in ids[self.seen:n] if i not in special]
-        self.seen, ids, n = n, self.ids, len(self.ids)
-        after = self.tok.decode(ids[max(self.start - self.CONTEXT, 0):n])
-        if not after.startswith(self.before):  # a new id rewrote the context's text: decode all, start again
-            self.start, self.kept, self.before = 0, "", ""
-            after = self.tok.decode(ids[:n])
-        text = self.kept + after[len(self.before):]
-        if n - self.start > self.WINDOW and not text.endswith("\ufffd"):
-            self.start, self.kept, self.before = n, text, self.tok.decode(ids[n - self.CONTEXT:n])
-        return text

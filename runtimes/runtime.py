@@ -25,12 +25,12 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import text
+from . import decoded, text
 from .access import check_readable, located
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
-from .generation import StopStrings, TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
+from .generation import TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
 from .inputs import check_token_inputs, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
 from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, adapter_dirs, base_file_errors, cache_names,
@@ -313,7 +313,7 @@ class Runtime:
                  " or lower max_new_tokens")  # the check once held names them: an adapter reloaded since may not fit
         self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *(("", "") if defaulted else words))
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
-        stops = StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
+        stops = decoded.StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops, words)  # checked again once held
 
     def generate(self, input_ids, attention_mask=None, adapter=None, **generation) -> np.ndarray:

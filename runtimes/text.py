@@ -20,7 +20,7 @@ import numpy as np
 from . import chat_template
 from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
-from .generation import GrowingText
+from .decoded import GrowingText
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .values import HALF_CHARACTER, half_character, is_whole
 from .mixing import row_adapters
@@ -185,31 +185,25 @@ class TextTokenizer:
             raise InvalidInputError(f"decode takes token ids (integers >= 0), got {ids.tolist()!r:.80}") from None
         return _tidied(text) if self._tidy and tidy else text
 
+    def byte_of(self, i) -> int | None:
+        """The byte a byte-fallback token (``<0x0A>``: Llama-2, Mistral) stands for, else None."""
+        token = self._tok.id_to_token(int(i)) or ""
+        return int(token[3:5], 16) if len(token) == 6 and token.startswith("<0x") and token.endswith(">") else None
+
     def open_bytes(self, ids, skip_special_tokens: bool = False) -> int:
-        """How many of the last ``ids`` are byte-fallback tokens (``<0x0A>``: Llama-2, Mistral): a run of them
-        decodes as a whole, each of its bytes U+FFFD while the run is not valid UTF-8, so its text (a newline
-        shown already included) may change until a token of another kind ends the run. Decoded without special
-        tokens, a special token inside a run does not end it (and is counted with it)."""
+        """How many of the last ``ids`` are byte-fallback tokens: a run of them decodes as a whole, each of its bytes
+        U+FFFD while the run is not valid UTF-8, so its text (a newline shown already included) may change until a
+        token of another kind ends the run. Decoded without special tokens, a special token inside a run does not
+        end it (and is counted with it)."""
         n = skipped = 0
         for i in reversed(ids):
             if skip_special_tokens and int(i) in self.special_ids:
                 skipped += 1
                 continue
-            token = self._tok.id_to_token(int(i)) or ""
-            if not (len(token) == 6 and token.startswith("<0x") and token.endswith(">")):
+            if self.byte_of(i) is None:
                 break
             n, skipped = n + skipped + 1, 0
         return n
-
-    def decode_open(self, ids, skip_special_tokens: bool = True, tidy: bool = True) -> str:
-        """``decode``, with a run of byte tokens at the end decoded as Python decodes bytes (``errors="replace"``):
-        a newline before a byte that begins no character stays a newline (transformers' stop strings read each
-        token's own text, where the tokenizer's decoder makes the whole run U+FFFD)."""
-        n = self.open_bytes(ids)
-        if not n:
-            return self.decode(ids, skip_special_tokens, tidy)
-        run = bytes(int(self._tok.id_to_token(int(i))[3:5], 16) for i in ids[len(ids) - n:])
-        return self.decode(ids[:len(ids) - n], skip_special_tokens, tidy) + run.decode("utf-8", "replace")
 
     @functools.cached_property
     def rewrites(self) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgepeft.runtimes import CorruptArtifactError, Runtime
-from edgepeft.runtimes.generation import StopStrings
+from edgepeft.runtimes.decoded import StopStrings
 from file_checks import edited_json
 from word_tokenizer import PROMPT, decode
 

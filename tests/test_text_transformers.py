@@ -24,7 +24,7 @@ from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactE
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 from edgepeft.runtimes import text as text_calls
-from edgepeft.runtimes.generation import GrowingText, StopStrings
+from edgepeft.runtimes.decoded import GrowingText, StopStrings
 from edgepeft.runtimes.text import TextTokenizer
 
 TEXTS = ["Hello world, how are you today?", "the quick brown fox", "It is 22 degrees", "Paris is nice\nyes"] * 10
@@ -134,7 +134,7 @@ def test_split_special_tokens_encodes_special_token_text_as_text(tmp_path):
 
 def test_stop_strings_read_a_byte_tokens_own_text_as_transformers(tmp_path):
     """<0xE6> then <0x0A>: transformers' StopStringCriteria sees '\\n' (each token's own text); the decoder's
-    whole-run U+FFFD hid it, so generation ran past the stop."""
+    whole-run U+FFFD hid it, so generation ran past the stop, at the end of the text and (later) inside it."""
     import transformers as tf
     from transformers.generation.stopping_criteria import StopStringCriteria
 
@@ -146,6 +146,16 @@ def test_stop_strings_read_a_byte_tokens_own_text_as_transformers(tmp_path):
         row = np.array([prompt + [ours._tok.token_to_id(t) for t in new]])
         got = StopStrings(ours, [stop], np.zeros(1, np.int64)).hit(row, np.zeros(1, bool))[0]
         assert got == bool(StopStringCriteria(hf, [stop])(torch.from_numpy(row), None)[0]), (new, stop)
+    # a run closed by a token of another kind, not valid UTF-8 (an emoji cut short): its newline or letter was
+    # U+FFFD too, so the stop after it was never found; each step as transformers
+    paris = hf("Paris", add_special_tokens=False)["input_ids"]
+    for new, stop in ([["<0xF0>", "<0x9F>", "<0x98>", "<0x0A>"], "\n Paris"], [["<0xBA>", "<0x4D>"], "M Paris"]):
+        new = [ours._tok.token_to_id(t) for t in new] + paris
+        for k in range(1, len(new) + 1):
+            row = np.array([prompt + new[:k]])
+            got = StopStrings(ours, [stop], np.zeros(1, np.int64)).hit(row, np.zeros(1, bool))[0]
+            assert got == bool(StopStringCriteria(hf, [stop])(torch.from_numpy(row), None)[0]), (new[:k], stop)
+        assert got, stop
 
 
 @pytest.mark.parametrize("stop", ["", [""], ["w10", ""]])
