@@ -1,11 +1,17 @@
 """Chat templates rendered as transformers renders them: the template of ``tokenizer_config.json`` (or
 ``chat_template.jinja``) in a sandboxed, immutable jinja2 environment with transformers' loop controls,
-``{% generation %}`` blocks, ``raise_exception``, ``strftime_now`` and ``tojson``. ``jinja2`` is imported only when a
-template is used."""
+``{% generation %}`` blocks, ``raise_exception``, ``strftime_now``, ``tojson``, ``dict`` and a ``namespace`` that
+stores no ``_`` names; the messages handed over as plain data. ``jinja2`` (3.1.6 or later, as transformers asks:
+older ones let a template out of its sandbox) is imported only when a template is used."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+import re
+from collections.abc import Mapping
+
+import numpy as np
 
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
 from .sentence import TOKENIZER_FIX as _FIX
@@ -40,7 +46,11 @@ def compile_template(text: str | None, source: str):
     try:
         import jinja2
     except ImportError:
-        raise ConfigError("chat templates need the `jinja2` package: pip install jinja2") from None
+        jinja2 = None
+    if jinja2 is None or tuple(map(int, re.findall(r"\d+", jinja2.__version__)[:3])) < (3, 1, 6):
+        raise ConfigError(f"chat templates need jinja2 3.1.6 or later (older ones let a template out of its sandbox), "
+                          f"{'which is not installed' if jinja2 is None else f'not {jinja2.__version__}'}: "
+                          "pip install -U 'jinja2>=3.1.6'")
 
     def raise_exception(message):  # the template refuses what the messages hold
         raise InvalidInputError(f"{source}: the chat template refuses these messages: {message}")
@@ -52,9 +62,14 @@ def compile_template(text: str | None, source: str):
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.globals["dict"], env.globals["namespace"] = _Dict(), _namespace(jinja2)
     try:
-        return env.from_string(text)
-    except jinja2.TemplateSyntaxError as e:
+        tree = env.parse(text)
+        if any(tree.find_all((jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport, jinja2.nodes.Extends))):
+            raise CorruptArtifactError(f"{source}: the chat template takes in other templates ({{% include %}}, "
+                                       f"{{% import %}} or {{% extends %}}), which a chat template has none of; {_FIX}")
+        return env.from_string(tree)
+    except jinja2.TemplateSyntaxError as e:  # an unknown filter too, found as it compiles
         raise CorruptArtifactError(f"{source}: the chat template does not parse ({e}); {_FIX}") from None
 
 
@@ -66,14 +81,14 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
     if isinstance(messages, (str, dict)):  # one message, or a text: read as its characters or keys below
         raise InvalidInputError(f"chat messages are a list of {{'role': ..., 'content': ...}} dicts, got a "
                                 f"{type(messages).__name__}; pass [message]")
-    messages = list(messages)  # a generator: used up by the checks below, and the template got none
+    messages = [_plain(m) if _an_object(m) else m for m in messages]  # a dataclass or pydantic message: its fields
     for i, m in enumerate(messages):  # templates skip what is no dict: a message left out, silently
         if not isinstance(m, dict):
             raise InvalidInputError(f"chat message {i} is {type(m).__name__} {m!r:.40}, not a dict; give each message "
                                     "as {'role': ..., 'content': ...}, as transformers takes them")
         if (half := _half_character(m)) is not None:  # named here: the rendered chat's own text said nothing
             raise InvalidInputError(f"chat message {i}'s text {half[:40]!r} {HALF_CHARACTER}")
-    messages = [_as_transformers_gives(m) for m in messages]
+    messages = [_as_transformers_gives(_plain(m)) for m in messages]
     try:
         return template.render(messages=messages, tools=None, documents=None,
                                add_generation_prompt=add_generation_prompt, **special_tokens)
@@ -102,6 +117,62 @@ def _as_transformers_gives(message: dict) -> dict:
     message = {k: v for k, v in message.items() if v is not None}
     reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
     return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _an_object(value) -> bool:
+    return (dataclasses.is_dataclass(value) and not isinstance(value, type)) or callable(getattr(value, "model_dump", None))
+
+
+def _plain(value):
+    """What a template sees of a message's value, as transformers hands it over: JSON's types rebuilt (a str-Enum
+    is its text, a numpy number its value, a dataclass or pydantic model its fields), anything else a placeholder
+    naming its type ("<ndarray>"): an object's methods are out of the sandbox's view."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for kind in (str, int, float):  # subclasses: an Enum's or numpy's methods stay behind
+        if isinstance(value, kind):
+            return getattr(kind, f"__{kind.__name__}__")(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(_plain, value)) if type(value) in (list, tuple) else list(map(_plain, value))
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+class _Dict:
+    """transformers' ``dict`` of templates: a call and ``fromkeys``, nothing of the type to reach through."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _namespace(jinja2):
+    """transformers' ``namespace``: a name beginning with ``_`` is refused (a SecurityError), stored or given."""
+    def check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a namespace may not store {name!r}, a name beginning with _")
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):  # jinja2's own signature: namespace(self=...) works
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    return Namespace
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:

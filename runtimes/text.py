@@ -97,7 +97,7 @@ class TextTokenizer:
         self.special_map = read_json(map_path, "special tokens map", _FIX) if os.path.isfile(map_path) else {}
         template_path = os.path.join(base_dir, "chat_template.jinja")
         self.template_source = config_path
-        self.chat_template = chat_template.default_template(self.config.get("chat_template"), config_path)
+        self.chat_template = self.config.get("chat_template")  # several, by name: the default taken when used
         self._template = None  # compiled on first use
         if os.path.isfile(template_path):
             self.chat_template, self.template_source = _read_text(template_path), template_path
@@ -217,7 +217,8 @@ class TextTokenizer:
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
         if self._template is None:  # compiled once; a missing template or jinja2 fails here with a ConfigError
-            self._template = chat_template.compile_template(self.chat_template, self.template_source)
+            self._template = chat_template.compile_template(
+                chat_template.default_template(self.chat_template, self.template_source), self.template_source)
         return chat_template.render(self._template, self.template_source, messages, add_generation_prompt,
                                     self.special_tokens)
 

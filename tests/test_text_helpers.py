@@ -200,14 +200,7 @@ def test_a_stop_string_ending_in_a_multi_byte_character_is_found(tmp_path):
 def test_chat_templates_are_sandboxed_and_json_keeps_order_and_text(text_export, tmp_path):
     """As transformers renders them: in an immutable sandbox (a template is code from the model's files), tojson
     keeping key order and non-ASCII text, tools and documents given as none, {% generation %} blocks parsed."""
-    out = str(tmp_path / "out")
-    shutil.copytree(text_export[0], out)
-    template = os.path.join(out, "base", "chat_template.jinja")
-
-    def render(source, messages):
-        with open(template, "w") as f:
-            f.write(source)
-        return Runtime(out).tokenizer.apply_chat_template(messages)
+    render, template = _template_render(text_export, tmp_path)
 
     call = [{"role": "user", "content": {"city": "Zürich", "unit": "c", "a": "<b>1</b>"}}]
     assert render("{{ messages[0]['content'] | tojson }}", call) == '{"city": "Zürich", "unit": "c", "a": "<b>1</b>"}'
@@ -219,6 +212,20 @@ def test_chat_templates_are_sandboxed_and_json_keeps_order_and_text(text_export,
     assert len(messages) == 1  # the caller's list is left as it was
     with pytest.raises(CorruptArtifactError, match="may not"):
         render("{{ cycler.__init__.__globals__.os.getcwd() }}", messages)
+
+
+def _template_render(text_export, tmp_path):
+    """A copy of the export, and a call rendering messages with a template written into it (and that file)."""
+    out = str(tmp_path / "out")
+    shutil.copytree(text_export[0], out)
+    template = os.path.join(out, "base", "chat_template.jinja")
+
+    def render(source, messages):
+        with open(template, "w") as f:
+            f.write(source)
+        return Runtime(out).tokenizer.apply_chat_template(messages)
+
+    return render, template
 
 
 class _Streamed:
@@ -271,3 +278,50 @@ def test_a_chat_template_sees_every_named_special_token(text_export, tmp_path):
     with open(os.path.join(out, "base", "chat_template.jinja"), "w") as f:
         f.write("{% for m in messages %}{{ m['role'] }}: {{ image_token }} {{ m['content'] }} {% endfor %}assistant:")
     assert Runtime(out).tokenizer.apply_chat_template([{"role": "user", "content": "w10"}]) == "user: w99 w10 assistant:"
+
+
+def test_a_template_sees_plain_data_and_what_transformers_refuses_is_refused(text_export, tmp_path, monkeypatch):
+    """Found by a hunt, each as transformers 5 renders it: a str-Enum role rendered as 'Role.USER' and a numpy
+    number broke tojson (messages are handed over as JSON's types, an object as '<Type>'); a namespace storing a
+    '_' name, or a template taking in others ({% include %}, blamed on the messages), rendered; named templates
+    with none named default refused plain text too; a jinja2 before 3.1.6 (a sandbox escape) was used."""
+    import dataclasses
+    import enum
+
+    import jinja2
+
+    from edgepeft.runtimes import ConfigError
+
+    render, template = _template_render(text_export, tmp_path)
+
+    class Role(str, enum.Enum):
+        USER = "user"
+
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: object
+
+    each = "{% for m in messages %}{{ m.role }}:{{ m.content | tojson }} {% endfor %}"
+    messages = [{"role": Role.USER, "content": {"t": np.float32(0.5), "n": np.int64(3), "a": np.zeros(2)}},
+                Message("assistant", "w10")]
+    assert render(each, messages) == 'user:{"t": 0.5, "n": 3, "a": "<ndarray>"} assistant:"w10" '
+    assert render("{% set ns = namespace(n=dict(a=1)) %}{{ ns.n.a }}", messages) == "1"
+    for body in ("{% set ns = namespace(_seen=0) %}", "{% set ns = namespace() %}{% set ns._seen = 1 %}"):
+        with pytest.raises(CorruptArtifactError, match="does what a template may not .*a namespace may not store '_seen'"):
+            render(body, messages)
+    for body in ("{% include 'x' %}", "{% import 'x' as y %}", "{% extends 'x' %}"):
+        with pytest.raises(CorruptArtifactError, match=f"{template}: the chat template takes in other templates"):
+            render(body, messages)
+    os.unlink(template)
+    from file_checks import edit_json
+
+    out = os.path.dirname(os.path.dirname(template))
+    edit_json(os.path.join(out, "base", "tokenizer_config.json"), chat_template=[{"name": "tool_use", "template": "T"}])
+    rt = Runtime(out)
+    assert rt.tokenizer.encode(PROMPT)[0].shape[1] > 0 and rt.generate_text(PROMPT, adapter="tok", max_new_tokens=1)
+    with pytest.raises(CorruptArtifactError, match="none named default"):
+        rt.tokenizer.apply_chat_template(messages)
+    monkeypatch.setattr(jinja2, "__version__", "3.1.5")
+    with pytest.raises(ConfigError, match=r"jinja2 3.1.6 or later .*, not 3.1.5: pip install -U 'jinja2>=3.1.6'"):
+        render("{{ 1 }}", messages)

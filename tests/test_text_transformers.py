@@ -202,11 +202,12 @@ def test_chat_templates_render_as_transformers_renders_them(text_export, tmp_pat
 
 
 def test_chat_template_refusals_name_the_file(text_export, tmp_path):
-    """Named templates without a default are the file's fault; a template's raise_exception is the caller's."""
+    """Named templates without a default are the file's fault (found when a chat is rendered: plain text is
+    fine); a template's raise_exception is the caller's."""
     folder = _folder(text_export, tmp_path, {"chat_template": [{"name": "tool_use", "template": "T"}]})
     with pytest.raises(CorruptArtifactError, match=r"tokenizer_config.json: has chat templates named tool_use but none "
                        "named default"):
-        TextTokenizer(folder)
+        TextTokenizer(folder).apply_chat_template([{"role": "user", "content": "w10"}])
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": "{% if messages[0]['role'] != 'system' %}{{ raise_exception('Start with a "
                                     "system message') }}{% endif %}"}, f)
