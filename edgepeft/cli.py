@@ -10,6 +10,7 @@ import click
 from click.core import ParameterSource
 
 from edgepeft.errors import EdgePeftError, TrainingInterrupted, first_line
+from edgepeft.flags import as_flags
 from edgepeft.processes import end_group, first, leave, notes_once, peer_stopped, say
 
 
@@ -55,7 +56,7 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
             raise ConfigError(f"--option {pair!r}: write it as KEY=VALUE, e.g. --option lora_dropout=0.1")
         try:
             options[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a number of 5,000 digits, arrays nested thousands deep
             options[key] = value  # a bare string
     from edgepeft.training.arguments import find_method
 
@@ -328,42 +329,6 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         pooled = rt.embed(prompt, adapter=name)
         click.echo(f"embedding ({pooled.shape[0]} values, pooled as sentence-transformers, normalized): "
                    + " ".join(f"{v:.4f}" for v in pooled[:8]) + " ...")
-
-
-def as_flags(message: str, argv) -> str:
-    """A runtime message in the command's own terms: ``adapter=None`` -> ``--adapter none``, ``max_new_tokens`` -> ``--max-new-tokens``.
-
-    The runtime's and the trainer's messages name their Python arguments; at the command line its users typed flags.
-    Names inside paths and file names are left alone."""
-    command = cli.commands.get(next((a for a in argv if not a.startswith("-")), ""), None)
-    flags = {p.name: p.opts[0] for p in (command.params if command else []) if isinstance(p, click.Option)}
-    if not flags:
-        return message
-    values = {"None": "none", "True": "", "False": ""}
-    paths = {}  # quoted names and text, the command's paths ("sweep lr=0.01/train.jsonl"): no flag names inside them
-    quoted = dict.fromkeys(re.findall(r"(?<![=\w])('[^'\n]*'|\"[^\"\n]*\")", message))  # not a value's: name='x'
-    for a in [*quoted, *sorted({a for a in argv if " " in a or "/" in a or os.sep in a}, key=len, reverse=True)]:
-        if a in message:
-            paths[f"\x00{len(paths)}\x00"] = a
-            message = message.replace(a, f"\x00{len(paths) - 1}\x00")
-
-    def flag(m):
-        name, value = m.group(1), m.group(2).strip("'")
-        if name not in flags:
-            return m.group(0)
-        if value in ("True", "False"):
-            negative = next((p.secondary_opts[0] for p in command.params  # --do-sample/--greedy: --greedy
-                             if p.name == name and getattr(p, "secondary_opts", None)), None)
-            return flags[name] if value == "True" else negative or f"no {flags[name]}"
-        return f"{flags[name]} {values.get(value, value)}"
-
-    alone = r"(?<![\w/.\-])", r"(?![\w/\-]|\.\w)"  # a word of its own, not part of a path or file name
-    message = re.sub(alone[0] + r"(\w+)=('[^' ]*'|[\w.+\-]*\w)" + alone[1], flag, message)  # None, 0.005, -3, 'linear'
-    message = re.sub(alone[0] + r"([a-z]+)(?= must )", lambda m: flags.get(m.group(1), m.group(1)), message)  # "seed must"
-    message = re.sub(alone[0] + r"([a-z]+_[a-z_]+)" + alone[1], lambda m: flags.get(m.group(1), m.group(1)), message)
-    for token, path in paths.items():
-        message = message.replace(token, path)
-    return message
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from edgepeft.errors import (ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError, EdgePeftWarning,
-                             UnsupportedMethodError)
+                             UnsupportedMethodError, first_line)
 from edgepeft.runtimes.values import is_real, is_whole
 
 CONFIG_NAME = "adapter_config.json"
@@ -243,8 +243,8 @@ def load_config(directory: str) -> PeftConfig:
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptArtifactError(f"{path}: not valid JSON ({e}); re-save the adapter") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, a number of 5,000 digits
+        raise CorruptArtifactError(f"{path}: not valid JSON ({first_line(e)}); re-save the adapter") from None
     if not isinstance(d, dict) or not isinstance(d.get("peft_type"), str):
         raise CorruptArtifactError(f"{path}: has no 'peft_type' name; re-save the adapter with save_pretrained")
     return _config_from_dict(d, path, "fix the file or re-save the adapter")

@@ -116,6 +116,12 @@ def test_an_error_keeps_the_paths_it_names(tmp_path):
     assert as_flags(f"{missing}: data file not found", ["train", "--eval", str(missing)]) == f"{missing}: data file not found"
     assert as_flags(f"{missing} and max_new_tokens.", ["run", "out"]) == f"{missing} and --max-new-tokens."
     assert as_flags("adapter=None; lower max_new_tokens", ["run", "out"]) == "--adapter none; lower --max-new-tokens"
+    # found by a hunt: a name without a slash was a flag's ("--lr 0.01.jsonl:1: not valid JSON", "--seed 1: holds")
+    train = ["train", "--model", "m", "--data", "lr=0.01.jsonl", "--out=seed=1", "--eval", "max_length"]
+    for said in ("lr=0.01.jsonl:1: not valid JSON", "seed=1: holds a checkpoint", "max_length: data file not found"):
+        assert as_flags(said, train) == said
+    assert as_flags("max_length=0 must be > 0", [*train, "--max-length", "0"]) == "--max-length 0 must be > 0"
+    assert as_flags("lr=0.01 must be", train) == "--lr 0.01 must be"  # not the path's text: a name given a value
 
 
 # --------------------------------------------------------------------------- inspect

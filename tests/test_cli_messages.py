@@ -25,6 +25,18 @@ def test_target_modules_with_spaces_name_every_module():
     assert _options("lora", None, None, "q_proj, v_proj", []) == {"target_modules": ["q_proj", "v_proj"]}
     with pytest.raises(ConfigError, match="--target-modules 'q_proj,' has an empty name"):
         _options("lora", None, None, "q_proj,", [])
+    # found by a hunt: a number Python's JSON takes no int of, or arrays nested too deep, were tracebacks
+    for value in ("1" * 5000, "[" * 100000):
+        assert _options("lora", None, None, None, [f"lora_dropout={value}"]) == {"lora_dropout": value}
+
+
+def test_an_adapter_config_with_a_number_of_5000_digits_is_named(tmp_path):
+    from edgepeft import load_config
+    from edgepeft.errors import CorruptArtifactError
+
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1%s}' % ("0" * 5000))
+    with pytest.raises(CorruptArtifactError, match=r"adapter_config.json: not valid JSON \(Exceeds the limit .*\); re-save"):
+        load_config(str(tmp_path))
 
 
 def test_flags_that_contradict_or_do_nothing_are_said(peft_adapter, text_model, tmp_path, capsys):

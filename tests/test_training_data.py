@@ -51,6 +51,10 @@ def test_two_objects_on_one_line_is_invalid_json(tmp_path):
     path = write_lines(tmp_path / "deep.jsonl", ["[" * 100000])  # Python's RecursionError, a traceback
     with pytest.raises(DataError, match=r"deep.jsonl:1: not valid JSON \(nested too deeply\)"):
         read_jsonl(path, "seq-cls")
+    path = write_lines(tmp_path / "big.jsonl", ['{"text": "a", "label": "x", "id": 1%s}' % ("0" * 5000)])
+    with pytest.raises(DataError, match=r"big.jsonl:1: not valid JSON \(Exceeds the limit \(4300 digits\) for integer "
+                                        r"string conversion: value has 5001 digits\); each line"):  # a traceback
+        read_jsonl(path, "seq-cls")
 
 
 @pytest.mark.parametrize("line, kind", [('["a", "b"]', "list"), ('"just text"', "str"), ("42", "int"), ("null", "NoneType")])

@@ -87,8 +87,9 @@ def read_jsonl(path: str, task: str) -> Rows:
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
-            reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        except (ValueError, RecursionError) as e:  # arrays nested thousands deep; a number of 5,000 digits
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply" \
+                if isinstance(e, RecursionError) else str(e).split(";")[0]
             raise DataError(f"{path}:{n}: not valid JSON ({reason}); each line must be one JSON object") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object like {want}, got {type(row).__name__}")
