@@ -387,7 +387,11 @@ def load_tokenizer(model: str, revision: str | None = None):
 def named_labels(config, width: int | None = None) -> list | None:
     """The class names a model's config gives (``id2label``), unless transformers' defaults (LABEL_0, ...) or
     another count than ``width``."""
-    names = [str(config.id2label[i]) for i in range(len(config.id2label or {}))]
+    numbers = sorted(config.id2label or {})
+    if numbers != list(range(len(numbers))):  # transformers' pipeline reads class i as id2label[i]: a KeyError
+        raise ConfigError(f"{os.path.join(config.name_or_path or 'the model', 'config.json')}: id2label numbers its "
+                          f"classes {', '.join(map(str, numbers))}, not 0 to {len(numbers) - 1}; renumber them so")
+    names = [str(config.id2label[i]) for i in numbers]
     if not names or names == [f"LABEL_{i}" for i in range(len(names))] or width not in (None, len(names)):
         return None
     return names

@@ -314,3 +314,19 @@ def test_sizes_no_memory_holds_are_refused_in_a_line(tiny_base, capsys):
             edgepeft.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=width)
     with pytest.raises(ConfigError, match=r"target_modules must list module names \(strings\), got \[5\]"):
         edgepeft.LoraConfig(target_modules=[5])
+
+
+def test_an_empty_data_path_or_classes_numbered_with_gaps_are_refused_in_a_line(text_model, tmp_path, capsys):
+    """Found by a hunt: --eval "" (a shell's unset $EVAL) trained without an eval and said ok; --data "" said
+    ": data file not found"; a --model whose config.json numbers its classes 0, 1, 5 was a KeyError traceback."""
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    out = str(tmp_path / "out")
+    line = cli_error(capsys, *train_argv(text_model("bert"), data, out, "--eval", ""))
+    assert line == "error: --eval '' names no file; pass a JSONL file (or leave --eval out to train without one)"
+    assert cli_error(capsys, *train_argv(text_model("bert"), " ", out)) == "error: --data ' ' names no file; pass a JSONL file"
+    model = shutil.copytree(text_model("bert"), tmp_path / "model")
+    edit_json(os.path.join(model, "config.json"), id2label={"0": "neg", "1": "pos", "5": "mixed"},
+              label2id={"neg": 0, "pos": 1, "mixed": 5})
+    line = cli_error(capsys, *train_argv(str(model), data, out))
+    assert line == f"error: {model}/config.json: id2label numbers its classes 0, 1, 5, not 0 to 2; renumber them so"
+    assert not os.path.exists(out)

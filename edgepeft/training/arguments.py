@@ -70,6 +70,10 @@ class TrainingArguments:
             value = getattr(self, name)
             if not (value is None and name.endswith("lr")) and not is_number(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value!r}")  # ranges: below
+        for flag, path in (("--data", self.data), ("--eval", self.eval_data)):  # "$EVAL" unset: --eval "" read as none
+            if isinstance(path, str) and not path.strip():
+                raise ConfigError(f"{flag} {path!r} names no file; pass a JSONL file"
+                                  f"{' (or leave --eval out to train without one)' if flag == '--eval' else ''}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues OUT's checkpoint and --overwrite starts over; give one of them")
         if not isinstance(self.options, dict):
