@@ -314,7 +314,7 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
             verb = "only applies" if len(idle) == 1 else "only apply"
             click.echo(f"note: {', '.join(idle)} {verb} with --do-sample; decoding greedily", err=True)
         for piece in rt.stream_text(prompt, adapter=name, chat=chat, **generation):
-            click.echo(piece, nl=False)
+            click.echo(piece, nl=False, color=True)  # as generated: click strips escapes for a pipe
         click.echo()
         return
     if name is None and rt.task == "seq-cls" and not rt.manifest.get("merged_adapter") and \

@@ -413,3 +413,15 @@ def test_edgepeft_warnings_have_a_category_of_their_own(peft_adapter, tmp_path, 
         warnings.warn("not ours", UserWarning)
     err = capsys.readouterr().err
     assert "note: said by a caller's line\n" in err and "not ours" not in err  # shown as Python shows it (pytest's)
+
+
+def test_run_prints_the_generated_text_as_it_is_into_a_pipe(text_export, capsys, monkeypatch):
+    """Found by a hunt: click took ANSI escapes (a byte-level model may generate any byte) out of the text when
+    stdout was no terminal, so `edgepeft run ... > out.txt` held another text than stream_text gave."""
+    from edgepeft.cli import main
+
+    pieces = ["red: ", "\x1b[31m", "x", "\x1b[0m", " done"]
+    monkeypatch.setattr(Runtime, "stream_text", lambda self, *a, **k: iter(pieces))
+    capsys.readouterr()
+    main(["run", text_export[0], PROMPT, "--adapter", "tok", "--max-new-tokens", "3"])
+    assert capsys.readouterr().out == "".join(pieces) + "\n"
