@@ -30,6 +30,9 @@ const bertCjk = (n) => n?.type === "Sequence" ? n.normalizers.some(bertCjk)
 /** What this library would encode otherwise than the Rust one, for every text that has it (null: nothing). */
 function unlike(json, config) {
   if (config.split_special_tokens === true) return "split_special_tokens (special-token text in a prompt encoded as text)";
+  if (json.model?.type === "Unigram" && json.model.byte_fallback) {
+    return "a Unigram model with byte_fallback (a character outside its vocabulary encoded as <unk> here)";
+  }
   if (json.model?.type === "BPE" && json.model.continuing_subword_prefix) {
     return `a BPE model with continuing_subword_prefix ${JSON.stringify(json.model.continuing_subword_prefix)}`;
   }
@@ -87,7 +90,7 @@ export async function tokenizerOf(Tokenizer, loader) {
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: the JavaScript tokenizer cannot read it ` +
       `(${firstLine(e)}); ${PASS_IDS}`);
   }
-  keepByteOrderMarks(tokenizer.decoder);
+  asRustDecodes(tokenizer.decoder);
   asRustReads(tokenizer);
   const decode = tokenizer.decode.bind(tokenizer);  // as the Python runtime's decode: special tokens skipped by default
   tokenizer.decode = (ids, options) => {  // an id past the vocabulary decodes to nothing (the library said [UNK])
@@ -129,11 +132,31 @@ function asRustReads(tokenizer) {
   }
 }
 
-/** The library's ByteFallback decoder reads each byte run with a TextDecoder that drops a byte order mark (U+FEFF)
- * at the run's start; the Rust library keeps it, as the Python runtime does. */
-function keepByteOrderMarks(decoder) {
-  for (const part of decoder?.decoders ?? []) keepByteOrderMarks(part);
+const UTF8 = new TextEncoder();
+
+/** Where the library's decoders read otherwise than the Rust ones, mended:
+ * - ByteFallback read each byte run with a TextDecoder that drops a byte order mark (U+FEFF) at the run's start,
+ *   which the Rust library keeps;
+ * - ByteLevel passed an added token's text through as it is, where the Rust one reads every token's characters
+ *   through the byte map (the token's own UTF-8 where a character is not in it) and the bytes of all as one text:
+ *   an added "café" decodes as "caf\uFFFD" there, as in the Python runtime;
+ * - Metaspace dropped one space at the start of the first token, whatever its prepend_scheme, where the Rust one
+ *   drops every "▁" of the first token unless the scheme is "never" (then each is a space, as in later tokens). */
+function asRustDecodes(decoder) {
+  for (const part of decoder?.decoders ?? []) asRustDecodes(part);
   if (decoder?.text_decoder instanceof TextDecoder && !decoder.text_decoder.ignoreBOM) {
     decoder.text_decoder = new TextDecoder("utf-8", { ignoreBOM: true });
+  }
+  if (decoder?.config?.type === "ByteLevel" && decoder.byte_decoder) {
+    const map = decoder.byte_decoder;
+    decoder.decode_chain = (tokens) => [decoder.text_decoder.decode(Uint8Array.from(tokens.flatMap((t) => {
+      const chars = [...t];
+      return chars.every((c) => map[c] !== undefined) ? chars.map((c) => Number(map[c])) : [...UTF8.encode(t)];
+    })))];
+  }
+  if (decoder?.config?.type === "Metaspace") {
+    const { replacement } = decoder, config = decoder.config;
+    const scheme = config.prepend_scheme ?? (config.add_prefix_space === false ? "never" : "always");
+    decoder.decode_chain = (tokens) => tokens.map((t, i) => t.replaceAll(replacement, i === 0 && scheme !== "never" ? "" : " "));
   }
 }

@@ -94,3 +94,52 @@ test("added tokens the library would match otherwise are refused, naming what to
   assert.ok((await loadTokenizer(path.join(scratch, "pair-unlisted"))).encode("hello").ids.length > 0);
   await refused("template-unlisted", /base\/tokenizer.json: its post-processor names the special token "<zz>", which its special_tokens lack \(the tokenizers library cannot encode with it\); re-run `edgepeft export` into a fresh --out folder$/);
 });
+
+// Decoders the library read otherwise than the Rust one (found by a hunt): each case's ids decoded by the Python runtime.
+const DECODERS = String.raw`
+import json, os, sys
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from edgepeft.runtimes.text import TextTokenizer
+root, out = sys.argv[1], {}
+words = {"<unk>": 0, "<s>": 1, "\u2581Hello": 2, "\u2581world": 3, "\u2581of\u2581the": 4, "Hi": 5}
+for scheme in ("never", "first", "always"):
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.add_special_tokens(["<s>"])
+    tok.decoder = decoders.Metaspace(prepend_scheme=scheme)
+    out[scheme] = tok
+alphabet = pre_tokenizers.ByteLevel.alphabet()
+tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+tok.add_tokens(["caf\u00e9", "\u00b15", "\u91ce"])
+out["bytelevel-added"] = tok
+out["unigram-bytes"] = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("<0xC3>", -2.0), ("<0xA9>", -2.0)], 0, byte_fallback=True))
+said = {}
+for name, tok in out.items():
+    base = os.path.join(root, name, "base")
+    os.makedirs(base, exist_ok=True)
+    tok.save(os.path.join(base, "tokenizer.json"))
+    if name != "unigram-bytes":
+        rt = TextTokenizer(base)
+        rows = [[2, 3], [4, 3], [1, 4, 3], [5, 2]] if name in ("never", "first", "always") else [rt.encode(t)[0][0].tolist() for t in ("a caf\u00e9 \u00b15", "\u91ce ok caf\u00e9")]
+        said[name] = [[row, rt.decode(row), rt.decode(row, skip_special_tokens=False)] for row in rows]
+print(json.dumps(said))
+`;
+
+test("Metaspace and ByteLevel decode as the Rust library decodes; a Unigram model with byte_fallback is refused", async () => {
+  const root = path.join(scratch, "decoders");
+  const python = JSON.parse(execFileSync(PYTHON, ["-c", DECODERS, root], { env: { ...process.env, HF_HUB_OFFLINE: "1" } }));
+  // Metaspace dropped one space of the first token whatever its prepend_scheme ("never" keeps it; the others drop
+  // every "▁" of it: "of▁the" is "ofthe"); ByteLevel passed an added "café" through ("caf\uFFFD" in Python)
+  for (const [name, rows] of Object.entries(python)) {
+    const tokenizer = await loadTokenizer(path.join(root, name));
+    for (const [ids, text, raw] of rows) {
+      assert.equal(tokenizer.decode(ids), text, `${name} ${ids}`);
+      assert.equal(tokenizer.decode(ids, { skip_special_tokens: false }), raw, `${name} ${ids}`);
+    }
+  }
+  assert.deepEqual(python.first.map((r) => r[1]), ["Hello world", "ofthe world", "ofthe world", "Hi Hello"]);
+  assert.equal(python["bytelevel-added"][0][1], "a caf\uFFFD \uFFFD5");  // the case that differed
+  // the library encoded "é" as <unk> (no byte fallback in its Unigram), where the Rust one spells its bytes
+  await assert.rejects(loadTokenizer(path.join(root, "unigram-bytes")), (e) => e instanceof EdgePeftError &&
+    /unigram-bytes\/base\/tokenizer.json: a Unigram model with byte_fallback .* is not in the JavaScript tokenizer; pass token ids/.test(e.message));
+});
