@@ -330,3 +330,24 @@ def test_an_empty_data_path_or_classes_numbered_with_gaps_are_refused_in_a_line(
     line = cli_error(capsys, *train_argv(str(model), data, out))
     assert line == f"error: {model}/config.json: id2label numbers its classes 0, 1, 5, not 0 to 2; renumber them so"
     assert not os.path.exists(out)
+
+
+def test_embedding_pairs_are_cut_as_embed_cuts_them(text_model, tmp_path):
+    """Found by a hunt: training refused a text longer than the model's positions (less a prompt's tokens), which
+    Runtime.embed and sentence-transformers cut to the tokenizer's limit (no sentence-transformers files) or to
+    max_seq_length less the virtual tokens."""
+    from edgepeft.models import load_model_config, load_tokenizer
+    from edgepeft.training.pooling import embedding_settings
+
+    model = str(shutil.copytree(text_model("bert"), tmp_path / "model"))
+    long = "great product " * 80  # 160+ tokens, past the model's 128 positions
+    data = write_lines(tmp_path / "pairs.jsonl", [{"text": long, "positive": "so good"}, {"text": "awful", "positive": "bad"}])
+    config, tokenizer = load_model_config(model, "--model"), load_tokenizer(model)
+    assert embedding_settings(model, None, config, tokenizer, 0) == (128, "mean", False)
+    train(model=model, task="feature-extraction", method="lora", data=data, out=str(tmp_path / "lora"), epochs=1,
+          batch_size=2, progress=False)
+    with open(os.path.join(model, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": 128, "do_lower_case": False}, f)
+    assert embedding_settings(model, None, config, tokenizer, 4) == (124, "mean", False)
+    train(model=model, task="feature-extraction", method="prompt", data=data, out=str(tmp_path / "prompt"), epochs=1,
+          batch_size=2, options={"num_virtual_tokens": 4}, progress=False)

@@ -1,11 +1,27 @@
 """What training reads off a model's outputs beyond its own loss: sentence embeddings pooled as sentence-transformers
-pools them, and a prompt-tuned decoder classifier's logits at each row's last real token."""
+pools them (texts cut as it cuts them), and a prompt-tuned decoder classifier's logits at each row's last real token."""
 from __future__ import annotations
 
 import contextlib
 import logging
 
 import torch
+
+
+def embedding_settings(model: str, revision, config, tokenizer, n_virtual: int) -> tuple:
+    """(the length texts are cut to, pooling mode, lower-case texts) as ``Runtime.embed`` serves the export: the
+    model's sentence-transformers settings, else its tokenizer's limit, capped at its positions less the virtual
+    tokens of a prompt or prefix adapter (training refused texts that embed, and sentence-transformers, cut)."""
+    from edgepeft.models import max_positions, sentence_transformers_folder
+    from edgepeft.runtimes.sentence import sentence_transformers_settings
+
+    positions, folder = max_positions(config), sentence_transformers_folder(model, revision)
+    own = getattr(tokenizer, "model_max_length", None)
+    limit, mode, lower = sentence_transformers_settings(folder, positions) if folder else (
+        min((n for n in (own if isinstance(own, int) else None, positions) if n), default=None), "mean", False)
+    if positions and n_virtual:
+        limit = min(limit or positions, positions - n_virtual)
+    return limit, mode, lower
 
 
 def pooled(model, ids, mask, mode="mean"):

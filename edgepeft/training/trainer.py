@@ -25,10 +25,7 @@ from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
 from edgepeft.files import (
     deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty, reporting_full_disk,
 )
-from edgepeft.models import (
-    DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, sentence_transformers_folder,
-)
-from edgepeft.runtimes.sentence import sentence_transformers_settings
+from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels
 from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.processes import first
 from edgepeft.training.arguments import TrainingArguments, arguments_of, method_config
@@ -40,7 +37,7 @@ from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, rows_digest,
 )
 from edgepeft.training.optimizer import make_optimizer
-from edgepeft.training.pooling import last_real_token_pooled, pooled
+from edgepeft.training.pooling import embedding_settings, last_real_token_pooled, pooled
 from edgepeft.training.summary import beat_untrained, hint, rank, shown
 
 class Trainer:
@@ -91,15 +88,15 @@ class Trainer:
         head = named_labels(config) if args.task == "seq-cls" else None  # a trained classifier's own class names
         labels = label_names(rows, args.data, head) if args.task == "seq-cls" else None
         model_pad = getattr(config, "pad_token_id", None) if args.task == "seq-cls" else None
+        n_virtual = getattr(method, "num_virtual_tokens", None) or 0
+        tokenizer = load_tokenizer(args.model, method.revision)
         # texts cut, lower-cased and pooled as sentence-transformers (and embed)
-        folder = sentence_transformers_folder(args.model, method.revision) if args.task == "feature-extraction" else None
-        limit, self.pooling, lower = sentence_transformers_settings(folder, max_positions(config)) if folder else (
-            None, "mean", False)
-        encoder = Encoder(load_tokenizer(args.model, method.revision), args.task, min(args.max_length, limit or
-                          args.max_length), labels, pad_id=model_pad, lower=lower)
+        limit, self.pooling, lower = embedding_settings(args.model, method.revision, config, tokenizer, n_virtual) \
+            if args.task == "feature-extraction" else (None, "mean", False)
+        encoder = Encoder(tokenizer, args.task, min(args.max_length, limit or args.max_length), labels, pad_id=model_pad,
+                          lower=lower)
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
-        n_virtual = getattr(method, "num_virtual_tokens", None) or 0
         self.virtual_first = getattr(method, "virtual_first", False)  # the config's to say: see _count
         # a decoder classifier given inputs_embeds (a prompt before the tokens) pools the last position: see _loss
         self.pools_last_real = args.task == "seq-cls" and self.virtual_first and config.model_type in DECODERS
