@@ -207,18 +207,31 @@ def replace_dir(staged: str, target: str) -> None:
     old = None
     try:
         with deferred_interrupts():  # Ctrl-C between the two renames would leave no target at all
-            if os.path.exists(target):
-                parent, name = os.path.split(os.path.abspath(target))
-                old = tempfile.mkdtemp(prefix=f".old-{name}-{_owner()}-", dir=parent)
-                os.rmdir(old)
-                os.replace(target, old)
-            try:
-                os.replace(staged, target)
-            except BaseException:
-                if old:
-                    os.replace(old, target)
-                raise
+            old = swap_dir(staged, target)
     finally:  # also when the deferred Ctrl-C is raised: the old folder is not left behind
+        remove_moved_aside(old)
+
+
+def swap_dir(staged: str, target: str) -> str | None:
+    """``staged`` renamed to ``target``; the folder that was there is renamed aside first (hold Ctrl-C off around
+    it): returns that one's path, for ``remove_moved_aside`` once whatever belongs with the new folder is in place."""
+    old = None
+    if os.path.exists(target):
+        parent, name = os.path.split(os.path.abspath(target))
+        old = tempfile.mkdtemp(prefix=f".old-{name}-{_owner()}-", dir=parent)
+        os.rmdir(old)
+        os.replace(target, old)
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        if old:
+            os.replace(old, target)
+        raise
+    return old
+
+
+def remove_moved_aside(*olds) -> None:
+    for old in olds:
         if old and os.path.lexists(old):
             _remove(old)
 
@@ -232,20 +245,27 @@ def _remove(path: str) -> None:
 
 
 @contextmanager
-def deferred_interrupts():
-    """Ctrl-C (SIGINT) waits until the block is done: renames that belong together all happen, then it is raised.
+def held_interrupts():
+    """Ctrl-C (SIGINT) waits until the block is done; yields the list of those that came, for the caller to answer.
     Outside the main thread (where no signal handler can be set) the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     caught = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
     previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
     try:
-        yield
+        yield caught
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def deferred_interrupts():
+    """Ctrl-C (SIGINT) waits until the block is done: renames that belong together all happen, then it is raised."""
+    with held_interrupts() as caught:
+        yield
     if caught:
-        previous(*caught[0]) if callable(previous) else signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # to the handler held off (Python's: KeyboardInterrupt)
 
 
 class Staging:
@@ -263,6 +283,12 @@ class Staging:
     def commit(self, staged: str, target: str) -> None:
         replace_dir(staged, target)
         self.folders.remove(staged)
+
+    def swap(self, staged: str, target: str) -> str | None:
+        """``swap_dir``: returns the folder moved aside, for the caller to remove."""
+        old = swap_dir(staged, target)
+        self.folders.remove(staged)
+        return old
 
     def __enter__(self) -> "Staging":
         return self

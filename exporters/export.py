@@ -26,8 +26,8 @@ from edgepeft.exporters.quantize import check_quantize
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
 from edgepeft.exporters.validate import BaseOutputs, compare_siblings, log_check, validate
 from edgepeft.files import (
-    Staging, check_output_dir, deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty,
-    reporting_full_disk, write_json_atomic,
+    Staging, check_output_dir, held_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty,
+    remove_moved_aside, reporting_full_disk, write_json_atomic,
 )
 from edgepeft.models import model_label
 from edgepeft.runtimes.access import REPOINTED, located, may_replace, read_json
@@ -357,25 +357,31 @@ def quantize_and_validate(plan: ExportPlan, base_stage: str, adapter_stages: dic
 
 # ---------------------------------------------------------------- commit
 def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: dict, reuse: bool) -> None:
-    """Base first, the adapters already there re-pointed to it in the same breath, then the new adapters.
+    """Base first, the adapters already there re-pointed to it in the same breath, then the new adapters, the
+    folders they replace removed last, all with Ctrl-C held off: OUT never holds a new base with its adapters still
+    pointing at the old one (the old base's removal came between them), nor some adapters replaced and others not
+    (a Ctrl-C between them said "aborted"). A Ctrl-C meanwhile is said once the export is whole.
 
-    The re-pointed manifests are written beside the old ones first; the base and they are then renamed into
-    place with Ctrl-C held off, so OUT never holds a new base with its adapters still pointing at the old one.
+    The re-pointed manifests are written beside the old ones first, then renamed into place.
     """
-    if not reuse:
-        moves = []
-        try:
-            for d, manifest in plan.taken_along(read_base_manifest(base_stage)).items():
-                staged = os.path.join(d, REPOINTED)
-                moves.append((staged, os.path.join(d, ADAPTER_MANIFEST)))
-                write_json_atomic(staged, manifest, sort_keys=True)
-            with deferred_interrupts():
-                staging.commit(base_stage, plan.base_dir)
+    moves, olds = [], []
+    try:
+        for d, manifest in (plan.taken_along(read_base_manifest(base_stage)) if not reuse else {}).items():
+            staged = os.path.join(d, REPOINTED)
+            moves.append((staged, os.path.join(d, ADAPTER_MANIFEST)))
+            write_json_atomic(staged, manifest, sort_keys=True)
+        with held_interrupts() as caught:
+            if not reuse:
+                olds.append(staging.swap(base_stage, plan.base_dir))
                 for staged, target in moves:
                     os.replace(staged, target)
-        finally:
-            for staged, _ in moves:
-                if os.path.exists(staged):
-                    os.unlink(staged)
-    for name, stage in adapter_stages.items():
-        staging.commit(stage, os.path.join(plan.out, ADAPTERS_DIR, name))
+            for name, stage in adapter_stages.items():
+                olds.append(staging.swap(stage, os.path.join(plan.out, ADAPTERS_DIR, name)))
+            remove_moved_aside(*olds)
+    finally:
+        remove_moved_aside(*olds)  # a failure midway: what was replaced stays replaced, and its old copy goes
+        for staged, _ in moves:
+            if os.path.exists(staged):
+                os.unlink(staged)
+    if caught:
+        plan.log(f"note: Ctrl-C came while {plan.out} was being written; the export was finished first")
