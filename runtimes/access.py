@@ -62,6 +62,16 @@ def moved_aside_for_nothing(parent: str, m) -> str | None:
     return target if m["kind"] == "old" and not os.path.exists(target) else None
 
 
+def moved_aside_by_a_stopped_export(parent: str, name: str) -> str | None:
+    """The folder a stopped export moved ``parent/name`` into to replace it, nothing usable in its place, else None."""
+    found = [e for e in sorted(os.listdir(parent)) if (m := left_by_a_stopped_process(e)) and m["target"] == name
+             and moved_aside_for_nothing(parent, m)] if os.path.isdir(parent) else []
+    return os.path.join(parent, found[0]) if found else None
+
+
+STOPPED = "by an export into {} that was stopped; run that export again (it puts the folder back first)"
+
+
 def located(path: str) -> str:
     """``path`` made absolute where the system finds it: os.path.abspath drops 'LINK/..' by its text, where the
     system goes up from the link's target (another folder). Where the two differ, the real path (every link

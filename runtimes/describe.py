@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .access import check_readable, left_by_a_stopped_process, moved_aside_for_nothing
+from .access import STOPPED, check_readable, left_by_a_stopped_process, moved_aside_for_nothing
 from .commands import folder_fix
 from .errors import EdgePeftError
 from .manifest import (
@@ -106,5 +106,4 @@ def _moved_aside(out_dir: str) -> list[str]:
     parent = os.path.join(out_dir, ADAPTERS_DIR)
     found = [(n, m["target"]) for n in sorted(os.listdir(parent)) if (m := left_by_a_stopped_process(n))
              and moved_aside_for_nothing(parent, m)] if os.path.isdir(parent) else []
-    return [f"{os.path.join(parent, n)}: adapter {target!r}, moved aside by an export into {out_dir} that was stopped; "
-            "run that export again (it puts the adapter back first)" for n, target in found]
+    return [f"{os.path.join(parent, n)}: adapter {target!r}, moved aside {STOPPED.format(out_dir)}" for n, target in found]

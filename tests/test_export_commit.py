@@ -15,7 +15,8 @@ from error_contract import llama, other_llama_base  # noqa: F401  (fixtures)
 from file_checks import copy_adapter, edit_json, edited_json, hidden_entries, tree_hashes
 from peft_refs import lora_adapter, spec_adapter
 
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError, ExportValidationError
+from edgepeft.errors import (AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, ExportValidationError,
+                             UnknownAdapterError)
 from edgepeft.exporters import export
 from edgepeft.files import replace_dir
 from edgepeft.runtimes import Runtime
@@ -265,9 +266,16 @@ def test_a_later_export_mends_what_an_export_killed_midway_left(llama, tmp_path,
     elsewhere = os.path.join(out, f".staging-base-{dead[:dead.index('h')]}h00000000-abc")  # that pid on another host
     live = os.path.join(adapters, f".old-x-{_owner()}-abc")  # a running export's, moved aside: not a problem
     os.makedirs(running), os.makedirs(elsewhere), os.makedirs(live)
-    assert describe_export(out)["problems"] == [f"{os.path.join(adapters, left[0])}: adapter 'qv', moved aside by an "
-                                                f"export into {out} that was stopped; run that export again (it puts "
-                                                "the adapter back first)"]
+    stopped = f"by an export into {out} that was stopped; run that export again (it puts the folder back first)"
+    assert describe_export(out)["problems"] == [f"{os.path.join(adapters, left[0])}: adapter 'qv', moved aside {stopped}"]
+    with pytest.raises(UnknownAdapterError) as e:  # it said "not loaded", as of a name never exported
+        Runtime(out).forward(np.array([[1, 2, 3]]), adapter="qv")
+    assert str(e.value) == f"adapter 'qv' is not loaded: moved aside to {os.path.join(adapters, left[0])} {stopped}"
+    aside = os.path.join(out, f".old-base-{dead}-abc")
+    os.replace(os.path.join(out, "base"), aside)  # as one killed while replacing the base leaves it
+    with pytest.raises(ArtifactNotFoundError) as e:  # it said "no exported base here"
+        Runtime(out)
+    assert str(e.value) == f"{os.path.join(out, 'base')}: moved aside to {aside} {stopped}"
     with open(os.path.join(adapters, left[0], f".tmp-{dead}-abc"), "w") as f:  # a killed write's, inside qv
         f.write("half")
     export([llama[1]["mlp"]], out, verbose=True)
