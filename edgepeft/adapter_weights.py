@@ -9,9 +9,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
-from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, CorruptArtifactError
+from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from edgepeft.runtimes.access import check_readable
-from edgepeft.tuners.heads import CLASSIFIER_NAMES
+from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper
 from edgepeft.tuners.targets import innermost
 
 
@@ -122,3 +122,56 @@ def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) 
                 "modules_to_save, ensure_weight_tying), which would change the frozen base edgepeft shares between "
                 "adapters; train the adapter without them")
         del state[key]
+
+
+def load_state(peft, adapter_name: str, state: dict, path: str) -> None:
+    """``state`` (an adapter folder's saved tensors, read from ``path``) put into ``peft``'s adapter ``adapter_name``,
+    every key and shape checked against the layers the config made: a mismatch names the file and its cause."""
+    state = {peft._saved_key(adapter_name, k, loading=True): v for k, v in state.items()}
+    config = peft.peft_config[adapter_name]  # where it names the base in use, its adapter_config.json is wrong
+    other = config.names_another_base(getattr(peft.base_model.model, "name_or_path", None))
+    elsewhere = f"the adapter was trained on another base ({config.base_model_name_or_path}); load it on that base"
+    resave = ("it names this base, and its adapter_config.json describes other weights ({}): save the adapter "
+              "again from its model").format
+    fix = elsewhere if other else resave("r, rank_pattern, feedforward_modules, ...")
+    # A head trained for another label count gets that shape before loading.
+    for key, module in peft.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            try:
+                module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items()
+                                                  if k.startswith(key + ".")})
+            except ConfigError as e:
+                raise AdapterBaseMismatchError(f"{path}: {key}: {e}; {fix}") from None
+    entries = peft._adapter_entries(adapter_name)
+    custom = {k: module for _, module in peft._custom_state() for k in module.saved_tensors(adapter_name)}
+    state = named_as_expected(state, set(entries) | set(custom), adapter_name)
+    drop_carried_base_weights(peft, state, path, set(entries) | set(custom))
+    missing = sorted((set(entries) | set(custom)) - set(state))
+    unexpected = sorted(set(state) - set(entries) - set(custom))
+    if not other and (wrong := another_task(path, config, peft.base_model.model.base_model_prefix, missing, unexpected)):
+        raise wrong
+    if unexpected:
+        fix = (elsewhere if other else resave(f"it lacks e.g. {missing[0]}") if missing else
+               "it names this base: remove those keys from the file or save the adapter again")
+        raise AdapterBaseMismatchError(f"{path}: has weights for modules this model lacks (e.g. {unexpected[0]}); {fix}")
+    if missing:
+        deepest = max((i for i in map(_layer_index, state) if i is not None), default=None)
+        if deepest is not None and all((i := _layer_index(k)) is not None and i > deepest for k in missing):
+            raise AdapterBaseMismatchError(  # weights for the first layers only: a shallower model's adapter
+                f"{path}: has weights for layers 0-{deepest} only, this model has more (e.g. {missing[0]}); "
+                f"{elsewhere}")
+        raise CorruptArtifactError(f"{path}: lacks adapter weights (e.g. {missing[0]}); re-save the adapter")
+    with torch.no_grad():
+        for key, (module, dict_name, pname) in entries.items():
+            p = peft._entry(module, dict_name, adapter_name, pname)
+            if tuple(p.shape) != tuple(state[key].shape):
+                raise AdapterBaseMismatchError(
+                    f"{path}: {key} has shape {list(state[key].shape)}, the model expects {list(p.shape)}; {fix}")
+            p.copy_(state[key].to(p.dtype))
+    for module in {id(m): m for m in custom.values()}.values():
+        module.load_saved_tensors(adapter_name, state, path)
+
+
+def _layer_index(key: str) -> int | None:
+    """The layer a parameter name belongs to (its first numeric part: ``model.layers.3.mlp...`` -> 3), else None."""
+    return next((int(part) for part in key.split(".") if part.isdigit()), None)

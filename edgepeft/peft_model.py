@@ -19,19 +19,18 @@ import copy
 import os
 from contextlib import contextmanager
 
-import torch
 from safetensors.torch import save
 from torch import nn
 
-from edgepeft.adapter_weights import another_task, drop_carried_base_weights, named_as_expected, read_adapter_weights
+from edgepeft.adapter_weights import load_state, read_adapter_weights
 from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError, CorruptArtifactError, EdgePeftError
+from edgepeft.errors import ConfigError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
 from edgepeft.hf_calls import check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name, refuse_adapter_names
 from edgepeft.registry import AdapterLayer
 from edgepeft.tuners import method_for
-from edgepeft.tuners.copies import merged_copy, unloaded_copy
-from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper, check_saved_whole_apart, wrap_modules_to_save
+from edgepeft.tuners.copies import merged_copy, take_out_mixed, unloaded_copy
+from edgepeft.tuners.heads import CLASSIFIER_NAMES, check_saved_whole_apart, wrap_modules_to_save
 
 
 class TunedModel(nn.Module):
@@ -145,6 +144,7 @@ class PeftModel(nn.Module):
                 holder = getattr(module, dict_name)
                 if adapter_name in holder:
                     del holder[adapter_name]
+        take_out_mixed(self, unused_only=True)  # the last prefix adapter's attention: its own class back
         self.peft_config.pop(adapter_name, None)
 
     def _activate(self, adapter_name) -> None:
@@ -267,7 +267,7 @@ class PeftModel(nn.Module):
             raise naming_config(e, directory) from None
         try:  # damaged weights leave no adapter of that name behind (a retry was refused: "already exists")
             path, state = read_adapter_weights(directory)
-            self._load_state(adapter_name, state, path)
+            load_state(self, adapter_name, state, path)
         except BaseException:
             self._forget(adapter_name)
             raise
@@ -275,51 +275,6 @@ class PeftModel(nn.Module):
             self._set_requires_grad(adapter_name, True)
         else:  # as HF PEFT: no dropout (the new layers' Dropout modules start in training mode)
             self.eval()
-
-    def _load_state(self, adapter_name: str, state: dict, path: str) -> None:
-        state = {self._saved_key(adapter_name, k, loading=True): v for k, v in state.items()}
-        config = self.peft_config[adapter_name]  # where it names the base in use, its adapter_config.json is wrong
-        other = config.names_another_base(getattr(self.base_model.model, "name_or_path", None))
-        elsewhere = f"the adapter was trained on another base ({config.base_model_name_or_path}); load it on that base"
-        resave = ("it names this base, and its adapter_config.json describes other weights ({}): save the adapter "
-                  "again from its model").format
-        fix = elsewhere if other else resave("r, rank_pattern, feedforward_modules, ...")
-        # A head trained for another label count gets that shape before loading.
-        for key, module in self.named_modules():
-            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                try:
-                    module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items()
-                                                      if k.startswith(key + ".")})
-                except ConfigError as e:
-                    raise AdapterBaseMismatchError(f"{path}: {key}: {e}; {fix}") from None
-        entries = self._adapter_entries(adapter_name)
-        custom = {k: module for _, module in self._custom_state() for k in module.saved_tensors(adapter_name)}
-        state = named_as_expected(state, set(entries) | set(custom), adapter_name)
-        drop_carried_base_weights(self, state, path, set(entries) | set(custom))
-        missing = sorted((set(entries) | set(custom)) - set(state))
-        unexpected = sorted(set(state) - set(entries) - set(custom))
-        if not other and (wrong := another_task(path, config, self.base_model.model.base_model_prefix, missing, unexpected)):
-            raise wrong
-        if unexpected:
-            fix = (elsewhere if other else resave(f"it lacks e.g. {missing[0]}") if missing else
-                   "it names this base: remove those keys from the file or save the adapter again")
-            raise AdapterBaseMismatchError(f"{path}: has weights for modules this model lacks (e.g. {unexpected[0]}); {fix}")
-        if missing:
-            deepest = max((i for i in map(_layer_index, state) if i is not None), default=None)
-            if deepest is not None and all((i := _layer_index(k)) is not None and i > deepest for k in missing):
-                raise AdapterBaseMismatchError(  # weights for the first layers only: a shallower model's adapter
-                    f"{path}: has weights for layers 0-{deepest} only, this model has more (e.g. {missing[0]}); "
-                    f"{elsewhere}")
-            raise CorruptArtifactError(f"{path}: lacks adapter weights (e.g. {missing[0]}); re-save the adapter")
-        with torch.no_grad():
-            for key, (module, dict_name, pname) in entries.items():
-                p = self._entry(module, dict_name, adapter_name, pname)
-                if tuple(p.shape) != tuple(state[key].shape):
-                    raise AdapterBaseMismatchError(
-                        f"{path}: {key} has shape {list(state[key].shape)}, the model expects {list(p.shape)}; {fix}")
-                p.copy_(state[key].to(p.dtype))
-        for module in {id(m): m for m in custom.values()}.values():
-            module.load_saved_tensors(adapter_name, state, path)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False):
@@ -388,11 +343,6 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """A copy of the transformers model with every adapter layer taken out, nothing merged (HF PEFT's unload)."""
         return unloaded_copy(self.base_model.model)
-
-
-def _layer_index(key: str) -> int | None:
-    """The layer a parameter name belongs to (its first numeric part: ``model.layers.3.mlp...`` -> 3), else None."""
-    return next((int(part) for part in key.split(".") if part.isdigit()), None)
 
 
 def get_peft_model(model: nn.Module, config, adapter_name: str = "default") -> PeftModel:

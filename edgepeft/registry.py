@@ -49,6 +49,15 @@ class AdapterLayer(nn.Module):
         module it wraps."""
         return getattr(self, self.frozen_attr)
 
+    def holds_adapters(self) -> bool:
+        """Whether a layer mixed into a module (``frozen_attr`` "") still serves an adapter of its method."""
+        raise NotImplementedError
+
+    def take_out(self) -> None:
+        """A layer mixed into a module (``frozen_attr`` ""): the module's own class back, in place (``unload``, a
+        merged copy, and the last adapter of its method deleted)."""
+        raise NotImplementedError
+
     def adapter_parameters(self, adapter_name: str) -> dict:
         """{name: parameter} that train for ``adapter_name`` (``own_state`` layers only)."""
         raise NotImplementedError

@@ -146,3 +146,33 @@ def test_unload_keeps_the_active_adapters_copy_of_a_layer_trained_whole(tiny_bas
                                               str(tmp_path / "cls"))
     unloaded = hf.eval().unload()
     torch.testing.assert_close(_logits(ours.unload(), ids), _logits(unloaded, ids), rtol=1e-5, atol=1e-6)
+
+
+def test_a_bert_prefix_model_pickles_and_its_attention_is_plain_again_without_a_prefix_adapter(tiny_base):
+    """Found by a hunt: torch.save of a BERT prefix-tuning model failed (its attention's class was made at run time),
+    and the class stayed after the prefix adapter was deleted: unload() still refused, and merge_and_unload()'s
+    "plain" BertModel kept it (and failed to save)."""
+    import io
+
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    ids = torch.from_numpy(sample_batch()[0])
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("bert"), "feature-extraction"),
+                                    edgepeft.LoraConfig(task_type="FEATURE_EXTRACTION", r=2, target_modules=["query"]))
+    model.add_adapter("p", edgepeft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3))
+    model.set_adapter("p")
+    model.eval()
+    want = model(input_ids=ids).last_hidden_state
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    saved.seek(0)
+    again = torch.load(saved, weights_only=False).eval()
+    torch.testing.assert_close(again(input_ids=ids).last_hidden_state, want, rtol=0, atol=0)
+    with pytest.raises(UnsupportedMethodError, match="unload"):
+        model.unload()
+    model.delete_adapter("p")
+    attention = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
+    assert attention and all(type(m) is BertSelfAttention for m in attention)  # no prefix class left
+    for copy_ in (model.unload(), model.merge_and_unload()):
+        assert all(type(m) is BertSelfAttention for m in copy_.modules() if isinstance(m, BertSelfAttention))
+        torch.save(copy_, io.BytesIO())

@@ -33,6 +33,7 @@ def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False) ->
         plain = module.merged_module(name) if still_there else None
         if plain is not None:  # None: it cannot be folded (a bottleneck): it stays, active
             replace_module(model, key, plain)
+    take_out_mixed(model)
     broken = [k for k, p in model.named_parameters() if not torch.isfinite(p).all()] if safe_merge else []
     if broken:
         raise ConfigError(f"merging adapter {name!r} gives weights that are not finite (NaN or inf: {broken[0]}); "
@@ -43,10 +44,11 @@ def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False) ->
 def unloaded_copy(model: nn.Module) -> nn.Module:
     """``model`` with every adapter layer taken out, nothing merged (HF PEFT's ``unload``: a layer trained whole keeps
     the active adapter's copy)."""
-    if any(isinstance(m, AdapterLayer) and m.frozen_attr == "" for m in model.modules()):
+    if any(isinstance(m, AdapterLayer) and m.frozen_attr == "" and m.holds_adapters() for m in model.modules()):
         raise UnsupportedMethodError("unload(): prefix tuning is part of the attention modules, not a layer to "
                                      "take out; run the base with `with model.disable_adapter():`")
     model = copy.deepcopy(model)
+    take_out_mixed(model)
     while (layer := next(((k, m) for k, m in model.named_modules() if isinstance(m, AdapterLayer)), None)):
         key, module = layer  # outermost first
         if module.frozen_attr is None:  # wraps nothing: dropped
@@ -54,3 +56,10 @@ def unloaded_copy(model: nn.Module) -> nn.Module:
         else:
             replace_module(model, key, module.unloaded_module())
     return model
+
+
+def take_out_mixed(model: nn.Module, unused_only: bool = False) -> None:
+    """The layers mixed into modules (prefix tuning's attention) taken out; ``unused_only``: those serving none."""
+    for module in model.modules():
+        if isinstance(module, AdapterLayer) and module.frozen_attr == "" and not (unused_only and module.holds_adapters()):
+            module.take_out()

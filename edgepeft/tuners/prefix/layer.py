@@ -82,6 +82,12 @@ class PrefixSelfAttention(AdapterLayer):
     adapter_dicts = ()  # holds no parameters: its keys/values come from the prefix encoder
     frozen_attr = ""  # not a wrapper: mixed into the attention module itself
 
+    def holds_adapters(self) -> bool:
+        return any(isinstance(e, PrefixEncoder) for e in self._source.prompt_encoder.values())
+
+    def take_out(self) -> None:
+        take_prefix_out(self)
+
     def prefix(self):
         encoders = self._source.prompt_encoder
         encoder = encoders[self.active_adapter] if self.active_adapter in encoders else None
@@ -161,19 +167,51 @@ def _leave_forward(module, args, output):
     _forwards.stack.pop()
 
 
-_CLASSES: dict = {}
+_CLASSES: dict = {}  # (mixin, class) -> the class of both
+
+
+def _made(mixin: type, cls: type) -> type:
+    """The class of ``mixin`` over ``cls``, made once per pair. No module names it, so it pickles (torch.save) and
+    copies as the two it is made of (pickle looks a class up by its name: the model could not be saved)."""
+    if (mixin, cls) not in _CLASSES:
+        _CLASSES[mixin, cls] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {"__reduce_ex__": _reduce_ex})
+    return _CLASSES[mixin, cls]
+
+
+def _own_class(cls: type) -> tuple:
+    """(the mixins ``cls`` was made of, outermost first; the module's own class)."""
+    mixins = []
+    while cls in _CLASSES.values():
+        mixin, cls = cls.__bases__
+        mixins.append(mixin)
+    return tuple(mixins), cls
+
+
+def _reduce_ex(self, protocol):
+    reduced = object.__reduce_ex__(self, protocol)  # (copyreg.__newobj__, (class,), state, ...)
+    return (_remade, _own_class(type(self)), *reduced[2:])
+
+
+def _remade(mixins: tuple, cls: type):
+    for mixin in reversed(mixins):
+        cls = _made(mixin, cls)
+    return cls.__new__(cls)
 
 
 def add_prefix(module: nn.Module, mixin: type, layer: int, **attributes) -> nn.Module:
-    """Give ``module`` the ``mixin`` (once; the class is made once per pair) and its attributes."""
-    cls = type(module)
+    """Give ``module`` the ``mixin`` (once) and its attributes (``take_prefix_out`` takes them back out)."""
     if not isinstance(module, mixin):
-        key = (mixin, cls)
-        if key not in _CLASSES:
-            _CLASSES[key] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})
-        module.__class__ = _CLASSES[key]
+        module.__class__ = _made(mixin, type(module))
         module.active_adapter = None
     module.prefix_layer = layer
+    object.__setattr__(module, "_prefix_attributes", (*getattr(module, "_prefix_attributes", ()), *attributes))
     for name, value in attributes.items():
         object.__setattr__(module, name, value)  # plain attributes, never registered as submodules
     return module
+
+
+def take_prefix_out(module: nn.Module) -> None:
+    """``module`` as it was before ``add_prefix``: its own class, none of the attributes the prefix gave it."""
+    for name in ("prefix_layer", "active_adapter", "_prefix_attributes", *module._prefix_attributes):
+        module.__dict__.pop(name, None)
+    module.__class__ = _own_class(type(module))[1]
