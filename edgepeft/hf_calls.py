@@ -73,3 +73,18 @@ def merged_name(adapter_name, adapter_names) -> str | None:
         raise ConfigError(f"adapter_names={adapter_names!r}: edgepeft merges one adapter per copy; give one name, e.g. "
                           "merge_and_unload(adapter_names=['default'])")
     return adapter_names[0]
+
+
+def not_taken(call: str, options: dict) -> None:
+    """HF PEFT's keyword arguments edgepeft's ``call`` does not take (``autocast_adapter_dtype``, ``torch_device``,
+    ``low_cpu_mem_usage``, ...), refused by name: they were Python's TypeError."""
+    if options:
+        raise ConfigError(f"{call}({', '.join(f'{k}=' for k in options)}...): HF PEFT's, not taken by edgepeft's "
+                          f"{call}; leave {'them' if len(options) > 1 else 'it'} out")
+
+
+def check_adapter_name(name) -> None:
+    """An adapter's name as torch takes it for the layers' dicts (torch's KeyError or TypeError, after a check)."""
+    if not (isinstance(name, str) and name and "." not in name):
+        raise ConfigError(f"adapter name {name!r}: give a non-empty text without '.' (torch names the adapter's "
+                          "layers by it), e.g. 'task_v2'")

@@ -26,7 +26,8 @@ from edgepeft.adapter_weights import load_state, read_adapter_weights
 from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
 from edgepeft.errors import ConfigError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
-from edgepeft.hf_calls import check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name, refuse_adapter_names
+from edgepeft.hf_calls import (check_adapter_name, check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name,
+                               not_taken, refuse_adapter_names)
 from edgepeft.registry import AdapterLayer
 from edgepeft.tuners import method_for
 from edgepeft.tuners.copies import merged_copy, take_out_mixed, unloaded_copy
@@ -67,7 +68,12 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name in ("base_model", "peft_config"):
                 raise
-            return elsewhere(name) or getattr(self.base_model.model, name)
+            model = self.base_model.model
+            try:
+                return elsewhere(name) or getattr(model, name)
+            except AttributeError:  # it named the transformers model alone, as if the call were its
+                raise AttributeError(f"edgepeft's PeftModel has no attribute {name!r}, nor has its "
+                                     f"{type(model).__name__}") from None
 
     @property
     def active_adapters(self) -> list:
@@ -75,16 +81,23 @@ class PeftModel(nn.Module):
         return [] if self.active_adapter is None else [self.active_adapter]
 
     @property
+    def active_peft_config(self):
+        """HF PEFT's: the active adapter's config."""
+        return self.peft_config[self.active_adapter]
+
+    @property
     def peft_type(self) -> str | None:
         """The active adapter's method, as HF PEFT names it (``LORA``)."""
         return self.peft_config[self.active_adapter].peft_type if self.active_adapter is not None else None
 
     # ---------------------------------------------------------------- adapters
-    def add_adapter(self, adapter_name: str, config) -> None:
+    def add_adapter(self, adapter_name: str, peft_config, **options) -> None:
         """Add a new adapter (initialised as PEFT does); it trains once ``set_adapter`` makes it active."""
+        not_taken("add_adapter", options)
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists; pick another name")
-        config = copy.deepcopy(as_config(config))
+        config = copy.deepcopy(as_config(peft_config))
         if config.task_type == "SEQ_CLS":  # PEFT trains the classifier head with the adapter
             config.modules_to_save = list(config.modules_to_save or []) + [
                 n for n in CLASSIFIER_NAMES if n not in (config.modules_to_save or [])
@@ -256,10 +269,17 @@ class PeftModel(nn.Module):
             state.update(module.saved_tensors(name))
         return state
 
-    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        """Load the adapter folder ``model_id`` (HF PEFT's name: a local folder here) as ``adapter_name``."""
-        directory = str(model_id)
-        config = load_config(directory)
+    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False, *,
+                     subfolder: str | None = None, config=None, **options) -> None:
+        """Load the adapter folder ``model_id`` (HF PEFT's name: a local folder here; ``subfolder`` inside it) as
+        ``adapter_name``; ``config``: HF PEFT's, in place of the folder's adapter_config.json."""
+        not_taken("load_adapter", options)
+        directory = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:  # "<folder>/adapter_config.json: ... already exists" blamed the file
+            raise ConfigError(f"an adapter named {adapter_name!r} is loaded already; pass another adapter_name, or "
+                              f"delete_adapter({adapter_name!r}) first")
+        config = load_config(directory) if config is None else copy.deepcopy(as_config(config))
         config.inference_mode = not is_trainable
         try:
             self.add_adapter(adapter_name, config)
@@ -277,18 +297,24 @@ class PeftModel(nn.Module):
             self.eval()
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False):
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
+                        config=None, **options):
         peft = cls(model)
-        peft.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        peft.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **options)
         peft.set_adapter(adapter_name, inference_mode=not is_trainable)
         return peft
 
-    def save_pretrained(self, save_directory, selected_adapters=None, save_embedding_layers="auto",
-                        is_main_process: bool = True, safe_serialization: bool = True) -> None:
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None,
+                        save_embedding_layers="auto", is_main_process: bool = True, **options) -> None:
         """Write each adapter as an HF PEFT dir (non-default adapters in ``save_directory/<name>``), as HF PEFT's
-        save_pretrained with its defaults; ``is_main_process=False`` writes nothing (the other processes of a run)."""
+        save_pretrained with its defaults (and its order of arguments); ``is_main_process=False`` writes nothing
+        (the other processes of a run)."""
+        not_taken("save_pretrained", options)
         directory = str(save_directory)
         check_save_options(directory, save_embedding_layers, safe_serialization)
+        if isinstance(selected_adapters, str):  # its letters were read as names
+            raise ConfigError(f"selected_adapters takes a list of adapter names, got {selected_adapters!r}; pass "
+                              f"[{selected_adapters!r}]")
         selected = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [name for name in selected if name not in self.peft_config]
         if unknown:
@@ -331,10 +357,11 @@ class PeftModel(nn.Module):
         t, n = self.get_nb_trainable_parameters()
         print(f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / n:.4f}")
 
-    def merge_and_unload(self, adapter_name: str | None = None, *, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names=None) -> nn.Module:
+    def merge_and_unload(self, adapter_name: str | None = None, safe_merge: bool = False, adapter_names=None, *,
+                         progressbar: bool = False) -> nn.Module:
         """A copy of the transformers model with ``adapter_name`` (or HF PEFT's ``adapter_names``, one of them)
-        folded into its weights; ``safe_merge``: weights that are not finite refused; ``progressbar`` ignored."""
+        folded into its weights; ``safe_merge``: weights that are not finite refused; ``progressbar`` ignored (HF PEFT's
+        order: ``merge_and_unload(True, True)`` is its progressbar and safe_merge)."""
         name = merged_name(adapter_name, adapter_names) or self.active_adapter
         if name not in self.peft_config:
             raise ConfigError(f"no adapter named {name!r} to merge; have {sorted(self.peft_config)}")
@@ -345,6 +372,7 @@ class PeftModel(nn.Module):
         return unloaded_copy(self.base_model.model)
 
 
-def get_peft_model(model: nn.Module, config, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", **options) -> PeftModel:
     """Wrap ``model`` with a new adapter; only adapter parameters are trainable."""
-    return PeftModel(model, config, adapter_name)
+    not_taken("get_peft_model", options)
+    return PeftModel(model, peft_config, adapter_name)

@@ -176,3 +176,38 @@ def test_a_bert_prefix_model_pickles_and_its_attention_is_plain_again_without_a_
     for copy_ in (model.unload(), model.merge_and_unload()):
         assert all(type(m) is BertSelfAttention for m in copy_.modules() if isinstance(m, BertSelfAttention))
         torch.save(copy_, io.BytesIO())
+
+
+def test_hf_peft_argument_names_and_order_and_misused_names_are_taken_or_named(tiny_base, tmp_path):
+    """Found by a hunt: HF PEFT's peft_config=, subfolder=, config=, save_pretrained's and merge_and_unload's
+    positional order were TypeErrors (save_pretrained(d, True) read True as selected_adapters), a keyword edgepeft
+    does not take was Python's TypeError, selected_adapters="default" named its letters, a name with '.' was torch's
+    KeyError, load_adapter into a loaded name blamed the folder's file, and an unknown attribute named LlamaForCausalLM."""
+    ids = torch.from_numpy(sample_batch()[0])
+    lora = edgepeft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])
+    model = edgepeft.get_peft_model(_llama(tiny_base), peft_config=lora)
+    model.add_adapter("b", peft_config=lora)
+    randomize_adapter(model, 3)
+    model.save_pretrained(str(tmp_path / "saved"), True)  # HF PEFT's second: safe_serialization
+    model.set_adapter("b")
+    want = _logits(model, ids)
+    for loaded in (edgepeft.PeftModel.from_pretrained(_llama(tiny_base), str(tmp_path / "saved"), subfolder="b"),
+                   edgepeft.PeftModel.from_pretrained(_llama(tiny_base), str(tmp_path / "saved" / "b"), config=lora)):
+        torch.testing.assert_close(_logits(loaded, ids), want, rtol=0, atol=0)
+    loaded.load_adapter(str(tmp_path / "saved"), "again", subfolder="b")
+    torch.testing.assert_close(_logits(model.merge_and_unload(True, True), ids), want, rtol=1e-4, atol=1e-5)
+    for call, said in ((lambda: edgepeft.get_peft_model(_llama(tiny_base), lora, autocast_adapter_dtype=False),
+                        r"^get_peft_model\(autocast_adapter_dtype=...\): HF PEFT's, not taken by edgepeft's get_peft_model; leave it out$"),
+                       (lambda: loaded.load_adapter(str(tmp_path / "saved"), "x", torch_device="cpu"), "load_adapter"),
+                       (lambda: model.save_pretrained(str(tmp_path / "s"), selected_adapters="default"),
+                        r"^selected_adapters takes a list of adapter names, got 'default'; pass \['default'\]$"),
+                       (lambda: model.add_adapter("task.v2", lora), r"^adapter name 'task.v2': give a non-empty text"),
+                       (lambda: model.add_adapter("", lora), "adapter name ''"),
+                       (lambda: loaded.load_adapter(str(tmp_path / "saved"), "again"),
+                        r"^an adapter named 'again' is loaded already; pass another adapter_name, or delete_adapter\('again'\) first$")):
+        with pytest.raises(ConfigError, match=said):
+            call()
+    assert model.active_peft_config is model.peft_config["b"]
+    with pytest.raises(AttributeError, match="^edgepeft's PeftModel has no attribute 'get_model_status', nor has its LlamaForCausalLM$"):
+        model.get_model_status()
+    assert not hasattr(model, "get_model_status")
