@@ -346,8 +346,9 @@ def main(argv=None):
             where = f"{e.filename}: " if e.filename else ""
             say(f"error: {where}{e.strerror or e}; check the path, its permissions and free space")
             leave(1)
-        except click.exceptions.Abort:
-            say("aborted")
+        except click.exceptions.Abort as e:  # click's for a KeyboardInterrupt: an export's says what it wrote
+            said = e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else None
+            say(str(said) if said and str(said) else "aborted")
             leave(130)
         except click.exceptions.ClickException as e:
             e.show()

@@ -244,7 +244,7 @@ def load_config(directory: str) -> PeftConfig:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, a number of 5,000 digits
-        raise CorruptArtifactError(f"{path}: not valid JSON ({first_line(e)}); re-save the adapter") from None
+        raise CorruptArtifactError(f"{path}: not valid JSON ({first_line(e).split('; ')[0]}); re-save the adapter") from None
     if not isinstance(d, dict) or not isinstance(d.get("peft_type"), str):
         raise CorruptArtifactError(f"{path}: has no 'peft_type' name; re-save the adapter with save_pretrained")
     return _config_from_dict(d, path, "fix the file or re-save the adapter")

@@ -260,6 +260,16 @@ def held_interrupts():
 
 
 @contextmanager
+def written_whole(what: str):
+    """Ctrl-C held off while the block writes ``what``; one that came is raised once it is done, saying so (the CLI
+    prints that line: "aborted" read as if nothing, or half, was written)."""
+    with held_interrupts() as caught:
+        yield
+    if caught:
+        raise KeyboardInterrupt(f"interrupted once {what} was written whole (Ctrl-C waits for that)")
+
+
+@contextmanager
 def deferred_interrupts():
     """Ctrl-C (SIGINT) waits until the block is done: renames that belong together all happen, then it is raised."""
     with held_interrupts() as caught:
@@ -279,10 +289,6 @@ class Staging:
         folder = staging_dir(parent, label)
         self.folders.append(folder)
         return folder
-
-    def commit(self, staged: str, target: str) -> None:
-        replace_dir(staged, target)
-        self.folders.remove(staged)
 
     def swap(self, staged: str, target: str) -> str | None:
         """``swap_dir``: returns the folder moved aside, for the caller to remove."""

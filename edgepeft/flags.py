@@ -22,13 +22,15 @@ def as_flags(message: str, argv) -> str:
     values = {"None": "none", "True": "", "False": ""}
     paths = {}  # quoted names and text, the command's paths ("sweep lr=0.01/train.jsonl"): no flag names inside them
     quoted = dict.fromkeys(re.findall(r"(?<![=\w])('[^'\n]*'|\"[^\"\n]*\")", message))  # not a value's: name='x'
+    # each shielded text stands in as one character of Unicode's private use area: no word, no digit a later
+    # pattern (a prompt "0") could match inside it
     for a in [*quoted, *sorted({a for a in argv if " " in a or "/" in a or os.sep in a}, key=len, reverse=True)]:
         if a in message:
-            paths[f"\x00{len(paths)}\x00"] = a
-            message = message.replace(a, f"\x00{len(paths) - 1}\x00")
+            paths[chr(0xE000 + len(paths))] = a
+            message = message.replace(a, chr(0xE000 + len(paths) - 1))
     for a in sorted(_named(command, argv), key=len, reverse=True):  # "lr=0.01.jsonl", --out seed=1: as typed
-        token = f"\x00{len(paths)}\x00"
-        message, n = re.subn(r"(?<![\w.\-/])" + re.escape(a) + r"(?![\w\-=]|\.\w)", token, message)
+        token = chr(0xE000 + len(paths))
+        message, n = re.subn(r"(?<![\w.\-/=])" + re.escape(a) + r"(?![\w\-=]|\.\w)", token, message)
         if n:
             paths[token] = a
 

@@ -53,6 +53,9 @@ def refuse_adapter_names(kwargs: dict) -> None:
 def check_save_options(directory: str, save_embedding_layers, safe_serialization: bool) -> None:
     """HF PEFT's save_pretrained options that would make edgepeft write something else, refused before any file is."""
     check_output_dir(directory, "save_pretrained", "a folder")  # a file there or above it, or a folder one may not write
+    if not isinstance(safe_serialization, bool):  # save_pretrained(d, ["b"]): edgepeft's older order, HF PEFT's flag
+        raise ConfigError(f"save_pretrained's second argument is safe_serialization (True or False, as HF PEFT's), got "
+                          f"{safe_serialization!r:.40}; name the adapters to save as selected_adapters=...")
     if not safe_serialization:
         raise ConfigError("safe_serialization=False (adapter_model.bin): edgepeft writes adapter_model.safetensors "
                           "only, which HF PEFT reads as well; leave safe_serialization at True")

@@ -24,7 +24,7 @@ from torch import nn
 
 from edgepeft.adapter_weights import load_state, read_adapter_weights
 from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
-from edgepeft.errors import ConfigError, EdgePeftError
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, first_line
 from edgepeft.files import write_bytes_atomic
 from edgepeft.hf_calls import (check_adapter_name, check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name,
                                not_taken, refuse_adapter_names)
@@ -82,8 +82,8 @@ class PeftModel(nn.Module):
 
     @property
     def active_peft_config(self):
-        """HF PEFT's: the active adapter's config."""
-        return self.peft_config[self.active_adapter]
+        """HF PEFT's: the active adapter's config (None where none is active, as ``peft_type``)."""
+        return self.peft_config.get(self.active_adapter)
 
     @property
     def peft_type(self) -> str | None:
@@ -279,15 +279,21 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:  # "<folder>/adapter_config.json: ... already exists" blamed the file
             raise ConfigError(f"an adapter named {adapter_name!r} is loaded already; pass another adapter_name, or "
                               f"delete_adapter({adapter_name!r}) first")
-        config = load_config(directory) if config is None else copy.deepcopy(as_config(config))
+        given, config = config is not None, load_config(directory) if config is None else copy.deepcopy(as_config(config))
         config.inference_mode = not is_trainable
         try:
             self.add_adapter(adapter_name, config)
-        except EdgePeftError as e:  # a config the model cannot take: name the file it came from
-            raise naming_config(e, directory) from None
+        except EdgePeftError as e:  # a config the model cannot take: name the file it came from (not one given)
+            raise (e if given else naming_config(e, directory)) from None
         try:  # damaged weights leave no adapter of that name behind (a retry was refused: "already exists")
             path, state = read_adapter_weights(directory)
-            load_state(self, adapter_name, state, path)
+            try:
+                load_state(self, adapter_name, state, path)
+            except EdgePeftError as e:  # with config= given, the file's advice (re-save it) mends nothing
+                if not given:
+                    raise
+                raise AdapterBaseMismatchError(f"{path}: does not fit the config= given ({first_line(e).split('; ')[0]}"
+                                               "); pass the config it was trained with, or leave config out") from None
         except BaseException:
             self._forget(adapter_name)
             raise
@@ -298,9 +304,10 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,
-                        config=None, **options):
+                        config=None, subfolder: str | None = None, **options):
+        not_taken("from_pretrained", options)
         peft = cls(model)
-        peft.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **options)
+        peft.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, subfolder=subfolder)
         peft.set_adapter(adapter_name, inference_mode=not is_trainable)
         return peft
 

@@ -26,8 +26,8 @@ from edgepeft.exporters.quantize import check_quantize
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
 from edgepeft.exporters.validate import BaseOutputs, compare_siblings, log_check, validate
 from edgepeft.files import (
-    Staging, check_output_dir, held_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty,
-    remove_moved_aside, reporting_full_disk, write_json_atomic,
+    Staging, check_output_dir, missing_folders, one_at_a_time, remove_abandoned, remove_empty, remove_moved_aside,
+    reporting_full_disk, write_json_atomic, written_whole,
 )
 from edgepeft.models import model_label
 from edgepeft.runtimes.access import REPOINTED, located, may_replace, read_json
@@ -360,7 +360,7 @@ def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: 
     """Base first, the adapters already there re-pointed to it in the same breath, then the new adapters, the
     folders they replace removed last, all with Ctrl-C held off: OUT never holds a new base with its adapters still
     pointing at the old one (the old base's removal came between them), nor some adapters replaced and others not
-    (a Ctrl-C between them said "aborted"). A Ctrl-C meanwhile is said once the export is whole.
+    (a Ctrl-C between them said "aborted"). A Ctrl-C meanwhile is raised once the export is whole, saying so.
 
     The re-pointed manifests are written beside the old ones first, then renamed into place.
     """
@@ -370,7 +370,7 @@ def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: 
             staged = os.path.join(d, REPOINTED)
             moves.append((staged, os.path.join(d, ADAPTER_MANIFEST)))
             write_json_atomic(staged, manifest, sort_keys=True)
-        with held_interrupts() as caught:
+        with written_whole(plan.out):
             if not reuse:
                 olds.append(staging.swap(base_stage, plan.base_dir))
                 for staged, target in moves:
@@ -383,5 +383,3 @@ def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: 
         for staged, _ in moves:
             if os.path.exists(staged):
                 os.unlink(staged)
-    if caught:
-        plan.log(f"note: Ctrl-C came while {plan.out} was being written; the export was finished first")

@@ -11,7 +11,7 @@ from edgepeft.exporters.contrib_ops import effective_ops
 from edgepeft.exporters.fingerprint import weights_fingerprint
 from edgepeft.exporters.resolve import ExportPlan
 from edgepeft.exporters.validate import log_check, validate
-from edgepeft.files import Staging
+from edgepeft.files import Staging, remove_moved_aside, written_whole
 from edgepeft.runtimes import Runtime
 from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_MANIFEST, adapter_dirs
 
@@ -50,6 +50,7 @@ def export_merged(plan: ExportPlan) -> dict:
             checks.append(validate(f"merged {src.name}, {plan.quantize}", rt, None, plan.peft, plan.task, plan.atol,
                                    src.path, qtol=plan.qtol))
             log_check(plan.log, checks[-1], f"merged {src.name} ({plan.quantize})")
-        staging.commit(stage, base_dir)
+        with written_whole(plan.out):
+            remove_moved_aside(staging.swap(stage, base_dir))
     return {"out": plan.out, "base": {"reused": False, "path": base_dir, "slots": 0, "merged_adapter": src.name},
             "adapters": [], "checks": checks}

@@ -81,7 +81,8 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
     if isinstance(messages, (str, dict)):  # one message, or a text: read as its characters or keys below
         raise InvalidInputError(f"chat messages are a list of {{'role': ..., 'content': ...}} dicts, got a "
                                 f"{type(messages).__name__}; pass [message]")
-    messages = [_plain(m) if _an_object(m) else m for m in messages]  # a dataclass or pydantic message: its fields
+    # a dataclass or pydantic message (its fields), or a mapping of another type: a dict, as transformers takes them
+    messages = [_plain(m) if _an_object(m) or (isinstance(m, Mapping) and not isinstance(m, dict)) else m for m in messages]
     for i, m in enumerate(messages):  # templates skip what is no dict: a message left out, silently
         if not isinstance(m, dict):
             raise InvalidInputError(f"chat message {i} is {type(m).__name__} {m!r:.40}, not a dict; give each message "

@@ -188,7 +188,8 @@ class TextTokenizer:
     def byte_of(self, i) -> int | None:
         """The byte a byte-fallback token (``<0x0A>``: Llama-2, Mistral) stands for, else None."""
         token = self._tok.id_to_token(int(i)) or ""
-        return int(token[3:5], 16) if len(token) == 6 and token.startswith("<0x") and token.endswith(">") else None
+        hexa = token[3:5] if len(token) == 6 and token.startswith("<0x") and token.endswith(">") else ""
+        return int(hexa, 16) if hexa and all(c in "0123456789abcdefABCDEF" for c in hexa) else None
 
     def open_bytes(self, ids, skip_special_tokens: bool = False) -> int:
         """How many of the last ``ids`` are byte-fallback tokens: a run of them decodes as a whole, each of its bytes

@@ -122,6 +122,10 @@ def test_an_error_keeps_the_paths_it_names(tmp_path):
         assert as_flags(said, train) == said
     assert as_flags("max_length=0 must be > 0", [*train, "--max-length", "0"]) == "--max-length 0 must be > 0"
     assert as_flags("lr=0.01 must be", train) == "--lr 0.01 must be"  # not the path's text: a name given a value
+    # a prompt "0" matched the digit of an earlier stand-in: the adapter's name came out as NUL bytes
+    run = ["run", "out", "0", "--adapter", "qv", "--max-new-tokens", "0"]
+    assert as_flags("adapter 'qv' is not loaded in out; max_new_tokens=0", run) == \
+        "adapter 'qv' is not loaded in out; --max-new-tokens 0"
 
 
 # --------------------------------------------------------------------------- inspect

@@ -88,9 +88,12 @@ def test_adapters_without_a_base_are_refused_not_left_stale(llama, tmp_path):
     assert sorted(os.listdir(out)) == ["adapters"]
 
 
-def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp_path, monkeypatch, sigint_raises):
+def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp_path, monkeypatch, sigint_raises,
+                                                                     capsys):
     """SIGINT between the new base's rename and its adapters' new manifests left every adapter of OUT 'made for
     another base', and a second export did not mend it (the base was then reused). The commit now finishes first."""
+    from edgepeft.cli import main
+
     out = str(tmp_path / "out")
     export([llama[1]["qv"]], out)
     slots_before = len(Runtime(out, load_adapters=False).manifest["slots"])
@@ -103,7 +106,10 @@ def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    export([llama[1]["mlp"]], out)
+    with pytest.raises(SystemExit) as e:  # the command line says what was written
+        main(["export", "--adapter", llama[1]["mlp"], "--out", out])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"interrupted once {out} was written whole (Ctrl-C waits for that)"
     monkeypatch.setattr(os, "replace", real)
     assert sent
     rt = Runtime(out)  # every adapter of OUT fits the base OUT holds
@@ -560,8 +566,7 @@ def test_an_adapter_moved_aside_with_a_link_to_nothing_in_its_place_is_named_and
     assert os.listdir(adapters) == ["qv"] and (adapters / "qv" / "adapter.json").read_text() == "{}"
 
 
-def test_a_commit_holds_ctrl_c_off_and_removes_what_it_replaced_last(llama, tmp_path, monkeypatch, capsys,
-                                                                    sigint_raises):
+def test_a_commit_holds_ctrl_c_off_and_removes_what_it_replaced_last(llama, tmp_path, monkeypatch, sigint_raises):
     """Found by a hunt: the old base was removed (seconds, for a large one) before the adapters already in OUT were
     re-pointed to the new one, and a Runtime opened meanwhile was told an export 'was stopped'; a Ctrl-C between
     two adapters' renames said "aborted" with one replaced and the other not, or left a hidden copy of the old."""
@@ -591,7 +596,23 @@ def test_a_commit_holds_ctrl_c_off_and_removes_what_it_replaced_last(llama, tmp_
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    export([llama[1]["qv"], llama[1]["mlp"]], out, overwrite=True, verbose=True)  # the base is reused
-    assert f"note: Ctrl-C came while {out} was being written; the export was finished first" in capsys.readouterr().out
+    with pytest.raises(KeyboardInterrupt, match=f"^interrupted once {out} was written whole"):
+        export([llama[1]["qv"], llama[1]["mlp"]], out, overwrite=True)  # the base is reused
     assert all(os.stat(os.path.join(out, "adapters", n)).st_ino != before[n] for n in before)  # both replaced
     assert hidden_entries(out) == []
+
+
+def test_ctrl_c_as_a_merged_export_moves_in_says_it_is_whole(llama, tmp_path, monkeypatch, sigint_raises):
+    """Found by a review: a merged export's Ctrl-C came as a bare KeyboardInterrupt ("aborted") with OUT written."""
+    out, real = str(tmp_path / "merged"), os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "base":
+            signal.raise_signal(signal.SIGINT)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt, match=f"^interrupted once {out} was written whole"):
+        export([llama[1]["qv"]], out, merge=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert Runtime(out).manifest["merged_adapter"] == "qv" and hidden_entries(out) == []

@@ -211,3 +211,26 @@ def test_hf_peft_argument_names_and_order_and_misused_names_are_taken_or_named(t
     with pytest.raises(AttributeError, match="^edgepeft's PeftModel has no attribute 'get_model_status', nor has its LlamaForCausalLM$"):
         model.get_model_status()
     assert not hasattr(model, "get_model_status")
+
+
+def test_config_given_and_the_older_save_order_are_named(tiny_base, tmp_path):
+    """Found by a review: with config= given, a mismatch blamed the folder's adapter_config.json and said to re-save
+    it; save_pretrained(d, ["b"]) (edgepeft's older order) read ["b"] as safe_serialization and saved every adapter;
+    active_peft_config with no adapter active was a KeyError."""
+    lora = edgepeft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])
+    model = edgepeft.get_peft_model(_llama(tiny_base), lora)
+    model.add_adapter("b", lora)
+    with pytest.raises(ConfigError, match=r"^save_pretrained's second argument is safe_serialization .*, got \['b'\]"):
+        model.save_pretrained(str(tmp_path / "s"), ["b"])
+    assert not (tmp_path / "s").exists()
+    model.save_pretrained(str(tmp_path / "saved"))
+    wide = edgepeft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"])
+    with pytest.raises(edgepeft.errors.AdapterBaseMismatchError,
+                       match=r"adapter_model.safetensors: does not fit the config= given \(.*\); pass the config it was "
+                             r"trained with, or leave config out$"):
+        edgepeft.PeftModel.from_pretrained(_llama(tiny_base), str(tmp_path / "saved"), config=wide)
+    with pytest.raises(ConfigError, match=r"^from_pretrained\(revision=...\): HF PEFT's"):
+        edgepeft.PeftModel.from_pretrained(_llama(tiny_base), str(tmp_path / "saved"), revision="main")
+    model.delete_adapter("default")
+    model.delete_adapter("b")
+    assert model.active_peft_config is None and model.peft_type is None

@@ -303,9 +303,12 @@ def test_a_template_sees_plain_data_and_what_transformers_refuses_is_refused(tex
         content: object
 
     each = "{% for m in messages %}{{ m.role }}:{{ m.content | tojson }} {% endfor %}"
+    import types
+
     messages = [{"role": Role.USER, "content": {"t": np.float32(0.5), "n": np.int64(3), "a": np.zeros(2)}},
-                Message("assistant", "w10")]
+                types.MappingProxyType({"role": "assistant", "content": "w10"})]
     assert render(each, messages) == 'user:{"t": 0.5, "n": 3, "a": "<ndarray>"} assistant:"w10" '
+    assert render(each, [Message("assistant", "w10")]) == 'assistant:"w10" '
     assert render("{% set ns = namespace(n=dict(a=1)) %}{{ ns.n.a }}", messages) == "1"
     for body in ("{% set ns = namespace(_seen=0) %}", "{% set ns = namespace() %}{% set ns._seen = 1 %}"):
         with pytest.raises(CorruptArtifactError, match="does what a template may not .*a namespace may not store '_seen'"):
