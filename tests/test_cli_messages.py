@@ -425,3 +425,14 @@ def test_run_prints_the_generated_text_as_it_is_into_a_pipe(text_export, capsys,
     capsys.readouterr()
     main(["run", text_export[0], PROMPT, "--adapter", "tok", "--max-new-tokens", "3"])
     assert capsys.readouterr().out == "".join(pieces) + "\n"
+
+
+def test_a_target_module_given_as_one_text_is_told_the_command_lines_list(text_model, tmp_path, capsys):
+    """Found by a hunt: --option target_modules=query (a regular expression matching no whole name) was told to
+    give a list (['query']), which --option reads as a text and --target-modules as one name: both failed again."""
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    argv = ["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out", str(tmp_path / "o"),
+            "--epochs", "1", "--quiet"]
+    line = cli_error(capsys, *argv, "--option", "target_modules=query")
+    assert line.endswith("give a list (['query']; at the command line --target-modules query) or '.*query'"), line
+    cli_ok(capsys, *argv, "--target-modules", "query")  # the advice works

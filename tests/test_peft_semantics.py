@@ -403,7 +403,7 @@ def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):
     export([str(tmp_path / "named" / "mine")], str(tmp_path / "out"))  # the advice works
     model = load_reference_base(base, "causal-lm")
     with pytest.raises(ConfigError, match=r"a string is a regular expression for the whole module name: give a list "
-                       r"\(\['q_proj'\]\) or '\.\*q_proj'"):
+                       r"\(\['q_proj'\]; at the command line --target-modules q_proj\) or '\.\*q_proj'"):
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules="q_proj"))
     with pytest.raises(ConfigError, match="exclude_modules \\['q_proj'\\] leaves none of its matches"):
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))

@@ -164,8 +164,9 @@ def linear_targets(model: nn.Module, config, defaults: dict) -> list[str]:
     if not names:
         model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
         have = sorted({k.rpartition(".")[2] for k, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
-        hint = (f"; a string is a regular expression for the whole module name: give a list ([{targets!r}]) or "
-                f"'.*{targets}'" if isinstance(targets, str) and targets != "all-linear" and targets in have else "")
+        hint = (f"; a string is a regular expression for the whole module name: give a list ([{targets!r}]; at the "
+                f"command line --target-modules {targets}) or '.*{targets}'"
+                if isinstance(targets, str) and targets != "all-linear" and targets in have else "")
         if exclude and any(name_matches(exclude, n) for n in have):
             hint += f"; exclude_modules {exclude!r} leaves none of its matches"
         raise ConfigError(f"target_modules {targets!r} matches no linear layer of this {model_type} model; its linear "
