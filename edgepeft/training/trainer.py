@@ -50,7 +50,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _accelerator(self):
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
         from accelerate.state import AcceleratorState
 
@@ -61,8 +61,10 @@ class Trainer:
             mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
         if mp == "fp16" and not cuda:
             raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
-        # cpu=True without CUDA: several CPU processes (torchrun) then form a gloo DDP group
-        return Accelerator(mixed_precision=mp, cpu=not cuda,  # _epoch accumulates gradients itself; even batches
+        # cpu=True without CUDA: several CPU processes (torchrun) then form a gloo DDP group. Embeddings pool the
+        # last hidden state: an adapter on BERT's pooler (all-linear) gets no gradient, which DDP refused at step 2
+        unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if self.args.task == "feature-extraction" else []
+        return Accelerator(mixed_precision=mp, cpu=not cuda, kwargs_handlers=unused,  # _epoch accumulates gradients
                            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=self.args.seed,
                                                                      even_batches=False))  # repeated rows: see _epoch
 
