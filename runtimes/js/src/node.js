@@ -1,5 +1,5 @@
 // Node.js: open an export folder with onnxruntime-node (or onnxruntime-web's wasm build, also in Node).
-import { realpathSync, statSync } from "node:fs";
+import { readdirSync, realpathSync, statSync } from "node:fs";
 import { open, readFile, stat } from "node:fs/promises";
 import path from "node:path";
 
@@ -34,9 +34,50 @@ function named(e, file, out = null) {
     return new EdgePeftError(`${file}: a folder where the export has a file; remove it and export again`);
   }
   if (e.code !== "ENOENT") return new EdgePeftError(`${file}: cannot read it (${e.code ?? e.message}); check the disk, or export again`);
+  const why = out && missingInExport(file, out);
+  if (why) return new EdgePeftError(why);  // not marked missing: the runtime's "export it there first" would fail
   const error = new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
   error.missing = true;
   return error;
+}
+
+/** Why a file of the export OUT is missing where the Python runtime tells (runtimes/access.py, manifest.py), else
+ * null: its folder moved aside by an export that was stopped (.old-NAME-p<pid>h<host>-..., that process gone), or an
+ * adapter's folder without its manifest ("export it there first" was refused: the folder is there). */
+function missingInExport(file, out) {
+  const parts = path.relative(out, file).split(path.sep);
+  for (let i = 1; i < parts.length; i++) {  // the first folder on the way that is not there
+    const parent = path.join(out, ...parts.slice(0, i - 1)), name = parts[i - 1];
+    let names;
+    try {
+      names = readdirSync(parent);
+    } catch {
+      return null;
+    }
+    if (!names.includes(name)) {
+      const aside = names.find((n) => n.startsWith(`.old-${name}-p`) && stopped(n.slice(name.length + 7)));
+      return aside ? `${path.join(parent, name)}: moved aside to ${path.join(parent, aside)} by an export into ${out} ` +
+        "that was stopped; run that export again (it puts the folder back first)" : null;
+    }
+  }
+  if (parts.length === 3 && parts[0] === "adapters" && parts[2] === "adapter.json") {
+    return `${path.dirname(file)}: not an exported adapter (no adapter.json); remove it if it is a stray folder, or ` +
+      `re-export its adapter into this OUT (edgepeft export --adapter DIR --out ${out} --name ${parts[1]} --overwrite)`;
+  }
+  return null;
+}
+
+/** Whether "<pid>h<host>-..." names a process that no longer runs (a running one's folder is an export's at work;
+ * Python also tells another machine's by the host's hash, which this does not compute). */
+function stopped(owner) {
+  const pid = Number(/^(\d+)h[0-9a-f]{8}-[^-]+$/.exec(owner)?.[1]);
+  if (!Number.isSafeInteger(pid) || process.platform === "win32") return false;
+  try {
+    process.kill(pid, 0);
+    return false;
+  } catch (e) {
+    return e.code === "ESRCH";
+  }
 }
 
 /** The file a path goes through (its first ancestor that is there), or null. */

@@ -14,7 +14,7 @@
 
 import {
   EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs,
-  checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
+  checkOptions, checkSizes, checkTensors, described, firstLine, folderFix, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { graphDeclarationErrors } from "./base_checks.js";
 import { adapterGraphProblem } from "./graph.js";
@@ -161,9 +161,11 @@ export class Runtime {
     checkFormat(manifest, "edgepeft-adapter", this.loader.where(json));
     if (manifest.base_fingerprint !== this.manifest.fingerprint) {  // OUT's base re-exported since it was opened?
       const since = (await this.json("base/edgepeft.json", null).catch(() => null))?.fingerprint === manifest.base_fingerprint;
-      throw new EdgePeftError(`${where}: made for ${since ? "the base OUT holds now, re-exported since this Runtime " +
-        "opened it" : "another base"} (fingerprint ${manifest.base_fingerprint.slice(0, 12)}, this base ` +
-        `${this.manifest.fingerprint.slice(0, 12)}); ${since ? "open the export again to serve it" : "re-export it into this OUT"}`);
+      const merged = !since && this.manifest.merged_adapter;  // Python's words: the fixes that work (folderFix)
+      throw new EdgePeftError(`${where}: ${merged ? `${this.loader.where("base")} holds a --merge export (${merged}), ` +
+        "which takes no adapters" : `made for ${since ? "the base OUT holds now, re-exported since this Runtime opened it"
+        : "another base"} (fingerprint ${manifest.base_fingerprint.slice(0, 12)}, this base ${this.manifest.fingerprint
+        .slice(0, 12)})`}; ${since ? "open the export again to serve it" : await folderFix(this.loader, name, merged)}`);
     }
     this.loading ??= new Set();  // names being loaded: two loads of one name at once must not both pass the check
     if (this.adapters.has(name) || this.loading.has(name)) {

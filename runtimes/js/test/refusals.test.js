@@ -239,3 +239,29 @@ test("a file inside OUT where the export has a folder is named, not OUT (OUT was
       "a folder; remove it and export again$"));
   await refuses(openFolder(ortNode, path.join(out, "base", "edgepeft.json")), /a path through a file, not a folder; give openFolder/);
 });
+
+test("folders a stopped or unfinished export left are named with a fix that works, as in Python", async () => {
+  // found by a hunt: each said "no adapter lora in this export; export it there first" or "re-export it into this
+  // OUT", and that export was refused (the folder is there: --overwrite), or the base looked not exported at all
+  const done = spawnSync("true");  // a process that no longer runs, as a killed export's
+  const stopped = `p${done.pid}h0123abcd-x1`;
+  const out = await copied("stopped");
+  await cp(path.join(out, "adapters/lora"), path.join(out, `adapters/.old-lora-${stopped}`), { recursive: true });
+  await rm(path.join(out, "adapters/lora"), { recursive: true });
+  const rt = await openFolder(ortNode, out);
+  await refuses(rt.loadAdapter("lora"), new RegExp(`adapters/lora: moved aside to .*adapters/\\.old-lora-${stopped} by an ` +
+    "export into .* that was stopped; run that export again \\(it puts the folder back first\\)$"));
+  await rm(path.join(out, "adapters/ia3/adapter.json"));  // a folder without its manifest
+  await refuses(rt.loadAdapter("ia3"), /adapters\/ia3: not an exported adapter \(no adapter.json\); remove it if it is a stray folder, or re-export its adapter into this OUT \(edgepeft export --adapter DIR --out .* --name ia3 --overwrite\)$/);
+  await editJson(path.join(out, "adapters/prompt/adapter.json"), { base_fingerprint: "a".repeat(64) });
+  await refuses(rt.loadAdapter("prompt"), /adapters\/prompt: made for another base .*; remove .*adapters\/prompt, or re-export its adapter into this OUT: edgepeft export --adapter DIR --out .* --name prompt --overwrite$/);
+  await writeFile(path.join(out, "adapters/prompt/.adapter.json.new"), "{}");  // its re-pointed manifest, not renamed in
+  await refuses(rt.loadAdapter("prompt"), /an export into .* was stopped before it re-pointed it; run that export again, or re-export/);
+  await cp(path.join(out, "base"), path.join(out, `.old-base-${stopped}`), { recursive: true });
+  await rm(path.join(out, "base"), { recursive: true });
+  await refuses(openFolder(ortNode, out), new RegExp(`stopped/base: moved aside to .*\\.old-base-${stopped} by an export into`));
+  const merged = path.join(scratch, "merged");
+  await cp(path.join(FIXTURES, "bert_merged"), merged, { recursive: true });
+  await cp(path.join(FIXTURES, "llama/adapters/lora"), path.join(merged, "adapters/lora"), { recursive: true });
+  await refuses((await openFolder(ortNode, merged)).loadAdapter("lora"), /merged\/base holds a --merge export \(.*\), which takes no adapters; remove it from .*merged\/adapters, or export it into another --out$/);
+});
