@@ -49,7 +49,7 @@ def left_by_a_stopped_process(name: str):
         os.kill(int(m["pid"]), 0)
     except ProcessLookupError:
         return m
-    except OSError:  # another user's process: running
+    except (OSError, OverflowError):  # another user's process: running; a pid no process has: no export's name
         return None
     return None
 

@@ -564,6 +564,8 @@ def test_an_adapter_moved_aside_with_a_link_to_nothing_in_its_place_is_named_and
     assert [line.split(":")[0] for line in _moved_aside(str(tmp_path / "out"))] == [str(aside)]
     assert remove_abandoned(str(adapters)) == [f"put {adapters / 'qv'} back (an export was stopped while replacing it)"]
     assert os.listdir(adapters) == ["qv"] and (adapters / "qv" / "adapter.json").read_text() == "{}"
+    from edgepeft.runtimes.access import left_by_a_stopped_process  # a pid no process has (os.kill's OverflowError)
+    assert left_by_a_stopped_process(f".old-x-p99999999999h{this_host()}-y") is None
 
 
 def test_a_commit_holds_ctrl_c_off_and_removes_what_it_replaced_last(llama, tmp_path, monkeypatch, sigint_raises):

@@ -381,15 +381,3 @@ export async function checkSizes(loader, manifest, files) {
     }
   }
 }
-
-/** What mends an adapter folder of OUT made for another base, in the Python runtime's words (runtimes/commands.py
- * folder_fix): off a --merge export, or re-exported with --overwrite (an export stopped before it re-pointed the
- * folder, its new manifest waiting beside it: that export run again); "re-export it into this OUT" was refused. */
-export async function folderFix(loader, name, merged) {
-  if (merged) return `remove it from ${loader.where("adapters")}, or export it into another --out`;
-  const out = loader.where(""), again = "re-export its adapter into this OUT: edgepeft export --adapter DIR --out " +
-    `${out} --name ${name} --overwrite`;
-  const waiting = await loader.size?.(`adapters/${name}/.adapter.json.new`).catch(() => undefined);
-  return waiting === undefined ? `remove ${loader.where(`adapters/${name}`)}, or ${again}`
-    : `an export into ${out} was stopped before it re-pointed it; run that export again, or ${again}`;
-}

@@ -1,10 +1,13 @@
 // Node.js: open an export folder with onnxruntime-node (or onnxruntime-web's wasm build, also in Node).
-import { readdirSync, realpathSync, statSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { readFileSync, readdirSync, realpathSync, statSync } from "node:fs";
 import { open, readFile, stat } from "node:fs/promises";
+import { hostname } from "node:os";
 import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
+import { reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { tokenizerOf } from "./tokenizer.js";
 
@@ -62,22 +65,40 @@ function missingInExport(file, out) {
   }
   if (parts.length === 3 && parts[0] === "adapters" && parts[2] === "adapter.json") {
     return `${path.dirname(file)}: not an exported adapter (no adapter.json); remove it if it is a stray folder, or ` +
-      `re-export its adapter into this OUT (edgepeft export --adapter DIR --out ${out} --name ${parts[1]} --overwrite)`;
+      reexport(out, parts[1], path.dirname(file));
   }
   return null;
 }
 
-/** Whether "<pid>h<host>-..." names a process that no longer runs (a running one's folder is an export's at work;
- * Python also tells another machine's by the host's hash, which this does not compute). */
+/** Whether "<pid>h<host>-..." names a process of this machine that no longer runs, as runtimes/access.py tells it
+ * (a running one's folder is an export's at work; another machine's or container's, of a shared drive, is not). */
 function stopped(owner) {
-  const pid = Number(/^(\d+)h[0-9a-f]{8}-[^-]+$/.exec(owner)?.[1]);
-  if (!Number.isSafeInteger(pid) || process.platform === "win32") return false;
+  const [, digits, host] = /^(\d+)h([0-9a-f]{8})-[^-]+$/.exec(owner) ?? [];
+  const pid = Number(digits);
+  if (!Number.isSafeInteger(pid) || host !== thisHost() || process.platform === "win32") return false;
   try {
     process.kill(pid, 0);
     return false;
   } catch (e) {
     return e.code === "ESRCH";
   }
+}
+
+let host;
+
+/** This machine and PID namespace as Python's this_host() hashes them: the host name, the boot, the namespace. */
+function thisHost() {
+  if (host === undefined) {
+    const parts = [hostname()];
+    for (const probe of [() => readFileSync("/proc/sys/kernel/random/boot_id", "utf8").trim(),
+      () => String(statSync("/proc/self/ns/pid", { bigint: true }).ino)]) {
+      try {
+        parts.push(probe());
+      } catch {}  // not Linux
+    }
+    host = createHash("sha1").update(parts.join("/")).digest("hex").slice(0, 8);
+  }
+  return host;
 }
 
 /** The file a path goes through (its first ancestor that is there), or null. */
@@ -115,6 +136,7 @@ export function folderLoader(out) {
   }
   out = located(out);
   return {
+    folder: true,  // a folder of this disk: messages name it in the export commands they give
     where: (rel) => path.join(out, rel),
     json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8", out)),
     bytes: async (rel) => new Uint8Array(await read(path.join(out, rel), undefined, out)),

@@ -14,9 +14,10 @@
 
 import {
   EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs,
-  checkOptions, checkSizes, checkTensors, described, firstLine, folderFix, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
+  checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { graphDeclarationErrors } from "./base_checks.js";
+import { exportedAs, folderFix, quote } from "./fixes.js";
 import { adapterGraphProblem } from "./graph.js";
 import { GENERATION_OPTIONS, classify, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, joined, repeat, rowOf, runOnce } from "./sessions.js";
@@ -154,10 +155,9 @@ export class Runtime {
       throw new EdgePeftError("an adapter's name must be a non-empty string, a folder's name in OUT/adapters (no path), " +
         `got ${described(name)}`);
     }
-    const where = this.loader.where(`adapters/${name}`);
-    const json = `adapters/${name}/adapter.json`;
-    const manifest = await this.json(json,
-      `no adapter ${name} in this export; export it there first (edgepeft export --adapter DIR --out OUT --name ${name})`);
+    const where = this.loader.where(`adapters/${name}`), json = `adapters/${name}/adapter.json`;
+    const manifest = await this.json(json, `no adapter ${name} in this export; export it there first (edgepeft export ` +
+      `--adapter DIR --out OUT --name ${quote(exportedAs(name))})`);
     checkFormat(manifest, "edgepeft-adapter", this.loader.where(json));
     if (manifest.base_fingerprint !== this.manifest.fingerprint) {  // OUT's base re-exported since it was opened?
       const since = (await this.json("base/edgepeft.json", null).catch(() => null))?.fingerprint === manifest.base_fingerprint;

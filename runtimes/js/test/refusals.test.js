@@ -20,6 +20,7 @@ import { sha256Plain } from "../src/sha256.js";
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 const FIXTURES = process.env.EDGEPEFT_JS_FIXTURES || path.join(REPO, "build", "js");
+const PYTHON = process.env.PYTHON || path.join(REPO, ".venv/bin/python");
 const scratch = await mkdtemp(path.join(os.tmpdir(), "edgepeft-js-"));
 after(() => rm(scratch, { recursive: true, force: true }));
 ortWeb.env.wasm.numThreads = 1;
@@ -243,23 +244,32 @@ test("a file inside OUT where the export has a folder is named, not OUT (OUT was
 test("folders a stopped or unfinished export left are named with a fix that works, as in Python", async () => {
   // found by a hunt: each said "no adapter lora in this export; export it there first" or "re-export it into this
   // OUT", and that export was refused (the folder is there: --overwrite), or the base looked not exported at all
-  const done = spawnSync("true");  // a process that no longer runs, as a killed export's
-  const stopped = `p${done.pid}h0123abcd-x1`;
-  const out = await copied("stopped");
+  const done = spawnSync("true");  // a process of this machine that no longer runs, as a killed export's
+  const host = spawnSync(PYTHON, ["-c", "from edgepeft.runtimes.access import this_host; print(this_host())"])
+    .stdout.toString().trim();  // Python's hash of this machine: the JavaScript runtime tells it alike
+  const stopped = `p${done.pid}h${host}-x1`;
+  const out = await copied("stopped with space");  // a path the commands given quote
   await cp(path.join(out, "adapters/lora"), path.join(out, `adapters/.old-lora-${stopped}`), { recursive: true });
+  await cp(path.join(out, "adapters/lora"), path.join(out, `adapters/.old-bottleneck-p${done.pid}h0123abcd-x1`),
+    { recursive: true });  // another machine's (a shared drive): no export of this one was stopped there
   await rm(path.join(out, "adapters/lora"), { recursive: true });
+  await rm(path.join(out, "adapters/bottleneck"), { recursive: true });
   const rt = await openFolder(ortNode, out);
   await refuses(rt.loadAdapter("lora"), new RegExp(`adapters/lora: moved aside to .*adapters/\\.old-lora-${stopped} by an ` +
     "export into .* that was stopped; run that export again \\(it puts the folder back first\\)$"));
+  await refuses(rt.loadAdapter("bottleneck"), /no adapter bottleneck in this export; export it there first/);
   await rm(path.join(out, "adapters/ia3/adapter.json"));  // a folder without its manifest
-  await refuses(rt.loadAdapter("ia3"), /adapters\/ia3: not an exported adapter \(no adapter.json\); remove it if it is a stray folder, or re-export its adapter into this OUT \(edgepeft export --adapter DIR --out .* --name ia3 --overwrite\)$/);
+  await refuses(rt.loadAdapter("ia3"), /adapters\/ia3: not an exported adapter \(no adapter.json\); remove it if it is a stray folder, or re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*stopped with space' --name ia3 --overwrite`$/);
+  await cp(path.join(out, "adapters/prefix"), path.join(out, "adapters/my.prefix"), { recursive: true });
+  await editJson(path.join(out, "adapters/my.prefix/adapter.json"), { base_fingerprint: "a".repeat(64) });
+  await refuses(rt.loadAdapter("my.prefix"), /made for another base .*; remove .*adapters\/my.prefix, then re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*' --name my_prefix`$/);
   await editJson(path.join(out, "adapters/prompt/adapter.json"), { base_fingerprint: "a".repeat(64) });
-  await refuses(rt.loadAdapter("prompt"), /adapters\/prompt: made for another base .*; remove .*adapters\/prompt, or re-export its adapter into this OUT: edgepeft export --adapter DIR --out .* --name prompt --overwrite$/);
+  await refuses(rt.loadAdapter("prompt"), /adapters\/prompt: made for another base .*; remove .*adapters\/prompt, or re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*' --name prompt --overwrite`$/);
   await writeFile(path.join(out, "adapters/prompt/.adapter.json.new"), "{}");  // its re-pointed manifest, not renamed in
-  await refuses(rt.loadAdapter("prompt"), /an export into .* was stopped before it re-pointed it; run that export again, or re-export/);
+  await refuses(rt.loadAdapter("prompt"), /an export into .* was stopped before it re-pointed it; run that export again \(where OUT can be locked, .*\), or re-export/);
   await cp(path.join(out, "base"), path.join(out, `.old-base-${stopped}`), { recursive: true });
   await rm(path.join(out, "base"), { recursive: true });
-  await refuses(openFolder(ortNode, out), new RegExp(`stopped/base: moved aside to .*\\.old-base-${stopped} by an export into`));
+  await refuses(openFolder(ortNode, out), new RegExp(`stopped with space/base: moved aside to .*\\.old-base-${stopped} by an export into`));
   const merged = path.join(scratch, "merged");
   await cp(path.join(FIXTURES, "bert_merged"), merged, { recursive: true });
   await cp(path.join(FIXTURES, "llama/adapters/lora"), path.join(merged, "adapters/lora"), { recursive: true });

@@ -1,0 +1,40 @@
+// The fixes messages give for an export's adapter folders, in the Python runtime's words (runtimes/commands.py
+// folder_fix, export_name_problem, exported_as): export commands that work when pasted into a shell.
+
+const NAME_LENGTH = 100;  // as commands.py: OUT/adapters/<name> and its staging folder within a file name's 255 bytes
+
+/** `s` as a POSIX shell reads it back, as Python's shlex.quote: a path with a space was two arguments. */
+export const quote = (s) => s === "" ? "''" : /^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'"'"'`)}'`;
+
+const refused = (name) => !/^[A-Za-z0-9][A-Za-z0-9_-]*$/.test(name) || name.length > NAME_LENGTH ||
+  name.toLowerCase() === "none";
+
+/** `name` as export takes it for OUT/adapters/<name>: itself, else a name like it, else NAME (a load takes more). */
+export function exportedAs(name) {
+  if (!refused(name)) return name;
+  const mended = name.replace(/[^A-Za-z0-9_-]/g, "_").replace(/^[_-]+/, "").slice(0, NAME_LENGTH);
+  return mended && !refused(mended) ? mended : "NAME";
+}
+
+/** The export that brings adapter `name` (its folder `folder`) back into OUT (`out`: the folder, or null where the
+ * loader reads no folder: a URL is no --out): with --overwrite, or for a name export refuses ("my.lora"), after
+ * removing the folder, under a name it takes. */
+export function reexport(out, name, folder) {
+  const as = exportedAs(name);
+  const command = `\`edgepeft export --adapter DIR --out ${out === null ? "OUT" : quote(out)} --name ${quote(as)}` +
+    `${as === name ? " --overwrite" : ""}\``;
+  return `${as === name ? "" : `remove ${folder}, then `}re-export its adapter into this OUT: ${command}`;
+}
+
+/** What mends an adapter folder of OUT made for another base: off a --merge export; where an export stopped before
+ * it re-pointed the folder (its new manifest waiting beside it), that export run again; else removed or re-exported
+ * ("re-export it into this OUT", which export refused without --overwrite). */
+export async function folderFix(loader, name, merged) {
+  if (merged) return `remove it from ${loader.where("adapters")}, or export it into another --out`;
+  const folder = loader.where(`adapters/${name}`), out = loader.folder ? loader.where("") : null;
+  const again = reexport(out, name, folder);
+  if (exportedAs(name) !== name) return again;
+  const waiting = await loader.size?.(`adapters/${name}/.adapter.json.new`).catch(() => undefined);
+  return waiting === undefined ? `remove ${folder}, or ${again}` : `an export into ${out ?? "OUT"} was stopped before ` +
+    `it re-pointed it; run that export again (where OUT can be locked, not on Windows, it finishes that first), or ${again}`;
+}
