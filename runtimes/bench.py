@@ -110,8 +110,9 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
                           f"({first_line(e)}); lower --batch") from None
     mask = np.ones_like(ids)
     cycle = [*names, None]
-    peers = {"none": lambda: rt.forward(ids, mask)}
-    peers |= {f"stay:{n}": (lambda n=n: rt.forward(ids, mask, adapter=n)) for n in names}
+    def run(adapter=None):  # the outputs dropped: each timed call's kept grew memory by rounds x calls x logits
+        rt.forward(ids, mask, adapter=adapter)
+    peers = {"none": run} | {f"stay:{n}": (lambda n=n: run(n)) for n in names}
     if names:
         peers["switching"] = alternating(rt, ids, mask, cycle)
     try:

@@ -234,3 +234,15 @@ def test_a_batch_that_does_not_fit_in_memory_is_refused_in_a_line(shared_export)
     done = subprocess.run([sys.executable, "-c", script, shared_export("llama")[0]], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert "the cache of 100000 row(s) x " in done.stdout and "use a smaller batch" in done.stdout, done.stderr[-800:]
+
+
+def test_measure_keeps_no_calls_outputs(shared_export, monkeypatch):
+    """Found by a hunt: each timed call's logits were kept, so memory grew by rounds x calls x logits per peer (1.7 GiB
+    for 3 adapters of a 32,000-word vocabulary at the defaults) and the resident memory printed counted them."""
+    from edgepeft.runtimes import bench
+
+    kept, real = [], bench.interleaved
+    monkeypatch.setattr(bench, "interleaved", lambda *a, **k: kept.append(real(*a, **k)) or kept[-1])
+    out, dirs, _ = shared_export("llama")
+    measure(Runtime(out), rounds=2, calls=2, seq=8)
+    assert {ran for peer, calls in kept[0].items() if peer != "switching" for _, ran in calls} == {None}
