@@ -1,0 +1,120 @@
+"""What an interrupted export leaves, found by bug hunts: a Ctrl-C during the commit is held off until OUT is whole
+(the base, the adapters re-pointed to it, the new adapters; the folders they replace removed last) and raised then,
+saying so; a folder a killed export moved aside is put back by the next export, whatever stands in its place."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from error_contract import llama  # noqa: F401  (fixture)
+from file_checks import hidden_entries
+
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+
+def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp_path, monkeypatch, sigint_raises,
+                                                                     capsys):
+    """SIGINT between the new base's rename and its adapters' new manifests left every adapter of OUT 'made for
+    another base', and a second export did not mend it (the base was then reused). The commit now finishes first."""
+    from edgepeft.cli import main
+
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    slots_before = len(Runtime(out, load_adapters=False).manifest["slots"])
+    real, sent = os.replace, []
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "base" and not sent:  # Ctrl-C just as the new base moves in
+            sent.append(dst)
+            signal.raise_signal(signal.SIGINT)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SystemExit) as e:  # the command line says what was written
+        main(["export", "--adapter", llama[1]["mlp"], "--out", out])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"interrupted once {out} was written whole (Ctrl-C waits for that)"
+    monkeypatch.setattr(os, "replace", real)
+    assert sent
+    rt = Runtime(out)  # every adapter of OUT fits the base OUT holds
+    assert rt.adapter_names == ["mlp", "qv"] and len(rt.manifest["slots"]) > slots_before  # the new base, mlp's slots in
+    assert not hidden_entries(out)
+
+
+def test_a_commit_holds_ctrl_c_off_and_removes_what_it_replaced_last(llama, tmp_path, monkeypatch, sigint_raises):
+    """Found by a hunt: the old base was removed (seconds, for a large one) before the adapters already in OUT were
+    re-pointed to the new one, and a Runtime opened meanwhile was told an export 'was stopped'; a Ctrl-C between
+    two adapters' renames said "aborted" with one replaced and the other not, or left a hidden copy of the old."""
+    import edgepeft.files as files
+
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    seen, real_remove = [], files._remove
+
+    def remove(path):
+        if os.path.basename(path).startswith(".old-base-"):  # each adapter in OUT then points at the new base
+            with open(os.path.join(out, "base", "edgepeft.json")) as f:
+                new = json.load(f)["fingerprint"]
+            with open(os.path.join(out, "adapters", "qv", "adapter.json")) as f:
+                seen.append(json.load(f)["base_fingerprint"] == new)
+        return real_remove(path)
+
+    monkeypatch.setattr(files, "_remove", remove)
+    export([llama[1]["mlp"]], out)  # new slots: a new base, qv re-pointed
+    assert seen == [True]
+    before = {n: os.stat(os.path.join(out, "adapters", n)).st_ino for n in ("qv", "mlp")}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "qv" and os.path.basename(os.path.dirname(dst)) == "adapters":
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C as the first adapter moves in
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt, match=f"^interrupted once {out} was written whole"):
+        export([llama[1]["qv"], llama[1]["mlp"]], out, overwrite=True)  # the base is reused
+    assert all(os.stat(os.path.join(out, "adapters", n)).st_ino != before[n] for n in before)  # both replaced
+    assert hidden_entries(out) == []
+
+
+def test_ctrl_c_as_a_merged_export_moves_in_says_it_is_whole(llama, tmp_path, monkeypatch, sigint_raises):
+    """Found by a review: a merged export's Ctrl-C came as a bare KeyboardInterrupt ("aborted") with OUT written."""
+    out, real = str(tmp_path / "merged"), os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "base":
+            signal.raise_signal(signal.SIGINT)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt, match=f"^interrupted once {out} was written whole"):
+        export([llama[1]["qv"]], out, merge=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert Runtime(out).manifest["merged_adapter"] == "qv" and hidden_entries(out) == []
+
+
+def test_an_adapter_moved_aside_with_a_link_to_nothing_in_its_place_is_named_and_put_back(tmp_path):
+    """inspect and the next export read "nothing took its place" alike: a link to nothing there was fine to inspect
+    (os.path.lexists), and the export's os.replace of the folder onto the link stopped with NotADirectoryError."""
+    import subprocess
+
+    from edgepeft.files import remove_abandoned
+    from edgepeft.runtimes.access import this_host
+    from edgepeft.runtimes.describe import _moved_aside
+
+    done = subprocess.Popen(["true"])
+    done.wait()  # a process of this host that no longer runs
+    adapters = tmp_path / "out" / "adapters"
+    aside = adapters / f".old-qv-p{done.pid}h{this_host()}-abc"
+    aside.mkdir(parents=True)
+    (aside / "adapter.json").write_text("{}")
+    os.symlink(tmp_path / "gone", adapters / "qv")
+    assert [line.split(":")[0] for line in _moved_aside(str(tmp_path / "out"))] == [str(aside)]
+    assert remove_abandoned(str(adapters)) == [f"put {adapters / 'qv'} back (an export was stopped while replacing it)"]
+    assert os.listdir(adapters) == ["qv"] and (adapters / "qv" / "adapter.json").read_text() == "{}"
+    from edgepeft.runtimes.access import left_by_a_stopped_process  # a pid no process has (os.kill's OverflowError)
+    assert left_by_a_stopped_process(f".old-x-p99999999999h{this_host()}-y") is None
