@@ -62,11 +62,11 @@ def moved_aside_for_nothing(parent: str, m) -> str | None:
     return target if m["kind"] == "old" and not os.path.exists(target) else None
 
 
-def moved_aside_by_a_stopped_export(parent: str, name: str) -> str | None:
-    """The folder a stopped export moved ``parent/name`` into to replace it, nothing usable in its place, else None."""
-    found = [e for e in sorted(os.listdir(parent)) if (m := left_by_a_stopped_process(e)) and m["target"] == name
-             and moved_aside_for_nothing(parent, m)] if os.path.isdir(parent) else []
-    return os.path.join(parent, found[0]) if found else None
+def moved_aside(parent: str) -> dict:
+    """{name: the folder a stopped export moved ``parent/name`` into to replace it} where nothing usable took its
+    place (inspect lists them; a Runtime names one asked for; the next export puts them back)."""
+    return {m["target"]: os.path.join(parent, e) for e in sorted(os.listdir(parent)) if (m := left_by_a_stopped_process(e))
+            and moved_aside_for_nothing(parent, m)} if os.path.isdir(parent) else {}
 
 
 STOPPED = "by an export into {} that was stopped; run that export again (it puts the folder back first)"

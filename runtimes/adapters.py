@@ -32,7 +32,7 @@ from .manifest import (
     ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, read_adapter_manifest,
     read_base_manifest, stacks_as_output, uncounted_heads,
 )
-from .access import STOPPED, inside, moved_aside_by_a_stopped_export
+from .access import STOPPED, inside, moved_aside
 from .commands import export_command, folder_fix, name_problem
 from .adapter_graph import run_adapter_graph
 from .adapter_source import read_adapter_source
@@ -168,8 +168,7 @@ class AdapterStore:
         adapter = self._adapters.get(_one_name(name))
         if adapter is None:
             merged = f"; {self.merged!r} is merged into the base" if self.merged else ""
-            aside = self.out and isinstance(name, str) and moved_aside_by_a_stopped_export(
-                os.path.join(self.out, ADAPTERS_DIR), name)
+            aside = self.out and isinstance(name, str) and moved_aside(os.path.join(self.out, ADAPTERS_DIR)).get(name)
             if aside:  # "not loaded" hid where it was
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded: moved aside to {aside} {STOPPED.format(self.out)}")
             raise UnknownAdapterError(

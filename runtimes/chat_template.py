@@ -81,15 +81,16 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
     if isinstance(messages, (str, dict)):  # one message, or a text: read as its characters or keys below
         raise InvalidInputError(f"chat messages are a list of {{'role': ..., 'content': ...}} dicts, got a "
                                 f"{type(messages).__name__}; pass [message]")
-    # a dataclass or pydantic message (its fields), or a mapping of another type: a dict, as transformers takes them
-    messages = [_plain(m) if _an_object(m) or (isinstance(m, Mapping) and not isinstance(m, dict)) else m for m in messages]
+    messages = list(messages)  # a generator: used up by the checks below, and the template got none
     for i, m in enumerate(messages):  # templates skip what is no dict: a message left out, silently
-        if not isinstance(m, dict):
+        if not (isinstance(m, Mapping) or _an_object(m)):  # a dataclass or pydantic message: its fields, a dict
             raise InvalidInputError(f"chat message {i} is {type(m).__name__} {m!r:.40}, not a dict; give each message "
                                     "as {'role': ..., 'content': ...}, as transformers takes them")
+    messages = [_plain(m) for m in messages]  # as transformers hands them over, once
+    for i, m in enumerate(messages):
         if (half := _half_character(m)) is not None:  # named here: the rendered chat's own text said nothing
             raise InvalidInputError(f"chat message {i}'s text {half[:40]!r} {HALF_CHARACTER}")
-    messages = [_as_transformers_gives(_plain(m)) for m in messages]
+    messages = [_as_transformers_gives(m) for m in messages]
     try:
         return template.render(messages=messages, tools=None, documents=None,
                                add_generation_prompt=add_generation_prompt, **special_tokens)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .access import STOPPED, check_readable, left_by_a_stopped_process, moved_aside_for_nothing
+from .access import STOPPED, check_readable, moved_aside
 from .commands import folder_fix
 from .errors import EdgePeftError
 from .manifest import (
@@ -103,7 +103,5 @@ def describe_export(out_dir: str) -> dict:
 def _moved_aside(out_dir: str) -> list[str]:
     """Adapters an export stopped midway (kill -9) had moved aside to replace them, and nothing took their place:
     the runtime does not see them, and the next export puts them back (``remove_abandoned``, which reads them so)."""
-    parent = os.path.join(out_dir, ADAPTERS_DIR)
-    found = [(n, m["target"]) for n in sorted(os.listdir(parent)) if (m := left_by_a_stopped_process(n))
-             and moved_aside_for_nothing(parent, m)] if os.path.isdir(parent) else []
-    return [f"{os.path.join(parent, n)}: adapter {target!r}, moved aside {STOPPED.format(out_dir)}" for n, target in found]
+    found = moved_aside(os.path.join(out_dir, ADAPTERS_DIR))
+    return [f"{folder}: adapter {name!r}, moved aside {STOPPED.format(out_dir)}" for name, folder in found.items()]

@@ -53,7 +53,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .access import ADAPTER_MANIFEST, STOPPED, check_readable, moved_aside_by_a_stopped_export, read_json, sha256_bytes
+from .access import ADAPTER_MANIFEST, STOPPED, check_readable, moved_aside, read_json, sha256_bytes
 from .base_checks import base_value_errors
 from .values import is_kind
 from .commands import ADAPTERS_DIR, adapter_export_command, export_command, fresh_out
@@ -265,7 +265,7 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
     if not os.path.lexists(path):  # a typo: say so before what an export there would need
         return ArtifactNotFoundError(f"{path}: no such folder; give the folder `edgepeft export --out` wrote, or "
                                      f"export there first: {export_command('DIR', path)}")
-    if aside := moved_aside_by_a_stopped_export(path, BASE_DIR):  # "no base here" hid where it was
+    if aside := moved_aside(path).get(BASE_DIR):  # "no base here" hid where it was
         return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: moved aside to {aside} {STOPPED.format(path)}")
     return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "
                                  f"{export_command('DIR', path)} first")

@@ -75,8 +75,19 @@ def _tokenizer_limit(folder: str, max_positions: int | None) -> int | None:
     sentence-transformers 6 saves ``max_seq_length``), capped at the model's positions."""
     path = os.path.join(folder, "tokenizer_config.json")
     own = read_json(path, "tokenizer config", TOKENIZER_FIX).get("model_max_length") if os.path.isfile(path) else None
+    return tokenizer_limit(own, max_positions)
+
+
+def tokenizer_limit(own, max_positions: int | None) -> int | None:
+    """A tokenizer's ``model_max_length`` (``own``; none where it is no whole number > 2), capped at the positions."""
     own = own if isinstance(own, int) and not isinstance(own, bool) and own > 2 else None
     return min((n for n in (own, max_positions) if n), default=None)
+
+
+def cut_length(limit: int | None, max_positions: int | None, n_virtual: int) -> int | None:
+    """The length ``embed`` (and training) cuts a text to: ``limit``, less room for a prompt's or prefix's
+    ``n_virtual`` tokens within the model's positions."""
+    return min(limit or max_positions, max_positions - n_virtual) if max_positions and n_virtual else limit
 
 
 def _check_modules(modules: str) -> None:

@@ -24,7 +24,7 @@ from .decoded import GrowingText
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .values import HALF_CHARACTER, half_character, is_whole
 from .mixing import row_adapters
-from .sentence import TOKENIZER_FIX as _FIX, lowercase_first, pool, sentence_transformers_settings
+from .sentence import TOKENIZER_FIX as _FIX, cut_length, lowercase_first, pool, sentence_transformers_settings
 
 
 def _tidied(text: str) -> str:
@@ -381,8 +381,7 @@ def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
     # a prompt's or prefix's tokens take positions too: each row is cut for its own adapter, as run alone
     virtual = ([rt.virtual_positions(spec, 1) for spec in per_row] if isinstance(adapter, (list, tuple))
                else [rt.virtual_positions(adapter, len(rows))] * len(rows))  # one adapter (or one mix): asked once
-    limits = [min(max_length or rt.max_positions, rt.max_positions - n) if rt.max_positions and n else max_length
-              for n in virtual]
+    limits = [cut_length(max_length, rt.max_positions, n) for n in virtual]
     if len(set(limits)) > 1:  # rows cut to other lengths run in batches of their own: a wider row pads them past it
         return np.stack(_in_groups(limits, rows, per_row, lambda part, specs: embed(rt, part, specs, normalize)))
     ids, mask = tokenizer.encode(rows, max_length=limits[0])

@@ -13,15 +13,12 @@ def embedding_settings(model: str, revision, config, tokenizer, n_virtual: int) 
     model's sentence-transformers settings, else its tokenizer's limit, capped at its positions less the virtual
     tokens of a prompt or prefix adapter (training refused texts that embed, and sentence-transformers, cut)."""
     from edgepeft.models import max_positions, sentence_transformers_folder
-    from edgepeft.runtimes.sentence import sentence_transformers_settings
+    from edgepeft.runtimes.sentence import cut_length, sentence_transformers_settings, tokenizer_limit
 
     positions, folder = max_positions(config), sentence_transformers_folder(model, revision)
-    own = getattr(tokenizer, "model_max_length", None)
     limit, mode, lower = sentence_transformers_settings(folder, positions) if folder else (
-        min((n for n in (own if isinstance(own, int) else None, positions) if n), default=None), "mean", False)
-    if positions and n_virtual:
-        limit = min(limit or positions, positions - n_virtual)
-    return limit, mode, lower
+        tokenizer_limit(getattr(tokenizer, "model_max_length", None), positions), "mean", False)
+    return cut_length(limit, positions, n_virtual), mode, lower
 
 
 def pooled(model, ids, mask, mode="mean"):
