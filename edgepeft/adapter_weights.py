@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError
+from edgepeft.registry import model_modules
 from edgepeft.runtimes.access import check_readable
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper
 from edgepeft.tuners.targets import innermost
@@ -135,7 +136,7 @@ def load_state(peft, adapter_name: str, state: dict, path: str) -> None:
               "again from its model").format
     fix = elsewhere if other else resave("r, rank_pattern, feedforward_modules, ...")
     # A head trained for another label count gets that shape before loading.
-    for key, module in peft.named_modules():
+    for key, module in model_modules(peft):
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             try:
                 module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items()

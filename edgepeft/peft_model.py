@@ -28,7 +28,7 @@ from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
 from edgepeft.hf_calls import (check_adapter_name, check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name,
                                not_taken, refuse_adapter_names)
-from edgepeft.registry import AdapterLayer
+from edgepeft.registry import AdapterLayer, entry_parameters, held_entries, model_modules, model_parameters
 from edgepeft.tuners import method_for
 from edgepeft.tuners.copies import merged_copy, take_out_mixed, unloaded_copy
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, check_saved_whole_apart, wrap_modules_to_save
@@ -118,7 +118,7 @@ class PeftModel(nn.Module):
         # until set_adapter makes it active (or load_adapter(is_trainable=True) asks for it).
         by_adapter = self._parameters_by_adapter()
         adapters = {id(p) for params in by_adapter.values() for p in params}
-        for p in self.parameters():
+        for p in model_parameters(self):
             if id(p) not in adapters:
                 p.requires_grad_(False)
         for p in by_adapter[adapter_name]:
@@ -152,7 +152,7 @@ class PeftModel(nn.Module):
 
     def _forget(self, adapter_name: str) -> None:
         """Every layer's entries of ``adapter_name`` and its config removed."""
-        for module in self.modules():
+        for _, module in model_modules(self):
             for dict_name in module.adapter_dicts if isinstance(module, AdapterLayer) else ():
                 holder = getattr(module, dict_name)
                 if adapter_name in holder:
@@ -172,7 +172,7 @@ class PeftModel(nn.Module):
 
     def _run_layers(self) -> None:
         """Every layer runs the active adapter, or none inside ``disable_adapter``'s block."""
-        for module in self.modules():
+        for _, module in model_modules(self):
             if isinstance(module, AdapterLayer):
                 module.active_adapter = self._running
 
@@ -195,7 +195,7 @@ class PeftModel(nn.Module):
     def _parameters_by_adapter(self) -> dict:
         """{adapter: its parameters} for every adapter, in one walk of the modules (``adapter_parameters`` walks once per adapter)."""
         out = {name: [] for name in self.peft_config}
-        for module in self.modules():
+        for _, module in model_modules(self):
             if not isinstance(module, AdapterLayer):
                 continue
             if module.own_state:
@@ -203,19 +203,18 @@ class PeftModel(nn.Module):
                     params.extend(module.adapter_parameters(name).values())
                 continue
             for dict_name in module.adapter_dicts:
-                holder = getattr(module, dict_name)
-                for name, params in out.items():
-                    if name in holder:
-                        sub = holder[name]
-                        params.extend([sub] if isinstance(sub, nn.Parameter) else sub.parameters())
+                for name, entry in getattr(module, dict_name).items():
+                    if name in out:
+                        out[name].extend(entry_parameters(entry))
         return out
 
     def _adapter_entries(self, adapter_name: str) -> dict:
         """{saved key: (ModuleDict entry, parameter name)} for one adapter, in PEFT's key format."""
         entries = {}
-        wrapped = {m.frozen_attr for m in self.modules() if isinstance(m, AdapterLayer) and m.frozen_attr}
-        for key, module in self.named_modules():
-            if not isinstance(module, AdapterLayer) or module.own_state:  # own state: _custom_state
+        layers = [(k, m) for k, m in model_modules(self) if isinstance(m, AdapterLayer)]
+        wrapped = {m.frozen_attr for _, m in layers if m.frozen_attr}
+        for key, module in layers:
+            if module.own_state:  # own state: _custom_state
                 continue
             for dict_name in module.adapter_dicts:
                 holder = getattr(module, dict_name)
@@ -239,7 +238,7 @@ class PeftModel(nn.Module):
 
     def _custom_state(self) -> list:
         """(key, module) of layers that save computed tensors rather than their parameters."""
-        return [(k, m) for k, m in self.named_modules() if isinstance(m, AdapterLayer) and m.own_state]
+        return [(k, m) for k, m in model_modules(self) if isinstance(m, AdapterLayer) and m.own_state]
 
     def adapter_parameters(self, adapter_name: str) -> dict:
         out = {}
@@ -300,7 +299,11 @@ class PeftModel(nn.Module):
         if is_trainable:  # as HF PEFT: trainable now, even before set_adapter
             self._set_requires_grad(adapter_name, True)
         else:  # as HF PEFT: no dropout (the new layers' Dropout modules start in training mode)
-            self.eval()
+            for name, entry in held_entries(self):
+                if name == adapter_name and isinstance(entry, nn.Module):
+                    entry.eval()
+            if any(m.training for m in self.modules()):  # not just the new ones (eval() walks N adapters' modules)
+                self.eval()
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = "default", is_trainable: bool = False,

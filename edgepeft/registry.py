@@ -71,6 +71,52 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
 
+def model_modules(model: nn.Module):
+    """(name, module) for ``model`` and every module in it but what adapter layers hold per adapter (their
+    ``adapter_dicts``): the model's own modules and the adapter layers, in ``named_modules``' order. Its length does
+    not grow with the number of adapters loaded, as a walk of ``named_modules`` does (a whole-model walk per
+    ``load_adapter``/``set_adapter`` made loading N adapters cost N²)."""
+    seen, todo = set(), [("", model)]
+    while todo:
+        key, module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield key, module
+        held = module.adapter_dicts if isinstance(module, AdapterLayer) else ()
+        todo.extend(reversed([(f"{key}.{name}" if key else name, child) for name, child in module._modules.items()
+                              if child is not None and name not in held]))
+
+
+def model_parameters(model: nn.Module):
+    """The parameters of ``model_modules``' modules (the model's own, and what adapter layers hold outside their
+    dicts), each once."""
+    seen = set()
+    for _, module in model_modules(model):
+        for p in module._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield p
+
+
+
+def held_entries(model: nn.Module):
+    """(adapter name, entry) for every entry of every adapter layer's dicts in ``model``."""
+    for _, module in model_modules(model):
+        for dict_name in module.adapter_dicts if isinstance(module, AdapterLayer) else ():
+            yield from getattr(module, dict_name).items()
+
+
+def entry_parameters(entry) -> list:
+    """The parameters of an adapter dict's entry; a leaf module's read directly (``set_adapter`` reads every
+    adapter's entries, and torch's recursive walk of each cost more than the rest of the call)."""
+    if isinstance(entry, nn.Parameter):
+        return [entry]
+    if entry._modules:
+        return list(entry.parameters())
+    return [p for p in entry._parameters.values() if p is not None]
+
+
 class Tuner:
     """The PyTorch side of a method: puts its layers into a transformers model and takes them out.
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgepeft.errors import ConfigError, UnsupportedModelError
-from edgepeft.registry import AdapterLayer, SlotSpec, register_spec
+from edgepeft.registry import AdapterLayer, SlotSpec, model_modules, register_spec
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES, Slot, slot_axis, slot_name, stacks_as_output
 from edgepeft.tuners.targets import replace_module, saved_whole
 
@@ -70,9 +70,9 @@ def wrap_modules_to_save(model: nn.Module, names, adapter_name: str) -> list[str
     """Wrap every module matching ``names`` and add a trained copy for ``adapter_name``."""
     wrapped = []
     # what another method's layers hold (``q_proj.lora_A.<adapter name>``) is never saved whole, whatever its name ends with
-    held = tuple(key + "." for key, module in model.named_modules()
+    held = tuple(key + "." for key, module in model_modules(model)
                  if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveWrapper))
-    for key, module in list(model.named_modules()):
+    for key, module in list(model_modules(model)):
         if held and key.startswith(held):
             continue
         if saved_whole(names, key) and isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSaveWrapper):
@@ -95,12 +95,12 @@ def wrap_modules_to_save(model: nn.Module, names, adapter_name: str) -> list[str
 def check_saved_whole_apart(model: nn.Module) -> None:
     """Refuse a module one adapter trains whole (modules_to_save) while another puts its layers on it: the two
     wrap each other and neither adapter's tensors can be told apart (each alone exports, into the same OUT)."""
-    for key, layer in model.named_modules():
+    for key, layer in model_modules(model):
         if not isinstance(layer, AdapterLayer):
             continue
         whole = isinstance(layer, ModulesToSaveWrapper)
         if any(isinstance(m, AdapterLayer) and isinstance(m, ModulesToSaveWrapper) != whole
-               for m in layer.modules() if m is not layer):
+               for _, m in model_modules(layer) if m is not layer):
             raise _saved_whole_and_adapted(key)
 
 

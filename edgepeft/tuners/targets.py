@@ -8,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from edgepeft.errors import ConfigError, first_line
-from edgepeft.registry import AdapterLayer
+from edgepeft.registry import AdapterLayer, model_modules
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -204,7 +204,7 @@ class _TargetView(nn.Module):
         """The model's modules by their original names: each adapter layer stands for the module it wraps,
         and what adapter layers hold (the wrapped module, per-adapter dicts) is left out."""
         held = set()  # names of what adapter layers hold
-        for key, m in self._model.named_modules():
+        for key, m in model_modules(self._model):
             parts = key.split(".")
             if any(".".join(parts[:i]) in held for i in range(1, len(parts) + 1)):
                 continue

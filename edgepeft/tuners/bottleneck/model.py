@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from edgepeft.registry import Tuner
+from edgepeft.registry import Tuner, model_modules
 from edgepeft.tuners.bottleneck.layer import BottleneckLinear
 from edgepeft.tuners.targets import adapter_layer, linear_targets, unwrapped
 
@@ -25,7 +25,7 @@ class BottleneckTuner(Tuner):
         return keys
 
     def layers(self, model: nn.Module):
-        return [(k, m) for k, m in model.named_modules() if isinstance(m, BottleneckLinear)]
+        return [(k, m) for k, m in model_modules(model) if isinstance(m, BottleneckLinear)]
 
     def merge(self, model: nn.Module, adapter_name: str) -> None:
         """A bottleneck is non-linear and cannot be folded into the weights: its layers stay.

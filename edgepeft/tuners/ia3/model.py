@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from edgepeft.errors import ConfigError
-from edgepeft.registry import Tuner
+from edgepeft.registry import Tuner, model_modules
 from edgepeft.tuners.ia3.config import DEFAULT_IA3_FEEDFORWARD, DEFAULT_IA3_TARGETS
 from edgepeft.tuners.ia3.layer import IA3Linear
 from edgepeft.tuners.targets import (
@@ -57,7 +57,7 @@ class IA3Tuner(Tuner):
         return keys
 
     def layers(self, model: nn.Module):
-        return [(k, m) for k, m in model.named_modules() if isinstance(m, IA3Linear)]
+        return [(k, m) for k, m in model_modules(model) if isinstance(m, IA3Linear)]
 
     @torch.no_grad()
     def merge(self, model: nn.Module, adapter_name: str) -> None:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from edgepeft.errors import ConfigError, UnsupportedMethodError
-from edgepeft.registry import Tuner
+from edgepeft.registry import Tuner, model_modules
 from edgepeft.tuners.lora.config import DEFAULT_LORA_TARGETS
 from edgepeft.tuners.lora.layer import LoraLinear
 from edgepeft.tuners.targets import (
@@ -43,7 +43,7 @@ class LoraTuner(Tuner):
         return keys
 
     def layers(self, model: nn.Module):
-        return [(k, m) for k, m in model.named_modules() if isinstance(m, LoraLinear)]
+        return [(k, m) for k, m in model_modules(model) if isinstance(m, LoraLinear)]
 
     @torch.no_grad()
     def merge(self, model: nn.Module, adapter_name: str) -> None:
