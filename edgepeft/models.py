@@ -13,7 +13,8 @@ from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModel
 from edgepeft.hub import hub_unreachable
 from edgepeft.runtimes.access import check_readable
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
-from edgepeft.runtimes.sentence import PROMPTS_CONFIG, SENTENCE_TRANSFORMERS_FILES, check_default_prompt
+from edgepeft.runtimes.sentence import (PROMPTS_CONFIG, SENTENCE_TRANSFORMERS_FILES, check_default_prompt,
+                                        sentence_transformers_settings)
 
 # model_type -> family. Encoders have no causal-LM head; decoders take use_cache.
 ENCODERS = {"bert"}
@@ -348,10 +349,10 @@ def is_placeholder_tokenizer(tokenizer) -> bool:
 def sentence_transformers_folder(source: str, revision: str | None = None) -> str | None:
     """The local folder holding a base's sentence-transformers files (its length limit, pooling, modules): the
     model's own folder, or its hub snapshot (fetched there at ``revision``); None for a model without them. A
-    model whose encode puts a default prompt before every text is refused (``check_default_prompt``)."""
+    model whose encode puts a default prompt before every text, or whose settings embed cannot serve, is refused."""
     if os.path.isdir(source):
         found = any(os.path.isfile(os.path.join(source, f)) for f in SENTENCE_TRANSFORMERS_FILES)
-        return _without_default_prompt(source) if found else None
+        return _checked(source) if found else None
     from huggingface_hub import hf_hub_download
 
     folder = None
@@ -362,11 +363,13 @@ def sentence_transformers_folder(source: str, revision: str | None = None) -> st
             continue
         if name != PROMPTS_CONFIG:  # a model with that file alone has no settings, as a local folder
             folder = path[:-len(name)].rstrip("/\\")
-    return folder and _without_default_prompt(folder)
+    return folder and _checked(folder)
 
 
-def _without_default_prompt(folder: str) -> str:
+def _checked(folder: str) -> str:
+    """``folder``, its settings refused before training or an export writes anything where embed cannot serve them."""
     check_default_prompt(folder)  # training and export read the model's own files here (an export's base/ lacks it)
+    sentence_transformers_settings(folder)
     return folder
 
 

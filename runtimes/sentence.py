@@ -8,7 +8,10 @@ gives.
                                 5's paths (sentence_transformers.models.X) and 6's (...modules.x.X)
     1_Pooling/config.json       pooling_mode (6.x: a name) or the pooling_mode_* flags (5.x)
 
-A plain transformers folder (no such files) pools by the mean and is cut as sentence-transformers cuts it.
+A plain transformers folder (no such files) pools by the mean and is cut as sentence-transformers cuts it
+(sentence-transformers 6 would pool a plain decoder by its last token, and render texts through the tokenizer's chat
+template where it has one: save the model with sentence-transformers to embed as its encode does). A saved
+``modality_config`` that renders texts through the chat template ("message") is refused.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_P
 PROMPTS_CONFIG = "config_sentence_transformers.json"  # prompts and default_prompt_name (checked, not exported)
 MODULES = ("Transformer", "Pooling", "Normalize")  # the modules embed runs (class names)
 POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sqrt_len",
-           "mean_sqrt_len_tokens": "mean_sqrt_len"}  # sentence-transformers' names -> edgepeft's
+           "mean_sqrt_len_tokens": "mean_sqrt_len", "lasttoken": "lasttoken"}  # sentence-transformers' names -> edgepeft's
 LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
                   "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
                   "pooling_mode_lasttoken": "lasttoken"}  # sentence-transformers 5's flags
@@ -54,6 +57,7 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
         raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {TOKENIZER_FIX}")
     if limit is None:
         limit = _tokenizer_limit(folder, max_positions)
+    _check_modality(config, settings.get("modality_config"))
     _check_modules(modules)
     if not os.path.isfile(pooling):
         return limit, "mean", lower
@@ -66,7 +70,7 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     if not (isinstance(modes, list) and len(modes) == 1 and modes[0] in POOLING):
         shown = " + ".join(map(str, modes)) if isinstance(modes, list) else repr(modes)
         raise ConfigError(f"{pooling}: pooling {shown or 'none'} is not one edgepeft pools by (mean, cls, max, "
-                          "mean_sqrt_len); take last_hidden_state from Runtime.forward and pool it yourself")
+                          "mean_sqrt_len, lasttoken); take last_hidden_state from Runtime.forward and pool it yourself")
     return limit, POOLING[modes[0]], lower
 
 
@@ -88,6 +92,15 @@ def cut_length(limit: int | None, max_positions: int | None, n_virtual: int) -> 
     """The length ``embed`` (and training) cuts a text to: ``limit``, less room for a prompt's or prefix's
     ``n_virtual`` tokens within the model's positions."""
     return min(limit or max_positions, max_positions - n_virtual) if max_positions and n_virtual else limit
+
+
+def _check_modality(config: str, modalities) -> None:
+    """Refuse a saved ``modality_config`` that routes texts through the chat template: sentence-transformers 6 then
+    renders each text as a user message (no special tokens of the tokenizer's own), which embed does not."""
+    if isinstance(modalities, dict) and any("message" in str(key).split("+") for key in modalities):
+        raise ConfigError(f"{config}: modality_config has \"message\", so sentence-transformers' encode renders each "
+                          "text through the tokenizer's chat template, which edgepeft's embed and training do not; "
+                          "remove \"message\" from modality_config (encode then embeds texts as they are, as edgepeft)")
 
 
 def _check_modules(modules: str) -> None:
@@ -118,8 +131,11 @@ def lowercase_first(tokenizer) -> None:
 def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
     """(B, H): token states (B, T, H) pooled over each row's tokens (``mask``), as sentence-transformers' Pooling."""
     weights = mask[..., None].astype(np.float32)
-    if mode == "cls":
-        return hidden[:, 0].copy()  # encoders pad on the right: the first position is [CLS]
+    if mode in ("cls", "lasttoken"):  # each row's first (last) real token, whichever side it is padded on
+        real = mask.astype(bool)
+        at = real.argmax(1) if mode == "cls" else mask.shape[1] - 1 - real[:, ::-1].argmax(1)
+        picked = hidden[np.arange(len(hidden)), at]
+        return picked if mode == "cls" else picked * real.any(1)[:, None]  # a row of no tokens: zeros, as theirs
     if mode == "max":
         return np.where(weights > 0, hidden, -1e9).max(1)
     count = np.maximum(weights.sum(1), 1)

@@ -134,15 +134,72 @@ def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tm
 def test_a_default_prompt_is_refused_at_export_and_training(st6, tmp_path):
     """sentence-transformers' encode puts prompts[default_prompt_name] before every text: embed did not, and its
     embeddings differed from encode's (cosine 0.85) without a word."""
-    from edgepeft.errors import ConfigError
-
     folder = shutil.copytree(st6[0], tmp_path / "prompted")
     config = folder / "config_sentence_transformers.json"
     settings = json.loads(config.read_text()) if config.exists() else {}
     config.write_text(json.dumps({**settings, "prompts": {"query": "query: "}, "default_prompt_name": "query"}))
+    refused_at_export_and_training(folder, tmp_path, "config_sentence_transformers.json: default_prompt_name 'query' "
+                                                     "puts 'query: ' before every text")
+    from edgepeft.runtimes.sentence import check_default_prompt
+
+    config.write_text(json.dumps({**settings, "prompts": {"query": ""}, "default_prompt_name": "query"}))
+    check_default_prompt(str(folder))  # an empty prompt prepends nothing: not refused
+
+
+@pytest.mark.parametrize("mode,side", [("lasttoken", "right"), ("lasttoken", "left"), ("cls", "left")])
+def test_a_decoder_pools_by_its_last_or_first_token_as_sentence_transformers(text_model, tmp_path, mode, side):
+    """lasttoken (Qwen3-Embedding's, gte-Qwen2's, e5-mistral's pooling) was refused; cls took position 0, a pad in a
+    left-padded batch, where sentence-transformers takes each row's first real token."""
+    from sentence_transformers import SentenceTransformer, models
+
+    from edgepeft.training.pooling import pooled
+
+    plain = shutil.copytree(text_model("llama"), tmp_path / "plain")
+    config = plain / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "padding_side": side}))
+    word = models.Transformer(str(plain))
+    folder = str(tmp_path / "st")
+    SentenceTransformer(modules=[word, models.Pooling(word.get_embedding_dimension(), mode), models.Normalize()],
+                        device="cpu").save(folder)
+    adapter = peft_virtual_adapter(tmp_path / "prompt", folder, "prompt", seed=5, task="feature-extraction",
+                                   num_virtual_tokens=2)
+    export([adapter], str(tmp_path / "out"))
+    st, texts = SentenceTransformer(folder, device="cpu"), ["hello", "the service was slow and the food cold"]
+    np.testing.assert_allclose(Runtime(str(tmp_path / "out")).embed(texts), st.encode(texts), atol=2e-5)
+    # training pools the same tokens (one padded row, either side)
+    hidden, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1] if side == "left" else [1, 1, 1, 0, 0]])
+    want = st[1]({"token_embeddings": hidden, "attention_mask": mask})["sentence_embedding"]
+
+    class Hidden(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, return_dict):
+            return type("Out", (), {"last_hidden_state": hidden})
+
+    torch.testing.assert_close(pooled(Hidden(), None, mask, mode), torch.nn.functional.normalize(want, dim=-1))
+
+
+def test_texts_rendered_through_the_chat_template_are_refused_at_export_and_training(st6, tmp_path):
+    """sentence-transformers 6 renders each text through the tokenizer's chat template where a saved modality_config
+    has "message": embed encoded the text as it is (cosine 0.64 to encode's on MiniLM given a template)."""
+    from edgepeft.errors import ConfigError
+
+    folder = shutil.copytree(st6[0], tmp_path / "messages")
+    config = folder / "sentence_bert_config.json"
+    route = {"method": "forward", "method_output_name": "last_hidden_state"}
+    config.write_text(json.dumps({**json.loads(config.read_text()), "modality_config": {"text": route, "message": route}}))
+    refusal = 'sentence_bert_config.json: modality_config has "message", so sentence-transformers\' encode renders'
+    refused_at_export_and_training(folder, tmp_path, refusal)
+    out = shutil.copytree(st6[1], tmp_path / "old")  # an export made before: embed refuses
+    shutil.copy2(config, out / "base" / "sentence_bert_config.json")
+    with pytest.raises(ConfigError, match=refusal):
+        Runtime(str(out)).embed("a")
+
+
+def refused_at_export_and_training(folder, tmp_path, refusal: str) -> None:
+    """An export of a prompt adapter on ``folder`` and training on it are refused with ``refusal``, nothing written."""
+    from edgepeft.errors import ConfigError
+
     adapter = peft_virtual_adapter(tmp_path / "prompt", str(folder), "prompt", seed=5, task="feature-extraction",
                                    num_virtual_tokens=4)
-    refusal = "config_sentence_transformers.json: default_prompt_name 'query' puts 'query: ' before every text"
     with pytest.raises(ConfigError, match=refusal):
         export([adapter], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -151,7 +208,4 @@ def test_a_default_prompt_is_refused_at_export_and_training(st6, tmp_path):
     with pytest.raises(ConfigError, match=refusal):
         edgepeft.train(model=str(folder), task="feature-extraction", method="lora", data=str(data),
                        out=str(tmp_path / "trained"), progress=False)
-    from edgepeft.runtimes.sentence import check_default_prompt
-
-    config.write_text(json.dumps({**settings, "prompts": {"query": ""}, "default_prompt_name": "query"}))
-    check_default_prompt(str(folder))  # an empty prompt prepends nothing: not refused
+    assert not (tmp_path / "trained").exists()

@@ -27,7 +27,10 @@ def pooled(model, ids, mask, mode="mean"):
     hidden = hidden[:, hidden.shape[1] - mask.shape[1]:]  # a prompt's virtual tokens come first: pool the text's own
     m = mask[..., None].to(hidden.dtype)
     count = m.sum(1).clamp(min=1)
-    vector = {"cls": lambda: hidden[:, 0], "max": lambda: hidden.masked_fill(m == 0, -1e9).max(1).values,
+    rows, real = torch.arange(mask.shape[0], device=mask.device), mask.bool()  # first/last real token, either padding
+    vector = {"cls": lambda: hidden[rows, real.int().argmax(1)],
+              "lasttoken": lambda: hidden[rows, mask.shape[1] - 1 - real.flip(1).int().argmax(1)] * real.any(1)[:, None],
+              "max": lambda: hidden.masked_fill(m == 0, -1e9).max(1).values,
               "mean_sqrt_len": lambda: (hidden * m).sum(1) / count.sqrt()}.get(mode, lambda: (hidden * m).sum(1) / count)()
     return torch.nn.functional.normalize(vector.float(), dim=-1)
 
