@@ -8,8 +8,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
-from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError
+from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME, load_config
+from edgepeft.errors import (AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError,
+                             first_line)
 from edgepeft.registry import model_modules
 from edgepeft.runtimes.access import check_readable
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper
@@ -176,3 +177,37 @@ def load_state(peft, adapter_name: str, state: dict, path: str) -> None:
 def _layer_index(key: str) -> int | None:
     """The layer a parameter name belongs to (its first numeric part: ``model.layers.3.mlp...`` -> 3), else None."""
     return next((int(part) for part in key.split(".") if part.isdigit()), None)
+
+
+def reload_state(peft, adapter_name: str, directory: str) -> None:
+    """HF PEFT's ``load_adapter`` into a loaded name: the folder's weights copied into that adapter's parameters (in
+    place, as an optimizer holds them), its config kept. They are read into a spare adapter of that config first, so
+    weights that do not fit change nothing."""
+    ours = peft.peft_config[adapter_name]
+    theirs = load_config(directory).peft_type if os.path.isfile(os.path.join(directory, "adapter_config.json")) else None
+    again = f"load it under another adapter_name, or delete_adapter({adapter_name!r}) first"
+    if theirs not in (None, ours.peft_type):
+        raise ConfigError(f"{directory}: holds a {theirs} adapter, and adapter {adapter_name!r} is a loaded "
+                          f"{ours.peft_type} one; {again}")
+    spare = next(f"{adapter_name}_{i}" for i in range(len(peft.peft_config) + 1) if f"{adapter_name}_{i}" not in peft.peft_config)
+    trains = [(p, p.requires_grad) for p in peft.parameters()]  # add_adapter freezes the base: as it was after
+    peft.add_adapter(spare, ours)
+    try:
+        path, state = read_adapter_weights(directory)
+        try:
+            load_state(peft, spare, state, path)
+        except EdgePeftError as e:  # its advice (re-save the folder) was for a new adapter of the folder's config
+            raise AdapterBaseMismatchError(f"{path}: does not fit adapter {adapter_name!r} as loaded "
+                                           f"({first_line(e).split('; ')[0].removeprefix(path + ': ')}); {again}") from None
+        have, new = peft.adapter_parameters(adapter_name), peft.adapter_parameters(spare)
+        for key, p in have.items():  # a head resized to the file's label count
+            if p.shape != new[key].shape:
+                raise AdapterBaseMismatchError(f"{path}: {key} has shape {list(new[key].shape)}, adapter "
+                                               f"{adapter_name!r} has {list(p.shape)}; {again}")
+        with torch.no_grad():
+            for key, p in have.items():
+                p.copy_(new[key])
+    finally:
+        peft._forget(spare)
+        for p, flag in trains:
+            p.requires_grad_(flag)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from safetensors.torch import save
 from torch import nn
 
-from edgepeft.adapter_weights import load_state, read_adapter_weights
+from edgepeft.adapter_weights import load_state, read_adapter_weights, reload_state
 from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, first_line
 from edgepeft.files import write_bytes_atomic
@@ -271,13 +271,16 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False, *,
                      subfolder: str | None = None, config=None, **options) -> None:
         """Load the adapter folder ``model_id`` (HF PEFT's name: a local folder here; ``subfolder`` inside it) as
-        ``adapter_name``; ``config``: HF PEFT's, in place of the folder's adapter_config.json."""
+        ``adapter_name``; ``config``: HF PEFT's, in place of the folder's adapter_config.json. Into a loaded name, as HF
+        PEFT: the folder's weights replace that adapter's, its config and trainability kept."""
         not_taken("load_adapter", options)
         directory = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
         check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:  # "<folder>/adapter_config.json: ... already exists" blamed the file
-            raise ConfigError(f"an adapter named {adapter_name!r} is loaded already; pass another adapter_name, or "
-                              f"delete_adapter({adapter_name!r}) first")
+        if adapter_name in self.peft_config:  # HF PEFT's: the folder's weights into that adapter, its config kept
+            reload_state(self, adapter_name, directory)
+            if not is_trainable:
+                self.eval()
+            return
         given, config = config is not None, load_config(directory) if config is None else copy.deepcopy(as_config(config))
         config.inference_mode = not is_trainable
         try:

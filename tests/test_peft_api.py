@@ -182,7 +182,7 @@ def test_hf_peft_argument_names_and_order_and_misused_names_are_taken_or_named(t
     """Found by a hunt: HF PEFT's peft_config=, subfolder=, config=, save_pretrained's and merge_and_unload's
     positional order were TypeErrors (save_pretrained(d, True) read True as selected_adapters), a keyword edgepeft
     does not take was Python's TypeError, selected_adapters="default" named its letters, a name with '.' was torch's
-    KeyError, load_adapter into a loaded name blamed the folder's file, and an unknown attribute named LlamaForCausalLM."""
+    KeyError, and an unknown attribute named LlamaForCausalLM."""
     ids = torch.from_numpy(sample_batch()[0])
     lora = edgepeft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])
     model = edgepeft.get_peft_model(_llama(tiny_base), peft_config=lora)
@@ -202,9 +202,7 @@ def test_hf_peft_argument_names_and_order_and_misused_names_are_taken_or_named(t
                        (lambda: model.save_pretrained(str(tmp_path / "s"), selected_adapters="default"),
                         r"^selected_adapters takes a list of adapter names, got 'default'; pass \['default'\]$"),
                        (lambda: model.add_adapter("task.v2", lora), r"^adapter name 'task.v2': give a non-empty text"),
-                       (lambda: model.add_adapter("", lora), "adapter name ''"),
-                       (lambda: loaded.load_adapter(str(tmp_path / "saved"), "again"),
-                        r"^an adapter named 'again' is loaded already; pass another adapter_name, or delete_adapter\('again'\) first$")):
+                       (lambda: model.add_adapter("", lora), "adapter name ''")):
         with pytest.raises(ConfigError, match=said):
             call()
     assert model.active_peft_config is model.peft_config["b"]
@@ -234,3 +232,37 @@ def test_config_given_and_the_older_save_order_are_named(tiny_base, tmp_path):
     model.delete_adapter("default")
     model.delete_adapter("b")
     assert model.active_peft_config is None and model.peft_type is None
+
+
+def test_load_adapter_into_a_loaded_name_replaces_its_weights_as_in_peft(tiny_base, tmp_path):
+    """HF PEFT loads the folder's weights into the adapter of that name (its config and trainability kept; a
+    Trainer's best checkpoint is loaded so); edgepeft refused. Weights that do not fit change nothing."""
+    import peft
+
+    ids = torch.from_numpy(sample_batch()[0])
+    got = {}
+    for lib in (peft, edgepeft):
+        model = lib.get_peft_model(_llama(tiny_base), lib.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+        for seed, name in ((3, "a"), (4, "b")):
+            randomize_adapter(model, seed)
+            model.save_pretrained(str(tmp_path / lib.__name__ / name))
+        model = lib.PeftModel.from_pretrained(_llama(tiny_base), str(tmp_path / lib.__name__ / "a"), is_trainable=True)
+        model.load_adapter(str(tmp_path / lib.__name__ / "b"), "default")
+        fresh = lib.PeftModel.from_pretrained(_llama(tiny_base), str(tmp_path / lib.__name__ / "b"))
+        torch.testing.assert_close(_logits(model, ids), _logits(fresh, ids), rtol=0, atol=0)
+        got[lib.__name__] = [n for n, p in model.named_parameters() if p.requires_grad], model.training
+    assert got["edgepeft"] == got["peft"] and got["peft"][0] and not got["peft"][1]
+    want = _logits(model, ids)
+    edgepeft.get_peft_model(_llama(tiny_base), edgepeft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))\
+        .save_pretrained(str(tmp_path / "r4"))
+    edgepeft.get_peft_model(_llama(tiny_base), edgepeft.IA3Config(task_type="CAUSAL_LM", target_modules=["q_proj"],
+                                                                  feedforward_modules=[])).save_pretrained(str(tmp_path / "ia3"))
+    for folder, error, said in (
+            ("r4", edgepeft.errors.AdapterBaseMismatchError,
+             r"adapter_model.safetensors: does not fit adapter 'default' as loaded \(.*\); load it under another "
+             r"adapter_name, or delete_adapter\('default'\) first$"),
+            ("ia3", ConfigError, r"ia3: holds a IA3 adapter, and adapter 'default' is a loaded LORA one; load it under")):
+        with pytest.raises(error, match=said):
+            model.load_adapter(str(tmp_path / folder), "default")
+        torch.testing.assert_close(_logits(model, ids), want, rtol=0, atol=0)
+        assert list(model.peft_config) == ["default"]
