@@ -55,6 +55,8 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict, dict]:
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(f"load_adapter takes an adapter folder (a path) or the bytes of a zip of one, got "
                           f"{type(source).__name__}")
+    if not os.fspath(source):  # '' read as the app's directory, and its advice named that for removal
+        raise ArtifactNotFoundError("'': an empty path; pass a folder from OUT/adapters/ made by `edgepeft export`")
     path = located(source)  # restaged after an eviction from where it was loaded, whatever the directory then
     if not os.path.isdir(path):
         raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "

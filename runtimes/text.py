@@ -13,7 +13,6 @@ import copy
 import functools
 import json
 import os
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -145,16 +144,20 @@ class TextTokenizer:
         pad_id = self.pad_id if pad_id is None else pad_id
         if max_length is not None and not is_whole(max_length):  # a TypeError from the tokenizers package
             raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
-        side = padding_side or self.padding_side
+        if not (is_whole(pad_id) and 0 <= pad_id < 2**63):  # numpy's ValueError; NaN became -2**63
+            raise ConfigError(f"pad_id must be a token id (a whole number >= 0), got {pad_id!r}")
+        side = self.padding_side if padding_side is None else padding_side
         if side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}")
-        texts = [texts] if isinstance(texts, str) or not isinstance(texts, Iterable) else list(texts)
+        if not isinstance(texts, (str, list, tuple)):  # bytes read as ints, a set in hash order, a dict by its keys
+            raise InvalidInputError(f"encode takes a text or a list of texts (strings), got {type(texts).__name__}")
+        texts = [texts] if isinstance(texts, str) else list(texts)
         for text in texts:  # the tokenizers package's TypeError said "TextInputSequence must be str"
             if not isinstance(text, str):
                 raise InvalidInputError(f"encode takes a text or a list of texts (strings), got {type(text).__name__}")
             if half_character(text):
                 raise InvalidInputError(f"text {text[:40]!r} {HALF_CHARACTER}")
-        rows = [self._cut(t, add_special_tokens, max_length) if max_length else
+        rows = [self._cut(t, add_special_tokens, max_length) if max_length is not None else
                 self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
         width = max(len(r) for r in rows) if rows else 0
         ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -170,7 +173,8 @@ class TextTokenizer:
         if max_length < special:
             raise ConfigError(f"max_length {max_length} is less than the {special} special tokens every text gets; "
                               "raise it")
-        encoding.truncate(max_length - special, direction=self.truncation_side)
+        if len(encoding.ids) > max_length - special:  # truncate's OverflowError past 2**64
+            encoding.truncate(max_length - special, direction=self.truncation_side)
         return (self._tok.post_process(encoding) if add_special_tokens else encoding).ids
 
     def decode(self, ids, skip_special_tokens: bool = True, tidy: bool = True) -> str:

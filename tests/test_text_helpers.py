@@ -328,3 +328,32 @@ def test_a_template_sees_plain_data_and_what_transformers_refuses_is_refused(tex
     monkeypatch.setattr(jinja2, "__version__", "3.1.5")
     with pytest.raises(ConfigError, match=r"jinja2 3.1.6 or later .*, not 3.1.5: pip install -U 'jinja2>=3.1.6'"):
         render("{{ 1 }}", messages)
+
+
+def test_encode_takes_what_transformers_takes_and_refuses_the_rest_in_one_line(text_rt, tmp_path, monkeypatch):
+    """Found by a hunt: max_length=0 cut nothing (transformers gives no tokens), 2**64 was the tokenizers package's
+    OverflowError; pad_id was never checked (NaN padded with -2**63, 'x' was numpy's ValueError); bytes were read as
+    ints ("got int"), a set in hash order and a dict by its keys; padding_side '' took the default; load_adapter('')
+    read the app's directory and advised removing it."""
+    import transformers as tf
+
+    from edgepeft.runtimes import ArtifactNotFoundError, ConfigError, InvalidInputError
+
+    tok = text_rt.tokenizer
+    want = tf.PreTrainedTokenizerFast(tokenizer_file=os.path.join(text_rt.base_dir, "tokenizer.json"))
+    for length in (0, 1, 3, 2**64):
+        assert tok.encode(PROMPT, add_special_tokens=False, max_length=length)[0][0].tolist() == \
+            want(PROMPT, add_special_tokens=False, truncation=True, max_length=min(length, 10**6))["input_ids"]
+    for pad in ("x", 2**63, float("nan"), 1.5, True, -1):
+        with pytest.raises(ConfigError, match=r"^pad_id must be a token id \(a whole number >= 0\), got "):
+            tok.encode(["w10", PROMPT], pad_id=pad)
+    for odd in (b"w10", {"w10", "w11"}, {"w10": 1}, (t for t in ["w10"])):
+        with pytest.raises(InvalidInputError, match=f"^encode takes a text or a list of texts \\(strings\\), got "
+                                                    f"{type(odd).__name__}$"):
+            tok.encode(odd)
+    assert tok.encode(("w10", "w11"))[0].tolist() == tok.encode(["w10", "w11"])[0].tolist()
+    with pytest.raises(ConfigError, match="^padding_side must be 'left' or 'right', got ''$"):
+        tok.encode("w10", padding_side="")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ArtifactNotFoundError, match=r"^'': an empty path; pass a folder from OUT/adapters/"):
+        text_rt.load_adapter("")
