@@ -18,11 +18,12 @@ def stop_text(tok: "TextTokenizer", ids) -> str:
         return tok.decode(ids, False, False)
     cuts = [0, *(k for k in range(1, len(ids)) if (byte[k - 1] is None) != (byte[k] is None)), len(ids)]
     text = ""
-    for a, b in zip(cuts, cuts[1:]):
+    for c, a, b in zip([0, *cuts], cuts, cuts[1:]):
         if byte[a] is not None:
             text += bytes(byte[a:b]).decode("utf-8", "replace")
-        else:  # the decoder's text of these tokens where they stand (a text's first token drops its space)
-            text += tok.decode(ids[:b], False, False)[len(tok.decode(ids[:a], False, False)):]
+        else:  # the decoder's text of these tokens where they stand (a text's first token drops its space), after
+            # the byte run before them (c: its start), not the whole window (each stretch decoded it: n² a step)
+            text += tok.decode(ids[c:b], False, False)[len(tok.decode(ids[c:a], False, False)):]
     return text
 
 
@@ -56,6 +57,25 @@ class StopStrings:
             text = stop_text(self.tokenizer, window).rstrip("\ufffd")
             found[i] = any(s in text[max(0, before - len(s) + 1):] for s in self.stops)
         return found
+
+
+class OpenBytes:
+    """How many of the last ids of a growing list are byte-fallback tokens, counted as the ids come (walking back
+    over the run at every id cost n² over a run of n: Thai or emoji text the vocabulary lacks). A run of them decodes
+    as a whole, each of its bytes U+FFFD while the run is not valid UTF-8, so its text (a newline shown already
+    included) may change until a token of another kind ends the run. Decoded without special tokens, a special token
+    inside a run does not end it (and is counted with it)."""
+
+    def __init__(self, tok: "TextTokenizer"):
+        self.tok, self.n = tok, 0
+
+    def __call__(self, i: int) -> int:
+        """The open run's length once ``i`` is added (a special id after a byte of it counts; one before none)."""
+        if self.tok.byte_of(i) is not None or (self.n and i in self.tok.special_ids):
+            self.n += 1
+        elif i not in self.tok.special_ids:
+            self.n = 0
+        return self.n
 
 
 class GrowingText:

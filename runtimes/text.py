@@ -19,7 +19,7 @@ import numpy as np
 from . import chat_template
 from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
-from .decoded import GrowingText
+from .decoded import GrowingText, OpenBytes
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .values import HALF_CHARACTER, half_character, is_whole
 from .mixing import row_adapters
@@ -195,21 +195,6 @@ class TextTokenizer:
         hexa = token[3:5] if len(token) == 6 and token.startswith("<0x") and token.endswith(">") else ""
         return int(hexa, 16) if hexa and all(c in "0123456789abcdefABCDEF" for c in hexa) else None
 
-    def open_bytes(self, ids, skip_special_tokens: bool = False) -> int:
-        """How many of the last ``ids`` are byte-fallback tokens: a run of them decodes as a whole, each of its bytes
-        U+FFFD while the run is not valid UTF-8, so its text (a newline shown already included) may change until a
-        token of another kind ends the run. Decoded without special tokens, a special token inside a run does not
-        end it (and is counted with it)."""
-        n = skipped = 0
-        for i in reversed(ids):
-            if skip_special_tokens and int(i) in self.special_ids:
-                skipped += 1
-                continue
-            if self.byte_of(i) is None:
-                break
-            n, skipped = n + skipped + 1, 0
-        return n
-
     @functools.cached_property
     def rewrites(self) -> bool:
         """Whether more tokens can change text already decoded (not only add to it): the config's tidying, or a
@@ -259,10 +244,10 @@ def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     # a tokenizer whose decoding rewrites text (" ," -> ",", " n" + "'t" -> "n't") may still change its last
     # characters: they wait (a rewrite reaches at most this far back, chained ones included)
     hold = 8 if tok.rewrites else 0
-    text_of = GrowingText(tok)
+    text_of, open_bytes = GrowingText(tok), OpenBytes(tok)
     for token in rt.stream(ids, mask, adapter, **generation):
         new.append(int(token[0]))
-        settled = text_of(new, len(new) - tok.open_bytes(new, True))  # an open run of byte tokens may change
+        settled = text_of(new, len(new) - open_bytes(new[-1]))  # an open run of byte tokens may change
         settled = settled[:max(len(settled) - hold, 0)]
         if settled.startswith(shown) and len(settled) > len(shown) and not settled.endswith("\ufffd"):
             yield settled[len(shown):]

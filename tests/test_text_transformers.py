@@ -24,7 +24,7 @@ from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactE
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 from edgepeft.runtimes import text as text_calls
-from edgepeft.runtimes.decoded import GrowingText, StopStrings
+from edgepeft.runtimes.decoded import GrowingText, OpenBytes, StopStrings
 from edgepeft.runtimes.text import TextTokenizer
 
 TEXTS = ["Hello world, how are you today?", "the quick brown fox", "It is 22 degrees", "Paris is nice\nyes"] * 10
@@ -349,7 +349,48 @@ def test_stream_text_decodes_in_time_linear_in_the_text(tmp_path):
         tok._tok = real
         assert "".join(pieces) == tok.decode(ids), name
         assert len(pieces) > 100, name
-        growing = GrowingText(tok)
+        growing, open_bytes = GrowingText(tok), OpenBytes(tok)
         for k in range(1, len(ids) + 1):
-            n = k - tok.open_bytes(ids[:k], True)
+            n = k - open_bytes(ids[k - 1])
+            assert n == k - open_run(tok, ids[:k]), (name, k)
             assert growing(ids, n) == tok.decode(ids[:n]), (name, k)
+
+
+def open_run(tok, ids) -> int:
+    """The open byte run at the end of ``ids``, walked back (special ids after its first byte counted)."""
+    n = skipped = 0
+    for i in reversed(ids):
+        if i in tok.special_ids:
+            skipped += 1
+        elif tok.byte_of(i) is None:
+            break
+        else:
+            n, skipped = n + skipped + 1, 0
+    return n
+
+
+def test_text_of_byte_runs_costs_time_linear_in_them(tmp_path, monkeypatch):
+    """Found by a hunt: stream_text walked back over the open byte run at every token (n² over a run of n: 4,000
+    tokens of Thai took 7 s), and each stop-string check decoded the window from its start once per stretch between
+    byte runs (n² in the longest stop: 20 ms a step per row at 128 characters). The text stays transformers'."""
+    import transformers as tf
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    folder = llama2_tokenizer(tmp_path / "tok", tokenizer_class="PreTrainedTokenizerFast")
+    tok, hf = TextTokenizer(folder), tf.AutoTokenizer.from_pretrained(folder)
+    thai = [tok._tok.token_to_id(f"<0x{b:02X}>") for b in "สวัสดีครับ".encode() * 200]
+    mixed = [t for pair in zip(thai[:600], hf("the quick fox " * 200, add_special_tokens=False)["input_ids"]) for t in pair]
+    calls = {"byte_of": 0, "decoded": 0}
+    byte_of, decode = tok.byte_of, tok.decode
+    monkeypatch.setattr(tok, "byte_of", lambda i: calls.__setitem__("byte_of", calls["byte_of"] + 1) or byte_of(i))
+    monkeypatch.setattr(tok, "decode", lambda ids, *a: calls.__setitem__("decoded", calls["decoded"] + len(ids))
+                        or decode(ids, *a))
+    rt = types.SimpleNamespace(tokenizer=tok, stream=lambda ids, mask, adapter, **g: (np.array([t]) for t in thai))
+    assert "".join(text_calls.stream_text(rt, "Hello")) == hf.decode(thai)
+    assert calls["byte_of"] < 3 * len(thai)  # walked back: about len(thai)² / 2
+    calls["decoded"] = 0
+    stop = "x" * 100  # a window of 404 tokens
+    row = np.array([mixed])
+    assert not StopStrings(tok, [stop], np.zeros(1, np.int64)).hit(row, np.zeros(1, bool))[0]
+    assert calls["decoded"] < 20 * 404  # the window from its start for each of ~200 stretches: about 80,000 ids
+    assert not StopStringCriteria(hf, [stop])(torch.from_numpy(row), None)[0]
