@@ -32,18 +32,25 @@ def test_a_classifier_that_is_not_single_label_is_refused_naming_the_fix(text_mo
           progress=False)
 
 
-def test_a_duplicate_pair_in_a_retrieval_eval_is_no_miss(text_model, tmp_path):
-    """Its copy's positive ties with its own, and argmax took the first: 0.25 where the pairs alone gave 0.5."""
+def test_a_duplicate_pair_in_a_retrieval_eval_is_no_miss(text_model, tmp_path, monkeypatch):
+    """Its copy's positive ties with its own, and argmax took the first: 0.25 where the pairs alone gave 0.5. Found
+    by a hunt: every text was scored against every positive at once, N² memory (4.3 GiB at 32,000 eval pairs);
+    now in blocks of 1,024 texts."""
+    import torch
+
     pairs = [{"text": "i love it", "positive": "love it"}, {"text": "awful day", "positive": "bad day"},
              {"text": "great stuff", "positive": "so good"}]
     data = write_lines(tmp_path / "d.jsonl", pairs)
-    accuracy = {}
-    for name, rows in (("once", pairs), ("twice", pairs + pairs)):
+    accuracy, scored = {}, []
+    matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: scored.append(a.shape[0]) or matmul(a, b))
+    for name, rows in (("once", pairs), ("twice", pairs + pairs), ("many", pairs * 400)):
         evals = write_lines(tmp_path / f"{name}.jsonl", rows)
         log = train(model=text_model("bert"), task="feature-extraction", method="lora", data=data, eval_data=evals,
                     out=str(tmp_path / name), epochs=1, batch_size=8, progress=False)
         accuracy[name] = log["evals"][0]["accuracy"]  # the untrained adapter's
-    assert accuracy["twice"] == accuracy["once"] > 0
+    assert accuracy["many"] == accuracy["twice"] == accuracy["once"] > 0
+    assert max(scored) == 1024
 
 
 def test_a_checkpoint_of_an_earlier_edgepeft_resumes_a_prompt_adapter(tiny_base):
