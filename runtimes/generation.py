@@ -285,14 +285,17 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops,
     """Yield each step's new token per row, (B,) int64, stopping rows at eos or a stop string; return each row's count
     of new tokens with the one that ended it. ``words``: the length check, run again once held (``Runtime.lanes``)."""
     rng, eos = np.random.default_rng(cfg.seed), np.array(cfg.eos_token_id, dtype=np.int64)
-    sequences, finished, ends = ids, np.zeros(ids.shape[0], dtype=bool), np.zeros(ids.shape[0], dtype=np.int64)
+    finished, ends = np.zeros(ids.shape[0], dtype=bool), np.zeros(ids.shape[0], dtype=np.int64)
+    grown = np.empty((ids.shape[0], ids.shape[1] + cfg.max_new_tokens), np.int64)  # a copy of the whole per step: L²
+    grown[:, :ids.shape[1]], sequences = ids, ids
     with rt.lanes(adapter, *ids.shape, cfg.max_new_tokens - 1, words) as lanes:
         steps = lane_steps(rt, lanes, ids, mask)
         logits = next(steps)
         for step in range(cfg.max_new_tokens):
             token = next_tokens(logits, sequences, cfg, rng, ignore=padding, prompt_length=ids.shape[1])
             token = np.where(finished, cfg.pad_token_id, token)
-            sequences = np.concatenate([sequences, token[:, None]], axis=1)
+            grown[:, ids.shape[1] + step] = token
+            sequences = grown[:, :ids.shape[1] + step + 1]
             yield token
             ends += ~finished  # this token counts for each row it did not end before
             finished |= np.isin(token, eos)
