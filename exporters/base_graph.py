@@ -25,7 +25,7 @@ from edgepeft.models import (
 from edgepeft.exporters.generation_settings import generation_fields, ignored_generation
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
-from edgepeft.runtimes.sentence import sentence_transformers_settings
+from edgepeft.runtimes.sentence import PROMPTS_CONFIG, sentence_transformers_settings
 from edgepeft.runtimes.text import TextTokenizer
 from edgepeft.tuners import spec_for
 
@@ -118,7 +118,7 @@ def write_side_files(source: str, stage: str, task: str, revision: str | None = 
     if os.path.isfile(os.path.join(source, "generation_config.json")):
         shutil.copy2(os.path.join(source, "generation_config.json"), stage)
     st = sentence_transformers_folder(source, revision) if task == "feature-extraction" else None
-    for f in SENTENCE_TRANSFORMERS_FILES if st else ():
+    for f in (*SENTENCE_TRANSFORMERS_FILES, PROMPTS_CONFIG) if st else ():  # embed's prompt_name, truncate_dim
         if os.path.isfile(os.path.join(st, f)):
             os.makedirs(os.path.dirname(os.path.join(stage, f)), exist_ok=True)
             shutil.copy2(os.path.join(st, f), os.path.join(stage, f))
@@ -136,7 +136,7 @@ def side_difference(have: str, new: str, task: str, max_positions: int | None) -
         return "tokenizer (tokenizer.json, tokenizer_config.json, chat template)"
     if task == "feature-extraction" and \
             sentence_transformers_settings(have, max_positions) != sentence_transformers_settings(new, max_positions):
-        return "sentence-transformers settings (sentence_bert_config.json, 1_Pooling/config.json)"
+        return f"sentence-transformers settings (sentence_bert_config.json, 1_Pooling/config.json, {PROMPTS_CONFIG})"
     return None
 
 

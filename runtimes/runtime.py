@@ -373,10 +373,10 @@ class Runtime:
         """``{"label", "score", "scores"}`` for a text (a list of them for a list of texts); seq-cls exports."""
         return text.classify(self, texts, adapter)
 
-    def embed(self, texts, adapter=None, normalize: bool = True) -> np.ndarray:
-        """Embeddings pooled as the model's sentence-transformers config says (the mean where it has none), L2-normalized
-        unless ``normalize=False``: (hidden,) for a text or (B, hidden); feature-extraction exports."""
-        return text.embed(self, texts, adapter, normalize)
+    def embed(self, texts, adapter=None, normalize: bool = True, prompt_name=None, prompt=None) -> np.ndarray:
+        """Embeddings as sentence-transformers' ``encode`` gives them (its config's pooling, prompts, truncate_dim),
+        L2-normalized unless ``normalize=False``: (hidden,) for a text or (B, hidden); feature-extraction exports."""
+        return text.embed(self, texts, adapter, normalize, prompt_name, prompt)
 
 
 def assemble(parts: list, batch: int) -> np.ndarray:

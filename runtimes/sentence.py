@@ -6,16 +6,18 @@ gives.
                                 positions), do_lower_case (a Lowercase step before the tokenizer's normalizer)
     modules.json                Transformer, Pooling (1_Pooling), Normalize: by class name, sentence-transformers
                                 5's paths (sentence_transformers.models.X) and 6's (...modules.x.X)
-    1_Pooling/config.json       pooling_mode (6.x: a name) or the pooling_mode_* flags (5.x)
+    1_Pooling/config.json       pooling_mode (6.x: a name) or the pooling_mode_* flags (5.x), include_prompt
+    config_sentence_transformers.json   prompts (embed's prompt_name), truncate_dim; default_prompt_name refused
 
 A plain transformers folder (no such files) pools by the mean and is cut as sentence-transformers cuts it
 (sentence-transformers 6 would pool a plain decoder by its last token, and render texts through the tokenizer's chat
 template where it has one: save the model with sentence-transformers to embed as its encode does). A saved
-``modality_config`` that renders texts through the chat template ("message") is refused.
+``modality_config`` that renders texts through the chat template ("message"), or ``processing_kwargs``, are refused.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,7 +25,7 @@ from .errors import ConfigError, CorruptArtifactError
 from .access import read_json
 
 SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")  # as exported
-PROMPTS_CONFIG = "config_sentence_transformers.json"  # prompts and default_prompt_name (checked, not exported)
+PROMPTS_CONFIG = "config_sentence_transformers.json"  # prompts, default_prompt_name (refused), truncate_dim
 MODULES = ("Transformer", "Pooling", "Normalize")  # the modules embed runs (class names)
 POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sqrt_len",
            "mean_sqrt_len_tokens": "mean_sqrt_len", "lasttoken": "lasttoken"}  # sentence-transformers' names -> edgepeft's
@@ -33,23 +35,36 @@ LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "m
 TOKENIZER_FIX = "re-run `edgepeft export` into a fresh --out folder"  # its tokenizer and sentence-transformers files
 
 
+class Embedding(NamedTuple):
+    """How ``embed`` (and feature-extraction training: the first three) cuts, lower-cases, pools and prompts texts."""
+    limit: int | None  # max_seq_length, else the tokenizer's limit (None: none)
+    mode: str  # pooling
+    lower: bool  # do_lower_case
+    include_prompt: bool  # 1_Pooling's: False leaves a prompt's tokens out of the pooling
+    truncate_dim: int | None  # the embedding's first values encode gives (None: all)
+    prompts: dict  # {name: prompt} for embed's prompt_name
+
+
 def check_default_prompt(folder: str) -> None:
     """Refuse a model whose sentence-transformers config sets ``default_prompt_name``: its ``encode`` puts that
     prompt before every text, which edgepeft's embed and training do not (they would embed other text)."""
-    path = os.path.join(folder, PROMPTS_CONFIG)
-    fix = "repair it, or remove it"
-    settings = read_json(path, "sentence-transformers config", fix) if os.path.isfile(path) else {}
+    path, settings = _prompts_config(folder, "repair it, or remove it")
     name, prompts = settings.get("default_prompt_name"), settings.get("prompts")
     prompt = prompts.get(name) if name is not None and isinstance(prompts, dict) else None
     if prompt:  # "" prepends nothing
         raise ConfigError(f"{path}: default_prompt_name {name!r} puts {prompt!r} before every text in "
-                          "sentence-transformers' encode, which edgepeft does not; set it to null and put the prompt "
-                          "in the texts yourself (training data and embed calls alike)")
+                          "sentence-transformers' encode, which edgepeft does not; set it to null and pass "
+                          f"prompt_name={name!r} to Runtime.embed (in training data, put the prompt in the texts)")
 
 
-def sentence_transformers_settings(folder: str, max_positions: int | None = None) -> tuple:
-    """(max_seq_length or None, pooling mode, lower-case texts) of the model in ``folder`` (an export's base/, or
-    the model's own folder for training). ``max_positions``: the model's, which caps a tokenizer's own limit."""
+def _prompts_config(folder: str, fix: str = TOKENIZER_FIX) -> tuple:
+    path = os.path.join(folder, PROMPTS_CONFIG)
+    return path, read_json(path, "sentence-transformers config", fix) if os.path.isfile(path) else {}
+
+
+def sentence_transformers_settings(folder: str, max_positions: int | None = None) -> Embedding:
+    """The ``Embedding`` settings of the model in ``folder`` (an export's base/, or the model's own folder for
+    training). ``max_positions``: the model's, which caps a tokenizer's own limit."""
     config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
     settings = read_json(config, "sentence-transformers config", TOKENIZER_FIX) if os.path.isfile(config) else {}
     limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True
@@ -58,9 +73,20 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     if limit is None:
         limit = _tokenizer_limit(folder, max_positions)
     _check_modality(config, settings.get("modality_config"))
+    if settings.get("processing_kwargs"):  # sentence-transformers 6 saves them where they were set
+        raise ConfigError(f"{config}: processing_kwargs {settings['processing_kwargs']!r} change how "
+                          "sentence-transformers' encode tokenizes texts, which edgepeft's embed and training do not "
+                          "follow; remove them (max_seq_length sets the length texts are cut to)")
     _check_modules(modules)
+    prompts_path, extra = _prompts_config(folder)
+    prompts, truncate = extra.get("prompts") or {}, extra.get("truncate_dim")
+    if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
+        raise CorruptArtifactError(f"{prompts_path}: prompts must map names to texts, got {prompts!r:.80}; {TOKENIZER_FIX}")
+    if truncate is not None and not (isinstance(truncate, int) and not isinstance(truncate, bool) and truncate > 0):
+        raise CorruptArtifactError(f"{prompts_path}: truncate_dim must be a whole number > 0, got {truncate!r}; "
+                                   f"{TOKENIZER_FIX}")
     if not os.path.isfile(pooling):
-        return limit, "mean", lower
+        return Embedding(limit, "mean", lower, True, truncate, prompts)
     fields = read_json(pooling, "pooling config", TOKENIZER_FIX)
     modes = fields.get("pooling_mode")
     if modes is None:  # sentence-transformers 5: one flag per mode; none set pools by the mean, as 6.x reads it
@@ -71,7 +97,7 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
         shown = " + ".join(map(str, modes)) if isinstance(modes, list) else repr(modes)
         raise ConfigError(f"{pooling}: pooling {shown or 'none'} is not one edgepeft pools by (mean, cls, max, "
                           "mean_sqrt_len, lasttoken); take last_hidden_state from Runtime.forward and pool it yourself")
-    return limit, POOLING[modes[0]], lower
+    return Embedding(limit, POOLING[modes[0]], lower, fields.get("include_prompt") is not False, truncate, prompts)
 
 
 def _tokenizer_limit(folder: str, max_positions: int | None) -> int | None:

@@ -23,7 +23,8 @@ from .decoded import GrowingText, OpenBytes
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .values import HALF_CHARACTER, half_character, is_whole
 from .mixing import row_adapters
-from .sentence import TOKENIZER_FIX as _FIX, cut_length, lowercase_first, pool, sentence_transformers_settings
+from .sentence import (PROMPTS_CONFIG, TOKENIZER_FIX as _FIX, cut_length, lowercase_first, pool,
+                       sentence_transformers_settings)
 
 
 def _tidied(text: str) -> str:
@@ -103,16 +104,16 @@ class TextTokenizer:
 
     @functools.cached_property
     def sentence_transformers(self) -> tuple:
-        """(max_seq_length, pooling mode, the tokenizer ``embed`` encodes with: this one, or a copy that lower-cases
-        first, as sentence-transformers' do_lower_case): read once per Runtime, not per ``embed`` call."""
-        limit, mode, lower = sentence_transformers_settings(self.base_dir, self.max_positions)
-        if not lower:
-            return limit, mode, self
+        """(``sentence.Embedding`` settings, the tokenizer ``embed`` encodes with: this one, or a copy that
+        lower-cases first, as sentence-transformers' do_lower_case): read once per Runtime, not per ``embed`` call."""
+        settings = sentence_transformers_settings(self.base_dir, self.max_positions)
+        if not settings.lower:
+            return settings, self
         lowered = copy.copy(self)
         lowered._tok = type(self._tok).from_str(self._tok.to_str())
         lowered._tok.encode_special_tokens = self._tok.encode_special_tokens  # to_str does not carry it
         lowercase_first(lowered._tok)
-        return limit, mode, lowered
+        return settings, lowered
 
     @functools.cached_property
     def special_tokens(self) -> dict:
@@ -354,29 +355,46 @@ def _labels_of(rt, spec) -> tuple:
     return rt.labels(spec), os.path.join(folder, ADAPTER_MANIFEST) if folder else f"adapter {spec!r} (from bytes): adapter.json"
 
 
-def embed(rt, texts, adapter=None, normalize: bool = True) -> np.ndarray:
-    """(B, hidden) float32: each text's token states pooled as sentence-transformers pools them, L2-normalized.
-
-    One text gives (hidden,). As sentence-transformers: texts are cut to the model's ``max_seq_length`` and
-    pooled by the mode of ``1_Pooling/config.json`` (both exported from a sentence-transformers folder; the
-    mean where there is none; see sentence.py). A prompt adapter's virtual tokens are left out of the pooling,
-    and texts are cut further where the model's positions leave them no room.
-    """
+def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, prompt=None) -> np.ndarray:
+    """(B, hidden) float32 ((hidden,) for one text), L2-normalized: as sentence-transformers' encode, texts cut to
+    ``max_seq_length``, pooled by ``1_Pooling/config.json``'s mode (the mean where there is none; sentence.py),
+    ``prompt`` (or the model's ``prompt_name``) put before each (out of the pooling where ``include_prompt`` is
+    false), ``truncate_dim`` values kept. A prompt adapter's virtual tokens are left out of the pooling, and texts
+    are cut further where the model's positions leave them no room."""
     if rt.task != "feature-extraction":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
     rows, single = _texts(texts)
-    max_length, mode, tokenizer = rt.tokenizer.sentence_transformers
+    settings, tokenizer = rt.tokenizer.sentence_transformers
+    if prompt is None and prompt_name is not None:  # as encode: a prompt given wins over prompt_name
+        if prompt_name not in settings.prompts:
+            raise ConfigError(f"prompt_name {prompt_name!r}: the model's {PROMPTS_CONFIG} names "
+                              f"{sorted(settings.prompts) or 'no prompts'}; pass one of them, or prompt='...'")
+        prompt = settings.prompts[prompt_name]
+    if not (prompt is None or isinstance(prompt, str)):
+        raise InvalidInputError(f"prompt must be a text, got {type(prompt).__name__}")
+    skip = 0  # tokens at each row's start left out of the pooling: the prompt's, as encode measures it
+    if prompt:
+        rows = [prompt + row for row in rows]
+        ids = tokenizer.encode(prompt, max_length=settings.limit)[0][0].tolist()
+        skip = 0 if settings.include_prompt else len(ids) - (bool(ids) and ids[-1] in tokenizer.special_ids)
+    pooled = _embedded(rt, rows, adapter, normalize, skip)
+    pooled = pooled[:, :settings.truncate_dim]  # after normalizing, as encode truncates
+    return pooled[0] if single else pooled
+
+
+def _embedded(rt, rows: list, adapter, normalize: bool, skip: int) -> np.ndarray:
+    settings, tokenizer = rt.tokenizer.sentence_transformers
     per_row = row_adapters(adapter, len(rows))
     # a prompt's or prefix's tokens take positions too: each row is cut for its own adapter, as run alone
     virtual = ([rt.virtual_positions(spec, 1) for spec in per_row] if isinstance(adapter, (list, tuple))
                else [rt.virtual_positions(adapter, len(rows))] * len(rows))  # one adapter (or one mix): asked once
-    limits = [cut_length(max_length, rt.max_positions, n) for n in virtual]
+    limits = [cut_length(settings.limit, rt.max_positions, n) for n in virtual]
     if len(set(limits)) > 1:  # rows cut to other lengths run in batches of their own: a wider row pads them past it
-        return np.stack(_in_groups(limits, rows, per_row, lambda part, specs: embed(rt, part, specs, normalize)))
+        return np.stack(_in_groups(limits, rows, per_row, lambda part, specs: _embedded(rt, part, specs, normalize, skip)))
     ids, mask = tokenizer.encode(rows, max_length=limits[0])
     _token_counts(rows, mask)
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
-    pooled = pool(hidden, mask, mode)
+    pooled = pool(hidden, mask * (mask.cumsum(1) > skip), settings.mode)
     if normalize:
         pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-    return pooled[0] if single else pooled
+    return pooled

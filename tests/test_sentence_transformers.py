@@ -55,7 +55,7 @@ def test_a_model_saved_by_sentence_transformers_6_embeds_as_it_encodes(st6, tmp_
     rt = Runtime(out)
     ours, theirs = rt.embed(TEXTS), st.encode(TEXTS)
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
-    tokenizer = rt.tokenizer.sentence_transformers[2]
+    tokenizer = rt.tokenizer.sentence_transformers[1]
 
     def ids_of(text):
         return st.tokenize([text])["input_ids"][0].tolist()
@@ -75,7 +75,7 @@ def test_a_model_saved_by_sentence_transformers_6_embeds_as_it_encodes(st6, tmp_
     with open(config, "w") as f:
         json.dump({**settings, "split_special_tokens": True}, f)
     want = tf.AutoTokenizer.from_pretrained(os.path.join(split, "base"))(TEXTS[0])["input_ids"]
-    assert Runtime(split).tokenizer.sentence_transformers[2].encode(TEXTS[0])[0][0].tolist() == want != ids_of(TEXTS[0])
+    assert Runtime(split).tokenizer.sentence_transformers[1].encode(TEXTS[0])[0][0].tolist() == want != ids_of(TEXTS[0])
     # training encodes its pairs as embed does
     from transformers import AutoTokenizer
 
@@ -95,7 +95,7 @@ def test_a_prompt_adapter_leaves_room_for_its_tokens(st6):
     rt = Runtime(out)
     long = "word " * 600
     ours = rt.embed(long, adapter="prompt")
-    ids, mask = rt.tokenizer.sentence_transformers[2].encode([long], max_length=508)
+    ids, mask = rt.tokenizer.sentence_transformers[1].encode([long], max_length=508)
     model = peft.PeftModel.from_pretrained(load_reference_base(folder, "feature-extraction"),
                                            os.path.join(os.path.dirname(out), "prompt")).eval()
     with torch.no_grad():
@@ -159,13 +159,15 @@ def test_a_decoder_pools_by_its_last_or_first_token_as_sentence_transformers(tex
     config.write_text(json.dumps({**json.loads(config.read_text()), "padding_side": side}))
     word = models.Transformer(str(plain))
     folder = str(tmp_path / "st")
-    SentenceTransformer(modules=[word, models.Pooling(word.get_embedding_dimension(), mode), models.Normalize()],
-                        device="cpu").save(folder)
+    pooling = models.Pooling(word.get_embedding_dimension(), mode, include_prompt=mode != "cls")
+    SentenceTransformer(modules=[word, pooling, models.Normalize()], device="cpu").save(folder)
     adapter = peft_virtual_adapter(tmp_path / "prompt", folder, "prompt", seed=5, task="feature-extraction",
                                    num_virtual_tokens=2)
     export([adapter], str(tmp_path / "out"))
     st, texts = SentenceTransformer(folder, device="cpu"), ["hello", "the service was slow and the food cold"]
-    np.testing.assert_allclose(Runtime(str(tmp_path / "out")).embed(texts), st.encode(texts), atol=2e-5)
+    rt = Runtime(str(tmp_path / "out"))
+    np.testing.assert_allclose(rt.embed(texts), st.encode(texts), atol=2e-5)
+    np.testing.assert_allclose(rt.embed(texts, prompt="the food "), st.encode(texts, prompt="the food "), atol=2e-5)
     # training pools the same tokens (one padded row, either side)
     hidden, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1] if side == "left" else [1, 1, 1, 0, 0]])
     want = st[1]({"token_embeddings": hidden, "attention_mask": mask})["sentence_embedding"]
@@ -209,3 +211,41 @@ def refused_at_export_and_training(folder, tmp_path, refusal: str) -> None:
         edgepeft.train(model=str(folder), task="feature-extraction", method="lora", data=str(data),
                        out=str(tmp_path / "trained"), progress=False)
     assert not (tmp_path / "trained").exists()
+
+
+@pytest.mark.parametrize("mode,include_prompt", [("mean", False), ("cls", False), ("mean", True)])
+def test_prompts_and_truncate_dim_embed_as_encode_gives_them(st6, tmp_path, mode, include_prompt):
+    """Found by a hunt: encode(prompt_name=...) had no equivalent (the advice was to put the prompt in the texts,
+    which include_prompt false leaves out of the pooling: 0.04 apart on MiniLM), and truncate_dim (saved by
+    sentence-transformers 6) was ignored: all 384 values, whose cosines were not encode's."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = shutil.copytree(st6[0], tmp_path / "prompts")
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {**json.loads((folder / "config_sentence_transformers.json").read_text()),
+         "prompts": {"query": "query: ", "passage": ""}, "default_prompt_name": None, "truncate_dim": 64}))
+    pooling = folder / "1_Pooling" / "config.json"
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()), "pooling_mode": mode,
+                                   "include_prompt": include_prompt}))
+    adapter = peft_virtual_adapter(tmp_path / "prompt", str(folder), "prompt", seed=5, task="feature-extraction",
+                                   num_virtual_tokens=4)
+    export([adapter], str(tmp_path / "out"))
+    rt, st = Runtime(str(tmp_path / "out")), SentenceTransformer(str(folder), device="cpu")
+    for kwargs in ({}, {"prompt_name": "query"}, {"prompt_name": "passage"}, {"prompt": "Represent: [SEP] "},
+                   {"prompt": "a: ", "prompt_name": "query"}):
+        ours, theirs = rt.embed(TEXTS, **kwargs), st.encode(TEXTS, **kwargs)
+        assert ours.shape == theirs.shape == (len(TEXTS), 64)
+        np.testing.assert_allclose(ours, theirs, atol=2e-5, err_msg=str(kwargs))
+    with pytest.raises(edgepeft.errors.ConfigError, match=r"^prompt_name 'q': the model's config_sentence_transformers"
+                                                          r".json names \['passage', 'query'\]; pass one of them"):
+        rt.embed("a", prompt_name="q")
+
+
+def test_settings_encode_applies_that_embed_does_not_are_refused(st6, tmp_path):
+    """Found by a hunt: processing_kwargs saved by sentence-transformers 6 (a max_length, add_special_tokens false)
+    changed encode's tokens and nothing else's (0.48 apart)."""
+    folder = shutil.copytree(st6[0], tmp_path / "kwargs")
+    config = folder / "sentence_bert_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "processing_kwargs": {"text": {"max_length": 6}}}))
+    refused_at_export_and_training(folder, tmp_path, r"sentence_bert_config.json: processing_kwargs \{'text': "
+                                                     r"\{'max_length': 6\}\} change how sentence-transformers' encode")

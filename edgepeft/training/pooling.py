@@ -16,7 +16,7 @@ def embedding_settings(model: str, revision, config, tokenizer, n_virtual: int) 
     from edgepeft.runtimes.sentence import cut_length, sentence_transformers_settings, tokenizer_limit
 
     positions, folder = max_positions(config), sentence_transformers_folder(model, revision)
-    limit, mode, lower = sentence_transformers_settings(folder, positions) if folder else (
+    limit, mode, lower = sentence_transformers_settings(folder, positions)[:3] if folder else (
         tokenizer_limit(getattr(tokenizer, "model_max_length", None), positions), "mean", False)
     return cut_length(limit, positions, n_virtual), mode, lower
 
