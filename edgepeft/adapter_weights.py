@@ -2,6 +2,7 @@
 ``adapter_model.bin`` (read with tensors only)."""
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -191,7 +192,11 @@ def reload_state(peft, adapter_name: str, directory: str) -> None:
                           f"{ours.peft_type} one; {again}")
     spare = next(f"{adapter_name}_{i}" for i in range(len(peft.peft_config) + 1) if f"{adapter_name}_{i}" not in peft.peft_config)
     trains = [(p, p.requires_grad) for p in peft.parameters()]  # add_adapter freezes the base: as it was after
-    peft.add_adapter(spare, ours)
+    layout = copy.deepcopy(ours)  # its initial values are overwritten: a text init's tokenizer is not loaded again
+    if getattr(layout, "prompt_tuning_init", None) is not None:
+        layout.prompt_tuning_init = "RANDOM"
+    with torch.random.fork_rng():  # nor the random numbers HF PEFT leaves to the app drawn
+        peft.add_adapter(spare, layout)
     try:
         path, state = read_adapter_weights(directory)
         try:

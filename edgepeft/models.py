@@ -368,7 +368,7 @@ def sentence_transformers_folder(source: str, revision: str | None = None) -> st
 
 def _checked(folder: str) -> str:
     """``folder``, its settings refused before training or an export writes anything where embed cannot serve them."""
-    check_default_prompt(folder)  # training and export read the model's own files here (an export's base/ lacks it)
+    check_default_prompt(folder)  # training and export read the model's own files here (an export's base/ has none)
     sentence_transformers_settings(folder)
     return folder
 

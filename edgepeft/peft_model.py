@@ -28,7 +28,8 @@ from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
 from edgepeft.hf_calls import (check_adapter_name, check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name,
                                not_taken, refuse_adapter_names)
-from edgepeft.registry import AdapterLayer, entry_parameters, held_entries, model_modules, model_parameters
+from edgepeft.registry import (AdapterLayer, any_training, entry_parameters, held_entries, model_modules,
+                               model_parameters)
 from edgepeft.tuners import method_for
 from edgepeft.tuners.copies import merged_copy, take_out_mixed, unloaded_copy
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, check_saved_whole_apart, wrap_modules_to_save
@@ -305,7 +306,7 @@ class PeftModel(nn.Module):
             for name, entry in held_entries(self):
                 if name == adapter_name and isinstance(entry, nn.Module):
                     entry.eval()
-            if any(m.training for m in self.modules()):  # not just the new ones (eval() walks N adapters' modules)
+            if any_training(self):  # not just the new ones (eval() walks N adapters' modules)
                 self.eval()
 
     @classmethod

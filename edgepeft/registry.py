@@ -107,6 +107,14 @@ def held_entries(model: nn.Module):
             yield from getattr(module, dict_name).items()
 
 
+def any_training(model: nn.Module) -> bool:
+    """Whether a module of ``model`` is in training mode, adapters' entries included: a leaf entry's flag read
+    directly (``modules()`` walks every adapter's)."""
+    return any(m.training for _, m in model_modules(model)) or any(
+        any(m.training for m in entry.modules()) if entry._modules else entry.training
+        for _, entry in held_entries(model) if isinstance(entry, nn.Module))
+
+
 def entry_parameters(entry) -> list:
     """The parameters of an adapter dict's entry; a leaf module's read directly (``set_adapter`` reads every
     adapter's entries, and torch's recursive walk of each cost more than the rest of the call)."""

@@ -134,8 +134,12 @@ def side_difference(have: str, new: str, task: str, max_positions: int | None) -
 
     if tokenizer(have) != tokenizer(new):
         return "tokenizer (tokenizer.json, tokenizer_config.json, chat template)"
-    if task == "feature-extraction" and \
-            sentence_transformers_settings(have, max_positions) != sentence_transformers_settings(new, max_positions):
+    if task != "feature-extraction":
+        return None
+    old, now = (sentence_transformers_settings(f, max_positions) for f in (have, new))
+    if not os.path.isfile(os.path.join(have, PROMPTS_CONFIG)):  # an earlier edgepeft's export: prompts only on request
+        old, now = old._replace(prompts={}), now._replace(prompts={})
+    if old != now:
         return f"sentence-transformers settings (sentence_bert_config.json, 1_Pooling/config.json, {PROMPTS_CONFIG})"
     return None
 

@@ -286,7 +286,7 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops,
     of new tokens with the one that ended it. ``words``: the length check, run again once held (``Runtime.lanes``)."""
     rng, eos = np.random.default_rng(cfg.seed), np.array(cfg.eos_token_id, dtype=np.int64)
     finished, ends = np.zeros(ids.shape[0], dtype=bool), np.zeros(ids.shape[0], dtype=np.int64)
-    grown = np.empty((ids.shape[0], ids.shape[1] + cfg.max_new_tokens), np.int64)  # a copy of the whole per step: L²
+    grown = np.empty((ids.shape[0], ids.shape[1] + min(cfg.max_new_tokens, 256)), np.int64)  # a copy per step: L²
     grown[:, :ids.shape[1]], sequences = ids, ids
     with rt.lanes(adapter, *ids.shape, cfg.max_new_tokens - 1, words) as lanes:
         steps = lane_steps(rt, lanes, ids, mask)
@@ -294,6 +294,8 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops,
         for step in range(cfg.max_new_tokens):
             token = next_tokens(logits, sequences, cfg, rng, ignore=padding, prompt_length=ids.shape[1])
             token = np.where(finished, cfg.pad_token_id, token)
+            if ids.shape[1] + step == grown.shape[1]:  # doubled when full
+                grown = np.concatenate([grown, np.empty_like(grown)], axis=1)
             grown[:, ids.shape[1] + step] = token
             sequences = grown[:, :ids.shape[1] + step + 1]
             yield token

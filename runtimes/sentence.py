@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import ConfigError, CorruptArtifactError
+from .errors import ConfigError, CorruptArtifactError, InvalidInputError
 from .access import read_json
 
 SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")  # as exported
@@ -98,6 +98,22 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
         raise ConfigError(f"{pooling}: pooling {shown or 'none'} is not one edgepeft pools by (mean, cls, max, "
                           "mean_sqrt_len, lasttoken); take last_hidden_state from Runtime.forward and pool it yourself")
     return Embedding(limit, POOLING[modes[0]], lower, fields.get("include_prompt") is not False, truncate, prompts)
+
+
+def chosen_prompt(settings: Embedding, folder: str, prompt_name, prompt) -> str | None:
+    """The prompt ``encode`` puts before each text: ``prompt`` where given (it wins over ``prompt_name``), else the
+    model's prompt named ``prompt_name`` (in ``folder``'s config)."""
+    if prompt is None and prompt_name is not None:
+        if not os.path.isfile(os.path.join(folder, PROMPTS_CONFIG)):
+            raise ConfigError(f"prompt_name {prompt_name!r}: {folder} has no {PROMPTS_CONFIG} (exported by an "
+                              "earlier edgepeft, or the model has none); export again into a fresh --out, or pass prompt=")
+        if not isinstance(prompt_name, str) or prompt_name not in settings.prompts:
+            raise ConfigError(f"prompt_name {prompt_name!r}: the model's {PROMPTS_CONFIG} names "
+                              f"{sorted(settings.prompts) or 'no prompts'}; pass one of them, or prompt='...'")
+        prompt = settings.prompts[prompt_name]
+    if not (prompt is None or isinstance(prompt, str)):
+        raise InvalidInputError(f"prompt must be a text, got {type(prompt).__name__}")
+    return prompt
 
 
 def _tokenizer_limit(folder: str, max_positions: int | None) -> int | None:

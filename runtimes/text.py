@@ -23,7 +23,7 @@ from .decoded import GrowingText, OpenBytes
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .values import HALF_CHARACTER, half_character, is_whole
 from .mixing import row_adapters
-from .sentence import (PROMPTS_CONFIG, TOKENIZER_FIX as _FIX, cut_length, lowercase_first, pool,
+from .sentence import (TOKENIZER_FIX as _FIX, chosen_prompt, cut_length, lowercase_first, pool,
                        sentence_transformers_settings)
 
 
@@ -365,13 +365,7 @@ def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, pro
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
     rows, single = _texts(texts)
     settings, tokenizer = rt.tokenizer.sentence_transformers
-    if prompt is None and prompt_name is not None:  # as encode: a prompt given wins over prompt_name
-        if prompt_name not in settings.prompts:
-            raise ConfigError(f"prompt_name {prompt_name!r}: the model's {PROMPTS_CONFIG} names "
-                              f"{sorted(settings.prompts) or 'no prompts'}; pass one of them, or prompt='...'")
-        prompt = settings.prompts[prompt_name]
-    if not (prompt is None or isinstance(prompt, str)):
-        raise InvalidInputError(f"prompt must be a text, got {type(prompt).__name__}")
+    prompt = chosen_prompt(settings, rt.base_dir, prompt_name, prompt)
     skip = 0  # tokens at each row's start left out of the pooling: the prompt's, as encode measures it
     if prompt:
         rows = [prompt + row for row in rows]

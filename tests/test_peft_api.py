@@ -266,3 +266,28 @@ def test_load_adapter_into_a_loaded_name_replaces_its_weights_as_in_peft(tiny_ba
             model.load_adapter(str(tmp_path / folder), "default")
         torch.testing.assert_close(_logits(model, ids), want, rtol=0, atol=0)
         assert list(model.peft_config) == ["default"]
+
+
+def test_a_reload_only_loads_weights(tiny_base, tmp_path):
+    """Found by a review: the spare adapter a reload reads into was initialised as the loaded one's config says: a
+    text-initialised prompt loaded its tokenizer again (refused once that folder was gone), and the random numbers
+    HF PEFT leaves to the app were drawn."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, 100)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(tmp_path / "tok"))
+    config = edgepeft.PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", prompt_tuning_init_text="w1 w2",
+                                         tokenizer_name_or_path=str(tmp_path / "tok"), task_type="CAUSAL_LM")
+    edgepeft.get_peft_model(_llama(tiny_base), config).save_pretrained(str(tmp_path / "a"))
+    model = edgepeft.PeftModel.from_pretrained(_llama(tiny_base), str(tmp_path / "a"), is_trainable=True)
+    shutil.rmtree(tmp_path / "tok")
+    torch.manual_seed(0)
+    model.load_adapter(str(tmp_path / "a"), "default", is_trainable=True)
+    drawn = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(1))
+    assert list(model.peft_config) == ["default"]

@@ -431,6 +431,13 @@ def test_loading_and_switching_cost_the_same_whatever_number_of_adapters_is_load
     for method in ("train", "parameters", "named_parameters"):
         original = getattr(torch.nn.Module, method)
         monkeypatch.setattr(torch.nn.Module, method, functools.partialmethod(counted, original, calls, method))
+    walk = torch.nn.Module.named_modules
+
+    def walked(self, *args, **kwargs):  # counts the modules a walk yields
+        for item in walk(self, *args, **kwargs):
+            calls["walked"] += 1
+            yield item
+    monkeypatch.setattr(torch.nn.Module, "named_modules", walked)
 
     def cost(model, name):
         calls.clear()

@@ -236,9 +236,30 @@ def test_prompts_and_truncate_dim_embed_as_encode_gives_them(st6, tmp_path, mode
         ours, theirs = rt.embed(TEXTS, **kwargs), st.encode(TEXTS, **kwargs)
         assert ours.shape == theirs.shape == (len(TEXTS), 64)
         np.testing.assert_allclose(ours, theirs, atol=2e-5, err_msg=str(kwargs))
-    with pytest.raises(edgepeft.errors.ConfigError, match=r"^prompt_name 'q': the model's config_sentence_transformers"
-                                                          r".json names \['passage', 'query'\]; pass one of them"):
-        rt.embed("a", prompt_name="q")
+    for name in ("q", ["q"]):
+        with pytest.raises(edgepeft.errors.ConfigError, match=r"^prompt_name .*: the model's config_sentence_"
+                                                              r"transformers.json names \['passage', 'query'\]; pass one"):
+            rt.embed("a", prompt_name=name)
+
+
+def test_an_export_of_an_earlier_edgepeft_takes_new_adapters_and_names_what_it_lacks(st6, tmp_path):
+    """Found by a review: sentence-transformers 6 saves prompts ({"query": "", "document": ""}) with every model, and
+    an OUT exported before edgepeft copied them was told its base differs, refusing every new adapter."""
+    folder, out, _ = st6
+    old = shutil.copytree(out, tmp_path / "old")
+    os.remove(old / "base" / "config_sentence_transformers.json")
+    adapter = peft_virtual_adapter(tmp_path / "more", folder, "prompt", seed=6, task="feature-extraction",
+                                   num_virtual_tokens=3)
+    export([adapter], str(old))
+    with pytest.raises(edgepeft.errors.ConfigError, match=r"^prompt_name 'query': .*/base has no config_sentence_"
+                                                          r"transformers.json \(exported by an earlier edgepeft"):
+        Runtime(str(old)).embed("a", prompt_name="query")
+    cut = shutil.copytree(folder, tmp_path / "cut")  # a setting the older base does not follow: still refused
+    config = cut / "config_sentence_transformers.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "truncate_dim": 8}))
+    with pytest.raises(edgepeft.errors.AdapterBaseMismatchError, match="in its sentence-transformers settings"):
+        export([peft_virtual_adapter(tmp_path / "cut-prompt", str(cut), "prompt", seed=6, task="feature-extraction",
+                                     num_virtual_tokens=3)], str(old))
 
 
 def test_settings_encode_applies_that_embed_does_not_are_refused(st6, tmp_path):
