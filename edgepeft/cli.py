@@ -95,7 +95,7 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
 @click.option("--warmup-ratio", default=0.1, show_default=True, type=float)
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)
 @click.option("--scheduler", default="linear", show_default=True, type=click.Choice(["linear", "cosine", "constant_with_warmup"]))
-@click.option("--max-length", default=256, show_default=True, type=int, help="Tokens per example (longer ones are cut).")
+@click.option("--max-length", type=int, help="Tokens per example (longer ones are cut).  [default: feature-extraction: as Runtime.embed cuts; else 256]")
 @click.option("--mixed-precision", default="auto", show_default=True, type=click.Choice(["auto", "no", "bf16", "fp16"]))
 @click.option("--save", default="best", show_default=True, type=click.Choice(["best", "last"]), help="Which epoch's adapter OUT keeps.")
 @click.option("--seed", default=0, show_default=True, type=int)

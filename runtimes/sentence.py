@@ -54,7 +54,7 @@ def check_default_prompt(folder: str) -> None:
     if prompt:  # "" prepends nothing
         raise ConfigError(f"{path}: default_prompt_name {name!r} puts {prompt!r} before every text in "
                           "sentence-transformers' encode, which edgepeft does not; set it to null and pass "
-                          f"prompt_name={name!r} to Runtime.embed (in training data, put the prompt in the texts)")
+                          f"prompt_name={name!r} to Runtime.embed")
 
 
 def _prompts_config(folder: str, fix: str = TOKENIZER_FIX) -> tuple:

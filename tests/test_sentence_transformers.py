@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -240,6 +241,16 @@ def test_prompts_and_truncate_dim_embed_as_encode_gives_them(st6, tmp_path, mode
         with pytest.raises(edgepeft.errors.ConfigError, match=r"^prompt_name .*: the model's config_sentence_"
                                                               r"transformers.json names \['passage', 'query'\]; pass one"):
             rt.embed("a", prompt_name=name)
+    import transformers as tf
+
+    from edgepeft.training.pooling import embedding_settings
+
+    with warnings.catch_warnings(record=True) as said:  # training cannot leave a prompt in the texts out
+        warnings.simplefilter("always")
+        embedding_settings(str(folder), None, tf.AutoConfig.from_pretrained(folder), None, 0)
+    assert [str(w.message).endswith("include_prompt is false: Runtime.embed(prompt=...) leaves a prompt's tokens out of "
+                                    "the pooling, training pools a prompt in the texts with them")
+            for w in said] == ([] if include_prompt else [True])
 
 
 def test_an_export_of_an_earlier_edgepeft_takes_new_adapters_and_names_what_it_lacks(st6, tmp_path):
@@ -270,3 +281,38 @@ def test_settings_encode_applies_that_embed_does_not_are_refused(st6, tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "processing_kwargs": {"text": {"max_length": 6}}}))
     refused_at_export_and_training(folder, tmp_path, r"sentence_bert_config.json: processing_kwargs \{'text': "
                                                      r"\{'max_length': 6\}\} change how sentence-transformers' encode")
+
+
+def test_training_scores_hard_negatives_as_multiple_negatives_ranking_loss(st6, tmp_path):
+    """Found by a hunt: a "negative" field (sentence-transformers' third column) was dropped without a word, so
+    triplet data trained a weaker objective. Each text is now scored against every positive and negative of the
+    batch, as MultipleNegativesRankingLoss scores them."""
+    from sentence_transformers import losses
+    from transformers import AutoTokenizer
+
+    from edgepeft.errors import DataError
+    from edgepeft.training.data import Encoder, read_jsonl
+    from edgepeft.training.pooling import retrieval_loss
+
+    folder, _, st = st6
+    rows = [{"text": "a man eats food", "positive": "someone is eating", "negative_1": "a dog runs",
+             "negative_2": "the sky is blue"},
+            {"text": "The stock fell", "positive": "shares dropped", "negative_1": "shares rose", "negative_2": "rain"},
+            {"text": "i love this phone", "positive": "great phone", "negative_1": "awful phone", "negative_2": "a cat"}]
+    data = tmp_path / "triplets.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoder = Encoder(AutoTokenizer.from_pretrained(folder), "feature-extraction", 512, lower=True)
+    batch = encoder.collate(encoder.encode(read_jsonl(str(data), "feature-extraction"), str(data)))
+    st.eval()
+    columns = [[r[k] for r in rows] for k in ("text", "positive", "negative_1", "negative_2")]
+    with torch.no_grad():
+        want = losses.MultipleNegativesRankingLoss(st)([st.tokenize(c) for c in columns], None)
+        ours, _ = retrieval_loss(st[0].auto_model, batch, "mean")
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        without, _ = retrieval_loss(st[0].auto_model, {k: v for k, v in batch.items() if "negative" not in k}, "mean")
+    assert abs(float(without) - float(ours)) > 1e-3  # the negatives count
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + json.dumps({"text": "x", "positive": "y"}) + "\n")
+    with pytest.raises(DataError, match=r"triplets.jsonl:3: has negatives none, the first row \['negative_1', "
+                                        r"'negative_2'\]; give every row the same negative fields"):
+        read_jsonl(str(data), "feature-extraction")

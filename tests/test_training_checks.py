@@ -14,6 +14,7 @@ from file_checks import edit_json, write_lines
 from training_helpers import cli_error, seq_cls_rows, train_argv
 from edgepeft.errors import ConfigError
 from edgepeft.training import train
+from edgepeft.training.data import Encoder
 
 
 @pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
@@ -358,3 +359,29 @@ def test_embedding_pairs_are_cut_as_embed_cuts_them(text_model, tmp_path):
     assert embedding_settings(model, None, config, tokenizer, 4) == (124, "mean", False)
     train(model=model, task="feature-extraction", method="prompt", data=data, out=str(tmp_path / "prompt"), epochs=1,
           batch_size=2, options={"num_virtual_tokens": 4}, progress=False)
+
+
+def test_embedding_training_cuts_texts_where_embed_cuts_them(text_model, tmp_path, monkeypatch):
+    """Found by a hunt: the default --max-length 256 cut texts that the model's max_seq_length (512 for bge, e5)
+    and Runtime.embed keep whole, so training optimized other embeddings than the export serves, silently."""
+    import transformers as tf
+
+    import edgepeft.training.trainer as trainer
+
+    model = str(tmp_path / "long")
+    config = tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=512, vocab_size=tf.AutoTokenizer.from_pretrained(text_model("bert")).vocab_size)
+    tf.AutoModel.from_config(config).save_pretrained(model)
+    for name in os.listdir(text_model("bert")):
+        if name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(text_model("bert"), name), model)
+    with open(os.path.join(model, "sentence_bert_config.json"), "w") as f:
+        json.dump({"max_seq_length": 300, "do_lower_case": False}, f)
+    cuts = []
+    monkeypatch.setattr(trainer, "Encoder", lambda tokenizer, task, max_length, *a, **k:
+                        cuts.append(max_length) or Encoder(tokenizer, task, max_length, *a, **k))
+    data = write_lines(tmp_path / "d.jsonl", [{"text": "good " * 400, "positive": "fine"}, {"text": "bad", "positive": "no"}])
+    for given, want in ((None, 300), (64, 64), (1000, 300)):
+        train(model=model, task="feature-extraction", method="lora", data=data, out=str(tmp_path / f"out{given}"),
+              epochs=1, batch_size=2, max_length=given, progress=False)
+        assert cuts[-1] == want

@@ -40,7 +40,7 @@ class TrainingArguments:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     scheduler: str = "linear"  # linear | cosine | constant_with_warmup
-    max_length: int = 256
+    max_length: int | None = None  # None: feature-extraction cuts as embed does (its model's limit), others at 256
     seed: int = 0
     logging_steps: int = 10  # a training-loss entry every N optimizer steps and at each epoch's end (one sync each)
     mixed_precision: str = "auto"  # auto (bf16 on CUDA that has it, else fp32) | no | bf16 | fp16
@@ -58,7 +58,8 @@ class TrainingArguments:
         if self.task not in TASK_TYPES.values():
             raise ConfigError(f"task {self.task!r} is not supported; use one of {', '.join(TASK_TYPES.values())}")
         for name in WHOLE_FIELDS:
-            if not (is_whole(getattr(self, name)) and 1 <= getattr(self, name) <= MOST):
+            if not (name == "max_length" and self.max_length is None) and \
+                    not (is_whole(getattr(self, name)) and 1 <= getattr(self, name) <= MOST):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number from 1 to {MOST}, got "
                                   f"{getattr(self, name)!r}")
         if self.task == "feature-extraction" and self.batch_size == 1:  # in-batch negatives: a loss of 0
@@ -105,7 +106,7 @@ class TrainingArguments:
         if self.save == "best" and self.eval_data is None:
             self.save = "last"  # nothing to rank epochs by
         for name in (*WHOLE_FIELDS, "seed"):  # numpy ones too: Python numbers, for the log and the checkpoint's JSON
-            setattr(self, name, int(getattr(self, name)))
+            setattr(self, name, None if getattr(self, name) is None else int(getattr(self, name)))
         for name in NUMBER_FIELDS:
             setattr(self, name, float(getattr(self, name)))
 

@@ -2,7 +2,8 @@
 
     seq-cls             {"text": ..., "label": "positive" | 3}
     causal-lm           {"prompt": ..., "completion": ...}  (loss on the completion only)  or  {"text": ...}
-    feature-extraction  {"text": ..., "positive": ...}  (pairs; in-batch negatives)
+    feature-extraction  {"text": ..., "positive": ...}  (pairs; in-batch negatives), and hard negatives in
+                        "negative" or "negative_1", "negative_2", ... (the same fields in every row)
 
 A bad row raises ``DataError`` naming the file and the line.
 """
@@ -46,7 +47,7 @@ def check_positions(features: list[dict], rows: list[dict], path: str, positions
         raise ConfigError(f"num_virtual_tokens={n_virtual} leaves none of the model's {positions} positions for the "
                           "text; use fewer virtual tokens")
     for feature, row in zip(features, rows):
-        longest = max(len(feature["input_ids"]), len(feature.get("positive_ids", ())))
+        longest = max(map(len, [feature["input_ids"], feature.get("positive_ids", ()), *feature.get("negative_ids", ())]))
         if longest > limit:
             virtual = f" + {n_virtual} virtual tokens" if n_virtual else ""
             raise ConfigError(f"{path}:{row['_line']}: {longest} tokens{virtual} exceed the model's {positions} "
@@ -77,7 +78,7 @@ def read_jsonl(path: str, task: str) -> Rows:
         raise ArtifactNotFoundError(f"{path}: data file not found; pass a JSONL file with one JSON object per line")
     shapes = FIELDS[task]
     want = " or ".join("{" + ", ".join(f'"{k}"' for k in shape) + "}" for shape in shapes)
-    rows, others, ignored = [], _other_fields(task), set()
+    rows, others, ignored, columns = [], _other_fields(task), set(), []
     for n, data in enumerate(_lines(path), 1):
         try:
             line = data.decode("utf-8")
@@ -111,10 +112,26 @@ def read_jsonl(path: str, task: str) -> Rows:
                     raise DataError(f"{path}:{n}: integer labels must be >= 0, got {row[k]}")
             elif not isinstance(row[k], str) or not row[k].strip():
                 raise DataError(f"{path}:{n}: \"{k}\" must be a non-empty string, got {row[k]!r}")
-        rows.append({k: row[k] for k in shape} | {"_line": n})
+        names = _negative_names(row, path, n) if task == "feature-extraction" else []
+        if rows and names != columns:
+            raise DataError(f"{path}:{n}: has negatives {names or 'none'}, the first row {columns or 'none'}; give "
+                            "every row the same negative fields (each is a column of candidates)")
+        columns = names
+        rows.append({k: row[k] for k in shape} | ({"negatives": [row[k] for k in names]} if names else {}) | {"_line": n})
     if not rows:
         raise DataError(f"{path}: no rows; a {task} file needs lines like {want}")
     return Rows(rows, ignored)
+
+
+def _negative_names(row: dict, path: str, n: int) -> list:
+    """A retrieval pair's hard-negative fields, in order: "negative" or "negative_1", ... (the columns after the
+    positive that sentence-transformers' MultipleNegativesRankingLoss scores each text against too)."""
+    names = sorted((k for k in row if k == "negative" or k.startswith("negative_") and k[9:].isdigit()),
+                   key=lambda k: int(k[9:] or 0))
+    for k in names:
+        if not isinstance(row[k], str) or not row[k].strip():
+            raise DataError(f"{path}:{n}: \"{k}\" must be a non-empty string, got {row[k]!r}")
+    return names
 
 
 def rows_digest(rows: list | None) -> str | None:
@@ -220,7 +237,8 @@ class Encoder:
             targets = label_ids(rows, self.labels, path)
             return [{"input_ids": self._cut(r["text"]), "label": y} for r, y in zip(rows, targets)]
         if self.task == "feature-extraction":
-            return [{"input_ids": self._cut(r["text"]), "positive_ids": self._cut(r["positive"])} for r in rows]
+            return [{"input_ids": self._cut(r["text"]), "positive_ids": self._cut(r["positive"])} |
+                    ({"negative_ids": [self._cut(t) for t in r["negatives"]]} if "negatives" in r else {}) for r in rows]
         return [self._causal(r, path) for r in rows]
 
     def _causal(self, row: dict, path: str) -> dict:
@@ -262,8 +280,9 @@ class Encoder:
             batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
         elif self.task == "causal-lm":
             batch["labels"] = self._pad([f["labels"] for f in features], IGNORE_INDEX)
-        else:
-            pos = [f["positive_ids"] for f in features]
-            batch["positive_ids"] = self._pad(pos, self.pad_id)
-            batch["positive_mask"] = self._mask(pos)
+        else:  # the negatives a column at a time: every row's first, then every row's second, ...
+            negatives = [n for column in zip(*(f.get("negative_ids", ()) for f in features)) for n in column]
+            for field, seqs in (("positive", [f["positive_ids"] for f in features]), ("negative", negatives)):
+                if seqs:
+                    batch[f"{field}_ids"], batch[f"{field}_mask"] = self._pad(seqs, self.pad_id), self._mask(seqs)
         return batch

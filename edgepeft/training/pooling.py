@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import torch
+
+from edgepeft.errors import EdgePeftWarning
 
 
 def embedding_settings(model: str, revision, config, tokenizer, n_virtual: int) -> tuple:
@@ -16,7 +19,11 @@ def embedding_settings(model: str, revision, config, tokenizer, n_virtual: int) 
     from edgepeft.runtimes.sentence import cut_length, sentence_transformers_settings, tokenizer_limit
 
     positions, folder = max_positions(config), sentence_transformers_folder(model, revision)
-    limit, mode, lower = sentence_transformers_settings(folder, positions)[:3] if folder else (
+    settings = sentence_transformers_settings(folder, positions) if folder else None
+    if settings and not settings.include_prompt:
+        warnings.warn(f"{folder}: 1_Pooling's include_prompt is false: Runtime.embed(prompt=...) leaves a prompt's "
+                      "tokens out of the pooling, training pools a prompt in the texts with them", EdgePeftWarning)
+    limit, mode, lower = settings[:3] if settings else (
         tokenizer_limit(getattr(tokenizer, "model_max_length", None), positions), "mean", False)
     return cut_length(limit, positions, n_virtual), mode, lower
 
@@ -33,6 +40,20 @@ def pooled(model, ids, mask, mode="mean"):
               "max": lambda: hidden.masked_fill(m == 0, -1e9).max(1).values,
               "mean_sqrt_len": lambda: (hidden * m).sum(1) / count.sqrt()}.get(mode, lambda: (hidden * m).sum(1) / count)()
     return torch.nn.functional.normalize(vector.float(), dim=-1)
+
+
+def retrieval_loss(model, batch: dict, mode: str) -> tuple:
+    """(sentence-transformers' MultipleNegativesRankingLoss, (text, positive) embeddings): each text's cosine
+    similarity x 20 to every positive and hard negative of the batch, its own positive the target. Texts,
+    positives and negatives in one forward (DDP allows one forward per backward)."""
+    fields = [("input_ids", "attention_mask"), ("positive_ids", "positive_mask"), ("negative_ids", "negative_mask")]
+    parts = [(batch[i], batch[m]) for i, m in fields if i in batch]
+    width = max(ids.shape[1] for ids, _ in parts)
+    ids, mask = (torch.cat([torch.nn.functional.pad(t[k], (0, width - t[k].shape[1])) for t in parts]) for k in (0, 1))
+    rows = len(batch["input_ids"])
+    a, candidates = pooled(model, ids, mask, mode).split([rows, len(ids) - rows])
+    scores = 20.0 * a @ candidates.T
+    return torch.nn.functional.cross_entropy(scores, torch.arange(rows, device=a.device)), (a, candidates[:rows])
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, rows_digest,
 )
 from edgepeft.training.optimizer import make_optimizer
-from edgepeft.training.pooling import embedding_settings, last_real_token_pooled, pooled
+from edgepeft.training.pooling import embedding_settings, last_real_token_pooled, retrieval_loss
 from edgepeft.training.summary import beat_untrained, hint, rank, shown
 
 class Trainer:
@@ -95,8 +95,8 @@ class Trainer:
         # texts cut, lower-cased and pooled as sentence-transformers (and embed)
         limit, self.pooling, lower = embedding_settings(args.model, method.revision, config, tokenizer, n_virtual) \
             if args.task == "feature-extraction" else (None, "mean", False)
-        encoder = Encoder(tokenizer, args.task, min(args.max_length, limit or args.max_length), labels, pad_id=model_pad,
-                          lower=lower)
+        cut = args.max_length or limit or 256  # feature-extraction: as embed cuts (256 cut MiniLM's 512 silently)
+        encoder = Encoder(tokenizer, args.task, min(cut, limit or cut), labels, pad_id=model_pad, lower=lower)
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         self.virtual_first = getattr(method, "virtual_first", False)  # the config's to say: see _count
@@ -151,14 +151,7 @@ class Trainer:
                     contextlib.nullcontext():
                 out = model(**fields, return_dict=True)
             return out.loss, out.logits
-        # texts and positives in one forward (DDP allows one forward per backward)
-        width = max(batch["input_ids"].shape[1], batch["positive_ids"].shape[1])
-        pad = torch.nn.functional.pad
-        ids = torch.cat([pad(t, (0, width - t.shape[1])) for t in (batch["input_ids"], batch["positive_ids"])])
-        mask = torch.cat([pad(t, (0, width - t.shape[1])) for t in (batch["attention_mask"], batch["positive_mask"])])
-        a, p = pooled(model, ids, mask, self.pooling).split(len(batch["input_ids"]))
-        scores = 20.0 * a @ p.T  # cosine similarity x 20, as sentence-transformers' MultipleNegativesRankingLoss
-        return torch.nn.functional.cross_entropy(scores, torch.arange(len(a), device=a.device)), (a, p)
+        return retrieval_loss(model, batch, self.pooling)
 
     def _count(self, acc, batch) -> torch.Tensor:
         """What a batch's loss is the mean over: its label tokens (causal LM: the shifted labels; with a prompt's
