@@ -195,7 +195,8 @@ def reload_state(peft, adapter_name: str, directory: str) -> None:
     layout = copy.deepcopy(ours)  # its initial values are overwritten: a text init's tokenizer is not loaded again
     if getattr(layout, "prompt_tuning_init", None) is not None:
         layout.prompt_tuning_init = "RANDOM"
-    with torch.random.fork_rng():  # nor the random numbers HF PEFT leaves to the app drawn
+    cuda = sorted({p.device.index or 0 for p in peft.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # nor the random numbers HF PEFT leaves to the app drawn
         peft.add_adapter(spare, layout)
     try:
         path, state = read_adapter_weights(directory)

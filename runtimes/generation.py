@@ -286,7 +286,7 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops,
     of new tokens with the one that ended it. ``words``: the length check, run again once held (``Runtime.lanes``)."""
     rng, eos = np.random.default_rng(cfg.seed), np.array(cfg.eos_token_id, dtype=np.int64)
     finished, ends = np.zeros(ids.shape[0], dtype=bool), np.zeros(ids.shape[0], dtype=np.int64)
-    grown = np.empty((ids.shape[0], ids.shape[1] + min(cfg.max_new_tokens, 256)), np.int64)  # a copy per step: L²
+    grown = np.empty((ids.shape[0], ids.shape[1] + min(cfg.max_new_tokens, 256)), np.int64)  # not a copy per step
     grown[:, :ids.shape[1]], sequences = ids, ids
     with rt.lanes(adapter, *ids.shape, cfg.max_new_tokens - 1, words) as lanes:
         steps = lane_steps(rt, lanes, ids, mask)

@@ -140,7 +140,7 @@ def test_embedding_pairs_without_in_batch_negatives_are_refused(text_model, tmp_
         "(2 or more)")
     assert cli_error(capsys, *argv, two, "--batch-size", "1") == (
         "error: --batch-size 1 leaves each pair without negatives (its loss is 0, nothing is learnt); pass "
-        "--batch-size 2 or more")
+        "--batch-size 2 or more, or give hard negatives (\"negative\")")
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -385,3 +385,28 @@ def test_embedding_training_cuts_texts_where_embed_cuts_them(text_model, tmp_pat
         train(model=model, task="feature-extraction", method="lora", data=data, out=str(tmp_path / f"out{given}"),
               epochs=1, batch_size=2, max_length=given, progress=False)
         assert cuts[-1] == want
+
+
+def test_hard_negatives_train_alone_and_bad_ones_are_named_and_older_checkpoints_keep_their_cut(text_model, tmp_path):
+    """Found by a review: a pair with a hard negative learns alone (in a batch of 1, or a file of one row) but was
+    refused as if its loss were 0; a negative holding half a character was a tokenizer traceback and "negative_²"
+    a ValueError; a seq-cls or causal-lm checkpoint of an earlier edgepeft (--max-length 256 recorded) no longer
+    resumed, its own resume command failing."""
+    from edgepeft.errors import DataError
+    from edgepeft.training.arguments import TrainingArguments
+    from edgepeft.training.data import read_jsonl
+
+    one = write_lines(tmp_path / "one.jsonl", [{"text": "i love it", "positive": "love it", "negative": "hate it"}])
+    log = train(model=text_model("bert"), task="feature-extraction", method="lora", data=one, out=str(tmp_path / "o"),
+                epochs=1, batch_size=1, progress=False)
+    assert log["history"][0]["loss"] > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "positive": "b", "negative": "c \\ud800"}\n')
+    with pytest.raises(DataError, match=r'bad.jsonl:1: "negative" holds an unpaired surrogate'):
+        read_jsonl(str(bad), "feature-extraction")
+    odd = write_lines(tmp_path / "odd.jsonl", [{"text": "a", "positive": "b", "negative_²": "c"}])
+    assert read_jsonl(odd, "feature-extraction") == [{"text": "a", "positive": "b", "_line": 1}]
+    for task, cut in (("seq-cls", 256), ("causal-lm", 256), ("feature-extraction", None)):
+        args = TrainingArguments(model="m", task=task, data="d", out="o")
+        args.check()
+        assert args.fingerprint()["max_length"] == cut and "--max-length" not in args.command()

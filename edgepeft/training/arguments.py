@@ -62,9 +62,8 @@ class TrainingArguments:
                     not (is_whole(getattr(self, name)) and 1 <= getattr(self, name) <= MOST):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number from 1 to {MOST}, got "
                                   f"{getattr(self, name)!r}")
-        if self.task == "feature-extraction" and self.batch_size == 1:  # in-batch negatives: a loss of 0
-            raise ConfigError("--batch-size 1 leaves each pair without negatives (its loss is 0, nothing is learnt); "
-                              "pass --batch-size 2 or more")
+        if self.max_length is None and self.task != "feature-extraction":  # as before None meant "as embed cuts"
+            self.max_length = 256  # (a checkpoint of then resumes: it says 256)
         if not (is_whole(self.seed) and 0 <= self.seed < 2**32):  # numpy's seeds
             raise ConfigError(f"--seed must be a whole number in 0..{2**32 - 1}, got {self.seed!r}")
         for name in NUMBER_FIELDS:
@@ -135,6 +134,8 @@ class TrainingArguments:
                 continue
             if f.name == "progress":  # --quiet
                 parts += [] if value else ["--quiet"]
+                continue
+            if f.name == "max_length" and value == (None if self.task == "feature-extraction" else 256):
                 continue
             if f.name in ("lr", "head_lr") or value != getattr(defaults, f.name):  # rates: the ones this run used
                 parts += [f"--{f.name.replace('_', '-')}", repr(value) if isinstance(value, float) else str(value)]

@@ -98,7 +98,8 @@ def read_jsonl(path: str, task: str) -> Rows:
         shape = next((s for s in shapes if all(k in row for k in s)), None)
         if shape is None:
             raise DataError(f"{path}:{n}: a {task} row needs {want}; this row has {sorted(row) or 'no fields'}")
-        for k in shape:
+        names = _negative_names(row) if task == "feature-extraction" else []
+        for k in [*shape, *names]:
             try:  # JSON's \ud800 escapes half a character (a string cut inside an emoji): no tokenizer takes it
                 row[k].encode("utf-8") if isinstance(row[k], str) else None
             except UnicodeEncodeError as e:
@@ -112,7 +113,6 @@ def read_jsonl(path: str, task: str) -> Rows:
                     raise DataError(f"{path}:{n}: integer labels must be >= 0, got {row[k]}")
             elif not isinstance(row[k], str) or not row[k].strip():
                 raise DataError(f"{path}:{n}: \"{k}\" must be a non-empty string, got {row[k]!r}")
-        names = _negative_names(row, path, n) if task == "feature-extraction" else []
         if rows and names != columns:
             raise DataError(f"{path}:{n}: has negatives {names or 'none'}, the first row {columns or 'none'}; give "
                             "every row the same negative fields (each is a column of candidates)")
@@ -123,15 +123,11 @@ def read_jsonl(path: str, task: str) -> Rows:
     return Rows(rows, ignored)
 
 
-def _negative_names(row: dict, path: str, n: int) -> list:
+def _negative_names(row: dict) -> list:
     """A retrieval pair's hard-negative fields, in order: "negative" or "negative_1", ... (the columns after the
     positive that sentence-transformers' MultipleNegativesRankingLoss scores each text against too)."""
-    names = sorted((k for k in row if k == "negative" or k.startswith("negative_") and k[9:].isdigit()),
-                   key=lambda k: int(k[9:] or 0))
-    for k in names:
-        if not isinstance(row[k], str) or not row[k].strip():
-            raise DataError(f"{path}:{n}: \"{k}\" must be a non-empty string, got {row[k]!r}")
-    return names
+    return sorted((k for k in row if k == "negative" or k.startswith("negative_") and k[9:].isascii() and k[9:].isdigit()),
+                  key=lambda k: int(k[9:] or 0))
 
 
 def rows_digest(rows: list | None) -> str | None:

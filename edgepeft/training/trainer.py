@@ -73,11 +73,15 @@ class Trainer:
         args = self.args
         rows = read_jsonl(args.data, args.task)
         eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
+        hard = bool(rows) and "negatives" in rows[0]  # hard negatives: a pair alone still has some
         for path, read, scored in ((args.data, rows, "in-batch negatives score"),  # a pair alone: a loss of 0
                                    (args.eval_data, eval_rows, "retrieval scores")):  # a pair alone: 0 or 1.0
-            if args.task == "feature-extraction" and read is not None and len(read) < 2:
+            if args.task == "feature-extraction" and read is not None and len(read) < 2 and not (hard and read is rows):
                 raise DataError(f"{path}: one pair; {scored} each text against the other pairs' positives, so add "
                                 "pairs (2 or more)")
+        if args.task == "feature-extraction" and args.batch_size == 1 and not hard:  # in-batch negatives: a loss of 0
+            raise ConfigError("--batch-size 1 leaves each pair without negatives (its loss is 0, nothing is learnt); "
+                              "pass --batch-size 2 or more, or give hard negatives (\"negative\")")
         other = ignored_fields(eval_rows, args.eval_data, args.task) if eval_rows and args.eval_data != args.data \
             else None
         for note in (ignored_fields(rows, args.data, args.task), other, missing_matplotlib()):
