@@ -195,6 +195,11 @@ def inspect(out, as_json):
     source = (b.get("source") or "a source not recorded") + (f" (revision {b['revision']})" if b.get("revision") else "")
     click.echo(f"base: {b['model_type']} {b['task']} from {source}  {_size(b['bytes'])}  {weights} opset {b['opset']}{merged}")
     click.echo(f"  fingerprint {b['fingerprint'][:16]}")
+    if e := info["embedding"]:  # what embed does, as Runtime reads it
+        click.echo(f"  embed: pooled by {e['mode']}, texts cut to {e['limit'] or 'no limit'}"
+                   + ", lower-cased" * e["lower"] + ", prompts left out of the pooling" * (not e["include_prompt"])
+                   + (f", the first {e['truncate_dim']} values" if e["truncate_dim"] else "")
+                   + f"; prompt names: {', '.join(e['prompts']) or 'none'}")
     by_method: dict = {}
     for s in info["slots"]:
         by_method.setdefault(s.method, []).append(s)
@@ -291,17 +296,27 @@ SAMPLING_ONLY = ("--temperature", "--top-k", "--top-p", "--seed")  # what greedy
 @click.option("--repetition-penalty", type=float, help="[default: the model's generation_config.json, else 1.0]")
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, chat):
-    """Generate (streamed) or classify PROMPT with an adapter of OUT."""
+@click.option("--prompt-name", help="Embeddings: the model's prompt of that name before the text, as encode(prompt_name=).")
+@click.option("--embed-prompt", help="Embeddings: this prompt before the text, as encode(prompt=).")
+def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, chat,
+        prompt_name, embed_prompt):
+    """Generate (streamed), classify or embed PROMPT with an adapter of OUT (PROMPT '-': read from standard input)."""
     from edgepeft.runtimes import Runtime
 
+    if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
+        prompt = click.get_text_stream("stdin").read().removesuffix("\n")
     rt = Runtime(out)
     name = None if adapter.lower() == "none" else adapter
     labels = rt.labels(name)  # an unknown name raises UnknownAdapterError naming the loaded adapters
     ctx = click.get_current_context()
     given = ["--greedy" if p == "do_sample" and ctx.params[p] is False else f"--{p.replace('_', '-')}"  # as typed
-             for p in ctx.params if p not in ("out", "prompt", "adapter")  # generation options
-             and ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]
+             for p in ctx.params if p not in ("out", "prompt", "adapter", "prompt_name", "embed_prompt")
+             and ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]  # generation options
+    prompts = [f for f, v in (("--prompt-name", prompt_name), ("--embed-prompt", embed_prompt)) if v is not None]
+    if prompts and rt.task != "feature-extraction":
+        from edgepeft.errors import ConfigError
+
+        raise ConfigError(f"{out}: a {rt.task} export does not embed; drop {', '.join(prompts)} (embeddings' prompts)")
     if given and not rt.cache:
         from edgepeft.errors import ConfigError
 
@@ -326,9 +341,15 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         for label, p in sorted(scores.items(), key=lambda kv: -kv[1]):
             click.echo(f"{label}\t{p:.4f}")
     else:
-        pooled = rt.embed(prompt, adapter=name)
-        click.echo(f"embedding ({pooled.shape[0]} values, pooled as sentence-transformers, normalized): "
-                   + " ".join(f"{v:.4f}" for v in pooled[:8]) + " ...")
+        from edgepeft.runtimes.sentence import SENTENCE_TRANSFORMERS_FILES
+
+        pooled = rt.embed(prompt, adapter=name, prompt_name=prompt_name, prompt=embed_prompt)
+        settings = rt.tokenizer.sentence_transformers[0]
+        how = f"pooled by {settings.mode}" + ("" if any(os.path.isfile(os.path.join(rt.base_dir, f)) for f in
+                                                         SENTENCE_TRANSFORMERS_FILES) else " (no sentence-transformers files)")
+        cut = ", the first values of a normalized vector (truncate_dim)" if settings.truncate_dim \
+            else ", normalized"
+        click.echo(f"embedding ({pooled.shape[0]} values, {how}{cut}): " + " ".join(f"{v:.4f}" for v in pooled[:8]) + " ...")
 
 
 def main(argv=None):

@@ -137,10 +137,12 @@ def side_difference(have: str, new: str, task: str, max_positions: int | None) -
     if task != "feature-extraction":
         return None
     old, now = (sentence_transformers_settings(f, max_positions) for f in (have, new))
-    if not os.path.isfile(os.path.join(have, PROMPTS_CONFIG)):  # an earlier edgepeft's export: prompts only on request
+    earlier = not os.path.isfile(os.path.join(have, PROMPTS_CONFIG))  # an earlier edgepeft's export
+    if earlier:  # prompts only on request (embed names the re-export then)
         old, now = old._replace(prompts={}), now._replace(prompts={})
     if old != now:
-        return f"sentence-transformers settings (sentence_bert_config.json, 1_Pooling/config.json, {PROMPTS_CONFIG})"
+        return (f"sentence-transformers settings (sentence_bert_config.json, 1_Pooling/config.json, {PROMPTS_CONFIG}"
+                + (f": {have} has no {PROMPTS_CONFIG}, as an earlier edgepeft exported it" if earlier else "") + ")")
     return None
 
 

@@ -11,6 +11,7 @@ from .manifest import (
     ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export,
     read_adapter_manifest, read_base_manifest,
 )
+from .sentence import sentence_transformers_settings
 
 
 def folder_bytes(path: str) -> int:
@@ -35,6 +36,18 @@ def _unreadable(*paths: str) -> list:
             except EdgePeftError as denied:
                 errors.append(str(denied))
     return errors
+
+
+def _embedding(base_dir: str, base: dict, problems: list) -> dict | None:
+    """A feature-extraction export's embed settings (``sentence.Embedding``), a setting embed refuses a problem."""
+    if base["task"] != "feature-extraction":
+        return None
+    try:
+        settings = sentence_transformers_settings(base_dir, base.get("max_positions"))
+    except EdgePeftError as e:
+        problems.append(str(e))
+        return None
+    return {**settings._asdict(), "prompts": sorted(settings.prompts)}
 
 
 def describe_export(out_dir: str) -> dict:
@@ -82,6 +95,7 @@ def describe_export(out_dir: str) -> dict:
             }
         )
     return {
+        "embedding": _embedding(base_dir, base, problems),
         "base": {
             "model_type": base["model_type"],
             "task": base["task"],

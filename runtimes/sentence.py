@@ -82,6 +82,7 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     prompts, truncate = extra.get("prompts") or {}, extra.get("truncate_dim")
     if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
         raise CorruptArtifactError(f"{prompts_path}: prompts must map names to texts, got {prompts!r:.80}; {TOKENIZER_FIX}")
+    prompts = {"query": "", "document": "", **prompts}  # sentence-transformers 6 gives every model these two
     if truncate is not None and not (isinstance(truncate, int) and not isinstance(truncate, bool) and truncate > 0):
         raise CorruptArtifactError(f"{prompts_path}: truncate_dim must be a whole number > 0, got {truncate!r}; "
                                    f"{TOKENIZER_FIX}")

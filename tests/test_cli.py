@@ -280,7 +280,7 @@ def test_run_pools_the_text_tokens_of_an_embedding_not_the_virtual_ones(tmp_path
     assert hidden.shape[0] == ids.shape[1] + 4
     pooled = hidden[4:].mean(0)
     expected = " ".join(f"{v:.4f}" for v in (pooled / (pooled ** 2).sum() ** 0.5)[:8])
-    assert f"pooled as sentence-transformers, normalized): {expected} ..." in proc.stdout, (proc.stdout, expected)
+    assert f"pooled by mean (no sentence-transformers files), normalized): {expected} ..." in proc.stdout, (proc.stdout, expected)
     np.testing.assert_allclose(rt.embed("hello there", adapter="p"), pooled / np.linalg.norm(pooled), atol=1e-6)
     rt.tokenizer._tok.post_processor = None  # a tokenizer that adds no token of its own: "" has none (alone: a shape
     for empty in ("", ["", "hello there"]):  # complaint; in a batch the pooling of its padding)
@@ -348,6 +348,8 @@ def test_generation_flags_on_an_encoder_export_are_refused(shared_export):
     out = shared_export("bert")[0]
     proc = edgepeft("run", out, "hello", "--max-new-tokens", -5, "--temperature", 2)
     assert_user_error(proc, str(out), "--max-new-tokens", "--temperature")
+    proc = edgepeft("run", shared_export("llama")[0], "hello", "--prompt-name", "query")  # embeddings' prompts
+    assert_user_error(proc, "a causal-lm export does not embed; drop --prompt-name")
 
 
 def test_inspect_takes_an_older_export_that_keeps_its_weights_in_the_graph(tmp_path, llama):

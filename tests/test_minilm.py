@@ -153,7 +153,7 @@ def test_training_pools_as_the_export_serves(text_model, tmp_path, monkeypatch):
     (a Dense layer) are refused, not skipped."""
     import shutil
 
-    from edgepeft.training import trainer as training
+    from edgepeft.training import pooling, trainer as training
     from file_checks import write_lines
     from edgepeft.runtimes.sentence import sentence_transformers_settings
 
@@ -163,8 +163,8 @@ def test_training_pools_as_the_export_serves(text_model, tmp_path, monkeypatch):
     with open(os.path.join(base, "1_Pooling", "config.json"), "w") as f:
         json.dump({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, f)
     seen = []
-    real = training.pooled
-    monkeypatch.setattr(training, "pooled", lambda model, ids, mask, mode="mean": seen.append(mode) or real(model, ids, mask, mode))
+    real = pooling.pooled
+    monkeypatch.setattr(pooling, "pooled", lambda model, ids, mask, mode="mean": seen.append(mode) or real(model, ids, mask, mode))
     rows = [{"text": f"w{i} w{i + 1}", "positive": f"w{i + 1} w{i}"} for i in range(8)]
     training.train(model=base, task="feature-extraction", data=write_lines(tmp_path / "d.jsonl", rows),
                    out=str(tmp_path / "out"), epochs=1, batch_size=4)
@@ -177,7 +177,7 @@ def test_training_pools_as_the_export_serves(text_model, tmp_path, monkeypatch):
     with open(os.path.join(base, "sentence_bert_config.json"), "w") as f:
         json.dump({"max_seq_length": 4, "do_lower_case": True}, f)
     ids_seen = []
-    monkeypatch.setattr(training, "pooled", lambda model, ids, mask, mode="mean": ids_seen.append(ids) or real(
+    monkeypatch.setattr(pooling, "pooled", lambda model, ids, mask, mode="mean": ids_seen.append(ids) or real(
         model, ids, mask, mode))
     rows = [{"text": "W1 W2 W3 W4 W5", "positive": "W2 W1"}] * 4
     training.train(model=base, task="feature-extraction", data=write_lines(tmp_path / "d2.jsonl", rows),

@@ -239,8 +239,24 @@ def test_prompts_and_truncate_dim_embed_as_encode_gives_them(st6, tmp_path, mode
         np.testing.assert_allclose(ours, theirs, atol=2e-5, err_msg=str(kwargs))
     for name in ("q", ["q"]):
         with pytest.raises(edgepeft.errors.ConfigError, match=r"^prompt_name .*: the model's config_sentence_"
-                                                              r"transformers.json names \['passage', 'query'\]; pass one"):
+                                                              r"transformers.json names \['document', 'passage', 'query'\]; pass one"):
             rt.embed("a", prompt_name=name)
+    # the command line, as embed: --prompt-name, a prompt read from standard input ('-'), and what inspect shows
+    import subprocess
+    import sys
+
+    def cli(*argv, given=None):
+        done = subprocess.run([sys.executable, "-m", "edgepeft", *argv], capture_output=True, text=True, input=given)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    shown = cli("run", str(tmp_path / "out"), "-", "--prompt-name", "query", given=TEXTS[0] + "\n")
+    want = " ".join(f"{v:.4f}" for v in st.encode(TEXTS[0], prompt_name="query")[:8])
+    assert shown == (f"embedding (64 values, pooled by {mode}, the first values of a normalized vector (truncate_dim)): "
+                     f"{want} ...\n")
+    assert (f"  embed: pooled by {mode}, texts cut to 512, lower-cased{', prompts left out of the pooling' * (not include_prompt)}"
+            ", the first 64 values; prompt names: document, passage, query\n") in cli("inspect", str(tmp_path / "out"))
+    np.testing.assert_allclose(rt.embed("a", prompt_name="document"), st.encode("a", prompt_name="document"), atol=2e-5)
     import transformers as tf
 
     from edgepeft.training.pooling import embedding_settings
@@ -268,7 +284,8 @@ def test_an_export_of_an_earlier_edgepeft_takes_new_adapters_and_names_what_it_l
     cut = shutil.copytree(folder, tmp_path / "cut")  # a setting the older base does not follow: still refused
     config = cut / "config_sentence_transformers.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "truncate_dim": 8}))
-    with pytest.raises(edgepeft.errors.AdapterBaseMismatchError, match="in its sentence-transformers settings"):
+    with pytest.raises(edgepeft.errors.AdapterBaseMismatchError, match="in its sentence-transformers settings .*: "
+                       ".*/old/base has no config_sentence_transformers.json, as an earlier edgepeft exported it\\)"):
         export([peft_virtual_adapter(tmp_path / "cut-prompt", str(cut), "prompt", seed=6, task="feature-extraction",
                                      num_virtual_tokens=3)], str(old))
 
