@@ -99,7 +99,6 @@ def model_parameters(model: nn.Module):
                 yield p
 
 
-
 def held_entries(model: nn.Module):
     """(adapter name, entry) for every entry of every adapter layer's dicts in ``model``."""
     for _, module in model_modules(model):

@@ -106,8 +106,8 @@ def chosen_prompt(settings: Embedding, folder: str, prompt_name, prompt) -> str 
     model's prompt named ``prompt_name`` (in ``folder``'s config)."""
     if prompt is None and prompt_name is not None:
         if not os.path.isfile(os.path.join(folder, PROMPTS_CONFIG)):
-            raise ConfigError(f"prompt_name {prompt_name!r}: {folder} has no {PROMPTS_CONFIG} (exported by an "
-                              "earlier edgepeft, or the model has none); export again into a fresh --out, or pass prompt=")
+            raise ConfigError(f"prompt_name {prompt_name!r}: {folder} has no {PROMPTS_CONFIG} (the model has none, "
+                              "or an earlier edgepeft exported it: export again into a fresh --out); pass prompt='...'")
         if not isinstance(prompt_name, str) or prompt_name not in settings.prompts:
             raise ConfigError(f"prompt_name {prompt_name!r}: the model's {PROMPTS_CONFIG} names "
                               f"{sorted(settings.prompts) or 'no prompts'}; pass one of them, or prompt='...'")

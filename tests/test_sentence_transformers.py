@@ -279,7 +279,7 @@ def test_an_export_of_an_earlier_edgepeft_takes_new_adapters_and_names_what_it_l
                                    num_virtual_tokens=3)
     export([adapter], str(old))
     with pytest.raises(edgepeft.errors.ConfigError, match=r"^prompt_name 'query': .*/base has no config_sentence_"
-                                                          r"transformers.json \(exported by an earlier edgepeft"):
+                                                          r"transformers.json \(the model has none, or an earlier edgepeft"):
         Runtime(str(old)).embed("a", prompt_name="query")
     cut = shutil.copytree(folder, tmp_path / "cut")  # a setting the older base does not follow: still refused
     config = cut / "config_sentence_transformers.json"
