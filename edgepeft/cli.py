@@ -301,6 +301,7 @@ SAMPLING_ONLY = ("--temperature", "--top-k", "--top-p", "--seed")  # what greedy
 def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, chat,
         prompt_name, embed_prompt):
     """Generate (streamed), classify or embed PROMPT with an adapter of OUT (PROMPT '-': read from standard input)."""
+    from edgepeft.errors import ConfigError
     from edgepeft.runtimes import Runtime
 
     if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
@@ -314,12 +315,8 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
              and ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]  # generation options
     prompts = [f for f, v in (("--prompt-name", prompt_name), ("--embed-prompt", embed_prompt)) if v is not None]
     if prompts and rt.task != "feature-extraction":
-        from edgepeft.errors import ConfigError
-
         raise ConfigError(f"{out}: a {rt.task} export does not embed; drop {', '.join(prompts)} (embeddings' prompts)")
     if given and not rt.cache:
-        from edgepeft.errors import ConfigError
-
         raise ConfigError(f"{out}: a {rt.task} export classifies or embeds, it does not generate; drop {', '.join(given)}")
     if rt.cache:
         idle = [f for f in given if f in SAMPLING_ONLY]
