@@ -154,7 +154,7 @@ class PeftModel(nn.Module):
     def _forget(self, adapter_name: str) -> None:
         """Every layer's entries of ``adapter_name`` and its config removed."""
         for _, module in model_modules(self):
-            for dict_name in module.adapter_dicts if isinstance(module, AdapterLayer) else ():
+            for dict_name in (*module.adapter_dicts, *module.adapter_values) if isinstance(module, AdapterLayer) else ():
                 holder = getattr(module, dict_name)
                 if adapter_name in holder:
                     del holder[adapter_name]

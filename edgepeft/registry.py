@@ -24,7 +24,8 @@ class AdapterLayer(nn.Module):
     """A layer that holds adapters around a frozen module.
 
     ``adapter_dicts``: the names of its per-adapter ``ModuleDict``/``ParameterDict``s (saved by
-    ``PeftModel`` under ``<module>.<dict>.<adapter param>``, HF PEFT's keys); ``frozen_attr``: the
+    ``PeftModel`` under ``<module>.<dict>.<adapter param>``, HF PEFT's keys); ``adapter_values``: its plain dicts of
+    one value per adapter (not saved; HF PEFT's ``other_param_names``); ``frozen_attr``: the
     attribute holding the module it wraps ("": mixed into the module itself; None: wraps nothing, a module of the
     model's own that a merged or unloaded copy drops); ``active_adapter``: the adapter calls use (None: none).
     A layer whose saved state is not its parameters (virtual tokens) sets ``own_state`` and
@@ -32,6 +33,7 @@ class AdapterLayer(nn.Module):
     """
 
     adapter_dicts: tuple = ()
+    adapter_values: tuple = ()
     frozen_attr: str | None = "base_layer"
     own_state: bool = False
     active_adapter = None

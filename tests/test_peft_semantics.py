@@ -453,6 +453,11 @@ def test_loading_and_switching_cost_the_same_whatever_number_of_adapters_is_load
     model.train()
     model.load_adapter(str(tmp_path / "a"), "e")
     assert not any(m.training for m in model.modules())
+    model.delete_adapter("e")  # as HF PEFT's other_param_names: its scaling goes too (a review found it kept)
+    from edgepeft.tuners.lora.layer import LoraLinear
+
+    assert [m.scaling for m in model.modules() if isinstance(m, LoraLinear)][0].keys() == \
+        {"default", "b", *(f"c{i}" for i in range(6)), "d"}
 
 
 def counted(self, original, calls, method, *args, **kwargs):

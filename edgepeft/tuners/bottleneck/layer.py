@@ -20,6 +20,7 @@ class BottleneckLinear(AdapterLayer):
     """
 
     adapter_dicts = ("adapter_down", "adapter_up")
+    adapter_values = ("non_linearity",)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()

@@ -20,6 +20,7 @@ class LoraLinear(AdapterLayer):
     """
 
     adapter_dicts = ("lora_A", "lora_B", "lora_dropout")  # ModuleDicts holding one entry per adapter
+    adapter_values = ("scaling",)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
