@@ -143,6 +143,9 @@ class TextTokenizer:
         None: no text is cut.
         """
         pad_id = self.pad_id if pad_id is None else pad_id
+        if not isinstance(add_special_tokens, bool):  # encode(text, pair): no text pairs
+            raise ConfigError(f"add_special_tokens must be True or False, got {add_special_tokens!r} (encode takes no "
+                              "text pairs)")
         if max_length is not None and not is_whole(max_length):  # a TypeError from the tokenizers package
             raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
         if not (is_whole(pad_id) and 0 <= pad_id < 2**63):  # numpy's ValueError; NaN became -2**63
@@ -285,7 +288,10 @@ def _in_groups(keys: list, rows: list, per_row: list, call) -> list:
 def _texts(texts) -> tuple[list, bool]:
     single = isinstance(texts, str)
     if not (single or (isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts))):
-        raise InvalidInputError(f"give a text or a non-empty list of texts; got {type(texts).__name__}")
+        pairs = isinstance(texts, dict) or isinstance(texts, (list, tuple)) and any(isinstance(t, (list, tuple, dict))
+                                                                                    for t in texts)
+        raise InvalidInputError(f"give a text or a non-empty list of texts; got {type(texts).__name__}" + (
+            "; text pairs (a cross-encoder's query and passage: BERT's second segment) are not served" * pairs))
     return ([texts] if single else list(texts)), single
 
 

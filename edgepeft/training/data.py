@@ -57,9 +57,9 @@ def check_positions(features: list[dict], rows: list[dict], path: str, positions
 class Rows(list):
     """A data file's rows (dicts, each with its ``_line``), and the fields of other tasks they carry (``ignored``)."""
 
-    def __init__(self, rows: list, ignored: set):
+    def __init__(self, rows: list, ignored: set, unknown: set = frozenset()):
         super().__init__(rows)
-        self.ignored = ignored
+        self.ignored, self.unknown = ignored, unknown  # unknown: fields no task reads
 
 
 def _other_fields(task: str) -> dict:
@@ -78,7 +78,7 @@ def read_jsonl(path: str, task: str) -> Rows:
         raise ArtifactNotFoundError(f"{path}: data file not found; pass a JSONL file with one JSON object per line")
     shapes = FIELDS[task]
     want = " or ".join("{" + ", ".join(f'"{k}"' for k in shape) + "}" for shape in shapes)
-    rows, others, ignored, columns = [], _other_fields(task), set(), []
+    rows, others, ignored, unknown, columns = [], _other_fields(task), set(), set(), []
     for n, data in enumerate(_lines(path), 1):
         try:
             line = data.decode("utf-8")
@@ -95,6 +95,11 @@ def read_jsonl(path: str, task: str) -> Rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object like {want}, got {type(row).__name__}")
         ignored |= others.keys() & row.keys()
+        if "text_pair" in row:  # read as the text alone, its pair dropped: a cross-encoder trained on queries
+            raise DataError(f"{path}:{n}: \"text_pair\": edgepeft trains and serves one text per row, not text pairs "
+                            "(a cross-encoder's query and passage, NLI's premise and hypothesis: BERT's second segment)")
+        unknown |= row.keys() - others.keys() - {k for s in shapes for k in s} - \
+            set(_negative_names(row) if task == "feature-extraction" else ())
         shape = next((s for s in shapes if all(k in row for k in s)), None)
         if shape is None:
             raise DataError(f"{path}:{n}: a {task} row needs {want}; this row has {sorted(row) or 'no fields'}")
@@ -120,7 +125,7 @@ def read_jsonl(path: str, task: str) -> Rows:
         rows.append({k: row[k] for k in shape} | ({"negatives": [row[k] for k in names]} if names else {}) | {"_line": n})
     if not rows:
         raise DataError(f"{path}: no rows; a {task} file needs lines like {want}")
-    return Rows(rows, ignored)
+    return Rows(rows, ignored, unknown)
 
 
 def _negative_names(row: dict) -> list:
@@ -146,13 +151,16 @@ def process_share(rows: list, size: int, index: int, processes: int) -> list:
 
 def ignored_fields(rows: Rows, path: str, task: str) -> str | None:
     """A note when ``rows`` (``path``'s) carry fields another task trains on but ``task`` ignores (a "label" for
-    causal-lm), else None."""
-    if not rows.ignored:
-        return None
-    others = _other_fields(task)
-    names = ", ".join(f'"{k}"' for k in sorted(rows.ignored))
-    tasks = " or ".join(f"--task {t}" for t in sorted({others[k] for k in rows.ignored}))
-    return f"{path}: rows carry {names}, which {task} training ignores; for a model that uses it, train with {tasks}"
+    causal-lm), or fields no task reads (an "id"), else None."""
+    notes, others = [], _other_fields(task)
+    if rows.ignored:
+        names = ", ".join(f'"{k}"' for k in sorted(rows.ignored))
+        tasks = " or ".join(f"--task {t}" for t in sorted({others[k] for k in rows.ignored}))
+        notes.append(f"rows carry {names}, which {task} training ignores; for a model that uses it, train with {tasks}")
+    if rows.unknown:
+        notes.append(f"rows carry {', '.join(repr(k) for k in sorted(rows.unknown)[:5])}, which no task trains on "
+                     "(ignored)")
+    return f"{path}: " + "; ".join(notes) if notes else None
 
 
 def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> list[str]:
