@@ -135,6 +135,7 @@ class AdapterStore:
         self._adapters: dict[str, Registered] = {}
         self._resident: OrderedDict = OrderedDict()  # staged names, least recently used first
         self._lock = threading.RLock()
+        self._trimming = threading.local()  # a trim under way in this thread (see _trim)
         self._staging: dict[str, threading.Lock] = {}
         self.on_change = []  # WeakMethods(name): unloaded, evicted or restaged (weak: a Mixer holds this store)
 
@@ -150,8 +151,8 @@ class AdapterStore:
 
     @property
     def resident_bytes(self) -> int:
-        with self._lock:
-            return sum(self._adapters[n].bytes for n in self._resident)
+        with self._lock:  # a list first: the collector may run a finalizer that trims (_trim) before a generator's
+            return sum(self._adapters[n].bytes for n in list(self._resident))  # first step
 
     def staged_bytes(self, name: str) -> int:
         """The bytes adapter ``name`` takes staged, what the budget counts (known from its staging at load)."""
@@ -316,17 +317,20 @@ class AdapterStore:
                 notify(name)
 
     def _trim(self) -> None:
-        """Evict least recently used adapters no call holds until the staged bytes fit the budget."""
-        if self.budget is None:
+        """Evict least recently used adapters no call holds until the staged bytes fit the budget. A call's release
+        that the garbage collector runs inside a trim (an abandoned stream's finalizer, in this thread: the lock is
+        re-entrant) leaves the trimming to the trim under way, which would count dropped adapters twice."""
+        if self.budget is None or getattr(self._trimming, "on", False):
             return
-        total = self.resident_bytes
-        for name in list(self._resident):
-            if total <= self.budget:
-                return
-            adapter = self._adapters[name]
-            if not adapter.holds:
-                total -= adapter.bytes
-                self._drop(adapter)
+        self._trimming.on = True
+        try:  # the bytes counted again each time: what a deferred release staged counts too
+            while self.resident_bytes > self.budget:
+                unheld = next((a for a in map(self._adapters.get, list(self._resident)) if a and not a.holds), None)
+                if unheld is None:
+                    return
+                self._drop(unheld)
+        finally:
+            self._trimming.on = False
 
     # ---------------------------------------------------------------- staging and checks
     @staticmethod
