@@ -199,7 +199,8 @@ def inspect(out, as_json):
         click.echo(f"  embed: pooled by {e['mode']}, texts cut to {e['limit'] or 'no limit'}"
                    + ", lower-cased" * e["lower"] + ", prompts left out of the pooling" * (not e["include_prompt"])
                    + (f", the first {e['truncate_dim']} values" if e["truncate_dim"] else "")
-                   + f"; prompt names: {', '.join(e['prompts']) or 'none'}")
+                   + "; prompt names: " + (", ".join(e["prompts"]) if e["prompts"] is not None else
+                                           "not exported (an earlier edgepeft's export)"))
     by_method: dict = {}
     for s in info["slots"]:
         by_method.setdefault(s.method, []).append(s)
@@ -305,7 +306,7 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     from edgepeft.runtimes import Runtime
 
     if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
-        prompt = click.get_text_stream("stdin").read().removesuffix("\n")
+        prompt = click.get_text_stream("stdin").read().removesuffix("\n").removesuffix("\r")
     rt = Runtime(out)
     name = None if adapter.lower() == "none" else adapter
     labels = rt.labels(name)  # an unknown name raises UnknownAdapterError naming the loaded adapters

@@ -152,7 +152,7 @@ class AdapterStore:
     @property
     def resident_bytes(self) -> int:
         with self._lock:  # a list first: the collector may run a finalizer that trims (_trim) before a generator's
-            return sum(self._adapters[n].bytes for n in list(self._resident))  # first step
+            return sum(a.bytes for a in map(self._adapters.get, list(self._resident)) if a)  # first step
 
     def staged_bytes(self, name: str) -> int:
         """The bytes adapter ``name`` takes staged, what the budget counts (known from its staging at load)."""
@@ -320,15 +320,21 @@ class AdapterStore:
         """Evict least recently used adapters no call holds until the staged bytes fit the budget. A call's release
         that the garbage collector runs inside a trim (an abandoned stream's finalizer, in this thread: the lock is
         re-entrant) leaves the trimming to the trim under way, which would count dropped adapters twice."""
-        if self.budget is None or getattr(self._trimming, "on", False):
+        if self.budget is None:
+            return
+        if getattr(self._trimming, "on", False):
+            self._trimming.again = True  # the trim under way goes round once more
             return
         self._trimming.on = True
         try:  # the bytes counted again each time: what a deferred release staged counts too
-            while self.resident_bytes > self.budget:
-                unheld = next((a for a in map(self._adapters.get, list(self._resident)) if a and not a.holds), None)
-                if unheld is None:
-                    return
-                self._drop(unheld)
+            self._trimming.again = True
+            while self._trimming.again:
+                self._trimming.again = False
+                while self.resident_bytes > self.budget:
+                    unheld = next((a for a in map(self._adapters.get, list(self._resident)) if a and not a.holds), None)
+                    if unheld is None:
+                        break
+                    self._drop(unheld)
         finally:
             self._trimming.on = False
 

@@ -11,7 +11,7 @@ from .manifest import (
     ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export,
     read_adapter_manifest, read_base_manifest,
 )
-from .sentence import sentence_transformers_settings
+from .sentence import prompts_known, sentence_transformers_settings
 
 
 def folder_bytes(path: str) -> int:
@@ -47,7 +47,7 @@ def _embedding(base_dir: str, base: dict, problems: list) -> dict | None:
     except EdgePeftError as e:
         problems.append(str(e))
         return None
-    return {**settings._asdict(), "prompts": sorted(settings.prompts)}
+    return {**settings._asdict(), "prompts": sorted(settings.prompts) if prompts_known(base_dir) else None}
 
 
 def describe_export(out_dir: str) -> dict:

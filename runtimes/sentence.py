@@ -104,17 +104,26 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
 def chosen_prompt(settings: Embedding, folder: str, prompt_name, prompt) -> str | None:
     """The prompt ``encode`` puts before each text: ``prompt`` where given (it wins over ``prompt_name``), else the
     model's prompt named ``prompt_name`` (in ``folder``'s config)."""
+    yourself = "or pass the prompt itself (prompt='...'; at the command line --embed-prompt)"
     if prompt is None and prompt_name is not None:
-        if not os.path.isfile(os.path.join(folder, PROMPTS_CONFIG)):
-            raise ConfigError(f"prompt_name {prompt_name!r}: {folder} has no {PROMPTS_CONFIG} (the model has none, "
-                              "or an earlier edgepeft exported it: export again into a fresh --out); pass prompt='...'")
+        if not prompts_known(folder):
+            raise ConfigError(f"prompt_name {prompt_name!r}: {folder} has no {PROMPTS_CONFIG}, as an earlier edgepeft "
+                              f"exported it; export again into a fresh --out, {yourself}")
         if not isinstance(prompt_name, str) or prompt_name not in settings.prompts:
-            raise ConfigError(f"prompt_name {prompt_name!r}: the model's {PROMPTS_CONFIG} names "
-                              f"{sorted(settings.prompts) or 'no prompts'}; pass one of them, or prompt='...'")
+            raise ConfigError(f"prompt_name {prompt_name!r}: the model names the prompts {sorted(settings.prompts)}; "
+                              f"pass one of them, {yourself}")
         prompt = settings.prompts[prompt_name]
     if not (prompt is None or isinstance(prompt, str)):
         raise InvalidInputError(f"prompt must be a text, got {type(prompt).__name__}")
     return prompt
+
+
+def prompts_known(folder: str) -> bool:
+    """Whether the prompts of the model in ``folder`` (an export's base/) are known: an export with
+    sentence-transformers files but not its prompts' file was an earlier edgepeft's (a plain model has only
+    sentence-transformers' query and document prompts, both empty)."""
+    return os.path.isfile(os.path.join(folder, PROMPTS_CONFIG)) or \
+        not any(os.path.isfile(os.path.join(folder, f)) for f in SENTENCE_TRANSFORMERS_FILES)
 
 
 def _tokenizer_limit(folder: str, max_positions: int | None) -> int | None:

@@ -521,6 +521,9 @@ def test_a_release_the_collector_runs_inside_the_store_leaves_it_whole(decoder):
                     pass
             return super().__getitem__(name)
 
+        def get(self, name, default=None):
+            return self[name] if name in self else default
+
     with store.holding(["ia3", "lora_all"]):
         store._adapters = Collecting(store._adapters)
     assert fired and store.resident == []  # the trim went through: the budget of 0 kept

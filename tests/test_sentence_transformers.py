@@ -130,6 +130,9 @@ def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tm
     st = SentenceTransformer(plain, device="cpu")  # mean pooling, no Normalize module
     texts = ["word " * 600, "hello world"]
     np.testing.assert_allclose(Runtime(copied).embed(texts, normalize=False), st.encode(texts), atol=2e-4)
+    os.remove(os.path.join(copied, "base", "config_sentence_transformers.json"))  # a plain model has query, document
+    np.testing.assert_allclose(Runtime(copied).embed(texts, normalize=False, prompt_name="document"),
+                               st.encode(texts, prompt_name="document"), atol=2e-4)
 
 
 def test_a_default_prompt_is_refused_at_export_and_training(st6, tmp_path):
@@ -238,8 +241,8 @@ def test_prompts_and_truncate_dim_embed_as_encode_gives_them(st6, tmp_path, mode
         assert ours.shape == theirs.shape == (len(TEXTS), 64)
         np.testing.assert_allclose(ours, theirs, atol=2e-5, err_msg=str(kwargs))
     for name in ("q", ["q"]):
-        with pytest.raises(edgepeft.errors.ConfigError, match=r"^prompt_name .*: the model's config_sentence_"
-                                                              r"transformers.json names \['document', 'passage', 'query'\]; pass one"):
+        with pytest.raises(edgepeft.errors.ConfigError, match=r"^prompt_name .*: the model "
+                                                              r"names the prompts \['document', 'passage', 'query'\]; pass one of them, or pass the prompt itself"):
             rt.embed("a", prompt_name=name)
     # the command line, as embed: --prompt-name, a prompt read from standard input ('-'), and what inspect shows
     import subprocess
@@ -279,7 +282,7 @@ def test_an_export_of_an_earlier_edgepeft_takes_new_adapters_and_names_what_it_l
                                    num_virtual_tokens=3)
     export([adapter], str(old))
     with pytest.raises(edgepeft.errors.ConfigError, match=r"^prompt_name 'query': .*/base has no config_sentence_"
-                                                          r"transformers.json \(the model has none, or an earlier edgepeft"):
+                                                          r"transformers.json, as an earlier edgepeft exported it; export again into a fresh --out"):
         Runtime(str(old)).embed("a", prompt_name="query")
     cut = shutil.copytree(folder, tmp_path / "cut")  # a setting the older base does not follow: still refused
     config = cut / "config_sentence_transformers.json"

@@ -376,7 +376,10 @@ def test_text_pairs_are_refused_where_they_were_dropped_or_misread(text_rt, tmp_
         read_jsonl(str(data), "seq-cls")
     data.write_text(json.dumps({"text": "a", "label": 1, "id": 7, "source": "web"}) + "\n")
     assert ignored_fields(read_jsonl(str(data), "seq-cls"), "d", "seq-cls") == \
-        "d: rows carry 'id', 'source', which no task trains on (ignored)"
+        'd: rows carry "id", "source", which no task trains on (ignored)'
+    data.write_text(json.dumps({"text": "a", "label": 1, "negative": "b"}) + "\n")  # feature-extraction's field
+    assert ignored_fields(read_jsonl(str(data), "seq-cls"), "d", "seq-cls") == ('d: rows carry "negative", which '
+        "seq-cls training ignores; for a model that uses it, train with --task feature-extraction")
     for pairs in ([("how tall", "8,849 m")], [["a", "b"]], {"text": "a", "text_pair": "b"}):
         with pytest.raises(InvalidInputError, match=r"text pairs \(a cross-encoder's query and passage: BERT's second "
                                                     r"segment\) are not served$"):

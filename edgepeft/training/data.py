@@ -97,9 +97,11 @@ def read_jsonl(path: str, task: str) -> Rows:
         ignored |= others.keys() & row.keys()
         if "text_pair" in row:  # read as the text alone, its pair dropped: a cross-encoder trained on queries
             raise DataError(f"{path}:{n}: \"text_pair\": edgepeft trains and serves one text per row, not text pairs "
-                            "(a cross-encoder's query and passage, NLI's premise and hypothesis: BERT's second segment)")
-        unknown |= row.keys() - others.keys() - {k for s in shapes for k in s} - \
-            set(_negative_names(row) if task == "feature-extraction" else ())
+                            "(a cross-encoder's query and passage, NLI's premise and hypothesis: BERT's second "
+                            "segment); drop the field, or join the two into \"text\" to train on them as one text")
+        negatives = set(_negative_names(row))  # feature-extraction's: another task's fields elsewhere
+        ignored |= negatives if task != "feature-extraction" else set()
+        unknown |= row.keys() - others.keys() - {k for s in shapes for k in s} - negatives
         shape = next((s for s in shapes if all(k in row for k in s)), None)
         if shape is None:
             raise DataError(f"{path}:{n}: a {task} row needs {want}; this row has {sorted(row) or 'no fields'}")
@@ -155,11 +157,11 @@ def ignored_fields(rows: Rows, path: str, task: str) -> str | None:
     notes, others = [], _other_fields(task)
     if rows.ignored:
         names = ", ".join(f'"{k}"' for k in sorted(rows.ignored))
-        tasks = " or ".join(f"--task {t}" for t in sorted({others[k] for k in rows.ignored}))
+        tasks = " or ".join(f"--task {t}" for t in sorted({others.get(k, "feature-extraction") for k in rows.ignored}))
         notes.append(f"rows carry {names}, which {task} training ignores; for a model that uses it, train with {tasks}")
     if rows.unknown:
-        notes.append(f"rows carry {', '.join(repr(k) for k in sorted(rows.unknown)[:5])}, which no task trains on "
-                     "(ignored)")
+        names = ", ".join(f'"{k}"' for k in sorted(rows.unknown)[:5]) + (" ..." if len(rows.unknown) > 5 else "")
+        notes.append(f"rows carry {names}, which no task trains on (ignored)")
     return f"{path}: " + "; ".join(notes) if notes else None
 
 
