@@ -339,12 +339,12 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         for label, p in sorted(scores.items(), key=lambda kv: -kv[1]):
             click.echo(f"{label}\t{p:.4f}")
     else:
-        from edgepeft.runtimes.sentence import SENTENCE_TRANSFORMERS_FILES
+        from edgepeft.runtimes.sentence import has_sentence_transformers_files
 
         pooled = rt.embed(prompt, adapter=name, prompt_name=prompt_name, prompt=embed_prompt)
         settings = rt.tokenizer.sentence_transformers[0]
-        how = f"pooled by {settings.mode}" + ("" if any(os.path.isfile(os.path.join(rt.base_dir, f)) for f in
-                                                         SENTENCE_TRANSFORMERS_FILES) else " (no sentence-transformers files)")
+        how = f"pooled by {settings.mode}" + ("" if has_sentence_transformers_files(rt.base_dir)
+                                              else " (no sentence-transformers files)")
         cut = ", the first values of a normalized vector (truncate_dim)" if settings.truncate_dim \
             else ", normalized"
         click.echo(f"embedding ({pooled.shape[0]} values, {how}{cut}): " + " ".join(f"{v:.4f}" for v in pooled[:8]) + " ...")

@@ -14,7 +14,7 @@ from edgepeft.hub import hub_unreachable
 from edgepeft.runtimes.access import check_readable
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 from edgepeft.runtimes.sentence import (PROMPTS_CONFIG, SENTENCE_TRANSFORMERS_FILES, check_default_prompt,
-                                        sentence_transformers_settings)
+                                        has_sentence_transformers_files, sentence_transformers_settings)
 
 # model_type -> family. Encoders have no causal-LM head; decoders take use_cache.
 ENCODERS = {"bert"}
@@ -351,8 +351,7 @@ def sentence_transformers_folder(source: str, revision: str | None = None) -> st
     model's own folder, or its hub snapshot (fetched there at ``revision``); None for a model without them. A
     model whose encode puts a default prompt before every text, or whose settings embed cannot serve, is refused."""
     if os.path.isdir(source):
-        found = any(os.path.isfile(os.path.join(source, f)) for f in SENTENCE_TRANSFORMERS_FILES)
-        return _checked(source) if found else None
+        return _checked(source) if has_sentence_transformers_files(source) else None
     from huggingface_hub import hf_hub_download
 
     folder = None

@@ -122,8 +122,12 @@ def prompts_known(folder: str) -> bool:
     """Whether the prompts of the model in ``folder`` (an export's base/) are known: an export with
     sentence-transformers files but not its prompts' file was an earlier edgepeft's (a plain model has only
     sentence-transformers' query and document prompts, both empty)."""
-    return os.path.isfile(os.path.join(folder, PROMPTS_CONFIG)) or \
-        not any(os.path.isfile(os.path.join(folder, f)) for f in SENTENCE_TRANSFORMERS_FILES)
+    return os.path.isfile(os.path.join(folder, PROMPTS_CONFIG)) or not has_sentence_transformers_files(folder)
+
+
+def has_sentence_transformers_files(folder: str) -> bool:
+    """Whether ``folder`` holds a sentence-transformers model's settings (any of its files an export copies)."""
+    return any(os.path.isfile(os.path.join(folder, f)) for f in SENTENCE_TRANSFORMERS_FILES)
 
 
 def _tokenizer_limit(folder: str, max_positions: int | None) -> int | None:

@@ -15,6 +15,7 @@ from edgepeft.runtimes.values import is_number, is_whole
 
 # Settings that may change when resuming (everything else must match the checkpoint).
 WHOLE_FIELDS = ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps")  # whole numbers >= 1
+CUT = 256  # --max-length where a task gives none (feature-extraction's: as embed cuts)
 MOST = 2**31 - 1  # of those: 10**20 rows a batch or tokens a row was a traceback from torch's sampler or the tokenizer
 NUMBER_FIELDS = ("lr", "head_lr", "max_grad_norm", "warmup_ratio", "weight_decay")  # numbers (ranges checked apart)
 RESUMABLE = {"resume", "overwrite", "progress", "logging_steps"}
@@ -40,7 +41,7 @@ class TrainingArguments:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     scheduler: str = "linear"  # linear | cosine | constant_with_warmup
-    max_length: int | None = None  # None: feature-extraction cuts as embed does (its model's limit), others at 256
+    max_length: int | None = None  # None: the task's (default_max_length)
     seed: int = 0
     logging_steps: int = 10  # a training-loss entry every N optimizer steps and at each epoch's end (one sync each)
     mixed_precision: str = "auto"  # auto (bf16 on CUDA that has it, else fp32) | no | bf16 | fp16
@@ -62,8 +63,8 @@ class TrainingArguments:
                     not (is_whole(getattr(self, name)) and 1 <= getattr(self, name) <= MOST):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number from 1 to {MOST}, got "
                                   f"{getattr(self, name)!r}")
-        if self.max_length is None and self.task != "feature-extraction":  # as before None meant "as embed cuts"
-            self.max_length = 256  # (a checkpoint of then resumes: it says 256)
+        if self.max_length is None:  # before None meant "as embed cuts", checkpoints said 256: they still resume
+            self.max_length = self.default_max_length()
         if not (is_whole(self.seed) and 0 <= self.seed < 2**32):  # numpy's seeds
             raise ConfigError(f"--seed must be a whole number in 0..{2**32 - 1}, got {self.seed!r}")
         for name in NUMBER_FIELDS:
@@ -118,6 +119,10 @@ class TrainingArguments:
             d["model"] = os.path.abspath(self.model)
         return json.loads(json.dumps(d))
 
+    def default_max_length(self) -> int | None:
+        """The task's cut: feature-extraction's None (as embed cuts: its model's limit), else CUT."""
+        return None if self.task == "feature-extraction" else CUT
+
     def command(self, *extra: str, processes: int = 1) -> str:
         """The ``edgepeft train`` command line for these settings (defaults left out), plus ``extra`` flags; under
         torchrun where ``processes`` is over 1 (a checkpoint resumes with as many)."""
@@ -135,7 +140,7 @@ class TrainingArguments:
             if f.name == "progress":  # --quiet
                 parts += [] if value else ["--quiet"]
                 continue
-            if f.name == "max_length" and value == (None if self.task == "feature-extraction" else 256):
+            if f.name == "max_length" and value == self.default_max_length():
                 continue
             if f.name in ("lr", "head_lr") or value != getattr(defaults, f.name):  # rates: the ones this run used
                 parts += [f"--{f.name.replace('_', '-')}", repr(value) if isinstance(value, float) else str(value)]

@@ -99,13 +99,13 @@ def read_jsonl(path: str, task: str) -> Rows:
             raise DataError(f"{path}:{n}: \"text_pair\": edgepeft trains and serves one text per row, not text pairs "
                             "(a cross-encoder's query and passage, NLI's premise and hypothesis: BERT's second "
                             "segment); drop the field, or join the two into \"text\" to train on them as one text")
-        negatives = set(_negative_names(row))  # feature-extraction's: another task's fields elsewhere
-        ignored |= negatives if task != "feature-extraction" else set()
-        unknown |= row.keys() - others.keys() - {k for s in shapes for k in s} - negatives
+        negatives = _negative_names(row)  # feature-extraction's: another task's fields elsewhere
+        ignored |= set(negatives) if task != "feature-extraction" else set()
+        unknown |= row.keys() - others.keys() - {k for s in shapes for k in s} - set(negatives)
         shape = next((s for s in shapes if all(k in row for k in s)), None)
         if shape is None:
             raise DataError(f"{path}:{n}: a {task} row needs {want}; this row has {sorted(row) or 'no fields'}")
-        names = _negative_names(row) if task == "feature-extraction" else []
+        names = negatives if task == "feature-extraction" else []
         for k in [*shape, *names]:
             try:  # JSON's \ud800 escapes half a character (a string cut inside an emoji): no tokenizer takes it
                 row[k].encode("utf-8") if isinstance(row[k], str) else None

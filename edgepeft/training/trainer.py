@@ -28,7 +28,7 @@ from edgepeft.files import (
 from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels
 from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.processes import first
-from edgepeft.training.arguments import TrainingArguments, arguments_of, method_config
+from edgepeft.training.arguments import CUT, TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_same_data, check_out_folder, check_resumable, process_rngs,
     read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint,
@@ -99,7 +99,7 @@ class Trainer:
         # texts cut, lower-cased and pooled as sentence-transformers (and embed)
         limit, self.pooling, lower = embedding_settings(args.model, method.revision, config, tokenizer, n_virtual) \
             if args.task == "feature-extraction" else (None, "mean", False)
-        cut = args.max_length or limit or 256  # feature-extraction: as embed cuts (256 cut MiniLM's 512 silently)
+        cut = args.max_length or limit or CUT  # feature-extraction: as embed cuts (256 cut MiniLM's 512 silently)
         encoder = Encoder(tokenizer, args.task, min(cut, limit or cut), labels, pad_id=model_pad, lower=lower)
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
