@@ -195,6 +195,10 @@ def inspect(out, as_json):
     source = (b.get("source") or "a source not recorded") + (f" (revision {b['revision']})" if b.get("revision") else "")
     click.echo(f"base: {b['model_type']} {b['task']} from {source}  {_size(b['bytes'])}  {weights} opset {b['opset']}{merged}")
     click.echo(f"  fingerprint {b['fingerprint'][:16]}")
+    if b["task"] == "seq-cls":  # what classify takes
+        types = b["pair_token_types"]
+        click.echo("  classify: texts" + (" only (an earlier edgepeft's export: export again for text pairs)" if types is
+                   False else f" and text pairs ({'token types' if types else 'the tokenizer pair template'})"))
     if e := info["embedding"]:  # what embed does, as Runtime reads it
         click.echo(f"  embed: pooled by {e['mode']}, texts cut to {e['limit'] or 'no limit'}"
                    + ", lower-cased" * e["lower"] + ", prompts left out of the pooling" * (not e["include_prompt"])
@@ -299,8 +303,10 @@ SAMPLING_ONLY = ("--temperature", "--top-k", "--top-p", "--seed")  # what greedy
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--prompt-name", help="Embeddings: the model's prompt of that name before the text, as encode(prompt_name=).")
 @click.option("--embed-prompt", help="Embeddings: this prompt before the text, as encode(prompt=).")
+@click.option("--text-pair", help="Classifiers: the pair's second text (a cross-encoder's passage, NLI's hypothesis), "
+              "as the pipeline's {'text': PROMPT, 'text_pair': ...}.")
 def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, chat,
-        prompt_name, embed_prompt):
+        prompt_name, embed_prompt, text_pair):
     """Generate (streamed), classify or embed PROMPT with an adapter of OUT (PROMPT '-': read from standard input)."""
     from edgepeft.errors import ConfigError
     from edgepeft.runtimes import Runtime
@@ -312,11 +318,13 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     labels = rt.labels(name)  # an unknown name raises UnknownAdapterError naming the loaded adapters
     ctx = click.get_current_context()
     given = ["--greedy" if p == "do_sample" and ctx.params[p] is False else f"--{p.replace('_', '-')}"  # as typed
-             for p in ctx.params if p not in ("out", "prompt", "adapter", "prompt_name", "embed_prompt")
+             for p in ctx.params if p not in ("out", "prompt", "adapter", "prompt_name", "embed_prompt", "text_pair")
              and ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]  # generation options
     prompts = [f for f, v in (("--prompt-name", prompt_name), ("--embed-prompt", embed_prompt)) if v is not None]
     if prompts and rt.task != "feature-extraction":
         raise ConfigError(f"{out}: a {rt.task} export does not embed; drop {', '.join(prompts)} (embeddings' prompts)")
+    if text_pair is not None and rt.task != "seq-cls":
+        raise ConfigError(f"{out}: a {rt.task} export does not classify; drop --text-pair (a classifier's second text)")
     if given and not rt.cache:
         raise ConfigError(f"{out}: a {rt.task} export classifies or embeds, it does not generate; drop {', '.join(given)}")
     if rt.cache:
@@ -335,7 +343,8 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         click.echo("note: no adapter: the base model's classifier head is untrained (random); pick a classifier with "
                    f"--adapter ({', '.join(rt.adapter_names) or 'none in this export'})", err=True)
     if rt.task == "seq-cls":
-        scores = rt.classify(prompt, adapter=name)["scores"]
+        scores = rt.classify(prompt if text_pair is None else {"text": prompt, "text_pair": text_pair}, adapter=name)
+        scores = scores["scores"]
         for label, p in sorted(scores.items(), key=lambda kv: -kv[1]):
             click.echo(f"{label}\t{p:.4f}")
     else:

@@ -22,11 +22,7 @@ DECODERS = {"llama", "qwen2", "gpt2"}
 SUPPORTED = sorted(ENCODERS | DECODERS)
 
 # edgepeft task -> optimum TasksManager task (which maps it to a transformers auto class).
-OPTIMUM_TASKS = {
-    "causal-lm": "text-generation",
-    "seq-cls": "text-classification",
-    "feature-extraction": "feature-extraction",
-}
+OPTIMUM_TASKS = {"causal-lm": "text-generation", "seq-cls": "text-classification", "feature-extraction": "feature-extraction"}
 
 
 def minilm_path() -> str:
@@ -280,11 +276,14 @@ def call_kwargs(config) -> dict:
     return {"use_cache": False} if config.model_type in DECODERS else {}
 
 
-def cache_layout(config, task: str) -> dict | None:
-    """KV-cache shape of a decoder exported for causal-LM (None: no cache I/O).
+def reads_token_types(config, task: str) -> bool:
+    """Whether the model, for ``task``, takes token types past 0: a seq-cls BERT's (a text pair's second segment)."""
+    return task == "seq-cls" and config.model_type in ENCODERS and (getattr(config, "type_vocab_size", 0) or 0) > 1
 
-    Keys and values are (batch, num_kv_heads, sequence, head_dim) per layer.
-    """
+
+def cache_layout(config, task: str) -> dict | None:
+    """KV-cache shape of a decoder exported for causal-LM (None: no cache I/O): (batch, num_kv_heads, sequence,
+    head_dim) keys and values per layer."""
     if task != "causal-lm" or config.model_type not in DECODERS:
         return None
     return attention_layout(config)

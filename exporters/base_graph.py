@@ -92,6 +92,8 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         # how classify scores the logits, as transformers' pipeline: softmax, sigmoid (multi-label), none (regression)
         "problem_type": getattr(model.config, "problem_type", None) if task == "seq-cls" else None,
         "vocab_size": model.config.vocab_size,
+        # a seq-cls BERT's token types (the graph's token_type_ids input: text pairs), else None
+        "type_vocab_size": model.config.type_vocab_size if graph.types else None,
         "max_positions": max_positions(model.config),
         **generation_fields(model, task),
         "slots": [s.to_json() for s in slots],

@@ -27,9 +27,9 @@ from onnx import numpy_helper
 from edgepeft.exporters.shapes import simplify_shapes
 from edgepeft.exporters.tied import share_tied_tables
 from edgepeft.files import usual_permissions
-from edgepeft.models import DECODERS, ENCODERS, cache_kwargs, call_kwargs, output_cache
+from edgepeft.models import DECODERS, ENCODERS, cache_kwargs, call_kwargs, output_cache, reads_token_types
 from edgepeft.runtimes.manifest import (
-    LOGITS_TO_KEEP, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TASK_OUTPUTS, cache_names,
+    LOGITS_TO_KEEP, TOKEN_TYPES, PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TASK_OUTPUTS, cache_names,
 )
 
 OPSET = 18
@@ -66,6 +66,8 @@ class SlotGraph(torch.nn.Module):
         # then takes the last position): with a prompt slot the graph pools as transformers does from input_ids.
         self.pools_from_ids = self.embedder is not None and task == "seq-cls" and model.config.model_type in DECODERS
         self.encoder = model.config.model_type in ENCODERS
+        # a classifier reading two segments (a cross-encoder's query and passage): BERT's token types as an input
+        self.types = reads_token_types(model.config, task)
         self.task = task
         self.output_axis = output_axis
 
@@ -76,6 +78,8 @@ class SlotGraph(torch.nn.Module):
         # past and/or a prompt's n ones come before the ids' columns
         longer = self.cache is not None or self.embedder is not None
         inputs = {"input_ids": tokens, "attention_mask": {0: "batch", 1: "total_sequence"} if longer else tokens}
+        if self.types:
+            inputs[TOKEN_TYPES] = tokens
         if self.cache:
             # A prompt puts its virtual tokens before input_ids: positions may be longer than the ids.
             # Otherwise they are as long, and one name lets the shape pass prove the rotary products' dims.
@@ -105,6 +109,7 @@ class SlotGraph(torch.nn.Module):
     def forward(self, input_ids, attention_mask, *rest):
         n_past = 2 * self.cache["num_layers"] if self.cache else 0
         extra = {}
+        types, rest = (rest[0], rest[1:]) if self.types else (None, rest)
         if self.cache:
             from transformers import DynamicCache
 
@@ -130,7 +135,7 @@ class SlotGraph(torch.nn.Module):
         if self.encoder:
             # the shifting slot's length along its axis (0 for the neutral value), traced from the input's shape
             offset = rest[self.shift[0]].shape[self.shift[1]] if self.shift else None
-            extra.update(encoder_positions(first, offset))
+            extra.update(encoder_positions(first, offset, types))
             attention_mask = padding_mask(attention_mask, first)
         else:  # every layer full attention: check_exportable
             if not self.cache:
@@ -171,7 +176,8 @@ class SlotGraph(torch.nn.Module):
         slots = [slot_samples[n] for n in self.slot_names]
         if not self.cache:
             ids, mask = sample_inputs(config)
-            return (ids, self._with_virtual(ids, mask, slots), *slots)
+            types = (sample_token_types(mask),) if self.types else ()
+            return (ids, self._with_virtual(ids, mask, slots), *types, *slots)
         batch, past, new = 2, 4, 3
         ids, mask = sample_inputs(config, batch=batch, seq=past + new)
         mask = self._with_virtual(ids[:, past:], mask, slots)  # (B, past + virtual + T)
@@ -224,17 +230,27 @@ def counted_positions(tokens: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(_rows(tokens), dtype=torch.long).cumsum(-1) - 1
 
 
-def encoder_positions(tokens: torch.Tensor, offset=None) -> dict:
-    """BERT's default position ids (0 .. T-1, shifted by ``offset``) and token types (0), counted along the inputs.
+def encoder_positions(tokens: torch.Tensor, offset=None, types=None) -> dict:
+    """BERT's default position ids (0 .. T-1, shifted by ``offset``) and token types (``types``, else 0), counted
+    along the inputs.
 
     ``offset``: the prefix tokens before the input's keys (an encoder prefix: n .. n+T-1, as HF PEFT).
+    ``types``: (B, T) for the input's tokens; a prompt's virtual tokens before them are of type 0, as HF PEFT's.
     BertEmbeddings slices them from buffers otherwise, which shape inference cannot relate to
     the inputs: the embeddings' sum, and every dim after it, lost the batch and length names.
     """
     positions = counted_positions(tokens)  # (B, T)
     if offset is not None:
         positions = positions + offset
-    return {"position_ids": positions, "token_type_ids": torch.zeros_like(positions)}
+    zeros = torch.zeros_like(positions)
+    if types is not None:  # (B, n) zeros for the n tokens a prompt puts first, then the input's own
+        types = torch.cat([zeros[:, : zeros.shape[1] - types.shape[1]], types], dim=1)
+    return {"position_ids": positions, "token_type_ids": zeros if types is None else types}
+
+
+def sample_token_types(mask: torch.Tensor) -> torch.Tensor:
+    """A sample batch's token types, as a text pair's: each row's first half of real tokens 0, the rest 1."""
+    return (mask.cumsum(-1) > mask.sum(-1, keepdim=True) // 2).long() * mask
 
 
 def kept_positions(keep: torch.Tensor, length) -> torch.Tensor:
@@ -268,7 +284,8 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
     used = _finish(path, defaults)
 
     def table(axes_by_name):
-        return {n: {"dtype": "int64" if n in ("input_ids", "attention_mask", "position_ids", LOGITS_TO_KEEP) else "float32",
+        return {n: {"dtype": "int64" if n in ("input_ids", "attention_mask", "position_ids", TOKEN_TYPES, LOGITS_TO_KEEP)
+                    else "float32",
                     "axes": a} for n, a in axes_by_name.items()}
 
     return {

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from edgepeft.errors import ConfigError, ExportValidationError
+from edgepeft.exporters.graph import sample_token_types
 from edgepeft.exporters.quantize import relative_error
 from edgepeft.models import SAMPLE_TOKENS, call_kwargs, sample_inputs
 from edgepeft.runtimes.manifest import TASK_OUTPUTS
@@ -28,9 +29,10 @@ DECODE_STEPS = 3  # cached decode steps checked after the prefill
 EFFECT_NOISE, EFFECT_TOL = 4.0, 0.5
 
 
-def reference_output(model, ids, mask, task) -> np.ndarray:
+def reference_output(model, ids, mask, task, types=None) -> np.ndarray:
+    kwargs = {} if types is None else {"token_type_ids": types}
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, return_dict=True, **call_kwargs(model.config))
+        out = model(input_ids=ids, attention_mask=mask, return_dict=True, **call_kwargs(model.config), **kwargs)
     return getattr(out, TASK_OUTPUTS[task]).float().numpy()
 
 
@@ -137,8 +139,9 @@ class BaseOutputs:
 
     def outputs(self, seed: int, ids, mask) -> tuple:
         if (seed, tuple(ids.shape)) not in self.kept:
-            self.keep(seed, ids, self.rt.forward(ids.numpy(), mask.numpy())[TASK_OUTPUTS[self.task]],
-                      reference_output(self.model, ids, mask, self.task))
+            types = sample_types(self.rt, mask)
+            self.keep(seed, ids, self.rt.forward(ids.numpy(), mask.numpy(), token_type_ids=types)[TASK_OUTPUTS[self.task]],
+                      reference_output(self.model, ids, mask, self.task, types))
         return self.kept[seed, tuple(ids.shape)]
 
 
@@ -155,8 +158,9 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
     batch, length = QUANTIZED_SAMPLE if qtol is not None else (2, 6)  # not the trace's length (8; 4 + 3 cached)
     length, steps = sample_shape(rt, adapter, batch, length, where)
     ids, mask = sample_inputs(model.config, batch=batch, seq=length, seed=seed)
-    ours = rt.forward(ids.numpy(), mask.numpy(), adapter=adapter)[TASK_OUTPUTS[task]]
-    ref = reference_output(model, ids, mask, task)
+    types = sample_types(rt, mask)  # a text pair's, where the graph takes token types
+    ours = rt.forward(ids.numpy(), mask.numpy(), adapter=adapter, token_type_ids=types)[TASK_OUTPUTS[task]]
+    ref = reference_output(model, ids, mask, task, types)
     check = compare_outputs(label, ours, ref, mask.numpy(), task, atol, where, qtol)
     check["output_width"] = int(ours.shape[-1])
     if qtol is not None and base is not None:
@@ -173,6 +177,11 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
         if qtol is not None:
             check["relative_error"] = max(check["relative_error"], step["relative_error"])
     return check
+
+
+def sample_types(rt, mask):
+    """A sample batch's token types, a pair's (``graph.sample_token_types``), where the graph takes them; else None."""
+    return None if rt.token_types is None else sample_token_types(mask)
 
 
 def check_room(positions: int | None, virtual: int, where: str) -> int | None:

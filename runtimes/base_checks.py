@@ -12,6 +12,7 @@ from .generation import GenerationConfig
 from .values import is_kind
 
 OPS = ("contrib", "standard")  # exporters' --ops
+TOKEN_TYPES = "token_type_ids"  # a seq-cls BERT's input: its second segment (text pairs); manifest.py names it
 
 
 def base_value_errors(data: dict) -> list[str]:
@@ -23,6 +24,8 @@ def base_value_errors(data: dict) -> list[str]:
         errors.append(f"field 'vocab_size' must be at least 1, got {vocab}")
     if (most := data.get("max_positions")) is not None and most < 1:
         errors.append(f"field 'max_positions' must be at least 1 (or null), got {most}")
+    if (types := data.get("type_vocab_size")) is not None and types < 1:
+        errors.append(f"field 'type_vocab_size' must be at least 1 (or null), got {types}")
     if most is None and data.get("ops") == "contrib" and data.get("cache") is not None:  # RotaryEmbedding's error
         errors.append("field 'max_positions' must be the length of a contrib decoder's position tables, got null")
     eos = data.get("eos_token_id") or []
@@ -74,6 +77,8 @@ def graph_declaration_errors(session, manifest: dict) -> list[str]:
         absent = sorted(set(declared) - set(has))
         if absent:
             return [f"field {side!r} lists {absent[0]!r}, which the graph lacks"]
+    if TOKEN_TYPES in manifest["inputs"] and manifest.get("type_vocab_size") is None:  # a call's types are checked by it
+        return [f"field 'inputs' lists {TOKEN_TYPES!r}; field 'type_vocab_size' must give its token types"]
     cache = manifest.get("cache")
     if cache:
         shape = inputs.get(cache["past_key"] % 0) or []  # (batch, kv heads, positions, head width)

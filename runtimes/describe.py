@@ -106,6 +106,9 @@ def describe_export(out_dir: str) -> dict:
             "quantization": base.get("quantization"),
             "opset": base.get("opset"),
             "merged_adapter": base.get("merged_adapter"),
+            # a classifier's text pairs: BERT's token types (a number), the pair template alone (None), or none served
+            # (an earlier edgepeft's export: False)
+            "pair_token_types": base.get("type_vocab_size", False) if base["task"] == "seq-cls" else None,
             "bytes": folder_bytes(base_dir),
         },
         "slots": base["slots"],

@@ -50,6 +50,33 @@ def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions
     return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
 
 
+def check_token_types(token_type_ids, ids: np.ndarray, types: int | None, base_dir: str) -> np.ndarray | None:
+    """``token_type_ids`` as a contiguous int64 array of ``ids``' shape, or None (none given, or all 0 where the graph
+    takes none: every token is of type 0 there). ``types``: the graph's token types, None where it takes none."""
+    if token_type_ids is None:
+        return None
+    try:
+        given = np.asarray(token_type_ids)
+    except Exception:
+        raise InvalidInputError("token_type_ids must be an array of token types (batch, sequence)") from None
+    given = given[None, :] if given.ndim == 1 else given
+    if given.shape != ids.shape:
+        raise InvalidInputError(f"token_type_ids has shape {list(given.shape)} but input_ids has {list(ids.shape)}; "
+                                "they must match")
+    if given.size and not np.issubdtype(given.dtype, np.integer):
+        raise InvalidInputError(f"token_type_ids must be integers; got dtype {given.dtype}")
+    lo, hi = (int(given.min()), int(given.max())) if given.size else (0, 0)
+    if types is None and (lo or hi):
+        raise InvalidInputError(
+            f"{base_dir}: this export takes no token_type_ids (only a seq-cls export of a model with token types, "
+            "BERT's, does; one exported before edgepeft served text pairs does not: export it again into a fresh "
+            "--out folder); pass none")
+    if types is not None and (lo < 0 or hi >= types):
+        raise InvalidInputError(f"token type {hi if hi >= types else lo} is outside the model's [0, {types}); give 0 for "
+                                "a text's (or a pair's first) tokens, 1 for a pair's second")
+    return None if types is None else np.ascontiguousarray(given.astype(np.int64, copy=False))
+
+
 def generation_mask(ids: np.ndarray, mask: np.ndarray | None, pad: int | None, eos) -> np.ndarray:
     """The mask a decoder call generates with, left-padded rows with tokens only. ``mask`` None (none given): as
     transformers' generate infers it, the padding id's positions where the batch holds the padding id and that id

@@ -54,7 +54,7 @@ import os
 from dataclasses import dataclass
 
 from .access import ADAPTER_MANIFEST, STOPPED, check_readable, moved_aside, read_json, sha256_bytes
-from .base_checks import base_value_errors
+from .base_checks import TOKEN_TYPES, base_value_errors
 from .values import is_kind
 from .commands import ADAPTERS_DIR, adapter_export_command, export_command, fresh_out
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
@@ -223,7 +223,8 @@ def _check_format(data: dict, path: str, form: str, required: tuple, fix: str) -
 # Manifest fields that must have these types where present (required ones are checked present first).
 _FIELD_TYPES = {
     "model_type": (str, "a string"), "task": (str, "a string"), "inputs": (dict, "an object"),
-    "outputs": (dict, "an object"), "vocab_size": (int, "a whole number"), "max_positions": ((int, type(None)), "a whole number"),
+    "outputs": (dict, "an object"), "vocab_size": (int, "a whole number"),
+    "type_vocab_size": ((int, type(None)), "a whole number"), "max_positions": ((int, type(None)), "a whole number"),
     "cache": ((dict, type(None)), "an object"), "generation": (dict, "an object"), "merged_adapter": ((str, type(None)), "a name"),
     "revision": ((str, type(None)), "a hub revision"), "file_bytes": (dict, "an object of file sizes"),
     "methods": (list, "a list of method names"), "labels": ((list, type(None)), "a list of names"),

@@ -269,3 +269,24 @@ class Mixer:
         with self._lock:  # it may run inside this lock, in the same thread (above): the keys are copied first
             for key in [k for k in list(self._stacks) if name in k]:
                 self._stacks.pop(key, None)
+
+
+def assemble(parts: list, batch: int) -> np.ndarray:
+    """One output array from each lane's (rows, output): rows in batch order. Rows whose outputs are shorter
+    (fewer prompt positions, fewer labels) are padded with NaN in front (positions) or behind (labels)."""
+    if len(parts) == 1 and not isinstance(parts[0][1], list):
+        return parts[0][1]
+    rows_out = {}
+    for rows, out in parts:
+        for i, row in enumerate(rows):
+            rows_out[int(row)] = out[i]
+    shapes = {r.shape for r in rows_out.values()}
+    if len(shapes) == 1:
+        return np.stack([rows_out[r] for r in range(batch)])
+    if rows_out[0].ndim == 1:  # labels: pad behind
+        width = max(r.shape[0] for r in rows_out.values())
+        return np.stack([np.pad(rows_out[r], (0, width - rows_out[r].shape[0]), constant_values=np.nan)
+                         for r in range(batch)])
+    length = max(r.shape[0] for r in rows_out.values())  # positions: a prompt's virtual ones come first
+    return np.stack([np.pad(rows_out[r], [(length - rows_out[r].shape[0], 0)] + [(0, 0)] * (rows_out[r].ndim - 1),
+                            constant_values=np.nan) for r in range(batch)])

@@ -25,15 +25,15 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import decoded, text
+from . import classify, decoded, text
 from .access import check_readable, located
 from .adapters import AdapterStore, Plan
-from .mixing import Lane, Mixer, row_specs, run_rows_apart
+from .mixing import Lane, Mixer, assemble, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
 from .generation import TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
-from .inputs import check_token_inputs, generation_mask, step_tokens
+from .inputs import check_token_inputs, check_token_types, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
-from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, adapter_dirs, base_file_errors, cache_names,
+from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, TOKEN_TYPES, adapter_dirs, base_file_errors, cache_names,
                        not_an_export, read_base_manifest)
 from .sessions import check_providers, device_of, open_base_session, ort, run_bound
 from .slot_checks import check_graph_inputs
@@ -102,6 +102,8 @@ class Runtime:
                           if LOGITS_TO_KEEP in self.manifest["inputs"] else None)
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_positions = self.manifest.get("max_positions")
+        # a seq-cls BERT's token types (base_checks: given where the graph takes them), else None: it takes none
+        self.token_types = self.manifest["type_vocab_size"] if TOKEN_TYPES in self.manifest["inputs"] else None
         self.store = AdapterStore(self.manifest, base_dir, self.path, self.cache_inputs, self.device, budget)
         self.mixer = Mixer(self.store, self.device)
         self._tokenizer = None
@@ -170,7 +172,7 @@ class Runtime:
             yield lanes
 
     def run(self, plan: Plan, ids, mask, position_ids=None, past=None, presents: bool = False, binding=None,
-            keep_last: bool = False) -> list:
+            keep_last: bool = False, types=None) -> list:
         """One session run; adapter slots and the KV cache stay OrtValues (IOBinding).
 
         ``past``: see ``kv_cache.bind_past``. ``mask``/``position_ids`` count the virtual tokens (``virtual_inputs``).
@@ -186,6 +188,8 @@ class Runtime:
             binding.bind_ortvalue_input(self.keep_last_name, self.keep_last)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
+        if self.token_types is not None:  # a seq-cls BERT's: zeros where the call gives none
+            binding.bind_cpu_input(TOKEN_TYPES, np.zeros_like(ids) if types is None else types)
         fixed = isinstance(past, FixedCache)  # it binds the logits too, once
         if not fixed:
             binding.bind_output(self.output_name, *self.device)  # first: outputs[0] whatever else is bound
@@ -244,21 +248,24 @@ class Runtime:
         return check_token_inputs(input_ids, attention_mask, self.vocab_size, self.max_positions, self.base_dir)
 
     # ---------------------------------------------------------------- calls
-    def forward(self, input_ids, attention_mask=None, adapter=None) -> dict:
+    def forward(self, input_ids, attention_mask=None, adapter=None, token_type_ids=None) -> dict:
         """Run the base with ``adapter`` bound (None: the base model), no KV cache.
 
         Returns transformers-named numpy outputs: ``{'logits': ...}`` or
         ``{'last_hidden_state': ...}``. Positions are 0..T-1 as in a transformers
         forward call. An adapter with virtual tokens follows HF PEFT: a prompt's tokens
-        come first in the output (B, n + T, ...); a prefix's keys/values shift positions by n.
+        come first in the output (B, n + T, ...); a prefix's keys/values shift positions by n. ``token_type_ids``:
+        BERT's segments (a text pair's second is 1) where the export takes them (``token_types``), else 0.
         """
         ids, mask = self._inputs(input_ids, attention_mask)
+        types = check_token_types(token_type_ids, ids, self.token_types, self.base_dir)
         parts = []
         with self.lanes(adapter, *ids.shape) as lanes:
             for lane in lanes:
-                rows_ids, rows_mask = (ids, mask) if len(lanes) == 1 else (ids[lane.rows], mask[lane.rows])
+                rows_ids, rows_mask, rows_types = (ids, mask, types) if len(lanes) == 1 else (
+                    ids[lane.rows], mask[lane.rows], None if types is None else types[lane.rows])
                 full, positions = self.virtual_inputs(lane.plan, rows_mask, generate=False)
-                out = self.run(lane.plan, rows_ids, full, positions)[0].numpy()
+                out = self.run(lane.plan, rows_ids, full, positions, types=rows_types)[0].numpy()
                 if lane.plan.columns is not None:  # a head per row: each row's own output columns
                     out = [out[i, start:start + width] for i, (start, width) in enumerate(lane.plan.columns)]
                 parts.append((lane.rows, out))
@@ -370,31 +377,12 @@ class Runtime:
         return text.stream_text(self, prompt, adapter, chat, **generation)
 
     def classify(self, texts, adapter=None):
-        """``{"label", "score", "scores"}`` for a text (a list of them for a list of texts); seq-cls exports."""
-        return text.classify(self, texts, adapter)
+        """``{"label", "score", "scores"}`` for a text or a text pair (a list of them for a list); seq-cls exports.
+        A pair: ``{"text": ..., "text_pair": ...}``, or ``(text, text_pair)`` in a list (classify.py)."""
+        return classify.classify(self, texts, adapter)
 
     def embed(self, texts, adapter=None, normalize: bool = True, prompt_name=None, prompt=None) -> np.ndarray:
         """Embeddings as sentence-transformers' ``encode`` gives them (its config's pooling, prompts, truncate_dim),
         L2-normalized unless ``normalize=False``: (hidden,) for a text or (B, hidden); feature-extraction exports."""
         return text.embed(self, texts, adapter, normalize, prompt_name, prompt)
 
-
-def assemble(parts: list, batch: int) -> np.ndarray:
-    """One output array from each lane's (rows, output): rows in batch order. Rows whose outputs are shorter
-    (fewer prompt positions, fewer labels) are padded with NaN in front (positions) or behind (labels)."""
-    if len(parts) == 1 and not isinstance(parts[0][1], list):
-        return parts[0][1]
-    rows_out = {}
-    for rows, out in parts:
-        for i, row in enumerate(rows):
-            rows_out[int(row)] = out[i]
-    shapes = {r.shape for r in rows_out.values()}
-    if len(shapes) == 1:
-        return np.stack([rows_out[r] for r in range(batch)])
-    if rows_out[0].ndim == 1:  # labels: pad behind
-        width = max(r.shape[0] for r in rows_out.values())
-        return np.stack([np.pad(rows_out[r], (0, width - rows_out[r].shape[0]), constant_values=np.nan)
-                         for r in range(batch)])
-    length = max(r.shape[0] for r in rows_out.values())  # positions: a prompt's virtual ones come first
-    return np.stack([np.pad(rows_out[r], [(length - rows_out[r].shape[0], 0)] + [(0, 0)] * (rows_out[r].ndim - 1),
-                            constant_values=np.nan) for r in range(batch)])

@@ -1,7 +1,7 @@
 """Text in and out: the tokenizer exported with the base, and the Runtime's text calls built on it.
 
     generate_text / stream_text   prompt(s) or chat messages -> new text (stop strings end rows)
-    classify                      text(s) -> label and probabilities (seq-cls exports)
+    classify (classify.py)        text(s) or text pairs -> label and probabilities (seq-cls exports)
     embed                         text(s) -> mean-pooled, normalized embeddings (feature-extraction exports)
 
 Optional: ``tokenizers`` (and ``jinja2`` for chat templates) are imported only when
@@ -20,7 +20,6 @@ from . import chat_template
 from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
 from .decoded import GrowingText, OpenBytes
-from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .values import HALF_CHARACTER, half_character, is_whole
 from .mixing import row_adapters
 from .sentence import (TOKENIZER_FIX as _FIX, chosen_prompt, cut_length, lowercase_first, pool,
@@ -142,34 +141,43 @@ class TextTokenizer:
         special tokens kept, at the tokenizer config's ``truncation_side`` (transformers' ``truncation=True``);
         None: no text is cut.
         """
-        pad_id = self.pad_id if pad_id is None else pad_id
-        if not isinstance(add_special_tokens, bool):  # encode(text, pair): no text pairs
-            raise ConfigError(f"add_special_tokens must be True or False, got {add_special_tokens!r} (encode takes no "
-                              "text pairs)")
+        if not isinstance(add_special_tokens, bool):  # encode(text, pair): encode_pairs takes pairs
+            raise ConfigError(f"add_special_tokens must be True or False, got {add_special_tokens!r} (text pairs: "
+                              "encode_pairs)")
         if max_length is not None and not is_whole(max_length):  # a TypeError from the tokenizers package
             raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
+        pad_id, side = self._padding(pad_id, padding_side)
+        rows = [self._cut(t, add_special_tokens, max_length) if max_length is not None else
+                self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in _text_list(texts, "encode")]
+        return _padded(rows, [], pad_id, side)[:2]
+
+    def encode_pairs(self, texts, text_pairs, pad_id: int | None = None,
+                     padding_side: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(input_ids, attention_mask, token_type_ids)`` for texts and their pairs (a pair None: the text alone),
+        joined by the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT) as transformers'
+        ``tokenizer(texts, text_pair=text_pairs)``: the types the template gives (a BERT pair's second text 1),
+        padded with 0. Padded as ``encode``; nothing is cut."""
+        pad_id, side = self._padding(pad_id, padding_side)
+        texts = _text_list(texts, "encode_pairs")
+        pairs = [text_pairs] if isinstance(text_pairs, str) or text_pairs is None else text_pairs
+        if not isinstance(pairs, (list, tuple)) or len(pairs) != len(texts):
+            raise InvalidInputError(f"encode_pairs takes one pair (a text, or None) per text: {len(texts)} text(s), "
+                                    f"got {type(text_pairs).__name__} {text_pairs!r:.60}")
+        for p in pairs:
+            if p is not None and not isinstance(p, str):
+                raise InvalidInputError(f"encode_pairs takes a text (a string) or None per pair, got {type(p).__name__}")
+            _text_list(p or "", "encode_pairs")  # half characters
+        encoded = [self._tok.encode(t, p) if p is not None else self._tok.encode(t) for t, p in zip(texts, pairs)]
+        return _padded([e.ids for e in encoded], [e.type_ids for e in encoded], pad_id, side)
+
+    def _padding(self, pad_id, padding_side) -> tuple[int, str]:
+        pad_id = self.pad_id if pad_id is None else pad_id
         if not (is_whole(pad_id) and 0 <= pad_id < 2**63):  # numpy's ValueError; NaN became -2**63
             raise ConfigError(f"pad_id must be a token id (a whole number >= 0), got {pad_id!r}")
         side = self.padding_side if padding_side is None else padding_side
         if side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}")
-        if not isinstance(texts, (str, list, tuple)):  # bytes read as ints, a set in hash order, a dict by its keys
-            raise InvalidInputError(f"encode takes a text or a list of texts (strings), got {type(texts).__name__}")
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        for text in texts:  # the tokenizers package's TypeError said "TextInputSequence must be str"
-            if not isinstance(text, str):
-                raise InvalidInputError(f"encode takes a text or a list of texts (strings), got {type(text).__name__}")
-            if half_character(text):
-                raise InvalidInputError(f"text {text[:40]!r} {HALF_CHARACTER}")
-        rows = [self._cut(t, add_special_tokens, max_length) if max_length is not None else
-                self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in texts]
-        width = max(len(r) for r in rows) if rows else 0
-        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):  # a row of no tokens stays padding
-            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-            ids[i, cols], mask[i, cols] = r, 1
-        return ids, mask
+        return pad_id, side
 
     def _cut(self, text: str, add_special_tokens: bool, max_length: int) -> list:
         encoding = self._tok.encode(text, add_special_tokens=False)
@@ -218,6 +226,32 @@ class TextTokenizer:
 
 
 # ---------------------------------------------------------------------- the Runtime's text calls
+def _text_list(texts, call: str) -> list:
+    """A text or a list of texts as a list of whole-character strings, or InvalidInputError."""
+    if not isinstance(texts, (str, list, tuple)):  # bytes read as ints, a set in hash order, a dict by its keys
+        raise InvalidInputError(f"{call} takes a text or a list of texts (strings), got {type(texts).__name__}")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for text in texts:  # the tokenizers package's TypeError said "TextInputSequence must be str"
+        if not isinstance(text, str):
+            raise InvalidInputError(f"{call} takes a text or a list of texts (strings), got {type(text).__name__}")
+        if half_character(text):
+            raise InvalidInputError(f"text {text[:40]!r} {HALF_CHARACTER}")
+    return texts
+
+
+def _padded(rows: list, types: list, pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, token types) (B, T) int64 from each row's ids (and types: none given, 0), padded on ``side``."""
+    width = max(map(len, rows)) if rows else 0
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask, kinds = np.zeros((len(rows), width), dtype=np.int64), np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):  # a row of no tokens stays padding
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols], mask[i, cols] = r, 1
+        if types:
+            kinds[i, cols] = types[i]
+    return ids, mask, kinds
+
+
 def prompt_ids(rt, prompt, chat: bool):
     """(ids, mask, single): the prompt(s) tokenized, left-padded; ``single``: one prompt, not a list of them."""
     # chat messages as a list or a tuple (transformers' apply_chat_template takes both), or a list of those
@@ -291,7 +325,7 @@ def _texts(texts) -> tuple[list, bool]:
         pairs = isinstance(texts, dict) or isinstance(texts, (list, tuple)) and any(isinstance(t, (list, tuple, dict))
                                                                                     for t in texts)
         raise InvalidInputError(f"give a text or a non-empty list of texts; got {type(texts).__name__}" + (
-            "; text pairs (a cross-encoder's query and passage: BERT's second segment) are not served" * pairs))
+            "; text pairs are classify's (a cross-encoder's: a seq-cls export), not embed's" * pairs))
     return ([texts] if single else list(texts)), single
 
 
@@ -303,62 +337,6 @@ def _token_counts(rows: list, mask: np.ndarray) -> list:
         raise InvalidInputError(f"text {rows[lengths.index(0)]!r:.60} has no tokens (this model's tokenizer adds none "
                                 "of its own); give text the vocabulary holds")
     return lengths
-
-
-def classify(rt, texts, adapter=None):
-    """{"label", "score", "scores": {label: score}} per text (one dict for one text). Scores as transformers'
-    text-classification pipeline gives them, by the base config's ``problem_type``: probabilities (softmax), a
-    sigmoid per label for multi-label heads and heads of one output, the logits themselves for regression."""
-    if rt.task != "seq-cls":
-        raise ConfigError(f"{rt.base_dir}: a {rt.task} export does not classify; export a seq-cls adapter")
-    rows, single = _texts(texts)
-    ids, mask = rt.tokenizer.encode(rows)
-    per_row = row_adapters(adapter, len(rows))
-    lengths = _token_counts(rows, mask)
-    if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
-        # at a time does (transformers' pipeline): the head would read a shorter row at a pad
-        return _in_groups(lengths, rows, per_row, lambda part, specs: classify(rt, part, specs))
-    with rt.lanes(adapter, len(rows)):  # held until the names are read: a name reloaded between renames the scores
-        logits = rt.forward(ids, mask, adapter=adapter)["logits"].astype(np.float64)  # NaN past a row's own labels
-        labels = [_labels_of(rt, spec) for spec in per_row]
-    out = []
-    for row, (named, where) in zip(logits, labels):
-        p = label_scores(row[~np.isnan(row)], rt.manifest.get("problem_type"))
-        names = named or [str(i) for i in range(len(p))]
-        if len(names) != len(p):  # a hand-edited manifest (its checksum covers the graph only)
-            raise CorruptArtifactError(f"{where}: gives {len(names)} label name(s), the head has {len(p)} outputs; "
-                                       "re-export with --overwrite")
-        out.append({"label": names[int(p.argmax())], "score": float(p.max()), "scores": dict(zip(names, map(float, p)))})
-    return out[0] if single else out
-
-
-def _reads_last_position(rt, per_row: list) -> bool:
-    """Whether a decoder classifier's graph would read each row's last position, padding or not: where the model's
-    padding id is no token (none, -1, or past the vocabulary: rows are padded with eos) or a row's adapter adds virtual tokens
-    (a prompt passes embeddings, in which transformers cannot see padding). The manifest does not say whether the
-    head is a decoder's, so an encoder's (which reads [CLS] either way) is split alike: the same scores, more runs."""
-    return rt.model_pad_id is None or any(rt.virtual_positions(spec, 1) for spec in per_row)
-
-
-def label_scores(logits: np.ndarray, problem_type: str | None) -> np.ndarray:
-    """A row of classifier logits as transformers' text-classification pipeline scores them."""
-    if problem_type == "regression":
-        return logits
-    if problem_type == "multi_label_classification" or len(logits) == 1:
-        return 1 / (1 + np.exp(-logits))
-    p = np.exp(logits - logits.max())
-    return p / p.sum()
-
-
-def _labels_of(rt, spec) -> tuple:
-    """(label names, the manifest that gives them) of a row's adapter (a weighted row: the one adapter of it that
-    has a head, else the base; None: the base, a merged classifier's)."""
-    if isinstance(spec, dict):  # the one whose head runs, whatever the order; none (or a merged one): the base's
-        spec = next((n for n in spec if not rt.store.serves_base(n) and rt.store.get(n).has_head), None)
-    if rt.store.serves_base(spec):
-        return rt.labels(None), os.path.join(rt.base_dir, BASE_MANIFEST)
-    folder = rt.adapter_dir(spec)
-    return rt.labels(spec), os.path.join(folder, ADAPTER_MANIFEST) if folder else f"adapter {spec!r} (from bytes): adapter.json"
 
 
 def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, prompt=None) -> np.ndarray:

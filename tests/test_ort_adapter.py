@@ -14,6 +14,8 @@ from edgepeft.runtimes import Runtime
 def _feeds(rt, ids, mask):
     """The base graph's inputs for one plain forward call (no adapter slots: the run options bind them)."""
     feeds = {"input_ids": ids, "attention_mask": mask}
+    if rt.token_types:  # a seq-cls BERT's segments: one text's, all 0
+        feeds["token_type_ids"] = np.zeros_like(ids)
     if rt.cache:
         feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
         empty = np.zeros((ids.shape[0], rt.cache["num_kv_heads"], 0, rt.cache["head_dim"]), np.float32)

@@ -358,10 +358,12 @@ def test_a_quantized_adapters_effect_is_measured_against_the_base_on_its_own_sam
     from edgepeft.exporters import validate
 
     class Rt:
-        def forward(self, ids, mask):
+        token_types = None  # a graph without BERT's segments
+
+        def forward(self, ids, mask, token_type_ids=None):
             return {"logits": ids[..., None].astype(np.float32)}
 
-    monkeypatch.setattr(validate, "reference_output", lambda model, ids, mask, task: ids[..., None].float().numpy())
+    monkeypatch.setattr(validate, "reference_output", lambda model, ids, mask, task, types: ids[..., None].float().numpy())
     base = validate.BaseOutputs(Rt(), None, "causal-lm")
     for length in (7, 4, 7):
         ids = torch.randint(0, 99, (16, length), generator=torch.Generator().manual_seed(length))

@@ -363,17 +363,18 @@ def test_encode_takes_what_transformers_takes_and_refuses_the_rest_in_one_line(t
 def test_text_pairs_are_refused_where_they_were_dropped_or_misread(text_rt, tmp_path):
     """Found by a hunt: a training row's "text_pair" was dropped (a cross-encoder trained on its queries alone, rc 0),
     fields no task reads passed without a word, a list of pairs was "got list", and encode(text, pair) a TypeError
-    from the tokenizers package. edgepeft serves one text per row (no BERT second segment): each is now said."""
+    from the tokenizers package. Pairs are classify's and seq-cls training's now (test_text_pairs.py); elsewhere
+    each is said."""
     from edgepeft.errors import DataError
     from edgepeft.runtimes import ConfigError, InvalidInputError
     from edgepeft.runtimes.text import _texts
     from edgepeft.training.data import ignored_fields, read_jsonl
 
     data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"text": "how tall", "text_pair": "8,849 m", "label": 1}) + "\n")
-    with pytest.raises(DataError, match=r'pairs.jsonl:1: "text_pair": edgepeft trains and serves one text per row, '
-                                        r"not text pairs"):
-        read_jsonl(str(data), "seq-cls")
+    data.write_text(json.dumps({"text": "how tall", "text_pair": "8,849 m", "positive": "b"}) + "\n")
+    with pytest.raises(DataError, match=r'pairs.jsonl:1: "text_pair": text pairs train a classifier \(a cross-encoder: '
+                                        r'--task seq-cls with "text", "text_pair" and "label"\), not feature-extraction'):
+        read_jsonl(str(data), "feature-extraction")
     data.write_text(json.dumps({"text": "a", "label": 1, "id": 7, "source": "web"}) + "\n")
     assert ignored_fields(read_jsonl(str(data), "seq-cls"), "d", "seq-cls") == \
         'd: rows carry "id", "source", which no task trains on (ignored)'
@@ -381,8 +382,8 @@ def test_text_pairs_are_refused_where_they_were_dropped_or_misread(text_rt, tmp_
     assert ignored_fields(read_jsonl(str(data), "seq-cls"), "d", "seq-cls") == ('d: rows carry "negative", which '
         "seq-cls training ignores; for a model that uses it, train with --task feature-extraction")
     for pairs in ([("how tall", "8,849 m")], [["a", "b"]], {"text": "a", "text_pair": "b"}):
-        with pytest.raises(InvalidInputError, match=r"text pairs \(a cross-encoder's query and passage: BERT's second "
-                                                    r"segment\) are not served$"):
-            _texts(pairs)  # classify's and embed's reading of their texts
-    with pytest.raises(ConfigError, match=r"^add_special_tokens must be True or False, got 'b' \(encode takes no text pairs\)$"):
+        with pytest.raises(InvalidInputError, match=r"text pairs are classify's \(a cross-encoder's: a seq-cls export\), "
+                                                    r"not embed's$"):
+            _texts(pairs)  # embed's reading of its texts
+    with pytest.raises(ConfigError, match=r"^add_special_tokens must be True or False, got 'b' \(text pairs: encode_pairs\)$"):
         text_rt.tokenizer.encode("a", "b")

@@ -92,9 +92,10 @@ def test_onnx_runtimes_own_lora_adapter_api_gives_the_runtimes_logits(expected):
     so.log_severity_level = 3  # the slots' default initializers are graph inputs too: ONNX Runtime warns at load
     session = ort.InferenceSession(os.path.join(MINILM, "base", "model.onnx"), so, providers=["CPUExecutionProvider"])
     ids, mask = np.array(want["ids"]), np.array(want["mask"])
-    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask}, options)[0]
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}  # BERT's: one text's, 0
+    logits = session.run(["logits"], feeds, options)[0]
     assert np.abs(logits - np.array(want["forward"]["topic"])).max() <= ATOL
-    plain = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]  # no adapter: the base model
+    plain = session.run(["logits"], feeds)[0]  # no adapter: the base model
     assert np.abs(plain - np.array(want["forward"]["None"])).max() <= ATOL
 
 

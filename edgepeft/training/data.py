@@ -1,6 +1,7 @@
 """Training data: JSONL rows checked line by line, tokenized and batched per task.
 
-    seq-cls             {"text": ..., "label": "positive" | 3}
+    seq-cls             {"text": ..., "label": "positive" | 3}, and "text_pair" for a pair (a cross-encoder's query
+                        and passage: joined by the tokenizer's pair template, BERT's second segment)
     causal-lm           {"prompt": ..., "completion": ...}  (loss on the completion only)  or  {"text": ...}
     feature-extraction  {"text": ..., "positive": ...}  (pairs; in-batch negatives), and hard negatives in
                         "negative" or "negative_1", "negative_2", ... (the same fields in every row)
@@ -23,6 +24,7 @@ from edgepeft.runtimes.access import check_readable
 from edgepeft.runtimes.sentence import lowercase_first
 
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
+PAIR = "text_pair"  # a seq-cls row's second text (transformers' tokenizer argument)
 FIELDS = {
     "seq-cls": [("text", "label")],
     "causal-lm": [("prompt", "completion"), ("text",)],  # a row with both: the completion trains, as in TRL
@@ -95,18 +97,18 @@ def read_jsonl(path: str, task: str) -> Rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object like {want}, got {type(row).__name__}")
         ignored |= others.keys() & row.keys()
-        if "text_pair" in row:  # read as the text alone, its pair dropped: a cross-encoder trained on queries
-            raise DataError(f"{path}:{n}: \"text_pair\": edgepeft trains and serves one text per row, not text pairs "
-                            "(a cross-encoder's query and passage, NLI's premise and hypothesis: BERT's second "
-                            "segment); drop the field, or join the two into \"text\" to train on them as one text")
+        if PAIR in row and task != "seq-cls":  # read past, a pair's second text would be dropped
+            raise DataError(f"{path}:{n}: \"{PAIR}\": text pairs train a classifier (a cross-encoder: --task seq-cls "
+                            f"with \"text\", \"{PAIR}\" and \"label\"), not {task}; drop the field")
+        pair = [PAIR] if PAIR in row else []
         negatives = _negative_names(row)  # feature-extraction's: another task's fields elsewhere
         ignored |= set(negatives) if task != "feature-extraction" else set()
-        unknown |= row.keys() - others.keys() - {k for s in shapes for k in s} - set(negatives)
+        unknown |= row.keys() - others.keys() - {k for s in shapes for k in s} - set(negatives) - set(pair)
         shape = next((s for s in shapes if all(k in row for k in s)), None)
         if shape is None:
             raise DataError(f"{path}:{n}: a {task} row needs {want}; this row has {sorted(row) or 'no fields'}")
         names = negatives if task == "feature-extraction" else []
-        for k in [*shape, *names]:
+        for k in [*shape, *names, *pair]:
             try:  # JSON's \ud800 escapes half a character (a string cut inside an emoji): no tokenizer takes it
                 row[k].encode("utf-8") if isinstance(row[k], str) else None
             except UnicodeEncodeError as e:
@@ -124,7 +126,8 @@ def read_jsonl(path: str, task: str) -> Rows:
             raise DataError(f"{path}:{n}: has negatives {names or 'none'}, the first row {columns or 'none'}; give "
                             "every row the same negative fields (each is a column of candidates)")
         columns = names
-        rows.append({k: row[k] for k in shape} | ({"negatives": [row[k] for k in names]} if names else {}) | {"_line": n})
+        rows.append({k: row[k] for k in [*shape, *pair]} | ({"negatives": [row[k] for k in names]} if names else {}) |
+                    {"_line": n})
     if not rows:
         raise DataError(f"{path}: no rows; a {task} file needs lines like {want}")
     return Rows(rows, ignored, unknown)
@@ -211,10 +214,11 @@ class Encoder:
     """Turns checked rows into token-id features and pads them into batches."""
 
     def __init__(self, tokenizer, task: str, max_length: int, labels: list[str] | None = None,
-                 pad_id: int | None = None, lower: bool = False):
+                 pad_id: int | None = None, lower: bool = False, types: bool = False):
         """``pad_id``: the model's padding token (config.json), which a decoder classifier looks for to find
         each row's last token; else the tokenizer's, else its end-of-sequence token. ``lower``: pairs are
-        lower-cased first (a sentence-transformers model's do_lower_case)."""
+        lower-cased first (a sentence-transformers model's do_lower_case). ``types``: the model reads token types
+        (``models.reads_token_types``): a text pair's are batched too."""
         if lower:  # as sentence-transformers: a Lowercase step in (a copy of) the tokenizer, not str.lower
             tokenizer = copy.deepcopy(tokenizer)
             lowercase_first(tokenizer.backend_tokenizer)
@@ -222,6 +226,7 @@ class Encoder:
         self.task = task
         self.max_length = max_length
         self.labels = labels
+        self.types = types
         pad = pad_id if pad_id is not None else tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -238,10 +243,17 @@ class Encoder:
         """At most max_length ids, truncated as transformers' tokenizers truncate: [SEP] / eos stay at the end."""
         return self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
 
+    def _classified(self, row: dict, label: int) -> dict:
+        """A seq-cls row's features: a pair joined by the tokenizer's pair template (cut longest first, as
+        transformers' truncation=True), its token types where the model reads them."""
+        enc = self.tokenizer(row["text"], truncation=True, max_length=self.max_length,
+                             **({PAIR: row[PAIR]} if PAIR in row else {}), **({"return_token_type_ids": True} if self.types else {}))
+        return {"input_ids": enc["input_ids"], "label": label} | (
+            {"token_type_ids": enc["token_type_ids"]} if self.types else {})
+
     def encode(self, rows: list[dict], path: str) -> list[dict]:
         if self.task == "seq-cls":
-            targets = label_ids(rows, self.labels, path)
-            return [{"input_ids": self._cut(r["text"]), "label": y} for r, y in zip(rows, targets)]
+            return [self._classified(r, y) for r, y in zip(rows, label_ids(rows, self.labels, path))]
         if self.task == "feature-extraction":
             return [{"input_ids": self._cut(r["text"]), "positive_ids": self._cut(r["positive"])} |
                     ({"negative_ids": [self._cut(t) for t in r["negatives"]]} if "negatives" in r else {}) for r in rows]
@@ -284,6 +296,8 @@ class Encoder:
         batch = {"input_ids": self._pad(ids, self.pad_id), "attention_mask": self._mask(ids)}
         if self.task == "seq-cls":
             batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
+            if self.types:  # padded with type 0, as transformers' tokenizers pad them
+                batch["token_type_ids"] = self._pad([f["token_type_ids"] for f in features], 0)
         elif self.task == "causal-lm":
             batch["labels"] = self._pad([f["labels"] for f in features], IGNORE_INDEX)
         else:  # the negatives a column at a time: every row's first, then every row's second, ...

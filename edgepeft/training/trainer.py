@@ -25,7 +25,7 @@ from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
 from edgepeft.files import (
     deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty, reporting_full_disk,
 )
-from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels
+from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, reads_token_types
 from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.processes import first
 from edgepeft.training.arguments import CUT, TrainingArguments, arguments_of, method_config
@@ -100,7 +100,8 @@ class Trainer:
         limit, self.pooling, lower = embedding_settings(args.model, method.revision, config, tokenizer, n_virtual) \
             if args.task == "feature-extraction" else (None, "mean", False)
         cut = args.max_length or limit or CUT  # feature-extraction: as embed cuts (256 cut MiniLM's 512 silently)
-        encoder = Encoder(tokenizer, args.task, min(cut, limit or cut), labels, pad_id=model_pad, lower=lower)
+        encoder = Encoder(tokenizer, args.task, min(cut, limit or cut), labels, pad_id=model_pad, lower=lower,
+                          types=reads_token_types(config, args.task))
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         self.virtual_first = getattr(method, "virtual_first", False)  # the config's to say: see _count
@@ -150,7 +151,7 @@ class Trainer:
     def _loss(self, model, batch):
         """(loss, what evaluation needs: the logits, or the (anchor, positive) embeddings)."""
         if self.args.task != "feature-extraction":
-            fields = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+            fields = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in batch}
             with last_real_token_pooled(model, batch["attention_mask"]) if self.pools_last_real else \
                     contextlib.nullcontext():
                 out = model(**fields, return_dict=True)

@@ -1,0 +1,268 @@
+"""Text pairs (a cross-encoder's query and passage, NLI's premise and hypothesis): BERT's second segment.
+
+A seq-cls BERT's graph takes ``token_type_ids``; classify takes pairs as transformers' pipeline
+(``{"text", "text_pair"}``) and sentence-transformers' CrossEncoder (``(text, text_pair)``) take them, against
+HF PEFT's models given the tokenizer's pair encoding. Before, a pair could only be written as one text: every token
+of type 0, and the top passage changed for 5 of 6 queries on a BERT whose type embeddings were trained.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from peft_refs import randomize_adapter
+
+import edgepeft
+from edgepeft.exporters import export
+from edgepeft.runtimes import ConfigError, InvalidInputError, Runtime
+
+MINILM = edgepeft.minilm_path()  # its BERT tokenizer: [CLS] a [SEP] b [SEP], the second text's types 1
+PAIRS = [("how tall is everest", "mount everest is 8,849 metres high"),
+         ("how tall is everest", "the river flows into the sea"),
+         ("who wrote hamlet", "hamlet is a tragedy by william shakespeare")]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory):
+    """(OUT with LoRA, prompt and prefix adapters on a tiny BERT cross-encoder of one output, {name: PyTorch model},
+    the base folder). Its token type embeddings are large, so a pair read as one segment scores otherwise."""
+    import peft
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("pairs")
+    base = str(root / "base")
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64, num_labels=1)
+    model = tf.BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.bert.embeddings.token_type_embeddings.weight.normal_(0, 1.0)
+    model.save_pretrained(base)
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(MINILM, name), base)
+    configs = {"lora": (peft, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])),
+               "prompt": (peft, peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
+               # HF PEFT's prefix tuning refuses BERT on transformers 5 (docs/methods.md): edgepeft's is the reference
+               "prefix": (edgepeft, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))}
+    models = {}
+    for i, (name, (library, peft_config)) in enumerate(configs.items()):
+        pm = library.get_peft_model(tf.BertForSequenceClassification.from_pretrained(base), peft_config)
+        randomize_adapter(pm, 10 + i)
+        pm.peft_config["default"].base_model_name_or_path = base
+        pm.save_pretrained(str(root / name))
+        models[name] = pm.eval()
+    out = str(root / "out")
+    export([str(root / n) for n in configs], out, names=list(configs))
+    return out, models, base
+
+
+def _reference(model, base, rows) -> np.ndarray:
+    """The PyTorch model's logits for each row alone, encoded by transformers' tokenizer (pairs with text_pair)."""
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(base)
+    out = []
+    for text, pair in rows:
+        enc = tok(text, text_pair=pair, return_tensors="pt")
+        with torch.no_grad():
+            out.append(model(**enc).logits[0].numpy())
+    return np.stack(out)
+
+
+def test_pairs_classify_as_hf_peft(reranker):
+    out, models, base = reranker
+    rt = Runtime(out)
+    assert rt.manifest["inputs"]["token_type_ids"] == {"axes": {"0": "batch", "1": "sequence"}, "dtype": "int64"}
+    assert rt.manifest["type_vocab_size"] == 2
+    rows = PAIRS + [("a text alone", None)]
+    given = [{"text": PAIRS[0][0], "text_pair": PAIRS[0][1]}, PAIRS[1], list(PAIRS[2]), "a text alone"]
+    for name, model in models.items():
+        want = 1 / (1 + np.exp(-_reference(model, base, rows)[:, 0]))  # one output: a sigmoid, as the pipeline
+        got = [r["score"] for r in rt.classify(given, adapter=name)]
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+        one = rt.classify({"text": PAIRS[1][0], "text_pair": PAIRS[1][1]}, adapter=name)  # one pair: one dict
+        assert one["score"] == pytest.approx(want[1], abs=1e-5)
+        # the same pair as one text (every token of type 0) scores otherwise, well past the float32 noise (1e-7): the
+        # types reach the graph (the random adapters dominate these scores, and a prompt's head reads a virtual token)
+        alone = rt.classify(f"{PAIRS[0][0]} [SEP] {PAIRS[0][1]}", adapter=name)["score"]
+        assert abs(alone - want[0]) > 5e-5, name
+
+
+def test_pairs_in_forward_and_the_tokenizer(reranker):
+    import transformers as tf
+
+    out, models, base = reranker
+    rt = Runtime(out)
+    texts, pairs = zip(*PAIRS)
+    ids, mask, types = rt.tokenizer.encode_pairs(list(texts), list(pairs))
+    want = tf.AutoTokenizer.from_pretrained(base)(list(texts), text_pair=list(pairs), padding=True)
+    np.testing.assert_array_equal(ids, want["input_ids"])
+    np.testing.assert_array_equal(mask, want["attention_mask"])
+    np.testing.assert_array_equal(types, want["token_type_ids"])
+    with torch.no_grad():
+        ref = models["lora"](input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                             token_type_ids=torch.tensor(types)).logits.numpy()
+    got = rt.forward(ids, mask, adapter="lora", token_type_ids=types)["logits"]
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    # no types given: every token of type 0, as transformers' forward without them
+    with torch.no_grad():
+        ref0 = models["lora"](input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(rt.forward(ids, mask, adapter="lora")["logits"], ref0, atol=1e-5)
+    # a mixed batch binds each row's types with its rows
+    mixed = rt.forward(ids, mask, adapter=["lora", "prompt", "lora"], token_type_ids=types)["logits"]
+    np.testing.assert_allclose(mixed[[0, 2]], got[[0, 2]], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], rt.forward(ids[1:2], mask[1:2], adapter="prompt",
+                                                    token_type_ids=types[1:2])["logits"][0], atol=1e-5)
+
+
+def test_bad_token_types_and_pairs_are_refused(reranker, tmp_path):
+    out, _, _ = reranker
+    rt = Runtime(out)
+    ids, mask, types = rt.tokenizer.encode_pairs(["a b"], ["c"])
+    for bad, match in [(types[:, 1:], r"token_type_ids has shape \[1, 5\] but input_ids has \[1, 6\]"),
+                       (types * 0.5, "token_type_ids must be integers"),
+                       (types * 2, r"token type 2 is outside the model's \[0, 2\)")]:
+        with pytest.raises(InvalidInputError, match=match):
+            rt.forward(ids, mask, token_type_ids=bad)
+    for bad in [{"text": "a", "pair": "b"}, [("a", "b", "c")], [("a", 3)], [None]]:
+        with pytest.raises(InvalidInputError, match=r"give a text, a text pair \(\{'text': \.\.\., 'text_pair'"):
+            rt.classify(bad)
+    with pytest.raises(InvalidInputError, match="encode_pairs takes one pair"):
+        rt.tokenizer.encode_pairs(["a", "b"], ["c"])
+    # an export written before pairs were served (no type_vocab_size; its graph takes no types) refuses them
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    path = old / "base" / "edgepeft.json"
+    manifest = json.loads(path.read_text())
+    del manifest["type_vocab_size"]
+    del manifest["inputs"]["token_type_ids"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(InvalidInputError, match="this export takes no token_type_ids"):
+        Runtime(str(old)).forward(ids, mask, token_type_ids=types)
+    with pytest.raises(ConfigError, match="exported before edgepeft served text pairs .*export the adapters again"):
+        Runtime(str(old)).classify([("a", "b")])
+
+
+def test_pairs_train_and_serve(reranker, tmp_path):
+    """seq-cls rows with "text_pair" train on the tokenizer's pair encoding (types batched, padded with 0), and the
+    export classifies the pairs as the trained PeftModel does given transformers' encoding."""
+    import transformers as tf
+
+    from edgepeft.models import load_base
+    from edgepeft.training import train
+    from edgepeft.training.data import Encoder, read_jsonl
+
+    _, _, reranker_base = reranker
+    base = str(tmp_path / "base")  # a trained classifier of two labels, its head large: the types move the loss
+    shutil.copytree(reranker_base, base)
+    config = tf.AutoConfig.from_pretrained(base)
+    config.id2label, config.label2id = {0: "no", 1: "yes"}, {"no": 0, "yes": 1}
+    model = tf.BertForSequenceClassification(config)
+    model.bert.load_state_dict(tf.BertForSequenceClassification.from_pretrained(reranker_base).bert.state_dict())
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 3.0)
+    model.save_pretrained(base)
+    rows = [{"text": q, "text_pair": p, "label": "yes" if i % 2 else "no"}
+            for i, (q, p) in enumerate(PAIRS * 4)] + [{"text": "a text alone", "label": "no"}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = tf.AutoTokenizer.from_pretrained(base)
+    checked = read_jsonl(str(data), "seq-cls")
+    encoder = Encoder(tok, "seq-cls", 64, ["no", "yes"], types=True)
+    batch = encoder.collate(encoder.encode(checked[:3], str(data)))
+    want = tok([r["text"] for r in rows[:3]], text_pair=[r["text_pair"] for r in rows[:3]], padding=True)
+    for field in ("input_ids", "attention_mask", "token_type_ids"):
+        np.testing.assert_array_equal(batch[field].numpy(), want[field], err_msg=field)
+    out = str(tmp_path / "adapter")
+    log = train(model=base, task="seq-cls", method="lora", data=str(data), eval_data=str(data), out=out, epochs=2,
+                lr=1e-2, batch_size=4, options={"r": 2, "target_modules": ["query", "value"]}, progress=False)
+    # the loss before training (LoRA's B is 0) is the base's on the pairs' encoding: the types reached the model
+    start = load_base(base, "seq-cls", labels=log["labels"]).eval()
+    with torch.no_grad():
+        logits = torch.tensor(_reference(start, base, [(r["text"], r.get("text_pair")) for r in rows]))
+    targets = torch.tensor([log["labels"].index(r["label"]) for r in rows])
+    loss = torch.nn.functional.cross_entropy(logits, targets).item()
+    assert log["evals"][0]["loss"] == pytest.approx(loss, abs=1e-5)
+    export([out], str(tmp_path / "out"), names=["pairs"])
+    rt = Runtime(str(tmp_path / "out"))
+    model = edgepeft.PeftModel.from_pretrained(load_base(base, "seq-cls", labels=log["labels"]), out).eval()
+    rows = [(r["text"], r.get("text_pair")) for r in rows[:3] + rows[-1:]]
+    logits = _reference(model, base, rows)
+    want = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    got = rt.classify(rows, adapter="pairs")
+    np.testing.assert_allclose([[r["scores"][k] for k in log["labels"]] for r in got], want, atol=1e-5)
+
+
+def test_run_classifies_a_pair(reranker, shared_export, capsys):
+    from training_helpers import cli_error, cli_ok
+
+    out, _, _ = reranker
+    want = Runtime(out).classify({"text": PAIRS[0][0], "text_pair": PAIRS[0][1]}, adapter="lora")["score"]
+    printed = cli_ok(capsys, "run", out, PAIRS[0][0], "--text-pair", PAIRS[0][1], "--adapter", "lora")
+    assert printed == f"0\t{want:.4f}\n"
+    alone = cli_ok(capsys, "run", out, PAIRS[0][0], "--adapter", "lora")
+    assert alone != printed
+    encoder = shared_export("bert")[0]  # a feature-extraction export
+    assert cli_error(capsys, "run", encoder, "q", "--text-pair", "p") == \
+        f"error: {encoder}: a feature-extraction export does not classify; drop --text-pair (a classifier's second text)"
+
+
+def test_inspect_says_what_classify_takes(reranker, capsys, tmp_path):
+    from training_helpers import cli_ok
+
+    out, _, _ = reranker
+    assert "\n  classify: texts and text pairs (token types)\n" in cli_ok(capsys, "inspect", out)
+    old = tmp_path / "old"  # an earlier edgepeft's export: no type_vocab_size
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "base" / "edgepeft.json").read_text())
+    del manifest["type_vocab_size"], manifest["inputs"]["token_type_ids"]
+    (old / "base" / "edgepeft.json").write_text(json.dumps(manifest))
+    assert "\n  classify: texts only (an earlier edgepeft's export: export again for text pairs)\n" in \
+        cli_ok(capsys, "inspect", str(old))
+    from edgepeft.runtimes.errors import CorruptArtifactError
+
+    manifest = json.loads(open(os.path.join(out, "base", "edgepeft.json")).read())
+    for value, match in [(0, r"field 'type_vocab_size' must be at least 1 \(or null\), got 0"),
+                         (None, r"field 'inputs' lists 'token_type_ids'; field 'type_vocab_size' must give its token types")]:
+        (old / "base" / "edgepeft.json").write_text(json.dumps({**manifest, "type_vocab_size": value}))  # hand-edited
+        with pytest.raises(CorruptArtifactError, match=match):
+            Runtime(str(old))
+
+
+def test_a_decoder_classifier_joins_a_pair_by_the_template(text_model, tmp_path):
+    """A decoder has no token types: the pair template alone joins the two texts, as transformers' pipeline does."""
+    import peft
+    import transformers as tf
+    from tokenizers import Tokenizer, processors
+
+    base = str(tmp_path / "base")
+    shutil.copytree(text_model("llama"), base)
+    tok = Tokenizer.from_file(os.path.join(base, "tokenizer.json"))  # Llama's pair template: <s> a </s> b
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A </s> $B:1",
+                                                       special_tokens=[("<s>", 1), ("</s>", 2)])
+    tok.save(os.path.join(base, "tokenizer.json"))
+    torch.manual_seed(5)
+    pm = peft.get_peft_model(tf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3),
+                             peft.LoraConfig(task_type="SEQ_CLS", r=2))
+    randomize_adapter(pm, 6)
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(tmp_path / "lora"))
+    export([str(tmp_path / "lora")], str(tmp_path / "out"), names=["lora"])
+    rt = Runtime(str(tmp_path / "out"))
+    assert rt.token_types is None and rt.manifest["type_vocab_size"] is None
+    hf = tf.AutoTokenizer.from_pretrained(base)
+    hf.model_input_names = ["input_ids", "attention_mask"]  # as Llama's tokenizer: no token types
+    pipe = tf.pipeline("text-classification", model=pm.merge_and_unload().eval(), tokenizer=hf, top_k=None,
+                       device="cpu")
+    pairs = [("set an alarm", "for seven"), ("play some jazz", "please")]
+    for (text, pair), ours in zip(pairs, rt.classify(pairs, adapter="lora")):
+        theirs = {r["label"].removeprefix("LABEL_"): r["score"] for r in pipe({"text": text, "text_pair": pair})}
+        assert ours["scores"] == pytest.approx(theirs, abs=1e-5)
+        joined = rt.classify(text + pair, adapter="lora")["scores"]  # without the template's </s>: other scores
+        assert max(abs(joined[k] - v) for k, v in theirs.items()) > 1e-4
