@@ -7,11 +7,14 @@ Written to ``build/js/`` (or ``$EDGEPEFT_JS_FIXTURES``):
     gpt2/      a tiny GPT-2 on its contrib graph (GroupQueryAttention, SkipLayerNormalization): LoRA and prefix adapters
     bert_merged/   a tiny BERT classifier with a LoRA adapter merged in (--merge): no slot, no neutral.onnx
     bert_prefix/   a tiny BERT feature extractor with a prefix adapter (positions start after the prefix, in the graph)
-    minilm/    the real MiniLM-L6 weights with an intent (6 labels) and a sentiment (2 labels) LoRA classifier
+    bert_pairs/    a tiny BERT classifier with prompt and LoRA adapters: its graph takes token_type_ids (text pairs;
+                   a prompt's virtual tokens of type 0 inside it)
+    minilm/    the real MiniLM-L6 weights with an intent (6 labels) and a sentiment (2 labels) LoRA classifier; its
+               graph takes token_type_ids (a seq-cls BERT's: text pairs)
     expected.json   tokenizer ids, forward outputs for a call sequence that switches adapter every call,
                     greedy ids (batch 2, left-padded), classifier results, the scores generate picks tokens from
-                    for several settings, greedy ids under a generation_config.json's settings: as the Python
-                    runtime gives them
+                    for several settings, greedy ids under a generation_config.json's settings, text pairs' ids,
+                    types and classifier logits (with their types and without): as the Python runtime gives them
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ TRICKY = ["a\U00020bb7b \U0002a700, caf\u00e9 \u4e2d\u6587!", "Bonjour ! I do n'
 TEXTS = ["could you put milk on my list", "the battery died after two days, avoid", "Wake me at 6:30!",
          "honestly the best ramen in town", "set timr 15 min"]
 INTENTS = ["alarm", "music", "shopping_list", "smalltalk", "timer", "weather"]
+# text pairs (a cross-encoder's query and passage): the second text's tokens of type 1; an empty second text is still a
+# pair ([CLS] a [SEP] [SEP]), None none
+PAIRS = [("how tall is everest", "mount everest is 8,849 metres high"), ("who wrote hamlet", "a play by shakespeare"),
+         ("could you put milk on my list", ""), ("set timr 15 min", None)]
 
 
 def _tricky(tokenizer) -> dict:
@@ -59,6 +66,22 @@ def _step_margins(rt, ids, mask, adapter, new_tokens) -> list:
 
 def _rows(a):
     return np.asarray(a).tolist()
+
+
+def _pairs(cls, adapters) -> dict:
+    """PAIRS as the Python runtime encodes them (each alone, then the batch padded) and their classifier logits, with
+    their token types and without them (every token of type 0), and classify's answers."""
+    texts, pairs = map(list, zip(*PAIRS))
+    ids, mask, types = cls.tokenizer.encode_pairs(texts, pairs)
+    alone = [cls.tokenizer.encode_pairs([t], [p]) for t, p in PAIRS]
+    typed = {a: cls.forward(ids, mask, adapter=a, token_type_ids=types)["logits"] for a in adapters}
+    untyped = {a: cls.forward(ids, mask, adapter=a)["logits"] for a in adapters}
+    for a in adapters:  # the types reach the graph: the JavaScript tests would pass without them otherwise
+        assert np.abs(typed[a] - untyped[a]).max() > 1e-2, a
+    return {"texts": texts, "text_pairs": pairs, "ids": _rows(ids), "mask": _rows(mask), "types": _rows(types),
+            "tokens": [{"ids": _rows(i[0]), "types": _rows(k[0])} for i, _, k in alone],
+            "forward": {a: _rows(v) for a, v in typed.items()}, "untyped": {a: _rows(v) for a, v in untyped.items()},
+            "classify": {a: cls.classify(list(PAIRS), adapter=a) for a in adapters}}
 
 
 # generate's settings (generation_config.json's names) whose processed scores the JavaScript runtime must give
@@ -157,6 +180,12 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
     export([peft_virtual_adapter(tmp_path / "bert-prefix", text_model("bert"), "prefix", seed=49,
                                  task="feature-extraction", num_virtual_tokens=3)], bert_prefix, names=["prefix"])
     encoder = Runtime(bert_prefix)
+    bert_pairs = os.path.join(FIXTURES, "bert_pairs")
+    pair_dirs = {"prompt": peft_virtual_adapter(tmp_path / "bert-prompt", text_model("bert"), "prompt", seed=50,
+                                                task="seq-cls", num_virtual_tokens=3),
+                 "lora": lora_adapter(tmp_path / "bert-lora", text_model("bert"), "seq-cls", 51, r=4,
+                                      target_modules=["query", "value"])}
+    export(list(pair_dirs.values()), bert_pairs, names=list(pair_dirs))
 
     minilm_dirs = {}
     for name, labels, seed in (("intent", INTENTS, 45), ("sentiment", ["negative", "positive"], 46)):
@@ -195,12 +224,14 @@ def test_write_the_javascript_tests_exports_and_answers(text_model, tmp_path):
         "bert_prefix": {"ids": _rows(plain_ids), "mask": _rows(plain_mask),
                         "forward": {str(a): _rows(encoder.forward(plain_ids, plain_mask, adapter=a)["last_hidden_state"])
                                     for a in (None, "prefix")}},
+        "bert_pairs": {"pairs": _pairs(Runtime(bert_pairs), list(pair_dirs))},
         "minilm": {
             "tokens": {t: _rows(cls.tokenizer.encode(t)[0][0]) for t in TEXTS},
             **_tricky(cls.tokenizer),
             "ids": _rows(cls_ids), "mask": _rows(cls_mask),
             "forward": {a: _rows(cls.forward(cls_ids, cls_mask, adapter=a)["logits"]) for a in minilm_dirs},
             "classify": {a: cls.classify(TEXTS, adapter=a) for a in minilm_dirs},
+            "pairs": _pairs(cls, list(minilm_dirs)),
         },
     }
     with open(os.path.join(FIXTURES, "expected.json"), "w") as f:

@@ -6,15 +6,22 @@ import { described } from "./checks.js";
 import { generationSettings } from "./sampling.js";
 
 const whole = Number.isInteger;
+export const TOKEN_TYPES = "token_type_ids";  // a seq-cls BERT's input: its second segment (text pairs)
 const TASK_OUTPUTS = { "causal-lm": "logits", "seq-cls": "logits", "feature-extraction": "last_hidden_state" };
 
-/** runtimes/base_checks.py's base_value_errors: sizes from 1, eos ids as 64-bit integers, the cache's layers as the
- * manifest's inputs and outputs list them (a cache of 10**12 layers filled the memory), the kernels' choice. */
+/** runtimes/base_checks.py's base_value_errors: sizes from 1 (token types given where the graph takes them), eos ids
+ * as 64-bit integers, the cache's layers as the manifest's inputs and outputs list them (a cache of 10**12 layers
+ * filled the memory), the kernels' choice. */
 export function baseValueErrors(m) {
   const errors = [];
   const vocab = m.vocab_size;
   if (vocab < 1) errors.push(`field vocab_size must be at least 1, got ${vocab}`);
   if (m.max_positions != null && m.max_positions < 1) errors.push(`field max_positions must be at least 1 (or null), got ${m.max_positions}`);
+  const types = m.type_vocab_size;  // a seq-cls BERT's token types, which a call's tokenTypeIds are checked against
+  if (types != null && types < 1) errors.push(`field type_vocab_size must be at least 1 (or null), got ${types}`);
+  if (types == null && Object.hasOwn(m.inputs, TOKEN_TYPES)) {
+    errors.push(`field inputs lists ${TOKEN_TYPES}; field type_vocab_size must give its token types`);
+  }
   if (m.max_positions == null && m.ops === "contrib" && m.cache) {  // ONNX Runtime's RotaryEmbedding error at a call
     errors.push("field max_positions must be the length of a contrib decoder's position tables, got null");
   }

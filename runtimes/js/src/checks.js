@@ -1,7 +1,8 @@
-// What the runtime refuses, and how it says so: an export's manifests and slot table, a call's options, its ids and
-// mask, an adapter's tensors and label names. The Python runtime's checks (runtimes/manifest.py, slot_checks.py,
-// inputs.py, text.py), in JavaScript's terms: a damaged, hand-edited or hostile export is an EdgePeftError naming the
-// file and a fix, never a TypeError, a raw ONNX Runtime error, a file outside the export or a silent wrong answer.
+// What the runtime refuses, and how it says so: an export's manifests and slot table, a call's options, an adapter's
+// tensors and label names (a call's ids, mask and token types: inputs.js). The Python runtime's checks
+// (runtimes/manifest.py, slot_checks.py, text.py), in JavaScript's terms: a damaged, hand-edited or hostile export is
+// an EdgePeftError naming the file and a fix, never a TypeError, a raw ONNX Runtime error, a file outside the export
+// or a silent wrong answer.
 
 import { baseValueErrors } from "./base_checks.js";
 
@@ -50,7 +51,8 @@ export const bareName = (v) => string(v) && !/[/\\]/.test(v) && !["", ".", ".."]
 // Manifest fields that must have these types where present: runtimes/manifest.py's _FIELD_TYPES, and the graphs' names
 const FIELD_TYPES = {
   model_type: [string, "a string"], task: [string, "a string"], inputs: [object, "an object"], outputs: [object, "an object"],
-  vocab_size: [whole, "a whole number"], max_positions: [orNull(whole), "a whole number"], cache: [orNull(object), "an object"],
+  vocab_size: [whole, "a whole number"], type_vocab_size: [orNull(whole), "a whole number"],
+  max_positions: [orNull(whole), "a whole number"], cache: [orNull(object), "an object"],
   generation: [object, "an object"], merged_adapter: [orNull(string), "a name"], revision: [orNull(string), "a hub revision"],
   file_bytes: [(v) => object(v) && Object.values(v).every(whole), "an object of file sizes in bytes"],
   methods: [strings, "a list of method names"], labels: [orNull(strings), "a list of names"],
@@ -220,49 +222,6 @@ export function checkOptions(options, allowed, call, elsewhere = "") {
 
 /** A bigint of int64's range as a number (past 2**53 not exact, but then no token id: the checks name it as such). */
 export const fromBigint = (v) => (typeof v === "bigint" && BigInt.asIntN(64, v) === v ? Number(v) : v);
-
-/** Rows of whole numbers from arrays or typed arrays of numbers or bigints (ONNX Runtime's int64 tensors give those). */
-function integerRows(x, what) {
-  const isRow = (r) => Array.isArray(r) || ArrayBuffer.isView(r);
-  if (isRow(x) && x.length && !isRow(x[0])) x = [x];  // one row given flat
-  if (!Array.isArray(x) || !x.length || !x.every(isRow)) {
-    throw new EdgePeftError(`${what} must be a non-empty array of rows (2-D: batch x sequence), every row the same length (pad on the left)`);
-  }
-  const floats = x.find((r) => r instanceof Float32Array || r instanceof Float64Array);  // as Python's dtype check
-  if (floats) {
-    throw new EdgePeftError(`${what} must be ${what === "ids" ? "token ids" : "0 and 1"} (integers: numbers, an Int32Array, a BigInt64Array), got ${described(floats)}`);
-  }
-  return x.map((row) => Array.from(row, (v) => {
-    if (isRow(v)) throw new EdgePeftError(`${what} must be rows of numbers (2-D: batch x sequence); got more levels of arrays`);
-    v = fromBigint(v);
-    if (typeof v === "boolean" && what === "mask") return Number(v);
-    if (!Number.isInteger(v)) throw new EdgePeftError(`${what} must hold whole numbers; got ${described(v)}`);
-    return v;
-  }));
-}
-
-/** ids and mask as rows of numbers of equal length, or EdgePeftError saying what is wrong. */
-export function checkInputs(ids, mask, manifest, where) {
-  ids = integerRows(ids, "ids");
-  if (!ids.every((r) => r.length === ids[0].length) || !ids[0].length) {
-    throw new EdgePeftError("ids must be a non-empty array of rows of token ids, every row the same length (pad on the left)");
-  }
-  const vocab = manifest.vocab_size;
-  for (const v of ids.flat()) {
-    if (v < 0 || (vocab && v >= vocab)) {
-      throw new EdgePeftError(`token id ${v} is outside the vocabulary [0, ${vocab}) of ${where}; tokenize with the base model's tokenizer`);
-    }
-  }
-  if (manifest.max_positions && ids[0].length > manifest.max_positions) {
-    throw new EdgePeftError(`sequence length ${ids[0].length} exceeds the model's ${manifest.max_positions} positions; shorten the input`);
-  }
-  mask = mask == null ? ids.map((row) => row.map(() => 1)) : integerRows(mask, "mask");
-  if (mask.length !== ids.length || !mask.every((r) => r.length === ids[0].length)) {
-    throw new EdgePeftError(`mask must have the shape of ids (${ids.length} rows of ${ids[0].length}); they must match`);
-  }
-  if (!mask.flat().every((v) => v === 0 || v === 1)) throw new EdgePeftError("mask must hold only 0 (padding) and 1 (token)");
-  return { ids, mask };
-}
 
 /**
  * An adapter's tensors against the base's slot table, as the Python runtime checks them (runtimes/slot_checks.py):

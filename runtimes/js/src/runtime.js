@@ -2,7 +2,7 @@
 //
 //   const rt = await Runtime.open(ort, loader)      // loader: src/node.js (files) or src/web.js (fetch)
 //   await rt.loadAdapter("intent")                 // runs OUT/adapters/intent/adapter.onnx once
-//   rt.forward(ids, mask, { adapter: "intent" })   // ids, mask: arrays of rows of numbers
+//   rt.forward(ids, mask, { adapter: "intent" })   // ids, mask: arrays of rows of numbers (tokenTypeIds: a pair's)
 //   rt.generate(ids, mask, { adapter, maxNewTokens }) // with the KV cache, as the model's generation_config says
 //
 // It mirrors the Python Runtime (runtimes/runtime.py) on the same export: the base graph is
@@ -13,12 +13,13 @@
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
 import {
-  EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat, checkInputs,
+  EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat,
   checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
-import { graphDeclarationErrors } from "./base_checks.js";
+import { TOKEN_TYPES, graphDeclarationErrors } from "./base_checks.js";
 import { exportedAs, folderFix, quote } from "./fixes.js";
 import { adapterGraphProblem } from "./graph.js";
+import { checkInputs, checkTokenTypes, generationMask } from "./inputs.js";
 import { GENERATION_OPTIONS, classify, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
 import { TakingTurns, joined, repeat, rowOf, runOnce } from "./sessions.js";
 import { sha256 } from "./sha256.js";
@@ -87,6 +88,8 @@ export class Runtime {
     const [wrong] = graphDeclarationErrors(this.session.session, m);
     if (wrong) throw new EdgePeftError(`${loader.where("base/edgepeft.json")}: ${wrong}; ${REEXPORT_BASE}`);
     this.outputName = Object.keys(m.outputs)[0];
+    // a seq-cls BERT's token types (base_checks: given where the graph takes them), else null: it takes none
+    this.tokenTypes = Object.hasOwn(m.inputs, TOKEN_TYPES) ? m.type_vocab_size : null;
     this.cache = m.cache;
     this.rowsApart = m.ops === "contrib";  // see run()
     this.pastNames = this.cache ? cacheNames(this.cache, "past") : [];
@@ -249,18 +252,20 @@ export class Runtime {
     return plan;
   }
 
-  /** Run the base with an adapter (null: the base model); returns {logits} or {last_hidden_state} as an ort Tensor. */
+  /** Run the base with an adapter (null: the base model); returns {logits} or {last_hidden_state} as an ort Tensor.
+   * tokenTypeIds: rows like ids (a text pair's second text 1) where the graph takes them (tokenTypes), else none. */
   forward(ids, mask, options = {}) {
     return this.counted(() => this.forwardNow(ids, mask, options));
   }
 
   async forwardNow(ids, mask, options) {
-    const { adapter = null } = checkOptions(options, ["adapter"], "forward");
+    const { adapter = null, tokenTypeIds = null } = checkOptions(options, ["adapter", "tokenTypeIds"], "forward");
     const plan = this.plan(adapter);
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
+    const types = checkTokenTypes(tokenTypeIds, ids, this.tokenTypes, this.loader.where("base"));
     this.checkLength(plan, ids[0].length, 0);
     const { full, positions } = this.virtualInputs(plan, mask, false);
-    const out = await this.run(plan, ids, full, positions, null, true);
+    const out = await this.run(plan, ids, full, positions, null, true, 0n, types);
     return { [this.outputName]: out[this.outputName] };
   }
 
@@ -288,16 +293,7 @@ export class Runtime {
     const pad = this.padIdOr(eosTokenId);
     // no mask: left padding told by the model's padding id (not an eos fallback), as transformers' generate tells it
     const told = !given && this.modelPadId() !== null && !eosTokenId.includes(pad) && ids.some((row) => row.includes(pad));
-    if (told) mask = ids.map((row) => row.map((t) => (t === pad ? 0 : 1)));
-    if (mask.some((row) => !row.includes(1))) {
-      throw new EdgePeftError(told ? `an ids row is all padding (${pad}) and no mask was given; pass the mask`
-        : "a prompt row has no tokens (its mask is all 0)");
-    }
-    const right = mask.findIndex((row) => row.some((m, i) => i > 0 && m < row[i - 1]));  // a 0 after a 1
-    if (right >= 0) {
-      throw new EdgePeftError(told ? `ids row ${right} holds the padding id ${pad} after a token and no mask was given; pass one: ones where these are real tokens, else the mask that marks the padding`
-        : `mask row ${right} has padding after its tokens; generation needs the padding on the left`);
-    }
+    mask = generationMask(ids, mask, told, pad);
     this.checkLength(plan, ids[0].length, maxNewTokens - 1);  // the last new token is never fed back
     let { full, positions } = this.virtualInputs(plan, mask, true);
     const sequences = ids.map((row) => [...row]);
@@ -364,7 +360,7 @@ export class Runtime {
   }
 
   /** One graph run: the call's inputs, the adapter's tensors, the neutral value of every other slot. */
-  async run(plan, ids, mask, positions, past, prefill, keep = 0n) {
+  async run(plan, ids, mask, positions, past, prefill, keep = 0n, types = null) {
     const { Tensor } = this.ort;
     const batch = ids.length;
     if (this.rowsApart && batch > 1 && ids[0].length > 1 && (past || Object.keys(plan.past).length)) {
@@ -373,7 +369,7 @@ export class Runtime {
       const rows = [];
       for (let b = 0; b < batch; b++) {
         const rowPast = past && past.map((t) => rowOf(Tensor, t, b));
-        rows.push(await this.run(plan, [ids[b]], [mask[b]], [positions[b]], rowPast, prefill, keep));
+        rows.push(await this.run(plan, [ids[b]], [mask[b]], [positions[b]], rowPast, prefill, keep, types && [types[b]]));
       }
       return Object.fromEntries(Object.keys(rows[0]).map((name) => [name, joined(Tensor, rows.map((r) => r[name]))]));
     }
@@ -385,6 +381,9 @@ export class Runtime {
     }
     feeds.input_ids = new Tensor("int64", int64(ids), [batch, ids[0].length]);
     feeds.attention_mask = new Tensor("int64", int64(mask), [batch, mask[0].length]);
+    if (this.tokenTypes !== null) {  // a seq-cls BERT's: zeros where the call gives none
+      feeds[TOKEN_TYPES] = new Tensor("int64", int64(types ?? ids.map((row) => row.map(() => 0))), [batch, ids[0].length]);
+    }
     if ("logits_to_keep" in feeds) feeds.logits_to_keep = new Tensor("int64", BigInt64Array.from([keep]), []);
     if (this.cache) {
       feeds.position_ids = new Tensor("int64", int64(positions), [batch, positions[0].length]);

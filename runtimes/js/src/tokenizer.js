@@ -92,6 +92,7 @@ export async function tokenizerOf(Tokenizer, loader) {
   }
   asRustDecodes(tokenizer.decoder);
   asRustReads(tokenizer);
+  asRustPairs(tokenizer);
   const decode = tokenizer.decode.bind(tokenizer);  // as the Python runtime's decode: special tokens skipped by default
   tokenizer.decode = (ids, options) => {  // an id past the vocabulary decodes to nothing (the library said [UNK])
     const list = tokenIds(ids).filter((id) => tokenizer.model.vocab[id] !== undefined);
@@ -103,9 +104,31 @@ export async function tokenizerOf(Tokenizer, loader) {
     if (typeof t !== "string") throw new EdgePeftError(`encode takes a text (a string), got ${described(t)}`);
     return wholeCharacters(cjk ? t.replace(ASTRAL_CJK, " $& ") : t);
   };
-  tokenizer.encode = (t, options) => encode(text(t),
-    options?.text_pair == null ? options : { ...options, text_pair: text(options.text_pair) });
+  // a pair's token types come with it (return_token_type_ids: false leaves them out), as transformers' tokenizer gives
+  // them for BERT: a forward without them reads the second text as the first's (tokenTypeIds)
+  tokenizer.encode = (t, options) => encode(text(t), options?.text_pair == null ? options
+    : { return_token_type_ids: true, ...options, text_pair: text(options.text_pair) });
   return tokenizer;
+}
+
+/** A text pair's tokens and types as the Rust library gives them, where this library gave otherwise: an empty second
+ * text is a pair (it was left out: "[CLS] a [SEP]" for Python's "[CLS] a [SEP] [SEP]"); without a post-processor, or
+ * with ByteLevel's, the second text's tokens follow the first's, of type 1 (ByteLevel's dropped them, the other gave
+ * no types); RobertaProcessing's are all of type 0 (it gave the second text's 1). */
+function asRustPairs(tokenizer) {
+  const run = (processor, [a, b], special) => {  // each text's [tokens, types] until a template joins them, as Rust's
+    const type = processor?.config?.type;
+    if (type === "Sequence") return processor.processors.reduce((parts, p) => run(p, parts, special), [a, b]);
+    if (!processor || type === "ByteLevel") return [a, b];
+    const { tokens, token_type_ids: types } = processor(a[0], b && b[0], special);
+    return [[tokens, type === "RobertaProcessing" ? tokens.map(() => 0) : types], null];
+  };
+  tokenizer.tokenize_helper = (text, { text_pair = null, add_special_tokens = true } = {}) => {
+    const encoded = (t, type) => { const tokens = tokenizer.encode_text(t); return [tokens, tokens.map(() => type)]; };
+    const parts = run(tokenizer.post_processor, [encoded(text, 0), text_pair === null ? null : encoded(text_pair, 1)],
+      add_special_tokens).filter(Boolean);
+    return { tokens: parts.flatMap(([tokens]) => tokens), token_type_ids: parts.flatMap(([, types]) => types) };
+  };
 }
 
 /** `text`, refused where it holds half of a character (a lone surrogate: a string cut inside an emoji), as the Python

@@ -147,7 +147,7 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   await baseRefused((j) => { j.outputs = Object.fromEntries(Object.entries(j.outputs).reverse()); }, "field outputs must list logits first, a causal-lm graph's");
   await baseRefused((j) => { j.vocab_size = 1000; }, "field vocab_size is 1000, the graph's logits have 400");
   await baseRefused((j) => { j.cache.head_dim = 8; }, "field cache: head_dim is 8, the graph's is 16");
-  await baseRefused((j) => { j.inputs.token_type_ids = j.inputs.input_ids; }, "field inputs lists token_type_ids, which the graph lacks");
+  await baseRefused((j) => { j.inputs.token_type_ids = j.inputs.input_ids; j.type_vocab_size = 2; }, "field inputs lists token_type_ids, which the graph lacks");
   await baseRefused((j) => { j.generation = { max_new_tokens: 0 }; }, "field generation: maxNewTokens must be a positive integer, got 0 \\(the model's default\\)");
   await baseRefused((j) => { j.generation = { eos_token_id: null }; }, "field generation: eos_token_id must be token ids, got null \\(the model's default\\)");
   await baseRefused((j) => { j.generation = { pad_token_id: 400 }; }, "field generation: pad_token_id must be a token id in \\[0, 400\\), got 400 \\(the model's default\\)");

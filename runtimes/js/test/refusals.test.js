@@ -44,7 +44,7 @@ test("options a call does not know are refused, not dropped (they ran the base m
   await rt.loadAdapter("lora");
   const ids = [[5, 6, 7]];
   await refuses(rt.forward(ids, null, "lora"), /forward's options must be an object such as \{ adapter: \.\.\. \}; got "lora"/);
-  await refuses(rt.forward(ids, null, { adaptor: "lora" }), /forward has no option adaptor; its options are adapter$/);
+  await refuses(rt.forward(ids, null, { adaptor: "lora" }), /forward has no option adaptor; its options are adapter, tokenTypeIds$/);
   await refuses(rt.generate(ids, null, { adapter: "lora", max_new_tokens: 3 }),
     /generate has no option max_new_tokens; .*\(maxNewTokens: camelCase here\); stop strings and mixed batches/);
   await refuses(rt.generate(ids, null, { maxNewToken: 3 }), /generate has no option maxNewToken/);
