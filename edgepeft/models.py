@@ -12,12 +12,11 @@ import torch
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
 from edgepeft.hub import hub_unreachable
 from edgepeft.runtimes.access import check_readable
-from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
+from edgepeft.runtimes.manifest import CLASSIFIER_NAMES, ENCODERS
 from edgepeft.runtimes.sentence import (PROMPTS_CONFIG, SENTENCE_TRANSFORMERS_FILES, check_default_prompt,
                                         has_sentence_transformers_files, sentence_transformers_settings)
 
 # model_type -> family. Encoders have no causal-LM head; decoders take use_cache.
-ENCODERS = {"bert"}
 DECODERS = {"llama", "qwen2", "gpt2"}
 SUPPORTED = sorted(ENCODERS | DECODERS)
 

@@ -12,16 +12,25 @@ import os
 import numpy as np
 
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
-from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
+from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST, ENCODERS
 from .mixing import row_adapters
 from .text import _in_groups, _token_counts
 
 PAIR_KEYS = ("text", "text_pair")  # transformers' pipeline's pair: the tokenizer's argument names
 
 
+def serves_pairs(manifest: dict) -> bool:
+    """Whether classify takes text pairs: every seq-cls export but an earlier edgepeft's encoder one, whose graph
+    takes no token types (it wrote no ``type_vocab_size``); a decoder's pair needs its template alone."""
+    return manifest["task"] == "seq-cls" and ("type_vocab_size" in manifest or manifest["model_type"] not in ENCODERS)
+
+
 def _rows(texts) -> tuple[list, bool]:
     """([(text, its pair or None)], whether one text or pair was given)."""
     single = isinstance(texts, (str, dict))
+    if isinstance(texts, tuple) and len(texts) == 2 and all(isinstance(t, str) for t in texts):  # CrossEncoder: a pair
+        raise InvalidInputError(f"{texts!r:.80} is ambiguous: one pair to sentence-transformers' CrossEncoder, two texts "
+                                "to the pipeline; pass [(text, text_pair)] for a pair, or a list of the two texts")
     if not (single or isinstance(texts, (list, tuple)) and texts):
         raise InvalidInputError(f"give a text, a text pair, or a non-empty list of them; got {type(texts).__name__}")
     rows = [_row(item) for item in ([texts] if single else texts)]
@@ -29,8 +38,8 @@ def _rows(texts) -> tuple[list, bool]:
 
 
 def _row(item) -> tuple:
-    if isinstance(item, dict) and "text" in item and not set(item) - set(PAIR_KEYS):
-        item = item["text"], item.get("text_pair")
+    if isinstance(item, dict) and "text" in item and not set(item) - set(PAIR_KEYS):  # an empty pair is none, as the
+        item = item["text"], item.get("text_pair") or None  # pipeline's tokenizer reads one text's {text, text_pair}
     elif isinstance(item, (list, tuple)) and len(item) == 2:
         item = tuple(item)
     elif isinstance(item, str):
@@ -49,7 +58,7 @@ def classify(rt, texts, adapter=None):
     if rt.task != "seq-cls":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export does not classify; export a seq-cls adapter")
     rows, single = _rows(texts)
-    if "type_vocab_size" not in rt.manifest and any(pair is not None for _, pair in rows):  # BERT's types unbound
+    if not serves_pairs(rt.manifest) and any(pair is not None for _, pair in rows):  # BERT's types unbound
         raise ConfigError(f"{rt.base_dir}: exported before edgepeft served text pairs (a BERT's graph then took no token "
                           "types); export the adapters again into a fresh --out folder")
     out = _classified(rt, rows, adapter)

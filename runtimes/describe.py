@@ -11,6 +11,7 @@ from .manifest import (
     ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export,
     read_adapter_manifest, read_base_manifest,
 )
+from .classify import serves_pairs
 from .sentence import prompts_known, sentence_transformers_settings
 
 
@@ -107,8 +108,9 @@ def describe_export(out_dir: str) -> dict:
             "opset": base.get("opset"),
             "merged_adapter": base.get("merged_adapter"),
             # a classifier's text pairs: BERT's token types (a number), the pair template alone (None), or none served
-            # (an earlier edgepeft's export: False)
-            "pair_token_types": base.get("type_vocab_size", False) if base["task"] == "seq-cls" else None,
+            # (an earlier edgepeft's BERT export: False)
+            "pair_token_types": (base.get("type_vocab_size") if serves_pairs(base) else False)
+            if base["task"] == "seq-cls" else None,
             "bytes": folder_bytes(base_dir),
         },
         "slots": base["slots"],

@@ -44,8 +44,7 @@ Rows with different adapters in one graph run (mixed batches, weighted adapters)
                      or the adapter's weight), "adapters" (rows, stacked adapters): a weight per
                      stacked adapter (IA3: 1 for the row's own)
 
-Slots without a ``stack_axis`` do not mix: rows of such an adapter run in a graph run of their own. Neutral selector
-values (ones) make the single-adapter path bind nothing more.
+Slots without a ``stack_axis`` do not mix (such rows run apart). Neutral selector values (ones) bind nothing more.
 """
 from __future__ import annotations
 
@@ -55,12 +54,13 @@ from dataclasses import dataclass
 
 from .access import ADAPTER_MANIFEST, STOPPED, check_readable, moved_aside, read_json, sha256_bytes
 from .base_checks import TOKEN_TYPES, base_value_errors
-from .values import is_kind
 from .commands import ADAPTERS_DIR, adapter_export_command, export_command, fresh_out
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
+from .values import is_kind
 
 FORMAT_VERSION = 3  # 2: fused groups, KV-cache I/O; 3: stackable slots and selectors (mixed batches)
+ENCODERS = {"bert"}  # model types exported as encoders (no cache; BERT's token types)
 CLASSIFIER_NAMES = ["classifier", "score"]  # a sequence classifier's head: the only layer whose columns are the output
 
 

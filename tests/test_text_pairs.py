@@ -235,15 +235,18 @@ def test_inspect_says_what_classify_takes(reranker, capsys, tmp_path):
             Runtime(str(old))
 
 
-def test_a_decoder_classifier_joins_a_pair_by_the_template(text_model, tmp_path):
-    """A decoder has no token types: the pair template alone joins the two texts, as transformers' pipeline does."""
+@pytest.fixture(scope="module")
+def decoder_classifier(text_model, tmp_path_factory):
+    """(OUT, base, the PEFT model): a tiny Llama classifier of 3 labels with a LoRA adapter "lora", its tokenizer
+    given Llama's pair template (<s> a </s> b)."""
     import peft
     import transformers as tf
     from tokenizers import Tokenizer, processors
 
-    base = str(tmp_path / "base")
+    root = tmp_path_factory.mktemp("decoder-pairs")
+    base = str(root / "base")
     shutil.copytree(text_model("llama"), base)
-    tok = Tokenizer.from_file(os.path.join(base, "tokenizer.json"))  # Llama's pair template: <s> a </s> b
+    tok = Tokenizer.from_file(os.path.join(base, "tokenizer.json"))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A </s> $B:1",
                                                        special_tokens=[("<s>", 1), ("</s>", 2)])
     tok.save(os.path.join(base, "tokenizer.json"))
@@ -252,9 +255,17 @@ def test_a_decoder_classifier_joins_a_pair_by_the_template(text_model, tmp_path)
                              peft.LoraConfig(task_type="SEQ_CLS", r=2))
     randomize_adapter(pm, 6)
     pm.peft_config["default"].base_model_name_or_path = base
-    pm.save_pretrained(str(tmp_path / "lora"))
-    export([str(tmp_path / "lora")], str(tmp_path / "out"), names=["lora"])
-    rt = Runtime(str(tmp_path / "out"))
+    pm.save_pretrained(str(root / "lora"))
+    export([str(root / "lora")], str(root / "out"), names=["lora"])
+    return str(root / "out"), base, pm
+
+
+def test_a_decoder_classifier_joins_a_pair_by_the_template(decoder_classifier):
+    """A decoder has no token types: the pair template alone joins the two texts, as transformers' pipeline does."""
+    import transformers as tf
+
+    out, base, pm = decoder_classifier
+    rt = Runtime(out)
     assert rt.token_types is None and rt.manifest["type_vocab_size"] is None
     hf = tf.AutoTokenizer.from_pretrained(base)
     hf.model_input_names = ["input_ids", "attention_mask"]  # as Llama's tokenizer: no token types
@@ -266,3 +277,46 @@ def test_a_decoder_classifier_joins_a_pair_by_the_template(text_model, tmp_path)
         assert ours["scores"] == pytest.approx(theirs, abs=1e-5)
         joined = rt.classify(text + pair, adapter="lora")["scores"]  # without the template's </s>: other scores
         assert max(abs(joined[k] - v) for k, v in theirs.items()) > 1e-4
+
+
+def test_pair_edges_follow_their_references(reranker, decoder_classifier, tmp_path):
+    """Found by a hunt: a bare (text, text_pair) tuple was two texts (one pair to CrossEncoder.predict), an empty
+    pair in the pipeline's form was kept (the pipeline's tokenizer drops it), --max-length counted a single text's
+    special tokens for pairs (3 trained [CLS] [SEP] [SEP]), a row's "text_pair": null and encode_pairs(texts, None)
+    were refused (transformers reads both as no pair), and an earlier edgepeft's decoder export refused pairs it can
+    serve (its template joins them; only a BERT's graph lacked the token types)."""
+    import transformers as tf
+
+    from edgepeft.errors import ConfigError as TrainingConfigError
+    from edgepeft.training.data import Encoder, read_jsonl
+
+    out, _, base = reranker
+    rt = Runtime(out)
+    with pytest.raises(InvalidInputError, match=r"is ambiguous: one pair to sentence-transformers' CrossEncoder, two "
+                                                r"texts to the pipeline; pass \[\(text, text_pair\)\] for a pair"):
+        rt.classify(PAIRS[0], adapter="lora")
+    def score(given):
+        return rt.classify(given, adapter="lora")["score"]
+
+    assert rt.classify(["a b", "c"], adapter="lora")[1]["score"] == pytest.approx(score("c"), abs=1e-6)  # two texts
+    assert score({"text": "where is it", "text_pair": ""}) == score("where is it")  # the pipeline's: [CLS] a [SEP]
+    assert rt.classify([("where is it", "")], adapter="lora")[0]["score"] != score("where is it")  # [CLS] a [SEP] [SEP]
+    ids, _, types = rt.tokenizer.encode_pairs(["a b", "c"], None)
+    np.testing.assert_array_equal(ids, rt.tokenizer.encode(["a b", "c"])[0])
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a", "text_pair": None, "label": 1}) + "\n" +
+                    json.dumps({"text": "b", "text_pair": "c d", "label": 0}) + "\n")
+    rows = read_jsonl(str(data), "seq-cls")
+    assert "text_pair" not in rows[0] and rows[1]["text_pair"] == "c d"
+    tok = tf.AutoTokenizer.from_pretrained(base)
+    with pytest.raises(TrainingConfigError, match=r"--max-length 3 leaves no token of text: the tokenizer adds 3 "
+                                                  r"special tokens to each pair; pass --max-length 4 or more"):
+        Encoder(tok, "seq-cls", 3, ["0", "1"], types=True).encode(rows, str(data))
+    old = tmp_path / "old"  # an earlier edgepeft's decoder classifier: no type_vocab_size, pairs by the template
+    decoder_out = decoder_classifier[0]
+    shutil.copytree(decoder_out, old)
+    manifest = json.loads((old / "base" / "edgepeft.json").read_text())
+    del manifest["type_vocab_size"]
+    (old / "base" / "edgepeft.json").write_text(json.dumps(manifest))
+    assert Runtime(str(old)).classify([("set an alarm", "for seven")], adapter="lora") == \
+        Runtime(decoder_out).classify([("set an alarm", "for seven")], adapter="lora")

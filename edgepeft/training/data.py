@@ -97,6 +97,8 @@ def read_jsonl(path: str, task: str) -> Rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object like {want}, got {type(row).__name__}")
         ignored |= others.keys() & row.keys()
+        if row.get(PAIR, "") is None:  # a column's missing value (the pipeline's text_pair None): the text alone
+            del row[PAIR]
         if PAIR in row and task != "seq-cls":  # read past, a pair's second text would be dropped
             raise DataError(f"{path}:{n}: \"{PAIR}\": text pairs train a classifier (a cross-encoder: --task seq-cls "
                             f"with \"text\", \"{PAIR}\" and \"label\"), not {task}; drop the field")
@@ -231,10 +233,13 @@ class Encoder:
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id = pad
-        specials = len(self._ids(""))
-        if task != "causal-lm" and max_length <= specials:  # transformers then cuts none of the text, or all of it
-            raise ConfigError(f"--max-length {max_length} leaves no token of text: the tokenizer adds {specials} "
-                              f"special tokens to each text; pass --max-length {specials + 1} or more")
+        if task != "causal-lm":
+            self._check_room(len(self._ids("")), "text")
+
+    def _check_room(self, specials: int, what: str) -> None:
+        if self.max_length <= specials:  # transformers then cuts none of the text, or all of it
+            raise ConfigError(f"--max-length {self.max_length} leaves no token of text: the tokenizer adds {specials} "
+                              f"special tokens to each {what}; pass --max-length {specials + 1} or more")
 
     def _ids(self, text: str, special: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special, truncation=False)["input_ids"]
@@ -253,6 +258,8 @@ class Encoder:
 
     def encode(self, rows: list[dict], path: str) -> list[dict]:
         if self.task == "seq-cls":
+            if any(PAIR in r for r in rows):  # a pair's template adds more ([CLS] a [SEP] b [SEP]: 3)
+                self._check_room(self.tokenizer.num_special_tokens_to_add(pair=True), "pair")
             return [self._classified(r, y) for r, y in zip(rows, label_ids(rows, self.labels, path))]
         if self.task == "feature-extraction":
             return [{"input_ids": self._cut(r["text"]), "positive_ids": self._cut(r["positive"])} |
