@@ -77,6 +77,9 @@ def graph_declaration_errors(session, manifest: dict) -> list[str]:
         absent = sorted(set(declared) - set(has))
         if absent:
             return [f"field {side!r} lists {absent[0]!r}, which the graph lacks"]
+    unlisted = sorted({i.name for i in session.get_inputs()} - set(manifest["inputs"]))  # required: no default
+    if unlisted:  # ONNX Runtime's "Required inputs ... are missing" at every call
+        return [f"the graph takes {unlisted[0]!r}, which field 'inputs' does not list"]
     if TOKEN_TYPES in manifest["inputs"] and manifest.get("type_vocab_size") is None:  # a call's types are checked by it
         return [f"field 'inputs' lists {TOKEN_TYPES!r}; field 'type_vocab_size' must give its token types"]
     cache = manifest.get("cache")

@@ -20,6 +20,7 @@ from peft_refs import randomize_adapter
 import edgepeft
 from edgepeft.exporters import export
 from edgepeft.runtimes import ConfigError, InvalidInputError, Runtime
+from edgepeft.runtimes.errors import CorruptArtifactError
 
 MINILM = edgepeft.minilm_path()  # its BERT tokenizer: [CLS] a [SEP] b [SEP], the second text's types 1
 PAIRS = [("how tall is everest", "mount everest is 8,849 metres high"),
@@ -121,7 +122,7 @@ def test_pairs_in_forward_and_the_tokenizer(reranker):
                                                     token_type_ids=types[1:2])["logits"][0], atol=1e-5)
 
 
-def test_bad_token_types_and_pairs_are_refused(reranker, tmp_path):
+def test_bad_token_types_and_pairs_are_refused(reranker, tmp_path, monkeypatch):
     out, _, _ = reranker
     rt = Runtime(out)
     ids, mask, types = rt.tokenizer.encode_pairs(["a b"], ["c"])
@@ -136,17 +137,32 @@ def test_bad_token_types_and_pairs_are_refused(reranker, tmp_path):
     with pytest.raises(InvalidInputError, match="encode_pairs takes one pair"):
         rt.tokenizer.encode_pairs(["a", "b"], ["c"])
     # an export written before pairs were served (no type_vocab_size; its graph takes no types) refuses them
+    # an export written before pairs were served: its graph takes no types, its manifest has no type_vocab_size
+    from edgepeft.exporters import graph
+
+    monkeypatch.setattr(graph, "reads_token_types", lambda config, task: False)
     old = tmp_path / "old"
-    shutil.copytree(out, old)
+    export([os.path.join(os.path.dirname(out), "lora")], str(old), names=["lora"])
     path = old / "base" / "edgepeft.json"
     manifest = json.loads(path.read_text())
+    assert "token_type_ids" not in manifest["inputs"]
     del manifest["type_vocab_size"]
-    del manifest["inputs"]["token_type_ids"]
     path.write_text(json.dumps(manifest))
+    rt = Runtime(str(old))
+    assert rt.classify("a b", adapter="lora")["score"] == pytest.approx(  # texts are served as before
+        Runtime(out).classify("a b", adapter="lora")["score"], abs=1e-6)
     with pytest.raises(InvalidInputError, match="this export takes no token_type_ids"):
-        Runtime(str(old)).forward(ids, mask, token_type_ids=types)
+        rt.forward(ids, mask, token_type_ids=types)
+    np.testing.assert_array_equal(rt.forward(ids, mask, token_type_ids=types * 0)["logits"], rt.forward(ids, mask)["logits"])
     with pytest.raises(ConfigError, match="exported before edgepeft served text pairs .*export the adapters again"):
-        Runtime(str(old)).classify([("a", "b")])
+        rt.classify([("a", "b")])
+    # a manifest that leaves out an input the graph takes: refused at open, not ONNX Runtime's error at the call
+    manifest = json.loads(open(os.path.join(out, "base", "edgepeft.json")).read())
+    del manifest["inputs"]["token_type_ids"]
+    shutil.copytree(out, tmp_path / "unlisted")
+    (tmp_path / "unlisted" / "base" / "edgepeft.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptArtifactError, match="the graph takes 'token_type_ids', which field 'inputs' does not list"):
+        Runtime(str(tmp_path / "unlisted"))
 
 
 def test_pairs_train_and_serve(reranker, tmp_path):
@@ -225,8 +241,6 @@ def test_inspect_says_what_classify_takes(reranker, capsys, tmp_path):
     (old / "base" / "edgepeft.json").write_text(json.dumps(manifest))
     assert "\n  classify: texts only (an earlier edgepeft's export: export again for text pairs)\n" in \
         cli_ok(capsys, "inspect", str(old))
-    from edgepeft.runtimes.errors import CorruptArtifactError
-
     manifest = json.loads(open(os.path.join(out, "base", "edgepeft.json")).read())
     for value, match in [(0, r"field 'type_vocab_size' must be at least 1 \(or null\), got 0"),
                          (None, r"field 'inputs' lists 'token_type_ids'; field 'type_vocab_size' must give its token types")]:
