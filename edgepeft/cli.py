@@ -195,10 +195,9 @@ def inspect(out, as_json):
     source = (b.get("source") or "a source not recorded") + (f" (revision {b['revision']})" if b.get("revision") else "")
     click.echo(f"base: {b['model_type']} {b['task']} from {source}  {_size(b['bytes'])}  {weights} opset {b['opset']}{merged}")
     click.echo(f"  fingerprint {b['fingerprint'][:16]}")
-    if b["task"] == "seq-cls":  # what classify takes
-        types = b["pair_token_types"]
-        click.echo("  classify: texts" + (" only (an earlier edgepeft's export: export again for text pairs)" if types is
-                   False else f" and text pairs ({'token types' if types else 'the tokenizer pair template'})"))
+    if pairs := b["text_pairs"]:  # what classify takes
+        click.echo("  classify: texts" + (" only (an earlier edgepeft's export: export an adapter into it again for "
+                   "text pairs)" if pairs == "not served" else f" and text pairs (by {pairs})"))
     if e := info["embedding"]:  # what embed does, as Runtime reads it
         click.echo(f"  embed: pooled by {e['mode']}, texts cut to {e['limit'] or 'no limit'}"
                    + ", lower-cased" * e["lower"] + ", prompts left out of the pooling" * (not e["include_prompt"])

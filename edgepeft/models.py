@@ -12,7 +12,8 @@ import torch
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
 from edgepeft.hub import hub_unreachable
 from edgepeft.runtimes.access import check_readable
-from edgepeft.runtimes.manifest import CLASSIFIER_NAMES, ENCODERS
+from edgepeft.runtimes.base_checks import ENCODERS
+from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 from edgepeft.runtimes.sentence import (PROMPTS_CONFIG, SENTENCE_TRANSFORMERS_FILES, check_default_prompt,
                                         has_sentence_transformers_files, sentence_transformers_settings)
 
@@ -21,7 +22,8 @@ DECODERS = {"llama", "qwen2", "gpt2"}
 SUPPORTED = sorted(ENCODERS | DECODERS)
 
 # edgepeft task -> optimum TasksManager task (which maps it to a transformers auto class).
-OPTIMUM_TASKS = {"causal-lm": "text-generation", "seq-cls": "text-classification", "feature-extraction": "feature-extraction"}
+OPTIMUM_TASKS = {"causal-lm": "text-generation", "seq-cls": "text-classification",
+                 "feature-extraction": "feature-extraction"}
 
 
 def minilm_path() -> str:

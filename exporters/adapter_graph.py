@@ -21,7 +21,7 @@ from edgepeft.exporters.graph import IR_VERSION, OPSET
 from edgepeft.files import write_json_atomic
 from edgepeft.models import named_labels
 from edgepeft.runtimes.access import sha256_file
-from edgepeft.runtimes.manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST, FORMAT_VERSION, ORT_ADAPTER
+from edgepeft.runtimes.manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST, LAYOUT_VERSION, ORT_ADAPTER
 from edgepeft.tuners import specs_for
 from edgepeft.tuners.layout import Assembled
 
@@ -81,7 +81,7 @@ def write_adapter(peft, src, slots: list, base_manifest: dict, stage: str, ort_a
         ort_format.write_ort_adapter(graph, os.path.join(stage, ORT_ADAPTER))
     manifest = {
         "format": "edgepeft-adapter",
-        "format_version": FORMAT_VERSION,
+        "format_version": LAYOUT_VERSION,
         "name": src.name,
         "methods": names,
         "peft_type": config.peft_type,

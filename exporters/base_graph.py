@@ -24,7 +24,7 @@ from edgepeft.models import (
 )
 from edgepeft.exporters.generation_settings import generation_fields, ignored_generation
 from edgepeft.exporters.web_graph import write_web_variant
-from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
+from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, LAYOUT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
 from edgepeft.runtimes.sentence import PROMPTS_CONFIG, sentence_transformers_settings
 from edgepeft.runtimes.text import TextTokenizer
 from edgepeft.tuners import spec_for
@@ -69,7 +69,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     slots = [s for s in slots if s.name not in io["inert_slots"]]
     manifest = {
         "format": "edgepeft-base",
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if graph.types else LAYOUT_VERSION,  # an older runtime binds no types
         "model_type": model.config.model_type,
         "task": task,
         "source": source,

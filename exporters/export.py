@@ -29,12 +29,13 @@ from edgepeft.files import (
     Staging, check_output_dir, missing_folders, one_at_a_time, remove_abandoned, remove_empty, remove_moved_aside,
     reporting_full_disk, write_json_atomic, written_whole,
 )
-from edgepeft.models import model_label
+from edgepeft.models import model_label, reads_token_types
 from edgepeft.runtimes.access import REPOINTED, located, may_replace, read_json
 from edgepeft.runtimes.manifest import (
-    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, TASK_OUTPUTS, adapter_dirs,
-    read_adapter_manifest, read_base_manifest, uncounted_heads,
+    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, LAYOUT_VERSION, TASK_OUTPUTS, TOKEN_TYPES, adapter_dirs,
+    read_adapter_manifest, read_base_manifest,
 )
+from edgepeft.runtimes.slot_checks import uncounted_heads
 from edgepeft.runtimes.runtime import Runtime
 from edgepeft.runtimes.values import is_number
 from edgepeft.tuners.layout import group_key
@@ -178,6 +179,8 @@ def plan_slots(plan: ExportPlan) -> tuple[list, bool]:
     slots = slot_union(existing["slots"] if existing else [], needed)
     reuse = existing is not None and (
         {s.name for s in needed} - set(existing.get("inert_slots", [])) <= {s.name for s in existing["slots"]})
+    # a base an earlier edgepeft wrote without BERT's token types: written again (its adapters taken along) for pairs
+    reuse = reuse and (TOKEN_TYPES in existing["inputs"] or not reads_token_types(plan.model.config, plan.task))
     return slots, reuse
 
 
@@ -195,9 +198,10 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
     existing, base_dir = plan.existing, plan.base_dir
     if existing.get("merged_adapter"):
         raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")
-    if existing.get("format_version") != FORMAT_VERSION:
+    writes = FORMAT_VERSION if reads_token_types(plan.model.config, plan.task) else LAYOUT_VERSION
+    if existing.get("format_version") not in {writes, LAYOUT_VERSION}:  # format 3 without token types: written again
         raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
-                          f"{existing.get('format_version')}; this edgepeft writes {FORMAT_VERSION}); "
+                          f"{existing.get('format_version')}; this edgepeft writes {writes}); "
                           "export into a fresh --out folder")
     theirs = generation_fields(plan.model, plan.task)  # generate's defaults, from generation_config.json
     if missing := [k for k in theirs if k not in existing]:  # not another base: it was called one, the same folder

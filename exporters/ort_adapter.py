@@ -20,7 +20,7 @@ import tempfile
 import onnxruntime as ort
 
 from edgepeft.files import FULL_DISK
-from edgepeft.runtimes.manifest import FORMAT_VERSION
+from edgepeft.runtimes.manifest import LAYOUT_VERSION
 
 
 def applies(slots) -> bool:
@@ -35,7 +35,7 @@ def write_ort_adapter(graph_path: str, out_path: str) -> None:
     arrays = session.run(None, {})
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(1)
-    adapter.set_model_version(FORMAT_VERSION)
+    adapter.set_model_version(LAYOUT_VERSION)
     adapter.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in zip(names, arrays)})
     try:
         adapter.export_adapter(out_path)

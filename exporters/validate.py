@@ -181,7 +181,7 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
 
 def sample_types(rt, mask):
     """A sample batch's token types, a pair's (``graph.sample_token_types``), where the graph takes them; else None."""
-    return None if rt.token_types is None else sample_token_types(mask)
+    return None if rt.type_vocab_size is None else sample_token_types(mask)
 
 
 def check_room(positions: int | None, virtual: int, where: str) -> int | None:

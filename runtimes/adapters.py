@@ -30,14 +30,14 @@ from .errors import (
 )
 from .manifest import (
     ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, read_adapter_manifest,
-    read_base_manifest, stacks_as_output, uncounted_heads,
+    read_base_manifest, stacks_as_output,
 )
 from .access import STOPPED, inside, moved_aside
 from .commands import export_command, folder_fix, name_problem
 from .adapter_graph import run_adapter_graph
 from .adapter_source import read_adapter_source
 from .sessions import ort
-from .slot_checks import axis_sharing, check_adapter_tensors
+from .slot_checks import axis_sharing, check_adapter_tensors, uncounted_heads
 from .values import is_whole
 
 

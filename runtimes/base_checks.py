@@ -12,7 +12,8 @@ from .generation import GenerationConfig
 from .values import is_kind
 
 OPS = ("contrib", "standard")  # exporters' --ops
-TOKEN_TYPES = "token_type_ids"  # a seq-cls BERT's input: its second segment (text pairs); manifest.py names it
+TOKEN_TYPES = "token_type_ids"  # a seq-cls BERT's input: its second segment (text pairs); manifest.py imports it
+ENCODERS = {"bert"}  # model types exported as encoders (no cache; BERT's token types); models.py imports it
 
 
 def base_value_errors(data: dict) -> list[str]:
@@ -26,6 +27,8 @@ def base_value_errors(data: dict) -> list[str]:
         errors.append(f"field 'max_positions' must be at least 1 (or null), got {most}")
     if (types := data.get("type_vocab_size")) is not None and types < 1:
         errors.append(f"field 'type_vocab_size' must be at least 1 (or null), got {types}")
+    if types is None and TOKEN_TYPES in data["inputs"]:  # a call's types are checked against it
+        errors.append(f"field 'inputs' lists {TOKEN_TYPES!r}; field 'type_vocab_size' must give its token types")
     if most is None and data.get("ops") == "contrib" and data.get("cache") is not None:  # RotaryEmbedding's error
         errors.append("field 'max_positions' must be the length of a contrib decoder's position tables, got null")
     eos = data.get("eos_token_id") or []
@@ -80,8 +83,6 @@ def graph_declaration_errors(session, manifest: dict) -> list[str]:
     unlisted = sorted({i.name for i in session.get_inputs()} - set(manifest["inputs"]))  # required: no default
     if unlisted:  # ONNX Runtime's "Required inputs ... are missing" at every call
         return [f"the graph takes {unlisted[0]!r}, which field 'inputs' does not list"]
-    if TOKEN_TYPES in manifest["inputs"] and manifest.get("type_vocab_size") is None:  # a call's types are checked by it
-        return [f"field 'inputs' lists {TOKEN_TYPES!r}; field 'type_vocab_size' must give its token types"]
     cache = manifest.get("cache")
     if cache:
         shape = inputs.get(cache["past_key"] % 0) or []  # (batch, kv heads, positions, head width)
@@ -92,3 +93,9 @@ def graph_declaration_errors(session, manifest: dict) -> list[str]:
         if logits and isinstance(logits[-1], int) and logits[-1] != manifest["vocab_size"]:
             return [f"field 'vocab_size' is {manifest['vocab_size']}, the graph's logits have {logits[-1]}"]
     return []
+
+
+def serves_pairs(manifest: dict) -> bool:
+    """Whether classify takes text pairs: every seq-cls export but an earlier edgepeft's encoder one, whose graph
+    takes no token types (it wrote no ``type_vocab_size``); a decoder's pair needs its template alone."""
+    return manifest["task"] == "seq-cls" and ("type_vocab_size" in manifest or manifest["model_type"] not in ENCODERS)

@@ -11,18 +11,14 @@ import os
 
 import numpy as np
 
+from .commands import PAIRS_FIX
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
-from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST, ENCODERS
+from .base_checks import serves_pairs
+from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .mixing import row_adapters
-from .text import _in_groups, _token_counts
+from .text import in_groups, token_counts
 
 PAIR_KEYS = ("text", "text_pair")  # transformers' pipeline's pair: the tokenizer's argument names
-
-
-def serves_pairs(manifest: dict) -> bool:
-    """Whether classify takes text pairs: every seq-cls export but an earlier edgepeft's encoder one, whose graph
-    takes no token types (it wrote no ``type_vocab_size``); a decoder's pair needs its template alone."""
-    return manifest["task"] == "seq-cls" and ("type_vocab_size" in manifest or manifest["model_type"] not in ENCODERS)
 
 
 def _rows(texts) -> tuple[list, bool]:
@@ -60,7 +56,7 @@ def classify(rt, texts, adapter=None):
     rows, single = _rows(texts)
     if not serves_pairs(rt.manifest) and any(pair is not None for _, pair in rows):  # BERT's types unbound
         raise ConfigError(f"{rt.base_dir}: exported before edgepeft served text pairs (a BERT's graph then took no token "
-                          "types); export the adapters again into a fresh --out folder")
+                          f"types); {PAIRS_FIX}")
     out = _classified(rt, rows, adapter)
     return out[0] if single else out
 
@@ -68,12 +64,12 @@ def classify(rt, texts, adapter=None):
 def _classified(rt, rows: list, adapter) -> list:
     ids, mask, types = rt.tokenizer.encode_pairs(*zip(*rows))
     per_row = row_adapters(adapter, len(rows))
-    lengths = _token_counts([t if p is None else (t, p) for t, p in rows], mask)
+    lengths = token_counts([t if p is None else (t, p) for t, p in rows], mask)
     if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
         # at a time does (transformers' pipeline): the head would read a shorter row at a pad
-        return _in_groups(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs))
+        return in_groups(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs))
     with rt.lanes(adapter, len(rows)):  # held until the names are read: a name reloaded between renames the scores
-        logits = rt.forward(ids, mask, adapter=adapter, token_type_ids=None if rt.token_types is None else types)
+        logits = rt.forward(ids, mask, adapter=adapter, token_type_ids=None if rt.type_vocab_size is None else types)
         logits = logits["logits"].astype(np.float64)  # NaN past a row's own labels
         labels = [_labels_of(rt, spec) for spec in per_row]
     out = []

@@ -21,6 +21,9 @@ def fresh_out(path: str) -> str:
 
 
 ADAPTERS_DIR = "adapters"  # OUT/adapters/<name>: one folder per adapter
+# what serves text pairs from a BERT classifier an earlier edgepeft exported (its graph took no token types)
+PAIRS_FIX = ("export an adapter into it again (its base is then written with token types), or every adapter into a "
+             "fresh --out folder")
 NAME_LENGTH = 100  # OUT/adapters/<name>, and the export's staging folder beside it, within a file name's 255 bytes
 
 

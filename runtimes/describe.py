@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 
 from .access import STOPPED, check_readable, moved_aside
+from .base_checks import serves_pairs
 from .commands import folder_fix
 from .errors import EdgePeftError
 from .manifest import (
     ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export,
     read_adapter_manifest, read_base_manifest,
 )
-from .classify import serves_pairs
 from .sentence import prompts_known, sentence_transformers_settings
 
 
@@ -107,10 +107,10 @@ def describe_export(out_dir: str) -> dict:
             "quantization": base.get("quantization"),
             "opset": base.get("opset"),
             "merged_adapter": base.get("merged_adapter"),
-            # a classifier's text pairs: BERT's token types (a number), the pair template alone (None), or none served
-            # (an earlier edgepeft's BERT export: False)
-            "pair_token_types": (base.get("type_vocab_size") if serves_pairs(base) else False)
-            if base["task"] == "seq-cls" else None,
+            # how a classifier takes text pairs: with BERT's token types, by the pair template alone (a decoder's), or
+            # not at all (an earlier edgepeft's BERT export); None: no classifier
+            "text_pairs": None if base["task"] != "seq-cls" else "not served" if not serves_pairs(base) else
+            "token types" if base.get("type_vocab_size") else "template",
             "bytes": folder_bytes(base_dir),
         },
         "slots": base["slots"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .commands import PAIRS_FIX
 from .errors import InvalidInputError
 
 
@@ -69,8 +70,7 @@ def check_token_types(token_type_ids, ids: np.ndarray, types: int | None, base_d
     if types is None and (lo or hi):
         raise InvalidInputError(
             f"{base_dir}: this export takes no token_type_ids (only a seq-cls export of a model with token types, "
-            "BERT's, does; one exported before edgepeft served text pairs does not: export it again into a fresh "
-            "--out folder); pass none")
+            f"BERT's, does; for one exported before edgepeft served text pairs, {PAIRS_FIX}); pass none")
     if types is not None and (lo < 0 or hi >= types):
         raise InvalidInputError(f"token type {hi if hi >= types else lo} is outside the model's [0, {types}); give 0 for "
                                 "a text's (or a pair's first) tokens, 1 for a pair's second")

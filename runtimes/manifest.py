@@ -44,7 +44,8 @@ Rows with different adapters in one graph run (mixed batches, weighted adapters)
                      or the adapter's weight), "adapters" (rows, stacked adapters): a weight per
                      stacked adapter (IA3: 1 for the row's own)
 
-Slots without a ``stack_axis`` do not mix (such rows run apart). Neutral selector values (ones) bind nothing more.
+Slots without a ``stack_axis`` do not mix: rows of such an adapter run in a graph run of their own. Neutral selector
+values (ones) make the single-adapter path bind nothing more.
 """
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 from .values import is_kind
 
-FORMAT_VERSION = 3  # 2: fused groups, KV-cache I/O; 3: stackable slots and selectors (mixed batches)
-ENCODERS = {"bert"}  # model types exported as encoders (no cache; BERT's token types)
+FORMAT_VERSION = 4  # 2: fused groups, KV-cache I/O; 3: stackable slots and selectors (mixed batches); 4: token types
+LAYOUT_VERSION = 3  # what an adapter, and a base without a token_type_ids input, writes: their layout is format 3's
 CLASSIFIER_NAMES = ["classifier", "score"]  # a sequence classifier's head: the only layer whose columns are the output
 
 
@@ -377,13 +378,6 @@ def check_adapter_graph(adapter_dir: str, manifest: dict) -> bytes:
         raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); "
                                    "re-export the adapter")
     return data
-
-
-def uncounted_heads(base: dict, made=()) -> list:
-    """The base's own heads (slots it fills itself) an OUT written before ``fingerprint_counts_heads`` left out of
-    its fingerprint; none for a newer OUT. ``made``: heads made at load, which never count."""
-    counted = base.get("fingerprint_counts_heads")
-    return [] if counted else sorted({s.module for s in base["slots"] if s.neutral == "base"} - set(made))
 
 
 def adapter_dirs(out_dir: str) -> dict:

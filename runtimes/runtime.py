@@ -103,7 +103,7 @@ class Runtime:
         self.vocab_size = int(self.manifest["vocab_size"])
         self.max_positions = self.manifest.get("max_positions")
         # a seq-cls BERT's token types (base_checks: given where the graph takes them), else None: it takes none
-        self.token_types = self.manifest["type_vocab_size"] if TOKEN_TYPES in self.manifest["inputs"] else None
+        self.type_vocab_size = self.manifest["type_vocab_size"] if TOKEN_TYPES in self.manifest["inputs"] else None
         self.store = AdapterStore(self.manifest, base_dir, self.path, self.cache_inputs, self.device, budget)
         self.mixer = Mixer(self.store, self.device)
         self._tokenizer = None
@@ -181,6 +181,7 @@ class Runtime:
         bound in ``binding``; rows run apart bind it per row); else the graph's default, every position.
         Returns OrtValues: the task output, then the presents when asked for (a FixedCache step: its logits only).
         """
+        # GroupQueryAttention graphs are decoders': no token types to split with the rows
         if self.contrib and ids.shape[0] > 1 and ids.shape[1] > 1 and (past is not None or plan.past):
             return run_rows_apart(self, plan, ids, mask, position_ids, past, presents, keep_last)
         binding = binding or self.slot_binding(plan)
@@ -188,7 +189,7 @@ class Runtime:
             binding.bind_ortvalue_input(self.keep_last_name, self.keep_last)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
-        if self.token_types is not None:  # a seq-cls BERT's: zeros where the call gives none
+        if self.type_vocab_size is not None:  # a seq-cls BERT's: zeros where the call gives none
             binding.bind_cpu_input(TOKEN_TYPES, np.zeros_like(ids) if types is None else types)
         fixed = isinstance(past, FixedCache)  # it binds the logits too, once
         if not fixed:
@@ -255,10 +256,10 @@ class Runtime:
         ``{'last_hidden_state': ...}``. Positions are 0..T-1 as in a transformers
         forward call. An adapter with virtual tokens follows HF PEFT: a prompt's tokens
         come first in the output (B, n + T, ...); a prefix's keys/values shift positions by n. ``token_type_ids``:
-        BERT's segments (a text pair's second is 1) where the export takes them (``token_types``), else 0.
+        BERT's segments (a text pair's second is 1) where the export takes them (``type_vocab_size`` of them), else 0.
         """
         ids, mask = self._inputs(input_ids, attention_mask)
-        types = check_token_types(token_type_ids, ids, self.token_types, self.base_dir)
+        types = check_token_types(token_type_ids, ids, self.type_vocab_size, self.base_dir)
         parts = []
         with self.lanes(adapter, *ids.shape) as lanes:
             for lane in lanes:

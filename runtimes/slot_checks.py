@@ -135,3 +135,10 @@ def check_graph_inputs(session, manifest: dict, manifest_path: str, graph: str) 
     errors = [f"slot {absent[0]!r} is not an input of {graph}"] if absent else graph_declaration_errors(session, manifest)
     if errors:
         raise CorruptArtifactError(f"{manifest_path}: {errors[0]}; re-run `edgepeft export` into a fresh --out folder")
+
+
+def uncounted_heads(base: dict, made=()) -> list:
+    """The base's own heads (slots it fills itself) an OUT written before ``fingerprint_counts_heads`` left out of
+    its fingerprint; none for a newer OUT. ``made``: heads made at load, which never count."""
+    counted = base.get("fingerprint_counts_heads")
+    return [] if counted else sorted({s.module for s in base["slots"] if s.neutral == "base"} - set(made))

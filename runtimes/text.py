@@ -132,7 +132,8 @@ class TextTokenizer:
             self.chat_template
 
     def encode(self, texts, add_special_tokens: bool = True, pad_id: int | None = None,
-               padding_side: str | None = None, max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               padding_side: str | None = None, max_length: int | None = None,
+               text_pair=None) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)`` for a text or a list of texts: padded, (B, T) int64 each.
 
         Left padding for generation (new tokens follow every row's last real token);
@@ -141,6 +142,9 @@ class TextTokenizer:
         special tokens kept, at the tokenizer config's ``truncation_side`` (transformers' ``truncation=True``);
         None: no text is cut.
         """
+        if text_pair is not None:  # transformers' spelling: its pairs' types need encode_pairs' third array
+            raise ConfigError("encode takes no text_pair; encode text pairs with encode_pairs(texts, text_pairs), which "
+                              "returns their token_type_ids too")
         if not isinstance(add_special_tokens, bool):  # encode(text, pair): encode_pairs takes pairs
             raise ConfigError(f"add_special_tokens must be True or False, got {add_special_tokens!r} (text pairs: "
                               "encode_pairs)")
@@ -311,7 +315,7 @@ def generate_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     return texts[0] if single else texts
 
 
-def _in_groups(keys: list, rows: list, per_row: list, call) -> list:
+def in_groups(keys: list, rows: list, per_row: list, call) -> list:
     """``call(rows, their adapters)`` once per group of rows with equal ``keys``, the results in the rows' order."""
     parts = {}
     for key in set(keys):
@@ -330,7 +334,7 @@ def _texts(texts) -> tuple[list, bool]:
     return ([texts] if single else list(texts)), single
 
 
-def _token_counts(rows: list, mask: np.ndarray) -> list:
+def token_counts(rows: list, mask: np.ndarray) -> list:
     """Each text's tokens; a text of none is refused (transformers' pipeline refuses it): in a batch a classifier's head
     or the pooling read its padding, a label or an embedding for no text."""
     lengths = mask.sum(-1).tolist()
@@ -369,9 +373,9 @@ def _embedded(rt, rows: list, adapter, normalize: bool, skip: int) -> np.ndarray
                else [rt.virtual_positions(adapter, len(rows))] * len(rows))  # one adapter (or one mix): asked once
     limits = [cut_length(settings.limit, rt.max_positions, n) for n in virtual]
     if len(set(limits)) > 1:  # rows cut to other lengths run in batches of their own: a wider row pads them past it
-        return np.stack(_in_groups(limits, rows, per_row, lambda part, specs: _embedded(rt, part, specs, normalize, skip)))
+        return np.stack(in_groups(limits, rows, per_row, lambda part, specs: _embedded(rt, part, specs, normalize, skip)))
     ids, mask = tokenizer.encode(rows, max_length=limits[0])
-    _token_counts(rows, mask)
+    token_counts(rows, mask)
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
     pooled = pool(hidden, mask * (mask.cumsum(1) > skip), settings.mode)
     if normalize:

@@ -294,7 +294,7 @@ def test_perplexity_is_drawn_on_a_log_axis(monkeypatch, tmp_path):
 
 
 def test_the_samples_empty_only_a_folder_a_sample_made_and_say_ctrl_c_in_one_line(tmp_path, monkeypatch, capsys):
-    """samples/demo.py, train_generative.py and quantized_accuracy.py (pairs_accuracy.py since) emptied the folder they were given (`--out
+    """samples/demo.py, train_generative.py and quantized_accuracy.py emptied the folder they were given (`--out
     adapters`, the quickstart's: its adapters gone), and a Ctrl-C in `make demo` was a traceback with a resume
     command for a folder the next run empties."""
     import subprocess

@@ -157,7 +157,7 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     ("graph", "..", "field 'graph' must be a file name in the same folder"),
     ("format_version", -5, "format version -5 is not a version (a whole number from 1)"),  # it was taken
     ("format_version", "3", "format version '3' is not a version"),  # it was 'newer than this edgepeft reads'
-    ("format_version", 99, "format version 99 is newer than this edgepeft reads (3)"),
+    ("format_version", 99, "format version 99 is newer than this edgepeft reads (4)"),
     # what the runtime sizes by: numpy's "negative dimensions", ONNX Runtime's "Missing Input", a hang filling memory
     ("cache", {"head_dim": -1}, "field 'cache': head_dim must be at least 1, got -1"),
     ("cache", {"num_layers": 1}, "field 'cache': num_layers is 1, field 'inputs' lists 4 past tensors (2 a layer)"),
@@ -209,8 +209,8 @@ def test_a_base_manifest_listing_another_output_first_is_refused(out):
     ("cache", {"num_kv_heads": 1}, "field 'cache': num_kv_heads is 1, the graph's is 2"),
     ("cache", {"head_dim": 8}, "field 'cache': head_dim is 8, the graph's is 16"),
     ("vocab_size", 100, "field 'vocab_size' is 100, the graph's logits have 128"),
-    ("inputs", {"token_type_ids": {"axes": {}, "dtype": "int64"}}, "field 'inputs' lists 'token_type_ids', which the "
-                                                                   "graph lacks"),
+    ("inputs", {"segment_ids": {"axes": {}, "dtype": "int64"}}, "field 'inputs' lists 'segment_ids', which the graph "
+                                                                "lacks"),
 ])
 def test_a_base_manifest_that_disagrees_with_its_graph_is_refused_when_opened(out, field, value, message):
     """Values inside their ranges that the graph does not have: ONNX Runtime's errors at the first call."""

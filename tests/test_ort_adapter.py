@@ -14,7 +14,7 @@ from edgepeft.runtimes import Runtime
 def _feeds(rt, ids, mask):
     """The base graph's inputs for one plain forward call (no adapter slots: the run options bind them)."""
     feeds = {"input_ids": ids, "attention_mask": mask}
-    if rt.token_types:  # a seq-cls BERT's segments: one text's, all 0
+    if rt.type_vocab_size:  # a seq-cls BERT's segments: one text's, all 0
         feeds["token_type_ids"] = np.zeros_like(ids)
     if rt.cache:
         feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()

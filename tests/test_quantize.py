@@ -358,7 +358,7 @@ def test_a_quantized_adapters_effect_is_measured_against_the_base_on_its_own_sam
     from edgepeft.exporters import validate
 
     class Rt:
-        token_types = None  # a graph without BERT's segments
+        type_vocab_size = None  # a graph without BERT's segments
 
         def forward(self, ids, mask, token_type_ids=None):
             return {"logits": ids[..., None].astype(np.float32)}

@@ -2,8 +2,8 @@
 
 A seq-cls BERT's graph takes ``token_type_ids``; classify takes pairs as transformers' pipeline
 (``{"text", "text_pair"}``) and sentence-transformers' CrossEncoder (``(text, text_pair)``) take them, against
-HF PEFT's models given the tokenizer's pair encoding. Before, a pair could only be written as one text: every token
-of type 0, and the top passage changed for 5 of 6 queries on a BERT whose type embeddings were trained.
+HF PEFT's models (edgepeft's for a BERT prefix, which HF PEFT cannot run for SEQ_CLS) given transformers' pair
+encoding. Before, a pair could only be written as one text: every token of type 0.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _reference(model, base, rows) -> np.ndarray:
     return np.stack(out)
 
 
-def test_pairs_classify_as_hf_peft(reranker):
+def test_pairs_classify_as_their_pytorch_models(reranker):
     out, models, base = reranker
     rt = Runtime(out)
     assert rt.manifest["inputs"]["token_type_ids"] == {"axes": {"0": "batch", "1": "sequence"}, "dtype": "int64"}
@@ -136,7 +136,6 @@ def test_bad_token_types_and_pairs_are_refused(reranker, tmp_path, monkeypatch):
             rt.classify(bad)
     with pytest.raises(InvalidInputError, match="encode_pairs takes one pair"):
         rt.tokenizer.encode_pairs(["a", "b"], ["c"])
-    # an export written before pairs were served (no type_vocab_size; its graph takes no types) refuses them
     # an export written before pairs were served: its graph takes no types, its manifest has no type_vocab_size
     from edgepeft.exporters import graph
 
@@ -154,8 +153,18 @@ def test_bad_token_types_and_pairs_are_refused(reranker, tmp_path, monkeypatch):
     with pytest.raises(InvalidInputError, match="this export takes no token_type_ids"):
         rt.forward(ids, mask, token_type_ids=types)
     np.testing.assert_array_equal(rt.forward(ids, mask, token_type_ids=types * 0)["logits"], rt.forward(ids, mask)["logits"])
-    with pytest.raises(ConfigError, match="exported before edgepeft served text pairs .*export the adapters again"):
+    with pytest.raises(ConfigError, match="exported before edgepeft served text pairs .*; export an adapter into it again"):
         rt.classify([("a", "b")])
+    assert manifest["format_version"] == 3  # as every export before; with the types input, 4: an older runtime would
+    assert json.loads(open(os.path.join(out, "base", "edgepeft.json")).read())["format_version"] == 4  # bind none
+    # another adapter exported into it: the base is written again with the input, the adapter there taken along
+    monkeypatch.undo()
+    export([os.path.join(os.path.dirname(out), "prompt")], str(old), names=["prompt"])
+    again = Runtime(str(old))
+    assert again.type_vocab_size == 2 and again.adapter_names == ["lora", "prompt"]
+    for name in ("lora", "prompt"):
+        assert again.classify([PAIRS[0]], adapter=name)[0]["score"] == pytest.approx(
+            Runtime(out).classify([PAIRS[0]], adapter=name)[0]["score"], abs=1e-6)
     # a manifest that leaves out an input the graph takes: refused at open, not ONNX Runtime's error at the call
     manifest = json.loads(open(os.path.join(out, "base", "edgepeft.json")).read())
     del manifest["inputs"]["token_type_ids"]
@@ -233,13 +242,13 @@ def test_inspect_says_what_classify_takes(reranker, capsys, tmp_path):
     from training_helpers import cli_ok
 
     out, _, _ = reranker
-    assert "\n  classify: texts and text pairs (token types)\n" in cli_ok(capsys, "inspect", out)
+    assert "\n  classify: texts and text pairs (by token types)\n" in cli_ok(capsys, "inspect", out)
     old = tmp_path / "old"  # an earlier edgepeft's export: no type_vocab_size
     shutil.copytree(out, old)
     manifest = json.loads((old / "base" / "edgepeft.json").read_text())
     del manifest["type_vocab_size"], manifest["inputs"]["token_type_ids"]
     (old / "base" / "edgepeft.json").write_text(json.dumps(manifest))
-    assert "\n  classify: texts only (an earlier edgepeft's export: export again for text pairs)\n" in \
+    assert "\n  classify: texts only (an earlier edgepeft's export: export an adapter into it again for text pairs)\n" in \
         cli_ok(capsys, "inspect", str(old))
     manifest = json.loads(open(os.path.join(out, "base", "edgepeft.json")).read())
     for value, match in [(0, r"field 'type_vocab_size' must be at least 1 \(or null\), got 0"),
@@ -280,7 +289,7 @@ def test_a_decoder_classifier_joins_a_pair_by_the_template(decoder_classifier):
 
     out, base, pm = decoder_classifier
     rt = Runtime(out)
-    assert rt.token_types is None and rt.manifest["type_vocab_size"] is None
+    assert rt.type_vocab_size is None and rt.manifest["type_vocab_size"] is None
     hf = tf.AutoTokenizer.from_pretrained(base)
     hf.model_input_names = ["input_ids", "attention_mask"]  # as Llama's tokenizer: no token types
     pipe = tf.pipeline("text-classification", model=pm.merge_and_unload().eval(), tokenizer=hf, top_k=None,
@@ -298,7 +307,8 @@ def test_pair_edges_follow_their_references(reranker, decoder_classifier, tmp_pa
     pair in the pipeline's form was kept (the pipeline's tokenizer drops it), --max-length counted a single text's
     special tokens for pairs (3 trained [CLS] [SEP] [SEP]), a row's "text_pair": null and encode_pairs(texts, None)
     were refused (transformers reads both as no pair), and an earlier edgepeft's decoder export refused pairs it can
-    serve (its template joins them; only a BERT's graph lacked the token types)."""
+    serve (its template joins them; only a BERT's graph lacked the token types). A review: "text_pair": "" was refused
+    in training while classify's dict form reads it as no pair, and encode(text, text_pair=...) was a TypeError."""
     import transformers as tf
 
     from edgepeft.errors import ConfigError as TrainingConfigError
@@ -319,9 +329,13 @@ def test_pair_edges_follow_their_references(reranker, decoder_classifier, tmp_pa
     np.testing.assert_array_equal(ids, rt.tokenizer.encode(["a b", "c"])[0])
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "a", "text_pair": None, "label": 1}) + "\n" +
-                    json.dumps({"text": "b", "text_pair": "c d", "label": 0}) + "\n")
+                    json.dumps({"text": "b", "text_pair": "c d", "label": 0}) + "\n" +
+                    json.dumps({"text": "e", "text_pair": "", "label": 0}) + "\n")
     rows = read_jsonl(str(data), "seq-cls")
-    assert "text_pair" not in rows[0] and rows[1]["text_pair"] == "c d"
+    assert "text_pair" not in rows[0] and rows[1]["text_pair"] == "c d" and "text_pair" not in rows[2]
+    with pytest.raises(ConfigError, match=r"^encode takes no text_pair; encode text pairs with encode_pairs\(texts, "
+                                          r"text_pairs\), which returns their token_type_ids too$"):
+        rt.tokenizer.encode("q", text_pair="p")  # transformers' spelling: a TypeError
     tok = tf.AutoTokenizer.from_pretrained(base)
     with pytest.raises(TrainingConfigError, match=r"--max-length 3 leaves no token of text: the tokenizer adds 3 "
                                                   r"special tokens to each pair; pass --max-length 4 or more"):

@@ -97,8 +97,8 @@ def read_jsonl(path: str, task: str) -> Rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object like {want}, got {type(row).__name__}")
         ignored |= others.keys() & row.keys()
-        if row.get(PAIR, "") is None:  # a column's missing value (the pipeline's text_pair None): the text alone
-            del row[PAIR]
+        if PAIR in row and row[PAIR] in (None, ""):  # a column's missing value: the text alone, as the pipeline reads
+            del row[PAIR]  # {"text_pair": None} and "" (and classify's dict form)
         if PAIR in row and task != "seq-cls":  # read past, a pair's second text would be dropped
             raise DataError(f"{path}:{n}: \"{PAIR}\": text pairs train a classifier (a cross-encoder: --task seq-cls "
                             f"with \"text\", \"{PAIR}\" and \"label\"), not {task}; drop the field")

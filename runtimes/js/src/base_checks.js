@@ -55,6 +55,9 @@ export function graphDeclarationErrors(session, m) {
     const absent = Object.keys(m[side]).find((n) => !names.includes(n));
     if (absent) return [`field ${side} lists ${absent}, which the graph lacks`];
   }
+  const slots = new Set((m.slots ?? []).map((s) => s.name));  // model.web.onnx requires the slots too
+  const unlisted = session.inputNames.find((n) => !Object.hasOwn(m.inputs, n) && !slots.has(n));
+  if (unlisted) return [`the graph takes ${unlisted}, which field inputs does not list`];  // ONNX Runtime's error per call
   const shape = (list, name) => (Array.isArray(list) ? list.find((x) => x.name === name)?.shape : null) ?? [];
   if (!m.cache) return [];
   const past = shape(session.inputMetadata, m.cache.past_key.replace("%d", 0));  // (batch, kv heads, positions, width)

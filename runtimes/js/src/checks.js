@@ -18,7 +18,7 @@ export function described(v) {  // a value as a message shows it: "5", 5n, 2.5, 
   return JSON.stringify(v, (_, x) => (typeof x === "bigint" ? `${x}n` : x));  // a bigint inside threw a TypeError
 }
 
-export const FORMAT_VERSION = 3;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)
+export const FORMAT_VERSION = 4;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)
 export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
 export const REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder";
 /** The fix for a damaged file of the export at `rel`: the base's needs a fresh export, an adapter's a re-export. */

@@ -56,7 +56,7 @@ export function checkInputs(ids, mask, manifest, where) {
 
 /**
  * A call's tokenTypeIds (rows like ids) as rows of numbers, or null: none given, or all 0 where the graph takes none
- * (every token is of type 0 there). `types`: the graph's token types (rt.tokenTypes), null where it takes none; a
+ * (every token is of type 0 there). `types`: the graph's token types (rt.typeVocabSize), null where it takes none; a
  * type outside them is refused, and so is any type but 0 where the graph takes none (an export made before edgepeft
  * served text pairs, or of a model without token types), as the Python runtime's check_token_types refuses them.
  */
@@ -67,8 +67,8 @@ export function checkTokenTypes(tokenTypeIds, ids, types, where) {
   for (const v of rows.flat()) [lo, hi] = [Math.min(lo, v), Math.max(hi, v)];
   if (types === null && (lo || hi)) {
     throw new EdgePeftError(`${where}: this export takes no token_type_ids (only a seq-cls export of a model with ` +
-      "token types, BERT's, does; one exported before edgepeft served text pairs does not: export it again into a " +
-      "fresh --out folder); pass none");
+      "token types, BERT's, does; for one exported before edgepeft served text pairs, export an adapter into it " +
+      "again (its base is then written with token types), or every adapter into a fresh --out folder); pass none");
   }
   if (types !== null && (lo < 0 || hi >= types)) {
     throw new EdgePeftError(`token type ${hi >= types ? hi : lo} is outside the model's [0, ${types}); give 0 for a ` +

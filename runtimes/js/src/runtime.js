@@ -89,7 +89,7 @@ export class Runtime {
     if (wrong) throw new EdgePeftError(`${loader.where("base/edgepeft.json")}: ${wrong}; ${REEXPORT_BASE}`);
     this.outputName = Object.keys(m.outputs)[0];
     // a seq-cls BERT's token types (base_checks: given where the graph takes them), else null: it takes none
-    this.tokenTypes = Object.hasOwn(m.inputs, TOKEN_TYPES) ? m.type_vocab_size : null;
+    this.typeVocabSize = Object.hasOwn(m.inputs, TOKEN_TYPES) ? m.type_vocab_size : null;
     this.cache = m.cache;
     this.rowsApart = m.ops === "contrib";  // see run()
     this.pastNames = this.cache ? cacheNames(this.cache, "past") : [];
@@ -253,7 +253,7 @@ export class Runtime {
   }
 
   /** Run the base with an adapter (null: the base model); returns {logits} or {last_hidden_state} as an ort Tensor.
-   * tokenTypeIds: rows like ids (a text pair's second text 1) where the graph takes them (tokenTypes), else none. */
+   * tokenTypeIds: rows like ids (a text pair's second text 1) where the graph takes them (typeVocabSize of them), else none. */
   forward(ids, mask, options = {}) {
     return this.counted(() => this.forwardNow(ids, mask, options));
   }
@@ -262,7 +262,7 @@ export class Runtime {
     const { adapter = null, tokenTypeIds = null } = checkOptions(options, ["adapter", "tokenTypeIds"], "forward");
     const plan = this.plan(adapter);
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
-    const types = checkTokenTypes(tokenTypeIds, ids, this.tokenTypes, this.loader.where("base"));
+    const types = checkTokenTypes(tokenTypeIds, ids, this.typeVocabSize, this.loader.where("base"));
     this.checkLength(plan, ids[0].length, 0);
     const { full, positions } = this.virtualInputs(plan, mask, false);
     const out = await this.run(plan, ids, full, positions, null, true, 0n, types);
@@ -381,8 +381,8 @@ export class Runtime {
     }
     feeds.input_ids = new Tensor("int64", int64(ids), [batch, ids[0].length]);
     feeds.attention_mask = new Tensor("int64", int64(mask), [batch, mask[0].length]);
-    if (this.tokenTypes !== null) {  // a seq-cls BERT's: zeros where the call gives none
-      feeds[TOKEN_TYPES] = new Tensor("int64", int64(types ?? ids.map((row) => row.map(() => 0))), [batch, ids[0].length]);
+    if (this.typeVocabSize !== null) {  // a seq-cls BERT's: zeros where the call gives none
+      feeds[TOKEN_TYPES] = new Tensor("int64", types ? int64(types) : new BigInt64Array(batch * ids[0].length), [batch, ids[0].length]);
     }
     if ("logits_to_keep" in feeds) feeds.logits_to_keep = new Tensor("int64", BigInt64Array.from([keep]), []);
     if (this.cache) {

@@ -152,7 +152,7 @@ test("an export in a newer format than this runtime reads is named, as the Pytho
   const edit = (rel, change) => editJson(path.join(out, rel), change);
   await edit("adapters/lora/adapter.json", { format_version: 99 });
   const rt = await openFolder(ortNode, out);
-  await refuses(rt.loadAdapter("lora"), /adapters\/lora\/adapter.json: format version 99 is newer than this runtime reads \(3\); update the JavaScript runtime/);
+  await refuses(rt.loadAdapter("lora"), /adapters\/lora\/adapter.json: format version 99 is newer than this runtime reads \(4\); update the JavaScript runtime/);
   await rt.loadAdapter("ia3");  // the others still load
   await edit("base/edgepeft.json", { format_version: 99 });
   await refuses(openFolder(ortNode, out), /base\/edgepeft.json: format version 99 is newer than this runtime reads/);
