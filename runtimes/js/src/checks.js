@@ -340,3 +340,15 @@ export async function checkSizes(loader, manifest, files) {
     }
   }
 }
+
+/** Runtime.open's first two arguments, or EdgePeftError naming what to pass. */
+export function checkOpenArguments(ort, loader) {
+  if (typeof ort?.InferenceSession?.create !== "function") {
+    throw new EdgePeftError("Runtime.open takes ONNX Runtime's module first (import * as ort from \"onnxruntime-node\" " +
+      "or \"onnxruntime-web\")");
+  }
+  if (typeof loader?.where !== "function" || typeof loader?.json !== "function") {
+    throw new EdgePeftError(`Runtime.open takes a loader of the export's files, got ${typeof loader === "string" ?
+      JSON.stringify(loader) : String(loader)}; open a folder with openFolder (Node.js) or an address with openUrl`);
+  }
+}

@@ -14,7 +14,7 @@
 
 import {
   EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat,
-  checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
+  checkOpenArguments, checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { TOKEN_TYPES, graphDeclarationErrors } from "./base_checks.js";
 import { exportedAs, folderFix, quote } from "./fixes.js";
@@ -36,14 +36,7 @@ export class Runtime {
   static async open(ort, loader, options = {}) {
     const { sessionOptions = {} } = checkOptions(options, ["sessionOptions"], "Runtime.open",
       " (ONNX Runtime's own options, executionProviders included, go inside sessionOptions)");
-    if (typeof ort?.InferenceSession?.create !== "function") {
-      throw new EdgePeftError("Runtime.open takes ONNX Runtime's module first (import * as ort from \"onnxruntime-node\" " +
-        "or \"onnxruntime-web\")");
-    }
-    if (typeof loader?.where !== "function" || typeof loader?.json !== "function") {
-      throw new EdgePeftError(`Runtime.open takes a loader of the export's files, got ${typeof loader === "string" ?
-        JSON.stringify(loader) : String(loader)}; open a folder with openFolder (Node.js) or an address with openUrl`);
-    }
+    checkOpenArguments(ort, loader);
     const rt = new Runtime();
     rt.ort = ort;
     rt.loader = loader;
@@ -96,6 +89,7 @@ export class Runtime {
     this.presentNames = this.cache ? cacheNames(this.cache, "present") : [];
     this.baseLabels = namedLabels(m.labels, loader.where("base/edgepeft.json"));
     this.adapters = new Map();
+    this.holds = new Map();  // name -> calls in flight using it (counted): unloadAdapter waits for none
   }
 
   json(rel, missing) {
@@ -131,13 +125,17 @@ export class Runtime {
     return this.released;
   }
 
-  /** call() as a call release() waits for (it swapped in a refusing session at once: a generate's decode steps failed). */
-  async counted(call) {
+  /** call() as a call release() waits for (it swapped in a refusing session at once: a generate's decode steps failed),
+   * holding its adapter: unloadAdapter refuses it until the call is done, as the Python runtime does. */
+  async counted(call, adapter) {
     if (this.released) throw new EdgePeftError(RELEASED);
     this.inFlight = (this.inFlight ?? 0) + 1;
+    const held = typeof adapter === "string" && this.adapters.has(adapter) ? adapter : null;
+    if (held) this.holds.set(held, (this.holds.get(held) ?? 0) + 1);
     try {
       return await call();
     } finally {
+      if (held) this.holds.set(held, this.holds.get(held) - 1);
       if (--this.inFlight === 0) this.settled?.();
     }
   }
@@ -224,6 +222,8 @@ export class Runtime {
 
   unloadAdapter(name) {
     if (!this.adapters.has(name)) throw this.notLoaded(name);  // a merged export's name too, as in Python
+    const calls = this.holds.get(name);
+    if (calls) throw new EdgePeftError(`adapter ${name} is in use by ${calls} call(s); unload it when they finish`);
     this.adapters.delete(name);
   }
 
@@ -255,7 +255,7 @@ export class Runtime {
   /** Run the base with an adapter (null: the base model); returns {logits} or {last_hidden_state} as an ort Tensor.
    * tokenTypeIds: rows like ids (a text pair's second text 1) where the graph takes them (typeVocabSize of them), else none. */
   forward(ids, mask, options = {}) {
-    return this.counted(() => this.forwardNow(ids, mask, options));
+    return this.counted(() => this.forwardNow(ids, mask, options), options?.adapter);
   }
 
   async forwardNow(ids, mask, options) {
@@ -272,7 +272,7 @@ export class Runtime {
   /** Generation with the KV cache, greedy or sampled (sampling.js: transformers' settings, camelCase, the model's
    * generation_config.json where a call leaves them unset); rows left-padded; returns ids (prompt included). */
   generate(ids, mask, options = {}) {
-    return this.counted(() => this.generateNow(ids, mask, options));
+    return this.counted(() => this.generateNow(ids, mask, options), options?.adapter);
   }
 
   async generateNow(ids, mask, options) {

@@ -62,3 +62,20 @@ test("a second load of a name while the first is loading says to await it (not t
   await first;
   await assert.rejects(rt.loadAdapter("lora"), /an adapter named lora is loaded already; unloadAdapter it first/);
 });
+
+test("an adapter a call is using is not unloaded until the call is done, as the Python runtime refuses it", async () => {
+  const rt = await openFolder(ortNode, path.join(FIXTURES, "llama"));
+  await rt.loadAdapter("lora");
+  const alone = await rt.generate([[5, 6, 7]], null, { adapter: "lora", maxNewTokens: 4, eosTokenId: [] });
+  for (const call of [() => rt.generate([[5, 6, 7]], null, { adapter: "lora", maxNewTokens: 4, eosTokenId: [] }),
+    () => rt.forward([[5, 6, 7]], null, { adapter: "lora" })]) {
+    const inFlight = call();  // unloaded mid-generate, the call went on with tensors no name held
+    assert.throws(() => rt.unloadAdapter("lora"), (e) => e instanceof EdgePeftError &&
+      e.message === "adapter lora is in use by 1 call(s); unload it when they finish");
+    await inFlight;
+  }
+  assert.deepEqual(await rt.generate([[5, 6, 7]], null, { adapter: "lora", maxNewTokens: 4, eosTokenId: [] }), alone);
+  rt.unloadAdapter("lora");  // the calls done: unloaded
+  assert.deepEqual(rt.adapterNames, []);
+  await assert.rejects(rt.forward([[5, 6, 7]], null, { adapter: "lora" }), /adapter lora is not loaded/);
+});
