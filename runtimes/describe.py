@@ -89,6 +89,9 @@ def describe_export(out_dir: str) -> dict:
                 "methods": m["methods"],
                 "rank": m.get("rank"),
                 "alpha": m.get("alpha"),
+                # LoRA's per-module exceptions to rank and alpha (HF PEFT's rank_pattern, alpha_pattern), else {}
+                "patterns": {k: v for k in ("rank_pattern", "alpha_pattern")
+                             if isinstance(v := (m.get("peft_config") or {}).get(k), dict) and v},
                 "slots": len(m["slots"]),
                 "labels": m.get("labels"),
                 "bytes": folder_bytes(d),

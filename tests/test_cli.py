@@ -143,8 +143,10 @@ def test_inspect_lists_base_slots_and_adapters(llama):
     assert re.search(r"^  lora: \d+ slots on model\.layers\.0\..* and its per-row weights \(mixed batches\)$", text,
                      re.M), text  # the row-weight input is on no module: not listed as one ("batch")
     assert re.search(r"^adapters: 3$", text, re.M), text
-    for name in ("qv", "all", "mlp"):
+    for name in ("qv", "all"):
         assert re.search(rf"^  {name}: lora r=\d+ alpha=\S+  \d+ slots  ", text, re.M), (name, text)
+    # r is not every module's: its rank_pattern says which (inspect showed r=2 for down_proj's 3)
+    assert re.search(r'^  mlp: lora r=2 alpha=4 rank_pattern=\{"down_proj": 3\}  \d+ slots  ', text, re.M), text
     assert "made for another base" not in text
 
 
