@@ -348,3 +348,41 @@ def test_pair_edges_follow_their_references(reranker, decoder_classifier, tmp_pa
     (old / "base" / "edgepeft.json").write_text(json.dumps(manifest))
     assert Runtime(str(old)).classify([("set an alarm", "for seven")], adapter="lora") == \
         Runtime(decoder_out).classify([("set an alarm", "for seven")], adapter="lora")
+
+
+def test_a_rerankers_one_output_head_trains_on_relevance(reranker, tmp_path):
+    """A cross-encoder reranker (a head of one output: config.json's num_labels 1) fine-tuned on pairs labelled 0 and 1
+    keeps its head and trains it with binary cross-entropy, as sentence-transformers' CrossEncoder does: a head of 2
+    classes trained from scratch replaced it, the reranker's scoring lost without a word."""
+    from edgepeft.models import load_base
+    from edgepeft.training import train
+
+    import transformers as tf
+
+    base = str(tmp_path / "base")  # the reranker's, its head of one output made large: it scores before training
+    shutil.copytree(reranker[2], base)
+    model = tf.BertForSequenceClassification.from_pretrained(base)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 3.0)
+    model.save_pretrained(base)
+    rows = [{"text": q, "text_pair": p, "label": i % 2} for i, (q, p) in enumerate(PAIRS * 4)]
+    data = tmp_path / "relevance.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "adapter")
+    log = train(model=base, task="seq-cls", method="lora", data=str(data), eval_data=str(data), out=out, epochs=2,
+                lr=1e-2, batch_size=4, options={"r": 2, "target_modules": ["query", "value"]}, progress=False)
+    start = load_base(base, "seq-cls").eval()  # the head as saved
+    logits = torch.tensor(_reference(start, base, [(r["text"], r["text_pair"]) for r in rows])[:, 0])
+    targets = torch.tensor([float(r["label"]) for r in rows])
+    before = log["evals"][0]
+    assert before["loss"] == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, targets).item(), abs=1e-5)
+    assert before["accuracy"] == pytest.approx(float(((logits > 0).float() == targets).float().mean()))
+    assert log["labels"] is None and not os.path.exists(os.path.join(out, "labels.json"))  # the head's own name
+    export([out], str(tmp_path / "out"), names=["relevance"])
+    rt = Runtime(str(tmp_path / "out"))
+    model = edgepeft.PeftModel.from_pretrained(load_base(base, "seq-cls"), out).eval()
+    want = 1 / (1 + np.exp(-_reference(model, base, PAIRS)[:, 0]))  # one score per pair: a sigmoid, as the pipeline
+    got = rt.classify(PAIRS, adapter="relevance")
+    assert [list(r["scores"]) for r in got] == [["0"]] * len(PAIRS)
+    np.testing.assert_allclose([r["score"] for r in got], want, atol=1e-5)

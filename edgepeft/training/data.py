@@ -200,6 +200,14 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
     return [str(i) for i in range(max(values) + 1)]
 
 
+def scores_relevance(config, rows: list[dict]) -> bool:
+    """Whether a seq-cls run keeps ``config``'s head of one output (a cross-encoder reranker's relevance score) and
+    trains it on labels 0 and 1 with binary cross-entropy, as sentence-transformers' CrossEncoder trains one (a head of
+    2 classes from scratch replaced it: the reranker's scoring lost)."""
+    return getattr(config, "num_labels", None) == 1 and getattr(config, "problem_type", None) is None and \
+        {r["label"] for r in rows} <= {0, 1} and all(type(r["label"]) is int for r in rows)
+
+
 def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:
     index = {name: i for i, name in enumerate(names)}
     ids = []

@@ -2,12 +2,10 @@
 
     Trainer(TrainingArguments(model=..., task=..., method="lora", data=..., out=...)).train()
 
-One loop serves one CPU, one GPU and several processes (``accelerate launch`` or
-``torchrun``: DDP, each process a shard of every epoch). AdamW with warmup then
-decay, gradient accumulation and clipping, autocast where the device has it, an
-evaluation each epoch, a checkpoint each epoch (``--resume`` continues from it),
-and in OUT: the best (or last) adapter as an HF PEFT dir, ``labels.json`` for
-classifiers, ``training_log.json`` and ``training_curve.png``.
+One loop serves one CPU, one GPU and several processes (``accelerate launch`` or ``torchrun``: DDP, each process a
+shard of every epoch). AdamW with warmup then decay, gradient accumulation and clipping, autocast where the device
+has it, an evaluation and a checkpoint each epoch (``--resume`` continues from it), and in OUT: the best (or last)
+adapter as an HF PEFT dir, ``labels.json`` for classifiers, ``training_log.json`` and ``training_curve.png``.
 """
 from __future__ import annotations
 
@@ -19,6 +17,7 @@ import sys
 import time
 
 import torch
+from torch.nn.functional import binary_cross_entropy_with_logits
 
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
@@ -35,7 +34,7 @@ from edgepeft.training.checkpoint import (
 )
 from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, rows_digest,
-)
+    scores_relevance)
 from edgepeft.training.optimizer import make_optimizer
 from edgepeft.training.pooling import embedding_settings, last_real_token_pooled, retrieval_loss
 from edgepeft.training.summary import beat_untrained, hint, rank, shown
@@ -93,6 +92,7 @@ class Trainer:
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
         head = named_labels(config) if args.task == "seq-cls" else None  # a trained classifier's own class names
         labels = label_names(rows, args.data, head) if args.task == "seq-cls" else None
+        self.score = args.task == "seq-cls" and scores_relevance(config, rows)  # a reranker's one output, kept
         model_pad = getattr(config, "pad_token_id", None) if args.task == "seq-cls" else None
         n_virtual = getattr(method, "num_virtual_tokens", None) or 0
         tokenizer = load_tokenizer(args.model, method.revision)
@@ -109,7 +109,7 @@ class Trainer:
         self.pools_last_real = args.task == "seq-cls" and self.virtual_first and config.model_type in DECODERS
         for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
             check_positions(features, checked, path, max_positions(config), n_virtual)
-        return encoder, train, evals, labels, config
+        return encoder, train, evals, head if self.score else labels, config  # labels: the head's outputs' names
 
     def _model(self, labels, config, model_config):
         from edgepeft.models import load_base
@@ -151,10 +151,12 @@ class Trainer:
     def _loss(self, model, batch):
         """(loss, what evaluation needs: the logits, or the (anchor, positive) embeddings)."""
         if self.args.task != "feature-extraction":
-            fields = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in batch}
+            names = ("input_ids", "attention_mask", "token_type_ids") + ("labels",) * (not self.score)
             with last_real_token_pooled(model, batch["attention_mask"]) if self.pools_last_real else \
                     contextlib.nullcontext():
-                out = model(**fields, return_dict=True)
+                out = model(**{k: batch[k] for k in names if k in batch}, return_dict=True)
+            if self.score:  # binary cross-entropy on the one logit, as CrossEncoder's BinaryCrossEntropyLoss
+                return binary_cross_entropy_with_logits(out.logits[:, 0], batch["labels"].float()), out.logits
             return out.loss, out.logits
         return retrieval_loss(model, batch, self.pooling)
 
@@ -181,7 +183,8 @@ class Trainer:
             n = self._count(acc, batch)
             total, count = total + float(loss.float() * n), count + int(n)
             if self.args.task == "seq-cls":
-                correct, seen = correct + int((extra.argmax(-1) == batch["labels"]).sum()), seen + len(batch["labels"])
+                guess = (extra[:, 0] > 0).long() if self.score else extra.argmax(-1)  # a score: relevant past 0.5
+                correct, seen = correct + int((guess == batch["labels"]).sum()), seen + len(batch["labels"])
             elif self.args.task == "feature-extraction":  # the embeddings, and each positive's ids (its text)
                 ids = [tuple(row[m.bool()].tolist()) for row, m in zip(batch["positive_ids"], batch["positive_mask"])]
                 pairs.append((*(t.float().cpu() for t in extra), ids))
