@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .commands import PAIRS_FIX
+from .commands import pairs_fix
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
 from .base_checks import serves_pairs
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
@@ -56,7 +56,7 @@ def classify(rt, texts, adapter=None):
     rows, single = _rows(texts)
     if not serves_pairs(rt.manifest) and any(pair is not None for _, pair in rows):  # BERT's types unbound
         raise ConfigError(f"{rt.base_dir}: exported before edgepeft served text pairs (a BERT's graph then took no token "
-                          f"types); {PAIRS_FIX}")
+                          f"types); {pairs_fix(rt.manifest)}")
     out = _classified(rt, rows, adapter)
     return out[0] if single else out
 

@@ -21,9 +21,6 @@ def fresh_out(path: str) -> str:
 
 
 ADAPTERS_DIR = "adapters"  # OUT/adapters/<name>: one folder per adapter
-# what serves text pairs from a BERT classifier an earlier edgepeft exported (its graph took no token types)
-PAIRS_FIX = ("export an adapter into it again (its base is then written with token types), or every adapter into a "
-             "fresh --out folder")
 NAME_LENGTH = 100  # OUT/adapters/<name>, and the export's staging folder beside it, within a file name's 255 bytes
 
 
@@ -93,3 +90,11 @@ def folder_fix(out: str, folder: str, merged) -> str:
         return (f"an export into {out} was stopped before it re-pointed it; run that export again (where OUT can be "
                 f"locked, not on Windows, it finishes that first), or {again}")
     return f"remove {folder}, or {again}"
+
+
+def pairs_fix(manifest: dict) -> str:
+    """What serves text pairs from a BERT classifier an earlier edgepeft exported (its graph took no token types)."""
+    if manifest.get("merged_adapter"):  # no slot adapter goes into it: the merge itself is written again
+        return "export it again with --merge --overwrite (its base is then written with token types)"
+    return ("export an adapter into it again (its base is then written with token types), or every adapter into a "
+            "fresh --out folder")

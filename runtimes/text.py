@@ -69,7 +69,7 @@ class TextTokenizer:
             check_readable(path)
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
         try:  # a post-processor naming a token the file lacks panics at every encode (the library's PanicException)
-            self._tok.encode("a")
+            self._tok.encode("a"), self._tok.encode("a", "b")  # its template for a pair too (classify's)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:

@@ -19,7 +19,7 @@ from peft_refs import randomize_adapter
 
 import edgepeft
 from edgepeft.exporters import export
-from edgepeft.runtimes import ConfigError, InvalidInputError, Runtime
+from edgepeft.runtimes import ConfigError, EdgePeftError, InvalidInputError, Runtime
 from edgepeft.runtimes.errors import CorruptArtifactError
 
 MINILM = edgepeft.minilm_path()  # its BERT tokenizer: [CLS] a [SEP] b [SEP], the second text's types 1
@@ -155,10 +155,22 @@ def test_bad_token_types_and_pairs_are_refused(reranker, tmp_path, monkeypatch):
     np.testing.assert_array_equal(rt.forward(ids, mask, token_type_ids=types * 0)["logits"], rt.forward(ids, mask)["logits"])
     with pytest.raises(ConfigError, match="exported before edgepeft served text pairs .*; export an adapter into it again"):
         rt.classify([("a", "b")])
+    merged = tmp_path / "merged"  # an earlier --merge export: written again with --merge --overwrite
+    export([os.path.join(os.path.dirname(out), "lora")], str(merged), merge=True)
+    edit = json.loads((merged / "base" / "edgepeft.json").read_text())
+    del edit["type_vocab_size"]
+    (merged / "base" / "edgepeft.json").write_text(json.dumps(edit))
+    for call in (lambda m: m.classify([("a", "b")]), lambda m: m.forward(ids, mask, token_type_ids=types)):
+        with pytest.raises(EdgePeftError, match=r"served text pairs.*[,;] export it again with --merge --overwrite \(its "
+                                                r"base is then written with token types\)"):
+            call(Runtime(str(merged)))
     assert manifest["format_version"] == 3  # as every export before; with the types input, 4: an older runtime would
     assert json.loads(open(os.path.join(out, "base", "edgepeft.json")).read())["format_version"] == 4  # bind none
     # another adapter exported into it: the base is written again with the input, the adapter there taken along
     monkeypatch.undo()
+    export([os.path.join(os.path.dirname(out), "lora")], str(merged), merge=True, overwrite=True)
+    assert Runtime(str(merged)).classify([PAIRS[0]])[0]["score"] == pytest.approx(
+        Runtime(out).classify([PAIRS[0]], adapter="lora")[0]["score"], abs=1e-6)
     export([os.path.join(os.path.dirname(out), "prompt")], str(old), names=["prompt"])
     again = Runtime(str(old))
     assert again.type_vocab_size == 2 and again.adapter_names == ["lora", "prompt"]
@@ -248,7 +260,8 @@ def test_inspect_says_what_classify_takes(reranker, capsys, tmp_path):
     manifest = json.loads((old / "base" / "edgepeft.json").read_text())
     del manifest["type_vocab_size"], manifest["inputs"]["token_type_ids"]
     (old / "base" / "edgepeft.json").write_text(json.dumps(manifest))
-    assert "\n  classify: texts only (an earlier edgepeft's export: export an adapter into it again for text pairs)\n" in \
+    assert "\n  classify: texts only (an earlier edgepeft's export; for text pairs, export an adapter into it again (its " \
+        "base is then written with token types), or every adapter into a fresh --out folder)\n" in \
         cli_ok(capsys, "inspect", str(old))
     manifest = json.loads(open(os.path.join(out, "base", "edgepeft.json")).read())
     for value, match in [(0, r"field 'type_vocab_size' must be at least 1 \(or null\), got 0"),

@@ -262,7 +262,7 @@ export class Runtime {
     const { adapter = null, tokenTypeIds = null } = checkOptions(options, ["adapter", "tokenTypeIds"], "forward");
     const plan = this.plan(adapter);
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
-    const types = checkTokenTypes(tokenTypeIds, ids, this.typeVocabSize, this.loader.where("base"));
+    const types = checkTokenTypes(tokenTypeIds, ids, this.typeVocabSize, this.loader.where("base"), this.manifest.merged_adapter);
     this.checkLength(plan, ids[0].length, 0);
     const { full, positions } = this.virtualInputs(plan, mask, false);
     const out = await this.run(plan, ids, full, positions, null, true, 0n, types);

@@ -47,10 +47,11 @@ function unlike(json, config) {
   return astral ? `added token ${JSON.stringify(astral.content)} (a CJK ideograph past U+FFFF)` : null;
 }
 
-/** A special token a template for one text names and its table lacks: the Rust library panics at every encode,
- * so the Python runtime refuses the file at load (it encodes one text there); this library left the token out. */
+/** A special token a template (for one text or a pair) names and its table lacks: the Rust library panics at every
+ * encode, so the Python runtime refuses the file at load (it encodes one text and a pair there); this library left
+ * the token out, or took the vocabulary's. */
 const unlisted = (p) => p?.type === "Sequence" ? (p.processors ?? []).map(unlisted).find((id) => id !== undefined)
-  : p?.type !== "TemplateProcessing" ? undefined : (p.single ?? [])
+  : p?.type !== "TemplateProcessing" ? undefined : [...(p.single ?? []), ...(p.pair ?? [])]
     .map((piece) => piece?.SpecialToken?.id).find((id) => id !== undefined && !Object.hasOwn(p.special_tokens ?? {}, id));
 
 export async function tokenizerOf(Tokenizer, loader) {

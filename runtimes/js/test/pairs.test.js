@@ -16,6 +16,7 @@ import * as ortNode from "onnxruntime-node";
 import * as ortWeb from "onnxruntime-web";
 
 import { EdgePeftError, classify } from "../src/runtime.js";
+import { checkTokenTypes } from "../src/inputs.js";
 import { loadTokenizer, openFolder } from "../src/node.js";
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
@@ -171,6 +172,9 @@ test("token types are refused where they are not the ids' rows of the model's ty
     "seq-cls export of a model with token types, BERT's, does; for one exported before edgepeft served text pairs, " +
     "export an adapter into it again \\(its base is then written with token types\\), or every adapter into a fresh " +
     "--out folder\\); pass none$");
+  // a --merge export takes no adapter into it: the merge is written again
+  assert.throws(() => checkTokenTypes([[0, 1]], [[5, 6]], null, "OUT/base", "lora"), (e) => e instanceof EdgePeftError &&
+    /served text pairs, export it again with --merge --overwrite \(its base is then written with token types\)\); pass none$/.test(e.message));
   for (const fixture of ["llama", "bert_prefix"]) {
     const other = await openFolder(ortNode, path.join(FIXTURES, fixture));
     await refuses(other.forward([[5, 6, 7]], null, { tokenTypeIds: [[0, 1, 1]] }), none(path.join(FIXTURES, fixture)));
