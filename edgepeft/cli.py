@@ -219,7 +219,8 @@ def inspect(out, as_json):
         status = "" if a["matches_base"] else "  (made for another base: re-export)"
         rank = f" r={a['rank']}" if a["rank"] is not None else ""
         rank += f" alpha={a['alpha']}" if a["alpha"] is not None else ""
-        rank += "".join(f" {k}={json.dumps(v)}"[:80] for k, v in a["patterns"].items())  # the modules r does not hold
+        rank += "".join(f" {k}={json.dumps(v) if len(json.dumps(v)) < 60 else f'{{{len(v)} patterns: --json}}'}"
+                        for k, v in a["patterns"].items())  # the modules r does not hold
         click.echo(f"  {a['name']}: {'+'.join(a['methods'])}{rank}  {a['slots']} slots  {_size(a['bytes'])}{status}")
         if a.get("labels"):
             click.echo(f"    labels: {', '.join(a['labels'])}")

@@ -351,7 +351,8 @@ class Runtime:
         """
         if self._tokenizer is None:
             self._tokenizer = text.TextTokenizer(self.base_dir, padding_side="left" if self.cache else "right",
-                                                 pad_id=self.pad_token_id, max_positions=self.max_positions)
+                                                 pad_id=self.pad_token_id, max_positions=self.max_positions,
+                                                 pairs=self.task == "seq-cls")
         return self._tokenizer
 
     @property

@@ -51,7 +51,9 @@ def _read_text(path: str) -> str:
 class TextTokenizer:
     """``tokenizer.json`` plus ``tokenizer_config.json`` (special tokens, chat template)."""
 
-    def __init__(self, base_dir: str, padding_side: str = "left", pad_id: int = 0, max_positions: int | None = None):
+    def __init__(self, base_dir: str, padding_side: str = "left", pad_id: int = 0, max_positions: int | None = None,
+                 pairs: bool = False):
+        """``pairs``: the export classifies text pairs (a seq-cls one): the pair template is checked too."""
         path = os.path.join(base_dir, "tokenizer.json")
         if not os.path.isfile(path):
             check_readable(path)
@@ -69,7 +71,7 @@ class TextTokenizer:
             check_readable(path)
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
         try:  # a post-processor naming a token the file lacks panics at every encode (the library's PanicException)
-            self._tok.encode("a"), self._tok.encode("a", "b")  # its template for a pair too (classify's)
+            self._tok.encode("a"), self._tok.encode("a", "b") if pairs else None  # a pair's template: classify's
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:

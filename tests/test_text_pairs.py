@@ -20,6 +20,7 @@ from peft_refs import randomize_adapter
 import edgepeft
 from edgepeft.exporters import export
 from edgepeft.runtimes import ConfigError, EdgePeftError, InvalidInputError, Runtime
+from edgepeft.errors import ConfigError as TrainingConfigError
 from edgepeft.runtimes.errors import CorruptArtifactError
 
 MINILM = edgepeft.minilm_path()  # its BERT tokenizer: [CLS] a [SEP] b [SEP], the second text's types 1
@@ -324,7 +325,6 @@ def test_pair_edges_follow_their_references(reranker, decoder_classifier, tmp_pa
     in training while classify's dict form reads it as no pair, and encode(text, text_pair=...) was a TypeError."""
     import transformers as tf
 
-    from edgepeft.errors import ConfigError as TrainingConfigError
     from edgepeft.training.data import Encoder, read_jsonl
 
     out, _, base = reranker
@@ -399,3 +399,48 @@ def test_a_rerankers_one_output_head_trains_on_relevance(reranker, tmp_path):
     got = rt.classify(PAIRS, adapter="relevance")
     assert [list(r["scores"]) for r in got] == [["0"]] * len(PAIRS)
     np.testing.assert_allclose([r["score"] for r in got], want, atol=1e-5)
+
+
+def test_a_rerankers_head_replaced_or_resumed_across_versions_is_said(reranker, tmp_path, capsys):
+    """A review: labels other than the integers 0 and 1 on a one-output model still train a head of their classes in
+    its place: a note says so and how to keep it; a checkpoint an earlier edgepeft made of such a run (2 classes)
+    blamed the data."""
+    from edgepeft.training import TrainingArguments, method_config
+    from edgepeft.training.checkpoint import check_same_data
+    from edgepeft.training.trainer import Trainer
+
+    _, _, base = reranker
+    data = tmp_path / "named.jsonl"
+    data.write_text("".join(json.dumps({"text": q, "text_pair": p, "label": "yes" if i % 2 else "no"}) + "\n"
+                            for i, (q, p) in enumerate(PAIRS)))
+    args = TrainingArguments(model=base, task="seq-cls", method="lora", data=str(data), out=str(tmp_path / "o"),
+                             progress=False)
+    trainer = Trainer(args)
+    trainer._data(method_config(args.method, args.task, dict(args.options)))
+    assert f"note: {base}: its head gives one score (a reranker's); labels no, yes train a head of 2 classes from " \
+        "scratch in its place; label the rows with the integers 0 and 1 to keep and fine-tune its score" in \
+        capsys.readouterr().err
+    with pytest.raises(TrainingConfigError, match="was made by an earlier edgepeft, which trained a head of 2 classes "
+                                                  "in place of this model's one-output head"):
+        check_same_data({"log": {"labels": ["0", "1"]}}, "CKPT", None, "DATA", {})
+
+
+def test_a_pair_template_naming_a_token_its_file_lacks(reranker, text_export, tmp_path):
+    """Found by a hunt: every pair's encode panicked in the Rust library (a BaseException, with its backtrace) where
+    the pair template names a special token the file lacks. A classifier's tokenizer is refused when opened; another
+    export never encodes a pair, and keeps its tokenizer (a review: refusing it stopped generate)."""
+    from file_checks import edited_json
+
+    for source, name in ((reranker[0], "classifier"), (text_export[0], "generator")):
+        out = tmp_path / name
+        shutil.copytree(source, out)
+        with edited_json(str(out / "base" / "tokenizer.json")) as t:
+            t["post_processor"]["pair"].append({"SpecialToken": {"id": "<zz>", "type_id": 1}})
+        rt = Runtime(str(out))
+        if name == "generator":
+            assert rt.generate_text("hello", adapter="tok", max_new_tokens=2) is not None
+            continue
+        with pytest.raises(CorruptArtifactError, match=r"tokenizer.json: the `tokenizers` package cannot encode with it "
+                                                       r"\(no entry found for key\)"):
+            rt.classify([PAIRS[0]], adapter="lora")
+

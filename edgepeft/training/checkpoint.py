@@ -83,6 +83,9 @@ def check_same_data(state: dict | None, ckpt: str, labels: list | None, data: st
     if state is None:
         return
     log = state.get("log", {})
+    if log.get("labels") != labels and labels is None and log.get("labels") == ["0", "1"]:  # before scores_relevance
+        raise ConfigError(f"{ckpt}: was made by an earlier edgepeft, which trained a head of 2 classes in place of this "
+                          "model's one-output head (a reranker's, kept now for labels 0 and 1); start over with --overwrite")
     if log.get("labels") != labels:
         raise ConfigError(f"{ckpt}: was made with the labels {log.get('labels')}, {data} now gives {labels}; resume "
                           "with the data it was made with or start over with --overwrite")

@@ -33,8 +33,8 @@ from edgepeft.training.checkpoint import (
     read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint,
 )
 from edgepeft.training.data import (
-    IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, rows_digest,
-    scores_relevance)
+    IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, replaced_head_note,
+    rows_digest, scores_relevance)
 from edgepeft.training.optimizer import make_optimizer
 from edgepeft.training.pooling import embedding_settings, last_real_token_pooled, retrieval_loss
 from edgepeft.training.summary import beat_untrained, hint, rank, shown
@@ -83,16 +83,16 @@ class Trainer:
                               "pass --batch-size 2 or more, or give hard negatives (\"negative\")")
         other = ignored_fields(eval_rows, args.eval_data, args.task) if eval_rows and args.eval_data != args.data \
             else None
-        for note in (ignored_fields(rows, args.data, args.task), other, missing_matplotlib()):
-            if note and first():  # one note from a multi-process run
-                print(f"note: {note}", file=sys.stderr)
-        # what --resume checks (the file each digest is of)
-        self.digests = {"data_sha256": (args.data, rows_digest(rows)),
+        self.digests = {"data_sha256": (args.data, rows_digest(rows)),  # what --resume checks (the file each is of)
                         "eval_sha256": (args.eval_data, rows_digest(eval_rows))}
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
         head = named_labels(config) if args.task == "seq-cls" else None  # a trained classifier's own class names
         labels = label_names(rows, args.data, head) if args.task == "seq-cls" else None
         self.score = args.task == "seq-cls" and scores_relevance(config, rows)  # a reranker's one output, kept
+        replaced = replaced_head_note(config, rows, labels, args.model) if args.task == "seq-cls" else None
+        for note in (ignored_fields(rows, args.data, args.task), other, replaced, missing_matplotlib()):
+            if note and first():  # one note from a multi-process run
+                print(f"note: {note}", file=sys.stderr)
         model_pad = getattr(config, "pad_token_id", None) if args.task == "seq-cls" else None
         n_virtual = getattr(method, "num_virtual_tokens", None) or 0
         tokenizer = load_tokenizer(args.model, method.revision)

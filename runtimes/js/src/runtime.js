@@ -135,7 +135,7 @@ export class Runtime {
     try {
       return await call();
     } finally {
-      if (held) this.holds.set(held, this.holds.get(held) - 1);
+      if (held && this.holds.set(held, this.holds.get(held) - 1).get(held) === 0) this.holds.delete(held);
       if (--this.inFlight === 0) this.settled?.();
     }
   }

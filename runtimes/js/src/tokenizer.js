@@ -47,12 +47,13 @@ function unlike(json, config) {
   return astral ? `added token ${JSON.stringify(astral.content)} (a CJK ideograph past U+FFFF)` : null;
 }
 
-/** A special token a template (for one text or a pair) names and its table lacks: the Rust library panics at every
- * encode, so the Python runtime refuses the file at load (it encodes one text and a pair there); this library left
- * the token out, or took the vocabulary's. */
-const unlisted = (p) => p?.type === "Sequence" ? (p.processors ?? []).map(unlisted).find((id) => id !== undefined)
-  : p?.type !== "TemplateProcessing" ? undefined : [...(p.single ?? []), ...(p.pair ?? [])]
-    .map((piece) => piece?.SpecialToken?.id).find((id) => id !== undefined && !Object.hasOwn(p.special_tokens ?? {}, id));
+/** A special token a template (for one text, or a pair where ``pairs``: a classifier's) names and its table lacks: the
+ * Rust library panics at every encode, so the Python runtime refuses the file at load (it encodes one text there, and
+ * a pair for a classifier); this library left the token out, or took the vocabulary's. */
+const unlisted = (p, pairs) => p?.type === "Sequence" ? (p.processors ?? []).map((q) => unlisted(q, pairs))
+  .find((id) => id !== undefined) : p?.type !== "TemplateProcessing" ? undefined : [...(p.single ?? []),
+  ...(pairs ? p.pair ?? [] : [])].map((piece) => piece?.SpecialToken?.id)
+  .find((id) => id !== undefined && !Object.hasOwn(p.special_tokens ?? {}, id));
 
 export async function tokenizerOf(Tokenizer, loader) {
   const fix = REEXPORT_BASE;
@@ -70,7 +71,8 @@ export async function tokenizerOf(Tokenizer, loader) {
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: missing (the export has no tokenizer, or the file was ` +
       "removed); pass token ids, or export again from a base folder that has tokenizer.json into a fresh --out folder");
   }
-  const missing = unlisted(json.post_processor);
+  const { task } = await readJson(loader, "base/edgepeft.json", OPTIONAL, fix) ?? {};  // a pair's template: classifiers'
+  const missing = unlisted(json.post_processor, task === "seq-cls");
   if (missing !== undefined) {
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: its post-processor names the special token ` +
       `${described(missing)}, which its special_tokens lack (the tokenizers library cannot encode with it); ${fix}`);

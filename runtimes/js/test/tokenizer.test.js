@@ -89,9 +89,13 @@ test("added tokens the library would match otherwise are refused, naming what to
   await writeFile(path.join(scratch, "template-unlisted", "base", "tokenizer.json"), JSON.stringify(json));
   json.post_processor.single.pop();  // in the pair template only: Python refuses it too (it encodes a pair at load; a
   json.post_processor.pair.push({ SpecialToken: { id: "<zz>", type_id: 1 } });  // pair panicked), this took the vocab's
-  await mkdir(path.join(scratch, "pair-unlisted", "base"), { recursive: true });
-  await writeFile(path.join(scratch, "pair-unlisted", "base", "tokenizer.json"), JSON.stringify(json));
-  for (const name of ["template-unlisted", "pair-unlisted"]) {
+  for (const task of ["seq-cls", "causal-lm"]) {  // a classifier's pairs only: another export never encodes one
+    await mkdir(path.join(scratch, `pair-unlisted-${task}`, "base"), { recursive: true });
+    await writeFile(path.join(scratch, `pair-unlisted-${task}`, "base", "tokenizer.json"), JSON.stringify(json));
+    await writeFile(path.join(scratch, `pair-unlisted-${task}`, "base", "edgepeft.json"), JSON.stringify({ task }));
+  }
+  assert.ok((await loadTokenizer(path.join(scratch, "pair-unlisted-causal-lm"))).encode("hello").ids.length > 0);
+  for (const name of ["template-unlisted", "pair-unlisted-seq-cls"]) {
     await refused(name, /base\/tokenizer.json: its post-processor names the special token "<zz>", which its special_tokens lack \(the tokenizers library cannot encode with it\); re-run `edgepeft export` into a fresh --out folder$/);
   }
 });
