@@ -44,7 +44,27 @@ function unlike(json, config) {
   if (blank && strips) return `added token ${JSON.stringify(blank.content)} (whitespace) beside ${JSON.stringify(strips.content)} (lstrip/rstrip)`;
   // CJK ideographs past U+FFFF are spaced out before added tokens are found here (below), after in the Rust library
   const astral = bertCjk(json.normalizer) && added.find((t) => HAS_ASTRAL_CJK.test(t.content));
-  return astral ? `added token ${JSON.stringify(astral.content)} (a CJK ideograph past U+FFFF)` : null;
+  if (astral) return `added token ${JSON.stringify(astral.content)} (a CJK ideograph past U+FFFF)`;
+  return templated(json);
+}
+
+const JOINING = ["TemplateProcessing", "BertProcessing", "RobertaProcessing"];
+const processors = (p) => p?.type === "Sequence" ? (p.processors ?? []).flatMap(processors) : p ? [p] : [];
+
+/** A post-processor this library applies otherwise (null: none): a template's special token given other ids than the
+ * vocabulary's (the library looks its name up there), or two that join a pair (the second here joined the joined pair
+ * as one text: its types and tokens lost). */
+function templated(json) {
+  const found = processors(json.post_processor);
+  if (found.filter((p) => JOINING.includes(p.type)).length > 1) return "a post-processor joining a pair twice (a Sequence)";
+  const vocab = json.model?.vocab, added = json.added_tokens ?? [];
+  const idOf = (name) => added.find((t) => t.content === name)?.id ??
+    (Array.isArray(vocab) ? vocab.findIndex(([piece]) => piece === name) : vocab?.[name]);
+  for (const p of found.filter((q) => q.type === "TemplateProcessing")) {
+    const other = Object.values(p.special_tokens ?? {}).find((t) => t.ids?.length !== 1 || idOf(t.tokens?.[0]) !== t.ids[0]);
+    if (other) return `the post-processor's special token ${JSON.stringify(other.id)} as ids [${other.ids}] (its vocabulary's id here)`;
+  }
+  return null;
 }
 
 /** A special token a template (for one text, or a pair where ``pairs``: a classifier's) names and its table lacks: the

@@ -82,6 +82,19 @@ test("added tokens the library would match otherwise are refused, naming what to
   // "𠮷野家" was never matched (the ideograph spaced out first); "  " beside "<m>" was trimmed away
   await refused("astral-added", /base\/tokenizer.json: added token "\u{20BB7}野家" \(a CJK ideograph past U\+FFFF\) is not in the JavaScript tokenizer; pass token ids/u);
   await refused("blank-beside-strip", /base\/tokenizer.json: added token " {2}" \(whitespace\) beside "<m>" \(lstrip\/rstrip\) is not in the JavaScript tokenizer/);
+  // a template's special token as other ids than the vocabulary's ([SEP] as 999: Rust gives 999, this gave 102), and
+  // two processors joining a pair (this lost the second text's types and the second template's tokens)
+  const minilm = JSON.parse(await readFile(path.join(scratch, "normalized-added", "base", "tokenizer.json"), "utf8"));
+  const sep = { ...minilm, post_processor: structuredClone(minilm.post_processor) };
+  sep.post_processor.special_tokens["[SEP]"].ids = [999];
+  const twice = { ...minilm, post_processor: { type: "Sequence", processors: [
+    { type: "BertProcessing", sep: ["[SEP]", 102], cls: ["[CLS]", 101] }, minilm.post_processor] } };
+  for (const [name, json] of [["template-ids", sep], ["joined-twice", twice]]) {
+    await mkdir(path.join(scratch, name, "base"), { recursive: true });
+    await writeFile(path.join(scratch, name, "base", "tokenizer.json"), JSON.stringify(json));
+  }
+  await refused("template-ids", /base\/tokenizer.json: the post-processor's special token "\[SEP\]" as ids \[999\] \(its vocabulary's id here\) is not in the JavaScript tokenizer; pass token ids/);
+  await refused("joined-twice", /base\/tokenizer.json: a post-processor joining a pair twice \(a Sequence\) is not in the JavaScript tokenizer; pass token ids/);
   // a template naming a token the file lacks: Python refuses the file at load (the Rust library panics at each encode)
   const json = JSON.parse(await readFile(path.join(scratch, "normalized-added", "base", "tokenizer.json"), "utf8"));
   json.post_processor.single.push({ SpecialToken: { id: "<zz>", type_id: 0 } });
