@@ -11,9 +11,9 @@ import os
 
 import numpy as np
 
+from .base_checks import serves_pairs
 from .commands import pairs_fix
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
-from .base_checks import serves_pairs
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .mixing import row_adapters
 from .text import in_groups, token_counts
@@ -110,5 +110,3 @@ def _labels_of(rt, spec) -> tuple:
         return rt.labels(None), os.path.join(rt.base_dir, BASE_MANIFEST)
     folder = rt.adapter_dir(spec)
     return rt.labels(spec), os.path.join(folder, ADAPTER_MANIFEST) if folder else f"adapter {spec!r} (from bytes): adapter.json"
-
-

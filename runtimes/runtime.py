@@ -388,4 +388,3 @@ class Runtime:
         """Embeddings as sentence-transformers' ``encode`` gives them (its config's pooling, prompts, truncate_dim),
         L2-normalized unless ``normalize=False``: (hidden,) for a text or (B, hidden); feature-extraction exports."""
         return text.embed(self, texts, adapter, normalize, prompt_name, prompt)
-

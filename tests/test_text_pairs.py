@@ -443,4 +443,3 @@ def test_a_pair_template_naming_a_token_its_file_lacks(reranker, text_export, tm
         with pytest.raises(CorruptArtifactError, match=r"tokenizer.json: the `tokenizers` package cannot encode with it "
                                                        r"\(no entry found for key\)"):
             rt.classify([PAIRS[0]], adapter="lora")
-
