@@ -16,6 +16,7 @@ from .commands import pairs_fix
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .mixing import row_adapters
+from .sentence import cut_length, tokenizer_limit
 from .text import in_groups, token_counts
 
 PAIR_KEYS = ("text", "text_pair")  # transformers' pipeline's pair: the tokenizer's argument names
@@ -47,27 +48,33 @@ def _row(item) -> tuple:
     return item
 
 
-def classify(rt, texts, adapter=None):
+def classify(rt, texts, adapter=None, truncation: bool = False):
     """{"label", "score", "scores": {label: score}} per text or pair (one dict for one). Scores as transformers'
     text-classification pipeline gives them, by the base config's ``problem_type``: probabilities (softmax), a
-    sigmoid per label for multi-label heads and heads of one output, the logits themselves for regression."""
+    sigmoid per label for multi-label heads and heads of one output, the logits themselves for regression.
+    ``truncation``: as the pipeline's, each text or pair cut (longest first) to the tokenizer's ``model_max_length``,
+    capped at the model's positions less an adapter's virtual tokens; else nothing is cut."""
     if rt.task != "seq-cls":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export does not classify; export a seq-cls adapter")
+    if not isinstance(truncation, bool):
+        raise ConfigError(f"truncation must be True or False, got {truncation!r}")
     rows, single = _rows(texts)
     if not serves_pairs(rt.manifest) and any(pair is not None for _, pair in rows):  # BERT's types unbound
         raise ConfigError(f"{rt.base_dir}: exported before edgepeft served text pairs (a BERT's graph then took no token "
                           f"types); {pairs_fix(rt.manifest)}")
-    out = _classified(rt, rows, adapter)
+    limit = cut_length(tokenizer_limit(rt.tokenizer.config.get("model_max_length"), rt.max_positions),
+                       rt.max_positions, rt.virtual_positions(adapter, len(rows))) if truncation else None
+    out = _classified(rt, rows, adapter, limit)
     return out[0] if single else out
 
 
-def _classified(rt, rows: list, adapter) -> list:
-    ids, mask, types = rt.tokenizer.encode_pairs(*zip(*rows))
+def _classified(rt, rows: list, adapter, limit: int | None) -> list:
+    ids, mask, types = rt.tokenizer.encode_pairs(*zip(*rows), max_length=limit)
     per_row = row_adapters(adapter, len(rows))
     lengths = token_counts([t if p is None else (t, p) for t, p in rows], mask)
     if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
         # at a time does (transformers' pipeline): the head would read a shorter row at a pad
-        return in_groups(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs))
+        return in_groups(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs, limit))
     with rt.lanes(adapter, len(rows)):  # held until the names are read: a name reloaded between renames the scores
         logits = rt.forward(ids, mask, adapter=adapter, token_type_ids=None if rt.type_vocab_size is None else types)
         logits = logits["logits"].astype(np.float64)  # NaN past a row's own labels

@@ -379,10 +379,11 @@ class Runtime:
         """Yield the generated text piece by piece for one prompt (or chat messages with ``chat=True``)."""
         return text.stream_text(self, prompt, adapter, chat, **generation)
 
-    def classify(self, texts, adapter=None):
+    def classify(self, texts, adapter=None, truncation: bool = False):
         """``{"label", "score", "scores"}`` for a text or a text pair (a list of them for a list); seq-cls exports.
-        A pair: ``{"text": ..., "text_pair": ...}``, or ``(text, text_pair)`` in a list (classify.py)."""
-        return classify.classify(self, texts, adapter)
+        A pair: ``{"text": ..., "text_pair": ...}``, or ``(text, text_pair)`` in a list; ``truncation``: as the
+        pipeline's (classify.py)."""
+        return classify.classify(self, texts, adapter, truncation)
 
     def embed(self, texts, adapter=None, normalize: bool = True, prompt_name=None, prompt=None) -> np.ndarray:
         """Embeddings as sentence-transformers' ``encode`` gives them (its config's pooling, prompts, truncate_dim),

@@ -153,17 +153,19 @@ class TextTokenizer:
         if max_length is not None and not is_whole(max_length):  # a TypeError from the tokenizers package
             raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
         pad_id, side = self._padding(pad_id, padding_side)
-        rows = [self._cut(t, add_special_tokens, max_length) if max_length is not None else
+        rows = [self._cut(t, add_special_tokens, max_length).ids if max_length is not None else
                 self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in _text_list(texts, "encode")]
         return _padded(rows, [], pad_id, side)[:2]
 
-    def encode_pairs(self, texts, text_pairs, pad_id: int | None = None,
-                     padding_side: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def encode_pairs(self, texts, text_pairs, pad_id: int | None = None, padding_side: str | None = None,
+                     max_length: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask, token_type_ids)`` for texts and their pairs (a pair None, or ``text_pairs``
-        None: the text alone),
-        joined by the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT) as transformers'
-        ``tokenizer(texts, text_pair=text_pairs)``: the types the template gives (a BERT pair's second text 1),
-        padded with 0. Padded as ``encode``; nothing is cut."""
+        None: the text alone), joined by the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT) as
+        transformers' ``tokenizer(texts, text_pair=text_pairs)``: the types the template gives (a BERT pair's second
+        text 1), padded with 0. Padded as ``encode``. ``max_length``: each row cut to it as transformers'
+        ``truncation=True`` cuts (a pair longest first); None: nothing is cut."""
+        if max_length is not None and not is_whole(max_length):
+            raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
         pad_id, side = self._padding(pad_id, padding_side)
         texts = _text_list(texts, "encode_pairs")
         pairs = [text_pairs] if isinstance(text_pairs, str) else [None] * len(texts) if text_pairs is None else text_pairs
@@ -174,7 +176,8 @@ class TextTokenizer:
             if p is not None and not isinstance(p, str):
                 raise InvalidInputError(f"encode_pairs takes a text (a string) or None per pair, got {type(p).__name__}")
             _text_list(p or "", "encode_pairs")  # half characters
-        encoded = [self._tok.encode(t, p) if p is not None else self._tok.encode(t) for t, p in zip(texts, pairs)]
+        encoded = [self._cut(t, True, max_length, p) if max_length is not None else self._tok.encode(t, p)
+                   if p is not None else self._tok.encode(t) for t, p in zip(texts, pairs)]
         return _padded([e.ids for e in encoded], [e.type_ids for e in encoded], pad_id, side)
 
     def _padding(self, pad_id, padding_side) -> tuple[int, str]:
@@ -186,15 +189,23 @@ class TextTokenizer:
             raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}")
         return pad_id, side
 
-    def _cut(self, text: str, add_special_tokens: bool, max_length: int) -> list:
-        encoding = self._tok.encode(text, add_special_tokens=False)
-        special = self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0
+    def _cut(self, text: str, add_special_tokens: bool, max_length: int, pair: str | None = None):
+        """The encoding of ``text`` (and its ``pair``) cut to ``max_length`` tokens, special tokens kept, at the config's
+        truncation side; a pair as transformers' ``truncation=True`` cuts one (the Rust library's longest first)."""
+        first = self._tok.encode(text, add_special_tokens=False)
+        second = None if pair is None else self._tok.encode(pair, add_special_tokens=False)
+        special = self._tok.num_special_tokens_to_add(second is not None) if add_special_tokens else 0
         if max_length < special:
             raise ConfigError(f"max_length {max_length} is less than the {special} special tokens every text gets; "
                               "raise it")
-        if len(encoding.ids) > max_length - special:  # truncate's OverflowError past 2**64
-            encoding.truncate(max_length - special, direction=self.truncation_side)
-        return (self._tok.post_process(encoding) if add_special_tokens else encoding).ids
+        room, n1, n2 = max_length - special, len(first.ids), 0 if second is None else len(second.ids)
+        if n1 + n2 > room:  # a pair's shorter text kept where it fits in half the room, the longer cut to the rest
+            keep = min(n1, n2, room // 2) if second is not None else 0
+            n1, n2 = (keep, room - keep) if second is not None and n1 <= n2 else (room - keep, keep)
+            first.truncate(n1, direction=self.truncation_side)  # truncate's OverflowError past 2**64: not reached
+            if second is not None:
+                second.truncate(n2, direction=self.truncation_side)
+        return self._tok.post_process(first, second) if add_special_tokens else first
 
     def decode(self, ids, skip_special_tokens: bool = True, tidy: bool = True) -> str:
         """The text of ``ids``; ``tidy``: as transformers' decode (clean_up_tokenization_spaces where the config asks),

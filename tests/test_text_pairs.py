@@ -443,3 +443,33 @@ def test_a_pair_template_naming_a_token_its_file_lacks(reranker, text_export, tm
         with pytest.raises(CorruptArtifactError, match=r"tokenizer.json: the `tokenizers` package cannot encode with it "
                                                        r"\(no entry found for key\)"):
             rt.classify([PAIRS[0]], adapter="lora")
+
+
+def test_long_pairs_are_cut_as_transformers_cuts_them(reranker):
+    """classify(truncation=True), as the pipeline's, cuts a pair longest first (the Rust library's rule: the shorter
+    text kept where it fits in half the room) to the model's positions, less a prompt's virtual tokens; encode_pairs'
+    max_length cuts as transformers' tokenizer(truncation=True, max_length=...). A review: a reranker's long
+    passage could only be refused (CrossEncoder cuts it)."""
+    import itertools
+
+    import transformers as tf
+
+    out, models, base = reranker
+    rt = Runtime(out)
+    tok = tf.AutoTokenizer.from_pretrained(base)
+    words = "one two three four five six seven eight nine ten eleven".split()
+    for la, lb, m in itertools.product(range(1, 11, 3), range(1, 11, 2), (3, 4, 6, 9, 14, 30)):
+        a, b = " ".join(words[:la]), " ".join(words[:lb])
+        ids, _, types = rt.tokenizer.encode_pairs([a], [b], max_length=m)
+        want = tok(a, b, truncation=True, max_length=m)
+        assert ids[0].tolist() == want["input_ids"] and types[0].tolist() == want["token_type_ids"], (la, lb, m)
+    query, passage = "how tall is everest", " ".join(["the mountain is very high"] * 30)  # 150 words: past 64
+    with pytest.raises(InvalidInputError, match="exceeds the model's 64 positions"):
+        rt.classify([(query, passage)], adapter="lora")
+    for name, room in (("lora", 64), ("prompt", 61)):  # a prompt's 3 virtual tokens take positions too
+        enc = tok(query, passage, truncation=True, max_length=room, return_tensors="pt")
+        with torch.no_grad():
+            want = torch.sigmoid(models[name](**enc).logits[0, 0]).item()
+        assert rt.classify([(query, passage)], adapter=name, truncation=True)[0]["score"] == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ConfigError, match="truncation must be True or False, got 'yes'"):
+        rt.classify("a", truncation="yes")
