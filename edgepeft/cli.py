@@ -287,6 +287,7 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
 
 
 SAMPLING_ONLY = ("--temperature", "--top-k", "--top-p", "--seed")  # what greedy decoding ignores
+NOT_GENERATION = ("out", "prompt", "adapter", "prompt_name", "embed_prompt", "text_pair", "truncation")  # run's others
 
 
 @cli.command()
@@ -307,8 +308,10 @@ SAMPLING_ONLY = ("--temperature", "--top-k", "--top-p", "--seed")  # what greedy
 @click.option("--embed-prompt", help="Embeddings: this prompt before the text, as encode(prompt=).")
 @click.option("--text-pair", help="Classifiers: the pair's second text (a cross-encoder's passage, NLI's hypothesis), "
               "as the pipeline's {'text': PROMPT, 'text_pair': ...}.")
+@click.option("--truncation", is_flag=True, help="Classifiers: cut a long text or pair to the model's length, as the "
+              "pipeline's truncation=True.")
 def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, chat,
-        prompt_name, embed_prompt, text_pair):
+        prompt_name, embed_prompt, text_pair, truncation):
     """Generate (streamed), classify or embed PROMPT with an adapter of OUT (PROMPT '-': read from standard input)."""
     from edgepeft.errors import ConfigError
     from edgepeft.runtimes import Runtime
@@ -320,13 +323,13 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     labels = rt.labels(name)  # an unknown name raises UnknownAdapterError naming the loaded adapters
     ctx = click.get_current_context()
     given = ["--greedy" if p == "do_sample" and ctx.params[p] is False else f"--{p.replace('_', '-')}"  # as typed
-             for p in ctx.params if p not in ("out", "prompt", "adapter", "prompt_name", "embed_prompt", "text_pair")
-             and ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]  # generation options
+             for p in ctx.params if p not in NOT_GENERATION and ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]
     prompts = [f for f, v in (("--prompt-name", prompt_name), ("--embed-prompt", embed_prompt)) if v is not None]
     if prompts and rt.task != "feature-extraction":
         raise ConfigError(f"{out}: a {rt.task} export does not embed; drop {', '.join(prompts)} (embeddings' prompts)")
-    if text_pair is not None and rt.task != "seq-cls":
-        raise ConfigError(f"{out}: a {rt.task} export does not classify; drop --text-pair (a classifier's second text)")
+    if (text_pair is not None or truncation) and rt.task != "seq-cls":
+        flags = " and ".join(f for f, v in (("--text-pair", text_pair is not None), ("--truncation", truncation)) if v)
+        raise ConfigError(f"{out}: a {rt.task} export does not classify; drop {flags} (a classifier's)")
     if given and not rt.cache:
         raise ConfigError(f"{out}: a {rt.task} export classifies or embeds, it does not generate; drop {', '.join(given)}")
     if rt.cache:
@@ -345,7 +348,8 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         click.echo("note: no adapter: the base model's classifier head is untrained (random); pick a classifier with "
                    f"--adapter ({', '.join(rt.adapter_names) or 'none in this export'})", err=True)
     if rt.task == "seq-cls":
-        scores = rt.classify(prompt if text_pair is None else {"text": prompt, "text_pair": text_pair}, adapter=name)
+        scores = rt.classify(prompt if text_pair is None else {"text": prompt, "text_pair": text_pair}, adapter=name,
+                             truncation=truncation)
         scores = scores["scores"]
         for label, p in sorted(scores.items(), key=lambda kv: -kv[1]):
             click.echo(f"{label}\t{p:.4f}")

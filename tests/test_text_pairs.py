@@ -248,7 +248,13 @@ def test_run_classifies_a_pair(reranker, shared_export, capsys):
     assert alone != printed
     encoder = shared_export("bert")[0]  # a feature-extraction export
     assert cli_error(capsys, "run", encoder, "q", "--text-pair", "p") == \
-        f"error: {encoder}: a feature-extraction export does not classify; drop --text-pair (a classifier's second text)"
+        f"error: {encoder}: a feature-extraction export does not classify; drop --text-pair (a classifier's)"
+    assert cli_error(capsys, "run", encoder, "q", "--text-pair", "p", "--truncation") == \
+        f"error: {encoder}: a feature-extraction export does not classify; drop --text-pair and --truncation (a classifier's)"
+    long = " ".join(["the mountain is very high"] * 30)  # past the model's 64 positions: cut as classify(truncation=True)
+    want = Runtime(out).classify({"text": PAIRS[0][0], "text_pair": long}, adapter="lora", truncation=True)["score"]
+    assert cli_ok(capsys, "run", out, PAIRS[0][0], "--text-pair", long, "--adapter", "lora", "--truncation") == \
+        f"0\t{want:.4f}\n"
 
 
 def test_inspect_says_what_classify_takes(reranker, capsys, tmp_path):
