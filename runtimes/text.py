@@ -71,7 +71,7 @@ class TextTokenizer:
             check_readable(path)
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
         try:  # a post-processor naming a token the file lacks panics at every encode (the library's PanicException)
-            self._tok.encode("a"), self._tok.encode("a", "b") if pairs else None  # a pair's template: classify's
+            self._tok.encode("a", "b" if pairs else None)  # one text, and a pair's template where classify takes pairs
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:
@@ -155,7 +155,7 @@ class TextTokenizer:
         pad_id, side = self._padding(pad_id, padding_side)
         rows = [self._cut(t, add_special_tokens, max_length).ids if max_length is not None else
                 self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in _text_list(texts, "encode")]
-        return _padded(rows, [], pad_id, side)[:2]
+        return _padded(rows, None, pad_id, side)[:2]
 
     def encode_pairs(self, texts, text_pairs, pad_id: int | None = None, padding_side: str | None = None,
                      max_length: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,8 +176,8 @@ class TextTokenizer:
             if p is not None and not isinstance(p, str):
                 raise InvalidInputError(f"encode_pairs takes a text (a string) or None per pair, got {type(p).__name__}")
             _text_list(p or "", "encode_pairs")  # half characters
-        encoded = [self._cut(t, True, max_length, p) if max_length is not None else self._tok.encode(t, p)
-                   if p is not None else self._tok.encode(t) for t, p in zip(texts, pairs)]
+        encoded = [self._tok.encode(t, p) if max_length is None else self._cut(t, True, max_length, p)
+                   for t, p in zip(texts, pairs)]
         return _padded([e.ids for e in encoded], [e.type_ids for e in encoded], pad_id, side)
 
     def _padding(self, pad_id, padding_side) -> tuple[int, str]:
@@ -257,15 +257,16 @@ def _text_list(texts, call: str) -> list:
     return texts
 
 
-def _padded(rows: list, types: list, pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, mask, token types) (B, T) int64 from each row's ids (and types: none given, 0), padded on ``side``."""
+def _padded(rows: list, types: list | None, pad_id: int, side: str) -> tuple:
+    """(ids, mask, token types or None) (B, T) int64 from each row's ids (and types, padded with 0), on ``side``."""
     width = max(map(len, rows)) if rows else 0
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask, kinds = np.zeros((len(rows), width), dtype=np.int64), np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    kinds = None if types is None else np.zeros_like(mask)
     for i, r in enumerate(rows):  # a row of no tokens stays padding
         cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
         ids[i, cols], mask[i, cols] = r, 1
-        if types:
+        if kinds is not None:
             kinds[i, cols] = types[i]
     return ids, mask, kinds
 

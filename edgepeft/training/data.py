@@ -208,9 +208,10 @@ def scores_relevance(config, rows: list[dict]) -> bool:
         {r["label"] for r in rows} <= {0, 1} and all(type(r["label"]) is int for r in rows)
 
 
-def replaced_head_note(config, rows: list[dict], labels: list, model: str) -> str | None:
-    """A note where the data's labels replace a head of one output (a reranker's score) with one of their classes."""
-    if getattr(config, "num_labels", None) != 1 or getattr(config, "problem_type", None) or scores_relevance(config, rows):
+def replaced_head_note(config, labels: list, model: str, kept: bool) -> str | None:
+    """A note where the data's labels replace a head of one output (a reranker's score) with one of their classes;
+    ``kept``: ``scores_relevance`` keeps it."""
+    if kept or getattr(config, "num_labels", None) != 1 or getattr(config, "problem_type", None):
         return None
     return (f"{model}: its head gives one score (a reranker's); labels {', '.join(labels)} train a head of {len(labels)} "
             "classes from scratch in its place; label the rows with the integers 0 and 1 to keep and fine-tune its score")

@@ -1,5 +1,5 @@
 // The fixes messages give for an export's adapter folders, in the Python runtime's words (runtimes/commands.py
-// folder_fix, export_name_problem, exported_as): export commands that work when pasted into a shell.
+// folder_fix, export_name_problem, exported_as, pairs_fix): export commands that work when pasted into a shell.
 
 const NAME_LENGTH = 100;  // as commands.py: OUT/adapters/<name> and its staging folder within a file name's 255 bytes
 
@@ -38,3 +38,8 @@ export async function folderFix(loader, name, merged) {
   return waiting === undefined ? `remove ${folder}, or ${again}` : `an export into ${out ?? "OUT"} was stopped before ` +
     `it re-pointed it; run that export again (where OUT can be locked, not on Windows, it finishes that first), or ${again}`;
 }
+
+/** What serves text pairs from a BERT classifier an earlier edgepeft exported (commands.py pairs_fix). */
+export const pairsFix = (merged) => (merged ? "export it again with --merge --overwrite (its base is then written " +
+  "with token types)" : "export an adapter into it again (its base is then written with token types), or every " +
+  "adapter into a fresh --out folder");

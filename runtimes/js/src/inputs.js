@@ -3,6 +3,7 @@
 // the model's range where the graph takes them (a seq-cls BERT's token_type_ids: text pairs).
 
 import { EdgePeftError, described, fromBigint } from "./checks.js";
+import { pairsFix } from "./fixes.js";
 
 const KINDS = { ids: "token ids", mask: "0 and 1", tokenTypeIds: "token types" };  // what each holds, as messages say
 
@@ -67,9 +68,7 @@ export function checkTokenTypes(tokenTypeIds, ids, types, where, merged = null) 
   for (const v of rows.flat()) [lo, hi] = [Math.min(lo, v), Math.max(hi, v)];
   if (types === null && (lo || hi)) {
     throw new EdgePeftError(`${where}: this export takes no token_type_ids (only a seq-cls export of a model with ` +
-      `token types, BERT's, does; for one exported before edgepeft served text pairs, ${merged ?
-        "export it again with --merge --overwrite (its base is then written with token types)" : "export an adapter " +
-        "into it again (its base is then written with token types), or every adapter into a fresh --out folder"}); pass none`);
+      `token types, BERT's, does; for one exported before edgepeft served text pairs, ${pairsFix(merged)}); pass none`);
   }
   if (types !== null && (lo < 0 || hi >= types)) {
     throw new EdgePeftError(`token type ${hi >= types ? hi : lo} is outside the model's [0, ${types}); give 0 for a ` +
