@@ -374,29 +374,11 @@ def test_a_rerankers_one_output_head_trains_on_relevance(reranker, tmp_path):
     keeps its head and trains it with binary cross-entropy, as sentence-transformers' CrossEncoder does: a head of 2
     classes trained from scratch replaced it, the reranker's scoring lost without a word."""
     from edgepeft.models import load_base
-    from edgepeft.training import train
 
-    import transformers as tf
-
-    base = str(tmp_path / "base")  # the reranker's, its head of one output made large: it scores before training
-    shutil.copytree(reranker[2], base)
-    model = tf.BertForSequenceClassification.from_pretrained(base)
-    with torch.no_grad():
-        model.classifier.weight.normal_(0, 3.0)
-    model.save_pretrained(base)
+    base, out = _scoring_reranker(reranker, tmp_path), str(tmp_path / "adapter")
     rows = [{"text": q, "text_pair": p, "label": i % 2} for i, (q, p) in enumerate(PAIRS * 4)]
-    data = tmp_path / "relevance.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = str(tmp_path / "adapter")
-    log = train(model=base, task="seq-cls", method="lora", data=str(data), eval_data=str(data), out=out, epochs=2,
-                lr=1e-2, batch_size=4, options={"r": 2, "target_modules": ["query", "value"]}, progress=False)
-    start = load_base(base, "seq-cls").eval()  # the head as saved
-    logits = torch.tensor(_reference(start, base, [(r["text"], r["text_pair"]) for r in rows])[:, 0])
-    targets = torch.tensor([float(r["label"]) for r in rows])
-    before = log["evals"][0]
-    assert before["loss"] == pytest.approx(
-        torch.nn.functional.binary_cross_entropy_with_logits(logits, targets).item(), abs=1e-5)
-    assert before["accuracy"] == pytest.approx(float(((logits > 0).float() == targets).float().mean()))
+    log = _train_scores(base, rows, out, tmp_path)
+    _check_first_eval(log, base, rows)
     assert log["labels"] is None and not os.path.exists(os.path.join(out, "labels.json"))  # the head's own name
     export([out], str(tmp_path / "out"), names=["relevance"])
     rt = Runtime(str(tmp_path / "out"))
@@ -405,6 +387,71 @@ def test_a_rerankers_one_output_head_trains_on_relevance(reranker, tmp_path):
     got = rt.classify(PAIRS, adapter="relevance")
     assert [list(r["scores"]) for r in got] == [["0"]] * len(PAIRS)
     np.testing.assert_allclose([r["score"] for r in got], want, atol=1e-5)
+
+
+def _scoring_reranker(reranker, tmp_path) -> str:
+    """A copy of the reranker's base, its head of one output made large: it scores before training."""
+    import transformers as tf
+
+    base = str(tmp_path / "base")
+    shutil.copytree(reranker[2], base)
+    model = tf.BertForSequenceClassification.from_pretrained(base)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 3.0)
+    model.save_pretrained(base)
+    return base
+
+
+def _train_scores(base, rows, out, tmp_path, eval_rows=None) -> dict:
+    from edgepeft.training import train
+
+    data, evals = tmp_path / "relevance.jsonl", tmp_path / "relevance-eval.jsonl"
+    for path, some in ((data, rows), (evals, eval_rows or rows)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in some))
+    return train(model=base, task="seq-cls", method="lora", data=str(data), eval_data=str(evals), out=out, epochs=2,
+                 lr=1e-2, batch_size=4, options={"r": 2, "target_modules": ["query", "value"]}, progress=False)
+
+
+def _check_first_eval(log, base, rows) -> None:
+    """The first evaluation is the base's binary cross-entropy on the labels as targets, and the share of scores on
+    their label's side of 0.5."""
+    from edgepeft.models import load_base
+
+    start = load_base(base, "seq-cls").eval()  # the head as saved
+    logits = torch.tensor(_reference(start, base, [(r["text"], r["text_pair"]) for r in rows])[:, 0])
+    targets = torch.tensor([float(r["label"]) for r in rows])
+    before = log["evals"][0]
+    assert before["loss"] == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, targets).item(), abs=1e-5)
+    assert before["accuracy"] == pytest.approx(float(((logits > 0) == (targets > 0.5)).float().mean()))
+    assert 0 < before["accuracy"] < 1
+
+
+def test_a_reranker_trains_on_relevance_scores(reranker, tmp_path):
+    """Scores from 0 to 1 (a teacher reranker's, which sentence-transformers' CrossEncoder distils with its binary
+    cross-entropy) train a reranker's one output on those soft targets. Before, a label 0.7 was refused. Scores on a
+    model of more outputs, a score past 1, and an evaluation row labelled 2 are refused, naming the file."""
+    from edgepeft.errors import DataError
+    from file_checks import edited_json
+
+    base = _scoring_reranker(reranker, tmp_path)
+    rows = [{"text": q, "text_pair": p, "label": [0.9, 0.15, 0.6, 1, 0, 0.35][i % 6]}
+            for i, (q, p) in enumerate(PAIRS * 4)]
+    out = str(tmp_path / "adapter")
+    log = _train_scores(base, rows, out, tmp_path)
+    _check_first_eval(log, base, rows)
+    assert log["evals"][-1]["loss"] < log["evals"][0]["loss"] and log["labels"] is None
+    with pytest.raises(DataError, match=r"relevance-eval.jsonl:2: label 2 is not a relevance score; the training rows "
+                                        "score relevance from 0 to 1"):
+        _train_scores(base, rows, str(tmp_path / "a2"), tmp_path, eval_rows=[rows[0], dict(rows[1], label=2)])
+    with pytest.raises(DataError, match=r"relevance.jsonl:1: \"label\" must be a non-empty string, an integer or a "
+                                        "relevance score from 0 to 1, got 1.5"):
+        _train_scores(base, [dict(rows[0], label=1.5)] + rows, str(tmp_path / "a3"), tmp_path)
+    with edited_json(os.path.join(base, "config.json")) as config:  # a head of two classes
+        config["id2label"], config["label2id"] = {"0": "no", "1": "yes"}, {"no": 0, "yes": 1}
+    with pytest.raises(DataError, match=r"relevance.jsonl: labels such as 0.(9|15|6|35) are relevance scores, which "
+                                        r"train a head of one output \(a cross-encoder reranker's"):
+        _train_scores(base, rows, str(tmp_path / "a4"), tmp_path)
 
 
 def test_a_rerankers_head_replaced_or_resumed_across_versions_is_said(reranker, tmp_path, capsys):
@@ -424,7 +471,7 @@ def test_a_rerankers_head_replaced_or_resumed_across_versions_is_said(reranker, 
     trainer = Trainer(args)
     trainer._data(method_config(args.method, args.task, dict(args.options)))
     assert f"note: {base}: its head gives one score (a reranker's); labels no, yes train a head of 2 classes from " \
-        "scratch in its place; label the rows with the integers 0 and 1 to keep and fine-tune its score" in \
+        "scratch in its place; label the rows 0 and 1, or with scores from 0 to 1, to keep and fine-tune its score" in \
         capsys.readouterr().err
     with pytest.raises(TrainingConfigError, match="was made by an earlier edgepeft, which trained a head of 2 classes "
                                                   "in place of this model's one-output head"):

@@ -110,14 +110,15 @@ def test_empty_or_non_string_text(tmp_path, task, row, field):
 
 
 @pytest.mark.parametrize("label, words", [
-    (True, "non-empty string or an integer"),
-    (False, "non-empty string or an integer"),
-    (1.0, "non-empty string or an integer"),
-    (0.5, "non-empty string or an integer"),
-    ("", "non-empty string or an integer"),
-    ("  ", "non-empty string or an integer"),  # was a class of its own
-    (None, "non-empty string or an integer"),
-    (["a"], "non-empty string or an integer"),
+    (True, "non-empty string, an integer or a relevance score from 0 to 1"),
+    (False, "non-empty string, an integer or a relevance score from 0 to 1"),
+    (1.5, "non-empty string, an integer or a relevance score from 0 to 1"),  # 0.5 and 1.0: a reranker's scores
+    (-0.5, "non-empty string, an integer or a relevance score from 0 to 1"),
+    (float("nan"), "non-empty string, an integer or a relevance score from 0 to 1"),
+    ("", "non-empty string, an integer or a relevance score from 0 to 1"),
+    ("  ", "non-empty string, an integer or a relevance score from 0 to 1"),  # was a class of its own
+    (None, "non-empty string, an integer or a relevance score from 0 to 1"),
+    (["a"], "non-empty string, an integer or a relevance score from 0 to 1"),
     (-1, ">= 0"),
 ])
 def test_bad_label_values(tmp_path, label, words):

@@ -1,7 +1,8 @@
 """Training data: JSONL rows checked line by line, tokenized and batched per task.
 
-    seq-cls             {"text": ..., "label": "positive" | 3}, and "text_pair" for a pair (a cross-encoder's query
-                        and passage: joined by the tokenizer's pair template, BERT's second segment)
+    seq-cls             {"text": ..., "label": "positive" | 3 | 0.7 (a one-output head's relevance score)}, and
+                        "text_pair" for a pair (a cross-encoder's query and passage: joined by the tokenizer's
+                        pair template, BERT's second segment)
     causal-lm           {"prompt": ..., "completion": ...}  (loss on the completion only)  or  {"text": ...}
     feature-extraction  {"text": ..., "positive": ...}  (pairs; in-batch negatives), and hard negatives in
                         "negative" or "negative_1", "negative_2", ... (the same fields in every row)
@@ -117,9 +118,10 @@ def read_jsonl(path: str, task: str) -> Rows:
                 raise DataError(f"{path}:{n}: \"{k}\" holds an unpaired surrogate ({row[k][e.start]!r}, half a character "
                                 "escaped in JSON); mend or drop that text") from None
             if k == "label":
-                if isinstance(row[k], bool) or not isinstance(row[k], (str, int)) or \
-                        isinstance(row[k], str) and not row[k].strip():
-                    raise DataError(f"{path}:{n}: \"label\" must be a non-empty string or an integer, got {row[k]!r}")
+                if isinstance(row[k], bool) or not isinstance(row[k], (str, int, float)) or \
+                        isinstance(row[k], str) and not row[k].strip() or isinstance(row[k], float) and not 0 <= row[k] <= 1:
+                    raise DataError(f"{path}:{n}: \"label\" must be a non-empty string, an integer or a relevance score "
+                                    f"from 0 to 1, got {row[k]!r}")
                 if isinstance(row[k], int) and row[k] < 0:
                     raise DataError(f"{path}:{n}: integer labels must be >= 0, got {row[k]}")
             elif not isinstance(row[k], str) or not row[k].strip():
@@ -176,6 +178,10 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
     names (case and spaces aside, as transformers' run_glue compares them), that order, in the data's spelling
     (sorted, a trained head started inverted and HF PEFT read the classes the other way round)."""
     values = {r["label"] for r in rows}
+    if scored := next((v for v in values if isinstance(v, float)), None):
+        raise DataError(f"{path}: labels such as {scored} are relevance scores, which train a head of one output (a "
+                        "cross-encoder reranker's: config.json's num_labels 1) where every label is one; give class "
+                        "labels (strings, or integers 0..N-1), or scores from 0 to 1 to a --model whose head gives one")
     ints = all(isinstance(v, int) for v in values)
     if not ints and any(isinstance(v, int) for v in values):
         raise DataError(f"{path}: labels mix strings and integers; use one kind for every row")
@@ -202,10 +208,20 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
 
 def scores_relevance(config, rows: list[dict]) -> bool:
     """Whether a seq-cls run keeps ``config``'s head of one output (a cross-encoder reranker's relevance score) and
-    trains it on labels 0 and 1 with binary cross-entropy, as sentence-transformers' CrossEncoder trains one (a head of
-    2 classes from scratch replaced it: the reranker's scoring lost)."""
+    trains it on labels 0 and 1, or scores from 0 to 1 (a teacher's), with binary cross-entropy, as
+    sentence-transformers' CrossEncoder trains one (a head of 2 classes from scratch replaced it: the reranker's
+    scoring lost)."""
     return getattr(config, "num_labels", None) == 1 and getattr(config, "problem_type", None) is None and \
-        {r["label"] for r in rows} <= {0, 1} and all(type(r["label"]) is int for r in rows)
+        all(type(r["label"]) is float or r["label"] in (0, 1) and type(r["label"]) is int for r in rows)
+
+
+def relevance_scores(rows: list[dict], path: str) -> list[float]:
+    """A relevance run's labels (``scores_relevance``): each 0 or 1, or a score between."""
+    for r in rows:
+        if isinstance(r["label"], str) or not 0 <= r["label"] <= 1:
+            raise DataError(f"{path}:{r['_line']}: label {r['label']!r} is not a relevance score; the training rows "
+                            "score relevance from 0 to 1 (a one-output head's): label these rows so too")
+    return [float(r["label"]) for r in rows]
 
 
 def replaced_head_note(config, labels: list, model: str, kept: bool) -> str | None:
@@ -214,7 +230,8 @@ def replaced_head_note(config, labels: list, model: str, kept: bool) -> str | No
     if kept or getattr(config, "num_labels", None) != 1 or getattr(config, "problem_type", None):
         return None
     return (f"{model}: its head gives one score (a reranker's); labels {', '.join(labels)} train a head of {len(labels)} "
-            "classes from scratch in its place; label the rows with the integers 0 and 1 to keep and fine-tune its score")
+            "classes from scratch in its place; label the rows 0 and 1, or with scores from 0 to 1, to keep and fine-tune "
+            "its score")
 
 
 def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:
@@ -234,7 +251,8 @@ class Encoder:
 
     def __init__(self, tokenizer, task: str, max_length: int, labels: list[str] | None = None,
                  pad_id: int | None = None, lower: bool = False, types: bool = False):
-        """``pad_id``: the model's padding token (config.json), which a decoder classifier looks for to find
+        """``labels``: a classifier's class names (None on a seq-cls run: relevance scores, ``scores_relevance``).
+        ``pad_id``: the model's padding token (config.json), which a decoder classifier looks for to find
         each row's last token; else the tokenizer's, else its end-of-sequence token. ``lower``: pairs are
         lower-cased first (a sentence-transformers model's do_lower_case). ``types``: the model reads token types
         (``models.reads_token_types``): a text pair's are batched too."""
@@ -277,7 +295,8 @@ class Encoder:
         if self.task == "seq-cls":
             if any(PAIR in r for r in rows):  # a pair's template adds more ([CLS] a [SEP] b [SEP]: 3)
                 self._check_room(self.tokenizer.num_special_tokens_to_add(pair=True), "pair")
-            return [self._classified(r, y) for r, y in zip(rows, label_ids(rows, self.labels, path))]
+            labels = label_ids(rows, self.labels, path) if self.labels is not None else relevance_scores(rows, path)
+            return [self._classified(r, y) for r, y in zip(rows, labels)]
         if self.task == "feature-extraction":
             return [{"input_ids": self._cut(r["text"]), "positive_ids": self._cut(r["positive"])} |
                     ({"negative_ids": [self._cut(t) for t in r["negatives"]]} if "negatives" in r else {}) for r in rows]
@@ -319,7 +338,8 @@ class Encoder:
         ids = [f["input_ids"] for f in features]
         batch = {"input_ids": self._pad(ids, self.pad_id), "attention_mask": self._mask(ids)}
         if self.task == "seq-cls":
-            batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
+            batch["labels"] = torch.tensor([f["label"] for f in features],  # class ids, or relevance scores
+                                           dtype=torch.long if self.labels is not None else torch.float)
             if self.types:  # padded with type 0, as transformers' tokenizers pad them
                 batch["token_type_ids"] = self._pad([f["token_type_ids"] for f in features], 0)
         elif self.task == "causal-lm":

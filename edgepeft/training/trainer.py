@@ -87,8 +87,8 @@ class Trainer:
                         "eval_sha256": (args.eval_data, rows_digest(eval_rows))}
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
         head = named_labels(config) if args.task == "seq-cls" else None  # a trained classifier's own class names
-        labels = label_names(rows, args.data, head) if args.task == "seq-cls" else None
         self.score = args.task == "seq-cls" and scores_relevance(config, rows)  # a reranker's one output, kept
+        labels = label_names(rows, args.data, head) if args.task == "seq-cls" and not self.score else None
         replaced = replaced_head_note(config, labels, args.model, self.score) if args.task == "seq-cls" else None
         for note in (ignored_fields(rows, args.data, args.task), other, replaced, missing_matplotlib()):
             if note and first():  # one note from a multi-process run
@@ -183,8 +183,9 @@ class Trainer:
             n = self._count(acc, batch)
             total, count = total + float(loss.float() * n), count + int(n)
             if self.args.task == "seq-cls":
-                guess = (extra[:, 0] > 0).long() if self.score else extra.argmax(-1)  # a score: relevant past 0.5
-                correct, seen = correct + int((guess == batch["labels"]).sum()), seen + len(batch["labels"])
+                # a score is right on its label's side of 0.5
+                right = (extra[:, 0] > 0) == (batch["labels"] > 0.5) if self.score else extra.argmax(-1) == batch["labels"]
+                correct, seen = correct + int(right.sum()), seen + len(batch["labels"])
             elif self.args.task == "feature-extraction":  # the embeddings, and each positive's ids (its text)
                 ids = [tuple(row[m.bool()].tolist()) for row, m in zip(batch["positive_ids"], batch["positive_mask"])]
                 pairs.append((*(t.float().cpu() for t in extra), ids))
