@@ -450,8 +450,13 @@ def test_a_reranker_trains_on_relevance_scores(reranker, tmp_path):
     with edited_json(os.path.join(base, "config.json")) as config:  # a head of two classes
         config["id2label"], config["label2id"] = {"0": "no", "1": "yes"}, {"no": 0, "yes": 1}
     with pytest.raises(DataError, match=r"relevance.jsonl: labels such as 0.(9|15|6|35) are relevance scores, which "
-                                        r"train a head of one output \(a cross-encoder reranker's"):
+                                        r"train a head of one output \(a cross-encoder reranker's\).* a --model "
+                                        r"whose config.json sets \"num_labels\": 1"):
         _train_scores(base, rows, str(tmp_path / "a4"), tmp_path)
+    with edited_json(os.path.join(base, "config.json")) as config:  # the fix the message names
+        del config["id2label"], config["label2id"]
+        config["num_labels"] = 1
+    assert _train_scores(base, rows, str(tmp_path / "a5"), tmp_path)["labels"] is None
 
 
 def test_a_rerankers_head_replaced_or_resumed_across_versions_is_said(reranker, tmp_path, capsys):

@@ -180,8 +180,9 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
     values = {r["label"] for r in rows}
     if scored := next((v for v in values if isinstance(v, float)), None):
         raise DataError(f"{path}: labels such as {scored} are relevance scores, which train a head of one output (a "
-                        "cross-encoder reranker's: config.json's num_labels 1) where every label is one; give class "
-                        "labels (strings, or integers 0..N-1), or scores from 0 to 1 to a --model whose head gives one")
+                        "cross-encoder reranker's) where every label is one; give class labels (strings, or integers "
+                        "0..N-1), or for scores a --model whose config.json sets \"num_labels\": 1 (a copy of this one "
+                        "with that key trains a new head of one output)")
     ints = all(isinstance(v, int) for v in values)
     if not ints and any(isinstance(v, int) for v in values):
         raise DataError(f"{path}: labels mix strings and integers; use one kind for every row")
