@@ -4,11 +4,10 @@ from __future__ import annotations
 
 
 def eos_token_ids(model) -> list[int]:
-    """End-of-sequence ids from the generation config (falling back to the model config)."""
+    """End-of-sequence ids from the generation config, as transformers' generate reads them (made from config.json
+    where the model has no generation_config.json; none where that file names none: config.json's is not read)."""
     gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if eos is None:
-        eos = model.config.eos_token_id
+    eos = gen.eos_token_id if gen is not None else model.config.eos_token_id
     if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]

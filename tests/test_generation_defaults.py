@@ -311,3 +311,34 @@ def test_genai_config_takes_min_length_and_says_when_genai_stops_otherwise():
     assert genai_notes({**manifest, "eos_token_id": []}) == [
         "this model has no end-of-sequence id: edgepeft generates to the length asked; onnxruntime-genai, which needs "
         "one, stops at id 0 (genai_config.json's eos_token_id)"]
+
+
+def test_a_generation_config_naming_no_eos_stops_at_none(text_export, tmp_path):
+    """Found by a hunt: generation_config.json without an eos (config.json with one) is generate's whole say, as
+    transformers reads it: no eos, every new token made. The export had taken config.json's and stopped rows there."""
+    import peft
+    import transformers as tf
+
+    from edgepeft.exporters import export
+
+    base = str(tmp_path / "base")
+    shutil.copytree(text_export[2], base)
+    ids = np.array([[5, 9, 13, 17, 21, 25]], dtype=np.int64)
+    free = tf.AutoModelForCausalLM.from_pretrained(base).generate(
+        input_ids=torch.from_numpy(ids), max_new_tokens=8, do_sample=False, eos_token_id=None).numpy()
+    edit_json(os.path.join(base, "config.json"), eos_token_id=int(free[0, ids.shape[1] + 2]))  # a token it makes
+    with open(os.path.join(base, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "pad_token_id": PAD, "do_sample": False}, f)
+    hf = tf.AutoModelForCausalLM.from_pretrained(base).eval()
+    pm = peft.get_peft_model(hf, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    pm.peft_config["default"].base_model_name_or_path = base
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    export([str(tmp_path / "adapter")], str(tmp_path / "out"), names=["lora"])
+    rt = Runtime(str(tmp_path / "out"))
+    assert rt.generation_config().eos_token_id == [] and tf.AutoModelForCausalLM.from_pretrained(
+        base).generation_config.eos_token_id is None
+    with torch.no_grad():
+        want = tf.AutoModelForCausalLM.from_pretrained(base).eval().generate(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)), max_new_tokens=8)
+    np.testing.assert_array_equal(rt.generate(ids, max_new_tokens=8), want.numpy())
+    assert rt.generate(ids, max_new_tokens=8).shape[1] == ids.shape[1] + 8
