@@ -182,8 +182,7 @@ class Trainer:
                 loss, extra = self._loss(module, batch)
             n = self._count(acc, batch)
             total, count = total + float(loss.float() * n), count + int(n)
-            if self.args.task == "seq-cls":
-                # a score is right on its label's side of 0.5
+            if self.args.task == "seq-cls":  # a score is right on its label's side of 0.5
                 right = (extra[:, 0] > 0) == (batch["labels"] > 0.5) if self.score else extra.argmax(-1) == batch["labels"]
                 correct, seen = correct + int(right.sum()), seen + len(batch["labels"])
             elif self.args.task == "feature-extraction":  # the embeddings, and each positive's ids (its text)
