@@ -256,7 +256,8 @@ def _config_from_dict(d: dict, source: str, fix: str) -> PeftConfig:
     if cls is None:
         raise UnsupportedMethodError(
             f"{source}: peft_type {d['peft_type']!r} is not supported; edgepeft supports "
-            f"{', '.join(supported_peft_types())}"
+            f"{', '.join(supported_peft_types())}: train the adapter again with one of them (edgepeft train --method, "
+            "or HF PEFT)"
         )
     try:
         config = cls.from_dict(d, source=source)

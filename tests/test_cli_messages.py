@@ -436,3 +436,20 @@ def test_a_target_module_given_as_one_text_is_told_the_command_lines_list(text_m
     line = cli_error(capsys, *argv, "--option", "target_modules=query")
     assert line.endswith("give a list (['query']; at the command line --target-modules query) or '.*query'"), line
     cli_ok(capsys, *argv, "--target-modules", "query")  # the advice works
+
+
+def test_an_adapter_of_a_method_edgepeft_lacks_is_refused_with_a_fix(tiny_base, tmp_path, capsys):
+    """A hunt: HF PEFT's other methods (LoHa here) were refused naming the supported ones, with no fix; nothing is
+    written."""
+    import peft
+
+    from tiny import load_reference_base
+
+    hf = peft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                             peft.LoHaConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    hf.save_pretrained(tmp_path / "loha")
+    line = cli_error(capsys, "export", "--adapter", tmp_path / "loha", "--out", tmp_path / "out")
+    assert line == (f"error: {tmp_path / 'loha' / 'adapter_config.json'}: peft_type 'LOHA' is not supported; edgepeft "
+                    "supports BOTTLENECK, IA3, LORA, PREFIX_TUNING, PROMPT_TUNING: train the adapter again with one of "
+                    "them (edgepeft train --method, or HF PEFT)")
+    assert not os.path.exists(tmp_path / "out")

@@ -144,7 +144,7 @@ class HeadSlots(SlotSpec):
             module = model.get_submodule(key)
             if not isinstance(module, nn.Linear):
                 raise UnsupportedModelError(
-                    f"modules_to_save {key!r} is a {type(module).__name__}; edgepeft exports Linear heads only "
+                    f"modules_to_save {key!r} is no Linear layer ({type(module).__name__}); edgepeft exports Linear heads only "
                     "(a head's weight and bias are the adapter's slots): use an adapter trained without it"
                 )
             out_axis = slot_axis("head", "out", key)

@@ -157,7 +157,7 @@ def linear_targets(model: nn.Module, config, defaults: dict) -> list[str]:
         for key in names:
             module = model.get_submodule(key)
             if not isinstance(module, LINEAR_TYPES):
-                raise ConfigError(f"target module {key!r} is a {type(module).__name__} layer, which this method does "
+                raise ConfigError(f"target module {key!r} ({type(module).__name__}) is a layer this method does "
                                   "not adapt (nn.Linear and Conv1D layers only); leave it out of target_modules and "
                                   "train again (a method of your own adapting other layers: see module_targets)")
     exclude = getattr(config, "exclude_modules", None)
