@@ -134,7 +134,7 @@ class AdapterStore:
         self.budget = None if budget_bytes is None else int(budget_bytes)
         self._adapters: dict[str, Registered] = {}
         self._resident: OrderedDict = OrderedDict()  # staged names, least recently used first
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()  # the Mixer takes it too, for its cache of stacks (mixing.py)
         self._trimming = threading.local()  # a trim under way in this thread (see _trim)
         self._staging: dict[str, threading.Lock] = {}
         self.on_change = []  # WeakMethods(name): unloaded, evicted or restaged (weak: a Mixer holds this store)
@@ -146,12 +146,12 @@ class AdapterStore:
     @property
     def resident(self) -> list[str]:
         """The adapters staged now, least recently used first."""
-        with self._lock:
+        with self.lock:
             return list(self._resident)
 
     @property
     def resident_bytes(self) -> int:
-        with self._lock:  # a list first: the collector may run a finalizer that trims (_trim) before a generator's
+        with self.lock:  # a list first: the collector may run a finalizer that trims (_trim) before a generator's
             return sum(a.bytes for a in map(self._adapters.get, list(self._resident)) if a)  # first step
 
     def staged_bytes(self, name: str) -> int:
@@ -200,7 +200,7 @@ class AdapterStore:
         # a folder's files are read again at each restage (an evicted adapter's bytes are not kept)
         entry = Registered(name, path, None if path else files, manifest, self.slots, self.base.get("task", ""))
         arrays, plan = self._stage(entry, files[ADAPTER_GRAPH])  # a load stages (and checks) it even under a budget
-        with self._lock:
+        with self.lock:
             if name in self._adapters:
                 raise ConfigError(f"{label}: an adapter named {name!r} is already loaded; unload it first or pick another name")
             self._adapters[name] = entry
@@ -246,7 +246,7 @@ class AdapterStore:
 
     def unload(self, name: str) -> None:
         """Forget an adapter and drop its staged tensors. Refused while a call is using it."""
-        with self._lock:
+        with self.lock:
             adapter = self._adapters.get(_one_name(name))
             if adapter is None:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {', '.join(map(repr, self.names)) or 'none'}")
@@ -277,14 +277,14 @@ class AdapterStore:
                 self._acquire(name, call, held)
             yield {a.name: a for a in held}
         finally:
-            with self._lock:
+            with self.lock:
                 for adapter in held:
                     adapter.holds.discard(call)
                 self._trim()
 
     def _acquire(self, name: str, call: "_Call", held: list) -> None:
         """Hold adapter ``name`` for ``call`` (listed in ``held`` before it holds it), staging it if evicted."""
-        with self._lock:
+        with self.lock:
             adapter = self.get(name)
             held.append(adapter)
             adapter.holds.add(call)
@@ -295,7 +295,7 @@ class AdapterStore:
         with lock:  # one thread restages; the others wait for it
             if adapter.plan is None:
                 arrays, plan = self._stage(adapter, self._unchanged_graph(adapter))
-                with self._lock:
+                with self.lock:
                     self._set_staged(adapter, arrays, plan)
                     self._trim()
 

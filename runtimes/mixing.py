@@ -17,7 +17,6 @@ restaged); per call only the small row-weight arrays are made. A weighted row co
 """
 from __future__ import annotations
 
-import threading
 import weakref
 from collections import OrderedDict
 
@@ -107,7 +106,9 @@ class Mixer:
         self.slots = store.slots
         self.selectors = {s.name: s for s in self.slots.values() if s.selects}
         self._stacks: OrderedDict = OrderedDict()
-        self._lock = threading.RLock()  # the store's eviction may call _forget inside (a hold the collector released)
+        # the store's lock: its unload and eviction call _forget holding it, and a release the garbage collector runs
+        # inside this class's blocks (an abandoned stream's) takes it: two locks deadlocked two threads
+        self._lock = store.lock
         store.on_change.append(weakref.WeakMethod(self._forget))
 
     def names(self, specs) -> list:

@@ -300,6 +300,46 @@ def test_an_eviction_inside_the_mixers_own_lock_goes_through(decoder):
     assert done.wait(30) and "lora_qv" not in small.adapter_names
 
 
+def test_a_release_the_collector_runs_in_the_mixer_while_another_thread_unloads(decoder):
+    """Found by a hunt: thread X stacking a mixed batch (the mixer's lock) ran the collector, which released an
+    abandoned stream's hold (the store's lock), while thread Y, unloading (the store's lock), told the mixer to forget
+    (its lock): each waited for the other for good, and every later call for the store's lock. One lock serves both."""
+    import gc
+    import time
+    from collections import OrderedDict
+
+    two = Runtime(decoder[0])
+    ids, mask = _batch(2)
+    cycle, stacking = {}, threading.Event()
+    cycle["self"], cycle["stream"] = cycle, two.stream(ids, mask, adapter="lora_qv", max_new_tokens=4, eos_token_id=[])
+    next(cycle["stream"])  # it holds lora_qv; in a cycle, only the collector finalizes it
+
+    class Collecting(OrderedDict):  # the collector's turn, at thread X's insert inside the mixer's lock
+        def __setitem__(self, key, value):
+            if threading.current_thread().name == "X" and not stacking.is_set():
+                stacking.set()
+                time.sleep(0.5)  # Y's unload takes the store's lock meanwhile (without the fix)
+                gc.collect()
+            super().__setitem__(key, value)
+
+    two.mixer._stacks = Collecting()
+    gc.disable()
+    try:
+        del cycle
+        threads = [threading.Thread(target=lambda: two.forward(ids, mask, adapter=["lora_all", "ia3"]), name="X",
+                                    daemon=True),
+                   threading.Thread(target=lambda: stacking.wait() and two.unload_adapter("prompt"), daemon=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "deadlocked"
+    finally:
+        gc.enable()
+    assert "prompt" not in two.adapter_names
+    two.unload_adapter("lora_qv")  # the stream's hold was released
+
+
 def test_an_adapter_loads_from_the_bytes_of_a_zip_of_its_folder(decoder, rt, tmp_path):
     data = shutil.make_archive(str(tmp_path / "lora"), "zip", os.path.join(decoder[0], "adapters", "lora_qv"))
     with open(data, "rb") as f:
