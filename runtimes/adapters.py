@@ -252,7 +252,7 @@ class AdapterStore:
                 raise UnknownAdapterError(f"adapter {name!r} is not loaded; loaded: {', '.join(map(repr, self.names)) or 'none'}")
             if adapter.holds:
                 raise AdapterInUseError(f"adapter {name!r} is in use by {len(adapter.holds)} call(s); unload it when they "
-                                        "finish")
+                                        "finish (a stream or step_logits read no further holds it until its close())")
             self._drop(adapter)
             del self._adapters[name]
             self._staging.pop(name, None)

@@ -452,7 +452,7 @@ def test_unload_while_in_use(rt, before):
     next(steps)
     with pytest.raises(AdapterInUseError) as e:
         rt.unload_adapter("qv")
-    assert "'qv'" in str(e.value) and "in use" in str(e.value)
+    assert "'qv'" in str(e.value) and "in use" in str(e.value) and "until its close()" in str(e.value)  # a hunt
     # Other adapters are not held and the held one still serves.
     np.testing.assert_allclose(rt.forward(ids, mask, adapter="qv")["logits"], before["qv"], rtol=0, atol=1e-6)
     steps.close()
