@@ -158,12 +158,15 @@ class TextTokenizer:
         return _padded(rows, None, pad_id, side)[:2]
 
     def encode_pairs(self, texts, text_pairs, pad_id: int | None = None, padding_side: str | None = None,
-                     max_length: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     max_length: int | None = None, add_special_tokens: bool = True) -> tuple[np.ndarray, ...]:
         """``(input_ids, attention_mask, token_type_ids)`` for texts and their pairs (a pair None, or ``text_pairs``
         None: the text alone), joined by the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT) as
         transformers' ``tokenizer(texts, text_pair=text_pairs)``: the types the template gives (a BERT pair's second
         text 1), padded with 0. Padded as ``encode``. ``max_length``: each row cut to it as transformers'
-        ``truncation=True`` cuts (a pair longest first); None: nothing is cut."""
+        ``truncation=True`` cuts (a pair longest first); None: nothing is cut. ``add_special_tokens=False``: the two
+        texts' tokens one after the other, typed 0 and 1, as transformers'."""
+        if not isinstance(add_special_tokens, bool):
+            raise ConfigError(f"add_special_tokens must be True or False, got {add_special_tokens!r}")
         if max_length is not None and not is_whole(max_length):
             raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
         pad_id, side = self._padding(pad_id, padding_side)
@@ -176,8 +179,8 @@ class TextTokenizer:
             if p is not None and not isinstance(p, str):
                 raise InvalidInputError(f"encode_pairs takes a text (a string) or None per pair, got {type(p).__name__}")
             _text_list(p or "", "encode_pairs")  # half characters
-        encoded = [self._tok.encode(t, p) if max_length is None else self._cut(t, True, max_length, p)
-                   for t, p in zip(texts, pairs)]
+        encoded = [self._tok.encode(t, p, add_special_tokens=add_special_tokens) if max_length is None else
+                   self._cut(t, add_special_tokens, max_length, p) for t, p in zip(texts, pairs)]
         return _padded([e.ids for e in encoded], [e.type_ids for e in encoded], pad_id, side)
 
     def _padding(self, pad_id, padding_side) -> tuple[int, str]:
@@ -205,7 +208,7 @@ class TextTokenizer:
             first.truncate(n1, direction=self.truncation_side)  # truncate's OverflowError past 2**64: not reached
             if second is not None:
                 second.truncate(n2, direction=self.truncation_side)
-        return self._tok.post_process(first, second) if add_special_tokens else first
+        return self._tok.post_process(first, second, add_special_tokens=add_special_tokens)
 
     def decode(self, ids, skip_special_tokens: bool = True, tidy: bool = True) -> str:
         """The text of ``ids``; ``tidy``: as transformers' decode (clean_up_tokenization_spaces where the config asks),

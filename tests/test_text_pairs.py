@@ -516,11 +516,16 @@ def test_long_pairs_are_cut_as_transformers_cuts_them(reranker):
     rt = Runtime(out)
     tok = tf.AutoTokenizer.from_pretrained(base)
     words = "one two three four five six seven eight nine ten eleven".split()
-    for la, lb, m in itertools.product(range(1, 11, 3), range(1, 11, 2), (3, 4, 6, 9, 14, 30)):
+    for la, lb, m, special in itertools.product(range(1, 11, 3), range(1, 11, 2), (3, 4, 6, 9, 14, 30, None),
+                                                (True, False)):  # without special tokens: the texts' own, typed
         a, b = " ".join(words[:la]), " ".join(words[:lb])
-        ids, _, types = rt.tokenizer.encode_pairs([a], [b], max_length=m)
-        want = tok(a, b, truncation=True, max_length=m)
+        ids, _, types = rt.tokenizer.encode_pairs([a], [b], max_length=m, add_special_tokens=special)
+        want = tok(a, b, truncation=m is not None, max_length=m, add_special_tokens=special)
         assert ids[0].tolist() == want["input_ids"] and types[0].tolist() == want["token_type_ids"], (la, lb, m)
+        if not special:
+            alone = rt.tokenizer.encode([a], max_length=m, add_special_tokens=False)[0]
+            assert alone[0].tolist() == tok(a, truncation=m is not None, max_length=m, add_special_tokens=False)[
+                "input_ids"]
     query, passage = "how tall is everest", " ".join(["the mountain is very high"] * 30)  # 150 words: past 64
     with pytest.raises(InvalidInputError, match="exceeds the model's 64 positions"):
         rt.classify([(query, passage)], adapter="lora")
