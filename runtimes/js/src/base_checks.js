@@ -33,6 +33,13 @@ export function baseValueErrors(m) {
   } catch (e) {
     errors.push(`field generation: ${e.message} (the model's default)`);
   }
+  // as Python refuses them (a null read as unset here; stop strings, which only Python applies, unchecked here)
+  const unset = ["do_sample", "temperature", "top_k", "top_p", "repetition_penalty"].find((k) => m.generation?.[k] === null);
+  if (unset) errors.push(`field generation.${unset} must be a value (or left out), got null`);
+  const stop = m.generation?.stop, stops = typeof stop === "string" ? [stop] : stop ?? [];
+  if (!(Array.isArray(stops) && stops.every((t) => typeof t === "string" && t))) {
+    errors.push(`field generation.stop must be a string or a list of non-empty strings, got ${described(stop).slice(0, 40)}`);
+  }
   const output = TASK_OUTPUTS[m.task];  // the runtime returns the first output: the task's (runtimes/manifest.py)
   if (output && Object.keys(m.outputs)[0] !== output) errors.push(`field outputs must list ${output} first, a ${m.task} graph's`);
   const cache = m.cache;

@@ -9,6 +9,9 @@ import { baseValueErrors } from "./base_checks.js";
 export class EdgePeftError extends Error {}
 /** A call's inputs need more memory than the device has (Python's OutOfMemoryError): the message says how much. */
 export class OutOfMemoryError extends EdgePeftError {}
+// an error's name as String(e) and consoles show it ("Error: ..." before), kept through a bundler's renaming
+EdgePeftError.prototype.name = "EdgePeftError";
+OutOfMemoryError.prototype.name = "OutOfMemoryError";
 
 export function described(v) {  // a value as a message shows it: "5", 5n, 2.5, Int32Array, {"a":1}
   if (typeof v === "string") return JSON.stringify(v);

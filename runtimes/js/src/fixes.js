@@ -39,6 +39,13 @@ export async function folderFix(loader, name, merged) {
     `it re-pointed it; run that export again (where OUT can be locked, not on Windows, it finishes that first), or ${again}`;
 }
 
+/** What loadAdapter says of a name OUT/adapters lacks: a --merge export takes no adapters (Python's export refuses
+ * them there), and serves its own without loading it. */
+export const missingAdapter = (name, merged) => name === merged ? `${name} is merged into this export's base: calls ` +
+  "serve it without loading it (adapter null, or its name)" : merged ? `no adapter ${name} in this --merge export (of ` +
+  `${merged}), which takes no adapters; export it into another --out folder` : `no adapter ${name} in this export; ` +
+  `export it there first (edgepeft export --adapter DIR --out OUT --name ${quote(exportedAs(name))})`;
+
 /** What serves text pairs from a BERT classifier an earlier edgepeft exported (commands.py pairs_fix). */
 export const pairsFix = (merged) => (merged ? "export it again with --merge --overwrite (its base is then written " +
   "with token types)" : "export an adapter into it again (its base is then written with token types), or every " +

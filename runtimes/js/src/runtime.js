@@ -17,7 +17,7 @@ import {
   checkOpenArguments, checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
 } from "./checks.js";
 import { TOKEN_TYPES, graphDeclarationErrors } from "./base_checks.js";
-import { exportedAs, folderFix, quote } from "./fixes.js";
+import { folderFix, missingAdapter } from "./fixes.js";
 import { adapterGraphProblem } from "./graph.js";
 import { checkInputs, checkTokenTypes, generationMask } from "./inputs.js";
 import { GENERATION_OPTIONS, classify, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
@@ -157,8 +157,7 @@ export class Runtime {
         `got ${described(name)}`);
     }
     const where = this.loader.where(`adapters/${name}`), json = `adapters/${name}/adapter.json`;
-    const manifest = await this.json(json, `no adapter ${name} in this export; export it there first (edgepeft export ` +
-      `--adapter DIR --out OUT --name ${quote(exportedAs(name))})`);
+    const manifest = await this.json(json, missingAdapter(name, this.manifest.merged_adapter));
     checkFormat(manifest, "edgepeft-adapter", this.loader.where(json));
     if (manifest.base_fingerprint !== this.manifest.fingerprint) {  // OUT's base re-exported since it was opened?
       const since = (await this.json("base/edgepeft.json", null).catch(() => null))?.fingerprint === manifest.base_fingerprint;
@@ -228,7 +227,9 @@ export class Runtime {
   }
 
   notLoaded(adapter) {
-    return new EdgePeftError(`adapter ${adapter} is not loaded; loaded: ${this.adapterNames.join(", ") || "none"}`);
+    const merged = this.manifest.merged_adapter ? `; ${this.manifest.merged_adapter} is merged into the base` : "";
+    return new EdgePeftError(`adapter ${adapter} is not loaded; loaded: ${this.adapterNames.join(", ") || "none"}${merged} ` +
+      "(use adapter null for the base model)");
   }
 
   /** No adapter, or the one a --merge export folded into the base: calls run the base graph as it is. */
@@ -290,9 +291,9 @@ export class Runtime {
     if (!eosTokenId.every((v) => Number.isInteger(v))) {  // as Python: an id < 0 is taken and never matches
       throw new EdgePeftError(`eosTokenId must be a token id or a list of token ids (integers), got ${described(eosGiven)}`);
     }
-    const pad = this.padIdOr(eosTokenId);
-    // no mask: left padding told by the model's padding id (not an eos fallback), as transformers' generate tells it
-    const told = !given && this.modelPadId() !== null && !eosTokenId.includes(pad) && ids.some((row) => row.includes(pad));
+    const pad = s.callPad ?? this.padIdOr(eosTokenId);
+    // no mask: left padding told by the padding id (the call's, else the model's; not an eos fallback), as transformers
+    const told = !given && (s.callPad ?? this.modelPadId()) !== null && !eosTokenId.includes(pad) && ids.some((row) => row.includes(pad));
     mask = generationMask(ids, mask, told, pad);
     this.checkLength(plan, ids[0].length, maxNewTokens - 1);  // the last new token is never fed back
     let { full, positions } = this.virtualInputs(plan, mask, true);
@@ -302,11 +303,11 @@ export class Runtime {
     const random = generator(s.seed);
     let out = await this.run(plan, ids, full, positions, null, true, 1n);
     for (let step = 0; step < maxNewTokens; step++) {
-      const logits = out.logits;  // (B, 1, V): the last position only
-      const vocab = logits.dims[2];
+      const logits = out.logits;  // (B, 1, V): the last position only; (B, T, V) where the graph takes no logits_to_keep
+      const [, width, vocab] = logits.dims, last = (b) => (b * width + width - 1) * vocab;
       const tokens = sequences.map((row, b) => {
         if (done[b]) return s.padTokenId ?? pad;
-        const scores = processScores(logits.data.subarray(b * vocab, (b + 1) * vocab), row, s, padding[b], ids[0].length, eosTokenId);
+        const scores = processScores(logits.data.subarray(last(b), last(b) + vocab), row, s, padding[b], ids[0].length, eosTokenId);
         return pick(scores, s, random);
       });
       tokens.forEach((t, b) => { sequences[b].push(t); if (eosTokenId.includes(t)) done[b] = true; });

@@ -11,7 +11,7 @@
 // them here, not Python's (numpy's) stream. classify (below) scores a classifier's logits row as transformers'
 // text-classification pipeline does.
 
-import { EdgePeftError, checkLabels, described } from "./checks.js";
+import { EdgePeftError, checkLabels, described, fromBigint } from "./checks.js";
 
 export const DEFAULT_NEW_TOKENS = 32;
 // option -> the manifest's (generation_config.json's) name, and transformers' default
@@ -19,7 +19,7 @@ const SETTINGS = {
   maxNewTokens: ["max_new_tokens", null], maxLength: ["max_length", null], minNewTokens: ["min_new_tokens", null],
   minLength: ["min_length", null], doSample: ["do_sample", false], temperature: ["temperature", 1.0],
   topK: ["top_k", 50], topP: ["top_p", 1.0], minP: ["min_p", null], repetitionPenalty: ["repetition_penalty", 1.0],
-  noRepeatNgramSize: ["no_repeat_ngram_size", 0], seed: [null, null],
+  noRepeatNgramSize: ["no_repeat_ngram_size", 0], seed: ["seed", null], padTokenId: [null, null],
 };
 export const GENERATION_OPTIONS = Object.keys(SETTINGS);
 
@@ -58,7 +58,11 @@ export function generationSettings(manifest, options) {
   if (pad !== undefined && !(whole(pad) && pad >= 0 && pad < manifest.vocab_size)) {
     throw new EdgePeftError(`pad_token_id must be a token id in [0, ${manifest.vocab_size}), got ${described(pad).slice(0, 40)}`);
   }
-  [s.modelEos, s.padTokenId] = [eos, pad];  // generate's where the call gives no eosTokenId; finished rows' padding
+  const call = fromBigint(s.padTokenId);  // the call's: finished rows' padding, and without a mask the left padding's
+  if (call != null && !(whole(call) && call >= 0 && call < manifest.vocab_size)) {
+    throw new EdgePeftError(`padTokenId must be a token id in [0, ${manifest.vocab_size}), got ${described(call).slice(0, 40)}`);
+  }
+  [s.modelEos, s.padTokenId, s.callPad] = [eos, call ?? pad, call];  // eos: generate's where the call gives none
   if (s.seed != null && !(Number.isSafeInteger(s.seed) && s.seed >= 0)) {  // past 2**53 a number holds no whole seed
     throw new EdgePeftError(`seed must be an integer in 0..${Number.MAX_SAFE_INTEGER}, got ${s.seed}`);
   }

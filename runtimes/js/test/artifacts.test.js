@@ -151,6 +151,10 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   await baseRefused((j) => { j.generation = { max_new_tokens: 0 }; }, "field generation: maxNewTokens must be a positive integer, got 0 \\(the model's default\\)");
   await baseRefused((j) => { j.generation = { eos_token_id: null }; }, "field generation: eos_token_id must be token ids, got null \\(the model's default\\)");
   await baseRefused((j) => { j.generation = { pad_token_id: 400 }; }, "field generation: pad_token_id must be a token id in \\[0, 400\\), got 400 \\(the model's default\\)");
+  // found by a hunt: Python refuses these at open; a null read as unset here, stop strings unchecked
+  await baseRefused((j) => { j.generation = { top_k: null }; }, "field generation.top_k must be a value \\(or left out\\), got null");
+  await baseRefused((j) => { j.generation = { stop: ["###", ""] }; }, `field generation.stop must be a string or a list of non-empty strings, got \\["###",""\\]`);
+  await withEdit(out, "base/edgepeft.json", (j) => { j.generation = { stop: "###", max_new_tokens: null, min_p: null }; }, () => openFolder(ortNode, out));
   await withEdit(out, "base/edgepeft.json", (j) => { delete j.ops; }, () => openFolder(ortNode, out));  // older exports
   // a base problem: another export of an adapter into that OUT was refused (its base is older), a fresh one works
   for (const [field, file] of [["neutral_graph", "neutral.onnx"], ["web_graph", "model.web.onnx"]]) {

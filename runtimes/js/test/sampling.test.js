@@ -91,6 +91,9 @@ test("the model's generation_config.json settings apply where a call leaves them
   assert.deepEqual(await rt.generate(ids, mask, one), await rt.generate(ids, mask, { ...one, doSample: false }));
   const sampled = { adapter: "lora", maxNewTokens: 6, eosTokenId: [], doSample: true, temperature: 2, seed: 9 };
   assert.deepEqual(await rt.generate(ids, mask, sampled), await rt.generate(ids, mask, sampled));
+  rt.manifest.generation = { seed: 9 };  // a hunt: a manifest's seed was ignored here (Python applies it)
+  const { seed, ...unseeded } = sampled;
+  assert.deepEqual(await rt.generate(ids, mask, unseeded), await rt.generate(ids, mask, sampled));
   rt.manifest.generation = expected.model_ids.generation;  // end and padding ids apart from config.json's: Python's ids
   assert.deepEqual(await rt.generate(ids, mask, { adapter: "lora", maxNewTokens: 6 }), expected.model_ids.ids);
   rt.manifest.generation = { max_length: ids[0].length + 2 };  // a model that sets max_length only
