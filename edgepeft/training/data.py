@@ -178,7 +178,7 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
     names (case and spaces aside, as transformers' run_glue compares them), that order, in the data's spelling
     (sorted, a trained head started inverted and HF PEFT read the classes the other way round)."""
     values = {r["label"] for r in rows}
-    if scored := next((v for v in values if isinstance(v, float)), None):
+    if (scored := next((v for v in values if isinstance(v, float)), None)) is not None:  # 0.0 too
         raise DataError(f"{path}: labels such as {scored} are relevance scores, which train a head of one output (a "
                         "cross-encoder reranker's) where every label is one; give class labels (strings, or integers "
                         "0..N-1), or for scores a --model whose config.json sets \"num_labels\": 1 (a copy of this one "
