@@ -410,3 +410,20 @@ def test_hard_negatives_train_alone_and_bad_ones_are_named_and_older_checkpoints
         args = TrainingArguments(model="m", task=task, data="d", out="o")
         args.check()
         assert args.fingerprint()["max_length"] == cut and "--max-length" not in args.command()
+
+
+def test_evaluating_leaves_the_adapter_trained_as_without(text_model, tmp_path):
+    """Each pass over the evaluation rows drew a seed from torch's generator, so --eval changed every later dropout
+    mask, and the adapter the same seed and data train."""
+    from safetensors.torch import load_file
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(16))
+    adapters = []
+    for i, eval_data in enumerate((None, data)):
+        train(model=text_model("bert"), task="seq-cls", data=data, eval_data=eval_data, out=str(tmp_path / str(i)),
+              epochs=2, lr=5e-3, batch_size=8, save="last", progress=False,
+              options={"r": 2, "target_modules": ["query", "value"], "lora_dropout": 0.3})
+        adapters.append(load_file(str(tmp_path / str(i) / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    for key, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][key], value, rtol=0, atol=0)
