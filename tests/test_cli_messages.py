@@ -453,3 +453,13 @@ def test_an_adapter_of_a_method_edgepeft_lacks_is_refused_with_a_fix(tiny_base, 
                     "supports BOTTLENECK, IA3, LORA, PREFIX_TUNING, PROMPT_TUNING: train the adapter again with one of "
                     "them (edgepeft train --method, or HF PEFT)")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_option_of_no_finite_number_says_so(text_model, tmp_path, capsys):
+    """A hunt: NaN and infinity were "cannot be saved in the training log; give a number", though one was given."""
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
+    for flags, shown in ((["--alpha", "nan"], "lora_alpha=nan"), (["--option", "lora_dropout=-Infinity"], "lora_dropout=-inf")):
+        line = cli_error(capsys, "train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out",
+                         tmp_path / "o", *flags)
+        assert line == f"error: option {shown} must be a finite number"
+        assert not os.path.exists(tmp_path / "o")
