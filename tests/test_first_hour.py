@@ -100,6 +100,11 @@ def test_best_so_far_is_not_claimed_below_the_untrained_score(text_model, tmp_pa
     assert "epoch 2/2: eval loss 0.7000, accuracy 0.6300" in err and "(best so far)" not in err
     assert log["best"]["epoch"] == 2 and log["beat_untrained"] is False  # level on accuracy, worse on loss
     assert "hardly moved (0.6900 -> 0.6800" in log["hint"] and "--lr" in log["hint"]
+    from edgepeft.training.summary import hint
+
+    for after, advice in ((0.693304, "hardly moved"), (0.693296, "hardly moved"), (0.75, "rose")):  # a hunt: a rise of
+        evals = [{"epoch": 0, "loss": 0.6933}, {"epoch": 1, "loss": after}]  # 4e-6 advised a lower rate, a fall a higher
+        assert hint({"evals": evals}, 1e-3, 1).startswith(f"eval loss {advice}"), after
 
 
 def test_cli_says_plainly_when_training_did_not_beat_the_untrained_adapter(text_model, tmp_path, monkeypatch, capsys):

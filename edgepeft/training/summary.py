@@ -28,14 +28,14 @@ def beat_untrained(log: dict) -> bool | None:
 def hint(log: dict, lr: float, epochs: int) -> str | None:
     """One line with the flags to try when training did not learn (None: it did).
 
-    The eval loss rose: the rate is probably too high. It hardly moved and the metric did not
-    improve either: too low, or too few epochs.
+    The eval loss rose (by more than 3%): the rate is probably too high. It hardly moved (within 3%) and the metric
+    did not improve either: too low, or too few epochs.
     """
     evals = log["evals"]
     if len(evals) < 2 or evals[0]["epoch"] != 0:
         return None
     before, best = evals[0]["loss"], min(e["loss"] for e in evals[1:])
-    if best > before:
+    if best * HARDLY_MOVED > before:  # past the band of "hardly moved" (a rise of 4e-6 advised a lower rate)
         return f"eval loss rose ({before:.4f} -> {best:.4f} at best); try a lower rate, e.g. --lr {lr / 3:.2g}"
     metric = next((k for k in ("accuracy", "perplexity") if k in evals[0]), None)
     if metric == "accuracy" and max(e["accuracy"] for e in evals[1:]) > evals[0]["accuracy"] + 0.05:
