@@ -276,6 +276,17 @@ def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> li
 
 
 # ---------------------------------------------------------------- stage
+def _sibling(folder: str, replaced: bool) -> dict | None:
+    """The manifest of an adapter in OUT; None for an unreadable one that --overwrite replaces: it cannot be re-pointed
+    to the new base (an export stopped midway leaves it damaged, as it was). Before, replacing it was refused."""
+    try:
+        return read_adapter_manifest(folder)
+    except EdgePeftError:
+        if replaced:
+            return None
+        raise
+
+
 def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> tuple[str, dict]:
     """OUT's base when it serves every slot, else a new base traced into a staging folder."""
     if reuse:
@@ -285,8 +296,9 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
     # stays refused), those --overwrite replaces too: an export killed after the base moved in and before (or while)
     # one is replaced leaves it fitting the base, not a refused OUT; one that cannot be read stops the export now
     made_for = plan.existing and plan.existing["fingerprint"]  # None: OUT holds no base (removed) to re-point from
-    plan.siblings = {d: read_adapter_manifest(d) for d in adapter_dirs(plan.out).values()} if made_for else {}
-    plan.siblings = {d: m for d, m in plan.siblings.items() if m["base_fingerprint"] == made_for}
+    replaced = {s.name for s in plan.sources}
+    found = {d: _sibling(d, name in replaced) for name, d in adapter_dirs(plan.out).items()} if made_for else {}
+    plan.siblings = {d: m for d, m in found.items() if m is not None and m["base_fingerprint"] == made_for}
     for d in plan.siblings:  # each gets its manifest rewritten after the base is replaced: writable, checked now
         check_output_dir(d, "--out")
     stage = staging.new(plan.out, "base")

@@ -118,3 +118,21 @@ def test_an_adapter_moved_aside_with_a_link_to_nothing_in_its_place_is_named_and
     assert os.listdir(adapters) == ["qv"] and (adapters / "qv" / "adapter.json").read_text() == "{}"
     from edgepeft.runtimes.access import left_by_a_stopped_process  # a pid no process has (os.kill's OverflowError)
     assert left_by_a_stopped_process(f".old-x-p99999999999h{this_host()}-y") is None
+
+
+def test_overwriting_an_adapter_whose_manifest_is_damaged_goes_through_on_a_new_base(llama, tmp_path):
+    """A hunt: with OUT's qv/adapter.json damaged, --overwrite of qv by an adapter needing a new base read every
+    adapter's manifest to re-point it, qv's too, and was refused naming the command that had just failed."""
+    import numpy as np
+
+    from tiny import sample_batch
+
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    with open(os.path.join(out, "adapters", "qv", "adapter.json"), "w") as f:
+        f.write("{bad")
+    export([llama[1]["mlp"]], out, names=["qv"], overwrite=True)  # mlp's slots: the base is written again
+    want = Runtime(llama[0])
+    ids, mask = sample_batch()
+    np.testing.assert_allclose(Runtime(out).forward(ids, mask, adapter="qv")["logits"],
+                               want.forward(ids, mask, adapter="mlp")["logits"], rtol=0, atol=1e-5)
