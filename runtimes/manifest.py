@@ -273,10 +273,13 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
                                  f"{export_command('DIR', path)} first")
 
 
+REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder"  # a damaged base: no export into OUT mends it
+
+
 def read_base_manifest(base_dir: str) -> dict:
     """Read and check ``base_dir/edgepeft.json``; slots come back as ``Slot`` objects."""
     path = os.path.join(base_dir, BASE_MANIFEST)
-    fix = "re-run `edgepeft export` into a fresh --out folder"
+    fix = REEXPORT_BASE
     data = read_json(path, "base manifest", fix)
     _check_format(data, path, "edgepeft-base", _BASE_KEYS, fix)
     if errors := base_value_errors(data):

@@ -34,8 +34,8 @@ from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
 from .generation import TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
 from .inputs import check_token_inputs, check_token_types, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
-from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, TOKEN_TYPES, adapter_dirs, base_file_errors, cache_names,
-                       not_an_export, read_base_manifest)
+from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, REEXPORT_BASE, TOKEN_TYPES, adapter_dirs, base_file_errors,
+                       cache_names, not_an_export, read_base_manifest)
 from .sessions import check_providers, device_of, open_base_session, ort, run_bound
 from .slot_checks import check_graph_inputs
 
@@ -76,7 +76,7 @@ class Runtime:
         providers = check_providers(providers, sess_options)
         graph = os.path.join(base_dir, self.manifest["graph"])
         if not os.path.isfile(graph):
-            raise ArtifactNotFoundError(f"{graph}: base graph missing; re-run `edgepeft export`")
+            raise ArtifactNotFoundError(f"{graph}: base graph missing; {REEXPORT_BASE}")  # an export into OUT opens it
         cut = base_file_errors(base_dir, self.manifest, {self.manifest["graph"], self.manifest["graph"] + ".data"})
         if cut:  # ONNX Runtime's own message names an initializer and offsets, and no fix
             raise cut.pop(0)  # popped: a local holding the raised error would keep this frame alive

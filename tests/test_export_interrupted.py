@@ -1,6 +1,7 @@
 """What an interrupted export leaves, found by bug hunts: a Ctrl-C during the commit is held off until OUT is whole
 (the base, the adapters re-pointed to it, the new adapters; the folders they replace removed last) and raised then,
-saying so; a folder a killed export moved aside is put back by the next export, whatever stands in its place."""
+saying so; a folder a killed export moved aside is put back by the next export, whatever stands in its place; a
+damaged adapter is replaced and a damaged base named with the fix that works."""
 from __future__ import annotations
 
 import json
@@ -136,3 +137,18 @@ def test_overwriting_an_adapter_whose_manifest_is_damaged_goes_through_on_a_new_
     ids, mask = sample_batch()
     np.testing.assert_allclose(Runtime(out).forward(ids, mask, adapter="qv")["logits"],
                                want.forward(ids, mask, adapter="mlp")["logits"], rtol=0, atol=1e-5)
+
+
+def test_a_base_graph_gone_names_a_fresh_out_folder(llama, tmp_path):
+    """A hunt: "base graph missing; re-run `edgepeft export`", which into that OUT fails alike, every time."""
+    from edgepeft.errors import ArtifactNotFoundError
+
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    os.unlink(os.path.join(out, "base", "model.onnx"))
+    for attempt in (lambda: Runtime(out), lambda: export([llama[1]["mlp"]], out)):
+        with pytest.raises(ArtifactNotFoundError, match=r"model.onnx: base graph missing; re-run `edgepeft export` into "
+                                                        "a fresh --out folder$"):
+            attempt()
+    export([llama[1]["qv"]], str(tmp_path / "fresh"))
+    assert Runtime(str(tmp_path / "fresh")).adapter_names == ["qv"]
