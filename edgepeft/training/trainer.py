@@ -239,7 +239,7 @@ class Trainer:
         optimizer = make_optimizer(peft, args.lr, args.head_lr, args.weight_decay)
         loader = DataLoader(train_rows, batch_size=args.batch_size, shuffle=True, collate_fn=encoder.collate)
         eval_loader = (DataLoader(process_share(eval_rows, args.batch_size, acc.process_index, acc.num_processes), batch_size=args.batch_size,
-                                  collate_fn=encoder.collate, generator=torch.Generator()) if eval_rows else None)  # its own generator: evaluating leaves the dropout draws as they were
+                                  collate_fn=encoder.collate, generator=torch.Generator()) if eval_rows else None)  # draws no dropout seed
         model, optimizer, loader = acc.prepare(peft, optimizer, loader)  # each process every n-th batch (the first most)
         steps_per_epoch = math.ceil(math.ceil(len(train_rows) / (args.batch_size * acc.num_processes)) / args.grad_accum)
         self._spare = {k: v.to(acc.device) for k, v in encoder.collate(train_rows[:1]).items()}  # see _epoch
