@@ -255,6 +255,8 @@ def test_run_classifies_a_pair(reranker, shared_export, capsys):
     want = Runtime(out).classify({"text": PAIRS[0][0], "text_pair": long}, adapter="lora", truncation=True)["score"]
     assert cli_ok(capsys, "run", out, PAIRS[0][0], "--text-pair", long, "--adapter", "lora", "--truncation") == \
         f"0\t{want:.4f}\n"
+    assert cli_error(capsys, "run", out, PAIRS[0][0], "--text-pair", long, "--adapter", "lora").endswith(
+        "exceeds the model's 64 positions; shorten it, or pass --truncation to cut it as transformers' pipeline does")
 
 
 def test_inspect_says_what_classify_takes(reranker, capsys, tmp_path):
@@ -527,8 +529,9 @@ def test_long_pairs_are_cut_as_transformers_cuts_them(reranker):
             assert alone[0].tolist() == tok(a, truncation=m is not None, max_length=m, add_special_tokens=False)[
                 "input_ids"]
     query, passage = "how tall is everest", " ".join(["the mountain is very high"] * 30)  # 150 words: past 64
-    with pytest.raises(InvalidInputError, match="exceeds the model's 64 positions"):
-        rt.classify([(query, passage)], adapter="lora")
+    with pytest.raises(InvalidInputError, match=r"exceeds the model's 64 positions; shorten it, or pass truncation=True "
+                                                 r"to cut it as transformers' pipeline does$"):
+        rt.classify([(query, passage)], adapter="lora")  # a hunt: the fix that works was not named
     for name, room in (("lora", 64), ("prompt", 61)):  # a prompt's 3 virtual tokens take positions too
         enc = tok(query, passage, truncation=True, max_length=room, return_tensors="pt")
         with torch.no_grad():
