@@ -31,10 +31,8 @@ from edgepeft.files import (
 )
 from edgepeft.models import model_label, reads_token_types
 from edgepeft.runtimes.access import REPOINTED, located, may_replace, read_json
-from edgepeft.runtimes.manifest import (
-    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, LAYOUT_VERSION, TASK_OUTPUTS, TOKEN_TYPES, adapter_dirs,
-    read_adapter_manifest, read_base_manifest,
-)
+from edgepeft.runtimes.manifest import (ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, LAYOUT_VERSION,
+                                        TASK_OUTPUTS, TOKEN_TYPES, adapter_dirs, read_adapter_manifest, read_base_manifest)
 from edgepeft.runtimes.slot_checks import uncounted_heads
 from edgepeft.runtimes.runtime import Runtime
 from edgepeft.runtimes.values import is_number
@@ -278,7 +276,7 @@ def _keep_layout(groups: list, existing: dict, base_dir: str, names: list) -> li
 # ---------------------------------------------------------------- stage
 def _sibling(folder: str, replaced: bool) -> dict | None:
     """The manifest of an adapter in OUT; None for an unreadable one that --overwrite replaces: it cannot be re-pointed
-    to the new base (an export stopped midway leaves it damaged, as it was). Before, replacing it was refused."""
+    to the new base (an export stopped midway leaves it damaged, as it was)."""
     try:
         return read_adapter_manifest(folder)
     except EdgePeftError:
@@ -294,7 +292,7 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
         return plan.base_dir, plan.existing
     # a new base re-points the adapters already there (those made for OUT's base: one copied in for another base
     # stays refused), those --overwrite replaces too: an export killed after the base moved in and before (or while)
-    # one is replaced leaves it fitting the base, not a refused OUT; one that cannot be read stops the export now
+    # one is replaced leaves it fitting the base, not a refused OUT; one unreadable stops it, unless it is replaced
     made_for = plan.existing and plan.existing["fingerprint"]  # None: OUT holds no base (removed) to re-point from
     replaced = {s.name for s in plan.sources}
     found = {d: _sibling(d, name in replaced) for name, d in adapter_dirs(plan.out).items()} if made_for else {}

@@ -38,8 +38,8 @@ def base_value_errors(data: dict) -> list[str]:
         errors.append(f"field 'ops' must be {' or '.join(OPS)}, got {data['ops']!r:.40}")
     fields = GenerationConfig.__dataclass_fields__
     given = {k: v for k, v in data.get("generation", {}).items() if k in fields}
-    if given.get("stop") is None or isinstance(given["stop"], str):  # as generate takes them: a config's "###"
-        given["stop"] = [given["stop"]] if given.get("stop") else []
+    if given.get("stop") is None or isinstance(given["stop"], str):  # as generate takes them: a config's "###" ("",
+        given["stop"] = [given["stop"]] if given.get("stop") is not None else []  # which every generate refused: now)
     if "eos_token_id" in given and not isinstance(given["eos_token_id"], list):  # one id; null is refused, as there
         given["eos_token_id"] = [given["eos_token_id"]]
     try:  # generate's defaults, which a call leaves unset: "--do-sample must be True or False", though no flag was given

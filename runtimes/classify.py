@@ -70,13 +70,13 @@ def classify(rt, texts, adapter=None, truncation: bool = False):
 
 def _classified(rt, rows: list, adapter, limit: int | None) -> list:
     ids, mask, types = rt.tokenizer.encode_pairs(*zip(*rows), max_length=limit)
-    virtual = rt.virtual_positions(adapter, len(rows))
-    if limit is None and rt.max_positions and ids.shape[1] + virtual > rt.max_positions:  # the pipeline's fix too
-        extra = f" (+ the adapter's {virtual} virtual tokens)" if virtual else ""
-        raise InvalidInputError(f"a text of {ids.shape[1]} tokens{extra} exceeds the model's {rt.max_positions} positions; "
-                                "shorten it, or pass truncation=True to cut it as transformers' pipeline does")
     per_row = row_adapters(adapter, len(rows))
     lengths = token_counts([t if p is None else (t, p) for t, p in rows], mask)
+    for length, spec in zip(lengths, per_row) if limit is None and rt.max_positions else ():  # each row as it runs
+        if length + (virtual := rt.virtual_positions(spec, 1)) > rt.max_positions:  # the pipeline's fix named too
+            extra = f" (+ the adapter's {virtual} virtual tokens)" if virtual else ""
+            raise InvalidInputError(f"a text of {length} tokens{extra} exceeds the model's {rt.max_positions} positions; "
+                                    "shorten it, or pass truncation=True to cut it as transformers' pipeline does")
     if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
         # at a time does (transformers' pipeline): the head would read a shorter row at a pad
         return in_groups(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs, limit))

@@ -175,6 +175,7 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     ("generation", {"do_sample": "x"}, "field 'generation.do_sample' must be True or False, got 'x'"),  # "--do-sample"
     ("generation", {"do_sample": True, "temperature": 0}, "field 'generation.temperature' must be > 0 when sampling"),
     ("generation", {"stop": "###", "eos_token_id": 5}, None),  # one string, one id: as generate takes them
+    ("generation", {"stop": ""}, "field 'generation.stop' strings must not be empty"),  # opened, every generate refused
     ("generation", {"eos_token_id": "x"}, "field 'generation.eos_token_id' must be token ids"),  # a TypeError
     ("generation", {"eos_token_id": None}, "field 'generation.eos_token_id' must be token ids"),  # as each call
 ])

@@ -310,7 +310,7 @@ def test_a_release_the_collector_runs_in_the_mixer_while_another_thread_unloads(
 
     two = Runtime(decoder[0])
     ids, mask = _batch(2)
-    cycle, stacking = {}, threading.Event()
+    cycle, stacking, unloading = {}, threading.Event(), threading.Event()
     cycle["self"], cycle["stream"] = cycle, two.stream(ids, mask, adapter="lora_qv", max_new_tokens=4, eos_token_id=[])
     next(cycle["stream"])  # it holds lora_qv; in a cycle, only the collector finalizes it
 
@@ -318,11 +318,17 @@ def test_a_release_the_collector_runs_in_the_mixer_while_another_thread_unloads(
         def __setitem__(self, key, value):
             if threading.current_thread().name == "X" and not stacking.is_set():
                 stacking.set()
-                time.sleep(0.5)  # Y's unload takes the store's lock meanwhile (without the fix)
+                unloading.wait(5)  # Y inside the store's lock (without the fix; with it, Y waits for this one)
                 gc.collect()
             super().__setitem__(key, value)
 
-    two.mixer._stacks = Collecting()
+    drop = two.store._drop
+
+    def dropping(adapter):  # Y's unload, holding the store's lock, before it tells the mixer
+        unloading.set()
+        drop(adapter)
+
+    two.mixer._stacks, two.store._drop = Collecting(), dropping
     gc.disable()
     try:
         del cycle
@@ -331,8 +337,9 @@ def test_a_release_the_collector_runs_in_the_mixer_while_another_thread_unloads(
                    threading.Thread(target=lambda: stacking.wait() and two.unload_adapter("prompt"), daemon=True)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 60
         for t in threads:
-            t.join(60)
+            t.join(max(0.0, deadline - time.monotonic()))
         assert not any(t.is_alive() for t in threads), "deadlocked"
     finally:
         gc.enable()

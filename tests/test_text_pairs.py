@@ -449,6 +449,9 @@ def test_a_reranker_trains_on_relevance_scores(reranker, tmp_path):
     with pytest.raises(DataError, match=r"relevance.jsonl:1: \"label\" must be a non-empty string, an integer or a "
                                         "relevance score from 0 to 1, got 1.5"):
         _train_scores(base, [dict(rows[0], label=1.5)] + rows, str(tmp_path / "a3"), tmp_path)
+    for other in ("yes", 2):  # a review: beside scores, named at its line (the fix said num_labels 1, which it is)
+        with pytest.raises(DataError, match=rf"relevance.jsonl:1: label {other!r} is not a relevance score"):
+            _train_scores(base, [dict(rows[0], label=other)] + rows, str(tmp_path / "a6"), tmp_path)
     with edited_json(os.path.join(base, "config.json")) as config:  # a head of two classes
         config["id2label"], config["label2id"] = {"0": "no", "1": "yes"}, {"no": 0, "yes": 1}
     with pytest.raises(DataError, match=r"relevance.jsonl: labels such as 0.(9|15|6|35) are relevance scores, which "
@@ -532,6 +535,9 @@ def test_long_pairs_are_cut_as_transformers_cuts_them(reranker):
     with pytest.raises(InvalidInputError, match=r"exceeds the model's 64 positions; shorten it, or pass truncation=True "
                                                  r"to cut it as transformers' pipeline does$"):
         rt.classify([(query, passage)], adapter="lora")  # a hunt: the fix that works was not named
+    near = " ".join(["high"] * 60)  # 62 tokens: room on lora's rows, not beside a prompt's 3 (a review: each row counts)
+    both = rt.classify([near, "short"], adapter=["lora", "prompt"])
+    assert both == [rt.classify(near, adapter="lora"), rt.classify("short", adapter="prompt")]
     for name, room in (("lora", 64), ("prompt", 61)):  # a prompt's 3 virtual tokens take positions too
         enc = tok(query, passage, truncation=True, max_length=room, return_tensors="pt")
         with torch.no_grad():

@@ -179,7 +179,7 @@ def test_mixed_string_and_integer_labels(tmp_path):
     assert path in str(e.value) and "mix strings and integers" in str(e.value)
 
 
-@pytest.mark.parametrize("values", [(0.0, 1.0), (0.0, 0.5), (0.0, "a"), (0.0, 1), (0.9, 0.1)])
+@pytest.mark.parametrize("values", [(0.0, 1.0), (0.0, 0.5), (0.0, "a"), (0.0, 1), (0.9, 0.1), (0, 0.0, 1)])
 def test_relevance_scores_are_refused_for_a_head_of_classes(values):
     """A hunt: 0.0 read as no score (false): 0.0 and 1.0, the usual binary relevance, were tracebacks."""
     with pytest.raises(DataError, match=r"^d.jsonl: labels such as 0\.\d+ are relevance scores, which train a head of "

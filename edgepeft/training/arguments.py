@@ -171,7 +171,7 @@ def _saved_as(key: str, value):
         value = list(value)
     elif isinstance(getattr(value, "name_or_path", None), str) and not isinstance(value, str):  # a tokenizer object
         value = value.name_or_path
-    if isinstance(value, float) and not math.isfinite(value):  # "cannot be saved ...; give a number" said no more
+    if isinstance(value, float) and not math.isfinite(value):  # a number, but none the log can hold
         raise ConfigError(f"option {key}={value!r} must be a finite number")
     try:
         json.dumps(value, allow_nan=False)

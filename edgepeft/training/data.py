@@ -177,8 +177,8 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
     trained classifier's class names in its head's order (config.json's id2label): where the data has the same
     names (case and spaces aside, as transformers' run_glue compares them), that order, in the data's spelling
     (sorted, a trained head started inverted and HF PEFT read the classes the other way round)."""
-    values = {r["label"] for r in rows}
-    if (scored := next((v for v in values if isinstance(v, float)), None)) is not None:  # 0.0 too
+    values = {r["label"] for r in rows}  # a set holds 0 or 0.0, whichever came first: the rows are read for scores
+    if (scored := next((r["label"] for r in rows if isinstance(r["label"], float)), None)) is not None:
         raise DataError(f"{path}: labels such as {scored} are relevance scores, which train a head of one output (a "
                         "cross-encoder reranker's) where every label is one; give class labels (strings, or integers "
                         "0..N-1), or for scores a --model whose config.json sets \"num_labels\": 1 (a copy of this one "
@@ -212,8 +212,9 @@ def scores_relevance(config, rows: list[dict]) -> bool:
     trains it on labels 0 and 1, or scores from 0 to 1 (a teacher's), with binary cross-entropy, as
     sentence-transformers' CrossEncoder trains one (a head of 2 classes from scratch replaced it: the reranker's
     scoring lost)."""
-    return getattr(config, "num_labels", None) == 1 and getattr(config, "problem_type", None) is None and \
-        all(type(r["label"]) is float or r["label"] in (0, 1) and type(r["label"]) is int for r in rows)
+    return getattr(config, "num_labels", None) == 1 and getattr(config, "problem_type", None) is None and (
+        all(type(r["label"]) is float or r["label"] in (0, 1) and type(r["label"]) is int for r in rows) or
+        any(type(r["label"]) is float for r in rows))  # the others then named at their lines (relevance_scores)
 
 
 def relevance_scores(rows: list[dict], path: str) -> list[float]:

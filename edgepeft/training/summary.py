@@ -2,7 +2,7 @@
 adapter it started from, and the flags to try when it did not learn."""
 from __future__ import annotations
 
-HARDLY_MOVED = 0.97  # eval loss at its best above this share of the untrained adapter's: the rate is probably too low
+HARDLY_MOVED = 0.97  # eval loss at its best within this share of the untrained adapter's, either way: hardly moved
 
 
 def rank(evaluation: dict) -> tuple:
@@ -35,7 +35,7 @@ def hint(log: dict, lr: float, epochs: int) -> str | None:
     if len(evals) < 2 or evals[0]["epoch"] != 0:
         return None
     before, best = evals[0]["loss"], min(e["loss"] for e in evals[1:])
-    if best * HARDLY_MOVED > before:  # past the band of "hardly moved" (a rise of 4e-6 advised a lower rate)
+    if best > before * (2 - HARDLY_MOVED):  # past the band of "hardly moved", 3% either way
         return f"eval loss rose ({before:.4f} -> {best:.4f} at best); try a lower rate, e.g. --lr {lr / 3:.2g}"
     metric = next((k for k in ("accuracy", "perplexity") if k in evals[0]), None)
     if metric == "accuracy" and max(e["accuracy"] for e in evals[1:]) > evals[0]["accuracy"] + 0.05:

@@ -33,7 +33,7 @@ export function baseValueErrors(m) {
   } catch (e) {
     errors.push(`field generation: ${e.message} (the model's default)`);
   }
-  // as Python refuses them (a null read as unset here; stop strings, which only Python applies, unchecked here)
+  // as Python refuses them: a null that generationSettings reads as unset, and stop strings (Python's alone to apply)
   const unset = ["do_sample", "temperature", "top_k", "top_p", "repetition_penalty"].find((k) => m.generation?.[k] === null);
   if (unset) errors.push(`field generation.${unset} must be a value (or left out), got null`);
   const stop = m.generation?.stop, stops = typeof stop === "string" ? [stop] : stop ?? [];

@@ -9,7 +9,7 @@ import { baseValueErrors } from "./base_checks.js";
 export class EdgePeftError extends Error {}
 /** A call's inputs need more memory than the device has (Python's OutOfMemoryError): the message says how much. */
 export class OutOfMemoryError extends EdgePeftError {}
-// an error's name as String(e) and consoles show it ("Error: ..." before), kept through a bundler's renaming
+// an error's name as String(e) and consoles show it, kept through a bundler's renaming
 EdgePeftError.prototype.name = "EdgePeftError";
 OutOfMemoryError.prototype.name = "OutOfMemoryError";
 
