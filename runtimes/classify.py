@@ -72,7 +72,8 @@ def _classified(rt, rows: list, adapter, limit: int | None) -> list:
     ids, mask, types = rt.tokenizer.encode_pairs(*zip(*rows), max_length=limit)
     per_row = row_adapters(adapter, len(rows))
     lengths = token_counts([t if p is None else (t, p) for t, p in rows], mask)
-    for length, spec in zip(lengths, per_row) if limit is None and rt.max_positions else ():  # each row as it runs
+    over = limit is None and rt.max_positions and ids.shape[1] + rt.virtual_positions(adapter, len(rows)) > rt.max_positions
+    for length, spec in zip(lengths, per_row) if over else ():  # then each row as it runs, with its own adapter's
         if length + (virtual := rt.virtual_positions(spec, 1)) > rt.max_positions:  # the pipeline's fix named too
             extra = f" (+ the adapter's {virtual} virtual tokens)" if virtual else ""
             raise InvalidInputError(f"a text of {length} tokens{extra} exceeds the model's {rt.max_positions} positions; "

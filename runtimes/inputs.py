@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .commands import pairs_fix
 from .errors import InvalidInputError
 
 
@@ -50,10 +51,10 @@ def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions
     return np.ascontiguousarray(ids), np.ascontiguousarray(mask)
 
 
-def check_token_types(token_type_ids, ids: np.ndarray, types: int | None, base_dir: str, fix: str) -> np.ndarray | None:
+def check_token_types(token_type_ids, ids: np.ndarray, types: int | None, base_dir: str, manifest: dict) -> np.ndarray | None:
     """``token_type_ids`` as a contiguous int64 array of ``ids``' shape, or None (none given, or all 0 where the graph
     takes none: every token is of type 0 there). ``types``: the graph's token types, None where it takes none;
-    ``fix``: what gives an earlier BERT export the types (``commands.pairs_fix``)."""
+    ``manifest``: the base's, for what gives an earlier BERT export the types (``commands.pairs_fix``)."""
     if token_type_ids is None:
         return None
     try:
@@ -70,7 +71,7 @@ def check_token_types(token_type_ids, ids: np.ndarray, types: int | None, base_d
     if types is None and (lo or hi):
         raise InvalidInputError(
             f"{base_dir}: this export takes no token_type_ids (only a seq-cls export of a model with token types, "
-            f"BERT's, does; for one exported before edgepeft served text pairs, {fix}); pass none")
+            f"BERT's, does; for one exported before edgepeft served text pairs, {pairs_fix(manifest)}); pass none")
     if types is not None and (lo < 0 or hi >= types):
         raise InvalidInputError(f"token type {hi if hi >= types else lo} is outside the model's [0, {types}); give 0 for "
                                 "a text's (or a pair's first) tokens, 1 for a pair's second")

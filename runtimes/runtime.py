@@ -27,7 +27,6 @@ import numpy as np
 
 from . import classify, decoded, text
 from .access import check_readable, located
-from .commands import pairs_fix
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, assemble, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
@@ -260,7 +259,7 @@ class Runtime:
         BERT's segments (a text pair's second is 1) where the export takes them (``type_vocab_size`` of them), else 0.
         """
         ids, mask = self._inputs(input_ids, attention_mask)
-        types = check_token_types(token_type_ids, ids, self.type_vocab_size, self.base_dir, pairs_fix(self.manifest))
+        types = check_token_types(token_type_ids, ids, self.type_vocab_size, self.base_dir, self.manifest)
         parts = []
         with self.lanes(adapter, *ids.shape) as lanes:
             for lane in lanes:
