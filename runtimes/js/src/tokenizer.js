@@ -114,7 +114,8 @@ export async function tokenizerOf(Tokenizer, loader) {
       `(${firstLine(e)}); ${PASS_IDS}`);
   }
   asRustDecodes(tokenizer.decoder);
-  asRustReads(tokenizer);
+  asRustSplits(tokenizer.pre_tokenizer);
+  asRustReads(tokenizer, json);
   asRustPairs(tokenizer);
   const decode = tokenizer.decode.bind(tokenizer);  // as the Python runtime's decode: special tokens skipped by default
   tokenizer.decode = (ids, options) => {  // an id past the vocabulary decodes to nothing (the library said [UNK])
@@ -129,13 +130,13 @@ export async function tokenizerOf(Tokenizer, loader) {
   };
   // a pair's token types come with it (return_token_type_ids: false leaves them out), as transformers' tokenizer gives
   // them for BERT: a forward without them reads the second text as the first's (tokenTypeIds)
+  // an empty pair is none, as transformers' one-text call and the Python runtime's encode_pairs(text, "") read it
   tokenizer.encode = (t, options) => encode(text(t), options?.text_pair == null ? options
-    : { return_token_type_ids: true, ...options, text_pair: text(options.text_pair) });
+    : { return_token_type_ids: true, ...options, text_pair: options.text_pair === "" ? null : text(options.text_pair) });
   return tokenizer;
 }
 
-/** A text pair's tokens and types as the Rust library gives them, where this library gave otherwise: an empty second
- * text is a pair (it was left out: "[CLS] a [SEP]" for Python's "[CLS] a [SEP] [SEP]"); without a post-processor, or
+/** A text pair's tokens and types as the Rust library gives them, where this library gave otherwise: without a post-processor, or
  * with ByteLevel's, the second text's tokens follow the first's, of type 1 (ByteLevel's dropped them, the other gave
  * no types); RobertaProcessing's are all of type 0 (it gave the second text's 1). */
 function asRustPairs(tokenizer) {
@@ -165,10 +166,13 @@ function wholeCharacters(text) {
 }
 
 /** Where the library's model reads otherwise than the Rust one, mended: unknown pieces are fused within a word (the
- * library fused them across a text's words: "Ω Ω" was one [UNK]; every Unigram model fuses), and an added token
- * that is normalized decodes as its normalized text ("COVID" added to an uncased model decodes as "covid"). */
-function asRustReads(tokenizer) {
+ * library fused them across a text's words: "Ω Ω" was one [UNK]; every Unigram model fuses); a WordLevel model's
+ * unknown word is its own unk_token (the library took tokenizer_config.json's, and gave null where that names none);
+ * and an added token that is normalized decodes as its normalized text ("COVID" added to an uncased model decodes as
+ * "covid"). */
+function asRustReads(tokenizer, json) {
   const { model, normalizer } = tokenizer;
+  if (json.model?.type === "WordLevel") model.unk_token_id = model.tokens_to_ids.get(model.unk_token = json.model.unk_token);
   if (model.fuse_unk) {
     const call = model._call.bind(model);
     model._call = (words) => words.flatMap((word) => call([word]));
@@ -176,6 +180,43 @@ function asRustReads(tokenizer) {
   for (const token of tokenizer.added_tokens) {
     if (token.normalized && !token.special && normalizer) model.vocab[token.id] = token.content = normalizer(token.content);
   }
+}
+
+// the Rust library's char::is_ascii_punctuation or a Unicode punctuation class: what its Punctuation pre-tokenizer splits
+const PUNCTUATION = /[\p{P}!-\/:-@[-`{-~]/gu;
+
+/** Split and Punctuation pre-tokenizers as the Rust library splits: each match (each punctuation character) kept apart,
+ * dropped, merged with the piece before or after it, or joined to the matches beside it, as its behavior says, and
+ * Split's invert taking the text between matches as the delimiters. The library split every behavior as "isolated"
+ * (Punctuation as "contiguous") and, inverted, dropped the text between matches: other ids, with no word. */
+function asRustSplits(pre) {
+  for (const part of pre?.tokenizers ?? []) asRustSplits(part);
+  const type = pre?.config?.type;
+  if ((type !== "Split" && type !== "Punctuation") || (type === "Split" && pre.pattern === null)) return;
+  const pattern = type === "Punctuation" ? PUNCTUATION : pre.pattern;
+  const behavior = (pre.config.behavior ?? "Isolated").toLowerCase(), invert = type === "Split" && pre.config.invert === true;
+  pre.pre_tokenize_text = (text) => {
+    const spans = [];  // [start, end, is a delimiter] over the whole text, as the Rust library's find_matches
+    let at = 0;
+    for (const m of text.matchAll(pattern)) {
+      if (!m[0].length) continue;
+      if (m.index > at) spans.push([at, m.index, invert]);
+      spans.push([m.index, m.index + m[0].length, !invert]);
+      at = m.index + m[0].length;
+    }
+    if (at < text.length) spans.push([at, text.length, invert]);
+    const kept = [];
+    if (behavior === "mergedwithnext") spans.reverse();
+    spans.forEach(([start, end, delimiter], i) => {
+      const last = kept.at(-1), previous = i > 0 && spans[i - 1][2];
+      if (behavior === "removed" && delimiter) return;
+      if (last && (behavior === "contiguous" ? delimiter === previous
+        : behavior === "mergedwithprevious" || behavior === "mergedwithnext" ? delimiter && !previous : false)) {
+        last[0] = Math.min(last[0], start); last[1] = Math.max(last[1], end);
+      } else kept.push([start, end]);
+    });
+    return kept.sort((a, b) => a[0] - b[0]).map(([start, end]) => text.slice(start, end)).filter(Boolean);
+  };
 }
 
 const UTF8 = new TextEncoder();

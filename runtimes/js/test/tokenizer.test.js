@@ -161,3 +161,38 @@ test("Metaspace and ByteLevel decode as the Rust library decodes; a Unigram mode
   await assert.rejects(loadTokenizer(path.join(root, "unigram-bytes")), (e) => e instanceof EdgePeftError &&
     /unigram-bytes\/base\/tokenizer.json: a Unigram model with byte_fallback .* is not in the JavaScript tokenizer; pass token ids/.test(e.message));
 });
+
+// Split and Punctuation behaviors, and a WordLevel model's own unk_token (found by a hunt): each word of the Python
+// pre-tokenizer its own id, so a word cut elsewhere is another id or <unk>.
+const SPLITS = String.raw`
+import json, os, sys
+import transformers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers as pre
+from edgepeft.runtimes.text import TextTokenizer
+root, texts, out = sys.argv[1], json.loads(sys.argv[2]), {}
+cases = {f"split-{b}": pre.Split("-", b) for b in ("isolated", "removed", "merged_with_previous", "merged_with_next", "contiguous")}
+cases.update({f"punctuation-{b}": pre.Punctuation(b) for b in ("isolated", "removed", "merged_with_previous", "merged_with_next", "contiguous")})
+cases["split-invert"] = pre.Split(Regex("[ab]+"), "isolated", invert=True)
+cases["sequence"] = pre.Sequence([pre.WhitespaceSplit(), pre.Split(Regex("\\d"), "merged_with_next")])
+for name, p in cases.items():
+    words = sorted({w for t in texts for w, _ in p.pre_tokenize_str(t)})
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = p
+    base = os.path.join(root, name, "base")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(base)  # its config names no unk_token
+    rt = TextTokenizer(base)
+    out[name] = {t: rt.encode(t)[0][0].tolist() for t in texts + ["a zz b"]}
+print(json.dumps(out))
+`;
+
+test("Split and Punctuation pre-tokenizers cut words as the Rust library does, and a WordLevel model's unknown word is its unk", async () => {
+  const texts = ["a-b--c", "-a-", "a!b!!c?", "¿qué?", "ab12cd34 e5", "x--y-", "--", "no delimiters"];
+  const root = path.join(scratch, "splits");
+  const python = JSON.parse(execFileSync(PYTHON, ["-c", SPLITS, root, JSON.stringify(texts)], { env: { ...process.env, HF_HUB_OFFLINE: "1" } }));
+  for (const [name, want] of Object.entries(python)) {
+    const tokenizer = await loadTokenizer(path.join(root, name));
+    for (const [text, ids] of Object.entries(want)) assert.deepEqual(tokenizer.encode(text).ids, ids, `${name}: ${text}`);
+  }
+  assert.ok(python["split-isolated"]["a zz b"].includes(0));  // the unknown word: null here before
+  assert.notDeepEqual(python["split-merged_with_previous"]["a-b--c"], python["split-isolated"]["a-b--c"]);
+});
