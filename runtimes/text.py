@@ -159,8 +159,8 @@ class TextTokenizer:
 
     def encode_pairs(self, texts, text_pairs, pad_id: int | None = None, padding_side: str | None = None,
                      max_length: int | None = None, add_special_tokens: bool = True) -> tuple[np.ndarray, ...]:
-        """``(input_ids, attention_mask, token_type_ids)`` for texts and their pairs (a pair None, or ``text_pairs``
-        None: the text alone), joined by the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT) as
+        """``(input_ids, attention_mask, token_type_ids)`` for texts and their pairs (a pair None, ``text_pairs``
+        None, or one text's pair "": the text alone), joined by the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT) as
         transformers' ``tokenizer(texts, text_pair=text_pairs)``: the types the template gives (a BERT pair's second
         text 1), padded with 0. Padded as ``encode``. ``max_length``: each row cut to it as transformers'
         ``truncation=True`` cuts (a pair longest first); None: nothing is cut. ``add_special_tokens=False``: the two
@@ -171,7 +171,8 @@ class TextTokenizer:
             raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
         pad_id, side = self._padding(pad_id, padding_side)
         texts = _text_list(texts, "encode_pairs")
-        pairs = [text_pairs] if isinstance(text_pairs, str) else [None] * len(texts) if text_pairs is None else text_pairs
+        # one text's empty pair is no pair, as transformers' one-text call reads it (its batched call keeps one)
+        pairs = [text_pairs or None] if isinstance(text_pairs, str) else [None] * len(texts) if text_pairs is None else text_pairs
         if not isinstance(pairs, (list, tuple)) or len(pairs) != len(texts):
             raise InvalidInputError(f"encode_pairs takes one pair (a text, or None) per text: {len(texts)} text(s), "
                                     f"got {type(text_pairs).__name__} {text_pairs!r:.60}")

@@ -73,7 +73,7 @@ def _pairs(cls, adapters) -> dict:
     their token types and without them (every token of type 0), and classify's answers."""
     texts, pairs = map(list, zip(*PAIRS))
     ids, mask, types = cls.tokenizer.encode_pairs(texts, pairs)
-    alone = [cls.tokenizer.encode_pairs([t], [p]) for t, p in PAIRS]
+    alone = [cls.tokenizer.encode_pairs(t, p) for t, p in PAIRS]  # one text's call, as the JavaScript encode's
     typed = {a: cls.forward(ids, mask, adapter=a, token_type_ids=types)["logits"] for a in adapters}
     untyped = {a: cls.forward(ids, mask, adapter=a)["logits"] for a in adapters}
     for a in adapters:  # the types reach the graph: the JavaScript tests would pass without them otherwise

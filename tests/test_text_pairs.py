@@ -348,6 +348,10 @@ def test_pair_edges_follow_their_references(reranker, decoder_classifier, tmp_pa
     assert rt.classify([("where is it", "")], adapter="lora")[0]["score"] != score("where is it")  # [CLS] a [SEP] [SEP]
     ids, _, types = rt.tokenizer.encode_pairs(["a b", "c"], None)
     np.testing.assert_array_equal(ids, rt.tokenizer.encode(["a b", "c"])[0])
+    tok = tf.AutoTokenizer.from_pretrained(base)  # a hunt: one text's empty pair is none (the batched call keeps it)
+    assert rt.tokenizer.encode_pairs("where is it", "")[0][0].tolist() == tok("where is it", text_pair="")["input_ids"]
+    assert rt.tokenizer.encode_pairs(["where is it"], [""])[0][0].tolist() == \
+        tok(["where is it"], text_pair=[""])["input_ids"][0] != tok("where is it")["input_ids"]
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "a", "text_pair": None, "label": 1}) + "\n" +
                     json.dumps({"text": "b", "text_pair": "c d", "label": 0}) + "\n" +
@@ -357,7 +361,6 @@ def test_pair_edges_follow_their_references(reranker, decoder_classifier, tmp_pa
     with pytest.raises(ConfigError, match=r"^encode takes no text_pair; encode text pairs with encode_pairs\(texts, "
                                           r"text_pairs\), which returns their token_type_ids too$"):
         rt.tokenizer.encode("q", text_pair="p")  # transformers' spelling: a TypeError
-    tok = tf.AutoTokenizer.from_pretrained(base)
     with pytest.raises(TrainingConfigError, match=r"--max-length 3 leaves no token of text: the tokenizer adds 3 "
                                                   r"special tokens to each pair; pass --max-length 4 or more"):
         Encoder(tok, "seq-cls", 3, ["0", "1"], types=True).encode(rows, str(data))

@@ -97,7 +97,7 @@ for (const [label, ort, tolerance] of [["onnxruntime-node", ortNode, 1e-5], ["on
   });
 }
 
-test("the tokenizer encodes a pair as the Python runtime: its ids and types, an empty second text still a pair", async () => {
+test("the tokenizer encodes a pair as the Python runtime: its ids and types, an empty second text no pair", async () => {
   for (const fixture of ["minilm", "bert_pairs"]) {  // WordPiece with BERT's template, byte-level BPE with "$A $B:1"
     const tokenizer = await loadTokenizer(path.join(FIXTURES, fixture));
     const { texts, text_pairs: pairs, tokens } = expected[fixture].pairs;
@@ -136,7 +136,7 @@ for name, processor in cases.items():
     os.makedirs(base, exist_ok=True)
     tok.save(os.path.join(base, "tokenizer.json"))
     rt = TextTokenizer(base)
-    out[name] = [[row[0].tolist() for row in rt.encode_pairs([a], [b])[::2]] for a, b in pairs]  # ids, types
+    out[name] = [[row[0].tolist() for row in rt.encode_pairs(a, b)[::2]] for a, b in pairs]  # ids, types
 print(json.dumps(out))
 `;
 
