@@ -27,10 +27,17 @@ __all__ = sorted([*_LAZY, *BUILT_IN_CONFIGS])
 
 
 def __getattr__(name):
+    from edgepeft.errors import training_side  # torch, onnx... missing: one line naming the install that has them
+
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        if _LAZY[name] in ("edgepeft.runtimes", "edgepeft.errors"):
+            return getattr(import_module(_LAZY[name]), name)
+        with training_side(f"edgepeft.{name}"):
+            return getattr(import_module(_LAZY[name]), name)
     if name.endswith("Config"):  # a registered method's config class (LoraConfig; a plugin's once it is imported)
-        for method in import_module("edgepeft.tuners").methods():
+        with training_side(f"edgepeft.{name}"):
+            methods = import_module("edgepeft.tuners").methods()
+        for method in methods:
             if method.config_cls.__name__ == name:
                 return method.config_cls
     raise AttributeError(f"module 'edgepeft' has no attribute {name!r}")

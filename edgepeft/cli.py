@@ -27,19 +27,14 @@ def cli():
     """Export PEFT adapters with their base to ONNX once, run and switch them per call."""
 
 
-TRAINING_PACKAGES = ("torch", "transformers", "onnx", "optimum", "accelerate")
-
-
 def _needs_training_side(command: str) -> None:
     """``train`` and ``export`` need the training extras, which a runtime-only install lacks: say so in one line."""
     import importlib.util
 
-    from edgepeft.errors import MissingDependencyError
+    from edgepeft.errors import MissingDependencyError, lacking_training_side
 
-    missing = [m for m in TRAINING_PACKAGES if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingDependencyError(f"`edgepeft {command}` needs {', '.join(missing)}, which this install lacks (it "
-                                     "runs exports only); pip install 'edgepeft[train,cpu]'")
+    if error := lacking_training_side(f"`edgepeft {command}`"):
+        raise error
     if command == "export" and importlib.util.find_spec("onnxruntime") is None:  # export validates on it
         raise MissingDependencyError("`edgepeft export` checks the export on ONNX Runtime, which this install lacks; "
                                      "pip install 'edgepeft[cpu]' (or 'edgepeft[gpu]')")

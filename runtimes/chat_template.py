@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .errors import ConfigError, CorruptArtifactError, InvalidInputError
+from .errors import ConfigError, CorruptArtifactError, InvalidInputError, MissingDependencyError
 from .sentence import TOKENIZER_FIX as _FIX
 from .values import HALF_CHARACTER, half_character
 
@@ -48,7 +48,7 @@ def compile_template(text: str | None, source: str):
     except ImportError:
         jinja2 = None
     if jinja2 is None or tuple(map(int, re.findall(r"\d+", jinja2.__version__)[:3])) < (3, 1, 6):
-        raise ConfigError(f"chat templates need jinja2 3.1.6 or later (older ones let a template out of its sandbox), "
+        raise MissingDependencyError(f"chat templates need jinja2 3.1.6 or later (older ones let a template out of its sandbox), "
                           f"{'which is not installed' if jinja2 is None else f'not {jinja2.__version__}'}: "
                           "pip install -U 'jinja2>=3.1.6'")
 

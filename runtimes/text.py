@@ -19,6 +19,7 @@ import numpy as np
 from . import chat_template
 from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
+from .errors import MissingDependencyError
 from .decoded import GrowingText, OpenBytes
 from .values import HALF_CHARACTER, half_character, is_whole
 from .mixing import row_adapters
@@ -64,7 +65,7 @@ class TextTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ConfigError("text helpers need the `tokenizers` package: pip install tokenizers") from None
+            raise MissingDependencyError("text helpers need the `tokenizers` package: pip install tokenizers") from None
         try:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
@@ -159,19 +160,17 @@ class TextTokenizer:
 
     def encode_pairs(self, texts, text_pairs, pad_id: int | None = None, padding_side: str | None = None,
                      max_length: int | None = None, add_special_tokens: bool = True) -> tuple[np.ndarray, ...]:
-        """``(input_ids, attention_mask, token_type_ids)`` for texts and their pairs (a pair None, ``text_pairs``
-        None, or one text's pair "": the text alone), joined by the tokenizer's pair template ([CLS] a [SEP] b [SEP] for BERT) as
-        transformers' ``tokenizer(texts, text_pair=text_pairs)``: the types the template gives (a BERT pair's second
-        text 1), padded with 0. Padded as ``encode``. ``max_length``: each row cut to it as transformers'
-        ``truncation=True`` cuts (a pair longest first); None: nothing is cut. ``add_special_tokens=False``: the two
-        texts' tokens one after the other, typed 0 and 1, as transformers'."""
+        """``(input_ids, attention_mask, token_type_ids)`` for texts and their pairs joined by the tokenizer's pair template
+        ([CLS] a [SEP] b [SEP] for BERT) as transformers' ``tokenizer(texts, text_pair=text_pairs)`` (a pair None,
+        ``text_pairs`` None, or one text's pair "" as its one-text call: the text alone): the template's types (a BERT
+        pair's second text 1), padded with 0 as ``encode`` pads. ``max_length``: each row cut to it as transformers'
+        ``truncation=True`` cuts (a pair longest first); None: no cut. ``add_special_tokens=False``: typed 0 and 1."""
         if not isinstance(add_special_tokens, bool):
             raise ConfigError(f"add_special_tokens must be True or False, got {add_special_tokens!r}")
         if max_length is not None and not is_whole(max_length):
             raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
         pad_id, side = self._padding(pad_id, padding_side)
         texts = _text_list(texts, "encode_pairs")
-        # one text's empty pair is no pair, as transformers' one-text call reads it (its batched call keeps one)
         pairs = [text_pairs or None] if isinstance(text_pairs, str) else [None] * len(texts) if text_pairs is None else text_pairs
         if not isinstance(pairs, (list, tuple)) or len(pairs) != len(texts):
             raise InvalidInputError(f"encode_pairs takes one pair (a text, or None) per text: {len(texts)} text(s), "

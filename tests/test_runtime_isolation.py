@@ -150,3 +150,52 @@ def test_export_without_onnx_runtime_names_the_extra_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         "error: `edgepeft export` checks the export on ONNX Runtime, which this install lacks; pip install "
         "'edgepeft[cpu]' (or 'edgepeft[gpu]')")
+
+
+def test_the_training_api_on_a_runtime_only_install_names_the_extra(monkeypatch, tmp_path):
+    """Found by a hunt: on a runtime-only install edgepeft.train, edgepeft.LoraConfig or `from edgepeft.exporters import
+    export` were a ModuleNotFoundError from deep inside (one package, no extra), not the CLI's one line; a missing
+    tokenizers or jinja2 was a ConfigError, which an app catching ImportError missed."""
+    script = textwrap.dedent(
+        """
+        import importlib, sys
+        sys.modules["safetensors"] = None  # not installed
+        import edgepeft
+        from edgepeft.errors import MissingDependencyError
+        def said(get):
+            try:
+                get()
+            except MissingDependencyError as e:
+                print(e)
+        said(lambda: edgepeft.get_peft_model)  # safetensors alone missing: named, with the extra
+        for m in ("torch", "transformers", "onnx", "optimum", "accelerate"):
+            sys.modules[m] = None
+        for name in ("train", "export", "Trainer", "LoraConfig", "load_config"):
+            said(lambda: getattr(edgepeft, name))
+        for module in ("edgepeft.exporters", "edgepeft.training"):
+            said(lambda: importlib.import_module(module))
+        print(edgepeft.Runtime.__name__)  # the runtime needs none of them
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "edgepeft.get_peft_model needs safetensors, which this install lacks; pip install 'edgepeft[train,cpu]'"
+    names = ["edgepeft.train", "edgepeft.export", "edgepeft.Trainer", "edgepeft.LoraConfig", "edgepeft.load_config",
+             "edgepeft.exporters", "edgepeft.training"]
+    assert lines[1:] == [f"{n} needs torch, transformers, onnx, optimum, accelerate, which this install lacks (it runs "
+                         "exports only); pip install 'edgepeft[train,cpu]'" for n in names] + ["Runtime"]
+
+    import pytest
+
+    from edgepeft.errors import MissingDependencyError
+    from edgepeft.runtimes import chat_template
+    from edgepeft.runtimes.text import TextTokenizer
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(MissingDependencyError, match=r"^text helpers need the `tokenizers` package: pip install tokenizers$"):
+        TextTokenizer(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    with pytest.raises(MissingDependencyError, match=r"^chat templates need jinja2 3.1.6 or later .*which is not installed"):
+        chat_template.compile_template("{{ messages }}", "tokenizer_config.json")

@@ -80,6 +80,19 @@ def test_train_and_export_name_the_extra_they_need(tmp_path):
         assert len(lines) == 1 and "pip install 'edgepeft[train,cpu]'" in lines[0], done.stderr
 
 
+def test_the_python_training_api_names_the_extra_it_needs():
+    """As the CLI's train and export: one EdgePeftError naming the install, not a ModuleNotFoundError from inside."""
+    import importlib
+
+    import edgepeft
+    from edgepeft.errors import MissingDependencyError
+
+    for name in ("train", "export", "LoraConfig", "get_peft_model", "edgepeft.exporters", "edgepeft.training"):
+        with pytest.raises(MissingDependencyError, match=r"needs torch, .*which this install lacks \(it runs exports "
+                                                         r"only\); pip install 'edgepeft\[train,cpu\]'$"):
+            importlib.import_module(name) if name.startswith("edgepeft.") else getattr(edgepeft, name)
+
+
 def test_onnx_runtimes_own_lora_adapter_api_gives_the_runtimes_logits(expected):
     import onnxruntime as ort
 
