@@ -65,8 +65,17 @@ def moved_aside_for_nothing(parent: str, m) -> str | None:
 def moved_aside(parent: str) -> dict:
     """{name: the folder a stopped export moved ``parent/name`` into to replace it} where nothing usable took its
     place (inspect lists them; a Runtime names one asked for; the next export puts them back)."""
-    return {m["target"]: os.path.join(parent, e) for e in sorted(os.listdir(parent)) if (m := left_by_a_stopped_process(e))
+    return {m["target"]: os.path.join(parent, e) for e in listed(parent) if (m := left_by_a_stopped_process(e))
             and moved_aside_for_nothing(parent, m)} if os.path.isdir(parent) else {}
+
+
+def listed(folder: str) -> list:
+    """The names in ``folder``, sorted; one this process may not list named so (StorageError)."""
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:
+        check_readable(folder)
+        raise
 
 
 STOPPED = "by an export into {} that was stopped; run that export again (it puts the folder back first)"

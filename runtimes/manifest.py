@@ -53,7 +53,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .access import ADAPTER_MANIFEST, STOPPED, check_readable, moved_aside, read_json, sha256_bytes
+from .access import ADAPTER_MANIFEST, STOPPED, check_readable, listed, moved_aside, read_json, sha256_bytes
 from .base_checks import TOKEN_TYPES, base_value_errors
 from .commands import ADAPTERS_DIR, adapter_export_command, export_command, fresh_out
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
@@ -388,10 +388,5 @@ def adapter_dirs(out_dir: str) -> dict:
     adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
     if not os.path.isdir(adapters_dir):
         return {}
-    try:
-        names = sorted(os.listdir(adapters_dir))
-    except OSError:
-        check_readable(adapters_dir)
-        raise
-    return {name: os.path.join(adapters_dir, name) for name in names
+    return {name: os.path.join(adapters_dir, name) for name in listed(adapters_dir)
             if not name.startswith(".") and os.path.isdir(os.path.join(adapters_dir, name))}

@@ -141,9 +141,10 @@ def test_overwriting_an_adapter_folder_another_user_owns_is_refused_before_any_w
     assert tree_hashes(out) == before
 
 
-@pytest.mark.parametrize("part", ["base/model.onnx", "base/model.onnx.data"])
+@pytest.mark.parametrize("part", ["base/model.onnx", "base/model.onnx.data", "adapters"])
 def test_inspect_names_a_base_file_it_may_not_read(shared_export, scratch, part):
-    """Its sizes were right, so `edgepeft inspect` said nothing and exited 0 where Runtime(OUT) refuses to open."""
+    """Its sizes were right, so `edgepeft inspect` said nothing and exited 0 where Runtime(OUT) refuses to open. A hunt:
+    adapters/ it may not list was "Permission denied; check the path, its permissions and free space"."""
     from click.testing import CliRunner
 
     from edgepeft.cli import cli
