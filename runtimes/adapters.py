@@ -33,7 +33,7 @@ from .manifest import (
     read_base_manifest, stacks_as_output,
 )
 from .access import STOPPED, inside, moved_aside
-from .commands import export_command, folder_fix, name_problem
+from .commands import base_flags, export_command, folder_fix, name_problem
 from .adapter_graph import run_adapter_graph
 from .adapter_source import read_adapter_source
 from .sessions import ort
@@ -221,7 +221,7 @@ class AdapterStore:
                 f"({on_disk[:12]}), re-exported since this Runtime opened it ({self.base['fingerprint'][:12]}); "
                 f"open a new Runtime({self.out!r}) to serve it")
         # OUT's own folder (every Runtime(OUT) loads it): removed or exported into, not another --name
-        own = folder_fix(self.out, path, self.merged) if path and inside(path, os.path.join(self.out, ADAPTERS_DIR)) \
+        own = folder_fix(self.out, path, self.base) if path and inside(path, os.path.join(self.out, ADAPTERS_DIR)) \
             else None
         if self.merged:  # no export into a --merge export can serve an adapter
             return AdapterBaseMismatchError(f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which "
@@ -232,13 +232,14 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported from {self.base.get('source')} by an edgepeft whose "
                 f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "
                 "out; export every adapter into a fresh --out folder")
+        flags = base_flags(self.base)
         if own:
             fix = own
         elif os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])):
-            fix = (f"export the adapter into this OUT with {export_command('DIR', self.out, '--name', 'NAME')} (OUT "
-                   f"holds an adapter named {manifest['name']!r}; --overwrite would replace it)")
+            fix = (f"export the adapter into this OUT with {export_command('DIR', self.out, '--name', 'NAME', *flags)} "
+                   f"(OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)")
         else:
-            fix = f"export the adapter into this OUT with {export_command('DIR', self.out)}"
+            fix = f"export the adapter into this OUT with {export_command('DIR', self.out, *flags)}"
         return AdapterBaseMismatchError(
             f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
             f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "
@@ -362,7 +363,8 @@ class AdapterStore:
         label = adapter.path or "adapter bytes"
         where = os.path.join(adapter.path, adapter.manifest["graph"]) if adapter.path else f"{label}: {ADAPTER_GRAPH}"
         arrays = run_adapter_graph(graph, where, self.most_bytes, len(self.slots))
-        check_adapter_tensors(label, adapter.manifest, arrays, self.slots, self.sharing, self.base_dir, self.out)
+        check_adapter_tensors(label, adapter.manifest, arrays, self.slots, self.sharing, self.base_dir,
+                              (self.out, *base_flags(self.base)))
         return arrays, self._plan(label, arrays)
 
     def _plan(self, label: str, arrays: dict) -> Plan:

@@ -76,16 +76,24 @@ def adapter_export_command(folder: str, out: str, *flags: str) -> str:
     return export_command(folder, out, *flags)
 
 
-def folder_fix(out: str, folder: str, merged) -> str:
+def base_flags(base: dict) -> tuple:
+    """The flags an export into OUT repeats, from its base manifest ``base``: export refuses an OUT whose base was
+    built otherwise (--quantize, a decoder's --ops standard)."""
+    quantized = ("--quantize", base["quantization"]) if base.get("quantization") else ()
+    return quantized + (("--ops", "standard") if base.get("ops") == "standard" and base.get("task") == "causal-lm" else ())
+
+
+def folder_fix(out: str, folder: str, base: dict) -> str:
     """What mends a folder of OUT/adapters made for another base (every Runtime(OUT) refuses it): removing it, or on
-    a slot base re-exporting its adapter into it; where an export stopped before re-pointing it, running that again."""
-    if merged:
+    a slot base re-exporting its adapter into it (``base``: OUT's base manifest, whose flags the export repeats);
+    where an export stopped before re-pointing it, running that again."""
+    if base.get("merged_adapter"):
         return f"remove it from {os.path.dirname(os.path.normpath(folder))}, or export it into another --out"
-    name = os.path.basename(os.path.normpath(folder))
+    name, flags = os.path.basename(os.path.normpath(folder)), base_flags(base)
     if export_name_problem(name):  # export cannot write that folder: it goes, its adapter comes back by another name
         return f"remove {folder}, then re-export its adapter into this OUT: " \
-               f"{export_command('DIR', out, '--name', quote(unused_name(out, exported_as(name))))}"
-    again = f"re-export its adapter into this OUT: {export_command('DIR', out, '--name', quote(name), '--overwrite')}"
+               f"{export_command('DIR', out, '--name', quote(unused_name(out, exported_as(name))), *flags)}"
+    again = f"re-export its adapter into this OUT: {export_command('DIR', out, '--name', quote(name), '--overwrite', *flags)}"
     if os.path.isfile(os.path.join(folder, REPOINTED)):  # its manifest for the new base waits beside it: not to remove
         return (f"an export into {out} was stopped before it re-pointed it; run that export again (where OUT can be "
                 f"locked, not on Windows, it finishes that first), or {again}")

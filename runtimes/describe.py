@@ -82,7 +82,7 @@ def describe_export(out_dir: str) -> dict:
             problems.append(str(e))
         if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it
             problems.append(f"{d}: exported for another base ({m['base_fingerprint'][:12]}; {base_dir} is "
-                            f"{base['fingerprint'][:12]}); {folder_fix(out_dir, d, base.get('merged_adapter'))}")
+                            f"{base['fingerprint'][:12]}); {folder_fix(out_dir, d, base)}")
         adapters.append(
             {
                 "name": name,

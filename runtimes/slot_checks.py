@@ -87,9 +87,10 @@ def axis_sharing(slots: dict) -> dict:
 
 
 def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict, sharing: dict, base_dir: str,
-                          out: str) -> None:
+                          out: tuple) -> None:
     """Every output must be a slot of this base with the slot's fixed sizes and dtype, share its symbolic sizes with
-    the adapter's other outputs, and fill every slot that shares one (``sharing``: ``axis_sharing(slots)``)."""
+    the adapter's other outputs, and fill every slot that shares one (``sharing``: ``axis_sharing(slots)``; ``out``:
+    OUT and the flags an export into it repeats)."""
     fix = "re-export the adapter"
     axes: dict[str, int] = {}
     for slot_name, arr in arrays.items():
@@ -97,7 +98,7 @@ def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict,
         if slot is None:
             raise AdapterBaseMismatchError(
                 f"{label}: adapter fills slot {slot_name!r} that {base_dir} lacks; "
-                f"re-export with {export_command('DIR', out)} to add it")
+                f"re-export with {export_command('DIR', *out)} to add it")
         if slot.selects:
             raise CorruptArtifactError(f"{label}: adapter fills the selector slot {slot_name!r}, which the runtime "
                                        f"binds per call; {fix}")

@@ -134,6 +134,32 @@ def test_an_out_built_with_other_ops_is_refused_and_left_as_it_was(peft_adapter,
     assert sorted(os.listdir(os.path.join(out, "adapters"))) == ["mlp-ops", "qv-ops"]
 
 
+def test_the_fix_for_an_adapter_of_another_base_repeats_the_outs_flags(peft_adapter, shared_export, tmp_path):
+    """Found by a hunt: an adapter folder made for another base named the fix `edgepeft export --adapter DIR --out OUT
+    --name X --overwrite`, which an OUT of standard ops refuses (and a quantized one): the OUT's flags are repeated."""
+    import shlex
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgepeft.cli import cli
+    from edgepeft.runtimes.commands import base_flags
+
+    out = str(tmp_path / "out")
+    export([peft_adapter("llama", "qv-ops", r=2, target_modules=["q_proj", "v_proj"])], out, ops="standard")
+    shared, dirs, _ = shared_export("llama")  # its adapters were exported for a base of contrib ops
+    shutil.copytree(os.path.join(shared, "adapters", "qv"), os.path.join(out, "adapters", "foreign"))
+    said = CliRunner().invoke(cli, ["inspect", out])
+    assert said.exit_code == 1
+    fix = str(said.exception).split("re-export its adapter into this OUT: `")[1].split("`")[0]
+    assert fix == f"edgepeft export --adapter DIR --out {shlex.quote(out)} --name foreign --overwrite --ops standard"
+    done = CliRunner().invoke(cli, shlex.split(fix.replace("DIR", shlex.quote(dirs["qv"])))[1:])
+    assert done.exit_code == 0, done.output
+    assert CliRunner().invoke(cli, ["inspect", out]).exit_code == 0
+    assert base_flags({"quantization": "int4", "ops": "contrib", "task": "causal-lm"}) == ("--quantize", "int4")
+    assert base_flags({"ops": "standard", "task": "seq-cls"}) == ()  # contrib asked of a classifier builds standard
+
+
 def test_unknown_ops_value_is_refused(peft_adapter, tmp_path):
     with pytest.raises(ConfigError, match="--ops 'fused' is not supported; use one of contrib, standard"):
         export([peft_adapter("llama", "qv-ops", r=2, target_modules=["q_proj", "v_proj"])], str(tmp_path / "o"),
