@@ -12,13 +12,7 @@ from click.core import ParameterSource
 from edgepeft.errors import EdgePeftError, TrainingInterrupted, first_line
 from edgepeft.flags import as_flags
 from edgepeft.processes import end_group, first, leave, notes_once, peer_stopped, say
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+from edgepeft.runtimes.values import size_text as _size
 
 
 @click.group()

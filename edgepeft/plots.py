@@ -70,9 +70,12 @@ def bench_chart(result: dict, path: str) -> None:
     names = list(result["adapters"])
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) + 2), 4))
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [result["adapters"][n]["stay_ms"] for n in names], 0.4, label="same adapter every call")
-    ax.bar([i + 0.2 for i in x], [result["adapters"][n]["switching_ms"] for n in names], 0.4, label="switching every call")
-    ax.axhline(result["none_ms"], color="gray", linestyle="--", label="base model, no adapter")
+    if names:  # none (--adapter none, a --merge export): the base's line alone, no empty bars in the legend
+        ax.bar([i - 0.2 for i in x], [result["adapters"][n]["stay_ms"] for n in names], 0.4, label="same adapter every call")
+        ax.bar([i + 0.2 for i in x], [result["adapters"][n]["switching_ms"] for n in names], 0.4, label="switching every call")
+    merged = result.get("merged_adapter")  # a --merge export's base is its adapter folded in, as the table says
+    ax.axhline(result["none_ms"], color="gray", linestyle="--",
+               label=f"{merged} (merged into the base)" if merged else "base model, no adapter")
     ax.set_xticks(list(x), names)
     ax.set_ylabel("median latency per call (ms)")
     s = result["setup"]

@@ -19,11 +19,16 @@ import os
 import random
 import statistics
 import time
+import warnings
 
 import numpy as np
 
-from edgepeft.runtimes.errors import ConfigError, InvalidInputError, OutOfMemoryError, UnknownAdapterError, first_line
-from edgepeft.runtimes.values import is_whole
+from edgepeft.runtimes import sessions
+from edgepeft.runtimes.access import STOPPED, moved_aside
+from edgepeft.runtimes.commands import ADAPTERS_DIR
+from edgepeft.runtimes.errors import (ConfigError, EdgePeftWarning, InvalidInputError, OutOfMemoryError,
+                                      UnknownAdapterError, first_line)
+from edgepeft.runtimes.values import is_whole, size_text
 
 
 def rss_bytes() -> int | None:
@@ -82,7 +87,12 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     if not (is_whole(seed) and seed >= 0):
         raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}")
     names = list(dict.fromkeys(rt.adapter_names if adapters is None else adapters))  # a name given twice: once
+    aside = moved_aside(os.path.join(rt.path, ADAPTERS_DIR))  # a stopped export's: named, not "holds no adapter"
+    for name, folder in aside.items() if adapters is None else ():
+        warnings.warn(f"{folder}: adapter {name!r} not measured: moved aside {STOPPED.format(rt.path)}", EdgePeftWarning)
     for name in names:  # unknown names fail now, naming the loaded ones
+        if name in aside:
+            raise UnknownAdapterError(f"--adapter {name}: moved aside to {aside[name]} {STOPPED.format(rt.path)}")
         if name not in rt.adapter_names and not rt.store.serves_base(name):
             held = [*rt.adapter_names, *[m for m in [rt.manifest.get("merged_adapter")] if m]]
             raise UnknownAdapterError(f"--adapter {name}: {rt.path} holds no adapter {name!r} (it holds "
@@ -125,7 +135,8 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     result = {
         "setup": {"base": rt.base_dir, "batch": batch, "seq": seq, "rounds": rounds, "calls": calls,
                   "providers": rt.session.get_providers(), "quantization": rt.manifest.get("quantization"),
-                  "slots": len(rt.slots), "cpus": os.cpu_count()},
+                  "slots": len(rt.slots), "cpus": os.cpu_count(), "new_tokens": new_tokens,
+                  "shared_threads": bool(sessions._shared_pool)},
         "none_ms": _median_ms(times["none"]),
         "merged_adapter": rt.manifest.get("merged_adapter"),
         "rss_bytes": rss_bytes(),
@@ -146,7 +157,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
             "methods": info.get("methods"),
             "stay_ms": stay,
             "switching_ms": _median_ms(split[n]),
-            "switch_cost": _median_ms(split[n]) / stay,
+            "switching_over_stay": _median_ms(split[n]) / stay,  # the latency columns' ratio; switch_ms: the cost
             "switch_ms": float(np.median(per_round[n])),
             "switch_ms_iqr": [float(q) for q in np.percentile(per_round[n], [25, 75])],
             "over_base": stay / result["none_ms"],
@@ -185,7 +196,7 @@ def table(result: dict) -> str:
     rows = [(base, f"{result['none_ms']:.3f}", "", "1.000", "", "")]
     for n, a in result["adapters"].items():
         rows.append((f"{n} ({'+'.join(a['methods'] or [])})", f"{a['stay_ms']:.3f}", f"{a['switching_ms']:.3f}",
-                     f"{a['over_base']:.3f}", switch_cost_text(a), f"{a['load_ms']:.1f} / {a['staged_bytes'] / 1024:.0f} KiB"))
+                     f"{a['over_base']:.3f}", switch_cost_text(a), f"{a['load_ms']:.1f} / {size_text(a['staged_bytes'])}"))
     head = ["adapter", "latency (ms)", "when switching every call (ms)", "/ base",
             "switch cost: ms added per call [IQR over rounds]", "load (ms) / staged"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]

@@ -234,6 +234,7 @@ _FIELD_TYPES = {
     "fingerprint_counts_heads": (bool, "true or false"), "eos_token_id": ((list, type(None)), "a list of token ids"),
     "pad_token_id": ((int, type(None)), "a token id"), "fused_groups": (list, "a list"), "inert_slots": (list, "a list"),
     "quantization": ((str, type(None)), "a string"), "ops": (str, "a string"), "weights_fingerprint": ((str, type(None)), "a string"),
+    "source": ((str, type(None)), "a path or hub name"), "peft_config": ((dict, type(None)), "an object"),
     **{key: (str, "a string") for key in ("name", "fingerprint", "base_fingerprint", "graph", "sha256")},
 }
 
@@ -269,8 +270,11 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
                                      f"export there first: {export_command('DIR', path)}")
     if aside := moved_aside(path).get(BASE_DIR):  # "no base here" hid where it was
         return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: moved aside to {aside} {STOPPED.format(path)}")
-    return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: no exported base here; run "
-                                 f"{export_command('DIR', path)} first")
+    base = os.path.join(path, BASE_DIR)
+    if os.path.isdir(base) and listed(base):  # its manifest gone: an export into this OUT refuses files it did not write
+        return ArtifactNotFoundError(f"{os.path.join(base, BASE_MANIFEST)}: missing, beside other files (an export's "
+                                     f"base whose manifest was removed, or not an export); {REEXPORT_BASE}")
+    return ArtifactNotFoundError(f"{base}: no exported base here; run {export_command('DIR', path)} first")
 
 
 REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder"  # a damaged base: no export into OUT mends it

@@ -46,3 +46,11 @@ def half_character(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes in the largest unit under 1024 of it: "512 B", "585.0 KiB", "2.3 GiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024

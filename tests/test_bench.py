@@ -22,7 +22,7 @@ def test_measure_reports_every_adapter_and_generation(shared_export):
     assert set(result["adapters"]) == set(dirs)
     for name, a in result["adapters"].items():
         assert a["methods"][0] == "lora"
-        for key in ("stay_ms", "switching_ms", "load_ms", "switch_cost", "over_base"):
+        for key in ("stay_ms", "switching_ms", "load_ms", "switching_over_stay", "over_base"):
             assert a[key] > 0 and math.isfinite(a[key]), (name, key)
         assert a["staged_bytes"] == rt.store.get(name).bytes  # what adapter_budget_bytes counts
     # not the file's parameters (it said so): a fused q/k/v group's B is staged block-diagonal, 3x its parts
@@ -246,3 +246,59 @@ def test_measure_keeps_no_calls_outputs(shared_export, monkeypatch):
     out, dirs, _ = shared_export("llama")
     measure(Runtime(out), rounds=2, calls=2, seq=8)
     assert {ran for peer, calls in kept[0].items() if peer != "switching" for _, ran in calls} == {None}
+
+
+def test_bench_and_inspect_on_what_a_hunt_found(shared_export, tmp_path, monkeypatch):
+    """Found by a hunt: bench said an adapter a stopped export moved aside was not in OUT ("give one of those"), and
+    left it out unsaid; the --json's switch_cost was a ratio where the table's switch cost is ms; its setup lacked
+    --new-tokens and --shared-threads; 512 staged bytes read "0 KiB"; a --merge export's chart called its base "no
+    adapter"; inspect was a traceback on a non-object peft_config or a non-string source, and on a base/ without its
+    manifest named an export into OUT, which refuses such a folder."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from edgepeft import plots
+    from edgepeft.errors import CorruptArtifactError, EdgePeftWarning
+    from edgepeft.runtimes.access import this_host
+
+    out = str(tmp_path / "out")
+    shutil.copytree(shared_export("llama")[0], out)
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    aside = os.path.join(out, "adapters", f".old-qv-p{gone.pid}h{this_host()}-abc")
+    os.replace(os.path.join(out, "adapters", "qv"), aside)
+    stopped = f"by an export into {out} that was stopped; run that export again (it puts the folder back first)"
+    rt = Runtime(out)
+    with pytest.raises(UnknownAdapterError, match=re.escape(f"--adapter qv: moved aside to {aside} {stopped}")):
+        measure(rt, ["qv"], rounds=1, calls=1, seq=4)
+    with pytest.warns(EdgePeftWarning, match=re.escape(f"{aside}: adapter 'qv' not measured: moved aside {stopped}")):
+        result = measure(rt, rounds=1, calls=1, seq=4)
+    assert "qv" not in result["adapters"] and result["setup"]["new_tokens"] == 0
+    assert result["setup"]["shared_threads"] is False and "switch_cost" not in result["adapters"]["all"]
+    a = result["adapters"]["all"]
+    assert a["switching_over_stay"] == pytest.approx(a["switching_ms"] / a["stay_ms"])
+    a["staged_bytes"] = 512
+    assert "/ 512 B |" in table(result)  # it said "0 KiB"
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.bench_chart({**result, "adapters": {}, "merged_adapter": "qv"}, str(tmp_path / "c.png"))
+    assert [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()] == ["qv (merged into the base)"]
+
+    for file, key, value in (("adapters/all/adapter.json", "peft_config", "oops"), ("base/edgepeft.json", "source", 5)):
+        path = os.path.join(out, file)
+        with open(path) as f:
+            kept = f.read()
+        with open(path, "w") as f:
+            json.dump({**json.loads(kept), key: value}, f)
+        said = CliRunner().invoke(cli, ["inspect", out])
+        assert isinstance(said.exception, CorruptArtifactError) and f"field {key!r} must be" in str(said.exception)
+        with open(path, "w") as f:
+            f.write(kept)
+    os.remove(os.path.join(out, "base", "edgepeft.json"))
+    said = CliRunner().invoke(cli, ["inspect", out])
+    assert str(said.exception) == (f"{os.path.join(out, 'base', 'edgepeft.json')}: missing, beside other files (an "
+                                   "export's base whose manifest was removed, or not an export); re-run `edgepeft "
+                                   "export` into a fresh --out folder")
