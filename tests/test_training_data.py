@@ -239,6 +239,24 @@ def test_a_trained_classifiers_label_order_is_kept_where_the_data_has_its_labels
     assert label_names(ids, "d.jsonl", ["positive", "negative"]) == ["0", "1"]
 
 
+def test_a_trained_head_whose_classes_the_data_lacks_is_said_to_be_replaced():
+    """Found by a hunt: a trained 3-class head given rows of two of its classes was replaced by a new 2-class head
+    from scratch without a word (transformers' run_glue warns)."""
+    from types import SimpleNamespace
+
+    from edgepeft.training.data import replaced_head_note
+
+    config = SimpleNamespace(num_labels=3, problem_type="single_label_classification")
+    head = ["negative", "neutral", "positive"]
+    assert replaced_head_note(config, ["negative", "positive"], "m", False, head) == (
+        "m: its head was trained on the classes negative, neutral, positive (config.json's id2label), not the data's "
+        "labels negative, positive; a head of 2 classes is trained from scratch in its place; label the rows with its "
+        "classes, each present, to fine-tune its head as trained")
+    assert "its 3 outputs are trained as these, in this order" in replaced_head_note(config, ["a", "b", "c"], "m", False, head)
+    for labels in (["Negative", "neutral ", "positive"], ["0", "1", "2"]):  # its names, or its class ids: its head
+        assert replaced_head_note(config, labels, "m", False, head) is None
+
+
 def test_eval_label_not_in_training_labels_names_eval_file_and_line(tmp_path):
     eval_path = write_lines(tmp_path / "eval.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "maybe"}])
     rows = read_jsonl(eval_path, "seq-cls")

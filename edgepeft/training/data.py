@@ -226,9 +226,17 @@ def relevance_scores(rows: list[dict], path: str) -> list[float]:
     return [float(r["label"]) for r in rows]
 
 
-def replaced_head_note(config, labels: list, model: str, kept: bool) -> str | None:
-    """A note where the data's labels replace a head of one output (a reranker's score) with one of their classes;
-    ``kept``: ``scores_relevance`` keeps it."""
+def replaced_head_note(config, labels: list, model: str, kept: bool, head: list | None = None) -> str | None:
+    """A note where the data's labels replace a head of one output (a reranker's score) with one of their classes
+    (``kept``: ``scores_relevance`` keeps it), or are not the classes a trained head names (``head``: its id2label),
+    as transformers' run_glue warns: a head of another count is trained from scratch in its place."""
+    ids = [str(i) for i in range(len(head or []))]  # class ids 0..N-1 are its outputs
+    if head and labels and labels != ids and [h.strip().lower() for h in head] != [v.strip().lower() for v in labels]:
+        fate = (f"a head of {len(labels)} classes is trained from scratch in its place" if len(labels) != len(head)
+                else f"its {len(head)} outputs are trained as these, in this order")
+        return (f"{model}: its head was trained on the classes {', '.join(head)} (config.json's id2label), not the "
+                f"data's labels {', '.join(labels)}; {fate}; label the rows with its classes, each present, to "
+                "fine-tune its head as trained")
     if kept or getattr(config, "num_labels", None) != 1 or getattr(config, "problem_type", None):
         return None
     return (f"{model}: its head gives one score (a reranker's); labels {', '.join(labels)} train a head of {len(labels)} "

@@ -89,7 +89,7 @@ class Trainer:
         head = named_labels(config) if args.task == "seq-cls" else None  # a trained classifier's own class names
         self.score = args.task == "seq-cls" and scores_relevance(config, rows)  # a reranker's one output, kept
         labels = label_names(rows, args.data, head) if args.task == "seq-cls" and not self.score else None
-        replaced = replaced_head_note(config, labels, args.model, self.score) if args.task == "seq-cls" else None
+        replaced = replaced_head_note(config, labels, args.model, self.score, head) if args.task == "seq-cls" else None
         for note in (ignored_fields(rows, args.data, args.task), other, replaced, missing_matplotlib()):
             if note and first():  # one note from a multi-process run
                 print(f"note: {note}", file=sys.stderr)
