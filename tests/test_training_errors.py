@@ -75,13 +75,13 @@ def _targs(**kw):
 @pytest.mark.parametrize("field, value, flag", [
     ("epochs", 0, "--epochs"), ("epochs", 1.5, "--epochs"), ("batch_size", 0, "--batch-size"),
     ("grad_accum", 0, "--grad-accum"), ("max_length", -1, "--max-length"), ("logging_steps", 0, "--logging-steps"),
-    ("lr", 0.0, "--lr"), ("lr", -1e-4, "--lr"), ("lr", math.nan, "--lr"), ("lr", math.inf, "--lr"),
-    ("weight_decay", -1.0, "--weight-decay"), ("weight_decay", math.nan, "--weight-decay"),
+    ("lr", 0.0, "--lr"), ("lr", -1e-4, "--lr"), ("lr", math.nan, "--lr"), ("lr", math.inf, "--lr"), ("lr", 1e39, "--lr"),
+    ("weight_decay", -1.0, "--weight-decay"), ("weight_decay", math.nan, "--weight-decay"), ("weight_decay", 1e39, "--weight-decay"),
     ("warmup_ratio", 1.0, "--warmup-ratio"), ("warmup_ratio", -0.1, "--warmup-ratio"), ("warmup_ratio", math.nan, "--warmup-ratio"),
     ("scheduler", "step", "--scheduler"), ("mixed_precision", "fp8", "--mixed-precision"), ("save", "first", "--save"),
     ("task", "translation", "task"),
     ("seed", -1, "--seed"), ("seed", 2**32, "--seed"), ("seed", "0", "--seed"), ("seed", 1.0, "--seed"),
-    ("epochs", True, "--epochs"), ("lr", "1e-3", "--lr"), ("head_lr", "1e-2", "--head-lr"),
+    ("epochs", True, "--epochs"), ("lr", "1e-3", "--lr"), ("head_lr", "1e-2", "--head-lr"), ("head_lr", 1e39, "--head-lr"),
     ("max_grad_norm", None, "--max-grad-norm"), ("warmup_ratio", "0.1", "--warmup-ratio"), ("options", None, "options"),
 ])
 def test_check_rejects_bad_values(field, value, flag):

@@ -17,6 +17,7 @@ from edgepeft.runtimes.values import is_number, is_whole
 WHOLE_FIELDS = ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps")  # whole numbers >= 1
 CUT = 256  # --max-length where a task gives none (feature-extraction's: as embed cuts)
 MOST = 2**31 - 1  # of those: 10**20 rows a batch or tokens a row was a traceback from torch's sampler or the tokenizer
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer's rates and decay act on float32 tensors
 NUMBER_FIELDS = ("lr", "head_lr", "max_grad_norm", "warmup_ratio", "weight_decay")  # numbers (ranges checked apart)
 RESUMABLE = {"resume", "overwrite", "progress", "logging_steps"}
 # The learning rate of task heads trained whole (``modules_to_save``, e.g. a classifier): they start from
@@ -90,11 +91,12 @@ class TrainingArguments:
             self.lr = find_method(self.method).config_cls.default_lr
         if self.head_lr is None:
             self.head_lr = HEAD_LR
-        for name in ("lr", "head_lr"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        for name in ("lr", "head_lr"):  # past float32's range the optimizer's step was a RuntimeError traceback
+            if not 0 < getattr(self, name) < FLOAT32_MAX:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number > 0 that float32 holds (below 3.4e38), "
+                                  f"got {getattr(self, name)}")
+        if not 0 <= self.weight_decay < FLOAT32_MAX:
+            raise ConfigError(f"--weight-decay must be a number >= 0 that float32 holds (below 3.4e38), got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.scheduler not in ("linear", "cosine", "constant_with_warmup"):
