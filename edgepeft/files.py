@@ -236,6 +236,25 @@ def remove_moved_aside(*olds) -> None:
             _remove(old)
 
 
+def names_in(folder: str) -> set | None:
+    """The names ``folder`` holds (none where it is not there), None where it cannot be listed."""
+    try:
+        return set(os.listdir(folder))
+    except FileNotFoundError:
+        return set()
+    except OSError:  # not a folder, or not readable
+        return None
+
+
+def remove_new(folder: str, there: set | None) -> None:
+    """What ``folder`` holds now beside the names in ``there`` (``names_in`` before a run that failed wrote them;
+    None: nothing is taken back)."""
+    now = names_in(folder)
+    for name in now - there if now is not None and there is not None else ():
+        path = os.path.join(folder, name)
+        _remove(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
 def _remove(path: str) -> None:
     """A folder, or a link moved aside in its place (OUT/base linked to another disk: rmtree leaves links, silently)."""
     if os.path.islink(path):

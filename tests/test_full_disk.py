@@ -62,7 +62,20 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(text_model, tmp_path,
     line = cli_error(capsys, "train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out", out,
                      "--epochs", "1", "--quiet")
     assert line == f"error: {out}: no space left on its disk; free some, or give --out a folder on another disk"
-    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no staging folder left
+    # a hunt: the adapter saved before it stayed, with no checkpoint; the same command (the fix) and --resume refused
+    assert not os.path.exists(out)  # the run made OUT: nothing of it left
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    write_lines(keep / "notes.jsonl", [{"keep": 1}])  # an OUT that held a file: only what the run wrote goes
+    cli_error(capsys, "train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out", str(keep),
+              "--epochs", "1", "--quiet")
+    assert os.listdir(keep) == ["notes.jsonl"]
+    monkeypatch.setattr(checkpoint, "write_bytes_atomic", real)  # space freed: the same command trains
+    from edgepeft.cli import main
+
+    main(["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", str(data), "--out", out, "--epochs", "1",
+          "--quiet"])
+    assert os.path.isfile(os.path.join(out, "checkpoint", checkpoint.STATE))
 
 
 @pytest.mark.parametrize("lacking", ["ENOSPC", "EDQUOT", "free space"])

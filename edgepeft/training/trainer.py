@@ -21,17 +21,15 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
-from edgepeft.files import (
-    deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty, reporting_full_disk,
-)
+from edgepeft.files import (deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty, remove_new,
+                            names_in, reporting_full_disk)
 from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, reads_token_types
 from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.processes import first
 from edgepeft.training.arguments import CUT, TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_same_data, check_out_folder, check_resumable, process_rngs,
-    read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint,
-)
+    read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint)
 from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, replaced_head_note,
     rows_digest, scores_relevance)
@@ -49,9 +47,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _accelerator(self):
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
-
         from accelerate.state import AcceleratorState
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
         AcceleratorState._reset_state()  # a second run in this process may pick another precision
         mp = self.args.mixed_precision
@@ -214,9 +211,12 @@ class Trainer:
             if acc.num_processes == 1 else contextlib.nullcontext()
         try:
             with held:
+                there = names_in(self.args.out)
                 try:
                     return self._train(acc)
-                except BaseException:
+                except BaseException:  # an adapter with no checkpoint (a full disk at the first save): taken back, as
+                    if not getattr(self, "_checkpointed", 0) and acc.is_main_process:  # this run and --resume refuse it
+                        remove_new(self.args.out, there)
                     remove_empty(made_out)  # while OUT is held: a run waiting for it then finds it gone, and remakes it
                     raise
         except KeyboardInterrupt:  # waiting for the other run (no cleanup ran), or loading (click's bare "aborted")
