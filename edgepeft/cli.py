@@ -95,7 +95,7 @@ def _options(method: str, r, alpha, target_modules, pairs) -> dict:
 @click.option("--option", "pairs", multiple=True, help="Any field of the method's config, KEY=VALUE (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint (same settings).")
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT holds an earlier run's checkpoint.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar, nor the eval line of each epoch (training_log.json keeps them).")
 def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_size, grad_accum, max_grad_norm, warmup_ratio,
           weight_decay, scheduler, max_length, mixed_precision, save, seed, logging_steps, r, alpha, target_modules, pairs,
           resume, overwrite, quiet):
