@@ -250,14 +250,26 @@ def load_config(directory: str) -> PeftConfig:
     return _config_from_dict(d, path, "fix the file or re-save the adapter")
 
 
+def _hf_peft_type(name: str) -> bool:
+    """Whether HF PEFT (where installed) names the method ``name``: a LoHa adapter is no plugin's to import."""
+    try:
+        from peft import PeftType
+    except ImportError:
+        return False
+    return name in {t.value for t in PeftType}
+
+
 def _config_from_dict(d: dict, source: str, fix: str) -> PeftConfig:
     """The registered config class for ``d["peft_type"]`` made from ``d``; errors begin with ``source``."""
     cls = _CONFIG_CLASSES.get(d["peft_type"])
-    if cls is None:
+    if cls is None:  # HF PEFT's other methods, or a method of one's own whose package is not imported
+        own = "" if _hf_peft_type(d["peft_type"]) else (
+            "; a method of your own is known once its package is imported: run `python -c \"import PACKAGE, "
+            "edgepeft.cli; edgepeft.cli.main()\" ...` (docs/adding-a-method.md)")
         raise UnsupportedMethodError(
             f"{source}: peft_type {d['peft_type']!r} is not supported; edgepeft supports "
             f"{', '.join(supported_peft_types())}: train the adapter again with one of them (edgepeft train --method, "
-            "or HF PEFT)"
+            f"or HF PEFT){own}"
         )
     try:
         config = cls.from_dict(d, source=source)

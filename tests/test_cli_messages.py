@@ -455,6 +455,11 @@ def test_an_adapter_of_a_method_edgepeft_lacks_is_refused_with_a_fix(tiny_base, 
     assert {"BOTTLENECK", "IA3", "LORA", "PREFIX_TUNING", "PROMPT_TUNING"} <= set(methods.split(", "))
     assert fix == "train the adapter again with one of them (edgepeft train --method, or HF PEFT)"
     assert not os.path.exists(tmp_path / "out")
+    config = json.loads((tmp_path / "loha" / "adapter_config.json").read_text())  # a hunt: a plugin's, not imported
+    (tmp_path / "loha" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "DIMSCALE"}))
+    line = cli_error(capsys, "export", "--adapter", tmp_path / "loha", "--out", tmp_path / "out")
+    assert line.endswith("or HF PEFT); a method of your own is known once its package is imported: run `python -c "
+                         "\"import PACKAGE, edgepeft.cli; edgepeft.cli.main()\" ...` (docs/adding-a-method.md)")
 
 
 def test_an_option_of_no_finite_number_says_so(text_model, tmp_path, capsys):
