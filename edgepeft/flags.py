@@ -19,6 +19,9 @@ def as_flags(message: str, argv) -> str:
     flags = {p.name: p.opts[0] for p in (command.params if command else []) if isinstance(p, click.Option)}
     if not flags:
         return message
+    for name in {b.partition("=")[0] for a, b in zip(argv, argv[1:]) if a == "--option"}:  # as typed: --option r=4
+        if flags.get(name) not in argv:
+            flags.pop(name, None)
     values = {"None": "none", "True": "", "False": ""}
     paths = {}  # quoted names and text, the command's paths ("sweep lr=0.01/train.jsonl"): no flag names inside them
     quoted = dict.fromkeys(re.findall(r"(?<![=\w])('[^'\n]*'|\"[^\"\n]*\")", message))  # not a value's: name='x'

@@ -126,6 +126,10 @@ def test_an_error_keeps_the_paths_it_names(tmp_path):
     run = ["run", "out", "0", "--adapter", "qv", "--max-new-tokens", "0"]
     assert as_flags("adapter 'qv' is not loaded in out; max_new_tokens=0", run) == \
         "adapter 'qv' is not loaded in out; --max-new-tokens 0"
+    # a hunt: a field given as --option NAME=... was named by its flag, which the user had not typed
+    said = "target_modules 'query,value' matches no linear layer"
+    assert as_flags(said, [*train, "--option", "target_modules=query,value"]) == said
+    assert as_flags(said, [*train, "--target-modules", "query,value"]) == f"--{said.replace('_', '-', 1)}"
 
 
 # --------------------------------------------------------------------------- inspect
