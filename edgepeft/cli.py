@@ -183,7 +183,8 @@ def inspect(out, as_json):
     merged = f", merged adapter {b['merged_adapter']}" if b["merged_adapter"] else ""
     weights = f"{b['quantization']} weights" if b.get("quantization") else b["dtype"]
     source = (b.get("source") or "a source not recorded") + (f" (revision {b['revision']})" if b.get("revision") else "")
-    click.echo(f"base: {b['model_type']} {b['task']} from {source}  {_size(b['bytes'])}  {weights} opset {b['opset']}{merged}")
+    click.echo(f"base: {b['model_type']} {b['task']} from {source}  {_size(b['bytes'])}  {weights} opset {b['opset']} "
+               f"{b['ops']} ops{merged}")
     click.echo(f"  fingerprint {b['fingerprint'][:16]}")
     if pairs := b["text_pairs"]:  # what classify takes
         click.echo("  classify: texts" + (f" only (an earlier edgepeft's export; for text pairs, {pairs_fix(b)})"

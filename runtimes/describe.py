@@ -109,6 +109,7 @@ def describe_export(out_dir: str) -> dict:
             "dtype": base.get("dtype"),
             "quantization": base.get("quantization"),
             "opset": base.get("opset"),
+            "ops": base.get("ops", "standard"),  # contrib: ONNX Runtime's fused kernels (an export into OUT repeats it)
             "merged_adapter": base.get("merged_adapter"),
             # how a classifier takes text pairs: with BERT's token types, by the pair template alone (a decoder's), or
             # not at all (an earlier edgepeft's BERT export); None: no classifier
