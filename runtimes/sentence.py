@@ -9,7 +9,9 @@ gives.
     1_Pooling/config.json       pooling_mode (6.x: a name) or the pooling_mode_* flags (5.x), include_prompt
     config_sentence_transformers.json   prompts (embed's prompt_name), truncate_dim; default_prompt_name refused
 
-A plain transformers folder (no such files) pools by the mean and is cut as sentence-transformers cuts it
+Settings by which encode embeds other than a Pooling of the token embeddings (``transformer_task`` fill-mask, another
+``method_output_name`` or ``module_output_name``, no Pooling module), and ``query_length``/``document_length``, are
+refused. A plain transformers folder (no such files) pools by the mean and is cut as sentence-transformers cuts it
 (sentence-transformers 6 would pool a plain decoder by its last token, and render texts through the tokenizer's chat
 template where it has one: save the model with sentence-transformers to embed as its encode does). A saved
 ``modality_config`` that renders texts through the chat template ("message"), or ``processing_kwargs``, are refused.
@@ -73,6 +75,7 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     if limit is None:
         limit = _tokenizer_limit(folder, max_positions)
     _check_modality(config, settings.get("modality_config"))
+    _check_output(config, settings)
     if settings.get("processing_kwargs"):  # sentence-transformers 6 saves them where they were set
         raise ConfigError(f"{config}: processing_kwargs {settings['processing_kwargs']!r} change how "
                           "sentence-transformers' encode tokenizes texts, which edgepeft's embed and training do not "
@@ -159,8 +162,32 @@ def _check_modality(config: str, modalities) -> None:
                           "remove \"message\" from modality_config (encode then embeds texts as they are, as edgepeft)")
 
 
+def _check_output(config: str, settings: dict) -> None:
+    """Refuse sentence-transformers 6 settings by which encode embeds other than the pooled ``last_hidden_state`` that
+    embed and training pool: another task's output (fill-mask: the vocabulary's logits), another output of the model
+    (``pooler_output``, taken as the sentence's), or queries and documents cut to lengths of their own."""
+    routes = settings.get("modality_config") if isinstance(settings.get("modality_config"), dict) else {}
+    outputs = {r.get("method_output_name") for r in routes.values() if isinstance(r, dict)} - {None, "last_hidden_state"}
+    odd = {"transformer_task": settings.get("transformer_task") not in (None, "feature-extraction"),
+           "method_output_name": bool(outputs),
+           "module_output_name": settings.get("module_output_name") not in (None, "token_embeddings")}
+    if key := next((k for k, bad in odd.items() if bad), None):
+        value = sorted(outputs)[0] if key == "method_output_name" else settings[key]
+        raise ConfigError(f"{config}: {key} {value!r}: sentence-transformers' encode embeds other than the model's "
+                          "last_hidden_state pooled, which edgepeft's embed and training pool; use a model saved for "
+                          "feature-extraction (its token embeddings pooled), or take Runtime.forward's outputs")
+    if lengths := [k for k in ("query_length", "document_length", "query_expansion") if settings.get(k) is not None]:
+        raise ConfigError(f"{config}: {', '.join(lengths)}: sentence-transformers' encode_query and encode_document "
+                          "cut (or pad) texts to lengths of their own, which edgepeft's embed does not; remove them "
+                          "(max_seq_length then cuts queries and documents alike)")
+
+
 def _check_modules(modules: str) -> None:
     listed = read_json(modules, "sentence-transformers modules", TOKENIZER_FIX, list) if os.path.isfile(modules) else []
+    if listed and not any(isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling" for m in listed):
+        raise ConfigError(f"{modules}: the model lists no Pooling module, so sentence-transformers' encode does not "
+                          "pool the token embeddings as edgepeft's embed and training do; add one (1_Pooling), or "
+                          "take last_hidden_state from Runtime.forward")
     other = []
     for m in listed:
         kind, path = (str(m.get("type", "")), m.get("path")) if isinstance(m, dict) else (repr(m), None)

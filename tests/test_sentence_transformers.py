@@ -303,6 +303,26 @@ def test_settings_encode_applies_that_embed_does_not_are_refused(st6, tmp_path):
                                                      r"\{'max_length': 6\}\} change how sentence-transformers' encode")
 
 
+@pytest.mark.parametrize("edit,refusal", [
+    ({"transformer_task": "fill-mask"}, r"transformer_task 'fill-mask': sentence-transformers' encode embeds other "),
+    ({"modality_config": {"text": {"method": "forward", "method_output_name": "pooler_output"}}},
+     r"method_output_name 'pooler_output': sentence-transformers' encode embeds other than the model's last_hidden_state"),
+    ({"module_output_name": "sentence_embedding"}, r"module_output_name 'sentence_embedding': "),
+    ({"query_length": 8, "document_length": 16}, r"query_length, document_length: sentence-transformers' encode_query "
+                                                  r"and encode_document cut \(or pad\) texts to lengths of their own"),
+    (None, r"modules.json: the model lists no Pooling module"),
+])
+def test_settings_by_which_encode_embeds_another_output_are_refused(st6, tmp_path, edit, refusal):
+    """Found by a hunt: a model saved to embed BERT's pooler_output (no Pooling module) was mean-pooled (-0.08 cosine
+    to encode's), a fill-mask one's vocabulary logits were pooled hidden states (384 values, not 30522), and
+    encode_query's own length cut queries otherwise than embed(prompt_name="query") (0.56 cosine)."""
+    folder = shutil.copytree(st6[0], tmp_path / "edited")
+    config = folder / ("sentence_bert_config.json" if edit else "modules.json")
+    saved = json.loads(config.read_text())
+    config.write_text(json.dumps({**saved, **edit} if edit else [m for m in saved if "Pooling" not in m["type"]]))
+    refused_at_export_and_training(folder, tmp_path, refusal)
+
+
 def test_training_scores_hard_negatives_as_multiple_negatives_ranking_loss(st6, tmp_path):
     """Found by a hunt: a "negative" field (sentence-transformers' third column) was dropped without a word, so
     triplet data trained a weaker objective. Each text is now scored against every positive and negative of the
