@@ -185,7 +185,7 @@ def check_exportable(config, source: str) -> None:
 
 
 def load_base(name_or_path: str, task: str, labels: list[str] | None = None, revision: str | None = None,
-              config=None, flag: str = "--base", seed: int = 0):
+              config=None, flag: str = "--base", seed: int = 0, checked: bool = True):
     """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
 
     Heads the checkpoint lacks (a classifier) are initialised from ``seed`` (training's ``--seed``, as transformers'
@@ -194,7 +194,7 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
     ``labels`` (seq-cls) sizes the classifier for those classes and names them in the config. ``revision``: see
     ``load_model_config``; ``config``: its result when the caller has it already (not looked up again for the
     checks here; transformers' own load reads config.json itself). ``flag``: the option that named the model
-    (``--model`` when training), for the messages.
+    (``--model`` when training), for the messages. ``checked=False``: the export's checks skipped (weights compared).
     """
     from optimum.exporters.tasks import TasksManager
     from safetensors import SafetensorError
@@ -204,8 +204,9 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
 
     config = config or load_model_config(name_or_path, flag, revision=revision)
     check_supported(config.model_type, task, str(name_or_path))
-    check_exportable(config, str(name_or_path))  # training too: an adapter edgepeft cannot export is refused first
-    if task == "seq-cls" and config.model_type in DECODERS and config.pad_token_id is None:
+    if checked:  # training too: an adapter edgepeft cannot export is refused first
+        check_exportable(config, str(name_or_path))
+    if checked and task == "seq-cls" and config.model_type in DECODERS and config.pad_token_id is None:
         raise UnsupportedModelError(
             f"{name_or_path}: sequence classification on {config.model_type} needs pad_token_id in config.json "
             "(the head reads the last non-pad token); set it and retry" + (

@@ -213,6 +213,10 @@ def adapter_slots(model, config, groups=(), path: str | None = None) -> list:
         raise naming_config(e, path) from None
 
 
+# what a base's refusal (models.check_exportable, load_base) says to set in a copy of it, passed as --base
+COPY_FIXES = ("use_sliding_window", "sliding_window", "layer_types", "pad_token_id")  # (transformers drops the window)
+
+
 def _check_recorded_bases(sources, source: str, model, task: str) -> None:
     """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``,
     apart from the heads the adapter carries itself (modules it trains whole) and heads made at load."""
@@ -233,7 +237,8 @@ def _check_recorded_bases(sources, source: str, model, task: str) -> None:
     for srcs in by_base.values():
         recorded = srcs[0].config.base_model_name_or_path
         try:  # the fix to name: the adapter's record of it, not --base (given already)
-            theirs = load_base(recorded, task, flag=f"base_model_name_or_path in {srcs[0].path}'s adapter_config.json")
+            theirs = load_base(recorded, task, flag=f"base_model_name_or_path in {srcs[0].path}'s adapter_config.json",
+                               checked=False)  # its weights compared: a copy set as its refusal says is --base
         except EdgePeftError as e:
             raise type(e)(f"{srcs[0].path}: records the base {recorded}, which --base {source} is compared with: {e}") \
                 from None
@@ -247,7 +252,7 @@ def _compare_recorded(src, recorded: str, source: str, theirs, model, own: set) 
     the heads the adapter carries itself (``own``) and heads made at load."""
     ours_skip, their_skip = (own | made_heads(m) for m in (model, theirs))
     if weights_fingerprint(theirs, their_skip, config=False) == weights_fingerprint(model, ours_skip, config=False):
-        differ = config_differences(theirs, model)
+        differ = [k for k in config_differences(theirs, model) if k not in COPY_FIXES]
         if not differ:
             return
         raise AdapterBaseMismatchError(

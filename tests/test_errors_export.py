@@ -531,8 +531,8 @@ def test_export_of_sliding_window_layers_is_refused(guarded, llama, tmp_path):
     edit_json(os.path.join(fixed, "config.json"), use_sliding_window=False,
               layer_types=["full_attention"] * config.num_hidden_layers)
     lora = copy_adapter(llama[1]["qv"], tmp_path / "qwen2-qv")
-    edit_json(os.path.join(lora, "adapter_config.json"), base_model_name_or_path=fixed)
-    export([lora], str(tmp_path / "out-full"))
+    edit_json(os.path.join(lora, "adapter_config.json"), base_model_name_or_path=base)  # trained on the sliding one
+    export([lora], str(tmp_path / "out-full"), base=fixed)  # a hunt: refused, the recorded base loaded with its checks
 
 
 def test_adapters_a_training_run_wrote_into_out_are_not_taken_for_exported_ones(llama, tmp_path, monkeypatch):
