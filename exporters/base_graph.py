@@ -64,7 +64,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     graph = SlotGraph(graph_model, feeds, task, cache=cache_layout(model.config, task), output_axis=output_axis,
                       shift=shift)
     io = export_graph(graph, graph.sample_inputs(model.config, samples), slots, neutral, os.path.join(stage, BASE_GRAPH),
-                      contrib)
+                      contrib, source)
     required = write_web_variant(stage)  # JavaScript: every slot required, their neutral values in neutral.onnx
     slots = [s for s in slots if s.name not in io["inert_slots"]]
     manifest = {

@@ -26,7 +26,7 @@ def weights_fingerprint(model: torch.nn.Module, skip_modules=(), config: bool = 
             continue
         t = tensor.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: a view fails
     return h.hexdigest()
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -26,6 +28,7 @@ from onnx import numpy_helper
 
 from edgepeft.exporters.shapes import simplify_shapes
 from edgepeft.exporters.tied import share_tied_tables
+from edgepeft.errors import UnsupportedModelError, first_line
 from edgepeft.files import usual_permissions
 from edgepeft.models import DECODERS, ENCODERS, cache_kwargs, call_kwargs, output_cache, reads_token_types
 from edgepeft.runtimes.manifest import (
@@ -260,13 +263,13 @@ def kept_positions(keep: torch.Tensor, length) -> torch.Tensor:
 
 
 def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, path: str,
-                 contrib: bool = False) -> dict:
+                 contrib: bool = False, source: str = "the base") -> dict:
     """Trace ``graph`` to ``path``; returns the I/O table written into the manifest. ``contrib``: the model
-    emits ONNX Runtime's com.microsoft ops (``contrib_ops.py``)."""
+    emits ONNX Runtime's com.microsoft ops (``contrib_ops.py``). ``source``: the base, for a message."""
     io_axes, out_axes = graph.io_table()
     slot_axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in slots if not s.target}
     graph.eval()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), exportable(source):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph,
@@ -294,6 +297,18 @@ def export_graph(graph: SlotGraph, sample_inputs: tuple, slots, neutral: dict, p
         "outputs": table(out_axes),
         "cache": graph.cache,
     }
+
+
+@contextmanager
+def exportable(source: str):
+    """An op torch's ONNX exporter cannot write (xIELU's expm1: config.json's hidden_act) as one line, not a traceback."""
+    try:
+        yield
+    except torch.onnx.errors.UnsupportedOperatorError as e:
+        op = re.search(r"operator '([^']+)'", str(e))
+        raise UnsupportedModelError(f"{source}: the model runs {op[1] if op else first_line(e)}, which torch's ONNX "
+                                    f"exporter cannot write (opset {OPSET}); use a model without it (an activation: "
+                                    "config.json's hidden_act, such as silu or gelu)") from None
 
 
 def _finish(path: str, neutral: dict) -> set:

@@ -61,6 +61,16 @@ def test_a_model_with_ten_positions_exports(tmp_path):
     assert all(c["max_abs_diff"] < 1e-4 for c in report["checks"])
 
 
+def test_an_activation_the_onnx_exporter_cannot_write_is_one_line(tmp_path):
+    """Found by a hunt: hidden_act "xielu" (0-dim parameters, expm1) was a traceback from the weights' fingerprint (a
+    0-dim tensor cannot be viewed as bytes), and past it from torch's ONNX exporter."""
+    base = _base(tmp_path, "llama", hidden_act="xielu")
+    with pytest.raises(UnsupportedModelError, match=r"base: the model runs aten::expm1, which torch's ONNX exporter "
+                                                    r"cannot write \(opset 18\); use a model without it"):
+        export([_lora(tmp_path, base, "causal-lm", ["q_proj"])], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_a_model_with_fewer_positions_than_the_trace_takes_is_refused(tmp_path, arch):
     """7 positions, or 9 for a prompt adapter: tracing stopped with an IndexError (the rotary table, the position
