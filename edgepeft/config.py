@@ -98,8 +98,9 @@ class PeftConfig:
         if self.task_type is None:
             return None
         if self.task_type not in TASK_TYPES:
-            raise UnsupportedMethodError(
-                f"task_type {self.task_type!r} is not supported; use one of {', '.join(TASK_TYPES)}"
+            raise UnsupportedMethodError(  # T5's SEQ_2_SEQ_LM: "use CAUSAL_LM" led to the model's own refusal
+                f"task_type {self.task_type!r} is not supported; edgepeft exports adapters of the tasks "
+                f"{', '.join(TASK_TYPES)} on Llama, Qwen2, GPT-2 and BERT models: train one of those"
             )
         return TASK_TYPES[self.task_type]
 

@@ -117,7 +117,7 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
 
 def unsupported_type(model_type: str, where: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"{where}model type {model_type!r} is not supported; edgepeft supports "
-                                 f"{', '.join(SUPPORTED)} (Llama, Qwen2, GPT-2, BERT-family encoders such as MiniLM)")
+                                 f"{', '.join(SUPPORTED)} (Llama, Qwen2, GPT-2, and BERT: model_type bert, such as MiniLM)")
 
 
 def check_supported(model_type: str, task: str, source: str = "") -> None:

@@ -183,3 +183,19 @@ def test_bert_relative_position_embeddings_are_refused_naming_the_field(tmp_path
     with pytest.raises(UnsupportedModelError, match=f"position_embedding_type is {kind}, which transformers 5 no "
                                                     "longer computes"):
         export([_lora(tmp_path, base, "feature-extraction", ["query"])], str(tmp_path / "out"))
+
+
+def test_models_of_other_kinds_are_refused_naming_what_is_supported():
+    """Found by a hunt: T5's task_type said to use CAUSAL_LM, SEQ_CLS or FEATURE_EXTRACTION (then its model type was
+    refused), and RoBERTa's refusal named "BERT-family encoders" as supported."""
+    import edgepeft
+    from edgepeft.errors import UnsupportedMethodError
+    from edgepeft.models import check_supported
+
+    with pytest.raises(UnsupportedMethodError, match=r"^task_type 'SEQ_2_SEQ_LM' is not supported; edgepeft exports "
+                                                     r"adapters of the tasks CAUSAL_LM, .* on Llama, Qwen2, GPT-2 and "
+                                                     r"BERT models: train one of those$"):
+        edgepeft.LoraConfig(r=2, target_modules=["q"], task_type="SEQ_2_SEQ_LM").task  # noqa: B018
+    with pytest.raises(UnsupportedModelError, match=r"model type 'roberta' is not supported; .*\(Llama, Qwen2, GPT-2, "
+                                                    r"and BERT: model_type bert, such as MiniLM\)$"):
+        check_supported("roberta", "seq-cls", "m")
