@@ -172,7 +172,9 @@ class PeftConfig:
         if unknown:
             warnings.warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}",
                           EdgePeftWarning, stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in names})
+        config = cls(**{k: v for k, v in d.items() if k in names})
+        config.ties_embeddings = d.get("ensure_weight_tying") is True  # HF PEFT's: targets the tied embedding too
+        return config
 
     def save_pretrained(self, directory: str, inference_mode: bool | None = None) -> None:
         """Write ``adapter_config.json``; ``inference_mode`` overrides the field in the file (HF PEFT's model saves True)."""

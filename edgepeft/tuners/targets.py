@@ -156,6 +156,11 @@ def linear_targets(model: nn.Module, config, defaults: dict) -> list[str]:
         names = selected_modules(model, config, lambda key, module: name_matches(targets, key))
         for key in names:
             module = model.get_submodule(key)
+            if isinstance(module, nn.Embedding) and getattr(config, "ties_embeddings", False):
+                raise ConfigError(f"target module {key!r} (Embedding) is there by ensure_weight_tying (HF PEFT adds "
+                                  "the embedding a targeted lm_head is tied to), and edgepeft does not adapt "
+                                  "embeddings; train with ensure_weight_tying false (its default): lm_head's LoRA "
+                                  "alone exports")
             if not isinstance(module, LINEAR_TYPES):
                 raise ConfigError(f"target module {key!r} ({type(module).__name__}) is a layer this method does "
                                   "not adapt (nn.Linear and Conv1D layers only); leave it out of target_modules and "
