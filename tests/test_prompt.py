@@ -203,3 +203,16 @@ def test_decoder_classifier_base_with_a_prompt_slot_pools_right_padded_rows_as_h
     for name, logits in want.items():
         np.testing.assert_allclose(rt.forward(ids, mask, adapter=name)["logits"], logits.numpy(), rtol=0, atol=1e-4,
                                    err_msg=str(name))
+
+
+def test_two_sets_of_virtual_tokens_are_refused_with_a_fix():
+    """Found by a hunt: HF PEFT runs num_transformer_submodules 2 on a decoder (the virtual tokens twice); the refusal
+    blamed an encoder-decoder model and named no fix."""
+    from tiny import tiny_config
+
+    from edgepeft.errors import UnsupportedMethodError
+
+    config = edgepeft.PromptTuningConfig(num_virtual_tokens=4, num_transformer_submodules=2, task_type="CAUSAL_LM")
+    with pytest.raises(UnsupportedMethodError, match=r"^num_transformer_submodules is 2; edgepeft runs 1 set of virtual "
+                                                     r"tokens .*: train the adapter again without it \(1\)$"):
+        config.fill_from(tiny_config("llama"))

@@ -78,7 +78,9 @@ class PromptLearningConfig(PeftConfig):
         if self.num_transformer_submodules is None:
             self.num_transformer_submodules = 1
         if self.num_transformer_submodules != 1:
-            raise UnsupportedMethodError("num_transformer_submodules must be 1 (encoder-decoder models are not supported)")
+            raise UnsupportedMethodError(  # HF PEFT's 2 (an encoder-decoder's) repeats the virtual tokens on a decoder
+                f"num_transformer_submodules is {self.num_transformer_submodules}; edgepeft runs 1 set of virtual tokens "
+                "(encoder-decoder models, which take 2, are not supported): train the adapter again without it (1)")
         self.fill_method_fields(c)
 
     def fill_method_fields(self, model_config) -> None:
