@@ -9,7 +9,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from edgepeft.config import CONFIG_NAME, naming_config
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
+from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, EdgePeftError
 from edgepeft.exporters.fingerprint import config_differences, made_heads, weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.exporters.validate import check_room, check_traceable
@@ -91,7 +91,13 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     source = _base_of(sources, base)
     revision = _revision_of(sources, source)
     _check_out_replaces_nothing_of_the_users(out, sources, source)
-    model_config = load_model_config(source, revision=revision)
+    try:
+        model_config = load_model_config(source, revision=revision)
+    except ArtifactNotFoundError as e:  # a folder the adapter records, moved since: say where the path came from
+        if base is not None:
+            raise
+        raise ArtifactNotFoundError(f"{e} (base_model_name_or_path in "
+                                    f"{os.path.join(sources[0].path, CONFIG_NAME)})") from None
     task = _task_of(sources, model_config.model_type)
     check_supported(model_config.model_type, task, source)
     options["log"](f"loading base {model_label(source, revision)} ({model_config.model_type}, {task})")

@@ -470,3 +470,13 @@ def test_an_option_of_no_finite_number_says_so(text_model, tmp_path, capsys):
                          tmp_path / "o", *flags)
         assert line == f"error: option {shown} must be a finite number"
         assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_moved_base_the_adapter_records_is_named_where_it_is_recorded(peft_adapter, tmp_path, capsys):
+    """Found by a hunt: "<path>: no such folder; give --base ..." named a path the user never typed."""
+    adapter = str(tmp_path / "adapter")
+    shutil.copytree(spec_adapter(peft_adapter, "llama", "qv"), adapter)
+    edit_json(os.path.join(adapter, "adapter_config.json"), base_model_name_or_path=str(tmp_path / "moved-base"))
+    line = cli_error(capsys, "export", "--adapter", adapter, "--out", tmp_path / "out")
+    assert line == (f"error: {tmp_path / 'moved-base'}: no such folder; give --base a local model folder (with "
+                    f"config.json) or a hub id (base_model_name_or_path in {adapter}/adapter_config.json)")
