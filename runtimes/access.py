@@ -156,12 +156,18 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+JSON_MOST = 16 << 20  # a manifest or config edgepeft reads: kB; parsed, JSON takes ~20x its bytes (a list of lists)
+
+
 def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
     """The JSON object (``kind`` list: the list) in ``path``; a missing or damaged file names itself and ``fix``."""
     if not os.path.isfile(path):
         check_readable(path)  # inside a folder one may not enter, a file looks missing
         raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")
     try:
+        if os.path.getsize(path) > JSON_MOST:  # before it is read: a GB of "[[]," took GBs (a hostile adapter)
+            raise CorruptArtifactError(f"{path}: {what} is {os.path.getsize(path)} bytes, more than any edgepeft reads "
+                                       f"({JSON_MOST}); {fix}")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, a 5,000-digit number

@@ -7,7 +7,7 @@ import os
 import zipfile
 import zlib
 
-from .access import located, sha256_bytes
+from .access import JSON_MOST, located, sha256_bytes
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .manifest import (
     ADAPTER_GRAPH, ADAPTER_MANIFEST, check_adapter_graph, check_adapter_manifest, read_adapter_manifest,
@@ -40,7 +40,8 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict, dict]:
                 if len(members) > len({_file_name(i.filename) for i in members}):
                     raise CorruptArtifactError("adapter bytes: the zip holds more than one adapter folder; zip one "
                                                "folder of OUT/adapters/ per adapter")
-                files = {_file_name(i.filename): _unpacked(archive, i, most) for i in members}
+                files = {_file_name(i.filename): _unpacked(archive, i, most if _file_name(i.filename) == ADAPTER_GRAPH
+                                                           else JSON_MOST) for i in members}  # its manifest: kB
         except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:
             raise CorruptArtifactError(f"adapter bytes: not a readable zip archive of an adapter folder ({e}); pass the "
                                        "bytes of shutil.make_archive(..., 'zip', 'OUT/adapters/<name>')") from None
@@ -62,7 +63,14 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict, dict]:
         raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
                                     "`edgepeft export`")
     manifest = read_adapter_manifest(path)
-    return path, {ADAPTER_GRAPH: check_adapter_graph(path, manifest)}, manifest
+    return path, {ADAPTER_GRAPH: check_adapter_graph(path, manifest, most)}, manifest
+
+
+def adapter_bound(base_dir: str, base: dict) -> int:
+    """The most bytes an adapter of this base may hold (its graph, or one of its tensors unpacked): 4x the base (a
+    float32 head beside an int4 base is about that), and 64 MiB more."""
+    graph = os.path.join(base_dir, base["graph"])
+    return 4 * sum(os.path.getsize(f) for f in (graph, graph + ".data") if os.path.isfile(f)) + (64 << 20)
 
 
 def _file_name(member: str) -> str:

@@ -35,7 +35,7 @@ from .manifest import (
 from .access import STOPPED, inside, moved_aside
 from .commands import base_flags, export_command, folder_fix, name_problem
 from .adapter_graph import run_adapter_graph
-from .adapter_source import read_adapter_source
+from .adapter_source import adapter_bound, read_adapter_source
 from .sessions import ort
 from .slot_checks import axis_sharing, check_adapter_tensors, uncounted_heads
 from .values import is_whole
@@ -126,9 +126,7 @@ class AdapterStore:
         self.past_names = past_names
         self.device = device
         self.merged = base_manifest.get("merged_adapter")  # a --merge export's adapter: the base graph as it is
-        # the most an adapter file may unpack to: 4x the base (a float32 head beside an int4 base is about that)
-        graph = os.path.join(base_dir, base_manifest["graph"])
-        self.most_bytes = 4 * sum(os.path.getsize(f) for f in (graph, graph + ".data") if os.path.isfile(f)) + (64 << 20)
+        self.most_bytes = adapter_bound(base_dir, base_manifest)  # the most an adapter file may unpack to
         if budget_bytes is not None and not (is_whole(budget_bytes) and budget_bytes >= 0):
             raise ConfigError(f"adapter_budget_bytes must be a whole number of bytes >= 0, got {budget_bytes!r}")
         self.budget = None if budget_bytes is None else int(budget_bytes)
@@ -340,13 +338,12 @@ class AdapterStore:
             self._trimming.on = False
 
     # ---------------------------------------------------------------- staging and checks
-    @staticmethod
-    def _unchanged_graph(adapter: Registered) -> bytes:
+    def _unchanged_graph(self, adapter: Registered) -> bytes:
         """Before a restage: the graph's bytes, a folder's still the ones load checked (bytes cannot change)."""
         if adapter.data is not None:
             return adapter.data[ADAPTER_GRAPH]
         try:
-            return check_adapter_graph(adapter.path, adapter.manifest)
+            return check_adapter_graph(adapter.path, adapter.manifest, self.most_bytes)
         except EdgePeftError:  # re-exported since (edgepeft export --overwrite): for this base, or for a new one
             pass
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from .access import STOPPED, check_readable, moved_aside
+from .adapter_source import adapter_bound
 from .base_checks import serves_pairs
 from .commands import folder_fix
 from .errors import EdgePeftError
@@ -77,7 +78,7 @@ def describe_export(out_dir: str) -> dict:
     for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them
         m = read_adapter_manifest(d)
         try:
-            check_adapter_graph(d, m)
+            check_adapter_graph(d, m, adapter_bound(base_dir, base))
         except EdgePeftError as e:
             problems.append(str(e))
         if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it

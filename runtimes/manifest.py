@@ -212,6 +212,8 @@ def _check_format(data: dict, path: str, form: str, required: tuple, fix: str) -
     for key, (kinds, what) in _FIELD_TYPES.items():
         if key in data and not is_kind(data[key], kinds):
             raise CorruptArtifactError(f"{path}: field {key!r} must be {what}, got {data[key]!r:.60}; {fix}")
+    if any(os.path.basename(f) != f or f in ("", ".", "..") for f in data.get("file_bytes") or ()):  # inspect's sizes
+        raise CorruptArtifactError(f"{path}: field 'file_bytes' must name files in the same folder; {fix}")
     if "graph" in required and (os.path.basename(data["graph"]) != data["graph"] or data["graph"] in ("", ".", "..")):
         raise CorruptArtifactError(f"{path}: field 'graph' must be a file name in the same folder; {fix}")
     if "outputs" in required and not data["outputs"]:
@@ -366,21 +368,23 @@ def _checked_adapter_manifest(data: dict, path: str) -> dict:
     return data
 
 
-def check_adapter_graph(adapter_dir: str, manifest: dict) -> bytes:
-    """An adapter graph's bytes, read once: the bytes its sha256 was checked on are the bytes that run (no window
-    for the file to change between). Raises the error the file has: missing, or not the file its sha256 names.
-    (Raised here, not returned: a caller's local holding the exception it raises keeps that frame, and the Runtime
-    in it, alive.)"""
+def check_adapter_graph(adapter_dir: str, manifest: dict, most: int) -> bytes:
+    """An adapter graph's bytes, read once: the bytes its sha256 was checked on are the bytes that run. Raises the
+    error the file has: missing, past ``most`` bytes (``adapter_bound``), or not the file its sha256 names. (Raised
+    here, not returned: a caller's local holding the exception it raises keeps that frame, and the Runtime, alive.)"""
     graph = os.path.join(adapter_dir, manifest["graph"])
     if not os.path.isfile(graph):
         check_readable(graph)
         raise ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
     try:
         with open(graph, "rb") as f:
-            data = f.read()
-    except OSError:
+            data = f.read(most + 1)  # a file of GBs (sparse, or a link to one) was read whole
+    except OSError as e:  # a read the disk refuses (EIO, a link to a file that cannot be read so)
         check_readable(graph)
-        raise
+        raise CorruptArtifactError(f"{graph}: cannot be read ({e.strerror or e}); re-export the adapter") from None
+    if len(data) > most:
+        raise CorruptArtifactError(f"{graph}: more than an adapter of this base can take ({most} bytes); re-export the "
+                                   "adapter")
     if sha256_bytes(data) != manifest["sha256"]:
         raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); "
                                    "re-export the adapter")

@@ -105,8 +105,13 @@ def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict,
         if arr.dtype != np.dtype(slot.dtype) or arr.ndim != len(slot.shape):
             raise CorruptArtifactError(f"{label}: slot {slot_name} is {arr.dtype}{list(arr.shape)}, base expects "
                                        f"{slot.dtype}{list(slot.shape)}; {fix}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # greedy picked token 0, classify's argmax failed
+            raise CorruptArtifactError(f"{label}: slot {slot_name} holds values that are not finite (NaN or "
+                                       f"infinity), which no export writes; {fix}")
         stacked = adapters_axis(slot, slots)
         for size, want in zip(arr.shape, slot.shape):
+            if size == 0 and want == f"head_out.{slot.module}":  # (manifest.slot_axis's) a head of no classes
+                raise CorruptArtifactError(f"{label}: slot {slot_name} is a head of no outputs; {fix}")
             if want == stacked and size != 1:
                 raise CorruptArtifactError(f"{label}: slot {slot_name} stacks {size} adapters along {want}; an "
                                            f"adapter gives 1; {fix}")

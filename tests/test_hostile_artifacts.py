@@ -171,6 +171,7 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     ("fused_groups", 5, "field 'fused_groups' must be a list, got 5"),  # export's tracebacks
     ("inert_slots", 5, "field 'inert_slots' must be a list, got 5"),
     ("quantization", 1.5, "field 'quantization' must be a string, got 1.5"),
+    ("file_bytes", {"/etc/shadow": 1}, "field 'file_bytes' must name files in the same folder"),  # inspect's sizes
     ("eos_token_id", [128], None),  # outside the vocabulary: never met, as a config's 50256 on a smaller vocabulary
     ("generation", {"do_sample": "x"}, "field 'generation.do_sample' must be True or False, got 'x'"),  # "--do-sample"
     ("generation", {"do_sample": True, "temperature": 0}, "field 'generation.temperature' must be > 0 when sampling"),
@@ -513,3 +514,37 @@ def test_an_adapter_graph_is_read_as_onnx_runtime_reads_it(out):
     graph = _pb(1, node("Concat", ["s"] * 600, "out", _pb(1, b"axis") + _pb(3, 0) + _pb(20, 2))) + _pb(5, strings)
     assert adapter_graph_problem(_pb(1, 9) + _pb(7, graph), 70_000_000) == (
         "it is not a graph an export writes (its tensor holds field 6, which exports never write)")  # string_data
+
+
+def test_a_hostile_adapters_tensors_and_sizes_are_refused_at_load_within_bounds(out, tmp_path, tiny_base):
+    """Found by a hunt: NaN tensors loaded (greedy generate then picked token 0 at every step; classify was numpy's
+    ValueError), and so did a head of no classes; a zip's adapter.json of "[]," unpacked to the graph's bound (71 kB
+    of zip took 1.7 GB); a folder's adapter.onnx was read whole (a sparse file of GBs, or a link to one)."""
+    lora = os.path.join(out, "adapters", "lora")
+    rt = Runtime(str(out), load_adapters=False)
+    nan = shutil.copytree(lora, tmp_path / "nan")
+    write_adapter_graph(nan, {**graph_outputs(lora), LORA_A: np.full_like(graph_outputs(lora)[LORA_A], np.nan)})
+    with pytest.raises(CorruptArtifactError, match=f"^{nan}: slot {re.escape(LORA_A)} holds values that are not "
+                                                   r"finite \(NaN or infinity\), which no export writes"):
+        rt.load_adapter(str(nan), name="nan")
+    with pytest.raises(CorruptArtifactError, match=r"^adapter bytes: adapter.json unpacks to more than an adapter of "
+                                                   r"this base can take \(16777216 bytes\)"):
+        rt.load_adapter(_zip_with(lora, "[" + "[]," * (6 << 20) + "[]]"))
+    sparse = shutil.copytree(lora, tmp_path / "sparse")
+    os.truncate(sparse / "adapter.onnx", rt.store.most_bytes + 1)  # sparse: no disk taken
+    with pytest.raises(CorruptArtifactError, match=f"^{sparse / 'adapter.onnx'}: more than an adapter of this base can "
+                                                   f"take \\({rt.store.most_bytes} bytes\\)"):
+        rt.load_adapter(str(sparse), name="sparse")
+    from peft_refs import lora_adapter
+
+    from edgepeft.exporters import export
+
+    cls_out = str(tmp_path / "cls")
+    export([lora_adapter(tmp_path / "cls-lora", tiny_base("bert"), "seq-cls", 4, num_labels=3, r=2,
+                         target_modules=["query"])], cls_out, names=["cls"])
+    head = shutil.copytree(os.path.join(cls_out, "adapters", "cls"), tmp_path / "head")
+    arrays = graph_outputs(head)
+    arrays = {k: v[..., :0] if k.startswith("head_") else v for k, v in arrays.items()}
+    write_adapter_graph(head, arrays)
+    with pytest.raises(CorruptArtifactError, match=f"^{head}: slot head_.* is a head of no outputs"):
+        Runtime(cls_out, load_adapters=False).load_adapter(str(head), name="headless")

@@ -242,9 +242,15 @@ export function checkTensors(tensors, manifest, slots, sharing, where) {
     if (tensor.type !== slot.dtype || tensor.dims.length !== slot.shape.length) {
       throw new EdgePeftError(`${where}: slot ${name} is ${shape}, the base expects ${slot.dtype}[${slot.shape}]; ${REEXPORT}`);
     }
+    if (/^float(32|64)$/.test(tensor.type) && !tensor.data.every(Number.isFinite)) {  // classify gave a NaN score
+      throw new EdgePeftError(`${where}: slot ${name} holds values that are not finite (NaN or infinity), which no export writes; ${REEXPORT}`);
+    }
     const stacked = adaptersAxis(slot, slots);
     slot.shape.forEach((want, i) => {
       const size = tensor.dims[i];
+      if (size === 0 && want === `head_out.${slot.module}`) {  // a head of no classes
+        throw new EdgePeftError(`${where}: slot ${name} is a head of no outputs; ${REEXPORT}`);
+      }
       if (want === stacked && size !== 1) {
         throw new EdgePeftError(`${where}: slot ${name} stacks ${size} adapters along ${want}; an adapter gives 1; ${REEXPORT}`);
       }

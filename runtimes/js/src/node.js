@@ -7,6 +7,7 @@ import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
+import { REEXPORT } from "./checks.js";
 import { reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { tokenizerOf } from "./tokenizer.js";
@@ -139,7 +140,11 @@ export function folderLoader(out) {
     folder: true,  // a folder of this disk: messages name it in the export commands they give
     where: (rel) => path.join(out, rel),
     json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8", out)),
-    bytes: async (rel) => new Uint8Array(await read(path.join(out, rel), undefined, out)),
+    bytes: async (rel, most) => {  // ``most``: more is refused by its size before it is read (a sparse file of GBs was)
+      const size = most === undefined ? 0 : await stat(path.join(out, rel)).then((s) => s.size, () => 0);
+      if (size > most) throw new EdgePeftError(`${path.join(out, rel)}: more than an adapter of this base can take (${most} bytes); ${REEXPORT}`);
+      return new Uint8Array(await read(path.join(out, rel), undefined, out));
+    },
     // a file's size in bytes (undefined: missing; checkSizes names it)
     size: async (rel) => stat(path.join(out, rel)).then((s) => {
       if (s.isDirectory()) throw named({ code: "EISDIR" }, path.join(out, rel));

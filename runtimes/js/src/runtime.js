@@ -177,7 +177,7 @@ export class Runtime {
     try {
       // the graph's bytes against adapter.json's checksum (a cache may serve an old adapter.onnx after a re-export)
       const graph = `adapters/${name}/${manifest.graph}`;
-      const bytes = await this.opened(graph, () => this.loader.bytes(graph));
+      const bytes = await this.opened(graph, () => this.loader.bytes(graph, this.most));
       if ((await sha256(bytes)) !== manifest.sha256) {
         throw new EdgePeftError(`${this.loader.where(graph)}: checksum does not match adapter.json (truncated, modified or ` +
           `a stale copy); ${REEXPORT}`);

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { cp, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
+import { cp, mkdir, mkdtemp, readFile, rm, symlink, truncate, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
@@ -15,7 +15,7 @@ import { fileURLToPath } from "node:url";
 import * as ortNode from "onnxruntime-node";
 import * as ortWeb from "onnxruntime-web";
 
-import { adapterSessionOptions } from "../src/checks.js";
+import { adapterSessionOptions, checkTensors } from "../src/checks.js";
 import { adapterGraphProblem } from "../src/graph.js";
 import { EdgePeftError, classify } from "../src/runtime.js";
 import { openFolder } from "../src/node.js";
@@ -72,7 +72,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 nodes, inits, outs = [], [], []
 for i, (name, t) in enumerate(json.loads(sys.argv[1]).items()):
-    init = numpy_helper.from_array(np.full(t["dims"], 0.01, np.float32), f"value{i}")
+    init = numpy_helper.from_array(np.full(t["dims"], float(t.get("value", 0.01)), np.float32), f"value{i}")
     if t.get("external"):
         size = len(init.raw_data)
         init.ClearField("raw_data")
@@ -246,6 +246,23 @@ test("an adapter filling a selector slot, half a LoRA pair or several IA3 adapte
   rt = await openFolder(ortNode, out);
   await rt.loadAdapter("ia3");
   await rt.loadAdapter("lora");
+});
+
+test("an adapter whose tensors are not finite, or a head of no outputs, is refused at load, as in Python", async () => {
+  // found by a hunt: a NaN adapter loaded, and classify answered its first label with a NaN score
+  const out = await copied("not-finite");
+  await giving(out, "lora", { ...LORA, [`lora_A.${LAYER(0)}`]: { dims: [32, 8], value: "nan" } });
+  const rt = await openFolder(ortNode, out);
+  await refuses(rt.loadAdapter("lora"), new RegExp(`^${quoted(path.join(out, "adapters"))}/lora: slot ` +
+    `${quoted(`lora_A.${LAYER(0)}`)} holds values that are not finite \\(NaN or infinity\\), which no export writes; re-export it`));
+  await giving(out, "lora", LORA);  // a folder's graph past what an adapter of the base can take: refused by its size
+  await truncate(path.join(out, "adapters", "lora", "adapter.onnx"), rt.most + 1);  // sparse: no disk taken
+  await refuses(rt.loadAdapter("lora"), new RegExp(`^${quoted(path.join(out, "adapters", "lora", "adapter.onnx"))}: more than ` +
+    `an adapter of this base can take \\(${rt.most} bytes\\); re-export it`));
+  const head = { shape: [4, "head_out.classifier"], dtype: "float32", module: "classifier" };
+  const tensors = { "head_weight.classifier": { type: "float32", dims: [4, 0], data: new Float32Array(0) } };
+  assert.throws(() => checkTensors(tensors, { slots: { "head_weight.classifier": [4, 0] } }, { "head_weight.classifier": head },
+    { "head_out.classifier": ["head_weight.classifier"] }, "a"), /^EdgePeftError: a: slot head_weight\.classifier is a head of no outputs; re-export it/);
 });
 
 test("an adapter graph ONNX Runtime cannot run, or whose outputs Object's own names hide, is refused, as in Python", async () => {
