@@ -16,7 +16,7 @@ import torch
 
 from edgepeft.errors import ConfigError, ExportValidationError
 from edgepeft.exporters.graph import sample_token_types
-from edgepeft.exporters.quantize import relative_error
+from edgepeft.exporters.quantize import no_closer_than_zeros, relative_error
 from edgepeft.models import SAMPLE_TOKENS, call_kwargs, sample_inputs
 from edgepeft.runtimes.manifest import TASK_OUTPUTS
 
@@ -60,6 +60,11 @@ def compare_outputs(label: str, ours, ref, mask, task, atol, where, qtol=None) -
     diff = float(np.abs(ours - ref).max())
     if qtol is not None:  # a quantized graph: relative RMS error
         rel = relative_error(ours, ref)
+        if no_closer_than_zeros(ours, ref):  # whatever --qtol: its RMS error is the outputs' own
+            raise ExportValidationError(
+                f"{where}: {label} is no closer to PyTorch's than zeros are (RMS error {rel:.6g}, as large as the outputs): "
+                "the quantized graph is broken; nothing was written. Export without --quantize (into another --out when "
+                "OUT holds a quantized base), and report this model (config.json and this command)")
         if not rel <= qtol:
             raise ExportValidationError(
                 f"{where}: {label} differs from PyTorch by {rel:.6g} relative RMS error (tolerance {qtol:g}); nothing "
@@ -161,14 +166,16 @@ def validate(label: str, rt, adapter, model, task: str, atol: float, where: str,
     types = sample_types(rt, mask)  # a text pair's, where the graph takes token types
     ours = rt.forward(ids.numpy(), mask.numpy(), adapter=adapter, token_type_ids=types)[TASK_OUTPUTS[task]]
     ref = reference_output(model, ids, mask, task, types)
+    effects = qtol is not None and base is not None and adapter is not None  # first: an effect lost says more
+    effect = compare_effects(label, ours, ref, *base.outputs(seed, ids, mask), mask.numpy(), task, where) if effects \
+        else None
     check = compare_outputs(label, ours, ref, mask.numpy(), task, atol, where, qtol)
     check["output_width"] = int(ours.shape[-1])
     if qtol is not None and base is not None:
         if adapter is None:
             base.keep(seed, ids, ours, ref)
         else:
-            check["effect_error"] = compare_effects(label, ours, ref, *base.outputs(seed, ids, mask), mask.numpy(), task,
-                                                    where)
+            check["effect_error"] = effect
     if rt.cache:
         step = compare_outputs(f"{label}, cached decode", *decode_steps(rt, adapter, model, ids, mask, steps), None,
                                task, atol, where, qtol)

@@ -171,6 +171,19 @@ def test_a_quantized_graph_outside_tolerance_writes_nothing(peft_adapter, tmp_pa
     assert [p for p in _tree(out) if ".staging" in p] == []
 
 
+def test_a_quantized_graph_no_closer_than_zeros_fails_whatever_qtol():
+    """Found by a hunt: below 1 the relative error is the RMS error itself, so a graph of zeros on logits of RMS 0.114
+    passed the default --qtol 0.2."""
+    from edgepeft.errors import ExportValidationError
+    from edgepeft.exporters.validate import compare_outputs
+
+    ref = np.random.default_rng(0).normal(0, 0.114, (2, 8)).astype(np.float32)
+    with pytest.raises(ExportValidationError, match=r"^OUT: logits is no closer to PyTorch's than zeros are \(RMS error "
+                                                    r"0\.1.*\): the quantized graph is broken; nothing was written"):
+        compare_outputs("logits", np.zeros_like(ref), ref, None, "seq-cls", 1e-4, "OUT", qtol=0.2)
+    assert compare_outputs("logits", ref * 0.5, ref, None, "seq-cls", 1e-4, "OUT", qtol=0.2)["relative_error"] < 0.2
+
+
 def test_a_quantized_graph_that_lost_its_adapter_slots_is_refused(peft_adapter, tmp_path, monkeypatch):
     """What quantize.py guards against: the quantized graph reads each slot's neutral value, not the input. The adapter
     then changed nothing, and passed --qtol 0.2 (0.16 relative error: its whole effect)."""
