@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from edgepeft.files import FULL_DISK
 from edgepeft.runtimes.manifest import LAYOUT_VERSION
+from edgepeft.runtimes.sessions import session_options
 
 
 def applies(slots) -> bool:
@@ -30,7 +31,8 @@ def applies(slots) -> bool:
 
 def write_ort_adapter(graph_path: str, out_path: str) -> None:
     """Run the adapter graph once and store its outputs (the slot tensors, full size) as an ``.onnx_adapter``."""
-    session = ort.InferenceSession(graph_path, providers=["CPUExecutionProvider"])
+    # edgepeft's options: after use_shared_thread_pool(), ONNX Runtime refuses a session asking for threads of its own
+    session = ort.InferenceSession(graph_path, session_options(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     arrays = session.run(None, {})
     adapter = ort.AdapterFormat()

@@ -101,3 +101,19 @@ def test_base_and_adapter_graphs_share_one_ir_version(shared_export):
     base = onnx.load(os.path.join(out, "base", "model.onnx"), load_external_data=False)
     versions = {onnx.load(os.path.join(out, "adapters", n, "adapter.onnx")).ir_version for n in dirs}
     assert versions == {base.ir_version} == {9}
+
+
+def test_an_export_after_the_shared_thread_pool_writes_its_ort_adapter_files(peft_adapter, tmp_path):
+    """Found by a hunt: after use_shared_thread_pool() (an app's start, bench --shared-threads), the export's session
+    that writes .onnx_adapter files asked for threads of its own, which ONNX Runtime refuses (a raw error)."""
+    import subprocess
+    import sys
+
+    from peft_refs import spec_adapter
+
+    script = ("import sys; from edgepeft.runtimes import use_shared_thread_pool; use_shared_thread_pool(1); "
+              "from edgepeft.exporters import export; export([sys.argv[1]], sys.argv[2], ort_adapter=True)")
+    done = subprocess.run([sys.executable, "-c", script, spec_adapter(peft_adapter, "llama", "qv"), str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "o" / "adapters" / "qv" / "adapter.onnx_adapter")
