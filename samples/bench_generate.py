@@ -137,7 +137,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/generate", help="work and export folder (default ./bench-out/generate)")
     ap.add_argument("--rounds", type=positive, default=10, help="interleaved rounds, one call per peer each (default 10)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per call (default 64)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per peer first (default 2)")
+    ap.add_argument("--warmup", type=positive, default=2, help="untimed calls per peer first (default 2; at least 1: "
+                    "they give the ids every timed call must repeat)")
     ap.add_argument("--shared-threads", action="store_true",
                     help="opt in to one process-wide spinning ONNX Runtime pool (edgepeft.runtimes.use_shared_thread_pool)")
     args = ap.parse_args()

@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--shared-threads", action="store_true",
                     help="opt in to one process-wide spinning ONNX Runtime pool (edgepeft.runtimes.use_shared_thread_pool)")
     args = ap.parse_args()
+    if args.rounds * args.calls < 2:  # the alternating peers take turns between two adapters, call by call
+        ap.error("--rounds x --calls must be at least 2: a switching peer's calls alternate two adapters")
     claim_folder(args.out, ap.get_default("out"))  # its exports are replaced, in a folder a sample made
     if args.shared_threads:
         use_shared_thread_pool()

@@ -302,3 +302,13 @@ def test_bench_and_inspect_on_what_a_hunt_found(shared_export, tmp_path, monkeyp
     assert str(said.exception) == (f"{os.path.join(out, 'base', 'edgepeft.json')}: missing, beside other files (an "
                                    "export's base whose manifest was removed, or not an export); re-run `edgepeft "
                                    "export` into a fresh --out folder")
+
+
+def test_samples_refuse_counts_they_cannot_measure_with_before_any_work():
+    """Found by a hunt: bench_lora.py --rounds 1 --calls 1 (a KeyError: the switching peers never reached their second
+    adapter) and bench_generate.py --warmup 0 (a KeyError after the builds) failed at the end."""
+    lora = _sample("bench_lora.py", "--rounds", 1, "--calls", 1)
+    assert lora.returncode == 2 and lora.stderr.strip().endswith("error: --rounds x --calls must be at least 2: a "
+                                                                 "switching peer's calls alternate two adapters")
+    generate = _sample("bench_generate.py", "--warmup", 0)
+    assert generate.returncode == 2 and "argument --warmup: 0 is not a whole number from 1" in generate.stderr
