@@ -11,21 +11,32 @@ MARK = ".edgepeft-sample"  # in a folder a sample made: the next run may empty i
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the samples' default folders lie
 
 
-def claim_folder(path: str, default: str) -> str:
-    """``path`` marked as a run's folder and kept as it is: a missing or empty folder, one a sample made, or the
+def claim_folder(path: str, default: str, emptied: bool = False) -> str:
+    """``path`` marked as this sample's folder and kept as it is: a missing or empty folder, one a sample made (one
+    this sample made where the run empties it: ``emptied``; a mark of no name is an earlier edgepeft's), or the
     repository's own ``default`` (ignored by git; samples before the mark wrote it); a folder of anything else (an
     adapter of one's own, `--out .`, a ``default`` of that name in another working folder) is refused."""
     if not path:
         sys.exit("error: '': an empty path; give a folder for the run's files")
     if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
         sys.exit(f"error: {path}: is a file or a link; give a folder for the run's files")
-    own = os.path.exists(os.path.join(path, MARK)) or os.path.abspath(path) == os.path.join(REPO, default)
+    me, mark = os.path.basename(sys.argv[0]), os.path.join(path, MARK)
+    try:
+        with open(mark) as f:
+            made_by = f.read().strip()
+    except OSError:
+        made_by = None
+    if made_by and made_by != me and emptied:  # bench_many.py --out bench-out emptied every benchmark's results
+        sys.exit(f"error: {path}: holds {made_by}'s files, which a run of {me} would remove; give another folder")
+    own = made_by is not None or os.path.abspath(path) == os.path.join(REPO, default)
     if os.path.isdir(path) and os.listdir(path) and not own:
         sys.exit(f"error: {path}: holds files no sample wrote, and a run writes over its folder; give another folder "
                  "(or remove this one)")
     try:
         os.makedirs(path, exist_ok=True)
-        open(os.path.join(path, MARK), "w").close()
+        if not made_by:
+            with open(mark, "w") as f:
+                f.write(me)
     except OSError as e:
         sys.exit(f"error: {path}: {e.strerror}; give a folder for the run's files")
     return path
@@ -33,7 +44,7 @@ def claim_folder(path: str, default: str) -> str:
 
 def fresh_folder(path: str, default: str) -> str:
     """``claim_folder``, then emptied for the run (its mark kept)."""
-    for name in os.listdir(claim_folder(path, default)):
+    for name in os.listdir(claim_folder(path, default, emptied=True)):
         if name != MARK:
             entry = os.path.join(path, name)
             shutil.rmtree(entry) if os.path.isdir(entry) and not os.path.islink(entry) else os.unlink(entry)

@@ -339,6 +339,13 @@ def test_the_samples_empty_only_a_folder_a_sample_made_and_say_ctrl_c_in_one_lin
     os.symlink(made, "linked")  # rmtree leaves a link: makedirs then raised FileExistsError
     with pytest.raises(SystemExit, match="linked: is a file or a link; give a folder"):
         fresh_folder("linked", "demo-out")
+    shared = fresh_folder(str(tmp_path / "bench"), "bench-out")  # a hunt: bench_many.py --out bench-out emptied it
+    with open(os.path.join(shared, ".edgepeft-sample"), "w") as f:  # bench_lora.py's folder (its results beside)
+        f.write("bench_lora.py")
+    write_lines(os.path.join(shared, "kept.jsonl"), [{"a": 1}])
+    with pytest.raises(SystemExit, match=r"bench: holds bench_lora.py's files, which a run of .* would remove; give "):
+        fresh_folder(shared, "bench-out/many")
+    assert claim_folder(shared, "bench-out") == shared and os.path.exists(os.path.join(shared, "kept.jsonl"))
     monkeypatch.setattr(sys, "argv", ["demo.py"])
     for stop in (KeyboardInterrupt(), TrainingInterrupted("interrupted; demo-out/intent/checkpoint ... --resume")):
         def main(stop=stop):
