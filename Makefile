@@ -99,4 +99,4 @@ bench: $(STAMP) $(DEVICE_STAMP) $(JS_STAMP) $(GENAI_STAMP)
 	$(BIN)/python samples/bench_web.py --quantize int8 --out bench-out/web-int8
 
 clean:
-	rm -rf $(VENV) $(DEVICE) $(GENAI) $(JS)/node_modules build demo-out bench-out gen-out quant-out
+	rm -rf $(VENV) $(DEVICE) $(GENAI) $(JS)/node_modules build demo-out bench-out gen-out quant-out pairs-out training-defaults-work

@@ -20,7 +20,7 @@ import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.training.data import read_jsonl  # noqa: E402
-from sample_folder import fresh_folder, run  # noqa: E402
+from sample_folder import fresh_folder, positive, run  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DESCRIPTIONS = {
@@ -65,7 +65,7 @@ def top1(rt, adapter: str, joined: bool) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="pairs-out", help="emptied first where a sample made it (default %(default)s)")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=positive, default=3)
     args = ap.parse_args()
     fresh_folder(args.work, ap.get_default("work"))
     train, held = pair_rows("train"), pair_rows("eval", seed=1)

@@ -17,7 +17,7 @@ from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.runtimes.access import inside  # noqa: E402
 from edgepeft.training.data import read_jsonl  # noqa: E402
-from sample_folder import fresh_folder, run  # noqa: E402
+from sample_folder import fresh_folder, positive, run  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 PROMPTS = {"intent": "Request: {}\nIntent:", "sentiment": "Review: {}\nSentiment:"}
@@ -66,7 +66,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a local decoder folder (default: build a small random Llama)")
     p.add_argument("--out", default="gen-out", help="emptied first where a sample made it (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=positive, default=12)
     args = p.parse_args()
     if args.model and args.out and inside(os.path.realpath(args.model), os.path.realpath(args.out)):  # emptied with it
         sys.exit(f"error: {args.model}: lies inside --out {args.out}, which a run empties; copy the model elsewhere")
