@@ -38,7 +38,7 @@ import onnxruntime_genai as og  # noqa: E402
 from bench_generate import CONFIG, PROMPT_LEN, build_base, make_adapter, paired  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
-from sample_folder import positive, run  # noqa: E402
+from sample_folder import claim_folder, positive, run  # noqa: E402
 
 
 def write_tokenizer(path: str) -> None:
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=256)
     args = ap.parse_args()
-    out = args.out
+    out = claim_folder(args.out, ap.get_default("out"))  # a folder of one's own files (a bench.md) is refused
     base = os.path.join(out, "base-model")
     if not os.path.isfile(os.path.join(base, "tokenizer.json")):
         build_base(base)

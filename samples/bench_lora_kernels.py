@@ -38,7 +38,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft.exporters.quantize import _quiet_quantizer_logs
-from sample_folder import positive, run
+from sample_folder import claim_folder, positive, run
 
 LAYERS, RANK = 6, 16
 GROUPS = {"qkv": (512, [512, 256, 256]), "o": (512, [512]), "gate_up": (512, [1376, 1376]), "down": (1376, [512])}
@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=positive, default=15)
     ap.add_argument("--out", default="bench-out/lora-kernels")
     args = ap.parse_args()
+    claim_folder(args.out, ap.get_default("out"))  # a folder of one's own files (a bench.md) is refused
     w = weights(np.random.default_rng(0))
     peers = {v: Peer(*build(w, v)) for v in VARIANTS}
     ref = peers[VARIANTS[0]].outputs
@@ -213,7 +214,6 @@ def main() -> None:
         err = max(float(np.abs(a - b).max()) for a, b in zip(p.outputs, ref)) / scale
         rows.append({"variant": v, "us_per_step": round(us, 1), "vs_edgepeft": round(us / base_us, 2),
                      "max_rel_error": float(f"{err:.2g}"), "nodes": p.nodes})
-    os.makedirs(args.out, exist_ok=True)
     head = (f"LoRA deltas of one decode step, benchmark Llama r16 all-linear ({LAYERS} layers), {args.blocks} blocks "
             f"of {CALLS} calls ({DROPPED} dropped), {os.cpu_count()} CPUs ({platform.machine()}), onnxruntime "
             f"{ort.__version__}; `python samples/bench_lora_kernels.py`")

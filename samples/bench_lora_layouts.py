@@ -44,7 +44,7 @@ from edgepeft.runtimes.bench import interleaved
 from edgepeft.runtimes.kv_cache import RESERVE
 from edgepeft.runtimes.manifest import LOGITS_TO_KEEP, adapter_dirs, cache_names
 from edgepeft.runtimes.sessions import session_options
-from sample_folder import positive, run
+from sample_folder import claim_folder, positive, run
 
 LAYOUTS = {"edgepeft": (False, False), "B per member": (True, False), "no row Mul": (False, True),
            "B per member, no row Mul": (True, True)}
@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--out", help="where bench.md goes (bench-out/lora-layouts/<the export's folder name>)")
     args = ap.parse_args()
     out = args.out or os.path.join("bench-out", "lora-layouts", os.path.basename(os.path.normpath(args.export)))
+    claim_folder(out, out if args.out is None else "bench-out/lora-layouts")  # one's own bench.md is refused
     command = shlex.join([sys.executable, *sys.argv])
     print(f"command: {command}")
     manifest_path = os.path.join(args.export, "base", "edgepeft.json")
@@ -198,7 +199,6 @@ def main() -> None:
     lines += ["", f"LoRA work in edgepeft's layout: {med['edgepeft'] - rank0:.3f} ms, "
                   f"{(med['edgepeft'] - rank0) / rank0:.0%} of the rank-0 step"]
     print("\n".join(lines[1:]))
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"\nwrote {os.path.join(out, 'bench.md')}")

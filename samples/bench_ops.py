@@ -28,7 +28,7 @@ from bench_generate import CONFIG, PROMPT_LEN, RANK, build_base, make_adapter, p
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.runtimes.base_checks import OPS  # noqa: E402
-from sample_folder import positive, run  # noqa: E402
+from sample_folder import claim_folder, positive, run  # noqa: E402
 
 GPT2 = dict(n_embd=CONFIG["hidden_size"], n_layer=CONFIG["num_hidden_layers"], n_head=CONFIG["num_attention_heads"],
             n_positions=CONFIG["max_position_embeddings"], vocab_size=CONFIG["vocab_size"])
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default="bench-out/ops")
     args = ap.parse_args()
+    claim_folder(args.out, ap.get_default("out"))  # a folder of one's own files (a bench.md) is refused
     llama_base = os.path.join(args.out, "llama-base")
     build_base(llama_base)
     adapters = {"llama": make_adapter(llama_base, args.out), "gpt2": gpt2_adapter(args.out)}

@@ -320,3 +320,14 @@ def test_samples_refuse_counts_they_cannot_measure_with_before_any_work(tmp_path
                                                                  "switching peer's calls alternate two adapters")
     generate = _sample("bench_generate.py", "--warmup", 0)
     assert generate.returncode == 2 and "argument --warmup: 0 is not a whole number from 1" in generate.stderr
+
+
+def test_benchmark_samples_refuse_a_folder_of_ones_own_files(tmp_path):
+    """Found by a hunt: bench_lora_kernels.py, bench_ops.py and bench_lora_layouts.py wrote their bench.md over any
+    --out, a user's own file of that name too (bench_genai_builder.py, in its own environment, alike)."""
+    (tmp_path / "bench.md").write_text("# mine\n")
+    for script in ("bench_lora_kernels.py", "bench_ops.py", "bench_lora_layouts.py"):
+        done = _sample(script, "--out", tmp_path, *(("--export", tmp_path) if script == "bench_lora_layouts.py" else ()))
+        assert done.returncode == 1 and done.stderr.strip() == f"error: {tmp_path}: holds files no sample wrote, and a " \
+            "run writes over its folder; give another folder (or remove this one)", (script, done.stderr)
+    assert (tmp_path / "bench.md").read_text() == "# mine\n"
