@@ -331,3 +331,21 @@ def test_benchmark_samples_refuse_a_folder_of_ones_own_files(tmp_path):
         assert done.returncode == 1 and done.stderr.strip() == f"error: {tmp_path}: holds files no sample wrote, and a " \
             "run writes over its folder; give another folder (or remove this one)", (script, done.stderr)
     assert (tmp_path / "bench.md").read_text() == "# mine\n"
+
+
+def test_the_sample_pages_server_stops_on_ctrl_c_in_one_line():
+    """Found by a hunt: `make web`'s server, stopped the only way it stops (Ctrl-C), printed a traceback, and so did a
+    --port past 65535."""
+    import signal
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "web", "serve.py")
+    bad = subprocess.run([sys.executable, script, "--port", "99999"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "argument --port: '99999' is not a port number (0 to 65535)" in bad.stderr
+    server = subprocess.Popen([sys.executable, script, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    assert "Ctrl-C stops it" in server.stdout.readline()  # listening
+    server.send_signal(signal.SIGINT)
+    _, err = server.communicate(timeout=60)
+    assert server.returncode == 130 and err == "stopped\n"

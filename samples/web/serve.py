@@ -30,15 +30,26 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--port", type=lambda t: _port(t), default=8000)
     ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args()
     try:
         server = http.server.ThreadingHTTPServer((args.host, args.port), functools.partial(Handler, directory=REPO))
     except OSError as e:  # the port taken, most often
         sys.exit(f"cannot serve at {args.host}:{args.port} ({e.strerror}); pass another --port")
-    print(f"serving {REPO} at http://{args.host}:{server.server_address[1]}/samples/web/", flush=True)
-    server.serve_forever()
+    print(f"serving {REPO} at http://{args.host}:{server.server_address[1]}/samples/web/ (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # the way to stop it: a traceback said nothing more
+        print("stopped", file=sys.stderr)
+        sys.exit(130)
+
+
+def _port(text: str) -> int:
+    """An argparse type: a port number, 0 (any free one) to 65535 (a larger one was an OverflowError traceback)."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return int(text)
 
 
 if __name__ == "__main__":
