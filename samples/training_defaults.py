@@ -18,6 +18,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import edgepeft  # noqa: E402
 from edgepeft.training.arguments import find_method  # noqa: E402
+from edgepeft.errors import TrainingInterrupted  # noqa: E402
+from sample_folder import run as run_sample  # noqa: E402
 from train_generative import DATA, jsonl, rows, small_decoder  # noqa: E402  (samples/ is on sys.path as a script)
 
 METHODS = ["lora", "ia3", "bottleneck", "prefix", "prompt"]
@@ -61,6 +63,8 @@ def run(method, task, files, lr, head_lr, options, out):
     try:
         log = edgepeft.train(model=model, task=task, method=method, data=data, eval_data=eval_data, out=out, epochs=3,
                              seed=0, lr=lr, head_lr=head_lr, options=options, overwrite=True, progress=False)
+    except TrainingInterrupted:  # Ctrl-C stops the sweep (it was a row's "error", and the next run began)
+        raise
     except Exception as e:  # noqa: BLE001  a failed run is a result too
         return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
     metric = "perplexity" if task == "causal-lm" else "accuracy"
@@ -132,4 +136,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_sample(main)  # Ctrl-C, and a refused --work or --json, in one line

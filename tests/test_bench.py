@@ -349,3 +349,23 @@ def test_the_sample_pages_server_stops_on_ctrl_c_in_one_line():
     server.send_signal(signal.SIGINT)
     _, err = server.communicate(timeout=60)
     assert server.returncode == 130 and err == "stopped\n"
+
+
+def test_the_training_defaults_sweep_stops_at_ctrl_c(monkeypatch):
+    """Found by a hunt: samples/training_defaults.py recorded a Ctrl-C as the run's "error" row, went on to the next
+    method and exited 0."""
+    import edgepeft
+    from edgepeft.errors import TrainingInterrupted
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples"))
+    import training_defaults
+
+    def interrupted(**kwargs):
+        raise TrainingInterrupted("interrupted in the first epoch; nothing was saved in out")
+
+    monkeypatch.setattr(edgepeft, "train", interrupted)
+    with pytest.raises(TrainingInterrupted):
+        training_defaults.run("lora", "seq-cls", ("m", "d", "e"), 1e-3, 1e-2, {}, "out")
+    monkeypatch.setattr(edgepeft, "train", lambda **kwargs: 1 / 0)  # a failed run is still a row
+    assert training_defaults.run("lora", "seq-cls", ("m", "d", "e"), 1e-3, 1e-2, {}, "out")["error"].startswith(
+        "ZeroDivisionError")
