@@ -66,6 +66,10 @@ def main():
     export_path = os.path.relpath(os.path.join(out, "export"), REPO)
     if export_path.startswith(".."):  # checked before --out is emptied
         sys.exit(f"--out must lie inside {REPO}: the page reads the export from the repository's server")
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # as runtimes/js/bench/peers.mjs finds it
+    if not os.path.isfile(chromium):  # the page's peer failed at the end (a JSONDecodeError traceback)
+        sys.exit(f"error: {chromium}: missing; install Chromium (make test does: apt-get install chromium), or set "
+                 "CHROMIUM to its path")
     if not os.path.isdir(os.path.join(JS, "node_modules")):
         sys.exit(f"{JS}/node_modules is missing: run `make test-js` (or `cd runtimes/js && npm ci`) first")
     fresh_folder(out, ap.get_default("out"))

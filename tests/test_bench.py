@@ -369,3 +369,15 @@ def test_the_training_defaults_sweep_stops_at_ctrl_c(monkeypatch):
     monkeypatch.setattr(edgepeft, "train", lambda **kwargs: 1 / 0)  # a failed run is still a row
     assert training_defaults.run("lora", "seq-cls", ("m", "d", "e"), 1e-3, 1e-2, {}, "out")["error"].startswith(
         "ZeroDivisionError")
+
+
+def test_bench_web_names_a_missing_chromium_before_any_work():
+    """Found by a hunt: without Chromium the page's peer failed at the end, a JSONDecodeError traceback."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "bench_web.py")
+    done = subprocess.run([sys.executable, script, "--out", "bench-out/never-made"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "CHROMIUM": "/nonexistent/chromium"})
+    assert done.returncode == 1 and done.stderr.strip() == "error: /nonexistent/chromium: missing; install Chromium " \
+        "(make test does: apt-get install chromium), or set CHROMIUM to its path"
