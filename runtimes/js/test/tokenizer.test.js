@@ -174,6 +174,8 @@ cases = {f"split-{b}": pre.Split("-", b) for b in ("isolated", "removed", "merge
 cases.update({f"punctuation-{b}": pre.Punctuation(b) for b in ("isolated", "removed", "merged_with_previous", "merged_with_next", "contiguous")})
 cases["split-invert"] = pre.Split(Regex("[ab]+"), "isolated", invert=True)
 cases["sequence"] = pre.Sequence([pre.WhitespaceSplit(), pre.Split(Regex("\\d"), "merged_with_next")])
+cases["split-empty-match"] = pre.Split(Regex("\\d*"), "merged_with_previous")  # a pattern that matches "" too
+cases["split-llama3"] = pre.Split(Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"), "isolated")
 for name, p in cases.items():
     words = sorted({w for t in texts for w, _ in p.pre_tokenize_str(t)})
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
@@ -186,7 +188,7 @@ print(json.dumps(out))
 `;
 
 test("Split and Punctuation pre-tokenizers cut words as the Rust library does, and a WordLevel model's unknown word is its unk", async () => {
-  const texts = ["a-b--c", "-a-", "a!b!!c?", "¿qué?", "ab12cd34 e5", "x--y-", "--", "no delimiters"];
+  const texts = ["a-b--c", "-a-", "a!b!!c?", "¿qué?", "ab12cd34 e5", "x--y-", "--", "no delimiters", "I'm 2024's\r\n  best!"];
   const root = path.join(scratch, "splits");
   const python = JSON.parse(execFileSync(PYTHON, ["-c", SPLITS, root, JSON.stringify(texts)], { env: { ...process.env, HF_HUB_OFFLINE: "1" } }));
   for (const [name, want] of Object.entries(python)) {
