@@ -246,11 +246,13 @@ def names_in(folder: str) -> set | None:
         return None
 
 
-def remove_new(folder: str, there: set | None) -> None:
-    """What ``folder`` holds now beside the names in ``there`` (``names_in`` before a run that failed wrote them;
-    None: nothing is taken back)."""
+def remove_new(folder: str, there: set | None, names) -> None:
+    """Removes what a failed run wrote in ``folder``: each of ``names`` (and hidden staging files) it holds now and
+    did not hold when ``there`` was taken (``names_in``; None: nothing is taken back)."""
     now = names_in(folder)
     for name in now - there if now is not None and there is not None else ():
+        if name not in names and not name.startswith("."):  # another's file, made meanwhile
+            continue
         path = os.path.join(folder, name)
         _remove(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 

@@ -115,3 +115,24 @@ def test_a_full_disk_while_loading_is_not_blamed_on_out(shared_export, tmp_path,
     with pytest.raises(StorageError, match="^no space left on a disk while loading the base model .*set HF_HOME"):
         export_module.export([shared_export("llama")[1]["qv"]], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_put_back_survives_a_run_that_fails_before_its_own(text_model, tmp_path, capsys):
+    """A review: the take-back of a failed run's files (above) took a checkpoint the run had just put back (a run
+    killed between its renames moves it aside) for its own, and removed it; the refusal named --resume."""
+    import subprocess
+    import sys
+
+    from edgepeft.cli import main
+    from edgepeft.runtimes.access import this_host
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    out = str(tmp_path / "o")
+    argv = ["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out", out, "--epochs", "1",
+            "--quiet"]
+    main(argv)
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    os.replace(os.path.join(out, "checkpoint"), os.path.join(out, f".old-checkpoint-p{gone.pid}h{this_host()}-abc"))
+    line = cli_error(capsys, *argv)  # put back, then refused: it holds a run's checkpoint
+    assert "pass --resume" in line and os.path.isdir(os.path.join(out, "checkpoint"))

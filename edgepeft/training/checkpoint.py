@@ -23,6 +23,7 @@ CHECKPOINT = "checkpoint"
 STATE = "trainer_state.pt"
 LOG_NAME = "training_log.json"
 CURVE_NAME = "training_curve.png"
+RUN_FILES = (CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, LOG_NAME, CURVE_NAME)  # what a run writes in OUT
 
 
 def save_checkpoint(out: str, peft, fingerprint: dict, epoch: int, optimizer, scheduler, log: dict,

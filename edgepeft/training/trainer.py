@@ -29,7 +29,7 @@ from edgepeft.processes import first
 from edgepeft.training.arguments import CUT, TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_same_data, check_out_folder, check_resumable, process_rngs,
-    read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint)
+    RUN_FILES, read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint)
 from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, replaced_head_note,
     rows_digest, scores_relevance)
@@ -209,14 +209,14 @@ class Trainer:
         made_out = missing_folders(self.args.out)  # OUT and the folders above it that this run makes
         held = one_at_a_time(self.args.out, lambda note: print(note, file=sys.stderr), "training run") \
             if acc.num_processes == 1 else contextlib.nullcontext()
+        self._checkpointed, self._there = 0, None  # the epochs OUT's checkpoint holds; what OUT held once prepared
         try:
             with held:
-                there = names_in(self.args.out)
                 try:
                     return self._train(acc)
-                except BaseException:  # an adapter with no checkpoint (a full disk at the first save): taken back, as
-                    if not getattr(self, "_checkpointed", 0) and acc.is_main_process:  # this run and --resume refuse it
-                        remove_new(self.args.out, there)
+                except BaseException:  # an adapter with no checkpoint (a full disk at the first save), which this run
+                    if not self._checkpointed and acc.is_main_process:  # and --resume refuse, is taken back
+                        remove_new(self.args.out, self._there, RUN_FILES)
                     remove_empty(made_out)  # while OUT is held: a run waiting for it then finds it gone, and remakes it
                     raise
         except KeyboardInterrupt:  # waiting for the other run (no cleanup ran), or loading (click's bare "aborted")
@@ -230,6 +230,7 @@ class Trainer:
 
         args = self.args
         resume = self._prepare_out(acc)
+        self._there = names_in(args.out)  # after a checkpoint a killed run moved aside is put back: not this run's
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
         encoder, train_rows, eval_rows, labels, model_config = self._data(method)
@@ -258,7 +259,7 @@ class Trainer:
             log.update(resume["log"])
             log["args"] = {**log["args"], "out": args.fingerprint()["out"]}  # a checkpoint moved with its OUT
             start_epoch = resume["epoch"]
-        self._checkpointed = start_epoch  # the epochs OUT's checkpoint holds
+        self._checkpointed = start_epoch
         if acc.is_main_process:
             os.makedirs(args.out, exist_ok=True)
         bar = _progress(args.progress and acc.is_main_process, total, start_epoch * steps_per_epoch)
@@ -352,8 +353,7 @@ class Trainer:
             bar.write(f"epoch {epoch + 1}/{args.epochs}: eval {shown(evaluation)}" + ("  (best so far)" if so_far else ""))
         rngs = process_rngs(acc)  # every process's, as the checkpoint keeps them
         if acc.is_main_process:
-            peft = acc.unwrap_model(model)
-            # Ctrl-C: after the checkpoint that the saved adapter belongs to
+            peft = acc.unwrap_model(model)  # Ctrl-C, below: after the checkpoint that the saved adapter belongs to
             with deferred_interrupts(), reporting_full_disk(args.out, "--out"):
                 if args.save == "last" or improved:
                     save_adapter(peft, args.out, log["labels"])
