@@ -219,8 +219,14 @@ def adapter_slots(model, config, groups=(), path: str | None = None) -> list:
         raise naming_config(e, path) from None
 
 
-# what a base's refusal (models.check_exportable, load_base) says to set in a copy of it, passed as --base
-COPY_FIXES = ("use_sliding_window", "sliding_window", "layer_types", "pad_token_id")  # (transformers drops the window)
+def copy_fixes(config) -> set:
+    """The config keys a copy of the base ``config`` was told to set by that base's refusal (models.check_exportable,
+    load_base), passed as --base: sliding-window layers turned to full attention (transformers drops the window), a
+    missing pad_token_id set. Only those the base has as its refusal names them: another difference still counts."""
+    sliding = getattr(config, "use_sliding_window", False) or any(
+        t != "full_attention" for t in getattr(config, "layer_types", None) or [])
+    return ({"use_sliding_window", "sliding_window", "layer_types"} if sliding else set()) | (
+        {"pad_token_id"} if getattr(config, "pad_token_id", 0) is None else set())
 
 
 def _check_recorded_bases(sources, source: str, model, task: str) -> None:
@@ -258,7 +264,7 @@ def _compare_recorded(src, recorded: str, source: str, theirs, model, own: set) 
     the heads the adapter carries itself (``own``) and heads made at load."""
     ours_skip, their_skip = (own | made_heads(m) for m in (model, theirs))
     if weights_fingerprint(theirs, their_skip, config=False) == weights_fingerprint(model, ours_skip, config=False):
-        differ = [k for k in config_differences(theirs, model) if k not in COPY_FIXES]
+        differ = [k for k in config_differences(theirs, model) if k not in copy_fixes(theirs.config)]
         if not differ:
             return
         raise AdapterBaseMismatchError(

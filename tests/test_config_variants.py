@@ -199,3 +199,32 @@ def test_models_of_other_kinds_are_refused_naming_what_is_supported():
     with pytest.raises(UnsupportedModelError, match=r"model type 'roberta' is not supported; .*\(Llama, Qwen2, GPT-2, "
                                                     r"and BERT: model_type bert, such as MiniLM\)$"):
         check_supported("roberta", "seq-cls", "m")
+
+
+def test_a_copy_of_the_base_set_as_its_refusal_says_exports_as_base_and_no_other_difference(tmp_path):
+    """Found by a hunt: a decoder classifier's base without pad_token_id is refused ("set it"); a copy with it set,
+    given as --base, was refused alike (the recorded base loaded with the export's checks). A review: a pad id that
+    differs from one the recorded base has still counts."""
+    import json
+    import shutil
+
+    from edgepeft.errors import AdapterBaseMismatchError
+
+    import peft
+    import transformers as tf
+
+    for recorded, copied, refused in ((None, 2, False), (0, 5, True)):
+        root = tmp_path / f"pad-{recorded}"
+        base = _base(root, "llama", pad_token_id=recorded)
+        model = tf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)  # as HF PEFT trains it
+        lora = str(root / "lora")
+        peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"])).save_pretrained(lora)
+        copy = shutil.copytree(base, root / "copy")
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "pad_token_id": copied}))
+        if refused:
+            with pytest.raises(AdapterBaseMismatchError, match=r"whose config.json differs from --base .* in "
+                                                               r"pad_token_id \(the weights are the same\)"):
+                export([lora], str(root / "out"), base=str(copy))
+        else:
+            export([lora], str(root / "out"), base=str(copy))
