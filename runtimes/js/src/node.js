@@ -12,6 +12,8 @@ import { reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { tokenizerOf } from "./tokenizer.js";
 
+const JSON_MOST = 16 * 2 ** 20;  // as the Python runtime's access.JSON_MOST
+
 async function read(file, encoding, out = null) {
   try {
     return await readFile(file, encoding);
@@ -139,7 +141,11 @@ export function folderLoader(out) {
   return {
     folder: true,  // a folder of this disk: messages name it in the export commands they give
     where: (rel) => path.join(out, rel),
-    json: async (rel) => JSON.parse(await read(path.join(out, rel), "utf8", out)),
+    json: async (rel) => {  // a manifest past 16 MiB is refused unread, as in Python (parsed, such JSON took GBs)
+      const size = await stat(path.join(out, rel)).then((s) => s.size, () => 0);
+      if (size > JSON_MOST) throw new Error(`${size} bytes, more than any edgepeft reads (${JSON_MOST})`);
+      return JSON.parse(await read(path.join(out, rel), "utf8", out));
+    },
     bytes: async (rel, most) => {  // ``most``: more is refused by its size before it is read (a sparse file of GBs was)
       const size = most === undefined ? 0 : await stat(path.join(out, rel)).then((s) => s.size, () => 0);
       if (size > most) throw new EdgePeftError(`${path.join(out, rel)}: more than an adapter of this base can take (${most} bytes); ${REEXPORT}`);

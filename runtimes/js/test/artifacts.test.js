@@ -259,6 +259,9 @@ test("an adapter whose tensors are not finite, or a head of no outputs, is refus
   await truncate(path.join(out, "adapters", "lora", "adapter.onnx"), rt.most + 1);  // sparse: no disk taken
   await refuses(rt.loadAdapter("lora"), new RegExp(`^${quoted(path.join(out, "adapters", "lora", "adapter.onnx"))}: more than ` +
     `an adapter of this base can take \\(${rt.most} bytes\\); re-export it`));
+  await truncate(path.join(out, "adapters", "lora", "adapter.json"), 16 * 2 ** 20 + 1);  // a review: read whole in Node
+  await refuses(rt.loadAdapter("lora"), new RegExp(`^${quoted(path.join(out, "adapters", "lora", "adapter.json"))}: not ` +
+    "readable JSON \\(16777217 bytes, more than any edgepeft reads \\(16777216\\)\\)"));
   const head = { shape: [4, "head_out.classifier"], dtype: "float32", module: "classifier" };
   const tensors = { "head_weight.classifier": { type: "float32", dims: [4, 0], data: new Float32Array(0) } };
   assert.throws(() => checkTensors(tensors, { slots: { "head_weight.classifier": [4, 0] } }, { "head_weight.classifier": head },
