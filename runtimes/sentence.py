@@ -167,7 +167,10 @@ def _check_output(config: str, settings: dict) -> None:
     embed and training pool: another task's output (fill-mask: the vocabulary's logits), another output of the model
     (``pooler_output``, taken as the sentence's), or queries and documents cut to lengths of their own."""
     routes = settings.get("modality_config") if isinstance(settings.get("modality_config"), dict) else {}
-    outputs = {r.get("method_output_name") for r in routes.values() if isinstance(r, dict)} - {None, "last_hidden_state"}
+    named = [r.get("method_output_name") for r in routes.values() if isinstance(r, dict)]
+    if not all(n is None or isinstance(n, str) for n in named):
+        raise CorruptArtifactError(f"{config}: a method_output_name is not a name; {TOKENIZER_FIX}")
+    outputs = set(named) - {None, "last_hidden_state"}
     odd = {"transformer_task": settings.get("transformer_task") not in (None, "feature-extraction"),
            "method_output_name": bool(outputs),
            "module_output_name": settings.get("module_output_name") not in (None, "token_embeddings")}

@@ -202,16 +202,17 @@ def test_texts_rendered_through_the_chat_template_are_refused_at_export_and_trai
 
 def refused_at_export_and_training(folder, tmp_path, refusal: str) -> None:
     """An export of a prompt adapter on ``folder`` and training on it are refused with ``refusal``, nothing written."""
-    from edgepeft.errors import ConfigError
+    from edgepeft.errors import ConfigError, CorruptArtifactError
 
+    errors = (ConfigError, CorruptArtifactError)  # a setting edgepeft refuses, or a damaged file's
     adapter = peft_virtual_adapter(tmp_path / "prompt", str(folder), "prompt", seed=5, task="feature-extraction",
                                    num_virtual_tokens=4)
-    with pytest.raises(ConfigError, match=refusal):
+    with pytest.raises(errors, match=refusal):
         export([adapter], str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"text": "a", "positive": "b"}) + "\n" + json.dumps({"text": "c", "positive": "d"}) + "\n")
-    with pytest.raises(ConfigError, match=refusal):
+    with pytest.raises(errors, match=refusal):
         edgepeft.train(model=str(folder), task="feature-extraction", method="lora", data=str(data),
                        out=str(tmp_path / "trained"), progress=False)
     assert not (tmp_path / "trained").exists()
@@ -311,6 +312,7 @@ def test_settings_encode_applies_that_embed_does_not_are_refused(st6, tmp_path):
     ({"query_length": 8, "document_length": 16}, r"query_length, document_length: sentence-transformers' encode_query "
                                                   r"and encode_document cut \(or pad\) texts to lengths of their own"),
     (None, r"modules.json: the model lists no Pooling module"),
+    ({"modality_config": {"text": {"method_output_name": ["x"]}}}, r"a method_output_name is not a name"),  # TypeError
 ])
 def test_settings_by_which_encode_embeds_another_output_are_refused(st6, tmp_path, edit, refusal):
     """Found by a hunt: a model saved to embed BERT's pooler_output (no Pooling module) was mean-pooled (-0.08 cosine
