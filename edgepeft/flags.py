@@ -19,7 +19,8 @@ def as_flags(message: str, argv) -> str:
     flags = {p.name: p.opts[0] for p in (command.params if command else []) if isinstance(p, click.Option)}
     if not flags:
         return message
-    for name in {b.partition("=")[0] for a, b in zip(argv, argv[1:]) if a == "--option"}:  # as typed: --option r=4
+    optioned = [b for a, b in zip(argv, argv[1:]) if a == "--option"] + [a[9:] for a in argv if a.startswith("--option=")]
+    for name in {o.partition("=")[0] for o in optioned}:  # as typed: --option r=4, --option=r=4
         if flags.get(name) not in argv:
             flags.pop(name, None)
     values = {"None": "none", "True": "", "False": ""}

@@ -80,7 +80,8 @@ def base_flags(base: dict) -> tuple:
     """The flags an export into OUT repeats, from its base manifest ``base``: export refuses an OUT whose base was
     built otherwise (--quantize, a decoder's --ops standard)."""
     quantized = ("--quantize", base["quantization"]) if base.get("quantization") else ()
-    return quantized + (("--ops", "standard") if base.get("ops") == "standard" and base.get("task") == "causal-lm" else ())
+    standard = base.get("ops", "standard") == "standard"  # a manifest before the field: standard, as export reads it
+    return quantized + (("--ops", "standard") if standard and base.get("task") == "causal-lm" else ())
 
 
 def folder_fix(out: str, folder: str, base: dict) -> str:

@@ -129,6 +129,7 @@ def test_an_error_keeps_the_paths_it_names(tmp_path):
     # a hunt: a field given as --option NAME=... was named by its flag, which the user had not typed
     said = "target_modules 'query,value' matches no linear layer"
     assert as_flags(said, [*train, "--option", "target_modules=query,value"]) == said
+    assert as_flags(said, [*train, "--option=target_modules=query,value"]) == said  # click's = form (a review)
     assert as_flags(said, [*train, "--target-modules", "query,value"]) == f"--{said.replace('_', '-', 1)}"
 
 

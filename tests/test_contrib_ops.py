@@ -161,6 +161,7 @@ def test_the_fix_for_an_adapter_of_another_base_repeats_the_outs_flags(peft_adap
         Runtime(out).load_adapter(os.path.join(shared, "adapters", "mlp"))  # another OUT's, loaded as it is
     assert base_flags({"quantization": "int4", "ops": "contrib", "task": "causal-lm"}) == ("--quantize", "int4")
     assert base_flags({"ops": "standard", "task": "seq-cls"}) == ()  # contrib asked of a classifier builds standard
+    assert base_flags({"task": "causal-lm"}) == ("--ops", "standard")  # a manifest before "ops": standard (a review)
 
 
 def test_unknown_ops_value_is_refused(peft_adapter, tmp_path):
