@@ -50,7 +50,8 @@ def task_type_of_class(auto_mapping) -> str | None:
     return head.group(0)[3:] if head else "FEATURE_EXTRACTION"  # a bare LlamaModel / BertModel: hidden states
 
 # Fields HF PEFT writes that change nothing edgepeft does when left at these values.
-_HARMLESS_FIELDS = {"peft_type", "peft_version", "megatron_core", "megatron_config", "qalora_group_size"}
+_HARMLESS_FIELDS = {"peft_type", "peft_version", "megatron_core", "megatron_config", "qalora_group_size",
+                    "ensure_weight_tying"}  # read where it adds an embedding (a refusal names it), harmless elsewhere
 
 
 def naming_config(error: EdgePeftError, directory: str) -> EdgePeftError:
@@ -98,7 +99,7 @@ class PeftConfig:
         if self.task_type is None:
             return None
         if self.task_type not in TASK_TYPES:
-            raise UnsupportedMethodError(  # T5's SEQ_2_SEQ_LM: "use CAUSAL_LM" led to the model's own refusal
+            raise UnsupportedMethodError(  # T5's SEQ_2_SEQ_LM: no other task type serves it
                 f"task_type {self.task_type!r} is not supported; edgepeft exports adapters of the tasks "
                 f"{', '.join(TASK_TYPES)} on Llama, Qwen2, GPT-2 and BERT models: train one of those"
             )

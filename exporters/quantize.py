@@ -237,7 +237,8 @@ def _gemms_as_matmuls(graph, keep_float: set) -> None:
     graph.node.extend(nodes)
 
 
-def _rms(x: np.ndarray) -> float:
+def rms(x: np.ndarray) -> float:
+    """The root mean square of ``x`` (float64 sums)."""
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
 
 
@@ -247,10 +248,10 @@ def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
     The floor keeps tiny outputs (an untrained classifier's logits) from inflating the
     ratio, as ``--atol`` scales with the output only above 1: below 1 it is the RMS error itself.
     """
-    return _rms(ours - ref) / max(_rms(ref), 1.0)
+    return rms(ours - ref) / max(rms(ref), 1.0)
 
 
 def no_closer_than_zeros(ours: np.ndarray, ref: np.ndarray) -> bool:
     """Whether ``ours`` is as far from ``ref`` as zeros are: a broken graph, which the floor above let pass for outputs
     below 1 (a graph of zeros was 0.114 on a tiny Llama's logits, within the default --qtol)."""
-    return _rms(ours - ref) >= _rms(ref) > 0
+    return rms(ours - ref) >= rms(ref) > 0

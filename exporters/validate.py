@@ -16,7 +16,7 @@ import torch
 
 from edgepeft.errors import ConfigError, ExportValidationError
 from edgepeft.exporters.graph import sample_token_types
-from edgepeft.exporters.quantize import no_closer_than_zeros, relative_error
+from edgepeft.exporters.quantize import no_closer_than_zeros, relative_error, rms
 from edgepeft.models import SAMPLE_TOKENS, call_kwargs, sample_inputs
 from edgepeft.runtimes.manifest import TASK_OUTPUTS
 
@@ -90,7 +90,6 @@ def compare_effects(label: str, ours, ref, base_ours, base_ref, mask, task, wher
         return None
     (ours, ref), (base_ours, base_ref) = (meaningful_positions(a, b, mask, task) for a, b in ((ours, ref),
                                                                                                (base_ours, base_ref)))
-    rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))  # noqa: E731
     effect, noise = rms(ref - base_ref), rms(base_ours - base_ref)
     if not effect >= EFFECT_NOISE * noise or effect == 0:
         return None

@@ -165,7 +165,7 @@ def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
         check_readable(path)  # inside a folder one may not enter, a file looks missing
         raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")
     try:
-        if os.path.getsize(path) > JSON_MOST:  # before it is read: a GB of "[[]," took GBs (a hostile adapter)
+        if os.path.getsize(path) > JSON_MOST:  # before it is read: parsed, "[[],..." takes ~20x its bytes
             raise CorruptArtifactError(f"{path}: {what} is {os.path.getsize(path)} bytes, more than any edgepeft reads "
                                        f"({JSON_MOST}); {fix}")
         with open(path, encoding="utf-8") as f:

@@ -48,9 +48,9 @@ def compile_template(text: str | None, source: str):
     except ImportError:
         jinja2 = None
     if jinja2 is None or tuple(map(int, re.findall(r"\d+", jinja2.__version__)[:3])) < (3, 1, 6):
-        raise MissingDependencyError(f"chat templates need jinja2 3.1.6 or later (older ones let a template out of its sandbox), "
-                          f"{'which is not installed' if jinja2 is None else f'not {jinja2.__version__}'}: "
-                          "pip install -U 'jinja2>=3.1.6'")
+        raise MissingDependencyError(
+            "chat templates need jinja2 3.1.6 or later (older ones let a template out of its sandbox), "
+            f"{'which is not installed' if jinja2 is None else f'not {jinja2.__version__}'}: pip install -U 'jinja2>=3.1.6'")
 
     def raise_exception(message):  # the template refuses what the messages hold
         raise InvalidInputError(f"{source}: the chat template refuses these messages: {message}")

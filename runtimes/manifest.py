@@ -378,7 +378,7 @@ def check_adapter_graph(adapter_dir: str, manifest: dict, most: int) -> bytes:
         raise ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
     try:
         with open(graph, "rb") as f:
-            data = f.read(most + 1)  # a file of GBs (sparse, or a link to one) was read whole
+            data = f.read(most + 1)  # no further: a sparse file, or a link to a large one
     except OSError as e:  # a read the disk refuses (EIO, a link to a file that cannot be read so)
         check_readable(graph)
         raise CorruptArtifactError(f"{graph}: cannot be read ({e.strerror or e}); re-export the adapter") from None

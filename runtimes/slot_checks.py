@@ -105,7 +105,7 @@ def check_adapter_tensors(label: str, manifest: dict, arrays: dict, slots: dict,
         if arr.dtype != np.dtype(slot.dtype) or arr.ndim != len(slot.shape):
             raise CorruptArtifactError(f"{label}: slot {slot_name} is {arr.dtype}{list(arr.shape)}, base expects "
                                        f"{slot.dtype}{list(slot.shape)}; {fix}")
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # greedy picked token 0, classify's argmax failed
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # NaN logits: argmax picks token 0
             raise CorruptArtifactError(f"{label}: slot {slot_name} holds values that are not finite (NaN or "
                                        f"infinity), which no export writes; {fix}")
         stacked = adapters_axis(slot, slots)

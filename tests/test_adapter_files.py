@@ -142,6 +142,13 @@ def test_tied_embeddings_trained_whole_or_adapted_are_refused_with_a_fix(tiny_ba
         hf.save_pretrained(tmp_path / name)
         with pytest.raises(error, match=fix):
             edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base(arch), "causal-lm"), str(tmp_path / name))
+    import warnings
+
+    from edgepeft.errors import EdgePeftWarning
+
+    with warnings.catch_warnings():  # read, not noted as ignored (a review)
+        warnings.simplefilter("error", EdgePeftWarning)
+        assert edgepeft.load_config(str(tmp_path / "tied-lora")).ties_embeddings
 
 
 def test_adapter_files_named_as_state_dict_names_load_as_in_peft(tiny_base, tmp_path):

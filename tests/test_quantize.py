@@ -181,7 +181,8 @@ def test_a_quantized_graph_no_closer_than_zeros_fails_whatever_qtol():
     with pytest.raises(ExportValidationError, match=r"^OUT: logits is no closer to PyTorch's than zeros are \(RMS error "
                                                     r"0\.1.*\): the quantized graph is broken; nothing was written"):
         compare_outputs("logits", np.zeros_like(ref), ref, None, "seq-cls", 1e-4, "OUT", qtol=0.2)
-    assert compare_outputs("logits", ref * 0.5, ref, None, "seq-cls", 1e-4, "OUT", qtol=0.2)["relative_error"] < 0.2
+    close = ref + np.random.default_rng(1).normal(0, 0.01, ref.shape).astype(np.float32)  # a quantized graph's noise
+    assert compare_outputs("logits", close, ref, None, "seq-cls", 1e-4, "OUT", qtol=0.2)["relative_error"] < 0.02
 
 
 def test_a_quantized_graph_that_lost_its_adapter_slots_is_refused(peft_adapter, tmp_path, monkeypatch):

@@ -91,7 +91,7 @@ class TrainingArguments:
             self.lr = find_method(self.method).config_cls.default_lr
         if self.head_lr is None:
             self.head_lr = HEAD_LR
-        for name in ("lr", "head_lr"):  # past float32's range the optimizer's step was a RuntimeError traceback
+        for name in ("lr", "head_lr"):  # float32 optimizer state: past its range, a RuntimeError
             if not 0 < getattr(self, name) < FLOAT32_MAX:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a number > 0 that float32 holds (below 3.4e38), "
                                   f"got {getattr(self, name)}")

@@ -242,7 +242,7 @@ export function checkTensors(tensors, manifest, slots, sharing, where) {
     if (tensor.type !== slot.dtype || tensor.dims.length !== slot.shape.length) {
       throw new EdgePeftError(`${where}: slot ${name} is ${shape}, the base expects ${slot.dtype}[${slot.shape}]; ${REEXPORT}`);
     }
-    if (/^float(32|64)$/.test(tensor.type) && !tensor.data.every(Number.isFinite)) {  // classify gave a NaN score
+    if (/^float(32|64)$/.test(tensor.type) && !tensor.data.every(Number.isFinite)) {  // NaN logits: a NaN score
       throw new EdgePeftError(`${where}: slot ${name} holds values that are not finite (NaN or infinity), which no export writes; ${REEXPORT}`);
     }
     const stacked = adaptersAxis(slot, slots);

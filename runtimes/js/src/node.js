@@ -141,12 +141,12 @@ export function folderLoader(out) {
   return {
     folder: true,  // a folder of this disk: messages name it in the export commands they give
     where: (rel) => path.join(out, rel),
-    json: async (rel) => {  // a manifest past 16 MiB is refused unread, as in Python (parsed, such JSON took GBs)
+    json: async (rel) => {  // a manifest past 16 MiB is refused unread, as in Python (parsed, JSON takes ~20x its bytes)
       const size = await stat(path.join(out, rel)).then((s) => s.size, () => 0);
       if (size > JSON_MOST) throw new Error(`${size} bytes, more than any edgepeft reads (${JSON_MOST})`);
       return JSON.parse(await read(path.join(out, rel), "utf8", out));
     },
-    bytes: async (rel, most) => {  // ``most``: more is refused by its size before it is read (a sparse file of GBs was)
+    bytes: async (rel, most) => {  // ``most``: more is refused by its size, unread (a sparse file, or a link to a large one)
       const size = most === undefined ? 0 : await stat(path.join(out, rel)).then((s) => s.size, () => 0);
       if (size > most) throw new EdgePeftError(`${path.join(out, rel)}: more than an adapter of this base can take (${most} bytes); ${REEXPORT}`);
       return new Uint8Array(await read(path.join(out, rel), undefined, out));
