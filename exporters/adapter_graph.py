@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft.config import LABELS_NAME
-from edgepeft.errors import CorruptArtifactError
+from edgepeft.errors import CorruptArtifactError, ExportValidationError
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.graph import IR_VERSION, OPSET
 from edgepeft.files import write_json_atomic
@@ -73,6 +73,12 @@ def write_adapter(peft, src, slots: list, base_manifest: dict, stage: str, ort_a
         values.update(filled)
         if filled and i:
             names.append(spec.name)
+    bad = next((n for n, v in values.items() for part in (v.parts if isinstance(v, Assembled) else [v])
+                if not np.isfinite(np.asarray(part, dtype=np.float32)).all()), None)
+    if bad:  # the runtime refuses to stage it: named here with what to look for (no --atol helps)
+        raise ExportValidationError(
+            f"{src.path}: the adapter's {bad} holds NaN or infinity, so nothing can be checked; nothing was written. Look "
+            "for non-finite values in its weights (adapter_model.safetensors or adapter_model.bin) and retrain or fix them")
     graph = os.path.join(stage, ADAPTER_GRAPH)
     write_adapter_graph(values, graph)
     ort_file = None

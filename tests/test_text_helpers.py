@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edgepeft.runtimes import CorruptArtifactError, Runtime
+from edgepeft.runtimes import CorruptArtifactError, MissingDependencyError, Runtime
 from edgepeft.runtimes.decoded import StopStrings
 from file_checks import edited_json
 from word_tokenizer import PROMPT, decode
@@ -327,7 +327,7 @@ def test_a_template_sees_plain_data_and_what_transformers_refuses_is_refused(tex
     with pytest.raises(CorruptArtifactError, match="none named default"):
         rt.tokenizer.apply_chat_template(messages)
     monkeypatch.setattr(jinja2, "__version__", "3.1.5")
-    with pytest.raises(ConfigError, match=r"jinja2 3.1.6 or later .*, not 3.1.5: pip install -U 'jinja2>=3.1.6'"):
+    with pytest.raises(MissingDependencyError, match=r"jinja2 3.1.6 or later .*, not 3.1.5: pip install -U 'jinja2>=3.1.6'"):
         render("{{ 1 }}", messages)
 
 
