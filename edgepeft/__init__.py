@@ -2,6 +2,7 @@
 
 Imports are lazy so ``import edgepeft.runtimes`` never pulls in torch.
 """
+from contextlib import nullcontext
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -29,10 +30,9 @@ __all__ = sorted([*_LAZY, *BUILT_IN_CONFIGS])
 def __getattr__(name):
     from edgepeft.errors import training_side  # torch, onnx... missing: one line naming the install that has them
 
-    if name in _LAZY:
-        if _LAZY[name] in ("edgepeft.runtimes", "edgepeft.errors"):
-            return getattr(import_module(_LAZY[name]), name)
-        with training_side(f"edgepeft.{name}"):
+    if name in _LAZY:  # the runtime's names need none of them
+        runtime = _LAZY[name] in ("edgepeft.runtimes", "edgepeft.errors")
+        with nullcontext() if runtime else training_side(f"edgepeft.{name}"):
             return getattr(import_module(_LAZY[name]), name)
     if name.endswith("Config"):  # a registered method's config class (LoraConfig; a plugin's once it is imported)
         with training_side(f"edgepeft.{name}"):

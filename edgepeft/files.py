@@ -254,7 +254,7 @@ def remove_new(folder: str, there: set | None, names) -> None:
         if name not in names and not name.startswith("."):  # another's file, made meanwhile
             continue
         path = os.path.join(folder, name)
-        _remove(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        _remove(path) if os.path.isdir(path) else os.remove(path)  # _remove unlinks a link
 
 
 def _remove(path: str) -> None:

@@ -65,15 +65,14 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
                                     f"{shlex.quote(os.path.expanduser(name))}")
     if not (os.path.sep in name or name.startswith(".") or os.path.exists(name)):
         return
-    path = name
-    if not os.path.exists(path):
+    if not os.path.exists(name):
         raise ArtifactNotFoundError(f"{name}: no such folder; give {flag} a local model folder (with config.json) "
                                     "or a hub id")
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+    if os.path.isfile(os.path.join(name, "adapter_config.json")):
         raise ArtifactNotFoundError(f"{name}: is an adapter folder, not a model; give {flag} the base model it was "
                                     "trained on (its adapter_config.json names it: base_model_name_or_path)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        check_readable(path)  # a folder one may not list looks empty
+    if not os.path.isfile(os.path.join(name, "config.json")):
+        check_readable(name)  # a folder one may not list looks empty
         raise ArtifactNotFoundError(f"{name}: is not a model folder (no config.json in it); give {flag} the folder "
                                     "that save_pretrained wrote (config.json, model.safetensors, tokenizer files)")
 
@@ -150,6 +149,11 @@ def _weights_files(folder: str) -> list[str]:
                       if e in entries)]
 
 
+def sliding_layers(config) -> list:
+    """The attention kinds other than full attention in ``config``'s layer_types (Qwen2's sliding window)."""
+    return sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
+
+
 def check_exportable(config, source: str) -> None:
     """Refuse what the export cannot trace: sliding-window attention layers (Qwen2's ``use_sliding_window``),
     longrope scaling, an encoder made a causal decoder (``is_decoder``), and BERT's relative position embeddings.
@@ -157,14 +161,12 @@ def check_exportable(config, source: str) -> None:
     transformers keeps a cropped cache for sliding layers, which the graph's one cache layout for
     every layer does not fit; longrope switches its rotary frequencies once a sequence passes
     original_max_position_embeddings, which one traced graph cannot follow. ``load_base`` checks it, so
-    ``edgepeft train`` refuses them too, before training an adapter no export could serve; a model given to
-    ``get_peft_model`` in PyTorch is unaffected.
+    ``edgepeft train`` refuses them too; a model given to ``get_peft_model`` in PyTorch is unaffected.
     """
     if rope_type(config) == "longrope":
         raise UnsupportedModelError(
             f"{source}: config.json's rope scaling is longrope, which edgepeft cannot export (its rotary "
-            "frequencies change with the sequence length); use a base model without longrope scaling"
-        )
+            "frequencies change with the sequence length); use a base model without longrope scaling")
     if getattr(config, "position_embedding_type", "absolute") in ("relative_key", "relative_key_query"):
         raise UnsupportedModelError(  # transformers 5 dropped them and runs absolute positions instead, silently
             f"{source}: config.json's position_embedding_type is {config.position_embedding_type}, which transformers "
@@ -175,13 +177,11 @@ def check_exportable(config, source: str) -> None:
             f"{source}: config.json sets is_decoder: true (an encoder run as a causal decoder), which edgepeft cannot "
             "export (its graph attends both ways); set it to false and train adapters on it so, or use a decoder model "
             "(Llama, Qwen2, GPT-2)")
-    sliding = sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
-    if sliding:
+    if sliding := sliding_layers(config):
         raise UnsupportedModelError(
             f"{source}: config.json's layer_types holds {', '.join(sliding)} layers, which edgepeft cannot export "
             "(full attention only); use a copy whose config.json sets use_sliding_window to false and every "
-            "layer_types entry to full_attention (the same model for inputs no longer than sliding_window)"
-        )
+            "layer_types entry to full_attention (the same model for inputs no longer than sliding_window)")
 
 
 def load_base(name_or_path: str, task: str, labels: list[str] | None = None, revision: str | None = None,

@@ -16,6 +16,7 @@ from edgepeft.exporters.validate import check_room, check_traceable
 from edgepeft.files import check_output_dir
 from edgepeft.models import (
     call_kwargs, check_supported, default_task, load_base, load_model_config, max_positions, model_label, sample_inputs,
+    sliding_layers,
 )
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion
@@ -223,9 +224,7 @@ def copy_fixes(config) -> set:
     """The config keys a copy of the base ``config`` was told to set by that base's refusal (models.check_exportable,
     load_base), passed as --base: sliding-window layers turned to full attention (transformers drops the window), a
     missing pad_token_id set. Only those the base has as its refusal names them: another difference still counts."""
-    sliding = getattr(config, "use_sliding_window", False) or any(
-        t != "full_attention" for t in getattr(config, "layer_types", None) or [])
-    return ({"use_sliding_window", "sliding_window", "layer_types"} if sliding else set()) | (
+    return ({"use_sliding_window", "sliding_window", "layer_types"} if sliding_layers(config) else set()) | (
         {"pad_token_id"} if getattr(config, "pad_token_id", 0) is None else set())
 
 

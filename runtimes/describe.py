@@ -75,10 +75,11 @@ def describe_export(out_dir: str) -> dict:
     else:
         problems += [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
     problems += _moved_aside(out_dir)
+    most = adapter_bound(base_dir, base)
     for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them
         m = read_adapter_manifest(d)
         try:
-            check_adapter_graph(d, m, adapter_bound(base_dir, base))
+            check_adapter_graph(d, m, most)
         except EdgePeftError as e:
             problems.append(str(e))
         if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it

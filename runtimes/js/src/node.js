@@ -13,6 +13,7 @@ import { EdgePeftError, Runtime } from "./runtime.js";
 import { tokenizerOf } from "./tokenizer.js";
 
 const JSON_MOST = 16 * 2 ** 20;  // as the Python runtime's access.JSON_MOST
+const sizeOf = (file) => stat(file).then((s) => s.size, () => 0);  // 0 where missing: the read then names it
 
 async function read(file, encoding, out = null) {
   try {
@@ -142,12 +143,12 @@ export function folderLoader(out) {
     folder: true,  // a folder of this disk: messages name it in the export commands they give
     where: (rel) => path.join(out, rel),
     json: async (rel) => {  // a manifest past 16 MiB is refused unread, as in Python (parsed, JSON takes ~20x its bytes)
-      const size = await stat(path.join(out, rel)).then((s) => s.size, () => 0);
+      const size = await sizeOf(path.join(out, rel));
       if (size > JSON_MOST) throw new Error(`${size} bytes, more than any edgepeft reads (${JSON_MOST})`);
       return JSON.parse(await read(path.join(out, rel), "utf8", out));
     },
     bytes: async (rel, most) => {  // ``most``: more is refused by its size, unread (a sparse file, or a link to a large one)
-      const size = most === undefined ? 0 : await stat(path.join(out, rel)).then((s) => s.size, () => 0);
+      const size = most === undefined ? 0 : await sizeOf(path.join(out, rel));
       if (size > most) throw new EdgePeftError(`${path.join(out, rel)}: more than an adapter of this base can take (${most} bytes); ${REEXPORT}`);
       return new Uint8Array(await read(path.join(out, rel), undefined, out));
     },

@@ -215,7 +215,8 @@ function asRustSplits(pre) {
         last[0] = Math.min(last[0], start); last[1] = Math.max(last[1], end);
       } else kept.push([start, end]);
     });
-    return kept.sort((a, b) => a[0] - b[0]).map(([start, end]) => text.slice(start, end)).filter(Boolean);
+    if (behavior === "mergedwithnext") kept.reverse();  // walked from the end
+    return kept.map(([start, end]) => text.slice(start, end)).filter(Boolean);
   };
 }
 
