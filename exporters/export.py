@@ -96,19 +96,23 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
                        overwrite=overwrite, ops=ops, log=log)
     with reporting_full_disk(out, "--out"):  # the writes into OUT
-        if merge:
-            return export_merged(plan)
-        slots, reuse = plan_slots(plan)
-        with Staging() as staging:
-            base_stage, base_manifest = stage_base(plan, slots, reuse, staging)
-            adapter_stages = stage_adapters(plan, base_manifest, staging)
-            report = validate_float(plan, base_stage, adapter_stages, reuse, len(slots))
-            if quantize and not reuse:
-                report["checks"] += quantize_and_validate(plan, base_stage, adapter_stages)
-            if not reuse:  # the adapters already in OUT, taken along to the new base
-                report["checks"] += compare_siblings(plan, base_stage)
-            commit(plan, staging, base_stage, adapter_stages, reuse)
+        report = export_merged(plan) if merge else _export_slots(plan, quantize)
     plan.log(f"wrote {out}")
+    return report
+
+
+def _export_slots(plan, quantize) -> dict:
+    """The base with its slots and each adapter's graph, staged, validated, then committed into OUT."""
+    slots, reuse = plan_slots(plan)
+    with Staging() as staging:
+        base_stage, base_manifest = stage_base(plan, slots, reuse, staging)
+        adapter_stages = stage_adapters(plan, base_manifest, staging)
+        report = validate_float(plan, base_stage, adapter_stages, reuse, len(slots))
+        if quantize and not reuse:
+            report["checks"] += quantize_and_validate(plan, base_stage, adapter_stages)
+        if not reuse:  # the adapters already in OUT, taken along to the new base
+            report["checks"] += compare_siblings(plan, base_stage)
+        commit(plan, staging, base_stage, adapter_stages, reuse)
     return report
 
 

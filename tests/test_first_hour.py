@@ -55,7 +55,7 @@ def test_export_into_an_adapter_folder_is_refused(cls_export, capsys):
 def test_a_merged_export_is_replaced_only_with_overwrite(cls_export, tmp_path, capsys):
     _, adapter = cls_export
     out = str(tmp_path / "merged")
-    cli_ok(capsys, "export", "--adapter", adapter, "--out", out, "--merge")
+    assert f"wrote {out}" in cli_ok(capsys, "export", "--adapter", adapter, "--out", out, "--merge").splitlines()
     before = tree_hashes(out)
     line = cli_error(capsys, "export", "--adapter", adapter, "--out", out, "--merge")
     assert "'topic'" in line and "--overwrite" in line
