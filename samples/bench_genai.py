@@ -29,10 +29,13 @@ def main():
     ap.add_argument("--export", default="bench-out/generate/slots")
     ap.add_argument("--adapter", default="lora")
     ap.add_argument("--rounds", type=positive, default=10)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=positive, default=64)
     args = ap.parse_args()
 
     rt = Runtime(args.export)
+    if rt.task != "causal-lm":  # genai generates text: it opens no encoder
+        sys.exit(f"{args.export}: a {rt.task} export; onnxruntime-genai runs decoders: give an export of a causal-lm "
+                 "model (as bench-out/generate/slots)")
     ort_adapter = os.path.join(args.export, "adapters", args.adapter, "adapter.onnx_adapter")
     if not os.path.isfile(ort_adapter):  # genai's own error names no file
         sys.exit(f"{ort_adapter}: missing; name an adapter of {args.export} ({', '.join(rt.adapter_names)}), exported "

@@ -162,3 +162,14 @@ def test_onnxruntime_genai_stops_at_an_eos_and_leaves_it_out(expected, tmp_path)
     assert _genai_ids(og, folder, prompt, len(ids), "lora") == ids[:len(prompt) + k]
     edgepeft = Runtime(folder).generate(np.array([prompt]), adapter="lora", max_new_tokens=8, eos_token_id=[stop])
     assert edgepeft[0].tolist() == ids[:len(prompt) + k + 1]  # the eos included
+
+
+def test_bench_genai_refuses_what_it_cannot_measure():
+    """Found by a hunt: samples/bench_genai.py was a traceback from genai on --new-tokens 0 and on an encoder's
+    export (no genai_config.json); both are refused in one line before anything runs."""
+    sample = os.path.join(REPO, "samples", "bench_genai.py")
+    for argv, want in ((["--export", LLAMA, "--new-tokens", "0"], "argument --new-tokens: 0 is not a whole number from 1"),
+                       (["--export", MINILM, "--adapter", "topic"], f"{MINILM}: a seq-cls export; onnxruntime-genai "
+                                                                      "runs decoders")):
+        done = subprocess.run([sys.executable, sample, *argv], capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and "Traceback" not in done.stderr and want in done.stderr.splitlines()[-1], argv
