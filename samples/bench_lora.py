@@ -92,6 +92,7 @@ def make_adapter(name: str, out: str, seed: int) -> tuple[str, int]:
 
 
 OTHER_KINDS = ["ia3", "bottleneck", "prefix", "prompt"]
+VIRTUAL_TOKENS = 16  # the prefix and prompt adapters': they take positions beside --seq
 
 
 def make_other_kinds(out: str) -> list[str]:
@@ -102,8 +103,8 @@ def make_other_kinds(out: str) -> list[str]:
     models = {
         "ia3": peft.get_peft_model(load_bert(), peft.IA3Config(task_type=task)),
         "bottleneck": edgepeft.get_peft_model(load_bert(), edgepeft.BottleneckConfig(bottleneck_size=32, task_type=task)),
-        "prefix": edgepeft.get_peft_model(load_bert(), edgepeft.PrefixTuningConfig(num_virtual_tokens=16, task_type=task)),
-        "prompt": edgepeft.get_peft_model(load_bert(), edgepeft.PromptTuningConfig(num_virtual_tokens=16, task_type=task)),
+        "prefix": edgepeft.get_peft_model(load_bert(), edgepeft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, task_type=task)),
+        "prompt": edgepeft.get_peft_model(load_bert(), edgepeft.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, task_type=task)),
     }
     g = torch.Generator().manual_seed(7)
     paths = []
@@ -135,10 +136,15 @@ def main() -> None:
     ap.add_argument("--calls", type=positive, default=6, help="timed calls per peer per round (default 6; fewer calls"
                     " in more rounds keep the host's drift out of the ratios)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed calls per peer first (default 10)")
-    ap.add_argument("--seq", type=int, default=32, help="tokens per call (default 32)")
+    ap.add_argument("--seq", type=positive, default=32, help="tokens per call (default 32)")
     ap.add_argument("--shared-threads", action="store_true",
                     help="opt in to one process-wide spinning ONNX Runtime pool (edgepeft.runtimes.use_shared_thread_pool)")
     args = ap.parse_args()
+    room = transformers.AutoConfig.from_pretrained(MINILM).max_position_embeddings - VIRTUAL_TOKENS
+    if args.seq > room:  # torch's traceback after minutes of exports
+        ap.error(f"--seq {args.seq}: MiniLM has room for {room} tokens beside the prompt adapter's {VIRTUAL_TOKENS}")
+    if args.warmup < 0:
+        ap.error(f"--warmup {args.warmup}: give 0 or more untimed calls")
     if args.rounds * args.calls < 2:  # the alternating peers take turns between two adapters, call by call
         ap.error("--rounds x --calls must be at least 2: a switching peer's calls alternate two adapters")
     claim_folder(args.out, ap.get_default("out"))  # its exports are replaced, in a folder a sample made

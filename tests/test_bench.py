@@ -307,8 +307,9 @@ def test_bench_and_inspect_on_what_a_hunt_found(shared_export, tmp_path, monkeyp
 
 def test_samples_refuse_counts_they_cannot_measure_with_before_any_work(tmp_path):
     """Found by a hunt: bench_lora.py --rounds 1 --calls 1 (a KeyError: the switching peers never reached their second
-    adapter) and bench_generate.py --warmup 0 (a KeyError after the builds) failed at the end; train_generative.py
-    and pairs_accuracy.py --epochs 0 emptied the last run's folder first."""
+    adapter), bench_lora.py --seq 600 (torch's traceback) and bench_generate.py --warmup 0 (a KeyError after the
+    builds) failed at the end; train_generative.py and pairs_accuracy.py --epochs 0 emptied the last run's folder
+    first."""
     for script, flag in (("train_generative.py", "--out"), ("pairs_accuracy.py", "--work")):
         (tmp_path / script).mkdir()
         (tmp_path / script / ".edgepeft-sample").write_text(script)
@@ -319,6 +320,9 @@ def test_samples_refuse_counts_they_cannot_measure_with_before_any_work(tmp_path
     lora = _sample("bench_lora.py", "--rounds", 1, "--calls", 1)
     assert lora.returncode == 2 and lora.stderr.strip().endswith("error: --rounds x --calls must be at least 2: a "
                                                                  "switching peer's calls alternate two adapters")
+    seq = _sample("bench_lora.py", "--seq", 600)  # torch's traceback after the exports
+    assert seq.returncode == 2 and seq.stderr.strip().endswith("error: --seq 600: MiniLM has room for 496 tokens beside "
+                                                               "the prompt adapter's 16")
     generate = _sample("bench_generate.py", "--warmup", 0)
     assert generate.returncode == 2 and "argument --warmup: 0 is not a whole number from 1" in generate.stderr
 
