@@ -204,6 +204,10 @@ export function cacheNames(cache, direction) {
 }
 
 const camel = (key) => key.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
+const snake = (key) => key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+
+// the tokenizer's options that are switches (the library takes any value, truthy or not)
+const FLAGS = ["add_special_tokens", "return_token_type_ids", "skip_special_tokens", "clean_up_tokenization_spaces"];
 
 /**
  * A call's options object, or EdgePeftError: a key the call does not know would otherwise be dropped
@@ -215,10 +219,16 @@ export function checkOptions(options, allowed, call, elsewhere = "") {
     throw new EdgePeftError(`${call}'s options must be an object such as { ${allowed[0]}: ... }; got ${described(options)}`);
   }
   const unknown = Object.keys(options).filter((k) => !allowed.includes(k));
-  if (unknown.length) {
-    const meant = unknown.map(camel).filter((k) => allowed.includes(k));
-    throw new EdgePeftError(`${call} has no option ${unknown.join(", ")}; its options are ${allowed.join(", ")}` +
-      (meant.length ? ` (${meant.join(", ")}: camelCase here)` : "") + elsewhere);
+  if (unknown.length) {  // the runtime's calls name options in camelCase, the tokenizer's in snake_case (the library's)
+    const meant = (spell) => unknown.map(spell).filter((k) => allowed.includes(k)).join(", ");
+    const hint = meant(camel) ? ` (${meant(camel)}: camelCase here)` : meant(snake) ? ` (${meant(snake)}: snake_case here)` : "";
+    throw new EdgePeftError(`${call} has no option ${unknown.join(", ")}; its options are ${allowed.join(", ")}${hint}` +
+      elsewhere);
+  }
+  for (const [key, value] of Object.entries(options)) {  // a flag's "false" (a string) counted as true
+    if (FLAGS.includes(key) && value != null && typeof value !== "boolean") {
+      throw new EdgePeftError(`${call}'s ${key} must be true or false, got ${described(value)}`);
+    }
   }
   return options;
 }

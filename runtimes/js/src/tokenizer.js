@@ -2,8 +2,9 @@
 // ids and text the Python runtime gives (the Rust tokenizers library, as transformers): where this library differs
 // and the difference can be mended, it is mended here; where it cannot, loadTokenizer refuses the tokenizer, naming
 // what to do (pass ids the Python runtime encodes). Differences in rare characters are listed in docs/web.md.
-import { EdgePeftError, OPTIONAL, REEXPORT_BASE, described, firstLine, readJson } from "./checks.js";
+import { EdgePeftError, OPTIONAL, REEXPORT_BASE, checkOptions, described, firstLine, readJson } from "./checks.js";
 
+const CUT_IDS = "; to cut, slice the ids (the Python runtime's encode takes max_length)";
 const PASS_IDS = "pass token ids encoded by the Python runtime (rt.tokenizer.encode) or transformers";
 
 /** `ids` (an array of numbers or bigints, or an integer typed array: what ONNX Runtime hands back) as plain numbers,
@@ -120,7 +121,8 @@ export async function tokenizerOf(Tokenizer, loader) {
   const decode = tokenizer.decode.bind(tokenizer);  // as the Python runtime's decode: special tokens skipped by default
   tokenizer.decode = (ids, options) => {  // an id past the vocabulary decodes to nothing (the library said [UNK])
     const list = tokenIds(ids).filter((id) => tokenizer.model.vocab[id] !== undefined);
-    return list.length ? decode(list, { skip_special_tokens: true, ...options }) : "";
+    const settings = checkOptions(options, ["skip_special_tokens", "clean_up_tokenization_spaces"], "decode");
+    return list.length ? decode(list, { skip_special_tokens: true, ...settings }) : "";
   };
   const encode = tokenizer.encode.bind(tokenizer);
   const cjk = bertCjk(json.normalizer);
@@ -131,8 +133,12 @@ export async function tokenizerOf(Tokenizer, loader) {
   // a pair's token types come with it (return_token_type_ids: false leaves them out), as transformers' tokenizer gives
   // them for BERT: a forward without them reads the second text as the first's (tokenTypeIds)
   // an empty pair is none, as transformers' one-text call and the Python runtime's encode_pairs(text, "") read it
-  tokenizer.encode = (t, options) => encode(text(t), options?.text_pair == null ? options
-    : { return_token_type_ids: true, ...options, text_pair: options.text_pair === "" ? null : text(options.text_pair) });
+  // (options: the library's, snake_case; an unknown one, textPair or max_length, was dropped: the text alone encoded)
+  tokenizer.encode = (t, options) => {
+    const o = checkOptions(options, ["text_pair", "add_special_tokens", "return_token_type_ids"], "encode", CUT_IDS);
+    return encode(text(t), o.text_pair == null ? o
+      : { return_token_type_ids: true, ...o, text_pair: o.text_pair === "" ? null : text(o.text_pair) });
+  };
   return tokenizer;
 }
 

@@ -197,3 +197,22 @@ test("a base manifest's type_vocab_size is checked as runtimes/base_checks.py ch
   await refused("types-unlisted", (m) => { m.type_vocab_size = null; delete m.inputs.token_type_ids; },
     "the graph takes token_type_ids, which field inputs does not list");
 });
+
+test("the tokenizer's options are checked: a camelCase textPair, a string flag or max_length is refused, not dropped", async () => {
+  // found by a hunt: encode("q", { textPair: "p" }) encoded the query alone (a cross-encoder scored it without its
+  // passage), { add_special_tokens: "false" } added them, { max_length: 4 } cut nothing, decode's skipSpecialTokens
+  const tok = await loadTokenizer(MINILM);
+  const refused = [
+    [() => tok.encode("q", { textPair: "p" }), "encode has no option textPair; its options are text_pair, add_special_tokens, return_token_type_ids (text_pair: snake_case here)"],
+    [() => tok.encode("a b", { add_special_tokens: "false" }), "encode's add_special_tokens must be true or false, got \"false\""],
+    [() => tok.encode("a b c", { max_length: 4 }), "encode has no option max_length; its options are text_pair, add_special_tokens, return_token_type_ids; to cut, slice the ids"],
+    [() => tok.decode([101, 1037, 102], { skipSpecialTokens: false }), "decode has no option skipSpecialTokens; its options are skip_special_tokens, clean_up_tokenization_spaces (skip_special_tokens: snake_case here)"],
+    [() => tok.encode("a b", "x"), "encode's options must be an object such as { text_pair: ... }; got \"x\""],
+  ];
+  for (const [call, said] of refused) {
+    assert.throws(call, (e) => e instanceof EdgePeftError && e.message.startsWith(said), said);
+  }
+  assert.deepEqual(tok.encode("q", { text_pair: "p" }).token_type_ids, [0, 0, 0, 1, 1]);
+  assert.equal(tok.decode([101, 1037, 102], { skip_special_tokens: false }), "[CLS] a [SEP]");
+  assert.equal(tok.encode("a b", { add_special_tokens: false }).ids.length, 2);
+});
