@@ -8,7 +8,7 @@ import path from "node:path";
 import { Tokenizer } from "@huggingface/tokenizers";
 
 import { REEXPORT } from "./checks.js";
-import { reexport } from "./fixes.js";
+import { quote, reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { tokenizerOf } from "./tokenizer.js";
 
@@ -53,6 +53,10 @@ function named(e, file, out = null) {
  * adapter's folder without its manifest ("export it there first" was refused: the folder is there). */
 function missingInExport(file, out) {
   const parts = path.relative(out, file).split(path.sep);
+  if (parts.join("/") === "base/edgepeft.json") {
+    const why = notAnExport(out);
+    if (why) return why;
+  }
   for (let i = 1; i < parts.length; i++) {  // the first folder on the way that is not there
     const parent = path.join(out, ...parts.slice(0, i - 1)), name = parts[i - 1];
     let names;
@@ -72,6 +76,29 @@ function missingInExport(file, out) {
       reexport(out, parts[1], path.dirname(file));
   }
   return null;
+}
+
+/** What the folder `out`, which holds no export, is where the Python runtime tells it (runtimes/manifest.py
+ * not_an_export): an adapter's, a part of an export, a model's; else null ("export there first" fits). */
+function notAnExport(out) {
+  const has = (...rel) => {
+    try {
+      return statSync(path.join(...rel)).isFile();
+    } catch {
+      return false;
+    }
+  };
+  const up = path.dirname(out), part = path.basename(out), fresh = `${out}-onnx`;
+  if (has(out, "adapter_config.json")) {
+    return `${out}: is an adapter folder (HF PEFT format), not an export; export it first with \`edgepeft export ` +
+      `--adapter ${quote(out)} --out ${quote(fresh)}\`, then use ${fresh}`;
+  }
+  if (has(out, "adapter.json")) return `${out}: is one adapter of the export ${path.dirname(up)}; open ${path.dirname(up)} and pick adapter '${part}'`;
+  if (has(out, "edgepeft.json") || ["base", "adapters"].includes(part) && has(up, "base", "edgepeft.json")) {
+    return `${out}: is the ${part} folder of the export ${up}; open ${up} itself`;
+  }
+  return has(out, "config.json") ? `${out}: is a model folder, not an export; export an adapter trained on it with ` +
+    `\`edgepeft export --adapter DIR --out ${quote(fresh)}\`, then use ${fresh}` : null;
 }
 
 /** Whether "<pid>h<host>-..." names a process of this machine that no longer runs, as runtimes/access.py tells it

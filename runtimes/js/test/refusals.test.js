@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { spawnSync } from "node:child_process";
-import { copyFile, cp, mkdtemp, readFile, rm, truncate, writeFile } from "node:fs/promises";
+import { copyFile, cp, mkdir, mkdtemp, readFile, rm, truncate, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
@@ -274,4 +274,21 @@ test("folders a stopped or unfinished export left are named with a fix that work
   await cp(path.join(FIXTURES, "bert_merged"), merged, { recursive: true });
   await cp(path.join(FIXTURES, "llama/adapters/lora"), path.join(merged, "adapters/lora"), { recursive: true });
   await refuses((await openFolder(ortNode, merged)).loadAdapter("lora"), /merged\/base holds a --merge export \(.*\), which takes no adapters; remove it from .*merged\/adapters, or export it into another --out$/);
+});
+
+test("a folder that is not an export (its base, an adapter of it, an HF PEFT adapter, a model) is named as Python names it", async () => {
+  // found by a hunt: each was "base/edgepeft.json: no such file; export there first", a fix that fails for all four
+  const llama = path.join(FIXTURES, "llama"), peftAdapter = path.join(scratch, "peft-adapter"), model = path.join(scratch, "model");
+  for (const [folder, file] of [[peftAdapter, "adapter_config.json"], [model, "config.json"]]) {
+    await mkdir(folder);
+    await writeFile(path.join(folder, file), "{}");  // only the file's name tells what the folder is
+  }
+  const folders = [path.join(llama, "base"), path.join(llama, "adapters"), path.join(llama, "adapters", "lora"), peftAdapter, model];
+  const python = spawnSync(PYTHON, ["-c", "import json, sys; from edgepeft.runtimes.manifest import not_an_export; " +
+    "print(json.dumps([str(not_an_export(p)) for p in sys.argv[1:]]))", ...folders], { encoding: "utf8" });
+  const escaped = (text) => new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}$`);
+  for (const [i, said] of JSON.parse(python.stdout).entries()) {
+    await refuses(() => openFolder(ortNode, folders[i]), escaped(said));
+    await refuses(() => loadTokenizer(folders[i]), escaped(said));
+  }
 });
