@@ -230,7 +230,8 @@ const UTF8 = new TextEncoder();
 
 /** Where the library's decoders read otherwise than the Rust ones, mended:
  * - ByteFallback read each byte run with a TextDecoder that drops a byte order mark (U+FEFF) at the run's start,
- *   which the Rust library keeps;
+ *   which the Rust library keeps, and that keeps the valid bytes of a run that is not UTF-8, where the Rust one
+ *   gives one U+FFFD a byte token ("<0x0A><0xDA>": "\uFFFD\uFFFD", not "\n\uFFFD");
  * - ByteLevel passed an added token's text through as it is, where the Rust one reads every token's characters
  *   through the byte map (the token's own UTF-8 where a character is not in it) and the bytes of all as one text:
  *   an added "café" decodes as "caf\uFFFD" there, as in the Python runtime;
@@ -238,6 +239,16 @@ const UTF8 = new TextEncoder();
  *   drops every "▁" of the first token unless the scheme is "never" (then each is a space, as in later tokens). */
 function asRustDecodes(decoder) {
   for (const part of decoder?.decoders ?? []) asRustDecodes(part);
+  if (decoder?.config?.type === "ByteFallback") {
+    const strict = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+    decoder.text_decoder = { decode: (bytes) => {
+      try {
+        return strict.decode(bytes);
+      } catch {
+        return "\uFFFD".repeat(bytes.length);
+      }
+    } };
+  }
   if (decoder?.text_decoder instanceof TextDecoder && !decoder.text_decoder.ignoreBOM) {
     decoder.text_decoder = new TextDecoder("utf-8", { ignoreBOM: true });
   }

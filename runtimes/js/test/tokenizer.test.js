@@ -130,6 +130,10 @@ tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
 tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
 tok.add_tokens(["caf\u00e9", "\u00b15", "\u91ce"])
 out["bytelevel-added"] = tok
+tok = Tokenizer(models.BPE({"<unk>": 0, "a": 1, **{f"<0x{b:02X}>": 2 + i for i, b in enumerate((0x0A, 0xDA, 0xA0, 0x46, 0xC3, 0xA9))}},
+                           [], unk_token="<unk>", byte_fallback=True))
+tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+out["bytefallback"] = tok
 out["unigram-bytes"] = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("<0xC3>", -2.0), ("<0xA9>", -2.0)], 0, byte_fallback=True))
 said = {}
 for name, tok in out.items():
@@ -138,12 +142,13 @@ for name, tok in out.items():
     tok.save(os.path.join(base, "tokenizer.json"))
     if name != "unigram-bytes":
         rt = TextTokenizer(base)
-        rows = [[2, 3], [4, 3], [1, 4, 3], [5, 2]] if name in ("never", "first", "always") else [rt.encode(t)[0][0].tolist() for t in ("a caf\u00e9 \u00b15", "\u91ce ok caf\u00e9")]
+        rows = [[2, 3], [4, 3], [1, 4, 3], [5, 2]] if name in ("never", "first", "always") else \
+            [[2, 3], [4, 5], [1, 6, 7, 1], [3, 1, 2]] if name == "bytefallback" else [rt.encode(t)[0][0].tolist() for t in ("a caf\u00e9 \u00b15", "\u91ce ok caf\u00e9")]
         said[name] = [[row, rt.decode(row), rt.decode(row, skip_special_tokens=False)] for row in rows]
 print(json.dumps(said))
 `;
 
-test("Metaspace and ByteLevel decode as the Rust library decodes; a Unigram model with byte_fallback is refused", async () => {
+test("Metaspace, ByteLevel and ByteFallback decode as the Rust library decodes; a Unigram model with byte_fallback is refused", async () => {
   const root = path.join(scratch, "decoders");
   const python = JSON.parse(execFileSync(PYTHON, ["-c", DECODERS, root], { env: { ...process.env, HF_HUB_OFFLINE: "1" } }));
   // Metaspace dropped one space of the first token whatever its prepend_scheme ("never" keeps it; the others drop
@@ -157,6 +162,8 @@ test("Metaspace and ByteLevel decode as the Rust library decodes; a Unigram mode
   }
   assert.deepEqual(python.first.map((r) => r[1]), ["Hello world", "ofthe world", "ofthe world", "Hi Hello"]);
   assert.equal(python["bytelevel-added"][0][1], "a caf\uFFFD \uFFFD5");  // the case that differed
+  // a byte run that is not UTF-8 is one U+FFFD a byte token in Rust; the library kept the run's valid bytes ("\n\uFFFD")
+  assert.deepEqual(python.bytefallback.map((r) => r[1]), ["\uFFFD\uFFFD", "\uFFFD\uFFFD", "a\u00e9a", "\uFFFDa\n"]);
   // the library encoded "é" as <unk> (no byte fallback in its Unigram), where the Rust one spells its bytes
   await assert.rejects(loadTokenizer(path.join(root, "unigram-bytes")), (e) => e instanceof EdgePeftError &&
     /unigram-bytes\/base\/tokenizer.json: a Unigram model with byte_fallback .* is not in the JavaScript tokenizer; pass token ids/.test(e.message));
