@@ -23,7 +23,9 @@ IGNORED_GENERATION = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequence
                       "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None, "typical_p": 1.0,
                       "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None,
                       "guidance_scale": 1.0, "top_h": None, "max_time": None, "dola_layers": None,
-                      "watermarking_config": None, "prompt_lookup_num_tokens": None}
+                      "watermarking_config": None, "prompt_lookup_num_tokens": None,
+                      # a decoder's prompt is their "encoder input" in transformers: they change greedy ids there too
+                      "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0}
 
 
 def generation_defaults(model) -> dict:

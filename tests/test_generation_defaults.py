@@ -342,3 +342,19 @@ def test_a_generation_config_naming_no_eos_stops_at_none(text_export, tmp_path):
             input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)), max_new_tokens=8)
     np.testing.assert_array_equal(rt.generate(ids, max_new_tokens=8), want.numpy())
     assert rt.generate(ids, max_new_tokens=8).shape[1] == ids.shape[1] + 8
+
+
+def test_encoder_penalties_of_a_decoders_generation_config_get_a_note():
+    """Found by a hunt: encoder_repetition_penalty and encoder_no_repeat_ngram_size, which transformers applies to a
+    decoder's prompt (its "encoder input") and which change greedy ids, were dropped at export without the note
+    other settings the runtime does not apply get."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from edgepeft.exporters.generation_settings import ignored_generation
+
+    gen = transformers.GenerationConfig(encoder_repetition_penalty=3.0, encoder_no_repeat_ngram_size=1)
+    assert ignored_generation(SimpleNamespace(generation_config=gen)) == ["encoder_repetition_penalty=3.0",
+                                                                           "encoder_no_repeat_ngram_size=1"]
+    assert ignored_generation(SimpleNamespace(generation_config=transformers.GenerationConfig())) == []
