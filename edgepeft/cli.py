@@ -307,7 +307,8 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     from edgepeft.runtimes import Runtime
 
     if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
-        prompt = click.get_text_stream("stdin").read().removesuffix("\n").removesuffix("\r")
+        # bytes not of UTF-8 kept as an argument's are (lone surrogates), which the text checks name in a line
+        prompt = click.get_text_stream("stdin", errors="surrogateescape").read().removesuffix("\n").removesuffix("\r")
     rt = Runtime(out)
     name = None if adapter.lower() == "none" else adapter
     labels = rt.labels(name)  # an unknown name raises UnknownAdapterError naming the loaded adapters

@@ -427,6 +427,19 @@ def test_run_prints_the_generated_text_as_it_is_into_a_pipe(text_export, capsys,
     assert capsys.readouterr().out == "".join(pieces) + "\n"
 
 
+def test_a_prompt_read_from_standard_input_that_is_not_utf8_is_one_line(text_export):
+    """Found by a hunt: `printf 'hello \\xff' | edgepeft run OUT -` was a UnicodeDecodeError traceback, where the same
+    bytes as an argument are one line."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "edgepeft", "run", text_export[0], "-", "--adapter", "tok"],
+                          input=b"hello \xff world\n", capture_output=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.decode().strip() == (
+        "error: text 'hello \\udcff world' holds half of a character (a lone surrogate: bytes read in another encoding "
+        "than UTF-8); pass it as UTF-8 text")
+
+
 def test_a_target_module_given_as_one_text_is_told_the_command_lines_list(text_model, tmp_path, capsys):
     """Found by a hunt: --option target_modules=query (a regular expression matching no whole name) was told to
     give a list (['query']), which --option reads as a text and --target-modules as one name: both failed again."""
