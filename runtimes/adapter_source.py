@@ -9,8 +9,10 @@ import zlib
 
 from .access import JSON_MOST, located, sha256_bytes
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
+from .commands import ADAPTERS_DIR
 from .manifest import (
-    ADAPTER_GRAPH, ADAPTER_MANIFEST, check_adapter_graph, check_adapter_manifest, read_adapter_manifest,
+    ADAPTER_GRAPH, ADAPTER_MANIFEST, BASE_DIR, BASE_MANIFEST, check_adapter_graph, check_adapter_manifest,
+    read_adapter_manifest,
 )
 
 
@@ -62,8 +64,21 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict, dict]:
     if not os.path.isdir(path):
         raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
                                     "`edgepeft export`")
+    if not os.path.isfile(os.path.join(path, ADAPTER_MANIFEST)) and (out := _export_of(path)):  # not "remove it"
+        what = "an export" if out == path else f"the {os.path.basename(path)} folder of the export {out}"
+        raise ArtifactNotFoundError(f"{path}: is {what}, not an adapter's folder; pass one of the folders in "
+                                    f"{os.path.join(out, ADAPTERS_DIR)}")
     manifest = read_adapter_manifest(path)
     return path, {ADAPTER_GRAPH: check_adapter_graph(path, manifest, most)}, manifest
+
+
+def _export_of(folder: str) -> str | None:
+    """The export OUT that ``folder`` is, or whose base/ or adapters/ folder it is, else None."""
+    for out in (folder, os.path.dirname(folder)):
+        if os.path.isfile(os.path.join(out, BASE_DIR, BASE_MANIFEST)) and \
+                (out == folder or os.path.basename(folder) in (BASE_DIR, ADAPTERS_DIR)):
+            return out
+    return None
 
 
 def adapter_bound(base_dir: str, base: dict) -> int:

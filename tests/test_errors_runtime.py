@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 
 import numpy as np
@@ -221,6 +222,12 @@ def test_hf_peft_folder_gets_the_export_command(rt, before, llama):
         rt.load_adapter(hf_dir, name="hf")
     assert f"{hf_dir}: is an adapter folder in HF PEFT format, not an exported one" in str(e.value)
     assert f"`edgepeft export --adapter {hf_dir} --out OUT`" in str(e.value)
+    out = llama[0]  # found by a hunt: OUT, its base and its adapters folder were told "remove it if it is a stray folder"
+    for folder, what in ((out, "an export"), (f"{out}/base", f"the base folder of the export {out}"),
+                         (f"{out}/adapters", f"the adapters folder of the export {out}")):
+        with pytest.raises(ArtifactNotFoundError, match=f"^{re.escape(folder)}: is {re.escape(what)}, not an adapter's "
+                                                        f"folder; pass one of the folders in {re.escape(out)}/adapters$"):
+            rt.load_adapter(folder)
     assert_still_serving(rt, before)
 
 
