@@ -345,7 +345,10 @@ class AdapterStore:
         try:
             return check_adapter_graph(adapter.path, adapter.manifest, self.most_bytes)
         except EdgePeftError:  # re-exported since (edgepeft export --overwrite): for this base, or for a new one
-            pass
+            if not os.path.isdir(adapter.path):  # moved (OUT renamed) or removed: loading it again there fails too
+                raise CorruptArtifactError(
+                    f"{adapter.path}: gone since adapter {adapter.name!r} was loaded (moved or removed); unload_adapter("
+                    f"{adapter.name!r}) and load it from where it is now, or open a Runtime on the export there") from None
         try:
             base = read_adapter_manifest(adapter.path)["base_fingerprint"]
         except EdgePeftError:

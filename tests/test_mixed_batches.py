@@ -427,6 +427,12 @@ def test_a_restage_checks_the_file_again(decoder, tmp_path):
         small.forward(ids, mask, adapter="lora_qv")
     np.testing.assert_array_equal(small.forward(ids, mask, adapter="ia3")["logits"],
                                   Runtime(decoder[0]).forward(ids, mask, adapter="ia3")["logits"])
+    moved = str(tmp_path / "moved")  # found by a hunt: OUT renamed was told to load the adapter again there
+    os.rename(out, moved)
+    with pytest.raises(CorruptArtifactError, match=rf"^{os.path.join(out, 'adapters', 'ia3')}: gone since adapter 'ia3'"
+                                                   r" was loaded \(moved or removed\); unload_adapter\('ia3'\) and load "
+                                                   "it from where it is now, or open a Runtime on the export there$"):
+        small.forward(ids, mask, adapter="ia3")
 
 
 # ---------------------------------------------------------------- many threads
