@@ -94,6 +94,22 @@ def test_causal_lm_accepts_both_shapes_and_keeps_line_numbers(tmp_path):
                     {"prompt": "Q", "completion": "A", "_line": 5}]
 
 
+@pytest.mark.parametrize("row, half, lacking", [({"text": "Q", "completion": " A"}, "completion", "prompt"),
+                                                ({"prompt": "Q", "text": "Q A"}, "prompt", "completion")])
+def test_half_a_prompt_completion_row_beside_a_text_is_refused(tmp_path, row, half, lacking):
+    """Found by a hunt: {"text", "completion"} trained the text alone (its completion dropped without a word), and
+    {"prompt", "text"} the text without its prompt. A null field is a column's missing value, as pandas writes
+    mixed rows ({"text": null, "prompt": ..., "completion": ...} was refused)."""
+    path = write_lines(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError, match=f'^{path}:1: "{half}" without "{lacking}": a causal-lm row is '
+                                        r'\{"prompt", "completion"\} or \{"text"\}; '
+                                        f'give it "{lacking}" or drop "{half}"$'):
+        read_jsonl(path, "causal-lm")
+    path = write_lines(tmp_path / "nulls.jsonl", [{"text": None, "prompt": "Q", "completion": "A"},
+                                                  {"text": "T", "prompt": None, "completion": None}])
+    assert read_jsonl(path, "causal-lm") == [{"prompt": "Q", "completion": "A", "_line": 1}, {"text": "T", "_line": 2}]
+
+
 @pytest.mark.parametrize("task, row, field", [
     ("seq-cls", {"text": "", "label": "x"}, "text"),
     ("seq-cls", {"text": "   ", "label": "x"}, "text"),

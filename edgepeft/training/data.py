@@ -107,9 +107,16 @@ def read_jsonl(path: str, task: str) -> Rows:
         negatives = _negative_names(row)  # feature-extraction's: another task's fields elsewhere
         ignored |= set(negatives) if task != "feature-extraction" else set()
         unknown |= row.keys() - others.keys() - {k for s in shapes for k in s} - set(negatives) - set(pair)
-        shape = next((s for s in shapes if all(k in row for k in s)), None)
+        given = {k for k, v in row.items() if v is not None}  # a column's missing value (pandas, datasets): none
+        shape = next((s for s in shapes if given.issuperset(s)), None) or next((s for s in shapes if row.keys() >= set(s)),
+                                                                               None)  # a null in it: named below
         if shape is None:
             raise DataError(f"{path}:{n}: a {task} row needs {want}; this row has {sorted(row) or 'no fields'}")
+        for other in shapes:  # half of another shape ({"text", "completion"}): that half was dropped without a word
+            if half := [k for k in other if k in given and k not in shape and not given.issuperset(other)]:
+                lacking = " and ".join(f'"{k}"' for k in other if k not in row)
+                raise DataError(f'{path}:{n}: "{half[0]}" without {lacking}: a {task} row is {want}; give it {lacking}'
+                                f' or drop "{half[0]}"')
         names = negatives if task == "feature-extraction" else []
         for k in [*shape, *names, *pair]:
             try:  # JSON's \ud800 escapes half a character (a string cut inside an emoji): no tokenizer takes it
