@@ -13,6 +13,8 @@ from edgepeft.exporters.resolve import ExportPlan
 from edgepeft.exporters.validate import log_check, validate
 from edgepeft.files import Staging, remove_moved_aside, written_whole
 from edgepeft.runtimes import Runtime
+from edgepeft.tuners import method_for
+from edgepeft.tuners.copies import merged_copy
 from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_MANIFEST, adapter_dirs
 
 
@@ -28,7 +30,8 @@ def export_merged(plan: ExportPlan) -> dict:
         raise ConfigError(f"{os.path.join(plan.out, ADAPTERS_DIR)}: holds {', '.join(stranded)}; "
                           "a --merge export takes no adapters: give another --out, or remove that folder")
     try:
-        merged = plan.peft.merge_and_unload(src.name).eval()
+        merged = merged_copy(plan.peft.base_model.model, method_for(plan.peft.peft_config[src.name]).tuner, src.name,
+                             keep_layers=True).eval()  # a bottleneck's layers run in the graph
     except UnsupportedMethodError as e:  # prompt learning has no weights to merge: name the adapter
         raise UnsupportedMethodError(f"{src.path}: {e}") from None
     with Staging() as staging:

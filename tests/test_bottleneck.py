@@ -10,6 +10,7 @@ from peft_refs import hf_generate, randomize_bottleneck
 from tiny import ARCHS, TASK_TYPES, default_task, load_reference_base, max_diff_valid, sample_batch, torch_outputs, train_steps
 
 import edgepeft
+from edgepeft.errors import UnsupportedMethodError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
@@ -83,6 +84,13 @@ def test_merge_export_keeps_the_bottleneck(workdir, tiny_base, bottlenecks):
     ids, mask = sample_batch()
     ref = torch_outputs(reference(tiny_base, "llama", bottlenecks["llama", "pfeiffer"]), ids, mask, "logits")
     assert max_diff_valid(Runtime(out).forward(ids, mask)["logits"], ref, mask) <= 1e-4
+    # found by a hunt: PeftModel.merge_and_unload gave a copy holding the bottleneck layers, whose save_pretrained
+    # transformers reloaded with those layers at random (0.52 off in logits); the export above keeps them in its graph
+    model = edgepeft.PeftModel.from_pretrained(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                               bottlenecks["llama", "pfeiffer"])
+    with pytest.raises(UnsupportedMethodError, match=r"^merge_and_unload\(\): adapter 'default' cannot be folded into "
+                                                     "the weights: its BottleneckLinear layers are not linear"):
+        model.merge_and_unload()
 
 
 def test_bottleneck_training_reduces_the_loss(tiny_base):

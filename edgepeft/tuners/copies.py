@@ -13,9 +13,10 @@ from edgepeft.registry import AdapterLayer
 from edgepeft.tuners.targets import remove_module, replace_module
 
 
-def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False) -> nn.Module:
+def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False, keep_layers: bool = False) -> nn.Module:
     """``model`` with adapter ``name`` folded into its weights (``tuner``: its method's); ``safe_merge``: refused
-    where that gives weights that are not finite, as HF PEFT refuses."""
+    where that gives weights that are not finite, as HF PEFT refuses; ``keep_layers``: layers that cannot be folded
+    (a bottleneck's) stay and run ``name`` (export --merge traces them), else such an adapter is refused."""
     model = copy.deepcopy(model)
     for module in model.modules():  # layers that cannot be folded (bottleneck) keep running `name`
         if isinstance(module, AdapterLayer):
@@ -33,6 +34,12 @@ def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False) ->
         plain = module.merged_module(name) if still_there else None
         if plain is not None:  # None: it cannot be folded (a bottleneck): it stays, active
             replace_module(model, key, plain)
+        elif still_there and not keep_layers:  # saved, the copy was no transformers model: reloaded, those were random
+            raise UnsupportedMethodError(
+                f"merge_and_unload(): adapter {name!r} cannot be folded into the weights: its {type(module).__name__} "
+                "layers are not linear (a copy holding them saves as no transformers model: from_pretrained starts "
+                "those layers at random); export it with `edgepeft export` (--merge keeps its layers in the graph), or "
+                "keep the PeftModel")
     take_out_mixed(model)
     broken = [k for k, p in model.named_parameters() if not torch.isfinite(p).all()] if safe_merge else []
     if broken:
