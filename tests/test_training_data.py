@@ -269,8 +269,12 @@ def test_a_trained_head_whose_classes_the_data_lacks_is_said_to_be_replaced():
         "labels negative, positive; a head of 2 classes is trained from scratch in its place; label the rows with its "
         "classes, each present, to fine-tune its head as trained")
     assert "its 3 outputs are trained as these, in this order" in replaced_head_note(config, ["a", "b", "c"], "m", False, head)
-    for labels in (["Negative", "neutral ", "positive"], ["0", "1", "2"]):  # its names, or its class ids: its head
-        assert replaced_head_note(config, labels, "m", False, head) is None
+    assert replaced_head_note(config, ["Negative", "neutral ", "positive"], "m", False, head) is None  # its names
+    # found by a hunt: its class ids train its head as they are, but its names were lost without a word
+    assert replaced_head_note(config, ["0", "1", "2"], "m", False, head) == (
+        "m: its head names its classes negative, neutral, positive (config.json's id2label); the data's integer labels "
+        "train them as class ids, which the adapter's labels (and classify) name 0, 1, 2; label the rows with its "
+        "class names to keep them")
 
 
 def test_eval_label_not_in_training_labels_names_eval_file_and_line(tmp_path):

@@ -238,6 +238,10 @@ def replaced_head_note(config, labels: list, model: str, kept: bool, head: list 
     (``kept``: ``scores_relevance`` keeps it), or are not the classes a trained head names (``head``: its id2label),
     as transformers' run_glue warns: a head of another count is trained from scratch in its place."""
     ids = [str(i) for i in range(len(head or []))]  # class ids 0..N-1 are its outputs
+    if head and labels == ids:  # trained as they are; the adapter's labels.json (and classify) then say 0, 1, ...
+        return (f"{model}: its head names its classes {', '.join(head)} (config.json's id2label); the data's integer "
+                f"labels train them as class ids, which the adapter's labels (and classify) name {', '.join(ids)}; "
+                "label the rows with its class names to keep them")
     if head and labels and labels != ids and [h.strip().lower() for h in head] != [v.strip().lower() for v in labels]:
         fate = (f"a head of {len(labels)} classes is trained from scratch in its place" if len(labels) != len(head)
                 else f"its {len(head)} outputs are trained as these, in this order")
