@@ -294,7 +294,7 @@ def test_eval_integer_label_beyond_training_max(tmp_path):
 
 
 # --------------------------------------------------------------------------- Encoder
-def test_a_completion_is_tokenized_as_the_text_reads_on_from_its_prompt(tmp_path):
+def test_a_completion_is_tokenized_as_the_text_reads_on_from_its_prompt(tmp_path, capsys):
     """A Llama-2-style (Metaspace) tokenizer starts a text tokenized alone with '▁': the completion trained on
     'Paris is\n nice', a space the data does not have (TRL tokenizes prompt + completion as one text)."""
     import transformers
@@ -305,6 +305,19 @@ def test_a_completion_is_tokenized_as_the_text_reads_on_from_its_prompt(tmp_path
     (f,) = enc.encode([{"prompt": "Paris is\n", "completion": "nice", "_line": 1}], "d.jsonl")
     assert tok.decode(f["input_ids"], skip_special_tokens=True) == "Paris is\nnice"
     assert f["input_ids"][:-1] == tok("Paris is\nnice")["input_ids"] and f["input_ids"][-1] == tok.eos_token_id
+    # found by a hunt: a prompt ending in a space, joined to the completion's first token ('▁nice'), trained "is  nice"
+    # (two spaces) without a word; TRL warns: so does a note, naming the line
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    spm = Tokenizer(models.BPE(unk_token="<unk>"))
+    spm.pre_tokenizer, spm.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    spm.train_from_iterator(["Paris is nice"] * 4, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>", "</s>"]))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=spm, eos_token="</s>", unk_token="<unk>")
+    assert tok.tokenize("Paris is ")[-1] == "▁" and tok.tokenize("Paris is nice")[-1] == "▁nice"
+    capsys.readouterr()
+    Encoder(tok, "causal-lm", max_length=64).encode([{"prompt": "Paris is ", "completion": "nice", "_line": 3}], "d.jsonl")
+    assert capsys.readouterr().err.startswith("note: d.jsonl: lines 3: the tokenizer joins the prompt's end to the "
+                                              "completion's start")
 
 
 def test_prompt_completion_masks_the_prompt_and_ends_with_eos():
@@ -322,6 +335,10 @@ def test_plain_text_rows_learn_every_token_and_end_with_eos():
     tok = WordTokenizer()
     (f,) = Encoder(tok, "causal-lm", max_length=64).encode([{"text": "a b c", "_line": 1}], "d.jsonl")
     assert f["input_ids"] == f["labels"] == tok("a b c")["input_ids"] + [tok.eos_token_id]
+    tok.vocab["</s>"] = tok.eos_token_id  # found by a hunt: a text ending in the eos got a second one
+    text, pair = Encoder(tok, "causal-lm", max_length=64).encode(
+        [{"text": "a b c </s>", "_line": 1}, {"prompt": "a", "completion": "b </s>", "_line": 2}], "d.jsonl")
+    assert text["input_ids"] == f["input_ids"] and pair["input_ids"] == tok("a b")["input_ids"] + [tok.eos_token_id]
 
 
 def test_truncation_keeps_the_first_completion_token():

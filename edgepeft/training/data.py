@@ -17,11 +17,13 @@ import hashlib
 import json
 import math
 import os
+import sys
 
 import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
 from edgepeft.runtimes.access import check_readable
+from edgepeft.processes import first
 from edgepeft.runtimes.sentence import lowercase_first
 
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
@@ -285,6 +287,7 @@ class Encoder:
         self.max_length = max_length
         self.labels = labels
         self.types = types
+        self.seams = []  # the lines of rows whose completion was tokenized alone (_completion)
         pad = pad_id if pad_id is not None else tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -321,16 +324,25 @@ class Encoder:
         if self.task == "feature-extraction":
             return [{"input_ids": self._cut(r["text"]), "positive_ids": self._cut(r["positive"])} |
                     ({"negative_ids": [self._cut(t) for t in r["negatives"]]} if "negatives" in r else {}) for r in rows]
-        return [self._causal(r, path) for r in rows]
+        self.seams = []
+        causal = [self._causal(r, path) for r in rows]
+        if self.seams and first():  # TRL warns alike: the ids trained read otherwise than prompt + completion
+            lines = ", ".join(map(str, self.seams[:5])) + (" ..." if len(self.seams) > 5 else "")
+            print(f"note: {path}: lines {lines}: the tokenizer joins the prompt's end to the completion's start (a "
+                  "prompt ending in a space, on a Llama-2 style tokenizer), so the completion is tokenized alone and "
+                  "the text trained reads otherwise than prompt + completion; end the prompt before the space and "
+                  "start the completion with it", file=sys.stderr)
+        return causal
 
     def _causal(self, row: dict, path: str) -> dict:
         eos = self.tokenizer.eos_token_id
+        ended = lambda ids: ids + ([eos] if eos is not None and ids[-1:] != [eos] else [])  # once, as TRL appends it
         if "text" in row:
-            ids = self._ids(row["text"]) + ([eos] if eos is not None else [])
+            ids = ended(self._ids(row["text"]))
             labels = list(ids)
         else:
             prompt = self._ids(row["prompt"])
-            completion = self._completion(row["prompt"], row["completion"]) + ([eos] if eos is not None else [])
+            completion = ended(self._completion(row["prompt"], row["completion"], row["_line"]))
             ids = prompt + completion
             labels = [IGNORE_INDEX] * len(prompt) + completion
         ids, labels = ids[: self.max_length], labels[: self.max_length]
@@ -340,12 +352,15 @@ class Encoder:
                             f"{self.max_length} tokens; {fix}")
         return {"input_ids": ids, "labels": labels}
 
-    def _completion(self, prompt: str, completion: str) -> list[int]:
+    def _completion(self, prompt: str, completion: str, line: int) -> list[int]:
         """The completion's ids as the text reads on from the prompt, as TRL tokenizes prompt + completion: alone,
         a Metaspace tokenizer (Llama-2, Mistral) starts it with '▁', a space the text does not have. Where the
-        joint ids do not begin with the prompt's (a token across the seam), the completion alone."""
+        joint ids do not begin with the prompt's (a token across the seam), the completion alone (``seams``)."""
         head, whole = self._ids(prompt, special=False), self._ids(prompt + completion, special=False)
-        return whole[len(head):] if whole[:len(head)] == head else self._ids(completion, special=False)
+        if whole[:len(head)] == head:
+            return whole[len(head):]
+        self.seams.append(line)
+        return self._ids(completion, special=False)
 
     def _pad(self, seqs: list[list[int]], value: int) -> torch.Tensor:
         width = max(len(s) for s in seqs)
