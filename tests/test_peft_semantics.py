@@ -260,6 +260,13 @@ def test_lora_inits_start_as_hf_peft_starts(tiny_base):
     assert abs(float(a.std()) - 1 / 16) > 0.02 and not b.any()  # Kaiming-uniform: another spread
     a, b = start("orthogonal")
     assert a.abs().min() > 0 and b.abs().max() > 0.01 and float((b @ a).abs().max()) < 1e-6
+    import peft  # found by a hunt: B came from the same draws laid out transposed (0.46 off HF PEFT's, same seed)
+
+    torch.manual_seed(0)
+    hf = peft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"), peft.LoraConfig(
+        r=16, target_modules=["gate_proj"], init_lora_weights="orthogonal", task_type="CAUSAL_LM"))
+    layer = hf.get_submodule("base_model.model.model.layers.0.mlp.gate_proj")
+    torch.testing.assert_close((a, b), (layer.lora_A["default"].weight, layer.lora_B["default"].weight), rtol=0, atol=0)
     with pytest.raises(ConfigError, match="'orthogonal' needs an even rank"):
         start("orthogonal", r=3)
     with pytest.raises(UnsupportedMethodError, match="does not train them"):

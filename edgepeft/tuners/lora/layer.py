@@ -47,7 +47,7 @@ class LoraLinear(AdapterLayer):
             if init == "orthogonal":  # A's rows and B's columns from two disjoint halves of one orthogonal basis: B @ A = 0
                 basis = torch.linalg.qr(torch.randn(r, r))[0]
                 a.copy_((torch.randn(self.in_features, r // 2) @ basis[0::2]).T / 10)
-                b.copy_(torch.randn(self.out_features, r // 2) @ basis[1::2] / 10)
+                b.copy_(torch.randn(r // 2, self.out_features).T @ basis[1::2] / 10)  # as HF PEFT draws it
             elif init is not False:  # B zero: the adapter starts as a no-op
                 if init == "gaussian":
                     nn.init.normal_(a, std=1 / r)
