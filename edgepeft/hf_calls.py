@@ -50,6 +50,22 @@ def refuse_adapter_names(kwargs: dict) -> None:
                           "per call (set_adapter), or export and pass adapter=[...] to the runtime's forward/generate")
 
 
+_FORWARD = ("input_ids", "attention_mask", "inputs_embeds", "labels", "output_attentions", "output_hidden_states",
+            "return_dict")  # HF PEFT's task models' forward, in its order (feature extraction's without labels)
+
+
+def named_arguments(args: tuple, kwargs: dict, task_type) -> dict:
+    """forward's positional arguments named in HF PEFT's order for its task models (the transformers model's third
+    and fourth are others: Llama's position_ids, BERT's token_type_ids)."""
+    names = [n for n in _FORWARD if not (n == "labels" and task_type == "FEATURE_EXTRACTION")]
+    if len(args) > len(names):
+        raise ConfigError(f"forward takes at most {len(names)} arguments by position ({', '.join(names)}), as HF "
+                          f"PEFT's; got {len(args)}: pass the others by name")
+    if twice := [n for n in names[:len(args)] if n in kwargs]:
+        raise ConfigError(f"forward got {twice[0]} by position and by name; pass it once")
+    return dict(zip(names, args)) | kwargs
+
+
 def check_save_options(directory: str, save_embedding_layers, safe_serialization: bool) -> None:
     """HF PEFT's save_pretrained options that would make edgepeft write something else, refused before any file is."""
     check_output_dir(directory, "save_pretrained", "a folder")  # a file there or above it, or a folder one may not write

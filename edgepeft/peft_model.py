@@ -27,7 +27,7 @@ from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, first_line
 from edgepeft.files import write_bytes_atomic
 from edgepeft.hf_calls import (check_adapter_name, check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name,
-                               not_taken, refuse_adapter_names)
+                               named_arguments, not_taken, refuse_adapter_names)
 from edgepeft.registry import (AdapterLayer, any_training, entry_parameters, held_entries, model_modules,
                                model_parameters)
 from edgepeft.tuners import method_for
@@ -349,9 +349,11 @@ class PeftModel(nn.Module):
     def forward(self, *args, **kwargs):
         """The model with the active adapter; its tuner may rewrite the call's inputs (virtual tokens)."""
         refuse_adapter_names(kwargs)
+        name = self.active_adapter
+        if args and getattr(self.peft_config[name], "task_type", None):  # HF PEFT's order (its task models')
+            args, kwargs = (), named_arguments(args, kwargs, self.peft_config[name].task_type)
         if self._running is None:
             return self.base_model.model(*args, **kwargs)
-        name = self.active_adapter
         return method_for(self.peft_config[name]).tuner.forward(self.base_model.model, self.peft_config[name], name,
                                                                 *args, **kwargs)
 

@@ -291,3 +291,25 @@ def test_a_reload_only_loads_weights(tiny_base, tmp_path):
     torch.manual_seed(0)
     assert torch.equal(drawn, torch.rand(1))
     assert list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("arch, task, task_type", [("llama", "causal-lm", "CAUSAL_LM"), ("bert", "seq-cls", "SEQ_CLS")])
+def test_forward_takes_arguments_by_position_in_hf_pefts_order(tiny_base, arch, task, task_type):
+    """Found by a hunt: model(ids, mask, None, labels), HF PEFT's order (input_ids, attention_mask, inputs_embeds,
+    labels), went to the transformers model, whose third and fourth are others: an AttributeError on Llama, and on
+    BERT a tensor there would be read as token_type_ids without a word."""
+    import peft
+
+    ids, mask = (torch.from_numpy(a) for a in sample_batch())
+    labels = ids if task == "causal-lm" else torch.zeros(len(ids), dtype=torch.long)
+    losses = []
+    for lib in (peft, edgepeft):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(load_reference_base(tiny_base(arch), task),
+                                   lib.LoraConfig(r=4, task_type=task_type)).eval()
+        with torch.no_grad():
+            losses.append(model(ids, mask, None, labels).loss)
+            assert torch.equal(losses[-1], model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    torch.testing.assert_close(losses[0], losses[1])
+    with pytest.raises(ConfigError, match="forward got attention_mask by position and by name; pass it once"):
+        model(ids, mask, attention_mask=mask)
