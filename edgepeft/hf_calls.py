@@ -28,6 +28,22 @@ def elsewhere(name: str):
     return refused
 
 
+PEFT_MODELS = ("merge_and_unload", "unload", "delete_adapter", "peft_config", "active_adapter", "active_adapters")
+
+
+def on_peft_model(name: str):
+    """HF PEFT's ``base_model.<name>``, which edgepeft's PeftModel alone has: a call is refused naming it (a
+    ConfigError), an attribute read is an AttributeError naming it (hasattr stays False)."""
+    where = f"base_model.{name} (HF PEFT's): edgepeft's base_model holds the transformers model only; use the " \
+            f"PeftModel's {name}"
+    if name in ("peft_config", "active_adapter", "active_adapters"):
+        raise AttributeError(where)
+
+    def refused(*args, **kwargs):
+        raise ConfigError(where)
+    return refused
+
+
 def elsewhere_or(name: str, error: AttributeError):
     """``elsewhere(name)``, else ``error`` raised: for a module whose attributes fall through to no other object."""
     if (refused := elsewhere(name)) is None:

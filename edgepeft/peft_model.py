@@ -27,7 +27,7 @@ from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, first_line
 from edgepeft.files import write_bytes_atomic
 from edgepeft.hf_calls import (check_adapter_name, check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name,
-                               named_arguments, not_taken, refuse_adapter_names)
+                               PEFT_MODELS, named_arguments, not_taken, on_peft_model, refuse_adapter_names)
 from edgepeft.registry import (AdapterLayer, any_training, entry_parameters, held_entries, model_modules,
                                model_parameters)
 from edgepeft.tuners import method_for
@@ -49,6 +49,8 @@ class TunedModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError as e:
+            if name in PEFT_MODELS:  # HF PEFT's LoraModel has these too: here the PeftModel alone
+                return on_peft_model(name)
             return elsewhere_or(name, e)
 
 
