@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import classify, decoded, text
-from .access import check_readable, located
+from .access import check_readable, check_text_files, folder_identity, located, text_files_digest
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, assemble, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
@@ -62,6 +62,10 @@ class Runtime:
             vars(self).clear()
             raise
 
+    def __reduce__(self):  # ONNX Runtime's TypeError named no fix (multiprocessing's spawn pickles what it hands over)
+        raise ConfigError(f"a Runtime cannot be pickled: its ONNX Runtime sessions live in this process; open one in "
+                          f"each process, Runtime({self.path!r})")
+
     @classmethod
     def from_base_dir(cls, base_dir, providers=None, sess_options=None) -> "Runtime":
         """A runtime over a bare base folder with no adapters loaded (export validation uses it on staged folders)."""
@@ -72,6 +76,7 @@ class Runtime:
 
     def _open_base(self, base_dir, providers, sess_options, budget):
         self.manifest, self.base_dir = read_base_manifest(base_dir), base_dir
+        self.text_files = folder_identity(base_dir), text_files_digest(base_dir)  # read at the first text call
         providers = check_providers(providers, sess_options)
         graph = os.path.join(base_dir, self.manifest["graph"])
         if not os.path.isfile(graph):
@@ -349,6 +354,7 @@ class Runtime:
         ``rt.tokenizer.encode(texts)`` -> ``(input_ids, attention_mask)``; ``rt.tokenizer.decode(ids)`` -> text.
         """
         if self._tokenizer is None:
+            check_text_files(self.base_dir, *self.text_files)  # another export's tokenizer, or none
             self._tokenizer = text.TextTokenizer(self.base_dir, padding_side="left" if self.cache else "right",
                                                  pad_id=self.pad_token_id, max_positions=self.max_positions,
                                                  pairs=self.task == "seq-cls")

@@ -387,3 +387,34 @@ def test_text_pairs_are_refused_where_they_were_dropped_or_misread(text_rt, tmp_
             _texts(pairs)  # embed's reading of its texts
     with pytest.raises(ConfigError, match=r"^add_special_tokens must be True or False, got 'b' \(text pairs: encode_pairs\)$"):
         text_rt.tokenizer.encode("a", "b")
+
+
+def test_a_base_replaced_or_moved_before_the_first_text_call_is_named(text_export, tmp_path):
+    """Found by a hunt: the tokenizer is read at the first text call, not when the Runtime opens: OUT replaced by an
+    export of the same weights and another tokenizer was encoded with the new one, silently (the fingerprint is the
+    same), and OUT moved was told it has no tokenizer and to export again."""
+    from edgepeft.runtimes import ArtifactNotFoundError
+
+    out = str(tmp_path / "out")
+    shutil.copytree(text_export[0], out)
+
+    def replaced():  # as an export renames a new base in
+        os.rename(os.path.join(out, "base"), str(tmp_path / "old"))
+        shutil.copytree(str(tmp_path / "old"), os.path.join(out, "base"))
+        shutil.rmtree(str(tmp_path / "old"))
+
+    rt = Runtime(out)
+    replaced()
+    assert rt.generate_text(PROMPT, max_new_tokens=2)  # the same tokenizer (an export into OUT keeps it): served
+    rt = Runtime(out)
+    replaced()
+    with edited_json(os.path.join(out, "base", "tokenizer_config.json")) as config:  # another export's tokenizer
+        config["chat_template"] = "{{ messages[0]['content'] }}"
+    with pytest.raises(CorruptArtifactError, match=f"^{out}/base: replaced since this Runtime opened it, by an export "
+                                                   "of another tokenizer or settings"):
+        rt.generate_text(PROMPT, max_new_tokens=2)
+    assert Runtime(out).generate_text(PROMPT, max_new_tokens=2)  # the fix
+    moved = Runtime(out)
+    os.rename(out, str(tmp_path / "moved"))
+    with pytest.raises(ArtifactNotFoundError, match=f"^{out}/base: moved or removed since this Runtime opened it"):
+        moved.tokenizer
