@@ -128,7 +128,8 @@ class AdapterStore:
         self.merged = base_manifest.get("merged_adapter")  # a --merge export's adapter: the base graph as it is
         self.most_bytes = adapter_bound(base_dir, base_manifest)  # the most an adapter file may unpack to
         if budget_bytes is not None and not (is_whole(budget_bytes) and budget_bytes >= 0):
-            raise ConfigError(f"adapter_budget_bytes must be a whole number of bytes >= 0, got {budget_bytes!r}")
+            raise ConfigError(f"adapter_budget_bytes must be an integer count of bytes >= 0 (64_000_000, not 64e6), "
+                              f"got {budget_bytes!r}")
         self.budget = None if budget_bytes is None else int(budget_bytes)
         self._adapters: dict[str, Registered] = {}
         self._resident: OrderedDict = OrderedDict()  # staged names, least recently used first

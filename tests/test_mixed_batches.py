@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import threading
 import zipfile
@@ -401,6 +402,14 @@ def test_an_adapter_loads_from_the_bytes_of_a_zip_of_its_folder(decoder, rt, tmp
     graph = zipfile.ZipFile(data).read("adapter.onnx")
     assert sources and all(zipfile.ZipFile(io.BytesIO(s)).read("adapter.onnx") == graph for s in sources)
     assert other.adapter_names == ["from-bytes"]  # the measuring copy is unloaded again
+
+
+@pytest.mark.parametrize("budget", [64e6, -1, "1000", True])
+def test_a_budget_that_is_no_count_of_bytes_is_refused_naming_one_that_is(decoder, budget):
+    """Found by a hunt: 64e6 was told to be "a whole number of bytes", which it is."""
+    with pytest.raises(ConfigError, match=r"^adapter_budget_bytes must be an integer count of bytes >= 0 \(64_000_000, "
+                                          rf"not 64e6\), got {re.escape(repr(budget))}$"):
+        Runtime(decoder[0], adapter_budget_bytes=budget)
 
 
 def test_a_restage_checks_the_file_again(decoder, tmp_path):
