@@ -199,3 +199,17 @@ def test_the_training_api_on_a_runtime_only_install_names_the_extra(monkeypatch,
     monkeypatch.setitem(sys.modules, "jinja2", None)
     with pytest.raises(MissingDependencyError, match=r"^chat templates need jinja2 3.1.6 or later .*which is not installed"):
         chat_template.compile_template("{{ messages }}", "tokenizer_config.json")
+
+
+def test_a_runtime_pickled_names_the_fix(shared_export):
+    """Found by a hunt: pickling a Runtime (what multiprocessing's spawn does with what it hands a process) was ONNX
+    Runtime's TypeError, naming no fix."""
+    import pickle
+
+    import pytest
+
+    from edgepeft.runtimes import ConfigError, Runtime
+
+    rt = Runtime(shared_export("llama")[0])
+    with pytest.raises(ConfigError, match=rf"^a Runtime cannot be pickled: .*; open one in each process, Runtime\('{rt.path}'\)$"):
+        pickle.dumps(rt)
