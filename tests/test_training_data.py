@@ -232,6 +232,10 @@ def test_labels_that_differ_only_in_spaces_around_them_are_refused():
     with pytest.raises(DataError) as e:
         label_names(rows, "d.jsonl")
     assert str(e.value) == "d.jsonl: labels 'pos' and 'pos ' differ only in spaces around them; spell each class one way"
+    with pytest.raises(DataError) as e:  # found by a hunt: two classes, silently
+        label_names([{"label": "caf\u00e9", "_line": 1}, {"label": "cafe\u0301", "_line": 2}], "d.jsonl")
+    assert str(e.value) == ("d.jsonl: labels 'cafe\u0301' and 'caf\u00e9' differ only in how their characters are encoded "
+                            "(Unicode normalization: an accent apart or joined); spell each class one way")
     assert label_names(rows[:2] + [{"label": "p os", "_line": 3}], "d.jsonl") == ["neg", "p os", "pos"]
 
 

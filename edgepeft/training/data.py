@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import unicodedata
 
 import torch
 
@@ -199,10 +200,11 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
         raise DataError(f"{path}: every row has the label {next(iter(values))!r}; classification needs two or more")
     if not ints:
         trimmed = {}
-        for v in sorted(values):
-            if trimmed.setdefault(v.strip(), v) != v:  # "pos" and "pos ": two classes of one name
-                raise DataError(f"{path}: labels {trimmed[v.strip()]!r} and {v!r} differ only in spaces around them; "
-                                "spell each class one way")
+        for v in sorted(values):  # "pos" and "pos ", "café" composed and decomposed: two classes of one name
+            if trimmed.setdefault(key := unicodedata.normalize("NFC", v.strip()), v) != v:
+                how = "in spaces around them" if trimmed[key].strip() == v.strip() else "in how their characters are " \
+                    "encoded (Unicode normalization: an accent apart or joined)"
+                raise DataError(f"{path}: labels {trimmed[key]!r} and {v!r} differ only {how}; spell each class one way")
         spelled = {v.strip().lower(): v for v in values}
         order = [h.strip().lower() for h in head or []]
         return [spelled[k] for k in order] if len(spelled) == len(values) and sorted(order) == sorted(spelled) else (
