@@ -1,6 +1,9 @@
 """Training data on bad input: DataError naming the file and line; the encoder's masks and padding."""
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
@@ -42,6 +45,19 @@ def test_invalid_json_names_file_and_line(tmp_path):
     with pytest.raises(DataError) as e:
         read_jsonl(path, "seq-cls")
     assert f"{path}:3:" in str(e.value) and "not valid JSON" in str(e.value)
+
+
+@pytest.mark.parametrize("data, said", [
+    (json.dumps([{"text": "a", "label": "x"}], indent=2).encode(), "the file is one JSON document over several lines "
+     "(a pretty-printed array?), not JSON Lines: write each row as one JSON object on its own line"),
+    ('{"text": "a", "label": "x"}\n'.encode("utf-16-le"), "the file holds NUL bytes (UTF-16 text?): save it as UTF-8"),
+    (b'{"text": "a", "label": "x"}\r{"text": "b", "label": "y"}\r', "its lines end in CR alone (old Mac line ends)")])
+def test_a_file_that_is_no_json_lines_is_named_for_what_it_is(tmp_path, data, said):
+    """Found by a hunt: each was "line 1: not valid JSON (Expecting value)" and "each line must be one JSON object"."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=f"^{path}:1: not valid JSON \\(.*\\); {re.escape(said)}"):
+        read_jsonl(str(path), "seq-cls")
 
 
 def test_two_objects_on_one_line_is_invalid_json(tmp_path):
