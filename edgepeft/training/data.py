@@ -11,7 +11,6 @@ A bad row raises ``DataError`` naming the file and the line.
 """
 from __future__ import annotations
 
-import codecs
 import copy
 import hashlib
 import json
@@ -25,6 +24,7 @@ import torch
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
 from edgepeft.runtimes.access import check_readable
 from edgepeft.processes import first
+from edgepeft.training.jsonl import file_lines, not_json_lines
 from edgepeft.runtimes.sentence import lowercase_first
 
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
@@ -34,13 +34,6 @@ FIELDS = {
     "causal-lm": [("prompt", "completion"), ("text",)],  # a row with both: the completion trains, as in TRL
     "feature-extraction": [("text", "positive")],
 }
-
-
-def _lines(path: str) -> list[bytes]:
-    """The file's lines as bytes; a UTF-8 byte-order mark (Windows editors and Excel write one) is no text."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return data.removeprefix(codecs.BOM_UTF8).split(b"\n")
 
 
 def check_positions(features: list[dict], rows: list[dict], path: str, positions: int | None, n_virtual: int) -> None:
@@ -68,22 +61,6 @@ class Rows(list):
         self.ignored, self.unknown = ignored, unknown  # unknown: fields no task reads
 
 
-def _not_lines(lines: list[bytes]) -> str | None:
-    """What a file that is no JSON Lines is, where a line of it did not parse: one JSON document over many lines (a
-    pretty-printed array), UTF-16 text, lines ended by CR alone; None otherwise."""
-    data = b"\n".join(lines)  # as read (a pipe is read once)
-    if b"\0" in data:  # UTF-16 without its byte-order mark (with one, the first line is not UTF-8)
-        return "the file holds NUL bytes (UTF-16 text?): save it as UTF-8, one JSON object per line"
-    if b"\r" in data and b"\n" not in data:
-        return "its lines end in CR alone (old Mac line ends): save it with LF or CRLF line ends"
-    try:
-        json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    return ("the file is one JSON document over several lines (a pretty-printed array?), not JSON Lines: write each "
-            "row as one JSON object on its own line (jq -c '.[]' file.json > file.jsonl)")
-
-
 def _other_fields(task: str) -> dict:
     """{field: the task that trains on it} for the fields ``task`` ignores."""
     used = {k for shape in FIELDS[task] for k in shape}
@@ -101,7 +78,7 @@ def read_jsonl(path: str, task: str) -> Rows:
     shapes = FIELDS[task]
     want = " or ".join("{" + ", ".join(f'"{k}"' for k in shape) + "}" for shape in shapes)
     rows, others, ignored, unknown, columns = [], _other_fields(task), set(), set(), []
-    lines = _lines(path)
+    lines = file_lines(path)
     for n, data in enumerate(lines, 1):
         try:
             line = data.decode("utf-8")
@@ -114,7 +91,7 @@ def read_jsonl(path: str, task: str) -> Rows:
         except (ValueError, RecursionError) as e:  # arrays nested thousands deep; a number of 5,000 digits
             reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply" \
                 if isinstance(e, RecursionError) else str(e).split(";")[0]
-            raise DataError(f"{path}:{n}: not valid JSON ({reason}); {_not_lines(lines) or 'each line must be one JSON object'}"
+            raise DataError(f"{path}:{n}: not valid JSON ({reason}); {not_json_lines(lines) or 'each line must be one JSON object'}"
                             ) from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{n}: expected a JSON object like {want}, got {type(row).__name__}")

@@ -1,0 +1,28 @@
+"""A data file's bytes as JSON Lines: its lines (read once: a pipe too), and what a file that is not JSON Lines is."""
+from __future__ import annotations
+
+import codecs
+import json
+
+
+def file_lines(path: str) -> list[bytes]:
+    """The file's lines as bytes; a UTF-8 byte-order mark (Windows editors and Excel write one) is no text."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data.removeprefix(codecs.BOM_UTF8).split(b"\n")
+
+
+def not_json_lines(lines: list[bytes]) -> str | None:
+    """What a file that is no JSON Lines is, where a line of it did not parse: one JSON document over many lines (a
+    pretty-printed array), UTF-16 text, lines ended by CR alone; None otherwise."""
+    data = b"\n".join(lines)  # as read (a pipe is read once)
+    if b"\0" in data:  # UTF-16 without its byte-order mark (with one, the first line is not UTF-8)
+        return "the file holds NUL bytes (UTF-16 text?): save it as UTF-8, one JSON object per line"
+    if b"\r" in data and b"\n" not in data:
+        return "its lines end in CR alone (old Mac line ends): save it with LF or CRLF line ends"
+    try:
+        json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return ("the file is one JSON document over several lines (a pretty-printed array?), not JSON Lines: write each "
+            "row as one JSON object on its own line (jq -c '.[]' file.json > file.jsonl)")
