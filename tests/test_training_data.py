@@ -340,6 +340,17 @@ def test_a_completion_is_tokenized_as_the_text_reads_on_from_its_prompt(tmp_path
                                               "completion's start")
 
 
+def test_rows_longer_than_the_tokenizers_length_get_no_indexing_warning(tmp_path, capfd):
+    """Found by a hunt: transformers' "will result in indexing errors" was printed for rows the encoder cuts to
+    --max-length anyway."""
+    import transformers
+    from test_text_transformers import llama2_tokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(llama2_tokenizer(tmp_path / "tok"), model_max_length=8)
+    (f,) = Encoder(tok, "causal-lm", max_length=8).encode([{"text": "Paris is nice " * 10, "_line": 1}], "d.jsonl")
+    assert len(f["input_ids"]) == 8 and "indexing errors" not in capfd.readouterr().err
+
+
 def test_prompt_completion_masks_the_prompt_and_ends_with_eos():
     tok = WordTokenizer()
     enc = Encoder(tok, "causal-lm", max_length=64)

@@ -50,7 +50,7 @@ class WordTokenizer:
     def __init__(self, pad=5, eos=2):
         self.pad_token_id, self.eos_token_id, self.vocab = pad, eos, {}
 
-    def __call__(self, text, add_special_tokens=True, truncation=False, max_length=None):
+    def __call__(self, text, add_special_tokens=True, truncation=False, max_length=None, verbose=True):
         ids = [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.split()]
         ids = ([1] if add_special_tokens else []) + ids
         return {"input_ids": ids[:max_length] if truncation else ids}

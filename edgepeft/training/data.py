@@ -297,8 +297,8 @@ class Encoder:
             raise ConfigError(f"--max-length {self.max_length} leaves no token of text: the tokenizer adds {specials} "
                               f"special tokens to each {what}; pass --max-length {specials + 1} or more")
 
-    def _ids(self, text: str, special: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special, truncation=False)["input_ids"]
+    def _ids(self, text: str, special: bool = True) -> list[int]:  # cut to --max-length later: no "indexing errors"
+        return self.tokenizer(text, add_special_tokens=special, truncation=False, verbose=False)["input_ids"]
 
     def _cut(self, text: str) -> list[int]:
         """At most max_length ids, truncated as transformers' tokenizers truncate: [SEP] / eos stay at the end."""
