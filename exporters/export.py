@@ -21,10 +21,10 @@ from edgepeft.exporters.base_graph import quantize_stage, side_difference, trace
 from edgepeft.exporters.generation_settings import generation_fields
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
-from edgepeft.exporters.merged import export_merged
+from edgepeft.exporters.merged import check_mergeable, export_merged
 from edgepeft.exporters.quantize import check_quantize
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
-from edgepeft.exporters.validate import BaseOutputs, compare_siblings, log_check, validate
+from edgepeft.exporters.validate import BaseOutputs, check_tolerances, compare_siblings, log_check, validate
 from edgepeft.files import (
     Staging, check_output_dir, missing_folders, one_at_a_time, remove_abandoned, remove_empty, remove_moved_aside,
     reporting_full_disk, write_json_atomic, written_whole,
@@ -35,7 +35,6 @@ from edgepeft.runtimes.manifest import (ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR
                                         TASK_OUTPUTS, TOKEN_TYPES, adapter_dirs, read_adapter_manifest, read_base_manifest)
 from edgepeft.runtimes.slot_checks import uncounted_heads
 from edgepeft.runtimes.runtime import Runtime
-from edgepeft.runtimes.values import is_number
 from edgepeft.tuners.layout import group_key
 
 
@@ -61,15 +60,10 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     names = [names] if isinstance(names, str) else names  # one name, not its letters
     if not adapters:
         raise ConfigError("give at least one --adapter folder")
-    if merge and len(adapters) > 1:  # before minutes of loading
-        raise ConfigError(f"--merge folds one adapter into the base, got {len(adapters)} ({', '.join(map(str, adapters))})"
-                          "; export each with --merge into its own --out folder, or all without --merge into one")
-    if not (is_number(atol) and atol >= 0):
-        raise ConfigError(f"--atol must be a number >= 0, got {atol!r:.40}")
+    check_mergeable(adapters, merge)  # before minutes of loading
+    check_tolerances(atol, qtol)
     check_quantize(quantize)
     check_ops(ops)
-    if not (is_number(qtol) and qtol > 0):
-        raise ConfigError(f"--qtol must be a number > 0, got {qtol!r:.40}")
     check_output_dir(out, "--out")  # OUT itself takes the staging folders (resolve checks its base/ and adapters/)
     log = print if verbose else (lambda *a, **k: None)
     made = missing_folders(os.path.join(out, ADAPTERS_DIR))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from edgepeft.errors import ConfigError, UnsupportedMethodError
+from edgepeft.config import load_config
+from edgepeft.errors import ConfigError, EdgePeftError, UnsupportedMethodError
 from edgepeft.exporters.adapter_graph import read_labels, set_labels
 from edgepeft.exporters.base_graph import quantize_stage, trace_base
 from edgepeft.exporters.contrib_ops import effective_ops
@@ -18,22 +19,35 @@ from edgepeft.tuners.copies import merged_copy
 from edgepeft.runtimes.manifest import ADAPTERS_DIR, BASE_MANIFEST, adapter_dirs
 
 
+def check_mergeable(adapters: list, merge: bool) -> None:
+    """--merge's adapters, before the base is loaded: one, of a method with weights to fold (a folder whose config does
+    not load is named by resolve, with the rest)."""
+    if not merge:
+        return
+    if len(adapters) > 1:
+        raise ConfigError(f"--merge folds one adapter into the base, got {len(adapters)} ({', '.join(map(str, adapters))})"
+                          "; export each with --merge into its own --out folder, or all without --merge into one")
+    try:
+        why = method_for(load_config(adapters[0])).tuner.unmergeable  # prompt learning's virtual tokens
+    except EdgePeftError:
+        return
+    if why:
+        raise UnsupportedMethodError(f"{adapters[0]}: {why}; export it without --merge")
+
+
 def export_merged(plan: ExportPlan) -> dict:
     """``--merge``: one adapter folded into the weights, a plain graph with no slots."""
     src, existing, base_dir = plan.sources[0], plan.existing, plan.base_dir
     if existing and not existing.get("merged_adapter"):
-        raise ConfigError(f"{base_dir}: holds a slot base with adapters; write the --merge export to another --out folder")
+        raise ConfigError(f"{base_dir}: holds a slot base (an export without --merge); write the --merge export to another --out folder")
     if existing and not plan.overwrite:
         raise ConfigError(f"{base_dir}: holds adapter {existing['merged_adapter']!r} merged into the base already; "
                           "pass --overwrite to replace it, or give another --out")
     if stranded := sorted(adapter_dirs(plan.out)):  # left by a slot base removed since: a merged base would strand them
         raise ConfigError(f"{os.path.join(plan.out, ADAPTERS_DIR)}: holds {', '.join(stranded)}; "
                           "a --merge export takes no adapters: give another --out, or remove that folder")
-    try:
-        merged = merged_copy(plan.peft.base_model.model, method_for(plan.peft.peft_config[src.name]).tuner, src.name,
-                             keep_layers=True).eval()  # a bottleneck's layers run in the graph
-    except UnsupportedMethodError as e:  # prompt learning has no weights to merge: name the adapter
-        raise UnsupportedMethodError(f"{src.path}: {e}") from None
+    merged = merged_copy(plan.peft.base_model.model, method_for(plan.peft.peft_config[src.name]).tuner, src.name,
+                         keep_layers=True).eval()  # a bottleneck's layers run in the graph
     with Staging() as staging:
         stage = staging.new(plan.out, "merged")
         plan.log(f"exporting {src.name} merged into the base to {base_dir}")

@@ -19,6 +19,7 @@ from edgepeft.exporters.graph import sample_token_types
 from edgepeft.exporters.quantize import no_closer_than_zeros, relative_error, rms
 from edgepeft.models import SAMPLE_TOKENS, call_kwargs, sample_inputs
 from edgepeft.runtimes.manifest import TASK_OUTPUTS
+from edgepeft.runtimes.values import is_number
 
 
 QUANTIZED_SAMPLE = (16, 16)  # rows x tokens of the quantized checks' batch
@@ -269,6 +270,14 @@ def compare_siblings(plan, base_stage: str) -> list:
         checks.append({"what": f"adapter {name} (already in OUT) on the new base", "against": "OUT's base",
                        "max_abs_diff": diff, "tolerance": tol, **({"relative_error": rel} if quantized else {})})
     return checks
+
+
+def check_tolerances(atol, qtol) -> None:
+    """export's --atol (>= 0) and --qtol (> 0)."""
+    if not (is_number(atol) and atol >= 0):
+        raise ConfigError(f"--atol must be a number >= 0, got {atol!r:.40}")
+    if not (is_number(qtol) and qtol > 0):
+        raise ConfigError(f"--qtol must be a number > 0, got {qtol!r:.40}")
 
 
 def log_check(log, check: dict, name: str) -> None:

@@ -315,6 +315,11 @@ def test_a_merge_export_takes_no_adapters(peft_adapter, tmp_path):
     with pytest.raises(ConfigError, match=r"adapters: holds qv; a --merge export takes no adapters: give another --out"):
         export([other], out, names=["m"], merge=True)
     assert tree_hashes(out) == before
+    slots = str(tmp_path / "slots")  # found by a hunt: a slot base of no adapters was said to hold some
+    export([qv], slots, names=["qv"])
+    shutil.rmtree(os.path.join(slots, "adapters"))
+    with pytest.raises(ConfigError, match=r"base: holds a slot base \(an export without --merge\); write the --merge "):
+        export([other], slots, names=["m"], merge=True, overwrite=True)
     merged = str(tmp_path / "merged")
     export([other], merged, names=["m"], merge=True)
     shutil.copytree(os.path.join(out, "adapters", "qv"),

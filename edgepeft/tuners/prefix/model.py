@@ -88,8 +88,10 @@ class PrefixTuner(VirtualTokenTuner):
             share_per_forward(model)
         return []
 
+    unmergeable = "prefix tuning adds keys and values, it has no weights to merge"
+
     def merge(self, model: nn.Module, adapter_name: str) -> None:
-        raise UnsupportedMethodError("prefix tuning adds keys and values, it has no weights to merge; export it with slots instead")
+        raise UnsupportedMethodError(f"{self.unmergeable}; export it with slots instead")
 
     def forward(self, model, config, adapter_name: str, input_ids=None, attention_mask=None, inputs_embeds=None,
                 position_ids=None, **kwargs):

@@ -27,8 +27,10 @@ class PromptTuner(VirtualTokenTuner):
         holder.prompt_encoder[adapter_name] = PromptEmbedding(config, words).to(words.weight.device)
         return []
 
+    unmergeable = "prompt tuning adds tokens, it has no weights to merge"
+
     def merge(self, model: nn.Module, adapter_name: str) -> None:
-        raise UnsupportedMethodError("prompt tuning adds tokens, it has no weights to merge; export it with slots instead")
+        raise UnsupportedMethodError(f"{self.unmergeable}; export it with slots instead")
 
     def inputs_embeds(self, model, adapter_name: str, input_ids, inputs_embeds):
         holder = virtual_token_holder(model)
