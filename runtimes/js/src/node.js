@@ -10,6 +10,7 @@ import { Tokenizer } from "@huggingface/tokenizers";
 import { REEXPORT } from "./checks.js";
 import { quote, reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
+import { createSession } from "./sessions.js";
 import { tokenizerOf } from "./tokenizer.js";
 
 const JSON_MOST = 16 * 2 ** 20;  // as the Python runtime's access.JSON_MOST
@@ -193,12 +194,12 @@ export function folderLoader(out) {
       const file = path.join(out, rel);
       if (ort.env?.versions?.node === undefined && external) {
         const data = await read(path.join(path.dirname(file), "model.onnx.data"));
-        return ort.InferenceSession.create(await read(file), { ...options, externalData: [{ path: "model.onnx.data", data }] });
+        return createSession(ort, await read(file), { ...options, externalData: [{ path: "model.onnx.data", data }] });
       }
       for (const readable of external ? [file, path.join(path.dirname(file), "model.onnx.data")] : [file]) {
         await (await open(readable).catch((e) => { throw named(e, readable); })).close();  // ONNX Runtime: "error 13"
       }
-      return ort.InferenceSession.create(file, options);
+      return createSession(ort, file, options);
     },
   };
 }

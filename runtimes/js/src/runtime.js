@@ -21,7 +21,7 @@ import { folderFix, missingAdapter } from "./fixes.js";
 import { adapterGraphProblem } from "./graph.js";
 import { checkInputs, checkTokenTypes, generationMask } from "./inputs.js";
 import { GENERATION_OPTIONS, classify, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
-import { TakingTurns, joined, repeat, rowOf, runOnce } from "./sessions.js";
+import { TakingTurns, createSession, joined, repeat, rowOf, runOnce } from "./sessions.js";
 import { sha256 } from "./sha256.js";
 
 export { EdgePeftError, classify };
@@ -109,8 +109,7 @@ export class Runtime {
           `(${reason}); it loads without them: start from {} and add options one by one`);
       }
       const what = e instanceof EdgePeftError ? "missing from the export" : `ONNX Runtime cannot load it (${reason})`;
-      const fix = (!e.missing && olderRuntime(this.ort)) ||
-        `the file is damaged or incomplete: ${reexportFor(rel)}`;
+      const fix = e.missing ? reexportFor(rel) : olderRuntime(this.ort) || `the file is damaged or incomplete: ${reexportFor(rel)}`;
       throw new EdgePeftError(`${this.loader.where(rel)}: ${what}; ${fix}`);
     }
   }
@@ -185,7 +184,7 @@ export class Runtime {
       const problem = adapterGraphProblem(bytes, this.most, Object.keys(this.slots).length);  // before it runs: a forged node could take any memory or time
       if (problem) throw new EdgePeftError(`${this.loader.where(graph)}: ${problem}; ${REEXPORT}`);
       // its tensors are inside: a session that reads no file (graph.js refused external data above)
-      const session = await this.opened(graph, (o) => this.ort.InferenceSession.create(bytes, adapterSessionOptions(o)));
+      const session = await this.opened(graph, (o) => createSession(this.ort, bytes, adapterSessionOptions(o)));
       tensors = await runOnce(session).catch((e) => {  // as Python names it (a raw ONNX Runtime error otherwise)
         throw new EdgePeftError(`${this.loader.where(graph)}: ONNX Runtime cannot run the adapter graph ` +
           `(${firstLine(e)}); ${REEXPORT}`);

@@ -3,6 +3,21 @@
 
 import { OutOfMemoryError } from "./checks.js";
 
+let creating = Promise.resolve();  // onnxruntime-web's session creations, in turn
+
+/**
+ * `ort.InferenceSession.create(...args)`, one at a time on onnxruntime-web: its wasm build mounts a graph's external
+ * data by file name in one table every creation in flight shares, and clears the whole table when any creation ends,
+ * so two exports opened at once (each base's "model.onnx.data") computed with each other's weights or failed to
+ * load. onnxruntime-node creates them at once.
+ */
+export function createSession(ort, ...args) {
+  if (ort.env?.versions?.node !== undefined) return ort.InferenceSession.create(...args);
+  const created = creating.then(() => ort.InferenceSession.create(...args));
+  creating = created.catch(() => {});  // a failed creation is its caller's; the next one runs
+  return created;
+}
+
 /**
  * The base session's runs, one at a time: onnxruntime-web's wasm runs of one session share its stack, and two calls
  * awaited at once (Promise.all, a button clicked twice) hung the process or the page. onnxruntime-node's runs are

@@ -2,6 +2,7 @@
 import { Tokenizer } from "@huggingface/tokenizers";
 
 import { EdgePeftError, Runtime } from "./runtime.js";
+import { createSession } from "./sessions.js";
 import { tokenizerOf } from "./tokenizer.js";
 
 /** The body of `url` (JSON or bytes); a failed download, an HTTP error or a page where an export's file should be named. */
@@ -16,12 +17,16 @@ async function fetched(url, as) {
   } catch (e) {  // the server down, the connection cut: nothing to re-export
     throw new EdgePeftError(`${url}: download failed (${e.message}); check the server and the connection, then retry`);
   }
-  // a site that answers a missing file with its HTML page (a binary file's said "checksum does not match: re-export")
-  const page = response.ok && (/text\/html/i.test(response.headers?.get?.("content-type") ?? "") ||
-    (as === "json" && /^\s*</.test(body ?? "")));
+  // a site that answers a missing file with its HTML page (a binary file's said "checksum does not match: re-export"):
+  // a text starting "<", and for a binary file (whose first byte may be "<") a page's content type too (the file
+  // itself served as text/html was named missing)
+  const head = as === "json" ? body ?? "" : new TextDecoder().decode((body ?? new Uint8Array()).subarray(0, 64));
+  const page = response.ok && /^\uFEFF?\s*</.test(head) &&
+    (as === "json" || /text\/html/i.test(response.headers?.get?.("content-type") ?? ""));
   if (!response.ok || page) {
     const error = new EdgePeftError(`${url}: ${page ? "the server answered with an HTML page, not the export's file"
-      : `HTTP ${response.status}`}; serve the export's folder (OUT) at that address`);
+      : `HTTP ${response.status}`}; ${response.status >= 500 ? "the server failed: check it, then retry"
+      : "serve the export's folder (OUT) at that address"}`);
     error.missing = page || response.status === 404;  // the runtime says what a missing file of an export means
     throw error;
   }
@@ -60,8 +65,8 @@ export function urlLoader(out) {
       const data = `${rel.replace(/[^/]*$/, "")}model.onnx.data`;
       try {
         const model = await once(rel);
-        if (!external) return await ort.InferenceSession.create(model, options);
-        return await ort.InferenceSession.create(model, { ...options, externalData: [{ path: "model.onnx.data", data: await once(data) }] });
+        if (!external) return await createSession(ort, model, options);
+        return await createSession(ort, model, { ...options, externalData: [{ path: "model.onnx.data", data: await once(data) }] });
       } finally {
         downloads.delete(rel);  // the session holds what it needs
         downloads.delete(data);

@@ -79,3 +79,43 @@ test("an adapter a call is using is not unloaded until the call is done, as the 
   assert.deepEqual(rt.adapterNames, []);
   await assert.rejects(rt.forward([[5, 6, 7]], null, { adapter: "lora" }), /adapter lora is not loaded/);
 });
+
+test("onnxruntime-web: two exports opened at once each compute with their own weights", async () => {
+  // found by a hunt: wasm mounts a graph's external data by file name in one table shared by every session being
+  // created, and clears it when any creation ends: of two exports of one architecture opened at once (Promise.all,
+  // the page's first opens), one computed with the other's weights, silently
+  const { cp, mkdtemp, rm } = await import("node:fs/promises");
+  const os = await import("node:os");
+  const scratch = await mkdtemp(path.join(os.tmpdir(), "edgepeft-js-two-"));
+  const [a, b] = [path.join(scratch, "a"), path.join(scratch, "b")];
+  try {
+    for (const out of [a, b]) await cp(path.join(FIXTURES, "llama"), out, { recursive: true });
+    const scale = "import sys, onnx, numpy as np\n" +  // b's float weights x 0.7: the same files, other numbers
+      "m = onnx.load(sys.argv[1] + '/model.onnx', load_external_data=False)\n" +
+      "data = np.fromfile(sys.argv[1] + '/model.onnx.data', dtype=np.uint8)\n" +
+      "for t in m.graph.initializer:\n" +
+      "    if t.data_location == onnx.TensorProto.EXTERNAL and t.data_type == onnx.TensorProto.FLOAT:\n" +
+      "        e = {x.key: int(x.value) for x in t.external_data if x.key in ('offset', 'length')}\n" +
+      "        s = slice(e.get('offset', 0), e.get('offset', 0) + e['length'])\n" +
+      "        data[s] = (data[s].view(np.float32) * np.float32(0.7)).view(np.uint8)\n" +
+      "data.tofile(sys.argv[1] + '/model.onnx.data')\n";
+    const PYTHON = process.env.PYTHON || path.resolve(HERE, "../../../.venv/bin/python");
+    assert.equal(spawnSync(PYTHON, ["-c", scale, path.join(b, "base")], { encoding: "utf8" }).status, 0);
+    const script = `
+import * as ort from "onnxruntime-web";
+import { openFolder } from ${JSON.stringify(path.resolve(HERE, "../src/node.js"))};
+ort.env.wasm.numThreads = 1;
+const logits = async (rt) => Array.from((await rt.forward([[5, 6, 7, 8]])).logits.data);
+const atOnce = await Promise.all([openFolder(ort, ${JSON.stringify(a)}), openFolder(ort, ${JSON.stringify(b)})]);
+const together = [await logits(atOnce[0]), await logits(atOnce[1])];
+const alone = [await logits(await openFolder(ort, ${JSON.stringify(a)})), await logits(await openFolder(ort, ${JSON.stringify(b)}))];
+console.log(JSON.stringify({ together, alone }));`;
+    const child = spawnSync(process.execPath, ["--input-type=module", "-e", script], { cwd: path.resolve(HERE, ".."), timeout: 60000, encoding: "utf8" });
+    assert.equal(child.status, 0, child.stderr);
+    const { together, alone } = JSON.parse(child.stdout);
+    assert.notDeepEqual(alone[0], alone[1]);
+    assert.deepEqual(together, alone);
+  } finally {
+    await rm(scratch, { recursive: true, force: true });
+  }
+});

@@ -20,16 +20,17 @@ ortWeb.env.wasm.numThreads = 1;
 const refuses = (call, pattern) => assert.rejects(call, (e) => e instanceof EdgePeftError && pattern.test(e.message));
 
 // copies: {folder name: the adapter it holds}; gone: files answered as missing
-const behaviour = { staleData: false, pages: false, copies: {}, gone: new Set() };
+const behaviour = { staleData: false, pages: false, copies: {}, gone: new Set(), failing: null, asHtml: false };
 const server = http.createServer(async (request, response) => {
   let rel = decodeURIComponent(new URL(request.url, "http://x").pathname).replace(/^\/out\//, "");
   const [dir, name, ...file] = rel.split("/");
   if (dir === "adapters" && name in behaviour.copies) rel = ["adapters", behaviour.copies[name], ...file].join("/");
   try {
     if (behaviour.gone.has(rel)) throw new Error("gone");
+    if (behaviour.failing && rel.endsWith(behaviour.failing)) return response.writeHead(503).end();
     let body = await readFile(path.join(FIXTURES, "llama", rel));
     if (behaviour.staleData && rel.endsWith("model.onnx.data")) body = Buffer.concat([body, Buffer.alloc(64)]);
-    response.writeHead(200).end(body);
+    response.writeHead(200, behaviour.asHtml ? { "content-type": "text/html" } : {}).end(body);
   } catch {
     if (behaviour.pages) response.writeHead(200, { "content-type": "text/html" }).end("<!DOCTYPE html><p>app</p>");
     else response.writeHead(404).end();
@@ -75,6 +76,13 @@ test("a stale weights file, a page for a missing file, a server that is down: ea
   behaviour.gone = new Set();
   behaviour.pages = false;
   await refuses(openUrl(ortWeb, "http://127.0.0.1:9/out"), /edgepeft\.json: download failed \(.*\); check the server and the connection/);
+  // found by a hunt: a server's error was told to serve OUT there, which it did; a file served as text/html, missing
+  behaviour.failing = "model.onnx.data";
+  await refuses(openUrl(ortWeb, base), /model\.onnx\.data: HTTP 503; the server failed: check it, then retry$/);
+  behaviour.failing = null;
+  behaviour.asHtml = true;
+  assert.equal(await (await openUrl(ortWeb, base)).loadAdapter("lora"), "lora");
+  behaviour.asHtml = false;
   await refuses(openUrl(ortWeb, "out"), /^out: not a URL this page can fetch/);  // relative, with no page to resolve it
 });
 
