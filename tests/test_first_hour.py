@@ -385,3 +385,34 @@ def test_a_hub_id_with_no_hub_in_reach_fails_at_once_and_goes_offline(capsys, tm
     assert hub.hub_unreachable("smollm2") is None and not constants.HF_HUB_OFFLINE
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the user's HF_HUB_OFFLINE=1 stays
     assert hub.hub_unreachable("smollm2") is None and constants.HF_HUB_OFFLINE
+
+
+def test_a_nan_eval_is_never_best_and_a_run_of_rate_0_is_told_to_warm_up_less(text_model, tmp_path, monkeypatch):
+    """Found by a hunt: an epoch whose eval loss was NaN (its accuracy higher) was kept as the best; a run whose only
+    step had rate 0 (the warm-up's first) was told to raise --lr, which changes nothing; a gain of exactly 0.05 in
+    accuracy got the "hardly moved" note or not by float rounding."""
+    import math
+
+    from edgepeft.training.summary import hint
+
+    _scripted(monkeypatch, [{"loss": 0.70, "accuracy": 0.5}, {"loss": 0.6, "accuracy": 0.6},
+                            {"loss": math.nan, "accuracy": 0.9}])
+    assert _run(text_model, tmp_path, 2)["best"]["epoch"] == 1
+    monkeypatch.undo()
+    log = _run(text_model, tmp_path, 1, out="once")  # 8 rows, a batch of 8: one step, at the warm-up's rate 0
+    assert [h["lr"] for h in log["history"]] == [0.0] and "pass --warmup-ratio 0, or take more steps" in log["hint"]
+    for before in (0.25, 0.35, 0.45, 0.55):
+        evals = [{"epoch": 0, "loss": 0.7, "accuracy": before}, {"epoch": 1, "loss": 0.7, "accuracy": before + 0.05}]
+        assert hint({"evals": evals}, 1e-3, 1) is None, before
+
+
+def test_max_grad_norm_0_trains_without_clipping_as_in_transformers(text_model, tmp_path):
+    """Found by a hunt: --max-grad-norm 0, transformers' way to turn clipping off, was refused."""
+    from safetensors.torch import load_file
+
+    norms = (0.0, 1e9, 1e-6)  # none, one no gradient reaches, one that clips every step
+    for norm in norms:
+        _run(text_model, tmp_path, 2, out=f"n{norm}", max_grad_norm=norm, warmup_ratio=0.0)
+    none, unreached, clipped = (load_file(str(tmp_path / f"n{norm}" / "adapter_model.safetensors")) for norm in norms)
+    assert all(torch.equal(none[k], unreached[k]) for k in none)
+    assert not all(torch.equal(none[k], clipped[k]) for k in none)

@@ -81,8 +81,9 @@ class TrainingArguments:
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must map the method's fields to values (e.g. {{'r': 8}}), got {self.options!r}")
         self.options = {k: _saved_as(k, v) for k, v in self.options.items()}  # as the checkpoint and the log hold them
-        if not 0 < self.max_grad_norm < math.inf:
-            raise ConfigError(f"--max-grad-norm must be a finite number > 0, got {self.max_grad_norm}")
+        if not 0 <= self.max_grad_norm < math.inf:  # 0: no clipping, as transformers' Trainer reads it
+            raise ConfigError(f"--max-grad-norm must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}; "
+                              "pass 1.0, the default")
         check_output_dir(self.out, "--out")
         from edgepeft.models import check_model_source
 

@@ -2,11 +2,29 @@
 adapter it started from, and the flags to try when it did not learn."""
 from __future__ import annotations
 
+import math
+import os
+
+from edgepeft.config import CONFIG_NAME
+from edgepeft.errors import ConfigError
+
 HARDLY_MOVED = 0.97  # eval loss at its best within this share of the untrained adapter's, either way: hardly moved
 
 
+def diverged(args, step: int, epoch: int, what: str) -> ConfigError:
+    """The error that stops a run whose loss or gradients are no longer numbers: before the step that would take
+    them, so that the adapter saved (at an epoch's end) is one that computes numbers."""
+    kept = f"{args.out} keeps the adapter saved before" if os.path.isfile(os.path.join(args.out, CONFIG_NAME)) \
+        else "no adapter was saved"
+    return ConfigError(f"training diverged at step {step} (epoch {epoch + 1}): {what}; lower --lr (now {args.lr:g}) or "
+                       f"check the data; {kept}")
+
+
 def rank(evaluation: dict) -> tuple:
-    """Higher is better: accuracy, ties broken by the lower eval loss; or the eval loss alone."""
+    """Higher is better: accuracy, ties broken by the lower eval loss; or the eval loss alone. An eval of no number
+    (a NaN loss) is below every other: never the best."""
+    if not math.isfinite(evaluation["loss"]):
+        return (-math.inf,) * (2 if "accuracy" in evaluation else 1)
     if "accuracy" in evaluation:
         return evaluation["accuracy"], -evaluation["loss"]
     return (-evaluation["loss"],)
@@ -37,8 +55,11 @@ def hint(log: dict, lr: float, epochs: int) -> str | None:
     before, best = evals[0]["loss"], min(e["loss"] for e in evals[1:])
     if best > before * (2 - HARDLY_MOVED):  # past the band of "hardly moved", 3% either way
         return f"eval loss rose ({before:.4f} -> {best:.4f} at best); try a lower rate, e.g. --lr {lr / 3:.2g}"
+    if log.get("history") and not any(h["lr"] for h in log["history"]):  # one step, the warm-up's first: rate 0
+        return ("every logged step ran at rate 0 (a warm-up's first step: this run has too few steps to warm up); pass "
+                "--warmup-ratio 0, or take more steps (more --epochs, a smaller --batch-size)")
     metric = next((k for k in ("accuracy", "perplexity") if k in evals[0]), None)
-    if metric == "accuracy" and max(e["accuracy"] for e in evals[1:]) > evals[0]["accuracy"] + 0.05:
+    if metric == "accuracy" and max(e["accuracy"] for e in evals[1:]) >= evals[0]["accuracy"] + 0.05 - 1e-9:
         return None  # a clear gain in accuracy: a small loss change (ln 2 to start with) says nothing more
     if best < HARDLY_MOVED * before:
         return None

@@ -35,7 +35,7 @@ from edgepeft.training.data import (
     rows_digest, scores_relevance)
 from edgepeft.training.optimizer import make_optimizer
 from edgepeft.training.pooling import embedding_settings, last_real_token_pooled, retrieval_loss
-from edgepeft.training.summary import beat_untrained, hint, rank, shown
+from edgepeft.training.summary import beat_untrained, diverged, hint, rank, shown
 
 class Trainer:
     """Train one adapter; ``train()`` returns the summary also written to ``training_log.json``."""
@@ -312,7 +312,8 @@ class Trainer:
                 weighted = weighted + loss.detach().float() * counts[i]
                 examples += len(batch["input_ids"]) * acc.num_processes * bool(window)
             losses.append(weighted / total)  # this process's part of the step's loss (summed over processes when logged)
-            acc.clip_grad_norm_(params, args.max_grad_norm)
+            if args.max_grad_norm:  # 0: no clipping, as transformers' Trainer reads it
+                acc.clip_grad_norm_(params, args.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step takes (logged, as transformers logs it)
             optimizer.step()
             optimizer.zero_grad()
@@ -324,10 +325,7 @@ class Trainer:
                 continue
             mean, losses = float(acc.reduce(torch.stack(losses).mean(), "sum")), []  # the steps' since the last entry
             if not math.isfinite(mean):  # every process sees the reduced mean: all stop alike
-                kept = (f"{args.out} keeps the adapter saved before" if os.path.isfile(os.path.join(args.out, CONFIG_NAME))
-                        else "no adapter was saved")
-                raise ConfigError(f"training diverged at step {step} (epoch {epoch + 1}): the loss is {mean}; "
-                                  f"lower --lr (now {args.lr:g}) or check the data; {kept}")
+                raise diverged(args, step, epoch, f"the loss is {mean}")
             speed = examples / max(time.perf_counter() - t0, 1e-9)
             log["history"].append({"step": step, "epoch": epoch + 1, "loss": mean, "lr": lr, "examples_per_s": speed})
             bar.set_postfix(epoch=f"{epoch + 1}/{args.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}", ex_s=f"{speed:.0f}")
