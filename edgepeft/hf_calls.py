@@ -28,7 +28,7 @@ def elsewhere(name: str):
     return refused
 
 
-PEFT_MODELS = ("merge_and_unload", "unload", "delete_adapter", "peft_config", "active_adapter", "active_adapters")
+PEFT_MODEL_ONLY = ("merge_and_unload", "unload", "delete_adapter", "peft_config", "active_adapter", "active_adapters")
 
 
 def on_peft_model(name: str):

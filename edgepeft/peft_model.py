@@ -27,11 +27,11 @@ from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, first_line
 from edgepeft.files import write_bytes_atomic
 from edgepeft.hf_calls import (check_adapter_name, check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name,
-                               PEFT_MODELS, named_arguments, not_taken, on_peft_model, refuse_adapter_names)
+                               PEFT_MODEL_ONLY, named_arguments, not_taken, on_peft_model, refuse_adapter_names)
 from edgepeft.registry import (AdapterLayer, any_training, entry_parameters, held_entries, model_modules,
                                model_parameters)
 from edgepeft.tuners import method_for
-from edgepeft.tuners.copies import merged_copy, take_out_mixed, unloaded_copy
+from edgepeft.tuners.copies import merged_copy, take_out_mixed, unfoldable, unloaded_copy
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, check_saved_whole_apart, wrap_modules_to_save
 
 
@@ -49,7 +49,7 @@ class TunedModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError as e:
-            if name in PEFT_MODELS:  # HF PEFT's LoraModel has these too: here the PeftModel alone
+            if name in PEFT_MODEL_ONLY:  # HF PEFT's LoraModel has these too: here the PeftModel alone
                 return on_peft_model(name)
             return elsewhere_or(name, e)
 
@@ -383,7 +383,10 @@ class PeftModel(nn.Module):
         name = merged_name(adapter_name, adapter_names) or self.active_adapter
         if name not in self.peft_config:
             raise ConfigError(f"no adapter named {name!r} to merge; have {sorted(self.peft_config)}")
-        return merged_copy(self.base_model.model, method_for(self.peft_config[name]).tuner, name, safe_merge)
+        tuner = method_for(self.peft_config[name]).tuner
+        if tuner.unfoldable:  # before copying the model
+            raise unfoldable(name, tuner.unfoldable)
+        return merged_copy(self.base_model.model, tuner, name, safe_merge)
 
     def unload(self) -> nn.Module:
         """A copy of the transformers model with every adapter layer taken out, nothing merged (HF PEFT's unload)."""

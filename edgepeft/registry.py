@@ -136,6 +136,7 @@ class Tuner:
 
     saved_model_prefix: str | None = None
     unmergeable: str | None = None  # why merge refuses every adapter of the method (export --merge: before loading)
+    unfoldable: str | None = None  # why merge leaves the method's layers in place (merge_and_unload refuses them)
 
     def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
         """Add ``adapter_name``'s layers (wrapping each target once); returns the module names it adapts."""

@@ -90,32 +90,28 @@ def folder_identity(path: str) -> tuple | None:
     return found.st_dev, found.st_ino
 
 
-def text_files_digest(base_dir: str) -> str | None:
-    """sha256 of a base folder's files but its graphs and manifest (tokenizer, chat template, sentence-transformers
-    and generation settings): what the runtime reads at its first text call; None where they cannot be read."""
+def files_digest(folder: str, names: tuple) -> str:
+    """sha256 of the files ``names`` of ``folder`` (those missing or unreadable counted as such)."""
     digest = hashlib.sha256()
-    try:
-        for root, folders, files in os.walk(base_dir):
-            folders.sort()
-            for name in sorted(files):
-                if not name.endswith((".onnx", ".onnx.data", ".onnx_adapter")) and name != "edgepeft.json":
-                    digest.update(os.path.relpath(os.path.join(root, name), base_dir).encode() + b"\0")
-                    with open(os.path.join(root, name), "rb") as f:
-                        for block in iter(lambda: f.read(1 << 20), b""):
-                            digest.update(block)
-    except OSError:
-        return None
+    for name in names:
+        digest.update(name.encode() + b"\0")
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as e:
+            digest.update(f"\0{e.errno}".encode())
     return digest.hexdigest()
 
 
-def check_text_files(base_dir: str, identity: tuple, digest: str | None) -> None:
+def check_text_files(base_dir: str, names: tuple, identity: tuple, digest: str) -> None:
     """Before the first text call reads them: ``base_dir`` the folder it was (``folder_identity``), or one whose text
-    files are the same (an export into OUT renames a new base in, its tokenizer the same), else named."""
+    files ``names`` are the same (an export into OUT renames a new base in, its tokenizer the same), else named."""
     now = folder_identity(base_dir)
     if now is None:
         raise ArtifactNotFoundError(f"{base_dir}: moved or removed since this Runtime opened it, whose tokenizer is read "
                                     "at the first text call; open a new Runtime on the export")
-    if now != identity and text_files_digest(base_dir) != digest:
+    if now != identity and files_digest(base_dir, names) != digest:
         raise CorruptArtifactError(f"{base_dir}: replaced since this Runtime opened it, by an export of another tokenizer "
                                    "or settings (read at the first text call); open a new Runtime on the export")
 

@@ -12,7 +12,7 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .commands import ADAPTERS_DIR
 from .manifest import (
     ADAPTER_GRAPH, ADAPTER_MANIFEST, BASE_DIR, BASE_MANIFEST, check_adapter_graph, check_adapter_manifest,
-    read_adapter_manifest,
+    enclosing_export, read_adapter_manifest,
 )
 
 
@@ -73,12 +73,12 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict, dict]:
 
 
 def _export_of(folder: str) -> str | None:
-    """The export OUT that ``folder`` is, or whose base/ or adapters/ folder it is, else None."""
-    for out in (folder, os.path.dirname(folder)):
-        if os.path.isfile(os.path.join(out, BASE_DIR, BASE_MANIFEST)) and \
-                (out == folder or os.path.basename(folder) in (BASE_DIR, ADAPTERS_DIR)):
-            return out
-    return None
+    """The export OUT that ``folder`` is, or whose base/ or adapters/ folder it is, else None (a stray folder in
+    OUT/adapters is one to name as such)."""
+    if os.path.isfile(os.path.join(folder, BASE_DIR, BASE_MANIFEST)):
+        return folder
+    out = enclosing_export(folder)  # OUT/adapters/base, a stray folder, is held by OUT but is not its base
+    return out if out == os.path.dirname(folder) else None
 
 
 def adapter_bound(base_dir: str, base: dict) -> int:

@@ -26,7 +26,8 @@ from contextlib import contextmanager
 import numpy as np
 
 from .errors import (
-    AdapterBaseMismatchError, AdapterInUseError, ConfigError, CorruptArtifactError, EdgePeftError, UnknownAdapterError,
+    AdapterBaseMismatchError, AdapterInUseError, ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError,
+    UnknownAdapterError,
 )
 from .manifest import (
     ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, read_adapter_manifest,
@@ -347,7 +348,7 @@ class AdapterStore:
             return check_adapter_graph(adapter.path, adapter.manifest, self.most_bytes)
         except EdgePeftError:  # re-exported since (edgepeft export --overwrite): for this base, or for a new one
             if not os.path.isdir(adapter.path):  # moved (OUT renamed) or removed: loading it again there fails too
-                raise CorruptArtifactError(
+                raise ArtifactNotFoundError(
                     f"{adapter.path}: gone since adapter {adapter.name!r} was loaded (moved or removed); unload_adapter("
                     f"{adapter.name!r}) and load it from where it is now, or open a Runtime on the export there") from None
         try:

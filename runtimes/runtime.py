@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import classify, decoded, text
-from .access import check_readable, check_text_files, folder_identity, located, text_files_digest
+from .access import check_readable, check_text_files, files_digest, folder_identity, located
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, assemble, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
@@ -35,6 +35,7 @@ from .inputs import check_token_inputs, check_token_types, generation_mask, step
 from .kv_cache import FixedCache, bind_past
 from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, REEXPORT_BASE, TOKEN_TYPES, adapter_dirs, base_file_errors,
                        cache_names, not_an_export, read_base_manifest)
+from .sentence import TEXT_FILES
 from .sessions import check_providers, device_of, open_base_session, ort, run_bound
 from .slot_checks import check_graph_inputs
 
@@ -76,7 +77,7 @@ class Runtime:
 
     def _open_base(self, base_dir, providers, sess_options, budget):
         self.manifest, self.base_dir = read_base_manifest(base_dir), base_dir
-        self.text_files = folder_identity(base_dir), text_files_digest(base_dir)  # read at the first text call
+        self.text_files_seen = folder_identity(base_dir), files_digest(base_dir, TEXT_FILES)  # read at the first text call
         providers = check_providers(providers, sess_options)
         graph = os.path.join(base_dir, self.manifest["graph"])
         if not os.path.isfile(graph):
@@ -354,7 +355,7 @@ class Runtime:
         ``rt.tokenizer.encode(texts)`` -> ``(input_ids, attention_mask)``; ``rt.tokenizer.decode(ids)`` -> text.
         """
         if self._tokenizer is None:
-            check_text_files(self.base_dir, *self.text_files)  # another export's tokenizer, or none
+            check_text_files(self.base_dir, TEXT_FILES, *self.text_files_seen)  # another export's tokenizer, or none
             self._tokenizer = text.TextTokenizer(self.base_dir, padding_side="left" if self.cache else "right",
                                                  pad_id=self.pad_token_id, max_positions=self.max_positions,
                                                  pairs=self.task == "seq-cls")

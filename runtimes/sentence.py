@@ -29,6 +29,8 @@ from .access import read_json
 SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")  # as exported
 PROMPTS_CONFIG = "config_sentence_transformers.json"  # prompts, default_prompt_name (refused), truncate_dim
 MODULES = ("Transformer", "Pooling", "Normalize")  # the modules embed runs (class names)
+TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              *SENTENCE_TRANSFORMERS_FILES, PROMPTS_CONFIG)  # what a runtime's text calls read from the base folder
 POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sqrt_len",
            "mean_sqrt_len_tokens": "mean_sqrt_len", "lasttoken": "lasttoken"}  # sentence-transformers' names -> edgepeft's
 LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",

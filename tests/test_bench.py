@@ -323,6 +323,8 @@ def test_samples_refuse_counts_they_cannot_measure_with_before_any_work(tmp_path
     seq = _sample("bench_lora.py", "--seq", 600)  # torch's traceback after the exports
     assert seq.returncode == 2 and seq.stderr.strip().endswith("error: --seq 600: MiniLM has room for 496 tokens beside "
                                                                "the prompt adapter's 16")
+    warmup = _sample("bench_lora.py", "--warmup", -1)
+    assert warmup.returncode == 2 and warmup.stderr.strip().endswith("error: --warmup -1: give 0 or more untimed calls")
     generate = _sample("bench_generate.py", "--warmup", 0)
     assert generate.returncode == 2 and "argument --warmup: 0 is not a whole number from 1" in generate.stderr
 

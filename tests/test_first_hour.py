@@ -113,7 +113,7 @@ def test_cli_says_plainly_when_training_did_not_beat_the_untrained_adapter(text_
     _scripted(monkeypatch, [{"loss": 0.69, "accuracy": 0.63}, {"loss": 0.69, "accuracy": 0.63}])
     data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
     main(["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--eval", data, "--out",
-          str(tmp_path / "o"), "--epochs", "1", "--quiet"])
+          str(tmp_path / "o"), "--epochs", "1", "--warmup-ratio", "0", "--quiet"])  # its one step at a rate above 0
     out, err = capsys.readouterr()
     assert out.startswith("done, but no epoch beat the untrained adapter") and "ok:" not in out
     assert "--lr" in out and err.count("note: eval loss hardly moved") == 1
@@ -401,6 +401,9 @@ def test_a_nan_eval_is_never_best_and_a_run_of_rate_0_is_told_to_warm_up_less(te
     monkeypatch.undo()
     log = _run(text_model, tmp_path, 1, out="once")  # 8 rows, a batch of 8: one step, at the warm-up's rate 0
     assert [h["lr"] for h in log["history"]] == [0.0] and "pass --warmup-ratio 0, or take more steps" in log["hint"]
+    for after, advice in ((0.9, "rose"), (0.5, None)):  # a NaN first: min() took it for the best loss
+        evals = [{"epoch": 0, "loss": 0.7}, {"epoch": 1, "loss": math.nan}, {"epoch": 2, "loss": after}]
+        assert (hint({"evals": evals}, 1e-3, 1) or "").startswith(f"eval loss {advice}" if advice else ""), after
     for before in (0.25, 0.35, 0.45, 0.55):
         evals = [{"epoch": 0, "loss": 0.7, "accuracy": before}, {"epoch": 1, "loss": 0.7, "accuracy": before + 0.05}]
         assert hint({"evals": evals}, 1e-3, 1) is None, before

@@ -19,8 +19,8 @@ from file_checks import edited_json
 from peft_refs import ia3_adapter, lora_adapter, peft_virtual_adapter, randomize_adapter
 from tiny import load_reference_base
 
-from edgepeft.errors import (AdapterBaseMismatchError, AdapterInUseError, ConfigError, CorruptArtifactError,
-                             InvalidInputError, UnknownAdapterError)
+from edgepeft.errors import (AdapterBaseMismatchError, AdapterInUseError, ArtifactNotFoundError, ConfigError,
+                             CorruptArtifactError, InvalidInputError, UnknownAdapterError)
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
@@ -438,7 +438,7 @@ def test_a_restage_checks_the_file_again(decoder, tmp_path):
                                   Runtime(decoder[0]).forward(ids, mask, adapter="ia3")["logits"])
     moved = str(tmp_path / "moved")  # found by a hunt: OUT renamed was told to load the adapter again there
     os.rename(out, moved)
-    with pytest.raises(CorruptArtifactError, match=rf"^{os.path.join(out, 'adapters', 'ia3')}: gone since adapter 'ia3'"
+    with pytest.raises(ArtifactNotFoundError, match=rf"^{os.path.join(out, 'adapters', 'ia3')}: gone since adapter 'ia3'"
                                                    r" was loaded \(moved or removed\); unload_adapter\('ia3'\) and load "
                                                    "it from where it is now, or open a Runtime on the export there$"):
         small.forward(ids, mask, adapter="ia3")

@@ -49,7 +49,9 @@ def test_invalid_json_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("data, said", [
     (json.dumps([{"text": "a", "label": "x"}], indent=2).encode(), "the file is one JSON document over several lines "
-     "(a pretty-printed array?), not JSON Lines: write each row as one JSON object on its own line"),
+     "(a pretty-printed list), not JSON Lines: write each row as one JSON object on its own line (jq -c '.[]' "),
+    (json.dumps({"text": "a", "label": "x"}, indent=2).encode(), "the file is one JSON document over several lines (a "
+     "pretty-printed dict), not JSON Lines: write each row as one JSON object on its own line (jq -c . file.json"),
     ('{"text": "a", "label": "x"}\n'.encode("utf-16-le"), "the file holds NUL bytes (UTF-16 text?): save it as UTF-8"),
     (b'{"text": "a", "label": "x"}\r{"text": "b", "label": "y"}\r', "its lines end in CR alone (old Mac line ends)")])
 def test_a_file_that_is_no_json_lines_is_named_for_what_it_is(tmp_path, data, said):
@@ -111,7 +113,8 @@ def test_causal_lm_accepts_both_shapes_and_keeps_line_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("row, half, lacking", [({"text": "Q", "completion": " A"}, "completion", "prompt"),
-                                                ({"prompt": "Q", "text": "Q A"}, "prompt", "completion")])
+                                                ({"prompt": "Q", "text": "Q A"}, "prompt", "completion"),
+                                                ({"text": "T", "prompt": "Q", "completion": None}, "prompt", "completion")])
 def test_half_a_prompt_completion_row_beside_a_text_is_refused(tmp_path, row, half, lacking):
     """Found by a hunt: {"text", "completion"} trained the text alone (its completion dropped without a word), and
     {"prompt", "text"} the text without its prompt. A null field is a column's missing value, as pandas writes
@@ -295,6 +298,7 @@ def test_a_trained_head_whose_classes_the_data_lacks_is_said_to_be_replaced():
         "m: its head names its classes negative, neutral, positive (config.json's id2label); the data's integer labels "
         "train them as class ids, which the adapter's labels (and classify) name 0, 1, 2; label the rows with its "
         "class names to keep them")
+    assert replaced_head_note(config, ["0", "1", "2"], "m", False, ["0", "1", "2"]) is None  # its names are the ids
 
 
 def test_eval_label_not_in_training_labels_names_eval_file_and_line(tmp_path):
@@ -336,7 +340,7 @@ def test_a_completion_is_tokenized_as_the_text_reads_on_from_its_prompt(tmp_path
     assert tok.tokenize("Paris is ")[-1] == "▁" and tok.tokenize("Paris is nice")[-1] == "▁nice"
     capsys.readouterr()
     Encoder(tok, "causal-lm", max_length=64).encode([{"prompt": "Paris is ", "completion": "nice", "_line": 3}], "d.jsonl")
-    assert capsys.readouterr().err.startswith("note: d.jsonl: lines 3: the tokenizer joins the prompt's end to the "
+    assert capsys.readouterr().err.startswith("note: d.jsonl: line 3: the tokenizer joins the prompt's end to the "
                                               "completion's start")
 
 

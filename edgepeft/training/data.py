@@ -112,7 +112,7 @@ def read_jsonl(path: str, task: str) -> Rows:
             raise DataError(f"{path}:{n}: a {task} row needs {want}; this row has {sorted(row) or 'no fields'}")
         for other in shapes:  # half of another shape ({"text", "completion"}): that half was dropped without a word
             if half := [k for k in other if k in given and k not in shape and not given.issuperset(other)]:
-                lacking = " and ".join(f'"{k}"' for k in other if k not in row)
+                lacking = " and ".join(f'"{k}"' for k in other if k not in given)
                 raise DataError(f'{path}:{n}: "{half[0]}" without {lacking}: a {task} row is {want}; give it {lacking}'
                                 f' or drop "{half[0]}"')
         names = negatives if task == "feature-extraction" else []
@@ -237,7 +237,7 @@ def replaced_head_note(config, labels: list, model: str, kept: bool, head: list 
     (``kept``: ``scores_relevance`` keeps it), or are not the classes a trained head names (``head``: its id2label),
     as transformers' run_glue warns: a head of another count is trained from scratch in its place."""
     ids = [str(i) for i in range(len(head or []))]  # class ids 0..N-1 are its outputs
-    if head and labels == ids:  # trained as they are; the adapter's labels.json (and classify) then say 0, 1, ...
+    if head and labels == ids != head:  # trained as they are; the adapter's labels.json (and classify) then say 0, 1, ...
         return (f"{model}: its head names its classes {', '.join(head)} (config.json's id2label); the data's integer "
                 f"labels train them as class ids, which the adapter's labels (and classify) name {', '.join(ids)}; "
                 "label the rows with its class names to keep them")
@@ -284,7 +284,7 @@ class Encoder:
         self.max_length = max_length
         self.labels = labels
         self.types = types
-        self.seams = []  # the lines of rows whose completion was tokenized alone (_completion)
+        self.completions_alone = []  # the lines of rows whose completion was tokenized alone (_completion)
         pad = pad_id if pad_id is not None else tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -321,11 +321,12 @@ class Encoder:
         if self.task == "feature-extraction":
             return [{"input_ids": self._cut(r["text"]), "positive_ids": self._cut(r["positive"])} |
                     ({"negative_ids": [self._cut(t) for t in r["negatives"]]} if "negatives" in r else {}) for r in rows]
-        self.seams = []
+        self.completions_alone = []
         causal = [self._causal(r, path) for r in rows]
-        if self.seams and first():  # TRL warns alike: the ids trained read otherwise than prompt + completion
-            lines = ", ".join(map(str, self.seams[:5])) + (" ..." if len(self.seams) > 5 else "")
-            print(f"note: {path}: lines {lines}: the tokenizer joins the prompt's end to the completion's start (a "
+        if self.completions_alone and first():  # TRL warns alike: the ids trained read otherwise than prompt + completion
+            alone = self.completions_alone
+            lines = ("lines " if len(alone) > 1 else "line ") + ", ".join(map(str, alone[:5])) + (" ..." if len(alone) > 5 else "")
+            print(f"note: {path}: {lines}: the tokenizer joins the prompt's end to the completion's start (a "
                   "prompt ending in a space, on a Llama-2 style tokenizer), so the completion is tokenized alone and "
                   "the text trained reads otherwise than prompt + completion; end the prompt before the space and "
                   "start the completion with it", file=sys.stderr)
@@ -352,11 +353,11 @@ class Encoder:
     def _completion(self, prompt: str, completion: str, line: int) -> list[int]:
         """The completion's ids as the text reads on from the prompt, as TRL tokenizes prompt + completion: alone,
         a Metaspace tokenizer (Llama-2, Mistral) starts it with '▁', a space the text does not have. Where the
-        joint ids do not begin with the prompt's (a token across the seam), the completion alone (``seams``)."""
+        joint ids do not begin with the prompt's (a token across the seam), the completion alone (``completions_alone``)."""
         head, whole = self._ids(prompt, special=False), self._ids(prompt + completion, special=False)
         if whole[:len(head)] == head:
             return whole[len(head):]
-        self.seams.append(line)
+        self.completions_alone.append(line)
         return self._ids(completion, special=False)
 
     def _pad(self, seqs: list[list[int]], value: int) -> torch.Tensor:

@@ -21,8 +21,9 @@ def not_json_lines(lines: list[bytes]) -> str | None:
     if b"\r" in data and b"\n" not in data:
         return "its lines end in CR alone (old Mac line ends): save it with LF or CRLF line ends"
     try:
-        json.loads(data)
+        document = json.loads(data)
     except (ValueError, RecursionError):
         return None
-    return ("the file is one JSON document over several lines (a pretty-printed array?), not JSON Lines: write each "
-            "row as one JSON object on its own line (jq -c '.[]' file.json > file.jsonl)")
+    rows = "jq -c '.[]' file.json > file.jsonl" if isinstance(document, list) else "jq -c . file.json > file.jsonl"
+    return (f"the file is one JSON document over several lines (a pretty-printed {type(document).__name__}), not JSON "
+            f"Lines: write each row as one JSON object on its own line ({rows})")

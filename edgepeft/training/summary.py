@@ -12,8 +12,8 @@ HARDLY_MOVED = 0.97  # eval loss at its best within this share of the untrained 
 
 
 def diverged(args, step: int, epoch: int, what: str) -> ConfigError:
-    """The error that stops a run whose loss or gradients are no longer numbers: before the step that would take
-    them, so that the adapter saved (at an epoch's end) is one that computes numbers."""
+    """The error that stops a run whose logged training loss is no longer a number (checked where it is logged: every
+    ``logging_steps`` steps and at each epoch's end, before that epoch's adapter is saved)."""
     kept = f"{args.out} keeps the adapter saved before" if os.path.isfile(os.path.join(args.out, CONFIG_NAME)) \
         else "no adapter was saved"
     return ConfigError(f"training diverged at step {step} (epoch {epoch + 1}): {what}; lower --lr (now {args.lr:g}) or "
@@ -49,7 +49,7 @@ def hint(log: dict, lr: float, epochs: int) -> str | None:
     The eval loss rose (by more than 3%): the rate is probably too high. It hardly moved (within 3%) and the metric
     did not improve either: too low, or too few epochs.
     """
-    evals = log["evals"]
+    evals = [e for e in log["evals"] if math.isfinite(e["loss"])]  # a NaN eval tells nothing (nor is it the best)
     if len(evals) < 2 or evals[0]["epoch"] != 0:
         return None
     before, best = evals[0]["loss"], min(e["loss"] for e in evals[1:])

@@ -35,17 +35,21 @@ def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False, ke
         if plain is not None:  # None: it cannot be folded (a bottleneck): it stays, active
             replace_module(model, key, plain)
         elif still_there and not keep_layers:  # saved, the copy was no transformers model: reloaded, those were random
-            raise UnsupportedMethodError(
-                f"merge_and_unload(): adapter {name!r} cannot be folded into the weights: its {type(module).__name__} "
-                "layers are not linear (a copy holding them saves as no transformers model: from_pretrained starts "
-                "those layers at random); export it with `edgepeft export` (--merge keeps its layers in the graph), or "
-                "keep the PeftModel")
+            raise unfoldable(name, f"its {type(module).__name__} layers stay")
     take_out_mixed(model)
     broken = [k for k, p in model.named_parameters() if not torch.isfinite(p).all()] if safe_merge else []
     if broken:
         raise ConfigError(f"merging adapter {name!r} gives weights that are not finite (NaN or inf: {broken[0]}); "
                           "the adapter is broken: train it again")
     return model
+
+
+def unfoldable(name: str, why: str) -> UnsupportedMethodError:
+    """merge_and_unload's refusal of an adapter whose layers cannot be folded into the weights."""
+    return UnsupportedMethodError(
+        f"merge_and_unload(): adapter {name!r} cannot be folded into the weights ({why}; a copy holding its layers "
+        "saves as no transformers model: from_pretrained starts them at random); export it with `edgepeft export` "
+        "(--merge keeps its layers in the graph), or keep the PeftModel")
 
 
 def unloaded_copy(model: nn.Module) -> nn.Module:

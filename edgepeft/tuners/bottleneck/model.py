@@ -27,9 +27,11 @@ class BottleneckTuner(Tuner):
     def layers(self, model: nn.Module):
         return [(k, m) for k, m in model_modules(model) if isinstance(m, BottleneckLinear)]
 
-    def merge(self, model: nn.Module, adapter_name: str) -> None:
-        """A bottleneck is non-linear and cannot be folded into the weights: its layers stay.
+    unfoldable = "a bottleneck is not linear"
 
-        ``PeftModel.merge_and_unload`` keeps the layers that hold ``adapter_name`` and
-        unwraps the rest, as it does for every method.
+    def merge(self, model: nn.Module, adapter_name: str) -> None:
+        """A bottleneck is non-linear and cannot be folded into the weights: its layers stay (``unfoldable``).
+
+        ``export --merge`` keeps the layers that hold ``adapter_name`` in its graph and unwraps the rest;
+        ``PeftModel.merge_and_unload`` refuses such an adapter.
         """

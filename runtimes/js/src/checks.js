@@ -206,8 +206,10 @@ export function cacheNames(cache, direction) {
 const camel = (key) => key.replace(/_([a-z])/g, (_, c) => c.toUpperCase());
 const snake = (key) => key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
 
-// the tokenizer's options that are switches (the library takes any value, truthy or not)
+// the tokenizer's options that are switches (the library takes any value, truthy or not; undefined is the default),
+// and those whose null is the library's default too (the others' null overrode a default of true)
 const FLAGS = ["add_special_tokens", "return_token_type_ids", "skip_special_tokens", "clean_up_tokenization_spaces"];
+const NULLABLE = ["return_token_type_ids", "clean_up_tokenization_spaces"];
 
 /**
  * A call's options object, or EdgePeftError: a key the call does not know would otherwise be dropped
@@ -226,7 +228,7 @@ export function checkOptions(options, allowed, call, elsewhere = "") {
       elsewhere);
   }
   for (const [key, value] of Object.entries(options)) {  // a flag's "false" (a string) counted as true
-    if (FLAGS.includes(key) && value != null && typeof value !== "boolean") {
+    if (FLAGS.includes(key) && typeof value !== "boolean" && value !== undefined && !(value === null && NULLABLE.includes(key))) {
       throw new EdgePeftError(`${call}'s ${key} must be true or false, got ${described(value)}`);
     }
   }

@@ -122,7 +122,7 @@ export async function tokenizerOf(Tokenizer, loader) {
   tokenizer.decode = (ids, options) => {  // an id past the vocabulary decodes to nothing (the library said [UNK])
     const list = tokenIds(ids).filter((id) => tokenizer.model.vocab[id] !== undefined);
     const settings = checkOptions(options, ["skip_special_tokens", "clean_up_tokenization_spaces"], "decode");
-    return list.length ? decode(list, { skip_special_tokens: true, ...settings }) : "";
+    return list.length ? decode(list, { ...settings, skip_special_tokens: settings.skip_special_tokens ?? true }) : "";
   };
   const encode = tokenizer.encode.bind(tokenizer);
   const cjk = bertCjk(json.normalizer);
@@ -135,7 +135,8 @@ export async function tokenizerOf(Tokenizer, loader) {
   // an empty pair is none, as transformers' one-text call and the Python runtime's encode_pairs(text, "") read it
   // (options: the library's, snake_case; an unknown one, textPair or max_length, was dropped: the text alone encoded)
   tokenizer.encode = (t, options) => {
-    const o = checkOptions(options, ["text_pair", "add_special_tokens", "return_token_type_ids"], "encode", CUT_IDS);
+    const o = checkOptions(options, ["text_pair", "add_special_tokens", "return_token_type_ids"], "encode",
+      Object.keys(options ?? {}).some((k) => /^(max_?length|maxLength|truncation)$/.test(k)) ? CUT_IDS : "");
     return encode(text(t), o.text_pair == null ? o
       : { return_token_type_ids: true, ...o, text_pair: o.text_pair === "" ? null : text(o.text_pair) });
   };
@@ -248,9 +249,6 @@ function asRustDecodes(decoder) {
         return "\uFFFD".repeat(bytes.length);
       }
     } };
-  }
-  if (decoder?.text_decoder instanceof TextDecoder && !decoder.text_decoder.ignoreBOM) {
-    decoder.text_decoder = new TextDecoder("utf-8", { ignoreBOM: true });
   }
   if (decoder?.config?.type === "ByteLevel" && decoder.byte_decoder) {
     const map = decoder.byte_decoder;

@@ -206,12 +206,15 @@ test("the tokenizer's options are checked: a camelCase textPair, a string flag o
     [() => tok.encode("q", { textPair: "p" }), "encode has no option textPair; its options are text_pair, add_special_tokens, return_token_type_ids (text_pair: snake_case here)"],
     [() => tok.encode("a b", { add_special_tokens: "false" }), "encode's add_special_tokens must be true or false, got \"false\""],
     [() => tok.encode("a b c", { max_length: 4 }), "encode has no option max_length; its options are text_pair, add_special_tokens, return_token_type_ids; to cut, slice the ids"],
+    [() => tok.encode("a b", { add_special_tokens: null }), "encode's add_special_tokens must be true or false, got null"],
     [() => tok.decode([101, 1037, 102], { skipSpecialTokens: false }), "decode has no option skipSpecialTokens; its options are skip_special_tokens, clean_up_tokenization_spaces (skip_special_tokens: snake_case here)"],
     [() => tok.encode("a b", "x"), "encode's options must be an object such as { text_pair: ... }; got \"x\""],
   ];
-  for (const [call, said] of refused) {
-    assert.throws(call, (e) => e instanceof EdgePeftError && e.message.startsWith(said), said);
+  for (const [call, said] of refused) {  // the cut's hint for a cut's option alone
+    assert.throws(call, (e) => e instanceof EdgePeftError && e.message.startsWith(said) &&
+      e.message.includes("to cut") === said.includes("to cut"), said);
   }
+  assert.equal(tok.decode([101, 1037, 102], { skip_special_tokens: undefined }), "a");  // the default: it kept them
   assert.deepEqual(tok.encode("q", { text_pair: "p" }).token_type_ids, [0, 0, 0, 1, 1]);
   assert.equal(tok.decode([101, 1037, 102], { skip_special_tokens: false }), "[CLS] a [SEP]");
   assert.equal(tok.encode("a b", { add_special_tokens: false }).ids.length, 2);
