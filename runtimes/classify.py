@@ -15,9 +15,9 @@ from .base_checks import serves_pairs
 from .commands import pairs_fix
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
-from .mixing import row_adapters
+from .mixing import BATCH, in_batches, in_groups, row_adapters
 from .sentence import cut_length, tokenizer_limit
-from .text import in_groups, token_counts
+from .text import token_counts
 
 PAIR_KEYS = ("text", "text_pair")  # transformers' pipeline's pair: the tokenizer's argument names
 
@@ -78,6 +78,8 @@ def _classified(rt, rows: list, adapter, limit: int | None) -> list:
             extra = f" (+ the adapter's {virtual} virtual tokens)" if virtual else ""
             raise InvalidInputError(f"a text of {length} tokens{extra} exceeds the model's {rt.max_positions} positions; "
                                     "shorten it, or pass truncation=True to cut it as transformers' pipeline does")
+    if len(rows) > BATCH:  # in batches of like lengths (see in_batches)
+        return in_batches(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs, limit))
     if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
         # at a time does (transformers' pipeline): the head would read a shorter row at a pad
         return in_groups(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs, limit))

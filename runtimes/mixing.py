@@ -71,6 +71,28 @@ def row_specs(adapter, batch: int):
     return [{} if a is None else {a: 1.0} if isinstance(a, str) else _weights(a) for a in adapter]
 
 
+BATCH = 32  # rows a text call runs at once (sentence-transformers' encode and predict: 32)
+
+
+def in_groups(keys: list, rows: list, per_row: list, call) -> list:
+    """``call(rows, their adapters)`` once per group of rows with equal ``keys``, the results in the rows' order."""
+    parts = {}
+    for key in set(keys):
+        at = [i for i, k in enumerate(keys) if k == key]
+        parts.update(zip(at, call([rows[i] for i in at], [per_row[i] for i in at])))
+    return [parts[i] for i in range(len(rows))]
+
+
+def in_batches(lengths: list, rows: list, per_row: list, call) -> list:
+    """``in_groups`` over batches of ``BATCH`` rows of like token counts, the results in the rows' order: one padded
+    batch of every row took memory by the count of rows times the longest row's squared (a list of 10,000 texts, one
+    long: hundreds of GB), where transformers' pipeline runs a text at a time and sentence-transformers 32."""
+    order = np.argsort(lengths, kind="stable")  # (N,)
+    batch = np.empty(len(rows), dtype=np.int64)
+    batch[order] = np.arange(len(rows)) // BATCH
+    return in_groups(batch.tolist(), rows, per_row, call)
+
+
 def row_adapters(adapter, rows: int) -> list:
     """Each row's adapter (a name, a weighted dict, None) of a call's ``adapter`` argument; a per-row list of the
     wrong length is refused here, before a caller indexes it."""

@@ -22,7 +22,7 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, In
 from .errors import MissingDependencyError
 from .decoded import GrowingText, OpenBytes
 from .values import HALF_CHARACTER, half_character, is_whole
-from .mixing import row_adapters
+from .mixing import BATCH, in_batches, in_groups, row_adapters
 from .sentence import (TOKENIZER_FIX as _FIX, chosen_prompt, cut_length, lowercase_first, pool,
                        sentence_transformers_settings)
 
@@ -332,15 +332,6 @@ def generate_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     return texts[0] if single else texts
 
 
-def in_groups(keys: list, rows: list, per_row: list, call) -> list:
-    """``call(rows, their adapters)`` once per group of rows with equal ``keys``, the results in the rows' order."""
-    parts = {}
-    for key in set(keys):
-        at = [i for i, k in enumerate(keys) if k == key]
-        parts.update(zip(at, call([rows[i] for i in at], [per_row[i] for i in at])))
-    return [parts[i] for i in range(len(rows))]
-
-
 def _texts(texts) -> tuple[list, bool]:
     single = isinstance(texts, str)
     if not (single or (isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts))):
@@ -392,6 +383,9 @@ def _embedded(rt, rows: list, adapter, normalize: bool, skip: int) -> np.ndarray
     if len(set(limits)) > 1:  # rows cut to other lengths run in batches of their own: a wider row pads them past it
         return np.stack(in_groups(limits, rows, per_row, lambda part, specs: _embedded(rt, part, specs, normalize, skip)))
     ids, mask = tokenizer.encode(rows, max_length=limits[0])
+    if len(rows) > BATCH:  # in batches of like lengths (see in_batches)
+        return np.stack(in_batches(token_counts(rows, mask), rows, per_row,
+                                   lambda part, specs: _embedded(rt, part, specs, normalize, skip)))
     token_counts(rows, mask)
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
     pooled = pool(hidden, mask * (mask.cumsum(1) > skip), settings.mode)

@@ -124,6 +124,8 @@ def test_embed_is_sentence_transformers_encode_for_long_texts_and_its_pooling(mi
     texts = ["hello world", "word " * 300, "a " * 509]
     assert rt.tokenizer.encode(texts[2])[0].shape[1] > 500  # longer than max_seq_length
     np.testing.assert_allclose(rt.embed(texts), st.encode(texts), atol=1e-5)
+    many = [f"short text {i}" for i in range(40)] + texts * 2  # over a batch (32), in batches of like lengths
+    np.testing.assert_allclose(rt.embed(many), st.encode(many), atol=1e-5)
     out = str(tmp_path / "out")
     shutil.copytree(outs["qv"], out)
     config = os.path.join(out, "base", "tokenizer_config.json")  # a tokenizer that cuts a long text's start: the
