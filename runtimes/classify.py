@@ -36,7 +36,8 @@ def _rows(texts) -> tuple[list, bool]:
 
 def _row(item) -> tuple:
     if isinstance(item, dict) and "text" in item and not set(item) - set(PAIR_KEYS):  # an empty pair is none, as the
-        item = item["text"], item.get("text_pair") or None  # pipeline's tokenizer reads one text's {text, text_pair}
+        pair = item.get("text_pair")  # pipeline's tokenizer reads one text's {text, text_pair}; 0 or [] is refused below
+        item = item["text"], None if isinstance(pair, str) and not pair else pair
     elif isinstance(item, (list, tuple)) and len(item) == 2:
         item = tuple(item)
     elif isinstance(item, str):

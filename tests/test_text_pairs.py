@@ -345,6 +345,9 @@ def test_pair_edges_follow_their_references(reranker, decoder_classifier, tmp_pa
 
     assert rt.classify(["a b", "c"], adapter="lora")[1]["score"] == pytest.approx(score("c"), abs=1e-6)  # two texts
     assert score({"text": "where is it", "text_pair": ""}) == score("where is it")  # the pipeline's: [CLS] a [SEP]
+    for falsy in (0, False, []):  # a hunt: scored as the text alone; transformers' tokenizer refuses them
+        with pytest.raises(InvalidInputError, match=r"^give a text, a text pair"):
+            score({"text": "where is it", "text_pair": falsy})
     assert rt.classify([("where is it", "")], adapter="lora")[0]["score"] != score("where is it")  # [CLS] a [SEP] [SEP]
     ids, _, types = rt.tokenizer.encode_pairs(["a b", "c"], None)
     np.testing.assert_array_equal(ids, rt.tokenizer.encode(["a b", "c"])[0])
