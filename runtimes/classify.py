@@ -18,6 +18,7 @@ from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .mixing import BATCH, in_batches, in_groups, row_adapters
 from .sentence import cut_length, tokenizer_limit
 from .text import token_counts
+from .values import switch
 
 PAIR_KEYS = ("text", "text_pair")  # transformers' pipeline's pair: the tokenizer's argument names
 
@@ -57,8 +58,7 @@ def classify(rt, texts, adapter=None, truncation: bool = False):
     capped at the model's positions less an adapter's virtual tokens; else nothing is cut."""
     if rt.task != "seq-cls":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export does not classify; export a seq-cls adapter")
-    if not isinstance(truncation, bool):
-        raise ConfigError(f"truncation must be True or False, got {truncation!r}")
+    truncation = switch(truncation, "truncation")
     rows, single = _rows(texts)
     if not serves_pairs(rt.manifest) and any(pair is not None for _, pair in rows):  # BERT's types unbound
         raise ConfigError(f"{rt.base_dir}: exported before edgepeft served text pairs (a BERT's graph then took no token "

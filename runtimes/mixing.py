@@ -104,7 +104,8 @@ def _weights(spec) -> dict:
     if not isinstance(spec, dict) or not spec or not all(isinstance(k, str) for k in spec):
         raise InvalidInputError(f"a weighted adapter is a non-empty {{name: weight}} dict; got {spec!r}")
     for name, weight in spec.items():
-        if not is_real(weight) or abs(weight) > float(np.finfo(np.float32).max):  # the row weights are float32: 1e40 is inf
+        # the row weights are float32: 1e40 is inf (compared as a float: a float16 weight overflowed the bound)
+        if not is_real(weight) or abs(float(weight)) > float(np.finfo(np.float32).max):
             raise InvalidInputError(f"adapter {name!r} has weight {weight!r}; give a finite number (within float32's "
                                     "range, 3.4e38)")
     return {k: float(v) for k, v in spec.items()}

@@ -38,6 +38,7 @@ from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, REEXPORT_BASE, T
 from .sentence import TEXT_FILES
 from .sessions import check_providers, device_of, open_base_session, ort, run_bound
 from .slot_checks import check_graph_inputs
+from .values import switch
 
 
 class Runtime:
@@ -54,7 +55,7 @@ class Runtime:
         self.path = located(path)  # the export stays where it was opened when the app changes directory
         try:
             self._open_base(os.path.join(self.path, BASE_DIR), providers, sess_options, adapter_budget_bytes)
-            if load_adapters:
+            if switch(load_adapters, "load_adapters"):
                 for d in adapter_dirs(self.path).values():
                     self.load_adapter(d)  # named by its folder
         except BaseException:  # a failed open holds nothing: the error's traceback (kept by the app) reaches self

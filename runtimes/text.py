@@ -21,7 +21,7 @@ from .access import check_readable, read_json
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
 from .errors import MissingDependencyError
 from .decoded import GrowingText, OpenBytes
-from .values import HALF_CHARACTER, half_character, is_whole
+from .values import HALF_CHARACTER, half_character, is_whole, switch
 from .mixing import BATCH, in_batches, in_groups, row_adapters
 from .sentence import (TOKENIZER_FIX as _FIX, chosen_prompt, cut_length, lowercase_first, pool,
                        sentence_transformers_settings)
@@ -148,9 +148,7 @@ class TextTokenizer:
         if text_pair is not None:  # transformers' spelling: its pairs' types need encode_pairs' third array
             raise ConfigError("encode takes no text_pair; encode text pairs with encode_pairs(texts, text_pairs), which "
                               "returns their token_type_ids too")
-        if not isinstance(add_special_tokens, bool):  # encode(text, pair): encode_pairs takes pairs
-            raise ConfigError(f"add_special_tokens must be True or False, got {add_special_tokens!r} (text pairs: "
-                              "encode_pairs)")
+        add_special_tokens = switch(add_special_tokens, "add_special_tokens", " (text pairs: encode_pairs)")
         if max_length is not None and not is_whole(max_length):  # a TypeError from the tokenizers package
             raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
         pad_id, side = self._padding(pad_id, padding_side)
@@ -165,8 +163,7 @@ class TextTokenizer:
         ``text_pairs`` None, or one text's pair "" as its one-text call: the text alone): the template's types (a BERT
         pair's second text 1), padded with 0 as ``encode`` pads. ``max_length``: each row cut to it as transformers'
         ``truncation=True`` cuts (a pair longest first); None: no cut. ``add_special_tokens=False``: typed 0 and 1."""
-        if not isinstance(add_special_tokens, bool):
-            raise ConfigError(f"add_special_tokens must be True or False, got {add_special_tokens!r}")
+        add_special_tokens = switch(add_special_tokens, "add_special_tokens")
         if max_length is not None and not is_whole(max_length):
             raise ConfigError(f"max_length must be a whole number of tokens (None: no cut), got {max_length!r}")
         pad_id, side = self._padding(pad_id, padding_side)
@@ -216,10 +213,11 @@ class TextTokenizer:
         ids = np.asarray(ids)
         if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):  # int() read 5.7 as 5; transformers refuses
             raise InvalidInputError(f"decode takes one sequence of token ids (integers), got {ids.tolist()!r:.80}")
+        skip, tidy = switch(skip_special_tokens, "skip_special_tokens"), switch(tidy, "tidy")
         try:
-            text = self._tok.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
+            text = self._tok.decode(ids.tolist(), skip_special_tokens=skip)
         except OverflowError:  # the tokenizers package's word for an id < 0 or >= 2**32
-            raise InvalidInputError(f"decode takes token ids (integers >= 0), got {ids.tolist()!r:.80}") from None
+            raise InvalidInputError(f"decode takes token ids from 0 to 2**32 - 1, got {ids.tolist()!r:.80}") from None
         return _tidied(text) if self._tidy and tidy else text
 
     def byte_of(self, i) -> int | None:
@@ -276,6 +274,7 @@ def _padded(rows: list, types: list | None, pad_id: int, side: str) -> tuple:
 
 def prompt_ids(rt, prompt, chat: bool):
     """(ids, mask, single): the prompt(s) tokenized, left-padded; ``single``: one prompt, not a list of them."""
+    chat = switch(chat, "chat")
     # chat messages as a list or a tuple (transformers' apply_chat_template takes both), or a list of those
     single = isinstance(prompt, str) or (chat and isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict))
     if not (single or (isinstance(prompt, (list, tuple)) and prompt
@@ -360,7 +359,7 @@ def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, pro
     are cut further where the model's positions leave them no room."""
     if rt.task != "feature-extraction":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
-    rows, single = _texts(texts)
+    rows, single, normalize = *_texts(texts), switch(normalize, "normalize")
     settings, tokenizer = rt.tokenizer.sentence_transformers
     prompt = chosen_prompt(settings, rt.base_dir, prompt_name, prompt)
     skip = 0  # tokens at each row's start left out of the pooling: the prompt's, as encode measures it

@@ -6,6 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import ConfigError
+
+
+def switch(value, name: str, hint: str = "") -> bool:
+    """A True/False setting (numpy's bool too) as a bool, else ConfigError: a "False" (a string) read as true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be True or False, got {value!r:.40}{hint}")
+    return bool(value)
+
 
 def is_whole(value) -> bool:
     """An int (Python or numpy), not a bool."""

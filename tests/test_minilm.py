@@ -126,6 +126,8 @@ def test_embed_is_sentence_transformers_encode_for_long_texts_and_its_pooling(mi
     np.testing.assert_allclose(rt.embed(texts), st.encode(texts), atol=1e-5)
     many = [f"short text {i}" for i in range(40)] + texts * 2  # over a batch (32), in batches of like lengths
     np.testing.assert_allclose(rt.embed(many), st.encode(many), atol=1e-5)
+    with pytest.raises(ConfigError, match="^normalize must be True or False, got 'False'$"):  # it normalized (a hunt)
+        rt.embed("hello", normalize="False")
     out = str(tmp_path / "out")
     shutil.copytree(outs["qv"], out)
     config = os.path.join(out, "base", "tokenizer_config.json")  # a tokenizer that cuts a long text's start: the

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 import zipfile
 
 import numpy as np
@@ -152,6 +153,9 @@ def test_combinations_without_a_meaning_are_refused(rt):
         for spec in ({"lora_qv": weight}, [{"lora_qv": weight}, None]):  # 10**400: a TypeError from numpy
             with pytest.raises(InvalidInputError, match=r"give a finite number \(within float32's range, 3.4e38\)"):
                 rt.forward(ids, mask, adapter=spec)
+    with warnings.catch_warnings():  # a hunt: a float16 weight compared in float16 warned of an overflow
+        warnings.simplefilter("error")
+        rt.forward(ids, mask, adapter={"lora_qv": np.float16(0.5)})
     # the calls that take one name refuse a list or weights (a TypeError: unhashable type before)
     for call in (rt.labels, rt.adapter_info, rt.adapter_dir, rt.adapter_tensors, rt.unload_adapter):
         for bad in (["lora_qv"], {"lora_qv": 1.0}):

@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edgepeft.runtimes import CorruptArtifactError, MissingDependencyError, Runtime
+from edgepeft.runtimes import ConfigError, CorruptArtifactError, MissingDependencyError, Runtime
 from edgepeft.runtimes.decoded import StopStrings
 from file_checks import edited_json
 from word_tokenizer import PROMPT, decode
@@ -420,3 +420,20 @@ def test_a_base_replaced_or_moved_before_the_first_text_call_is_named(text_expor
     os.rename(out, str(tmp_path / "moved"))
     with pytest.raises(ArtifactNotFoundError, match=f"^{out}/base: moved or removed since this Runtime opened it"):
         moved.tokenizer
+
+
+def test_switches_take_numpy_bools_and_refuse_anything_else(text_export):
+    """Found by a hunt: "no" or "False" (strings) read as true (chat, load_adapters, decode's tidy), decode's
+    skip_special_tokens="no" was the tokenizers package's TypeError, and numpy's True was refused by encode."""
+    out = text_export[0]
+    rt = Runtime(out)
+    assert rt.tokenizer.encode(PROMPT, add_special_tokens=np.bool_(False))[0].tolist() == \
+        rt.tokenizer.encode(PROMPT, add_special_tokens=False)[0].tolist()
+    ids = rt.tokenizer.encode(PROMPT)[0][0]
+    for call, name in ((lambda v: rt.tokenizer.decode(ids, skip_special_tokens=v), "skip_special_tokens"),
+                       (lambda v: rt.tokenizer.decode(ids, tidy=v), "tidy"),
+                       (lambda v: rt.generate_text(PROMPT, chat=v, max_new_tokens=1), "chat"),
+                       (lambda v: Runtime(out, load_adapters=v), "load_adapters")):
+        call(np.bool_(False))
+        with pytest.raises(ConfigError, match=f"^{name} must be True or False, got 'no'$"):
+            call("no")
