@@ -73,9 +73,13 @@ def compile_template(text: str | None, source: str):
         raise CorruptArtifactError(f"{source}: the chat template does not parse ({e}); {_FIX}") from None
 
 
-def render(template, source: str, messages: list, add_generation_prompt: bool, special_tokens: dict) -> str:
+def render(template, source: str, messages: list, add_generation_prompt: bool, special_tokens: dict,
+           continue_final_message: bool | None = False) -> str:
     """``compile_template``'s template rendered for ``messages``; what the messages hold that it cannot render is an
-    InvalidInputError, what the template itself may not do a CorruptArtifactError."""
+    InvalidInputError, what the template itself may not do a CorruptArtifactError. ``continue_final_message``: the
+    text ends where the last message's text does (an answer begun, which the model continues), as transformers';
+    None: as transformers' text-generation pipeline, where the last message is the assistant's (no generation
+    prompt then: a new answer was begun after the one given)."""
     from jinja2.exceptions import SecurityError  # present: compile_template imported jinja2
 
     if isinstance(messages, (str, dict)):  # one message, or a text: read as its characters or keys below
@@ -91,8 +95,15 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
         if (half := _half_character(m)) is not None:  # named here: the rendered chat's own text said nothing
             raise InvalidInputError(f"chat message {i}'s text {half[:40]!r} {HALF_CHARACTER}")
     messages = [_as_transformers_gives(m) for m in messages]
+    if continue_final_message is None:
+        continue_final_message = bool(messages) and messages[-1].get("role") == "assistant"
+        add_generation_prompt = add_generation_prompt and not continue_final_message
+    if continue_final_message:  # its text marked, the rendered chat cut at the mark below
+        if not (messages and isinstance(messages[-1].get("content"), str)):
+            raise InvalidInputError("an answer to continue is the last message's text content (a string)")
+        messages[-1] = {**messages[-1], "content": messages[-1]["content"] + CONTINUE}
     try:
-        return template.render(messages=messages, tools=None, documents=None,
+        text = template.render(messages=messages, tools=None, documents=None,
                                add_generation_prompt=add_generation_prompt, **special_tokens)
     except SecurityError as e:  # the template's own code, not the messages
         raise CorruptArtifactError(f"{source}: the chat template does what a template may not ({e}); "
@@ -102,6 +113,16 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
     except Exception as e:  # what the messages hold (a KeyError, an IndexError, 1 // 0 of too few messages, ...)
         raise InvalidInputError(f"the chat template of {source} cannot render these messages ({type(e).__name__}: "
                                 f"{e}); give each message the role and the text content it expects") from None
+    if not continue_final_message:
+        return text
+    if CONTINUE.strip() not in text:  # as transformers refuses it
+        raise InvalidInputError(f"the chat template of {source} drops the last (assistant) message's text, which would "
+                                "be continued; end the chat with a user message")
+    at = text.rindex(CONTINUE.strip())  # the text up to the answer begun (its trailing space, where the template trims
+    return text[:at] if text[at:at + len(CONTINUE)] == CONTINUE else text[:at].rstrip()  # it, trimmed too)
+
+
+CONTINUE = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' mark of where the answer begun ends
 
 
 def _half_character(value) -> str | None:

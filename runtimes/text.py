@@ -236,12 +236,13 @@ class TextTokenizer:
             return isinstance(part, list) and any(cleans(v) for v in part)
         return self._tidy or cleans(json.loads(self._tok.to_str()).get("decoder"))
 
-    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True,
+                            continue_final_message: bool | None = False) -> str:
         if self._template is None:  # compiled once; a missing template or jinja2 fails here with a ConfigError
             self._template = chat_template.compile_template(
                 chat_template.default_template(self.chat_template, self.template_source), self.template_source)
         return chat_template.render(self._template, self.template_source, messages, add_generation_prompt,
-                                    self.special_tokens)
+                                    self.special_tokens, continue_final_message)
 
 
 # ---------------------------------------------------------------------- the Runtime's text calls
@@ -284,8 +285,8 @@ def prompt_ids(rt, prompt, chat: bool):
     tok = rt.tokenizer
     prompts = [prompt] if single else list(prompt)
     if chat:
-        texts = [tok.apply_chat_template(list(p) if isinstance(p, (list, tuple)) else [{"role": "user", "content": p}])
-                 for p in prompts]
+        texts = [tok.apply_chat_template(list(p) if isinstance(p, (list, tuple)) else [{"role": "user", "content": p}],
+                                         continue_final_message=None) for p in prompts]  # as the pipeline
         ids, mask = tok.encode(texts, add_special_tokens=False, padding_side="left")
     else:
         ids, mask = tok.encode(prompts, padding_side="left")

@@ -394,3 +394,19 @@ def test_text_of_byte_runs_costs_time_linear_in_them(tmp_path, monkeypatch):
     assert not StopStrings(tok, [stop], np.zeros(1, np.int64)).hit(row, np.zeros(1, bool))[0]
     assert calls["decoded"] < 20 * 404  # the window from its start for each of ~200 stretches: about 80,000 ids
     assert not StopStringCriteria(hf, [stop])(torch.from_numpy(row), None)[0]
+
+
+def test_a_chat_ending_in_an_answer_begun_is_continued_as_the_pipeline_continues_it(text_export, text_rt):
+    """Found by a hunt: a last assistant message (a prefill) was closed and a new answer begun, where transformers'
+    text-generation pipeline continues it (continue_final_message when the last role is the assistant's)."""
+    import transformers as tf
+
+    chat = [{"role": "user", "content": "w10 w11"}, {"role": "assistant", "content": "w20 w21"}]
+    hf = tf.AutoTokenizer.from_pretrained(os.path.join(text_export[0], "base"))
+    begun = hf.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+    assert text_rt.tokenizer.apply_chat_template(chat, continue_final_message=None) == begun
+    assert text_rt.tokenizer.apply_chat_template(chat) == hf.apply_chat_template(chat, tokenize=False,
+                                                                                 add_generation_prompt=True)
+    ids, mask = text_rt.tokenizer.encode(begun, add_special_tokens=False)
+    new = text_rt.generate(ids, mask, adapter="tok", max_new_tokens=3)[0, ids.shape[1]:]
+    assert text_rt.generate_text(chat, adapter="tok", chat=True, max_new_tokens=3) == text_rt.tokenizer.decode(new)
