@@ -163,6 +163,8 @@ def test_an_empty_stop_string_is_refused(text_rt, stop):
     """"" is found after any token ([""] ended every row after one token; "" was ignored)."""
     with pytest.raises(ConfigError, match="stop strings must not be empty"):
         text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=3, stop=stop)
+    with pytest.raises(ConfigError, match="^stop strings must not hold U\\+FFFD"):  # a hunt: it matched any stray byte
+        text_rt.generate_text(PROMPT, adapter="tok", max_new_tokens=3, stop=[f"{stop}\ufffd"])
 
 
 def _folder(text_export, tmp_path, config: dict, special_map: dict | None = None) -> str:
