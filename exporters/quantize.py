@@ -106,7 +106,8 @@ def quantize_embedding_tables(model, slot_inputs: set) -> int:
 
         Gather(table (V, H), ids) -> Gather(table_q int8, ids) -> Cast -> Mul(Gather(row scales (V, 1), ids))
 
-    Symmetric, one scale per row. A table something else also reads (a tied output layer) is left as it is.
+    Symmetric, one scale per row. A table something else also reads is left as it is; a tied output layer no longer
+    reads it here (``tied.fold_tied_tables`` gave that layer a copy of its own, quantized as its MatMul's weights).
     """
     from onnx import TensorProto, helper, numpy_helper
 
