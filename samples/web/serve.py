@@ -37,8 +37,9 @@ def main():
         server = http.server.ThreadingHTTPServer((args.host, args.port), functools.partial(Handler, directory=REPO))
     except OSError as e:  # the port taken, most often
         sys.exit(f"cannot serve at {args.host}:{args.port} ({e.strerror}); pass another --port")
-    print(f"serving {REPO} at http://{args.host}:{server.server_address[1]}/samples/web/ (Ctrl-C stops it)", flush=True)
-    try:
+    try:  # the line said first inside: a Ctrl-C right after it (a test's, on a busy host) was Python's own traceback
+        print(f"serving {REPO} at http://{args.host}:{server.server_address[1]}/samples/web/ (Ctrl-C stops it)",
+              flush=True)
         server.serve_forever()
     except KeyboardInterrupt:  # the way to stop it: a traceback said nothing more
         print("stopped", file=sys.stderr)
