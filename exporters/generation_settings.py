@@ -2,6 +2,8 @@
 transformers' generate the runtime applies as the model's defaults (in the manifest), and those it does not."""
 from __future__ import annotations
 
+from edgepeft.runtimes.generation import recorded_stops
+
 
 def eos_token_ids(model) -> list[int]:
     """End-of-sequence ids from the generation config, as transformers' generate reads them (made from config.json
@@ -33,8 +35,8 @@ def generation_defaults(model) -> dict:
     top-k 20...; Qwen2.5: max_new_tokens 2048); transformers 5 leaves every unset one None."""
     gen = getattr(model, "generation_config", None)
     found = {key: value for key in GENERATION_DEFAULTS if (value := getattr(gen, key, None)) is not None}
-    if "stop_strings" in found:
-        found["stop"] = found.pop("stop_strings")
+    if "stop_strings" in found:  # but those holding U+FFFD, which generate refuses (ignored_generation notes them)
+        found["stop"] = recorded_stops(found.pop("stop_strings"))
     return found
 
 
@@ -42,8 +44,11 @@ def ignored_generation(model) -> list[str]:
     """``key=value`` of the model's generation settings that change generate's tokens in transformers and that the
     runtime does not apply (beam search, bad words...): the export says so."""
     gen = getattr(model, "generation_config", None)
+    stops = getattr(gen, "stop_strings", None) or []
+    dropped = [s for s in ([stops] if isinstance(stops, str) else stops) if s not in recorded_stops(stops)]
     return [f"{key}={value!r}" for key, neutral in IGNORED_GENERATION.items()
-            if (value := getattr(gen, key, None)) is not None and value != neutral]
+            if (value := getattr(gen, key, None)) is not None and value != neutral] + (
+        [f"stop_strings={dropped!r} (U+FFFD matches bytes that are no character)"] if dropped else [])
 
 
 def pad_token_id(model, task: str) -> int | None:

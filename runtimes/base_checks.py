@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from .errors import ConfigError
-from .generation import GenerationConfig
+from .generation import GenerationConfig, recorded_stops
 from .values import is_kind
 
 OPS = ("contrib", "standard")  # exporters' --ops
@@ -40,6 +40,7 @@ def base_value_errors(data: dict) -> list[str]:
     given = {k: v for k, v in data.get("generation", {}).items() if k in fields}
     if given.get("stop") is None or isinstance(given["stop"], str):  # as generate takes them: a config's "###" ("",
         given["stop"] = [given["stop"]] if given.get("stop") is not None else []  # which every generate refused: now)
+    given["stop"] = recorded_stops(given["stop"])  # as generate reads them
     if "eos_token_id" in given and not isinstance(given["eos_token_id"], list):  # one id; null is refused, as there
         given["eos_token_id"] = [given["eos_token_id"]]
     try:  # generate's defaults, which a call leaves unset: "--do-sample must be True or False", though no flag was given

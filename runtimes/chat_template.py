@@ -98,10 +98,15 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
     if continue_final_message is None:
         continue_final_message = bool(messages) and messages[-1].get("role") == "assistant"
         add_generation_prompt = add_generation_prompt and not continue_final_message
-    if continue_final_message:  # its text marked, the rendered chat cut at the mark below
-        if not (messages and isinstance(messages[-1].get("content"), str)):
-            raise InvalidInputError("an answer to continue is the last message's text content (a string)")
-        messages[-1] = {**messages[-1], "content": messages[-1]["content"] + CONTINUE}
+    if continue_final_message:  # its text marked (a list of parts: its last text part's), the chat cut at the mark below
+        content = messages[-1].get("content") if messages else None
+        parts = [dict(p) for p in content] if isinstance(content, (list, tuple)) else None
+        last = next((p for p in reversed(parts or []) if isinstance(p, dict) and isinstance(p.get("text"), str)), None)
+        if not isinstance(content, str) and last is None:
+            raise InvalidInputError("an answer to continue is the last message's text (a string, or a part with text)")
+        if last is not None:
+            last["text"] += CONTINUE
+        messages[-1] = {**messages[-1], "content": content + CONTINUE if isinstance(content, str) else parts}
     try:
         text = template.render(messages=messages, tools=None, documents=None,
                                add_generation_prompt=add_generation_prompt, **special_tokens)

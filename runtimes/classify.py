@@ -15,7 +15,7 @@ from .base_checks import serves_pairs
 from .commands import pairs_fix
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
-from .mixing import BATCH, in_batches, in_groups, row_adapters
+from .mixing import BATCH, holding, in_batches, in_groups, row_adapters, row_specs
 from .sentence import cut_length, tokenizer_limit
 from .text import token_counts
 from .values import switch
@@ -65,7 +65,8 @@ def classify(rt, texts, adapter=None, truncation: bool = False):
                           f"types); {pairs_fix(rt.manifest)}")
     limit = cut_length(tokenizer_limit(rt.tokenizer.config.get("model_max_length"), rt.max_positions),
                        rt.max_positions, rt.virtual_positions(adapter, len(rows))) if truncation else None
-    with rt.lanes(adapter, len(rows)):  # held for every batch: a name reloaded between two gave two adapters' scores
+    # held for every batch: a name reloaded between two gave two adapters' scores
+    with holding(rt.store, rt.mixer, adapter, row_specs(adapter, len(rows))):
         out = _classified(rt, rows, adapter, limit)
     return out[0] if single else out
 

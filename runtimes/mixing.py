@@ -71,6 +71,11 @@ def row_specs(adapter, batch: int):
     return [{} if a is None else {a: 1.0} if isinstance(a, str) else _weights(a) for a in adapter]
 
 
+def holding(store, mixer, adapter, specs):
+    """A call's adapters held (unloading refused, kept staged), its ``row_specs`` ``specs``: nothing stacked."""
+    return store.using(adapter) if specs is None else store.holding(mixer.names(specs))
+
+
 BATCH = 32  # rows a text call runs at once (sentence-transformers' encode and predict: 32)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from . import classify, decoded, text
 from .access import check_readable, check_text_files, files_digest, folder_identity, located
 from .adapters import AdapterStore, Plan
-from .mixing import Lane, Mixer, assemble, row_specs, run_rows_apart
+from .mixing import Lane, Mixer, assemble, holding, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
 from .generation import TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
 from .inputs import check_token_inputs, check_token_types, generation_mask, step_tokens
@@ -172,7 +172,7 @@ class Runtime:
         reloaded since the call checked it may take more virtual tokens (``words``: see ``_check_length``)."""
         self.virtual_positions(adapter, batch)  # a call refused here stages nothing and evicts nothing
         specs = row_specs(adapter, batch)
-        with self.store.using(adapter) if specs is None else self.store.holding(self.mixer.names(specs)) as held:
+        with holding(self.store, self.mixer, adapter, specs) as held:
             lanes = [Lane(np.arange(batch), held)] if specs is None else self.mixer.lanes(specs, held)
             if length is not None:
                 self._check_length(max(lane.plan.n_positions for lane in lanes), length, new_tokens, *words)

@@ -22,7 +22,7 @@ from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, In
 from .errors import MissingDependencyError
 from .decoded import GrowingText, OpenBytes
 from .values import HALF_CHARACTER, half_character, is_whole, switch
-from .mixing import BATCH, in_batches, in_groups, row_adapters
+from .mixing import BATCH, holding, in_batches, in_groups, row_adapters, row_specs
 from .sentence import (TOKENIZER_FIX as _FIX, chosen_prompt, cut_length, lowercase_first, pool,
                        sentence_transformers_settings)
 
@@ -238,6 +238,10 @@ class TextTokenizer:
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True,
                             continue_final_message: bool | None = False) -> str:
+        if continue_final_message is not None and switch(continue_final_message, "continue_final_message") and \
+                switch(add_generation_prompt, "add_generation_prompt"):  # as transformers refuses both
+            raise ConfigError("continue_final_message and add_generation_prompt cannot both be True: the first ends "
+                              "the text inside the last message, the second after it; pass add_generation_prompt=False")
         if self._template is None:  # compiled once; a missing template or jinja2 fails here with a ConfigError
             self._template = chat_template.compile_template(
                 chat_template.default_template(self.chat_template, self.template_source), self.template_source)
@@ -368,7 +372,7 @@ def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, pro
         rows = [prompt + row for row in rows]
         ids = tokenizer.encode(prompt, max_length=settings.limit)[0][0].tolist()
         skip = 0 if settings.include_prompt else len(ids) - (bool(ids) and ids[-1] in tokenizer.special_ids)
-    with rt.lanes(adapter, len(rows)):  # held for every batch (in_batches): not reloaded between two
+    with holding(rt.store, rt.mixer, adapter, row_specs(adapter, len(rows))):  # for every batch: not reloaded between
         pooled = _embedded(rt, rows, adapter, normalize, skip)
     pooled = pooled[:, :settings.truncate_dim]  # after normalizing, as encode truncates
     return pooled[0] if single else pooled

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from file_checks import edit_json
+from file_checks import edit_json, edited_json
 from peft_refs import randomize_adapter
 from tiny import load_reference_base
 from edgepeft.runtimes import InvalidInputError, Runtime
@@ -358,3 +358,18 @@ def test_encoder_penalties_of_a_decoders_generation_config_get_a_note():
     assert ignored_generation(SimpleNamespace(generation_config=gen)) == ["encoder_repetition_penalty=3.0",
                                                                            "encoder_no_repeat_ngram_size=1"]
     assert ignored_generation(SimpleNamespace(generation_config=transformers.GenerationConfig())) == []
+    # a review: a stop string holding U+FFFD, which generate refuses, broke the export after the base was built
+    from edgepeft.exporters.generation_settings import generation_defaults
+
+    model = SimpleNamespace(generation_config=transformers.GenerationConfig(stop_strings=["\ufffd", "###"]))
+    assert generation_defaults(model)["stop"] == ["###"] and ignored_generation(model) == [
+        "stop_strings=['\ufffd'] (U+FFFD matches bytes that are no character)"]
+
+
+def test_an_earlier_exports_stop_string_holding_u_fffd_is_dropped_not_fatal(text_export, tmp_path):
+    """A review: an export made before generate refused U+FFFD stop strings recorded one; it would not open."""
+    out = str(tmp_path / "out")
+    shutil.copytree(text_export[0], out)
+    with edited_json(os.path.join(out, "base", "edgepeft.json")) as manifest:
+        manifest["generation"] = {**manifest.get("generation", {}), "stop": ["\ufffd", "w99"]}
+    assert Runtime(out).generation_config().stop == ["w99"]

@@ -409,6 +409,11 @@ def test_a_chat_ending_in_an_answer_begun_is_continued_as_the_pipeline_continues
     assert text_rt.tokenizer.apply_chat_template(chat, continue_final_message=None) == begun
     assert text_rt.tokenizer.apply_chat_template(chat) == hf.apply_chat_template(chat, tokenize=False,
                                                                                  add_generation_prompt=True)
+    parts = [chat[0], {"role": "assistant", "content": [{"type": "text", "text": "w20 w21"}]}]  # a review: refused
+    assert text_rt.tokenizer.apply_chat_template(parts, continue_final_message=None) == hf.apply_chat_template(
+        parts, tokenize=False, continue_final_message=True)
+    with pytest.raises(ConfigError, match="continue_final_message and add_generation_prompt cannot both be True"):
+        text_rt.tokenizer.apply_chat_template(chat, continue_final_message=True)
     ids, mask = text_rt.tokenizer.encode(begun, add_special_tokens=False)
     new = text_rt.generate(ids, mask, adapter="tok", max_new_tokens=3)[0, ids.shape[1]:]
     assert text_rt.generate_text(chat, adapter="tok", chat=True, max_new_tokens=3) == text_rt.tokenizer.decode(new)
