@@ -278,8 +278,9 @@ def test_bench_and_inspect_on_what_a_hunt_found(shared_export, tmp_path, monkeyp
     assert "qv" not in result["adapters"] and result["setup"]["new_tokens"] == 0
     assert result["setup"]["shared_threads"] is False and "switch_cost" not in result["adapters"]["all"]
     a = result["adapters"]["all"]
-    assert set(a) == {"methods", "stay_ms", "switching_ms", "switch_ms", "switch_ms_iqr", "switching_over_stay",
-                      "over_base", "load_ms", "staged_bytes"}  # the keys docs/cli.md names
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "cli.md")) as f:
+        named = f.read().split("and per adapter", 1)[1].split("; with `--new-tokens`", 1)[0]
+    assert set(a) == set(re.findall(r"`(\w+)`", named))  # an entry's keys are those docs/cli.md names, no others
     a["staged_bytes"] = 512
     assert "/ 512 B |" in table(result)  # it said "0 KiB"
 
