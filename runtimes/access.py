@@ -92,16 +92,13 @@ def folder_identity(path: str) -> tuple | None:
 
 def files_digest(folder: str, names: tuple) -> str:
     """sha256 of the files ``names`` of ``folder`` (those missing or unreadable counted as such)."""
-    digest = hashlib.sha256()
+    parts = []
     for name in names:
-        digest.update(name.encode() + b"\0")
         try:
-            with open(os.path.join(folder, name), "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            parts.append(f"{name}: {sha256_file(os.path.join(folder, name))}")
         except OSError as e:
-            digest.update(f"\0{e.errno}".encode())
-    return digest.hexdigest()
+            parts.append(f"{name}: errno {e.errno}")
+    return sha256_bytes("\n".join(parts).encode())
 
 
 def check_text_files(base_dir: str, names: tuple, identity: tuple, digest: str) -> None:

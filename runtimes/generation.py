@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError
-from .values import half_character, is_real, is_whole
+from .values import half_character, is_real, is_whole, switch
 
 
 WHOLE_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "no_repeat_ngram_size", "seed",
@@ -58,8 +58,7 @@ class GenerationConfig:
                 raise ConfigError(f"{name} must be {'a positive integer' if least else 'an integer >= 0'}, got {value!r}")
         if self.min_p is not None and not is_real(self.min_p):
             raise ConfigError(f"min_p must be a finite number, got {self.min_p!r}")
-        if not isinstance(self.do_sample, (bool, np.bool_)):
-            raise ConfigError(f"do_sample must be True or False, got {self.do_sample!r}")
+        switch(self.do_sample, "do_sample")
         for name in ("temperature", "top_p", "repetition_penalty"):
             if not is_real(getattr(self, name)):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}")
