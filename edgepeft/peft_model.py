@@ -352,8 +352,8 @@ class PeftModel(nn.Module):
         """The model with the active adapter; its tuner may rewrite the call's inputs (virtual tokens)."""
         refuse_adapter_names(kwargs)
         name = self.active_adapter
-        if args and getattr(self.peft_config[name], "task_type", None):  # HF PEFT's order (its task models')
-            args, kwargs = (), named_arguments(args, kwargs, self.peft_config[name].task_type)
+        if args and (task := getattr(self.peft_config.get(name), "task_type", None)):  # HF PEFT's order (its task
+            args, kwargs = (), named_arguments(args, kwargs, task)  # models'); no adapter left: the model's own
         if self._running is None:
             return self.base_model.model(*args, **kwargs)
         return method_for(self.peft_config[name]).tuner.forward(self.base_model.model, self.peft_config[name], name,

@@ -319,3 +319,5 @@ def test_forward_takes_arguments_by_position_in_hf_pefts_order(tiny_base, arch, 
     torch.testing.assert_close(losses[0], losses[1])
     with pytest.raises(ConfigError, match="forward got attention_mask by position and by name; pass it once"):
         model(ids, mask, attention_mask=mask)
+    model.delete_adapter("default")  # none left (a review: the lookup of no adapter's task type was a KeyError)
+    assert model.active_adapter is None and model(ids, mask).logits.shape[0] == len(ids)
