@@ -120,6 +120,8 @@ def located(path: str) -> str:
     bytes as lone surrogates) is refused: ONNX Runtime and PyTorch's ONNX exporter take none (a TypeError, which
     read as a damaged file)."""
     path = os.fspath(path)
+    if "\0" in path:  # the system's ValueError ("embedded null byte")
+        raise ConfigError(f"{path!r}: a path cannot hold a NUL character (\\x00); give the folder's path without it")
     if half_character(path):
         raise ConfigError(f"{os.path.abspath(path)!r}: a name in this path is not UTF-8 (bytes of another encoding), "
                           "and ONNX Runtime opens UTF-8 paths only; rename it")

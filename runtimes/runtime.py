@@ -49,10 +49,10 @@ class Runtime:
         used are evicted and restaged when a call names them again (None: every adapter stays staged)."""
         if not isinstance(path, (str, os.PathLike)):
             raise ConfigError(f"Runtime takes an export's folder (a path), got {type(path).__name__}")
-        if not os.path.isdir(os.path.join(path, BASE_DIR)):
+        self.path = located(path)  # the export stays where it was opened when the app changes directory
+        if not os.path.isdir(os.path.join(self.path, BASE_DIR)):
             check_readable(os.path.join(path, BASE_DIR))  # OUT another user's: not "no exported base here"
             raise not_an_export(os.fspath(path))
-        self.path = located(path)  # the export stays where it was opened when the app changes directory
         try:
             self._open_base(os.path.join(self.path, BASE_DIR), providers, sess_options, adapter_budget_bytes)
             if switch(load_adapters, "load_adapters"):

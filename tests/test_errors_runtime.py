@@ -93,6 +93,8 @@ def test_a_path_that_is_not_utf8_is_named_with_the_fix(rt, before, llama, tmp_pa
     with pytest.raises(ConfigError, match=rename):
         export([llama[1]["qv"]], odd + "-new")
     assert not os.path.exists(odd + "-new")
+    with pytest.raises(ConfigError, match=r"a path cannot hold a NUL character"):  # the system's bare ValueError
+        Runtime(llama[0] + "\0")
 
 
 def test_an_out_given_as_link_then_dotdot_is_where_the_system_finds_it(llama, tmp_path):
