@@ -13,12 +13,20 @@ export class OutOfMemoryError extends EdgePeftError {}
 EdgePeftError.prototype.name = "EdgePeftError";
 OutOfMemoryError.prototype.name = "OutOfMemoryError";
 
-export function described(v) {  // a value as a message shows it: "5", 5n, 2.5, Int32Array, {"a":1}
+export function described(v) {  // a value as a message shows it: "5", 5n, 2.5, [NaN, 1], Int32Array, {"a":1}
   if (typeof v === "string") return JSON.stringify(v);
   if (typeof v === "bigint") return `${v}n`;
   if (typeof v !== "object" || v === null) return String(v);
-  if (![Object, Array].includes(v.constructor)) return v.constructor?.name ?? "an object";
+  if (Array.isArray(v)) return `[${v.slice(0, 20).map(described).join(",")}${v.length > 20 ? ",..." : ""}]`;  // NaN: not null
+  if (!plain(v)) return v.constructor?.name ?? "an object";
   return JSON.stringify(v, (_, x) => (typeof x === "bigint" ? `${x}n` : x));  // a bigint inside threw a TypeError
+}
+
+/** An object literal's kind of object, of this realm or another's (Node's vm, another frame: refused as "Object"). */
+export function plain(v) {
+  if (typeof v !== "object" || v === null || Array.isArray(v)) return false;
+  const proto = Object.getPrototypeOf(v);
+  return proto === null || (Object.getPrototypeOf(proto) === null && Object.prototype.toString.call(v) === "[object Object]");
 }
 
 export const FORMAT_VERSION = 4;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)
@@ -217,7 +225,7 @@ const NULLABLE = ["return_token_type_ids", "clean_up_tokenization_spaces"];
  */
 export function checkOptions(options, allowed, call, elsewhere = "") {
   if (options == null) return {};
-  if (typeof options !== "object" || Array.isArray(options) || ![Object.prototype, null].includes(Object.getPrototypeOf(options))) {
+  if (!plain(options)) {
     throw new EdgePeftError(`${call}'s options must be an object such as { ${allowed[0]}: ... }; got ${described(options)}`);
   }
   const unknown = Object.keys(options).filter((k) => !allowed.includes(k));
@@ -233,6 +241,17 @@ export function checkOptions(options, allowed, call, elsewhere = "") {
     }
   }
   return options;
+}
+
+/** Runtime.open's sessionOptions: null (or none) is ONNX Runtime's defaults, as Python's sess_options=None; a value
+ * that is not an object is refused as such (null was a TypeError; 5 or true blamed the export's files). */
+export function sessionOptionsOf(v) {
+  if (v == null) return {};
+  if (!plain(v)) {
+    throw new EdgePeftError("Runtime.open's sessionOptions must be an object of ONNX Runtime's session options, such as " +
+      `{ executionProviders: ["cpu"] }, or null for its defaults; got ${described(v)}`);
+  }
+  return v;
 }
 
 /** A bigint of int64's range as a number (past 2**53 not exact, but then no token id: the checks name it as such). */

@@ -46,6 +46,11 @@ export const missingAdapter = (name, merged) => name === merged ? `${name} is me
   `${merged}), which takes no adapters; export it into another --out folder` : `no adapter ${name} in this export; ` +
   `export it there first (edgepeft export --adapter DIR --out OUT --name ${quote(exportedAs(name))})`;
 
+/** What a call naming an adapter that is not loaded is told: the names quoted, as Python's repr ("lora " and "lora"). */
+export const notLoaded = (adapter, loaded, merged) => `adapter ${JSON.stringify(adapter)} is not loaded; loaded: ` +
+  `${loaded.map((n) => JSON.stringify(n)).join(", ") || "none"}${merged ? `; ${JSON.stringify(merged)} is merged into ` +
+  "the base" : ""} (use adapter null for the base model)`;
+
 /** What serves text pairs from a BERT classifier an earlier edgepeft exported (commands.py pairs_fix). */
 export const pairsFix = (merged) => (merged ? "export it again with --merge --overwrite (its base is then written " +
   "with token types)" : "export an adapter into it again (its base is then written with token types), or every " +

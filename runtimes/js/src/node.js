@@ -7,7 +7,7 @@ import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { REEXPORT } from "./checks.js";
+import { REEXPORT, described } from "./checks.js";
 import { quote, reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
@@ -163,8 +163,8 @@ function located(out) {
 
 /** Files of the export folder OUT, read from disk; a relative OUT is resolved once (the app may change directory). */
 export function folderLoader(out) {
-  if (typeof out !== "string" || !out) {
-    throw new EdgePeftError(`openFolder and loadTokenizer take an export's folder (a path), got ${JSON.stringify(out) ?? String(out)}`);
+  if (typeof out !== "string" || !out || out.includes("\0")) {  // a NUL: Node's own ERR_INVALID_ARG_VALUE
+    throw new EdgePeftError(`openFolder and loadTokenizer take an export's folder (a path), got ${described(out)}`);
   }
   out = located(out);
   return {

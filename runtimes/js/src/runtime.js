@@ -15,9 +15,10 @@
 import {
   EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat,
   checkOpenArguments, checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
+  sessionOptionsOf,
 } from "./checks.js";
 import { TOKEN_TYPES, graphDeclarationErrors } from "./base_checks.js";
-import { folderFix, missingAdapter } from "./fixes.js";
+import { folderFix, missingAdapter, notLoaded } from "./fixes.js";
 import { adapterGraphProblem } from "./graph.js";
 import { checkInputs, checkTokenTypes, generationMask } from "./inputs.js";
 import { GENERATION_OPTIONS, classify, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
@@ -34,13 +35,13 @@ const PYTHON_ONLY = "; stop strings and mixed batches (one adapter per row) are 
 export class Runtime {
   /** Open an export: its manifest, the base session, the neutral values; adapters load with loadAdapter. */
   static async open(ort, loader, options = {}) {
-    const { sessionOptions = {} } = checkOptions(options, ["sessionOptions"], "Runtime.open",
+    const { sessionOptions } = checkOptions(options, ["sessionOptions"], "Runtime.open",
       " (ONNX Runtime's own options, executionProviders included, go inside sessionOptions)");
     checkOpenArguments(ort, loader);
     const rt = new Runtime();
     rt.ort = ort;
     rt.loader = loader;
-    rt.sessionOptions = sessionOptions;
+    rt.sessionOptions = sessionOptionsOf(sessionOptions);
     rt.manifest = await rt.json("base/edgepeft.json", null);
     const m = rt.manifest;
     checkFormat(m, "edgepeft-base", loader.where("base/edgepeft.json"));
@@ -149,11 +150,13 @@ export class Runtime {
   }
 
   /** Stage an adapter of OUT/adapters by name: run its graph once and sort its tensors by how they are bound. */
-  async loadAdapter(name) {
+  async loadAdapter(name, ...more) {
     if (this.released) throw new EdgePeftError(RELEASED);
-    if (!bareName(name) || !name.trim()) {
-      throw new EdgePeftError("an adapter's name must be a non-empty string, a folder's name in OUT/adapters (no path), " +
-        `got ${described(name)}`);
+    // spaces at its ends or a control character: a typo (" lora" was told to export --name lora, which OUT holds)
+    if (!bareName(name) || name.trim() !== name || /[\0-\x1f\x7f]/.test(name) || more.length) {
+      throw new EdgePeftError(more.length ? `loadAdapter takes one argument, an adapter's name, got ${[name, ...more].map(described)}; ` +
+        "it loads under its folder's name (Python's load_adapter(path, name) renames)" : "an adapter's name must be a " +
+        `non-empty string, a folder's name in OUT/adapters (no path), with no spaces at its ends, got ${described(name)}`);
     }
     const where = this.loader.where(`adapters/${name}`), json = `adapters/${name}/adapter.json`;
     const manifest = await this.json(json, missingAdapter(name, this.manifest.merged_adapter));
@@ -219,17 +222,14 @@ export class Runtime {
   }
 
   unloadAdapter(name) {
+    if (typeof name !== "string") throw new EdgePeftError(`unloadAdapter takes one adapter's name (a string), got ${described(name)}`);
     if (!this.adapters.has(name)) throw this.notLoaded(name);  // a merged export's name too, as in Python
     const calls = this.holds.get(name);
-    if (calls) throw new EdgePeftError(`adapter ${name} is in use by ${calls} call(s); unload it when they finish`);
+    if (calls) throw new EdgePeftError(`adapter ${described(name)} is in use by ${calls} call(s); unload it when they finish`);
     this.adapters.delete(name);
   }
 
-  notLoaded(adapter) {
-    const merged = this.manifest.merged_adapter ? `; ${this.manifest.merged_adapter} is merged into the base` : "";
-    return new EdgePeftError(`adapter ${adapter} is not loaded; loaded: ${this.adapterNames.join(", ") || "none"}${merged} ` +
-      "(use adapter null for the base model)");
-  }
+  notLoaded(adapter) { return new EdgePeftError(notLoaded(adapter, this.adapterNames, this.manifest.merged_adapter)); }
 
   /** No adapter, or the one a --merge export folded into the base: calls run the base graph as it is. */
   servesBase(adapter) {

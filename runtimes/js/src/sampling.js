@@ -31,26 +31,26 @@ export function generationSettings(manifest, options) {
   const model = manifest.generation || {};
   const s = {};
   for (const [key, [name, fallback]] of Object.entries(SETTINGS)) {
-    s[key] = options[key] ?? (name && model[name] != null ? model[name] : fallback);
+    s[key] = fromBigint(options[key]) ?? (name && model[name] != null ? model[name] : fallback);  // 3n: int64's 3, as ids
   }
   for (const key of ["maxNewTokens", "maxLength"]) {
-    if (s[key] != null && !(whole(s[key]) && s[key] >= 1)) throw new EdgePeftError(`${key} must be a positive integer, got ${s[key]}`);
+    if (s[key] != null && !(whole(s[key]) && s[key] >= 1)) throw new EdgePeftError(`${key} must be a positive integer, got ${described(s[key])}`);
   }
   for (const key of ["minNewTokens", "minLength", "noRepeatNgramSize"]) {
-    if (s[key] != null && !(whole(s[key]) && s[key] >= 0)) throw new EdgePeftError(`${key} must be an integer >= 0, got ${s[key]}`);
+    if (s[key] != null && !(whole(s[key]) && s[key] >= 0)) throw new EdgePeftError(`${key} must be an integer >= 0, got ${described(s[key])}`);
   }
-  if (!whole(s.topK)) throw new EdgePeftError(`topK must be an integer, got ${s.topK}`);
-  if (typeof s.doSample !== "boolean") throw new EdgePeftError(`doSample must be true or false, got ${s.doSample}`);
+  if (!whole(s.topK)) throw new EdgePeftError(`topK must be an integer, got ${described(s.topK)}`);
+  if (typeof s.doSample !== "boolean") throw new EdgePeftError(`doSample must be true or false, got ${described(s.doSample)}`);
   for (const key of ["temperature", "topP", "repetitionPenalty", ...(s.minP == null ? [] : ["minP"])]) {
-    if (!real(s[key])) throw new EdgePeftError(`${key} must be a finite number, got ${s[key]}`);
+    if (!real(s[key])) throw new EdgePeftError(`${key} must be a finite number, got ${described(s[key])}`);
   }
   if (s.doSample) {  // greedy decoding ignores the sampling values, as transformers does
-    if (!(s.temperature > 0)) throw new EdgePeftError(`temperature must be > 0 when sampling, got ${s.temperature} (greedy decoding: doSample false)`);
-    if (s.topK < 0) throw new EdgePeftError(`topK must be >= 0 (0: off), got ${s.topK}`);
-    if (!(s.topP >= 0 && s.topP <= 1)) throw new EdgePeftError(`topP must be in [0, 1], got ${s.topP}`);
-    if (s.minP != null && !(s.minP >= 0 && s.minP <= 1)) throw new EdgePeftError(`minP must be in [0, 1], got ${s.minP}`);
+    if (!(s.temperature > 0)) throw new EdgePeftError(`temperature must be > 0 when sampling, got ${described(s.temperature)} (greedy decoding: doSample false)`);
+    if (s.topK < 0) throw new EdgePeftError(`topK must be >= 0 (0: off), got ${described(s.topK)}`);
+    if (!(s.topP >= 0 && s.topP <= 1)) throw new EdgePeftError(`topP must be in [0, 1], got ${described(s.topP)}`);
+    if (s.minP != null && !(s.minP >= 0 && s.minP <= 1)) throw new EdgePeftError(`minP must be in [0, 1], got ${described(s.minP)}`);
   }
-  if (!(s.repetitionPenalty > 0)) throw new EdgePeftError(`repetitionPenalty must be > 0, got ${s.repetitionPenalty}`);
+  if (!(s.repetitionPenalty > 0)) throw new EdgePeftError(`repetitionPenalty must be > 0, got ${described(s.repetitionPenalty)}`);
   const { eos_token_id: eos, pad_token_id: pad } = model;  // a generation_config.json's, apart from config.json's
   if (eos !== undefined && !(Array.isArray(eos) ? eos : [eos]).every(whole)) {  // null too: as Python refuses it
     throw new EdgePeftError(`eos_token_id must be token ids, got ${described(eos).slice(0, 60)}`);
@@ -58,13 +58,13 @@ export function generationSettings(manifest, options) {
   if (pad !== undefined && !(whole(pad) && pad >= 0 && pad < manifest.vocab_size)) {
     throw new EdgePeftError(`pad_token_id must be a token id in [0, ${manifest.vocab_size}), got ${described(pad).slice(0, 40)}`);
   }
-  const call = fromBigint(s.padTokenId);  // the call's: finished rows' padding, and without a mask the left padding's
+  const call = s.padTokenId;  // the call's: finished rows' padding, and without a mask the left padding's
   if (call != null && !(whole(call) && call >= 0 && call < manifest.vocab_size)) {
     throw new EdgePeftError(`padTokenId must be a token id in [0, ${manifest.vocab_size}), got ${described(call).slice(0, 40)}`);
   }
   [s.modelEos, s.padTokenId, s.callPad] = [eos, call ?? pad, call];  // eos: generate's where the call gives none
   if (s.seed != null && !(Number.isSafeInteger(s.seed) && s.seed >= 0)) {  // past 2**53 a number holds no whole seed
-    throw new EdgePeftError(`seed must be an integer in 0..${Number.MAX_SAFE_INTEGER}, got ${s.seed}`);
+    throw new EdgePeftError(`seed must be an integer in 0..${Number.MAX_SAFE_INTEGER}, got ${described(s.seed)}`);
   }
   return s;
 }
@@ -197,6 +197,9 @@ export function pick(scores, s, random) {
   return last;  // rounding left the sum just under u: never a removed token
 }
 
+// float32 or float64 values (float16's data is its bits, a Uint16Array; int64's bigints)
+const floats = (logits) => /^Float(32|64)Array$/.test(logits?.data?.constructor?.name);
+
 /**
  * Label scores from a classifier's logits row: [{label, score}], highest first. As transformers' text-classification
  * pipeline (and the Python runtime's classify) by the model's problemType (rt.problemType): probabilities (softmax),
@@ -204,9 +207,16 @@ export function pick(scores, s, random) {
  * Label names that do not fit the head (a hand-edited manifest) are an EdgePeftError naming the manifest.
  */
 export function classify(logits, labels, row = 0, problemType = null) {
-  if (logits?.dims?.length !== 2 || !(Number.isInteger(row) && row >= 0 && row < logits.dims[0])) {
-    throw new EdgePeftError(`classify takes a classifier's logits (batch x labels) and one of their rows; got ` +
-      `${logits?.dims ? `[${logits.dims}]` : String(logits)} and row ${row}`);
+  if (logits?.dims?.length !== 2 || !(Number.isInteger(row) && row >= 0 && row < logits.dims[0]) || !floats(logits)) {
+    throw new EdgePeftError(`classify takes a classifier's logits (a float tensor, batch x labels) and one of their rows; got ` +
+      `${logits?.dims ? `${logits.type ?? ""} [${logits.dims}]` : described(logits)} and row ${described(row)}`);
+  }
+  if (!(problemType == null || typeof problemType === "string")) {  // another name: softmax, as transformers' pipeline
+    throw new EdgePeftError("classify's problemType must be the model's (rt.problemType): null or a name such as " +
+      `"multi_label_classification", got ${described(problemType)}`);
+  }
+  if (labels != null && !(Array.isArray(labels) && labels.every((l) => typeof l === "string"))) {  // "abc": a, b, c
+    throw new EdgePeftError(`classify's labels must be an array of names (rt.labels(adapter)) or null, got ${described(labels)}`);
   }
   const width = logits.dims[1];
   checkLabels(labels, width);

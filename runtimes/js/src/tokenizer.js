@@ -14,7 +14,7 @@ function tokenIds(ids) {
   const integers = Array.isArray(ids) || ArrayBuffer.isView(ids) && !(ids instanceof DataView) && !/^Float/.test(ids.constructor.name);
   const list = integers ? Array.from(ids, (v) => typeof v === "bigint" ? Number(v) : v) : null;
   if (list === null || !list.every((v) => Number.isInteger(v) && v >= 0 && v < 2 ** 32)) {
-    const shown = list === null ? (ArrayBuffer.isView(ids) ? `a ${ids.constructor.name}` : String(ids)) : JSON.stringify(list);
+    const shown = list === null ? (ArrayBuffer.isView(ids) ? `a ${ids.constructor.name}` : String(ids)) : described(list);
     throw new EdgePeftError(`decode takes one sequence of token ids (integers >= 0), got ${shown.slice(0, 80)}`);
   }
   return list;

@@ -1,6 +1,7 @@
 // Browsers: open an export served over HTTP with onnxruntime-web.
 import { Tokenizer } from "@huggingface/tokenizers";
 
+import { described } from "./checks.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
 import { tokenizerOf } from "./tokenizer.js";
@@ -37,6 +38,9 @@ async function fetched(url, as) {
  * page: a relative OUT under onnxruntime-web's proxy worker was resolved against the worker's script. */
 export function urlLoader(out) {
   let root;
+  if (!((typeof out === "string" && out) || out instanceof URL)) {  // undefined was fetched as <page>/undefined/base/...
+    throw new EdgePeftError(`openUrl and loadTokenizer take an export's address (a URL, or a path of this site), got ${described(out)}`);
+  }
   try {
     root = new URL(out, globalThis.location?.href);
   } catch {

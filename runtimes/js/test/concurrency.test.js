@@ -71,13 +71,13 @@ test("an adapter a call is using is not unloaded until the call is done, as the 
     () => rt.forward([[5, 6, 7]], null, { adapter: "lora" })]) {
     const inFlight = call();  // unloaded mid-generate, the call went on with tensors no name held
     assert.throws(() => rt.unloadAdapter("lora"), (e) => e instanceof EdgePeftError &&
-      e.message === "adapter lora is in use by 1 call(s); unload it when they finish");
+      e.message === 'adapter "lora" is in use by 1 call(s); unload it when they finish');
     await inFlight;
   }
   assert.deepEqual(await rt.generate([[5, 6, 7]], null, { adapter: "lora", maxNewTokens: 4, eosTokenId: [] }), alone);
   rt.unloadAdapter("lora");  // the calls done: unloaded
   assert.deepEqual(rt.adapterNames, []);
-  await assert.rejects(rt.forward([[5, 6, 7]], null, { adapter: "lora" }), /adapter lora is not loaded/);
+  await assert.rejects(rt.forward([[5, 6, 7]], null, { adapter: "lora" }), /adapter "lora" is not loaded/);
 });
 
 test("onnxruntime-web: two exports opened at once each compute with their own weights", async () => {

@@ -107,7 +107,7 @@ for (const [label, ort, tolerance] of [["onnxruntime-node", ortNode, 1e-5], ["on
     await assert.rejects(rt.loadAdapter(merged), (e) => e.message.endsWith(
       `${merged} is merged into this export's base: calls serve it without loading it (adapter null, or its name)`));
     await assert.rejects(rt.forward(want.ids, want.mask, { adapter: "other" }), (e) => e.message ===
-      `adapter other is not loaded; loaded: none; ${merged} is merged into the base (use adapter null for the base model)`);
+      `adapter "other" is not loaded; loaded: none; "${merged}" is merged into the base (use adapter null for the base model)`);
   });
 
   test(`${label}: an encoder's prefix (its positions start after it, in the graph) gives Python's states`, async () => {

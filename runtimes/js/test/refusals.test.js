@@ -214,9 +214,9 @@ test("bigints in a call's arguments are named in the refusal (a TypeError from J
   await refuses(rt.forward(ids, null, { adapter: 1n }), /adapter must be one loaded adapter's name or null \(the base model\), got 1n/);
   await refuses(rt.loadAdapter(1n), /an adapter's name must be a non-empty string.*, got 1n$/);
   await refuses(rt.generate(ids, null, { eosTokenId: [2n ** 70n], maxNewTokens: 2 }),
-    /eosTokenId must be a token id or a list of token ids \(integers\), got \["1180591620717411303424n"\]$/);
+    /eosTokenId must be a token id or a list of token ids \(integers\), got \[1180591620717411303424n\]$/);
   const tokenizer = await loadTokenizer(path.join(FIXTURES, "llama"));
-  assert.throws(() => tokenizer.encode([1n]), (e) => e instanceof EdgePeftError && /got \["1n"\]$/.test(e.message));
+  assert.throws(() => tokenizer.encode([1n]), (e) => e instanceof EdgePeftError && /got \[1n\]$/.test(e.message));
   await refuses(rt.forward([[5, 2n ** 60n]]), /^token id 11529215046068\d+ is outside the vocabulary \[0, \d+\) of /);
   // as Python: an int64 past any vocabulary is an eos that never comes
   assert.deepEqual(await rt.generate(ids, null, { eosTokenId: [2n ** 60n], maxNewTokens: 4 }),
