@@ -87,7 +87,9 @@ class TextTokenizer:
         self.config = read_json(config_path, "tokenizer config", _FIX) if os.path.isfile(config_path) else {}
         # as transformers: special-token text in a prompt is plain text (a defence against prompt injection)
         self._tok.encode_special_tokens = self.config.get("split_special_tokens") is True
-        self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}  # decode skips them
+        added = self._tok.get_added_tokens_decoder()  # decode skips ids whose text is a special token's, as the Rust
+        special = {t.content for t in added.values() if t.special}  # library (a normalized one's, "▁<|User|>": kept)
+        self.special_ids = {i for i in added if self._tok.id_to_token(i) in special}
         # decoded text tidied (" ," -> ",") as transformers tidies it: where the config asks, never for BPE unless told
         self._tidy = self.config.get("clean_up_tokenization_spaces") is True and (type(self._tok.model).__name__ != "BPE"
             or self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output") is True)
@@ -143,8 +145,7 @@ class TextTokenizer:
         right padding otherwise, so encoders' absolute positions start at 0 in every row.
         ``pad_id`` defaults to the model's padding token. ``max_length``: longer texts are cut to it, their
         special tokens kept, at the tokenizer config's ``truncation_side`` (transformers' ``truncation=True``);
-        None: no text is cut.
-        """
+        None: no text is cut."""
         if text_pair is not None:  # transformers' spelling: its pairs' types need encode_pairs' third array
             raise ConfigError("encode takes no text_pair; encode text pairs with encode_pairs(texts, text_pairs), which "
                               "returns their token_type_ids too")

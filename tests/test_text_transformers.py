@@ -115,6 +115,22 @@ def test_stream_text_holds_back_a_byte_run_a_special_token_interrupts(tmp_path):
     assert len(pieces) > 2
 
 
+def test_stream_text_keeps_a_special_token_that_decode_keeps(tmp_path):
+    """A special added token that is normalized (its text in the vocabulary is the normalizer's, "▁<|User|>") is not
+    skipped by the Rust library's decode, so generate_text keeps it; stream_text left every special id out itself."""
+    from tokenizers import AddedToken, Tokenizer
+
+    base = llama2_tokenizer(tmp_path / "tok", "PreTrainedTokenizerFast")
+    tokenizer = Tokenizer.from_file(os.path.join(base, "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken("<|User|>", normalized=True, special=True)])
+    tokenizer.save(os.path.join(base, "tokenizer.json"))
+    tok = TextTokenizer(base)
+    chosen = tok._tok.encode("how are you <|User|> hello there </s> is", add_special_tokens=False).ids
+    assert "<|User|> hello" in tok.decode(chosen) and "</s>" not in tok.decode(chosen)  # <|User|> kept, </s> skipped
+    rt = types.SimpleNamespace(tokenizer=tok, stream=lambda ids, mask, adapter, **g: (np.array([t]) for t in chosen))
+    assert "".join(text_calls.stream_text(rt, "Hello")) == tok.decode(chosen)
+
+
 def test_split_special_tokens_encodes_special_token_text_as_text(tmp_path):
     """tokenizer_config.json's split_special_tokens: transformers encodes '</s>' in a prompt as plain text (a defence
     against prompt injection); the runtime made it the control token."""
