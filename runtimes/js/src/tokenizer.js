@@ -105,8 +105,9 @@ export async function tokenizerOf(Tokenizer, loader) {
   }
   // transformers tidies spaces before punctuation in decoded text only where the config asks, and not for a BPE
   // model unless told to; this library tidies by default, every model (generated text lost the spaces Python keeps)
-  const tidy = config.clean_up_tokenization_spaces === true && (json.model?.type !== "BPE" ||
-    config.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output === true);
+  const untidy = json.model?.type === "BPE" &&  // a BPE model's text is never tidied, asked for or not (as transformers)
+    config.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output !== true;
+  const tidy = config.clean_up_tokenization_spaces === true && !untidy;
   let tokenizer;
   try {
     tokenizer = new Tokenizer(json, { ...config, clean_up_tokenization_spaces: tidy });
@@ -115,14 +116,15 @@ export async function tokenizerOf(Tokenizer, loader) {
       `(${firstLine(e)}); ${PASS_IDS}`);
   }
   asRustDecodes(tokenizer.decoder);
-  asRustSplits(tokenizer.pre_tokenizer);
+  asRustSplits(tokenizer.pre_tokenizer, json.pre_tokenizer);
   asRustReads(tokenizer, json);
   asRustPairs(tokenizer);
   const decode = tokenizer.decode.bind(tokenizer);  // as the Python runtime's decode: special tokens skipped by default
   tokenizer.decode = (ids, options) => {  // an id past the vocabulary decodes to nothing (the library said [UNK])
     const list = tokenIds(ids).filter((id) => tokenizer.model.vocab[id] !== undefined);
     const settings = checkOptions(options, ["skip_special_tokens", "clean_up_tokenization_spaces"], "decode");
-    return list.length ? decode(list, { ...settings, skip_special_tokens: settings.skip_special_tokens ?? true }) : "";
+    return list.length ? decode(list, { ...settings, skip_special_tokens: settings.skip_special_tokens ?? true,
+      ...(untidy && { clean_up_tokenization_spaces: false }) }) : "";
   };
   const encode = tokenizer.encode.bind(tokenizer);
   const cjk = bertCjk(json.normalizer);
@@ -176,7 +178,8 @@ function wholeCharacters(text) {
  * library fused them across a text's words: "Ω Ω" was one [UNK]; every Unigram model fuses); a WordLevel model's
  * unknown word is its own unk_token (the library took tokenizer_config.json's, and gave null where that names none);
  * and an added token that is normalized decodes as its normalized text ("COVID" added to an uncased model decodes as
- * "covid"). */
+ * "covid"), a special one too: the Rust library skips ids whose text is a special token's, so a normalized special
+ * token that its normalizer changes ("[URL]" -> "[url]") is kept (the library skipped it, or gave "[URL]"). */
 function asRustReads(tokenizer, json) {
   const { model, normalizer } = tokenizer;
   if (json.model?.type === "WordLevel") model.unk_token_id = model.tokens_to_ids.get(model.unk_token = json.model.unk_token);
@@ -185,7 +188,7 @@ function asRustReads(tokenizer, json) {
     model._call = (words) => words.flatMap((word) => call([word]));
   }
   for (const token of tokenizer.added_tokens) {
-    if (token.normalized && !token.special && normalizer) model.vocab[token.id] = token.content = normalizer(token.content);
+    if (token.normalized && normalizer) model.vocab[token.id] = token.content = normalizer(token.content);
   }
 }
 
@@ -195,10 +198,16 @@ const PUNCTUATION = /[\p{P}!-\/:-@[-`{-~]/gu;
 /** Split and Punctuation pre-tokenizers as the Rust library splits: each match (each punctuation character) kept apart,
  * dropped, merged with the piece before or after it, or joined to the matches beside it, as its behavior says, and
  * Split's invert taking the text between matches as the delimiters. The library split every behavior as "isolated"
- * (Punctuation as "contiguous") and, inverted, dropped the text between matches: other ids, with no word. */
-function asRustSplits(pre) {
-  for (const part of pre?.tokenizers ?? []) asRustSplits(part);
-  const type = pre?.config?.type;
+ * (Punctuation as "contiguous") and, inverted, dropped the text between matches: other ids, with no word. A Metaspace
+ * that splits (Rust's default) cuts before each "▁": the library never cut ("▁▁▁▁return": other merges, other ids). */
+function asRustSplits(pre, json) {  // json: the file's pre_tokenizer (this library's Metaspace keeps no config)
+  (pre?.tokenizers ?? []).forEach((part, i) => asRustSplits(part, json?.pretokenizers?.[i]));
+  const type = json?.type;
+  if (type === "Metaspace" && json.split !== false) {  // Rust's default: each "▁" starts a piece (MergedWithNext)
+    const whole = pre.pre_tokenize_text.bind(pre), at = new RegExp(`(?=${pre.replacement.replace(/[\\^$.*+?()[\]{}|/]/g, "\\$&")})`, "u");
+    pre.pre_tokenize_text = (text, options) => whole(text, options).flatMap((piece) => piece.split(at).filter(Boolean));
+    return;
+  }
   if ((type !== "Split" && type !== "Punctuation") || (type === "Split" && pre.pattern === null)) return;
   const pattern = type === "Punctuation" ? PUNCTUATION : pre.pattern;
   const behavior = (pre.config.behavior ?? "Isolated").toLowerCase(), invert = type === "Split" && pre.config.invert === true;

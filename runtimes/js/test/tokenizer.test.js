@@ -205,3 +205,54 @@ test("Split and Punctuation pre-tokenizers cut words as the Rust library does, a
   assert.ok(python["split-isolated"]["a zz b"].includes(0));  // the unknown word: null here before
   assert.notDeepEqual(python["split-merged_with_previous"]["a-b--c"], python["split-isolated"]["a-b--c"]);
 });
+
+// A normalized special token, a Metaspace pre-tokenizer that splits (the Rust default) and a BPE model asked to tidy:
+// each tokenizer's ids and decoded text as the Python runtime gives them (and transformers: its decode ignores
+// clean_up_tokenization_spaces for BPE).
+const BUILD_MORE = String.raw`
+import json, os, sys
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+import edgepeft
+from edgepeft.runtimes.text import TextTokenizer
+root = sys.argv[1]
+special = Tokenizer.from_file(os.path.join(edgepeft.minilm_path(), "tokenizer.json"))
+special.add_special_tokens([AddedToken("[URL]", normalized=True, special=True)])
+vocab = {"<unk>": 0, "\u2581": 1, **{c: 2 + i for i, c in enumerate("defnrtu():1")}}
+merges = [("\u2581", "\u2581"), ("\u2581\u2581", "\u2581\u2581"), ("\u2581", "r"), ("e", "t"), ("\u2581r", "et"),
+          ("u", "r"), ("\u2581ret", "ur"), ("\u2581retur", "n"), ("\u2581", "d"), ("e", "f"), ("\u2581d", "ef")]
+for a, b in merges:
+    vocab.setdefault(a + b, len(vocab))
+split = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
+split.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+split.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+bpe = Tokenizer(models.BPE({c: i for i, c in enumerate("Helo,wrd.I'ntk! ")}, []))
+out = {}
+for name, tok, texts, config in [("normalized-special", special, ["see [URL] now"], {}),
+                                 ("metaspace-split", split, ["def f():\n    return 1", "  def  return"], {}),
+                                 ("bpe-tidy", bpe, ["Hello , world . I do n't know !"], {"clean_up_tokenization_spaces": True})]:
+    base = os.path.join(root, name, "base")
+    os.makedirs(base, exist_ok=True)
+    tok.save(os.path.join(base, "tokenizer.json"))
+    with open(os.path.join(base, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    rt = TextTokenizer(base)
+    rows = [rt.encode(t, add_special_tokens=True)[0][0].tolist() for t in texts]
+    out[name] = {"texts": texts, "ids": rows, "decoded": [rt.decode(r) for r in rows],
+                 "raw": [rt.decode(r, skip_special_tokens=False) for r in rows]}
+print(json.dumps(out))
+`;
+
+test("a normalized special token decodes as its normalized text, a splitting Metaspace cuts at each \u2581, BPE is never tidied", async () => {
+  const more = JSON.parse(execFileSync(PYTHON, ["-c", BUILD_MORE, scratch], { env: { ...process.env, HF_HUB_OFFLINE: "1" } }));
+  assert.deepEqual(more["normalized-special"].decoded, ["see [url] now"]);  // JS: "see now", raw "[URL]"
+  assert.deepEqual(more["metaspace-split"].ids[0].slice(-6), [1, 1, 1, 20, 1, 12]);  // "\u2581" x3, "\u2581return": JS "\u2581\u2581\u2581\u2581"
+  for (const [name, { texts, ids, decoded, raw }] of Object.entries(more)) {
+    const tokenizer = await loadTokenizer(path.join(scratch, name));
+    texts.forEach((text, i) => {
+      assert.deepEqual(tokenizer.encode(text).ids, ids[i], `${name}: ${text}`);
+      assert.equal(tokenizer.decode(ids[i]), decoded[i], name);
+      assert.equal(tokenizer.decode(ids[i], { skip_special_tokens: false }), raw[i], name);
+      assert.equal(tokenizer.decode(ids[i], { clean_up_tokenization_spaces: true }), decoded[i], name);  // BPE: tidied
+    });
+  }
+});
