@@ -176,10 +176,28 @@ def write_tokenizer(source: str, stage: str, revision: str | None = None, log=la
         if not is_placeholder_tokenizer(tokenizer):
             tokenizer.save_pretrained(stage)
             plain_tokenizer_json(os.path.join(stage, "tokenizer.json"))
+            settled_config(os.path.join(stage, "tokenizer_config.json"), tokenizer)
         return
     for f in TOKENIZER_FILES if os.path.isdir(source) else ():
         if os.path.isfile(os.path.join(source, f)):
             shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
+
+
+def settled_config(path: str, tokenizer) -> None:
+    """``path`` (the tokenizer_config.json save_pretrained wrote) without how the tokenizer was loaded (local_files_only
+    follows HF_HUB_OFFLINE: two exports of one tokenizer differed, and a Runtime opened before a re-export took it for
+    another tokenizer), and with the ``legacy`` flag save_pretrained drops (a Llama-2 tokenizer's "legacy": true:
+    transformers reloaded OUT/base as not legacy, other ids than the model's)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    for key in ("local_files_only", "is_local"):
+        config.pop(key, None)
+    if isinstance(getattr(tokenizer, "legacy", None), bool):
+        config.setdefault("legacy", tokenizer.legacy)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
 
 
 def plain_tokenizer_json(path: str) -> None:

@@ -86,6 +86,27 @@ def test_the_export_writes_the_tokenizer_transformers_runs(tmp_path):
     assert ours.decode([]) == ""
 
 
+def test_the_exported_tokenizer_config_is_the_same_offline_or_not_and_keeps_legacy(tmp_path):
+    """save_pretrained wrote local_files_only (HF_HUB_OFFLINE's: a Runtime opened before a re-export refused the same
+    tokenizer as another) and dropped a Llama-2 config's "legacy": true (OUT/base reloaded as not legacy: other ids)."""
+    import transformers as tf
+
+    from edgepeft.exporters.base_graph import write_tokenizer
+
+    source = llama2_tokenizer(tmp_path / "source")
+    with open(os.path.join(source, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(source, "tokenizer_config.json"), "w") as f:
+        json.dump({**config, "legacy": True}, f)
+    os.makedirs(stage := str(tmp_path / "stage"))
+    write_tokenizer(source, stage)
+    with open(os.path.join(stage, "tokenizer_config.json")) as f:
+        written = json.load(f)
+    assert "local_files_only" not in written and "is_local" not in written and written.get("legacy") is True
+    for text in ("hello</s>there", *TRICKY):
+        assert tf.AutoTokenizer.from_pretrained(stage)(text)["input_ids"] == tf.AutoTokenizer.from_pretrained(source)(text)["input_ids"]
+
+
 def _byte_run(tok):
     """Tokens whose decode changes text already shown: a newline byte, then a byte that begins no character."""
     words = tok._tok.encode("is the quick", add_special_tokens=False).ids
