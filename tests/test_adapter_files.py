@@ -271,11 +271,14 @@ def test_a_config_that_disagrees_with_its_own_base_or_weights_says_so(tiny_base,
     lora = tmp_path / "lora"
     peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.LoraConfig(
         r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(lora)
+    gpt2 = tiny_base("gpt2")  # no key/value heads: HF PEFT shapes the prefix by the saved head count (a raw error)
+    gpt2_prefix = peft_virtual_adapter(tmp_path / "gpt2-prefix", gpt2, "prefix", seed=3, num_virtual_tokens=2)
     for folder, edit, said in (
             (prefix, {"num_layers": 5}, "num_layers is 5, the model has 2 layers: adapter_config.json disagrees with "
                                         "the base it names: save the adapter again from its model"),
             (lora, {"peft_type": "IA3", "target_modules": ["q_proj"], "feedforward_modules": []},
-             "it names this base, and its adapter_config.json describes other weights (it lacks e.g. ")):
+             "it names this base, and its adapter_config.json describes other weights (it lacks e.g. "),
+            (gpt2_prefix, {"num_attention_heads": 1}, "num_attention_heads is 1, the model has 2 attention heads: ")):
         config = os.path.join(folder, "adapter_config.json")
         with open(config) as f:
             data = {k: v for k, v in json.load(f).items() if edit.get("peft_type") != "IA3" or k in (
@@ -283,7 +286,8 @@ def test_a_config_that_disagrees_with_its_own_base_or_weights_says_so(tiny_base,
         with open(config, "w") as f:
             json.dump({**data, **edit}, f)
         with pytest.raises(AdapterBaseMismatchError, match=re.escape(said)):
-            edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(folder))
+            edgepeft.PeftModel.from_pretrained(load_reference_base(gpt2 if folder == gpt2_prefix else base, "causal-lm"),
+                                               str(folder))
 
 
 @pytest.mark.parametrize("field, value", [("target_modules", "(q_proj"), ("exclude_modules", "["),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from edgepeft.errors import ConfigError
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError
 from edgepeft.models import attention_layout
 from edgepeft.tuners.virtual import PromptLearningConfig
 
@@ -38,6 +38,11 @@ class PrefixTuningConfig(PromptLearningConfig):
         """Keys/values come per key/value head: with grouped-query attention, fewer heads than queries have, and a
         head_dim of its own (Llama's config may set one) makes them other than hidden_size wide, as HF PEFT sets."""
         kv_heads, width = getattr(model_config, "num_key_value_heads", None), self.method_width(model_config)
+        heads = getattr(model_config, "num_attention_heads", None) or getattr(model_config, "n_head", None)
+        if kv_heads is None and self.num_attention_heads != heads:  # GPT-2, BERT: the saved count shapes the prefix
+            raise AdapterBaseMismatchError(f"num_attention_heads is {self.num_attention_heads}, the model has {heads} "
+                                           "attention heads: the adapter was made for another base; use that one, or "
+                                           "save the adapter again from its model")
         if kv_heads is not None and (self.num_attention_heads, self.token_dim) != (kv_heads, width):
             self.token_dim, self.num_attention_heads = width, kv_heads
         if self.encoder_hidden_size is None:
