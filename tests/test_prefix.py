@@ -273,8 +273,9 @@ def test_prefix_training_reduces_the_loss(tiny_base, projection):
 
 
 def test_decoder_prefix_for_another_task_is_refused_before_training_and_at_export(tiny_base, tmp_path):
-    """A decoder's prefix starts the KV cache; a seq-cls model has none (HF PEFT cannot run it either): refused
-    when the adapter is made (before any training), and an adapter folder saying so is refused at export."""
+    """A decoder's prefix starts the KV cache; edgepeft's seq-cls graphs of a decoder take none (HF PEFT cannot run it
+    either): refused when the adapter is made (before any training), and an adapter folder saying so is refused at
+    export."""
     import json
 
     from edgepeft.errors import EdgePeftError

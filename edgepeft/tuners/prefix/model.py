@@ -63,12 +63,13 @@ def shifted_positions(input_ids, inputs_embeds, position_ids, n: int):
 
 
 def check_decoder_task(arch: str, task_type) -> None:
-    """A decoder's prefix starts the KV cache: only causal-LM models have one (HF PEFT cannot run it otherwise)."""
+    """A decoder's prefix starts the KV cache, which only edgepeft's causal-LM graphs take (HF PEFT runs a
+    feature-extraction one, not a seq-cls one)."""
     if arch in DECODERS and task_type not in (None, "CAUSAL_LM"):
         raise UnsupportedMethodError(
             f"prefix tuning on a decoder ({arch}) runs and exports for causal-lm only: its keys/values start the KV "
-            f"cache, and a {task_type} model has none; train it with task causal-lm, or use prompt tuning or LoRA "
-            "for this task")
+            f"cache, which edgepeft's {task_type} graphs of a decoder do not take; train it with task causal-lm, or use "
+            "prompt tuning or LoRA for this task")
 
 
 class PrefixTuner(VirtualTokenTuner):
