@@ -36,7 +36,8 @@ POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sq
 LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
                   "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
                   "pooling_mode_lasttoken": "lasttoken"}  # sentence-transformers 5's flags
-TOKENIZER_FIX = "re-run `edgepeft export` into a fresh --out folder"  # its tokenizer and sentence-transformers files
+# what mends its tokenizer and sentence-transformers files: a device's copy made again, or the export
+TOKENIZER_FIX = "copy the export's base folder again (all of it), or re-run `edgepeft export` into a fresh --out folder"
 
 
 class Embedding(NamedTuple):
@@ -82,7 +83,7 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
         raise ConfigError(f"{config}: processing_kwargs {settings['processing_kwargs']!r} change how "
                           "sentence-transformers' encode tokenizes texts, which edgepeft's embed and training do not "
                           "follow; remove them (max_seq_length sets the length texts are cut to)")
-    _check_modules(modules)
+    listed = _check_modules(modules)
     prompts_path, extra = _prompts_config(folder)
     prompts, truncate = extra.get("prompts") or {}, extra.get("truncate_dim")
     if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
@@ -91,8 +92,8 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     if truncate is not None and not (isinstance(truncate, int) and not isinstance(truncate, bool) and truncate > 0):
         raise CorruptArtifactError(f"{prompts_path}: truncate_dim must be a whole number > 0, got {truncate!r}; "
                                    f"{TOKENIZER_FIX}")
-    if not os.path.isfile(pooling):
-        return Embedding(limit, "mean", lower, True, truncate, prompts)
+    if not (listed or os.path.isdir(os.path.dirname(pooling))):  # no Pooling module: the mean, as sentence-transformers
+        return Embedding(limit, "mean", lower, True, truncate, prompts)  # listed: a copy without it is named, not meaned
     fields = read_json(pooling, "pooling config", TOKENIZER_FIX)
     modes = fields.get("pooling_mode")
     if modes is None:  # sentence-transformers 5: one flag per mode; none set pools by the mean, as 6.x reads it
@@ -187,7 +188,8 @@ def _check_output(config: str, settings: dict) -> None:
                           "(max_seq_length then cuts queries and documents alike)")
 
 
-def _check_modules(modules: str) -> None:
+def _check_modules(modules: str) -> bool:
+    """Whether ``modules`` (modules.json) lists modules (then 1_Pooling), refusing those embed does not run."""
     listed = read_json(modules, "sentence-transformers modules", TOKENIZER_FIX, list) if os.path.isfile(modules) else []
     if listed and not any(isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling" for m in listed):
         raise ConfigError(f"{modules}: the model lists no Pooling module, so sentence-transformers' encode does not "
@@ -202,6 +204,7 @@ def _check_modules(modules: str) -> None:
     if other:
         raise ConfigError(f"{modules}: the model runs {other} beyond a Transformer, 1_Pooling and Normalize, "
                           "which edgepeft does not; take last_hidden_state from Runtime.forward and apply them yourself")
+    return bool(listed)
 
 
 def lowercase_first(tokenizer) -> None:

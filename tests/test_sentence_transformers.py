@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -16,6 +17,7 @@ from peft_refs import peft_virtual_adapter
 from tiny import load_reference_base
 
 import edgepeft
+from edgepeft.errors import ArtifactNotFoundError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
@@ -133,6 +135,24 @@ def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tm
     os.remove(os.path.join(copied, "base", "config_sentence_transformers.json"))  # a plain model has query, document
     np.testing.assert_allclose(Runtime(copied).embed(texts, normalize=False, prompt_name="document"),
                                st.encode(texts, prompt_name="document"), atol=2e-4)
+
+
+def test_a_copy_that_lost_the_pooling_config_is_named_not_pooled_by_the_mean(st6, tmp_path):
+    """modules.json lists 1_Pooling (sentence-transformers refuses the folder without its config), or the folder is
+    there without it: embed pooled by the mean in silence (a device's copy of the files deploy.md listed)."""
+    _, out, _ = st6
+    copied = str(tmp_path / "out")
+    shutil.copytree(out, copied)
+    pooling = os.path.join(copied, "base", "1_Pooling", "config.json")
+    os.remove(pooling)
+    for step in ("listed", "folder alone"):
+        if step == "folder alone":
+            os.remove(os.path.join(copied, "base", "modules.json"))
+        with pytest.raises(ArtifactNotFoundError, match=re.escape(f"{pooling}: pooling config not found; copy the "
+                                                                  "export's base folder again (all of it)")):
+            Runtime(copied).embed(TEXTS)
+    os.rmdir(os.path.dirname(pooling))  # no Pooling module at all: a plain model, pooled by the mean
+    assert Runtime(copied).embed(TEXTS).shape[0] == len(TEXTS)
 
 
 def test_a_default_prompt_is_refused_at_export_and_training(st6, tmp_path):
