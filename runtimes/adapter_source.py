@@ -61,9 +61,11 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict, dict]:
     if not os.fspath(source):  # '' read as the app's directory, and its advice named that for removal
         raise ArtifactNotFoundError("'': an empty path; pass a folder from OUT/adapters/ made by `edgepeft export`")
     path = located(source)  # restaged after an eviction from where it was loaded, whatever the directory then
-    if not os.path.isdir(path):
-        raise ArtifactNotFoundError(f"{path}: no such adapter folder; pass a folder from OUT/adapters/ made by "
-                                    "`edgepeft export`")
+    if not os.path.isdir(path):  # a zip's path, or a file of the folder: "no such adapter folder" named neither
+        zipped = os.path.isfile(path) and zipfile.is_zipfile(path)
+        raise ArtifactNotFoundError(f"{path}: {'is a file, not an' if os.path.isfile(path) else 'no such'} adapter folder; "
+                                    + ("a zip of one loads from its bytes: rt.load_adapter(open(path, 'rb').read())"
+                                       if zipped else "pass a folder from OUT/adapters/ made by `edgepeft export`"))
     if not os.path.isfile(os.path.join(path, ADAPTER_MANIFEST)) and (out := _export_of(path)):  # not "remove it"
         what = "an export" if out == path else f"the {os.path.basename(path)} folder of the export {out}"
         raise ArtifactNotFoundError(f"{path}: is {what}, not an adapter's folder; pass one of the folders in "

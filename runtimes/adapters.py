@@ -34,7 +34,7 @@ from .manifest import (
     read_base_manifest, stacks_as_output,
 )
 from .access import STOPPED, inside, moved_aside
-from .commands import base_flags, export_command, folder_fix, name_problem
+from .commands import base_flags, copied_base_fix, export_command, folder_fix, name_problem
 from .adapter_graph import run_adapter_graph
 from .adapter_source import adapter_bound, read_adapter_source
 from .sessions import ort
@@ -243,7 +243,7 @@ class AdapterStore:
         return AdapterBaseMismatchError(
             f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
             f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "
-            f"({self.base.get('source')}); {fix}")
+            f"({self.base.get('source')}); {fix}{copied_base_fix(manifest, self.base, path)}")
 
     def unload(self, name: str) -> None:
         """Forget an adapter and drop its staged tensors. Refused while a call is using it."""

@@ -20,6 +20,8 @@ def fresh_out(path: str) -> str:
     return os.path.abspath(path) + "-onnx"
 
 
+# a damaged base (a device's copy, or the export): no export into OUT mends it
+REEXPORT_BASE = "copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder"
 ADAPTERS_DIR = "adapters"  # OUT/adapters/<name>: one folder per adapter
 NAME_LENGTH = 100  # OUT/adapters/<name>, and the export's staging folder beside it, within a file name's 255 bytes
 
@@ -99,6 +101,17 @@ def folder_fix(out: str, folder: str, base: dict) -> str:
         return (f"an export into {out} was stopped before it re-pointed it; run that export again (where OUT can be "
                 f"locked, not on Windows, it finishes that first), or {again}")
     return f"remove {folder}, or {again}"
+
+
+def copied_base_fix(adapter: dict, base: dict, folder: str | None) -> str:
+    """The other fix for an adapter of this base's model made for another export of it: where OUT is a copy (a device
+    with the runtime alone cannot export), the newer export's files (an adapter needing new slots, another method or
+    targets, brought a new base; the export re-pointed the other adapters to it). Empty where an export into OUT
+    stopped before re-pointing ``folder`` (folder_fix says to run it again)."""
+    if adapter.get("base_source") in (None, "") or adapter.get("base_source") != base.get("source") or (
+            folder and os.path.isfile(os.path.join(folder, REPOINTED))):
+        return ""
+    return "; or, where this OUT is a copy, copy the export it came from again: its base folder and every adapter"
 
 
 def pairs_fix(manifest: dict) -> str:

@@ -7,7 +7,7 @@ import os
 from .access import STOPPED, check_readable, moved_aside
 from .adapter_source import adapter_bound
 from .base_checks import serves_pairs
-from .commands import folder_fix
+from .commands import REEXPORT_BASE, folder_fix
 from .errors import EdgePeftError
 from .manifest import (
     ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export,
@@ -69,9 +69,9 @@ def describe_export(out_dir: str) -> dict:
     # export kept a base under 1 GB inside the graph
     weights = [graph + ".data"] if base.get("web_graph") or os.path.lexists(graph + ".data") else []
     if not os.path.isfile(graph) or os.path.getsize(graph) == 0:
-        problems.append(f"{graph}: base graph missing or empty; re-run `edgepeft export` into a fresh --out folder")
+        problems.append(f"{graph}: base graph missing or empty; {REEXPORT_BASE}")
     elif weights and not os.path.isfile(weights[0]):
-        problems.append(f"{graph}.data: the base's weights are missing; re-run `edgepeft export` into a fresh --out folder")
+        problems.append(f"{graph}.data: the base's weights are missing; {REEXPORT_BASE}")
     else:
         problems += [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
     problems += _moved_aside(out_dir)

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 from .access import ADAPTER_MANIFEST, STOPPED, check_readable, listed, moved_aside, read_json, sha256_bytes
 from .base_checks import TOKEN_TYPES, base_value_errors
-from .commands import ADAPTERS_DIR, adapter_export_command, export_command, fresh_out
+from .commands import ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, fresh_out
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 from .values import is_kind
@@ -279,13 +279,9 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
     return ArtifactNotFoundError(f"{base}: no exported base here; run {export_command('DIR', path)} first")
 
 
-REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder"  # a damaged base: no export into OUT mends it
-
-
 def read_base_manifest(base_dir: str) -> dict:
     """Read and check ``base_dir/edgepeft.json``; slots come back as ``Slot`` objects."""
-    path = os.path.join(base_dir, BASE_MANIFEST)
-    fix = REEXPORT_BASE
+    path, fix = os.path.join(base_dir, BASE_MANIFEST), REEXPORT_BASE
     data = read_json(path, "base manifest", fix)
     _check_format(data, path, "edgepeft-base", _BASE_KEYS, fix)
     if errors := base_value_errors(data):

@@ -10,6 +10,7 @@ import os
 import re
 
 from .access import check_readable
+from .commands import REEXPORT_BASE
 from .errors import ConfigError, CorruptArtifactError, MissingDependencyError, OutOfMemoryError, first_line
 from .values import is_whole
 
@@ -136,8 +137,7 @@ def open_base_session(graph: str, providers: list, sess_options):
     for path in (graph, f"{graph}.data"):  # another user's files: not the export's fault
         check_readable(path)
     needs_ort(MIN_ORT, f"{graph}: ONNX Runtime cannot load the base graph ({reason}); edgepeft's export")
-    raise CorruptArtifactError(f"{graph}: ONNX Runtime cannot load the base graph ({reason}); "
-                               "re-run `edgepeft export` into a fresh --out folder")
+    raise CorruptArtifactError(f"{graph}: ONNX Runtime cannot load the base graph ({reason}); {REEXPORT_BASE}")
 
 
 _NO_MEMORY = re.compile(r"Failed to allocate memory[^\n]*|bad[ _]alloc\w*|out of memory")  # CPU arena, C++, CUDA

@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 
 from .base_checks import graph_declaration_errors
-from .commands import export_command
+from .commands import REEXPORT_BASE, export_command
 from .errors import AdapterBaseMismatchError, CorruptArtifactError
 from .values import is_whole
 
@@ -140,7 +140,7 @@ def check_graph_inputs(session, manifest: dict, manifest_path: str, graph: str) 
     absent = sorted(s.name for s in manifest["slots"] if not s.target and s.name not in takes)
     errors = [f"slot {absent[0]!r} is not an input of {graph}"] if absent else graph_declaration_errors(session, manifest)
     if errors:
-        raise CorruptArtifactError(f"{manifest_path}: {errors[0]}; re-run `edgepeft export` into a fresh --out folder")
+        raise CorruptArtifactError(f"{manifest_path}: {errors[0]}; {REEXPORT_BASE}")
 
 
 def uncounted_heads(base: dict, made=()) -> list:

@@ -59,8 +59,8 @@ class TextTokenizer:
         if not os.path.isfile(path):
             check_readable(path)
             raise ArtifactNotFoundError(
-                f"{path}: missing (the export has no tokenizer, or the file was removed); pass token ids, or export again "
-                "from a base folder that has tokenizer.json into a fresh --out folder"
+                f"{path}: missing (the export has no tokenizer, or the file was removed); copy the export's base folder "
+                "again, or pass token ids, or export from a base folder that has tokenizer.json into a fresh --out folder"
             )
         try:
             from tokenizers import Tokenizer

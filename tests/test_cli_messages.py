@@ -198,8 +198,8 @@ def test_suggested_export_commands_name_the_adapter_as_export_takes_it(peft_adap
     edit_json(os.path.join(foreign, "adapter.json"), base_fingerprint="0" * 64)
     with pytest.raises(AdapterBaseMismatchError) as e:
         Runtime(out)
-    assert str(e.value).endswith(f"remove {foreign}, then re-export its adapter into this OUT: `edgepeft export "
-                                 f"--adapter DIR --out {out} --name sp_ace_2`")
+    assert (f"remove {foreign}, then re-export its adapter into this OUT: `edgepeft export --adapter DIR --out {out} "
+            f"--name sp_ace_2`; or, where this OUT is a copy, copy the export it came from again") in str(e.value)
     shutil.rmtree(foreign)
     main(shlex.split(str(e.value).split("`")[1].replace("DIR", shlex.quote(adapter)))[1:])
     assert {"sp_ace", "sp_ace_2"} <= set(Runtime(out).adapter_names)

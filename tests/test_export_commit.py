@@ -512,7 +512,7 @@ def test_a_damaged_tokenizer_in_out_names_a_fix_that_works(text_export, tmp_path
     shutil.copytree(text_export[0], out)
     with open(os.path.join(out, "base", "tokenizer.json"), "r+") as f:
         f.truncate(100)
-    fix = "; re-run `edgepeft export` into a fresh --out folder"
+    fix = ", or re-run `edgepeft export` into a fresh --out folder"
     for argv in (["run", out, "hello", "--max-new-tokens", "1"], ["export", "--adapter", adapter, "--out", out,
                                                                   "--name", "tok", "--overwrite"]):
         line = cli_error(capsys, *argv)

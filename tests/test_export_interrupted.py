@@ -147,7 +147,7 @@ def test_a_base_graph_gone_names_a_fresh_out_folder(llama, tmp_path):
     export([llama[1]["qv"]], out)
     os.unlink(os.path.join(out, "base", "model.onnx"))
     for attempt in (lambda: Runtime(out), lambda: export([llama[1]["mlp"]], out)):
-        with pytest.raises(ArtifactNotFoundError, match=r"model.onnx: base graph missing; re-run `edgepeft export` into "
+        with pytest.raises(ArtifactNotFoundError, match=r"model.onnx: base graph missing; copy the export's base folder again, or re-run `edgepeft export` into "
                                                         "a fresh --out folder$"):
             attempt()
     export([llama[1]["qv"]], str(tmp_path / "fresh"))

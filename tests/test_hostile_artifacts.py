@@ -16,8 +16,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from file_checks import edit_json, edited_json
-from edgepeft.errors import ConfigError, CorruptArtifactError
+from edgepeft.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from edgepeft.runtimes import Runtime
+from edgepeft.runtimes.manifest import REEXPORT_BASE
 
 IDS = np.array([[5, 6, 7, 8, 9]], dtype=np.int64)
 LORA_A = "lora_A.model.layers.0.self_attn.q_proj+k_proj+v_proj"
@@ -221,7 +222,7 @@ def test_a_base_manifest_that_disagrees_with_its_graph_is_refused_when_opened(ou
         manifest[field] = {**manifest[field], **value} if isinstance(value, dict) else value
     with pytest.raises(CorruptArtifactError) as e:
         Runtime(out)
-    assert str(e.value) == f"{path}: {message}; re-run `edgepeft export` into a fresh --out folder"
+    assert str(e.value) == f"{path}: {message}; {REEXPORT_BASE}"
 
 
 @pytest.mark.parametrize("source", ["folder", "zip"])
@@ -276,6 +277,21 @@ def test_a_zip_bomb_is_refused_by_its_declared_sizes_before_it_unpacks(out):
                        r"this base can take \(\d+ bytes\); zip an adapter folder from OUT/adapters/$"):
         rt.load_adapter(buffer.getvalue())
     rt.load_adapter(zipped(os.path.join(out, "adapters", "lora")))  # an adapter's own zip is well inside the bound
+
+
+def test_a_zip_or_a_file_given_as_a_path_is_named_as_such(out, tmp_path):
+    """A zip's path (python-api.md loads a zip from its bytes), or a file of an adapter's folder, was told "no such
+    adapter folder", though it exists."""
+    rt, folder = Runtime(out, load_adapters=False), os.path.join(out, "adapters", "lora")
+    path = str(tmp_path / "lora.zip")
+    with open(path, "wb") as f:
+        f.write(zipped(folder))
+    with pytest.raises(ArtifactNotFoundError, match=re.escape(f"{path}: is a file, not an adapter folder; a zip of one "
+                                                              "loads from its bytes: rt.load_adapter(open(path, 'rb').read())")):
+        rt.load_adapter(path)
+    with pytest.raises(ArtifactNotFoundError, match="adapter.onnx: is a file, not an adapter folder; pass a folder from "):
+        rt.load_adapter(os.path.join(folder, "adapter.onnx"))
+    assert rt.load_adapter(open(path, "rb").read()) == "lora"
 
 
 def test_a_zip_member_compressed_otherwise_than_make_archive_does_is_refused(out):

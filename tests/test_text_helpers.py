@@ -93,7 +93,7 @@ def test_a_broken_tokenizer_file_is_named(text_export, tmp_path, name, content, 
     rt = Runtime(out)
     with pytest.raises(CorruptArtifactError) as e:
         rt.generate_text(PROMPT, adapter="tok", max_new_tokens=2, chat=chat)
-    assert path in str(e.value) and str(e.value).endswith("; re-run `edgepeft export` into a fresh --out folder")
+    assert path in str(e.value) and str(e.value).endswith(", or re-run `edgepeft export` into a fresh --out folder")
     assert "cannot encode with it (no entry found for key)" in str(e.value) or not callable(content)
     assert rt.generate(np.array([[1, 10, 20]]), adapter="tok", max_new_tokens=2).shape == (1, 5)  # ids still work
 
