@@ -32,3 +32,14 @@ def training_side(what: str):
             raise
         raise lacking_training_side(what) or MissingDependencyError(  # noqa: F405
             f"{what} needs {package}, which this install lacks; pip install 'edgepeft[train,cpu]'") from cause
+
+
+def noted(*args, **_) -> None:
+    """A log that prints nothing but gives its ``note:`` lines as EdgePeftWarning: export's notes (generation settings
+    it does not apply, adapter weights it leaves out) where it prints nothing else (Python's verbose=False), as
+    training's; the CLI prints them (verbose)."""
+    import warnings
+
+    message = " ".join(map(str, args))
+    if message.startswith("note: "):
+        warnings.warn(message.removeprefix("note: "), EdgePeftWarning, stacklevel=2)  # noqa: F405

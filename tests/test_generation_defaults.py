@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import torch
 from file_checks import edit_json, edited_json
 from peft_refs import randomize_adapter
 from tiny import load_reference_base
-from edgepeft.runtimes import InvalidInputError, Runtime
+from edgepeft.runtimes import EdgePeftWarning, InvalidInputError, Runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATION = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}
@@ -149,7 +150,7 @@ def test_cli_run_follows_the_model_unless_told(sampling_model):
 
 @pytest.fixture(scope="module")
 def length_model(tmp_path_factory, text_export):
-    """(OUT, HF PEFT model, export log, eos): a generation_config.json that bans repeated bigrams, holds eos back for
+    """(OUT, HF PEFT model, export notes (EdgePeftWarning), eos): a generation_config.json that bans repeated bigrams, holds eos back for
     3 new tokens, stops at 7, sets stop strings, and asks for beam search (which the runtime does not do)."""
     import contextlib
     import io
@@ -174,11 +175,14 @@ def length_model(tmp_path_factory, text_export):
     from edgepeft.exporters import export
 
     out, log = str(root / "out"), io.StringIO()
-    with contextlib.redirect_stdout(log):
-        export([str(root / "adapter")], out, names=["lora"], verbose=True)
+    with contextlib.redirect_stdout(log), warnings.catch_warnings(record=True) as noted:  # Python's export: warnings
+        warnings.simplefilter("always")
+        export([str(root / "adapter")], out, names=["lora"])
+    assert log.getvalue() == ""  # the notes were printed only with verbose=True (the CLI's), else dropped
+    log = "\n".join(str(w.message) for w in noted if issubclass(w.category, EdgePeftWarning))
     hf = peft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(root / "adapter")).eval()
     hf.generation_config.stop_strings = None  # transformers cannot read the test's word tokenizer; no word has zz
-    return out, hf, log.getvalue(), eos
+    return out, hf, log, eos
 
 
 def _length_prompts():
