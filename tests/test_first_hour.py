@@ -226,10 +226,18 @@ def test_unknown_target_modules_suggest_names_the_model_has(text_model, capsys, 
 
 
 def test_run_on_an_adapter_folder_shows_the_export_command(cls_export, capsys):
-    _, adapter = cls_export
-    line = cli_error(capsys, "run", adapter, "hi")
+    """Then "use OUT" ran the base model's untrained head: the run it names serves the adapter (--adapter)."""
+    import shlex
+
+    out, adapter = cls_export
+    line = cli_error(capsys, "run", adapter, "--adapter", "topic", "hi")
     assert f"edgepeft export --adapter {adapter} --out {adapter}-onnx" in line
     assert f"--out {adapter}`" not in line  # not the adapter folder itself as OUT
+    export, run = line.split("`")[1], line.split("`")[3]
+    assert run == f"edgepeft run {adapter}-onnx --adapter topic PROMPT"
+    cli_ok(capsys, *shlex.split(export)[1:])
+    assert cli_ok(capsys, *shlex.split(run.replace("PROMPT", "hi"))[1:]) == cli_ok(capsys, "run", out, "--adapter",
+                                                                                    "topic", "hi")
 
 
 def test_run_on_one_exported_adapter_names_its_export(cls_export, capsys):
