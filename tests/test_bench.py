@@ -302,8 +302,8 @@ def test_bench_and_inspect_on_what_a_hunt_found(shared_export, tmp_path, monkeyp
     os.remove(os.path.join(out, "base", "edgepeft.json"))
     said = CliRunner().invoke(cli, ["inspect", out])
     assert str(said.exception) == (f"{os.path.join(out, 'base', 'edgepeft.json')}: missing, beside other files (an "
-                                   "export's base whose manifest was removed, or not an export); re-run `edgepeft "
-                                   "export` into a fresh --out folder")
+                                   "export's base whose manifest was removed, or not an export); copy the export's "
+                                   "base folder again, or re-run `edgepeft export` into a fresh --out folder")
 
 
 def test_samples_refuse_counts_they_cannot_measure_with_before_any_work(tmp_path):
