@@ -306,6 +306,8 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     from edgepeft.errors import ConfigError
     from edgepeft.runtimes import Runtime
 
+    if prompt == "-" and sys.stdin is None:  # closed (<&-, a daemon's): click gives None, whose read was a traceback
+        raise ConfigError("PROMPT '-' reads standard input, which is closed; pass the prompt as an argument")
     if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
         # bytes not of UTF-8 kept as an argument's are (lone surrogates), which the text checks name in a line
         prompt = click.get_text_stream("stdin", errors="surrogateescape").read().removesuffix("\n").removesuffix("\r")

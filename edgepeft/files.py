@@ -136,6 +136,8 @@ def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None
     """
     from edgepeft.errors import ConfigError
 
+    if not os.fspath(path):  # abspath('') is the working folder: makedirs('') failed after the checks
+        raise ConfigError(f"{flag} '': an empty path; give {flag} {wants}")
     probe = os.path.abspath(path)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         if os.path.islink(probe):  # a link to what is not there (an unmounted disk): "File exists" from makedirs

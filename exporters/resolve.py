@@ -149,7 +149,7 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
         if not path:
             raise ConfigError("--adapter '': an empty path; give --adapter an adapter folder (save_pretrained's)")
         config = load_config(path)  # a folder that is not there is named so, before a name taken from it
-        name = names[i] if i < len(names) else os.path.basename(os.path.normpath(path))
+        name = names[i] if i < len(names) else os.path.basename(os.path.abspath(path))  # '.': the folder's own name
         problem = export_name_problem(name)
         if problem:
             mended = export_name_suggestion(name)

@@ -96,7 +96,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
         if name not in rt.adapter_names and not rt.store.serves_base(name):
             held = [*rt.adapter_names, *[m for m in [rt.manifest.get("merged_adapter")] if m]]
             raise UnknownAdapterError(f"--adapter {name}: {rt.path} holds no adapter {name!r} (it holds "
-                                      f"{', '.join(held) or 'none'}); give one of those, or none for the base "
+                                      f"{', '.join(map(repr, held)) or 'none'}); give one of those, or none for the base "
                                       "model alone")
     names = [n for n in names if not rt.store.serves_base(n)]  # a --merge export's name: the base, measured anyway
     for key, value in (("batch", batch), ("seq", seq), ("rounds", rounds), ("calls", calls)):

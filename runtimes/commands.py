@@ -72,7 +72,7 @@ def unused_name(out: str, name: str) -> str:
 
 def adapter_export_command(folder: str, out: str, *flags: str) -> str:
     """``export_command`` for the adapter ``folder``, with the --name export needs where it refuses the folder's."""
-    name = os.path.basename(os.path.normpath(folder))  # export's default ('.' for the folder one is in)
+    name = os.path.basename(os.path.abspath(folder))  # export's default (for '.', the folder's own name)
     if export_name_problem(name):
         flags = ("--name", quote(unused_name(out, exported_as(os.path.basename(os.path.abspath(folder))))), *flags)
     return export_command(folder, out, *flags)

@@ -79,7 +79,7 @@ def test_messages_name_the_flags_as_typed():
     assert as_flags('text "top_k=5 x" holds half a character', run) == 'text "top_k=5 x" holds half a character'
 
 
-def test_output_files_and_empty_paths_are_refused_before_the_work(shared_export, tmp_path, capsys):
+def test_output_files_and_empty_paths_are_refused_before_the_work(shared_export, tiny_base, tmp_path, capsys):
     """bench's --json and --plot replaced a FIFO, a device (/dev/null, as root) or the link itself; a trailing slash,
     an empty path or one file for both failed after the run or wrote nothing, silently; export took --base '' as no
     --base and named a misspelt --adapter's name before saying the folder is not there; run '' advised --out ''."""
@@ -108,6 +108,9 @@ def test_output_files_and_empty_paths_are_refused_before_the_work(shared_export,
     assert cli_error(capsys, "train", "--model", "", "--task", "seq-cls", "--data", adapter, "--out", tmp_path / "o") == (
         "error: --model '': an empty path; give --model a local model folder (with config.json) or a hub id")
     assert not (tmp_path / "o").exists()
+    for argv in (["export", "--adapter", adapter], ["train", "--model", tiny_base("bert"), "--task", "seq-cls", "--data",
+                                                    adapter]):  # "No such file or directory", naming nothing
+        assert cli_error(capsys, *argv, "--out", "") == "error: --out '': an empty path; give --out a folder path"
 
 
 def test_run_on_a_classifier_names_greedy_as_typed(shared_export, capsys):

@@ -1,0 +1,57 @@
+"""Values at the command line a hunt found named wrongly or not at all: a prompt '-' with standard input closed, the
+adapters bench lists (a name read as a flag), a sampling refusal that blamed the temperature alone, and an adapter
+given as '.' (named '.', not its folder's name)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgepeft.errors import InvalidInputError, UnknownAdapterError
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+from edgepeft.runtimes.bench import measure
+
+
+def test_a_prompt_read_from_closed_standard_input_is_one_line(text_export):
+    """`edgepeft run OUT - <&-` (a daemon's, cron's): click hands None for standard input, whose read was a
+    traceback."""
+    code = "import sys; from edgepeft.cli import main; main(sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, "run", text_export[0], "-"], capture_output=True, text=True,
+                          preexec_fn=lambda: os.close(0))  # closed before Python starts: sys.stdin is None
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("error: PROMPT '-' reads standard input, which is closed; pass the "
+                                                    "prompt as an argument")
+
+
+def test_bench_quotes_the_adapters_it_holds(shared_export):
+    """Unquoted, an adapter named like an option (new_tokens) was rewritten as --new-tokens in the error line."""
+    out = shared_export("llama")[0]
+    rt = Runtime(out)
+    held = ", ".join(map(repr, rt.adapter_names))
+    with pytest.raises(UnknownAdapterError, match=re.escape(f"holds no adapter 'nope' (it holds {held}); give one")):
+        measure(rt, ["nope"], rounds=1, calls=1, seq=4)
+
+
+def test_a_repetition_penalty_too_small_to_sample_is_named(text_export):
+    """Scores divided by a penalty of 1e-40 are infinite, as in transformers: the refusal said to raise the
+    temperature, which no temperature mends."""
+    rt = Runtime(text_export[0])
+    ids = np.array([[5, 6, 7]], dtype=np.int64)
+    with pytest.raises(InvalidInputError, match=r"temperature 1\.0 or repetition_penalty too small for float32\); raise "
+                                                r"the temperature or repetition_penalty or use greedy decoding"):
+        rt.generate(ids, max_new_tokens=2, do_sample=True, repetition_penalty=1e-40, seed=0)
+    with pytest.raises(InvalidInputError, match=r"temperature 1e-40 too small for float32\); raise the temperature or"):
+        rt.generate(ids, max_new_tokens=2, do_sample=True, temperature=1e-40, seed=0)
+
+
+def test_an_adapter_given_as_dot_is_named_by_its_folder(shared_export, tmp_path, monkeypatch):
+    """cli.md: the name defaults to the adapter folder's; '.' (run inside the folder) was the name, and refused."""
+    name, adapter = next(iter(shared_export("bert")[1].items()))
+    monkeypatch.chdir(adapter)
+    export(["."], str(tmp_path / "out"))
+    assert Runtime(str(tmp_path / "out")).adapter_names == [os.path.basename(adapter)]
