@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 
+import torch
+
 from edgepeft.exporters.contrib_ops import install_contrib_ops
 from edgepeft.exporters.fingerprint import base_fingerprint, made_heads
 from edgepeft.exporters.fusion import fuse_groups, trace_conv1d_as_matmul
@@ -24,10 +26,12 @@ from edgepeft.models import (
 )
 from edgepeft.exporters.generation_settings import generation_fields, ignored_generation
 from edgepeft.exporters.web_graph import write_web_variant
-from edgepeft.runtimes.manifest import BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, LAYOUT_VERSION, NEUTRAL_GRAPH, WEB_GRAPH
+from edgepeft.runtimes.manifest import (BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, LAYOUT_VERSION, NEUTRAL_GRAPH,
+                                        WEB_GRAPH, slot_name)
 from edgepeft.runtimes.sentence import PROMPTS_CONFIG, sentence_transformers_settings
 from edgepeft.runtimes.text import TextTokenizer
 from edgepeft.tuners import spec_for
+from edgepeft.tuners.targets import replace_module
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -111,6 +115,30 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     for note in genai_notes(manifest):
         log(f"note: {source}: {note}")
     return manifest
+
+
+def take_made_heads(model, base_dir: str) -> None:
+    """Give ``model`` the heads made at load that the base in ``base_dir`` holds: their slots' neutral values.
+
+    A made head is no base weight (the fingerprint leaves it out), so OUT's base is reused for a copy of its model
+    whose config.json sets another num_labels (a reranker's 1); its graph holds the head made when it was exported,
+    and the base alone is checked against that one. Adapters are unaffected: each fills the slot with its own head.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in onnx.load(os.path.join(base_dir, BASE_GRAPH), load_external_data=False).graph.initializer}
+    for module in sorted(made_heads(model)):
+        weight, bias = (inits.get(slot_name("head", role, module)) for role in ("weight", "bias"))
+        if weight is None:  # no slot: the graph holds no such head to take
+            continue
+        w = numpy_helper.to_array(weight, base_dir)  # (in, out)
+        head = torch.nn.Linear(*w.shape, bias=bias is not None)
+        with torch.no_grad():
+            head.weight.copy_(torch.tensor(w.T))
+            if bias is not None:
+                head.bias.copy_(torch.tensor(numpy_helper.to_array(bias, base_dir)))
+        replace_module(model, module, head.eval())
 
 
 def write_side_files(source: str, stage: str, task: str, revision: str | None = None, log=lambda *a, **k: None) -> None:

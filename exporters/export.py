@@ -17,7 +17,8 @@ import os
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, StorageError, noted
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
-from edgepeft.exporters.base_graph import quantize_stage, side_difference, trace_base, write_side_files
+from edgepeft.exporters.base_graph import (quantize_stage, side_difference, take_made_heads, trace_base,
+                                           write_side_files)
 from edgepeft.exporters.generation_settings import generation_fields
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
@@ -98,6 +99,8 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
 def _export_slots(plan, quantize) -> dict:
     """The base with its slots and each adapter's graph, staged, validated, then committed into OUT."""
     slots, reuse = plan_slots(plan)
+    if reuse and made_heads(plan.model):  # OUT's graph holds the heads its own export made (of its num_labels)
+        take_made_heads(plan.model, plan.base_dir)
     with Staging() as staging:
         base_stage, base_manifest = stage_base(plan, slots, reuse, staging)
         adapter_stages = stage_adapters(plan, base_manifest, staging)

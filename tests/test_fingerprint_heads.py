@@ -184,3 +184,32 @@ def test_base_given_holds_one_recorded_base_at_a_time(two_outs, tmp_path, monkey
     monkeypatch.setattr(resolve, "load_base", load)
     resolve._check_recorded_bases(resolve._read_sources(dirs, ["one", "two"]), source, model, "causal-lm")
     assert held == [0, 0], held  # when "two" loads, "one" is gone
+
+
+def test_a_copy_setting_another_num_labels_shares_the_base(tiny_base, tmp_path):
+    """A made head is no base weight: a copy of the base whose config.json sets num_labels 1 (a reranker's,
+    training.md) reuses OUT's base; the base alone was checked against this load's made head, 1 wide, not the 2
+    wide one OUT's graph holds ("the export's output has shape [2, 2], PyTorch's [2, 1]"). Either order."""
+    import shutil
+
+    import peft
+
+    from tiny import sample_batch, torch_outputs
+
+    base, copy = tiny_base("bert"), str(tmp_path / "base-1label")
+    shutil.copytree(base, copy)
+    edit_json(os.path.join(copy, "config.json"), num_labels=1)
+    pair = lora_adapter(tmp_path / "pair", base, "seq-cls", 1, r=2, target_modules=["query"])
+    rerank = lora_adapter(tmp_path / "rerank", copy, "seq-cls", 2, r=2, target_modules=["query"])
+    ids, mask = sample_batch()
+    for order in ((pair, base, "pair"), (rerank, copy, "rerank")), ((rerank, copy, "rerank"), (pair, base, "pair")):
+        out = str(tmp_path / f"out-{order[0][2]}")
+        for i, (adapter, _, name) in enumerate(order):
+            assert export([adapter], out, names=[name])["base"]["reused"] == (i == 1)
+        rt = Runtime(out)
+        for adapter, source, name in order:
+            ref = peft.PeftModel.from_pretrained(load_base(source, "seq-cls"), adapter).eval()
+            want = torch_outputs(ref, ids, mask, "logits")
+            got = rt.forward(ids, mask, adapter=name)["logits"]
+            assert got.shape == want.shape == (2, 1 if name == "rerank" else 2)
+            assert abs(got - want).max() < 1e-4
