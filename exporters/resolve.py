@@ -100,7 +100,14 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
         raise ArtifactNotFoundError(f"{e} (base_model_name_or_path in "
                                     f"{os.path.join(sources[0].path, CONFIG_NAME)})") from None
     task = _task_of(sources, model_config.model_type)
-    check_supported(model_config.model_type, task, source)
+    try:
+        check_supported(model_config.model_type, task, source)
+    except EdgePeftError as e:  # --base of another kind ("use seq-cls": export takes no task): the adapter's own base
+        recorded = base is not None and sources[0].config.base_model_name_or_path
+        if not recorded or _same(recorded) == _same(source):
+            raise
+        raise type(e)(f"{str(e).rsplit('; ', 1)[0]}; {sources[0].path} was trained on {recorded}: drop --base to "
+                      "export it with that base") from None
     options["log"](f"loading base {model_label(source, revision)} ({model_config.model_type}, {task})")
     model = load_base(source, task, revision=revision, config=model_config)
     if base:

@@ -55,3 +55,14 @@ def test_an_adapter_given_as_dot_is_named_by_its_folder(shared_export, tmp_path,
     monkeypatch.chdir(adapter)
     export(["."], str(tmp_path / "out"))
     assert Runtime(str(tmp_path / "out")).adapter_names == [os.path.basename(adapter)]
+
+
+def test_a_base_of_another_kind_than_the_adapters_task_says_drop_base(shared_export, tiny_base, tmp_path):
+    """--base a BERT folder for a Llama causal-LM adapter: "use seq-cls or feature-extraction", which export (its task
+    is the adapter's) cannot take; a GPT-2 --base got the fix that works."""
+    from edgepeft.errors import EdgePeftError
+
+    adapter = next(iter(shared_export("llama")[1].values()))
+    with pytest.raises(EdgePeftError, match=r"has no causal-LM head; .* was trained on .*: drop --base to export it"):
+        export([adapter], str(tmp_path / "out"), base=tiny_base("bert"))
+    assert not os.path.exists(tmp_path / "out")
