@@ -311,8 +311,7 @@ def read_base_manifest(base_dir: str) -> dict:
 def base_file_errors(base_dir: str, manifest: dict, names=None) -> list:
     """The errors of the base's files whose sizes the export recorded (``file_bytes``; ``names``: of those only)
     that are missing or not as long as written: a copy to a device cut short."""
-    fix = "copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder"
-    errors = []
+    fix, errors = REEXPORT_BASE, []
     for name, size in (manifest.get("file_bytes") or {}).items():
         if names is not None and name not in names:
             continue

@@ -31,7 +31,7 @@ export function plain(v) {
 
 export const FORMAT_VERSION = 4;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)
 export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
-export const REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder";
+export const REEXPORT_BASE = "copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder";  // as Python's: a device's copy first
 /** The fix for a damaged file of the export at `rel`: the base's needs a fresh export, an adapter's a re-export. */
 export const reexportFor = (rel) => rel.startsWith("base/") ? REEXPORT_BASE : REEXPORT;
 /** ONNX Runtime's (or another library's) error in one line of a readable length, as Python's first_line: a forged
@@ -371,12 +371,11 @@ export async function checkSizes(loader, manifest, files) {
     const want = manifest.file_bytes?.[file];
     const got = want === undefined ? undefined : await loader.size(`base/${file}`);
     if (want !== undefined && got === undefined) {  // on Node, ONNX Runtime reads model.onnx.data: it blamed the graph
-      throw new EdgePeftError(`${loader.where(`base/${file}`)}: missing; copy the export's base folder again, or ` +
-        REEXPORT_BASE);
+      throw new EdgePeftError(`${loader.where(`base/${file}`)}: missing; ${REEXPORT_BASE}`);
     }
     if (got !== undefined && got !== want) {
       throw new EdgePeftError(`${loader.where(`base/${file}`)}: ${got} bytes where the export wrote ${want} (a copy cut ` +
-        `short?); copy the export's base folder again, or ${REEXPORT_BASE}`);
+        `short?); ${REEXPORT_BASE}`);
     }
   }
 }

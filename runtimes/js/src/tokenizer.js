@@ -90,7 +90,8 @@ export async function tokenizerOf(Tokenizer, loader) {
   if (!Object.keys(json).length) {  // no export there at all (a mistyped OUT), or an export without a tokenizer
     await readJson(loader, "base/edgepeft.json", null);
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: missing (the export has no tokenizer, or the file was ` +
-      "removed); pass token ids, or export again from a base folder that has tokenizer.json into a fresh --out folder");
+      "removed); copy the export's base folder again, or pass token ids, or export from a base folder that has " +
+      "tokenizer.json into a fresh --out folder");
   }
   const { task } = await readJson(loader, "base/edgepeft.json", OPTIONAL, fix) ?? {};  // a pair's template: classifiers'
   const missing = unlisted(json.post_processor, task === "seq-cls");

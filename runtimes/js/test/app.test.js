@@ -139,7 +139,7 @@ test("an onnxruntime older than the exports need is named, not blamed on the fil
   const out = path.join(FIXTURES, "llama");
   await refuses(openFolder(refusing("1.21.1"), out),
     /model\.web\.onnx: ONNX Runtime cannot load it \(.*GroupQueryAttention.*\); edgepeft's exports need onnxruntime-node>=1\.22, this is 1\.21\.1: npm install onnxruntime-node@latest$/);
-  await refuses(openFolder(refusing("1.22.0"), out), /model\.web\.onnx: .*the file is damaged or incomplete: re-run `edgepeft export`/);
+  await refuses(openFolder(refusing("1.22.0"), out), /model\.web\.onnx: .*the file is damaged or incomplete: copy the export's base folder again, or re-run `edgepeft export`/);
 });
 
 test("decode skips special tokens by default, as the Python runtime's", async () => {

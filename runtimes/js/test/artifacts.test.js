@@ -34,7 +34,7 @@ const refuses = (call, pattern) => assert.rejects(call, (e) => {
 });
 const quoted = (s) => s.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
 const got = (value) => quoted(JSON.stringify(value));  // a value as a message shows it, as a pattern
-const REEXPORT_BASE = "re-run `edgepeft export` into a fresh --out folder";
+const REEXPORT_BASE = "copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder";
 
 /** A copy of a fixture export to damage (`linked`: its base folder a link, for a base that stays as it is). */
 async function copied(name, fixture = "llama", linked = false) {
@@ -159,7 +159,7 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   // a base problem: another export of an adapter into that OUT was refused (its base is older), a fresh one works
   for (const [field, file] of [["neutral_graph", "neutral.onnx"], ["web_graph", "model.web.onnx"]]) {
     await withEdit(out, "base/edgepeft.json", (j) => { delete j[field]; }, () => refuses(openFolder(ortNode, out),
-      new RegExp(`^${where("base")}: this export has no ${file.replace(".", "\\.")}; re-run \`edgepeft export\` into a fresh --out folder$`)));
+      new RegExp(`^${where("base")}: this export has no ${file.replace(".", "\\.")}; copy the export's base folder again, or re-run \`edgepeft export\` into a fresh --out folder$`)));
   }
   const neutral = path.join(out, "base/neutral.onnx");  // a graph that takes inputs: ONNX Runtime's error, raw
   const kept = await readFile(neutral);

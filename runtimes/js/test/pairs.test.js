@@ -182,7 +182,7 @@ test("token types are refused where they are not the ids' rows of the model's ty
 });
 
 test("a base manifest's type_vocab_size is checked as runtimes/base_checks.py checks it", async () => {
-  const REEXPORT_BASE = quoted("re-run `edgepeft export` into a fresh --out folder");
+  const REEXPORT_BASE = quoted("copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder");
   const refused = async (name, edit, message) => {
     const out = await edited(name, edit);
     await refuses(openFolder(ortNode, out), new RegExp(`^${quoted(path.join(out, "base", "edgepeft.json"))}: ${message}; ${REEXPORT_BASE}$`));

@@ -117,7 +117,7 @@ test("missing or damaged files of an export name the file and a fix, on node and
     const manifest = JSON.parse(await readFile(path.join(out, "base/edgepeft.json"), "utf8"));
     delete manifest.file_bytes;  // an export from before sizes were recorded: ONNX Runtime's own failure, named
     await writeFile(path.join(out, "base/edgepeft.json"), JSON.stringify(manifest));
-    await refuses(openFolder(ort, out), /base\/model.web.onnx: ONNX Runtime cannot load it \(.*\); the file is damaged or incomplete: re-run `edgepeft export` into a fresh --out folder$/);
+    await refuses(openFolder(ort, out), /base\/model.web.onnx: ONNX Runtime cannot load it \(.*\); the file is damaged or incomplete: copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder$/);
     await writeFile(path.join(out, "base/edgepeft.json"), "{");
     await refuses(openFolder(ort, out), /base\/edgepeft.json: not readable JSON/);
   }
@@ -127,12 +127,12 @@ test("missing or damaged files of an export name the file and a fix, on node and
     await refuses(openFolder(ort, out), /base\/model.onnx.data: missing; copy the export's base folder again, or re-run `edgepeft export`/);
   }
   await rm(path.join(out, "base/tokenizer.json"));
-  await refuses(loadTokenizer(out), /base\/tokenizer.json: missing \(the export has no tokenizer, or the file was removed\); pass token ids, or export again from a base folder that has tokenizer.json into a fresh --out folder$/);
+  await refuses(loadTokenizer(out), /base\/tokenizer.json: missing \(the export has no tokenizer, or the file was removed\); copy the export's base folder again, or pass token ids, or export from a base folder that has tokenizer.json into a fresh --out folder$/);
   await writeFile(path.join(out, "base/tokenizer_config.json"), "{");
   await refuses(loadTokenizer(out), /base\/tokenizer_config.json: not readable JSON/);
   for (const text of ["null", "[]", "5"]) {  // a TypeError, or loaded as if there were no config
     await writeFile(path.join(out, "base/tokenizer_config.json"), text);
-    await refuses(loadTokenizer(out), /base\/tokenizer_config.json: not a tokenizer file the tokenizers library can read; re-run/);
+    await refuses(loadTokenizer(out), /base\/tokenizer_config.json: not a tokenizer file the tokenizers library can read; copy the export's base folder again, or re-run/);
   }
   const tokenized = await copied("split-special");  // the Python runtime and transformers encode "</s>" as text
   const config = path.join(tokenized, "base/tokenizer_config.json");
@@ -159,7 +159,7 @@ test("an export in a newer format than this runtime reads is named, as the Pytho
   for (const odd of [-5, "3"]) {  // -5 was taken, "3" called newer
     await edit("base/edgepeft.json", { format_version: odd });
     await refuses(openFolder(ortNode, out), new RegExp(`base/edgepeft.json: format version ${JSON.stringify(odd)} is not a ` +
-      "version \\(a whole number from 1\\); re-run `edgepeft export` into a fresh --out folder$"));
+      "version \\(a whole number from 1\\); copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder$"));
   }
   await edit("base/edgepeft.json", { format: "something-else", format_version: 3 });
   await refuses(openFolder(ortNode, out), /base\/edgepeft.json: not an edgepeft-base manifest/);

@@ -109,7 +109,7 @@ test("added tokens the library would match otherwise are refused, naming what to
   }
   assert.ok((await loadTokenizer(path.join(scratch, "pair-unlisted-causal-lm"))).encode("hello").ids.length > 0);
   for (const name of ["template-unlisted", "pair-unlisted-seq-cls"]) {
-    await refused(name, /base\/tokenizer.json: its post-processor names the special token "<zz>", which its special_tokens lack \(the tokenizers library cannot encode with it\); re-run `edgepeft export` into a fresh --out folder$/);
+    await refused(name, /base\/tokenizer.json: its post-processor names the special token "<zz>", which its special_tokens lack \(the tokenizers library cannot encode with it\); copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder$/);
   }
 });
 
