@@ -38,8 +38,14 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 
 
 def write_json_atomic(path: str, data, sort_keys: bool = False) -> None:
-    """``data`` as indented JSON (values JSON cannot hold as their str()), written atomically."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n").encode())
+    """``data`` as indented JSON (numpy's numbers as numbers, other values JSON cannot hold as their str()), written
+    atomically (a rank_pattern's numpy 2 was saved "2": no library loaded the adapter again)."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=sort_keys, default=_as_json) + "\n").encode())
+
+
+def _as_json(value):
+    item = getattr(value, "item", None)  # numpy's scalars (np.int64(2), np.float32, np.bool_): their Python value
+    return item() if callable(item) and getattr(value, "shape", None) == () else str(value)
 
 
 def usual_permissions(path: str) -> None:

@@ -24,7 +24,7 @@ from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
 from edgepeft.exporters.merged import check_mergeable, export_merged
 from edgepeft.exporters.quantize import check_quantize
-from edgepeft.exporters.resolve import ExportPlan, adapter_slots, resolve
+from edgepeft.exporters.resolve import ExportPlan, adapter_slots, export_arguments, resolve
 from edgepeft.exporters.validate import BaseOutputs, check_tolerances, compare_siblings, log_check, validate
 from edgepeft.files import (
     Staging, check_output_dir, missing_folders, one_at_a_time, remove_abandoned, remove_empty, remove_moved_aside,
@@ -54,7 +54,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     Llama/Qwen2/GPT-2 causal LMs on ONNX Runtime's fused kernels, ``"standard"`` with plain ONNX ops (``contrib_ops.py``).
     A failed export leaves ``out`` as it was: folders it made are removed again.
     """
-    out = str(out)
+    out, merge, overwrite, verbose, ort_adapter = export_arguments(out, merge, overwrite, verbose, ort_adapter)
     where = located(out)  # LINK/..: where the system finds it; a name not UTF-8 refused (ONNX Runtime reads it)
     out = out if where == os.path.abspath(out) else where
     adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)  # one folder; a generator

@@ -21,6 +21,7 @@ from edgepeft.models import (
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion
 from edgepeft.runtimes.commands import fresh_out
+from edgepeft.runtimes.values import switch
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export,
     read_base_manifest,
@@ -76,6 +77,15 @@ class ExportPlan:
         """The base weights' fingerprint (a hash of every tensor: computed once). A head made at load is no base
         weight; the base's own heads count (the graph uses them where no adapter fills their slot)."""
         return weights_fingerprint(self.model, skip_modules=made_heads(self.model))
+
+
+def export_arguments(out, merge, overwrite, verbose, ort_adapter) -> tuple:
+    """export's OUT as a string and its switches as bools, else ConfigError: OUT None was a folder named None, and
+    merge="no" merged (read by truthiness)."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise ConfigError(f"export's out must be a folder path (a string), got {type(out).__name__}")
+    return (os.fspath(out), *(switch(v, n) for v, n in ((merge, "merge"), (overwrite, "overwrite"), (verbose, "verbose"))),
+            None if ort_adapter is None else switch(ort_adapter, "ort_adapter", " (None: where the format holds it)"))
 
 
 def resolve(adapters, out, base, names, **options) -> ExportPlan:

@@ -66,3 +66,45 @@ def test_a_base_of_another_kind_than_the_adapters_task_says_drop_base(shared_exp
     with pytest.raises(EdgePeftError, match=r"has no causal-LM head; .* was trained on .*: drop --base to export it"):
         export([adapter], str(tmp_path / "out"), base=tiny_base("bert"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_python_switches_and_paths_are_checked_as_the_runtimes_are(shared_export, tiny_base, tmp_path, monkeypatch):
+    """Python callers pass anything: train(overwrite="false") replaced an adapter and export(merge="no") merged (read
+    by truthiness); export(out=None) wrote a folder named None, train(out=None) was a TypeError."""
+    import edgepeft
+    from edgepeft.errors import ConfigError
+
+    adapter = next(iter(shared_export("bert")[1].values()))
+    monkeypatch.chdir(tmp_path)
+    args = dict(model=tiny_base("bert"), task="seq-cls", data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "a"))
+    for change, said in (({"overwrite": "false"}, "overwrite must be True or False, got 'false'"),
+                         ({"progress": "no"}, "progress must be True or False, got 'no'"),
+                         ({"out": None}, "out must be a path (a string), got NoneType; give the adapter folder")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            edgepeft.train(**{**args, **change})
+    for change, said in (({"merge": "no"}, "merge must be True or False, got 'no'"),
+                         ({"ort_adapter": "no"}, "ort_adapter must be True or False, got 'no' (None: where"),
+                         ({"out": None}, "export's out must be a folder path (a string), got NoneType")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            export([adapter], **{"out": str(tmp_path / "o"), **change})
+    assert os.listdir(tmp_path) == []  # no ./None, no OUT
+
+
+def test_numpy_values_of_a_config_are_saved_as_numbers(tiny_base, tmp_path):
+    """rank_pattern {"q_proj": np.int64(2)} was saved as "2" (json's default=str): neither edgepeft nor HF PEFT
+    loaded the adapter again."""
+    import json
+
+    import peft
+
+    import edgepeft
+    from tiny import load_reference_base
+
+    base = tiny_base("llama")
+    config = edgepeft.LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": np.int64(2)},
+                                 task_type="CAUSAL_LM")
+    edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), config).save_pretrained(str(tmp_path / "a"))
+    with open(tmp_path / "a" / "adapter_config.json") as f:
+        assert json.load(f)["rank_pattern"] == {"q_proj": 2}
+    peft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+    edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from edgepeft.config import TASK_TYPES
 from edgepeft.errors import ConfigError
 from edgepeft.files import check_output_dir
-from edgepeft.runtimes.values import is_number, is_whole
+from edgepeft.runtimes.values import is_number, is_whole, switch
 
 # Settings that may change when resuming (everything else must match the checkpoint).
 WHOLE_FIELDS = ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps")  # whole numbers >= 1
@@ -57,6 +57,12 @@ class TrainingArguments:
         for name in ("model", "data", "eval_data", "out"):  # the resume command quotes them (shlex takes no Path)
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
+            if not isinstance(getattr(self, name), str) and not (name == "eval_data" and self.eval_data is None):
+                raise ConfigError(f"{name} must be a path (a string), got {type(getattr(self, name)).__name__}; give "
+                                  + ("a local model folder or a hub id" if name == "model" else "a file's path"
+                                     if name != "out" else "the adapter folder to write"))
+        for name in ("resume", "overwrite", "progress"):  # "false" read as true: an adapter replaced
+            setattr(self, name, switch(getattr(self, name), name))
         if self.task not in TASK_TYPES.values():
             raise ConfigError(f"task {self.task!r} is not supported; use one of {', '.join(TASK_TYPES.values())}")
         for name in WHOLE_FIELDS:
