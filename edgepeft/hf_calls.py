@@ -110,12 +110,34 @@ def merged_name(adapter_name, adapter_names) -> str | None:
     return adapter_names[0]
 
 
+# HF PEFT's keyword arguments of get_peft_model, from_pretrained, load_adapter, save_pretrained and add_adapter (and the
+# hub's, which from_pretrained passes on) that edgepeft's do not take
+HF_ONLY = {"mixed", "autocast_adapter_dtype", "revision", "low_cpu_mem_usage", "ephemeral_gpu_offload", "key_mapping",
+           "torch_device", "safe_serialization", "save_embedding_layers", "is_main_process",
+           "path_initial_model_for_weight_conversion", "cache_dir", "token", "force_download", "local_files_only",
+           "proxies", "use_auth_token", "resume_download"}
+
+
 def not_taken(call: str, options: dict) -> None:
     """HF PEFT's keyword arguments edgepeft's ``call`` does not take (``autocast_adapter_dtype``, ``torch_device``,
-    ``low_cpu_mem_usage``, ...), refused by name: they were Python's TypeError."""
+    ``low_cpu_mem_usage``, ...), refused by name: they were Python's TypeError. Another name is no one's (a typo:
+    "leave it out" loaded an adapter frozen that is_trainabel=True meant to train)."""
+    if other := [k for k in options if k not in HF_ONLY]:
+        raise ConfigError(f"{call}({other[0]}=...): no such argument, of edgepeft's or HF PEFT's {call}; check its "
+                          "spelling")
     if options:
         raise ConfigError(f"{call}({', '.join(f'{k}=' for k in options)}...): HF PEFT's, not taken by edgepeft's "
                           f"{call}; leave {'them' if len(options) > 1 else 'it'} out")
+
+
+def check_new_model(model, peft_config) -> None:
+    """get_peft_model's arguments: a method's config (None made a PeftModel of no adapter, every base weight
+    trainable), on a model that is no PeftModel already (one nested in another saved an adapter no library loads)."""
+    if peft_config is None:  # the other kinds: as_config's refusal
+        raise ConfigError("config must be a PEFT config such as edgepeft.LoraConfig(...) (or HF PEFT's), got NoneType")
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        raise ConfigError("get_peft_model: the model is a PeftModel already; add this adapter to it with "
+                          "model.add_adapter(name, config), or pass its base (model.get_base_model())")
 
 
 def check_adapter_name(name) -> None:

@@ -26,10 +26,10 @@ from edgepeft.adapter_weights import load_state, read_adapter_weights, reload_st
 from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, first_line
 from edgepeft.files import write_bytes_atomic
-from edgepeft.hf_calls import (check_adapter_name, check_one_adapter, check_save_options, elsewhere, elsewhere_or, merged_name,
-                               PEFT_MODEL_ONLY, named_arguments, not_taken, on_peft_model, refuse_adapter_names)
-from edgepeft.registry import (AdapterLayer, any_training, entry_parameters, held_entries, model_modules,
-                               model_parameters)
+from edgepeft.hf_calls import (check_adapter_name, check_new_model, check_one_adapter, check_save_options, elsewhere,
+                               elsewhere_or, merged_name, PEFT_MODEL_ONLY, named_arguments, not_taken, on_peft_model,
+                               refuse_adapter_names)
+from edgepeft.registry import AdapterLayer, any_training, entry_parameters, held_entries, model_modules, model_parameters
 from edgepeft.tuners import method_for
 from edgepeft.tuners.copies import merged_copy, take_out_mixed, unfoldable, unloaded_copy
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, check_saved_whole_apart, wrap_modules_to_save
@@ -396,4 +396,5 @@ class PeftModel(nn.Module):
 def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", **options) -> PeftModel:
     """Wrap ``model`` with a new adapter; only adapter parameters are trainable."""
     not_taken("get_peft_model", options)
+    check_new_model(model, peft_config)
     return PeftModel(model, peft_config, adapter_name)

@@ -108,3 +108,22 @@ def test_numpy_values_of_a_config_are_saved_as_numbers(tiny_base, tmp_path):
         assert json.load(f)["rank_pattern"] == {"q_proj": 2}
     peft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
     edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+
+
+def test_get_peft_model_and_keyword_typos_are_refused_as_hf_peft_refuses_them(tiny_base):
+    """get_peft_model(model, None) made every base weight trainable and saved nothing; on a PeftModel it nested one
+    in another (a saved adapter no library loads); a misspelt keyword was told "HF PEFT's, not taken; leave it out"
+    (is_trainabel=True left out: the adapter loaded frozen)."""
+    import edgepeft
+    from edgepeft.errors import ConfigError
+    from tiny import load_reference_base
+
+    model = load_reference_base(tiny_base("llama"), "causal-lm")
+    with pytest.raises(ConfigError, match=r"^config must be a PEFT config such as edgepeft.LoraConfig\(...\) \(or HF PEFT's\), got NoneType$"):
+        edgepeft.get_peft_model(model, None)
+    config = edgepeft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    peft_model = edgepeft.get_peft_model(model, config)
+    with pytest.raises(ConfigError, match=r"the model is a PeftModel already; add this adapter to it with "):
+        edgepeft.get_peft_model(peft_model, config)
+    with pytest.raises(ConfigError, match=r"^get_peft_model\(adapter_nmae=...\): no such argument, of edgepeft's or "):
+        edgepeft.get_peft_model(model, config, adapter_nmae="x")
