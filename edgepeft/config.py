@@ -6,6 +6,7 @@ not a crash; unknown ``peft_type`` values raise ``UnsupportedMethodError``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -282,6 +283,14 @@ def _config_from_dict(d: dict, source: str, fix: str) -> PeftConfig:
         raise type(e)(f"{source}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: invalid config ({e}); {fix}") from None
+    return config
+
+
+def checked_copy(config) -> PeftConfig:
+    """A copy of ``as_config(config)`` with its checks run again: a field set after the config was made (``cfg.r =
+    8.7`` built rank 8 and saved 8.7; ``cfg.r = 0`` was a ZeroDivisionError) is refused as at its making."""
+    config = copy.deepcopy(as_config(config))
+    config.__post_init__()
     return config
 
 

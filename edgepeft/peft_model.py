@@ -15,7 +15,6 @@ whose saved state is not its parameters (the virtual-token encoder of prompt/pre
 """
 from __future__ import annotations
 
-import copy
 import os
 from contextlib import contextmanager
 
@@ -23,7 +22,7 @@ from safetensors.torch import save
 from torch import nn
 
 from edgepeft.adapter_weights import load_state, read_adapter_weights, reload_state
-from edgepeft.config import WEIGHTS_NAME, as_config, load_config, naming_config
+from edgepeft.config import WEIGHTS_NAME, checked_copy, load_config, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, first_line
 from edgepeft.files import write_bytes_atomic
 from edgepeft.hf_calls import (check_adapter_name, check_new_model, check_one_adapter, check_save_options, elsewhere,
@@ -100,7 +99,7 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists; pick another name")
-        config = copy.deepcopy(as_config(peft_config))
+        config = checked_copy(peft_config)
         if config.task_type == "SEQ_CLS":  # PEFT trains the classifier head with the adapter
             config.modules_to_save = list(config.modules_to_save or []) + [
                 n for n in CLASSIFIER_NAMES if n not in (config.modules_to_save or [])
@@ -284,7 +283,7 @@ class PeftModel(nn.Module):
             if not is_trainable:
                 self.eval()
             return
-        given, config = config is not None, load_config(directory) if config is None else copy.deepcopy(as_config(config))
+        given, config = config is not None, load_config(directory) if config is None else checked_copy(config)
         config.inference_mode = not is_trainable
         try:
             self.add_adapter(adapter_name, config)

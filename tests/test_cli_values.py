@@ -127,3 +127,19 @@ def test_get_peft_model_and_keyword_typos_are_refused_as_hf_peft_refuses_them(ti
         edgepeft.get_peft_model(peft_model, config)
     with pytest.raises(ConfigError, match=r"^get_peft_model\(adapter_nmae=...\): no such argument, of edgepeft's or "):
         edgepeft.get_peft_model(model, config, adapter_nmae="x")
+
+
+def test_a_config_field_set_after_the_config_was_made_is_checked(tiny_base):
+    """cfg.r = 8.7 built rank 8 and saved r 8.7 (a folder edgepeft then refused); cfg.r = 0 was a ZeroDivisionError.
+    HF PEFT raises on each where the layer is made."""
+    import edgepeft
+    from edgepeft.errors import ConfigError, EdgePeftError
+    from tiny import load_reference_base
+
+    model = load_reference_base(tiny_base("llama"), "causal-lm")
+    for value, error, said in ((8.7, ConfigError, "r = 8.7 is not a valid whole number"),
+                               (True, ConfigError, "r = True is not a valid whole number"), (0, EdgePeftError, "r")):
+        config = edgepeft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+        config.r = value
+        with pytest.raises(error, match=re.escape(said)):
+            edgepeft.get_peft_model(model, config)
