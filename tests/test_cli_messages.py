@@ -279,7 +279,7 @@ def test_bench_takes_a_merged_exports_name_and_writes_no_export_file(peft_adapte
     line = cli_error(capsys, *argv, "--plot", str(tmp_path / "chart.svg"))
     assert line == f"error: {tmp_path / 'chart.svg'}: --plot draws a PNG image; give it a file name ending in .png"
     # the name that works is named (it said 'it holds none' / 'loaded: none')
-    assert "(it holds qv)" in cli_error(capsys, "bench", out, "--adapter", "QV", "--rounds", "1", "--calls", "1")
+    assert "(it holds 'qv')" in cli_error(capsys, "bench", out, "--adapter", "QV", "--rounds", "1", "--calls", "1")
     assert "loaded: none; 'qv' is merged into the base" in cli_error(capsys, "run", out, "w1", "--adapter", "QV")
 
 

@@ -268,8 +268,9 @@ def test_a_base_without_tokenizer_files_exports_no_tokenizer(tiny_base, tmp_path
     assert not os.path.exists(os.path.join(out, "base", "tokenizer.json"))
     rt = Runtime(out)
     with pytest.raises(ArtifactNotFoundError, match=r"tokenizer.json: missing \(the export has no tokenizer, or the file "
-                                                    r"was removed\); pass token ids, or export again from a base folder "
-                                                    "that has tokenizer.json into a fresh --out folder$"):
+                                                    r"was removed\); copy the export's base folder again, or pass token "
+                                                    "ids, or export from a base folder that has tokenizer.json into a "
+                                                    "fresh --out folder$"):
         rt.tokenizer
 
 
