@@ -305,16 +305,16 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     """Generate (streamed), classify or embed PROMPT with an adapter of OUT (PROMPT '-': read from standard input)."""
     from edgepeft.errors import ConfigError
     from edgepeft.runtimes import Runtime
-
     if prompt == "-" and sys.stdin is None:  # closed (<&-, a daemon's): click gives None, whose read was a traceback
         raise ConfigError("PROMPT '-' reads standard input, which is closed; pass the prompt as an argument")
     if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
         # bytes not of UTF-8 kept as an argument's are (lone surrogates), which the text checks name in a line
         prompt = click.get_text_stream("stdin", errors="surrogateescape").read().removesuffix("\n").removesuffix("\r")
     if os.path.isfile(os.path.join(out, "adapter_config.json")):  # "then use OUT" ran the base model (no --adapter)
-        from edgepeft.runtimes.commands import adapter_export_command, exported_as, fresh_out, quote
-
-        new, name = fresh_out(out), exported_as(os.path.basename(os.path.abspath(out)))
+        from edgepeft.runtimes.commands import adapter_export_command, export_name_problem as problem, exported_as, \
+            fresh_out, quote, unused_name
+        new, folder = fresh_out(out), os.path.basename(os.path.abspath(out))  # the name export writes it as:
+        name = unused_name(new, exported_as(folder)) if problem(folder) else folder
         raise ConfigError(f"{out}: is an adapter folder (HF PEFT format), not an export; export it first with "
                           f"{adapter_export_command(out, new)}, then run `edgepeft run {quote(new)} --adapter "
                           f"{quote(name)} PROMPT`")

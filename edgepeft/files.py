@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -45,7 +46,8 @@ def write_json_atomic(path: str, data, sort_keys: bool = False) -> None:
 
 def _as_json(value):
     item = getattr(value, "item", None)  # numpy's scalars (np.int64(2), np.float32, np.bool_): their Python value
-    return item() if callable(item) and getattr(value, "shape", None) == () else str(value)
+    value = item() if callable(item) and getattr(value, "shape", None) == () else value
+    return value if isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value)) else str(value)
 
 
 def usual_permissions(path: str) -> None:

@@ -110,21 +110,20 @@ def merged_name(adapter_name, adapter_names) -> str | None:
     return adapter_names[0]
 
 
-# HF PEFT's keyword arguments of get_peft_model, from_pretrained, load_adapter, save_pretrained and add_adapter (and the
-# hub's, which from_pretrained passes on) that edgepeft's do not take
-HF_ONLY = {"mixed", "autocast_adapter_dtype", "revision", "low_cpu_mem_usage", "ephemeral_gpu_offload", "key_mapping",
-           "torch_device", "safe_serialization", "save_embedding_layers", "is_main_process",
-           "path_initial_model_for_weight_conversion", "cache_dir", "token", "force_download", "local_files_only",
-           "proxies", "use_auth_token", "resume_download"}
+# the keyword arguments of edgepeft's PeftModel calls: a name close to one is a misspelling of it
+TAKEN = ("model", "model_id", "peft_config", "adapter_name", "is_trainable", "config", "subfolder", "save_directory",
+         "selected_adapters", "inference_mode", "safe_merge", "adapter_names", "progressbar")
 
 
 def not_taken(call: str, options: dict) -> None:
     """HF PEFT's keyword arguments edgepeft's ``call`` does not take (``autocast_adapter_dtype``, ``torch_device``,
-    ``low_cpu_mem_usage``, ...), refused by name: they were Python's TypeError. Another name is no one's (a typo:
-    "leave it out" loaded an adapter frozen that is_trainabel=True meant to train)."""
-    if other := [k for k in options if k not in HF_ONLY]:
-        raise ConfigError(f"{call}({other[0]}=...): no such argument, of edgepeft's or HF PEFT's {call}; check its "
-                          "spelling")
+    ``low_cpu_mem_usage``, ...), refused by name: they were Python's TypeError. A name close to one edgepeft takes is
+    its misspelling ("leave it out" loaded an adapter frozen that is_trainabel=True meant to train)."""
+    import difflib
+
+    for key in options:
+        if (meant := difflib.get_close_matches(key, TAKEN, n=1, cutoff=0.8)) and key not in TAKEN:
+            raise ConfigError(f"{call}({key}=...): no such argument; did you mean {meant[0]}=?")
     if options:
         raise ConfigError(f"{call}({', '.join(f'{k}=' for k in options)}...): HF PEFT's, not taken by edgepeft's "
                           f"{call}; leave {'them' if len(options) > 1 else 'it'} out")

@@ -224,8 +224,7 @@ def settled_config(path: str, tokenizer) -> None:
         config.pop(key, None)
     if isinstance(getattr(tokenizer, "legacy", None), bool):
         config.setdefault("legacy", tokenizer.legacy)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
+    write_json_atomic(path, config)
 
 
 def plain_tokenizer_json(path: str) -> None:

@@ -83,7 +83,8 @@ def export_arguments(out, merge, overwrite, verbose, ort_adapter) -> tuple:
     """export's OUT as a string and its switches as bools, else ConfigError: OUT None was a folder named None, and
     merge="no" merged (read by truthiness)."""
     if not isinstance(out, (str, os.PathLike)):
-        raise ConfigError(f"export's out must be a folder path (a string), got {type(out).__name__}")
+        raise ConfigError(f"export's out must be a folder path (a string), got {type(out).__name__}; give the folder "
+                          "to export into, e.g. export(adapters, 'OUT')")
     return (os.fspath(out), *(switch(v, n) for v, n in ((merge, "merge"), (overwrite, "overwrite"), (verbose, "verbose"))),
             None if ort_adapter is None else switch(ort_adapter, "ort_adapter", " (None: where the format holds it)"))
 

@@ -71,9 +71,9 @@ class OpenBytes:
 
     def __call__(self, i: int) -> int:
         """The open run's length once ``i`` is added (a special id after a byte of it counts; one before none)."""
-        if self.tok.byte_of(i) is not None or (self.n and i in self.tok.special_ids):
+        if self.tok.byte_of(i) is not None or (self.n and i in self.tok.skipped_ids):
             self.n += 1
-        elif i not in self.tok.special_ids:
+        elif i not in self.tok.skipped_ids:
             self.n = 0
         return self.n
 
@@ -94,7 +94,7 @@ class GrowingText:
 
     def __call__(self, ids: list, n: int) -> str:
         """The text of ``ids[:n]``; ``n`` never less than the last call's (ids cut before an open byte run)."""
-        special = self.tok.special_ids
+        special = self.tok.skipped_ids
         self.ids += [i for i in ids[self.seen:n] if i not in special]
         self.seen, ids, n = n, self.ids, len(self.ids)
         after = self.tok.decode(ids[max(self.start - self.CONTEXT, 0):n])

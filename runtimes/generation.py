@@ -212,10 +212,11 @@ def next_tokens(logits: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig
             return scores.argmax(-1).astype(np.int64)
         probs = softmax(scores.astype(np.float64))
     if not np.isfinite(probs).all():  # transformers refuses to sample these too
-        small = " or repetition_penalty" * (cfg.repetition_penalty != 1)  # both divide the scores (1e-40: infinities)
+        far = cfg.repetition_penalty != 1  # it divides or multiplies scores too (1e-40, 1e40: infinities)
         raise InvalidInputError(f"cannot sample: the scores are not finite (NaN or infinite logits, or temperature "
-                                f"{cfg.temperature!r}{small} too small for float32); raise the temperature{small} or "
-                                "use greedy decoding")
+                                f"{cfg.temperature!r} too small for float32" + (f", or repetition_penalty "
+                                f"{cfg.repetition_penalty!r} too far from 1" * far) + "); raise the temperature"
+                                + (", bring repetition_penalty nearer to 1," * far) + " or use greedy decoding")
     u = rng.random((probs.shape[0], 1))
     # Rounding can leave the cumulative sum just under u: never fall through to a removed token.
     last = probs.shape[-1] - 1 - np.argmax(probs[:, ::-1] > 0, axis=-1)

@@ -94,7 +94,9 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
                                    f"{TOKENIZER_FIX}")
     if not (listed or os.path.isdir(os.path.dirname(pooling))):  # no Pooling module: the mean, as sentence-transformers
         return Embedding(limit, "mean", lower, True, truncate, prompts)  # listed: a copy without it is named, not meaned
-    fields = read_json(pooling, "pooling config", TOKENIZER_FIX)
+    exported = os.path.isfile(os.path.join(folder, "edgepeft.json"))  # else a model's folder (training, export)
+    fields = read_json(pooling, "pooling config", TOKENIZER_FIX if exported else "restore it as sentence-transformers "
+                       "saves it with the model (download the model again), or remove the Pooling entry of modules.json")
     modes = fields.get("pooling_mode")
     if modes is None:  # sentence-transformers 5: one flag per mode; none set pools by the mean, as 6.x reads it
         modes = [LEGACY_POOLING.get(k, k.removeprefix("pooling_mode_")) for k, v in fields.items()

@@ -87,9 +87,9 @@ class TextTokenizer:
         self.config = read_json(config_path, "tokenizer config", _FIX) if os.path.isfile(config_path) else {}
         # as transformers: special-token text in a prompt is plain text (a defence against prompt injection)
         self._tok.encode_special_tokens = self.config.get("split_special_tokens") is True
-        added = self._tok.get_added_tokens_decoder()  # decode skips ids whose text is a special token's, as the Rust
-        special = {t.content for t in added.values() if t.special}  # library (a normalized one's, "▁<|User|>": kept)
-        self.special_ids = {i for i in added if self._tok.id_to_token(i) in special}
+        added = self._tok.get_added_tokens_decoder()  # special: transformers' all_special_ids (embed's prompt length)
+        self.special_ids, special = {i for i, t in added.items() if t.special}, {t.content for t in added.values() if t.special}
+        self.skipped_ids = {i for i in added if self._tok.id_to_token(i) in special}  # decode's, as Rust's: "▁<|User|>" kept
         # decoded text tidied (" ," -> ",") as transformers tidies it: where the config asks, never for BPE unless told
         self._tidy = self.config.get("clean_up_tokenization_spaces") is True and (type(self._tok.model).__name__ != "BPE"
             or self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output") is True)

@@ -42,8 +42,9 @@ def test_a_repetition_penalty_too_small_to_sample_is_named(text_export):
     temperature, which no temperature mends."""
     rt = Runtime(text_export[0])
     ids = np.array([[5, 6, 7]], dtype=np.int64)
-    with pytest.raises(InvalidInputError, match=r"temperature 1\.0 or repetition_penalty too small for float32\); raise "
-                                                r"the temperature or repetition_penalty or use greedy decoding"):
+    with pytest.raises(InvalidInputError, match=r"temperature 1\.0 too small for float32, or repetition_penalty 1e-40 too "
+                                                r"far from 1\); raise the temperature, bring repetition_penalty nearer to "
+                                                r"1, or use greedy decoding$"):
         rt.generate(ids, max_new_tokens=2, do_sample=True, repetition_penalty=1e-40, seed=0)
     with pytest.raises(InvalidInputError, match=r"temperature 1e-40 too small for float32\); raise the temperature or"):
         rt.generate(ids, max_new_tokens=2, do_sample=True, temperature=1e-40, seed=0)
@@ -125,8 +126,11 @@ def test_get_peft_model_and_keyword_typos_are_refused_as_hf_peft_refuses_them(ti
     peft_model = edgepeft.get_peft_model(model, config)
     with pytest.raises(ConfigError, match=r"the model is a PeftModel already; add this adapter to it with "):
         edgepeft.get_peft_model(peft_model, config)
-    with pytest.raises(ConfigError, match=r"^get_peft_model\(adapter_nmae=...\): no such argument, of edgepeft's or "):
+    with pytest.raises(ConfigError, match=r"^get_peft_model\(adapter_nmae=...\): no such argument; did you mean "
+                                          r"adapter_name=\?$"):
         edgepeft.get_peft_model(model, config, adapter_nmae="x")
+    with pytest.raises(ConfigError, match=r"^from_pretrained\(device_map=...\): HF PEFT's, not taken by edgepeft's"):
+        edgepeft.PeftModel.from_pretrained(model, "unused", device_map="auto")  # HF PEFT's (accelerate's): not a typo
 
 
 def test_a_config_field_set_after_the_config_was_made_is_checked(tiny_base):

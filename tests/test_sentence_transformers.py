@@ -378,3 +378,16 @@ def test_training_scores_hard_negatives_as_multiple_negatives_ranking_loss(st6, 
     with pytest.raises(DataError, match=r"triplets.jsonl:3: has negatives none, the first row \['negative_1', "
                                         r"'negative_2'\]; give every row the same negative fields"):
         read_jsonl(str(data), "feature-extraction")
+
+
+def test_a_model_folder_that_lost_its_pooling_config_is_told_to_restore_it(st6, tmp_path):
+    """The refusal of an export's copy ("copy the export's base folder again") was given to a model folder for training,
+    which is no export (sentence-transformers cannot load the folder either)."""
+    from edgepeft.runtimes.sentence import sentence_transformers_settings
+
+    folder = str(tmp_path / "model")
+    shutil.copytree(st6[0], folder)
+    os.remove(os.path.join(folder, "1_Pooling", "config.json"))
+    with pytest.raises(ArtifactNotFoundError, match=r"1_Pooling/config.json: pooling config not found; restore it as "
+                                                    r"sentence-transformers saves it with the model"):
+        sentence_transformers_settings(folder)

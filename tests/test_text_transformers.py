@@ -148,6 +148,8 @@ def test_stream_text_keeps_a_special_token_that_decode_keeps(tmp_path):
     tok = TextTokenizer(base)
     chosen = tok._tok.encode("how are you <|User|> hello there </s> is", add_special_tokens=False).ids
     assert "<|User|> hello" in tok.decode(chosen) and "</s>" not in tok.decode(chosen)  # <|User|> kept, </s> skipped
+    user = max(tok.special_ids)  # <|User|>, the last added: special still (transformers' all_special_ids: embed's prompt length)
+    assert user in tok.special_ids and user not in tok.skipped_ids and 2 in tok.skipped_ids
     rt = types.SimpleNamespace(tokenizer=tok, stream=lambda ids, mask, adapter, **g: (np.array([t]) for t in chosen))
     assert "".join(text_calls.stream_text(rt, "Hello")) == tok.decode(chosen)
 

@@ -185,7 +185,8 @@ export function pick(scores, s, random) {
   }
   const probs = softmax(scores);
   if (!probs.every(Number.isFinite)) {
-    throw new EdgePeftError(`cannot sample: the scores are not finite (NaN or infinite logits, or temperature ${s.temperature} too small for float32); raise the temperature or use greedy decoding`);
+    const far = s.repetitionPenalty !== 1;  // it divides or multiplies scores too (1e-40, 1e40: infinities), as in Python
+    throw new EdgePeftError(`cannot sample: the scores are not finite (NaN or infinite logits, or temperature ${s.temperature} too small for float32${far ? `, or repetitionPenalty ${s.repetitionPenalty} too far from 1` : ""}); raise the temperature${far ? ", bring repetitionPenalty nearer to 1," : ""} or use greedy decoding`);
   }
   const u = random();
   let cumulative = 0, last = 0;

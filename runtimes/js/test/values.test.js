@@ -42,6 +42,8 @@ test("generate's settings are shown as given, and a bigint whole number is taken
   const numbers = await rt.generate(ids, null, { maxNewTokens: 3, topK: 5, seed: 1, doSample: true });
   const bigints = await rt.generate(ids, null, { maxNewTokens: 3n, topK: 5n, seed: 1n, doSample: true });  // refused: "got 3"
   assert.deepEqual(bigints, numbers);
+  await refuses(rt.generate(ids, null, { doSample: true, repetitionPenalty: 1e-40, maxNewTokens: 2, seed: 1 }),
+    /repetitionPenalty 1e-40 too far from 1\); raise the temperature, bring repetitionPenalty nearer to 1, or use greedy decoding$/);
 });
 
 test("adapter names: one string, shown quoted; a name with spaces at its ends, a control character or a rename refused", async () => {
@@ -55,6 +57,8 @@ test("adapter names: one string, shown quoted; a name with spaces at its ends, a
   await refuses(rt.loadAdapter("lo\u0000ra"), /^an adapter's name must be.*got "lo\\u0000ra"$/);
   await refuses(rt.loadAdapter("prompt", "alias"), /^loadAdapter takes one argument, an adapter's name, got "prompt","alias"; it loads under its folder's name/);  // dropped
   assert.deepEqual(rt.adapterNames, ["lora"]);
+  rt.unloadAdapter("lora");
+  assert.equal(await rt.loadAdapter("lora", undefined), "lora");  // a wrapper forwarding an optional argument
   rt.unloadAdapter("lora");
   assert.deepEqual(rt.adapterNames, []);
 });
