@@ -163,7 +163,10 @@ def main() -> None:
         sys.exit(f"error: {graph}: missing; give --adapter one of {', '.join(held) or 'none (export one first)'}")
     with open(graph, "rb") as f:
         slots = run_adapter_graph(f.read(), f.name)
-    rows_name = next(s["selector"] for s in manifest["slots"] if s["method"] == "lora")
+    rows_name = next((s["selector"] for s in manifest["slots"] if s["method"] == "lora"), None)
+    if rows_name is None:  # an IA3-only export: a StopIteration traceback
+        sys.exit(f"error: {args.export}: this export has no LoRA slots (its adapters use no LoRA); give an export of "
+                 "a LoRA adapter")
     base = onnx.load(os.path.join(args.export, "base", manifest["graph"]))
     so = session_options()
     so.log_severity_level = 3  # not a warning per slot input that has a default (rank 0) value

@@ -162,7 +162,7 @@ def test_bench_lora_kernels_sample_computes_every_layout_alike(tmp_path):
     assert (tmp_path / "bench.md").is_file()
 
 
-def test_bench_lora_layouts_sample_edits_the_real_graph_without_changing_logits(shared_export, tmp_path):
+def test_bench_lora_layouts_sample_edits_the_real_graph_without_changing_logits(shared_export, tiny_base, tmp_path):
     """samples/bench_lora_layouts.py (benchmarks.md, issue 18's levers inside a step): on a tiny Llama export
     with an all-linear adapter, every edited layout gives edgepeft's logits; the adapter changes them."""
     rows = _run_sample("bench_lora_layouts.py", "--export", shared_export("llama")[0], "--adapter", "all",
@@ -175,6 +175,15 @@ def test_bench_lora_layouts_sample_edits_the_real_graph_without_changing_logits(
     assert all(float(r[1]) > 0 for r in rows[1:])
     nodes = {r[0]: int(r[5]) for r in rows[1:]}  # the edits happened: ops added per fused group, one less per LoRA delta
     assert nodes["B per member"] > nodes["edgepeft"] > nodes["no row Mul"]
+    from peft_refs import ia3_adapter
+
+    from edgepeft.exporters import export  # an export of no LoRA adapter (IA3 alone): a StopIteration traceback
+
+    ia3 = str(tmp_path / "ia3")
+    export([ia3_adapter(tmp_path / "ia3-hf", tiny_base("llama"), seed=82)], ia3, names=["ia3"])
+    done = _sample("bench_lora_layouts.py", "--export", ia3, "--adapter", "ia3", "--rounds", 1, "--out", tmp_path / "b")
+    assert done.returncode == 1 and done.stderr.strip() == (f"error: {ia3}: this export has no LoRA slots (its adapters "
+                                                            "use no LoRA); give an export of a LoRA adapter")
 
 
 @pytest.mark.parametrize("args, refusal", [
