@@ -112,6 +112,10 @@ def main():
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--work", default="training-defaults-work", help="scratch folder (data, decoder, adapters)")
     args = p.parse_args()
+    if not args.work:  # a bare "No such file or directory"
+        p.error("--work '': an empty path; give --work a folder")
+    if unknown := sorted(set(args.data or []) - {n for t in args.tasks for n in TASKS[t]}):  # an empty table, exit 0
+        p.error(f"--data {' '.join(unknown)}: no data set of --tasks {' '.join(args.tasks)} is named so")
     rates = {m: find_method(m).config_cls.default_lr for m in args.methods}
     rates.update(dict(args.lr))
     os.makedirs(args.work, exist_ok=True)

@@ -213,7 +213,11 @@ def test_the_samples_say_an_error_or_a_count_they_refuse_in_a_line(shared_export
             (["bench_prefill.py", "--rounds", "0"], 2, "argument --rounds: 0 is not a whole number from 1"),
             (["bench_lora_kernels.py", "--blocks", "-1"], 2, "argument --blocks: -1 is not a whole number from 1"),
             (["train_generative.py", "--model", tmp_path / "gen" / "model", "--out", tmp_path / "gen"], 1,
-             "lies inside --out")):
+             "lies inside --out"),
+            (["training_defaults.py", "--work", ""], 2, "--work '': an empty path; give --work a folder"),
+            (["training_defaults.py", "--tasks", "causal-lm", "--data", "sentiment"], 2,
+             "--data sentiment: no data set of --tasks causal-lm is named so"),
+            (["web/serve.py", "--host", "no-such-host.invalid", "--port", "0"], 1, "; pass another --host")):
         done = _sample(*args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == code and said in lines[-1] and "Traceback" not in done.stderr, (args, done.stderr)

@@ -9,6 +9,7 @@ import argparse
 import functools
 import http.server
 import os
+import socket
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,7 +37,8 @@ def main():
     try:
         server = http.server.ThreadingHTTPServer((args.host, args.port), functools.partial(Handler, directory=REPO))
     except OSError as e:  # the port taken, most often
-        sys.exit(f"cannot serve at {args.host}:{args.port} ({e.strerror}); pass another --port")
+        what = "--host" if isinstance(e, socket.gaierror) else "--port"  # a name no resolver knows: not the port
+        sys.exit(f"cannot serve at {args.host}:{args.port} ({e.strerror}); pass another {what}")
     try:  # the line said first inside: a Ctrl-C right after it (a test's, on a busy host) was Python's own traceback
         print(f"serving {REPO} at http://{args.host}:{server.server_address[1]}/samples/web/ (Ctrl-C stops it)",
               flush=True)
