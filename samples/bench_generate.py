@@ -70,6 +70,15 @@ CONFIG = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_k
               intermediate_size=1376, vocab_size=8192, max_position_embeddings=512,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 PROMPT_LEN = 16
+
+
+def check_new_tokens(ap, n: int) -> None:
+    """--new-tokens within the positions the benchmark model leaves after its prompt, before minutes of exports (the
+    refusal came after them, naming max_new_tokens and a prompt the command line cannot shorten)."""
+    room = CONFIG["max_position_embeddings"] - PROMPT_LEN + 1  # the last new token is never fed back
+    if n > room:
+        ap.error(f"--new-tokens {n}: the benchmark model's {CONFIG['max_position_embeddings']} positions leave room for "
+                 f"{room} after its {PROMPT_LEN}-token prompt; pass at most {room}")
 RANK = 16  # the benchmark adapter's
 LOWER_RANKS = (1, 8)  # adapters besides it, on the same slots export
 transformers.utils.logging.set_verbosity_error()
@@ -146,6 +155,7 @@ def main() -> None:
         use_shared_thread_pool()
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (the decode cost needs a step after the first token)")
+    check_new_tokens(ap, args.new_tokens)
     claim_folder(args.out, ap.get_default("out"))  # its exports are replaced, in a folder a sample made
     command = shlex.join([sys.executable, *sys.argv])
     print(f"command: {command}")

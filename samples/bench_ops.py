@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench_generate import CONFIG, PROMPT_LEN, RANK, build_base, make_adapter, paired  # noqa: E402
+from bench_generate import CONFIG, PROMPT_LEN, RANK, build_base, check_new_tokens, make_adapter, paired  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.runtimes.base_checks import OPS  # noqa: E402
@@ -46,9 +46,10 @@ def gpt2_adapter(out: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=positive, default=10)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=positive, default=64)
     ap.add_argument("--out", default="bench-out/ops")
     args = ap.parse_args()
+    check_new_tokens(ap, args.new_tokens)
     claim_folder(args.out, ap.get_default("out"))  # a folder of one's own files (a bench.md) is refused
     llama_base = os.path.join(args.out, "llama-base")
     build_base(llama_base)

@@ -217,7 +217,10 @@ def test_the_samples_say_an_error_or_a_count_they_refuse_in_a_line(shared_export
             (["training_defaults.py", "--work", ""], 2, "--work '': an empty path; give --work a folder"),
             (["training_defaults.py", "--tasks", "causal-lm", "--data", "sentiment"], 2,
              "--data sentiment: no data set of --tasks causal-lm is named so"),
-            (["web/serve.py", "--host", "no-such-host.invalid", "--port", "0"], 1, "; pass another --host")):
+            (["web/serve.py", "--host", "no-such-host.invalid", "--port", "0"], 1, "; pass another --host"),
+            (["bench_ops.py", "--new-tokens", "0"], 2, "argument --new-tokens: 0 is not a whole number from 1"),
+            (["bench_generate.py", "--new-tokens", "600"], 2, "--new-tokens 600: the benchmark model's 512 positions "
+                                                             "leave room for 497 after its 16-token prompt; pass at most 497")):
         done = _sample(*args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == code and said in lines[-1] and "Traceback" not in done.stderr, (args, done.stderr)
