@@ -25,6 +25,8 @@ import numpy as np
 
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
 from .access import read_json
+from .commands import REEXPORT_BASE
+from .manifest import BASE_MANIFEST
 
 SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "modules.json", "1_Pooling/config.json")  # as exported
 PROMPTS_CONFIG = "config_sentence_transformers.json"  # prompts, default_prompt_name (refused), truncate_dim
@@ -36,8 +38,7 @@ POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sq
 LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
                   "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
                   "pooling_mode_lasttoken": "lasttoken"}  # sentence-transformers 5's flags
-# what mends its tokenizer and sentence-transformers files: a device's copy made again, or the export
-TOKENIZER_FIX = "copy the export's base folder again (all of it), or re-run `edgepeft export` into a fresh --out folder"
+TOKENIZER_FIX = REEXPORT_BASE  # what mends an export's tokenizer and sentence-transformers files
 
 
 class Embedding(NamedTuple):
@@ -94,7 +95,7 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
                                    f"{TOKENIZER_FIX}")
     if not (listed or os.path.isdir(os.path.dirname(pooling))):  # no Pooling module: the mean, as sentence-transformers
         return Embedding(limit, "mean", lower, True, truncate, prompts)  # listed: a copy without it is named, not meaned
-    exported = os.path.isfile(os.path.join(folder, "edgepeft.json"))  # else a model's folder (training, export)
+    exported = os.path.isfile(os.path.join(folder, BASE_MANIFEST))  # else a model's folder (training, export)
     fields = read_json(pooling, "pooling config", TOKENIZER_FIX if exported else "restore it as sentence-transformers "
                        "saves it with the model (download the model again), or remove the Pooling entry of modules.json")
     modes = fields.get("pooling_mode")

@@ -149,7 +149,7 @@ def test_a_copy_that_lost_the_pooling_config_is_named_not_pooled_by_the_mean(st6
         if step == "folder alone":
             os.remove(os.path.join(copied, "base", "modules.json"))
         with pytest.raises(ArtifactNotFoundError, match=re.escape(f"{pooling}: pooling config not found; copy the "
-                                                                  "export's base folder again (all of it)")):
+                                                                  "export's base folder again, or re-run")):
             Runtime(copied).embed(TEXTS)
     os.rmdir(os.path.dirname(pooling))  # no Pooling module at all: a plain model, pooled by the mean
     assert Runtime(copied).embed(TEXTS).shape[0] == len(TEXTS)

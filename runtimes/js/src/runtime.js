@@ -153,8 +153,9 @@ export class Runtime {
   async loadAdapter(name, ...more) {
     if (this.released) throw new EdgePeftError(RELEASED);
     // spaces at its ends or a control character: a typo (" lora" was told to export --name lora, which OUT holds)
-    if (!bareName(name) || name.trim() !== name || /[\0-\x1f\x7f]/.test(name) || more.some((v) => v !== undefined)) {
-      throw new EdgePeftError(more.some((v) => v !== undefined) ? `loadAdapter takes one argument, an adapter's name, got ${[name, ...more].map(described)}; ` +
+    const renamed = more.some((v) => v !== undefined);  // Python's load_adapter(path, name) renames; this loads by name
+    if (!bareName(name) || name.trim() !== name || /[\0-\x1f\x7f]/.test(name) || renamed) {
+      throw new EdgePeftError(renamed ? `loadAdapter takes one argument, an adapter's name, got ${[name, ...more].map(described)}; ` +
         "it loads under its folder's name (Python's load_adapter(path, name) renames)" : "an adapter's name must be a " +
         `non-empty string, a folder's name in OUT/adapters (no path), with no spaces at its ends, got ${described(name)}`);
     }
