@@ -311,13 +311,11 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         # bytes not of UTF-8 kept as an argument's are (lone surrogates), which the text checks name in a line
         prompt = click.get_text_stream("stdin", errors="surrogateescape").read().removesuffix("\n").removesuffix("\r")
     if os.path.isfile(os.path.join(out, "adapter_config.json")):  # "then use OUT" ran the base model (no --adapter)
-        from edgepeft.runtimes.commands import adapter_export_command, export_name_problem as problem, exported_as, \
-            fresh_out, quote, unused_name
-        new, folder = fresh_out(out), os.path.basename(os.path.abspath(out))  # the name export writes it as:
-        name = unused_name(new, exported_as(folder)) if problem(folder) else folder
+        from edgepeft.runtimes.commands import adapter_export_command, exported_name, fresh_out, quote
+        new = fresh_out(out)
         raise ConfigError(f"{out}: is an adapter folder (HF PEFT format), not an export; export it first with "
                           f"{adapter_export_command(out, new)}, then run `edgepeft run {quote(new)} --adapter "
-                          f"{quote(name)} PROMPT`")
+                          f"{quote(exported_name(out, new))} PROMPT`")
     rt = Runtime(out)
     name = None if adapter.lower() == "none" else adapter
     labels = rt.labels(name)  # an unknown name raises UnknownAdapterError naming the loaded adapters

@@ -70,11 +70,17 @@ def unused_name(out: str, name: str) -> str:
     return candidate
 
 
+def exported_name(folder: str, out: str) -> str:
+    """The name the adapter ``folder`` goes by in ``out`` after ``adapter_export_command(folder, out)``: its folder's
+    (export's default; for '.', the folder's own), else the --name that command passes."""
+    name = os.path.basename(os.path.abspath(folder))
+    return unused_name(out, exported_as(name)) if export_name_problem(name) else name
+
+
 def adapter_export_command(folder: str, out: str, *flags: str) -> str:
     """``export_command`` for the adapter ``folder``, with the --name export needs where it refuses the folder's."""
-    name = os.path.basename(os.path.abspath(folder))  # export's default (for '.', the folder's own name)
-    if export_name_problem(name):
-        flags = ("--name", quote(unused_name(out, exported_as(os.path.basename(os.path.abspath(folder))))), *flags)
+    if export_name_problem(os.path.basename(os.path.abspath(folder))):
+        flags = ("--name", quote(exported_name(folder, out)), *flags)
     return export_command(folder, out, *flags)
 
 

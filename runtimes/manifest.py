@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 from .access import ADAPTER_MANIFEST, STOPPED, check_readable, listed, moved_aside, read_json, sha256_bytes
 from .base_checks import TOKEN_TYPES, base_value_errors
-from .commands import ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, fresh_out
+from .commands import ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, exported_name, fresh_out
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 from .values import is_kind
@@ -256,7 +256,8 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         out = fresh_out(path)
         return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
-                                     f"with {adapter_export_command(path, out)}, then use {out}")
+                                     f"with {adapter_export_command(path, out)}, then open {out} and pick adapter "
+                                     f"{exported_name(path, out)!r}")  # not "use OUT": that runs the base model alone
     if os.path.isfile(os.path.join(path, "adapter.json")):
         out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
         return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")

@@ -240,6 +240,26 @@ def test_run_on_an_adapter_folder_shows_the_export_command(cls_export, capsys):
                                                                                     "topic", "hi")
 
 
+def test_runtime_and_inspect_on_an_adapter_folder_name_the_adapter_to_pick(cls_export, capsys, tmp_path):
+    """They said "then use OUT", which opens the base model alone: they name the adapter the export writes (here
+    under the --name it passes, as export refuses the folder's name)."""
+    import shlex
+    import shutil
+
+    from edgepeft.errors import ArtifactNotFoundError
+    from edgepeft.runtimes import Runtime
+
+    out, adapter = cls_export
+    folder = shutil.copytree(adapter, tmp_path / "my.topic")
+    with pytest.raises(ArtifactNotFoundError) as e:
+        Runtime(folder)
+    said = str(e.value)
+    assert said.endswith(f"then open {folder}-onnx and pick adapter 'my_topic'")
+    assert cli_error(capsys, "inspect", str(folder)) == f"error: {said}"
+    cli_ok(capsys, *shlex.split(said.split("`")[1])[1:])
+    assert Runtime(f"{folder}-onnx").labels("my_topic") == Runtime(out).labels("topic")
+
+
 def test_run_on_one_exported_adapter_names_its_export(cls_export, capsys):
     out, _ = cls_export
     line = cli_error(capsys, "run", os.path.join(out, "adapters", "topic"), "hi")

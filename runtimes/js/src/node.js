@@ -92,7 +92,7 @@ function notAnExport(out) {
   const up = path.dirname(out), part = path.basename(out), fresh = `${out}-onnx`;
   if (has(out, "adapter_config.json")) {
     return `${out}: is an adapter folder (HF PEFT format), not an export; export it first with \`edgepeft export ` +
-      `--adapter ${quote(out)} --out ${quote(fresh)}\`, then use ${fresh}`;
+      `--adapter ${quote(out)} --out ${quote(fresh)}\`, then open ${fresh} and pick adapter '${path.basename(path.resolve(out))}'`;
   }
   if (has(out, "adapter.json")) return `${out}: is one adapter of the export ${path.dirname(up)}; open ${path.dirname(up)} and pick adapter '${part}'`;
   if (has(out, "edgepeft.json") || ["base", "adapters"].includes(part) && has(up, "base", "edgepeft.json")) {
