@@ -26,17 +26,22 @@ export function reexport(out, name, folder) {
   return `${as === name ? "" : `remove ${folder}, then `}re-export its adapter into this OUT: ${command}`;
 }
 
-/** What mends an adapter folder of OUT made for another base: off a --merge export; where an export stopped before
- * it re-pointed the folder (its new manifest waiting beside it), that export run again; else removed or re-exported
- * ("re-export it into this OUT", which export refused without --overwrite). */
-export async function folderFix(loader, name, merged) {
+/** What mends the adapter folder `name` of the Runtime `rt`'s OUT, whose `manifest` names another base: off a --merge
+ * export; where an export stopped before it re-pointed the folder (its new manifest waiting beside it), that export
+ * run again; else removed or re-exported ("re-export it into this OUT", which export refused without --overwrite),
+ * or, made for another export of this base's model, that export copied again (commands.py copied_base_fix: a device
+ * with the runtime alone cannot export; a newer export brought a new base and re-pointed the other adapters). */
+export async function folderFix(rt, name, merged, manifest) {
+  const { loader } = rt;
   if (merged) return `remove it from ${loader.where("adapters")}, or export it into another --out`;
   const folder = loader.where(`adapters/${name}`), out = loader.folder ? loader.where("") : null;
-  const again = reexport(out, name, folder);
-  if (exportedAs(name) !== name) return again;
+  const again = reexport(out, name, folder), copied = manifest.base_source && manifest.base_source === rt.manifest.source
+    ? "; or, where this OUT is a copy, copy the export it came from again: its base folder and every adapter" : "";
+  if (exportedAs(name) !== name) return again + copied;
   const waiting = await loader.size?.(`adapters/${name}/.adapter.json.new`).catch(() => undefined);
-  return waiting === undefined ? `remove ${folder}, or ${again}` : `an export into ${out ?? "OUT"} was stopped before ` +
-    `it re-pointed it; run that export again (where OUT can be locked, not on Windows, it finishes that first), or ${again}`;
+  return waiting === undefined ? `remove ${folder}, or ${again}${copied}` : `an export into ${out ?? "OUT"} was ` +
+    `stopped before it re-pointed it; run that export again (where OUT can be locked, not on Windows, it finishes that ` +
+    `first), or ${again}`;
 }
 
 /** What loadAdapter says of a name OUT/adapters lacks: a --merge export takes no adapters (Python's export refuses

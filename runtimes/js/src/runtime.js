@@ -168,7 +168,7 @@ export class Runtime {
       throw new EdgePeftError(`${where}: ${merged ? `${this.loader.where("base")} holds a --merge export (${merged}), ` +
         "which takes no adapters" : `made for ${since ? "the base OUT holds now, re-exported since this Runtime opened it"
         : "another base"} (fingerprint ${manifest.base_fingerprint.slice(0, 12)}, this base ${this.manifest.fingerprint
-        .slice(0, 12)})`}; ${since ? "open the export again to serve it" : await folderFix(this.loader, name, merged)}`);
+        .slice(0, 12)})`}; ${since ? "open the export again to serve it" : await folderFix(this, name, merged, manifest)}`);
     }
     this.loading ??= new Set();  // names being loaded: two loads of one name at once must not both pass the check
     if (this.adapters.has(name) || this.loading.has(name)) {

@@ -262,9 +262,9 @@ test("folders a stopped or unfinished export left are named with a fix that work
   await refuses(rt.loadAdapter("ia3"), /adapters\/ia3: not an exported adapter \(no adapter.json\); remove it if it is a stray folder, or re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*stopped with space' --name ia3 --overwrite`$/);
   await cp(path.join(out, "adapters/prefix"), path.join(out, "adapters/my.prefix"), { recursive: true });
   await editJson(path.join(out, "adapters/my.prefix/adapter.json"), { base_fingerprint: "a".repeat(64) });
-  await refuses(rt.loadAdapter("my.prefix"), /made for another base .*; remove .*adapters\/my.prefix, then re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*' --name my_prefix`$/);
+  await refuses(rt.loadAdapter("my.prefix"), /made for another base .*; remove .*adapters\/my.prefix, then re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*' --name my_prefix`; or, where this OUT is a copy, copy the export it came from again: its base folder and every adapter$/);
   await editJson(path.join(out, "adapters/prompt/adapter.json"), { base_fingerprint: "a".repeat(64) });
-  await refuses(rt.loadAdapter("prompt"), /adapters\/prompt: made for another base .*; remove .*adapters\/prompt, or re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*' --name prompt --overwrite`$/);
+  await refuses(rt.loadAdapter("prompt"), /adapters\/prompt: made for another base .*; remove .*adapters\/prompt, or re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*' --name prompt --overwrite`; or, where this OUT is a copy, copy the export it came from again: its base folder and every adapter$/);
   await writeFile(path.join(out, "adapters/prompt/.adapter.json.new"), "{}");  // its re-pointed manifest, not renamed in
   await refuses(rt.loadAdapter("prompt"), /an export into .* was stopped before it re-pointed it; run that export again \(where OUT can be locked, .*\), or re-export/);
   await cp(path.join(out, "base"), path.join(out, `.old-base-${stopped}`), { recursive: true });
