@@ -44,9 +44,19 @@ def write_json_atomic(path: str, data, sort_keys: bool = False) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=sort_keys, default=_as_json) + "\n").encode())
 
 
+def plain(value):
+    """``value`` with numpy's scalars (np.int64(2), np.float32, np.bool_) as their Python values, in lists, tuples
+    and mappings too: what JSON holds, and what a config's checks take as numbers."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(plain, value))
+    item = getattr(value, "item", None)
+    return item() if callable(item) and getattr(value, "shape", None) == () else value
+
+
 def _as_json(value):
-    item = getattr(value, "item", None)  # numpy's scalars (np.int64(2), np.float32, np.bool_): their Python value
-    value = item() if callable(item) and getattr(value, "shape", None) == () else value
+    value = plain(value)
     return value if isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value)) else str(value)
 
 

@@ -3,6 +3,8 @@ instead, rather than falling through to transformers' own PEFT integration (a fa
 AttributeError, or to a keyword transformers takes and ignores; or read as edgepeft's (merge_and_unload's)."""
 from __future__ import annotations
 
+import os
+
 from edgepeft.errors import ConfigError
 from edgepeft.files import check_output_dir
 
@@ -127,6 +129,18 @@ def not_taken(call: str, options: dict) -> None:
     if options:
         raise ConfigError(f"{call}({', '.join(f'{k}=' for k in options)}...): HF PEFT's, not taken by edgepeft's "
                           f"{call}; leave {'them' if len(options) > 1 else 'it'} out")
+
+
+def taken_model(model):
+    """``model`` where it is a torch module: a path or hub name, as AutoModel takes, was refused much later, naming
+    the model's type None or torch's missing ``_modules``."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        given = f"{type(model).__name__} {model!r:.80}" if isinstance(model, (str, os.PathLike)) else type(model).__name__
+        raise ConfigError(f"model must be a loaded transformers model, got {given}; load it first, e.g. "
+                          "transformers.AutoModelForCausalLM.from_pretrained(path), and pass that")
+    return model
 
 
 def check_new_model(model, peft_config) -> None:

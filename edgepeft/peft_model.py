@@ -27,7 +27,7 @@ from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
 from edgepeft.hf_calls import (check_adapter_name, check_new_model, check_one_adapter, check_save_options, elsewhere,
                                elsewhere_or, merged_name, PEFT_MODEL_ONLY, named_arguments, not_taken, on_peft_model,
-                               refuse_adapter_names)
+                               refuse_adapter_names, taken_model)
 from edgepeft.registry import AdapterLayer, any_training, entry_parameters, held_entries, model_modules, model_parameters
 from edgepeft.tuners import method_for
 from edgepeft.tuners.copies import merged_copy, take_out_mixed, unfoldable, unloaded_copy
@@ -39,7 +39,7 @@ class TunedModel(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.model = taken_model(model)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

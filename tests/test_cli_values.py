@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from edgepeft.errors import InvalidInputError, UnknownAdapterError
 from edgepeft.exporters import export
@@ -147,3 +148,42 @@ def test_a_config_field_set_after_the_config_was_made_is_checked(tiny_base):
         config.r = value
         with pytest.raises(error, match=re.escape(said)):
             edgepeft.get_peft_model(model, config)
+
+
+def test_numpy_options_a_path_for_a_tokenizer_and_a_model_path_are_taken_or_named(text_model, tmp_path):
+    """train(options={"r": np.int64(4)}) was refused as no number; a pathlib.Path as a prompt's tokenizer was
+    "'PosixPath' object is not callable" (HF PEFT passes it to AutoTokenizer, which takes it); a model's path given
+    to get_peft_model said "target_modules is required for model type None" (from_pretrained: torch's `_modules`)."""
+    import json
+    import pathlib
+
+    import edgepeft
+    from edgepeft.errors import ConfigError
+    from edgepeft.training import train
+    from tiny import load_reference_base
+    from training_helpers import seq_cls_rows
+    from file_checks import write_lines
+
+    model = text_model("llama")
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    train(model=model, task="seq-cls", data=data, out=str(tmp_path / "a"), epochs=1, progress=False,
+          options={"r": np.int64(2), "lora_alpha": np.float32(4), "target_modules": [np.str_("q_proj")]})
+    with open(tmp_path / "a" / "adapter_config.json") as f:
+        saved = json.load(f)
+    assert (saved["r"], saved["lora_alpha"], saved["target_modules"]) == (2, 4, ["q_proj"])
+    base = load_reference_base(model, "causal-lm")
+    configs = [edgepeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                                           prompt_tuning_init_text="good day", tokenizer_name_or_path=tok)
+               for tok in (model, pathlib.Path(model))]
+    prompts = [[p for p in edgepeft.get_peft_model(base, c).parameters() if p.requires_grad] for c in configs]
+    assert len(prompts[0]) == 1 and torch.equal(prompts[0][0], prompts[1][0]) and configs[1].to_dict()["tokenizer_name_or_path"] == model
+    with pytest.raises(ConfigError, match=r"^tokenizer_name_or_path=5: prompt_tuning_init='TEXT' needs a tokenizer"):
+        edgepeft.get_peft_model(base, edgepeft.PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="x",
+            tokenizer_name_or_path=5))
+    said = re.escape(f"model must be a loaded transformers model, got str {model!r}; load it first, e.g. "
+                     "transformers.AutoModelForCausalLM.from_pretrained(path), and pass that")
+    with pytest.raises(ConfigError, match=f"^{said}$"):
+        edgepeft.get_peft_model(model, edgepeft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match=f"^{said}$"):
+        edgepeft.PeftModel.from_pretrained(model, str(tmp_path / "a"))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from edgepeft.config import TASK_TYPES
 from edgepeft.errors import ConfigError
-from edgepeft.files import check_output_dir
+from edgepeft.files import check_output_dir, plain
 from edgepeft.runtimes.values import is_number, is_whole, switch
 
 # Settings that may change when resuming (everything else must match the checkpoint).
@@ -173,13 +173,15 @@ def find_method(method: str):
 
 
 def _saved_as(key: str, value):
-    """An option as JSON holds it: a set as a sorted list (HF PEFT takes sets), a tokenizer as its name or folder."""
+    """An option as JSON holds it: a set as a sorted list (HF PEFT takes sets), a tokenizer as its name or folder,
+    numpy's numbers as Python's."""
     if isinstance(value, (set, frozenset)):
         value = sorted(value)
     elif isinstance(value, tuple):
         value = list(value)
     elif isinstance(getattr(value, "name_or_path", None), str) and not isinstance(value, str):  # a tokenizer object
         value = value.name_or_path
+    value = plain(value)
     if isinstance(value, float) and not math.isfinite(value):  # a number, but none the log can hold
         raise ConfigError(f"option {key}={value!r} must be a finite number")
     try:

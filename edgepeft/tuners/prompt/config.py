@@ -1,6 +1,7 @@
 """Prompt tuning config: HF PEFT's ``PromptTuningConfig`` fields, names, defaults and semantics."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -30,6 +31,8 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.tokenizer_name_or_path, os.PathLike):  # a pathlib.Path: AutoTokenizer takes it, JSON not
+            self.tokenizer_name_or_path = os.fspath(self.tokenizer_name_or_path)
         self.prompt_tuning_init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init))
         if self.prompt_tuning_init not in INITS:
             raise ConfigError(f"prompt_tuning_init must be one of {', '.join(INITS)}, got {self.prompt_tuning_init!r}")

@@ -10,6 +10,9 @@ from edgepeft.errors import ConfigError
 def _tokenizer(config):
     tok = config.tokenizer_name_or_path
     if not isinstance(tok, str):
+        if not callable(tok):  # None, a number: "'NoneType' object is not callable"
+            raise ConfigError(f"tokenizer_name_or_path={tok!r:.60}: prompt_tuning_init='TEXT' needs a tokenizer's "
+                              "folder or hub name, or a tokenizer object; give the base model's folder")
         return tok  # a tokenizer object
     from transformers import AutoTokenizer
 
