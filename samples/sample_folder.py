@@ -12,8 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the 
 
 
 def claim_folder(path: str, default: str, emptied: bool = False) -> str:
-    """``path`` marked as this sample's folder and kept as it is: a missing or empty folder, one a sample made (one
-    this sample made where the run empties it: ``emptied``; a mark of no name is an earlier edgepeft's), or the
+    """``path`` marked as this sample's folder and kept as it is: a missing or empty folder, one this sample made
+    (``emptied``: the run empties it; a mark of no name is an earlier edgepeft's), or the
     repository's own ``default`` (ignored by git; samples before the mark wrote it); a folder of anything else (an
     adapter of one's own, `--out .`, a ``default`` of that name in another working folder) is refused."""
     if not path:
@@ -26,8 +26,10 @@ def claim_folder(path: str, default: str, emptied: bool = False) -> str:
             made_by = f.read().strip()
     except OSError:
         made_by = None
-    if made_by and made_by != me and emptied:  # bench_many.py --out bench-out emptied every benchmark's results
-        sys.exit(f"error: {path}: holds {made_by}'s files, which a run of {me} would remove; give another folder")
+    if made_by and made_by != me:  # bench_many.py --out bench-out emptied every benchmark's results; bench_ops into
+        # bench_lora_layouts' folder replaced its bench.md, bench_lora into bench_generate's removed its merged/ export
+        sys.exit(f"error: {path}: holds {made_by}'s files, which a run of {me} would "
+                 f"{'remove' if emptied else 'write over'}; give another folder")
     own = made_by is not None or os.path.abspath(path) == os.path.join(REPO, default)
     if os.path.isdir(path) and os.listdir(path) and not own:
         sys.exit(f"error: {path}: holds files no sample wrote, and a run writes over its folder; give another folder "

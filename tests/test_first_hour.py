@@ -373,6 +373,9 @@ def test_the_samples_empty_only_a_folder_a_sample_made_and_say_ctrl_c_in_one_lin
     write_lines(os.path.join(shared, "kept.jsonl"), [{"a": 1}])
     with pytest.raises(SystemExit, match=r"bench: holds bench_lora.py's files, which a run of .* would remove; give "):
         fresh_folder(shared, "bench-out/many")
+    with pytest.raises(SystemExit, match=r"bench: holds bench_lora.py's files, which a run of .* would write over; "):
+        claim_folder(shared, "bench-out")  # a hunt: bench_ops.py there replaced bench_lora's bench.md, without a word
+    monkeypatch.setattr(sys, "argv", ["bench_lora.py"])
     assert claim_folder(shared, "bench-out") == shared and os.path.exists(os.path.join(shared, "kept.jsonl"))
     monkeypatch.setattr(sys, "argv", ["demo.py"])
     for stop in (KeyboardInterrupt(), TrainingInterrupted("interrupted; demo-out/intent/checkpoint ... --resume")):
