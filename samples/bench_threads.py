@@ -29,6 +29,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+from edgepeft.runtimes import Runtime
 from edgepeft.runtimes.manifest import cache_names, read_base_manifest
 from sample_folder import positive, run
 
@@ -78,17 +79,24 @@ def main() -> None:
     ap.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)  # the child process's one setting
     args = ap.parse_args()
     base = os.path.join(args.export, "base")
-    manifest = read_base_manifest(base)
-    if not manifest.get("cache"):
-        raise SystemExit(f"{args.export}: not a decoder export with a KV cache; see this script's docstring")
     if args.setting:
-        print(json.dumps(measure(base, manifest["cache"], args.setting, args.rounds)))
+        print(json.dumps(measure(base, read_base_manifest(base)["cache"], args.setting, args.rounds)))
         return
+    rt = Runtime(args.export, load_adapters=False)  # its checks: a folder that is no export, a file missing, ...
+    if not rt.manifest.get("cache"):
+        sys.exit(f"error: {args.export}: not a decoder export with a KV cache; see this script's docstring")
+    if rt.max_positions and PAST + 1 > rt.max_positions:  # the step at position PAST
+        sys.exit(f"error: {args.export}: the model has {rt.max_positions} positions, and this benchmark's step comes "
+                 f"after {PAST} cached ones; export a model with more than {PAST} positions")
+    del rt  # its session would take a core's share beside the children's
     print(f"decode step (ms), median of {args.rounds} rounds x 20 calls, {os.cpu_count()} CPUs, {args.export}")
     print("| setting | one session | calls round four sessions |\n| --- | --- | --- |")
     for setting in SETTINGS:
         child = subprocess.run([sys.executable, __file__, "--export", args.export, "--rounds", str(args.rounds),
-                                "--setting", setting], capture_output=True, text=True, check=True)
+                                "--setting", setting], capture_output=True, text=True)
+        if child.returncode:  # its own error line (a traceback's last), not a CalledProcessError's
+            said = (child.stderr.strip().splitlines() or ["no message"])[-1].removeprefix("error: ")
+            sys.exit(f"error: the {setting!r} measurement failed: {said}")
         result = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"| {setting} | {result['one session']:.3f} | {result['round the four']:.3f} |")
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from file_checks import edit_json
 
 from edgepeft.cli import cli
 from edgepeft.errors import ConfigError, UnknownAdapterError
@@ -205,7 +207,12 @@ def test_the_samples_say_an_error_or_a_count_they_refuse_in_a_line(shared_export
     prompt past the positions from ONNX Runtime), and --rounds 0 a StatisticsError after the work;
     train_generative.py emptied a --model inside its --out before failing to load it."""
     os.makedirs(tmp_path / "gen" / "model")
+    short = shutil.copytree(shared_export("llama")[0], tmp_path / "short")  # bench_threads' step is at position 40
+    edit_json(short / "base" / "edgepeft.json", max_positions=32)
     for args, code, said in (
+            (["bench_threads.py", "--export", tmp_path / "none"], 1, f"error: {tmp_path / 'none'}: no such folder"),
+            (["bench_threads.py", "--export", short, "--rounds", "1"], 1, f"error: {short}: the model has 32 "
+             "positions, and this benchmark's step comes after 40 cached ones; export a model with more than 40"),
             (["bench_prefill.py", "--export", tmp_path / "none"], 1, f"error: {tmp_path / 'none'}: no such folder"),
             (["bench_prefill.py", "--export", shared_export("bert")[0]], 1, "a feature-extraction export; give a causal"),
             (["bench_prefill.py", "--export", shared_export("llama")[0], "--lengths", "9999"], 1,
