@@ -8,9 +8,10 @@ from .errors import InvalidInputError
 
 
 def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions, base_dir: str):
-    """(ids, mask) as contiguous int64 (B, T) arrays, or InvalidInputError saying what is wrong."""
+    """(ids, mask) as contiguous int64 (B, T) arrays of their own, or InvalidInputError saying what is wrong. Copies:
+    a stream reads them at its first ``next()``, after the caller may have refilled its buffer (unchecked values)."""
     try:
-        ids = np.asarray(input_ids)
+        ids = np.array(input_ids)
     except Exception:
         raise InvalidInputError("input_ids must be an array of token ids") from None
     if ids.ndim == 1:
@@ -34,7 +35,7 @@ def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions
         mask = np.ones_like(ids)
     else:
         try:
-            mask = np.asarray(attention_mask)
+            mask = np.array(attention_mask)
         except Exception:
             raise InvalidInputError("attention_mask must be an array of 0/1 (batch, sequence)") from None
         if mask.ndim == 1:
