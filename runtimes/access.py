@@ -10,8 +10,9 @@ import os
 import pathlib
 import re
 import socket
+import stat
 
-from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, StorageError
+from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError, StorageError
 from .values import half_character
 
 
@@ -85,9 +86,22 @@ def folder_identity(path: str) -> tuple | None:
     """The folder's (device, inode): another once it is replaced (an export renames a new base in), None where gone."""
     try:
         found = os.stat(path)
+    except STOPS:
+        raise
     except OSError:
         return None
     return found.st_dev, found.st_ino
+
+
+def present(path: str, folder: bool = False) -> bool:
+    """``os.path.isfile`` (``isdir``: ``folder``), but an app's STOPS raised while it looks come through."""
+    try:
+        mode = os.stat(path).st_mode
+    except STOPS:
+        raise
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)
 
 
 def files_digest(folder: str, names: tuple) -> str:
@@ -96,6 +110,8 @@ def files_digest(folder: str, names: tuple) -> str:
     for name in names:
         try:
             parts.append(f"{name}: {sha256_file(os.path.join(folder, name))}")
+        except STOPS:
+            raise
         except OSError as e:
             parts.append(f"{name}: errno {e.errno}")
     return sha256_bytes("\n".join(parts).encode())
@@ -195,7 +211,7 @@ JSON_MOST = 16 << 20  # a manifest or config edgepeft reads: kB; parsed, JSON ta
 
 def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
     """The JSON object (``kind`` list: the list) in ``path``; a missing or damaged file names itself and ``fix``."""
-    if not os.path.isfile(path):
+    if not present(path):
         check_readable(path)  # inside a folder one may not enter, a file looks missing
         raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")
     try:
@@ -204,9 +220,23 @@ def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
                                        f"({JSON_MOST}); {fix}")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except STOPS:
+        raise
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, a 5,000-digit number
         check_readable(path)
         raise CorruptArtifactError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
     if not isinstance(data, kind):
         raise CorruptArtifactError(f"{path}: {what} is not a JSON {'object' if kind is dict else 'list'}; {fix}")
     return data
+
+
+def read_text(path: str, fix: str) -> str:
+    """The UTF-8 text in ``path`` (a chat template); a file that cannot be read names itself and ``fix``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except STOPS:
+        raise
+    except (OSError, UnicodeDecodeError) as e:
+        check_readable(path)
+        raise CorruptArtifactError(f"{path}: cannot read it ({e}); {fix}") from None

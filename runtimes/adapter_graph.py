@@ -14,7 +14,7 @@ import math
 import os
 import struct
 
-from .errors import CorruptArtifactError, first_line
+from .errors import STOPS, CorruptArtifactError, first_line
 from .sessions import ort, session_options
 
 NODES = ("Identity", "Concat", "Pad")
@@ -236,6 +236,8 @@ def run_adapter_graph(graph: bytes, where: str, most: int = 1 << 62, slots: int 
     try:
         sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
         outputs = sess.run(None, {})
+    except STOPS:
+        raise
     except Exception as e:
         raise CorruptArtifactError(
             f"{where}: ONNX Runtime cannot run the adapter graph ({first_line(e)}); re-export the adapter"

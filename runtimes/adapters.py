@@ -301,10 +301,10 @@ class AdapterStore:
                     self._trim()
 
     def _set_staged(self, adapter: Registered, arrays: dict, plan: Plan) -> None:
-        adapter.arrays, adapter.plan, adapter.n_positions = arrays, plan, plan.n_positions
+        self._resident[adapter.name] = True  # first: a timeout's exception here left a plan no trim saw (KeyError at
+        self._resident.move_to_end(adapter.name)  # each later call's move_to_end); a resident with none is restaged
         adapter.bytes = int(sum(a.nbytes for a in arrays.values()))
-        self._resident[adapter.name] = True
-        self._resident.move_to_end(adapter.name)
+        adapter.arrays, adapter.plan, adapter.n_positions = arrays, plan, plan.n_positions
         self._changed(adapter.name)
 
     def _drop(self, adapter: Registered) -> None:
@@ -326,9 +326,8 @@ class AdapterStore:
         if getattr(self._trimming, "on", False):
             self._trimming.again = True  # the trim under way goes round once more
             return
-        self._trimming.on = True
-        try:  # the bytes counted again each time: what a deferred release staged counts too
-            self._trimming.again = True
+        try:  # the bytes counted again each time: what a deferred release staged counts too (on: set inside, or a
+            self._trimming.on = self._trimming.again = True  # timeout's exception before the try left every trim off)
             while self._trimming.again:
                 self._trimming.again = False
                 while self.resident_bytes > self.budget:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .errors import ConfigError, CorruptArtifactError, InvalidInputError, MissingDependencyError
+from .errors import STOPS, ConfigError, CorruptArtifactError, InvalidInputError, MissingDependencyError
 from .sentence import TOKENIZER_FIX as _FIX
 from .values import HALF_CHARACTER, half_character
 
@@ -70,6 +70,8 @@ def compile_template(text: str | None, source: str):
                                        f"{{% import %}} or {{% extends %}}), which a chat template has none of; {_FIX}")
         return env.from_string(tree)
     except jinja2.TemplateSyntaxError as e:  # an unknown filter too, found as it compiles
+        if isinstance(e.__cause__, STOPS):  # jinja's lexer makes any error of a token's value a syntax error
+            raise e.__cause__ from None
         raise CorruptArtifactError(f"{source}: the chat template does not parse ({e}); {_FIX}") from None
 
 
@@ -113,7 +115,7 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
     except SecurityError as e:  # the template's own code, not the messages
         raise CorruptArtifactError(f"{source}: the chat template does what a template may not ({e}); "
                                    f"use the model's original template") from None
-    except InvalidInputError:  # raise_exception's
+    except (InvalidInputError, *STOPS):  # raise_exception's, and an app's timeout
         raise
     except Exception as e:  # what the messages hold (a KeyError, an IndexError, 1 // 0 of too few messages, ...)
         raise InvalidInputError(f"the chat template of {source} cannot render these messages ({type(e).__name__}: "

@@ -81,6 +81,12 @@ class MissingDependencyError(EdgePeftError, ImportError):
     """A package this part of edgepeft needs is not installed; the message names the pip extra that brings it."""
 
 
+# What an app raises to end a call (a timeout's signal handler: TimeoutError, InterruptedError, both OSErrors): let
+# through as raised, never read as a file's fault ("damaged, re-export") nor as a file missing (os.path.isfile says
+# False on any OSError: a tokenizer built so, without its config, was kept for the Runtime's life)
+STOPS = (TimeoutError, InterruptedError)
+
+
 def first_line(error: BaseException) -> str:
     """ONNX Runtime's (or another library's) error in one line of a readable length: a forged graph's error named
     each of its 100,000 inputs (megabytes)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .commands import pairs_fix
-from .errors import InvalidInputError
+from .errors import STOPS, InvalidInputError
 
 
 def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions, base_dir: str):
@@ -12,6 +12,8 @@ def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions
     a stream reads them at its first ``next()``, after the caller may have refilled its buffer (unchecked values)."""
     try:
         ids = np.array(input_ids)
+    except STOPS:
+        raise
     except Exception:
         raise InvalidInputError("input_ids must be an array of token ids") from None
     if ids.ndim == 1:
@@ -36,6 +38,8 @@ def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions
     else:
         try:
             mask = np.array(attention_mask)
+        except STOPS:
+            raise
         except Exception:
             raise InvalidInputError("attention_mask must be an array of 0/1 (batch, sequence)") from None
         if mask.ndim == 1:
@@ -60,6 +64,8 @@ def check_token_types(token_type_ids, ids: np.ndarray, types: int | None, base_d
         return None
     try:
         given = np.asarray(token_type_ids)
+    except STOPS:
+        raise
     except Exception:
         raise InvalidInputError("token_type_ids must be an array of token types (batch, sequence)") from None
     given = given[None, :] if given.ndim == 1 else given

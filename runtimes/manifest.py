@@ -53,10 +53,11 @@ import json
 import os
 from dataclasses import dataclass
 
-from .access import ADAPTER_MANIFEST, STOPPED, check_readable, listed, moved_aside, read_json, sha256_bytes
+from .access import (ADAPTER_MANIFEST, STOPPED, check_readable, listed, moved_aside, present, read_json,
+                     sha256_bytes)
 from .base_checks import TOKEN_TYPES, base_value_errors
 from .commands import ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, exported_name, fresh_out
-from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
+from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 from .values import is_kind
 
@@ -369,13 +370,15 @@ def check_adapter_graph(adapter_dir: str, manifest: dict, most: int) -> bytes:
     error the file has: missing, past ``most`` bytes (``adapter_bound``), or not the file its sha256 names. (Raised
     here, not returned: a caller's local holding the exception it raises keeps that frame, and the Runtime, alive.)"""
     graph = os.path.join(adapter_dir, manifest["graph"])
-    if not os.path.isfile(graph):
+    if not present(graph):
         check_readable(graph)
         raise ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
     try:
         with open(graph, "rb") as f:
             data = f.read(most + 1)  # no further: a sparse file, or a link to a large one
     except OSError as e:  # a read the disk refuses (EIO, a link to a file that cannot be read so)
+        if isinstance(e, STOPS):
+            raise
         check_readable(graph)
         raise CorruptArtifactError(f"{graph}: cannot be read ({e.strerror or e}); re-export the adapter") from None
     if len(data) > most:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
-from .access import read_json
+from .access import present, read_json
 from .commands import REEXPORT_BASE
 from .manifest import BASE_MANIFEST
 
@@ -65,14 +65,14 @@ def check_default_prompt(folder: str) -> None:
 
 def _prompts_config(folder: str, fix: str = TOKENIZER_FIX) -> tuple:
     path = os.path.join(folder, PROMPTS_CONFIG)
-    return path, read_json(path, "sentence-transformers config", fix) if os.path.isfile(path) else {}
+    return path, read_json(path, "sentence-transformers config", fix) if present(path) else {}
 
 
 def sentence_transformers_settings(folder: str, max_positions: int | None = None) -> Embedding:
     """The ``Embedding`` settings of the model in ``folder`` (an export's base/, or the model's own folder for
     training). ``max_positions``: the model's, which caps a tokenizer's own limit."""
     config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
-    settings = read_json(config, "sentence-transformers config", TOKENIZER_FIX) if os.path.isfile(config) else {}
+    settings = read_json(config, "sentence-transformers config", TOKENIZER_FIX) if present(config) else {}
     limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True
     if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 2):
         raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {TOKENIZER_FIX}")
@@ -93,9 +93,9 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     if truncate is not None and not (isinstance(truncate, int) and not isinstance(truncate, bool) and truncate > 0):
         raise CorruptArtifactError(f"{prompts_path}: truncate_dim must be a whole number > 0, got {truncate!r}; "
                                    f"{TOKENIZER_FIX}")
-    if not (listed or os.path.isdir(os.path.dirname(pooling))):  # no Pooling module: the mean, as sentence-transformers
+    if not (listed or present(os.path.dirname(pooling), folder=True)):  # no Pooling module: the mean, as sentence-transformers
         return Embedding(limit, "mean", lower, True, truncate, prompts)  # listed: a copy without it is named, not meaned
-    exported = os.path.isfile(os.path.join(folder, BASE_MANIFEST))  # else a model's folder (training, export)
+    exported = present(os.path.join(folder, BASE_MANIFEST))  # else a model's folder (training, export)
     fields = read_json(pooling, "pooling config", TOKENIZER_FIX if exported else "restore it as sentence-transformers "
                        "saves it with the model (download the model again), or remove the Pooling entry of modules.json")
     modes = fields.get("pooling_mode")
@@ -131,19 +131,19 @@ def prompts_known(folder: str) -> bool:
     """Whether the prompts of the model in ``folder`` (an export's base/) are known: an export with
     sentence-transformers files but not its prompts' file was an earlier edgepeft's (a plain model has only
     sentence-transformers' query and document prompts, both empty)."""
-    return os.path.isfile(os.path.join(folder, PROMPTS_CONFIG)) or not has_sentence_transformers_files(folder)
+    return present(os.path.join(folder, PROMPTS_CONFIG)) or not has_sentence_transformers_files(folder)
 
 
 def has_sentence_transformers_files(folder: str) -> bool:
     """Whether ``folder`` holds a sentence-transformers model's settings (any of its files an export copies)."""
-    return any(os.path.isfile(os.path.join(folder, f)) for f in SENTENCE_TRANSFORMERS_FILES)
+    return any(present(os.path.join(folder, f)) for f in SENTENCE_TRANSFORMERS_FILES)
 
 
 def _tokenizer_limit(folder: str, max_positions: int | None) -> int | None:
     """sentence-transformers' limit where its config gives none: the tokenizer's ``model_max_length`` (where
     sentence-transformers 6 saves ``max_seq_length``), capped at the model's positions."""
     path = os.path.join(folder, "tokenizer_config.json")
-    own = read_json(path, "tokenizer config", TOKENIZER_FIX).get("model_max_length") if os.path.isfile(path) else None
+    own = read_json(path, "tokenizer config", TOKENIZER_FIX).get("model_max_length") if present(path) else None
     return tokenizer_limit(own, max_positions)
 
 
@@ -193,7 +193,7 @@ def _check_output(config: str, settings: dict) -> None:
 
 def _check_modules(modules: str) -> bool:
     """Whether ``modules`` (modules.json) lists modules (then 1_Pooling), refusing those embed does not run."""
-    listed = read_json(modules, "sentence-transformers modules", TOKENIZER_FIX, list) if os.path.isfile(modules) else []
+    listed = read_json(modules, "sentence-transformers modules", TOKENIZER_FIX, list) if present(modules) else []
     if listed and not any(isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling" for m in listed):
         raise ConfigError(f"{modules}: the model lists no Pooling module, so sentence-transformers' encode does not "
                           "pool the token embeddings as edgepeft's embed and training do; add one (1_Pooling), or "

@@ -17,9 +17,9 @@ import os
 import numpy as np
 
 from . import chat_template
-from .access import check_readable, read_json
+from .access import check_readable, present, read_json, read_text
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
-from .errors import MissingDependencyError
+from .errors import STOPS, MissingDependencyError
 from .decoded import GrowingText, OpenBytes
 from .values import HALF_CHARACTER, half_character, is_whole, switch
 from .mixing import BATCH, holding, in_batches, in_groups, row_adapters, row_specs
@@ -40,15 +40,6 @@ def _content(token):
     return token.get("content") if isinstance(token, dict) else token
 
 
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        check_readable(path)
-        raise CorruptArtifactError(f"{path}: cannot read it ({e}); {_FIX}") from None
-
-
 class TextTokenizer:
     """``tokenizer.json`` plus ``tokenizer_config.json`` (special tokens, chat template)."""
 
@@ -56,7 +47,7 @@ class TextTokenizer:
                  pairs: bool = False):
         """``pairs``: the export classifies text pairs (a seq-cls one): the pair template is checked too."""
         path = os.path.join(base_dir, "tokenizer.json")
-        if not os.path.isfile(path):
+        if not present(path):
             check_readable(path)
             raise ArtifactNotFoundError(
                 f"{path}: missing (the export has no tokenizer, or the file was removed); copy the export's base folder "
@@ -68,12 +59,14 @@ class TextTokenizer:
             raise MissingDependencyError("text helpers need the `tokenizers` package: pip install tokenizers") from None
         try:
             self._tok = Tokenizer.from_file(path)
+        except STOPS:
+            raise
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             check_readable(path)
             raise CorruptArtifactError(f"{path}: not a tokenizer the `tokenizers` package can read ({e}); {_FIX}") from None
         try:  # a post-processor naming a token the file lacks panics at every encode (the library's PanicException)
             self._tok.encode("a", "b" if pairs else None)  # one text, and a pair's template where classify takes pairs
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, *STOPS):
             raise
         except BaseException as e:
             raise CorruptArtifactError(f"{path}: the `tokenizers` package cannot encode with it ({first_line(e)}); {_FIX}") from None
@@ -84,7 +77,7 @@ class TextTokenizer:
         self.pad_id = pad_id
         self._tok.no_truncation()  # too-long prompts get a clear error, not a silent cut
         config_path = os.path.join(base_dir, "tokenizer_config.json")
-        self.config = read_json(config_path, "tokenizer config", _FIX) if os.path.isfile(config_path) else {}
+        self.config = read_json(config_path, "tokenizer config", _FIX) if present(config_path) else {}
         # as transformers: special-token text in a prompt is plain text (a defence against prompt injection)
         self._tok.encode_special_tokens = self.config.get("split_special_tokens") is True
         added = self._tok.get_added_tokens_decoder()  # special: transformers' all_special_ids (embed's prompt length)
@@ -98,13 +91,13 @@ class TextTokenizer:
             raise CorruptArtifactError(f"{config_path}: truncation_side must be 'left' or 'right', got "
                                        f"{self.truncation_side!r}; {_FIX}")
         map_path = os.path.join(base_dir, "special_tokens_map.json")  # older tokenizers name their tokens there
-        self.special_map = read_json(map_path, "special tokens map", _FIX) if os.path.isfile(map_path) else {}
+        self.special_map = read_json(map_path, "special tokens map", _FIX) if present(map_path) else {}
         template_path = os.path.join(base_dir, "chat_template.jinja")
         self.template_source = config_path
         self.chat_template = self.config.get("chat_template")  # several, by name: the default taken when used
         self._template = None  # compiled on first use
-        if os.path.isfile(template_path):
-            self.chat_template, self.template_source = _read_text(template_path), template_path
+        if present(template_path):
+            self.chat_template, self.template_source = read_text(template_path, _FIX), template_path
 
     @functools.cached_property
     def sentence_transformers(self) -> tuple:

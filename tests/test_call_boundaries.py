@@ -24,3 +24,84 @@ def test_a_stream_runs_the_inputs_it_checked_at_the_call(shared_export):
     buffer[:], buffer_mask[:] = 10_000, 0  # the next request's, or a refill gone wrong
     assert np.array_equal(np.stack(list(stream), 1), want)
     np.testing.assert_array_equal(next(steps), want_logits)
+
+
+def _raising_at(code, line: int):
+    """A trace function that raises TimeoutError (what a timeout's signal handler raises) as ``code`` reaches
+    ``line``: an app's exception at that point of the call."""
+    def trace(frame, event, arg):
+        if frame.f_code is code:
+            def local(frame, event, arg):
+                if event == "line" and frame.f_lineno == line:
+                    raise TimeoutError("the app's timeout")
+                return local
+            return local
+        return None
+    return trace
+
+
+def test_an_apps_timeout_anywhere_in_a_restage_comes_through_and_leaves_the_store_serving(shared_export):
+    """A timeout's exception inside a restage (budget 0: every call restages) came back as "ONNX Runtime cannot run
+    the adapter graph ...; re-export the adapter" or "missing or changed (re-exported?)" of intact files; one between
+    two lines of the store's bookkeeping left every later call a KeyError, or every later trim off (the budget no
+    longer kept)."""
+    import inspect
+    import sys
+
+    from edgepeft.runtimes import Runtime
+    from edgepeft.runtimes.adapter_graph import run_adapter_graph
+    from edgepeft.runtimes.adapters import AdapterStore
+    from edgepeft.runtimes.manifest import check_adapter_graph
+
+    out, _, _ = shared_export("llama")
+    rt = Runtime(out, adapter_budget_bytes=0)
+    ids, mask = sample_batch(batch=1, seq=4)
+    want = rt.forward(ids, mask, adapter="qv")["logits"]
+    places = []  # every line, but the first of a finally (no Python code can guard against an exception there)
+    for f in (AdapterStore._acquire, AdapterStore.holding.__wrapped__, AdapterStore._set_staged, AdapterStore._trim,
+              AdapterStore._drop, AdapterStore._unchanged_graph, run_adapter_graph, check_adapter_graph):
+        lines, first = inspect.getsourcelines(f)
+        places += [(f, first + i) for i in range(1, len(lines)) if lines[i - 1].strip() != "finally:"]
+    outcomes = set()
+    for f, line in places:
+        sys.settrace(_raising_at(f.__code__, line))
+        try:
+            rt.forward(ids, mask, adapter="qv")
+            outcomes.add("finished")
+        except TimeoutError:
+            outcomes.add("TimeoutError")
+        finally:
+            sys.settrace(None)
+        np.testing.assert_array_equal(rt.forward(ids, mask, adapter="qv")["logits"], want, err_msg=f"{f.__name__}:{line}")
+        assert rt.store.resident_bytes == 0 and not rt.store.get("qv").holds, f"{f.__name__}:{line}"  # budget, holds
+    assert outcomes == {"finished", "TimeoutError"}
+
+
+def test_an_apps_timeout_while_the_first_text_call_looks_for_a_file_is_no_file_missing(text_export, monkeypatch):
+    """os.path.isfile says False on any OSError, TimeoutError among them: a timeout's exception while the first text
+    call looked for tokenizer_config.json made a tokenizer without it (no chat template, no bos_token), kept for the
+    Runtime's life."""
+    import os
+
+    from edgepeft.runtimes import Runtime
+
+    out = text_export[0]
+    chat = [{"role": "user", "content": "hi"}]
+    want = Runtime(out).generate_text(chat, adapter="tok", chat=True, max_new_tokens=3)
+    stat, fired = os.stat, []
+
+    def timing_out(path, *args, **kwargs):
+        if str(path).endswith(("tokenizer_config.json", "modules.json")) and not fired:
+            fired.append(path)
+            raise TimeoutError("the app's timeout")
+        return stat(path, *args, **kwargs)
+
+    rt = Runtime(out)
+    monkeypatch.setattr(os, "stat", timing_out)
+    try:
+        rt.generate_text(chat, adapter="tok", chat=True, max_new_tokens=3)
+        raise AssertionError("no TimeoutError")
+    except TimeoutError:
+        pass
+    monkeypatch.undo()
+    assert fired and rt.generate_text(chat, adapter="tok", chat=True, max_new_tokens=3) == want
