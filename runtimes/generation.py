@@ -94,9 +94,10 @@ class GenerationConfig:
             raise ConfigError(f"stop strings must not hold U+FFFD, got {self.stop!r}: text decodes bytes that are no "
                               "character to it (transformers matches bytes); stop at the characters around it")
 
-    def for_prompt(self, length: int, room: int | None = None) -> "GenerationConfig":
+    def for_prompt(self, length: int, room: int | None = None, fit: bool = False) -> "GenerationConfig":
         """This config for a prompt ``length`` tokens wide, as transformers sets the lengths: max_new_tokens from
-        max_length, else 32 at most the ``room`` the positions leave (at least 1); min_new_tokens replaces min_length."""
+        max_length (``fit``: the model's, at most the ``room``), else 32 at most the ``room`` the positions leave (at
+        least 1); min_new_tokens replaces min_length."""
         cfg = self if self.min_new_tokens is None else replace(self, min_length=self.min_new_tokens + length)
         if cfg.max_new_tokens is not None:
             return cfg
@@ -105,7 +106,8 @@ class GenerationConfig:
         if cfg.max_length <= length:  # transformers refuses it too
             raise ConfigError(f"max_length {cfg.max_length} (the call's, else the model's generation_config.json) "
                               f"leaves no new token after a {length}-token prompt; pass max_new_tokens")
-        return replace(cfg, max_new_tokens=cfg.max_length - length)
+        new = cfg.max_length - length  # a model's max_length of its context: a prompt adapter's tokens took the last
+        return replace(cfg, max_new_tokens=max(1, min(new, room)) if fit and room is not None else new)  # positions
 
 
 def apply_repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty: float, ignore=None) -> np.ndarray:

@@ -322,8 +322,9 @@ class Runtime:
         pad = cfg.pad_token_id if generation.get("pad_token_id") is not None else self.model_pad_id  # not an eos fallback
         ids, mask = self._decoder_inputs(input_ids, attention_mask, pad, cfg.eos_token_id)
         source, virtual = length_source(self, generation), self.virtual_positions(adapter, ids.shape[0])
-        defaulted = cfg.max_new_tokens is None and cfg.max_length is None  # for_prompt's default: fits the room
-        cfg = cfg.for_prompt(ids.shape[1], self.max_positions and self.max_positions - ids.shape[1] - virtual)
+        defaulted = cfg.max_new_tokens is None and (cfg.max_length is None or bool(source))  # fits the room: 32, or
+        cfg = cfg.for_prompt(ids.shape[1], self.max_positions and self.max_positions - ids.shape[1] - virtual,
+                             fit=defaulted)  # the model's max_length (Llama-2's: its context, virtual tokens beyond)
         words = (f" + max_new_tokens {cfg.max_new_tokens}{source} - 1 (the last token is not fed back)",
                  " or lower max_new_tokens")  # the check once held names them: an adapter reloaded since may not fit
         self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *(("", "") if defaulted else words))

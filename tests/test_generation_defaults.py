@@ -233,9 +233,10 @@ def test_max_length_counts_the_prompt_when_max_new_tokens_is_unset(length_model)
     with pytest.raises(ConfigError, match="max_length 5 .* leaves no new token after a 5-token prompt; pass "
                                           "max_new_tokens"):
         rt.generate(ids, mask, adapter="lora", max_length=5)
-    rt.manifest["generation"] = {"max_length": 10_000}  # past the positions: the message says whose value it is
-    with pytest.raises(InvalidInputError, match=r"\+ max_new_tokens 9995 \(generation_config.json's\) - 1 .* exceeds"):
-        rt.generate(ids, mask, adapter="lora")
+    rt.manifest["generation"] = {"max_length": 10_000}  # past the positions: as the default, what they leave (a
+    assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, rt.max_positions)  # call's: refused
+    with pytest.raises(InvalidInputError, match=r"\+ max_new_tokens 9995 - 1 .* exceeds"):
+        rt.generate(ids, mask, adapter="lora", max_length=10_000)
     rt.manifest["generation"] = {}
     assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, 5 + 32)  # transformers gives 20
 
@@ -377,3 +378,18 @@ def test_an_earlier_exports_stop_string_holding_u_fffd_is_dropped_not_fatal(text
     with edited_json(os.path.join(out, "base", "edgepeft.json")) as manifest:
         manifest["generation"] = {**manifest.get("generation", {}), "stop": ["\ufffd", "w99"]}
     assert Runtime(out).generation_config().stop == ["w99"]
+
+
+@pytest.mark.parametrize("adapter", ["prefix", "prompt"])
+def test_a_models_max_length_of_its_context_leaves_a_virtual_adapter_the_room(virtual_export, adapter):
+    """Llama-2 sets max_length to its context: every default call of a prefix or prompt adapter was refused ("+
+    max_new_tokens N (generation_config.json's) ... shorten the prompt", which never fits: N grows as the prompt
+    shrinks). As the default 32, the model's max_length gives what the positions leave; a call's is refused."""
+    rt = Runtime(virtual_export("llama")[0])
+    rt.manifest["generation"] = {"max_length": rt.max_positions}
+    ids = np.arange(10, 20, dtype=np.int64)[None]
+    room = rt.max_positions - ids.shape[1] - rt.virtual_positions(adapter, 1)
+    np.testing.assert_array_equal(rt.generate(ids, adapter=adapter, eos_token_id=[]),
+                                  rt.generate(ids, adapter=adapter, eos_token_id=[], max_new_tokens=room))
+    with pytest.raises(InvalidInputError, match=r"exceeds the model's \d+ positions; shorten the prompt or lower "):
+        rt.generate(ids, adapter=adapter, max_length=rt.max_positions)

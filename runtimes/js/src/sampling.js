@@ -33,6 +33,7 @@ export function generationSettings(manifest, options) {
   for (const [key, [name, fallback]] of Object.entries(SETTINGS)) {
     s[key] = fromBigint(options[key]) ?? (name && model[name] != null ? model[name] : fallback);  // 3n: int64's 3, as ids
   }
+  s.modelLength = options.maxLength == null && options.maxNewTokens == null;  // a maxLength then: the model's
   for (const key of ["maxNewTokens", "maxLength"]) {
     if (s[key] != null && !(whole(s[key]) && s[key] >= 1)) throw new EdgePeftError(`${key} must be a positive integer, got ${described(s[key])}`);
   }
@@ -70,7 +71,8 @@ export function generationSettings(manifest, options) {
 }
 
 /** The settings for a prompt `length` tokens wide, as transformers sets the lengths (Python's for_prompt): neither
- * length set, 32 new tokens at most the `room` the model's positions leave (at least 1; null: no limit). */
+ * length set, 32 new tokens at most the `room` the model's positions leave (at least 1; null: no limit); the model's
+ * maxLength (not the call's) at most that room too: Llama-2's is its context, which a prompt adapter's tokens pass. */
 export function forPrompt(s, length, room = null) {
   const out = { ...s };
   if (s.minNewTokens != null) out.minLength = s.minNewTokens + length;  // min_new_tokens wins over min_length
@@ -80,7 +82,8 @@ export function forPrompt(s, length, room = null) {
     if (s.maxLength <= length) {
       throw new EdgePeftError(`maxLength ${s.maxLength} (the call's, else the model's generation_config.json) leaves no new token after a ${length}-token prompt; pass maxNewTokens`);
     }
-    out.maxNewTokens = s.maxLength - length;
+    out.maxNewTokens = s.modelLength && room !== null ? Math.max(1, Math.min(s.maxLength - length, room))
+      : s.maxLength - length;
   }
   return out;
 }

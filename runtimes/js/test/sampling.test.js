@@ -98,6 +98,15 @@ test("the model's generation_config.json settings apply where a call leaves them
   assert.deepEqual(await rt.generate(ids, mask, { adapter: "lora", maxNewTokens: 6 }), expected.model_ids.ids);
   rt.manifest.generation = { max_length: ids[0].length + 2 };  // a model that sets max_length only
   assert.equal((await rt.generate(ids, mask, { adapter: "lora", eosTokenId: [] }))[0].length, ids[0].length + 2);
+  // a hunt: a model's max_length of its context (Llama-2's) refused every prefix adapter's default call, "shorten the
+  // prompt" (which never fits): as the default 32, it gives the room the virtual tokens leave; the call's is refused
+  rt.manifest.generation = { max_length: rt.manifest.max_positions };
+  await rt.loadAdapter("prefix");
+  const room = rt.manifest.max_positions - ids[0].length - rt.plan("prefix").nPast;
+  assert.deepEqual(await rt.generate(ids, mask, { adapter: "prefix", eosTokenId: [] }),
+    await rt.generate(ids, mask, { adapter: "prefix", eosTokenId: [], maxNewTokens: room }));
+  await assert.rejects(rt.generate(ids, mask, { adapter: "prefix", maxLength: rt.manifest.max_positions }),
+    /exceeds the model's \d+ positions; shorten the prompt or lower maxNewTokens/);
   const refuses = (options, pattern) => assert.rejects(rt.generate(ids, mask, { adapter: "lora", ...options }),
     (e) => e instanceof EdgePeftError && pattern.test(e.message));
   await refuses({ maxLength: ids[0].length }, /maxLength \d+ .* leaves no new token after a \d+-token prompt; pass maxNewTokens/);
