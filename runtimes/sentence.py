@@ -2,8 +2,8 @@
 and feature-extraction training cut, lower-case and pool texts, so both give what ``SentenceTransformer.encode``
 gives.
 
-    sentence_bert_config.json   max_seq_length (else the tokenizer's model_max_length, capped at the model's
-                                positions), do_lower_case (a Lowercase step before the tokenizer's normalizer)
+    sentence_bert_config.json   max_seq_length (else the tokenizer's model_max_length), capped at the model's
+                                positions; do_lower_case (a Lowercase step before the tokenizer's normalizer)
     modules.json                Transformer, Pooling (1_Pooling), Normalize: by class name, sentence-transformers
                                 5's paths (sentence_transformers.models.X) and 6's (...modules.x.X)
     1_Pooling/config.json       pooling_mode (6.x: a name) or the pooling_mode_* flags (5.x), include_prompt
@@ -70,7 +70,7 @@ def _prompts_config(folder: str, fix: str = TOKENIZER_FIX) -> tuple:
 
 def sentence_transformers_settings(folder: str, max_positions: int | None = None) -> Embedding:
     """The ``Embedding`` settings of the model in ``folder`` (an export's base/, or the model's own folder for
-    training). ``max_positions``: the model's, which caps a tokenizer's own limit."""
+    training). ``max_positions``: the model's, which caps the limit (max_seq_length, else the tokenizer's own)."""
     config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
     settings = read_json(config, "sentence-transformers config", TOKENIZER_FIX) if present(config) else {}
     limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True
@@ -78,6 +78,8 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
         raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {TOKENIZER_FIX}")
     if limit is None:
         limit = _tokenizer_limit(folder, max_positions)
+    elif max_positions and limit > max_positions:  # sentence-transformers' cut past the positions: BERT's RuntimeError
+        limit = max_positions  # there; here every text "exceeds the positions" though the caller's was any length
     _check_modality(config, settings.get("modality_config"))
     _check_output(config, settings)
     if settings.get("processing_kwargs"):  # sentence-transformers 6 saves them where they were set

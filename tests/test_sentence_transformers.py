@@ -137,6 +137,22 @@ def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tm
                                st.encode(texts, prompt_name="document"), atol=2e-4)
 
 
+def test_a_max_seq_length_past_the_positions_is_capped_at_them(st6, tmp_path):
+    """max_seq_length 1024 on a model of 512 positions: embed cut every text to 1024, then refused it ("sequence length
+    1024 exceeds the model's 512 positions; shorten the input", whatever the caller gave past 512; a prompt adapter's
+    cut was capped). sentence-transformers fails there with torch's RuntimeError; every cut is capped now."""
+    _, out, _ = st6
+    copied = str(shutil.copytree(out, tmp_path / "out"))
+    config = os.path.join(copied, "base", "sentence_bert_config.json")
+    with open(config) as f:
+        settings = json.load(f)
+    with open(config, "w") as f:
+        json.dump({**settings, "max_seq_length": 1024}, f)
+    long = ["word " * 600, "word " * 520]
+    np.testing.assert_array_equal(Runtime(copied).embed(long), Runtime(out).embed(long))
+    assert Runtime(copied).tokenizer.sentence_transformers[0].limit == 512
+
+
 def test_a_copy_that_lost_the_pooling_config_is_named_not_pooled_by_the_mean(st6, tmp_path):
     """modules.json lists 1_Pooling (sentence-transformers refuses the folder without its config), or the folder is
     there without it: embed pooled by the mean in silence (a device's copy of the files deploy.md listed)."""
