@@ -24,7 +24,7 @@ from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
 from edgepeft.exporters.merged import check_mergeable, export_merged
 from edgepeft.exporters.quantize import check_quantize
-from edgepeft.exporters.resolve import ExportPlan, adapter_slots, export_arguments, resolve
+from edgepeft.exporters.resolve import ExportPlan, adapter_slots, export_arguments, resolve, usable_slots
 from edgepeft.exporters.validate import BaseOutputs, check_tolerances, compare_siblings, log_check, validate
 from edgepeft.files import (
     Staging, check_output_dir, missing_folders, one_at_a_time, remove_abandoned, remove_empty, remove_moved_aside,
@@ -321,7 +321,7 @@ def stage_adapters(plan: ExportPlan, base_manifest: dict, staging: Staging) -> d
     stages = {}
     for src in plan.sources:
         stages[src.name] = staging.new(os.path.join(plan.out, ADAPTERS_DIR), src.name)
-        slots = [s for s in adapter_slots(plan.model, plan.config(src), plan.groups) if s.name in usable]
+        slots = usable_slots(plan, src, usable, TASK_OUTPUTS[plan.task])
         if plan.ort_adapter and not ort_format.applies(slots):  # asked for, not written: say so
             plan.log(f"note: {src.name}: no .onnx_adapter written; ONNX Runtime's adapter format holds only "
                      "tensors the graph adds to its inputs (a prompt or prefix also changes the mask and positions)")

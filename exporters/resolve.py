@@ -238,6 +238,18 @@ def adapter_slots(model, config, groups=(), path: str | None = None) -> list:
         raise naming_config(e, path) from None
 
 
+def usable_slots(plan, src, usable: set, task_output: str) -> list:
+    """The slots of ``src`` the base graph has (``usable``: its inert ones, which reach no output, left out); none at
+    all is refused: an adapter graph of no output fails in ONNX Runtime, named as a damaged staging file."""
+    found = adapter_slots(plan.model, plan.config(src), plan.groups)
+    if not (slots := [s for s in found if s.name in usable]) and found:
+        modules = ", ".join(sorted({s.module for s in found} & dict(plan.model.named_modules()).keys())[:3])
+        raise ConfigError(f"{src.path}: none of the adapter's modules ({modules}) reaches {task_output}, this "
+                          "export's output: it would change nothing here (HF PEFT's output is the base's); train it "
+                          "on modules the output reads (target_modules), or leave it out")
+    return slots
+
+
 def copy_fixes(config) -> set:
     """The config keys a copy of the base ``config`` was told to set by that base's refusal (models.check_exportable,
     load_base), passed as --base: sliding-window layers turned to full attention (transformers drops the window), a

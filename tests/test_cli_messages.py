@@ -496,3 +496,21 @@ def test_a_moved_base_the_adapter_records_is_named_where_it_is_recorded(peft_ada
     line = cli_error(capsys, "export", "--adapter", adapter, "--out", tmp_path / "out")
     assert line == (f"error: {tmp_path / 'moved-base'}: no such folder; give --base a local model folder (with "
                     f"config.json) or a hub id (base_model_name_or_path in {adapter}/adapter_config.json)")
+
+
+def test_an_adapter_whose_every_module_reaches_no_output_is_refused_in_a_line(tiny_base, tmp_path, capsys):
+    """LoRA on BERT's pooler.dense in a feature-extraction export (the pooler reaches no last_hidden_state): export
+    failed with "OUT/adapters/.staging-...: ONNX Runtime cannot run the adapter graph; re-export the adapter" (a graph
+    of no output, a deleted file, a fix that cannot work) after ONNX Runtime's log line."""
+    import edgepeft
+    from tiny import load_reference_base
+
+    base = tiny_base("bert")
+    model = edgepeft.get_peft_model(load_reference_base(base, "feature-extraction"), edgepeft.LoraConfig(
+        task_type="FEATURE_EXTRACTION", r=2, target_modules=["pooler.dense"]))
+    model.save_pretrained(str(tmp_path / "pool"))
+    line = cli_error(capsys, "export", "--adapter", str(tmp_path / "pool"), "--out", str(tmp_path / "out"))
+    assert line == (f"error: {tmp_path / 'pool'}: none of the adapter's modules (pooler.dense) reaches "
+                    "last_hidden_state, this export's output: it would change nothing here (HF PEFT's output is the "
+                    "base's); train it on modules the output reads (target_modules), or leave it out")
+    assert not os.path.exists(tmp_path / "out")
