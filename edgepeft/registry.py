@@ -223,14 +223,35 @@ def register_method(method: Method) -> Method:
     if not getattr(method.config_cls, "peft_type_name", None):
         raise ConfigError(f"{method.config_cls.__name__} has no peft_type_name; set it to the peft_type written to "
                           "adapter_config.json")
+    _check_new(method)
     register_config(method.config_cls)
     _METHODS[method.peft_type] = method
     _SPECS[method.slots.name] = method.slots
     return method
 
 
+def _check_new(method: Method) -> None:
+    """Refuse a method named as another, or as a slot spec (a plugin's "ia3" exported every IA3 adapter with its
+    slots; its peft_type "LORA" loaded every LoRA folder as its config). The same class registered again (a module
+    reloaded) is no clash."""
+    def again(taken: Method) -> bool:
+        return (taken.config_cls.__module__, taken.config_cls.__qualname__) == (method.config_cls.__module__,
+                                                                                method.config_cls.__qualname__)
+    for taken in _METHODS.values():
+        for what, mine, theirs in (("name", method.name, taken.name), (f"{method.config_cls.__name__}.peft_type_name",
+                                                                       method.peft_type, taken.peft_type)):
+            if mine == theirs and not again(taken):
+                raise ConfigError(f"{what} {mine!r} is the {taken.name} method's ({taken.config_cls.__name__}); give "
+                                  "this method another (a method's name and peft_type are its own)")
+    if method.name in _SPECS and method.name not in {m.name for m in _METHODS.values()}:  # a spec's own: "head"
+        raise ConfigError(f"name {method.name!r} is the slot spec {type(_SPECS[method.name]).__name__}'s; give the "
+                          "method another")
+
+
 def register_spec(spec: SlotSpec, every_adapter: bool = True) -> SlotSpec:
     """A slot spec no PEFT type owns; ``every_adapter``: it adds its slots to every adapter (task heads)."""
+    if spec.name in {m.name for m in _METHODS.values()}:  # its slots would be read as the method's
+        raise ConfigError(f"name {spec.name!r} is the {spec.name} method's; give the slot spec another")
     _SPECS[spec.name] = spec
     if every_adapter and spec not in _EVERY_ADAPTER:
         _EVERY_ADAPTER.append(spec)

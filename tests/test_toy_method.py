@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -109,6 +110,33 @@ def test_a_slot_spec_must_carry_its_methods_name():
     with pytest.raises(ConfigError, match=r"SlotSpec.name is ''; set it to the method's name 'unnamed'"):
         register_method(Method(name="unnamed", config_cls=toy_bias.ToyBiasConfig, tuner=toy_bias.ToyBiasTuner(),
                                slots=SlotSpec()))
+
+
+def test_a_method_named_as_another_or_with_its_peft_type_is_refused(monkeypatch):
+    """Found by a hunt: a plugin named "ia3" exported every real IA3 adapter with its slots (a traceback); one whose
+    peft_type is "LORA" took edgepeft.LoraConfig's place and loaded every LoRA folder as its config."""
+    import dataclasses
+
+    from edgepeft import registry
+    from edgepeft.errors import ConfigError
+    from edgepeft.registry import Method, register_method
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # nothing stays registered
+    monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+
+    def plugin(name, peft_type):
+        config = type("MyConfig", (toy_bias.ToyBiasConfig,), {"peft_type_name": peft_type})
+        slots = type("MySlots", (toy_bias.ToyBiasSlots,), {"name": name})()
+        return Method(name=name, config_cls=dataclasses.dataclass(config), tuner=toy_bias.ToyBiasTuner(), slots=slots)
+
+    for name, peft_type, said in (
+            ("ia3", "IA3_BIAS", "name 'ia3' is the ia3 method's (IA3Config)"),
+            ("mybias", "LORA", "MyConfig.peft_type_name 'LORA' is the lora method's (LoraConfig)"),
+            ("head", "HEAD_BIAS", "name 'head' is the slot spec HeadSlots's")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            register_method(plugin(name, peft_type))
+    assert registry.method_for(edgepeft.LoraConfig(task_type="CAUSAL_LM")).name == "lora"
+    assert register_method(toy_bias.TOY_BIAS) is toy_bias.TOY_BIAS  # the same method again (a reload): taken
 
 
 def test_the_cli_trains_a_method_of_ones_own_with_its_package_imported_first(text_model, tmp_path):
