@@ -10,7 +10,7 @@ from torch import nn
 
 from edgepeft.errors import ConfigError, UnsupportedMethodError
 from edgepeft.registry import AdapterLayer
-from edgepeft.tuners.targets import remove_module, replace_module
+from edgepeft.tuners.targets import remove_module, replace_module, untie_adapted_output
 
 
 def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False, keep_layers: bool = False) -> nn.Module:
@@ -21,6 +21,7 @@ def merged_copy(model: nn.Module, tuner, name: str, safe_merge: bool = False, ke
     for module in model.modules():  # layers that cannot be folded (bottleneck) keep running `name`
         if isinstance(module, AdapterLayer):
             module.active_adapter = name
+    untie_adapted_output(model, name)
     tuner.merge(model, name)
     for key, module in list(model.named_modules()):  # outermost first: a wrapper goes before what it holds
         if isinstance(module, AdapterLayer) and module.frozen_attr is None:  # virtual tokens (merge refuses

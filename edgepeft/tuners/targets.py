@@ -85,6 +85,18 @@ def untied(model: nn.Module, layer: nn.Module) -> nn.Module:
     return layer
 
 
+def untie_adapted_output(model: nn.Module, adapter_name: str) -> None:
+    """Before any method folds ``adapter_name`` into the copy ``model``: its tied output layer ``untied`` where the
+    adapter adapts it, so a method's merge need not know of ties (a plugin's that folded into GPT-2's lm_head changed
+    every token's embedding too)."""
+    layer, chain = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None, []
+    while isinstance(layer, AdapterLayer) and layer.frozen_attr:
+        chain.append(layer)
+        layer = getattr(layer, layer.frozen_attr)
+    if any(adapter_name in getattr(wrapper, d) for wrapper in chain for d in wrapper.adapter_dicts):
+        untied(model, layer)
+
+
 def saved_whole(names, key: str) -> bool:
     """HF PEFT's ``modules_to_save`` match: the module's full name ends with a listed name (``head``: ``lm_head``)."""
     return any(key.endswith(name) for name in names or [])
