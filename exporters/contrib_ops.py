@@ -107,6 +107,19 @@ def _eps(norm) -> float:
     return float(norm.variance_epsilon)
 
 
+def _read(norm, *fields) -> list:
+    """What the fused body reads of a norm after a residual add, in place of calling it (the last field, eps, as a
+    number); a module in the norm's place that lacks them (a method's slot module, or its layer kept by --merge) is
+    refused naming the fix, not torch's AttributeError."""
+    if missing := [f for f in fields if not hasattr(norm, f)]:
+        from edgepeft.errors import UnsupportedMethodError
+
+        raise UnsupportedMethodError(f"{type(norm).__name__}, in a norm's place, has no {' or '.join(missing)}, "
+                                     "which the fused decoder of --ops contrib reads (adding-a-method.md, the slots); "
+                                     "export with --ops standard")
+    return [getattr(norm, f) for f in fields[:-1]] + [float(getattr(norm, fields[-1]))]
+
+
 def _rms_norm_forward(self, hidden_states):
     return _RMSNorm.apply(hidden_states, self.weight, _eps(self))
 
@@ -132,9 +145,9 @@ def _body_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         attended, _ = layer.self_attn(hidden_states=x, position_ids=position_ids, cache=cache,
                                       attention_inputs=shared)
         norm = layer.post_attention_layernorm
-        x, hidden = _SkipRMSNorm.apply(attended, hidden, norm.weight, _eps(norm))
+        x, hidden = _SkipRMSNorm.apply(attended, hidden, *_read(norm, "weight", "variance_epsilon"))
         norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
-        x, hidden = _SkipRMSNorm.apply(layer.mlp(x), hidden, norm.weight, _eps(norm))
+        x, hidden = _SkipRMSNorm.apply(layer.mlp(x), hidden, *_read(norm, "weight", "variance_epsilon"))
     field = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
     return BaseModelOutputWithPast(last_hidden_state=x, **{field: cache})
 
@@ -259,9 +272,9 @@ def _gpt2_body_forward(self, input_ids=None, cache=None, attention_mask=None, to
     x = blocks[0].ln_1(hidden)
     for i, block in enumerate(blocks):  # GPT2Block.forward's order, each residual add fused with the next norm
         attended, _ = block.attn(x, cache=cache, attention_inputs=shared)
-        x, hidden = _SkipLayerNorm.apply(attended, hidden, block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+        x, hidden = _SkipLayerNorm.apply(attended, hidden, *_read(block.ln_2, "weight", "bias", "eps"))
         norm = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.ln_f
-        x, hidden = _SkipLayerNorm.apply(block.mlp(x), hidden, norm.weight, norm.bias, norm.eps)
+        x, hidden = _SkipLayerNorm.apply(block.mlp(x), hidden, *_read(norm, "weight", "bias", "eps"))
     field = "cache" if "cache" in BaseModelOutputWithPastAndCrossAttentions.__dataclass_fields__ else "past_key_values"
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=x, **{field: cache})
 

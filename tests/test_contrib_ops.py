@@ -302,3 +302,24 @@ def test_rope_scaling_matches_hf_peft_past_the_original_positions(rope, tmp_path
         ours = Runtime(str(tmp_path / ops)).step_logits(ids, mask, adapter="lora")
         logits = [next(ours)] + [ours.send(greedy[:, ids.shape[1] + i]) for i in range(7)]
         assert np.abs(np.stack(logits) - steps).max() <= 1e-4, ops
+
+
+@pytest.mark.parametrize("arch,norm,fields", [("llama", "post_attention_layernorm", ("weight", "variance_epsilon")),
+                                              ("gpt2", "ln_2", ("weight", "bias", "eps"))])
+def test_a_module_in_a_norms_place_without_what_the_fused_body_reads_is_named(arch, norm, fields):
+    """Found by a hunt: a method's slot module replacing a norm (or its layer kept by --merge) without the norm's
+    weight and epsilon ended the default export in torch's AttributeError traceback; adding-a-method.md says such
+    adapters export with --ops standard, and now the refusal says so (what the fused bodies read of each norm)."""
+    import transformers as tf
+
+    from edgepeft.errors import UnsupportedMethodError
+    from edgepeft.exporters.contrib_ops import _read
+
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch))
+    layer = getattr(model.model.layers[0] if arch == "llama" else model.transformer.h[0], norm)
+    *tensors, eps = _read(layer, *fields)
+    assert all(t is getattr(layer, f) for t, f in zip(tensors, fields)) and eps == float(getattr(layer, fields[-1]))
+    with pytest.raises(UnsupportedMethodError, match=f"^Identity, in a norm's place, has no {' or '.join(fields)}, "
+                                                     "which the fused decoder of --ops contrib reads .*; export with "
+                                                     "--ops standard$"):
+        _read(torch.nn.Identity(), *fields)
