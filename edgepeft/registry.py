@@ -2,9 +2,9 @@
 
 A method is one folder under ``edgepeft/tuners/`` (or anywhere: a test registers a toy one)
 holding a config class, a ``Tuner`` (PyTorch side) and a ``SlotSpec`` (export side), and one
-``register_method(Method(...))`` call. Nothing outside a method's folder branches on its name:
-``PeftModel`` calls the tuner's hooks, the exporter the spec's, and the runtime binds slots by
-the fields they declare. This module is a leaf: it imports no method. ``edgepeft.tuners``
+``register_method(Method(...))`` call. ``PeftModel`` calls the tuner's hooks, the exporter the
+spec's, and the runtime binds slots by the fields they declare (the few reads of a method by its
+name: docs/architecture.md). This module is a leaf: it imports no method. ``edgepeft.tuners``
 imports the built-in methods and hands out the lookups (``method_for``, ``methods``, ``spec_for``).
 
 Slot specs that no PEFT type owns (task heads: ``modules_to_save``) register with

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tiny import TASK_TYPES, load_reference_base
+from tiny import DECODER_ARCHS, TASK_TYPES, load_reference_base
 
 
 def _randomize(model, seed: int, keys: tuple, scale: float, around: float = 0.0) -> None:
@@ -84,7 +84,7 @@ def spec_adapter(peft_adapter, arch: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------- virtual tokens (prompt / prefix tuning)
-VIRTUAL_ARCHS = ["llama", "qwen2", "gpt2"]
+VIRTUAL_ARCHS = DECODER_ARCHS
 
 
 def lora_adapter(path, base: str, task: str, seed: int, num_labels=None, **kw) -> str:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from peft_refs import greedy_reference
-from tiny import sample_batch, tiny_config, torch_outputs
+from tiny import DECODER_ARCHS, sample_batch, tiny_config, torch_outputs
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
@@ -31,7 +31,7 @@ def _manifest(out: str) -> dict:
         return json.load(f)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
 def test_contrib_and_standard_builds_both_match_hf_peft_prefill_and_decode(arch, peft_adapter, hf_reference, tmp_path):
     adapter = peft_adapter(arch, "all-linear", r=4, target_modules="all-linear")
     ref = hf_reference(arch, adapter)

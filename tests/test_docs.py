@@ -94,8 +94,9 @@ def test_python_blocks_run_as_written(page, docs_folder):
 
 
 def test_method_pages_name_every_built_in_method():
-    """A built-in method has its row in docs/methods.md (its config class), in training.md's default-rate table and
-    in its usage line."""
+    """A built-in method has its row in docs/methods.md (its config class), in training.md's default-rate table (its
+    rate and option defaults as its config sets them: a hunt changed a rate and removed a row, and this test matched
+    the results table's rows below) and in its usage line."""
     from edgepeft.tuners import methods
 
     def page(name):
@@ -104,7 +105,14 @@ def test_method_pages_name_every_built_in_method():
 
     built_in = [m for m in methods() if m.config_cls.__module__.startswith("edgepeft.")]  # not a test's toy method
     assert [m.config_cls.__name__ for m in built_in if f"`{m.config_cls.__name__}(" not in page("docs/methods.md")] == []
-    assert [m.name for m in built_in if f"\n| {m.name} |" not in page("docs/training.md")] == []
+    table = page("docs/training.md").split("| method | default `--lr` | other defaults |\n| --- | --- | --- |\n")[1]
+    rows = {cells[0]: cells[1:] for line in table.split("\n\n")[0].splitlines()
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert sorted(rows) == sorted(m.name for m in built_in)
+    for m in built_in:
+        rate, others = rows[m.name]
+        assert float(rate) == m.config_cls.default_lr, m.name
+        assert all(f"{k} {v}" in others for k, v in m.config_cls.training_defaults.items()), m.name
     usage = re.search(r"--method ([\w|]+)", page("docs/training.md"))[1].split("|")  # its usage line
     assert sorted(usage) == sorted(m.name for m in built_in)
 

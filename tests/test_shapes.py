@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
+from tiny import ARCHS
 
 from edgepeft.exporters.shapes import simplify_shapes
 
@@ -285,7 +286,7 @@ def test_the_export_encoder_mask_and_positions_are_transformers_own(embeds):
     assert torch.equal(given, default)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_an_export_computes_no_shape_inside_its_layers(arch, shared_export, peft_adapter, tmp_path):
     """With the mask (and BERT's positions) built from the inputs and position_ids named like input_ids, every
     reshape and expand in the attention is a constant: no Shape node is left in any layer (the benchmark Llama
