@@ -5,7 +5,7 @@
 Runs in the device environment (edgepeft[cpu] + onnxruntime-genai; genai brings the CPU onnxruntime, which must
 not share an environment with onnxruntime-gpu). Both load the same files: genai reads OUT/base/genai_config.json
 and the adapter's .onnx_adapter; edgepeft its manifests. Batch 1, a prompt of 16 random ids, --new-tokens greedy
-tokens, end of sequence off in edgepeft (genai stops only at its eos/pad ids; rows that do are reported). Peers go
+tokens, the end of sequence held back in both (min_new_tokens, genai's min_length): both make every token. Peers go
 in a new seeded random order each round; each peer's first round is dropped; medians.
 """
 from __future__ import annotations
@@ -18,10 +18,11 @@ import sys
 import time
 
 import numpy as np
-import onnxruntime_genai as og
 
 from edgepeft.runtimes import Runtime
-from sample_folder import positive, run
+from sample_folder import genai as genai_module, positive, run
+
+og = genai_module(".venv-device")
 
 
 def main():
@@ -42,13 +43,16 @@ def main():
                  "with --ort-adapter (a quantized base writes none by default)")
     prompt = np.random.default_rng(0).integers(3, rt.vocab_size, size=(1, 16), dtype=np.int64)
     length = prompt.shape[1] + args.new_tokens
+    if rt.max_positions and length > rt.max_positions:  # genai's RuntimeError traceback, or max_new_tokens named
+        sys.exit(f"error: --new-tokens {args.new_tokens}: the model's {rt.max_positions} positions leave room for "
+                 f"{rt.max_positions - prompt.shape[1]} after its {prompt.shape[1]}-token prompt; pass at most that")
     model = og.Model(os.path.join(args.export, "base"))
     adapters = og.Adapters(model)
     adapters.load(ort_adapter, args.adapter)
 
     def genai(adapter):
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=length)
+        params.set_search_options(do_sample=False, max_length=length, min_length=length)  # no stop at its eos
         generator = og.Generator(model, params)
         if adapter:
             generator.set_active_adapter(adapters, adapter)
@@ -58,7 +62,8 @@ def main():
         return list(generator.get_sequence(0))
 
     def ours(adapter):
-        return rt.generate(prompt, adapter=adapter, max_new_tokens=args.new_tokens, eos_token_id=[])[0].tolist()
+        return rt.generate(prompt, adapter=adapter, max_new_tokens=args.new_tokens,  # the model's eos held back, as
+                           min_new_tokens=args.new_tokens)[0].tolist()  # genai's min_length holds back its own
 
     peers = {f"{who} {adapter or 'no adapter'}": (fn, adapter) for who, fn in (("edgepeft", ours), ("genai", genai))
              for adapter in (None, args.adapter)}

@@ -33,12 +33,13 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-import onnxruntime_genai as og  # noqa: E402
 
 from bench_generate import CONFIG, PROMPT_LEN, build_base, make_adapter, paired  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
-from sample_folder import claim_folder, positive, run  # noqa: E402
+from sample_folder import claim_folder, genai, positive, run  # noqa: E402
+
+og = genai(".venv-genai")
 
 
 def write_tokenizer(path: str) -> None:

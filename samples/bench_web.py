@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -41,8 +42,11 @@ TEXT = "could you put milk on my list"
 def serve():
     server = subprocess.Popen([sys.executable, os.path.join(REPO, "samples", "web", "serve.py"), "--port", "0"],
                               stdout=subprocess.PIPE, text=True)
-    address = server.stdout.readline().split("at ")[1]  # "serving REPO at http://127.0.0.1:PORT/samples/web/"
-    return server, address.split(":")[2].split("/")[0]
+    said = server.stdout.readline()  # "serving REPO at http://127.0.0.1:PORT/samples/web/" (REPO may hold "at ")
+    if not (found := re.search(r"http://[^/\s]+:(\d+)/samples/web/", said)):
+        server.kill()
+        sys.exit("error: samples/web/serve.py did not start (its error is above)")
+    return server, found[1]
 
 
 def python_load(export_dir) -> dict:
@@ -66,6 +70,8 @@ def main():
     export_path = os.path.relpath(os.path.join(out, "export"), REPO)
     if export_path.startswith(".."):  # checked before --out is emptied
         sys.exit(f"--out must lie inside {REPO}: the page reads the export from the repository's server")
+    if odd := sorted(set("#?%") & set(export_path)):  # a URL's path reads them otherwise: the page fetched elsewhere
+        sys.exit(f"--out {args.out}: holds {' '.join(odd)}, which the page's URLs read otherwise; give another folder")
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # as runtimes/js/bench/peers.mjs finds it
     if not os.path.isfile(chromium):  # the page's peer failed at the end (a JSONDecodeError traceback)
         sys.exit(f"error: {chromium}: missing; install Chromium (make test does: apt-get install chromium), or set "
@@ -90,11 +96,14 @@ def main():
             switch["n"] += 1
         return times
 
-    server, port = serve()
-    js = subprocess.Popen(["node", "bench/peers.mjs", export_path, REPO, port], cwd=JS, text=True,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "ADAPTERS": ",".join(ADAPTERS)})
-    try:
-        ready = json.loads(js.stdout.readline())["ready"]
+    server, port, js = *serve(), None
+    try:  # the server stopped however this ends (it was left running where node was missing or failed)
+        js = subprocess.Popen(["node", "bench/peers.mjs", export_path, REPO, port], cwd=JS, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "ADAPTERS": ",".join(ADAPTERS)})
+        if not (line := js.stdout.readline()):  # its error is above: not a JSONDecodeError of nothing
+            sys.exit("error: the JavaScript peers (runtimes/js/bench/peers.mjs) stopped before they were ready; their "
+                     "error is above")
+        ready = json.loads(line)["ready"]
         loads.update({k: ready[k] for k in ("node", "wasm", "chromium")})
         request = {"ids": ids.tolist(), "mask": mask.tolist(), "adapters": ADAPTERS, "calls": args.calls}
 
@@ -110,8 +119,9 @@ def main():
             for name in order.sample(list(peers), len(peers)):
                 times[name] += peers[name]()[DROP:]
     finally:
-        js.stdin.close()
-        js.wait(timeout=60)
+        if js is not None:
+            js.stdin.close()
+            js.wait(timeout=60)
         server.terminate()
 
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import edgepeft  # noqa: E402
 from edgepeft.exporters import export  # noqa: E402
 from edgepeft.exporters.quantize import relative_error  # noqa: E402
+from edgepeft.exporters.validate import check_tolerances  # noqa: E402
 from edgepeft.runtimes import Runtime  # noqa: E402
 from edgepeft.runtimes.describe import folder_bytes  # noqa: E402
 from edgepeft.training.data import read_jsonl  # noqa: E402
@@ -29,6 +30,7 @@ def main():
     ap.add_argument("--work", default="quant-out", help="emptied first where a sample made it (default %(default)s)")
     ap.add_argument("--qtol", type=float, default=0.2, help="the export's tolerance for the quantized check")
     args = ap.parse_args()
+    check_tolerances(0, args.qtol)  # before minutes of training: export refused it only after them
     fresh_folder(args.work, ap.get_default("work"))
     adapter = os.path.join(args.work, args.task)
     log = edgepeft.train(model=edgepeft.minilm_path(), task="seq-cls", method="lora",

@@ -53,6 +53,18 @@ def fresh_folder(path: str, default: str) -> str:
     return path
 
 
+def genai(environment: str):
+    """``onnxruntime_genai``, or one line naming the ``environment`` (a Makefile's) that has it: .venv has none
+    (genai brings the CPU onnxruntime, which never shares one with onnxruntime-gpu), and even --help was a
+    ModuleNotFoundError traceback there."""
+    try:
+        import onnxruntime_genai
+    except ImportError:
+        sys.exit(f"error: {os.path.basename(sys.argv[0])} needs onnxruntime-genai; run it with {environment}/bin/python "
+                 f"(make {environment}/.edgepeft-installed makes it)")
+    return onnxruntime_genai
+
+
 def positive(text: str) -> int:
     """An argparse type: a whole number from 1 (a count of rounds or calls; 0 left nothing to take the median of)."""
     try:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from file_checks import edit_json
+from training_helpers import REPO
 
 from edgepeft.cli import cli
 from edgepeft.errors import ConfigError, UnknownAdapterError
@@ -211,6 +212,11 @@ def test_the_samples_say_an_error_or_a_count_they_refuse_in_a_line(shared_export
     edit_json(short / "base" / "edgepeft.json", max_positions=32)
     for args, code, said in (
             (["bench_threads.py", "--export", tmp_path / "none"], 1, f"error: {tmp_path / 'none'}: no such folder"),
+            (["quantized_accuracy.py", "--qtol", "0", "--work", tmp_path / "q"], 1, "error: --qtol must be a number > 0"),
+            (["bench_genai.py", "--help"], 1, "error: bench_genai.py needs onnxruntime-genai; run it with "
+                                             ".venv-device/bin/python"),  # .venv has none: a ModuleNotFoundError
+            (["bench_web.py", "--out", os.path.join(REPO, "bench-out", "web#1")], 1,  # the page fetched another path
+             "holds #, which the page's URLs read otherwise; give another folder"),
             (["bench_threads.py", "--export", short, "--rounds", "1"], 1, f"error: {short}: the model has 32 "
              "positions, and this benchmark's step comes after 40 cached ones; export a model with more than 40"),
             (["bench_prefill.py", "--export", tmp_path / "none"], 1, f"error: {tmp_path / 'none'}: no such folder"),

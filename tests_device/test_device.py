@@ -169,6 +169,7 @@ def test_bench_genai_refuses_what_it_cannot_measure():
     export (no genai_config.json); both are refused in one line before anything runs."""
     sample = os.path.join(REPO, "samples", "bench_genai.py")
     for argv, want in ((["--export", LLAMA, "--new-tokens", "0"], "argument --new-tokens: 0 is not a whole number from 1"),
+                       (["--export", LLAMA, "--new-tokens", "100000"], "error: --new-tokens 100000: the model's "),
                        (["--export", MINILM, "--adapter", "topic"], f"{MINILM}: a seq-cls export; onnxruntime-genai "
                                                                       "runs decoders")):
         done = subprocess.run([sys.executable, sample, *argv], capture_output=True, text=True, timeout=300)

@@ -73,7 +73,7 @@ async function main() {
     downloads[new URL(request.url()).pathname] = sizes.responseBodySize;
   });
   const emptyRss = rendererRss();
-  await page.goto(`http://127.0.0.1:${port}/samples/web/?out=/${out}&adapters=${names.join(",")}&ep=wasm`);
+  await page.goto(`http://127.0.0.1:${port}/samples/web/?out=${encodeURIComponent(`/${out}`)}&adapters=${encodeURIComponent(names.join(","))}&ep=wasm`);
   await page.waitForFunction(() => window.edgepeft || document.getElementById("status").textContent.startsWith("error"),
     null, { timeout: 300000 });
   const page_ = await page.evaluate(() => ({ loadMs: window.edgepeft?.loadMs, threads: window.edgepeft?.threads,
