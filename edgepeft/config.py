@@ -13,12 +13,11 @@ import os
 import re
 import types
 import typing
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from edgepeft.errors import (ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError, EdgePeftWarning,
-                             UnsupportedMethodError, first_line)
+from edgepeft.errors import (ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError,
+                             UnsupportedMethodError, first_line, warn)
 from edgepeft.runtimes.values import is_real, is_whole
 
 CONFIG_NAME = "adapter_config.json"
@@ -172,8 +171,7 @@ class PeftConfig:
                                          f"adapter computes, and edgepeft does not support {them}: use an adapter "
                                          f"trained without {them}")
         if unknown:
-            warnings.warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}",
-                          EdgePeftWarning, stacklevel=2)
+            warn(f"{source}: ignoring fields this edgepeft does not know: {', '.join(unknown)}")
         config = cls(**{k: v for k, v in d.items() if k in names})
         config.ties_embeddings = d.get("ensure_weight_tying") is True  # HF PEFT's: targets the tied embedding too
         return config

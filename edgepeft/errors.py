@@ -38,8 +38,18 @@ def noted(*args, **_) -> None:
     """A log that prints nothing but gives its ``note:`` lines as EdgePeftWarning: export's notes (generation settings
     it does not apply, adapter weights it leaves out) where it prints nothing else (Python's verbose=False), as
     training's; the CLI prints them (verbose)."""
-    import warnings
-
     message = " ".join(map(str, args))
     if message.startswith("note: "):
-        warnings.warn(message.removeprefix("note: "), EdgePeftWarning, stacklevel=2)  # noqa: F405
+        warn(message.removeprefix("note: "))
+
+
+def warn(message: str) -> None:
+    """``message`` as an EdgePeftWarning shown at the line that called into edgepeft (the app's, a script's), not at
+    edgepeft's own, wherever inside it the warning arose: the first frame of another package's module."""
+    import sys
+    import warnings
+
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "edgepeft":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, EdgePeftWarning, stacklevel=level)  # noqa: F405

@@ -187,3 +187,24 @@ def test_numpy_options_a_path_for_a_tokenizer_and_a_model_path_are_taken_or_name
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match=f"^{said}$"):
         edgepeft.PeftModel.from_pretrained(model, str(tmp_path / "a"))
+
+
+def test_edgepefts_warnings_point_at_the_callers_line(tiny_base, peft_adapter, tmp_path):
+    """Export's notes and a config's unknown fields warned at a line inside edgepeft: a warnings filter by module, or
+    the shown line, named edgepeft's code and not the app's call."""
+    import shutil
+    import warnings
+
+    import edgepeft
+    from edgepeft.errors import EdgePeftWarning
+    from file_checks import edit_json
+    from peft_refs import spec_adapter
+
+    folder = shutil.copytree(spec_adapter(peft_adapter, "llama", "qv"), tmp_path / "qv")
+    edit_json(folder / "adapter_config.json", a_field_of_tomorrow=1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        edgepeft.load_config(str(folder))
+        export([str(folder)], str(tmp_path / "out"))
+    ours = [w for w in seen if issubclass(w.category, EdgePeftWarning)]
+    assert len(ours) >= 2 and {w.filename for w in ours} == {__file__}, [(w.filename, str(w.message)) for w in ours]
