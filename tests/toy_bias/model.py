@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgepeft.registry import AdapterLayer, Tuner
+from edgepeft.registry import AdapterLayer, Tuner, model_modules
 from edgepeft.tuners.targets import adapter_layer, in_out_features, innermost, linear_targets, replace_module, unwrapped
 
 DEFAULT_TARGETS = {"bert": ["output.dense"], "llama": ["down_proj"]}
@@ -36,7 +36,7 @@ class ToyBiasTuner(Tuner):
         return keys
 
     def layers(self, model: nn.Module):
-        return [(k, m) for k, m in model.named_modules() if isinstance(m, BiasLinear)]
+        return [(k, m) for k, m in model_modules(model) if isinstance(m, BiasLinear)]
 
     @torch.no_grad()
     def merge(self, model: nn.Module, adapter_name: str) -> None:
