@@ -303,11 +303,14 @@ def held_interrupts():
 @contextmanager
 def written_whole(what: str):
     """Ctrl-C held off while the block writes ``what``; one that came is raised once it is done, saying so (the CLI
-    prints that line: "aborted" read as if nothing, or half, was written)."""
+    prints that line: "aborted" read as if nothing, or half, was written). Where the process answers SIGINT its own
+    way (ignored: a background job; an app's handler), that answer is given instead, as ``deferred_interrupts``."""
     with held_interrupts() as caught:
         yield
-    if caught:
+    if caught and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         raise KeyboardInterrupt(f"interrupted once {what} was written whole (Ctrl-C waits for that)")
+    if caught:
+        signal.raise_signal(signal.SIGINT)
 
 
 @contextmanager

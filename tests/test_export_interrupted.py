@@ -152,3 +152,24 @@ def test_a_base_graph_gone_names_a_fresh_out_folder(llama, tmp_path):
             attempt()
     export([llama[1]["qv"]], str(tmp_path / "fresh"))
     assert Runtime(str(tmp_path / "fresh")).adapter_names == ["qv"]
+
+
+def test_a_ctrl_c_held_off_through_a_commit_goes_to_the_handler_the_process_had():
+    """Found by a hunt: an export run with SIGINT ignored (a background job) exited 130 "interrupted" for a Ctrl-C
+    in its commit, and an app's own SIGINT handler never heard one there: export raised KeyboardInterrupt instead.
+    Python's default handler still gets the line saying OUT was written whole."""
+    from edgepeft.files import written_whole
+
+    heard, previous = [], signal.getsignal(signal.SIGINT)
+    try:
+        for handler in (lambda *a: heard.append(a), signal.SIG_IGN):
+            signal.signal(signal.SIGINT, handler)
+            with written_whole("OUT"):
+                signal.raise_signal(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(KeyboardInterrupt, match="interrupted once OUT was written whole"):
+            with written_whole("OUT"):
+                signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(heard) == 1
