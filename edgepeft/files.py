@@ -71,6 +71,7 @@ def usual_permissions(path: str) -> None:
 
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # a write that failed for want of space, or of quota
+NO_WRITE = (*FULL_DISK, errno.EFBIG)  # ... or past the largest file the file system (FAT32: 4 GiB) or ulimit -f allows
 
 
 @contextmanager
@@ -83,9 +84,13 @@ def reporting_full_disk(folder: str, flag: str, loading: bool = False):
     try:
         yield
     except OSError as e:
-        if e.errno not in FULL_DISK:
+        if e.errno not in NO_WRITE:
             raise
         root, path = os.path.abspath(folder), os.path.abspath(e.filename) if isinstance(e.filename, str) else None
+        if e.errno == errno.EFBIG:  # "File too large; check the path, its permissions and free space", of no file
+            raise StorageError(f"{root}: {os.path.basename(path) if path else 'a file'} it writes is larger than this "
+                               "file system (FAT32: 4 GiB) or the process's file-size limit (ulimit -f) allows; give "
+                               f"{flag} a folder on another file system, or raise the limit") from None
         if path and not inside(path, root):  # elsewhere: the hub's cache, say
             raise StorageError(f"{path}: no space left on its disk; free some") from None
         if loading and not path:

@@ -19,7 +19,7 @@ import tempfile
 
 import onnxruntime as ort
 
-from edgepeft.files import FULL_DISK
+from edgepeft.files import NO_WRITE
 from edgepeft.runtimes.manifest import LAYOUT_VERSION
 from edgepeft.runtimes.sessions import session_options
 
@@ -49,18 +49,18 @@ def write_ort_adapter(graph_path: str, out_path: str) -> None:
 
 
 def _no_room(folder: str, size: int) -> int | None:
-    """ENOSPC or EDQUOT where a file of ``size`` bytes cannot be made in ``folder``: it is allocated and removed (a
+    """ENOSPC, EDQUOT or EFBIG where a file of ``size`` bytes cannot be made in ``folder``: it is allocated and removed (a
     quota leaves the disk's free space as it is); where the platform or filesystem cannot allocate, free space tells."""
     if not os.path.isdir(folder):
         return None
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".edgepeft-room-")
     except OSError as e:
-        return e.errno if e.errno in FULL_DISK else None
+        return e.errno if e.errno in NO_WRITE else None
     try:
         os.posix_fallocate(fd, 0, max(size, 1))
     except (AttributeError, OSError) as e:  # AttributeError: no posix_fallocate (macOS, Windows)
-        if getattr(e, "errno", None) in FULL_DISK:
+        if getattr(e, "errno", None) in NO_WRITE:
             return e.errno
         return errno.ENOSPC if shutil.disk_usage(folder).free < size else None
     finally:

@@ -78,7 +78,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(text_model, tmp_path,
     assert os.path.isfile(os.path.join(out, "checkpoint", checkpoint.STATE))
 
 
-@pytest.mark.parametrize("lacking", ["ENOSPC", "EDQUOT", "free space"])
+@pytest.mark.parametrize("lacking", ["ENOSPC", "EDQUOT", "EFBIG", "free space"])
 def test_ort_adapter_writes_that_fail_on_a_full_disk_say_so(shared_export, tmp_path, monkeypatch, lacking):
     """ONNX Runtime's adapter writer says "Failed to write N bytes" in a RuntimeError; where a file that large cannot
     be made there, that is a full disk or a spent quota (which leaves the disk's free space as it is)."""
@@ -136,3 +136,22 @@ def test_a_checkpoint_put_back_survives_a_run_that_fails_before_its_own(text_mod
     os.replace(os.path.join(out, "checkpoint"), os.path.join(out, f".old-checkpoint-p{gone.pid}h{this_host()}-abc"))
     line = cli_error(capsys, *argv)  # put back, then refused: it holds a run's checkpoint
     assert "pass --resume" in line and os.path.isdir(os.path.join(out, "checkpoint"))
+
+
+def test_a_file_past_the_file_size_limit_names_out_and_the_fix(shared_export, tmp_path):
+    """Found by a hunt: a write past ulimit -f (or FAT32's 4 GiB, an SD card's) said "error: File too large; check
+    the path, its permissions and free space", of no file, and an .onnx_adapter past it was ONNX Runtime's traceback."""
+    import resource
+    import subprocess
+    import sys
+
+    out, dirs, _ = shared_export("llama")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))  # noqa: E731
+    done = subprocess.run([sys.executable, "-m", "edgepeft", "export", "--adapter", dirs["qv"], "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, preexec_fn=limit, timeout=600)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {tmp_path / 'out'}: ") and line.endswith(
+        " it writes is larger than this file system (FAT32: 4 GiB) or the process's file-size limit (ulimit -f) "
+        "allows; give --out a folder on another file system, or raise the limit"), line
+    assert not os.path.exists(tmp_path / "out")
