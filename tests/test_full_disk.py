@@ -155,3 +155,25 @@ def test_a_file_past_the_file_size_limit_names_out_and_the_fix(shared_export, tm
         " it writes is larger than this file system (FAT32: 4 GiB) or the process's file-size limit (ulimit -f) "
         "allows; give --out a folder on another file system, or raise the limit"), line
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_overwrite_run_failing_before_its_checkpoint_leaves_no_mix_of_two_runs(text_model, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Found by a hunt: train --overwrite that failed before its first checkpoint (a full disk, a file-size limit)
+    left its epoch-1 adapter and log beside the earlier run's checkpoint (the earlier adapter replaced without a
+    word; export then took the failed run's). The earlier run's files go at the first save: neither run's is left."""
+    from edgepeft.cli import main
+    from edgepeft.training import checkpoint
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    out = tmp_path / "o"
+    argv = ["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out", str(out), "--epochs",
+            "1", "--quiet"]
+    main([*argv, "--r", "4"])
+    write_lines(out / "notes.jsonl", [{"keep": 1}])  # the user's own: stays
+    real = checkpoint.write_bytes_atomic
+    monkeypatch.setattr(checkpoint, "write_bytes_atomic", lambda path, data: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)) if path.endswith(checkpoint.STATE) else real(path, data))
+    line = cli_error(capsys, *argv, "--r", "2", "--overwrite")
+    assert line.startswith(f"error: {out}: no space left on its disk")
+    assert sorted(os.listdir(out)) == ["notes.jsonl"]  # not r 2's adapter beside r 4's checkpoint

@@ -17,13 +17,26 @@ import torch
 
 from edgepeft.config import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME
 from edgepeft.errors import ConfigError, CorruptArtifactError
-from edgepeft.files import replace_dir, staging_dir, write_bytes_atomic, write_json_atomic
+from edgepeft.files import names_in, replace_dir, staging_dir, write_bytes_atomic, write_json_atomic
 
 CHECKPOINT = "checkpoint"
 STATE = "trainer_state.pt"
 LOG_NAME = "training_log.json"
 CURVE_NAME = "training_curve.png"
 RUN_FILES = (CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, LOG_NAME, CURVE_NAME)  # what a run writes in OUT
+
+
+def removed_earlier_run(out: str) -> set | None:
+    """--overwrite, at a run's first save: the earlier run's files in ``out`` removed (they were replaced one by one,
+    so a run failing between its adapter and its checkpoint left its adapter beside the earlier run's checkpoint);
+    returns what ``out`` holds then (``names_in``), from which a failure before the checkpoint takes back its own."""
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+    return names_in(out)
 
 
 def save_checkpoint(out: str, peft, fingerprint: dict, epoch: int, optimizer, scheduler, log: dict,

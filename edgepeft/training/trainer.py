@@ -29,7 +29,7 @@ from edgepeft.processes import first
 from edgepeft.training.arguments import CUT, TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_same_data, check_out_folder, check_resumable, process_rngs,
-    RUN_FILES, read_checkpoint, replica_checksums, restore, save_adapter, save_checkpoint)
+    RUN_FILES, read_checkpoint, removed_earlier_run, replica_checksums, restore, save_adapter, save_checkpoint)
 from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, replaced_head_note,
     rows_digest, scores_relevance)
@@ -353,6 +353,8 @@ class Trainer:
         if acc.is_main_process:
             peft = acc.unwrap_model(model)  # Ctrl-C, below: after the checkpoint that the saved adapter belongs to
             with deferred_interrupts(), reporting_full_disk(args.out, "--out"):
+                if args.overwrite and not self._checkpointed:  # a failure before the checkpoint then leaves neither
+                    self._there = removed_earlier_run(args.out)  # run's files, not this run's adapter beside the last's
                 if args.save == "last" or improved:
                     save_adapter(peft, args.out, log["labels"])
                 self._write_log(log)
