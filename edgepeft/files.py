@@ -11,7 +11,8 @@ import tempfile
 import threading
 from contextlib import contextmanager
 
-from edgepeft.runtimes.access import inside, left_by_a_stopped_process, moved_aside_for_nothing, this_host
+from edgepeft.runtimes.access import (aside_elsewhere, inside, left_by_a_stopped_process, moved_aside_for_nothing,  # noqa: F401
+                                      this_host)  # aside_elsewhere: the trainer's, from here
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

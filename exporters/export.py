@@ -31,7 +31,7 @@ from edgepeft.files import (
     reporting_full_disk, write_json_atomic, written_whole,
 )
 from edgepeft.models import model_label, reads_token_types
-from edgepeft.runtimes.access import REPOINTED, located, may_replace, read_json
+from edgepeft.runtimes.access import REPOINTED, aside_elsewhere, located, may_replace, read_json
 from edgepeft.runtimes.manifest import (ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, LAYOUT_VERSION,
                                         TASK_OUTPUTS, TOKEN_TYPES, adapter_dirs, read_adapter_manifest, read_base_manifest)
 from edgepeft.runtimes.slot_checks import uncounted_heads
@@ -156,8 +156,8 @@ def plan_slots(plan: ExportPlan) -> tuple[list, bool]:
     others = sorted(set(adapter_dirs(plan.out)) - {s.name for s in plan.sources})
     if not existing and others:  # nothing to check them against: a new base would be made without them
         raise ConfigError(f"{os.path.join(plan.out, ADAPTERS_DIR)}: holds {', '.join(others)} but {plan.base_dir} holds "
-                          "no base (removed, or an export stopped); export every adapter into a fresh --out folder, "
-                          f"or remove {os.path.join(plan.out, ADAPTERS_DIR)}")
+                          "no base (removed, or an export stopped); " + (aside_elsewhere(plan.out, BASE_DIR) or "export "
+                          f"every adapter into a fresh --out folder, or remove {os.path.join(plan.out, ADAPTERS_DIR)}"))
     if existing:
         _check_existing_base(plan, configs)
         plan.groups = _keep_layout(plan.groups, existing, plan.base_dir, [s.name for s in plan.sources])

@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import socket
 import stat
 
@@ -68,6 +69,21 @@ def moved_aside(parent: str) -> dict:
     place (inspect lists them; a Runtime names one asked for; the next export puts them back)."""
     return {m["target"]: os.path.join(parent, e) for e in listed(parent) if (m := left_by_a_stopped_process(e))
             and moved_aside_for_nothing(parent, m)} if os.path.isdir(parent) else {}
+
+
+def aside_elsewhere(parent: str, name: str) -> str:
+    """Where ``parent/name`` is missing and a run into ``parent`` (an export, a training run) moved it aside but this
+    process cannot tell that run stopped (another machine's, on a shared drive; this machine's before a restart, or
+    in another container: process ids start again there), the fix that puts it back, else "" (the fixes given
+    otherwise, a fresh --out, --overwrite, removing OUT/adapters, lose the folder's work)."""
+    target = os.path.join(parent, name)
+    for entry in listed(parent) if os.path.isdir(parent) and not os.path.lexists(target) else []:
+        m = LEFT_BEHIND.fullmatch(entry)
+        if m and m["kind"] == "old" and m["target"] == name and m["host"] != this_host():
+            return (f"{os.path.join(parent, entry)} holds it, moved aside by a run into {parent} on another machine, in "
+                    f"another container or before a restart; once that run is over, put it back: "
+                    f"`mv {shlex.quote(os.path.join(parent, entry))} {shlex.quote(target)}`")
+    return ""
 
 
 def listed(folder: str) -> list:

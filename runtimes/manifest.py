@@ -53,8 +53,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from .access import (ADAPTER_MANIFEST, STOPPED, check_readable, listed, moved_aside, present, read_json,
-                     sha256_bytes)
+from .access import (ADAPTER_MANIFEST, STOPPED, aside_elsewhere, check_readable, listed, moved_aside, present,
+                     read_json, sha256_bytes)
 from .base_checks import TOKEN_TYPES, base_value_errors
 from .commands import ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, exported_name, fresh_out
 from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError
@@ -95,11 +95,7 @@ NEUTRAL_GRAPH = "neutral.onnx"  # no inputs; the neutral value of every slot mod
 ORT_ADAPTER = "adapter.onnx_adapter"  # the same tensors in ONNX Runtime's own adapter format, where it applies
 
 # Output names follow transformers' ModelOutput field names.
-TASK_OUTPUTS = {
-    "causal-lm": "logits",
-    "seq-cls": "logits",
-    "feature-extraction": "last_hidden_state",
-}
+TASK_OUTPUTS = {"causal-lm": "logits", "seq-cls": "logits", "feature-extraction": "last_hidden_state"}
 
 
 # KV-cache I/O of decoder graphs, named as optimum names them (%d: layer index).
@@ -274,6 +270,8 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
                                      f"export there first: {export_command('DIR', path)}")
     if aside := moved_aside(path).get(BASE_DIR):  # "no base here" hid where it was
         return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: moved aside to {aside} {STOPPED.format(path)}")
+    if elsewhere := aside_elsewhere(path, BASE_DIR):
+        return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: missing; {elsewhere}")
     base = os.path.join(path, BASE_DIR)
     if os.path.isdir(base) and listed(base):  # its manifest gone: an export into this OUT refuses files it did not write
         return ArtifactNotFoundError(f"{os.path.join(base, BASE_MANIFEST)}: missing, beside other files (an export's "

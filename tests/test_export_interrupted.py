@@ -5,6 +5,7 @@ damaged adapter is replaced and a damaged base named with the fix that works."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 
@@ -173,3 +174,29 @@ def test_a_ctrl_c_held_off_through_a_commit_goes_to_the_handler_the_process_had(
     finally:
         signal.signal(signal.SIGINT, previous)
     assert len(heard) == 1
+
+
+def test_a_folder_moved_aside_before_a_restart_or_in_another_container_is_named_with_the_mv_that_puts_it_back(
+        shared_export, tmp_path):
+    """Found by a hunt: an export (or training run) killed outright in a container (the next one starts process ids
+    again) or before a reboot left OUT/base or the checkpoint aside, which no later run puts back (it cannot tell that
+    run stopped); the fixes given then were to export into a fresh OUT, remove OUT/adapters or start over with
+    --overwrite, each losing work. They name the folder aside and the `mv` that puts it back."""
+    import shlex
+    import shutil
+
+    from edgepeft.errors import ArtifactNotFoundError, ConfigError
+
+    out, dirs, _ = shared_export("llama")
+    out = str(shutil.copytree(out, tmp_path / "out"))
+    aside = os.path.join(out, ".old-base-p1h0123abcd-x1")  # another host's tag: PID 1 of another container, say
+    os.replace(os.path.join(out, "base"), aside)
+    with pytest.raises(ArtifactNotFoundError) as e:
+        Runtime(out)
+    said = str(e.value)
+    assert said.startswith(f"{out}/base: missing; {aside} holds it, moved aside by a run into {out} on another "
+                           "machine, in another container or before a restart; once that run is over, put it back: ")
+    with pytest.raises(ConfigError, match=re.escape(f"`mv {aside} {out}/base`")):
+        export([dirs["qv"]], out, names=["again"])
+    os.replace(*shlex.split(said.split("`")[1])[1:])  # the mv it names
+    assert Runtime(out).adapter_names

@@ -177,3 +177,23 @@ def test_an_overwrite_run_failing_before_its_checkpoint_leaves_no_mix_of_two_run
     line = cli_error(capsys, *argv, "--r", "2", "--overwrite")
     assert line.startswith(f"error: {out}: no space left on its disk")
     assert sorted(os.listdir(out)) == ["notes.jsonl"]  # not r 2's adapter beside r 4's checkpoint
+
+
+def test_a_checkpoint_aside_from_another_container_is_named_with_the_mv_not_overwrite(text_model, tmp_path, capsys):
+    """Found by a hunt: a run killed in a container (or before a reboot) between its checkpoint's renames left it aside;
+    --resume then said "start over with --overwrite", which discards the saved epochs."""
+    import shlex
+
+    from edgepeft.cli import main
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    out = str(tmp_path / "o")
+    argv = ["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out", out, "--epochs", "1",
+            "--quiet"]
+    main(argv)
+    aside = os.path.join(out, ".old-checkpoint-p1h0123abcd-x1")
+    os.replace(os.path.join(out, "checkpoint"), aside)
+    line = cli_error(capsys, *argv, "--resume")
+    assert f"no checkpoint to resume from; {aside} holds it" in line and "--overwrite" not in line
+    os.replace(*shlex.split(line.split("`")[1])[1:])
+    assert os.path.isdir(os.path.join(out, "checkpoint"))

@@ -22,7 +22,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
 from edgepeft.files import (deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty, remove_new,
-                            names_in, reporting_full_disk)
+                            names_in, reporting_full_disk, aside_elsewhere)
 from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, reads_token_types
 from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.processes import first
@@ -135,9 +135,9 @@ class Trainer:
         if state is None:
             if args.resume:  # an adapter there (a run stopped before its first checkpoint): without --resume, refused
                 there = os.path.exists(os.path.join(args.out, CONFIG_NAME))
-                raise ConfigError(f"{args.out}: no checkpoint to resume from; " + (
+                raise ConfigError(f"{args.out}: no checkpoint to resume from; " + (aside_elsewhere(args.out, CHECKPOINT) or (
                     "it holds an adapter (a finished run, or one stopped before it saved a checkpoint): start over "
-                    "with --overwrite instead of --resume" if there else "run without --resume"))
+                    "with --overwrite instead of --resume" if there else "run without --resume")))
             if not args.overwrite:
                 check_fresh_out(args.out)
             return None
