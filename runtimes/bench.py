@@ -44,8 +44,10 @@ def _median_ms(times: list) -> float:
     return statistics.median(times) * 1e3
 
 
-def interleaved(peers: dict, rounds: int, calls: int, warmup: int = 3, repeat: dict | None = None, seed: int = 0) -> dict:
-    """Time each peer ``calls`` times a round (x ``repeat[peer]``), ``rounds`` rounds, after ``warmup`` calls.
+def interleaved(peers: dict, rounds: int, calls: int, warmup: int = 3, repeat: dict | None = None, seed: int = 0,
+                settle: int = 0) -> dict:
+    """Time each peer ``calls`` times a round (x ``repeat[peer]``), ``rounds`` rounds, after ``warmup`` calls; the
+    first ``settle`` calls of each peer's turn untimed (they follow another peer's: a switch, timed as the stay).
 
     Peers go in a new seeded random order each round, so drift (thermal, other load) and
     the peer that ran just before hit all alike. Returns {peer: [(seconds, what the call
@@ -58,6 +60,8 @@ def interleaved(peers: dict, rounds: int, calls: int, warmup: int = 3, repeat: d
     shuffle = random.Random(seed)
     for _ in range(rounds):
         for k in shuffle.sample(list(peers), len(peers)):
+            for _ in range(settle):
+                peers[k]()
             for _ in range(calls * (repeat or {}).get(k, 1)):
                 t = time.perf_counter()
                 ran = peers[k]()
@@ -126,7 +130,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     if names:
         peers["switching"] = alternating(rt, ids, mask, cycle)
     try:
-        timed = interleaved(peers, rounds, calls, repeat={"switching": len(cycle)})  # switching: each `calls` times
+        timed = interleaved(peers, rounds, calls, repeat={"switching": len(cycle)}, settle=1)  # switching: `calls` each
     except InvalidInputError as e:  # too many positions, or too little memory: in this command's terms
         raise type(e)(f"{e} (here: lower {'--batch or ' * isinstance(e, OutOfMemoryError)}--seq)") from None
     times = {k: [dt for dt, _ in v] for k, v in timed.items()}
