@@ -88,15 +88,18 @@ def reporting_full_disk(folder: str, flag: str, loading: bool = False):
         if e.errno not in NO_WRITE:
             raise
         root, path = os.path.abspath(folder), os.path.abspath(e.filename) if isinstance(e.filename, str) else None
-        if e.errno == errno.EFBIG:  # "File too large; check the path, its permissions and free space", of no file
-            raise StorageError(f"{root}: {os.path.basename(path) if path else 'a file'} it writes is larger than this "
-                               "file system (FAT32: 4 GiB) or the process's file-size limit (ulimit -f) allows; give "
-                               f"{flag} a folder on another file system, or raise the limit") from None
+        big = e.errno == errno.EFBIG  # "File too large; check the path, its permissions and free space", of no file
+        why = "a file larger than its file system (FAT32: 4 GiB) or ulimit -f allows" if big else "no space left on its disk"
         if path and not inside(path, root):  # elsewhere: the hub's cache, say
-            raise StorageError(f"{path}: no space left on its disk; free some") from None
+            raise StorageError(f"{path}: {why}; {'raise the limit' if big else 'free some'}") from None
         if loading and not path:
-            raise StorageError("no space left on a disk while loading the base model (a download goes to the hub's "
-                               "cache, HF_HOME); free some, or set HF_HOME to a folder on another disk") from None
+            raise StorageError(f"{why.replace('its', 'a')} while loading the base model (a download goes to the hub's "
+                               f"cache, HF_HOME); {'raise the limit' if big else 'free some'}, or set HF_HOME to a "
+                               "folder on another disk") from None
+        if big:
+            raise StorageError(f"{root}: {os.path.basename(path) if path else 'a file'} is larger than its file system "
+                               f"(FAT32: 4 GiB) or ulimit -f allows; give {flag} a folder on another file system, or "
+                               "raise the limit") from None
         raise StorageError(f"{root}: no space left on its disk; free some, or give {flag} a folder on another disk") from None
 
 

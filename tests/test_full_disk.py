@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 
 import pytest
@@ -152,9 +153,16 @@ def test_a_file_past_the_file_size_limit_names_out_and_the_fix(shared_export, tm
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: {tmp_path / 'out'}: ") and line.endswith(
-        " it writes is larger than this file system (FAT32: 4 GiB) or the process's file-size limit (ulimit -f) "
-        "allows; give --out a folder on another file system, or raise the limit"), line
+        " is larger than its file system (FAT32: 4 GiB) or ulimit -f allows; give --out a folder on another file "
+        "system, or raise the limit"), line
     assert not os.path.exists(tmp_path / "out")
+    from edgepeft.files import reporting_full_disk  # past the limit elsewhere: the hub's cache, not OUT
+
+    cache = str(tmp_path / "hub" / "blob")
+    with pytest.raises(StorageError, match=f"^{re.escape(cache)}: a file larger than its file system .*; raise the "
+                                           "limit$"):
+        with reporting_full_disk(str(tmp_path / "out"), "--out", loading=True):
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), cache)
 
 
 def test_an_overwrite_run_failing_before_its_checkpoint_leaves_no_mix_of_two_runs(text_model, tmp_path, monkeypatch,
