@@ -230,6 +230,13 @@ def register_method(method: Method) -> Method:
     return method
 
 
+def names_of(method: Method) -> tuple:
+    """What ``--method`` takes for ``method``: its name, then HF PEFT's peft_type lower-cased and that type's first
+    word (prefix_tuning, prefix): names first, so a method may take no other's."""
+    kind = method.peft_type.lower()
+    return method.name, kind, kind.split("_")[0]
+
+
 def _check_new(method: Method) -> None:
     """Refuse a method named as another, or as a slot spec (a plugin's "ia3" exported every IA3 adapter with its
     slots; its peft_type "LORA" loaded every LoRA folder as its config). The same class registered again (a module
@@ -238,9 +245,9 @@ def _check_new(method: Method) -> None:
         return (taken.config_cls.__module__, taken.config_cls.__qualname__) == (method.config_cls.__module__,
                                                                                 method.config_cls.__qualname__)
     for taken in _METHODS.values():
-        for what, mine, theirs in (("name", method.name, taken.name), (f"{method.config_cls.__name__}.peft_type_name",
-                                                                       method.peft_type, taken.peft_type)):
-            if mine == theirs and not again(taken):
+        for what, mine, theirs in (("name", method.name, names_of(taken)),  # --method prompt_tuning: a name goes first
+                                   (f"{method.config_cls.__name__}.peft_type_name", method.peft_type, (taken.peft_type,))):
+            if mine in theirs and not again(taken):
                 raise ConfigError(f"{what} {mine!r} is the {taken.name} method's ({taken.config_cls.__name__}); give "
                                   "this method another (a method's name and peft_type are its own)")
     if method.name in _SPECS and method.name not in {m.name for m in _METHODS.values()}:  # a spec's own: "head"

@@ -132,10 +132,14 @@ def test_a_method_named_as_another_or_with_its_peft_type_is_refused(monkeypatch)
     for name, peft_type, said in (
             ("ia3", "IA3_BIAS", "name 'ia3' is the ia3 method's (IA3Config)"),
             ("mybias", "LORA", "MyConfig.peft_type_name 'LORA' is the lora method's (LoraConfig)"),
-            ("head", "HEAD_BIAS", "name 'head' is the slot spec HeadSlots's")):
+            ("head", "HEAD_BIAS", "name 'head' is the slot spec HeadSlots's"),
+            ("prompt_tuning", "MY_PROMPT", "name 'prompt_tuning' is the prompt method's (PromptTuningConfig)")):
         with pytest.raises(ConfigError, match=re.escape(said)):
             register_method(plugin(name, peft_type))
     assert registry.method_for(edgepeft.LoraConfig(task_type="CAUSAL_LM")).name == "lora"
+    from edgepeft.training.arguments import find_method
+
+    assert find_method("prompt_tuning").name == "prompt"  # --method's HF PEFT name still the built-in's
     assert register_method(toy_bias.TOY_BIAS) is toy_bias.TOY_BIAS  # the same method again (a reload): taken
 
 

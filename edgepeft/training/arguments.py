@@ -160,12 +160,13 @@ class TrainingArguments:
 
 def find_method(method: str):
     """The registered method a name means: its short name (lora, ia3, ...) or HF PEFT's (prefix_tuning, PROMPT_TUNING)."""
+    from edgepeft.registry import names_of
     from edgepeft.tuners import methods
 
     known = {m.name: m for m in methods()}
     for m in methods():
-        known.setdefault(m.peft_type.lower(), m)
-        known.setdefault(m.peft_type.lower().split("_")[0], m)
+        for key in names_of(m)[1:]:
+            known.setdefault(key, m)
     found = known.get(str(method).lower())
     if found is None:
         raise ConfigError(f"method {method!r} is not supported; use one of {', '.join(sorted(x.name for x in methods()))}")
