@@ -1,6 +1,6 @@
 // Node.js: open an export folder with onnxruntime-node (or onnxruntime-web's wasm build, also in Node).
 import { createHash } from "node:crypto";
-import { readFileSync, readdirSync, realpathSync, statSync } from "node:fs";
+import { lstatSync, readFileSync, readdirSync, realpathSync, statSync } from "node:fs";
 import { open, readFile, stat } from "node:fs/promises";
 import { hostname } from "node:os";
 import path from "node:path";
@@ -8,7 +8,7 @@ import path from "node:path";
 import { Tokenizer } from "@huggingface/tokenizers";
 
 import { REEXPORT, described } from "./checks.js";
-import { quote, reexport } from "./fixes.js";
+import { exportedAs, quote, reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
 import { tokenizerOf } from "./tokenizer.js";
@@ -68,8 +68,13 @@ function missingInExport(file, out) {
     }
     if (!names.includes(name)) {
       const aside = names.find((n) => n.startsWith(`.old-${name}-p`) && stopped(n.slice(name.length + 7)));
-      return aside ? `${path.join(parent, name)}: moved aside to ${path.join(parent, aside)} by an export into ${out} ` +
-        "that was stopped; run that export again (it puts the folder back first)" : null;
+      const target = path.join(parent, name), other = i === 1 && name === "base" &&  // access.py aside_elsewhere
+        names.find((n) => n.startsWith(`.old-${name}-p`) && elsewhere(n.slice(name.length + 7)));
+      return aside ? `${target}: moved aside to ${path.join(parent, aside)} by an export into ${out} ` +
+        "that was stopped; run that export again (it puts the folder back first)" : other ? `${target}: missing; ` +
+        `${path.join(parent, other)} holds it, moved aside by a run into ${out} on another machine, in another ` +
+        `container or before a restart; once that run is over, put it back: \`mv ${quote(path.join(parent, other))} ` +
+        `${quote(target)}\`` : null;
     }
   }
   if (parts.length === 3 && parts[0] === "adapters" && parts[2] === "adapter.json") {
@@ -89,10 +94,16 @@ function notAnExport(out) {
       return false;
     }
   };
-  const up = path.dirname(out), part = path.basename(out), fresh = `${out}-onnx`;
-  if (has(out, "adapter_config.json")) {
+  const up = path.dirname(out), part = path.basename(out), fresh = `${path.resolve(out)}-onnx`;  // not ".-onnx"
+  if (has(out, "adapter_config.json")) {  // commands.py exported_name: the folder's name, else the --name given
+    const folder = path.basename(path.resolve(out)), as = exportedAs(folder);
+    let name = as;
+    for (let k = 2; as !== folder && as !== "NAME" && lstatSync(path.join(fresh, "adapters", name), { throwIfNoEntry: false }); k++) {
+      name = `${as.slice(0, 100 - String(k).length - 1)}_${k}`;
+    }
     return `${out}: is an adapter folder (HF PEFT format), not an export; export it first with \`edgepeft export ` +
-      `--adapter ${quote(out)} --out ${quote(fresh)}\`, then open ${fresh} and pick adapter '${path.basename(path.resolve(out))}'`;
+      `--adapter ${quote(out)} --out ${quote(fresh)}${as === folder ? "" : ` --name ${quote(name)}`}\`, then open ` +
+      `${fresh} and pick adapter '${name}'`;
   }
   if (has(out, "adapter.json")) return `${out}: is one adapter of the export ${path.dirname(up)}; open ${path.dirname(up)} and pick adapter '${part}'`;
   if (has(out, "edgepeft.json") || ["base", "adapters"].includes(part) && has(up, "base", "edgepeft.json")) {
@@ -104,6 +115,12 @@ function notAnExport(out) {
 
 /** Whether "<pid>h<host>-..." names a process of this machine that no longer runs, as runtimes/access.py tells it
  * (a running one's folder is an export's at work; another machine's or container's, of a shared drive, is not). */
+/** Whether "<pid>h<host>-..." names a process of another machine, container or boot: none this one can tell stopped. */
+function elsewhere(owner) {
+  const host = /^\d+h([0-9a-f]{8})-[^-]+$/.exec(owner)?.[1];
+  return host !== undefined && host !== thisHost();
+}
+
 function stopped(owner) {
   const [, digits, host] = /^(\d+)h([0-9a-f]{8})-[^-]+$/.exec(owner) ?? [];
   const pid = Number(digits);

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { spawnSync } from "node:child_process";
-import { copyFile, cp, mkdir, mkdtemp, readFile, rm, truncate, writeFile } from "node:fs/promises";
+import { copyFile, cp, mkdir, mkdtemp, readFile, rename, rm, truncate, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
@@ -279,11 +279,16 @@ test("folders a stopped or unfinished export left are named with a fix that work
 test("a folder that is not an export (its base, an adapter of it, an HF PEFT adapter, a model) is named as Python names it", async () => {
   // found by a hunt: each was "base/edgepeft.json: no such file; export there first", a fix that fails for all four
   const llama = path.join(FIXTURES, "llama"), peftAdapter = path.join(scratch, "peft-adapter"), model = path.join(scratch, "model");
-  for (const [folder, file] of [[peftAdapter, "adapter_config.json"], [model, "config.json"]]) {
+  const dotted = path.join(scratch, "my.topic");  // a name export refuses: the command passes --name my_topic
+  for (const [folder, file] of [[peftAdapter, "adapter_config.json"], [model, "config.json"], [dotted, "adapter_config.json"]]) {
     await mkdir(folder);
     await writeFile(path.join(folder, file), "{}");  // only the file's name tells what the folder is
   }
-  const folders = [path.join(llama, "base"), path.join(llama, "adapters"), path.join(llama, "adapters", "lora"), peftAdapter, model];
+  // a review: a base moved aside by another container's export (its tag another host's): named with the mv, as Python
+  const aside = await copied("aside elsewhere");
+  await rename(path.join(aside, "base"), path.join(aside, ".old-base-p1h0123abcd-x1"));
+  const folders = [path.join(llama, "base"), path.join(llama, "adapters"), path.join(llama, "adapters", "lora"), peftAdapter, model,
+    dotted, aside];
   const python = spawnSync(PYTHON, ["-c", "import json, sys; from edgepeft.runtimes.manifest import not_an_export; " +
     "print(json.dumps([str(not_an_export(p)) for p in sys.argv[1:]]))", ...folders], { encoding: "utf8" });
   const escaped = (text) => new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}$`);
