@@ -40,16 +40,5 @@ def noted(*args, **_) -> None:
     training's; the CLI prints them (verbose)."""
     message = " ".join(map(str, args))
     if message.startswith("note: "):
-        warn(message.removeprefix("note: "))
+        warn(message.removeprefix("note: "))  # noqa: F405
 
-
-def warn(message: str) -> None:
-    """``message`` as an EdgePeftWarning shown at the line that called into edgepeft (the app's, a script's), not at
-    edgepeft's own, wherever inside it the warning arose: the first frame of another package's module."""
-    import sys
-    import warnings
-
-    level, frame = 1, sys._getframe(0)
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "edgepeft":
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, EdgePeftWarning, stacklevel=level)  # noqa: F405

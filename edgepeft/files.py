@@ -50,8 +50,8 @@ def plain(value):
     and mappings too: what JSON holds, and what a config's checks take as numbers."""
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(map(plain, value))
+    if isinstance(value, (list, tuple)):  # a tuple's kind (a namedtuple takes no iterable) kept as a plain tuple
+        return (list if isinstance(value, list) else tuple)(map(plain, value))
     item = getattr(value, "item", None)
     return item() if callable(item) and getattr(value, "shape", None) == () else value
 

@@ -19,15 +19,14 @@ import os
 import random
 import statistics
 import time
-import warnings
 
 import numpy as np
 
 from edgepeft.runtimes import sessions
 from edgepeft.runtimes.access import STOPPED, moved_aside
 from edgepeft.runtimes.commands import ADAPTERS_DIR
-from edgepeft.runtimes.errors import (ConfigError, EdgePeftWarning, InvalidInputError, OutOfMemoryError,
-                                      UnknownAdapterError, first_line)
+from edgepeft.runtimes.errors import (ConfigError, InvalidInputError, OutOfMemoryError,
+                                      UnknownAdapterError, first_line, warn)
 from edgepeft.runtimes.values import is_whole, size_text
 
 
@@ -93,7 +92,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     names = list(dict.fromkeys(rt.adapter_names if adapters is None else adapters))  # a name given twice: once
     aside = moved_aside(os.path.join(rt.path, ADAPTERS_DIR))  # a stopped export's: named, not "holds no adapter"
     for name, folder in aside.items() if adapters is None else ():
-        warnings.warn(f"{folder}: adapter {name!r} not measured: moved aside {STOPPED.format(rt.path)}", EdgePeftWarning)
+        warn(f"{folder}: adapter {name!r} not measured: moved aside {STOPPED.format(rt.path)}")
     for name in names:  # unknown names fail now, naming the loaded ones
         if name in aside:
             raise UnknownAdapterError(f"--adapter {name}: moved aside to {aside[name]} {STOPPED.format(rt.path)}")

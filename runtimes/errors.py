@@ -91,3 +91,15 @@ def first_line(error: BaseException) -> str:
     """ONNX Runtime's (or another library's) error in one line of a readable length: a forged graph's error named
     each of its 100,000 inputs (megabytes)."""
     return (str(error).splitlines() or [""])[0][:300]
+
+
+def warn(message: str) -> None:
+    """``message`` as an EdgePeftWarning shown at the line that called into edgepeft (the app's, a script's), not at
+    edgepeft's own, wherever inside it the warning arose: the first frame of another package's module."""
+    import sys
+    import warnings
+
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "edgepeft":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, EdgePeftWarning, stacklevel=level)

@@ -69,9 +69,9 @@ def main():
     out = os.path.abspath(args.out)
     export_path = os.path.relpath(os.path.join(out, "export"), REPO)
     if export_path.startswith(".."):  # checked before --out is emptied
-        sys.exit(f"--out must lie inside {REPO}: the page reads the export from the repository's server")
+        sys.exit(f"error: --out must lie inside {REPO}: the page reads the export from the repository's server")
     if odd := sorted(set("#?%") & set(export_path)):  # a URL's path reads them otherwise: the page fetched elsewhere
-        sys.exit(f"--out {args.out}: holds {' '.join(odd)}, which the page's URLs read otherwise; give another folder")
+        sys.exit(f"error: --out {args.out}: holds {' '.join(odd)}, which the page's URLs read otherwise; give another folder")
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # as runtimes/js/bench/peers.mjs finds it
     if not os.path.isfile(chromium):  # the page's peer failed at the end (a JSONDecodeError traceback)
         sys.exit(f"error: {chromium}: missing; install Chromium (make test does: apt-get install chromium), or set "

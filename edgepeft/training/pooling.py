@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 
 import torch
 
-from edgepeft.errors import EdgePeftWarning
+from edgepeft.errors import warn
 
 
 def embedding_settings(model: str, revision, config, tokenizer, n_virtual: int) -> tuple:
@@ -21,8 +20,8 @@ def embedding_settings(model: str, revision, config, tokenizer, n_virtual: int) 
     positions, folder = max_positions(config), sentence_transformers_folder(model, revision)
     settings = sentence_transformers_settings(folder, positions) if folder else None
     if settings and not settings.include_prompt:
-        warnings.warn(f"{folder}: 1_Pooling's include_prompt is false: Runtime.embed(prompt=...) leaves a prompt's "
-                      "tokens out of the pooling, training pools a prompt in the texts with them", EdgePeftWarning)
+        warn(f"{folder}: 1_Pooling's include_prompt is false: Runtime.embed(prompt=...) leaves a prompt's tokens out of "
+             "the pooling, training pools a prompt in the texts with them")
     limit, mode, lower = settings[:3] if settings else (
         tokenizer_limit(getattr(tokenizer, "model_max_length", None), positions), "mean", False)
     return cut_length(limit, positions, n_virtual), mode, lower
