@@ -450,3 +450,20 @@ def test_max_grad_norm_0_trains_without_clipping_as_in_transformers(text_model, 
     none, unreached, clipped = (load_file(str(tmp_path / f"n{norm}" / "adapter_model.safetensors")) for norm in norms)
     assert all(torch.equal(none[k], unreached[k]) for k in none)
     assert not all(torch.equal(none[k], clipped[k]) for k in none)
+
+
+def test_a_warmup_ratio_of_1_warms_up_over_every_step_as_transformers_takes_it(text_model, tmp_path):
+    """Found by a hunt: --warmup-ratio 1.0 was refused ("must be in [0, 1)"), which transformers' TrainingArguments
+    takes ([0, 1]): the rate rises over the whole run, as its scheduler gives it."""
+    from transformers import get_linear_schedule_with_warmup
+
+    log = _run(text_model, tmp_path, 3, out="warm", warmup_ratio=1.0)  # one step an epoch
+    lr = log["args"]["lr"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = get_linear_schedule_with_warmup(optimizer, 3, 3)
+    want = []
+    for _ in range(3):
+        want.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert [h["lr"] for h in log["history"]] == pytest.approx(want)

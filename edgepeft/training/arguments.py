@@ -104,8 +104,8 @@ class TrainingArguments:
                                   f"got {getattr(self, name)}")
         if not 0 <= self.weight_decay < FLOAT32_MAX:
             raise ConfigError(f"--weight-decay must be a number >= 0 that float32 holds (below 3.4e38), got {self.weight_decay}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.warmup_ratio <= 1:  # as transformers' TrainingArguments: 1 warms up over every step
+            raise ConfigError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.scheduler not in ("linear", "cosine", "constant_with_warmup"):
             raise ConfigError(f"--scheduler must be linear, cosine or constant_with_warmup, got {self.scheduler!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
