@@ -77,7 +77,7 @@ def _targs(**kw):
     ("grad_accum", 0, "--grad-accum"), ("max_length", -1, "--max-length"), ("logging_steps", 0, "--logging-steps"),
     ("lr", 0.0, "--lr"), ("lr", -1e-4, "--lr"), ("lr", math.nan, "--lr"), ("lr", math.inf, "--lr"), ("lr", 1e39, "--lr"),
     ("weight_decay", -1.0, "--weight-decay"), ("weight_decay", math.nan, "--weight-decay"), ("weight_decay", 1e39, "--weight-decay"),
-    ("warmup_ratio", 1.0, "--warmup-ratio"), ("warmup_ratio", -0.1, "--warmup-ratio"), ("warmup_ratio", math.nan, "--warmup-ratio"),
+    ("warmup_ratio", 1.5, "--warmup-ratio"), ("warmup_ratio", -0.1, "--warmup-ratio"), ("warmup_ratio", math.nan, "--warmup-ratio"),
     ("scheduler", "step", "--scheduler"), ("mixed_precision", "fp8", "--mixed-precision"), ("save", "first", "--save"),
     ("task", "translation", "task"),
     ("seed", -1, "--seed"), ("seed", 2**32, "--seed"), ("seed", "0", "--seed"), ("seed", 1.0, "--seed"),
