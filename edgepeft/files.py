@@ -6,13 +6,11 @@ import json
 import math
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from contextlib import contextmanager
 
-from edgepeft.runtimes.access import (aside_elsewhere, inside, left_by_a_stopped_process, moved_aside_for_nothing,  # noqa: F401
-                                      this_host)  # aside_elsewhere: the trainer's, from here
+from edgepeft.interrupts import deferred_interrupts
+from edgepeft.runtimes.access import inside, left_by_a_stopped_process, moved_aside_for_nothing, this_host
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -292,43 +290,6 @@ def _remove(path: str) -> None:
         os.unlink(path)
     else:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@contextmanager
-def held_interrupts():
-    """Ctrl-C (SIGINT) waits until the block is done; yields the list of those that came, for the caller to answer.
-    Outside the main thread (where no signal handler can be set) the block runs as it is."""
-    caught = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
-    try:
-        yield caught
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextmanager
-def written_whole(what: str):
-    """Ctrl-C held off while the block writes ``what``; one that came is raised once it is done, saying so (the CLI
-    prints that line: "aborted" read as if nothing, or half, was written). Where the process answers SIGINT its own
-    way (ignored: a background job; an app's handler), that answer is given instead, as ``deferred_interrupts``."""
-    with held_interrupts() as caught:
-        yield
-    if caught and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        raise KeyboardInterrupt(f"interrupted once {what} was written whole (Ctrl-C waits for that)")
-    if caught:
-        signal.raise_signal(signal.SIGINT)
-
-
-@contextmanager
-def deferred_interrupts():
-    """Ctrl-C (SIGINT) waits until the block is done: renames that belong together all happen, then it is raised."""
-    with held_interrupts() as caught:
-        yield
-    if caught:
-        signal.raise_signal(signal.SIGINT)  # to the handler held off (Python's: KeyboardInterrupt)
 
 
 class Staging:

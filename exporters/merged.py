@@ -12,7 +12,8 @@ from edgepeft.exporters.contrib_ops import effective_ops
 from edgepeft.exporters.fingerprint import weights_fingerprint
 from edgepeft.exporters.resolve import ExportPlan
 from edgepeft.exporters.validate import log_check, validate
-from edgepeft.files import Staging, remove_moved_aside, written_whole
+from edgepeft.files import Staging, remove_moved_aside
+from edgepeft.interrupts import written_whole
 from edgepeft.runtimes import Runtime
 from edgepeft.tuners import method_for
 from edgepeft.tuners.copies import merged_copy

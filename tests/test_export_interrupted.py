@@ -159,7 +159,7 @@ def test_a_ctrl_c_held_off_through_a_commit_goes_to_the_handler_the_process_had(
     """Found by a hunt: an export run with SIGINT ignored (a background job) exited 130 "interrupted" for a Ctrl-C
     in its commit, and an app's own SIGINT handler never heard one there: export raised KeyboardInterrupt instead.
     Python's default handler still gets the line saying OUT was written whole."""
-    from edgepeft.files import written_whole
+    from edgepeft.interrupts import written_whole
 
     heard, previous = [], signal.getsignal(signal.SIGINT)
     try:

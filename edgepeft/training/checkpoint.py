@@ -18,6 +18,7 @@ import torch
 from edgepeft.config import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME
 from edgepeft.errors import ConfigError, CorruptArtifactError
 from edgepeft.files import names_in, replace_dir, staging_dir, write_bytes_atomic, write_json_atomic
+from edgepeft.runtimes.access import aside_elsewhere
 
 CHECKPOINT = "checkpoint"
 STATE = "trainer_state.pt"
@@ -221,6 +222,16 @@ def check_out_folder(out: str, model: str) -> None:
     if (export := enclosing_export(real)) is not None:
         raise ConfigError(f"{out}: lies inside the export {export}, whose folders exports replace; give --out a "
                           "folder outside it (then `edgepeft export --adapter` it into the export)")
+
+
+def no_checkpoint(out: str) -> ConfigError:
+    """--resume where ``out`` holds no checkpoint: one moved aside by a run this process cannot tell stopped (another
+    container's, an earlier boot's) named with the mv that puts it back (--overwrite would discard its epochs); an
+    adapter there (a run stopped before its first checkpoint) started over; else a run without --resume."""
+    there = os.path.exists(os.path.join(out, CONFIG_NAME))
+    return ConfigError(f"{out}: no checkpoint to resume from; " + (aside_elsewhere(out, CHECKPOINT) or (
+        "it holds an adapter (a finished run, or one stopped before it saved a checkpoint): start over with "
+        "--overwrite instead of --resume" if there else "run without --resume")))
 
 
 def check_fresh_out(out: str) -> None:

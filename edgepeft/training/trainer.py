@@ -19,17 +19,18 @@ import time
 import torch
 from torch.nn.functional import binary_cross_entropy_with_logits
 
-from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
-from edgepeft.files import (deferred_interrupts, missing_folders, one_at_a_time, remove_abandoned, remove_empty, remove_new,
-                            names_in, reporting_full_disk, aside_elsewhere)
+from edgepeft.files import (missing_folders, one_at_a_time, remove_abandoned, remove_empty, remove_new, names_in,
+                            reporting_full_disk)
+from edgepeft.interrupts import deferred_interrupts
 from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, reads_token_types
 from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.processes import first
 from edgepeft.training.arguments import CUT, TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_same_data, check_out_folder, check_resumable, process_rngs,
-    RUN_FILES, read_checkpoint, removed_earlier_run, replica_checksums, restore, save_adapter, save_checkpoint)
+    RUN_FILES, no_checkpoint, read_checkpoint, removed_earlier_run, replica_checksums, restore, save_adapter,
+    save_checkpoint)
 from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, replaced_head_note,
     rows_digest, scores_relevance)
@@ -133,11 +134,8 @@ class Trainer:
         ckpt = os.path.join(args.out, CHECKPOINT)
         state = read_checkpoint(args.out) if args.resume else None
         if state is None:
-            if args.resume:  # an adapter there (a run stopped before its first checkpoint): without --resume, refused
-                there = os.path.exists(os.path.join(args.out, CONFIG_NAME))
-                raise ConfigError(f"{args.out}: no checkpoint to resume from; " + (aside_elsewhere(args.out, CHECKPOINT) or (
-                    "it holds an adapter (a finished run, or one stopped before it saved a checkpoint): start over "
-                    "with --overwrite instead of --resume" if there else "run without --resume")))
+            if args.resume:
+                raise no_checkpoint(args.out)
             if not args.overwrite:
                 check_fresh_out(args.out)
             return None
