@@ -310,12 +310,10 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
         # bytes not of UTF-8 kept as an argument's are (lone surrogates), which the text checks name in a line
         prompt = click.get_text_stream("stdin", errors="surrogateescape").read().removesuffix("\n").removesuffix("\r")
-    if os.path.isfile(os.path.join(out, "adapter_config.json")):  # "then use OUT" ran the base model (no --adapter)
-        from edgepeft.runtimes.commands import adapter_export_command, exported_name, fresh_out, quote
-        new = fresh_out(out)
-        raise ConfigError(f"{out}: is an adapter folder (HF PEFT format), not an export; export it first with "
-                          f"{adapter_export_command(out, new)}, then run `edgepeft run {quote(new)} --adapter "
-                          f"{quote(exported_name(out, new))} PROMPT`")
+    if os.path.isfile(os.path.join(out, "adapter_config.json")):  # the run that serves it, in the command's terms
+        from edgepeft.runtimes.commands import quote
+        from edgepeft.runtimes.manifest import not_an_export
+        raise not_an_export(out, lambda new, name: f"run `edgepeft run {quote(new)} --adapter {quote(name)} PROMPT`")
     rt = Runtime(out)
     name = None if adapter.lower() == "none" else adapter
     labels = rt.labels(name)  # an unknown name raises UnknownAdapterError naming the loaded adapters

@@ -225,8 +225,11 @@ def sha256_file(path: str) -> str:
 JSON_MOST = 16 << 20  # a manifest or config edgepeft reads: kB; parsed, JSON takes ~20x its bytes (a list of lists)
 
 
-def read_json(path: str, what: str, fix: str, kind: type = dict) -> dict:
-    """The JSON object (``kind`` list: the list) in ``path``; a missing or damaged file names itself and ``fix``."""
+def read_json(path: str, what: str, fix: str, kind: type = dict, optional: bool = False) -> dict:
+    """The JSON object (``kind`` list: the list) in ``path``; a missing or damaged file names itself and ``fix``
+    (``optional``: a missing one reads as empty)."""
+    if optional and not present(path):
+        return kind()
     if not present(path):
         check_readable(path)  # inside a folder one may not enter, a file looks missing
         raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}")

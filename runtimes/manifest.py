@@ -242,8 +242,9 @@ _BASE_KEYS = ("model_type", "task", "fingerprint", "inputs", "outputs", "slots",
 _ADAPTER_KEYS = ("name", "methods", "base_fingerprint", "slots", "graph", "sha256")
 
 
-def not_an_export(path: str) -> ArtifactNotFoundError:
-    """What to do with a folder that holds no export: an adapter folder gets the export command that fits it."""
+def not_an_export(path: str, then=lambda out, name: f"open {out} and pick adapter {name!r}") -> ArtifactNotFoundError:
+    """What to do with a folder that holds no export: an adapter folder gets the export command that fits it, and
+    ``then(OUT, name)``: what serves the adapter after it (not "use OUT": that runs the base model alone)."""
     if not path:  # an empty argument: "export there first" would advise --out ''
         return ArtifactNotFoundError("'': an empty path; give the folder `edgepeft export --out` wrote")
     if os.path.isfile(path):  # a file of an export (OUT/base/model.onnx), or any file
@@ -253,8 +254,7 @@ def not_an_export(path: str) -> ArtifactNotFoundError:
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         out = fresh_out(path)
         return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
-                                     f"with {adapter_export_command(path, out)}, then open {out} and pick adapter "
-                                     f"{exported_name(path, out)!r}")  # not "use OUT": that runs the base model alone
+                                     f"with {adapter_export_command(path, out)}, then {then(out, exported_name(path, out))}")
     if os.path.isfile(os.path.join(path, "adapter.json")):
         out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
         return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")

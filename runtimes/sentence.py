@@ -65,14 +65,14 @@ def check_default_prompt(folder: str) -> None:
 
 def _prompts_config(folder: str, fix: str = TOKENIZER_FIX) -> tuple:
     path = os.path.join(folder, PROMPTS_CONFIG)
-    return path, read_json(path, "sentence-transformers config", fix) if present(path) else {}
+    return path, read_json(path, "sentence-transformers config", fix, optional=True)
 
 
 def sentence_transformers_settings(folder: str, max_positions: int | None = None) -> Embedding:
     """The ``Embedding`` settings of the model in ``folder`` (an export's base/, or the model's own folder for
     training). ``max_positions``: the model's, which caps the limit (max_seq_length, else the tokenizer's own)."""
     config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
-    settings = read_json(config, "sentence-transformers config", TOKENIZER_FIX) if present(config) else {}
+    settings = read_json(config, "sentence-transformers config", TOKENIZER_FIX, optional=True)
     limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True
     if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 2):
         raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {TOKENIZER_FIX}")
@@ -145,7 +145,7 @@ def _tokenizer_limit(folder: str, max_positions: int | None) -> int | None:
     """sentence-transformers' limit where its config gives none: the tokenizer's ``model_max_length`` (where
     sentence-transformers 6 saves ``max_seq_length``), capped at the model's positions."""
     path = os.path.join(folder, "tokenizer_config.json")
-    own = read_json(path, "tokenizer config", TOKENIZER_FIX).get("model_max_length") if present(path) else None
+    own = read_json(path, "tokenizer config", TOKENIZER_FIX, optional=True).get("model_max_length")
     return tokenizer_limit(own, max_positions)
 
 
@@ -195,7 +195,7 @@ def _check_output(config: str, settings: dict) -> None:
 
 def _check_modules(modules: str) -> bool:
     """Whether ``modules`` (modules.json) lists modules (then 1_Pooling), refusing those embed does not run."""
-    listed = read_json(modules, "sentence-transformers modules", TOKENIZER_FIX, list) if present(modules) else []
+    listed = read_json(modules, "sentence-transformers modules", TOKENIZER_FIX, list, optional=True)
     if listed and not any(isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling" for m in listed):
         raise ConfigError(f"{modules}: the model lists no Pooling module, so sentence-transformers' encode does not "
                           "pool the token embeddings as edgepeft's embed and training do; add one (1_Pooling), or "

@@ -77,7 +77,7 @@ class TextTokenizer:
         self.pad_id = pad_id
         self._tok.no_truncation()  # too-long prompts get a clear error, not a silent cut
         config_path = os.path.join(base_dir, "tokenizer_config.json")
-        self.config = read_json(config_path, "tokenizer config", _FIX) if present(config_path) else {}
+        self.config = read_json(config_path, "tokenizer config", _FIX, optional=True)
         # as transformers: special-token text in a prompt is plain text (a defence against prompt injection)
         self._tok.encode_special_tokens = self.config.get("split_special_tokens") is True
         added = self._tok.get_added_tokens_decoder()  # special: transformers' all_special_ids (embed's prompt length)
@@ -91,7 +91,7 @@ class TextTokenizer:
             raise CorruptArtifactError(f"{config_path}: truncation_side must be 'left' or 'right', got "
                                        f"{self.truncation_side!r}; {_FIX}")
         map_path = os.path.join(base_dir, "special_tokens_map.json")  # older tokenizers name their tokens there
-        self.special_map = read_json(map_path, "special tokens map", _FIX) if present(map_path) else {}
+        self.special_map = read_json(map_path, "special tokens map", _FIX, optional=True)
         template_path = os.path.join(base_dir, "chat_template.jinja")
         self.template_source = config_path
         self.chat_template = self.config.get("chat_template")  # several, by name: the default taken when used
