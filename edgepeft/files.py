@@ -243,8 +243,9 @@ def swap_dir(staged: str, target: str) -> str | None:
     """``staged`` renamed to ``target``; the folder that was there is renamed aside first (hold Ctrl-C off around
     it): returns that one's path, for ``remove_moved_aside`` once whatever belongs with the new folder is in place."""
     old = None
+    sync_tree(staged)  # on the disk before the old folder goes: a power cut after its removal left a truncated base
+    parent, name = os.path.split(os.path.abspath(target))
     if os.path.exists(target):
-        parent, name = os.path.split(os.path.abspath(target))
         old = tempfile.mkdtemp(prefix=f".old-{name}-{_owner()}-", dir=parent)
         os.rmdir(old)
         os.replace(target, old)
@@ -254,7 +255,38 @@ def swap_dir(staged: str, target: str) -> str | None:
         if old:
             os.replace(old, target)
         raise
+    _sync_dir(parent)  # the renames themselves
     return old
+
+
+def sync_tree(folder: str) -> None:
+    """Every file under ``folder`` and the folders themselves flushed to the disk (``fsync``): a rename is on the
+    disk before the data it names unless the data was synced first (ext4, FAT on an SD card)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _sync_dir(root)
+
+
+def _sync_dir(folder: str) -> None:
+    """A folder's entries flushed; where a system cannot open or sync folders (Windows, some filesystems), skipped."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
 
 
 def remove_moved_aside(*olds) -> None:

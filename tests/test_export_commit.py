@@ -113,6 +113,30 @@ def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tm
     assert (target / "file").read_text() == "old" and (staged / "file").read_text() == "new"
 
 
+def test_an_export_is_on_the_disk_before_the_old_base_is_removed(llama, tmp_path, monkeypatch):
+    """A power cut (a device unplugged) right after an export: its files were renamed into place and the old base
+    removed with the new files' data still in the page cache: a truncated base, the old one gone. Every file and
+    folder of what moves in is synced before the first rename, and OUT's entries after the base's."""
+    out = str(tmp_path / "out")
+    export([llama[1]["qv"]], out)
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("move", str(src), str(dst))),
+                                                         real_replace(src, dst))[1])
+    export([llama[1]["mlp"]], out)  # a new base: both slots
+    staged, base = next((e[1], e[2]) for e in events if e[0] == "move" and e[2] == os.path.join(out, "base"))
+    first_move = next(i for i, e in enumerate(events) if e[0] == "move" and e[2] in (os.path.join(out, "base"),
+                                                                                     staged))
+    synced = {os.path.relpath(e[1], staged) for e in events[:first_move] if e[0] == "sync" and
+              (e[1] + "/").startswith(staged + "/")}
+    on_disk = {os.path.relpath(os.path.join(root, n), base) for root, dirs, files in os.walk(base)
+               for n in files + dirs} | {"."}
+    assert on_disk <= synced
+    base_moved = events.index(("move", staged, base))
+    assert ("sync", out) in events[base_moved:]
+
+
 
 def test_a_read_only_out_is_refused_before_any_work(llama, tmp_path, monkeypatch):
     """OUT takes the staging folders: the error named a hidden staging path that did not exist, after loading.
