@@ -73,7 +73,8 @@ def quantize_graph(path: str, quantize: str) -> dict:
     os.close(fd)
     try:
         if quantize == "int8":
-            _int8(path, tmp, keep_float, external)
+            with _temp_copy_blamed(path, directory):
+                _int8(path, tmp, keep_float, external)
         else:
             _int4(path, tmp, keep_float, external)
         quantized = onnx.load(tmp, load_external_data=False)
@@ -174,6 +175,38 @@ def _int8(path: str, dest: str, keep_float: list, external: bool) -> None:
         quantize_dynamic(path, dest, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
                          nodes_to_exclude=keep_float, op_types_to_quantize=["MatMul"], use_external_data_format=external,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # past contrib ops' outputs
+
+
+@contextlib.contextmanager
+def _temp_copy_blamed(path: str, out_folder: str):
+    """ONNX Runtime's int8 quantizer saves a copy of the float graph, weights and all, in tempfile's folder (TMPDIR;
+    /tmp is often a small tmpfs on a device) with an OSError naming no file: blamed on OUT, whose disk had room,
+    "give --out a folder on another disk" failed for every OUT. Where TMPDIR is on another disk and has less room
+    than the copy takes, it is named with the fix."""
+    try:
+        yield
+    except OSError as e:
+        from edgepeft.files import FULL_DISK
+
+        if e.errno not in FULL_DISK or e.filename is not None:
+            raise
+        tmp = tempfile.gettempdir()
+        need = sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.exists(p))
+        device, free = disk_room(tmp)
+        if device == disk_room(out_folder)[0] or free >= need:
+            raise  # OUT's disk: the caller names it
+        from edgepeft.errors import StorageError
+
+        raise StorageError(f"{tmp}: no room for the copy of the float base ({need / 2**20:.1f} MiB, "
+                           f"{free / 2**20:.1f} MiB free) that ONNX Runtime's int8 quantizer writes to the temp folder; "
+                           "free some, or set TMPDIR to a folder on a disk with room") from None
+
+
+def disk_room(folder: str) -> tuple:
+    """(the device ``folder`` is on, the bytes free there)."""
+    import shutil
+
+    return os.stat(folder).st_dev, shutil.disk_usage(folder).free
 
 
 def _int4(path: str, dest: str, keep_float: list, external: bool) -> None:

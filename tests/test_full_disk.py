@@ -205,3 +205,36 @@ def test_a_checkpoint_aside_from_another_container_is_named_with_the_mv_not_over
     assert f"no checkpoint to resume from; {aside} holds it" in line and "--overwrite" not in line
     os.replace(*shlex.split(line.split("`")[1])[1:])
     assert os.path.isdir(os.path.join(out, "checkpoint"))
+
+
+@pytest.mark.parametrize("tmp_disk", ["small", "out's"])
+def test_a_full_temp_folder_during_int8_quantization_is_named_not_out(shared_export, tmp_path, monkeypatch, capsys,
+                                                                     tmp_disk):
+    """ONNX Runtime's int8 quantizer saves a copy of the float base in TMPDIR (a small tmpfs on many devices): its
+    full disk was blamed on OUT ("give --out a folder on another disk", which fails for every OUT). Where TMPDIR is
+    on OUT's disk, OUT's message stands."""
+    import onnx
+
+    from edgepeft.exporters import quantize
+
+    _, dirs, _ = shared_export("llama")
+    real, temp = onnx.save_model, os.path.realpath(quantize.tempfile.gettempdir())
+
+    def save(model, path, *args, **kwargs):
+        if "ort.quant." in str(path):  # the quantizer's copy, as a full tmpfs fails it
+            raise FULL
+        return real(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save_model", save)
+    room = quantize.disk_room
+    monkeypatch.setattr(quantize, "disk_room", lambda folder: (-1, 4096) if tmp_disk == "small" and
+                        os.path.realpath(folder) == temp else room(folder))
+    out = str(tmp_path / "out")
+    line = cli_error(capsys, "export", "--adapter", dirs["qv"], "--out", out, "--quantize", "int8")
+    if tmp_disk == "small":
+        assert re.fullmatch(rf"error: {re.escape(temp)}: no room for the copy of the float base \([\d.]+ MiB, 0\.0 MiB "
+                            r"free\) that ONNX Runtime's int8 quantizer writes to the temp folder; free some, or set "
+                            r"TMPDIR to a folder on a disk with room", line), line
+    else:
+        assert line == f"error: {out}: no space left on its disk; free some, or give --out a folder on another disk"
+    assert not os.path.exists(out)
