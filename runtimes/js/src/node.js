@@ -16,8 +16,16 @@ import { tokenizerOf } from "./tokenizer.js";
 const JSON_MOST = 16 * 2 ** 20;  // as the Python runtime's access.JSON_MOST
 const sizeOf = (file) => stat(file).then((s) => s.size, () => 0);  // 0 where missing: the read then names it
 
+/** A pipe or a device (a link to /dev/zero) read as a file blocks for ever or grows without bound: taken as missing,
+ * as the Python runtime's access.present takes it. */
+async function regular(file) {
+  const s = await stat(file).catch(() => null);
+  if (s && !s.isFile() && !s.isDirectory()) throw Object.assign(new Error("not a regular file"), { code: "ENOENT" });
+}
+
 async function read(file, encoding, out = null) {
   try {
+    await regular(file);
     return await readFile(file, encoding);
   } catch (e) {
     throw named(e, file, out);
@@ -214,7 +222,7 @@ export function folderLoader(out) {
         return createSession(ort, await read(file), { ...options, externalData: [{ path: "model.onnx.data", data }] });
       }
       for (const readable of external ? [file, path.join(path.dirname(file), "model.onnx.data")] : [file]) {
-        await (await open(readable).catch((e) => { throw named(e, readable); })).close();  // ONNX Runtime: "error 13"
+        await (await regular(readable).then(() => open(readable)).catch((e) => { throw named(e, readable); })).close();  // ONNX Runtime: "error 13"
       }
       return createSession(ort, file, options);
     },

@@ -3,6 +3,7 @@
 // (not the files), an old onnxruntime named, arguments named rather than TypeErrors, classify's logits checked,
 // decode as the Python runtime's.
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { chmod, cp, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -104,6 +105,19 @@ test("the export's own files: a base re-exported since, a missing weights file, 
   await rm(path.join(locked, "base", "model.web.onnx"), { force: true });
   await mkdir(path.join(locked, "base", "model.web.onnx"));  // a copy gone wrong
   await refuses(openFolder(ortNode, locked), /model\.web\.onnx: a folder where the export has a file; remove it and export again$/);
+});
+
+test("a pipe or a device in a file's place is refused as missing, not read for ever", { skip: process.platform === "win32" }, async () => {
+  const out = path.join(scratch, "special");  // a download or a user put a link or a special file there
+  await cp(path.join(FIXTURES, "llama"), out, { recursive: true });
+  const rt = await openFolder(ortNode, out);
+  const graph = path.join(out, "adapters", "lora", "adapter.onnx");
+  await rm(graph);
+  await symlink("/dev/zero", graph);  // read until its end: 4.5 GB in 20 s
+  await refuses(rt.loadAdapter("lora"), /adapters\/lora\/adapter\.onnx: missing from the export; re-export it/);
+  await rm(path.join(out, "adapters", "ia3", "adapter.json"));
+  execFileSync("mkfifo", [path.join(out, "adapters", "ia3", "adapter.json")]);  // read: blocks for ever
+  await refuses(rt.loadAdapter("ia3"), /adapters\/ia3: not an exported adapter \(no adapter\.json\)/);
 });
 
 test("what is wrong with an app's arguments is named, not blamed on the export", async () => {
