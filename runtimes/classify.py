@@ -16,7 +16,7 @@ from .commands import pairs_fix
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .mixing import BATCH, holding, in_batches, in_groups, row_adapters, row_specs
-from .sentence import cut_length, tokenizer_limit
+from .sentence import row_limits, tokenizer_limit
 from .text import token_counts
 from .values import switch
 
@@ -63,11 +63,17 @@ def classify(rt, texts, adapter=None, truncation: bool = False):
     if not serves_pairs(rt.manifest) and any(pair is not None for _, pair in rows):  # BERT's types unbound
         raise ConfigError(f"{rt.base_dir}: exported before edgepeft served text pairs (a BERT's graph then took no token "
                           f"types); {pairs_fix(rt.manifest)}")
-    limit = cut_length(tokenizer_limit(rt.tokenizer.config.get("model_max_length"), rt.max_positions),
-                       rt.max_positions, rt.virtual_positions(adapter, len(rows))) if truncation else None
-    # held for every batch: a name reloaded between two gave two adapters' scores
+    # held for every batch (a name reloaded between two gave two adapters' scores), and while the cuts are read
     with holding(rt.store, rt.mixer, adapter, row_specs(adapter, len(rows))):
-        out = _classified(rt, rows, adapter, limit)
+        per_row = row_adapters(adapter, len(rows))
+        limits = row_limits(rt, adapter, per_row, tokenizer_limit(rt.tokenizer.config.get("model_max_length"),
+                                                                  rt.max_positions)) if truncation else [None]
+        if len(set(limits)) > 1:  # each row cut for its own adapter, as run alone (every row was cut to the room the
+            # adapter of the most virtual tokens leaves: a LoRA row beside a prompt's lost its text's end)
+            out = in_groups(limits, rows, per_row, lambda part, specs: _classified(rt, part, specs, limits[
+                per_row.index(specs[0])]))
+        else:
+            out = _classified(rt, rows, adapter, limits[0])
     return out[0] if single else out
 
 

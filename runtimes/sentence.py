@@ -161,6 +161,14 @@ def cut_length(limit: int | None, max_positions: int | None, n_virtual: int) -> 
     return min(limit or max_positions, max_positions - n_virtual) if max_positions and n_virtual else limit
 
 
+def row_limits(rt, adapter, per_row: list, limit: int | None) -> list:
+    """Each row's cut (``cut_length``) for its own adapter's virtual tokens, as run alone; one adapter (or one mix)
+    for every row is asked once."""
+    virtual = ([rt.virtual_positions(spec, 1) for spec in per_row] if isinstance(adapter, (list, tuple))
+               else [rt.virtual_positions(adapter, len(per_row))] * len(per_row))
+    return [cut_length(limit, rt.max_positions, n) for n in virtual]
+
+
 def _check_modality(config: str, modalities) -> None:
     """Refuse a saved ``modality_config`` that routes texts through the chat template: sentence-transformers 6 then
     renders each text as a user message (no special tokens of the tokenizer's own), which embed does not."""

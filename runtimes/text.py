@@ -23,7 +23,7 @@ from .errors import STOPS, MissingDependencyError
 from .decoded import GrowingText, OpenBytes
 from .values import HALF_CHARACTER, half_character, is_whole, switch
 from .mixing import BATCH, holding, in_batches, in_groups, row_adapters, row_specs
-from .sentence import (TOKENIZER_FIX as _FIX, chosen_prompt, cut_length, lowercase_first, pool,
+from .sentence import (TOKENIZER_FIX as _FIX, chosen_prompt, lowercase_first, pool, row_limits,
                        sentence_transformers_settings)
 
 
@@ -375,10 +375,7 @@ def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, pro
 def _embedded(rt, rows: list, adapter, normalize: bool, skip: int) -> np.ndarray:
     settings, tokenizer = rt.tokenizer.sentence_transformers
     per_row = row_adapters(adapter, len(rows))
-    # a prompt's or prefix's tokens take positions too: each row is cut for its own adapter, as run alone
-    virtual = ([rt.virtual_positions(spec, 1) for spec in per_row] if isinstance(adapter, (list, tuple))
-               else [rt.virtual_positions(adapter, len(rows))] * len(rows))  # one adapter (or one mix): asked once
-    limits = [cut_length(settings.limit, rt.max_positions, n) for n in virtual]
+    limits = row_limits(rt, adapter, per_row, settings.limit)  # a prompt's or prefix's tokens take positions too
     if len(set(limits)) > 1:  # rows cut to other lengths run in batches of their own: a wider row pads them past it
         return np.stack(in_groups(limits, rows, per_row, lambda part, specs: _embedded(rt, part, specs, normalize, skip)))
     ids, mask = tokenizer.encode(rows, max_length=limits[0])

@@ -549,5 +549,9 @@ def test_long_pairs_are_cut_as_transformers_cuts_them(reranker):
         with torch.no_grad():
             want = torch.sigmoid(models[name](**enc).logits[0, 0]).item()
         assert rt.classify([(query, passage)], adapter=name, truncation=True)[0]["score"] == pytest.approx(want, abs=1e-5)
+    # each row cut for its own adapter, as alone: a lora row was cut to the room beside the prompt's (61, not 64)
+    mixed = rt.classify([(query, passage), (query, passage)], adapter=["lora", "prompt"], truncation=True)
+    assert [m["score"] for m in mixed] == pytest.approx([rt.classify([(query, passage)], adapter=name, truncation=True)[
+        0]["score"] for name in ("lora", "prompt")], abs=1e-6)
     with pytest.raises(ConfigError, match="truncation must be True or False, got 'yes'"):
         rt.classify("a", truncation="yes")
