@@ -49,6 +49,7 @@ class Embedding(NamedTuple):
     include_prompt: bool  # 1_Pooling's: False leaves a prompt's tokens out of the pooling
     truncate_dim: int | None  # the embedding's first values encode gives (None: all)
     prompts: dict  # {name: prompt} for embed's prompt_name
+    normalized: bool = False  # modules.json lists Normalize: encode normalizes before the cut to truncate_dim
 
 
 def check_default_prompt(folder: str) -> None:
@@ -87,6 +88,7 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
                           "sentence-transformers' encode tokenizes texts, which edgepeft's embed and training do not "
                           "follow; remove them (max_seq_length sets the length texts are cut to)")
     listed = _check_modules(modules)
+    normalized = "Normalize" in listed
     prompts_path, extra = _prompts_config(folder)
     prompts, truncate = extra.get("prompts") or {}, extra.get("truncate_dim")
     if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
@@ -96,7 +98,8 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
         raise CorruptArtifactError(f"{prompts_path}: truncate_dim must be a whole number > 0, got {truncate!r}; "
                                    f"{TOKENIZER_FIX}")
     if not (listed or present(os.path.dirname(pooling), folder=True)):  # no Pooling module: the mean, as sentence-transformers
-        return Embedding(limit, "mean", lower, True, truncate, prompts)  # listed: a copy without it is named, not meaned
+        return Embedding(limit, "mean", lower, True, truncate, prompts, normalized)  # listed: a copy without it is
+        # named, not meaned
     exported = present(os.path.join(folder, BASE_MANIFEST))  # else a model's folder (training, export)
     fields = read_json(pooling, "pooling config", TOKENIZER_FIX if exported else "restore it as sentence-transformers "
                        "saves it with the model (download the model again), or remove the Pooling entry of modules.json")
@@ -109,7 +112,8 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
         shown = " + ".join(map(str, modes)) if isinstance(modes, list) else repr(modes)
         raise ConfigError(f"{pooling}: pooling {shown or 'none'} is not one edgepeft pools by (mean, cls, max, "
                           "mean_sqrt_len, lasttoken); take last_hidden_state from Runtime.forward and pool it yourself")
-    return Embedding(limit, POOLING[modes[0]], lower, fields.get("include_prompt") is not False, truncate, prompts)
+    return Embedding(limit, POOLING[modes[0]], lower, fields.get("include_prompt") is not False, truncate, prompts,
+                     normalized)
 
 
 def chosen_prompt(settings: Embedding, folder: str, prompt_name, prompt) -> str | None:
@@ -201,8 +205,9 @@ def _check_output(config: str, settings: dict) -> None:
                           "(max_seq_length then cuts queries and documents alike)")
 
 
-def _check_modules(modules: str) -> bool:
-    """Whether ``modules`` (modules.json) lists modules (then 1_Pooling), refusing those embed does not run."""
+def _check_modules(modules: str) -> list:
+    """The names of the modules ``modules`` (modules.json) lists (then 1_Pooling among them), refusing those embed
+    does not run."""
     listed = read_json(modules, "sentence-transformers modules", TOKENIZER_FIX, list, optional=True)
     if listed and not any(isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling" for m in listed):
         raise ConfigError(f"{modules}: the model lists no Pooling module, so sentence-transformers' encode does not "
@@ -217,7 +222,7 @@ def _check_modules(modules: str) -> bool:
     if other:
         raise ConfigError(f"{modules}: the model runs {other} beyond a Transformer, 1_Pooling and Normalize, "
                           "which edgepeft does not; take last_hidden_state from Runtime.forward and apply them yourself")
-    return bool(listed)
+    return [str(m.get("type", "")).rsplit(".", 1)[-1] for m in listed]
 
 
 def lowercase_first(tokenizer) -> None:

@@ -367,9 +367,16 @@ def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, pro
         ids = tokenizer.encode(prompt, max_length=settings.limit)[0][0].tolist()
         skip = 0 if settings.include_prompt else len(ids) - (bool(ids) and ids[-1] in tokenizer.special_ids)
     with holding(rt.store, rt.mixer, adapter, row_specs(adapter, len(rows))):  # for every batch: not reloaded between
-        pooled = _embedded(rt, rows, adapter, normalize, skip)
-    pooled = pooled[:, :settings.truncate_dim]  # after normalizing, as encode truncates
+        pooled = _embedded(rt, rows, adapter, normalize and settings.normalized, skip)  # as the Normalize module
+    pooled = pooled[:, :settings.truncate_dim]  # after that, as encode truncates
+    if normalize and not settings.normalized:  # after the cut, as encode(normalize_embeddings=True): before it, the
+        pooled = unit(pooled)  # values matched neither that nor encode() (a model without Normalize, with truncate_dim)
     return pooled[0] if single else pooled
+
+
+def unit(pooled: np.ndarray) -> np.ndarray:
+    """Each row L2-normalized, as torch.nn.functional.normalize (eps 1e-12)."""
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
 def _embedded(rt, rows: list, adapter, normalize: bool, skip: int) -> np.ndarray:
@@ -385,6 +392,4 @@ def _embedded(rt, rows: list, adapter, normalize: bool, skip: int) -> np.ndarray
     token_counts(rows, mask)
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
     pooled = pool(hidden, mask * (mask.cumsum(1) > skip), settings.mode)
-    if normalize:
-        pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-    return pooled
+    return unit(pooled) if normalize else pooled

@@ -309,6 +309,29 @@ def test_prompts_and_truncate_dim_embed_as_encode_gives_them(st6, tmp_path, mode
             for w in said] == ([] if include_prompt else [True])
 
 
+def test_a_model_without_normalize_is_normalized_after_its_truncate_dim_cut(st6, tmp_path, capsys):
+    """A hunt: on a model whose modules.json lists no Normalize (dot-product models), embed normalized before the cut
+    to truncate_dim, which gave neither encode() (0.88 apart) nor encode(normalize_embeddings=True), which normalizes
+    after the cut (0.23 apart). A model with Normalize is normalized before the cut (the test above)."""
+    from sentence_transformers import SentenceTransformer
+
+    from edgepeft.cli import main
+
+    folder = shutil.copytree(st6[0], tmp_path / "dot")
+    modules = folder / "modules.json"
+    modules.write_text(json.dumps([m for m in json.loads(modules.read_text()) if not m["type"].endswith("Normalize")]))
+    config = folder / "config_sentence_transformers.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "truncate_dim": 64}))
+    export([peft_virtual_adapter(tmp_path / "prefix", str(folder), "prefix", seed=5, task="feature-extraction",
+                                 num_virtual_tokens=3)],
+           str(tmp_path / "out"))
+    rt, st = Runtime(str(tmp_path / "out")), SentenceTransformer(str(folder), device="cpu")
+    np.testing.assert_allclose(rt.embed(TEXTS), st.encode(TEXTS, normalize_embeddings=True), atol=2e-5)
+    np.testing.assert_allclose(rt.embed(TEXTS, normalize=False), st.encode(TEXTS), atol=2e-5)
+    assert main(["run", str(tmp_path / "out"), TEXTS[0]]) in (0, None)
+    assert ", its first values (truncate_dim), normalized): " in capsys.readouterr().out
+
+
 def test_an_export_of_an_earlier_edgepeft_takes_new_adapters_and_names_what_it_lacks(st6, tmp_path):
     """Found by a review: sentence-transformers 6 saves prompts ({"query": "", "document": ""}) with every model, and
     an OUT exported before edgepeft copied them was told its base differs, refusing every new adapter."""
