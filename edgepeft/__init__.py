@@ -2,10 +2,18 @@
 
 Imports are lazy so ``import edgepeft.runtimes`` never pulls in torch.
 """
+import os
 from contextlib import nullcontext
 from importlib import import_module
 
 __version__ = "0.1.0"
+
+# a checkout: edgepeft.exporters and edgepeft.runtimes are its exporters/ and runtimes/ (pyproject's package-dir);
+# where its edgepeft/ comes first on the path (python run in the checkout's root), an installed wheel's were not found
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtimes")) and all(
+        os.path.isfile(os.path.join(_checkout, sub, "__init__.py")) for sub in ("exporters", "runtimes")):
+    __path__.append(_checkout)
 
 _LAZY = {
     "PeftConfig": "edgepeft.config",

@@ -175,3 +175,19 @@ def test_every_package_folder_is_in_the_wheel():
                 relative = os.path.relpath(root, os.path.join(REPO, folder))
                 found.add(package if relative == "." else f"{package}.{relative.replace(os.sep, '.')}")
     assert found == listed
+
+
+def test_the_checkouts_edgepeft_imports_whole_without_the_editable_install():
+    """A hunt: with a wheel installed (not editable), python run in a checkout's root found the checkout's edgepeft/,
+    which lacks exporters/ and runtimes/ (pyproject's package-dir): `python -m edgepeft`, README's quickstart and the
+    device tier failed with "No module named 'edgepeft.runtimes'". The editable install's finder hid it."""
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+              f"sys.path.insert(0, {REPO!r}); import edgepeft.runtimes, edgepeft.exporters, edgepeft.runtimes.text; "
+              "print(edgepeft.runtimes.__file__, edgepeft.exporters.__file__)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [os.path.join(REPO, "runtimes", "__init__.py"),
+                                   os.path.join(REPO, "exporters", "__init__.py")]
