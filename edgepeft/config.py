@@ -253,13 +253,23 @@ def load_config(directory: str) -> PeftConfig:
     return _config_from_dict(d, path, "fix the file or re-save the adapter")
 
 
+# HF PEFT 0.21's PeftType values: peft is installed only with [dev], and without it a LoHa adapter was told to import
+# its plugin's package
+HF_PEFT_TYPES = frozenset(
+    "PROMPT_TUNING MULTITASK_PROMPT_TUNING P_TUNING PREFIX_TUNING LORA ADALORA ADAMSS BOFT ADAPTION_PROMPT IA3 BEFT LILY "
+    "LOHA LOKR OFT POLY LN_TUNING VERA FROD PVERA FOURIERFT GLORA XLORA HRA VBLORA UNILORA CPT MISS RANDLORA ROAD "
+    "TRAINABLE_TOKENS HIRA SHIRA C3A WAVEFT OSF DELORA GRALORA CARTRIDGE TINYLORA PSOFT PEANUT SHADOW SUPERTUNING "
+    "DEFT".split())
+
+
 def _hf_peft_type(name: str) -> bool:
-    """Whether HF PEFT (where installed) names the method ``name``: a LoHa adapter is no plugin's to import."""
+    """Whether HF PEFT names the method ``name`` (this list, or the installed peft's): a LoHa adapter is no plugin's
+    to import."""
     try:
         from peft import PeftType
     except ImportError:
-        return False
-    return name in {t.value for t in PeftType}
+        return name in HF_PEFT_TYPES
+    return name in HF_PEFT_TYPES | {t.value for t in PeftType}
 
 
 def _config_from_dict(d: dict, source: str, fix: str) -> PeftConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -454,7 +455,7 @@ def test_a_target_module_given_as_one_text_is_told_the_command_lines_list(text_m
     cli_ok(capsys, *argv, "--target-modules", "query")  # the advice works
 
 
-def test_an_adapter_of_a_method_edgepeft_lacks_is_refused_with_a_fix(tiny_base, tmp_path, capsys):
+def test_an_adapter_of_a_method_edgepeft_lacks_is_refused_with_a_fix(tiny_base, tmp_path, capsys, monkeypatch):
     """A hunt: HF PEFT's other methods (LoHa here) were refused naming the supported ones, with no fix; nothing is
     written."""
     import peft
@@ -471,6 +472,9 @@ def test_an_adapter_of_a_method_edgepeft_lacks_is_refused_with_a_fix(tiny_base, 
     assert {"BOTTLENECK", "IA3", "LORA", "PREFIX_TUNING", "PROMPT_TUNING"} <= set(methods.split(", "))
     assert fix == "train the adapter again with one of them (edgepeft train --method, or HF PEFT)"
     assert not os.path.exists(tmp_path / "out")
+    with monkeypatch.context() as m:  # a hunt: [train,cpu] installs no peft, and LoHa was told to import its plugin
+        m.setitem(sys.modules, "peft", None)
+        assert cli_error(capsys, "export", "--adapter", tmp_path / "loha", "--out", tmp_path / "out") == line
     config = json.loads((tmp_path / "loha" / "adapter_config.json").read_text())  # a hunt: a plugin's, not imported
     (tmp_path / "loha" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "DIMSCALE"}))
     line = cli_error(capsys, "export", "--adapter", tmp_path / "loha", "--out", tmp_path / "out")
