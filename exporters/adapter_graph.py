@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -15,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft.config import LABELS_NAME
-from edgepeft.errors import CorruptArtifactError, ExportValidationError
+from edgepeft.errors import ConfigError, CorruptArtifactError, ExportValidationError
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.graph import IR_VERSION, OPSET
 from edgepeft.files import write_json_atomic
@@ -105,8 +106,21 @@ def write_adapter(peft, src, slots: list, base_manifest: dict, stage: str, ort_a
         "source": os.path.abspath(src.path),
         "labels": None,  # set by set_labels once validation has seen the output's width
     }
+    if (field := _non_finite(manifest["peft_config"])) is not None:  # written as NaN: JSON.parse (the JS runtime)
+        # refused the manifest, "re-export it", which wrote it again
+        raise ConfigError(f"{os.path.join(src.path, 'adapter_config.json')}: field {field!r} holds NaN or infinity, "
+                          "which JSON does not hold (a JavaScript runtime cannot read it); set it to a number or null")
     write_json_atomic(os.path.join(stage, ADAPTER_MANIFEST), manifest, sort_keys=True)
     return manifest
+
+
+def _non_finite(value, where: str = ""):
+    """The dotted path of the first NaN or infinity in ``value`` (dicts and lists within), else None."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        if (found := _non_finite(item, f"{where}.{key}" if where else str(key))) is not None:
+            return found
+    return where if isinstance(value, float) and not math.isfinite(value) else None
 
 
 def read_labels(src_path: str, width: int, config=None) -> list | None:

@@ -311,6 +311,23 @@ def test_a_pattern_that_is_no_regular_expression_is_named(peft_adapter, tmp_path
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_a_non_finite_value_in_a_free_form_field_is_named_not_written_as_nan(peft_adapter, tmp_path, capsys):
+    """A hunt: a NaN in a field edgepeft copies whole (HF PEFT's auto_mapping) went into adapter.json as the token
+    NaN, which JSON.parse refuses: the JavaScript runtime said "not readable JSON; re-export it", which wrote it again."""
+    import shutil
+
+    from peft_refs import spec_adapter
+    from training_helpers import cli_error
+
+    adapter = shutil.copytree(spec_adapter(peft_adapter, "llama", "qv"), tmp_path / "adapter")
+    config = os.path.join(adapter, "adapter_config.json")
+    edit_json(config, auto_mapping={"base_model_class": "LlamaForCausalLM", "score": [1.0, float("-inf")]})
+    line = cli_error(capsys, "export", "--adapter", adapter, "--out", tmp_path / "out")
+    assert line == (f"error: {config}: field 'auto_mapping.score.1' holds NaN or infinity, which JSON does not hold (a "
+                    "JavaScript runtime cannot read it); set it to a number or null")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_weights_of_another_rank_than_the_config_on_the_base_it_names_advise_a_re_save(tiny_base, tmp_path):
     """adapter_config.json's r disagreeing with the weights, on the very base it names, advised "the adapter was
     trained on another base", which no base mends."""
