@@ -40,10 +40,15 @@ def slot_table_errors(slots: list, past_names) -> list[str]:
             wrong.append(f"neutral must be one of {', '.join(NEUTRALS)}")
         if slot.phase not in PHASES:
             wrong.append(f"phase must be one of {', '.join(PHASES)}")
+        if any(is_whole(n) and n < 0 for n in slot.shape):  # numpy's "negative dimensions" at open
+            wrong.append("its shape's sizes must be 0 or more")
         for key in ("virtual_axis", "position_axis", "stack_axis"):
             axis = getattr(slot, key)
             if axis is not None and not (is_whole(axis) and 0 <= axis < len(slot.shape)):
                 wrong.append(f"{key} must be an axis of its shape (0 to {len(slot.shape) - 1})")
+            elif key == "virtual_axis" and axis is not None and not isinstance(slot.shape[axis], str):
+                wrong.append("virtual_axis must be a named axis (an adapter's count of virtual tokens)")  # a size
+                # there was allocated at open: 116 TiB for 10**12
         if slot.target and slot.target not in past:
             wrong.append("target must name a cache input (past_key_values.*)")
         if slot.selects not in SELECTS:

@@ -128,7 +128,7 @@ def test_an_adapter_graph_that_fills_its_slots_in_part_is_refused_at_load(out, e
     (LORA_A, "selector", "", "stack_axis and selector come together"),
     (LORA_A, "phase", "decode", "phase must be one of every, prefill"),
     (LORA_A, "phase", "prefill", "a slot bound at prefill adds virtual tokens and counts them (virtual_axis)"),
-    (LORA_A, None, {"phase": "prefill", "virtual_axis": 0}, f"slot '{LORA_B}': phase every differs from {LORA_A}'s"),
+    (LORA_A, None, {"phase": "prefill", "virtual_axis": 1}, f"slot '{LORA_B}': phase every differs from {LORA_A}'s"),
     (LORA_A, "target", "nope", "target must name a cache input"),
     (LORA_A, "neutral", "twos", "neutral must be one of empty, base, ones, zeros"),
     ("ia3_in.model.layers.0.mlp.down_proj", "virtual_axis", 0, "virtual tokens (virtual_axis, target) are bound at "
@@ -138,6 +138,8 @@ def test_an_adapter_graph_that_fills_its_slots_in_part_is_refused_at_load(out, e
     (LORA_A, "name", LORA_B, "its name is listed twice"),
     (LORA_A, "members", "abc", "members must be module names"),
     (LORA_A, "name", LORA_A + "x", f"slot '{LORA_A}x' is not an input of"),
+    (LORA_A, "shape", ["lora_r.x", -1], "its shape's sizes must be 0 or more"),  # a hunt: numpy's ValueError, and
+    ("prompt_embeddings.model.embed_tokens", "shape", [10 ** 12, 32], "virtual_axis must be a named axis"),  # MemoryError
 ])
 def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value, message):
     """Fields of the base's slot table out of range or out of step were a TypeError, IndexError or KeyError deep in

@@ -160,10 +160,13 @@ function slotErrors(slot, twice, past, selectors) {
   if (twice.has(name)) wrong.push("its name is listed twice");
   if (!NEUTRALS.includes(neutral)) wrong.push(`neutral must be one of ${NEUTRALS.join(", ")}`);
   if (!PHASES.includes(field("phase", "every"))) wrong.push(`phase must be one of ${PHASES.join(", ")}`);
+  if (shape.some((n) => whole(n) && n < 0)) wrong.push("its shape's sizes must be 0 or more");
   for (const key of ["virtual_axis", "position_axis", "stack_axis"]) {
     const axis = field(key, null);
     if (axis !== null && !(whole(axis) && axis >= 0 && axis < shape.length)) {
       wrong.push(`${key} must be an axis of its shape (0 to ${shape.length - 1})`);
+    } else if (key === "virtual_axis" && axis !== null && !string(shape[axis])) {
+      wrong.push("virtual_axis must be a named axis (an adapter's count of virtual tokens)");
     }
   }
   const target = field("target", "");

@@ -193,15 +193,17 @@ test("a slot table the runtime would misread (axes, targets, selectors, names) i
   await slotRefused(prompt, (s) => { s.virtual_axis = "0"; }, "virtual_axis must be an axis of its shape \\(0 to 1\\)");
   await slotRefused(prefix, (s) => { s.position_axis = -1; }, "position_axis must be an axis of its shape \\(0 to 3\\)");
   await slotRefused(loraA, (s) => { s.stack_axis = 1.5; }, "stack_axis must be an axis of its shape \\(0 to 1\\)");
+  await slotRefused(loraA, (s) => { s.shape = [s.shape[0], -1]; }, "its shape's sizes must be 0 or more");
+  await slotRefused(prompt, (s) => { s.shape = [1e12, s.shape[1]]; }, "virtual_axis must be a named axis \\(an adapter's count of virtual tokens\\)");
   await slotRefused(prefix, (s) => { s.target = "past_key_values.2.key"; }, "target must name a cache input \\(past_key_values\\.\\*\\)");
   await slotRefused(prefix, (s) => { s.target = "present.0.key"; }, "target must name a cache input \\(past_key_values\\.\\*\\)");
   // fields in range but out of step: a LoRA slot read as virtual tokens, or bound at prefill only, crashed in a call
-  await slotRefused(loraA, (s) => { s.virtual_axis = 0; s.phase = "every"; },
+  await slotRefused(loraA, (s) => { s.virtual_axis = 1; s.phase = "every"; },
     "virtual tokens \\(virtual_axis, target\\) are bound at prefill only \\(phase prefill\\)");
   await slotRefused(loraA, (s) => { s.selector = ""; }, "stack_axis and selector come together \\(a slot that stacks is selected per row\\)");
   await slotRefused(prefix, (s) => { delete s.virtual_axis; }, "a slot bound at prefill adds virtual tokens and counts them \\(virtual_axis\\)");
   await slotRefused(prompt, (s) => { delete s.virtual_axis; }, "a slot bound at prefill adds virtual tokens and counts them \\(virtual_axis\\)");
-  await withEdit(out, "base/edgepeft.json", (j) => { Object.assign(j.slots.find((s) => s.name === loraA), { phase: "prefill", virtual_axis: 0 }); },
+  await withEdit(out, "base/edgepeft.json", (j) => { Object.assign(j.slots.find((s) => s.name === loraA), { phase: "prefill", virtual_axis: 1 }); },
     () => refuses(openFolder(ortNode, out), new RegExp(`^${where}: malformed slot ${quoted(`lora_B.${LAYER(0)}`)} \\(phase every ` +
       `differs from ${quoted(loraA)}'s, which shares its axis ${quoted(`lora_r.${LAYER(0)}`)}\\); ${quoted(REEXPORT_BASE)}$`)));
   await slotRefused(loraA, (s) => { s.selector = "lora_A.model.layers.1.self_attn.q_proj+k_proj+v_proj"; },
