@@ -2,6 +2,8 @@
 transformers' generate the runtime applies as the model's defaults (in the manifest), and those it does not."""
 from __future__ import annotations
 
+import os
+
 from edgepeft.runtimes.generation import recorded_stops
 
 
@@ -60,6 +62,16 @@ def pad_token_id(model, task: str) -> int | None:
 
 
 def generation_fields(model, task: str) -> dict:
-    """The manifest's padding and end-of-sequence ids and generate's defaults: the model's generation config."""
-    return {"pad_token_id": pad_token_id(model, task), "eos_token_id": eos_token_ids(model),
-            "generation": generation_defaults(model) if task == "causal-lm" else {}}  # as transformers' generate
+    """The manifest's padding and end-of-sequence ids and generate's defaults: the model's generation config. A
+    default every call would refuse (repetition_penalty 0, which transformers' generate refuses too) is named in
+    the model's file: the staged manifest's refusal named a staging file, and "a fresh --out" failed the same way."""
+    from edgepeft.errors import ConfigError
+    from edgepeft.runtimes.base_checks import generation_errors
+
+    fields = {"pad_token_id": pad_token_id(model, task), "eos_token_id": eos_token_ids(model),
+              "generation": generation_defaults(model) if task == "causal-lm" else {}}  # as transformers' generate
+    if wrong := generation_errors(fields["generation"], getattr(model.config, "vocab_size", None) or 1):
+        where = os.path.join(getattr(model, "name_or_path", "") or "the model", "generation_config.json")
+        raise ConfigError(f"{where}: '{wrong[0]}; correct it there, or remove it (transformers' generate refuses "
+                          "it too)")
+    return fields

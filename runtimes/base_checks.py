@@ -16,6 +16,24 @@ TOKEN_TYPES = "token_type_ids"  # a seq-cls BERT's input: its second segment (te
 ENCODERS = {"bert"}  # model types exported as encoders (no cache; BERT's token types); models.py imports it
 
 
+def generation_errors(generation: dict, vocab: int) -> list[str]:
+    """What generate's defaults (``generation``, as the manifest holds them) hold that a call would be refused,
+    each starting with the setting's name and a quote: "repetition_penalty' must be > 0, got 0.0"."""
+    fields = GenerationConfig.__dataclass_fields__
+    given = {k: v for k, v in generation.items() if k in fields}
+    if given.get("stop") is None or isinstance(given["stop"], str):  # as generate takes them: a config's "###" ("",
+        given["stop"] = [given["stop"]] if given.get("stop") is not None else []  # which every generate refused: now)
+    given["stop"] = recorded_stops(given["stop"])  # as generate reads them
+    if "eos_token_id" in given and not isinstance(given["eos_token_id"], list):  # one id; null is refused, as there
+        given["eos_token_id"] = [given["eos_token_id"]]
+    try:  # generate's defaults, which a call leaves unset: "--do-sample must be True or False", though no flag was given
+        GenerationConfig(**{"pad_token_id": 0, **given}).check(max(vocab, 1))
+    except ConfigError as e:  # its messages start with the setting's name
+        name, _, rest = str(e).partition(" ")
+        return [f"{name}' {rest}"]
+    return []
+
+
 def base_value_errors(data: dict) -> list[str]:
     """The fields of a type-checked base manifest whose values no export writes (checked before anything is sized by
     them): sizes from 1, eos ids as generate compares them, the cache table naming the graph inputs and outputs it
@@ -36,18 +54,7 @@ def base_value_errors(data: dict) -> list[str]:
         errors.append(f"field 'eos_token_id' must list token ids (64-bit integers), got {eos!r:.60}")  # config's)
     if data.get("ops", OPS[1]) not in OPS:
         errors.append(f"field 'ops' must be {' or '.join(OPS)}, got {data['ops']!r:.40}")
-    fields = GenerationConfig.__dataclass_fields__
-    given = {k: v for k, v in data.get("generation", {}).items() if k in fields}
-    if given.get("stop") is None or isinstance(given["stop"], str):  # as generate takes them: a config's "###" ("",
-        given["stop"] = [given["stop"]] if given.get("stop") is not None else []  # which every generate refused: now)
-    given["stop"] = recorded_stops(given["stop"])  # as generate reads them
-    if "eos_token_id" in given and not isinstance(given["eos_token_id"], list):  # one id; null is refused, as there
-        given["eos_token_id"] = [given["eos_token_id"]]
-    try:  # generate's defaults, which a call leaves unset: "--do-sample must be True or False", though no flag was given
-        GenerationConfig(**{"pad_token_id": 0, **given}).check(max(vocab, 1))
-    except ConfigError as e:  # its messages start with the setting's name
-        name, _, rest = str(e).partition(" ")
-        errors.append(f"field 'generation.{name}' {rest}")
+    errors += [f"field 'generation.{e}" for e in generation_errors(data.get("generation", {}), vocab)]
     cache = data.get("cache")
     layout = {"num_layers": int, "num_kv_heads": int, "head_dim": int,
               "past_key": str, "past_value": str, "present_key": str, "present_value": str}
