@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .commands import pairs_fix
-from .errors import STOPS, InvalidInputError
+from .errors import STOPS, ConfigError, InvalidInputError
 
 
 def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions, base_dir: str):
@@ -117,3 +117,16 @@ def step_tokens(token, batch: int, vocab_size: int) -> np.ndarray:
     if token.min() < 0 or token.max() >= vocab_size:
         raise InvalidInputError(f"a token id is outside the vocabulary [0, {vocab_size})")
     return token.astype(np.int64, copy=False)
+
+
+def tokenizer_ids_checked(rows: list, vocab_size: int | None, path: str, tokenizer) -> list:
+    """``rows`` (token ids the export's tokenizer at ``path`` gave), where every id is one of the model's: a token
+    added to the tokenizer and not to the model's embeddings was "outside the vocabulary; tokenize with the base
+    model's tokenizer", which it was."""
+    top = max((max(row) for row in rows if row), default=-1)
+    if vocab_size is not None and top >= vocab_size:
+        raise ConfigError(f"{path}: gives {tokenizer.id_to_token(top)!r} the id {top}, past the model's {vocab_size} "
+                          "embeddings (a token added to the tokenizer, not to the model); resize the model's embeddings "
+                          "to the tokenizer (resize_token_embeddings), train and export again, or remove the token from "
+                          "the tokenizer")
+    return rows

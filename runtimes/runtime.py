@@ -360,7 +360,7 @@ class Runtime:
             check_text_files(self.base_dir, TEXT_FILES, *self.text_files_seen)  # another export's tokenizer, or none
             self._tokenizer = text.TextTokenizer(self.base_dir, padding_side="left" if self.cache else "right",
                                                  pad_id=self.pad_token_id, max_positions=self.max_positions,
-                                                 pairs=self.task == "seq-cls")
+                                                 pairs=self.task == "seq-cls", vocab_size=self.vocab_size)
         return self._tokenizer
 
     @property

@@ -165,6 +165,11 @@ def cut_length(limit: int | None, max_positions: int | None, n_virtual: int) -> 
     return min(limit or max_positions, max_positions - n_virtual) if max_positions and n_virtual else limit
 
 
+def unit(pooled: np.ndarray) -> np.ndarray:
+    """Each row L2-normalized, as torch.nn.functional.normalize (eps 1e-12)."""
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+
 def row_limits(rt, adapter, per_row: list, limit: int | None) -> list:
     """Each row's cut (``cut_length``) for its own adapter's virtual tokens, as run alone; one adapter (or one mix)
     for every row is asked once."""

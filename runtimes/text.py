@@ -21,9 +21,10 @@ from .access import check_readable, present, read_json, read_text
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
 from .errors import STOPS, MissingDependencyError
 from .decoded import GrowingText, OpenBytes
+from .inputs import tokenizer_ids_checked
 from .values import HALF_CHARACTER, half_character, is_whole, switch
 from .mixing import BATCH, holding, in_batches, in_groups, row_adapters, row_specs
-from .sentence import (TOKENIZER_FIX as _FIX, chosen_prompt, lowercase_first, pool, row_limits,
+from .sentence import (TOKENIZER_FIX as _FIX, chosen_prompt, lowercase_first, pool, row_limits, unit,
                        sentence_transformers_settings)
 
 
@@ -44,8 +45,9 @@ class TextTokenizer:
     """``tokenizer.json`` plus ``tokenizer_config.json`` (special tokens, chat template)."""
 
     def __init__(self, base_dir: str, padding_side: str = "left", pad_id: int = 0, max_positions: int | None = None,
-                 pairs: bool = False):
-        """``pairs``: the export classifies text pairs (a seq-cls one): the pair template is checked too."""
+                 pairs: bool = False, vocab_size: int | None = None):
+        """``pairs``: the export classifies text pairs (a seq-cls one): the pair template is checked too.
+        ``vocab_size``: the model's; a token past it is named (``_in_vocabulary``)."""
         path = os.path.join(base_dir, "tokenizer.json")
         if not present(path):
             check_readable(path)
@@ -70,7 +72,7 @@ class TextTokenizer:
             raise
         except BaseException as e:
             raise CorruptArtifactError(f"{path}: the `tokenizers` package cannot encode with it ({first_line(e)}); {_FIX}") from None
-        self.base_dir = base_dir
+        self.base_dir, self.vocab_size = base_dir, vocab_size
         self.max_positions = max_positions  # the model's: caps a text's length in embed
         self._tok.no_padding()  # we pad ourselves
         self.padding_side = padding_side
@@ -148,7 +150,7 @@ class TextTokenizer:
         pad_id, side = self._padding(pad_id, padding_side)
         rows = [self._cut(t, add_special_tokens, max_length).ids if max_length is not None else
                 self._tok.encode(t, add_special_tokens=add_special_tokens).ids for t in _text_list(texts, "encode")]
-        return _padded(rows, None, pad_id, side)[:2]
+        return _padded(self._in_vocabulary(rows), None, pad_id, side)[:2]
 
     def encode_pairs(self, texts, text_pairs, pad_id: int | None = None, padding_side: str | None = None,
                      max_length: int | None = None, add_special_tokens: bool = True) -> tuple[np.ndarray, ...]:
@@ -172,7 +174,10 @@ class TextTokenizer:
             _text_list(p or "", "encode_pairs")  # half characters
         encoded = [self._tok.encode(t, p, add_special_tokens=add_special_tokens) if max_length is None else
                    self._cut(t, add_special_tokens, max_length, p) for t, p in zip(texts, pairs)]
-        return _padded([e.ids for e in encoded], [e.type_ids for e in encoded], pad_id, side)
+        return _padded(self._in_vocabulary([e.ids for e in encoded]), [e.type_ids for e in encoded], pad_id, side)
+
+    def _in_vocabulary(self, rows: list) -> list:
+        return tokenizer_ids_checked(rows, self.vocab_size, os.path.join(self.base_dir, "tokenizer.json"), self._tok)
 
     def _padding(self, pad_id, padding_side) -> tuple[int, str]:
         pad_id = self.pad_id if pad_id is None else pad_id
@@ -373,10 +378,6 @@ def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, pro
         pooled = unit(pooled)  # values matched neither that nor encode() (a model without Normalize, with truncate_dim)
     return pooled[0] if single else pooled
 
-
-def unit(pooled: np.ndarray) -> np.ndarray:
-    """Each row L2-normalized, as torch.nn.functional.normalize (eps 1e-12)."""
-    return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
 def _embedded(rt, rows: list, adapter, normalize: bool, skip: int) -> np.ndarray:

@@ -98,6 +98,25 @@ def test_a_broken_tokenizer_file_is_named(text_export, tmp_path, name, content, 
     assert rt.generate(np.array([[1, 10, 20]]), adapter="tok", max_new_tokens=2).shape == (1, 5)  # ids still work
 
 
+def test_a_token_past_the_models_embeddings_names_the_tokenizer(text_export, tmp_path):
+    """A hunt: a token added to the tokenizer and not to the model's embeddings was "outside the vocabulary of OUT/base;
+    tokenize with the base model's tokenizer", which the text call had done (transformers: an IndexError)."""
+    import re
+
+    from tokenizers import Tokenizer
+
+    out = str(tmp_path / "out")
+    shutil.copytree(text_export[0], out)
+    path = os.path.join(out, "base", "tokenizer.json")
+    tok, vocab = Tokenizer.from_file(path), Runtime(out).vocab_size
+    tok.add_tokens([f"extra{i}" for i in range(vocab + 1 - tok.get_vocab_size())])  # the last at the id vocab
+    tok.save(path)
+    extra = tok.id_to_token(vocab)
+    with pytest.raises(ConfigError, match=f"^{re.escape(path)}: gives {extra!r} the id {vocab}, past the model's "
+                                          f"{vocab} embeddings .*; resize the model's embeddings to the tokenizer"):
+        Runtime(out).generate_text(f"{PROMPT} {extra}", adapter="tok", max_new_tokens=2)
+
+
 @pytest.mark.parametrize("prompt", ["", ["w10", ""]], ids=["empty", "one-of-two-empty"])
 def test_an_empty_prompt_is_refused(text_rt, prompt, monkeypatch):
     """Without a BOS token an empty text has no tokens: a clear error, not a shape complaint."""
