@@ -3,7 +3,8 @@
 # edgepeft as a device installs it (the runtime, ONNX Runtime's CPU package, onnxruntime-genai;
 # no torch), and runs the device tier there on the exports the main suite wrote, then the
 # JavaScript runtime's tests (Node.js, and the sample page in headless Chromium) on the exports
-# it wrote to build/js. Node.js, npm and Chromium come from Debian's packages when missing.
+# it wrote to build/js. Node.js, npm and Chromium come from Debian's packages when missing; where that node is older
+# than 20 (Debian 12's is 18; playwright-core needs 20), the npm registry's node@22 goes into .node, first on PATH.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,6 +15,10 @@ GENAI := .venv-genai
 GENAI_STAMP := $(GENAI)/.edgepeft-installed
 JS := runtimes/js
 JS_STAMP := $(JS)/node_modules/.edgepeft-installed
+# the node every recipe runs (npm's too) where .node holds one: node_modules/.bin of `npm install --prefix .node node@22`
+NODE_DIR := .node
+export PATH := $(CURDIR)/$(NODE_DIR)/node_modules/.bin:$(PATH)
+NODE_20 := node -e 'process.exit(process.versions.node.split(".")[0] < 20 ? 1 : 0)'
 CHROMIUM ?= /usr/bin/chromium
 # make web PORT=8001 where port 8000 is taken
 PORT = 8000
@@ -53,6 +58,8 @@ $(GENAI_STAMP): pyproject.toml constraints.txt
 
 $(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
 	command -v node >/dev/null && command -v npm >/dev/null || { $(APT) update -q && $(APT) install -y -q nodejs npm; }
+	$(NODE_20) || npm install --prefix $(NODE_DIR) --no-audit --no-fund node@22
+	$(NODE_20) || { echo "error: $$(command -v node) is Node.js $$(node --version); playwright-core needs 20 or newer" >&2; exit 1; }
 	test -x $(CHROMIUM) || { $(APT) update -q && $(APT) install -y -q chromium; }
 	# onnxruntime-node's install script would fetch CUDA libraries from outside the registry: skipped
 	cd $(JS) && npm ci --no-audit --no-fund --onnxruntime-node-install=skip
@@ -73,7 +80,7 @@ test-device: $(STAMP) $(DEVICE_STAMP)
 
 test-js: $(STAMP) $(JS_STAMP)
 	test -f build/js/expected.json || $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_js_fixtures.py
-	cd $(JS) && EDGEPEFT_JS_FIXTURES=$(CURDIR)/build/js PYTHON=$(CURDIR)/$(BIN)/python CHROMIUM=$(CHROMIUM) node --test test/
+	cd $(JS) && EDGEPEFT_JS_FIXTURES='$(CURDIR)/build/js' PYTHON='$(CURDIR)/$(BIN)/python' CHROMIUM='$(CHROMIUM)' node --test test/*.test.js
 
 demo: $(STAMP)
 	$(BIN)/python samples/demo.py
@@ -99,4 +106,4 @@ bench: $(STAMP) $(DEVICE_STAMP) $(JS_STAMP) $(GENAI_STAMP)
 	$(BIN)/python samples/bench_web.py --quantize int8 --out bench-out/web-int8
 
 clean:
-	rm -rf $(VENV) $(DEVICE) $(GENAI) $(JS)/node_modules build demo-out bench-out gen-out quant-out pairs-out training-defaults-work
+	rm -rf $(VENV) $(DEVICE) $(GENAI) $(JS)/node_modules $(NODE_DIR) build demo-out bench-out gen-out quant-out pairs-out training-defaults-work

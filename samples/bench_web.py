@@ -35,6 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_many import ADAPTERS, make_adapters  # noqa: E402
 
 JS = os.path.join(REPO, "runtimes", "js")
+# the Node.js that make installs into .node where the system's is older than 20 (playwright-core's need), else PATH's
+NODE = os.path.join(REPO, ".node", "node_modules", ".bin", "node")
+NODE = NODE if os.path.exists(NODE) else "node"
 DROP = 3
 TEXT = "could you put milk on my list"
 
@@ -98,7 +101,7 @@ def main():
 
     server, port, js = *serve(), None
     try:  # the server stopped however this ends (it was left running where node was missing or failed)
-        js = subprocess.Popen(["node", "bench/peers.mjs", export_path, REPO, port], cwd=JS, text=True,
+        js = subprocess.Popen([NODE, "bench/peers.mjs", export_path, REPO, port], cwd=JS, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "ADAPTERS": ",".join(ADAPTERS)})
         if not (line := js.stdout.readline()):  # its error is above: not a JSONDecodeError of nothing
             sys.exit("error: the JavaScript peers (runtimes/js/bench/peers.mjs) stopped before they were ready; their "
