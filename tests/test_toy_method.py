@@ -162,7 +162,7 @@ def test_the_cli_trains_a_method_of_ones_own_with_its_package_imported_first(tex
 def test_every_package_folder_is_in_the_wheel():
     """pyproject.toml lists packages by hand (edgepeft.exporters and edgepeft.runtimes live outside edgepeft/): a
     method folder added under edgepeft/tuners/ must be listed too, or a built wheel lacks it."""
-    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads TOML (README: 3.10 or newer)")
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads TOML (pyproject: 3.10 or newer)")
 
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
         setup = tomllib.load(f)["tool"]["setuptools"]
