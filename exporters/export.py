@@ -25,7 +25,8 @@ from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
 from edgepeft.exporters.merged import check_mergeable, export_merged
 from edgepeft.exporters.quantize import check_quantize
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, export_arguments, resolve, usable_slots
-from edgepeft.exporters.validate import BaseOutputs, check_tolerances, compare_siblings, log_check, validate
+from edgepeft.exporters.validate import (BaseOutputs, check_head_widths, check_tolerances, compare_siblings, log_check,
+                                         validate)
 from edgepeft.files import (Staging, check_output_dir, missing_folders, one_at_a_time, remove_abandoned, remove_empty,
                             remove_moved_aside, reporting_full_disk, write_json_atomic)
 from edgepeft.interrupts import written_whole
@@ -116,9 +117,7 @@ def _abandoned(out: str) -> list[str]:
     """What exports stopped midway left in OUT, OUT/adapters and each adapter's folder (a re-pointed manifest's temp
     file, which stayed), mended (``remove_abandoned``): one line each."""
     done = remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR))  # first: one moved aside is back
-    for folder in adapter_dirs(out).values():
-        done += remove_abandoned(folder)
-    return done
+    return done + [line for folder in adapter_dirs(out).values() for line in remove_abandoned(folder)]
 
 
 def _finish_repointing(out: str) -> list[str]:
@@ -332,6 +331,7 @@ def stage_adapters(plan: ExportPlan, base_manifest: dict, staging: Staging) -> d
 def validate_float(plan: ExportPlan, base_stage: str, adapter_stages: dict, reuse: bool, n_slots: int) -> dict:
     """The base alone, then each adapter, against PyTorch (a reused quantized base: by relative error)."""
     rt = Runtime.from_base_dir(base_stage)
+    check_head_widths(plan, rt.slots, adapter_stages)
     qtol = plan.qtol if rt.manifest.get("quantization") else None
     base = BaseOutputs(rt, plan.model, plan.task)
     report = {"out": plan.out, "base": {"reused": reuse, "path": plan.base_dir, "slots": n_slots}, "adapters": [],

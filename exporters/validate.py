@@ -227,6 +227,36 @@ def sample_shape(rt, adapter, batch: int, length: int, where: str) -> tuple[int,
     return length, min(steps, room - length)
 
 
+def check_head_widths(plan, slots: dict, adapter_stages: dict) -> None:
+    """Each adapter the new base serves (those exported now and those already in OUT) fits it: a head of other
+    outputs than the base's beside an adapter on that layer's outputs was ONNX Runtime's broadcast error."""
+    import os
+
+    from edgepeft.runtimes.manifest import read_adapter_manifest
+
+    served = {**plan.siblings, **{s.path: read_adapter_manifest(adapter_stages[s.name]) for s in plan.sources}}
+    for where, manifest in served.items():
+        if misfit := head_misfit(manifest["slots"], slots):
+            raise ConfigError(f"{where}: {misfit}; export the two into separate --out folders")
+
+
+def head_misfit(shapes: dict, slots: dict) -> str | None:
+    """Why an adapter of these slot ``shapes`` (a head of other outputs than the base's) cannot run on a base of these
+    ``slots`` where another adapter adapts that layer's outputs (a LoRA's B sized to the base head's labels). None
+    where it can."""
+    for name, shape in shapes.items():
+        if not name.startswith("head_weight."):
+            continue
+        module, (fan_in, width) = name.removeprefix("head_weight."), shape
+        for slot in slots.values():  # on the layer's output side: a last size of its own, not the layer's input
+            last = slot.shape[-1] if slot.shape and slot.module == module and slot.method != "head" else None
+            if isinstance(last, int) and last not in (fan_in, width):
+                return (f"its head has {width} outputs, and the base's slot {slot.name} (another adapter's "
+                        f"{slot.method} on that layer) is sized to the base head's {last}: one base serves both only "
+                        f"with heads of {last} outputs")
+    return None
+
+
 def compare_siblings(plan, base_stage: str) -> list:
     """Each adapter already in OUT that a new base takes along (``plan.siblings``), run on OUT's base as it is and on
     the new one: the same outputs (quantized: within --qtol), else ExportValidationError before anything moves.

@@ -175,3 +175,34 @@ def test_a_layer_one_adapter_trains_whole_and_another_adapts_exports_as_the_mess
         reference = torch_outputs(edgepeft.PeftModel.from_pretrained(
             load_reference_base(rt.manifest["source"], "causal-lm"), adapter).eval(), ids, mask, "logits")
         assert max_diff_valid(rt.forward(ids, mask, adapter=name)["logits"], reference, mask) <= 1e-4
+
+
+def test_a_head_of_other_outputs_beside_an_adapter_on_that_layer_is_refused_naming_both(peft_adapter, tiny_base,
+                                                                                      tmp_path, capsys):
+    """A hunt: a classifier of 5 labels (its own head) and, on the 3-label base, a LoRA on the classifier layer
+    itself, exported one at a time into one OUT: ONNX Runtime's broadcast error, a traceback (the LoRA's B is sized
+    to the base head's 3 outputs). Heads of the base's width still serve beside it."""
+    import peft
+
+    from training_helpers import cli_error
+
+    head5 = peft_adapter("bert", "head5", task="seq-cls", num_labels=5, seed=81, r=2, target_modules=["query"])
+    on_head = tmp_path / "on-head"
+    pm = peft.get_peft_model(load_reference_base(tiny_base("bert"), "seq-cls"),
+                             peft.LoraConfig(r=2, target_modules=["query", "classifier"]))
+    randomize_adapter(pm, 82)
+    pm.peft_config["default"].base_model_name_or_path = tiny_base("bert")
+    pm.save_pretrained(str(on_head))
+    out = tmp_path / "out"
+    export([head5], str(out), names=["head5"])
+    line = cli_error(capsys, "export", "--adapter", on_head, "--out", out)
+    assert line == (f"error: {out / 'adapters' / 'head5'}: its head has 5 outputs, and the base's slot lora_B.classifier "
+                    "(another adapter's lora on that layer) is sized to the base head's 2: one base serves both only "
+                    "with heads of 2 outputs; export the two into separate --out folders")
+    assert Runtime(str(out)).adapter_names == ["head5"]
+    head2 = peft_adapter("bert", "head2", task="seq-cls", seed=83, r=2, target_modules=["query"])  # the base's width
+    export([head2], str(tmp_path / "fits"), names=["head2"])  # the one training the layer whole first
+    export([str(on_head)], str(tmp_path / "fits"), names=["on_head"])
+    line = cli_error(capsys, "export", "--adapter", head5, "--out", tmp_path / "fits")  # the other order
+    assert line.startswith(f"error: {head5}: its head has 5 outputs, and the base's slot lora_B.classifier")
+    assert Runtime(str(tmp_path / "fits")).adapter_names == ["head2", "on_head"]
