@@ -109,7 +109,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         log(f"note: {source}: generation_config.json sets {', '.join(ignored)}, which edgepeft's generate does not "
             "apply (one sequence per prompt, greedy or sampled); its tokens differ from transformers' generate there")
     write_side_files(source, stage, task, revision, log)
-    manifest["file_bytes"] = graph_file_bytes(stage, manifest)
+    manifest.update(graph_files(stage, manifest))
     write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
     write_genai_config(model, manifest, stage)  # decoders: onnxruntime-genai opens OUT/base as it is
     for note in genai_notes(manifest):
@@ -176,11 +176,17 @@ def side_difference(have: str, new: str, task: str, max_positions: int | None) -
     return None
 
 
-def graph_file_bytes(stage: str, manifest: dict) -> dict:
-    """{file: size} of the base's graphs and weights file, as written: a copy cut short is told by its size
-    (``manifest.base_file_errors``); the weights are too large to hash on every load."""
+def graph_files(stage: str, manifest: dict) -> dict:
+    """``file_bytes`` ({file: size}) and ``file_sha256`` ({file: digest}) of the base's graphs and weights file, as
+    written: a copy cut short is told by its size at every load (``manifest.base_file_errors``), one damaged within
+    (a preallocated file a copy stopped filling) by its digest in ``edgepeft inspect``: the weights are too large to
+    hash on every load."""
+    from edgepeft.runtimes.access import sha256_file
+
     names = (manifest["graph"], manifest["graph"] + ".data", manifest.get("web_graph"), manifest.get("neutral_graph"))
-    return {n: os.path.getsize(os.path.join(stage, n)) for n in names if n and os.path.isfile(os.path.join(stage, n))}
+    paths = {n: os.path.join(stage, n) for n in names if n and os.path.isfile(os.path.join(stage, n))}
+    return {"file_bytes": {n: os.path.getsize(p) for n, p in paths.items()},
+            "file_sha256": {n: sha256_file(p) for n, p in paths.items()}}
 
 
 def write_tokenizer(source: str, stage: str, revision: str | None = None, log=lambda *a, **k: None) -> None:
@@ -248,5 +254,5 @@ def quantize_stage(stage: str, quantize: str, log) -> None:
         manifest = json.load(f)  # as written (read_base_manifest parses the slot table)
     manifest.update(quantize_graph(os.path.join(stage, BASE_GRAPH), quantize))
     write_web_variant(stage)  # the JavaScript variant reads the quantized weights file now
-    manifest["file_bytes"] = graph_file_bytes(stage, manifest)
+    manifest.update(graph_files(stage, manifest))
     write_json_atomic(path, manifest, sort_keys=True)

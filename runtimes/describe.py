@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .access import STOPPED, check_readable, moved_aside
+from .access import STOPPED, check_readable, moved_aside, sha256_file
 from .adapter_source import adapter_bound
 from .base_checks import serves_pairs
 from .commands import REEXPORT_BASE, folder_fix
@@ -22,6 +22,15 @@ def folder_bytes(path: str) -> int:
     for root, _, files in os.walk(path):
         total += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
     return total
+
+
+def _damaged(base_dir: str, base: dict) -> list:
+    """The base's files whose SHA-256 is not the one the export recorded (``file_sha256``; an earlier export recorded
+    none), at the size it wrote: damaged within (a preallocated file a copy stopped filling ran, all zeros)."""
+    recorded = base.get("file_sha256") or {}
+    return [f"{path}: not what the export wrote (its SHA-256 differs; damaged in a copy?); {REEXPORT_BASE}"
+            for name in base.get("file_bytes") or () if name in recorded  # names checked as in the folder
+            and os.path.isfile(path := os.path.join(base_dir, name)) and sha256_file(path) != recorded[name]]
 
 
 def _unreadable(*paths: str) -> list:
@@ -56,8 +65,8 @@ def describe_export(out_dir: str) -> dict:
     """What ``edgepeft inspect`` prints: base, slots, adapters, sizes and problems (no ONNX Runtime needed).
 
     Problems: a graph file missing (or the base's empty, or its weights file), a base file not as long as the export
-    wrote it or one this process may not read, an adapter graph whose sha256 differs from its manifest's. The base
-    graph's contents are not read (it may be GBs).
+    wrote it, one this process may not read or one whose SHA-256 is not the one the export recorded (the base's
+    files are read whole: GBs take seconds), an adapter graph whose sha256 differs from its manifest's.
     """
     base_dir = os.path.join(out_dir, BASE_DIR)
     if not os.path.isfile(os.path.join(base_dir, BASE_MANIFEST)):
@@ -73,7 +82,8 @@ def describe_export(out_dir: str) -> dict:
     elif weights and not os.path.isfile(weights[0]):
         problems.append(f"{graph}.data: the base's weights are missing; {REEXPORT_BASE}")
     else:
-        problems += [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
+        cut = [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
+        problems += cut or _damaged(base_dir, base)
     problems += _moved_aside(out_dir)
     most = adapter_bound(base_dir, base)
     for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them

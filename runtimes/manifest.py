@@ -227,6 +227,7 @@ _FIELD_TYPES = {
     "type_vocab_size": ((int, type(None)), "a whole number"), "max_positions": ((int, type(None)), "a whole number"),
     "cache": ((dict, type(None)), "an object"), "generation": (dict, "an object"), "merged_adapter": ((str, type(None)), "a name"),
     "revision": ((str, type(None)), "a hub revision"), "file_bytes": (dict, "an object of file sizes"),
+    "file_sha256": (dict, "an object of SHA-256 digests"),
     "methods": (list, "a list of method names"), "labels": ((list, type(None)), "a list of names"),
     "parameter_bytes": (int, "a whole number"), "rank": ((int, float, type(None)), "a number"),
     "alpha": ((int, float, type(None)), "a number"), "problem_type": ((str, type(None)), "a string"),

@@ -319,7 +319,7 @@ def test_a_disk_error_is_one_line(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("damage", ["adapter-graph-missing", "adapter-graph-truncated", "base-graph-missing",
-                                    "base-weights-missing", "base-weights-truncated"])
+                                    "base-weights-missing", "base-weights-truncated", "base-weights-zeroed"])
 def test_inspect_fails_on_missing_or_damaged_graphs(tmp_path, llama, damage):
     out = tmp_path / "out"
     shutil.copytree(llama[0], out)
@@ -329,10 +329,14 @@ def test_inspect_fails_on_missing_or_damaged_graphs(tmp_path, llama, damage):
         graph = out / "base" / "model.onnx.data"
     if damage.endswith("missing"):
         graph.unlink()
+    elif damage.endswith("zeroed"):  # a hunt: a preallocated file a copy stopped filling, its size right: all zeros
+        data = graph.read_bytes()  # came out of every call, and inspect said all was well
+        graph.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
     else:
         graph.write_bytes(graph.read_bytes()[:100])
     proc = edgepeft("inspect", out)
-    assert_user_error(proc, str(graph), "re-")
+    assert_user_error(proc, str(graph), "not what the export wrote (its SHA-256 differs" if damage.endswith("zeroed")
+                      else "re-")
     assert proc.stdout.startswith("base: llama")  # the summary still prints first
     if damage == "base-weights-truncated":  # a copy to a device cut short: ONNX Runtime named an initializer's offsets
         with pytest.raises(CorruptArtifactError, match=rf"{graph}: 100 bytes where the export wrote \d+ \(a copy cut "
