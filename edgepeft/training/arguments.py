@@ -213,6 +213,15 @@ def method_config(method: str, task: str, options: dict):
     return config
 
 
+def option_defaults(method: str) -> dict:
+    """What ``method``'s options are where not given: its training defaults, else its config's own (``r``: 8)."""
+    config_cls = find_method(method).config_cls
+    own = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+           for f in dataclasses.fields(config_cls) if f.name not in NOT_OPTIONS
+           and (f.default, f.default_factory) != (dataclasses.MISSING,) * 2}
+    return {**own, **config_cls.training_defaults}
+
+
 def arguments_of(kwargs: dict) -> TrainingArguments:
     """``edgepeft.train``'s keywords as TrainingArguments; one it does not take is a ConfigError naming it, and the
     keyword a CLI flag maps to."""

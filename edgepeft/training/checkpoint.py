@@ -19,11 +19,15 @@ from edgepeft.config import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME
 from edgepeft.errors import ConfigError, CorruptArtifactError
 from edgepeft.files import names_in, replace_dir, staging_dir, write_bytes_atomic, write_json_atomic
 from edgepeft.runtimes.access import aside_elsewhere
+from edgepeft.training.arguments import option_defaults
 
 CHECKPOINT = "checkpoint"
 STATE = "trainer_state.pt"
 LOG_NAME = "training_log.json"
 CURVE_NAME = "training_curve.png"
+# settings that follow from others where not given (the method's rate and options, the task's cut, --save without
+# --eval): a --resume refusal names them only where nothing they follow from changed
+FOLLOWING = ("lr", "max_length", "options", "save")
 RUN_FILES = (CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, LOG_NAME, CURVE_NAME)  # what a run writes in OUT
 
 
@@ -70,24 +74,33 @@ def read_checkpoint(out: str) -> dict | None:
 
 
 def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> None:
-    """Refuse to resume a checkpoint made with other settings (the first that differs named as a flag or option)
-    or by another number of processes (torchrun): the data each takes and the steps per epoch follow it."""
+    """Refuse to resume a checkpoint made with other settings (the first that differs named as a flag or option, one
+    the user gave before those that follow from it) or by another number of processes (torchrun): the data each takes
+    and the steps per epoch follow it."""
     old, new = state["args"], settings
     # not --out: the checkpoint is found in it, and a folder moved or copied (mv out renamed) resumes
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "out")
+    changed = sorted((k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "out"),
+                     key=lambda k: (k in FOLLOWING, k))  # --method ia3 named, not the rate that follows from it
+    if changed[:1] == ["options"]:  # the same method: its option that differs, each as it resolves
+        defaults = option_defaults(new["method"])
+        a, b = ({**defaults, **(s.get("options") or {})} for s in (old, new))
+        option = next((o for o in sorted(set(a) | set(b)) if a.get(o) != b.get(o)), None)  # None: --r 8, LoRA's r
+        changed, old, new = ([option], a, b) if option is not None else (changed[1:], old, new)
     if changed:
         k = changed[0]
-        if k == "options":  # the method's option that differs (--r, --option lora_dropout=...)
-            a, b = old.get(k) or {}, new.get(k) or {}
-            k = next(o for o in sorted(set(a) | set(b)) if a.get(o) != b.get(o))
-            old, new = a, b
-        raise ConfigError(f"{ckpt}: was made with {k}={old.get(k)!r}, this run has {k}={new.get(k)!r}; "
-                          "resume with the same settings or start over with --overwrite")
+        raise ConfigError(f"{ckpt}: was made with {_setting(k, old)}, this run has {_setting(k, new)}; resume with "
+                          "the same settings or start over with --overwrite")
     made = state.get("log", {}).get("world_size", 1)
     if made != processes:
         raise ConfigError(f"{ckpt}: was made by {made} training process(es), this run has {processes}; resume "
                           f"with {made} (torchrun --nproc-per-node {made} -m edgepeft train ... --resume) or start "
                           "over with --overwrite")
+
+
+def _setting(name: str, settings: dict) -> str:
+    """``lr=0.005``, or ``no eval_data`` for one not given (the CLI reads both as flags: no --r none to type)."""
+    value = settings.get(name)
+    return f"no {name}" if value is None else f"{name}={value!r}"
 
 
 def check_same_data(state: dict | None, ckpt: str, labels: list | None, data: str, digests: dict) -> None:

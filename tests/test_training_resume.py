@@ -1,0 +1,51 @@
+"""What a stopped or refused run says about OUT's checkpoint: each message names the change to undo, or a command that
+works (found by a hunt of reproducibility and resuming)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from edgepeft.errors import ConfigError
+from edgepeft.training.checkpoint import check_resumable
+from file_checks import tree_hashes, write_lines
+from training_helpers import cli_error, cli_ok, seq_cls_rows
+
+
+def argv(model, data, out, *extra):
+    """A tiny run with the method's own defaults (train_argv gives --r and --target-modules, which IA3 refuses)."""
+    return ["train", "--model", model, "--task", "seq-cls", "--data", data, "--out", out, "--epochs", "1",
+            "--batch-size", "8", "--max-length", "32", "--quiet", *extra]
+
+
+def test_a_resume_refusal_names_the_setting_changed_and_a_default_typed_out_resumes(text_model, tmp_path, capsys):
+    """--method ia3 was refused as "made with --lr 0.005, this run has --lr 0.03" (the rate follows from the method,
+    and lr sorts first); adding that --lr was then refused for the method. --r 8, LoRA's default, was refused as
+    "made with --r none", which cannot be typed."""
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows())
+    out = str(tmp_path / "out")
+    cli_ok(capsys, *argv(text_model("bert"), data, out))
+    before = tree_hashes(out)
+    ckpt = os.path.join(out, "checkpoint")
+    line = cli_error(capsys, *argv(text_model("bert"), data, out, "--method", "ia3", "--resume"))
+    assert line == (f"error: {ckpt}: was made with --method lora, this run has --method ia3; resume with the same "
+                    "settings or start over with --overwrite")
+    line = cli_error(capsys, *argv(text_model("bert"), data, out, "--r", "4", "--resume"))
+    assert line.endswith("checkpoint: was made with --r 8, this run has --r 4; resume with the same settings or start "
+                         "over with --overwrite")  # the default as it resolved, which --r takes
+    assert tree_hashes(out) == before
+    assert cli_ok(capsys, *argv(text_model("bert"), data, out, "--r", "8", "--option", "lora_dropout=0.0",
+                                "--resume")).startswith("ok:")  # defaults typed out: the same run, finished
+
+
+def test_a_resume_refusal_names_the_task_before_its_cut_and_a_setting_not_given_as_none_typed():
+    made = {"task": "seq-cls", "method": "lora", "max_length": 256, "lr": 0.005, "eval_data": None, "options": {}}
+    with pytest.raises(ConfigError, match=r"^ck: was made with task='seq-cls', this run has task='feature-extraction'"):
+        check_resumable({"args": made}, "ck", dict(made, task="feature-extraction", max_length=None), 1)
+    with pytest.raises(ConfigError, match=r"^ck: was made with no eval_data, this run has eval_data='e.jsonl'; "):
+        check_resumable({"args": made}, "ck", dict(made, eval_data="e.jsonl"), 1)
+    with pytest.raises(ConfigError, match=r"^ck: was made with lora_alpha=8, this run has lora_alpha=16"):
+        check_resumable({"args": made}, "ck", dict(made, options={"r": 8, "lora_alpha": 16}), 1)
+    check_resumable({"args": made}, "ck", dict(made, options={"r": 8, "lora_alpha": 8.0}), 1)  # LoRA's defaults
+    check_resumable({"args": dict(made, method="prompt")}, "ck",
+                    dict(made, method="prompt", options={"num_virtual_tokens": 8}), 1)  # training's default
