@@ -2,6 +2,7 @@
 works (found by a hunt of reproducibility and resuming)."""
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -49,3 +50,30 @@ def test_a_resume_refusal_names_the_task_before_its_cut_and_a_setting_not_given_
     check_resumable({"args": made}, "ck", dict(made, options={"r": 8, "lora_alpha": 8.0}), 1)  # LoRA's defaults
     check_resumable({"args": dict(made, method="prompt")}, "ck",
                     dict(made, method="prompt", options={"num_virtual_tokens": 8}), 1)  # training's default
+
+
+def test_a_run_that_diverged_after_a_checkpoint_says_start_over(text_model, tmp_path, capsys, monkeypatch):
+    """"lower --lr" alone was refused once OUT held a checkpoint (a run into it), and so was --resume with that rate:
+    the fix names --overwrite (instead of --resume), which works. A divergence before any checkpoint takes its files
+    back, and "lower --lr" alone works there."""
+    from edgepeft.training.trainer import Trainer
+
+    real = Trainer._loss
+
+    def nan_after_a_checkpoint(self, model, batch):  # private: no data makes the loss NaN on demand
+        loss, logits = real(self, model, batch)
+        return loss * (math.nan if self._checkpointed else 1), logits
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows())
+    out = str(tmp_path / "out")
+    run = argv(text_model("bert"), data, out, "--epochs", "2")
+    monkeypatch.setattr(Trainer, "_loss", nan_after_a_checkpoint)
+    line = cli_error(capsys, *run)
+    assert line == ("error: training diverged at step 4 (epoch 2): the loss is nan; lower --lr (now 0.005) or check "
+                    f"the data, and start over with --overwrite (or another --out); {out} keeps the adapter saved "
+                    "before")
+    line = cli_error(capsys, *run, "--resume")  # as deterministic as the run it continues
+    assert line.endswith("check the data, and start over with --overwrite instead of --resume (or another --out "
+                         f"without it); {out} keeps the adapter saved before")
+    monkeypatch.undo()
+    assert cli_ok(capsys, *run, "--lr", "1e-3", "--overwrite").startswith("ok:")

@@ -7,17 +7,23 @@ import os
 
 from edgepeft.config import CONFIG_NAME
 from edgepeft.errors import ConfigError
+from edgepeft.training.checkpoint import CHECKPOINT, STATE
 
 HARDLY_MOVED = 0.97  # eval loss at its best within this share of the untrained adapter's, either way: hardly moved
 
 
 def diverged(args, step: int, epoch: int, what: str) -> ConfigError:
     """The error that stops a run whose logged training loss is no longer a number (checked where it is logged: every
-    ``logging_steps`` steps and at each epoch's end, before that epoch's adapter is saved)."""
+    ``logging_steps`` steps and at each epoch's end, before that epoch's adapter is saved). Where OUT keeps a
+    checkpoint, the same command with a lower --lr is refused (a run into OUT, or one resumed with other settings):
+    the fix says start over."""
     kept = f"{args.out} keeps the adapter saved before" if os.path.isfile(os.path.join(args.out, CONFIG_NAME)) \
         else "no adapter was saved"
+    over = "" if args.overwrite or not os.path.isfile(os.path.join(args.out, CHECKPOINT, STATE)) else \
+        ", and start over with --overwrite" + (" instead of --resume (or another --out without it)" if args.resume
+                                               else " (or another --out)")
     return ConfigError(f"training diverged at step {step} (epoch {epoch + 1}): {what}; lower --lr (now {args.lr:g}) or "
-                       f"check the data; {kept}")
+                       f"check the data{over}; {kept}")
 
 
 def rank(evaluation: dict) -> tuple:
