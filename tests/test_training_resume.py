@@ -77,3 +77,38 @@ def test_a_run_that_diverged_after_a_checkpoint_says_start_over(text_model, tmp_
                          f"without it); {out} keeps the adapter saved before")
     monkeypatch.undo()
     assert cli_ok(capsys, *run, "--lr", "1e-3", "--overwrite").startswith("ok:")
+
+
+def test_ctrl_c_while_a_resumed_run_loads_gives_the_command_that_resumes_it(text_model, tmp_path, monkeypatch):
+    """It said "interrupted before training began; nothing saved in OUT" while OUT held the checkpoint: read as the
+    earlier epochs lost, and a user may start over. docs/training.md: Ctrl-C after the first epoch prints the
+    checkpoint and the command that resumes it."""
+    import edgepeft.models
+    from edgepeft.errors import TrainingInterrupted
+    from edgepeft.training import train, trainer as trainer_module
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    out = str(tmp_path / "out")
+    run = dict(model=text_model("bert"), task="seq-cls", data=data, out=out, epochs=2, batch_size=8, progress=False)
+    end = trainer_module.Trainer._end_epoch
+    monkeypatch.setattr(trainer_module.Trainer, "_end_epoch", lambda *a: (end(*a), ctrl_c()))
+    with pytest.raises(TrainingInterrupted) as after_epoch:  # the later handler's line, inside the first epoch's end
+        train(**run)
+    assert str(after_epoch.value).startswith(f"interrupted; {os.path.join(out, 'checkpoint')} holds the run after "
+                                             "epoch 1 of 2; continue with: edgepeft train ")
+    monkeypatch.undo()
+    before = tree_hashes(out)
+    monkeypatch.setattr(edgepeft.models, "load_base", ctrl_c)  # loading the base, the checkpoint read
+    with pytest.raises(TrainingInterrupted) as loading:
+        train(**run, resume=True)
+    assert str(loading.value) == str(after_epoch.value)
+    monkeypatch.setattr(trainer_module, "read_checkpoint", ctrl_c)  # reading it: its epoch is not known yet
+    with pytest.raises(TrainingInterrupted) as reading:
+        train(**run, resume=True)
+    assert str(reading.value) == str(after_epoch.value).replace("holds the run after epoch 1 of 2", "is kept")
+    assert tree_hashes(out) == before
+    monkeypatch.undo()
+    assert train(**run, resume=True)["history"][-1]["epoch"] == 2  # as printed: it finishes

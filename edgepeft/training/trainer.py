@@ -29,7 +29,7 @@ from edgepeft.processes import first
 from edgepeft.training.arguments import CUT, TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_same_data, check_out_folder, check_resumable, process_rngs,
-    RUN_FILES, no_checkpoint, read_checkpoint, removed_earlier_run, replica_checksums, restore, save_adapter,
+    RUN_FILES, STATE, no_checkpoint, read_checkpoint, removed_earlier_run, replica_checksums, restore, save_adapter,
     save_checkpoint)
 from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, replaced_head_note,
@@ -218,8 +218,8 @@ class Trainer:
                     remove_empty(made_out)  # while OUT is held: a run waiting for it then finds it gone, and remakes it
                     raise
         except KeyboardInterrupt:  # waiting for the other run (no cleanup ran), or loading (click's bare "aborted")
-            remove_empty(made_out)
-            raise TrainingInterrupted(f"interrupted before training began; nothing saved in {self.args.out}") from None
+            remove_empty(made_out)  # a --resume run's checkpoint is kept as it was: its command is given
+            raise self._interrupted(acc.num_processes, began=False) from None
 
     def _train(self, acc) -> dict:
         from accelerate.utils import set_seed
@@ -229,6 +229,7 @@ class Trainer:
         args = self.args
         resume = self._prepare_out(acc)
         self._there = names_in(args.out)  # after a checkpoint a killed run moved aside is put back: not this run's
+        self._checkpointed = resume["epoch"] if resume is not None else 0  # Ctrl-C while loading: resumed as printed
         set_seed(args.seed)
         method = method_config(args.method, args.task, dict(args.options))
         encoder, train_rows, eval_rows, labels, model_config = self._data(method)
@@ -257,7 +258,6 @@ class Trainer:
             log.update(resume["log"])
             log["args"] = {**log["args"], "out": args.fingerprint()["out"]}  # a checkpoint moved with its OUT
             start_epoch = resume["epoch"]
-        self._checkpointed = start_epoch
         if acc.is_main_process:
             os.makedirs(args.out, exist_ok=True)
         bar = _progress(args.progress and acc.is_main_process, total, start_epoch * steps_per_epoch)
@@ -271,7 +271,7 @@ class Trainer:
                 self._end_epoch(acc, model, eval_loader, optimizer, scheduler, log, epoch, bar)
         except KeyboardInterrupt:
             bar.close()
-            raise self._interrupted(log) from None
+            raise self._interrupted(log["world_size"]) from None
         bar.close()
         log["hint"] = hint(log, args.lr, args.epochs)
         if (beat := beat_untrained(log)) is not None:
@@ -284,7 +284,7 @@ class Trainer:
                 with reporting_full_disk(args.out, "--out"):
                     self._write_log(log, curve=False)
         except KeyboardInterrupt:
-            raise self._interrupted(log) from None
+            raise self._interrupted(log["world_size"]) from None
         acc.wait_for_everyone()  # the process group stays (torchrun): a script's next run trains in it; the CLI ends it
         return log
 
@@ -361,15 +361,16 @@ class Trainer:
         self._checkpointed = epoch + 1
         acc.wait_for_everyone()
 
-    def _interrupted(self, log: dict) -> TrainingInterrupted:
-        """What an interrupt (Ctrl-C) leaves: the last checkpoint and the command that resumes it, or nothing (train
-        removes an OUT it made, as for any error)."""
-        args = self.args
-        if self._checkpointed:
-            return TrainingInterrupted(f"interrupted; {os.path.join(args.out, CHECKPOINT)} holds the run after epoch "
-                                       f"{self._checkpointed} of {args.epochs}; continue with: "
-                                       + args.command("--resume", processes=log["world_size"]))
-        return TrainingInterrupted(f"interrupted in the first epoch; nothing was saved in {args.out}")
+    def _interrupted(self, processes: int, began: bool = True) -> TrainingInterrupted:
+        """What an interrupt (Ctrl-C) leaves: the last checkpoint (or the one a --resume run was reading, as it was)
+        and the command that resumes it, or nothing (train removes an OUT it made, as for any error)."""
+        args, ckpt, n = self.args, os.path.join(self.args.out, CHECKPOINT), self._checkpointed
+        if n or args.resume and os.path.isfile(os.path.join(ckpt, STATE)):  # --resume stopped before it read the epoch
+            held = f"holds the run after epoch {n} of {args.epochs}" if n else "is kept"
+            return TrainingInterrupted(f"interrupted; {ckpt} {held}; continue with: "
+                                       + args.command("--resume", processes=processes))
+        return TrainingInterrupted(f"interrupted in the first epoch; nothing was saved in {args.out}" if began else
+                                   f"interrupted before training began; nothing saved in {args.out}")
 
     def _write_log(self, log: dict, curve: bool = True) -> None:
         from edgepeft.files import write_json_atomic
