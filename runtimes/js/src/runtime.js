@@ -46,7 +46,7 @@ export class Runtime {
     const m = rt.manifest;
     checkFormat(m, "edgepeft-base", loader.where("base/edgepeft.json"));
     if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT_BASE}`);
-    await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`]);
+    await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`, m.neutral_graph].filter(Boolean));
     rt.session = new TakingTurns(await rt.opened(`base/${m.web_graph}`,
       (o) => loader.session(ort, `base/${m.web_graph}`, o, true)), loader.where(`base/${m.web_graph}`));
     try {

@@ -11,9 +11,13 @@ let creating = Promise.resolve();  // onnxruntime-web's session creations, in tu
  * so two exports opened at once (each base's "model.onnx.data") computed with each other's weights or failed to
  * load. onnxruntime-node creates them at once.
  */
-export function createSession(ort, ...args) {
-  if (ort.env?.versions?.node !== undefined) return ort.InferenceSession.create(...args);
-  const created = creating.then(() => ort.InferenceSession.create(...args));
+export function createSession(ort, source, options = {}) {
+  // a copy: onnxruntime-web writes extra.session.use_ort_model_bytes_directly into the options it is given (the app's
+  // own object, and the runtime's, whose keys then read as "sessionOptions given" for a failure they had no part in)
+  const own = { ...options, ...(options.extra && { extra: { ...options.extra, ...(options.extra.session && {
+    session: { ...options.extra.session } }) } }) };
+  if (ort.env?.versions?.node !== undefined) return ort.InferenceSession.create(source, own);
+  const created = creating.then(() => ort.InferenceSession.create(source, own));
   creating = created.catch(() => {});  // a failed creation is its caller's; the next one runs
   return created;
 }

@@ -15,8 +15,12 @@ async function fetched(url, as) {
     // graph or weights with a re-exported manifest (a checksum that re-exporting could not mend; other logits)
     response = await fetch(url, { cache: "no-cache" });
     body = response.ok ? (as === "json" ? await response.text() : new Uint8Array(await response.arrayBuffer())) : null;
-  } catch (e) {  // the server down, the connection cut: nothing to re-export
-    throw new EdgePeftError(`${url}: download failed (${e.message}); check the server and the connection, then retry`);
+  } catch (e) {  // the server down, the connection cut: nothing to re-export; a browser refuses another site's answer
+    // (CORS) alike, where no retry helps
+    const page = globalThis.location?.origin, other = page && page !== "null" && new URL(url).origin !== page;
+    throw new EdgePeftError(`${url}: download failed (${e.message}); check the server and the connection, then retry` +
+      (other ? `; another site's server must allow this page's origin (Access-Control-Allow-Origin: ${page}) on ` +
+        "every answer, errors included, or serve the export from this page's site" : ""));
   }
   // a site that answers a missing file with its HTML page (a binary file's said "checksum does not match: re-export"):
   // a text starting "<", and for a binary file (whose first byte may be "<") a page's content type too (the file
@@ -61,7 +65,9 @@ export function urlLoader(out) {
   };
   return {
     where: at,
-    json: (rel) => fetched(at(rel), "json"),
+    json: (rel) => fetched(at(rel), "json").catch(async (e) => {
+      throw e.missing && rel === "base/edgepeft.json" && await partOf(at) || e;  // the base or an adapter's address
+    }),
     bytes: (rel) => fetched(at(rel)),
     // a base file's size as served (undefined: missing; checkSizes names it): a stale model.onnx.data gave other logits
     size: (rel) => once(rel).then((bytes) => bytes.length, (e) => { if (e.missing) return undefined; throw e; }),
@@ -77,6 +83,22 @@ export function urlLoader(out) {
       }
     },
   };
+}
+
+/** An export's part the address ``at("")`` names (its base folder, one adapter's), as openFolder and the Python runtime
+ * name one: an EdgePeftError saying what to open, else null ("HTTP 404; serve OUT at that address" stands). */
+async function partOf(at) {
+  const url = new URL(at(""));  // its query (?v=2) left out of the addresses named
+  url.search = "";
+  url.pathname = url.pathname.replace(/\/$/, "");
+  const here = url.href, up = (address, n) => address.replace(new RegExp(`(/[^/]*){${n}}$`), "");
+  const has = (rel) => fetched(at(rel), "json").then(() => true, () => false);
+  if (await has("adapter.json")) {
+    const name = decodeURIComponent(url.pathname.split("/").pop());
+    return new EdgePeftError(`${here}: is one adapter of the export ${up(here, 2)}; open ${up(here, 2)} and pick adapter '${name}'`);
+  }
+  return await has("edgepeft.json") ? new EdgePeftError(`${here}: is the base folder of the export ${up(here, 1)}; open ` +
+    `${up(here, 1)} itself`) : null;
 }
 
 export async function openUrl(ort, out, options = {}) {
