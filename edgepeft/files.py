@@ -264,29 +264,30 @@ def sync_tree(folder: str) -> None:
     disk before the data it names unless the data was synced first (ext4, FAT on an SD card)."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            if not os.path.islink(path := os.path.join(root, name)):  # Windows syncs no file opened read-only (EBADF)
+                _sync(path, os.O_RDWR) or _sync(path, os.O_RDONLY)  # a file its owner may not write
         _sync_dir(root)
 
 
 def _sync_dir(folder: str) -> None:
-    """A folder's entries flushed; where a system cannot open or sync folders (Windows, some filesystems), skipped."""
+    _sync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _sync(path: str, flags: int) -> bool:
+    """``path`` flushed; where the system cannot open it so (False) or sync it (folders on Windows, a file system
+    without fsync), skipped: a write error (EIO) is raised."""
     try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(path, flags)
     except OSError:
-        return
+        return False
     try:
         os.fsync(fd)
     except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.EROFS):
             raise
     finally:
         os.close(fd)
+    return True
 
 
 def remove_moved_aside(*olds) -> None:

@@ -2,6 +2,7 @@
 left half-committed (Ctrl-C during the commit, a rename that fails)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -136,6 +137,25 @@ def test_an_export_is_on_the_disk_before_the_old_base_is_removed(llama, tmp_path
     base_moved = events.index(("move", staged, base))
     assert ("sync", out) in events[base_moved:]
 
+
+
+@pytest.mark.parametrize("refused", [errno.EBADF, errno.EINVAL, errno.EIO])
+def test_a_system_that_syncs_no_file_still_commits_and_a_write_error_is_raised(tmp_path, monkeypatch, refused):
+    """A review: Windows syncs no file opened read-only (EBADF), some file systems none at all (EINVAL): every export
+    and checkpoint failed, "Bad file descriptor", naming no file. A write error (EIO) still stops the commit."""
+    target, staged = _old_and_new(tmp_path)
+
+    def fsync(fd):
+        raise OSError(refused, os.strerror(refused))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if refused == errno.EIO:
+        with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+            replace_dir(str(staged), str(target))
+        assert (target / "file").read_text() == "old"
+    else:
+        replace_dir(str(staged), str(target))
+        assert (target / "file").read_text() == "new" and not staged.exists()
 
 
 def test_a_read_only_out_is_refused_before_any_work(llama, tmp_path, monkeypatch):
