@@ -71,7 +71,17 @@ def generation_fields(model, task: str) -> dict:
     fields = {"pad_token_id": pad_token_id(model, task), "eos_token_id": eos_token_ids(model),
               "generation": generation_defaults(model) if task == "causal-lm" else {}}  # as transformers' generate
     if wrong := generation_errors(fields["generation"], getattr(model.config, "vocab_size", None) or 1):
-        where = os.path.join(getattr(model, "name_or_path", "") or "the model", "generation_config.json")
-        raise ConfigError(f"{where}: '{wrong[0]}; correct it there, or remove it (transformers' generate refuses "
-                          "it too)")
+        name, _, why = wrong[0].partition("'")  # the runtime's stop is the file's stop_strings
+        raise ConfigError(f"{_generation_source(model)}: {'stop_strings' if name == 'stop' else name!r}{why}; correct "
+                          "it there, or remove it (transformers' generate refuses it too)")
     return fields
+
+
+def _generation_source(model) -> str:
+    """The file the model's generation settings come from: its generation_config.json, else config.json (from which
+    transformers makes them), in its folder; a hub model's, named by its id."""
+    folder = getattr(model, "name_or_path", "") or ""
+    if not os.path.isdir(folder):
+        return f"{folder or 'the model'}'s generation_config.json (or its config.json)"
+    own = os.path.join(folder, "generation_config.json")
+    return own if os.path.isfile(own) else os.path.join(folder, "config.json")
