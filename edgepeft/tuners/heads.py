@@ -107,7 +107,8 @@ def check_saved_whole_apart(model: nn.Module) -> None:
 def _saved_whole_and_adapted(key: str) -> ConfigError:
     return ConfigError(f"{key}: one adapter trains it whole (modules_to_save) and another puts its own layers on it, "
                        "which one export cannot build together; export them one at a time into the same --out folder, "
-                       "the one that trains it whole first")
+                       "the one that trains it whole first (into separate --out folders where it is a head of another "
+                       "label count than the base's)")
 
 
 def saved_module_names(model: nn.Module, config) -> list[str]:
