@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .errors import STOPS, ConfigError, CorruptArtifactError, InvalidInputError, MissingDependencyError
+from .errors import STOPS, ConfigError, CorruptArtifactError, InvalidInputError, MissingDependencyError, raise_if_stopped
 from .sentence import TOKENIZER_FIX as _FIX
 from .values import HALF_CHARACTER, half_character
 
@@ -45,7 +45,8 @@ def compile_template(text: str | None, source: str):
                           "pass plain text (chat=False)")
     try:
         import jinja2
-    except ImportError:
+    except ImportError as e:
+        raise_if_stopped(e)
         jinja2 = None
     if jinja2 is None or tuple(map(int, re.findall(r"\d+", jinja2.__version__)[:3])) < (3, 1, 6):
         raise MissingDependencyError(

@@ -87,6 +87,17 @@ class MissingDependencyError(EdgePeftError, ImportError):
 STOPS = (TimeoutError, InterruptedError)
 
 
+def raise_if_stopped(error: ImportError) -> None:
+    """A Ctrl-C (or an app's stop) that landed in a package's own start, raised as that, not read as the package
+    missing: ONNX Runtime's binding turns one into ImportError("initialization failed"), which was "needs ONNX
+    Runtime: pip install", exit 1."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, (KeyboardInterrupt, *STOPS)):
+            raise cause.with_traceback(None) from None
+        cause = cause.__cause__ or cause.__context__
+
+
 def first_line(error: BaseException) -> str:
     """ONNX Runtime's (or another library's) error in one line of a readable length: a forged graph's error named
     each of its 100,000 inputs (megabytes)."""

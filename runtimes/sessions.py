@@ -11,12 +11,14 @@ import re
 
 from .access import check_readable
 from .commands import REEXPORT_BASE
-from .errors import ConfigError, CorruptArtifactError, MissingDependencyError, OutOfMemoryError, first_line
+from .errors import (ConfigError, CorruptArtifactError, MissingDependencyError, OutOfMemoryError, first_line,
+                     raise_if_stopped)
 from .values import is_whole
 
 try:
     import onnxruntime as ort
-except ImportError:  # the install without an extra: numpy, tokenizers, click only
+except ImportError as e:  # the install without an extra: numpy, tokenizers, click only
+    raise_if_stopped(e)
     raise MissingDependencyError("edgepeft's runtime needs ONNX Runtime: pip install 'edgepeft[cpu]' "
                                  "(or 'edgepeft[gpu]' for NVIDIA GPUs)") from None
 

@@ -19,7 +19,7 @@ import numpy as np
 from . import chat_template
 from .access import check_readable, present, read_json, read_text
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
-from .errors import STOPS, MissingDependencyError
+from .errors import STOPS, MissingDependencyError, raise_if_stopped
 from .decoded import GrowingText, OpenBytes
 from .inputs import tokenizer_ids_checked
 from .values import HALF_CHARACTER, half_character, is_whole, switch
@@ -57,7 +57,8 @@ class TextTokenizer:
             )
         try:
             from tokenizers import Tokenizer
-        except ImportError:
+        except ImportError as e:
+            raise_if_stopped(e)
             raise MissingDependencyError("text helpers need the `tokenizers` package: pip install tokenizers") from None
         try:
             self._tok = Tokenizer.from_file(path)

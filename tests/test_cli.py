@@ -381,3 +381,25 @@ def test_inspect_takes_an_older_export_that_keeps_its_weights_in_the_graph(tmp_p
     assert proc.returncode == 0, proc.stderr
     ids = np.array([[1, 5, 9, 3]], dtype=np.int64)
     assert np.array_equal(Runtime(out).forward(ids, adapter="qv")["logits"], Runtime(llama[0]).forward(ids, adapter="qv")["logits"])
+
+
+def test_ctrl_c_while_onnx_runtime_starts_is_an_interrupt_not_a_missing_install(tmp_path):
+    """A hunt: ONNX Runtime's binding turns a Ctrl-C during its start into ImportError("initialization failed"),
+    which was "edgepeft's runtime needs ONNX Runtime: pip install 'edgepeft[cpu]'", exit 1."""
+    import subprocess
+    import sys
+
+    script = ("import sys, importlib.abc\n"
+              "class Start(importlib.abc.MetaPathFinder):\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'onnxruntime':\n"
+              "            try:\n"
+              "                raise KeyboardInterrupt\n"
+              "            except KeyboardInterrupt as e:\n"
+              "                raise ImportError('initialization failed') from e\n"
+              "sys.meta_path.insert(0, Start())\n"
+              "from edgepeft.cli import main\n"
+              f"main(['run', {str(tmp_path)!r}, 'hello'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 130 and "pip install" not in done.stderr, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
