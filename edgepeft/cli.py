@@ -309,7 +309,8 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         raise ConfigError("PROMPT '-' reads standard input, which is closed; pass the prompt as an argument")
     if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
         # bytes not of UTF-8 kept as an argument's are (lone surrogates), which the text checks name in a line
-        prompt = click.get_text_stream("stdin", errors="surrogateescape").read().removesuffix("\n").removesuffix("\r")
+        prompt = click.get_text_stream("stdin", errors="surrogateescape").read().removesuffix("\n").removesuffix(
+            "\r").removeprefix("\ufeff")  # a byte-order mark (Windows' editors) is no text: 3 tokens more otherwise
     if os.path.isfile(os.path.join(out, "adapter_config.json")):  # the run that serves it, in the command's terms
         from edgepeft.runtimes.commands import quote
         from edgepeft.runtimes.manifest import not_an_export

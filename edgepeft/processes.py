@@ -42,6 +42,9 @@ def notes_once():
     from edgepeft.errors import EdgePeftWarning
 
     shown, said = warnings.showwarning, set()
+    for stream in (sys.stdout, sys.stderr):  # a label or generated text this stream's encoding lacks (cp1252: Windows'
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):  # output to a file) is
+            stream.reconfigure(errors="backslashreplace")  # escaped, not a UnicodeEncodeError traceback
 
     def note(message, category, filename, lineno, file=None, line=None):
         if not issubclass(category, EdgePeftWarning):
