@@ -39,6 +39,7 @@ LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "m
                   "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
                   "pooling_mode_lasttoken": "lasttoken"}  # sentence-transformers 5's flags
 TOKENIZER_FIX = REEXPORT_BASE  # what mends an export's tokenizer and sentence-transformers files
+MODEL_FIX = "restore it as sentence-transformers saves it with the model (download the model again)"  # a model's
 
 
 class Embedding(NamedTuple):
@@ -73,36 +74,37 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     """The ``Embedding`` settings of the model in ``folder`` (an export's base/, or the model's own folder for
     training). ``max_positions``: the model's, which caps the limit (max_seq_length, else the tokenizer's own)."""
     config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
-    settings = read_json(config, "sentence-transformers config", TOKENIZER_FIX, optional=True)
+    exported = present(os.path.join(folder, BASE_MANIFEST))  # else a model's folder (training, export)
+    fix = TOKENIZER_FIX if exported else MODEL_FIX  # an export's files mend by copying the export, a model's not
+    settings = read_json(config, "sentence-transformers config", fix, optional=True)
     limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True
     if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 2):
-        raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {TOKENIZER_FIX}")
+        raise CorruptArtifactError(f"{config}: max_seq_length must be a whole number > 2, got {limit!r}; {fix}")
     if limit is None:
-        limit = _tokenizer_limit(folder, max_positions)
+        limit = _tokenizer_limit(folder, max_positions, fix)
     elif max_positions and limit > max_positions:  # sentence-transformers' cut past the positions: BERT's RuntimeError
         limit = max_positions  # there; here every text "exceeds the positions" though the caller's was any length
     _check_modality(config, settings.get("modality_config"))
-    _check_output(config, settings)
+    _check_output(config, settings, fix)
     if settings.get("processing_kwargs"):  # sentence-transformers 6 saves them where they were set
         raise ConfigError(f"{config}: processing_kwargs {settings['processing_kwargs']!r} change how "
                           "sentence-transformers' encode tokenizes texts, which edgepeft's embed and training do not "
                           "follow; remove them (max_seq_length sets the length texts are cut to)")
-    listed = _check_modules(modules)
+    listed = _check_modules(modules, fix)
     normalized = "Normalize" in listed
-    prompts_path, extra = _prompts_config(folder)
+    prompts_path, extra = _prompts_config(folder, fix)
     prompts, truncate = extra.get("prompts") or {}, extra.get("truncate_dim")
     if not (isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())):
-        raise CorruptArtifactError(f"{prompts_path}: prompts must map names to texts, got {prompts!r:.80}; {TOKENIZER_FIX}")
+        raise CorruptArtifactError(f"{prompts_path}: prompts must map names to texts, got {prompts!r:.80}; {fix}")
     prompts = {"query": "", "document": "", **prompts}  # sentence-transformers 6 gives every model these two
     if truncate is not None and not (isinstance(truncate, int) and not isinstance(truncate, bool) and truncate > 0):
         raise CorruptArtifactError(f"{prompts_path}: truncate_dim must be a whole number > 0, got {truncate!r}; "
-                                   f"{TOKENIZER_FIX}")
+                                   f"{fix}")
     if not (listed or present(os.path.dirname(pooling), folder=True)):  # no Pooling module: the mean, as sentence-transformers
         return Embedding(limit, "mean", lower, True, truncate, prompts, normalized)  # listed: a copy without it is
         # named, not meaned
-    exported = present(os.path.join(folder, BASE_MANIFEST))  # else a model's folder (training, export)
-    fields = read_json(pooling, "pooling config", TOKENIZER_FIX if exported else "restore it as sentence-transformers "
-                       "saves it with the model (download the model again), or remove the Pooling entry of modules.json")
+    fields = read_json(pooling, "pooling config", fix if exported else f"{fix}, or remove the Pooling entry of "
+                       "modules.json")
     modes = fields.get("pooling_mode")
     if modes is None:  # sentence-transformers 5: one flag per mode; none set pools by the mean, as 6.x reads it
         modes = [LEGACY_POOLING.get(k, k.removeprefix("pooling_mode_")) for k, v in fields.items()
@@ -145,11 +147,11 @@ def has_sentence_transformers_files(folder: str) -> bool:
     return any(present(os.path.join(folder, f)) for f in SENTENCE_TRANSFORMERS_FILES)
 
 
-def _tokenizer_limit(folder: str, max_positions: int | None) -> int | None:
+def _tokenizer_limit(folder: str, max_positions: int | None, fix: str = TOKENIZER_FIX) -> int | None:
     """sentence-transformers' limit where its config gives none: the tokenizer's ``model_max_length`` (where
     sentence-transformers 6 saves ``max_seq_length``), capped at the model's positions."""
     path = os.path.join(folder, "tokenizer_config.json")
-    own = read_json(path, "tokenizer config", TOKENIZER_FIX, optional=True).get("model_max_length")
+    own = read_json(path, "tokenizer config", fix, optional=True).get("model_max_length")
     return tokenizer_limit(own, max_positions)
 
 
@@ -187,14 +189,14 @@ def _check_modality(config: str, modalities) -> None:
                           "remove \"message\" from modality_config (encode then embeds texts as they are, as edgepeft)")
 
 
-def _check_output(config: str, settings: dict) -> None:
+def _check_output(config: str, settings: dict, fix: str = TOKENIZER_FIX) -> None:
     """Refuse sentence-transformers 6 settings by which encode embeds other than the pooled ``last_hidden_state`` that
     embed and training pool: another task's output (fill-mask: the vocabulary's logits), another output of the model
     (``pooler_output``, taken as the sentence's), or queries and documents cut to lengths of their own."""
     routes = settings.get("modality_config") if isinstance(settings.get("modality_config"), dict) else {}
     named = [r.get("method_output_name") for r in routes.values() if isinstance(r, dict)]
     if not all(n is None or isinstance(n, str) for n in named):
-        raise CorruptArtifactError(f"{config}: a method_output_name is not a name; {TOKENIZER_FIX}")
+        raise CorruptArtifactError(f"{config}: a method_output_name is not a name; {fix}")
     outputs = set(named) - {None, "last_hidden_state"}
     odd = {"transformer_task": settings.get("transformer_task") not in (None, "feature-extraction"),
            "method_output_name": bool(outputs),
@@ -210,10 +212,10 @@ def _check_output(config: str, settings: dict) -> None:
                           "(max_seq_length then cuts queries and documents alike)")
 
 
-def _check_modules(modules: str) -> list:
+def _check_modules(modules: str, fix: str = TOKENIZER_FIX) -> list:
     """The names of the modules ``modules`` (modules.json) lists (then 1_Pooling among them), refusing those embed
     does not run."""
-    listed = read_json(modules, "sentence-transformers modules", TOKENIZER_FIX, list, optional=True)
+    listed = read_json(modules, "sentence-transformers modules", fix, list, optional=True)
     if listed and not any(isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling" for m in listed):
         raise ConfigError(f"{modules}: the model lists no Pooling module, so sentence-transformers' encode does not "
                           "pool the token embeddings as edgepeft's embed and training do; add one (1_Pooling), or "
