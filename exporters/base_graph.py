@@ -212,9 +212,24 @@ def write_tokenizer(source: str, stage: str, revision: str | None = None, log=la
             plain_tokenizer_json(os.path.join(stage, "tokenizer.json"))
             settled_config(os.path.join(stage, "tokenizer_config.json"), tokenizer)
         return
-    for f in TOKENIZER_FILES if os.path.isdir(source) else ():
-        if os.path.isfile(os.path.join(source, f)):
-            shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
+    copied = [f for f in TOKENIZER_FILES if os.path.isdir(source) and os.path.isfile(os.path.join(source, f))]
+    for f in copied:
+        shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
+    if "tokenizer.json" in copied:  # files the runtime cannot read either (a byte-order mark) failed every text call
+        _check_copied_tokenizer(source, stage)  # later with "re-run export", which copied them again
+
+
+def _check_copied_tokenizer(source: str, stage: str) -> None:
+    from edgepeft.errors import ConfigError, EdgePeftError
+    from edgepeft.runtimes.text import TextTokenizer
+
+    try:
+        TextTokenizer(stage)
+    except EdgePeftError as e:
+        why = str(e).replace(stage, source).rsplit("; ", 1)[0]  # its fix is for an export's copy
+        raise ConfigError(f"{why}; transformers cannot load the tokenizer either: correct it (a byte-order mark: save "
+                          "it as UTF-8 without one, as transformers writes it), or remove the tokenizer files to "
+                          "export without them (then pass token ids)") from None
 
 
 def settled_config(path: str, tokenizer) -> None:
