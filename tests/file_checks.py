@@ -61,3 +61,11 @@ def write_lines(path, lines) -> str:
         for line in lines:
             f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
     return str(path)
+
+
+def add_bom(path) -> None:
+    """``path`` with a UTF-8 byte-order mark put first, as Windows' editors save a file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + data)

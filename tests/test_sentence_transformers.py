@@ -430,13 +430,12 @@ def test_a_model_folder_that_lost_its_pooling_config_is_told_to_restore_it(st6, 
     with pytest.raises(ArtifactNotFoundError, match=r"1_Pooling/config.json: pooling config not found; restore it as "
                                                     r"sentence-transformers saves it with the model"):
         sentence_transformers_settings(folder)
+    from file_checks import add_bom
+
     for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):  # a hunt: the
         path = os.path.join(folder, name)  # model's other files (a BOM, as sentence-transformers refuses) said the same
         shutil.copy(os.path.join(st6[0], name), path)
-        with open(path, "rb") as f:
-            data = f.read()
-        with open(path, "wb") as f:
-            f.write(b"\xef\xbb\xbf" + data)
+        add_bom(path)
         with pytest.raises(CorruptArtifactError, match=f"{name}: .* is not valid JSON .*; restore it as sentence-"
                                                        "transformers saves it with the model"):
             sentence_transformers_settings(folder)

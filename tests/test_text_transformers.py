@@ -296,12 +296,11 @@ def test_a_tokenizer_transformers_cannot_load_is_said_and_copied_as_it_is(tiny_b
            verbose=True)
     assert "note: transformers cannot load the tokenizer of" in capsys.readouterr().out
     assert os.path.isfile(os.path.join(out, "base", "tokenizer.json"))  # the folder's files, as they are
+    from file_checks import add_bom
+
     monkeypatch.undo()  # a hunt: a file neither transformers nor the runtime reads (a byte-order mark) was copied, and
     config = os.path.join(base, "tokenizer_config.json")  # every text call said "re-run export", which copied it again
-    with open(config, "rb") as f:
-        data = f.read()
-    with open(config, "wb") as f:
-        f.write(b"\xef\xbb\xbf" + data)
+    add_bom(config)
     with pytest.raises(ConfigError, match=f"^{config}: tokenizer config is not valid JSON .*; "
                        "transformers cannot load the tokenizer either: correct it \\(a byte-order mark"):
         export([str(tmp_path / "qv")], str(tmp_path / "bom-out"))
