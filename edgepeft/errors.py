@@ -34,6 +34,15 @@ def training_side(what: str):
             f"{what} needs {package}, which this install lacks; pip install 'edgepeft[train,cpu]'") from cause
 
 
+def printed(*args, **_) -> None:
+    """export's log where it prints (verbose=True, the CLI's): its ``note:`` lines on standard error, as every other
+    command's notes, the rest on standard output (a program reading it got notes there)."""
+    import sys
+
+    message = " ".join(map(str, args))
+    print(message, file=sys.stderr if message.startswith("note: ") else sys.stdout)
+
+
 def noted(*args, **_) -> None:
     """A log that prints nothing but gives its ``note:`` lines as EdgePeftWarning: export's notes (generation settings
     it does not apply, adapter weights it leaves out) where it prints nothing else (Python's verbose=False), as

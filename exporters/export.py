@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, StorageError, noted
+from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, StorageError, noted, printed
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
 from edgepeft.exporters.base_graph import (quantize_stage, side_difference, take_made_heads, trace_base,
@@ -66,7 +66,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     check_quantize(quantize)
     check_ops(ops)
     check_output_dir(out, "--out")  # OUT itself takes the staging folders (resolve checks its base/ and adapters/)
-    log = print if verbose else noted  # notes as EdgePeftWarning where nothing is printed
+    log = printed if verbose else noted  # notes as EdgePeftWarning where nothing is printed
     made = missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
         with one_at_a_time(out, log) as locked:  # makes OUT; says so when another export holds it

@@ -74,7 +74,7 @@ def test_a_head_size_the_kernel_cannot_take_falls_back_to_standard_ops(tmp_path,
     pm.peft_config["default"].base_model_name_or_path = base
     pm.save_pretrained(str(tmp_path / "lora"))
     export([str(tmp_path / "lora")], str(tmp_path / "out"), verbose=True)
-    assert "head size 8 is not a multiple of 16" in capsys.readouterr().out
+    assert "head size 8 is not a multiple of 16" in capsys.readouterr().err  # a note
     assert _manifest(str(tmp_path / "out"))["ops"] == "standard" and not FUSED & _ops(str(tmp_path / "out"))
 
 

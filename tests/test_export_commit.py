@@ -300,7 +300,7 @@ def test_a_later_export_mends_what_an_export_killed_midway_left(llama, tmp_path,
     with open(os.path.join(adapters, left[0], f".tmp-{dead}-abc"), "w") as f:  # a killed write's, inside qv
         f.write("half")
     export([llama[1]["mlp"]], out, verbose=True)
-    printed = capsys.readouterr().out
+    printed = "".join(capsys.readouterr())  # notes on stderr
     assert f"removed {os.path.join(adapters, 'qv', f'.tmp-{dead}-abc')} (a file half-written" in printed
     assert f"note: put {os.path.join(adapters, 'qv')} back (an export was stopped while replacing it)" in printed
     assert "removed " in printed and "left by an export that was stopped midway" in printed
@@ -498,7 +498,7 @@ def test_an_export_killed_while_re_pointing_is_finished_by_the_next(llama, tmp_p
                                                            "adapter into this OUT: .* --overwrite`$"):
             Runtime(out)
     export([llama[1]["mlp"]], out, verbose=True)
-    printed = capsys.readouterr().out
+    printed = "".join(capsys.readouterr())  # notes on stderr
     line = "re-pointed {} to the base OUT holds" if killed == "after the base" else "removed {}/.adapter.json.new"
     assert line.format(os.path.join(out, "adapters", "qv")) in printed
     assert not hidden_entries(out)

@@ -59,7 +59,7 @@ def test_prompt_and_prefix_adapters_get_no_ort_adapter_file(virtual_export, work
     dirs = virtual_export("llama")[1]
     out = str(workdir / "ort-adapter-virtual")
     export(list(dirs.values()), out, names=list(dirs), ort_adapter=True, verbose=True)
-    notes = [line for line in capsys.readouterr().out.splitlines() if "no .onnx_adapter written" in line]
+    notes = [line for line in capsys.readouterr().err.splitlines() if "no .onnx_adapter written" in line]
     assert sorted(n.split(":")[1].strip() for n in notes) == ["prefix", "prefix_mlp", "prompt"]
     manifests = {}
     for name in os.listdir(os.path.join(out, "adapters")):

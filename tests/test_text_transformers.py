@@ -294,7 +294,7 @@ def test_a_tokenizer_transformers_cannot_load_is_said_and_copied_as_it_is(tiny_b
     out = str(tmp_path / "out")
     export([lora_adapter(tmp_path / "qv", base, "causal-lm", 4, r=2, target_modules=["q_proj"])], out, names=["qv"],
            verbose=True)
-    assert "note: transformers cannot load the tokenizer of" in capsys.readouterr().out
+    assert "note: transformers cannot load the tokenizer of" in capsys.readouterr().err  # a note: on stderr
     assert os.path.isfile(os.path.join(out, "base", "tokenizer.json"))  # the folder's files, as they are
     from file_checks import add_bom
 
