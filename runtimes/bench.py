@@ -168,8 +168,8 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
             # what adapter_budget_bytes counts: the tensors as bound (fused q/k/v block-diagonal), not the file's
             "staged_bytes": rt.store.staged_bytes(n),
         }
-    if names:
-        result["switching_none_ms"] = _median_ms(split[None])
+    # no switching rounds without an adapter: null, not left out (cli.md lists the key; a script read a KeyError)
+    result["switching_none_ms"] = _median_ms(split[None]) if names else None
     if new_tokens:  # the batch's new tokens per second, peers in turns as above; no eos or stop string ends early
         generating = {adapter or "none": (lambda a=adapter: rt.generate(
             ids, mask, adapter=a, max_new_tokens=new_tokens, eos_token_id=[], stop=[], do_sample=False))

@@ -114,7 +114,8 @@ def test_cli_bench_prints_table_and_writes_json_and_plot(shared_export, tmp_path
     base_only = CliRunner().invoke(cli, ["bench", out, "--adapter", "none", "--rounds", "1", "--calls", "1", "--seq", "4",
                                          "--json", str(tmp_path / "n.json")])  # it measured every adapter
     assert base_only.exit_code == 0, base_only.output
-    assert json.loads((tmp_path / "n.json").read_text())["adapters"] == {}
+    data = json.loads((tmp_path / "n.json").read_text())
+    assert data["adapters"] == {} and data["switching_none_ms"] is None  # a hunt: left out, a KeyError for scripts
 
 
 def test_bench_threads_sample_measures_every_setting(shared_export):
