@@ -87,7 +87,11 @@ def describe_export(out_dir: str) -> dict:
     problems += _moved_aside(out_dir)
     most = adapter_bound(base_dir, base)
     for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them
-        m = read_adapter_manifest(d)
+        try:  # a stray or damaged folder is one problem: inspect printed nothing else (--json: no JSON at all)
+            m = read_adapter_manifest(d)
+        except EdgePeftError as e:
+            problems.append(str(e))
+            continue
         try:
             check_adapter_graph(d, m, most)
         except EdgePeftError as e:

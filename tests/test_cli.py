@@ -427,3 +427,14 @@ def test_a_prompt_read_from_standard_input_drops_a_byte_order_mark(text_export):
                             "--max-new-tokens", "4"], input=text.encode(), capture_output=True) for text in
             ("w10 w20 w30\n", "\ufeffw10 w20 w30\n")]
     assert runs[0].returncode == runs[1].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[1].stderr
+
+
+def test_inspect_names_a_stray_adapter_folder_among_the_rest(tmp_path, llama):
+    """A hunt: an empty folder in OUT/adapters (or one whose adapter.json cannot be read) was inspect's only line:
+    no summary, and with --json no JSON at all for a script to read."""
+    out = shutil.copytree(llama[0], tmp_path / "out")
+    (out / "adapters" / "empty").mkdir()
+    proc = edgepeft("inspect", out, "--json")
+    assert_user_error(proc, str(out / "adapters" / "empty"), "not an exported adapter")
+    data = json.loads(proc.stdout)
+    assert [a["name"] for a in data["adapters"]] == sorted(llama[1]) and len(data["problems"]) == 1
