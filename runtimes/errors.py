@@ -91,11 +91,12 @@ def raise_if_stopped(error: ImportError) -> None:
     """A Ctrl-C (or an app's stop) that landed in a package's own start, raised as that, not read as the package
     missing: ONNX Runtime's binding turns one into ImportError("initialization failed"), which was "needs ONNX
     Runtime: pip install", exit 1."""
-    cause = error
-    while cause is not None:
+    cause, seen = error.__cause__, set()  # the binding's "from": not __context__, an app's own error being handled
+    while cause is not None and id(cause) not in seen:
         if isinstance(cause, (KeyboardInterrupt, *STOPS)):
             raise cause.with_traceback(None) from None
-        cause = cause.__cause__ or cause.__context__
+        seen.add(id(cause))
+        cause = cause.__cause__
 
 
 def first_line(error: BaseException) -> str:

@@ -3,6 +3,7 @@ hunt): a stream's inputs are read at the call; an app's TimeoutError comes throu
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tiny import sample_batch
 
@@ -105,3 +106,21 @@ def test_an_apps_timeout_while_the_first_text_call_looks_for_a_file_is_no_file_m
         pass
     monkeypatch.undo()
     assert fired and rt.generate_text(chat, adapter="tok", chat=True, max_new_tokens=3) == want
+
+
+def test_an_import_is_read_as_stopped_by_its_cause_only():
+    """A review: an import failing inside an app's own `except TimeoutError:` (its __context__) re-raised the app's
+    error where the package was missing; an interrupt the binding raised it from (__cause__) is raised as itself."""
+    from edgepeft.runtimes.errors import raise_if_stopped
+
+    try:
+        raise TimeoutError("the app's own, being handled")
+    except TimeoutError:
+        try:
+            raise ImportError("No module named 'tokenizers'")
+        except ImportError as e:
+            assert raise_if_stopped(e) is None
+    started = ImportError("initialization failed")
+    started.__cause__ = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        raise_if_stopped(started)
