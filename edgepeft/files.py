@@ -284,7 +284,7 @@ def _sync(path: str, flags: int) -> bool:
         os.fsync(fd)
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.EROFS):
-            raise
+            raise OSError(e.errno, e.strerror, path) from None  # the CLI names the file (EIO: a failing disk)
     finally:
         os.close(fd)
     return True

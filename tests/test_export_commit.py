@@ -143,19 +143,26 @@ def test_an_export_is_on_the_disk_before_the_old_base_is_removed(llama, tmp_path
 def test_a_system_that_syncs_no_file_still_commits_and_a_write_error_is_raised(tmp_path, monkeypatch, refused):
     """A review: Windows syncs no file opened read-only (EBADF), some file systems none at all (EINVAL): every export
     and checkpoint failed, "Bad file descriptor", naming no file. A write error (EIO) still stops the commit."""
-    target, staged = _old_and_new(tmp_path)
+    import fcntl
 
-    def fsync(fd):
-        raise OSError(refused, os.strerror(refused))
+    target, staged = _old_and_new(tmp_path)
+    real, synced = os.fsync, []
+
+    def fsync(fd):  # EBADF as Windows: for a handle opened read-only; the others for every one
+        if refused != errno.EBADF or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(refused, os.strerror(refused))
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    if refused == errno.EIO:
-        with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+    if refused == errno.EIO:  # named: the CLI said "Input/output error; check the path", of no path
+        with pytest.raises(OSError, match=os.strerror(errno.EIO)) as e:
             replace_dir(str(staged), str(target))
-        assert (target / "file").read_text() == "old"
+        assert e.value.filename == str(staged / "file") and (target / "file").read_text() == "old"
     else:
         replace_dir(str(staged), str(target))
         assert (target / "file").read_text() == "new" and not staged.exists()
+        assert synced == ([str(staged / "file")] if refused == errno.EBADF else [])  # a file, opened for writing
 
 
 def test_a_read_only_out_is_refused_before_any_work(llama, tmp_path, monkeypatch):
