@@ -71,17 +71,19 @@ def generation_fields(model, task: str) -> dict:
     fields = {"pad_token_id": pad_token_id(model, task), "eos_token_id": eos_token_ids(model),
               "generation": generation_defaults(model) if task == "causal-lm" else {}}  # as transformers' generate
     if wrong := generation_errors(fields["generation"], getattr(model.config, "vocab_size", None) or 1):
-        name, _, why = wrong[0].partition("'")  # the runtime's stop is the file's stop_strings
-        raise ConfigError(f"{_generation_source(model)}: {'stop_strings' if name == 'stop' else name!r}{why}; correct "
-                          "it there, or remove it (transformers' generate refuses it too)")
+        name, _, why = wrong[0].partition("'")  # the runtime's stop is the file's stop_strings; its fix is a call's
+        name, why = ("stop_strings", why.replace(" strings must not be empty", " must hold no empty string", 1)) \
+            if name == "stop" else (name, why)
+        folder = getattr(model, "name_or_path", "") or ""
+        where, fix = ((_generation_file(folder), "correct it there, or remove it") if os.path.isdir(folder) else (
+            f"{folder or 'the model'}'s generation_config.json (or its config.json)",
+            "download the model, correct it in its folder and export from there"))
+        raise ConfigError(f"{where}: {name!r}{why.split(';')[0]}; {fix} (transformers' generate refuses it too)")
     return fields
 
 
-def _generation_source(model) -> str:
+def _generation_file(folder: str) -> str:
     """The file the model's generation settings come from: its generation_config.json, else config.json (from which
-    transformers makes them), in its folder; a hub model's, named by its id."""
-    folder = getattr(model, "name_or_path", "") or ""
-    if not os.path.isdir(folder):
-        return f"{folder or 'the model'}'s generation_config.json (or its config.json)"
+    transformers makes them)."""
     own = os.path.join(folder, "generation_config.json")
     return own if os.path.isfile(own) else os.path.join(folder, "config.json")

@@ -349,8 +349,12 @@ def test_a_generation_config_naming_no_eos_stops_at_none(text_export, tmp_path):
     assert rt.generate(ids, max_new_tokens=8).shape[1] == ids.shape[1] + 8
 
 
-@pytest.mark.parametrize("source", ["generation_config.json", "config.json"])
-def test_a_generation_default_every_call_refuses_is_named_in_the_models_file(text_export, tmp_path, capsys, source):
+@pytest.mark.parametrize("source, setting, said", [
+    ("generation_config.json", {"repetition_penalty": 0.0}, "'repetition_penalty' must be > 0, got 0.0"),
+    ("config.json", {"repetition_penalty": 0.0}, "'repetition_penalty' must be > 0, got 0.0"),
+    ("generation_config.json", {"stop_strings": [""]}, "'stop_strings' must hold no empty string, got ['']")])
+def test_a_generation_default_every_call_refuses_is_named_in_the_models_file(text_export, tmp_path, capsys, source,
+                                                                            setting, said):
     """A hunt: repetition_penalty 0 in generation_config.json (transformers' generate refuses it too) failed the
     export naming the staged manifest, deleted after, with "a fresh --out", which failed the same way. A review:
     without generation_config.json, transformers makes the settings from config.json, which is named then."""
@@ -363,14 +367,14 @@ def test_a_generation_default_every_call_refuses_is_named_in_the_models_file(tex
     shutil.copytree(text_export[2], base)
     if source == "config.json" and os.path.exists(os.path.join(base, "generation_config.json")):
         os.remove(os.path.join(base, "generation_config.json"))
-    edit_json(os.path.join(base, source), repetition_penalty=0.0)
+    edit_json(os.path.join(base, source), **setting)
     pm = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(base),
                              peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
     pm.peft_config["default"].base_model_name_or_path = base
     pm.save_pretrained(str(tmp_path / "adapter"))
     line = cli_error(capsys, "export", "--adapter", tmp_path / "adapter", "--out", tmp_path / "out")
-    assert line == (f"error: {os.path.join(base, source)}: 'repetition_penalty' must be > 0, got "
-                    "0.0; correct it there, or remove it (transformers' generate refuses it too)")
+    assert line == (f"error: {os.path.join(base, source)}: {said}; correct it there, or remove it (transformers' "
+                    "generate refuses it too)")
     assert not os.path.exists(tmp_path / "out")
 
 
