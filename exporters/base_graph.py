@@ -46,6 +46,9 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     ``ops``: "contrib" (a model ``effective_ops`` allows) or "standard" (see ``contrib_ops``). ``revision``: the hub
     revision of ``source`` (its tokenizer's too). ``log``: where a note goes (a tokenizer left out).
     """
+    # first: a tokenizer or a generation default refused is refused before the tracing (minutes on a large model)
+    write_side_files(source, stage, task, revision, log)
+    generation = generation_fields(model, task)
     graph_model = copy.deepcopy(model)
     fused = fuse_groups(graph_model, groups)
     trace_conv1d_as_matmul(graph_model)
@@ -99,7 +102,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
         # a seq-cls BERT's token types (the graph's token_type_ids input: text pairs), else None
         "type_vocab_size": model.config.type_vocab_size if graph.types else None,
         "max_positions": max_positions(model.config),
-        **generation_fields(model, task),
+        **generation,
         "slots": [s.to_json() for s in slots],
         "fused_groups": list(fused),
         **io,
@@ -108,7 +111,6 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     if ignored:
         log(f"note: {source}: generation_config.json sets {', '.join(ignored)}, which edgepeft's generate does not "
             "apply (one sequence per prompt, greedy or sampled); its tokens differ from transformers' generate there")
-    write_side_files(source, stage, task, revision, log)
     manifest.update(graph_files(stage, manifest))
     write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
     write_genai_config(model, manifest, stage)  # decoders: onnxruntime-genai opens OUT/base as it is
@@ -144,7 +146,7 @@ def take_made_heads(model, base_dir: str) -> None:
 def write_side_files(source: str, stage: str, task: str, revision: str | None = None, log=lambda *a, **k: None) -> None:
     """What the graph runs with, from ``source`` into ``stage``: the tokenizer, generate's defaults (in the manifest
     too), Runtime.embed's length limit and pooling (from the hub too)."""
-    write_tokenizer(source, stage, revision, log)
+    write_tokenizer(source, stage, revision, log, pairs=task == "seq-cls")
     if os.path.isfile(os.path.join(source, "generation_config.json")):
         shutil.copy2(os.path.join(source, "generation_config.json"), stage)
     st = sentence_transformers_folder(source, revision) if task == "feature-extraction" else None
@@ -189,23 +191,26 @@ def graph_files(stage: str, manifest: dict) -> dict:
             "file_sha256": {n: sha256_file(p) for n, p in paths.items()}}
 
 
-def write_tokenizer(source: str, stage: str, revision: str | None = None, log=lambda *a, **k: None) -> None:
+def write_tokenizer(source: str, stage: str, revision: str | None = None, log=lambda *a, **k: None,
+                    pairs: bool = False) -> None:
     """The base's tokenizer as transformers loads it, into ``stage``: its tokenizer.json is the one transformers
     runs. transformers 5 rebuilds some tokenizers (Llama-2's: no Prepend normalizer, Metaspace first only), so
     a copied file gave other ids (' Hello', text after <s>). A hub id's tokenizer comes too. A tokenizer that
     transformers cannot load is copied as it is (a folder's), or left out (the runtime then takes token ids), and
     so is one with no vocabulary beyond its special tokens: transformers 5 makes such a placeholder for a folder
-    without tokenizer files, which encodes every word as [UNK] (or nothing)."""
+    without tokenizer files, which encodes every word as [UNK] (or nothing). ``pairs``: a classifier's, whose
+    pair template a copy must encode with too."""
     import transformers
 
     if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
         return
+    why = None  # transformers' refusal, noted once the files are copied (or none of a hub id's are)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision, **NO_REMOTE_CODE)
     except Exception as e:  # noqa: BLE001  one that needs remote code, another package or the network
-        log(f"note: transformers cannot load the tokenizer of {source} ({str(e).splitlines()[0][:120]}); "
-            + ("its files are copied as they are" if os.path.isdir(source) else "the export has none: pass token ids"))
-        tokenizer = None
+        why, tokenizer = f"note: transformers cannot load the tokenizer of {source} ({str(e).splitlines()[0][:120]}); ", None
+        if not os.path.isdir(source):
+            log(why + "the export has none: pass token ids")
     if getattr(tokenizer, "backend_tokenizer", None) is not None:
         if not is_placeholder_tokenizer(tokenizer):
             tokenizer.save_pretrained(stage)
@@ -216,15 +221,17 @@ def write_tokenizer(source: str, stage: str, revision: str | None = None, log=la
     for f in copied:
         shutil.copy2(os.path.join(source, f), os.path.join(stage, f))
     if "tokenizer.json" in copied:  # files the runtime cannot read either (a byte-order mark) failed every text call
-        _check_copied_tokenizer(source, stage)  # later with "re-run export", which copied them again
+        _check_copied_tokenizer(source, stage, pairs)  # later with "re-run export", which copied them again
+    if copied and why:
+        log(why + "its files are copied as they are")
 
 
-def _check_copied_tokenizer(source: str, stage: str) -> None:
+def _check_copied_tokenizer(source: str, stage: str, pairs: bool) -> None:
     from edgepeft.errors import ConfigError, EdgePeftError
     from edgepeft.runtimes.text import TextTokenizer
 
     try:
-        TextTokenizer(stage)
+        TextTokenizer(stage, pairs=pairs)
     except EdgePeftError as e:
         why = str(e).replace(stage, source).rsplit("; ", 1)[0]  # its fix is for an export's copy
         raise ConfigError(f"{why}; transformers cannot load the tokenizer either: correct it (a byte-order mark: save "
