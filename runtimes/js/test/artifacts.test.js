@@ -163,8 +163,11 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   }
   const neutral = path.join(out, "base/neutral.onnx");  // a graph that takes inputs: ONNX Runtime's error, raw
   const kept = await readFile(neutral);
-  await cp(path.join(out, "base/model.web.onnx"), neutral);
-  await refuses(openFolder(ortNode, out), /base\/neutral.onnx: ONNX Runtime cannot load it \(.*\); the file is damaged or incomplete/);
+  await cp(path.join(out, "base/model.web.onnx"), neutral);  // another file: its size tells it (as Python's)
+  await refuses(openFolder(ortNode, out), /base\/neutral\.onnx: \d+ bytes where the export wrote \d+ \(a copy cut short\?\)/);
+  const size = (await readFile(neutral)).length;  // at the size recorded: run, ONNX Runtime's error
+  await withEdit(out, "base/edgepeft.json", (j) => { j.file_bytes["neutral.onnx"] = size; }, () => refuses(openFolder(ortNode, out),
+    /base\/neutral.onnx: ONNX Runtime cannot load it \(.*\); the file is damaged or incomplete/));
   await writeFile(neutral, kept);
   await (await openFolder(ortNode, out)).loadAdapter("lora");  // put back: it opens and loads
 });
