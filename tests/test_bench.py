@@ -108,14 +108,15 @@ def test_cli_bench_prints_table_and_writes_json_and_plot(shared_export, tmp_path
                                       "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
     assert result.exit_code == 0, result.output
     assert "| none (base model) |" in result.output and f"| {name} (lora) |" in result.output
-    data = json.loads((tmp_path / "b.json").read_text())
+    measured = data = json.loads((tmp_path / "b.json").read_text())
     assert list(data["adapters"]) == [name] and data["setup"]["seq"] == 8
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     base_only = CliRunner().invoke(cli, ["bench", out, "--adapter", "none", "--rounds", "1", "--calls", "1", "--seq", "4",
                                          "--json", str(tmp_path / "n.json")])  # it measured every adapter
     assert base_only.exit_code == 0, base_only.output
     data = json.loads((tmp_path / "n.json").read_text())
-    assert data["adapters"] == {} and data["switching_none_ms"] is None  # a hunt: left out, a KeyError for scripts
+    # a hunt: a key cli.md lists was left out without an adapter (a KeyError for scripts); the same keys either way
+    assert data["adapters"] == {} and set(data) == set(measured)
 
 
 def test_bench_threads_sample_measures_every_setting(shared_export):
