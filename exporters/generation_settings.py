@@ -71,14 +71,14 @@ def generation_fields(model, task: str) -> dict:
     fields = {"pad_token_id": pad_token_id(model, task), "eos_token_id": eos_token_ids(model),
               "generation": generation_defaults(model) if task == "causal-lm" else {}}  # as transformers' generate
     if wrong := generation_errors(fields["generation"], getattr(model.config, "vocab_size", None) or 1):
-        name, _, why = wrong[0].partition("'")  # the runtime's stop is the file's stop_strings; its fix is a call's
-        name, why = ("stop_strings", why.replace(" strings must not be empty", " must hold no empty string", 1)) \
+        name, why = wrong[0]  # the runtime's stop is the file's stop_strings; its fix (after ";") is a call's
+        name, why = ("stop_strings", why.replace("strings must not be empty", "must hold no empty string", 1)) \
             if name == "stop" else (name, why)
         folder = getattr(model, "name_or_path", "") or ""
         where, fix = ((_generation_file(folder), "correct it there, or remove it") if os.path.isdir(folder) else (
             f"{folder or 'the model'}'s generation_config.json (or its config.json)",
             "download the model, correct it in its folder and export from there"))
-        raise ConfigError(f"{where}: {name!r}{why.split(';')[0]}; {fix} (transformers' generate refuses it too)")
+        raise ConfigError(f"{where}: {name!r} {why.split(';')[0]}; {fix} (transformers' generate refuses it too)")
     return fields
 
 

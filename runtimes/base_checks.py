@@ -16,9 +16,9 @@ TOKEN_TYPES = "token_type_ids"  # a seq-cls BERT's input: its second segment (te
 ENCODERS = {"bert"}  # model types exported as encoders (no cache; BERT's token types); models.py imports it
 
 
-def generation_errors(generation: dict, vocab: int) -> list[str]:
-    """What generate's defaults (``generation``, as the manifest holds them) hold that a call would be refused,
-    each starting with the setting's name and a quote: "repetition_penalty' must be > 0, got 0.0"."""
+def generation_errors(generation: dict, vocab: int) -> list[tuple[str, str]]:
+    """What generate's defaults (``generation``, as the manifest holds them) hold that a call would be refused:
+    (setting, why) pairs, ("repetition_penalty", "must be > 0, got 0.0")."""
     fields = GenerationConfig.__dataclass_fields__
     given = {k: v for k, v in generation.items() if k in fields}
     if given.get("stop") is None or isinstance(given["stop"], str):  # as generate takes them: a config's "###" ("",
@@ -30,7 +30,7 @@ def generation_errors(generation: dict, vocab: int) -> list[str]:
         GenerationConfig(**{"pad_token_id": 0, **given}).check(max(vocab, 1))
     except ConfigError as e:  # its messages start with the setting's name
         name, _, rest = str(e).partition(" ")
-        return [f"{name}' {rest}"]
+        return [(name, rest)]
     return []
 
 
@@ -54,7 +54,8 @@ def base_value_errors(data: dict) -> list[str]:
         errors.append(f"field 'eos_token_id' must list token ids (64-bit integers), got {eos!r:.60}")  # config's)
     if data.get("ops", OPS[1]) not in OPS:
         errors.append(f"field 'ops' must be {' or '.join(OPS)}, got {data['ops']!r:.40}")
-    errors += [f"field 'generation.{e}" for e in generation_errors(data.get("generation", {}), vocab)]
+    errors += [f"field 'generation.{name}' {why}"
+               for name, why in generation_errors(data.get("generation", {}), vocab)]
     cache = data.get("cache")
     layout = {"num_layers": int, "num_kv_heads": int, "head_dim": int,
               "past_key": str, "past_value": str, "present_key": str, "present_value": str}

@@ -147,7 +147,7 @@ def has_sentence_transformers_files(folder: str) -> bool:
     return any(present(os.path.join(folder, f)) for f in SENTENCE_TRANSFORMERS_FILES)
 
 
-def _tokenizer_limit(folder: str, max_positions: int | None, fix: str = TOKENIZER_FIX) -> int | None:
+def _tokenizer_limit(folder: str, max_positions: int | None, fix: str) -> int | None:
     """sentence-transformers' limit where its config gives none: the tokenizer's ``model_max_length`` (where
     sentence-transformers 6 saves ``max_seq_length``), capped at the model's positions."""
     path = os.path.join(folder, "tokenizer_config.json")
@@ -189,7 +189,7 @@ def _check_modality(config: str, modalities) -> None:
                           "remove \"message\" from modality_config (encode then embeds texts as they are, as edgepeft)")
 
 
-def _check_output(config: str, settings: dict, fix: str = TOKENIZER_FIX) -> None:
+def _check_output(config: str, settings: dict, fix: str) -> None:
     """Refuse sentence-transformers 6 settings by which encode embeds other than the pooled ``last_hidden_state`` that
     embed and training pool: another task's output (fill-mask: the vocabulary's logits), another output of the model
     (``pooler_output``, taken as the sentence's), or queries and documents cut to lengths of their own."""
@@ -212,7 +212,7 @@ def _check_output(config: str, settings: dict, fix: str = TOKENIZER_FIX) -> None
                           "(max_seq_length then cuts queries and documents alike)")
 
 
-def _check_modules(modules: str, fix: str = TOKENIZER_FIX) -> list:
+def _check_modules(modules: str, fix: str) -> list:
     """The names of the modules ``modules`` (modules.json) lists (then 1_Pooling among them), refusing those embed
     does not run."""
     listed = read_json(modules, "sentence-transformers modules", fix, list, optional=True)
