@@ -65,21 +65,19 @@ def classify(rt, texts, adapter=None, truncation: bool = False):
                           f"types); {pairs_fix(rt.manifest)}")
     # held for every batch (a name reloaded between two gave two adapters' scores), and while the cuts are read
     with holding(rt.store, rt.mixer, adapter, row_specs(adapter, len(rows))):
-        per_row = row_adapters(adapter, len(rows))
-        limits = row_limits(rt, adapter, per_row, tokenizer_limit(rt.tokenizer.config.get("model_max_length"),
-                                                                  rt.max_positions)) if truncation else [None]
-        if len(set(limits)) > 1:  # each row cut for its own adapter, as run alone (every row was cut to the room the
-            # adapter of the most virtual tokens leaves: a LoRA row beside a prompt's lost its text's end)
-            out = in_groups(limits, rows, per_row, lambda part, specs: _classified(rt, part, specs, limits[
-                per_row.index(specs[0])]))
-        else:
-            out = _classified(rt, rows, adapter, limits[0])
+        out = _classified(rt, rows, adapter, truncation)
     return out[0] if single else out
 
 
-def _classified(rt, rows: list, adapter, limit: int | None) -> list:
-    ids, mask, types = rt.tokenizer.encode_pairs(*zip(*rows), max_length=limit)
+def _classified(rt, rows: list, adapter, truncation: bool) -> list:
     per_row = row_adapters(adapter, len(rows))
+    limits = row_limits(rt, adapter, per_row, tokenizer_limit(rt.tokenizer.config.get("model_max_length"),
+                                                              rt.max_positions)) if truncation else [None]
+    if len(set(limits)) > 1:  # each row cut for its own adapter, as run alone (every row was cut to the room the
+        # adapter of the most virtual tokens leaves: a LoRA row beside a prompt's lost its text's end), as embed cuts
+        return in_groups(limits, rows, per_row, lambda part, specs: _classified(rt, part, specs, truncation))
+    limit = limits[0]
+    ids, mask, types = rt.tokenizer.encode_pairs(*zip(*rows), max_length=limit)
     lengths = token_counts([t if p is None else (t, p) for t, p in rows], mask)
     over = limit is None and rt.max_positions and ids.shape[1] + rt.virtual_positions(adapter, len(rows)) > rt.max_positions
     for length, spec in zip(lengths, per_row) if over else ():  # then each row as it runs, with its own adapter's
@@ -88,10 +86,10 @@ def _classified(rt, rows: list, adapter, limit: int | None) -> list:
             raise InvalidInputError(f"a text of {length} tokens{extra} exceeds the model's {rt.max_positions} positions; "
                                     "shorten it, or pass truncation=True to cut it as transformers' pipeline does")
     if len(rows) > BATCH:  # in batches of like lengths (see in_batches)
-        return in_batches(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs, limit))
+        return in_batches(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs, truncation))
     if len(set(lengths)) > 1 and _reads_last_position(rt, per_row):  # rows of each length run apart, as one text
         # at a time does (transformers' pipeline): the head would read a shorter row at a pad
-        return in_groups(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs, limit))
+        return in_groups(lengths, rows, per_row, lambda part, specs: _classified(rt, part, specs, truncation))
     with rt.lanes(adapter, len(rows)):  # held until the names are read: a name reloaded between renames the scores
         logits = rt.forward(ids, mask, adapter=adapter, token_type_ids=None if rt.type_vocab_size is None else types)
         logits = logits["logits"].astype(np.float64)  # NaN past a row's own labels

@@ -123,8 +123,7 @@ def tokenizer_ids_checked(rows: list, vocab_size: int | None, path: str, tokeniz
     """``rows`` (token ids the export's tokenizer at ``path`` gave), where every id is one of the model's: a token
     added to the tokenizer and not to the model's embeddings was "outside the vocabulary; tokenize with the base
     model's tokenizer", which it was."""
-    top = max((max(row) for row in rows if row), default=-1)
-    if vocab_size is not None and top >= vocab_size:
+    if vocab_size is not None and (top := max((max(row) for row in rows if row), default=-1)) >= vocab_size:
         raise ConfigError(f"{path}: gives {tokenizer.id_to_token(top)!r} the id {top}, past the model's {vocab_size} "
                           "embeddings (a token added to the tokenizer, not to the model); resize the model's embeddings "
                           "to the tokenizer (resize_token_embeddings), train and export again, or remove the token from "

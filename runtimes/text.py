@@ -380,7 +380,6 @@ def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, pro
     return pooled[0] if single else pooled
 
 
-
 def _embedded(rt, rows: list, adapter, normalize: bool, skip: int) -> np.ndarray:
     settings, tokenizer = rt.tokenizer.sentence_transformers
     per_row = row_adapters(adapter, len(rows))
