@@ -40,11 +40,12 @@ TOKENIZER_FILES = (
 
 
 def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_adapter=None, ops="standard",
-               revision=None, log=lambda *a, **k: None) -> dict:
+               revision=None, log=lambda *a, **k: None, digests: bool = True) -> dict:
     """Trace ``model`` (its ``groups`` fused) with ``slots`` as inputs into ``stage``; returns the manifest.
 
     ``ops``: "contrib" (a model ``effective_ops`` allows) or "standard" (see ``contrib_ops``). ``revision``: the hub
-    revision of ``source`` (its tokenizer's too). ``log``: where a note goes (a tokenizer left out).
+    revision of ``source`` (its tokenizer's too). ``log``: where a note goes (a tokenizer left out). ``digests``:
+    the files' SHA-256 recorded (not for a graph ``quantize_stage`` writes again, which records its own).
     """
     # first: a tokenizer or a generation default refused is refused before the tracing (minutes on a large model)
     write_side_files(source, stage, task, revision, log)
@@ -111,7 +112,7 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     if ignored:
         log(f"note: {source}: generation_config.json sets {', '.join(ignored)}, which edgepeft's generate does not "
             "apply (one sequence per prompt, greedy or sampled); its tokens differ from transformers' generate there")
-    manifest.update(graph_files(stage, manifest))
+    manifest.update(graph_files(stage, manifest, digests))
     write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
     write_genai_config(model, manifest, stage)  # decoders: onnxruntime-genai opens OUT/base as it is
     for note in genai_notes(manifest):
@@ -178,7 +179,7 @@ def side_difference(have: str, new: str, task: str, max_positions: int | None) -
     return None
 
 
-def graph_files(stage: str, manifest: dict) -> dict:
+def graph_files(stage: str, manifest: dict, digests: bool = True) -> dict:
     """``file_bytes`` ({file: size}) and ``file_sha256`` ({file: digest}) of the base's graphs and weights file, as
     written: a copy cut short is told by its size at every load (``manifest.base_file_errors``), one damaged within
     (a preallocated file a copy stopped filling) by its digest in ``edgepeft inspect``: the weights are too large to
@@ -188,7 +189,7 @@ def graph_files(stage: str, manifest: dict) -> dict:
     names = (manifest["graph"], manifest["graph"] + ".data", manifest.get("web_graph"), manifest.get("neutral_graph"))
     paths = {n: os.path.join(stage, n) for n in names if n and os.path.isfile(os.path.join(stage, n))}
     return {"file_bytes": {n: os.path.getsize(p) for n, p in paths.items()},
-            "file_sha256": {n: sha256_file(p) for n, p in paths.items()}}
+            **({"file_sha256": {n: sha256_file(p) for n, p in paths.items()}} if digests else {})}
 
 
 def write_tokenizer(source: str, stage: str, revision: str | None = None, log=lambda *a, **k: None,

@@ -302,7 +302,7 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
     plan.log(f"exporting base with {len(slots)} slots to {plan.base_dir}")
     trace_base(plan.model, slots, plan.task, stage, plan.source, plan.weights_fp,
                plan.groups, ops=effective_ops(plan.model.config, plan.task, plan.ops, plan.log), revision=plan.revision,
-               log=plan.log)
+               log=plan.log, digests=not plan.quantize)  # a quantized base's files: hashed once quantized
     manifest = read_base_manifest(stage)
     if manifest["inert_slots"]:
         plan.log(f"note: {len(manifest['inert_slots'])} slots cannot change {TASK_OUTPUTS[plan.task]} "

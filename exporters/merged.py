@@ -54,7 +54,7 @@ def export_merged(plan: ExportPlan) -> dict:
         plan.log(f"exporting {src.name} merged into the base to {base_dir}")
         trace_base(merged, [], plan.task, stage, plan.source, weights_fingerprint(merged), plan.groups,
                    merged_adapter=src.name, ops=effective_ops(merged.config, plan.task, plan.ops, plan.log),
-                   revision=plan.revision, log=plan.log)
+                   revision=plan.revision, log=plan.log, digests=not plan.quantize)
         rt = Runtime.from_base_dir(stage)
         plan.peft.set_adapter(src.name, inference_mode=True)
         checks = [validate(f"merged {src.name}", rt, None, plan.peft, plan.task, plan.atol, src.path)]

@@ -59,6 +59,9 @@ def test_quantized_export_quantizes_base_weights_and_keeps_every_slot(kind, quan
     assert slot_matmuls  # the LoRA products stay float32 MatMuls on the slot inputs
     rt = Runtime(out)
     assert rt.manifest["quantization"] == kind
+    from edgepeft.runtimes.access import sha256_file  # inspect's digests: of the quantized files, hashed once
+
+    assert rt.manifest["file_sha256"] == {n: sha256_file(os.path.join(out, "base", n)) for n in rt.manifest["file_bytes"]}
     fp32 = Runtime(shared_export("llama")[0])
     assert {s.name for s in rt.manifest["slots"]} >= {n for n in fp32.slots if n.startswith("lora_")} & set(rt.slots)
     quantized_checks = [c for c in report["checks"] if "relative_error" in c]
