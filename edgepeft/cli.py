@@ -357,8 +357,9 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
         settings = rt.tokenizer.sentence_transformers[0]
         how = f"pooled by {settings.mode}" + ("" if has_sentence_transformers_files(rt.base_dir)
                                               else " (no sentence-transformers files)")
-        cut = ", normalized" if not settings.truncate_dim else ", the first values of a normalized vector " \
-            "(truncate_dim)" if settings.normalized else ", its first values (truncate_dim), normalized"
+        cut = (", normalized" if not settings.truncate_dim else  # the Normalize module's order, else encode's
+               ", the first values of a normalized vector (truncate_dim)" if settings.normalized else
+               ", its first values (truncate_dim), normalized")
         click.echo(f"embedding ({pooled.shape[0]} values, {how}{cut}): " + " ".join(f"{v:.4f}" for v in pooled[:8]) + " ...")
 
 
