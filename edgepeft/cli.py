@@ -234,17 +234,18 @@ def _fail_on(problems: list) -> None:
 @click.option("--calls", default=10, show_default=True, type=int, help="Timed calls per peer per round.")
 @click.option("--new-tokens", default=0, show_default=True, type=int, help="Also measure generation tokens/s (causal-LM exports).")
 @click.option("--shared-threads", is_flag=True, help="Measure with one process-wide spinning thread pool (use_shared_thread_pool).")
-@click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the raw numbers to this JSON file.")
+@click.option("--json", "as_json", type=click.Path(), default=None, help="Also write the raw numbers to this JSON file ('-': stdout).")
 @click.option("--plot", type=click.Path(), default=None, help="Also draw the latencies to this PNG file.")
 def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, as_json, plot):
     """Latency per adapter, switch cost, staging time and memory of an export, on this machine."""
     from edgepeft.errors import ConfigError
-    from edgepeft.files import check_output_files, write_json_atomic
+    from edgepeft.files import check_output_files, json_text, write_json_atomic
     from edgepeft.runtimes import Runtime, use_shared_thread_pool
     from edgepeft.runtimes.bench import measure, table
     from edgepeft.runtimes.manifest import enclosing_export
 
-    as_json, plot = check_output_files({"--json": as_json, "--plot": plot})  # before minutes of measuring
+    to_stdout = as_json == "-"  # as `edgepeft run OUT -` reads stdin: a file named '-' was written
+    as_json, plot = check_output_files({"--json": None if to_stdout else as_json, "--plot": plot})  # before measuring
     for path, flag in ((as_json, "--json"), (plot, "--plot")):
         if path and (export := enclosing_export(path)):  # the measured export's own files, say
             raise ConfigError(f"{path}: lies inside the export {export}, whose files exports own; give {flag} a "
@@ -266,9 +267,10 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
     s = result["setup"]
     rss = f", resident memory {_size(result['rss_bytes'])}" if result["rss_bytes"] else ""
     click.echo(f"{out}: batch {s['batch']} x {s['seq']} tokens, {s['rounds']} rounds x {s['calls']} calls per peer, "
-               f"{s['providers'][0]}, {s['slots']} slots{rss}")
-    click.echo(table(result))
-    if as_json:
+               f"{s['providers'][0]}, {s['slots']} slots{rss}\n{table(result)}", err=to_stdout)
+    if to_stdout:
+        click.echo(json_text(result), nl=False)
+    elif as_json:
         write_json_atomic(as_json, result)
     if plot:
         from edgepeft.plots import bench_chart

@@ -40,7 +40,12 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 def write_json_atomic(path: str, data, sort_keys: bool = False) -> None:
     """``data`` as indented JSON (numpy's numbers as numbers, other values JSON cannot hold as their str()), written
     atomically (a rank_pattern's numpy 2 was saved "2": no library loaded the adapter again)."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=sort_keys, default=_as_json) + "\n").encode())
+    write_bytes_atomic(path, json_text(data, sort_keys).encode())
+
+
+def json_text(data, sort_keys: bool = False) -> str:
+    """``data`` as indented JSON with its closing newline, as ``write_json_atomic`` writes it."""
+    return json.dumps(data, indent=2, sort_keys=sort_keys, default=_as_json) + "\n"
 
 
 def plain(value):

@@ -111,10 +111,12 @@ def test_cli_bench_prints_table_and_writes_json_and_plot(shared_export, tmp_path
     measured = data = json.loads((tmp_path / "b.json").read_text())
     assert list(data["adapters"]) == [name] and data["setup"]["seq"] == 8
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
-    base_only = CliRunner().invoke(cli, ["bench", out, "--adapter", "none", "--rounds", "1", "--calls", "1", "--seq", "4",
-                                         "--json", str(tmp_path / "n.json")])  # it measured every adapter
-    assert base_only.exit_code == 0, base_only.output
-    data = json.loads((tmp_path / "n.json").read_text())
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path) as here:  # `--json -`: stdout (a file named '-' was written)
+        base_only = CliRunner().invoke(cli, ["bench", out, "--adapter", "none", "--rounds", "1", "--calls", "1", "--seq",
+                                             "4", "--json", "-"])  # it measured every adapter
+        assert base_only.exit_code == 0, base_only.output
+        assert os.listdir(here) == [] and "| none (base model) |" in base_only.stderr
+    data = json.loads(base_only.stdout)
     # a hunt: a key cli.md lists was left out without an adapter (a KeyError for scripts); the same keys either way
     assert data["adapters"] == {} and set(data) == set(measured)
 
