@@ -11,7 +11,7 @@ from click.core import ParameterSource
 
 from edgepeft.errors import EdgePeftError, TrainingInterrupted, first_line
 from edgepeft.flags import as_flags
-from edgepeft.processes import end_group, first, leave, notes_once, peer_stopped, say
+from edgepeft.processes import end_group, first, leave, notes_once, peer_stopped, say, stdin_text
 from edgepeft.runtimes.values import size_text as _size
 
 
@@ -310,9 +310,7 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     if prompt == "-" and sys.stdin is None:  # closed (<&-, a daemon's): click gives None, whose read was a traceback
         raise ConfigError("PROMPT '-' reads standard input, which is closed; pass the prompt as an argument")
     if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
-        # bytes not of UTF-8 kept as an argument's are (lone surrogates), which the text checks name in a line
-        prompt = click.get_text_stream("stdin", errors="surrogateescape").read().removesuffix("\n").removesuffix(
-            "\r").removeprefix("\ufeff")  # a byte-order mark (Windows' editors) is no text: 3 tokens more otherwise
+        prompt = stdin_text(click.get_binary_stream("stdin").read()).removesuffix("\n").removesuffix("\r")
     if os.path.isfile(os.path.join(out, "adapter_config.json")):  # the run that serves it, in the command's terms
         from edgepeft.runtimes.commands import quote
         from edgepeft.runtimes.manifest import not_an_export

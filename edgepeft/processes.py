@@ -1,6 +1,6 @@
 """The command line under torchrun, whose processes run the same command: one report from them, each process's error
 in torchrun's failure report, and the process group ended with the command (``edgepeft.train`` leaves it to the
-script that called it, whose next run trains in it)."""
+script that called it, whose next run trains in it); and standard input's bytes as the text a command reads."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,25 @@ import click
 def first() -> bool:
     """Whether this is the first (or only) process: the one that reports."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def stdin_text(data: bytes) -> str:
+    """Standard input's bytes as text: UTF-16 where a byte-order mark says so (PowerShell 5 writes files so), else
+    UTF-8 whatever the locale (Windows decoded a pipe as cp1252), its mark dropped (Windows' editors: 3 tokens more).
+    Bytes not of UTF-8 are kept as an argument's are (lone surrogates), which the text checks name in a line."""
+    import codecs
+
+    for mark, encoding in ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if data.startswith(mark):
+            try:
+                return data[len(mark):].decode(encoding)
+            except UnicodeDecodeError as e:
+                from edgepeft.errors import ConfigError
+
+                raise ConfigError(f"standard input: starts with {encoding.upper()}'s byte-order mark, but byte "
+                                  f"{e.start + len(mark)} on is no {encoding.upper()} text ({e.reason}); save the "
+                                  "prompt as UTF-8") from None
+    return data.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
 
 
 def say(line: str) -> None:

@@ -4,6 +4,7 @@ User errors exit 1 with one ``error:`` line that names the path, never a traceba
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -420,13 +421,23 @@ def test_text_the_output_cannot_encode_is_escaped_not_a_traceback(tmp_path, llam
 
 def test_a_prompt_read_from_standard_input_drops_a_byte_order_mark(text_export):
     """A hunt: `edgepeft run OUT -` kept a BOM that Windows' editors and PowerShell put first (3 tokens more: other
-    text generated, without a word), where the training data reader drops it."""
+    text generated, without a word), where the training data reader drops it. PowerShell 5 saves UTF-16 with a BOM
+    (refused as half characters), and a pipe was decoded in the locale's encoding (cp1252 on Windows): UTF-8 it is."""
     import subprocess
 
-    runs = [subprocess.run([sys.executable, "-m", "edgepeft", "run", text_export[0], "-", "--adapter", "tok",
-                            "--max-new-tokens", "4"], input=text.encode(), capture_output=True) for text in
-            ("w10 w20 w30\n", "\ufeffw10 w20 w30\n")]
-    assert runs[0].returncode == runs[1].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[1].stderr
+    def run(data: bytes, stdio="utf-8"):
+        return subprocess.run([sys.executable, "-m", "edgepeft", "run", text_export[0], "-", "--adapter", "tok",
+                               "--max-new-tokens", "4"], input=data, capture_output=True,
+                              env={**os.environ, "PYTHONIOENCODING": stdio})
+
+    text = "w10 w20 w30\n"
+    runs = [run(text.encode()), run(codecs.BOM_UTF8 + text.encode()), run(codecs.BOM_UTF16_LE + text.encode("utf-16-le")),
+            run(codecs.BOM_UTF16_BE + text.encode("utf-16-be")), run(text.encode(), stdio="cp037")]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    assert {r.stdout.decode("cp037" if r is runs[-1] else "utf-8") for r in runs} == {runs[0].stdout.decode()}
+    odd = run(codecs.BOM_UTF16_LE + b"w\0x")  # an odd count of bytes: no UTF-16
+    odd.stdout, odd.stderr = odd.stdout.decode(), odd.stderr.decode()
+    assert_user_error(odd, "standard input: starts with UTF-16-LE's byte-order mark", "save the prompt as UTF-8")
 
 
 def test_inspect_names_a_stray_adapter_folder_among_the_rest(tmp_path, llama):
