@@ -149,6 +149,10 @@ def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
         if os.path.exists(path) and any(real == o or real.startswith(o + os.sep) for o in owned):
             raise ConfigError(f"{path}: this {what} folder lies inside {out}'s base/ or adapters/, which the export "
                               "replaces; move it out of the --out folder first")
+    for src in sources:  # a copy of OUT to a device (or OUT on one) would hold one folder for the two
+        if other := next((n for n in adapter_dirs(out) if n != src.name and n.casefold() == src.name.casefold()), None):
+            raise ConfigError(f"{src.path}: {out} holds an adapter named {other!r}, one folder with {src.name!r} on macOS "
+                              f"and Windows; pass --name {other} --overwrite to replace it, or another --name")
     trained = [n for n, d in adapter_dirs(out).items()  # a training run's output (./adapters/<name>, as the README's)
                if os.path.isfile(os.path.join(d, CONFIG_NAME)) and not os.path.isfile(os.path.join(d, ADAPTER_MANIFEST))]
     if trained:
@@ -175,8 +179,10 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
             given = "choose another --name" if i < len(names) else "pass --name"
             shown = repr(name if len(name) <= 80 else name[:77] + "...")
             raise ConfigError(f"{path}: adapter name {shown} {problem}; {given}{fix}")
-        if any(s.name == name for s in sources):
-            raise ConfigError(f"{path}: two adapters are both named {name!r}; pass --name to tell them apart")
+        if other := next((s.name for s in sources if s.name.casefold() == name.casefold()), None):
+            both = f"both named {name!r}" if other == name else f"named {other!r} and {name!r}, one folder on macOS " \
+                "and Windows"  # a copy to such a device keeps one of the two
+            raise ConfigError(f"{path}: two adapters are {both}; pass --name to tell them apart")
         sources.append(AdapterSource(name, path, config))
     return sources
 

@@ -67,6 +67,20 @@ def test_an_adapter_may_not_be_named_none(peft_adapter, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_adapter_names_differing_in_case_only_are_refused(peft_adapter, shared_export, tmp_path):
+    """A hunt: 'intent' and 'Intent' were two adapters of OUT, one folder on macOS and Windows (a copy of OUT to such
+    a device kept one of the two; an export on one replaced the other's files)."""
+    qv = spec_adapter(peft_adapter, "llama", "qv")
+    with pytest.raises(ConfigError, match="two adapters are named 'intent' and 'Intent', one folder on macOS and Windows"):
+        export([qv, qv], str(tmp_path / "new"), names=["intent", "Intent"])
+    assert not (tmp_path / "new").exists()
+    out = shutil.copytree(shared_export("llama")[0], tmp_path / "out")
+    with pytest.raises(ConfigError, match=f"{out} holds an adapter named 'qv', one folder with 'QV' on macOS and "
+                                          "Windows; pass --name qv --overwrite to replace it, or another --name"):
+        export([qv], str(out), names=["QV"])
+    assert sorted(os.listdir(out / "adapters")) == sorted(shared_export("llama")[1])
+
+
 def test_messages_name_the_flags_as_typed():
     run, train = ["run", "OUT", "prompt"], ["train", "--model", "m"]
     assert as_flags("got 0.0 (greedy decoding: do_sample=False)", run) == "got 0.0 (greedy decoding: --greedy)"
