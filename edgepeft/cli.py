@@ -11,6 +11,7 @@ from click.core import ParameterSource
 
 from edgepeft.errors import EdgePeftError, TrainingInterrupted, first_line
 from edgepeft.flags import as_flags
+from edgepeft.interrupts import stopped_status, terminated_as_interrupts
 from edgepeft.processes import end_group, first, leave, notes_once, peer_stopped, say, stdin_text
 from edgepeft.runtimes.values import size_text as _size
 
@@ -365,12 +366,12 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    with notes_once():
+    with notes_once(), terminated_as_interrupts():
         try:
             cli.main(args=argv, standalone_mode=False)
         except TrainingInterrupted as e:  # as it is: its resume command quotes paths whose spaces count
             say(str(e))
-            leave(130)
+            leave(stopped_status())
         except EdgePeftError as e:  # one line; spaces inside a path stay
             say("error: " + as_flags(re.sub(r"\s*\n\s*", " ", str(e)), argv))
             leave(1)
@@ -381,12 +382,12 @@ def main(argv=None):
         except click.exceptions.Abort as e:  # click's for a KeyboardInterrupt: an export's says what it wrote
             said = e.__cause__ if isinstance(e.__cause__, KeyboardInterrupt) else None
             say(str(said) if said and str(said) else "aborted")
-            leave(130)
+            leave(stopped_status())
         except click.exceptions.ClickException as e:
             e.show()
             leave(e.exit_code)
         except KeyboardInterrupt:
-            leave(130)
+            leave(stopped_status())
         except RuntimeError as e:  # a collective failed where another process stopped: its error names why
             if not peer_stopped(e):
                 raise

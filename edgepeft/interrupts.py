@@ -2,6 +2,7 @@
 answers it: exports' commits, training's checkpoints, staged folders put in place or removed."""
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -42,3 +43,34 @@ def deferred_interrupts():
         yield
     if caught:
         signal.raise_signal(signal.SIGINT)  # to the handler held off (Python's: KeyboardInterrupt)
+
+
+TERMINATED = []  # the SIGTERMs answered as Ctrl-C: the command exits 143 (128 + 15), as a process SIGTERM ended
+
+
+@contextmanager
+def terminated_as_interrupts():
+    """While a command runs, SIGTERM (``kill``, ``timeout``, ``docker stop``, a scheduler's preemption) is answered as
+    Ctrl-C: an export removes what it staged (int8's temp copy of the base too), a commit or a checkpoint finishes
+    first, training prints its --resume command. It ended the process where it stood. Only where Ctrl-C raises
+    KeyboardInterrupt in the main thread, and not under torchrun, whose agent stops the workers with SIGTERM."""
+    if (threading.current_thread() is not threading.main_thread() or "TORCHELASTIC_RUN_ID" in os.environ
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # a background job's: ignored
+        yield
+        return
+
+    def as_ctrl_c(signum, frame):
+        TERMINATED.append(signum)
+        answer = signal.getsignal(signal.SIGINT)  # held off in a commit (held_interrupts) as Ctrl-C is
+        (answer if callable(answer) else signal.default_int_handler)(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, as_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stopped_status() -> int:
+    """The exit status of a command stopped by Ctrl-C (130) or by a SIGTERM answered as one (143)."""
+    return 143 if TERMINATED else 130

@@ -200,3 +200,41 @@ def test_a_folder_moved_aside_before_a_restart_or_in_another_container_is_named_
         export([dirs["qv"]], out, names=["again"])
     os.replace(*shlex.split(said.split("`")[1])[1:])  # the mv it names
     assert Runtime(out).adapter_names
+
+
+SIGTERM_AT = {  # where the export gets a SIGTERM: as ONNX Runtime's int8 quantizer has written its copy of the float
+    # base to TMPDIR, and as the new base moves into OUT (held off, as Ctrl-C is, until OUT is whole)
+    "int8 temp copy": "import onnx\nreal = onnx.save_model\ndef hook(model, path, *a, **k):\n"
+                      "    real(model, path, *a, **k)\n    if 'ort.quant.' in str(path): signal.raise_signal(signal.SIGTERM)\n"
+                      "onnx.save_model = hook\n",
+    "commit": "real = os.replace\ndef hook(src, dst):\n    if os.path.basename(dst) == 'base' and not SENT:\n"
+              "        SENT.append(dst); signal.raise_signal(signal.SIGTERM)\n    return real(src, dst)\n"
+              "os.replace = hook\n",
+}
+
+
+@pytest.mark.parametrize("where", SIGTERM_AT)
+def test_a_sigterm_is_answered_as_ctrl_c(llama, tmp_path, where):
+    """A resources hunt: `kill` (or `timeout`, `docker stop`, a scheduler's preemption) ended an export where it
+    stood: an int8 export left ONNX Runtime's copy of the float base in TMPDIR (GBs, on a small tmpfs), a commit could
+    stop half done. It is answered as Ctrl-C: what was staged removed, a commit finished first, exit 143."""
+    import subprocess
+    import sys
+
+    out, temp = tmp_path / "out", tmp_path / "tmp"
+    temp.mkdir()
+    if where == "commit":
+        export([llama[1]["qv"]], str(out))
+    script = ("import os, signal, sys\nSENT = []\n" + SIGTERM_AT[where] + "from edgepeft.cli import main\n"
+              "main(sys.argv[1:])\n")
+    args = ["export", "--adapter", llama[1]["mlp"], "--out", str(out)] + (["--quantize", "int8"] if "int8" in where else [])
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          env={**os.environ, "TMPDIR": str(temp)},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's job
+    assert done.returncode == 143 and "Traceback" not in done.stderr, (done.returncode, done.stderr)
+    assert not [e for e in os.listdir(temp) if e.startswith("ort.quant.")] and not hidden_entries(str(out))
+    if where == "commit":
+        assert done.stderr.splitlines()[-1] == f"interrupted once {out} was written whole (Ctrl-C waits for that)"
+        assert Runtime(str(out)).adapter_names == ["mlp", "qv"]
+    else:
+        assert done.stderr.splitlines()[-1] == "aborted" and not out.exists()

@@ -112,3 +112,26 @@ def test_ctrl_c_while_a_resumed_run_loads_gives_the_command_that_resumes_it(text
     assert tree_hashes(out) == before
     monkeypatch.undo()
     assert train(**run, resume=True)["history"][-1]["epoch"] == 2  # as printed: it finishes
+
+
+def test_a_sigterm_during_training_keeps_the_checkpoint_and_prints_the_resume_command(text_model, tmp_path):
+    """A resources hunt: `kill` (a scheduler's preemption, `timeout`, `docker stop`) ended a run where it stood,
+    without the --resume command Ctrl-C prints. It is answered as Ctrl-C (exit 143): the command resumes the run."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows())
+    out = str(tmp_path / "out")
+    script = ("import signal, sys\nfrom edgepeft.training.trainer import Trainer\nreal = Trainer._epoch\n"
+              "def epoch(self, *a):\n    if a[7] == 1: signal.raise_signal(signal.SIGTERM)\n    return real(self, *a)\n"
+              "Trainer._epoch = epoch\nfrom edgepeft.cli import main\nmain(sys.argv[1:])\n")  # in epoch 2 of 2
+    done = subprocess.run([sys.executable, "-c", script, *argv(text_model("bert"), data, out, "--epochs", "2")],
+                          capture_output=True, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's job
+    assert done.returncode == 143 and "Traceback" not in done.stderr, (done.returncode, done.stderr)
+    line = done.stderr.splitlines()[-1]
+    assert "holds the run after epoch 1 of 2; continue with: " in line, line
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[:2] == ["edgepeft", "train"] and command[-1] == "--resume"
