@@ -54,6 +54,7 @@ def terminated_as_interrupts():
     Ctrl-C: an export removes what it staged (int8's temp copy of the base too), a commit or a checkpoint finishes
     first, training prints its --resume command. It ended the process where it stood. Only where Ctrl-C raises
     KeyboardInterrupt in the main thread, and not under torchrun, whose agent stops the workers with SIGTERM."""
+    TERMINATED.clear()  # an earlier command's, in this process (main called again)
     if (threading.current_thread() is not threading.main_thread() or "TORCHELASTIC_RUN_ID" in os.environ
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # a background job's: ignored
         yield
