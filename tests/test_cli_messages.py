@@ -532,3 +532,17 @@ def test_an_adapter_whose_every_module_reaches_no_output_is_refused_in_a_line(ti
                     "last_hidden_state, this export's output: it would change nothing here (HF PEFT's output is the "
                     "base's); train it on modules the output reads (target_modules), or leave it out")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_sigterm_exits_143_and_a_later_ctrl_c_130(monkeypatch, sigint_raises, capsys):
+    """The command line answers SIGTERM as Ctrl-C, with its own status; one command's SIGTERM is not the next's (main
+    called again in one process)."""
+    import signal
+
+    from edgepeft.cli import cli, main
+
+    for sent, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        monkeypatch.setattr(cli.commands["inspect"], "callback", lambda **kw: signal.raise_signal(sent))
+        with pytest.raises(SystemExit) as e:
+            main(["inspect", "OUT"])
+        assert e.value.code == status and capsys.readouterr().err.splitlines()[-1] == "aborted"
