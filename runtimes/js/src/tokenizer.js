@@ -93,7 +93,8 @@ export async function tokenizerOf(Tokenizer, loader) {
       "removed); copy the export's base folder again, or pass token ids, or export from a base folder that has " +
       "tokenizer.json into a fresh --out folder");
   }
-  const { task } = await readJson(loader, "base/edgepeft.json", OPTIONAL, fix) ?? {};  // a pair's template: classifiers'
+  // a pair's template: classifiers'; the model's vocabulary, which every id encode gives must be in
+  const { task, vocab_size: vocab } = await readJson(loader, "base/edgepeft.json", OPTIONAL, fix) ?? {};
   const missing = unlisted(json.post_processor, task === "seq-cls");
   if (missing !== undefined) {
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: its post-processor names the special token ` +
@@ -140,8 +141,20 @@ export async function tokenizerOf(Tokenizer, loader) {
   tokenizer.encode = (t, options) => {
     const o = checkOptions(options, ["text_pair", "add_special_tokens", "return_token_type_ids"], "encode",
       Object.keys(options ?? {}).some((k) => /^(max_?length|maxLength|truncation)$/.test(k)) ? CUT_IDS : "");
-    return encode(text(t), o.text_pair == null ? o
-      : { return_token_type_ids: true, ...o, text_pair: o.text_pair === "" ? null : text(o.text_pair) });
+    return inVocabulary(encode(text(t), o.text_pair == null ? o
+      : { return_token_type_ids: true, ...o, text_pair: o.text_pair === "" ? null : text(o.text_pair) }));
+  };
+  // a token added to the tokenizer and not to the model's embeddings: forward said "outside the vocabulary; tokenize
+  // with the base model's tokenizer", which the app had done (as Python's tokenizer_ids_checked; no check without a size)
+  const inVocabulary = (encoded) => {
+    const top = Number.isInteger(vocab) ? encoded.ids.reduce((a, b) => Math.max(a, b), -1) : -1;  // no spread: a long text
+    if (top >= vocab) {
+      const token = json.added_tokens?.find((a) => a.id === top)?.content ?? tokenizer.model.vocab[top];
+      throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: gives ${described(token)} the id ${top}, past ` +
+        `the model's ${vocab} embeddings (a token added to the tokenizer, not to the model); resize the model's ` +
+        "embeddings to the tokenizer (resize_token_embeddings), train and export again, or remove the token from the tokenizer");
+    }
+    return encoded;
   };
   return tokenizer;
 }

@@ -187,6 +187,30 @@ test("a tokenizer this library would encode otherwise than the Python runtime is
   assert.ok((await loadTokenizer(out)).encode("w10 w20").ids.length);
 });
 
+test("a token added to the tokenizer and not to the model's embeddings is named in tokenizer.json, as Python names it", async () => {
+  // forward said "outside the vocabulary; tokenize with the base model's tokenizer", which the app had done
+  const out = await copied("added-token");
+  const file = path.join(out, "base/tokenizer.json");
+  const json = JSON.parse(await readFile(file, "utf8"));
+  const { vocab_size: vocab } = JSON.parse(await readFile(path.join(out, "base/edgepeft.json"), "utf8"));
+  json.added_tokens.push({ ...json.added_tokens[0], id: vocab, content: "<new>", special: false });
+  await writeFile(file, JSON.stringify(json));
+  const python = spawnSync(PYTHON, ["-c", `import sys
+from edgepeft.runtimes.text import TextTokenizer
+try:
+    TextTokenizer(sys.argv[1], vocab_size=${vocab}).encode(["w10 <new>"])
+except Exception as e:
+    print(e)`, path.join(out, "base")], { encoding: "utf8", env: { ...process.env, HF_HUB_OFFLINE: "1" } });
+  const said = python.stdout.trim().replace("'<new>'", '"<new>"');  // Python's repr, JSON's quotes
+  assert.match(said, new RegExp(`^${file.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")}: gives "<new>" the id ${vocab}, past the model's`));
+  const tokenizer = await loadTokenizer(out);
+  assert.throws(() => tokenizer.encode("w10 <new>"), (e) => e instanceof EdgePeftError && e.message === said);
+  assert.throws(() => tokenizer.encode("w10", { text_pair: "<new>" }), (e) => e instanceof EdgePeftError && e.message === said);
+  assert.ok(tokenizer.encode("w10 w20").ids.length);  // a text without it encodes
+  await rm(path.join(out, "base/edgepeft.json"));  // no manifest: no vocabulary size to check against
+  assert.ok((await loadTokenizer(out)).encode("w10 <new>").ids.includes(vocab));
+});
+
 test("a batch no memory holds is an OutOfMemoryError naming it and the fix, and the runtime runs on", () => {
   // ONNX Runtime's allocation failure was a plain Error, logged in red as well; run under a capped address space
   const script = `
