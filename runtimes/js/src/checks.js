@@ -34,6 +34,8 @@ export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT -
 export const REEXPORT_BASE = "copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder";  // as Python's: a device's copy first
 /** The fix for a damaged file of the export at `rel`: the base's needs a fresh export, an adapter's a re-export. */
 export const reexportFor = (rel) => rel.startsWith("base/") ? REEXPORT_BASE : REEXPORT;
+/** An adapter's graph past `most` bytes, the most one of this base may take (every loader's words: refused unread). */
+export const pastMost = (where, most) => new EdgePeftError(`${where}: more than an adapter of this base can take (${most} bytes); ${REEXPORT}`);
 /** ONNX Runtime's (or another library's) error in one line of a readable length, as Python's first_line: a forged
  * graph's error named each of its 100,000 inputs (megabytes). */
 export const firstLine = (e) => String(e?.message ?? e).split("\n")[0].slice(0, 300);
@@ -372,13 +374,13 @@ export async function readJson(loader, rel, missing = `missing from the export; 
 export async function checkSizes(loader, manifest, files) {
   for (const file of loader.size ? files : []) {
     const want = manifest.file_bytes?.[file];
-    const got = want === undefined ? undefined : await loader.size(`base/${file}`);
+    const got = want === undefined ? undefined : await loader.size(`base/${file}`, want);  // want: more need not be read
     if (want !== undefined && got === undefined) {  // on Node, ONNX Runtime reads model.onnx.data: it blamed the graph
       throw new EdgePeftError(`${loader.where(`base/${file}`)}: missing; ${REEXPORT_BASE}`);
     }
     if (got !== undefined && got !== want) {
-      throw new EdgePeftError(`${loader.where(`base/${file}`)}: ${got} bytes where the export wrote ${want} (a copy cut ` +
-        `short?); ${REEXPORT_BASE}`);
+      throw new EdgePeftError(`${loader.where(`base/${file}`)}: ${got === Infinity ? `more than ${want}` : got} bytes ` +
+        `where the export wrote ${want} (a copy cut short?); ${REEXPORT_BASE}`);
     }
   }
 }

@@ -7,7 +7,7 @@ import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { REEXPORT, described } from "./checks.js";
+import { described, pastMost } from "./checks.js";
 import { exportedAs, quote, reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
@@ -202,7 +202,7 @@ export function folderLoader(out) {
     },
     bytes: async (rel, most) => {  // ``most``: more is refused by its size, unread (a sparse file, or a link to a large one)
       const size = most === undefined ? 0 : await sizeOf(path.join(out, rel));
-      if (size > most) throw new EdgePeftError(`${path.join(out, rel)}: more than an adapter of this base can take (${most} bytes); ${REEXPORT}`);
+      if (size > most) throw pastMost(path.join(out, rel), most);
       return new Uint8Array(await read(path.join(out, rel), undefined, out));
     },
     // a file's size in bytes (undefined: missing; checkSizes names it)

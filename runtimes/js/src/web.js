@@ -1,20 +1,59 @@
 // Browsers: open an export served over HTTP with onnxruntime-web.
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { described } from "./checks.js";
+import { described, pastMost } from "./checks.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
 import { tokenizerOf } from "./tokenizer.js";
 
-/** The body of `url` (JSON or bytes); a failed download, an HTTP error or a page where an export's file should be named. */
-async function fetched(url, as) {
-  let response, body;
+/** What Content-Length tells of the body of `response`: `exact`, its length, where that is the body's own (not
+ * content-encoded: fetch decodes such a body, whose Content-Length is the encoded one's; and this site's answer, as
+ * another site's hides its Content-Encoding), else null; `least`, the length it has at least (an encoding adds a few
+ * bytes a block to what it cannot compress; 0 where no length is told). */
+function declaredLength(response) {
+  const length = response.headers.get("content-length") ?? "", coding = response.headers.get("content-encoding");
+  if (!/^\d+$/.test(length)) return { exact: null, least: 0 };
+  const exact = (!coding || /^\s*identity\s*$/i.test(coding)) && response.type !== "cors" ? Number(length) : null;
+  return { exact, least: exact ?? (Number(length) - 2 ** 16) / 1.01 };
+}
+
+/** The body of `response` as `bytes`; where it is past `most` bytes (undefined: no limit), `over` (its length, else
+ * Infinity) and `head` (its first bytes where the server calls it an HTML page): refused unread where Content-Length
+ * tells (a 10 GB file was downloaded whole, then refused by its size), else read no further than one chunk past `most`. */
+async function bodyOf(response, most) {
+  const { exact, least } = declaredLength(response);
+  if (most === undefined || exact !== null && exact <= most || !response.body) return { bytes: new Uint8Array(await response.arrayBuffer()) };
+  const reader = response.body.getReader(), chunks = [];
+  const over = async (n) => {  // the rest is never downloaded
+    if (!chunks.length && /text\/html/i.test(response.headers.get("content-type") ?? "")) chunks.push((await reader.read()).value);
+    reader.cancel().catch(() => {});
+    return { over: n, head: chunks[0] ?? new Uint8Array() };
+  };
+  if (least > most) return over(exact ?? Infinity);
+  let total = 0;
+  for (let part = await reader.read(); !part.done; part = await reader.read()) {
+    chunks.push(part.value);
+    if ((total += part.value.length) > most) return over(Infinity);
+  }
+  const bytes = new Uint8Array(total);
+  chunks.reduce((at, chunk) => (bytes.set(chunk, at), at + chunk.length), 0);
+  return { bytes };
+}
+
+/** The body of `url` (JSON or bytes; bytes past `most`, where given, an error marked `over`: bodyOf); a failed
+ * download, an HTTP error or a page where an export's file should be named. */
+async function fetched(url, as, most) {
+  let response, body, over;
   try {
     // every file revalidated on every fetch (unchanged: a 304, no download): a browser's cached edgepeft.json paired
     // an old manifest with re-exported files, and a cached adapter.onnx or model.onnx.data (a site's max-age) an old
     // graph or weights with a re-exported manifest (a checksum that re-exporting could not mend; other logits)
     response = await fetch(url, { cache: "no-cache" });
-    body = response.ok ? (as === "json" ? await response.text() : new Uint8Array(await response.arrayBuffer())) : null;
+    if (response.ok && as === "json") body = await response.text();
+    else if (response.ok) {
+      const read = await bodyOf(response, most);
+      [body, over] = [read.bytes ?? read.head, read.over];
+    }
   } catch (e) {  // the server down, the connection cut: nothing to re-export; a browser refuses another site's answer
     // (CORS) alike, where no retry helps
     const page = globalThis.location?.origin, other = page && page !== "null" && new URL(url).origin !== page;
@@ -35,6 +74,7 @@ async function fetched(url, as) {
     error.missing = page || response.status === 404;  // the runtime says what a missing file of an export means
     throw error;
   }
+  if (over !== undefined) throw Object.assign(new Error(`${url}: past ${most} bytes`), { over });
   return as === "json" ? JSON.parse(body) : body;
 }
 
@@ -59,8 +99,8 @@ export function urlLoader(out) {
     return url.href;
   };
   const downloads = new Map();  // base files fetched for their size (file_bytes) and then for their session, once
-  const once = (rel) => {
-    if (!downloads.has(rel)) downloads.set(rel, fetched(at(rel)));
+  const once = (rel, most) => {
+    if (!downloads.has(rel)) downloads.set(rel, fetched(at(rel), "bytes", most));
     return downloads.get(rel);
   };
   return {
@@ -68,9 +108,14 @@ export function urlLoader(out) {
     json: (rel) => fetched(at(rel), "json").catch(async (e) => {
       throw e.missing && rel === "base/edgepeft.json" && await partOf(at) || e;  // the base or an adapter's address
     }),
-    bytes: (rel) => fetched(at(rel)),
-    // a base file's size as served (undefined: missing; checkSizes names it): a stale model.onnx.data gave other logits
-    size: (rel) => once(rel).then((bytes) => bytes.length, (e) => { if (e.missing) return undefined; throw e; }),
+    bytes: (rel, most) => fetched(at(rel), "bytes", most).catch((e) => { throw e.over ? pastMost(at(rel), most) : e; }),
+    // a base file's size as served (undefined: missing; checkSizes names it): a stale model.onnx.data gave other logits;
+    // one past the size the export wrote (`want`) is not downloaded whole (Infinity where its length is not told)
+    size: (rel, want) => once(rel, want).then((bytes) => bytes.length, (e) => {
+      if (e.missing) return undefined;
+      if (e.over) return e.over;
+      throw e;
+    }),
     session: async (ort, rel, options, external) => {
       const data = `${rel.replace(/[^/]*$/, "")}model.onnx.data`;
       try {

@@ -7,6 +7,7 @@ import http from "node:http";
 import path from "node:path";
 import { after, test } from "node:test";
 import { fileURLToPath } from "node:url";
+import { gzipSync } from "node:zlib";
 
 import * as ortWeb from "onnxruntime-web";
 
@@ -20,23 +21,41 @@ ortWeb.env.wasm.numThreads = 1;
 const refuses = (call, pattern) => assert.rejects(call, (e) => e instanceof EdgePeftError && pattern.test(e.message));
 
 // copies: {folder name: the adapter it holds}; gone: files answered as missing
-const behaviour = { staleData: false, pages: false, copies: {}, gone: new Set(), failing: null, asHtml: false, cut: null };
+// large: a file answered with `length` zeros ({ rel, length, told, sent }): told, its Content-Length sent and the body
+// cut after one chunk (a client that waits for the body fails); else sent as the client reads, counted in `sent`
+const behaviour = { staleData: false, pages: false, copies: {}, gone: new Set(), failing: null, asHtml: false, cut: null,
+  large: null, stored: null };
 const server = http.createServer(async (request, response) => {
   let rel = decodeURIComponent(new URL(request.url, "http://x").pathname).replace(/^\/out\//, "");
   const [dir, name, ...file] = rel.split("/");
   if (dir === "adapters" && name in behaviour.copies) rel = ["adapters", behaviour.copies[name], ...file].join("/");
+  if (behaviour.large?.rel === rel) return large(response, behaviour.large);
   try {
     if (behaviour.gone.has(rel)) throw new Error("gone");
     if (behaviour.failing && rel.endsWith(behaviour.failing)) return response.writeHead(503).end();
     let body = await readFile(path.join(FIXTURES, "llama", rel));
     if (behaviour.staleData && rel.endsWith("model.onnx.data")) body = Buffer.concat([body, Buffer.alloc(64)]);
     if (behaviour.cut && rel.endsWith(behaviour.cut)) body = body.subarray(0, body.length >> 1);  // a download cut short
+    if (behaviour.stored === rel) {  // gzip of stored blocks: its Content-Length is past the file's size, its body not
+      body = gzipSync(body, { level: 0 });
+      return response.writeHead(200, { "content-encoding": "gzip", "content-length": body.length }).end(body);
+    }
     response.writeHead(200, behaviour.asHtml ? { "content-type": "text/html" } : {}).end(body);
   } catch {
     if (behaviour.pages) response.writeHead(200, { "content-type": "text/html" }).end("<!DOCTYPE html><p>app</p>");
     else response.writeHead(404).end();
   }
 });
+
+async function large(response, file) {
+  const chunk = Buffer.alloc(2 ** 16);
+  response.writeHead(200, file.told ? { "content-length": file.length } : {});
+  if (file.told) return response.write(chunk, () => response.socket?.end());
+  for (file.sent = 0; file.sent < file.length && !response.destroyed; file.sent += chunk.length) {
+    if (!response.write(chunk)) await new Promise((resolve) => { response.once("drain", resolve); response.once("close", resolve); });
+  }
+  response.end();
+}
 await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
 after(() => server.close());
 const base = `http://127.0.0.1:${server.address().port}/out`;
@@ -65,7 +84,8 @@ test("adapter folders whose names hold %, #, ? or spaces are fetched by their na
 
 test("a stale weights file, a page for a missing file, a server that is down: each named, none a wrong answer", async () => {
   behaviour.staleData = true;  // the weights were fetched by onnxruntime-web, unchecked: other logits, no error
-  await refuses(openUrl(ortWeb, base), /model\.onnx\.data: \d+ bytes where the export wrote \d+ \(a copy cut short\?\)/);
+  // (sent without its length: read no further than the size the export wrote, large.told below)
+  await refuses(openUrl(ortWeb, base), /model\.onnx\.data: more than \d+ bytes where the export wrote \d+ \(a copy cut short\?\)/);
   behaviour.staleData = false;
   behaviour.cut = "neutral.onnx";  // a hunt: ONNX Runtime's protobuf error, "re-export"; once, blamed on sessionOptions
   await refuses(openUrl(ortWeb, base), /base\/neutral\.onnx: \d+ bytes where the export wrote \d+ \(a copy cut short\?\)/);
@@ -100,6 +120,34 @@ test("a stale weights file, a page for a missing file, a server that is down: ea
     await refuses(openUrl(ortWeb, "http://127.0.0.1:9/out"), /download failed .*; another site's server must allow this page's origin \(Access-Control-Allow-Origin: http:\/\/page\.example\) on every answer/);
   } finally {
     delete globalThis.location;
+  }
+});
+
+test("a file past its size is refused by its Content-Length unread, else read no further than its size", async () => {
+  // the whole file was downloaded, then refused by its size (a base file) or its checksum (an adapter.onnx past what an
+  // adapter of the base can take, which a folder's is refused by, unread)
+  const rt = await openUrl(ortWeb, base);
+  rt.most = 2 ** 22;  // a smaller base's limit: less to send
+  const adapter = `${base}/adapters/lora/adapter.onnx: more than an adapter of this base can take \\(${rt.most} bytes\\); re-export it`;
+  const { file_bytes: { "model.onnx.data": want } } = JSON.parse(await readFile(path.join(FIXTURES, "llama/base/edgepeft.json"), "utf8"));
+  const data = `${base}/base/model.onnx.data: `, wrote = ` bytes where the export wrote ${want} \\(a copy cut short\\?\\)`;
+  try {
+    for (const told of [true, false]) {
+      behaviour.large = { rel: "adapters/lora/adapter.onnx", length: rt.most + 2 ** 24, told };
+      await refuses(rt.loadAdapter("lora"), new RegExp(`^${adapter} \\(edgepeft export`));
+      behaviour.large = { rel: "base/model.onnx.data", length: want + 2 ** 24, told };
+      await refuses(openUrl(ortWeb, base), new RegExp(`^${data}${told ? want + 2 ** 24 : `more than ${want}`}${wrote}`));
+      if (!told) assert.ok(behaviour.large.sent < behaviour.large.length, "the whole file was sent");
+    }
+  } finally {
+    behaviour.large = null;
+  }
+  assert.equal(await rt.loadAdapter("lora"), "lora");
+  behaviour.stored = "base/model.onnx.data";  // an encoded body's Content-Length is not its size: opened
+  try {
+    assert.ok((await openUrl(ortWeb, base)).manifest);
+  } finally {
+    behaviour.stored = null;
   }
 });
 
