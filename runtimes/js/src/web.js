@@ -6,6 +6,18 @@ import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
 import { tokenizerOf } from "./tokenizer.js";
 
+/** `url` as a message prints it: without its query and fragment (a signed URL's token, ?X-Amz-Signature=..., went into
+ * logs and bug reports); the request keeps them. */
+function shown(url) {
+  try {
+    const bare = new URL(url);
+    [bare.search, bare.hash] = ["", ""];
+    return bare.href;
+  } catch {
+    return String(url).replace(/[?#][\s\S]*$/, "");  // no URL: its text, cut where a query would start
+  }
+}
+
 /** What Content-Length tells of the body of `response`: `exact`, its length, where that is the body's own (not
  * content-encoded: fetch decodes such a body, whose Content-Length is the encoded one's; and this site's answer, as
  * another site's hides its Content-Encoding), else null; `least`, the length it has at least (an encoding adds a few
@@ -57,7 +69,8 @@ async function fetched(url, as, most) {
   } catch (e) {  // the server down, the connection cut: nothing to re-export; a browser refuses another site's answer
     // (CORS) alike, where no retry helps
     const page = globalThis.location?.origin, other = page && page !== "null" && new URL(url).origin !== page;
-    throw new EdgePeftError(`${url}: download failed (${e.message}); check the server and the connection, then retry` +
+    // (an error naming the address, as Deno's, names it without its query)
+    throw new EdgePeftError(`${shown(url)}: download failed (${String(e.message).split(url).join(shown(url))}); check the server and the connection, then retry` +
       (other ? `; another site's server must allow this page's origin (Access-Control-Allow-Origin: ${page}) on ` +
         "every answer, errors included, or serve the export from this page's site" : ""));
   }
@@ -68,13 +81,13 @@ async function fetched(url, as, most) {
   const page = response.ok && /^\uFEFF?\s*</.test(head) &&
     (as === "json" || /text\/html/i.test(response.headers?.get?.("content-type") ?? ""));
   if (!response.ok || page) {
-    const error = new EdgePeftError(`${url}: ${page ? "the server answered with an HTML page, not the export's file"
+    const error = new EdgePeftError(`${shown(url)}: ${page ? "the server answered with an HTML page, not the export's file"
       : `HTTP ${response.status}`}; ${response.status >= 500 ? "the server failed: check it, then retry"
       : "serve the export's folder (OUT) at that address"}`);
     error.missing = page || response.status === 404;  // the runtime says what a missing file of an export means
     throw error;
   }
-  if (over !== undefined) throw Object.assign(new Error(`${url}: past ${most} bytes`), { over });
+  if (over !== undefined) throw Object.assign(new Error(`${shown(url)}: past ${most} bytes`), { over });
   return as === "json" ? JSON.parse(body) : body;
 }
 
@@ -88,7 +101,7 @@ export function urlLoader(out) {
   try {
     root = new URL(out, globalThis.location?.href);
   } catch {
-    throw new EdgePeftError(`${out}: not a URL this page can fetch; give the export's address (absolute, or a path of this site)`);
+    throw new EdgePeftError(`${shown(out)}: not a URL this page can fetch; give the export's address (absolute, or a path of this site)`);
   }
   const at = (rel) => {
     const url = new URL(root);
@@ -104,11 +117,11 @@ export function urlLoader(out) {
     return downloads.get(rel);
   };
   return {
-    where: at,
+    where: (rel) => shown(at(rel)),  // messages' addresses; at(rel) is fetched
     json: (rel) => fetched(at(rel), "json").catch(async (e) => {
       throw e.missing && rel === "base/edgepeft.json" && await partOf(at) || e;  // the base or an adapter's address
     }),
-    bytes: (rel, most) => fetched(at(rel), "bytes", most).catch((e) => { throw e.over ? pastMost(at(rel), most) : e; }),
+    bytes: (rel, most) => fetched(at(rel), "bytes", most).catch((e) => { throw e.over ? pastMost(shown(at(rel)), most) : e; }),
     // a base file's size as served (undefined: missing; checkSizes names it): a stale model.onnx.data gave other logits;
     // one past the size the export wrote (`want`) is not downloaded whole (Infinity where its length is not told)
     size: (rel, want) => once(rel, want).then((bytes) => bytes.length, (e) => {

@@ -13,7 +13,7 @@ import * as ortWeb from "onnxruntime-web";
 
 import { EdgePeftError } from "../src/runtime.js";
 import { openFolder } from "../src/node.js";
-import { openUrl } from "../src/web.js";
+import { loadTokenizer, openUrl } from "../src/web.js";
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 const FIXTURES = process.env.EDGEPEFT_JS_FIXTURES || path.join(REPO, "build", "js");
@@ -29,6 +29,7 @@ const server = http.createServer(async (request, response) => {
   let rel = decodeURIComponent(new URL(request.url, "http://x").pathname).replace(/^\/out\//, "");
   const [dir, name, ...file] = rel.split("/");
   if (dir === "adapters" && name in behaviour.copies) rel = ["adapters", behaviour.copies[name], ...file].join("/");
+  behaviour.queries?.push(new URL(request.url, "http://x").search);
   if (behaviour.large?.rel === rel) return large(response, behaviour.large);
   try {
     if (behaviour.gone.has(rel)) throw new Error("gone");
@@ -149,6 +150,37 @@ test("a file past its size is refused by its Content-Length unread, else read no
   } finally {
     behaviour.stored = null;
   }
+});
+
+test("a message prints no address's query or fragment (a signed URL's token); every request keeps the query", async () => {
+  const signed = "?X-Amz-Signature=secret&token=secret#secret", fetched = behaviour.queries = [];
+  const quiet = (call, pattern) => assert.rejects(call, (e) => e instanceof EdgePeftError && pattern.test(e.message) &&
+    !/secret|\?/.test(e.message.replace(/\(a copy cut short\?\)/, "")));
+  try {
+    const rt = await openUrl(ortWeb, `${base}${signed}`);
+    await quiet(rt.loadAdapter("nope"), new RegExp(`^${base}/adapters/nope/adapter\\.json: no adapter nope in this export`));
+    behaviour.large = { rel: "adapters/lora/adapter.onnx", length: 2 * rt.most, told: true };
+    await quiet(rt.loadAdapter("lora"), new RegExp(`^${base}/adapters/lora/adapter\\.onnx: more than an adapter`));
+    behaviour.large = null;
+    behaviour.staleData = true;
+    await quiet(openUrl(ortWeb, `${base}${signed}`), new RegExp(`^${base}/base/model\\.onnx\\.data: more than \\d+ bytes where`));
+    behaviour.staleData = false;
+    behaviour.failing = "neutral.onnx";
+    await quiet(openUrl(ortWeb, `${base}${signed}`), new RegExp(`^${base}/base/neutral\\.onnx: HTTP 503; the server failed`));
+    behaviour.failing = null;
+    behaviour.pages = true;
+    await quiet(openUrl(ortWeb, `${base}/nothing${signed}`), new RegExp(`^${base}/nothing/base/edgepeft\\.json: the server answered with an HTML page`));
+    behaviour.pages = false;
+    await quiet(openUrl(ortWeb, `${base}/nothing${signed}`), new RegExp(`^${base}/nothing/base/edgepeft\\.json: HTTP 404; serve`));
+    await quiet(openUrl(ortWeb, `${base}/base${signed}`), new RegExp(`^${base}/base: is the base folder of the export ${base}; open ${base} itself$`));
+    await quiet(openUrl(ortWeb, `http://127.0.0.1:9/out${signed}`), /^http:\/\/127\.0\.0\.1:9\/out\/base\/edgepeft\.json: download failed/);
+    await quiet(openUrl(ortWeb, `out${signed}`), /^out: not a URL this page can fetch/);
+    behaviour.gone = new Set(["base/tokenizer.json"]);  // the tokenizer's messages name files alike
+    await quiet(loadTokenizer(`${base}${signed}`), new RegExp(`^${base}/base/tokenizer\\.json: missing`));
+  } finally {
+    Object.assign(behaviour, { large: null, staleData: false, failing: null, pages: false, gone: new Set(), queries: null });
+  }
+  assert.ok(fetched.length > 10 && fetched.every((q) => q === "?X-Amz-Signature=secret&token=secret"), fetched.join(" "));
 });
 
 test("every file is revalidated on every fetch (a browser's cached edgepeft.json hid a base re-exported since)", async () => {
