@@ -38,8 +38,12 @@ export async function folderFix(rt, name, merged, manifest) {
   const again = reexport(out, name, folder), copied = manifest.base_source && manifest.base_source === rt.manifest.source
     ? "; or, where this OUT is a copy, copy the export it came from again: its base folder and every adapter" : "";
   if (exportedAs(name) !== name) return again + copied;
-  const waiting = await loader.size?.(`adapters/${name}/.adapter.json.new`).catch(() => undefined);
-  return waiting === undefined ? `remove ${folder}, or ${again}${copied}` : `an export into ${out ?? "OUT"} was ` +
+  // its manifest for this base waiting beside it (commands.py REPOINTED): a folder's file there; over HTTP, a file that
+  // reads as that manifest (a server answering every path with 200, a page's fallback, had an export stopped)
+  const rel = `adapters/${name}/.adapter.json.new`, fingerprint = rt.manifest.fingerprint;
+  const waiting = loader.folder ? await loader.size?.(rel).catch(() => undefined) !== undefined
+    : await loader.json(rel).then((m) => m?.format === "edgepeft-adapter" && m.base_fingerprint === fingerprint, () => false);
+  return !waiting ? `remove ${folder}, or ${again}${copied}` : `an export into ${out ?? "OUT"} was ` +
     `stopped before it re-pointed it; run that export again (where OUT can be locked, not on Windows, it finishes that ` +
     `first), or ${again}`;
 }

@@ -24,11 +24,12 @@ const refuses = (call, pattern) => assert.rejects(call, (e) => e instanceof Edge
 // large: a file answered with `length` zeros ({ rel, length, told, sent }): told, its Content-Length sent and the body
 // cut after one chunk (a client that waits for the body fails); else sent as the client reads, counted in `sent`
 const behaviour = { staleData: false, pages: false, copies: {}, gone: new Set(), failing: null, asHtml: false, cut: null,
-  large: null, stored: null };
+  large: null, stored: null, foreign: null, waiting: false, catchAll: null };
 const server = http.createServer(async (request, response) => {
   let rel = decodeURIComponent(new URL(request.url, "http://x").pathname).replace(/^\/out\//, "");
   const [dir, name, ...file] = rel.split("/");
   if (dir === "adapters" && name in behaviour.copies) rel = ["adapters", behaviour.copies[name], ...file].join("/");
+  if (behaviour.waiting) rel = rel.replace(/\/\.adapter\.json\.new$/, "/adapter.json");  // re-pointed, as export writes it
   behaviour.queries?.push(new URL(request.url, "http://x").search);
   if (behaviour.large?.rel === rel) return large(response, behaviour.large);
   try {
@@ -37,13 +38,17 @@ const server = http.createServer(async (request, response) => {
     let body = await readFile(path.join(FIXTURES, "llama", rel));
     if (behaviour.staleData && rel.endsWith("model.onnx.data")) body = Buffer.concat([body, Buffer.alloc(64)]);
     if (behaviour.cut && rel.endsWith(behaviour.cut)) body = body.subarray(0, body.length >> 1);  // a download cut short
+    if (name === behaviour.foreign && file.join("/") === "adapter.json") {  // made for another base
+      body = JSON.stringify({ ...JSON.parse(body), base_fingerprint: "0".repeat(64) });
+    }
     if (behaviour.stored === rel) {  // gzip of stored blocks: its Content-Length is past the file's size, its body not
       body = gzipSync(body, { level: 0 });
       return response.writeHead(200, { "content-encoding": "gzip", "content-length": body.length }).end(body);
     }
     response.writeHead(200, behaviour.asHtml ? { "content-type": "text/html" } : {}).end(body);
   } catch {
-    if (behaviour.pages) response.writeHead(200, { "content-type": "text/html" }).end("<!DOCTYPE html><p>app</p>");
+    if (behaviour.catchAll !== null) response.writeHead(200).end(behaviour.catchAll);  // every path: 200
+    else if (behaviour.pages) response.writeHead(200, { "content-type": "text/html" }).end("<!DOCTYPE html><p>app</p>");
     else response.writeHead(404).end();
   }
 });
@@ -181,6 +186,25 @@ test("a message prints no address's query or fragment (a signed URL's token); ev
     Object.assign(behaviour, { large: null, staleData: false, failing: null, pages: false, gone: new Set(), queries: null });
   }
   assert.ok(fetched.length > 10 && fetched.every((q) => q === "?X-Amz-Signature=secret&token=secret"), fetched.join(" "));
+});
+
+test("a server answering every path with 200 is not read as a stopped export's manifest waiting beside an adapter", async () => {
+  // "an export into OUT was stopped before it re-pointed it; run that export again", of an export no one ran
+  const rt = await openUrl(ortWeb, base);
+  const folder = `${base}/adapters/other`, removed = `made for another base \\(.*\\); remove ${folder}, or re-export`;
+  Object.assign(behaviour, { copies: { other: "lora" }, foreign: "other" });
+  try {
+    for (const body of ["no such file", '{"error": "not found"}', "{}"]) {
+      behaviour.catchAll = body;
+      await refuses(rt.loadAdapter("other"), new RegExp(`^${folder}: ${removed}`));
+    }
+    behaviour.catchAll = null;
+    behaviour.waiting = true;  // the manifest re-pointed to this base is there: that export is named
+    await refuses(rt.loadAdapter("other"), new RegExp(`^${folder}: made for another base .*; an export into OUT was ` +
+      "stopped before it re-pointed it; run that export again"));
+  } finally {
+    Object.assign(behaviour, { copies: {}, foreign: null, waiting: false, catchAll: null });
+  }
 });
 
 test("every file is revalidated on every fetch (a browser's cached edgepeft.json hid a base re-exported since)", async () => {
