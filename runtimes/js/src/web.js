@@ -7,11 +7,11 @@ import { createSession } from "./sessions.js";
 import { tokenizerOf } from "./tokenizer.js";
 
 /** `url` as a message prints it: without its query and fragment (a signed URL's token, ?X-Amz-Signature=..., went into
- * logs and bug reports); the request keeps them. */
+ * logs and bug reports), nor a user name and password (which fetch refuses); the request keeps the query. */
 function shown(url) {
   try {
     const bare = new URL(url);
-    [bare.search, bare.hash] = ["", ""];
+    [bare.search, bare.hash, bare.username, bare.password] = ["", "", "", ""];
     return bare.href;
   } catch {
     return String(url).replace(/[?#][\s\S]*$/, "");  // no URL: its text, cut where a query would start
@@ -102,6 +102,10 @@ export function urlLoader(out) {
     root = new URL(out, globalThis.location?.href);
   } catch {
     throw new EdgePeftError(`${shown(out)}: not a URL this page can fetch; give the export's address (absolute, or a path of this site)`);
+  }
+  if (root.username || root.password) {  // fetch refuses the address ("download failed ...; check the server")
+    throw new EdgePeftError(`${shown(out)}: holds a user name or password, which fetch does not send; give the address ` +
+      "without them (a signed URL's query, or a server that lets this page in, e.g. by its cookie)");
   }
   const at = (rel) => {
     const url = new URL(root);

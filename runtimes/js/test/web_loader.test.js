@@ -180,6 +180,7 @@ test("a message prints no address's query or fragment (a signed URL's token); ev
     await quiet(openUrl(ortWeb, `${base}/base${signed}`), new RegExp(`^${base}/base: is the base folder of the export ${base}; open ${base} itself$`));
     await quiet(openUrl(ortWeb, `http://127.0.0.1:9/out${signed}`), /^http:\/\/127\.0\.0\.1:9\/out\/base\/edgepeft\.json: download failed/);
     await quiet(openUrl(ortWeb, `out${signed}`), /^out: not a URL this page can fetch/);
+    await quiet(openUrl(ortWeb, "http://user:secret@127.0.0.1:9/out"), /^http:\/\/127\.0\.0\.1:9\/out: holds a user name or password, which fetch does not send/);
     behaviour.gone = new Set(["base/tokenizer.json"]);  // the tokenizer's messages name files alike
     await quiet(loadTokenizer(`${base}${signed}`), new RegExp(`^${base}/base/tokenizer\\.json: missing`));
   } finally {
