@@ -7,13 +7,12 @@ import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { described, pastMost } from "./checks.js";
+import { JSON_MOST, described, pastMost } from "./checks.js";
 import { exportedAs, quote, reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
 import { tokenizerOf } from "./tokenizer.js";
 
-const JSON_MOST = 16 * 2 ** 20;  // as the Python runtime's access.JSON_MOST
 const sizeOf = (file) => stat(file).then((s) => s.size, () => 0);  // 0 where missing: the read then names it
 
 /** A pipe or a device (a link to /dev/zero) read as a file blocks for ever or grows without bound: taken as missing,

@@ -1,7 +1,7 @@
 // Browsers: open an export served over HTTP with onnxruntime-web.
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { described, pastMost } from "./checks.js";
+import { JSON_MOST, described, pastMost } from "./checks.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
 import { tokenizerOf } from "./tokenizer.js";
@@ -61,10 +61,10 @@ async function fetched(url, as, most) {
     // an old manifest with re-exported files, and a cached adapter.onnx or model.onnx.data (a site's max-age) an old
     // graph or weights with a re-exported manifest (a checksum that re-exporting could not mend; other logits)
     response = await fetch(url, { cache: "no-cache" });
-    if (response.ok && as === "json") body = await response.text();
-    else if (response.ok) {
-      const read = await bodyOf(response, most);
+    if (response.ok) {  // a manifest past JSON_MOST is not downloaded whole, as a folder's is refused unread
+      const read = await bodyOf(response, as === "json" ? JSON_MOST : most);
       [body, over] = [read.bytes ?? read.head, read.over];
+      if (as === "json") body = new TextDecoder().decode(body);  // as response.text(): UTF-8, a byte-order mark dropped
     }
   } catch (e) {  // the server down, the connection cut: nothing to re-export; a browser refuses another site's answer
     // (CORS) alike, where no retry helps
@@ -86,6 +86,9 @@ async function fetched(url, as, most) {
       : "serve the export's folder (OUT) at that address"}`);
     error.missing = page || response.status === 404;  // the runtime says what a missing file of an export means
     throw error;
+  }
+  if (over !== undefined && as === "json") {  // readJson names the file: "not readable JSON (...)", as a folder's
+    throw new Error(`${over === Infinity ? `past ${JSON_MOST}` : over} bytes, more than any edgepeft reads (${JSON_MOST})`);
   }
   if (over !== undefined) throw Object.assign(new Error(`${shown(url)}: past ${most} bytes`), { over });
   return as === "json" ? JSON.parse(body) : body;

@@ -144,6 +144,10 @@ test("a file past its size is refused by its Content-Length unread, else read no
       behaviour.large = { rel: "base/model.onnx.data", length: want + 2 ** 24, told };
       await refuses(openUrl(ortWeb, base), new RegExp(`^${data}${told ? want + 2 ** 24 : `more than ${want}`}${wrote}`));
       if (!told) assert.ok(behaviour.large.sent < behaviour.large.length, "the whole file was sent");
+      behaviour.large = { rel: "adapters/lora/adapter.json", length: 2 ** 26, told };  // as a folder's: unread
+      await refuses(rt.loadAdapter("lora"), new RegExp(`^${base}/adapters/lora/adapter\\.json: not readable JSON \\(` +
+        `${told ? 2 ** 26 : "past 16777216"} bytes, more than any edgepeft reads \\(16777216\\)\\)`));
+      if (!told) assert.ok(behaviour.large.sent < behaviour.large.length, "the whole manifest was sent");
     }
   } finally {
     behaviour.large = null;
