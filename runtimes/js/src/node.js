@@ -7,7 +7,7 @@ import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { JSON_MOST, described, pastMost } from "./checks.js";
+import { JSON_MOST, described, jsonMost, pastMost } from "./checks.js";
 import { exportedAs, quote, reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
@@ -196,7 +196,7 @@ export function folderLoader(out) {
     where: (rel) => path.join(out, rel),
     json: async (rel) => {  // a manifest past 16 MiB is refused unread, as in Python (parsed, JSON takes ~20x its bytes)
       const size = await sizeOf(path.join(out, rel));
-      if (size > JSON_MOST) throw new Error(`${size} bytes, more than any edgepeft reads (${JSON_MOST})`);
+      if (size > jsonMost(rel)) throw new Error(`${size} bytes, more than any edgepeft reads (${JSON_MOST})`);
       return JSON.parse(await read(path.join(out, rel), "utf8", out));
     },
     bytes: async (rel, most) => {  // ``most``: more is refused by its size, unread (a sparse file, or a link to a large one)

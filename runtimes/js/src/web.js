@@ -1,7 +1,7 @@
 // Browsers: open an export served over HTTP with onnxruntime-web.
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { JSON_MOST, described, pastMost } from "./checks.js";
+import { JSON_MOST, described, jsonMost, pastMost } from "./checks.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
 import { tokenizerOf } from "./tokenizer.js";
@@ -62,7 +62,7 @@ async function fetched(url, as, most) {
     // graph or weights with a re-exported manifest (a checksum that re-exporting could not mend; other logits)
     response = await fetch(url, { cache: "no-cache" });
     if (response.ok) {  // a manifest past JSON_MOST is not downloaded whole, as a folder's is refused unread
-      const read = await bodyOf(response, as === "json" ? JSON_MOST : most);
+      const read = await bodyOf(response, as === "json" ? jsonMost(new URL(url).pathname) : most);
       [body, over] = [read.bytes ?? read.head, read.over];
       if (as === "json") body = new TextDecoder().decode(body);  // as response.text(): UTF-8, a byte-order mark dropped
     }

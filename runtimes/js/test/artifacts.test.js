@@ -18,7 +18,7 @@ import * as ortWeb from "onnxruntime-web";
 import { adapterSessionOptions, checkTensors } from "../src/checks.js";
 import { adapterGraphProblem } from "../src/graph.js";
 import { EdgePeftError, classify } from "../src/runtime.js";
-import { openFolder } from "../src/node.js";
+import { loadTokenizer, openFolder } from "../src/node.js";
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 const FIXTURES = process.env.EDGEPEFT_JS_FIXTURES || path.join(REPO, "build", "js");
@@ -271,6 +271,13 @@ test("an adapter whose tensors are not finite, or a head of no outputs, is refus
   const tensors = { "head_weight.classifier": { type: "float32", dims: [4, 0], data: new Float32Array(0) } };
   assert.throws(() => checkTensors(tensors, { slots: { "head_weight.classifier": [4, 0] } }, { "head_weight.classifier": head },
     { "head_out.classifier": ["head_weight.classifier"] }, "a"), /^EdgePeftError: a: slot head_weight\.classifier is a head of no outputs; re-export it/);
+});
+
+test("a tokenizer.json past 16 MiB (a large vocabulary's) is read whole, as Python's tokenizers reads it", async () => {
+  const out = await copied("large-vocabulary");
+  const ids = (await loadTokenizer(out)).encode("w10 w20 w30").ids;
+  await writeFile(path.join(out, "base", "tokenizer.json"), " ".repeat(17 * 2 ** 20), { flag: "a" });
+  assert.deepEqual((await loadTokenizer(out)).encode("w10 w20 w30").ids, ids);
 });
 
 test("an adapter graph ONNX Runtime cannot run, or whose outputs Object's own names hide, is refused, as in Python", async () => {

@@ -24,7 +24,7 @@ const refuses = (call, pattern) => assert.rejects(call, (e) => e instanceof Edge
 // large: a file answered with `length` zeros ({ rel, length, told, sent }): told, its Content-Length sent and the body
 // cut after one chunk (a client that waits for the body fails); else sent as the client reads, counted in `sent`
 const behaviour = { staleData: false, pages: false, copies: {}, gone: new Set(), failing: null, asHtml: false, cut: null,
-  large: null, stored: null, foreign: null, waiting: false, catchAll: null };
+  large: null, stored: null, foreign: null, waiting: false, catchAll: null, padded: null };
 const server = http.createServer(async (request, response) => {
   let rel = decodeURIComponent(new URL(request.url, "http://x").pathname).replace(/^\/out\//, "");
   const [dir, name, ...file] = rel.split("/");
@@ -37,6 +37,7 @@ const server = http.createServer(async (request, response) => {
     if (behaviour.failing && rel.endsWith(behaviour.failing)) return response.writeHead(503).end();
     let body = await readFile(path.join(FIXTURES, "llama", rel));
     if (behaviour.staleData && rel.endsWith("model.onnx.data")) body = Buffer.concat([body, Buffer.alloc(64)]);
+    if (behaviour.padded === rel) body = Buffer.concat([body, Buffer.alloc(17 * 2 ** 20, " ")]);  // a large vocabulary's
     if (behaviour.cut && rel.endsWith(behaviour.cut)) body = body.subarray(0, body.length >> 1);  // a download cut short
     if (name === behaviour.foreign && file.join("/") === "adapter.json") {  // made for another base
       body = JSON.stringify({ ...JSON.parse(body), base_fingerprint: "0".repeat(64) });
@@ -158,6 +159,16 @@ test("a file past its size is refused by its Content-Length unread, else read no
     assert.ok((await openUrl(ortWeb, base)).manifest);
   } finally {
     behaviour.stored = null;
+  }
+});
+
+test("a tokenizer.json past 16 MiB (a large vocabulary's) is read whole, as Python's tokenizers reads it", async () => {
+  const ids = (await loadTokenizer(base)).encode("w10 w20 w30").ids;
+  behaviour.padded = "base/tokenizer.json";
+  try {
+    assert.deepEqual((await loadTokenizer(base)).encode("w10 w20 w30").ids, ids);
+  } finally {
+    behaviour.padded = null;
   }
 });
 
