@@ -319,7 +319,7 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops,
                 grown = np.concatenate([grown, np.empty_like(grown)], axis=1)
             grown[:, ids.shape[1] + step] = token
             sequences = grown[:, :ids.shape[1] + step + 1]
-            yield token
+            yield token.copy()  # the caller's: an edit of it was fed to the model (transformers feeds its own ids)
             ends += ~finished  # this token counts for each row it did not end before
             finished |= np.isin(token, eos)
             if stops is not None:

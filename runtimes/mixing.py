@@ -71,6 +71,14 @@ def row_specs(adapter, batch: int):
     return [{} if a is None else {a: 1.0} if isinstance(a, str) else _weights(a) for a in adapter]
 
 
+def as_called(adapter):
+    """``adapter`` as a call was given it, its lists and dicts copied: a stream reads it at its first ``next()``, and
+    an app's list or weights edited meanwhile (reused for its next request) gave other adapters, without a word."""
+    if isinstance(adapter, dict):
+        return dict(adapter)
+    return [dict(a) if isinstance(a, dict) else a for a in adapter] if isinstance(adapter, (list, tuple)) else adapter
+
+
 def holding(store, mixer, adapter, specs):
     """A call's adapters held (unloading refused, kept staged), its ``row_specs`` ``specs``: nothing stacked."""
     return store.using(adapter) if specs is None else store.holding(mixer.names(specs))

@@ -28,7 +28,7 @@ import numpy as np
 from . import classify, decoded, text
 from .access import check_readable, check_text_files, files_digest, folder_identity, located
 from .adapters import AdapterStore, Plan
-from .mixing import Lane, Mixer, assemble, holding, row_specs, run_rows_apart
+from .mixing import Lane, Mixer, as_called, assemble, holding, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
 from .generation import TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
 from .inputs import check_token_inputs, check_token_types, generation_mask, step_tokens
@@ -125,10 +125,11 @@ class Runtime:
         return copy.deepcopy(self.store.get(name).manifest)
 
     def adapter_tensors(self, name: str) -> dict:
-        """{slot name: OrtValue} the adapter binds as graph inputs (staged on the runtime's device; staged now
-        if a budget had evicted it)."""
+        """{slot name: OrtValue} the adapter binds as graph inputs, on the runtime's device; copies (an edit of the
+        staged ones' ``numpy()`` views changed calls by name, not mixed batches, nor what a budget stages again)."""
         with self.store.using(name) as plan:
-            return {**plan.every, **plan.prefill}
+            staged = {**plan.every, **plan.prefill}
+            return {k: ort.OrtValue.ortvalue_from_numpy(v.numpy().copy(), *self.device) for k, v in staged.items()}
 
     @property
     def resident_adapters(self) -> list[str]:
@@ -292,8 +293,8 @@ class Runtime:
         and yields the next logits. The adapter is held until the generator is closed or collected."""
         ids, mask = self._decoder_inputs(input_ids, attention_mask, self.model_pad_id,
                                         self.manifest.get("eos_token_id") or [])
+        adapter = as_called(adapter)  # read at the first next(): an app's list edited meanwhile is its own
         self._check_call(adapter, ids.shape[0], ids.shape[1])  # an unknown adapter fails here, at the call
-
         lanes = {}
 
         def steps():
@@ -318,7 +319,7 @@ class Runtime:
         until every row is done. The adapter is held from the first ``next()`` until the generator finishes: it cannot
         be unloaded mid-generation (unloaded before the first ``next()``, that call raises UnknownAdapterError).
         """
-        cfg = self.generation_config(**generation)
+        cfg, adapter = self.generation_config(**generation), as_called(adapter)  # an edit before the first next(): the app's
         pad = cfg.pad_token_id if generation.get("pad_token_id") is not None else self.model_pad_id  # not an eos fallback
         ids, mask = self._decoder_inputs(input_ids, attention_mask, pad, cfg.eos_token_id)
         source, virtual = length_source(self, generation), self.virtual_positions(adapter, ids.shape[0])

@@ -300,16 +300,20 @@ def prompt_ids(rt, prompt, chat: bool):
 
 
 def stream_text(rt, prompt, adapter=None, chat: bool = False, **generation):
-    """Yield the generated text piece by piece for one prompt (pieces end on whole characters)."""
+    """Yield the generated text piece by piece for one prompt (pieces end on whole characters). The prompt is read
+    and the call checked at the call, as ``stream``'s (a chat history edited before the first ``next()`` was used)."""
     ids, mask, _ = prompt_ids(rt, prompt, chat)
     if ids.shape[0] != 1:
         raise ConfigError("stream_text takes one prompt; use generate_text for a batch")
-    new, shown, tok = [], "", rt.tokenizer
-    # a tokenizer whose decoding rewrites text (" ," -> ",", " n" + "'t" -> "n't") may still change its last
-    # characters: they wait (a rewrite reaches at most this far back, chained ones included)
-    hold = 8 if tok.rewrites else 0
+    return _pieces(rt.tokenizer, rt.stream(ids, mask, adapter, **generation))
+
+
+def _pieces(tok, tokens):  # stream_text's pieces of the stream ``tokens``
+    new, shown = [], ""
+    # decoding that rewrites text (" ," -> ",", " n" + "'t" -> "n't") may still change the last characters: they wait
+    hold = 8 if tok.rewrites else 0  # (a rewrite reaches at most this far back, chained ones included)
     text_of, open_bytes = GrowingText(tok), OpenBytes(tok)
-    for token in rt.stream(ids, mask, adapter, **generation):
+    for token in tokens:
         new.append(int(token[0]))
         settled = text_of(new, len(new) - open_bytes(new[-1]))  # an open run of byte tokens may change
         settled = settled[:max(len(settled) - hold, 0)]

@@ -27,6 +27,42 @@ def test_a_stream_runs_the_inputs_it_checked_at_the_call(shared_export):
     np.testing.assert_array_equal(next(steps), want_logits)
 
 
+def test_a_stream_reads_its_adapters_and_chat_at_the_call_and_keeps_its_own_tokens(shared_export, text_export):
+    """An invariance hunt: stream() and step_logits() read a per-row list or a weights dict at the first next(), so
+    an app's list reused for its next request gave other adapters; stream_text read its chat history (and checked
+    its arguments) then; a streamed token the caller edited was fed to the model; adapter_tensors' numpy() views were
+    the staged tensors, an edit changing calls by name and not mixed batches. Each edit is now the caller's own."""
+    from edgepeft.errors import UnknownAdapterError
+    from edgepeft.runtimes import Runtime
+
+    rt = Runtime(shared_export("llama")[0])
+    ids, mask = sample_batch(batch=2, seq=5)
+    options = dict(max_new_tokens=4, eos_token_id=[])
+    want = rt.generate(ids, mask, adapter=["qv", "mlp"], **options)[:, 5:]
+    want_logits = next(rt.step_logits(ids, mask, adapter={"qv": 0.5, "all": 0.5}))
+    rows, weights = ["qv", "mlp"], {"qv": 0.5, "all": 0.5}
+    stream, steps = rt.stream(ids, mask, adapter=rows, **options), rt.step_logits(ids, mask, adapter=weights)
+    rows[:], weights["qv"] = [None, "all"], 2.0  # the app's next request
+    tokens = []
+    for token in stream:
+        tokens.append(token.copy())
+        token[:] = 7  # the caller's array, reused
+    assert np.array_equal(np.stack(tokens, 1), want)
+    np.testing.assert_array_equal(next(steps), want_logits)
+    staged = rt.forward(ids, mask, adapter="qv")["logits"]
+    for value in rt.adapter_tensors("qv").values():
+        value.numpy()[...] = 0  # the caller's copy
+    np.testing.assert_array_equal(rt.forward(ids, mask, adapter="qv")["logits"], staged)
+    out = Runtime(text_export[0])
+    history = [{"role": "user", "content": "w99 w98"}]
+    answer = out.generate_text(history, adapter="tok", chat=True, **options)
+    stream = out.stream_text(history, adapter="tok", chat=True, **options)
+    history[:] = [{"role": "user", "content": "w10"}]  # the app's next conversation, while the answer streams
+    assert "".join(stream) == answer != out.generate_text(history, adapter="tok", chat=True, **options)
+    with pytest.raises(UnknownAdapterError):
+        out.stream_text("w10", adapter="nope")  # at the call, as stream's
+
+
 def _raising_at(code, line: int):
     """A trace function that raises TimeoutError (what a timeout's signal handler raises) as ``code`` reaches
     ``line``: an app's exception at that point of the call."""
