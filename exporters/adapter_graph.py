@@ -123,15 +123,13 @@ def _non_finite(value, where: str = ""):
     return where if isinstance(value, float) and not math.isfinite(value) else None
 
 
-def read_labels(src_path: str, width: int, config=None) -> list | None:
-    """Class names saved beside a classifier adapter (``labels.json``, written by ``edgepeft train``), else those
-    the base's ``config`` names (as transformers labels the adapted model), or None.
-
-    ``width``: the classifier's output count, which the file must match.
-    """
+def saved_labels(src_path: str) -> list | None:
+    """Class names saved beside a classifier adapter (``labels.json``, written by ``edgepeft train``), else None:
+    read with its weights (``resolve``), as one run's (read after tracing, a run into the folder meanwhile gave
+    its labels to the first run's classifier)."""
     path = os.path.join(src_path, LABELS_NAME)
     if not os.path.isfile(path):
-        return named_labels(config, width) if config is not None else None
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             labels = json.load(f)["labels"]
@@ -139,6 +137,16 @@ def read_labels(src_path: str, width: int, config=None) -> list | None:
         raise CorruptArtifactError(f"{path}: cannot read the label names ({e}); fix or delete the file") from None
     if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
         raise CorruptArtifactError(f"{path}: 'labels' must be a list of strings; fix or delete the file")
+    return labels
+
+
+def read_labels(src, width: int, config=None) -> list | None:
+    """The adapter source ``src``'s saved labels (``saved_labels``), else those the base's ``config`` names (as
+    transformers labels the adapted model), or None. ``width``: the classifier's output count, which they must match.
+    """
+    labels, path = src.labels, os.path.join(src.path, LABELS_NAME)
+    if labels is None:
+        return named_labels(config, width) if config is not None else None
     if len(labels) != width:
         raise CorruptArtifactError(f"{path}: names {len(labels)} labels but the adapter's classifier has "
                                    f"{width} outputs; fix or delete the file")

@@ -344,7 +344,7 @@ def validate_float(plan: ExportPlan, base_stage: str, adapter_stages: dict, reus
         check = validate(f"adapter {src.name}", rt, src.name, plan.peft, plan.task, plan.atol, src.path, qtol=qtol,
                          base=base)
         if plan.task == "seq-cls":
-            set_labels(os.path.join(stage, ADAPTER_MANIFEST), read_labels(src.path, check["output_width"], plan.model.config))
+            set_labels(os.path.join(stage, ADAPTER_MANIFEST), read_labels(src, check["output_width"], plan.model.config))
         report["checks"].append(check)
         size = read_adapter_manifest(stage)["parameter_bytes"]
         report["adapters"].append({"name": src.name, "path": os.path.join(plan.out, ADAPTERS_DIR, src.name),

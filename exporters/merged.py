@@ -60,7 +60,7 @@ def export_merged(plan: ExportPlan) -> dict:
         checks = [validate(f"merged {src.name}", rt, None, plan.peft, plan.task, plan.atol, src.path)]
         log_check(plan.log, checks[-1], f"merged {src.name}")
         if plan.task == "seq-cls":  # the trained head's width (the config may still say 2)
-            set_labels(os.path.join(stage, BASE_MANIFEST), read_labels(src.path, checks[-1]["output_width"],
+            set_labels(os.path.join(stage, BASE_MANIFEST), read_labels(src, checks[-1]["output_width"],
                                                                        plan.model.config))
         if plan.quantize:
             quantize_stage(stage, plan.quantize, plan.log)

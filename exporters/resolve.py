@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from edgepeft.config import CONFIG_NAME, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, EdgePeftError
+from edgepeft.exporters.adapter_graph import saved_labels
 from edgepeft.exporters.fingerprint import config_differences, made_heads, weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.exporters.validate import check_room, check_traceable
@@ -34,6 +35,7 @@ class AdapterSource:
     name: str
     path: str
     config: object
+    labels: list | None = None  # labels.json's, read with the weights (``saved_labels``)
 
 
 @dataclass
@@ -126,6 +128,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     peft = PeftModel(copy.deepcopy(model))
     for src in sources:
         peft.load_adapter(src.path, src.name)
+        src.labels = saved_labels(src.path)  # with its weights: a run into the folder later is another run's
         check_room(max_positions(model_config), getattr(peft.peft_config[src.name], "num_virtual_tokens", None) or 0,
                    src.path)  # before the base is traced, not after
     check_traceable(max_positions(model_config), any(getattr(c, "num_virtual_tokens", None) for c in peft.peft_config.values()),

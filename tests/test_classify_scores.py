@@ -169,3 +169,27 @@ def test_long_lists_run_in_batches_of_like_lengths_each_text_as_alone(text_model
     for ours, text, name in zip(batch, texts, spec):
         np.testing.assert_allclose(list(ours["scores"].values()),
                                    list(rt.classify(text, adapter=name)["scores"].values()), atol=1e-6)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_labels_are_read_with_the_classifier_s_weights(text_model, tmp_path, monkeypatch, merge):
+    """A concurrency hunt: export read labels.json after tracing and validating (minutes on a real model), so a
+    training run into the adapter's folder meanwhile named the first run's classifier with its own labels, "ok"."""
+    import importlib
+    import json
+
+    _, head, _ = bert_lora_classifier(text_model("bert"), tmp_path, {0: "neg", 1: "pos"})
+    with open(os.path.join(head, "labels.json"), "w") as f:
+        json.dump({"labels": ["negative", "positive"]}, f)
+    real = importlib.import_module("edgepeft.exporters.export").trace_base
+
+    def trace_then_retrain(*args, **kwargs):  # another run writes the folder once the export has read it
+        with open(os.path.join(head, "labels.json"), "w") as f:
+            json.dump({"labels": ["alarm", "timer"]}, f)
+        return real(*args, **kwargs)
+
+    for module in ("edgepeft.exporters.export", "edgepeft.exporters.merged"):
+        monkeypatch.setattr(importlib.import_module(module), "trace_base", trace_then_retrain)
+    out = str(tmp_path / "out")
+    export([head], out, names=["c"], merge=merge)
+    assert Runtime(out).labels(None if merge else "c") == ["negative", "positive"]
