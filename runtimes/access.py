@@ -109,6 +109,24 @@ def folder_identity(path: str) -> tuple | None:
     return found.st_dev, found.st_ino
 
 
+def unchanged_while(folder: str, read, tries: int = 3):
+    """``read()``'s result, where ``folder`` stayed the same folder from before it began until it ended; read again
+    where an export renamed a new one in meanwhile (a Runtime opened then paired the old manifest with the new graph,
+    or ran a graph whose weights came from both). An error raised while it changed is read again too."""
+    for _ in range(tries):
+        seen = folder_identity(folder)
+        try:
+            result = read()
+        except (ArtifactNotFoundError, CorruptArtifactError):
+            if folder_identity(folder) == seen:
+                raise
+            continue
+        if folder_identity(folder) == seen:
+            return result
+    raise StorageError(f"{folder}: replaced {tries} times while it was read (exports into it, one after another); "
+                       "open it again once they are done")
+
+
 def present(path: str, folder: bool = False) -> bool:
     """``os.path.isfile`` (``isdir``: ``folder``), but an app's STOPS raised while it looks come through."""
     try:

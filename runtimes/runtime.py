@@ -12,10 +12,9 @@
       |     GroupQueryAttention graphs one fixed buffer per cache input is both
       `-- generate_text / stream_text / classify / embed (text.py): text in, text or labels out
 
-There is no global active adapter: every call names its adapter, so concurrent
-calls with different adapters never interfere. Adapter tensors are not copied per
-call: a single adapter's are bound as staged; a mixed batch's are stacked once per set
-of adapters and cached (mixing.py).
+There is no global active adapter: every call names its adapter, so concurrent calls with different adapters
+never interfere. Adapter tensors are not copied per call: a single adapter's are bound as staged; a mixed batch's
+are stacked once per set of adapters and cached (mixing.py).
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import classify, decoded, text
-from .access import check_readable, check_text_files, files_digest, folder_identity, located
+from .access import check_readable, check_text_files, files_digest, folder_identity, located, unchanged_while
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, as_called, assemble, holding, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
@@ -54,7 +53,8 @@ class Runtime:
             check_readable(os.path.join(path, BASE_DIR))  # OUT another user's: not "no exported base here"
             raise not_an_export(os.fspath(path))
         try:
-            self._open_base(os.path.join(self.path, BASE_DIR), providers, sess_options, adapter_budget_bytes)
+            base, budget = os.path.join(self.path, BASE_DIR), adapter_budget_bytes  # one export's manifest, graph, weights
+            unchanged_while(base, lambda: self._open_base(base, providers, sess_options, budget))
             if switch(load_adapters, "load_adapters"):
                 for d in adapter_dirs(self.path).values():
                     self.load_adapter(d)  # named by its folder
