@@ -230,7 +230,35 @@ export function folderLoader(out) {
 
 /** A Runtime over the export folder OUT: Runtime.open with the folder's files. */
 export async function openFolder(ort, out, options = {}) {
-  return Runtime.open(ort, folderLoader(out), options);
+  const loader = folderLoader(out), base = loader.where("base");
+  // an export renaming a new base in while it was read paired its manifest with the other's graph (or weights from
+  // both): read again where the folder changed meanwhile, as Python's unchanged_while
+  for (let tries = 1; ; tries++) {
+    const seen = identity(base);
+    let rt;
+    try {
+      rt = await Runtime.open(ort, loader, options);
+    } catch (e) {
+      if (tries < 3 && identity(base) !== seen) continue;
+      throw e;
+    }
+    if (identity(base) === seen) return rt;
+    await rt.release().catch(() => {});
+    if (tries === 3) {
+      throw new EdgePeftError(`${base}: replaced 3 times while it was read (exports into it, one after another); open ` +
+        "it again once they are done");
+    }
+  }
+}
+
+/** The folder's device and inode: another once an export renames a new one in (undefined: gone). */
+function identity(folder) {
+  try {
+    const found = statSync(folder, { bigint: true });
+    return `${found.dev}:${found.ino}`;
+  } catch {
+    return undefined;
+  }
 }
 
 /** The tokenizer exported with the base (tokenizer.json, tokenizer_config.json). */

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { cp, mkdir, mkdtemp, readFile, rm, symlink, truncate, writeFile } from "node:fs/promises";
+import { cp, mkdir, mkdtemp, readFile, rename, rm, symlink, truncate, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
@@ -278,6 +278,28 @@ test("a tokenizer.json past 16 MiB (a large vocabulary's) is read whole, as Pyth
   const ids = (await loadTokenizer(out)).encode("w10 w20 w30").ids;
   await writeFile(path.join(out, "base", "tokenizer.json"), " ".repeat(17 * 2 ** 20), { flag: "a" });
   assert.deepEqual((await loadTokenizer(out)).encode("w10 w20 w30").ids, ids);
+});
+
+test("a base an export replaces while openFolder reads it is read again whole, as in Python", async () => {
+  // a concurrency hunt: openFolder read the old manifest (labels, merged adapter) and ran the new graph, or a graph
+  // with weights from both, while an export (--merge --overwrite) renamed a new base in
+  const [out, other] = [await copied("replaced-while-opened", "bert_merged"), await copied("replacing", "bert_merged")];
+  const width = (await (await openFolder(ortNode, other)).forward([[1, 2, 3]])).logits.dims[1];
+  const labels = Array.from({ length: width }, (_, i) => `other${i}`);
+  const manifest = JSON.parse(await readFile(path.join(other, "base/edgepeft.json"), "utf8"));
+  await writeFile(path.join(other, "base/edgepeft.json"), JSON.stringify({ ...manifest, labels }));
+  let swapped = false;
+  const ort = { ...ortNode, InferenceSession: { create: async (...args) => {  // the manifest read: the new base renamed in
+    if (!swapped) {
+      swapped = true;
+      await rename(path.join(out, "base"), path.join(scratch, "replaced-base"));
+      await rename(path.join(other, "base"), path.join(out, "base"));
+    }
+    return ortNode.InferenceSession.create(...args);
+  } } };
+  const rt = await openFolder(ort, out);
+  assert.ok(swapped);
+  assert.deepEqual(rt.labels(null), labels);
 });
 
 test("an adapter graph ONNX Runtime cannot run, or whose outputs Object's own names hide, is refused, as in Python", async () => {
