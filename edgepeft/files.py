@@ -10,6 +10,7 @@ import tempfile
 from contextlib import contextmanager
 
 from edgepeft.interrupts import deferred_interrupts
+from edgepeft.sharing import exchanged
 from edgepeft.runtimes.access import inside, left_by_a_stopped_process, moved_aside_for_nothing, this_host
 
 _UMASK = os.umask(0)
@@ -233,8 +234,8 @@ def staging_dir(parent: str, label: str) -> str:
 def replace_dir(staged: str, target: str) -> None:
     """Move a fully written ``staged`` folder to ``target``, replacing any old one.
 
-    The old folder is renamed aside first and removed only after the new one is in
-    place, so at every moment ``target`` is either the old or the new folder.
+    The two are exchanged in one step where the system can (``exchanged``), else the old folder is renamed aside
+    first; it is removed only after the new one is in place.
     """
     old = None
     try:
@@ -253,6 +254,10 @@ def swap_dir(staged: str, target: str) -> str | None:
     if os.path.exists(target):
         old = tempfile.mkdtemp(prefix=f".old-{name}-{_owner()}-", dir=parent)
         os.rmdir(old)
+        if exchanged(staged, target):  # never without target: a Runtime opened between two renames found no base
+            os.replace(staged, old)  # the old folder, by the name remove_moved_aside (or a later export) knows
+            _sync_dir(parent)
+            return old
         os.replace(target, old)
     try:
         os.replace(staged, target)
@@ -355,46 +360,3 @@ class Staging:
         with deferred_interrupts():  # a Ctrl-C (or a second one) cut the removal short, leaving half a folder in OUT
             for folder in self.folders:
                 shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextmanager
-def one_at_a_time(folder: str, waiting, who: str = "export"):
-    """Hold ``folder`` for one export at a time: an advisory lock on the folder itself, so no file is left behind.
-    Two exports into one OUT each read its base and adapters first, and the later commit dropped what the other
-    had added. ``waiting(message)`` is told when another holds it; this one then waits its turn. A folder removed
-    or replaced meanwhile (a failed first export into a new OUT removes it) is made and locked again. Where the
-    system has no such locks (Windows, or a filesystem that refuses them), exports are not serialised. Yields
-    whether it holds the lock (without it, another export's files may be in flight)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    while True:
-        os.makedirs(folder, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            waiting(f"note: another {who} into {folder} is running; waiting for it to finish")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # no locks on this filesystem
-            os.close(fd)
-            fd = None
-            break
-        held, now = os.fstat(fd), _stat(folder)
-        if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
-            break
-        os.close(fd)  # the folder locked is gone: lock the one at that path now
-    try:
-        yield fd is not None
-    finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
-
-
-def _stat(path: str):
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        return None

@@ -27,9 +27,10 @@ from edgepeft.exporters.quantize import check_quantize
 from edgepeft.exporters.resolve import ExportPlan, adapter_slots, export_arguments, resolve, usable_slots
 from edgepeft.exporters.validate import (BaseOutputs, check_head_widths, check_tolerances, compare_siblings, log_check,
                                          validate)
-from edgepeft.files import (Staging, check_output_dir, missing_folders, one_at_a_time, remove_abandoned, remove_empty,
+from edgepeft.files import (Staging, check_output_dir, missing_folders, remove_abandoned, remove_empty,
                             remove_moved_aside, reporting_full_disk, write_json_atomic)
 from edgepeft.interrupts import written_whole
+from edgepeft.sharing import one_at_a_time
 from edgepeft.models import model_label, reads_token_types
 from edgepeft.runtimes.access import REPOINTED, aside_elsewhere, located, may_replace, read_json
 from edgepeft.runtimes.manifest import (ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, LAYOUT_VERSION,

@@ -239,3 +239,12 @@ def sigint_raises():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def two_renames(monkeypatch):
+    """A folder replaced by two renames (the old aside, the new in), as where the system cannot exchange two folders
+    in one step (Windows, a network file system): the commits' tests that stop or fail between them."""
+    import edgepeft.files
+
+    monkeypatch.setattr(edgepeft.files, "exchanged", lambda a, b: False)

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from error_contract import llama  # noqa: F401  (fixture)
 from peft_refs import bert_lora_classifier
 
 from edgepeft.exporters import export
@@ -46,3 +47,57 @@ def test_a_base_replaced_while_a_runtime_opens_it_is_read_again_whole(two_merged
     rt = Runtime(str(out))
     assert swapped and rt.labels(None) == ["alarm", "timer"]
     assert rt.classify(TEXTS) == Runtime(second).classify(TEXTS)
+
+
+def test_a_folder_is_replaced_with_no_moment_without_it(tmp_path, monkeypatch):
+    """The old folder was renamed aside, then the new one in: a Runtime opened between the two found no base ("no
+    exported base here; run export first"), or OUT without the adapter being replaced, and no error. Where the system
+    can, the two are exchanged in one step (Linux, macOS); the old one then goes as before."""
+    from edgepeft import files
+
+    target, staged = tmp_path / "base", files.staging_dir(str(tmp_path), "base")
+    target.mkdir()
+    (target / "old").write_text("old")
+    (tmp_path / staged / "new").write_text("new")
+    real, seen = os.replace, []
+    monkeypatch.setattr(os, "replace", lambda src, dst: (seen.append(target.is_dir()), real(src, dst)))
+    files.replace_dir(staged, str(target))
+    assert seen and all(seen) and os.listdir(target) == ["new"] and os.listdir(tmp_path) == ["base"]
+
+
+_KILLED_AFTER_THE_EXCHANGE = """
+import os, signal, sys
+import edgepeft.files as files
+from edgepeft.exporters import export
+out, adapter = sys.argv[1:]
+real = files.exchanged
+def exchanged(staged, target):  # kill -9 once the new adapter is in, before the old one is renamed aside
+    done = real(staged, target)
+    if os.path.basename(target) == "qv":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return done
+files.exchanged = exchanged
+export([adapter], out, names=["qv"], overwrite=True)
+"""
+
+
+def test_an_export_killed_after_an_exchange_leaves_the_new_folder_and_the_next_removes_the_old(llama, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from file_checks import hidden_entries
+
+    out, fresh = str(tmp_path / "out"), str(tmp_path / "fresh")
+    export([llama[1]["qv"]], out)
+    export([llama[1]["mlp"]], fresh, names=["qv"])
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_THE_EXCHANGE, out, llama[1]["mlp"]])
+    assert killed.returncode == -signal.SIGKILL and hidden_entries(out)  # the old qv, where the new one was staged
+    ids = np.array([[1, 2, 3]])
+    want = Runtime(fresh).forward(ids, adapter="qv")["logits"]
+    np.testing.assert_allclose(Runtime(out).forward(ids, adapter="qv")["logits"], want, atol=1e-5)
+    export([llama[1]["all"]], out, names=["other"])
+    assert not hidden_entries(out)
+    np.testing.assert_allclose(Runtime(out).forward(ids, adapter="qv")["logits"], want, atol=1e-5)

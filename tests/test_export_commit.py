@@ -98,7 +98,7 @@ def _old_and_new(root):
     return target, staged
 
 
-def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tmp_path, monkeypatch):
+def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tmp_path, monkeypatch, two_renames):
     """Its docstring: target is at every moment the old or the new folder. A failing second rename left neither."""
     target, staged = _old_and_new(tmp_path)
     real = os.replace
@@ -114,7 +114,7 @@ def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tm
     assert (target / "file").read_text() == "old" and (staged / "file").read_text() == "new"
 
 
-def test_an_export_is_on_the_disk_before_the_old_base_is_removed(llama, tmp_path, monkeypatch):
+def test_an_export_is_on_the_disk_before_the_old_base_is_removed(llama, tmp_path, monkeypatch, two_renames):
     """A power cut (a device unplugged) right after an export: its files were renamed into place and the old base
     removed with the new files' data still in the page cache: a truncated base, the old one gone. Every file and
     folder of what moves in is synced before the first rename, and OUT's entries after the base's."""
@@ -176,7 +176,8 @@ def test_a_read_only_out_is_refused_before_any_work(llama, tmp_path, monkeypatch
         export([llama[1]["mlp"]], out)
 
 
-def test_ctrl_c_during_replace_dir_moves_the_new_folder_in_and_leaves_no_old_copy(tmp_path, monkeypatch, sigint_raises):
+def test_ctrl_c_during_replace_dir_moves_the_new_folder_in_and_leaves_no_old_copy(tmp_path, monkeypatch, sigint_raises,
+                                                                                  two_renames):
     """The deferred Ctrl-C was raised before the old folder's removal: a hidden full copy stayed behind."""
     target, staged = _old_and_new(tmp_path)
     real = os.replace
@@ -259,7 +260,9 @@ def test_an_out_written_before_the_generation_defaults_is_named_older_not_anothe
 
 _KILLED_MIDWAY = """
 import os, signal, sys
+import edgepeft.files
 from edgepeft.files import replace_dir, staging_dir
+edgepeft.files.exchanged = lambda a, b: False  # two renames, as where the system cannot exchange folders
 parent, target = sys.argv[1], sys.argv[2]
 staged = staging_dir(parent, os.path.basename(target))
 open(os.path.join(staged, "adapter.json"), "w").write("half")  # a staged adapter, not yet validated
@@ -514,7 +517,9 @@ def test_an_export_killed_while_re_pointing_is_finished_by_the_next(llama, tmp_p
 
 _KILLED_OVERWRITING = """
 import os, signal, sys
+import edgepeft.files
 from edgepeft.exporters import export
+edgepeft.files.exchanged = lambda a, b: False  # two renames, as where the system cannot exchange folders
 out, adapter, when = sys.argv[1:]
 target, real = os.path.join(out, "adapters", "qv"), os.replace
 def replace(src, dst):  # kill -9 as the old qv moves aside, or between that and the new one moving in

@@ -18,8 +18,8 @@ from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
 
-def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp_path, monkeypatch, sigint_raises,
-                                                                     capsys):
+def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp_path, monkeypatch, two_renames,
+                                                                     sigint_raises, capsys):
     """SIGINT between the new base's rename and its adapters' new manifests left every adapter of OUT 'made for
     another base', and a second export did not mend it (the base was then reused). The commit now finishes first."""
     from edgepeft.cli import main
@@ -47,7 +47,7 @@ def test_ctrl_c_during_the_commit_leaves_a_base_that_its_adapters_fit(llama, tmp
     assert not hidden_entries(out)
 
 
-def test_a_commit_holds_ctrl_c_off_and_removes_what_it_replaced_last(llama, tmp_path, monkeypatch, sigint_raises):
+def test_a_commit_holds_ctrl_c_off_and_removes_what_it_replaced_last(llama, tmp_path, monkeypatch, sigint_raises, two_renames):
     """Found by a hunt: the old base was removed (seconds, for a large one) before the adapters already in OUT were
     re-pointed to the new one, and a Runtime opened meanwhile was told an export 'was stopped'; a Ctrl-C between
     two adapters' renames said "aborted" with one replaced and the other not, or left a hidden copy of the old."""
@@ -207,9 +207,10 @@ SIGTERM_AT = {  # where the export gets a SIGTERM: as ONNX Runtime's int8 quanti
     "int8 temp copy": "import onnx\nreal = onnx.save_model\ndef hook(model, path, *a, **k):\n"
                       "    real(model, path, *a, **k)\n    if 'ort.quant.' in str(path): signal.raise_signal(signal.SIGTERM)\n"
                       "onnx.save_model = hook\n",
-    "commit": "real = os.replace\ndef hook(src, dst):\n    if os.path.basename(dst) == 'base' and not SENT:\n"
-              "        SENT.append(dst); signal.raise_signal(signal.SIGTERM)\n    return real(src, dst)\n"
-              "os.replace = hook\n",
+    "commit": "import edgepeft.files as files\nreal = files.exchanged\ndef hook(staged, target):\n"
+              "    if os.path.basename(target) == 'base' and not SENT:\n"
+              "        SENT.append(target); signal.raise_signal(signal.SIGTERM)\n    return real(staged, target)\n"
+              "files.exchanged = hook\n",
 }
 
 

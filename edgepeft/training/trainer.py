@@ -20,9 +20,9 @@ import torch
 from torch.nn.functional import binary_cross_entropy_with_logits
 
 from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
-from edgepeft.files import (missing_folders, one_at_a_time, remove_abandoned, remove_empty, remove_new, names_in,
-                            reporting_full_disk)
+from edgepeft.files import missing_folders, remove_abandoned, remove_empty, remove_new, names_in, reporting_full_disk
 from edgepeft.interrupts import deferred_interrupts
+from edgepeft.sharing import one_at_a_time
 from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, reads_token_types
 from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.processes import first

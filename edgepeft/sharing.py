@@ -1,0 +1,69 @@
+"""Folders several processes use: one export or training run writes a folder at a time (``one_at_a_time``), and a
+folder is replaced in one step where the system can (``exchanged``): a Runtime opened meanwhile found no base."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import sys
+from contextlib import contextmanager
+
+
+def exchanged(a: str, b: str) -> bool:
+    """Whether the folders ``a`` and ``b`` were swapped in one step (Linux's renameat2 RENAME_EXCHANGE, macOS's
+    renamex_np RENAME_SWAP): False, nothing moved, where the system or its file system cannot (Windows, an old
+    kernel or C library, a network file system); an error of the disk raised, naming ``b``."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        swap, args = (libc.renamex_np, (a, b, 2)) if sys.platform == "darwin" else (libc.renameat2, (-100, a, -100, b, 2))
+    except (OSError, AttributeError, TypeError):  # no C library to load (Windows), or no such call in it
+        return False
+    if swap(*[os.fsencode(x) if isinstance(x, str) else x for x in args]) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+@contextmanager
+def one_at_a_time(folder: str, waiting, who: str = "export"):
+    """Hold ``folder`` for one export at a time: an advisory lock on the folder itself, so no file is left behind.
+    Two exports into one OUT each read its base and adapters first, and the later commit dropped what the other
+    had added. ``waiting(message)`` is told when another holds it; this one then waits its turn. A folder removed
+    or replaced meanwhile (a failed first export into a new OUT removes it) is made and locked again. Where the
+    system has no such locks (Windows, or a filesystem that refuses them), exports are not serialised. Yields
+    whether it holds the lock (without it, another export's files may be in flight)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    while True:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting(f"note: another {who} into {folder} is running; waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this filesystem
+            os.close(fd)
+            fd = None
+            break
+        held, now = os.fstat(fd), _stat(folder)
+        if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+            break
+        os.close(fd)  # the folder locked is gone: lock the one at that path now
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _stat(path: str):
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
