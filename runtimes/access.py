@@ -56,6 +56,22 @@ def left_by_a_stopped_process(name: str):
     return None
 
 
+def committing(out: str) -> bool:
+    """Whether an export of this host that still runs has moved OUT's base aside: it is committing, and renames its
+    adapters' manifests for the new base (REPOINTED) in next."""
+    for entry in listed(out) if os.name == "posix" and os.path.isdir(out) else []:
+        m = LEFT_BEHIND.fullmatch(entry)
+        if m and (m["kind"], m["target"], m["host"]) == ("old", "base", this_host()):
+            try:
+                os.kill(int(m["pid"]), 0)
+            except ProcessLookupError:
+                continue
+            except (OSError, OverflowError):  # another user's process: running
+                pass
+            return True
+    return False
+
+
 def moved_aside_for_nothing(parent: str, m) -> str | None:
     """Where a folder that a stopped process had moved aside (``m``: its LEFT_BEHIND match, kind "old") was being
     replaced and nothing usable took its place (nothing there, or a link to nothing: killed between replace_dir's

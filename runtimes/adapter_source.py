@@ -7,7 +7,7 @@ import os
 import zipfile
 import zlib
 
-from .access import JSON_MOST, located, sha256_bytes
+from .access import JSON_MOST, REPOINTED, committing, located, sha256_bytes, unchanged_while
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .commands import ADAPTERS_DIR
 from .manifest import (
@@ -30,10 +30,11 @@ def _unpacked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, most: int) -> byt
     return data
 
 
-def read_adapter_source(source, most: int) -> tuple[str | None, dict, dict]:
+def read_adapter_source(source, most: int, base: str | None = None) -> tuple[str | None, dict, dict]:
     """(folder, {adapter.onnx: bytes}, manifest) for a folder, its graph checked against the manifest's sha256;
     (None, {file: bytes}, manifest) for the bytes of a zip of one, whose files may unpack to ``most`` bytes each (a
-    zip bomb is refused by the sizes it declares, before it unpacks)."""
+    zip bomb is refused by the sizes it declares, before it unpacks). ``base``: the base's fingerprint (``_manifest``).
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         try:
             with zipfile.ZipFile(io.BytesIO(bytes(source))) as archive:
@@ -70,8 +71,26 @@ def read_adapter_source(source, most: int) -> tuple[str | None, dict, dict]:
         what = "an export" if out == path else f"the {os.path.basename(path)} folder of the export {out}"
         raise ArtifactNotFoundError(f"{path}: is {what}, not an adapter's folder; pass one of the folders in "
                                     f"{os.path.join(out, ADAPTERS_DIR)}")
+    def read():  # one export's manifest and graph: an --overwrite renaming a new folder in read the old's manifest
+        manifest = _manifest(path, base)  # and the new graph ("checksum does not match; re-export the adapter")
+        return path, {ADAPTER_GRAPH: check_adapter_graph(path, manifest, most)}, manifest
+    return unchanged_while(path, read)
+
+
+def _manifest(path: str, base: str | None) -> dict:
+    """The folder's manifest; while an export committing into OUT has renamed its new base in (``committing``) and
+    not yet this folder's manifest for it, that one (REPOINTED), which it renames in next: the adapter was said to
+    be "made for another base; an export was stopped", of an export running."""
     manifest = read_adapter_manifest(path)
-    return path, {ADAPTER_GRAPH: check_adapter_graph(path, manifest, most)}, manifest
+    waiting = os.path.join(path, REPOINTED)
+    if base is None or manifest["base_fingerprint"] == base or not committing(os.path.dirname(os.path.dirname(path))):
+        return manifest
+    try:
+        with open(waiting, "rb") as f:
+            new = check_adapter_manifest(f.read(), path)
+    except (OSError, CorruptArtifactError):  # renamed in meanwhile: it is the manifest now
+        return read_adapter_manifest(path)
+    return new if new["base_fingerprint"] == base else manifest
 
 
 def _export_of(folder: str) -> str | None:

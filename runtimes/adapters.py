@@ -187,7 +187,7 @@ class AdapterStore:
         if name is not None and name_problem(name):
             raise ConfigError(f"the adapter name {name!r:.80} {name_problem(name)}; pass another name= (or None: its "
                               "folder's name, a zip's: the name it was exported with)")
-        path, files, manifest = read_adapter_source(source, self.most_bytes)
+        path, files, manifest = read_adapter_source(source, self.most_bytes, self.base["fingerprint"])
         label = path or "adapter bytes"
         if name is None:  # a folder is named as Runtime(OUT) names what it finds in OUT/adapters: by the folder
             name = os.path.basename(os.path.normpath(path)) if path else manifest["name"]
