@@ -275,6 +275,8 @@ def read_json(path: str, what: str, fix: str, kind: type = dict, optional: bool 
             data = json.load(f)
     except STOPS:
         raise
+    except FileNotFoundError:  # removed since it was found (an export renaming a new folder in): not "not valid JSON"
+        raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}") from None
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, a 5,000-digit number
         check_readable(path)
         raise CorruptArtifactError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None

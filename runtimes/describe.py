@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .access import STOPPED, check_readable, moved_aside, sha256_file
+from .access import STOPPED, check_readable, moved_aside, sha256_file, unchanged_while
 from .adapter_source import adapter_bound
 from .base_checks import serves_pairs
 from .commands import REEXPORT_BASE, folder_fix
@@ -66,8 +66,13 @@ def describe_export(out_dir: str) -> dict:
 
     Problems: a graph file missing (or the base's empty, or its weights file), a base file not as long as the export
     wrote it, one this process may not read or one whose SHA-256 is not the one the export recorded (the base's
-    files are read whole: GBs take seconds), an adapter graph whose sha256 differs from its manifest's.
+    files are read whole: GBs take seconds), an adapter graph whose sha256 differs from its manifest's. Described again
+    where an export renamed a new base in meanwhile (its files were named "not what the export wrote").
     """
+    return unchanged_while(os.path.join(out_dir, BASE_DIR), lambda: _described(out_dir))
+
+
+def _described(out_dir: str) -> dict:
     base_dir = os.path.join(out_dir, BASE_DIR)
     if not os.path.isfile(os.path.join(base_dir, BASE_MANIFEST)):
         raise not_an_export(out_dir)  # an adapter folder, one adapter of an export, its base/: what to open instead

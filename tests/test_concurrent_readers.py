@@ -149,3 +149,29 @@ def test_an_adapter_replaced_while_it_loads_is_read_again_whole(llama, tmp_path,
     rt = Runtime(out, load_adapters=False)
     rt.load_adapter(os.path.join(out, "adapters", "qv"))
     assert swapped and rt.adapter_info("qv")["methods"] == Runtime(out).adapter_info("all")["methods"]
+
+
+def test_inspect_while_an_export_replaces_the_base_describes_one_base(two_merged, tmp_path, monkeypatch):
+    """`edgepeft inspect` while `export --merge --overwrite` renamed a new base in hashed the new files against the
+    old manifest's digests: "not what the export wrote (damaged in a copy?)", exit 1 (a deploy script stopped). A
+    manifest removed between being found and being read was "not valid JSON ([Errno 2] ...)"."""
+    from edgepeft.errors import ArtifactNotFoundError
+    from edgepeft.runtimes import access, describe
+
+    first, second = two_merged
+    out = shutil.copytree(first, tmp_path / "out")
+    real, swapped = describe._damaged, []
+
+    def damaged(base_dir, base):  # the manifest read: the other export's base renamed in now
+        if not swapped:
+            swapped.append(os.rename(out / "base", tmp_path / "old-base"))
+            shutil.copytree(os.path.join(second, "base"), out / "base")
+        return real(base_dir, base)
+
+    monkeypatch.setattr(describe, "_damaged", damaged)
+    described = describe.describe_export(str(out))
+    assert swapped and described["problems"] == []
+    assert described["base"]["fingerprint"] == Runtime(second).manifest["fingerprint"] != Runtime(first).manifest["fingerprint"]
+    monkeypatch.setattr(access, "present", lambda path, folder=False: True)  # found, then gone
+    with pytest.raises(ArtifactNotFoundError, match="manifest not found"):
+        access.read_json(str(tmp_path / "gone.json"), "manifest", "fix")
