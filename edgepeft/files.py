@@ -255,7 +255,10 @@ def swap_dir(staged: str, target: str) -> str | None:
         old = tempfile.mkdtemp(prefix=f".old-{name}-{_owner()}-", dir=parent)
         os.rmdir(old)
         if exchanged(staged, target):  # never without target: a Runtime opened between two renames found no base
-            os.replace(staged, old)  # the old folder, by the name remove_moved_aside (or a later export) knows
+            try:
+                os.replace(staged, old)  # the old folder, by the name remove_moved_aside (or a later export) knows
+            except OSError:  # the new one is in: the commit goes on, the old removed from where it is
+                old = staged
             _sync_dir(parent)
             return old
         os.replace(target, old)

@@ -63,6 +63,17 @@ def test_a_folder_is_replaced_with_no_moment_without_it(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda src, dst: (seen.append(target.is_dir()), real(src, dst)))
     files.replace_dir(staged, str(target))
     assert seen and all(seen) and os.listdir(target) == ["new"] and os.listdir(tmp_path) == ["base"]
+    staged = files.staging_dir(str(tmp_path), "base")  # the old folder cannot be renamed aside: the new one is in
+    (tmp_path / staged / "newer").write_text("newer")
+
+    def refused(src, dst):
+        if os.path.basename(dst).startswith(".old-"):
+            raise OSError(5, "Input/output error", dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    files.replace_dir(staged, str(target))
+    assert os.listdir(target) == ["newer"] and os.listdir(tmp_path) == ["base"]
 
 
 _KILLED_AFTER_THE_EXCHANGE = """
