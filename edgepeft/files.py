@@ -252,15 +252,17 @@ def swap_dir(staged: str, target: str) -> str | None:
     sync_tree(staged)  # on the disk before the old folder goes: a power cut after its removal left a truncated base
     parent, name = os.path.split(os.path.abspath(target))
     if os.path.exists(target):
+        # made now, and empty until the old folder moves in: it tells a Runtime a commit is running (committing)
         old = tempfile.mkdtemp(prefix=f".old-{name}-{_owner()}-", dir=parent)
-        os.rmdir(old)
         if exchanged(staged, target):  # never without target: a Runtime opened between two renames found no base
             try:
-                os.replace(staged, old)  # the old folder, by the name remove_moved_aside (or a later export) knows
+                os.replace(staged, old)  # over the empty one: the name remove_moved_aside (or a later export) knows
             except OSError:  # the new one is in: the commit goes on, the old removed from where it is
+                os.rmdir(old)
                 old = staged
             _sync_dir(parent)
             return old
+        os.rmdir(old)
         os.replace(target, old)
     try:
         os.replace(staged, target)

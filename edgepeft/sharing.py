@@ -3,27 +3,25 @@ folder is replaced in one step where the system can (``exchanged``): a Runtime o
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import sys
 from contextlib import contextmanager
 
 
-def exchanged(a: str, b: str) -> bool:
+def exchanged(a, b) -> bool:
     """Whether the folders ``a`` and ``b`` were swapped in one step (Linux's renameat2 RENAME_EXCHANGE, macOS's
-    renamex_np RENAME_SWAP): False, nothing moved, where the system or its file system cannot (Windows, an old
-    kernel or C library, a network file system); an error of the disk raised, naming ``b``."""
+    renamex_np RENAME_SWAP); False, nothing moved, wherever it did not happen (Windows, an old kernel or C library,
+    a file system or a sandbox that refuses it, a path no call takes): the two renames then say why, if they fail."""
+    paths = [os.fsencode(a), os.fsencode(b)]
+    if os.name != "posix" or any(b"\0" in p for p in paths):  # a NUL: os.replace's ValueError, not a cut path
+        return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        swap, args = (libc.renamex_np, (a, b, 2)) if sys.platform == "darwin" else (libc.renameat2, (-100, a, -100, b, 2))
-    except (OSError, AttributeError, TypeError):  # no C library to load (Windows), or no such call in it
+        if sys.platform == "darwin":
+            return libc.renamex_np(*paths, 2) == 0
+        return libc.renameat2(-100, paths[0], -100, paths[1], 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+    except (OSError, AttributeError):  # no C library to load, or no such call in it (musl)
         return False
-    if swap(*[os.fsencode(x) if isinstance(x, str) else x for x in args]) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), b)
 
 
 @contextmanager

@@ -128,7 +128,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     peft = PeftModel(copy.deepcopy(model))
     for src in sources:
         peft.load_adapter(src.path, src.name)
-        src.labels = saved_labels(src.path)  # with its weights: a run into the folder later is another run's
+        src.labels = saved_labels(src.path) if task == "seq-cls" else None  # with its weights: a later run's are its own
         check_room(max_positions(model_config), getattr(peft.peft_config[src.name], "num_virtual_tokens", None) or 0,
                    src.path)  # before the base is traced, not after
     check_traceable(max_positions(model_config), any(getattr(c, "num_virtual_tokens", None) for c in peft.peft_config.values()),
@@ -152,8 +152,9 @@ def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
         if os.path.exists(path) and any(real == o or real.startswith(o + os.sep) for o in owned):
             raise ConfigError(f"{path}: this {what} folder lies inside {out}'s base/ or adapters/, which the export "
                               "replaces; move it out of the --out folder first")
+    held = adapter_dirs(out)
     for src in sources:  # a copy of OUT to a device (or OUT on one) would hold one folder for the two
-        if other := next((n for n in adapter_dirs(out) if n != src.name and n.casefold() == src.name.casefold()), None):
+        if src.name not in held and (other := next((n for n in held if n.casefold() == src.name.casefold()), None)):
             raise ConfigError(f"{src.path}: {out} holds an adapter named {other!r}, one folder with {src.name!r} on macOS "
                               f"and Windows; pass --name {other} --overwrite to replace it, or another --name")
     trained = [n for n, d in adapter_dirs(out).items()  # a training run's output (./adapters/<name>, as the README's)

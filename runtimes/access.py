@@ -13,7 +13,7 @@ import shlex
 import socket
 import stat
 
-from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError, StorageError
+from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError, StorageError
 from .values import half_character
 
 
@@ -57,9 +57,14 @@ def left_by_a_stopped_process(name: str):
 
 
 def committing(out: str) -> bool:
-    """Whether an export of this host that still runs has moved OUT's base aside: it is committing, and renames its
-    adapters' manifests for the new base (REPOINTED) in next."""
-    for entry in listed(out) if os.name == "posix" and os.path.isdir(out) else []:
+    """Whether an export of this host that still runs is moving OUT's base aside (``files.swap_dir``): it is
+    committing, and renames its adapters' manifests for the new base (REPOINTED) in next. A folder it cannot list is
+    no export's (False)."""
+    try:
+        entries = os.listdir(out) if os.name == "posix" else []
+    except OSError:
+        return False
+    for entry in entries:
         m = LEFT_BEHIND.fullmatch(entry)
         if m and (m["kind"], m["target"], m["host"]) == ("old", "base", this_host()):
             try:
@@ -133,7 +138,7 @@ def unchanged_while(folder: str, read, tries: int = 3):
         seen = folder_identity(folder)
         try:
             result = read()
-        except (ArtifactNotFoundError, CorruptArtifactError):
+        except EdgePeftError:  # whatever it says, of files that changed while it read them (sess_options' too)
             if folder_identity(folder) == seen:
                 raise
             continue
@@ -276,6 +281,8 @@ def read_json(path: str, what: str, fix: str, kind: type = dict, optional: bool 
     except STOPS:
         raise
     except FileNotFoundError:  # removed since it was found (an export renaming a new folder in): not "not valid JSON"
+        if optional:
+            return kind()
         raise ArtifactNotFoundError(f"{path}: {what} not found; {fix}") from None
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, a 5,000-digit number
         check_readable(path)

@@ -83,7 +83,9 @@ def _manifest(path: str, base: str | None) -> dict:
     be "made for another base; an export was stopped", of an export running."""
     manifest = read_adapter_manifest(path)
     waiting = os.path.join(path, REPOINTED)
-    if base is None or manifest["base_fingerprint"] == base or not committing(os.path.dirname(os.path.dirname(path))):
+    parent = os.path.dirname(path)
+    if base is None or manifest["base_fingerprint"] == base or os.path.basename(parent) != ADAPTERS_DIR or \
+            not committing(os.path.dirname(parent)):
         return manifest
     try:
         with open(waiting, "rb") as f:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 from .access import STOPPED, check_readable, moved_aside, sha256_file, unchanged_while
-from .adapter_source import adapter_bound
+from .adapter_source import adapter_bound, read_adapter_source
 from .base_checks import serves_pairs
 from .commands import REEXPORT_BASE, folder_fix
 from .errors import EdgePeftError
 from .manifest import (
-    ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, check_adapter_graph, not_an_export,
+    ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, not_an_export,
     read_adapter_manifest, read_base_manifest,
 )
 from .sentence import prompts_known, sentence_transformers_settings
@@ -92,15 +92,14 @@ def _described(out_dir: str) -> dict:
     problems += _moved_aside(out_dir)
     most = adapter_bound(base_dir, base)
     for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them
-        try:  # a stray or damaged folder is one problem: inspect printed nothing else (--json: no JSON at all)
-            m = read_adapter_manifest(d)
-        except EdgePeftError as e:
-            problems.append(str(e))
-            continue
-        try:
-            check_adapter_graph(d, m, most)
-        except EdgePeftError as e:
-            problems.append(str(e))
+        try:  # as a Runtime reads it: again where an --overwrite renamed a new folder in, and while an export commits,
+            _, _, m = read_adapter_source(d, most, base["fingerprint"])  # the manifest it renames in next
+        except EdgePeftError as e:  # a stray or damaged folder is one problem: inspect printed nothing else (--json:
+            problems.append(str(e))  # no JSON at all); one whose graph is damaged is listed too
+            try:
+                m = read_adapter_manifest(d)
+            except EdgePeftError:
+                continue
         if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it
             problems.append(f"{d}: exported for another base ({m['base_fingerprint'][:12]}; {base_dir} is "
                             f"{base['fingerprint'][:12]}); {folder_fix(out_dir, d, base)}")
