@@ -34,9 +34,9 @@ export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT -
 export const REEXPORT_BASE = "copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder";  // as Python's: a device's copy first
 /** The fix for a damaged file of the export at `rel`: the base's needs a fresh export, an adapter's a re-export. */
 export const reexportFor = (rel) => rel.startsWith("base/") ? REEXPORT_BASE : REEXPORT;
-/** An adapter's graph past `most` bytes, the most one of this base may take (every loader's words: refused unread). */
 export const JSON_MOST = 16 * 2 ** 20;  // a manifest past it is refused unread, as the Python runtime's access.JSON_MOST
 export const jsonMost = (rel) => rel.endsWith("tokenizer.json") ? Infinity : JSON_MOST;  // a vocabulary: MBs, read whole as in Python
+/** An adapter's graph past `most` bytes, the most one of this base may take (every loader's words: refused unread). */
 export const pastMost = (where, most) => new EdgePeftError(`${where}: more than an adapter of this base can take (${most} bytes); ${REEXPORT}`);
 /** ONNX Runtime's (or another library's) error in one line of a readable length, as Python's first_line: a forged
  * graph's error named each of its 100,000 inputs (megabytes). */

@@ -233,22 +233,20 @@ export async function openFolder(ort, out, options = {}) {
   const loader = folderLoader(out), base = loader.where("base");
   // an export renaming a new base in while it was read paired its manifest with the other's graph (or weights from
   // both): read again where the folder changed meanwhile, as Python's unchanged_while
-  for (let tries = 1; ; tries++) {
+  for (let tries = 1; tries <= 3; tries++) {
     const seen = identity(base);
     let rt;
     try {
       rt = await Runtime.open(ort, loader, options);
     } catch (e) {
-      if (tries < 3 && identity(base) !== seen) continue;
-      throw e;
+      if (identity(base) === seen) throw e;
+      continue;
     }
     if (identity(base) === seen) return rt;
     await rt.release().catch(() => {});
-    if (tries === 3) {
-      throw new EdgePeftError(`${base}: replaced 3 times while it was read (exports into it, one after another); open ` +
-        "it again once they are done");
-    }
   }
+  throw new EdgePeftError(`${base}: replaced 3 times while it was read (exports into it, one after another); open it ` +
+    "again once they are done");
 }
 
 /** The folder's device and inode: another once an export renames a new one in (undefined: gone). */

@@ -300,6 +300,14 @@ test("a base an export replaces while openFolder reads it is read again whole, a
   const rt = await openFolder(ort, out);
   assert.ok(swapped);
   assert.deepEqual(rt.labels(null), labels);
+  let renamed = 0;  // replaced at every try, the graph's load failing: as Python's unchanged_while says (the third
+  // try's error, ONNX Runtime's "cannot load", was rethrown)
+  const always = { ...ortNode, InferenceSession: { create: async () => {
+    await rename(path.join(out, "base"), path.join(scratch, `replaced-base-${renamed++}`));
+    await cp(path.join(FIXTURES, "bert_merged", "base"), path.join(out, "base"), { recursive: true });
+    throw new Error("cannot load the graph: it moved");
+  } } };
+  await refuses(openFolder(always, out), new RegExp(`^${quoted(path.join(out, "base"))}: replaced 3 times while it was read`));
 });
 
 test("an adapter graph ONNX Runtime cannot run, or whose outputs Object's own names hide, is refused, as in Python", async () => {
