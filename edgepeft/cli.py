@@ -311,7 +311,7 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     if prompt == "-" and sys.stdin is None:  # closed (<&-, a daemon's): click gives None, whose read was a traceback
         raise ConfigError("PROMPT '-' reads standard input, which is closed; pass the prompt as an argument")
     if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
-        prompt = stdin_text(click.get_binary_stream("stdin").read()).removesuffix("\n").removesuffix("\r")
+        prompt = stdin_text(sys.stdin.buffer.read()).removesuffix("\n").removesuffix("\r")
     if os.path.isfile(os.path.join(out, "adapter_config.json")):  # the run that serves it, in the command's terms
         from edgepeft.runtimes.commands import quote
         from edgepeft.runtimes.manifest import not_an_export
