@@ -53,11 +53,9 @@ class Runtime:
             check_readable(os.path.join(path, BASE_DIR))  # OUT another user's: not "no exported base here"
             raise not_an_export(os.fspath(path))
         try:
-            base, budget = os.path.join(self.path, BASE_DIR), adapter_budget_bytes  # one export's manifest, graph, weights
-            unchanged_while(base, lambda: self._open_base(base, providers, sess_options, budget))
-            if switch(load_adapters, "load_adapters"):
-                for d in adapter_dirs(self.path).values():
-                    self.load_adapter(d)  # named by its folder
+            base, adapters = os.path.join(self.path, BASE_DIR), switch(load_adapters, "load_adapters")
+            # one export's manifest, graph, weights and adapters (re-pointed to a new base renamed in meanwhile)
+            unchanged_while(base, lambda: self._open_base(base, providers, sess_options, adapter_budget_bytes, adapters))
         except BaseException:  # a failed open holds nothing: the error's traceback (kept by the app) reaches self
             if "store" in vars(self):  # and the store, with the adapters staged before the one that failed
                 vars(self.store).clear()
@@ -76,7 +74,7 @@ class Runtime:
         rt._open_base(base_dir, providers, sess_options, None)
         return rt
 
-    def _open_base(self, base_dir, providers, sess_options, budget):
+    def _open_base(self, base_dir, providers, sess_options, budget, adapters=False):
         self.manifest, self.base_dir = read_base_manifest(base_dir), base_dir
         self.text_files_seen = folder_identity(base_dir), files_digest(base_dir, TEXT_FILES)  # read at the first text call
         providers = check_providers(providers, sess_options)
@@ -114,6 +112,8 @@ class Runtime:
         self.store = AdapterStore(self.manifest, base_dir, self.path, self.cache_inputs, self.device, budget)
         self.mixer = Mixer(self.store, self.device)
         self._tokenizer = None
+        for d in adapter_dirs(self.path).values() if adapters else []:
+            self.load_adapter(d)  # named by its folder
 
     # ---------------------------------------------------------------- adapters
     @property

@@ -266,3 +266,24 @@ def test_an_out_holding_two_names_differing_in_case_takes_either_again(llama, tm
     export([llama[1]["qv"]], str(out))
     shutil.copytree(out / "adapters" / "qv", out / "adapters" / "QV")
     export([llama[1]["qv"]], str(out), names=["qv"], overwrite=True)
+
+
+def test_a_base_replaced_while_a_runtime_loads_its_adapters_is_opened_again_with_them(llama, tmp_path, monkeypatch):
+    """A second concurrency hunt: Runtime(OUT) opened the base, then an export renamed a new one in and re-pointed
+    the adapters to it before they were loaded: "re-exported since this Runtime opened it; open a new Runtime", of
+    the Runtime being opened. The base and its adapters are read again together."""
+    out, grown = tmp_path / "out", tmp_path / "grown"
+    export([llama[1]["qv"]], str(out))
+    shutil.copytree(out, grown)
+    export([llama[1]["mlp"]], str(grown))  # new slots: a new base, qv re-pointed to it
+    real, replaced = Runtime.load_adapter, []
+
+    def load_adapter(self, source, name=None):  # the base opened: the grown export's renamed in now
+        if not replaced:
+            replaced.append(os.rename(out, tmp_path / "old-out"))
+            shutil.copytree(grown, out)
+        return real(self, source, name)
+
+    monkeypatch.setattr(Runtime, "load_adapter", load_adapter)
+    rt = Runtime(str(out))
+    assert replaced and rt.adapter_names == ["mlp", "qv"]
