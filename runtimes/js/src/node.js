@@ -228,25 +228,41 @@ export function folderLoader(out) {
   };
 }
 
-/** A Runtime over the export folder OUT: Runtime.open with the folder's files. */
-export async function openFolder(ort, out, options = {}) {
-  const loader = folderLoader(out), base = loader.where("base");
-  // an export renaming a new base in while it was read paired its manifest with the other's graph (or weights from
-  // both): read again where the folder changed meanwhile, as Python's unchanged_while
+/** A Runtime over a folder: an adapter is read again where an export renamed a new folder in while it was read (its
+ * manifest paired with the new graph: "checksum does not match; re-export it"), as Python's adapter_source. */
+class FolderRuntime extends Runtime {
+  async loadAdapter(name, ...more) {
+    return unchangedWhile(this.loader.where(`adapters/${name}`), () => super.loadAdapter(name, ...more),
+      () => this.unloadAdapter(name), "load");
+  }
+}
+
+/** read()'s result, where `folder` stayed the same folder from before it began until it ended; read again (what it
+ * gave released) where an export renamed a new one in meanwhile, as Python's unchanged_while. */
+async function unchangedWhile(folder, read, release, again) {
   for (let tries = 1; tries <= 3; tries++) {
-    const seen = identity(base);
-    let rt;
+    const seen = identity(folder);
+    let result;
     try {
-      rt = await Runtime.open(ort, loader, options);
+      result = await read();
     } catch (e) {
-      if (identity(base) === seen) throw e;
+      if (identity(folder) === seen) throw e;
       continue;
     }
-    if (identity(base) === seen) return rt;
-    await rt.release().catch(() => {});
+    if (identity(folder) === seen) return result;
+    await release(result);
   }
-  throw new EdgePeftError(`${base}: replaced 3 times while it was read (exports into it, one after another); open it ` +
-    "again once they are done");
+  throw new EdgePeftError(`${folder}: replaced 3 times while it was read (exports into it, one after another); ${again} ` +
+    "it again once they are done");
+}
+
+/** A Runtime over the export folder OUT: Runtime.open with the folder's files. */
+export async function openFolder(ort, out, options = {}) {
+  const loader = folderLoader(out);
+  // an export renaming a new base in while it was read paired its manifest with the other's graph (or weights from
+  // both): read again where the folder changed meanwhile
+  return unchangedWhile(loader.where("base"), () => FolderRuntime.open(ort, loader, options),
+    (rt) => rt.release().catch(() => {}), "open");
 }
 
 /** The folder's device and inode: another once an export renames a new one in (undefined: gone). */

@@ -38,7 +38,7 @@ export class Runtime {
     const { sessionOptions } = checkOptions(options, ["sessionOptions"], "Runtime.open",
       " (ONNX Runtime's own options, executionProviders included, go inside sessionOptions)");
     checkOpenArguments(ort, loader);
-    const rt = new Runtime();
+    const rt = new this();  // a loader's own kind of Runtime (node.js: FolderRuntime)
     rt.ort = ort;
     rt.loader = loader;
     rt.sessionOptions = sessionOptionsOf(sessionOptions);

@@ -310,6 +310,28 @@ test("a base an export replaces while openFolder reads it is read again whole, a
   await refuses(openFolder(always, out), new RegExp(`^${quoted(path.join(out, "base"))}: replaced 3 times while it was read`));
 });
 
+test("an adapter an export replaces while loadAdapter reads it is read again whole, as in Python", async () => {
+  // a second concurrency hunt: an --overwrite renaming a new folder in between adapter.json and adapter.onnx being
+  // read: "checksum does not match adapter.json (truncated, modified or a stale copy); re-export it" (4 of 1,240 loads)
+  const out = await copied("adapter-replaced-while-loaded");
+  const rt = await openFolder(ortNode, out);
+  const real = rt.loader.bytes;
+  let swapped = false;
+  rt.loader.bytes = async (rel, most) => {  // adapter.json read: another adapter renamed in under its name now
+    if (!swapped && rel.startsWith("adapters/lora/")) {
+      swapped = true;
+      await rename(path.join(out, "adapters", "lora"), path.join(scratch, "replaced-lora"));
+      await cp(path.join(out, "adapters", "ia3"), path.join(out, "adapters", "lora"), { recursive: true });
+    }
+    return real(rel, most);
+  };
+  assert.equal(await rt.loadAdapter("lora"), "lora");
+  assert.ok(swapped);
+  await rt.loadAdapter("ia3");
+  const logits = async (adapter) => Array.from((await rt.forward([[1, 2, 3]], null, { adapter })).logits.data);
+  assert.deepEqual(await logits("lora"), await logits("ia3"));  // the adapter renamed in, whole
+});
+
 test("an adapter graph ONNX Runtime cannot run, or whose outputs Object's own names hide, is refused, as in Python", async () => {
   const out = await copied("odd-graphs");
   const where = quoted(path.join(out, "adapters/lora"));
