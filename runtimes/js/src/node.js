@@ -120,23 +120,35 @@ function notAnExport(out) {
     `\`edgepeft export --adapter DIR --out ${quote(fresh)}\`, then use ${fresh}` : null;
 }
 
-/** Whether "<pid>h<host>-..." names a process of this machine that no longer runs, as runtimes/access.py tells it
- * (a running one's folder is an export's at work; another machine's or container's, of a shared drive, is not). */
 /** Whether "<pid>h<host>-..." names a process of another machine, container or boot: none this one can tell stopped. */
 function elsewhere(owner) {
   const host = /^\d+h([0-9a-f]{8})-[^-]+$/.exec(owner)?.[1];
   return host !== undefined && host !== thisHost();
 }
 
-function stopped(owner) {
+/** "running" or "stopped" where "<pid>h<host>-..." names a process of this machine (a running one's folder is an
+ * export's at work), as runtimes/access.py tells it; null for another machine's or container's (a shared drive). */
+function processState(owner) {
   const [, digits, host] = /^(\d+)h([0-9a-f]{8})-[^-]+$/.exec(owner) ?? [];
   const pid = Number(digits);
-  if (!Number.isSafeInteger(pid) || host !== thisHost() || process.platform === "win32") return false;
+  if (!Number.isSafeInteger(pid) || host !== thisHost() || process.platform === "win32") return null;
   try {
     process.kill(pid, 0);
-    return false;
+    return "running";
   } catch (e) {
-    return e.code === "ESRCH";
+    return { ESRCH: "stopped", EPERM: "running" }[e.code] ?? null;  // EPERM: another user's, running
+  }
+}
+
+const stopped = (owner) => processState(owner) === "stopped";
+
+/** Whether an export of this machine that still runs is moving OUT's base aside: it is committing, and renames its
+ * adapters' manifests for the new base (.adapter.json.new) in next (as runtimes/access.py committing). */
+function committing(out) {
+  try {
+    return readdirSync(out).some((n) => n.startsWith(".old-base-p") && processState(n.slice(11)) === "running");
+  } catch {
+    return false;  // a folder it cannot list is no export's
   }
 }
 
@@ -234,6 +246,17 @@ class FolderRuntime extends Runtime {
   async loadAdapter(name, ...more) {
     return unchangedWhile(this.loader.where(`adapters/${name}`), () => super.loadAdapter(name, ...more),
       () => this.unloadAdapter(name), "load");
+  }
+
+  /** A manifest; an adapter's, while a running export commits (committing) and has renamed its new base in, not yet
+   * this adapter's manifest for it: that one, which it renames in next (it was "made for another base; an export
+   * into OUT was stopped ... run that export again", of an export running), as Python's adapter_source. */
+  async json(rel, missing) {
+    const manifest = await super.json(rel, missing), base = this.manifest?.fingerprint;
+    const name = /^adapters\/([^/]+)\/adapter\.json$/.exec(rel)?.[1];
+    if (!name || !base || manifest?.base_fingerprint === base || !committing(this.loader.where("."))) return manifest;
+    const waiting = await super.json(`adapters/${name}/.adapter.json.new`, "missing").catch(() => null);
+    return waiting?.base_fingerprint === base ? waiting : manifest;
   }
 }
 

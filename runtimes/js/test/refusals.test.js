@@ -291,6 +291,15 @@ test("folders a stopped or unfinished export left are named with a fix that work
   await refuses(rt.loadAdapter("prompt"), /adapters\/prompt: made for another base .*; remove .*adapters\/prompt, or re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*' --name prompt --overwrite`; or, where this OUT is a copy, copy the export it came from again: its base folder and every adapter$/);
   await writeFile(path.join(out, "adapters/prompt/.adapter.json.new"), "{}");  // its re-pointed manifest, not renamed in
   await refuses(rt.loadAdapter("prompt"), /an export into .* was stopped before it re-pointed it; run that export again \(where OUT can be locked, .*\), or re-export/);
+  // an export still running (its old base aside, this process standing in for it) is committing: the manifest it
+  // renames in next is read (a second concurrency hunt: "was stopped ... run that export again", of that export)
+  const repointed = JSON.parse(await readFile(path.join(out, "adapters/prompt/adapter.json"), "utf8"));
+  await writeFile(path.join(out, "adapters/prompt/.adapter.json.new"), JSON.stringify({ ...repointed, base_fingerprint: rt.manifest.fingerprint }));
+  await mkdir(path.join(out, `.old-base-p${process.pid}h${host}-x2`));
+  assert.equal(await rt.loadAdapter("prompt"), "prompt");
+  await rm(path.join(out, `.old-base-p${process.pid}h${host}-x2`), { recursive: true });
+  rt.unloadAdapter("prompt");
+  await refuses(rt.loadAdapter("prompt"), /an export into .* was stopped before it re-pointed it/);
   await cp(path.join(out, "base"), path.join(out, `.old-base-${stopped}`), { recursive: true });
   await rm(path.join(out, "base"), { recursive: true });
   await refuses(openFolder(ortNode, out), new RegExp(`stopped with space/base: moved aside to .*\\.old-base-${stopped} by an export into`));
