@@ -157,7 +157,7 @@ def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
         if src.name not in held and (other := next((n for n in held if n.casefold() == src.name.casefold()), None)):
             raise ConfigError(f"{src.path}: {out} holds an adapter named {other!r}, one folder with {src.name!r} on macOS "
                               f"and Windows; pass --name {other} --overwrite to replace it, or another --name")
-    trained = [n for n, d in adapter_dirs(out).items()  # a training run's output (./adapters/<name>, as the README's)
+    trained = [n for n, d in held.items()  # a training run's output (./adapters/<name>, as the README's)
                if os.path.isfile(os.path.join(d, CONFIG_NAME)) and not os.path.isfile(os.path.join(d, ADAPTER_MANIFEST))]
     if trained:
         raise ConfigError(f"{os.path.join(out, ADAPTERS_DIR)}: holds {', '.join(trained)}: HF PEFT adapter folders, not "

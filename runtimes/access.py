@@ -40,20 +40,27 @@ def this_host() -> str:
     return hashlib.sha1("/".join(parts).encode()).hexdigest()[:8]
 
 
-def left_by_a_stopped_process(name: str):
-    """``name``'s LEFT_BEHIND match where a process of this host that no longer runs left it, else None: a running
-    export's folders and another host's (a shared drive) are not a stopped export's (os.kill(pid, 0) asks "is it
-    there?" on POSIX only)."""
-    m = LEFT_BEHIND.fullmatch(name)
-    if m is None or os.name != "posix" or m["host"] != this_host():
+def _process_state(m) -> str | None:
+    """"running" or "stopped" for the process a LEFT_BEHIND match ``m`` names, where it is one of this host's (os.kill
+    (pid, 0) asks "is it there?" on POSIX only); None for another host's (a shared drive) or a pid no process has."""
+    if os.name != "posix" or m["host"] != this_host():
         return None
     try:
         os.kill(int(m["pid"]), 0)
     except ProcessLookupError:
-        return m
-    except (OSError, OverflowError):  # another user's process: running; a pid no process has: no export's name
+        return "stopped"
+    except OverflowError:
         return None
-    return None
+    except OSError:  # another user's process
+        pass
+    return "running"
+
+
+def left_by_a_stopped_process(name: str):
+    """``name``'s LEFT_BEHIND match where a process of this host that no longer runs left it, else None: a running
+    export's folders and another host's (a shared drive) are not a stopped export's."""
+    m = LEFT_BEHIND.fullmatch(name)
+    return m if m is not None and _process_state(m) == "stopped" else None
 
 
 def committing(out: str) -> bool:
@@ -61,20 +68,11 @@ def committing(out: str) -> bool:
     committing, and renames its adapters' manifests for the new base (REPOINTED) in next. A folder it cannot list is
     no export's (False)."""
     try:
-        entries = os.listdir(out) if os.name == "posix" else []
+        entries = os.listdir(out)
     except OSError:
         return False
-    for entry in entries:
-        m = LEFT_BEHIND.fullmatch(entry)
-        if m and (m["kind"], m["target"], m["host"]) == ("old", "base", this_host()):
-            try:
-                os.kill(int(m["pid"]), 0)
-            except ProcessLookupError:
-                continue
-            except (OSError, OverflowError):  # another user's process: running
-                pass
-            return True
-    return False
+    return any((m := LEFT_BEHIND.fullmatch(e)) and (m["kind"], m["target"]) == ("old", "base") and
+               _process_state(m) == "running" for e in entries)
 
 
 def moved_aside_for_nothing(parent: str, m) -> str | None:
