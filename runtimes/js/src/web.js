@@ -153,13 +153,11 @@ export function urlLoader(out) {
 /** An export's part the address ``at("")`` names (its base folder, one adapter's), as openFolder and the Python runtime
  * name one: an EdgePeftError saying what to open, else null ("HTTP 404; serve OUT at that address" stands). */
 async function partOf(at) {
-  const url = new URL(at(""));  // its query (?v=2) left out of the addresses named
-  url.search = "";
-  url.pathname = url.pathname.replace(/\/$/, "");
-  const here = url.href, up = (address, n) => address.replace(new RegExp(`(/[^/]*){${n}}$`), "");
+  const here = shown(at("")).replace(/\/$/, "");  // its query (?v=2) left out of the addresses named
+  const up = (address, n) => address.replace(new RegExp(`(/[^/]*){${n}}$`), "");
   const has = (rel) => fetched(at(rel), "json").then(() => true, () => false);
   if (await has("adapter.json")) {
-    const name = decodeURIComponent(url.pathname.split("/").pop());
+    const name = decodeURIComponent(new URL(here).pathname.split("/").pop());
     return new EdgePeftError(`${here}: is one adapter of the export ${up(here, 2)}; open ${up(here, 2)} and pick adapter '${name}'`);
   }
   return await has("edgepeft.json") ? new EdgePeftError(`${here}: is the base folder of the export ${up(here, 1)}; open ` +
