@@ -42,6 +42,21 @@ def two_merged(text_model, tmp_path_factory):
     return outs
 
 
+def _base_replaced_at(monkeypatch, module, name: str, out, other: str) -> list:
+    """``module.name`` replaced by one that first renames ``other``'s base in as OUT's (once), as an export's commit
+    does while a reader is at that step; the list it appends to when it does."""
+    real, swapped = getattr(module, name), []
+
+    def replacing(*args, **kwargs):
+        if not swapped:
+            swapped.append(os.rename(out / "base", out.parent / "replaced-base"))
+            shutil.copytree(os.path.join(other, "base"), out / "base")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, replacing)
+    return swapped
+
+
 def test_a_base_replaced_while_a_runtime_opens_it_is_read_again_whole(two_merged, tmp_path, monkeypatch):
     """A Runtime opened while `export --merge --overwrite` renamed a new base in read the old manifest (its labels,
     its merged adapter's name) and ran the new graph, or a graph whose weights came from both, without an error."""
@@ -49,15 +64,7 @@ def test_a_base_replaced_while_a_runtime_opens_it_is_read_again_whole(two_merged
 
     first, second = two_merged
     out = shutil.copytree(first, tmp_path / "out")
-    real, swapped = runtime_module.open_base_session, []
-
-    def open_session(graph, *args):  # the manifest read: the other export's base renamed in now
-        if not swapped:
-            swapped.append(os.rename(out / "base", tmp_path / "old-base"))
-            shutil.copytree(os.path.join(second, "base"), out / "base")
-        return real(graph, *args)
-
-    monkeypatch.setattr(runtime_module, "open_base_session", open_session)
+    swapped = _base_replaced_at(monkeypatch, runtime_module, "open_base_session", out, second)  # the manifest read
     rt = Runtime(str(out))
     assert swapped and rt.labels(None) == ["alarm", "timer"]
     assert rt.classify(TEXTS) == Runtime(second).classify(TEXTS)
@@ -207,15 +214,7 @@ def test_inspect_while_an_export_replaces_the_base_describes_one_base(two_merged
 
     first, second = two_merged
     out = shutil.copytree(first, tmp_path / "out")
-    real, swapped = describe._damaged, []
-
-    def damaged(base_dir, base):  # the manifest read: the other export's base renamed in now
-        if not swapped:
-            swapped.append(os.rename(out / "base", tmp_path / "old-base"))
-            shutil.copytree(os.path.join(second, "base"), out / "base")
-        return real(base_dir, base)
-
-    monkeypatch.setattr(describe, "_damaged", damaged)
+    swapped = _base_replaced_at(monkeypatch, describe, "_damaged", out, second)  # the manifest read, the files hashed
     described = describe.describe_export(str(out))
     assert swapped and described["problems"] == []
     assert described["base"]["fingerprint"] == Runtime(second).manifest["fingerprint"] != Runtime(first).manifest["fingerprint"]
