@@ -31,7 +31,8 @@ def written_whole(what: str):
     with held_interrupts() as caught:
         yield
     if caught and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        raise KeyboardInterrupt(f"interrupted once {what} was written whole (Ctrl-C waits for that)")
+        stop = "a SIGTERM" if TERMINATED else "Ctrl-C"  # answered as Ctrl-C, but not the user's key
+        raise KeyboardInterrupt(f"interrupted once {what} was written whole ({stop} waits for that)")
     if caught:
         signal.raise_signal(signal.SIGINT)
 

@@ -235,7 +235,7 @@ def test_a_sigterm_is_answered_as_ctrl_c(llama, tmp_path, where):
     assert done.returncode == 143 and "Traceback" not in done.stderr, (done.returncode, done.stderr)
     assert not [e for e in os.listdir(temp) if e.startswith("ort.quant.")] and not hidden_entries(str(out))
     if where == "commit":
-        assert done.stderr.splitlines()[-1] == f"interrupted once {out} was written whole (Ctrl-C waits for that)"
+        assert done.stderr.splitlines()[-1] == f"interrupted once {out} was written whole (a SIGTERM waits for that)"
         assert Runtime(str(out)).adapter_names == ["mlp", "qv"]
     else:
         assert done.stderr.splitlines()[-1] == "aborted" and not out.exists()
