@@ -546,3 +546,19 @@ def test_a_sigterm_exits_143_and_a_later_ctrl_c_130(monkeypatch, sigint_raises, 
         with pytest.raises(SystemExit) as e:
             main(["inspect", "OUT"])
         assert e.value.code == status and capsys.readouterr().err.splitlines()[-1] == "aborted"
+
+
+def test_ctrl_c_while_the_command_line_loads_is_no_traceback():
+    """Ctrl-C in the command's first fifth of a second (numpy and click loading) printed a traceback: the `edgepeft`
+    script and `python -m edgepeft` load the command line where a Ctrl-C ends as one later does."""
+    import subprocess
+    import sys
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"), "rb") as f:
+        assert tomllib.load(f)["project"]["scripts"]["edgepeft"] == "edgepeft.__main__:run"
+    script = ("import sys\nclass Finder:\n    def find_spec(self, name, *a):\n"
+              "        if name == 'click': raise KeyboardInterrupt\n"  # as the key comes while click loads
+              "sys.meta_path.insert(0, Finder())\nfrom edgepeft.__main__ import run\nrun()\n")
+    done = subprocess.run([sys.executable, "-c", script, "inspect", "OUT"], capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (130, "aborted\n")
