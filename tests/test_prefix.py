@@ -122,6 +122,26 @@ def test_one_base_switches_prefix_prompt_lora_and_ia3_per_call(arch, virtual_exp
                                       greedy_reference(model, prompt, pmask, 6)[0])
 
 
+@pytest.mark.parametrize("arch", VIRTUAL_ARCHS)
+def test_a_left_padded_prefix_row_generates_as_it_does_alone(arch, virtual_export):
+    """methods.md said prefix tuning generates a padded row as in its batch, not as alone (prompt tuning's case): a
+    prefix row's positions skip its pads (HF PEFT's generate shifts the mask's positions by n), so it is the row
+    without its pads; a prompt row's pads take positions, as documented."""
+    rt = Runtime(virtual_export(arch)[0])
+    ids = np.array([[20, 21, 22, 23, 24, 25, 26, 27], [0, 0, 0, 0, 0, 40, 41, 42]])
+    mask = (ids > 0).astype(np.int64)
+    alone = {name: rt.generate(ids[1:, 5:], mask[1:, 5:], adapter=name, max_new_tokens=8, eos_token_id=[])[0, 3:]
+             for name in ("prefix", "prefix_mlp", "prompt")}
+    padded = {name: rt.generate(ids, mask, adapter=name, max_new_tokens=8, eos_token_id=[])[1, 8:] for name in alone}
+    assert all(np.array_equal(padded[name], alone[name]) for name in ("prefix", "prefix_mlp")), (padded, alone)
+    first = {}
+    for row in (ids[1:], ids[1:, 5:]):
+        steps = rt.step_logits(row, (row > 0).astype(np.int64), adapter="prompt")
+        first[row.shape[1]] = next(steps)[0]
+        steps.close()
+    assert float(np.abs(first[8] - first[3]).max()) > 1e-4  # prompt tuning: the pads' positions count
+
+
 def test_a_name_reloaded_before_the_first_step_is_checked_again(virtual_export):
     """stream/step_logits check positions at the call and hold the adapter at the first next(): a name reloaded
     in between with a prefix adapter (3 virtual tokens) was not checked again, and ran past the model's positions
