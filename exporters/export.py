@@ -382,19 +382,17 @@ def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: 
     moves, olds = [], []
     try:
         for d, manifest in (plan.taken_along(read_base_manifest(base_stage)) if not reuse else {}).items():
-            staged = os.path.join(d, REPOINTED)
-            moves.append((staged, os.path.join(d, ADAPTER_MANIFEST)))
-            write_json_atomic(staged, manifest, sort_keys=True)
+            moves.append(plan.staged_repointing(d, manifest, staging))
         with written_whole(plan.out):
             if not reuse:
                 olds.append(staging.swap(base_stage, plan.base_dir))
-                for staged, target in moves:
-                    os.replace(staged, target)
+                for staged, target in moves:  # a manifest beside the adapter's own, or a copy in a link's place
+                    olds.append(staging.swap(staged, target)) if os.path.isdir(staged) else os.replace(staged, target)
             for name, stage in adapter_stages.items():
                 olds.append(staging.swap(stage, os.path.join(plan.out, ADAPTERS_DIR, name)))
             remove_moved_aside(*olds)
     finally:
         remove_moved_aside(*olds)  # a failure midway: what was replaced stays replaced, and its old copy goes
         for staged, _ in moves:
-            if os.path.exists(staged):
+            if os.path.isfile(staged):  # a copy's staging folder: Staging's
                 os.unlink(staged)

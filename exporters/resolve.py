@@ -74,6 +74,27 @@ class ExportPlan:
         return {folder: {**manifest, "base_fingerprint": base["fingerprint"]}
                 for folder, manifest in self.siblings.items() if set(manifest["slots"]) <= slots}
 
+    def staged_repointing(self, folder: str, manifest: dict, staging) -> tuple[str, str]:
+        """(staged, target) for ``commit``: ``manifest`` (an adapter of OUT re-pointed to a new base) written beside
+        the folder's own, to rename in; where OUT/adapters holds a link (another export's adapter, shared), a copy of
+        what it leads to with that manifest, to take the link's place: a manifest written through the link gave the
+        other export's adapter this export's new base, and that export refused it."""
+        import shutil
+
+        from edgepeft.files import write_json_atomic
+        from edgepeft.runtimes.access import ADAPTER_MANIFEST, REPOINTED
+
+        if not os.path.islink(folder):
+            write_json_atomic(staged := os.path.join(folder, REPOINTED), manifest, sort_keys=True)
+            return staged, os.path.join(folder, ADAPTER_MANIFEST)
+        stage = staging.new(os.path.dirname(folder), os.path.basename(folder))
+        shutil.copytree(folder, stage, ignore=lambda _, names: [n for n in names if n.startswith(".")],
+                        dirs_exist_ok=True)
+        write_json_atomic(os.path.join(stage, ADAPTER_MANIFEST), manifest, sort_keys=True)
+        self.log(f"note: {folder} was a link to {os.path.realpath(folder)}, an adapter made for OUT's old base: OUT "
+                 "now holds a copy of it for the new base, and what the link led to stays as it was")
+        return stage, folder
+
     @functools.cached_property
     def weights_fp(self) -> str:
         """The base weights' fingerprint (a hash of every tensor: computed once). A head made at load is no base

@@ -575,3 +575,22 @@ def test_a_damaged_tokenizer_in_out_names_a_fix_that_works(text_export, tmp_path
         assert line.startswith(f"error: {out}/base/tokenizer.json: not a tokenizer") and line.endswith(fix), argv
     cli_ok(capsys, "export", "--adapter", adapter, "--out", str(tmp_path / "fresh"))
     cli_ok(capsys, "run", str(tmp_path / "fresh"), "hello", "--max-new-tokens", "1")
+
+
+def test_an_adapter_linked_from_another_export_is_copied_in_not_re_pointed_there(llama, tmp_path, capsys):
+    """A paths hunt: OUT/adapters/shared linked to another export's adapter (one base, two exports); an export that
+    made OUT a new base wrote the re-pointed manifest through the link: that export refused its own adapter."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    export([llama[1]["qv"]], one)
+    export([llama[1]["qv"]], two)
+    os.symlink(os.path.join(one, "adapters", "qv"), os.path.join(two, "adapters", "shared"))
+    before = tree_hashes(one)
+    export([llama[1]["mlp"]], two, verbose=True)  # new slots: a new base for `two`
+    assert tree_hashes(one) == before and Runtime(one).adapter_names == ["qv"]
+    shared = os.path.join(two, "adapters", "shared")
+    assert not os.path.islink(shared) and sorted(os.listdir(shared)) == sorted(os.listdir(one + "/adapters/qv"))
+    assert f"note: {shared} was a link to {os.path.realpath(one)}/adapters/qv" in "".join(capsys.readouterr())
+    rt = Runtime(two)
+    ids, mask = np.array([[5, 6, 7]]), np.ones((1, 3), np.int64)
+    assert np.array_equal(rt.forward(ids, mask, adapter="shared")["logits"], rt.forward(ids, mask, adapter="qv")["logits"])
+    assert not hidden_entries(two)
