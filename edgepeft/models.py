@@ -222,7 +222,8 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
                 "sets problem_type to \"single_label_classification\"")
         head.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                     label2id={n: i for i, n in enumerate(labels)})
-    torch.manual_seed(seed)
+    caller = torch.default_generator.get_state()  # given back below: the caller's draws go on as if unloaded
+    torch.default_generator.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report lists the new head as "missing": expected here
     with warnings.catch_warnings():
@@ -242,6 +243,7 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
                 f"them again, or pass {flag} a complete model folder") from None
         finally:
             hf_logging.set_verbosity(verbosity)
+            torch.default_generator.set_state(caller)
     mismatched = sorted(m for m in info.get("mismatched_keys", []) if m[0].split(".")[0] not in CLASSIFIER_NAMES)
     if mismatched:  # transformers would start it from random values
         key, saved, wanted = mismatched[0]

@@ -99,6 +99,20 @@ def test_a_classifier_made_at_load_stays_out_and_re_exports_keep_the_fingerprint
         Runtime(out, load_adapters=False).load_adapter(os.path.join(other, "adapters", "k"))
 
 
+def test_a_head_made_at_load_takes_its_seed_and_leaves_the_callers_stream_alone(tiny_base):
+    """A reproducibility hunt: load_base seeded torch's global generator for the head it makes and left it so: the
+    caller's seed was lost (a sweep's seeds all got one LoRA initialisation in training.md's own loop, and every
+    draw after an export() was the same whatever the caller had seeded). from_pretrained seeds nothing."""
+    heads, base = [], tiny_base("bert")
+    for caller in (1, 2):
+        torch.manual_seed(caller)
+        heads.append(load_base(base, "seq-cls", seed=7).classifier.weight.detach().clone())
+        drawn = torch.rand(4)
+        torch.manual_seed(caller)
+        assert torch.equal(drawn, torch.rand(4)), caller  # the caller's stream, as if nothing was loaded
+    assert torch.equal(*heads)  # the head: from seed=7 whatever the caller's
+
+
 def test_base_given_refuses_an_adapter_trained_with_another_head_unless_it_carries_its_own(tiny_base, two_outs,
                                                                                             tmp_path):
     """--base: the check against each adapter's recorded base left out every head any adapter of the export
