@@ -427,3 +427,20 @@ def test_evaluating_leaves_the_adapter_trained_as_without(text_model, tmp_path):
     assert adapters[0].keys() == adapters[1].keys()
     for key, value in adapters[0].items():
         torch.testing.assert_close(adapters[1][key], value, rtol=0, atol=0)
+
+
+def test_training_in_an_app_that_turned_gradients_off_trains_as_elsewhere(text_model, tmp_path):
+    """A reproducibility hunt: train() where the app had turned gradients off (torch.no_grad(), inference_mode(),
+    set_grad_enabled(False) at a serving app's start) ended in torch's "element 0 of tensors does not require grad"."""
+    from safetensors.torch import load_file
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    kwargs = dict(model=text_model("bert"), task="seq-cls", data=data, epochs=1, progress=False)
+    train(out=str(tmp_path / "plain"), **kwargs)
+    plain = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    for name, off in (("no_grad", torch.no_grad), ("inference", torch.inference_mode)):
+        with off():
+            train(out=str(tmp_path / name), **kwargs)
+        weights = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        assert weights.keys() == plain.keys() and all(torch.equal(weights[k], plain[k]) for k in plain), name
+    assert torch.is_grad_enabled()

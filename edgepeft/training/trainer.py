@@ -211,7 +211,8 @@ class Trainer:
         try:
             with held:
                 try:
-                    return self._train(acc)
+                    with torch.inference_mode(False), torch.enable_grad():  # an app's no_grad: it trains all the same
+                        return self._train(acc)
                 except BaseException:  # an adapter with no checkpoint (a full disk at the first save), which this run
                     if not self._checkpointed and acc.is_main_process:  # and --resume refuse, is taken back
                         remove_new(self.args.out, self._there, RUN_FILES)
