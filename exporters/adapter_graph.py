@@ -21,7 +21,7 @@ from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.graph import IR_VERSION, OPSET
 from edgepeft.files import write_json_atomic
 from edgepeft.models import named_labels
-from edgepeft.runtimes.access import sha256_file
+from edgepeft.runtimes.access import located, sha256_file
 from edgepeft.runtimes.manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST, LAYOUT_VERSION, ORT_ADAPTER
 from edgepeft.tuners import specs_for
 from edgepeft.tuners.layout import Assembled
@@ -103,7 +103,7 @@ def write_adapter(peft, src, slots: list, base_manifest: dict, stage: str, ort_a
         "sha256": sha256_file(graph),
         "ort_adapter": ort_file,
         "peft_config": config.to_dict(),
-        "source": os.path.abspath(src.path),
+        "source": located(src.path),  # where the system read it ("LINK/.." is the link target's parent)
         "labels": None,  # set by set_labels once validation has seen the output's width
     }
     if (field := _non_finite(manifest["peft_config"])) is not None:  # written as NaN: JSON.parse (the JS runtime)

@@ -20,6 +20,7 @@ from edgepeft.models import (
     sliding_layers,
 )
 from edgepeft.peft_model import PeftModel
+from edgepeft.runtimes.access import folder_name
 from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion
 from edgepeft.runtimes.commands import fresh_out
 from edgepeft.runtimes.values import switch
@@ -196,7 +197,7 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
         if not path:
             raise ConfigError("--adapter '': an empty path; give --adapter an adapter folder (save_pretrained's)")
         config = load_config(path)  # a folder that is not there is named so, before a name taken from it
-        name = names[i] if i < len(names) else os.path.basename(os.path.abspath(path))  # '.': the folder's own name
+        name = names[i] if i < len(names) else folder_name(path)  # 'LINK/..' where the system goes, '.' its own
         problem = export_name_problem(name)
         if problem:
             mended = export_name_suggestion(name)

@@ -200,6 +200,12 @@ def located(path: str) -> str:
     return absolute
 
 
+def folder_name(path: str) -> str:
+    """The name of the folder ``path`` leads to where the system finds it (``located``): 'LINK/..' names the link
+    target's parent, not the folder the text goes up to; '.' the folder's own."""
+    return os.path.basename(located(path))
+
+
 def check_readable(path: str) -> None:
     """StorageError where ``path`` (a file, or a folder to list) or a folder above it is there but this process may
     not read it; nothing where it is readable or missing (the caller says what is missing). Called where a read

@@ -6,7 +6,7 @@ import os
 import re
 from shlex import quote
 
-from .access import REPOINTED
+from .access import REPOINTED, folder_name
 
 
 def export_command(adapter: str = "DIR", out: str = "OUT", *flags: str) -> str:
@@ -73,13 +73,13 @@ def unused_name(out: str, name: str) -> str:
 def exported_name(folder: str, out: str) -> str:
     """The name the adapter ``folder`` goes by in ``out`` after ``adapter_export_command(folder, out)``: its folder's
     (export's default; for '.', the folder's own), else the --name that command passes."""
-    name = os.path.basename(os.path.abspath(folder))
+    name = folder_name(folder)
     return unused_name(out, exported_as(name)) if export_name_problem(name) else name
 
 
 def adapter_export_command(folder: str, out: str, *flags: str) -> str:
     """``export_command`` for the adapter ``folder``, with the --name export needs where it refuses the folder's."""
-    if export_name_problem(os.path.basename(os.path.abspath(folder))):
+    if export_name_problem(folder_name(folder)):
         flags = ("--name", quote(exported_name(folder, out)), *flags)
     return export_command(folder, out, *flags)
 

@@ -59,6 +59,26 @@ def test_an_adapter_given_as_dot_is_named_by_its_folder(shared_export, tmp_path,
     assert Runtime(str(tmp_path / "out")).adapter_names == [os.path.basename(adapter)]
 
 
+def test_an_adapter_given_through_a_link_and_dotdot_is_named_where_the_system_reads_it(shared_export, tmp_path,
+                                                                                        monkeypatch):
+    """A paths hunt: `--adapter LINK/..` read the link target's parent (the system's '..') but named the adapter,
+    and recorded its source, by the folder the text went up to (here the working folder)."""
+    import json
+
+    from edgepeft.runtimes.commands import adapter_export_command
+
+    name, adapter = next(iter(shared_export("bert")[1].items()))
+    (tmp_path / "work").mkdir()
+    os.makedirs(os.path.join(adapter, "runs"), exist_ok=True)
+    os.symlink(os.path.join(adapter, "runs"), tmp_path / "work" / "latest")
+    monkeypatch.chdir(tmp_path / "work")
+    export(["latest/.."], "out")
+    with open(os.path.join("out", "adapters", os.path.basename(adapter), "adapter.json")) as f:
+        assert json.load(f)["source"] == os.path.realpath(adapter)
+    assert Runtime("out").adapter_names == [os.path.basename(adapter)]
+    assert "--name" not in adapter_export_command("latest/..", "out")  # its folder's name is one export takes
+
+
 def test_a_base_of_another_kind_than_the_adapters_task_says_drop_base(shared_export, tiny_base, tmp_path):
     """--base a BERT folder for a Llama causal-LM adapter: "use seq-cls or feature-extraction", which export (its task
     is the adapter's) cannot take; a GPT-2 --base got the fix that works."""
