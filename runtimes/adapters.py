@@ -34,7 +34,7 @@ from .manifest import (
     read_base_manifest, stacks_as_output,
 )
 from .access import STOPPED, inside, moved_aside
-from .commands import base_flags, copied_base_fix, export_command, folder_fix, name_problem
+from .commands import base_flags, copied_base_fix, export_command, folder_fix, folder_name_problem, name_problem
 from .adapter_graph import run_adapter_graph
 from .adapter_source import adapter_bound, read_adapter_source
 from .sessions import ort
@@ -191,10 +191,11 @@ class AdapterStore:
         label = path or "adapter bytes"
         if name is None:  # a folder is named as Runtime(OUT) names what it finds in OUT/adapters: by the folder
             name = os.path.basename(os.path.normpath(path)) if path else manifest["name"]
-            if name_problem(name):  # `edgepeft run --adapter None` ran the base model with a folder named None
-                raise ConfigError(f"{label}: the adapter name {name!r:.80} (the {'folder' if path else 'adapter.json'}"
-                                  f"'s) {name_problem(name)}; " + ("rename the folder, or load it with name="
-                                                                   if path else "load it with name="))
+            if path and (problem := folder_name_problem(path, name)):  # `run --adapter None` ran the base model
+                raise ConfigError(problem + ", or load it with name=")
+            if not path and (problem := name_problem(name)):
+                raise ConfigError(f"{label}: the adapter name {name!r:.80} (the adapter.json's) {problem}; load it "
+                                  "with name=")
         if manifest["base_fingerprint"] != self.base["fingerprint"]:
             raise self._mismatch(label, manifest, path)
         # a folder's files are read again at each restage (an evicted adapter's bytes are not kept)

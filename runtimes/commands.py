@@ -26,15 +26,26 @@ ADAPTERS_DIR = "adapters"  # OUT/adapters/<name>: one folder per adapter
 NAME_LENGTH = 100  # OUT/adapters/<name>, and the export's staging folder beside it, within a file name's 255 bytes
 
 
-def name_problem(name) -> str | None:
+def name_problem(name, folder: bool = False) -> str | None:
     """Why a loaded adapter cannot go by ``name`` (load_adapter's, a folder's of OUT/adapters, a zip's), else None:
-    any text but a blank one or 'none', which `edgepeft run --adapter none` reads as the base model."""
+    any text but a blank one or 'none' (which `edgepeft run --adapter none` reads as the base model); a ``folder``'s
+    name also not what the JS runtime's loadAdapter refuses (fixes.js adapterName: both serve one set of folders)."""
     if not isinstance(name, str):
         return "must be a string"
     if not name.strip():
         return "must not be blank"
     if name.lower() == "none":  # a folder named None ran the base model at `edgepeft run --adapter None`
         return "means the base model at the command line (--adapter none)"
+    if folder and (name != name.strip() or name.startswith(".") or re.search(r"[/\\\x00-\x1f\x7f]", name)):
+        return "must be a folder's name that is not hidden (no '.' first), with no '/' or '\\', control character " \
+               "or spaces at its ends"
+    return None
+
+
+def folder_name_problem(folder: str, name: str) -> str | None:
+    """Why Runtime(OUT) (and inspect) refuse the adapter ``folder`` of OUT/adapters by its ``name``, else None."""
+    if problem := name_problem(name, folder=True):
+        return f"{folder}: the adapter name {name!r:.80} (the folder's) {problem}; rename the folder"
     return None
 
 

@@ -7,7 +7,7 @@ import os
 from .access import STOPPED, check_readable, moved_aside, sha256_file, unchanged_while
 from .adapter_source import adapter_bound, read_adapter_source
 from .base_checks import serves_pairs
-from .commands import REEXPORT_BASE, folder_fix
+from .commands import REEXPORT_BASE, folder_fix, folder_name_problem
 from .errors import EdgePeftError
 from .manifest import (
     ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, not_an_export,
@@ -100,7 +100,9 @@ def _described(out_dir: str) -> dict:
                 m = read_adapter_manifest(d)
             except EdgePeftError:
                 continue
-        if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it
+        if problem := folder_name_problem(d, name):  # Runtime(OUT) refuses to open with it
+            problems.append(problem)
+        if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it too
             problems.append(f"{d}: exported for another base ({m['base_fingerprint'][:12]}; {base_dir} is "
                             f"{base['fingerprint'][:12]}); {folder_fix(out_dir, d, base)}")
         adapters.append(

@@ -92,6 +92,27 @@ def test_an_adapter_folder_named_none_is_refused_not_run_as_the_base(out):
     assert rt.load_adapter(os.path.join(out, "adapters", "None"), name="renamed") == "renamed"
 
 
+@pytest.mark.parametrize("folder", ["None", "lora ", "team\\lora", "lo\x01ra"])
+def test_a_folder_name_one_runtime_refuses_is_refused_by_both_and_by_inspect(out, folder):
+    """A paths hunt: Python served OUT/adapters/"lora " and "team\\lora", which the JS runtime refuses (and the JS
+    runtime loaded a hidden ".lora", which Python leaves out); inspect passed an OUT whose None folder every Runtime
+    refuses (cli.md: it exits 1 where a Runtime refuses OUT)."""
+    from edgepeft.runtimes.describe import describe_export
+
+    renamed = os.path.join(out, "adapters", folder)
+    os.rename(os.path.join(out, "adapters", "lora"), renamed)
+    with pytest.raises(ConfigError, match=re.escape(f"{renamed}: the adapter name {folder!r} (the folder's) ")) as e:
+        Runtime(out)
+    assert str(e.value).endswith("; rename the folder, or load it with name=")
+    assert [p for p in describe_export(out)["problems"] if p.startswith(renamed)] == [str(e.value)[:-len(", or load it with name=")]]
+    os.rename(renamed, os.path.join(out, "adapters", ".lora"))
+    rt = Runtime(out)
+    assert "lora" not in rt.adapter_names and ".lora" not in rt.adapter_names and not describe_export(out)["problems"]
+    with pytest.raises(ConfigError, match=r"\(the folder's\) must be a folder's name that is not hidden \(no '\.' first\)"):
+        rt.load_adapter(os.path.join(out, "adapters", ".lora"))
+    assert rt.load_adapter(os.path.join(out, "adapters", ".lora"), name="team/lora ") == "team/lora "  # any name=
+
+
 @pytest.mark.parametrize("edit, message", [
     ("B left out", f"fills {LORA_A} but not {LORA_B}, which shares its axis"),
     ("selector filled", "fills the selector slot 'lora_rows.batch', which the runtime binds per call"),
