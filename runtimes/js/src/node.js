@@ -184,17 +184,29 @@ function throughFile(file) {
 function located(out) {
   const absolute = path.resolve(out);
   if (!out.replaceAll("\\", "/").split("/").includes("..")) return absolute;
-  let real;
-  try {
-    real = realpathSync.native(out);  // the C library's: links resolved in order
-  } catch {
-    return absolute;  // missing: the read names what is not there
+  const real = realpath(out);
+  return realpath(absolute) === real ? absolute : real;
+}
+
+/** `file` made absolute with its links resolved, as Python's os.path.realpath (not strict): name by name, each link
+ * where it is there; a name that is not there (or a link loop) kept as written, and a ".." after it drops it. Node's
+ * realpath throws where the whole path is not there (path.resolve's text was taken: "LINK/../OUT" with no OUT beside
+ * the link's target opened the OUT beside the link). */
+function realpath(file) {
+  const root = path.isAbsolute(file) ? path.parse(file).root : "";
+  let real = root || process.cwd();  // the system's working folder: its links resolved
+  for (const name of file.slice(root.length).split(path.sep === "/" ? "/" : /[\\/]/)) {
+    if (name === "..") real = path.dirname(real);
+    else if (name && name !== ".") {
+      const next = path.join(real, name);
+      try {
+        real = realpathSync.native(next);  // links resolved in order
+      } catch {
+        real = next;  // not there, a loop or a file's "child": as written
+      }
+    }
   }
-  try {
-    return realpathSync.native(absolute) === real ? absolute : real;
-  } catch {
-    return real;  // nothing where the text leads (the usual case): the system's folder
-  }
+  return real;
 }
 
 /** Files of the export folder OUT, read from disk; a relative OUT is resolved once (the app may change directory). */

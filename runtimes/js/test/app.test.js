@@ -46,6 +46,15 @@ test("OUT given as LINK/../out is the folder the system finds there (path.resolv
   }
 });
 
+test("OUT given as LINK/../out where the system finds nothing is refused, naming that folder (the out beside LINK opened)", async () => {
+  const home = path.join(scratch, "dotdot"), target = path.join(home, "releases", "v2", "current");
+  await cp(path.join(FIXTURES, "llama"), path.join(home, "out"), { recursive: true });  // beside the link: not the path's
+  await mkdir(target, { recursive: true });
+  await symlink(target, path.join(home, "cur"));  // cur/.. is releases/v2, which holds no out (ls cur/../out fails)
+  const missing = path.join(home, "releases", "v2", "out", "base", "edgepeft.json");
+  await assert.rejects(openFolder(ortNode, `${home}/cur/../out`), (e) => e.message.startsWith(`${missing}: no such file`));
+});
+
 test("release frees the base session; later calls are refused, not run", async () => {
   const rt = await openFolder(ortNode, path.join(FIXTURES, "minilm"));
   const ids = [[101, 2054, 102]];
