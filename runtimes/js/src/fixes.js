@@ -9,6 +9,14 @@ export const quote = (s) => s === "" ? "''" : /^[\w@%+=:,./-]+$/.test(s) ? s : `
 const refused = (name) => !/^[A-Za-z0-9][A-Za-z0-9_-]*$/.test(name) || name.length > NAME_LENGTH ||
   name.toLowerCase() === "none";
 
+/** Whether loadAdapter takes `name`, as the Python runtime's commands.name_problem: a folder's name in OUT/adapters,
+ * not a path ('/', '\\'), no spaces at its ends nor a control character (a typo: " lora" was told to export --name
+ * lora, which OUT holds), no '.' first (a hidden folder, as an export's .staging-NAME-...: Python's Runtime leaves
+ * those out). */
+export const adapterName = (name) => typeof name === "string" && name.trim() === name && !/^$|^\.|[/\\\0-\x1f\x7f]/.test(name);
+export const NAME_RULE = "an adapter's name must be a non-empty string, a folder's name in OUT/adapters (no path) " +
+  "that is not hidden (no '.' first), with no control character and no spaces at its ends";
+
 /** `name` as export takes it for OUT/adapters/<name>: itself, else a name like it, else NAME (a load takes more). */
 export function exportedAs(name) {
   if (!refused(name)) return name;

@@ -13,12 +13,12 @@
 // "virtual_axis" (tokens added to the mask and the positions). No method names here.
 
 import {
-  EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, bareName, cacheNames, checkFormat,
+  EdgePeftError, REEXPORT, REEXPORT_BASE, adapterSessionOptions, axisSharing, cacheNames, checkFormat,
   checkOpenArguments, checkOptions, checkSizes, checkTensors, described, firstLine, fromBigint, namedLabels, olderRuntime, readJson, reexportFor,
   sessionOptionsOf,
 } from "./checks.js";
 import { TOKEN_TYPES, graphDeclarationErrors } from "./base_checks.js";
-import { folderFix, missingAdapter, notLoaded } from "./fixes.js";
+import { NAME_RULE, adapterName, folderFix, missingAdapter, notLoaded } from "./fixes.js";
 import { adapterGraphProblem } from "./graph.js";
 import { checkInputs, checkTokenTypes, generationMask } from "./inputs.js";
 import { GENERATION_OPTIONS, classify, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
@@ -152,12 +152,10 @@ export class Runtime {
   /** Stage an adapter of OUT/adapters by name: run its graph once and sort its tensors by how they are bound. */
   async loadAdapter(name, ...more) {
     if (this.released) throw new EdgePeftError(RELEASED);
-    // spaces at its ends or a control character: a typo (" lora" was told to export --name lora, which OUT holds)
     const renamed = more.some((v) => v !== undefined);  // Python's load_adapter(path, name) renames; this loads by name
-    if (!bareName(name) || name.trim() !== name || /[\0-\x1f\x7f]/.test(name) || renamed) {
+    if (!adapterName(name) || renamed) {
       throw new EdgePeftError(renamed ? `loadAdapter takes one argument, an adapter's name, got ${[name, ...more].map(described)}; ` +
-        "it loads under its folder's name (Python's load_adapter(path, name) renames)" : "an adapter's name must be a " +
-        `non-empty string, a folder's name in OUT/adapters (no path), with no spaces at its ends, got ${described(name)}`);
+        "it loads under its folder's name (Python's load_adapter(path, name) renames)" : `${NAME_RULE}, got ${described(name)}`);
     }
     const where = this.loader.where(`adapters/${name}`), json = `adapters/${name}/adapter.json`;
     const manifest = await this.json(json, missingAdapter(name, this.manifest.merged_adapter));

@@ -2,6 +2,8 @@
 // the caller's (not the export's files, not another address), and never coerced into another answer. JavaScript's
 // own forms of a value (bigints, objects of another realm) are taken where Python takes numpy's.
 import assert from "node:assert/strict";
+import { mkdir, mkdtemp, rm, symlink } from "node:fs/promises";
+import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
@@ -46,8 +48,14 @@ test("generate's settings are shown as given, and a bigint whole number is taken
     /repetitionPenalty 1e-40 too far from 1\); raise the temperature, bring repetitionPenalty nearer to 1, or use greedy decoding$/);
 });
 
-test("adapter names: one string, shown quoted; a name with spaces at its ends, a control character or a rename refused", async () => {
-  const rt = await openFolder(ortNode, LLAMA);
+test("adapter names: one string, shown quoted; a name with spaces at its ends, a control character, a '.' first or a rename refused", async () => {
+  const out = await mkdtemp(path.join(os.tmpdir(), "edgepeft-js-names-"));
+  await mkdir(path.join(out, "adapters"));
+  await symlink(path.join(LLAMA, "base"), path.join(out, "base"));
+  await symlink(path.join(LLAMA, "adapters", "lora"), path.join(out, "adapters", "lora"));
+  await symlink(path.join(LLAMA, "adapters", "lora"), path.join(out, "adapters", ".lora"));  // hidden: as .staging-lora-...
+  const rt = await openFolder(ortNode, out);
+  await refuses(rt.loadAdapter(".lora"), /^an adapter's name must be .*not hidden \(no '\.' first\).*, got "\.lora"$/);  // Python leaves it out
   await rt.loadAdapter("lora");
   throwsEdge(() => rt.unloadAdapter(["lora"]), /^unloadAdapter takes one adapter's name \(a string\), got \["lora"\]$/);
   throwsEdge(() => rt.unloadAdapter("lora "), /^adapter "lora " is not loaded; loaded: "lora" \(use adapter null/);
@@ -55,12 +63,14 @@ test("adapter names: one string, shown quoted; a name with spaces at its ends, a
   // " lora" was told to export --name lora, which OUT holds; "lora\0" to "check the disk"
   await refuses(rt.loadAdapter(" lora"), /^an adapter's name must be a non-empty string.*no spaces at its ends, got " lora"$/);
   await refuses(rt.loadAdapter("lo\u0000ra"), /^an adapter's name must be.*got "lo\\u0000ra"$/);
+  await refuses(rt.loadAdapter("team\\lora"), /^an adapter's name must be.*got "team\\\\lora"$/);  // a path on Windows
   await refuses(rt.loadAdapter("prompt", "alias"), /^loadAdapter takes one argument, an adapter's name, got "prompt","alias"; it loads under its folder's name/);  // dropped
   assert.deepEqual(rt.adapterNames, ["lora"]);
   rt.unloadAdapter("lora");
   assert.equal(await rt.loadAdapter("lora", undefined), "lora");  // a wrapper forwarding an optional argument
   rt.unloadAdapter("lora");
   assert.deepEqual(rt.adapterNames, []);
+  await rm(out, { recursive: true });
 });
 
 test("classify's arguments: labels an array of names, a problemType a name, logits floats", () => {
