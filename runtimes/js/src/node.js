@@ -1,6 +1,6 @@
 // Node.js: open an export folder with onnxruntime-node (or onnxruntime-web's wasm build, also in Node).
 import { createHash } from "node:crypto";
-import { lstatSync, readFileSync, readdirSync, realpathSync, statSync } from "node:fs";
+import { lstatSync, readFileSync, readdirSync, readlinkSync, realpathSync, statSync } from "node:fs";
 import { open, readFile, stat } from "node:fs/promises";
 import { hostname } from "node:os";
 import path from "node:path";
@@ -34,6 +34,8 @@ async function read(file, encoding, out = null) {
 /** A file system error as an EdgePeftError naming the file: a missing one is marked so (the runtime says what it
  * means for an export), one another user owns gets the fix that works (a re-export would not). */
 function named(e, file, out = null) {
+  const link = out && ["ENOENT", "ENOTDIR", "ELOOP"].includes(e.code) && linkToNothing(file, out);
+  if (link) return new EdgePeftError(link);
   if (e.code === "ENOTDIR") {  // a file of the export given as OUT, or a file inside OUT where it has a folder
     const blocking = throughFile(file);
     return new EdgePeftError(out && blocking?.startsWith(out + path.sep)
@@ -54,6 +56,26 @@ function named(e, file, out = null) {
   const error = new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
   error.missing = true;
   return error;
+}
+
+/** What the link on the way from OUT to `file` (OUT's own included) that leads to nothing (a disk not mounted) or back
+ * to itself is, with the fixes that work, in the words of Python's files.check_output_dir; else null. An adapter's
+ * was "not an exported adapter (no adapter.json)", whose re-export failed (its folder could not replace the link). */
+function linkToNothing(file, out) {
+  let at = out;
+  for (const name of ["", ...path.relative(out, file).split(path.sep)]) {
+    at = path.join(at, name);
+    let link = false;
+    try {
+      link = lstatSync(at).isSymbolicLink();
+      if (link) statSync(at);  // a link to what is there: one down
+    } catch (e) {
+      if (!link || !["ENOENT", "ENOTDIR", "ELOOP"].includes(e.code)) return null;  // not there: nothing below it either
+      return `${at}: is a link to ${readlinkSync(at)}, which ${e.code === "ELOOP" ? "leads back to itself (a loop of links); " +
+        "remove the link, or make it lead to a folder" : "does not exist; create or mount it, or remove the link"}`;
+    }
+  }
+  return null;
 }
 
 /** Why a file of the export OUT is missing where the Python runtime tells (runtimes/access.py, manifest.py), else

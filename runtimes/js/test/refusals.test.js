@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { spawnSync } from "node:child_process";
-import { copyFile, cp, mkdir, mkdtemp, readFile, rename, rm, truncate, writeFile } from "node:fs/promises";
+import { copyFile, cp, mkdir, mkdtemp, readFile, rename, rm, symlink, truncate, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
@@ -263,6 +263,24 @@ test("a file inside OUT where the export has a folder is named, not OUT (OUT was
     new RegExp(`^${path.join(out, "adapters", "stray").replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")}: a file where the export has ` +
       "a folder; remove it and export again$"));
   await refuses(openFolder(ortNode, path.join(out, "base", "edgepeft.json")), /a path through a file, not a folder; give openFolder/);
+});
+
+test("a link in OUT/adapters to nothing (a disk not mounted) or to itself is named as a link, as Python names one", async () => {
+  // found by a hunt: "not an exported adapter (no adapter.json) ... re-export ... --name ghost --overwrite", an export
+  // that failed after its work (its folder cannot replace the link); a loop was "cannot read it (ELOOP)"
+  const out = path.join(scratch, "links"), ghost = path.join(out, "adapters", "ghost"), loop = path.join(out, "adapters", "loop");
+  await mkdir(path.join(out, "adapters"), { recursive: true });
+  await symlink(path.join(FIXTURES, "llama", "base"), path.join(out, "base"));
+  await symlink(path.join(scratch, "not-mounted", "ghost"), ghost);
+  await symlink("loop", loop);
+  const rt = await openFolder(ortNode, out);
+  const python = spawnSync(PYTHON, ["-c", "import sys; from edgepeft.files import check_output_dir\ntry: " +
+    "check_output_dir(sys.argv[1], '--out')\nexcept Exception as e: print(e)", ghost], { encoding: "utf8" }).stdout;
+  const said = `${ghost}: is a link to ${path.join(scratch, "not-mounted", "ghost")}, which does not exist; create or mount it`;
+  assert.ok(python.startsWith(`${said}, or give --out another folder`), python);  // Python's words for it, to --out
+  await assert.rejects(rt.loadAdapter("ghost"), (e) => e instanceof EdgePeftError && e.message === `${said}, or remove the link`);
+  await assert.rejects(rt.loadAdapter("loop"), (e) => e instanceof EdgePeftError && e.message ===
+    `${loop}: is a link to loop, which leads back to itself (a loop of links); remove the link, or make it lead to a folder`);
 });
 
 test("folders a stopped or unfinished export left are named with a fix that works, as in Python", async () => {
