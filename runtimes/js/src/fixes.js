@@ -13,9 +13,11 @@ const refused = (name) => !/^[A-Za-z0-9][A-Za-z0-9_-]*$/.test(name) || name.leng
  * not a path ('/', '\\'), no spaces at its ends nor a control character (a typo: " lora" was told to export --name
  * lora, which OUT holds), no '.' first (a hidden folder, as an export's .staging-NAME-...: Python's Runtime leaves
  * those out). */
-export const adapterName = (name) => typeof name === "string" && name.trim() === name && !/^$|^\.|[/\\\0-\x1f\x7f]/.test(name);
+export const adapterName = (name) => typeof name === "string" && name.trim() === name && !/^$|^\.|[/\\\0-\x1f\x7f]/.test(name) &&
+  name.toLowerCase() !== "none";  // the base model at the command line: Python's Runtime(OUT) refuses such a folder
 export const NAME_RULE = "an adapter's name must be a non-empty string, a folder's name in OUT/adapters (no path) " +
-  "that is not hidden (no '.' first), with no control character and no spaces at its ends";
+  "that is not hidden (no '.' first) nor none (the base model at the command line), with no control character and " +
+  "no spaces at its ends";
 
 /** `name` as export takes it for OUT/adapters/<name>: itself, else a name like it, else NAME (a load takes more). */
 export function exportedAs(name) {

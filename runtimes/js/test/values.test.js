@@ -64,6 +64,7 @@ test("adapter names: one string, shown quoted; a name with spaces at its ends, a
   await refuses(rt.loadAdapter(" lora"), /^an adapter's name must be a non-empty string.*no spaces at its ends, got " lora"$/);
   await refuses(rt.loadAdapter("lo\u0000ra"), /^an adapter's name must be.*got "lo\\u0000ra"$/);
   await refuses(rt.loadAdapter("team\\lora"), /^an adapter's name must be.*got "team\\\\lora"$/);  // a path on Windows
+  await refuses(rt.loadAdapter("None"), /^an adapter's name must be.*nor none \(the base model at the command line\).*got "None"$/);  // as Python
   await refuses(rt.loadAdapter("prompt", "alias"), /^loadAdapter takes one argument, an adapter's name, got "prompt","alias"; it loads under its folder's name/);  // dropped
   assert.deepEqual(rt.adapterNames, ["lora"]);
   rt.unloadAdapter("lora");
