@@ -24,7 +24,8 @@ from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
 from edgepeft.exporters.merged import check_mergeable, export_merged
 from edgepeft.exporters.quantize import check_quantize
-from edgepeft.exporters.resolve import ExportPlan, adapter_slots, export_arguments, resolve, usable_slots
+from edgepeft.exporters.resolve import (ExportPlan, adapter_slots, export_arguments, path_arguments, resolve,
+                                       usable_slots)
 from edgepeft.exporters.validate import (BaseOutputs, check_head_widths, check_tolerances, compare_siblings, log_check,
                                          validate)
 from edgepeft.files import (Staging, check_output_dir, missing_folders, remove_abandoned, remove_empty,
@@ -58,8 +59,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     out, merge, overwrite, verbose, ort_adapter = export_arguments(out, merge, overwrite, verbose, ort_adapter)
     where = located(out)  # LINK/..: where the system finds it; a name not UTF-8 refused (ONNX Runtime reads it)
     out = out if where == os.path.abspath(out) else where
-    adapters = [adapters] if isinstance(adapters, (str, os.PathLike)) else list(adapters)  # one folder; a generator
-    names = [names] if isinstance(names, str) else names  # one name, not its letters
+    adapters, base, names = path_arguments(adapters, base, names)  # one folder, or several; one name, not its letters
     if not adapters:
         raise ConfigError("give at least one --adapter folder")
     check_mergeable(adapters, merge)  # before minutes of loading

@@ -103,6 +103,24 @@ class ExportPlan:
         return weights_fingerprint(self.model, skip_modules=made_heads(self.model))
 
 
+def path_arguments(adapters, base, names) -> tuple:
+    """export's adapters (one folder, or several) and base as strings, its names a list of strings (None: none), else
+    ConfigError: an os.PathLike other than pathlib's was "<Where object at 0x...>: not found", bytes iterated into
+    numbers ("47/adapter_config.json: not found"), a name not a string a TypeError."""
+    def text(value, what: str, kind: str = "folder paths (strings, or os.PathLike)") -> str:
+        value = os.fspath(value) if kind != "strings" and isinstance(value, os.PathLike) else value
+        if not isinstance(value, str):
+            raise ConfigError(f"export's {what} must be {kind}, got {type(value).__name__}; e.g. "
+                              "export(['adapters/intent'], 'OUT', names=['intent'])")
+        return value
+
+    adapters = [adapters] if isinstance(adapters, (str, bytes, os.PathLike)) else list(adapters)  # a generator too
+    names = [names] if isinstance(names, str) else None if names is None else list(names)  # one name, not its letters
+    return ([text(a, "adapters") for a in adapters],
+            None if base is None else text(base, "base", "a model folder or hub id (a string, or os.PathLike)"),
+            None if names is None else [text(n, "names", "strings") for n in names])
+
+
 def export_arguments(out, merge, overwrite, verbose, ort_adapter) -> tuple:
     """export's OUT as a string and its switches as bools, else ConfigError: OUT None was a folder named None, and
     merge="no" merged (read by truthiness)."""

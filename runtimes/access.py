@@ -189,6 +189,8 @@ def located(path: str) -> str:
     bytes as lone surrogates) is refused: ONNX Runtime and PyTorch's ONNX exporter take none (a TypeError, which
     read as a damaged file)."""
     path = os.fspath(path)
+    if not isinstance(path, str):  # an os.PathLike of bytes: '\0' in it was a TypeError
+        raise ConfigError(f"{path!r}: a path must be text (a string), not bytes; give os.fsdecode(path)")
     if "\0" in path:  # the system's ValueError ("embedded null byte")
         raise ConfigError(f"{path!r}: a path cannot hold a NUL character (\\x00); give the folder's path without it")
     if half_character(path):

@@ -112,6 +112,34 @@ def test_python_switches_and_paths_are_checked_as_the_runtimes_are(shared_export
     assert os.listdir(tmp_path) == []  # no ./None, no OUT
 
 
+def test_export_takes_any_os_pathlike_and_refuses_bytes_and_names_that_are_not_text(shared_export, tmp_path):
+    """A paths hunt: an os.PathLike other than pathlib's was "<Where object at 0x...>/adapter_config.json: not
+    found", adapters=b"..." iterated into numbers ("47/adapter_config.json: not found"), names=[Path] a TypeError
+    (train() and HF PEFT take any os.PathLike)."""
+    from edgepeft.errors import ConfigError
+
+    class Where(os.PathLike):
+        def __init__(self, path):
+            self.path = path
+
+        def __fspath__(self):
+            return self.path
+
+    name, adapter = next(iter(shared_export("bert")[1].items()))
+    export([Where(adapter)], Where(str(tmp_path / "o")), names=["a"])
+    assert Runtime(Where(str(tmp_path / "o"))).adapter_names == ["a"]
+    for change, said in (({"adapters": os.fsencode(adapter)}, "export's adapters must be folder paths (strings, or "
+                                                              "os.PathLike), got bytes"),
+                         ({"base": Where(os.fsencode(adapter))}, "export's base must be a model folder or hub id (a "
+                                                                  "string, or os.PathLike), got bytes"),
+                         ({"names": [Where("b")]}, "export's names must be strings, got Where")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            export(**{"adapters": [adapter], "out": str(tmp_path / "p"), **change})
+    with pytest.raises(ConfigError, match=re.escape("a path must be text (a string), not bytes; give os.fsdecode(path)")):
+        Runtime(Where(os.fsencode(str(tmp_path / "o"))))
+    assert os.listdir(tmp_path) == ["o"]
+
+
 def test_numpy_values_of_a_config_are_saved_as_numbers(tiny_base, tmp_path):
     """rank_pattern {"q_proj": np.int64(2)} was saved as "2" (json's default=str): neither edgepeft nor HF PEFT
     loaded the adapter again."""
