@@ -21,8 +21,7 @@ from edgepeft.models import (
 )
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.access import folder_name
-from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion
-from edgepeft.runtimes.commands import fresh_out
+from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion, fresh_out, unused_name
 from edgepeft.runtimes.values import switch
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export,
@@ -135,7 +134,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     """Read the adapters, find their base and task, load both, and check OUT can take them."""
     for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
         check_output_dir(os.path.join(out, sub), "--out")
-    sources = _read_sources(adapters, names)
+    sources = _read_sources(adapters, names, out)
     if (export := enclosing_export(os.path.realpath(out))) is not None:  # through a link too
         raise ConfigError(f"{out}: lies inside the export {export}; give --out {shlex.quote(export)} to add the adapter "
                           "to that export")
@@ -205,7 +204,17 @@ def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
                           f"--out {shlex.quote(fresh_out(out))}")
 
 
-def _read_sources(adapters, names) -> list[AdapterSource]:
+def _name_flags(out: str, sources: list, name: str | None) -> str:
+    """" (e.g. --name ...)" naming the adapters read so far as they are and the next one like ``name``, a name neither
+    they nor OUT/adapters hold (`unused_name`); "" where none is near. --name values go to the --adapter folders in
+    order: "--name X" alone, pasted, renamed the first adapter."""
+    if name is None:
+        return ""
+    flags = [*(s.name for s in sources), unused_name(out, name, {s.name.casefold() for s in sources})]
+    return f" (e.g. {' '.join(f'--name {shlex.quote(n)}' for n in flags)}{', in --adapter order' * bool(sources)})"
+
+
+def _read_sources(adapters, names, out: str) -> list[AdapterSource]:
     adapters = [str(a) for a in adapters]
     names = list(names or [])
     if len(names) > len(adapters):
@@ -219,14 +228,14 @@ def _read_sources(adapters, names) -> list[AdapterSource]:
         problem = export_name_problem(name)
         if problem:
             mended = export_name_suggestion(name)
-            fix = f" (e.g. --name {mended})" if mended else ""
             given = "choose another --name" if i < len(names) else "pass --name"
             shown = repr(name if len(name) <= 80 else name[:77] + "...")
-            raise ConfigError(f"{path}: adapter name {shown} {problem}; {given}{fix}")
+            raise ConfigError(f"{path}: adapter name {shown} {problem}; {given}{_name_flags(out, sources, mended)}")
         if other := next((s.name for s in sources if s.name.casefold() == name.casefold()), None):
             both = f"both named {name!r}" if other == name else f"named {other!r} and {name!r}, one folder on macOS " \
                 "and Windows"  # a copy to such a device keeps one of the two
-            raise ConfigError(f"{path}: two adapters are {both}; pass --name to tell them apart")
+            raise ConfigError(f"{path}: two adapters are {both}; pass --name to tell them apart"
+                              + _name_flags(out, sources, name))
         sources.append(AdapterSource(name, path, config))
     return sources
 

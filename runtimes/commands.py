@@ -71,11 +71,12 @@ def exported_as(name: str) -> str:
     return name if not export_name_problem(name) else export_name_suggestion(name) or "NAME"
 
 
-def unused_name(out: str, name: str) -> str:
-    """``name``, else ``name_2``, ``name_3``...: the first no folder of OUT/adapters has, for a suggested --name (a
-    taken one fails, pasted, with "exists; pass --overwrite", which would replace another adapter)."""
+def unused_name(out: str, name: str, taken=frozenset()) -> str:
+    """``name``, else ``name_2``, ``name_3``...: the first no folder of OUT/adapters has (nor ``taken``, casefolded
+    names), for a suggested --name (a taken one fails, pasted, with "exists; pass --overwrite", which would replace
+    another adapter)."""
     candidate, k = name, 1
-    while name != "NAME" and os.path.lexists(os.path.join(out, ADAPTERS_DIR, candidate)):
+    while name != "NAME" and (os.path.lexists(os.path.join(out, ADAPTERS_DIR, candidate)) or candidate.casefold() in taken):
         k += 1
         candidate = f"{name[:NAME_LENGTH - len(str(k)) - 1]}_{k}"
     return candidate

@@ -81,6 +81,30 @@ def test_adapter_names_differing_in_case_only_are_refused(peft_adapter, shared_e
     assert sorted(os.listdir(out / "adapters")) == sorted(shared_export("llama")[1])
 
 
+def test_a_suggested_name_names_every_adapter_before_it_and_none_out_holds(peft_adapter, tmp_path):
+    """A paths hunt: "pass --name (e.g. --name my_adapter)" for the second --adapter renamed the first, pasted (names
+    go in order), and the same error came back; two folders both named intent: the pasted --name renamed the one the
+    message did not name; a suggestion OUT held already led to --overwrite of another adapter."""
+    from file_checks import copy_adapter
+
+    qv = spec_adapter(peft_adapter, "llama", "qv")
+    good, dotted = copy_adapter(qv, tmp_path / "good"), copy_adapter(qv, tmp_path / "my.adapter")
+    x, y = copy_adapter(qv, tmp_path / "x" / "intent"), copy_adapter(qv, tmp_path / "y" / "intent")
+    first = str(tmp_path / "first")
+    export([qv], first, names=["my_adapter"])
+    for i, (adapters, fix) in enumerate((
+            ([good, dotted], "pass --name (e.g. --name good --name my_adapter_2, in --adapter order)"),
+            ([x, y], "pass --name to tell them apart (e.g. --name intent --name intent_2, in --adapter order)"),
+            ([dotted], "pass --name (e.g. --name my_adapter_2)"))):
+        out = shutil.copytree(first, tmp_path / f"out{i}")
+        with pytest.raises(ConfigError) as e:
+            export(adapters, str(out))
+        assert str(e.value).endswith(fix), str(e.value)
+        names = fix.split("(e.g. ")[1].split(",")[0].rstrip(")").split()[1::2]
+        export(adapters, str(out), names=names)  # pasted, it works
+        assert Runtime(str(out)).adapter_names == sorted({"my_adapter", *names})
+
+
 def test_messages_name_the_flags_as_typed():
     run, train = ["run", "OUT", "prompt"], ["train", "--model", "m"]
     assert as_flags("got 0.0 (greedy decoding: do_sample=False)", run) == "got 0.0 (greedy decoding: --greedy)"
