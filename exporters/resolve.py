@@ -20,7 +20,7 @@ from edgepeft.models import (
     sliding_layers,
 )
 from edgepeft.peft_model import PeftModel
-from edgepeft.runtimes.access import folder_name
+from edgepeft.runtimes.access import folder_name, link_to_nothing
 from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion, fresh_out, unused_name
 from edgepeft.runtimes.values import switch
 from edgepeft.runtimes.manifest import (
@@ -231,6 +231,8 @@ def _read_sources(adapters, names, out: str) -> list[AdapterSource]:
             given = "choose another --name" if i < len(names) else "pass --name"
             shown = repr(name if len(name) <= 80 else name[:77] + "...")
             raise ConfigError(f"{path}: adapter name {shown} {problem}; {given}{_name_flags(out, sources, mended)}")
+        if problem := link_to_nothing(os.path.join(out, ADAPTERS_DIR, name)):  # a folder cannot be renamed onto it
+            raise ConfigError(f"{problem}, or pass --name{_name_flags(out, sources, name)}")
         if other := next((s.name for s in sources if s.name.casefold() == name.casefold()), None):
             both = f"both named {name!r}" if other == name else f"named {other!r} and {name!r}, one folder on macOS " \
                 "and Windows"  # a copy to such a device keeps one of the two

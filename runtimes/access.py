@@ -3,6 +3,7 @@ on a device or a shared machine), named as such with the fix that works rather t
 re-export or remove."""
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -208,10 +209,24 @@ def folder_name(path: str) -> str:
     return os.path.basename(located(path))
 
 
+def link_to_nothing(path: str) -> str | None:
+    """What to say of ``path`` where it is a link that leads nowhere (a disk not mounted) or back to itself."""
+    try:
+        os.stat(path)
+    except OSError as e:  # not one this process may not follow (permission: check_readable's)
+        if e.errno in (errno.ENOENT, errno.ELOOP) and os.path.islink(path):
+            return f"{path}: is a link to {os.readlink(path)}, which does not exist (or leads back to itself); create " \
+                   "or mount it, or remove the link"
+    return None
+
+
 def check_readable(path: str) -> None:
     """StorageError where ``path`` (a file, or a folder to list) or a folder above it is there but this process may
-    not read it; nothing where it is readable or missing (the caller says what is missing). Called where a read
-    failed or found nothing: os.access can say no where a read would succeed (capabilities, ACLs)."""
+    not read it, ArtifactNotFoundError where it is a link to nothing; nothing where it is readable or missing (the
+    caller says what is missing). Called where a read failed or found nothing: os.access can say no where a read
+    would succeed (capabilities, ACLs)."""
+    if problem := link_to_nothing(path):  # "not an exported adapter; remove it if it is a stray folder"
+        raise ArtifactNotFoundError(problem)
     real = os.path.realpath(path)
     if real != os.path.abspath(path):  # a link: where it leads is read too
         check_readable(real)

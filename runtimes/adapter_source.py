@@ -7,7 +7,7 @@ import os
 import zipfile
 import zlib
 
-from .access import JSON_MOST, REPOINTED, committing, located, sha256_bytes, unchanged_while
+from .access import JSON_MOST, REPOINTED, committing, link_to_nothing, located, sha256_bytes, unchanged_while
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .commands import ADAPTERS_DIR
 from .manifest import (
@@ -62,6 +62,8 @@ def read_adapter_source(source, most: int, base: str | None = None) -> tuple[str
     if not os.fspath(source):  # '' read as the app's directory, and its advice named that for removal
         raise ArtifactNotFoundError("'': an empty path; pass a folder from OUT/adapters/ made by `edgepeft export`")
     path = located(source)  # restaged after an eviction from where it was loaded, whatever the directory then
+    if problem := link_to_nothing(path):  # an unmounted disk: Runtime(OUT) left it out, unsaid
+        raise ArtifactNotFoundError(problem)
     if not os.path.isdir(path):  # a zip's path, or a file of the folder: "no such adapter folder" named neither
         zipped = os.path.isfile(path) and zipfile.is_zipfile(path)
         raise ArtifactNotFoundError(f"{path}: {'is a file, not an' if os.path.isfile(path) else 'no such'} adapter folder; "

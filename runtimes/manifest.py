@@ -53,8 +53,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from .access import (ADAPTER_MANIFEST, STOPPED, aside_elsewhere, check_readable, listed, moved_aside, present,
-                     read_json, sha256_bytes)
+from .access import (ADAPTER_MANIFEST, STOPPED, aside_elsewhere, check_readable, link_to_nothing, listed, moved_aside,
+                     present, read_json, sha256_bytes)
 from .base_checks import TOKEN_TYPES, base_value_errors
 from .commands import ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, exported_name, fresh_out
 from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError
@@ -390,9 +390,11 @@ def check_adapter_graph(adapter_dir: str, manifest: dict, most: int) -> bytes:
 
 
 def adapter_dirs(out_dir: str) -> dict:
-    """{name: folder} of the adapters in ``out_dir/adapters``, sorted; hidden (staging) entries left out."""
+    """{name: folder} of the adapters in ``out_dir/adapters``, sorted (a link leading nowhere too, for the read to
+    name); hidden (staging) entries left out."""
     adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
     if not os.path.isdir(adapters_dir):
         return {}
     return {name: os.path.join(adapters_dir, name) for name in listed(adapters_dir)
-            if not name.startswith(".") and os.path.isdir(os.path.join(adapters_dir, name))}
+            if not name.startswith(".") and (os.path.isdir(path := os.path.join(adapters_dir, name))
+                                             or link_to_nothing(path))}

@@ -155,3 +155,30 @@ def test_inspect_names_a_base_file_it_may_not_read(shared_export, scratch, part)
     with as_another_user():
         result = CliRunner().invoke(cli, ["inspect", out])
     assert f"{os.path.join(out, part)}: {DENIED}" in str(result.exception)  # main() prints it as one line, exit 1
+
+
+@pytest.mark.parametrize("leads", ["nowhere", "to itself"])
+def test_a_link_to_nothing_in_out_adapters_is_named_not_left_out(shared_export, tmp_path, leads):
+    """A paths hunt: OUT/adapters/ghost, a link to a disk not mounted: Runtime(OUT) and inspect left it out unsaid, the
+    JS runtime's fix (export --name ghost --overwrite) failed after all its work naming its own staging folder, and an
+    export making OUT a new base called it a stray folder to remove."""
+    from edgepeft.errors import ArtifactNotFoundError, ConfigError
+    from edgepeft.runtimes.describe import describe_export
+
+    out = shutil.copytree(shared_export("bert")[0], tmp_path / "out")
+    adapter = next(iter(shared_export("bert")[1].values()))
+    ghost = os.path.join(out, "adapters", "ghost")
+    os.symlink(tmp_path / "not-mounted" if leads == "nowhere" else ghost, ghost)
+    said = f"{ghost}: is a link to {os.readlink(ghost)}, which does not exist (or leads back to itself); create or " \
+           "mount it, or remove the link"
+    with pytest.raises(ArtifactNotFoundError) as e:
+        Runtime(str(out))
+    assert str(e.value) == said and describe_export(str(out))["problems"] == [said]
+    before = tree_hashes(out / "base"), sorted(os.listdir(out / "adapters"))
+    with pytest.raises(ConfigError) as e:
+        export([adapter], str(out), names=["ghost"], overwrite=True)
+    assert str(e.value) == said + ", or pass --name (e.g. --name ghost_2)"
+    assert (tree_hashes(out / "base"), sorted(os.listdir(out / "adapters"))) == before
+    os.unlink(ghost)
+    export([adapter], str(out), names=["ghost"])
+    assert "ghost" in Runtime(str(out)).adapter_names
