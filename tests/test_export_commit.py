@@ -174,6 +174,9 @@ def test_a_read_only_out_is_refused_before_any_work(llama, tmp_path, monkeypatch
     monkeypatch.setattr(os, "access", lambda path, mode: real(path, mode) and os.path.abspath(path) != out)
     with pytest.raises(ConfigError, match=rf"{out}: cannot write here \(permission denied\)"):
         export([llama[1]["mlp"]], out)
+    monkeypatch.setattr(os, "statvfs", lambda path: type("Mount", (), {"f_flag": os.ST_RDONLY}))  # chmod cannot mend
+    with pytest.raises(ConfigError, match=rf"{out}: cannot write here \(a read-only file system\); give --out another folder$"):
+        export([llama[1]["mlp"]], out)
 
 
 def test_ctrl_c_during_replace_dir_moves_the_new_folder_in_and_leaves_no_old_copy(tmp_path, monkeypatch, sigint_raises,
