@@ -11,7 +11,7 @@ import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
 from edgepeft.hub import hub_unreachable
-from edgepeft.runtimes.access import check_readable
+from edgepeft.runtimes.access import check_readable, located
 from edgepeft.runtimes.base_checks import ENCODERS
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 from edgepeft.runtimes.sentence import (PROMPTS_CONFIG, SENTENCE_TRANSFORMERS_FILES, check_default_prompt,
@@ -68,6 +68,7 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
     if not os.path.exists(name):
         raise ArtifactNotFoundError(f"{name}: no such folder; give {flag} a local model folder (with config.json) "
                                     "or a hub id")
+    located(name)  # a name not UTF-8: safetensors and tokenizers read none ("download the weights again" did not mend)
     if os.path.isfile(os.path.join(name, "adapter_config.json")):
         raise ArtifactNotFoundError(f"{name}: is an adapter folder, not a model; give {flag} the base model it was "
                                     "trained on (its adapter_config.json names it: base_model_name_or_path)")

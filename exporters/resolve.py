@@ -20,7 +20,7 @@ from edgepeft.models import (
     sliding_layers,
 )
 from edgepeft.peft_model import PeftModel
-from edgepeft.runtimes.access import folder_name, link_to_nothing
+from edgepeft.runtimes.access import folder_name, link_to_nothing, located
 from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion, fresh_out, unused_name
 from edgepeft.runtimes.values import switch
 from edgepeft.runtimes.manifest import (
@@ -223,6 +223,7 @@ def _read_sources(adapters, names, out: str) -> list[AdapterSource]:
     for i, path in enumerate(adapters):
         if not path:
             raise ConfigError("--adapter '': an empty path; give --adapter an adapter folder (save_pretrained's)")
+        located(path)  # a name not UTF-8 refused: safetensors reads none ("download the adapter again" did not mend)
         config = load_config(path)  # a folder that is not there is named so, before a name taken from it
         name = names[i] if i < len(names) else folder_name(path)  # 'LINK/..' where the system goes, '.' its own
         problem = export_name_problem(name)

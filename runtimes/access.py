@@ -196,7 +196,7 @@ def located(path: str) -> str:
         raise ConfigError(f"{path!r}: a path cannot hold a NUL character (\\x00); give the folder's path without it")
     if half_character(path):
         raise ConfigError(f"{os.path.abspath(path)!r}: a name in this path is not UTF-8 (bytes of another encoding), "
-                          "and ONNX Runtime opens UTF-8 paths only; rename it")
+                          "and ONNX Runtime, safetensors and tokenizers open UTF-8 paths only; rename it")
     absolute = os.path.abspath(path)
     if ".." in path.replace("\\", "/").split("/") and os.path.realpath(path) != os.path.realpath(absolute):
         return os.path.realpath(path)

@@ -256,3 +256,26 @@ def test_edgepefts_warnings_point_at_the_callers_line(tiny_base, peft_adapter, t
         export([str(folder)], str(tmp_path / "out"))
     ours = [w for w in seen if issubclass(w.category, EdgePeftWarning)]
     assert len(ours) >= 2 and {w.filename for w in ours} == {__file__}, [(w.filename, str(w.message)) for w in ours]
+
+
+def test_input_folders_whose_names_are_not_utf8_are_told_to_rename_them(shared_export, tiny_base, tmp_path):
+    """A paths hunt: an --adapter, --base or --model folder named in Latin-1 bytes (an old archive) was blamed on its
+    files ("damaged or cut short; download the adapter again", "download them again", "save a tokenizer beside the
+    model"): safetensors and tokenizers open UTF-8 paths only, and renaming is the fix, as OUT's message says."""
+    import shutil
+
+    import edgepeft
+    from edgepeft.errors import ConfigError
+
+    adapter = next(iter(shared_export("llama")[1].values()))
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    shutil.copytree(adapter, odd + "-adapter")
+    shutil.copytree(tiny_base("llama"), odd + "-base")
+    rename = re.escape(repr(odd)[:-1] + "-") + r"(adapter|base)': a name in this path is not UTF-8 .*; rename it$"
+    for call in (lambda: export([odd + "-adapter"], str(tmp_path / "a"), names=["ok"]),
+                 lambda: export([adapter], str(tmp_path / "b"), base=odd + "-base"),
+                 lambda: edgepeft.train(model=odd + "-base", task="causal-lm", data=str(tmp_path / "d.jsonl"),
+                                        out=str(tmp_path / "c"))):
+        with pytest.raises(ConfigError, match=rename):
+            call()
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(odd) + s for s in ("-adapter", "-base"))

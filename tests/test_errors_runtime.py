@@ -83,7 +83,7 @@ def test_a_path_that_is_not_utf8_is_named_with_the_fix(rt, before, llama, tmp_pa
     from edgepeft.exporters import export
 
     odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
-    rename = r"is not UTF-8 \(bytes of another encoding\), and ONNX Runtime opens UTF-8 paths only; rename it"
+    rename = r"is not UTF-8 \(bytes of another encoding\), and ONNX Runtime, safetensors and tokenizers open UTF-8 paths only; rename it"
     with pytest.raises(ConfigError, match=rename):
         rt.load_adapter(copy_adapter(os.path.join(llama[0], "adapters", "all"), odd))
     assert_still_serving(rt, before)
