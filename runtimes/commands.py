@@ -16,8 +16,10 @@ def export_command(adapter: str = "DIR", out: str = "OUT", *flags: str) -> str:
 
 
 def fresh_out(path: str) -> str:
-    """A folder beside ``path`` for a suggested --out: absolute (``.`` would give ``.-onnx``, a hidden folder)."""
-    return os.path.abspath(path) + "-onnx"
+    """A folder beside ``path`` for a suggested --out: absolute (``.`` would give ``.-onnx``, a hidden folder), its
+    name cut to fit a file name's 255 bytes ("File name too long" for a folder of 251 bytes and more)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, name.encode("utf-8", "surrogateescape")[:250].decode("utf-8", "ignore") + "-onnx")
 
 
 # a damaged base (a device's copy, or the export): no export into OUT mends it

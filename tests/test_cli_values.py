@@ -279,3 +279,20 @@ def test_input_folders_whose_names_are_not_utf8_are_told_to_rename_them(shared_e
         with pytest.raises(ConfigError, match=rename):
             call()
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(odd) + s for s in ("-adapter", "-base"))
+
+
+def test_a_suggested_out_beside_a_long_named_folder_fits_a_file_name(shared_export, tmp_path):
+    """A paths hunt: an adapter folder named with 84 CJK characters (252 bytes) given as OUT was told `--out
+    <folder>-onnx`, past a file name's 255 bytes: pasted, "File name too long"."""
+    import shlex
+    import shutil
+
+    from edgepeft.errors import ConfigError
+
+    adapter = shutil.copytree(next(iter(shared_export("llama")[1].values())), tmp_path / ("意图" * 42))
+    with pytest.raises(ConfigError) as e:
+        export([str(adapter)], str(adapter), names=["intent"])
+    fresh = shlex.split(str(e.value).split("e.g. --out ")[1])[0]
+    assert len(os.path.basename(fresh).encode()) <= 255 and fresh.endswith("-onnx"), str(e.value)
+    export([str(adapter)], fresh, names=["intent"])  # pasted, it works
+    assert Runtime(fresh).adapter_names == ["intent"]

@@ -123,7 +123,9 @@ function notAnExport(out) {
       return false;
     }
   };
-  const up = path.dirname(out), part = path.basename(out), fresh = `${path.resolve(out)}-onnx`;  // not ".-onnx"
+  // not ".-onnx"; its name within a file name's 255 bytes, as Python's commands.fresh_out
+  const up = path.dirname(out), part = path.basename(out), fresh = `${path.join(path.dirname(path.resolve(out)),
+    new TextDecoder().decode(Buffer.from(path.basename(path.resolve(out))).subarray(0, 250)).replace(/\uFFFD$/, ""))}-onnx`;
   if (has(out, "adapter_config.json")) {  // commands.py exported_name: the folder's name, else the --name given
     const folder = path.basename(path.resolve(out)), as = exportedAs(folder);
     let name = as;

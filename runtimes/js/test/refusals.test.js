@@ -331,7 +331,9 @@ test("a folder that is not an export (its base, an adapter of it, an HF PEFT ada
   // found by a hunt: each was "base/edgepeft.json: no such file; export there first", a fix that fails for all four
   const llama = path.join(FIXTURES, "llama"), peftAdapter = path.join(scratch, "peft-adapter"), model = path.join(scratch, "model");
   const dotted = path.join(scratch, "my.topic");  // a name export refuses: the command passes --name my_topic
-  for (const [folder, file] of [[peftAdapter, "adapter_config.json"], [model, "config.json"], [dotted, "adapter_config.json"]]) {
+  const long = path.join(scratch, "意图".repeat(42));  // 252 bytes: its --out <folder>-onnx was past a name's 255
+  for (const [folder, file] of [[peftAdapter, "adapter_config.json"], [model, "config.json"], [dotted, "adapter_config.json"],
+    [long, "adapter_config.json"]]) {
     await mkdir(folder);
     await writeFile(path.join(folder, file), "{}");  // only the file's name tells what the folder is
   }
@@ -339,7 +341,7 @@ test("a folder that is not an export (its base, an adapter of it, an HF PEFT ada
   const aside = await copied("aside elsewhere");
   await rename(path.join(aside, "base"), path.join(aside, ".old-base-p1h0123abcd-x1"));
   const folders = [path.join(llama, "base"), path.join(llama, "adapters"), path.join(llama, "adapters", "lora"), peftAdapter, model,
-    dotted, aside];
+    dotted, aside, long];
   const python = spawnSync(PYTHON, ["-c", "import json, sys; from edgepeft.runtimes.manifest import not_an_export; " +
     "print(json.dumps([str(not_an_export(p)) for p in sys.argv[1:]]))", ...folders], { encoding: "utf8" });
   const escaped = (text) => new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}$`);
@@ -347,4 +349,6 @@ test("a folder that is not an export (its base, an adapter of it, an HF PEFT ada
     await refuses(() => openFolder(ortNode, folders[i]), escaped(said));
     await refuses(() => loadTokenizer(folders[i]), escaped(said));
   }
+  const said = await openFolder(ortNode, long).catch((e) => e.message), fresh = /--out '([^']+)'/.exec(said)[1];
+  assert.ok(Buffer.byteLength(path.basename(fresh)) <= 255 && fresh.endsWith("-onnx"), said);
 });
