@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import shlex
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -158,6 +159,14 @@ def check_output_files(paths: dict) -> list:
     return [None if path is None else os.path.realpath(path) for path in paths.values()]
 
 
+def unexpanded_tilde(path, flag: str) -> str | None:
+    """What to say of a path that starts with a '~' no shell expanded (quoted, after `--out=`, or from Python), where
+    no folder of that name is there: transformers took --model ~/m for a hub id, --out=~/x made a folder named ~."""
+    if str(path).startswith("~") and not os.path.lexists(str(path).split(os.sep)[0]):
+        return f"{path}: '~' is not expanded here; give {flag} the full path, {shlex.quote(os.path.expanduser(path))}"
+    return None
+
+
 def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None:
     """Refuse, before any work, an output folder that is a file or lies where nothing can be written: a temp file is
     made and removed in the nearest folder of the path there (os.access calls /proc or a read-only mount writable:
@@ -169,6 +178,8 @@ def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None
 
     if not os.fspath(path):  # abspath('') is the working folder: makedirs('') failed after the checks
         raise ConfigError(f"{flag} '': an empty path; give {flag} {wants}")
+    if problem := unexpanded_tilde(path, flag):
+        raise ConfigError(problem)
     probe = os.path.abspath(path)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         if os.path.islink(probe):  # a link to what is not there (an unmounted disk): "File exists" from makedirs

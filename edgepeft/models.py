@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import warnings
 
 import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
+from edgepeft.files import unexpanded_tilde
 from edgepeft.hub import hub_unreachable
 from edgepeft.runtimes.access import check_readable, located
 from edgepeft.runtimes.base_checks import ENCODERS
@@ -60,9 +60,8 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
         raise ConfigError(f"{flag} '': an empty path; give {flag} a local model folder (with config.json) or a hub id")
     if not os.path.exists(name) and HUB_ID.fullmatch(name):
         return
-    if name.startswith("~") and not os.path.exists(name):  # transformers takes it as a hub id (a quoted ~, or Python)
-        raise ArtifactNotFoundError(f"{name}: '~' is not expanded here; give {flag} the full path, "
-                                    f"{shlex.quote(os.path.expanduser(name))}")
+    if problem := unexpanded_tilde(name, flag):  # transformers takes it as a hub id (a quoted ~, or Python)
+        raise ArtifactNotFoundError(problem)
     if not (os.path.sep in name or name.startswith(".") or os.path.exists(name)):
         return
     if not os.path.exists(name):

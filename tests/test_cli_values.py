@@ -296,3 +296,21 @@ def test_a_suggested_out_beside_a_long_named_folder_fits_a_file_name(shared_expo
     assert len(os.path.basename(fresh).encode()) <= 255 and fresh.endswith("-onnx"), str(e.value)
     export([str(adapter)], fresh, names=["intent"])  # pasted, it works
     assert Runtime(fresh).adapter_names == ["intent"]
+
+
+def test_an_out_that_starts_with_a_tilde_no_shell_expanded_is_refused(shared_export, tiny_base, tmp_path, monkeypatch):
+    """A paths hunt: `--out=~/x` (bash expands no '~' after '=') made a folder named ~ in the working folder and said
+    "wrote ~/x" (a later `rm -rf ~` is the classic accident); --base and --model were told already."""
+    import edgepeft
+    from edgepeft.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    said = re.escape(f"~/x: '~' is not expanded here; give --out the full path, {os.path.expanduser('~/x')}")
+    with pytest.raises(ConfigError, match=said):
+        export([next(iter(shared_export("bert")[1].values()))], "~/x")
+    with pytest.raises(ConfigError, match=said):
+        edgepeft.train(model=tiny_base("bert"), task="seq-cls", data=str(tmp_path / "d.jsonl"), out="~/x")
+    assert os.listdir(tmp_path) == []
+    os.mkdir("~")  # a folder of that name, made on purpose, is a folder like any other
+    export([next(iter(shared_export("bert")[1].values()))], "~/x")
+    assert os.listdir(tmp_path / "~") == ["x"]
