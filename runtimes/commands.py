@@ -51,6 +51,9 @@ def folder_name_problem(folder: str, name: str) -> str | None:
     return None
 
 
+WINDOWS_DEVICES = re.compile(r"con|prn|aux|nul|com[0-9]|lpt[0-9]", re.IGNORECASE)  # no folder takes these there
+
+
 def export_name_problem(name: str) -> str | None:
     """Why export cannot write an adapter as ``name`` (``OUT/adapters/<name>``), else None: stricter than a load's."""
     if not re.fullmatch(r"[A-Za-z0-9_-]*", name):  # no '.': PyTorch's module names hold the name
@@ -59,12 +62,16 @@ def export_name_problem(name: str) -> str | None:
         return "must start with a letter or digit"
     if len(name) > NAME_LENGTH:
         return f"is longer than {NAME_LENGTH} characters"
+    if WINDOWS_DEVICES.fullmatch(name):  # OUT copied to a Windows device lost that folder (deploy.md's targets)
+        return "is a device's name on Windows, where no folder can take it"
     return name_problem(name)
+
 
 
 def export_name_suggestion(name: str) -> str | None:
     """A name like ``name`` that export takes (None: none is near), for the message that refuses ``name``."""
     mended = re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")[:NAME_LENGTH]
+    mended += "_adapter" * bool(WINDOWS_DEVICES.fullmatch(mended))  # aux: aux_adapter
     return mended if mended and not export_name_problem(mended) else None
 
 

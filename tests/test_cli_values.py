@@ -314,3 +314,20 @@ def test_an_out_that_starts_with_a_tilde_no_shell_expanded_is_refused(shared_exp
     os.mkdir("~")  # a folder of that name, made on purpose, is a folder like any other
     export([next(iter(shared_export("bert")[1].values()))], "~/x")
     assert os.listdir(tmp_path / "~") == ["x"]
+
+
+def test_an_adapter_named_as_a_windows_device_is_refused_with_a_name_that_copies(shared_export, tmp_path):
+    """A paths hunt: an adapter named aux (or CON, nul, com1...) was written as OUT/adapters/aux, a folder no Windows
+    system can hold (deploy.md's targets: OUT copied there lost it), as names differing in case only are refused."""
+    import shutil
+
+    from edgepeft.errors import ConfigError
+
+    adapter = shutil.copytree(next(iter(shared_export("bert")[1].values())), tmp_path / "aux")
+    with pytest.raises(ConfigError, match=r"adapter name 'aux' is a device's name on Windows, where no folder can take "
+                                          r"it; pass --name \(e.g. --name aux_adapter\)$"):
+        export([str(adapter)], str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"'COM1' is a device's name on Windows.*--name COM1_adapter\)$"):
+        export([str(adapter)], str(tmp_path / "out"), names=["COM1"])
+    export([str(adapter)], str(tmp_path / "out"), names=["aux_adapter"])
+    assert Runtime(str(tmp_path / "out")).adapter_names == ["aux_adapter"]

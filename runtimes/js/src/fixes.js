@@ -6,8 +6,9 @@ const NAME_LENGTH = 100;  // as commands.py: OUT/adapters/<name> and its staging
 /** `s` as a POSIX shell reads it back, as Python's shlex.quote: a path with a space was two arguments. */
 export const quote = (s) => s === "" ? "''" : /^[\w@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'"'"'`)}'`;
 
+const DEVICE = /^(con|prn|aux|nul|com[0-9]|lpt[0-9])$/i;  // Windows' devices: no folder takes their names there
 const refused = (name) => !/^[A-Za-z0-9][A-Za-z0-9_-]*$/.test(name) || name.length > NAME_LENGTH ||
-  name.toLowerCase() === "none";
+  name.toLowerCase() === "none" || DEVICE.test(name);
 
 /** Whether loadAdapter takes `name`, as the Python runtime's commands.name_problem: a folder's name in OUT/adapters,
  * not a path ('/', '\\'), no spaces at its ends nor a control character (a typo: " lora" was told to export --name
@@ -22,7 +23,8 @@ export const NAME_RULE = "an adapter's name must be a non-empty string, a folder
 /** `name` as export takes it for OUT/adapters/<name>: itself, else a name like it, else NAME (a load takes more). */
 export function exportedAs(name) {
   if (!refused(name)) return name;
-  const mended = name.replace(/[^A-Za-z0-9_-]/g, "_").replace(/^[_-]+/, "").slice(0, NAME_LENGTH);
+  let mended = name.replace(/[^A-Za-z0-9_-]/g, "_").replace(/^[_-]+/, "").slice(0, NAME_LENGTH);
+  if (DEVICE.test(mended)) mended += "_adapter";  // as Python's export_name_suggestion: aux, aux_adapter
   return mended && !refused(mended) ? mended : "NAME";
 }
 

@@ -332,8 +332,9 @@ test("a folder that is not an export (its base, an adapter of it, an HF PEFT ada
   const llama = path.join(FIXTURES, "llama"), peftAdapter = path.join(scratch, "peft-adapter"), model = path.join(scratch, "model");
   const dotted = path.join(scratch, "my.topic");  // a name export refuses: the command passes --name my_topic
   const long = path.join(scratch, "意图".repeat(42));  // 252 bytes: its --out <folder>-onnx was past a name's 255
+  const device = path.join(scratch, "aux");  // a device's name on Windows: --name aux_adapter
   for (const [folder, file] of [[peftAdapter, "adapter_config.json"], [model, "config.json"], [dotted, "adapter_config.json"],
-    [long, "adapter_config.json"]]) {
+    [long, "adapter_config.json"], [device, "adapter_config.json"]]) {
     await mkdir(folder);
     await writeFile(path.join(folder, file), "{}");  // only the file's name tells what the folder is
   }
@@ -341,7 +342,7 @@ test("a folder that is not an export (its base, an adapter of it, an HF PEFT ada
   const aside = await copied("aside elsewhere");
   await rename(path.join(aside, "base"), path.join(aside, ".old-base-p1h0123abcd-x1"));
   const folders = [path.join(llama, "base"), path.join(llama, "adapters"), path.join(llama, "adapters", "lora"), peftAdapter, model,
-    dotted, aside, long];
+    dotted, aside, long, device];
   const python = spawnSync(PYTHON, ["-c", "import json, sys; from edgepeft.runtimes.manifest import not_an_export; " +
     "print(json.dumps([str(not_an_export(p)) for p in sys.argv[1:]]))", ...folders], { encoding: "utf8" });
   const escaped = (text) => new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}$`);
