@@ -25,6 +25,7 @@ from .values import half_character
 LEFT_BEHIND = re.compile(r"\.(?:(?P<kind>staging|old)-(?P<target>.+)-|tmp-)p(?P<pid>\d+)h(?P<host>[0-9a-f]{8})-[^-]+")
 ADAPTER_MANIFEST = "adapter.json"  # manifest.py's name for it (imported from here)
 REPOINTED = f".{ADAPTER_MANIFEST}.new"
+ADAPTERS_DIR = "adapters"  # OUT/adapters/<name>: one folder per adapter
 
 
 @functools.cache  # the same for the process's life (a fork shares its namespace and boot)
@@ -214,19 +215,30 @@ def link_to_nothing(path: str) -> str | None:
     try:
         os.stat(path)
     except OSError as e:  # not one this process may not follow (permission: check_readable's)
-        if e.errno in (errno.ENOENT, errno.ELOOP) and os.path.islink(path):
-            return f"{path}: is a link to {os.readlink(path)}, which does not exist (or leads back to itself); create " \
-                   "or mount it, or remove the link"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP) and os.path.islink(path):  # the JS runtime's words
+            return f"{path}: is a link to {os.readlink(path)}, which " + (
+                "leads back to itself (a loop of links); remove the link, or make it lead to a folder"
+                if e.errno == errno.ELOOP else "does not exist; create or mount it, or remove the link")
     return None
+
+
+def adapter_dirs(out_dir: str) -> dict:
+    """{name: folder} of the adapters in ``out_dir/adapters``, sorted (a link leading nowhere too, for the read to
+    name); hidden (staging) entries left out. OUT/adapters a link to nothing is named (its adapters left out unsaid)."""
+    adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
+    if problem := link_to_nothing(adapters_dir):
+        raise ArtifactNotFoundError(problem)
+    if not os.path.isdir(adapters_dir):
+        return {}
+    return {name: os.path.join(adapters_dir, name) for name in listed(adapters_dir)
+            if not name.startswith(".") and (os.path.isdir(path := os.path.join(adapters_dir, name))
+                                             or link_to_nothing(path))}
 
 
 def check_readable(path: str) -> None:
     """StorageError where ``path`` (a file, or a folder to list) or a folder above it is there but this process may
-    not read it, ArtifactNotFoundError where it is a link to nothing; nothing where it is readable or missing (the
-    caller says what is missing). Called where a read failed or found nothing: os.access can say no where a read
-    would succeed (capabilities, ACLs)."""
-    if problem := link_to_nothing(path):  # "not an exported adapter; remove it if it is a stray folder"
-        raise ArtifactNotFoundError(problem)
+    not read it; nothing where it is readable or missing (the caller says what is missing). Called where a read
+    failed or found nothing: os.access can say no where a read would succeed (capabilities, ACLs)."""
     real = os.path.realpath(path)
     if real != os.path.abspath(path):  # a link: where it leads is read too
         check_readable(real)

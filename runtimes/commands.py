@@ -6,7 +6,7 @@ import os
 import re
 from shlex import quote
 
-from .access import REPOINTED, folder_name
+from .access import ADAPTERS_DIR, REPOINTED, folder_name
 
 
 def export_command(adapter: str = "DIR", out: str = "OUT", *flags: str) -> str:
@@ -24,7 +24,6 @@ def fresh_out(path: str) -> str:
 
 # a damaged base (a device's copy, or the export): no export into OUT mends it
 REEXPORT_BASE = "copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder"
-ADAPTERS_DIR = "adapters"  # OUT/adapters/<name>: one folder per adapter
 NAME_LENGTH = 100  # OUT/adapters/<name>, and the export's staging folder beside it, within a file name's 255 bytes
 
 

@@ -53,8 +53,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from .access import (ADAPTER_MANIFEST, STOPPED, aside_elsewhere, check_readable, link_to_nothing, listed, moved_aside,
-                     present, read_json, sha256_bytes)
+from .access import (ADAPTER_MANIFEST, STOPPED, adapter_dirs, aside_elsewhere, check_readable, link_to_nothing, listed,
+                     moved_aside, present, read_json, sha256_bytes)
 from .base_checks import TOKEN_TYPES, base_value_errors
 from .commands import ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, exported_name, fresh_out
 from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError
@@ -266,6 +266,8 @@ def not_an_export(path: str, then=lambda out, name: f"open {out} and pick adapte
         out = fresh_out(path)
         return ArtifactNotFoundError(f"{path}: is a model folder, not an export; export an adapter trained on it "
                                      f"with {export_command('DIR', out)}, then use {out}")
+    if problem := link_to_nothing(path) or link_to_nothing(os.path.join(path, BASE_DIR)):  # "run export first" failed
+        return ArtifactNotFoundError(problem)
     if not os.path.lexists(path):  # a typo: say so before what an export there would need
         return ArtifactNotFoundError(f"{path}: no such folder; give the folder `edgepeft export --out` wrote, or "
                                      f"export there first: {export_command('DIR', path)}")
@@ -339,6 +341,8 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
                                     f"export it first with {export_command(adapter_dir)}, "
                                     "then load its folder in OUT/adapters/")
     if not os.path.isfile(path) and not os.path.isfile(os.path.join(adapter_dir, ADAPTER_GRAPH)):
+        if problem := link_to_nothing(adapter_dir):  # a disk not mounted: not a stray folder to remove
+            raise ArtifactNotFoundError(problem)
         check_readable(adapter_dir)  # a folder one may not list looks empty: "remove it" below would be wrong
         raise ArtifactNotFoundError(f"{adapter_dir}: not an exported adapter (no {ADAPTER_MANIFEST}, no {ADAPTER_GRAPH}); "
                                     "remove it if it is a stray folder, or pass a folder of OUT/adapters/ made by "
@@ -387,14 +391,3 @@ def check_adapter_graph(adapter_dir: str, manifest: dict, most: int) -> bytes:
         raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); "
                                    "re-export the adapter")
     return data
-
-
-def adapter_dirs(out_dir: str) -> dict:
-    """{name: folder} of the adapters in ``out_dir/adapters``, sorted (a link leading nowhere too, for the read to
-    name); hidden (staging) entries left out."""
-    adapters_dir = os.path.join(out_dir, ADAPTERS_DIR)
-    if not os.path.isdir(adapters_dir):
-        return {}
-    return {name: os.path.join(adapters_dir, name) for name in listed(adapters_dir)
-            if not name.startswith(".") and (os.path.isdir(path := os.path.join(adapters_dir, name))
-                                             or link_to_nothing(path))}

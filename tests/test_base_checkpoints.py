@@ -138,3 +138,13 @@ def test_a_config_json_that_does_not_fit_its_weights_is_refused(tiny_base, tmp_p
                        r"\.\d+\.mlp\.\w+_proj\.weight is \[\d+, \d+\] there, \[\d+, \d+\] by config.json; \d+ such "
                        r"weight\(s\)\); use the config.json saved with these weights"):
         load_base(str(folder), task, labels=labels)
+
+
+def test_a_weights_file_linked_to_a_blob_that_is_gone_is_told_to_download_again(tiny_base, tmp_path):
+    """A review: an HF cache snapshot whose weights blob is gone (the file a link to nothing) was told "create or mount
+    it, or remove the link" once a link to nothing was named so: removing it loads nothing; downloading again does."""
+    base = shutil.copytree(tiny_base("bert"), tmp_path / "snapshot")
+    os.remove(base / "model.safetensors")
+    os.symlink("../../blobs/0123abcd", base / "model.safetensors")
+    with pytest.raises(ArtifactNotFoundError, match=r"cannot load the base model .*download them again"):
+        load_base(str(base), "seq-cls", labels=["a", "b"])

@@ -8,6 +8,7 @@ calls run as another user (os.seteuid), in a world-readable scratch folder, with
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -169,8 +170,9 @@ def test_a_link_to_nothing_in_out_adapters_is_named_not_left_out(shared_export, 
     adapter = next(iter(shared_export("bert")[1].values()))
     ghost = os.path.join(out, "adapters", "ghost")
     os.symlink(tmp_path / "not-mounted" if leads == "nowhere" else ghost, ghost)
-    said = f"{ghost}: is a link to {os.readlink(ghost)}, which does not exist (or leads back to itself); create or " \
-           "mount it, or remove the link"
+    said = f"{ghost}: is a link to {os.readlink(ghost)}, which " + (
+        "does not exist; create or mount it, or remove the link" if leads == "nowhere" else
+        "leads back to itself (a loop of links); remove the link, or make it lead to a folder")  # the JS runtime's words
     with pytest.raises(ArtifactNotFoundError) as e:
         Runtime(str(out))
     assert str(e.value) == said and describe_export(str(out))["problems"] == [said]
@@ -182,3 +184,9 @@ def test_a_link_to_nothing_in_out_adapters_is_named_not_left_out(shared_export, 
     os.unlink(ghost)
     export([adapter], str(out), names=["ghost"])
     assert "ghost" in Runtime(str(out)).adapter_names
+    for link in (os.path.join(out, "adapters"), str(out)):  # OUT/adapters, or OUT itself, so: its adapters were left
+        shutil.rmtree(os.path.realpath(link))  # out unsaid, or "run export first", which fails
+        os.symlink(tmp_path / "not-mounted" if leads == "nowhere" else link, link)
+        said = f"{link}: is a link to {os.readlink(link)}, which " + said.split(", which ", 1)[1]
+        with pytest.raises(ArtifactNotFoundError, match=re.escape(said) + "$"):
+            Runtime(str(out))
