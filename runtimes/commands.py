@@ -37,7 +37,7 @@ def name_problem(name, folder: bool = False) -> str | None:
         return "must not be blank"
     if name.lower() == "none":  # a folder named None ran the base model at `edgepeft run --adapter None`
         return "means the base model at the command line (--adapter none)"
-    if folder and (name != name.strip() or name.startswith(".") or re.search(r"[/\\\x00-\x1f\x7f]", name)):
+    if folder and (name != name.strip() or name.startswith(".") or re.search(r"[/\\\x00-\x1f\x7f-\x9f\ufeff]", name)):
         return "must be a folder's name that is not hidden (no '.' first), with no '/' or '\\', control character " \
                "or spaces at its ends"
     return None

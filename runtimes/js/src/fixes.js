@@ -14,7 +14,7 @@ const refused = (name) => !/^[A-Za-z0-9][A-Za-z0-9_-]*$/.test(name) || name.leng
  * not a path ('/', '\\'), no spaces at its ends nor a control character (a typo: " lora" was told to export --name
  * lora, which OUT holds), no '.' first (a hidden folder, as an export's .staging-NAME-...: Python's Runtime leaves
  * those out). */
-export const adapterName = (name) => typeof name === "string" && name.trim() === name && !/^$|^\.|[/\\\0-\x1f\x7f]/.test(name) &&
+export const adapterName = (name) => typeof name === "string" && name.trim() === name && !/^$|^\.|[/\\\0-\x1f\x7f-\x9f\ufeff]/.test(name) &&
   name.toLowerCase() !== "none";  // the base model at the command line: Python's Runtime(OUT) refuses such a folder
 export const NAME_RULE = "an adapter's name must be a non-empty string, a folder's name in OUT/adapters (no path) " +
   "that is not hidden (no '.' first) nor none (the base model at the command line), with no control character and " +

@@ -14,6 +14,7 @@ import { fileURLToPath } from "node:url";
 import * as ortNode from "onnxruntime-node";
 import * as ortWeb from "onnxruntime-web";
 
+import { adapterName } from "../src/fixes.js";
 import { EdgePeftError } from "../src/runtime.js";
 import { loadTokenizer, openFolder } from "../src/node.js";
 import { sha256Plain } from "../src/sha256.js";
@@ -352,4 +353,14 @@ test("a folder that is not an export (its base, an adapter of it, an HF PEFT ada
   }
   const said = await openFolder(ortNode, long).catch((e) => e.message), fresh = /--out '([^']+)'/.exec(said)[1];
   assert.ok(Buffer.byteLength(path.basename(fresh)) <= 255 && fresh.endsWith("-onnx"), said);
+});
+
+test("a folder's name is an adapter's in both runtimes or in neither (Python's name_problem, fixes.js adapterName)", () => {
+  // a review: Python's strip() and JS's trim() differ (NEL, BOM): "lora\u0085" was Python's refusal, "\ufefflora" JS's
+  const names = ["lora", "lora ", " lora", "lo ra", ".lora", "lo.ra", "team/lora", "team\\lora", "lo\u0000ra", "lora\u007f",
+    "lora\u0085", "\ufefflora", "lo\ufeffra", "lora\u00a0", "\u2028lora", "lora\u3000", "none", "None", "", "   ", "意图"];
+  const python = spawnSync(PYTHON, ["-c", "import json, sys; from edgepeft.runtimes.commands import name_problem; " +
+    "print(json.dumps([name_problem(n, folder=True) is None for n in json.load(sys.stdin)]))"],
+  { encoding: "utf8", input: JSON.stringify(names) });
+  assert.deepEqual(names.map(adapterName), JSON.parse(python.stdout), python.stderr);
 });
