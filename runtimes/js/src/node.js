@@ -213,10 +213,10 @@ function located(out) {
 }
 
 /** `file` made absolute with its links resolved, as Python's os.path.realpath (not strict): name by name, each link
- * where it is there; a name that is not there (or a link loop) kept as written, and a ".." after it drops it. Node's
- * realpath throws where the whole path is not there (path.resolve's text was taken: "LINK/../OUT" with no OUT beside
- * the link's target opened the OUT beside the link). */
-function realpath(file) {
+ * where it is there (a link to nothing too); a name that is not there (or a loop of links) kept as written, and a ".."
+ * after it drops it. Node's realpath throws where the whole path is not there (path.resolve's text was taken:
+ * "LINK/../OUT" with no OUT beside the link's target opened the OUT beside the link). */
+function realpath(file, depth = 0) {
   const root = path.isAbsolute(file) ? path.parse(file).root : "";
   let real = root || process.cwd();  // the system's working folder: its links resolved
   for (const name of file.slice(root.length).split(path.sep === "/" ? "/" : /[\\/]/)) {
@@ -226,8 +226,10 @@ function realpath(file) {
       try {
         real = realpathSync.native(next);  // links resolved in order
       } catch {
-        real = next;  // not there, a loop or a file's "child": as written
-      }
+        let target = null;  // a link to nothing (a disk not mounted) is followed, as Python's realpath follows it
+        try { target = depth < 40 ? readlinkSync(next) : null; } catch {}
+        real = target === null ? next : realpath(path.resolve(real, target), depth + 1);  // else as written: not there,
+      }  // a loop past 40 links, or a file's "child"
     }
   }
   return real;

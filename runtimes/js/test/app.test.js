@@ -53,6 +53,10 @@ test("OUT given as LINK/../out where the system finds nothing is refused, naming
   await symlink(target, path.join(home, "cur"));  // cur/.. is releases/v2, which holds no out (ls cur/../out fails)
   const missing = path.join(home, "releases", "v2", "out", "base", "edgepeft.json");
   await assert.rejects(openFolder(ortNode, `${home}/cur/../out`), (e) => e.message.startsWith(`${missing}: no such file`));
+  // a review: a link to nothing (a disk not mounted) on the way is followed too, as Python's realpath follows it
+  await symlink(path.join(home, "mnt", "v3", "current"), path.join(home, "gone"));
+  const unmounted = path.join(home, "mnt", "v3", "out", "base", "edgepeft.json");
+  await assert.rejects(openFolder(ortNode, `${home}/gone/../out`), (e) => e.message.startsWith(`${unmounted}: no such file`));
 });
 
 test("release frees the base session; later calls are refused, not run", async () => {
