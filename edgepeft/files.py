@@ -189,7 +189,8 @@ def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None
     if not os.path.isdir(probe):
         raise ConfigError(f"{probe}: is a file, not a folder; give {flag} {wants}")
     if not os.access(probe, os.W_OK | os.X_OK):  # chmod cannot mend a read-only file system (a mount, a snapshot)
-        why = "a read-only file system" if os.statvfs(probe).f_flag & os.ST_RDONLY else "permission denied"
+        read_only = hasattr(os, "statvfs") and os.statvfs(probe).f_flag & os.ST_RDONLY  # none on Windows
+        why = "a read-only file system" if read_only else "permission denied"
         raise ConfigError(f"{probe}: cannot write here ({why}); give {flag} another folder"
                           + " or fix its permissions" * (why == "permission denied"))
     try:
