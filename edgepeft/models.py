@@ -65,8 +65,7 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
     if not (os.path.sep in name or name.startswith(".") or os.path.exists(name)):
         return
     if not os.path.exists(name):
-        raise ArtifactNotFoundError(f"{name}: no such folder; give {flag} a local model folder (with config.json) "
-                                    "or a hub id")
+        raise ArtifactNotFoundError(f"{name}: no such folder; give {flag} a local model folder (with config.json) or a hub id")
     located(name)  # a name not UTF-8: safetensors and tokenizers read none ("download the weights again" did not mend)
     if os.path.isfile(os.path.join(name, "adapter_config.json")):
         raise ArtifactNotFoundError(f"{name}: is an adapter folder, not a model; give {flag} the base model it was "
@@ -109,9 +108,8 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
         fix = (f"its config.json is damaged: save the model again (save_pretrained), or pass {flag} another folder"
                if os.path.isfile(local) else f"pass {flag} with a local model folder (with config.json)")
         reason = f"{offline} is unreachable from here, no copy in the hub cache" if offline else first_line(e)
-        raise ArtifactNotFoundError(
-            f"{model_label(name_or_path, revision)}: cannot load the base model's config ({reason}); "
-            f"{fix}") from None
+        raise ArtifactNotFoundError(f"{model_label(name_or_path, revision)}: cannot load the base model's config "
+                                    f"({reason}); {fix}") from None
 
 
 def unsupported_type(model_type: str, where: str) -> UnsupportedModelError:
@@ -143,8 +141,7 @@ def _weights_files(folder: str) -> list[str]:
         entries = sorted(os.listdir(folder))
     except OSError:  # check_readable names it
         entries = []
-    weights = [e for e in entries if e.startswith(("model", "pytorch_model")) and e.endswith((".safetensors", ".bin",
-                                                                                               ".index.json"))]
+    weights = [e for e in entries if e.startswith(("model", "pytorch_model")) and e.endswith((".safetensors", ".bin", ".index.json"))]
     return [folder, *(os.path.join(folder, e) for e in [*weights, "config.json", "generation_config.json"]
                       if e in entries)]
 
@@ -189,12 +186,12 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
     """Load the frozen base for ``task`` in float32, eval mode, SDPA attention.
 
     Heads the checkpoint lacks (a classifier) are initialised from ``seed`` (training's ``--seed``, as transformers'
-    run_glue seeds before the load) so the same base loads to the same weights every time; ``model.edgepeft_made_heads`` names the
-    head modules made so (the export records an untrained base head, and leaves it out of the fingerprint).
-    ``labels`` (seq-cls) sizes the classifier for those classes and names them in the config. ``revision``: see
-    ``load_model_config``; ``config``: its result when the caller has it already (not looked up again for the
-    checks here; transformers' own load reads config.json itself). ``flag``: the option that named the model
-    (``--model`` when training), for the messages. ``checked=False``: the export's checks skipped (weights compared).
+    run_glue seeds before the load; the caller's generator left as it was) so the same base loads to the same weights
+    every time; ``model.edgepeft_made_heads`` names the head modules made so (the export records an untrained base
+    head, and leaves it out of the fingerprint). ``labels`` (seq-cls) sizes the classifier for those classes and names
+    them in the config. ``revision``: see ``load_model_config``; ``config``: its result when the caller has it already
+    (not looked up again for the checks here; transformers' own load reads config.json itself). ``flag``: the option
+    that named the model (``--model`` when training). ``checked=False``: the export's checks skipped (weights compared).
     """
     from optimum.exporters.tasks import TasksManager
     from safetensors import SafetensorError
