@@ -298,7 +298,8 @@ def stage_base(plan: ExportPlan, slots: list, reuse: bool, staging: Staging) -> 
     found = {d: _sibling(d, name in replaced) for name, d in adapter_dirs(plan.out).items()} if made_for else {}
     plan.siblings = {d: m for d, m in found.items() if m is not None and m["base_fingerprint"] == made_for}
     for d in plan.siblings:  # each gets its manifest rewritten after the base is replaced: writable, checked now
-        check_output_dir(d, "--out")
+        if not os.path.islink(d):  # a link's is only read: a copy takes its place (staged_repointing)
+            check_output_dir(d, "--out")
     stage = staging.new(plan.out, "base")
     plan.log(f"exporting base with {len(slots)} slots to {plan.base_dir}")
     trace_base(plan.model, slots, plan.task, stage, plan.source, plan.weights_fp,
