@@ -138,6 +138,8 @@ def check_output_file(path: str, flag: str) -> None:
 
     if not path:
         raise ConfigError(f"{flag} '': an empty path; give {flag} a file path")
+    if problem := unexpanded_tilde(path, flag):  # bench --json=~/r.json
+        raise ConfigError(problem)
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ConfigError(f"{path}: is a folder; give {flag} a file path")
     if os.path.lexists(path) and not os.path.isfile(path):

@@ -303,6 +303,7 @@ def test_an_out_that_starts_with_a_tilde_no_shell_expanded_is_refused(shared_exp
     "wrote ~/x" (a later `rm -rf ~` is the classic accident); --base and --model were told already."""
     import edgepeft
     from edgepeft.errors import ConfigError
+    from edgepeft.files import check_output_files
 
     monkeypatch.chdir(tmp_path)
     said = re.escape(f"~/x: '~' is not expanded here; give --out the full path, {os.path.expanduser('~/x')}")
@@ -310,6 +311,8 @@ def test_an_out_that_starts_with_a_tilde_no_shell_expanded_is_refused(shared_exp
         export([next(iter(shared_export("bert")[1].values()))], "~/x")
     with pytest.raises(ConfigError, match=said):
         edgepeft.train(model=tiny_base("bert"), task="seq-cls", data=str(tmp_path / "d.jsonl"), out="~/x")
+    with pytest.raises(ConfigError, match=said.replace("\\-\\-out", "\\-\\-json")):  # bench --json=~/x, --plot alike
+        check_output_files({"--json": "~/x"})
     assert os.listdir(tmp_path) == []
     os.mkdir("~")  # a folder of that name, made on purpose, is a folder like any other
     export([next(iter(shared_export("bert")[1].values()))], "~/x")
