@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 
@@ -50,6 +51,22 @@ def test_a_resume_refusal_names_the_task_before_its_cut_and_a_setting_not_given_
     check_resumable({"args": made}, "ck", dict(made, options={"r": 8, "lora_alpha": 8.0}), 1)  # LoRA's defaults
     check_resumable({"args": dict(made, method="prompt")}, "ck",
                     dict(made, method="prompt", options={"num_virtual_tokens": 8}), 1)  # training's default
+
+
+def test_a_project_moved_or_copied_whole_resumes_and_a_model_moved_alone_is_named(tmp_path):
+    """A hunt: the resume command printed at Ctrl-C, pasted in a project moved (mv proj, an rsync to a GPU machine),
+    was refused for --data and --model given at their new paths, "resume with the same settings": they are gone.
+    The rows are compared by their digests; a model as far from OUT as it was is the project's, moved with it."""
+    made = {"task": "seq-cls", "method": "lora", "options": {}, "eval_data": None, "model": "/old/proj/bert",
+            "data": "/old/proj/d.jsonl", "out": "/old/proj/out"}
+    moved = {k: v.replace("/old/", "/new/") if isinstance(v, str) else v for k, v in made.items()}
+    check_resumable({"args": made, "log": {"data_sha256": "abc"}}, "ck", moved, 1)
+    with pytest.raises(ConfigError, match=r"^ck: was made with data='/old/proj/d.jsonl', this run has data="):
+        check_resumable({"args": made, "log": {}}, "ck", moved, 1)  # a checkpoint from before the digests
+    with pytest.raises(ConfigError, match=re.escape("ck: was made with model='/old/proj/bert', this run has model="
+                                                    "'/elsewhere/bert'; resume with the same settings (a model folder "
+                                                    "moved since: put it back there, or link that path to it) or")):
+        check_resumable({"args": made, "log": {"data_sha256": "abc"}}, "ck", dict(moved, model="/elsewhere/bert"), 1)
 
 
 def test_a_run_that_diverged_after_a_checkpoint_says_start_over(text_model, tmp_path, capsys, monkeypatch):

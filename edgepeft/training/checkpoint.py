@@ -77,9 +77,15 @@ def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> N
     """Refuse to resume a checkpoint made with other settings (the first that differs named as a flag or option, one
     the user gave before those that follow from it) or by another number of processes (torchrun): the data each takes
     and the steps per epoch follow it."""
-    old, new = state["args"], settings
-    # not --out: the checkpoint is found in it, and a folder moved or copied (mv out renamed) resumes
-    changed = sorted((k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "out"),
+    old, new, log = state["args"], settings, state.get("log", {})
+    # not --out: the checkpoint is found in it, and a folder moved or copied (mv out renamed) resumes; nor --data and
+    # --eval where the log holds their rows' digests, which check_same_data compares: a project moved or copied resumes
+    same = {k for k, digest in (("data", "data_sha256"), ("eval_data", "eval_sha256"))
+            if digest in log and (old.get(k) is None) == (new.get(k) is None)}
+    if all(isinstance(s.get(k), str) and os.path.isabs(s[k]) for s in (old, new) for k in ("model", "out")) and \
+            os.path.relpath(old["model"], old["out"]) == os.path.relpath(new["model"], new["out"]):
+        same.add("model")  # a model folder as far from OUT as it was: the project moved or copied whole
+    changed = sorted((k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "out" and k not in same),
                      key=lambda k: (k in FOLLOWING, k))  # --method ia3 named, not the rate that follows from it
     if changed[:1] == ["options"]:  # the same method: its option that differs, each as it resolves
         defaults = option_defaults(new["method"])
@@ -88,8 +94,10 @@ def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> N
         changed, old, new = ([option], a, b) if option is not None else (changed[1:], old, new)
     if changed:
         k = changed[0]
+        moved = " (a model folder moved since: put it back there, or link that path to it)" * (
+            k == "model" and isinstance(old.get(k), str) and not os.path.lexists(old[k]))
         raise ConfigError(f"{ckpt}: was made with {_setting(k, old)}, this run has {_setting(k, new)}; resume with "
-                          "the same settings or start over with --overwrite")
+                          f"the same settings{moved} or start over with --overwrite")
     made = state.get("log", {}).get("world_size", 1)
     if made != processes:
         raise ConfigError(f"{ckpt}: was made by {made} training process(es), this run has {processes}; resume "
