@@ -196,7 +196,8 @@ def test_base_given_holds_one_recorded_base_at_a_time(two_outs, tmp_path, monkey
     source = str(root / "base-other-head")
     model = real(source, "causal-lm")
     monkeypatch.setattr(resolve, "load_base", load)
-    resolve._check_recorded_bases(resolve._read_sources(dirs, ["one", "two"]), source, model, "causal-lm")
+    resolve._check_recorded_bases(resolve._read_sources(dirs, ["one", "two"], str(tmp_path / "out")), source, model,
+                                  "causal-lm")
     assert held == [0, 0], held  # when "two" loads, "one" is gone
 
 
