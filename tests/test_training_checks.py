@@ -444,3 +444,23 @@ def test_training_in_an_app_that_turned_gradients_off_trains_as_elsewhere(text_m
         weights = load_file(str(tmp_path / name / "adapter_model.safetensors"))
         assert weights.keys() == plain.keys() and all(torch.equal(weights[k], plain[k]) for k in plain), name
     assert torch.is_grad_enabled()
+
+
+def test_a_model_and_out_given_through_link_dotdot_are_where_the_system_reads_them(text_model, tmp_path, monkeypatch):
+    """A training-paths hunt: --model LINK/.. loaded the link target's parent (transformers reads the path as the
+    system does) but adapter_config.json recorded the folder the text goes up to, which export then loaded as the
+    base ("ok", another model's weights); --out LINK/.. put temp files and a stray folder in the text's folder (on
+    another file system: "Invalid cross-device link" after the first epoch)."""
+    model = shutil.copytree(text_model("bert"), tmp_path / "models" / "bert")
+    os.makedirs(model / "snapshots")
+    os.makedirs(tmp_path / "runs" / "2024" / "latest")
+    work = tmp_path / "work"
+    os.makedirs(work)
+    os.symlink(model / "snapshots", work / "model")
+    os.symlink(tmp_path / "runs" / "2024" / "latest", work / "run")
+    monkeypatch.chdir(work)
+    train(model="model/..", task="seq-cls", data=write_lines(tmp_path / "d.jsonl", seq_cls_rows(8)), out="run/../adapter",
+          epochs=1, progress=False)
+    with open(tmp_path / "runs" / "2024" / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == str(model)
+    assert sorted(os.listdir(work)) == ["model", "run"]  # no adapter/ (nor its staging folders) where the text leads

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from edgepeft.config import TASK_TYPES
 from edgepeft.errors import ConfigError
 from edgepeft.files import check_output_dir, plain
+from edgepeft.runtimes.access import located
 from edgepeft.runtimes.values import is_number, is_whole, switch
 
 # Settings that may change when resuming (everything else must match the checkpoint).
@@ -61,6 +62,9 @@ class TrainingArguments:
                 raise ConfigError(f"{name} must be a path (a string), got {type(getattr(self, name)).__name__}; give "
                                   + ("a local model folder or a hub id" if name == "model" else "a file's path"
                                      if name != "out" else "the adapter folder to write"))
+        for name in ("model", "out"):  # 'LINK/..' where the system (transformers) reads it: the base the adapter
+            if (where := located(getattr(self, name))) != os.path.abspath(getattr(self, name)):  # records, its files'
+                setattr(self, name, where)  # folder (temp files went to the text's, "Invalid cross-device link")
         for name in ("resume", "overwrite", "progress"):  # "false" read as true: an adapter replaced
             setattr(self, name, switch(getattr(self, name), name))
         if self.task not in TASK_TYPES.values():
