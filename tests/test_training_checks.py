@@ -464,3 +464,16 @@ def test_a_model_and_out_given_through_link_dotdot_are_where_the_system_reads_th
     with open(tmp_path / "runs" / "2024" / "adapter" / "adapter_config.json") as f:
         assert json.load(f)["base_model_name_or_path"] == str(model)
     assert sorted(os.listdir(work)) == ["model", "run"]  # no adapter/ (nor its staging folders) where the text leads
+
+
+def test_an_out_inside_another_runs_checkpoint_is_refused(text_model, tmp_path):
+    """A training-paths hunt: --out A/checkpoint (or a folder in it) trained and said ok; A's next save (--resume)
+    replaced its checkpoint folder whole, and that run's adapter with it, unsaid."""
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
+    train(model=text_model("bert"), task="seq-cls", data=data, out=str(tmp_path / "a"), epochs=1, progress=False)
+    before = sorted(os.listdir(tmp_path / "a" / "checkpoint"))
+    for out in (tmp_path / "a" / "checkpoint", tmp_path / "a" / "checkpoint" / "b"):
+        with pytest.raises(ConfigError, match=f"^{out}: lies in {tmp_path / 'a' / 'checkpoint'}, the checkpoint of the "
+                                              "run in .*; give --out a folder of its own$"):
+            train(model=text_model("bert"), task="seq-cls", data=data, out=str(out), epochs=1, progress=False)
+    assert sorted(os.listdir(tmp_path / "a" / "checkpoint")) == before

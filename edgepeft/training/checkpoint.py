@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
 import random
 import shutil
 import time
@@ -243,6 +244,10 @@ def check_out_folder(out: str, model: str) -> None:
     if (export := enclosing_export(real)) is not None:
         raise ConfigError(f"{out}: lies inside the export {export}, whose folders exports replace; give --out a "
                           "folder outside it (then `edgepeft export --adapter` it into the export)")
+    for folder in [real, *map(str, pathlib.Path(real).parents)]:  # a run's checkpoint: its next save replaces it
+        if os.path.basename(folder) == CHECKPOINT and os.path.isfile(os.path.join(folder, STATE)):
+            raise ConfigError(f"{out}: lies in {folder}, the checkpoint of the run in {os.path.dirname(folder)}, which "
+                              "its next save (--resume) replaces whole; give --out a folder of its own")
 
 
 def no_checkpoint(out: str) -> ConfigError:
