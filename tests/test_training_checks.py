@@ -477,3 +477,19 @@ def test_an_out_inside_another_runs_checkpoint_is_refused(text_model, tmp_path):
                                               "run in .*; give --out a folder of its own$"):
             train(model=text_model("bert"), task="seq-cls", data=data, out=str(out), epochs=1, progress=False)
     assert sorted(os.listdir(tmp_path / "a" / "checkpoint")) == before
+
+
+def test_one_pipe_given_as_data_and_eval_is_read_once(text_model, tmp_path):
+    """A training-paths hunt: --data /dev/stdin --eval /dev/stdin said "/dev/stdin: no rows" (they came, for --data),
+    and one FIFO given twice waited for a second writer for ever: a file given as both is read once."""
+    import subprocess
+    import sys
+
+    rows = "".join(json.dumps(r) + "\n" for r in seq_cls_rows(8))
+    argv = train_argv(text_model("bert"), "/dev/stdin", str(tmp_path / "out"), "--eval", "/dev/stdin")
+    done = subprocess.run([sys.executable, "-m", "edgepeft", *argv], input=rows, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "out" / "training_log.json") as f:
+        log = json.load(f)
+    assert log["train_examples"] == log["eval_examples"] == 8

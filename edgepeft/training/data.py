@@ -67,6 +67,17 @@ def _other_fields(task: str) -> dict:
     return {k: t for t, shapes in FIELDS.items() for shape in shapes for k in shape if k not in used}
 
 
+def read_data(data: str, eval_data: str | None, task: str) -> tuple[Rows, Rows | None]:
+    """The rows of --data and of --eval (None where not given); one file given as both is read once (one pipe given
+    twice: /dev/stdin's rows came for --data, and --eval found none; a FIFO waited for a second writer for ever)."""
+    rows = read_jsonl(data, task)
+    try:
+        same = bool(eval_data) and os.path.samefile(data, eval_data)
+    except OSError:  # read_jsonl names what is missing
+        same = False
+    return rows, copy.deepcopy(rows) if same else read_jsonl(eval_data, task) if eval_data else None
+
+
 def read_jsonl(path: str, task: str) -> Rows:
     """The rows of ``path``, each checked against the task's fields (blank lines skipped), read once (a pipe too)."""
     path = str(path)

@@ -32,7 +32,7 @@ from edgepeft.training.checkpoint import (
     RUN_FILES, STATE, no_checkpoint, read_checkpoint, removed_earlier_run, replica_checksums, restore, save_adapter,
     save_checkpoint)
 from edgepeft.training.data import (
-    IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_jsonl, replaced_head_note,
+    IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_data, replaced_head_note,
     rows_digest, scores_relevance)
 from edgepeft.training.optimizer import make_optimizer
 from edgepeft.training.pooling import embedding_settings, last_real_token_pooled, retrieval_loss
@@ -68,8 +68,7 @@ class Trainer:
     def _data(self, method):
         """``method``: the adapter's config (its virtual tokens take positions too)."""
         args = self.args
-        rows = read_jsonl(args.data, args.task)
-        eval_rows = read_jsonl(args.eval_data, args.task) if args.eval_data else None
+        rows, eval_rows = read_data(args.data, args.eval_data, args.task)
         hard = bool(rows) and "negatives" in rows[0]  # hard negatives: a pair alone still has some
         for path, read, scored in ((args.data, rows, "in-batch negatives score"),  # a pair alone: a loss of 0
                                    (args.eval_data, eval_rows, "retrieval scores")):  # a pair alone: 0 or 1.0
