@@ -67,6 +67,11 @@ def test_a_project_moved_or_copied_whole_resumes_and_a_model_moved_alone_is_name
                                                     "'/elsewhere/bert'; resume with the same settings (a model folder "
                                                     "moved since: put it back there, or link that path to it) or")):
         check_resumable({"args": made, "log": {"data_sha256": "abc"}}, "ck", dict(moved, model="/elsewhere/bert"), 1)
+    # a hunt across versions: a setting an earlier edgepeft did not record was "made with no --head-lr", which no
+    # flag gives, and --head-lr 0.01 typed out was refused the same
+    with pytest.raises(ConfigError, match=r"^ck: was made by an earlier edgepeft, which recorded no head_lr; start over "
+                                          r"with --overwrite$"):
+        check_resumable({"args": made, "log": {"data_sha256": "abc"}}, "ck", dict(moved, head_lr=0.01), 1)
 
 
 def test_a_run_that_diverged_after_a_checkpoint_says_start_over(text_model, tmp_path, capsys, monkeypatch):

@@ -93,6 +93,9 @@ def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> N
         a, b = ({**defaults, **(s.get("options") or {})} for s in (old, new))
         option = next((o for o in sorted(set(a) | set(b)) if a.get(o) != b.get(o)), None)  # None: --r 8, LoRA's r
         changed, old, new = ([option], a, b) if option is not None else (changed[1:], old, new)
+    if changed and changed[0] not in old and changed[0] != "options":  # "was made with no --head-lr": no flag says so
+        raise ConfigError(f"{ckpt}: was made by an earlier edgepeft, which recorded no {changed[0]}; start over with "
+                          "--overwrite")
     if changed:
         k = changed[0]
         moved = " (a model folder moved since: put it back there, or link that path to it)" * (
