@@ -335,3 +335,12 @@ def read_text(path: str, fix: str) -> str:
     except (OSError, UnicodeDecodeError) as e:
         check_readable(path)
         raise CorruptArtifactError(f"{path}: cannot read it ({e}); {fix}") from None
+
+
+def older_export(base_dir: str, manifest: dict, field: str, what: str) -> None:
+    """ConfigError where ``manifest`` predates ``field`` (an earlier edgepeft recorded none; ``what``: what follows from
+    it), read as if it held a default: a call would answer otherwise than the model does (a hunt of earlier exports:
+    generate ignored generation_config.json, a multi-label classifier was scored by softmax), unsaid."""
+    if field not in manifest:
+        raise ConfigError(f"{base_dir}: was written by an earlier edgepeft, whose manifest records no {field} ({what}); "
+                          f"export every adapter into a fresh --out folder")

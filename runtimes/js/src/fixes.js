@@ -1,6 +1,8 @@
 // The fixes messages give for an export's adapter folders, in the Python runtime's words (runtimes/commands.py
 // folder_fix, export_name_problem, exported_as, pairs_fix): export commands that work when pasted into a shell.
 
+import { EdgePeftError } from "./checks.js";
+
 const NAME_LENGTH = 100;  // as commands.py: OUT/adapters/<name> and its staging folder within a file name's 255 bytes
 
 /** `s` as a POSIX shell reads it back, as Python's shlex.quote: a path with a space was two arguments. */
@@ -19,6 +21,15 @@ export const adapterName = (name) => typeof name === "string" && name.trim() ===
 export const NAME_RULE = "an adapter's name must be a non-empty string, a folder's name in OUT/adapters (no path) " +
   "that is not hidden (no '.' first) nor none (the base model at the command line), with no control character and " +
   "no spaces at its ends";
+
+/** Refuses where `manifest` (of the base folder `where`) predates `field`, which an earlier edgepeft did not record
+ * (`what`: what follows from it): read as a default, a call answered otherwise than the model (Python's older_export). */
+export function olderExport(where, manifest, field, what) {
+  if (!(field in manifest)) {
+    throw new EdgePeftError(`${where}: was written by an earlier edgepeft, whose manifest records no ${field} (${what}); ` +
+      "export every adapter into a fresh --out folder");
+  }
+}
 
 /** `name` as export takes it for OUT/adapters/<name>: itself, else a name like it, else NAME (a load takes more). */
 export function exportedAs(name) {
@@ -73,6 +84,7 @@ export const notLoaded = (adapter, loaded, merged) => `adapter ${JSON.stringify(
   "the base" : ""} (use adapter null for the base model)`;
 
 /** What serves text pairs from a BERT classifier an earlier edgepeft exported (commands.py pairs_fix). */
-export const pairsFix = (merged) => (merged ? "export it again with --merge --overwrite (its base is then written " +
-  "with token types)" : "export an adapter into it again (its base is then written with token types), or every " +
-  "adapter into a fresh --out folder");
+export const pairsFix = (manifest) => (manifest.merged_adapter ? "export it again with --merge --overwrite (its base " +
+  "is then written with token types)" : manifest.format_version !== 3 || !("generation" in manifest) ? "export every " +
+  "adapter into a fresh --out folder (an earlier edgepeft's export takes no new adapter)" : "export an adapter into " +
+  "it again (its base is then written with token types), or every adapter into a fresh --out folder");  // Python's

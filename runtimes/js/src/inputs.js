@@ -61,14 +61,14 @@ export function checkInputs(ids, mask, manifest, where) {
  * type outside them is refused, and so is any type but 0 where the graph takes none (an export made before edgepeft
  * served text pairs, or of a model without token types), as the Python runtime's check_token_types refuses them.
  */
-export function checkTokenTypes(tokenTypeIds, ids, types, where, merged = null) {
+export function checkTokenTypes(tokenTypeIds, ids, types, where, manifest = {}) {
   if (tokenTypeIds == null) return null;
   const rows = sameShape(integerRows(tokenTypeIds, "tokenTypeIds"), ids, "tokenTypeIds");
   let lo = 0, hi = 0;
   for (const v of rows.flat()) [lo, hi] = [Math.min(lo, v), Math.max(hi, v)];
   if (types === null && (lo || hi)) {
     throw new EdgePeftError(`${where}: this export takes no token_type_ids (only a seq-cls export of a model with ` +
-      `token types, BERT's, does; for one exported before edgepeft served text pairs, ${pairsFix(merged)}); pass none`);
+      `token types, BERT's, does; for one exported before edgepeft served text pairs, ${pairsFix(manifest)}); pass none`);
   }
   if (types !== null && (lo < 0 || hi >= types)) {
     throw new EdgePeftError(`token type ${hi >= types ? hi : lo} is outside the model's [0, ${types}); give 0 for a ` +

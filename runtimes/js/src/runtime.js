@@ -18,7 +18,7 @@ import {
   sessionOptionsOf,
 } from "./checks.js";
 import { TOKEN_TYPES, graphDeclarationErrors } from "./base_checks.js";
-import { NAME_RULE, adapterName, folderFix, missingAdapter, notLoaded } from "./fixes.js";
+import { NAME_RULE, adapterName, folderFix, missingAdapter, notLoaded, olderExport } from "./fixes.js";
 import { adapterGraphProblem } from "./graph.js";
 import { checkInputs, checkTokenTypes, generationMask } from "./inputs.js";
 import { GENERATION_OPTIONS, classify, forPrompt, generationSettings, generator, pick, processScores } from "./sampling.js";
@@ -142,6 +142,7 @@ export class Runtime {
 
   /** How classify scores a classifier's logits: the base config's problem_type (null: softmax, or one output's sigmoid). */
   get problemType() {
+    olderExport(this.loader.where("base"), this.manifest, "problem_type", "the model config's, by which scores are softmax, sigmoid or none");
     return this.manifest.problem_type ?? null;
   }
 
@@ -261,7 +262,7 @@ export class Runtime {
     const { adapter = null, tokenTypeIds = null } = checkOptions(options, ["adapter", "tokenTypeIds"], "forward");
     const plan = this.plan(adapter);
     ({ ids, mask } = checkInputs(ids, mask, this.manifest, this.loader.where("base")));
-    const types = checkTokenTypes(tokenTypeIds, ids, this.typeVocabSize, this.loader.where("base"), this.manifest.merged_adapter);
+    const types = checkTokenTypes(tokenTypeIds, ids, this.typeVocabSize, this.loader.where("base"), this.manifest);
     this.checkLength(plan, ids[0].length, 0);
     const { full, positions } = this.virtualInputs(plan, mask, false);
     const out = await this.run(plan, ids, full, positions, null, true, 0n, types);
@@ -278,6 +279,7 @@ export class Runtime {
     const { adapter = null, eosTokenId: eos = null, ...settings } =
       checkOptions(options, ["adapter", "eosTokenId", ...GENERATION_OPTIONS], "generate", PYTHON_ONLY);
     if (!this.cache) throw new EdgePeftError(`a ${this.manifest.task} export does not generate`);
+    olderExport(this.loader.where("base"), this.manifest, "generation", "the model's generation_config.json, which generate follows");
     let s = generationSettings(this.manifest, settings);
     const plan = this.plan(adapter);
     const given = mask != null;

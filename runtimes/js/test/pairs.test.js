@@ -173,8 +173,13 @@ test("token types are refused where they are not the ids' rows of the model's ty
     "export an adapter into it again \\(its base is then written with token types\\), or every adapter into a fresh " +
     "--out folder\\); pass none$");
   // a --merge export takes no adapter into it: the merge is written again
-  assert.throws(() => checkTokenTypes([[0, 1]], [[5, 6]], null, "OUT/base", "lora"), (e) => e instanceof EdgePeftError &&
+  assert.throws(() => checkTokenTypes([[0, 1]], [[5, 6]], null, "OUT/base", { merged_adapter: "lora" }), (e) => e instanceof EdgePeftError &&
     /served text pairs, export it again with --merge --overwrite \(its base is then written with token types\)\); pass none$/.test(e.message));
+  // a review across versions: an earlier edgepeft's export (format 2, or no generation record) takes no new adapter
+  for (const older of [{ format_version: 2, generation: {} }, { format_version: 3 }]) {
+    assert.throws(() => checkTokenTypes([[0, 1]], [[5, 6]], null, "OUT/base", older), (e) => e instanceof EdgePeftError &&
+      /served text pairs, export every adapter into a fresh --out folder \(an earlier edgepeft's export takes no new adapter\)\); pass none$/.test(e.message));
+  }
   for (const fixture of ["llama", "bert_prefix"]) {
     const other = await openFolder(ortNode, path.join(FIXTURES, fixture));
     await refuses(other.forward([[5, 6, 7]], null, { tokenTypeIds: [[0, 1, 1]] }), none(path.join(FIXTURES, fixture)));

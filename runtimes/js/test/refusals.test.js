@@ -364,3 +364,19 @@ test("a folder's name is an adapter's in both runtimes or in neither (Python's n
   { encoding: "utf8", input: JSON.stringify(names) });
   assert.deepEqual(names.map(adapterName), JSON.parse(python.stdout), python.stderr);
 });
+
+test("an export an earlier edgepeft wrote, without a record a call reads, is named with the fix (Python's older_export)", async () => {
+  // a hunt across versions: generate ignored the model's generation_config.json, a multi-label classifier was
+  // scored by softmax, where the manifest had no such record (read as a default), unsaid
+  for (const [fixture, field] of [["llama", "generation"], ["bert_pairs", "problem_type"]]) {
+    const out = path.join(scratch, `older-${fixture}`);
+    await cp(path.join(FIXTURES, fixture), out, { recursive: true });
+    const file = path.join(out, "base", "edgepeft.json"), manifest = JSON.parse(await readFile(file, "utf8"));
+    delete manifest[field];
+    await writeFile(file, JSON.stringify(manifest));
+    const rt = await openFolder(ortNode, out), said = new RegExp(`^${path.join(out, "base").replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}: ` +
+      `was written by an earlier edgepeft, whose manifest records no ${field} \\(.*\\); export every adapter into a fresh --out folder$`);
+    if (field === "generation") await refuses(rt.generate([[5, 6, 7]], null, { maxNewTokens: 2 }), said);
+    else assert.throws(() => rt.problemType, (e) => e instanceof EdgePeftError && said.test(e.message));
+  }
+});
