@@ -62,6 +62,16 @@ def test_a_file_that_is_no_json_lines_is_named_for_what_it_is(tmp_path, data, sa
         read_jsonl(str(path), "seq-cls")
 
 
+def test_a_gzip_compressed_file_is_told_to_be_unpacked(tmp_path):
+    """A training-paths hunt: data.jsonl.gz was "not UTF-8 text; save the file as UTF-8 JSONL" (it is, packed)."""
+    import gzip
+
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "a", "label": "x"}\n' * 50))
+    with pytest.raises(DataError, match=f"^{path}:.*: not UTF-8 text .*; the file is gzip-compressed: unpack it"):
+        read_jsonl(str(path), "seq-cls")
+
+
 def test_two_objects_on_one_line_is_invalid_json(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", ['{"text": "a", "label": "x"} {"text": "b", "label": "y"}'])
     with pytest.raises(DataError, match=r":1: not valid JSON"):

@@ -94,7 +94,9 @@ def read_jsonl(path: str, task: str) -> Rows:
         try:
             line = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason}); save the file as UTF-8 JSONL") from None
+            raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason}); " + (
+                "the file is gzip-compressed: unpack it (gunzip -k FILE)" if lines[0][:2] == b"\x1f\x8b" else
+                "save the file as UTF-8 JSONL")) from None
         if not line.strip():
             continue
         try:
