@@ -34,7 +34,7 @@ def test_an_export_without_a_record_the_call_reads_is_named_not_read_as_a_defaul
         with pytest.raises(ConfigError, match=said):
             call()
     for task, field, call in (("seq-cls", "problem_type", lambda rt: rt.classify("w10 w20")),
-                              ("feature-extraction", "generation", lambda rt: rt.embed("w10 w20"))):
+                              ("feature-extraction", "problem_type", lambda rt: rt.embed("w10 w20"))):
         out = str(tmp_path / task)
         export([lora_adapter(tmp_path / f"{task}-a", text_model("bert"), task, 3, r=2, target_modules=["query"],
                              **({"num_labels": 2} if task == "seq-cls" else {}))], out, names=["a"])
