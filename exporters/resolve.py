@@ -27,6 +27,7 @@ from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export,
     read_base_manifest,
 )
+from edgepeft.training.checkpoint import check_outside_checkpoints
 from edgepeft.tuners import load_config, specs_for
 
 
@@ -134,6 +135,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     """Read the adapters, find their base and task, load both, and check OUT can take them."""
     for sub in (BASE_DIR, ADAPTERS_DIR):  # a file in the way, or no write access: say so before any work
         check_output_dir(os.path.join(out, sub), "--out")
+    check_outside_checkpoints(out)  # a training run's next save replaced the export, unsaid
     sources = _read_sources(adapters, names, out)
     if (export := enclosing_export(os.path.realpath(out))) is not None:  # through a link too
         raise ConfigError(f"{out}: lies inside the export {export}; give --out {shlex.quote(export)} to add the adapter "

@@ -74,6 +74,18 @@ def test_a_project_moved_or_copied_whole_resumes_and_a_model_moved_alone_is_name
         check_resumable({"args": made, "log": {"data_sha256": "abc"}}, "ck", dict(moved, head_lr=0.01), 1)
 
 
+def test_a_model_on_another_windows_drive_than_out_resumes_where_nothing_moved(monkeypatch):
+    """A review: os.path.relpath raises ValueError on Windows across drives: a resume that worked ended in it."""
+    def across_drives(path, start):
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+
+    monkeypatch.setattr(os.path, "relpath", across_drives)
+    made = {"task": "seq-cls", "method": "lora", "options": {}, "model": "/d/bert", "out": "/c/out"}
+    check_resumable({"args": made, "log": {}}, "ck", dict(made), 1)  # nothing moved
+    with pytest.raises(ConfigError, match=r"^ck: was made with model='/d/bert', this run has model='/e/bert'"):
+        check_resumable({"args": made, "log": {}}, "ck", dict(made, model="/e/bert"), 1)
+
+
 def test_a_run_that_diverged_after_a_checkpoint_says_start_over(text_model, tmp_path, capsys, monkeypatch):
     """"lower --lr" alone was refused once OUT held a checkpoint (a run into it), and so was --resume with that rate:
     the fix names --overwrite (instead of --resume), which works. A divergence before any checkpoint takes its files

@@ -83,8 +83,7 @@ def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> N
     # --eval where the log holds their rows' digests, which check_same_data compares: a project moved or copied resumes
     same = {k for k, digest in (("data", "data_sha256"), ("eval_data", "eval_sha256"))
             if digest in log and (old.get(k) is None) == (new.get(k) is None)}
-    if all(isinstance(s.get(k), str) and os.path.isabs(s[k]) for s in (old, new) for k in ("model", "out")) and \
-            os.path.relpath(old["model"], old["out"]) == os.path.relpath(new["model"], new["out"]):
+    if old.get("model") != new.get("model") and _moved_together(old, new):
         same.add("model")  # a model folder as far from OUT as it was: the project moved or copied whole
     changed = sorted((k for k in set(old) | set(new) if old.get(k) != new.get(k) and k != "out" and k not in same),
                      key=lambda k: (k in FOLLOWING, k))  # --method ia3 named, not the rate that follows from it
@@ -107,6 +106,16 @@ def check_resumable(state: dict, ckpt: str, settings: dict, processes: int) -> N
         raise ConfigError(f"{ckpt}: was made by {made} training process(es), this run has {processes}; resume "
                           f"with {made} (torchrun --nproc-per-node {made} -m edgepeft train ... --resume) or start "
                           "over with --overwrite")
+
+
+def _moved_together(old: dict, new: dict) -> bool:
+    """Whether the run's model folder lies as far from its OUT as it did (a project moved or copied whole)."""
+    if not all(isinstance(s.get(k), str) and os.path.isabs(s[k]) for s in (old, new) for k in ("model", "out")):
+        return False  # a hub id
+    try:
+        return os.path.relpath(old["model"], old["out"]) == os.path.relpath(new["model"], new["out"])
+    except ValueError:  # Windows: another drive, no relative path
+        return False
 
 
 def _setting(name: str, settings: dict) -> str:
@@ -247,7 +256,14 @@ def check_out_folder(out: str, model: str) -> None:
     if (export := enclosing_export(real)) is not None:
         raise ConfigError(f"{out}: lies inside the export {export}, whose folders exports replace; give --out a "
                           "folder outside it (then `edgepeft export --adapter` it into the export)")
-    for folder in [real, *map(str, pathlib.Path(real).parents)]:  # a run's checkpoint: its next save replaces it
+    check_outside_checkpoints(out)
+
+
+def check_outside_checkpoints(out: str) -> None:
+    """Refuse an OUT (a training run's, an export's) at or in a run's checkpoint folder, which its next save (--resume,
+    --overwrite) replaces whole: what was written there went with it, unsaid."""
+    real = os.path.realpath(out)
+    for folder in [real, *map(str, pathlib.Path(real).parents)]:
         if os.path.basename(folder) == CHECKPOINT and os.path.isfile(os.path.join(folder, STATE)):
             raise ConfigError(f"{out}: lies in {folder}, the checkpoint of the run in {os.path.dirname(folder)}, which "
                               "its next save (--resume) replaces whole; give --out a folder of its own")
