@@ -337,6 +337,12 @@ def read_text(path: str, fix: str) -> str:
         raise CorruptArtifactError(f"{path}: cannot read it ({e}); {fix}") from None
 
 
+OLDER_RECORDS = {  # per task, the record a call reads that an earlier edgepeft's manifest may lack, and what follows from it
+    "causal-lm": ("generation", "the model's generation_config.json, which generate follows"),
+    "seq-cls": ("problem_type", "the model config's, by which scores are softmax, sigmoid or none"),
+}
+
+
 def older_export(base_dir: str, manifest: dict, field: str, what: str) -> None:
     """ConfigError where ``manifest`` predates ``field`` (an earlier edgepeft recorded none; ``what``: what follows from
     it), read as if it held a default: a call would answer otherwise than the model does (a hunt of earlier exports:

@@ -14,7 +14,7 @@ import numpy as np
 from .base_checks import serves_pairs
 from .commands import pairs_fix
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
-from .access import older_export
+from .access import OLDER_RECORDS, older_export
 from .manifest import ADAPTER_MANIFEST, BASE_MANIFEST
 from .mixing import BATCH, holding, in_batches, in_groups, row_adapters, row_specs
 from .sentence import row_limits, tokenizer_limit
@@ -60,7 +60,7 @@ def classify(rt, texts, adapter=None, truncation: bool = False):
     if rt.task != "seq-cls":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export does not classify; export a seq-cls adapter")
     truncation = switch(truncation, "truncation")
-    older_export(rt.base_dir, rt.manifest, "problem_type", "the model config's, by which scores are softmax, sigmoid or none")
+    older_export(rt.base_dir, rt.manifest, *OLDER_RECORDS["seq-cls"])
     rows, single = _rows(texts)
     if not serves_pairs(rt.manifest) and any(pair is not None for _, pair in rows):  # BERT's types unbound
         raise ConfigError(f"{rt.base_dir}: exported before edgepeft served text pairs (a BERT's graph then took no token "

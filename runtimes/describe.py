@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .access import STOPPED, check_readable, moved_aside, sha256_file, unchanged_while
+from .access import OLDER_RECORDS, STOPPED, check_readable, moved_aside, older_export, sha256_file, unchanged_while
 from .adapter_source import adapter_bound, read_adapter_source
 from .base_checks import serves_pairs
 from .commands import REEXPORT_BASE, folder_fix, folder_name_problem
@@ -90,6 +90,10 @@ def _described(out_dir: str) -> dict:
         cut = [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
         problems += cut or _damaged(base_dir, base)
     problems += _moved_aside(out_dir)
+    try:  # an earlier edgepeft's manifest without a record generate or classify reads (embed's: _embedding)
+        older_export(base_dir, base, *OLDER_RECORDS.get(base["task"], ("task", "")))
+    except EdgePeftError as e:
+        problems.append(str(e))
     most = adapter_bound(base_dir, base)
     for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them
         try:  # as a Runtime reads it: again where an --overwrite renamed a new folder in, and while an export commits,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import ConfigError, InvalidInputError
-from .access import older_export
+from .access import OLDER_RECORDS, older_export
 from .values import half_character, is_real, is_whole, switch
 
 
@@ -235,7 +235,7 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
     if unknown:
         raise ConfigError(f"unknown generation argument(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
     # unset (None): the model's generation_config.json (recorded at export), then transformers' defaults
-    older_export(rt.base_dir, rt.manifest, "generation", "the model's generation_config.json, which generate follows")
+    older_export(rt.base_dir, rt.manifest, *OLDER_RECORDS["causal-lm"])
     model = {k: v for k, v in (rt.manifest.get("generation") or {}).items() if k in known}
     if "stop" in model:  # an export before the check below
         model["stop"] = recorded_stops(model["stop"])

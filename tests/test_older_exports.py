@@ -42,6 +42,10 @@ def test_an_export_without_a_record_the_call_reads_is_named_not_read_as_a_defaul
         said = _older(out, field)
         with pytest.raises(ConfigError, match=said):
             call(Runtime(out))
+    from edgepeft.runtimes.describe import describe_export  # inspect names each as a problem (it exits 1)
+
+    for out in (tmp_path / "gen", tmp_path / "seq-cls", tmp_path / "feature-extraction"):
+        assert [p for p in describe_export(str(out))["problems"] if "was written by an earlier edgepeft" in p], out
 
 
 def test_the_text_pair_fix_for_an_earlier_export_is_one_that_works():
