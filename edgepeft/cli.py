@@ -171,7 +171,6 @@ def export(adapters, base, out, names, merge, atol, quantize, qtol, ort_adapter,
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def inspect(out, as_json):
     """Show the base, its slots and the adapters of an export folder."""
-    from edgepeft.runtimes.commands import pairs_fix
     from edgepeft.runtimes.describe import describe_export
 
     info = describe_export(out)
@@ -188,7 +187,7 @@ def inspect(out, as_json):
                f"{b['ops']} ops{merged}")
     click.echo(f"  fingerprint {b['fingerprint'][:16]}")
     if pairs := b["text_pairs"]:  # what classify takes
-        click.echo("  classify: texts" + (f" only (an earlier edgepeft's export; for text pairs, {pairs_fix(b)})"
+        click.echo("  classify: texts" + (f" only (an earlier edgepeft's export; for text pairs, {b['text_pairs_fix']})"
                    if pairs == "not served" else f" and text pairs (by {pairs})"))
     if e := info["embedding"]:  # what embed does, as Runtime reads it
         click.echo(f"  embed: pooled by {e['mode']}, texts cut to {e['limit'] or 'no limit'}"

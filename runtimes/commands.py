@@ -144,7 +144,7 @@ def pairs_fix(manifest: dict) -> str:
     """What serves text pairs from a BERT classifier an earlier edgepeft exported (its graph took no token types)."""
     if manifest.get("merged_adapter"):  # no slot adapter goes into it: the merge itself is written again
         return "export it again with --merge --overwrite (its base is then written with token types)"
-    if manifest.get("format_version") != 3 or "generation" not in manifest:  # export refuses to add to it (LAYOUT_VERSION)
+    if not manifest.get("format_version", 0) >= 3 or "generation" not in manifest:  # export refuses to add to it
         return "export every adapter into a fresh --out folder (an earlier edgepeft's export takes no new adapter)"
     return ("export an adapter into it again (its base is then written with token types), or every adapter into a "
             "fresh --out folder")

@@ -7,7 +7,7 @@ import os
 from .access import OLDER_RECORDS, STOPPED, check_readable, moved_aside, older_export, sha256_file, unchanged_while
 from .adapter_source import adapter_bound, read_adapter_source
 from .base_checks import serves_pairs
-from .commands import REEXPORT_BASE, folder_fix, folder_name_problem
+from .commands import REEXPORT_BASE, folder_fix, folder_name_problem, pairs_fix
 from .errors import EdgePeftError
 from .manifest import (
     ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, not_an_export,
@@ -141,6 +141,7 @@ def _described(out_dir: str) -> dict:
             # not at all (an earlier edgepeft's BERT export); None: no classifier
             "text_pairs": None if base["task"] != "seq-cls" else "not served" if not serves_pairs(base) else
             "token types" if base.get("type_vocab_size") else "template",
+            "text_pairs_fix": pairs_fix(base) if base["task"] == "seq-cls" and not serves_pairs(base) else None,
             "bytes": folder_bytes(base_dir),
         },
         "slots": base["slots"],

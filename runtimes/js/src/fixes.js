@@ -85,6 +85,6 @@ export const notLoaded = (adapter, loaded, merged) => `adapter ${JSON.stringify(
 
 /** What serves text pairs from a BERT classifier an earlier edgepeft exported (commands.py pairs_fix). */
 export const pairsFix = (manifest) => (manifest.merged_adapter ? "export it again with --merge --overwrite (its base " +
-  "is then written with token types)" : manifest.format_version !== 3 || !("generation" in manifest) ? "export every " +
+  "is then written with token types)" : !(manifest.format_version >= 3) || !("generation" in manifest) ? "export every " +
   "adapter into a fresh --out folder (an earlier edgepeft's export takes no new adapter)" : "export an adapter into " +
   "it again (its base is then written with token types), or every adapter into a fresh --out folder");  // Python's
