@@ -340,6 +340,8 @@ def read_text(path: str, fix: str) -> str:
 OLDER_RECORDS = {  # per task, the record a call reads that an earlier edgepeft's manifest may lack, and what follows from it
     "causal-lm": ("generation", "the model's generation_config.json, which generate follows"),
     "seq-cls": ("problem_type", "the model config's, by which scores are softmax, sigmoid or none"),
+    "feature-extraction": ("problem_type", "written before edgepeft copied the model's sentence-transformers settings, "
+                           "by which embed pools"),  # which came before every task's manifest recorded problem_type
 }
 
 

@@ -90,8 +90,8 @@ def _described(out_dir: str) -> dict:
         cut = [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
         problems += cut or _damaged(base_dir, base)
     problems += _moved_aside(out_dir)
-    try:  # an earlier edgepeft's manifest without a record generate or classify reads (embed's: _embedding)
-        older_export(base_dir, base, *OLDER_RECORDS.get(base["task"], ("task", "")))
+    try:  # an earlier edgepeft's manifest without a record generate, classify or embed reads
+        older_export(base_dir, base, *OLDER_RECORDS[base["task"]])
     except EdgePeftError as e:
         problems.append(str(e))
     most = adapter_bound(base_dir, base)

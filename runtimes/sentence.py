@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import ConfigError, CorruptArtifactError, InvalidInputError
-from .access import older_export, present, read_json
+from .access import present, read_json
 from .commands import REEXPORT_BASE
 from .manifest import BASE_MANIFEST
 
@@ -75,10 +75,6 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     training). ``max_positions``: the model's, which caps the limit (max_seq_length, else the tokenizer's own)."""
     config, modules, pooling = (os.path.join(folder, f) for f in SENTENCE_TRANSFORMERS_FILES)
     exported = present(os.path.join(folder, BASE_MANIFEST))  # else a model's folder (training, export)
-    if exported:  # one before edgepeft copied these files (b08e142): the mean pooled where the model's was another;
-        older_export(folder, read_json(os.path.join(folder, BASE_MANIFEST), "base manifest", REEXPORT_BASE),  # every
-                     "problem_type", "written before edgepeft copied the model's sentence-transformers settings, by "
-                     "which embed pools")  # task's manifest records it since de2a27b, which came after
     fix = TOKENIZER_FIX if exported else MODEL_FIX  # an export's files mend by copying the export, a model's not
     settings = read_json(config, "sentence-transformers config", fix, optional=True)
     limit, lower = settings.get("max_seq_length"), settings.get("do_lower_case") is True

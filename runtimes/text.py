@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from . import chat_template
-from .access import check_readable, present, read_json, read_text
+from .access import OLDER_RECORDS, check_readable, older_export, present, read_json, read_text
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
 from .errors import STOPS, MissingDependencyError, raise_if_stopped
 from .decoded import GrowingText, OpenBytes
@@ -362,12 +362,12 @@ def token_counts(rows: list, mask: np.ndarray) -> list:
 
 def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, prompt=None) -> np.ndarray:
     """(B, hidden) float32 ((hidden,) for one text), L2-normalized: as sentence-transformers' encode, texts cut to
-    ``max_seq_length``, pooled by ``1_Pooling/config.json``'s mode (the mean where there is none; sentence.py),
-    ``prompt`` (or the model's ``prompt_name``) put before each (out of the pooling where ``include_prompt`` is
-    false), ``truncate_dim`` values kept. A prompt adapter's virtual tokens are left out of the pooling, and texts
-    are cut further where the model's positions leave them no room."""
+    ``max_seq_length``, pooled by ``1_Pooling/config.json``'s mode (else the mean: sentence.py), ``prompt`` (or the
+    model's ``prompt_name``) before each (out of the pooling where ``include_prompt`` is false), ``truncate_dim`` values
+    kept; a prompt adapter's virtual tokens out of the pooling, texts cut further where the positions leave no room."""
     if rt.task != "feature-extraction":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
+    older_export(rt.base_dir, rt.manifest, *OLDER_RECORDS[rt.task])  # before edgepeft copied the pooling settings
     rows, single, normalize = *_texts(texts), switch(normalize, "normalize")
     settings, tokenizer = rt.tokenizer.sentence_transformers
     prompt = chosen_prompt(settings, rt.base_dir, prompt_name, prompt)
