@@ -374,6 +374,14 @@ class Staging:
         self.folders.remove(staged)
         return old
 
+    def put(self, staged: str, target: str) -> str | None:
+        """``staged`` in ``target``'s place: a folder swapped in (``swap``: returns the one moved aside), a file
+        renamed over it (None)."""
+        if os.path.isdir(staged):
+            return self.swap(staged, target)
+        os.replace(staged, target)
+        return None
+
     def __enter__(self) -> "Staging":
         return self
 

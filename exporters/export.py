@@ -29,7 +29,7 @@ from edgepeft.exporters.resolve import (ExportPlan, adapter_slots, export_argume
 from edgepeft.exporters.validate import (BaseOutputs, check_head_widths, check_tolerances, compare_siblings, log_check,
                                          validate)
 from edgepeft.files import (Staging, check_output_dir, missing_folders, remove_abandoned, remove_empty,
-                            remove_moved_aside, reporting_full_disk, write_json_atomic)
+                            remove_moved_aside, reporting_full_disk)
 from edgepeft.interrupts import written_whole
 from edgepeft.sharing import one_at_a_time
 from edgepeft.models import model_label, reads_token_types
@@ -388,7 +388,7 @@ def commit(plan: ExportPlan, staging: Staging, base_stage: str, adapter_stages: 
             if not reuse:
                 olds.append(staging.swap(base_stage, plan.base_dir))
                 for staged, target in moves:  # a manifest beside the adapter's own, or a copy in a link's place
-                    olds.append(staging.swap(staged, target)) if os.path.isdir(staged) else os.replace(staged, target)
+                    olds.append(staging.put(staged, target))
             for name, stage in adapter_stages.items():
                 olds.append(staging.swap(stage, os.path.join(plan.out, ADAPTERS_DIR, name)))
             remove_moved_aside(*olds)

@@ -6,6 +6,7 @@ import copy
 import functools
 import os
 import shlex
+import shutil
 from dataclasses import dataclass, field
 
 from edgepeft.config import CONFIG_NAME, naming_config
@@ -14,13 +15,13 @@ from edgepeft.exporters.adapter_graph import saved_labels
 from edgepeft.exporters.fingerprint import config_differences, made_heads, weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.exporters.validate import check_room, check_traceable
-from edgepeft.files import check_output_dir
+from edgepeft.files import check_output_dir, write_json_atomic
 from edgepeft.models import (
     call_kwargs, check_supported, default_task, load_base, load_model_config, max_positions, model_label, sample_inputs,
     sliding_layers,
 )
 from edgepeft.peft_model import PeftModel
-from edgepeft.runtimes.access import folder_name, link_to_nothing, located
+from edgepeft.runtimes.access import REPOINTED, link_to_nothing, located
 from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion, fresh_out, unused_name
 from edgepeft.runtimes.values import switch
 from edgepeft.runtimes.manifest import (
@@ -80,11 +81,6 @@ class ExportPlan:
         the folder's own, to rename in; where OUT/adapters holds a link (another export's adapter, shared), a copy of
         what it leads to with that manifest, to take the link's place: a manifest written through the link gave the
         other export's adapter this export's new base, and that export refused it."""
-        import shutil
-
-        from edgepeft.files import write_json_atomic
-        from edgepeft.runtimes.access import ADAPTER_MANIFEST, REPOINTED
-
         if not os.path.islink(folder):
             write_json_atomic(staged := os.path.join(folder, REPOINTED), manifest, sort_keys=True)
             return staged, os.path.join(folder, ADAPTER_MANIFEST)
@@ -225,9 +221,9 @@ def _read_sources(adapters, names, out: str) -> list[AdapterSource]:
     for i, path in enumerate(adapters):
         if not path:
             raise ConfigError("--adapter '': an empty path; give --adapter an adapter folder (save_pretrained's)")
-        located(path)  # a name not UTF-8 refused: safetensors reads none ("download the adapter again" did not mend)
-        config = load_config(path)  # a folder that is not there is named so, before a name taken from it
-        name = names[i] if i < len(names) else folder_name(path)  # 'LINK/..' where the system goes, '.' its own
+        where = located(path)  # a name not UTF-8 refused: safetensors reads none ("download the adapter again" did not
+        config = load_config(path)  # mend); a folder that is not there is named so, before a name taken from it
+        name = names[i] if i < len(names) else os.path.basename(where)  # 'LINK/..' where the system goes, '.' its own
         problem = export_name_problem(name)
         if problem:
             mended = export_name_suggestion(name)
