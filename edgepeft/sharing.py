@@ -7,6 +7,8 @@ import os
 import sys
 from contextlib import contextmanager
 
+from edgepeft.runtimes.access import folder_identity
+
 
 def exchanged(a, b) -> bool:
     """Whether the folders ``a`` and ``b`` were swapped in one step (Linux's renameat2 RENAME_EXCHANGE, macOS's
@@ -49,8 +51,8 @@ def one_at_a_time(folder: str, waiting, who: str = "export"):
             os.close(fd)
             fd = None
             break
-        held, now = os.fstat(fd), _stat(folder)
-        if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+        held = os.fstat(fd)
+        if folder_identity(folder) == (held.st_dev, held.st_ino):
             break
         os.close(fd)  # the folder locked is gone: lock the one at that path now
     try:
@@ -58,10 +60,3 @@ def one_at_a_time(folder: str, waiting, who: str = "export"):
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
-
-
-def _stat(path: str):
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        return None
