@@ -123,9 +123,7 @@ function notAnExport(out) {
       return false;
     }
   };
-  // not ".-onnx"; its name within a file name's 255 bytes, as Python's commands.fresh_out
-  const up = path.dirname(out), part = path.basename(out), fresh = `${path.join(path.dirname(path.resolve(out)),
-    new TextDecoder().decode(Buffer.from(path.basename(path.resolve(out))).subarray(0, 250)).replace(/\uFFFD$/, ""))}-onnx`;
+  const up = path.dirname(out), part = path.basename(out), fresh = freshOut(out);
   if (has(out, "adapter_config.json")) {  // commands.py exported_name: the folder's name, else the --name given
     const folder = path.basename(path.resolve(out)), as = exportedAs(folder);
     let name = as;
@@ -142,6 +140,13 @@ function notAnExport(out) {
   }
   return has(out, "config.json") ? `${out}: is a model folder, not an export; export an adapter trained on it with ` +
     `\`edgepeft export --adapter DIR --out ${quote(fresh)}\`, then use ${fresh}` : null;
+}
+
+/** A folder beside `out` for a suggested --out, as Python's commands.fresh_out: absolute (not ".-onnx"), its name
+ * within a file name's 255 bytes (a character cut in two left out). */
+function freshOut(out) {
+  const absolute = path.resolve(out), name = Buffer.from(path.basename(absolute)).subarray(0, 250);
+  return `${path.join(path.dirname(absolute), new TextDecoder().decode(name).replace(/\uFFFD$/, ""))}-onnx`;
 }
 
 /** Whether "<pid>h<host>-..." names a process of another machine, container or boot: none this one can tell stopped. */
