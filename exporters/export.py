@@ -33,7 +33,7 @@ from edgepeft.files import (Staging, check_output_dir, missing_folders, remove_a
 from edgepeft.interrupts import written_whole
 from edgepeft.sharing import one_at_a_time
 from edgepeft.models import model_label, reads_token_types
-from edgepeft.runtimes.access import REPOINTED, aside_elsewhere, located, may_replace, read_json
+from edgepeft.runtimes.access import REPOINTED, as_read, aside_elsewhere, may_replace, read_json
 from edgepeft.runtimes.manifest import (ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, LAYOUT_VERSION,
                                         TASK_OUTPUTS, TOKEN_TYPES, adapter_dirs, read_adapter_manifest, read_base_manifest)
 from edgepeft.runtimes.slot_checks import uncounted_heads
@@ -57,8 +57,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     A failed export leaves ``out`` as it was: folders it made are removed again.
     """
     out, merge, overwrite, verbose, ort_adapter = export_arguments(out, merge, overwrite, verbose, ort_adapter)
-    where = located(out)  # LINK/..: where the system finds it; a name not UTF-8 refused (ONNX Runtime reads it)
-    out = out if where == os.path.abspath(out) else where
+    out = as_read(out)  # LINK/..: where the system finds it; a name not UTF-8 refused (ONNX Runtime reads it)
     adapters, base, names = path_arguments(adapters, base, names)  # one folder, or several; one name, not its letters
     if not adapters:
         raise ConfigError("give at least one --adapter folder")

@@ -204,6 +204,12 @@ def located(path: str) -> str:
     return absolute
 
 
+def as_read(path: str) -> str:
+    """``path`` as given, or where the system reads it (``located``) where the two differ ('LINK/..')."""
+    where = located(path)
+    return path if where == os.path.abspath(path) else where
+
+
 def folder_name(path: str) -> str:
     """The name of the folder ``path`` leads to where the system finds it (``located``): 'LINK/..' names the link
     target's parent, not the folder the text goes up to; '.' the folder's own."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from edgepeft.config import TASK_TYPES
 from edgepeft.errors import ConfigError
 from edgepeft.files import check_output_dir, plain
-from edgepeft.runtimes.access import located
+from edgepeft.runtimes.access import as_read
 from edgepeft.runtimes.values import is_number, is_whole, switch
 
 # Settings that may change when resuming (everything else must match the checkpoint).
@@ -63,8 +63,8 @@ class TrainingArguments:
                                   + ("a local model folder or a hub id" if name == "model" else "a file's path"
                                      if name != "out" else "the adapter folder to write"))
         for name in ("model", "out"):  # 'LINK/..' where the system (transformers) reads it: the base the adapter
-            if (where := located(getattr(self, name))) != os.path.abspath(getattr(self, name)):  # records, its files'
-                setattr(self, name, where)  # folder (temp files went to the text's, "Invalid cross-device link")
+            setattr(self, name, as_read(getattr(self, name)))  # records, its files' folder (temp files went to the
+            # text's: "Invalid cross-device link" after an epoch)
         for name in ("resume", "overwrite", "progress"):  # "false" read as true: an adapter replaced
             setattr(self, name, switch(getattr(self, name), name))
         if self.task not in TASK_TYPES.values():
