@@ -85,10 +85,17 @@ def genai_notes(manifest: dict) -> list[str]:
     notes = [] if manifest["eos_token_id"] else [
         "this model has no end-of-sequence id: edgepeft generates to the length asked; onnxruntime-genai, which needs "
         "one, stops at id 0 (genai_config.json's eos_token_id)"]
+    gen = manifest.get("generation") or {}
     for name, instead in (("min_new_tokens", "min_length"), ("max_new_tokens", "max_length")):
-        if (manifest.get("generation") or {}).get(name):
+        if gen.get(name):
             notes.append(f"generation_config.json sets {name}, which onnxruntime-genai cannot express ({instead} "
                          f"counts the prompt too): pass {instead} to genai for each prompt")
+    if gen.get("stop"):  # genai 0.18 has no stop strings: it generates past them
+        notes.append("generation_config.json sets stop_strings, which onnxruntime-genai does not apply: it generates "
+                     "past them; stop on the decoded text in your loop")
+    if gen.get("min_p"):  # nor min_p ("Unknown value" from set_search_options)
+        notes.append("generation_config.json sets min_p, which onnxruntime-genai does not apply: its sampling keeps "
+                     "the unlikely tokens min_p drops")
     return notes
 
 

@@ -316,6 +316,12 @@ def test_genai_config_takes_min_length_and_says_when_genai_stops_otherwise():
     assert genai_notes({**manifest, "eos_token_id": []}) == [
         "this model has no end-of-sequence id: edgepeft generates to the length asked; onnxruntime-genai, which needs "
         "one, stops at id 0 (genai_config.json's eos_token_id)"]
+    # found by a hunt: genai 0.18 has neither (edgepeft stopped at the string, genai ran on to max_length), unsaid
+    assert genai_notes({**manifest, "generation": {"stop": ["w55"], "min_p": 0.05}}) == [
+        "generation_config.json sets stop_strings, which onnxruntime-genai does not apply: it generates past them; "
+        "stop on the decoded text in your loop",
+        "generation_config.json sets min_p, which onnxruntime-genai does not apply: its sampling keeps the unlikely "
+        "tokens min_p drops"]
 
 
 def test_a_generation_config_naming_no_eos_stops_at_none(text_export, tmp_path):
