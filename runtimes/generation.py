@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ConfigError, InvalidInputError
 from .access import OLDER_RECORDS, older_export
-from .values import half_character, is_real, is_whole, switch
+from .values import as_float, half_character, is_real, is_whole, switch
 
 
 WHOLE_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "no_repeat_ngram_size", "seed",
@@ -239,7 +239,7 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
     model = {k: v for k, v in (rt.manifest.get("generation") or {}).items() if k in known}
     if "stop" in model:  # an export before the check below
         model["stop"] = recorded_stops(model["stop"])
-    args = {**model, **{k: v for k, v in generation.items() if v is not None}}
+    args = {**model, **{k: as_float(v) for k, v in generation.items() if v is not None}}
     args.setdefault("max_new_tokens", None)  # per prompt (for_prompt): max_length's, else the default
     eos = args.pop("eos_token_id", rt.manifest.get("eos_token_id") or [])
     eos = list(np.ravel(eos)) if isinstance(eos, np.ndarray) else list(eos) if isinstance(eos, (list, tuple)) else [eos]

@@ -25,7 +25,7 @@ import numpy as np
 from .adapters import NO_ADAPTER, Plan
 from .errors import ConfigError, InvalidInputError
 from .sessions import ort
-from .values import is_real
+from .values import as_float, is_real
 
 CACHED_STACKS = 16  # sets of adapters whose stacked tensors stay built
 
@@ -116,6 +116,7 @@ def row_adapters(adapter, rows: int) -> list:
 def _weights(spec) -> dict:
     if not isinstance(spec, dict) or not spec or not all(isinstance(k, str) for k in spec):
         raise InvalidInputError(f"a weighted adapter is a non-empty {{name: weight}} dict; got {spec!r}")
+    spec = {name: as_float(weight) for name, weight in spec.items()}  # ml_dtypes' bfloat16: a float
     for name, weight in spec.items():
         # the row weights are float32: 1e40 is inf (compared as a float: a float16 weight overflowed the bound)
         if not is_real(weight) or abs(float(weight)) > float(np.finfo(np.float32).max):

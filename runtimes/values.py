@@ -39,6 +39,17 @@ def is_number(value) -> bool:
     return True
 
 
+def as_float(value):
+    """A numpy scalar of a float type numpy's own types leave out (ml_dtypes' bfloat16 or float8, which onnx and JAX
+    use: "not a number" to ``is_number``) as a Python float; anything else as it is, for the checks to name."""
+    if isinstance(value, np.generic) and value.dtype.kind == "V":
+        try:
+            return float(value)
+        except (TypeError, ValueError):  # a structured scalar
+            return value
+    return value
+
+
 def is_real(value) -> bool:
     """A finite number (``is_number``)."""
     return is_number(value) and bool(np.isfinite(float(value)))

@@ -246,3 +246,23 @@ def test_min_p_matches_transformers(p):
     scores = random_scores(seed=13)
     ref = MinPLogitsWarper(p)(None, torch.from_numpy(scores.copy())).numpy()
     assert_same_scores(gen.apply_min_p(scores, p), ref)
+
+
+def test_bfloat16_scalars_are_numbers_in_calls(shared_export):
+    """Found by a hunt: ml_dtypes' bfloat16 scalar (numpy's bf16 in onnx and JAX) as a weight or a sampling setting
+    was refused as "give a finite number ... got 0.5"; np.float16 was taken. It is the float it holds."""
+    import ml_dtypes
+
+    from edgepeft.runtimes import Runtime
+    from tiny import sample_batch
+
+    rt = Runtime(shared_export("llama")[0])
+    ids, mask = sample_batch(batch=2, seq=5)
+    bf16 = ml_dtypes.bfloat16
+    np.testing.assert_array_equal(rt.forward(ids, mask, adapter={"qv": bf16(0.5)})["logits"],
+                                  rt.forward(ids, mask, adapter={"qv": 0.5})["logits"])
+    options = dict(max_new_tokens=4, eos_token_id=[], do_sample=True, seed=3)
+    sampled = rt.generate(ids, mask, adapter="qv", temperature=bf16(0.75), top_p=bf16(0.875), min_p=bf16(0.0625),
+                          repetition_penalty=bf16(1.25), **options)
+    np.testing.assert_array_equal(sampled, rt.generate(ids, mask, adapter="qv", temperature=0.75, top_p=0.875,
+                                                       min_p=0.0625, repetition_penalty=1.25, **options))
