@@ -63,7 +63,8 @@ def main():
 
     def ours(adapter):
         return rt.generate(prompt, adapter=adapter, max_new_tokens=args.new_tokens,  # the model's eos held back, as
-                           min_new_tokens=args.new_tokens)[0].tolist()  # genai's min_length holds back its own
+                           min_new_tokens=args.new_tokens,  # genai's min_length holds back its own
+                           do_sample=False)[0].tolist()  # greedy as genai's loop, where the model's config samples
 
     peers = {f"{who} {adapter or 'no adapter'}": (fn, adapter) for who, fn in (("edgepeft", ours), ("genai", genai))
              for adapter in (None, args.adapter)}

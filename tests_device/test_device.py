@@ -174,3 +174,22 @@ def test_bench_genai_refuses_what_it_cannot_measure():
                                                                       "runs decoders")):
         done = subprocess.run([sys.executable, sample, *argv], capture_output=True, text=True, timeout=300)
         assert done.returncode != 0 and "Traceback" not in done.stderr and want in done.stderr.splitlines()[-1], argv
+
+
+def test_bench_genai_times_greedy_decoding_on_both_sides(tmp_path):
+    """Found by a hunt: on a model whose generation_config.json samples (instruct models do), bench_genai.py timed
+    edgepeft sampling against genai's greedy loop: two jobs in one table, "greedy ids identical: no"."""
+    folder = str(tmp_path / "llama")
+    shutil.copytree(LLAMA, folder)
+    manifest = os.path.join(folder, "base", "edgepeft.json")
+    with open(manifest) as f:
+        data = json.load(f)
+    data["generation"] = {"do_sample": True, "temperature": 5.0, "top_k": 0}  # as the export records the model's
+    with open(manifest, "w") as f:
+        json.dump(data, f)
+    sample = os.path.join(REPO, "samples", "bench_genai.py")
+    done = subprocess.run([sys.executable, sample, "--export", folder, "--rounds", "1", "--new-tokens", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| no adapter", "| lora"))]
+    assert len(rows) == 2 and all(row.endswith("| yes |") for row in rows), done.stdout
