@@ -30,7 +30,8 @@ def elsewhere(name: str):
     return refused
 
 
-PEFT_MODEL_ONLY = ("merge_and_unload", "unload", "delete_adapter", "peft_config", "active_adapter", "active_adapters")
+PEFT_MODEL_ONLY = ("merge_and_unload", "unload", "delete_adapter", "set_adapter", "peft_config", "active_adapter",
+                   "active_adapters")
 
 
 def on_peft_model(name: str):

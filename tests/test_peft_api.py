@@ -98,7 +98,7 @@ def test_hf_peft_keywords_of_save_load_merge_and_unload(tiny_base, tmp_path):
         for owner in (model, model.base_model):  # HF PEFT's LoraModel has them too (an AttributeError naming transformers')
             with pytest.raises(ConfigError, match=rf"{name}\(\) \(HF PEFT's\) is not in edgepeft's PeftModel; use .*{fix}"):
                 getattr(owner, name)(["default", "again"], [0.5, 0.5], "mix")
-    for name in ("merge_and_unload", "unload", "delete_adapter"):  # found by a hunt: torch's AttributeError
+    for name in ("merge_and_unload", "unload", "delete_adapter", "set_adapter"):  # found by hunts: torch's AttributeError
         with pytest.raises(ConfigError, match=rf"^base_model.{name} \(HF PEFT's\): edgepeft's base_model holds the "
                                               rf"transformers model only; use the PeftModel's {name}$"):
             getattr(model.base_model, name)()
