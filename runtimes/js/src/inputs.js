@@ -14,7 +14,7 @@ function integerRows(x, what) {
   if (!Array.isArray(x) || !x.length || !x.every(isRow)) {
     throw new EdgePeftError(`${what} must be a non-empty array of rows (2-D: batch x sequence), every row the same length (pad on the left)`);
   }
-  const floats = x.find((r) => r instanceof Float32Array || r instanceof Float64Array);  // as Python's dtype check
+  const floats = x.find((r) => ArrayBuffer.isView(r) && /^Float/.test(r.constructor.name));  // as Python's dtype check (Float16Array too)
   if (floats) {
     throw new EdgePeftError(`${what} must be ${KINDS[what]} (integers: numbers, an Int32Array, a BigInt64Array), got ${described(floats)}`);
   }
