@@ -15,7 +15,7 @@ import os
 import struct
 
 from .errors import STOPS, CorruptArtifactError, first_line
-from .sessions import ort, session_options
+from .sessions import ort, session_options, shared_pool
 
 NODES = ("Identity", "Concat", "Pad")
 _FLOAT, _INT64 = 1, 7  # TensorProto's data types: exports write float32 tensors, and a Pad's widths in int64
@@ -229,7 +229,7 @@ def run_adapter_graph(graph: bytes, where: str, most: int = 1 << 62, slots: int 
     Its tensors are inside it (exports write no external data for adapters): external data is looked for in a
     folder that does not exist, so a graph naming a file fails instead of reading it (from bytes: from the app's
     directory). The JavaScript runtime does the same (checks.js)."""
-    options = session_options(1)
+    options = session_options(0 if shared_pool() else 1)  # one thread, or the process's shared pool
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", NO_FOLDER)
     if problem := adapter_graph_problem(graph, most, slots):  # before it runs: a forged node could take any memory or time
         raise CorruptArtifactError(f"{where}: {problem}; re-export the adapter")

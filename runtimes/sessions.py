@@ -6,7 +6,6 @@ the settings side by side.
 """
 from __future__ import annotations
 
-import os
 import re
 
 from .access import check_readable
@@ -23,7 +22,12 @@ except ImportError as e:  # the install without an extra: numpy, tokenizers, cli
                                  "(or 'edgepeft[gpu]' for NVIDIA GPUs)") from None
 
 MIN_ORT = (1, 22)  # the decoders' GroupQueryAttention takes 11 inputs from 1.22 (1.20 and 1.21 refuse the graph)
-_shared_pool = 0  # the shared pool's threads once made
+_shared_pool = None  # the threads use_shared_thread_pool made the pool with (0: ONNX Runtime's default), once made
+
+
+def shared_pool() -> bool:
+    """Whether this process's sessions share one pool (``use_shared_thread_pool``)."""
+    return _shared_pool is not None
 
 
 def ort_version() -> tuple:
@@ -55,14 +59,13 @@ def use_shared_thread_pool(threads: int = 0) -> None:
     from onnxruntime.capi import _pybind_state
 
     check_threads(threads, "use_shared_thread_pool")
-    size = threads or os.cpu_count() or 1
-    if _shared_pool:  # ONNX Runtime makes the pool once per process: a second call can only repeat the first
-        if size != _shared_pool:
-            raise ConfigError(f"use_shared_thread_pool: this process's pool already has {_shared_pool} threads "
-                              f"(asked: {size}); call it once, at app start")
+    if shared_pool():  # ONNX Runtime makes the pool once per process: a second call can only repeat the first
+        if threads != _shared_pool:
+            raise ConfigError(f"use_shared_thread_pool: this process's pool is already made, with threads="
+                              f"{_shared_pool} (asked: {threads}); call it once, at app start")
         return
-    _pybind_state.set_global_thread_pool_sizes(size, 1)
-    _shared_pool = size
+    _pybind_state.set_global_thread_pool_sizes(threads, 1)  # 0: ONNX Runtime's default, as a session's own pool
+    _shared_pool = int(threads)
 
 
 def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
@@ -71,10 +74,14 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     See use_shared_thread_pool for why spinning stops when each call returns.
     """
     check_threads(intra_op_threads, "session_options")
+    if shared_pool() and intra_op_threads:  # ONNX Runtime would run the session on the shared pool all the same
+        raise ConfigError(f"session_options: this process's sessions share one pool (use_shared_thread_pool("
+                          f"{_shared_pool})); a session cannot have {intra_op_threads} threads of its own: call "
+                          "session_options() without intra_op_threads")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    if _shared_pool:
+    if shared_pool():
         so.use_per_session_threads = False
     else:
         so.intra_op_num_threads = intra_op_threads
@@ -84,8 +91,9 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
 
 
 def check_threads(threads, call: str) -> None:
-    if not (is_whole(threads) and threads >= 0):
-        raise ConfigError(f"{call}: threads must be a whole number >= 0 (0: one per core), got {threads!r}")
+    if not (is_whole(threads) and 0 <= threads < 2**31):  # ONNX Runtime's int (past it: a pybind TypeError)
+        raise ConfigError(f"{call}: threads must be a whole number from 0 (ONNX Runtime's default: one per physical "
+                          f"core) below 2**31, got {threads!r}")
 
 
 def device_of(session) -> tuple[str, int]:
@@ -102,11 +110,11 @@ def check_providers(providers, sess_options) -> list:
     if sess_options is not None and not isinstance(sess_options, ort.SessionOptions):
         raise ConfigError(f"sess_options must be an onnxruntime.SessionOptions (see edgepeft.runtimes.session_options), "
                           f"got {type(sess_options).__name__}")
-    if sess_options is not None and _shared_pool and sess_options.use_per_session_threads:
+    if sess_options is not None and shared_pool() and sess_options.use_per_session_threads:
         raise ConfigError("sess_options asks for a thread pool of its own, which ONNX Runtime refuses after "
                           "use_shared_thread_pool(); set sess_options.use_per_session_threads = False, or start from "
                           "edgepeft.runtimes.session_options()")
-    if sess_options is not None and not _shared_pool and not sess_options.use_per_session_threads:
+    if sess_options is not None and not shared_pool() and not sess_options.use_per_session_threads:
         raise ConfigError("sess_options.use_per_session_threads = False takes the process's shared thread pool, which "
                           "ONNX Runtime has only after edgepeft.runtimes.use_shared_thread_pool(): call that first, "
                           "at app start, or leave use_per_session_threads True")

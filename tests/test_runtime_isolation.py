@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tiny import sample_batch
 
 
@@ -80,7 +82,7 @@ def test_a_second_shared_pool_call_repeats_the_first_or_is_refused(shared_export
         import numpy as np
         import onnxruntime as ort
         from edgepeft.runtimes import ConfigError, Runtime, use_shared_thread_pool
-        for bad in ("4", 2.5, -1, True):  # ONNX Runtime's raw TypeError, or recorded as the pool's size
+        for bad in ("4", 2.5, -1, True, 2**31):  # ONNX Runtime's raw TypeError, or recorded as the pool's size
             try:
                 use_shared_thread_pool(bad)
             except ConfigError as e:
@@ -97,17 +99,46 @@ def test_a_second_shared_pool_call_repeats_the_first_or_is_refused(shared_export
             Runtime({out!r}, sess_options=ort.SessionOptions())
         except ConfigError as e:
             print(e)
+        from edgepeft.runtimes import session_options
+        try:  # found by a hunt: the 4 was dropped, the session ran on the shared pool
+            session_options(4)
+        except ConfigError as e:
+            print(e)
+        print(session_options().use_per_session_threads)
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == [
-        *(f"use_shared_thread_pool: threads must be a whole number >= 0 (0: one per core), got {bad}"
-          for bad in ("'4'", "2.5", "-1", "True")),
+        *(f"use_shared_thread_pool: threads must be a whole number from 0 (ONNX Runtime's default: one per physical "
+          f"core) below 2**31, got {bad}" for bad in ("'4'", "2.5", "-1", "True", "2147483648")),
         "(1, 3, 128)",
-        "use_shared_thread_pool: this process's pool already has 2 threads (asked: 3); call it once, at app start",
+        "use_shared_thread_pool: this process's pool is already made, with threads=2 (asked: 3); call it once, at "
+        "app start",
         "sess_options asks for a thread pool of its own, which ONNX Runtime refuses after use_shared_thread_pool(); "
-        "set sess_options.use_per_session_threads = False, or start from edgepeft.runtimes.session_options()"]
+        "set sess_options.use_per_session_threads = False, or start from edgepeft.runtimes.session_options()",
+        "session_options: this process's sessions share one pool (use_shared_thread_pool(2)); a session cannot have 4 "
+        "threads of its own: call session_options() without intra_op_threads",
+        "False"]
+
+
+def test_a_shared_pool_of_threads_0_is_onnx_runtimes_default(monkeypatch):
+    """Found by a hunt: threads=0 made a pool of os.cpu_count() threads (logical CPUs, affinity ignored), where a
+    session's own pool of 0 is ONNX Runtime's default (one per physical core); the docs said "one per core"."""
+    from onnxruntime.capi import _pybind_state
+
+    from edgepeft.runtimes import ConfigError, sessions
+
+    made = []
+    monkeypatch.setattr(_pybind_state, "set_global_thread_pool_sizes", lambda *sizes: made.append(sizes))
+    monkeypatch.setattr(sessions, "_shared_pool", None)  # this process's real pool stays unmade
+    sessions.use_shared_thread_pool()
+    sessions.use_shared_thread_pool(0)  # a repeat
+    assert made == [(0, 1)] and sessions.shared_pool()
+    with pytest.raises(ConfigError, match=r"pool is already made, with threads=0 \(asked: 2\)"):
+        sessions.use_shared_thread_pool(2)
+    with pytest.raises(ConfigError, match=r"threads must be a whole number from 0 .* below 2\*\*31, got 2147483648"):
+        sessions.session_options(2**31)  # pybind's TypeError
 
 
 def test_an_onnx_runtime_older_than_the_exports_need_is_named_not_the_files(tmp_path, monkeypatch):

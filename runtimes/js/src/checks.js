@@ -250,7 +250,7 @@ export function checkOptions(options, allowed, call, elsewhere = "") {
   return options;
 }
 
-/** Runtime.open's sessionOptions: null (or none) is ONNX Runtime's defaults, as Python's sess_options=None; a value
+/** Runtime.open's sessionOptions: null (or none) is ONNX Runtime's defaults (Python's None also stops spinning); a value
  * that is not an object is refused as such (null was a TypeError; 5 or true blamed the export's files). */
 export function sessionOptionsOf(v) {
   if (v == null) return {};
