@@ -105,8 +105,9 @@ def device_of(session) -> tuple[str, int]:
     return "cpu", 0
 
 
-def check_providers(providers, sess_options) -> list:
-    """The providers list to open a session with (default: the CPU), the arguments' types checked."""
+def check_providers(providers, sess_options) -> list | None:
+    """The providers list to open a session with (default: the CPU; None where sess_options chose them), the
+    arguments' types checked."""
     if sess_options is not None and not isinstance(sess_options, ort.SessionOptions):
         raise ConfigError(f"sess_options must be an onnxruntime.SessionOptions (see edgepeft.runtimes.session_options), "
                           f"got {type(sess_options).__name__}")
@@ -118,6 +119,9 @@ def check_providers(providers, sess_options) -> list:
         raise ConfigError("sess_options.use_per_session_threads = False takes the process's shared thread pool, which "
                           "ONNX Runtime has only after edgepeft.runtimes.use_shared_thread_pool(): call that first, "
                           "at app start, or leave use_per_session_threads True")
+    if providers is None and sess_options is not None and hasattr(sess_options, "has_providers") \
+            and sess_options.has_providers():
+        return None  # the app chose them on sess_options (ONNX Runtime 1.22+: add_provider_for_devices, a policy)
     if providers is None or (isinstance(providers, (list, tuple)) and not providers):  # none: the CPU
         return ["CPUExecutionProvider"]
     if isinstance(providers, str) or not isinstance(providers, (list, tuple)) or not all(
@@ -137,8 +141,8 @@ def open_base_session(graph: str, providers: list, sess_options):
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         reason = first_line(e)
     if sess_options is not None:
-        try:
-            ort.InferenceSession(graph, sess_options=session_options(), providers=providers)
+        try:  # the CPU where sess_options chose the providers (a GPU build asks for a list)
+            ort.InferenceSession(graph, sess_options=session_options(), providers=providers or ["CPUExecutionProvider"])
         except Exception:
             pass
         else:

@@ -141,6 +141,24 @@ def test_a_shared_pool_of_threads_0_is_onnx_runtimes_default(monkeypatch):
         sessions.session_options(2**31)  # pybind's TypeError
 
 
+def test_providers_chosen_on_the_apps_sess_options_are_onnx_runtimes_to_use(shared_export):
+    """Found by a hunt: ONNX Runtime 1.22+ takes the providers on SessionOptions (add_provider_for_devices, a
+    selection policy or delegate); Runtime(OUT, sess_options=so) passed ["CPUExecutionProvider"] over them, and ONNX
+    Runtime used that list (its warning named providers the app never passed)."""
+    from edgepeft.runtimes import Runtime, session_options
+
+    asked = []
+
+    def pick(devices, model_metadata, runtime_metadata, most):  # ONNX Runtime's selection delegate
+        asked.append([d.ep_name for d in devices])
+        return [d for d in devices if d.ep_name == "CPUExecutionProvider"][:most]
+
+    so = session_options()
+    so.set_provider_selection_policy_delegate(pick)
+    rt = Runtime(shared_export("llama")[0], sess_options=so, load_adapters=False)
+    assert asked and rt.session.get_providers() == ["CPUExecutionProvider"] and rt.device == ("cpu", 0)
+
+
 def test_an_onnx_runtime_older_than_the_exports_need_is_named_not_the_files(tmp_path, monkeypatch):
     """onnxruntime 1.20/1.21 (which [cpu] allowed) refuse the decoders' GroupQueryAttention: the message said the
     export was damaged and to re-export, which never helps; 1.22-1.23's int4 quantizer was a TypeError traceback."""
