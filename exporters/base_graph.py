@@ -148,6 +148,7 @@ def write_side_files(source: str, stage: str, task: str, revision: str | None = 
     """What the graph runs with, from ``source`` into ``stage``: the tokenizer, generate's defaults (in the manifest
     too), Runtime.embed's length limit and pooling (from the hub too)."""
     write_tokenizer(source, stage, revision, log, pairs=task == "seq-cls")
+    note_chat_template(source, stage, log)
     if os.path.isfile(os.path.join(source, "generation_config.json")):
         shutil.copy2(os.path.join(source, "generation_config.json"), stage)
     st = sentence_transformers_folder(source, revision) if task == "feature-extraction" else None
@@ -225,6 +226,25 @@ def write_tokenizer(source: str, stage: str, revision: str | None = None, log=la
         _check_copied_tokenizer(source, stage, pairs)  # later with "re-run export", which copied them again
     if copied and why:
         log(why + "its files are copied as they are")
+
+
+def note_chat_template(source: str, stage: str, log) -> None:
+    """A model's chat template that cannot be used, noted at export: transformers says so at its first chat call
+    only, and every chat=True call of the export refuses it (a re-export, the fix that named, copied it again)."""
+    from edgepeft.errors import EdgePeftError, MissingDependencyError
+    from edgepeft.runtimes import chat_template
+    from edgepeft.runtimes.text import TextTokenizer
+
+    try:
+        template = TextTokenizer(stage).chat_template if os.path.isfile(os.path.join(stage, "tokenizer.json")) else None
+        if template is not None:
+            chat_template.compile_template(chat_template.default_template(template, source), source,
+                                           "chat=True calls of this export refuse it: correct it in the model's "
+                                           "folder and export again, or pass plain text")
+    except MissingDependencyError:  # jinja2 missing or too old: the runtime names that itself
+        pass
+    except EdgePeftError as e:
+        log(f"note: {e}")
 
 
 def _check_copied_tokenizer(source: str, stage: str, pairs: bool) -> None:

@@ -17,6 +17,9 @@ from .errors import STOPS, ConfigError, CorruptArtifactError, InvalidInputError,
 from .sentence import TOKENIZER_FIX as _FIX
 from .values import HALF_CHARACTER, half_character
 
+# a template's own code (the export copies the model's as it is: copying it again, or re-exporting, gives it back)
+TEMPLATE_FIX = "correct it in the model's folder and export again (the export copies it as it is), or pass plain text (chat=False)"
+
 
 def default_template(template, path: str):
     """The template transformers uses without tools: a single one, or the one named "default" of several
@@ -36,10 +39,10 @@ def default_template(template, path: str):
     return template
 
 
-def compile_template(text: str | None, source: str):
+def compile_template(text: str | None, source: str, fix: str = TEMPLATE_FIX):
     """``text`` compiled in an environment like transformers': sandboxed and immutable (a template is code from the
     model's files), loop controls, ``{% generation %}`` blocks, ``raise_exception``, ``strftime_now``, and a
-    ``tojson`` that keeps key order and non-ASCII text. ``source``: the file it came from, for messages."""
+    ``tojson`` that keeps key order and non-ASCII text. ``source``: the file it came from, and ``fix``, for messages."""
     if not text:
         raise ConfigError(f"{source}: has no chat_template (nor does chat_template.jinja beside it); "
                           "pass plain text (chat=False)")
@@ -68,12 +71,12 @@ def compile_template(text: str | None, source: str):
         tree = env.parse(text)
         if any(tree.find_all((jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport, jinja2.nodes.Extends))):
             raise CorruptArtifactError(f"{source}: the chat template takes in other templates ({{% include %}}, "
-                                       f"{{% import %}} or {{% extends %}}), which a chat template has none of; {_FIX}")
+                                       f"{{% import %}} or {{% extends %}}), which a chat template has none of; {fix}")
         return env.from_string(tree)
     except jinja2.TemplateSyntaxError as e:  # an unknown filter too, found as it compiles
         if isinstance(e.__cause__, STOPS):  # jinja's lexer makes any error of a token's value a syntax error
             raise e.__cause__ from None
-        raise CorruptArtifactError(f"{source}: the chat template does not parse ({e}); {_FIX}") from None
+        raise CorruptArtifactError(f"{source}: the chat template does not parse ({e}); {fix}") from None
 
 
 def render(template, source: str, messages: list, add_generation_prompt: bool, special_tokens: dict,
@@ -89,6 +92,8 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
         raise InvalidInputError(f"chat messages are a list of {{'role': ..., 'content': ...}} dicts, got a "
                                 f"{type(messages).__name__}; pass [message]")
     messages = list(messages)  # a generator: used up by the checks below, and the template got none
+    if not messages:  # as transformers refuses it (a batch's [] was rendered as a bare generation prompt)
+        raise InvalidInputError("a chat holds no message; give each chat at least one {'role': ..., 'content': ...}")
     for i, m in enumerate(messages):  # templates skip what is no dict: a message left out, silently
         if not (isinstance(m, Mapping) or _an_object(m)):  # a dataclass or pydantic message: its fields, a dict
             raise InvalidInputError(f"chat message {i} is {type(m).__name__} {m!r:.40}, not a dict; give each message "
@@ -103,7 +108,7 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
         add_generation_prompt = add_generation_prompt and not continue_final_message
     if continue_final_message:  # its text marked (a list of parts: its last text part's), the chat cut at the mark below
         content = messages[-1].get("content") if messages else None
-        parts = [dict(p) for p in content] if isinstance(content, (list, tuple)) else None
+        parts = [dict(p) if isinstance(p, dict) else p for p in content] if isinstance(content, (list, tuple)) else None
         last = next((p for p in reversed(parts or []) if isinstance(p, dict) and isinstance(p.get("text"), str)), None)
         if not isinstance(content, str) and last is None:
             raise InvalidInputError("an answer to continue is the last message's text (a string, or a part with text)")
@@ -115,7 +120,7 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
                                add_generation_prompt=add_generation_prompt, **special_tokens)
     except SecurityError as e:  # the template's own code, not the messages
         raise CorruptArtifactError(f"{source}: the chat template does what a template may not ({e}); "
-                                   f"use the model's original template") from None
+                                   f"{TEMPLATE_FIX}") from None
     except (InvalidInputError, *STOPS):  # raise_exception's, and an app's timeout
         raise
     except Exception as e:  # what the messages hold (a KeyError, an IndexError, 1 // 0 of too few messages, ...)

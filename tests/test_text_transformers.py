@@ -473,3 +473,39 @@ def test_a_chat_ending_in_an_answer_begun_is_continued_as_the_pipeline_continues
     ids, mask = text_rt.tokenizer.encode(begun, add_special_tokens=False)
     new = text_rt.generate(ids, mask, adapter="tok", max_new_tokens=3)[0, ids.shape[1]:]
     assert text_rt.generate_text(chat, adapter="tok", chat=True, max_new_tokens=3) == text_rt.tokenizer.decode(new)
+    # found by a hunt: a part that is no dict was a bare ValueError (transformers passes it by for the last text
+    # part); an empty chat in a batch was rendered as a bare generation prompt (transformers refuses it)
+    mixed = [chat[0], {"role": "assistant", "content": [{"type": "text", "text": "w20 w21"}, "w22"]}]
+    assert text_rt.tokenizer.apply_chat_template(mixed, continue_final_message=None) == hf.apply_chat_template(
+        mixed, tokenize=False, continue_final_message=True)
+    with pytest.raises(ValueError, match="empty conversation"):
+        hf.apply_chat_template([], tokenize=False)
+    with pytest.raises(InvalidInputError, match=r"^a chat holds no message; give each chat at least one"):
+        text_rt.generate_text([chat, []], adapter="tok", chat=True, max_new_tokens=3)
+
+
+def test_a_chat_template_that_cannot_be_used_is_noted_at_export_and_named_the_models(text_export, tmp_path):
+    """Found by a hunt: a model whose template does not parse exported without a word, and every chat call said
+    "copy the export's base folder again, or re-run edgepeft export": a re-export copied the same template."""
+    from edgepeft.errors import EdgePeftWarning
+    from edgepeft.exporters import export
+    from edgepeft.runtimes import Runtime
+
+    base = str(tmp_path / "base")
+    shutil.copytree(text_export[2], base)
+    with open(os.path.join(base, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}A:"
+    with open(os.path.join(base, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    adapter = os.path.join(os.path.dirname(text_export[0]), "adapter-tok")
+    with pytest.warns(EdgePeftWarning, match=rf"^{base}: the chat template does not parse \(.*\); chat=True "
+                                             r"calls of this export refuse it: correct it in the model's folder and "
+                                             r"export again, or pass plain text$"):
+        export([adapter], str(tmp_path / "out"), base=base, names=["tok"])
+    rt = Runtime(str(tmp_path / "out"))
+    with pytest.raises(CorruptArtifactError, match=r"the chat template does not parse \(.*\); correct it in the "
+                                                   r"model's folder and export again \(the export copies it as it is\), "
+                                                   r"or pass plain text \(chat=False\)$"):
+        rt.generate_text("w10", adapter="tok", chat=True, max_new_tokens=2)
+    assert isinstance(rt.generate_text("w10", adapter="tok", max_new_tokens=2), str)  # plain text: as ever
