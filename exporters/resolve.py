@@ -192,8 +192,12 @@ def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
     held = adapter_dirs(out)
     for src in sources:  # a copy of OUT to a device (or OUT on one) would hold one folder for the two
         if src.name not in held and (other := next((n for n in held if n.casefold() == src.name.casefold()), None)):
+            def flags(name):  # every adapter's, in order: "--name X" alone went to the first --adapter
+                return " ".join(f"--name {shlex.quote(name if s is src else s.name)}" for s in sources)
+            another = unused_name(out, src.name, {s.name.casefold() for s in sources})
             raise ConfigError(f"{src.path}: {out} holds an adapter named {other!r}, one folder with {src.name!r} on macOS "
-                              f"and Windows; pass --name {other} --overwrite to replace it, or another --name")
+                              f"and Windows; pass {flags(other)} --overwrite to replace it, or another name "
+                              f"({flags(another)}){', in --adapter order' * (len(sources) > 1)}")
     trained = [n for n, d in held.items()  # a training run's output (./adapters/<name>, as the README's)
                if os.path.isfile(os.path.join(d, CONFIG_NAME)) and not os.path.isfile(os.path.join(d, ADAPTER_MANIFEST))]
     if trained:

@@ -76,9 +76,21 @@ def test_adapter_names_differing_in_case_only_are_refused(peft_adapter, shared_e
     assert not (tmp_path / "new").exists()
     out = shutil.copytree(shared_export("llama")[0], tmp_path / "out")
     with pytest.raises(ConfigError, match=f"{out} holds an adapter named 'qv', one folder with 'QV' on macOS and "
-                                          "Windows; pass --name qv --overwrite to replace it, or another --name"):
+                                          "Windows; pass --name qv --overwrite to replace it, or another name "
+                                          r"\(--name QV_2\)$"):
         export([qv], str(out), names=["QV"])
+    # a fixes hunt: "--name qv --overwrite" went to the first --adapter; pasted with the next message's example, it
+    # replaced OUT's qv with the other adapter
+    from file_checks import copy_adapter
+
+    x1 = copy_adapter(qv, tmp_path / "x1")
+    with pytest.raises(ConfigError, match=r"pass --name x1 --name qv --overwrite to replace it, or another name "
+                                          r"\(--name x1 --name QV_2\), in --adapter order$"):
+        export([x1, qv], str(out), names=["x1", "QV"])
     assert sorted(os.listdir(out / "adapters")) == sorted(shared_export("llama")[1])
+    export([x1, qv], str(out), names=["x1", "qv"], overwrite=True)  # the fix, pasted
+    with open(out / "adapters" / "qv" / "adapter.json") as f:
+        assert json.load(f)["source"] == qv
 
 
 def test_a_suggested_name_names_every_adapter_before_it_and_none_out_holds(peft_adapter, tmp_path):
