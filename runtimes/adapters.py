@@ -34,7 +34,8 @@ from .manifest import (
     read_base_manifest, stacks_as_output,
 )
 from .access import STOPPED, inside, moved_aside
-from .commands import base_flags, copied_base_fix, export_command, folder_fix, folder_name_problem, name_problem
+from .commands import (base_flags, copied_base_fix, export_command, folder_fix, folder_name_problem, name_problem,
+                       other_model)
 from .adapter_graph import run_adapter_graph
 from .adapter_source import adapter_bound, read_adapter_source
 from .sessions import ort
@@ -222,7 +223,7 @@ class AdapterStore:
                 f"({on_disk[:12]}), re-exported since this Runtime opened it ({self.base['fingerprint'][:12]}); "
                 f"open a new Runtime({self.out!r}) to serve it")
         # OUT's own folder (every Runtime(OUT) loads it): removed or exported into, not another --name
-        own = folder_fix(self.out, path, self.base) if path and inside(path, os.path.join(self.out, ADAPTERS_DIR)) \
+        own = folder_fix(self.out, path, self.base, manifest) if path and inside(path, os.path.join(self.out, ADAPTERS_DIR)) \
             else None
         if self.merged:  # no export into a --merge export can serve an adapter
             return AdapterBaseMismatchError(f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which "
@@ -233,13 +234,11 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported from {self.base.get('source')} by an edgepeft whose "
                 f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "
                 "out; export every adapter into a fresh --out folder")
-        flags = base_flags(self.base)
-        if own:
-            fix = own
-        elif os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])):
+        flags, fix = base_flags(self.base), own or other_model(manifest, self.base)  # another model: no export into OUT
+        if not fix and os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])):
             fix = (f"export the adapter into this OUT with {export_command('DIR', self.out, '--name', 'NAME', *flags)} "
                    f"(OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)")
-        else:
+        elif not fix:
             fix = f"export the adapter into this OUT with {export_command('DIR', self.out, *flags)}"
         return AdapterBaseMismatchError(
             f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "

@@ -112,21 +112,36 @@ def base_flags(base: dict) -> tuple:
     return quantized + (("--ops", "standard") if standard and base.get("task") == "causal-lm" else ())
 
 
-def folder_fix(out: str, folder: str, base: dict) -> str:
+def other_model(adapter: dict, base: dict) -> str:
+    """Where the adapter (its manifest) was made for another task than OUT's base, so from another model, which no
+    export into this OUT takes ("re-export it into this OUT" was refused): what serves it; else ""."""
+    if adapter.get("task") in (None, base.get("task")):
+        return ""
+    return (f"it was made from {adapter.get('base_source')} ({adapter['task']}), not this {base.get('task')} export's "
+            f"model: load it on the export it was made for")
+
+
+def folder_fix(out: str, folder: str, base: dict, adapter: dict | None = None) -> str:
     """What mends a folder of OUT/adapters made for another base (every Runtime(OUT) refuses it): removing it, or on
     a slot base re-exporting its adapter into it (``base``: OUT's base manifest, whose flags the export repeats);
-    where an export stopped before re-pointing it, running that again."""
+    where an export stopped before re-pointing it, running that again. ``adapter``: its manifest, where read: one made
+    from another model (``other_model``) or from another folder is said so."""
     if base.get("merged_adapter"):
         return f"remove it from {os.path.dirname(os.path.normpath(folder))}, or export it into another --out"
+    if other := other_model(adapter or {}, base):
+        return f"remove {folder}: {other}"
     name, flags = os.path.basename(os.path.normpath(folder)), base_flags(base)
+    made = (adapter or {}).get("base_source")  # export takes it where that folder holds this OUT's model
+    where = f"where {made} is the model of {base['source']}, " if made and base.get("source") and made != base["source"] else ""
+    then = ", " if where else " "  # "remove X, or, where ..., re-export"
     if export_name_problem(name):  # export cannot write that folder: it goes, its adapter comes back by another name
-        return f"remove {folder}, then re-export its adapter into this OUT: " \
+        return f"remove {folder}, then{then}{where}re-export its adapter into this OUT: " \
                f"{export_command('DIR', out, '--name', quote(unused_name(out, exported_as(name))), *flags)}"
-    again = f"re-export its adapter into this OUT: {export_command('DIR', out, '--name', quote(name), '--overwrite', *flags)}"
+    again = f"{where}re-export its adapter into this OUT: {export_command('DIR', out, '--name', quote(name), '--overwrite', *flags)}"
     if os.path.isfile(os.path.join(folder, REPOINTED)):  # its manifest for the new base waits beside it: not to remove
         return (f"an export into {out} was stopped before it re-pointed it; run that export again (where OUT can be "
-                f"locked, not on Windows, it finishes that first), or {again}")
-    return f"remove {folder}, or {again}"
+                f"locked, not on Windows, it finishes that first), or{then}{again}")
+    return f"remove {folder}, or{then}{again}"
 
 
 def copied_base_fix(adapter: dict, base: dict, folder: str | None) -> str:

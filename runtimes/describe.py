@@ -108,7 +108,7 @@ def _described(out_dir: str) -> dict:
             problems.append(problem)
         if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it too
             problems.append(f"{d}: exported for another base ({m['base_fingerprint'][:12]}; {base_dir} is "
-                            f"{base['fingerprint'][:12]}); {folder_fix(out_dir, d, base)}")
+                            f"{base['fingerprint'][:12]}); {folder_fix(out_dir, d, base, m)}")
         adapters.append(
             {
                 "name": name,

@@ -228,3 +228,33 @@ def test_a_copy_setting_another_num_labels_shares_the_base(tiny_base, tmp_path):
             got = rt.forward(ids, mask, adapter=name)["logits"]
             assert got.shape == want.shape == (2, 1 if name == "rerank" else 2)
             assert abs(got - want).max() < 1e-4
+
+
+def test_an_adapter_of_another_model_is_to_be_removed_or_served_by_its_export(shared_export, tmp_path):
+    """Found by a fixes hunt: a BERT adapter folder copied into a Llama export's OUT/adapters was to be "re-exported
+    into this OUT" (inspect, Runtime(OUT), load_adapter, the JS runtime), which export refuses: another model."""
+    import re
+    import shutil
+
+    from edgepeft.runtimes.describe import describe_export
+
+    bert_out, bert_dirs, _ = shared_export("bert")
+    name = sorted(bert_dirs)[0]
+    out = str(shutil.copytree(shared_export("llama")[0], tmp_path / "out"))
+    foreign = os.path.join(out, "adapters", "from_bert")
+    shutil.copytree(os.path.join(bert_out, "adapters", name), foreign)
+    other = (r"it was made from .* \(feature-extraction\), not this causal-lm export's model: load it on the export it "
+             r"was made for")
+    with pytest.raises(AdapterBaseMismatchError, match=rf"; remove {re.escape(foreign)}: {other}$"):
+        Runtime(out)
+    assert any(re.search(rf"; remove {re.escape(foreign)}: {other}$", p) for p in describe_export(out)["problems"])
+    with pytest.raises(AdapterBaseMismatchError, match=rf"; {other}$"):
+        Runtime(shared_export("llama")[0]).load_adapter(os.path.join(bert_out, "adapters", name))
+    shutil.rmtree(foreign)  # made from another folder, for the same task: export takes it where that is this model
+    moved = os.path.join(out, "adapters", "moved")
+    shutil.copytree(os.path.join(out, "adapters", "qv"), moved)
+    edit_json(os.path.join(moved, "adapter.json"), base_fingerprint="0" * 64, base_source="/elsewhere/llama")
+    source = json.load(open(os.path.join(out, "base", BASE_MANIFEST)))["source"]
+    with pytest.raises(AdapterBaseMismatchError, match=rf"; remove {re.escape(moved)}, or, where /elsewhere/llama is the "
+                                                       rf"model of {re.escape(source)}, re-export its adapter into this OUT"):
+        Runtime(out)

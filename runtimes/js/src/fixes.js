@@ -42,12 +42,18 @@ export function exportedAs(name) {
 /** The export that brings adapter `name` (its folder `folder`) back into OUT (`out`: the folder, or null where the
  * loader reads no folder: a URL is no --out): with --overwrite, or for a name export refuses ("my.lora"), after
  * removing the folder, under a name it takes. */
-export function reexport(out, name, folder) {
+export function reexport(out, name, folder, where = "") {
   const as = exportedAs(name);
   const command = `\`edgepeft export --adapter DIR --out ${out === null ? "OUT" : quote(out)} --name ${quote(as)}` +
     `${as === name ? " --overwrite" : ""}\``;
-  return `${as === name ? "" : `remove ${folder}, then `}re-export its adapter into this OUT: ${command}`;
+  return `${as === name ? "" : `remove ${folder}, then${where ? ", " : " "}`}${where}re-export its adapter into this OUT: ${command}`;
 }
+
+/** Where the adapter (its manifest) was made for another task than OUT's base (`base`), so from another model, which
+ * no export into this OUT takes: what serves it; else "" (commands.py other_model). */
+export const otherModel = (adapter, base) => adapter.task == null || adapter.task === base.task ? "" :
+  `it was made from ${adapter.base_source} (${adapter.task}), not this ${base.task} export's model: load it on the ` +
+  "export it was made for";
 
 /** What mends the adapter folder `name` of the Runtime `rt`'s OUT, whose `manifest` names another base: off a --merge
  * export; where an export stopped before it re-pointed the folder (its new manifest waiting beside it), that export
@@ -58,7 +64,10 @@ export async function folderFix(rt, name, merged, manifest) {
   const { loader } = rt;
   if (merged) return `remove it from ${loader.where("adapters")}, or export it into another --out`;
   const folder = loader.where(`adapters/${name}`), out = loader.folder ? loader.where("") : null;
-  const again = reexport(out, name, folder), copied = manifest.base_source && manifest.base_source === rt.manifest.source
+  const other = otherModel(manifest, rt.manifest), made = manifest.base_source, source = rt.manifest.source;
+  if (other) return `remove ${folder}: ${other}`;
+  const where = made && source && made !== source ? `where ${made} is the model of ${source}, ` : "";  // as commands.py
+  const then = where ? ", " : " ", again = reexport(out, name, folder, where), copied = manifest.base_source && manifest.base_source === rt.manifest.source
     ? "; or, where this OUT is a copy, copy the export it came from again: its base folder and every adapter" : "";
   if (exportedAs(name) !== name) return again + copied;
   // its manifest for this base waiting beside it (commands.py REPOINTED): a folder's file there; over HTTP, a file that
@@ -66,9 +75,9 @@ export async function folderFix(rt, name, merged, manifest) {
   const rel = `adapters/${name}/.adapter.json.new`, fingerprint = rt.manifest.fingerprint;
   const waiting = loader.folder ? await loader.size?.(rel).catch(() => undefined) !== undefined
     : await loader.json(rel).then((m) => m?.format === "edgepeft-adapter" && m.base_fingerprint === fingerprint, () => false);
-  return !waiting ? `remove ${folder}, or ${again}${copied}` : `an export into ${out ?? "OUT"} was ` +
+  return !waiting ? `remove ${folder}, or${then}${again}${copied}` : `an export into ${out ?? "OUT"} was ` +
     `stopped before it re-pointed it; run that export again (where OUT can be locked, not on Windows, it finishes that ` +
-    `first), or ${again}`;
+    `first), or${then}${again}`;
 }
 
 /** What loadAdapter says of a name OUT/adapters lacks: a --merge export takes no adapters (Python's export refuses

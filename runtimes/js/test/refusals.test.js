@@ -328,6 +328,16 @@ test("folders a stopped or unfinished export left are named with a fix that work
   await refuses((await openFolder(ortNode, merged)).loadAdapter("lora"), /merged\/base holds a --merge export \(.*\), which takes no adapters; remove it from .*merged\/adapters, or export it into another --out$/);
 });
 
+test("an adapter of another model is to be removed or served by its export, as in Python", async () => {
+  // found by a fixes hunt: "re-export its adapter into this OUT", which export refuses for another model
+  const out = await copied("other model");
+  await cp(path.join(FIXTURES, "minilm/adapters/intent"), path.join(out, "adapters/from_minilm"), { recursive: true });
+  const rt = await openFolder(ortNode, out);
+  await refuses(rt.loadAdapter("from_minilm"), /; remove .*adapters\/from_minilm: it was made from .* \(seq-cls\), not this causal-lm export's model: load it on the export it was made for$/);
+  await editJson(path.join(out, "adapters/lora/adapter.json"), { base_fingerprint: "a".repeat(64), base_source: "/elsewhere/llama" });
+  await refuses(rt.loadAdapter("lora"), /; remove .*adapters\/lora, or, where \/elsewhere\/llama is the model of .*, re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*other model' --name lora --overwrite`$/);
+});
+
 test("a folder that is not an export (its base, an adapter of it, an HF PEFT adapter, a model) is named as Python names it", async () => {
   // found by a hunt: each was "base/edgepeft.json: no such file; export there first", a fix that fails for all four
   const llama = path.join(FIXTURES, "llama"), peftAdapter = path.join(scratch, "peft-adapter"), model = path.join(scratch, "model");
