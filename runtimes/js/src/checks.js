@@ -30,7 +30,7 @@ export function plain(v) {
 }
 
 export const FORMAT_VERSION = 4;  // the newest export format this runtime reads: runtimes/manifest.py's (a test keeps them equal)
-export const REEXPORT = "re-export it (edgepeft export --adapter DIR --out OUT --overwrite)";
+export const REEXPORT = "re-export it under its folder's name (edgepeft export --adapter DIR --out OUT --name NAME --overwrite)";
 export const REEXPORT_BASE = "copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder";  // as Python's: a device's copy first
 /** The fix for a damaged file of the export at `rel`: the base's needs a fresh export, an adapter's a re-export. */
 export const reexportFor = (rel) => rel.startsWith("base/") ? REEXPORT_BASE : REEXPORT;

@@ -107,7 +107,7 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   const where = (rel) => quoted(path.join(out, rel));
   const adapterRefused = async (edit, pattern) => withEdit(out, adapter, edit, async () => {
     const rt = await openFolder(ortNode, out);
-    await refuses(rt.loadAdapter("lora"), new RegExp(`^${where(adapter)}: ${pattern}; re-export it \\(edgepeft export`));
+    await refuses(rt.loadAdapter("lora"), new RegExp(`^${where(adapter)}: ${pattern}; re-export it under its folder's name \\(edgepeft export --adapter DIR --out OUT --name NAME`));
   });
   await adapterRefused((j) => { delete j.base_fingerprint; delete j.name; }, "manifest lacks name, base_fingerprint");
   await adapterRefused((j) => { j.base_fingerprint = 7; }, "field base_fingerprint must be a string, got 7");
@@ -229,7 +229,7 @@ test("a slot table the runtime would misread (axes, targets, selectors, names) i
 test("an adapter filling a selector slot, half a LoRA pair or several IA3 adapters is refused, as in Python", async () => {
   const out = await copied("tensors");
   const where = quoted(path.join(out, "adapters"));
-  const fix = "re-export it \\(edgepeft export --adapter DIR --out OUT --overwrite\\)$";
+  const fix = "re-export it under its folder's name \\(edgepeft export --adapter DIR --out OUT --name NAME --overwrite\\)$";
   // lora_rows.batch is the runtime's per-call choice of rows: an adapter's zeros there silently ran the base model
   await giving(out, "lora", { ...LORA, "lora_rows.batch": { dims: [1, 1, 8] } });
   let rt = await openFolder(ortNode, out);
@@ -335,7 +335,7 @@ test("an adapter an export replaces while loadAdapter reads it is read again who
 test("an adapter graph ONNX Runtime cannot run, or whose outputs Object's own names hide, is refused, as in Python", async () => {
   const out = await copied("odd-graphs");
   const where = quoted(path.join(out, "adapters/lora"));
-  const fix = "; re-export it \\(edgepeft export --adapter DIR --out OUT --overwrite\\)$";
+  const fix = "; re-export it under its folder's name \\(edgepeft export --adapter DIR --out OUT --name NAME --overwrite\\)$";
   const rt = await openFolder(ortNode, out);
   // "constructor" and "__proto__" read as slots of any object: a wrong message, or the output silently gone
   for (const odd of ["constructor", "__proto__"]) {
@@ -470,7 +470,7 @@ test("an adapter graph reading external data (a file of the app's working folder
     for (const ort of [ortNode, ortWeb]) {
       const rt = await openFolder(ort, out);
       await refuses(rt.loadAdapter("lora"), new RegExp(`^${quoted(path.join(out, "adapters/lora/adapter.onnx"))}: .*it reads ` +
-        "tensors from another file \\(external data\\), where adapter graphs hold them inside\\); re-export it \\(edgepeft export"));
+        "tensors from another file \\(external data\\), where adapter graphs hold them inside\\); re-export it under its folder's name \\(edgepeft export"));
       assert.deepEqual(rt.adapterNames, []);
       await rt.loadAdapter("ia3");  // the others still load
     }

@@ -104,7 +104,7 @@ test("missing or damaged files of an export name the file and a fix, on node and
     const out = await copied(`damaged-${label}`);
     const rt = await openFolder(ort, out);
     await rm(path.join(out, "adapters/lora/adapter.onnx"));
-    await refuses(rt.loadAdapter("lora"), /adapters\/lora\/adapter.onnx: missing from the export; re-export it \(edgepeft export/);
+    await refuses(rt.loadAdapter("lora"), /adapters\/lora\/adapter.onnx: missing from the export; re-export it under its folder's name \(edgepeft export --adapter DIR --out OUT --name NAME/);
     await writeFile(path.join(out, "adapters/ia3/adapter.json"), "{\"name\": ");
     await refuses(rt.loadAdapter("ia3"), /adapters\/ia3\/adapter.json: not readable JSON \(.*\); re-export it/);
     const data = path.join(out, "base/model.onnx.data");

@@ -135,7 +135,7 @@ test("a file past its size is refused by its Content-Length unread, else read no
   // adapter of the base can take, which a folder's is refused by, unread)
   const rt = await openUrl(ortWeb, base);
   rt.most = 2 ** 22;  // a smaller base's limit: less to send
-  const adapter = `${base}/adapters/lora/adapter.onnx: more than an adapter of this base can take \\(${rt.most} bytes\\); re-export it`;
+  const adapter = `${base}/adapters/lora/adapter.onnx: more than an adapter of this base can take \\(${rt.most} bytes\\); re-export it under its folder's name`;
   const { file_bytes: { "model.onnx.data": want } } = JSON.parse(await readFile(path.join(FIXTURES, "llama/base/edgepeft.json"), "utf8"));
   const data = `${base}/base/model.onnx.data: `, wrote = ` bytes where the export wrote ${want} \\(a copy cut short\\?\\)`;
   try {
