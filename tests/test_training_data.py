@@ -66,10 +66,20 @@ def test_a_gzip_compressed_file_is_told_to_be_unpacked(tmp_path):
     """A training-paths hunt: data.jsonl.gz was "not UTF-8 text; save the file as UTF-8 JSONL" (it is, packed)."""
     import gzip
 
-    path = tmp_path / "d.jsonl.gz"
-    path.write_bytes(gzip.compress(b'{"text": "a", "label": "x"}\n' * 50))
-    with pytest.raises(DataError, match=f"^{path}:.*: not UTF-8 text .*; the file is gzip-compressed: unpack it"):
-        read_jsonl(str(path), "seq-cls")
+    import subprocess
+
+    # a fixes hunt: "gunzip -k FILE" refused a name without .gz (curl saving a gzip-encoded answer under its name)
+    (tmp_path / "d.jsonl").write_text("not mine to replace")
+    for name in ("d.jsonl.gz", "dl.jsonl", "d.jsonl.gz"):  # the second d.jsonl.gz: d.jsonl unpacked by the first
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(b'{"text": "a", "label": "x"}\n' * 50))
+        with pytest.raises(DataError, match=f"^{path}:.*: not UTF-8 text .*; the file is gzip-compressed: unpack it "
+                                            r"\(gunzip -c .*\) and pass that file$") as e:
+            read_jsonl(str(path), "seq-cls")
+        command = str(e.value).split("(gunzip", 1)[1].rsplit(") and pass", 1)[0]
+        subprocess.run(f"gunzip{command}", shell=True, check=True)
+        assert len(read_jsonl(command.rsplit("> ", 1)[1].strip("'"), "seq-cls")) == 50
+    assert (tmp_path / "d.jsonl").read_text() == "not mine to replace"
 
 
 def test_two_objects_on_one_line_is_invalid_json(tmp_path):

@@ -24,7 +24,7 @@ import torch
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
 from edgepeft.runtimes.access import check_readable
 from edgepeft.processes import first
-from edgepeft.training.jsonl import file_lines, not_json_lines
+from edgepeft.training.jsonl import file_lines, gzip_fix, not_json_lines
 from edgepeft.runtimes.sentence import lowercase_first
 
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
@@ -95,7 +95,7 @@ def read_jsonl(path: str, task: str) -> Rows:
             line = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason}); " + (
-                "the file is gzip-compressed: unpack it (gunzip -k FILE)" if lines[0][:2] == b"\x1f\x8b" else
+                gzip_fix(path) if lines[0][:2] == b"\x1f\x8b" else
                 "save the file as UTF-8 JSONL")) from None
         if not line.strip():
             continue

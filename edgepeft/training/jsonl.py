@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
+import shlex
 
 
 def file_lines(path: str) -> list[bytes]:
@@ -27,3 +29,15 @@ def not_json_lines(lines: list[bytes]) -> str | None:
     rows = "jq -c '.[]' file.json > file.jsonl" if isinstance(document, list) else "jq -c . file.json > file.jsonl"
     return (f"the file is one JSON document over several lines (a pretty-printed {type(document).__name__}), not JSON "
             f"Lines: write each row as one JSON object on its own line ({rows})")
+
+
+def gzip_fix(path: str) -> str:
+    """What unpacks the gzip-compressed data file ``path`` (with or without its .gz) into a file no other holds, to
+    pass in its place ("gunzip -k FILE" refused a name without .gz; a .gz name unpacked beside a file of the same
+    name asked to replace it)."""
+    root, ext = os.path.splitext(path[:-3] if path.endswith(".gz") else path)
+    unpacked, k = (f"{root}{ext or '.jsonl'}" if path.endswith(".gz") else f"{root}-unpacked{ext or '.jsonl'}"), 1
+    while os.path.lexists(unpacked):
+        k += 1
+        unpacked = f"{root}-unpacked-{k}{ext or '.jsonl'}"
+    return f"the file is gzip-compressed: unpack it (gunzip -c {shlex.quote(path)} > {shlex.quote(unpacked)}) and pass that file"
