@@ -333,8 +333,19 @@ def test_eval_label_not_in_training_labels_names_eval_file_and_line(tmp_path):
 
 def test_eval_integer_label_beyond_training_max(tmp_path):
     eval_path = write_lines(tmp_path / "eval.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 3}])
-    with pytest.raises(DataError, match=rf"{eval_path}:2: label 3 is not one of the training labels"):
+    with pytest.raises(DataError, match=rf"{eval_path}:2: label 3 is not one of the training labels .*; use one of "
+                                        r"those, or add training rows labelled 3 to --data$"):
         label_ids(read_jsonl(eval_path, "seq-cls"), ["0", "1"], eval_path)
+
+
+def test_an_eval_label_of_another_kind_is_not_to_be_added_to_the_data(tmp_path):
+    """A fixes hunt: "add training rows labelled 0.5 (or 5) to --data" where the training labels are strings: followed,
+    --data was refused (relevance scores; labels mixing strings and integers). A string among integers alike."""
+    for label, names in ((0.5, ["neg", "pos"]), (5, ["neg", "pos"]), ("pos", ["0", "1"]), (0.5, ["0", "1"])):
+        eval_path = write_lines(tmp_path / "eval.jsonl", [{"text": "b", "label": label}])
+        with pytest.raises(DataError, match=rf"{eval_path}:1: label {label!r} is not one of the training labels "
+                                            r".*; use one of those$"):
+            label_ids(read_jsonl(eval_path, "seq-cls"), names, eval_path)
 
 
 # --------------------------------------------------------------------------- Encoder

@@ -272,9 +272,10 @@ def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:
     ids = []
     for r in rows:
         key = str(r["label"])
-        if key not in index:
-            raise DataError(f"{path}:{r['_line']}: label {r['label']!r} is not one of the training labels {names}; "
-                            f"use one of those, or add training rows labelled {r['label']!r} to --data")
+        if key not in index:  # rows of another kind (a score, an integer among strings) --data refuses: not offered
+            label, ints = r["label"], names == list(map(str, range(len(names))))
+            add = f", or add training rows labelled {label!r} to --data" * (not isinstance(label, float) and isinstance(label, int) == ints)
+            raise DataError(f"{path}:{r['_line']}: label {label!r} is not one of the training labels {names}; use one of those{add}")
         ids.append(index[key])
     return ids
 
