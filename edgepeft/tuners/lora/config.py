@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from edgepeft.config import PeftConfig
 from edgepeft.errors import ConfigError, UnsupportedMethodError
@@ -51,6 +51,9 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False
     target_parameters: Optional[list] = None
     trainable_token_indices: Optional[Union[list, dict]] = None
+    # HF PEFT's fields read from its folders but refused when set (below): no option of --option's list
+    refused_options: ClassVar[tuple] = ("use_dora", "lora_bias", "bias", "layers_to_transform", "layers_pattern",
+                                        "target_parameters", "trainable_token_indices")
 
     def __post_init__(self):
         super().__post_init__()
