@@ -3,6 +3,7 @@ right epoch and says when it did not learn, and one-line errors that point the r
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -112,11 +113,16 @@ def test_cli_says_plainly_when_training_did_not_beat_the_untrained_adapter(text_
 
     _scripted(monkeypatch, [{"loss": 0.69, "accuracy": 0.63}, {"loss": 0.69, "accuracy": 0.63}])
     data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
-    main(["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--eval", data, "--out",
-          str(tmp_path / "o"), "--epochs", "1", "--warmup-ratio", "0", "--quiet"])  # its one step at a rate above 0
+    command = ["train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--eval", data, "--out",
+               str(tmp_path / "o"), "--epochs", "1", "--warmup-ratio", "0", "--quiet"]  # its one step at a rate above 0
+    main(command)
     out, err = capsys.readouterr()
     assert out.startswith("done, but no epoch beat the untrained adapter") and "ok:" not in out
     assert "--lr" in out and err.count("note: eval loss hardly moved") == 1
+    # a fixes hunt: the same command with the rate advised was refused (OUT holds the run): the hint says --overwrite
+    rate = re.search(r"e\.g\. --lr (\S+), or more --epochs \(now 1\), with --overwrite \(OUT holds this run\)", out)
+    _scripted(monkeypatch, [{"loss": 0.69, "accuracy": 0.63}, {"loss": 0.5, "accuracy": 0.8}])
+    main([*command, "--lr", rate.group(1), "--overwrite"])
 
 
 def test_each_method_has_its_own_default_rate_and_prompt_learning_its_token_count():

@@ -49,6 +49,9 @@ def beat_untrained(log: dict) -> bool | None:
     return rank(best) > rank(untrained)
 
 
+# the same command run again is refused (OUT holds this run's adapter and checkpoint; a resume keeps its settings)
+AGAIN = ", with --overwrite (OUT holds this run)"
+
 def hint(log: dict, lr: float, epochs: int) -> str | None:
     """One line with the flags to try when training did not learn (None: it did).
 
@@ -60,14 +63,14 @@ def hint(log: dict, lr: float, epochs: int) -> str | None:
         return None
     before, best = evals[0]["loss"], min(e["loss"] for e in evals[1:])
     if best > before * (2 - HARDLY_MOVED):  # past the band of "hardly moved", 3% either way
-        return f"eval loss rose ({before:.4f} -> {best:.4f} at best); try a lower rate, e.g. --lr {lr / 3:.2g}"
+        return f"eval loss rose ({before:.4f} -> {best:.4f} at best); try a lower rate, e.g. --lr {lr / 3:.2g}{AGAIN}"
     if log.get("history") and not any(h["lr"] for h in log["history"]):  # one step, the warm-up's first: rate 0
         return ("every logged step ran at rate 0 (a warm-up's first step: this run has too few steps to warm up); pass "
-                "--warmup-ratio 0, or take more steps (more --epochs, a smaller --batch-size)")
+                f"--warmup-ratio 0, or take more steps (more --epochs, a smaller --batch-size){AGAIN}")
     metric = next((k for k in ("accuracy", "perplexity") if k in evals[0]), None)
     if metric == "accuracy" and max(e["accuracy"] for e in evals[1:]) >= evals[0]["accuracy"] + 0.05 - 1e-9:
         return None  # a clear gain in accuracy: a small loss change (ln 2 to start with) says nothing more
     if best < HARDLY_MOVED * before:
         return None
     return (f"eval loss hardly moved ({before:.4f} -> {best:.4f} at best); try a higher rate, e.g. "
-            f"--lr {lr * 3:.2g}, or more --epochs (now {epochs})")
+            f"--lr {lr * 3:.2g}, or more --epochs (now {epochs}){AGAIN}")
