@@ -330,7 +330,7 @@ def base_file_errors(base_dir: str, manifest: dict, names=None) -> list:
 
 
 
-_ADAPTER_FIX = f"re-export the adapter with {export_command('DIR', 'OUT', '--overwrite')}"
+_ADAPTER_FIX = f"re-export the adapter under its folder's name with {export_command('DIR', 'OUT', '--name', 'NAME', '--overwrite')}"
 
 
 def read_adapter_manifest(adapter_dir: str) -> dict:
