@@ -103,6 +103,7 @@ def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_
     """Train an adapter on JSONL data; OUT is an HF PEFT adapter dir ready for `edgepeft export`."""
     _needs_training_side("train")
     from edgepeft.training import Trainer, TrainingArguments
+    from edgepeft.training.summary import AGAIN
 
     args = TrainingArguments(
         model=model, task=task, method=method, data=data, eval_data=eval_data, out=out, epochs=epochs, lr=lr, head_lr=head_lr,
@@ -120,7 +121,7 @@ def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_
     if b and log.get("beat_untrained") is False:
         untrained = log["evals"][0]
         click.echo(f"done, but no epoch beat the untrained adapter (eval {b['metric']} {untrained[b['metric']]:.4f}); "
-                   f"{kept} is in {out}; {log.get('hint') or 'try another --lr or more --epochs'}")
+                   f"{kept} is in {out}; {log.get('hint') or 'try another --lr or more --epochs' + AGAIN}")
     elif b:
         click.echo(f"ok: best eval {b['metric']} {b['value']:.4f} at epoch {b['epoch']} (lr {log['args']['lr']:g}); "
                    f"{kept} is in {out}")

@@ -121,8 +121,9 @@ def test_cli_says_plainly_when_training_did_not_beat_the_untrained_adapter(text_
     assert "--lr" in out and err.count("note: eval loss hardly moved") == 1
     # a fixes hunt: the same command with the rate advised was refused (OUT holds the run): the hint says --overwrite
     rate = re.search(r"e\.g\. --lr (\S+), or more --epochs \(now 1\), with --overwrite \(OUT holds this run\)", out)
-    _scripted(monkeypatch, [{"loss": 0.69, "accuracy": 0.63}, {"loss": 0.5, "accuracy": 0.8}])
+    _scripted(monkeypatch, [{"loss": 0.69, "accuracy": 0.63}, {"loss": 0.5, "accuracy": 0.5}])  # no hint: the fallback
     main([*command, "--lr", rate.group(1), "--overwrite"])
+    assert capsys.readouterr()[0].endswith("try another --lr or more --epochs, with --overwrite (OUT holds this run)\n")
 
 
 def test_each_method_has_its_own_default_rate_and_prompt_learning_its_token_count():
