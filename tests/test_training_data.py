@@ -341,10 +341,18 @@ def test_eval_integer_label_beyond_training_max(tmp_path):
 def test_an_eval_label_of_another_kind_is_not_to_be_added_to_the_data(tmp_path):
     """A fixes hunt: "add training rows labelled 0.5 (or 5) to --data" where the training labels are strings: followed,
     --data was refused (relevance scores; labels mixing strings and integers). A string among integers alike."""
-    for label, names in ((0.5, ["neg", "pos"]), (5, ["neg", "pos"]), ("pos", ["0", "1"]), (0.5, ["0", "1"])):
+    from edgepeft.training.data import label_names
+
+    def names_of(*labels):  # as training reads them from --data's rows
+        return label_names([{"label": x, "_line": i} for i, x in enumerate(labels, 1)], "train.jsonl")
+
+    strings = names_of("0", "1")  # string labels that read as class ids (a review): 2 is refused by --data, "2" taken
+    for label, names, add in ((0.5, names_of("neg", "pos"), False), (5, names_of("neg", "pos"), False),
+                              ("pos", names_of(0, 1), False), (0.5, names_of(0, 1), False), (2, names_of(0, 1), True),
+                              (2, strings, False), ("2", strings, True)):
         eval_path = write_lines(tmp_path / "eval.jsonl", [{"text": "b", "label": label}])
         with pytest.raises(DataError, match=rf"{eval_path}:1: label {label!r} is not one of the training labels "
-                                            r".*; use one of those$"):
+                                            rf".*; use one of those{', or add training rows' if add else '$'}"):
             label_ids(read_jsonl(eval_path, "seq-cls"), names, eval_path)
 
 

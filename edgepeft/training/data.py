@@ -25,6 +25,7 @@ from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
 from edgepeft.runtimes.access import check_readable
 from edgepeft.processes import first
 from edgepeft.training.jsonl import file_lines, gzip_fix, not_json_lines
+from edgepeft.training.labels import ClassNames, label_ids
 from edgepeft.runtimes.sentence import lowercase_first
 
 IGNORE_INDEX = -100  # label value the loss skips (padding, prompt tokens)
@@ -215,15 +216,15 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
                 raise DataError(f"{path}: labels {trimmed[key]!r} and {v!r} differ only {how}; spell each class one way")
         spelled = {v.strip().lower(): v for v in values}
         order = [h.strip().lower() for h in head or []]
-        return [spelled[k] for k in order] if len(spelled) == len(values) and sorted(order) == sorted(spelled) else (
-            sorted(values))
+        return ClassNames([spelled[k] for k in order] if len(spelled) == len(values) and sorted(order) == sorted(spelled)
+                          else sorted(values), ints=False)
     if max(values) >= max(1000, 2 * len(values)):  # class ids, not arbitrary numbers
         raise DataError(f"{path}: integer labels must be class ids 0..N-1 (got {max(values)} for {len(values)} "
                         "classes); use string labels or renumber them")
     if min(values) > 0:  # numbered from 1 (or 10, 20, ...): 1..6 made 7 classes, class 0 never trained
         raise DataError(f"{path}: integer labels are class ids 0..N-1, and the least here is {min(values)}; renumber "
                         "them from 0, or use string labels")
-    return [str(i) for i in range(max(values) + 1)]
+    return ClassNames(map(str, range(max(values) + 1)), ints=True)
 
 
 def scores_relevance(config, rows: list[dict]) -> bool:
@@ -265,19 +266,6 @@ def replaced_head_note(config, labels: list, model: str, kept: bool, head: list 
     return (f"{model}: its head gives one score (a reranker's); labels {', '.join(labels)} train a head of {len(labels)} "
             "classes from scratch in its place; label the rows 0 and 1, or with scores from 0 to 1, to keep and fine-tune "
             "its score")
-
-
-def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:
-    index = {name: i for i, name in enumerate(names)}
-    ids = []
-    for r in rows:
-        key = str(r["label"])
-        if key not in index:  # rows of another kind (a score, an integer among strings) --data refuses: not offered
-            label, ints = r["label"], names == list(map(str, range(len(names))))
-            add = f", or add training rows labelled {label!r} to --data" * (not isinstance(label, float) and isinstance(label, int) == ints)
-            raise DataError(f"{path}:{r['_line']}: label {label!r} is not one of the training labels {names}; use one of those{add}")
-        ids.append(index[key])
-    return ids
 
 
 class Encoder:

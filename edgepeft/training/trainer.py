@@ -106,7 +106,7 @@ class Trainer:
         self.pools_last_real = args.task == "seq-cls" and self.virtual_first and config.model_type in DECODERS
         for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
             check_positions(features, checked, path, max_positions(config), n_virtual)
-        return encoder, train, evals, head if self.score else labels, config  # labels: the head's outputs' names
+        return encoder, train, evals, head if self.score else labels and list(labels), config  # outputs' names, plain data
 
     def _model(self, labels, config, model_config):
         from edgepeft.models import load_base
