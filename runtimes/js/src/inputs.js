@@ -14,7 +14,8 @@ function integerRows(x, what) {
   if (!Array.isArray(x) || !x.length || !x.every(isRow)) {
     throw new EdgePeftError(`${what} must be a non-empty array of rows (2-D: batch x sequence), every row the same length (pad on the left)`);
   }
-  const floats = x.find((r) => ArrayBuffer.isView(r) && /^Float/.test(r.constructor.name));  // as Python's dtype check (Float16Array too)
+  // as Python's dtype check: Float16/32/64Array, and subclasses of them (their tag is the typed array's own)
+  const floats = x.find((r) => ArrayBuffer.isView(r) && /^\[object Float/.test(Object.prototype.toString.call(r)));
   if (floats) {
     throw new EdgePeftError(`${what} must be ${KINDS[what]} (integers: numbers, an Int32Array, a BigInt64Array), got ${described(floats)}`);
   }

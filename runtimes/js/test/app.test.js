@@ -150,8 +150,12 @@ test("what is wrong with an app's arguments is named, not blamed on the export",
   const minilm = await openFolder(ortNode, out);  // float ids: refused, as in Python (a dtype) and in decode
   await refuses(minilm.forward([Float32Array.from([101, 102])]), /ids must be token ids \(integers: numbers, an Int32Array, a BigInt64Array\), got Float32Array/);
   await refuses(minilm.forward([[101, 102]], [Float64Array.from([1, 1])]), /mask must be 0 and 1 \(integers: .*\), got Float64Array/);
-  const Float16 = globalThis.Float16Array ?? class Float16Array extends Uint16Array {};  // Node 24's: whole values got through
+  const Float16 = globalThis.Float16Array ?? class Float16Array extends Uint16Array {  // Node 24's: whole values got through
+    get [Symbol.toStringTag]() { return "Float16Array"; }  // a real one's tag, where this Node has none
+  };
   await refuses(minilm.forward([Float16.from([101, 102])]), /ids must be token ids \(integers: .*\), got Float16Array/);
+  class Ids extends Float32Array {}  // a review: refused before Float16Array was, taken by its constructor's name
+  await refuses(minilm.forward([Ids.from([101, 102])]), /ids must be token ids \(integers: .*\), got /);
   const llama = await openFolder(ortNode, path.join(FIXTURES, "llama"));  // bigint ids are taken: bigint eos ids too
   const want = await llama.generate([[5, 6, 7]], null, { maxNewTokens: 3, eosTokenId: [2] });
   for (const eos of [2n, [2n], BigInt64Array.from([2n])]) {  // a TypeError from JSON.stringify
