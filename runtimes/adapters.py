@@ -35,7 +35,7 @@ from .manifest import (
 )
 from .access import STOPPED, inside, moved_aside
 from .commands import (base_flags, copied_base_fix, export_command, folder_fix, folder_name_problem, name_problem,
-                       other_model)
+                       other_task)
 from .adapter_graph import run_adapter_graph
 from .adapter_source import adapter_bound, read_adapter_source
 from .sessions import ort
@@ -234,7 +234,7 @@ class AdapterStore:
                 f"{label}: adapter {manifest['name']!r} was exported from {self.base.get('source')} by an edgepeft whose "
                 f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "
                 "out; export every adapter into a fresh --out folder")
-        flags, fix = base_flags(self.base), own or other_model(manifest, self.base)  # another model: no export into OUT
+        flags, fix = base_flags(self.base), own or other_task(manifest, self.base)  # another task: no export into OUT
         if not fix and os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])):
             fix = (f"export the adapter into this OUT with {export_command('DIR', self.out, '--name', 'NAME', *flags)} "
                    f"(OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)")

@@ -112,23 +112,23 @@ def base_flags(base: dict) -> tuple:
     return quantized + (("--ops", "standard") if standard and base.get("task") == "causal-lm" else ())
 
 
-def other_model(adapter: dict, base: dict) -> str:
-    """Where the adapter (its manifest) was made for another task than OUT's base, so from another model, which no
-    export into this OUT takes ("re-export it into this OUT" was refused): what serves it; else ""."""
+def other_task(adapter: dict, base: dict) -> str:
+    """Where the adapter (its manifest) was made for another task than OUT's base, which no export into this OUT
+    takes ("re-export it into this OUT" was refused): what serves it; else ""."""
     if adapter.get("task") in (None, base.get("task")):
         return ""
-    return (f"it was made from {adapter.get('base_source')} ({adapter['task']}), not this {base.get('task')} export's "
-            f"model: load it on the export it was made for")
+    return (f"it was made for a {adapter['task']} export (of {adapter.get('base_source')}), not this {base.get('task')} "
+            "one: load it on the export it was made for")
 
 
 def folder_fix(out: str, folder: str, base: dict, adapter: dict | None = None) -> str:
     """What mends a folder of OUT/adapters made for another base (every Runtime(OUT) refuses it): removing it, or on
     a slot base re-exporting its adapter into it (``base``: OUT's base manifest, whose flags the export repeats);
     where an export stopped before re-pointing it, running that again. ``adapter``: its manifest, where read: one made
-    from another model (``other_model``) or from another folder is said so."""
+    for another task (``other_task``) or from another folder is said so."""
     if base.get("merged_adapter"):
         return f"remove it from {os.path.dirname(os.path.normpath(folder))}, or export it into another --out"
-    if other := other_model(adapter or {}, base):
+    if other := other_task(adapter or {}, base):
         return f"remove {folder}: {other}"
     name, flags = os.path.basename(os.path.normpath(folder)), base_flags(base)
     made = (adapter or {}).get("base_source")  # export takes it where that folder holds this OUT's model
@@ -150,7 +150,7 @@ def copied_base_fix(adapter: dict, base: dict, folder: str | None) -> str:
     targets, brought a new base; the export re-pointed the other adapters to it). Empty where an export into OUT
     stopped before re-pointing ``folder`` (folder_fix says to run it again)."""
     if adapter.get("base_source") in (None, "") or adapter.get("base_source") != base.get("source") or (
-            folder and os.path.isfile(os.path.join(folder, REPOINTED))):
+            folder and os.path.isfile(os.path.join(folder, REPOINTED))) or other_task(adapter, base):
         return ""
     return "; or, where this OUT is a copy, copy the export it came from again: its base folder and every adapter"
 

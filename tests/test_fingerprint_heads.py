@@ -230,7 +230,7 @@ def test_a_copy_setting_another_num_labels_shares_the_base(tiny_base, tmp_path):
             assert abs(got - want).max() < 1e-4
 
 
-def test_an_adapter_of_another_model_is_to_be_removed_or_served_by_its_export(shared_export, tmp_path):
+def test_an_adapter_of_another_task_is_to_be_removed_or_served_by_its_export(shared_export, peft_adapter, tmp_path):
     """Found by a fixes hunt: a BERT adapter folder copied into a Llama export's OUT/adapters was to be "re-exported
     into this OUT" (inspect, Runtime(OUT), load_adapter, the JS runtime), which export refuses: another model."""
     import re
@@ -243,18 +243,23 @@ def test_an_adapter_of_another_model_is_to_be_removed_or_served_by_its_export(sh
     out = str(shutil.copytree(shared_export("llama")[0], tmp_path / "out"))
     foreign = os.path.join(out, "adapters", "from_bert")
     shutil.copytree(os.path.join(bert_out, "adapters", name), foreign)
-    other = (r"it was made from .* \(feature-extraction\), not this causal-lm export's model: load it on the export it "
-             r"was made for")
+    other = r"it was made for a feature-extraction export \(of .*\), not this causal-lm one: load it on the export it " \
+            r"was made for"
     with pytest.raises(AdapterBaseMismatchError, match=rf"; remove {re.escape(foreign)}: {other}$"):
         Runtime(out)
     assert any(re.search(rf"; remove {re.escape(foreign)}: {other}$", p) for p in describe_export(out)["problems"])
     with pytest.raises(AdapterBaseMismatchError, match=rf"; {other}$"):
         Runtime(shared_export("llama")[0]).load_adapter(os.path.join(bert_out, "adapters", name))
+    export([peft_adapter("bert", "cls", task="seq-cls", num_labels=2)], str(tmp_path / "cls"), names=["cls"])
+    with pytest.raises(AdapterBaseMismatchError, match=r"; it was made for a seq-cls export \(of .*\), not this "  # a review:
+                                                       r"feature-extraction one: load it on the export it was made for$"):
+        Runtime(bert_out).load_adapter(str(tmp_path / "cls" / "adapters" / "cls"))  # the same model, not "or copy it again"
     shutil.rmtree(foreign)  # made from another folder, for the same task: export takes it where that is this model
     moved = os.path.join(out, "adapters", "moved")
     shutil.copytree(os.path.join(out, "adapters", "qv"), moved)
     edit_json(os.path.join(moved, "adapter.json"), base_fingerprint="0" * 64, base_source="/elsewhere/llama")
-    source = json.load(open(os.path.join(out, "base", BASE_MANIFEST)))["source"]
+    with open(os.path.join(out, "base", BASE_MANIFEST)) as f:
+        source = json.load(f)["source"]
     with pytest.raises(AdapterBaseMismatchError, match=rf"; remove {re.escape(moved)}, or, where /elsewhere/llama is the "
                                                        rf"model of {re.escape(source)}, re-export its adapter into this OUT"):
         Runtime(out)

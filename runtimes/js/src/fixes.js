@@ -49,10 +49,10 @@ export function reexport(out, name, folder, where = "") {
   return `${as === name ? "" : `remove ${folder}, then${where ? ", " : " "}`}${where}re-export its adapter into this OUT: ${command}`;
 }
 
-/** Where the adapter (its manifest) was made for another task than OUT's base (`base`), so from another model, which
- * no export into this OUT takes: what serves it; else "" (commands.py other_model). */
-export const otherModel = (adapter, base) => adapter.task == null || adapter.task === base.task ? "" :
-  `it was made from ${adapter.base_source} (${adapter.task}), not this ${base.task} export's model: load it on the ` +
+/** Where the adapter (its manifest) was made for another task than OUT's base (`base`), which no export into this OUT
+ * takes: what serves it; else "" (commands.py other_task). */
+export const otherTask = (adapter, base) => adapter.task == null || adapter.task === base.task ? "" :
+  `it was made for a ${adapter.task} export (of ${adapter.base_source}), not this ${base.task} one: load it on the ` +
   "export it was made for";
 
 /** What mends the adapter folder `name` of the Runtime `rt`'s OUT, whose `manifest` names another base: off a --merge
@@ -64,7 +64,7 @@ export async function folderFix(rt, name, merged, manifest) {
   const { loader } = rt;
   if (merged) return `remove it from ${loader.where("adapters")}, or export it into another --out`;
   const folder = loader.where(`adapters/${name}`), out = loader.folder ? loader.where("") : null;
-  const other = otherModel(manifest, rt.manifest), made = manifest.base_source, source = rt.manifest.source;
+  const other = otherTask(manifest, rt.manifest), made = manifest.base_source, source = rt.manifest.source;
   if (other) return `remove ${folder}: ${other}`;
   const where = made && source && made !== source ? `where ${made} is the model of ${source}, ` : "";  // as commands.py
   const then = where ? ", " : " ", again = reexport(out, name, folder, where), copied = manifest.base_source && manifest.base_source === rt.manifest.source

@@ -333,7 +333,11 @@ test("an adapter of another model is to be removed or served by its export, as i
   const out = await copied("other model");
   await cp(path.join(FIXTURES, "minilm/adapters/intent"), path.join(out, "adapters/from_minilm"), { recursive: true });
   const rt = await openFolder(ortNode, out);
-  await refuses(rt.loadAdapter("from_minilm"), /; remove .*adapters\/from_minilm: it was made from .* \(seq-cls\), not this causal-lm export's model: load it on the export it was made for$/);
+  await refuses(rt.loadAdapter("from_minilm"), /; remove .*adapters\/from_minilm: it was made for a seq-cls export \(of .*\), not this causal-lm one: load it on the export it was made for$/);
+  const bert = path.join(scratch, "other task");  // the same model exported for another task (a review)
+  await cp(path.join(FIXTURES, "bert_prefix"), bert, { recursive: true });
+  await cp(path.join(FIXTURES, "bert_pairs/adapters/lora"), path.join(bert, "adapters/pairs"), { recursive: true });
+  await refuses((await openFolder(ortNode, bert)).loadAdapter("pairs"), /; remove .*adapters\/pairs: it was made for a seq-cls export \(of .*\), not this feature-extraction one: load it on the export it was made for$/);
   await editJson(path.join(out, "adapters/lora/adapter.json"), { base_fingerprint: "a".repeat(64), base_source: "/elsewhere/llama" });
   await refuses(rt.loadAdapter("lora"), /; remove .*adapters\/lora, or, where \/elsewhere\/llama is the model of .*, re-export its adapter into this OUT: `edgepeft export --adapter DIR --out '.*other model' --name lora --overwrite`$/);
 });
