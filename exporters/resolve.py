@@ -193,7 +193,7 @@ def _check_out_replaces_nothing_of_the_users(out, sources, source) -> None:
     for src in sources:  # a copy of OUT to a device (or OUT on one) would hold one folder for the two
         if src.name not in held and (other := next((n for n in held if n.casefold() == src.name.casefold()), None)):
             def flags(name):  # every adapter's, in order: "--name X" alone went to the first --adapter
-                return " ".join(f"--name {shlex.quote(name if s is src else s.name)}" for s in sources)
+                return name_flags(name if s is src else s.name for s in sources)
             another = unused_name(out, src.name, {s.name.casefold() for s in sources})
             raise ConfigError(f"{src.path}: {out} holds an adapter named {other!r}, one folder with {src.name!r} on macOS "
                               f"and Windows; pass {flags(other)} --overwrite to replace it, or another name "
@@ -212,8 +212,13 @@ def _name_flags(out: str, sources: list, name: str | None) -> str:
     order: "--name X" alone, pasted, renamed the first adapter."""
     if name is None:
         return ""
-    flags = [*(s.name for s in sources), unused_name(out, name, {s.name.casefold() for s in sources})]
-    return f" (e.g. {' '.join(f'--name {shlex.quote(n)}' for n in flags)}{', in --adapter order' * bool(sources)})"
+    flags = name_flags([*(s.name for s in sources), unused_name(out, name, {s.name.casefold() for s in sources})])
+    return f" (e.g. {flags}{', in --adapter order' * bool(sources)})"
+
+
+def name_flags(names) -> str:
+    """``--name A --name B ...``: one per --adapter folder, in their order (as export gives names to them)."""
+    return " ".join(f"--name {shlex.quote(n)}" for n in names)
 
 
 def _read_sources(adapters, names, out: str) -> list[AdapterSource]:

@@ -93,9 +93,10 @@ def test_a_broken_tokenizer_file_is_named(text_export, tmp_path, name, content, 
     rt = Runtime(out)
     with pytest.raises(CorruptArtifactError) as e:
         rt.generate_text(PROMPT, adapter="tok", max_new_tokens=2, chat=chat)
-    fix = ("correct it in the model's folder and export again (the export copies it as it is), or pass plain text "
-           "(chat=False)") if chat else ", or re-run `edgepeft export` into a fresh --out folder"  # a hunt: a template's
-    assert path in str(e.value) and str(e.value).endswith(fix)  # re-export copied it again
+    fix = ("correct it in the model's folder and export again (the export copies it as it is; a damaged copy of OUT: "
+           "copy the export's base folder again), or pass plain text (chat=False)") if chat else \
+        ", or re-run `edgepeft export` into a fresh --out folder"  # a hunt: a template's re-export copied it again
+    assert path in str(e.value) and str(e.value).endswith(fix)
     assert "cannot encode with it (no entry found for key)" in str(e.value) or not callable(content)
     assert rt.generate(np.array([[1, 10, 20]]), adapter="tok", max_new_tokens=2).shape == (1, 5)  # ids still work
 

@@ -505,7 +505,8 @@ def test_a_chat_template_that_cannot_be_used_is_noted_at_export_and_named_the_mo
         export([adapter], str(tmp_path / "out"), base=base, names=["tok"])
     rt = Runtime(str(tmp_path / "out"))
     with pytest.raises(CorruptArtifactError, match=r"the chat template does not parse \(.*\); correct it in the "
-                                                   r"model's folder and export again \(the export copies it as it is\), "
+                                                   r"model's folder and export again \(the export copies it as it is; "
+                                                   r"a damaged copy of OUT: copy the export's base folder again\), "
                                                    r"or pass plain text \(chat=False\)$"):
         rt.generate_text("w10", adapter="tok", chat=True, max_new_tokens=2)
     assert isinstance(rt.generate_text("w10", adapter="tok", max_new_tokens=2), str)  # plain text: as ever

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import os
 import shlex
@@ -36,8 +37,6 @@ def gzip_fix(path: str) -> str:
     pass in its place ("gunzip -k FILE" refused a name without .gz; a .gz name unpacked beside a file of the same
     name asked to replace it)."""
     root, ext = os.path.splitext(path[:-3] if path.endswith(".gz") else path)
-    unpacked, k = (f"{root}{ext or '.jsonl'}" if path.endswith(".gz") else f"{root}-unpacked{ext or '.jsonl'}"), 1
-    while os.path.lexists(unpacked):
-        k += 1
-        unpacked = f"{root}-unpacked-{k}{ext or '.jsonl'}"
+    names = (f"{root}{'-unpacked' if k else ''}{f'-{k}' if k > 1 else ''}{ext or '.jsonl'}" for k in itertools.count())
+    unpacked = next(n for n in names if n != path and not os.path.lexists(n))  # d.jsonl, d-unpacked.jsonl, d-unpacked-2...
     return f"the file is gzip-compressed: unpack it (gunzip -c {shlex.quote(path)} > {shlex.quote(unpacked)}) and pass that file"
