@@ -28,7 +28,7 @@ from edgepeft.exporters.generation_settings import generation_fields, ignored_ge
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import (BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, LAYOUT_VERSION, NEUTRAL_GRAPH,
                                         WEB_GRAPH, slot_name)
-from edgepeft.runtimes.sentence import PROMPTS_CONFIG, sentence_transformers_settings
+from edgepeft.runtimes.sentence import PROMPTS_CONFIG, has_sentence_transformers_files, sentence_transformers_settings
 from edgepeft.runtimes.text import TextTokenizer
 from edgepeft.tuners import spec_for
 from edgepeft.tuners.targets import replace_module
@@ -156,6 +156,11 @@ def write_side_files(source: str, stage: str, task: str, revision: str | None = 
         if os.path.isfile(os.path.join(st, f)):
             os.makedirs(os.path.dirname(os.path.join(stage, f)), exist_ok=True)
             shutil.copy2(os.path.join(st, f), os.path.join(stage, f))
+    if st and has_sentence_transformers_files(stage) and not os.path.isfile(os.path.join(stage, PROMPTS_CONFIG)):
+        # sentence-transformers' own prompts where the model saved none (a model of before 2.0): without the file,
+        # embed took this export for an earlier edgepeft's and refused prompt_name "query", as a fresh export did
+        write_json_atomic(os.path.join(stage, PROMPTS_CONFIG), {"prompts": {"query": "", "document": ""},
+                                                                "default_prompt_name": None})
 
 
 def side_difference(have: str, new: str, task: str, max_positions: int | None) -> str | None:
@@ -175,7 +180,8 @@ def side_difference(have: str, new: str, task: str, max_positions: int | None) -
     if earlier:  # prompts only on request (embed names the re-export then)
         old, now = old._replace(prompts={}), now._replace(prompts={})
     if old != now:
-        return (f"sentence-transformers settings (sentence_bert_config.json, 1_Pooling/config.json, {PROMPTS_CONFIG}"
+        return ("sentence-transformers settings (modules.json, sentence_bert_config.json, 1_Pooling/config.json, "
+                f"{PROMPTS_CONFIG}"
                 + (f": {have} has no {PROMPTS_CONFIG}, as an earlier edgepeft exported it" if earlier else "") + ")")
     return None
 

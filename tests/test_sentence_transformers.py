@@ -440,3 +440,27 @@ def test_a_model_folder_that_lost_its_pooling_config_is_told_to_restore_it(st6, 
                                                        "transformers saves it with the model"):
             sentence_transformers_settings(folder)
         shutil.copy(os.path.join(st6[0], name), path)
+
+
+def test_a_model_that_saved_no_prompts_embeds_with_sentence_transformers_own(st6, tmp_path):
+    """Found by a hunt: a model without config_sentence_transformers.json (saved before sentence-transformers 2.0, or
+    by hand) exported, then embed(prompt_name="query") was refused as an earlier edgepeft's export, and so was a fresh
+    export's, as the refusal advised; encode takes its own empty query and document prompts there. An export into an
+    OUT whose modules.json differs (no Normalize) named three files, all the same, and not it."""
+    from sentence_transformers import SentenceTransformer
+
+    folder, _, _ = st6
+    plain = shutil.copytree(folder, tmp_path / "plain")
+    os.remove(plain / "config_sentence_transformers.json")
+    adapter = peft_virtual_adapter(tmp_path / "prompt", str(plain), "prompt", seed=7, task="feature-extraction",
+                                   num_virtual_tokens=2)
+    export([adapter], str(tmp_path / "out"))
+    rt = Runtime(str(tmp_path / "out"))
+    got = rt.embed(TEXTS, prompt_name="query")
+    np.testing.assert_allclose(got, rt.embed(TEXTS), atol=1e-6)
+    want = SentenceTransformer(str(plain), device="cpu").encode(TEXTS, prompt_name="query")
+    np.testing.assert_allclose(rt.embed(TEXTS, adapter=None, prompt_name="document"), want, atol=1e-5)
+    modules = json.loads((plain / "modules.json").read_text())
+    (plain / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Normalize")]))
+    with pytest.raises(edgepeft.errors.AdapterBaseMismatchError, match=r"sentence-transformers settings \(modules\.json"):
+        export([adapter], str(tmp_path / "out"), names=["again"])
