@@ -113,7 +113,8 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     if not (isinstance(modes, list) and len(modes) == 1 and modes[0] in POOLING):
         shown = " + ".join(map(str, modes)) if isinstance(modes, list) else repr(modes)
         raise ConfigError(f"{pooling}: pooling {shown or 'none'} is not one edgepeft pools by (mean, cls, max, "
-                          "mean_sqrt_len, lasttoken); take last_hidden_state from Runtime.forward and pool it yourself")
+                          "mean_sqrt_len, lasttoken); export a copy of the model whose pooling is one of those, then pool "
+                          "Runtime.forward's last_hidden_state as this model does yourself")
     return Embedding(limit, POOLING[modes[0]], lower, fields.get("include_prompt") is not False, truncate, prompts,
                      normalized)
 
@@ -228,7 +229,8 @@ def _check_modules(modules: str, fix: str) -> list:
             other.append(kind)
     if other:
         raise ConfigError(f"{modules}: the model runs {other} beyond a Transformer, 1_Pooling and Normalize, "
-                          "which edgepeft does not; take last_hidden_state from Runtime.forward and apply them yourself")
+                          "which edgepeft does not; export a copy of the model whose modules.json lists only those, then "
+                          "apply the model's modules after the Transformer to Runtime.forward's last_hidden_state yourself")
     return [str(m.get("type", "")).rsplit(".", 1)[-1] for m in listed]
 
 

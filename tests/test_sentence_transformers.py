@@ -384,6 +384,20 @@ def test_settings_by_which_encode_embeds_another_output_are_refused(st6, tmp_pat
     refused_at_export_and_training(folder, tmp_path, refusal)
 
 
+def test_modules_edgepeft_does_not_run_are_refused_with_a_fix_that_exports(st6, tmp_path):
+    """Found by a hunt: a Dense module (LaBSE's) was refused at export and training with "take last_hidden_state from
+    Runtime.forward", where no export existed to call it on."""
+    folder = shutil.copytree(st6[0], tmp_path / "dense")
+    modules = json.loads((folder / "modules.json").read_text())
+    dense = {"idx": len(modules), "name": str(len(modules)), "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    (folder / "modules.json").write_text(json.dumps([*modules, dense]))
+    refused_at_export_and_training(folder, tmp_path, r"beyond a Transformer, 1_Pooling and Normalize, which edgepeft does "
+                                                     r"not; export a copy of the model whose modules.json lists only those")
+    (folder / "modules.json").write_text(json.dumps(modules))  # that copy exports
+    export([peft_virtual_adapter(tmp_path / "p", str(folder), "prompt", seed=8, task="feature-extraction",
+                                 num_virtual_tokens=2)], str(tmp_path / "copy-out"))
+
+
 def test_training_scores_hard_negatives_as_multiple_negatives_ranking_loss(st6, tmp_path):
     """Found by a hunt: a "negative" field (sentence-transformers' third column) was dropped without a word, so
     triplet data trained a weaker objective. Each text is now scored against every positive and negative of the
