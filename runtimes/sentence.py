@@ -14,7 +14,8 @@ Settings by which encode embeds other than a Pooling of the token embeddings (``
 refused. A plain transformers folder (no such files) pools by the mean and is cut as sentence-transformers cuts it
 (sentence-transformers 6 would pool a plain decoder by its last token, and render texts through the tokenizer's chat
 template where it has one: save the model with sentence-transformers to embed as its encode does). A saved
-``modality_config`` that renders texts through the chat template ("message"), or ``processing_kwargs``, are refused.
+``modality_config`` that renders texts through the chat template ("message"), ``processing_kwargs``, ``tokenizer_args`` or
+``processor_kwargs``, are refused.
 """
 from __future__ import annotations
 
@@ -90,6 +91,11 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
         raise ConfigError(f"{config}: processing_kwargs {settings['processing_kwargs']!r} change how "
                           "sentence-transformers' encode tokenizes texts, which edgepeft's embed and training do not "
                           "follow; remove them (max_seq_length sets the length texts are cut to)")
+    if taken := {k: v for k in ("tokenizer_args", "processor_kwargs") if (v := settings.get(k))}:  # a hunt: unsaid
+        raise ConfigError(f"{config}: {', '.join(taken)} {next(iter(taken.values()))!r} change how sentence-transformers "
+                          "loads the tokenizer, which edgepeft's embed and training do not follow; save the tokenizer "
+                          "with them (AutoTokenizer.from_pretrained(MODEL, **them).save_pretrained(MODEL)) and remove "
+                          "them here")
     listed = _check_modules(modules, fix)
     normalized = "Normalize" in listed
     prompts_path, extra = _prompts_config(folder, fix)

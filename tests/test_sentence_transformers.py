@@ -363,6 +363,27 @@ def test_settings_encode_applies_that_embed_does_not_are_refused(st6, tmp_path):
                                                      r"\{'max_length': 6\}\} change how sentence-transformers' encode")
 
 
+def test_tokenizer_args_are_refused_with_a_fix_that_embeds_as_encode(st6, tmp_path):
+    """Found by a hunt: tokenizer_args (processor_kwargs in sentence-transformers 6), which encode loads the tokenizer
+    with, were ignored: a text past the limit was cut at the other end (0.90 cosine to encode's)."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    folder = shutil.copytree(st6[0], tmp_path / "left")
+    config = folder / "sentence_bert_config.json"
+    saved = json.loads(config.read_text())
+    config.write_text(json.dumps({**saved, "tokenizer_args": {"truncation_side": "left"}}))
+    refused_at_export_and_training(folder, tmp_path, r"sentence_bert_config.json: tokenizer_args \{'truncation_side': "
+                                                     r"'left'\} change how sentence-transformers loads the tokenizer")
+    long = " ".join(["first words"] + ["filler"] * 600 + ["last words"])
+    want = SentenceTransformer(str(folder), device="cpu").encode([long])
+    AutoTokenizer.from_pretrained(str(folder), truncation_side="left").save_pretrained(str(folder))  # the fix
+    config.write_text(json.dumps(saved))
+    export([peft_virtual_adapter(tmp_path / "p2", str(folder), "prompt", seed=5, task="feature-extraction",
+                                 num_virtual_tokens=4)], str(tmp_path / "fixed"))
+    np.testing.assert_allclose(Runtime(str(tmp_path / "fixed")).embed([long]), want, atol=1e-5)
+
+
 @pytest.mark.parametrize("edit,refusal", [
     ({"transformer_task": "fill-mask"}, r"transformer_task 'fill-mask': sentence-transformers' encode embeds other "),
     ({"modality_config": {"text": {"method": "forward", "method_output_name": "pooler_output"}}},
