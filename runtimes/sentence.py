@@ -119,10 +119,10 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     if not (isinstance(modes, list) and len(modes) == 1 and modes[0] in POOLING):
         shown = " + ".join(map(str, modes)) if isinstance(modes, list) else repr(modes)
         raise ConfigError(f"{pooling}: pooling {shown or 'none'} is not one edgepeft pools by (mean, cls, max, "
-                          "mean_sqrt_len, lasttoken); export a copy of the model whose pooling is one of those, then pool "
-                          "Runtime.forward's last_hidden_state as this model does yourself")
-    return Embedding(limit, POOLING[modes[0]], lower, fields.get("include_prompt") is not False, truncate, prompts,
-                     normalized)
+                          "mean_sqrt_len_tokens, lasttoken); export a copy of the model whose pooling is one of those, "
+                          "then pool Runtime.forward's last_hidden_state as this model does yourself")
+    return Embedding(limit, POOLING[modes[0]], lower, bool(fields.get("include_prompt", True)), truncate, prompts,
+                     normalized)  # include_prompt: any falsy value leaves a prompt out, as sentence-transformers reads it
 
 
 def chosen_prompt(settings: Embedding, folder: str, prompt_name, prompt) -> str | None:

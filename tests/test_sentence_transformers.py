@@ -254,7 +254,8 @@ def refused_at_export_and_training(folder, tmp_path, refusal: str) -> None:
     assert not (tmp_path / "trained").exists()
 
 
-@pytest.mark.parametrize("mode,include_prompt", [("mean", False), ("cls", False), ("mean", True)])
+@pytest.mark.parametrize("mode,include_prompt", [("mean", False), ("cls", False), ("mean", True), ("max", 0)])  # 0: a
+# hunt: read as true, where sentence-transformers leaves the prompt out (any falsy value)
 def test_prompts_and_truncate_dim_embed_as_encode_gives_them(st6, tmp_path, mode, include_prompt):
     """Found by a hunt: encode(prompt_name=...) had no equivalent (the advice was to put the prompt in the texts,
     which include_prompt false leaves out of the pooling: 0.04 apart on MiniLM), and truncate_dim (saved by
