@@ -161,7 +161,7 @@ def test_empty_or_non_string_text(tmp_path, task, row, field):
     path = write_lines(tmp_path / "d.jsonl", [row])
     with pytest.raises(DataError) as e:
         read_jsonl(path, task)
-    assert f"{path}:1:" in str(e.value) and f'"{field}" must be a non-empty string' in str(e.value)
+    assert f"{path}:1:" in str(e.value) and f'"{field}" must be a string of more than whitespace' in str(e.value)
 
 
 @pytest.mark.parametrize("label, words", [
@@ -380,7 +380,8 @@ def test_a_completion_is_tokenized_as_the_text_reads_on_from_its_prompt(tmp_path
     capsys.readouterr()
     Encoder(tok, "causal-lm", max_length=64).encode([{"prompt": "Paris is ", "completion": "nice", "_line": 3}], "d.jsonl")
     assert capsys.readouterr().err.startswith("note: d.jsonl: line 3: the tokenizer joins the prompt's end to the "
-                                              "completion's start")
+                                              "completion's start (a prompt ending in a space), so the completion is "
+                                              "tokenized alone: its tokens are not those of prompt + completion")
 
 
 def test_rows_longer_than_the_tokenizers_length_get_no_indexing_warning(tmp_path, capfd):

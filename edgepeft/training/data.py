@@ -144,7 +144,7 @@ def read_jsonl(path: str, task: str) -> Rows:
                 if isinstance(row[k], int) and row[k] < 0:
                     raise DataError(f"{path}:{n}: integer labels must be >= 0, got {row[k]}")
             elif not isinstance(row[k], str) or not row[k].strip():
-                raise DataError(f"{path}:{n}: \"{k}\" must be a non-empty string, got {row[k]!r}")
+                raise DataError(f"{path}:{n}: \"{k}\" must be a string of more than whitespace, got {row[k]!r}")
         if rows and names != columns:
             raise DataError(f"{path}:{n}: has negatives {names or 'none'}, the first row {columns or 'none'}; give "
                             "every row the same negative fields (each is a column of candidates)")
@@ -329,8 +329,8 @@ class Encoder:
             alone = self.completions_alone
             lines = ("lines " if len(alone) > 1 else "line ") + ", ".join(map(str, alone[:5])) + (" ..." if len(alone) > 5 else "")
             print(f"note: {path}: {lines}: the tokenizer joins the prompt's end to the completion's start (a "
-                  "prompt ending in a space, on a Llama-2 style tokenizer), so the completion is tokenized alone and "
-                  "the text trained reads otherwise than prompt + completion; end the prompt before the space and "
+                  "prompt ending in a space), so the completion is tokenized alone: its tokens are not those of prompt "
+                  "+ completion (on a Llama-2 style tokenizer, nor is its text); end the prompt before the space and "
                   "start the completion with it", file=sys.stderr)
         return causal
 
