@@ -103,6 +103,9 @@ def generation_mask(ids: np.ndarray, mask: np.ndarray | None, pad: int | None, e
             f"input_ids row {row} holds the padding id {pad} after a token and no attention_mask was given; pass one: "
             "ones where these are real tokens (ids that generate returned), else the mask that marks the padding "
             "(rt.tokenizer.encode gives it)" if told else
+            f"attention_mask row {row} masks out some of its tokens (a 0 between 1s), which generation does not "
+            "take; leave those tokens out of input_ids instead"  # (a hunt: "pad on the left" could not mend it)
+            if mask[row, int(np.argmax(np.diff(mask[row]) < 0)) + 1:].any() else  # a 1 after the first 0 after a 1
             f"attention_mask row {row} has padding after its tokens; generation needs the padding on the left (a "
             "tokenizer's padding_side='left')")
     return mask

@@ -587,3 +587,14 @@ def test_cli_run_unknown_adapter_is_a_one_line_error(text_export):
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
     assert "nope" in errors[0] and "tok" in errors[0]  # names the bad adapter and the loaded ones
+
+
+def test_a_mask_with_a_hole_is_named_so_not_told_to_pad_left(shared_export):
+    """A masks hunt: [1, 1, 0, 0, 1, 1] (tokens masked out) was "padding after its tokens; ... padding_side='left'"."""
+    from edgepeft.runtimes import InvalidInputError, Runtime
+
+    rt, ids = Runtime(shared_export("llama")[0]), np.full((1, 6), 5)
+    with pytest.raises(InvalidInputError, match=r"^attention_mask row 0 masks out some of its tokens \(a 0 between 1s\)"):
+        rt.generate(ids, np.array([[1, 1, 0, 0, 1, 1]]), max_new_tokens=2)
+    with pytest.raises(InvalidInputError, match=r"padding after its tokens; generation needs the padding on the left"):
+        rt.generate(ids, np.array([[1, 1, 1, 1, 0, 0]]), max_new_tokens=2)

@@ -91,8 +91,10 @@ export function generationMask(ids, mask, told, pad) {
   }
   const right = mask.findIndex((row) => row.some((m, i) => i > 0 && m < row[i - 1]));  // a 0 after a 1
   if (right >= 0) {
+    const row = mask[right], hole = row.slice(row.findIndex((m, i) => i > 0 && m < row[i - 1])).includes(1);  // as Python
     throw new EdgePeftError(told ? `ids row ${right} holds the padding id ${pad} after a token and no mask was given; pass one: ones where these are real tokens, else the mask that marks the padding`
-      : `mask row ${right} has padding after its tokens; generation needs the padding on the left`);
+      : hole ? `mask row ${right} masks out some of its tokens (a 0 between 1s), which generation does not take; leave those tokens out of the ids instead`
+        : `mask row ${right} has padding after its tokens; generation needs the padding on the left`);
   }
   return mask;
 }

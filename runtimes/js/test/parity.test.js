@@ -203,6 +203,7 @@ test("bad ids, masks and lengths are refused with what is wrong, as the Python r
   await refuses(rt.forward([Array(limit - virtual + 1).fill(1)], null, { adapter: "prompt" }), /virtual tokens = \d+ exceeds/);
   await refuses(rt.generate([[1, 2]], [[0, 0]]), /has no tokens/);
   await refuses(rt.generate([[1, 2, 3], [4, 5, 0]], [[1, 1, 1], [1, 1, 0]]), /mask row 1 has padding after its tokens/);
+  await refuses(rt.generate([[1, 2, 3, 4]], [[1, 0, 0, 1]]), /mask row 0 masks out some of its tokens \(a 0 between 1s\)/);
   await refuses(rt.generate([[1, 2]], null, { maxNewTokens: 0 }), /maxNewTokens must be a positive integer/);
   await refuses(rt.generate([Array(limit - 3).fill(1)], null, { maxNewTokens: 5 }), /new tokens fed back = \d+ exceeds.*lower maxNewTokens/);
   // no length given: 32 new tokens, at most the positions left (virtual tokens counted), as transformers and Python
