@@ -48,8 +48,8 @@ def test_an_adapter_made_for_another_base_stays_refused_when_the_base_grows(llam
         rt.load_adapter(foreign)
     # Runtime(OUT) and inspect say so, with a fix that works (it said: export it under another --name, which left
     # the folder that every Runtime(OUT) refuses where it was)
-    fix = f"remove {foreign}, or re-export its adapter into this OUT: `edgepeft export --adapter DIR --out " \
-          f"{out} --name foreign --overwrite`"
+    fix = f"remove {foreign}, or, where {other_llama_base} is the model of {rt.manifest['source']}, re-export its adapter " \
+          f"into this OUT: `edgepeft export --adapter DIR --out {out} --name foreign --overwrite`"  # made from another
     with pytest.raises(AdapterBaseMismatchError, match=re.escape(fix) + "$"):
         Runtime(out)
     from edgepeft.runtimes.describe import describe_export
