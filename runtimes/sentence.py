@@ -91,11 +91,14 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
         raise ConfigError(f"{config}: processing_kwargs {settings['processing_kwargs']!r} change how "
                           "sentence-transformers' encode tokenizes texts, which edgepeft's embed and training do not "
                           "follow; remove them (max_seq_length sets the length texts are cut to)")
-    if taken := {k: v for k in ("tokenizer_args", "processor_kwargs") if (v := settings.get(k))}:  # a hunt: unsaid
-        raise ConfigError(f"{config}: {', '.join(taken)} {next(iter(taken.values()))!r} change how sentence-transformers "
-                          "loads the tokenizer, which edgepeft's embed and training do not follow; save the tokenizer "
-                          "with them (AutoTokenizer.from_pretrained(MODEL, **them).save_pretrained(MODEL)) and remove "
-                          "them here")
+    if taken := {k: v for k in ("tokenizer_args", "processor_kwargs") if (v := _tokenizing(settings.get(k)))}:
+        key, value = next(iter(taken.items()))  # a hunt: ignored, where encode loads its tokenizer with them
+        others = {k: v for k, v in value.items() if k != "model_max_length"} if isinstance(value, dict) else value
+        fix = [f"set max_seq_length to {value['model_max_length']} (encode's cut)"] if others != value else []
+        fix += [f"save the tokenizer with {others!r} (AutoTokenizer.from_pretrained(MODEL, **them).save_pretrained("
+                "MODEL))"] if others else []
+        raise ConfigError(f"{config}: {key} {value!r} change how sentence-transformers tokenizes texts, which "
+                          f"edgepeft's embed and training do not follow; {' and '.join(fix)}, then remove them here")
     listed = _check_modules(modules, fix)
     normalized = "Normalize" in listed
     prompts_path, extra = _prompts_config(folder, fix)
@@ -219,6 +222,15 @@ def _check_output(config: str, settings: dict, fix: str) -> None:
                           "(max_seq_length then cuts queries and documents alike)")
 
 
+def _tokenizing(args):
+    """``tokenizer_args`` / ``processor_kwargs`` less what only says where the tokenizer comes from (sentence-transformers
+    drops trust_remote_code; the rest change no token)."""
+    return {k: v for k, v in args.items() if k not in LOADING} if isinstance(args, dict) else args
+
+
+LOADING = {"trust_remote_code", "cache_dir", "local_files_only", "revision", "token", "use_auth_token", "force_download"}
+
+
 def _check_modules(modules: str, fix: str) -> list:
     """The names of the modules ``modules`` (modules.json) lists (then 1_Pooling among them), refusing those embed
     does not run."""
@@ -226,7 +238,7 @@ def _check_modules(modules: str, fix: str) -> list:
     if listed and not any(isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling" for m in listed):
         raise ConfigError(f"{modules}: the model lists no Pooling module, so sentence-transformers' encode does not "
                           "pool the token embeddings as edgepeft's embed and training do; add one (1_Pooling), or "
-                          "take last_hidden_state from Runtime.forward")
+                          "export a copy with one and pool Runtime.forward's last_hidden_state as this model does yourself")
     other = []
     for m in listed:
         kind, path = (str(m.get("type", "")), m.get("path")) if isinstance(m, dict) else (repr(m), None)

@@ -375,7 +375,17 @@ def test_tokenizer_args_are_refused_with_a_fix_that_embeds_as_encode(st6, tmp_pa
     saved = json.loads(config.read_text())
     config.write_text(json.dumps({**saved, "tokenizer_args": {"truncation_side": "left"}}))
     refused_at_export_and_training(folder, tmp_path, r"sentence_bert_config.json: tokenizer_args \{'truncation_side': "
-                                                     r"'left'\} change how sentence-transformers loads the tokenizer")
+                                                     r"'left'\} change how sentence-transformers tokenizes texts")
+    from edgepeft.runtimes.sentence import sentence_transformers_settings  # a review: encode's cut; loading only
+    for args, fix in (({"model_max_length": 16, "trust_remote_code": True}, "set max_seq_length to 16 \\(encode's "
+                       "cut\\), then remove"), ({"trust_remote_code": True}, None)):
+        config.write_text(json.dumps({**saved, "processor_kwargs": args}))
+        if fix:
+            with pytest.raises(edgepeft.errors.ConfigError, match=fix):
+                sentence_transformers_settings(str(folder))
+        else:
+            sentence_transformers_settings(str(folder))
+    config.write_text(json.dumps({**saved, "tokenizer_args": {"truncation_side": "left"}}))
     long = " ".join(["first words"] + ["filler"] * 600 + ["last words"])
     want = SentenceTransformer(str(folder), device="cpu").encode([long])
     AutoTokenizer.from_pretrained(str(folder), truncation_side="left").save_pretrained(str(folder))  # the fix
