@@ -452,7 +452,7 @@ def test_a_reranker_trains_on_relevance_scores(reranker, tmp_path):
     with pytest.raises(DataError, match=r"relevance-eval.jsonl:2: label 2 is not a relevance score; the training rows "
                                         "score relevance from 0 to 1"):
         _train_scores(base, rows, str(tmp_path / "a2"), tmp_path, eval_rows=[rows[0], dict(rows[1], label=2)])
-    with pytest.raises(DataError, match=r"relevance.jsonl:1: \"label\" must be a non-empty string, an integer or a "
+    with pytest.raises(DataError, match=r"relevance.jsonl:1: \"label\" must be a string of more than whitespace, an integer or a "
                                         "relevance score from 0 to 1, got 1.5"):
         _train_scores(base, [dict(rows[0], label=1.5)] + rows, str(tmp_path / "a3"), tmp_path)
     for other in ("yes", 2):  # a review: beside scores, named at its line (the fix said num_labels 1, which it is)

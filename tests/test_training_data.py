@@ -165,15 +165,15 @@ def test_empty_or_non_string_text(tmp_path, task, row, field):
 
 
 @pytest.mark.parametrize("label, words", [
-    (True, "non-empty string, an integer or a relevance score from 0 to 1"),
-    (False, "non-empty string, an integer or a relevance score from 0 to 1"),
-    (1.5, "non-empty string, an integer or a relevance score from 0 to 1"),  # 0.5 and 1.0: a reranker's scores
-    (-0.5, "non-empty string, an integer or a relevance score from 0 to 1"),
-    (float("nan"), "non-empty string, an integer or a relevance score from 0 to 1"),
-    ("", "non-empty string, an integer or a relevance score from 0 to 1"),
-    ("  ", "non-empty string, an integer or a relevance score from 0 to 1"),  # was a class of its own
-    (None, "non-empty string, an integer or a relevance score from 0 to 1"),
-    (["a"], "non-empty string, an integer or a relevance score from 0 to 1"),
+    (True, "string of more than whitespace, an integer or a relevance score from 0 to 1"),
+    (False, "string of more than whitespace, an integer or a relevance score from 0 to 1"),
+    (1.5, "string of more than whitespace, an integer or a relevance score from 0 to 1"),  # 0.5 and 1.0: a reranker's scores
+    (-0.5, "string of more than whitespace, an integer or a relevance score from 0 to 1"),
+    (float("nan"), "string of more than whitespace, an integer or a relevance score from 0 to 1"),
+    ("", "string of more than whitespace, an integer or a relevance score from 0 to 1"),
+    ("  ", "string of more than whitespace, an integer or a relevance score from 0 to 1"),  # was a class of its own
+    (None, "string of more than whitespace, an integer or a relevance score from 0 to 1"),
+    (["a"], "string of more than whitespace, an integer or a relevance score from 0 to 1"),
     (-1, ">= 0"),
 ])
 def test_bad_label_values(tmp_path, label, words):
