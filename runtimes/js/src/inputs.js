@@ -7,6 +7,10 @@ import { pairsFix } from "./fixes.js";
 
 const KINDS = { ids: "token ids", mask: "0 and 1", tokenTypeIds: "token types" };  // what each holds, as messages say
 
+/** A Float16/32/64Array, or an instance of a subclass of one: its toStringTag is the typed array type's (a constructor's
+ * name is the subclass's own). */
+export const floatArray = (x) => ArrayBuffer.isView(x) && /^\[object Float/.test(Object.prototype.toString.call(x));
+
 /** Rows of whole numbers from arrays or typed arrays of numbers or bigints (ONNX Runtime's int64 tensors give those). */
 function integerRows(x, what) {
   const isRow = (r) => Array.isArray(r) || ArrayBuffer.isView(r);
@@ -14,8 +18,7 @@ function integerRows(x, what) {
   if (!Array.isArray(x) || !x.length || !x.every(isRow)) {
     throw new EdgePeftError(`${what} must be a non-empty array of rows (2-D: batch x sequence), every row the same length (pad on the left)`);
   }
-  // as Python's dtype check: Float16/32/64Array, and subclasses of them (their tag is the typed array's own)
-  const floats = x.find((r) => ArrayBuffer.isView(r) && /^\[object Float/.test(Object.prototype.toString.call(r)));
+  const floats = x.find(floatArray);  // as Python's dtype check
   if (floats) {
     throw new EdgePeftError(`${what} must be ${KINDS[what]} (integers: numbers, an Int32Array, a BigInt64Array), got ${described(floats)}`);
   }

@@ -3,6 +3,7 @@
 // and the difference can be mended, it is mended here; where it cannot, loadTokenizer refuses the tokenizer, naming
 // what to do (pass ids the Python runtime encodes). Differences in rare characters are listed in docs/web.md.
 import { EdgePeftError, OPTIONAL, REEXPORT_BASE, checkOptions, described, firstLine, readJson } from "./checks.js";
+import { floatArray } from "./inputs.js";
 
 const CUT_IDS = "; to cut, slice the ids (the Python runtime's encode takes max_length)";
 const PASS_IDS = "pass token ids encoded by the Python runtime (rt.tokenizer.encode) or transformers";
@@ -11,7 +12,7 @@ const PASS_IDS = "pass token ids encoded by the Python runtime (rt.tokenizer.enc
  * as the Python runtime's decode takes them; anything else is named (the library said "must be non-empty"). A float
  * typed array is refused as Python refuses a float array, whole numbers or not (a float tensor is no ids). */
 function tokenIds(ids) {
-  const integers = Array.isArray(ids) || ArrayBuffer.isView(ids) && !(ids instanceof DataView) && !/^Float/.test(ids.constructor.name);
+  const integers = Array.isArray(ids) || ArrayBuffer.isView(ids) && !(ids instanceof DataView) && !floatArray(ids);
   const list = integers ? Array.from(ids, (v) => typeof v === "bigint" ? Number(v) : v) : null;
   if (list === null || !list.every((v) => Number.isInteger(v) && v >= 0 && v < 2 ** 32)) {
     const shown = list === null ? (ArrayBuffer.isView(ids) ? `a ${ids.constructor.name}` : String(ids)) : described(list);
