@@ -127,3 +127,17 @@ def test_every_built_in_config_is_a_star_import():
     exec("from edgepeft import *", names)  # noqa: S102
     built_in = {m.config_cls.__name__ for m in methods() if m.config_cls.__module__.startswith("edgepeft.")}
     assert built_in == set(edgepeft.BUILT_IN_CONFIGS) and all(names[n] is getattr(edgepeft, n) for n in built_in)
+
+
+def test_the_lora_fields_left_out_of_the_options_are_those_refused_when_set():
+    """An unknown --option lists the options train takes, leaving out LoraConfig.refused_when_set: each of those is
+    refused when set (one list kept beside __post_init__'s checks, held true here)."""
+    from edgepeft.errors import UnsupportedMethodError
+    from edgepeft.tuners.lora.config import LoraConfig
+
+    set_values = {"use_dora": True, "lora_bias": True, "bias": "all", "layers_to_transform": [0],
+                  "layers_pattern": "layers", "target_parameters": ["mlp.experts"], "trainable_token_indices": [1]}
+    assert set(LoraConfig.refused_when_set) == set(set_values)
+    for name, value in set_values.items():
+        with pytest.raises(UnsupportedMethodError):
+            LoraConfig(task_type="CAUSAL_LM", **{name: value})

@@ -207,7 +207,7 @@ def method_config(method: str, task: str, options: dict):
     fields = {f.name for f in dataclasses.fields(m.config_cls)} - NOT_OPTIONS
     unknown = sorted(set(options) - fields)
     if unknown:
-        taken = sorted(fields - set(getattr(m.config_cls, "untrained_options", ())))  # not those it refuses
+        taken = sorted(fields - set(getattr(m.config_cls, "refused_when_set", ())))  # not those it refuses
         raise ConfigError(f"{m.name} has no option {unknown[0]!r}; its options are {', '.join(taken)}")
     task_type = {v: k for k, v in TASK_TYPES.items()}[task]
     options = {**m.config_cls.training_defaults, **options}

@@ -51,9 +51,10 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False
     target_parameters: Optional[list] = None
     trainable_token_indices: Optional[Union[list, dict]] = None
-    # HF PEFT's fields read from its folders but refused when set (__post_init__'s): no option of --option's list
-    untrained_options: ClassVar[tuple] = ("use_dora", "lora_bias", "bias", "layers_to_transform", "layers_pattern",
-                                        "target_parameters", "trainable_token_indices")
+    # HF PEFT's fields read from its folders but refused when set (__post_init__'s; a test sets each): no option of
+    # --option's list
+    refused_when_set: ClassVar[tuple] = ("use_dora", "lora_bias", "bias", "layers_to_transform", "layers_pattern",
+                                         "target_parameters", "trainable_token_indices")
 
     def __post_init__(self):
         super().__post_init__()
