@@ -34,8 +34,8 @@ from .manifest import (
     read_base_manifest, stacks_as_output,
 )
 from .access import STOPPED, inside, moved_aside
-from .commands import (base_flags, copied_base_fix, export_command, folder_fix, folder_name_problem, name_problem,
-                       other_task)
+from .commands import (base_flags, copied_base_fix, export_command, folder_fix, folder_name_problem, made_elsewhere,
+                       name_problem, other_task)
 from .adapter_graph import run_adapter_graph
 from .adapter_source import adapter_bound, read_adapter_source
 from .sessions import ort
@@ -235,11 +235,11 @@ class AdapterStore:
                 f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "
                 "out; export every adapter into a fresh --out folder")
         flags, fix = base_flags(self.base), own or other_task(manifest, self.base)  # another task: no export into OUT
-        if not fix and os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"])):
-            fix = (f"export the adapter into this OUT with {export_command('DIR', self.out, '--name', 'NAME', *flags)} "
-                   f"(OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)")
-        elif not fix:
-            fix = f"export the adapter into this OUT with {export_command('DIR', self.out, *flags)}"
+        where, held = made_elsewhere(manifest, self.base), os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"]))
+        if not fix:  # named apart where OUT holds its name; from another folder: where that is OUT's model, else its own export
+            fix = (f"{where}export the adapter into this OUT with {export_command('DIR', self.out, *(('--name', 'NAME') * held), *flags)}"
+                   + f" (OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)" * held
+                   + "; else load it on the export it was made for" * bool(where))
         return AdapterBaseMismatchError(
             f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
             f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "

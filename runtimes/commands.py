@@ -121,6 +121,13 @@ def other_task(adapter: dict, base: dict) -> str:
             "one: load it on the export it was made for")
 
 
+def made_elsewhere(adapter: dict, base: dict) -> str:
+    """"where X is the model of Y, ": the condition an export into this OUT takes the adapter on, where it was made from
+    another folder than OUT's base (export refuses another model's); else ""."""
+    made, source = adapter.get("base_source"), base.get("source")
+    return f"where {made} is the model of {source}, " if made and source and made != source else ""
+
+
 def folder_fix(out: str, folder: str, base: dict, adapter: dict | None = None) -> str:
     """What mends a folder of OUT/adapters made for another base (every Runtime(OUT) refuses it): removing it, or on
     a slot base re-exporting its adapter into it (``base``: OUT's base manifest, whose flags the export repeats);
@@ -131,8 +138,7 @@ def folder_fix(out: str, folder: str, base: dict, adapter: dict | None = None) -
     if other := other_task(adapter or {}, base):
         return f"remove {folder}: {other}"
     name, flags = os.path.basename(os.path.normpath(folder)), base_flags(base)
-    made = (adapter or {}).get("base_source")  # export takes it where that folder holds this OUT's model
-    where = f"where {made} is the model of {base['source']}, " if made and base.get("source") and made != base["source"] else ""
+    where = made_elsewhere(adapter or {}, base)
     then = ", " if where else " "  # "remove X, or, where ..., re-export"
     if export_name_problem(name):  # export cannot write that folder: it goes, its adapter comes back by another name
         return f"remove {folder}, then{then}{where}re-export its adapter into this OUT: " \

@@ -32,12 +32,12 @@ def test_adapter_for_other_base_is_refused_naming_both(rt, before, other_export,
     with pytest.raises(AdapterBaseMismatchError) as e:
         rt.load_adapter(path, name="other")
     msg = str(e.value)
-    assert path in msg
-    assert other_llama_base in msg  # the base the adapter was made for
+    assert path in msg and other_llama_base in msg  # the base the adapter was made for
     assert tiny_base("llama") in msg  # the base it was offered to
     assert rt.base_dir in msg
     # OUT holds a 'qv' already: a new name, not --overwrite, which would replace it
-    assert f"edgepeft export --adapter DIR --out {rt.path} --name NAME`" in msg and "'qv'" in msg
+    assert f"where {other_llama_base} is the model of {tiny_base('llama')}, export the adapter into this OUT with " \
+           f"`edgepeft export --adapter DIR --out {rt.path} --name NAME`" in msg and "'qv'" in msg  # a hunt: else refused
     assert "other" not in rt.adapter_names
     assert_still_serving(rt, before)
 
@@ -53,9 +53,9 @@ def test_a_foreign_adapter_from_bytes_or_in_a_merge_export_gets_a_fix_that_works
     monkeypatch.chdir(os.path.join(rt.path, "adapters"))
     with pytest.raises(AdapterBaseMismatchError) as e:
         rt.load_adapter(open(zipped, "rb").read(), name="other")
-    assert "remove adapter bytes" not in str(e.value) and str(e.value).endswith("--name NAME` (OUT holds an "
-                                                                               "adapter named 'qv'; --overwrite would "
-                                                                               "replace it)")
+    assert "remove adapter bytes" not in str(e.value) and str(e.value).endswith(
+        "--name NAME` (OUT holds an adapter named 'qv'; --overwrite would replace it); else load it on the export it "
+        "was made for")  # another model's: export refuses it into OUT
     merged = str(tmp_path / "merged")
     export([llama[1]["qv"]], merged, merge=True)
     shutil.copytree(os.path.join(other_export, "adapters", "qv"), os.path.join(merged, "adapters", "qv"))
