@@ -246,7 +246,7 @@ def note_chat_template(source: str, stage: str, log) -> None:
         if template is not None:
             chat_template.compile_template(chat_template.default_template(template, source), source,
                                            "chat=True calls of this export refuse it: correct it in the model's "
-                                           "folder and export again, or pass plain text")
+                                           "folder and export into a fresh --out, or pass plain text")
     except MissingDependencyError:  # jinja2 missing or too old: the runtime names that itself
         pass
     except EdgePeftError as e:

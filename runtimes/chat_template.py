@@ -18,8 +18,8 @@ from .sentence import TOKENIZER_FIX as _FIX
 from .values import HALF_CHARACTER, half_character
 
 # a template's own code (the export copies the model's as it is: copying it again, or re-exporting, gives it back)
-TEMPLATE_FIX = ("correct it in the model's folder and export again (the export copies it as it is; a damaged copy of OUT: "
-                "copy the export's base folder again), or pass plain text (chat=False)")
+TEMPLATE_FIX = ("correct it in the model's folder and export into a fresh --out (the export copies it as it is; a "
+                "damaged copy of OUT: copy the export's base folder again), or pass plain text (chat=False)")
 
 
 def default_template(template, path: str):

@@ -93,7 +93,7 @@ def test_a_broken_tokenizer_file_is_named(text_export, tmp_path, name, content, 
     rt = Runtime(out)
     with pytest.raises(CorruptArtifactError) as e:
         rt.generate_text(PROMPT, adapter="tok", max_new_tokens=2, chat=chat)
-    fix = ("correct it in the model's folder and export again (the export copies it as it is; a damaged copy of OUT: "
+    fix = ("correct it in the model's folder and export into a fresh --out (the export copies it as it is; a damaged copy of OUT: "
            "copy the export's base folder again), or pass plain text (chat=False)") if chat else \
         ", or re-run `edgepeft export` into a fresh --out folder"  # a hunt: a template's re-export copied it again
     assert path in str(e.value) and str(e.value).endswith(fix)

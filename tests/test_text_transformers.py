@@ -501,12 +501,17 @@ def test_a_chat_template_that_cannot_be_used_is_noted_at_export_and_named_the_mo
     adapter = os.path.join(os.path.dirname(text_export[0]), "adapter-tok")
     with pytest.warns(EdgePeftWarning, match=rf"^{base}: the chat template does not parse \(.*\); chat=True "
                                              r"calls of this export refuse it: correct it in the model's folder and "
-                                             r"export again, or pass plain text$"):
+                                             r"export into a fresh --out, or pass plain text$"):
         export([adapter], str(tmp_path / "out"), base=base, names=["tok"])
     rt = Runtime(str(tmp_path / "out"))
     with pytest.raises(CorruptArtifactError, match=r"the chat template does not parse \(.*\); correct it in the "
-                                                   r"model's folder and export again \(the export copies it as it is; "
-                                                   r"a damaged copy of OUT: copy the export's base folder again\), "
+                                                   r"model's folder and export into a fresh --out \(the export copies "
+                                                   r"it as it is; a damaged copy of OUT: copy the export's base folder again\), "
                                                    r"or pass plain text \(chat=False\)$"):
         rt.generate_text("w10", adapter="tok", chat=True, max_new_tokens=2)
     assert isinstance(rt.generate_text("w10", adapter="tok", max_new_tokens=2), str)  # plain text: as ever
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the fix, followed (a hunt:
+    with open(os.path.join(base, "tokenizer_config.json"), "w") as f:  # "export again" into OUT was refused: another
+        json.dump(config, f)  # tokenizer)
+    export([adapter], str(tmp_path / "fresh"), base=base, names=["tok"])
+    assert isinstance(Runtime(str(tmp_path / "fresh")).generate_text("w10", adapter="tok", chat=True, max_new_tokens=2), str)
