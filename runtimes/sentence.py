@@ -95,8 +95,8 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
         key, value = next(iter(taken.items()))  # a hunt: ignored, where encode loads its tokenizer with them
         others = {k: v for k, v in value.items() if k != "model_max_length"} if isinstance(value, dict) else value
         fix = [f"set max_seq_length to {value['model_max_length']} (encode's cut)"] if others != value else []
-        fix += [f"save the tokenizer with {others!r} (AutoTokenizer.from_pretrained(MODEL, **them).save_pretrained("
-                "MODEL))"] if others else []
+        fix += [f"save the tokenizer with them (AutoTokenizer.from_pretrained({folder!r}, **{others!r})"
+                f".save_pretrained({folder!r}))"] if others else []
         raise ConfigError(f"{config}: {key} {value!r} change how sentence-transformers tokenizes texts, which "
                           f"edgepeft's embed and training do not follow; {' and '.join(fix)}, then remove them here")
     listed = _check_modules(modules, fix)
@@ -122,8 +122,8 @@ def sentence_transformers_settings(folder: str, max_positions: int | None = None
     if not (isinstance(modes, list) and len(modes) == 1 and modes[0] in POOLING):
         shown = " + ".join(map(str, modes)) if isinstance(modes, list) else repr(modes)
         raise ConfigError(f"{pooling}: pooling {shown or 'none'} is not one edgepeft pools by (mean, cls, max, "
-                          "mean_sqrt_len_tokens, lasttoken); export a copy of the model whose pooling is one of those, "
-                          "then pool Runtime.forward's last_hidden_state as this model does yourself")
+                          "mean_sqrt_len_tokens, lasttoken); export (or train on) a copy of the model whose pooling is "
+                          "one of those, then pool Runtime.forward's last_hidden_state as this model does yourself")
     return Embedding(limit, POOLING[modes[0]], lower, bool(fields.get("include_prompt", True)), truncate, prompts,
                      normalized)  # include_prompt: any falsy value leaves a prompt out, as sentence-transformers reads it
 
@@ -238,7 +238,8 @@ def _check_modules(modules: str, fix: str) -> list:
     if listed and not any(isinstance(m, dict) and str(m.get("type", "")).rsplit(".", 1)[-1] == "Pooling" for m in listed):
         raise ConfigError(f"{modules}: the model lists no Pooling module, so sentence-transformers' encode does not "
                           "pool the token embeddings as edgepeft's embed and training do; add one (1_Pooling), or "
-                          "export a copy with one and pool Runtime.forward's last_hidden_state as this model does yourself")
+                          "export (or train on) a copy with one and pool Runtime.forward's last_hidden_state as this "
+                          "model does yourself")
     other = []
     for m in listed:
         kind, path = (str(m.get("type", "")), m.get("path")) if isinstance(m, dict) else (repr(m), None)
@@ -247,8 +248,9 @@ def _check_modules(modules: str, fix: str) -> list:
             other.append(kind)
     if other:
         raise ConfigError(f"{modules}: the model runs {other} beyond a Transformer, 1_Pooling and Normalize, "
-                          "which edgepeft does not; export a copy of the model whose modules.json lists only those, then "
-                          "apply the model's modules after the Transformer to Runtime.forward's last_hidden_state yourself")
+                          "which edgepeft does not; export (or train on) a copy of the model whose modules.json lists "
+                          "only those, then apply the model's modules after the Transformer to Runtime.forward's "
+                          "last_hidden_state yourself")
     return [str(m.get("type", "")).rsplit(".", 1)[-1] for m in listed]
 
 

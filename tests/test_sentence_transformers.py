@@ -388,7 +388,10 @@ def test_tokenizer_args_are_refused_with_a_fix_that_embeds_as_encode(st6, tmp_pa
     config.write_text(json.dumps({**saved, "tokenizer_args": {"truncation_side": "left"}}))
     long = " ".join(["first words"] + ["filler"] * 600 + ["last words"])
     want = SentenceTransformer(str(folder), device="cpu").encode([long])
-    AutoTokenizer.from_pretrained(str(folder), truncation_side="left").save_pretrained(str(folder))  # the fix
+    with pytest.raises(edgepeft.errors.ConfigError) as e:
+        sentence_transformers_settings(str(folder))
+    exec(re.search(r"\((AutoTokenizer\.from_pretrained\(.*?\)\.save_pretrained\(.*?\))\)", str(e.value))[1],
+         {"AutoTokenizer": AutoTokenizer})  # the fix, as printed
     config.write_text(json.dumps(saved))
     export([peft_virtual_adapter(tmp_path / "p2", str(folder), "prompt", seed=5, task="feature-extraction",
                                  num_virtual_tokens=4)], str(tmp_path / "fixed"))
@@ -424,7 +427,8 @@ def test_modules_edgepeft_does_not_run_are_refused_with_a_fix_that_exports(st6, 
     dense = {"idx": len(modules), "name": str(len(modules)), "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
     (folder / "modules.json").write_text(json.dumps([*modules, dense]))
     refused_at_export_and_training(folder, tmp_path, r"beyond a Transformer, 1_Pooling and Normalize, which edgepeft does "
-                                                     r"not; export a copy of the model whose modules.json lists only those")
+                                                     r"not; export \(or train on\) a copy of the model whose modules.json lists "
+                                                     r"only those")
     (folder / "modules.json").write_text(json.dumps(modules))  # that copy exports
     export([peft_virtual_adapter(tmp_path / "p", str(folder), "prompt", seed=8, task="feature-extraction",
                                  num_virtual_tokens=2)], str(tmp_path / "copy-out"))
