@@ -222,13 +222,13 @@ def _check_output(config: str, settings: dict, fix: str) -> None:
                           "(max_seq_length then cuts queries and documents alike)")
 
 
-def _tokenizing(args):
-    """``tokenizer_args`` / ``processor_kwargs`` less what only says where the tokenizer comes from (sentence-transformers
-    drops trust_remote_code; the rest change no token)."""
-    return {k: v for k, v in args.items() if k not in LOADING} if isinstance(args, dict) else args
-
-
 LOADING = {"trust_remote_code", "cache_dir", "local_files_only", "revision", "token", "use_auth_token", "force_download"}
+
+
+def _tokenizing(args):
+    """``tokenizer_args`` / ``processor_kwargs`` less ``LOADING``, what only says where the tokenizer comes from
+    (sentence-transformers drops trust_remote_code; the rest change no token)."""
+    return {k: v for k, v in args.items() if k not in LOADING} if isinstance(args, dict) else args
 
 
 def _check_modules(modules: str, fix: str) -> list:

@@ -139,8 +139,8 @@ def read_jsonl(path: str, task: str) -> Rows:
             if k == "label":
                 if isinstance(row[k], bool) or not isinstance(row[k], (str, int, float)) or \
                         isinstance(row[k], str) and not row[k].strip() or isinstance(row[k], float) and not 0 <= row[k] <= 1:
-                    raise DataError(f"{path}:{n}: \"label\" must be a string of more than whitespace, an integer or a relevance score "
-                                    f"from 0 to 1, got {row[k]!r}")
+                    raise DataError(f"{path}:{n}: \"label\" must be a string of more than whitespace, an integer or "
+                                    f"a relevance score from 0 to 1, got {row[k]!r}")
                 if isinstance(row[k], int) and row[k] < 0:
                     raise DataError(f"{path}:{n}: integer labels must be >= 0, got {row[k]}")
             elif not isinstance(row[k], str) or not row[k].strip():

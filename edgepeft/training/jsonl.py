@@ -39,4 +39,5 @@ def gzip_fix(path: str) -> str:
     root, ext = os.path.splitext(path[:-3] if path.endswith(".gz") else path)
     names = (f"{root}{'-unpacked' if k else ''}{f'-{k}' if k > 1 else ''}{ext or '.jsonl'}" for k in itertools.count())
     unpacked = next(n for n in names if n != path and not os.path.lexists(n))  # d.jsonl, d-unpacked.jsonl, d-unpacked-2...
-    return f"the file is gzip-compressed: unpack it (gunzip -c {shlex.quote(path)} > {shlex.quote(unpacked)}) and pass that file"
+    return (f"the file is gzip-compressed: unpack it (gunzip -c {shlex.quote(path)} > {shlex.quote(unpacked)}) and "
+            "pass that file")

@@ -52,6 +52,7 @@ def beat_untrained(log: dict) -> bool | None:
 # the same command run again is refused (OUT holds this run's adapter and checkpoint; a resume keeps its settings)
 AGAIN = ", with --overwrite (OUT holds this run)"
 
+
 def hint(log: dict, lr: float, epochs: int) -> str | None:
     """One line with the flags to try when training did not learn (None: it did).
 
