@@ -66,7 +66,6 @@ def export_name_problem(name: str) -> str | None:
     return name_problem(name)
 
 
-
 def export_name_suggestion(name: str) -> str | None:
     """A name like ``name`` that export takes (None: none is near), for the message that refuses ``name``."""
     mended = re.sub(r"[^A-Za-z0-9_-]", "_", name).lstrip("_-")[:NAME_LENGTH]

@@ -22,9 +22,18 @@ export const NAME_RULE = "an adapter's name must be a non-empty string, a folder
   "that is not hidden (no '.' first) nor none (the base model at the command line), with no control character and " +
   "no spaces at its ends";
 
-/** Refuses where `manifest` (of the base folder `where`) predates `field`, which an earlier edgepeft did not record
- * (`what`: what follows from it): read as a default, a call answered otherwise than the model (Python's older_export). */
-export function olderExport(where, manifest, field, what) {
+/** Per task, the record a call reads that an earlier edgepeft's manifest may lack, and what follows from it (Python's
+ * access.OLDER_RECORDS; this runtime has no embed). */
+const OLDER_RECORDS = {
+  "causal-lm": ["generation", "the model's generation_config.json, which generate follows"],
+  "seq-cls": ["problem_type", "the model config's, by which scores are softmax, sigmoid or none"],
+};
+
+/** Refuses where `manifest` (of the base folder `where`) predates the record a `task` call reads (OLDER_RECORDS: a
+ * classifier's scores, generate's settings): read as a default, a call answered otherwise than the model (Python's
+ * older_export). */
+export function olderExport(where, manifest, task) {
+  const [field, what] = OLDER_RECORDS[task];
   if (!(field in manifest)) {
     throw new EdgePeftError(`${where}: was written by an earlier edgepeft, whose manifest records no ${field} (${what}); ` +
       "export every adapter into a fresh --out folder");
@@ -66,8 +75,8 @@ export async function folderFix(rt, name, merged, manifest) {
   const folder = loader.where(`adapters/${name}`), out = loader.folder ? loader.where("") : null;
   const other = otherTask(manifest, rt.manifest), made = manifest.base_source, source = rt.manifest.source;
   if (other) return `remove ${folder}: ${other}`;
-  const where = made && source && made !== source ? `where ${made} is the model of ${source}, ` : "";  // as commands.py
-  const then = where ? ", " : " ", again = reexport(out, name, folder, where), copied = manifest.base_source && manifest.base_source === rt.manifest.source
+  const where = made && source && made !== source ? `where ${made} is the model of ${source}, ` : "";  // made_elsewhere
+  const then = where ? ", " : " ", again = reexport(out, name, folder, where), copied = made && made === source
     ? "; or, where this OUT is a copy, copy the export it came from again: its base folder and every adapter" : "";
   if (exportedAs(name) !== name) return again + copied;
   // its manifest for this base waiting beside it (commands.py REPOINTED): a folder's file there; over HTTP, a file that

@@ -142,7 +142,7 @@ export class Runtime {
 
   /** How classify scores a classifier's logits: the base config's problem_type (null: softmax, or one output's sigmoid). */
   get problemType() {
-    olderExport(this.loader.where("base"), this.manifest, "problem_type", "the model config's, by which scores are softmax, sigmoid or none");
+    olderExport(this.loader.where("base"), this.manifest, "seq-cls");
     return this.manifest.problem_type ?? null;
   }
 
@@ -279,7 +279,7 @@ export class Runtime {
     const { adapter = null, eosTokenId: eos = null, ...settings } =
       checkOptions(options, ["adapter", "eosTokenId", ...GENERATION_OPTIONS], "generate", PYTHON_ONLY);
     if (!this.cache) throw new EdgePeftError(`a ${this.manifest.task} export does not generate`);
-    olderExport(this.loader.where("base"), this.manifest, "generation", "the model's generation_config.json, which generate follows");
+    olderExport(this.loader.where("base"), this.manifest, "causal-lm");
     let s = generationSettings(this.manifest, settings);
     const plan = this.plan(adapter);
     const given = mask != null;
