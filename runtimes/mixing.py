@@ -25,7 +25,7 @@ import numpy as np
 from .adapters import NO_ADAPTER, Plan
 from .errors import ConfigError, InvalidInputError
 from .sessions import ort
-from .values import as_float, is_real
+from .values import as_float, is_number, is_real
 
 CACHED_STACKS = 16  # sets of adapters whose stacked tensors stay built
 
@@ -68,6 +68,10 @@ def row_specs(adapter, batch: int):
                                 f"got {type(adapter).__name__}")
     if len(adapter) != batch:
         raise InvalidInputError(f"adapter lists {len(adapter)} entries for {batch} rows; give one per row (None: the base)")
+    for a in adapter:
+        if a is not None and not isinstance(a, (str, dict)):
+            raise InvalidInputError(f"adapter lists {a!r:.40} for a row; give each row an adapter's name, None (the "
+                                    "base) or a {name: weight} dict")
     return [{} if a is None else {a: 1.0} if isinstance(a, str) else _weights(a) for a in adapter]
 
 
@@ -116,13 +120,26 @@ def row_adapters(adapter, rows: int) -> list:
 def _weights(spec) -> dict:
     if not isinstance(spec, dict) or not spec or not all(isinstance(k, str) for k in spec):
         raise InvalidInputError(f"a weighted adapter is a non-empty {{name: weight}} dict; got {spec!r}")
-    spec = {name: as_float(weight) for name, weight in spec.items()}  # ml_dtypes' bfloat16: a float
+    spec = {name: _real(weight) for name, weight in spec.items()}
     for name, weight in spec.items():
         # the row weights are float32: 1e40 is inf (compared as a float: a float16 weight overflowed the bound)
         if not is_real(weight) or abs(float(weight)) > float(np.finfo(np.float32).max):
             raise InvalidInputError(f"adapter {name!r} has weight {weight!r}; give a finite number (within float32's "
                                     "range, 3.4e38)")
     return {k: float(v) for k, v in spec.items()}
+
+
+def _real(weight):
+    """A weight as HF PEFT's ``scaling *= weight`` takes it: a 0-d array, a torch scalar, a Fraction or a Decimal is
+    the float it holds (refused as "give a finite number" before), as are ml_dtypes' bfloat16 scalars."""
+    weight = as_float(weight)
+    if (is_number(weight) or isinstance(weight, (bool, np.bool_, str, bytes)) or getattr(weight, "ndim", 0)
+            or not hasattr(type(weight), "__float__")):
+        return weight
+    try:
+        return float(weight)
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # a tensor of several values
+        return weight
 
 
 class Lane:

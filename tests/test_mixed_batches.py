@@ -3,6 +3,7 @@ budget, and one Runtime serving many threads. Each mixed row must equal the same
 must equal HF PEFT with those adapters active and each one's scaling times its weight."""
 from __future__ import annotations
 
+import fractions
 import io
 import json
 import os
@@ -130,7 +131,8 @@ def _base_of(adapter_dir):
         return json.load(f)["base_model_name_or_path"]
 
 
-@pytest.mark.parametrize("weights", [{"lora_qv": 0.7, "lora_all": 0.3}, {"lora_qv": 0.5}, {"lora_all": -1.5, "lora_qv": 2.0}])
+@pytest.mark.parametrize("weights", [{"lora_qv": 0.7, "lora_all": 0.3}, {"lora_qv": 0.5}, {"lora_all": -1.5, "lora_qv": 2.0},
+                                     {"lora_qv": fractions.Fraction(1, 2), "lora_all": np.array(0.25)}])  # were refused
 def test_weighted_and_scaled_lora_equal_hf_peft_with_both_active(decoder, rt, weights):
     ids, mask = _batch(2)
     ref = _hf_combination(decoder, weights)
@@ -149,6 +151,8 @@ def test_combinations_without_a_meaning_are_refused(rt):
             rt.forward(ids, mask, adapter=bad)
     with pytest.raises(InvalidInputError, match="one per row"):
         rt.forward(ids, mask, adapter=["lora_qv"])
+    with pytest.raises(InvalidInputError, match=r"lists 5 for a row; give each row .*name, None .* or a \{name: weight"):
+        rt.forward(ids, mask, adapter=["lora_qv", 5])  # was told "a weighted adapter is a non-empty dict"
     for weight in (float("nan"), 1e40, 10 ** 400):  # 1e40: infinite in the float32 row weights, NaN logits;
         for spec in ({"lora_qv": weight}, [{"lora_qv": weight}, None]):  # 10**400: a TypeError from numpy
             with pytest.raises(InvalidInputError, match=r"give a finite number \(within float32's range, 3.4e38\)"):
