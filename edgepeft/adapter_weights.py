@@ -120,11 +120,23 @@ def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) 
             else torch.allclose(saved.to(coarse).float(), weight.to(coarse).float(), rtol=torch.finfo(coarse).eps, atol=0))
         if not same:
             layer = key.removesuffix(".weight").removesuffix(".base_layer").removeprefix("base_model.model.")
+            if saved.dim() == 2 and saved.shape[1:] == weight.shape[1:] and saved.shape[0] != weight.shape[0]:
+                raise resized(path, layer, saved.shape[0], weight.shape[0])
             raise AdapterBaseMismatchError(
                 f"{path}: carries its own {layer} weights (resized embeddings, or tied embeddings trained whole: "
                 "modules_to_save, ensure_weight_tying), which would change the frozen base edgepeft shares between "
                 "adapters; train the adapter without them")
         del state[key]
+
+
+def resized(path: str, layer: str, rows: int, vocabulary: int) -> AdapterBaseMismatchError:
+    """An adapter trained on its base resized for added tokens (``resize_token_embeddings``): the export that serves
+    it is one of that resized model, named as the adapter's base (HF PEFT's folder names the base before resizing)."""
+    config = os.path.join(os.path.dirname(path), "adapter_config.json")
+    return AdapterBaseMismatchError(
+        f"{path}: its {layer} has {rows} rows where the base's vocabulary has {vocabulary}: it was trained on the base "
+        f"resized to {rows} tokens; save that resized model (save_pretrained, its tokenizer too) to a folder and set "
+        f"base_model_name_or_path in {config} to that folder")
 
 
 def load_state(peft, adapter_name: str, state: dict, path: str) -> None:
@@ -140,9 +152,14 @@ def load_state(peft, adapter_name: str, state: dict, path: str) -> None:
     # A head trained for another label count gets that shape before loading.
     for key, module in model_modules(peft):
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            saved = {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")}
+            if module is peft.base_model.model.get_output_embeddings():  # an lm_head: its rows are the vocabulary
+                rows, have = (getattr(saved.get("weight"), "shape", (None,))[0], module.original_module.weight.shape[0])
+                if rows is not None and rows != have:  # made that many logits, ids past the embeddings
+                    raise resized(path, key.removeprefix("base_model.model."), rows, have)
+                continue
             try:
-                module.resize_like(adapter_name, {k[len(key) + 1:]: v for k, v in state.items()
-                                                  if k.startswith(key + ".")})
+                module.resize_like(adapter_name, saved)
             except ConfigError as e:
                 raise AdapterBaseMismatchError(f"{path}: {key}: {e}; {fix}") from None
     entries = peft._adapter_entries(adapter_name)

@@ -110,9 +110,10 @@ def test_embedding_layers_saved_whole_by_hf_peft_are_dropped_when_unchanged(tiny
     edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))  # the base, rounded
     trained = embeddings.clone()
     trained[3:40] += 9e-4  # trained rows in a half-precision file: a tolerance for rounding let them by, in silence
-    for changed in (trained.half(), torch.cat([embeddings] * 2)):  # ... and a resized vocabulary
+    for changed, why in ((trained.half(), "carries its own model.embed_tokens weights"),  # ... and a resized vocabulary
+                         (torch.cat([embeddings] * 2), "its model.embed_tokens has 256 rows .* resized to 256 tokens")):
         save_file({**saved, "base_model.model.model.embed_tokens.weight": changed}, str(weights))
-        with pytest.raises(AdapterBaseMismatchError, match="carries its own model.embed_tokens weights"):
+        with pytest.raises(AdapterBaseMismatchError, match=why):
             edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
 
 
@@ -372,3 +373,39 @@ def test_a_task_type_edited_to_another_task_is_named_with_its_fix(arch, peft_ada
                                 "trained for", str(e.value)), str(e.value)
     model = load_reference_base(tiny_base(arch), "seq-cls", 3)  # as it was trained, it loads
     edgepeft.PeftModel.from_pretrained(model, trained["seq-cls"])
+
+
+@pytest.mark.parametrize("saved", ["lm_head trained whole", "tables saved by HF PEFT"])
+def test_an_adapter_trained_on_its_base_resized_names_the_resized_model_as_its_base(tiny_base, tmp_path, saved):
+    """Tokens added and the model resized, then trained. Its lm_head trained whole (save_embedding_layers=False) was
+    loaded at the file's 131 rows: exported without a word, 131 logits on 128 embeddings, generate a raw ONNX Runtime
+    error; the resized tables HF PEFT saves were told "train the adapter without them", losing the tokens. The fix
+    given, followed here, exports it as HF PEFT runs it on the resized model."""
+    import peft
+
+    from edgepeft.errors import AdapterBaseMismatchError
+    from edgepeft.exporters import export
+    from edgepeft.runtimes import Runtime
+
+    base, adapter = tiny_base("llama"), str(tmp_path / "a")
+    resized = load_reference_base(base, "causal-lm")
+    resized.resize_token_embeddings(resized.config.vocab_size + 3)
+    resized.save_pretrained(tmp_path / "resized")  # for the fix below
+    whole = saved == "lm_head trained whole"
+    hf = peft.get_peft_model(resized, peft.LoraConfig(r=2, target_modules=["q_proj"] + ([] if whole else ["lm_head"]),
+                                                      modules_to_save=["lm_head"] if whole else None, task_type="CAUSAL_LM"))
+    randomize_adapter(hf, 5)
+    hf.peft_config["default"].base_model_name_or_path = base  # as HF PEFT records it: the base before resizing
+    hf.save_pretrained(adapter, save_embedding_layers=not whole)
+    with pytest.raises(AdapterBaseMismatchError, match=r"lm_head has 131 rows where the base's vocabulary has 128: it "
+                       r"was trained on the base resized to 131 tokens; save that resized model .* set "
+                       r"base_model_name_or_path in .*adapter_config.json to that folder"):
+        export([adapter], str(tmp_path / "refused"))
+    assert not os.path.exists(tmp_path / "refused" / "base")  # the fix, as it says:
+    edit_json(os.path.join(adapter, "adapter_config.json"), base_model_name_or_path=str(tmp_path / "resized"))
+    export([adapter], str(tmp_path / "out"))
+    ids, mask = sample_batch()
+    with torch.no_grad():
+        want = hf.eval()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    got = Runtime(str(tmp_path / "out")).forward(ids, mask, adapter="a")["logits"]
+    assert got.shape == want.shape and abs(got - want)[mask.astype(bool)].max() < 1e-4
