@@ -11,14 +11,14 @@ import torch
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
 from edgepeft.files import unexpanded_tilde
 from edgepeft.hub import hub_unreachable
+from edgepeft.model_checks import DECODERS, check_exportable, check_token_ids
 from edgepeft.runtimes.access import check_readable, located
 from edgepeft.runtimes.base_checks import ENCODERS
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 from edgepeft.runtimes.sentence import (PROMPTS_CONFIG, SENTENCE_TRANSFORMERS_FILES, check_default_prompt,
                                         has_sentence_transformers_files, sentence_transformers_settings)
 
-# model_type -> family. Encoders have no causal-LM head; decoders take use_cache.
-DECODERS = {"llama", "qwen2", "gpt2"}
+# model_type -> family (DECODERS in model_checks). Encoders have no causal-LM head; decoders take use_cache.
 SUPPORTED = sorted(ENCODERS | DECODERS)
 
 # edgepeft task -> optimum TasksManager task (which maps it to a transformers auto class).
@@ -127,12 +127,6 @@ def check_supported(model_type: str, task: str, source: str = "") -> None:
         raise UnsupportedModelError(f"{where}{model_type} is an encoder and has no causal-LM head; use seq-cls or feature-extraction")
 
 
-def rope_type(config) -> str | None:
-    """The rotary scaling's type ("dynamic", "linear", ...), None without one."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return rope.get("rope_type") or rope.get("type")
-
-
 def _weights_files(folder: str) -> list[str]:
     """``folder`` (transformers lists it) and what transformers reads in it to load a model: config and weights."""
     if not os.path.isdir(folder):
@@ -144,41 +138,6 @@ def _weights_files(folder: str) -> list[str]:
     weights = [e for e in entries if e.startswith(("model", "pytorch_model")) and e.endswith((".safetensors", ".bin", ".index.json"))]
     return [folder, *(os.path.join(folder, e) for e in [*weights, "config.json", "generation_config.json"]
                       if e in entries)]
-
-
-def sliding_layers(config) -> list:
-    """The attention kinds other than full attention in ``config``'s layer_types (Qwen2's sliding window)."""
-    return sorted({t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"})
-
-
-def check_exportable(config, source: str) -> None:
-    """Refuse what the export cannot trace: sliding-window attention layers (Qwen2's ``use_sliding_window``),
-    longrope scaling, an encoder made a causal decoder (``is_decoder``), and BERT's relative position embeddings.
-
-    transformers keeps a cropped cache for sliding layers, which the graph's one cache layout for
-    every layer does not fit; longrope switches its rotary frequencies once a sequence passes
-    original_max_position_embeddings, which one traced graph cannot follow. ``load_base`` checks it, so
-    ``edgepeft train`` refuses them too; a model given to ``get_peft_model`` in PyTorch is unaffected.
-    """
-    if rope_type(config) == "longrope":
-        raise UnsupportedModelError(
-            f"{source}: config.json's rope scaling is longrope, which edgepeft cannot export (its rotary "
-            "frequencies change with the sequence length); use a base model without longrope scaling")
-    if getattr(config, "position_embedding_type", "absolute") in ("relative_key", "relative_key_query"):
-        raise UnsupportedModelError(  # transformers 5 dropped them and runs absolute positions instead, silently
-            f"{source}: config.json's position_embedding_type is {config.position_embedding_type}, which transformers "
-            "5 no longer computes (it would run absolute positions, not what the model was trained with); use a model "
-            "with absolute position embeddings")
-    if getattr(config, "is_decoder", False) and config.model_type not in DECODERS:
-        raise UnsupportedModelError(
-            f"{source}: config.json sets is_decoder: true (an encoder run as a causal decoder), which edgepeft cannot "
-            "export (its graph attends both ways); set it to false and train adapters on it so, or use a decoder model "
-            "(Llama, Qwen2, GPT-2)")
-    if sliding := sliding_layers(config):
-        raise UnsupportedModelError(
-            f"{source}: config.json's layer_types holds {', '.join(sliding)} layers, which edgepeft cannot export "
-            "(full attention only); use a copy whose config.json sets use_sliding_window to false and every "
-            "layer_types entry to full_attention (the same model for inputs no longer than sliding_window)")
 
 
 def load_base(name_or_path: str, task: str, labels: list[str] | None = None, revision: str | None = None,
@@ -201,6 +160,7 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
 
     config = config or load_model_config(name_or_path, flag, revision=revision)
     check_supported(config.model_type, task, str(name_or_path))
+    check_token_ids(config, str(name_or_path))
     if checked:  # training too: an adapter edgepeft cannot export is refused first
         check_exportable(config, str(name_or_path))
     if checked and task == "seq-cls" and config.model_type in DECODERS and config.pad_token_id is None:

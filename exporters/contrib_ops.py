@@ -48,7 +48,8 @@ def effective_ops(config, task: str, ops: str, log=None) -> str:
     the kernel takes), else "standard"; ``log`` hears why a contrib request falls back."""
     if ops != "contrib" or task != "causal-lm" or config.model_type not in FUSED_MODELS:
         return "standard"
-    from edgepeft.models import attention_layout, rope_type
+    from edgepeft.model_checks import rope_type
+    from edgepeft.models import attention_layout
 
     head = attention_layout(config)["head_dim"]
     why = (f"head size {head} is not a multiple of {KERNEL_HEAD_MULTIPLE} (GroupQueryAttention's CPU kernel needs "

@@ -16,9 +16,9 @@ from edgepeft.exporters.fingerprint import config_differences, made_heads, weigh
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.exporters.validate import check_room, check_traceable
 from edgepeft.files import check_output_dir, write_json_atomic
+from edgepeft.model_checks import sliding_layers
 from edgepeft.models import (
     call_kwargs, check_supported, default_task, load_base, load_model_config, max_positions, model_label, sample_inputs,
-    sliding_layers,
 )
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.access import REPOINTED, link_to_nothing, located

@@ -228,3 +228,25 @@ def test_a_copy_of_the_base_set_as_its_refusal_says_exports_as_base_and_no_other
                 export([lora], str(root / "out"), base=str(copy))
         else:
             export([lora], str(root / "out"), base=str(copy))
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_a_pad_id_past_the_vocabulary_is_named_with_a_fix_that_loads(tmp_path, capsys, arch):
+    """A pad added to the tokenizer and set in config.json without resizing: transformers' nn.Embedding asserted,
+    an AssertionError traceback from train and export."""
+    from file_checks import edit_json
+    from training_helpers import cli_error
+
+    from edgepeft.models import load_base
+
+    task = "causal-lm" if arch == "llama" else "feature-extraction"
+    base = _base(tmp_path, arch)
+    lora = _lora(tmp_path, base, task, ["q_proj" if arch == "llama" else "query"])
+    size = tiny_config(arch).vocab_size
+    edit_json(os.path.join(base, "config.json"), pad_token_id=size, eos_token_id=2)
+    line = cli_error(capsys, "export", "--adapter", lora, "--base", base, "--out", str(tmp_path / "out"))
+    assert line.endswith(f"config.json's pad_token_id is {size}, past the model's vocabulary (vocab_size {size}), "
+                         f"which its embeddings cannot hold; set pad_token_id to an id below {size} (its eos_token_id, "
+                         "2), or resize the embeddings (resize_token_embeddings) and save the model again")
+    edit_json(os.path.join(base, "config.json"), pad_token_id=2)  # as it says
+    load_base(base, task)
