@@ -24,7 +24,7 @@ from edgepeft.models import (
     NO_REMOTE_CODE, SENTENCE_TRANSFORMERS_FILES, cache_layout, is_placeholder_tokenizer, max_positions, named_labels,
     sentence_transformers_folder,
 )
-from edgepeft.exporters.generation_settings import generation_fields, ignored_generation
+from edgepeft.exporters.generation_settings import SAMPLING_ONLY, generation_fields, ignored_generation
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import (BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, LAYOUT_VERSION, NEUTRAL_GRAPH,
                                         WEB_GRAPH, slot_name)
@@ -110,8 +110,14 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     }
     ignored = ignored_generation(model) if task == "causal-lm" else []
     if ignored:
+        sampling = [k for k in SAMPLING_ONLY if any(i.startswith(k + "=") for i in ignored)]
         log(f"note: {source}: generation_config.json sets {', '.join(ignored)}, which edgepeft's generate does not "
-            "apply (one sequence per prompt, greedy or sampled); its tokens differ from transformers' generate there")
+            "apply (one sequence per prompt, greedy or sampled); its tokens differ from transformers' generate there"
+            + (f" ({', '.join(sampling)}: when sampling)" if sampling else ""))
+    if generation["generation"].get("stop") and not os.path.isfile(os.path.join(stage, "tokenizer.json")):
+        log(f"note: {source}: generation_config.json sets stop_strings, which are matched in decoded text, and the "
+            "export has no tokenizer: generate on token ids with stop=[] (without them), or export from a base folder "
+            "that has tokenizer.json")
     manifest.update(graph_files(stage, manifest, digests))
     write_json_atomic(os.path.join(stage, BASE_MANIFEST), manifest, sort_keys=True)
     write_genai_config(model, manifest, stage)  # decoders: onnxruntime-genai opens OUT/base as it is

@@ -22,11 +22,13 @@ def eos_token_ids(model) -> list[int]:
 GENERATION_DEFAULTS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
                        "max_new_tokens", "max_length", "min_new_tokens", "min_length", "stop_strings")
 # Settings that change generate's tokens which the runtime does not apply, with the value that changes nothing
+# (SAMPLING_ONLY: when it samples)
+SAMPLING_ONLY = ("typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
 IGNORED_GENERATION = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "penalty_alpha": None,
                       "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
                       "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None, "typical_p": 1.0,
                       "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None,
-                      "guidance_scale": 1.0, "top_h": None, "max_time": None, "dola_layers": None,
+                      "guidance_scale": 1.0, "top_h": None, "max_time": None, "dola_layers": None, "token_healing": False,
                       "watermarking_config": None, "prompt_lookup_num_tokens": None,
                       # a decoder's prompt is their "encoder input" in transformers: they change greedy ids there too
                       "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0}

@@ -4,7 +4,11 @@
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+from .errors import ArtifactNotFoundError
 
 
 def stop_text(tok: "TextTokenizer", ids) -> str:
@@ -42,6 +46,18 @@ class StopStrings:
         # tokens before the newest one a match can reach back over: a character may take 4 byte-level tokens
         self.lookback = 4 * max(len(s) for s in stops) + 4
         self.starts = starts  # each row's first real token: padding is no text
+
+    @classmethod
+    def of(cls, rt, stops: list, starts: np.ndarray, models: bool) -> "StopStrings":
+        """``stops`` with ``rt``'s tokenizer. ``models``: they are the model's (generation_config.json's stop_strings),
+        not the call's; an export without a tokenizer names them (its message told a call on ids to "pass token ids")."""
+        path = os.path.join(rt.base_dir, "tokenizer.json")
+        if models and not os.path.isfile(path):
+            raise ArtifactNotFoundError(
+                f"{path}: missing, and the model's generation_config.json sets stop_strings {stops!r:.80}, which are "
+                "matched in decoded text: pass stop=[] to generate without them, or export from a base folder that has "
+                "tokenizer.json into a fresh --out folder")
+        return cls(rt.tokenizer, stops, starts)
 
     def hit(self, sequences: np.ndarray, finished: np.ndarray) -> np.ndarray:
         found = np.zeros(len(sequences), dtype=bool)

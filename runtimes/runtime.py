@@ -330,7 +330,7 @@ class Runtime:
                  " or lower max_new_tokens")  # the check once held names them: an adapter reloaded since may not fit
         self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *(("", "") if defaulted else words))
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
-        stops = decoded.StopStrings(self.tokenizer, cfg.stop, padding) if cfg.stop else None  # needs the tokenizer: fail now
+        stops = decoded.StopStrings.of(self, cfg.stop, padding, generation.get("stop") is None) if cfg.stop else None
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops, words)  # checked again once held
 
     def generate(self, input_ids, attention_mask=None, adapter=None, **generation) -> np.ndarray:

@@ -394,8 +394,10 @@ def test_encoder_penalties_of_a_decoders_generation_config_get_a_note():
 
     from edgepeft.exporters.generation_settings import ignored_generation
 
-    gen = transformers.GenerationConfig(encoder_repetition_penalty=3.0, encoder_no_repeat_ngram_size=1)
-    assert ignored_generation(SimpleNamespace(generation_config=gen)) == ["encoder_repetition_penalty=3.0",
+    gen = transformers.GenerationConfig(encoder_repetition_penalty=3.0, encoder_no_repeat_ngram_size=1,
+                                        token_healing=True)  # a hunt: token_healing went without the note
+    assert ignored_generation(SimpleNamespace(generation_config=gen)) == ["token_healing=True",
+                                                                           "encoder_repetition_penalty=3.0",
                                                                            "encoder_no_repeat_ngram_size=1"]
     assert ignored_generation(SimpleNamespace(generation_config=transformers.GenerationConfig())) == []
     # a review: a stop string holding U+FFFD, which generate refuses, broke the export after the base was built
@@ -428,3 +430,36 @@ def test_a_models_max_length_of_its_context_leaves_a_virtual_adapter_the_room(vi
                                   rt.generate(ids, adapter=adapter, eos_token_id=[], max_new_tokens=room))
     with pytest.raises(InvalidInputError, match=r"exceeds the model's \d+ positions; shorten the prompt or lower "):
         rt.generate(ids, adapter=adapter, max_length=rt.max_positions)
+
+
+def test_the_models_stop_strings_on_an_export_without_a_tokenizer_are_noted_and_named_with_stop_off(tiny_base,
+                                                                                                     tmp_path):
+    """A hunt: generate on ids failed as "tokenizer.json: missing ... or pass token ids" (it was given ids), naming
+    neither the model's stop strings nor stop=[]; the export said nothing. typical_p's note said the tokens differ,
+    where a model decoding greedily gives transformers' tokens."""
+    import peft
+
+    from edgepeft.errors import ArtifactNotFoundError
+    from edgepeft.exporters import export
+
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_base("llama"), base)  # no tokenizer files
+    with open(os.path.join(base, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": 2, "stop_strings": ["<|end|>"], "typical_p": 0.5}, f)
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"),
+                             peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    with warnings.catch_warnings(record=True) as noted:
+        warnings.simplefilter("always")
+        export([str(tmp_path / "adapter")], str(tmp_path / "out"))
+    notes = [str(w.message) for w in noted if issubclass(w.category, EdgePeftWarning)]
+    assert any("sets typical_p=0.5, which edgepeft's generate does not apply" in n and
+               n.endswith("differ from transformers' generate there (typical_p: when sampling)") for n in notes), notes
+    assert any("sets stop_strings, which are matched in decoded text, and the export has no tokenizer: generate on "
+               "token ids with stop=[] (without them)" in n for n in notes), notes
+    rt, ids = Runtime(str(tmp_path / "out")), np.array([[5, 6, 7]], dtype=np.int64)
+    with pytest.raises(ArtifactNotFoundError, match=r"tokenizer.json: missing, and the model's generation_config.json "
+                                                    r"sets stop_strings \['<\|end\|>'\], which are matched in decoded "
+                                                    r"text: pass stop=\[\] to generate without them"):
+        rt.generate(ids, max_new_tokens=3)
+    assert rt.generate(ids, max_new_tokens=3, stop=[]).shape == (1, 6)  # as it says
