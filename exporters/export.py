@@ -196,7 +196,9 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
     if existing.get("merged_adapter"):
         raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")
     writes = FORMAT_VERSION if reads_token_types(plan.model.config, plan.task) else LAYOUT_VERSION
-    if existing.get("format_version") not in {writes, LAYOUT_VERSION}:  # format 3 without token types: written again
+    another = existing.get("task") != plan.task or existing.get("model_type") != plan.model.config.model_type
+    if existing.get("format_version") not in {writes, LAYOUT_VERSION} and not another:  # (another: named below)
+        # format 3 without token types: written again
         raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
                           f"{existing.get('format_version')}; this edgepeft writes {writes}); "
                           "export into a fresh --out folder")

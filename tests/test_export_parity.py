@@ -186,6 +186,18 @@ def test_a_base_with_another_graph_layout_is_not_extended(workdir, shared_export
     assert open(manifest_path).read() == before and sorted(os.listdir(os.path.join(old, "adapters"))) == sorted(dirs)
 
 
+def test_an_out_of_another_task_names_the_task_not_a_graph_layout(tmp_path, peft_adapter):
+    """A hunt: an embedding adapter exported into the OUT of a classifier of the same BERT (the README's MiniLM, one
+    step on) was told "another graph layout (export format 4; this edgepeft writes 3)": the same edgepeft wrote both."""
+    from edgepeft.errors import AdapterBaseMismatchError
+
+    out = str(tmp_path / "out")
+    export([peft_adapter("bert", "cls", task="seq-cls", num_labels=2, target_modules=["query"])], out)
+    with pytest.raises(AdapterBaseMismatchError, match=r"\(seq-cls\); these adapters need .* \(feature-extraction\); "
+                                                      "export them into another --out folder"):
+        export([peft_adapter("bert", "emb", task="feature-extraction", target_modules=["query"])], out)
+
+
 def test_concurrent_calls_with_different_adapters_do_not_interfere(shared_export):
     from concurrent.futures import ThreadPoolExecutor
 
