@@ -20,6 +20,7 @@ from edgepeft.exporters.quantize import no_closer_than_zeros, relative_error, rm
 from edgepeft.models import SAMPLE_TOKENS, call_kwargs, sample_inputs
 from edgepeft.runtimes.manifest import TASK_OUTPUTS
 from edgepeft.runtimes.values import is_number
+from edgepeft.training.pooling import padding_warning_left_out
 
 
 QUANTIZED_SAMPLE = (16, 16)  # rows x tokens of the quantized checks' batch
@@ -32,7 +33,8 @@ EFFECT_NOISE, EFFECT_TOL = 4.0, 0.5
 
 def reference_output(model, ids, mask, task, types=None) -> np.ndarray:
     kwargs = {} if types is None else {"token_type_ids": types}
-    with torch.no_grad():
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad(), padding_warning_left_out(base):
         out = model(input_ids=ids, attention_mask=mask, return_dict=True, **call_kwargs(model.config), **kwargs)
     return getattr(out, TASK_OUTPUTS[task]).float().numpy()
 

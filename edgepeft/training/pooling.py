@@ -61,7 +61,7 @@ def last_real_token_pooled(model, mask: torch.Tensor):
     (a prompt before the tokens, as HF PEFT gives them) they pool the last position, a pad in a right-padded batch.
     Within, the score layer's output at the last position is each row's at its last real token: what the row alone
     gives (causal attention never reads the pads after it), which is what ``classify`` serves. transformers' warning
-    that padding goes undetected is left out (the logger of the module whose forward says it)."""
+    that padding goes undetected is left out (``padding_warning_left_out``)."""
     base = getattr(model, "module", model).get_base_model()  # DDP's wrapper holds the model as .module
     last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # in the inputs; the virtual tokens come before them
 
@@ -70,14 +70,25 @@ def last_real_token_pooled(model, mask: torch.Tensor):
         shift = logits.shape[1] - mask.shape[1]  # the prompt's virtual tokens
         return torch.cat([logits[:, :-1], logits[rows, shift + last].unsqueeze(1)], dim=1)
 
+    hook = base.score.register_forward_hook(at_last_real)
+    try:
+        with padding_warning_left_out(base):
+            yield
+    finally:
+        hook.remove()
+
+
+@contextlib.contextmanager
+def padding_warning_left_out(base):
+    """Within, transformers' warning that a decoder classifier given inputs_embeds "will not detect padding tokens"
+    is left out (the logger of the module whose forward says it): training and the export's check pool each row's
+    last real token themselves, and the warning read as a fault of theirs ("Results may be unexpected")."""
     def undetected(record) -> bool:
         return "will not detect padding tokens" not in record.getMessage()
 
     logger = logging.getLogger(type(base).forward.__module__)
-    hook = base.score.register_forward_hook(at_last_real)
     logger.addFilter(undetected)
     try:
         yield
     finally:
-        hook.remove()
         logger.removeFilter(undetected)
