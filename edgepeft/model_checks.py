@@ -52,6 +52,8 @@ def check_token_ids(config, source: str) -> None:
     """A pad_token_id the embeddings cannot hold (a pad added to the tokenizer and set in config.json without
     resizing the model): transformers' ``nn.Embedding`` asserts on it, a traceback from train and export."""
     pad, size = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+    if config.model_type == "gpt2":  # its embeddings take no padding index: a pad past them is no token, as in
+        return  # a classifier whose rows each run alone (Runtime.classify), and transformers loads it
     if isinstance(pad, int) and isinstance(size, int) and not -size <= pad < size:
         eos = config.eos_token_id if isinstance(getattr(config, "eos_token_id", None), int) else None
         raise ConfigError(
