@@ -7,6 +7,7 @@ import re
 import warnings
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
 from edgepeft.files import unexpanded_tilde
@@ -76,6 +77,16 @@ def check_model_source(name_or_path: str, flag: str = "--base") -> None:
                                     "that save_pretrained wrote (config.json, model.safetensors, tokenizer files)")
 
 
+def config_fault(e: Exception) -> str:
+    """What transformers refuses in a config: a field's check (huggingface_hub's, two lines: its name, then why), a
+    required key (a KeyError's text is its repr), or any other error's first line."""
+    if isinstance(e, StrictDataclassError):
+        return " ".join(line.strip() for line in str(e).splitlines()[:2])
+    if isinstance(e, KeyError) and e.args:  # a sentence, or the bare key a table lacks (an activation's name)
+        return str(e.args[0]) if " " in str(e.args[0]) else f"{e.args[0]!r}: a value it does not know"
+    return first_line(e)
+
+
 def model_label(name_or_path: str, revision: str | None = None) -> str:
     """A model as messages name it: the folder or hub id, with the revision when one is asked for."""
     return f"{name_or_path} (revision {revision})" if revision else str(name_or_path)
@@ -90,7 +101,7 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
     offline = hub_unreachable(str(name_or_path))
     try:
         return AutoConfig.from_pretrained(name_or_path, revision=revision, **NO_REMOTE_CODE)
-    except (OSError, ValueError, AttributeError, TypeError) as e:  # the last two: a field the config class refuses
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, StrictDataclassError) as e:  # a field refused
         if "trust_remote_code" in str(e):
             raise UnsupportedModelError(
                 f"{model_label(name_or_path, revision)}: its config.json needs the model's own Python code (auto_map), "
@@ -107,7 +118,9 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
             raise unsupported_type(model_type, f"{model_label(name_or_path, revision)}: ") from None
         fix = (f"its config.json is damaged: save the model again (save_pretrained), or pass {flag} another folder"
                if os.path.isfile(local) else f"pass {flag} with a local model folder (with config.json)")
-        reason = f"{offline} is unreachable from here, no copy in the hub cache" if offline else first_line(e)
+        if isinstance(e, (KeyError, StrictDataclassError)):  # transformers 5 checks each field: name the one
+            fix = f"correct it in {local if os.path.isfile(local) else 'its config.json'}, or pass {flag} another folder"
+        reason = f"{offline} is unreachable from here, no copy in the hub cache" if offline else config_fault(e)
         raise ArtifactNotFoundError(f"{model_label(name_or_path, revision)}: cannot load the base model's config "
                                     f"({reason}); {fix}") from None
 
@@ -189,7 +202,11 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
             model, info = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa",
                                                    revision=revision, output_loading_info=True, **head, **NO_REMOTE_CODE,
                                                    **RUN_AS_TRACED)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError, KeyError) as e:
+            if (why := _unbuildable(auto_cls, config)) is not None:  # the config, not the weights files
+                raise ConfigError(f"{model_label(name_or_path, revision)}: transformers cannot build the model its "
+                                  f"config.json describes ({why}); correct it there, or pass {flag} another folder"
+                                  ) from None
             if type(e) is RuntimeError and "PytorchStreamReader" not in str(e):  # torch's: a .bin cut short
                 raise
             for path in _weights_files(name_or_path):  # another user's?
@@ -201,13 +218,15 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         finally:
             hf_logging.set_verbosity(verbosity)
             torch.default_generator.set_state(caller)
-    mismatched = sorted(m for m in info.get("mismatched_keys", []) if m[0].split(".")[0] not in CLASSIFIER_NAMES)
-    if mismatched:  # transformers would start it from random values
+    mismatched = sorted(m for m in info.get("mismatched_keys", [])  # a head training sizes for its labels aside
+                        if labels is None or m[0].split(".")[0] not in CLASSIFIER_NAMES)
+    if mismatched:  # transformers would start it from random values (its from_pretrained refuses it)
         key, saved, wanted = mismatched[0]
         raise ConfigError(
             f"{model_label(name_or_path, revision)}: config.json does not fit the weights saved with it ({key} is "
-            f"{list(saved)} there, {list(wanted)} by config.json; {len(mismatched)} such weight(s)); use the "
-            "config.json saved with these weights")
+            f"{list(saved)} there, {list(wanted)} by config.json; {len(mismatched)} such weight(s)); " + (
+                f"make its id2label and label2id name {saved[0]} labels, as the saved head has"
+                if key.split(".")[0] in CLASSIFIER_NAMES else "use the config.json saved with these weights"))
     made = [*info["missing_keys"], *(m[0] for m in info.get("mismatched_keys", []))]  # initialised, not loaded
     output = model.get_output_embeddings() if task == "causal-lm" else None
     if output is not None and any(k.startswith(n + ".") for n, m in model.named_modules() if m is output for k in made):
@@ -224,6 +243,17 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         if getattr(module, "chunk_size_feed_forward", 0):  # traced length only, and it needs multiples of the chunk
             module.chunk_size_feed_forward = 0
     return model.eval()
+
+
+def _unbuildable(auto_cls, config) -> str | None:
+    """Why transformers cannot build a model of ``config`` (an activation it lacks, heads that do not divide the
+    width), or None: such a ValueError or KeyError at loading was told to be missing weights files."""
+    try:
+        with torch.device("meta"):  # no memory taken
+            auto_cls.from_config(config, attn_implementation="sdpa")
+    except Exception as e:  # noqa: BLE001  whatever its constructors raise
+        return config_fault(e)
+    return None
 
 
 # config.json fields some checkpoints carry that the model edgepeft traces and trains cannot run with, set as it runs:

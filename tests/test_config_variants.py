@@ -250,3 +250,50 @@ def test_a_pad_id_past_the_vocabulary_is_named_with_a_fix_that_loads(tmp_path, c
                          "2), or resize the embeddings (resize_token_embeddings) and save the model again")
     edit_json(os.path.join(base, "config.json"), pad_token_id=2)  # as it says
     load_base(base, task)
+
+
+@pytest.mark.parametrize("arch, field, value, said, fixed", [
+    ("llama", "rms_norm_eps", 1, "Field 'rms_norm_eps' expected float, got int (value: 1)", 1.0),
+    ("llama", "rope_parameters", {"rope_type": "linear", "rope_theta": 1e4}, "Missing required keys in `rope_parameters`",
+     {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
+    ("llama", "hidden_act", "gelu_tanh", "transformers cannot build the model its config.json describes ('gelu_tanh': "
+     "a value it does not know)", "gelu"),
+    ("gpt2", "n_head", 3, "`embed_dim` must be divisible by num_heads", 4)])
+def test_config_values_transformers_refuses_are_named_in_one_line(tmp_path, capsys, arch, field, value, said, fixed):
+    """A hunt: transformers 5 checks config fields (huggingface_hub's errors, no ValueError) and builds layers from
+    them (a KeyError for an unknown activation): tracebacks from export and train, or "its weights files may be
+    missing ... download them again" where config.json was at fault."""
+    from file_checks import edit_json
+    from training_helpers import cli_error
+
+    from edgepeft.models import load_base
+
+    base = _base(tmp_path, arch)
+    lora = _lora(tmp_path, base, "causal-lm", ["q_proj" if arch == "llama" else "c_attn"])
+    edit_json(os.path.join(base, "config.json"), **{field: value})
+    line = cli_error(capsys, "export", "--adapter", lora, "--base", base, "--out", str(tmp_path / "out"))
+    assert said in line and line.endswith(("correct it there, or pass --base another folder",
+                                           f"correct it in {os.path.join(base, 'config.json')}, or pass --base another "
+                                           "folder")), line
+    edit_json(os.path.join(base, "config.json"), **{field: fixed})  # as it says
+    load_base(base, "causal-lm")
+
+
+def test_a_classifier_whose_config_names_other_labels_than_its_head_is_refused_at_export(tmp_path):
+    """A hunt: id2label edited to three labels on a two-label classifier: transformers refuses it, edgepeft exported
+    it with a random three-label head for adapter=None (its trained head dropped, the export's check passed)."""
+    from file_checks import edit_json
+
+    from edgepeft.models import load_base
+
+    base = _base(tmp_path, "bert")
+    import transformers as tf
+
+    tf.BertForSequenceClassification.from_pretrained(base, num_labels=2).save_pretrained(base)
+    edit_json(os.path.join(base, "config.json"), id2label={"0": "a", "1": "b", "2": "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    with pytest.raises(ConfigError, match=r"classifier.bias is \[2\] there, \[3\] by config.json; 2 such weight\(s\)\); "
+                                          r"make its id2label and label2id name 2 labels, as the saved head has"):
+        load_base(base, "seq-cls")
+    load_base(base, "seq-cls", labels=["x", "y", "z"])  # training sizes the head for its labels
+    edit_json(os.path.join(base, "config.json"), id2label={"0": "a", "1": "b"}, label2id={"a": 0, "b": 1})  # the fix
+    assert load_base(base, "seq-cls").classifier.out_features == 2
