@@ -311,3 +311,47 @@ def quantize_stage(stage: str, quantize: str, log) -> None:
     write_web_variant(stage)  # the JavaScript variant reads the quantized weights file now
     manifest.update(graph_files(stage, manifest))
     write_json_atomic(path, manifest, sort_keys=True)
+
+
+def note_adapter_tokenizers(sources, base: str, revision: str | None, log) -> None:
+    """An adapter folder saved with a tokenizer of its own (TRL saves the fine-tune's: chat tokens added, another
+    chat template), which the export does not serve: every adapter of an export reads its base's tokenizer, and
+    the fine-tune's texts became other ids there (its tokens as pieces, its template unknown), without a word.
+    Said where that tokenizer encodes otherwise than the base's: its own tokens (the padding token aside: padding
+    is masked), its rules, or its chat template."""
+    import tempfile
+
+    saved = [s for s in sources if any(os.path.isfile(os.path.join(s.path, f))
+                                       for f in ("tokenizer.json", "tokenizer_config.json"))]
+    if not saved:
+        return
+    with tempfile.TemporaryDirectory() as have:
+        write_tokenizer(base, have, revision)
+        ours = TextTokenizer(have) if os.path.isfile(os.path.join(have, "tokenizer.json")) else None
+        for src in saved:
+            with tempfile.TemporaryDirectory() as theirs:
+                write_tokenizer(src.path, theirs)
+                if not os.path.isfile(os.path.join(theirs, "tokenizer.json")):
+                    continue
+                differs = tokenizer_differences(ours, TextTokenizer(theirs))
+                if differs:
+                    log(f"note: {src.path}: holds its own tokenizer, which differs from its base's ({base}) in "
+                        f"{differs}; the export serves the base's to every adapter, so texts of the fine-tune's become "
+                        "other ids: to serve this one, export into a fresh --out with --base a folder holding the base "
+                        "model and this tokenizer (save_pretrained both into one folder)")
+
+
+def tokenizer_differences(base, adapter) -> str:
+    """What ``adapter``'s tokenizer (TextTokenizer) encodes or templates otherwise than ``base``'s (None: it has
+    none), in words; "" where only the padding token differs."""
+    if base is None:
+        return "having one (the base has none: the export takes token ids only)"
+    pad = adapter.special_tokens.get("pad_token")
+    mine, yours = base._tok.get_vocab(with_added_tokens=True), adapter._tok.get_vocab(with_added_tokens=True)
+    added = [t for t, i in sorted(yours.items(), key=lambda kv: kv[1]) if mine.get(t) != i and t != pad]
+    rules = [k for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")
+             if json.loads(base._tok.to_str()).get(k) != json.loads(adapter._tok.to_str()).get(k)]
+    words = ([f"its tokens {', '.join(map(repr, added[:3]))}" + (f" and {len(added) - 3} more" if len(added) > 3 else "")]
+             if added else []) + ([f"its {', '.join(rules)}"] if rules else []) + (
+        ["its chat template"] if adapter.chat_template and adapter.chat_template != base.chat_template else [])
+    return " and ".join(words)

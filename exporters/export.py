@@ -17,8 +17,8 @@ import os
 from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError, StorageError, noted, printed
 from edgepeft.exporters import ort_adapter as ort_format
 from edgepeft.exporters.adapter_graph import read_labels, set_labels, write_adapter
-from edgepeft.exporters.base_graph import (quantize_stage, side_difference, take_made_heads, trace_base,
-                                           write_side_files)
+from edgepeft.exporters.base_graph import (note_adapter_tokenizers, quantize_stage, side_difference, take_made_heads,
+                                           trace_base, write_side_files)
 from edgepeft.exporters.generation_settings import generation_fields
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
@@ -90,6 +90,7 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
     with reporting_full_disk(out, "--out", loading=True):
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
                        overwrite=overwrite, ops=ops, log=log)
+    note_adapter_tokenizers(plan.sources, plan.source, plan.revision, log)
     with reporting_full_disk(out, "--out"):  # the writes into OUT
         report = export_merged(plan) if merge else _export_slots(plan, quantize)
     plan.log(f"wrote {out}")

@@ -515,3 +515,46 @@ def test_a_chat_template_that_cannot_be_used_is_noted_at_export_and_named_the_mo
         json.dump(config, f)  # tokenizer)
     export([adapter], str(tmp_path / "fresh"), base=base, names=["tok"])
     assert isinstance(Runtime(str(tmp_path / "fresh")).generate_text("w10", adapter="tok", chat=True, max_new_tokens=2), str)
+
+
+def test_an_adapter_saved_with_its_own_tokenizer_is_noted_and_the_fix_serves_it(text_export, tmp_path):
+    """A hunt: a fine-tune saved with its tokenizer (TRL saves it: chat tokens, another chat template) exported with
+    the base's, without a word: its texts became other ids. Its padding token alone (TRL sets one) is no difference."""
+    import warnings
+
+    import peft
+    import transformers as tf
+
+    from tiny import load_reference_base
+
+    from edgepeft.runtimes import EdgePeftWarning
+
+    base = text_export[2]
+    pm = peft.get_peft_model(load_reference_base(base, "causal-lm"),
+                             peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    pm.peft_config["default"].base_model_name_or_path = base
+    adapter = str(tmp_path / "adapter")
+    pm.save_pretrained(adapter)
+    tok = tf.AutoTokenizer.from_pretrained(base)
+
+    def notes(out, *more):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            export([adapter], str(tmp_path / out), *more)
+        return [str(w.message) for w in said if issubclass(w.category, EdgePeftWarning) and "own tokenizer" in str(w.message)]
+
+    tok.pad_token = tok.eos_token  # as TRL leaves it
+    tok.save_pretrained(adapter)
+    assert notes("pad-only") == []
+    tok.chat_template = "{% for m in messages %}user : {{ m['content'] }} {% endfor %}"
+    tok.save_pretrained(adapter)
+    said = notes("out")
+    assert len(said) == 1 and said[0].startswith(f"{adapter}: holds its own tokenizer, which differs from its "
+                                                 f"base's ({base}) in its chat template; the export serves the base's")
+    fixed = str(tmp_path / "base-and-tokenizer")  # the fix, as it says
+    load_reference_base(base, "causal-lm").save_pretrained(fixed)
+    tf.AutoTokenizer.from_pretrained(adapter).save_pretrained(fixed)
+    assert notes("fresh", str(fixed)) == []
+    chat = [{"role": "user", "content": "hello"}]
+    want = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert Runtime(str(tmp_path / "fresh")).tokenizer.apply_chat_template(chat) == want
