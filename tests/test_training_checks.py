@@ -497,3 +497,32 @@ def test_one_pipe_given_as_data_and_eval_is_read_once(text_model, tmp_path):
     with open(tmp_path / "out" / "training_log.json") as f:
         log = json.load(f)
     assert log["train_examples"] == log["eval_examples"] == 8
+
+
+def test_tokens_added_to_the_tokenizer_alone_are_named_and_an_added_pad_pads_as_the_runtime(text_model, tmp_path, capsys):
+    """A hunt: chat tokens added to the tokenizer, not to the model (or an added eos, appended to every row), ended
+    training in an IndexError traceback from the embeddings; so did an added pad, which padding only needs to be an
+    id of the model's (the runtime pads with one alike)."""
+    import transformers as tf
+
+    from training_helpers import cli_ok
+
+    base = str(tmp_path / "base")
+    shutil.copytree(text_model("llama"), base)
+    tok = tf.AutoTokenizer.from_pretrained(base)
+    size = tf.AutoConfig.from_pretrained(base).vocab_size
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"], "pad_token": "<|pad|>"})
+    tok.save_pretrained(base)
+    rows = [{"prompt": f"say {w}", "completion": f" {w}<|im_end|>"} for w in ("yes", "no", "maybe", "so")]
+    argv = ["train", "--model", base, "--task", "causal-lm", "--epochs", "1", "--batch-size", "2", "--quiet"]
+    line = cli_error(capsys, *argv, "--data", write_lines(tmp_path / "chat.jsonl", rows), "--out", tmp_path / "a")
+    assert line == (f"error: {os.path.join(base, 'tokenizer.json')}: gives '<|im_end|>' the id {size + 1}, past the model's "
+                    f"{size} embeddings (a token added to the tokenizer, not to the model); resize the model's embeddings "
+                    "to the tokenizer (resize_token_embeddings), train and export again, or remove the token from the "
+                    "tokenizer")
+    plain = write_lines(tmp_path / "plain.jsonl", [{"text": r["prompt"]} for r in rows])  # uneven lengths: padded
+    cli_ok(capsys, *argv, "--data", plain, "--out", tmp_path / "b")
+    model = tf.AutoModelForCausalLM.from_pretrained(base)  # the fix, as it says
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(base)
+    cli_ok(capsys, *argv, "--data", str(tmp_path / "chat.jsonl"), "--out", tmp_path / "c")

@@ -23,6 +23,7 @@ import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
 from edgepeft.runtimes.access import check_readable
+from edgepeft.runtimes.inputs import tokenizer_ids_checked
 from edgepeft.processes import first
 from edgepeft.training.jsonl import file_lines, gzip_fix, not_json_lines
 from edgepeft.training.labels import ClassNames, label_ids
@@ -272,12 +273,13 @@ class Encoder:
     """Turns checked rows into token-id features and pads them into batches."""
 
     def __init__(self, tokenizer, task: str, max_length: int, labels: list[str] | None = None,
-                 pad_id: int | None = None, lower: bool = False, types: bool = False):
+                 pad_id: int | None = None, lower: bool = False, types: bool = False, vocab: int | None = None):
         """``labels``: a classifier's class names (None on a seq-cls run: relevance scores, ``scores_relevance``).
         ``pad_id``: the model's padding token (config.json), which a decoder classifier looks for to find
         each row's last token; else the tokenizer's, else its end-of-sequence token. ``lower``: pairs are
         lower-cased first (a sentence-transformers model's do_lower_case). ``types``: the model reads token types
-        (``models.reads_token_types``): a text pair's are batched too."""
+        (``models.reads_token_types``): a text pair's are batched too. ``vocab``: the model's vocab_size, which every
+        id fed must be below (a token added to the tokenizer alone was an IndexError traceback from the embeddings)."""
         if lower:  # as sentence-transformers: a Lowercase step in (a copy of) the tokenizer, not str.lower
             tokenizer = copy.deepcopy(tokenizer)
             lowercase_first(tokenizer.backend_tokenizer)
@@ -288,9 +290,10 @@ class Encoder:
         self.types = types
         self.completions_alone = []  # the lines of rows whose completion was tokenized alone (_completion)
         pad = pad_id if pad_id is not None else tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        self.pad_id = pad
+        eos = tokenizer.eos_token_id if vocab is None or (tokenizer.eos_token_id or 0) < vocab else None
+        if pad is None or pad_id is None and vocab is not None and pad >= vocab:  # a pad added to the tokenizer
+            pad = eos if eos is not None else 0  # alone: as the runtime pads (masked: any id of the model's does)
+        self.pad_id, self.vocab = pad, vocab
         if task != "causal-lm":
             self._check_room(len(self._ids("")), "text")
 
@@ -315,6 +318,15 @@ class Encoder:
             {"token_type_ids": enc["token_type_ids"]} if self.types else {})
 
     def encode(self, rows: list[dict], path: str) -> list[dict]:
+        features = self._encode(rows, path)
+        if self.vocab is not None:
+            every = [ids for f in features for k, v in f.items() if k.endswith("ids") and k != "token_type_ids"
+                     for ids in (v if k == "negative_ids" else [v])]
+            source = os.path.join(getattr(self.tokenizer, "name_or_path", "") or "", "tokenizer.json")
+            tokenizer_ids_checked(every, self.vocab, source, self.tokenizer.backend_tokenizer)
+        return features
+
+    def _encode(self, rows: list[dict], path: str) -> list[dict]:
         if self.task == "seq-cls":
             if any(PAIR in r for r in rows):  # a pair's template adds more ([CLS] a [SEP] b [SEP]: 3)
                 self._check_room(self.tokenizer.num_special_tokens_to_add(pair=True), "pair")

@@ -98,7 +98,7 @@ class Trainer:
             if args.task == "feature-extraction" else (None, "mean", False)
         cut = args.max_length or limit or CUT  # feature-extraction: as embed cuts (256 cut MiniLM's 512 silently)
         encoder = Encoder(tokenizer, args.task, min(cut, limit or cut), labels, pad_id=model_pad, lower=lower,
-                          types=reads_token_types(config, args.task))
+                          types=reads_token_types(config, args.task), vocab=config.vocab_size)
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         self.virtual_first = getattr(method, "virtual_first", False)  # the config's to say: see _count
