@@ -239,6 +239,8 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
             "would be random): a checkpoint saved for another task (a classifier, embeddings), or one saved with tied "
             f"embeddings whose config.json says tie_word_embeddings: false; {fix}")
     model.edgepeft_made_heads = {k.split(".")[0] for k in made} & set(CLASSIFIER_NAMES)
+    if task == "causal-lm" and getattr(model, "loss_type", None) is None:  # GPT2LMHeadModel's name maps to no loss:
+        model.loss_type = "ForCausalLM"  # the one transformers takes then, warning of a loss_type no one set
     for module in model.modules():  # BERT's chunked feed-forward (memory only): a graph traced with it runs at the
         if getattr(module, "chunk_size_feed_forward", 0):  # traced length only, and it needs multiples of the chunk
             module.chunk_size_feed_forward = 0

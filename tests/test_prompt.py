@@ -224,6 +224,8 @@ def test_exporting_a_prompt_tuned_decoder_classifier_leaves_out_transformers_pad
     leaves it out already: it pools each row's last real token, as the export's check and the runtime do)."""
     import logging
 
+    import transformers.utils.logging  # noqa: F401  it gives Logger its warning_once
+
     from edgepeft.exporters import export
 
     adapter = peft_virtual_adapter(tmp_path / "prompt", tiny_base("llama"), "prompt", 3, task="seq-cls",
