@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -235,3 +236,29 @@ def test_exporting_a_prompt_tuned_decoder_classifier_leaves_out_transformers_pad
     report = export([adapter], str(tmp_path / "out"), verbose=True)
     assert max(c["max_abs_diff"] for c in report["checks"]) < 1e-4
     assert "will not detect padding tokens" not in "".join(capfd.readouterr())
+
+
+def test_an_init_text_token_past_the_embeddings_names_the_tokenizer_and_a_fix(text_model, tmp_path):
+    """A hunt: "the init text's token id 400 is outside the model's vocabulary (400); use the base model's
+    tokenizer", where tokenizer_name_or_path was the base model's (a token added to its tokenizer, not the model)."""
+    import shutil
+
+    import transformers as tf
+
+    from edgepeft.errors import ConfigError
+
+    base = str(tmp_path / "base")
+    shutil.copytree(text_model("llama"), base)
+    tok = tf.AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|go|>"]})
+    tok.save_pretrained(base)
+
+    def config(text):
+        return edgepeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                                           prompt_tuning_init_text=text, tokenizer_name_or_path=base)
+
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{base}: its tokenizer gives prompt_tuning_init_text's token "
+                                                          "'<|go|>' the id 400, past the model's 400 embeddings; leave "
+                                                          "that token out of the text")):
+        edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), config("<|go|> good day"))
+    edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), config("good day"))  # as it says

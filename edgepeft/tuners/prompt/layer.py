@@ -42,15 +42,17 @@ class PromptEmbedding(nn.Module):
         if config.prompt_tuning_init == "SAMPLE_VOCAB":
             ids = torch.randint(0, word_embeddings.num_embeddings, (n,))
         else:
-            ids = list(_tokenizer(config)(config.prompt_tuning_init_text)["input_ids"])
+            tokenizer = _tokenizer(config)
+            ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
             if not ids:
                 raise ConfigError("prompt_tuning_init_text tokenizes to no tokens; give a non-empty text")
+            if (top := max(ids)) >= word_embeddings.num_embeddings:  # a token added to the tokenizer alone
+                raise ConfigError(
+                    f"{config.tokenizer_name_or_path}: its tokenizer gives prompt_tuning_init_text's token "
+                    f"{tokenizer.convert_ids_to_tokens(top)!r} the id {top}, past the model's "
+                    f"{word_embeddings.num_embeddings} embeddings; leave that token out of the text, or resize the "
+                    "model's embeddings to the tokenizer (resize_token_embeddings), save it and train on it")
             ids = torch.tensor((ids * (n // len(ids) + 1))[:n], dtype=torch.long)
-        if int(ids.max()) >= word_embeddings.num_embeddings:
-            raise ConfigError(
-                f"the init text's token id {int(ids.max())} is outside the model's vocabulary "
-                f"({word_embeddings.num_embeddings}); use the base model's tokenizer"
-            )
         with torch.no_grad():
             self.embedding.weight.copy_(word_embeddings(ids.to(word_embeddings.weight.device)).float())
 
