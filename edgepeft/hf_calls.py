@@ -152,6 +152,23 @@ def check_new_model(model, peft_config) -> None:
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
         raise ConfigError("get_peft_model: the model is a PeftModel already; add this adapter to it with "
                           "model.add_adapter(name, config), or pass its base (model.get_base_model())")
+    check_saved_whole_linear(model, getattr(peft_config, "modules_to_save", None) or [])
+
+
+def check_saved_whole_linear(model, names: list) -> None:
+    """Layers a new adapter trains whole (modules_to_save) that are no Linear layer (an embedding: the recipe for
+    added tokens), refused before training, as a LoRA target edgepeft does not adapt is: the export refused it after
+    training ("use an adapter trained without it")."""
+    from torch import nn
+
+    from edgepeft.tuners.heads import saved_whole
+
+    for key, module in model.named_modules() if names else ():
+        if saved_whole(names, key) and not isinstance(module, nn.Linear):
+            raise ConfigError(
+                f"modules_to_save {key!r} is no Linear layer ({type(module).__name__}): edgepeft exports only Linear "
+                "layers trained whole (a head's weight and bias are the adapter's slots); leave it out of "
+                "modules_to_save (tokens added: train on the model resized and saved with them, as --model)")
 
 
 def check_adapter_name(name) -> None:

@@ -416,8 +416,12 @@ def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules="q_proj"))
     with pytest.raises(ConfigError, match="exclude_modules \\['q_proj'\\] leaves none of its matches"):
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
-    edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(
-        target_modules=["q_proj"], modules_to_save=["embed_tokens"])).save_pretrained(str(tmp_path / "embed"))
+    import peft  # edgepeft's get_peft_model refuses it (test_training_checks): HF PEFT's makes it
+
+    embed = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.LoraConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    embed.peft_config["default"].base_model_name_or_path = base
+    embed.save_pretrained(str(tmp_path / "embed"))
     with pytest.raises(UnsupportedModelError, match="embed_tokens' is no Linear layer \\(Embedding\\); edgepeft exports Linear heads only "
                        ".* use an adapter trained without it"):
         export([str(tmp_path / "embed")], str(tmp_path / "out-embed"))

@@ -541,3 +541,27 @@ def test_a_gpt2_causal_lm_run_says_nothing_of_a_loss_type(text_model, tmp_path, 
     train(model=text_model("gpt2"), task="causal-lm", data=write_lines(tmp_path / "d.jsonl", rows), out=str(tmp_path / "a"),
           epochs=1, batch_size=2, progress=False)
     assert "loss_type" not in "".join(capfd.readouterr())
+
+
+def test_an_embedding_trained_whole_is_refused_before_training(text_model, tmp_path, capsys):
+    """A hunt: --option modules_to_save=["embed_tokens","lm_head"] (the recipe for added tokens) trained and said ok,
+    then export refused it ("use an adapter trained without it"); a LoRA target edgepeft does not adapt is refused
+    before training. edgepeft.get_peft_model alike; an lm_head alone trains, as the fix says."""
+    import edgepeft
+
+    rows = write_lines(tmp_path / "d.jsonl", [{"text": f"say {w}"} for w in ("yes", "no", "maybe", "so")])
+    argv = ["train", "--model", text_model("llama"), "--task", "causal-lm", "--data", rows, "--epochs", "1",
+            "--batch-size", "2", "--quiet"]
+    line = cli_error(capsys, *argv, "--option", 'modules_to_save=["embed_tokens","lm_head"]', "--out", tmp_path / "a")
+    assert line == ("error: modules_to_save 'model.embed_tokens' is no Linear layer (Embedding): edgepeft exports only "
+                    "Linear layers trained whole (a head's weight and bias are the adapter's slots); leave it out of "
+                    "modules_to_save (tokens added: train on the model resized and saved with them, as --model)")
+    assert not os.path.exists(tmp_path / "a")
+    from tiny import load_reference_base
+
+    with pytest.raises(ConfigError, match="modules_to_save 'model.embed_tokens' is no Linear layer"):
+        edgepeft.get_peft_model(load_reference_base(text_model("llama"), "causal-lm"),
+                                edgepeft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    from training_helpers import cli_ok
+
+    cli_ok(capsys, *argv, "--option", 'modules_to_save=["lm_head"]', "--out", tmp_path / "b")  # as it says
