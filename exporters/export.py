@@ -67,6 +67,9 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     check_ops(ops)
     check_output_dir(out, "--out")  # OUT itself takes the staging folders (resolve checks its base/ and adapters/)
     log = printed if verbose else noted  # notes as EdgePeftWarning where nothing is printed
+    if quantize == "int4" and ops == "standard":  # inspect said "standard ops" of a graph of contrib MatMuls
+        log("note: --quantize int4 stores the weights for ONNX Runtime's MatMulNBits, a com.microsoft op, whatever "
+            "--ops says; for a runtime without ONNX Runtime's own ops, export with --quantize int8 (standard ops) or none")
     made = missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
         with one_at_a_time(out, log) as locked:  # makes OUT; says so when another export holds it

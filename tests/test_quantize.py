@@ -402,3 +402,20 @@ def test_int4_rows_of_a_mixed_batch_stay_within_rounding_of_the_row_alone(quanti
     worst = max(float(np.abs(batch[r, r:] - rt.forward(ids[r:r + 1, r:], adapter=spec)["logits"][0]).max())
                 for r, spec in enumerate(specs))
     assert worst <= 1e-2
+
+
+def test_int4_with_standard_ops_says_its_matmuls_are_onnx_runtimes_own(peft_adapter, tmp_path):
+    """A hunt: `--ops standard --quantize int4` was described as standard ops (inspect: "standard ops"), its every
+    quantized MatMul a com.microsoft MatMulNBits; a runtime without ONNX Runtime's own ops could not run it."""
+    import warnings
+
+    from edgepeft.runtimes import EdgePeftWarning
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "out"), quantize="int4", ops="standard")
+    notes = [str(w.message) for w in said if issubclass(w.category, EdgePeftWarning)]
+    assert any(n.startswith("--quantize int4 stores the weights for ONNX Runtime's MatMulNBits, a com.microsoft op, "
+                            "whatever --ops says") for n in notes), notes
+    graph = onnx.load(str(tmp_path / "out" / "base" / "model.onnx"), load_external_data=False).graph
+    assert any(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in graph.node)
