@@ -53,8 +53,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from .access import (ADAPTER_MANIFEST, STOPPED, adapter_dirs, aside_elsewhere, check_readable, link_to_nothing, listed,
-                     moved_aside, present, read_json, sha256_bytes)
+from .access import (ADAPTER_MANIFEST, ADAPTERS_DIR, STOPPED, adapter_dirs, aside_elsewhere, check_readable,
+                     link_to_nothing, listed, moved_aside, present, read_json, sha256_bytes)
 from .base_checks import TOKEN_TYPES, base_value_errors
 from .commands import ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, exported_name, fresh_out
 from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError
@@ -254,8 +254,13 @@ def not_an_export(path: str, then=lambda out, name: f"open {out} and pick adapte
                                      f"{path}: is a file, not an export; give the folder `edgepeft export --out` wrote")
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         out = fresh_out(path)
+        name = exported_name(path, out)
+        if present(os.path.join(out, ADAPTERS_DIR, name, ADAPTER_MANIFEST)):  # the export this advised, made: no
+            return ArtifactNotFoundError(  # second "export it first" (refused: the name is taken)
+                f"{path}: is an adapter folder (HF PEFT format), not an export; {out} holds its export: "
+                f"{then(out, name)} (trained again since: export it again with --overwrite)")
         return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
-                                     f"with {adapter_export_command(path, out)}, then {then(out, exported_name(path, out))}")
+                                     f"with {adapter_export_command(path, out)}, then {then(out, name)}")
     if os.path.isfile(os.path.join(path, "adapter.json")):
         out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
         return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")

@@ -449,3 +449,20 @@ def test_inspect_names_a_stray_adapter_folder_among_the_rest(tmp_path, llama):
     assert_user_error(proc, str(out / "adapters" / "empty"), "not an exported adapter")
     data = json.loads(proc.stdout)
     assert [a["name"] for a in data["adapters"]] == sorted(llama[1]) and len(data["problems"]) == 1
+
+
+def test_run_on_an_adapter_folder_whose_export_exists_gives_the_run_command(tmp_path, peft_adapter, capsys):
+    """A hunt: after the export it advised, `run ADAPTER_DIR` advised the same export again, which is refused (the
+    name is taken in OUT)."""
+    from edgepeft.exporters import export
+    from training_helpers import cli_error
+
+    adapter = str(shutil.copytree(peft_adapter("llama", "topic", target_modules=["q_proj"]), tmp_path / "topic"))
+    first = cli_error(capsys, "run", adapter, "w1 w2", "--max-new-tokens", "2")
+    assert f"export it first with `edgepeft export --adapter {adapter} --out {adapter}-onnx`" in first
+    export([adapter], adapter + "-onnx")
+    again = cli_error(capsys, "run", adapter, "w1 w2", "--max-new-tokens", "2")
+    assert again == (f"error: {adapter}: is an adapter folder (HF PEFT format), not an export; {adapter}-onnx holds its "
+                     f"export: run `edgepeft run {adapter}-onnx --adapter topic PROMPT` (trained again since: export it "
+                     "again with --overwrite)"), again
+    assert "topic" in Runtime(adapter + "-onnx").adapter_names  # what that command opens (this base: no tokenizer)
