@@ -15,7 +15,7 @@ from edgepeft.errors import (AdapterBaseMismatchError, ArtifactNotFoundError, Co
 from edgepeft.registry import model_modules
 from edgepeft.runtimes.access import check_readable
 from edgepeft.tuners.heads import CLASSIFIER_NAMES, ModulesToSaveWrapper
-from edgepeft.tuners.targets import innermost
+from edgepeft.tuners.targets import innermost, output_layer_name
 
 
 def read_adapter_weights(directory: str) -> tuple[str, dict]:
@@ -181,10 +181,13 @@ def load_state(peft, adapter_name: str, state: dict, path: str) -> None:
                 f"{path}: has weights for layers 0-{deepest} only, this model has more (e.g. {missing[0]}); "
                 f"{elsewhere}")
         raise CorruptArtifactError(f"{path}: lacks adapter weights (e.g. {missing[0]}); re-save the adapter")
+    output = output_layer_name(peft.base_model.model)
     with torch.no_grad():
         for key, (module, dict_name, pname) in entries.items():
             p = peft._entry(module, dict_name, adapter_name, pname)
             if tuple(p.shape) != tuple(state[key].shape):
+                if p.dim() == 2 and p.shape[1:] == state[key].shape[1:] and f".{output}." in key:  # lora_B of lm_head
+                    raise resized(path, output, state[key].shape[0], p.shape[0])
                 raise AdapterBaseMismatchError(
                     f"{path}: {key} has shape {list(state[key].shape)}, the model expects {list(p.shape)}; {fix}")
             p.copy_(state[key].to(p.dtype))
