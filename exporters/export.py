@@ -344,6 +344,7 @@ def validate_float(plan: ExportPlan, base_stage: str, adapter_stages: dict, reus
     report = {"out": plan.out, "base": {"reused": reuse, "path": plan.base_dir, "slots": n_slots}, "adapters": [],
               "checks": [validate("base (no adapter)", rt, None, plan.model, plan.task, plan.atol, plan.base_dir, qtol=qtol,
                                   base=base)]}
+    log_check(plan.log, report["checks"][0], "base (no adapter)")  # the ok line's largest difference may be its
     for src in plan.sources:
         stage = adapter_stages[src.name]
         rt.load_adapter(stage, name=src.name)
@@ -367,6 +368,7 @@ def quantize_and_validate(plan: ExportPlan, base_stage: str, adapter_stages: dic
     base = BaseOutputs(rt, plan.model, plan.task)
     checks = [validate(f"base (no adapter), {plan.quantize}", rt, None, plan.model, plan.task, plan.atol, plan.base_dir,
                        qtol=plan.qtol, base=base)]
+    log_check(plan.log, checks[0], f"base (no adapter) ({plan.quantize})")
     for src in plan.sources:
         rt.load_adapter(adapter_stages[src.name], name=src.name)
         plan.peft.set_adapter(src.name, inference_mode=True)
