@@ -22,18 +22,19 @@ from edgepeft.exporters.base_graph import (note_adapter_tokenizers, quantize_sta
 from edgepeft.exporters.generation_settings import generation_fields
 from edgepeft.exporters.contrib_ops import check_ops, effective_ops
 from edgepeft.exporters.fingerprint import made_heads, weights_fingerprint
+from edgepeft.exporters.leftovers import abandoned, finish_repointing
 from edgepeft.exporters.merged import check_mergeable, export_merged
-from edgepeft.exporters.quantize import check_quantize
+from edgepeft.exporters.quantize import check_quantize, note_contrib_matmuls
 from edgepeft.exporters.resolve import (ExportPlan, adapter_slots, export_arguments, path_arguments, resolve,
                                        usable_slots)
 from edgepeft.exporters.validate import (BaseOutputs, check_head_widths, check_tolerances, compare_siblings, log_check,
                                          validate)
-from edgepeft.files import (Staging, check_output_dir, missing_folders, remove_abandoned, remove_empty,
-                            remove_moved_aside, reporting_full_disk)
+from edgepeft.files import (Staging, check_output_dir, missing_folders, remove_empty, remove_moved_aside,
+                            reporting_full_disk)
 from edgepeft.interrupts import written_whole
 from edgepeft.sharing import one_at_a_time
 from edgepeft.models import model_label, reads_token_types
-from edgepeft.runtimes.access import REPOINTED, as_read, aside_elsewhere, may_replace, read_json
+from edgepeft.runtimes.access import as_read, aside_elsewhere, may_replace
 from edgepeft.runtimes.manifest import (ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, LAYOUT_VERSION,
                                         TASK_OUTPUTS, TOKEN_TYPES, adapter_dirs, read_adapter_manifest, read_base_manifest)
 from edgepeft.runtimes.slot_checks import uncounted_heads
@@ -67,9 +68,7 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     check_ops(ops)
     check_output_dir(out, "--out")  # OUT itself takes the staging folders (resolve checks its base/ and adapters/)
     log = printed if verbose else noted  # notes as EdgePeftWarning where nothing is printed
-    if quantize == "int4" and ops == "standard":  # inspect said "standard ops" of a graph of contrib MatMuls
-        log("note: --quantize int4 stores the weights for ONNX Runtime's MatMulNBits, a com.microsoft op, whatever "
-            "--ops says; for a runtime without ONNX Runtime's own ops, export with --quantize int8 (standard ops) or none")
+    note_contrib_matmuls(quantize, ops, log)
     made = missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
         with one_at_a_time(out, log) as locked:  # makes OUT; says so when another export holds it
@@ -87,8 +86,8 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
 def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter, overwrite, ops, log,
             locked: bool) -> dict:
     """``export`` with OUT held: one export into OUT at a time."""
-    mended = _finish_repointing(out) if locked else []  # unlocked, another export's may be in flight
-    for line in _abandoned(out) + mended:
+    mended = finish_repointing(out) if locked else []  # unlocked, another export's may be in flight
+    for line in abandoned(out) + mended:
         log(f"note: {line}")
     with reporting_full_disk(out, "--out", loading=True):
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
@@ -115,39 +114,6 @@ def _export_slots(plan, quantize) -> dict:
             report["checks"] += compare_siblings(plan, base_stage)
         commit(plan, staging, base_stage, adapter_stages, reuse)
     return report
-
-
-def _abandoned(out: str) -> list[str]:
-    """What exports stopped midway left in OUT, OUT/adapters and each adapter's folder (a re-pointed manifest's temp
-    file, which stayed), mended (``remove_abandoned``): one line each."""
-    done = remove_abandoned(out) + remove_abandoned(os.path.join(out, ADAPTERS_DIR))  # first: one moved aside is back
-    return done + [line for folder in adapter_dirs(out).values() for line in remove_abandoned(folder)]
-
-
-def _finish_repointing(out: str) -> list[str]:
-    """The re-pointed manifests (``commit``) an export killed between renaming the new base in and them left
-    beside the adapters' own: renamed into place where they name the base OUT holds (it is the new one), else
-    removed. One line per adapter, saying what was done."""
-    try:
-        holds = read_base_manifest(os.path.join(out, BASE_DIR))["fingerprint"]
-    except EdgePeftError:
-        holds = None
-    done = []
-    for d in adapter_dirs(out).values():
-        staged = os.path.join(d, REPOINTED)
-        if not os.path.isfile(staged):
-            continue
-        try:
-            made_for = read_json(staged, "re-pointed adapter manifest", "")["base_fingerprint"]
-        except (EdgePeftError, KeyError):
-            made_for = None
-        if holds is not None and made_for == holds:
-            os.replace(staged, os.path.join(d, ADAPTER_MANIFEST))
-            done.append(f"re-pointed {d} to the base OUT holds (an export was stopped before it had)")
-        else:
-            os.unlink(staged)
-            done.append(f"removed {staged} (left by an export that was stopped midway)")
-    return done
 
 
 # ---------------------------------------------------------------- plan slots
@@ -201,8 +167,7 @@ def _check_existing_base(plan: ExportPlan, configs) -> None:
         raise ConfigError(f"{base_dir}: holds a --merge export; export slot adapters into another --out folder")
     writes = FORMAT_VERSION if reads_token_types(plan.model.config, plan.task) else LAYOUT_VERSION
     another = existing.get("task") != plan.task or existing.get("model_type") != plan.model.config.model_type
-    if existing.get("format_version") not in {writes, LAYOUT_VERSION} and not another:  # (another: named below)
-        # format 3 without token types: written again
+    if existing.get("format_version") not in {writes, LAYOUT_VERSION} and not another:  # 3: written again; another: below
         raise ConfigError(f"{base_dir}: was written with another graph layout (export format "
                           f"{existing.get('format_version')}; this edgepeft writes {writes}); "
                           "export into a fresh --out folder")

@@ -50,6 +50,13 @@ def check_quantize(quantize) -> None:
         needs_ort((1, 24), "--quantize int4 (ONNX Runtime's MatMulNBits quantizer)")
 
 
+def note_contrib_matmuls(quantize, ops: str, log) -> None:
+    """int4 on standard ops: its MatMuls are ONNX Runtime's own (inspect said "standard ops" of them)."""
+    if quantize == "int4" and ops == "standard":
+        log("note: --quantize int4 stores the weights for ONNX Runtime's MatMulNBits, a com.microsoft op, whatever "
+            "--ops says; for a runtime without ONNX Runtime's own ops, export with --quantize int8 (standard ops) or none")
+
+
 def quantize_graph(path: str, quantize: str) -> dict:
     """Rewrite the graph at ``path`` in place; returns what changed (for the manifest)."""
     import onnx
