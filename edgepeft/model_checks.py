@@ -3,6 +3,7 @@ layers cannot hold (refused naming the field, where transformers fails inside a 
 from __future__ import annotations
 
 from edgepeft.errors import ConfigError, UnsupportedModelError
+from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 
 DECODERS = {"llama", "qwen2", "gpt2"}  # model types with a causal-LM head; they take use_cache
 
@@ -27,6 +28,12 @@ def check_exportable(config, source: str) -> None:
     original_max_position_embeddings, which one traced graph cannot follow. ``load_base`` checks it, so
     ``edgepeft train`` refuses them too; a model given to ``get_peft_model`` in PyTorch is unaffected.
     """
+    if quantized := getattr(config, "quantization_config", None):  # transformers' quantizers: ImportError, NameError
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else getattr(quantized, "quant_method", "?")
+        raise UnsupportedModelError(
+            f"{source}: config.json's quantization_config ({method}) marks a quantized checkpoint, which edgepeft does "
+            "not load: it trains and exports from float weights (and quantizes them itself: export --quantize int8 or "
+            "int4); use the model's unquantized checkpoint")
     if rope_type(config) == "longrope":
         raise UnsupportedModelError(
             f"{source}: config.json's rope scaling is longrope, which edgepeft cannot export (its rotary "
@@ -61,3 +68,40 @@ def check_token_ids(config, source: str) -> None:
             f"embeddings cannot hold; set pad_token_id to an id below {size}" + (f" (its eos_token_id, {eos})" if eos
             is not None and 0 <= eos < size else "") + ", or resize the embeddings (resize_token_embeddings) and save "
             "the model again")
+
+
+def check_loaded_weights(model, info: dict, label: str, task: str) -> None:
+    """Weights transformers started from random values (its load report, which edgepeft silences) where the
+    checkpoint should have held them, and saved layers it dropped: train and export ran on them and said ok (the
+    export's check compares with the same random model). A head made for the task (a classifier, the pooler before
+    it) and a missing output layer (told apart by ``load_base``) aside."""
+    output = model.get_output_embeddings() if task == "causal-lm" else None
+    out = next((n for n, m in model.named_modules() if m is output), None) if output is not None else None
+    missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] not in CLASSIFIER_NAMES
+               and ".pooler." not in f".{k}" and not (out and k.startswith(out + "."))]
+    unexpected = list(info.get("unexpected_keys", []))
+    layers = getattr(model.config, "num_hidden_layers", None)
+    beyond = [k for k in unexpected if isinstance(layers, int) and (i := _layer(k)) is not None and i >= layers]
+    if beyond:
+        raise ConfigError(f"{label}: config.json's num_hidden_layers is {layers}, and its weights hold more layers "
+                          f"(e.g. {beyond[0]}), which transformers would drop; use the config.json saved with these "
+                          "weights")
+    if not missing:
+        return
+    renamed = [u for u in unexpected if u.endswith("." + missing[0]) or missing[0].endswith("." + u.split(".", 1)[-1])]
+    if renamed:
+        why = (f"its weights are saved under other names (e.g. {renamed[0]} for {missing[0]}: saved from a wrapper, "
+               "such as DDP's module.); load them and save the model again from the unwrapped model (save_pretrained)")
+    elif (first := min((_layer(k) for k in missing if _layer(k) is not None), default=None)) is not None and all(
+            k in missing for k, _ in model.named_parameters() if (i := _layer(k)) is not None and i >= first):
+        why = (f"config.json's num_hidden_layers is {layers}, and its weights hold {first} layers (none for "
+               f"{missing[0]}); use the config.json saved with these weights")
+    else:
+        why = (f"its weights files lack {len(missing)} of the model's weights (e.g. {missing[0]}), which transformers "
+               "would start from random values; download the model again, or save it again (save_pretrained)")
+    raise ConfigError(f"{label}: {why}")
+
+
+def _layer(key: str) -> int | None:
+    """The layer a weight's name puts it in (its first numeric part: ``model.layers.3.mlp...`` -> 3), else None."""
+    return next((int(part) for part in key.split(".") if part.isdigit()), None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import warnings
 
@@ -12,7 +13,7 @@ from huggingface_hub.errors import StrictDataclassError
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
 from edgepeft.files import unexpanded_tilde
 from edgepeft.hub import hub_unreachable
-from edgepeft.model_checks import DECODERS, check_exportable, check_token_ids
+from edgepeft.model_checks import DECODERS, check_exportable, check_loaded_weights, check_token_ids
 from edgepeft.runtimes.access import check_readable, located
 from edgepeft.runtimes.base_checks import ENCODERS
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
@@ -202,7 +203,12 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
             model, info = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa",
                                                    revision=revision, output_loading_info=True, **head, **NO_REMOTE_CODE,
                                                    **RUN_AS_TRACED)
-        except (OSError, ValueError, RuntimeError, SafetensorError, KeyError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, pickle.UnpicklingError) as e:
+            if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True): more than tensors
+                raise ConfigError(f"{model_label(name_or_path, revision)}: its pytorch_model.bin holds more than tensors "
+                                  "(pickled objects, which transformers loads as tensors only); where you trust it, read "
+                                  "it with torch.load(weights_only=False) and save its tensors as model.safetensors "
+                                  "(safetensors' save_file) in its place") from None
             if (why := _unbuildable(auto_cls, config)) is not None:  # the config, not the weights files
                 raise ConfigError(f"{model_label(name_or_path, revision)}: transformers cannot build the model its "
                                   f"config.json describes ({why}); correct it there, or pass {flag} another folder"
@@ -237,7 +243,8 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         raise UnsupportedModelError(
             f"{model_label(name_or_path, revision)}: holds no weights for its language-model head (its output layer "
             "would be random): a checkpoint saved for another task (a classifier, embeddings), or one saved with tied "
-            f"embeddings whose config.json says tie_word_embeddings: false; {fix}")
+            f"embeddings whose config.json does not say tie_word_embeddings: true (then set it so); {fix}")
+    check_loaded_weights(model, info, model_label(name_or_path, revision), task)
     model.edgepeft_made_heads = {k.split(".")[0] for k in made} & set(CLASSIFIER_NAMES)
     if task == "causal-lm" and getattr(model, "loss_type", None) is None:  # GPT2LMHeadModel's name maps to no loss:
         model.loss_type = "ForCausalLM"  # the one transformers takes then, warning of a loss_type no one set
