@@ -120,7 +120,7 @@ def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) 
             else torch.allclose(saved.to(coarse).float(), weight.to(coarse).float(), rtol=torch.finfo(coarse).eps, atol=0))
         if not same:
             layer = key.removesuffix(".weight").removesuffix(".base_layer").removeprefix("base_model.model.")
-            if saved.dim() == 2 and saved.shape[1:] == weight.shape[1:] and saved.shape[0] != weight.shape[0]:
+            if saved.dim() == 2 and saved.shape[1:] == weight.shape[1:] and saved.shape[0] > weight.shape[0]:
                 raise resized(path, layer, saved.shape[0], weight.shape[0])
             raise AdapterBaseMismatchError(
                 f"{path}: carries its own {layer} weights (resized embeddings, or tied embeddings trained whole: "
@@ -136,7 +136,7 @@ def resized(path: str, layer: str, rows: int, vocabulary: int) -> AdapterBaseMis
     return AdapterBaseMismatchError(
         f"{path}: its {layer} has {rows} rows where the base's vocabulary has {vocabulary}: it was trained on the base "
         f"resized to {rows} tokens; save that resized model (save_pretrained, its tokenizer too) to a folder and set "
-        f"base_model_name_or_path in {config} to that folder")
+        f"base_model_name_or_path in {config} to that folder, without --base (in Python: load it on that model)")
 
 
 def load_state(peft, adapter_name: str, state: dict, path: str) -> None:
@@ -155,8 +155,10 @@ def load_state(peft, adapter_name: str, state: dict, path: str) -> None:
             saved = {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")}
             if module is peft.base_model.model.get_output_embeddings():  # an lm_head: its rows are the vocabulary
                 rows, have = (getattr(saved.get("weight"), "shape", (None,))[0], module.original_module.weight.shape[0])
-                if rows is not None and rows != have:  # made that many logits, ids past the embeddings
+                if rows is not None and rows > have:  # made that many logits, ids past the embeddings
                     raise resized(path, key.removeprefix("base_model.model."), rows, have)
+                if rows is not None and rows != have:  # a smaller vocabulary: another base
+                    raise AdapterBaseMismatchError(f"{path}: {key} has {rows} rows, the base's vocabulary {have}; {fix}")
                 continue
             try:
                 module.resize_like(adapter_name, saved)
@@ -181,13 +183,14 @@ def load_state(peft, adapter_name: str, state: dict, path: str) -> None:
                 f"{path}: has weights for layers 0-{deepest} only, this model has more (e.g. {missing[0]}); "
                 f"{elsewhere}")
         raise CorruptArtifactError(f"{path}: lacks adapter weights (e.g. {missing[0]}); re-save the adapter")
-    output = output_layer_name(peft.base_model.model)
     with torch.no_grad():
         for key, (module, dict_name, pname) in entries.items():
             p = peft._entry(module, dict_name, adapter_name, pname)
             if tuple(p.shape) != tuple(state[key].shape):
-                if p.dim() == 2 and p.shape[1:] == state[key].shape[1:] and f".{output}." in key:  # lora_B of lm_head
-                    raise resized(path, output, state[key].shape[0], p.shape[0])
+                rows = state[key].shape[0]  # lora_B of lm_head (out, r): more rows, the vocabulary resized
+                if ".lora_B." in key and p.shape[1:] == state[key].shape[1:] and rows > p.shape[0] and \
+                        f".{(output := output_layer_name(peft.base_model.model))}." in key:  # named on a mismatch only
+                    raise resized(path, output, rows, p.shape[0])
                 raise AdapterBaseMismatchError(
                     f"{path}: {key} has shape {list(state[key].shape)}, the model expects {list(p.shape)}; {fix}")
             p.copy_(state[key].to(p.dtype))
