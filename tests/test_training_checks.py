@@ -499,10 +499,10 @@ def test_one_pipe_given_as_data_and_eval_is_read_once(text_model, tmp_path):
     assert log["train_examples"] == log["eval_examples"] == 8
 
 
-def test_tokens_added_to_the_tokenizer_alone_are_named_and_an_added_pad_pads_as_the_runtime(text_model, tmp_path, capsys):
+def test_tokens_added_to_the_tokenizer_alone_are_named_and_an_added_pad_pads_with_eos(text_model, tmp_path, capsys):
     """A hunt: chat tokens added to the tokenizer, not to the model (or an added eos, appended to every row), ended
     training in an IndexError traceback from the embeddings; so did an added pad, which padding only needs to be an
-    id of the model's (the runtime pads with one alike)."""
+    id of the model's (the eos: padding is masked)."""
     import transformers as tf
 
     from training_helpers import cli_ok
@@ -565,3 +565,26 @@ def test_an_embedding_trained_whole_is_refused_before_training(text_model, tmp_p
     from training_helpers import cli_ok
 
     cli_ok(capsys, *argv, "--option", 'modules_to_save=["lm_head"]', "--out", tmp_path / "b")  # as it says
+
+
+def test_a_python_tokenizer_trains_and_its_tokens_past_the_vocabulary_are_named(text_model):
+    """A review: the vocabulary check read backend_tokenizer, which a Python tokenizer (BertJapaneseTokenizer) lacks:
+    an AttributeError on every run of such a model."""
+    import transformers as tf
+
+    fast = tf.AutoTokenizer.from_pretrained(text_model("llama"))
+
+    class Python:  # what a slow tokenizer offers: no backend_tokenizer
+        def __init__(self):
+            self.eos_token_id, self.pad_token_id, self.name_or_path = fast.eos_token_id, fast.pad_token_id, "slow"
+
+        def __call__(self, *args, **kwargs):
+            return fast(*args, **kwargs)
+
+        def convert_ids_to_tokens(self, i):
+            return fast.convert_ids_to_tokens(i)
+
+    rows = [{"text": "say yes", "_line": 1}]
+    assert Encoder(Python(), "causal-lm", 32, vocab=400).encode(rows, "d.jsonl")[0]["input_ids"]
+    with pytest.raises(ConfigError, match=r"^slow/tokenizer.json: gives '.*' the id \d+, past the model's 5 embeddings"):
+        Encoder(Python(), "causal-lm", 32, vocab=5).encode(rows, "d.jsonl")

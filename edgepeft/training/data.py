@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import unicodedata
+from types import SimpleNamespace  # a Python tokenizer has no backend_tokenizer
 
 import torch
 
@@ -283,16 +284,12 @@ class Encoder:
         if lower:  # as sentence-transformers: a Lowercase step in (a copy of) the tokenizer, not str.lower
             tokenizer = copy.deepcopy(tokenizer)
             lowercase_first(tokenizer.backend_tokenizer)
-        self.tokenizer = tokenizer
-        self.task = task
-        self.max_length = max_length
-        self.labels = labels
-        self.types = types
+        self.tokenizer, self.task, self.max_length, self.labels, self.types = tokenizer, task, max_length, labels, types
         self.completions_alone = []  # the lines of rows whose completion was tokenized alone (_completion)
         pad = pad_id if pad_id is not None else tokenizer.pad_token_id
         eos = tokenizer.eos_token_id if vocab is None or (tokenizer.eos_token_id or 0) < vocab else None
         if pad is None or pad_id is None and vocab is not None and pad >= vocab:  # a pad added to the tokenizer
-            pad = eos if eos is not None else 0  # alone: as the runtime pads (masked: any id of the model's does)
+            pad = eos if eos is not None else 0  # alone: an id of the model's (padding is masked: any one does)
         self.pad_id, self.vocab = pad, vocab
         if task != "causal-lm":
             self._check_room(len(self._ids("")), "text")
@@ -322,8 +319,8 @@ class Encoder:
         if self.vocab is not None:
             every = [ids for f in features for k, v in f.items() if k.endswith("ids") and k != "token_type_ids"
                      for ids in (v if k == "negative_ids" else [v])]
-            source = os.path.join(getattr(self.tokenizer, "name_or_path", "") or "", "tokenizer.json")
-            tokenizer_ids_checked(every, self.vocab, source, self.tokenizer.backend_tokenizer)
+            tokenizer_ids_checked(every, self.vocab, os.path.join(getattr(self.tokenizer, "name_or_path", "") or "",
+                                  "tokenizer.json"), SimpleNamespace(id_to_token=self.tokenizer.convert_ids_to_tokens))
         return features
 
     def _encode(self, rows: list[dict], path: str) -> list[dict]:
