@@ -330,10 +330,12 @@ def note_adapter_tokenizers(sources, base: str, revision: str | None, log) -> No
         ours = TextTokenizer(have) if os.path.isfile(os.path.join(have, "tokenizer.json")) else None
         for src in saved:
             with tempfile.TemporaryDirectory() as theirs:
-                write_tokenizer(src.path, theirs)
-                if not os.path.isfile(os.path.join(theirs, "tokenizer.json")):
+                try:  # one that cannot be read is not served either: no note (the export goes on, as before)
+                    write_tokenizer(src.path, theirs)
+                    differs = os.path.isfile(os.path.join(theirs, "tokenizer.json")) and tokenizer_differences(
+                        ours, TextTokenizer(theirs))
+                except Exception:  # noqa: BLE001  transformers', tokenizers' or our refusal of a damaged file
                     continue
-                differs = tokenizer_differences(ours, TextTokenizer(theirs))
                 if differs:
                     log(f"note: {src.path}: holds its own tokenizer, which differs from its base's ({base}) in "
                         f"{differs}; the export serves the base's to every adapter, so texts of the fine-tune's become "
@@ -351,6 +353,8 @@ def tokenizer_differences(base, adapter) -> str:
     added = [t for t, i in sorted(yours.items(), key=lambda kv: kv[1]) if mine.get(t) != i and t != pad]
     rules = [k for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")
              if json.loads(base._tok.to_str()).get(k) != json.loads(adapter._tok.to_str()).get(k)]
+    rules += sorted(k for k in {**base.special_tokens, **adapter.special_tokens}  # an eos a chat template writes
+                    if k != "pad_token" and base.special_tokens.get(k) != adapter.special_tokens.get(k))
     words = ([f"its tokens {', '.join(map(repr, added[:3]))}" + (f" and {len(added) - 3} more" if len(added) > 3 else "")]
              if added else []) + ([f"its {', '.join(rules)}"] if rules else []) + (
         ["its chat template"] if adapter.chat_template and adapter.chat_template != base.chat_template else [])

@@ -546,6 +546,13 @@ def test_an_adapter_saved_with_its_own_tokenizer_is_noted_and_the_fix_serves_it(
     tok.pad_token = tok.eos_token  # as TRL leaves it
     tok.save_pretrained(adapter)
     assert notes("pad-only") == []
+    with open(os.path.join(adapter, "tokenizer.json"), "w") as f:  # a review: one that cannot be read failed the export
+        f.write("{not json")
+    assert notes("damaged") == [] and os.path.isdir(tmp_path / "damaged" / "adapters" / "adapter")
+    other = tf.AutoTokenizer.from_pretrained(base)
+    other.eos_token = "<unk>"  # a review: another eos (which a chat template writes) was no difference
+    other.save_pretrained(adapter)
+    assert len(said := notes("eos")) == 1 and "its eos_token;" in said[0], said
     tok.chat_template = "{% for m in messages %}user : {{ m['content'] }} {% endfor %}"
     tok.save_pretrained(adapter)
     said = notes("out")
