@@ -52,11 +52,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from shlex import quote
 
-from .access import (ADAPTER_MANIFEST, ADAPTERS_DIR, STOPPED, adapter_dirs, aside_elsewhere, check_readable,
+from .access import (ADAPTER_MANIFEST, STOPPED, adapter_dirs, aside_elsewhere, check_readable, folder_name,
                      link_to_nothing, listed, moved_aside, present, read_json, sha256_bytes)
 from .base_checks import TOKEN_TYPES, base_value_errors
-from .commands import ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, exported_name, fresh_out
+from .commands import (ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, export_name_problem,
+                       exported_as, exported_name, fresh_out)
 from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 from .values import is_kind
@@ -253,14 +255,14 @@ def not_an_export(path: str, then=lambda out, name: f"open {out} and pick adapte
         return ArtifactNotFoundError(f"{path}: is a file of the export {out}; give {out} itself" if out else
                                      f"{path}: is a file, not an export; give the folder `edgepeft export --out` wrote")
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        out = fresh_out(path)
-        name = exported_name(path, out)
-        if present(os.path.join(out, ADAPTERS_DIR, name, ADAPTER_MANIFEST)):  # the export this advised, made: no
-            return ArtifactNotFoundError(  # second "export it first" (refused: the name is taken)
-                f"{path}: is an adapter folder (HF PEFT format), not an export; {out} holds its export: "
-                f"{then(out, name)} (trained again since: export it again with --overwrite)")
+        out, made = fresh_out(path), exported_as(folder_name(path)) if export_name_problem(folder_name(path)) else \
+            folder_name(path)  # the name the advised export gave it ("topic_v2"; the next one's: "topic_v2_2")
+        if present(os.path.join(out, ADAPTERS_DIR, made, ADAPTER_MANIFEST)):  # made: no second "export it first"
+            return ArtifactNotFoundError(  # (refused: the name is taken)
+                f"{path}: is an adapter folder (HF PEFT format), not an export; {out} holds its export: {then(out, made)}"
+                f" (trained again since: {export_command(path, out, '--name', quote(made), '--overwrite')})")
         return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
-                                     f"with {adapter_export_command(path, out)}, then {then(out, name)}")
+                                     f"with {adapter_export_command(path, out)}, then {then(out, exported_name(path, out))}")
     if os.path.isfile(os.path.join(path, "adapter.json")):
         out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
         return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")

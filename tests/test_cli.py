@@ -465,6 +465,10 @@ def test_run_on_an_adapter_folder_whose_export_exists_gives_the_run_command(tmp_
     export([adapter], adapter + "-onnx")
     again = cli_error(capsys, "run", adapter, "w1 w2", "--max-new-tokens", "2")
     assert again == (f"error: {adapter}: is an adapter folder (HF PEFT format), not an export; {adapter}-onnx holds its "
-                     f"export: run `edgepeft run {adapter}-onnx --adapter topic PROMPT` (trained again since: export it "
-                     "again with --overwrite)"), again
+                     f"export: run `edgepeft run {adapter}-onnx --adapter topic PROMPT` (trained again since: "
+                     f"`edgepeft export --adapter {adapter} --out {adapter}-onnx --name topic --overwrite`)"), again
+    dotted = str(shutil.copytree(adapter, tmp_path / "topic.v2"))  # a review: a name export refuses (--name topic_v2)
+    export([dotted], dotted + "-onnx", names=["topic_v2"])
+    assert f"{dotted}-onnx holds its export: run `edgepeft run {dotted}-onnx --adapter topic_v2 PROMPT`" in cli_error(
+        capsys, "run", dotted, "w1 w2")
     assert "topic" in Runtime(adapter + "-onnx").adapter_names  # what that command opens (this base: no tokenizer)

@@ -239,11 +239,11 @@ def test_suggested_export_commands_name_the_adapter_as_export_takes_it(peft_adap
 
     adapter = str(tmp_path / "my adapter")
     shutil.copytree(spec_adapter(peft_adapter, "llama", "qv"), adapter)
-    for name in ("my_adapter", "my_adapter_2"):  # the second time, the first name is taken
+    for more in ([], ["--overwrite"]):  # the second time, OUT holds its export: opened, or exported again over it
         command = shlex.split(cli_error(capsys, "inspect", adapter).split("`")[1])
-        assert command == ["edgepeft", "export", "--adapter", adapter, "--out", adapter + "-onnx", "--name", name]
+        assert command == ["edgepeft", "export", "--adapter", adapter, "--out", adapter + "-onnx", "--name", "my_adapter", *more]
         main(command[1:])
-    assert Runtime(adapter + "-onnx").adapter_names == ["my_adapter", "my_adapter_2"]
+    assert Runtime(adapter + "-onnx").adapter_names == ["my_adapter"]
     # a folder of OUT made for another base: it goes, and its adapter comes back under a name export takes
     out = str(shutil.copytree(shared_export("llama")[0], tmp_path / "out"))
     shutil.copytree(os.path.join(out, "adapters", "qv"), os.path.join(out, "adapters", "sp_ace"))  # taken
