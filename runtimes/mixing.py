@@ -133,7 +133,8 @@ def _real(weight):
     """A weight as HF PEFT's ``scaling *= weight`` takes it: a 0-d array, a torch scalar, a Fraction or a Decimal is
     the float it holds (refused as "give a finite number" before), as are ml_dtypes' bfloat16 scalars."""
     weight = as_float(weight)
-    if (is_number(weight) or isinstance(weight, (bool, np.bool_, str, bytes)) or getattr(weight, "ndim", 0)
+    if (is_number(weight) or isinstance(weight, (bool, np.bool_, str, bytes, complex, np.complexfloating))
+            or getattr(weight, "ndim", 0) or getattr(getattr(weight, "dtype", None), "kind", "") == "c"
             or not hasattr(type(weight), "__float__")):
         return weight
     try:

@@ -153,7 +153,7 @@ def test_combinations_without_a_meaning_are_refused(rt):
         rt.forward(ids, mask, adapter=["lora_qv"])
     with pytest.raises(InvalidInputError, match=r"lists 5 for a row; give each row .*name, None .* or a \{name: weight"):
         rt.forward(ids, mask, adapter=["lora_qv", 5])  # was told "a weighted adapter is a non-empty dict"
-    for weight in (float("nan"), 1e40, 10 ** 400):  # 1e40: infinite in the float32 row weights, NaN logits;
+    for weight in (float("nan"), 1e40, 10 ** 400, np.complex128(0.5)):  # 1e40: infinite in the row weights;
         for spec in ({"lora_qv": weight}, [{"lora_qv": weight}, None]):  # 10**400: a TypeError from numpy
             with pytest.raises(InvalidInputError, match=r"give a finite number \(within float32's range, 3.4e38\)"):
                 rt.forward(ids, mask, adapter=spec)
