@@ -320,7 +320,7 @@ def usable_slots(plan, src, usable: set, task_output: str) -> list:
 
 
 def copy_fixes(config) -> set:
-    """The config keys a copy of the base ``config`` was told to set by that base's refusal (models.check_exportable,
+    """The config keys a copy of the base ``config`` was told to set by that base's refusal (model_checks.check_exportable,
     load_base), passed as --base: sliding-window layers turned to full attention (transformers drops the window), a
     missing pad_token_id set. Only those the base has as its refusal names them: another difference still counts."""
     return ({"use_sliding_window", "sliding_window", "layer_types"} if sliding_layers(config) else set()) | (

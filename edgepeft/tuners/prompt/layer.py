@@ -48,7 +48,8 @@ class PromptEmbedding(nn.Module):
                 raise ConfigError("prompt_tuning_init_text tokenizes to no tokens; give a non-empty text")
             if (top := max(ids)) >= word_embeddings.num_embeddings:  # a token added to the tokenizer alone
                 raise ConfigError(
-                    f"{config.tokenizer_name_or_path}: its tokenizer gives prompt_tuning_init_text's token "
+                    f"{getattr(tokenizer, 'name_or_path', None) or 'tokenizer_name_or_path'}: its tokenizer gives "
+                    "prompt_tuning_init_text's token "
                     f"{tokenizer.convert_ids_to_tokens(top)!r} the id {top}, past the model's "
                     f"{word_embeddings.num_embeddings} embeddings; leave that token out of the text, or resize the "
                     "model's embeddings to the tokenizer (resize_token_embeddings), save it and train on it")
