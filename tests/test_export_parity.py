@@ -192,10 +192,10 @@ def test_an_out_of_another_task_names_the_task_not_a_graph_layout(tmp_path, peft
     from edgepeft.errors import AdapterBaseMismatchError
 
     out = str(tmp_path / "out")
-    export([peft_adapter("bert", "cls", task="seq-cls", num_labels=2, target_modules=["query"])], out)
+    export([peft_adapter("bert", "cls-of-another-task", task="seq-cls", num_labels=2, target_modules=["query"])], out)
     with pytest.raises(AdapterBaseMismatchError, match=r"\(seq-cls\); these adapters need .* \(feature-extraction\); "
                                                       "export them into another --out folder"):
-        export([peft_adapter("bert", "emb", task="feature-extraction", target_modules=["query"])], out)
+        export([peft_adapter("bert", "emb-of-another-task", task="feature-extraction", target_modules=["query"])], out)
 
 
 def test_concurrent_calls_with_different_adapters_do_not_interfere(shared_export):
