@@ -391,6 +391,16 @@ def test_ia3_records_the_model_types_default_targets_as_hf_peft(tiny_base, tmp_p
         again = lib.PeftModel.from_pretrained(load_reference_base(folder, "causal-lm"), str(tmp_path / "both"))
         assert sorted(k for k, m in again.named_modules() if getattr(m, "is_feedforward", False)) == marked, lib
     assert marked
+    # feedforward_modules without targets: HF PEFT trains it beside the defaults, then neither library loads it;
+    # refused before training, and the named targets train an adapter both load
+    with pytest.raises(edgepeft.errors.ConfigError, match="name all the targets in target_modules") as e:
+        edgepeft.get_peft_model(load_reference_base(folder, "causal-lm"), edgepeft.IA3Config(feedforward_modules=["mlp.c_fc"
+                                if arch == "gpt2" else "up_proj"]))
+    named = str(e.value).rpartition(": ")[2].split(",")
+    edgepeft.get_peft_model(load_reference_base(folder, "causal-lm"), edgepeft.IA3Config(
+        target_modules=named, feedforward_modules=named[-1:])).save_pretrained(str(tmp_path / "named"))
+    for lib in (edgepeft, peft):
+        lib.PeftModel.from_pretrained(load_reference_base(folder, "causal-lm"), str(tmp_path / "named"))
 
 
 def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):

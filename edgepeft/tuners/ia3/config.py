@@ -41,7 +41,18 @@ class IA3Config(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        ff, targets = self.feedforward_modules, self.target_modules
-        if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):  # as HF PEFT checks
-            raise ConfigError(f"feedforward_modules must be a subset of target_modules; {sorted(set(ff) - set(targets))} "
-                              "are not targets")
+        self.check_feedforward(self.target_modules)
+
+    def check_feedforward(self, targets, defaults_of: str = "") -> None:
+        """HF PEFT's check that ``feedforward_modules`` are among ``targets`` (lists only). ``defaults_of``: the model
+        type whose default targets stand in for ``target_modules`` left out, which HF PEFT does not check (it trains
+        such an adapter, records those defaults and then cannot load it)."""
+        ff = self.feedforward_modules
+        if not (isinstance(ff, list) and isinstance(targets, list)) or set(ff) <= set(targets):
+            return
+        missing = sorted(set(ff) - set(targets))
+        if not defaults_of:
+            raise ConfigError(f"feedforward_modules must be a subset of target_modules; {missing} are not targets")
+        raise ConfigError(f"feedforward_modules {missing} are not among target_modules, left out: {defaults_of}'s "
+                          f"defaults {sorted(targets)}; name all the targets in target_modules: "
+                          f"{','.join(sorted(targets) + missing)}")

@@ -37,7 +37,9 @@ class IA3Tuner(Tuner):
         inner = unwrapped(model)
         targets = ia3_targets(inner, config)
         if config.target_modules is None:  # record the model type's defaults, as HF PEFT does
-            config.target_modules = sorted(configured_targets(inner, config, DEFAULT_IA3_TARGETS))
+            defaults = sorted(configured_targets(inner, config, DEFAULT_IA3_TARGETS))
+            config.check_feedforward(defaults, defaults_of=inner.config.model_type)
+            config.target_modules = defaults
         if config.feedforward_modules is None:  # HF PEFT records the model type's list, which it cannot load beside
             chosen = config.target_modules  # targets lacking it: the targets it marks, the same layers
             defaults = DEFAULT_IA3_FEEDFORWARD.get(getattr(getattr(inner, "config", None), "model_type", None), [])
