@@ -142,6 +142,10 @@ def test_embedding_pairs_without_in_batch_negatives_are_refused(text_model, tmp_
         "error: --batch-size 1 leaves each pair without negatives (its loss is 0, nothing is learnt); pass "
         "--batch-size 2 or more, or give hard negatives (\"negative\")")
     assert not os.path.exists(tmp_path / "out")
+    # an adapter on BERT's pooler only, which embeddings never read: torch's "does not require grad" traceback
+    assert "--target-modules ['pooler.dense'] are all off the path to the embeddings" in cli_error(
+        capsys, *argv, two, "--target-modules", "pooler.dense")
+    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

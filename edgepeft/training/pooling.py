@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from edgepeft.errors import warn
+from edgepeft.errors import ConfigError, warn
 
 
 def embedding_settings(model: str, revision, config, tokenizer, n_virtual: int) -> tuple:
@@ -52,7 +52,13 @@ def retrieval_loss(model, batch: dict, mode: str) -> tuple:
     rows = len(batch["input_ids"])
     a, candidates = pooled(model, ids, mask, mode).split([rows, len(ids) - rows])
     scores = 20.0 * a @ candidates.T
-    return torch.nn.functional.cross_entropy(scores, torch.arange(rows, device=a.device)), (a, candidates[:rows])
+    loss = torch.nn.functional.cross_entropy(scores, torch.arange(rows, device=a.device))
+    if torch.is_grad_enabled() and not loss.requires_grad:  # was torch's "element 0 of tensors does not require grad"
+        targets = getattr(getattr(model, "module", model).active_peft_config, "target_modules", None)
+        raise ConfigError(f"target_modules {targets!r} are all off the path to the embeddings, which pool the last "
+                          "hidden states (a pooler layer is no part of them), so training has nothing to learn; "
+                          "target layers inside the encoder, or leave target_modules out for the defaults")
+    return loss, (a, candidates[:rows])
 
 
 @contextlib.contextmanager
