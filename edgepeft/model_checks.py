@@ -6,6 +6,7 @@ from edgepeft.errors import ConfigError, UnsupportedModelError
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 
 DECODERS = {"llama", "qwen2", "gpt2"}  # model types with a causal-LM head; they take use_cache
+TEXT_ROOM = 4  # positions an export's checks need for text beside virtual tokens: a row left-padded by 3 keeps a token
 
 
 def rope_type(config) -> str | None:

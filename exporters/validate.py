@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from edgepeft.errors import ConfigError, ExportValidationError
+from edgepeft.model_checks import TEXT_ROOM
 from edgepeft.exporters.graph import sample_token_types
 from edgepeft.exporters.quantize import no_closer_than_zeros, relative_error, rms
 from edgepeft.models import SAMPLE_TOKENS, call_kwargs, sample_inputs
@@ -196,13 +197,14 @@ def sample_types(rt, mask):
 
 def check_room(positions: int | None, virtual: int, where: str) -> int | None:
     """The model's positions left beside an adapter's ``virtual`` tokens; ConfigError where fewer than a check's
-    sample needs (4: a row left-padded by 3 keeps a token). ``resolve`` asks it first, before any tracing."""
+    sample needs (TEXT_ROOM, which training asks for too). ``resolve`` asks it first, before any tracing."""
     if not positions:
         return None
     room = positions - virtual
-    if room < 4:
+    if room < TEXT_ROOM:
         raise ConfigError(f"{where}: the adapter's {virtual} virtual tokens leave {max(room, 0)} of the model's "
-                          f"{positions} positions for text; train it with fewer num_virtual_tokens")
+                          f"{positions} positions for text, fewer than the {TEXT_ROOM} an export needs; train it with "
+                          f"{positions - TEXT_ROOM} or fewer num_virtual_tokens")
     return room
 
 

@@ -111,8 +111,8 @@ def test_a_prefix_nearly_as_long_as_the_positions_is_checked_in_what_is_left(tmp
     def traced(*args, **kwargs):
         raise AssertionError("refused after tracing the base, not before")
     with pytest.MonkeyPatch.context() as m, pytest.raises(
-            ConfigError, match=f"^{longer}: the adapter's 7 virtual tokens leave 3 of the model's 10 positions for text; "
-                               "train it with fewer num_virtual_tokens"):
+            ConfigError, match=f"^{longer}: the adapter's 7 virtual tokens leave 3 of the model's 10 positions for text, "
+                               "fewer than the 4 an export needs; train it with 6 or fewer num_virtual_tokens"):
         m.setattr(exporting, "stage_base", traced)
         export([longer], out, names=["long"])
     assert sorted(os.listdir(os.path.join(out, "adapters"))) == ["lora", "prefix"]

@@ -537,6 +537,12 @@ def test_rows_longer_than_the_models_positions_are_refused_naming_the_fix():
         check_positions(features, rows, "d.jsonl", 64, 5)
     assert str(e.value) == ("d.jsonl:7: 60 tokens + 5 virtual tokens exceed the model's 64 positions; pass "
                             "--max-length 59 or less")
-    with pytest.raises(ConfigError, match="num_virtual_tokens=64 leaves none of the model's 64 positions"):
+    with pytest.raises(ConfigError, match="num_virtual_tokens=64 leaves 0 of the model's 64 positions"):
         check_positions(features, rows, "d.jsonl", 64, 64)
+    # fewer than an export needs: training allowed them, the export then refused the adapter
+    check_positions(features[:1], rows, "d.jsonl", 14, 4)  # 10 tokens + 4 virtual ones fit 14 positions
+    with pytest.raises(ConfigError) as e:
+        check_positions([{"input_ids": [1] * 3}], rows, "d.jsonl", 64, 61)
+    assert str(e.value) == ("num_virtual_tokens=61 leaves 3 of the model's 64 positions for the text, fewer than the 4 "
+                            "its export needs; use 60 or fewer")
     check_positions(features, rows, "d.jsonl", None, 100)  # no position table: nothing to check

@@ -23,6 +23,7 @@ from types import SimpleNamespace  # a Python tokenizer has no backend_tokenizer
 import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
+from edgepeft.model_checks import TEXT_ROOM
 from edgepeft.runtimes.access import check_readable
 from edgepeft.runtimes.inputs import tokenizer_ids_checked
 from edgepeft.processes import first
@@ -45,9 +46,9 @@ def check_positions(features: list[dict], rows: list[dict], path: str, positions
     if not positions:
         return
     limit = positions - n_virtual
-    if limit < 1:
-        raise ConfigError(f"num_virtual_tokens={n_virtual} leaves none of the model's {positions} positions for the "
-                          "text; use fewer virtual tokens")
+    if n_virtual and limit < TEXT_ROOM:  # which the export would refuse
+        raise ConfigError(f"num_virtual_tokens={n_virtual} leaves {max(limit, 0)} of the model's {positions} positions "
+                          f"for the text, fewer than the {TEXT_ROOM} its export needs; use {positions - TEXT_ROOM} or fewer")
     for feature, row in zip(features, rows):
         longest = max(map(len, [feature["input_ids"], feature.get("positive_ids", ()), *feature.get("negative_ids", ())]))
         if longest > limit:
