@@ -148,26 +148,30 @@ def test_embedding_pairs_without_in_batch_negatives_are_refused(text_model, tmp_
     assert not os.path.exists(tmp_path / "out")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_a_decoder_classifier_with_a_prompt_trains_on_each_rows_last_real_token(text_model, tmp_path, arch):
+@pytest.mark.parametrize("arch, pad", [("llama", None), ("gpt2", None), ("llama", -1), ("gpt2", "vocab")])
+def test_a_decoder_classifier_with_a_prompt_trains_on_each_rows_last_real_token(text_model, tmp_path, arch, pad):
     """A decoder classifier given inputs_embeds (a prompt before the tokens) pools the last position, which in a
     right-padded batch is a pad: training and its eval read padding (logged loss 2.81 against 2.71 row by row), while
-    classify serves each row as the row alone gives it. A batch's loss and logits are now those of its rows alone."""
+    classify serves each row as the row alone gives it. A batch's loss and logits are now those of its rows alone.
+    So for a config pad that is no token (Llama -1, GPT-2 vocab_size; found by a review): an IndexError traceback."""
     from edgepeft.models import load_base
     from edgepeft.peft_model import get_peft_model
     from edgepeft.training import Trainer, TrainingArguments, method_config
-    from edgepeft.tuners.prompt.config import PromptTuningConfig
 
     rows = [{"text": "play some jazz", "label": "a"}, {"text": "what is the weather like in paris today", "label": "b"},
             {"text": "stop", "label": "a"}, {"text": "add milk and eggs to the list", "label": "b"}]
-    data = write_lines(tmp_path / "d.jsonl", rows)
-    args = TrainingArguments(model=text_model(arch), task="seq-cls", method="prompt", data=data, out=str(tmp_path / "o"),
-                             options={"num_virtual_tokens": 3}, progress=False)
+    data, model = write_lines(tmp_path / "d.jsonl", rows), text_model(arch)
+    if pad is not None:
+        model = shutil.copytree(model, tmp_path / "m")
+        edit_json(model / "config.json", pad_token_id=-1 if pad == -1 else json.loads((model / "config.json").read_text(
+            ))["vocab_size"])
+    method, options = ("prompt", {"num_virtual_tokens": 3}) if pad is None else ("lora", {"r": 2})
+    args = TrainingArguments(model=str(model), task="seq-cls", method=method, data=data, out=str(tmp_path / "o"),
+                             options=options, progress=False)
     trainer = Trainer(args)
     encoder, features, _, labels, _ = trainer._data(method_config(args.method, args.task, dict(args.options)))
     torch.manual_seed(0)
-    model = get_peft_model(load_base(args.model, "seq-cls", labels=labels),
-                           PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)).eval()
+    model = get_peft_model(load_base(args.model, "seq-cls", labels=labels), method_config(method, "seq-cls", options)).eval()
     batch = encoder.collate(features)
     assert (batch["attention_mask"] == 0).any()  # rows of different lengths, padded on the right
     with torch.no_grad():
@@ -175,6 +179,8 @@ def test_a_decoder_classifier_with_a_prompt_trains_on_each_rows_last_real_token(
         alone = torch.cat([model(**encoder.collate([f])).logits for f in features])
     torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(alone, batch["labels"]), rtol=0, atol=1e-5)
+    if pad is not None:
+        trainer.train()  # an IndexError from the embeddings
 
 
 def test_stopped_runs_resume_or_start_over_as_their_messages_say(text_model, tmp_path, capsys, monkeypatch):

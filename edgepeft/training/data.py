@@ -289,8 +289,8 @@ class Encoder:
         self.completions_alone = []  # the lines of rows whose completion was tokenized alone (_completion)
         pad = pad_id if pad_id is not None else tokenizer.pad_token_id
         eos = tokenizer.eos_token_id if vocab is None or (tokenizer.eos_token_id or 0) < vocab else None
-        if pad is None or pad_id is None and vocab is not None and pad >= vocab:  # a pad added to the tokenizer
-            pad = eos if eos is not None else 0  # alone: an id of the model's (padding is masked: any one does)
+        if pad is None or vocab is not None and not 0 <= pad < vocab:  # a pad added to the tokenizer alone, or the
+            pad = eos if eos is not None else 0  # config's no token: an id of the model's (padding is masked)
         self.pad_id, self.vocab = pad, vocab
         if task != "causal-lm":
             self._check_room(len(self._ids("")), "text")

@@ -102,8 +102,9 @@ class Trainer:
         train = encoder.encode(rows, args.data)
         evals = encoder.encode(eval_rows, args.eval_data) if eval_rows else None
         self.virtual_first = getattr(method, "virtual_first", False)  # the config's to say: see _count
-        # a decoder classifier given inputs_embeds (a prompt before the tokens) pools the last position: see _loss
-        self.pools_last_real = args.task == "seq-cls" and self.virtual_first and config.model_type in DECODERS
+        # no pad to find (a prompt's inputs_embeds first; a config pad that is no token): the last position, see _loss
+        self.pools_last_real = args.task == "seq-cls" and config.model_type in DECODERS and (
+            self.virtual_first or model_pad not in (None, encoder.pad_id))
         for features, checked, path in ((train, rows, args.data), (evals or [], eval_rows or [], args.eval_data)):
             check_positions(features, checked, path, max_positions(config), n_virtual)
         return encoder, train, evals, head if self.score else labels and list(labels), config  # outputs' names, plain data
