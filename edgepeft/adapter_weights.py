@@ -220,7 +220,7 @@ def reload_state(peft, adapter_name: str, directory: str) -> None:
         layout.prompt_tuning_init = "RANDOM"
     cuda = sorted({p.device.index or 0 for p in peft.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):  # nor the random numbers HF PEFT leaves to the app drawn
-        peft.add_adapter(spare, layout)
+        peft._add_adapter(spare, layout)
     try:
         path, state = read_adapter_weights(directory)
         try:

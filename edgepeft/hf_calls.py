@@ -162,9 +162,10 @@ def check_saved_whole_linear(model, names: list) -> None:
     from torch import nn
 
     from edgepeft.tuners.heads import saved_whole
+    from edgepeft.tuners.targets import innermost
 
-    for key, module in model.named_modules() if names else ():
-        if saved_whole(names, key) and not isinstance(module, nn.Linear):
+    for key, module in model.named_modules() if names else ():  # a head another adapter saves: its Linear inside
+        if saved_whole(names, key) and not isinstance(module := innermost(module), nn.Linear):
             raise ConfigError(
                 f"modules_to_save {key!r} is no Linear layer ({type(module).__name__}): edgepeft exports only Linear "
                 "layers trained whole (a head's weight and bias are the adapter's slots); leave it out of "

@@ -27,7 +27,7 @@ from edgepeft.errors import AdapterBaseMismatchError, ConfigError, EdgePeftError
 from edgepeft.files import write_bytes_atomic
 from edgepeft.hf_calls import (check_adapter_name, check_new_model, check_one_adapter, check_save_options, elsewhere,
                                elsewhere_or, merged_name, PEFT_MODEL_ONLY, named_arguments, not_taken, on_peft_model,
-                               refuse_adapter_names, taken_model)
+                               refuse_adapter_names, taken_model, check_saved_whole_linear)
 from edgepeft.registry import AdapterLayer, any_training, entry_parameters, held_entries, model_modules, model_parameters
 from edgepeft.tuners import method_for
 from edgepeft.tuners.copies import merged_copy, take_out_mixed, unfoldable, unloaded_copy
@@ -95,7 +95,11 @@ class PeftModel(nn.Module):
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, adapter_name: str, peft_config, **options) -> None:
         """Add a new adapter (initialised as PEFT does); it trains once ``set_adapter`` makes it active."""
-        not_taken("add_adapter", options)
+        not_taken("add_adapter", options)  # below: a layer no export serves, refused as by get_peft_model
+        check_saved_whole_linear(self.base_model.model, getattr(peft_config, "modules_to_save", None) or [])
+        self._add_adapter(adapter_name, peft_config)
+
+    def _add_adapter(self, adapter_name: str, peft_config) -> None:  # loaded ones too: the export names its refusals
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists; pick another name")
@@ -141,8 +145,7 @@ class PeftModel(nn.Module):
                 p.requires_grad_(name == adapter_name and not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter (HF PEFT's ``delete_adapter``); deleting the active one activates, trainable, the first
-        left by name, as HF PEFT does."""
+        """HF PEFT's ``delete_adapter``; deleting the active one activates, trainable, the first left by name, as HF PEFT."""
         if adapter_name not in self.peft_config:
             raise ConfigError(f"no adapter named {adapter_name!r}; have {sorted(self.peft_config)}")
         self._forget(adapter_name)
@@ -156,8 +159,7 @@ class PeftModel(nn.Module):
         """Every layer's entries of ``adapter_name`` and its config removed."""
         for _, module in model_modules(self):
             for dict_name in (*module.adapter_dicts, *module.adapter_values) if isinstance(module, AdapterLayer) else ():
-                holder = getattr(module, dict_name)
-                if adapter_name in holder:
+                if adapter_name in (holder := getattr(module, dict_name)):
                     del holder[adapter_name]
         take_out_mixed(self, unused_only=True)  # the last prefix adapter's attention: its own class back
         self.peft_config.pop(adapter_name, None)
@@ -251,8 +253,7 @@ class PeftModel(nn.Module):
         return out
 
     def _saved_key(self, adapter_name: str, key: str, loading: bool = False) -> str:
-        """A method whose files name the model ``base_model.`` (HF PEFT's prompt learning: no tuner
-        wrapper around the model) sets ``saved_model_prefix`` on its tuner."""
+        """A method whose files name the model ``base_model.`` (HF PEFT's prompt learning) sets ``saved_model_prefix``."""
         prefix = method_for(self.peft_config[adapter_name]).tuner.saved_model_prefix
         ours = "base_model.model."
         if prefix is None:
@@ -286,7 +287,7 @@ class PeftModel(nn.Module):
         given, config = config is not None, load_config(directory) if config is None else checked_copy(config)
         config.inference_mode = not is_trainable
         try:
-            self.add_adapter(adapter_name, config)
+            self._add_adapter(adapter_name, config)
         except EdgePeftError as e:  # a config the model cannot take: name the file it came from (not one given)
             raise (e if given else naming_config(e, directory)) from None
         try:  # damaged weights leave no adapter of that name behind (a retry was refused: "already exists")

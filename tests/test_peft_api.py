@@ -321,3 +321,17 @@ def test_forward_takes_arguments_by_position_in_hf_pefts_order(tiny_base, arch, 
         model(ids, mask, attention_mask=mask)
     model.delete_adapter("default")  # none left (a review: the lookup of no adapter's task type was a KeyError)
     assert model.active_adapter is None and model(ids, mask).logits.shape[0] == len(ids)
+
+
+def test_add_adapter_refuses_an_embedding_trained_whole_as_get_peft_model_does(tiny_base):
+    """Found by a review: get_peft_model refused modules_to_save=["embed_tokens"] (the export cannot take it), while
+    add_adapter took it (trained, then the export refused it). A classifier head another adapter saves whole is a
+    Linear inside its wrapper: a second classifier adapter still adds."""
+    model = edgepeft.get_peft_model(_llama(tiny_base), edgepeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="^modules_to_save 'model.embed_tokens' is no Linear layer"):
+        model.add_adapter("second", edgepeft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    assert list(model.peft_config) == ["default"] and not any(".second" in n for n, _ in model.named_parameters())
+    classifier = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "seq-cls", num_labels=2),
+                                         edgepeft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj"]))
+    classifier.add_adapter("other", edgepeft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["v_proj"]))
+    assert any("score.modules_to_save.other" in n for n, _ in classifier.named_parameters())
