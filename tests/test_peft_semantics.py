@@ -205,8 +205,11 @@ def test_token_type_ids_with_prompt_learning_as_in_peft(tiny_base, tmp_path, arc
     # without layers_to_transform it selects nothing, and HF PEFT cannot load an adapter that records it
     (lambda: edgepeft.LoraConfig(layers_pattern="layers"), "UnsupportedMethodError", "train without layers_pattern"),
     (lambda: method_config("lora", "causal-lm", {"layers_pattern": ["layers"]}), "UnsupportedMethodError", "layers_pattern"),
+    # a hunt: trained with a RANDOM init, and HF PEFT could not load it
+    (lambda: method_config("prompt", "causal-lm", {"tokenizer_kwargs": {"add_bos_token": False}}), "ConfigError",
+     "tokenizer_kwargs are read only with prompt_tuning_init='TEXT' .this one is 'RANDOM'., and HF PEFT refuses"),
 ], ids=["pissa", "bogus-init", "dropout", "task-foo", "task-token-cls", "ia3-ff-not-target", "alora", "layers-pattern",
-        "layers-pattern-train"])
+        "layers-pattern-train", "prompt-tokenizer-kwargs"])
 def test_configs_hf_peft_refuses_or_edgepeft_cannot_run_are_refused(make, error, words):
     from edgepeft import errors
 

@@ -38,6 +38,9 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ConfigError(f"prompt_tuning_init must be one of {', '.join(INITS)}, got {self.prompt_tuning_init!r}")
         if self.prompt_tuning_init == "TEXT" and (not self.tokenizer_name_or_path or self.prompt_tuning_init_text is None):
             raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path")
+        if self.tokenizer_kwargs and self.prompt_tuning_init != "TEXT":  # as HF PEFT, which cannot load it otherwise
+            raise ConfigError(f"tokenizer_kwargs are read only with prompt_tuning_init='TEXT' (this one is "
+                              f"{self.prompt_tuning_init!r}), and HF PEFT refuses them otherwise; leave tokenizer_kwargs out")
 
     def to_dict(self) -> dict:
         d = super().to_dict()
