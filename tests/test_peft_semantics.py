@@ -221,6 +221,16 @@ def test_hf_lora_variants_that_need_no_base_change_still_load():
     for init in (True, False, "gaussian", "eva", "orthogonal", "mica"):
         assert edgepeft.LoraConfig(init_lora_weights=init).init_lora_weights == init
     assert edgepeft.LoraConfig(layers_pattern=None).layers_pattern is None  # HF PEFT writes null
+    # a hunt: HF PEFT reads "Gaussian" as "gaussian" (its adapter was told to convert, as PiSSA's); a typo or "True"
+    # was told PiSSA and LoftQ change the base weights
+    assert [edgepeft.LoraConfig(init_lora_weights=v).init_lora_weights for v in ("Gaussian", "MiCA")] == ["gaussian", "mica"]
+    from edgepeft.errors import UnsupportedMethodError
+
+    with pytest.raises(UnsupportedMethodError, match=r"^init_lora_weights='True' is not supported; pass one of True, "):
+        edgepeft.LoraConfig(init_lora_weights="True")
+    for base_changing in ("pissa_niter_4", "OLoRA", "lora_ga"):
+        with pytest.raises(UnsupportedMethodError, match="change the base weights"):
+            edgepeft.LoraConfig(init_lora_weights=base_changing)
 
 
 def test_eva_adapters_load_but_training_with_eva_is_refused(tiny_base, tmp_path):

@@ -12,6 +12,8 @@ from edgepeft.runtimes.values import is_real, is_whole
 
 
 # HF PEFT's default LoRA targets per model type (used when target_modules is None).
+TAKEN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")  # HF PEFT's inits that leave the base as it is
+BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")  # HF PEFT's that change it (pissa_niter_4, ...)
 DEFAULT_LORA_TARGETS = {
     "llama": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
@@ -76,11 +78,17 @@ class LoraConfig(PeftConfig):
                 f"layers_pattern={self.layers_pattern!r} only names where layers_to_transform finds the layer numbers; "
                 "without layers_to_transform (which edgepeft does not support) it selects nothing and HF PEFT cannot "
                 "load the adapter: train without layers_pattern")
-        if self.init_lora_weights not in (True, False, "gaussian", "eva", "orthogonal", "mica"):
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower() in ("gaussian", "mica"):  # HF PEFT reads these in any case
+            self.init_lora_weights = init = init.lower()
+        if init not in TAKEN_INITS and isinstance(init, str) and init.lower().startswith(BASE_CHANGING):
             raise UnsupportedMethodError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported: PiSSA, OLoRA, CorDA and LoftQ change the "
+                f"init_lora_weights={init!r} is not supported: PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA change the "
                 "base weights; convert the adapter with HF PEFT's save_pretrained("
                 "path_initial_model_for_weight_conversion=...) first, or train with the default init")
+        if init not in TAKEN_INITS:  # a typo, "True" as text
+            raise UnsupportedMethodError(f"init_lora_weights={init!r} is not supported; pass one of True, False, "
+                                         "'gaussian', 'orthogonal', 'eva', 'mica' (--option: JSON, e.g. true or \"gaussian\")")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.r <= 0:
