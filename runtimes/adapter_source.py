@@ -30,10 +30,10 @@ def _unpacked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, most: int) -> byt
     return data
 
 
-def read_adapter_source(source, most: int, base: str | None = None) -> tuple[str | None, dict, dict]:
+def read_adapter_source(source, most: int, base: dict | None = None) -> tuple[str | None, dict, dict]:
     """(folder, {adapter.onnx: bytes}, manifest) for a folder, its graph checked against the manifest's sha256;
     (None, {file: bytes}, manifest) for the bytes of a zip of one, whose files may unpack to ``most`` bytes each (a
-    zip bomb is refused by the sizes it declares, before it unpacks). ``base``: the base's fingerprint (``_manifest``).
+    zip bomb is refused by the sizes it declares, before it unpacks). ``base``: the base's manifest (``_manifest``).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         try:
@@ -74,8 +74,8 @@ def read_adapter_source(source, most: int, base: str | None = None) -> tuple[str
         raise ArtifactNotFoundError(f"{path}: is {what}, not an adapter's folder; pass one of the folders in "
                                     f"{os.path.join(out, ADAPTERS_DIR)}")
     def read():  # one export's manifest and graph: an --overwrite renaming a new folder in read the old's manifest
-        manifest = _manifest(path, base)  # and the new graph ("checksum does not match; re-export the adapter")
-        return path, {ADAPTER_GRAPH: check_adapter_graph(path, manifest, most)}, manifest
+        manifest = _manifest(path, base and base["fingerprint"])  # and the new graph ("checksum does not match")
+        return path, {ADAPTER_GRAPH: check_adapter_graph(path, manifest, most, base)}, manifest
     return unchanged_while(path, read)
 
 

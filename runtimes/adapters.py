@@ -188,7 +188,7 @@ class AdapterStore:
         if name is not None and name_problem(name):
             raise ConfigError(f"the adapter name {name!r:.80} {name_problem(name)}; pass another name= (or None: its "
                               "folder's name, a zip's: the name it was exported with)")
-        path, files, manifest = read_adapter_source(source, self.most_bytes, self.base["fingerprint"])
+        path, files, manifest = read_adapter_source(source, self.most_bytes, self.base)
         label = path or "adapter bytes"
         if name is None:  # a folder is named as Runtime(OUT) names what it finds in OUT/adapters: by the folder
             name = os.path.basename(os.path.normpath(path)) if path else manifest["name"]
@@ -344,7 +344,7 @@ class AdapterStore:
         if adapter.data is not None:
             return adapter.data[ADAPTER_GRAPH]
         try:
-            return check_adapter_graph(adapter.path, adapter.manifest, self.most_bytes)
+            return check_adapter_graph(adapter.path, adapter.manifest, self.most_bytes, self.base)
         except EdgePeftError:  # re-exported since (edgepeft export --overwrite): for this base, or for a new one
             if not os.path.isdir(adapter.path):  # moved (OUT renamed) or removed: loading it again there fails too
                 raise ArtifactNotFoundError(

@@ -142,11 +142,29 @@ def folder_fix(out: str, folder: str, base: dict, adapter: dict | None = None) -
     if export_name_problem(name):  # export cannot write that folder: it goes, its adapter comes back by another name
         return f"remove {folder}, then{then}{where}re-export its adapter into this OUT: " \
                f"{export_command('DIR', out, '--name', quote(unused_name(out, exported_as(name))), *flags)}"
-    again = f"{where}re-export its adapter into this OUT: {export_command('DIR', out, '--name', quote(name), '--overwrite', *flags)}"
+    again = f"{where}{reexport_into(out, name, base)}"
     if os.path.isfile(os.path.join(folder, REPOINTED)):  # its manifest for the new base waits beside it: not to remove
         return (f"an export into {out} was stopped before it re-pointed it; run that export again (where OUT can be "
                 f"locked, not on Windows, it finishes that first), or{then}{again}")
     return f"remove {folder}, or{then}{again}"
+
+
+def reexport_into(out: str, name: str, base: dict, source: str = "DIR") -> str:
+    """The re-export that mends OUT's adapter folder ``name`` (``base``: OUT's base manifest, whose flags it repeats;
+    ``source``: the adapter's folder, where known)."""
+    flags = ("--name", quote(name), "--overwrite", *base_flags(base))
+    return f"re-export its adapter into this OUT: {export_command(source, out, *flags)}"
+
+
+def adapter_files_fix(folder: str, manifest: dict, base: dict | None) -> str:
+    """What mends an exported adapter's missing or damaged file: its folder copied again (a device's copy cut short),
+    or its adapter (the manifest's ``source``) re-exported into its OUT (``base``: its base manifest, where known)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    if os.path.basename(parent) != ADAPTERS_DIR:  # a folder loaded from elsewhere: no OUT to re-export into
+        return f"copy {folder} again from the export it came from"
+    source = manifest.get("source") if isinstance(manifest.get("source"), str) else "DIR"
+    name = os.path.basename(os.path.normpath(folder))
+    return f"copy {folder} again from its export, or {reexport_into(os.path.dirname(parent), name, base or {}, source)}"
 
 
 def copied_base_fix(adapter: dict, base: dict, folder: str | None) -> str:

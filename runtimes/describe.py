@@ -97,7 +97,7 @@ def _described(out_dir: str) -> dict:
     most = adapter_bound(base_dir, base)
     for name, d in adapter_dirs(out_dir).items():  # by folder, as the runtime names them
         try:  # as a Runtime reads it: again where an --overwrite renamed a new folder in, and while an export commits,
-            _, _, m = read_adapter_source(d, most, base["fingerprint"])  # the manifest it renames in next
+            _, _, m = read_adapter_source(d, most, base)  # the manifest it renames in next
         except EdgePeftError as e:  # a stray or damaged folder is one problem: inspect printed nothing else (--json:
             problems.append(str(e))  # no JSON at all); one whose graph is damaged is listed too
             try:

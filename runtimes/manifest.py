@@ -57,8 +57,8 @@ from shlex import quote
 from .access import (ADAPTER_MANIFEST, STOPPED, adapter_dirs, aside_elsewhere, check_readable, folder_name,
                      link_to_nothing, listed, moved_aside, present, read_json, sha256_bytes)
 from .base_checks import TOKEN_TYPES, base_value_errors
-from .commands import (ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, export_command, export_name_problem,
-                       exported_as, exported_name, fresh_out)
+from .commands import (ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, adapter_files_fix, export_command,
+                       export_name_problem, exported_as, exported_name, fresh_out)
 from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 from .values import is_kind
@@ -375,14 +375,14 @@ def _checked_adapter_manifest(data: dict, path: str) -> dict:
     return data
 
 
-def check_adapter_graph(adapter_dir: str, manifest: dict, most: int) -> bytes:
+def check_adapter_graph(adapter_dir: str, manifest: dict, most: int, base: dict | None = None) -> bytes:
     """An adapter graph's bytes, read once: the bytes its sha256 was checked on are the bytes that run. Raises the
-    error the file has: missing, past ``most`` bytes (``adapter_bound``), or not the file its sha256 names. (Raised
-    here, not returned: a caller's local holding the exception it raises keeps that frame, and the Runtime, alive.)"""
-    graph = os.path.join(adapter_dir, manifest["graph"])
+    error the file has: missing, past ``most`` bytes (``adapter_bound``), or not the file its sha256 names (Raised,
+    not returned: a caller's local holding it keeps that frame, and the Runtime, alive). ``base``: OUT's manifest."""
+    graph, fix = os.path.join(adapter_dir, manifest["graph"]), adapter_files_fix(adapter_dir, manifest, base)
     if not present(graph):
         check_readable(graph)
-        raise ArtifactNotFoundError(f"{graph}: adapter graph missing; re-export the adapter")
+        raise ArtifactNotFoundError(f"{graph}: adapter graph missing; {fix}")
     try:
         with open(graph, "rb") as f:
             data = f.read(most + 1)  # no further: a sparse file, or a link to a large one
@@ -390,11 +390,9 @@ def check_adapter_graph(adapter_dir: str, manifest: dict, most: int) -> bytes:
         if isinstance(e, STOPS):
             raise
         check_readable(graph)
-        raise CorruptArtifactError(f"{graph}: cannot be read ({e.strerror or e}); re-export the adapter") from None
+        raise CorruptArtifactError(f"{graph}: cannot be read ({e.strerror or e}); {fix}") from None
     if len(data) > most:
-        raise CorruptArtifactError(f"{graph}: more than an adapter of this base can take ({most} bytes); re-export the "
-                                   "adapter")
+        raise CorruptArtifactError(f"{graph}: more than an adapter of this base can take ({most} bytes); {fix}")
     if sha256_bytes(data) != manifest["sha256"]:
-        raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); "
-                                   "re-export the adapter")
+        raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); {fix}")
     return data

@@ -191,11 +191,11 @@ def test_an_adapter_replaced_while_it_loads_is_read_again_whole(llama, tmp_path,
     export([llama[1]["all"]], out, names=["all"])  # its slots in OUT's base
     real, swapped = adapter_source.check_adapter_graph, []
 
-    def check(path, manifest, most):  # qv's manifest read: the other adapter renamed in now
+    def check(path, manifest, most, base=None):  # qv's manifest read: the other adapter renamed in now
         if not swapped and os.path.basename(path) == "qv":
             swapped.append(os.rename(path, tmp_path / f"old-qv-{len(os.listdir(tmp_path))}"))
             shutil.copytree(tmp_path / "other" / "adapters" / "qv", path)
-        return real(path, manifest, most)
+        return real(path, manifest, most, base)
 
     monkeypatch.setattr(adapter_source, "check_adapter_graph", check)
     rt = Runtime(out, load_adapters=False)

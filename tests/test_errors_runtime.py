@@ -118,7 +118,7 @@ def test_truncated_adapter_graph_fails_checksum(rt, before, llama, tmp_path):
     with pytest.raises(CorruptArtifactError) as e:
         rt.load_adapter(path, name="qv")  # same name as a loaded adapter: it must survive
     msg = str(e.value)
-    assert graph in msg and "checksum" in msg and "re-export" in msg
+    assert graph in msg and "checksum" in msg and "again from the export it came from" in msg
     assert_still_serving(rt, before)
 
 
@@ -190,7 +190,7 @@ def test_manifest_field_of_wrong_type(rt, before, llama, tmp_path, field):
     assert_still_serving(rt, before)
 
 
-@pytest.mark.parametrize("missing, advice", [("adapter.onnx", "re-export the adapter"), ("adapter.json", "--name NAME --overwrite")])
+@pytest.mark.parametrize("missing, advice", [("adapter.onnx", "again from the export it came from"), ("adapter.json", "--name NAME --overwrite")])
 def test_a_file_missing_from_an_adapter_folder_is_named(rt, before, llama, tmp_path, missing, advice):
     """Its graph, or its manifest beside the graph: named, with the re-export advice."""
     path = copy_adapter(os.path.join(llama[0], "adapters", "qv"), tmp_path / "qv")

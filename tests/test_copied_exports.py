@@ -1,0 +1,52 @@
+"""An export copied to a device, an adapter's graph lost or cut short on the way: found by a docs hunt, the message
+said "re-export the adapter", which, followed literally, was refused (the name is taken: --overwrite; an int8 base:
+--quantize int8). Each message now gives the copy to repeat and the whole re-export, which the tests run."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+
+import pytest
+
+from training_helpers import cli_error, cli_ok
+
+from edgepeft.errors import EdgePeftError
+from edgepeft.exporters import export
+from edgepeft.runtimes import Runtime
+
+
+@pytest.fixture(scope="module")
+def int8_export(peft_adapter, tmp_path_factory):
+    adapter = peft_adapter("llama", "copied-int8", r=2, target_modules=["q_proj", "v_proj"], seed=4)
+    out = str(tmp_path_factory.mktemp("copied") / "out")
+    export([adapter], out, names=["qv"], quantize="int8")
+    return out, adapter
+
+
+@pytest.mark.parametrize("damage", ["removed", "cut short"])
+def test_a_lost_adapter_graph_names_a_reexport_that_works(int8_export, tmp_path, capsys, damage):
+    out = shutil.copytree(int8_export[0], tmp_path / "device")
+    graph = out / "adapters" / "qv" / "adapter.onnx"
+    if damage == "removed":
+        graph.unlink()
+    else:
+        graph.write_bytes(graph.read_bytes()[:100])
+    line = cli_error(capsys, "run", out, "--adapter", "qv", "hello", "--max-new-tokens", "2")
+    assert line.startswith(f"error: {graph}: ") and f"copy {out / 'adapters' / 'qv'} again from its export, or " in line
+    command = re.search(r"`edgepeft (export [^`]*)`", line).group(1)
+    assert command == (f"export --adapter {int8_export[1]} --out {out} --name qv --overwrite --quantize int8")
+    cli_ok(capsys, *shlex.split(command))
+    ids = [[5, 9, 2, 7]]
+    assert (Runtime(str(out)).generate(ids, adapter="qv", max_new_tokens=3) ==
+            Runtime(int8_export[0]).generate(ids, adapter="qv", max_new_tokens=3)).all()
+
+
+def test_an_adapter_folder_loaded_from_elsewhere_is_told_to_copy_it_again(int8_export, tmp_path):
+    folder = shutil.copytree(os.path.join(int8_export[0], "adapters", "qv"), tmp_path / "qv")
+    (folder / "adapter.onnx").unlink()
+    with pytest.raises(EdgePeftError) as e:
+        Runtime(int8_export[0], load_adapters=False).load_adapter(str(folder))
+    assert str(e.value) == (f"{folder / 'adapter.onnx'}: adapter graph missing; copy {folder} again from the export it "
+                            "came from")
