@@ -145,7 +145,8 @@ class PeftConfig:
                 value = value.item()
             setattr(self, f.name, value)
             if not _fits(value, hints[f.name]):
-                raise ConfigError(f"{f.name} = {value!r} is not a valid {_type_name(hints[f.name])}")
+                raise ConfigError(f"{f.name} = {value!r} is not a valid {_type_name(hints[f.name])}"
+                                  f"{_as_typed(f.name, value, hints[f.name])}")
         for name in ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save"):
             value = getattr(self, name, None)  # [5] was a TypeError where the names are matched
             if isinstance(value, list) and not all(isinstance(v, str) for v in value):
@@ -210,6 +211,19 @@ def _fits(value, annotation) -> bool:
     if annotation is int:
         return is_whole(value)
     return not isinstance(annotation, type) or isinstance(value, annotation)
+
+
+def _as_typed(name: str, value, annotation) -> str:
+    """How to write ``value`` as the type wanted, where the mistake is the form's: a value of ``edgepeft train
+    --option KEY=VALUE`` is read as JSON, so 123 is a number, True and lm_head are text (a hunt found no fix given)."""
+    want = lambda kind: _fits(kind, annotation)  # noqa: E731
+    if isinstance(value, str) and value.lower() in ("true", "false") and want(True):
+        return f"; write {value.lower()} (JSON, unquoted; in Python {value.capitalize()})"
+    if isinstance(value, str) and want([value]):
+        return f"; give a list: {json.dumps([value])} (at the command line in single quotes: --option '{name}={json.dumps([value])}')"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and want(str(value)):
+        return f"; give it as text: \"{value}\" (at the command line in single quotes: --option '{name}=\"{value}\"')"
+    return ""
 
 
 def _type_name(annotation) -> str:

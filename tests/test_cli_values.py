@@ -334,3 +334,26 @@ def test_an_adapter_named_as_a_windows_device_is_refused_with_a_name_that_copies
         export([str(adapter)], str(tmp_path / "out"), names=["COM1"])
     export([str(adapter)], str(tmp_path / "out"), names=["aux_adapter"])
     assert Runtime(str(tmp_path / "out")).adapter_names == ["aux_adapter"]
+
+
+def test_an_option_value_read_as_json_into_the_wrong_type_names_how_to_write_it(text_model, tmp_path, capsys):
+    """A hunt: --option VALUE is read as JSON, so 123 is a number and True or lm_head are text; "is not a valid
+    bool" named no fix. Each fix given is followed."""
+    import shlex
+
+    from file_checks import write_lines
+    from training_helpers import cli_error, cli_ok
+
+    data = write_lines(tmp_path / "d.jsonl", [{"text": f"say {w}"} for w in ("yes", "no", "maybe", "so")])
+    argv = ["train", "--model", text_model("llama"), "--task", "causal-lm", "--data", data, "--epochs", "1",
+            "--batch-size", "2", "--quiet", "--out", tmp_path / "a", "--option"]
+    for given, said in (("use_rslora=True", "; write true (JSON, unquoted; in Python True)"),
+                        ("modules_to_save=lm_head", "; give a list: [\"lm_head\"] (at the command line in single quotes: "
+                                                    "--option 'modules_to_save=[\"lm_head\"]')")):
+        line = cli_error(capsys, *argv, given)
+        assert line.endswith(said) and not (tmp_path / "a").exists()
+    cli_ok(capsys, *argv[:-1], *shlex.split(said.rpartition("quotes: ")[2][:-1]), "--option", "use_rslora=true")
+    line = cli_error(capsys, *argv[:-3], "--method", "prompt", "--out", tmp_path / "b", "--option",
+                     "prompt_tuning_init_text=123")
+    assert line.endswith("is not a valid str or null; give it as text: \"123\" (at the command line in single quotes: "
+                         "--option 'prompt_tuning_init_text=\"123\"')")
