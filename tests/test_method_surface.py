@@ -141,3 +141,19 @@ def test_the_lora_fields_left_out_of_the_options_are_those_refused_when_set():
     for name, value in set_values.items():
         with pytest.raises(UnsupportedMethodError):
             LoraConfig(task_type="CAUSAL_LM", **{name: value})
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prompt_learning_sizes_of_the_model_are_no_training_options(method):
+    """A hunt: --option num_layers=1 at training was blamed on an adapter_config.json ("save the adapter again from
+    its model"), which did not exist yet; num_attention_heads was replaced silently."""
+    from edgepeft.errors import ConfigError
+    from edgepeft.training import method_config
+
+    for field in ("num_layers", "token_dim", "num_attention_heads", "num_transformer_submodules"):
+        with pytest.raises(ConfigError, match=f"^{field} is the model's size, which training fills in from it; leave "
+                                              f"{field} out of the options$"):
+            method_config(method, "causal-lm", {field: 1})
+    with pytest.raises(ConfigError) as e:
+        method_config(method, "causal-lm", {"bogus": 1})
+    assert "its options are" in str(e.value) and "num_layers" not in str(e.value)

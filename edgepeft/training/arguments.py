@@ -205,10 +205,13 @@ def method_config(method: str, task: str, options: dict):
     """The config object for ``method`` with ``options`` as its fields (the method's training defaults fill the rest)."""
     m = find_method(method)
     fields = {f.name for f in dataclasses.fields(m.config_cls)} - NOT_OPTIONS
-    unknown = sorted(set(options) - fields)
+    unknown, sized = sorted(set(options) - fields), getattr(m.config_cls, "model_sizes", ())
     if unknown:
-        taken = sorted(fields - set(getattr(m.config_cls, "refused_when_set", ())))  # not those it refuses
+        taken = sorted(fields - set(getattr(m.config_cls, "refused_when_set", ())) - set(sized))  # not those it refuses
         raise ConfigError(f"{m.name} has no option {unknown[0]!r}; its options are {', '.join(taken)}")
+    if given := sorted(set(options) & set(sized)):  # it was blamed on an adapter_config.json, at training
+        raise ConfigError(f"{given[0]} is the model's size, which training fills in from it; leave {given[0]} out "
+                          "of the options")
     task_type = {v: k for k, v in TASK_TYPES.items()}[task]
     options = {**m.config_cls.training_defaults, **options}
     try:

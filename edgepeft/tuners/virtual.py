@@ -45,6 +45,7 @@ class PromptLearningConfig(PeftConfig):
     """Fields HF PEFT's prompt-learning configs share; the model's sizes are filled in at injection."""
 
     virtual_first = False  # the virtual tokens are the first positions of the model's outputs (and HF PEFT's labels)
+    model_sizes = ("num_layers", "token_dim", "num_attention_heads", "num_transformer_submodules")  # not options
     num_virtual_tokens: Optional[int] = None
     token_dim: Optional[int] = None
     num_transformer_submodules: Optional[int] = None
