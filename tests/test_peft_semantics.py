@@ -437,6 +437,15 @@ def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):
     with pytest.raises(ConfigError, match=r"a string is a regular expression for the whole module name: give a list "
                        r"\(\['q_proj'\]; at the command line --target-modules q_proj\) or '\.\*q_proj'"):
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules="q_proj"))
+    # a hunt: names with commas in one string (--option target_modules=q_proj,v_proj), a regular expression in a list
+    # (--target-modules '.*q_proj'): no hint
+    with pytest.raises(ConfigError, match=r"give a list \(\['q_proj', 'v_proj'\]; at the command line --target-modules "
+                                          r"q_proj,v_proj\)$"):
+        edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules="q_proj,v_proj"))
+    with pytest.raises(ConfigError, match=r"give one regular expression as a string \(at the command line --option "
+                                          r"'target_modules=\".\*q_proj\"'\)$"):
+        edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=[".*q_proj"]))
+    edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(target_modules=".*q_proj"))
     with pytest.raises(ConfigError, match="exclude_modules \\['q_proj'\\] leaves none of its matches"):
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
     import peft  # edgepeft's get_peft_model refuses it (test_training_checks): HF PEFT's makes it

@@ -181,9 +181,13 @@ def linear_targets(model: nn.Module, config, defaults: dict) -> list[str]:
     if not names:
         model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
         have = sorted({k.rpartition(".")[2] for k, m in model.named_modules() if isinstance(m, LINEAR_TYPES)})
-        hint = (f"; a string is a regular expression for the whole module name: give a list ([{targets!r}]; at the "
-                f"command line --target-modules {targets}) or '.*{targets}'"
-                if isinstance(targets, str) and targets != "all-linear" and targets in have else "")
+        parts = targets.split(",") if isinstance(targets, str) else []  # a name, or names with commas (--option)
+        hint = (f"; a string is a regular expression for the whole module name: give a list ({parts}; at the "
+                f"command line --target-modules {targets}){f' or {chr(39)}.*{targets}{chr(39)}' if len(parts) == 1 else ''}"
+                if parts and all(p in have for p in parts) else "")
+        if isinstance(targets, list) and (pattern := next((t for t in targets if set(t) & set("*[]()|^$\\?+")), None)):
+            hint = ("; a list's names match the end of a module's name, not as regular expressions: give one regular "
+                    f"expression as a string (at the command line --option 'target_modules=\"{pattern}\"')")
         if exclude and any(name_matches(exclude, n) for n in have):
             hint += f"; exclude_modules {exclude!r} leaves none of its matches"
         raise ConfigError(f"target_modules {targets!r} matches no linear layer of this {model_type} model; its linear "
