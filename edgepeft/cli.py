@@ -249,8 +249,8 @@ def bench(out, adapters, batch, seq, rounds, calls, new_tokens, shared_threads, 
     as_json, plot = check_output_files({"--json": None if to_stdout else as_json, "--plot": plot})  # before measuring
     for path, flag in ((as_json, "--json"), (plot, "--plot")):
         if path and (export := enclosing_export(path)):  # the measured export's own files, say
-            raise ConfigError(f"{path}: lies inside the export {export}, whose files exports own; give {flag} a "
-                              "path outside it")
+            raise ConfigError(f"{path}: lies inside {os.path.join(export, os.path.relpath(path, export).split(os.sep)[0])}"
+                              f" of the export {export}, whose files exports own; give {flag} a path outside that folder")
     if plot and not plot.lower().endswith(".png"):
         raise ConfigError(f"{plot}: --plot draws a PNG image; give it a file name ending in .png")
     if plot:

@@ -318,7 +318,7 @@ def test_bench_takes_a_merged_exports_name_and_writes_no_export_file(peft_adapte
     manifest = os.path.join(out, "base", "edgepeft.json")
     before = open(manifest, "rb").read()
     line = cli_error(capsys, *argv, "--json", manifest)
-    assert line == f"error: {manifest}: lies inside the export {out}, whose files exports own; give --json a path outside it"
+    assert line == f"error: {manifest}: lies inside {out}/base of the export {out}, whose files exports own; give --json a path outside that folder"
     assert open(manifest, "rb").read() == before
     # a folder os.access calls writable where no file can be made: after the whole run, of a hidden temp file
     line = cli_error(capsys, *argv, "--json", "/proc/b.json")
