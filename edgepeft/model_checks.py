@@ -56,13 +56,19 @@ def check_exportable(config, source: str) -> None:
             "layer_types entry to full_attention (the same model for inputs no longer than sliding_window)")
 
 
+def pad_unheld(config) -> bool:
+    """config.json's pad_token_id is one the model's embeddings cannot hold as their padding index (transformers'
+    ``nn.Embedding`` asserts on it). GPT-2's take no padding index: a pad past them is no token, as in a classifier
+    whose rows each run alone (Runtime.classify), and transformers loads it."""
+    pad, size = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+    return config.model_type != "gpt2" and isinstance(pad, int) and isinstance(size, int) and not -size <= pad < size
+
+
 def check_token_ids(config, source: str) -> None:
     """A pad_token_id the embeddings cannot hold (a pad added to the tokenizer and set in config.json without
     resizing the model): transformers' ``nn.Embedding`` asserts on it, a traceback from train and export."""
     pad, size = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
-    if config.model_type == "gpt2":  # its embeddings take no padding index: a pad past them is no token, as in
-        return  # a classifier whose rows each run alone (Runtime.classify), and transformers loads it
-    if isinstance(pad, int) and isinstance(size, int) and not -size <= pad < size:
+    if pad_unheld(config):
         eos = config.eos_token_id if isinstance(getattr(config, "eos_token_id", None), int) else None
         raise ConfigError(
             f"{source}: config.json's pad_token_id is {pad}, past the model's vocabulary (vocab_size {size}), which its "

@@ -13,7 +13,7 @@ from huggingface_hub.errors import StrictDataclassError
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
 from edgepeft.files import unexpanded_tilde
 from edgepeft.hub import hub_unreachable
-from edgepeft.model_checks import DECODERS, check_exportable, check_loaded_weights, check_token_ids
+from edgepeft.model_checks import DECODERS, check_exportable, check_loaded_weights, check_token_ids, pad_unheld
 from edgepeft.runtimes.access import check_readable, located
 from edgepeft.runtimes.base_checks import ENCODERS
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
@@ -174,9 +174,10 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
 
     config = config or load_model_config(name_or_path, flag, revision=revision)
     check_supported(config.model_type, task, str(name_or_path))
-    check_token_ids(config, str(name_or_path))
     if checked:  # training too: an adapter edgepeft cannot export is refused first
+        check_token_ids(config, str(name_or_path))
         check_exportable(config, str(name_or_path))
+    unheld = {"pad_token_id": None} if not checked and pad_unheld(config) else {}  # its weights compared alone
     if checked and task == "seq-cls" and config.model_type in DECODERS and config.pad_token_id is None:
         raise UnsupportedModelError(
             f"{name_or_path}: sequence classification on {config.model_type} needs pad_token_id in config.json "
@@ -202,7 +203,7 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         try:
             model, info = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa",
                                                    revision=revision, output_loading_info=True, **head, **NO_REMOTE_CODE,
-                                                   **RUN_AS_TRACED)
+                                                   **RUN_AS_TRACED, **unheld)
         except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, pickle.UnpicklingError) as e:
             if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True): more than tensors
                 raise ConfigError(f"{model_label(name_or_path, revision)}: its pytorch_model.bin holds more than tensors "

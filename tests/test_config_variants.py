@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -248,6 +249,9 @@ def test_a_pad_id_past_the_vocabulary_is_named_with_a_fix_that_loads(tmp_path, c
     assert line.endswith(f"config.json's pad_token_id is {size}, past the model's vocabulary (vocab_size {size}), "
                          f"which its embeddings cannot hold; set pad_token_id to an id below {size} (its eos_token_id, "
                          "2), or resize the embeddings (resize_token_embeddings) and save the model again")
+    copy = shutil.copytree(base, tmp_path / "copy")  # a review: a base shared read-only, mended on a copy as said and
+    edit_json(os.path.join(copy, "config.json"), pad_token_id=2)  # given as --base, was refused for the one recorded
+    export([lora], str(tmp_path / "out-copy"), base=str(copy))
     edit_json(os.path.join(base, "config.json"), pad_token_id=2)  # as it says
     load_base(base, task)
 
