@@ -11,9 +11,9 @@ from edgepeft.errors import ConfigError, UnsupportedMethodError
 from edgepeft.runtimes.values import is_real, is_whole
 
 
-# HF PEFT's default LoRA targets per model type (used when target_modules is None).
 TAKEN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")  # HF PEFT's inits that leave the base as it is
 BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")  # HF PEFT's that change it (pissa_niter_4, ...)
+# HF PEFT's default LoRA targets per model type (used when target_modules is None).
 DEFAULT_LORA_TARGETS = {
     "llama": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
