@@ -2,6 +2,7 @@
 OUT), real paths quoted for a shell, names as export takes them, so a message's command can be pasted and works."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from shlex import quote
@@ -165,6 +166,23 @@ def adapter_files_fix(folder: str, manifest: dict, base: dict | None) -> str:
     source = manifest.get("source") if isinstance(manifest.get("source"), str) else "DIR"
     name = os.path.basename(os.path.normpath(folder))
     return f"copy {folder} again from its export, or {reexport_into(os.path.dirname(parent), name, base or {}, source)}"
+
+
+def hf_peft_folder_fix(folder: str) -> str:
+    """What mends an HF PEFT adapter folder where an exported one is looked for: exported first; one copied into an
+    OUT's adapters/ (which every Runtime of that OUT refuses, and which export refuses as --adapter) moved out first,
+    then exported into that OUT with the flags its base was built with."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    if os.path.basename(parent) != ADAPTERS_DIR:
+        return f"export it first with {export_command(folder)}, then load its folder in OUT/adapters/"
+    out = os.path.dirname(parent)
+    try:
+        with open(os.path.join(out, "base", "edgepeft.json"), encoding="utf-8") as f:
+            flags = base_flags(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):  # no base, or not its manifest: none named
+        flags = ()
+    return f"move it out of {parent} (mv {quote(folder)} DIR), then export it into this OUT with " \
+           f"{export_command('DIR', out, *flags)}"
 
 
 def copied_base_fix(adapter: dict, base: dict, folder: str | None) -> str:

@@ -58,7 +58,7 @@ from .access import (ADAPTER_MANIFEST, STOPPED, adapter_dirs, aside_elsewhere, c
                      link_to_nothing, listed, moved_aside, present, read_json, sha256_bytes)
 from .base_checks import TOKEN_TYPES, base_value_errors
 from .commands import (ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, adapter_files_fix, export_command,
-                       export_name_problem, exported_as, exported_name, fresh_out)
+                       export_name_problem, exported_as, exported_name, fresh_out, hf_peft_folder_fix)
 from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 from .values import is_kind
@@ -345,8 +345,7 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, ADAPTER_MANIFEST)
     if not os.path.isfile(path) and os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise ArtifactNotFoundError(f"{adapter_dir}: is an adapter folder in HF PEFT format, not an exported one; "
-                                    f"export it first with {export_command(adapter_dir)}, "
-                                    "then load its folder in OUT/adapters/")
+                                    f"{hf_peft_folder_fix(adapter_dir)}")
     if not os.path.isfile(path) and not os.path.isfile(os.path.join(adapter_dir, ADAPTER_GRAPH)):
         if problem := link_to_nothing(adapter_dir):  # a disk not mounted: not a stray folder to remove
             raise ArtifactNotFoundError(problem)

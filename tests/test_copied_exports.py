@@ -50,3 +50,18 @@ def test_an_adapter_folder_loaded_from_elsewhere_is_told_to_copy_it_again(int8_e
         Runtime(int8_export[0], load_adapters=False).load_adapter(str(folder))
     assert str(e.value) == (f"{folder / 'adapter.onnx'}: adapter graph missing; copy {folder} again from the export it "
                             "came from")
+
+
+def test_an_hf_peft_folder_copied_into_adapters_is_moved_out_and_exported_as_said(int8_export, tmp_path, capsys):
+    """A lifecycle hunt: it said `edgepeft export --adapter OUT/adapters/x --out OUT`, which is refused (it lies inside
+    OUT's adapters/), while every other adapter of OUT stayed refused."""
+    out = shutil.copytree(int8_export[0], tmp_path / "device")
+    stray = shutil.copytree(int8_export[1], out / "adapters" / "hf")
+    line = cli_error(capsys, "inspect", out)
+    assert line == (f"error: {stray}: is an adapter folder in HF PEFT format, not an exported one; move it out of "
+                    f"{out / 'adapters'} (mv {stray} DIR), then export it into this OUT with `edgepeft export --adapter "
+                    f"DIR --out {out} --quantize int8`")
+    moved = tmp_path / "moved"
+    os.rename(stray, moved)
+    cli_ok(capsys, "export", "--adapter", moved, "--out", out, "--quantize", "int8")
+    assert Runtime(str(out)).adapter_names == ["moved", "qv"]
