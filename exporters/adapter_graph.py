@@ -101,7 +101,8 @@ def write_adapter(peft, src, slots: list, base_manifest: dict, stage: str, ort_a
         "parameter_bytes": int(sum(v.nbytes for v in values.values())),
         "graph": ADAPTER_GRAPH,
         "sha256": sha256_file(graph),
-        "ort_adapter": ort_file,
+        "ort_adapter": ort_file,  # its SHA-256 for inspect: ONNX Runtime's LoraAdapter reads it unchecked
+        **({"ort_adapter_sha256": sha256_file(os.path.join(stage, ort_file))} if ort_file else {}),
         "peft_config": config.to_dict(),
         "source": located(src.path),  # where the system read it ("LINK/.." is the link target's parent)
         "labels": None,  # set by set_labels once validation has seen the output's width

@@ -7,7 +7,7 @@ import os
 from .access import OLDER_RECORDS, STOPPED, check_readable, moved_aside, older_export, sha256_file, unchanged_while
 from .adapter_source import adapter_bound, read_adapter_source
 from .base_checks import serves_pairs
-from .commands import REEXPORT_BASE, folder_fix, folder_name_problem, pairs_fix
+from .commands import REEXPORT_BASE, adapter_files_fix, folder_fix, folder_name_problem, pairs_fix
 from .errors import EdgePeftError
 from .manifest import (
     ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, not_an_export,
@@ -31,6 +31,19 @@ def _damaged(base_dir: str, base: dict) -> list:
     return [f"{path}: not what the export wrote (its SHA-256 differs; damaged in a copy?); {REEXPORT_BASE}"
             for name in base.get("file_bytes") or () if name in recorded  # names checked as in the folder
             and os.path.isfile(path := os.path.join(base_dir, name)) and sha256_file(path) != recorded[name]]
+
+
+def _ort_adapter_problem(folder: str, manifest: dict, base: dict) -> str | None:
+    """The adapter's .onnx_adapter file (--ort-adapter: what ONNX Runtime's LoraAdapter and onnxruntime-genai read,
+    edgepeft's runtime never) missing or not what the export wrote, by the SHA-256 its manifest records (an earlier
+    export recorded none): a damaged one ran there with other numbers, and inspect said ok."""
+    name, recorded = manifest.get("ort_adapter"), manifest.get("ort_adapter_sha256")
+    if not (isinstance(name, str) and isinstance(recorded, str)) or os.path.basename(name) != name:
+        return None
+    path, fix = os.path.join(folder, name), adapter_files_fix(folder, manifest, base)
+    if not os.path.isfile(path):
+        return f"{path}: missing; {fix}"
+    return None if sha256_file(path) == recorded else f"{path}: not what the export wrote (its SHA-256 differs); {fix}"
 
 
 def _unreadable(*paths: str) -> list:
@@ -104,6 +117,8 @@ def _described(out_dir: str) -> dict:
                 m = read_adapter_manifest(d)
             except EdgePeftError:
                 continue
+        if problem := _ort_adapter_problem(d, m, base):  # what ONNX Runtime's own LoraAdapter would read
+            problems.append(problem)
         if problem := folder_name_problem(d, name):  # Runtime(OUT) refuses to open with it
             problems.append(problem)
         if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it too

@@ -117,3 +117,24 @@ def test_an_export_after_the_shared_thread_pool_writes_its_ort_adapter_files(pef
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert os.path.isfile(tmp_path / "o" / "adapters" / "qv" / "adapter.onnx_adapter")
+
+
+def test_a_damaged_or_missing_ort_adapter_file_is_named_by_inspect(shared_export, tmp_path, capsys):
+    """A lifecycle hunt: one byte changed in adapter.onnx_adapter (its size kept), or the file cut short, passed
+    `edgepeft inspect`, and ONNX Runtime's LoraAdapter served it 3.14 away from HF PEFT (edgepeft's runtime reads
+    adapter.onnx). Its SHA-256 is recorded and checked now."""
+    import shutil
+
+    from training_helpers import cli_error
+
+    out = shutil.copytree(shared_export("llama")[0], tmp_path / "copy")
+    name = sorted(os.listdir(out / "adapters"))[0]
+    path = out / "adapters" / name / "adapter.onnx_adapter"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 | 3] ^= 0x08
+    path.write_bytes(bytes(data))
+    line = cli_error(capsys, "inspect", out)
+    assert line.startswith(f"error: {path}: not what the export wrote (its SHA-256 differs); copy {path.parent} again "
+                           "from its export, or re-export its adapter into this OUT: `edgepeft export --adapter ")
+    path.unlink()
+    assert cli_error(capsys, "inspect", out).startswith(f"error: {path}: missing; copy {path.parent} again")
