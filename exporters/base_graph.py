@@ -196,13 +196,15 @@ def graph_files(stage: str, manifest: dict, digests: bool = True) -> dict:
     """``file_bytes`` ({file: size}) and ``file_sha256`` ({file: digest}) of the base's graphs and weights file, as
     written: a copy cut short is told by its size at every load (``manifest.base_file_errors``), one damaged within
     (a preallocated file a copy stopped filling) by its digest in ``edgepeft inspect``: the weights are too large to
-    hash on every load."""
+    hash on every load. ``text_files``: the tokenizer's files written, which a copy must have (at the first text call: a
+    copy without tokenizer_config.json cut no text, silently); the others may go (deploy.md)."""
     from edgepeft.runtimes.access import sha256_file
 
     names = (manifest["graph"], manifest["graph"] + ".data", manifest.get("web_graph"), manifest.get("neutral_graph"))
     paths = {n: os.path.join(stage, n) for n in names if n and os.path.isfile(os.path.join(stage, n))}
     return {"file_bytes": {n: os.path.getsize(p) for n, p in paths.items()},
-            **({"file_sha256": {n: sha256_file(p) for n, p in paths.items()}} if digests else {})}
+            **({"file_sha256": {n: sha256_file(p) for n, p in paths.items()}} if digests else {}),
+            "text_files": [n for n in TOKENIZER_FILES[:3] if os.path.isfile(os.path.join(stage, n))]}  # json ones
 
 
 def write_tokenizer(source: str, stage: str, revision: str | None = None, log=lambda *a, **k: None,

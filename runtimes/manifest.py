@@ -211,8 +211,9 @@ def _check_format(data: dict, path: str, form: str, required: tuple, fix: str) -
     for key, (kinds, what) in _FIELD_TYPES.items():
         if key in data and not is_kind(data[key], kinds):
             raise CorruptArtifactError(f"{path}: field {key!r} must be {what}, got {data[key]!r:.60}; {fix}")
-    if any(os.path.basename(f) != f or f in ("", ".", "..") for f in data.get("file_bytes") or ()):  # inspect's sizes
-        raise CorruptArtifactError(f"{path}: field 'file_bytes' must name files in the same folder; {fix}")
+    for key in ("file_bytes", "text_files"):  # inspect's sizes, the text files a copy must have
+        if any(not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..") for f in data.get(key) or ()):
+            raise CorruptArtifactError(f"{path}: field {key!r} must name files in the same folder; {fix}")
     if "graph" in required and (os.path.basename(data["graph"]) != data["graph"] or data["graph"] in ("", ".", "..")):
         raise CorruptArtifactError(f"{path}: field 'graph' must be a file name in the same folder; {fix}")
     if "outputs" in required and not data["outputs"]:
@@ -229,7 +230,7 @@ _FIELD_TYPES = {
     "type_vocab_size": ((int, type(None)), "a whole number"), "max_positions": ((int, type(None)), "a whole number"),
     "cache": ((dict, type(None)), "an object"), "generation": (dict, "an object"), "merged_adapter": ((str, type(None)), "a name"),
     "revision": ((str, type(None)), "a hub revision"), "file_bytes": (dict, "an object of file sizes"),
-    "file_sha256": (dict, "an object of SHA-256 digests"),
+    "file_sha256": (dict, "an object of SHA-256 digests"), "text_files": (list, "a list of file names"),
     "methods": (list, "a list of method names"), "labels": ((list, type(None)), "a list of names"),
     "parameter_bytes": (int, "a whole number"), "rank": ((int, float, type(None)), "a number"),
     "alpha": ((int, float, type(None)), "a number"), "problem_type": ((str, type(None)), "a string"),
@@ -319,18 +320,19 @@ def read_base_manifest(base_dir: str) -> dict:
 
 
 def base_file_errors(base_dir: str, manifest: dict, names=None) -> list:
-    """The errors of the base's files whose sizes the export recorded (``file_bytes``; ``names``: of those only)
-    that are missing or not as long as written: a copy to a device cut short."""
+    """The errors of the base's files whose sizes the export recorded (``file_bytes``), and of its text files
+    (``text_files``: a copy without tokenizer_config.json cut no text, silently), that are missing or not as long as
+    written: a copy to a device cut short. ``names``: of those only."""
     fix, errors = REEXPORT_BASE, []
-    for name, size in (manifest.get("file_bytes") or {}).items():
+    for name, size in {**dict.fromkeys(manifest.get("text_files") or ()), **(manifest.get("file_bytes") or {})}.items():
         if names is not None and name not in names:
             continue
         path = os.path.join(base_dir, name)
         if not os.path.isfile(path):  # the JavaScript graphs may be left out of a Python deployment (deploy.md)
-            if name in (manifest["graph"], manifest["graph"] + ".data"):
+            if name not in (manifest.get("web_graph"), manifest.get("neutral_graph")):
                 check_readable(path)  # a link into a folder this user may not enter looks missing
                 errors.append(ArtifactNotFoundError(f"{path}: missing; {fix}"))
-        elif os.path.getsize(path) != size:
+        elif size is not None and os.path.getsize(path) != size:  # a text file may be edited (a chat template)
             errors.append(CorruptArtifactError(f"{path}: {os.path.getsize(path)} bytes where the export wrote {size} "
                                                f"(a copy cut short?); {fix}"))
     return errors

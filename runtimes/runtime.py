@@ -354,11 +354,11 @@ class Runtime:
     @property
     def tokenizer(self) -> text.TextTokenizer:
         """The tokenizer exported with the base (``tokenizers`` package), loaded on first use.
-
-        ``rt.tokenizer.encode(texts)`` -> ``(input_ids, attention_mask)``; ``rt.tokenizer.decode(ids)`` -> text.
-        """
+        ``rt.tokenizer.encode(texts)`` -> ``(input_ids, attention_mask)``; ``rt.tokenizer.decode(ids)`` -> text."""
         if self._tokenizer is None:
             check_text_files(self.base_dir, TEXT_FILES, *self.text_files_seen)  # another export's tokenizer, or none
+            if cut := base_file_errors(self.base_dir, self.manifest, TEXT_FILES):  # a copy's: other ids, silently
+                raise cut.pop(0)
             self._tokenizer = text.TextTokenizer(self.base_dir, padding_side="left" if self.cache else "right",
                                                  pad_id=self.pad_token_id, max_positions=self.max_positions,
                                                  pairs=self.task == "seq-cls", vocab_size=self.vocab_size)

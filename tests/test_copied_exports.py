@@ -65,3 +65,17 @@ def test_an_hf_peft_folder_copied_into_adapters_is_moved_out_and_exported_as_sai
     os.rename(stray, moved)
     cli_ok(capsys, "export", "--adapter", moved, "--out", out, "--quantize", "int8")
     assert Runtime(str(out)).adapter_names == ["moved", "qv"]
+
+
+def test_a_copy_that_lost_a_tokenizer_file_is_named_at_the_first_text_call_and_by_inspect(text_export, tmp_path, capsys):
+    """A lifecycle hunt: a copy without base/tokenizer_config.json (its model_max_length 16) classified with
+    truncation cut at the model's positions, and scored 0.85 for 0.64, while inspect said ok: the runtime reads that
+    file as optional. The export records its tokenizer's files now; calls on ids still run."""
+    out = shutil.copytree(text_export[0], tmp_path / "device")
+    lost = out / "base" / "tokenizer_config.json"
+    lost.unlink()
+    rt = Runtime(str(out))
+    assert rt.generate([[5, 9, 2]], adapter="tok", max_new_tokens=2).shape == (1, 5)  # ids: no text file read
+    with pytest.raises(EdgePeftError, match=f"^{re.escape(str(lost))}: missing; copy the export's base folder again"):
+        rt.generate_text("w10 w20", adapter="tok", max_new_tokens=2)
+    assert cli_error(capsys, "inspect", out).startswith(f"error: {lost}: missing; copy the export's base folder again")

@@ -196,6 +196,7 @@ def test_a_hand_edited_slot_table_is_refused_when_opened(out, slot, field, value
     ("inert_slots", 5, "field 'inert_slots' must be a list, got 5"),
     ("quantization", 1.5, "field 'quantization' must be a string, got 1.5"),
     ("file_bytes", {"/etc/shadow": 1}, "field 'file_bytes' must name files in the same folder"),  # inspect's sizes
+    ("text_files", ["../../x", 3], "field 'text_files' must name files in the same folder"),
     ("eos_token_id", [128], None),  # outside the vocabulary: never met, as a config's 50256 on a smaller vocabulary
     ("generation", {"do_sample": "x"}, "field 'generation.do_sample' must be True or False, got 'x'"),  # "--do-sample"
     ("generation", {"do_sample": True, "temperature": 0}, "field 'generation.temperature' must be > 0 when sampling"),
