@@ -28,12 +28,19 @@ const HAS_ASTRAL_CJK = new RegExp(ASTRAL_CJK.source, "u");  // a test without th
 
 const bertCjk = (n) => n?.type === "Sequence" ? n.normalizers.some(bertCjk)
   : n?.type === "BertNormalizer" && n.handle_chinese_chars !== false;
+/** SentencePiece's character map, which the library ignores (it runs NFKC and a list of its own instead). */
+const precompiled = (n) => n?.type === "Sequence" ? n.normalizers.some(precompiled)
+  : n?.type === "Precompiled" && Boolean(n.precompiled_charsmap);
 
 /** What this library would encode otherwise than the Rust one, for every text that has it (null: nothing). */
 function unlike(json, config) {
   if (config.split_special_tokens === true) return "split_special_tokens (special-token text in a prompt encoded as text)";
   if (json.model?.type === "Unigram" && json.model.byte_fallback) {
     return "a Unigram model with byte_fallback (a character outside its vocabulary encoded as <unk> here)";
+  }
+  if (precompiled(json.normalizer)) {
+    return "a Precompiled normalizer (SentencePiece's character map, approximated here: a zero-width joiner in an " +
+      "emoji sequence or decomposed accents become other ids)";
   }
   if (json.model?.type === "BPE" && json.model.continuing_subword_prefix) {
     return `a BPE model with continuing_subword_prefix ${JSON.stringify(json.model.continuing_subword_prefix)}`;

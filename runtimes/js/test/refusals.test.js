@@ -181,6 +181,10 @@ test("a tokenizer this library would encode otherwise than the Python runtime is
     /base\/tokenizer.json: a BPE model with continuing_subword_prefix "##" is not in the JavaScript tokenizer; pass token ids/);
   await refusedWith((j) => { j.added_tokens.push({ ...j.added_tokens[0], id: 999, content: "<w>", single_word: true }); },
     /added token "<w>" with single_word \(matched inside words here\) is not in the JavaScript tokenizer; pass token ids/);
+  // SentencePiece's character map (XLM-R-tokenized BERT models): the library ignores it, a zero-width joiner (emoji
+  // sequences) and decomposed accents were other ids, silently (a hunt)
+  await refusedWith((j) => { j.normalizer = { type: "Sequence", normalizers: [{ type: "Precompiled", precompiled_charsmap: "AAAA" }] }; },
+    /base\/tokenizer.json: a Precompiled normalizer \(SentencePiece's character map, .*\) is not in the JavaScript tokenizer; pass token ids/);
   // a part the library does not know: named, not a bare Error
   await refusedWith((j) => { j.pre_tokenizer = { type: "UnicodeScripts" }; },
     /base\/tokenizer.json: the JavaScript tokenizer cannot read it \(.*UnicodeScripts.*\); pass token ids encoded by the Python runtime/);
