@@ -137,11 +137,10 @@ class TextTokenizer:
                text_pair=None) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)`` for a text or a list of texts: padded, (B, T) int64 each.
 
-        Left padding for generation (new tokens follow every row's last real token);
-        right padding otherwise, so encoders' absolute positions start at 0 in every row.
-        ``pad_id`` defaults to the model's padding token. ``max_length``: longer texts are cut to it, their
-        special tokens kept, at the tokenizer config's ``truncation_side`` (transformers' ``truncation=True``);
-        None: no text is cut."""
+        Left padding for generation (new tokens follow every row's last real token); right padding otherwise, so
+        encoders' absolute positions start at 0 in every row. ``pad_id`` defaults to the model's padding token.
+        ``max_length``: longer texts are cut to it, their special tokens kept, at the tokenizer config's
+        ``truncation_side`` (transformers' ``truncation=True``); None: no text is cut."""
         if text_pair is not None:  # transformers' spelling: its pairs' types need encode_pairs' third array
             raise ConfigError("encode takes no text_pair; encode text pairs with encode_pairs(texts, text_pairs), which "
                               "returns their token_type_ids too")
@@ -362,9 +361,9 @@ def token_counts(rows: list, mask: np.ndarray) -> list:
 
 def embed(rt, texts, adapter=None, normalize: bool = True, prompt_name=None, prompt=None) -> np.ndarray:
     """(B, hidden) float32 ((hidden,) for one text), L2-normalized: as sentence-transformers' encode, texts cut to
-    ``max_seq_length``, pooled by ``1_Pooling/config.json``'s mode (else the mean: sentence.py), ``prompt`` (or the
-    model's ``prompt_name``) before each (out of the pooling where ``include_prompt`` is false), ``truncate_dim`` values
-    kept; a prompt adapter's virtual tokens out of the pooling, texts cut further where the positions leave no room."""
+    ``max_seq_length``, pooled by ``1_Pooling/config.json``'s mode (else the mean: sentence.py), ``prompt`` (or the model's
+    ``prompt_name``) before each (out of the pooling where ``include_prompt`` is false), ``truncate_dim`` values kept; a
+    prompt adapter's virtual tokens out of the pooling, texts cut further where the positions leave no room."""
     if rt.task != "feature-extraction":
         raise ConfigError(f"{rt.base_dir}: a {rt.task} export gives no embeddings; export a feature-extraction adapter")
     older_export(rt.base_dir, rt.manifest, *OLDER_RECORDS[rt.task])  # before edgepeft copied the pooling settings
@@ -396,5 +395,6 @@ def _embedded(rt, rows: list, adapter, normalize: bool, skip: int) -> np.ndarray
                                    lambda part, specs: _embedded(rt, part, specs, normalize, skip)))
     token_counts(rows, mask)
     hidden = rt.forward(ids, mask, adapter=adapter)["last_hidden_state"][:, -ids.shape[1]:]  # (B, T, H)
-    pooled = pool(hidden, mask * (mask.cumsum(1) > skip), settings.mode)
+    skip = min(skip, limits[0] - 1) if limits[0] < settings.limit else skip  # cut shorter (virtual tokens): the prompt too,
+    pooled = pool(hidden, mask * (mask.cumsum(1) > skip), settings.mode)  # its last token kept, as encode keeps one's
     return unit(pooled) if normalize else pooled

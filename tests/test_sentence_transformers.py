@@ -298,6 +298,9 @@ def test_prompts_and_truncate_dim_embed_as_encode_gives_them(st6, tmp_path, mode
     assert (f"  embed: pooled by {mode}, texts cut to 512, lower-cased{', prompts left out of the pooling' * (not include_prompt)}"
             ", the first 64 values; prompt names: document, passage, query\n") in cli("inspect", str(tmp_path / "out"))
     np.testing.assert_allclose(rt.embed("a", prompt_name="document"), st.encode("a", prompt_name="document"), atol=2e-5)
+    # a hunt: a prompt filling the room the adapter's virtual tokens leave was measured at max_seq_length, the text cut
+    # shorter: every token (its [SEP] too) out of the pooling, a zero vector; as encode keeps a cut prompt's last token
+    assert np.linalg.norm(rt.embed("a", prompt="word " * 600, adapter="prompt")) > 0.1  # 64 of a unit vector's values
     import transformers as tf
 
     from edgepeft.training.pooling import embedding_settings
