@@ -545,4 +545,9 @@ def test_rows_longer_than_the_models_positions_are_refused_naming_the_fix():
         check_positions([{"input_ids": [1] * 3}], rows, "d.jsonl", 64, 61)
     assert str(e.value) == ("num_virtual_tokens=61 leaves 3 of the model's 64 positions for the text, fewer than the 4 "
                             "its export needs; use 60 or fewer")
+    # a hunt: a prompt that fills the room alone was told "--max-length 21 or less", which left nothing to learn
+    with pytest.raises(ConfigError, match=r"^d.jsonl:7: 25 tokens \+ 3 virtual tokens exceed the model's 24 positions; its "
+                                          r"prompt's 22 tokens leave no room: shorten the prompt$"):
+        check_positions([{"input_ids": [1] * 25, "labels": [-100] * 22 + [1] * 3}], [{"_line": 7, "prompt": "p"}], "d.jsonl",
+                        24, 3)
     check_positions(features, rows, "d.jsonl", None, 100)  # no position table: nothing to check

@@ -51,10 +51,12 @@ def check_positions(features: list[dict], rows: list[dict], path: str, positions
                           f"for the text, fewer than the {TEXT_ROOM} its export needs; use {positions - TEXT_ROOM} or fewer")
     for feature, row in zip(features, rows):
         longest = max(map(len, [feature["input_ids"], feature.get("positive_ids", ()), *feature.get("negative_ids", ())]))
-        if longest > limit:
+        if longest > limit:  # a prompt that fills the room alone: cut to it, nothing was left to learn (a hunt)
             virtual = f" + {n_virtual} virtual tokens" if n_virtual else ""
-            raise ConfigError(f"{path}:{row['_line']}: {longest} tokens{virtual} exceed the model's {positions} "
-                              f"positions; pass --max-length {limit} or less")
+            prompt = sum(y == IGNORE_INDEX for y in feature.get("labels", ())) if "prompt" in row else 0
+            raise ConfigError(f"{path}:{row['_line']}: {longest} tokens{virtual} exceed the model's {positions} positions; "
+                              + (f"its prompt's {prompt} tokens leave no room: shorten the prompt" if prompt >= limit
+                                 else f"pass --max-length {limit} or less"))
 
 
 class Rows(list):
