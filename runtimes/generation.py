@@ -257,6 +257,13 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
     return replace(cfg, **whole, eos_token_id=[int(e) for e in cfg.eos_token_id])
 
 
+def length_argument(generation: dict) -> str:
+    """The length to lower where a generation runs past the positions: max_length where the call gave it alone (it was
+    told to lower the max_new_tokens it never gave), else max_new_tokens."""
+    alone = generation.get("max_new_tokens") is None and generation.get("max_length") is not None
+    return "max_length" if alone else "max_new_tokens"
+
+
 def length_source(rt, generation: dict) -> str:
     """Where max_new_tokens came from when the call gave no length, for messages: "" (the call's), the model's
     generation_config.json, or the default."""

@@ -29,7 +29,7 @@ from .access import check_readable, check_text_files, files_digest, folder_ident
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, as_called, assemble, holding, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
-from .generation import TeacherForcing, generation_config, lane_steps, length_source, stream_tokens
+from .generation import TeacherForcing, generation_config, lane_steps, length_argument, length_source, stream_tokens
 from .inputs import check_token_inputs, check_token_types, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
 from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, REEXPORT_BASE, TOKEN_TYPES, adapter_dirs, base_file_errors,
@@ -327,7 +327,7 @@ class Runtime:
         cfg = cfg.for_prompt(ids.shape[1], self.max_positions and self.max_positions - ids.shape[1] - virtual,
                              fit=defaulted)  # the model's max_length (Llama-2's: its context, virtual tokens beyond)
         words = (f" + max_new_tokens {cfg.max_new_tokens}{source} - 1 (the last token is not fed back)",
-                 " or lower max_new_tokens")  # the check once held names them: an adapter reloaded since may not fit
+                 f" or lower {length_argument(generation)}")  # the check once held names them: an adapter reloaded since may not fit
         self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *(("", "") if defaulted else words))
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = decoded.StopStrings.of(self, cfg.stop, padding, generation.get("stop") is None) if cfg.stop else None

@@ -235,7 +235,8 @@ def test_max_length_counts_the_prompt_when_max_new_tokens_is_unset(length_model)
         rt.generate(ids, mask, adapter="lora", max_length=5)
     rt.manifest["generation"] = {"max_length": 10_000}  # past the positions: as the default, what they leave (a
     assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, rt.max_positions)  # call's: refused
-    with pytest.raises(InvalidInputError, match=r"\+ max_new_tokens 9995 - 1 .* exceeds"):
+    with pytest.raises(InvalidInputError, match=r"\+ max_new_tokens 9995 - 1 .* exceeds .*; shorten the prompt or lower "
+                                                r"max_length$"):  # a hunt: told to lower a max_new_tokens never given
         rt.generate(ids, mask, adapter="lora", max_length=10_000)
     rt.manifest["generation"] = {}
     assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, 5 + 32)  # transformers gives 20
