@@ -35,15 +35,14 @@ def _damaged(base_dir: str, base: dict) -> list:
 
 def _ort_adapter_problem(folder: str, manifest: dict, base: dict) -> str | None:
     """The adapter's .onnx_adapter file (--ort-adapter: what ONNX Runtime's LoraAdapter and onnxruntime-genai read,
-    edgepeft's runtime never) missing or not what the export wrote, by the SHA-256 its manifest records (an earlier
-    export recorded none): a damaged one ran there with other numbers, and inspect said ok."""
+    edgepeft's runtime never) not what the export wrote, by the SHA-256 its manifest records (an earlier export
+    recorded none): a damaged one ran there with other numbers, and inspect said ok. One left out of a deployment is
+    none (cli.md)."""
     name, recorded = manifest.get("ort_adapter"), manifest.get("ort_adapter_sha256")
-    if not (isinstance(name, str) and isinstance(recorded, str)) or os.path.basename(name) != name:
+    if not (isinstance(name, str) and isinstance(recorded, str)) or os.path.basename(name) != name or \
+            not os.path.isfile(path := os.path.join(folder, name)) or sha256_file(path) == recorded:
         return None
-    path, fix = os.path.join(folder, name), adapter_files_fix(folder, manifest, base)
-    if not os.path.isfile(path):
-        return f"{path}: missing; {fix}"
-    return None if sha256_file(path) == recorded else f"{path}: not what the export wrote (its SHA-256 differs); {fix}"
+    return f"{path}: not what the export wrote (its SHA-256 differs); {adapter_files_fix(folder, manifest, base)}"
 
 
 def _unreadable(*paths: str) -> list:
