@@ -257,11 +257,17 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
     return replace(cfg, **whole, eos_token_id=[int(e) for e in cfg.eos_token_id])
 
 
-def length_argument(generation: dict) -> str:
-    """The length to lower where a generation runs past the positions: max_length where the call gave it alone (it was
-    told to lower the max_new_tokens it never gave), else max_new_tokens."""
-    alone = generation.get("max_new_tokens") is None and generation.get("max_length") is not None
-    return "max_length" if alone else "max_new_tokens"
+MAX_LENGTH_ALONE = " or lower max_length"  # the fix's words for a call that gave max_length alone (see below)
+
+
+def length_words(generation: dict) -> tuple[str, str]:
+    """(where the call's max_new_tokens came from, the second fix) where a generation runs past the positions: its
+    own and lower max_new_tokens, or where the call gave max_length alone (it was told to lower the max_new_tokens it
+    never gave, and to shorten the prompt, whose length cancels out) MAX_LENGTH_ALONE, which
+    ``Runtime._check_length`` names with the max_length that fits."""
+    if generation.get("max_new_tokens") is None and (given := generation.get("max_length")) is not None:
+        return f" (max_length {given} less the prompt)", MAX_LENGTH_ALONE
+    return "", " or lower max_new_tokens"
 
 
 def length_source(rt, generation: dict) -> str:

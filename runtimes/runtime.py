@@ -29,7 +29,8 @@ from .access import check_readable, check_text_files, files_digest, folder_ident
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, as_called, assemble, holding, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
-from .generation import TeacherForcing, generation_config, lane_steps, length_argument, length_source, stream_tokens
+from .generation import (MAX_LENGTH_ALONE, TeacherForcing, generation_config, lane_steps, length_source, length_words,
+                         stream_tokens)
 from .inputs import check_token_inputs, check_token_types, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
 from .manifest import (BASE_DIR, BASE_MANIFEST, LOGITS_TO_KEEP, REEXPORT_BASE, TOKEN_TYPES, adapter_dirs, base_file_errors,
@@ -231,8 +232,7 @@ class Runtime:
         return full, np.broadcast_to(positions, (batch, positions.size)).copy()
 
     def _check_call(self, adapter, batch: int, length: int, new_tokens: int = 0, what: str = "", hint: str = "") -> None:
-        """What a call's first step would refuse, staging nothing: an unknown adapter, a combination without a
-        meaning, more positions than the model has (a lane's virtual tokens: its prompt or prefix adapter's)."""
+        """What a call's first step would refuse, staging nothing: an unknown adapter, a meaningless mix, too many positions."""
         self._check_length(self.virtual_positions(adapter, batch), length, new_tokens, what, hint)
 
     def virtual_positions(self, adapter, batch: int) -> int:
@@ -248,10 +248,10 @@ class Runtime:
     def _check_length(self, n_virtual: int, length: int, new_tokens: int = 0, what: str = "", hint: str = "") -> None:
         """``what``: the new tokens in words; ``hint``: a second fix besides shortening the prompt."""
         if self.max_positions and (total := length + n_virtual + new_tokens) > self.max_positions:
-            raise InvalidInputError(
-                f"prompt of {length} tokens + the adapter's {n_virtual} virtual tokens{what} = {total} exceeds the "
-                f"model's {self.max_positions} positions; shorten the prompt{hint}"
-            )
+            fix = f"pass max_length {self.max_positions - n_virtual + 1} or less" if hint == MAX_LENGTH_ALONE else \
+                f"shorten the prompt{hint}"  # max_length alone: the prompt's length cancels out
+            raise InvalidInputError(f"prompt of {length} tokens + the adapter's {n_virtual} virtual tokens{what} = {total} "
+                                    f"exceeds the model's {self.max_positions} positions; {fix}")
 
     def _inputs(self, input_ids, attention_mask):
         return check_token_inputs(input_ids, attention_mask, self.vocab_size, self.max_positions, self.base_dir)
@@ -326,8 +326,8 @@ class Runtime:
         defaulted = cfg.max_new_tokens is None and (cfg.max_length is None or bool(source))  # fits the room: 32, or
         cfg = cfg.for_prompt(ids.shape[1], self.max_positions and self.max_positions - ids.shape[1] - virtual,
                              fit=defaulted)  # the model's max_length (Llama-2's: its context, virtual tokens beyond)
-        words = (f" + max_new_tokens {cfg.max_new_tokens}{source} - 1 (the last token is not fed back)",
-                 f" or lower {length_argument(generation)}")  # the check once held names them: an adapter reloaded since may not fit
+        words = (f" + max_new_tokens {cfg.max_new_tokens}{source or length_words(generation)[0]} - 1 (the last token is not "
+                 "fed back)", length_words(generation)[1])  # the check once held names them: an adapter reloaded since may not fit
         self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *(("", "") if defaulted else words))
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = decoded.StopStrings.of(self, cfg.stop, padding, generation.get("stop") is None) if cfg.stop else None

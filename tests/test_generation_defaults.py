@@ -235,9 +235,10 @@ def test_max_length_counts_the_prompt_when_max_new_tokens_is_unset(length_model)
         rt.generate(ids, mask, adapter="lora", max_length=5)
     rt.manifest["generation"] = {"max_length": 10_000}  # past the positions: as the default, what they leave (a
     assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, rt.max_positions)  # call's: refused
-    with pytest.raises(InvalidInputError, match=r"\+ max_new_tokens 9995 - 1 .* exceeds .*; shorten the prompt or lower "
-                                                r"max_length$"):  # a hunt: told to lower a max_new_tokens never given
-        rt.generate(ids, mask, adapter="lora", max_length=10_000)
+    with pytest.raises(InvalidInputError, match=r"\+ max_new_tokens 9995 \(max_length 10000 less the prompt\) - 1 .* exceeds "
+                                                rf".*; pass max_length {rt.max_positions + 1} or less$"):  # a hunt: "shorten the
+        rt.generate(ids, mask, adapter="lora", max_length=10_000)  # prompt or lower max_new_tokens", neither of which helped
+    assert rt.generate(ids, mask, adapter="lora", max_length=rt.max_positions + 1, eos_token_id=[]).shape == (2, rt.max_positions + 1)
     rt.manifest["generation"] = {}
     assert rt.generate(ids, mask, adapter="lora", eos_token_id=[]).shape == (2, 5 + 32)  # transformers gives 20
 
@@ -429,8 +430,10 @@ def test_a_models_max_length_of_its_context_leaves_a_virtual_adapter_the_room(vi
     room = rt.max_positions - ids.shape[1] - rt.virtual_positions(adapter, 1)
     np.testing.assert_array_equal(rt.generate(ids, adapter=adapter, eos_token_id=[]),
                                   rt.generate(ids, adapter=adapter, eos_token_id=[], max_new_tokens=room))
-    with pytest.raises(InvalidInputError, match=r"exceeds the model's \d+ positions; shorten the prompt or lower "):
+    fits = rt.max_positions - rt.virtual_positions(adapter, 1) + 1
+    with pytest.raises(InvalidInputError, match=rf"exceeds the model's \d+ positions; pass max_length {fits} or less$"):
         rt.generate(ids, adapter=adapter, max_length=rt.max_positions)
+    assert rt.generate(ids, adapter=adapter, max_length=fits, eos_token_id=[]).shape == (1, fits)  # as it says
 
 
 def test_the_models_stop_strings_on_an_export_without_a_tokenizer_are_noted_and_named_with_stop_off(tiny_base,
