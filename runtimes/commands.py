@@ -150,32 +150,41 @@ def folder_fix(out: str, folder: str, base: dict, adapter: dict | None = None) -
     return f"remove {folder}, or{then}{again}"
 
 
-def reexport_into(out: str, name: str, base: dict, source: str = "DIR") -> str:
+def reexport_into(out: str, name: str, base: dict, source: str = "DIR", *more: str) -> str:
     """The re-export that mends OUT's adapter folder ``name`` (``base``: OUT's base manifest, whose flags it repeats;
-    ``source``: the adapter's folder, where known)."""
-    flags = ("--name", quote(name), "--overwrite", *base_flags(base))
+    ``source``: the adapter's folder, where known; ``more``: flags besides)."""
+    flags = ("--name", quote(name), "--overwrite", *base_flags(base), *more)
     return f"re-export its adapter into this OUT: {export_command(source, out, *flags)}"
+
+
+def export_folder_of(folder: str) -> str | None:
+    """The export OUT whose adapters/ holds ``folder``, else None (a folder of adapters kept elsewhere)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    out = os.path.dirname(parent)
+    return out if os.path.basename(parent) == ADAPTERS_DIR and os.path.isfile(os.path.join(out, "base", "edgepeft.json")) \
+        else None
 
 
 def adapter_files_fix(folder: str, manifest: dict, base: dict | None) -> str:
     """What mends an exported adapter's missing or damaged file: its folder copied again (a device's copy cut short),
-    or its adapter (the manifest's ``source``) re-exported into its OUT (``base``: its base manifest, where known)."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    if os.path.basename(parent) != ADAPTERS_DIR:  # a folder loaded from elsewhere: no OUT to re-export into
+    or its adapter (the manifest's ``source``) re-exported into its OUT (``base``: its base manifest, where known; its
+    ``source`` as --base where the adapter records another, as an export with --base made it)."""
+    if (out := export_folder_of(folder)) is None:  # a folder loaded from elsewhere: no OUT to re-export into
         return f"copy {folder} again from the export it came from"
     source = manifest.get("source") if isinstance(manifest.get("source"), str) else "DIR"
+    given, recorded = (base or {}).get("source"), (manifest.get("peft_config") or {}).get("base_model_name_or_path")
+    more = ("--base", quote(given)) if isinstance(given, str) and given and given != recorded else ()
     name = os.path.basename(os.path.normpath(folder))
-    return f"copy {folder} again from its export, or {reexport_into(os.path.dirname(parent), name, base or {}, source)}"
+    return f"copy {folder} again from its export, or {reexport_into(out, name, base or {}, source, *more)}"
 
 
 def hf_peft_folder_fix(folder: str) -> str:
     """What mends an HF PEFT adapter folder where an exported one is looked for: exported first; one copied into an
     OUT's adapters/ (which every Runtime of that OUT refuses, and which export refuses as --adapter) moved out first,
     then exported into that OUT with the flags its base was built with."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    if os.path.basename(parent) != ADAPTERS_DIR:
+    if (out := export_folder_of(folder)) is None:
         return f"export it first with {export_command(folder)}, then load its folder in OUT/adapters/"
-    out = os.path.dirname(parent)
+    parent = os.path.dirname(os.path.abspath(folder))
     try:
         with open(os.path.join(out, "base", "edgepeft.json"), encoding="utf-8") as f:
             flags = base_flags(json.load(f))

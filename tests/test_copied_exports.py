@@ -79,3 +79,24 @@ def test_a_copy_that_lost_a_tokenizer_file_is_named_at_the_first_text_call_and_b
     with pytest.raises(EdgePeftError, match=f"^{re.escape(str(lost))}: missing; copy the export's base folder again"):
         rt.generate_text("w10 w20", adapter="tok", max_new_tokens=2)
     assert cli_error(capsys, "inspect", out).startswith(f"error: {lost}: missing; copy the export's base folder again")
+
+
+def test_the_reexport_of_a_lost_graph_repeats_base_and_a_folder_of_adapters_kept_elsewhere_is_no_out(
+        int8_export, tiny_base, tmp_path, capsys):
+    """A review: an export made with --base (a mended copy of the base the adapter records) was told a re-export
+    without it, which loaded the recorded base; a library of adapter folders under a folder named adapters/ was told
+    to re-export into its parent, writing a new export there."""
+    base = shutil.copytree(tiny_base("llama"), tmp_path / "base-copy")
+    out = tmp_path / "out"
+    export([int8_export[1]], str(out), names=["qv"], base=str(base))
+    graph = out / "adapters" / "qv" / "adapter.onnx"
+    graph.unlink()
+    line = cli_error(capsys, "inspect", out)
+    command = re.search(r"`edgepeft (export [^`]*)`", line).group(1)
+    assert command.endswith(f"--name qv --overwrite --base {base}")
+    cli_ok(capsys, *shlex.split(command))
+    assert graph.is_file()
+    kept = shutil.copytree(out / "adapters" / "qv", tmp_path / "library" / "adapters" / "qv")
+    (kept / "adapter.onnx").unlink()
+    with pytest.raises(EdgePeftError, match=f"copy {re.escape(str(kept))} again from the export it came from$"):
+        Runtime(str(out), load_adapters=False).load_adapter(str(kept))
