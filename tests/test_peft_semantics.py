@@ -228,9 +228,12 @@ def test_hf_lora_variants_that_need_no_base_change_still_load():
 
     with pytest.raises(UnsupportedMethodError, match=r"^init_lora_weights='True' is not supported; pass one of True, "):
         edgepeft.LoraConfig(init_lora_weights="True")
-    for base_changing in ("pissa_niter_4", "OLoRA", "lora_ga"):
+    for base_changing in ("pissa_niter_4", "OLoRA", "lora_ga", "corda"):
         with pytest.raises(UnsupportedMethodError, match="change the base weights"):
             edgepeft.LoraConfig(init_lora_weights=base_changing)
+    for typo in ("PISSA", "LoftQ"):  # HF PEFT matches these as written: unknown to it (a review)
+        with pytest.raises(UnsupportedMethodError, match="is not supported; pass one of True, "):
+            edgepeft.LoraConfig(init_lora_weights=typo)
 
 
 def test_eva_adapters_load_but_training_with_eva_is_refused(tiny_base, tmp_path):

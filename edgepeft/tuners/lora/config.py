@@ -12,7 +12,14 @@ from edgepeft.runtimes.values import is_real, is_whole
 
 
 TAKEN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")  # HF PEFT's inits that leave the base as it is
-BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")  # HF PEFT's that change it (pissa_niter_4, ...)
+
+
+def base_changing(init) -> bool:
+    """An init HF PEFT runs that changes the base weights, as it matches them (pissa_niter_4; olora in any case)."""
+    return isinstance(init, str) and (init.startswith(("pissa", "corda")) or init.lower() == "olora" or
+                                      init in ("loftq", "lora_ga"))
+
+
 # HF PEFT's default LoRA targets per model type (used when target_modules is None).
 DEFAULT_LORA_TARGETS = {
     "llama": ["q_proj", "v_proj"],
@@ -81,7 +88,7 @@ class LoraConfig(PeftConfig):
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower() in ("gaussian", "mica"):  # HF PEFT reads these in any case
             self.init_lora_weights = init = init.lower()
-        if init not in TAKEN_INITS and isinstance(init, str) and init.lower().startswith(BASE_CHANGING):
+        if init not in TAKEN_INITS and base_changing(init):
             raise UnsupportedMethodError(
                 f"init_lora_weights={init!r} is not supported: PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA change the "
                 "base weights; convert the adapter with HF PEFT's save_pretrained("
