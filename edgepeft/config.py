@@ -219,6 +219,8 @@ def _as_typed(name: str, value, annotation) -> str:
     want = lambda kind: _fits(kind, annotation)  # noqa: E731
     if isinstance(value, str) and value.lower() in ("true", "false") and want(True):
         return f"; write {value.lower()} (JSON, unquoted; in Python {value.capitalize()})"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and want(True):  # 1 for true
+        return "; write true or false (JSON, unquoted; in Python True or False)"
     if isinstance(value, str) and want([value]):
         return f"; give a list: {json.dumps([value])} (at the command line in single quotes: --option '{name}={json.dumps([value])}')"
     if isinstance(value, (int, float)) and not isinstance(value, bool) and want(str(value)):

@@ -348,6 +348,7 @@ def test_an_option_value_read_as_json_into_the_wrong_type_names_how_to_write_it(
     argv = ["train", "--model", text_model("llama"), "--task", "causal-lm", "--data", data, "--epochs", "1",
             "--batch-size", "2", "--quiet", "--out", tmp_path / "a", "--option"]
     for given, said in (("use_rslora=True", "; write true (JSON, unquoted; in Python True)"),
+                        ("use_rslora=1", "; write true or false (JSON, unquoted; in Python True or False)"),  # a review
                         ("modules_to_save=lm_head", "; give a list: [\"lm_head\"] (at the command line in single quotes: "
                                                     "--option 'modules_to_save=[\"lm_head\"]')")):
         line = cli_error(capsys, *argv, given)

@@ -446,9 +446,10 @@ def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):
                                           r"q_proj,v_proj\)$"):
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules="q_proj,v_proj"))
     with pytest.raises(ConfigError, match=r"give one regular expression as a string \(at the command line --option "
-                                          r"'target_modules=\".\*q_proj\"'\)$"):
-        edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=[".*q_proj"]))
-    edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(target_modules=".*q_proj"))
+                                          r"'target_modules=\".\*q_proj\|.\*v_proj\"'\)$"):  # each of them (a review)
+        edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=[".*q_proj", ".*v_proj"]))
+    adapted = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(target_modules=".*q_proj|.*v_proj"))
+    assert {k.rpartition(".")[2] for k, m in adapted.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "v_proj"}
     with pytest.raises(ConfigError, match="exclude_modules \\['q_proj'\\] leaves none of its matches"):
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
     import peft  # edgepeft's get_peft_model refuses it (test_training_checks): HF PEFT's makes it
