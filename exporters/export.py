@@ -68,7 +68,6 @@ def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose
     check_ops(ops)
     check_output_dir(out, "--out")  # OUT itself takes the staging folders (resolve checks its base/ and adapters/)
     log = printed if verbose else noted  # notes as EdgePeftWarning where nothing is printed
-    note_contrib_matmuls(quantize, ops, log)
     made = missing_folders(os.path.join(out, ADAPTERS_DIR))
     try:
         with one_at_a_time(out, log) as locked:  # makes OUT; says so when another export holds it
@@ -93,6 +92,7 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
         plan = resolve(adapters, out, base, names, atol=atol, qtol=qtol, quantize=quantize, ort_adapter=ort_adapter,
                        overwrite=overwrite, ops=ops, log=log)
     note_adapter_tokenizers(plan.sources, plan.source, plan.revision, log)
+    note_contrib_matmuls(quantize, ops if plan.task == "causal-lm" else "standard", log)  # an encoder's: standard ops
     with reporting_full_disk(out, "--out"):  # the writes into OUT
         report = export_merged(plan) if merge else _export_slots(plan, quantize)
     plan.log(f"wrote {out}")

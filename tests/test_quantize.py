@@ -404,16 +404,18 @@ def test_int4_rows_of_a_mixed_batch_stay_within_rounding_of_the_row_alone(quanti
     assert worst <= 1e-2
 
 
-def test_int4_with_standard_ops_says_its_matmuls_are_onnx_runtimes_own(peft_adapter, tmp_path):
+@pytest.mark.parametrize("arch, ops", [("llama", "standard"), ("bert", "contrib")])  # an encoder's: standard ops always
+def test_int4_with_standard_ops_says_its_matmuls_are_onnx_runtimes_own(peft_adapter, tmp_path, arch, ops):
     """A hunt: `--ops standard --quantize int4` was described as standard ops (inspect: "standard ops"), its every
-    quantized MatMul a com.microsoft MatMulNBits; a runtime without ONNX Runtime's own ops could not run it."""
+    quantized MatMul a com.microsoft MatMulNBits; a runtime without ONNX Runtime's own ops could not run it. So was
+    any int4 BERT, exported on standard ops whatever --ops says (a later hunt)."""
     import warnings
 
     from edgepeft.runtimes import EdgePeftWarning
 
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        export([spec_adapter(peft_adapter, "llama", "qv")], str(tmp_path / "out"), quantize="int4", ops="standard")
+        export([spec_adapter(peft_adapter, arch, "qv")], str(tmp_path / "out"), quantize="int4", ops=ops)
     notes = [str(w.message) for w in said if issubclass(w.category, EdgePeftWarning)]
     assert any(n.startswith("--quantize int4 stores the weights for ONNX Runtime's MatMulNBits, a com.microsoft op, "
                             "whatever --ops says") for n in notes), notes
