@@ -86,8 +86,11 @@ const unlisted = (p, pairs) => p?.type === "Sequence" ? (p.processors ?? []).map
 
 export async function tokenizerOf(Tokenizer, loader) {
   const fix = REEXPORT_BASE;
-  const config = await readJson(loader, "base/tokenizer_config.json", OPTIONAL, fix);
-  const json = await readJson(loader, "base/tokenizer.json", OPTIONAL, fix);
+  const manifest = await readJson(loader, "base/edgepeft.json", OPTIONAL, fix) ?? {};
+  // a file the export wrote (text_files) missing from a copy: without tokenizer_config.json, texts were cut elsewhere
+  const need = (name) => Array.isArray(manifest.text_files) && manifest.text_files.includes(name) ? `missing; ${fix}` : OPTIONAL;
+  const config = await readJson(loader, "base/tokenizer_config.json", need("tokenizer_config.json"), fix);
+  const json = await readJson(loader, "base/tokenizer.json", need("tokenizer.json"), fix);
   for (const [rel, value] of [["base/tokenizer_config.json", config], ["base/tokenizer.json", json]]) {  // null, [], 5
     const added = value?.added_tokens ?? [];  // as the Rust library reads them: objects with their text
     if (typeof value !== "object" || value === null || Array.isArray(value) ||
@@ -102,7 +105,7 @@ export async function tokenizerOf(Tokenizer, loader) {
       "tokenizer.json into a fresh --out folder");
   }
   // a pair's template: classifiers'; the model's vocabulary, which every id encode gives must be in
-  const { task, vocab_size: vocab } = await readJson(loader, "base/edgepeft.json", OPTIONAL, fix) ?? {};
+  const { task, vocab_size: vocab } = manifest;
   const missing = unlisted(json.post_processor, task === "seq-cls");
   if (missing !== undefined) {
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: its post-processor names the special token ` +

@@ -192,6 +192,14 @@ test("a tokenizer this library would encode otherwise than the Python runtime is
   assert.ok((await loadTokenizer(out)).encode("w10 w20").ids.length);
 });
 
+test("a copy without a tokenizer file the export wrote is named, as Python names it (texts were cut elsewhere)", async () => {
+  const out = await copied("text-files");
+  await editJson(path.join(out, "base/edgepeft.json"), { text_files: ["tokenizer.json", "tokenizer_config.json"] });
+  assert.ok((await loadTokenizer(out)).encode("w10 w20").ids.length);
+  await rm(path.join(out, "base/tokenizer_config.json"));
+  await refuses(loadTokenizer(out), new RegExp(`^${path.join(out, "base/tokenizer_config.json")}: missing; copy the export's base folder again`));
+});
+
 test("a token added to the tokenizer and not to the model's embeddings is named in tokenizer.json, as Python names it", async () => {
   // forward said "outside the vocabulary; tokenize with the base model's tokenizer", which the app had done
   const out = await copied("added-token");
