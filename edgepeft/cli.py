@@ -10,7 +10,7 @@ import click
 from click.core import ParameterSource
 
 from edgepeft.errors import EdgePeftError, TrainingInterrupted, first_line
-from edgepeft.flags import as_flags
+from edgepeft.flags import as_flags, one_value
 from edgepeft.interrupts import stopped_status, terminated_as_interrupts
 from edgepeft.processes import end_group, first, leave, notes_once, peer_stopped, say, stdin_text
 from edgepeft.runtimes.values import size_text as _size
@@ -286,7 +286,8 @@ NOT_GENERATION = ("out", "prompt", "adapter", "prompt_name", "embed_prompt", "te
 @cli.command()
 @click.argument("out", type=click.Path())
 @click.argument("prompt")
-@click.option("--adapter", default="none", show_default=True, help="Adapter name in OUT, or 'none' for the base model.")
+@click.option("--adapter", default=["none"], multiple=True, callback=one_value,
+              help="Adapter name in OUT, or 'none' for the base model.  [default: none]")
 @click.option("--max-new-tokens", type=int, help="[default: the model's generation_config.json (max_new_tokens, "
               "else max_length), else 32, as Runtime.generate]")
 @click.option("--do-sample/--greedy", default=None, help="Sample, or decode greedily.  [default: as the model's "

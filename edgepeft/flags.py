@@ -70,3 +70,15 @@ def _named(command, argv) -> set:
             value = ctx.params.get(p.name)
             named.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str) and v)
     return named
+
+
+def one_value(ctx, param, values):
+    """A flag given more than once where one value is taken (click keeps the last: `run --adapter A --adapter B` ran
+    B alone, saying nothing), refused; else its value, or its default."""
+    from edgepeft.errors import ConfigError
+
+    if len(values) > 1:
+        flag = param.opts[0]
+        raise ConfigError(f"{flag} given {len(values)} times ({', '.join(values)}); give one {flag} (a batch of rows "
+                          "each with its adapter: Runtime's adapter=[...], from Python)")
+    return values[0]

@@ -358,3 +358,13 @@ def test_an_option_value_read_as_json_into_the_wrong_type_names_how_to_write_it(
                      "prompt_tuning_init_text=123")
     assert line.endswith("is not a valid str or null; give it as text: \"123\" (at the command line in single quotes: "
                          "--option 'prompt_tuning_init_text=\"123\"')")
+
+
+def test_run_given_two_adapters_is_refused_not_served_by_the_last(shared_export, capsys):
+    """A CLI hunt: `run --adapter A --adapter B` printed what B alone gives, saying nothing (click keeps the last)."""
+    from training_helpers import cli_error
+
+    out = shared_export("llama")[0]
+    assert cli_error(capsys, "run", out, "x", "--adapter", "qv", "--adapter", "none") == (
+        "error: --adapter given 2 times (qv, none); give one --adapter (a batch of rows each with its adapter: "
+        "Runtime's adapter=[...], from Python)")
