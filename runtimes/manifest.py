@@ -328,7 +328,7 @@ def base_file_errors(base_dir: str, manifest: dict, names=None) -> list:
         if names is not None and name not in names:
             continue
         path = os.path.join(base_dir, name)
-        if not os.path.isfile(path):  # the JavaScript graphs may be left out of a Python deployment (deploy.md)
+        if not present(path):  # the JavaScript graphs may be left out of a Python deployment (deploy.md)
             if name not in (manifest.get("web_graph"), manifest.get("neutral_graph")):
                 check_readable(path)  # a link into a folder this user may not enter looks missing
                 errors.append(ArtifactNotFoundError(f"{path}: missing; {fix}"))
