@@ -88,9 +88,9 @@ export async function tokenizerOf(Tokenizer, loader) {
   const fix = REEXPORT_BASE;
   const manifest = await readJson(loader, "base/edgepeft.json", OPTIONAL, fix) ?? {};
   // a file the export wrote (text_files) missing from a copy: without tokenizer_config.json, texts were cut elsewhere
-  const need = (name) => Array.isArray(manifest.text_files) && manifest.text_files.includes(name) ? `missing; ${fix}` : OPTIONAL;
-  const config = await readJson(loader, "base/tokenizer_config.json", need("tokenizer_config.json"), fix);
-  const json = await readJson(loader, "base/tokenizer.json", need("tokenizer.json"), fix);
+  const written = Array.isArray(manifest.text_files) && manifest.text_files.includes("tokenizer_config.json");
+  const config = await readJson(loader, "base/tokenizer_config.json", written ? `missing; ${fix}` : OPTIONAL, fix);
+  const json = await readJson(loader, "base/tokenizer.json", OPTIONAL, fix);  // missing: named below, with more fixes
   for (const [rel, value] of [["base/tokenizer_config.json", config], ["base/tokenizer.json", json]]) {  // null, [], 5
     const added = value?.added_tokens ?? [];  // as the Rust library reads them: objects with their text
     if (typeof value !== "object" || value === null || Array.isArray(value) ||
