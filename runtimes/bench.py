@@ -113,7 +113,7 @@ def measure(rt, adapters=None, batch: int = 1, seq: int = 32, rounds: int = 10, 
     generated = f" + --new-tokens {new_tokens} - 1 (the last is not fed back)" if new_tokens else ""
     for adapter in [None, *names]:  # before minutes of measuring (and before ids of 10**30 positions)
         rt._check_call(adapter, batch, seq, max(new_tokens - 1, 0), generated,
-                       " (--seq) or lower --new-tokens" if new_tokens else " (here: lower --seq)")
+                       "shorten the prompt " + ("(--seq) or lower --new-tokens" if new_tokens else "(here: lower --seq)"))
     rng = np.random.default_rng(seed)
     low = min(1000, rt.vocab_size // 2)  # skip the special and padding ids at the start of most vocabularies
     try:

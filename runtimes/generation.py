@@ -257,17 +257,17 @@ def generation_config(rt, generation: dict) -> GenerationConfig:
     return replace(cfg, **whole, eos_token_id=[int(e) for e in cfg.eos_token_id])
 
 
-MAX_LENGTH_ALONE = " or lower max_length"  # the fix's words for a call that gave max_length alone (see below)
+SHORTEN = "shorten the prompt"  # the fix of a call past the positions (Runtime._check_length)
 
 
 def length_words(generation: dict) -> tuple[str, str]:
-    """(where the call's max_new_tokens came from, the second fix) where a generation runs past the positions: its
-    own and lower max_new_tokens, or where the call gave max_length alone (it was told to lower the max_new_tokens it
-    never gave, and to shorten the prompt, whose length cancels out) MAX_LENGTH_ALONE, which
-    ``Runtime._check_length`` names with the max_length that fits."""
+    """(where the call's max_new_tokens came from, the fix) where a generation runs past the positions: its own, and
+    shorten the prompt or lower max_new_tokens; or where the call gave max_length alone, whose total the prompt's
+    length cancels out of (it was told to shorten the prompt or lower a max_new_tokens it never gave), the max_length
+    that fits (``{fits}``: ``Runtime._check_length`` fills it in)."""
     if generation.get("max_new_tokens") is None and (given := generation.get("max_length")) is not None:
-        return f" (max_length {given} less the prompt)", MAX_LENGTH_ALONE
-    return "", " or lower max_new_tokens"
+        return f" (max_length {given} less the prompt)", "pass max_length {fits} or less"
+    return "", SHORTEN + " or lower max_new_tokens"
 
 
 def length_source(rt, generation: dict) -> str:

@@ -29,7 +29,7 @@ from .access import check_readable, check_text_files, files_digest, folder_ident
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, as_called, assemble, holding, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
-from .generation import (MAX_LENGTH_ALONE, TeacherForcing, generation_config, lane_steps, length_source, length_words,
+from .generation import (SHORTEN, TeacherForcing, generation_config, lane_steps, length_source, length_words,
                          stream_tokens)
 from .inputs import check_token_inputs, check_token_types, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
@@ -168,7 +168,7 @@ class Runtime:
         return binding
 
     @contextmanager
-    def lanes(self, adapter, batch: int, length: int | None = None, new_tokens: int = 0, words=("", "")):
+    def lanes(self, adapter, batch: int, length: int | None = None, new_tokens: int = 0, words=("", SHORTEN)):
         """Hold a call's adapters; yields its lanes: rows sharing a graph run and the Plan each binds (mixing.py).
         ``length`` (+ ``new_tokens``), where given, is checked against the positions with the adapters held: a name
         reloaded since the call checked it may take more virtual tokens (``words``: see ``_check_length``)."""
@@ -231,9 +231,9 @@ class Runtime:
         positions = np.arange(plan.n_past, plan.n_past + plan.n_prepend + length, dtype=np.int64)
         return full, np.broadcast_to(positions, (batch, positions.size)).copy()
 
-    def _check_call(self, adapter, batch: int, length: int, new_tokens: int = 0, what: str = "", hint: str = "") -> None:
+    def _check_call(self, adapter, batch: int, length: int, new_tokens: int = 0, what: str = "", fix: str = SHORTEN) -> None:
         """What a call's first step would refuse, staging nothing: an unknown adapter, a meaningless mix, too many positions."""
-        self._check_length(self.virtual_positions(adapter, batch), length, new_tokens, what, hint)
+        self._check_length(self.virtual_positions(adapter, batch), length, new_tokens, what, fix)
 
     def virtual_positions(self, adapter, batch: int) -> int:
         """The most positions a call's adapters take besides the text's (a prompt's or prefix's virtual tokens);
@@ -245,13 +245,12 @@ class Runtime:
             self.mixer.check(specs, known)
         return max((a.n_positions for a in known.values()), default=0)
 
-    def _check_length(self, n_virtual: int, length: int, new_tokens: int = 0, what: str = "", hint: str = "") -> None:
-        """``what``: the new tokens in words; ``hint``: a second fix besides shortening the prompt."""
+    def _check_length(self, n_virtual: int, length: int, new_tokens: int = 0, what: str = "", fix: str = SHORTEN) -> None:
+        """``what``: the new tokens in words; ``fix``: what to do, ``{fits}`` in it the longest max_length that fits."""
         if self.max_positions and (total := length + n_virtual + new_tokens) > self.max_positions:
-            fix = f"pass max_length {self.max_positions - n_virtual + 1} or less" if hint == MAX_LENGTH_ALONE else \
-                f"shorten the prompt{hint}"  # max_length alone: the prompt's length cancels out
             raise InvalidInputError(f"prompt of {length} tokens + the adapter's {n_virtual} virtual tokens{what} = {total} "
-                                    f"exceeds the model's {self.max_positions} positions; {fix}")
+                                    f"exceeds the model's {self.max_positions} positions; "
+                                    f"{fix.format(fits=self.max_positions - n_virtual + 1)}")
 
     def _inputs(self, input_ids, attention_mask):
         return check_token_inputs(input_ids, attention_mask, self.vocab_size, self.max_positions, self.base_dir)
@@ -328,7 +327,7 @@ class Runtime:
                              fit=defaulted)  # the model's max_length (Llama-2's: its context, virtual tokens beyond)
         words = (f" + max_new_tokens {cfg.max_new_tokens}{source or length_words(generation)[0]} - 1 (the last token is not "
                  "fed back)", length_words(generation)[1])  # the check once held names them: an adapter reloaded since may not fit
-        self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *(("", "") if defaulted else words))
+        self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *(("", SHORTEN) if defaulted else words))
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = decoded.StopStrings.of(self, cfg.stop, padding, generation.get("stop") is None) if cfg.stop else None
         return stream_tokens(self, ids, mask, padding, adapter, cfg, stops, words)  # checked again once held
