@@ -33,8 +33,9 @@ from edgepeft.runtimes.text import TextTokenizer
 from edgepeft.tuners import spec_for
 from edgepeft.tuners.targets import replace_module
 
+JSON_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # a copy must keep
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    *JSON_TOKENIZER_FILES, "vocab.txt", "vocab.json",
     "merges.txt", "tokenizer.model", "chat_template.jinja",
 )
 
@@ -204,7 +205,7 @@ def graph_files(stage: str, manifest: dict, digests: bool = True) -> dict:
     paths = {n: os.path.join(stage, n) for n in names if n and os.path.isfile(os.path.join(stage, n))}
     return {"file_bytes": {n: os.path.getsize(p) for n, p in paths.items()},
             **({"file_sha256": {n: sha256_file(p) for n, p in paths.items()}} if digests else {}),
-            "text_files": [n for n in TOKENIZER_FILES[:3] if os.path.isfile(os.path.join(stage, n))]}  # json ones
+            "text_files": [n for n in JSON_TOKENIZER_FILES if os.path.isfile(os.path.join(stage, n))]}
 
 
 def write_tokenizer(source: str, stage: str, revision: str | None = None, log=lambda *a, **k: None,

@@ -380,10 +380,10 @@ def check_adapter_graph(adapter_dir: str, manifest: dict, most: int, base: dict 
     """An adapter graph's bytes, read once: the bytes its sha256 was checked on are the bytes that run. Raises the
     error the file has: missing, past ``most`` bytes (``adapter_bound``), or not the file its sha256 names (Raised,
     not returned: a caller's local holding it keeps that frame, and the Runtime, alive). ``base``: OUT's manifest."""
-    graph, fix = os.path.join(adapter_dir, manifest["graph"]), adapter_files_fix(adapter_dir, manifest, base)
-    if not present(graph):
+    graph, fix = os.path.join(adapter_dir, manifest["graph"]), lambda: adapter_files_fix(adapter_dir, manifest, base)
+    if not present(graph):  # fix(): made on a failure only (a restage under a budget reads the graph every call)
         check_readable(graph)
-        raise ArtifactNotFoundError(f"{graph}: adapter graph missing; {fix}")
+        raise ArtifactNotFoundError(f"{graph}: adapter graph missing; {fix()}")
     try:
         with open(graph, "rb") as f:
             data = f.read(most + 1)  # no further: a sparse file, or a link to a large one
@@ -391,9 +391,9 @@ def check_adapter_graph(adapter_dir: str, manifest: dict, most: int, base: dict 
         if isinstance(e, STOPS):
             raise
         check_readable(graph)
-        raise CorruptArtifactError(f"{graph}: cannot be read ({e.strerror or e}); {fix}") from None
+        raise CorruptArtifactError(f"{graph}: cannot be read ({e.strerror or e}); {fix()}") from None
     if len(data) > most:
-        raise CorruptArtifactError(f"{graph}: more than an adapter of this base can take ({most} bytes); {fix}")
+        raise CorruptArtifactError(f"{graph}: more than an adapter of this base can take ({most} bytes); {fix()}")
     if sha256_bytes(data) != manifest["sha256"]:
-        raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); {fix}")
+        raise CorruptArtifactError(f"{graph}: checksum does not match adapter.json (truncated or modified file); {fix()}")
     return data

@@ -185,8 +185,9 @@ def linear_targets(model: nn.Module, config, defaults: dict) -> list[str]:
         hint = (f"; a string is a regular expression for the whole module name: give a list ({parts}; at the "
                 f"command line --target-modules {targets}){f' or {chr(39)}.*{targets}{chr(39)}' if len(parts) == 1 else ''}"
                 if parts and all(p in have for p in parts) else "")
-        if isinstance(targets, list) and any(set(t) & set("*[]()|^$\\?+") for t in targets):  # regular expressions
-            pattern = "|".join(t if set(t) & set("*[]()|^$\\?+") else f".*{t}" for t in targets)  # all of them, one
+        regex = lambda t: bool(set(t) & set("*[]()|^$\\?+"))  # noqa: E731  a name written as a regular expression
+        if isinstance(targets, list) and any(map(regex, targets)):
+            pattern = "|".join(t if regex(t) else f".*{t}" for t in targets)  # all of them, one
             hint = ("; a list's names match the end of a module's name, not as regular expressions: give one regular "
                     f"expression as a string (at the command line --option 'target_modules=\"{pattern}\"')")
         if exclude and any(name_matches(exclude, n) for n in have):
