@@ -84,6 +84,22 @@ const unlisted = (p, pairs) => p?.type === "Sequence" ? (p.processors ?? []).map
   ...(pairs ? p.pair ?? [] : [])].map((piece) => piece?.SpecialToken?.id)
   .find((id) => id !== undefined && !Object.hasOwn(p.special_tokens ?? {}, id));
 
+const MODELS = ["BPE", "WordPiece", "WordLevel", "Unigram"];
+/** What makes the Rust library refuse a file this library reads anyway (null: nothing): a model type it has no
+ * reader for (this one guesses BPE), a BPE merge of tokens, or into a token, its vocabulary lacks (skipped here). */
+function damaged(model) {
+  if (model?.type !== undefined && !MODELS.includes(model.type)) return `its model type ${described(model.type)}`;
+  if (model?.type !== "BPE" && !(model?.type === undefined && model?.merges)) return null;
+  const vocab = model.vocab ?? {}, merges = Array.isArray(model.merges) ? model.merges : [];
+  for (const merge of merges) {
+    const pair = typeof merge === "string" ? merge.split(" ") : merge;
+    const parts = Array.isArray(pair) && pair.length === 2 ? [...pair, pair.join("")] : null;
+    const gone = parts ? parts.find((t) => typeof t !== "string" || !Object.hasOwn(vocab, t)) : merge;
+    if (gone !== undefined) return `its merge ${described(merge)} of a token its vocabulary lacks (${described(gone)})`;
+  }
+  return null;
+}
+
 export async function tokenizerOf(Tokenizer, loader) {
   const fix = REEXPORT_BASE;
   const manifest = await readJson(loader, "base/edgepeft.json", OPTIONAL, fix) ?? {};
@@ -103,6 +119,11 @@ export async function tokenizerOf(Tokenizer, loader) {
     throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: missing (the export has no tokenizer, or the file was ` +
       "removed); copy the export's base folder again, or pass token ids, or export from a base folder that has " +
       "tokenizer.json into a fresh --out folder");
+  }
+  const broken = damaged(json.model);
+  if (broken) {
+    throw new EdgePeftError(`${loader.where("base/tokenizer.json")}: not a tokenizer the tokenizers library can read ` +
+      `(${broken}); ${fix}`);
   }
   // a pair's template: classifiers'; the model's vocabulary, which every id encode gives must be in
   const { task, vocab_size: vocab } = manifest;
