@@ -7,6 +7,7 @@ from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 
 DECODERS = {"llama", "qwen2", "gpt2"}  # model types with a causal-LM head; they take use_cache
 TEXT_ROOM = 4  # positions an export's checks need for text beside virtual tokens: a row left-padded by 3 keeps a token
+SAMPLE_TOKENS = 8  # a traced sample's length (check_traceable asks the model's positions for as many)
 
 
 def rope_type(config) -> str | None:
@@ -112,3 +113,14 @@ def check_loaded_weights(model, info: dict, label: str, task: str) -> None:
 def _layer(key: str) -> int | None:
     """The layer a weight's name puts it in (its first numeric part: ``model.layers.3.mlp...`` -> 3), else None."""
     return next((int(part) for part in key.split(".") if part.isdigit()), None)
+
+
+def check_traceable(positions: int | None, virtual: bool, where: str, fix: str = "export") -> None:
+    """The export traces the base with SAMPLE_TOKENS tokens, and 2 virtual ones beside them where an adapter adds some
+    (a prompt's, a prefix's: its slots' traced sizes): a model with fewer positions is refused before tracing, where an
+    IndexError stopped it, and before training such an adapter (``fix`` "train"), which its export refused."""
+    need = SAMPLE_TOKENS + (2 if virtual else 0)
+    if positions and positions < need:
+        raise ConfigError(f"{where}: the model has {positions} positions (config.json), fewer than the {need} the export "
+                          f"traces it with{f' ({SAMPLE_TOKENS} tokens and 2 virtual ones)' if virtual else ''}; {fix} a "
+                          f"model of {need} positions or more")

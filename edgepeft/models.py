@@ -13,7 +13,7 @@ from huggingface_hub.errors import StrictDataclassError
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
 from edgepeft.files import unexpanded_tilde
 from edgepeft.hub import hub_unreachable
-from edgepeft.model_checks import DECODERS, check_exportable, check_loaded_weights, check_token_ids, pad_unheld
+from edgepeft.model_checks import DECODERS, SAMPLE_TOKENS, check_exportable, check_loaded_weights, check_token_ids, pad_unheld
 from edgepeft.runtimes.access import check_readable, located
 from edgepeft.runtimes.base_checks import ENCODERS
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
@@ -321,9 +321,6 @@ def max_positions(config) -> int | None:
         if getattr(config, key, None):
             return int(getattr(config, key))
     return None
-
-
-SAMPLE_TOKENS = 8  # a traced sample's length (export's check_traceable asks the model's positions for as many)
 
 
 def sample_inputs(config, batch: int = 2, seq: int = SAMPLE_TOKENS, seed: int = 0):

@@ -14,9 +14,9 @@ from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, Con
 from edgepeft.exporters.adapter_graph import saved_labels
 from edgepeft.exporters.fingerprint import config_differences, made_heads, weights_fingerprint
 from edgepeft.exporters.fusion import shared_input_groups
-from edgepeft.exporters.validate import check_room, check_traceable
+from edgepeft.exporters.validate import check_room
 from edgepeft.files import check_output_dir, write_json_atomic
-from edgepeft.model_checks import sliding_layers
+from edgepeft.model_checks import check_traceable, sliding_layers
 from edgepeft.models import (
     call_kwargs, check_supported, default_task, load_base, load_model_config, max_positions, model_label, sample_inputs,
 )

@@ -18,7 +18,7 @@ from edgepeft.errors import ConfigError, ExportValidationError
 from edgepeft.model_checks import TEXT_ROOM
 from edgepeft.exporters.graph import sample_token_types
 from edgepeft.exporters.quantize import no_closer_than_zeros, relative_error, rms
-from edgepeft.models import SAMPLE_TOKENS, call_kwargs, sample_inputs
+from edgepeft.models import call_kwargs, sample_inputs
 from edgepeft.runtimes.manifest import TASK_OUTPUTS
 from edgepeft.runtimes.values import is_number
 from edgepeft.training.pooling import padding_warning_left_out
@@ -206,17 +206,6 @@ def check_room(positions: int | None, virtual: int, where: str) -> int | None:
                           f"{positions} positions for text, fewer than the {TEXT_ROOM} an export needs; train it with "
                           f"{positions - TEXT_ROOM} or fewer num_virtual_tokens")
     return room
-
-
-def check_traceable(positions: int | None, virtual: bool, where: str) -> None:
-    """The export traces the base with SAMPLE_TOKENS tokens, and 2 virtual ones beside them where an adapter adds some
-    (a prompt's, a prefix's: its slots' traced sizes): a model with fewer positions is refused before tracing, where an
-    IndexError stopped it."""
-    need = SAMPLE_TOKENS + (2 if virtual else 0)
-    if positions and positions < need:
-        raise ConfigError(f"{where}: the model has {positions} positions (config.json), fewer than the {need} the export "
-                          f"traces it with{f' ({SAMPLE_TOKENS} tokens and 2 virtual ones)' if virtual else ''}; export a "
-                          f"model of {need} positions or more")
 
 
 def sample_shape(rt, adapter, batch: int, length: int, where: str) -> tuple[int, int]:

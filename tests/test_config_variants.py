@@ -14,6 +14,7 @@ from tiny import load_reference_base, max_diff_valid, tiny_config
 from edgepeft.errors import ConfigError, UnsupportedModelError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
+from edgepeft.training import Trainer, TrainingArguments
 
 
 def _base(tmp_path, arch: str, **fields) -> str:
@@ -89,6 +90,15 @@ def test_a_model_with_fewer_positions_than_the_trace_takes_is_refused(tmp_path, 
         with pytest.raises(ConfigError, match=f"^{base}: the model has {positions} positions \\(config.json\\), fewer than "
                                               f"the {need}; export a model of {need.split()[0]} positions or more$"):
             export([adapter], str(folder / "out"))
+        # training such an adapter is refused alike, before anything is written (it trained one its export refused)
+        (folder / "d.jsonl").write_text('{"text": "a b", "positive": "c d"}\n' * 4 if task == "feature-extraction" else
+                                        '{"text": "a b"}\n' * 4)
+        args = TrainingArguments(model=base, task=task, method=kind, data=str(folder / "d.jsonl"), out=str(folder / "t"),
+                                 options={"num_virtual_tokens": 2} if kind == "prompt" else {}, progress=False)
+        with pytest.raises(ConfigError, match=f"^{base}: the model has {positions} positions \\(config.json\\), fewer than "
+                                              f"the {need}; train a model of {need.split()[0]} positions or more$"):
+            Trainer(args).train()
+        assert not os.path.exists(folder / "t")
     base = _base(tmp_path / "ten", arch, **{"n_positions" if arch == "gpt2" else "max_position_embeddings": 10})
     export([peft_virtual_adapter(tmp_path / "ten" / "prompt", base, "prompt", seed=5, task=task, num_virtual_tokens=3)],
            str(tmp_path / "ten" / "out"))

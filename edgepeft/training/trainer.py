@@ -22,6 +22,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
 from edgepeft.files import missing_folders, remove_abandoned, remove_empty, remove_new, names_in, reporting_full_disk
 from edgepeft.interrupts import deferred_interrupts
+from edgepeft.model_checks import check_traceable
 from edgepeft.sharing import one_at_a_time
 from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, reads_token_types
 from edgepeft.plots import missing_matplotlib, training_curve
@@ -78,8 +79,7 @@ class Trainer:
         if args.task == "feature-extraction" and args.batch_size == 1 and not hard:  # in-batch negatives: a loss of 0
             raise ConfigError("--batch-size 1 leaves each pair without negatives (its loss is 0, nothing is learnt); "
                               "pass --batch-size 2 or more, or give hard negatives (\"negative\")")
-        other = ignored_fields(eval_rows, args.eval_data, args.task) if eval_rows and args.eval_data != args.data \
-            else None
+        other = ignored_fields(eval_rows, args.eval_data, args.task) if eval_rows and args.eval_data != args.data else None
         self.digests = {"data_sha256": (args.data, rows_digest(rows)),  # what --resume checks (the file each is of)
                         "eval_sha256": (args.eval_data, rows_digest(eval_rows))}
         config = load_model_config(args.model, "--model", revision=method.revision)  # --option revision=: a hub revision
@@ -92,6 +92,7 @@ class Trainer:
                 print(f"note: {note}", file=sys.stderr)
         model_pad = getattr(config, "pad_token_id", None) if args.task == "seq-cls" else None
         n_virtual = getattr(method, "num_virtual_tokens", None) or 0
+        check_traceable(max_positions(config), bool(n_virtual), args.model, "train")  # what its export would refuse
         tokenizer = load_tokenizer(args.model, method.revision)
         # texts cut, lower-cased and pooled as sentence-transformers (and embed)
         limit, self.pooling, lower = embedding_settings(args.model, method.revision, config, tokenizer, n_virtual) \
@@ -147,8 +148,7 @@ class Trainer:
         """(loss, what evaluation needs: the logits, or the (anchor, positive) embeddings)."""
         if self.args.task != "feature-extraction":
             names = ("input_ids", "attention_mask", "token_type_ids") + ("labels",) * (not self.score)
-            with last_real_token_pooled(model, batch["attention_mask"]) if self.pools_last_real else \
-                    contextlib.nullcontext():
+            with last_real_token_pooled(model, batch["attention_mask"]) if self.pools_last_real else contextlib.nullcontext():
                 out = model(**{k: batch[k] for k in names if k in batch}, return_dict=True)
             if self.score:  # binary cross-entropy on the one logit, as CrossEncoder's BinaryCrossEntropyLoss
                 return binary_cross_entropy_with_logits(out.logits[:, 0], batch["labels"].float()), out.logits
