@@ -31,7 +31,8 @@ def check_token_inputs(input_ids, attention_mask, vocab_size: int, max_positions
         )
     if max_positions and ids.shape[1] > max_positions:
         raise InvalidInputError(
-            f"sequence length {ids.shape[1]} exceeds the model's {max_positions} positions; shorten the input"
+            f"sequence length {ids.shape[1]} exceeds the model's {max_positions} positions; shorten the input to "
+            f"{max_positions} tokens, less a prompt or prefix adapter's virtual tokens"  # checked apart once it fits
         )
     if attention_mask is None:
         mask = np.ones_like(ids)

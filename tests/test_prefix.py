@@ -142,6 +142,18 @@ def test_a_left_padded_prefix_row_generates_as_it_does_alone(arch, virtual_expor
     assert float(np.abs(first[8] - first[3]).max()) > 1e-4  # prompt tuning: the pads' positions count
 
 
+def test_an_input_past_the_positions_is_told_the_room_beside_virtual_tokens(virtual_export):
+    """A hunt: an input past the positions was told "shorten the input" against the positions alone; shortened to
+    them, it was refused again for the prefix adapter's virtual tokens. The fix now names both, and followed, it runs."""
+    out, _, _ = virtual_export("llama")
+    rt, n = Runtime(out), 3  # the prefix adapter's virtual tokens
+    with pytest.raises(InvalidInputError, match=f"^sequence length {rt.max_positions + 1} exceeds the model's "
+                                                f"{rt.max_positions} positions; shorten the input to {rt.max_positions} "
+                                                "tokens, less a prompt or prefix adapter's virtual tokens$"):
+        rt.forward(np.full((1, rt.max_positions + 1), 5), adapter="prefix")
+    assert rt.forward(np.full((1, rt.max_positions - n), 5), adapter="prefix")["logits"].shape[1] == rt.max_positions - n
+
+
 def test_a_name_reloaded_before_the_first_step_is_checked_again(virtual_export):
     """stream/step_logits check positions at the call and hold the adapter at the first next(): a name reloaded
     in between with a prefix adapter (3 virtual tokens) was not checked again, and ran past the model's positions

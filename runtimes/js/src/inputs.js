@@ -52,7 +52,8 @@ export function checkInputs(ids, mask, manifest, where) {
     }
   }
   if (manifest.max_positions && ids[0].length > manifest.max_positions) {
-    throw new EdgePeftError(`sequence length ${ids[0].length} exceeds the model's ${manifest.max_positions} positions; shorten the input`);
+    throw new EdgePeftError(`sequence length ${ids[0].length} exceeds the model's ${manifest.max_positions} positions; shorten the ` +
+      `input to ${manifest.max_positions} tokens, less a prompt or prefix adapter's virtual tokens`);
   }
   mask = mask == null ? ids.map((row) => row.map(() => 1)) : sameShape(integerRows(mask, "mask"), ids, "mask");
   if (!mask.flat().every((v) => v === 0 || v === 1)) throw new EdgePeftError("mask must hold only 0 (padding) and 1 (token)");

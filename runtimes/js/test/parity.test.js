@@ -198,8 +198,10 @@ test("bad ids, masks and lengths are refused with what is wrong, as the Python r
   await refuses(rt.forward([[1, 2.5]]), /ids must hold whole numbers; got 2.5/);
   await refuses(rt.forward([[1, 2]], [[1]]), /mask must have the shape of ids/);
   await refuses(rt.forward([[1, 2]], [[1, 2]]), /only 0 \(padding\) and 1/);
-  await refuses(rt.forward([Array(limit + 1).fill(1)]), /exceeds the model's/);
-  const virtual = rt.adapters.get("prompt").nPrepend;
+  const virtual = rt.adapters.get("prompt").nPrepend;  // past the positions: the room beside them named (a hunt)
+  await refuses(rt.forward([Array(limit + 1).fill(1)], null, { adapter: "prompt" }), new RegExp(`exceeds the model's ${limit} ` +
+    `positions; shorten the input to ${limit} tokens, less a prompt or prefix adapter's virtual tokens$`));
+  assert.ok(await rt.forward([Array(limit - virtual).fill(1)], null, { adapter: "prompt" }));  // which, followed, runs
   await refuses(rt.forward([Array(limit - virtual + 1).fill(1)], null, { adapter: "prompt" }), /virtual tokens = \d+ exceeds/);
   await refuses(rt.generate([[1, 2]], [[0, 0]]), /has no tokens/);
   await refuses(rt.generate([[1, 2, 3], [4, 5, 0]], [[1, 1, 1], [1, 1, 0]]), /mask row 1 has padding after its tokens/);
