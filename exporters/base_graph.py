@@ -304,13 +304,14 @@ def plain_tokenizer_json(path: str) -> None:
             json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
 
 
-def quantize_stage(stage: str, quantize: str, log) -> None:
-    """Quantize a staged, float32-validated base graph in place and record it in its manifest."""
+def quantize_stage(stage: str, quantize: str, qtol: float, log) -> None:
+    """Quantize a staged, float32-validated base graph in place and record it in its manifest, with the tolerance it
+    is checked by (``qtol``: the re-exports a message advises repeat it, which the base passed only by it)."""
     log(f"quantizing the base's weights to {quantize}")
     path = os.path.join(stage, BASE_MANIFEST)
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)  # as written (read_base_manifest parses the slot table)
-    manifest.update(quantize_graph(os.path.join(stage, BASE_GRAPH), quantize))
+    manifest.update(quantize_graph(os.path.join(stage, BASE_GRAPH), quantize), qtol=qtol)
     write_web_variant(stage)  # the JavaScript variant reads the quantized weights file now
     manifest.update(graph_files(stage, manifest))
     write_json_atomic(path, manifest, sort_keys=True)

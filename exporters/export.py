@@ -35,6 +35,7 @@ from edgepeft.interrupts import written_whole
 from edgepeft.sharing import one_at_a_time
 from edgepeft.models import model_label, reads_token_types
 from edgepeft.runtimes.access import as_read, aside_elsewhere, may_replace
+from edgepeft.runtimes.commands import QTOL
 from edgepeft.runtimes.manifest import (ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, FORMAT_VERSION, LAYOUT_VERSION,
                                         TASK_OUTPUTS, TOKEN_TYPES, adapter_dirs, read_adapter_manifest, read_base_manifest)
 from edgepeft.runtimes.slot_checks import uncounted_heads
@@ -43,7 +44,7 @@ from edgepeft.tuners.layout import group_key
 
 
 def export(adapters, out, base=None, names=None, merge=False, atol=1e-4, verbose=False, quantize=None,
-           qtol=0.2, ort_adapter=None, overwrite=False, ops="contrib") -> dict:
+           qtol=QTOL, ort_adapter=None, overwrite=False, ops="contrib") -> dict:
     """Export adapters (HF PEFT or edgepeft dirs) and their base into ``out``.
 
     Returns a report: the base (exported or reused), each adapter's size, and the
@@ -328,7 +329,7 @@ def validate_float(plan: ExportPlan, base_stage: str, adapter_stages: dict, reus
 
 def quantize_and_validate(plan: ExportPlan, base_stage: str, adapter_stages: dict) -> list:
     """Every float32 check passed: quantize the staged base, then check it and each adapter on it again."""
-    quantize_stage(base_stage, plan.quantize, plan.log)
+    quantize_stage(base_stage, plan.quantize, plan.qtol, plan.log)
     rt = Runtime.from_base_dir(base_stage)
     base = BaseOutputs(rt, plan.model, plan.task)
     checks = [validate(f"base (no adapter), {plan.quantize}", rt, None, plan.model, plan.task, plan.atol, plan.base_dir,

@@ -63,7 +63,7 @@ def export_merged(plan: ExportPlan) -> dict:
             set_labels(os.path.join(stage, BASE_MANIFEST), read_labels(src, checks[-1]["output_width"],
                                                                        plan.model.config))
         if plan.quantize:
-            quantize_stage(stage, plan.quantize, plan.log)
+            quantize_stage(stage, plan.quantize, plan.qtol, plan.log)
             rt = Runtime.from_base_dir(stage)
             checks.append(validate(f"merged {src.name}, {plan.quantize}", rt, None, plan.peft, plan.task, plan.atol,
                                    src.path, qtol=plan.qtol))

@@ -104,10 +104,16 @@ def adapter_export_command(folder: str, out: str, *flags: str) -> str:
     return export_command(folder, out, *flags)
 
 
+QTOL = 0.2  # export's default --qtol (edgepeft.cli, edgepeft.exporters.export)
+
+
 def base_flags(base: dict) -> tuple:
     """The flags an export into OUT repeats, from its base manifest ``base``: export refuses an OUT whose base was
-    built otherwise (--quantize, a decoder's --ops standard)."""
+    built otherwise (--quantize, a decoder's --ops standard), and checks a quantized base again by --qtol (another than
+    the default: the one it was exported with, which it may pass only by)."""
+    qtol = base.get("qtol") if base.get("quantization") else None
     quantized = ("--quantize", base["quantization"]) if base.get("quantization") else ()
+    quantized += ("--qtol", f"{qtol:g}") if qtol not in (None, QTOL) else ()
     standard = base.get("ops", "standard") == "standard"  # a manifest before the field: standard, as export reads it
     return quantized + (("--ops", "standard") if standard and base.get("task") == "causal-lm" else ())
 

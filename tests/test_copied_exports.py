@@ -21,7 +21,7 @@ from edgepeft.runtimes import Runtime
 def int8_export(peft_adapter, tmp_path_factory):
     adapter = peft_adapter("llama", "copied-int8", r=2, target_modules=["q_proj", "v_proj"], seed=4)
     out = str(tmp_path_factory.mktemp("copied") / "out")
-    export([adapter], out, names=["qv"], quantize="int8")
+    export([adapter], out, names=["qv"], quantize="int8", qtol=0.5)  # another than the default: repeated
     return out, adapter
 
 
@@ -36,7 +36,7 @@ def test_a_lost_adapter_graph_names_a_reexport_that_works(int8_export, tmp_path,
     line = cli_error(capsys, "run", out, "--adapter", "qv", "hello", "--max-new-tokens", "2")
     assert line.startswith(f"error: {graph}: ") and f"copy {out / 'adapters' / 'qv'} again from its export, or " in line
     command = re.search(r"`edgepeft (export [^`]*)`", line).group(1)
-    assert command == (f"export --adapter {int8_export[1]} --out {out} --name qv --overwrite --quantize int8")
+    assert command == (f"export --adapter {int8_export[1]} --out {out} --name qv --overwrite --quantize int8 --qtol 0.5")
     cli_ok(capsys, *shlex.split(command))
     ids = [[5, 9, 2, 7]]
     assert (Runtime(str(out)).generate(ids, adapter="qv", max_new_tokens=3) ==
@@ -60,10 +60,10 @@ def test_an_hf_peft_folder_copied_into_adapters_is_moved_out_and_exported_as_sai
     line = cli_error(capsys, "inspect", out)
     assert line == (f"error: {stray}: is an adapter folder in HF PEFT format, not an exported one; move it out of "
                     f"{out / 'adapters'} (mv {stray} DIR), then export it into this OUT with `edgepeft export --adapter "
-                    f"DIR --out {out} --quantize int8`")
+                    f"DIR --out {out} --quantize int8 --qtol 0.5`")
     moved = tmp_path / "moved"
     os.rename(stray, moved)
-    cli_ok(capsys, "export", "--adapter", moved, "--out", out, "--quantize", "int8")
+    cli_ok(capsys, "export", "--adapter", moved, "--out", out, "--quantize", "int8", "--qtol", "0.5")
     assert Runtime(str(out)).adapter_names == ["moved", "qv"]
 
 
