@@ -8,6 +8,7 @@ and greedy decoding ignores their values, as transformers does (stop strings and
 from __future__ import annotations
 
 from collections.abc import Generator
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -342,6 +343,18 @@ def stream_tokens(rt, ids, mask, padding, adapter, cfg: GenerationConfig, stops,
             if finished.all() or step + 1 == cfg.max_new_tokens:
                 return ends
             logits = steps.send(token)
+
+
+def drained(steps) -> tuple[list, object]:
+    """Every token a stream yields and what it returns, the stream closed however this ends: an interrupt between
+    two steps, its exception kept (as a REPL keeps it), kept the stream and its adapters held (a hunt)."""
+    tokens = []
+    with closing(steps):
+        while True:
+            try:
+                tokens.append(next(steps))
+            except StopIteration as done:
+                return tokens, done.value
 
 
 class TeacherForcing(Generator):

@@ -29,7 +29,7 @@ from .access import check_readable, check_text_files, files_digest, folder_ident
 from .adapters import AdapterStore, Plan
 from .mixing import Lane, Mixer, as_called, assemble, holding, row_specs, run_rows_apart
 from .errors import ArtifactNotFoundError, ConfigError, InvalidInputError
-from .generation import (SHORTEN, TeacherForcing, generation_config, lane_steps, length_source, length_words,
+from .generation import (SHORTEN, TeacherForcing, drained, generation_config, lane_steps, length_source, length_words,
                          stream_tokens)
 from .inputs import check_token_inputs, check_token_types, generation_mask, step_tokens
 from .kv_cache import FixedCache, bind_past
@@ -342,8 +342,8 @@ class Runtime:
         (greedy). Batches are left-padded.
         """
         ids, _ = self._inputs(input_ids, attention_mask)
-        tokens = [t[:, None] for t in self.stream(input_ids, attention_mask, adapter, **generation)]
-        return np.concatenate([ids, *tokens], axis=1)
+        tokens, _ = drained(self.stream(input_ids, attention_mask, adapter, **generation))
+        return np.concatenate([ids, *(t[:, None] for t in tokens)], axis=1)
 
     def generation_config(self, **generation):
         """The settings ``generate`` would use for these arguments (the model's defaults, eos and padding filled in)."""

@@ -21,6 +21,7 @@ from .access import OLDER_RECORDS, check_readable, older_export, present, read_j
 from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, InvalidInputError, first_line
 from .errors import STOPS, MissingDependencyError, raise_if_stopped
 from .decoded import GrowingText, OpenBytes
+from .generation import drained
 from .inputs import tokenizer_ids_checked
 from .values import HALF_CHARACTER, half_character, is_whole, switch
 from .mixing import BATCH, holding, in_batches, in_groups, row_adapters, row_specs
@@ -327,13 +328,8 @@ def _pieces(tok, tokens):  # stream_text's pieces of the stream ``tokens``
 def generate_text(rt, prompt, adapter=None, chat: bool = False, **generation):
     """Generated text (without the prompt) for a prompt or a list of prompts."""
     ids, mask, single = prompt_ids(rt, prompt, chat)
-    steps, tokens = rt.stream(ids, mask, adapter, **generation), []
-    while True:  # the stream returns where each row ended (its eos, a stop string): a row that ended before the
-        try:  # others is filled with the padding id, whose text decode keeps where it is no special token
-            tokens.append(next(steps))
-        except StopIteration as done:
-            ends = done.value
-            break
+    # the stream returns where each row ended (its eos, a stop string): a row that ended before the others is filled
+    tokens, ends = drained(rt.stream(ids, mask, adapter, **generation))  # with the padding id, which decode may keep
     new = np.stack(tokens, axis=1)
     texts = [rt.tokenizer.decode(row[:end]) for row, end in zip(new, ends)]
     return texts[0] if single else texts

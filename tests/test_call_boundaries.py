@@ -160,3 +160,35 @@ def test_an_import_is_read_as_stopped_by_its_cause_only():
     started.__cause__ = KeyboardInterrupt()
     with pytest.raises(KeyboardInterrupt):
         raise_if_stopped(started)
+
+
+@pytest.mark.parametrize("call", ["generate", "generate_text"])
+def test_an_interrupt_between_two_steps_kept_by_a_repl_releases_the_adapter(text_export, call):
+    """A threads hunt: a Ctrl-C landing in generate's (or generate_text's) own loop between two decode steps, its
+    exception then kept (as the REPL and Jupyter keep sys.last_value), left the stream alive in the kept frame, the
+    adapter held: unload_adapter said "in use by 1 call(s)" with no call running. The stream is closed now."""
+    import sys
+
+    from edgepeft.runtimes import Runtime
+
+    rt, yielded = Runtime(text_export[0]), []
+
+    def trace(frame, event, arg):  # after the stream's first token, the next line its consumer runs raises
+        if frame.f_code.co_name == "stream_tokens" and event == "return":
+            yielded.append(True)
+        elif yielded and event == "line" and frame.f_code.co_name in ("drained", "<listcomp>", "generate_text"):
+            raise KeyboardInterrupt
+        return trace
+
+    sys.settrace(trace)
+    try:
+        if call == "generate":
+            rt.generate([[5, 9, 2, 7]], adapter="tok", max_new_tokens=6, eos_token_id=[])
+        else:
+            rt.generate_text("w99 w98", adapter="tok", max_new_tokens=6, eos_token_id=[])
+    except KeyboardInterrupt as e:
+        kept = e  # noqa: F841 (the REPL's sys.last_value: its traceback keeps the frames)
+    finally:
+        sys.settrace(None)
+    assert yielded and "kept" in locals()
+    rt.unload_adapter("tok")  # no call runs: nothing holds it
