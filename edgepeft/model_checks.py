@@ -2,7 +2,7 @@
 layers cannot hold (refused naming the field, where transformers fails inside a layer's constructor)."""
 from __future__ import annotations
 
-from edgepeft.errors import ConfigError, UnsupportedModelError
+from edgepeft.errors import ConfigError, UnsupportedModelError, first_line
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 
 DECODERS = {"llama", "qwen2", "gpt2"}  # model types with a causal-LM head; they take use_cache
@@ -124,3 +124,19 @@ def check_traceable(positions: int | None, virtual: bool, where: str, fix: str =
         raise ConfigError(f"{where}: the model has {positions} positions (config.json), fewer than the {need} the export "
                           f"traces it with{f' ({SAMPLE_TOKENS} tokens and 2 virtual ones)' if virtual else ''}; {fix} a "
                           f"model of {need} positions or more")
+
+
+def generation_fault(name_or_path: str, revision: str | None) -> str | None:
+    """Why transformers refuses the model's generation_config.json (an unknown cache_implementation, max_new_tokens
+    0, a value of another type), or None (none there, or one it reads): its error at loading the model was told to be
+    missing weights files, or a traceback (a hunt)."""
+    from transformers import GenerationConfig
+
+    try:
+        GenerationConfig.from_pretrained(name_or_path, revision=revision)
+    except (ValueError, TypeError) as e:
+        return first_line(e)
+    except OSError:  # none there (transformers loads the model without it), or not JSON (which it skips alike)
+        return None
+    return None
+

@@ -13,7 +13,8 @@ from huggingface_hub.errors import StrictDataclassError
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
 from edgepeft.files import unexpanded_tilde
 from edgepeft.hub import hub_unreachable
-from edgepeft.model_checks import DECODERS, SAMPLE_TOKENS, check_exportable, check_loaded_weights, check_token_ids, pad_unheld
+from edgepeft.model_checks import (DECODERS, SAMPLE_TOKENS, check_exportable, check_loaded_weights, check_token_ids,
+                                   generation_fault, pad_unheld)
 from edgepeft.runtimes.access import check_readable, located
 from edgepeft.runtimes.base_checks import ENCODERS
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
@@ -204,7 +205,7 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
             model, info = auto_cls.from_pretrained(name_or_path, dtype=torch.float32, attn_implementation="sdpa",
                                                    revision=revision, output_loading_info=True, **head, **NO_REMOTE_CODE,
                                                    **RUN_AS_TRACED, **unheld)
-        except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, pickle.UnpicklingError) as e:
+        except (OSError, ValueError, TypeError, RuntimeError, SafetensorError, KeyError, pickle.UnpicklingError) as e:
             if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True): more than tensors
                 raise ConfigError(f"{model_label(name_or_path, revision)}: its pytorch_model.bin holds more than tensors "
                                   "(pickled objects, which transformers loads as tensors only); where you trust it, read "
@@ -214,7 +215,10 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
                 raise ConfigError(f"{model_label(name_or_path, revision)}: transformers cannot build the model its "
                                   f"config.json describes ({why}); correct it there, or pass {flag} another folder"
                                   ) from None
-            if type(e) is RuntimeError and "PytorchStreamReader" not in str(e):  # torch's: a .bin cut short
+            if (why := generation_fault(name_or_path, revision)) is not None:
+                raise ConfigError(f"{model_label(name_or_path, revision)}: transformers refuses its generation_config.json "
+                                  f"({why}); correct or remove the file there, or pass {flag} a copy without it") from None
+            if type(e) in (RuntimeError, TypeError) and "PytorchStreamReader" not in str(e):  # torch's: a .bin cut short
                 raise
             for path in _weights_files(name_or_path):  # another user's?
                 check_readable(path)

@@ -141,6 +141,20 @@ def test_a_config_json_that_does_not_fit_its_weights_is_refused(tiny_base, tmp_p
         load_base(str(folder), task, labels=labels)
 
 
+@pytest.mark.parametrize("field, value", [("cache_implementation", "foo"), ("max_new_tokens", "x")])
+def test_a_generation_config_json_transformers_refuses_is_named_not_the_weights(tiny_base, tmp_path, field, value):
+    """A chat hunt: a generation_config.json transformers refuses at loading (its ValueError: an unknown
+    cache_implementation; a TypeError: a value of another type) was told "its weights files may be missing ...
+    download them again", or was a traceback. Named now; followed (the file removed), the model loads."""
+    base = shutil.copytree(tiny_base("llama"), tmp_path / "base")
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, field: value}))
+    with pytest.raises(ConfigError, match=f"^{base}: transformers refuses its generation_config.json \\(.+\\); correct "
+                                          "or remove the file there, or pass --model a copy without it$"):
+        load_base(str(base), "causal-lm", flag="--model")
+    os.remove(base / "generation_config.json")
+    load_base(str(base), "causal-lm", flag="--model")
+
+
 def test_a_weights_file_linked_to_a_blob_that_is_gone_is_told_to_download_again(tiny_base, tmp_path):
     """A review: an HF cache snapshot whose weights blob is gone (the file a link to nothing) was told "create or mount
     it, or remove the link" once a link to nothing was named so: removing it loads nothing; downloading again does."""
