@@ -7,13 +7,14 @@ import os
 import zipfile
 import zlib
 
-from .access import JSON_MOST, REPOINTED, committing, link_to_nothing, located, sha256_bytes, unchanged_while
-from .errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
-from .commands import ADAPTERS_DIR
+from .access import JSON_MOST, REPOINTED, committing, inside, link_to_nothing, located, sha256_bytes, unchanged_while
+from .errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError
+from .commands import ADAPTERS_DIR, base_flags, copied_base_fix, export_command, folder_fix, made_elsewhere, other_task
 from .manifest import (
-    ADAPTER_GRAPH, ADAPTER_MANIFEST, BASE_DIR, BASE_MANIFEST, check_adapter_graph, check_adapter_manifest,
-    enclosing_export, read_adapter_manifest,
+    ADAPTER_GRAPH, ADAPTER_MANIFEST, BASE_DIR, BASE_MANIFEST, CLASSIFIER_NAMES, check_adapter_graph, check_adapter_manifest,
+    enclosing_export, read_adapter_manifest, read_base_manifest,
 )
+from .slot_checks import uncounted_heads
 
 
 def _unpacked(archive: zipfile.ZipFile, info: zipfile.ZipInfo, most: int) -> bytes:
@@ -115,3 +116,39 @@ def adapter_bound(base_dir: str, base: dict) -> int:
 
 def _file_name(member: str) -> str:
     return member.replace("\\", "/").rpartition("/")[2]
+
+
+def base_mismatch(label: str, manifest: dict, path: str | None, base: dict, base_dir: str, out: str
+                  ) -> AdapterBaseMismatchError:
+    """An adapter exported for another base: made for the base OUT holds now (re-exported since this Runtime
+    opened it, as exporting another adapter into OUT does), or for another one."""
+    try:
+        on_disk = read_base_manifest(base_dir)["fingerprint"]
+    except EdgePeftError:
+        on_disk = None
+    if on_disk == manifest["base_fingerprint"]:
+        return AdapterBaseMismatchError(
+            f"{label}: adapter {manifest['name']!r} was exported for the base {base_dir} holds now "
+            f"({on_disk[:12]}), re-exported since this Runtime opened it ({base['fingerprint'][:12]}); "
+            f"open a new Runtime({out!r}) to serve it")
+    # OUT's own folder (every Runtime(OUT) loads it): removed or exported into, not another --name
+    own = folder_fix(out, path, base, manifest) if path and inside(path, os.path.join(out, ADAPTERS_DIR)) else None
+    if merged := base.get("merged_adapter"):  # no export into a --merge export can serve an adapter
+        return AdapterBaseMismatchError(f"{label}: {base_dir} holds a --merge export ({merged!r}), which "
+                                        f"takes no adapters; {own or 'load it on the export it was made for'}")
+    heads = uncounted_heads(base, CLASSIFIER_NAMES if base.get("head_initialised") else ())
+    if heads and manifest.get("base_source") == base.get("source"):
+        return AdapterBaseMismatchError(  # an export into this OUT is refused alike (export._check_older_fingerprint)
+            f"{label}: adapter {manifest['name']!r} was exported from {base.get('source')} by an edgepeft whose "
+            f"base fingerprint counts {', '.join(heads)}; {base_dir} was written by an older one that left them "
+            "out; export every adapter into a fresh --out folder")
+    flags, fix = base_flags(base), own or other_task(manifest, base)  # another task: no export into OUT
+    where, held = made_elsewhere(manifest, base), os.path.isdir(os.path.join(out, ADAPTERS_DIR, manifest["name"]))
+    if not fix:  # named apart where OUT holds its name; from another folder: where that is OUT's model, else its own export
+        fix = (f"{where}export the adapter into this OUT with {export_command('DIR', out, *(('--name', 'NAME') * held), *flags)}"
+               + f" (OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)" * held
+               + "; else load it on the export it was made for" * bool(where))
+    return AdapterBaseMismatchError(
+        f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
+        f"({manifest.get('base_source')}), but {base_dir} is base {base['fingerprint'][:12]} "
+        f"({base.get('source')}); {fix}{copied_base_fix(manifest, base, path)}")

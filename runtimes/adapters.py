@@ -6,16 +6,14 @@
     hold(names)                                  a call's hold: staged first when needed, then unload and
                                                  eviction leave them alone until the call ends
 
-With ``budget_bytes``, at most that many bytes of staged tensors stay resident: the least
-recently used adapters no call holds are evicted, and restaged (from their files, checked
-against their checksum again, or bytes) when a call names them again. The budget counts
-staged tensors only: a mixed batch's stacked copies (mixing.py's cache of 16 sets) and the
-zip bytes of an adapter loaded from memory come on top. Every change takes one lock;
-staging runs outside it.
+With ``budget_bytes``, at most that many bytes of staged tensors (and of mixed batches' stacks: mixing.py) stay
+resident: the least recently used adapters no call holds are evicted, and restaged (from their files, checked again,
+or bytes) when a call names them again; a zip's bytes come on top. Every change takes one lock; staging runs outside it.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import threading
 import weakref
@@ -25,21 +23,14 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .errors import (
-    AdapterBaseMismatchError, AdapterInUseError, ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError,
-    UnknownAdapterError,
-)
-from .manifest import (
-    ADAPTER_GRAPH, ADAPTERS_DIR, CLASSIFIER_NAMES, check_adapter_graph, read_adapter_manifest,
-    read_base_manifest, stacks_as_output,
-)
-from .access import STOPPED, inside, moved_aside
-from .commands import (base_flags, copied_base_fix, export_command, folder_fix, folder_name_problem, made_elsewhere,
-                       name_problem, other_task)
+from .errors import AdapterInUseError, ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError, UnknownAdapterError
+from .manifest import ADAPTER_GRAPH, ADAPTERS_DIR, check_adapter_graph, read_adapter_manifest, stacks_as_output
+from .access import STOPPED, moved_aside
+from .commands import base_flags, folder_name_problem, name_problem
 from .adapter_graph import run_adapter_graph
-from .adapter_source import adapter_bound, read_adapter_source
+from .adapter_source import adapter_bound, base_mismatch, read_adapter_source
 from .sessions import ort
-from .slot_checks import axis_sharing, check_adapter_tensors, uncounted_heads
+from .slot_checks import axis_sharing, check_adapter_tensors
 from .values import is_whole
 
 
@@ -139,6 +130,7 @@ class AdapterStore:
         self._trimming = threading.local()  # a trim under way in this thread (see _trim)
         self._staging: dict[str, threading.Lock] = {}
         self.on_change = []  # WeakMethods(name): unloaded, evicted or restaged (weak: a Mixer holds this store)
+        self.cache, self.clock = lambda: None, itertools.count()  # the Mixer (weak), whose stacks the budget counts
 
     @property
     def names(self) -> list[str]:
@@ -198,7 +190,7 @@ class AdapterStore:
                 raise ConfigError(f"{label}: the adapter name {name!r:.80} (the adapter.json's) {problem}; load it "
                                   "with name=")
         if manifest["base_fingerprint"] != self.base["fingerprint"]:
-            raise self._mismatch(label, manifest, path)
+            raise base_mismatch(label, manifest, path, self.base, self.base_dir, self.out)
         # a folder's files are read again at each restage (an evicted adapter's bytes are not kept)
         entry = Registered(name, path, None if path else files, manifest, self.slots, self.base.get("task", ""))
         arrays, plan = self._stage(entry, files[ADAPTER_GRAPH])  # a load stages (and checks) it even under a budget
@@ -209,41 +201,6 @@ class AdapterStore:
             self._set_staged(entry, arrays, plan)
             self._trim()
         return name
-
-    def _mismatch(self, label: str, manifest: dict, path: str | None) -> AdapterBaseMismatchError:
-        """An adapter exported for another base: made for the base OUT holds now (re-exported since this Runtime
-        opened it, as exporting another adapter into OUT does), or for another one."""
-        try:
-            on_disk = read_base_manifest(self.base_dir)["fingerprint"]
-        except EdgePeftError:
-            on_disk = None
-        if on_disk == manifest["base_fingerprint"]:
-            return AdapterBaseMismatchError(
-                f"{label}: adapter {manifest['name']!r} was exported for the base {self.base_dir} holds now "
-                f"({on_disk[:12]}), re-exported since this Runtime opened it ({self.base['fingerprint'][:12]}); "
-                f"open a new Runtime({self.out!r}) to serve it")
-        # OUT's own folder (every Runtime(OUT) loads it): removed or exported into, not another --name
-        own = folder_fix(self.out, path, self.base, manifest) if path and inside(path, os.path.join(self.out, ADAPTERS_DIR)) \
-            else None
-        if self.merged:  # no export into a --merge export can serve an adapter
-            return AdapterBaseMismatchError(f"{label}: {self.base_dir} holds a --merge export ({self.merged!r}), which "
-                                            f"takes no adapters; {own or 'load it on the export it was made for'}")
-        heads = uncounted_heads(self.base, CLASSIFIER_NAMES if self.base.get("head_initialised") else ())
-        if heads and manifest.get("base_source") == self.base.get("source"):
-            return AdapterBaseMismatchError(  # an export into this OUT is refused alike (export._check_older_fingerprint)
-                f"{label}: adapter {manifest['name']!r} was exported from {self.base.get('source')} by an edgepeft whose "
-                f"base fingerprint counts {', '.join(heads)}; {self.base_dir} was written by an older one that left them "
-                "out; export every adapter into a fresh --out folder")
-        flags, fix = base_flags(self.base), own or other_task(manifest, self.base)  # another task: no export into OUT
-        where, held = made_elsewhere(manifest, self.base), os.path.isdir(os.path.join(self.out, ADAPTERS_DIR, manifest["name"]))
-        if not fix:  # named apart where OUT holds its name; from another folder: where that is OUT's model, else its own export
-            fix = (f"{where}export the adapter into this OUT with {export_command('DIR', self.out, *(('--name', 'NAME') * held), *flags)}"
-                   + f" (OUT holds an adapter named {manifest['name']!r}; --overwrite would replace it)" * held
-                   + "; else load it on the export it was made for" * bool(where))
-        return AdapterBaseMismatchError(
-            f"{label}: adapter {manifest['name']!r} was exported for base {manifest['base_fingerprint'][:12]} "
-            f"({manifest.get('base_source')}), but {self.base_dir} is base {self.base['fingerprint'][:12]} "
-            f"({self.base.get('source')}); {fix}{copied_base_fix(manifest, self.base, path)}")
 
     def unload(self, name: str) -> None:
         """Forget an adapter and drop its staged tensors. Refused while a call is using it."""
@@ -290,7 +247,7 @@ class AdapterStore:
             held.append(adapter)
             adapter.holds.add(call)
             if adapter.plan is not None:
-                self._resident.move_to_end(name)
+                self._used(name)
                 return
             lock = self._staging.setdefault(name, threading.Lock())
         with lock:  # one thread restages; the others wait for it
@@ -301,11 +258,16 @@ class AdapterStore:
                     self._trim()
 
     def _set_staged(self, adapter: Registered, arrays: dict, plan: Plan) -> None:
-        self._resident[adapter.name] = True  # first: a timeout's exception here left a plan no trim saw (KeyError at
-        self._resident.move_to_end(adapter.name)  # each later call's move_to_end); a resident with none is restaged
+        self._used(adapter.name)  # first: a timeout's exception here left a plan no trim saw (KeyError at each later
+        # call's move_to_end); a resident with none is restaged
         adapter.bytes = int(sum(a.nbytes for a in arrays.values()))
         adapter.arrays, adapter.plan, adapter.n_positions = arrays, plan, plan.n_positions
         self._changed(adapter.name)
+
+    def _used(self, name: str) -> None:
+        """``name`` staged or used now: the last of ``_resident``, its value the use's turn (stacks take turns too)."""
+        self._resident[name] = next(self.clock)
+        self._resident.move_to_end(name)
 
     def _drop(self, adapter: Registered) -> None:
         adapter.plan = adapter.arrays = None  # its bytes stay known (staged_bytes); resident_bytes counts residents
@@ -318,8 +280,8 @@ class AdapterStore:
                 notify(name)
 
     def _trim(self) -> None:
-        """Evict least recently used adapters no call holds until the staged bytes fit the budget. A call's release
-        that the garbage collector runs inside a trim (an abandoned stream's finalizer, in this thread: the lock is
+        """Evict least recently used adapters no call holds until the staged bytes (and stacks) fit the budget. A release
+        the garbage collector runs inside a trim (an abandoned stream's finalizer, in this thread: the lock is
         re-entrant) leaves the trimming to the trim under way, which would count dropped adapters twice."""
         if self.budget is None:
             return
@@ -330,11 +292,16 @@ class AdapterStore:
             self._trimming.on = self._trimming.again = True  # timeout's exception before the try left every trim off)
             while self._trimming.again:
                 self._trimming.again = False
-                while self.resident_bytes > self.budget:
+                cache = self.cache()  # a Mixer: its stacks count too, the least recently used of them and of the
+                while self.resident_bytes + (cache.stacked_bytes if cache else 0) > self.budget:  # adapters going first
                     unheld = next((a for a in map(self._adapters.get, list(self._resident)) if a and not a.holds), None)
-                    if unheld is None:
+                    stack = cache.oldest() if cache else None  # (its last use, its key): a call using it keeps its own
+                    if stack and (unheld is None or stack[0] < self._resident[unheld.name]):
+                        cache.shed(stack[1])  # built again from the staged tensors by the next call naming them
+                    elif unheld is None:
                         break
-                    self._drop(unheld)
+                    else:
+                        self._drop(unheld)
         finally:
             self._trimming.on = False
 

@@ -22,7 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore")
 
-from peft_refs import ADAPTER_SPECS, ia3_adapter, peft_virtual_adapter, randomize_adapter, spec_adapter
+from peft_refs import ADAPTER_SPECS, ia3_adapter, lora_adapter, peft_virtual_adapter, randomize_adapter, spec_adapter
 from tiny import TASK_TYPES, default_task, load_reference_base, tiny_config
 from word_tokenizer import TEMPLATE, build_tokenizer
 
@@ -144,6 +144,24 @@ def virtual_export(workdir, tiny_base, peft_adapter):
 
     return make
 
+
+
+@pytest.fixture(scope="session")
+def mixed_decoder(workdir, tiny_base):
+    """(OUT, {name: adapter dir}): a tiny Llama with two LoRA adapters (different targets and ranks), IA3,
+    prompt and prefix adapters in one base (test_mixed_batches.py, test_adapter_budget.py)."""
+    from edgepeft.exporters import export
+
+    root, base = workdir / "mixed", tiny_base("llama")
+    dirs = {"lora_qv": lora_adapter(root / "lora_qv", base, "causal-lm", 61, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+            "lora_all": lora_adapter(root / "lora_all", base, "causal-lm", 62, r=2, lora_alpha=4, target_modules="all-linear",
+                              rank_pattern={"down_proj": 3}),
+            "ia3": ia3_adapter(root / "ia3", base, 63),
+            "prompt": peft_virtual_adapter(root / "prompt", base, "prompt", seed=64, num_virtual_tokens=3),
+            "prefix": peft_virtual_adapter(root / "prefix", base, "prefix", seed=65, num_virtual_tokens=2)}
+    out = str(root / "out")
+    export(list(dirs.values()), out, names=list(dirs))
+    return out, dirs
 
 
 @pytest.fixture(scope="session")

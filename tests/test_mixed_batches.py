@@ -19,7 +19,7 @@ import torch
 
 from file_checks import edited_json
 from peft_refs import ia3_adapter, lora_adapter, peft_virtual_adapter, randomize_adapter
-from tiny import load_reference_base
+from tiny import load_reference_base, mixed_batch as _batch
 
 from edgepeft.errors import (AdapterBaseMismatchError, AdapterInUseError, ArtifactNotFoundError, ConfigError,
                              CorruptArtifactError, InvalidInputError, UnknownAdapterError)
@@ -30,34 +30,13 @@ KINDS = ["lora_qv", "lora_all", "ia3", "prompt", "prefix"]
 
 
 @pytest.fixture(scope="module")
-def decoder(workdir, tiny_base):
-    """(OUT, {name: adapter dir}): a tiny Llama with two LoRA adapters (different targets and ranks), IA3,
-    prompt and prefix adapters in one base."""
-    root, base = workdir / "mixed", tiny_base("llama")
-    dirs = {"lora_qv": lora_adapter(root / "lora_qv", base, "causal-lm", 61, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-            "lora_all": lora_adapter(root / "lora_all", base, "causal-lm", 62, r=2, lora_alpha=4, target_modules="all-linear",
-                              rank_pattern={"down_proj": 3}),
-            "ia3": ia3_adapter(root / "ia3", base, 63),
-            "prompt": peft_virtual_adapter(root / "prompt", base, "prompt", seed=64, num_virtual_tokens=3),
-            "prefix": peft_virtual_adapter(root / "prefix", base, "prefix", seed=65, num_virtual_tokens=2)}
-    out = str(root / "out")
-    export(list(dirs.values()), out, names=list(dirs))
-    return out, dirs
+def decoder(mixed_decoder):
+    return mixed_decoder
 
 
 @pytest.fixture(scope="module")
 def rt(decoder):
     return Runtime(decoder[0])
-
-
-def _batch(n, seq=7, seed=8):
-    """Token ids and a mask: row r left-padded by r % 3 tokens."""
-    ids = np.random.default_rng(seed).integers(3, 128, size=(n, seq)).astype(np.int64)
-    mask = np.ones_like(ids)
-    for row in range(n):
-        mask[row, : row % 3] = 0
-        ids[row, : row % 3] = 0
-    return ids, mask
 
 
 def _alone(rt, ids, mask, spec, row):
@@ -236,63 +215,6 @@ def test_rows_with_their_own_heads_share_a_run_and_keep_their_label_counts(class
 
 
 # ---------------------------------------------------------------- a memory budget
-def _served(rt, names):
-    ids, mask = _batch(2, seed=11)
-    return {n: rt.forward(ids, mask, adapter=n)["logits"] for n in names}
-
-
-def test_a_budget_keeps_only_recent_adapters_staged_and_restages_the_rest_transparently(decoder, rt):
-    want = _served(rt, KINDS)
-    sizes = {n: sum(v.numpy().nbytes for v in rt.adapter_tensors(n).values()) for n in KINDS}
-    budget = max(sizes.values()) + 1
-    small = Runtime(decoder[0], adapter_budget_bytes=np.int64(budget))  # a numpy int is a whole number too
-    assert small.adapter_names == sorted(KINDS) and small.store.resident_bytes <= budget
-    with pytest.raises(ConfigError, match="adapter_budget_bytes"):
-        Runtime(decoder[0], adapter_budget_bytes=True)  # not a byte count
-    assert len(small.resident_adapters) < len(KINDS)
-    for _ in range(2):
-        for name in KINDS:  # every call restages what was evicted: the answers do not change
-            np.testing.assert_array_equal(_served(small, [name])[name], want[name])
-            assert small.resident_adapters[-1] == name and small.store.resident_bytes <= budget + max(sizes.values())
-    mixed = small.forward(*_batch(5, seed=11), adapter=["lora_qv", "ia3", "lora_all", None, "lora_qv"])["logits"]
-    assert mixed.shape[0] == 5  # a call holding more than the budget still runs (evicted after it)
-    assert small.store.resident_bytes <= budget
-
-
-def test_a_generation_under_a_budget_stages_each_evicted_adapter_once(decoder, rt, monkeypatch):
-    """A call checks its adapters from what load recorded, so an evicted adapter is staged once, by the call itself."""
-    from edgepeft.runtimes import adapters as store_module
-
-    small = Runtime(decoder[0], adapter_budget_bytes=0)
-    staged = []
-    real = store_module.run_adapter_graph
-    monkeypatch.setattr(store_module, "run_adapter_graph",
-                        lambda graph, where, *bounds: staged.append(where) or real(graph, where, *bounds))
-    ids, mask = _batch(2)
-    for adapter in ("prompt", ["lora_qv", "prefix"]):
-        staged.clear()
-        want = rt.generate(ids, mask, adapter=adapter, max_new_tokens=3, eos_token_id=[])
-        np.testing.assert_array_equal(small.generate(ids, mask, adapter=adapter, max_new_tokens=3, eos_token_id=[]), want)
-        assert len(staged) == len(set(staged)) == (1 if isinstance(adapter, str) else 2), staged
-        staged.clear()
-        steps = small.step_logits(ids, mask, adapter=adapter)
-        assert staged == []  # nothing staged before the first step
-        next(steps)
-        steps.close()
-        assert len(staged) == (1 if isinstance(adapter, str) else 2), staged
-    with pytest.raises(InvalidInputError, match="virtual tokens"):  # still checked at the call, from the manifest
-        small.generate(np.full((1, small.max_positions - 2), 5), adapter="prompt", max_new_tokens=1)
-    with pytest.raises(ConfigError, match="weighted sums are defined for LoRA"):
-        small.stream(ids, mask, adapter={"prompt": 0.5})
-    warm = Runtime(decoder[0], adapter_budget_bytes=sum(v.numpy().nbytes for v in rt.adapter_tensors("lora_all").values()))
-    warm.forward(ids, mask, adapter="lora_all")
-    staged.clear()
-    for refused in ({"lora_qv": 0.5, "ia3": 0.5}, ["lora_qv", "nope"]):  # forward staged them and evicted lora_all
-        with pytest.raises((ConfigError, UnknownAdapterError)):
-            warm.forward(ids, mask, adapter=refused)
-    assert staged == [] and warm.resident_adapters == ["lora_all"]
-
-
 def test_an_eviction_inside_the_mixers_own_lock_goes_through(decoder):
     """A hold the garbage collector releases (an abandoned stream in a cycle) evicts where the collection started,
     which can be inside the mixer's lock (a collection starts at any allocation); the eviction tells the mixer to

@@ -61,6 +61,16 @@ def sample_batch(vocab=128, batch=2, seq=9, seed=3, pad=0):
     return ids, mask
 
 
+def mixed_batch(n, seq=7, seed=8):
+    """Token ids and a mask: row r left-padded by r % 3 tokens."""
+    ids = np.random.default_rng(seed).integers(3, 128, size=(n, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for row in range(n):
+        mask[row, : row % 3] = 0
+        ids[row, : row % 3] = 0
+    return ids, mask
+
+
 def torch_outputs(model, ids, mask, field):
     from edgepeft.models import call_kwargs
 
