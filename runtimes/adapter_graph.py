@@ -15,7 +15,7 @@ import os
 import struct
 
 from .errors import STOPS, CorruptArtifactError, first_line
-from .sessions import ort, session_options, shared_pool
+from .sessions import ORT_ERRORS, ort, session_options, shared_pool
 
 NODES = ("Identity", "Concat", "Pad")
 _FLOAT, _INT64 = 1, 7  # TensorProto's data types: exports write float32 tensors, and a Pad's widths in int64
@@ -238,7 +238,7 @@ def run_adapter_graph(graph: bytes, where: str, most: int = 1 << 62, slots: int 
         outputs = sess.run(None, {})
     except STOPS:
         raise
-    except Exception as e:
+    except ORT_ERRORS as e:
         raise CorruptArtifactError(
             f"{where}: ONNX Runtime cannot run the adapter graph ({first_line(e)}); re-export the adapter"
         ) from None

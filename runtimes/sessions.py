@@ -21,6 +21,11 @@ except ImportError as e:  # the install without an extra: numpy, tokenizers, cli
     raise MissingDependencyError("edgepeft's runtime needs ONNX Runtime: pip install 'edgepeft[cpu]' "
                                  "(or 'edgepeft[gpu]' for NVIDIA GPUs)") from None
 
+# what ONNX Runtime raises for a graph it cannot load or run: its own types (Fail, InvalidGraph, ...: plain
+# Exceptions) and its Python wrapper's; an app's own exception (a timeout library's, landing inside) goes through as
+# raised, never read as the graph's fault (a threads hunt: "re-export the adapter" for an app's deadline)
+ORT_ERRORS = (*(t for t in vars(ort.capi.onnxruntime_pybind11_state).values()
+                if isinstance(t, type) and issubclass(t, Exception)), RuntimeError, ValueError, TypeError)
 MIN_ORT = (1, 22)  # the decoders' GroupQueryAttention takes 11 inputs from 1.22 (1.20 and 1.21 refuse the graph)
 _shared_pool = None  # the threads use_shared_thread_pool made the pool with (0: ONNX Runtime's default), once made
 
@@ -138,12 +143,12 @@ def open_base_session(graph: str, providers: list, sess_options):
     re-exporting would not help."""
     try:
         return ort.InferenceSession(graph, sess_options=sess_options or session_options(), providers=providers)
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+    except ORT_ERRORS as e:
         reason = first_line(e)
     if sess_options is not None:
         try:  # the CPU where sess_options chose the providers (a GPU build asks for a list)
             ort.InferenceSession(graph, sess_options=session_options(), providers=providers or ["CPUExecutionProvider"])
-        except Exception:
+        except ORT_ERRORS:
             pass
         else:
             raise ConfigError(f"{graph}: ONNX Runtime cannot load the base graph with the sess_options given "

@@ -192,3 +192,32 @@ def test_an_interrupt_between_two_steps_kept_by_a_repl_releases_the_adapter(text
         sys.settrace(None)
     assert yielded and "kept" in locals()
     rt.unload_adapter("tok")  # no call runs: nothing holds it
+
+
+def test_an_apps_own_exception_inside_onnx_runtime_comes_through_as_raised(shared_export, monkeypatch):
+    """A threads hunt: a timeout library's own exception class (stopit's TimeoutException derives from Exception),
+    landing while ONNX Runtime opened an adapter graph at a restage, was "ONNX Runtime cannot run the adapter graph
+    (...); re-export the adapter" of intact files; opening the base, "re-export the base". Only ONNX Runtime's own
+    errors are read as the graph's now."""
+    import onnxruntime as ort
+
+    from edgepeft.runtimes import Runtime
+
+    class Deadline(Exception):
+        pass
+
+    out, _, _ = shared_export("llama")
+    rt = Runtime(out, adapter_budget_bytes=0)  # every call restages
+    ids, mask = sample_batch(batch=1, seq=4)
+    real = ort.InferenceSession
+
+    def late(*args, **kwargs):
+        raise Deadline("the app's deadline")
+
+    monkeypatch.setattr(ort, "InferenceSession", late)
+    with pytest.raises(Deadline):
+        rt.forward(ids, mask, adapter="qv")
+    with pytest.raises(Deadline):
+        Runtime(out)
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    assert rt.forward(ids, mask, adapter="qv")["logits"].shape[0] == 1  # nothing was damaged
