@@ -22,6 +22,11 @@ TEMPLATE_FIX = ("correct it in the model's folder and export into a fresh --out 
                 "damaged copy of OUT: copy the export's base folder again), or pass plain text (chat=False)")
 
 
+# what messages a template refuses or cannot render take: at the command line (one user message, which `run --chat`
+# builds), the plain text (as_flags: "no --chat"; a hunt: the CLI's users had no fix they could follow)
+MESSAGES_FIX = "give each message the role and the text content the template expects, or pass plain text (chat=False)"
+
+
 def default_template(template, path: str):
     """The template transformers uses without tools: a single one, or the one named "default" of several
     (tokenizer_config.json may list them as [{"name": ..., "template": ...}])."""
@@ -58,7 +63,7 @@ def compile_template(text: str | None, source: str, fix: str = TEMPLATE_FIX):
             f"{'which is not installed' if jinja2 is None else f'not {jinja2.__version__}'}: pip install -U 'jinja2>=3.1.6'")
 
     def raise_exception(message):  # the template refuses what the messages hold
-        raise InvalidInputError(f"{source}: the chat template refuses these messages: {message}")
+        raise InvalidInputError(f"{source}: the chat template refuses these messages ({message}); {MESSAGES_FIX}")
 
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -126,7 +131,7 @@ def render(template, source: str, messages: list, add_generation_prompt: bool, s
         raise
     except Exception as e:  # what the messages hold (a KeyError, an IndexError, 1 // 0 of too few messages, ...)
         raise InvalidInputError(f"the chat template of {source} cannot render these messages ({type(e).__name__}: "
-                                f"{e}); give each message the role and the text content it expects") from None
+                                f"{e}); {MESSAGES_FIX}") from None
     if not continue_final_message:
         return text
     if CONTINUE.strip() not in text:  # as transformers refuses it

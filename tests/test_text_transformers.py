@@ -242,7 +242,10 @@ def test_chat_templates_render_as_transformers_renders_them(text_export, tmp_pat
     assert TextTokenizer(folder).apply_chat_template(messages) == want
 
 
-def test_chat_template_refusals_name_the_file(text_export, tmp_path):
+REQUIRES_SYSTEM = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('Start with a system message') }}{% endif %}"
+
+
+def test_chat_template_refusals_name_the_file(text_export, tmp_path, capsys):
     """Named templates without a default are the file's fault (found when a chat is rendered: plain text is
     fine); a template's raise_exception is the caller's."""
     folder = _folder(text_export, tmp_path, {"chat_template": [{"name": "tool_use", "template": "T"}]})
@@ -250,11 +253,23 @@ def test_chat_template_refusals_name_the_file(text_export, tmp_path):
                        "named default"):
         TextTokenizer(folder).apply_chat_template([{"role": "user", "content": "w10"}])
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": "{% if messages[0]['role'] != 'system' %}{{ raise_exception('Start with a "
-                                    "system message') }}{% endif %}"}, f)
-    with pytest.raises(InvalidInputError, match=r"tokenizer_config.json: the chat template refuses these messages: "
-                       "Start with a system message"):
+        json.dump({"chat_template": REQUIRES_SYSTEM}, f)
+    with pytest.raises(InvalidInputError, match=r"tokenizer_config.json: the chat template refuses these messages \(Start "
+                       r"with a system message\); give each message the role and the text content the template expects, "
+                       r"or pass plain text \(chat=False\)$"):
         TextTokenizer(folder).apply_chat_template([{"role": "user", "content": "w10"}])
+    # a chat hunt: `run --chat`, which sends one user message, was given no fix it could follow
+    from file_checks import edited_json
+    from training_helpers import cli_error, cli_ok
+
+    out = shutil.copytree(text_export[0], tmp_path / "out")
+    os.remove(out / "base" / "chat_template.jinja")  # which transformers reads before tokenizer_config.json's
+    with edited_json(out / "base" / "tokenizer_config.json") as config:
+        config["chat_template"] = REQUIRES_SYSTEM
+    assert cli_error(capsys, "run", out, "--adapter", "tok", "--chat", "w10").endswith(
+        "(Start with a system message); give each message the role and the text content the template expects, or pass "
+        "plain text (no --chat)")
+    cli_ok(capsys, "run", out, "--adapter", "tok", "w10", "--max-new-tokens", "2")  # which runs
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
