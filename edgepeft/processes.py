@@ -90,7 +90,13 @@ def peer_stopped(error: BaseException) -> bool:
     process stopped (its error, said by the first process or in torchrun's report, names why); this one says no more
     than that, where it printed gloo's traceback ("Connection closed by peer"). A process's own error (out of memory)
     is not one."""
-    if not isinstance(error, RuntimeError) or first() or (dist := _group()) is None:
+    return not first() and peer_gone(error)
+
+
+def peer_gone(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed under a process group, another process gone (killed: out of
+    memory; or stopped by its own error): in the first process, the trainer's cue to say so with its --resume."""
+    if not isinstance(error, RuntimeError) or (dist := _group()) is None:
         return False
     return isinstance(error, dist.DistError) or any(s in str(error) for s in PEER_GONE)
 

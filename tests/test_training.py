@@ -5,7 +5,6 @@ with a small BPE tokenizer learned from the sample texts. Nothing is downloaded.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -13,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ import torch
 
 from click.testing import CliRunner
 from file_checks import edit_json
+from training_helpers import finished
 
 from edgepeft.cli import cli
 from edgepeft.errors import ConfigError, TrainingInterrupted
@@ -366,7 +365,7 @@ def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path, task):
            "edgepeft", "train", "--model", text_model("bert"), "--task", task, "--data", data, "--eval", held,
            "--out", out, "--epochs", "2", "--batch-size", "4", "--rank", "2", "--lr", "1e-3", "--quiet",
            *(["--target-modules", "all-linear"] if task == "feature-extraction" else [])]  # the pooler: DDP's unused
-    proc = _finished(cmd, env, timeout=240, marker=out)
+    proc = finished(cmd, env, timeout=240, marker=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [line for line in proc.stdout.splitlines() if line.startswith(("ok: best eval", "done, but"))]
     assert len(reports) == 1  # one report, from rank 0
@@ -388,10 +387,10 @@ def test_two_cpu_processes_train_one_model_with_ddp(text_model, tmp_path, task):
                         "Trainer._end_epoch = stop\nfrom edgepeft.cli import main\nmain(sys.argv[1:])\n")
         cut = str(tmp_path / "cut")
         head, tail = cmd[:cmd.index("-m", 3)], [cut if a == out else a for a in cmd[cmd.index("train"):]]
-        stopped = _finished([*head, str(stop), *tail], env, timeout=240, marker=cut)
+        stopped = finished([*head, str(stop), *tail], env, timeout=240, marker=cut)
         printed = [line for line in stopped.stderr.splitlines() if line.startswith("interrupted; ")]  # not in its report
         assert stopped.returncode != 0 and len(printed) == 1 and "with: torchrun --nproc-per-node 2" in printed[0]
-        resumed = _finished([*head, "-m", "edgepeft", *tail, "--resume"], env, timeout=240, marker=cut)
+        resumed = finished([*head, "-m", "edgepeft", *tail, "--resume"], env, timeout=240, marker=cut)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         with open(os.path.join(cut, "training_log.json")) as f:
             again = json.load(f)
@@ -410,7 +409,7 @@ def test_two_processes_train_each_row_once_as_one_process_with_their_batch(text_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "edgepeft",
            "train", *common, "--out", str(tmp_path / "two"), "--batch-size", "4"]
-    proc = _finished(two, env, timeout=240, marker=str(tmp_path / "two"))
+    proc = finished(two, env, timeout=240, marker=str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "edgepeft", "train", *common, "--out", str(tmp_path / "one"),
                           "--batch-size", "8"], env=env, capture_output=True, text=True, timeout=240)
@@ -435,41 +434,10 @@ def test_a_script_under_torchrun_trains_twice(text_model, tmp_path):
         "    print(json.dumps([log['replica_checksums'] for log in logs]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)]
-    proc = _finished(cmd, env, timeout=240, marker=str(script))
+    proc = finished(cmd, env, timeout=240, marker=str(script))
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = json.loads(proc.stdout.splitlines()[-1])
     assert first[0] == first[1] and second[0] == second[1] and first != second  # each run's replicas agree
-
-
-def _finished(cmd, env, timeout, marker):
-    """``cmd`` run to its end; if it hangs, the test fails with where each of its processes waits (the ones whose
-    command line holds ``marker``: torchrun starts its workers in sessions of their own, and one may outlive it).
-    SIGABRT makes faulthandler print every thread's stack; SIGKILL then ends what is left."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        ours = [pid for pid in _pids() if marker in _cmdline(pid)]
-        for sig in (signal.SIGABRT, signal.SIGKILL):
-            for pid in ours:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(5 if sig == signal.SIGABRT else 0)  # faulthandler writes the stacks
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"no end in {timeout} s; stdout: {stdout[-1000:]}\nstacks:\n{stderr[-12000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:  # gone meanwhile
-        return ""
 
 
 def test_bf16_autocast_trains_and_saves_fp32_weights(text_model, tmp_path):

@@ -1,7 +1,11 @@
 """Helpers shared by the training error-contract tests."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import time
 
 import pytest
 
@@ -56,3 +60,32 @@ class WordTokenizer:
         return {"input_ids": ids[:max_length] if truncation else ids}
 
 
+def finished(cmd, env, timeout, marker):
+    """``cmd`` run to its end; if it hangs, the test fails with where each of its processes waits (the ones whose
+    command line holds ``marker``: torchrun starts its workers in sessions of their own, and one may outlive it).
+    SIGABRT makes faulthandler print every thread's stack; SIGKILL then ends what is left."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ours = [pid for pid in _pids() if marker in _cmdline(pid)]
+        for sig in (signal.SIGABRT, signal.SIGKILL):
+            for pid in ours:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(5 if sig == signal.SIGABRT else 0)  # faulthandler writes the stacks
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"no end in {timeout} s; stdout: {stdout[-1000:]}\nstacks:\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # gone meanwhile
+        return ""

@@ -19,7 +19,7 @@ import time
 import torch
 from torch.nn.functional import binary_cross_entropy_with_logits
 
-from edgepeft.errors import ConfigError, DataError, TrainingInterrupted
+from edgepeft.errors import ConfigError, DataError
 from edgepeft.files import missing_folders, remove_abandoned, remove_empty, remove_new, names_in, reporting_full_disk
 from edgepeft.interrupts import deferred_interrupts
 from edgepeft.model_checks import check_traceable
@@ -29,9 +29,9 @@ from edgepeft.plots import missing_matplotlib, training_curve
 from edgepeft.processes import first
 from edgepeft.training.arguments import CUT, TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
-    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_same_data, check_out_folder, check_resumable, process_rngs,
-    RUN_FILES, STATE, no_checkpoint, read_checkpoint, removed_earlier_run, replica_checksums, restore, save_adapter,
-    save_checkpoint)
+    CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_same_data, check_out_folder, check_resumable, interrupted,
+    process_rngs, RUN_FILES, no_checkpoint, read_checkpoint, removed_earlier_run, replica_checksums, restore,
+    save_adapter, save_checkpoint)
 from edgepeft.training.data import (
     IGNORE_INDEX, Encoder, check_positions, ignored_fields, label_names, process_share, read_data, replaced_head_note,
     rows_digest, scores_relevance)
@@ -220,7 +220,7 @@ class Trainer:
                     raise
         except KeyboardInterrupt:  # waiting for the other run (no cleanup ran), or loading (click's bare "aborted")
             remove_empty(made_out)  # a --resume run's checkpoint is kept as it was: its command is given
-            raise self._interrupted(acc.num_processes, began=False) from None
+            raise interrupted(self.args, self._checkpointed, acc.num_processes, began=False) from None
 
     def _train(self, acc) -> dict:
         from accelerate.utils import set_seed
@@ -270,9 +270,9 @@ class Trainer:
             for epoch in range(start_epoch, args.epochs):
                 self._epoch(acc, model, loader, optimizer, scheduler, params, log, epoch, steps_per_epoch, bar)
                 self._end_epoch(acc, model, eval_loader, optimizer, scheduler, log, epoch, bar)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, RuntimeError) as e:  # a RuntimeError: another process gone, or this one's own
             bar.close()
-            raise self._interrupted(log["world_size"]) from None
+            raise interrupted(args, self._checkpointed, log["world_size"], stopped=e) from None
         bar.close()
         log["hint"] = hint(log, args.lr, args.epochs)
         if (beat := beat_untrained(log)) is not None:
@@ -285,7 +285,7 @@ class Trainer:
                 with reporting_full_disk(args.out, "--out"):
                     self._write_log(log, curve=False)
         except KeyboardInterrupt:
-            raise self._interrupted(log["world_size"]) from None
+            raise interrupted(args, self._checkpointed, log["world_size"]) from None
         acc.wait_for_everyone()  # the process group stays (torchrun): a script's next run trains in it; the CLI ends it
         return log
 
@@ -361,17 +361,6 @@ class Trainer:
                 self._checkpointed = epoch + 1  # set before a Ctrl-C held off meanwhile is raised
         self._checkpointed = epoch + 1
         acc.wait_for_everyone()
-
-    def _interrupted(self, processes: int, began: bool = True) -> TrainingInterrupted:
-        """What an interrupt (Ctrl-C) leaves: the last checkpoint (or the one a --resume run was reading, as it was)
-        and the command that resumes it, or nothing (train removes an OUT it made, as for any error)."""
-        args, ckpt, n = self.args, os.path.join(self.args.out, CHECKPOINT), self._checkpointed
-        if n or args.resume and os.path.isfile(os.path.join(ckpt, STATE)):  # --resume stopped before it read the epoch
-            held = f"holds the run after epoch {n} of {args.epochs}" if n else "is kept"
-            return TrainingInterrupted(f"interrupted; {ckpt} {held}; continue with: "
-                                       + args.command("--resume", processes=processes))
-        return TrainingInterrupted(f"interrupted in the first epoch; nothing was saved in {args.out}" if began else
-                                   f"interrupted before training began; nothing saved in {args.out}")
 
     def _write_log(self, log: dict, curve: bool = True) -> None:
         from edgepeft.files import write_json_atomic
