@@ -200,3 +200,20 @@ def test_another_process_killed_under_torchrun_is_said_by_the_first_with_its_res
     assert command[0] == "torchrun" and command[-1] == "--resume"
     resumed = finished([sys.executable, "-m", "torch.distributed.run", "--standalone", *command[1:]], env, 240, out)
     assert resumed.returncode == 0 and json.load(open(os.path.join(out, "training_log.json")))["world_size"] == 2
+
+
+def test_overwrite_removes_an_hf_peft_folders_pickled_weights(text_model, tmp_path, capsys):
+    """A hunt: --overwrite on an HF PEFT folder saved with safe_serialization=False kept its adapter_model.bin (r 4)
+    beside the new adapter_model.safetensors (r 8): loaders take the safetensors, but a copy or an upload carried both."""
+    import torch
+    from safetensors.torch import load_file
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows())
+    out = tmp_path / "out"
+    cli_ok(capsys, *argv(text_model("bert"), data, str(out), "--r", "4"))
+    torch.save(load_file(str(out / "adapter_model.safetensors")), out / "adapter_model.bin")  # as HF PEFT pickles it
+    os.remove(out / "adapter_model.safetensors")
+    write_lines(out / "notes.jsonl", [{"keep": 1}])  # the user's own: stays
+    cli_ok(capsys, *argv(text_model("bert"), data, str(out), "--r", "8", "--overwrite"))
+    assert not os.path.exists(out / "adapter_model.bin") and os.path.exists(out / "notes.jsonl")
+    assert load_file(str(out / "adapter_model.safetensors"))  # the new run's, alone

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from edgepeft.config import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME
+from edgepeft.config import CONFIG_NAME, LABELS_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
 from edgepeft.errors import ConfigError, CorruptArtifactError, TrainingInterrupted
 from edgepeft.files import names_in, replace_dir, staging_dir, write_bytes_atomic, write_json_atomic
 from edgepeft.processes import first, peer_gone
@@ -31,13 +31,16 @@ CURVE_NAME = "training_curve.png"
 # --eval): a --resume refusal names them only where nothing they follow from changed
 FOLLOWING = ("lr", "max_length", "options", "save")
 RUN_FILES = (CHECKPOINT, CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME, LOG_NAME, CURVE_NAME)  # what a run writes in OUT
+# and what --overwrite removes of an earlier adapter: an HF PEFT folder's pickled weights too (a hunt: left beside the
+# new adapter's, a copy or an upload carried both)
+EARLIER_FILES = (*RUN_FILES, PICKLED_WEIGHTS_NAME)
 
 
 def removed_earlier_run(out: str) -> set | None:
     """--overwrite, at a run's first save: the earlier run's files in ``out`` removed (they were replaced one by one,
     so a run failing between its adapter and its checkpoint left its adapter beside the earlier run's checkpoint);
     returns what ``out`` holds then (``names_in``), from which a failure before the checkpoint takes back its own."""
-    for name in RUN_FILES:
+    for name in EARLIER_FILES:
         path = os.path.join(out, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
@@ -296,8 +299,9 @@ def check_fresh_out(out: str) -> None:
 
 def interrupted(args, n: int, processes: int, began: bool = True, stopped=None) -> TrainingInterrupted:
     """What an interrupt of a run of ``args`` whose checkpoint holds ``n`` epochs (Ctrl-C; ``stopped``: a RuntimeError,
-    in the first process another's end under torchrun, which printed gloo's traceback, a hunt) leaves: the last checkpoint (or the one a --resume run was reading, as
-    it was) and the command that resumes it, or nothing (train removes an OUT it made, as for any error)."""
+    in the first process another's end under torchrun, which printed gloo's traceback, a hunt) leaves: the last
+    checkpoint (or the one a --resume run was reading, as it was) and the command that resumes it, or nothing (train
+    removes an OUT it made, as for any error)."""
     if isinstance(stopped, RuntimeError) and not (first() and peer_gone(stopped)):
         raise stopped  # this process's own (out of memory), or another process's: the CLI says it (peer_stopped)
     ckpt = os.path.join(args.out, CHECKPOINT)
