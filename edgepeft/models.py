@@ -191,8 +191,8 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
         if getattr(config, "problem_type", None) not in (None, "single_label_classification"):
             raise ConfigError(  # BCE or MSE loss on class ids: a size-mismatch traceback
                 f"{model_label(name_or_path, revision)}: config.json's problem_type is {config.problem_type!r}; edgepeft "
-                "trains single-label classification (one label per row); use a copy of the model whose config.json "
-                "sets problem_type to \"single_label_classification\"")
+                "trains single-label classification (one label per row), and a reranker's score (one output); use a "
+                "copy of the model without problem_type in its config.json")
         head.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                     label2id={n: i for i, n in enumerate(labels)})
     caller = torch.default_generator.get_state()  # given back below: the caller's draws go on as if unloaded

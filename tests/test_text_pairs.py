@@ -460,14 +460,28 @@ def test_a_reranker_trains_on_relevance_scores(reranker, tmp_path):
             _train_scores(base, [dict(rows[0], label=other)] + rows, str(tmp_path / "a6"), tmp_path)
     with edited_json(os.path.join(base, "config.json")) as config:  # a head of two classes
         config["id2label"], config["label2id"] = {"0": "no", "1": "yes"}, {"no": 0, "yes": 1}
-    with pytest.raises(DataError, match=r"relevance.jsonl: labels such as 0.(9|15|6|35) are relevance scores, which "
-                                        r"train a head of one output \(a cross-encoder reranker's\).* a --model "
-                                        r"whose config.json sets \"num_labels\": 1"):
+    scores = r"labels such as 0.(9|15|6|35) are relevance scores, which train a head of one output \(a cross-encoder "
+    with pytest.raises(DataError, match=r"relevance.jsonl: " + scores + r"reranker's\).* a --model of one output "
+                                        r"\(config.json's \"num_labels\": 1, no problem_type"):
         _train_scores(base, rows, str(tmp_path / "a4"), tmp_path)
     with edited_json(os.path.join(base, "config.json")) as config:  # the fix the message names
         del config["id2label"], config["label2id"]
         config["num_labels"] = 1
     assert _train_scores(base, rows, str(tmp_path / "a5"), tmp_path)["labels"] is None
+    # a pairs hunt: a reranker transformers' Trainer fine-tuned on floats saves problem_type "regression"; told to set
+    # "num_labels": 1 (which it has), or for labels 0 and 1 problem_type "single_label_classification" (which
+    # transformers refuses for one output). Without problem_type, as both messages say now, it trains.
+    with edited_json(os.path.join(base, "config.json")) as config:
+        config["problem_type"] = "regression"
+    with pytest.raises(DataError, match=scores):
+        _train_scores(base, rows, str(tmp_path / "a7"), tmp_path)
+    with pytest.raises(ConfigError, match=r"config.json's problem_type is 'regression'; edgepeft trains single-label "
+                                          r"classification \(one label per row\), and a reranker's score \(one output\); "
+                                          r"use a copy of the model without problem_type in its config.json$"):
+        _train_scores(base, [dict(r, label=i % 2) for i, r in enumerate(rows)], str(tmp_path / "a8"), tmp_path)
+    with edited_json(os.path.join(base, "config.json")) as config:
+        del config["problem_type"]
+    assert _train_scores(base, rows, str(tmp_path / "a9"), tmp_path)["labels"] is None
 
 
 def test_a_rerankers_head_replaced_or_resumed_across_versions_is_said(reranker, tmp_path, capsys):
@@ -492,6 +506,16 @@ def test_a_rerankers_head_replaced_or_resumed_across_versions_is_said(reranker, 
     with pytest.raises(TrainingConfigError, match="was made by an earlier edgepeft, which trained a head of 2 classes "
                                                   "in place of this model's one-output head"):
         check_same_data({"log": {"labels": ["0", "1"]}}, "CKPT", None, "DATA", {})
+    # a pairs hunt: "0" and "1" as strings (a CSV's) were told to label the rows 0 and 1, which they seemed to be
+    from edgepeft.training.data import replaced_head_note
+    from edgepeft.training.labels import ClassNames
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(num_labels=1, problem_type=None)
+    assert "label the rows 0 and 1 (numbers, not strings), or" in replaced_head_note(config, ClassNames("01", ints=False),
+                                                                                     "M", False)
+    for labels in (ClassNames("012", ints=True), ClassNames(["no", "yes"], ints=False)):
+        assert "label the rows 0 and 1, or" in replaced_head_note(config, labels, "M", False)
 
 
 def test_a_pair_template_naming_a_token_its_file_lacks(reranker, text_export, tmp_path):

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from file_checks import edit_json, write_lines
+from file_checks import edit_json, edited_json, write_lines
 from training_helpers import cli_error, seq_cls_rows, train_argv
 from edgepeft.errors import ConfigError
 from edgepeft.training import train
@@ -25,10 +25,11 @@ def test_a_classifier_that_is_not_single_label_is_refused_naming_the_fix(text_mo
     data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(8))
     line = cli_error(capsys, *train_argv(str(model), data, str(tmp_path / "out")))
     assert line.endswith(f"config.json's problem_type is {problem_type!r}; edgepeft trains single-label "
-                         "classification (one label per row); use a copy of the model whose config.json sets "
-                         "problem_type to \"single_label_classification\"")
+                         "classification (one label per row), and a reranker's score (one output); use a copy of the "
+                         "model without problem_type in its config.json")
     assert not os.path.exists(tmp_path / "out")
-    edit_json(os.path.join(model, "config.json"), problem_type="single_label_classification")
+    with edited_json(os.path.join(model, "config.json")) as config:  # the fix: without it
+        del config["problem_type"]
     train(model=str(model), task="seq-cls", method="lora", data=data, out=str(tmp_path / "out"), epochs=1,
           progress=False)
 

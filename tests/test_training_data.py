@@ -238,7 +238,7 @@ def test_mixed_string_and_integer_labels(tmp_path):
 def test_relevance_scores_are_refused_for_a_head_of_classes(values):
     """A hunt: 0.0 read as no score (false): 0.0 and 1.0, the usual binary relevance, were tracebacks."""
     with pytest.raises(DataError, match=r"^d.jsonl: labels such as 0\.\d+ are relevance scores, which train a head of "
-                                        r"one output .* sets \"num_labels\": 1"):
+                                        r"one output .* \(config.json's \"num_labels\": 1, no problem_type"):
         label_names([{"label": v, "_line": i} for i, v in enumerate(values)], "d.jsonl")
 
 

@@ -205,8 +205,8 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
     if (scored := next((r["label"] for r in rows if isinstance(r["label"], float)), None)) is not None:
         raise DataError(f"{path}: labels such as {scored} are relevance scores, which train a head of one output (a "
                         "cross-encoder reranker's) where every label is one; give class labels (strings, or integers "
-                        "0..N-1), or for scores a --model whose config.json sets \"num_labels\": 1 (a copy of this one "
-                        "with that key trains a new head of one output)")
+                        "0..N-1), or for scores a --model of one output (config.json's \"num_labels\": 1, no problem_type: "
+                        "a copy so of a model without a trained classifier, a sentence-transformers one, trains a new head)")
     ints = all(isinstance(v, int) for v in values)
     if not ints and any(isinstance(v, int) for v in values):
         raise DataError(f"{path}: labels mix strings and integers; use one kind for every row")
@@ -269,8 +269,8 @@ def replaced_head_note(config, labels: list, model: str, kept: bool, head: list 
     if kept or getattr(config, "num_labels", None) != 1 or getattr(config, "problem_type", None):
         return None
     return (f"{model}: its head gives one score (a reranker's); labels {', '.join(labels)} train a head of {len(labels)} "
-            "classes from scratch in its place; label the rows 0 and 1, or with scores from 0 to 1, to keep and fine-tune "
-            "its score")
+            f"classes from scratch in its place; label the rows 0 and 1{' (numbers, not strings)' * labels.digits}, or with "
+            "scores from 0 to 1, to keep and fine-tune its score")
 
 
 class Encoder:

@@ -12,6 +12,12 @@ class ClassNames(list):
         super().__init__(names)
         self.ints = ints
 
+    @property
+    def digits(self) -> bool:
+        """Names that read as class ids ("0", "1"), given as strings (a CSV's): classes by name (a pairs hunt: told to
+        label the rows 0 and 1, which they seemed to be, a reranker's head was replaced)."""
+        return not self.ints and all(v.isdigit() for v in self)
+
 
 def label_ids(rows: list[dict], names: list[str], path: str) -> list[int]:
     """Each row's class id; a label no training row has is a DataError naming its line. Adding training rows with it
