@@ -113,14 +113,14 @@ def load_model_config(name_or_path: str, flag: str = "--base", revision: str | N
         check_readable(local)
         try:
             with open(local, encoding="utf-8") as f:
-                model_type = json.load(f).get("model_type")
+                model_type, parsed = json.load(f).get("model_type"), True  # an object: a field refused, not damage
         except (OSError, ValueError, AttributeError):  # none, not JSON, not an object
-            model_type = None
+            model_type, parsed = None, False
         if model_type is not None and model_type not in SUPPORTED:  # one transformers does not know either
             raise unsupported_type(model_type, f"{model_label(name_or_path, revision)}: ") from None
         fix = (f"its config.json is damaged: save the model again (save_pretrained), or pass {flag} another folder"
                if os.path.isfile(local) else f"pass {flag} with a local model folder (with config.json)")
-        if isinstance(e, (KeyError, StrictDataclassError)):  # transformers 5 checks each field: name the one
+        if isinstance(e, (KeyError, StrictDataclassError)) or parsed:  # transformers 5 checks each field: name the one
             fix = f"correct it in {local if os.path.isfile(local) else 'its config.json'}, or pass {flag} another folder"
         reason = f"{offline} is unreachable from here, no copy in the hub cache" if offline else config_fault(e)
         raise ArtifactNotFoundError(f"{model_label(name_or_path, revision)}: cannot load the base model's config "

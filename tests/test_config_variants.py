@@ -172,9 +172,11 @@ def test_config_fields_the_traced_model_runs_without_are_set_as_it_runs(tmp_path
     assert report["checks"] and all(c["max_abs_diff"] < 1e-4 for c in report["checks"])
 
 
-def test_a_config_field_transformers_cannot_set_is_named_as_a_damaged_config(tmp_path, capsys):
-    """use_return_dict (a read-only property) in config.json: transformers' AttributeError was a raw traceback."""
-    from file_checks import edit_json
+def test_a_config_field_transformers_refuses_is_named_with_the_file_to_correct(tmp_path, capsys):
+    """use_return_dict (a read-only property) in config.json: transformers' AttributeError was a raw traceback; then
+    told "damaged: save the model again", as was a field of a readable file transformers refuses (a pairs hunt:
+    problem_type single_label_classification with one output), which saving again does not mend."""
+    from file_checks import edit_json, edited_json
     from training_helpers import cli_error
 
     base = _base(tmp_path, "llama")
@@ -182,8 +184,13 @@ def test_a_config_field_transformers_cannot_set_is_named_as_a_damaged_config(tmp
     edit_json(os.path.join(base, "config.json"), use_return_dict=False)
     line = cli_error(capsys, "export", "--adapter", lora, "--base", base, "--out", str(tmp_path / "out"))
     assert "cannot load the base model's config (property 'use_return_dict'" in line
-    assert line.endswith("its config.json is damaged: save the model again (save_pretrained), or pass --base another "
-                         "folder")
+    assert line.endswith(f"; correct it in {base}/config.json, or pass --base another folder")
+    with edited_json(os.path.join(base, "config.json")) as config:
+        del config["use_return_dict"]
+        config.update(id2label={"0": "LABEL_0"}, problem_type="single_label_classification")
+    line = cli_error(capsys, "export", "--adapter", lora, "--base", base, "--out", str(tmp_path / "out"))
+    assert "requires `num_labels > 1`" in line and line.endswith(f"; correct it in {base}/config.json, or pass --base "
+                                                                 "another folder")
 
 
 @pytest.mark.parametrize("kind", ["relative_key", "relative_key_query"])
