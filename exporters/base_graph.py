@@ -28,14 +28,14 @@ from edgepeft.exporters.generation_settings import SAMPLING_ONLY, generation_fie
 from edgepeft.exporters.web_graph import write_web_variant
 from edgepeft.runtimes.manifest import (BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSION, LAYOUT_VERSION, NEUTRAL_GRAPH,
                                         WEB_GRAPH, slot_name)
-from edgepeft.runtimes.sentence import PROMPTS_CONFIG, has_sentence_transformers_files, sentence_transformers_settings
+from edgepeft.runtimes.sentence import (PROMPTS_CONFIG, TEXT_FILES, has_sentence_transformers_files,
+                                        sentence_transformers_settings)
 from edgepeft.runtimes.text import TextTokenizer
 from edgepeft.tuners import spec_for
 from edgepeft.tuners.targets import replace_module
 
-JSON_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # a copy must keep
 TOKENIZER_FILES = (
-    *JSON_TOKENIZER_FILES, "vocab.txt", "vocab.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
     "merges.txt", "tokenizer.model", "chat_template.jinja",
 )
 
@@ -197,15 +197,18 @@ def graph_files(stage: str, manifest: dict, digests: bool = True) -> dict:
     """``file_bytes`` ({file: size}) and ``file_sha256`` ({file: digest}) of the base's graphs and weights file, as
     written: a copy cut short is told by its size at every load (``manifest.base_file_errors``), one damaged within
     (a preallocated file a copy stopped filling) by its digest in ``edgepeft inspect``: the weights are too large to
-    hash on every load. ``text_files``: the tokenizer's files written, which a copy must have (at the first text call: a
-    copy without tokenizer_config.json cut no text, silently); the others may go (deploy.md)."""
+    hash on every load. ``text_files``: the files text calls read (the tokenizer's, the chat template, the
+    sentence-transformers files) as written, which a copy must have (at the first text call: a copy without
+    tokenizer_config.json cut no text, one without sentence_bert_config.json cut at the positions, one without the
+    chat template was told it has none, silently), their SHA-256 with the graphs' (inspect: a template cut short at a
+    tag rendered other prompts; edited since, it is named too); the others may go (deploy.md)."""
     from edgepeft.runtimes.access import sha256_file
 
     names = (manifest["graph"], manifest["graph"] + ".data", manifest.get("web_graph"), manifest.get("neutral_graph"))
     paths = {n: os.path.join(stage, n) for n in names if n and os.path.isfile(os.path.join(stage, n))}
-    return {"file_bytes": {n: os.path.getsize(p) for n, p in paths.items()},
-            **({"file_sha256": {n: sha256_file(p) for n, p in paths.items()}} if digests else {}),
-            "text_files": [n for n in JSON_TOKENIZER_FILES if os.path.isfile(os.path.join(stage, n))]}
+    text = [n for n in TEXT_FILES if "/" not in n and os.path.isfile(os.path.join(stage, n))]  # 1_Pooling/: modules.json
+    return {"file_bytes": {n: os.path.getsize(p) for n, p in paths.items()}, "text_files": text,
+            **({"file_sha256": {n: sha256_file(os.path.join(stage, n)) for n in [*paths, *text]}} if digests else {})}
 
 
 def write_tokenizer(source: str, stage: str, revision: str | None = None, log=lambda *a, **k: None,

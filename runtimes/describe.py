@@ -7,7 +7,7 @@ import os
 from .access import OLDER_RECORDS, STOPPED, check_readable, moved_aside, older_export, sha256_file, unchanged_while
 from .adapter_source import adapter_bound, read_adapter_source
 from .base_checks import serves_pairs
-from .commands import REEXPORT_BASE, adapter_files_fix, folder_fix, folder_name_problem, pairs_fix
+from .commands import REEXPORT_BASE, adapter_files_fix, copied_base_fix, folder_fix, folder_name_problem, pairs_fix
 from .errors import EdgePeftError
 from .manifest import (
     ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, base_file_errors, not_an_export,
@@ -26,10 +26,11 @@ def folder_bytes(path: str) -> int:
 
 def _damaged(base_dir: str, base: dict) -> list:
     """The base's files whose SHA-256 is not the one the export recorded (``file_sha256``; an earlier export recorded
-    none), at the size it wrote: damaged within (a preallocated file a copy stopped filling ran, all zeros)."""
-    recorded = base.get("file_sha256") or {}
-    return [f"{path}: not what the export wrote (its SHA-256 differs; damaged in a copy?); {REEXPORT_BASE}"
-            for name in base.get("file_bytes") or () if name in recorded  # names checked as in the folder
+    none), at the size it wrote: damaged within (a preallocated file a copy stopped filling ran, all zeros); a text
+    file at any size (a chat template cut short at a tag rendered other prompts: a runtime checks none, edits allowed)."""
+    recorded, text = base.get("file_sha256") or {}, base.get("text_files") or []
+    return [f"{path}: not what the export wrote (its SHA-256 differs; damaged in a copy{', or edited' * (name in text)}?); "
+            f"{REEXPORT_BASE}" for name in [*(base.get("file_bytes") or ()), *text] if name in recorded  # names checked
             and os.path.isfile(path := os.path.join(base_dir, name)) and sha256_file(path) != recorded[name]]
 
 
@@ -122,7 +123,7 @@ def _described(out_dir: str) -> dict:
             problems.append(problem)
         if m["base_fingerprint"] != base["fingerprint"]:  # Runtime(OUT) refuses to open with it too
             problems.append(f"{d}: exported for another base ({m['base_fingerprint'][:12]}; {base_dir} is "
-                            f"{base['fingerprint'][:12]}); {folder_fix(out_dir, d, base, m)}")
+                            f"{base['fingerprint'][:12]}); {folder_fix(out_dir, d, base, m)}{copied_base_fix(m, base, d)}")
         adapters.append(
             {
                 "name": name,

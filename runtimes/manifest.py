@@ -355,7 +355,8 @@ def read_adapter_manifest(adapter_dir: str) -> dict:
         raise ArtifactNotFoundError(f"{adapter_dir}: not an exported adapter (no {ADAPTER_MANIFEST}, no {ADAPTER_GRAPH}); "
                                     "remove it if it is a stray folder, or pass a folder of OUT/adapters/ made by "
                                     "`edgepeft export`")
-    return _checked_adapter_manifest(read_json(path, "adapter manifest", _ADAPTER_FIX), path)
+    fix = f"copy {adapter_dir} again from its export, or {_ADAPTER_FIX}"  # a device's copy: no torch to re-export with
+    return _checked_adapter_manifest(read_json(path, "adapter manifest", fix), path, fix)
 
 
 def check_adapter_manifest(data: bytes, label: str) -> dict:
@@ -369,10 +370,10 @@ def check_adapter_manifest(data: bytes, label: str) -> dict:
     return _checked_adapter_manifest(manifest, f"{label}: adapter.json")
 
 
-def _checked_adapter_manifest(data: dict, path: str) -> dict:
-    _check_format(data, path, "edgepeft-adapter", _ADAPTER_KEYS, _ADAPTER_FIX)
+def _checked_adapter_manifest(data: dict, path: str, fix: str = _ADAPTER_FIX) -> dict:
+    _check_format(data, path, "edgepeft-adapter", _ADAPTER_KEYS, fix)
     if not isinstance(data["slots"], dict):
-        raise CorruptArtifactError(f"{path}: 'slots' must map slot names to shapes; {_ADAPTER_FIX}")
+        raise CorruptArtifactError(f"{path}: 'slots' must map slot names to shapes; {fix}")
     return data
 
 

@@ -100,3 +100,41 @@ def test_the_reexport_of_a_lost_graph_repeats_base_and_a_folder_of_adapters_kept
     (kept / "adapter.onnx").unlink()
     with pytest.raises(EdgePeftError, match=f"copy {re.escape(str(kept))} again from the export it came from$"):
         Runtime(str(out), load_adapters=False).load_adapter(str(kept))
+
+
+def test_a_copy_that_lost_or_cut_its_chat_template_is_named(text_export, tmp_path, capsys):
+    """A deploy hunt: a copy without base/chat_template.jinja was told the model has no chat template (pass plain
+    text), and one cut short at a tag rendered another prompt while inspect said ok. The export records every text
+    file it wrote, with its SHA-256 (inspect: an edit is named too; the runtime serves an edited template)."""
+    out = shutil.copytree(text_export[0], tmp_path / "device")
+    template = out / "base" / "chat_template.jinja"
+    chat = [{"role": "user", "content": "w10"}]
+    whole = Runtime(str(out)).generate_text(chat, adapter="tok", chat=True, max_new_tokens=2)
+    text = template.read_text()
+    template.write_text(text[:text.index("{% if")])  # cut short at a tag: no generation prompt, silently
+    assert Runtime(str(out)).generate_text(chat, adapter="tok", chat=True, max_new_tokens=2) is not None
+    assert cli_error(capsys, "inspect", out) == (f"error: {template}: not what the export wrote (its SHA-256 differs; "
+                                                 "damaged in a copy, or edited?); copy the export's base folder again, or "
+                                                 "re-run `edgepeft export` into a fresh --out folder")
+    template.unlink()
+    with pytest.raises(EdgePeftError, match=f"^{re.escape(str(template))}: missing; copy the export's base folder again"):
+        Runtime(str(out)).generate_text(chat, adapter="tok", chat=True, max_new_tokens=2)
+    template.write_text(text)
+    assert Runtime(str(out)).generate_text(chat, adapter="tok", chat=True, max_new_tokens=2) == whole
+    assert cli_ok(capsys, "inspect", out)
+
+
+def test_a_copied_adapter_without_its_manifest_or_of_another_base_is_told_to_copy_again(shared_export, tmp_path, capsys):
+    """A deploy hunt: a device's copy without adapters/<name>/adapter.json was told only to re-export (no torch there
+    to do it with, and placeholders); inspect's "exported for another base" left out the copy that Runtime names."""
+    from file_checks import edit_json
+
+    out = shutil.copytree(shared_export("llama")[0], tmp_path / "device")
+    folder = out / "adapters" / "qv"
+    edit_json(folder / "adapter.json", base_fingerprint="0" * 64)  # made for a newer export of the same model
+    assert cli_error(capsys, "inspect", out).endswith("; or, where this OUT is a copy, copy the export it came from "
+                                                      "again: its base folder and every adapter")
+    (folder / "adapter.json").unlink()
+    with pytest.raises(EdgePeftError, match=f"^{re.escape(str(folder / 'adapter.json'))}: .*; copy {re.escape(str(folder))} "
+                                            "again from its export, or re-export the adapter"):
+        Runtime(str(out))

@@ -110,6 +110,16 @@ def test_a_prompt_adapter_leaves_room_for_its_tokens(st6):
     np.testing.assert_allclose(mixed, [ours, rt.embed(long)], atol=2e-5)
 
 
+def _unrecorded(out: str, *names: str) -> None:
+    """``names`` left out of OUT's base manifest's text files, as an export of a folder without them records it."""
+    path = os.path.join(out, "base", "edgepeft.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest["text_files"] = [n for n in manifest["text_files"] if n not in names]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
 def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tmp_path):
     """A plain transformers folder: sentence-transformers cuts texts at the tokenizer's model_max_length, capped at
     the model's positions; embed raised on a text past 512 tokens."""
@@ -123,6 +133,7 @@ def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tm
     for name in ("modules.json", "sentence_bert_config.json", "1_Pooling"):
         path = os.path.join(copied, "base", name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    _unrecorded(copied, "modules.json", "sentence_bert_config.json")  # as an export of the plain folder writes it
     for folder in (plain, os.path.join(copied, "base")):  # a tokenizer limit past the model's positions: capped
         config = os.path.join(folder, "tokenizer_config.json")
         with open(config) as f:
@@ -133,6 +144,7 @@ def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tm
     texts = ["word " * 600, "hello world"]
     np.testing.assert_allclose(Runtime(copied).embed(texts, normalize=False), st.encode(texts), atol=2e-4)
     os.remove(os.path.join(copied, "base", "config_sentence_transformers.json"))  # a plain model has query, document
+    _unrecorded(copied, "config_sentence_transformers.json")
     np.testing.assert_allclose(Runtime(copied).embed(texts, normalize=False, prompt_name="document"),
                                st.encode(texts, prompt_name="document"), atol=2e-4)
 
@@ -162,8 +174,9 @@ def test_a_copy_that_lost_the_pooling_config_is_named_not_pooled_by_the_mean(st6
     pooling = os.path.join(copied, "base", "1_Pooling", "config.json")
     os.remove(pooling)
     for step in ("listed", "folder alone"):
-        if step == "folder alone":
+        if step == "folder alone":  # as an export of a folder without modules.json writes it
             os.remove(os.path.join(copied, "base", "modules.json"))
+            _unrecorded(copied, "modules.json")
         with pytest.raises(ArtifactNotFoundError, match=re.escape(f"{pooling}: pooling config not found; copy the "
                                                                   "export's base folder again, or re-run")):
             Runtime(copied).embed(TEXTS)
@@ -342,6 +355,7 @@ def test_an_export_of_an_earlier_edgepeft_takes_new_adapters_and_names_what_it_l
     folder, out, _ = st6
     old = shutil.copytree(out, tmp_path / "old")
     os.remove(old / "base" / "config_sentence_transformers.json")
+    _unrecorded(str(old), "config_sentence_transformers.json")  # which an earlier edgepeft did not record either
     adapter = peft_virtual_adapter(tmp_path / "more", folder, "prompt", seed=6, task="feature-extraction",
                                    num_virtual_tokens=3)
     export([adapter], str(old))
@@ -517,3 +531,17 @@ def test_a_model_that_saved_no_prompts_embeds_with_sentence_transformers_own(st6
     (plain / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Normalize")]))
     with pytest.raises(edgepeft.errors.AdapterBaseMismatchError, match=r"sentence-transformers settings \(modules\.json"):
         export([adapter], str(tmp_path / "out"), names=["again"])
+
+
+def test_a_copy_without_a_sentence_transformers_file_is_named_not_embedded_otherwise(st6, tmp_path):
+    """A deploy hunt: a copy without sentence_bert_config.json cut texts at the model's 512 positions, not the 256
+    sentence-transformers does (3.4e-2 apart), and one without modules.json pooled by the mean, silently."""
+    from edgepeft.errors import EdgePeftError
+
+    _, out, model = st6
+    for name in ("sentence_bert_config.json", "modules.json"):
+        copied = shutil.copytree(out, tmp_path / name)
+        os.remove(copied / "base" / name)
+        with pytest.raises(EdgePeftError, match=f"^{copied}/base/{name}: missing; copy the export's base folder again"):
+            Runtime(str(copied)).embed("a text")
+

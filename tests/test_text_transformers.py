@@ -259,13 +259,10 @@ def test_chat_template_refusals_name_the_file(text_export, tmp_path, capsys):
                        r"or pass plain text \(chat=False\)$"):
         TextTokenizer(folder).apply_chat_template([{"role": "user", "content": "w10"}])
     # a chat hunt: `run --chat`, which sends one user message, was given no fix it could follow
-    from file_checks import edited_json
     from training_helpers import cli_error, cli_ok
 
     out = shutil.copytree(text_export[0], tmp_path / "out")
-    os.remove(out / "base" / "chat_template.jinja")  # which transformers reads before tokenizer_config.json's
-    with edited_json(out / "base" / "tokenizer_config.json") as config:
-        config["chat_template"] = REQUIRES_SYSTEM
+    (out / "base" / "chat_template.jinja").write_text(REQUIRES_SYSTEM)  # an edit on the device: served
     assert cli_error(capsys, "run", out, "--adapter", "tok", "--chat", "w10").endswith(
         "(Start with a system message); give each message the role and the text content the template expects, or pass "
         "plain text (no --chat)")
