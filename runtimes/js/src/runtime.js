@@ -48,7 +48,7 @@ export class Runtime {
     if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT_BASE}`);
     await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`, m.neutral_graph].filter(Boolean));
     rt.session = new TakingTurns(await rt.opened(`base/${m.web_graph}`,
-      (o) => loader.session(ort, `base/${m.web_graph}`, o, true)), loader.where(`base/${m.web_graph}`));
+      (o) => loader.session(ort, `base/${m.web_graph}`, o, true)), loader.where(`base/${m.web_graph}`), rt.sessionOptions);
     try {
       await rt.checkedOpen(m);
     } catch (e) {  // the session is freed (wasm frees one on release only: 80 MB a failed open kept)

@@ -1,7 +1,7 @@
 // How the runtime runs its ONNX Runtime sessions (the Python runtime's runtimes/sessions.py, in JavaScript's terms), and
 // the float32 tensors it repeats, slices and joins between runs.
 
-import { OutOfMemoryError } from "./checks.js";
+import { EdgePeftError, OutOfMemoryError } from "./checks.js";
 
 let creating = Promise.resolve();  // onnxruntime-web's session creations, in turn
 
@@ -28,10 +28,11 @@ export function createSession(ort, source, options = {}) {
  * queued in its thread pool anyway, so waiting a turn costs it nothing.
  */
 export class TakingTurns {
-  constructor(session, where) {
+  constructor(session, where, options = {}) {
     this.session = session;
     this.where = where;  // the graph, as errors name it
     this.turn = Promise.resolve();
+    this.webgpu = (options.executionProviders ?? []).some((p) => (p?.name ?? p) === "webgpu");
   }
 
   get inputNames() {
@@ -39,6 +40,15 @@ export class TakingTurns {
   }
 
   run(feeds) {
+    // onnxruntime-web's WebGPU backend binds no empty tensor: a slot left at its empty neutral value (the base model,
+    // an adapter filling some slots) was a raw TypeError, and every later run on the session hung (a web hunt)
+    const empty = this.webgpu && Object.keys(feeds).filter((n) => !n.startsWith("past_key_values") && feeds[n].size === 0);
+    if (empty.length) {
+      return Promise.reject(new EdgePeftError(`${this.where}: WebGPU cannot run this call, which leaves ${empty.length} ` +
+        `of the base's slots empty (${empty.slice(0, 3).join(", ")}${empty.length > 3 ? ", ..." : ""}: the base model, or ` +
+        "an adapter that fills some of them), as onnxruntime-web's WebGPU backend binds no empty tensor; open the " +
+        "export with executionProviders [\"wasm\"] for it"));
+    }
     const run = this.turn.then(() => this.session.run(feeds, QUIET))
       .catch((e) => { throw outOfMemory(e, this.where, feeds) ?? e; });
     this.turn = run.catch(() => {});  // a failed run is its caller's; the next one runs
