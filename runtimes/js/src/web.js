@@ -68,10 +68,12 @@ async function fetched(url, as, most) {
     }
   } catch (e) {  // the server down, the connection cut: nothing to re-export; a browser refuses another site's answer
     // (CORS) alike, where no retry helps
+    // (an error naming the address, as Deno's, names it without its query); an address of this site may redirect to
+    // another (a CDN), which the browser hides: told so too (a web hunt)
     const page = globalThis.location?.origin, other = page && page !== "null" && new URL(url).origin !== page;
-    // (an error naming the address, as Deno's, names it without its query)
+    const site = other ? "another site's server" : "where the address redirects to another site (a CDN), that site";
     throw new EdgePeftError(`${shown(url)}: download failed (${String(e.message).split(url).join(shown(url))}); check the server and the connection, then retry` +
-      (other ? `; another site's server must allow this page's origin (Access-Control-Allow-Origin: ${page}) on ` +
+      (page && page !== "null" ? `; ${site} must allow this page's origin (Access-Control-Allow-Origin: ${page}) on ` +
         "every answer, errors included, or serve the export from this page's site" : ""));
   }
   // a site that answers a missing file with its HTML page (a binary file's said "checksum does not match: re-export"):
@@ -83,7 +85,8 @@ async function fetched(url, as, most) {
   if (!response.ok || page) {
     const error = new EdgePeftError(`${shown(url)}: ${page ? "the server answered with an HTML page, not the export's file"
       : `HTTP ${response.status}`}; ${response.status >= 500 ? "the server failed: check it, then retry"
-      : "serve the export's folder (OUT) at that address"}`);
+      : [401, 403].includes(response.status) ? "the server refused this page the file: check its access rules, or sign " +
+        "the address again where it was signed (expired)" : "serve the export's folder (OUT) at that address"}`);
     error.missing = page || response.status === 404;  // the runtime says what a missing file of an export means
     throw error;
   }

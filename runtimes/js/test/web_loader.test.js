@@ -35,6 +35,7 @@ const server = http.createServer(async (request, response) => {
   try {
     if (behaviour.gone.has(rel)) throw new Error("gone");
     if (behaviour.failing && rel.endsWith(behaviour.failing)) return response.writeHead(503).end();
+    if (behaviour.forbidden && rel.endsWith(behaviour.forbidden)) return response.writeHead(403).end();
     let body = await readFile(path.join(FIXTURES, "llama", rel));
     if (behaviour.staleData && rel.endsWith("model.onnx.data")) body = Buffer.concat([body, Buffer.alloc(64)]);
     if (behaviour.padded === rel) body = Buffer.concat([body, Buffer.alloc(17 * 2 ** 20, " ")]);  // a large vocabulary's
@@ -114,6 +115,9 @@ test("a stale weights file, a page for a missing file, a server that is down: ea
   behaviour.failing = "model.onnx.data";
   await refuses(openUrl(ortWeb, base), /model\.onnx\.data: HTTP 503; the server failed: check it, then retry$/);
   behaviour.failing = null;
+  behaviour.forbidden = "model.onnx.data";  // a web hunt: an expired signed address was told to serve OUT there
+  await refuses(openUrl(ortWeb, base), /model\.onnx\.data: HTTP 403; the server refused this page the file: check its access rules/);
+  behaviour.forbidden = null;
   behaviour.asHtml = true;
   assert.equal(await (await openUrl(ortWeb, base)).loadAdapter("lora"), "lora");
   behaviour.asHtml = false;
@@ -125,6 +129,9 @@ test("a stale weights file, a page for a missing file, a server that is down: ea
   globalThis.location = { origin: "http://page.example", href: "http://page.example/app/" };  // a page of another site
   try {  // a CORS refusal is the browser's "Failed to fetch", as a server that is down: the fix names both
     await refuses(openUrl(ortWeb, "http://127.0.0.1:9/out"), /download failed .*; another site's server must allow this page's origin \(Access-Control-Allow-Origin: http:\/\/page\.example\) on every answer/);
+    // a web hunt: an address of this page's site redirecting to a CDN without CORS was told only to check the server
+    globalThis.location = { origin: "http://127.0.0.1:9", href: "http://127.0.0.1:9/app/" };
+    await refuses(openUrl(ortWeb, "http://127.0.0.1:9/out"), /download failed .*; where the address redirects to another site \(a CDN\), that site must allow this page's origin \(Access-Control-Allow-Origin: http:\/\/127\.0\.0\.1:9\)/);
   } finally {
     delete globalThis.location;
   }
