@@ -353,16 +353,24 @@ def _check_recorded_bases(sources, source: str, model, task: str) -> None:
             raise type(e)(f"{srcs[0].path}: records the base {recorded}, which --base {source} is compared with: {e}") \
                 from None
         for src in srcs:
-            _compare_recorded(src, recorded, source, theirs, model, own[src.name])
+            _compare_recorded(src, recorded, source, theirs, model, own[src.name], task)
         del theirs
 
 
-def _compare_recorded(src, recorded: str, source: str, theirs, model, own: set) -> None:
-    """Refuse ``src`` when its recorded base ``theirs`` has other weights or config than --base's ``model``, apart from
-    the heads the adapter carries itself (``own``) and heads made at load."""
+def _compare_recorded(src, recorded: str, source: str, theirs, model, own: set, task: str) -> None:
+    """Refuse ``src`` when its recorded base ``theirs`` has other weights, config or text settings (tokenizer,
+    sentence-transformers pooling: an embed hunt found a CLS-trained adapter served mean-pooled) than --base's
+    ``model``, apart from the heads the adapter carries itself (``own``) and heads made at load."""
+    from edgepeft.exporters.base_graph import side_difference
+
     ours_skip, their_skip = (own | made_heads(m) for m in (model, theirs))
     if weights_fingerprint(theirs, their_skip, config=False) == weights_fingerprint(model, ours_skip, config=False):
         differ = [k for k in config_differences(theirs, model) if k not in copy_fixes(theirs.config)]
+        side = os.path.isdir(source) and side_difference(recorded, source, task, max_positions(model.config))
+        if side and not differ:
+            raise AdapterBaseMismatchError(
+                f"{src.path}: was trained on {recorded}, whose {side} differ from --base {source}'s (the weights are the "
+                "same); make them agree, or export it with the base it was trained on (drop --base)")
         if not differ:
             return
         raise AdapterBaseMismatchError(

@@ -545,3 +545,20 @@ def test_a_copy_without_a_sentence_transformers_file_is_named_not_embedded_other
         with pytest.raises(EdgePeftError, match=f"^{copied}/base/{name}: missing; copy the export's base folder again"):
             Runtime(str(copied)).embed("a text")
 
+
+
+def test_an_adapter_exported_with_a_base_of_other_pooling_is_refused(st6, tmp_path):
+    """An embed hunt: an adapter trained on a CLS-pooled folder, exported with --base a folder of the same weights
+    pooled by the mean, was served mean-pooled (0.437 from encode on its own model), without a word."""
+    folder, _, _ = st6
+    cls = shutil.copytree(folder, tmp_path / "cls")
+    with open(cls / "1_Pooling" / "config.json") as f:
+        pooling = json.load(f)
+    with open(cls / "1_Pooling" / "config.json", "w") as f:
+        json.dump({**pooling, "pooling_mode": "cls"}, f)  # sentence-transformers 6 writes pooling_mode
+    adapter = peft_virtual_adapter(tmp_path / "prompt", str(cls), "prompt", seed=7, task="feature-extraction",
+                                   num_virtual_tokens=2)
+    with pytest.raises(edgepeft.errors.AdapterBaseMismatchError, match=f"^{tmp_path}/prompt: was trained on {cls}, whose "
+                       r"sentence-transformers settings \(.*\) differ from --base .*'s \(the weights are the same\); make "
+                       r"them agree, or export it with the base it was trained on \(drop --base\)$"):
+        export([adapter], str(tmp_path / "out"), base=folder)
