@@ -215,7 +215,7 @@ def load_base(name_or_path: str, task: str, labels: list[str] | None = None, rev
                 raise ConfigError(f"{model_label(name_or_path, revision)}: transformers cannot build the model its "
                                   f"config.json describes ({why}); correct it there, or pass {flag} another folder"
                                   ) from None
-            if (why := generation_fault(name_or_path, revision)) is not None:
+            if task == "causal-lm" and (why := generation_fault(name_or_path, revision)) is not None:
                 raise ConfigError(f"{model_label(name_or_path, revision)}: transformers refuses its generation_config.json "
                                   f"({why}); correct or remove the file there, or pass {flag} a copy without it") from None
             if type(e) in (RuntimeError, TypeError) and "PytorchStreamReader" not in str(e):  # torch's: a .bin cut short

@@ -113,7 +113,7 @@ def base_flags(base: dict) -> tuple:
     the default: the one it was exported with, which it may pass only by)."""
     qtol = base.get("qtol") if base.get("quantization") else None
     quantized = ("--quantize", base["quantization"]) if base.get("quantization") else ()
-    quantized += ("--qtol", f"{qtol:g}") if qtol not in (None, QTOL) else ()
+    quantized += ("--qtol", repr(float(qtol))) if qtol not in (None, QTOL) else ()  # as given: :g rounded it
     standard = base.get("ops", "standard") == "standard"  # a manifest before the field: standard, as export reads it
     return quantized + (("--ops", "standard") if standard and base.get("task") == "causal-lm" else ())
 

@@ -29,9 +29,10 @@ def _damaged(base_dir: str, base: dict) -> list:
     none), at the size it wrote: damaged within (a preallocated file a copy stopped filling ran, all zeros); a text
     file at any size (a chat template cut short at a tag rendered other prompts: a runtime checks none, edits allowed)."""
     recorded, text = base.get("file_sha256") or {}, base.get("text_files") or []
+    edit = "; an edit of yours: make it in the model folder and export from it, which copies and records it"
     return [f"{path}: not what the export wrote (its SHA-256 differs; damaged in a copy{', or edited' * (name in text)}?); "
-            f"{REEXPORT_BASE}" for name in [*(base.get("file_bytes") or ()), *text] if name in recorded  # names checked
-            and os.path.isfile(path := os.path.join(base_dir, name)) and sha256_file(path) != recorded[name]]
+            f"{REEXPORT_BASE}{edit * (name in text)}" for name in [*(base.get("file_bytes") or ()), *text]
+            if name in recorded and os.path.isfile(path := os.path.join(base_dir, name)) and sha256_file(path) != recorded[name]]
 
 
 def _ort_adapter_problem(folder: str, manifest: dict, base: dict) -> str | None:

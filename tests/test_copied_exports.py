@@ -115,7 +115,9 @@ def test_a_copy_that_lost_or_cut_its_chat_template_is_named(text_export, tmp_pat
     assert Runtime(str(out)).generate_text(chat, adapter="tok", chat=True, max_new_tokens=2) is not None
     assert cli_error(capsys, "inspect", out) == (f"error: {template}: not what the export wrote (its SHA-256 differs; "
                                                  "damaged in a copy, or edited?); copy the export's base folder again, or "
-                                                 "re-run `edgepeft export` into a fresh --out folder")
+                                                 "re-run `edgepeft export` into a fresh --out folder; an edit of yours: "
+                                                 "make it in the model folder and export from it, which copies and "
+                                                 "records it")
     template.unlink()
     with pytest.raises(EdgePeftError, match=f"^{re.escape(str(template))}: missing; copy the export's base folder again"):
         Runtime(str(out)).generate_text(chat, adapter="tok", chat=True, max_new_tokens=2)

@@ -206,7 +206,7 @@ def label_names(rows: list[dict], path: str, head: list[str] | None = None) -> l
         raise DataError(f"{path}: labels such as {scored} are relevance scores, which train a head of one output (a "
                         "cross-encoder reranker's) where every label is one; give class labels (strings, or integers "
                         "0..N-1), or for scores a --model of one output (config.json's \"num_labels\": 1, no problem_type: "
-                        "a copy so of a model without a trained classifier, a sentence-transformers one, trains a new head)")
+                        "a model without a trained classifier, a sentence-transformers one, copied and set so, trains one)")
     ints = all(isinstance(v, int) for v in values)
     if not ints and any(isinstance(v, int) for v in values):
         raise DataError(f"{path}: labels mix strings and integers; use one kind for every row")

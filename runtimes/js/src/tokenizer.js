@@ -91,9 +91,11 @@ function damaged(model) {
   if (model?.type !== undefined && !MODELS.includes(model.type)) return `its model type ${described(model.type)}`;
   if (model?.type !== "BPE" && !(model?.type === undefined && model?.merges)) return null;
   const vocab = model.vocab ?? {}, merges = Array.isArray(model.merges) ? model.merges : [];
+  const prefix = model.continuing_subword_prefix ?? "";  // left off the second part where merged, as the Rust library
+  const joined = ([a, b]) => a + (prefix && typeof b === "string" && b.startsWith(prefix) ? b.slice(prefix.length) : b);
   for (const merge of merges) {
     const pair = typeof merge === "string" ? merge.split(" ") : merge;
-    const parts = Array.isArray(pair) && pair.length === 2 ? [...pair, pair.join("")] : null;
+    const parts = Array.isArray(pair) && pair.length === 2 ? [...pair, joined(pair)] : null;
     const gone = parts ? parts.find((t) => typeof t !== "string" || !Object.hasOwn(vocab, t)) : merge;
     if (gone !== undefined) return `its merge ${described(merge)} of a token its vocabulary lacks (${described(gone)})`;
   }

@@ -179,6 +179,11 @@ test("a tokenizer this library would encode otherwise than the Python runtime is
   // the library splits every word into characters (it ignores the prefix), or matches the token inside words
   await refusedWith((j) => { j.model.continuing_subword_prefix = "##"; },
     /base\/tokenizer.json: a BPE model with continuing_subword_prefix "##" is not in the JavaScript tokenizer; pass token ids/);
+  await refusedWith((j) => {  // its merges join the second part without the prefix, as the Rust library: not damaged
+    const size = Object.keys(j.model.vocab).length;
+    Object.assign(j.model, { continuing_subword_prefix: "##", vocab: { ...j.model.vocab, "##zq": size, zzq: size + 1 } });
+    j.model.merges = [...j.model.merges, ["z", "##zq"]];
+  }, /a BPE model with continuing_subword_prefix "##" is not in the JavaScript tokenizer; pass token ids/);
   await refusedWith((j) => { j.added_tokens.push({ ...j.added_tokens[0], id: 999, content: "<w>", single_word: true }); },
     /added token "<w>" with single_word \(matched inside words here\) is not in the JavaScript tokenizer; pass token ids/);
   // SentencePiece's character map (XLM-R-tokenized BERT models): the library ignores it, a zero-width joiner (emoji
