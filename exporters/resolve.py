@@ -358,19 +358,22 @@ def _check_recorded_bases(sources, source: str, model, task: str) -> None:
 
 
 def _compare_recorded(src, recorded: str, source: str, theirs, model, own: set, task: str) -> None:
-    """Refuse ``src`` when its recorded base ``theirs`` has other weights, config or text settings (tokenizer,
-    sentence-transformers pooling: an embed hunt found a CLS-trained adapter served mean-pooled) than --base's
-    ``model``, apart from the heads the adapter carries itself (``own``) and heads made at load."""
-    from edgepeft.exporters.base_graph import side_difference
+    """Refuse ``src`` when its recorded base ``theirs`` has other weights, config or sentence-transformers settings
+    (an embed hunt: a CLS-trained adapter served mean-pooled) than --base's ``model``, apart from the heads the
+    adapter carries itself (``own``) and heads made at load. Another tokenizer is --base's to give (cli.md: an
+    adapter saved with its own tokenizer is exported with a --base folder holding it)."""
+    from edgepeft.runtimes.sentence import sentence_transformers_settings as settings
 
     ours_skip, their_skip = (own | made_heads(m) for m in (model, theirs))
     if weights_fingerprint(theirs, their_skip, config=False) == weights_fingerprint(model, ours_skip, config=False):
         differ = [k for k in config_differences(theirs, model) if k not in copy_fixes(theirs.config)]
-        side = os.path.isdir(source) and side_difference(recorded, source, task, max_positions(model.config))
-        if side and not differ:
+        positions = max_positions(model.config)
+        if not differ and task == "feature-extraction" and os.path.isdir(source) and \
+                settings(recorded, positions) != settings(source, positions):
             raise AdapterBaseMismatchError(
-                f"{src.path}: was trained on {recorded}, whose {side} differ from --base {source}'s (the weights are the "
-                "same); make them agree, or export it with the base it was trained on (drop --base)")
+                f"{src.path}: was trained on {recorded}, whose sentence-transformers settings (pooling, length: "
+                f"modules.json, 1_Pooling/, sentence_bert_config.json) differ from --base {source}'s (the weights are "
+                "the same); make them agree, or export it with the base it was trained on (drop --base)")
         if not differ:
             return
         raise AdapterBaseMismatchError(

@@ -69,3 +69,14 @@ def add_bom(path) -> None:
         data = f.read()
     with open(path, "wb") as f:
         f.write(b"\xef\xbb\xbf" + data)
+
+
+def unrecorded(out, *names: str) -> None:
+    """OUT's base without its text files ``names``, as an export of a model folder without them writes it: removed,
+    and left out of the manifest's text files (a copy that lost one is refused at the first text call)."""
+    path = os.path.join(out, "base", "edgepeft.json")
+    for name in names:
+        if os.path.exists(os.path.join(out, "base", name)):
+            os.remove(os.path.join(out, "base", name))
+    with edited_json(path) as manifest:
+        manifest["text_files"] = [n for n in manifest.get("text_files", []) if n not in names]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from file_checks import unrecorded
 from peft_refs import peft_virtual_adapter
 from tiny import load_reference_base
 
@@ -110,16 +111,6 @@ def test_a_prompt_adapter_leaves_room_for_its_tokens(st6):
     np.testing.assert_allclose(mixed, [ours, rt.embed(long)], atol=2e-5)
 
 
-def _unrecorded(out: str, *names: str) -> None:
-    """``names`` left out of OUT's base manifest's text files, as an export of a folder without them records it."""
-    path = os.path.join(out, "base", "edgepeft.json")
-    with open(path) as f:
-        manifest = json.load(f)
-    manifest["text_files"] = [n for n in manifest["text_files"] if n not in names]
-    with open(path, "w") as f:
-        json.dump(manifest, f)
-
-
 def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tmp_path):
     """A plain transformers folder: sentence-transformers cuts texts at the tokenizer's model_max_length, capped at
     the model's positions; embed raised on a text past 512 tokens."""
@@ -133,7 +124,7 @@ def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tm
     for name in ("modules.json", "sentence_bert_config.json", "1_Pooling"):
         path = os.path.join(copied, "base", name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    _unrecorded(copied, "modules.json", "sentence_bert_config.json")  # as an export of the plain folder writes it
+    unrecorded(copied, "modules.json", "sentence_bert_config.json")  # as an export of the plain folder writes it
     for folder in (plain, os.path.join(copied, "base")):  # a tokenizer limit past the model's positions: capped
         config = os.path.join(folder, "tokenizer_config.json")
         with open(config) as f:
@@ -144,7 +135,7 @@ def test_a_model_without_sentence_transformers_files_is_cut_at_its_limit(st6, tm
     texts = ["word " * 600, "hello world"]
     np.testing.assert_allclose(Runtime(copied).embed(texts, normalize=False), st.encode(texts), atol=2e-4)
     os.remove(os.path.join(copied, "base", "config_sentence_transformers.json"))  # a plain model has query, document
-    _unrecorded(copied, "config_sentence_transformers.json")
+    unrecorded(copied, "config_sentence_transformers.json")
     np.testing.assert_allclose(Runtime(copied).embed(texts, normalize=False, prompt_name="document"),
                                st.encode(texts, prompt_name="document"), atol=2e-4)
 
@@ -176,7 +167,7 @@ def test_a_copy_that_lost_the_pooling_config_is_named_not_pooled_by_the_mean(st6
     for step in ("listed", "folder alone"):
         if step == "folder alone":  # as an export of a folder without modules.json writes it
             os.remove(os.path.join(copied, "base", "modules.json"))
-            _unrecorded(copied, "modules.json")
+            unrecorded(copied, "modules.json")
         with pytest.raises(ArtifactNotFoundError, match=re.escape(f"{pooling}: pooling config not found; copy the "
                                                                   "export's base folder again, or re-run")):
             Runtime(copied).embed(TEXTS)
@@ -355,7 +346,7 @@ def test_an_export_of_an_earlier_edgepeft_takes_new_adapters_and_names_what_it_l
     folder, out, _ = st6
     old = shutil.copytree(out, tmp_path / "old")
     os.remove(old / "base" / "config_sentence_transformers.json")
-    _unrecorded(str(old), "config_sentence_transformers.json")  # which an earlier edgepeft did not record either
+    unrecorded(str(old), "config_sentence_transformers.json")  # which an earlier edgepeft did not record either
     adapter = peft_virtual_adapter(tmp_path / "more", folder, "prompt", seed=6, task="feature-extraction",
                                    num_virtual_tokens=3)
     export([adapter], str(old))
@@ -559,6 +550,7 @@ def test_an_adapter_exported_with_a_base_of_other_pooling_is_refused(st6, tmp_pa
     adapter = peft_virtual_adapter(tmp_path / "prompt", str(cls), "prompt", seed=7, task="feature-extraction",
                                    num_virtual_tokens=2)
     with pytest.raises(edgepeft.errors.AdapterBaseMismatchError, match=f"^{tmp_path}/prompt: was trained on {cls}, whose "
-                       r"sentence-transformers settings \(.*\) differ from --base .*'s \(the weights are the same\); make "
+                       r"sentence-transformers settings \(pooling, length: .*\) differ from --base .*'s \(the weights are "
+                       r"the same\); make "
                        r"them agree, or export it with the base it was trained on \(drop --base\)$"):
         export([adapter], str(tmp_path / "out"), base=folder)
