@@ -94,3 +94,22 @@ def test_the_stacks_of_mixed_batches_count_within_the_budget(mixed_decoder, rt):
         assert small.store.resident_bytes + small.mixer.stacked_bytes <= budget
     assert small.mixer.stacked_bytes and small.resident_adapters == sorted(stackable, key=small.resident_adapters.index)
     assert unbounded.store.resident_bytes + unbounded.mixer.stacked_bytes > 2 * budget  # what the budget now sheds
+
+
+def test_the_least_recently_used_goes_first_a_stack_or_an_adapter(mixed_decoder, rt):
+    """A review: the order between a stack and an adapter had no test (evicting adapters first passed). A stack not used
+    since its adapters were used alone goes before them; an adapter not used since the stack goes before it."""
+    ids, mask = _batch(2, seed=3)
+    unbounded = Runtime(mixed_decoder[0])
+    unbounded.forward(ids, mask, adapter=["lora_qv", "lora_all"])
+    stack = unbounded.mixer.stacked_bytes
+    pair, ia3 = sum(rt.store.staged_bytes(n) for n in ("lora_qv", "lora_all")), rt.store.staged_bytes("ia3")
+    assert ia3 <= stack  # the budget below holds the three adapters, or the pair and its stack
+    small = Runtime(mixed_decoder[0], adapter_budget_bytes=pair + stack)
+    small.forward(ids, mask, adapter=["lora_qv", "lora_all"])  # the stack, newer than its adapters
+    for name in ("lora_qv", "lora_all"):  # each used alone since: the stack is the oldest
+        small.forward(ids, mask, adapter=name)
+    small.forward(ids, mask, adapter="ia3")
+    assert small.mixer.stacked_bytes == 0 and set(small.resident_adapters) == {"lora_qv", "lora_all", "ia3"}
+    small.forward(ids, mask, adapter=["lora_qv", "lora_all"])  # now the stack is newer than ia3, which goes
+    assert small.mixer.stacked_bytes == stack and "ia3" not in small.resident_adapters
