@@ -30,8 +30,7 @@ def test_a_classifier_that_is_not_single_label_is_refused_naming_the_fix(text_mo
     assert not os.path.exists(tmp_path / "out")
     with edited_json(os.path.join(model, "config.json")) as config:  # the fix: without it
         del config["problem_type"]
-    train(model=str(model), task="seq-cls", method="lora", data=data, out=str(tmp_path / "out"), epochs=1,
-          progress=False)
+    train(model=str(model), task="seq-cls", method="lora", data=data, out=str(tmp_path / "out"), epochs=1, progress=False)
 
 
 def test_a_duplicate_pair_in_a_retrieval_eval_is_no_miss(text_model, tmp_path, monkeypatch):
