@@ -23,6 +23,7 @@ from edgepeft.models import (
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.access import REPOINTED, link_to_nothing, located
 from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion, fresh_out, unused_name
+from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.runtimes.values import switch
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export,
@@ -362,14 +363,12 @@ def _compare_recorded(src, recorded: str, source: str, theirs, model, own: set, 
     (an embed hunt: a CLS-trained adapter served mean-pooled) than --base's ``model``, apart from the heads the
     adapter carries itself (``own``) and heads made at load. Another tokenizer is --base's to give (cli.md: an
     adapter saved with its own tokenizer is exported with a --base folder holding it)."""
-    from edgepeft.runtimes.sentence import sentence_transformers_settings as settings
-
     ours_skip, their_skip = (own | made_heads(m) for m in (model, theirs))
     if weights_fingerprint(theirs, their_skip, config=False) == weights_fingerprint(model, ours_skip, config=False):
         differ = [k for k in config_differences(theirs, model) if k not in copy_fixes(theirs.config)]
         positions = max_positions(model.config)
         if not differ and task == "feature-extraction" and os.path.isdir(source) and \
-                settings(recorded, positions) != settings(source, positions):
+                sentence_transformers_settings(recorded, positions) != sentence_transformers_settings(source, positions):
             raise AdapterBaseMismatchError(
                 f"{src.path}: was trained on {recorded}, whose sentence-transformers settings (pooling, length: "
                 f"modules.json, 1_Pooling/, sentence_bert_config.json) differ from --base {source}'s (the weights are "

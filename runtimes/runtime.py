@@ -325,8 +325,8 @@ class Runtime:
         defaulted = cfg.max_new_tokens is None and (cfg.max_length is None or bool(source))  # fits the room: 32, or
         cfg = cfg.for_prompt(ids.shape[1], self.max_positions and self.max_positions - ids.shape[1] - virtual,
                              fit=defaulted)  # the model's max_length (Llama-2's: its context, virtual tokens beyond)
-        words = (f" + max_new_tokens {cfg.max_new_tokens}{source or length_words(generation)[0]} - 1 (the last token is not "
-                 "fed back)", length_words(generation)[1])  # the check once held names them: an adapter reloaded since may not fit
+        said, fix = length_words(generation)  # the check once held names them too: an adapter reloaded since may not fit
+        words = (f" + max_new_tokens {cfg.max_new_tokens}{source or said} - 1 (the last token is not fed back)", fix)
         self._check_length(virtual, ids.shape[1], cfg.max_new_tokens - 1, *(("", SHORTEN) if defaulted else words))
         padding = np.argmax(mask != 0, axis=1)  # left-padding length per row: each row's first real token
         stops = decoded.StopStrings.of(self, cfg.stop, padding, generation.get("stop") is None) if cfg.stop else None
