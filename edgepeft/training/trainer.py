@@ -26,7 +26,7 @@ from edgepeft.model_checks import check_traceable
 from edgepeft.sharing import one_at_a_time
 from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, reads_token_types
 from edgepeft.plots import missing_matplotlib, training_curve
-from edgepeft.processes import first
+from edgepeft.processes import first, peer_gone
 from edgepeft.training.arguments import CUT, TrainingArguments, arguments_of, method_config
 from edgepeft.training.checkpoint import (
     CHECKPOINT, CURVE_NAME, LOG_NAME, check_fresh_out, check_same_data, check_out_folder, check_resumable, interrupted,
@@ -272,7 +272,10 @@ class Trainer:
                 self._end_epoch(acc, model, eval_loader, optimizer, scheduler, log, epoch, bar)
         except (KeyboardInterrupt, RuntimeError) as e:  # a RuntimeError: another process gone, or this one's own
             bar.close()
-            raise interrupted(args, self._checkpointed, log["world_size"], stopped=e) from None
+            gone = isinstance(e, RuntimeError)  # in the first process, another's end (gloo's traceback, a hunt)
+            if gone and not (first() and peer_gone(e)):
+                raise  # this process's own (out of memory), or another process's: the CLI says it (peer_stopped)
+            raise interrupted(args, self._checkpointed, log["world_size"], peer_gone=gone) from None
         bar.close()
         log["hint"] = hint(log, args.lr, args.epochs)
         if (beat := beat_untrained(log)) is not None:
