@@ -22,7 +22,7 @@ from edgepeft.models import (
 )
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.access import REPOINTED, link_to_nothing, located
-from edgepeft.runtimes.commands import export_name_problem, export_name_suggestion, fresh_out, unused_name
+from edgepeft.runtimes.commands import QTOL, export_name_problem, export_name_suggestion, fresh_out, unused_name
 from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.runtimes.values import switch
 from edgepeft.runtimes.manifest import (
@@ -54,7 +54,7 @@ class ExportPlan:
     existing: dict | None  # OUT's base manifest, when there is one
     groups: list  # fused layer groups (q|k|v, gate|up)
     atol: float = 1e-4
-    qtol: float = 0.2
+    qtol: float = QTOL
     quantize: str | None = None
     ops: str = "contrib"  # contrib_ops.py: ONNX Runtime's fused kernels where the model allows
     ort_adapter: bool | None = None  # None: where the base is float

@@ -127,7 +127,7 @@ class AdapterStore:
         self._adapters: dict[str, Registered] = {}
         self._resident: OrderedDict = OrderedDict()  # staged names, least recently used first
         self.lock = threading.RLock()  # the Mixer takes it too, for its cache of stacks (mixing.py)
-        self._trimming = threading.local()  # a trim under way in this thread (see _trim)
+        self._trimming = threading.local()  # a trim under way in this thread (see trim)
         self._staging: dict[str, threading.Lock] = {}
         self.on_change = []  # WeakMethods(name): unloaded, evicted or restaged (weak: a Mixer holds this store)
         self.cache, self.clock = lambda: None, itertools.count()  # the Mixer (weak), whose stacks the budget counts
@@ -144,7 +144,7 @@ class AdapterStore:
 
     @property
     def resident_bytes(self) -> int:
-        with self.lock:  # a list first: the collector may run a finalizer that trims (_trim) before a generator's
+        with self.lock:  # a list first: the collector may run a finalizer that trims before a generator's
             return sum(a.bytes for a in map(self._adapters.get, list(self._resident)) if a)  # first step
 
     def staged_bytes(self, name: str) -> int:
@@ -199,7 +199,7 @@ class AdapterStore:
                 raise ConfigError(f"{label}: an adapter named {name!r} is already loaded; unload it first or pick another name")
             self._adapters[name] = entry
             self._set_staged(entry, arrays, plan)
-            self._trim()
+            self.trim()
         return name
 
     def unload(self, name: str) -> None:
@@ -238,7 +238,7 @@ class AdapterStore:
             with self.lock:
                 for adapter in held:
                     adapter.holds.discard(call)
-                self._trim()
+                self.trim()
 
     def _acquire(self, name: str, call: "_Call", held: list) -> None:
         """Hold adapter ``name`` for ``call`` (listed in ``held`` before it holds it), staging it if evicted."""
@@ -255,7 +255,7 @@ class AdapterStore:
                 arrays, plan = self._stage(adapter, self._unchanged_graph(adapter))
                 with self.lock:
                     self._set_staged(adapter, arrays, plan)
-                    self._trim()
+                    self.trim()
 
     def _set_staged(self, adapter: Registered, arrays: dict, plan: Plan) -> None:
         self._used(adapter.name)  # first: a timeout's exception here left a plan no trim saw (KeyError at each later
@@ -279,10 +279,11 @@ class AdapterStore:
             if (notify := listener()) is not None:
                 notify(name)
 
-    def _trim(self) -> None:
-        """Evict least recently used adapters no call holds until the staged bytes (and stacks) fit the budget. A release
-        the garbage collector runs inside a trim (an abandoned stream's finalizer, in this thread: the lock is
-        re-entrant) leaves the trimming to the trim under way, which would count dropped adapters twice."""
+    def trim(self) -> None:
+        """Evict least recently used adapters no call holds, and stacks, until the staged bytes and the stacks fit the
+        budget (the Mixer calls it after caching a stack). A release the garbage collector runs inside a trim (an
+        abandoned stream's finalizer, in this thread: the lock is re-entrant) leaves the trimming to the trim under
+        way, which would count dropped adapters twice."""
         if self.budget is None:
             return
         if getattr(self._trimming, "on", False):

@@ -104,7 +104,7 @@ def adapter_export_command(folder: str, out: str, *flags: str) -> str:
     return export_command(folder, out, *flags)
 
 
-QTOL = 0.2  # export's default --qtol (edgepeft.cli, edgepeft.exporters.export)
+QTOL = 0.2  # export's default --qtol (edgepeft.exporters: export, resolve; edgepeft.cli spells it)
 
 
 def base_flags(base: dict) -> tuple:

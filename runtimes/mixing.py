@@ -281,7 +281,7 @@ class Mixer:
             while len(self._stacks) > CACHED_STACKS:
                 self._stacks.popitem(last=False)
             if self.store.budget is not None:  # within it, with the staged tensors (this call's stack may go: it
-                self.store._trim()  # holds it, and builds it again next time)
+                self.store.trim()  # holds it, and builds it again next time)
         return built
 
     @property

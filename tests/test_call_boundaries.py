@@ -95,7 +95,7 @@ def test_an_apps_timeout_anywhere_in_a_restage_comes_through_and_leaves_the_stor
     ids, mask = sample_batch(batch=1, seq=4)
     want = rt.forward(ids, mask, adapter="qv")["logits"]
     places = []  # every line, but the first of a finally (no Python code can guard against an exception there)
-    for f in (AdapterStore._acquire, AdapterStore.holding.__wrapped__, AdapterStore._set_staged, AdapterStore._trim,
+    for f in (AdapterStore._acquire, AdapterStore.holding.__wrapped__, AdapterStore._set_staged, AdapterStore.trim,
               AdapterStore._drop, AdapterStore._unchanged_graph, run_adapter_graph, check_adapter_graph):
         lines, first = inspect.getsourcelines(f)
         places += [(f, first + i) for i in range(1, len(lines)) if lines[i - 1].strip() != "finally:"]
