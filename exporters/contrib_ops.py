@@ -4,8 +4,10 @@ causal LMs).
 Per layer, in the traced copy of the model (GPT-2: no rotary, its LayerNorms as SkipLayerNormalization, as many
 key/value heads as heads):
 
-    residual Add + RMSNorm         --> com.microsoft.SkipSimplifiedLayerNormalization (the first norm alone:
-                                       SimplifiedLayerNormalization; ONNX Runtime does not fuse these itself)
+    residual Add + RMSNorm         --> com.microsoft.SkipSimplifiedLayerNormalization (ONNX Runtime does not
+                                       fuse these itself; the first norm, after no add, stays plain ONNX ops, which
+                                       it fuses into its SimplifiedLayerNormalization: that op has no schema in
+                                       ONNX, and in a graph file onnx.checker refuses it)
     rotary on q and k              --> com.microsoft.RotaryEmbedding(x, position_ids, cos cache, sin cache)
     cache append + repeat_kv + causal masked softmax(QK^T)V
                                    --> com.microsoft.GroupQueryAttention(q, k, v, past_key, past_value,
@@ -32,7 +34,7 @@ from torch import nn
 from edgepeft.runtimes.base_checks import OPS  # the kernels' choice, as the runtime reads it
 
 CONTRIB = "com.microsoft"
-FUSED_MODELS = ("llama", "qwen2", "gpt2")  # the models whose attention (and RMSNorms) are replaced here
+FUSED_MODELS = ("llama", "qwen2", "gpt2")  # the models whose attention (and norms after an add) are replaced here
 KERNEL_HEAD_MULTIPLE = 16  # GroupQueryAttention's CPU kernel takes head sizes that are multiples of 16
 
 
@@ -61,15 +63,9 @@ def effective_ops(config, task: str, ops: str, log=None) -> str:
     return "standard" if why else "contrib"
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps: float):
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
-
-    @staticmethod
-    def symbolic(g, x, weight, eps: float):
-        return g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+def _rms_norm(x, weight, eps: float):
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 class _SkipRMSNorm(torch.autograd.Function):
@@ -78,7 +74,7 @@ class _SkipRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, skip, weight, eps: float):
         total = x + skip
-        return _RMSNorm.forward(ctx, total, weight, eps), total
+        return _rms_norm(total, weight, eps), total
 
     @staticmethod
     def symbolic(g, x, skip, weight, eps: float):
@@ -104,10 +100,6 @@ class _SkipLayerNorm(torch.autograd.Function):
         return out[0], out[3]
 
 
-def _eps(norm) -> float:
-    return float(norm.variance_epsilon)
-
-
 def _read(norm, *fields) -> list:
     """What the fused body reads of a norm after a residual add, in place of calling it (the last field, eps, as a
     number); a module in the norm's place that lacks them (a method's slot module, or its layer kept by --merge) is
@@ -119,10 +111,6 @@ def _read(norm, *fields) -> list:
                                      "which the fused decoder of --ops contrib reads (adding-a-method.md, the slots); "
                                      "export with --ops standard")
     return [getattr(norm, f) for f in fields[:-1]] + [float(getattr(norm, fields[-1]))]
-
-
-def _rms_norm_forward(self, hidden_states):
-    return _RMSNorm.apply(hidden_states, self.weight, _eps(self))
 
 
 def _body_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
@@ -295,8 +283,8 @@ def _gpt2_attention_forward(self, hidden_states, cache=None, attention_mask=None
 
 
 def install_contrib_ops(model, positions: int) -> None:
-    """Swap the traced copy's attentions (and a Llama/Qwen2's RMSNorms) for the fused ops (see the module
-    docstring); for a model ``effective_ops`` allows."""
+    """Swap the traced copy's body (each residual add fused with the norm after it) and attentions for the fused ops
+    (see the module docstring); for a model ``effective_ops`` allows."""
     model.padding_mask_only = True  # SlotGraph passes the (B, K) mask as it is: the kernel is causal itself
     if model.config.model_type == "gpt2":
         model.transformer.forward = types.MethodType(_gpt2_body_forward, model.transformer)
@@ -308,8 +296,6 @@ def install_contrib_ops(model, positions: int) -> None:
     model.model.forward = types.MethodType(_body_forward, model.model)
     for module in model.modules():
         name = type(module).__name__
-        if name.endswith("RMSNorm"):
-            module.forward = types.MethodType(_rms_norm_forward, module)
-        elif name.endswith("Attention") and hasattr(module, "q_proj"):
+        if name.endswith("Attention") and hasattr(module, "q_proj"):
             object.__setattr__(module, "rotary_tables", tables)
             module.forward = types.MethodType(_attention_forward, module)
