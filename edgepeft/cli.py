@@ -182,7 +182,7 @@ def inspect(out, as_json):
         return
     b = info["base"]
     merged = f", merged adapter {b['merged_adapter']}" if b["merged_adapter"] else ""
-    weights = f"{b['quantization']} weights" if b.get("quantization") else b["dtype"]
+    weights = f"{q} weights" + " (com.microsoft MatMulNBits)" * (q == "int4") if (q := b["quantization"]) else b["dtype"]
     source = (b.get("source") or "a source not recorded") + (f" (revision {b['revision']})" if b.get("revision") else "")
     click.echo(f"base: {b['model_type']} {b['task']} from {source}  {_size(b['bytes'])}  {weights} opset {b['opset']} "
                f"{b['ops']} ops{merged}")

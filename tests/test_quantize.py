@@ -421,3 +421,8 @@ def test_int4_with_standard_ops_says_its_matmuls_are_onnx_runtimes_own(peft_adap
                             "whatever --ops says") for n in notes), notes
     graph = onnx.load(str(tmp_path / "out" / "base" / "model.onnx"), load_external_data=False).graph
     assert any(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in graph.node)
+    from click.testing import CliRunner  # inspect said "int4 weights opset 18 standard ops" (a later hunt)
+
+    from edgepeft.cli import cli
+    said = CliRunner().invoke(cli, ["inspect", str(tmp_path / "out")])
+    assert " int4 weights (com.microsoft MatMulNBits) opset 18 standard ops" in said.output, said.output
