@@ -228,6 +228,19 @@ def link_to_nothing(path: str) -> str | None:
     return None
 
 
+def weights_out_of_reach(graph: str) -> str | None:
+    """What to say where ``graph``'s weights file is a link leading out of the graph's folder (weights shared by two
+    copies, a DVC or git-annex checkout): ONNX Runtime 1.24+ reads a graph's external data only within its folder, or
+    within its real file's folder (a Hugging Face cache's blobs/), and called such a copy damaged."""
+    data = f"{graph}.data"
+    real = os.path.realpath(data)
+    if not os.path.islink(data) or inside(real, os.path.realpath(os.path.dirname(graph))) or \
+            inside(real, os.path.dirname(os.path.realpath(graph))):
+        return None
+    return (f"{data}: is a link to {real}, outside the graph's folder, and ONNX Runtime 1.24 and later read no "
+            f"weights there; put the file in its place: cp --remove-destination {shlex.quote(real)} {shlex.quote(data)}")
+
+
 def adapter_dirs(out_dir: str) -> dict:
     """{name: folder} of the adapters in ``out_dir/adapters``, sorted (a link leading nowhere too, for the read to
     name); hidden (staging) entries left out. OUT/adapters a link to nothing is named (its adapters left out unsaid)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .access import OLDER_RECORDS, STOPPED, check_readable, moved_aside, older_export, sha256_file, unchanged_while
+from .access import (OLDER_RECORDS, STOPPED, check_readable, moved_aside, older_export, sha256_file, unchanged_while,
+                     weights_out_of_reach)
 from .adapter_source import adapter_bound, read_adapter_source
 from .base_checks import serves_pairs
 from .commands import REEXPORT_BASE, adapter_files_fix, copied_base_fix, folder_fix, folder_name_problem, pairs_fix
@@ -103,6 +104,7 @@ def _described(out_dir: str) -> dict:
     else:
         cut = [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
         problems += cut or _damaged(base_dir, base)
+        problems += [far] if weights and (far := weights_out_of_reach(graph)) else []  # a Runtime cannot open it
     problems += _moved_aside(out_dir)
     try:  # an earlier edgepeft's manifest without a record generate, classify or embed reads
         older_export(base_dir, base, *OLDER_RECORDS[base["task"]])

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 
-from .access import check_readable
+from .access import check_readable, weights_out_of_reach
 from .commands import REEXPORT_BASE
-from .errors import (ConfigError, CorruptArtifactError, MissingDependencyError, OutOfMemoryError, first_line,
-                     raise_if_stopped)
+from .errors import (ConfigError, CorruptArtifactError, MissingDependencyError, OutOfMemoryError, StorageError,
+                     first_line, raise_if_stopped)
 from .values import is_whole
 
 try:
@@ -155,6 +155,8 @@ def open_base_session(graph: str, providers: list, sess_options):
                               f"({reason}); it loads with edgepeft.runtimes.session_options(): start from those")
     for path in (graph, f"{graph}.data"):  # another user's files: not the export's fault
         check_readable(path)
+    if problem := weights_out_of_reach(graph):  # intact files, another layout
+        raise StorageError(problem)
     needs_ort(MIN_ORT, f"{graph}: ONNX Runtime cannot load the base graph ({reason}); edgepeft's export")
     raise CorruptArtifactError(f"{graph}: ONNX Runtime cannot load the base graph ({reason}); {REEXPORT_BASE}")
 

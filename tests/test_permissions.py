@@ -190,3 +190,39 @@ def test_a_link_to_nothing_in_out_adapters_is_named_not_left_out(shared_export, 
         said = f"{link}: is a link to {os.readlink(link)}, which " + said.split(", which ", 1)[1]
         with pytest.raises(ArtifactNotFoundError, match=re.escape(said) + "$"):
             Runtime(str(out))
+
+
+def test_a_weights_file_linked_out_of_the_base_folder_is_named_with_a_fix_that_works(shared_export, tmp_path):
+    """An ORT-deployment hunt: base/model.onnx.data a link to a file elsewhere (weights shared by two copies, a DVC or
+    git-annex checkout), which ONNX Runtime 1.24+ does not read: Runtime called the copy damaged, to be copied again
+    (`cp -r` keeps the link), and inspect passed it. A Hugging Face cache's layout (both files links into one blobs/
+    folder) opens."""
+    import subprocess
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from edgepeft.cli import cli
+
+    out = shutil.copytree(shared_export("llama")[0], tmp_path / "out")
+    data, store = out / "base" / "model.onnx.data", tmp_path / "store"
+    want = Runtime(str(out)).forward(np.array([[5, 6, 7]]))["logits"]
+    os.makedirs(store)
+    shutil.move(data, store / "model.onnx.data")
+    os.symlink(store / "model.onnx.data", data)
+    with pytest.raises(StorageError) as e:
+        Runtime(str(out))
+    said = str(e.value)
+    assert said.startswith(f"{data}: is a link to {store / 'model.onnx.data'}, outside the graph's folder"), said
+    result = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert result.exit_code == 1 and said in str(result.exception)
+    subprocess.run(said.split("; put the file in its place: ")[1], shell=True, check=True)  # as written
+    assert not os.path.islink(data) and CliRunner().invoke(cli, ["inspect", str(out)]).exit_code == 0
+    np.testing.assert_array_equal(Runtime(str(out)).forward(np.array([[5, 6, 7]]))["logits"], want)
+    blobs, graph = tmp_path / "blobs", out / "base" / "model.onnx"
+    os.makedirs(blobs)
+    for f, blob in ((graph, "9f4b"), (data, "b879")):  # the hub cache's snapshot: links into blobs/, by hash
+        shutil.move(f, blobs / blob)
+        os.symlink(blobs / blob, f)
+    np.testing.assert_array_equal(Runtime(str(out)).forward(np.array([[5, 6, 7]]))["logits"], want)
+    assert CliRunner().invoke(cli, ["inspect", str(out)]).exit_code == 0

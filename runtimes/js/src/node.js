@@ -278,9 +278,25 @@ export function folderLoader(out) {
       for (const readable of external ? [file, path.join(path.dirname(file), "model.onnx.data")] : [file]) {
         await (await regular(readable).then(() => open(readable)).catch((e) => { throw named(e, readable); })).close();  // ONNX Runtime: "error 13"
       }
-      return createSession(ort, file, options);
+      return createSession(ort, file, options).catch((e) => {
+        const far = external && outOfReach(file);  // intact files, another layout
+        throw far ? new EdgePeftError(far) : e;
+      });
     },
   };
+}
+
+/** What to say where `graph`'s weights file is a link leading out of the graph's folder (weights shared by two copies,
+ * a DVC or git-annex checkout): ONNX Runtime 1.24+ reads them only within its folder or its real file's folder (a
+ * Hugging Face cache's blobs/), and the copy was called damaged. As the Python runtime's access.weights_out_of_reach. */
+function outOfReach(graph) {
+  const data = path.join(path.dirname(graph), "model.onnx.data");
+  if (!lstatSync(data, { throwIfNoEntry: false })?.isSymbolicLink()) return null;
+  const real = realpath(data);
+  const within = (folder) => !path.relative(folder, real).startsWith("..") && !path.isAbsolute(path.relative(folder, real));
+  if (within(realpath(path.dirname(graph))) || within(path.dirname(realpath(graph)))) return null;
+  return `${data}: is a link to ${real}, outside the graph's folder, and ONNX Runtime 1.24 and later read no weights ` +
+    `there; put the file in its place: cp --remove-destination ${quote(real)} ${quote(data)}`;
 }
 
 /** A Runtime over a folder: an adapter is read again where an export renamed a new folder in while it was read (its

@@ -507,3 +507,18 @@ test("label names that do not fit the head are refused at classify, naming the m
     e instanceof EdgePeftError &&
     e.message === "the labels given: gives 2 label name(s), the head has 3 outputs; give one name per output");
 });
+
+test("a weights file linked out of the base folder is named with a fix that works, as in Python", async () => {
+  const out = await copied("weights-linked");  // ONNX Runtime 1.24+ reads no weights there: "damaged", copy it again
+  const data = path.join(out, "base", "model.onnx.data"), store = path.join(scratch, "weights-store");
+  const logits = async () => Array.from((await (await openFolder(ortNode, out)).forward([[1, 2, 3]])).logits.data);
+  const want = await logits();
+  await mkdir(store);
+  await rename(data, path.join(store, "model.onnx.data"));
+  await symlink(path.join(store, "model.onnx.data"), data);
+  let said = "";
+  await assert.rejects(openFolder(ortNode, out), (e) => e instanceof EdgePeftError && (said = e.message).startsWith(
+    `${data}: is a link to ${path.join(store, "model.onnx.data")}, outside the graph's folder`));
+  execFileSync("sh", ["-c", said.split("; put the file in its place: ")[1]]);  // as written
+  assert.deepEqual(await logits(), want);
+});
