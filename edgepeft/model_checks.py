@@ -94,6 +94,11 @@ def check_loaded_weights(model, info: dict, label: str, task: str) -> None:
         raise ConfigError(f"{label}: config.json's num_hidden_layers is {layers}, and its weights hold more layers "
                           f"(e.g. {beyond[0]}), which transformers would drop; use the config.json saved with these "
                           "weights")
+    if placeless := [k for k in unexpected if _placeless(k, dict(model.named_modules()))]:
+        raise ConfigError(f"{label}: its weights hold {placeless[0]}, which the model config.json describes has no "
+                          f"place for (model_type {model.config.model_type!r}; biases where attention_bias or mlp_bias "
+                          "is false?): transformers would drop it and compute another model; use the config.json "
+                          "saved with these weights")
     if not missing:
         return
     renamed = [u for u in unexpected if u.endswith("." + missing[0]) or missing[0].endswith("." + u.split(".", 1)[-1])]
@@ -108,6 +113,19 @@ def check_loaded_weights(model, info: dict, label: str, task: str) -> None:
         why = (f"its weights files lack {len(missing)} of the model's weights (e.g. {missing[0]}), which transformers "
                "would start from random values; download the model again, or save it again (save_pretrained)")
     raise ConfigError(f"{label}: {why}")
+
+
+def _placeless(key: str, modules: dict) -> bool:
+    """A saved weight or bias inside a module the model has (a layer, its attention) that has no such tensor: biases
+    config.json turns off, another model type's norms (a Qwen3 relabelled llama), which transformers drops. Another
+    task's head (BERT's cls.*, an lm_head) has no module here, and buffers saved by older versions (position_ids,
+    GPT-2's masked_bias) are not weights."""
+    *path, leaf = key.split(".")
+    if leaf not in ("weight", "bias"):
+        return False
+    if (m := modules.get(".".join(path))) is not None:
+        return getattr(m, leaf, None) is None
+    return any(".".join(path[:i]) in modules for i in range(1, len(path)))
 
 
 def _layer(key: str) -> int | None:

@@ -9,6 +9,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from file_checks import edit_json, lfs_pointer
 from peft_refs import lora_adapter
@@ -172,11 +173,16 @@ def test_a_weights_file_linked_to_a_blob_that_is_gone_is_told_to_download_again(
                                         "model.layers.2."),
     ("llama", "config: one layer fewer", "config.json's num_hidden_layers is 1, and its weights hold more layers (e.g. "
                                          "model.layers.1."),
-    ("bert", "keys saved by a wrapper", "its weights are saved under other names (e.g. module.")])
+    ("bert", "keys saved by a wrapper", "its weights are saved under other names (e.g. module."),
+    ("llama", "biases config.json turns off", "its weights hold model.layers.0.self_attn.q_proj.bias, which the model "
+                                              "config.json describes has no place for (model_type 'llama'; biases"),
+    ("llama", "another type's norms", "its weights hold model.layers.0.self_attn.q_norm.weight, which the model")])
 def test_weights_a_checkpoint_lacks_are_named_not_made_random(tiny_base, tmp_path, arch, edit, said):
     """A hunt: transformers starts the weights a checkpoint lacks from random values, and drops the layers config.json
     does not count; its load report silenced, train and export ran on them and said ok (the export's check compared
-    with the same random model): a DDP-saved MiniLM's embeddings were 0.92 alike for unrelated texts."""
+    with the same random model): a DDP-saved MiniLM's embeddings were 0.92 alike for unrelated texts. Another hunt:
+    weights config.json gives no place (biases attention_bias turns off, a Qwen3's norms relabelled llama) were dropped
+    (logits 4.3 off); buffers older versions saved (GPT-2's masked_bias) and another task's head still load."""
     from safetensors.torch import load_file, save_file
 
     base = str(shutil.copytree(tiny_base(arch), tmp_path / "base"))
@@ -186,6 +192,10 @@ def test_weights_a_checkpoint_lacks_are_named_not_made_random(tiny_base, tmp_pat
         saved.pop("model.layers.1.mlp.down_proj.weight")
     elif edit == "keys saved by a wrapper":
         saved = {f"module.{k}": v for k, v in saved.items()}
+    elif edit == "biases config.json turns off":
+        saved["model.layers.0.self_attn.q_proj.bias"] = torch.ones(saved["model.layers.0.self_attn.q_proj.weight"].shape[0])
+    elif edit == "another type's norms":
+        saved["model.layers.0.self_attn.q_norm.weight"] = torch.ones(4)
     else:
         edit_json(os.path.join(base, "config.json"), num_hidden_layers=3 if "more" in edit else 1)
     save_file(saved, weights, metadata={"format": "pt"})
@@ -243,3 +253,18 @@ def test_a_tied_checkpoint_whose_config_forgets_the_tying_is_told_to_set_it(tiny
         load_base(str(tmp_path / "tied"), "causal-lm")
     edit_json(str(tmp_path / "tied" / "config.json"), tie_word_embeddings=True)  # as it says
     load_base(str(tmp_path / "tied"), "causal-lm")
+
+
+def test_buffers_older_versions_saved_and_another_tasks_head_still_load(tiny_base, tmp_path):
+    """Keys transformers reports as unexpected that are not the model's weights: GPT-2's masked_bias (a buffer older
+    versions saved), BERT's masked-LM head (cls.*) under a classifier or an embedder."""
+    from safetensors.torch import load_file, save_file
+
+    for arch, key, task in (("gpt2", "transformer.h.0.attn.masked_bias", "causal-lm"),
+                            ("bert", "cls.predictions.transform.dense.weight", "seq-cls")):
+        base = str(shutil.copytree(tiny_base(arch), tmp_path / arch))
+        weights = os.path.join(base, "model.safetensors")
+        saved = load_file(weights)
+        saved[key] = torch.ones(2, 2)
+        save_file(saved, weights, metadata={"format": "pt"})
+        load_base(base, task, **({"labels": ["a", "b"]} if task == "seq-cls" else {}))
