@@ -16,9 +16,11 @@ from edgepeft.exporters.fingerprint import config_differences, made_heads, weigh
 from edgepeft.exporters.fusion import shared_input_groups
 from edgepeft.exporters.validate import check_room
 from edgepeft.files import check_output_dir, write_json_atomic
+from edgepeft.hub import cached_folder
 from edgepeft.model_checks import check_traceable, sliding_layers
 from edgepeft.models import (
     call_kwargs, check_supported, default_task, load_base, load_model_config, max_positions, model_label, sample_inputs,
+    sentence_transformers_folder,
 )
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.access import REPOINTED, link_to_nothing, located
@@ -26,8 +28,7 @@ from edgepeft.runtimes.commands import QTOL, export_name_problem, export_name_su
 from edgepeft.runtimes.sentence import sentence_transformers_settings
 from edgepeft.runtimes.values import switch
 from edgepeft.runtimes.manifest import (
-    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export,
-    read_base_manifest,
+    ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export, read_base_manifest,
 )
 from edgepeft.training.checkpoint import check_outside_checkpoints
 from edgepeft.tuners import load_config, specs_for
@@ -162,7 +163,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     options["log"](f"loading base {model_label(source, revision)} ({model_config.model_type}, {task})")
     model = load_base(source, task, revision=revision, config=model_config)
     if base:
-        _check_recorded_bases(sources, source, model, task)
+        _check_recorded_bases(sources, source, model, task, revision)
     peft = PeftModel(copy.deepcopy(model))
     for src in sources:
         peft.load_adapter(src.path, src.name)
@@ -328,7 +329,7 @@ def copy_fixes(config) -> set:
         {"pad_token_id"} if getattr(config, "pad_token_id", 0) is None else set())
 
 
-def _check_recorded_bases(sources, source: str, model, task: str) -> None:
+def _check_recorded_bases(sources, source: str, model, task: str, revision: str | None = None) -> None:
     """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``,
     apart from the heads the adapter carries itself (modules it trains whole) and heads made at load."""
     own = {}  # per adapter: the base modules it replaces with its own (its slots whose neutral value is the base's)
@@ -341,34 +342,41 @@ def _check_recorded_bases(sources, source: str, model, task: str) -> None:
                 raise
             raise type(e)(f"{e}; it was trained on {recorded}: drop --base to export it with that base") from None
     by_base = {}  # each recorded folder loaded once however many adapters name it, and let go before the next
-    for src in sources:
+    ours = cached_folder(source, revision) or source  # a hub id: its snapshot in this machine's cache
+    for src in sources:  # a recorded hub id too where the cache holds it (a paths hunt: other weights went unchecked)
         recorded = src.config.base_model_name_or_path
-        if recorded and os.path.isdir(recorded) and _same(recorded) != _same(source):  # not a hub id, another folder
-            by_base.setdefault(_same(recorded), []).append(src)
-    for srcs in by_base.values():
-        recorded = srcs[0].config.base_model_name_or_path
+        if (folder := recorded and cached_folder(recorded, src.config.revision)) and _same(folder) != _same(ours):
+            by_base.setdefault(_same(folder), []).append((src, folder))
+    for pairs in by_base.values():
+        (first, folder), recorded = pairs[0], pairs[0][0].config.base_model_name_or_path
         try:  # the fix to name: the adapter's record of it, not --base (given already)
-            theirs = load_base(recorded, task, flag=f"base_model_name_or_path in {srcs[0].path}'s adapter_config.json",
+            theirs = load_base(folder, task, flag=f"base_model_name_or_path in {first.path}'s adapter_config.json",
                                checked=False)  # its weights compared: a copy set as its refusal says is --base
         except EdgePeftError as e:
-            raise type(e)(f"{srcs[0].path}: records the base {recorded}, which --base {source} is compared with: {e}") \
+            if folder != recorded:  # a snapshot the cache holds in part (a shard gone): not compared, as before
+                continue
+            raise type(e)(f"{first.path}: records the base {recorded}, which --base {source} is compared with: {e}") \
                 from None
-        for src in srcs:
-            _compare_recorded(src, recorded, source, theirs, model, own[src.name], task)
+        settings = task == "feature-extraction" and [  # None: a hub id's files neither cached nor fetched (not known)
+            n if os.path.isdir(n) else sentence_transformers_folder(n, r)
+            for n, r in ((recorded, first.config.revision), (source, revision))]
+        for src, _ in pairs:
+            _compare_recorded(src, recorded, source, theirs, model, own[src.name], settings)
         del theirs
 
 
-def _compare_recorded(src, recorded: str, source: str, theirs, model, own: set, task: str) -> None:
+def _compare_recorded(src, recorded: str, source: str, theirs, model, own: set, settings: list | None) -> None:
     """Refuse ``src`` when its recorded base ``theirs`` has other weights, config or sentence-transformers settings
-    (an embed hunt: a CLS-trained adapter served mean-pooled) than --base's ``model``, apart from the heads the
-    adapter carries itself (``own``) and heads made at load. Another tokenizer is --base's to give (cli.md: an
-    adapter saved with its own tokenizer is exported with a --base folder holding it)."""
+    (read from ``settings``' two folders: an embed hunt found a CLS-trained adapter served mean-pooled) than --base's
+    ``model``, apart from the heads the adapter carries itself (``own``) and heads made at load. Another tokenizer is
+    --base's to give (cli.md: an adapter saved with its own tokenizer is exported with a --base folder holding it)."""
     ours_skip, their_skip = (own | made_heads(m) for m in (model, theirs))
     if weights_fingerprint(theirs, their_skip, config=False) == weights_fingerprint(model, ours_skip, config=False):
         differ = [k for k in config_differences(theirs, model) if k not in copy_fixes(theirs.config)]
         positions = max_positions(model.config)
-        if not differ and task == "feature-extraction" and os.path.isdir(source) and \
-                sentence_transformers_settings(recorded, positions) != sentence_transformers_settings(source, positions):
+        theirs_st, ours_st = settings or (None, None)
+        if not differ and theirs_st and ours_st and \
+                sentence_transformers_settings(theirs_st, positions) != sentence_transformers_settings(ours_st, positions):
             raise AdapterBaseMismatchError(
                 f"{src.path}: was trained on {recorded}, whose sentence-transformers settings (pooling, length: "
                 f"modules.json, 1_Pooling/, sentence_bert_config.json) differ from --base {source}'s (the weights are "

@@ -80,3 +80,19 @@ def unrecorded(out, *names: str) -> None:
             os.remove(os.path.join(out, "base", name))
     with edited_json(path) as manifest:
         manifest["text_files"] = [n for n in manifest.get("text_files", []) if n not in names]
+
+
+def fake_hub(root, monkeypatch, repo: str, snapshots: dict) -> None:
+    """An offline hub cache at ``root`` holding ``repo`` at each {ref: model folder}; the hub reads it from now on."""
+    import huggingface_hub.constants as hub
+
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    for i, (ref, model) in enumerate(snapshots.items()):
+        commit = str(i + 1) * 40
+        shutil.copytree(model, folder / "snapshots" / commit)
+        (folder / "refs" / ref).write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(root))  # read at import: the environment alone comes too late
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from file_checks import write_lines
+from file_checks import fake_hub, write_lines
 from peft_refs import randomize_adapter, randomize_prompt_encoder
 from tiny import load_reference_base, max_diff_valid, sample_batch, tiny_config, torch_outputs
 from training_helpers import seq_cls_rows, train_argv
@@ -85,22 +85,6 @@ def test_bert_prefix_positions_follow_one_convention_and_count_against_max_posit
 
 
 # ---------------------------------------------------------------- the base revision an adapter records
-def _fake_hub(root, monkeypatch, repo: str, snapshots: dict) -> None:
-    """An offline hub cache at ``root`` holding ``repo`` at each {ref: model folder}; the hub reads it from now on."""
-    import huggingface_hub.constants as hub
-
-    folder = root / ("models--" + repo.replace("/", "--"))
-    (folder / "refs").mkdir(parents=True)
-    for i, (ref, model) in enumerate(snapshots.items()):
-        commit = str(i + 1) * 40
-        shutil.copytree(model, folder / "snapshots" / commit)
-        (folder / "refs" / ref).write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(root))  # read at import: the environment alone comes too late
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-
-
 def _hub_adapter(path, revision):
     """An HF PEFT LoRA adapter on acme/tiny-llama at ``revision``, recording it as HF PEFT does; with its outputs."""
     import peft
@@ -124,7 +108,7 @@ def test_export_loads_the_base_revision_the_adapter_records(tiny_base, tmp_path,
     build_tokenizer().save(str(tmp_path / "v1" / "tokenizer.json"))  # only v1 has a tokenizer: the export takes it
     (tmp_path / "v1" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                                         "bos_token": "<s>", "eos_token": "</s>"}))
-    _fake_hub(tmp_path / "hub", monkeypatch, "acme/tiny-llama", {"main": tiny_base("llama"), "v1": tmp_path / "v1"})
+    fake_hub(tmp_path / "hub", monkeypatch, "acme/tiny-llama", {"main": tiny_base("llama"), "v1": tmp_path / "v1"})
     v1, want = _hub_adapter(tmp_path / "on-v1", "v1")
     assert json.loads((tmp_path / "on-v1" / "adapter_config.json").read_text())["revision"] == "v1"
     export([v1], tmp_path / "out", names=["v1"])
@@ -143,11 +127,28 @@ def test_export_loads_the_base_revision_the_adapter_records(tiny_base, tmp_path,
         export([v1, on_main], tmp_path / "both")
 
 
+def test_an_adapter_recording_a_cached_hub_base_is_compared_with_another_base(tiny_base, tmp_path, monkeypatch):
+    """A paths hunt: an adapter recording a hub id (in this machine's cache) exported with --base a folder of other
+    weights was not compared (only a recorded folder was): 0.49 from HF PEFT on its own base, exit 0."""
+    import transformers as tf
+
+    from edgepeft.errors import AdapterBaseMismatchError
+
+    fake_hub(tmp_path / "hub", monkeypatch, "acme/tiny-llama", {"main": tiny_base("llama")})
+    adapter, _ = _hub_adapter(tmp_path / "on-main", None)
+    torch.manual_seed(78)
+    tf.AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(tmp_path / "other")
+    with pytest.raises(AdapterBaseMismatchError, match=f"was trained on acme/tiny-llama, whose weights differ from "
+                                                       f"--base {tmp_path}/other"):
+        export([adapter], tmp_path / "out", base=str(tmp_path / "other"))
+    export([adapter], tmp_path / "out", base=tiny_base("llama"))  # a copy of it: the same weights
+
+
 def test_training_loads_the_revision_it_records(text_model, tmp_path, monkeypatch):
     """`--option revision=v1` trains on that revision (the hub cache holds no other) and records it."""
     from edgepeft.cli import main
 
-    _fake_hub(tmp_path / "hub", monkeypatch, "acme/tiny-bert", {"v1": text_model("bert")})
+    fake_hub(tmp_path / "hub", monkeypatch, "acme/tiny-bert", {"v1": text_model("bert")})
     data = write_lines(tmp_path / "train.jsonl", seq_cls_rows(8))
     main(train_argv("acme/tiny-bert", data, str(tmp_path / "out"), "--option", "revision=v1"))
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())

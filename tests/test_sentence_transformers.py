@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from file_checks import unrecorded
+from file_checks import fake_hub, unrecorded
 from peft_refs import peft_virtual_adapter
 from tiny import load_reference_base
 
@@ -538,9 +538,10 @@ def test_a_copy_without_a_sentence_transformers_file_is_named_not_embedded_other
 
 
 
-def test_an_adapter_exported_with_a_base_of_other_pooling_is_refused(st6, tmp_path):
+def test_an_adapter_exported_with_a_base_of_other_pooling_is_refused(st6, tmp_path, monkeypatch):
     """An embed hunt: an adapter trained on a CLS-pooled folder, exported with --base a folder of the same weights
-    pooled by the mean, was served mean-pooled (0.437 from encode on its own model), without a word."""
+    pooled by the mean, was served mean-pooled (0.437 from encode on its own model), without a word. A paths hunt:
+    so was --base a hub id of that folder (0.485)."""
     folder, _, _ = st6
     cls = shutil.copytree(folder, tmp_path / "cls")
     with open(cls / "1_Pooling" / "config.json") as f:
@@ -554,3 +555,6 @@ def test_an_adapter_exported_with_a_base_of_other_pooling_is_refused(st6, tmp_pa
                        r"the same\); make "
                        r"them agree, or export it with the base it was trained on \(drop --base\)$"):
         export([adapter], str(tmp_path / "out"), base=folder)
+    fake_hub(tmp_path / "hub", monkeypatch, "acme/minilm", {"main": folder})
+    with pytest.raises(edgepeft.errors.AdapterBaseMismatchError, match="differ from --base acme/minilm's"):
+        export([adapter], str(tmp_path / "out"), base="acme/minilm")
