@@ -222,6 +222,12 @@ def write_tokenizer(source: str, stage: str, revision: str | None = None, log=la
     pair template a copy must encode with too."""
     import transformers
 
+    from edgepeft.errors import ArtifactNotFoundError
+
+    for f in TOKENIZER_FILES if os.path.isdir(source) else ():  # a hub snapshot's blob gone: an export without it
+        if os.path.islink(link := os.path.join(source, f)) and not os.path.exists(link):  # failed every text call
+            raise ArtifactNotFoundError(f"{link}: is a link to {os.readlink(link)}, which does not exist (a download "
+                                        "cut short, a cache cleaned); download the model again, or put the file there")
     if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
         return
     why = None  # transformers' refusal, noted once the files are copied (or none of a hub id's are)

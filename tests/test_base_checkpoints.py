@@ -13,6 +13,7 @@ import torch
 
 from file_checks import edit_json, lfs_pointer
 from peft_refs import lora_adapter
+from word_tokenizer import build_tokenizer
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
 from edgepeft.exporters import export
@@ -164,6 +165,25 @@ def test_a_weights_file_linked_to_a_blob_that_is_gone_is_told_to_download_again(
     os.symlink("../../blobs/0123abcd", base / "model.safetensors")
     with pytest.raises(ArtifactNotFoundError, match=r"cannot load the base model .*download them again"):
         load_base(str(base), "seq-cls", labels=["a", "b"])
+
+
+def test_a_tokenizer_file_linked_to_a_blob_that_is_gone_is_named_before_an_export_without_it(tiny_base, tmp_path):
+    """A paths hunt: the export went on without tokenizer.json (exit 0, its note saying the files "are copied as they
+    are"), and every text call of the export failed."""
+    from edgepeft.runtimes import Runtime
+
+    base = shutil.copytree(tiny_base("llama"), tmp_path / "snapshot")
+    build_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    os.symlink("../blobs/0123abcd", base / "tokenizer.json")
+    adapter = lora_adapter(tmp_path / "adapter", str(base), "causal-lm", 2, r=2, target_modules=["q_proj"])
+    with pytest.raises(ArtifactNotFoundError, match=re.escape(f"{base}/tokenizer.json: is a link to ../blobs/0123abcd, "
+                                                              "which does not exist (a download cut short")):
+        export([adapter], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    os.remove(base / "tokenizer.json")
+    shutil.copy(tmp_path / "tokenizer.json", base / "tokenizer.json")  # the fix: the file put there
+    export([adapter], str(tmp_path / "out"))
+    assert Runtime(str(tmp_path / "out")).tokenizer is not None
 
 
 @pytest.mark.parametrize("arch, edit, said", [
