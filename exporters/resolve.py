@@ -9,7 +9,7 @@ import shlex
 import shutil
 from dataclasses import dataclass, field
 
-from edgepeft.config import CONFIG_NAME, naming_config
+from edgepeft.config import CONFIG_NAME, TASK_TYPES, naming_config, task_type_of_class
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, EdgePeftError
 from edgepeft.exporters.adapter_graph import saved_labels
 from edgepeft.exporters.fingerprint import config_differences, made_heads, weights_fingerprint
@@ -151,7 +151,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
             raise
         raise ArtifactNotFoundError(f"{e} (base_model_name_or_path in "
                                     f"{os.path.join(sources[0].path, CONFIG_NAME)})") from None
-    task = _task_of(sources, model_config.model_type)
+    task = _task_of(sources, model_config)
     try:
         check_supported(model_config.model_type, task, source)
     except EdgePeftError as e:  # --base of another kind ("use seq-cls": export takes no task): the adapter's own base
@@ -283,18 +283,18 @@ def _revision_of(sources, source: str) -> str | None:
     return None if revision == "main" else revision
 
 
-def _task_of(sources, model_type: str) -> str:
-    tasks = set()
-    for s in sources:  # task_type, else the model class HF PEFT recorded, else the model type's usual task
+def _task_of(sources, model_config) -> str:
+    """task_type, else auto_mapping's class, else the base's (transformers' add_adapter saves neither), else usual."""
+    tasks, classes = set(), getattr(model_config, "architectures", None) or [None]
+    own = TASK_TYPES.get(task_type_of_class({"base_model_class": classes[0]}) if classes[0] else None)
+    for s in sources:
         try:
-            tasks.add(s.config.task or s.config.recorded_task or default_task(model_type))
+            tasks.add(s.config.task or s.config.recorded_task or own or default_task(model_config.model_type))
         except EdgePeftError as e:
             raise naming_config(e, s.path) from None
     if len(tasks) > 1:
-        raise ConfigError(
-            f"the adapters are for different tasks ({', '.join(sorted(tasks))}); one export folder serves one task, "
-            "so export them into separate --out folders"
-        )
+        raise ConfigError(f"the adapters are for different tasks ({', '.join(sorted(tasks))}); one export folder serves "
+                          "one task, so export them into separate --out folders")
     return tasks.pop()
 
 

@@ -239,3 +239,28 @@ def test_a_module_trained_whole_by_one_adapter_and_adapted_by_another_is_refused
     for d in dirs:  # the advice works
         export([d], str(tmp_path / "out"))
     assert Runtime(tmp_path / "out").adapter_names == ["all", "whole"]
+
+
+def test_a_classifiers_adapter_saved_without_task_type_or_model_class_exports_on_the_classifier(tiny_base, tmp_path):
+    """An hfsaves hunt: transformers' own add_adapter + save_pretrained on a classifier writes task_type and
+    auto_mapping null, its head the checkpoint's own; export took the decoder's usual task (refused: "no weights for
+    its language-model head"), and its fix, task_type SEQ_CLS, was refused in turn. The base's own class tells."""
+    import peft
+    import transformers as tf
+
+    torch.manual_seed(5)
+    config = tiny_config("llama")
+    config.num_labels = 3
+    tf.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "classifier")
+    pm = peft.get_peft_model(tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier"),
+                             peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    randomize_adapter(pm, 9)
+    pm.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "auto_mapping": None}))
+    ids, mask = sample_batch()
+    want = torch_outputs(pm.eval(), ids, mask, "logits")
+    export([str(tmp_path / "adapter")], tmp_path / "out")
+    rt = Runtime(str(tmp_path / "out"))
+    assert rt.manifest["task"] == "seq-cls"
+    assert np.abs(rt.forward(ids, mask, adapter="adapter")["logits"] - want).max() <= 1e-4
