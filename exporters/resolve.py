@@ -253,8 +253,8 @@ def _read_sources(adapters, names, out: str) -> list[AdapterSource]:
 
 
 def _base_of(sources, base) -> str:
-    if base is not None:  # '' too: check_model_source refuses it
-        return str(base)
+    if base is not None:  # '' too: check_model_source refuses it; a folder recorded absolute (a paths hunt: inspect
+        return located(base) if os.path.isdir(base) else str(base)  # showed it as a hub id, fixes failed)
     named = [s.config.base_model_name_or_path for s in sources]
     if None in named or "" in named:
         missing = next(s for s in sources if not s.config.base_model_name_or_path)

@@ -18,10 +18,11 @@ from .sentence import prompts_known, sentence_transformers_settings
 
 
 def folder_bytes(path: str) -> int:
-    """The bytes of the files under ``path``, links counted as links (a stray link to nothing failed inspect)."""
+    """The bytes of the files under ``path``: a link's file's (a hub cache's layout, links into blobs/, was 790 B),
+    a link to nothing as a link (it failed inspect)."""
     total = 0
     for root, _, files in os.walk(path):
-        total += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
+        total += sum((os.stat if os.path.exists(p) else os.lstat)(p).st_size for p in (os.path.join(root, f) for f in files))
     return total
 
 

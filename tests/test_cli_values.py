@@ -79,6 +79,29 @@ def test_an_adapter_given_through_a_link_and_dotdot_is_named_where_the_system_re
     assert "--name" not in adapter_export_command("latest/..", "out")  # its folder's name is one export takes
 
 
+def test_a_relative_base_folder_is_recorded_where_it_is_and_links_are_counted_by_their_files(shared_export, tiny_base,
+                                                                                             tmp_path, monkeypatch):
+    """A paths hunt: `--base models/llama` was recorded as typed (inspect showed it as a hub id; a re-export fix
+    repeating it failed in another folder, the hub asked for it), and inspect counted an export whose files are links
+    into blobs/ (a hub cache's layout) by its links' bytes (790 B for 197 KiB)."""
+    import shutil
+
+    from edgepeft.runtimes.describe import describe_export
+
+    adapter = shared_export("llama")[1]["qv"]
+    shutil.copytree(tiny_base("llama"), tmp_path / "models" / "llama")
+    monkeypatch.chdir(tmp_path)
+    export([adapter], "out", base="models/llama")
+    assert Runtime("out").manifest["source"] == str(tmp_path / "models" / "llama")
+    size = describe_export("out")["base"]["bytes"]
+    os.makedirs("blobs")
+    for i, name in enumerate(sorted(os.listdir("out/base"))):
+        if os.path.isfile(os.path.join("out/base", name)):
+            shutil.move(os.path.join("out/base", name), os.path.join("blobs", f"{i:040d}"))
+            os.symlink(os.path.join("..", "..", "blobs", f"{i:040d}"), os.path.join("out/base", name))
+    assert describe_export("out")["base"]["bytes"] == size
+
+
 def test_a_base_of_another_kind_than_the_adapters_task_says_drop_base(shared_export, tiny_base, tmp_path):
     """--base a BERT folder for a Llama causal-LM adapter: "use seq-cls or feature-extraction", which export (its task
     is the adapter's) cannot take; a GPT-2 --base got the fix that works."""
