@@ -109,6 +109,10 @@ def check_loaded_weights(model, info: dict, label: str, task: str) -> None:
             k in missing for k, _ in model.named_parameters() if (i := _layer(k)) is not None and i >= first):
         why = (f"config.json's num_hidden_layers is {layers}, and its weights hold {first} layers (none for "
                f"{missing[0]}); use the config.json saved with these weights")
+    elif getattr(model.config, "auto_map", None):  # a known type's name on a model of its own code (ALiBi, ...)
+        why = (f"its weights do not fit transformers' {type(model).__name__} (none for {missing[0]}): config.json's "
+               "auto_map names the model's own Python code, which edgepeft never runs; use a model transformers "
+               "implements as it is")
     else:
         why = (f"its weights files lack {len(missing)} of the model's weights (e.g. {missing[0]}), which transformers "
                "would start from random values; download the model again, or save it again (save_pretrained)")

@@ -196,7 +196,9 @@ def test_a_tokenizer_file_linked_to_a_blob_that_is_gone_is_named_before_an_expor
     ("bert", "keys saved by a wrapper", "its weights are saved under other names (e.g. module."),
     ("llama", "biases config.json turns off", "its weights hold model.layers.0.self_attn.q_proj.bias, which the model "
                                               "config.json describes has no place for (model_type 'llama'; biases"),
-    ("llama", "another type's norms", "its weights hold model.layers.0.self_attn.q_norm.weight, which the model")])
+    ("llama", "another type's norms", "its weights hold model.layers.0.self_attn.q_norm.weight, which the model"),
+    ("bert", "its own code's weights", "its weights do not fit transformers' BertModel (none for embeddings.position_"
+                                       "embeddings.weight): config.json's auto_map names the model's own Python code")])
 def test_weights_a_checkpoint_lacks_are_named_not_made_random(tiny_base, tmp_path, arch, edit, said):
     """A hunt: transformers starts the weights a checkpoint lacks from random values, and drops the layers config.json
     does not count; its load report silenced, train and export ran on them and said ok (the export's check compared
@@ -216,6 +218,9 @@ def test_weights_a_checkpoint_lacks_are_named_not_made_random(tiny_base, tmp_pat
         saved["model.layers.0.self_attn.q_proj.bias"] = torch.ones(saved["model.layers.0.self_attn.q_proj.weight"].shape[0])
     elif edit == "another type's norms":
         saved["model.layers.0.self_attn.q_norm.weight"] = torch.ones(4)
+    elif edit == "its own code's weights":  # jina-embeddings-v2: "bert" with ALiBi, no position embeddings
+        saved.pop("embeddings.position_embeddings.weight")
+        edit_json(os.path.join(base, "config.json"), auto_map={"AutoModel": "modeling_bert.JinaBertModel"})
     else:
         edit_json(os.path.join(base, "config.json"), num_hidden_layers=3 if "more" in edit else 1)
     save_file(saved, weights, metadata={"format": "pt"})
