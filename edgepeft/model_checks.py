@@ -3,9 +3,9 @@ layers cannot hold (refused naming the field, where transformers fails inside a 
 from __future__ import annotations
 
 from edgepeft.errors import ConfigError, UnsupportedModelError, first_line
+from edgepeft.runtimes.base_checks import DECODERS  # models.py imports it from here
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 
-DECODERS = {"llama", "qwen2", "gpt2"}  # model types with a causal-LM head; they take use_cache
 TEXT_ROOM = 4  # positions an export's checks need for text beside virtual tokens: a row left-padded by 3 keeps a token
 SAMPLE_TOKENS = 8  # a traced sample's length (check_traceable asks the model's positions for as many)
 

@@ -14,6 +14,7 @@ from .values import is_kind
 OPS = ("contrib", "standard")  # exporters' --ops
 TOKEN_TYPES = "token_type_ids"  # a seq-cls BERT's input: its second segment (text pairs); manifest.py imports it
 ENCODERS = {"bert"}  # model types exported as encoders (no cache; BERT's token types); models.py imports it
+DECODERS = {"llama", "qwen2", "gpt2"}  # model types with a causal-LM head; they take use_cache (model_checks imports it)
 
 
 def generation_errors(generation: dict, vocab: int) -> list[tuple[str, str]]:

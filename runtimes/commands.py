@@ -8,6 +8,8 @@ import re
 from shlex import quote
 
 from .access import ADAPTERS_DIR, REPOINTED, folder_name
+from .base_checks import DECODERS, ENCODERS
+from .errors import UnsupportedModelError
 
 
 def export_command(adapter: str = "DIR", out: str = "OUT", *flags: str) -> str:
@@ -219,3 +221,21 @@ def pairs_fix(manifest: dict) -> str:
         return "export every adapter into a fresh --out folder (an earlier edgepeft's export takes no new adapter)"
     return ("export an adapter into it again (its base is then written with token types), or every adapter into a "
             "fresh --out folder")
+
+
+def unexportable(folder: str) -> UnsupportedModelError | None:
+    """The refusal an export of ``folder`` would end in, where it is a model folder (or an adapter folder recording
+    one here) of a model type edgepeft does not export: "export it first" led there (an archs hunt)."""
+    config = os.path.join(folder, "config.json")
+    try:
+        if not os.path.isfile(config):  # an adapter folder: its recorded base, where that is a folder here
+            with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+                config = os.path.join(json.load(f)["base_model_name_or_path"], "config.json")
+        with open(config, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):  # no such file, not JSON, a hub id: not known
+        return None
+    if not isinstance(model_type, str) or model_type in ENCODERS | DECODERS:
+        return None
+    return UnsupportedModelError(f"{folder}: is not an export, and {config}'s model type {model_type!r} is one edgepeft "
+                                 f"does not export; it exports {', '.join(sorted(ENCODERS | DECODERS))} models")

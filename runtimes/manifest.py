@@ -58,7 +58,7 @@ from .access import (ADAPTER_MANIFEST, STOPPED, adapter_dirs, aside_elsewhere, c
                      link_to_nothing, listed, moved_aside, present, read_json, sha256_bytes)
 from .base_checks import TOKEN_TYPES, base_value_errors
 from .commands import (ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, adapter_files_fix, export_command,
-                       export_name_problem, exported_as, exported_name, fresh_out, hf_peft_folder_fix)
+                       export_name_problem, exported_as, exported_name, fresh_out, hf_peft_folder_fix, unexportable)
 from .errors import STOPS, ArtifactNotFoundError, ConfigError, CorruptArtifactError
 from .slot_checks import slot_table_errors
 from .values import is_kind
@@ -241,7 +241,6 @@ _FIELD_TYPES = {
     **{key: (str, "a string") for key in ("name", "fingerprint", "base_fingerprint", "graph", "sha256")},
 }
 
-
 _BASE_KEYS = ("model_type", "task", "fingerprint", "inputs", "outputs", "slots", "vocab_size", "graph")
 _ADAPTER_KEYS = ("name", "methods", "base_fingerprint", "slots", "graph", "sha256")
 
@@ -255,6 +254,8 @@ def not_an_export(path: str, then=lambda out, name: f"open {out} and pick adapte
         out = enclosing_export(os.path.abspath(path))
         return ArtifactNotFoundError(f"{path}: is a file of the export {out}; give {out} itself" if out else
                                      f"{path}: is a file, not an export; give the folder `edgepeft export --out` wrote")
+    if problem := unexportable(path):  # "export it first" would be refused
+        return problem
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         out, made = fresh_out(path), exported_as(folder_name(path)) if export_name_problem(folder_name(path)) else \
             folder_name(path)  # the name the advised export gave it ("topic_v2"; the next one's: "topic_v2_2")
@@ -336,7 +337,6 @@ def base_file_errors(base_dir: str, manifest: dict, names=None) -> list:
             errors.append(CorruptArtifactError(f"{path}: {os.path.getsize(path)} bytes where the export wrote {size} "
                                                f"(a copy cut short?); {fix}"))
     return errors
-
 
 
 _ADAPTER_FIX = f"re-export the adapter under its folder's name with {export_command('DIR', 'OUT', '--name', 'NAME', '--overwrite')}"

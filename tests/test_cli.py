@@ -472,3 +472,27 @@ def test_run_on_an_adapter_folder_whose_export_exists_gives_the_run_command(tmp_
     assert f"{dotted}-onnx holds its export: run `edgepeft run {dotted}-onnx --adapter topic_v2 PROMPT`" in cli_error(
         capsys, "run", dotted, "w1 w2")
     assert "topic" in Runtime(adapter + "-onnx").adapter_names  # what that command opens (this base: no tokenizer)
+
+
+def test_a_folder_of_a_model_type_edgepeft_does_not_export_is_told_so_not_to_export_it(tiny_base, tmp_path):
+    """An archs hunt: `run`, `inspect` and Runtime on a Qwen3 adapter folder (or a RoBERTa model folder) said "export
+    it first", and that export was refused: "model type 'qwen3' is not supported"."""
+    from click.testing import CliRunner
+
+    from edgepeft.cli import cli
+    from edgepeft.errors import UnsupportedModelError
+
+    model = shutil.copytree(tiny_base("llama"), tmp_path / "qwen3")
+    with open(model / "config.json") as f:
+        config = json.load(f)
+    with open(model / "config.json", "w") as f:
+        json.dump({**config, "model_type": "qwen3"}, f)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model)}))
+    said = f"{model}/config.json's model type 'qwen3' is one edgepeft does not export; it exports bert, gpt2, llama"
+    for folder in (model, tmp_path / "adapter"):
+        with pytest.raises(UnsupportedModelError, match=re.escape(f"{folder}: is not an export, and {said}")):
+            Runtime(str(folder))
+        result = CliRunner().invoke(cli, ["inspect", str(folder)])
+        assert result.exit_code == 1 and said in str(result.exception)
+    assert "export an adapter trained on it" in str(CliRunner().invoke(cli, ["inspect", tiny_base("llama")]).exception)
