@@ -149,8 +149,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
     except ArtifactNotFoundError as e:  # a folder the adapter records, moved since: say where the path came from
         if base is not None:
             raise
-        raise ArtifactNotFoundError(f"{e} (base_model_name_or_path in "
-                                    f"{os.path.join(sources[0].path, CONFIG_NAME)})") from None
+        raise ArtifactNotFoundError(f"{e} (base_model_name_or_path in {os.path.join(sources[0].path, CONFIG_NAME)})") from None
     task = _task_of(sources, model_config)
     try:
         check_supported(model_config.model_type, task, source)
@@ -355,8 +354,9 @@ def _check_recorded_bases(sources, source: str, model, task: str, revision: str 
         except EdgePeftError as e:
             if folder != recorded:  # a snapshot the cache holds in part (a shard gone): not compared, as before
                 continue
-            raise type(e)(f"{first.path}: records the base {recorded}, which --base {source} is compared with: {e}") \
-                from None
+            raise type(e)(f"{first.path}: records the base {recorded}, which --base {source} is compared with: {e}; "
+                          f"where --base is that model, set base_model_name_or_path to it in {first.path}'s "
+                          "adapter_config.json") from None
         settings = task == "feature-extraction" and [  # None: a hub id's files neither cached nor fetched (not known)
             n if os.path.isdir(n) else sentence_transformers_folder(n, r)
             for n, r in ((recorded, first.config.revision), (source, revision))]

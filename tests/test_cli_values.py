@@ -391,3 +391,29 @@ def test_run_given_two_adapters_is_refused_not_served_by_the_last(shared_export,
     assert cli_error(capsys, "run", out, "x", "--adapter", "qv", "--adapter", "none") == (
         "error: --adapter given 2 times (qv, none); give one --adapter (a batch of rows each with its adapter: "
         "Runtime's adapter=[...], from Python)")
+
+
+def test_an_adapter_recording_a_base_of_a_type_edgepeft_does_not_load_names_the_fix_with_base(tiny_base, tmp_path):
+    """An archs hunt: an adapter made on a Mistral (sliding_window null: Llama's computation), exported with --base a
+    copy relabelled llama, was refused by the recorded base's type alone, with no fix that applies to --base."""
+    import json
+    import shutil
+
+    from peft_refs import lora_adapter
+    from edgepeft.errors import UnsupportedModelError
+
+    mistral = shutil.copytree(tiny_base("llama"), tmp_path / "mistral")
+    config = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    adapter = lora_adapter(tmp_path / "adapter", tiny_base("llama"), "causal-lm", 3, r=2, target_modules=["q_proj"])
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**settings,
+                                                                          "base_model_name_or_path": str(mistral)}))
+    with pytest.raises(UnsupportedModelError, match=re.escape(
+            f"model type 'mistral' is not supported; edgepeft supports bert, gpt2, llama, qwen2 (Llama, Qwen2, GPT-2, and"
+            f" BERT: model_type bert, such as MiniLM); where --base is that model, set base_model_name_or_path to it in "
+            f"{adapter}'s adapter_config.json")):
+        export([adapter], str(tmp_path / "out"), base=tiny_base("llama"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**settings,  # the fix, as it says
+                                                                          "base_model_name_or_path": tiny_base("llama")}))
+    export([adapter], str(tmp_path / "out"), base=tiny_base("llama"))
