@@ -18,6 +18,7 @@ from typing import Optional
 
 from edgepeft.errors import (ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError,
                              UnsupportedMethodError, first_line, warn)
+from edgepeft.runtimes.access import unexpanded_tilde
 from edgepeft.runtimes.values import is_real, is_whole
 
 CONFIG_NAME = "adapter_config.json"
@@ -258,7 +259,8 @@ def load_config(directory: str) -> PeftConfig:
             if os.path.isdir(directory) else []
         fix = (f"it holds adapters saved under their names: pass {' or '.join(os.path.join(directory, d) for d in named)}"
                if named else "pass an adapter folder saved by save_pretrained (edgepeft or HF PEFT)")
-        raise ArtifactNotFoundError(f"{path}: not found; {_exported(directory) or fix}")
+        raise ArtifactNotFoundError(unexpanded_tilde(directory, "--adapter") or f"{path}: not found; "
+                                    f"{_exported(directory) or fix}")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)

@@ -5,14 +5,14 @@ import errno
 import json
 import math
 import os
-import shlex
 import shutil
 import tempfile
 from contextlib import contextmanager
 
 from edgepeft.interrupts import deferred_interrupts
 from edgepeft.sharing import exchanged
-from edgepeft.runtimes.access import inside, left_by_a_stopped_process, moved_aside_for_nothing, this_host
+from edgepeft.runtimes.access import (inside, left_by_a_stopped_process, moved_aside_for_nothing, this_host,
+                                      unexpanded_tilde)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -159,14 +159,6 @@ def check_output_files(paths: dict) -> list:
             if (other := seen.setdefault(os.path.realpath(path), flag)) != flag:
                 raise ConfigError(f"{path}: given to {other} and {flag}; give each its own file")
     return [None if path is None else os.path.realpath(path) for path in paths.values()]
-
-
-def unexpanded_tilde(path, flag: str) -> str | None:
-    """What to say of a path that starts with a '~' no shell expanded (quoted, after `--out=`, or from Python), where
-    no folder of that name is there: transformers took --model ~/m for a hub id, --out=~/x made a folder named ~."""
-    if str(path).startswith("~") and not os.path.lexists(str(path).split(os.sep)[0]):
-        return f"{path}: '~' is not expanded here; give {flag} the full path, {shlex.quote(os.path.expanduser(path))}"
-    return None
 
 
 def check_output_dir(path: str, flag: str, wants: str = "a folder path") -> None:

@@ -241,6 +241,14 @@ def weights_out_of_reach(graph: str) -> str | None:
             f"weights there; put the file in its place: cp --remove-destination {shlex.quote(real)} {shlex.quote(data)}")
 
 
+def unexpanded_tilde(path, flag: str) -> str | None:
+    """What to say of a path that starts with a '~' no shell expanded (quoted, after `--out=`, or from Python), where
+    no folder of that name is there: transformers took --model ~/m for a hub id, --out=~/x made a folder named ~."""
+    if str(path).startswith("~") and not os.path.lexists(str(path).split(os.sep)[0]):
+        return f"{path}: '~' is not expanded here; give {flag} the full path, {shlex.quote(os.path.expanduser(path))}"
+    return None
+
+
 def adapter_dirs(out_dir: str) -> dict:
     """{name: folder} of the adapters in ``out_dir/adapters``, sorted (a link leading nowhere too, for the read to
     name); hidden (staging) entries left out. OUT/adapters a link to nothing is named (its adapters left out unsaid)."""

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from shlex import quote
 
 from .access import (ADAPTER_MANIFEST, STOPPED, adapter_dirs, aside_elsewhere, check_readable, folder_name,
-                     link_to_nothing, listed, moved_aside, present, read_json, sha256_bytes)
+                     link_to_nothing, listed, moved_aside, present, read_json, sha256_bytes, unexpanded_tilde)
 from .base_checks import TOKEN_TYPES, base_value_errors
 from .commands import (ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, adapter_files_fix, export_command,
                        export_name_problem, exported_as, exported_name, fresh_out, hf_peft_folder_fix, unexportable)
@@ -278,8 +278,8 @@ def not_an_export(path: str, then=lambda out, name: f"open {out} and pick adapte
     if problem := link_to_nothing(path) or link_to_nothing(os.path.join(path, BASE_DIR)):  # "run export first" failed
         return ArtifactNotFoundError(problem)
     if not os.path.lexists(path):  # a typo: say so before what an export there would need
-        return ArtifactNotFoundError(f"{path}: no such folder; give the folder `edgepeft export --out` wrote, or "
-                                     f"export there first: {export_command('DIR', path)}")
+        return ArtifactNotFoundError(unexpanded_tilde(path, "it") or f"{path}: no such folder; give the folder "
+                                     f"`edgepeft export --out` wrote, or export there first: {export_command('DIR', path)}")
     if aside := moved_aside(path).get(BASE_DIR):  # "no base here" hid where it was
         return ArtifactNotFoundError(f"{os.path.join(path, BASE_DIR)}: moved aside to {aside} {STOPPED.format(path)}")
     if elsewhere := aside_elsewhere(path, BASE_DIR):

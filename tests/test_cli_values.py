@@ -336,6 +336,11 @@ def test_an_out_that_starts_with_a_tilde_no_shell_expanded_is_refused(shared_exp
         edgepeft.train(model=tiny_base("bert"), task="seq-cls", data=str(tmp_path / "d.jsonl"), out="~/x")
     with pytest.raises(ConfigError, match=said.replace("\\-\\-out", "\\-\\-json")):  # bench --json=~/x, --plot alike
         check_output_files({"--json": "~/x"})
+    from edgepeft.errors import ArtifactNotFoundError  # a later paths hunt: "not found" (Runtime, run, inspect, bench:
+    for call, flag in ((lambda: Runtime("~/x"), "it"), (lambda: export(["~/x"], "o"), "--adapter"),  # "export there
+                       (lambda: edgepeft.train(model=tiny_base("bert"), task="seq-cls", data="~/x", out="o"), "it")):
+        with pytest.raises(ArtifactNotFoundError, match=said.replace("\\-\\-out", flag)):  # first with --out ~/x")
+            call()
     assert os.listdir(tmp_path) == []
     os.mkdir("~")  # a folder of that name, made on purpose, is a folder like any other
     export([next(iter(shared_export("bert")[1].values()))], "~/x")

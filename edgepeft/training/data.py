@@ -7,8 +7,7 @@
     feature-extraction  {"text": ..., "positive": ...}  (pairs; in-batch negatives), and hard negatives in
                         "negative" or "negative_1", "negative_2", ... (the same fields in every row)
 
-A bad row raises ``DataError`` naming the file and the line.
-"""
+A bad row raises ``DataError`` naming the file and the line."""
 from __future__ import annotations
 
 import copy
@@ -24,7 +23,7 @@ import torch
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, DataError
 from edgepeft.model_checks import TEXT_ROOM
-from edgepeft.runtimes.access import check_readable
+from edgepeft.runtimes.access import check_readable, unexpanded_tilde
 from edgepeft.runtimes.inputs import tokenizer_ids_checked
 from edgepeft.processes import first
 from edgepeft.training.jsonl import file_lines, gzip_fix, not_json_lines
@@ -91,7 +90,8 @@ def read_jsonl(path: str, task: str) -> Rows:
         raise ConfigError(f"{path}: is a folder, not a data file; pass a JSONL file with one JSON object per line")
     if not os.path.exists(path):
         check_readable(path)
-        raise ArtifactNotFoundError(f"{path}: data file not found; pass a JSONL file with one JSON object per line")
+        raise ArtifactNotFoundError(unexpanded_tilde(path, "it") or f"{path}: data file not found; pass a JSONL file with "
+                                    "one JSON object per line")  # '~' quoted: "not found" hid why
     shapes = FIELDS[task]
     want = " or ".join("{" + ", ".join(f'"{k}"' for k in shape) + "}" for shape in shapes)
     rows, others, ignored, unknown, columns = [], _other_fields(task), set(), set(), []
