@@ -100,11 +100,17 @@ def another_task(path: str, config, prefix: str, missing: list, unexpected: list
 
 def drop_carried_base_weights(model, state: dict, path: str, adapter_keys: set) -> None:
     """HF PEFT saves the base weight of an adapted embedding or lm_head too (``save_embedding_layers="auto"``),
-    and of the embedding and output layers with ``save_embedding_layers=True`` (keys of plain base weights).
+    and of the embedding and output layers with ``save_embedding_layers=True`` (keys of plain base weights; a head
+    trained whole, modules_to_save, then comes twice: its ``modules_to_save`` copy, equal to the trained one, goes).
 
     Unchanged, it is redundant: dropped. A different one (resized or trained embeddings) would change the frozen
     base, which edgepeft exports once and shares: refused.
     """
+    for key in [k for k in state if ".modules_to_save." in k and k not in adapter_keys]:  # save_embedding_layers=True:
+        trained = key.replace(".modules_to_save.", ".", 1)  # the trained head again, beside it (an hfsaves hunt)
+        if trained in adapter_keys and trained in state and state[trained].shape == state[key].shape and \
+                torch.equal(state[trained], state[key]):
+            del state[key]
     for key in [k for k in state if k.endswith(".weight") and k not in adapter_keys]:
         try:
             # under another method's wrapper too (LoRA and IA3 both on lm_head: the second wraps the first)

@@ -117,6 +117,24 @@ def test_embedding_layers_saved_whole_by_hf_peft_are_dropped_when_unchanged(tiny
             edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
 
 
+def test_a_head_trained_whole_and_saved_with_the_embedding_layers_loads_as_hf_peft_loads_it(tiny_base, tmp_path):
+    """An hfsaves hunt: modules_to_save=["lm_head"] saved with save_embedding_layers=True writes the trained head
+    twice (lm_head.weight, lm_head.modules_to_save.weight) and the base's (original_module): refused as "weights for
+    modules this model lacks", and "save the adapter again" wrote the same file."""
+    import peft
+
+    base = tiny_base("llama")
+    hf = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    randomize_adapter(hf, 5)
+    hf.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    ours = edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(tmp_path / "a"))
+    ids, mask = (torch.from_numpy(a) for a in sample_batch())
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(input_ids=ids, attention_mask=mask).logits,
+                                   hf.eval()(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-6)
+
+
 def test_tied_embeddings_trained_whole_or_adapted_are_refused_with_a_fix(tiny_base, tmp_path):
     """ensure_weight_tying with modules_to_save=["lm_head"] trains GPT-2's tied embeddings whole: it was blamed on
     another base ("needs the adapter on the unchanged base it was trained on", which it was); LoRA on an embedding
