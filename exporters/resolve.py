@@ -18,10 +18,8 @@ from edgepeft.exporters.validate import check_room
 from edgepeft.files import check_output_dir, write_json_atomic
 from edgepeft.hub import cached_folder
 from edgepeft.model_checks import check_traceable, sliding_layers
-from edgepeft.models import (
-    call_kwargs, check_supported, default_task, load_base, load_model_config, max_positions, model_label, sample_inputs,
-    sentence_transformers_folder,
-)
+from edgepeft.models import (call_kwargs, check_supported, default_task, load_base, load_model_config, max_positions,
+                             model_label, sample_inputs, sentence_transformers_folder)
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.access import REPOINTED, link_to_nothing, located
 from edgepeft.runtimes.commands import QTOL, export_name_problem, export_name_suggestion, fresh_out, unused_name
@@ -270,9 +268,10 @@ def _same(source: str) -> str:
 
 
 def _revision_of(sources, source: str) -> str | None:
-    """The hub revision the adapters record for ``source`` (their ``revision``, which HF PEFT's AutoPeftModel loads);
-    None: the default branch, or ``--base`` names another model than they record. One export serves one revision."""
-    recorded = [s for s in sources if _same(s.config.base_model_name_or_path or "") == _same(source)]
+    """The hub revision the adapters record for ``source`` (HF PEFT's AutoPeftModel loads it); None: the default
+    branch, a folder, or another model than they record (``--base``). One export serves one revision."""
+    recorded = [s for s in sources if _same(s.config.base_model_name_or_path or "") == _same(source)
+                and not os.path.isdir(source)]  # a folder has no revisions: transformers and HF PEFT ignore one
     revisions = {s.config.revision or "main" for s in recorded}  # unset is the default branch, as HF loads it
     if len(revisions) > 1:
         named = ", ".join(f"{s.path}: {s.config.revision or 'main (unset)'}" for s in recorded)

@@ -144,6 +144,19 @@ def test_an_adapter_recording_a_cached_hub_base_is_compared_with_another_base(ti
     export([adapter], tmp_path / "out", base=tiny_base("llama"))  # a copy of it: the same weights
 
 
+def test_adapters_of_one_local_folder_export_together_whatever_revision_they_record(tiny_base, tmp_path):
+    """An hfsaves hunt: two adapters of one local folder, one recording a hub revision (which transformers and HF
+    PEFT ignore for a folder), were refused together as "different revisions", and accepted one after the other."""
+    from peft_refs import lora_adapter
+
+    dirs = [lora_adapter(tmp_path / name, tiny_base("llama"), "causal-lm", seed, r=2, target_modules=["q_proj"])
+            for seed, name in enumerate(("unset", "tagged"))]
+    config = json.loads((tmp_path / "tagged" / "adapter_config.json").read_text())
+    (tmp_path / "tagged" / "adapter_config.json").write_text(json.dumps({**config, "revision": "v1.0"}))
+    export(dirs, tmp_path / "out")
+    assert Runtime(str(tmp_path / "out")).manifest.get("revision") is None
+
+
 def test_training_loads_the_revision_it_records(text_model, tmp_path, monkeypatch):
     """`--option revision=v1` trains on that revision (the hub cache holds no other) and records it."""
     from edgepeft.cli import main
