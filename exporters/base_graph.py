@@ -20,6 +20,7 @@ from edgepeft.exporters.genai_config import genai_notes, write_genai_config
 from edgepeft.exporters.graph import OPSET, SlotGraph, export_graph
 from edgepeft.exporters.quantize import quantize_graph
 from edgepeft.files import write_json_atomic
+from edgepeft.hub import cached_folder
 from edgepeft.models import (
     NO_REMOTE_CODE, SENTENCE_TRANSFORMERS_FILES, cache_layout, is_placeholder_tokenizer, max_positions, named_labels,
     sentence_transformers_folder,
@@ -156,8 +157,9 @@ def write_side_files(source: str, stage: str, task: str, revision: str | None = 
     too), Runtime.embed's length limit and pooling (from the hub too)."""
     write_tokenizer(source, stage, revision, log, pairs=task == "seq-cls")
     note_chat_template(source, stage, log)
-    if os.path.isfile(os.path.join(source, "generation_config.json")):
-        shutil.copy2(os.path.join(source, "generation_config.json"), stage)
+    folder = cached_folder(source, revision) or source  # a hub id's snapshot, where loading the model put it
+    if os.path.isfile(os.path.join(folder, "generation_config.json")):
+        shutil.copy2(os.path.join(folder, "generation_config.json"), stage)
     st = sentence_transformers_folder(source, revision) if task == "feature-extraction" else None
     for f in (*SENTENCE_TRANSFORMERS_FILES, PROMPTS_CONFIG) if st else ():  # embed's prompt_name, truncate_dim
         if os.path.isfile(os.path.join(st, f)):

@@ -116,6 +116,7 @@ def test_export_loads_the_base_revision_the_adapter_records(tiny_base, tmp_path,
     rt = Runtime(str(tmp_path / "out"))
     assert max_diff_valid(rt.forward(ids, mask, adapter="v1")["logits"], want, mask) <= 1e-4
     assert rt.tokenizer.encode("w10 w20")[0].tolist() == [[1, 10, 20]]  # a hub base's tokenizer, at its revision
+    assert (tmp_path / "out" / "base" / "generation_config.json").is_file()  # as a folder's (a paths hunt: left out)
     from edgepeft.cli import main
 
     assert rt.manifest["revision"] == "v1"  # recorded: inspect shows it
