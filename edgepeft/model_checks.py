@@ -125,8 +125,8 @@ def _placeless(key: str, modules: dict) -> bool:
     task's head (BERT's cls.*, an lm_head) has no module here, and buffers saved by older versions (position_ids,
     GPT-2's masked_bias) are not weights."""
     *path, leaf = key.split(".")
-    if leaf not in ("weight", "bias"):
-        return False
+    if leaf not in ("weight", "bias") or path[:1] and path[0] in CLASSIFIER_NAMES:  # a head made at load (a token
+        return False  # classifier's score.bias under a sequence classifier): its own check
     if (m := modules.get(".".join(path))) is not None:
         return getattr(m, leaf, None) is None
     return any(".".join(path[:i]) in modules for i in range(1, len(path)))

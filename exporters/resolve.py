@@ -9,7 +9,7 @@ import shlex
 import shutil
 from dataclasses import dataclass, field
 
-from edgepeft.config import CONFIG_NAME, TASK_TYPES, naming_config, task_type_of_class
+from edgepeft.config import CONFIG_NAME, naming_config
 from edgepeft.errors import AdapterBaseMismatchError, ArtifactNotFoundError, ConfigError, EdgePeftError
 from edgepeft.exporters.adapter_graph import saved_labels
 from edgepeft.exporters.fingerprint import config_differences, made_heads, weights_fingerprint
@@ -23,7 +23,7 @@ from edgepeft.models import (call_kwargs, check_supported, default_task, load_ba
 from edgepeft.peft_model import PeftModel
 from edgepeft.runtimes.access import REPOINTED, link_to_nothing, located
 from edgepeft.runtimes.commands import QTOL, export_name_problem, export_name_suggestion, fresh_out, unused_name
-from edgepeft.runtimes.sentence import sentence_transformers_settings
+from edgepeft.runtimes.sentence import has_sentence_transformers_files, sentence_transformers_settings
 from edgepeft.runtimes.values import switch
 from edgepeft.runtimes.manifest import (
     ADAPTER_MANIFEST, ADAPTERS_DIR, BASE_DIR, BASE_MANIFEST, adapter_dirs, enclosing_export, read_base_manifest,
@@ -259,7 +259,7 @@ def _base_of(sources, base) -> str:
     if len({_same(n) for n in named}) > 1:
         raise ConfigError(f"the adapters name different bases ({', '.join(sorted(set(named)))}); export them into "
                           "separate --out folders or pass --base")
-    return named[0]
+    return located(named[0]) if os.path.isdir(named[0]) else named[0]
 
 
 def _same(source: str) -> str:
@@ -282,9 +282,9 @@ def _revision_of(sources, source: str) -> str | None:
 
 
 def _task_of(sources, model_config) -> str:
-    """task_type, else auto_mapping's class, else the base's (transformers' add_adapter saves neither), else usual."""
+    """task_type, else auto_mapping's class, else a classifier base's (add_adapter saves neither), else the usual."""
     tasks, classes = set(), getattr(model_config, "architectures", None) or [None]
-    own = TASK_TYPES.get(task_type_of_class({"base_model_class": classes[0]}) if classes[0] else None)
+    own = "seq-cls" if str(classes[0]).endswith("ForSequenceClassification") else None  # the class that saved it
     for s in sources:
         try:
             tasks.add(s.config.task or s.config.recorded_task or own or default_task(model_config.model_type))
@@ -356,9 +356,9 @@ def _check_recorded_bases(sources, source: str, model, task: str, revision: str 
             raise type(e)(f"{first.path}: records the base {recorded}, which --base {source} is compared with: {e}; "
                           f"where --base is that model, set base_model_name_or_path to it in {first.path}'s "
                           "adapter_config.json") from None
-        settings = task == "feature-extraction" and [  # None: a hub id's files neither cached nor fetched (not known)
-            n if os.path.isdir(n) else sentence_transformers_folder(n, r)
-            for n, r in ((recorded, first.config.revision), (source, revision))]
+        settings = task == "feature-extraction" and [  # None: not known (the files not in a snapshot here), not compared
+            folder if os.path.isdir(recorded) or has_sentence_transformers_files(folder) else None,
+            source if os.path.isdir(source) else sentence_transformers_folder(source, revision)]  # as export reads it
         for src, _ in pairs:
             _compare_recorded(src, recorded, source, theirs, model, own[src.name], settings)
         del theirs

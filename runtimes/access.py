@@ -237,8 +237,9 @@ def weights_out_of_reach(graph: str) -> str | None:
     if not os.path.islink(data) or inside(real, os.path.realpath(os.path.dirname(graph))) or \
             inside(real, os.path.dirname(os.path.realpath(graph))):
         return None
+    link, file = shlex.quote(data), shlex.quote(real)
     return (f"{data}: is a link to {real}, outside the graph's folder, and ONNX Runtime 1.24 and later read no "
-            f"weights there; put the file in its place: cp --remove-destination {shlex.quote(real)} {shlex.quote(data)}")
+            f"weights there; put the file in its place: rm {link} && cp {file} {link}")
 
 
 def unexpanded_tilde(path, flag: str) -> str | None:

@@ -238,4 +238,5 @@ def unexportable(folder: str) -> UnsupportedModelError | None:
     if not isinstance(model_type, str) or model_type in ENCODERS | DECODERS:
         return None
     return UnsupportedModelError(f"{folder}: is not an export, and {config}'s model type {model_type!r} is one edgepeft "
-                                 f"does not export; it exports {', '.join(sorted(ENCODERS | DECODERS))} models")
+                                 f"does not export; it exports {', '.join(sorted(ENCODERS | DECODERS))} models: train "
+                                 "on one of those")

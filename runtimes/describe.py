@@ -15,14 +15,16 @@ from .manifest import (
     read_adapter_manifest, read_base_manifest,
 )
 from .sentence import prompts_known, sentence_transformers_settings
+from .sessions import ort_version
 
 
 def folder_bytes(path: str) -> int:
-    """The bytes of the files under ``path``: a link's file's (a hub cache's layout, links into blobs/, was 790 B),
-    a link to nothing as a link (it failed inspect)."""
+    """The bytes of the files under ``path``: a link by its file's (a hub cache's layout: links into blobs/), a link
+    to nothing as a link."""
     total = 0
     for root, _, files in os.walk(path):
-        total += sum((os.stat if os.path.exists(p) else os.lstat)(p).st_size for p in (os.path.join(root, f) for f in files))
+        paths = [os.path.join(root, f) for f in files]
+        total += sum((os.stat if os.path.exists(p) else os.lstat)(p).st_size for p in paths)
     return total
 
 
@@ -105,7 +107,7 @@ def _described(out_dir: str) -> dict:
     else:
         cut = [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
         problems += cut or _damaged(base_dir, base)
-        problems += [far] if weights and (far := weights_out_of_reach(graph)) else []  # a Runtime cannot open it
+        problems += [far] if weights and ort_version() >= (1, 24) and (far := weights_out_of_reach(graph)) else []
     problems += _moved_aside(out_dir)
     try:  # an earlier edgepeft's manifest without a record generate, classify or embed reads
         older_export(base_dir, base, *OLDER_RECORDS[base["task"]])

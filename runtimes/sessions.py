@@ -59,8 +59,8 @@ def use_shared_thread_pool(threads: int = 0) -> None:
     on 2 cores). One shared pool also keeps a single set of threads for all sessions. It is
     process-wide: after this call ONNX Runtime refuses sessions that ask for their own
     pool (``use_per_session_threads``), so only apps that own the process should opt in. The shared pool's threads
-    spin on after every call (ONNX Runtime gives no setting that stops them: a pyleak hunt measured 0.56 s of CPU
-    over 15 calls 100 ms apart, against 0.02 s of work), as ``edgepeft bench --shared-threads`` says.
+    spin on after every call (ONNX Runtime's Python API has no setting that stops them: 0.56 s of CPU over 15 calls
+    100 ms apart, against 0.02 s of work), as ``edgepeft bench --shared-threads`` says.
     """
     global _shared_pool
     from onnxruntime.capi import _pybind_state

@@ -13,6 +13,7 @@ import torch
 
 from file_checks import edit_json, lfs_pointer
 from peft_refs import lora_adapter
+from tiny import tiny_config
 from word_tokenizer import build_tokenizer
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError
@@ -282,7 +283,7 @@ def test_a_tied_checkpoint_whose_config_forgets_the_tying_is_told_to_set_it(tiny
 
 def test_buffers_older_versions_saved_and_another_tasks_head_still_load(tiny_base, tmp_path):
     """Keys transformers reports as unexpected that are not the model's weights: GPT-2's masked_bias (a buffer older
-    versions saved), BERT's masked-LM head (cls.*) under a classifier or an embedder."""
+    versions saved), BERT's masked-LM head (cls.*) under a classifier or an embedder, another classifier's head."""
     from safetensors.torch import load_file, save_file
 
     for arch, key, task in (("gpt2", "transformer.h.0.attn.masked_bias", "causal-lm"),
@@ -293,3 +294,9 @@ def test_buffers_older_versions_saved_and_another_tasks_head_still_load(tiny_bas
         saved[key] = torch.ones(2, 2)
         save_file(saved, weights, metadata={"format": "pt"})
         load_base(base, task, **({"labels": ["a", "b"]} if task == "seq-cls" else {}))
+    import transformers as tf  # a review: a token classifier's head (score with a bias) under a sequence classifier
+
+    config = tiny_config("llama")
+    config.num_labels = 2
+    tf.AutoModelForTokenClassification.from_config(config).save_pretrained(tmp_path / "tokens")
+    load_base(str(tmp_path / "tokens"), "seq-cls", labels=["a", "b"])

@@ -278,3 +278,12 @@ def test_a_classifiers_adapter_saved_without_task_type_or_model_class_exports_on
     rt = Runtime(str(tmp_path / "out"))
     assert rt.manifest["task"] == "seq-cls"
     assert np.abs(rt.forward(ids, mask, adapter="adapter")["logits"] - want).max() <= 1e-4
+    torch.manual_seed(6)  # a review: the class that saved a base is not the adapter's (GPT2DoubleHeadsModel: causal)
+    tf.GPT2DoubleHeadsModel(tiny_config("gpt2")).save_pretrained(tmp_path / "double")
+    pm = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "double"),
+                             peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    pm.save_pretrained(tmp_path / "causal")
+    config = json.loads((tmp_path / "causal" / "adapter_config.json").read_text())
+    (tmp_path / "causal" / "adapter_config.json").write_text(json.dumps({**config, "auto_mapping": None}))
+    export([str(tmp_path / "causal")], tmp_path / "out-causal")
+    assert Runtime(str(tmp_path / "out-causal")).manifest["task"] == "causal-lm"

@@ -558,3 +558,23 @@ def test_an_adapter_exported_with_a_base_of_other_pooling_is_refused(st6, tmp_pa
     fake_hub(tmp_path / "hub", monkeypatch, "acme/minilm", {"main": folder})
     with pytest.raises(edgepeft.errors.AdapterBaseMismatchError, match="differ from --base acme/minilm's"):
         export([adapter], str(tmp_path / "out"), base="acme/minilm")
+
+
+def test_a_copy_mended_as_a_refusal_says_exports_as_base_for_an_adapter_recording_the_hub_model(st6, tmp_path,
+                                                                                                 monkeypatch):
+    """A review: comparing an adapter's recorded hub base (cached) with --base read its sentence-transformers files
+    through the checks that refuse them: a default_prompt_name, set to null in a copy passed as --base (the fix that
+    refusal gives), was refused again."""
+    folder, _, _ = st6
+    settings = json.loads(open(os.path.join(folder, "config_sentence_transformers.json")).read())
+    for name, default in (("hub", "query"), ("fixed", None)):
+        shutil.copytree(folder, tmp_path / name)
+        (tmp_path / name / "config_sentence_transformers.json").write_text(json.dumps(
+            {**settings, "prompts": {"query": "query: "}, "default_prompt_name": default}))
+    adapter = peft_virtual_adapter(tmp_path / "prompt", str(tmp_path / "fixed"), "prompt", seed=7,
+                                   task="feature-extraction", num_virtual_tokens=2)
+    config = json.loads((tmp_path / "prompt" / "adapter_config.json").read_text())
+    (tmp_path / "prompt" / "adapter_config.json").write_text(json.dumps({**config,
+                                                                         "base_model_name_or_path": "acme/minilm"}))
+    fake_hub(tmp_path / "cache", monkeypatch, "acme/minilm", {"main": tmp_path / "hub"})
+    export([adapter], str(tmp_path / "out"), base=str(tmp_path / "fixed"))

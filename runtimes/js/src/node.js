@@ -296,7 +296,7 @@ function outOfReach(graph) {
   const within = (folder) => !path.relative(folder, real).startsWith("..") && !path.isAbsolute(path.relative(folder, real));
   if (within(realpath(path.dirname(graph))) || within(path.dirname(realpath(graph)))) return null;
   return `${data}: is a link to ${real}, outside the graph's folder, and ONNX Runtime 1.24 and later read no weights ` +
-    `there; put the file in its place: cp --remove-destination ${quote(real)} ${quote(data)}`;
+    `there; put the file in its place: rm ${quote(data)} && cp ${quote(real)} ${quote(data)}`;
 }
 
 /** A Runtime over a folder: an adapter is read again where an export renamed a new folder in while it was read (its
