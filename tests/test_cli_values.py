@@ -84,6 +84,7 @@ def test_a_relative_base_folder_is_recorded_where_it_is_and_links_are_counted_by
     """A paths hunt: `--base models/llama` was recorded as typed (inspect showed it as a hub id; a re-export fix
     repeating it failed in another folder, the hub asked for it), and inspect counted an export whose files are links
     into blobs/ (a hub cache's layout) by its links' bytes (790 B for 197 KiB)."""
+    import json
     import shutil
 
     from edgepeft.runtimes.describe import describe_export
@@ -93,6 +94,11 @@ def test_a_relative_base_folder_is_recorded_where_it_is_and_links_are_counted_by
     monkeypatch.chdir(tmp_path)
     export([adapter], "out", base="models/llama")
     assert Runtime("out").manifest["source"] == str(tmp_path / "models" / "llama")
+    shutil.copytree(adapter, "recording")  # an adapter recording it relative: so too (a review)
+    settings = json.loads(open("recording/adapter_config.json").read())
+    open("recording/adapter_config.json", "w").write(json.dumps({**settings, "base_model_name_or_path": "models/llama"}))
+    export(["recording"], "out-recorded")
+    assert Runtime("out-recorded").manifest["source"] == str(tmp_path / "models" / "llama")
     size = describe_export("out")["base"]["bytes"]
     os.makedirs("blobs")
     for i, name in enumerate(sorted(os.listdir("out/base"))):
