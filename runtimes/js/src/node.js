@@ -2,7 +2,7 @@
 import { createHash } from "node:crypto";
 import { lstatSync, readFileSync, readdirSync, readlinkSync, realpathSync, statSync } from "node:fs";
 import { open, readFile, stat } from "node:fs/promises";
-import { hostname } from "node:os";
+import { homedir, hostname } from "node:os";
 import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
@@ -124,6 +124,8 @@ function notAnExport(out) {
     }
   };
   const up = path.dirname(out), part = path.basename(out), fresh = freshOut(out);
+  const unexported = unexportable(out, has);  // "export it first" would be refused
+  if (unexported) return unexported;
   if (has(out, "adapter_config.json")) {  // commands.py exported_name: the folder's name, else the --name given
     const folder = path.basename(path.resolve(out)), as = exportedAs(folder);
     let name = as;
@@ -141,6 +143,24 @@ function notAnExport(out) {
   return has(out, "config.json") ? `${out}: is a model folder, not an export; export an adapter trained on it with ` +
     `\`edgepeft export --adapter DIR --out ${quote(fresh)}\`, then use ${fresh}` : null;
 }
+
+/** The refusal an export of `out` would end in, where it is a model folder (or an adapter folder recording one here)
+ * of a type edgepeft does not export, as the Python runtime's commands.unexportable; else null. */
+function unexportable(out, has) {
+  try {
+    let config = path.join(out, "config.json");
+    if (!has(config)) {  // an adapter folder: its recorded base, where that is a folder here
+      config = path.join(JSON.parse(readFileSync(path.join(out, "adapter_config.json"), "utf8")).base_model_name_or_path, "config.json");
+    }
+    const type = JSON.parse(readFileSync(config, "utf8")).model_type;
+    if (typeof type !== "string" || EXPORTED_TYPES.includes(type)) return null;
+    return `${out}: is not an export, and ${config}'s model type '${type}' is one edgepeft does not export; it exports ` +
+      `${EXPORTED_TYPES.join(", ")} models: train on one of those`;
+  } catch {
+    return null;  // no such file, not JSON, a hub id: not known
+  }
+}
+const EXPORTED_TYPES = ["bert", "gpt2", "llama", "qwen2"];  // Python's runtimes/base_checks ENCODERS | DECODERS
 
 /** A folder beside `out` for a suggested --out, as Python's commands.fresh_out: absolute (not ".-onnx"), its name
  * within a file name's 255 bytes (a character cut in two left out). */
@@ -244,6 +264,9 @@ function realpath(file, depth = 0) {
 export function folderLoader(out) {
   if (typeof out !== "string" || !out || out.includes("\0")) {  // a NUL: Node's own ERR_INVALID_ARG_VALUE
     throw new EdgePeftError(`openFolder and loadTokenizer take an export's folder (a path), got ${described(out)}`);
+  }
+  if ((out === "~" || out.startsWith("~/")) && !lstatSync("~", { throwIfNoEntry: false })) {  // Node expands none
+    throw new EdgePeftError(`${out}: '~' is not expanded here; give it the full path, ${path.join(homedir(), out.slice(1))}`);
   }
   out = located(out);
   return {

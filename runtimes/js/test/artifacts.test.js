@@ -522,3 +522,18 @@ test("a weights file linked out of the base folder is named with a fix that work
   execFileSync("sh", ["-c", said.split("; put the file in its place: ")[1]]);  // as written
   assert.deepEqual(await logits(), want);
 });
+
+test("a quoted '~' and a model folder of a type edgepeft does not export are named as such, as in Python", async () => {
+  await refuses(openFolder(ortNode, "~/no-such-export"), new RegExp(`^~/no-such-export: '~' is not expanded here; give ` +
+    `it the full path, ${quoted(path.join(os.homedir(), "no-such-export"))}$`));
+  const model = path.join(scratch, "qwen3-model");
+  await mkdir(model);
+  await writeFile(path.join(model, "config.json"), JSON.stringify({ model_type: "qwen3" }));
+  const adapter = path.join(scratch, "qwen3-adapter");
+  await mkdir(adapter);
+  await writeFile(path.join(adapter, "adapter_config.json"), JSON.stringify({ base_model_name_or_path: model }));
+  for (const folder of [model, adapter]) {  // "export it first", which export refuses
+    await refuses(openFolder(ortNode, folder), new RegExp(`^${quoted(folder)}: is not an export, and ` +
+      `${quoted(path.join(model, "config.json"))}'s model type 'qwen3' is one edgepeft does not export`));
+  }
+});
