@@ -328,7 +328,8 @@ def copy_fixes(config) -> set:
 
 
 def _check_recorded_bases(sources, source: str, model, task: str, revision: str | None = None) -> None:
-    """``--base`` given: refuse an adapter whose recorded base (a local folder) has other weights than ``source``,
+    """``--base`` given: refuse an adapter whose recorded base (a folder, or a hub id this machine's cache holds: its
+    snapshot, read without the network) has other weights than ``source``,
     apart from the heads the adapter carries itself (modules it trains whole) and heads made at load."""
     own = {}  # per adapter: the base modules it replaces with its own (its slots whose neutral value is the base's)
     for src in sources:
@@ -341,7 +342,7 @@ def _check_recorded_bases(sources, source: str, model, task: str, revision: str 
             raise type(e)(f"{e}; it was trained on {recorded}: drop --base to export it with that base") from None
     by_base = {}  # each recorded folder loaded once however many adapters name it, and let go before the next
     ours = cached_folder(source, revision) or source  # a hub id: its snapshot in this machine's cache
-    for src in sources:  # a recorded hub id too where the cache holds it (a paths hunt: other weights went unchecked)
+    for src in sources:
         recorded = src.config.base_model_name_or_path
         if (folder := recorded and cached_folder(recorded, src.config.revision)) and _same(folder) != _same(ours):
             by_base.setdefault(_same(folder), []).append((src, folder))
