@@ -74,12 +74,13 @@ def named_as_expected(state: dict, expected: set, adapter_name: str) -> dict:
     return {plain(key, names): value for key, value in state.items()}
 
 
-def another_task(path: str, config, prefix: str, missing: list, unexpected: list) -> AdapterBaseMismatchError | None:
+def another_task(path: str, config, model, missing: list, unexpected: list) -> AdapterBaseMismatchError | None:
     """The error where the file at ``path`` holds an adapter of this base for another task than its config's
     ``task_type`` (a hand-edited field): its layers' keys one level deeper or shallower than this model's (``prefix``:
-    the transformers model's ``base_model_prefix``, under which a task model holds the bare one; a head left over), or
-    all of it but the classifier head a SEQ_CLS adapter carries. None where the weights do not read so."""
-    root, deeper, lack = "base_model.model.", f"base_model.model.{prefix}.", set(missing)
+    the transformers ``model``'s ``base_model_prefix``, under which a task model holds the bare one; a head left
+    over), or all of it but the classifier head a SEQ_CLS adapter carries (transformers' add_adapter saves a
+    classifier's adapter without it, and without task_type). None where the weights do not read so."""
+    root, deeper, lack = "base_model.model.", f"base_model.model.{model.base_model_prefix}.", set(missing)
     heads = {*(config.modules_to_save or []), *CLASSIFIER_NAMES}
     in_head = lambda k: any(f".{m}." in k for m in heads)  # noqa: E731
     body = [k for k in unexpected if not in_head(k)]
@@ -92,7 +93,9 @@ def another_task(path: str, config, prefix: str, missing: list, unexpected: list
         if not (missing and not unexpected and config.task_type == "SEQ_CLS"
                 and all(map(in_head, missing))):
             return None
-        which = f"it lacks the classifier head a SEQ_CLS adapter carries: {missing[0]}"
+        which = (f"it lacks the classifier head a SEQ_CLS adapter carries: {missing[0]}; an adapter on the checkpoint's "
+                 "own head, as transformers' add_adapter saves it, loads in HF PEFT with task_type null and auto_mapping "
+                 f'{{"base_model_class": "{type(model).__name__}"}}')  # HF PEFT refuses SEQ_CLS without it too
     return AdapterBaseMismatchError(
         f"{os.path.join(os.path.dirname(path), 'adapter_config.json')}: task_type {config.task_type} does not fit the "
         f"weights of {os.path.basename(path)} ({which}), another task's; set task_type to the task it was trained for")
@@ -176,7 +179,7 @@ def load_state(peft, adapter_name: str, state: dict, path: str) -> None:
     drop_carried_base_weights(peft, state, path, set(entries) | set(custom))
     missing = sorted((set(entries) | set(custom)) - set(state))
     unexpected = sorted(set(state) - set(entries) - set(custom))
-    if not other and (wrong := another_task(path, config, peft.base_model.model.base_model_prefix, missing, unexpected)):
+    if not other and (wrong := another_task(path, config, peft.base_model.model, missing, unexpected)):
         raise wrong
     if unexpected:
         fix = (elsewhere if other else resave(f"it lacks e.g. {missing[0]}") if missing else

@@ -148,7 +148,7 @@ def resolve(adapters, out, base, names, **options) -> ExportPlan:
         if base is not None:
             raise
         raise ArtifactNotFoundError(f"{e} (base_model_name_or_path in {os.path.join(sources[0].path, CONFIG_NAME)})") from None
-    task = _task_of(sources, model_config)
+    task = _task_of(sources, model_config.model_type)
     try:
         check_supported(model_config.model_type, task, source)
     except EdgePeftError as e:  # --base of another kind ("use seq-cls": export takes no task): the adapter's own base
@@ -281,13 +281,11 @@ def _revision_of(sources, source: str) -> str | None:
     return None if revision == "main" else revision
 
 
-def _task_of(sources, model_config) -> str:
-    """task_type, else auto_mapping's class, else a classifier base's (add_adapter saves neither), else the usual."""
-    tasks, classes = set(), getattr(model_config, "architectures", None) or [None]
-    own = "seq-cls" if str(classes[0]).endswith("ForSequenceClassification") else None  # the class that saved it
-    for s in sources:
-        try:
-            tasks.add(s.config.task or s.config.recorded_task or own or default_task(model_config.model_type))
+def _task_of(sources, model_type: str) -> str:
+    tasks = set()
+    for s in sources:  # task_type, else the model class HF PEFT recorded, else the model type's usual task (not the
+        try:  # class that saved the base: an adapter for another task than the checkpoint's is trained on it too)
+            tasks.add(s.config.task or s.config.recorded_task or default_task(model_type))
         except EdgePeftError as e:
             raise naming_config(e, s.path) from None
     if len(tasks) > 1:

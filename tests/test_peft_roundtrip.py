@@ -255,12 +255,16 @@ def test_a_module_trained_whole_by_one_adapter_and_adapted_by_another_is_refused
     assert Runtime(tmp_path / "out").adapter_names == ["all", "whole"]
 
 
-def test_a_classifiers_adapter_saved_without_task_type_or_model_class_exports_on_the_classifier(tiny_base, tmp_path):
+def test_a_classifiers_adapter_saved_without_its_head_is_told_the_fix_that_exports_it(tiny_base, tmp_path):
     """An hfsaves hunt: transformers' own add_adapter + save_pretrained on a classifier writes task_type and
     auto_mapping null, its head the checkpoint's own; export took the decoder's usual task (refused: "no weights for
-    its language-model head"), and its fix, task_type SEQ_CLS, was refused in turn. The base's own class tells."""
+    its language-model head"), and its fix, task_type SEQ_CLS, was refused in turn ("set task_type"): a loop. The
+    class that saved a base does not tell (a regress hunt: an adapter trained for causal-lm on a tied classifier
+    checkpoint), so the SEQ_CLS refusal names what HF PEFT loads it with: auto_mapping."""
     import peft
     import transformers as tf
+
+    from edgepeft.errors import AdapterBaseMismatchError
 
     torch.manual_seed(5)
     config = tiny_config("llama")
@@ -270,15 +274,22 @@ def test_a_classifiers_adapter_saved_without_task_type_or_model_class_exports_on
                              peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     randomize_adapter(pm, 9)
     pm.save_pretrained(tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "auto_mapping": None}))
+    path = tmp_path / "adapter" / "adapter_config.json"
+    settings = {**json.loads(path.read_text()), "auto_mapping": None, "task_type": "SEQ_CLS"}  # the first fix given
+    path.write_text(json.dumps(settings))
+    with pytest.raises(AdapterBaseMismatchError, match='loads in HF PEFT with task_type null and auto_mapping '
+                                                       '{"base_model_class": "LlamaForSequenceClassification"}') as e:
+        export([str(tmp_path / "adapter")], tmp_path / "out")
+    assert not (tmp_path / "out").exists(), str(e.value)
+    path.write_text(json.dumps({**settings, "task_type": None,
+                                "auto_mapping": {"base_model_class": "LlamaForSequenceClassification"}}))
     ids, mask = sample_batch()
     want = torch_outputs(pm.eval(), ids, mask, "logits")
     export([str(tmp_path / "adapter")], tmp_path / "out")
     rt = Runtime(str(tmp_path / "out"))
     assert rt.manifest["task"] == "seq-cls"
     assert np.abs(rt.forward(ids, mask, adapter="adapter")["logits"] - want).max() <= 1e-4
-    torch.manual_seed(6)  # a review: the class that saved a base is not the adapter's (GPT2DoubleHeadsModel: causal)
+    torch.manual_seed(6)  # the class that saved a base is not the adapter's (GPT2DoubleHeadsModel: causal)
     tf.GPT2DoubleHeadsModel(tiny_config("gpt2")).save_pretrained(tmp_path / "double")
     pm = peft.get_peft_model(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "double"),
                              peft.LoraConfig(r=2, target_modules=["c_attn"]))
