@@ -92,10 +92,10 @@ const CACHE_LAYOUT = { num_layers: whole, num_kv_heads: whole, head_dim: whole, 
  * was a TypeError deep in a call, a graph named "../x" a file outside the export.
  */
 export function checkFormat(manifest, form, where) {
-  if (manifest?.format !== form) throw new EdgePeftError(`${where}: not an ${form} manifest; re-run \`edgepeft export\``);
-  const version = manifest.format_version;
   const base = form === "edgepeft-base";
-  const fix = base ? REEXPORT_BASE : REEXPORT;
+  const fix = base ? REEXPORT_BASE : REEXPORT;  // "re-run export" was refused in that OUT
+  if (manifest?.format !== form) throw new EdgePeftError(`${where}: not an ${form} manifest; ${fix}`);
+  const version = manifest.format_version;
   if (!Number.isInteger(version) || version < 1) {  // "3", -5: no version
     throw new EdgePeftError(`${where}: format version ${described(version)} is not a version (a whole number from 1); ${fix}`);
   }

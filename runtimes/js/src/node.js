@@ -7,7 +7,7 @@ import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
-import { JSON_MOST, described, jsonMost, pastMost } from "./checks.js";
+import { JSON_MOST, REEXPORT_BASE, described, jsonMost, pastMost } from "./checks.js";
 import { exportedAs, quote, reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
 import { createSession } from "./sessions.js";
@@ -53,8 +53,12 @@ function named(e, file, out = null) {
   if (e.code !== "ENOENT") return new EdgePeftError(`${file}: cannot read it (${e.code ?? e.message}); check the disk, or export again`);
   const why = out && missingInExport(file, out);
   if (why) return new EdgePeftError(why);  // not marked missing: the runtime's "export it there first" would fail
-  const error = new EdgePeftError(`${file}: no such file; export there first (edgepeft export --adapter DIR --out OUT) or give the export's folder`);
-  error.missing = true;
+  let beside = [];  // the base's manifest gone beside other files: "export there first" was refused (files it did not write)
+  try { beside = out && path.relative(out, file) === path.join("base", "edgepeft.json") ? readdirSync(path.dirname(file)) : []; } catch {}
+  const error = new EdgePeftError(beside.length ? `${file}: missing, beside other files (an export's base whose manifest ` +
+    `was removed, or not an export); ${REEXPORT_BASE}` : `${file}: no such file; export there first (edgepeft export ` +
+    "--adapter DIR --out OUT) or give the export's folder");
+  error.missing = true;  // loadTokenizer reads on without it
   return error;
 }
 
@@ -107,8 +111,14 @@ function missingInExport(file, out) {
     }
   }
   if (parts.length === 3 && parts[0] === "adapters" && parts[2] === "adapter.json") {
-    return `${path.dirname(file)}: not an exported adapter (no adapter.json); remove it if it is a stray folder, or ` +
-      reexport(out, parts[1], path.dirname(file));
+    const folder = path.dirname(file);
+    if (lstatSync(path.join(folder, "adapter_config.json"), { throwIfNoEntry: false })?.isFile()) {  // as Python says
+      return `${folder}: is an adapter folder in HF PEFT format, not an exported one; move it out of ` +
+        `${path.dirname(folder)} (mv ${quote(folder)} DIR), then export it into this OUT with \`edgepeft export ` +
+        `--adapter DIR --out ${quote(out)}\``;  // as its folder lies here, export refused it
+    }
+    return `${folder}: not an exported adapter (no adapter.json); remove it if it is a stray folder, or ` +
+      reexport(out, parts[1], folder);
   }
   return null;
 }

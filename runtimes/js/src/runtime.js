@@ -39,11 +39,9 @@ export class Runtime {
       " (ONNX Runtime's own options, executionProviders included, go inside sessionOptions)");
     checkOpenArguments(ort, loader);
     const rt = new this();  // a loader's own kind of Runtime (node.js: FolderRuntime)
-    rt.ort = ort;
-    rt.loader = loader;
+    Object.assign(rt, { ort, loader });
     rt.sessionOptions = sessionOptionsOf(sessionOptions);
-    rt.manifest = await rt.json("base/edgepeft.json", null);
-    const m = rt.manifest;
+    const m = rt.manifest = await rt.json("base/edgepeft.json", null);
     checkFormat(m, "edgepeft-base", loader.where("base/edgepeft.json"));
     if (!m.web_graph) throw new EdgePeftError(`${loader.where("base")}: this export has no model.web.onnx; ${REEXPORT_BASE}`);
     await checkSizes(loader, m, [m.web_graph, `${m.graph}.data`, m.neutral_graph].filter(Boolean));
@@ -278,8 +276,9 @@ export class Runtime {
   async generateNow(ids, mask, options) {
     const { adapter = null, eosTokenId: eos = null, ...settings } =
       checkOptions(options, ["adapter", "eosTokenId", ...GENERATION_OPTIONS], "generate", PYTHON_ONLY);
-    if (!this.cache) throw new EdgePeftError(`a ${this.manifest.task} export does not generate`);
-    olderExport(this.loader.where("base"), this.manifest, "causal-lm");
+    const where = this.loader.where("base");  // a classifier's, an embedder's: Python's words
+    if (!this.cache) throw new EdgePeftError(`${where}: a ${this.manifest.task} export has no text generation; export a causal-lm adapter`);
+    olderExport(where, this.manifest, "causal-lm");
     let s = generationSettings(this.manifest, settings);
     const plan = this.plan(adapter);
     const given = mask != null;
@@ -295,7 +294,7 @@ export class Runtime {
     // no mask: left padding told by the padding id (the call's, else the model's; not an eos fallback), as transformers
     const told = !given && (s.callPad ?? this.modelPadId()) !== null && !eosTokenId.includes(pad) && ids.some((row) => row.includes(pad));
     mask = generationMask(ids, mask, told, pad);
-    this.checkLength(plan, ids[0].length, maxNewTokens - 1);  // the last new token is never fed back
+    this.checkLength(plan, ids[0].length, maxNewTokens - 1, s.fromLength);  // the last new token is never fed back
     let { full, positions } = this.virtualInputs(plan, mask, true);
     const sequences = ids.map((row) => [...row]);
     const done = ids.map(() => false);
@@ -332,14 +331,15 @@ export class Runtime {
   }
 
   /** Refuses more positions than the model has; returns the positions left (null: no limit). */
-  checkLength(plan, length, newTokens) {
+  checkLength(plan, length, newTokens, maxLength = null) {  // maxLength: the call's, which new tokens came from
     const limit = this.manifest.max_positions;
     const virtual = plan.nPast + plan.nPrepend + plan.nInside;
     const total = length + virtual + newTokens;
-    if (limit && total > limit) {
+    if (limit && total > limit) {  // a call's maxLength alone: the prompt's length cancels out (Python's length_words)
       throw new EdgePeftError(`prompt of ${length} tokens + the adapter's ${virtual} virtual tokens` +
-        `${newTokens ? ` + ${newTokens} new tokens fed back` : ""} = ${total} exceeds the model's ${limit} positions; shorten the prompt` +
-        (newTokens ? " or lower maxNewTokens (the call's, else the model's generation_config.json)" : ""));
+        `${newTokens ? ` + ${newTokens} new tokens fed back` : ""} = ${total} exceeds the model's ${limit} positions; ` +
+        (maxLength != null ? `pass maxLength ${maxLength - total + limit} or less` : "shorten the prompt" +
+        (newTokens ? " or lower maxNewTokens (the call's, else the model's generation_config.json)" : "")));
     }
     return limit ? limit - total : null;
   }

@@ -84,6 +84,7 @@ export function forPrompt(s, length, room = null) {
     }
     out.maxNewTokens = s.modelLength && room !== null ? Math.max(1, Math.min(s.maxLength - length, room))
       : s.maxLength - length;
+    if (!s.modelLength) out.fromLength = s.maxLength;  // the call's: a refusal names it (Runtime.checkLength)
   }
   return out;
 }

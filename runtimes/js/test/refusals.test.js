@@ -419,3 +419,22 @@ test("an export an earlier edgepeft wrote, without a record a call reads, is nam
     else assert.throws(() => rt.problemType, (e) => e instanceof EdgePeftError && said.test(e.message));
   }
 });
+
+test("a base manifest gone or of another form, an HF PEFT folder in OUT/adapters and generate on a classifier get " +
+     "Python's fixes (a jsparity hunt: 'export there first' and 're-run export' were refused in that OUT)", async () => {
+  const REEXPORT_BASE = "copy the export's base folder again, or re-run `edgepeft export` into a fresh --out folder";
+  const gone = await copied("manifest-gone");
+  await rm(path.join(gone, "base", "edgepeft.json"));
+  await refuses(openFolder(ortNode, gone), new RegExp(`: missing, beside other files .*; ${quote(REEXPORT_BASE)}$`));
+  const other = await copied("manifest-other");
+  await writeFile(path.join(other, "base", "edgepeft.json"), "[]");
+  await refuses(openFolder(ortNode, other), new RegExp(`not an edgepeft-base manifest; ${quote(REEXPORT_BASE)}$`));
+  const dropped = await copied("hf-peft-dropped-in");
+  await mkdir(path.join(dropped, "adapters", "fresh"));
+  await writeFile(path.join(dropped, "adapters", "fresh", "adapter_config.json"), "{}");
+  await refuses((await openFolder(ortNode, dropped)).loadAdapter("fresh"),
+    /fresh: is an adapter folder in HF PEFT format, not an exported one; move /);
+  const classifier = await openFolder(ortNode, path.join(FIXTURES, "bert_pairs"));
+  await refuses(classifier.generate([[1, 2, 3]]), /bert_pairs\/base: a seq-cls export has no text generation; export a /);
+});
+const quote = (s) => s.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");

@@ -105,8 +105,10 @@ test("the model's generation_config.json settings apply where a call leaves them
   const room = rt.manifest.max_positions - ids[0].length - rt.plan("prefix").nPast;
   assert.deepEqual(await rt.generate(ids, mask, { adapter: "prefix", eosTokenId: [] }),
     await rt.generate(ids, mask, { adapter: "prefix", eosTokenId: [], maxNewTokens: room }));
+  const fits = rt.manifest.max_positions - 1;  // a jsparity hunt: "lower maxNewTokens", which the call never gave
   await assert.rejects(rt.generate(ids, mask, { adapter: "prefix", maxLength: rt.manifest.max_positions }),
-    /exceeds the model's \d+ positions; shorten the prompt or lower maxNewTokens/);
+    new RegExp(`exceeds the model's \\d+ positions; pass maxLength ${fits} or less$`));
+  await rt.generate(ids, mask, { adapter: "prefix", maxLength: fits, eosTokenId: [] });  // as it says
   const refuses = (options, pattern) => assert.rejects(rt.generate(ids, mask, { adapter: "lora", ...options }),
     (e) => e instanceof EdgePeftError && pattern.test(e.message));
   await refuses({ maxLength: ids[0].length }, /maxLength \d+ .* leaves no new token after a \d+-token prompt; pass maxNewTokens/);
