@@ -66,15 +66,13 @@ from .values import is_kind
 FORMAT_VERSION = 4  # 2: fused groups, KV-cache I/O; 3: stackable slots and selectors (mixed batches); 4: token types
 LAYOUT_VERSION = 3  # what an adapter, and a base without a token_type_ids input, writes: their layout is format 3's
 CLASSIFIER_NAMES = ["classifier", "score"]  # a sequence classifier's head: the only layer whose columns are the output
+BASE_DIR = "base"
 
 
 def stacks_as_output(task: str, module: str) -> bool:
     """A saved layer whose adapters' copies sit side by side in a mixed batch, each row reading its own output
     columns: a classifier's head only (an lm_head, a pooler feed on)."""
     return task == "seq-cls" and module.rpartition(".")[2] in CLASSIFIER_NAMES
-
-
-BASE_DIR = "base"
 
 
 def enclosing_export(path: str) -> str | None:
@@ -288,7 +286,9 @@ def not_an_export(path: str, then=lambda out, name: f"open {out} and pick adapte
     if os.path.isdir(base) and listed(base):  # its manifest gone: an export into this OUT refuses files it did not write
         return ArtifactNotFoundError(f"{os.path.join(base, BASE_MANIFEST)}: missing, beside other files (an export's "
                                      f"base whose manifest was removed, or not an export); {REEXPORT_BASE}")
-    return ArtifactNotFoundError(f"{base}: no exported base here; run {export_command('DIR', path)} first")
+    return ArtifactNotFoundError(f"{base}: a file where the export has a folder; remove it and export again" if  # as
+                                 os.path.isfile(base) else  # the JS runtime's: an export there refused the file
+                                 f"{base}: no exported base here; run {export_command('DIR', path)} first")
 
 
 def read_base_manifest(base_dir: str) -> dict:

@@ -428,3 +428,18 @@ def test_an_adapter_recording_a_base_of_a_type_edgepeft_does_not_load_names_the_
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**settings,  # the fix, as it says
                                                                           "base_model_name_or_path": tiny_base("llama")}))
     export([adapter], str(tmp_path / "out"), base=tiny_base("llama"))
+
+
+def test_a_file_where_the_base_folder_belongs_is_named_with_the_fix_that_works(shared_export, tmp_path):
+    """A jsparity hunt: Python said "no exported base here; run edgepeft export ... first", which export refused (OUT/base
+    is a file); the JS runtime's words, as here, work."""
+    from edgepeft.errors import ArtifactNotFoundError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "base").write_text("not a folder")
+    with pytest.raises(ArtifactNotFoundError, match="base: a file where the export has a folder; remove it and export again$"):
+        Runtime(str(out))
+    os.remove(out / "base")  # as it says
+    export([next(iter(shared_export("bert")[1].values()))], str(out))
+    assert Runtime(str(out)).adapter_names
