@@ -15,7 +15,15 @@ from .manifest import (
     read_adapter_manifest, read_base_manifest,
 )
 from .sentence import prompts_known, sentence_transformers_settings
-from .sessions import ort_version
+
+
+def _reads_no_outside_links() -> bool:
+    """Whether the ONNX Runtime here (1.24+) refuses weights linked out of a graph's folder; inspect runs without one."""
+    try:
+        from .sessions import ort_version
+    except ImportError:  # MissingDependencyError: no ONNX Runtime installed
+        return False
+    return ort_version() >= (1, 24)
 
 
 def folder_bytes(path: str) -> int:
@@ -107,7 +115,7 @@ def _described(out_dir: str) -> dict:
     else:
         cut = [str(e) for e in base_file_errors(base_dir, base)] + _unreadable(graph, *weights)
         problems += cut or _damaged(base_dir, base)
-        problems += [far] if weights and ort_version() >= (1, 24) and (far := weights_out_of_reach(graph)) else []
+        problems += [far] if weights and _reads_no_outside_links() and (far := weights_out_of_reach(graph)) else []
     problems += _moved_aside(out_dir)
     try:  # an earlier edgepeft's manifest without a record generate, classify or embed reads
         older_export(base_dir, base, *OLDER_RECORDS[base["task"]])
