@@ -37,10 +37,11 @@ function named(e, file, out = null) {
   const link = out && ["ENOENT", "ENOTDIR", "ELOOP"].includes(e.code) && linkToNothing(file, out);
   if (link) return new EdgePeftError(link);
   if (e.code === "ENOTDIR") {  // a file of the export given as OUT, or a file inside OUT where it has a folder
-    const blocking = throughFile(file);
+    const blocking = throughFile(file), of = blocking && exportAbove(blocking);  // Python's words for a file as OUT
     return new EdgePeftError(out && blocking?.startsWith(out + path.sep)
-      ? `${blocking}: a file where the export has a folder; remove it and export again`
-      : `${file}: a path through a file, not a folder; give openFolder the export's folder (OUT)`);
+      ? `${blocking}: a file where the export has a folder; remove it and export again` : of
+        ? `${blocking}: is a file of the export ${of}; give ${of} itself`
+        : `${blocking ?? file}: is a file, not an export; give openFolder the export's folder (OUT)`);
   }
   if (e.code === "EACCES" || e.code === "EPERM") {
     const uid = process.geteuid?.();  // file access follows the effective id, as Python's os.geteuid (none on Windows)
@@ -76,7 +77,7 @@ function linkToNothing(file, out) {
     } catch (e) {
       if (!link || !["ENOENT", "ENOTDIR", "ELOOP"].includes(e.code)) return null;  // not there: nothing below it either
       return `${at}: is a link to ${readlinkSync(at)}, which ${e.code === "ELOOP" ? "leads back to itself (a loop of links); " +
-        "remove the link, or make it lead to a folder" : "does not exist; create or mount it, or remove the link"}`;
+        `remove the link, or make it lead to a ${at === file ? "file" : "folder"}` : "does not exist; create or mount it, or remove the link"}`;
     }
   }
   return null;
@@ -229,6 +230,9 @@ function thisHost() {
 }
 
 /** The file a path goes through (its first ancestor that is there), or null. */
+const exportAbove = (file) => [path.dirname(file), path.dirname(path.dirname(file)), path.dirname(path.dirname(path.dirname(file)))]
+  .find((p) => lstatSync(path.join(p, "base", "edgepeft.json"), { throwIfNoEntry: false })?.isFile());  // OUT/adapters/x/f
+
 function throughFile(file) {
   for (let p = path.dirname(file); p !== path.dirname(p); p = path.dirname(p)) {
     try {

@@ -288,7 +288,7 @@ test("a file inside OUT where the export has a folder is named, not OUT (OUT was
   await refuses(openFolder(ortNode, out).then((r) => r.loadAdapter("stray")),
     new RegExp(`^${path.join(out, "adapters", "stray").replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")}: a file where the export has ` +
       "a folder; remove it and export again$"));
-  await refuses(openFolder(ortNode, path.join(out, "base", "edgepeft.json")), /a path through a file, not a folder; give openFolder/);
+  await refuses(openFolder(ortNode, path.join(out, "base", "edgepeft.json")), /edgepeft.json: is a file of the export .*; give .* itself$/);
 });
 
 test("a link in OUT/adapters to nothing (a disk not mounted) or to itself is named as a link, as Python names one", async () => {
@@ -438,3 +438,16 @@ test("a base manifest gone or of another form, an HF PEFT folder in OUT/adapters
   await refuses(classifier.generate([[1, 2, 3]]), /bert_pairs\/base: a seq-cls export has no text generation; export a /);
 });
 const quote = (s) => s.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
+
+test("a file of an export given as OUT names the export, and a file linked to itself is told to lead to a file, as " +
+     "in Python (a jsparity hunt: a path through the file; 'lead to a folder')", async () => {
+  const out = await copied("file-as-out");
+  for (const file of [path.join(out, "base", "edgepeft.json"), path.join(out, "adapters", "lora", "adapter.json")]) {
+    await refuses(openFolder(ortNode, file), new RegExp(`^${quote(file)}: is a file of the export ${quote(out)}; give ` +
+      `${quote(out)} itself$`));
+  }
+  const data = path.join(out, "base", "model.onnx.data");
+  await rm(data);
+  await symlink(data, data);
+  await refuses(openFolder(ortNode, out), /model\.onnx\.data: is a link to .*, which leads back to itself \(a loop of links\); remove the link, or make it lead to a file$/);
+});
