@@ -31,15 +31,13 @@ def hub_unreachable(name_or_path: str) -> str | None:
     return None
 
 
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
 def cached_folder(name_or_path: str, revision: str | None = None) -> str | None:
     """The folder of a model: ``name_or_path`` where it is one, else its hub snapshot where this machine's cache holds
     its config.json and weights (read without the network), else None (not on this machine: nothing to compare)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     from huggingface_hub import try_to_load_from_cache
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
     try:
         config = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
@@ -48,4 +46,5 @@ def cached_folder(name_or_path: str, revision: str | None = None) -> str | None:
     if not isinstance(config, str) or not os.path.isfile(config):  # not cached, or a blob gone
         return None
     folder = os.path.dirname(config)
-    return folder if any(os.path.isfile(os.path.join(folder, w)) for w in WEIGHTS_FILES) else None
+    weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)  # as transformers loads them
+    return folder if any(os.path.isfile(os.path.join(folder, w)) for w in weights) else None

@@ -94,7 +94,8 @@ def check_loaded_weights(model, info: dict, label: str, task: str) -> None:
         raise ConfigError(f"{label}: config.json's num_hidden_layers is {layers}, and its weights hold more layers "
                           f"(e.g. {beyond[0]}), which transformers would drop; use the config.json saved with these "
                           "weights")
-    if placeless := [k for k in unexpected if _placeless(k, dict(model.named_modules()))]:
+    modules = dict(model.named_modules())  # once: a checkpoint of another type has hundreds of unexpected keys
+    if placeless := [k for k in unexpected if _placeless(k, modules)]:
         raise ConfigError(f"{label}: its weights hold {placeless[0]}, which the model config.json describes has no "
                           f"place for (model_type {model.config.model_type!r}; biases where attention_bias or mlp_bias "
                           "is false?): transformers would drop it and compute another model; use the config.json "
