@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -54,14 +55,19 @@ def terminated_as_interrupts():
     """While a command runs, SIGTERM (``kill``, ``timeout``, ``docker stop``, a scheduler's preemption) is answered as
     Ctrl-C: an export removes what it staged (int8's temp copy of the base too), a commit or a checkpoint finishes
     first, training prints its --resume command. It ended the process where it stood. Only where Ctrl-C raises
-    KeyboardInterrupt in the main thread, and not under torchrun, whose agent stops the workers with SIGTERM."""
+    KeyboardInterrupt in the main thread. Under torchrun, SIGTERM is its agent's stop of every worker (another one
+    ended: a hunt found the first printing nothing where the agent stopped it before gloo said so; torchrun itself
+    stopped): answered once, and not in a process already stopping (Ctrl-C, another's end), whose line it would cut."""
     TERMINATED.clear()  # an earlier command's, in this process (main called again)
-    if (threading.current_thread() is not threading.main_thread() or "TORCHELASTIC_RUN_ID" in os.environ
+    if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # a background job's: ignored
         yield
         return
+    torchrun = under_torchrun()
 
     def as_ctrl_c(signum, frame):
+        if torchrun and (TERMINATED or sys.exception() is not None):
+            return
         TERMINATED.append(signum)
         answer = signal.getsignal(signal.SIGINT)  # held off in a commit (held_interrupts) as Ctrl-C is
         (answer if callable(answer) else signal.default_int_handler)(signal.SIGINT, frame)
@@ -76,3 +82,8 @@ def terminated_as_interrupts():
 def stopped_status() -> int:
     """The exit status of a command stopped by Ctrl-C (130) or by a SIGTERM answered as one (143)."""
     return 143 if TERMINATED else 130
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one of torchrun's workers (accelerate launch starts them through torchrun too)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ

@@ -18,6 +18,7 @@ import torch
 
 from edgepeft.config import CONFIG_NAME, LABELS_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
 from edgepeft.errors import ConfigError, CorruptArtifactError, TrainingInterrupted
+from edgepeft.interrupts import TERMINATED, under_torchrun
 from edgepeft.files import names_in, replace_dir, staging_dir, write_bytes_atomic, write_json_atomic
 from edgepeft.runtimes.access import aside_elsewhere
 from edgepeft.training.arguments import option_defaults
@@ -298,11 +299,12 @@ def check_fresh_out(out: str) -> None:
 
 def interrupted(args, n: int, processes: int, began: bool = True, peer_gone: bool = False) -> TrainingInterrupted:
     """What an interrupt of a run of ``args`` whose checkpoint holds ``n`` epochs (Ctrl-C; ``peer_gone``: under
-    torchrun another process's end, as the first process saw it) leaves: the last checkpoint (or the one a --resume
-    run was reading, as it was) and the command that resumes it, or nothing (train removes an OUT it made, as for any
-    error)."""
+    torchrun another process's end, as the first process saw it; a SIGTERM there, torchrun's agent stopping every
+    process) leaves: the last checkpoint (or the one a --resume run was reading, as it was) and the command that
+    resumes it, or nothing (train removes an OUT it made, as for any error)."""
     ckpt = os.path.join(args.out, CHECKPOINT)
-    what = "another process stopped (torchrun's report names which, and why)" if peer_gone else "interrupted"
+    what = ("another process stopped (torchrun's report names which, and why)" if peer_gone else
+            "torchrun stopped the processes (its report names why)" if TERMINATED and under_torchrun() else "interrupted")
     if n or args.resume and os.path.isfile(os.path.join(ckpt, STATE)):  # --resume stopped before it read the epoch
         held = f"holds the run after epoch {n} of {args.epochs}" if n else "is kept"
         return TrainingInterrupted(f"{what}; {ckpt} {held}; continue with: " + args.command("--resume", processes=processes))
