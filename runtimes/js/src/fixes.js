@@ -94,7 +94,8 @@ export async function folderFix(rt, name, merged, manifest) {
 export const missingAdapter = (name, merged) => name === merged ? `${name} is merged into this export's base: calls ` +
   "serve it without loading it (adapter null, or its name)" : merged ? `no adapter ${name} in this --merge export (of ` +
   `${merged}), which takes no adapters; export it into another --out folder` : `no adapter ${name} in this export; ` +
-  `export it there first (edgepeft export --adapter DIR --out OUT --name ${quote(exportedAs(name))})`;
+  `export it there first (edgepeft export --adapter DIR --out OUT --name ${quote(exportedAs(name))})` +
+  (exportedAs(name) === name ? "" : `, then load ${JSON.stringify(exportedAs(name))}, the name it gets there`);
 
 /** What a call naming an adapter that is not loaded is told: the names quoted, as Python's repr ("lora " and "lora"). */
 export const notLoaded = (adapter, loaded, merged) => `adapter ${JSON.stringify(adapter)} is not loaded; loaded: ` +

@@ -183,6 +183,8 @@ test("a slot the session does not take is refused, and so is an adapter for anot
   await assert.rejects(rt.loadAdapter("lora"), /made for another base/);
   assert.throws(() => rt.plan("nope"), /not loaded/);
   await assert.rejects(rt.loadAdapter("nope"), (e) => e instanceof EdgePeftError && /adapters\/nope\/adapter.json: no adapter nope in this export; export it there first/.test(e.message));
+  // a jsparity hunt: a name export writes another folder for ("lóra" as l_ra) was told that export, then failed again
+  await assert.rejects(rt.loadAdapter("lóra"), (e) => e.message.endsWith('--name l_ra), then load "l_ra", the name it gets there'));
   await assert.rejects(openFolder(ortNode, path.join(FIXTURES, "missing")), (e) => e instanceof EdgePeftError && /edgepeft.json: no such file/.test(e.message));
 });
 
