@@ -7,6 +7,7 @@ import path from "node:path";
 
 import { Tokenizer } from "@huggingface/tokenizers";
 
+import { closedFolder, exportAbove, linkToNothing, throughFile } from "./paths.js";
 import { JSON_MOST, REEXPORT_BASE, described, jsonMost, pastMost } from "./checks.js";
 import { exportedAs, quote, reexport } from "./fixes.js";
 import { EdgePeftError, Runtime } from "./runtime.js";
@@ -45,7 +46,7 @@ function named(e, file, out = null) {
   }
   if (e.code === "EACCES" || e.code === "EPERM") {
     const uid = process.geteuid?.();  // file access follows the effective id, as Python's os.geteuid (none on Windows)
-    return new EdgePeftError(`${file}: permission denied for this user${uid === undefined ? "" : ` (uid ${uid})`}; ` +
+    return new EdgePeftError(`${closedFolder(file) ?? file}: permission denied for this user${uid === undefined ? "" : ` (uid ${uid})`}; ` +
       "make it readable (chmod, chown), or run as a user who may read it");
   }
   if (e.code === "EISDIR") {
@@ -61,26 +62,6 @@ function named(e, file, out = null) {
     "--adapter DIR --out OUT) or give the export's folder");
   error.missing = true;  // loadTokenizer reads on without it
   return error;
-}
-
-/** What the link on the way from OUT to `file` (OUT's own included) that leads to nothing (a disk not mounted) or back
- * to itself is, with the fixes that work, in the words of Python's files.check_output_dir; else null. An adapter's
- * was "not an exported adapter (no adapter.json)", whose re-export failed (its folder could not replace the link). */
-function linkToNothing(file, out) {
-  let at = out;
-  for (const name of ["", ...path.relative(out, file).split(path.sep)]) {
-    at = path.join(at, name);
-    let link = false;
-    try {
-      link = lstatSync(at).isSymbolicLink();
-      if (link) statSync(at);  // a link to what is there: one down
-    } catch (e) {
-      if (!link || !["ENOENT", "ENOTDIR", "ELOOP"].includes(e.code)) return null;  // not there: nothing below it either
-      return `${at}: is a link to ${readlinkSync(at)}, which ${e.code === "ELOOP" ? "leads back to itself (a loop of links); " +
-        `remove the link, or make it lead to a ${at === file ? "file" : "folder"}` : "does not exist; create or mount it, or remove the link"}`;
-    }
-  }
-  return null;
 }
 
 /** Why a file of the export OUT is missing where the Python runtime tells (runtimes/access.py, manifest.py), else
@@ -227,19 +208,6 @@ function thisHost() {
     host = createHash("sha1").update(parts.join("/")).digest("hex").slice(0, 8);
   }
   return host;
-}
-
-/** The file a path goes through (its first ancestor that is there), or null. */
-const exportAbove = (file) => [path.dirname(file), path.dirname(path.dirname(file)), path.dirname(path.dirname(path.dirname(file)))]
-  .find((p) => lstatSync(path.join(p, "base", "edgepeft.json"), { throwIfNoEntry: false })?.isFile());  // OUT/adapters/x/f
-
-function throughFile(file) {
-  for (let p = path.dirname(file); p !== path.dirname(p); p = path.dirname(p)) {
-    try {
-      return statSync(p).isFile() ? p : null;
-    } catch {}  // not there, or under the file: one up
-  }
-  return null;
 }
 
 /** OUT made absolute where the system finds it, as the Python runtime's access.located: path.resolve (and Node's own

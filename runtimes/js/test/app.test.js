@@ -116,6 +116,19 @@ test("the export's own files: a base re-exported since, a missing weights file, 
   } finally {
     if (root) process.seteuid(0);
   }
+  const closed = path.join(scratch, "closed");
+  await cp(path.join(FIXTURES, "llama"), closed, { recursive: true });
+  for (const [folder, call] of [["base", null], ["adapters", "lora"]]) {  // a jsparity hunt: the file inside was named
+    await chmod(path.join(closed, folder), 0);  // and making it readable did nothing
+    if (root) process.seteuid(65534);
+    try {
+      await refuses(openFolder(ortNode, closed).then((rt) => call && rt.loadAdapter(call)),
+        new RegExp(`^${path.join(closed, folder)}: permission denied for this user`));
+    } finally {
+      if (root) process.seteuid(0);
+      await chmod(path.join(closed, folder), 0o755);
+    }
+  }
   await rm(path.join(locked, "base", "model.web.onnx"), { force: true });
   await mkdir(path.join(locked, "base", "model.web.onnx"));  // a copy gone wrong
   await refuses(openFolder(ortNode, locked), /model\.web\.onnx: a folder where the export has a file; remove it and export again$/);
