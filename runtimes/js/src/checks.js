@@ -1,8 +1,7 @@
 // What the runtime refuses, and how it says so: an export's manifests and slot table, a call's options, an adapter's
-// tensors and label names (a call's ids, mask and token types: inputs.js). The Python runtime's checks
-// (runtimes/manifest.py, slot_checks.py, text.py), in JavaScript's terms: a damaged, hand-edited or hostile export is
-// an EdgePeftError naming the file and a fix, never a TypeError, a raw ONNX Runtime error, a file outside the export
-// or a silent wrong answer.
+// tensors and label names (a call's ids, mask and token types: inputs.js). The Python runtime's checks (manifest.py,
+// slot_checks.py, text.py), in JavaScript's terms: a damaged, hand-edited or hostile export is an EdgePeftError naming
+// the file and a fix, never a TypeError, a raw ONNX Runtime error, a file outside the export or a silent wrong answer.
 
 import { baseValueErrors } from "./base_checks.js";
 
@@ -76,7 +75,8 @@ const FIELD_TYPES = {
   name: [string, "a string"], fingerprint: [string, "a string"], base_fingerprint: [string, "a string"], sha256: [string, "a string"],
   graph: [bareName, "a file name in the same folder"], web_graph: [orNull(bareName), "a file name in the same folder"],
   neutral_graph: [orNull(bareName), "a file name in the same folder"], eos_token_id: [orNull(Array.isArray), "a list of token ids"],
-  pad_token_id: [orNull(whole), "a token id"], ops: [string, "a string"],
+  pad_token_id: [orNull(whole), "a token id"], ops: [string, "a string"], text_files: [(v) => strings(v) && v.every(bareName),
+    "a list of file names in the same folder"], file_sha256: [(v) => object(v) && Object.values(v).every(string), "an object of SHA-256 digests"],
 };
 const REQUIRED = {
   "edgepeft-base": ["model_type", "task", "fingerprint", "inputs", "outputs", "slots", "vocab_size", "graph"],

@@ -134,6 +134,10 @@ test("a manifest lacking a field, with one of the wrong type, or naming a graph 
   await baseRefused((j) => { j.cache.past_key = 0; }, "field cache lacks the cache layout \\(names with one %d\\)");
   await baseRefused((j) => { j.cache.past_key = "past.key"; }, "field cache lacks the cache layout \\(names with one %d\\)");
   await baseRefused((j) => { j.file_bytes["model.onnx"] = "1"; }, "field file_bytes must be an object of file sizes in bytes, got .*");
+  // a jsparity hunt: fields Python refuses at open, read on by Node
+  await baseRefused((j) => { j.text_files = "tokenizer.json"; }, `field text_files must be a list of file names in the same folder, got "tokenizer.json"`);
+  await baseRefused((j) => { j.text_files = ["../tokenizer.json"]; }, `field text_files must be a list of file names in the same folder, got .*`);
+  await baseRefused((j) => { j.file_sha256 = null; }, "field file_sha256 must be an object of SHA-256 digests, got null");
   // values out of range (runtimes/base_checks.py): a cache of 10**12 layers filled the memory, an eos of 5 a TypeError
   await baseRefused((j) => { j.cache.num_layers = 1e12; }, "field cache: num_layers is 1000000000000, field inputs lists 4 past tensors \\(2 a layer\\)");
   await baseRefused((j) => { j.cache.head_dim = -1; }, "field cache: head_dim must be at least 1, got -1");
