@@ -6,7 +6,7 @@ import copy
 import os
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from edgepeft.config import PICKLED_WEIGHTS_NAME, WEIGHTS_NAME, load_config
@@ -43,6 +43,20 @@ def read_adapter_weights(directory: str) -> tuple[str, dict]:
     except (SafetensorError, OSError, ValueError) as e:
         check_readable(path)  # safetensors says "No such file" for a file it may not read
         raise _unreadable(path, e, "damaged or cut short; download the adapter again, or re-save it") from None
+
+
+def saves_biases(directory: str) -> bool:
+    """Whether the adapter folder's weights hold a bias (HF PEFT's ``bias="all"``/``"lora_only"`` saves the biases of
+    the layers it trains; where a model has none, the adapter is plain LoRA). Unreadable weights count as holding
+    one: the config's refusal stands, and loading the weights names what is wrong with them."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    try:
+        if os.path.isfile(path):
+            with safe_open(path, framework="pt") as f:  # the header only
+                return any("bias" in key for key in f.keys())
+        return any("bias" in key for key in read_adapter_weights(directory)[1])
+    except (EdgePeftError, SafetensorError, OSError):
+        return True
 
 
 def _unreadable(path: str, reason, fix: str) -> CorruptArtifactError:

@@ -268,6 +268,11 @@ def load_config(directory: str) -> PeftConfig:
         raise CorruptArtifactError(f"{path}: not valid JSON ({first_line(e).split('; ')[0]}); re-save the adapter") from None
     if not isinstance(d, dict) or not isinstance(d.get("peft_type"), str):
         raise CorruptArtifactError(f"{path}: has no 'peft_type' name; re-save the adapter with save_pretrained")
+    if d["peft_type"] == "LORA" and d.get("bias") in ("all", "lora_only"):  # a variants hunt: refused, "train again"
+        from edgepeft.adapter_weights import saves_biases
+
+        if not saves_biases(directory):  # HF PEFT's bias on a model whose layers have none (Llama): plain LoRA
+            d = {**d, "bias": "none"}
     return _config_from_dict(d, path, "fix the file or re-save the adapter")
 
 

@@ -19,7 +19,7 @@ from training_helpers import seq_cls_rows, train_argv
 from word_tokenizer import build_tokenizer
 
 import edgepeft
-from edgepeft.errors import ConfigError, CorruptArtifactError, InvalidInputError
+from edgepeft.errors import ConfigError, CorruptArtifactError, InvalidInputError, UnsupportedMethodError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
 
@@ -192,6 +192,28 @@ def test_adapter_model_bin_loads_and_exports_as_hf_peft_reads_it(tiny_base, tmp_
     (path / "adapter_model.bin").write_bytes(np.arange(64, dtype=np.uint8).tobytes())
     with pytest.raises(CorruptArtifactError, match=r"adapter_model\.bin: cannot read adapter weights.*save_pretrained"):
         edgepeft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), str(path))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hf_peft_bias_all_exports_where_the_model_has_no_biases_and_is_refused_where_it_saved_them(arch, tiny_base,
+                                                                                                   tmp_path):
+    """A variants hunt: bias="all" on a Llama (whose layers have no bias: HF PEFT saves none, the adapter is plain
+    LoRA) was refused, "train without them". It exports now, HF PEFT's outputs; GPT-2's saved biases are refused."""
+    import peft
+
+    from peft_refs import lora_adapter
+
+    base = tiny_base(arch)
+    path = lora_adapter(tmp_path / "biased", base, "causal-lm", 5, r=2, bias="all")
+    if arch == "gpt2":
+        with pytest.raises(UnsupportedMethodError, match="adapter_config.json: LoRA option.s. bias"):
+            export([path], tmp_path / "out", base=base)
+        return
+    ids, mask = sample_batch()
+    want = torch_outputs(peft.PeftModel.from_pretrained(load_reference_base(base, "causal-lm"), path).eval(), ids, mask,
+                         "logits")
+    export([path], tmp_path / "out", base=base)
+    assert max_diff_valid(Runtime(str(tmp_path / "out")).forward(ids, mask, adapter="biased")["logits"], want, mask) <= 1e-4
 
 
 # ---------------------------------------------------------------- adapters saved without task_type
