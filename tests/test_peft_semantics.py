@@ -229,8 +229,10 @@ def test_hf_lora_variants_that_need_no_base_change_still_load():
     with pytest.raises(UnsupportedMethodError, match=r"^init_lora_weights='True' is not supported; pass one of True, "):
         edgepeft.LoraConfig(init_lora_weights="True")
     for base_changing in ("pissa_niter_4", "OLoRA", "lora_ga", "corda"):
-        with pytest.raises(UnsupportedMethodError, match="change the base weights"):
+        with pytest.raises(UnsupportedMethodError, match="change the base weights; train with the default init, or "):
             edgepeft.LoraConfig(init_lora_weights=base_changing)
+    with pytest.raises(UnsupportedMethodError, match="its quantized copy of the base.*; train with the default init$"):
+        edgepeft.LoraConfig(init_lora_weights="loftq")  # a variants hunt: told to convert it, which HF PEFT does not
     for typo in ("PISSA", "LoftQ"):  # HF PEFT matches these as written: unknown to it (a review)
         with pytest.raises(UnsupportedMethodError, match="is not supported; pass one of True, "):
             edgepeft.LoraConfig(init_lora_weights=typo)

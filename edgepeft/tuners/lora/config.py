@@ -88,11 +88,15 @@ class LoraConfig(PeftConfig):
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower() in ("gaussian", "mica"):  # HF PEFT reads these in any case
             self.init_lora_weights = init = init.lower()
+        if init == "loftq":  # a variants hunt: told to convert it, which HF PEFT does for the others only
+            raise UnsupportedMethodError(
+                "init_lora_weights='loftq' is not supported: a LoftQ adapter is trained for its quantized copy of the "
+                "base, which edgepeft does not export; train with the default init")
         if init not in TAKEN_INITS and base_changing(init):
             raise UnsupportedMethodError(
-                f"init_lora_weights={init!r} is not supported: PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA change the "
-                "base weights; convert the adapter with HF PEFT's save_pretrained("
-                "path_initial_model_for_weight_conversion=...) first, or train with the default init")
+                f"init_lora_weights={init!r} is not supported: PiSSA, OLoRA, CorDA and LoRA-GA change the base "
+                "weights; train with the default init, or convert an adapter trained so into plain LoRA with HF "
+                "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) first")
         if init not in TAKEN_INITS:  # a typo, "True" as text
             raise UnsupportedMethodError(f"init_lora_weights={init!r} is not supported; pass one of True, False, "
                                          "'gaussian', 'orthogonal', 'eva', 'mica' (--option: JSON, e.g. true or \"gaussian\")")
