@@ -10,7 +10,7 @@ import click
 from click.core import ParameterSource
 
 from edgepeft.errors import EdgePeftError, TrainingInterrupted, first_line
-from edgepeft.flags import as_flags, one_value
+from edgepeft.flags import as_flags, method_options, one_value
 from edgepeft.interrupts import stopped_status, terminated_as_interrupts
 from edgepeft.processes import end_group, first, leave, notes_once, peer_stopped, say, stdin_text
 from edgepeft.runtimes.values import size_text as _size
@@ -33,40 +33,6 @@ def _needs_training_side(command: str) -> None:
     if command == "export" and importlib.util.find_spec("onnxruntime") is None:  # export validates on it
         raise MissingDependencyError("`edgepeft export` checks the export on ONNX Runtime, which this install lacks; "
                                      "pip install 'edgepeft[cpu]' (or 'edgepeft[gpu]')")
-
-
-def _options(method: str, r, alpha, target_modules, pairs) -> dict:
-    """The method config's fields from the shorthand flags and --option KEY=VALUE (VALUE parsed as JSON)."""
-    from edgepeft.errors import ConfigError
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--option {pair!r}: write it as KEY=VALUE, e.g. --option lora_dropout=0.1")
-        try:
-            options[key] = json.loads(value)
-        except (ValueError, RecursionError):  # a number of 5,000 digits, arrays nested thousands deep
-            options[key] = value  # a bare string
-    from edgepeft.training.arguments import find_method
-
-    modules = target_modules if target_modules is None or target_modules.lower() == "all-linear" \
-        else [m.strip() for m in target_modules.split(",")]  # "q_proj, v_proj": two names
-    if isinstance(modules, list) and not all(modules):
-        raise ConfigError(f"--target-modules {target_modules!r} has an empty name; list names with commas, e.g. "
-                          "--target-modules q_proj,v_proj")
-    given = {"--r": r, "--alpha": alpha, "--target-modules": modules}
-    config_cls = find_method(method).config_cls
-    for flag, value in given.items():
-        if value is None:
-            continue
-        field = config_cls.cli_shorthands.get(flag)  # what the method says the flag sets
-        if field is None:
-            raise ConfigError(f"{flag} is not an option of {method}; pass its fields with --option KEY=VALUE")
-        if field in options:
-            raise ConfigError(f"{flag} and --option {field}=... both set {field}; give one of them")
-        options[field] = value
-    return options
 
 
 @cli.command()
@@ -109,7 +75,7 @@ def train(model, task, method, data, eval_data, out, epochs, lr, head_lr, batch_
         model=model, task=task, method=method, data=data, eval_data=eval_data, out=out, epochs=epochs, lr=lr, head_lr=head_lr,
         batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, scheduler=scheduler, max_length=max_length, mixed_precision=mixed_precision,
-        save=save, seed=seed, logging_steps=logging_steps, options=_options(method, r, alpha, target_modules, pairs),
+        save=save, seed=seed, logging_steps=logging_steps, options=method_options(method, r, alpha, target_modules, pairs),
         resume=resume, overwrite=overwrite, progress=not quiet)
     log = Trainer(args).train()
     end_group()  # torchrun's: it ends with the command

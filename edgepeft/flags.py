@@ -1,9 +1,12 @@
-"""The command line's messages in its own terms: the runtime's and the trainer's name Python arguments
-(``max_new_tokens=0``), where the command's users typed flags (``--max-new-tokens 0``)."""
+"""The command line in its own terms: its messages (the runtime's and the trainer's name Python arguments,
+``max_new_tokens=0``, where the command's users typed flags, ``--max-new-tokens 0``), and train's flags as a method's
+config fields."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 
 import click
 
@@ -82,3 +85,41 @@ def one_value(ctx, param, values):
         raise ConfigError(f"{flag} given {len(values)} times ({', '.join(values)}); give one {flag} (a batch of rows "
                           "each with its adapter: Runtime's adapter=[...], from Python)")
     return values[0]
+
+
+def method_options(method: str, r, alpha, target_modules, pairs) -> dict:
+    """The method config's fields from the shorthand flags and --option KEY=VALUE (VALUE parsed as JSON)."""
+    from edgepeft.errors import ConfigError, first_line
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {pair!r}: write it as KEY=VALUE, e.g. --option lora_dropout=0.1")
+        try:
+            options[key] = json.loads(value)
+        except (ValueError, RecursionError) as e:  # a number of 5,000 digits, arrays nested thousands deep
+            if value.strip()[:1] in ('"', "[", "{"):  # a variants hunt: '".*layers\.1\.q_proj"' kept its quotes
+                raise ConfigError(f"--option {shlex.quote(pair)}: the value is not valid JSON ({first_line(e)}); in JSON a "
+                                  "backslash is written twice (\\\\. for a regular expression's \\.), and a string "
+                                  "may also go without quotes, as text") from None
+            options[key] = value  # a bare string
+    from edgepeft.training.arguments import find_method
+
+    modules = target_modules if target_modules is None or target_modules.lower() == "all-linear" \
+        else [m.strip() for m in target_modules.split(",")]  # "q_proj, v_proj": two names
+    if isinstance(modules, list) and not all(modules):
+        raise ConfigError(f"--target-modules {target_modules!r} has an empty name; list names with commas, e.g. "
+                          "--target-modules q_proj,v_proj")
+    given = {"--r": r, "--alpha": alpha, "--target-modules": modules}
+    config_cls = find_method(method).config_cls
+    for flag, value in given.items():
+        if value is None:
+            continue
+        field = config_cls.cli_shorthands.get(flag)  # what the method says the flag sets
+        if field is None:
+            raise ConfigError(f"{flag} is not an option of {method}; pass its fields with --option KEY=VALUE")
+        if field in options:
+            raise ConfigError(f"{flag} and --option {field}=... both set {field}; give one of them")
+        options[field] = value
+    return options

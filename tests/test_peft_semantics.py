@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import shlex
 import shutil
 import warnings
 
@@ -18,6 +19,7 @@ from peft_refs import randomize_adapter
 from tiny import load_reference_base, sample_batch
 
 import edgepeft
+from edgepeft.flags import method_options
 from edgepeft.training import method_config
 
 
@@ -448,8 +450,17 @@ def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):
                                           r"q_proj,v_proj\)$"):
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules="q_proj,v_proj"))
     with pytest.raises(ConfigError, match=r"give one regular expression as a string \(at the command line --option "
-                                          r"'target_modules=\".\*q_proj\|.\*v_proj\"'\)$"):  # each of them (a review)
-        edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=[".*q_proj", ".*v_proj"]))
+                                          r"'target_modules=\".\*q_proj\|.\*v_proj\"': JSON, each backslash written twice\)$"):
+        edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=[".*q_proj", ".*v_proj"]))  # each (a review)
+    # a variants hunt: the option given for a regular expression with "\." failed as JSON and went on as text, its
+    # quotes kept (it matched nothing); it is JSON now, and JSON that fails is said
+    with pytest.raises(ConfigError, match="give one regular expression") as told:
+        edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=[r".*layers\.1\.self_attn\.q_proj"]))
+    option = shlex.split(told.value.args[0].split("at the command line ")[1].split(": JSON")[0])
+    assert option[0] == "--option" and method_options("lora", None, None, None, option[1:]) == {
+        "target_modules": r".*layers\.1\.self_attn\.q_proj"}
+    with pytest.raises(ConfigError, match=r"""^--option 'target_modules=".\*layers\\.1"': the value is not valid JSON"""):
+        method_options("lora", None, None, None, ['target_modules=".*layers\\.1"'])
     adapted = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(target_modules=".*q_proj|.*v_proj"))
     assert {k.rpartition(".")[2] for k, m in adapted.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "v_proj"}
     with pytest.raises(ConfigError, match="exclude_modules \\['q_proj'\\] leaves none of its matches"):

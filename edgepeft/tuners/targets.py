@@ -1,7 +1,9 @@
 """Which modules a config targets, matched exactly as HF PEFT matches them."""
 from __future__ import annotations
 
+import json
 import re
+import shlex
 
 import torch
 from torch import nn
@@ -189,7 +191,8 @@ def linear_targets(model: nn.Module, config, defaults: dict) -> list[str]:
         if isinstance(targets, list) and any(map(regex, targets)):
             pattern = "|".join(t if regex(t) else f".*{t}" for t in targets)  # all of them, one
             hint = ("; a list's names match the end of a module's name, not as regular expressions: give one regular "
-                    f"expression as a string (at the command line --option 'target_modules=\"{pattern}\"')")
+                    f"expression as a string (at the command line --option "
+                    f"{shlex.quote('target_modules=' + json.dumps(pattern))}: JSON, each backslash written twice)")
         if exclude and any(name_matches(exclude, n) for n in have):
             hint += f"; exclude_modules {exclude!r} leaves none of its matches"
         raise ConfigError(f"target_modules {targets!r} matches no linear layer of this {model_type} model; its linear "
