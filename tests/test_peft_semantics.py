@@ -465,6 +465,14 @@ def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):
     assert {k.rpartition(".")[2] for k, m in adapted.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "v_proj"}
     with pytest.raises(ConfigError, match="exclude_modules \\['q_proj'\\] leaves none of its matches"):
         edgepeft.get_peft_model(model, edgepeft.LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
+    with pytest.warns(edgepeft.EdgePeftWarning, match=r"exclude_modules \['layer.0.mlp.down_proj'\] names no module of "
+                      "this model, so it leaves nothing out"):  # a variants hunt: a typo trained every layer, silently
+        edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(
+            target_modules="all-linear", exclude_modules=["layer.0.mlp.down_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one that leaves something out says nothing
+        edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(
+            target_modules="all-linear", exclude_modules=["layers.0.mlp.down_proj"]))
     import peft  # edgepeft's get_peft_model refuses it (test_training_checks): HF PEFT's makes it
 
     embed = peft.get_peft_model(load_reference_base(base, "causal-lm"), peft.LoraConfig(

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import warnings
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.errors import ConfigError, first_line
+from edgepeft.errors import ConfigError, EdgePeftWarning, first_line
 from edgepeft.registry import AdapterLayer, model_modules
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -140,6 +141,10 @@ def selected_modules(model: nn.Module, config, selects) -> list[str]:
     """Full names of the modules ``selects(key, module)`` picks, less those inside ``modules_to_save`` and those
     ``exclude_modules`` names, as HF PEFT leaves them out."""
     saved, exclude = list(config.modules_to_save or []), getattr(config, "exclude_modules", None)
+    if exclude and not any(name_matches(exclude, key) for key, _ in model.named_modules() if key):  # a variants hunt:
+        warnings.warn(f"exclude_modules {exclude!r} names no module of this model, so it leaves nothing out (HF PEFT "
+                      "warns so too); check its names (a string is a regular expression for the whole module name, "
+                      "a list's names match a name's end)", EdgePeftWarning, stacklevel=2)  # a typo trained them all
     return [key for key, module in model.named_modules()
             if selects(key, module) and not within_saved(saved, key) and not name_matches(exclude, key)]
 
