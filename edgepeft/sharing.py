@@ -1,9 +1,11 @@
 """Folders several processes use: one export or training run writes a folder at a time (``one_at_a_time``), and a
-folder is replaced in one step where the system can (``exchanged``): a Runtime opened meanwhile found no base."""
+folder is replaced in one step where the system can (``exchanged``): a Runtime opened meanwhile found no base; one
+that cannot be replaced (a mount point) is refused before the work (``check_replaceable``)."""
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -60,3 +62,28 @@ def one_at_a_time(folder: str, waiting, who: str = "export"):
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+def check_replaceable(folder: str, fix: str) -> None:
+    """Refuse, before any work, a folder an export replaces by renaming a new one into its place that is a mount point
+    (a container's volume mounted at OUT/base): the rename failed after the work, "Device or resource busy" (a faults
+    hunt). ``fix``: what works instead."""
+    from edgepeft.errors import StorageError
+
+    if os.path.isdir(folder) and mount_point(folder):
+        raise StorageError(f"{folder}: is a mount point, which an export cannot replace (it renames the new folder into "
+                           f"its place); {fix}")
+
+
+def mount_point(path: str) -> bool:
+    """Whether ``path`` is a mount point, a bind mount of a folder of the same file system too (os.path.ismount
+    compares devices: Linux lists those in /proc/self/mountinfo, its fifth field, octal escapes for spaces)."""
+    if os.path.ismount(path):
+        return True
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            points = [line.split()[4] for line in f if len(line.split()) > 4]
+    except OSError:  # not Linux
+        return False
+    return real in {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p) for p in points}

@@ -32,7 +32,7 @@ from edgepeft.exporters.validate import (BaseOutputs, check_head_widths, check_t
 from edgepeft.files import (Staging, check_output_dir, missing_folders, remove_empty, remove_moved_aside,
                             reporting_full_disk)
 from edgepeft.interrupts import written_whole
-from edgepeft.sharing import one_at_a_time
+from edgepeft.sharing import check_replaceable, one_at_a_time
 from edgepeft.models import model_label, reads_token_types
 from edgepeft.runtimes.access import as_read, aside_elsewhere, may_replace
 from edgepeft.runtimes.commands import QTOL
@@ -103,6 +103,9 @@ def _export(adapters, out, base, names, merge, atol, quantize, qtol, ort_adapter
 def _export_slots(plan, quantize) -> dict:
     """The base with its slots and each adapter's graph, staged, validated, then committed into OUT."""
     slots, reuse = plan_slots(plan)
+    if not reuse:  # before the trace: a new base is renamed into OUT/base's place
+        check_replaceable(plan.base_dir, f"mount {plan.out} itself (the folder holding base/ and adapters/), or export "
+                          "into another --out")
     if reuse and made_heads(plan.model):  # OUT's graph holds the heads its own export made (of its num_labels)
         take_made_heads(plan.model, plan.base_dir)
     with Staging() as staging:
@@ -138,6 +141,7 @@ def plan_slots(plan: ExportPlan) -> tuple[list, bool]:
         if os.path.isdir(target) and not may_replace(target):  # moved aside, it would stay there
             raise StorageError(f"{target}: cannot replace it (permission denied: another user's?); remove it as its "
                                "owner, or export this one under another --name")
+        check_replaceable(target, f"mount {plan.out} itself, or export this one under another --name")
     needed = slot_union(*[adapter_slots(plan.model, c, plan.groups, s.path) for c, s in zip(configs, plan.sources)])
     have = {s.name: s for s in existing["slots"]} if existing else {}
     older = next((s for s in needed if s.name in have and have[s.name].to_json() != s.to_json()), None)

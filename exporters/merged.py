@@ -14,6 +14,7 @@ from edgepeft.exporters.resolve import ExportPlan
 from edgepeft.exporters.validate import log_check, validate
 from edgepeft.files import Staging, remove_moved_aside
 from edgepeft.interrupts import written_whole
+from edgepeft.sharing import check_replaceable
 from edgepeft.runtimes import Runtime
 from edgepeft.tuners import method_for
 from edgepeft.tuners.copies import merged_copy
@@ -47,6 +48,7 @@ def export_merged(plan: ExportPlan) -> dict:
     if stranded := sorted(adapter_dirs(plan.out)):  # left by a slot base removed since: a merged base would strand them
         raise ConfigError(f"{os.path.join(plan.out, ADAPTERS_DIR)}: holds {', '.join(stranded)}; "
                           "a --merge export takes no adapters: give another --out, or remove that folder")
+    check_replaceable(base_dir, f"mount {plan.out} itself (the folder holding base/), or export into another --out")
     merged = merged_copy(plan.peft.base_model.model, method_for(plan.peft.peft_config[src.name]).tuner, src.name,
                          keep_layers=True).eval()  # a bottleneck's layers run in the graph
     with Staging() as staging:

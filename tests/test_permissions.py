@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import stat
 import tempfile
@@ -226,3 +227,39 @@ def test_a_weights_file_linked_out_of_the_base_folder_is_named_with_a_fix_that_w
         os.symlink(blobs / blob, f)
     np.testing.assert_array_equal(Runtime(str(out)).forward(np.array([[5, 6, 7]]))["logits"], want)
     assert CliRunner().invoke(cli, ["inspect", str(out)]).exit_code == 0
+
+
+def _may_mount() -> bool:
+    import subprocess
+
+    return os.geteuid() == 0 and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or not _may_mount(), reason="bind mounts: root in a mount namespace")
+def test_a_mount_point_an_export_would_replace_is_refused_before_the_trace(peft_adapter, tmp_path):
+    """A faults hunt: OUT/base a mount point (a container's volume): an export needing a new base traced and validated,
+    then failed at its rename, "Device or resource busy; check the path, its permissions and free space". Refused now
+    before the trace, naming the mount point and a fix that works; a bind mount of the same file system too (which
+    os.path.ismount does not see), and an adapter's folder that --overwrite would replace."""
+    import subprocess
+    import sys
+
+    from peft_refs import spec_adapter
+
+    out = str(tmp_path / "out")
+    qv, mlp = (spec_adapter(peft_adapter, "llama", name) for name in ("qv", "mlp"))
+    export([qv], out)
+    before = tree_hashes(out)
+    cli = f"{shlex.quote(sys.executable)} -m edgepeft export --out {shlex.quote(out)} --adapter"
+    for folder, args, fix in ((os.path.join(out, "base"), shlex.quote(mlp), "or export into another --out"),
+                              (os.path.join(out, "adapters", "qv"), f"{shlex.quote(qv)} --overwrite",
+                               "or export this one under another --name")):
+        done = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {shlex.quote(folder)} {shlex.quote(folder)}"
+                               f" && {cli} {args}"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.splitlines()[-1] == (f"error: {folder}: is a mount point, which an export cannot replace (it "
+                                                f"renames the new folder into its place); mount {out} itself"
+                                                f"{' (the folder holding base/ and adapters/)' * folder.endswith('base')}"
+                                                f", {fix}"), done.stderr
+        assert "validated" not in done.stdout + done.stderr  # before the trace
+    assert tree_hashes(out) == before
