@@ -18,7 +18,7 @@ from typing import Optional
 
 from edgepeft.errors import (ArtifactNotFoundError, ConfigError, CorruptArtifactError, EdgePeftError,
                              UnsupportedMethodError, first_line, warn)
-from edgepeft.runtimes.access import unexpanded_tilde
+from edgepeft.runtimes.access import saved_under_names, unexpanded_tilde
 from edgepeft.runtimes.values import is_real, is_whole
 
 CONFIG_NAME = "adapter_config.json"
@@ -255,8 +255,7 @@ def load_config(directory: str) -> PeftConfig:
     directory = str(directory)
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        named = sorted(d for d in os.listdir(directory) if os.path.isfile(os.path.join(directory, d, CONFIG_NAME))) \
-            if os.path.isdir(directory) else []
+        named = saved_under_names(directory)
         fix = (f"it holds adapters saved under their names: pass {' or '.join(os.path.join(directory, d) for d in named)}"
                if named else "pass an adapter folder saved by save_pretrained (edgepeft or HF PEFT)")
         raise ArtifactNotFoundError(unexpanded_tilde(directory, "--adapter") or f"{path}: not found; "

@@ -250,6 +250,13 @@ def unexpanded_tilde(path, flag: str) -> str | None:
     return None
 
 
+def saved_under_names(folder: str) -> list[str]:
+    """The subfolders of ``folder`` holding an HF PEFT adapter (adapter_config.json): save_pretrained's layout for
+    adapters other than "default" (``selected_adapters``), sorted."""
+    return sorted(d for d in listed(folder) if os.path.isfile(os.path.join(folder, d, "adapter_config.json"))) \
+        if os.path.isdir(folder) else []
+
+
 def adapter_dirs(out_dir: str) -> dict:
     """{name: folder} of the adapters in ``out_dir/adapters``, sorted (a link leading nowhere too, for the read to
     name); hidden (staging) entries left out. OUT/adapters a link to nothing is named (its adapters left out unsaid)."""

@@ -55,7 +55,8 @@ from dataclasses import dataclass
 from shlex import quote
 
 from .access import (ADAPTER_MANIFEST, STOPPED, adapter_dirs, aside_elsewhere, check_readable, folder_name,
-                     link_to_nothing, listed, moved_aside, present, read_json, sha256_bytes, unexpanded_tilde)
+                     link_to_nothing, listed, moved_aside, present, read_json, saved_under_names, sha256_bytes,
+                     unexpanded_tilde)
 from .base_checks import TOKEN_TYPES, base_value_errors
 from .commands import (ADAPTERS_DIR, REEXPORT_BASE, adapter_export_command, adapter_files_fix, export_command,
                        export_name_problem, exported_as, exported_name, fresh_out, hf_peft_folder_fix, unexportable)
@@ -161,17 +162,9 @@ class Slot:
             d["members"] = list(self.members)
         if self.phase != "every":  # written only when set, so older slot tables keep their fingerprints
             d["phase"] = self.phase
-        if self.target:
-            d["target"] = self.target
-        if self.virtual_axis is not None:
-            d["virtual_axis"] = self.virtual_axis
-        if self.position_axis is not None:
-            d["position_axis"] = self.position_axis
-        if self.stack_axis is not None:
-            d["stack_axis"] = self.stack_axis
-        for key in ("selector", "selects"):
-            if getattr(self, key):
-                d[key] = getattr(self, key)
+        for key in ("target", "virtual_axis", "position_axis", "stack_axis", "selector", "selects"):  # in this order
+            if (value := getattr(self, key)) not in ("", None):  # an axis 0 is written
+                d[key] = value
         return d
 
     @classmethod
@@ -263,6 +256,11 @@ def not_an_export(path: str, then=lambda out, name: f"open {out} and pick adapte
                 f" (trained again since: {export_command(path, out, '--name', quote(made), '--overwrite')})")
         return ArtifactNotFoundError(f"{path}: is an adapter folder (HF PEFT format), not an export; export it first "
                                      f"with {adapter_export_command(path, out)}, then {then(out, exported_name(path, out))}")
+    if named := saved_under_names(path):  # save_pretrained(selected_adapters=...): "export into it" (a hfsaves hunt)
+        sub, out = os.path.join(path, named[0]), fresh_out(path)
+        return ArtifactNotFoundError(f"{path}: holds HF PEFT adapters saved under their names ({', '.join(named)}), not "
+                                     f"an export; export them first, e.g. {adapter_export_command(sub, out)}, then "
+                                     f"{then(out, exported_name(sub, out))}")
     if os.path.isfile(os.path.join(path, "adapter.json")):
         out, name = os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(os.path.normpath(path))
         return ArtifactNotFoundError(f"{path}: is one adapter of the export {out}; open {out} and pick adapter {name!r}")

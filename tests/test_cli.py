@@ -496,3 +496,22 @@ def test_a_folder_of_a_model_type_edgepeft_does_not_export_is_told_so_not_to_exp
         result = CliRunner().invoke(cli, ["inspect", str(folder)])
         assert result.exit_code == 1 and said in str(result.exception)
     assert "export an adapter trained on it" in str(CliRunner().invoke(cli, ["inspect", tiny_base("llama")]).exception)
+
+
+def test_run_on_a_folder_of_hf_peft_adapters_saved_under_their_names_gives_an_export_that_works(tmp_path, peft_adapter,
+                                                                                              capsys):
+    """A hfsaves hunt: save_pretrained(d, selected_adapters=["other"]) leaves d/other/ only; `run d` said "no exported
+    base here; run edgepeft export --adapter DIR --out d first", an export into the HF PEFT folder. It names the
+    adapters and an export beside it, which, run as printed, serves them."""
+    import shlex
+
+    from training_helpers import cli_error, cli_ok
+
+    saved = tmp_path / "saved"
+    shutil.copytree(peft_adapter("llama", "topic", target_modules=["q_proj"]), saved / "other")
+    line = cli_error(capsys, "run", str(saved), "w1 w2", "--max-new-tokens", "2")
+    assert line.startswith(f"error: {saved}: holds HF PEFT adapters saved under their names (other), not an export; "
+                           f"export them first, e.g. `edgepeft export --adapter {saved}/other --out {saved}-onnx`, "
+                           f"then run `edgepeft run {saved}-onnx --adapter other PROMPT`"), line
+    cli_ok(capsys, *shlex.split(line.split("e.g. `")[1].split("`")[0])[1:])
+    assert Runtime(f"{saved}-onnx").adapter_names == ["other"] and not os.path.exists(saved / "base")

@@ -118,15 +118,21 @@ function notAnExport(out) {
   const up = path.dirname(out), part = path.basename(out), fresh = freshOut(out);
   const unexported = unexportable(out, has);  // "export it first" would be refused
   if (unexported) return unexported;
-  if (has(out, "adapter_config.json")) {  // commands.py exported_name: the folder's name, else the --name given
-    const folder = path.basename(path.resolve(out)), as = exportedAs(folder);
+  let named = [];  // HF PEFT's save_pretrained(selected_adapters=...): its adapters in folders of their names
+  try {
+    named = has(out, "adapter_config.json") ? [] : readdirSync(out).filter((d) => has(out, d, "adapter_config.json")).sort();
+  } catch {}
+  if (has(out, "adapter_config.json") || named.length) {  // commands.py exported_name: the folder's name, else --name
+    const adapter = named.length ? path.join(out, named[0]) : out;
+    const folder = path.basename(path.resolve(adapter)), as = exportedAs(folder);
     let name = as;
     for (let k = 2; as !== folder && as !== "NAME" && lstatSync(path.join(fresh, "adapters", name), { throwIfNoEntry: false }); k++) {
       name = `${as.slice(0, 100 - String(k).length - 1)}_${k}`;
     }
-    return `${out}: is an adapter folder (HF PEFT format), not an export; export it first with \`edgepeft export ` +
-      `--adapter ${quote(out)} --out ${quote(fresh)}${as === folder ? "" : ` --name ${quote(name)}`}\`, then open ` +
-      `${fresh} and pick adapter '${name}'`;
+    const how = `\`edgepeft export --adapter ${quote(adapter)} --out ${quote(fresh)}${as === folder ? "" : ` --name ${quote(name)}`}\``;
+    return `${out}: ${named.length ? `holds HF PEFT adapters saved under their names (${named.join(", ")}), not an export; ` +
+      `export them first, e.g. ${how}` : `is an adapter folder (HF PEFT format), not an export; export it first with ${how}`}` +
+      `, then open ${fresh} and pick adapter '${name}'`;
   }
   if (has(out, "adapter.json")) return `${out}: is one adapter of the export ${path.dirname(up)}; open ${path.dirname(up)} and pick adapter '${part}'`;
   if (has(out, "edgepeft.json") || ["base", "adapters"].includes(part) && has(up, "base", "edgepeft.json")) {

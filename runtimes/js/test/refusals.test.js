@@ -373,16 +373,18 @@ test("a folder that is not an export (its base, an adapter of it, an HF PEFT ada
   const dotted = path.join(scratch, "my.topic");  // a name export refuses: the command passes --name my_topic
   const long = path.join(scratch, "意图".repeat(42));  // 252 bytes: its --out <folder>-onnx was past a name's 255
   const device = path.join(scratch, "aux");  // a device's name on Windows: --name aux_adapter
+  const saved = path.join(scratch, "saved");  // a hfsaves hunt: HF PEFT's adapters saved under their names
   for (const [folder, file] of [[peftAdapter, "adapter_config.json"], [model, "config.json"], [dotted, "adapter_config.json"],
-    [long, "adapter_config.json"], [device, "adapter_config.json"]]) {
-    await mkdir(folder);
+    [long, "adapter_config.json"], [device, "adapter_config.json"], [path.join(saved, "b.v2"), "adapter_config.json"],
+    [path.join(saved, "other"), "adapter_config.json"]]) {
+    await mkdir(folder, { recursive: true });
     await writeFile(path.join(folder, file), "{}");  // only the file's name tells what the folder is
   }
   // a review: a base moved aside by another container's export (its tag another host's): named with the mv, as Python
   const aside = await copied("aside elsewhere");
   await rename(path.join(aside, "base"), path.join(aside, ".old-base-p1h0123abcd-x1"));
   const folders = [path.join(llama, "base"), path.join(llama, "adapters"), path.join(llama, "adapters", "lora"), peftAdapter, model,
-    dotted, aside, long, device];
+    dotted, aside, long, device, saved];
   const python = spawnSync(PYTHON, ["-c", "import json, sys; from edgepeft.runtimes.manifest import not_an_export; " +
     "print(json.dumps([str(not_an_export(p)) for p in sys.argv[1:]]))", ...folders], { encoding: "utf8" });
   const escaped = (text) => new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}$`);
