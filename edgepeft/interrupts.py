@@ -66,8 +66,8 @@ def terminated_as_interrupts():
     torchrun = under_torchrun()
 
     def as_ctrl_c(signum, frame):
-        if torchrun and (TERMINATED or sys.exception() is not None):
-            return
+        if torchrun and (TERMINATED or isinstance(sys.exception(), (KeyboardInterrupt, RuntimeError))):  # stopping
+            return  # already: Ctrl-C, or gloo's word of another process's end
         TERMINATED.append(signum)
         answer = signal.getsignal(signal.SIGINT)  # held off in a commit (held_interrupts) as Ctrl-C is
         (answer if callable(answer) else signal.default_int_handler)(signal.SIGINT, frame)
