@@ -323,10 +323,12 @@ class Mixer:
 
     @staticmethod
     def _stack_vectors(slots, names, arrays, values) -> dict:
-        """IA3: a vector of ones (the base), then each adapter's vector (ones where it scales nothing)."""
+        """IA3: the slot's neutral vector (the base: ones for a scale, zeros for an added bias), then each adapter's
+        vector (the neutral one where it fills nothing there). A newcomer hunt's zeros-neutral slot was stacked with
+        ones: the rows without it were 2.6 off."""
         for s in slots:
-            ones = np.ones([1 if isinstance(d, str) else d for d in s.shape], np.float32)
-            values[s.name] = np.concatenate([ones] + [arrays[n].get(s.name, ones) for n in names], axis=s.stack_axis)
+            neutral = np.full([1 if isinstance(d, str) else d for d in s.shape], s.neutral == "ones", np.float32)
+            values[s.name] = np.concatenate([neutral] + [arrays[n].get(s.name, neutral) for n in names], axis=s.stack_axis)
         extent = {n: (1 + i, 1) for i, n in enumerate(names) if any(s.name in arrays[n] for s in slots)}
         return {"width": 1 + len(names), "extent": extent}
 

@@ -25,7 +25,7 @@ SELECTS = ("", "columns", "adapters")
 def slot_table_errors(slots: list, past_names) -> list[str]:
     """What is wrong with a base manifest's slots (``Slot`` objects); ``past_names``: the graph's cache inputs."""
     errors, names = [], Counter(s.name for s in slots if isinstance(s.name, str))
-    past, selectors = set(past_names), {s.name for s in slots if isinstance(s.selects, str) and s.selects}
+    past, selectors = set(past_names), {s.name: s.selects for s in slots if isinstance(s.selects, str) and s.selects}
     for slot in slots:
         if not (all(isinstance(v, str) for v in (slot.name, slot.method, slot.role, slot.module, slot.neutral,
                                                  slot.phase, slot.target, slot.selector, slot.selects))
@@ -59,6 +59,9 @@ def slot_table_errors(slots: list, past_names) -> list[str]:
             wrong.append("members must be module names")
         if (slot.stack_axis is None) != (not slot.selector):
             wrong.append("stack_axis and selector come together (a slot that stacks is selected per row)")
+        if selectors.get(slot.selector) == "adapters" and slot.neutral not in ("ones", "zeros"):  # a newcomer hunt
+            wrong.append("a slot whose selector selects adapters is neutral ones or zeros (a row without the adapter "
+                         "reads that value in a mixed batch)")
         if (slot.virtual_axis is not None or slot.target) and slot.phase != "prefill":
             wrong.append("virtual tokens (virtual_axis, target) are bound at prefill only (phase prefill)")
         if slot.phase == "prefill" and slot.virtual_axis is None:  # a prompt's without it: RotaryEmbedding's error

@@ -191,3 +191,33 @@ def test_the_checkouts_edgepeft_imports_whole_without_the_editable_install():
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [os.path.join(REPO, "runtimes", "__init__.py"),
                                    os.path.join(REPO, "exporters", "__init__.py")]
+
+
+def test_a_plugin_slot_stacked_by_adapters_keeps_its_zeros_for_rows_without_it(tiny_base, tmp_path):
+    """A newcomer hunt: a plugin's slot stacked by adapters as IA3's are, its neutral zeros (an added bias), was
+    stacked with IA3's ones for the rows without that adapter: the base row 2.6 off, silently. Each row of a mixed
+    batch equals its own call now; a slot so stacked whose neutral is the base's tensor is refused."""
+    from toy_bias.stacked import ToyStackConfig
+
+    from edgepeft.runtimes.manifest import Slot
+    from edgepeft.runtimes.slot_checks import slot_table_errors
+
+    base, dirs = tiny_base("llama"), []
+    for seed in (1, 2):
+        model = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), ToyStackConfig(task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "toy_bias" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        model.save_pretrained(tmp_path / f"s{seed}")
+        dirs.append(str(tmp_path / f"s{seed}"))
+    export(dirs, str(tmp_path / "out"))
+    rt, (ids, mask), rows = Runtime(str(tmp_path / "out")), sample_batch(batch=4), ["s1", None, "s2", "s1"]
+    mixed = rt.forward(ids, mask, adapter=rows)["logits"]
+    for i, name in enumerate(rows):
+        alone = rt.forward(ids[i:i + 1], mask[i:i + 1], adapter=name)["logits"]
+        assert max_diff_valid(mixed[i:i + 1], alone, mask[i:i + 1]) <= 1e-5, (name, np.abs(mixed[i] - alone[0]).max())
+    stacked = [Slot("b", "m", "bias", "x", ("n", 4), "float32", "base", stack_axis=0, selector="r"),
+               Slot("r", "m", "rows", "batch", ("batch", "n"), "float32", "ones", selects="adapters")]
+    assert slot_table_errors(stacked, []) == ["slot 'b': a slot whose selector selects adapters is neutral ones or zeros "
+                                              "(a row without the adapter reads that value in a mixed batch)"]
