@@ -51,7 +51,7 @@ def write_adapter_graph(values: dict, path: str) -> None:
             nodes.append(helper.make_node("Concat", inputs, [name], axis=value.axis))
             shape = list(value.shape)
         else:
-            value = np.ascontiguousarray(value, dtype=np.float32)
+            value = np.array(value, dtype=np.float32, order="C")  # a 0-d value stays 0-d (ascontiguousarray: [1])
             inits.append(numpy_helper.from_array(value, f"value.{name}"))
             nodes.append(helper.make_node("Identity", [f"value.{name}"], [name]))
             shape = list(value.shape)

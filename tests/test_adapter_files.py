@@ -427,3 +427,20 @@ def test_an_adapter_trained_on_its_base_resized_names_the_resized_model_as_its_b
         want = hf.eval()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     got = Runtime(str(tmp_path / "out")).forward(ids, mask, adapter="a")["logits"]
     assert got.shape == want.shape and abs(got - want)[mask.astype(bool)].max() < 1e-4
+
+
+def test_an_adapter_graph_keeps_a_scalar_slots_value_a_scalar(tmp_path):
+    """A newcomer hunt: a plugin's slot of shape () (a learned scalar per layer) was written as [1]
+    (np.ascontiguousarray gives one axis at least), and the export refused its own adapter, "re-export the adapter"."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from edgepeft.exporters.adapter_graph import write_adapter_graph
+
+    path = str(tmp_path / "adapter.onnx")
+    write_adapter_graph({"scale.layer0": torch.tensor(0.4), "bias.layer0": np.arange(3, dtype=np.float64)}, path)
+    outputs = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in onnx.load(path).graph.output}
+    assert outputs == {"scale.layer0": [], "bias.layer0": [3]}
+    scale, bias = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["scale.layer0", "bias.layer0"], {})
+    assert scale.shape == () and scale == np.float32(0.4) and bias.tolist() == [0, 1, 2]
