@@ -336,7 +336,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     with notes_once(), terminated_as_interrupts():
         try:
-            cli.main(args=argv, standalone_mode=False)
+            cli.main(args=argv, standalone_mode=False,  # python -c "import PLUGIN, edgepeft.cli; ...": not "Try '-c"
+                     prog_name="edgepeft" if sys.argv[:1] in (["-c"], [""], []) else None)
         except TrainingInterrupted as e:  # as it is: its resume command quotes paths whose spaces count
             say(str(e))
             leave(stopped_status())

@@ -221,3 +221,32 @@ def test_a_plugin_slot_stacked_by_adapters_keeps_its_zeros_for_rows_without_it(t
                Slot("r", "m", "rows", "batch", ("batch", "n"), "float32", "ones", selects="adapters")]
     assert slot_table_errors(stacked, []) == ["slot 'b': a slot whose selector selects adapters is neutral ones or zeros "
                                               "(a row without the adapter reads that value in a mixed batch)"]
+
+
+def test_an_interrupted_plugin_run_prints_a_resume_command_that_imports_the_plugin(text_model, tmp_path):
+    """A newcomer hunt: a plugin's run, started as the docs say (python -c "import PLUGIN, edgepeft.cli; ..."),
+    printed `edgepeft train ... --method toybias ... --resume`, which answered "method 'toybias' is not supported".
+    The command it prints now imports the plugin first, and run as printed it finishes the run; torchrun's too."""
+    import shlex
+    import subprocess
+    import sys
+
+    from edgepeft.training.arguments import TrainingArguments
+
+    data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(16))
+    out = str(tmp_path / "out")
+    stop = ("import sys, toy_bias, edgepeft.cli\nfrom edgepeft.training.trainer import Trainer\nend = Trainer._end_epoch\n"
+            "def stop(self, *a):\n    end(self, *a)\n    raise KeyboardInterrupt  # Ctrl-C after epoch 1\n\n"
+            "Trainer._end_epoch = stop\nedgepeft.cli.main()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "tests"), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    args = ["train", "--model", text_model("bert"), "--task", "seq-cls", "--method", "toybias", "--data", data, "--out",
+            out, "--epochs", "2", "--batch-size", "8", "--quiet"]
+    stopped = subprocess.run([sys.executable, "-c", stop, *args], capture_output=True, text=True, env=env)
+    command = shlex.split(stopped.stderr.splitlines()[-1].split("continue with: ")[1])
+    assert command[:3] == ["python", "-c", "import toy_bias, edgepeft.cli; edgepeft.cli.main()"], stopped.stderr
+    resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0 and os.path.isfile(os.path.join(out, "adapter_model.safetensors")), resumed.stderr
+    torchrun = TrainingArguments(model="m", task="seq-cls", method="toybias", data="d", out="o").command(processes=2)
+    assert torchrun.startswith("torchrun --nproc-per-node 2 --no-python python -c 'import toy_bias, edgepeft.cli; "
+                               "edgepeft.cli.main()' train --model m")

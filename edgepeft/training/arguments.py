@@ -138,9 +138,16 @@ class TrainingArguments:
 
     def command(self, *extra: str, processes: int = 1) -> str:
         """The ``edgepeft train`` command line for these settings (defaults left out), plus ``extra`` flags; under
-        torchrun where ``processes`` is over 1 (a checkpoint resumes with as many)."""
+        torchrun where ``processes`` is over 1 (a checkpoint resumes with as many); a plugin's method run as the docs
+        run it, its package imported first."""
+        from edgepeft.registry import registering_module
+
         defaults = TrainingArguments(model="", task="", data="", out="")
-        launch = ["torchrun", "--nproc-per-node", str(processes), "-m", "edgepeft"] if processes > 1 else ["edgepeft"]
+        plugin = registering_module(find_method(self.method))  # a newcomer hunt: `edgepeft train` knew no plugin
+        launch = ["python", "-c", f"import {plugin}, edgepeft.cli; edgepeft.cli.main()"] if plugin else ["edgepeft"]
+        if processes > 1:
+            launch = ["torchrun", "--nproc-per-node", str(processes), *(["--no-python", *launch] if plugin else
+                                                                        ["-m", "edgepeft"])]
         parts = [*launch, "train", "--model", self.model, "--task", self.task, "--method", self.method,
                  "--data", self.data]
         if self.eval_data:
