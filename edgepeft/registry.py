@@ -146,11 +146,14 @@ class Tuner:
     def merge(self, model: nn.Module, adapter_name: str) -> None:
         """Fold ``adapter_name`` into the frozen weights of ``model`` (a copy) and put each folded layer's frozen
         module back in its place (``targets.replace_module``): a layer left in place keeps adding its adapter, as
-        one that cannot be folded must. Or raise UnsupportedMethodError."""
-        raise NotImplementedError
+        one that cannot be folded must. Or raise UnsupportedMethodError (this default: a newcomer hunt's plugin
+        without merge ended --merge in a bare NotImplementedError)."""
+        raise UnsupportedMethodError(f"{type(self).__name__} has no merge: this method's adapters do not merge "
+                                     "(export --merge, merge_and_unload); export without --merge")
 
     def layers(self, model: nn.Module) -> list:
-        """[(module name, AdapterLayer)] of this method in ``model``."""
+        """[(module name, AdapterLayer)] of this method in ``model``: the built-in tuners' own helper (for their
+        merge); edgepeft calls it nowhere else, so a method need not have it."""
         raise NotImplementedError
 
     def forward(self, model: nn.Module, config, adapter_name: str, *args, **kwargs):
@@ -224,11 +227,18 @@ def register_method(method: Method) -> Method:
     if not getattr(method.config_cls, "peft_type_name", None):
         raise ConfigError(f"{method.config_cls.__name__} has no peft_type_name; set it to the peft_type written to "
                           "adapter_config.json")
+    missing = [f"{type(part).__name__}.{hook}" for part, base, hooks in (
+        (method.tuner, Tuner, ("inject",)), (method.slots, SlotSpec, ("slot_table", "install", "values", "sample")))
+        for hook in hooks if getattr(type(part), hook) is getattr(base, hook)]
+    if missing:  # a newcomer hunt: a spec without sample ended an export in a bare NotImplementedError
+        raise ConfigError(f"{', '.join(missing)} not implemented: a method's tuner implements inject, its slot spec "
+                          "slot_table, install, values and sample (docs/adding-a-method.md)")
     _check_new(method)
     register_config(method.config_cls)
     _METHODS[method.peft_type] = method
     _SPECS[method.slots.name] = method.slots
-    _REGISTERED_IN[method.name] = sys._getframe(1).f_globals.get("__name__", "")  # the module whose import makes it
+    _REGISTERED_IN.setdefault(method.name, sys._getframe(1).f_globals.get("__name__", ""))  # its import makes it
+    # (the first: registered again, a module reloaded, the same method)
     return method
 
 

@@ -250,3 +250,25 @@ def test_an_interrupted_plugin_run_prints_a_resume_command_that_imports_the_plug
     torchrun = TrainingArguments(model="m", task="seq-cls", method="toybias", data="d", out="o").command(processes=2)
     assert torchrun.startswith("torchrun --nproc-per-node 2 --no-python python -c 'import toy_bias, edgepeft.cli; "
                                "edgepeft.cli.main()' train --model m")
+
+
+def test_a_method_missing_a_hook_is_refused_naming_it_and_one_without_merge_does_not_merge():
+    """A newcomer hunt: a spec without sample, or a tuner without merge, ended an export (--merge) in a traceback
+    whose last line was a bare NotImplementedError."""
+    from edgepeft.errors import ConfigError, UnsupportedMethodError
+    from edgepeft.registry import Method, SlotSpec, Tuner, register_method
+
+    class HalfTuner(Tuner):
+        pass
+
+    class HalfSlots(SlotSpec):
+        name = "half"
+
+        def slot_table(self, model, config, groups=()):
+            return []
+
+    with pytest.raises(ConfigError, match=r"^HalfTuner.inject, HalfSlots.install, HalfSlots.values, HalfSlots.sample "
+                                          r"not implemented: a method's tuner implements inject"):
+        register_method(Method(name="half", config_cls=toy_bias.ToyBiasConfig, tuner=HalfTuner(), slots=HalfSlots()))
+    with pytest.raises(UnsupportedMethodError, match="^HalfTuner has no merge: .*; export without --merge$"):
+        HalfTuner().merge(None, "default")
