@@ -272,3 +272,8 @@ def test_a_method_missing_a_hook_is_refused_naming_it_and_one_without_merge_does
         register_method(Method(name="half", config_cls=toy_bias.ToyBiasConfig, tuner=HalfTuner(), slots=HalfSlots()))
     with pytest.raises(UnsupportedMethodError, match="^HalfTuner has no merge: .*; export without --merge$"):
         HalfTuner().merge(None, "default")
+    from edgepeft.training.arguments import find_method
+
+    with pytest.raises(ConfigError, match=r"method 'lntuning' is not supported; use one of .*\(a method of your own: "
+                                          r"import its package first, `python -c \"import PACKAGE, edgepeft.cli; "):
+        find_method("lntuning")  # a plugin's, its package not imported: only the built-ins were named

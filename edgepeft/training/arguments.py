@@ -180,7 +180,9 @@ def find_method(method: str):
             known.setdefault(key, m)
     found = known.get(str(method).lower())
     if found is None:
-        raise ConfigError(f"method {method!r} is not supported; use one of {', '.join(sorted(x.name for x in methods()))}")
+        raise ConfigError(f"method {method!r} is not supported; use one of {', '.join(sorted(x.name for x in methods()))}"
+                          " (a method of your own: import its package first, `python -c \"import PACKAGE, edgepeft.cli; "
+                          "edgepeft.cli.main()\" train ...`, docs/adding-a-method.md)")
     return found
 
 
