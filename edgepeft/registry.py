@@ -202,6 +202,23 @@ class SlotSpec:
         return None
 
 
+def check_hook(spec: SlotSpec, hook: str, slots: list, values: dict, every: bool) -> None:
+    """What a slot spec's ``hook`` (``install``'s neutral values, ``values``) gave for ``slots``, checked where it is
+    called: a value for a slot of another name, of another rank or fixed size, or (``every``) a slot left without
+    one is the method's mistake, named so (a newcomer hunt: each was told as a damaged export, "re-export")."""
+    shapes = {s.name: s.shape for s in slots}
+    wrong = next((f"gives {name!r}, which is none of its slots ({', '.join(sorted(shapes))})" for name in values
+                  if name not in shapes), None) or next((
+        f"gives {name!r} the shape {list(value.shape)}, where its slot is {list(shapes[name])} (sizes, or names for "
+        "any size)" for name, value in values.items()
+        if len(value.shape) != len(shapes[name]) or any(isinstance(d, int) and d != int(n)
+                                                         for d, n in zip(shapes[name], value.shape))), None)
+    if every and not wrong and (left := [n for n in shapes if n not in values]):
+        wrong = f"gives no value for {left[0]!r}"
+    if wrong:
+        raise ConfigError(f"{type(spec).__name__}.{hook} {wrong}; mend the method's {hook} (docs/adding-a-method.md)")
+
+
 @dataclass(frozen=True)
 class Method:
     name: str  # short name; also the prefix of its parameters ("lora_") and slots ("lora_A.")

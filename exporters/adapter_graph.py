@@ -23,6 +23,7 @@ from edgepeft.files import write_json_atomic
 from edgepeft.models import named_labels
 from edgepeft.runtimes.access import located, sha256_file
 from edgepeft.runtimes.manifest import ADAPTER_GRAPH, ADAPTER_MANIFEST, LAYOUT_VERSION, ORT_ADAPTER
+from edgepeft.registry import check_hook
 from edgepeft.tuners import specs_for
 from edgepeft.tuners.layout import Assembled
 
@@ -71,6 +72,10 @@ def write_adapter(peft, src, slots: list, base_manifest: dict, stage: str, ort_a
     for i, spec in enumerate(specs):
         own = [s for s in slots if s.method == spec.name]
         filled = spec.values(peft, src.name, own) if own else {}
+        check_hook(spec, "values", own, filled, every=False)
+        if own and not filled and not i:  # the method's own fills nothing: the adapter would run the base model
+            raise ConfigError(f"{type(spec).__name__}.values gives {src.name!r} no value for any of its slots "
+                              f"({own[0].name}, ...); mend the method's values (docs/adding-a-method.md)")
         values.update(filled)
         if filled and i:
             names.append(spec.name)

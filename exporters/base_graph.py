@@ -32,6 +32,7 @@ from edgepeft.runtimes.manifest import (BASE_GRAPH, BASE_MANIFEST, FORMAT_VERSIO
 from edgepeft.runtimes.sentence import (PROMPTS_CONFIG, TEXT_FILES, has_sentence_transformers_files,
                                         sentence_transformers_settings)
 from edgepeft.runtimes.text import TextTokenizer
+from edgepeft.registry import check_hook
 from edgepeft.tuners import spec_for
 from edgepeft.tuners.targets import replace_module
 
@@ -66,6 +67,8 @@ def trace_base(model, slots, task, stage, source, weights_fp, groups, merged_ada
     for name, group in by_spec.items():
         spec = spec_for(name)
         spec_feeds, spec_neutral = spec.install(graph_model, group, fused)
+        check_hook(spec, "install", [s for s in group if not s.target], spec_neutral, every=True)  # its neutral
+        # values: one per graph input (a slot with a target starts a cache input, no input of its own)
         feeds.update(spec_feeds)
         neutral.update(spec_neutral)
         samples.update(spec.sample(group, spec_neutral))

@@ -277,3 +277,27 @@ def test_a_method_missing_a_hook_is_refused_naming_it_and_one_without_merge_does
     with pytest.raises(ConfigError, match=r"method 'lntuning' is not supported; use one of .*\(a method of your own: "
                                           r"import its package first, `python -c \"import PACKAGE, edgepeft.cli; "):
         find_method("lntuning")  # a plugin's, its package not imported: only the built-ins were named
+
+
+def test_a_slot_specs_wrong_values_are_named_as_its_own_mistake(tiny_base, tmp_path, monkeypatch):
+    """A newcomer hunt: a spec's value of the wrong shape, a neutral value missing, or values filling no slot were told
+    as damaged exports ("re-export the adapter", naming a staging folder already gone) or an ONNX Runtime traceback."""
+    from edgepeft.errors import ConfigError
+    from toy_bias.slots import ToyBiasSlots
+
+    model = edgepeft.get_peft_model(load_reference_base(tiny_base("llama"), "causal-lm"),
+                                    toy_bias.ToyBiasConfig(task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "bias")
+    values, install = ToyBiasSlots.values, ToyBiasSlots.install
+    for hook, bad, said in (
+            ("values", lambda self, *a: {k: v[:-1] for k, v in values(self, *a).items()},
+             r"ToyBiasSlots.values gives 'toybias_bias.model.layers.0.mlp.down_proj' the shape \[31\], where its slot is "
+             r"\[32\]"),
+            ("values", lambda self, *a: {}, "ToyBiasSlots.values gives 'bias' no value for any of its slots"),
+            ("install", lambda self, *a: (install(self, *a)[0], {}),
+             "ToyBiasSlots.install gives no value for 'toybias_bias.model.layers.0.mlp.down_proj'")):
+        with monkeypatch.context() as m:
+            m.setattr(ToyBiasSlots, hook, bad)
+            with pytest.raises(ConfigError, match=f"^{said}.*; mend the method's {hook} \\(docs/adding-a-method.md\\)$"):
+                export([str(tmp_path / "bias")], str(tmp_path / "out"))
+        assert not os.path.exists(tmp_path / "out")
