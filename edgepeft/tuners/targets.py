@@ -156,7 +156,9 @@ def module_targets(model: nn.Module, config, defaults: dict) -> list[str]:
     names = selected_modules(model, config, lambda key, module: name_matches(targets, key))
     if not names:
         model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-        raise ConfigError(f"target_modules {targets!r} matches no module of this {model_type} model")
+        leaves = sorted({k.rpartition(".")[2] for k, m in model.named_modules() if k and not any(m.children())})
+        raise ConfigError(f"target_modules {targets!r} matches no module of this {model_type} model; its layers "
+                          f"are named {', '.join(leaves)}")  # as linear_targets lists them (a newcomer hunt)
     return names
 
 
