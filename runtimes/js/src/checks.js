@@ -137,14 +137,13 @@ const SELECTS = ["", "columns", "adapters"];
 /** The base's slot table as runtimes/slot_checks.py checks it: the fields the runtime indexes shapes by and binds by. */
 function checkSlotTable(slots, cache, where) {
   const past = new Set(cache ? cacheNames(cache, "past") : []);
-  const selectors = new Set(slots.filter((s) => s?.selects).map((s) => s.name));
+  const selectors = new Map(slots.filter((s) => s?.selects).map((s) => [s.name, s.selects]));
   const seen = new Set(), twice = new Set();
   for (const name of slots.map((s) => s?.name)) (seen.has(name) ? twice : seen).add(name);
   slots.forEach((slot, i) => {
     const wrong = slotErrors(slot, twice, past, selectors);
     if (wrong.length) {
-      throw new EdgePeftError(`${where}: malformed slot ${string(slot?.name) ? slot.name : `at ${i}`} (${wrong[0]}); ` +
-        REEXPORT_BASE);
+      throw new EdgePeftError(`${where}: malformed slot ${string(slot?.name) ? slot.name : `at ${i}`} (${wrong[0]}); ${REEXPORT_BASE}`);
     }
   });
   checkSharedPhases(slots, where);
@@ -184,6 +183,7 @@ function slotErrors(slot, twice, past, selectors) {
   if ((field("stack_axis", null) === null) !== !selector) {
     wrong.push("stack_axis and selector come together (a slot that stacks is selected per row)");
   }
+  if (selectors.get(selector) === "adapters" && !["ones", "zeros"].includes(neutral)) wrong.push("a slot whose selector selects adapters is neutral ones or zeros (a row without the adapter reads that value in a mixed batch)");
   const virtualAxis = field("virtual_axis", null);
   if ((virtualAxis !== null || target) && field("phase", "every") !== "prefill") {
     wrong.push("virtual tokens (virtual_axis, target) are bound at prefill only (phase prefill)");

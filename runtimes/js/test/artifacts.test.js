@@ -208,6 +208,8 @@ test("a slot table the runtime would misread (axes, targets, selectors, names) i
   await slotRefused(loraA, (s) => { s.virtual_axis = 1; s.phase = "every"; },
     "virtual tokens \\(virtual_axis, target\\) are bound at prefill only \\(phase prefill\\)");
   await slotRefused(loraA, (s) => { s.selector = ""; }, "stack_axis and selector come together \\(a slot that stacks is selected per row\\)");
+  await slotRefused("ia3_in.model.layers.0.mlp.down_proj", (s) => { s.neutral = "base"; }, "a slot whose selector " +
+    "selects adapters is neutral ones or zeros \\(a row without the adapter reads that value in a mixed batch\\)");  // as Python
   await slotRefused(prefix, (s) => { delete s.virtual_axis; }, "a slot bound at prefill adds virtual tokens and counts them \\(virtual_axis\\)");
   await slotRefused(prompt, (s) => { delete s.virtual_axis; }, "a slot bound at prefill adds virtual tokens and counts them \\(virtual_axis\\)");
   await withEdit(out, "base/edgepeft.json", (j) => { Object.assign(j.slots.find((s) => s.name === loraA), { phase: "prefill", virtual_axis: 1 }); },
