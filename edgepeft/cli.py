@@ -280,8 +280,10 @@ def run(out, prompt, adapter, max_new_tokens, do_sample, temperature, top_k, top
     if prompt == "-":  # a long prompt, or one a pipe makes; its last newline is the pipe's, as $(...) drops it
         prompt = stdin_text(sys.stdin.buffer.read()).removesuffix("\n").removesuffix("\r")
     from edgepeft.runtimes.access import saved_under_names
-    if os.path.isfile(os.path.join(out, "adapter_config.json")) or saved_under_names(out):  # the run that serves it,
-        from edgepeft.runtimes.commands import quote  # in the command's terms
+
+    if not os.path.isfile(os.path.join(out, "base", "edgepeft.json")) and (  # not an export (which may hold anything)
+            os.path.isfile(os.path.join(out, "adapter_config.json")) or saved_under_names(out)):  # the run that
+        from edgepeft.runtimes.commands import quote  # serves it, in the command's terms
         from edgepeft.runtimes.manifest import not_an_export
         raise not_an_export(out, lambda new, name: f"run `edgepeft run {quote(new)} --adapter {quote(name)} PROMPT`")
     rt = Runtime(out)

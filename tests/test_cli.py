@@ -515,3 +515,6 @@ def test_run_on_a_folder_of_hf_peft_adapters_saved_under_their_names_gives_an_ex
                            f"then run `edgepeft run {saved}-onnx --adapter other PROMPT`"), line
     cli_ok(capsys, *shlex.split(line.split("e.g. `")[1].split("`")[0])[1:])
     assert Runtime(f"{saved}-onnx").adapter_names == ["other"] and not os.path.exists(saved / "base")
+    shutil.copytree(saved / "other", f"{saved}-onnx/src")  # an export holding its source is run as the export (a review)
+    assert "base/tokenizer.json: missing" in cli_error(capsys, "run", f"{saved}-onnx", "w1 w2", "--adapter", "other")
+    # (opened as the export, whose tiny base has no tokenizer; it was refused as a folder of HF PEFT adapters)

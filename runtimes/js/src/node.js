@@ -120,7 +120,7 @@ function notAnExport(out) {
   if (unexported) return unexported;
   let named = [];  // HF PEFT's save_pretrained(selected_adapters=...): its adapters in folders of their names
   try {
-    named = has(out, "adapter_config.json") ? [] : readdirSync(out).filter((d) => has(out, d, "adapter_config.json")).sort();
+    named = has(out, "adapter_config.json") ? [] : readdirSync(out).filter((d) => !d.startsWith(".") && has(out, d, "adapter_config.json")).sort();
   } catch {}
   if (has(out, "adapter_config.json") || named.length) {  // commands.py exported_name: the folder's name, else --name
     const adapter = named.length ? path.join(out, named[0]) : out;
