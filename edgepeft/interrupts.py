@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 
@@ -48,6 +47,13 @@ def deferred_interrupts():
 
 
 TERMINATED = []  # the SIGTERMs answered as Ctrl-C: the command exits 143 (128 + 15), as a process SIGTERM ended
+STOPPING = []  # set by a command that is stopping (``stopping``): under torchrun its agent's SIGTERM is passed over
+
+
+def stopping() -> None:
+    """This command is stopping (training's Ctrl-C, another process's end, its own error) and says why: under
+    torchrun the agent's SIGTERM that follows is passed over, where answered as Ctrl-C it cut that line."""
+    STOPPING.append(True)
 
 
 @contextmanager
@@ -59,6 +65,7 @@ def terminated_as_interrupts():
     ended: a hunt found the first printing nothing where the agent stopped it before gloo said so; torchrun itself
     stopped): answered once, and not in a process already stopping (Ctrl-C, another's end), whose line it would cut."""
     TERMINATED.clear()  # an earlier command's, in this process (main called again)
+    STOPPING.clear()
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # a background job's: ignored
         yield
@@ -66,8 +73,8 @@ def terminated_as_interrupts():
     torchrun = under_torchrun()
 
     def as_ctrl_c(signum, frame):
-        if torchrun and (TERMINATED or isinstance(sys.exception(), (KeyboardInterrupt, RuntimeError))):  # stopping
-            return  # already: Ctrl-C, or gloo's word of another process's end
+        if torchrun and (TERMINATED or STOPPING):  # stopping already (Ctrl-C, gloo's word of another's end): its
+            return  # line is on its way (a review: any except block a library ran passed it over, a line was cut)
         TERMINATED.append(signum)
         answer = signal.getsignal(signal.SIGINT)  # held off in a commit (held_interrupts) as Ctrl-C is
         (answer if callable(answer) else signal.default_int_handler)(signal.SIGINT, frame)

@@ -225,3 +225,25 @@ def test_overwrite_removes_an_hf_peft_folders_pickled_weights(text_model, tmp_pa
     cli_ok(capsys, *argv(text_model("bert"), data, str(out), "--r", "8", "--overwrite"))
     assert not os.path.exists(out / "adapter_model.bin") and os.path.exists(out / "notes.jsonl")
     assert load_file(str(out / "adapter_model.safetensors"))  # the new run's, alone
+
+
+def test_under_torchrun_a_sigterm_is_answered_once_and_not_while_the_command_says_why_it_stops(monkeypatch,
+                                                                                             sigint_raises):
+    """A review: the agent's SIGTERM was passed over inside any `except RuntimeError` a library ran (the run went on
+    until the agent's SIGKILL, saying nothing), and answered while the line saying why the run stopped was printed
+    (cutting it into a KeyboardInterrupt traceback). A command that is stopping says so (``stopping``)."""
+    import signal
+
+    from edgepeft.interrupts import stopping, terminated_as_interrupts
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    with terminated_as_interrupts():
+        try:
+            raise RuntimeError("a library's fallback")
+        except RuntimeError:
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGTERM)  # answered as Ctrl-C there too
+        signal.raise_signal(signal.SIGTERM)  # once: the agent's stop is answered, not each of its signals
+    with terminated_as_interrupts():
+        stopping()  # training's except block, on Ctrl-C or gloo's word of another process's end
+        signal.raise_signal(signal.SIGTERM)  # passed over: the line saying why is on its way

@@ -18,7 +18,7 @@ import torch
 
 from edgepeft.config import CONFIG_NAME, LABELS_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
 from edgepeft.errors import ConfigError, CorruptArtifactError, TrainingInterrupted
-from edgepeft.interrupts import TERMINATED, under_torchrun
+from edgepeft.interrupts import TERMINATED, stopping, under_torchrun
 from edgepeft.files import names_in, replace_dir, staging_dir, write_bytes_atomic, write_json_atomic
 from edgepeft.runtimes.access import aside_elsewhere
 from edgepeft.training.arguments import option_defaults
@@ -302,6 +302,7 @@ def interrupted(args, n: int, processes: int, began: bool = True, peer_gone: boo
     torchrun another process's end, as the first process saw it; a SIGTERM there, torchrun's agent stopping every
     process) leaves: the last checkpoint (or the one a --resume run was reading, as it was) and the command that
     resumes it, or nothing (train removes an OUT it made, as for any error)."""
+    stopping()
     ckpt = os.path.join(args.out, CHECKPOINT)
     what = ("another process stopped (torchrun's report names which, and why)" if peer_gone else
             "torchrun stopped the processes (its report names why)" if TERMINATED and under_torchrun() else "interrupted")

@@ -21,7 +21,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 
 from edgepeft.errors import ConfigError, DataError
 from edgepeft.files import missing_folders, remove_abandoned, remove_empty, remove_new, names_in, reporting_full_disk
-from edgepeft.interrupts import deferred_interrupts
+from edgepeft.interrupts import deferred_interrupts, stopping
 from edgepeft.model_checks import check_traceable
 from edgepeft.sharing import one_at_a_time
 from edgepeft.models import DECODERS, load_model_config, load_tokenizer, max_positions, named_labels, reads_token_types
@@ -271,6 +271,7 @@ class Trainer:
                 self._epoch(acc, model, loader, optimizer, scheduler, params, log, epoch, steps_per_epoch, bar)
                 self._end_epoch(acc, model, eval_loader, optimizer, scheduler, log, epoch, bar)
         except (KeyboardInterrupt, RuntimeError) as e:  # a RuntimeError: another process gone, or this one's own
+            stopping()  # first: torchrun's SIGTERM that follows would cut the line
             bar.close()
             gone = isinstance(e, RuntimeError)  # in the first process, another's end (gloo's traceback, a hunt)
             if gone and not (first() and peer_gone(e)):
