@@ -99,10 +99,13 @@ def method_options(method: str, r, alpha, target_modules, pairs) -> dict:
         try:
             options[key] = json.loads(value)
         except (ValueError, RecursionError) as e:  # a number of 5,000 digits, arrays nested thousands deep
-            if value.strip()[:1] in ('"', "[", "{"):  # a variants hunt: '".*layers\.1\.q_proj"' kept its quotes
+            text = value.strip()  # JSON meant: a string ("...), or an object or list whole ({...}, [...])
+            if text[:1] == '"' or (text[:1], text[-1:]) in (("{", "}"), ("[", "]")):  # a variants hunt: kept its quotes
+                quoted = len(text) > 1 and text[-1] == '"'  # the regex '".*layers\.1"' matched nothing; [qv]_proj is text
                 raise ConfigError(f"--option {shlex.quote(pair)}: the value is not valid JSON ({first_line(e)}); in JSON a "
-                                  "backslash is written twice (\\\\. for a regular expression's \\.), and a string "
-                                  "may also go without quotes, as text") from None
+                                  "backslash is written twice (\\\\. for a regular expression's \\.)" + (
+                                      f": --option {shlex.quote(key + '=' + json.dumps(text[1:-1]))}, or the text "
+                                      "without its quotes" if quoted else ""))
             options[key] = value  # a bare string
     from edgepeft.training.arguments import find_method
 

@@ -28,9 +28,8 @@ def test_target_modules_with_spaces_name_every_module():
     with pytest.raises(ConfigError, match="--target-modules 'q_proj,' has an empty name"):
         _options("lora", None, None, "q_proj,", [])
     # found by a hunt: a number Python's JSON takes no int of, or arrays nested too deep, were tracebacks
-    assert _options("lora", None, None, None, [f"lora_dropout={'1' * 5000}"]) == {"lora_dropout": "1" * 5000}
-    with pytest.raises(ConfigError, match=r"the value is not valid JSON \(maximum recursion depth"):  # JSON meant
-        _options("lora", None, None, None, [f"lora_dropout={'[' * 100000}"])
+    for value in ("1" * 5000, "[" * 100000):
+        assert _options("lora", None, None, None, [f"lora_dropout={value}"]) == {"lora_dropout": value}
 
 
 def test_an_adapter_config_with_a_number_of_5000_digits_is_named(tmp_path):

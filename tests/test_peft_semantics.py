@@ -459,8 +459,11 @@ def test_refusals_of_hf_peft_layouts_name_a_fix_that_works(tiny_base, tmp_path):
     option = shlex.split(told.value.args[0].split("at the command line ")[1].split(": JSON")[0])
     assert option[0] == "--option" and method_options("lora", None, None, None, option[1:]) == {
         "target_modules": r".*layers\.1\.self_attn\.q_proj"}
-    with pytest.raises(ConfigError, match=r"""^--option 'target_modules=".\*layers\\.1"': the value is not valid JSON"""):
+    with pytest.raises(ConfigError, match=r"""^--option 'target_modules=".\*layers\\.1"': the value is not valid JSON""") as e:
         method_options("lora", None, None, None, ['target_modules=".*layers\\.1"'])
+    fix = shlex.split(str(e.value).split("): --option ")[1].split(", or the text")[0])  # the form it gives works
+    assert method_options("lora", None, None, None, fix) == {"target_modules": r".*layers\.1"}
+    assert method_options("lora", None, None, None, ["target_modules=[qv]_proj"]) == {"target_modules": "[qv]_proj"}
     adapted = edgepeft.get_peft_model(load_reference_base(base, "causal-lm"), edgepeft.LoraConfig(target_modules=".*q_proj|.*v_proj"))
     assert {k.rpartition(".")[2] for k, m in adapted.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "v_proj"}
     with pytest.raises(ConfigError, match="exclude_modules \\['q_proj'\\] leaves none of its matches"):
