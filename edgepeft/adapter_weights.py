@@ -53,8 +53,8 @@ def saves_biases(directory: str) -> bool:
     try:
         if os.path.isfile(path):
             with safe_open(path, framework="pt") as f:  # the header only
-                return any("bias" in key for key in f.keys())
-        return any("bias" in key for key in read_adapter_weights(directory)[1])
+                return any(key.endswith(".bias") for key in f.keys())
+        return any(key.endswith(".bias") for key in read_adapter_weights(directory)[1])
     except (EdgePeftError, SafetensorError, OSError):
         return True
 

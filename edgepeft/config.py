@@ -270,7 +270,8 @@ def load_config(directory: str) -> PeftConfig:
     if d["peft_type"] == "LORA" and d.get("bias") in ("all", "lora_only"):  # a variants hunt: refused, "train again"
         from edgepeft.adapter_weights import saves_biases
 
-        if not saves_biases(directory):  # HF PEFT's bias on a model whose layers have none (Llama): plain LoRA
+        if not saves_biases(directory):  # HF PEFT's bias where its layers have none (Llama): plain LoRA (Qwen2's
+            # q/k/v have biases, which bias="all" saves)
             d = {**d, "bias": "none"}
     return _config_from_dict(d, path, "fix the file or re-save the adapter")
 

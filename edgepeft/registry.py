@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 from torch import nn
 
 from edgepeft.config import register_config
@@ -207,12 +208,12 @@ def check_hook(spec: SlotSpec, hook: str, slots: list, values: dict, every: bool
     called: a value for a slot of another name, of another rank or fixed size, or (``every``) a slot left without
     one is the method's mistake, named so (a newcomer hunt: each was told as a damaged export, "re-export")."""
     shapes = {s.name: s.shape for s in slots}
-    wrong = next((f"gives {name!r}, which is none of its slots ({', '.join(sorted(shapes))})" for name in values
+    given = {name: tuple(getattr(v, "shape", None) or np.shape(v)) for name, v in values.items()}  # a float: ()
+    wrong = next((f"gives {name!r}, which is none of its slots ({', '.join(sorted(shapes))})" for name in given
                   if name not in shapes), None) or next((
-        f"gives {name!r} the shape {list(value.shape)}, where its slot is {list(shapes[name])} (sizes, or names for "
-        "any size)" for name, value in values.items()
-        if len(value.shape) != len(shapes[name]) or any(isinstance(d, int) and d != int(n)
-                                                         for d, n in zip(shapes[name], value.shape))), None)
+        f"gives {name!r} the shape {list(shape)}, where its slot is {list(shapes[name])} (sizes, or names for any size)"
+        for name, shape in given.items() if len(shape) != len(shapes[name]) or any(
+            isinstance(d, int) and d != int(n) for d, n in zip(shapes[name], shape))), None)
     if every and not wrong and (left := [n for n in shapes if n not in values]):
         wrong = f"gives no value for {left[0]!r}"
     if wrong:

@@ -78,9 +78,12 @@ def check_replaceable(folder: str, fix: str) -> None:
 def mount_point(path: str) -> bool:
     """Whether ``path`` is a mount point, a bind mount of a folder of the same file system too (os.path.ismount
     compares devices: Linux lists those in /proc/self/mountinfo, its fifth field, octal escapes for spaces)."""
+    if os.path.islink(path):  # the swap renames the link, not where it leads (a review)
+        return False
     if os.path.ismount(path):
         return True
-    real = os.path.realpath(path)
+    absolute = os.path.abspath(path)  # its folder's links resolved, as mountinfo lists it
+    real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             points = [line.split()[4] for line in f if len(line.split()) > 4]

@@ -263,3 +263,12 @@ def test_a_mount_point_an_export_would_replace_is_refused_before_the_trace(peft_
                                                 f", {fix}"), done.stderr
         assert "validated" not in done.stdout + done.stderr  # before the trace
     assert tree_hashes(out) == before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux's /proc")
+def test_a_link_to_a_mount_point_is_no_mount_point_the_export_cannot_replace(tmp_path):
+    """A review: OUT/base a link to a mount point was refused, though the swap renames the link, not the mount."""
+    from edgepeft.sharing import mount_point
+
+    os.symlink("/proc", tmp_path / "base")
+    assert mount_point("/proc") and not mount_point(str(tmp_path / "base")) and not mount_point(str(tmp_path))
