@@ -16,7 +16,7 @@ from peft_refs import lora_adapter, spec_adapter
 from training_helpers import cli_error, cli_ok, seq_cls_rows
 from word_tokenizer import PROMPT
 from edgepeft.cli import as_flags
-from edgepeft.flags import method_options as _options
+from edgepeft.flags import method_options
 from edgepeft.errors import ArtifactNotFoundError, ConfigError
 from edgepeft.exporters import export
 from edgepeft.runtimes import Runtime
@@ -24,12 +24,12 @@ from edgepeft.runtimes import Runtime
 
 def test_target_modules_with_spaces_name_every_module():
     """"q_proj, v_proj" is two modules (the space once made " v_proj", which matched nothing, silently)."""
-    assert _options("lora", None, None, "q_proj, v_proj", []) == {"target_modules": ["q_proj", "v_proj"]}
+    assert method_options("lora", None, None, "q_proj, v_proj", []) == {"target_modules": ["q_proj", "v_proj"]}
     with pytest.raises(ConfigError, match="--target-modules 'q_proj,' has an empty name"):
-        _options("lora", None, None, "q_proj,", [])
+        method_options("lora", None, None, "q_proj,", [])
     # found by a hunt: a number Python's JSON takes no int of, or arrays nested too deep, were tracebacks
     for value in ("1" * 5000, "[" * 100000):
-        assert _options("lora", None, None, None, [f"lora_dropout={value}"]) == {"lora_dropout": value}
+        assert method_options("lora", None, None, None, [f"lora_dropout={value}"]) == {"lora_dropout": value}
 
 
 def test_an_adapter_config_with_a_number_of_5000_digits_is_named(tmp_path):
@@ -45,7 +45,7 @@ def test_flags_that_contradict_or_do_nothing_are_said(peft_adapter, text_model, 
     """A shorthand and --option setting one field, --resume with --overwrite: refused; --qtol on a float32 export
     and --ort-adapter with --merge: a note (they do nothing there)."""
     with pytest.raises(ConfigError, match="--r and --option r=... both set r; give one of them"):
-        _options("lora", 2, None, None, ["r=16"])
+        method_options("lora", 2, None, None, ["r=16"])
     data = write_lines(tmp_path / "d.jsonl", seq_cls_rows(4))
     line = cli_error(capsys, "train", "--model", text_model("bert"), "--task", "seq-cls", "--data", data, "--out",
                      tmp_path / "o", "--resume", "--overwrite")

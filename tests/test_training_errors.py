@@ -537,10 +537,10 @@ def test_cli_bad_data_row_one_line_with_file_and_line(bad_row_run):
 
 
 def test_cli_all_linear_ignores_case():
-    from edgepeft.flags import method_options as _options
+    from edgepeft.flags import method_options
 
-    assert _options("lora", None, None, "ALL-LINEAR", ())["target_modules"] == "ALL-LINEAR"
-    assert _options("lora", None, None, "q_proj,v_proj", ())["target_modules"] == ["q_proj", "v_proj"]
+    assert method_options("lora", None, None, "ALL-LINEAR", ())["target_modules"] == "ALL-LINEAR"
+    assert method_options("lora", None, None, "q_proj,v_proj", ())["target_modules"] == ["q_proj", "v_proj"]
 
 
 # --------------------------------------------------------------------------- refused before any training

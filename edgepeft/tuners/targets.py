@@ -141,12 +141,17 @@ def selected_modules(model: nn.Module, config, selects) -> list[str]:
     """Full names of the modules ``selects(key, module)`` picks, less those inside ``modules_to_save`` and those
     ``exclude_modules`` names, as HF PEFT leaves them out."""
     saved, exclude = list(config.modules_to_save or []), getattr(config, "exclude_modules", None)
-    if exclude and not any(name_matches(exclude, key) for key, _ in model.named_modules() if key):  # a variants hunt:
+    names, excluded = [], False
+    for key, module in model.named_modules():  # one walk: the names, and whether exclude_modules names any
+        if name_matches(exclude, key):
+            excluded = excluded or bool(key)
+        elif selects(key, module) and not within_saved(saved, key):
+            names.append(key)
+    if exclude and not excluded:  # a variants hunt: a typo trained every layer it meant to leave out
         warnings.warn(f"exclude_modules {exclude!r} names no module of this model, so it leaves nothing out (HF PEFT "
                       "warns so too); check its names (a string is a regular expression for the whole module name, "
-                      "a list's names match a name's end)", EdgePeftWarning, stacklevel=2)  # a typo trained them all
-    return [key for key, module in model.named_modules()
-            if selects(key, module) and not within_saved(saved, key) and not name_matches(exclude, key)]
+                      "a list's names match a name's end)", EdgePeftWarning, stacklevel=2)
+    return names
 
 
 def module_targets(model: nn.Module, config, defaults: dict) -> list[str]:
