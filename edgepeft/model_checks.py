@@ -3,7 +3,7 @@ layers cannot hold (refused naming the field, where transformers fails inside a 
 from __future__ import annotations
 
 from edgepeft.errors import ConfigError, UnsupportedModelError, first_line
-from edgepeft.runtimes.base_checks import DECODERS  # models.py imports it from here
+from edgepeft.runtimes.base_checks import DECODERS
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 
 TEXT_ROOM = 4  # positions an export's checks need for text beside virtual tokens: a row left-padded by 3 keeps a token

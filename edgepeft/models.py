@@ -11,18 +11,18 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from edgepeft.errors import ArtifactNotFoundError, ConfigError, UnsupportedModelError, first_line
-from edgepeft.files import unexpanded_tilde
 from edgepeft.hub import hub_unreachable
-from edgepeft.model_checks import (DECODERS, SAMPLE_TOKENS, check_exportable, check_loaded_weights, check_token_ids,
+from edgepeft.model_checks import (SAMPLE_TOKENS, check_exportable, check_loaded_weights, check_token_ids,
                                    generation_fault, pad_unheld)
-from edgepeft.runtimes.access import check_readable, located
-from edgepeft.runtimes.base_checks import ENCODERS
+from edgepeft.runtimes.access import check_readable, located, unexpanded_tilde
+from edgepeft.runtimes.base_checks import DECODERS, ENCODERS, EXPORTED
 from edgepeft.runtimes.manifest import CLASSIFIER_NAMES
 from edgepeft.runtimes.sentence import (PROMPTS_CONFIG, SENTENCE_TRANSFORMERS_FILES, check_default_prompt,
                                         has_sentence_transformers_files, sentence_transformers_settings)
 
-# model_type -> family (DECODERS in model_checks). Encoders have no causal-LM head; decoders take use_cache.
-SUPPORTED = sorted(ENCODERS | DECODERS)
+# the model types edgepeft trains and exports (runtimes/base_checks.py). Encoders have no causal-LM head; decoders take
+# use_cache.
+SUPPORTED = EXPORTED
 
 # edgepeft task -> optimum TasksManager task (which maps it to a transformers auto class).
 OPTIMUM_TASKS = {"causal-lm": "text-generation", "seq-cls": "text-classification",

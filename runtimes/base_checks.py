@@ -15,6 +15,7 @@ OPS = ("contrib", "standard")  # exporters' --ops
 TOKEN_TYPES = "token_type_ids"  # a seq-cls BERT's input: its second segment (text pairs); manifest.py imports it
 ENCODERS = {"bert"}  # model types exported as encoders (no cache; BERT's token types); models.py imports it
 DECODERS = {"llama", "qwen2", "gpt2"}  # model types with a causal-LM head; they take use_cache (model_checks imports it)
+EXPORTED = sorted(ENCODERS | DECODERS)  # every model type edgepeft exports (js/src/node.js EXPORTED_TYPES: the same)
 
 
 def generation_errors(generation: dict, vocab: int) -> list[tuple[str, str]]:

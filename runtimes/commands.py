@@ -8,7 +8,7 @@ import re
 from shlex import quote
 
 from .access import ADAPTERS_DIR, REPOINTED, folder_name
-from .base_checks import DECODERS, ENCODERS
+from .base_checks import EXPORTED
 from .errors import UnsupportedModelError
 
 
@@ -235,8 +235,8 @@ def unexportable(folder: str) -> UnsupportedModelError | None:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError, TypeError, AttributeError, KeyError):  # no such file, not JSON, a hub id: not known
         return None
-    if not isinstance(model_type, str) or model_type in ENCODERS | DECODERS:
+    if not isinstance(model_type, str) or model_type in EXPORTED:
         return None
     return UnsupportedModelError(f"{folder}: is not an export, and {config}'s model type {model_type!r} is one edgepeft "
-                                 f"does not export; it exports {', '.join(sorted(ENCODERS | DECODERS))} models: train "
+                                 f"does not export; it exports {', '.join(EXPORTED)} models: train "
                                  "on one of those")
