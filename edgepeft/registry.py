@@ -12,7 +12,6 @@ Slot specs that no PEFT type owns (task heads: ``modules_to_save``) register wit
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -255,19 +254,15 @@ def register_method(method: Method) -> Method:
     register_config(method.config_cls)
     _METHODS[method.peft_type] = method
     _SPECS[method.slots.name] = method.slots
-    _REGISTERED_IN.setdefault(method.name, sys._getframe(1).f_globals.get("__name__", ""))  # its import makes it
-    # (the first: registered again, a module reloaded, the same method)
     return method
 
 
-_REGISTERED_IN: dict[str, str] = {}
-
-
 def registering_module(method: Method) -> str | None:
-    """The module whose import registers ``method``, where edgepeft's own imports do not (a plugin's package: the
-    ``edgepeft`` command knows the built-ins only, so a command given for it imports that first); else None."""
-    module = _REGISTERED_IN.get(method.name, "")
-    return None if module.split(".")[0] in ("edgepeft", "", "__main__") else module
+    """A module whose import registers ``method`` (its config class's: importing it runs its package first), where
+    edgepeft's own imports do not (a plugin's; the ``edgepeft`` command knows the built-ins only, so a command given
+    for it imports that first); else None (edgepeft's, or a script's own)."""
+    module = method.config_cls.__module__
+    return None if module.split(".")[0] in ("edgepeft", "__main__") else module
 
 
 def names_of(method: Method) -> tuple:

@@ -244,11 +244,11 @@ def test_an_interrupted_plugin_run_prints_a_resume_command_that_imports_the_plug
             out, "--epochs", "2", "--batch-size", "8", "--quiet"]
     stopped = subprocess.run([sys.executable, "-c", stop, *args], capture_output=True, text=True, env=env)
     command = shlex.split(stopped.stderr.splitlines()[-1].split("continue with: ")[1])
-    assert command[:3] == ["python", "-c", "import toy_bias, edgepeft.cli; edgepeft.cli.main()"], stopped.stderr
+    assert command[:3] == ["python", "-c", "import toy_bias.config, edgepeft.cli; edgepeft.cli.main()"], stopped.stderr
     resumed = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0 and os.path.isfile(os.path.join(out, "adapter_model.safetensors")), resumed.stderr
     torchrun = TrainingArguments(model="m", task="seq-cls", method="toybias", data="d", out="o").command(processes=2)
-    assert torchrun.startswith("torchrun --nproc-per-node 2 --no-python python -c 'import toy_bias, edgepeft.cli; "
+    assert torchrun.startswith("torchrun --nproc-per-node 2 --no-python python -c 'import toy_bias.config, edgepeft.cli; "
                                "edgepeft.cli.main()' train --model m")
 
 
