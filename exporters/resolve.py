@@ -250,16 +250,17 @@ def _read_sources(adapters, names, out: str) -> list[AdapterSource]:
 
 
 def _base_of(sources, base) -> str:
-    if base is not None:  # '' too: check_model_source refuses it; a folder recorded absolute (a paths hunt: inspect
-        return located(base) if os.path.isdir(base) else str(base)  # showed it as a hub id, fixes failed)
-    named = [s.config.base_model_name_or_path for s in sources]
-    if None in named or "" in named:
-        missing = next(s for s in sources if not s.config.base_model_name_or_path)
-        raise ConfigError(f"{missing.path}: adapter_config.json names no base_model_name_or_path; pass --base MODEL")
-    if len({_same(n) for n in named}) > 1:
-        raise ConfigError(f"the adapters name different bases ({', '.join(sorted(set(named)))}); export them into "
-                          "separate --out folders or pass --base")
-    return located(named[0]) if os.path.isdir(named[0]) else named[0]
+    if base is None:
+        named = [s.config.base_model_name_or_path for s in sources]
+        if None in named or "" in named:
+            missing = next(s for s in sources if not s.config.base_model_name_or_path)
+            raise ConfigError(f"{missing.path}: adapter_config.json names no base_model_name_or_path; pass --base MODEL")
+        if len({_same(n) for n in named}) > 1:
+            raise ConfigError(f"the adapters name different bases ({', '.join(sorted(set(named)))}); export them into "
+                              "separate --out folders or pass --base")
+        base = named[0]
+    # '' too: check_model_source refuses it; a folder recorded absolute (a paths hunt: inspect showed it as a hub id)
+    return located(base) if os.path.isdir(base) else str(base)
 
 
 def _same(source: str) -> str:
@@ -270,8 +271,9 @@ def _same(source: str) -> str:
 def _revision_of(sources, source: str) -> str | None:
     """The hub revision the adapters record for ``source`` (HF PEFT's AutoPeftModel loads it); None: the default
     branch, a folder, or another model than they record (``--base``). One export serves one revision."""
-    recorded = [s for s in sources if _same(s.config.base_model_name_or_path or "") == _same(source)
-                and not os.path.isdir(source)]  # a folder has no revisions: transformers and HF PEFT ignore one
+    if os.path.isdir(source):  # a folder has no revisions: transformers and HF PEFT ignore one
+        return None
+    recorded = [s for s in sources if _same(s.config.base_model_name_or_path or "") == _same(source)]
     revisions = {s.config.revision or "main" for s in recorded}  # unset is the default branch, as HF loads it
     if len(revisions) > 1:
         named = ", ".join(f"{s.path}: {s.config.revision or 'main (unset)'}" for s in recorded)
