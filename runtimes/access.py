@@ -253,8 +253,8 @@ def unexpanded_tilde(path, flag: str) -> str | None:
 def saved_under_names(folder: str) -> list[str]:
     """The subfolders of ``folder`` holding an HF PEFT adapter (adapter_config.json): save_pretrained's layout for
     adapters other than "default" (``selected_adapters``), sorted."""
-    return sorted(d for d in listed(folder) if not d.startswith(".")  # hidden: .ipynb_checkpoints
-                  and os.path.isfile(os.path.join(folder, d, "adapter_config.json"))) if os.path.isdir(folder) else []
+    return [d for d in listed(folder) if not d.startswith(".")  # sorted; hidden ones none: .ipynb_checkpoints
+            and os.path.isfile(os.path.join(folder, d, "adapter_config.json"))] if os.path.isdir(folder) else []
 
 
 def adapter_dirs(out_dir: str) -> dict:

@@ -31,8 +31,11 @@ def folder_bytes(path: str) -> int:
     to nothing as a link."""
     total = 0
     for root, _, files in os.walk(path):
-        paths = [os.path.join(root, f) for f in files]
-        total += sum((os.stat if os.path.exists(p) else os.lstat)(p).st_size for p in paths)
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:  # a link to nothing: the link's own size
+                total += os.lstat(os.path.join(root, name)).st_size
     return total
 
 

@@ -118,11 +118,12 @@ function notAnExport(out) {
   const up = path.dirname(out), part = path.basename(out), fresh = freshOut(out);
   const unexported = unexportable(out, has);  // "export it first" would be refused
   if (unexported) return unexported;
+  const own = has(out, "adapter_config.json");
   let named = [];  // HF PEFT's save_pretrained(selected_adapters=...): its adapters in folders of their names
   try {
-    named = has(out, "adapter_config.json") ? [] : readdirSync(out).filter((d) => !d.startsWith(".") && has(out, d, "adapter_config.json")).sort();
+    named = own ? [] : readdirSync(out).filter((d) => !d.startsWith(".") && has(out, d, "adapter_config.json")).sort();
   } catch {}
-  if (has(out, "adapter_config.json") || named.length) {  // commands.py exported_name: the folder's name, else --name
+  if (own || named.length) {  // commands.py exported_name: the folder's name, else --name
     const adapter = named.length ? path.join(out, named[0]) : out;
     const folder = path.basename(path.resolve(adapter)), as = exportedAs(folder);
     let name = as;
